@@ -1,0 +1,106 @@
+"""TensorRT calibration caches: read and write, round trip exact.
+
+Format (one text file):
+
+    TRT-<version>-<Algorithm>          e.g. TRT-101300-EntropyCalibration2
+    <tensor name>: <8 hex digits>      big-endian bytes of the float32 scale (amax / 127)
+
+``3c010204`` is 1/127 (amax 1.0). TensorRT refuses a cache whose version differs from its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quantkit._io import write_text_atomic
+from quantkit.errors import CacheError
+
+#: the algorithm written in the header, per calibration method. TensorRT knows only its own
+#: algorithms; scales from percentile / mse / auto are served through EntropyCalibration2.
+ALGORITHM_FOR_METHOD = {
+    "entropy": "EntropyCalibration2",
+    "minmax": "MinMaxCalibration",
+    "percentile": "EntropyCalibration2",
+    "mse": "EntropyCalibration2",
+    "auto": "EntropyCalibration2",
+}
+KNOWN_ALGORITHMS = {"EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration"}
+DEFAULT_TRT_VERSION = 101300  # TensorRT 10.13.0
+
+_HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
+_LINE = re.compile(r"^(.+): ([0-9a-fA-F]{8})$")
+
+
+def trt_version_number(version: str) -> int:
+    """'10.13.0.35' -> 101300 (major*10000 + minor*100 + patch), as in cache headers."""
+    parts = [int(p) for p in re.findall(r"\d+", version)[:3]] + [0, 0, 0]
+    return parts[0] * 10000 + parts[1] * 100 + parts[2]
+
+
+def hex_from_scale(scale: float) -> str:
+    return struct.pack(">f", np.float32(scale)).hex()
+
+
+def scale_from_hex(text: str) -> float:
+    return float(struct.unpack(">f", bytes.fromhex(text))[0])
+
+
+@dataclass(frozen=True)
+class CalibrationCache:
+    """A parsed cache: TensorRT version number, algorithm name, and tensor -> float32 scale."""
+
+    version: int
+    algorithm: str
+    scales: dict[str, float]
+
+    def to_text(self) -> str:
+        lines = [f"TRT-{self.version}-{self.algorithm}"]
+        lines += [f"{name}: {hex_from_scale(s)}" for name, s in self.scales.items()]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_amax(cls, amax: dict[str, float], method: str, version: int = DEFAULT_TRT_VERSION) -> "CalibrationCache":
+        algorithm = ALGORITHM_FOR_METHOD.get(method, "EntropyCalibration2")
+        scales = {n: float(np.float32(a) / np.float32(127.0)) for n, a in amax.items()}
+        return cls(version, algorithm, scales)
+
+
+def cache_from_text(text: str, *, source: str = "<cache>") -> CalibrationCache:
+    lines = text.splitlines()
+    if not lines:
+        raise CacheError(f"calibration cache {source!r} is empty")
+    head = _HEADER.match(lines[0].strip())
+    if head is None:
+        raise CacheError(
+            f"calibration cache {source!r}: first line {lines[0][:60]!r} is not 'TRT-<version>-<Algorithm>'"
+        )
+    scales: dict[str, float] = {}
+    for no, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        m = _LINE.match(line.rstrip())
+        if m is None:
+            raise CacheError(f"calibration cache {source!r}, line {no}: {line[:60]!r} is not '<tensor>: <8 hex digits>'")
+        scales[m.group(1)] = scale_from_hex(m.group(2))
+    return CalibrationCache(int(head.group(1)), head.group(2), scales)
+
+
+def read_cache(path: str | os.PathLike[str]) -> CalibrationCache:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise CacheError(f"calibration cache {str(p)!r} does not exist") from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise CacheError(f"calibration cache {str(p)!r} cannot be read as text: {err}") from err
+    return cache_from_text(text, source=str(p))
+
+
+def write_cache(path: str | os.PathLike[str], cache: CalibrationCache) -> Path:
+    return write_text_atomic(path, cache.to_text())

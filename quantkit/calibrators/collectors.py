@@ -1,0 +1,172 @@
+"""Streaming statistics for one tensor: absolute max and a fixed-size histogram of |x|.
+
+The histogram covers ``[0, range_)`` with ``num_bins`` equal bins. When a batch exceeds the
+range, the range doubles (as often as needed) and neighbouring bins are summed in pairs, which
+re-bins the old counts *exactly*: no data is re-read and memory never depends on how many
+images were seen.
+
+    range 4, 8 bins:  |a|b|c|d|e|f|g|h|
+    new max 7 -> range 8:  |a+b|c+d|e+f|g+h| 0 | 0 | 0 | 0 |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from quantkit.errors import NonFiniteError, NotCalibratedError
+
+_CHUNK = 1 << 18  # elements per step: keeps the |x| and index buffers in cache
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Counts of |x| in ``len(counts)`` equal bins of ``bin_width`` starting at 0.
+
+    Attributes:
+        counts: int64 counts per bin.
+        bin_width: width of one bin (same unit as the tensor).
+        observed_min: smallest value seen (signed).
+        observed_max: largest value seen (signed).
+    """
+
+    counts: np.ndarray
+    bin_width: float
+    observed_min: float
+    observed_max: float
+
+    @property
+    def num_bins(self) -> int:
+        return int(self.counts.size)
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.arange(self.num_bins + 1, dtype=np.float64) * self.bin_width
+
+    @property
+    def amax(self) -> float:
+        """Exact absolute maximum seen (not rounded to a bin edge)."""
+        return float(max(abs(self.observed_min), abs(self.observed_max)))
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
+class HistogramCollector:
+    """Collects abs-max and a histogram of |x| over batches, in one pass, in bounded memory.
+
+    Args:
+        num_bins: number of histogram bins (TensorRT uses 2048).
+        name: tensor name, used in error messages.
+    """
+
+    def __init__(self, num_bins: int = 2048, name: str = "<tensor>"):
+        if num_bins < 2 or num_bins & (num_bins - 1):
+            raise ValueError(f"num_bins must be a power of two >= 2, got {num_bins}")
+        self.num_bins = num_bins
+        self.name = name
+        self._counts = np.zeros(num_bins, dtype=np.int64)
+        self._range = 0.0  # 0 until a non-zero value is seen
+        self._zeros = 0  # values seen while range is 0 (all exactly zero)
+        self._min = np.inf
+        self._max = -np.inf
+        self._fbuf = np.empty(_CHUNK, dtype=np.float32)
+        self._ibuf = np.empty(_CHUNK, dtype=np.int32)
+
+    def update(self, x: np.ndarray) -> None:
+        """Add one batch of values (any shape; float16/32/64)."""
+        x = np.ascontiguousarray(x).reshape(-1)
+        if x.size == 0:
+            return
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        lo, hi = float(x.min()), float(x.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            kind = "NaN" if np.isnan(lo) or np.isnan(hi) else "Inf"
+            raise NonFiniteError(f"tensor {self.name!r} has {kind} values")
+        self._min, self._max = min(self._min, lo), max(self._max, hi)
+        amax = max(-lo, hi)
+        if amax == 0.0 and self._range == 0.0:
+            self._zeros += x.size
+            return
+        self._grow_to(amax)
+        self._accumulate(x)
+
+    def _grow_to(self, amax: float) -> None:
+        if self._range == 0.0:
+            self._range = amax
+            self._counts[0] += self._zeros
+            self._zeros = 0
+            return
+        while amax > self._range:
+            half = self._counts.reshape(-1, 2).sum(axis=1)
+            self._counts[: half.size] = half
+            self._counts[half.size :] = 0
+            self._range *= 2.0
+
+    def _accumulate(self, x: np.ndarray) -> None:
+        n = self.num_bins
+        per_unit = np.float32(n / self._range)
+        for start in range(0, x.size, _CHUNK):
+            chunk = x[start : start + _CHUNK]
+            a = self._fbuf[: chunk.size]
+            idx = self._ibuf[: chunk.size]
+            np.abs(chunk, out=a)
+            a *= per_unit
+            np.copyto(idx, a, casting="unsafe")  # floor for non-negative values
+            np.minimum(idx, n - 1, out=idx)
+            self._counts += np.bincount(idx, minlength=n)
+
+    def merge(self, other: "HistogramCollector") -> "HistogramCollector":
+        """Add another collector's statistics (e.g. from another process or shard)."""
+        if other.num_bins != self.num_bins:
+            raise ValueError(f"cannot merge {other.num_bins} bins into {self.num_bins}")
+        self._min, self._max = min(self._min, other._min), max(self._max, other._max)
+        if other._range == 0.0:
+            if self._range == 0.0:
+                self._zeros += other._zeros
+            else:
+                self._counts[0] += other._zeros
+            return self
+        if self._range == 0.0:
+            self._range, zeros = other._range, self._zeros
+            self._counts = other._counts.copy()
+            self._counts[0] += zeros
+            self._zeros = 0
+            return self
+        self._grow_to(other._range)
+        self._counts += _rebin(other._counts, other._range, self._range)
+        return self
+
+    def compute(self) -> Histogram:
+        """Return the collected statistics. Raises NotCalibratedError before any update."""
+        if not np.isfinite(self._max):
+            raise NotCalibratedError(f"tensor {self.name!r}: no data was collected")
+        counts = self._counts.copy()
+        width = self._range / self.num_bins
+        if self._range == 0.0:
+            counts[0] = self._zeros
+        return Histogram(counts, width, float(self._min), float(self._max))
+
+
+def _rebin(counts: np.ndarray, src_range: float, dst_range: float) -> np.ndarray:
+    """Move counts from bins over [0, src_range) to bins over [0, dst_range >= src_range).
+
+    Exact when the ratio is a power of two (the usual case); otherwise each source bin's count
+    is split between the destination bins it overlaps, in proportion to the overlap.
+    """
+    n = counts.size
+    ratio = dst_range / src_range
+    k = int(round(ratio))
+    if abs(ratio - k) < 1e-9 and k & (k - 1) == 0:
+        out = counts.reshape(-1, k).sum(axis=1)
+        return np.concatenate([out, np.zeros(n - out.size, dtype=counts.dtype)])
+    src_cdf = np.concatenate([[0.0], np.cumsum(counts, dtype=np.float64)])
+    src_edges = np.linspace(0.0, src_range, n + 1)
+    dst_edges = np.linspace(0.0, dst_range, n + 1)
+    cdf_at = np.interp(dst_edges, src_edges, src_cdf)
+    out = np.rint(np.diff(cdf_at)).astype(np.int64)
+    out[np.argmax(out)] += int(counts.sum() - out.sum())  # keep the total exact
+    return out

@@ -1,0 +1,24 @@
+"""Per-channel weight ranges (symmetric INT8, one scale per output channel)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantkit.errors import NonFiniteError
+
+
+def per_channel_amax(weight: np.ndarray, axis: int, *, name: str = "<weight>") -> np.ndarray:
+    """Absolute max of ``weight`` over every axis but ``axis``; float32, shape (weight.shape[axis],)."""
+    w = np.asarray(weight)
+    if not np.all(np.isfinite(w)):
+        raise NonFiniteError(f"weight {name!r} has NaN or Inf values", hint="check the model file")
+    axis = axis % w.ndim
+    other = tuple(a for a in range(w.ndim) if a != axis)
+    return np.abs(w).max(axis=other).astype(np.float32) if other else np.abs(w).astype(np.float32)
+
+
+def scale_from_amax(amax: np.ndarray | float) -> np.ndarray:
+    """INT8 scale = amax / 127 (float32); an all-zero channel gets scale 1 (its values stay 0)."""
+    a = np.asarray(amax, dtype=np.float32)
+    scale = a / np.float32(127.0)
+    return np.where(a > 0, scale, np.float32(1.0)).astype(np.float32)
