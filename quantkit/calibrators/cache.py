@@ -29,6 +29,7 @@ ALGORITHM_FOR_METHOD = {
     "percentile": "EntropyCalibration2",
     "mse": "EntropyCalibration2",
     "auto": "EntropyCalibration2",
+    "entropy-trt": "EntropyCalibration2",
 }
 KNOWN_ALGORITHMS = {"EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration"}
 DEFAULT_TRT_VERSION = 101300  # TensorRT 10.13.0

@@ -1,0 +1,161 @@
+"""INT8 vs FP32 checks: task accuracy, and per-output agreement, streamed batch by batch.
+
+Metrics per output (reference = FP32):
+  - top-1 agreement: share of samples whose argmax agrees (2-D outputs [N, classes] only)
+  - cosine similarity: per sample, then mean (and min) over samples
+  - SQNR (dB): 10 log10(sum ref^2 / sum (ref - test)^2) over all values
+  - max and mean absolute error
+Accuracy against labels is computed on the first output when labels exist.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from quantkit.backends.base import Runner
+from quantkit.datasets.batching import Batch
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    name: str
+    cosine_mean: float
+    cosine_min: float
+    sqnr_db: float
+    max_abs_error: float
+    mean_abs_error: float
+    top1_agreement: float | None
+
+
+@dataclass(frozen=True)
+class CompareReport:
+    """The result of comparing a test model (INT8) with a reference (FP32) on one data set."""
+
+    reference: str
+    test: str
+    num_samples: int
+    outputs: list[OutputMetrics]
+    accuracy_reference: float | None = None
+    accuracy_test: float | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["skipped"] = [{"file": f, "reason": r} for f, r in self.skipped]
+        return d
+
+    def table(self) -> str:
+        """A short human-readable table."""
+        lines = [f"{self.test} vs {self.reference} on {self.num_samples} samples"]
+        if self.accuracy_reference is not None:
+            lines.append(f"  accuracy: reference {self.accuracy_reference:.4f}  test {self.accuracy_test:.4f}")
+        lines.append(f"  {'output':<24} {'top-1 agree':>11} {'cos mean':>9} {'cos min':>8} {'SQNR dB':>8} {'max abs err':>11}")
+        for m in self.outputs:
+            agree = f"{m.top1_agreement:.4f}" if m.top1_agreement is not None else "-"
+            lines.append(
+                f"  {m.name[:24]:<24} {agree:>11} {m.cosine_mean:>9.5f} {m.cosine_min:>8.5f} "
+                f"{m.sqnr_db:>8.2f} {m.max_abs_error:>11.4g}"
+            )
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} unreadable file(s); first: {self.skipped[0][0]}")
+        return "\n".join(lines)
+
+
+class _OutputStats:
+    """Streaming accumulators for one output."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.cos_sum = 0.0
+        self.cos_min = math.inf
+        self.sig = 0.0
+        self.noise = 0.0
+        self.max_abs = 0.0
+        self.abs_sum = 0.0
+        self.values = 0
+        self.samples = 0
+        self.agree = 0
+        self.classifier = True
+
+    def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        r = ref.reshape(ref.shape[0], -1).astype(np.float64)
+        t = test.reshape(test.shape[0], -1).astype(np.float64)
+        diff = r - t
+        nr, nt = np.linalg.norm(r, axis=1), np.linalg.norm(t, axis=1)
+        dots = (r * t).sum(axis=1)
+        both_zero = (nr == 0) & (nt == 0)
+        cos = np.where(both_zero, 1.0, dots / np.maximum(nr * nt, 1e-300))
+        self.cos_sum += float(cos.sum())
+        self.cos_min = min(self.cos_min, float(cos.min()))
+        self.sig += float((r * r).sum())
+        self.noise += float((diff * diff).sum())
+        absd = np.abs(diff)
+        self.max_abs = max(self.max_abs, float(absd.max()) if absd.size else 0.0)
+        self.abs_sum += float(absd.sum())
+        self.values += absd.size
+        self.samples += r.shape[0]
+        if ref.ndim == 2 and ref.shape[1] > 1:
+            self.agree += int((ref.argmax(axis=1) == test.argmax(axis=1)).sum())
+        else:
+            self.classifier = False
+
+    def result(self) -> OutputMetrics:
+        n = max(self.samples, 1)
+        if self.noise == 0.0:
+            sqnr = math.inf
+        elif self.sig == 0.0:
+            sqnr = -math.inf
+        else:
+            sqnr = 10.0 * math.log10(self.sig / self.noise)
+        return OutputMetrics(
+            self.name, self.cos_sum / n, self.cos_min if self.samples else math.nan, sqnr,
+            self.max_abs, self.abs_sum / max(self.values, 1),
+            self.agree / n if self.classifier and self.samples else None,
+        )
+
+
+def compare_runners(
+    reference: Runner,
+    test: Runner,
+    batches: Iterable[Batch],
+    *,
+    reference_name: str = "fp32",
+    test_name: str = "int8",
+    on_batch: Callable[[Batch], None] | None = None,
+) -> CompareReport:
+    """Run both models on every batch and compare their outputs (padding rows ignored)."""
+    if reference.output_names != test.output_names:
+        from quantkit.errors import ModelError
+
+        raise ModelError(
+            f"the models have different outputs: {reference.output_names} vs {test.output_names}",
+            hint="compare an INT8 model with the FP32 model it was made from",
+        )
+    stats = {name: _OutputStats(name) for name in reference.output_names}
+    correct_ref = correct_test = labelled = 0
+    samples = 0
+    first_out = reference.output_names[0]
+    for batch in batches:
+        ref_out = reference.infer(batch.feed)
+        test_out = test.infer(batch.feed)
+        n = batch.size
+        for name, st in stats.items():
+            st.update(ref_out[name][:n], test_out[name][:n])
+        if batch.labels is not None and ref_out[first_out].ndim == 2:
+            labelled += n
+            correct_ref += int((ref_out[first_out][:n].argmax(1) == batch.labels).sum())
+            correct_test += int((test_out[first_out][:n].argmax(1) == batch.labels).sum())
+        samples += n
+        if on_batch is not None:
+            on_batch(batch)
+    skipped = list(getattr(batches, "skipped_", []))
+    return CompareReport(
+        reference_name, test_name, samples, [s.result() for s in stats.values()],
+        correct_ref / labelled if labelled else None,
+        correct_test / labelled if labelled else None,
+        skipped,
+    )

@@ -1,0 +1,185 @@
+"""Batching: fixed batch size, deterministic order, parallel decoding, last-batch rule.
+
+Samples are loaded by a thread pool (OpenCV releases the GIL while decoding) a few batches
+ahead of the consumer, so decoding overlaps inference. Order never depends on thread timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from quantkit.datasets.sources import SampleError, Source
+from quantkit.errors import DatasetError, InputError, ShapeMismatchError
+
+log = logging.getLogger(__name__)
+
+LastBatch = Literal["keep", "pad", "drop"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch. ``size`` counts real samples; rows past it are padding (repeats)."""
+
+    feed: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    indices: tuple[int, ...]
+    size: int
+
+
+def ordered_indices(count: int, *, shuffle: bool = False, seed: int = 0) -> list[int]:
+    """0..count-1, or a seeded permutation of it."""
+    if not shuffle:
+        return list(range(count))
+    return [int(i) for i in np.random.default_rng(seed).permutation(count)]
+
+
+class Batcher:
+    """Iterate a source in batches keyed by model input name.
+
+    Args:
+        source: the data source.
+        input_names: model input names; a source that yields plain arrays feeds the first.
+        batch_size: samples per batch.
+        indices: which samples, in which order (default: all, in order).
+        last_batch: "keep" a short last batch, "pad" it to ``batch_size`` by repeating its
+            last sample (outputs of padding rows are to be ignored), or "drop" it.
+        strict: raise on the first unreadable sample instead of skipping it.
+        workers: decoding threads (default: min(8, CPUs)).
+        prefetch: batches loaded ahead of the consumer.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        input_names: Sequence[str],
+        batch_size: int = 32,
+        *,
+        indices: Sequence[int] | None = None,
+        last_batch: LastBatch = "keep",
+        strict: bool = False,
+        workers: int | None = None,
+        prefetch: int = 2,
+    ):
+        if batch_size <= 0:
+            raise InputError(f"batch size must be positive, got {batch_size}")
+        if last_batch not in ("keep", "pad", "drop"):
+            raise InputError(f"last_batch must be keep, pad or drop, got {last_batch!r}")
+        self.source = source
+        self.input_names = list(input_names)
+        self.batch_size = batch_size
+        self.indices = list(range(len(source))) if indices is None else list(indices)
+        self.last_batch = last_batch
+        self.strict = strict
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        self.prefetch = prefetch
+        self.skipped_: list[tuple[str, str]] = []
+        self.loaded_ = 0
+
+    def __len__(self) -> int:
+        """Number of batches if no sample is skipped."""
+        full, rest = divmod(len(self.indices), self.batch_size)
+        return full + (1 if rest and self.last_batch != "drop" else 0)
+
+    def _load(self, index: int) -> tuple[int, np.ndarray | dict[str, np.ndarray] | None, str | None]:
+        try:
+            return index, self.source.load(index), None
+        except SampleError as err:
+            if self.strict:
+                raise
+            return index, None, err.reason
+
+    def _samples(self) -> Iterator[tuple[int, np.ndarray | dict[str, np.ndarray]]]:
+        window = self.batch_size * (self.prefetch + 1)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="quantkit-decode") as pool:
+            pending: deque[Future[tuple[int, object, str | None]]] = deque()
+            it = iter(self.indices)
+            try:
+                for idx in it:
+                    pending.append(pool.submit(self._load, idx))  # type: ignore[arg-type]
+                    if len(pending) >= window:
+                        break
+                while pending:
+                    index, sample, reason = pending.popleft().result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(self._load, nxt))  # type: ignore[arg-type]
+                    if sample is None:
+                        where = self.source.describe(index)
+                        log.warning("skipping %s: %s", where, reason)
+                        self.skipped_.append((where, str(reason)))
+                        continue
+                    self.loaded_ += 1
+                    yield index, sample  # type: ignore[misc]
+            finally:
+                for fut in pending:
+                    fut.cancel()
+
+    def _feed(self, samples: list[np.ndarray | dict[str, np.ndarray]], indices: list[int]) -> dict[str, np.ndarray]:
+        first = samples[0]
+        if isinstance(first, dict):
+            missing = [n for n in self.input_names if n not in first]
+            extra = [n for n in first if n not in self.input_names]
+            if missing or extra:
+                raise InputError(
+                    f"data arrays {sorted(first)} do not match the model inputs {self.input_names}"
+                    + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else ""),
+                    hint="name the arrays in the .npz after the model inputs",
+                )
+            keys = self.input_names
+        else:
+            if len(self.input_names) != 1:
+                raise InputError(
+                    f"this source gives one array per sample, the model has {len(self.input_names)} inputs "
+                    f"{self.input_names}",
+                    hint="use an .npz file with one array per input name",
+                )
+            keys = [""]
+        feed = {}
+        for key, name in zip(keys, self.input_names):
+            arrays = [s[key] if isinstance(s, dict) else s for s in samples]
+            shapes = {a.shape for a in arrays}
+            if len(shapes) > 1:
+                odd = next(i for i, a in zip(indices, arrays) if a.shape != arrays[0].shape)
+                raise ShapeMismatchError(
+                    f"input {name!r}: sample {self.source.describe(odd)} has shape "
+                    f"{tuple(next(a.shape for i, a in zip(indices, arrays) if i == odd))}, others {arrays[0].shape}",
+                    hint="set --resize/--crop so every image has the same size",
+                )
+            feed[name] = np.stack(arrays)
+        return feed
+
+    def _batch(self, chunk: list[tuple[int, np.ndarray | dict[str, np.ndarray]]]) -> Batch:
+        size = len(chunk)
+        if self.last_batch == "pad" and size < self.batch_size:
+            chunk = chunk + [chunk[-1]] * (self.batch_size - size)
+        indices = [i for i, _ in chunk]
+        labels = [self.source.label(i) for i in indices[:size]]
+        lab = None if any(v is None for v in labels) else np.asarray(labels, dtype=np.int64)
+        return Batch(self._feed([s for _, s in chunk], indices), lab, tuple(indices[:size]), size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.skipped_, self.loaded_ = [], 0
+        chunk: list[tuple[int, np.ndarray | dict[str, np.ndarray]]] = []
+        for item in self._samples():
+            chunk.append(item)
+            if len(chunk) == self.batch_size:
+                yield self._batch(chunk)
+                chunk = []
+        if chunk and self.last_batch != "drop":
+            yield self._batch(chunk)
+        elif chunk:
+            log.info("dropped a last batch of %d samples (model has a fixed batch size)", len(chunk))
+        if self.loaded_ == 0 and self.indices:
+            raise DatasetError(
+                f"none of the {len(self.indices)} samples could be read "
+                f"(first problem: {self.skipped_[0][0]}: {self.skipped_[0][1]})" if self.skipped_ else
+                "the data source yielded no samples"
+            )

@@ -1,0 +1,197 @@
+"""The preprocessing spec: decode result (uint8-range HxWxC BGR or HxW) -> model input array.
+
+Steps, in order: colour conversion, resize of the shorter side, centre crop, scale, mean/std,
+layout, dtype. The spec is frozen and serialisable (it is recorded in ranges.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from quantkit.errors import InputError, ShapeMismatchError
+
+Color = Literal["rgb", "bgr", "gray"]
+Layout = Literal["nchw", "nhwc"]
+_INTERP = {"linear": 1, "area": 3, "cubic": 2, "nearest": 0}  # cv2.INTER_* values
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes one sample of the model input.
+
+    Attributes:
+        resize: resize so the shorter side has this many pixels (None: no resize).
+        crop: centre crop (height, width) after resizing (None: no crop).
+        color: channel order given to the model: "rgb", "bgr" or "gray" (1 channel).
+        scale: multiply pixel values (0-255 range, whatever the file's bit depth) by this.
+        mean, std: per channel, applied after ``scale``: (x * scale - mean) / std.
+        layout: "nchw" or "nhwc".
+        dtype: "float32" or "float16".
+        interpolation: "linear", "area", "cubic" or "nearest".
+    """
+
+    resize: int | None = None
+    crop: tuple[int, int] | None = None
+    color: Color = "rgb"
+    scale: float = 1.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    layout: Layout = "nchw"
+    dtype: Literal["float32", "float16"] = "float32"
+    interpolation: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.color not in ("rgb", "bgr", "gray"):
+            raise InputError(f"colour order must be rgb, bgr or gray, got {self.color!r}")
+        if self.layout not in ("nchw", "nhwc"):
+            raise InputError(f"layout must be nchw or nhwc, got {self.layout!r}")
+        if self.dtype not in ("float32", "float16"):
+            raise InputError(f"dtype must be float32 or float16, got {self.dtype!r}")
+        if self.interpolation not in _INTERP:
+            raise InputError(f"interpolation must be one of {sorted(_INTERP)}, got {self.interpolation!r}")
+        if self.resize is not None and self.resize <= 0:
+            raise InputError(f"resize must be positive, got {self.resize}")
+        if self.crop is not None and (len(self.crop) != 2 or min(self.crop) <= 0):
+            raise InputError(f"crop must be two positive sizes (height, width), got {self.crop}")
+        n = self.channels
+        for label, vals in (("mean", self.mean), ("std", self.std)):
+            if len(vals) not in (1, n):
+                raise InputError(f"{label} has {len(vals)} values; colour {self.color!r} needs 1 or {n}")
+        if any(s == 0 for s in self.std):
+            raise InputError("std values must be non-zero")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "gray" else 3
+
+    def replace(self, **changes: Any) -> "Preprocess":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["crop"] = list(self.crop) if self.crop else None
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        d = dict(d)
+        if d.get("crop") is not None:
+            d["crop"] = tuple(d["crop"])
+        d["mean"], d["std"] = tuple(d.get("mean", (0.0,))), tuple(d.get("std", (1.0,)))
+        return cls(**d)
+
+    def output_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """Height and width this spec produces from an image of ``image_hw``."""
+        if self.crop is not None:
+            return self.crop
+        return self._resized_hw(image_hw)
+
+    def _resized_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        if self.resize is None:
+            return image_hw
+        h, w = image_hw
+        f = self.resize / min(h, w)
+        return (max(1, round(h * f)), max(1, round(w * f)))
+
+    def apply(self, image: np.ndarray, *, source: str = "<image>") -> np.ndarray:
+        """Preprocess one decoded image (HxW or HxWxC BGR, values in 0-255 range).
+
+        Returns:
+            One sample, CHW or HWC per ``layout``, in ``dtype``.
+        """
+        import cv2
+
+        img = image
+        if img.ndim == 2:
+            img = img[:, :, None]
+        if self.color == "gray":
+            if img.shape[2] == 3:
+                img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[:, :, None]
+        else:
+            if img.shape[2] == 1:
+                img = np.repeat(img, 3, axis=2)
+            if self.color == "rgb":
+                img = img[:, :, ::-1]
+        if self.resize is not None:
+            h, w = img.shape[:2]
+            oh, ow = self._resized_hw((h, w))
+            if (oh, ow) != (h, w):
+                interp = _INTERP[self.interpolation]
+                img = cv2.resize(np.ascontiguousarray(img), (ow, oh), interpolation=interp)
+                if img.ndim == 2:
+                    img = img[:, :, None]
+        if self.crop is not None:
+            ch, cw = self.crop
+            h, w = img.shape[:2]
+            if h < ch or w < cw:
+                raise ShapeMismatchError(
+                    f"{source}: image is {h}x{w} after resizing, smaller than the crop {ch}x{cw}",
+                    hint="pass --resize at least as large as the crop",
+                )
+            top, left = (h - ch) // 2, (w - cw) // 2
+            img = img[top : top + ch, left : left + cw]
+        out = img.astype(np.float32)
+        mul = np.float32(self.scale) / np.asarray(self.std, dtype=np.float32)
+        add = -np.asarray(self.mean, dtype=np.float32) / np.asarray(self.std, dtype=np.float32)
+        out = out * mul + add
+        if self.layout == "nchw":
+            out = out.transpose(2, 0, 1)
+        return np.ascontiguousarray(out, dtype=np.dtype(self.dtype))
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRESETS: dict[str, Preprocess] = {
+    # crop None here: resolved to the model's spatial size (or 224) by ``for_model``
+    "imagenet": Preprocess(resize=256, crop=None, color="rgb", scale=1 / 255, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "none": Preprocess(),
+}
+
+
+def preset(name: str) -> Preprocess:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InputError(f"unknown preprocessing preset {name!r}; available: {sorted(PRESETS)}") from None
+
+
+def for_model(
+    spec: Preprocess, input_shape: tuple[int | str | None, ...], *, input_name: str, preset_name: str | None = None
+) -> Preprocess:
+    """Fill in what the spec leaves open from the model input, and check what it fixes.
+
+    ``input_shape`` is the ONNX input shape (None or a string for dynamic dims). With the
+    ``imagenet`` preset and no crop given, the crop is the model's static H x W (224 x 224 when
+    dynamic) and the resize keeps ImageNet's 256/224 ratio.
+    """
+    if len(input_shape) != 4:
+        raise ShapeMismatchError(
+            f"input {input_name!r} has shape {list(input_shape)}; image sources need a 4-D input "
+            "(N, C, H, W) or (N, H, W, C)",
+            hint="use --npz for models with other inputs",
+        )
+    c_axis, h_axis, w_axis = (1, 2, 3) if spec.layout == "nchw" else (3, 1, 2)
+    chans, h, w = input_shape[c_axis], input_shape[h_axis], input_shape[w_axis]
+    if isinstance(chans, int) and chans != spec.channels:
+        other = "nhwc" if spec.layout == "nchw" else "nchw"
+        raise ShapeMismatchError(
+            f"input {input_name!r} has shape {list(input_shape)}: {chans} channels in {spec.layout.upper()} "
+            f"layout, but colour {spec.color!r} gives {spec.channels}",
+            hint=f"set --color (gray for 1 channel) or --layout {other}",
+        )
+    static_hw = (h, w) if isinstance(h, int) and isinstance(w, int) else None
+    if spec.crop is None and preset_name == "imagenet":
+        crop = static_hw or (224, 224)
+        spec = spec.replace(crop=crop, resize=spec.resize if spec.resize != 256 else round(min(crop) * 256 / 224))
+    if spec.crop is not None and static_hw is not None and tuple(spec.crop) != static_hw:
+        raise ShapeMismatchError(
+            f"input {input_name!r} expects {static_hw[0]}x{static_hw[1]} images, the preprocessing crops "
+            f"{spec.crop[0]}x{spec.crop[1]}",
+            hint=f"pass --crop {static_hw[0]}x{static_hw[1]}",
+        )
+    return spec

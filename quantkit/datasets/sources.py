@@ -1,0 +1,276 @@
+"""Data sources: image folders (OpenCV), NumPy files, synthetic data.
+
+A source is indexable: ``len(source)``, ``source.load(i)`` returns one preprocessed sample
+(an array, or a dict of arrays keyed by model input name), ``source.label(i)`` an int or None,
+and ``source.describe(i)`` names the sample in messages. ``load`` raises SampleError for one
+unreadable sample; the batcher skips it (or stops, when strict).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from quantkit._deps import require
+from quantkit.datasets.preprocess import Preprocess
+from quantkit.errors import DatasetError, InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
+
+
+class SampleError(DatasetError):
+    """One sample could not be read or converted; ``path`` names it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+@runtime_checkable
+class Source(Protocol):
+    def __len__(self) -> int: ...
+    def load(self, index: int) -> np.ndarray | dict[str, np.ndarray]: ...
+    def label(self, index: int) -> int | None: ...
+    def describe(self, index: int) -> str: ...
+
+
+def scan_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int] | None, list[str]]:
+    """Image files under ``root`` (recursive, sorted) and labels from class subfolders.
+
+    Labels exist when every image lies inside an immediate subfolder of ``root``; classes are
+    the sorted subfolder names that hold images.
+
+    Returns:
+        (paths, labels or None, class names)
+    """
+    base = Path(root)
+    if not base.exists():
+        raise DatasetError(f"image folder {str(base)!r} does not exist")
+    if not base.is_dir():
+        raise DatasetError(f"{str(base)!r} is not a folder", hint="--images takes a folder of images")
+    paths = sorted(
+        p for p in base.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
+    if not paths:
+        raise DatasetError(
+            f"image folder {str(base)!r} has no images",
+            hint=f"supported extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}",
+        )
+    tops = [p.relative_to(base).parts for p in paths]
+    if all(len(t) >= 2 for t in tops):
+        classes = sorted({t[0] for t in tops})
+        index = {c: i for i, c in enumerate(classes)}
+        return paths, [index[t[0]] for t in tops], classes
+    return paths, None, []
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """Decode one image file with OpenCV into uint8-range values.
+
+    Rules: 8-bit as is; 16-bit divided by 257 (to the 8-bit range, as float32); float images
+    assumed 0-1 and multiplied by 255; an alpha channel is dropped; gray+alpha keeps gray.
+    Returns HxW (gray) or HxWx3 (BGR). Raises SampleError for empty, truncated or corrupt files.
+    """
+    cv2 = require("cv2")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise SampleError(str(path), f"cannot be read ({err.strerror or err})") from err
+    if data.size == 0:
+        raise SampleError(str(path), "empty file (0 bytes)")
+    # libjpeg decodes a truncated JPEG into a partly grey image with only a warning: check
+    # that the end-of-image marker is there.
+    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-64:].tobytes():
+        raise SampleError(str(path), "truncated JPEG (no end-of-image marker)")
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise SampleError(str(path), "not a decodable image (corrupt or unsupported format)")
+    if img.dtype == np.uint16:
+        img = img.astype(np.float32) * np.float32(1 / 257)
+    elif img.dtype in (np.float32, np.float64):
+        img = img.astype(np.float32) * np.float32(255)
+    elif img.dtype != np.uint8:
+        img = img.astype(np.float32)
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = img[:, :, :3]
+        elif img.shape[2] == 2:
+            img = img[:, :, 0]
+        elif img.shape[2] == 1:
+            img = img[:, :, 0]
+    return np.ascontiguousarray(img)
+
+
+@dataclass
+class ImageFolder:
+    """Images under a folder, decoded with OpenCV and preprocessed by ``preprocess``.
+
+    Args:
+        root: the folder (searched recursively).
+        preprocess: the preprocessing spec (already resolved for the model).
+        expected_hw: when set, every sample must come out with this height and width.
+    """
+
+    root: str | os.PathLike[str]
+    preprocess: Preprocess
+    expected_hw: tuple[int, int] | None = None
+    paths: list[Path] = field(init=False)
+    labels: list[int] | None = field(init=False)
+    classes: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.paths, self.labels, self.classes = scan_images(self.root)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def label(self, index: int) -> int | None:
+        return None if self.labels is None else self.labels[index]
+
+    def load(self, index: int) -> np.ndarray:
+        path = self.paths[index]
+        img = decode_image(path)
+        sample = self.preprocess.apply(img, source=str(path))
+        if self.expected_hw is not None:
+            hw = sample.shape[1:3] if self.preprocess.layout == "nchw" else sample.shape[0:2]
+            if tuple(hw) != tuple(self.expected_hw):
+                raise InputError(
+                    f"{path}: preprocessed image is {hw[0]}x{hw[1]}, the model expects "
+                    f"{self.expected_hw[0]}x{self.expected_hw[1]}",
+                    hint="set --resize/--crop (or --preprocess imagenet) so images match the model input",
+                )
+        return sample
+
+
+@dataclass
+class NumpySource:
+    """Samples from a .npy file (one input: array [N, ...]) or .npz file (arrays by input name).
+
+    An .npz may also hold ``labels`` (int array [N]); every other array must have the same N.
+    """
+
+    path: str | os.PathLike[str]
+    arrays: dict[str, np.ndarray] = field(init=False)
+    labels: np.ndarray | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = Path(self.path)
+        if not p.is_file():
+            raise DatasetError(f"NumPy file {str(p)!r} does not exist")
+        try:
+            loaded = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise DatasetError(f"{str(p)!r} is not a readable .npy/.npz file: {err}") from err
+        if isinstance(loaded, np.ndarray):
+            self.arrays, self.labels = {"": loaded}, None
+        else:
+            with loaded:
+                arrays = {k: loaded[k] for k in loaded.files}
+            self.labels = arrays.pop("labels", None)
+            self.arrays = arrays
+        if not self.arrays:
+            raise DatasetError(f"{str(p)!r} holds no input arrays")
+        sizes = {k: a.shape[0] if a.ndim else 0 for k, a in self.arrays.items()}
+        if len(set(sizes.values())) != 1 or 0 in sizes.values():
+            raise DatasetError(f"{str(p)!r}: arrays must share a non-zero first dimension, got {sizes}")
+        for name, arr in self.arrays.items():
+            if not np.issubdtype(arr.dtype, np.floating):
+                self.arrays[name] = arr.astype(np.float32)
+
+    def __len__(self) -> int:
+        return next(iter(self.arrays.values())).shape[0]
+
+    def describe(self, index: int) -> str:
+        return f"{self.path}[{index}]"
+
+    def label(self, index: int) -> int | None:
+        return None if self.labels is None else int(self.labels[index])
+
+    def load(self, index: int) -> np.ndarray | dict[str, np.ndarray]:
+        if "" in self.arrays:
+            return self.arrays[""][index]
+        return {k: a[index] for k, a in self.arrays.items()}
+
+
+@dataclass
+class SyntheticSource:
+    """Random samples of a fixed shape (for smoke tests and speed runs; not for real scales).
+
+    Args:
+        shape: one sample's shape, e.g. (3, 224, 224).
+        count: number of samples.
+        seed: random seed; sample i is the same on every run.
+        distribution: "normal" (mean 0, std 1) or "uniform" (0 to 1).
+    """
+
+    shape: tuple[int, ...]
+    count: int = 64
+    seed: int = 0
+    distribution: str = "normal"
+
+    def __post_init__(self) -> None:
+        if self.count <= 0:
+            raise DatasetError(f"synthetic source needs a positive count, got {self.count}")
+        if self.distribution not in ("normal", "uniform"):
+            raise InputError(f"distribution must be normal or uniform, got {self.distribution!r}")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def describe(self, index: int) -> str:
+        return f"synthetic[{index}]"
+
+    def label(self, index: int) -> int | None:
+        return None
+
+    def load(self, index: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, index))
+        if self.distribution == "normal":
+            return rng.standard_normal(self.shape, dtype=np.float32)
+        return rng.random(self.shape, dtype=np.float32)
+
+
+@dataclass
+class TorchDatasetSource:
+    """A PyTorch (map-style) dataset: ``dataset[i]`` is a tensor/array or (input, label, ...).
+
+    torch is not imported here; tensors are converted with ``.detach().cpu().numpy()``.
+    """
+
+    dataset: object
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def describe(self, index: int) -> str:
+        return f"{type(self.dataset).__name__}[{index}]"
+
+    def _item(self, index: int) -> tuple[object, object | None]:
+        item = self.dataset[index]  # type: ignore[index]
+        if isinstance(item, (tuple, list)):
+            return item[0], (item[1] if len(item) > 1 else None)
+        return item, None
+
+    @staticmethod
+    def _array(x: object) -> np.ndarray:
+        if hasattr(x, "detach"):
+            x = x.detach().cpu().numpy()  # type: ignore[attr-defined]
+        return np.asarray(x, dtype=np.float32)
+
+    def label(self, index: int) -> int | None:
+        lab = self._item(index)[1]
+        return None if lab is None else int(lab)  # type: ignore[call-overload]
+
+    def load(self, index: int) -> np.ndarray:
+        return self._array(self._item(index)[0])

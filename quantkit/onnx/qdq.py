@@ -1,0 +1,176 @@
+"""Q/DQ placement (TensorRT's rules) and insertion with onnx-graphsurgeon.
+
+Rules (shared/DESIGN.md): quantize the inputs of Conv, ConvTranspose, Gemm and MatMul — the
+activation per tensor, the weight per output channel; put a Q/DQ pair on the residual input of
+an Add that follows a Conv so the Add fuses into the Conv epilogue; nothing on network outputs,
+nothing for BatchNorm or ReLU. Weights stay float, followed by a Q/DQ pair (what TensorRT
+expects). One Q/DQ pair per tensor, shared by all of its quantized consumers.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from quantkit._deps import require
+from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
+from quantkit.errors import ModelError
+from quantkit.onnx.model import initializer_arrays, input_specs
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_CONV_OPS = ("Conv", "ConvTranspose")
+
+
+@dataclass(frozen=True)
+class QdqPlan:
+    """Where Q/DQ pairs go.
+
+    Attributes:
+        activations: activation tensor -> names of the nodes whose input gets the DQ output.
+        weights: weight tensor -> (channel axis, names of the consuming nodes).
+    """
+
+    activations: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    weights: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
+
+    @property
+    def activation_names(self) -> list[str]:
+        return list(self.activations)
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(a.i)
+    return default
+
+
+def _weight_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    return weight.ndim - 1  # MatMul: weight [..., K, N], channels along N
+
+
+def plan_qdq(model: onnx.ModelProto) -> QdqPlan:
+    """Decide the Q/DQ placement for an FP32 model by the TensorRT rules."""
+    graph = model.graph
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node):
+        raise ModelError(
+            "the model already has QuantizeLinear/DequantizeLinear nodes",
+            hint="give the FP32 model; quantkit places the Q/DQ pairs itself",
+        )
+    consts = initializer_arrays(model)
+    producer = {out: n for n in graph.node for out in n.output}
+    acts: dict[str, list[str]] = defaultdict(list)
+    weights: dict[str, tuple[int, list[str]]] = {}
+
+    def add_weight(name: str, node: onnx.NodeProto) -> None:
+        arr = consts[name]
+        axis = _weight_axis(node, arr) if arr.ndim >= 2 else -1
+        if arr.ndim < 2:
+            return  # 1-D "weights" (e.g. a MatMul by a vector) are left in float
+        prev = weights.get(name)
+        if prev is not None and prev[0] != axis:
+            return  # shared with a different channel axis: leave it in float
+        weights.setdefault(name, (axis, []))[1].append(node.name)
+
+    for node in graph.node:
+        if node.op_type in WEIGHTED_OPS:
+            if not node.name:
+                raise ModelError("every node needs a name for Q/DQ placement", hint="re-export the model")
+            a, b = node.input[0], node.input[1]
+            if a in consts and b not in consts and node.op_type == "MatMul":
+                a, b = b, a
+            if a in consts:
+                continue  # constant "activation": nothing to calibrate
+            acts[a].append(node.name)
+            if b in consts and np.issubdtype(consts[b].dtype, np.floating):
+                add_weight(b, node)
+            elif b not in consts:
+                acts[b].append(node.name)  # MatMul of two activations (attention): both per tensor
+        elif node.op_type == "Add" and len(node.input) == 2:
+            srcs = [producer.get(t) for t in node.input]
+            if any(t in consts for t in node.input):
+                continue
+            from_conv = [s is not None and s.op_type in _CONV_OPS for s in srcs]
+            if not any(from_conv):
+                continue
+            # the Conv-fed input fuses into the Conv epilogue; the other one is quantized
+            residual = node.input[1] if from_conv[0] else node.input[0]
+            acts[residual].append(node.name)
+    return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()})
+
+
+def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str, float]) -> onnx.ModelProto:
+    """A copy of ``model`` with Q/DQ pairs per ``plan``; activation scales = amax / 127.
+
+    Graph inputs, outputs (and their dynamic axes) and the opset are kept.
+    """
+    gs = require("onnx_graphsurgeon")
+    missing = [t for t in plan.activations if t not in activation_amax]
+    if missing:
+        raise ModelError(f"no calibrated range for activation tensor(s) {missing[:5]}")
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    new_nodes = []
+
+    def pair(tensor: object, base: str, scale: np.ndarray, axis: int | None) -> object:
+        zero = np.zeros(scale.shape, dtype=np.int8)
+        s = gs.Constant(f"{base}_scale", scale)
+        z = gs.Constant(f"{base}_zero_point", zero)
+        q_out = gs.Variable(f"{base}_quantized", dtype=np.int8, shape=getattr(tensor, "shape", None))
+        dq_out = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=getattr(tensor, "shape", None))
+        attrs = {} if axis is None else {"axis": axis}
+        new_nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs, [tensor, s, z], [q_out]))
+        new_nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs, [q_out, s, z], [dq_out]))
+        return dq_out
+
+    def rewire(src_name: str, dq_out: object, consumers: tuple[str, ...]) -> None:
+        src = tensors[src_name]
+        for node_name in consumers:
+            node = nodes[node_name]
+            for i, inp in enumerate(node.inputs):
+                if inp is src:
+                    node.inputs[i] = dq_out
+
+    for name, consumers in plan.activations.items():
+        scale = scale_from_amax(np.float32(activation_amax[name])).reshape(())
+        rewire(name, pair(tensors[name], name, scale, None), consumers)
+    for name, (axis, consumers) in plan.weights.items():
+        w = tensors[name]
+        values = np.asarray(w.values)
+        amax = per_channel_amax(values, axis, name=name)
+        ax = axis % values.ndim
+        rewire(name, pair(w, name, scale_from_amax(amax), ax), consumers)
+    graph.nodes.extend(new_nodes)
+    graph.toposort()
+    graph.cleanup()
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    out.producer_name, out.producer_version = "quantkit", _version()
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    onnx.checker.check_model(out)
+    _check_io_kept(model, out)
+    return out
+
+
+def _version() -> str:
+    from quantkit import __version__
+
+    return __version__
+
+
+def _check_io_kept(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    a = [(s.name, s.shape) for s in input_specs(before)]
+    b = [(s.name, s.shape) for s in input_specs(after)]
+    if a != b or [o.name for o in before.graph.output] != [o.name for o in after.graph.output]:
+        raise ModelError("internal error: Q/DQ insertion changed the model's inputs or outputs")

@@ -1,0 +1,196 @@
+"""Post-training calibration end to end: one capture pass, every method, every artifact.
+
+    model + source -> Batcher -> capture (ONNX Runtime) -> histograms -> amax per method
+      -> Q/DQ ONNX, TensorRT calibration cache, ranges.json (+ report.json by the caller)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from quantkit.calibrators.cache import DEFAULT_TRT_VERSION, CalibrationCache
+from quantkit.calibrators.collectors import Histogram
+from quantkit.calibrators.methods import ALL_METHODS, BASE_METHODS, TensorRanges, all_ranges
+from quantkit.datasets.batching import Batch, Batcher
+from quantkit.datasets.sources import Source
+from quantkit.errors import DatasetError, InputError, ModelError, UnknownMethodError
+from quantkit.onnx.capture import capture_histograms, float_activations
+from quantkit.onnx.model import TensorSpec, ensure_opset, float_input_specs, opset_version
+from quantkit.onnx.qdq import QdqPlan, insert_qdq, plan_qdq
+
+log = logging.getLogger(__name__)
+
+METHODS = ALL_METHODS
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Settings of one calibration.
+
+    Attributes:
+        method: the method whose scales go into the Q/DQ model and the cache.
+        num_bins: histogram bins per tensor.
+        percentile: for the percentile method, in (0, 100].
+        auto_tolerance: ``auto`` keeps entropy unless its expected error is this many times
+            the best candidate's.
+        batch_size: samples per inference batch (a model with a fixed batch uses its own).
+        threads: ONNX Runtime intra-op threads (None: one per core).
+        cache_all_tensors: capture every float tensor, so the TensorRT cache covers the whole
+            network (slower); by default only the tensors that Q/DQ placement quantizes.
+        strict: stop at the first unreadable sample instead of skipping it.
+    """
+
+    method: str = "entropy"
+    num_bins: int = 2048
+    percentile: float = 99.99
+    auto_tolerance: float = 2.0
+    batch_size: int = 32
+    threads: int | None = None
+    cache_all_tensors: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UnknownMethodError(f"unknown calibration method {self.method!r}; available: {list(METHODS)}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise InputError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.batch_size <= 0:
+            raise InputError(f"batch size must be positive, got {self.batch_size}")
+        if self.num_bins < 256 or self.num_bins & (self.num_bins - 1):
+            raise InputError(f"num_bins must be a power of two >= 256, got {self.num_bins}")
+
+
+@dataclass
+class Calibration:
+    """The statistics of one pass and everything derived from them."""
+
+    model: onnx.ModelProto
+    plan: QdqPlan
+    histograms: dict[str, Histogram]
+    ranges: dict[str, TensorRanges]
+    config: CalibConfig
+    num_samples: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def amax(self, method: str | None = None, *, quantized_only: bool = False) -> dict[str, float]:
+        method = method or self.config.method
+        if method not in METHODS:
+            raise UnknownMethodError(f"unknown calibration method {method!r}; available: {list(METHODS)}")
+        names = self.plan.activation_names if quantized_only else list(self.ranges)
+        return {t: self.ranges[t].amax[method] for t in names}
+
+    def int8_model(self, method: str | None = None) -> onnx.ModelProto:
+        """The Q/DQ model with the scales of ``method`` (default: the configured one)."""
+        return insert_qdq(self.model, self.plan, self.amax(method, quantized_only=True))
+
+    def cache(self, method: str | None = None, *, trt_version: int = DEFAULT_TRT_VERSION) -> CalibrationCache:
+        method = method or self.config.method
+        return CalibrationCache.from_amax(self.amax(method), method, trt_version)
+
+    def ranges_document(self, method: str | None = None, **metadata: Any) -> dict[str, Any]:
+        """The content of ranges.json."""
+        method = method or self.config.method
+        tensors = {}
+        for name, r in self.ranges.items():
+            h = self.histograms[name]
+            tensors[name] = {
+                **{m: r.amax[m] for m in BASE_METHODS},
+                "auto": r.amax["auto"],
+                "entropy-trt": r.amax["entropy-trt"],
+                "auto_choice": r.auto.method,
+                "entropy_rule": "mse (two-sided tensor)" if r.two_sided else "kl",
+                "observed_min": h.observed_min,
+                "observed_max": h.observed_max,
+                "quantized": name in self.plan.activations,
+            }
+        return {
+            "method": method,
+            "tensors": tensors,
+            "weights": {n: {"axis": ax, "consumers": list(c)} for n, (ax, c) in self.plan.weights.items()},
+            "num_samples": self.num_samples,
+            "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
+            "config": {
+                "num_bins": self.config.num_bins,
+                "percentile": self.config.percentile,
+                "auto_tolerance": self.config.auto_tolerance,
+                "cache_all_tensors": self.config.cache_all_tensors,
+            },
+            **metadata,
+        }
+
+
+def prepare_model(model: onnx.ModelProto, *, source: str = "model") -> tuple[onnx.ModelProto, list[TensorSpec], QdqPlan]:
+    """Opset >= 13, float inputs checked, Q/DQ placement planned."""
+    model = ensure_opset(model)
+    specs = float_input_specs(model, source=source)
+    plan = plan_qdq(model)
+    if not plan.activations:
+        raise ModelError(
+            f"{source} has no Conv, ConvTranspose, Gemm or MatMul nodes: nothing to quantize to INT8"
+        )
+    log.debug("opset %d, %d activation and %d weight Q/DQ pairs planned", opset_version(model),
+              len(plan.activations), len(plan.weights))
+    return model, specs, plan
+
+
+def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Sequence[int], config: CalibConfig) -> Batcher:
+    """Batches for calibration: a fixed-batch model uses its batch size and drops a short tail."""
+    fixed = specs[0].static_batch
+    if fixed is not None and len(indices) < fixed:
+        raise DatasetError(
+            f"the model has a fixed batch size of {fixed}, but only {len(indices)} calibration samples were given",
+            hint=f"give at least {fixed} samples",
+        )
+    return Batcher(
+        source, [s.name for s in specs], fixed or config.batch_size, indices=indices,
+        last_batch="drop" if fixed else "keep", strict=config.strict,
+    )
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    source: Source,
+    *,
+    indices: Sequence[int] | None = None,
+    config: CalibConfig = CalibConfig(),
+    on_batch: Callable[[Batch], None] | None = None,
+    model_name: str = "model",
+) -> Calibration:
+    """Collect statistics in one pass over ``source`` and compute every method's ranges.
+
+    Args:
+        model: the FP32 model (not modified).
+        source: calibration data, preprocessed for the model.
+        indices: which samples to use, in order (default: all).
+        config: calibration settings.
+        on_batch: progress callback, called once per batch.
+        model_name: used in messages.
+    """
+    model, specs, plan = prepare_model(model, source=model_name)
+    tensors = plan.activation_names
+    if config.cache_all_tensors:
+        tensors = list(dict.fromkeys([*tensors, *float_activations(model)]))
+    idx = list(range(len(source))) if indices is None else list(indices)
+    batcher = calibration_batches(source, specs, idx, config)
+    collectors = capture_histograms(model, tensors, batcher, num_bins=config.num_bins,
+                                    threads=config.threads, on_batch=on_batch)
+    histograms = {t: c.compute() for t, c in collectors.items()}
+    ranges = {
+        t: all_ranges(h, percentile=config.percentile, auto_tolerance=config.auto_tolerance)
+        for t, h in histograms.items()
+    }
+    return Calibration(model, plan, histograms, ranges, config, batcher.loaded_, list(batcher.skipped_))
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Save an ONNX model (within an atomic output folder, or atomically on its own)."""
+    from quantkit._io import write_bytes_atomic
+
+    return write_bytes_atomic(path, model.SerializeToString())
