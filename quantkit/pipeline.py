@@ -194,3 +194,44 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     from quantkit._io import write_bytes_atomic
 
     return write_bytes_atomic(path, model.SerializeToString())
+
+
+def entropy_effect(calibration: Calibration) -> list[dict[str, Any]]:
+    """Tensors where quantkit's entropy differs from TensorRT's (two-sided tensors), for reports."""
+    return [
+        {"tensor": t, "entropy_trt": r.amax["entropy-trt"], "entropy": r.amax["entropy"],
+         "observed_min": calibration.histograms[t].observed_min, "observed_max": calibration.histograms[t].observed_max}
+        for t, r in calibration.ranges.items() if r.two_sided and r.amax["entropy"] != r.amax["entropy-trt"]
+    ]
+
+
+def write_artifacts(
+    calibration: Calibration,
+    outdir: str | os.PathLike[str],
+    *,
+    model_stem: str,
+    int8_model: onnx.ModelProto,
+    report: dict[str, Any] | None,
+    metadata: dict[str, Any],
+    trt_version: int = DEFAULT_TRT_VERSION,
+    force: bool = False,
+    extra: dict[str, onnx.ModelProto] | None = None,
+) -> dict[str, Path]:
+    """Write ``<stem>.int8.onnx``, ``calibration.cache``, ``ranges.json`` and ``report.json``
+    into ``outdir`` as one atomic step (a temporary folder renamed into place)."""
+    from quantkit._io import atomic_output_dir, write_json_atomic
+    from quantkit.calibrators.cache import write_cache
+
+    method = calibration.config.method
+    with atomic_output_dir(outdir, force=force) as tmp:
+        names = {"model": f"{model_stem}.int8.onnx", "cache": "calibration.cache", "ranges": "ranges.json"}
+        save_model(int8_model, tmp / names["model"])
+        write_cache(tmp / names["cache"], calibration.cache(method, trt_version=trt_version))
+        write_json_atomic(tmp / names["ranges"], calibration.ranges_document(method, **metadata))
+        if report is not None:
+            names["report"] = "report.json"
+            write_json_atomic(tmp / names["report"], report)
+        for name, model in (extra or {}).items():
+            save_model(model, tmp / name)
+            names[name] = name
+    return {k: Path(outdir) / v for k, v in names.items()}

@@ -55,16 +55,18 @@ def minmax_amax(hist: Histogram) -> float:
 
 @range_method("percentile")
 def percentile_amax(hist: Histogram, *, percentile: float = 99.99) -> float:
-    """Smallest bin edge below which ``percentile`` % of |x| lies (whole bins kept)."""
+    """The left edge of the bin where the CDF of |x| reaches ``percentile`` %.
+
+    Same convention as NVIDIA's pytorch-quantization / Model Optimizer; 100 gives the exact max.
+    """
     if not 0.0 < percentile <= 100.0:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     total = hist.total
-    if total == 0 or hist.bin_width == 0.0:
+    if total == 0 or hist.bin_width == 0.0 or percentile == 100.0:
         return hist.amax
     cdf = np.cumsum(hist.counts, dtype=np.float64) / total
-    idx = int(np.searchsorted(cdf, percentile / 100.0))
-    idx = min(idx, hist.num_bins - 1)
-    return float(min((idx + 1) * hist.bin_width, hist.amax))
+    idx = min(int(np.searchsorted(cdf, percentile / 100.0)), hist.num_bins - 1)
+    return float(min(max(idx, 1) * hist.bin_width, hist.amax))
 
 
 @range_method("entropy-trt")
@@ -118,9 +120,9 @@ def entropy_amax(
     with np.errstate(divide="ignore", invalid="ignore"):
         plogp = cum_clogc[cand - 1] + np.where(last_p > 0, last_p * np.log(last_p), 0.0)
         level_log_q = np.where(level_sum > 0, np.log(level_sum / np.maximum(level_nz, 1)), 0.0)
-    self_term = plogp / total - np.log(total)
-    cross = (level_sum * level_log_q).sum(axis=1) + tail * level_log_q[:, -1]
-    cross = cross / total - np.log(kept)
+        self_term = plogp / total - np.log(total)
+        cross = (level_sum * level_log_q).sum(axis=1) + tail * level_log_q[:, -1]
+        cross = cross / total - np.log(kept)
     kl = self_term - cross
     kl[(last == 0) & (tail > 0)] = np.inf  # P has mass where Q has none
     kl[kept == 0] = np.inf

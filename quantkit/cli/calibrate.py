@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from quantkit.cli.common import add_data_args, add_preprocess_args, positive_int, progress, select, source_for_model
+
+
+#: images used for calibration when --num-images is not given (the rest are held out)
+DEFAULT_CALIBRATION_IMAGES = 512
+
+
+class Calibrate:
+    """Calibrate an ONNX model on images; write a Q/DQ INT8 model, a TensorRT cache, ranges and a report.
+
+    One pass over the data computes every method's ranges (minmax, entropy, percentile, mse,
+    auto, entropy-trt); --method picks the one written into the Q/DQ model and the cache.
+    The INT8 model is then compared with the FP32 model on held-out images.
+
+    example:
+      quantkit calibrate resnet.onnx --images ./val_images --preprocess imagenet --method entropy -o out/
+    """
+
+    name = "calibrate"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from quantkit.pipeline import METHODS
+
+        parser.add_argument("model", metavar="MODEL.onnx", help="the FP32 ONNX model")
+        parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+        parser.add_argument("--force", action="store_true", help="replace an existing non-empty OUTDIR")
+        g = parser.add_argument_group("calibration")
+        g.add_argument("--method", choices=list(METHODS), default="entropy",
+                       help="scales written to the model and cache (default entropy: TensorRT's KL search on "
+                       "one-sided tensors, least-MSE on two-sided ones; entropy-trt: KL everywhere)")
+        g.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
+        g.add_argument("--num-bins", type=positive_int, default=2048, help="histogram bins (default 2048)")
+        g.add_argument("--trt-version", default="10.13.0", help="TensorRT version for the cache header (default 10.13.0)")
+        g.add_argument("--cache-all-tensors", action="store_true",
+                       help="calibrate every float tensor so the cache covers the whole network (slower)")
+        g.add_argument("--eval-images", type=int, default=1000, metavar="N",
+                       help="held-out images (after the calibration ones) for the report; 0 skips it (default 1000)")
+        g.add_argument("--eval-dir", metavar="DIR", help="evaluate on this folder instead of held-out images")
+        add_data_args(parser)
+        add_preprocess_args(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from quantkit._io import check_output_dir
+        from quantkit.backends.onnxruntime import OrtRunner
+        from quantkit.calibrators.cache import trt_version_number
+        from quantkit.compare import compare_runners
+        from quantkit.datasets import Batcher
+        from quantkit.onnx.model import file_sha256, load_model
+        from quantkit.pipeline import CalibConfig, calibrate, entropy_effect, prepare_model, write_artifacts
+
+        check_output_dir(args.output, force=args.force)
+        model_path = Path(args.model)
+        model = load_model(model_path)
+        config = CalibConfig(method=args.method, percentile=args.percentile, num_bins=args.num_bins,
+                             batch_size=args.batch_size, threads=args.threads,
+                             cache_all_tensors=args.cache_all_tensors, strict=args.strict)
+        prepared, specs, _ = prepare_model(model, source=str(model_path))
+        source = source_for_model(args, specs)
+        order = select(len(source), args, what="images", take=False)
+        count = args.num_images or min(len(order), DEFAULT_CALIBRATION_IMAGES)
+        calib_idx, rest = order[:count], order[count:]
+
+        with progress(len(calib_idx), "calibrating", disable=args.no_progress) as bar:
+            cal = calibrate(prepared, source, indices=calib_idx, config=config,
+                            on_batch=lambda b: bar.update(b.size), model_name=str(model_path))
+        int8 = cal.int8_model()
+
+        report = None
+        if args.eval_images > 0:
+            if args.eval_dir:
+                eval_source = source_for_model(args, specs, images=args.eval_dir)
+                eval_idx, held_out = list(range(len(eval_source)))[: args.eval_images], True
+            else:
+                eval_source = source
+                held_out = bool(rest)
+                eval_idx = rest[: args.eval_images] if rest else calib_idx[: args.eval_images]
+            fixed = specs[0].static_batch
+            batches = Batcher(eval_source, [s.name for s in specs], fixed or args.batch_size, indices=eval_idx,
+                              last_batch="pad" if fixed else "keep", strict=args.strict)
+            with OrtRunner(prepared, threads=args.threads) as ref, OrtRunner(int8, threads=args.threads) as test, \
+                    progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
+                cmp = compare_runners(ref, test, batches, reference_name=model_path.name,
+                                      test_name=f"{model_path.stem}.int8.onnx ({args.method})",
+                                      on_batch=lambda b: bar.update(b.size))
+            print(cmp.table())
+            if not held_out:
+                print("  note: no images left after calibration; compared on calibration images")
+            report = {"method": args.method, "held_out": held_out, **cmp.to_dict(),
+                      "entropy_two_sided_tensors": entropy_effect(cal)}
+
+        preprocess = getattr(source, "preprocess", None)
+        meta = {
+            "model": {"path": str(model_path), "sha256": file_sha256(model_path)},
+            "preprocess": preprocess.to_dict() if preprocess is not None else None,
+            "data": str(args.images or args.npz),
+        }
+        paths = write_artifacts(cal, args.output, model_stem=model_path.stem.removesuffix(".fp32"), int8_model=int8,
+                                report=report, metadata=meta, trt_version=trt_version_number(args.trt_version),
+                                force=args.force)
+        if cal.skipped:
+            print(f"skipped {len(cal.skipped)} unreadable file(s) during calibration (listed in ranges.json)")
+        print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations and "
+              f"{len(cal.plan.weights)} weights quantized ({args.method})")
+        for p in paths.values():
+            print(f"  wrote {p}")
+        return 0
+

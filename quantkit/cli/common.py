@@ -1,0 +1,131 @@
+"""Argument groups shared by the subcommands, and the helpers that turn them into objects."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from quantkit.errors import InputError
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _hw(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(v) for v in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(parts) == 1:
+        return (parts[0], parts[0])
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
+    return v
+
+
+def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    g = parser.add_argument_group("data")
+    src = g.add_mutually_exclusive_group(required=required)
+    src.add_argument("--images", metavar="DIR", help="image folder (recursive; class subfolders give labels)")
+    src.add_argument("--npz", metavar="FILE", help=".npy array [N, ...] or .npz with one array per input name "
+                     "(and optional 'labels'), already preprocessed")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch (default 32; "
+                   "a model with a fixed batch size uses its own)")
+    g.add_argument("--num-images", type=positive_int, default=None, metavar="N", help="use the first N samples")
+    g.add_argument("--shuffle", action="store_true", help="shuffle sample order (seeded by --seed)")
+    g.add_argument("--seed", type=int, default=0, help="seed for --shuffle (default 0)")
+    g.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    g.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads (default: one per core)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("preprocessing (image folders)")
+    g.add_argument("--preprocess", choices=["imagenet", "none"], default="imagenet",
+                   help="preset: imagenet = resize to 256/224 of the crop, centre crop to the model's size, RGB, "
+                   "ImageNet mean/std; none = pixels 0-255 as float, no resize (default imagenet)")
+    g.add_argument("--resize", type=positive_int, metavar="N", help="resize the shorter side to N pixels")
+    g.add_argument("--crop", type=_hw, metavar="HxW", help="centre crop (N or HxW)")
+    g.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="per-channel mean (after --scale)")
+    g.add_argument("--std", type=_floats, metavar="S[,S,S]", help="per-channel std (after --scale)")
+    g.add_argument("--scale", type=float, help="multiply 0-255 pixel values by this first (imagenet: 1/255)")
+    g.add_argument("--color", choices=["rgb", "bgr", "gray"], help="channel order the model expects")
+    g.add_argument("--layout", choices=["nchw", "nhwc"], help="input layout (default nchw)")
+
+
+def preprocess_from_args(args: argparse.Namespace) -> Any:
+    from quantkit.datasets.preprocess import preset
+
+    spec = preset(args.preprocess)
+    changes: dict[str, Any] = {}
+    for key in ("resize", "crop", "mean", "std", "scale", "color", "layout"):
+        value = getattr(args, key, None)
+        if value is not None:
+            changes[key] = value
+    if "color" in changes and changes["color"] == "gray" and "mean" not in changes and args.preprocess == "imagenet":
+        changes["mean"], changes["std"] = (0.449,), (0.226,)
+    return spec.replace(**changes) if changes else spec
+
+
+def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str | None = None) -> Any:
+    """The data source the arguments describe, fitted to the model inputs."""
+    from quantkit.datasets import ImageFolder, NumpySource, for_model
+
+    folder = images if images is not None else args.images
+    if folder is None:
+        return NumpySource(args.npz)
+    if len(specs) != 1:
+        raise InputError(
+            f"the model has {len(specs)} inputs {[s.name for s in specs]}; an image folder feeds one",
+            hint="use --npz with one array per input name",
+        )
+    spec = for_model(preprocess_from_args(args), specs[0].shape, input_name=specs[0].name,
+                     preset_name=args.preprocess)
+    shape = specs[0].shape
+    h_axis, w_axis = (2, 3) if spec.layout == "nchw" else (1, 2)
+    hw = (shape[h_axis], shape[w_axis])
+    expected = hw if all(isinstance(d, int) for d in hw) else None
+    return ImageFolder(folder, spec, expected_hw=expected)  # type: ignore[arg-type]
+
+
+def select(count: int, args: argparse.Namespace, *, what: str = "samples", take: bool = True) -> list[int]:
+    """Sample order per --shuffle/--seed, cut to --num-images when ``take``; asking for more
+    samples than exist is an error."""
+    from quantkit.datasets import ordered_indices
+
+    n = args.num_images
+    if n is not None and n > count:
+        raise InputError(f"--num-images {n} asks for more {what} than the data has ({count})",
+                         hint=f"pass --num-images {count} or less, or omit it")
+    order = ordered_indices(count, shuffle=args.shuffle, seed=args.seed)
+    return order[: n or count] if take else order
+
+
+@contextmanager
+def progress(total: int, desc: str, *, disable: bool = False) -> Iterator[Any]:
+    """A tqdm bar on stderr (hidden when stderr is not a terminal, or with --no-progress)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=True if disable else None,
+               dynamic_ncols=True, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from quantkit.cli.common import add_data_args, add_preprocess_args, progress, select, source_for_model
+
+
+class Compare:
+    """Compare an INT8 model with its FP32 reference on a data set (accuracy, agreement, SQNR).
+
+    Metrics per output: top-1 agreement, cosine similarity (mean and min over samples),
+    SQNR in dB, max absolute error; accuracy when the image folder has class subfolders.
+
+    example:
+      quantkit compare resnet.onnx out/resnet.int8.onnx --images ./val_images --preprocess imagenet
+    """
+
+    name = "compare"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("reference", metavar="FP32.onnx", help="the reference (FP32) model")
+        parser.add_argument("test", metavar="INT8.onnx", help="the model to check")
+        parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+        parser.add_argument("--min-cosine", type=float, default=None,
+                            help="exit 1 when any output's mean cosine similarity is below this")
+        add_data_args(parser)
+        add_preprocess_args(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from quantkit._io import write_json_atomic
+        from quantkit.backends.onnxruntime import runner_from_path
+        from quantkit.compare import compare_runners
+        from quantkit.datasets import Batcher
+
+        ref = runner_from_path(args.reference, threads=args.threads)
+        test = runner_from_path(args.test, threads=args.threads)
+        specs = ref.input_specs
+        source = source_for_model(args, specs)
+        idx = select(len(source), args)
+        fixed = specs[0].static_batch
+        batches = Batcher(source, [s.name for s in specs], fixed or args.batch_size, indices=idx,
+                          last_batch="pad" if fixed else "keep", strict=args.strict)
+        with ref, test, progress(len(idx), "comparing", disable=args.no_progress) as bar:
+            report = compare_runners(ref, test, batches, reference_name=Path(args.reference).name,
+                                     test_name=Path(args.test).name, on_batch=lambda b: bar.update(b.size))
+        print(report.table())
+        if args.json:
+            write_json_atomic(args.json, report.to_dict())
+            print(f"  wrote {args.json}")
+        if args.min_cosine is not None:
+            worst = min(m.cosine_mean for m in report.outputs)
+            if math.isnan(worst) or worst < args.min_cosine:
+                print(f"FAILED: mean cosine similarity {worst:.5f} is below --min-cosine {args.min_cosine}")
+                return 1
+        return 0
+
+
