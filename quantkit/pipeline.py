@@ -186,7 +186,7 @@ def calibrate(
         t: all_ranges(h, percentile=config.percentile, auto_tolerance=config.auto_tolerance)
         for t, h in histograms.items()
     }
-    return Calibration(model, plan, histograms, ranges, config, batcher.loaded_, list(batcher.skipped_))
+    return Calibration(model, plan, histograms, ranges, config, batcher.used_, list(batcher.skipped_))
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:

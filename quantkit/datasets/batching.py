@@ -81,7 +81,8 @@ class Batcher:
         self.workers = workers or min(8, os.cpu_count() or 1)
         self.prefetch = prefetch
         self.skipped_: list[tuple[str, str]] = []
-        self.loaded_ = 0
+        self.loaded_ = 0  # samples read successfully
+        self.used_ = 0  # samples in the batches handed out (a dropped tail is not counted)
 
     def __len__(self) -> int:
         """Number of batches if no sample is skipped."""
@@ -158,6 +159,7 @@ class Batcher:
 
     def _batch(self, chunk: list[tuple[int, np.ndarray | dict[str, np.ndarray]]]) -> Batch:
         size = len(chunk)
+        self.used_ += size
         if self.last_batch == "pad" and size < self.batch_size:
             chunk = chunk + [chunk[-1]] * (self.batch_size - size)
         indices = [i for i, _ in chunk]
@@ -166,7 +168,7 @@ class Batcher:
         return Batch(self._feed([s for _, s in chunk], indices), lab, tuple(indices[:size]), size)
 
     def __iter__(self) -> Iterator[Batch]:
-        self.skipped_, self.loaded_ = [], 0
+        self.skipped_, self.loaded_, self.used_ = [], 0, 0
         chunk: list[tuple[int, np.ndarray | dict[str, np.ndarray]]] = []
         for item in self._samples():
             chunk.append(item)

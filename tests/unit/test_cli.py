@@ -1,0 +1,145 @@
+"""The command line end to end on real data (the bundled digits written as PNG folders)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from quantkit import sample
+from quantkit.cli import main
+
+DIGITS = ["--preprocess", "none", "--color", "gray", "--scale", repr(1 / 255),
+          "--mean", str(sample.preprocess().mean[0]), "--std", str(sample.preprocess().std[0]), "--no-progress"]
+
+
+def test_import_is_light():
+    code = "import sys, quantkit, quantkit.cli; print(sorted({'torch','tensorrt','onnxruntime','cv2'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("calibrate", "compare", "demo", "inspect"):
+        assert cmd in out
+
+
+def test_demo_accuracy_every_method(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    for method in ("minmax", "entropy", "percentile", "mse", "auto"):
+        r = report["methods"][method]
+        assert r["accuracy_test"] >= r["accuracy_reference"] - 0.005, method  # within 0.5 points
+        assert method in out
+    assert report["methods"]["entropy-trt"]["outputs"][0]["sqnr_db"] < report["methods"]["entropy"]["outputs"][0]["sqnr_db"]
+    assert report["entropy_two_sided_tensors"][0]["tensor"] == "image"
+
+
+def test_calibrate_writes_consistent_artifacts(digits_dirs, tmp_path, capsys):
+    train, test = digits_dirs
+    out = tmp_path / "out"
+    rc = main(["calibrate", str(sample.model_path()), "--images", str(train), "-o", str(out),
+               "--method", "percentile", "--num-images", "200", "--eval-dir", str(test), *DIGITS])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.cache", "digits_cnn.int8.onnx", "ranges.json", "report.json"]
+    ranges = json.loads((out / "ranges.json").read_text())
+    assert ranges["method"] == "percentile" and ranges["num_samples"] == 200
+    image = ranges["tensors"]["image"]
+    assert {"minmax", "entropy", "percentile", "mse"} <= set(image)
+    lines = (out / "calibration.cache").read_text().splitlines()
+    assert lines[0] == "TRT-101300-EntropyCalibration2"
+    from quantkit.calibrators.cache import read_cache
+
+    cache = read_cache(out / "calibration.cache")
+    for name, t in ranges["tensors"].items():
+        assert np.float32(cache.scales[name]) == np.float32(np.float32(t["percentile"]) / np.float32(127))
+    q = onnx.load(out / "digits_cnn.int8.onnx")
+    assert q.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    report = json.loads((out / "report.json").read_text())
+    assert report["held_out"] and report["num_samples"] == 540
+    assert report["accuracy_test"] >= report["accuracy_reference"] - 0.005
+    assert "top-1 agree" in capsys.readouterr().out
+
+
+def test_existing_output_refused_and_untouched(digits_dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc = main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(out), *DIGITS])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_interrupt_leaves_nothing(digits_dirs, tmp_path, monkeypatch, capsys):
+    import quantkit.pipeline as pl
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pl, "write_cache", boom, raising=False)
+    monkeypatch.setattr("quantkit.calibrators.cache.write_cache", boom)
+    rc = main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(tmp_path / "out"),
+               "--num-images", "64", "--eval-images", "0", *DIGITS])
+    assert rc == 1 and "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no output folder, no temporary folder
+
+
+@pytest.mark.parametrize("case", ["missing", "not_onnx", "int_input", "too_many"])
+def test_bad_input_exit_2(case, digits_dirs, tmp_path, capsys):
+    model = str(sample.model_path())
+    extra: list[str] = []
+    if case == "missing":
+        model = str(tmp_path / "nope.onnx")
+    elif case == "not_onnx":
+        (tmp_path / "x.onnx").write_bytes(b"\x00garbage")
+        model = str(tmp_path / "x.onnx")
+    elif case == "int_input":
+        from onnx import TensorProto, helper
+
+        g = helper.make_graph([helper.make_node("Identity", ["ids"], ["y"], name="i")], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 4])])
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "i.onnx")
+        model = str(tmp_path / "i.onnx")
+    else:
+        extra = ["--num-images", "100000"]
+    rc = main(["calibrate", model, "--images", str(digits_dirs[0]), "-o", str(tmp_path / "o"), *DIGITS, *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("quantkit: error: ") and "Traceback" not in err
+    assert {"missing": "does not exist", "not_onnx": "not a readable ONNX", "int_input": "no floating-point inputs",
+            "too_many": "--num-images 100000"}[case] in err
+
+
+def test_unexpected_error_exit_1_and_debug(monkeypatch, digits_dirs, tmp_path, capsys):
+    monkeypatch.setattr("quantkit.pipeline.capture_histograms", lambda *a, **k: 1 / 0)
+    args = ["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(tmp_path / "o"), *DIGITS]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError" in err and "Traceback" not in err
+    assert main([*args, "--debug"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_compare_and_inspect(digits_dirs, tmp_path, capsys):
+    from quantkit.datasets import ImageFolder
+    from quantkit.onnx.model import load_model
+    from quantkit.pipeline import CalibConfig, calibrate
+
+    cal = calibrate(load_model(sample.model_path()), ImageFolder(digits_dirs[0], sample.preprocess()),
+                    indices=range(128), config=CalibConfig(method="mse"))
+    onnx.save(cal.int8_model(), tmp_path / "q.onnx")
+    rc = main(["compare", str(sample.model_path()), str(tmp_path / "q.onnx"), "--images", str(digits_dirs[1]),
+               "--json", str(tmp_path / "m.json"), "--min-cosine", "0.99", *DIGITS])
+    assert rc == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["num_samples"] == 540 and m["outputs"][0]["cosine_mean"] > 0.99
+    assert main(["inspect", str(sample.model_path())]) == 0
+    assert "7 activation tensors" in capsys.readouterr().out

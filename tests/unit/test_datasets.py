@@ -1,0 +1,135 @@
+import cv2
+import numpy as np
+import pytest
+
+from quantkit.datasets import Batcher, ImageFolder, NumpySource, Preprocess, SyntheticSource, for_model, preset
+from quantkit.datasets.sources import SampleError, decode_image, scan_images
+from quantkit.errors import DatasetError, InputError, ShapeMismatchError
+
+
+def test_scan_labels_from_subfolders(photo_dir):
+    paths, labels, classes = scan_images(photo_dir)
+    assert len(paths) == 5 and classes == ["a", "b"]
+    assert labels == [0 if p.parent.name == "a" else 1 for p in paths]
+
+
+def test_flat_folder_has_no_labels(tmp_path):
+    cv2.imwrite(str(tmp_path / "x.png"), np.zeros((4, 4), np.uint8))
+    assert scan_images(tmp_path)[1] is None
+
+
+@pytest.mark.parametrize("setup,msg", [("missing", "does not exist"), ("empty", "has no images"), ("file", "not a folder")])
+def test_bad_folders(tmp_path, setup, msg):
+    target = tmp_path / "d"
+    if setup == "empty":
+        target.mkdir()
+        (target / "notes.txt").write_text("x")
+    elif setup == "file":
+        target.write_text("x")
+    with pytest.raises(DatasetError, match=msg):
+        scan_images(target)
+
+
+def test_decode_conversion_rules(tmp_path):
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    cv2.imwrite(str(tmp_path / "g.png"), gray)
+    rgba = np.dstack([np.full((8, 8), c, np.uint8) for c in (10, 20, 30, 99)])
+    cv2.imwrite(str(tmp_path / "a.png"), rgba)
+    deep = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    cv2.imwrite(str(tmp_path / "d.png"), deep)
+    assert np.array_equal(decode_image(tmp_path / "g.png"), gray)
+    a = decode_image(tmp_path / "a.png")
+    assert a.shape == (8, 8, 3) and a[0, 0].tolist() == [10, 20, 30]  # alpha dropped
+    d = decode_image(tmp_path / "d.png")
+    assert d.dtype == np.float32 and d.max() == pytest.approx(63000 / 257)
+
+
+def test_corrupt_files_are_named(tmp_path):
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    ok, buf = cv2.imencode(".jpg", np.full((32, 32, 3), 128, np.uint8))
+    (tmp_path / "trunc.jpg").write_bytes(buf.tobytes()[: len(buf) // 2])
+    for name, msg in (("zero.png", "0 bytes"), ("junk.jpg", "not a decodable"), ("trunc.jpg", "truncated")):
+        with pytest.raises(SampleError, match=msg) as err:
+            decode_image(tmp_path / name)
+        assert name in str(err.value)
+
+
+def test_imagenet_preprocess_matches_manual(photo_dir):
+    spec = for_model(preset("imagenet"), ("N", 3, 224, 224), input_name="x", preset_name="imagenet")
+    assert spec.crop == (224, 224) and spec.resize == 256
+    path = next(photo_dir.rglob("astronaut.png"))
+    out = spec.apply(decode_image(path))
+    img = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    img = cv2.resize(img, (256, 256), interpolation=cv2.INTER_LINEAR)[16:240, 16:240].astype(np.float32) / 255
+    manual = ((img - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])).transpose(2, 0, 1)
+    assert out.shape == (3, 224, 224) and out.dtype == np.float32
+    np.testing.assert_allclose(out, manual, atol=1e-5)
+
+
+def test_preprocess_nhwc_gray_and_validation():
+    img = np.full((10, 12, 3), 255, np.uint8)
+    out = Preprocess(color="gray", layout="nhwc", scale=1 / 255).apply(img)
+    assert out.shape == (10, 12, 1) and out.max() == pytest.approx(1.0)
+    with pytest.raises(InputError):
+        Preprocess(color="gray", mean=(0.1, 0.2, 0.3))
+    with pytest.raises(ShapeMismatchError, match="smaller than the crop"):
+        Preprocess(crop=(20, 20)).apply(img)
+
+
+def test_for_model_mismatches():
+    with pytest.raises(ShapeMismatchError, match="'x'.*1 channels"):
+        for_model(Preprocess(color="rgb"), ("N", 1, 32, 32), input_name="x")
+    with pytest.raises(ShapeMismatchError, match="expects 32x32"):
+        for_model(Preprocess(crop=(28, 28), color="gray"), ("N", 1, 32, 32), input_name="x")
+
+
+def test_batcher_order_shuffle_lastbatch():
+    src = SyntheticSource((2,), count=10)
+    b = list(Batcher(src, ["x"], 4))
+    assert [x.size for x in b] == [4, 4, 2] and b[0].indices == (0, 1, 2, 3)
+    np.testing.assert_array_equal(b[0].feed["x"][1], src.load(1))
+    padded = list(Batcher(src, ["x"], 4, last_batch="pad"))
+    assert padded[-1].feed["x"].shape[0] == 4 and padded[-1].size == 2
+    assert [x.size for x in Batcher(src, ["x"], 4, last_batch="drop")] == [4, 4]
+    from quantkit.datasets import ordered_indices
+
+    order = ordered_indices(10, shuffle=True, seed=3)
+    assert order == ordered_indices(10, shuffle=True, seed=3) and sorted(order) == list(range(10))
+    assert [i for x in Batcher(src, ["x"], 3, indices=order) for i in x.indices] == order
+
+
+def test_batcher_skips_and_strict(digits_dirs, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(digits_dirs[1] / "3", folder / "3")
+    (folder / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    n_good = len(list((folder / "3").glob("*.png"))) - 1
+    src = ImageFolder(folder, Preprocess(color="gray"))
+    b = Batcher(src, ["image"], 16)
+    assert sum(x.size for x in b) == n_good
+    assert len(b.skipped_) == 1 and "broken.png" in b.skipped_[0][0]
+    with pytest.raises(SampleError, match="broken.png"):
+        list(Batcher(src, ["image"], 16, strict=True))
+
+
+def test_all_corrupt_folder(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(b"nope")
+    with pytest.raises(DatasetError, match="none of the 3 samples"):
+        list(Batcher(ImageFolder(tmp_path, Preprocess()), ["x"], 2))
+
+
+def test_numpy_sources(tmp_path, rng):
+    np.save(tmp_path / "a.npy", rng.standard_normal((5, 3), dtype=np.float32))
+    assert len(NumpySource(tmp_path / "a.npy")) == 5
+    np.savez(tmp_path / "b.npz", x=np.zeros((4, 2), np.float32), labels=np.arange(4))
+    src = NumpySource(tmp_path / "b.npz")
+    batch = next(iter(Batcher(src, ["x"], 4)))
+    assert batch.labels.tolist() == [0, 1, 2, 3]
+    with pytest.raises(InputError, match="missing"):
+        next(iter(Batcher(src, ["input_ids"], 4)))
+    (tmp_path / "c.npz").write_bytes(b"junk")
+    with pytest.raises(DatasetError, match="not a readable"):
+        NumpySource(tmp_path / "c.npz")

@@ -1,0 +1,103 @@
+import numpy as np
+import onnx
+import pytest
+
+from quantkit.backends.onnxruntime import OrtRunner
+from quantkit.datasets import Batcher, SyntheticSource
+from quantkit.errors import ModelError
+from quantkit.onnx.model import ensure_opset, input_specs, opset_version
+from quantkit.onnx.qdq import insert_qdq, plan_qdq
+from quantkit.pipeline import CalibConfig, calibrate
+from tests.conftest import make_residual_model
+
+
+def test_plan_follows_tensorrt_rules(residual_model):
+    plan = plan_qdq(residual_model)
+    # inputs of weighted ops + the residual input of the Add that follows conv2
+    assert plan.activations == {
+        "x": ("conv1",), "r1": ("conv2", "add1"), "r2": ("convt",), "fl": ("gemm",), "g": ("matmul",),
+    }
+    assert plan.weights == {
+        "w1": (0, ("conv1",)), "w2": (0, ("conv2",)), "wt": (1, ("convt",)),
+        "wg": (0, ("gemm",)), "wm": (1, ("matmul",)),
+    }
+    assert "y" not in plan.activations  # never on network outputs
+
+
+def test_insert_runs_in_ort_and_keeps_io(residual_model):
+    plan = plan_qdq(residual_model)
+    q = insert_qdq(residual_model, plan, {t: 3.0 for t in plan.activations})
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("QuantizeLinear") == len(plan.activations) + len(plan.weights)
+    assert [(s.name, s.shape) for s in input_specs(q)] == [("x", ("N", 3, 8, 8))]
+    assert [o.name for o in q.graph.output] == ["y"]
+    # weights stay float, with per-channel Q/DQ
+    wq = next(n for n in q.graph.node if n.name == "wt_QuantizeLinear")
+    assert next(a.i for a in wq.attribute if a.name == "axis") == 1
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    out = OrtRunner(q).infer({"x": x})["y"]
+    assert out.shape == (2, 4) and np.all(np.isfinite(out))
+
+
+def test_calibrated_int8_close_to_fp32(residual_model):
+    src = SyntheticSource((3, 8, 8), count=96)
+    cal = calibrate(residual_model, src, config=CalibConfig(batch_size=32))
+    assert cal.num_samples == 96
+    x = np.stack([src.load(i) for i in range(32)])
+    ref = OrtRunner(residual_model).infer({"x": x})["y"]
+    for method in ("minmax", "mse", "entropy"):
+        q = OrtRunner(cal.int8_model(method)).infer({"x": x})["y"]
+        cos = (ref * q).sum() / np.linalg.norm(ref) / np.linalg.norm(q)
+        assert cos > 0.99, method
+
+
+def test_opset_upgrade_from_11():
+    m = make_residual_model(opset=11)
+    up = ensure_opset(m)
+    assert opset_version(up) == 13
+    assert opset_version(insert_qdq(up, plan_qdq(up), {t: 1.0 for t in plan_qdq(up).activations})) == 13
+
+
+def test_already_quantized_refused(residual_model):
+    plan = plan_qdq(residual_model)
+    q = insert_qdq(residual_model, plan, {t: 1.0 for t in plan.activations})
+    with pytest.raises(ModelError, match="already has"):
+        plan_qdq(q)
+
+
+def test_fixed_batch_model_drops_short_tail():
+    m = make_residual_model(batch=8)
+    cal = calibrate(m, SyntheticSource((3, 8, 8), count=20), config=CalibConfig(batch_size=32))
+    assert cal.num_samples == 16
+
+
+def test_nothing_to_quantize():
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    with pytest.raises(ModelError, match="nothing to quantize"):
+        calibrate(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), SyntheticSource((4,), 4))
+
+
+def test_nan_activation_names_tensor(residual_model):
+    from quantkit.errors import NonFiniteError
+
+    m = onnx.ModelProto()
+    m.CopyFrom(residual_model)
+    # make conv1's bias NaN: every activation after it is NaN
+    for init in m.graph.initializer:
+        if init.name == "b1":
+            init.CopyFrom(onnx.numpy_helper.from_array(np.full(8, np.nan, np.float32), "b1"))
+    with pytest.raises(NonFiniteError, match="'r1' has NaN"):
+        calibrate(m, SyntheticSource((3, 8, 8), count=8))
+
+
+def test_batcher_feeds_wrong_shape(residual_model):
+    from quantkit.errors import ShapeMismatchError
+
+    runner = OrtRunner(residual_model)
+    batch = next(iter(Batcher(SyntheticSource((3, 9, 9), count=2), ["x"], 2)))
+    with pytest.raises(ShapeMismatchError, match="'x'.*expects \\?x3x8x8"):
+        runner.infer(batch.feed)
