@@ -148,7 +148,6 @@ def job_fp32(args: dict) -> dict:
 
 
 def job_quantkit(args: dict) -> dict:
-    from quantkit.datasets import Batcher
     from quantkit.onnx.model import load_model
     from quantkit.pipeline import CalibConfig, calibrate, write_artifacts
 
@@ -161,7 +160,6 @@ def job_quantkit(args: dict) -> dict:
     write_artifacts(cal, out, model_stem="model", int8_model=models["entropy"], report=None, metadata={},
                     force=True, extra={f"model.{m}.int8.onnx": q for m, q in models.items() if m != "entropy"})
     seconds = time.perf_counter() - t0
-    del Batcher
     return {"seconds": seconds, "models": {m: str(out / ("model.int8.onnx" if m == "entropy" else f"model.{m}.int8.onnx"))
                                            for m in models}}
 

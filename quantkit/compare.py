@@ -18,6 +18,7 @@ import numpy as np
 
 from quantkit.backends.base import Runner
 from quantkit.datasets.batching import Batch
+from quantkit.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,6 @@ def compare_runners(
 ) -> CompareReport:
     """Run both models on every batch and compare their outputs (padding rows ignored)."""
     if reference.output_names != test.output_names:
-        from quantkit.errors import ModelError
-
         raise ModelError(
             f"the models have different outputs: {reference.output_names} vs {test.output_names}",
             hint="compare an INT8 model with the FP32 model it was made from",
