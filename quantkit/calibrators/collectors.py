@@ -73,7 +73,7 @@ class HistogramCollector:
         self._min = np.inf
         self._max = -np.inf
         self._fbuf = np.empty(_CHUNK, dtype=np.float32)
-        self._ibuf = np.empty(_CHUNK, dtype=np.int32)
+        self._ibuf = np.empty(_CHUNK, dtype=np.intp)  # bincount's own index type: no copy
 
     def update(self, x: np.ndarray) -> None:
         """Add one batch of values (any shape; float16/32/64)."""
@@ -92,7 +92,7 @@ class HistogramCollector:
             self._zeros += x.size
             return
         self._grow_to(amax)
-        self._accumulate(x)
+        self._accumulate(x, nonnegative=lo >= 0.0)
 
     def _grow_to(self, amax: float) -> None:
         if self._range == 0.0:
@@ -106,18 +106,23 @@ class HistogramCollector:
             self._counts[half.size :] = 0
             self._range *= 2.0
 
-    def _accumulate(self, x: np.ndarray) -> None:
+    def _accumulate(self, x: np.ndarray, *, nonnegative: bool) -> None:
         n = self.num_bins
         per_unit = np.float32(n / self._range)
         for start in range(0, x.size, _CHUNK):
             chunk = x[start : start + _CHUNK]
             a = self._fbuf[: chunk.size]
             idx = self._ibuf[: chunk.size]
-            np.abs(chunk, out=a)
-            a *= per_unit
+            if nonnegative:  # ReLU outputs: |x| is x
+                np.multiply(chunk, per_unit, out=a)
+            else:
+                np.abs(chunk, out=a)
+                a *= per_unit
             np.copyto(idx, a, casting="unsafe")  # floor for non-negative values
-            np.minimum(idx, n - 1, out=idx)
-            self._counts += np.bincount(idx, minlength=n)
+            c = np.bincount(idx, minlength=n)
+            if c.size > n:  # |x| == range lands on n: the last bin is closed (no clamp pass)
+                c[n - 1] += c[n:].sum()
+            self._counts += c[:n]
 
     def merge(self, other: "HistogramCollector") -> "HistogramCollector":
         """Add another collector's statistics (e.g. from another process or shard)."""
