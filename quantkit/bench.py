@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from quantkit.backends.base import Runner
+from quantkit.errors import InputError
+from quantkit.onnx.model import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,8 @@ def measure_latency(
     runner: Runner, feed: dict[str, np.ndarray], *, warmup: int = 10, iterations: int = 50,
     duration_s: float | None = None,
 ) -> LatencyStats:
-    """Time ``runner.infer(feed)``: ``warmup`` untimed runs, then ``iterations`` timed runs
-    (or as many as fit in ``duration_s`` seconds, at least 3)."""
+    """Time ``runner.infer(feed)``: ``warmup`` untimed runs, then timed runs, at least
+    ``iterations`` of them and for at least ``duration_s`` seconds (trtexec's rule)."""
     for _ in range(warmup):
         runner.infer(feed)
     times: list[float] = []
@@ -47,14 +50,47 @@ def measure_latency(
         t0 = time.perf_counter()
         runner.infer(feed)
         times.append((time.perf_counter() - t0) * 1000.0)
-        if duration_s is not None:
-            if time.perf_counter() - start >= duration_s and len(times) >= 3:
-                break
-        elif len(times) >= iterations:
+        if len(times) >= iterations and (duration_s is None or time.perf_counter() - start >= duration_s):
             break
-    arr = np.asarray(times)
     batch = int(next(iter(feed.values())).shape[0])
+    return stats_from_times(times, backend=runner.backend, device=runner.device, batch=batch)
+
+
+def stats_from_times(times: list[float], *, backend: str, device: str, batch: int) -> LatencyStats:
+    """Statistics of per-run latencies in milliseconds."""
+    arr = np.asarray(times, dtype=np.float64)
     return LatencyStats(
-        runner.backend, runner.device, batch, len(times), float(arr.min()), float(np.median(arr)),
+        backend, device, batch, int(arr.size), float(arr.min()), float(np.median(arr)),
         float(arr.mean()), float(np.percentile(arr, 90)), float(np.percentile(arr, 99)),
     )
+
+
+def random_feed(specs: Sequence[TensorSpec], *, batch: int = 1, shapes: dict[str, tuple[int, ...]] | None = None,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs: normal floats, small non-negative integers, false booleans.
+
+    A dynamic first dim takes ``batch``; other dynamic dims need an entry in ``shapes``.
+    """
+    shapes = shapes or {}
+    unknown = sorted(set(shapes) - {s.name for s in specs})
+    if unknown:
+        raise InputError(f"shapes given for {unknown}, the model inputs are {[s.name for s in specs]}")
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs:
+        shape = shapes.get(spec.name)
+        if shape is None:
+            dims = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else None) for i, d in enumerate(spec.shape)]
+            if any(d is None for d in dims):
+                raise InputError(f"input {spec.name!r} has dynamic dimensions {spec.shape}",
+                                 hint=f"give its shape: --shapes {spec.name}=" + "x".join(
+                                     str(d) if d is not None else "N" for d in dims))
+            shape = tuple(int(d) for d in dims if d is not None)
+        dt = np.dtype(spec.dtype)
+        if dt.kind == "f":
+            feed[spec.name] = rng.standard_normal(shape).astype(dt)
+        elif dt.kind in "iu":
+            feed[spec.name] = rng.integers(0, 10, size=shape).astype(dt)
+        else:
+            feed[spec.name] = np.zeros(shape, dtype=dt)
+    return feed

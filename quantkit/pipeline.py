@@ -45,6 +45,8 @@ class CalibConfig:
         cache_all_tensors: capture every float tensor, so the TensorRT cache covers the whole
             network (slower); by default only the tensors that Q/DQ placement quantizes.
         strict: stop at the first unreadable sample instead of skipping it.
+        sample_stride: histograms of large activations count the body from every k-th value
+            and the tail from every value (1: every value everywhere); see HistogramCollector.
     """
 
     method: str = "entropy"
@@ -55,6 +57,7 @@ class CalibConfig:
     threads: int | None = None
     cache_all_tensors: bool = False
     strict: bool = False
+    sample_stride: int = 5
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -65,6 +68,8 @@ class CalibConfig:
             raise InputError(f"batch size must be positive, got {self.batch_size}")
         if self.num_bins < 256 or self.num_bins & (self.num_bins - 1):
             raise InputError(f"num_bins must be a power of two >= 256, got {self.num_bins}")
+        if self.sample_stride < 1:
+            raise InputError(f"histogram sample stride must be >= 1, got {self.sample_stride}")
 
 
 @dataclass
@@ -121,6 +126,7 @@ class Calibration:
                 "percentile": self.config.percentile,
                 "auto_tolerance": self.config.auto_tolerance,
                 "cache_all_tensors": self.config.cache_all_tensors,
+                "sample_stride": self.config.sample_stride,
             },
             **metadata,
         }
@@ -180,7 +186,7 @@ def calibrate(
     idx = list(range(len(source))) if indices is None else list(indices)
     batcher = calibration_batches(source, specs, idx, config)
     collectors = capture_histograms(model, tensors, batcher, num_bins=config.num_bins,
-                                    threads=config.threads, on_batch=on_batch)
+                                    threads=config.threads, on_batch=on_batch, sample_stride=config.sample_stride)
     histograms = {t: c.compute() for t, c in collectors.items()}
     ranges = {
         t: all_ranges(h, percentile=config.percentile, auto_tolerance=config.auto_tolerance)
@@ -217,16 +223,23 @@ def write_artifacts(
     force: bool = False,
     extra: dict[str, onnx.ModelProto] | None = None,
 ) -> dict[str, Path]:
-    """Write ``<stem>.int8.onnx``, ``calibration.cache``, ``ranges.json`` and ``report.json``
-    into ``outdir`` as one atomic step (a temporary folder renamed into place)."""
+    """Write ``<stem>.int8.onnx``, ``calibration.cache`` (+ ``calibration.cache.json``, its
+    provenance, when ``metadata["model"]["sha256"]`` is given), ``ranges.json`` and
+    ``report.json`` into ``outdir`` as one atomic step (a temporary folder renamed into place)."""
     from quantkit._io import atomic_output_dir, write_json_atomic
-    from quantkit.calibrators.cache import write_cache
+    from quantkit.calibrators.cache import CacheProvenance, sidecar_path, write_cache, write_sidecar
 
     method = calibration.config.method
     with atomic_output_dir(outdir, force=force) as tmp:
         names = {"model": f"{model_stem}.int8.onnx", "cache": "calibration.cache", "ranges": "ranges.json"}
         save_model(int8_model, tmp / names["model"])
-        write_cache(tmp / names["cache"], calibration.cache(method, trt_version=trt_version))
+        cache = calibration.cache(method, trt_version=trt_version)
+        write_cache(tmp / names["cache"], cache)
+        sha = (metadata.get("model") or {}).get("sha256")
+        if sha:  # provenance, so that a cache is never reused for another model or preprocessing
+            names["cache_provenance"] = sidecar_path(names["cache"]).name
+            write_sidecar(tmp / names["cache"], CacheProvenance(sha, metadata.get("preprocess"), cache.algorithm,
+                                                               cache.version, method))
         write_json_atomic(tmp / names["ranges"], calibration.ranges_document(method, **metadata))
         if report is not None:
             names["report"] = "report.json"

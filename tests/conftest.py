@@ -16,6 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def _has_cuda() -> bool:
+    """A CUDA device reachable through cuda-python (what quantkit's GPU code uses) or torch."""
+    from quantkit.cuda import device_count
+
+    if device_count() > 0:
+        return True
     if importlib.util.find_spec("torch") is None:
         return False
     import torch
@@ -24,7 +29,9 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    no_trt = importlib.util.find_spec("tensorrt") is None
+    from quantkit.tensorrt.load import tensorrt_available
+
+    no_trt = not tensorrt_available()  # the stubs package's bare `tensorrt` namespace does not count
     no_gpu = None
     for item in items:
         if "trt" in item.keywords and no_trt:

@@ -82,11 +82,11 @@ class OrtRunner(Runner):
 
 
 def runner_from_path(path: str | os.PathLike[str], **kwargs: Any) -> Runner:
-    """A runner for an ``.onnx`` model (ONNX Runtime) or a TensorRT engine (``.plan``/``.engine``)."""
+    """A runner for an ``.onnx`` model (ONNX Runtime) or a TensorRT engine (``.plan``/``.engine``,
+    which needs TensorRT and a GPU; ONNX Runtime options such as ``threads`` do not apply)."""
     p = Path(path)
     if p.suffix.lower() in (".plan", ".engine", ".trt"):
-        raise ModelError(
-            f"{str(p)!r} is a TensorRT engine; running engines needs the TensorRT backend",
-            hint="install TensorRT (`pip install 'quantkit[tensorrt]'`) or compare the .onnx models",
-        )
+        from quantkit.tensorrt.runner import TrtRunner
+
+        return TrtRunner(p)
     return OrtRunner(p, **kwargs)

@@ -105,3 +105,103 @@ def read_cache(path: str | os.PathLike[str]) -> CalibrationCache:
 
 def write_cache(path: str | os.PathLike[str], cache: CalibrationCache) -> Path:
     return write_text_atomic(path, cache.to_text())
+
+
+# ---------------------------------------------------------------- provenance sidecar
+SIDECAR_SUFFIX = ".json"
+
+
+def sidecar_path(cache_path: str | os.PathLike[str]) -> Path:
+    """``calibration.cache`` -> ``calibration.cache.json``."""
+    p = Path(cache_path)
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+@dataclass(frozen=True)
+class CacheProvenance:
+    """What a cache was made from. A cache is valid only for the same model (by content hash)
+    and the same preprocessing; TensorRT itself checks only its version header.
+
+    Attributes:
+        model_sha256: SHA-256 of the FP32 ONNX file the cache was calibrated on.
+        preprocess: the preprocessing spec (``Preprocess.to_dict()``), or None when unknown.
+        algorithm: the header's algorithm.
+        trt_version: the header's version number.
+        method: the quantkit method whose scales are in the cache.
+    """
+
+    model_sha256: str
+    preprocess: dict | None
+    algorithm: str
+    trt_version: int
+    method: str = ""
+
+    def to_dict(self) -> dict:
+        return {"model_sha256": self.model_sha256, "preprocess": self.preprocess, "algorithm": self.algorithm,
+                "trt_version": self.trt_version, "method": self.method}
+
+
+def write_sidecar(cache_path: str | os.PathLike[str], provenance: CacheProvenance) -> Path:
+    from quantkit._io import write_json_atomic
+
+    return write_json_atomic(sidecar_path(cache_path), provenance.to_dict())
+
+
+def read_sidecar(cache_path: str | os.PathLike[str]) -> CacheProvenance | None:
+    """The provenance next to a cache, or None when there is none (a cache from elsewhere)."""
+    import json
+
+    p = sidecar_path(cache_path)
+    if not p.exists():
+        return None
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+        return CacheProvenance(str(d["model_sha256"]), d.get("preprocess"), str(d["algorithm"]),
+                               int(d["trt_version"]), str(d.get("method", "")))
+    except (ValueError, KeyError, TypeError) as err:
+        raise CacheError(f"cache provenance {str(p)!r} is not valid: {err}",
+                         hint="delete it (and recalibrate) or restore it from the calibration output") from err
+
+
+def check_cache_matches(
+    cache_path: str | os.PathLike[str],
+    *,
+    model_sha256: str | None,
+    preprocess: dict | None,
+    trt_version: int | None = None,
+    algorithm: str | None = None,
+    require_provenance: bool = False,
+) -> CalibrationCache:
+    """Read a cache and refuse it, with the reason, when it was made for another model,
+    preprocessing, TensorRT version or algorithm (None: not checked).
+
+    Raises:
+        CacheError: unreadable cache, or a mismatch (the message names both values and says
+            how to recalibrate).
+    """
+    cache = read_cache(cache_path)
+    where = str(cache_path)
+    redo = "recalibrate for this model (quantkit calibrate ... -o DIR) or pass the matching cache"
+    if trt_version is not None and cache.version != trt_version:
+        raise CacheError(
+            f"calibration cache {where!r} was written for TensorRT {cache.version}, this is TensorRT {trt_version}; "
+            "TensorRT refuses caches of another version",
+            hint="rewrite its header with `quantkit calibrate --trt-version` or recalibrate")
+    if algorithm is not None and cache.algorithm != algorithm:
+        raise CacheError(f"calibration cache {where!r} holds {cache.algorithm} scales, the calibrator asked for is {algorithm}",
+                         hint="use the calibrator the cache was made with, or recalibrate")
+    prov = read_sidecar(cache_path)
+    if prov is None:
+        if require_provenance:
+            raise CacheError(f"calibration cache {where!r} has no provenance file {str(sidecar_path(cache_path))!r}",
+                             hint=redo)
+        return cache
+    if model_sha256 is not None and prov.model_sha256 != model_sha256:
+        raise CacheError(
+            f"calibration cache {where!r} was made for another model (sha256 {prov.model_sha256[:12]}..., "
+            f"this model is {model_sha256[:12]}...)", hint=redo)
+    if preprocess is not None and prov.preprocess is not None and prov.preprocess != preprocess:
+        diff = sorted(k for k in set(prov.preprocess) | set(preprocess) if prov.preprocess.get(k) != preprocess.get(k))
+        raise CacheError(
+            f"calibration cache {where!r} was made with other preprocessing (differs in: {', '.join(diff)})", hint=redo)
+    return cache

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("quantkit.cli.calibrate", "Calibrate"),
     "compare": ("quantkit.cli.compare", "Compare"),
+    "build": ("quantkit.cli.build", "Build"),
+    "bench": ("quantkit.cli.bench", "Bench"),
     "demo": ("quantkit.cli.demo", "Demo"),
     "inspect": ("quantkit.cli.inspect", "Inspect"),
 }

@@ -38,6 +38,10 @@ class Calibrate:
         g.add_argument("--trt-version", default="10.13.0", help="TensorRT version for the cache header (default 10.13.0)")
         g.add_argument("--cache-all-tensors", action="store_true",
                        help="calibrate every float tensor so the cache covers the whole network (slower)")
+        g.add_argument("--histogram-stride", type=positive_int, default=5, metavar="K",
+                       help="large activations: histogram body from every K-th value (weight K), tail and "
+                            "min/max from every value; 1 counts every value (exact, ~1.8x slower histograms). "
+                            "Default 5")
         g.add_argument("--eval-images", type=int, default=1000, metavar="N",
                        help="held-out images (after the calibration ones) for the report; 0 skips it (default 1000)")
         g.add_argument("--eval-dir", metavar="DIR", help="evaluate on this folder instead of held-out images")
@@ -58,7 +62,8 @@ class Calibrate:
         model = load_model(model_path)
         config = CalibConfig(method=args.method, percentile=args.percentile, num_bins=args.num_bins,
                              batch_size=args.batch_size, threads=args.threads,
-                             cache_all_tensors=args.cache_all_tensors, strict=args.strict)
+                             cache_all_tensors=args.cache_all_tensors, strict=args.strict,
+                             sample_stride=args.histogram_stride)
         prepared, specs, _ = prepare_model(model, source=str(model_path))
         source = source_for_model(args, specs)
         order = select(len(source), args, what="images", take=False)

@@ -81,6 +81,7 @@ def capture_histograms(
     threads: int | None = None,
     on_batch: Callable[[Batch], None] | None = None,
     memory_budget_mb: float = 64.0,
+    sample_stride: int = 5,
 ) -> dict[str, HistogramCollector]:
     """Run every batch once and collect abs-max + |x| histograms for ``tensors``.
 
@@ -94,6 +95,7 @@ def capture_histograms(
         memory_budget_mb: captured outputs of one inference call stay within this; a batch is
             split into chunks to keep them there (never below one sample, never for a model
             with a fixed batch size).
+        sample_stride: histogram sampling of large tensors (1: exact); see HistogramCollector.
 
     Raises:
         NonFiniteError: an activation has NaN or Inf values; the message names the tensor and
@@ -103,7 +105,7 @@ def capture_histograms(
     graph_inputs = {s.name for s in specs}
     inner = [t for t in tensors if t not in graph_inputs]
     fed = [t for t in tensors if t in graph_inputs]
-    collectors = {t: HistogramCollector(num_bins, name=t) for t in tensors}
+    collectors = {t: HistogramCollector(num_bins, name=t, sample_stride=sample_stride) for t in tensors}
     session = create_session(with_outputs(model, inner), threads=threads)
     # two buffer sets: ONNX Runtime (which releases the GIL) fills one while a worker thread
     # histograms the other

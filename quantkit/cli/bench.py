@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from quantkit.cli.common import positive_int
+
+
+class Bench:
+    """Measure latency and throughput of an ONNX model (ONNX Runtime) or a TensorRT engine.
+
+    Inputs are random data (seeded) of the model's input types and the given batch or shapes.
+    Reports min / median / mean / p90 / p99 latency and throughput, and names the backend and
+    device measured. TensorRT-only options: --cuda-graph, --no-transfers, --streams.
+
+    examples:
+      quantkit bench model.plan --batch 32 --warmup 200 --iterations 1000 --cuda-graph
+      quantkit bench out/model.int8.onnx --batch 1 --iterations 100
+    """
+
+    name = "bench"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model", metavar="MODEL", help=".onnx (ONNX Runtime, CPU) or .plan/.engine (TensorRT)")
+        parser.add_argument("--batch", type=positive_int, default=1, help="batch size for dynamic batch dims (default 1)")
+        parser.add_argument("--shapes", metavar="NAME=SHAPE", action="append",
+                            help="input shape, e.g. input=8x3x224x224 (overrides --batch for that input)")
+        parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+        parser.add_argument("--iterations", type=positive_int, default=100, help="at least this many timed runs (default 100)")
+        parser.add_argument("--duration", type=float, default=None, metavar="S", help="and at least this many seconds")
+        parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads (default: one per core)")
+        parser.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay a captured CUDA graph")
+        parser.add_argument("--no-transfers", action="store_true",
+                            help="TensorRT: inputs stay on the GPU (no host-device copies), as trtexec measures")
+        parser.add_argument("--streams", type=positive_int, default=1, help="TensorRT: concurrent streams (default 1)")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+        parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from quantkit._io import write_json_atomic
+        from quantkit.backends.onnxruntime import runner_from_path
+        from quantkit.bench import measure_latency, random_feed, stats_from_times
+        from quantkit.errors import InputError
+        from quantkit.tensorrt.builder import parse_shapes
+
+        trt_options = args.cuda_graph or args.no_transfers or args.streams > 1
+        is_engine = Path(args.model).suffix.lower() in (".plan", ".engine", ".trt")
+        if trt_options and not is_engine:
+            raise InputError("--cuda-graph, --no-transfers and --streams apply to TensorRT engines only",
+                             hint="drop them for an .onnx model (ONNX Runtime on CPU)")
+        kwargs = {} if is_engine else {"threads": args.threads}
+        shapes = {n: p.opt for n, p in parse_shapes(args.shapes).items()}
+        with runner_from_path(args.model, **kwargs) as runner:
+            feed = random_feed(runner.input_specs, batch=args.batch, shapes=shapes, seed=args.seed)
+            batch = int(next(iter(feed.values())).shape[0])
+            if is_engine and (trt_options or args.no_transfers):
+                times = runner.time_device(feed, iterations=args.iterations, warmup=args.warmup,  # type: ignore[attr-defined]
+                                           cuda_graph=args.cuda_graph, streams=args.streams, duration_s=args.duration)
+                stats = stats_from_times(times, backend=runner.backend, device=runner.device, batch=batch * args.streams)
+                mode = "inputs on the GPU" + (", CUDA graph" if args.cuda_graph else "") + \
+                    (f", {args.streams} streams" if args.streams > 1 else "")
+            else:
+                stats = measure_latency(runner, feed, warmup=args.warmup, iterations=args.iterations,
+                                        duration_s=args.duration)
+                mode = "host to host (inputs copied in, outputs copied out)" if is_engine else "host arrays"
+        shape_text = ", ".join(f"{n} {'x'.join(map(str, a.shape))}" for n, a in feed.items())
+        print(f"{Path(args.model).name} on {stats.backend} ({stats.device}); {shape_text}; {mode}")
+        print(f"  {stats.iterations} runs: min {stats.min_ms:.3f} ms, median {stats.median_ms:.3f}, mean {stats.mean_ms:.3f}, "
+              f"p90 {stats.p90_ms:.3f}, p99 {stats.p99_ms:.3f}; throughput {stats.throughput:.1f} samples/s")
+        if args.json:
+            write_json_atomic(args.json, {"model": str(args.model), "mode": mode, **stats.to_dict()})
+            print(f"  wrote {args.json}")
+        return 0
