@@ -22,33 +22,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from quantkit.sample import upsample  # noqa: E402
+from quantkit.sample.digits_net import DigitsNet  # noqa: E402
 
 OUT = ROOT / "quantkit" / "sample"
-
-
-def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout))
-
-
-class DigitsNet(nn.Module):
-    """stem -> residual block -> strided conv -> depthwise-separable residual block -> pool -> fc."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = conv_bn(1, 16)
-        self.block1_a, self.block1_b = conv_bn(16, 16), conv_bn(16, 16)
-        self.down = conv_bn(16, 32, stride=2)
-        self.dw = conv_bn(32, 32, groups=32)
-        self.pw = conv_bn(32, 32, k=1)
-        self.fc = nn.Linear(32, 10)
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.stem(x))
-        x = self.relu(x + self.block1_b(self.relu(self.block1_a(x))))
-        x = self.relu(self.down(x))
-        x = self.relu(x + self.pw(self.relu(self.dw(x))))
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 def main() -> None:

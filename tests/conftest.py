@@ -29,7 +29,7 @@ def _has_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    from quantkit.tensorrt.load import tensorrt_available
+    from quantkit.backends.tensorrt.load import tensorrt_available
 
     no_trt = not tensorrt_available()  # the stubs package's bare `tensorrt` namespace does not count
     no_gpu = None

@@ -86,7 +86,7 @@ def runner_from_path(path: str | os.PathLike[str], **kwargs: Any) -> Runner:
     which needs TensorRT and a GPU; ONNX Runtime options such as ``threads`` do not apply)."""
     p = Path(path)
     if p.suffix.lower() in (".plan", ".engine", ".trt"):
-        from quantkit.tensorrt.runner import TrtRunner
+        from quantkit.backends.tensorrt.runner import TrtRunner
 
         return TrtRunner(p)
     return OrtRunner(p, **kwargs)

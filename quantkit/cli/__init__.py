@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("quantkit.cli.build", "Build"),
     "bench": ("quantkit.cli.bench", "Bench"),
     "demo": ("quantkit.cli.demo", "Demo"),
+    "qat-demo": ("quantkit.cli.qat_demo", "QatDemo"),
     "inspect": ("quantkit.cli.inspect", "Inspect"),
 }
 

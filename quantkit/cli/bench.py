@@ -41,7 +41,7 @@ class Bench:
         from quantkit.backends.onnxruntime import runner_from_path
         from quantkit.bench import measure_latency, random_feed, stats_from_times
         from quantkit.errors import InputError
-        from quantkit.tensorrt.builder import parse_shapes
+        from quantkit.backends.tensorrt.builder import parse_shapes
 
         trt_options = args.cuda_graph or args.no_transfers or args.streams > 1
         is_engine = Path(args.model).suffix.lower() in (".plan", ".engine", ".trt")

@@ -53,9 +53,9 @@ class Build:
         from quantkit.calibrators.cache import CacheProvenance, check_cache_matches, read_cache, trt_version_number
         from quantkit.errors import InputError, OutputExistsError
         from quantkit.onnx.model import file_sha256, float_input_specs, load_model
-        from quantkit.tensorrt.builder import BuildOptions, build_engine, build_mode, has_qdq, parse_shapes
-        from quantkit.tensorrt.calibrator import CALIBRATORS, CalibratorCore, cache_only_core
-        from quantkit.tensorrt.load import load_tensorrt
+        from quantkit.backends.tensorrt.builder import BuildOptions, build_engine, build_mode, has_qdq, parse_shapes
+        from quantkit.calibrators.tensorrt import CALIBRATORS, CalibratorCore, cache_only_core
+        from quantkit.backends.tensorrt.load import load_tensorrt
 
         out = Path(args.output)
         if out.exists() and not args.force:

@@ -10,7 +10,7 @@ import pytest
 from quantkit.calibrators.cache import CacheProvenance, CalibrationCache, check_cache_matches, sidecar_path, write_cache
 from quantkit.datasets import Batcher, SyntheticSource
 from quantkit.errors import CacheError, DatasetError, InputError, MissingDependencyError
-from quantkit.tensorrt.builder import (
+from quantkit.backends.tensorrt.builder import (
     ShapeProfile,
     TensorRT11ImplicitInt8Error,
     build_mode,
@@ -18,9 +18,9 @@ from quantkit.tensorrt.builder import (
     parser_errors,
     resolve_profiles,
 )
-from quantkit.tensorrt.calibrator import CalibratorCore, cache_only_core, calibrator_class, make_calibrator
+from quantkit.calibrators.tensorrt import CalibratorCore, cache_only_core, calibrator_class, make_calibrator
 from quantkit.onnx.model import TensorSpec
-from quantkit.tensorrt.load import load_tensorrt, tensorrt_available
+from quantkit.backends.tensorrt.load import load_tensorrt, tensorrt_available
 
 
 class HostStager:

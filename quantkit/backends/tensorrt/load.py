@@ -43,3 +43,9 @@ def tensorrt_available() -> bool:
 
 def tensorrt_major() -> int:
     return int(str(load_tensorrt().__version__).split(".")[0])
+
+
+def calibrator_base(kind: str) -> type:
+    """TensorRT's calibrator base class for quantkit's calibrator ``kind`` (entropy, minmax)."""
+    trt = load_tensorrt()
+    return trt.IInt8EntropyCalibrator2 if kind == "entropy" else trt.IInt8MinMaxCalibrator

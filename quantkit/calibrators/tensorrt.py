@@ -203,12 +203,9 @@ def calibrator_class(kind: str, base: type | None = None) -> type:
                               "(Q/DQ model or cache), not a TensorRT calibrator")
     base_name, _ = CALIBRATORS[kind]
     if base is None:
-        from quantkit.tensorrt.load import load_tensorrt
+        from quantkit.backends.tensorrt.load import calibrator_base
 
-        load_tensorrt()
-        import tensorrt as trt
-
-        base = trt.IInt8EntropyCalibrator2 if kind == "entropy" else trt.IInt8MinMaxCalibrator
+        base = calibrator_base(kind)
     trt_base: Any = base
 
     class QuantkitCalibrator(trt_base):  # type: ignore[misc, valid-type]

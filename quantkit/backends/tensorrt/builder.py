@@ -219,8 +219,8 @@ def build_engine(
     """
     import time
 
-    from quantkit.tensorrt.calibrator import make_calibrator
-    from quantkit.tensorrt.load import load_tensorrt
+    from quantkit.calibrators.tensorrt import make_calibrator
+    from quantkit.backends.tensorrt.load import load_tensorrt
 
     load_tensorrt()  # a clear error when TensorRT (not just its stubs) is missing
     import tensorrt as trt

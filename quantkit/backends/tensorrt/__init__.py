@@ -5,6 +5,6 @@ what to install when it is missing. Written against the TensorRT 10 Python API (
 mypy against ``tensorrt-stubs``) and aware of TensorRT 11, which removed implicit INT8.
 """
 
-from quantkit.tensorrt.load import load_tensorrt, tensorrt_available, tensorrt_major
+from quantkit.backends.tensorrt.load import load_tensorrt, tensorrt_available, tensorrt_major
 
 __all__ = ["load_tensorrt", "tensorrt_available", "tensorrt_major"]

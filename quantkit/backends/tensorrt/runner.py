@@ -33,7 +33,7 @@ class TrtRunner(Runner):
 
     def __init__(self, engine_path: str | os.PathLike[str]):
         from quantkit import cuda
-        from quantkit.tensorrt.load import load_tensorrt
+        from quantkit.backends.tensorrt.load import load_tensorrt
 
         load_tensorrt()  # a clear error when TensorRT (not just its stubs) is missing
         import tensorrt as trt

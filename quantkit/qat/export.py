@@ -1,0 +1,146 @@
+"""Export a quantized model as Q/DQ ONNX for TensorRT (and ONNX Runtime).
+
+    copy -> fold BatchNorm into the preceding convolution -> freeze weight amax (per channel)
+      -> torch.onnx.export (TorchScript-based, dynamo=False) -> check -> atomic write
+
+Why ``dynamo=False``: in torch 2.13 the default dynamo exporter stops on fake-quantize models
+with ``GuardOnDataDependentSymNode``; the TorchScript exporter maps PyTorch's fake-quantize
+operators to QuantizeLinear/DequantizeLinear (per-axis from opset 13) and only warns that it is
+deprecated. Weights stay float initializers feeding a Q/DQ pair, as TensorRT expects.
+
+BatchNorm is folded first: with a weight Q/DQ pair between the weight and the Conv, the
+exporter cannot fuse BN and would leave a BatchNormalization node. Folding is exact for
+per-channel symmetric weights: scaling channel c by s_c scales its amax by |s_c| too.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit._io import write_bytes_atomic
+from quantkit.errors import InputError, NotCalibratedError
+from quantkit.qat.modules import QuantMixin
+from quantkit.qat.prepare import quantizers
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 13
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every BatchNorm that directly follows a convolution into its weight and bias (in
+    place; uses running statistics); returns how many were folded. Works on torch.fx
+    GraphModules (from ``prepare``) and on ``nn.Sequential`` pairs."""
+    folded = 0
+    if isinstance(model, torch.fx.GraphModule):
+        modules = dict(model.named_modules())
+        for node in list(model.graph.nodes):
+            bn = modules.get(str(node.target)) if node.op == "call_module" else None
+            if not isinstance(bn, _BN):
+                continue
+            src = node.args[0]
+            conv = modules.get(str(src.target)) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
+            if not _is_conv(conv) or len(src.users) != 1:
+                continue
+            _fold(conv, bn)
+            node.replace_all_uses_with(src)
+            model.graph.erase_node(node)
+            folded += 1
+        model.graph.lint()
+        model.recompile()
+        return folded
+    for parent in model.modules():
+        if isinstance(parent, nn.Sequential):
+            children = list(parent.named_children())
+            for (_, a), (bn_name, b) in zip(children, children[1:]):
+                if _is_conv(a) and isinstance(b, _BN):
+                    _fold(a, b)
+                    setattr(parent, bn_name, nn.Identity())
+                    folded += 1
+    return folded
+
+
+def _is_conv(m: Any) -> bool:
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+
+
+@torch.no_grad()
+def _fold(conv: nn.Module, bn: nn.Module) -> None:
+    assert isinstance(conv.weight, torch.Tensor) and bn.running_var is not None and bn.running_mean is not None
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    s = gamma / std
+    transposed = isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+    w = conv.weight
+    if transposed:  # [C_in, C_out/groups, ...]: output channels on axis 1 (groups == 1 here)
+        if getattr(conv, "groups", 1) != 1:
+            raise InputError("folding BatchNorm into a grouped ConvTranspose is not supported")
+        shape = [1, -1] + [1] * (w.dim() - 2)
+    else:
+        shape = [-1] + [1] * (w.dim() - 1)
+    w.mul_(s.reshape(shape))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+    new_bias = (bias - bn.running_mean) * s + beta
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias)
+    else:
+        conv.bias.copy_(new_bias)
+
+
+def check_calibrated(model: nn.Module) -> None:
+    """Raise NotCalibratedError naming the first enabled input quantizer without amax."""
+    for name, q in quantizers(model, inputs_only=True):
+        if q.enabled and not q.calibrated:
+            raise NotCalibratedError(f"quantizer {name!r} was never calibrated",
+                                     hint="run quantkit.qat.calibrate(model, loader) before exporting")
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: Any, *, dynamic_batch: bool = True,
+                opset: int = 17, input_names: list[str] | None = None, output_names: list[str] | None = None) -> Path:
+    """Write ``model`` as a Q/DQ ONNX file (atomically); the model itself is not changed.
+
+    Raises:
+        NotCalibratedError: an enabled input quantizer has no range.
+        InputError: ``opset`` below 13 (per-channel Q/DQ needs 13).
+    """
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise InputError(f"opset {opset} cannot hold per-channel Q/DQ; use {MIN_OPSET} or later")
+    check_calibrated(model)
+    m = copy.deepcopy(model).eval()
+    folded = fold_batchnorm(m)
+    for layer in m.modules():
+        if isinstance(layer, QuantMixin) and layer.weight_quantizer.enabled:
+            layer.weight_quantizer.freeze_to(layer.weight)  # type: ignore[attr-defined]
+    for _, q in quantizers(m):
+        if q.enabled:
+            q.freeze_for_export()
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    n_in = len(inputs)
+    input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
+    with torch.no_grad():
+        out = m(*inputs)
+    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    output_names = output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+    axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(m, inputs, buf, dynamo=False, opset_version=opset, input_names=input_names,
+                          output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
+    proto = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(proto)
+    log.info("exported %s (%d BatchNorms folded)", path, folded)
+    return write_bytes_atomic(path, proto.SerializeToString())

@@ -1,0 +1,97 @@
+"""|x| histograms of torch tensors on the tensor's own device, with no host synchronisation.
+
+Same statistics as ``quantkit.calibrators.HistogramCollector`` (2048 bins over [0, range),
+range doubling with exact pairwise re-binning, signed min and max), so the same range methods
+apply. Every step is a device operation:
+
+    amax = max|x|                     (device scalar)
+    k    = max(0, ceil(log2(amax / range)))   range *= 2**k   old bin i -> bin i >> k
+    counts += histc(|x| * bins / range, bins, 0, bins)   in chunks of <= 2**24 values, so the
+                                                         float32 counts of histc stay exact
+
+NaN/Inf are flagged in a device boolean and reported once, when the statistics are read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from quantkit.calibrators.collectors import Histogram
+from quantkit.errors import NonFiniteError, NotCalibratedError
+
+_EXACT = 1 << 24  # float32 counts are exact up to here
+
+
+class TorchHistogram:
+    """Streaming abs-max + |x| histogram on ``device``.
+
+    Args:
+        num_bins: a power of two.
+        name: the module or tensor name, for messages.
+        device: where the statistics live (the tensors' device).
+    """
+
+    def __init__(self, num_bins: int = 2048, name: str = "<tensor>", device: Any = "cpu"):
+        import torch
+
+        if num_bins < 2 or num_bins & (num_bins - 1):
+            raise ValueError(f"num_bins must be a power of two >= 2, got {num_bins}")
+        self.num_bins = num_bins
+        self.name = name
+        self.device = torch.device(device)
+        self._counts = torch.zeros(num_bins, dtype=torch.float64, device=self.device)
+        self._range = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._min = torch.full((), float("inf"), device=self.device)
+        self._max = torch.full((), float("-inf"), device=self.device)
+        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._bins = torch.arange(num_bins, device=self.device)
+        self._seen = 0
+
+    def update(self, x: Any) -> None:
+        import torch
+
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        if x.dtype != torch.float32:
+            x = x.float()
+        x = x.reshape(-1)
+        lo, hi = torch.aminmax(x)
+        self._bad |= ~(torch.isfinite(lo) & torch.isfinite(hi))
+        self._min = torch.minimum(self._min, lo)
+        self._max = torch.maximum(self._max, hi)
+        amax = torch.maximum(-lo, hi)
+        amax = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+        # grow the range by powers of two (first non-zero batch: range = amax)
+        first = self._range == 0
+        base = torch.where(first, amax, self._range)
+        ratio = amax / torch.where(base > 0, base, torch.ones_like(base))
+        k = torch.clamp(torch.ceil(torch.log2(torch.clamp(ratio, min=1.0))), min=0.0)
+        new_range = base * torch.exp2(k)
+        shift = torch.where(first, torch.zeros_like(k), k).long()
+        self._counts = torch.zeros_like(self._counts).index_add_(0, self._bins >> shift, self._counts)
+        self._range = new_range
+        # bin this batch; with range 0 (all zeros so far) every value is 0 and lands in bin 0
+        scale = self.num_bins / torch.where(new_range > 0, new_range, torch.ones_like(new_range))
+        a = x.abs() * scale
+        a = torch.nan_to_num(a, nan=0.0, posinf=0.0)  # flagged above; keep the counts usable
+        for start in range(0, a.numel(), _EXACT):
+            part = a[start : start + _EXACT]
+            self._counts += torch.histc(part, bins=self.num_bins, min=0, max=self.num_bins).double()
+        self._seen += 1
+
+    def compute(self) -> Histogram:
+        """Read the statistics (one device-to-host transfer)."""
+        if self._seen == 0:
+            raise NotCalibratedError(f"{self.name}: no data was collected")
+        import torch
+
+        packed = torch.stack([self._range.double(), self._min.double(), self._max.double(), self._bad.double()])
+        rng, lo, hi, bad = packed.cpu().tolist()
+        if bad:
+            raise NonFiniteError(f"{self.name}: NaN or Inf values in its input during calibration",
+                                 hint="check the model and the data loader's normalisation")
+        counts = self._counts.cpu().numpy().round().astype(np.int64)
+        return Histogram(counts, rng / self.num_bins if rng > 0 else 0.0, float(lo), float(hi))

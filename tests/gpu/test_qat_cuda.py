@@ -1,0 +1,74 @@
+"""QAT on CUDA: histograms on the GPU without host synchronisation, same ranges as on CPU."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+
+def test_gpu_calibration_matches_cpu_and_never_syncs(tmp_path):
+    import quantkit.qat as qq
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.sample.digits_net import DigitsNet, digits_tensors
+
+    torch.manual_seed(0)
+    xtr, _, xte, _ = digits_tensors()
+    model = DigitsNet().eval()
+    batches = [xtr[i : i + 64] for i in range(0, 512, 64)]
+    cpu = qq.prepare(model)
+    cal_cpu = qq.calibrate(cpu, batches, method="entropy")
+
+    gpu = qq.prepare(model).cuda()
+    qs = [q for _, q in qq.quantizers(gpu, inputs_only=True)]
+    for q in qs:
+        q.calibrating = True
+    dev_batches = [b.cuda() for b in batches]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        with torch.no_grad():
+            for b in dev_batches:
+                gpu(b)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for q in qs:
+        q.calibrating = False
+    # the same statistics through the public call (one transfer per quantizer at the end)
+    for q in qs:
+        q.histogram_ = None
+    cal_gpu = qq.calibrate(gpu, dev_batches, method="entropy")
+    for name, r in cal_cpu.ranges.items():
+        g = cal_gpu.ranges[name]
+        assert g.amax["minmax"] == pytest.approx(r.amax["minmax"], rel=1e-5), name
+        for m in ("entropy", "percentile", "mse"):
+            width = r.amax["minmax"] / 1024  # within two bins
+            assert abs(g.amax[m] - r.amax[m]) <= width, (name, m, g.amax[m], r.amax[m])
+    path = qq.export_onnx(gpu, tmp_path / "g.onnx", xte[:2].cuda())
+    out = OrtRunner(path).infer({"input": xte[:64].numpy()})["output"]
+    with torch.no_grad():
+        ref = gpu(xte[:64].cuda()).cpu().numpy()
+    cos = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
+    assert cos.min() > 0.9999
+
+
+def test_qat_step_on_gpu_trains():
+    import quantkit.qat as qq
+    from quantkit.sample.digits_net import DigitsNet, digits_tensors
+
+    torch.manual_seed(0)
+    xtr, ytr, _, _ = digits_tensors()
+    q = qq.prepare(DigitsNet()).cuda()
+    qq.calibrate(q, [xtr[:256].cuda()])
+    q.train()
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    x, y = xtr[:256].cuda(), ytr[:256].cuda()
+    first = None
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(q(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else float(loss)
+    assert float(loss) < first * 0.7

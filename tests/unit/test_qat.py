@@ -1,0 +1,122 @@
+"""QAT on CPU: placement, calibration with quantkit's collectors, STE training, Q/DQ export that
+ONNX Runtime runs and that agrees with the PyTorch fake-quant model, and the bad-input errors."""
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import quantkit.qat as qq  # noqa: E402
+from quantkit.errors import DatasetError, InputError, ModelError, NonFiniteError, NotCalibratedError  # noqa: E402
+from quantkit.sample.digits_net import DigitsNet, digits_tensors  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_tensors()
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """DigitsNet after a few quick epochs (enough for BN statistics and non-trivial weights)."""
+    torch.manual_seed(0)
+    xtr, ytr, _, _ = digits
+    model = DigitsNet()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(3):
+        for s in range(0, len(xtr), 64):
+            loss = nn.functional.cross_entropy(model(xtr[s : s + 64]), ytr[s : s + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def loader(x, batch=64):
+    return [x[i : i + batch] for i in range(0, len(x), batch)]
+
+
+def test_prepare_places_quantizers_by_the_rules(trained):
+    q = qq.prepare(trained)
+    names = dict(qq.quantizers(q))
+    # every conv / linear has an input and a per-channel weight quantizer
+    for layer in ("stem.0", "block1_a.0", "block1_b.0", "down.0", "dw.0", "pw.0", "fc"):
+        assert f"{layer}.input_quantizer" in names and names[f"{layer}.weight_quantizer"].axis == 0
+    # the two residual Adds get a quantizer on their skip input
+    assert sorted(n for n in names if n.startswith("residual_quantizer")) == ["residual_quantizer_0", "residual_quantizer_1"]
+    # the original model is untouched
+    assert type(trained.stem[0]) is nn.Conv2d
+    # disabling by name and by type
+    q2 = qq.prepare(trained, qq.QatConfig(disable=("fc", "block1_*"), residual_add=False))
+    assert type(q2.fc) is nn.Linear and type(q2.get_submodule("block1_a.0")) is nn.Conv2d
+    assert type(q2.get_submodule("stem.0")) is not nn.Conv2d
+    q3 = qq.prepare(trained, qq.QatConfig(disable_types=(nn.Linear,)))
+    assert type(q3.fc) is nn.Linear
+    with pytest.raises(ModelError, match="all are disabled"):
+        qq.prepare(trained, qq.QatConfig(disable_types=(nn.Conv2d, nn.Linear)))
+    with pytest.raises(ModelError, match="no Conv"):
+        qq.prepare(nn.Sequential(nn.ReLU(), nn.Flatten()))
+
+
+def test_calibrate_export_and_agreement(trained, digits, tmp_path):
+    from quantkit.backends.onnxruntime import OrtRunner
+
+    xtr, _, xte, yte = digits
+    q = qq.prepare(trained)
+    cal = qq.calibrate(q, loader(xtr[:512]), method="entropy")
+    assert cal.batches == 8 and set(cal.ranges) == {n for n, _ in qq.quantizers(q, inputs_only=True)}
+    for r in cal.ranges.values():  # every method from one pass
+        assert set(r.amax) >= {"entropy", "minmax", "percentile", "mse"}
+    path = qq.export_onnx(q, tmp_path / "digits.qat.onnx", xte[:2], dynamic_batch=True)
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    assert "BatchNormalization" not in ops
+    assert ops.count("QuantizeLinear") >= 7 + 7 + 2  # inputs, weights, residuals
+    inits = {i.name for i in model.graph.initializer}
+    weight_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]
+    assert len(weight_q) == 7  # float weights feed Q/DQ (what TensorRT expects)
+    assert all(onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == n.input[1])).size > 1
+               for n in weight_q)  # per-channel scales
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    with torch.no_grad():
+        ref = q.eval()(xte).numpy()
+    out = OrtRunner(path).infer({"input": xte.numpy()})["output"]
+    cos = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
+    # mean over the test split; single images differ where BN folding moves a value across a
+    # rounding boundary of a quantizer
+    assert cos.mean() >= 0.9999 and cos.min() >= 0.999, (cos.mean(), cos.min())
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.99
+
+
+def test_ste_training_step_changes_weights(trained, digits):
+    xtr, ytr, _, _ = digits
+    q = qq.prepare(trained)
+    qq.calibrate(q, loader(xtr[:128]), method="minmax")
+    q.train()
+    stem = q.get_submodule("stem.0")
+    before = stem.weight.detach().clone()
+    opt = torch.optim.SGD(q.parameters(), lr=1e-2)
+    loss = nn.functional.cross_entropy(q(xtr[:64]), ytr[:64])
+    loss.backward()
+    assert stem.weight.grad is not None and stem.weight.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(before, stem.weight.detach())
+
+
+def test_bad_inputs(trained, digits, tmp_path):
+    xtr, _, xte, _ = digits
+    q = qq.prepare(trained)
+    with pytest.raises(NotCalibratedError, match="stem.0.input_quantizer"):
+        qq.export_onnx(q, tmp_path / "x.onnx", xte[:1])
+    assert not (tmp_path / "x.onnx").exists()
+    with pytest.raises(DatasetError, match="no batch"):
+        qq.calibrate(q, [])
+    bad = xtr[:64].clone()
+    bad[3, 0, 5, 5] = float("nan")
+    with pytest.raises(NonFiniteError, match="stem.0.input_quantizer"):
+        qq.calibrate(q, [bad])
+    qq.calibrate(q, loader(xtr[:128]))
+    with pytest.raises(InputError, match="opset 11"):
+        qq.export_onnx(q, tmp_path / "x.onnx", xte[:1], opset=11)
