@@ -21,7 +21,7 @@ if __name__ == "__main__":
     ap.add_argument("-o", "--output", default=None)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--qat-epochs", type=int, default=2)
-    ap.add_argument("--qat-lr", type=float, default=1e-4)
+    ap.add_argument("--qat-lr", type=float, default=1e-3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.output or tmp, epochs=args.epochs, qat_epochs=args.qat_epochs, qat_lr=args.qat_lr)

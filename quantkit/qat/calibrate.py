@@ -35,8 +35,7 @@ class QatCalibration:
             raise UnknownMethodError(f"unknown calibration method {method!r}; available: {list(ALL_METHODS)}")
         qs = dict(quantizers(model, inputs_only=True))
         for name, amax in self.amax(method).items():
-            q = qs[name]
-            q.amax = torch.tensor(max(amax, 1e-8), dtype=torch.float32, device=q.amax.device)
+            qs[name].set_amax(max(amax, 1e-8))
         self.method = method
 
 
@@ -62,23 +61,47 @@ def _to(x: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None = None,
-            on_batch: Callable[[int], None] | None = None) -> int:
+            on_batch: Callable[[int], None] | None = None, cuda_graph: bool | None = None) -> int:
     """Run the data through ``model`` with every enabled input quantizer collecting (and not
-    quantizing); returns the number of batches. Statistics stay on the model's device."""
+    quantizing); returns the number of batches. Statistics stay on the model's device.
+
+    On CUDA (``cuda_graph`` None or True) the first batch runs eagerly, then the whole
+    calibration forward, histograms included, is captured once as a CUDA graph and replayed for
+    every further batch of the same shape: the statistics code never synchronises with the
+    host, so it captures, and replay removes the launch cost of its many small kernels. A model
+    that cannot be captured falls back to eager calls.
+    """
     qs = [q for _, q in quantizers(model, inputs_only=True) if q.enabled]
     if not qs:
         raise ModelError("the model has no enabled input quantizers; call quantkit.qat.prepare first")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph and device.type == "cuda"
+    # statistics of the floating-point network, as TensorRT and quantkit's ONNX calibration
+    # collect them: weight quantizers are bypassed during the pass
+    weights = [q for _, q in quantizers(model) if q.dynamic and q.enabled]
     was_training = model.training
     model.eval()
     for q in qs:
         q.histogram_ = None
         q.calibrating = True
+    for q in weights:
+        q.enabled = False
     count = 0
+    graph: Any = None
+    static: torch.Tensor | None = None
     try:
         for batch in loader:
             (x,) = _inputs(batch)
-            model(**_to(x, device)) if isinstance(x, dict) else model(_to(x, device))
+            x = _to(x, device)
+            if isinstance(x, dict):
+                model(**x)
+            elif graph is not None and static is not None and x.shape == static.shape:
+                static.copy_(x)
+                graph.replay()
+            elif use_graph and count == 0:
+                graph, static = _warm_up_and_capture(model, x)
+            else:
+                model(x)
             count += 1
             if on_batch is not None:
                 on_batch(count)
@@ -87,14 +110,36 @@ def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None 
     finally:
         for q in qs:
             q.calibrating = False
+        for q in weights:
+            q.enabled = True
         model.train(was_training)
     if count == 0:
         raise DatasetError("the calibration loader yielded no batch", hint="check the loader and its dataset")
     return count
 
 
+def _warm_up_and_capture(model: nn.Module, x: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+    """Run ``x`` eagerly on a side stream (its statistics count), then capture one calibration
+    forward as a CUDA graph over a static copy of ``x``. Returns (None, None) when capture fails."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model(x)
+    torch.cuda.current_stream().wait_stream(side)
+    static = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            model(static)
+    except Exception as err:  # noqa: BLE001 - any capture failure: stay eager
+        log.info("calibration forward not capturable as a CUDA graph (%s); running eagerly", err)
+        return None, None
+    return graph, static
+
+
 def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None, *, num_batches: int | None = None,
-              percentile: float = 99.99, on_batch: Callable[[int], None] | None = None) -> QatCalibration:
+              percentile: float = 99.99, on_batch: Callable[[int], None] | None = None,
+              cuda_graph: bool | None = None) -> QatCalibration:
     """Calibrate every enabled input quantizer of a prepared model.
 
     Args:
@@ -104,6 +149,7 @@ def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None
             method recorded at prepare time, else entropy).
         num_batches: stop after this many batches.
         percentile: for the percentile method.
+        cuda_graph: on CUDA, replay the calibration forward as a CUDA graph (default); see collect.
 
     Raises:
         DatasetError: the loader yielded nothing.
@@ -112,7 +158,7 @@ def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None
     method = method or getattr(model, "qat_method_", "entropy")
     if method not in ALL_METHODS:
         raise UnknownMethodError(f"unknown calibration method {method!r}; available: {list(ALL_METHODS)}")
-    batches = collect(model, loader, num_batches=num_batches, on_batch=on_batch)
+    batches = collect(model, loader, num_batches=num_batches, on_batch=on_batch, cuda_graph=cuda_graph)
     ranges: dict[str, TensorRanges] = {}
     for name, q in quantizers(model, inputs_only=True):
         if not q.enabled or q.histogram_ is None:

@@ -57,20 +57,29 @@ class DemoResult:
 
 
 def _epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
-           sched: Any = None, batch: int = 64) -> float:
+           sched: Any = None, batch: int = 64, teacher: nn.Module | None = None, augment: bool = True) -> float:
     model.train()
     perm = torch.randperm(len(x))
     total = 0.0
     for s in range(0, len(x), batch):
         b = perm[s : s + batch]
-        dx, dy = (int(v) for v in torch.randint(-2, 3, (2,)))  # shift by up to 2 pixels
-        loss = nn.functional.cross_entropy(model(torch.roll(x[b], shifts=(dy, dx), dims=(2, 3))), y[b])
+        xb = x[b]
+        if augment:
+            dx, dy = (int(v) for v in torch.randint(-2, 3, (2,)))  # shift by up to 2 pixels
+            xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+        out = model(xb)
+        if teacher is None:
+            loss = nn.functional.cross_entropy(out, y[b])
+        else:  # distillation: match the FP32 model's predictions
+            with torch.no_grad():
+                target = teacher(xb).log_softmax(1)
+            loss = nn.functional.kl_div(out.log_softmax(1), target, log_target=True, reduction="batchmean")
         opt.zero_grad()
         loss.backward()
         opt.step()
         if sched is not None:
             sched.step()
-        total += float(loss) * len(b)
+        total += float(loss.detach()) * len(b)
     return total / len(x)
 
 
@@ -80,7 +89,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def run(out_dir: str | Path, *, epochs: int = 40, qat_epochs: int = 2, qat_lr: float = 1e-4, seed: int = 0,
+def run(out_dir: str | Path, *, epochs: int = 40, qat_epochs: int = 2, qat_lr: float = 1e-3, seed: int = 0,
         calib_images: int = 512, echo: Callable[[str], None] = print) -> DemoResult:
     """Train, quantize every way, export to ``out_dir`` and measure; returns the table."""
     from quantkit.backends.onnxruntime import OrtRunner
@@ -123,28 +132,34 @@ def run(out_dir: str | Path, *, epochs: int = 40, qat_epochs: int = 2, qat_lr: f
 
     result.rows.append(DemoRow("FP32", float((ref.argmax(1) == labels).mean()), path=str(fp32_path)))
 
-    # 2. PTQ: one calibration pass, every method
+    # 2. PTQ: one calibration pass, every method. BatchNorm is folded into the convolutions
+    #    first (exact in eval mode): QAT then trains the weights that export writes
     qmodel = qq.prepare(model, qq.QatConfig(method="entropy"))
+    qq.fold_batchnorm(qmodel)
     calib = [xtr[i : i + 64] for i in range(0, min(calib_images, len(xtr)), 64)]
     cal = qq.calibrate(qmodel, calib, method="entropy")
-    best: tuple[float, str] = (-1.0, "entropy")
+    best: tuple[float, float, str] = (-1.0, -1.0, "entropy")
     for method in PTQ_METHODS:
         cal.apply(qmodel, method)
         path = qq.export_onnx(qmodel, out / f"digits.ptq-{method}.onnx", xte[:1])
         row = measure(f"PTQ {method}", path)
         result.rows.append(row)
-        best = max(best, (row.accuracy, method))
+        best = max(best, (row.accuracy, row.sqnr_db or 0.0, method))  # ties: the closer to FP32
 
-    # 3. QAT: start from the best PTQ ranges, fine-tune with fake quantization
-    cal.apply(qmodel, best[1])
+    # 3. QAT: start from the best PTQ ranges, fine-tune with fake quantization and
+    #    straight-through gradients to reproduce the FP32 model's predictions (distillation:
+    #    on this small set, fitting the labels again moved the test accuracy by a few images
+    #    either way; matching the FP32 outputs is the goal of quantization)
+    cal.apply(qmodel, best[2])
+    model.eval()
     opt = torch.optim.SGD(qmodel.parameters(), lr=qat_lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, qat_epochs * math.ceil(len(xtr) / 64)))
     for e in range(qat_epochs):
-        loss = _epoch(qmodel, xtr, ytr, opt, sched)
+        loss = _epoch(qmodel, xtr, ytr, opt, sched, teacher=model, augment=False)
         acc = _accuracy(qmodel, xte, yte)
         result.qat_curve.append({"epoch": e + 1, "loss": loss, "test_accuracy": acc})
         echo(f"QAT epoch {e + 1}: loss {loss:.4f}, test accuracy (PyTorch fake-quant) {acc:.4f}")
     path = qq.export_onnx(qmodel, out / "digits.qat.onnx", xte[:1])
-    result.rows.append(measure(f"QAT ({qat_epochs} epochs from PTQ {best[1]})", path))
+    result.rows.append(measure(f"QAT ({qat_epochs} epochs from PTQ {best[2]})", path))
     result.seconds = time.perf_counter() - t_start
     return result

@@ -124,9 +124,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
     for layer in m.modules():
         if isinstance(layer, QuantMixin) and layer.weight_quantizer.enabled:
             layer.weight_quantizer.freeze_to(layer.weight)  # type: ignore[attr-defined]
-    for _, q in quantizers(m):
-        if q.enabled:
-            q.freeze_for_export()
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     n_in = len(inputs)
     input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])

@@ -6,8 +6,9 @@ apply. Every step is a device operation:
 
     amax = max|x|                     (device scalar)
     k    = max(0, ceil(log2(amax / range)))   range *= 2**k   old bin i -> bin i >> k
-    counts += histc(|x| * bins / range, bins, 0, bins)   in chunks of <= 2**24 values, so the
-                                                         float32 counts of histc stay exact
+    counts += histc(|x| * bins / range, bins, 0+, bins)  in chunks of <= 2**24 values, so the
+                                                         float32 counts of histc stay exact;
+    counts[0] += number of exact zeros                   (a reduction: no atomic contention)
 
 NaN/Inf are flagged in a device boolean and reported once, when the statistics are read.
 """
@@ -47,9 +48,12 @@ class TorchHistogram:
         self._max = torch.full((), float("-inf"), device=self.device)
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self._bins = torch.arange(num_bins, device=self.device)
+        self._tmp = torch.zeros_like(self._counts)
         self._seen = 0
 
     def update(self, x: Any) -> None:
+        """Add a batch. Every state tensor is updated in place, so a CUDA graph that captured
+        this call accumulates correctly when replayed."""
         import torch
 
         x = x.detach()
@@ -59,35 +63,37 @@ class TorchHistogram:
             x = x.float()
         x = x.reshape(-1)
         lo, hi = torch.aminmax(x)
-        self._bad |= ~(torch.isfinite(lo) & torch.isfinite(hi))
-        self._min = torch.minimum(self._min, lo)
-        self._max = torch.maximum(self._max, hi)
-        amax = torch.maximum(-lo, hi)
-        amax = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+        self._bad.logical_or_(~(torch.isfinite(lo) & torch.isfinite(hi)))
+        torch.minimum(self._min, lo, out=self._min)
+        torch.maximum(self._max, hi, out=self._max)
+        amax = torch.nan_to_num(torch.maximum(-lo, hi), nan=0.0, posinf=0.0)
         # grow the range by powers of two (first non-zero batch: range = amax)
         first = self._range == 0
         base = torch.where(first, amax, self._range)
-        ratio = amax / torch.where(base > 0, base, torch.ones_like(base))
-        k = torch.clamp(torch.ceil(torch.log2(torch.clamp(ratio, min=1.0))), min=0.0)
+        k = torch.ceil(torch.log2(torch.clamp(amax / torch.clamp(base, min=1e-30), min=1.0)))
         new_range = base * torch.exp2(k)
         shift = torch.where(first, torch.zeros_like(k), k).long()
-        self._counts = torch.zeros_like(self._counts).index_add_(0, self._bins >> shift, self._counts)
-        self._range = new_range
-        # bin this batch; with range 0 (all zeros so far) every value is 0 and lands in bin 0
+        self._tmp.zero_().index_add_(0, self._bins >> shift, self._counts)
+        self._counts.copy_(self._tmp)
+        self._range.copy_(new_range)
+        # bin this batch (range 0 = all zeros so far: every value lands in bin 0); NaN values
+        # are flagged above and fall outside histc's range
         scale = self.num_bins / torch.where(new_range > 0, new_range, torch.ones_like(new_range))
-        a = x.abs() * scale
-        a = torch.nan_to_num(a, nan=0.0, posinf=0.0)  # flagged above; keep the counts usable
+        a = x.abs().mul_(scale)
+        # exact zeros (half of a ReLU output) are counted by a reduction, not by histc: all in one
+        # bin, they serialise histc's atomic adds. histc's lower edge sits just above 0 (bin
+        # edges move by 1e-30 of a bin)
+        self._counts[:1].add_(a.numel() - torch.count_nonzero(a))
         for start in range(0, a.numel(), _EXACT):
-            part = a[start : start + _EXACT]
-            self._counts += torch.histc(part, bins=self.num_bins, min=0, max=self.num_bins).double()
+            self._counts.add_(torch.histc(a[start : start + _EXACT], bins=self.num_bins, min=1e-30, max=self.num_bins))
         self._seen += 1
 
     def compute(self) -> Histogram:
         """Read the statistics (one device-to-host transfer)."""
-        if self._seen == 0:
-            raise NotCalibratedError(f"{self.name}: no data was collected")
         import torch
 
+        if self._seen == 0:
+            raise NotCalibratedError(f"{self.name}: no data was collected")
         packed = torch.stack([self._range.double(), self._min.double(), self._max.double(), self._bad.double()])
         rng, lo, hi, bad = packed.cpu().tolist()
         if bad:

@@ -38,6 +38,10 @@ class QuantMixin:
         # Parameter objects themselves are shared)
         q.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in layer.__dict__.items()})
         q._init_quantizers(num_bins)
+        weight = getattr(layer, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            q.input_quantizer.to(weight.device)
+            q.weight_quantizer.to(weight.device)
         q.train(layer.training)
         return q
 

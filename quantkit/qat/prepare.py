@@ -133,7 +133,8 @@ def _with_residual_quantizers(model: nn.Module, config: QatConfig) -> nn.Module 
             continue  # both or neither from a convolution: not a residual join
         residual = b if from_conv(a) else a
         qname = f"residual_quantizer_{added}"
-        gm.add_submodule(qname, TensorQuantizer(num_bins=config.num_bins))
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        gm.add_submodule(qname, TensorQuantizer(num_bins=config.num_bins).to(device))
         with gm.graph.inserting_before(node):
             q = gm.graph.call_module(qname, (residual,))
         node.replace_input_with(residual, q)

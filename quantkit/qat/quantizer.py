@@ -58,19 +58,24 @@ class TensorQuantizer(nn.Module):
         return f"{kind}, {state}"
 
     def channel_amax(self, w: torch.Tensor) -> torch.Tensor:
+        """max |w| over every axis but ``axis`` (one reduction kernel), detached."""
         dims = [d for d in range(w.dim()) if d != self.axis]
-        return w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
+        w = w.detach()
+        return torch.linalg.vector_norm(w, ord=float("inf"), dim=dims) if dims else w.abs()
+
+    def set_amax(self, amax: torch.Tensor | float) -> None:
+        """Fix the range: amax, and the scale and zero point derived from it, become buffers
+        (used by every later call, and written by export as Q/DQ initializers)."""
+        dev = self.amax.device
+        value = torch.as_tensor(amax, dtype=torch.float32).detach().to(dev)
+        self.amax = value if self.axis is not None else value.reshape(())
+        scale, zero = scale_and_zero(self.amax, self.axis)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero)
 
     def freeze_to(self, w: torch.Tensor) -> None:
-        """Store ``w``'s amax in the buffer (a dynamic weight quantizer before export)."""
-        self.amax = self.channel_amax(w) if self.axis is not None else w.detach().abs().amax()
-
-    def freeze_for_export(self) -> None:
-        """Precompute scale and zero point as buffers, so the exported graph takes them as
-        initializers instead of computing them (TensorRT reads Q/DQ scales from constants)."""
-        scale, zero = scale_and_zero(self.amax, self.axis)
-        self.register_buffer("export_scale", scale)
-        self.register_buffer("export_zero", zero)
+        """Fix a dynamic weight quantizer to ``w``'s current per-channel amax (before export)."""
+        self.set_amax(self.channel_amax(w) if self.axis is not None else w.detach().abs().amax())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -78,16 +83,13 @@ class TensorQuantizer(nn.Module):
         if self.calibrating:
             self._collect(x)
             return x
-        if hasattr(self, "export_scale"):
-            return _fake_quantize(x, self.export_scale, self.export_zero, self.axis)
-        if self.dynamic and not self.calibrated:
-            amax = self.channel_amax(x) if self.axis is not None else x.detach().abs().amax()
-        elif self.calibrated:
-            amax = self.amax
-        else:
-            raise NotCalibratedError(f"quantizer {self.qualified_name!r} was never calibrated",
-                                     hint="run quantkit.qat.calibrate(model, loader) first, or disable it")
-        return fake_quantize(x, amax.to(x.device), self.axis)
+        if self.calibrated and hasattr(self, "scale"):
+            return _fake_quantize(x, self.scale, self.zero_point, self.axis)
+        if self.dynamic:
+            return _fake_quantize_weight(x, self.channel_amax(x) if self.axis is not None else x.detach().abs().amax(),
+                                         self.axis)
+        raise NotCalibratedError(f"quantizer {self.qualified_name!r} was never calibrated",
+                                 hint="run quantkit.qat.calibrate(model, loader) first, or disable it")
 
     def _collect(self, x: torch.Tensor) -> None:
         if self.histogram_ is None:
@@ -123,3 +125,20 @@ def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, axi
     if axis is None:
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, QMIN, QMAX)
     return torch.fake_quantize_per_channel_affine(x, scale, zero, axis, QMIN, QMAX)
+
+
+def _fake_quantize_weight(w: torch.Tensor, amax: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Per-channel fake quantization of a weight by its own amax, in five small kernels.
+
+    PyTorch's per-channel operator checks its zero points on the host (a CUDA synchronisation
+    per layer and step). Here the weight is divided by its per-channel scale, fake-quantized
+    per tensor with scale 1 (Python scalars: nothing to check), and scaled back; the scale is
+    detached, so the gradient is the straight-through identity (with amax = max |w| no value
+    is outside the range).
+    """
+    scale = torch.clamp(amax, min=1e-12).div_(QMAX)
+    if axis is not None:
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return torch.fake_quantize_per_tensor_affine(w / scale, 1.0, 0, QMIN, QMAX) * scale

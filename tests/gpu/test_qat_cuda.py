@@ -8,12 +8,14 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
 
 
-def test_gpu_calibration_matches_cpu_and_never_syncs(tmp_path):
+def test_gpu_calibration_matches_cpu_and_never_syncs(tmp_path, monkeypatch):
     import quantkit.qat as qq
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.sample.digits_net import DigitsNet, digits_tensors
 
     torch.manual_seed(0)
+    # full FP32 convolutions on the GPU, so that the activations match the CPU's
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     xtr, _, xte, _ = digits_tensors()
     model = DigitsNet().eval()
     batches = [xtr[i : i + 64] for i in range(0, 512, 64)]
@@ -24,6 +26,9 @@ def test_gpu_calibration_matches_cpu_and_never_syncs(tmp_path):
     qs = [q for _, q in qq.quantizers(gpu, inputs_only=True)]
     for q in qs:
         q.calibrating = True
+    for _, q in qq.quantizers(gpu):
+        if q.dynamic:
+            q.enabled = False  # as in qq.collect: statistics of the floating-point network
     dev_batches = [b.cuda() for b in batches]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
@@ -35,6 +40,8 @@ def test_gpu_calibration_matches_cpu_and_never_syncs(tmp_path):
         torch.cuda.set_sync_debug_mode(0)
     for q in qs:
         q.calibrating = False
+    for _, q in qq.quantizers(gpu):
+        q.enabled = True
     # the same statistics through the public call (one transfer per quantizer at the end)
     for q in qs:
         q.histogram_ = None
@@ -59,16 +66,41 @@ def test_qat_step_on_gpu_trains():
 
     torch.manual_seed(0)
     xtr, ytr, _, _ = digits_tensors()
-    q = qq.prepare(DigitsNet()).cuda()
-    qq.calibrate(q, [xtr[:256].cuda()])
+    x, y = xtr[:512].cuda(), ytr[:512].cuda()
+    model = DigitsNet().cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):  # a rough FP32 start
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q = qq.prepare(model.eval())
+    qq.calibrate(q, [x[:256], x[256:]])
     q.train()
     opt = torch.optim.Adam(q.parameters(), lr=1e-3)
-    x, y = xtr[:256].cuda(), ytr[:256].cuda()
-    first = None
-    for _ in range(30):
+    losses = []
+    for _ in range(40):
         loss = torch.nn.functional.cross_entropy(q(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = first if first is not None else float(loss)
-    assert float(loss) < first * 0.7
+        losses.append(float(loss.detach()))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] * 0.8, losses
+
+
+def test_cuda_graph_pass_equals_eager_pass():
+    import quantkit.qat as qq
+    from quantkit.sample.digits_net import DigitsNet, digits_tensors
+
+    torch.manual_seed(0)
+    xtr, _, _, _ = digits_tensors()
+    model = DigitsNet().eval().cuda()
+    batches = [xtr[i : i + 64].cuda() for i in range(0, 640, 64)]
+    results = {}
+    for graph in (False, True):
+        q = qq.prepare(model)
+        results[graph] = qq.calibrate(q, batches, method="entropy", cuda_graph=graph)
+    for name, r in results[False].ranges.items():
+        for m in ("minmax", "entropy", "percentile", "mse"):
+            assert results[True].ranges[name].amax[m] == pytest.approx(r.amax[m], rel=1e-6), (name, m)
+

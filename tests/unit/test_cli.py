@@ -146,3 +146,20 @@ def test_compare_and_inspect(digits_dirs, tmp_path, capsys):
     assert m["num_samples"] == 540 and m["outputs"][0]["cosine_mean"] > 0.99
     assert main(["inspect", str(sample.model_path())]) == 0
     assert "7 activation tensors" in capsys.readouterr().out
+
+
+def test_bench_onnxruntime_and_engine_only_options(tmp_path, capsys):
+    import json as _json
+
+    from quantkit import sample
+    from quantkit.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", str(sample.model_path()), "--batch", "4", "--iterations", "5", "--warmup", "1",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "onnxruntime" in text and "image 4x1x32x32" in text and "throughput" in text
+    stats = _json.loads(out.read_text())
+    assert stats["iterations"] >= 5 and stats["batch"] == 4 and stats["min_ms"] <= stats["median_ms"] <= stats["p99_ms"]
+    assert main(["bench", str(sample.model_path()), "--cuda-graph"]) == 2
+    assert "TensorRT engines only" in capsys.readouterr().err

@@ -120,3 +120,48 @@ def test_bad_inputs(trained, digits, tmp_path):
     qq.calibrate(q, loader(xtr[:128]))
     with pytest.raises(InputError, match="opset 11"):
         qq.export_onnx(q, tmp_path / "x.onnx", xte[:1], opset=11)
+
+
+def test_torch_histogram_matches_numpy_collector(rng):
+    """The device algorithm (run here on CPU tensors) against the NumPy collector."""
+    from quantkit.calibrators.collectors import HistogramCollector
+    from quantkit.calibrators.methods import all_ranges
+    from quantkit.qat.histogram import TorchHistogram
+
+    th, nc = TorchHistogram(2048, "t"), HistogramCollector(2048, "t")
+    for scale in (0.5, 1.0, 3.0, 2.0, 9.0):  # the range grows twice
+        x = (rng.standard_normal((16, 8, 20, 20)) * scale).astype(np.float32)
+        th.update(torch.from_numpy(x))
+        nc.update(x)
+    a, b = th.compute(), nc.compute()
+    assert a.bin_width == pytest.approx(b.bin_width) and a.counts.sum() == b.counts.sum()
+    assert np.abs(a.counts - b.counts).sum() <= 10  # float rounding at bin edges only
+    ra, rb = all_ranges(a), all_ranges(b)
+    for m in ("minmax", "entropy", "percentile", "mse"):
+        assert ra.amax[m] == pytest.approx(rb.amax[m], abs=2 * b.bin_width), m
+    zeros = TorchHistogram(256, "z")
+    zeros.update(torch.zeros(10))
+    zeros.update(torch.ones(10))
+    h = zeros.compute()
+    assert h.counts[0] == 10 and h.counts.sum() == 20 and h.observed_max == 1.0
+    bad = TorchHistogram(256, "layer3.input_quantizer")
+    bad.update(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(NonFiniteError, match="layer3.input_quantizer"):
+        bad.compute()
+
+
+def test_qat_demo_cli_runs_end_to_end(tmp_path, capsys):
+    """`quantkit qat-demo` on tiny settings: every row measured through ONNX Runtime."""
+    import json
+
+    from quantkit.cli import main
+
+    assert main(["qat-demo", "--epochs", "2", "--qat-epochs", "1", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| PTQ entropy |" in out and "| QAT (1 epochs from PTQ" in out
+    result = json.loads((tmp_path / "results.json").read_text())
+    labels = [r["label"] for r in result["rows"]]
+    assert labels[:5] == ["FP32", "PTQ entropy", "PTQ minmax", "PTQ percentile", "PTQ mse"]
+    assert len(result["qat_curve"]) == 1 and len(result["fp32_curve"]) == 2
+    for row in result["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and (tmp_path / row["path"].split("/")[-1]).exists()
