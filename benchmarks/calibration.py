@@ -218,28 +218,34 @@ def job_eval(args: dict) -> dict:
     batch32 = next(iter(Batcher(src, [name], BATCH))).feed
     batch1 = {name: batch32[name][:1]}
     out = {}
-    runners = {}
-    for label, path in [("fp32", args["model"]), *args["models"].items()]:
-        q = runners[label] = OrtRunner(path)
+    paths = dict([("fp32", args["model"]), *args["models"].items()])
+    for label, path in paths.items():
         row = out[label] = {}
         if label != "fp32":
-            rep = compare_runners(ref, q, Batcher(src, [name], BATCH))
+            with OrtRunner(path) as q:
+                rep = compare_runners(ref, q, Batcher(src, [name], BATCH))
             o = rep.outputs[0]
             row.update(agreement=o.top1_agreement, sqnr_db=o.sqnr_db, cosine=o.cosine_mean,
                        accuracy=rep.accuracy_test, accuracy_fp32=rep.accuracy_reference)
+    ref.close()
+    del ref
     if args.get("latency", True):
-        # interleaved rounds, so that drift of the machine (other load, clocks) hits every
-        # model alike; the median over all rounds is reported
+        # rounds over the models, one live session at a time: an idle ONNX Runtime session's
+        # spinning threads would otherwise steal the 2 cores from the one being timed; the
+        # rounds spread the machine's drift over every model; the median of all runs is kept
+        import gc
+
         iters = args.get("iters", 30)
-        samples: dict[str, dict[str, list[float]]] = {k: {"b1": [], "b32": []} for k in runners}
-        for q in runners.values():
-            measure_latency(q, batch1, warmup=3, iterations=1)
-            measure_latency(q, batch32, warmup=1, iterations=1)
+        samples: dict[str, dict[str, list[float]]] = {k: {"b1": [], "b32": []} for k in paths}
         for _ in range(5):
-            for label, q in runners.items():
-                samples[label]["b1"].append(measure_latency(q, batch1, warmup=1, iterations=max(3, iters // 5)).median_ms)
-                samples[label]["b32"].append(measure_latency(q, batch32, warmup=0, iterations=max(1, iters // 15)).median_ms)
-        for label in runners:
+            for label, path in paths.items():
+                q = OrtRunner(path)
+                samples[label]["b1"] += [measure_latency(q, batch1, warmup=3, iterations=max(3, iters // 5)).median_ms]
+                samples[label]["b32"] += [measure_latency(q, batch32, warmup=1, iterations=max(1, iters // 15)).median_ms]
+                q.close()
+                del q
+                gc.collect()
+        for label in paths:
             out[label]["lat_b1_ms"] = float(np.median(samples[label]["b1"]))
             out[label]["lat_b32_ms"] = float(np.median(samples[label]["b32"]))
     return out
