@@ -17,6 +17,7 @@ _KNOWN: dict[str, tuple[str, str]] = {
     "torch": ("torch", "2.2"),
     "tensorrt": ("tensorrt", "10.0"),
     "cuda": ("gpu", "12.0"),
+    "matplotlib": ("notebooks", "3.7"),
 }
 
 

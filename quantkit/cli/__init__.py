@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("quantkit.cli.demo", "Demo"),
     "qat-demo": ("quantkit.cli.qat_demo", "QatDemo"),
     "inspect": ("quantkit.cli.inspect", "Inspect"),
+    "report": ("quantkit.cli.report", "Report"),
 }
 
 

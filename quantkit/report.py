@@ -1,0 +1,273 @@
+"""Turn the JSON results of ``calibrate``, ``compare``, ``bench`` and ``qat-demo`` into plots
+(PNG and SVG) and one self-contained HTML page.
+
+    files -> load_results (each classified by its keys) -> figures -> write_report(outdir)
+
+Plots: accuracy (or top-1 agreement with FP32 where no labels exist) against latency for every
+model that has both a comparison and a benchmark (matched by file name), FP32 as the
+reference point; per-tensor amax by method (ranges.json); per-output SQNR (comparisons); QAT
+training curves (qat-demo). Needs matplotlib (``pip install 'quantkit[notebooks]'``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit._deps import require
+from quantkit.errors import InputError
+
+METHOD_ORDER = ("minmax", "entropy", "percentile", "mse", "auto", "entropy-trt")
+
+
+@dataclass
+class Results:
+    """Result documents by kind, each keeping the file it came from (``_file``)."""
+
+    compares: list[dict[str, Any]] = field(default_factory=list)
+    benches: list[dict[str, Any]] = field(default_factory=list)
+    ranges: list[dict[str, Any]] = field(default_factory=list)
+    qat: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, doc: dict[str, Any], source: str = "<dict>") -> None:
+        doc = {**doc, "_file": source}
+        if "median_ms" in doc:
+            self.benches.append(doc)
+        elif "outputs" in doc and "test" in doc:
+            self.compares.append(doc)
+        elif "tensors" in doc and "method" in doc:
+            self.ranges.append(doc)
+        elif "rows" in doc and "qat_curve" in doc:
+            self.qat.append(doc)
+        else:
+            raise InputError(f"{source}: not a quantkit result (calibrate ranges/report, compare --json, "
+                             "bench --json or qat-demo results.json)")
+
+
+def load_results(paths: Iterable[str | os.PathLike[str]]) -> Results:
+    """Read result files (JSON); folders are searched for ``*.json``."""
+    res = Results()
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.rglob("*.json"))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise InputError(f"result file {str(p)!r} does not exist")
+    for f in files:
+        if f.name.endswith(".cache.json"):
+            continue  # calibration cache provenance, not a result
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise InputError(f"{str(f)!r} is not readable JSON: {err}") from err
+        if isinstance(doc, dict):
+            res.add(doc, str(f))
+    if not (res.compares or res.benches or res.ranges or res.qat):
+        raise InputError("no quantkit results found in the given files",
+                         hint="pass the JSON files of calibrate (ranges.json, report.json), compare --json, bench --json")
+    return res
+
+
+@dataclass(frozen=True)
+class Point:
+    """One model on the accuracy-latency plane."""
+
+    label: str
+    latency_ms: float
+    score: float
+    score_name: str  # "accuracy" or "top-1 agreement"
+    backend: str
+    reference: bool = False
+
+
+def _stem(name: str) -> str:
+    base = Path(str(name).split(" (")[0]).name
+    for suffix in (".onnx", ".plan", ".engine", ".trt"):
+        base = base.removesuffix(suffix)
+    return base
+
+
+def accuracy_latency_points(res: Results) -> list[Point]:
+    """Join comparisons and benchmarks by model file name; FP32 from the comparisons'
+    reference accuracy (agreement 1.0 where there are no labels)."""
+    bench = {_stem(b["model"]): b for b in res.benches}
+    points: list[Point] = []
+    refs: dict[str, float] = {}
+    for c in res.compares:
+        labels = c.get("accuracy_test") is not None
+        out = c["outputs"][0]
+        score = c["accuracy_test"] if labels else out.get("top1_agreement")
+        if score is None:
+            continue
+        refs.setdefault(_stem(c["reference"]), c["accuracy_reference"] if labels else 1.0)
+        b = bench.get(_stem(c["test"]))
+        if b is not None:
+            points.append(Point(_stem(c["test"]), b["median_ms"], float(score),
+                                "accuracy" if labels else "top-1 agreement", b.get("backend", "?")))
+    for stem, score in refs.items():
+        b = bench.get(stem)
+        if b is not None:
+            name = "accuracy" if points and points[0].score_name == "accuracy" else "top-1 agreement"
+            label = stem if "fp32" in stem.lower() else f"{stem} (FP32)"
+            points.append(Point(label, b["median_ms"], score, name, b.get("backend", "?"), reference=True))
+    return points
+
+
+# ---------------------------------------------------------------- figures
+def _plt() -> Any:
+    require("matplotlib", extra="notebooks")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_latency(points: Sequence[Point], title: str = "accuracy vs latency") -> Any:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for p in points:  # a legend, not annotations: close points would overprint their labels
+        if p.reference:
+            ax.scatter(p.latency_ms, p.score, marker="*", s=220, color="black", zorder=3, label=p.label)
+        else:
+            ax.scatter(p.latency_ms, p.score, s=70, alpha=0.85, zorder=3, label=p.label)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_xlabel("median latency, ms (" + ", ".join(sorted({p.backend for p in points})) + ")")
+    ax.set_ylabel(points[0].score_name if points else "accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_amax_by_method(ranges: dict[str, Any], *, max_tensors: int = 40, title: str | None = None) -> Any:
+    plt = _plt()
+    tensors = [n for n, t in ranges["tensors"].items() if t.get("quantized", True)][:max_tensors]
+    fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(tensors) + 3), 4.5))
+    for m in METHOD_ORDER:
+        values = [ranges["tensors"][t].get(m) for t in tensors]
+        if all(v is not None for v in values):
+            ax.plot(range(len(tensors)), values, marker="o", markersize=3, label=m)
+    ax.set_xticks(range(len(tensors)))
+    ax.set_xticklabels([t[-28:] for t in tensors], rotation=90, fontsize=6)
+    ax.set_yscale("log")
+    ax.set_ylabel("amax")
+    ax.set_title(title or f"per-tensor amax by method ({Path(ranges.get('_file', '')).parent.name or 'ranges'})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_output_error(compares: Sequence[dict[str, Any]], title: str = "output SQNR against FP32") -> Any:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * max(4, len(compares)) + 1.5))
+    labels, values = [], []
+    for c in compares:
+        for o in c["outputs"]:
+            labels.append(f"{_stem(c['test'])}: {o['name']}" if len(c["outputs"]) > 1 else _stem(c["test"]))
+            values.append(o["sqnr_db"])
+    ax.barh(range(len(values)), values)
+    ax.set_yticks(range(len(values)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("SQNR, dB (higher is closer to FP32)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(qat: dict[str, Any]) -> Any:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    fp32, q = qat.get("fp32_curve", []), qat.get("qat_curve", [])
+    ax.plot([r["epoch"] for r in fp32], [r["test_accuracy"] for r in fp32], label="FP32 training")
+    n = len(fp32)
+    ax.plot([n + r["epoch"] for r in q], [r["test_accuracy"] for r in q], marker="o", label="QAT fine-tuning")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (PyTorch)")
+    ax.set_title("digits: FP32 training, then QAT")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def figures(res: Results) -> dict[str, Any]:
+    """Every figure the results support, by file stem."""
+    figs: dict[str, Any] = {}
+    pts = accuracy_latency_points(res)
+    if pts:
+        figs["accuracy_vs_latency"] = plot_accuracy_latency(pts)
+    for i, r in enumerate(res.ranges):
+        figs[f"amax_by_method{'_' + str(i) if i else ''}"] = plot_amax_by_method(r)
+    if res.compares:
+        figs["output_sqnr"] = plot_output_error(res.compares)
+    for i, q in enumerate(res.qat):
+        figs[f"qat_training{'_' + str(i) if i else ''}"] = plot_training_curves(q)
+    return figs
+
+
+def _table(res: Results) -> str:
+    rows = []
+    for c in res.compares:
+        o = c["outputs"][0]
+        acc = "-" if c.get("accuracy_test") is None else f"{c['accuracy_test']:.4f}"
+        agree = "-" if o.get("top1_agreement") is None else f"{o['top1_agreement']:.4f}"
+        rows.append(f"<tr><td>{html.escape(_stem(c['test']))}</td><td>{acc}</td><td>{agree}</td>"
+                    f"<td>{o['cosine_mean']:.5f}</td><td>{o['sqnr_db']:.2f}</td></tr>")
+    head = "<tr><th>model</th><th>accuracy</th><th>top-1 agreement</th><th>cosine</th><th>SQNR dB</th></tr>"
+    bench_rows = "".join(
+        f"<tr><td>{html.escape(_stem(b['model']))}</td><td>{html.escape(str(b.get('backend')))} "
+        f"({html.escape(str(b.get('device')))})</td><td>{b['batch']}</td><td>{b['median_ms']:.3f}</td>"
+        f"<td>{b['p99_ms']:.3f}</td><td>{b.get('throughput_per_s', 0):.1f}</td></tr>" for b in res.benches)
+    bench_head = "<tr><th>model</th><th>backend</th><th>batch</th><th>median ms</th><th>p99 ms</th><th>samples/s</th></tr>"
+    out = ""
+    if rows:
+        out += f"<h2>INT8 against FP32</h2><table>{head}{''.join(rows)}</table>"
+    if bench_rows:
+        out += f"<h2>Latency</h2><table>{bench_head}{bench_rows}</table>"
+    return out
+
+
+def write_report(res: Results, outdir: str | os.PathLike[str], *, title: str = "quantkit report",
+                 force: bool = False) -> dict[str, Path]:
+    """Write every figure as PNG and SVG plus ``index.html`` (figures inlined, no external
+    files needed) into ``outdir``, atomically. Returns the written paths by name."""
+    from quantkit._io import atomic_output_dir
+
+    plt = _plt()
+    figs = figures(res)
+    written: dict[str, Path] = {}
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+             "img{max-width:100%}</style></head><body>", f"<h1>{html.escape(title)}</h1>", _table(res)]
+    with atomic_output_dir(outdir, force=force) as tmp:
+        for name, fig in figs.items():
+            png, svg = io.BytesIO(), io.BytesIO()
+            fig.savefig(png, format="png", dpi=120)
+            fig.savefig(svg, format="svg")
+            plt.close(fig)
+            (tmp / f"{name}.png").write_bytes(png.getvalue())
+            (tmp / f"{name}.svg").write_bytes(svg.getvalue())
+            written[f"{name}.png"] = Path(outdir) / f"{name}.png"
+            written[f"{name}.svg"] = Path(outdir) / f"{name}.svg"
+            parts.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2>"
+                         f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(png.getvalue()).decode()}'>")
+        parts.append("<p>sources: " + ", ".join(html.escape(d["_file"]) for d in
+                                                 [*res.compares, *res.benches, *res.ranges, *res.qat]) + "</p>")
+        parts.append("</body></html>")
+        (tmp / "index.html").write_text("\n".join(parts), encoding="utf-8")
+        written["index.html"] = Path(outdir) / "index.html"
+    return written
