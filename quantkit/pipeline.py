@@ -47,6 +47,8 @@ class CalibConfig:
         strict: stop at the first unreadable sample instead of skipping it.
         sample_stride: histograms of large activations count the body from every k-th value
             and the tail from every value (1: every value everywhere); see HistogramCollector.
+        target: Q/DQ placement, ``tensorrt`` (inputs of weighted layers and residual Adds) or
+            ``onnxruntime`` (every activation, so ONNX Runtime runs integer kernels).
     """
 
     method: str = "entropy"
@@ -58,6 +60,7 @@ class CalibConfig:
     cache_all_tensors: bool = False
     strict: bool = False
     sample_stride: int = 5
+    target: str = "tensorrt"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,6 +71,10 @@ class CalibConfig:
             raise InputError(f"batch size must be positive, got {self.batch_size}")
         if self.num_bins < 256 or self.num_bins & (self.num_bins - 1):
             raise InputError(f"num_bins must be a power of two >= 256, got {self.num_bins}")
+        from quantkit.onnx.qdq import TARGETS
+
+        if self.target not in TARGETS:
+            raise InputError(f"unknown Q/DQ target {self.target!r}; choose one of {list(TARGETS)}")
         if self.sample_stride < 1:
             raise InputError(f"histogram sample stride must be >= 1, got {self.sample_stride}")
 
@@ -127,16 +134,18 @@ class Calibration:
                 "auto_tolerance": self.config.auto_tolerance,
                 "cache_all_tensors": self.config.cache_all_tensors,
                 "sample_stride": self.config.sample_stride,
+                "target": self.config.target,
             },
             **metadata,
         }
 
 
-def prepare_model(model: onnx.ModelProto, *, source: str = "model") -> tuple[onnx.ModelProto, list[TensorSpec], QdqPlan]:
-    """Opset >= 13, float inputs checked, Q/DQ placement planned."""
+def prepare_model(model: onnx.ModelProto, *, source: str = "model",
+                  target: str = "tensorrt") -> tuple[onnx.ModelProto, list[TensorSpec], QdqPlan]:
+    """Opset >= 13, float inputs checked, Q/DQ placement planned for ``target``."""
     model = ensure_opset(model)
     specs = float_input_specs(model, source=source)
-    plan = plan_qdq(model)
+    plan = plan_qdq(model, target)
     if not plan.activations:
         raise ModelError(
             f"{source} has no Conv, ConvTranspose, Gemm or MatMul nodes: nothing to quantize to INT8"
@@ -179,7 +188,7 @@ def calibrate(
         on_batch: progress callback, called once per batch.
         model_name: used in messages.
     """
-    model, specs, plan = prepare_model(model, source=model_name)
+    model, specs, plan = prepare_model(model, source=model_name, target=config.target)
     tensors = plan.activation_names
     if config.cache_all_tensors:
         tensors = list(dict.fromkeys([*tensors, *float_activations(model)]))

@@ -38,6 +38,10 @@ class Calibrate:
         g.add_argument("--trt-version", default="10.13.0", help="TensorRT version for the cache header (default 10.13.0)")
         g.add_argument("--cache-all-tensors", action="store_true",
                        help="calibrate every float tensor so the cache covers the whole network (slower)")
+        g.add_argument("--target", choices=["tensorrt", "onnxruntime"], default="tensorrt",
+                       help="Q/DQ placement: tensorrt (default; inputs of Conv/Gemm/MatMul and residual Adds, what "
+                            "TensorRT fuses) or onnxruntime (every activation, so ONNX Runtime's CPU provider runs "
+                            "integer kernels; for deploying on ONNX Runtime)")
         g.add_argument("--histogram-stride", type=positive_int, default=5, metavar="K",
                        help="large activations: histogram body from every K-th value (weight K), tail and "
                             "min/max from every value; 1 counts every value (exact, ~1.8x slower histograms). "
@@ -63,8 +67,8 @@ class Calibrate:
         config = CalibConfig(method=args.method, percentile=args.percentile, num_bins=args.num_bins,
                              batch_size=args.batch_size, threads=args.threads,
                              cache_all_tensors=args.cache_all_tensors, strict=args.strict,
-                             sample_stride=args.histogram_stride)
-        prepared, specs, _ = prepare_model(model, source=str(model_path))
+                             sample_stride=args.histogram_stride, target=args.target)
+        prepared, specs, _ = prepare_model(model, source=str(model_path), target=args.target)
         source = source_for_model(args, specs)
         order = select(len(source), args, what="images", take=False)
         count = args.num_images or min(len(order), DEFAULT_CALIBRATION_IMAGES)

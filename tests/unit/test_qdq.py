@@ -125,3 +125,28 @@ def test_chunked_bound_capture_matches_one_call(residual_model):
         a, b = chunked[n].compute(), plain[n].compute()
         assert (a.observed_min, a.observed_max) == (b.observed_min, b.observed_max), n
         assert a.counts.sum() == b.counts.sum() > 0, n
+
+
+def test_onnxruntime_target_quantizes_every_consumed_activation(residual_model):
+    """--target onnxruntime: a Q/DQ pair on every float activation a node reads (so ONNX Runtime
+    can run integer kernels); weights as for TensorRT; the model still agrees with FP32."""
+    from quantkit.onnx.capture import float_activations
+
+    trt_plan, ort_plan = plan_qdq(residual_model), plan_qdq(residual_model, "onnxruntime")
+    consumed = {t for n in residual_model.graph.node for t in n.input} & set(float_activations(residual_model))
+    assert set(ort_plan.activations) == consumed - set(ort_plan.weights)
+    assert set(trt_plan.activations) < set(ort_plan.activations) and ort_plan.weights == trt_plan.weights
+    assert "c1" in ort_plan.activations and "c1" not in trt_plan.activations  # a Conv output, read by Relu
+    with pytest.raises(ModelError, match="unknown Q/DQ target"):
+        plan_qdq(residual_model, "openvino")
+
+    src = SyntheticSource((3, 8, 8), count=32, seed=1)
+    cal = calibrate(residual_model, src, config=CalibConfig(target="onnxruntime", batch_size=16))
+    assert set(cal.plan.activations) == set(ort_plan.activations)
+    q = cal.int8_model("minmax")
+    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) == len(ort_plan.activations) + len(ort_plan.weights)
+    x = np.stack([src.load(i) for i in range(16)])
+    ref = OrtRunner(residual_model).infer({"x": x})["y"]
+    out = OrtRunner(q).infer({"x": x})["y"]
+    cos = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
+    assert cos.mean() > 0.99
