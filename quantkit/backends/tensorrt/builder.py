@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,13 +297,3 @@ def build_engine(
         result.layer_info = write_text_atomic(options.layer_info, json.dumps(json.loads(info), indent=1))
     return result
 
-
-_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)")
-
-
-def trt_version_number_of(trt: Any) -> int:
-    """The module's version as a cache-header number (10.13.0.35 -> 101300)."""
-    m = _VERSION.match(str(trt.__version__))
-    if m is None:
-        raise QuantkitError(f"cannot read TensorRT's version {trt.__version__!r}")
-    return int(m.group(1)) * 10000 + int(m.group(2)) * 100 + int(m.group(3))
