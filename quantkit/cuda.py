@@ -129,28 +129,25 @@ class DeviceBuffer(_Owned):
 
     def copy_from_host(self, src: "PinnedBuffer | np.ndarray", stream: Stream | None = None, nbytes: int | None = None) -> None:
         """Host -> device; asynchronous on ``stream`` when ``src`` is pinned, else synchronous."""
-        rt = cudart()
-        ptr, size = _host_ptr(src)
-        n = size if nbytes is None else nbytes
-        self._check_size(n)
-        kind = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        if stream is not None and isinstance(src, PinnedBuffer):
-            check(rt.cudaMemcpyAsync(self.ptr, ptr, n, kind, stream.handle), "cudaMemcpyAsync(H2D)")
-        else:
-            check(rt.cudaMemcpy(self.ptr, ptr, n, kind), "cudaMemcpy(H2D)")
+        self._copy(src, stream, nbytes, to_device=True)
 
     def copy_to_host(self, dst: "PinnedBuffer | np.ndarray", stream: Stream | None = None, nbytes: int | None = None) -> None:
         """Device -> host; asynchronous on ``stream`` when ``dst`` is pinned (synchronize the
         stream before reading ``dst``), else synchronous."""
+        self._copy(dst, stream, nbytes, to_device=False)
+
+    def _copy(self, host: "PinnedBuffer | np.ndarray", stream: Stream | None, nbytes: int | None, *, to_device: bool) -> None:
         rt = cudart()
-        ptr, size = _host_ptr(dst)
+        ptr, size = _host_ptr(host)
         n = size if nbytes is None else nbytes
         self._check_size(n)
-        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        if stream is not None and isinstance(dst, PinnedBuffer):
-            check(rt.cudaMemcpyAsync(ptr, self.ptr, n, kind, stream.handle), "cudaMemcpyAsync(D2H)")
+        kinds = rt.cudaMemcpyKind
+        kind, label = (kinds.cudaMemcpyHostToDevice, "H2D") if to_device else (kinds.cudaMemcpyDeviceToHost, "D2H")
+        dst, src = (self.ptr, ptr) if to_device else (ptr, self.ptr)
+        if stream is not None and isinstance(host, PinnedBuffer):
+            check(rt.cudaMemcpyAsync(dst, src, n, kind, stream.handle), f"cudaMemcpyAsync({label})")
         else:
-            check(rt.cudaMemcpy(ptr, self.ptr, n, kind), "cudaMemcpy(D2H)")
+            check(rt.cudaMemcpy(dst, src, n, kind), f"cudaMemcpy({label})")
 
     def _check_size(self, n: int) -> None:
         if n > self.nbytes:

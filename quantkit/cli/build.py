@@ -50,7 +50,7 @@ class Build:
     def run(self, args: argparse.Namespace) -> int:
         from contextlib import ExitStack
 
-        from quantkit.calibrators.cache import CacheProvenance, check_cache_matches, read_cache, trt_version_number
+        from quantkit.calibrators.cache import CacheProvenance, check_cache_matches, trt_version_number
         from quantkit.errors import InputError, OutputExistsError
         from quantkit.onnx.model import file_sha256, float_input_specs, load_model
         from quantkit.backends.tensorrt.builder import BuildOptions, build_engine, build_mode, has_qdq, parse_shapes
@@ -102,8 +102,7 @@ class Build:
                 check_cache_matches(args.calibration_cache, model_sha256=sha, preprocess=pp.to_dict() if pp else None,
                                     trt_version=version, algorithm=algorithm)
         elif args.calibration_cache:
-            cache = read_cache(args.calibration_cache)
-            check_cache_matches(args.calibration_cache, model_sha256=sha, preprocess=None, trt_version=version)
+            cache = check_cache_matches(args.calibration_cache, model_sha256=sha, preprocess=None, trt_version=version)
             core = cache_only_core(args.calibration_cache, algorithm=cache.algorithm, trt_version=version)
 
         with stack:

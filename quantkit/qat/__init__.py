@@ -18,9 +18,9 @@ from quantkit.qat.calibrate import QatCalibration, calibrate, collect  # noqa: E
 from quantkit.qat.export import check_calibrated, export_onnx, fold_batchnorm  # noqa: E402
 from quantkit.qat.modules import QUANT_TYPES, QuantMixin  # noqa: E402
 from quantkit.qat.prepare import QatConfig, prepare, quantizers  # noqa: E402
-from quantkit.qat.quantizer import TensorQuantizer, fake_quantize  # noqa: E402
+from quantkit.qat.quantizer import TensorQuantizer  # noqa: E402
 
 __all__ = [
     "QatCalibration", "QatConfig", "QUANT_TYPES", "QuantMixin", "TensorQuantizer", "calibrate", "check_calibrated",
-    "collect", "export_onnx", "fake_quantize", "fold_batchnorm", "prepare", "quantizers",
+    "collect", "export_onnx", "fold_batchnorm", "prepare", "quantizers",
 ]

@@ -115,12 +115,6 @@ def scale_and_zero(amax: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, 
     return scale, torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
 
 
-def fake_quantize(x: torch.Tensor, amax: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Symmetric int8 fake quantization with PyTorch's operators (exported as Q/DQ)."""
-    scale, zero = scale_and_zero(amax, axis)
-    return _fake_quantize(x, scale, zero, axis)
-
-
 def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, axis: int | None) -> torch.Tensor:
     if axis is None:
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, QMIN, QMAX)
