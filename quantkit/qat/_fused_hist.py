@@ -42,19 +42,61 @@ def _kernel() -> Any:
             zeros = tl.sum((inside & (x == 0.0)).to(tl.int32), axis=0)
             tl.atomic_add(slab, zeros)
 
-        _STATE["kernel"] = (abs_histogram, triton)
+        @triton.jit
+        def update_state(lo_ptr, hi_ptr, min_ptr, max_ptr, bad_ptr, range_ptr, scale_ptr, counts_ptr, slabs_ptr,
+                         NUM_BINS: tl.constexpr, SLABS: tl.constexpr):
+            # one program: min/max/NaN flag, the range growth by powers of two, the exact re-binning
+            # of the counts (the slabs of the last update folded in first), and this batch's scale
+            lo = tl.load(lo_ptr)
+            hi = tl.load(hi_ptr)
+            finite = (lo == lo) & (hi == hi) & (tl.abs(lo) < float("inf")) & (tl.abs(hi) < float("inf"))
+            tl.store(bad_ptr, tl.load(bad_ptr) | (finite == 0).to(tl.int8))
+            old_min = tl.load(min_ptr)
+            old_max = tl.load(max_ptr)
+            tl.store(min_ptr, tl.where(lo < old_min, lo, old_min))
+            tl.store(max_ptr, tl.where(hi > old_max, hi, old_max))
+            amax = tl.maximum(-lo, hi)
+            amax = tl.where(finite, amax, 0.0)
+            rng = tl.load(range_ptr)
+            first = rng == 0.0
+            base = tl.where(first, amax, rng)
+            k = tl.ceil(tl.log2(tl.maximum(amax / tl.maximum(base, 1e-30), 1.0)))
+            new_range = base * tl.exp2(k)
+            shift = tl.where(first, 0.0, k).to(tl.int32)
+            tl.store(range_ptr, new_range)
+            tl.store(scale_ptr, NUM_BINS / tl.where(new_range > 0.0, new_range, 1.0))
+            j = tl.arange(0, NUM_BINS)
+            c = tl.load(counts_ptr + j)
+            for s in range(SLABS):
+                c += tl.load(slabs_ptr + s * NUM_BINS + j).to(tl.float64)
+                tl.store(slabs_ptr + s * NUM_BINS + j, tl.zeros([NUM_BINS], tl.int32))
+            tl.store(counts_ptr + j, tl.zeros([NUM_BINS], tl.float64))
+            tl.debug_barrier()
+            tl.atomic_add(counts_ptr + (j >> shift), c)
+
+        _STATE["kernel"] = (abs_histogram, update_state, triton)
     return _STATE["kernel"]
 
 
-def add_abs_histogram(x: Any, scale: Any, slabs: Any) -> bool:
-    """Add floor(|x| * scale) (last bin closed) to ``slabs`` (int32 [SLABS, bins], CUDA).
-    Returns False, doing nothing, when Triton is missing or the kernel cannot be built."""
+def fused_update(h: Any, x: Any) -> bool:
+    """The whole ``TorchHistogram.update`` for a float32 CUDA tensor in three kernels: aminmax,
+    the state update, the histogram. Returns False, doing nothing, when Triton is missing or
+    the kernels cannot be built."""
     if _STATE.get("failed"):
         return False
     try:
-        kernel, triton = _kernel()
+        import torch
+
+        kernel, update_state, triton = _kernel()
+        if h._slabs is None:
+            h._slabs = torch.zeros((SLABS, h.num_bins), dtype=torch.int32, device=h.device)
+            h._scale = torch.zeros(1, dtype=torch.float32, device=h.device)
+            h._bad8 = torch.zeros(1, dtype=torch.int8, device=h.device)
+        lo, hi = torch.aminmax(x)
+        update_state[(1,)](lo, hi, h._min, h._max, h._bad8, h._range, h._scale, h._counts, h._slabs,
+                           NUM_BINS=h.num_bins, SLABS=SLABS, num_warps=4)
         n = x.numel()
-        kernel[(triton.cdiv(n, BLOCK),)](x, n, scale, slabs, NUM_BINS=slabs.shape[1], BLOCK=BLOCK, SLABS=SLABS,
+        kernel[(triton.cdiv(n, BLOCK),)](x, n, h._scale, h._slabs, NUM_BINS=h.num_bins, BLOCK=BLOCK, SLABS=SLABS,
                                         num_warps=8)
         return True
     except Exception as err:  # noqa: BLE001 - no Triton, or it cannot compile here: use torch.histc

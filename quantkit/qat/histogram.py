@@ -49,7 +49,9 @@ class TorchHistogram:
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self._bins = torch.arange(num_bins, device=self.device)
         self._tmp = torch.zeros_like(self._counts)
-        self._slabs: Any = None  # the fused kernel's private histograms (int32), summed in compute()
+        self._slabs: Any = None  # fused path: private int32 histograms, folded in at the next update
+        self._scale: Any = None
+        self._bad8: Any = None
         self.fused = True  # CUDA: the one-pass Triton kernel when available (see _fused_hist)
         self._seen = 0
 
@@ -64,6 +66,12 @@ class TorchHistogram:
         if x.dtype != torch.float32:
             x = x.float()
         x = x.reshape(-1)
+        if x.is_cuda and self.fused:
+            from quantkit.qat._fused_hist import fused_update
+
+            if fused_update(self, x.contiguous()):
+                self._seen += 1
+                return
         lo, hi = torch.aminmax(x)
         self._bad.logical_or_(~(torch.isfinite(lo) & torch.isfinite(hi)))
         torch.minimum(self._min, lo, out=self._min)
@@ -75,23 +83,12 @@ class TorchHistogram:
         k = torch.ceil(torch.log2(torch.clamp(amax / torch.clamp(base, min=1e-30), min=1.0)))
         new_range = base * torch.exp2(k)
         shift = torch.where(first, torch.zeros_like(k), k).long()
-        if self._slabs is not None:  # fold the kernel's counts in before re-binning
-            self._counts.add_(self._slabs.sum(0))
-            self._slabs.zero_()
         self._tmp.zero_().index_add_(0, self._bins >> shift, self._counts)
         self._counts.copy_(self._tmp)
         self._range.copy_(new_range)
         # bin this batch (range 0 = all zeros so far: every value lands in bin 0); NaN values
         # are flagged above and fall outside histc's range
         scale = self.num_bins / torch.where(new_range > 0, new_range, torch.ones_like(new_range))
-        if x.is_cuda and self.fused:
-            from quantkit.qat._fused_hist import SLABS, add_abs_histogram
-
-            if self._slabs is None:
-                self._slabs = torch.zeros((SLABS, self.num_bins), dtype=torch.int32, device=self.device)
-            if add_abs_histogram(x.contiguous(), scale.reshape(1).float(), self._slabs):
-                self._seen += 1
-                return
         a = x.abs().mul_(scale)
         # exact zeros (half of a ReLU output) are counted by a reduction, not by histc: all in one
         # bin, they serialise histc's atomic adds. histc's lower edge sits just above 0 (bin
@@ -107,9 +104,10 @@ class TorchHistogram:
 
         if self._seen == 0:
             raise NotCalibratedError(f"{self.name}: no data was collected")
-        if self._slabs is not None:
+        if self._slabs is not None:  # the fused kernels' last counts and NaN flag
             self._counts.add_(self._slabs.sum(0))
             self._slabs.zero_()
+            self._bad |= self._bad8[0].bool()
         packed = torch.stack([self._range.double(), self._min.double(), self._max.double(), self._bad.double()])
         rng, lo, hi, bad = packed.cpu().tolist()
         if bad:

@@ -118,8 +118,20 @@ def test_fused_kernel_equals_histc_path():
         for scale in (1.0, 3.0, 0.5, 7.0):
             h.update(torch.relu(torch.randn(64, 64, 56, 56, device="cuda", generator=g) * scale))
         h.update(torch.randn(1000, device="cuda", generator=g))  # two-sided, tiny
+        assert (h._slabs is not None) == fused  # the Triton kernels really ran (no silent fallback)
         hists[fused] = h.compute()
     a, b = hists[True], hists[False]
     assert a.counts.sum() == b.counts.sum() == 4 * 64 * 64 * 56 * 56 + 1000
-    assert a.bin_width == b.bin_width and a.observed_max == b.observed_max
+    assert a.bin_width == b.bin_width and a.observed_max == b.observed_max and a.observed_min == b.observed_min
     assert np.abs(a.counts - b.counts).sum() <= 1e-5 * a.counts.sum()  # bin-edge rounding only
+
+
+def test_fused_kernel_flags_nan():
+    from quantkit.errors import NonFiniteError
+    from quantkit.qat.histogram import TorchHistogram
+
+    h = TorchHistogram(2048, "layer1.0.conv1.input_quantizer", "cuda")
+    h.update(torch.ones(10, device="cuda"))
+    h.update(torch.tensor([1.0, float("nan")], device="cuda"))
+    with pytest.raises(NonFiniteError, match="layer1.0.conv1.input_quantizer"):
+        h.compute()
