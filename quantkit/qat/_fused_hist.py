@@ -6,7 +6,8 @@ out of it, the statistics took ~5 ms of GPU time per ResNet-18 forward at batch 
 passes over every activation). This kernel reads each value once: |x| * scale, floor, clamp to
 the last bin; exact zeros are summed per program and added once; every other value is one
 atomic add into one of ``SLABS`` private copies of the histogram (spreading crowded bins over
-many addresses), which are summed afterwards. The scale is read from device memory, so nothing
+many addresses), which are folded into the counts when the range grows (re-binning needs
+them), every ``FOLD_EVERY`` updates, and when the statistics are read. The scale is read from device memory, so nothing
 waits for the host and the launch can be captured in a CUDA graph.
 """
 
@@ -18,7 +19,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 BLOCK = 4096
-SLABS = 64
+SLABS = 256
+FOLD_EVERY = 256  # updates between folds of the int32 slabs when the range does not grow
 _STATE: dict[str, Any] = {}
 
 
@@ -44,7 +46,7 @@ def _kernel() -> Any:
 
         @triton.jit
         def update_state(lo_ptr, hi_ptr, min_ptr, max_ptr, bad_ptr, range_ptr, scale_ptr, counts_ptr, slabs_ptr,
-                         NUM_BINS: tl.constexpr, SLABS: tl.constexpr):
+                         tick_ptr, NUM_BINS: tl.constexpr, SLABS: tl.constexpr, FOLD_EVERY: tl.constexpr):
             # one program: min/max/NaN flag, the range growth by powers of two, the exact re-binning
             # of the counts (the slabs of the last update folded in first), and this batch's scale
             lo = tl.load(lo_ptr)
@@ -65,14 +67,19 @@ def _kernel() -> Any:
             shift = tl.where(first, 0.0, k).to(tl.int32)
             tl.store(range_ptr, new_range)
             tl.store(scale_ptr, NUM_BINS / tl.where(new_range > 0.0, new_range, 1.0))
-            j = tl.arange(0, NUM_BINS)
-            c = tl.load(counts_ptr + j)
-            for s in range(SLABS):
-                c += tl.load(slabs_ptr + s * NUM_BINS + j).to(tl.float64)
-                tl.store(slabs_ptr + s * NUM_BINS + j, tl.zeros([NUM_BINS], tl.int32))
-            tl.store(counts_ptr + j, tl.zeros([NUM_BINS], tl.float64))
-            tl.debug_barrier()
-            tl.atomic_add(counts_ptr + (j >> shift), c)
+            # the slabs are folded into the counts only when the range grows (re-binning needs
+            # them) or every FOLD_EVERY updates (int32 headroom): most updates skip this loop
+            tick = tl.load(tick_ptr) + 1
+            tl.store(tick_ptr, tick)
+            if (shift > 0) | (tick % FOLD_EVERY == 0):
+                j = tl.arange(0, NUM_BINS)
+                c = tl.load(counts_ptr + j)
+                for s in range(SLABS):
+                    c += tl.load(slabs_ptr + s * NUM_BINS + j).to(tl.float64)
+                    tl.store(slabs_ptr + s * NUM_BINS + j, tl.zeros([NUM_BINS], tl.int32))
+                tl.store(counts_ptr + j, tl.zeros([NUM_BINS], tl.float64))
+                tl.debug_barrier()
+                tl.atomic_add(counts_ptr + (j >> shift), c)
 
         _STATE["kernel"] = (abs_histogram, update_state, triton)
     return _STATE["kernel"]
@@ -92,9 +99,10 @@ def fused_update(h: Any, x: Any) -> bool:
             h._slabs = torch.zeros((SLABS, h.num_bins), dtype=torch.int32, device=h.device)
             h._scale = torch.zeros(1, dtype=torch.float32, device=h.device)
             h._bad8 = torch.zeros(1, dtype=torch.int8, device=h.device)
+            h._tick = torch.zeros(1, dtype=torch.int32, device=h.device)
         lo, hi = torch.aminmax(x)
-        update_state[(1,)](lo, hi, h._min, h._max, h._bad8, h._range, h._scale, h._counts, h._slabs,
-                           NUM_BINS=h.num_bins, SLABS=SLABS, num_warps=4)
+        update_state[(1,)](lo, hi, h._min, h._max, h._bad8, h._range, h._scale, h._counts, h._slabs, h._tick,
+                           NUM_BINS=h.num_bins, SLABS=SLABS, FOLD_EVERY=FOLD_EVERY, num_warps=8)
         n = x.numel()
         kernel[(triton.cdiv(n, BLOCK),)](x, n, h._scale, h._slabs, NUM_BINS=h.num_bins, BLOCK=BLOCK, SLABS=SLABS,
                                         num_warps=8)
