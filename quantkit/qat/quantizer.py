@@ -122,29 +122,17 @@ def _fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, axi
 
 
 def _fake_quantize_weight(w: torch.Tensor, amax: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Per-channel fake quantization of a weight by its own amax (straight-through gradient)."""
-    return _WeightFakeQuant.apply(w, amax, axis)
-
-
-class _WeightFakeQuant(torch.autograd.Function):
-    """Weight fake quantization by the weight's own per-channel amax.
+    """Per-channel fake quantization of a weight by its own amax, in five small kernels.
 
     PyTorch's per-channel operator checks its zero points on the host (a CUDA synchronisation
-    per layer and step). Here the weight is divided by its per-channel scale, fake-quantized per
-    tensor with scale 1 (Python scalars: nothing to check) and scaled back. With amax = max |w|
-    no value is outside the range, so the straight-through gradient is the identity: backward
-    returns the incoming gradient and launches nothing.
+    per layer and step). Here the weight is divided by its per-channel scale, fake-quantized
+    per tensor with scale 1 (Python scalars: nothing to check), and scaled back; the scale is
+    detached, so the gradient is the straight-through identity (with amax = max |w| no value
+    is outside the range).
     """
-
-    @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, amax: torch.Tensor, axis: int | None) -> torch.Tensor:
-        scale = torch.clamp(amax, min=1e-12).div_(QMAX)
-        if axis is not None:
-            shape = [1] * w.dim()
-            shape[axis] = -1
-            scale = scale.reshape(shape)
-        return torch.fake_quantize_per_tensor_affine(w / scale, 1.0, 0, QMIN, QMAX).mul_(scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad, None, None
+    scale = torch.clamp(amax, min=1e-12).div_(QMAX)
+    if axis is not None:
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return torch.fake_quantize_per_tensor_affine(w / scale, 1.0, 0, QMIN, QMAX) * scale
