@@ -103,6 +103,13 @@ def test_ste_training_step_changes_weights(trained, digits):
     assert stem.weight.grad is not None and stem.weight.grad.abs().sum() > 0
     opt.step()
     assert not torch.equal(before, stem.weight.detach())
+    # the weight quantizer: values on the int8 grid of each channel, identity gradient
+    w = stem.weight.detach().clone().requires_grad_(True)
+    wq = stem.weight_quantizer(w)
+    scale = w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127
+    assert torch.allclose(wq / scale, torch.round(wq / scale), atol=1e-3)
+    (wq * torch.arange(wq.numel()).reshape(wq.shape)).sum().backward()
+    assert torch.allclose(w.grad, torch.arange(w.numel(), dtype=w.dtype).reshape(w.shape), rtol=1e-6)
 
 
 def test_bad_inputs(trained, digits, tmp_path):
