@@ -3,10 +3,13 @@
     copy -> fold BatchNorm into the preceding convolution -> freeze weight amax (per channel)
       -> torch.onnx.export (TorchScript-based, dynamo=False) -> check -> atomic write
 
-Why ``dynamo=False``: in torch 2.13 the default dynamo exporter stops on fake-quantize models
-with ``GuardOnDataDependentSymNode``; the TorchScript exporter maps PyTorch's fake-quantize
-operators to QuantizeLinear/DequantizeLinear (per-axis from opset 13) and only warns that it is
-deprecated. Weights stay float initializers feeding a Q/DQ pair, as TensorRT expects.
+Why ``dynamo=False``: the dynamo exporter stops with ``GuardOnDataDependentSymNode`` when a
+scale is computed from the data while tracing, and it needs ``onnxscript``; with every scale
+frozen into a buffer first (below) it exported our digits model too (torch 2.13), but merged
+duplicate pairs. The TorchScript exporter maps PyTorch's fake-quantize operators to
+QuantizeLinear/DequantizeLinear (per-axis from opset 13), needs nothing more, and only warns
+that it is deprecated; its output is what the tests check. Weights stay float initializers
+feeding a Q/DQ pair, as TensorRT expects.
 
 BatchNorm is folded first: with a weight Q/DQ pair between the weight and the Conv, the
 exporter cannot fuse BN and would leave a BatchNormalization node. Folding is exact for
