@@ -4,9 +4,7 @@ torch.histc needs its range as Python numbers (a host synchronisation) or a pre-
 |x|, and its atomic adds serialise on crowded bins; with the zero count that keeps ReLU zeros
 out of it, the statistics took ~5 ms of GPU time per ResNet-18 forward at batch 64 (four
 passes over every activation). This kernel reads each value once: |x| * scale, floor, clamp to
-the last bin; exact zeros are summed per program and added once; every other value in the
-tail bins (those holding the top ~1% of the counts so far) and every ``sample_stride``-th value
-of the dense body below (weight ``sample_stride``: an unbiased estimate, as on the CPU) is one
+the last bin; exact zeros are summed per program and added once; every other value is one
 atomic add into one of ``SLABS`` private copies of the histogram (spreading crowded bins over
 many addresses), which are folded into the counts when the range grows (re-binning needs
 them), every ``FOLD_EVERY`` updates, and when the statistics are read. The scale is read from device memory, so nothing
@@ -32,8 +30,8 @@ def _kernel() -> Any:
         import triton.language as tl
 
         @triton.jit
-        def abs_histogram(x_ptr, n_elements, scale_ptr, tail_ptr, slabs_ptr, NUM_BINS: tl.constexpr,
-                          BLOCK: tl.constexpr, SLABS: tl.constexpr, STRIDE: tl.constexpr):
+        def abs_histogram(x_ptr, n_elements, scale_ptr, slabs_ptr, NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
+                          SLABS: tl.constexpr):
             pid = tl.program_id(0)
             offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
             inside = offs < n_elements
@@ -42,19 +40,13 @@ def _kernel() -> Any:
             idx = tl.minimum(a.to(tl.int32), NUM_BINS - 1)
             slab = slabs_ptr + (pid % SLABS) * NUM_BINS
             counted = inside & (x != 0.0) & (a == a) & (idx >= 0)  # NaN is flagged elsewhere
-            # tail bins (the top ~1% of the counts so far, and above) from every value; the dense
-            # body below from every STRIDE-th value with weight STRIDE (STRIDE 1: every value)
-            tail = idx >= tl.load(tail_ptr)
-            counted = counted & (tail | (offs % STRIDE == 0))
-            weight = tl.where(tail, 1, STRIDE).to(tl.int32)
-            tl.atomic_add(slab + idx, weight, mask=counted)
+            tl.atomic_add(slab + idx, tl.full([BLOCK], 1, tl.int32), mask=counted)
             zeros = tl.sum((inside & (x == 0.0)).to(tl.int32), axis=0)
             tl.atomic_add(slab, zeros)
 
         @triton.jit
         def update_state(lo_ptr, hi_ptr, min_ptr, max_ptr, bad_ptr, range_ptr, scale_ptr, counts_ptr, slabs_ptr,
-                         tick_ptr, tail_ptr, NUM_BINS: tl.constexpr, SLABS: tl.constexpr, FOLD_EVERY: tl.constexpr,
-                         STRIDE: tl.constexpr):
+                         tick_ptr, NUM_BINS: tl.constexpr, SLABS: tl.constexpr, FOLD_EVERY: tl.constexpr):
             # one program: min/max/NaN flag, the range growth by powers of two, the exact re-binning
             # of the counts (the slabs of the last update folded in first), and this batch's scale
             lo = tl.load(lo_ptr)
@@ -76,11 +68,10 @@ def _kernel() -> Any:
             tl.store(range_ptr, new_range)
             tl.store(scale_ptr, NUM_BINS / tl.where(new_range > 0.0, new_range, 1.0))
             # the slabs are folded into the counts only when the range grows (re-binning needs
-            # them), at updates 2, 4, 8, ... (so the tail estimate below follows the data), and
-            # every FOLD_EVERY updates (int32 headroom): most updates skip this loop
+            # them) or every FOLD_EVERY updates (int32 headroom): most updates skip this loop
             tick = tl.load(tick_ptr) + 1
             tl.store(tick_ptr, tick)
-            if (shift > 0) | ((tick & (tick - 1)) == 0) | (tick % FOLD_EVERY == 0):
+            if (shift > 0) | (tick % FOLD_EVERY == 0):
                 j = tl.arange(0, NUM_BINS)
                 c = tl.load(counts_ptr + j)
                 for s in range(SLABS):
@@ -89,15 +80,6 @@ def _kernel() -> Any:
                 tl.store(counts_ptr + j, tl.zeros([NUM_BINS], tl.float64))
                 tl.debug_barrier()
                 tl.atomic_add(counts_ptr + (j >> shift), c)
-            if STRIDE > 1:
-                # first bin of the smallest top tail holding <= 1% of the counts folded so far
-                # (0 while nothing is folded: the first updates count every value)
-                tl.debug_barrier()
-                r = tl.arange(0, NUM_BINS)
-                top = tl.cumsum(tl.load(counts_ptr + (NUM_BINS - 1 - r)), axis=0)
-                total = tl.sum(tl.load(counts_ptr + r), axis=0)
-                within = tl.sum(((top <= 0.01 * total) & (total > 0)).to(tl.int32), axis=0)
-                tl.store(tail_ptr, tl.where(total > 0, NUM_BINS - within, 0))
 
         _STATE["kernel"] = (abs_histogram, update_state, triton)
     return _STATE["kernel"]
@@ -118,14 +100,12 @@ def fused_update(h: Any, x: Any) -> bool:
             h._scale = torch.zeros(1, dtype=torch.float32, device=h.device)
             h._bad8 = torch.zeros(1, dtype=torch.int8, device=h.device)
             h._tick = torch.zeros(1, dtype=torch.int32, device=h.device)
-            h._tail = torch.zeros(1, dtype=torch.int32, device=h.device)
         lo, hi = torch.aminmax(x)
-        stride = max(1, int(h.sample_stride))
         update_state[(1,)](lo, hi, h._min, h._max, h._bad8, h._range, h._scale, h._counts, h._slabs, h._tick,
-                           h._tail, NUM_BINS=h.num_bins, SLABS=SLABS, FOLD_EVERY=FOLD_EVERY, STRIDE=stride, num_warps=8)
+                           NUM_BINS=h.num_bins, SLABS=SLABS, FOLD_EVERY=FOLD_EVERY, num_warps=8)
         n = x.numel()
-        kernel[(triton.cdiv(n, BLOCK),)](x, n, h._scale, h._tail, h._slabs, NUM_BINS=h.num_bins, BLOCK=BLOCK,
-                                        SLABS=SLABS, STRIDE=stride, num_warps=8)
+        kernel[(triton.cdiv(n, BLOCK),)](x, n, h._scale, h._slabs, NUM_BINS=h.num_bins, BLOCK=BLOCK, SLABS=SLABS,
+                                        num_warps=8)
         return True
     except Exception as err:  # noqa: BLE001 - no Triton, or it cannot compile here: use torch.histc
         _STATE["failed"] = True

@@ -23,7 +23,6 @@ from quantkit.calibrators.collectors import Histogram
 from quantkit.errors import NonFiniteError, NotCalibratedError
 
 _EXACT = 1 << 24  # float32 counts are exact up to here
-DEFAULT_SAMPLE_STRIDE = 5  # as the CPU collector's default (quantkit calibrate --histogram-stride)
 
 
 class TorchHistogram:
@@ -35,8 +34,7 @@ class TorchHistogram:
         device: where the statistics live (the tensors' device).
     """
 
-    def __init__(self, num_bins: int = 2048, name: str = "<tensor>", device: Any = "cpu", *,
-                 sample_stride: int | None = None):
+    def __init__(self, num_bins: int = 2048, name: str = "<tensor>", device: Any = "cpu"):
         import torch
 
         if num_bins < 2 or num_bins & (num_bins - 1):
@@ -55,9 +53,6 @@ class TorchHistogram:
         self._scale: Any = None
         self._bad8: Any = None
         self.fused = True  # CUDA: the one-pass Triton kernel when available (see _fused_hist)
-        # fused path only: body from every k-th value, tail exact (1: every value); the torch
-        # fallback always counts every value
-        self.sample_stride = DEFAULT_SAMPLE_STRIDE if sample_stride is None else sample_stride
         self._seen = 0
 
     def update(self, x: Any) -> None:
