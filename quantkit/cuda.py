@@ -116,16 +116,24 @@ class Stream(_Owned):
         check(cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 
 
-class DeviceBuffer(_Owned):
-    """``nbytes`` of device memory (cudaMalloc)."""
+class _Allocation(_Owned):
+    """``nbytes`` from a cuda-python allocator, freed by its partner (see the subclasses)."""
+
+    _alloc, _free = "", ""
 
     def __init__(self, nbytes: int):
         if nbytes <= 0:
             raise ValueError(f"buffer size must be positive, got {nbytes}")
         rt = cudart()
         self.nbytes = int(nbytes)
-        self.ptr = int(check(rt.cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes} bytes)"))
-        super().__init__(rt.cudaFree, self.ptr)
+        self.ptr = int(check(getattr(rt, self._alloc)(self.nbytes), f"{self._alloc}({self.nbytes} bytes)"))
+        super().__init__(getattr(rt, self._free), self.ptr)
+
+
+class DeviceBuffer(_Allocation):
+    """``nbytes`` of device memory (cudaMalloc)."""
+
+    _alloc, _free = "cudaMalloc", "cudaFree"
 
     def copy_from_host(self, src: "PinnedBuffer | np.ndarray", stream: Stream | None = None, nbytes: int | None = None) -> None:
         """Host -> device; asynchronous on ``stream`` when ``src`` is pinned, else synchronous."""
@@ -154,16 +162,10 @@ class DeviceBuffer(_Owned):
             raise ValueError(f"copy of {n} bytes does not fit a device buffer of {self.nbytes}")
 
 
-class PinnedBuffer(_Owned):
+class PinnedBuffer(_Allocation):
     """``nbytes`` of page-locked host memory (cudaMallocHost), viewable as NumPy arrays."""
 
-    def __init__(self, nbytes: int):
-        if nbytes <= 0:
-            raise ValueError(f"buffer size must be positive, got {nbytes}")
-        rt = cudart()
-        self.nbytes = int(nbytes)
-        self.ptr = int(check(rt.cudaMallocHost(self.nbytes), f"cudaMallocHost({self.nbytes} bytes)"))
-        super().__init__(rt.cudaFreeHost, self.ptr)
+    _alloc, _free = "cudaMallocHost", "cudaFreeHost"
 
     def view(self, dtype: Any, shape: Sequence[int]) -> np.ndarray:
         """A NumPy array over the first bytes of the buffer (valid while the buffer is open)."""

@@ -19,6 +19,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks"
+METADATA = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
 
 SETUP = '''import os, json, tempfile
 from pathlib import Path
@@ -179,7 +180,7 @@ print(sorted(p.name for p in (WORK / "resnet_report").iterdir()))'''),
                           "noise). quantkit's `entropy` is TensorRT's KL method on one-sided tensors and least-MSE "
                           "on two-sided ones; `mse` and `minmax` are close seconds here."),
     ]
-    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    return new_notebook(cells=cells, metadata=METADATA)
 
 
 def nb02() -> nbformat.NotebookNode:
@@ -214,7 +215,7 @@ display(Image(filename=str(FIGURES / "qat_accuracy.png")))'''),
                           "the labels again moved the test accuracy by a few images either way, while distilling the "
                           "FP32 outputs keeps it and raises the SQNR against FP32 above every PTQ method's."),
     ]
-    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    return new_notebook(cells=cells, metadata=METADATA)
 
 
 def nb03() -> nbformat.NotebookNode:
@@ -298,7 +299,7 @@ display(Image(filename=str(FIGURES / "engines_accuracy_vs_latency.png")))'''),
                           "explicit Q/DQ (from `quantkit calibrate` or QAT) being the route that also works on "
                           "TensorRT 11. Nothing on this page claims a TensorRT number unless the cells above ran."),
     ]
-    return new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    return new_notebook(cells=cells, metadata=METADATA)
 
 
 NOTEBOOKS = {"01_ptq_calibrators.ipynb": nb01, "02_qat.ipynb": nb02, "03_tensorrt_engines.ipynb": nb03}
