@@ -110,8 +110,11 @@ def main() -> None:
         t0 = time.perf_counter()
         qq.collect(q, [x] * n)  # first batch eager + capture, then graph replays
         torch.cuda.synchronize()
-        rows.append((f"quantkit calibration pass of {n} batches (qq.collect: CUDA graph), per batch",
-                     (time.perf_counter() - t0) * 1e3 / n))
+        kernel = ("quantkit CUDA kernel" if all(m.histogram_._params is not None for m in qs if m.histogram_)
+                  else "torch operations: the CUDA kernel did not build")
+        shared = sum(m.shares_ for m in qs)
+        rows.append((f"quantkit calibration pass of {n} batches (qq.collect: CUDA graph; {kernel}; "
+                     f"{len(qs) - shared} histograms for {len(qs)} quantizers), per batch", (time.perf_counter() - t0) * 1e3 / n))
         qq.calibrate(q, [x], method="entropy")
 
         naive = copy.deepcopy(model)

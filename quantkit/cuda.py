@@ -260,3 +260,91 @@ class BatchStager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --- kernels compiled at run time (NVRTC) and launched on any stream (driver API) -------------
+
+_modules: dict[str, ModuleType] = {}
+
+
+def _bindings(name: str) -> ModuleType:
+    """``cuda.bindings.<name>`` (``cuda.<legacy>`` on cuda-python before 12.6)."""
+    if name in _modules:
+        return _modules[name]
+    import importlib
+
+    legacy = {"driver": "cuda", "nvrtc": "nvrtc"}[name]
+    try:
+        _modules[name] = importlib.import_module(f"cuda.bindings.{name}")
+    except ImportError:
+        try:
+            _modules[name] = importlib.import_module(f"cuda.{legacy}")
+        except ImportError as err:
+            raise MissingDependencyError(
+                f"cuda-python's {name} bindings are required for quantkit's CUDA kernels but are not installed",
+                hint="install it with `pip install 'quantkit[gpu]'` (needs an NVIDIA driver)",
+            ) from err
+    return _modules[name]
+
+
+def _check_driver(result: Any, what: str) -> Any:
+    drv = _bindings("driver")
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != drv.CUresult.CUDA_SUCCESS:
+        _, text = drv.cuGetErrorString(err)
+        raise CudaError(f"{what} failed: {getattr(err, 'name', err)}: "
+                        f"{text.decode() if isinstance(text, bytes) else text}")
+    return values[0] if len(values) == 1 else tuple(values) if values else None
+
+
+def compile_kernels(source: str, names: Sequence[str], *, device: int = 0,
+                    defines: dict[str, Any] | None = None) -> list[Any]:
+    """Compile CUDA C ``source`` with NVRTC for ``device``'s architecture, load it into the
+    device's primary context (PyTorch's) and return the ``CUfunction`` of each of ``names``
+    (``extern "C"`` kernels). Compiler errors raise CudaError with NVRTC's log."""
+    drv, nv = _bindings("driver"), _bindings("nvrtc")
+    _check_driver(drv.cuInit(0), "cuInit")
+    dev = _check_driver(drv.cuDeviceGet(device), "cuDeviceGet")
+    if int(_check_driver(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")) == 0:
+        ctx = _check_driver(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+        _check_driver(drv.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    attr = drv.CUdevice_attribute
+    major = _check_driver(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cc")
+    minor = _check_driver(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cc")
+
+    def nv_check(result: Any, what: str) -> Any:
+        err, *values = result if isinstance(result, tuple) else (result,)
+        if err != nv.nvrtcResult.NVRTC_SUCCESS:
+            raise CudaError(f"NVRTC {what} failed: {getattr(err, 'name', err)}")
+        return values[0] if values else None
+
+    prog = nv_check(nv.nvrtcCreateProgram(source.encode(), b"quantkit_kernels.cu", 0, [], []), "create")
+    try:
+        opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"-std=c++17", b"-lineinfo"]
+        opts += [f"-D{k}={v}".encode() for k, v in (defines or {}).items()]
+        result = nv.nvrtcCompileProgram(prog, len(opts), opts)
+        err = result[0] if isinstance(result, tuple) else result
+        if err != nv.nvrtcResult.NVRTC_SUCCESS:
+            size = nv_check(nv.nvrtcGetProgramLogSize(prog), "log size")
+            log_buf = b" " * size
+            nv.nvrtcGetProgramLog(prog, log_buf)
+            raise CudaError(f"NVRTC could not compile quantkit's kernels for sm_{major}{minor}:\n"
+                            f"{log_buf.decode(errors='replace').strip()}")
+        size = nv_check(nv.nvrtcGetCUBINSize(prog), "cubin size")
+        cubin = b" " * size
+        nv_check(nv.nvrtcGetCUBIN(prog, cubin), "cubin")
+    finally:
+        nv.nvrtcDestroyProgram(prog)
+    module = _check_driver(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
+    return [_check_driver(drv.cuModuleGetFunction(module, n.encode()), f"cuModuleGetFunction({n})") for n in names]
+
+
+def launch(function: Any, grid: int, block: int, args: Any, stream: int, shared_bytes: int = 0) -> None:
+    """Launch ``function`` on ``stream`` (an integer handle, e.g. PyTorch's
+    ``current_stream().cuda_stream``) with ``args``, a ctypes array of ``void*`` pointing at the
+    argument values (kept by the caller; CUDA copies the values at launch)."""
+    import ctypes
+
+    drv = _bindings("driver")
+    _check_driver(drv.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, shared_bytes, drv.CUstream(stream),
+                                     ctypes.addressof(args), 0), "cuLaunchKernel")

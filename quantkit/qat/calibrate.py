@@ -13,6 +13,7 @@ from torch import nn
 
 from quantkit.calibrators.methods import ALL_METHODS, TensorRanges, all_ranges
 from quantkit.errors import DatasetError, ModelError, UnknownMethodError
+from quantkit.qat import histogram
 from quantkit.qat.prepare import quantizers
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None 
     was_training = model.training
     model.eval()
     for q in qs:
-        q.histogram_ = None
+        q.histogram_, q.shares_ = None, False
         q.calibrating = True
     for q in weights:
         q.enabled = False
@@ -99,7 +100,7 @@ def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None 
                 static.copy_(x)
                 graph.replay()
             elif use_graph and count == 0:
-                graph, static = _warm_up_and_capture(model, x)
+                graph, static = _warm_up_and_capture(model, x, qs)
             else:
                 model(x)
             count += 1
@@ -118,12 +119,17 @@ def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None 
     return count
 
 
-def _warm_up_and_capture(model: nn.Module, x: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+def _warm_up_and_capture(model: nn.Module, x: torch.Tensor,
+                         qs: list[Any]) -> tuple[Any, torch.Tensor | None]:
     """Run ``x`` eagerly on a side stream (its statistics count), then capture one calibration
-    forward as a CUDA graph over a static copy of ``x``. Returns (None, None) when capture fails."""
+    forward as a CUDA graph over a static copy of ``x``. Returns (None, None) when capture fails.
+
+    Quantizers that read the same tensor share one histogram from the eager run on (the graph
+    replays the same tensors, so the pairs hold); if capture fails, each gets its own copy
+    before the eager calls go on."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), histogram.sharing():
         model(x)
     torch.cuda.current_stream().wait_stream(side)
     static = x.clone()
@@ -133,6 +139,9 @@ def _warm_up_and_capture(model: nn.Module, x: torch.Tensor) -> tuple[Any, torch.
             model(static)
     except Exception as err:  # noqa: BLE001 - any capture failure: stay eager
         log.info("calibration forward not capturable as a CUDA graph (%s); running eagerly", err)
+        for q in qs:
+            if q.shares_:
+                q.histogram_, q.shares_ = q.histogram_.clone(), False
         return None, None
     return graph, static
 
@@ -165,7 +174,7 @@ def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None
             continue
         hist = q.histogram_.compute()  # one host transfer per quantizer, after the pass
         ranges[name] = all_ranges(hist, percentile=percentile)
-        q.histogram_ = None
+        q.histogram_, q.shares_ = None, False
     result = QatCalibration(method, ranges, batches)
     result.apply(model, method)
     log.info("calibrated %d quantizers from %d batches (%s)", len(ranges), batches, method)

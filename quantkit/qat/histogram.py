@@ -2,7 +2,9 @@
 
 Same statistics as ``quantkit.calibrators.HistogramCollector`` (2048 bins over [0, range),
 range doubling with exact pairwise re-binning, signed min and max), so the same range methods
-apply. Every step is a device operation:
+apply. On CUDA one update is one read of the tensor in quantkit's own kernel
+(``quantkit.qat._cuda_hist``, compiled with NVRTC through cuda-python). Without cuda-python, or
+on another device, every step is a torch operation:
 
     amax = max|x|                     (device scalar)
     k    = max(0, ceil(log2(amax / range)))   range *= 2**k   old bin i -> bin i >> k
@@ -11,10 +13,20 @@ apply. Every step is a device operation:
     counts[0] += number of exact zeros                   (a reduction: no atomic contention)
 
 NaN/Inf are flagged in a device boolean and reported once, when the statistics are read.
+
+Quantizers that read the same tensor (a block's input feeds its first convolution, its
+downsampling convolution and the residual Add) can share one histogram: ``sharing()`` opens a
+registry for one forward pass in which the second reader of a tensor object, unmodified since,
+gets the first reader's histogram instead of reading the tensor again (used by
+``quantkit.qat.collect`` for the forward it captures as a CUDA graph, where the pairs cannot
+change).
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -23,6 +35,36 @@ from quantkit.calibrators.collectors import Histogram
 from quantkit.errors import NonFiniteError, NotCalibratedError
 
 _EXACT = 1 << 24  # float32 counts are exact up to here
+
+
+_registry: dict[int, tuple[Any, int, "TorchHistogram"]] | None = None
+
+
+@contextlib.contextmanager
+def sharing() -> Iterator[None]:
+    """Within the block, ``shared_for`` finds the histogram that already read a tensor."""
+    global _registry
+    _registry = {}
+    try:
+        yield
+    finally:
+        _registry = None
+
+
+def shared_for(x: Any) -> "TorchHistogram | None":
+    """The histogram that read this very tensor (same object, not modified since) inside
+    ``sharing()``; None outside it or for a new tensor."""
+    if _registry is None:
+        return None
+    entry = _registry.get(id(x))
+    if entry is None or entry[0]() is not x or entry[1] != x._version:
+        return None
+    return entry[2]
+
+
+def remember(x: Any, h: "TorchHistogram") -> None:
+    if _registry is not None:
+        _registry[id(x)] = (weakref.ref(x), x._version, h)
 
 
 class TorchHistogram:
@@ -43,17 +85,35 @@ class TorchHistogram:
         self.name = name
         self.device = torch.device(device)
         self._counts = torch.zeros(num_bins, dtype=torch.float64, device=self.device)
-        self._range = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._min = torch.full((), float("inf"), device=self.device)
-        self._max = torch.full((), float("-inf"), device=self.device)
+        # float32 state: range, scale, min, max (+ the previous range and scale, for the kernels)
+        self._f = torch.zeros(6, device=self.device)  # (fill_: no host-to-device copy, no sync)
+        self._f[2].fill_(float("inf"))
+        self._f[3].fill_(float("-inf"))
+        self._range, self._min, self._max = self._f[0], self._f[2], self._f[3]
+        self._i = torch.zeros(4, dtype=torch.int32, device=self.device)  # NaN flag, ticket, rescan flag
         self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self._bins = torch.arange(num_bins, device=self.device)
         self._tmp = torch.zeros_like(self._counts)
-        self._slabs: Any = None  # fused path: private int32 histograms, folded in at the next update
-        self._scale: Any = None
-        self._bad8: Any = None
-        self.fused = True  # CUDA: the one-pass Triton kernel when available (see _fused_hist)
+        self._pending: Any = None  # CUDA kernel: int32 counts not yet in _counts
+        self._params: Any = None
+        self._max_grid = 0
+        # CUDA tensors: "cuda" (quantkit.qat._cuda_hist: one read, two launches) or "torch"
+        # (torch operations; also the fallback when the kernel cannot be built)
+        self.kernel = "cuda"
         self._seen = 0
+
+    def clone(self) -> "TorchHistogram":
+        """An independent copy of the statistics so far (for a quantizer that stops sharing)."""
+        twin = TorchHistogram(self.num_bins, self.name, self.device)
+        if self._pending is not None:
+            self._counts.add_(self._pending)
+            self._pending.zero_()
+        for name in ("_counts", "_f", "_bad"):
+            getattr(twin, name).copy_(getattr(self, name))
+        twin._i[0].copy_(self._i[0])  # the NaN flag (not the ticket counter)
+        twin._seen = self._seen
+        twin.kernel = self.kernel
+        return twin
 
     def update(self, x: Any) -> None:
         """Add a batch. Every state tensor is updated in place, so a CUDA graph that captured
@@ -66,10 +126,12 @@ class TorchHistogram:
         if x.dtype != torch.float32:
             x = x.float()
         x = x.reshape(-1)
-        if x.is_cuda and self.fused:
-            from quantkit.qat._fused_hist import fused_update
+        if x.is_cuda and self.kernel == "cuda":
+            from quantkit.qat._cuda_hist import cuda_update
 
-            if fused_update(self, x.contiguous()):
+            if self._pending is None:
+                self._pending = torch.zeros(self.num_bins, dtype=torch.int32, device=self.device)
+            if cuda_update(self, x.contiguous()):
                 self._seen += 1
                 return
         lo, hi = torch.aminmax(x)
@@ -104,10 +166,10 @@ class TorchHistogram:
 
         if self._seen == 0:
             raise NotCalibratedError(f"{self.name}: no data was collected")
-        if self._slabs is not None:  # the fused kernels' last counts and NaN flag
-            self._counts.add_(self._slabs.sum(0))
-            self._slabs.zero_()
-            self._bad |= self._bad8[0].bool()
+        if self._pending is not None:  # the CUDA kernels' last overflow counts and NaN flag
+            self._counts.add_(self._pending)
+            self._pending.zero_()
+            self._bad |= self._i[0].bool()
         packed = torch.stack([self._range.double(), self._min.double(), self._max.double(), self._bad.double()])
         rng, lo, hi, bad = packed.cpu().tolist()
         if bad:

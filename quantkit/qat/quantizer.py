@@ -19,6 +19,9 @@ from torch import nn
 from quantkit.errors import NotCalibratedError
 
 QMIN, QMAX = -128, 127
+# what torch.fake_quantize_per_tensor_affine calls with tensor scales (same values and gradient),
+# given a persistent "enabled" flag; the public operator is kept for ONNX export (its symbolic)
+_CACHEMASK = getattr(torch, "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams", None)
 
 
 class TensorQuantizer(nn.Module):
@@ -44,6 +47,7 @@ class TensorQuantizer(nn.Module):
         self.calibrating = False
         self.register_buffer("amax", torch.empty(0))
         self.histogram_: Any = None
+        self.shares_ = False  # True: histogram_ is another quantizer's, which reads the same tensor
         self.qualified_name = "<quantizer>"  # set by prepare(), for messages
 
     @property
@@ -72,6 +76,9 @@ class TensorQuantizer(nn.Module):
         scale, zero = scale_and_zero(self.amax, self.axis)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero)
+        # the "enabled" flag of PyTorch's per-tensor operator, kept so that no call allocates
+        # and fills one (the public operator does, per call: a launch and an allocation)
+        self.register_buffer("fake_quant_on", torch.ones(1, dtype=torch.long, device=dev), persistent=False)
 
     def freeze_to(self, w: torch.Tensor) -> None:
         """Fix a dynamic weight quantizer to ``w``'s current per-channel amax (before export)."""
@@ -84,27 +91,41 @@ class TensorQuantizer(nn.Module):
             self._collect(x)
             return x
         if self.calibrated and hasattr(self, "scale"):
+            if self.axis is None and _CACHEMASK is not None and not torch.onnx.is_in_onnx_export():
+                return _CACHEMASK(x, self.scale, self.zero_point, self.fake_quant_on, QMIN, QMAX)[0]
             return _fake_quantize(x, self.scale, self.zero_point, self.axis)
         if self.dynamic:
+            if self.axis == 0 and x.is_cuda:  # one kernel, identity backward (quantkit.qat._cuda_fq)
+                from quantkit.qat._cuda_fq import fake_quantize_weight
+
+                out = fake_quantize_weight(x)
+                if out is not None:
+                    return out
             return _fake_quantize_weight(x, self.channel_amax(x) if self.axis is not None else x.detach().abs().amax(),
                                          self.axis)
         raise NotCalibratedError(f"quantizer {self.qualified_name!r} was never calibrated",
                                  hint="run quantkit.qat.calibrate(model, loader) first, or disable it")
 
     def _collect(self, x: torch.Tensor) -> None:
-        if self.histogram_ is None:
-            if x.is_cuda:
-                from quantkit.qat.histogram import TorchHistogram
-
-                self.histogram_ = TorchHistogram(self.num_bins, self.qualified_name, x.device)
-            else:
-                from quantkit.calibrators.collectors import HistogramCollector
-
-                self.histogram_ = HistogramCollector(self.num_bins, self.qualified_name)
+        if self.shares_:
+            return  # the quantizer whose histogram this is reads the same tensor
         if x.is_cuda:
+            from quantkit.qat import histogram
+
+            if self.histogram_ is None:
+                owner = histogram.shared_for(x)
+                if owner is not None and owner.num_bins == self.num_bins:
+                    self.histogram_, self.shares_ = owner, True
+                    return
+                self.histogram_ = histogram.TorchHistogram(self.num_bins, self.qualified_name, x.device)
             self.histogram_.update(x)
-        else:
-            self.histogram_.update(x.detach().float().numpy())
+            histogram.remember(x, self.histogram_)
+            return
+        if self.histogram_ is None:
+            from quantkit.calibrators.collectors import HistogramCollector
+
+            self.histogram_ = HistogramCollector(self.num_bins, self.qualified_name)
+        self.histogram_.update(x.detach().float().numpy())
 
 
 def scale_and_zero(amax: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:

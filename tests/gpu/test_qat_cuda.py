@@ -106,32 +106,102 @@ def test_cuda_graph_pass_equals_eager_pass():
 
 
 
-def test_fused_kernel_equals_histc_path():
-    """The one-pass Triton histogram against the torch.histc path, range growth included."""
+def test_kernel_equals_torch_path():
+    """quantkit's one-read CUDA histogram kernel against the torch-operations path: range growth by
+    several powers of two, a first batch of zeros, a two-sided tiny tensor, an unaligned one."""
     from quantkit.qat.histogram import TorchHistogram
 
     hists = {}
-    for fused in (True, False):
+    for k in ("cuda", "torch"):
         g = torch.Generator(device="cuda").manual_seed(0)
         h = TorchHistogram(2048, "t", "cuda")
-        h.fused = fused
-        for scale in (1.0, 3.0, 0.5, 7.0):
+        h.kernel = k
+        h.update(torch.zeros(5000, device="cuda"))
+        for scale in (1.0, 3.0, 0.5, 7.0, 300.0):
             h.update(torch.relu(torch.randn(64, 64, 56, 56, device="cuda", generator=g) * scale))
-        h.update(torch.randn(1000, device="cuda", generator=g))  # two-sided, tiny
-        assert (h._slabs is not None) == fused  # the Triton kernels really ran (no silent fallback)
-        hists[fused] = h.compute()
-    a, b = hists[True], hists[False]
-    assert a.counts.sum() == b.counts.sum() == 4 * 64 * 64 * 56 * 56 + 1000
+        h.update(torch.randn(1001, device="cuda", generator=g))  # two-sided, tiny
+        h.update(torch.randn(1001, device="cuda", generator=g)[1:] * 1000)  # not 16-byte aligned, grows
+        assert (h._params is not None) == (k == "cuda")  # the CUDA kernels really ran (no silent fallback)
+        hists[k] = h.compute()
+    a, b = hists["cuda"], hists["torch"]
+    assert a.counts.sum() == b.counts.sum() == 5000 + 5 * 64 * 64 * 56 * 56 + 1001 + 1000
     assert a.bin_width == b.bin_width and a.observed_max == b.observed_max and a.observed_min == b.observed_min
     assert np.abs(a.counts - b.counts).sum() <= 1e-5 * a.counts.sum()  # bin-edge rounding only
 
 
-def test_fused_kernel_flags_nan():
+@pytest.mark.parametrize("kernel", ["cuda", "torch"])
+def test_kernel_flags_nan(kernel):
     from quantkit.errors import NonFiniteError
     from quantkit.qat.histogram import TorchHistogram
 
-    h = TorchHistogram(2048, "layer1.0.conv1.input_quantizer", "cuda")
-    h.update(torch.ones(10, device="cuda"))
-    h.update(torch.tensor([1.0, float("nan")], device="cuda"))
-    with pytest.raises(NonFiniteError, match="layer1.0.conv1.input_quantizer"):
-        h.compute()
+    for bad in (float("nan"), float("inf")):
+        h = TorchHistogram(2048, "layer1.0.conv1.input_quantizer", "cuda")
+        h.kernel = kernel
+        h.update(torch.ones(10, device="cuda"))
+        h.update(torch.tensor([1.0, bad, 2.0], device="cuda"))
+        h.update(torch.ones(10, device="cuda"))
+        with pytest.raises(NonFiniteError, match="layer1.0.conv1.input_quantizer"):
+            h.compute()
+
+
+class _Block(torch.nn.Module):
+    """A residual block whose input feeds conv1, the downsampling conv and the Add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.side = torch.nn.Conv2d(8, 8, 1)
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x):
+        x = self.relu(x)
+        out = self.conv2(self.relu(self.conv1(x)))
+        return self.relu(out + x) + self.side(x)
+
+
+def test_quantizers_reading_one_tensor_share_a_histogram_in_graph_mode():
+    import quantkit.qat as qq
+
+    torch.manual_seed(0)
+    model = _Block().cuda().eval()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    batches = [torch.randn(16, 8, 12, 12, device="cuda", generator=gen) * (1 + i) for i in range(6)]
+    results, shared = {}, {}
+    for graph in (False, True):
+        q = qq.prepare(model)
+        qq.collect(q, batches, cuda_graph=graph)
+        qs = dict(qq.quantizers(q, inputs_only=True))
+        shared[graph] = sorted(n for n, m in qs.items() if m.shares_)
+        if graph:
+            owners = {id(m.histogram_) for m in qs.values()}
+            assert len(owners) == len(qs) - len(shared[graph])
+        results[graph] = {n: m.histogram_.compute() for n, m in qs.items()}
+    assert shared[False] == []  # eager calls: every quantizer reads its input
+    # conv1, side and the residual Add read the relu output: two of them share the first's histogram
+    assert len(shared[True]) == 2, shared[True]
+    for name, h in results[False].items():
+        g = results[True][name]
+        assert np.array_equal(g.counts, h.counts) and g.bin_width == h.bin_width, name
+
+
+def test_weight_kernel_equals_torch_path_with_identity_gradient():
+    from quantkit.qat._cuda_fq import fake_quantize_weight
+    from quantkit.qat.quantizer import TensorQuantizer, _fake_quantize_weight
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for shape in [(64, 3, 7, 7), (512, 256, 3, 3), (1000, 2048), (7, 5)]:
+        w = torch.randn(shape, device="cuda", generator=gen) * torch.rand(shape[0], *[1] * (len(shape) - 1),
+                                                                          device="cuda", generator=gen)
+        w[0] = 0.0  # an all-zero channel
+        amax = torch.linalg.vector_norm(w, ord=float("inf"), dim=list(range(1, w.dim())))
+        ref = _fake_quantize_weight(w, amax, 0)
+        p = w.clone().requires_grad_()
+        out = fake_quantize_weight(p)
+        assert out is not None  # the kernel ran (no silent fallback)
+        assert torch.equal(out, ref), shape
+        g = torch.randn_like(out)
+        out.backward(g)
+        assert torch.equal(p.grad, g)
+    q = TensorQuantizer(axis=0, dynamic=True)
+    assert torch.equal(q(w), ref)  # the quantizer takes the kernel path on CUDA
