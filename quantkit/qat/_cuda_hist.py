@@ -251,7 +251,7 @@ def _kernels(device_index: int, num_bins: int) -> Any:
         except Exception as err:  # noqa: BLE001 - no cuda-python/NVRTC here: the caller uses torch operations
             _STATE[key] = None
             log.warning("quantkit's CUDA histogram kernel is unavailable (%s: %s); calibrating with torch "
-                        "operations, about 2x slower (install cuda-python: pip install 'quantkit[gpu]')",
+                        "operations, 2-2.5x slower (install cuda-python: pip install 'quantkit[gpu]')",
                         type(err).__name__, err)
     return _STATE[key]
 
