@@ -339,6 +339,14 @@ def compile_kernels(source: str, names: Sequence[str], *, device: int = 0,
     return [_check_driver(drv.cuModuleGetFunction(module, n.encode()), f"cuModuleGetFunction({n})") for n in names]
 
 
+def kernel_args(values: Sequence[Any]) -> Any:
+    """The ``void**`` array ``launch`` takes, pointing at ctypes ``values`` (which the caller
+    keeps alive, and may change between launches)."""
+    import ctypes
+
+    return (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+
+
 def launch(function: Any, grid: int, block: int, args: Any, stream: int, shared_bytes: int = 0) -> None:
     """Launch ``function`` on ``stream`` (an integer handle, e.g. PyTorch's
     ``current_stream().cuda_stream``) with ``args``, a ctypes array of ``void*`` pointing at the

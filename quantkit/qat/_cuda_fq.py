@@ -58,13 +58,12 @@ def _kernel(device_index: int) -> Any:
 class _WeightFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, kernel: Any) -> torch.Tensor:  # type: ignore[override]
-        from quantkit.cuda import launch
+        from quantkit.cuda import kernel_args, launch
 
         out = torch.empty_like(w)
         values = [ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(out.data_ptr()),
                   ctypes.c_longlong(w.numel() // w.shape[0])]
-        args = (ctypes.c_void_p * 3)(*[ctypes.addressof(v) for v in values])
-        launch(kernel, w.shape[0], THREADS, args, torch.cuda.current_stream(w.device).cuda_stream)
+        launch(kernel, w.shape[0], THREADS, kernel_args(values), torch.cuda.current_stream(w.device).cuda_stream)
         return out
 
     @staticmethod

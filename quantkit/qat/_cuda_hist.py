@@ -263,18 +263,16 @@ class _Params:
     def __init__(self, h: Any, max_grid: int):
         import torch
 
+        from quantkit.cuda import kernel_args
+
         self.partial = torch.zeros((max_grid, 6), dtype=torch.int32, device=h.device)  # struct Stats
         self.x = ctypes.c_void_p(0)
         self.n = ctypes.c_longlong(0)
         f, i, counts, pending = (ctypes.c_void_p(t.data_ptr()) for t in (h._f, h._i, h._counts, h._pending))
         partial = ctypes.c_void_p(self.partial.data_ptr())
         self.values = [self.x, self.n, f, i, counts, pending, partial]
-        self.pass_args = _pointers(self.values)
-        self.rescan_args = _pointers([self.x, self.n, f, i, pending])  # qk_hist_rescan(x, n, f, ist, pending)
-
-
-def _pointers(values: list[Any]) -> Any:
-    return (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        self.pass_args = kernel_args(self.values)
+        self.rescan_args = kernel_args([self.x, self.n, f, i, pending])  # qk_hist_rescan(x, n, f, ist, pending)
 
 
 def cuda_update(h: Any, x: Any) -> bool:
