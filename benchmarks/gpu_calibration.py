@@ -9,11 +9,15 @@ Rows, each the median over timed iterations after warm-up, CUDA-synchronised:
 - quantkit calibration forward, eager: every input quantizer of quantkit.qat.prepare collecting
   its |x| histogram on the GPU (quantkit.qat.histogram), the statistics of every method; run
   under torch.cuda.set_sync_debug_mode("error"), so any host synchronisation would stop it;
-- quantkit calibration pass (quantkit.qat.collect over N batches: first batch eager, then the
-  whole calibration forward captured once as a CUDA graph and replayed), per batch;
+- quantkit calibration pass, quantkit.qat.collect over N batches (first batch eager, then the whole
+  calibration forward captured once as a CUDA graph and replayed), timed batch by batch through
+  its on_batch callback: the steady-state calibration forward (median of batches 2..N, the graph
+  replays), the first batch (eager forward + capture: paid once per call), and the whole call
+  per batch;
 - a naive baseline: forward pre-hooks calling torch.histc on each conv/linear input;
 - Model Optimizer's mtq.quantize histogram calibration forward, when it imports;
-- QAT training step (forward + cross-entropy + backward + SGD step) against the FP32 step.
+- QAT training step (forward + cross-entropy + backward + SGD step) against the FP32 step, each
+  the median of its rounds, the two measured in alternation (the host CPU's speed drifts).
 Needs torchvision and a CUDA GPU; one process, one table.
 """
 
@@ -107,14 +111,22 @@ def main() -> None:
         n = args.iters
         qq.collect(q, [x] * 3)  # warm-up of the whole call
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        qq.collect(q, [x] * n)  # first batch eager + capture, then graph replays
-        torch.cuda.synchronize()
+        marks = [time.perf_counter()]
+
+        def on_batch(_: int) -> None:
+            torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+        qq.collect(q, [x] * n, on_batch=on_batch)  # first batch eager + capture, then graph replays
+        per_batch = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
         kernel = ("quantkit CUDA kernel" if all(m.histogram_._params is not None for m in qs if m.histogram_)
                   else "torch operations: the CUDA kernel did not build")
         shared = sum(m.shares_ for m in qs)
-        rows.append((f"quantkit calibration pass of {n} batches (qq.collect: CUDA graph; {kernel}; "
-                     f"{len(qs) - shared} histograms for {len(qs)} quantizers), per batch", (time.perf_counter() - t0) * 1e3 / n))
+        rows.append((f"quantkit calibration forward: qq.collect's steady state (CUDA graph replay; {kernel}; "
+                     f"{len(qs) - shared} histograms for {len(qs)} quantizers, beside the layers)",
+                     statistics.median(per_batch[1:])))
+        rows.append(("qq.collect's first batch: eager forward + graph capture (once per call)", per_batch[0]))
+        rows.append((f"qq.collect of {n} batches, everything included, per batch", sum(per_batch) / n))
         qq.calibrate(q, [x], method="entropy")
 
         naive = copy.deepcopy(model)
@@ -166,9 +178,12 @@ def main() -> None:
             return step
 
         f = copy.deepcopy(model).train()
-        fp32_step = timed(step_of(f), 5, args.iters)
         q.train()
-        qat_step = timed(step_of(q), 5, args.iters)
+        steps: dict[str, list[float]] = {"fp32": [], "qat": []}
+        for _ in range(3):
+            steps["fp32"].append(timed(step_of(f), 5, args.iters))
+            steps["qat"].append(timed(step_of(q), 5, args.iters))
+        fp32_step, qat_step = statistics.median(steps["fp32"]), statistics.median(steps["qat"])
         for label, ms in rows:
             lines.append(f"| {name} | {label} | {ms:.2f} | {ms / fp32:.2f} |")
         lines.append(f"| {name} | FP32 training step | {fp32_step:.2f} | 1.00 (step) |")

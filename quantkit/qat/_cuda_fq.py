@@ -1,4 +1,4 @@
-"""Per-channel weight fake quantization of a CUDA weight in one kernel (NVRTC, cuda-python).
+"""Per-channel weight fake quantization of CUDA weights in one kernel (NVRTC, cuda-python).
 
 A QAT training step was bound by the host, not the GPU: on the lent H100 the GPU time of a
 ResNet-18 QAT step was 1.14x the FP32 step's, its wall time 1.3-1.6x. Per layer and step the
@@ -9,6 +9,15 @@ function launches one kernel forward (a block per output channel: max |w|, then
 operations of the torch path, whose division by a scalar multiplies by the reciprocal on CUDA,
 so the same values) and no kernel backward: with the scale taken
 from max |w| no weight lies outside the range, so the straight-through gradient is the identity.
+
+``WeightBank`` goes one step further: the weight quantizers of one prepared model share a bank,
+and the first of them called after the weights changed (an optimizer step bumps their version
+counters) fake-quantizes every weight of the bank in one launch of ``qk_fq_weights`` (a table of
+output channels, uploaded when the weights move), under one autograd node with one identity
+backward; the other layers of the pass take their result from the bank. So a step costs one
+launch and one Python backward instead of one of each per layer; the price is one float32 copy
+of the weights, kept between steps. Inside CUDA graph capture the bank steps aside (the
+per-layer kernels are captured instead).
 """
 
 from __future__ import annotations
@@ -19,13 +28,11 @@ from typing import Any
 import torch
 
 SOURCE = r"""
-extern "C" __global__ void __launch_bounds__(256)
-qk_fq_weight(const float* __restrict__ w, float* __restrict__ out, long long per_channel) {
-    const float* src = w + (long long)blockIdx.x * per_channel;
-    float* dst = out + (long long)blockIdx.x * per_channel;
+// one output channel of n weights: m = max |w|, then clamp(rint(w / s), -128, 127) * s
+__device__ __forceinline__ void fq_channel(const float* __restrict__ src, float* __restrict__ dst, long long n) {
     __shared__ float s_max[8];
     float m = 0.f;
-    for (long long i = threadIdx.x; i < per_channel; i += blockDim.x) m = fmaxf(m, fabsf(src[i]));
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, fabsf(src[i]));
     for (int o = 16; o; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     if ((threadIdx.x & 31) == 0) s_max[threadIdx.x >> 5] = m;
     __syncthreads();
@@ -35,8 +42,22 @@ qk_fq_weight(const float* __restrict__ w, float* __restrict__ out, long long per
     }
     __syncthreads();
     const float s = fmaxf(s_max[0], 1e-12f) * (1.f / 127.f);  // as torch's tensor / 127 on CUDA
-    for (long long i = threadIdx.x; i < per_channel; i += blockDim.x)
+    for (long long i = threadIdx.x; i < n; i += blockDim.x)
         dst[i] = fminf(fmaxf(nearbyintf(src[i] / s), -128.f), 127.f) * s;
+}
+
+// one weight, a block per output channel
+extern "C" __global__ void __launch_bounds__(256)
+qk_fq_weight(const float* __restrict__ w, float* __restrict__ out, long long per_channel) {
+    fq_channel(w + (long long)blockIdx.x * per_channel, out + (long long)blockIdx.x * per_channel, per_channel);
+}
+
+// every weight of a model, a block per output channel: the channel's source, its offset in out, its size
+struct Channel { const float* src; long long dst; long long n; };
+extern "C" __global__ void __launch_bounds__(256)
+qk_fq_weights(const Channel* __restrict__ channels, float* __restrict__ out) {
+    const Channel c = channels[blockIdx.x];
+    fq_channel(c.src, out + c.dst, c.n);
 }
 """
 
@@ -49,7 +70,7 @@ def _kernel(device_index: int) -> Any:
         try:
             from quantkit.cuda import compile_kernels
 
-            _STATE[device_index] = compile_kernels(SOURCE, ["qk_fq_weight"], device=device_index)[0]
+            _STATE[device_index] = compile_kernels(SOURCE, ["qk_fq_weight", "qk_fq_weights"], device=device_index)
         except Exception:  # noqa: BLE001 - no cuda-python/NVRTC: the torch path (the histogram module warns)
             _STATE[device_index] = None
     return _STATE[device_index]
@@ -63,7 +84,7 @@ class _WeightFakeQuant(torch.autograd.Function):
         out = torch.empty_like(w)
         values = [ctypes.c_void_p(w.data_ptr()), ctypes.c_void_p(out.data_ptr()),
                   ctypes.c_longlong(w.numel() // w.shape[0])]
-        launch(kernel, w.shape[0], THREADS, kernel_args(values), torch.cuda.current_stream(w.device).cuda_stream)
+        launch(kernel[0], w.shape[0], THREADS, kernel_args(values), torch.cuda.current_stream(w.device).cuda_stream)
         return out
 
     @staticmethod
@@ -80,3 +101,112 @@ def fake_quantize_weight(w: torch.Tensor) -> torch.Tensor | None:
     if kernel is None:
         return None
     return _WeightFakeQuant.apply(w, kernel)
+
+
+def eligible(w: torch.Tensor) -> bool:
+    return bool(w.is_cuda and w.dtype == torch.float32 and w.is_contiguous() and w.dim() >= 1 and w.numel())
+
+
+class _BankFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, bank: "WeightBank", *ws: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        from quantkit.cuda import launch
+
+        ctx.set_materialize_grads(False)
+        flat = torch.empty(bank.total_, dtype=torch.float32, device=ws[0].device)
+        bank.out_ptr_.value = flat.data_ptr()
+        launch(bank.kernel_, bank.channels_, THREADS, bank.args_, torch.cuda.current_stream(ws[0].device).cuda_stream)
+        return tuple(part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in ws]), ws))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[Any, ...]:  # type: ignore[override]
+        return (None, *grads)  # straight through, as _WeightFakeQuant
+
+
+class WeightBank:
+    """The per-channel weight quantizers of one model, fake-quantized together (see the module
+    docstring). ``add`` registers (quantizer, layer) pairs; ``lookup`` serves one quantizer."""
+
+    def __init__(self) -> None:
+        self.members: list[tuple[Any, Any]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._outputs: dict[int, tuple[torch.Tensor, int, bool, torch.Tensor]] = {}
+        self._key: Any = None
+        self.table_: Any = None
+        self.kernel_: Any = None
+        self.total_ = self.channels_ = 0
+        self.out_ptr_ = ctypes.c_void_p(0)
+        self.table_ptr_ = ctypes.c_void_p(0)
+        self.args_: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: members only (outputs are autograd results)
+        return {"members": self.members}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.members = state["members"]
+        self._reset()
+
+    def add(self, quantizer: Any, layer: Any) -> None:
+        self.members.append((quantizer, layer))
+        quantizer.bank_ = self
+
+    def lookup(self, quantizer: Any, w: torch.Tensor) -> torch.Tensor | None:
+        """``quantizer``'s fake-quantized ``w``, computed with every other weight of the bank
+        when the last result is stale; None when the bank cannot serve it (the caller then
+        quantizes ``w`` alone)."""
+        if torch.cuda.is_current_stream_capturing():
+            return None  # a graph must quantize the weights it reads at replay
+        grad = torch.is_grad_enabled()
+        entry = self._outputs.get(id(quantizer))
+        if entry is not None and entry[0] is w and entry[1] == w._version and entry[2] == grad:
+            return entry[3]
+        if not eligible(w):
+            return None
+        self._compute(w.device, grad)
+        entry = self._outputs.get(id(quantizer))
+        return entry[3] if entry is not None and entry[0] is w else None
+
+    def _compute(self, device: torch.device, grad: bool) -> None:
+        live = []
+        for q, layer in self.members:
+            w = getattr(layer, "weight", None)
+            if (q.enabled and q.dynamic and q.axis == 0 and not q.calibrated and isinstance(w, torch.Tensor)
+                    and eligible(w) and w.device == device):
+                live.append((q, w))
+        if not live:
+            return
+        ws = [w for _, w in live]
+        key = tuple((w.data_ptr(), w.shape) for w in ws)
+        if key != self._key and not self._build(ws, device):
+            return
+        self._key = key
+        with torch.set_grad_enabled(grad):
+            outs = _BankFakeQuant.apply(self, *ws)
+        for (q, w), out in zip(live, outs):
+            self._outputs[id(q)] = (w, w._version, grad, out)
+
+    def _build(self, ws: list[torch.Tensor], device: torch.device) -> bool:
+        """The channel table (source pointer, output offset, size) of ``ws``, on ``device``."""
+        import numpy as np
+
+        from quantkit.cuda import kernel_args
+
+        kernels = _kernel(device.index if device.index is not None else torch.cuda.current_device())
+        if kernels is None:
+            return False
+        rows, offset = [], 0
+        for w in ws:
+            channels, per = w.shape[0], w.numel() // w.shape[0]
+            c = np.arange(channels, dtype=np.int64)
+            rows.append(np.stack([w.data_ptr() + c * per * 4, offset + c * per, np.full(channels, per)], axis=1))
+            offset += w.numel()
+        table = np.concatenate(rows).astype(np.int64)
+        self.table_ = torch.from_numpy(table).to(device)
+        self.kernel_ = kernels[1]
+        self.total_, self.channels_ = offset, len(table)
+        self._outputs.clear()
+        self.table_ptr_ = ctypes.c_void_p(self.table_.data_ptr())  # kept: args_ points at it
+        self.args_ = kernel_args([self.table_ptr_, self.out_ptr_])
+        return True

@@ -3,9 +3,10 @@ methods: one pass over the data on the model's device, every method computed fro
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ class QatCalibration:
     method: str
     ranges: dict[str, TensorRanges]
     batches: int
+    shared: dict[str, str] = field(default_factory=dict)  # quantizer -> the one it shared a histogram with
 
     def amax(self, method: str | None = None) -> dict[str, float]:
         return {n: r.amax[method or self.method] for n, r in self.ranges.items()}
@@ -35,8 +37,12 @@ class QatCalibration:
         if method not in ALL_METHODS:
             raise UnknownMethodError(f"unknown calibration method {method!r}; available: {list(ALL_METHODS)}")
         qs = dict(quantizers(model, inputs_only=True))
-        for name, amax in self.amax(method).items():
+        amaxes = self.amax(method)
+        for name, amax in amaxes.items():
             qs[name].set_amax(max(amax, 1e-8))
+        for name, leader in self.shared.items():  # same tensor, same range: quantized once
+            if amaxes.get(name) == amaxes.get(leader) and name in qs and leader in qs:
+                qs[name].follow(qs[leader])
         self.method = method
 
 
@@ -119,23 +125,46 @@ def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None 
     return count
 
 
+@contextlib.contextmanager
+def _capturing(graph: Any) -> Iterator[None]:
+    """``torch.cuda.graph`` without its ``empty_cache`` calls (after which every allocation of
+    the calibration run, and of the caller's code after it, is a fresh cudaMalloc): capture on a
+    side stream, ended even when the forward raises."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            yield
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 def _warm_up_and_capture(model: nn.Module, x: torch.Tensor,
                          qs: list[Any]) -> tuple[Any, torch.Tensor | None]:
     """Run ``x`` eagerly on a side stream (its statistics count), then capture one calibration
     forward as a CUDA graph over a static copy of ``x``. Returns (None, None) when capture fails.
+
+    In the graph the histogram updates run on a side stream, concurrently with the layers that
+    follow (``histogram.lagged``), unless the eager run found a quantized input modified in place
+    within the lag. (Eagerly, the stream switches cost more host time than the overlap saves.)
 
     Quantizers that read the same tensor share one histogram from the eager run on (the graph
     replays the same tensors, so the pairs hold); if capture fails, each gets its own copy
     before the eager calls go on."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), histogram.sharing():
+    with torch.cuda.stream(side), histogram.sharing(), histogram.lagged(concurrent=False) as lag:
         model(x)
     torch.cuda.current_stream().wait_stream(side)
+    if lag.modified is not None:
+        log.info("%s's input is modified in place soon after it is read: histogram updates stay on the "
+                 "model's stream", lag.modified)
     static = x.clone()
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        with _capturing(graph), histogram.lagged(concurrent=lag.modified is None):
             model(static)
     except Exception as err:  # noqa: BLE001 - any capture failure: stay eager
         log.info("calibration forward not capturable as a CUDA graph (%s); running eagerly", err)
@@ -169,13 +198,20 @@ def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None
         raise UnknownMethodError(f"unknown calibration method {method!r}; available: {list(ALL_METHODS)}")
     batches = collect(model, loader, num_batches=num_batches, on_batch=on_batch, cuda_graph=cuda_graph)
     ranges: dict[str, TensorRanges] = {}
-    for name, q in quantizers(model, inputs_only=True):
-        if not q.enabled or q.histogram_ is None:
-            continue
-        hist = q.histogram_.compute()  # one host transfer per quantizer, after the pass
-        ranges[name] = all_ranges(hist, percentile=percentile)
+    owners: dict[int, str] = {}
+    shared: dict[str, str] = {}
+    calibrated = [(n, q) for n, q in quantizers(model, inputs_only=True) if q.enabled and q.histogram_ is not None]
+    for name, q in calibrated:
+        if not q.shares_:
+            owners[id(q.histogram_)] = name
+            hist = q.histogram_.compute()  # one host transfer per histogram, after the pass
+            ranges[name] = all_ranges(hist, percentile=percentile)
+    for name, q in calibrated:
+        if q.shares_:
+            shared[name] = owners[id(q.histogram_)]
+            ranges[name] = ranges[shared[name]]
         q.histogram_, q.shares_ = None, False
-    result = QatCalibration(method, ranges, batches)
+    result = QatCalibration(method, ranges, batches, shared)
     result.apply(model, method)
     log.info("calibrated %d quantizers from %d batches (%s)", len(ranges), batches, method)
     return result

@@ -20,10 +20,19 @@ registry for one forward pass in which the second reader of a tensor object, unm
 gets the first reader's histogram instead of reading the tensor again (used by
 ``quantkit.qat.collect`` for the forward it captures as a CUDA graph, where the pairs cannot
 change).
+
+``lagged()`` moves the updates off the model's critical path: inside it, each CUDA update runs
+on a side stream as soon as its tensor is ready, concurrently with the layers that follow (the
+histogram reads memory; the next convolution mostly computes), and the model's stream waits for
+it only ``LAG`` updates later, holding the tensor until then so that its memory is not re-used
+under the kernel. That is safe unless the model modifies a quantized input in place within the
+lag, which the same context detects (``modified``): ``quantkit.qat.collect`` runs its first
+forward with ``concurrent=False`` to find out, and overlaps only models that do not.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import weakref
 from collections.abc import Iterator
@@ -67,6 +76,70 @@ def remember(x: Any, h: "TorchHistogram") -> None:
         _registry[id(x)] = (weakref.ref(x), x._version, h)
 
 
+LAG = 2  # updates in flight on the side stream before the model's stream waits for the oldest
+_side_streams: dict[Any, Any] = {}
+
+
+class Lag:
+    """The updates in flight inside ``lagged()``: (tensor, its version, name, done event)."""
+
+    def __init__(self, concurrent: bool, lag: int):
+        self.concurrent = concurrent
+        self.lag = max(1, lag)
+        self.modified: str | None = None  # first histogram whose input was modified in place within the lag
+        self._flight: collections.deque[tuple[Any, int, str, Any]] = collections.deque()
+
+    def run(self, x: Any, name: str, update: Any) -> None:
+        import torch
+
+        event = None
+        if self.concurrent:
+            side = _side_streams.get(x.device)
+            if side is None:
+                side = _side_streams[x.device] = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                update()
+            event = torch.cuda.Event()
+            event.record(side)
+        else:
+            update()
+        self._flight.append((x, x._version, name, event))
+        while len(self._flight) > self.lag:
+            self._retire()
+
+    def _retire(self) -> None:
+        import torch
+
+        x, version, name, event = self._flight.popleft()
+        if event is not None:
+            torch.cuda.current_stream(x.device).wait_event(event)
+        if x._version != version and self.modified is None:
+            self.modified = name
+
+    def join(self) -> None:
+        while self._flight:
+            self._retire()
+
+
+_lag: Lag | None = None
+
+
+@contextlib.contextmanager
+def lagged(concurrent: bool = True, lag: int | None = None) -> Iterator[Lag]:
+    """Within the block, CUDA histogram updates run on a side stream (``concurrent``) and are
+    joined into the current stream ``lag`` updates later and on exit; with ``concurrent=False``
+    they run in place and the block only checks for in-place modifications within the lag."""
+    global _lag
+    outer, _lag = _lag, Lag(concurrent, LAG if lag is None else lag)
+    state = _lag
+    try:
+        yield state
+    finally:
+        _lag = outer
+        state.join()
+
+
 class TorchHistogram:
     """Streaming abs-max + |x| histogram on ``device``.
 
@@ -84,17 +157,22 @@ class TorchHistogram:
         self.num_bins = num_bins
         self.name = name
         self.device = torch.device(device)
-        self._counts = torch.zeros(num_bins, dtype=torch.float64, device=self.device)
-        # float32 state: range, scale, min, max (+ the previous range and scale, for the kernels)
-        self._f = torch.zeros(6, device=self.device)  # (fill_: no host-to-device copy, no sync)
-        self._f[2].fill_(float("inf"))
-        self._f[3].fill_(float("-inf"))
+        # all state in one zeroed allocation (a calibration creates one histogram per quantizer):
+        # counts (float64), pending (int32: the CUDA kernels' counts not yet in counts), float32
+        # range, scale, min, max (+ the previous range and scale, for the kernels), int32 NaN
+        # flag, ticket, rescan flag, and the bool NaN flag of the torch path
+        nb = num_bins
+        state = torch.zeros(12 * nb + 64, dtype=torch.uint8, device=self.device)
+        self._counts = state[: 8 * nb].view(torch.float64)
+        self._pending = state[8 * nb : 12 * nb].view(torch.int32)
+        self._f = state[12 * nb : 12 * nb + 24].view(torch.float32)
+        self._i = state[12 * nb + 32 : 12 * nb + 48].view(torch.int32)
+        self._bad = state[12 * nb + 48].view(torch.bool)
+        self._f[2:4].fill_(float("inf"))  # min = inf, max = -inf (fill_: no host-to-device copy)
+        self._f[3:4].neg_()
         self._range, self._min, self._max = self._f[0], self._f[2], self._f[3]
-        self._i = torch.zeros(4, dtype=torch.int32, device=self.device)  # NaN flag, ticket, rescan flag
-        self._bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._bins = torch.arange(num_bins, device=self.device)
-        self._tmp = torch.zeros_like(self._counts)
-        self._pending: Any = None  # CUDA kernel: int32 counts not yet in _counts
+        self._bins: Any = None  # torch path only: bin indices and a re-binning buffer
+        self._tmp: Any = None
         self._params: Any = None
         self._max_grid = 0
         # CUDA tensors: "cuda" (quantkit.qat._cuda_hist: one read, two launches) or "torch"
@@ -105,9 +183,8 @@ class TorchHistogram:
     def clone(self) -> "TorchHistogram":
         """An independent copy of the statistics so far (for a quantizer that stops sharing)."""
         twin = TorchHistogram(self.num_bins, self.name, self.device)
-        if self._pending is not None:
-            self._counts.add_(self._pending)
-            self._pending.zero_()
+        self._counts.add_(self._pending)
+        self._pending.zero_()
         for name in ("_counts", "_f", "_bad"):
             getattr(twin, name).copy_(getattr(self, name))
         twin._i[0].copy_(self._i[0])  # the NaN flag (not the ticket counter)
@@ -126,11 +203,17 @@ class TorchHistogram:
         if x.dtype != torch.float32:
             x = x.float()
         x = x.reshape(-1)
+        if x.is_cuda and _lag is not None:
+            _lag.run(x, self.name, lambda: self._update(x))
+        else:
+            self._update(x)
+
+    def _update(self, x: Any) -> None:
+        import torch
+
         if x.is_cuda and self.kernel == "cuda":
             from quantkit.qat._cuda_hist import cuda_update
 
-            if self._pending is None:
-                self._pending = torch.zeros(self.num_bins, dtype=torch.int32, device=self.device)
             if cuda_update(self, x.contiguous()):
                 self._seen += 1
                 return
@@ -145,6 +228,9 @@ class TorchHistogram:
         k = torch.ceil(torch.log2(torch.clamp(amax / torch.clamp(base, min=1e-30), min=1.0)))
         new_range = base * torch.exp2(k)
         shift = torch.where(first, torch.zeros_like(k), k).long()
+        if self._bins is None:
+            self._bins = torch.arange(self.num_bins, device=self.device)
+            self._tmp = torch.zeros_like(self._counts)
         self._tmp.zero_().index_add_(0, self._bins >> shift, self._counts)
         self._counts.copy_(self._tmp)
         self._range.copy_(new_range)
@@ -166,10 +252,9 @@ class TorchHistogram:
 
         if self._seen == 0:
             raise NotCalibratedError(f"{self.name}: no data was collected")
-        if self._pending is not None:  # the CUDA kernels' last overflow counts and NaN flag
-            self._counts.add_(self._pending)
-            self._pending.zero_()
-            self._bad |= self._i[0].bool()
+        self._counts.add_(self._pending)  # the CUDA kernels' last overflow counts and NaN flag
+        self._pending.zero_()
+        self._bad |= self._i[0].bool()
         packed = torch.stack([self._range.double(), self._min.double(), self._max.double(), self._bad.double()])
         rng, lo, hi, bad = packed.cpu().tolist()
         if bad:

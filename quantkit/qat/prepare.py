@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import ModelError
+from quantkit.qat._cuda_fq import WeightBank
 from quantkit.qat.modules import QUANT_TYPES, QuantMixin
 from quantkit.qat.quantizer import TensorQuantizer
 
@@ -84,6 +85,10 @@ def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool 
         if traced is not None:
             target = traced
     _name_quantizers(target)
+    bank = WeightBank()  # on CUDA, every weight fake-quantized in one launch a step
+    for m in target.modules():
+        if isinstance(m, QuantMixin):
+            bank.add(m.weight_quantizer, m)
     log.info("quantized %d layers", len(swapped))
     return target
 

@@ -7,10 +7,18 @@ so that ``torch.onnx.export`` writes QuantizeLinear/DequantizeLinear pairs.
                  and frozen into a buffer for export
 
 Gradients pass straight through inside the range and are zero outside (PyTorch's STE).
+
+Two quantizers that read the same tensor with the same range (the first convolution of a residual
+block and its downsampling convolution or residual Add; ``quantkit.qat.calibrate`` links them when
+they shared a calibration histogram) give the same output: the second one (``follows_``) returns
+the first one's output when it is handed the very tensor the first one just quantized, so the
+tensor is fake-quantized once (one write, one mask, one backward), with the same values and
+gradients. Any later change of either range (``set_amax``, a loaded state dict) undoes the link.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -49,6 +57,11 @@ class TensorQuantizer(nn.Module):
         self.histogram_: Any = None
         self.shares_ = False  # True: histogram_ is another quantizer's, which reads the same tensor
         self.qualified_name = "<quantizer>"  # set by prepare(), for messages
+        self.bank_: Any = None  # weights: the model's quantkit.qat._cuda_fq.WeightBank (CUDA)
+        self.follows_: tuple[TensorQuantizer, int] | None = None  # (leader, its range generation)
+        self._generation = 0  # bumped whenever the range changes
+        self._followed = False
+        self._last: tuple[Any, int, Any] | None = None  # leader: weakrefs to its last input (+version) and output
 
     @property
     def calibrated(self) -> bool:
@@ -79,6 +92,25 @@ class TensorQuantizer(nn.Module):
         # the "enabled" flag of PyTorch's per-tensor operator, kept so that no call allocates
         # and fills one (the public operator does, per call: a launch and an allocation)
         self.register_buffer("fake_quant_on", torch.ones(1, dtype=torch.long, device=dev), persistent=False)
+        self._range_changed()
+
+    def follow(self, leader: "TensorQuantizer") -> None:
+        """Return ``leader``'s output for the tensor ``leader`` just quantized (the same range:
+        the caller checks) instead of quantizing it again."""
+        self.follows_ = (leader, leader._generation)
+        leader._followed = True
+
+    def _range_changed(self) -> None:
+        self._generation += 1
+        self.follows_ = None
+        self._last = None
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        amax = state_dict.get(prefix + "amax")
+        if isinstance(amax, torch.Tensor) and amax.numel() and not hasattr(self, "scale"):
+            self.set_amax(amax)  # a calibrated checkpoint into a fresh model: its scale buffers exist now
+        self._range_changed()
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def freeze_to(self, w: torch.Tensor) -> None:
         """Fix a dynamic weight quantizer to ``w``'s current per-channel amax (before export)."""
@@ -92,10 +124,24 @@ class TensorQuantizer(nn.Module):
             return x
         if self.calibrated and hasattr(self, "scale"):
             if self.axis is None and _CACHEMASK is not None and not torch.onnx.is_in_onnx_export():
-                return _CACHEMASK(x, self.scale, self.zero_point, self.fake_quant_on, QMIN, QMAX)[0]
+                if self.follows_ is not None:
+                    leader, generation = self.follows_
+                    last = leader._last
+                    if generation == leader._generation and last is not None and last[0]() is x and last[1] == x._version:
+                        out = last[2]()
+                        if out is not None:
+                            return out
+                out = _CACHEMASK(x, self.scale, self.zero_point, self.fake_quant_on, QMIN, QMAX)[0]
+                if self._followed:
+                    self._last = (weakref.ref(x), x._version, weakref.ref(out))
+                return out
             return _fake_quantize(x, self.scale, self.zero_point, self.axis)
         if self.dynamic:
             if self.axis == 0 and x.is_cuda:  # one kernel, identity backward (quantkit.qat._cuda_fq)
+                if self.bank_ is not None:
+                    out = self.bank_.lookup(self, x)
+                    if out is not None:
+                        return out
                 from quantkit.qat._cuda_fq import fake_quantize_weight
 
                 out = fake_quantize_weight(x)

@@ -205,3 +205,121 @@ def test_weight_kernel_equals_torch_path_with_identity_gradient():
         assert torch.equal(p.grad, g)
     q = TensorQuantizer(axis=0, dynamic=True)
     assert torch.equal(q(w), ref)  # the quantizer takes the kernel path on CUDA
+
+
+def _block_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), _Block(),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 12 * 12, 10)).cuda().eval()
+
+
+def test_weight_bank_equals_per_layer_path_and_follows_the_weights():
+    """One launch for every weight of the model: the per-layer kernel's values, identity
+    gradients, recomputed after an optimizer step, usable for gradient accumulation, copied
+    cleanly, and stepped aside during CUDA graph capture."""
+    import copy
+
+    import quantkit.qat as qq
+    from quantkit.qat._cuda_fq import fake_quantize_weight
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(16, 8, 12, 12, device="cuda", generator=gen)
+    y = torch.randint(0, 10, (16,), device="cuda", generator=gen)
+    q = qq.prepare(_block_model())
+    qq.calibrate(q, [x])
+    q.train()
+    plain = copy.deepcopy(q)
+    for _, m in qq.quantizers(plain):
+        m.bank_ = None  # per-layer kernels
+    bank = next(m for _, m in qq.quantizers(q) if m.dynamic).bank_
+    assert len(bank.members) == 5
+    opt = {m: torch.optim.SGD(m.parameters(), lr=0.1) for m in (q, plain)}
+    for step in range(3):
+        for m in (q, plain):
+            for _ in range(2):  # two micro-batches accumulate before the step
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+        for a, b in zip(q.parameters(), plain.parameters()):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), step
+        for (wq, layer) in bank.members:
+            assert torch.equal(wq(layer.weight), fake_quantize_weight(layer.weight))
+        for m in (q, plain):
+            opt[m].step()
+            opt[m].zero_grad()
+    twin = copy.deepcopy(q)  # the bank's autograd results are not copied
+    assert torch.equal(twin(x), q(x))
+    # a captured forward must read the weights at replay time, not a bank result from before
+    with torch.no_grad():
+        static = x.clone()
+        q(static)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = q(static)
+        for p in q.parameters():
+            p.mul_(0.5)
+        graph.replay()
+        assert torch.allclose(out, q(static), rtol=1e-5, atol=1e-6)
+
+
+def test_followers_quantize_a_shared_tensor_once_with_the_same_gradients():
+    import copy
+
+    import quantkit.qat as qq
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(16, 8, 12, 12, device="cuda", generator=gen)
+    y = torch.randint(0, 10, (16,), device="cuda", generator=gen)
+    q = qq.prepare(_block_model())
+    result = qq.calibrate(q, [x, x * 2])  # CUDA graph pass: the block's readers share a histogram
+    assert len(result.shared) == 2, result.shared
+    q.train()
+    alone = copy.deepcopy(q)
+    for _, m in qq.quantizers(alone, inputs_only=True):
+        m.follows_ = None
+    outputs = {}
+    for name, m in qq.quantizers(q, inputs_only=True):
+        m.register_forward_hook(lambda mod, inp, out, name=name: outputs.__setitem__(name, out))
+    loss = torch.nn.functional.cross_entropy(q(x), y)
+    for follower, leader in result.shared.items():
+        assert outputs[follower] is outputs[leader]
+    loss.backward()
+    torch.nn.functional.cross_entropy(alone(x), y).backward()
+    for a, b in zip(q.parameters(), alone.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    result.apply(q, "minmax")  # new ranges: the links are made again
+    assert all(dict(qq.quantizers(q))[f].follows_ is not None for f in result.shared)
+
+
+class _InPlace(torch.nn.Module):
+    """Scales a quantized input in place right after a convolution read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv0(x))
+        y = self.conv1(h)
+        h.mul_(7.0)
+        return self.conv2(h) + y
+
+
+def test_overlapped_graph_updates_stay_exact_and_detect_in_place_writes(caplog):
+    """In the captured pass the histograms run on a side stream; a model that writes a quantized
+    input in place within the lag keeps them on its own stream, with exact statistics."""
+    import logging
+
+    import quantkit.qat as qq
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    model = _InPlace().cuda().eval()
+    batches = [torch.randn(32, 4, 40, 40, device="cuda", generator=gen) * (1 + i) for i in range(5)]
+    results = {}
+    for graph in (False, True):
+        with caplog.at_level(logging.INFO, logger="quantkit.qat.calibrate"):
+            results[graph] = qq.calibrate(qq.prepare(model), [b.clone() for b in batches], cuda_graph=graph)
+    assert "modified in place" in caplog.text and "conv1.input_quantizer" in caplog.text
+    for name, r in results[False].ranges.items():
+        for m in ("minmax", "entropy", "percentile", "mse"):
+            assert results[True].ranges[name].amax[m] == pytest.approx(r.amax[m], rel=1e-6), (name, m)

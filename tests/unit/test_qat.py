@@ -112,6 +112,47 @@ def test_ste_training_step_changes_weights(trained, digits):
     assert torch.allclose(w.grad, torch.arange(w.numel(), dtype=w.dtype).reshape(w.shape), rtol=1e-6)
 
 
+def test_follower_returns_the_leaders_output_until_a_range_changes():
+    """Two quantizers of one tensor with one range quantize it once, with the same gradient."""
+    from quantkit.qat.quantizer import TensorQuantizer
+
+    torch.manual_seed(0)
+    a, b = TensorQuantizer(), TensorQuantizer()
+    for q in (a, b):
+        q.set_amax(2.0)
+    b.follow(a)
+    x = (torch.randn(4, 8) * 2).requires_grad_(True)
+    ya = a(x)
+    assert b(x) is ya  # the very tensor a produced
+    assert b(x.detach().clone()) is not ya  # another tensor: quantized on its own
+    (ya * 3 + b(x) * 5).sum().backward()
+    inside = (x.detach().abs() / (2.0 / 127)).round() <= 127
+    assert torch.equal(x.grad, 8.0 * inside)  # both consumers' gradients, masked once
+    a.set_amax(1.0)  # a's range changed: b quantizes again, with its own range
+    assert torch.equal(b(x), torch.fake_quantize_per_tensor_affine(x, 2.0 / 127, 0, -128, 127))
+    b.follow(a)
+    b.set_amax(1.0)  # and setting b's range undoes b's link
+    assert b.follows_ is None
+
+
+def test_calibrated_checkpoint_loads_into_a_fresh_prepared_model(trained, digits):
+    import copy
+    import io
+
+    xtr, _, xte, _ = digits
+    q = qq.prepare(trained)
+    qq.calibrate(q, loader(xtr[:128]), method="mse")
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    fresh = qq.prepare(trained)
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert all(m.calibrated for _, m in qq.quantizers(fresh, inputs_only=True))
+    assert torch.equal(fresh(xte[:32]), q(xte[:32]))
+    twin = copy.deepcopy(q)  # the weight bank is copied with its layers
+    assert twin.get_submodule("fc").weight_quantizer.bank_ is not q.get_submodule("fc").weight_quantizer.bank_
+    assert torch.equal(twin(xte[:32]), q(xte[:32]))
+
+
 def test_bad_inputs(trained, digits, tmp_path):
     xtr, _, xte, _ = digits
     q = qq.prepare(trained)
