@@ -118,6 +118,7 @@ class TensorQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
+            self._last = None  # a follower must not take an output from before
             return x
         if self.calibrating:
             self._collect(x)

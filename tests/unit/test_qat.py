@@ -133,6 +133,13 @@ def test_follower_returns_the_leaders_output_until_a_range_changes():
     b.follow(a)
     b.set_amax(1.0)  # and setting b's range undoes b's link
     assert b.follows_ is None
+    c = TensorQuantizer()
+    c.set_amax(1.0)
+    c.follow(a)
+    ya = a(x)
+    assert c(x) is ya
+    a.enabled = False  # a passes x through: c no longer takes a's earlier output
+    assert a(x) is x and c(x) is not ya and torch.equal(c(x), b(x))
 
 
 def test_calibrated_checkpoint_loads_into_a_fresh_prepared_model(trained, digits):
