@@ -164,7 +164,8 @@ def _warm_up_and_capture(model: nn.Module, x: torch.Tensor,
     static = x.clone()
     graph = torch.cuda.CUDAGraph()
     try:
-        with _capturing(graph), histogram.lagged(concurrent=lag.modified is None):
+        # the histograms' side stream: the warm-up's, idle now (no stream is created during capture)
+        with _capturing(graph), histogram.lagged(concurrent=lag.modified is None, stream=side):
             model(static)
     except Exception as err:  # noqa: BLE001 - any capture failure: stay eager
         log.info("calibration forward not capturable as a CUDA graph (%s); running eagerly", err)

@@ -87,9 +87,10 @@ _side_streams: dict[Any, Any] = {}
 class Lag:
     """The updates in flight inside ``lagged()``: (tensor, its version, name, done event)."""
 
-    def __init__(self, concurrent: bool, lag: int):
+    def __init__(self, concurrent: bool, lag: int, stream: Any = None):
         self.concurrent = concurrent
         self.lag = max(1, lag)
+        self.stream = stream
         self.modified: str | None = None  # first histogram whose input was modified in place within the lag
         self._flight: collections.deque[tuple[Any, int, str, Any]] = collections.deque()
 
@@ -98,7 +99,7 @@ class Lag:
 
         event = None
         if self.concurrent:
-            side = _side_streams.get(x.device)
+            side = self.stream or _side_streams.get(x.device)
             if side is None:
                 side = _side_streams[x.device] = torch.cuda.Stream(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
@@ -130,12 +131,13 @@ _lag: Lag | None = None
 
 
 @contextlib.contextmanager
-def lagged(concurrent: bool = True, lag: int | None = None) -> Iterator[Lag]:
-    """Within the block, CUDA histogram updates run on a side stream (``concurrent``) and are
-    joined into the current stream ``lag`` updates later and on exit; with ``concurrent=False``
-    they run in place and the block only checks for in-place modifications within the lag."""
+def lagged(concurrent: bool = True, lag: int | None = None, stream: Any = None) -> Iterator[Lag]:
+    """Within the block, CUDA histogram updates run on a side stream (``concurrent``: ``stream``,
+    or one kept per device) and are joined into the current stream ``lag`` updates later and on
+    exit; with ``concurrent=False`` they run in place and the block only checks for in-place
+    modifications within the lag."""
     global _lag
-    outer, _lag = _lag, Lag(concurrent, LAG if lag is None else lag)
+    outer, _lag = _lag, Lag(concurrent, LAG if lag is None else lag, stream)
     state = _lag
     try:
         yield state
