@@ -81,6 +81,11 @@ def _kernel(device_index: int) -> Any:
     return _STATE[device_index]
 
 
+def eligible(w: torch.Tensor) -> bool:
+    """A weight the kernels take: a contiguous, non-empty float32 CUDA tensor."""
+    return bool(w.is_cuda and w.dtype == torch.float32 and w.is_contiguous() and w.dim() >= 1 and w.numel())
+
+
 class _WeightFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, kernel: Any) -> torch.Tensor:  # type: ignore[override]
@@ -100,7 +105,7 @@ class _WeightFakeQuant(torch.autograd.Function):
 def fake_quantize_weight(w: torch.Tensor) -> torch.Tensor | None:
     """Fake-quantized ``w`` (per channel along axis 0), or None when the kernel does not apply
     (not a contiguous float32 CUDA tensor, or no cuda-python/NVRTC here)."""
-    if not (w.is_cuda and w.dtype == torch.float32 and w.is_contiguous() and w.dim() >= 1 and w.numel()):
+    if not eligible(w):
         return None
     kernel = _kernel(w.device.index if w.device.index is not None else torch.cuda.current_device())
     if kernel is None:
@@ -114,10 +119,6 @@ def _distributed() -> bool:
     gradients while the backward pass runs."""
     dist = getattr(torch, "distributed", None)
     return bool(dist is not None and dist.is_available() and dist.is_initialized())
-
-
-def eligible(w: torch.Tensor) -> bool:
-    return bool(w.is_cuda and w.dtype == torch.float32 and w.is_contiguous() and w.dim() >= 1 and w.numel())
 
 
 class _BankFakeQuant(torch.autograd.Function):
