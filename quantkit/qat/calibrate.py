@@ -155,7 +155,7 @@ def _warm_up_and_capture(model: nn.Module, x: torch.Tensor,
     before the eager calls go on."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), histogram.sharing(), histogram.lagged(concurrent=False) as lag:
+    with torch.cuda.stream(side), histogram.sharing(), histogram.lagged() as lag:
         model(x)
     torch.cuda.current_stream().wait_stream(side)
     if lag.modified is not None:
@@ -165,7 +165,7 @@ def _warm_up_and_capture(model: nn.Module, x: torch.Tensor,
     graph = torch.cuda.CUDAGraph()
     try:
         # the histograms' side stream: the warm-up's, idle now (no stream is created during capture)
-        with _capturing(graph), histogram.lagged(concurrent=lag.modified is None, stream=side):
+        with _capturing(graph), histogram.lagged(side if lag.modified is None else None):
             model(static)
     except Exception as err:  # noqa: BLE001 - any capture failure: stay eager
         log.info("calibration forward not capturable as a CUDA graph (%s); running eagerly", err)

@@ -27,7 +27,7 @@ histogram reads memory; the next convolution mostly computes), and the model's s
 it only ``LAG`` updates later, holding the tensor until then so that its memory is not re-used
 under the kernel. That is safe unless the model modifies a quantized input in place within the
 lag, which the same context detects (``modified``): ``quantkit.qat.collect`` runs its first
-forward with ``concurrent=False`` to find out, and overlaps only models that do not. Measured
+forward without a side stream to find out, and overlaps only models that do not. Measured
 on the lent H100 (a captured calibration forward, batch 64, against the FP32 forward as a
 graph): ResNet-18 1.084x serial -> 1.061-1.068x with a lag of 1-3, ResNet-50 1.126x -> 1.085-1.090x.
 Used only in the captured graph: eagerly the per-update stream switches and events cost more host
@@ -81,16 +81,13 @@ def remember(x: Any, h: "TorchHistogram") -> None:
 
 
 LAG = 2  # updates in flight on the side stream before the model's stream waits for the oldest
-_side_streams: dict[Any, Any] = {}
 
 
 class Lag:
     """The updates in flight inside ``lagged()``: (tensor, its version, name, done event)."""
 
-    def __init__(self, concurrent: bool, lag: int, stream: Any = None):
-        self.concurrent = concurrent
-        self.lag = max(1, lag)
-        self.stream = stream
+    def __init__(self, stream: Any = None):
+        self.stream = stream  # the side stream; None: updates run in place
         self.modified: str | None = None  # first histogram whose input was modified in place within the lag
         self._flight: collections.deque[tuple[Any, int, str, Any]] = collections.deque()
 
@@ -98,19 +95,16 @@ class Lag:
         import torch
 
         event = None
-        if self.concurrent:
-            side = self.stream or _side_streams.get(x.device)
-            if side is None:
-                side = _side_streams[x.device] = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(self.stream):
                 update()
             event = torch.cuda.Event()
-            event.record(side)
+            event.record(self.stream)
         else:
             update()
         self._flight.append((x, x._version, name, event))
-        while len(self._flight) > self.lag:
+        while len(self._flight) > LAG:
             self._retire()
 
     def _retire(self) -> None:
@@ -131,13 +125,12 @@ _lag: Lag | None = None
 
 
 @contextlib.contextmanager
-def lagged(concurrent: bool = True, lag: int | None = None, stream: Any = None) -> Iterator[Lag]:
-    """Within the block, CUDA histogram updates run on a side stream (``concurrent``: ``stream``,
-    or one kept per device) and are joined into the current stream ``lag`` updates later and on
-    exit; with ``concurrent=False`` they run in place and the block only checks for in-place
-    modifications within the lag."""
+def lagged(stream: Any = None) -> Iterator[Lag]:
+    """Within the block, CUDA histogram updates run on ``stream`` and are joined into the
+    current stream ``LAG`` updates later and on exit; with no stream they run in place and the
+    block only checks for in-place modifications within the lag."""
     global _lag
-    outer, _lag = _lag, Lag(concurrent, LAG if lag is None else lag, stream)
+    outer, _lag = _lag, Lag(stream)
     state = _lag
     try:
         yield state
