@@ -1,17 +1,57 @@
-"""Atomic writes: a temporary file beside the target, fsync, rename. Nothing half-written."""
+"""Safe outputs: checked before the work, written atomically, never touching what quantkit did not write.
+
+Rules (shared/DESIGN.md, "user data is sacred"):
+
+- ``check_output_dir`` / ``check_output_file`` run before any work: the output must not be, hold
+  or lie inside an input of the run; its folder must be writable (a probe file is created and
+  removed, so read-only file systems, immutable folders and permissions are all caught the same
+  way); there must be room for the expected bytes.
+- A folder of artifacts is written through ``output_dir``: into a staging folder, then either
+  renamed into place in one step (a new folder) or, for an existing folder (an empty mount
+  point, where renaming the folder itself fails with EBUSY, or a folder of an earlier run with
+  ``--force``), moved in file by file, each rename atomic, the manifest last.
+- ``MANIFEST`` (``quantkit-manifest.json``) lists every file a run wrote with its SHA-256.
+  ``--force`` replaces only files that a manifest lists and that still have the recorded
+  content; a folder without a manifest, or a file the user changed or added, is never replaced
+  or deleted.
+- Files and folders get the permissions of the user's umask, like any other program's output.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import OutputExistsError
+from quantkit.errors import InputError, OutputExistsError
+
+MANIFEST = "quantkit-manifest.json"
+
+_umask_lock = threading.Lock()
+
+
+class OutputError(InputError):
+    """The output location cannot be written, or would overlap an input."""
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; guarded against other threads)."""
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path, *, directory: bool) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -23,12 +63,22 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _os_error(err: OSError, path: Path, what: str) -> OutputError:
+    reason = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+              errno.EACCES: "permission denied", errno.EPERM: "operation not permitted (immutable?)",
+              errno.EDQUOT: "disk quota exceeded"}.get(err.errno or 0, err.strerror or str(err))
+    return OutputError(f"cannot {what} {str(path)!r}: {reason}",
+                       hint="choose another output location (-o) or free/allow it; nothing was written")
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename), with
+    the permissions of the umask."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -50,43 +100,254 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def check_output_dir(path: str | os.PathLike[str], *, force: bool) -> Path:
-    """Refuse an existing non-empty folder unless ``force``; a file in the way is refused too."""
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ checks before the work
+def _resolved(p: str | os.PathLike[str]) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(p))).resolve()
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest part of ``path`` that exists; a regular file in the way is an error."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise OutputError(f"cannot create {str(path)!r}: {str(p)!r} is a file, not a folder",
+                                  hint="choose an output path that is not below a file")
+            return p
+    return Path("/")  # pragma: no cover - the root always exists
+
+
+def _check_overlap(out: Path, inputs: Iterable[str | os.PathLike[str]], *, what: str) -> None:
+    """Refuse an output that is, holds or lies inside an input (file or folder)."""
+    target = _resolved(out)
+    for raw in inputs:
+        if raw is None:
+            continue
+        src = _resolved(raw)
+        if target == src:
+            relation = "is"
+        elif target in src.parents:
+            relation = "holds"
+        elif src in target.parents and src.is_dir():
+            relation = "is inside"
+        else:
+            continue
+        raise OutputError(f"{what} {str(out)!r} {relation} the input {str(raw)!r}; quantkit never writes over "
+                          "or into its inputs", hint="choose an output location outside the model and data")
+
+
+def _probe_writable(folder: Path) -> None:
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".quantkit-probe-", dir=folder)
+    except OSError as err:
+        raise _os_error(err, folder, "write into") from err
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_space(folder: Path, need_bytes: int) -> None:
+    if need_bytes <= 0:
+        return
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need_bytes:
+        raise OutputError(f"not enough space in {str(folder)!r}: about {need_bytes / 2**20:.1f} MiB needed, "
+                          f"{free / 2**20:.1f} MiB free", hint="free some space or choose another -o")
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of an earlier run in ``folder``, or None (absent or not quantkit's)."""
+    path = Path(folder) / MANIFEST
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("tool") != "quantkit" or not isinstance(doc.get("files"), dict):
+        return None
+    return doc
+
+
+def _ours(folder: Path, manifest: dict[str, Any] | None, name: str) -> bool:
+    """``name`` in ``folder`` was written by quantkit and is unchanged since."""
+    if manifest is None:
+        return False
+    entry = manifest["files"].get(name)
+    path = folder / name
+    if not isinstance(entry, dict) or not path.is_file() or path.is_symlink():
+        return False
+    return file_sha256(path) == entry.get("sha256")
+
+
+def _checked(check: Any) -> Any:
+    """Turn a file-system error met while checking an output into one readable line."""
+    import functools
+
+    @functools.wraps(check)
+    def wrapper(path: str | os.PathLike[str], **kwargs: Any) -> Path:
+        try:
+            return check(path, **kwargs)
+        except OSError as err:
+            raise _os_error(err, Path(err.filename or path), "write into") from err
+
+    return wrapper
+
+
+@_checked
+def check_output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Sequence[Any] = (),
+                     need_bytes: int = 0) -> Path:
+    """Check, before any work, that ``path`` can receive a set of artifacts.
+
+    A missing folder (and missing parents) is fine; an empty folder is written in place; a
+    non-empty one needs ``force`` and a manifest of an earlier quantkit run (files quantkit did
+    not write are never replaced, and stay). Raises ``OutputError``/``OutputExistsError``
+    (exit 2) with one line.
+    """
     out = Path(path)
+    _check_overlap(out, inputs, what="output folder")
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExistsError(
-            f"output folder {str(out)!r} exists and is not empty",
-            hint="pass --force to replace it, or choose another -o",
-        )
+        raise OutputExistsError(f"output path {str(out)!r} exists and is not a folder",
+                                hint="choose a folder for -o")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise OutputExistsError(f"output folder {str(out)!r} exists and is not empty",
+                                    hint="pass --force to replace quantkit's earlier artifacts there, or choose another -o")
+        manifest = read_manifest(out)
+        if manifest is None:
+            raise OutputExistsError(
+                f"output folder {str(out)!r} holds files that quantkit did not write (no {MANIFEST})",
+                hint="--force replaces only quantkit's own artifacts; choose a new or empty folder")
+        changed = [n for n in manifest["files"] if (out / n).exists() and not _ours(out, manifest, n)]
+        if changed:
+            raise OutputExistsError(
+                f"{str(out / changed[0])!r} was written by quantkit but changed since; --force will not replace it",
+                hint="move it away or choose another -o")
+    base = _existing_ancestor(out)
+    _probe_writable(base)
+    _check_space(base, need_bytes)
     return out
 
 
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike[str], *, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename.
+@_checked
+def check_output_file(path: str | os.PathLike[str], *, force: bool, inputs: Sequence[Any] = (),
+                      need_bytes: int = 0) -> Path:
+    """Check, before any work, that the single file ``path`` can be written: not an input, not
+    an existing file unless ``force``, its folder writable, room for ``need_bytes``."""
+    out = Path(path)
+    _check_overlap(out, inputs, what="output file")
+    if out.is_dir():
+        raise OutputExistsError(f"output {str(out)!r} is a folder", hint="give a file name")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{str(out)!r} exists", hint="pass --force to overwrite it, or choose another name")
+    base = _existing_ancestor(out.parent)
+    _probe_writable(base)
+    _check_space(base, need_bytes)
+    return out
 
-    On any exception (Ctrl-C included) the temporary folder is removed and ``path`` is left
-    exactly as it was.
+
+# ------------------------------------------------------------------ writing a folder
+def _files_below(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _manifest_doc(staging: Path, command: str) -> dict[str, Any]:
+    from quantkit import __version__
+
+    files = {p.relative_to(staging).as_posix(): {"sha256": file_sha256(p), "size": p.stat().st_size}
+             for p in _files_below(staging) if p.name != MANIFEST}
+    return {"tool": "quantkit", "version": __version__, "command": command, "files": files}
+
+
+def _fix_modes(staging: Path) -> None:
+    for p in staging.rglob("*"):
+        _apply_umask(p, directory=p.is_dir())
+    _apply_umask(staging, directory=True)
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Sequence[Any] = (),
+               command: str = "quantkit") -> Iterator[Path]:
+    """Yield a staging folder; on success its files become ``path``'s, with a manifest.
+
+    ``path`` missing: the staging folder (beside it) is renamed into place in one step.
+    ``path`` existing (empty, or an earlier run's with ``force``): staging lies inside it and
+    each file is renamed into place atomically, the manifest last; earlier artifacts that this
+    run did not write again are removed only if unchanged since quantkit wrote them. On any
+    exception (Ctrl-C included) the staging folder is removed and ``path`` is as it was.
     """
-    out = check_output_dir(path, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    out = check_output_dir(path, force=force, inputs=inputs)
+    created: list[Path] = []  # missing parents made here, removed again on failure
+    for parent in reversed(out.parents):
+        if not parent.exists():
+            try:
+                parent.mkdir()
+            except OSError as err:
+                raise _os_error(err, parent, "create") from err
+            _apply_umask(parent, directory=True)
+            created.append(parent)
+    in_place = out.is_dir()
     try:
-        yield tmp
-        for child in tmp.iterdir():
-            if child.is_file():
-                with open(child, "rb") as fh:
+        staging = Path(tempfile.mkdtemp(prefix=".quantkit-staging-" if in_place else f".{out.name}.",
+                                        suffix="" if in_place else ".partial",
+                                        dir=out if in_place else out.parent))
+    except OSError as err:
+        for p in reversed(created):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise _os_error(err, out, "write into") from err
+    committed = False
+    try:
+        yield staging
+        try:
+            doc = _manifest_doc(staging, command)
+            for p in _files_below(staging):
+                with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
+            if in_place:
+                _commit_in_place(staging, out, doc)
+            else:
+                (staging / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+                _fix_modes(staging)
+                os.replace(staging, out)
+                _fsync_dir(out.parent)
+        except OSError as err:
+            raise _os_error(err, out, "write") from err
+        committed = True
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        if not committed:
+            for p in reversed(created):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+
+
+def _commit_in_place(staging: Path, out: Path, doc: dict[str, Any]) -> None:
+    old = read_manifest(out)
+    names = list(doc["files"])
+    for name in names:  # refuse before moving anything: a user's file of the same name stays
+        target = out / name
+        if (target.exists() or target.is_symlink()) and not _ours(out, old, name):
+            raise OutputExistsError(f"{str(target)!r} exists and was not written by quantkit (or was changed since)",
+                                    hint="move it away or choose another -o; nothing was replaced")
+    stale = [n for n in (old or {}).get("files", {}) if n not in doc["files"] and _ours(out, old, n)]
+    _fix_modes(staging)
+    for name in names:
+        target = out / name
+        if not target.parent.exists():
+            target.parent.mkdir(parents=True)
+            _apply_umask(target.parent, directory=True)
+        os.replace(staging / name, target)
+    _fsync_dir(out)
+    write_json_atomic(out / MANIFEST, doc)
+    for name in stale:
+        with contextlib.suppress(OSError):
+            (out / name).unlink()

@@ -224,36 +224,54 @@ def write_artifacts(
     calibration: Calibration,
     outdir: str | os.PathLike[str],
     *,
+    force: bool = False,
+    inputs: Sequence[Any] = (),
+    command: str = "quantkit calibrate",
+    **contents: Any,
+) -> dict[str, Path]:
+    """Write the artifacts of ``write_artifacts_into`` (``contents`` are its keyword arguments)
+    into ``outdir`` through ``quantkit._io.output_dir``: staged, then renamed into place, with a
+    manifest; ``force`` replaces only an earlier run's artifacts; ``inputs`` are the run's input
+    files and folders, which the output must not be, hold or lie inside."""
+    from quantkit._io import output_dir
+
+    with output_dir(outdir, force=force, inputs=inputs, command=command) as tmp:
+        names = write_artifacts_into(tmp, calibration, **contents)
+    return {k: Path(outdir) / v for k, v in names.items()}
+
+
+def write_artifacts_into(
+    folder: Path,
+    calibration: Calibration,
+    *,
     model_stem: str,
     int8_model: onnx.ModelProto,
     report: dict[str, Any] | None,
     metadata: dict[str, Any],
     trt_version: int = DEFAULT_TRT_VERSION,
-    force: bool = False,
     extra: dict[str, onnx.ModelProto] | None = None,
-) -> dict[str, Path]:
+) -> dict[str, str]:
     """Write ``<stem>.int8.onnx``, ``calibration.cache`` (+ ``calibration.cache.json``, its
-    provenance, when ``metadata["model"]["sha256"]`` is given), ``ranges.json`` and
-    ``report.json`` into ``outdir`` as one atomic step (a temporary folder renamed into place)."""
-    from quantkit._io import atomic_output_dir, write_json_atomic
+    provenance, when ``metadata["model"]["sha256"]`` is given), ``ranges.json``, ``report.json``
+    and the ``extra`` models into ``folder`` (a staging folder). Returns file names by kind."""
+    from quantkit._io import write_json_atomic
     from quantkit.calibrators.cache import CacheProvenance, sidecar_path, write_cache, write_sidecar
 
     method = calibration.config.method
-    with atomic_output_dir(outdir, force=force) as tmp:
-        names = {"model": f"{model_stem}.int8.onnx", "cache": "calibration.cache", "ranges": "ranges.json"}
-        save_model(int8_model, tmp / names["model"])
-        cache = calibration.cache(method, trt_version=trt_version)
-        write_cache(tmp / names["cache"], cache)
-        sha = (metadata.get("model") or {}).get("sha256")
-        if sha:  # provenance, so that a cache is never reused for another model or preprocessing
-            names["cache_provenance"] = sidecar_path(names["cache"]).name
-            write_sidecar(tmp / names["cache"], CacheProvenance(sha, metadata.get("preprocess"), cache.algorithm,
-                                                               cache.version, method))
-        write_json_atomic(tmp / names["ranges"], calibration.ranges_document(method, **metadata))
-        if report is not None:
-            names["report"] = "report.json"
-            write_json_atomic(tmp / names["report"], report)
-        for name, model in (extra or {}).items():
-            save_model(model, tmp / name)
-            names[name] = name
-    return {k: Path(outdir) / v for k, v in names.items()}
+    names = {"model": f"{model_stem}.int8.onnx", "cache": "calibration.cache", "ranges": "ranges.json"}
+    save_model(int8_model, folder / names["model"])
+    cache = calibration.cache(method, trt_version=trt_version)
+    write_cache(folder / names["cache"], cache)
+    sha = (metadata.get("model") or {}).get("sha256")
+    if sha:  # provenance, so that a cache is never reused for another model or preprocessing
+        names["cache_provenance"] = sidecar_path(names["cache"]).name
+        write_sidecar(folder / names["cache"], CacheProvenance(sha, metadata.get("preprocess"), cache.algorithm,
+                                                             cache.version, method))
+    write_json_atomic(folder / names["ranges"], calibration.ranges_document(method, **metadata))
+    if report is not None:
+        names["report"] = "report.json"
+        write_json_atomic(folder / names["report"], report)
+    for name, model in (extra or {}).items():
+        save_model(model, folder / name)
+        names[name] = name
+    return names

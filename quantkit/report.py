@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit._deps import require
+from quantkit._io import MANIFEST
 from quantkit.errors import InputError
 
 METHOD_ORDER = ("minmax", "entropy", "percentile", "mse", "auto", "entropy-trt")
@@ -37,6 +38,13 @@ class Results:
     qat: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, doc: dict[str, Any], source: str = "<dict>") -> None:
+        if "methods" in doc and "latency_batch32" in doc:  # `quantkit demo`'s report.json
+            for compare in doc["methods"].values():
+                self.add(compare, source)
+            for bench in doc["latency_batch32"].values():
+                if "model" in bench:
+                    self.add(bench, source)
+            return
         doc = {**doc, "_file": source}
         if "median_ms" in doc:
             self.benches.append(doc)
@@ -63,8 +71,8 @@ def load_results(paths: Iterable[str | os.PathLike[str]]) -> Results:
         else:
             raise InputError(f"result file {str(p)!r} does not exist")
     for f in files:
-        if f.name.endswith(".cache.json"):
-            continue  # calibration cache provenance, not a result
+        if f.name.endswith(".cache.json") or f.name == MANIFEST:
+            continue  # calibration cache provenance / the list of written files, not results
         try:
             doc = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
@@ -96,13 +104,19 @@ def _stem(name: str) -> str:
     return base
 
 
+def by_model(docs: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """One document per model (the last one read wins): the same model named by several files
+    (calibrate's report.json and a compare --json of it) is one model, one point."""
+    return list({_stem(d[key]): d for d in docs}.values())
+
+
 def accuracy_latency_points(res: Results) -> list[Point]:
-    """Join comparisons and benchmarks by model file name; FP32 from the comparisons'
-    reference accuracy (agreement 1.0 where there are no labels)."""
+    """Join comparisons and benchmarks by model file name, one point per model; FP32 from the
+    comparisons' reference accuracy (agreement 1.0 where there are no labels)."""
     bench = {_stem(b["model"]): b for b in res.benches}
     points: list[Point] = []
     refs: dict[str, float] = {}
-    for c in res.compares:
+    for c in by_model(res.compares, "test"):
         labels = c.get("accuracy_test") is not None
         out = c["outputs"][0]
         score = c["accuracy_test"] if labels else out.get("top1_agreement")
@@ -150,19 +164,35 @@ def plot_accuracy_latency(points: Sequence[Point], title: str = "accuracy vs lat
     return fig
 
 
+def model_name(doc: dict[str, Any]) -> str:
+    """The model a result document is about (its file name), else the folder it came from."""
+    model = doc.get("model")
+    path = model.get("path") if isinstance(model, dict) else model
+    if path:
+        return Path(str(path)).name
+    return Path(doc.get("_file", "")).parent.name or "model"
+
+
+#: one marker per method, drawn side by side, so that equal values (minmax and entropy-trt on
+#: one-sided tensors, auto and mse) still show every method
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
 def plot_amax_by_method(ranges: dict[str, Any], *, max_tensors: int = 40, title: str | None = None) -> Any:
     plt = _plt()
     tensors = [n for n, t in ranges["tensors"].items() if t.get("quantized", True)][:max_tensors]
     fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(tensors) + 3), 4.5))
-    for m in METHOD_ORDER:
-        values = [ranges["tensors"][t].get(m) for t in tensors]
-        if all(v is not None for v in values):
-            ax.plot(range(len(tensors)), values, marker="o", markersize=3, label=m)
+    methods = [m for m in METHOD_ORDER if all(ranges["tensors"][t].get(m) is not None for t in tensors)]
+    width = 0.7 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(tensors))]
+        ax.plot(xs, [ranges["tensors"][t][m] for t in tensors], linestyle="none", marker=_MARKERS[i % len(_MARKERS)],
+                markersize=5, markerfacecolor="none", markeredgewidth=1.2, label=m)
     ax.set_xticks(range(len(tensors)))
     ax.set_xticklabels([t[-28:] for t in tensors], rotation=90, fontsize=6)
     ax.set_yscale("log")
     ax.set_ylabel("amax")
-    ax.set_title(title or f"per-tensor amax by method ({Path(ranges.get('_file', '')).parent.name or 'ranges'})")
+    ax.set_title(title or f"per-tensor amax by method: {model_name(ranges)}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -173,7 +203,7 @@ def plot_output_error(compares: Sequence[dict[str, Any]], title: str = "output S
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 0.35 * max(4, len(compares)) + 1.5))
     labels, values = [], []
-    for c in compares:
+    for c in by_model(compares, "test"):
         for o in c["outputs"]:
             labels.append(f"{_stem(c['test'])}: {o['name']}" if len(c["outputs"]) > 1 else _stem(c["test"]))
             values.append(o["sqnr_db"])
@@ -209,8 +239,11 @@ def figures(res: Results) -> dict[str, Any]:
     pts = accuracy_latency_points(res)
     if pts:
         figs["accuracy_vs_latency"] = plot_accuracy_latency(pts)
-    for i, r in enumerate(res.ranges):
-        figs[f"amax_by_method{'_' + str(i) if i else ''}"] = plot_amax_by_method(r)
+    seen: dict[str, int] = {}
+    for r in res.ranges:  # named by model; a second range set of one model gets a number
+        stem = _stem(model_name(r))
+        seen[stem] = seen.get(stem, 0) + 1
+        figs[f"amax_by_method_{stem}{'_' + str(seen[stem]) if seen[stem] > 1 else ''}"] = plot_amax_by_method(r)
     if res.compares:
         figs["output_sqnr"] = plot_output_error(res.compares)
     for i, q in enumerate(res.qat):
@@ -220,7 +253,7 @@ def figures(res: Results) -> dict[str, Any]:
 
 def _table(res: Results) -> str:
     rows = []
-    for c in res.compares:
+    for c in by_model(res.compares, "test"):
         o = c["outputs"][0]
         acc = "-" if c.get("accuracy_test") is None else f"{c['accuracy_test']:.4f}"
         agree = "-" if o.get("top1_agreement") is None else f"{o['top1_agreement']:.4f}"
@@ -230,7 +263,7 @@ def _table(res: Results) -> str:
     bench_rows = "".join(
         f"<tr><td>{html.escape(_stem(b['model']))}</td><td>{html.escape(str(b.get('backend')))} "
         f"({html.escape(str(b.get('device')))})</td><td>{b['batch']}</td><td>{b['median_ms']:.3f}</td>"
-        f"<td>{b['p99_ms']:.3f}</td><td>{b.get('throughput_per_s', 0):.1f}</td></tr>" for b in res.benches)
+        f"<td>{b['p99_ms']:.3f}</td><td>{b.get('throughput_per_s', 0):.1f}</td></tr>" for b in by_model(res.benches, "model"))
     bench_head = "<tr><th>model</th><th>backend</th><th>batch</th><th>median ms</th><th>p99 ms</th><th>samples/s</th></tr>"
     out = ""
     if rows:
@@ -241,10 +274,11 @@ def _table(res: Results) -> str:
 
 
 def write_report(res: Results, outdir: str | os.PathLike[str], *, title: str = "quantkit report",
-                 force: bool = False) -> dict[str, Path]:
+                 force: bool = False, inputs: Sequence[Any] = ()) -> dict[str, Path]:
     """Write every figure as PNG and SVG plus ``index.html`` (figures inlined, no external
-    files needed) into ``outdir``, atomically. Returns the written paths by name."""
-    from quantkit._io import atomic_output_dir
+    files needed) into ``outdir``, atomically, never over or into ``inputs`` (the result files it
+    read). Returns the written paths by name."""
+    from quantkit._io import output_dir
 
     plt = _plt()
     figs = figures(res)
@@ -253,7 +287,7 @@ def write_report(res: Results, outdir: str | os.PathLike[str], *, title: str = "
              "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
              "img{max-width:100%}</style></head><body>", f"<h1>{html.escape(title)}</h1>", _table(res)]
-    with atomic_output_dir(outdir, force=force) as tmp:
+    with output_dir(outdir, force=force, inputs=inputs, command="quantkit report") as tmp:
         for name, fig in figs.items():
             png, svg = io.BytesIO(), io.BytesIO()
             fig.savefig(png, format="png", dpi=120)

@@ -35,14 +35,17 @@ class Bench:
         parser.add_argument("--streams", type=positive_int, default=1, help="TensorRT: concurrent streams (default 1)")
         parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
         parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON")
+        parser.add_argument("--force", action="store_true", help="overwrite an existing --json FILE")
 
     def run(self, args: argparse.Namespace) -> int:
-        from quantkit._io import write_json_atomic
+        from quantkit._io import check_output_file, write_json_atomic
         from quantkit.backends.onnxruntime import runner_from_path
         from quantkit.bench import measure_latency, random_feed, stats_from_times
         from quantkit.errors import InputError
         from quantkit.backends.tensorrt.builder import parse_shapes
 
+        if args.json:  # before the work: never over the model, never an unasked overwrite
+            check_output_file(args.json, force=args.force, inputs=[args.model])
         trt_options = args.cuda_graph or args.no_transfers or args.streams > 1
         is_engine = Path(args.model).suffix.lower() in (".plan", ".engine", ".trt")
         if trt_options and not is_engine:
@@ -63,11 +66,12 @@ class Bench:
                 stats = measure_latency(runner, feed, warmup=args.warmup, iterations=args.iterations,
                                         duration_s=args.duration)
                 mode = "host to host (inputs copied in, outputs copied out)" if is_engine else "host arrays"
+        if args.json:  # written before anything is printed
+            write_json_atomic(args.json, {"model": str(args.model), "mode": mode, **stats.to_dict()})
         shape_text = ", ".join(f"{n} {'x'.join(map(str, a.shape))}" for n, a in feed.items())
         print(f"{Path(args.model).name} on {stats.backend} ({stats.device}); {shape_text}; {mode}")
         print(f"  {stats.iterations} runs: min {stats.min_ms:.3f} ms, median {stats.median_ms:.3f}, mean {stats.mean_ms:.3f}, "
               f"p90 {stats.p90_ms:.3f}, p99 {stats.p99_ms:.3f}; throughput {stats.throughput:.1f} samples/s")
         if args.json:
-            write_json_atomic(args.json, {"model": str(args.model), "mode": mode, **stats.to_dict()})
             print(f"  wrote {args.json}")
         return 0

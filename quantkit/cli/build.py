@@ -51,17 +51,21 @@ class Build:
         from contextlib import ExitStack
 
         from quantkit.calibrators.cache import CacheProvenance, check_cache_matches, trt_version_number
-        from quantkit.errors import InputError, OutputExistsError
+        from quantkit._io import check_output_file
+        from quantkit.errors import InputError
         from quantkit.onnx.model import file_sha256, float_input_specs, load_model
         from quantkit.backends.tensorrt.builder import BuildOptions, build_engine, build_mode, has_qdq, parse_shapes
         from quantkit.calibrators.tensorrt import CALIBRATORS, CalibratorCore, cache_only_core
         from quantkit.backends.tensorrt.load import load_tensorrt
 
         out = Path(args.output)
-        if out.exists() and not args.force:
-            raise OutputExistsError(f"{str(out)!r} exists", hint="pass --force to overwrite it")
         model_path = Path(args.model)
         model = load_model(model_path)
+        inputs = [p for p in (args.model, args.images, args.npz, args.calibration_cache, args.timing_cache) if p]
+        # before the work: outputs never over an input, never an unasked overwrite, room for the engine
+        check_output_file(out, force=args.force, inputs=inputs, need_bytes=model_path.stat().st_size)
+        if args.layer_info:
+            check_output_file(args.layer_info, force=args.force, inputs=[*inputs, out])
         explicit = has_qdq(model)
         calibrating = args.calibrator is not None or args.calibration_cache is not None
         precision = args.precision or ("int8" if explicit or calibrating else "fp32")

@@ -61,9 +61,13 @@ class Calibrate:
         from quantkit.onnx.model import file_sha256, load_model
         from quantkit.pipeline import CalibConfig, calibrate, entropy_effect, prepare_model, write_artifacts
 
-        check_output_dir(args.output, force=args.force)
         model_path = Path(args.model)
+        inputs = [p for p in (args.model, args.images, args.npz, args.eval_dir) if p]
         model = load_model(model_path)
+        # before any work: the output must be writable, outside the inputs, with room for the
+        # INT8 model (float weights kept: about the FP32 model's size) and the small files
+        check_output_dir(args.output, force=args.force, inputs=inputs,
+                         need_bytes=model_path.stat().st_size + (1 << 22))
         config = CalibConfig(method=args.method, percentile=args.percentile, num_bins=args.num_bins,
                              batch_size=args.batch_size, threads=args.threads,
                              cache_all_tensors=args.cache_all_tensors, strict=args.strict,
@@ -79,7 +83,7 @@ class Calibrate:
                             on_batch=lambda b: bar.update(b.size), model_name=str(model_path))
         int8 = cal.int8_model()
 
-        report = None
+        report, lines = None, []  # printed after the artifacts are written (a closed stdout loses nothing)
         if args.eval_images > 0:
             if args.eval_dir:
                 eval_source = source_for_model(args, specs, images=args.eval_dir)
@@ -96,9 +100,9 @@ class Calibrate:
                 cmp = compare_runners(ref, test, batches, reference_name=model_path.name,
                                       test_name=f"{model_path.stem}.int8.onnx ({args.method})",
                                       on_batch=lambda b: bar.update(b.size))
-            print(cmp.table())
+            lines.append(cmp.table())
             if not held_out:
-                print("  note: no images left after calibration; compared on calibration images")
+                lines.append("  note: no images left after calibration; compared on calibration images")
             report = {"method": args.method, "held_out": held_out, **cmp.to_dict(),
                       "entropy_two_sided_tensors": entropy_effect(cal)}
 
@@ -110,7 +114,9 @@ class Calibrate:
         }
         paths = write_artifacts(cal, args.output, model_stem=model_path.stem.removesuffix(".fp32"), int8_model=int8,
                                 report=report, metadata=meta, trt_version=trt_version_number(args.trt_version),
-                                force=args.force)
+                                force=args.force, inputs=inputs, command="quantkit calibrate")
+        for line in lines:
+            print(line)
         if cal.skipped:
             print(f"skipped {len(cal.skipped)} unreadable file(s) during calibration (listed in ranges.json)")
         print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations and "

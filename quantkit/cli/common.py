@@ -119,11 +119,11 @@ def select(count: int, args: argparse.Namespace, *, what: str = "samples", take:
 
 
 @contextmanager
-def progress(total: int, desc: str, *, disable: bool = False) -> Iterator[Any]:
+def progress(total: int, desc: str, *, disable: bool = False, unit: str = "img") -> Iterator[Any]:
     """A tqdm bar on stderr (hidden when stderr is not a terminal, or with --no-progress)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=True if disable else None,
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=True if disable else None,
                dynamic_ncols=True, leave=False)
     try:
         yield bar

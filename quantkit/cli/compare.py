@@ -23,16 +23,21 @@ class Compare:
         parser.add_argument("reference", metavar="FP32.onnx", help="the reference (FP32) model")
         parser.add_argument("test", metavar="INT8.onnx", help="the model to check")
         parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+        parser.add_argument("--force", action="store_true", help="overwrite an existing --json FILE")
         parser.add_argument("--min-cosine", type=float, default=None,
                             help="exit 1 when any output's mean cosine similarity is below this")
         add_data_args(parser)
         add_preprocess_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from quantkit._io import write_json_atomic
+        from quantkit._io import check_output_file, write_json_atomic
         from quantkit.backends.onnxruntime import runner_from_path
         from quantkit.compare import compare_runners
         from quantkit.datasets import Batcher
+
+        if args.json:  # before the work: never over an input, never an unasked overwrite
+            check_output_file(args.json, force=args.force,
+                              inputs=[p for p in (args.reference, args.test, args.images, args.npz) if p])
 
         ref = runner_from_path(args.reference, threads=args.threads)
         test = runner_from_path(args.test, threads=args.threads)
@@ -45,9 +50,10 @@ class Compare:
         with ref, test, progress(len(idx), "comparing", disable=args.no_progress) as bar:
             report = compare_runners(ref, test, batches, reference_name=Path(args.reference).name,
                                      test_name=Path(args.test).name, on_batch=lambda b: bar.update(b.size))
+        if args.json:  # written before anything is printed
+            write_json_atomic(args.json, report.to_dict())
         print(report.table())
         if args.json:
-            write_json_atomic(args.json, report.to_dict())
             print(f"  wrote {args.json}")
         if args.min_cosine is not None:
             worst = min(m.cosine_mean for m in report.outputs)

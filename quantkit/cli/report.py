@@ -22,15 +22,15 @@ class Report:
         parser.add_argument("results", nargs="+", metavar="FILE_OR_DIR", help="result JSON files or folders")
         parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for index.html and the plots")
         parser.add_argument("--title", default="quantkit report", help="page title")
-        parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+        parser.add_argument("--force", action="store_true", help="replace the files of an earlier report in the output folder (never other files)")
 
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import check_output_dir
         from quantkit.report import load_results, write_report
 
-        check_output_dir(args.output, force=args.force)
+        check_output_dir(args.output, force=args.force, inputs=args.results)
         res = load_results(args.results)
-        paths = write_report(res, args.output, title=args.title, force=args.force)
+        paths = write_report(res, args.output, title=args.title, force=args.force, inputs=args.results)
         print(f"{len(res.compares)} comparisons, {len(res.benches)} benchmarks, {len(res.ranges)} range sets, "
               f"{len(res.qat)} QAT runs")
         for p in paths.values():

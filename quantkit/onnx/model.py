@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from quantkit._io import file_sha256  # noqa: F401  (re-exported: the model hash of caches and ranges)
 from quantkit.errors import ModelError
 
 MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
@@ -48,14 +48,6 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "validation failed"
         raise ModelError(f"{str(p)!r} is not a valid ONNX model: {first}") from err
     return model
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:

@@ -90,8 +90,12 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def run(out_dir: str | Path, *, epochs: int = 40, qat_epochs: int = 2, qat_lr: float = 1e-3, seed: int = 0,
-        calib_images: int = 512, echo: Callable[[str], None] = print) -> DemoResult:
-    """Train, quantize every way, export to ``out_dir`` and measure; returns the table."""
+        calib_images: int = 512, echo: Callable[[str], None] = print,
+        on_epoch: Callable[[int, float], None] | None = None) -> DemoResult:
+    """Train, quantize every way, export to ``out_dir`` and measure; returns the table.
+
+    ``echo`` receives a line per step; ``on_epoch(epoch, test_accuracy)`` is called after each
+    FP32 training epoch (progress)."""
     from quantkit.backends.onnxruntime import OrtRunner
 
     t_start = time.perf_counter()
@@ -111,6 +115,8 @@ def run(out_dir: str | Path, *, epochs: int = 40, qat_epochs: int = 2, qat_lr: f
         loss = _epoch(model, xtr, ytr, opt, sched)
         acc = _accuracy(model, xte, yte)
         result.fp32_curve.append({"epoch": e + 1, "loss": loss, "test_accuracy": acc})
+        if on_epoch is not None:
+            on_epoch(e + 1, acc)
     echo(f"FP32: {epochs} epochs, test accuracy (PyTorch) {acc:.4f}")
     model.eval()
     fp32_path = out / "digits.fp32.onnx"

@@ -49,7 +49,7 @@ def test_calibrate_writes_consistent_artifacts(digits_dirs, tmp_path, capsys):
                "--method", "percentile", "--num-images", "200", "--eval-dir", str(test), *DIGITS])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["calibration.cache", "calibration.cache.json", "digits_cnn.int8.onnx",
-                                                     "ranges.json", "report.json"]
+                                                     "quantkit-manifest.json", "ranges.json", "report.json"]
     provenance = json.loads((out / "calibration.cache.json").read_text())
     assert provenance["model_sha256"] == json.loads((out / "ranges.json").read_text())["model"]["sha256"]
     ranges = json.loads((out / "ranges.json").read_text())

@@ -27,7 +27,7 @@ def test_report_from_real_results(digits_dirs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(res), str(out / "ranges.json"), "-o", str(tmp_path / "rep")]) == 0
     names = {p.name for p in (tmp_path / "rep").iterdir()}
-    assert {"index.html", "accuracy_vs_latency.png", "accuracy_vs_latency.svg", "amax_by_method.png",
+    assert {"index.html", "accuracy_vs_latency.png", "accuracy_vs_latency.svg", "amax_by_method_digits_cnn.png",
             "output_sqnr.svg"} <= names
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "data:image/png;base64," in page and "digits_cnn.int8" in page
@@ -36,6 +36,13 @@ def test_report_from_real_results(digits_dirs, tmp_path, capsys):
 
     points = accuracy_latency_points(load_results([res]))
     assert {p.label for p in points} == {"digits_cnn.int8", "digits_cnn (FP32)"}
+    # the same model's comparison in two files (a second compare --json of it): one point
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "compare-again.json").write_text((res / "compare.json").read_text())
+    both = load_results([res, again])
+    assert len(both.compares) == 2
+    assert sorted(p.label for p in accuracy_latency_points(both)) == ["digits_cnn (FP32)", "digits_cnn.int8"]
     fp32 = next(p for p in points if p.reference)
     compare = json.loads((res / "compare.json").read_text())
     assert fp32.score == compare["accuracy_reference"] and fp32.score_name == "accuracy"
@@ -52,3 +59,41 @@ def test_report_bad_inputs(tmp_path):
         load_results([tmp_path / "y.json"])
     with pytest.raises(InputError, match="does not exist"):
         load_results([tmp_path / "none.json"])
+
+
+def test_report_reads_demo_folders_one_point_per_model(tmp_path, capsys):
+    """`report` on the output folders of `demo` (and `qat-demo`): every method of the demo is a
+    comparison, its two benchmarks are points, plots are titled by the model."""
+    from quantkit.report import accuracy_latency_points, load_results, plot_amax_by_method
+
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--no-progress"]) == 0
+    res = load_results([tmp_path / "demo"])
+    assert sorted(c["test"] for c in res.compares) == sorted(
+        ["digits_cnn.int8.onnx", *(f"digits_cnn.{m}.int8.onnx" for m in ("minmax", "percentile", "mse", "auto",
+                                                                          "entropy-trt"))])
+    labels = sorted(p.label for p in accuracy_latency_points(res))
+    assert labels == ["digits_cnn (FP32)", "digits_cnn.int8"]
+    fig = plot_amax_by_method(res.ranges[0])
+    ax = fig.axes[0]
+    assert "digits_cnn.onnx" in ax.get_title() and "demo" not in ax.get_title()
+    lines = ax.get_lines()
+    methods = [ln.get_label() for ln in lines]
+    assert methods == ["minmax", "entropy", "percentile", "mse", "auto", "entropy-trt"]
+    # equal amax (minmax and entropy-trt agree on one-sided tensors) must still be seen: no two
+    # methods are drawn at the same place with the same marker
+    places = {(tuple(ln.get_xdata()), ln.get_marker()) for ln in lines}
+    assert len(places) == len(lines) and len({tuple(ln.get_xdata()) for ln in lines}) == len(lines)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "demo"), "-o", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "amax_by_method_digits_cnn.png").is_file()
+
+
+def test_report_reads_a_qat_demo_folder(tmp_path):
+    pytest.importorskip("torch")
+    from quantkit.report import load_results
+
+    assert main(["qat-demo", "--epochs", "1", "--qat-epochs", "1", "-o", str(tmp_path / "q"), "--no-progress"]) == 0
+    res = load_results([tmp_path / "q"])
+    assert len(res.qat) == 1 and res.qat[0]["rows"][0]["label"] == "FP32"
+    assert all(str(tmp_path / "q") in r["path"] for r in res.qat[0]["rows"])  # where the models are now
+    assert main(["report", str(tmp_path / "q"), "-o", str(tmp_path / "rep")]) == 0

@@ -1,0 +1,282 @@
+"""User data is sacred: outputs never over, into or around the inputs; --force replaces only
+quantkit's own artifacts; the output is checked before the work; files follow the umask; the
+results are on disk before anything is printed."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantkit import sample
+from quantkit._io import MANIFEST, output_dir, read_manifest
+from quantkit.cli import main
+
+DIGITS = ["--preprocess", "none", "--color", "gray", "--scale", repr(1 / 255),
+          "--mean", str(sample.preprocess().mean[0]), "--std", str(sample.preprocess().std[0]), "--no-progress"]
+QUICK = ["--num-images", "32", "--eval-images", "0", "--batch-size", "16", *DIGITS]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file below ``root`` (and ``root`` itself if a file) with its SHA-256."""
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture
+def project(tmp_path: Path, digits_dirs: tuple[Path, Path]) -> Path:
+    """proj/model.onnx and proj/images/<class>/*.png: a user's project folder."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copy(sample.model_path(), proj / "model.onnx")
+    for cls in ("0", "1", "2"):
+        dst = proj / "images" / cls
+        dst.mkdir(parents=True)
+        for png in sorted((digits_dirs[0] / cls).glob("*.png"))[:16]:
+            shutil.copy(png, dst / png.name)
+    return proj
+
+
+def calibrate(proj: Path, out: Path | str, *extra: str) -> int:
+    return main(["calibrate", str(proj / "model.onnx"), "--images", str(proj / "images"), "-o", str(out),
+                 *QUICK, *extra])
+
+
+# ------------------------------------------------------------------ 1. --force and the inputs
+@pytest.mark.parametrize("where", ["project", "images", "inside-images", "model-file"])
+def test_force_never_writes_over_into_or_around_inputs(project, where, capsys):
+    before = snapshot(project)
+    out = {"project": project, "images": project / "images", "inside-images": project / "images" / "0" / "q",
+           "model-file": project / "model.onnx"}[where]
+    assert calibrate(project, out, "--force") == 2
+    err = capsys.readouterr().err
+    assert "input" in err or "not a folder" in err
+    assert len(err.strip().splitlines()) <= 2  # one line and a hint
+    assert snapshot(project) == before
+    assert not (project / "images" / "0" / "q").exists()
+
+
+def test_report_refuses_its_own_inputs_as_output(project, tmp_path, capsys):
+    res = tmp_path / "res"
+    assert calibrate(project, res) == 0
+    before = snapshot(res)
+    assert main(["report", str(res), "-o", str(res), "--force"]) == 2
+    assert "input" in capsys.readouterr().err
+    assert snapshot(res) == before
+
+
+def test_force_keeps_files_quantkit_did_not_write(project, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert calibrate(project, out) == 0
+    first = read_manifest(out)
+    assert first is not None and "ranges.json" in first["files"]
+    (out / "notes.txt").write_text("mine")
+    (out / "old.int8.onnx").write_bytes(b"a file of the user's that looks like an artifact")
+    assert calibrate(project, out, "--force", "--method", "minmax") == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "old.int8.onnx").read_bytes().startswith(b"a file of the user's")
+    assert json.loads((out / "ranges.json").read_text())["method"] == "minmax"
+    assert set(read_manifest(out)["files"]) == set(first["files"])  # notes.txt is not claimed
+
+
+def test_force_refuses_a_folder_without_manifest(project, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "ranges.json").write_text("{}")  # a user's file with an artifact's name
+    before = snapshot(out)
+    assert calibrate(project, out, "--force") == 2
+    assert "did not write" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_force_refuses_an_artifact_the_user_changed(project, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert calibrate(project, out) == 0
+    (out / "ranges.json").write_text('{"edited": true}')
+    before = snapshot(out)
+    assert calibrate(project, out, "--force") == 2
+    assert "ranges.json" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_force_removes_only_unchanged_stale_artifacts(tmp_path):
+    out = tmp_path / "o"
+    with output_dir(out, force=False) as tmp:
+        (tmp / "a.txt").write_text("a")
+        (tmp / "b.txt").write_text("b")
+    (out / "user.txt").write_text("u")
+    with output_dir(out, force=True) as tmp:
+        (tmp / "a.txt").write_text("a2")
+    assert sorted(p.name for p in out.iterdir()) == sorted(["a.txt", "user.txt", MANIFEST])
+    assert (out / "a.txt").read_text() == "a2"
+
+
+def test_single_file_outputs_never_overwrite_inputs(project, tmp_path, capsys):
+    model = project / "model.onnx"
+    before = snapshot(project)
+    assert main(["compare", str(model), str(model), "--images", str(project / "images"), "--json", str(model),
+                 "--force", *DIGITS]) == 2
+    assert main(["bench", str(model), "--json", str(model), "--force", "--iterations", "1"]) == 2
+    assert snapshot(project) == before
+    existing = tmp_path / "b.json"
+    existing.write_text("keep")
+    assert main(["bench", str(model), "--json", str(existing), "--iterations", "1", "--warmup", "0"]) == 2
+    assert existing.read_text() == "keep"
+
+
+# ------------------------------------------------------------------ 2. checked before the work
+def test_output_below_a_file_is_refused_before_work(project, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert calibrate(project, blocker / "out") == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err and "calibrat" not in err.split("error:")[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to check as another user")
+def test_unwritable_folder_is_refused(tmp_path):
+    """As an ordinary user (a forked child that drops to nobody): a folder without write
+    permission is refused by the check that runs before the work."""
+    from quantkit._io import check_output_dir
+    from quantkit.errors import InputError
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o755)
+    tmp_path.chmod(0o755)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery, report through the pipe
+        os.close(read)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                check_output_dir(locked / "out", force=False)
+                msg = "no error"
+            except InputError as err:
+                msg = f"InputError: {err}"
+            except BaseException as err:  # noqa: BLE001
+                msg = f"{type(err).__name__}: {err}"
+            os.write(write, msg.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        msg = fh.read()
+    os.waitpid(pid, 0)
+    assert msg.startswith("InputError:") and "permission denied" in msg, msg
+    assert list(locked.iterdir()) == []
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_read_only_file_system_is_refused(project, tmp_path, capsys):
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        assert calibrate(project, ro / "out") == 2
+        assert "read-only file system" in capsys.readouterr().err
+
+
+def test_full_disk_is_refused_before_the_work(project, tmp_path, capsys):
+    with tmpfs(tmp_path / "small", "size=64k") as small:  # the INT8 model alone is ~55 KB
+        (small / "filler").write_bytes(b"\0" * 40_000)
+        assert calibrate(project, small / "out") == 2
+        assert "not enough space" in capsys.readouterr().err
+        assert sorted(p.name for p in small.iterdir()) == ["filler"]
+
+
+def test_immutable_folder_is_refused(project, tmp_path, capsys):
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    if subprocess.run(["chattr", "+i", str(frozen)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        assert calibrate(project, frozen) == 2
+        assert "cannot write into" in capsys.readouterr().err
+    finally:
+        subprocess.run(["chattr", "-i", str(frozen)], check=False)
+
+
+def test_empty_mount_point_is_written_in_place(project, tmp_path):
+    """A mount point cannot be renamed (EBUSY): an existing empty folder is filled file by file."""
+    with tmpfs(tmp_path / "mnt", "size=8m") as mnt:
+        inode = mnt.stat().st_ino
+        assert calibrate(project, mnt) == 0
+        assert mnt.stat().st_ino == inode
+        names = sorted(p.name for p in mnt.iterdir())
+        assert names == sorted(["calibration.cache", "calibration.cache.json", "model.int8.onnx", "ranges.json",
+                                MANIFEST])
+        assert set(read_manifest(mnt)["files"]) == set(names) - {MANIFEST}
+
+
+# ------------------------------------------------------------------ 3. umask
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_artifacts_follow_the_umask(project, tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        assert calibrate(project, tmp_path / "new" / "out") == 0
+        existing = tmp_path / "existing"
+        existing.mkdir()
+        existing.chmod(0o755)
+        assert calibrate(project, existing) == 0
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "new", tmp_path / "new" / "out"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~mask, folder
+    assert existing.stat().st_mode & 0o777 == 0o755
+    for f in [*(tmp_path / "new" / "out").iterdir(), *existing.iterdir()]:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
+# ------------------------------------------------------------------ 4. results before output
+def test_results_are_written_before_anything_is_printed(project, tmp_path):
+    out = tmp_path / "out"
+    code = "import sys; from quantkit.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "calibrate", str(project / "model.onnx"), "--images",
+                             str(project / "images"), "-o", str(out), "--num-images", "32", "--eval-images", "16",
+                             *DIGITS], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line: `| head -0`
+    proc.wait(timeout=120)
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert (out / "report.json").is_file() and (out / "model.int8.onnx").is_file(), stderr
+    assert read_manifest(out) is not None
+
+
+# ------------------------------------------------------------------ 11. the demos
+def test_demo_leaves_no_temporary_images(tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    assert main(["demo", "-o", str(tmp_path / "d"), "--no-progress"]) == 0
+    assert list(scratch.iterdir()) == []
+    assert main(["demo", "-o", str(tmp_path / "k"), "--keep-images", "--no-progress"]) == 0
+    assert len(list((tmp_path / "k" / "images" / "train").rglob("*.png"))) == 1257
+    assert "images/train/0/" in "".join(read_manifest(tmp_path / "k")["files"])
+
+
+def test_qat_demo_refuses_a_non_empty_folder(tmp_path, capsys):
+    pytest.importorskip("torch")
+    (tmp_path / "mine.txt").write_text("x")
+    assert main(["qat-demo", "--epochs", "1", "--qat-epochs", "1", "-o", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
