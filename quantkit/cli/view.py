@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import tempfile
 import time
@@ -34,6 +35,13 @@ def read_model_bytes(path: Path) -> bytearray:
     if not data:
         raise ModelError(f"model file {str(path)!r} is empty")
     return data
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class View:
@@ -82,7 +90,7 @@ class View:
                                  hint="choose another --port (0 picks any free one) or --host") from err
             url = f"http://{address[0]}:{address[1]}/"
             print(f"Netron is serving {path} at {url}", flush=True)
-            if args.host != LOOPBACK:
+            if not _is_loopback(args.host):
                 print(f"  note: listening on {args.host}: the model can be downloaded from the network", flush=True)
             print("  press Ctrl-C to stop", flush=True)
             try:
