@@ -18,6 +18,7 @@ _KNOWN: dict[str, tuple[str, str]] = {
     "tensorrt": ("tensorrt", "10.0"),
     "cuda": ("gpu", "12.0"),
     "matplotlib": ("notebooks", "3.7"),
+    "netron": ("view", "7.0"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Bridges to other tools (Polygraphy). Each module imports only what it needs, when called."""
