@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     no_gpu = None
     for item in items:
         if "trt" in item.keywords and no_trt:
-            item.add_marker(pytest.mark.skip(reason="TensorRT is not installed (pip install 'quantkit[tensorrt]')"))
+            item.add_marker(pytest.mark.skip(reason="TensorRT is not installed (pip install 'quantkit[tensorrt10]' for TensorRT 10)"))
         if "gpu" in item.keywords:
             if no_gpu is None:
                 no_gpu = not _has_cuda()

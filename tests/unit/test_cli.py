@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -40,6 +41,15 @@ def test_demo_accuracy_every_method(tmp_path, capsys):
         assert method in out
     assert report["methods"]["entropy-trt"]["outputs"][0]["sqnr_db"] < report["methods"]["entropy"]["outputs"][0]["sqnr_db"]
     assert report["entropy_two_sided_tensors"][0]["tensor"] == "image"
+    # the README's demo table is this run's
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| method | INT8 accuracy | top-1 agreement | output SQNR (dB) |"):].split("\n\n")[0]
+    rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
+    assert len(rows) == 6
+    for method, acc, agree, sqnr in rows:
+        r = report["methods"][method.split(" (")[0].strip()]
+        assert (float(acc), float(agree)) == (round(r["accuracy_test"], 4), round(r["outputs"][0]["top1_agreement"], 4)), method
+        assert abs(float(sqnr) - r["outputs"][0]["sqnr_db"]) < 0.01, method
 
 
 def test_calibrate_writes_consistent_artifacts(digits_dirs, tmp_path, capsys):

@@ -7,8 +7,10 @@ from types import ModuleType
 
 from quantkit.errors import MissingDependencyError
 
-_INSTALL = ("install TensorRT 10 or 11 for your CUDA version (`pip install tensorrt-cu12` or "
-            "`tensorrt-cu13`, from NVIDIA's index), or use the ONNX Runtime backend")
+_INSTALL = ("for TensorRT 10 (calibrators, calibration caches and Q/DQ models): "
+            "`pip install 'quantkit[tensorrt10]'` (tensorrt 10.x, e.g. `pip install 'tensorrt-cu12==10.16.*'`); "
+            "plain `pip install tensorrt-cu12` / `tensorrt-cu13` now installs TensorRT 11, which builds INT8 "
+            "only from Q/DQ models (`quantkit calibrate`, then `quantkit build`); or use the ONNX Runtime backend")
 
 
 def load_tensorrt() -> ModuleType:
