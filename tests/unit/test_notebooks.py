@@ -27,6 +27,8 @@ def test_notebook_runs_and_is_committed_with_outputs(path, tmp_path, monkeypatch
                for c in code for o in c["outputs"]), f"{path.name} shows no plot"
     monkeypatch.setenv("QUANTKIT_NB_SMALL", "1")
     monkeypatch.setenv("QUANTKIT_NB_FIGURES", str(tmp_path / "figures"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the notebooks' work folders go with the test's
     for c in code:
         c["outputs"], c["execution_count"] = [], None
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
