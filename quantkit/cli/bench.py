@@ -33,7 +33,7 @@ class Bench:
         parser.add_argument("--no-transfers", action="store_true",
                             help="TensorRT: inputs stay on the GPU (no host-device copies), as trtexec measures")
         parser.add_argument("--streams", type=positive_int, default=1, help="TensorRT: concurrent streams (default 1)")
-        parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
         parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON")
 
     def run(self, args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit.cli.common import add_data_args, add_preprocess_args, positive_int, progress, select, source_for_model
+from quantkit.cli.common import (add_data_args, add_preprocess_args, non_negative_int, positive_int, progress, select,
+                                 source_for_model)
 
 
 #: images used for calibration when --num-images is not given (the rest are held out)
@@ -46,10 +47,11 @@ class Calibrate:
                        help="large activations: histogram body from every K-th value (weight K), tail and "
                             "min/max from every value; 1 counts every value (exact, ~1.8x slower histograms). "
                             "Default 5")
-        g.add_argument("--eval-images", type=int, default=1000, metavar="N",
+        g.add_argument("--eval-images", type=non_negative_int, default=1000, metavar="N",
                        help="held-out images (after the calibration ones) for the report; 0 skips it (default 1000)")
         g.add_argument("--eval-dir", metavar="DIR", help="evaluate on this folder instead of held-out images")
-        add_data_args(parser)
+        add_data_args(parser, num_images_help=f"calibrate on the first N samples (default {DEFAULT_CALIBRATION_IMAGES}; "
+                      "the rest are held out for --eval-images)")
         add_preprocess_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
