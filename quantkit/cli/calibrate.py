@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from quantkit.cli.common import (add_data_args, add_preprocess_args, non_negative_int, positive_int, progress, select,
@@ -92,13 +93,15 @@ class Calibrate:
                 eval_idx = rest[: args.eval_images] if rest else calib_idx[: args.eval_images]
             fixed = specs[0].static_batch
             batches = Batcher(eval_source, [s.name for s in specs], fixed or args.batch_size, indices=eval_idx,
-                              last_batch="pad" if fixed else "keep", strict=args.strict)
+                              last_batch="pad" if fixed else "keep", strict=args.strict,
+                              known_skips=[] if args.eval_dir else [f for f, _ in cal.skipped])
             with OrtRunner(prepared, threads=args.threads) as ref, OrtRunner(int8, threads=args.threads) as test, \
                     progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
                 cmp = compare_runners(ref, test, batches, reference_name=model_path.name,
                                       test_name=f"{model_path.stem}.int8.onnx ({args.method})",
                                       on_batch=lambda b: bar.update(b.size))
-            print(cmp.table())
+            # files the calibration pass already reported are summed up once, below
+            print(replace(cmp, skipped=[s for s in cmp.skipped if s[0] not in batches.known_skips]).table())
             if not held_out:
                 print("  note: no images left after calibration; compared on calibration images")
             report = {"method": args.method, "held_out": held_out, **cmp.to_dict(),
