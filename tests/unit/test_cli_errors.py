@@ -181,6 +181,17 @@ def test_compare_image_folder_fixed_batch_int8(models, small_digits, capsys, tmp
     assert json.loads((tmp_path / "c.json").read_text())["num_samples"] == 21
 
 
+@pytest.mark.parametrize("shape, hint", [((4, 3, 8, 8), "fixed batch size of 1"), ((1, 3, 9, 8), "resize")])
+def test_shape_mismatch_hint_fits_the_cause(shape, hint):
+    from quantkit.backends.base import check_feed
+    from quantkit.errors import ShapeMismatchError
+    from quantkit.onnx.model import TensorSpec
+
+    with pytest.raises(ShapeMismatchError) as e:
+        check_feed({"x": np.zeros(shape, np.float32)}, [TensorSpec("x", (1, 3, 8, 8), np.dtype(np.float32))])
+    assert hint in e.value.hint and ("resize" in e.value.hint) == (hint == "resize")
+
+
 # ----------------------------------------------------------------- item 8: bench
 def _bench(*args: str) -> list[str]:
     return ["bench", *args, "--iterations", "2", "--warmup", "0"]
