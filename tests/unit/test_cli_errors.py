@@ -203,11 +203,11 @@ def test_bench_dynamic_dims_hint_names_the_dims(models, capsys):
     assert "height" in err and "width" in err and "--shapes x=1x3xHEIGHTxWIDTH" in err
 
 
-@pytest.mark.parametrize("shape", ["x=1x3x8x8", "x=1X3X8X8", "x:1x3x8x8", "x=1x3x8x8/2x3x8x8/4x3x8x8", "x=2,3,8,8"])
+@pytest.mark.parametrize("shape", ["x=1x3x8x8", "x=1X3X8X8", "x:1x3x8x8", "x=1x3x8x8/2x3x8x8/4x3x8x8"])
 def test_bench_shapes_syntax(shape, models, capsys):
     assert main(_bench(str(models["hw"]), "--shapes", shape)) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    want = "2x3x8x8" if "/" in shape or "2,3" in shape else "1x3x8x8"
+    want = "2x3x8x8" if "/" in shape else "1x3x8x8"  # the opt shape of min/opt/max
     assert f"x {want}" in out
 
 
@@ -220,7 +220,7 @@ def test_bench_shapes_contradicting_model_named(models, capsys):
 def test_bench_shapes_unparsable_named(models, capsys):
     assert main(_bench(str(models["hw"]), "--shapes", "x=1x3xNxN")) == 2
     err = _err_line(capsys.readouterr().err)
-    assert "x=1x3xNxN" in err and "numbers" in err
+    assert "x=1x3xNxN" in err and "must be a number" in err
 
 
 def test_bench_batch_on_fixed_batch_model(models, capsys):
