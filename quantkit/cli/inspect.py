@@ -3,7 +3,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-#: serialized TensorRT engines carry this tag near their start
+#: serialized TensorRT engines start with this tag (Ultralytics prepends a metadata block; its files are .engine)
 _ENGINE_MAGIC = b"ftrt"
 
 
