@@ -69,7 +69,8 @@ def random_feed(specs: Sequence[TensorSpec], *, batch: int = 1, shapes: dict[str
                 seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random inputs: normal floats, small non-negative integers, false booleans.
 
-    A dynamic first dim takes ``batch``; other dynamic dims need an entry in ``shapes``.
+    A dynamic first dim takes ``batch`` (a fixed one keeps its size); other dynamic dims need
+    an entry in ``shapes``, which must agree with the model's fixed dims.
     """
     shapes = shapes or {}
     unknown = sorted(set(shapes) - {s.name for s in specs})
@@ -79,13 +80,23 @@ def random_feed(specs: Sequence[TensorSpec], *, batch: int = 1, shapes: dict[str
     feed = {}
     for spec in specs:
         shape = shapes.get(spec.name)
+        model_shape = "x".join(str(d) if isinstance(d, int) and d > 0 else str(d or "?") for d in spec.shape)
         if shape is None:
             dims = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else None) for i, d in enumerate(spec.shape)]
             if any(d is None for d in dims):
-                raise InputError(f"input {spec.name!r} has dynamic dimensions {spec.shape}",
-                                 hint=f"give its shape: --shapes {spec.name}=" + "x".join(
-                                     str(d) if d is not None else "N" for d in dims))
+                free = [str(d).upper() if isinstance(d, str) and d.isidentifier() else f"D{i}"
+                        for i, d in enumerate(spec.shape) if i and dims[i] is None]
+                names = list(free)
+                example = "x".join(str(d) if d is not None else free.pop(0) for d in dims)
+                raise InputError(f"input {spec.name!r} has dynamic dimensions besides the batch: {model_shape}",
+                                 hint=f"give its shape with numbers for {', '.join(names)}: "
+                                      f"--shapes {spec.name}={example}")
             shape = tuple(int(d) for d in dims if d is not None)
+        elif len(shape) != len(spec.shape) or any(
+                isinstance(d, int) and d > 0 and d != s for d, s in zip(spec.shape, shape)):
+            raise InputError(
+                f"--shapes {spec.name}={'x'.join(map(str, shape))} does not fit input {spec.name!r} of the model, "
+                f"{model_shape}", hint="give the model's fixed dimensions as they are")
         dt = np.dtype(spec.dtype)
         if dt.kind == "f":
             feed[spec.name] = rng.standard_normal(shape).astype(dt)

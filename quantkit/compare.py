@@ -119,6 +119,28 @@ class _OutputStats:
         )
 
 
+def comparison_batch(reference: Runner, test: Runner, batch_size: int, *, reference_name: str = "fp32",
+                     test_name: str = "int8") -> tuple[int, bool]:
+    """The batch size both models can run, and whether it is fixed (then a short last batch is
+    padded, and the padding rows are left out of the metrics).
+
+    A model with a fixed batch dim sets the batch; two fixed batch dims must agree.
+
+    Raises:
+        ModelError: the two models have different fixed batch sizes.
+    """
+    fixed = {name: r.input_specs[0].static_batch for name, r in ((reference_name, reference), (test_name, test))
+             if r.input_specs}
+    sizes = {b for b in fixed.values() if b is not None}
+    if len(sizes) > 1:
+        raise ModelError(
+            "the models have different fixed batch sizes: "
+            + ", ".join(f"{name} a fixed batch size of {b}" for name, b in fixed.items()),
+            hint="export one of them with a dynamic batch dim, or both with the same batch size",
+        )
+    return (sizes.pop(), True) if sizes else (batch_size, False)
+
+
 def compare_runners(
     reference: Runner,
     test: Runner,

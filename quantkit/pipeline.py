@@ -22,7 +22,7 @@ from quantkit.datasets.batching import Batch, Batcher
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError, UnknownMethodError
 from quantkit.onnx.capture import capture_histograms, float_activations
-from quantkit.onnx.model import TensorSpec, ensure_opset, float_input_specs, opset_version
+from quantkit.onnx.model import TensorSpec, check_not_quantized, ensure_opset, float_input_specs, opset_version
 from quantkit.onnx.qdq import QdqPlan, insert_qdq, plan_qdq
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class Calibration:
 
 def prepare_model(model: onnx.ModelProto, *, source: str = "model",
                   target: str = "tensorrt") -> tuple[onnx.ModelProto, list[TensorSpec], QdqPlan]:
-    """Opset >= 13, float inputs checked, Q/DQ placement planned for ``target``."""
+    """Not quantized already, opset >= 13, float inputs checked, Q/DQ placement planned for ``target``."""
+    check_not_quantized(model, source=source)
     model = ensure_opset(model)
     specs = float_input_specs(model, source=source)
     plan = plan_qdq(model, target)

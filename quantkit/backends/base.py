@@ -25,9 +25,12 @@ def check_feed(feed: dict[str, np.ndarray], specs: Sequence[TensorSpec]) -> None
             isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape)
         ):
             want = "x".join(str(d) if isinstance(d, int) else "?" for d in spec.shape)
+            only_batch = arr.ndim == len(spec.shape) and all(
+                not isinstance(d, int) or d == a for d, a in list(zip(spec.shape, arr.shape))[1:])
             raise ShapeMismatchError(
                 f"input {spec.name!r}: batch has shape {tuple(arr.shape)}, the model expects {want}",
-                hint="check the resize/crop/layout settings of the data source",
+                hint=f"the model has a fixed batch size of {spec.shape[0]}; feed batches of that size" if only_batch
+                else "check the resize/crop/layout settings of the data source",
             )
 
 

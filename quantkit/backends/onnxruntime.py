@@ -81,11 +81,25 @@ class OrtRunner(Runner):
         self.session = None
 
 
+ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+
+
+def check_model_file(path: str | os.PathLike[str]) -> Path:
+    """The path, when it names an existing file; checked before any backend is loaded, so that
+    a missing engine is reported as missing, not as TensorRT being absent."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"no such file: {str(p)!r}", hint="check the path of the model or engine")
+    if not p.is_file():
+        raise ModelError(f"{str(p)!r} is a folder, not a model or engine file")
+    return p
+
+
 def runner_from_path(path: str | os.PathLike[str], **kwargs: Any) -> Runner:
     """A runner for an ``.onnx`` model (ONNX Runtime) or a TensorRT engine (``.plan``/``.engine``,
     which needs TensorRT and a GPU; ONNX Runtime options such as ``threads`` do not apply)."""
-    p = Path(path)
-    if p.suffix.lower() in (".plan", ".engine", ".trt"):
+    p = check_model_file(path)
+    if p.suffix.lower() in ENGINE_SUFFIXES:
         from quantkit.backends.tensorrt.runner import TrtRunner
 
         return TrtRunner(p)

@@ -1,7 +1,8 @@
 """``quantkit <command>``: a thin skin over the API, one module per subcommand.
 
-Exit status: 0 success, 2 bad usage or bad input, 1 anything else. Errors are one line (plus
-a hint); ``--debug`` shows the traceback.
+Exit status: 0 success, 2 bad usage or bad input, 1 anything else, 130 interrupted (Ctrl-C).
+Errors are one line (plus a hint); ``--debug`` (before or after the command) shows the traceback.
+A reader that closes the output early (``quantkit inspect m.onnx | head -3``) is not an error.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -51,6 +53,19 @@ def _load(name: str) -> object:
         return _Broken(name, err)
 
 
+def summary(doc: str | None, default: str) -> str:
+    """The --help summary: the docstring's first paragraph, joined into one line."""
+    first = (doc or "").strip().split("\n\n")[0]
+    return " ".join(first.split()) or default
+
+
+def _add_common_flags(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a flag not given leaves no attribute, so a subcommand parser cannot reset what
+    # the main parser read (`quantkit --debug calibrate ...` and `quantkit calibrate ... --debug`)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="more log output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from quantkit import __version__
 
@@ -60,21 +75,42 @@ def build_parser() -> argparse.ArgumentParser:
         "and TensorRT calibration caches, check INT8 against FP32.",
     )
     parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
+    _add_common_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         cmd = _load(name)
         doc = (cmd.__doc__ or "").strip()
-        summary = doc.splitlines()[0] if doc else name
-        p = sub.add_parser(name, help=summary, description=doc,
+        p = sub.add_parser(name, help=summary(doc, name), description=doc,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-        p.add_argument("-v", "--verbose", action="store_true", help="more log output")
+        _add_common_flags(p)
         cmd.add_arguments(p)  # type: ignore[attr-defined]
         p.set_defaults(_command=cmd)
     return parser
 
 
+def _stdout_gone() -> int:
+    """The reader closed stdout (``| head``): nothing more to say, and exit 0. Point stdout at
+    devnull so that flushing it at interpreter exit cannot raise again (Python docs, "Note on
+    SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured)
+        pass
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _stdout_gone()
+    except KeyboardInterrupt:  # while parsing or importing, before a command ran
+        print("quantkit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from quantkit.errors import InputError, QuantkitError
 
     parser = build_parser()
@@ -82,13 +118,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    args.debug = getattr(args, "debug", False)
+    args.verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
-        return int(args._command.run(args) or 0)
+        code = int(args._command.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        raise
     except KeyboardInterrupt:
         print("quantkit: interrupted; no partial output was written", file=sys.stderr)
-        return 1
+        return 130
     except QuantkitError as err:
         if args.debug:
             traceback.print_exc()

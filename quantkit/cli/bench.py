@@ -22,9 +22,12 @@ class Bench:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("model", metavar="MODEL", help=".onnx (ONNX Runtime, CPU) or .plan/.engine (TensorRT)")
-        parser.add_argument("--batch", type=positive_int, default=1, help="batch size for dynamic batch dims (default 1)")
+        parser.add_argument("--batch", type=positive_int, default=None,
+                            help="batch size for a dynamic batch dim (default 1); a model with a fixed batch size is "
+                                 "measured at that size, and another --batch is refused (exit 2)")
         parser.add_argument("--shapes", metavar="NAME=SHAPE", action="append",
-                            help="input shape, e.g. input=8x3x224x224 (overrides --batch for that input)")
+                            help="input shape, e.g. input=8x3x224x224 (overrides --batch for that input; "
+                                 "NAME=MIN/OPT/MAX measures OPT; trtexec's NAME:SHAPE works too)")
         parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
         parser.add_argument("--iterations", type=positive_int, default=100, help="at least this many timed runs (default 100)")
         parser.add_argument("--duration", type=float, default=None, metavar="S", help="and at least this many seconds")
@@ -33,28 +36,35 @@ class Bench:
         parser.add_argument("--no-transfers", action="store_true",
                             help="TensorRT: inputs stay on the GPU (no host-device copies), as trtexec measures")
         parser.add_argument("--streams", type=positive_int, default=1, help="TensorRT: concurrent streams (default 1)")
-        parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
         parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON")
         parser.add_argument("--force", action="store_true", help="overwrite an existing --json FILE")
 
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import check_output_file, write_json_atomic
-        from quantkit.backends.onnxruntime import runner_from_path
+        from quantkit.backends.onnxruntime import ENGINE_SUFFIXES, check_model_file, runner_from_path
         from quantkit.bench import measure_latency, random_feed, stats_from_times
         from quantkit.errors import InputError
         from quantkit.backends.tensorrt.builder import parse_shapes
 
+        check_model_file(args.model)  # before any backend loads: a missing .plan is missing, not TensorRT
         if args.json:  # before the work: never over the model, never an unasked overwrite
             check_output_file(args.json, force=args.force, inputs=[args.model])
         trt_options = args.cuda_graph or args.no_transfers or args.streams > 1
-        is_engine = Path(args.model).suffix.lower() in (".plan", ".engine", ".trt")
+        is_engine = Path(args.model).suffix.lower() in ENGINE_SUFFIXES
         if trt_options and not is_engine:
             raise InputError("--cuda-graph, --no-transfers and --streams apply to TensorRT engines only",
                              hint="drop them for an .onnx model (ONNX Runtime on CPU)")
         kwargs = {} if is_engine else {"threads": args.threads}
         shapes = {n: p.opt for n, p in parse_shapes(args.shapes).items()}
         with runner_from_path(args.model, **kwargs) as runner:
-            feed = random_feed(runner.input_specs, batch=args.batch, shapes=shapes, seed=args.seed)
+            for spec in runner.input_specs:
+                fixed = spec.static_batch
+                if args.batch is not None and fixed is not None and fixed != args.batch and spec.name not in shapes:
+                    raise InputError(f"--batch {args.batch}: {Path(args.model).name} has a fixed batch size of {fixed} "
+                                     f"(input {spec.name!r})",
+                                     hint=f"drop --batch to measure batch {fixed}, or export the model with a dynamic batch dim")
+            feed = random_feed(runner.input_specs, batch=args.batch or 1, shapes=shapes, seed=args.seed)
             batch = int(next(iter(feed.values())).shape[0])
             if is_engine and (trt_options or args.no_transfers):
                 times = runner.time_device(feed, iterations=args.iterations, warmup=args.warmup,  # type: ignore[attr-defined]

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
-from quantkit.cli.common import add_data_args, add_preprocess_args, positive_int, progress, select, source_for_model
+from quantkit.cli.common import (add_data_args, add_preprocess_args, non_negative_int, positive_int, progress, select,
+                                 source_for_model)
 
 
 #: images used for calibration when --num-images is not given (the rest are held out)
@@ -28,7 +30,7 @@ class Calibrate:
 
         parser.add_argument("model", metavar="MODEL.onnx", help="the FP32 ONNX model")
         parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
-        parser.add_argument("--force", action="store_true", help="replace an existing non-empty OUTDIR")
+        parser.add_argument("--force", action="store_true", help="replace the artifacts of an earlier run in OUTDIR (never other files)")
         g = parser.add_argument_group("calibration")
         g.add_argument("--method", choices=list(METHODS), default="entropy",
                        help="scales written to the model and cache (default entropy: TensorRT's KL search on "
@@ -46,10 +48,11 @@ class Calibrate:
                        help="large activations: histogram body from every K-th value (weight K), tail and "
                             "min/max from every value; 1 counts every value (exact, ~1.8x slower histograms). "
                             "Default 5")
-        g.add_argument("--eval-images", type=int, default=1000, metavar="N",
+        g.add_argument("--eval-images", type=non_negative_int, default=1000, metavar="N",
                        help="held-out images (after the calibration ones) for the report; 0 skips it (default 1000)")
         g.add_argument("--eval-dir", metavar="DIR", help="evaluate on this folder instead of held-out images")
-        add_data_args(parser)
+        add_data_args(parser, num_images_help=f"calibrate on the first N samples (default {DEFAULT_CALIBRATION_IMAGES}; "
+                      "the rest are held out for --eval-images)")
         add_preprocess_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -94,13 +97,15 @@ class Calibrate:
                 eval_idx = rest[: args.eval_images] if rest else calib_idx[: args.eval_images]
             fixed = specs[0].static_batch
             batches = Batcher(eval_source, [s.name for s in specs], fixed or args.batch_size, indices=eval_idx,
-                              last_batch="pad" if fixed else "keep", strict=args.strict)
+                              last_batch="pad" if fixed else "keep", strict=args.strict,
+                              known_skips=[] if args.eval_dir else [f for f, _ in cal.skipped])
             with OrtRunner(prepared, threads=args.threads) as ref, OrtRunner(int8, threads=args.threads) as test, \
                     progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
                 cmp = compare_runners(ref, test, batches, reference_name=model_path.name,
                                       test_name=f"{model_path.stem}.int8.onnx ({args.method})",
                                       on_batch=lambda b: bar.update(b.size))
-            lines.append(cmp.table())
+            # files the calibration pass already reported are summed up once, below
+            lines.append(replace(cmp, skipped=[s for s in cmp.skipped if s[0] not in batches.known_skips]).table())
             if not held_out:
                 lines.append("  note: no images left after calibration; compared on calibration images")
             report = {"method": args.method, "held_out": held_out, **cmp.to_dict(),

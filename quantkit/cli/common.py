@@ -40,7 +40,18 @@ def positive_int(text: str) -> int:
     return v
 
 
-def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {v}")
+    return v
+
+
+def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True,
+                  num_images_help: str = "use the first N samples (default: all)") -> None:
     g = parser.add_argument_group("data")
     src = g.add_mutually_exclusive_group(required=required)
     src.add_argument("--images", metavar="DIR", help="image folder (recursive; class subfolders give labels)")
@@ -48,7 +59,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True) -> 
                      "(and optional 'labels'), already preprocessed")
     g.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch (default 32; "
                    "a model with a fixed batch size uses its own)")
-    g.add_argument("--num-images", type=positive_int, default=None, metavar="N", help="use the first N samples")
+    g.add_argument("--num-images", type=positive_int, default=None, metavar="N", help=num_images_help)
     g.add_argument("--shuffle", action="store_true", help="shuffle sample order (seeded by --seed)")
     g.add_argument("--seed", type=int, default=0, help="seed for --shuffle (default 0)")
     g.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")

@@ -32,7 +32,7 @@ class Compare:
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import check_output_file, write_json_atomic
         from quantkit.backends.onnxruntime import runner_from_path
-        from quantkit.compare import compare_runners
+        from quantkit.compare import compare_runners, comparison_batch
         from quantkit.datasets import Batcher
 
         if args.json:  # before the work: never over an input, never an unasked overwrite
@@ -44,8 +44,9 @@ class Compare:
         specs = ref.input_specs
         source = source_for_model(args, specs)
         idx = select(len(source), args)
-        fixed = specs[0].static_batch
-        batches = Batcher(source, [s.name for s in specs], fixed or args.batch_size, indices=idx,
+        batch, fixed = comparison_batch(ref, test, args.batch_size, reference_name=Path(args.reference).name,
+                                        test_name=Path(args.test).name)
+        batches = Batcher(source, [s.name for s in specs], batch, indices=idx,
                           last_batch="pad" if fixed else "keep", strict=args.strict)
         with ref, test, progress(len(idx), "comparing", disable=args.no_progress) as bar:
             report = compare_runners(ref, test, batches, reference_name=Path(args.reference).name,

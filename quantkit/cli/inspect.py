@@ -3,39 +3,73 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+#: serialized TensorRT engines start with this tag (Ultralytics prepends a metadata block; its files are .engine)
+_ENGINE_MAGIC = b"ftrt"
+
 
 class Inspect:
-    """Show a model's inputs, outputs, opset and Q/DQ plan, or a calibration cache's contents.
+    """Show a model's inputs, outputs, opset and Q/DQ plan, a calibration cache's contents, or
+    what a TensorRT engine file is.
 
     example:
       quantkit inspect model.onnx
       quantkit inspect out/calibration.cache
+      quantkit inspect model.plan
     """
 
     name = "inspect"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("path", metavar="FILE", help="an .onnx model or a calibration cache")
+        parser.add_argument("path", metavar="FILE", help="an .onnx model, a calibration cache or a TensorRT engine")
 
     def run(self, args: argparse.Namespace) -> int:
-        path = Path(args.path)
-        if path.suffix.lower() == ".onnx":
-            from quantkit.onnx.model import input_specs, load_model, opset_version, output_specs
-            from quantkit.onnx.qdq import plan_qdq
+        from quantkit.backends.onnxruntime import ENGINE_SUFFIXES
+        from quantkit.errors import InputError, ModelError
 
-            model = load_model(path)
-            print(f"{path}: opset {opset_version(model)}, {len(model.graph.node)} nodes")
-            for label, specs in (("input", input_specs(model)), ("output", output_specs(model))):
-                for s in specs:
-                    print(f"  {label} {s.name}: {list(s.shape)} {s.dtype}")
-            qdq = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
-            if qdq:
-                print(f"  already quantized: {qdq} QuantizeLinear nodes")
-            else:
-                plan = plan_qdq(model)
-                print(f"  Q/DQ plan: {len(plan.activations)} activation tensors (per tensor), "
-                      f"{len(plan.weights)} weights (per channel)")
+        path = Path(args.path)
+        if not path.exists():
+            raise InputError(f"{str(path)!r} does not exist")
+        if not path.is_file():
+            raise InputError(f"{str(path)!r} is a folder", hint="inspect takes one file")
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+        if head.startswith(b"TRT-"):  # a calibration cache's header, whatever the file is called
+            return self._cache(path)
+        if path.suffix.lower() in ENGINE_SUFFIXES or _ENGINE_MAGIC in head[:32]:
+            # a serialized engine: reading it needs TensorRT (and the GPU it was built for)
+            print(f"{path}: TensorRT engine, {path.stat().st_size:,} bytes; TensorRT is needed to read its "
+                  "bindings (`quantkit bench` runs it where TensorRT and a matching GPU are)")
             return 0
+        if path.suffix.lower() == ".cache":
+            return self._cache(path)  # a malformed cache: read_cache says what is wrong with it
+        if path.suffix.lower() != ".onnx":
+            try:
+                return self._onnx(path)
+            except ModelError as err:
+                raise InputError(f"{str(path)!r} is not an ONNX model, a TensorRT calibration cache or a TensorRT engine",
+                                 hint="a calibration cache starts with a TRT-<version>-<algorithm> line") from err
+        return self._onnx(path)
+
+    def _onnx(self, path: Path) -> int:
+        from quantkit.onnx.model import input_specs, is_quantized_op, load_model, opset_version, output_specs
+        from quantkit.onnx.qdq import plan_qdq
+
+        model = load_model(path)
+        print(f"{path}: opset {opset_version(model)}, {len(model.graph.node)} nodes")
+        for label, specs in (("input", input_specs(model)), ("output", output_specs(model))):
+            for s in specs:
+                print(f"  {label} {s.name}: {list(s.shape)} {s.dtype}")
+        quantized = [n.op_type for n in model.graph.node if is_quantized_op(n.op_type)]
+        if quantized:
+            kinds = ", ".join(f"{quantized.count(t)} {t}" for t in dict.fromkeys(quantized))
+            print(f"  already quantized: {kinds}")
+        else:
+            plan = plan_qdq(model)
+            print(f"  Q/DQ plan: {len(plan.activations)} activation tensors (per tensor), "
+                  f"{len(plan.weights)} weights (per channel)")
+        return 0
+
+    def _cache(self, path: Path) -> int:
         from quantkit.calibrators.cache import read_cache
 
         cache = read_cache(path)

@@ -21,8 +21,9 @@ class Report:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("results", nargs="+", metavar="FILE_OR_DIR", help="result JSON files or folders")
         parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for index.html and the plots")
-        parser.add_argument("--title", default="quantkit report", help="page title")
-        parser.add_argument("--force", action="store_true", help="replace the files of an earlier report in the output folder (never other files)")
+        parser.add_argument("--title", default="quantkit report", help="page title (default: %(default)s)")
+        parser.add_argument("--force", action="store_true",
+                            help="replace the files of an earlier report in the output folder (never other files)")
 
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import check_output_dir

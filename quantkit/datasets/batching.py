@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -54,6 +54,9 @@ class Batcher:
         strict: raise on the first unreadable sample instead of skipping it.
         workers: decoding threads (default: min(8, CPUs)).
         prefetch: batches loaded ahead of the consumer.
+        known_skips: samples (as ``source.describe`` names them) already warned about in this
+            run, e.g. by the calibration pass before an evaluation on the same images: they are
+            skipped and recorded again, but logged at debug level, so a warning appears once.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class Batcher:
         strict: bool = False,
         workers: int | None = None,
         prefetch: int = 2,
+        known_skips: Collection[str] = (),
     ):
         if batch_size <= 0:
             raise InputError(f"batch size must be positive, got {batch_size}")
@@ -80,6 +84,7 @@ class Batcher:
         self.strict = strict
         self.workers = workers or min(8, os.cpu_count() or 1)
         self.prefetch = prefetch
+        self.known_skips = frozenset(known_skips)
         self.skipped_: list[tuple[str, str]] = []
         self.loaded_ = 0  # samples read successfully
         self.used_ = 0  # samples in the batches handed out (a dropped tail is not counted)
@@ -114,7 +119,7 @@ class Batcher:
                         pending.append(pool.submit(self._load, nxt))  # type: ignore[arg-type]
                     if sample is None:
                         where = self.source.describe(index)
-                        log.warning("skipping %s: %s", where, reason)
+                        (log.debug if where in self.known_skips else log.warning)("skipping %s: %s", where, reason)
                         self.skipped_.append((where, str(reason)))
                         continue
                     self.loaded_ += 1
@@ -178,7 +183,9 @@ class Batcher:
         if chunk and self.last_batch != "drop":
             yield self._batch(chunk)
         elif chunk:
-            log.info("dropped a last batch of %d samples (model has a fixed batch size)", len(chunk))
+            log.warning("dropped the last %d of %d samples: the model has a fixed batch size of %d and they do not "
+                        "fill a batch; use a multiple of %d samples to use them all",
+                        len(chunk), self.loaded_, self.batch_size, self.batch_size)
         if self.loaded_ == 0 and self.indices:
             raise DatasetError(
                 f"none of the {len(self.indices)} samples could be read "

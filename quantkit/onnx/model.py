@@ -15,6 +15,15 @@ from quantkit.errors import ModelError
 
 MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 
+#: op types that only a quantized model holds (ONNX, and ONNX Runtime's com.microsoft domain);
+#: every ``QLinear*`` op counts too
+QUANTIZED_OP_TYPES = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QGemm", "QAttention",
+    "QOrderedAttention", "QOrderedGelu", "QOrderedLayerNormalization", "QOrderedLongformerAttention",
+    "QOrderedMatMul", "QEmbedLayerNormalization", "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized",
+})
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -72,6 +81,27 @@ def input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
 
 def output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
     return [_spec(vi) for vi in model.graph.output]
+
+
+def is_quantized_op(op_type: str) -> bool:
+    return op_type in QUANTIZED_OP_TYPES or op_type.startswith("QLinear")
+
+
+def check_not_quantized(model: onnx.ModelProto, *, source: str = "model") -> None:
+    """Refuse a model that is already quantized (Q/DQ nodes, or integer ops such as ConvInteger,
+    QLinearConv, DynamicQuantizeLSTM): calibrating it again would quantize twice.
+
+    Raises:
+        ModelError: naming the first quantized node.
+    """
+    node = next((n for n in model.graph.node if is_quantized_op(n.op_type)), None)
+    if node is not None:
+        count = sum(is_quantized_op(n.op_type) for n in model.graph.node)
+        raise ModelError(
+            f"{source} is already quantized: node {node.name!r} is a {node.op_type} "
+            f"({count} quantized node{'s' if count != 1 else ''} in all)",
+            hint="calibrate the FP32 model it was made from instead",
+        )
 
 
 def float_input_specs(model: onnx.ModelProto, *, source: str = "model") -> list[TensorSpec]:

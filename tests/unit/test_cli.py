@@ -100,7 +100,7 @@ def test_interrupt_leaves_nothing(digits_dirs, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("quantkit.calibrators.cache.write_cache", boom)
     rc = main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(tmp_path / "out"),
                "--num-images", "64", "--eval-images", "0", *DIGITS])
-    assert rc == 1 and "interrupted" in capsys.readouterr().err
+    assert rc == 130 and "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no output folder, no temporary folder
 
 

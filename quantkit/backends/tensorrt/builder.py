@@ -80,19 +80,21 @@ class BuildOptions:
 # ---------------------------------------------------------------- decisions without TensorRT
 def parse_shapes(text: str | Sequence[str] | None) -> dict[str, ShapeProfile]:
     """``"x=1x3x224x224/8x3x224x224/32x3x224x224,y=..."`` -> profiles. One shape means
-    min = opt = max. Several inputs are separated by commas (or given as a list)."""
+    min = opt = max. Several inputs are separated by commas (or given as a list). trtexec's
+    ``x:1x3x224x224`` is read too, when there is no ``=``."""
     if not text:
         return {}
     items = [text] if isinstance(text, str) else list(text)
     out: dict[str, ShapeProfile] = {}
     for item in (p.strip() for chunk in items for p in chunk.split(",") if p.strip()):
-        name, sep, dims = item.rpartition("=")
+        name, sep, dims = item.rpartition("=" if "=" in item else ":")
         if not sep or not name:
             raise InputError(f"shape {item!r} is not NAME=MIN[/OPT/MAX] with shapes like 1x3x224x224")
         try:
             shapes = [tuple(int(d) for d in s.lower().split("x")) for s in dims.split("/")]
         except ValueError:
-            raise InputError(f"shape {item!r}: dimensions must be integers joined by 'x'") from None
+            raise InputError(f"shape {item!r}: every dimension must be a number, joined by 'x' "
+                             f"(e.g. {name}=1x3x224x224)") from None
         if len(shapes) == 1:
             shapes *= 3
         if len(shapes) != 3 or len({len(s) for s in shapes}) != 1:

@@ -1,0 +1,414 @@
+"""The command line on bad or awkward input: one readable line, the right exit status, the right hint.
+
+Issue 11, items 8 (compare/bench/inspect), 9 (already-quantized models), 10 (CLI hygiene) and
+the broken pipe of item 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from quantkit import sample
+from quantkit.cli import COMMANDS, build_parser, main
+from tests.conftest import make_residual_model
+
+DIGITS = ["--preprocess", "none", "--color", "gray", "--scale", repr(1 / 255),
+          "--mean", str(sample.preprocess().mean[0]), "--std", str(sample.preprocess().std[0]), "--no-progress"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The residual test model with a dynamic batch, batch 1, batch 4, and dynamic H/W; the
+    digits sample model with a fixed batch of 4."""
+    root = tmp_path_factory.mktemp("cli_models")
+    out = {"dyn": root / "dyn.onnx", "b1": root / "b1.onnx", "b4": root / "b4.onnx", "hw": root / "hw.onnx"}
+    onnx.save(make_residual_model(), out["dyn"])
+    onnx.save(make_residual_model(batch=1), out["b1"])
+    onnx.save(make_residual_model(batch=4), out["b4"])
+    hw = make_residual_model()
+    for axis, name in ((2, "height"), (3, "width")):
+        hw.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = name
+    onnx.save(hw, out["hw"])
+    digits4 = onnx.load(sample.model_path())
+    for vi in (digits4.graph.input[0], digits4.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].dim_value = 4
+    out["digits_b4"] = root / "digits_b4.onnx"
+    onnx.save(digits4, out["digits_b4"])
+    np.save(root / "x.npy", np.random.default_rng(0).standard_normal((10, 3, 8, 8)).astype(np.float32))
+    out["npy"] = root / "x.npy"
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits_dirs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """21 digit images in class folders, plus one corrupt PNG."""
+    root = tmp_path_factory.mktemp("small_digits") / "imgs"
+    for p in sorted(digits_dirs[1].rglob("*.png"))[:21]:
+        (root / p.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, root / p.parent.name / p.name)
+    first = sorted(root.iterdir())[0]
+    (first / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return root
+
+
+def _err_line(err: str) -> str:
+    assert err.startswith("quantkit: error: ") and "Traceback" not in err, err
+    return err
+
+
+# ----------------------------------------------------------------- item 9: already quantized
+def _qdq_helper_model() -> onnx.ModelProto:
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quant_x"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dequant_x")]
+    inits = [onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             onnx.numpy_helper.from_array(np.array(0, np.int8), "z")]
+    g = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _lstm_helper_model() -> onnx.ModelProto:
+    node = helper.make_node("DynamicQuantizeLSTM", ["x", "w", "r"], ["y"], name="qlstm", domain="com.microsoft",
+                            hidden_size=4)
+    g = helper.make_graph([node], "qlstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1, 4]),
+                                            helper.make_tensor_value_info("w", TensorProto.INT8, [1, 4, 16]),
+                                            helper.make_tensor_value_info("r", TensorProto.INT8, [1, 4, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1, 1, 4])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+class _Reader:
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self._it = iter([{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(3)])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def _ort_quantized(kind: str, tmp_path: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantFormat, quantize_dynamic, quantize_static
+
+    src, dst = tmp_path / "fp32.onnx", tmp_path / f"{kind}.onnx"
+    onnx.save(make_residual_model(), src)
+    if kind == "dynamic":
+        quantize_dynamic(src, dst)
+    else:
+        quantize_static(src, dst, _Reader(), quant_format=QuantFormat.QDQ if kind == "static_qdq" else QuantFormat.QOperator)
+    return onnx.load(dst)
+
+
+@pytest.mark.parametrize("kind, first_op", [
+    ("helper_qdq", "QuantizeLinear"), ("helper_lstm", "DynamicQuantizeLSTM"),
+    ("dynamic", None), ("static_qdq", None), ("static_qoperator", "QuantizeLinear"),
+])
+def test_already_quantized_model_refused(kind, first_op, tmp_path):
+    from quantkit.errors import ModelError
+    from quantkit.onnx.model import QUANTIZED_OP_TYPES
+    from quantkit.pipeline import prepare_model
+
+    model = {"helper_qdq": _qdq_helper_model, "helper_lstm": _lstm_helper_model}.get(kind, lambda: _ort_quantized(kind, tmp_path))()
+    first = next(n for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES or n.op_type.startswith("QLinear"))
+    if first_op is not None:
+        assert first.op_type == first_op
+    if kind == "static_qoperator":
+        assert any(n.op_type == "QLinearConv" for n in model.graph.node)
+    if kind == "dynamic":
+        assert {"ConvInteger", "DynamicQuantizeLinear"} & {n.op_type for n in model.graph.node}
+    with pytest.raises(ModelError) as e:
+        prepare_model(model, source="m.onnx")
+    msg = str(e.value)
+    assert "already quantized" in msg and first.op_type in msg and repr(first.name) in msg
+    assert "FP32" in e.value.hint
+    assert "no Conv" not in msg
+
+
+def test_calibrate_refuses_quantized_model(tmp_path, digits_dirs, capsys):
+    path = tmp_path / "q.onnx"
+    onnx.save(_ort_quantized("static_qdq", tmp_path), path)
+    rc = main(["calibrate", str(path), "--images", str(digits_dirs[0]), "-o", str(tmp_path / "o"), *DIGITS])
+    err = _err_line(capsys.readouterr().err)
+    assert rc == 2 and "already quantized" in err and "hint: calibrate the FP32" in err
+    assert re.search(r"node '[^']+' is a (QuantizeLinear|DequantizeLinear)", err)
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------- item 8: compare
+@pytest.mark.parametrize("ref, test", [("dyn", "b4"), ("b4", "dyn"), ("dyn", "b1")])
+def test_compare_dynamic_and_fixed_batch(ref, test, models, capsys, tmp_path):
+    import json
+
+    rc = main(["compare", str(models[ref]), str(models[test]), "--npz", str(models["npy"]), "--batch-size", "3",
+               "--json", str(tmp_path / "c.json"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "c.json").read_text())
+    assert rep["num_samples"] == 10  # 10 samples: batches of 4 with the last padded, padding not counted
+    assert rep["outputs"][0]["cosine_min"] > 0.99999  # same weights: padding rows would not change this,
+    assert rep["outputs"][0]["max_abs_error"] < 1e-4  # but a wrong row alignment would
+
+
+def test_compare_two_fixed_batches_named(models, capsys):
+    rc = main(["compare", str(models["b1"]), str(models["b4"]), "--npz", str(models["npy"]), "--no-progress"])
+    err = _err_line(capsys.readouterr().err)
+    assert rc == 2
+    assert "b1.onnx" in err and "b4.onnx" in err and "batch size of 1" in err and "batch size of 4" in err
+    assert "resize" not in err and "crop" not in err
+
+
+def test_compare_image_folder_fixed_batch_int8(models, small_digits, capsys, tmp_path):
+    import json
+
+    rc = main(["compare", str(sample.model_path()), str(models["digits_b4"]), "--images", str(small_digits),
+               "--json", str(tmp_path / "c.json"), *DIGITS])
+    assert rc == 0
+    assert json.loads((tmp_path / "c.json").read_text())["num_samples"] == 21
+
+
+@pytest.mark.parametrize("shape, hint", [((4, 3, 8, 8), "fixed batch size of 1"), ((1, 3, 9, 8), "resize")])
+def test_shape_mismatch_hint_fits_the_cause(shape, hint):
+    from quantkit.backends.base import check_feed
+    from quantkit.errors import ShapeMismatchError
+    from quantkit.onnx.model import TensorSpec
+
+    with pytest.raises(ShapeMismatchError) as e:
+        check_feed({"x": np.zeros(shape, np.float32)}, [TensorSpec("x", (1, 3, 8, 8), np.dtype(np.float32))])
+    assert hint in e.value.hint and ("resize" in e.value.hint) == (hint == "resize")
+
+
+# ----------------------------------------------------------------- item 8: bench
+def _bench(*args: str) -> list[str]:
+    return ["bench", *args, "--iterations", "2", "--warmup", "0"]
+
+
+def test_bench_dynamic_dims_hint_names_the_dims(models, capsys):
+    assert main(_bench(str(models["hw"]))) == 2
+    err = _err_line(capsys.readouterr().err)
+    assert "height" in err and "width" in err and "--shapes x=1x3xHEIGHTxWIDTH" in err
+
+
+@pytest.mark.parametrize("shape", ["x=1x3x8x8", "x=1X3X8X8", "x:1x3x8x8", "x=1x3x8x8/2x3x8x8/4x3x8x8"])
+def test_bench_shapes_syntax(shape, models, capsys):
+    assert main(_bench(str(models["hw"]), "--shapes", shape)) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    want = "2x3x8x8" if "/" in shape else "1x3x8x8"  # the opt shape of min/opt/max
+    assert f"x {want}" in out
+
+
+def test_bench_shapes_contradicting_model_named(models, capsys):
+    assert main(_bench(str(models["b1"]), "--shapes", "x=4x3x8x8")) == 2
+    err = _err_line(capsys.readouterr().err)
+    assert "x=4x3x8x8" in err and "1x3x8x8" in err and "resize" not in err
+
+
+def test_bench_shapes_unparsable_named(models, capsys):
+    assert main(_bench(str(models["hw"]), "--shapes", "x=1x3xNxN")) == 2
+    err = _err_line(capsys.readouterr().err)
+    assert "x=1x3xNxN" in err and "must be a number" in err
+
+
+def test_bench_batch_on_fixed_batch_model(models, capsys):
+    assert main(_bench(str(models["b1"]), "--batch", "8")) == 2
+    err = _err_line(capsys.readouterr().err)
+    assert "--batch 8" in err and "fixed batch size of 1" in err
+    assert main(_bench(str(models["b4"]))) == 0
+    assert "x 4x3x8x8" in capsys.readouterr().out
+    assert main(_bench(str(models["b4"]), "--batch", "4")) == 0
+    assert main(_bench(str(models["dyn"]), "--batch", "8")) == 0
+    assert "x 8x3x8x8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["missing.plan", "missing.engine", "missing.onnx"])
+def test_bench_missing_file(name, tmp_path, capsys, monkeypatch):
+    def no_backend(*a, **k):
+        raise AssertionError("a backend was loaded for a missing file")
+
+    monkeypatch.setattr("quantkit.backends.onnxruntime.runner_from_path", no_backend)
+    assert main(_bench(str(tmp_path / name))) == 2
+    err = _err_line(capsys.readouterr().err)
+    assert "no such file" in err and name in err and "TensorRT" not in err
+
+
+# ----------------------------------------------------------------- item 8: inspect
+@pytest.mark.parametrize("name", ["model.plan", "model.engine", "calibration.cache"])
+def test_inspect_engine(name, tmp_path, capsys):
+    path = tmp_path / name
+    path.write_bytes(b"ftrt" + bytes(range(256)) * 40)  # not text, not a cache header
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "TensorRT engine" in out and "10,244 bytes" in out and "TensorRT is needed" in out
+    assert "scale" not in out
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", b"", b"\x00\x01\x02binary"])
+def test_inspect_other_file_one_line(content, tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    assert main(["inspect", str(path)]) == 2
+    err = _err_line(capsys.readouterr().err)
+    assert "notes.txt" in err and "not an ONNX model, a TensorRT calibration cache or a TensorRT engine" in err
+    assert path.read_bytes() == content
+
+
+def test_inspect_missing_file(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope.cache")]) == 2
+    assert "does not exist" in _err_line(capsys.readouterr().err)
+
+
+def test_inspect_cache_still_read(tmp_path, capsys):
+    path = tmp_path / "calib.bin"
+    path.write_text("TRT-101300-EntropyCalibration2\nimage: 3c010204\n")
+    assert main(["inspect", str(path)]) == 0
+    assert "image: scale" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- item 10: CLI hygiene
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_before_or_after_subcommand(where, tmp_path, capsys):
+    cmd = ["inspect", str(tmp_path / "nope.onnx")]
+    argv = ["--debug", *cmd] if where == "before" else [*cmd, "--debug"]
+    assert main(argv) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert main(cmd) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_verbose_before_subcommand(tmp_path, capsys):
+    args = build_parser().parse_args(["-v", "inspect", "x.onnx"])
+    assert args.verbose and not getattr(args, "debug", False)
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    from quantkit.cli.inspect import Inspect
+
+    def interrupted(self, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Inspect, "run", interrupted)
+    assert main(["inspect", str(sample.model_path())]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_eval_images_negative_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", str(sample.model_path()), "--images", ".", "-o", "o", "--eval-images", "-1"])
+    assert e.value.code == 2
+    assert "--eval-images" in capsys.readouterr().err
+
+
+def test_skip_warning_once_per_file(small_digits, tmp_path, caplog, capsys):
+    # every image is used for calibration, so the report compares on the calibration images again
+    with caplog.at_level(logging.WARNING):
+        rc = main(["calibrate", str(sample.model_path()), "--images", str(small_digits), "-o", str(tmp_path / "o"),
+                   *DIGITS])
+    assert rc == 0
+    warnings = [r.getMessage() for r in caplog.records if "zz_corrupt.png" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    out = capsys.readouterr().out
+    assert out.count("skipped 1 unreadable file") == 1
+
+
+def test_fixed_batch_drop_reported(models, small_digits, tmp_path, caplog, capsys):
+    with caplog.at_level(logging.WARNING):
+        rc = main(["calibrate", str(models["digits_b4"]), "--images", str(small_digits), "-o", str(tmp_path / "o"),
+                   "--eval-images", "0", *DIGITS])
+    assert rc == 0
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    # 22 files, 1 corrupt: 21 images, 5 batches of 4, the last image dropped
+    assert len(dropped) == 1 and "dropped the last 1 of 21" in dropped[0] and "fixed batch size of 4" in dropped[0]
+    assert "calibrated 20 samples" in capsys.readouterr().out
+
+
+def _summaries(help_text: str) -> dict[str, str]:
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("COMMAND")) + 1
+    entries: dict[str, str] = {}
+    current = None
+    for line in lines[start:]:
+        if not line.strip() or not line.startswith("    "):
+            break
+        m = re.match(r"^    (\S+)(\s+(.*))?$", line)
+        if m and m.group(1) in COMMANDS:
+            current = m.group(1)
+            entries[current] = (m.group(3) or "").strip()
+        elif current is not None:
+            entries[current] += " " + line.strip()
+    return entries
+
+
+def test_help_lists_every_command_with_complete_summary(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    entries = _summaries(capsys.readouterr().out)
+    assert sorted(entries) == sorted(COMMANDS)
+    for name, text in entries.items():
+        assert text.endswith((".", ")")), f"{name}: summary cut: {text!r}"
+        assert "unavailable" not in text, text
+    assert "print the accuracy table" in entries["qat-demo"]
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_default_is_stated_in_help():
+    missing = []
+    for name, sub in _subparsers().items():
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            default = action.default
+            if default is None or default is False or default is argparse.SUPPRESS:
+                continue
+            text = (action.help or "") % {"default": default, "prog": sub.prog}
+            if str(default) not in text:
+                missing.append(f"{name} {action.option_strings or action.dest}: default {default!r} not in {text!r}")
+    assert not missing, "\n".join(missing)
+
+
+def test_calibrate_help_states_num_images_default():
+    help_text = " ".join(_subparsers()["calibrate"].format_help().split())
+    assert re.search(r"--num-images N .*default 512", help_text)
+
+
+# ----------------------------------------------------------------- item 4: broken pipe
+def _first_line_then_close(argv: list[str]) -> tuple[int, str, bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "quantkit", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env(), cwd=REPO)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away, as `| head -1` does
+    err = proc.stderr.read().decode()
+    return proc.wait(timeout=60), err, first
+
+
+def test_broken_pipe_large_output(tmp_path):
+    # more than a pipe buffer (64 KiB) of output: the writer is still writing when the reader closes
+    cache = tmp_path / "big.cache"
+    cache.write_text("TRT-101300-EntropyCalibration2\n" + "".join(f"tensor_{i:05d}: 3c010204\n" for i in range(4000)))
+    rc, err, first = _first_line_then_close(["inspect", str(cache)])
+    assert first.startswith(str(cache).encode())
+    assert rc == 0 and err == "", err
+
+
+def test_broken_pipe_inspect_sample_model():
+    rc, err, first = _first_line_then_close(["inspect", str(sample.model_path())])
+    assert b"opset" in first
+    assert rc == 0 and err == "", err
