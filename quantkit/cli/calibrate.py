@@ -3,7 +3,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit.cli.common import add_data_args, add_preprocess_args, positive_int, progress, select, source_for_model
+from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, positive_int, progress, select,
+                                 source_for_model)
 
 
 #: images used for calibration when --num-images is not given (the rest are held out)
@@ -58,7 +59,8 @@ class Calibrate:
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.compare import compare_runners
         from quantkit.datasets import Batcher
-        from quantkit.onnx.model import file_sha256, load_model
+        from quantkit.datasets.classes import check_classes
+        from quantkit.onnx.model import file_sha256, load_model, output_specs
         from quantkit.pipeline import CalibConfig, calibrate, entropy_effect, prepare_model, write_artifacts
 
         check_output_dir(args.output, force=args.force)
@@ -70,13 +72,15 @@ class Calibrate:
                              sample_stride=args.histogram_stride, target=args.target)
         prepared, specs, _ = prepare_model(model, source=str(model_path), target=args.target)
         source = source_for_model(args, specs)
-        order = select(len(source), args, what="images", take=False)
-        count = args.num_images or min(len(order), DEFAULT_CALIBRATION_IMAGES)
-        calib_idx, rest = order[:count], order[count:]
+        check_classes(source, output_specs(prepared))
+        drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)
+        calib_idx, rest = drawn.indices, drawn.rest
+        print(f"calibration sample: {describe_sample(drawn)}")
 
         with progress(len(calib_idx), "calibrating", disable=args.no_progress) as bar:
             cal = calibrate(prepared, source, indices=calib_idx, config=config,
-                            on_batch=lambda b: bar.update(b.size), model_name=str(model_path))
+                            on_batch=lambda b: bar.update(b.size), model_name=str(model_path),
+                            sampling=drawn.to_dict())
         int8 = cal.int8_model()
 
         report = None

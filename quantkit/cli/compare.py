@@ -4,7 +4,7 @@ import argparse
 import math
 from pathlib import Path
 
-from quantkit.cli.common import add_data_args, add_preprocess_args, progress, select, source_for_model
+from quantkit.cli.common import add_data_args, add_preprocess_args, describe_sample, progress, select, source_for_model
 
 
 class Compare:
@@ -33,12 +33,17 @@ class Compare:
         from quantkit.backends.onnxruntime import runner_from_path
         from quantkit.compare import compare_runners
         from quantkit.datasets import Batcher
+        from quantkit.datasets.classes import check_classes
 
         ref = runner_from_path(args.reference, threads=args.threads)
         test = runner_from_path(args.test, threads=args.threads)
         specs = ref.input_specs
         source = source_for_model(args, specs)
-        idx = select(len(source), args)
+        check_classes(source, getattr(ref, "output_specs", None) or getattr(test, "output_specs", []))
+        drawn = select(source, args)
+        idx = drawn.indices
+        if drawn.count < drawn.total:
+            print(f"compared on {describe_sample(drawn, 'samples')}")
         fixed = specs[0].static_batch
         batches = Batcher(source, [s.name for s in specs], fixed or args.batch_size, indices=idx,
                           last_batch="pad" if fixed else "keep", strict=args.strict)

@@ -18,6 +18,7 @@ import numpy as np
 
 from quantkit._deps import require
 from quantkit.datasets.preprocess import Preprocess
+from quantkit.datasets.sampling import Grouping
 from quantkit.errors import DatasetError, InputError
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,57 @@ class Source(Protocol):
     def describe(self, index: int) -> str: ...
 
 
+def _walk_images(base: Path) -> list[Path]:
+    """Image files under ``base``, following symlinked folders and files.
+
+    Paths keep the names the user sees (a symlinked folder's own name, not its target). A
+    folder reached twice (a symlink loop, or two links to one folder) is read once: the first
+    time in sorted order; the other names are skipped with a warning.
+    """
+    seen: dict[tuple[int, int], Path] = {}
+    found: list[Path] = []
+
+    def visit(folder: Path) -> None:
+        try:
+            st = folder.stat()
+        except OSError as err:
+            log.warning("skipping folder %s: %s", folder, err.strerror or err)
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            log.warning("skipping %s: it is the folder %s again (symlink), read once", folder, seen[key])
+            return
+        seen[key] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            log.warning("skipping folder %s: %s", folder, err.strerror or err)
+            return
+        subdirs = []
+        for entry in entries:
+            path = folder / entry.name
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+                is_file = not is_dir and entry.is_file()
+            except OSError:
+                continue
+            if is_dir:
+                subdirs.append(path)
+            elif is_file and path.suffix.lower() in IMAGE_EXTENSIONS and not entry.name.startswith("."):
+                found.append(path)
+        for sub in subdirs:
+            visit(sub)
+
+    visit(base)
+    return sorted(found)
+
+
 def scan_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int] | None, list[str]]:
     """Image files under ``root`` (recursive, sorted) and labels from class subfolders.
 
     Labels exist when every image lies inside an immediate subfolder of ``root``; classes are
-    the sorted subfolder names that hold images.
+    the sorted subfolder names that hold images. Symlinked folders and files are followed
+    (each folder read once, so loops end); a class is named after the link, as the user sees it.
 
     Returns:
         (paths, labels or None, class names)
@@ -55,10 +102,7 @@ def scan_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int] | N
         raise DatasetError(f"image folder {str(base)!r} does not exist")
     if not base.is_dir():
         raise DatasetError(f"{str(base)!r} is not a folder", hint="--images takes a folder of images")
-    paths = sorted(
-        p for p in base.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-    )
+    paths = _walk_images(base)
     if not paths:
         raise DatasetError(
             f"image folder {str(base)!r} has no images",
@@ -138,6 +182,16 @@ class ImageFolder:
     def label(self, index: int) -> int | None:
         return None if self.labels is None else self.labels[index]
 
+    def grouping(self) -> Grouping:
+        """Class folders when labelled, else the sub-folder of each image (one group when flat)."""
+        if self.labels is not None:
+            return Grouping(tuple(self.labels), tuple(self.classes), "classes")
+        base = Path(self.root)
+        parents = [p.parent.relative_to(base).as_posix() for p in self.paths]
+        names = sorted(set(parents))
+        index = {n: i for i, n in enumerate(names)}
+        return Grouping(tuple(index[p] for p in parents), tuple(names), "subfolders" if len(names) > 1 else "none")
+
     def load(self, index: int) -> np.ndarray:
         path = self.paths[index]
         img = decode_image(path)
@@ -196,6 +250,13 @@ class NumpySource:
 
     def label(self, index: int) -> int | None:
         return None if self.labels is None else int(self.labels[index])
+
+    def grouping(self) -> Grouping:
+        """Labels when the file has them, else one group."""
+        if self.labels is None:
+            return Grouping((0,) * len(self), ("",), "none")
+        names, ids = np.unique(np.asarray(self.labels), return_inverse=True)
+        return Grouping(tuple(int(i) for i in ids.ravel()), tuple(str(n) for n in names), "classes")
 
     def load(self, index: int) -> np.ndarray | dict[str, np.ndarray]:
         if "" in self.arrays:
