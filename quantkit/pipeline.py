@@ -144,7 +144,11 @@ class Calibration:
 
 def prepare_model(model: onnx.ModelProto, *, source: str = "model",
                   target: str = "tensorrt") -> tuple[onnx.ModelProto, list[TensorSpec], QdqPlan]:
-    """Opset >= 13, float inputs checked, Q/DQ placement planned for ``target``."""
+    """Opset >= 13, float activations checked, Q/DQ placement planned for ``target``.
+
+    Inputs may be int64/int32/bool (token ids, masks): the float activations after them are
+    calibrated, the inputs themselves are fed as they are.
+    """
     model = ensure_opset(model)
     specs = float_input_specs(model, source=source)
     plan = plan_qdq(model, target)
@@ -167,7 +171,7 @@ def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Se
         )
     return Batcher(
         source, [s.name for s in specs], fixed or config.batch_size, indices=indices,
-        last_batch="drop" if fixed else "keep", strict=config.strict,
+        last_batch="drop" if fixed else "keep", strict=config.strict, dtypes={s.name: s.dtype for s in specs},
     )
 
 

@@ -89,7 +89,7 @@ class Build:
             from quantkit.datasets import Batcher
 
             batches = Batcher(source, [s.name for s in specs], specs[0].static_batch or args.batch_size, indices=idx,
-                              last_batch="drop", strict=args.strict)
+                              last_batch="drop", strict=args.strict, dtypes={s.name: s.dtype for s in specs})
             pp = getattr(source, "preprocess", None)
             algorithm = CALIBRATORS[args.calibrator][1]
             bar = stack.enter_context(progress(len(idx), "calibrating (TensorRT)", disable=args.no_progress))

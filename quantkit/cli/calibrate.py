@@ -94,7 +94,8 @@ class Calibrate:
                 eval_idx = rest[: args.eval_images] if rest else calib_idx[: args.eval_images]
             fixed = specs[0].static_batch
             batches = Batcher(eval_source, [s.name for s in specs], fixed or args.batch_size, indices=eval_idx,
-                              last_batch="pad" if fixed else "keep", strict=args.strict)
+                              last_batch="pad" if fixed else "keep", strict=args.strict,
+                              dtypes={s.name: s.dtype for s in specs})
             with OrtRunner(prepared, threads=args.threads) as ref, OrtRunner(int8, threads=args.threads) as test, \
                     progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
                 cmp = compare_runners(ref, test, batches, reference_name=model_path.name,

@@ -92,14 +92,21 @@ def preprocess_from_args(args: argparse.Namespace) -> Any:
 
 def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str | None = None) -> Any:
     """The data source the arguments describe, fitted to the model inputs."""
+    import numpy as np
+
     from quantkit.datasets import ImageFolder, NumpySource, for_model
 
     folder = images if images is not None else args.images
     if folder is None:
-        return NumpySource(args.npz)
+        return NumpySource(args.npz, dtypes={s.name: s.dtype for s in specs})
     if len(specs) != 1:
         raise InputError(
             f"the model has {len(specs)} inputs {[s.name for s in specs]}; an image folder feeds one",
+            hint="use --npz with one array per input name",
+        )
+    if not np.issubdtype(specs[0].dtype, np.floating):
+        raise InputError(
+            f"input {specs[0].name!r} is {specs[0].dtype} (token ids, masks, ...); an image folder feeds float images",
             hint="use --npz with one array per input name",
         )
     spec = for_model(preprocess_from_args(args), specs[0].shape, input_name=specs[0].name,

@@ -46,7 +46,8 @@ class Compare:
             print(f"compared on {describe_sample(drawn, 'samples')}")
         fixed = specs[0].static_batch
         batches = Batcher(source, [s.name for s in specs], fixed or args.batch_size, indices=idx,
-                          last_batch="pad" if fixed else "keep", strict=args.strict)
+                          last_batch="pad" if fixed else "keep", strict=args.strict,
+                          dtypes={s.name: s.dtype for s in specs})
         with ref, test, progress(len(idx), "comparing", disable=args.no_progress) as bar:
             report = compare_runners(ref, test, batches, reference_name=Path(args.reference).name,
                                      test_name=Path(args.test).name, on_batch=lambda b: bar.update(b.size))
