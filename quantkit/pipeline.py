@@ -90,6 +90,7 @@ class Calibration:
     config: CalibConfig
     num_samples: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    sampling: dict[str, Any] | None = None
 
     def amax(self, method: str | None = None, *, quantized_only: bool = False) -> dict[str, float]:
         method = method or self.config.method
@@ -128,6 +129,7 @@ class Calibration:
             "weights": {n: {"axis": ax, "consumers": list(c)} for n, (ax, c) in self.plan.weights.items()},
             "num_samples": self.num_samples,
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
+            **({"sampling": self.sampling} if self.sampling is not None else {}),
             "config": {
                 "num_bins": self.config.num_bins,
                 "percentile": self.config.percentile,
@@ -142,7 +144,12 @@ class Calibration:
 
 def prepare_model(model: onnx.ModelProto, *, source: str = "model",
                   target: str = "tensorrt") -> tuple[onnx.ModelProto, list[TensorSpec], QdqPlan]:
-    """Not quantized already, opset >= 13, float inputs checked, Q/DQ placement planned for ``target``."""
+    """Not quantized already, opset >= 13, float activations checked, Q/DQ placement planned for
+    ``target``.
+
+    Inputs may be int64/int32/bool (token ids, masks): the float activations after them are
+    calibrated, the inputs themselves are fed as they are.
+    """
     check_not_quantized(model, source=source)
     model = ensure_opset(model)
     specs = float_input_specs(model, source=source)
@@ -166,7 +173,7 @@ def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Se
         )
     return Batcher(
         source, [s.name for s in specs], fixed or config.batch_size, indices=indices,
-        last_batch="drop" if fixed else "keep", strict=config.strict,
+        last_batch="drop" if fixed else "keep", strict=config.strict, dtypes={s.name: s.dtype for s in specs},
     )
 
 
@@ -178,6 +185,7 @@ def calibrate(
     config: CalibConfig = CalibConfig(),
     on_batch: Callable[[Batch], None] | None = None,
     model_name: str = "model",
+    sampling: dict[str, Any] | None = None,
 ) -> Calibration:
     """Collect statistics in one pass over ``source`` and compute every method's ranges.
 
@@ -188,6 +196,8 @@ def calibrate(
         config: calibration settings.
         on_batch: progress callback, called once per batch.
         model_name: used in messages.
+        sampling: how ``indices`` were drawn (``quantkit.datasets.Sample.to_dict()``), recorded
+            in ranges.json as "sampling".
     """
     model, specs, plan = prepare_model(model, source=model_name, target=config.target)
     tensors = plan.activation_names
@@ -202,7 +212,7 @@ def calibrate(
         t: all_ranges(h, percentile=config.percentile, auto_tolerance=config.auto_tolerance)
         for t, h in histograms.items()
     }
-    return Calibration(model, plan, histograms, ranges, config, batcher.used_, list(batcher.skipped_))
+    return Calibration(model, plan, histograms, ranges, config, batcher.used_, list(batcher.skipped_), sampling)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:

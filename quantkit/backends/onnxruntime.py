@@ -60,7 +60,8 @@ class OrtRunner(Runner):
         proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
         self.name = Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name
         self._inputs = input_specs(proto)
-        self._outputs = [s.name for s in output_specs(proto)]
+        self._output_specs = output_specs(proto)
+        self._outputs = [s.name for s in self._output_specs]
         self.session = create_session(proto if isinstance(model, onnx.ModelProto) else model,
                                       threads=threads, providers=providers)
         self.device = ",".join(p.replace("ExecutionProvider", "") for p in self.session.get_providers())
@@ -72,6 +73,10 @@ class OrtRunner(Runner):
     @property
     def output_names(self) -> list[str]:
         return self._outputs
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        return self._output_specs
 
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.session.run(self._outputs, feed)

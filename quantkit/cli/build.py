@@ -89,11 +89,11 @@ class Build:
         if args.calibrator:
             specs = float_input_specs(model, source=str(model_path))
             source = source_for_model(args, specs)
-            idx = select(len(source), args, what="images")
+            idx = select(source, args, what="images").indices
             from quantkit.datasets import Batcher
 
             batches = Batcher(source, [s.name for s in specs], specs[0].static_batch or args.batch_size, indices=idx,
-                              last_batch="drop", strict=args.strict)
+                              last_batch="drop", strict=args.strict, dtypes={s.name: s.dtype for s in specs})
             pp = getattr(source, "preprocess", None)
             algorithm = CALIBRATORS[args.calibrator][1]
             bar = stack.enter_context(progress(len(idx), "calibrating (TensorRT)", disable=args.no_progress))

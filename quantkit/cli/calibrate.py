@@ -4,8 +4,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from quantkit.cli.common import (add_data_args, add_preprocess_args, non_negative_int, positive_int, progress, select,
-                                 source_for_model)
+from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, non_negative_int, positive_int,
+                                 progress, select, source_for_model)
 
 
 #: images used for calibration when --num-images is not given (the rest are held out)
@@ -61,7 +61,8 @@ class Calibrate:
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.compare import compare_runners
         from quantkit.datasets import Batcher
-        from quantkit.onnx.model import file_sha256, load_model
+        from quantkit.datasets.classes import check_classes
+        from quantkit.onnx.model import file_sha256, load_model, output_specs
         from quantkit.pipeline import CalibConfig, calibrate, entropy_effect, prepare_model, write_artifacts
 
         model_path = Path(args.model)
@@ -77,16 +78,18 @@ class Calibrate:
                              sample_stride=args.histogram_stride, target=args.target)
         prepared, specs, _ = prepare_model(model, source=str(model_path), target=args.target)
         source = source_for_model(args, specs)
-        order = select(len(source), args, what="images", take=False)
-        count = args.num_images or min(len(order), DEFAULT_CALIBRATION_IMAGES)
-        calib_idx, rest = order[:count], order[count:]
+        check_classes(source, output_specs(prepared))
+        drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)
+        calib_idx, rest = drawn.indices, drawn.rest
 
         with progress(len(calib_idx), "calibrating", disable=args.no_progress) as bar:
             cal = calibrate(prepared, source, indices=calib_idx, config=config,
-                            on_batch=lambda b: bar.update(b.size), model_name=str(model_path))
+                            on_batch=lambda b: bar.update(b.size), model_name=str(model_path),
+                            sampling=drawn.to_dict())
         int8 = cal.int8_model()
 
-        report, lines = None, []  # printed after the artifacts are written (a closed stdout loses nothing)
+        # printed after the artifacts are written (a closed stdout loses nothing)
+        report, lines = None, [f"calibration sample: {describe_sample(drawn)}"]
         if args.eval_images > 0:
             if args.eval_dir:
                 eval_source = source_for_model(args, specs, images=args.eval_dir)
@@ -98,7 +101,8 @@ class Calibrate:
             fixed = specs[0].static_batch
             batches = Batcher(eval_source, [s.name for s in specs], fixed or args.batch_size, indices=eval_idx,
                               last_batch="pad" if fixed else "keep", strict=args.strict,
-                              known_skips=[] if args.eval_dir else [f for f, _ in cal.skipped])
+                              known_skips=[] if args.eval_dir else [f for f, _ in cal.skipped],
+                              dtypes={s.name: s.dtype for s in specs})
             with OrtRunner(prepared, threads=args.threads) as ref, OrtRunner(int8, threads=args.threads) as test, \
                     progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
                 cmp = compare_runners(ref, test, batches, reference_name=model_path.name,

@@ -60,8 +60,13 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True,
     g.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch (default 32; "
                    "a model with a fixed batch size uses its own)")
     g.add_argument("--num-images", type=positive_int, default=None, metavar="N", help=num_images_help)
-    g.add_argument("--shuffle", action="store_true", help="shuffle sample order (seeded by --seed)")
-    g.add_argument("--seed", type=int, default=0, help="seed for --shuffle (default 0)")
+    g.add_argument("--order", choices=["spread", "sorted", "shuffle"], default="spread",
+                   help="sample order: spread = a seeded sample spread over the class folders (or sub-folders, "
+                   "or .npz labels) in proportion to their sizes; sorted = files in sorted order (the first "
+                   "classes only, when N is small); shuffle = a seeded random order (default spread)")
+    g.add_argument("--shuffle", dest="order", action="store_const", const="shuffle",
+                   help="same as --order shuffle")
+    g.add_argument("--seed", type=int, default=0, help="seed for --order spread and shuffle (default 0)")
     g.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     g.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads (default: one per core)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -97,14 +102,21 @@ def preprocess_from_args(args: argparse.Namespace) -> Any:
 
 def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str | None = None) -> Any:
     """The data source the arguments describe, fitted to the model inputs."""
+    import numpy as np
+
     from quantkit.datasets import ImageFolder, NumpySource, for_model
 
     folder = images if images is not None else args.images
     if folder is None:
-        return NumpySource(args.npz)
+        return NumpySource(args.npz, dtypes={s.name: s.dtype for s in specs})
     if len(specs) != 1:
         raise InputError(
             f"the model has {len(specs)} inputs {[s.name for s in specs]}; an image folder feeds one",
+            hint="use --npz with one array per input name",
+        )
+    if not np.issubdtype(specs[0].dtype, np.floating):
+        raise InputError(
+            f"input {specs[0].name!r} is {specs[0].dtype} (token ids, masks, ...); an image folder feeds float images",
             hint="use --npz with one array per input name",
         )
     spec = for_model(preprocess_from_args(args), specs[0].shape, input_name=specs[0].name,
@@ -116,17 +128,27 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
     return ImageFolder(folder, spec, expected_hw=expected)  # type: ignore[arg-type]
 
 
-def select(count: int, args: argparse.Namespace, *, what: str = "samples", take: bool = True) -> list[int]:
-    """Sample order per --shuffle/--seed, cut to --num-images when ``take``; asking for more
-    samples than exist is an error."""
-    from quantkit.datasets import ordered_indices
+def select(source: Any, args: argparse.Namespace, *, what: str = "samples", default: int | None = None) -> Any:
+    """The samples per --order/--seed: the first --num-images (or ``default``, or all) and the
+    rest (a ``quantkit.datasets.Sample``); asking for more samples than exist is an error."""
+    from quantkit.datasets import draw_sample
 
-    n = args.num_images
+    count, n = len(source), args.num_images
     if n is not None and n > count:
         raise InputError(f"--num-images {n} asks for more {what} than the data has ({count})",
                          hint=f"pass --num-images {count} or less, or omit it")
-    order = ordered_indices(count, shuffle=args.shuffle, seed=args.seed)
-    return order[: n or count] if take else order
+    take = n or (min(default, count) if default else count)
+    return draw_sample(source, take, order=getattr(args, "order", "spread"), seed=args.seed)
+
+
+def describe_sample(sample: Any, what: str = "images") -> str:
+    """How the sample was drawn, with the flag that changes it."""
+    text = sample.describe(what)
+    if sample.order == "spread" and sample.grouping.kind != "none":
+        text += "; --order sorted takes the first files"
+    elif sample.order == "sorted" and sample.groups_covered < len(sample.grouping.names):
+        text += "; --order spread covers them all"
+    return text
 
 
 @contextmanager

@@ -4,7 +4,7 @@ import argparse
 import math
 from pathlib import Path
 
-from quantkit.cli.common import add_data_args, add_preprocess_args, progress, select, source_for_model
+from quantkit.cli.common import add_data_args, add_preprocess_args, describe_sample, progress, select, source_for_model
 
 
 class Compare:
@@ -34,6 +34,7 @@ class Compare:
         from quantkit.backends.onnxruntime import runner_from_path
         from quantkit.compare import compare_runners, comparison_batch
         from quantkit.datasets import Batcher
+        from quantkit.datasets.classes import check_classes
 
         if args.json:  # before the work: never over an input, never an unasked overwrite
             check_output_file(args.json, force=args.force,
@@ -43,16 +44,21 @@ class Compare:
         test = runner_from_path(args.test, threads=args.threads)
         specs = ref.input_specs
         source = source_for_model(args, specs)
-        idx = select(len(source), args)
+        check_classes(source, getattr(ref, "output_specs", None) or getattr(test, "output_specs", []))
+        drawn = select(source, args)
+        idx = drawn.indices
         batch, fixed = comparison_batch(ref, test, args.batch_size, reference_name=Path(args.reference).name,
                                         test_name=Path(args.test).name)
         batches = Batcher(source, [s.name for s in specs], batch, indices=idx,
-                          last_batch="pad" if fixed else "keep", strict=args.strict)
+                          last_batch="pad" if fixed else "keep", strict=args.strict,
+                          dtypes={s.name: s.dtype for s in specs})
         with ref, test, progress(len(idx), "comparing", disable=args.no_progress) as bar:
             report = compare_runners(ref, test, batches, reference_name=Path(args.reference).name,
                                      test_name=Path(args.test).name, on_batch=lambda b: bar.update(b.size))
         if args.json:  # written before anything is printed
             write_json_atomic(args.json, report.to_dict())
+        if drawn.count < drawn.total:
+            print(f"compared on {describe_sample(drawn, 'samples')}")
         print(report.table())
         if args.json:
             print(f"  wrote {args.json}")

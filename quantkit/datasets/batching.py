@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
+from quantkit.datasets.dtypes import cast_for_input
 from quantkit.datasets.sources import SampleError, Source
 from quantkit.errors import DatasetError, InputError, ShapeMismatchError
 
@@ -57,6 +58,8 @@ class Batcher:
         known_skips: samples (as ``source.describe`` names them) already warned about in this
             run, e.g. by the calibration pass before an evaluation on the same images: they are
             skipped and recorded again, but logged at debug level, so a warning appears once.
+        dtypes: the model's input dtypes by name; each input array is cast to its dtype when
+            that is safe (see ``cast_for_input``), else refused with an InputError.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class Batcher:
         workers: int | None = None,
         prefetch: int = 2,
         known_skips: Collection[str] = (),
+        dtypes: Mapping[str, Any] | None = None,
     ):
         if batch_size <= 0:
             raise InputError(f"batch size must be positive, got {batch_size}")
@@ -85,6 +89,8 @@ class Batcher:
         self.workers = workers or min(8, os.cpu_count() or 1)
         self.prefetch = prefetch
         self.known_skips = frozenset(known_skips)
+        self.dtypes = {k: np.dtype(v) for k, v in (dtypes or {}).items()}
+        self._noted: set[str] = set()  # inputs whose lossy cast was noted once
         self.skipped_: list[tuple[str, str]] = []
         self.loaded_ = 0  # samples read successfully
         self.used_ = 0  # samples in the batches handed out (a dropped tail is not counted)
@@ -160,6 +166,9 @@ class Batcher:
                     hint="set --resize/--crop so every image has the same size",
                 )
             feed[name] = np.stack(arrays)
+            if name in self.dtypes:
+                feed[name] = cast_for_input(feed[name], self.dtypes[name], name=name,
+                                            where=self.source.describe(indices[0]), noted=self._noted)
         return feed
 
     def _batch(self, chunk: list[tuple[int, np.ndarray | dict[str, np.ndarray]]]) -> Batch:

@@ -12,12 +12,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from quantkit._deps import require
+from quantkit.datasets.dtypes import cast_for_input
 from quantkit.datasets.preprocess import Preprocess
+from quantkit.datasets.sampling import Grouping
 from quantkit.errors import DatasetError, InputError
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,57 @@ class Source(Protocol):
     def describe(self, index: int) -> str: ...
 
 
+def _walk_images(base: Path) -> list[Path]:
+    """Image files under ``base``, following symlinked folders and files.
+
+    Paths keep the names the user sees (a symlinked folder's own name, not its target). A
+    folder reached twice (a symlink loop, or two links to one folder) is read once: the first
+    time in sorted order; the other names are skipped with a warning.
+    """
+    seen: dict[tuple[int, int], Path] = {}
+    found: list[Path] = []
+
+    def visit(folder: Path) -> None:
+        try:
+            st = folder.stat()
+        except OSError as err:
+            log.warning("skipping folder %s: %s", folder, err.strerror or err)
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            log.warning("skipping %s: it is the folder %s again (symlink), read once", folder, seen[key])
+            return
+        seen[key] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            log.warning("skipping folder %s: %s", folder, err.strerror or err)
+            return
+        subdirs = []
+        for entry in entries:
+            path = folder / entry.name
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+                is_file = not is_dir and entry.is_file()
+            except OSError:
+                continue
+            if is_dir:
+                subdirs.append(path)
+            elif is_file and path.suffix.lower() in IMAGE_EXTENSIONS and not entry.name.startswith("."):
+                found.append(path)
+        for sub in subdirs:
+            visit(sub)
+
+    visit(base)
+    return sorted(found)
+
+
 def scan_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int] | None, list[str]]:
     """Image files under ``root`` (recursive, sorted) and labels from class subfolders.
 
     Labels exist when every image lies inside an immediate subfolder of ``root``; classes are
-    the sorted subfolder names that hold images.
+    the sorted subfolder names that hold images. Symlinked folders and files are followed
+    (each folder read once, so loops end); a class is named after the link, as the user sees it.
 
     Returns:
         (paths, labels or None, class names)
@@ -55,10 +103,7 @@ def scan_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int] | N
         raise DatasetError(f"image folder {str(base)!r} does not exist")
     if not base.is_dir():
         raise DatasetError(f"{str(base)!r} is not a folder", hint="--images takes a folder of images")
-    paths = sorted(
-        p for p in base.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-    )
+    paths = _walk_images(base)
     if not paths:
         raise DatasetError(
             f"image folder {str(base)!r} has no images",
@@ -138,6 +183,16 @@ class ImageFolder:
     def label(self, index: int) -> int | None:
         return None if self.labels is None else self.labels[index]
 
+    def grouping(self) -> Grouping:
+        """Class folders when labelled, else the sub-folder of each image (one group when flat)."""
+        if self.labels is not None:
+            return Grouping(tuple(self.labels), tuple(self.classes), "classes")
+        base = Path(self.root)
+        parents = [p.parent.relative_to(base).as_posix() for p in self.paths]
+        names = sorted(set(parents))
+        index = {n: i for i, n in enumerate(names)}
+        return Grouping(tuple(index[p] for p in parents), tuple(names), "subfolders" if len(names) > 1 else "none")
+
     def load(self, index: int) -> np.ndarray:
         path = self.paths[index]
         img = decode_image(path)
@@ -158,9 +213,14 @@ class NumpySource:
     """Samples from a .npy file (one input: array [N, ...]) or .npz file (arrays by input name).
 
     An .npz may also hold ``labels`` (int array [N]); every other array must have the same N.
+    Arrays keep their dtype (int64 token ids, bool masks, float images) unless ``dtypes`` gives
+    the model's input dtypes: then each array is cast to its input's dtype when no value changes
+    (float64 -> float32 with a note; int32 -> int64 when the values fit; ...) and refused with
+    a DtypeMismatchError otherwise (see ``quantkit.datasets.dtypes``).
     """
 
     path: str | os.PathLike[str]
+    dtypes: dict[str, Any] | None = None
     arrays: dict[str, np.ndarray] = field(init=False)
     labels: np.ndarray | None = field(init=False)
 
@@ -184,9 +244,13 @@ class NumpySource:
         sizes = {k: a.shape[0] if a.ndim else 0 for k, a in self.arrays.items()}
         if len(set(sizes.values())) != 1 or 0 in sizes.values():
             raise DatasetError(f"{str(p)!r}: arrays must share a non-zero first dimension, got {sizes}")
-        for name, arr in self.arrays.items():
-            if not np.issubdtype(arr.dtype, np.floating):
-                self.arrays[name] = arr.astype(np.float32)
+        if self.dtypes:
+            noted: set[str] = set()
+            for key, arr in self.arrays.items():
+                name = key or (next(iter(self.dtypes)) if len(self.dtypes) == 1 else "")
+                if name in self.dtypes:
+                    where = str(p) if not key else f"{p}[{key!r}]"
+                    self.arrays[key] = cast_for_input(arr, self.dtypes[name], name=name, where=where, noted=noted)
 
     def __len__(self) -> int:
         return next(iter(self.arrays.values())).shape[0]
@@ -196,6 +260,13 @@ class NumpySource:
 
     def label(self, index: int) -> int | None:
         return None if self.labels is None else int(self.labels[index])
+
+    def grouping(self) -> Grouping:
+        """Labels when the file has them, else one group."""
+        if self.labels is None:
+            return Grouping((0,) * len(self), ("",), "none")
+        names, ids = np.unique(np.asarray(self.labels), return_inverse=True)
+        return Grouping(tuple(int(i) for i in ids.ravel()), tuple(str(n) for n in names), "classes")
 
     def load(self, index: int) -> np.ndarray | dict[str, np.ndarray]:
         if "" in self.arrays:
@@ -211,19 +282,38 @@ class SyntheticSource:
         shape: one sample's shape, e.g. (3, 224, 224).
         count: number of samples.
         seed: random seed; sample i is the same on every run.
-        distribution: "normal" (mean 0, std 1) or "uniform" (0 to 1).
+        distribution: float data: "normal" (mean 0, std 1) or "uniform" (0 to 1).
+        dtype: the sample dtype: a float type, an integer type (token ids) or "bool" (a mask,
+            True or False with equal odds).
+        value_range: integers: uniform in [low, high), e.g. (0, vocabulary size); required for
+            integer dtypes (``synthetic_for_model`` takes it from an embedding table).
     """
 
     shape: tuple[int, ...]
     count: int = 64
     seed: int = 0
     distribution: str = "normal"
+    dtype: str = "float32"
+    value_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.count <= 0:
             raise DatasetError(f"synthetic source needs a positive count, got {self.count}")
         if self.distribution not in ("normal", "uniform"):
             raise InputError(f"distribution must be normal or uniform, got {self.distribution!r}")
+        try:
+            dt = np.dtype(self.dtype)
+        except TypeError as err:
+            raise InputError(f"synthetic source: unknown dtype {self.dtype!r}") from err
+        if np.issubdtype(dt, np.integer):
+            if self.value_range is None:
+                raise InputError(f"synthetic {dt} data needs a value_range (low, high), e.g. (0, vocabulary size)")
+            low, high = self.value_range
+            info = np.iinfo(dt)
+            if not (info.min <= low < high <= info.max + 1):
+                raise InputError(f"synthetic {dt} data: value_range {self.value_range} is empty or outside {dt}")
+        elif dt != np.bool_ and not np.issubdtype(dt, np.floating):
+            raise InputError(f"synthetic source: dtype must be float, integer or bool, got {dt}")
 
     def __len__(self) -> int:
         return self.count
@@ -236,9 +326,100 @@ class SyntheticSource:
 
     def load(self, index: int) -> np.ndarray:
         rng = np.random.default_rng((self.seed, index))
+        dt = np.dtype(self.dtype)
+        if dt == np.bool_:
+            return rng.random(self.shape) < 0.5
+        if np.issubdtype(dt, np.integer):
+            low, high = self.value_range  # type: ignore[misc]
+            return rng.integers(low, high, self.shape, dtype=np.int64).astype(dt)
         if self.distribution == "normal":
-            return rng.standard_normal(self.shape, dtype=np.float32)
-        return rng.random(self.shape, dtype=np.float32)
+            return rng.standard_normal(self.shape, dtype=np.float32).astype(dt, copy=False)
+        return rng.random(self.shape, dtype=np.float32).astype(dt, copy=False)
+
+
+@dataclass
+class InputsSource:
+    """One source per model input, zipped: sample i is ``{name: sources[name].load(i)}``.
+
+    Labels come from the first source that has them.
+    """
+
+    sources: dict[str, Source]
+
+    def __post_init__(self) -> None:
+        sizes = {k: len(s) for k, s in self.sources.items()}
+        if not sizes or len(set(sizes.values())) != 1:
+            raise DatasetError(f"the sources of the inputs must have one common length, got {sizes}")
+
+    def __len__(self) -> int:
+        return len(next(iter(self.sources.values())))
+
+    def describe(self, index: int) -> str:
+        return next(iter(self.sources.values())).describe(index)
+
+    def label(self, index: int) -> int | None:
+        for s in self.sources.values():
+            lab = s.label(index)
+            if lab is not None:
+                return lab
+        return None
+
+    def load(self, index: int) -> dict[str, np.ndarray]:
+        out = {}
+        for name, s in self.sources.items():
+            sample = s.load(index)
+            out[name] = sample[name] if isinstance(sample, dict) else sample
+        return out
+
+
+def synthetic_for_model(model: Any, *, count: int = 64, seed: int = 0, distribution: str = "normal",
+                        ranges: dict[str, tuple[int, int]] | None = None,
+                        dims: dict[str, int] | None = None) -> InputsSource:
+    """Synthetic data for every input of an ONNX model, in each input's dtype.
+
+    Float inputs get ``distribution``; bool inputs random masks; integer inputs uniform values
+    in ``ranges[name]``, or, when the input only indexes Gathers over constant tables (token
+    ids into an embedding), in [0, table rows).
+
+    Args:
+        model: the ONNX model (ModelProto).
+        count: samples.
+        seed: random seed (each input draws from its own stream).
+        distribution: for float inputs, "normal" or "uniform".
+        ranges: [low, high) per integer input name; overrides the value taken from a Gather.
+        dims: sizes of dynamic dimensions by name (the first, batch, dimension is not part of
+            a sample).
+
+    Raises:
+        InputError: an integer input without an obvious range and none in ``ranges``, or a
+            dynamic dimension missing from ``dims``.
+    """
+    from quantkit.onnx.model import index_ranges, input_specs
+
+    known = {**index_ranges(model), **(ranges or {})}
+    sources: dict[str, Source] = {}
+    for k, spec in enumerate(input_specs(model)):
+        shape = []
+        for d in spec.shape[1:]:
+            if isinstance(d, int):
+                shape.append(d)
+            elif isinstance(d, str) and dims and d in dims:
+                shape.append(int(dims[d]))
+            else:
+                raise InputError(f"input {spec.name!r} has the dynamic dimension {d!r} (shape {list(spec.shape)})",
+                                 hint=f"pass dims={{{str(d)!r}: size}}")
+        rng_range = None
+        if np.issubdtype(spec.dtype, np.integer):
+            if spec.name not in known:
+                raise InputError(
+                    f"input {spec.name!r} is {spec.dtype} and does not only index an embedding table, so its "
+                    "value range is unknown",
+                    hint=f"pass ranges={{{spec.name!r}: (low, high)}}",
+                )
+            rng_range = tuple(int(v) for v in known[spec.name])
+        sources[spec.name] = SyntheticSource(tuple(shape), count, seed + 7919 * k, distribution,
+                                             str(spec.dtype), rng_range)  # type: ignore[arg-type]
+    return InputsSource(sources)
 
 
 @dataclass

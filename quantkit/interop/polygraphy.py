@@ -145,9 +145,9 @@ def feeds_from_args(args: argparse.Namespace | Sequence[str]) -> Feeds:
         args = parse_data_args(args)
     specs = float_input_specs(load_model(args.model), source=args.model)
     source = source_for_model(args, specs)
-    order = select(len(source), args, what="images", take=False)
-    count = args.num_images or min(len(order), DEFAULT_CALIBRATION_IMAGES)
-    batcher = calibration_batches(source, specs, order[:count],
+    drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)  # calibrate's sample
+    count = len(drawn.indices)
+    batcher = calibration_batches(source, specs, drawn.indices,
                                   CalibConfig(batch_size=args.batch_size, strict=args.strict))
     if args.drop_last:
         batcher.last_batch = "drop"

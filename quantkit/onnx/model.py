@@ -105,13 +105,48 @@ def check_not_quantized(model: onnx.ModelProto, *, source: str = "model") -> Non
 
 
 def float_input_specs(model: onnx.ModelProto, *, source: str = "model") -> list[TensorSpec]:
+    """The model inputs, when the model has float activations to calibrate.
+
+    Inputs need not be float: int64 token ids and bool masks feed float activations after an
+    embedding (a float initializer). A model with neither float inputs nor float weights is
+    refused.
+    """
     specs = input_specs(model)
-    if not any(np.issubdtype(s.dtype, np.floating) for s in specs):
+    floats = any(np.issubdtype(s.dtype, np.floating) for s in specs)
+    if not floats:
+        floats = any(np.issubdtype(helper.tensor_dtype_to_np_dtype(i.data_type), np.floating)
+                     for i in model.graph.initializer if i.data_type)
+    if not floats:
         found = ", ".join(f"{s.name}: {s.dtype}" for s in specs) or "none"
         raise ModelError(
-            f"{source} has no floating-point inputs ({found}); INT8 calibration needs float activations"
+            f"{source} has no floating-point inputs ({found}) and no float weights; INT8 calibration "
+            "needs float activations"
         )
     return specs
+
+
+def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Integer inputs used only as the indices of Gathers over constant tables: name -> [0, rows).
+
+    These are token ids (an embedding lookup): valid values run from 0 to the table's size
+    along the gathered axis (the smallest one when several tables share the ids).
+    """
+    specs = {s.name: s for s in input_specs(model) if np.issubdtype(s.dtype, np.integer)}
+    consts = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    rows: dict[str, int] = {}
+    other: set[str] = set()
+    for node in model.graph.node:
+        for pos, name in enumerate(node.input):
+            if name not in specs:
+                continue
+            if node.op_type == "Gather" and pos == 1 and node.input[0] in consts:
+                axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 0)
+                dims = consts[node.input[0]]
+                size = dims[axis] if -len(dims) <= axis < len(dims) else 0
+                rows[name] = min(rows.get(name, size), size)
+            else:
+                other.add(name)
+    return {n: (0, r) for n, r in rows.items() if n not in other and r > 0}
 
 
 def opset_version(model: onnx.ModelProto) -> int:

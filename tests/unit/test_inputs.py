@@ -1,0 +1,228 @@
+"""Model inputs that are not float32: float64 data, int64 token ids, int32 data, bool masks."""
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantkit import sample
+from quantkit.cli import main
+from quantkit.datasets import Batcher, NumpySource, SyntheticSource
+from quantkit.datasets.dtypes import DtypeMismatchError, cast_for_input
+from quantkit.errors import InputError
+
+VOCAB, T, D, H, C = 50, 6, 8, 12, 4
+
+
+def make_token_model(mask_type: int = TensorProto.BOOL) -> onnx.ModelProto:
+    """ids int64 [N, T] -> Gather(table [VOCAB, D]) -> * mask -> MatMul -> Relu -> ReduceMean(T)
+    -> MatMul -> y [N, C]; mask [N, T] is bool (or float)."""
+    r = np.random.default_rng(0)
+    w = lambda *s: numpy_helper.from_array((r.standard_normal(s) * 0.5).astype(np.float32))  # noqa: E731
+    table, w1, w2 = w(VOCAB, D), w(D, H), w(H, C)
+    table.name, w1.name, w2.name = "table", "w1", "w2"
+    axes = numpy_helper.from_array(np.array([-1], np.int64), "axes")
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+        helper.make_node("Cast", ["mask"], ["maskf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axes"], ["mask3"], name="unsq"),
+        helper.make_node("Mul", ["emb", "mask3"], ["masked"], name="apply_mask"),
+        helper.make_node("MatMul", ["masked", "w1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+        helper.make_node("ReduceMean", ["hr"], ["pooled"], name="pool", axes=[1], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "w2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tokens",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", T]),
+         helper.make_tensor_value_info("mask", mask_type, ["N", T])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", C])], [table, w1, w2, axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def token_model_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("tokens") / "tokens.onnx"
+    onnx.save(make_token_model(), p)
+    return p
+
+
+def _token_data(n=40, seed=0):
+    r = np.random.default_rng(seed)
+    ids = r.integers(0, VOCAB, (n, T), dtype=np.int64)
+    mask = np.ones((n, T), bool)
+    mask[:, T - 2:] = r.random((n, 2)) < 0.5
+    return ids, mask
+
+
+# ---- the cast rules ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data, dtype, expect", [
+    (np.array([0.5, -2.25], np.float64), np.float32, np.array([0.5, -2.25], np.float32)),
+    (np.array([1, 7], np.int32), np.int64, np.array([1, 7], np.int64)),
+    (np.array([1, 7], np.int64), np.int32, np.array([1, 7], np.int32)),
+    (np.array([3.0, 4.0]), np.int64, np.array([3, 4], np.int64)),
+    (np.array([0, 1, 1], np.int64), np.bool_, np.array([False, True, True])),
+    (np.array([True, False]), np.int64, np.array([1, 0], np.int64)),
+    (np.array([0, 255], np.uint8), np.float32, np.array([0.0, 255.0], np.float32)),
+])
+def test_safe_casts_keep_every_value(data, dtype, expect):
+    out = cast_for_input(data, dtype, name="x")
+    assert out.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(out, expect)
+
+
+@pytest.mark.parametrize("data, dtype, match", [
+    (np.array([1.5, 2.0]), np.int64, "1.5.*not whole numbers"),
+    (np.array([2**40], np.int64), np.int32, "do not fit int32"),
+    (np.array([0, 2], np.int64), np.bool_, "0 and 1"),
+    (np.array([1e39]), np.float32, "overflow float32"),
+    (np.array([2**30 + 1], np.int64), np.float32, "not exact in float32"),
+    (np.array(["a"]), np.float32, "numeric"),
+])
+def test_lossy_casts_are_refused_with_one_line(data, dtype, match):
+    with pytest.raises(DtypeMismatchError, match=match) as err:
+        cast_for_input(data, dtype, name="ids", where="data.npz")
+    assert isinstance(err.value, InputError) and "'ids'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_float64_cast_noted_once(caplog):
+    noted: set[str] = set()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            cast_for_input(np.zeros(2), np.float32, name="x", noted=noted)
+    assert len([r for r in caplog.records if "float64" in r.getMessage()]) == 1
+
+
+# ---- integer and bool model inputs ---------------------------------------------------------
+
+def test_token_model_calibrates_through_the_api(tmp_path):
+    import onnxruntime as ort
+
+    from quantkit.pipeline import CalibConfig, calibrate
+
+    ids, mask = _token_data()
+    np.savez(tmp_path / "t.npz", ids=ids.astype(np.int32), mask=mask)  # int32 ids: cast to int64
+    model = make_token_model()
+    cal = calibrate(model, NumpySource(tmp_path / "t.npz"), config=CalibConfig(batch_size=16))
+    assert {"masked", "pooled"} <= set(cal.plan.activations)
+    assert cal.num_samples == 40
+    int8 = cal.int8_model()
+    assert [(i.name, i.type.tensor_type.elem_type) for i in int8.graph.input] == [
+        ("ids", TensorProto.INT64), ("mask", TensorProto.BOOL)]
+    sess = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y8 = sess.run(None, {"ids": ids, "mask": mask})[0]
+    y32 = ref.run(None, {"ids": ids, "mask": mask})[0]
+    sqnr = 10 * np.log10((y32**2).sum() / ((y32 - y8) ** 2).sum())
+    assert sqnr > 20, sqnr
+
+
+def test_token_model_cli_npz(token_model_path, tmp_path, capsys):
+    ids, mask = _token_data()
+    np.savez(tmp_path / "t.npz", ids=ids, mask=mask.astype(np.int64))  # 0/1 mask as int64: cast to bool
+    out = tmp_path / "out"
+    assert main(["calibrate", str(token_model_path), "--npz", str(tmp_path / "t.npz"), "-o", str(out),
+                 "--num-images", "24", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["held_out"] and report["num_samples"] == 16
+    q = onnx.load(out / "tokens.int8.onnx")
+    assert [i.name for i in q.graph.input] == ["ids", "mask"]
+
+
+def test_token_model_refusals_exit_2(token_model_path, tmp_path, digits_dirs, capsys):
+    ids, mask = _token_data()
+    np.savez(tmp_path / "f.npz", ids=ids + 0.5, mask=mask)
+    assert main(["calibrate", str(token_model_path), "--npz", str(tmp_path / "f.npz"), "-o", str(tmp_path / "o1"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "'ids'" in err and "float64" in err and "int64" in err and "Traceback" not in err
+    assert main(["calibrate", str(token_model_path), "--images", str(digits_dirs[1]), "-o", str(tmp_path / "o2"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--npz" in err and not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    one = tmp_path / "ids_only.onnx"  # a single int64 input: the image folder is refused for its dtype
+    onnx.save(_ids_only_model(), one)
+    assert main(["calibrate", str(one), "--images", str(digits_dirs[1]), "-o", str(tmp_path / "o3"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "'ids' is int64" in err and "--npz" in err
+
+
+def _ids_only_model():
+    g = helper.make_graph(  # ids used as numbers, not as indices of a table: no obvious range
+        [helper.make_node("Cast", ["ids"], ["f"], name="cast", to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["f", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", T])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(np.ones((T, 2), np.float32), "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_float64_npz_on_the_digits_model(tmp_path, caplog, capsys):
+    images, labels, test = sample.load_digits()
+    pp = sample.preprocess()
+    x = ((images[test][:64].astype(np.float64) / 255 - pp.mean[0]) / pp.std[0])[:, None]
+    np.savez(tmp_path / "d.npz", image=x, labels=labels[test][:64])
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        rc = main(["calibrate", str(sample.model_path()), "--npz", str(tmp_path / "d.npz"), "-o", str(out),
+                   "--num-images", "48", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    notes = [r.getMessage() for r in caplog.records if "cast to float32" in r.getMessage()]
+    assert len(notes) == 1 and "'image'" in notes[0]  # one note, though two batchers read the data
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy_reference"] >= 0.9
+    assert main(["compare", str(sample.model_path()), str(out / "digits_cnn.int8.onnx"), "--npz",
+                 str(tmp_path / "d.npz"), "--no-progress"]) == 0
+
+
+def test_model_without_quantizable_float_activation(tmp_path):
+    from quantkit.errors import ModelError
+    from quantkit.pipeline import prepare_model
+
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"], name="g")], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(np.zeros((5, 3), np.float32), "table")])
+    with pytest.raises(ModelError, match="nothing to quantize"):
+        prepare_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+# ---- synthetic data for integer inputs -------------------------------------------------------
+
+def test_synthetic_integer_range():
+    src = SyntheticSource((T,), count=8, dtype="int64", value_range=(3, 9), seed=2)
+    x = np.stack([src.load(i) for i in range(8)])
+    assert x.dtype == np.int64 and x.min() >= 3 and x.max() < 9 and len(np.unique(x)) > 3
+    np.testing.assert_array_equal(src.load(5), src.load(5))
+    with pytest.raises(InputError, match="value_range"):
+        SyntheticSource((T,), dtype="int64")
+    m = SyntheticSource((T,), count=4, dtype="bool", seed=1)
+    assert m.load(0).dtype == np.bool_
+
+
+def test_synthetic_for_model_takes_the_vocabulary_from_the_gather():
+    from quantkit.datasets.sources import synthetic_for_model
+    from quantkit.pipeline import CalibConfig, calibrate
+
+    model = make_token_model()
+    src = synthetic_for_model(model, count=32)
+    batch = next(iter(Batcher(src, ["ids", "mask"], 32)))
+    ids = batch.feed["ids"]
+    assert ids.dtype == np.int64 and ids.shape == (32, T) and ids.min() >= 0 and ids.max() < VOCAB
+    assert ids.max() >= VOCAB - 5  # the whole table is used, not a guess
+    assert batch.feed["mask"].dtype == np.bool_
+    cal = calibrate(model, src)
+    assert cal.num_samples == 32
+    m2 = _ids_only_model()
+    with pytest.raises(InputError, match="value range is unknown"):
+        synthetic_for_model(m2, count=4)
+    assert synthetic_for_model(m2, count=4, ranges={"ids": (0, 8)}).load(0)["ids"].max() < 8
