@@ -89,6 +89,15 @@ class HistogramCollector:
         self._ibuf = np.empty(_CHUNK, dtype=np.intp)  # bincount's own index type: no copy
         self._mbuf = np.empty(_CHUNK, dtype=bool)
 
+    def start_at(self, range_: float) -> None:
+        """Fix the first range before any update (instead of the first batch's amax), so that
+        collectors started at the same range on different data share one grid: their ranges
+        differ by powers of two and merge exactly (``quantkit.qat.distributed``)."""
+        if self._updates or self._zeros or np.isfinite(self._max):
+            raise ValueError(f"tensor {self.name!r}: start_at must come before the first update")
+        if range_ > 0.0:
+            self._range = float(range_)
+
     def update(self, x: np.ndarray) -> None:
         """Add one batch of values (any shape; float16/32/64)."""
         x = np.ascontiguousarray(x).reshape(-1)
