@@ -5,8 +5,9 @@ statistics, and so the ranges, of the whole data set.
 The grids are aligned on purpose, so that the merge is exact:
 
     first batch, before any update:  a probe forward gives each quantizer's first amax a_r on
-                                     rank r; all-reduce MAX -> R0, and every rank's histogram
-                                     starts at range R0 (``start_at``)
+                                     rank r; R0 = a_0, rank 0's (max over the ranks where a_0 is
+                                     0), shared with one all-reduce; every rank's histogram
+                                     starts at range R0 (``start_at``) and grows from there
     the pass:                        ranges only double: rank r ends at R0 * 2**k_r
     merge (``merge_histograms_``):   R = all-reduce MAX of the ranges; each rank re-bins to R by
                                      summing 2**(K - k_r) neighbouring bins (exact); counts
@@ -14,10 +15,14 @@ The grids are aligned on purpose, so that the merge is exact:
                                      min all-reduce MIN, max and the NaN flag all-reduce MAX
 
 So every rank holds bit-identical statistics and computes bit-identical amax for every method.
-minmax equals a single process's exactly; the histogram methods can differ from one process on
-the same data only because that process starts its grid at the amax of *its* first batch,
-not at R0 (the counts are the same data binned on a grid whose range differs by a factor
-that is not a power of two, so bins split differently).
+minmax equals a single process's exactly. A single process reading the same batches with rank
+0's first batch first (batch g on rank g % world, say) starts its grid at the same R0 and ends
+at the same range (the smallest R0 * 2**k above the global amax): the same counts, up to values
+lying exactly on a range that later doubles (the last bin is closed, so such a value's bin
+depends on the order of the updates: one count one bin over). Any other order (a
+DistributedSampler interleaves samples, so rank 0's first batch is not one process's) starts
+that process's grid elsewhere, by a factor that is not a power of two, and the histogram
+methods can then differ a little (entropy and mse most, on flat error curves).
 
 Without alignment (``collect(..., align=False)``) ranges differ by arbitrary factors and the
 merge re-bins proportionally (``quantkit.calibrators.collectors._rebin``): still the same on
@@ -87,10 +92,13 @@ def agree_start_ranges_(qs: list[Any], probe: Any = None, group: Any = None) -> 
         except Exception as e:  # noqa: BLE001 - re-raised below, after the collective
             err = e
     local = torch.tensor([_range_of(q.histogram_) if err is None else 0.0 for q in qs], dtype=torch.float64)
-    agreed = _all_reduce(local, torch.distributed.ReduceOp.MAX, group).tolist()
-    for q, r in zip(qs, agreed):
+    first = local if torch.distributed.get_rank(group) == 0 else torch.zeros_like(local)
+    both = _all_reduce(torch.cat([first, local]), torch.distributed.ReduceOp.MAX, group).tolist()
+    for i, q in enumerate(qs):
         q.histogram_, q.shares_ = None, False
-        q.start_range_ = float(r)
+        # rank 0's first amax: where one process reading rank 0's first batch first starts its
+        # grid; the largest over the ranks where rank 0 saw only zeros
+        q.start_range_ = float(both[i] or both[len(qs) + i])
     if err is not None:
         raise err
 

@@ -1,6 +1,6 @@
 """Calibration and QAT under torch.distributed: two Gloo processes on the CPU (loopback only).
 
-Each rank calibrates the digits network on its shard (a DistributedSampler), merges the
+Each rank calibrates the digits network on its shard (every other batch), merges the
 statistics, then trains a few steps under DistributedDataParallel; the parent process checks
 the ranks against each other and against one process on all the data.
 """
@@ -69,14 +69,15 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         x, y = _data()
-        data = TensorDataset(x, y)
-        loader = DataLoader(data, batch_size=BATCH, sampler=DistributedSampler(data, shuffle=False))
+        # batch g on rank g % WORLD: rank 0's first batch is the first batch of one process
+        # reading them all in order, so that process's grid starts where the ranks' does
+        loader = [(x[g * BATCH : (g + 1) * BATCH], y[g * BATCH : (g + 1) * BATCH])
+                  for g in range(rank, CALIB // BATCH, WORLD)]
         qmodel = _model(f"{out}/fp32.pt")
         # statistics: collect, read the merged histograms, then calibrate (which collects again)
         qq.collect(qmodel, loader)
@@ -101,6 +102,16 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _assert_same_counts(got, ref, name):
+    """Equal counts, but for values lying exactly on a range that later doubled (the last bin is
+    closed, so such a value's bin depends on the order of the updates): one count one bin over,
+    at a power-of-two boundary."""
+    d = got.counts - ref.counts
+    assert d.sum() == 0, name
+    edges = {b for j in range(1, 12) for b in (got.num_bins >> j, (got.num_bins >> j) - 1)}
+    assert set(np.flatnonzero(d).tolist()) <= edges and np.abs(d).sum() <= 4, (name, np.flatnonzero(d))
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +151,8 @@ def test_merged_histograms_equal_one_process_on_the_same_grid(ranks):
     for name, q in qs.items():
         ref, got, other = q.histogram_.compute(), r0["hists"][name], r1["hists"][name]
         assert got.bin_width == other.bin_width == ref.bin_width, name
-        np.testing.assert_array_equal(got.counts, ref.counts, err_msg=name)
-        np.testing.assert_array_equal(other.counts, ref.counts, err_msg=name)
+        _assert_same_counts(got, ref, name)
+        _assert_same_counts(other, ref, name)
         assert (got.observed_min, got.observed_max) == (ref.observed_min, ref.observed_max), name
 
 
@@ -151,8 +162,8 @@ def test_amax_against_one_process_on_all_the_data(ranks):
     x, _ = _data()
     single = qq.calibrate(_model(out / "fp32.pt"), [x[i : i + BATCH] for i in range(0, CALIB, BATCH)])
     assert r0["amax"]["minmax"] == single.amax("minmax")
-    worst = max(abs(r0["amax"][m][n] - a) / a for m in ALL_METHODS for n, a in single.amax(m).items())
-    assert worst < 0.01, worst
+    # the same grid as the ranks' (rank 0's first batch is its first): the same amax, every method
+    assert {m: single.amax(m) for m in ALL_METHODS} == r0["amax"]
 
 
 @pytest.mark.slow  # two spawned processes: ~25 s on two free cores
