@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "qat-demo": ("quantkit.cli.qat_demo", "QatDemo"),
     "inspect": ("quantkit.cli.inspect", "Inspect"),
     "report": ("quantkit.cli.report", "Report"),
+    "merge-stats": ("quantkit.cli.merge_stats", "MergeStats"),
 }
 
 

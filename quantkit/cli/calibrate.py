@@ -46,6 +46,10 @@ class Calibrate:
                        help="large activations: histogram body from every K-th value (weight K), tail and "
                             "min/max from every value; 1 counts every value (exact, ~1.8x slower histograms). "
                             "Default 5")
+        g.add_argument("--save-stats", metavar="FILE",
+                       help="also save the collected statistics to FILE, for `quantkit merge-stats` (calibration "
+                            "spread over machines); histograms then start on a power-of-two range, so that such "
+                            "files merge exactly")
         g.add_argument("--eval-images", type=int, default=1000, metavar="N",
                        help="held-out images (after the calibration ones) for the report; 0 skips it (default 1000)")
         g.add_argument("--eval-dir", metavar="DIR", help="evaluate on this folder instead of held-out images")
@@ -67,7 +71,8 @@ class Calibrate:
         config = CalibConfig(method=args.method, percentile=args.percentile, num_bins=args.num_bins,
                              batch_size=args.batch_size, threads=args.threads,
                              cache_all_tensors=args.cache_all_tensors, strict=args.strict,
-                             sample_stride=args.histogram_stride, target=args.target)
+                             sample_stride=args.histogram_stride, target=args.target,
+                             pow2_grid=bool(args.save_stats))
         prepared, specs, _ = prepare_model(model, source=str(model_path), target=args.target)
         source = source_for_model(args, specs)
         order = select(len(source), args, what="images", take=False)
@@ -111,6 +116,13 @@ class Calibrate:
         paths = write_artifacts(cal, args.output, model_stem=model_path.stem.removesuffix(".fp32"), int8_model=int8,
                                 report=report, metadata=meta, trt_version=trt_version_number(args.trt_version),
                                 force=args.force)
+        if args.save_stats:
+            from quantkit.calibrators.stats import save_stats
+            from quantkit.pipeline import stats_from_calibration
+
+            model_info = {**meta["model"], "path": str(model_path.resolve())}
+            stats = stats_from_calibration(cal, model=model_info, preprocess=meta["preprocess"], data=meta["data"])
+            paths["stats"] = save_stats(args.save_stats, stats)
         if cal.skipped:
             print(f"skipped {len(cal.skipped)} unreadable file(s) during calibration (listed in ranges.json)")
         print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations and "
