@@ -208,3 +208,39 @@ def test_folded_model_has_no_unused_parameters():
     model(x[:BATCH]).sum().backward()
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert unused == []
+
+
+def _failing_worker(rank: int, port: int, out: str) -> None:
+    """Rank 1's data has a NaN: every rank must raise (none hangs in a collective)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from quantkit.errors import NonFiniteError, QuantkitError
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        x, _ = _data()
+        batches = [x[i : i + BATCH].clone() for i in range(rank * 2 * BATCH, (rank + 1) * 2 * BATCH, BATCH)]
+        if rank == 1:
+            batches[1][0, 0, 0, 0] = float("nan")
+        try:
+            qq.calibrate(_model(None), batches)
+            outcome = "no error"
+        except NonFiniteError:
+            outcome = "NonFiniteError"
+        except QuantkitError as err:
+            outcome = str(err)
+        Path(f"{out}/outcome{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failure_on_one_rank_stops_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_failing_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    assert (tmp_path / "outcome1.txt").read_text() == "NonFiniteError"
+    assert "failed on rank(s) [1]" in (tmp_path / "outcome0.txt").read_text()
