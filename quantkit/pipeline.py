@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -24,6 +24,9 @@ from quantkit.errors import DatasetError, InputError, ModelError, UnknownMethodE
 from quantkit.onnx.capture import capture_histograms, float_activations
 from quantkit.onnx.model import TensorSpec, check_not_quantized, ensure_opset, float_input_specs, opset_version
 from quantkit.onnx.qdq import QdqPlan, insert_qdq, plan_qdq
+
+if TYPE_CHECKING:
+    from quantkit.calibrators.stats import CalibrationStats
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class CalibConfig:
             and the tail from every value (1: every value everywhere); see HistogramCollector.
         target: Q/DQ placement, ``tensorrt`` (inputs of weighted layers and residual Adds) or
             ``onnxruntime`` (every activation, so ONNX Runtime runs integer kernels).
+        pow2_grid: histograms start on a power-of-two range, so that the statistics of runs
+            on different data merge exactly (``quantkit merge-stats``).
     """
 
     method: str = "entropy"
@@ -61,6 +66,7 @@ class CalibConfig:
     strict: bool = False
     sample_stride: int = 5
     target: str = "tensorrt"
+    pow2_grid: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -206,13 +212,39 @@ def calibrate(
     idx = list(range(len(source))) if indices is None else list(indices)
     batcher = calibration_batches(source, specs, idx, config)
     collectors = capture_histograms(model, tensors, batcher, num_bins=config.num_bins,
-                                    threads=config.threads, on_batch=on_batch, sample_stride=config.sample_stride)
+                                    threads=config.threads, on_batch=on_batch, sample_stride=config.sample_stride,
+                                    pow2_grid=config.pow2_grid)
     histograms = {t: c.compute() for t, c in collectors.items()}
     ranges = {
         t: all_ranges(h, percentile=config.percentile, auto_tolerance=config.auto_tolerance)
         for t, h in histograms.items()
     }
     return Calibration(model, plan, histograms, ranges, config, batcher.used_, list(batcher.skipped_), sampling)
+
+
+def stats_from_calibration(calibration: Calibration, *, model: dict[str, Any], preprocess: dict[str, Any] | None,
+                           data: str) -> "CalibrationStats":
+    """The statistics of a calibration, to save and merge (``quantkit.calibrators.stats``)."""
+    from quantkit.calibrators.stats import CalibrationStats
+
+    c = calibration.config
+    settings = {"num_bins": c.num_bins, "target": c.target, "cache_all_tensors": c.cache_all_tensors,
+                "sample_stride": c.sample_stride, "pow2_grid": c.pow2_grid}
+    return CalibrationStats(dict(calibration.histograms), calibration.num_samples, model, settings, preprocess, [data])
+
+
+def calibration_from_stats(model: onnx.ModelProto, stats: "CalibrationStats", config: CalibConfig, *,
+                           model_name: str = "model") -> Calibration:
+    """Every method's ranges from saved (or merged) statistics, as ``calibrate`` computes them
+    from its own pass; ``config``'s method, percentile and auto tolerance apply."""
+    model, _, plan = prepare_model(model, source=model_name, target=config.target)
+    missing = [t for t in plan.activation_names if t not in stats.histograms]
+    if missing:
+        raise InputError(f"the statistics have no histogram for {len(missing)} tensor(s) of {model_name}, "
+                         f"e.g. {missing[0]!r}", hint="use statistics collected on this model with the same --target")
+    ranges = {t: all_ranges(h, percentile=config.percentile, auto_tolerance=config.auto_tolerance)
+              for t, h in stats.histograms.items()}
+    return Calibration(model, plan, dict(stats.histograms), ranges, config, stats.num_samples)
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:

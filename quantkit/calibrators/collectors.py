@@ -11,6 +11,7 @@ images were seen.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,9 +69,14 @@ class HistogramCollector:
             see every value. On CPU an exact histogram costs ~2.5 ns a value, a quarter of a
             ResNet's own inference time; k = 5 costs ~1 ns and moves no range method's
             threshold on the benchmark's ResNet-18 (benchmarks/results/calibration.md).
+        pow2_grid: start the range at the power of two at or above the first amax (instead of
+            the amax itself), so that collectors run apart on different data (machines, shards)
+            have ranges that differ by powers of two and merge exactly
+            (``quantkit.calibrators.stats``). The final range lies in [amax, 2 amax) either way.
     """
 
-    def __init__(self, num_bins: int = 2048, name: str = "<tensor>", *, sample_stride: int = 1):
+    def __init__(self, num_bins: int = 2048, name: str = "<tensor>", *, sample_stride: int = 1,
+                 pow2_grid: bool = False):
         if num_bins < 2 or num_bins & (num_bins - 1):
             raise ValueError(f"num_bins must be a power of two >= 2, got {num_bins}")
         if sample_stride < 1:
@@ -78,6 +84,7 @@ class HistogramCollector:
         self.num_bins = num_bins
         self.name = name
         self.sample_stride = sample_stride
+        self.pow2_grid = pow2_grid
         self._updates = 0
         self._tail_bin: int | None = None  # sampled updates: first bin counted exactly
         self._counts = np.zeros(num_bins, dtype=np.int64)
@@ -88,6 +95,15 @@ class HistogramCollector:
         self._fbuf = np.empty(_CHUNK, dtype=np.float32)
         self._ibuf = np.empty(_CHUNK, dtype=np.intp)  # bincount's own index type: no copy
         self._mbuf = np.empty(_CHUNK, dtype=bool)
+
+    def start_at(self, range_: float) -> None:
+        """Fix the first range before any update (instead of the first batch's amax), so that
+        collectors started at the same range on different data share one grid: their ranges
+        differ by powers of two and merge exactly (``quantkit.qat.distributed``)."""
+        if self._updates or self._zeros or np.isfinite(self._max):
+            raise ValueError(f"tensor {self.name!r}: start_at must come before the first update")
+        if range_ > 0.0:
+            self._range = float(range_)
 
     def update(self, x: np.ndarray) -> None:
         """Add one batch of values (any shape; float16/32/64)."""
@@ -145,7 +161,7 @@ class HistogramCollector:
 
     def _grow_to(self, amax: float) -> None:
         if self._range == 0.0:
-            self._range = amax
+            self._range = pow2_at_least(amax) if self.pow2_grid else amax
             self._counts[0] += self._zeros
             self._zeros = 0
             return
@@ -207,6 +223,12 @@ class HistogramCollector:
         if self._range == 0.0:
             counts[0] = self._zeros
         return Histogram(counts, width, float(self._min), float(self._max))
+
+
+def pow2_at_least(x: float) -> float:
+    """The smallest power of two >= x > 0 (exact: frexp, no logarithm)."""
+    mantissa, exponent = math.frexp(x)
+    return math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
 
 
 def _tail_start(sample: np.ndarray, fraction: float = 0.01) -> int:

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("quantkit.cli.inspect", "Inspect"),
     "report": ("quantkit.cli.report", "Report"),
     "view": ("quantkit.cli.view", "View"),
+    "merge-stats": ("quantkit.cli.merge_stats", "MergeStats"),
 }
 
 

@@ -48,6 +48,10 @@ class Calibrate:
                        help="large activations: histogram body from every K-th value (weight K), tail and "
                             "min/max from every value; 1 counts every value (exact, ~1.8x slower histograms). "
                             "Default 5")
+        g.add_argument("--save-stats", metavar="FILE",
+                       help="also save the collected statistics to FILE, for `quantkit merge-stats` (calibration "
+                            "spread over machines); histograms then start on a power-of-two range, so that such "
+                            "files merge exactly")
         g.add_argument("--eval-images", type=non_negative_int, default=1000, metavar="N",
                        help="held-out images (after the calibration ones) for the report; 0 skips it (default 1000)")
         g.add_argument("--eval-dir", metavar="DIR", help="evaluate on this folder instead of held-out images")
@@ -56,14 +60,14 @@ class Calibrate:
         add_preprocess_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from quantkit._io import check_output_dir
+        from quantkit._io import check_output_dir, check_output_file, output_dir
         from quantkit.backends.onnxruntime import OrtRunner
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.compare import compare_runners
         from quantkit.datasets import Batcher
         from quantkit.datasets.classes import check_classes
         from quantkit.onnx.model import file_sha256, load_model, output_specs
-        from quantkit.pipeline import CalibConfig, calibrate, entropy_effect, prepare_model, write_artifacts
+        from quantkit.pipeline import CalibConfig, calibrate, entropy_effect, prepare_model, write_artifacts_into
 
         model_path = Path(args.model)
         inputs = [p for p in (args.model, args.images, args.npz, args.eval_dir) if p]
@@ -72,10 +76,14 @@ class Calibrate:
         # INT8 model (float weights kept: about the FP32 model's size) and the small files
         check_output_dir(args.output, force=args.force, inputs=inputs,
                          need_bytes=model_path.stat().st_size + (1 << 22))
+        stats_inside = _inside(args.save_stats, args.output) if args.save_stats else None
+        if args.save_stats and stats_inside is None:  # a file of its own: never an input
+            check_output_file(args.save_stats, force=args.force, inputs=inputs)
         config = CalibConfig(method=args.method, percentile=args.percentile, num_bins=args.num_bins,
                              batch_size=args.batch_size, threads=args.threads,
                              cache_all_tensors=args.cache_all_tensors, strict=args.strict,
-                             sample_stride=args.histogram_stride, target=args.target)
+                             sample_stride=args.histogram_stride, target=args.target,
+                             pow2_grid=bool(args.save_stats))
         prepared, specs, _ = prepare_model(model, source=str(model_path), target=args.target)
         source = source_for_model(args, specs)
         check_classes(source, output_specs(prepared))
@@ -121,9 +129,23 @@ class Calibrate:
             "preprocess": preprocess.to_dict() if preprocess is not None else None,
             "data": str(args.images or args.npz),
         }
-        paths = write_artifacts(cal, args.output, model_stem=model_path.stem.removesuffix(".fp32"), int8_model=int8,
-                                report=report, metadata=meta, trt_version=trt_version_number(args.trt_version),
-                                force=args.force, inputs=inputs, command="quantkit calibrate")
+        stats = None
+        if args.save_stats:
+            from quantkit.calibrators.stats import save_stats
+            from quantkit.pipeline import stats_from_calibration
+
+            model_info = {**meta["model"], "path": str(model_path.resolve())}
+            stats = stats_from_calibration(cal, model=model_info, preprocess=meta["preprocess"], data=meta["data"])
+        with output_dir(args.output, force=args.force, inputs=inputs, command="quantkit calibrate") as staging:
+            names = write_artifacts_into(staging, cal, model_stem=model_path.stem.removesuffix(".fp32"),
+                                         int8_model=int8, report=report, metadata=meta,
+                                         trt_version=trt_version_number(args.trt_version))
+            if stats is not None and stats_inside is not None:  # one of the artifacts, in the manifest
+                save_stats(staging / stats_inside, stats)
+                names["stats"] = stats_inside
+        paths = {k: Path(args.output) / v for k, v in names.items()}
+        if stats is not None and stats_inside is None:
+            paths["stats"] = save_stats(args.save_stats, stats)
         for line in lines:
             print(line)
         if cal.skipped:
@@ -134,3 +156,12 @@ class Calibrate:
             print(f"  wrote {p}")
         return 0
 
+
+
+def _inside(path: str, folder: str) -> str | None:
+    """``path`` relative to ``folder`` when it lies inside it (then it is written as one of the
+    artifacts), else None."""
+    import os
+
+    p, f = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return p.relative_to(f).as_posix() if f in p.parents else None

@@ -82,6 +82,7 @@ def capture_histograms(
     on_batch: Callable[[Batch], None] | None = None,
     memory_budget_mb: float = 64.0,
     sample_stride: int = 5,
+    pow2_grid: bool = False,
 ) -> dict[str, HistogramCollector]:
     """Run every batch once and collect abs-max + |x| histograms for ``tensors``.
 
@@ -96,6 +97,7 @@ def capture_histograms(
             split into chunks to keep them there (never below one sample, never for a model
             with a fixed batch size).
         sample_stride: histogram sampling of large tensors (1: exact); see HistogramCollector.
+        pow2_grid: histograms start on a power-of-two range (mergeable exactly); see HistogramCollector.
 
     Raises:
         NonFiniteError: an activation has NaN or Inf values; the message names the tensor and
@@ -105,7 +107,8 @@ def capture_histograms(
     graph_inputs = {s.name for s in specs}
     inner = [t for t in tensors if t not in graph_inputs]
     fed = [t for t in tensors if t in graph_inputs]
-    collectors = {t: HistogramCollector(num_bins, name=t, sample_stride=sample_stride) for t in tensors}
+    collectors = {t: HistogramCollector(num_bins, name=t, sample_stride=sample_stride, pow2_grid=pow2_grid)
+                  for t in tensors}
     session = create_session(with_outputs(model, inner), threads=threads)
     # two buffer sets: ONNX Runtime (which releases the GIL) fills one while a worker thread
     # histograms the other

@@ -68,9 +68,18 @@ def _to(x: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None = None,
-            on_batch: Callable[[int], None] | None = None, cuda_graph: bool | None = None) -> int:
+            on_batch: Callable[[int], None] | None = None, cuda_graph: bool | None = None,
+            distributed: bool | None = None, align: bool = True) -> int:
     """Run the data through ``model`` with every enabled input quantizer collecting (and not
-    quantizing); returns the number of batches. Statistics stay on the model's device.
+    quantizing); returns the number of batches (of every rank, when merged across ranks).
+    Statistics stay on the model's device.
+
+    Inside an initialised torch.distributed process group (``distributed`` None or True), each
+    rank collects on its own loader (its shard: a ``DistributedSampler``, say) and the
+    statistics are then merged across the ranks (``quantkit.qat.distributed``), so every rank
+    ends with those of all the data; with ``align`` the ranks first agree on each histogram's
+    starting range (one extra forward of the first batch), which makes the merge exact.
+    ``distributed=False`` keeps each rank's own statistics. Every rank must call ``collect``.
 
     On CUDA (``cuda_graph`` None or True) the first batch runs eagerly, then the whole
     calibration forward, histograms included, is captured once as a CUDA graph and replayed for
@@ -78,7 +87,10 @@ def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None 
     host, so it captures, and replay removes the launch cost of its many small kernels. A model
     that cannot be captured falls back to eager calls.
     """
+    from quantkit.qat import distributed as qdist
+
     qs = [q for _, q in quantizers(model, inputs_only=True) if q.enabled]
+    merge = qdist.is_distributed() if distributed is None else distributed and qdist.is_distributed()
     if not qs:
         raise ModelError("the model has no enabled input quantizers; call quantkit.qat.prepare first")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -89,31 +101,47 @@ def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None 
     was_training = model.training
     model.eval()
     for q in qs:
-        q.histogram_, q.shares_ = None, False
+        q.histogram_, q.shares_, q.start_range_ = None, False, 0.0
         q.calibrating = True
     for q in weights:
         q.enabled = False
     count = 0
     graph: Any = None
     static: torch.Tensor | None = None
+    agreed = not (merge and align)
+    failure: BaseException | None = None
     try:
-        for batch in loader:
-            (x,) = _inputs(batch)
-            x = _to(x, device)
-            if isinstance(x, dict):
-                model(**x)
-            elif graph is not None and static is not None and x.shape == static.shape:
-                static.copy_(x)
-                graph.replay()
-            elif use_graph and count == 0:
-                graph, static = _warm_up_and_capture(model, x, qs)
-            else:
-                model(x)
-            count += 1
-            if on_batch is not None:
-                on_batch(count)
-            if num_batches is not None and count >= num_batches:
-                break
+        try:
+            for batch in loader:
+                (x,) = _inputs(batch)
+                x = _to(x, device)
+                if not agreed:  # the ranks agree on where each histogram's grid starts
+                    agreed = True
+                    qdist.agree_start_ranges_(qs, lambda: model(**x) if isinstance(x, dict) else model(x))
+                if isinstance(x, dict):
+                    model(**x)
+                elif graph is not None and static is not None and x.shape == static.shape:
+                    static.copy_(x)
+                    graph.replay()
+                elif use_graph and count == 0:
+                    graph, static = _warm_up_and_capture(model, x, qs)
+                else:
+                    model(x)
+                count += 1
+                if on_batch is not None:
+                    on_batch(count)
+                if num_batches is not None and count >= num_batches:
+                    break
+        except Exception as err:
+            if not merge:
+                raise
+            failure = err  # raised on every rank together, below
+        if merge:
+            if not agreed:  # this rank had no batch, or failed before its first
+                qdist.agree_start_ranges_(qs, None)
+            qdist.check_ranks(failure)
+            count = qdist.sum_count(count)
+            qdist.merge_histograms_(qs, device)
     finally:
         for q in qs:
             q.calibrating = False
@@ -178,7 +206,7 @@ def _warm_up_and_capture(model: nn.Module, x: torch.Tensor,
 
 def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None, *, num_batches: int | None = None,
               percentile: float = 99.99, on_batch: Callable[[int], None] | None = None,
-              cuda_graph: bool | None = None) -> QatCalibration:
+              cuda_graph: bool | None = None, distributed: bool | None = None, align: bool = True) -> QatCalibration:
     """Calibrate every enabled input quantizer of a prepared model.
 
     Args:
@@ -189,6 +217,10 @@ def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None
         num_batches: stop after this many batches.
         percentile: for the percentile method.
         cuda_graph: on CUDA, replay the calibration forward as a CUDA graph (default); see collect.
+        distributed: inside a torch.distributed process group, merge the statistics of every
+            rank (default), so that every rank computes the same, whole-data-set ranges; False
+            keeps each rank's own. See collect and ``quantkit.qat.distributed``.
+        align: with ``distributed``, agree on the histograms' starting ranges first (exact merge).
 
     Raises:
         DatasetError: the loader yielded nothing.
@@ -197,7 +229,8 @@ def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None
     method = method or getattr(model, "qat_method_", "entropy")
     if method not in ALL_METHODS:
         raise UnknownMethodError(f"unknown calibration method {method!r}; available: {list(ALL_METHODS)}")
-    batches = collect(model, loader, num_batches=num_batches, on_batch=on_batch, cuda_graph=cuda_graph)
+    batches = collect(model, loader, num_batches=num_batches, on_batch=on_batch, cuda_graph=cuda_graph,
+                      distributed=distributed, align=align)
     ranges: dict[str, TensorRanges] = {}
     owners: dict[int, str] = {}
     shared: dict[str, str] = {}

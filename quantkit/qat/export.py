@@ -58,6 +58,10 @@ def fold_batchnorm(model: nn.Module) -> int:
             _fold(conv, bn)
             node.replace_all_uses_with(src)
             model.graph.erase_node(node)
+            # no parameters left behind that the forward never uses (DistributedDataParallel
+            # rejects them): the BatchNorm becomes an Identity, as in the Sequential case below
+            parent, _, leaf = str(node.target).rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
             folded += 1
         model.graph.lint()
         model.recompile()

@@ -179,6 +179,16 @@ class TorchHistogram:
         self.kernel = "cuda"
         self._seen = 0
 
+    def start_at(self, range_: float) -> None:
+        """Fix the first range before any update (instead of the first batch's amax): histograms
+        started at the same range on different data share one grid, their ranges differ by
+        powers of two and merge exactly (``quantkit.qat.distributed``)."""
+        if self._seen:
+            raise ValueError(f"{self.name}: start_at must come before the first update")
+        if range_ > 0.0:
+            self._f[0:1].fill_(float(range_))
+            self._f[1:2].fill_(self.num_bins / float(range_))  # the CUDA kernel bins with this scale
+
     def clone(self) -> "TorchHistogram":
         """An independent copy of the statistics so far (for a quantizer that stops sharing)."""
         twin = TorchHistogram(self.num_bins, self.name, self.device)

@@ -56,6 +56,7 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("amax", torch.empty(0))
         self.histogram_: Any = None
         self.shares_ = False  # True: histogram_ is another quantizer's, which reads the same tensor
+        self.start_range_ = 0.0  # > 0: a new histogram starts at this range (ranks agreed on it)
         self.qualified_name = "<quantizer>"  # set by prepare(), for messages
         self.bank_: Any = None  # weights: the model's quantkit.qat._cuda_fq.WeightBank (CUDA)
         self.follows_: tuple[TensorQuantizer, int] | None = None  # (leader, its range generation)
@@ -165,6 +166,7 @@ class TensorQuantizer(nn.Module):
                     self.histogram_, self.shares_ = owner, True
                     return
                 self.histogram_ = histogram.TorchHistogram(self.num_bins, self.qualified_name, x.device)
+                self.histogram_.start_at(getattr(self, "start_range_", 0.0))
             self.histogram_.update(x)
             histogram.remember(x, self.histogram_)
             return
@@ -172,6 +174,7 @@ class TensorQuantizer(nn.Module):
             from quantkit.calibrators.collectors import HistogramCollector
 
             self.histogram_ = HistogramCollector(self.num_bins, self.qualified_name)
+            self.histogram_.start_at(getattr(self, "start_range_", 0.0))
         self.histogram_.update(x.detach().float().numpy())
 
 

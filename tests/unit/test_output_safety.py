@@ -280,3 +280,13 @@ def test_qat_demo_refuses_a_non_empty_folder(tmp_path, capsys):
     assert main(["qat-demo", "--epochs", "1", "--qat-epochs", "1", "-o", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_save_stats_inside_outdir_is_an_artifact_and_never_an_input(project, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert calibrate(project, out, "--save-stats", str(out / "stats.npz")) == 0
+    assert "stats.npz" in read_manifest(out)["files"]
+    before = snapshot(project)
+    assert calibrate(project, tmp_path / "o2", "--save-stats", str(project / "model.onnx"), "--force") == 2
+    assert "input" in capsys.readouterr().err
+    assert snapshot(project) == before and not (tmp_path / "o2").exists()

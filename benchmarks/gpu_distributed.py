@@ -1,0 +1,186 @@
+"""Calibration and QAT under torch.distributed on every GPU of one host (NCCL), against one GPU.
+
+    python benchmarks/gpu_distributed.py [--out benchmarks/results/gpu_distributed.md]
+
+torchvision ResNet-50 (random weights, BatchNorm in place as in benchmarks/gpu_calibration.py),
+224x224, batch 64 per GPU, FP32. One table:
+
+- calibration: 8 batches of synthetic images (each batch its own seed and scale), sharded over
+  the ranks (batch g on rank g % world); quantkit.qat.calibrate merges the statistics. The
+  largest difference of any amax (every method, every quantizer) across ranks, and against one
+  process calibrating on all 8 batches (minmax: exact; the other methods: largest relative);
+- QAT training step (forward + cross-entropy + backward + SGD) and FP32 step: first in this
+  process on one GPU (no process group: quantkit's weight bank on), then on every GPU under
+  DistributedDataParallel (spawned ranks, NCCL; the bank steps aside). Per-GPU throughput is
+  batch / step time; the DDP/one-GPU ratio of the QAT step's throughput and the QAT/FP32 step
+  ratio in both settings. Medians of timed iterations after warm-up, CUDA-synchronised.
+
+Keep NCCL_NVLS_ENABLE=0 (no NVLink multicast) in the environment on shared hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BATCH = 64
+CALIB_BATCHES = 8
+
+
+def timed(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def resnet50(dev: torch.device) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet50(weights=None).to(dev).eval()
+
+
+def calib_batch(g: int, dev: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 + g)
+    return (torch.randn(BATCH, 3, 224, 224, generator=gen) * (0.6 + 0.15 * g)).to(dev)
+
+
+def step_of(m: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        loss = nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def steps(fp32: nn.Module, qat: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int) -> tuple[float, float]:
+    """Median FP32 and QAT step times (ms), interleaved in three rounds."""
+    times: dict[str, list[float]] = {"fp32": [], "qat": []}
+    for _ in range(3):
+        times["fp32"].append(timed(step_of(fp32, x, y), 5, iters))
+        times["qat"].append(timed(step_of(qat, x, y), 5, iters))
+    return statistics.median(times["fp32"]), statistics.median(times["qat"])
+
+
+def _rank(rank: int, world: int, port: int, iters: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import quantkit.qat as qq
+    from quantkit.calibrators.methods import ALL_METHODS
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, device_id=dev)
+    try:
+        model = resnet50(dev)
+        q = qq.prepare(model)
+        mine = [calib_batch(g, dev) for g in range(rank, CALIB_BATCHES, world)]
+        t0 = time.perf_counter()
+        cal = qq.calibrate(q, mine)
+        torch.cuda.synchronize()
+        calib_s = time.perf_counter() - t0
+        amax = {m: cal.amax(m) for m in ALL_METHODS}
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, amax)
+        result = {"calib_s": calib_s}
+        if rank == 0:
+            result["rank_diff"] = max(abs(g[m][n] - amax[m][n]) for g in gathered for m in amax for n in amax[m])
+            single = qq.calibrate(qq.prepare(resnet50(dev)), [calib_batch(g, dev) for g in range(CALIB_BATCHES)],
+                                  distributed=False)
+            result["minmax_diff"] = max(abs(amax["minmax"][n] - a) for n, a in single.amax("minmax").items())
+            rel = {m: max(abs(amax[m][n] - a) / a for n, a in single.amax(m).items()) for m in ALL_METHODS}
+            result["rel"] = rel
+        dist.barrier()
+        torch.manual_seed(rank)
+        x = torch.randn(BATCH, 3, 224, 224, device=dev)
+        y = torch.randint(0, 1000, (BATCH,), device=dev)
+        f = DistributedDataParallel(copy.deepcopy(model).train(), device_ids=[rank])
+        qd = DistributedDataParallel(q.train(), device_ids=[rank])
+        result["fp32_ms"], result["qat_ms"] = steps(f, qd, x, y, iters)
+        if rank == 0:
+            torch.save(result, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args()
+    import platform
+
+    import torch.multiprocessing as mp
+
+    import quantkit.qat as qq
+
+    world = torch.cuda.device_count()
+    dev = torch.device("cuda", 0)
+    gpu = torch.cuda.get_device_name(0)
+    # one GPU, no process group: today's QAT step (the weight bank on)
+    model = resnet50(dev)
+    q = qq.prepare(model)
+    qq.calibrate(q, [calib_batch(g, dev) for g in range(CALIB_BATCHES)])
+    x = torch.randn(BATCH, 3, 224, 224, device=dev)
+    y = torch.randint(0, 1000, (BATCH,), device=dev)
+    one_fp32, one_qat = steps(copy.deepcopy(model).train(), q.train(), x, y, args.iters)
+    del model, q, x, y
+    torch.cuda.empty_cache()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res_path = "/tmp/gpu_distributed_rank0.pt"
+    mp.spawn(_rank, args=(world, port, args.iters, res_path), nprocs=world, join=True)
+    r = torch.load(res_path, weights_only=False)
+    os.remove(res_path)
+
+    per_gpu_one = BATCH / one_qat * 1e3
+    per_gpu_ddp = BATCH / r["qat_ms"] * 1e3
+    others = {m: v for m, v in r["rel"].items() if m != "minmax"}
+    lines = [
+        "# Calibration and QAT under torch.distributed (NCCL)\n",
+        f"{world}x {gpu}, torch {torch.__version__}, {platform.machine()}, ResNet-50 (random weights), 224x224, "
+        f"FP32, batch {BATCH} per GPU; calibration on {CALIB_BATCHES} synthetic batches sharded over the ranks; "
+        f"step times: median of 3 rounds of {args.iters} after warm-up\n",
+        "| row | value | target |", "|---|---|---|",
+        f"| calibration: largest amax difference across ranks (every method, every quantizer) | {r['rank_diff']:.3g} | 0 |",
+        f"| calibration vs one process on all batches: minmax, largest absolute difference | {r['minmax_diff']:.3g} | 0 |",
+        f"| calibration vs one process: largest relative difference, other methods | {max(others.values()):.4%} "
+        f"({', '.join(f'{m} {v:.3%}' for m, v in others.items())}) | < 1% |",
+        f"| calibration pass on {world} GPUs (each rank {CALIB_BATCHES // world} batches + merge), s | {r['calib_s']:.2f} | |",
+        f"| FP32 step, one GPU / DDP on {world}, ms | {one_fp32:.2f} / {r['fp32_ms']:.2f} | |",
+        f"| QAT step, one GPU / DDP on {world}, ms | {one_qat:.2f} / {r['qat_ms']:.2f} | |",
+        f"| QAT per-GPU throughput, DDP / one GPU (img/s: {per_gpu_ddp:.0f} / {per_gpu_one:.0f}) | "
+        f"{per_gpu_ddp / per_gpu_one:.3f} | >= 0.90 |",
+        f"| QAT/FP32 step ratio: DDP / one GPU | {r['qat_ms'] / r['fp32_ms']:.3f} / {one_qat / one_fp32:.3f} | "
+        "DDP no worse than one GPU |",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Calibration statistics saved to a file and merged: PTQ of one ONNX model spread over machines.
+
+    machine A: quantkit calibrate model.onnx --images part-a/ --save-stats a.qkstats -o out-a/
+    machine B: quantkit calibrate model.onnx --images part-b/ --save-stats b.qkstats -o out-b/
+    anywhere:  quantkit merge-stats a.qkstats b.qkstats -o out/    (artifacts of all the data)
+
+A stats file is an ``.npz`` (no pickle) holding every calibrated tensor's histogram record
+(counts, bin width, signed min and max) and a JSON header: the model's path and SHA-256, the
+preprocessing, the settings that shape the statistics (bins, Q/DQ target, which tensors,
+histogram sampling) and the number of samples.
+
+Merging: min and max are reduced, counts are added after re-binning both histograms to the
+larger range. ``--save-stats`` starts every histogram on a power-of-two range
+(``HistogramCollector(pow2_grid=True)``), so two runs' ranges differ by a power of two and the
+re-binning sums neighbouring bins: exact, and the merged histogram equals that of one run over
+all the data with the same settings (with ``--histogram-stride 1``; with sampling, each run
+samples its own values, so the bodies of the histograms are estimates either way). Files
+without a power-of-two grid are merged by splitting bins in proportion to their overlap.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.calibrators.collectors import Histogram, _rebin
+from quantkit.errors import InputError
+
+FORMAT = "quantkit-calibration-stats"
+VERSION = 1
+
+
+class StatsError(InputError):
+    """A statistics file that cannot be read, or files that cannot be merged."""
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """What one calibration pass collected, enough to compute every method's ranges again.
+
+    Attributes:
+        histograms: tensor name -> its |x| histogram record.
+        num_samples: samples the statistics come from.
+        model: {"path": ..., "sha256": ...} of the FP32 model.
+        settings: what shapes the statistics and must agree to merge: num_bins, target,
+            cache_all_tensors, sample_stride, pow2_grid.
+        preprocess: the preprocessing (must agree to merge), or None.
+        data: where the samples came from, one entry per merged run.
+    """
+
+    histograms: dict[str, Histogram]
+    num_samples: int
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    preprocess: dict[str, Any] | None = None
+    data: list[str] = field(default_factory=list)
+
+
+def save_stats(path: str | os.PathLike[str], stats: CalibrationStats) -> Path:
+    """Write ``stats`` to ``path`` atomically (``.npz``, no pickle)."""
+    from quantkit._io import write_bytes_atomic
+
+    names = list(stats.histograms)
+    header = {"format": FORMAT, "version": VERSION, "tensors": names, "num_samples": stats.num_samples,
+              "model": stats.model, "settings": stats.settings, "preprocess": stats.preprocess, "data": stats.data}
+    arrays: dict[str, np.ndarray] = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
+    for i, name in enumerate(names):
+        h = stats.histograms[name]
+        arrays[f"counts_{i}"] = np.asarray(h.counts, dtype=np.int64)
+        arrays[f"scalars_{i}"] = np.array([h.bin_width, h.observed_min, h.observed_max], dtype=np.float64)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return write_bytes_atomic(path, buf.getvalue())
+
+
+def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
+    """Read a file written by ``save_stats``.
+
+    Raises:
+        StatsError: the file is missing, unreadable or not a quantkit statistics file.
+    """
+    hint = "give a file written by `quantkit calibrate --save-stats FILE`"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(bytes(z["header"]).decode())
+            if header.get("format") != FORMAT:
+                raise StatsError(f"{str(path)!r} is not a quantkit statistics file", hint=hint)
+            if header.get("version") != VERSION:
+                raise StatsError(f"{str(path)!r}: statistics format version {header.get('version')}, "
+                                 f"this quantkit reads {VERSION}", hint="write it again with this quantkit")
+            hists = {}
+            for i, name in enumerate(header["tensors"]):
+                width, lo, hi = z[f"scalars_{i}"].tolist()
+                hists[name] = Histogram(z[f"counts_{i}"].astype(np.int64), width, lo, hi)
+    except StatsError:
+        raise
+    except FileNotFoundError:
+        raise StatsError(f"statistics file {str(path)!r} not found", hint=hint) from None
+    except Exception as err:  # zip, JSON or key errors: not our file, or a damaged one
+        raise StatsError(f"cannot read statistics file {str(path)!r}: {type(err).__name__}: {err}",
+                         hint=hint) from err
+    return CalibrationStats(hists, int(header["num_samples"]), header["model"], header["settings"],
+                            header.get("preprocess"), list(header.get("data") or []))
+
+
+def merge_histogram(a: Histogram, b: Histogram) -> Histogram:
+    """One histogram of the data of both: counts re-binned to the larger range and added
+    (exact when the ranges differ by a power of two), min and max reduced."""
+    if a.num_bins != b.num_bins:
+        raise ValueError(f"cannot merge {b.num_bins} bins into {a.num_bins}")
+    n = a.num_bins
+    ra, rb = a.bin_width * n, b.bin_width * n
+    big, small = (a, b) if ra >= rb else (b, a)
+    r_big, r_small = max(ra, rb), min(ra, rb)
+    counts = big.counts.astype(np.int64).copy()
+    if r_small == 0.0:  # every value of that one was 0: bin 0
+        counts[0] += small.counts.sum()
+    else:
+        counts += _rebin(small.counts.astype(np.int64), r_small, r_big)
+    return Histogram(counts, big.bin_width, min(a.observed_min, b.observed_min),
+                     max(a.observed_max, b.observed_max))
+
+
+def merge_stats(stats: Sequence[CalibrationStats], names: Sequence[str] | None = None) -> CalibrationStats:
+    """Merge the statistics of several runs on the same model (one run over all their data).
+
+    Args:
+        stats: two or more (one is returned as it is).
+        names: the files, for messages.
+
+    Raises:
+        StatsError: the runs used another model, preprocessing, settings or tensors.
+    """
+    if not stats:
+        raise StatsError("no statistics to merge")
+    names = list(names) if names is not None else [f"statistics #{i + 1}" for i in range(len(stats))]
+    first = stats[0]
+    merged = dict(first.histograms)
+    for s, name in zip(stats[1:], names[1:]):
+        what = None
+        if s.model.get("sha256") != first.model.get("sha256"):
+            what = f"another model ({s.model.get('path')}, not {first.model.get('path')})"
+        elif s.preprocess != first.preprocess:
+            what = "another preprocessing"
+        elif s.settings != first.settings:
+            diff = {k: (first.settings.get(k), s.settings.get(k)) for k in {*s.settings, *first.settings}
+                    if s.settings.get(k) != first.settings.get(k)}
+            what = f"other settings {diff}"
+        elif set(s.histograms) != set(first.histograms):
+            what = "other tensors"
+        if what is not None:
+            raise StatsError(f"{name} was collected with {what} than {names[0]}; cannot merge them",
+                             hint="merge statistics of the same model, preprocessing and calibrate options")
+        merged = {t: merge_histogram(h, s.histograms[t]) for t, h in merged.items()}
+    return replace(first, histograms=merged, num_samples=sum(s.num_samples for s in stats),
+                   data=[d for s in stats for d in s.data])

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+class MergeStats:
+    """Merge calibration statistics saved by `calibrate --save-stats`; write the artifacts of all of them.
+
+    Calibration of one ONNX model spread over machines (any scheduler): each machine runs
+    `quantkit calibrate ... --save-stats part.qkstats` on its share of the images; this command
+    merges the files (histograms re-binned to one range and added, min/max reduced: exact, since
+    --save-stats histograms start on power-of-two ranges) and writes the Q/DQ model, the TensorRT
+    cache and ranges.json, as one calibrate run over all the images would (no FP32-vs-INT8 report).
+
+    example:
+      quantkit merge-stats a.qkstats b.qkstats --method entropy -o out/
+    """
+
+    name = "merge-stats"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from quantkit.pipeline import METHODS
+
+        parser.add_argument("stats", nargs="+", metavar="STATS", help="files written by calibrate --save-stats")
+        parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+        parser.add_argument("--force", action="store_true", help="replace the artifacts of an earlier run in OUTDIR (never other files)")
+        parser.add_argument("--model", metavar="MODEL.onnx",
+                            help="the FP32 model (default: the path recorded in the statistics; its SHA-256 must match)")
+        parser.add_argument("--method", choices=list(METHODS), default="entropy",
+                            help="scales written to the model and cache (default entropy)")
+        parser.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
+        parser.add_argument("--trt-version", default="10.13.0", help="TensorRT version for the cache header (default 10.13.0)")
+        parser.add_argument("--save-stats", metavar="FILE", help="also save the merged statistics to FILE")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from quantkit._io import check_output_dir, check_output_file
+        from quantkit.calibrators.cache import trt_version_number
+        from quantkit.calibrators.stats import StatsError, load_stats, merge_stats, save_stats
+        from quantkit.onnx.model import file_sha256, load_model
+        from quantkit.pipeline import CalibConfig, calibration_from_stats, write_artifacts
+
+        inputs = [*args.stats, *([args.model] if args.model else [])]
+        check_output_dir(args.output, force=args.force, inputs=inputs)  # before the work
+        if args.save_stats:
+            check_output_file(args.save_stats, force=args.force, inputs=[*inputs, args.output])
+        parts = [load_stats(p) for p in args.stats]
+        merged = merge_stats(parts, names=args.stats)
+        model_path = Path(args.model or merged.model.get("path", ""))
+        if not model_path.is_file():
+            raise StatsError(f"the model {str(model_path)!r} recorded in the statistics is not there",
+                             hint="give it with --model MODEL.onnx")
+        sha = file_sha256(model_path)
+        if sha != merged.model.get("sha256"):
+            raise StatsError(f"{str(model_path)!r} is not the model the statistics were collected on (SHA-256 differs)",
+                             hint="give the same FP32 model with --model")
+        s = merged.settings
+        config = CalibConfig(method=args.method, percentile=args.percentile, num_bins=s["num_bins"],
+                             cache_all_tensors=s["cache_all_tensors"], sample_stride=s["sample_stride"],
+                             target=s["target"], pow2_grid=s["pow2_grid"])
+        cal = calibration_from_stats(load_model(model_path), merged, config, model_name=str(model_path))
+        meta = {"model": {"path": str(model_path), "sha256": sha}, "preprocess": merged.preprocess,
+                "data": merged.data}
+        paths = write_artifacts(cal, args.output, model_stem=model_path.stem.removesuffix(".fp32"),
+                                int8_model=cal.int8_model(), report=None, metadata=meta,
+                                trt_version=trt_version_number(args.trt_version), force=args.force,
+                                inputs=[*inputs, model_path], command="quantkit merge-stats")
+        if args.save_stats:
+            paths["stats"] = save_stats(args.save_stats, merged)
+        print(f"merged {len(parts)} statistics files: {cal.num_samples} samples, "
+              f"{len(cal.plan.activations)} activations quantized ({args.method})")
+        for p in paths.values():
+            print(f"  wrote {p}")
+        return 0

@@ -1,0 +1,95 @@
+"""PTQ of an ONNX model spread over machines: `calibrate --save-stats` on parts, `merge-stats`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from quantkit import sample
+from quantkit.cli import main
+
+DIGITS = ["--preprocess", "none", "--color", "gray", "--scale", repr(1 / 255),
+          "--mean", str(sample.preprocess().mean[0]), "--std", str(sample.preprocess().std[0]), "--no-progress",
+          "--eval-images", "0", "--histogram-stride", "1"]
+
+
+@pytest.fixture(scope="module")
+def parts(digits_dirs, tmp_path_factory):
+    """300 images as one folder and as two folders of 150; part b's images are darkened (to a
+    quarter), so the two parts' activations, and histogram ranges, differ."""
+    import cv2
+
+    root = tmp_path_factory.mktemp("parts")
+    files = sorted(p for p in digits_dirs[0].rglob("*.png"))[::4][:300]
+    for name in ("all", "a", "b"):
+        (root / name).mkdir()
+    for i, f in enumerate(files):
+        part = "a" if i < 150 else "b"
+        if part == "a":
+            shutil.copy(f, root / "a" / f.name)
+        else:
+            cv2.imwrite(str(root / "b" / f.name), cv2.imread(str(f), cv2.IMREAD_UNCHANGED) // 4)
+        shutil.copy(root / part / f.name, root / "all" / f.name)
+    return root
+
+
+def _calibrate(folder, out, *extra):
+    return main(["calibrate", str(sample.model_path()), "--images", str(folder), "-o", str(out),
+                 *DIGITS, *extra])
+
+
+def test_merged_statistics_equal_one_run_over_all_the_data(parts, tmp_path, capsys):
+    from quantkit.calibrators.stats import load_stats
+
+    assert _calibrate(parts / "a", tmp_path / "a", "--save-stats", str(tmp_path / "a.qkstats")) == 0
+    assert _calibrate(parts / "b", tmp_path / "b", "--save-stats", str(tmp_path / "b.qkstats")) == 0
+    assert _calibrate(parts / "all", tmp_path / "all", "--save-stats", str(tmp_path / "all.qkstats")) == 0
+    rc = main(["merge-stats", str(tmp_path / "a.qkstats"), str(tmp_path / "b.qkstats"), "-o", str(tmp_path / "merged"),
+               "--save-stats", str(tmp_path / "merged.qkstats")])
+    assert rc == 0
+    one, merged = load_stats(tmp_path / "all.qkstats"), load_stats(tmp_path / "merged.qkstats")
+    b = load_stats(tmp_path / "b.qkstats")
+    assert merged.num_samples == one.num_samples == 300
+    assert merged.histograms.keys() == one.histograms.keys()
+    # the parts saw different ranges: the merge had to re-bin (power-of-two ratios: exactly)
+    assert any(b.histograms[t].bin_width < one.histograms[t].bin_width for t in one.histograms)
+    for t, h in one.histograms.items():
+        m = merged.histograms[t]
+        assert (m.bin_width, m.observed_min, m.observed_max) == (h.bin_width, h.observed_min, h.observed_max), t
+        np.testing.assert_array_equal(m.counts, h.counts, err_msg=t)
+    # so the artifacts are those of the one run: every method's ranges, the cache, the Q/DQ model
+    r_one = json.loads((tmp_path / "all" / "ranges.json").read_text())
+    r_merged = json.loads((tmp_path / "merged" / "ranges.json").read_text())
+    assert r_merged["tensors"] == r_one["tensors"]
+    assert (tmp_path / "merged" / "calibration.cache").read_text() == (tmp_path / "all" / "calibration.cache").read_text()
+    assert (tmp_path / "merged" / "digits_cnn.int8.onnx").read_bytes() == (tmp_path / "all" / "digits_cnn.int8.onnx").read_bytes()
+
+
+def test_merge_stats_bad_inputs(parts, tmp_path, capsys):
+    (tmp_path / "junk.qkstats").write_bytes(b"not a zip")
+    assert main(["merge-stats", str(tmp_path / "junk.qkstats"), "-o", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert "junk.qkstats" in err and "hint:" in err and "Traceback" not in err
+    assert main(["merge-stats", str(tmp_path / "missing.qkstats"), "-o", str(tmp_path / "o2")]) == 2
+    assert "not found" in capsys.readouterr().err
+    # statistics of other settings do not merge
+    assert _calibrate(parts / "a", tmp_path / "a", "--save-stats", str(tmp_path / "a.qkstats")) == 0
+    assert _calibrate(parts / "b", tmp_path / "b", "--num-bins", "1024", "--save-stats", str(tmp_path / "b.qkstats")) == 0
+    capsys.readouterr()
+    assert main(["merge-stats", str(tmp_path / "a.qkstats"), str(tmp_path / "b.qkstats"), "-o", str(tmp_path / "o3")]) == 2
+    err = capsys.readouterr().err
+    assert "num_bins" in err and "b.qkstats" in err
+    assert not (tmp_path / "o3").exists()
+
+
+def test_pow2_grid_starts_on_a_power_of_two():
+    from quantkit.calibrators.collectors import HistogramCollector, pow2_at_least
+
+    assert [pow2_at_least(v) for v in (0.3, 0.5, 1.0, 1.5, 4.0, 5.0)] == [0.5, 0.5, 1.0, 2.0, 4.0, 8.0]
+    c = HistogramCollector(256, pow2_grid=True)
+    c.update(np.array([0.0, 0.7, -2.5], dtype=np.float32))
+    h = c.compute()
+    assert h.bin_width * 256 == 4.0 and h.counts.sum() == 3 and h.amax == 2.5
