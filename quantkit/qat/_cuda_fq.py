@@ -141,7 +141,8 @@ class WeightBank:
     """The per-channel weight quantizers of one model, fake-quantized together (see the module
     docstring). ``add`` registers (quantizer, layer) pairs; ``lookup`` serves one quantizer."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, distributed: bool = False) -> None:
+        self.distributed = distributed  # serve also inside a torch.distributed job (see _distributed)
         self.members: list[tuple[Any, Any]] = []
         self._reset()
 
@@ -156,10 +157,11 @@ class WeightBank:
         self.args_: Any = None
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: members only (outputs are autograd results)
-        return {"members": self.members}
+        return {"members": self.members, "distributed": self.distributed}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.members = state["members"]
+        self.distributed = state.get("distributed", False)
         self._reset()
 
     def add(self, quantizer: Any, layer: Any) -> None:
@@ -176,7 +178,7 @@ class WeightBank:
         entry = self._outputs.get(id(quantizer))
         if entry is not None and entry[0] is w and entry[1] == w._version and entry[2] == grad:
             return entry[3]
-        if not eligible(w) or _distributed():
+        if not eligible(w) or (_distributed() and not self.distributed):
             return None
         self._compute(w.device, grad)
         entry = self._outputs.get(id(quantizer))

@@ -44,6 +44,10 @@ class QatConfig:
         disable: module names (fnmatch patterns, e.g. ``"fc"`` or ``"layer4.*"``) left in
             floating point.
         disable_types: layer types left in floating point (e.g. ``(nn.Linear,)``).
+        weight_bank_distributed: on CUDA all weights are fake-quantized in one launch a step
+            (quantkit.qat._cuda_fq.WeightBank); inside a torch.distributed job the bank steps aside
+            unless this is True (its one backward hands every weight gradient to DDP at the end
+            of the backward pass, so gradient reduction no longer overlaps it).
     """
 
     method: str = "entropy"
@@ -52,6 +56,7 @@ class QatConfig:
     residual_add: bool = True
     disable: tuple[str, ...] = ()
     disable_types: tuple[type, ...] = field(default_factory=tuple)
+    weight_bank_distributed: bool = False
 
 
 class _Tracer(torch.fx.Tracer):
@@ -85,7 +90,7 @@ def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool 
         if traced is not None:
             target = traced
     _name_quantizers(target)
-    bank = WeightBank()  # on CUDA, every weight fake-quantized in one launch a step
+    bank = WeightBank(distributed=config.weight_bank_distributed)  # on CUDA, every weight fake-quantized in one launch a step
     for m in target.modules():
         if isinstance(m, QuantMixin):
             bank.add(m.weight_quantizer, m)

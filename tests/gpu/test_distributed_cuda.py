@@ -28,12 +28,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _model(dev: torch.device) -> torch.nn.Module:
+def _model(dev: torch.device, *, bank: bool = False) -> torch.nn.Module:
     import quantkit.qat as qq
     from quantkit.sample.digits_net import DigitsNet
 
     torch.manual_seed(0)
-    qmodel = qq.prepare(DigitsNet().eval(), qq.QatConfig())
+    qmodel = qq.prepare(DigitsNet().eval(), qq.QatConfig(weight_bank_distributed=bank))
     qq.fold_batchnorm(qmodel)
     return qmodel.to(dev)
 
@@ -78,15 +78,18 @@ def _worker(rank: int, port: int, out: str) -> None:
             # one process, all the data, its own grid (qq.calibrate without merging)
             single = qq.calibrate(_model(dev), [b for s in shards for b in s], distributed=False)
             result["single"] = {m: single.amax(m) for m in ALL_METHODS}
-        ddp = DistributedDataParallel(qmodel, device_ids=[rank])
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-        ddp.train()
-        for xb, yb in mine[:STEPS]:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(ddp(xb.to(dev)), yb.to(dev)).backward()
-            opt.step()
-        result["state"] = {k: v.cpu() for k, v in qmodel.state_dict().items()}
-        result["grads"] = {n: p.grad.cpu() for n, p in qmodel.named_parameters() if p.grad is not None}
+        banked = _model(dev, bank=True)  # the weight bank kept under DDP (QatConfig.weight_bank_distributed)
+        qq.calibrate(banked, mine)
+        for key, model in (("", qmodel), ("bank_", banked)):
+            ddp = DistributedDataParallel(model, device_ids=[rank])
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+            ddp.train()
+            for xb, yb in mine[:STEPS]:
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(xb.to(dev)), yb.to(dev)).backward()
+                opt.step()
+            result[key + "state"] = {k: v.cpu() for k, v in model.state_dict().items()}
+            result[key + "grads"] = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
         torch.save(result, f"{out}/rank{rank}.pt")
         if rank == 0:
             qmodel.eval()
@@ -163,3 +166,13 @@ def test_nccl_ddp_qat_keeps_ranks_identical_and_exports_like_one_process(ranks):
         np.testing.assert_array_equal(ia[name], ib[name], err_msg=name)
     feed = {"input": x[:64].numpy()}
     np.testing.assert_array_equal(OrtRunner(out / "rank0.onnx").infer(feed)["output"], OrtRunner(path).infer(feed)["output"])
+
+
+def test_nccl_ddp_qat_with_the_weight_bank_matches_per_layer_kernels(ranks):
+    """QatConfig(weight_bank_distributed=True): one launch for all weights under DDP; ranks stay
+    identical and the weights equal those trained with a kernel per layer."""
+    (r0, r1), _ = ranks
+    for name, v in r0["bank_state"].items():
+        assert torch.equal(v, r1["bank_state"][name]), name
+        assert torch.allclose(v, r0["state"][name], rtol=1e-5, atol=1e-6), name
+    assert set(r0["bank_grads"]) == set(r0["grads"])
