@@ -151,17 +151,16 @@ def job_quantkit(args: dict) -> dict:
     """What `quantkit calibrate` writes (the entropy Q/DQ model, calibration.cache, ranges.json
     with every method's amax) is timed; the other methods' Q/DQ models, needed only for the
     accuracy table below, are made from the same pass after the clock stops."""
-    from quantkit.onnx.model import load_model
-    from quantkit.pipeline import CalibConfig, calibrate, save_model, write_artifacts
+    from quantkit.onnx.model import load_model, save_model
+    from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig, quantize
 
     src = _source(Path(args["images"]), args.get("preprocess"))
     out = Path(args["out"])
     target = args.get("target", "tensorrt")
     t0 = time.perf_counter()
     model = load_model(args["model"])
-    cal = calibrate(model, src, config=CalibConfig(method="entropy", batch_size=BATCH, target=target))
-    write_artifacts(cal, out, model_stem="model", int8_model=cal.int8_model("entropy"), report=None, metadata={},
-                    force=True)
+    cal = quantize(model, src, QuantizeConfig(StatsConfig(target=target), RunConfig(batch_size=BATCH)))
+    cal.save(out, model_stem="model", force=True)
     seconds = time.perf_counter() - t0
     paths = {"entropy": str(out / "model.int8.onnx")}
     if target == "tensorrt":

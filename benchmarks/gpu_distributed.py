@@ -85,7 +85,7 @@ def _rank(rank: int, world: int, port: int, iters: int, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     import quantkit.qat as qq
-    from quantkit.calibrators.methods import ALL_METHODS
+    from quantkit.calibrators.methods import method_names
 
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
@@ -98,7 +98,7 @@ def _rank(rank: int, world: int, port: int, iters: int, out: str) -> None:
         cal = qq.calibrate(q, mine)
         torch.cuda.synchronize()
         calib_s = time.perf_counter() - t0
-        amax = {m: cal.amax(m) for m in ALL_METHODS}
+        amax = {m: cal.amax(m) for m in method_names()}
         gathered: list = [None] * world
         dist.all_gather_object(gathered, amax)
         result = {"calib_s": calib_s}
@@ -107,7 +107,7 @@ def _rank(rank: int, world: int, port: int, iters: int, out: str) -> None:
             single = qq.calibrate(qq.prepare(resnet50(dev)), [calib_batch(g, dev) for g in range(CALIB_BATCHES)],
                                   distributed=False)
             result["minmax_diff"] = max(abs(amax["minmax"][n] - a) for n, a in single.amax("minmax").items())
-            rel = {m: max(abs(amax[m][n] - a) / a for n, a in single.amax(m).items()) for m in ALL_METHODS}
+            rel = {m: max(abs(amax[m][n] - a) / a for n, a in single.amax(m).items()) for m in method_names()}
             result["rel"] = rel
         dist.barrier()
         torch.manual_seed(rank)

@@ -28,7 +28,7 @@ def main() -> None:
     from quantkit.compare import compare_runners
     from quantkit.datasets import Batcher
     from quantkit.onnx.model import load_model
-    from quantkit.pipeline import CalibConfig, calibrate
+    from quantkit.ptq import QuantizeConfig, StatsConfig, quantize
 
     model = load_model(bench.resnet18_onnx())
     calib = bench.photo_folder(256, 0)
@@ -37,7 +37,7 @@ def main() -> None:
     cals, secs = {}, {}
     for k in (1, 5):
         t0 = time.perf_counter()
-        cals[k] = calibrate(model, src, config=CalibConfig(sample_stride=k))
+        cals[k] = quantize(model, src, QuantizeConfig(StatsConfig(sample_stride=k)))
         secs[k] = time.perf_counter() - t0
     ref = OrtRunner(model)
     lines = [f"# Exact vs sampled histograms\n\nResNet-18, 256 calibration pictures, 64 held out; {platform.machine()}, "

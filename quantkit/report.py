@@ -25,7 +25,6 @@ from quantkit._deps import require
 from quantkit._io import MANIFEST
 from quantkit.errors import InputError
 
-METHOD_ORDER = ("minmax", "entropy", "percentile", "mse", "auto", "entropy-trt")
 
 
 @dataclass
@@ -182,7 +181,9 @@ def plot_amax_by_method(ranges: dict[str, Any], *, max_tensors: int = 40, title:
     plt = _plt()
     tensors = [n for n, t in ranges["tensors"].items() if t.get("quantized", True)][:max_tensors]
     fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(tensors) + 3), 4.5))
-    methods = [m for m in METHOD_ORDER if all(ranges["tensors"][t].get(m) is not None for t in tensors)]
+    from quantkit.calibrators.methods import method_names
+
+    methods = [m for m in method_names() if all(ranges["tensors"][t].get(m) is not None for t in tensors)]
     width = 0.7 / max(1, len(methods))
     for i, m in enumerate(methods):
         xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(tensors))]

@@ -73,7 +73,8 @@ def nb01() -> nbformat.NotebookNode:
         new_code_cell('''from quantkit import sample, report as qr
 from quantkit.datasets import ImageFolder
 from quantkit.onnx.model import load_model
-from quantkit.pipeline import CalibConfig, calibrate, save_model
+from quantkit.onnx.model import save_model
+from quantkit.ptq import quantize
 
 train = sample.write_image_folder(WORK / "digits" / "train", "train")
 test = sample.write_image_folder(WORK / "digits" / "test", "test")
@@ -81,7 +82,7 @@ pp = sample.preprocess()
 cal_src, test_src = ImageFolder(train, pp), ImageFolder(test, pp)
 fp32 = load_model(sample.model_path())
 n = 256 if SMALL else len(cal_src)
-cal = calibrate(fp32, cal_src, indices=range(n), config=CalibConfig(method="entropy"))
+cal = quantize(fp32, cal_src, indices=range(n))   # one pass, every method; entropy by default
 (WORK / "digits" / "ranges.json").write_text(json.dumps(cal.ranges_document()))
 print(f"calibrated on {cal.num_samples} images, {len(cal.plan.activations)} activation tensors")'''),
         new_code_cell('''results = WORK / "digits" / "results"
@@ -155,7 +156,7 @@ for i in range(count):
     cv2.imwrite(str(photos / f"{i:04d}.png"), cv2.cvtColor(im[y:y + 224, x:x + 224], cv2.COLOR_RGB2BGR))
 src = ImageFolder(photos, Preprocess(crop=(224, 224), scale=1 / 255, mean=IMAGENET_MEAN, std=IMAGENET_STD))
 n_cal = count - 32 if SMALL else 256
-rcal = calibrate(load_model(onnx_path), src, indices=range(n_cal), config=CalibConfig(method="entropy"))
+rcal = quantize(load_model(onnx_path), src, indices=range(n_cal))
 (WORK / "resnet_ranges.json").write_text(json.dumps(rcal.ranges_document()))'''),
         new_code_cell('''rresults = WORK / "resnet" / "results"
 held = range(n_cal, count)   # the pictures not used for calibration
@@ -231,7 +232,8 @@ def nb03() -> nbformat.NotebookNode:
 from quantkit import sample, report as qr
 from quantkit.datasets import ImageFolder
 from quantkit.onnx.model import load_model
-from quantkit.pipeline import CalibConfig, calibrate, save_model
+from quantkit.onnx.model import save_model
+from quantkit.ptq import quantize
 
 HAVE_TRT = tensorrt_available()
 print("TensorRT:", "available" if HAVE_TRT else
@@ -242,7 +244,7 @@ test = sample.write_image_folder(WORK / "test", "test")
 pp = sample.preprocess()
 cal_src, test_src = ImageFolder(train, pp), ImageFolder(test, pp)
 fp32_path = sample.model_path()
-cal = calibrate(load_model(fp32_path), cal_src, indices=range(256 if SMALL else len(cal_src)))
+cal = quantize(load_model(fp32_path), cal_src, indices=range(256 if SMALL else len(cal_src)))
 qdq_path = save_model(cal.int8_model("entropy"), WORK / "digits.int8.onnx")
 cache_path = WORK / "calibration.cache"
 from quantkit.calibrators.cache import write_cache
@@ -259,7 +261,7 @@ if not HAVE_TRT:
     print("skipped: FP32 / FP16 / INT8 (implicit, explicit Q/DQ, QAT) engine builds need TensorRT (not installed here)")
 else:
     from quantkit.backends.tensorrt.builder import BuildOptions, build_engine
-    from quantkit.calibrators.tensorrt import CalibratorCore
+    from quantkit.backends.tensorrt.calibrator import CalibratorCore
     from quantkit.qat.demo import run as qat_run
     engines["FP32 engine"] = (build_engine(fp32_path, WORK / "fp32.plan", BuildOptions(precision="fp32")).engine, fp32_path, "image")
     try:

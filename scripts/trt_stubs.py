@@ -2,7 +2,7 @@
 
     pip download --no-deps tensorrt-stubs==10.13.0.35.1 -d /tmp/trt-stubs
     python scripts/trt_stubs.py /tmp/trt-stubs/tensorrt_stubs-*.whl .mypy-stubs
-    MYPYPATH=.mypy-stubs mypy quantkit/backends/tensorrt quantkit/calibrators/tensorrt.py quantkit/cuda.py
+    MYPYPATH=.mypy-stubs mypy quantkit/backends/tensorrt quantkit/backends/tensorrt/calibrator.py quantkit/cuda.py
 
 Unpacked rather than installed: installed, its ``tensorrt`` folder of ``.pyi`` files imports as
 an empty namespace package and looks like TensorRT to ``import tensorrt``. A few plugin

@@ -1,9 +1,23 @@
-"""The runner interface every backend implements: name-based inputs and outputs."""
+"""The executor interface every backend implements: name-based inputs and outputs, and the
+capture of chosen intermediate tensors, streamed batch by batch.
+
+    runner.infer(feed) -> outputs                       one batch, the model's outputs
+    runner.capture(batches, sink)                       every batch once; for each part of a
+        -> sink(batch, rows, {tensor: array})           batch, the captured tensors (valid only
+                                                        during the call; the backend may reuse
+                                                        the buffers afterwards)
+
+A backend that captures is built with the names it must capture (``capture=``), so that it
+can arrange for them once (ONNX Runtime: extra graph outputs bound to reused buffers).
+Collectors (``quantkit.calibrators.collectors.collect_histograms``) and side-by-side checks
+take any runner, so ONNX Runtime, PyTorch and TensorRT feed the same statistics.
+"""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +48,11 @@ def check_feed(feed: dict[str, np.ndarray], specs: Sequence[TensorSpec]) -> None
             )
 
 
+#: ``sink(batch, rows, tensors)``: ``rows`` leading rows of each array are real samples (a
+#: fixed-batch model's padded tail has more); the arrays are valid only during the call
+TensorSink = Callable[[Any, int, Mapping[str, np.ndarray]], None]
+
+
 class Runner(abc.ABC):
     """Runs one model. ``infer`` checks the feed once, then delegates to ``_infer_impl``."""
 
@@ -55,6 +74,16 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @property
+    def captured_names(self) -> list[str]:
+        """The tensors ``capture`` streams (given when the runner was made)."""
+        return []
+
+    def capture(self, batches: Iterable[Any], sink: "TensorSink", *,
+                on_batch: Callable[[Any], None] | None = None) -> None:
+        """Run every batch once and hand the captured tensors of each part of it to ``sink``."""
+        raise NotImplementedError(f"the {self.backend} backend cannot capture intermediate tensors")
 
     def close(self) -> None:
         """Free what the runner holds (sessions, engines, device memory)."""

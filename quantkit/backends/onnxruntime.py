@@ -1,9 +1,23 @@
-"""ONNX Runtime backend (the default; CPU unless other providers are asked for)."""
+"""ONNX Runtime backend (the default; CPU unless other providers are asked for).
+
+Capture (``OrtRunner(model, capture=names)``): the requested tensors become extra graph outputs
+of a copy of the model, and each batch's captured tensors are handed to the sink and dropped,
+so memory does not grow with the number of images. Two things keep the pass close to plain
+inference:
+- batches run in chunks small enough that all captured outputs of a chunk fit a fixed memory
+  budget (ONNX Runtime's CPU convolutions are as fast at 8 images as at 32);
+- the outputs are written by ONNX Runtime into buffers bound once (IOBinding) and reused for
+  every chunk of the same shape; two such buffer sets alternate, so the sink (histograms) works
+  on one chunk in a worker thread while ONNX Runtime, which releases the GIL, runs the next.
+  Fetching fresh arrays instead costs an allocation and page faults per batch
+  (benchmarks/results/calibration.md has the figures).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +25,9 @@ import numpy as np
 import onnx
 
 from quantkit._deps import require
-from quantkit.backends.base import Runner
+from quantkit.backends.base import Runner, TensorSink
 from quantkit.errors import ModelError
-from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs
+from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, with_outputs
 
 
 def session_options(threads: int | None = None, *, optimization: str = "all") -> Any:
@@ -51,19 +65,29 @@ class OrtRunner(Runner):
         model: a path or a ModelProto.
         threads: intra-op threads (default: ONNX Runtime's choice, one per core).
         providers: execution providers, CPU by default.
+        capture: tensors ``capture`` streams (activations or graph inputs).
+        capture_budget_mb: captured outputs of one inference call stay within this; a batch is
+            split into chunks to keep them there (never below one sample, never for a model
+            with a fixed batch size).
     """
 
     backend = "onnxruntime"
 
     def __init__(self, model: onnx.ModelProto | str | os.PathLike[str], *, threads: int | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), capture: Sequence[str] = (),
+                 capture_budget_mb: float = 64.0):
         proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
         self.name = Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name
         self._inputs = input_specs(proto)
         self._output_specs = output_specs(proto)
         self._outputs = [s.name for s in self._output_specs]
-        self.session = create_session(proto if isinstance(model, onnx.ModelProto) else model,
-                                      threads=threads, providers=providers)
+        self._captured = list(dict.fromkeys(capture))
+        fed = {s.name for s in self._inputs}
+        self._inner = [t for t in self._captured if t not in fed]
+        self._budget_mb = capture_budget_mb
+        src: onnx.ModelProto | str | os.PathLike[str] = (
+            with_outputs(proto, self._inner) if self._inner else proto if isinstance(model, onnx.ModelProto) else model)
+        self.session = create_session(src, threads=threads, providers=providers)
         self.device = ",".join(p.replace("ExecutionProvider", "") for p in self.session.get_providers())
 
     @property
@@ -78,34 +102,99 @@ class OrtRunner(Runner):
     def output_specs(self) -> list[TensorSpec]:
         return self._output_specs
 
+    @property
+    def captured_names(self) -> list[str]:
+        return list(self._captured)
+
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.session.run(self._outputs, feed)
         return dict(zip(self._outputs, outs))
+
+    def capture(self, batches: Iterable[Any], sink: TensorSink, *,
+                on_batch: Callable[[Any], None] | None = None) -> None:
+        """Run every batch once; the sink gets each chunk's captured tensors on a worker thread
+        while ONNX Runtime runs the next chunk (two buffer sets alternate)."""
+        fed = [t for t in self._captured if t not in self._inner]
+        runners = [_BoundCapture(self.session, self._inner), _BoundCapture(self.session, self._inner)]
+        pending: list[Future[None] | None] = [None, None]
+        fixed_batch = self._inputs[0].static_batch if self._inputs else None
+        chunk: int | None = None
+        turn = 0
+
+        def hand_over(batch: Any, part: dict[str, np.ndarray], arrays: list[np.ndarray], n: int) -> None:
+            sink(batch, n, {**dict(zip(self._inner, arrays)), **{t: part[t] for t in fed}})
+
+        with ThreadPoolExecutor(1, thread_name_prefix="quantkit-capture") as pool:
+            for batch in batches:
+                feed = {k: v[: batch.size] for k, v in batch.feed.items()} if fixed_batch is None else batch.feed
+                if chunk is None:
+                    rows = len(next(iter(feed.values())))
+                    if fixed_batch is not None or not self._inner:
+                        chunk = rows  # a fixed-batch model takes exactly this many (a padded tail too)
+                    else:
+                        chunk = _chunk_size(runners[0], feed, self._budget_mb)
+                for start in range(0, batch.size, chunk):
+                    part = {k: v[start : start + chunk] for k, v in feed.items()}
+                    job = pending[turn]
+                    if job is not None:
+                        job.result()  # this buffer set is free again (and errors surface here)
+                    arrays = runners[turn].run(part)
+                    pending[turn] = pool.submit(hand_over, batch, part, arrays, min(chunk, batch.size - start))
+                    turn ^= 1
+                if on_batch is not None:
+                    on_batch(batch)
+            for job in pending:
+                if job is not None:
+                    job.result()
 
     def close(self) -> None:
         self.session = None
 
 
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
+def _chunk_size(runner: "_BoundCapture", feed: dict[str, np.ndarray], budget_mb: float) -> int:
+    """Samples per inference call so that the captured outputs fit ``budget_mb``, measured on
+    one sample (captured tensors scale with the batch)."""
+    size = len(next(iter(feed.values())))
+    one = runner.run({k: v[:1] for k, v in feed.items()})
+    per_sample = max(1, sum(a.nbytes for a in one))
+    most = int(max(1, min(size, budget_mb * 2**20 // per_sample)))
+    parts = -(-size // most)
+    return -(-size // parts)  # equal chunks: one binding serves every full batch
 
 
-def check_model_file(path: str | os.PathLike[str]) -> Path:
-    """The path, when it names an existing file; checked before any backend is loaded, so that
-    a missing engine is reported as missing, not as TensorRT being absent."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelError(f"no such file: {str(p)!r}", hint="check the path of the model or engine")
-    if not p.is_file():
-        raise ModelError(f"{str(p)!r} is a folder, not a model or engine file")
-    return p
+class _BoundCapture:
+    """One capture session whose extra outputs land in buffers bound once per input shape.
 
+    The first call with a new input shape runs normally (ONNX Runtime allocates and reports
+    the output shapes); later calls with that shape reuse buffers of those shapes. The arrays
+    returned are overwritten by the next call.
+    """
 
-def runner_from_path(path: str | os.PathLike[str], **kwargs: Any) -> Runner:
-    """A runner for an ``.onnx`` model (ONNX Runtime) or a TensorRT engine (``.plan``/``.engine``,
-    which needs TensorRT and a GPU; ONNX Runtime options such as ``threads`` do not apply)."""
-    p = check_model_file(path)
-    if p.suffix.lower() in ENGINE_SUFFIXES:
-        from quantkit.backends.tensorrt.runner import TrtRunner
+    def __init__(self, session: Any, outputs: Sequence[str]):
+        self.session = session
+        self.outputs = list(outputs)
+        self._key: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+        self._binding: Any = None
+        self._buffers: list[np.ndarray] = []
 
-        return TrtRunner(p)
-    return OrtRunner(p, **kwargs)
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if not self.outputs:
+            return []
+        feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
+        key = tuple((k, v.shape) for k, v in feed.items())
+        if key != self._key:
+            arrays = self.session.run(self.outputs, feed)
+            self._bind(key, arrays)
+            return arrays
+        for name, value in feed.items():
+            self._binding.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(self._binding)
+        return self._buffers
+
+    def _bind(self, key: tuple[tuple[str, tuple[int, ...]], ...], arrays: list[np.ndarray]) -> None:
+        self._binding = None  # release the old buffers before making new ones
+        self._buffers = [np.empty_like(a) for a in arrays]
+        binding = self.session.io_binding()
+        for name, buf in zip(self.outputs, self._buffers):
+            binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        self._binding, self._key = binding, key

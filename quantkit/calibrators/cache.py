@@ -21,17 +21,6 @@ import numpy as np
 from quantkit._io import write_text_atomic
 from quantkit.errors import CacheError
 
-#: the algorithm written in the header, per calibration method. TensorRT knows only its own
-#: algorithms; scales from percentile / mse / auto are served through EntropyCalibration2.
-ALGORITHM_FOR_METHOD = {
-    "entropy": "EntropyCalibration2",
-    "minmax": "MinMaxCalibration",
-    "percentile": "EntropyCalibration2",
-    "mse": "EntropyCalibration2",
-    "auto": "EntropyCalibration2",
-    "entropy-trt": "EntropyCalibration2",
-}
-KNOWN_ALGORITHMS = {"EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration"}
 DEFAULT_TRT_VERSION = 101300  # TensorRT 10.13.0
 
 _HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
@@ -67,7 +56,11 @@ class CalibrationCache:
 
     @classmethod
     def from_amax(cls, amax: dict[str, float], method: str, version: int = DEFAULT_TRT_VERSION) -> "CalibrationCache":
-        algorithm = ALGORITHM_FOR_METHOD.get(method, "EntropyCalibration2")
+        from quantkit.calibrators.methods import cache_algorithm
+
+        # TensorRT knows only its own algorithms; each method registers the one its scales are
+        # written under (percentile, mse, auto: EntropyCalibration2)
+        algorithm = cache_algorithm(method)
         scales = {n: float(np.float32(a) / np.float32(127.0)) for n, a in amax.items()}
         return cls(version, algorithm, scales)
 

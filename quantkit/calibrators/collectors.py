@@ -12,7 +12,9 @@ images were seen.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -256,3 +258,29 @@ def _rebin(counts: np.ndarray, src_range: float, dst_range: float) -> np.ndarray
     out = np.rint(np.diff(cdf_at)).astype(np.int64)
     out[np.argmax(out)] += int(counts.sum() - out.sum())  # keep the total exact
     return out
+
+
+def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int = 2048, sample_stride: int = 5,
+                       pow2_grid: bool = False, on_batch: Callable[[Any], None] | None = None,
+                       ) -> dict[str, HistogramCollector]:
+    """One pass of ``executor`` (any ``quantkit.backends`` runner made with ``capture=``) over
+    ``batches``, each captured tensor streamed into its abs-max + |x| histogram collector.
+
+    Raises:
+        NonFiniteError: a captured tensor has NaN or Inf values; the message names the tensor
+            and the samples of the batch.
+    """
+    collectors = {t: HistogramCollector(num_bins, name=t, sample_stride=sample_stride, pow2_grid=pow2_grid)
+                  for t in executor.captured_names}
+
+    def sink(batch: Any, rows: int, tensors: Mapping[str, np.ndarray]) -> None:
+        try:
+            for name, arr in tensors.items():
+                collectors[name].update(arr[:rows])
+        except NonFiniteError as err:
+            first, last = batch.indices[0], batch.indices[-1]
+            raise NonFiniteError(f"{err} in the batch of samples {first}..{last}",
+                                 hint="check the model and the preprocessing (scale, mean/std) for this data") from err
+
+    executor.capture(batches, sink, on_batch=on_batch)
+    return collectors

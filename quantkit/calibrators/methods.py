@@ -1,7 +1,20 @@
-"""Range methods: pure functions from a Histogram to an amax (symmetric INT8, scale = amax/127).
+"""Range methods: pure functions from a Histogram to an amax (symmetric INT8, scale = amax/127),
+and the registry that is the single source of truth about them.
 
 Every method reads the same collected statistics, so comparing methods costs no extra pass.
-Methods are registered by name; add one with ``@range_method("name")``.
+A method is registered once, with ``@range_method``: its name, the parameters it reads (with
+their defaults), the TensorRT calibration-cache algorithm its scales are written under, and a
+one-line description. The CLI's ``--method`` choices and help, ``ranges.json``, the cache
+writer, the report and QAT calibration all read the registry, so adding a method is one
+function here (or in a user's module) and its test::
+
+    @range_method("p999", params={"p999_rank": 99.9}, description="the 99.9th percentile")
+    def p999(ctx: RangeContext) -> float:
+        return percentile_amax(ctx.hist, percentile=ctx.param("p999_rank"))
+
+A method receives a ``RangeContext``: the histogram, the parameters, every other method's amax
+(``ctx.amax(name)``, each computed once per histogram) and ``ctx.note(key, value)`` for what
+``ranges.json`` should record about its choice.
 
 Quantization is symmetric, so a method returns one number (the clipping threshold amax)
 rather than a (lo, hi) pair.
@@ -9,51 +22,151 @@ rather than a (lo, hi) pair.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
 from quantkit.calibrators.collectors import Histogram
-from quantkit.errors import UnknownMethodError
+from quantkit.errors import InputError, UnknownMethodError
 
-RangeMethod = Callable[..., float]
-_RANGE_METHODS: dict[str, RangeMethod] = {}
-
-#: the four classic methods; ``auto`` picks among them per tensor, and ``entropy-trt`` is
-#: TensorRT's KL search applied to every tensor, unguarded (see ``guarded_entropy_amax``)
-BASE_METHODS = ("minmax", "entropy", "percentile", "mse")
-ALL_METHODS = (*BASE_METHODS, "auto", "entropy-trt")
+#: TensorRT's calibration-cache algorithms a method may write its scales under
+CACHE_ALGORITHMS = ("EntropyCalibration2", "MinMaxCalibration")
 
 
-def range_method(name: str) -> Callable[[RangeMethod], RangeMethod]:
-    def register(fn: RangeMethod) -> RangeMethod:
-        _RANGE_METHODS[name] = fn
+@dataclass(frozen=True)
+class RangeMethod:
+    """One registered range method."""
+
+    name: str
+    compute: Callable[["RangeContext"], float]
+    params: Mapping[str, float] = field(default_factory=dict)  # parameter name -> default
+    cache_algorithm: str = "EntropyCalibration2"
+    description: str = ""
+
+
+_REGISTRY: dict[str, RangeMethod] = {}
+
+
+def range_method(name: str, *, params: Mapping[str, float] | None = None,
+                 cache_algorithm: str = "EntropyCalibration2",
+                 description: str | None = None) -> Callable[[Callable[["RangeContext"], float]], Callable[["RangeContext"], float]]:
+    """Register ``fn(ctx) -> amax`` as the range method ``name`` (registration order is the
+    order of ``method_names``, ``ranges.json`` and the CLI). The description defaults to the
+    first line of ``fn``'s docstring."""
+    if cache_algorithm not in CACHE_ALGORITHMS:
+        raise ValueError(f"cache_algorithm must be one of {CACHE_ALGORITHMS}, got {cache_algorithm!r}")
+
+    def register(fn: Callable[[RangeContext], float]) -> Callable[[RangeContext], float]:
+        doc = (description or (fn.__doc__ or "").strip().splitlines()[0] if (description or fn.__doc__) else "")
+        _REGISTRY[name] = RangeMethod(name, fn, MappingProxyType(dict(params or {})), cache_algorithm, doc)
         return fn
 
     return register
 
 
-def get_range_method(name: str) -> RangeMethod:
+def unregister_method(name: str) -> None:
+    """Remove a registered method (tests register temporary ones)."""
+    _REGISTRY.pop(name, None)
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> RangeMethod:
+    """The registered method ``name``; the one place a method name is validated."""
     try:
-        return _RANGE_METHODS[name]
+        return _REGISTRY[name]
     except KeyError:
-        raise UnknownMethodError(
-            f"unknown calibration method {name!r}; available: {sorted(_RANGE_METHODS)}"
-        ) from None
+        raise UnknownMethodError(f"unknown calibration method {name!r}; available: {', '.join(_REGISTRY)}",
+                                 hint="pick one of --method's choices") from None
 
 
-def available_methods() -> list[str]:
-    return sorted(_RANGE_METHODS)
+def check_method(name: str) -> str:
+    """``name`` if it is registered (else UnknownMethodError, exit 2)."""
+    return get_method(name).name
 
 
-@range_method("minmax")
+def method_params(overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Every registered parameter with its default, updated by ``overrides`` (unknown names and
+    out-of-range values refused)."""
+    params: dict[str, float] = {}
+    for m in _REGISTRY.values():
+        params.update(m.params)
+    for key, value in (overrides or {}).items():
+        if key not in params:
+            raise InputError(f"unknown range-method parameter {key!r}; known: {', '.join(params) or 'none'}")
+        params[key] = float(value)
+    if not 0.0 < params.get("percentile", 50.0) <= 100.0:
+        raise InputError(f"percentile must be in (0, 100], got {params['percentile']}")
+    return params
+
+
+def cache_algorithm(method: str) -> str:
+    """The TensorRT cache algorithm ``method``'s scales are written under."""
+    return get_method(method).cache_algorithm
+
+
+class RangeContext:
+    """One histogram as the methods see it: parameters, memoised amax of every method, notes."""
+
+    def __init__(self, hist: Histogram, params: Mapping[str, float]):
+        self.hist = hist
+        self.params = params
+        self.notes: dict[str, Any] = {}
+        self._amax: dict[str, float] = {}
+        self._busy: set[str] = set()
+
+    def param(self, name: str) -> float:
+        return float(self.params[name])
+
+    def amax(self, name: str) -> float:
+        """``name``'s amax on this histogram (computed once)."""
+        if name not in self._amax:
+            if name in self._busy:
+                raise ValueError(f"range method {name!r} depends on itself")
+            self._busy.add(name)
+            try:
+                self._amax[name] = float(get_method(name).compute(self))
+            finally:
+                self._busy.discard(name)
+        return self._amax[name]
+
+    def note(self, key: str, value: Any) -> None:
+        self.notes[key] = value
+
+
+@dataclass(frozen=True)
+class TensorRanges:
+    """Every registered method's amax for one tensor, and what the methods noted about their
+    choice (e.g. ``auto_choice``, ``entropy_rule``), in a stable order."""
+
+    amax: dict[str, float]
+    notes: dict[str, Any]
+
+    @property
+    def two_sided(self) -> bool:
+        """Whether ``entropy`` used the MSE rule instead of TensorRT's KL search."""
+        return self.notes.get("entropy_rule", "kl") != "kl"
+
+
+def all_ranges(hist: Histogram, params: Mapping[str, Any] | None = None) -> TensorRanges:
+    """Every registered method's amax for one histogram, each computed once."""
+    ctx = RangeContext(hist, method_params(params))
+    amax = {name: ctx.amax(name) for name in _REGISTRY}
+    return TensorRanges(amax, dict(sorted(ctx.notes.items())))
+
+
+# ------------------------------------------------------------------ the methods' mathematics
 def minmax_amax(hist: Histogram) -> float:
     """The absolute maximum seen (TensorRT's MinMaxCalibration)."""
     return hist.amax
 
 
-@range_method("percentile")
 def percentile_amax(hist: Histogram, *, percentile: float = 99.99) -> float:
     """The left edge of the bin where the CDF of |x| reaches ``percentile`` %.
 
@@ -69,7 +182,6 @@ def percentile_amax(hist: Histogram, *, percentile: float = 99.99) -> float:
     return float(min(max(idx, 1) * hist.bin_width, hist.amax))
 
 
-@range_method("entropy-trt")
 def entropy_amax(
     hist: Histogram,
     *,
@@ -152,7 +264,6 @@ def quantization_mse(hist: Histogram, amaxes: np.ndarray) -> np.ndarray:
     return out / weights.sum()
 
 
-@range_method("mse")
 def mse_amax(hist: Histogram, *, start_bin: int = 128, coarse_step: int = 8) -> float:
     """The bin edge (from ``start_bin`` up) whose INT8 quantization has the least squared error.
 
@@ -213,51 +324,60 @@ def is_two_sided(hist: Histogram, *, ratio: float = 0.1) -> bool:
     )
 
 
-@range_method("entropy")
 def guarded_entropy_amax(hist: Histogram) -> float:
     """quantkit's entropy: TensorRT's KL threshold on one-sided tensors, the MSE-optimal amax on
-    two-sided ones.
-
-    The KL search runs on the histogram of |x|, which folds the two sides of a signed tensor
-    together, and folding the clipped tail into the last kept bin makes it blind to saturating
-    a dense mode at the top: on the sample's normalised input (background -0.8, strokes at the
-    maximum 2.147) it clips at 0.945 and INT8 accuracy drops from 0.994 to 0.752. Post-ReLU
-    tensors, the case the method was designed for, keep TensorRT's threshold.
-    """
+    two-sided ones (see the ``entropy`` method below)."""
     return mse_amax(hist) if is_two_sided(hist) else entropy_amax(hist)
 
 
-@dataclass(frozen=True)
-class TensorRanges:
-    """Every method's amax for one tensor, and what ``auto`` picked.
+# ------------------------------------------------------------------ the registry, in its order
+# (the order of ranges.json's keys, the CLI's choices and the report's legend)
+@range_method("minmax", cache_algorithm="MinMaxCalibration")
+def _minmax(ctx: RangeContext) -> float:
+    """the absolute maximum seen (TensorRT's MinMaxCalibration)"""
+    return minmax_amax(ctx.hist)
 
-    ``amax`` keys: minmax, entropy, percentile, mse, auto, entropy-trt.
-    ``two_sided``: whether ``entropy`` used the MSE rule instead of the KL search.
+
+@range_method("entropy")
+def _entropy(ctx: RangeContext) -> float:
+    """TensorRT's KL search on one-sided (post-ReLU-like) tensors; the least-MSE amax on two-sided ones
+
+    The KL search runs on the histogram of |x|, which folds the two sides of a signed tensor
+    together, and folding the clipped tail into the last kept bin makes it blind to saturating
+    a dense mode at the top: on the sample's normalised input (background -0.94, strokes at the
+    maximum 2.147) it clips at 0.945 and INT8 accuracy drops from 0.994 to 0.752. Post-ReLU
+    tensors, the case the method was designed for, keep TensorRT's threshold.
     """
-
-    amax: dict[str, float]
-    auto: AutoChoice
-    two_sided: bool
-
-
-def all_ranges(hist: Histogram, *, percentile: float = 99.99, auto_tolerance: float = 2.0) -> TensorRanges:
-    """Every method's amax for one histogram, each computed once."""
-    kl = entropy_amax(hist)
-    mse = mse_amax(hist)
-    two_sided = is_two_sided(hist)
-    amax = {
-        "minmax": minmax_amax(hist),
-        "entropy": mse if two_sided else kl,
-        "percentile": percentile_amax(hist, percentile=percentile),
-        "mse": mse,
-    }
-    choice = auto_choice(amax, hist, tolerance=auto_tolerance)
-    amax["auto"] = choice.amax
-    amax["entropy-trt"] = kl
-    return TensorRanges(amax, choice, two_sided)
+    two_sided = is_two_sided(ctx.hist)
+    ctx.note("entropy_rule", "mse (two-sided tensor)" if two_sided else "kl")
+    return ctx.amax("mse") if two_sided else ctx.amax("entropy-trt")
 
 
-# ``auto`` is registered so that get_range_method knows the name; it needs every candidate.
-@range_method("auto")
-def auto_amax(hist: Histogram, *, percentile: float = 99.99, auto_tolerance: float = 2.0) -> float:
-    return all_ranges(hist, percentile=percentile, auto_tolerance=auto_tolerance).amax["auto"]
+@range_method("percentile", params={"percentile": 99.99})
+def _percentile(ctx: RangeContext) -> float:
+    """left edge of the bin where the CDF of |x| reaches --percentile"""
+    return percentile_amax(ctx.hist, percentile=ctx.param("percentile"))
+
+
+@range_method("mse")
+def _mse(ctx: RangeContext) -> float:
+    """the bin edge with the least expected squared INT8 error on the histogram"""
+    return mse_amax(ctx.hist)
+
+
+#: the candidates ``auto`` chooses among
+AUTO_CANDIDATES = ("minmax", "entropy", "percentile", "mse")
+
+
+@range_method("auto", params={"auto_tolerance": 2.0})
+def _auto(ctx: RangeContext) -> float:
+    """per tensor: entropy, unless its expected error is over 2x the best candidate's, then the best"""
+    choice = auto_choice({m: ctx.amax(m) for m in AUTO_CANDIDATES}, ctx.hist, tolerance=ctx.param("auto_tolerance"))
+    ctx.note("auto_choice", choice.method)
+    return choice.amax
+
+
+@range_method("entropy-trt")
+def _entropy_trt(ctx: RangeContext) -> float:
+    """TensorRT's KL-divergence search on every tensor, as published (unguarded)"""
+    return entropy_amax(ctx.hist)

@@ -42,7 +42,7 @@ class Bench:
 
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import check_output_file, write_json_atomic
-        from quantkit.backends.onnxruntime import ENGINE_SUFFIXES, check_model_file, runner_from_path
+        from quantkit.backends import ENGINE_SUFFIXES, check_model_file, runner_from_path
         from quantkit.bench import measure_latency, random_feed, stats_from_times
         from quantkit.errors import InputError
         from quantkit.backends.tensorrt.builder import parse_shapes
@@ -55,9 +55,8 @@ class Bench:
         if trt_options and not is_engine:
             raise InputError("--cuda-graph, --no-transfers and --streams apply to TensorRT engines only",
                              hint="drop them for an .onnx model (ONNX Runtime on CPU)")
-        kwargs = {} if is_engine else {"threads": args.threads}
         shapes = {n: p.opt for n, p in parse_shapes(args.shapes).items()}
-        with runner_from_path(args.model, **kwargs) as runner:
+        with runner_from_path(args.model, threads=args.threads) as runner:
             for spec in runner.input_specs:
                 fixed = spec.static_batch
                 if args.batch is not None and fixed is not None and fixed != args.batch and spec.name not in shapes:

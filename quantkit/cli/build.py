@@ -55,7 +55,7 @@ class Build:
         from quantkit.errors import InputError
         from quantkit.onnx.model import file_sha256, float_input_specs, load_model
         from quantkit.backends.tensorrt.builder import BuildOptions, build_engine, build_mode, has_qdq, parse_shapes
-        from quantkit.calibrators.tensorrt import CALIBRATORS, CalibratorCore, cache_only_core
+        from quantkit.backends.tensorrt.calibrator import CALIBRATORS, CalibratorCore, cache_only_core
         from quantkit.backends.tensorrt.load import load_tensorrt
 
         out = Path(args.output)

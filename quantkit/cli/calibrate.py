@@ -15,8 +15,8 @@ DEFAULT_CALIBRATION_IMAGES = 512
 class Calibrate:
     """Calibrate an ONNX model on images; write a Q/DQ INT8 model, a TensorRT cache, ranges and a report.
 
-    One pass over the data computes every method's ranges (minmax, entropy, percentile, mse,
-    auto, entropy-trt); --method picks the one written into the Q/DQ model and the cache.
+    One pass over the data computes every registered method's ranges (see --method); --method
+    picks the one written into the Q/DQ model and the cache.
     The INT8 model is then compared with the FP32 model on held-out images.
 
     example:
@@ -26,15 +26,16 @@ class Calibrate:
     name = "calibrate"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from quantkit.pipeline import METHODS
+        from quantkit.calibrators.methods import get_method, method_names
 
         parser.add_argument("model", metavar="MODEL.onnx", help="the FP32 ONNX model")
         parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
         parser.add_argument("--force", action="store_true", help="replace the artifacts of an earlier run in OUTDIR (never other files)")
         g = parser.add_argument_group("calibration")
-        g.add_argument("--method", choices=list(METHODS), default="entropy",
-                       help="scales written to the model and cache (default entropy: TensorRT's KL search on "
-                       "one-sided tensors, least-MSE on two-sided ones; entropy-trt: KL everywhere)")
+        g.add_argument("--method", choices=method_names(), default="entropy", metavar="METHOD",
+                       help="scales written to the model and cache (default entropy); every method is computed "
+                       "from the one pass and written to ranges.json: "
+                       + "; ".join(f"{m}: {get_method(m).description}" for m in method_names()))
         g.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
         g.add_argument("--num-bins", type=positive_int, default=2048, help="histogram bins (default 2048)")
         g.add_argument("--trt-version", default="10.13.0", help="TensorRT version for the cache header (default 10.13.0)")
@@ -60,14 +61,11 @@ class Calibrate:
         add_preprocess_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from quantkit._io import check_output_dir, check_output_file, output_dir
-        from quantkit.backends.onnxruntime import OrtRunner
+        from quantkit._io import check_output_dir, check_output_file
         from quantkit.calibrators.cache import trt_version_number
-        from quantkit.compare import compare_runners
-        from quantkit.datasets import Batcher
         from quantkit.datasets.classes import check_classes
         from quantkit.onnx.model import file_sha256, load_model, output_specs
-        from quantkit.pipeline import CalibConfig, calibrate, entropy_effect, prepare_model, write_artifacts_into
+        from quantkit.ptq import ExportConfig, QuantizeConfig, RunConfig, StatsConfig, prepare, quantize
 
         model_path = Path(args.model)
         inputs = [p for p in (args.model, args.images, args.npz, args.eval_dir) if p]
@@ -79,49 +77,40 @@ class Calibrate:
         stats_inside = _inside(args.save_stats, args.output) if args.save_stats else None
         if args.save_stats and stats_inside is None:  # a file of its own: never an input
             check_output_file(args.save_stats, force=args.force, inputs=inputs)
-        config = CalibConfig(method=args.method, percentile=args.percentile, num_bins=args.num_bins,
-                             batch_size=args.batch_size, threads=args.threads,
-                             cache_all_tensors=args.cache_all_tensors, strict=args.strict,
-                             sample_stride=args.histogram_stride, target=args.target,
-                             pow2_grid=bool(args.save_stats))
-        prepared, specs, _ = prepare_model(model, source=str(model_path), target=args.target)
-        source = source_for_model(args, specs)
-        check_classes(source, output_specs(prepared))
+        config = QuantizeConfig(
+            StatsConfig(num_bins=args.num_bins, sample_stride=args.histogram_stride, target=args.target,
+                        cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats)),
+            RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
+            ExportConfig(method=args.method, params={"percentile": args.percentile}))
+        prepared = prepare(model, target=args.target, name=str(model_path))
+        source = source_for_model(args, prepared.specs)
+        check_classes(source, output_specs(prepared.model))
         drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)
-        calib_idx, rest = drawn.indices, drawn.rest
 
-        with progress(len(calib_idx), "calibrating", disable=args.no_progress) as bar:
-            cal = calibrate(prepared, source, indices=calib_idx, config=config,
-                            on_batch=lambda b: bar.update(b.size), model_name=str(model_path),
-                            sampling=drawn.to_dict())
-        int8 = cal.int8_model()
+        with progress(len(drawn.indices), "calibrating", disable=args.no_progress) as bar:
+            cal = quantize(prepared, source, config, indices=drawn.indices, on_batch=lambda b: bar.update(b.size),
+                           sampling=drawn.to_dict())
 
         # printed after the artifacts are written (a closed stdout loses nothing)
         report, lines = None, [f"calibration sample: {describe_sample(drawn)}"]
         if args.eval_images > 0:
             if args.eval_dir:
-                eval_source = source_for_model(args, specs, images=args.eval_dir)
+                eval_source = source_for_model(args, prepared.specs, images=args.eval_dir)
                 eval_idx, held_out = list(range(len(eval_source)))[: args.eval_images], True
             else:
-                eval_source = source
-                held_out = bool(rest)
-                eval_idx = rest[: args.eval_images] if rest else calib_idx[: args.eval_images]
-            fixed = specs[0].static_batch
-            batches = Batcher(eval_source, [s.name for s in specs], fixed or args.batch_size, indices=eval_idx,
-                              last_batch="pad" if fixed else "keep", strict=args.strict,
-                              known_skips=[] if args.eval_dir else [f for f, _ in cal.skipped],
-                              dtypes={s.name: s.dtype for s in specs})
-            with OrtRunner(prepared, threads=args.threads) as ref, OrtRunner(int8, threads=args.threads) as test, \
-                    progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
-                cmp = compare_runners(ref, test, batches, reference_name=model_path.name,
-                                      test_name=f"{model_path.stem}.int8.onnx ({args.method})",
-                                      on_batch=lambda b: bar.update(b.size))
+                eval_source, held_out = source, bool(drawn.rest)
+                eval_idx = (drawn.rest or drawn.indices)[: args.eval_images]
+            known = [] if args.eval_dir else [f for f, _ in cal.skipped]  # warned about once already
+            with progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
+                cmp = cal.evaluate(eval_source, eval_idx, reference_name=model_path.name, known_skips=known,
+                                   test_name=f"{model_path.stem}.int8.onnx ({args.method})",
+                                   on_batch=lambda b: bar.update(b.size))
             # files the calibration pass already reported are summed up once, below
-            lines.append(replace(cmp, skipped=[s for s in cmp.skipped if s[0] not in batches.known_skips]).table())
+            lines.append(replace(cmp, skipped=[s for s in cmp.skipped if s[0] not in known]).table())
             if not held_out:
                 lines.append("  note: no images left after calibration; compared on calibration images")
             report = {"method": args.method, "held_out": held_out, **cmp.to_dict(),
-                      "entropy_two_sided_tensors": entropy_effect(cal)}
+                      "entropy_two_sided_tensors": cal.entropy_effect()}
 
         preprocess = getattr(source, "preprocess", None)
         meta = {
@@ -132,18 +121,19 @@ class Calibrate:
         stats = None
         if args.save_stats:
             from quantkit.calibrators.stats import save_stats
-            from quantkit.pipeline import stats_from_calibration
 
-            model_info = {**meta["model"], "path": str(model_path.resolve())}
-            stats = stats_from_calibration(cal, model=model_info, preprocess=meta["preprocess"], data=meta["data"])
-        with output_dir(args.output, force=args.force, inputs=inputs, command="quantkit calibrate") as staging:
-            names = write_artifacts_into(staging, cal, model_stem=model_path.stem.removesuffix(".fp32"),
-                                         int8_model=int8, report=report, metadata=meta,
-                                         trt_version=trt_version_number(args.trt_version))
-            if stats is not None and stats_inside is not None:  # one of the artifacts, in the manifest
-                save_stats(staging / stats_inside, stats)
-                names["stats"] = stats_inside
-        paths = {k: Path(args.output) / v for k, v in names.items()}
+            stats = cal.to_stats(model={**meta["model"], "path": str(model_path.resolve())},
+                                 preprocess=meta["preprocess"], data=meta["data"])
+
+        def stats_artifact(staging: Path) -> dict[str, str]:  # inside OUTDIR: one of the artifacts
+            if stats is None or stats_inside is None:
+                return {}
+            save_stats(staging / stats_inside, stats)
+            return {"stats": stats_inside}
+
+        paths = cal.save(args.output, model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta, report=report,
+                         trt_version=trt_version_number(args.trt_version), force=args.force, inputs=inputs,
+                         command="quantkit calibrate", also=stats_artifact)
         if stats is not None and stats_inside is None:
             paths["stats"] = save_stats(args.save_stats, stats)
         for line in lines:
@@ -155,7 +145,6 @@ class Calibrate:
         for p in paths.values():
             print(f"  wrote {p}")
         return 0
-
 
 
 def _inside(path: str, folder: str) -> str | None:

@@ -31,7 +31,7 @@ class Compare:
 
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import check_output_file, write_json_atomic
-        from quantkit.backends.onnxruntime import runner_from_path
+        from quantkit.backends import runner_from_path
         from quantkit.compare import compare_runners, comparison_batch
         from quantkit.datasets import Batcher
         from quantkit.datasets.classes import check_classes

@@ -47,11 +47,11 @@ def _demo(staging: Path, work: Path, out: Path, args: argparse.Namespace, *, kee
     from quantkit import sample
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.bench import measure_latency
+    from quantkit.calibrators.methods import method_names
     from quantkit.cli.common import progress
-    from quantkit.compare import compare_runners
     from quantkit.datasets import Batcher, ImageFolder
     from quantkit.onnx.model import load_model
-    from quantkit.pipeline import METHODS, CalibConfig, calibrate, entropy_effect, write_artifacts_into
+    from quantkit.ptq import quantize
 
     train_dir = sample.write_image_folder(work / "train", "train")
     test_dir = sample.write_image_folder(work / "test", "test")
@@ -62,20 +62,15 @@ def _demo(staging: Path, work: Path, out: Path, args: argparse.Namespace, *, kee
              f"model {sample.model_path().name}"]
 
     with progress(len(train), "calibrating", disable=args.no_progress) as bar:
-        cal = calibrate(model, train, config=CalibConfig(method="entropy"), on_batch=lambda b: bar.update(b.size),
-                        model_name="digits_cnn.onnx")
-    rows, models = [], {}
-    files = {m: "digits_cnn.int8.onnx" if m == "entropy" else f"digits_cnn.{m}.int8.onnx" for m in METHODS}
+        cal = quantize(model, train, on_batch=lambda b: bar.update(b.size), model_name="digits_cnn.onnx")
+    methods = method_names()
+    files = {m: "digits_cnn.int8.onnx" if m == "entropy" else f"digits_cnn.{m}.int8.onnx" for m in methods}
+    rows = [(m, cal.evaluate(test, method=m, batch_size=64, reference_name="digits_cnn.onnx", test_name=files[m]))
+            for m in methods]
     with OrtRunner(cal.model) as ref:
-        for method in METHODS:
-            models[method] = cal.int8_model(method)
-            with OrtRunner(models[method]) as q:
-                rep = compare_runners(ref, q, Batcher(test, ["image"], 64), reference_name="digits_cnn.onnx",
-                                      test_name=files[method])
-            rows.append((method, rep))
         feed = {"image": next(iter(Batcher(test, ["image"], 32))).feed["image"]}
         lat_fp32 = measure_latency(ref, feed, warmup=5, iterations=30)
-        with OrtRunner(models["entropy"]) as q:
+        with OrtRunner(cal.int8_model("entropy")) as q:
             lat_int8 = measure_latency(q, feed, warmup=5, iterations=30)
 
     lines.append(f"\n{'method':<12} {'FP32 acc':>8} {'INT8 acc':>8} {'agree':>7} {'cosine':>8} {'SQNR dB':>8}")
@@ -86,7 +81,7 @@ def _demo(staging: Path, work: Path, out: Path, args: argparse.Namespace, *, kee
     lines.append(f"\nONNX Runtime CPU latency, batch 32 (median of 30): FP32 {lat_fp32.median_ms:.2f} ms, "
                  f"INT8 Q/DQ {lat_int8.median_ms:.2f} ms")
     lines.append("  (TensorRT-style Q/DQ models are not faster on ONNX Runtime's CPU provider; they are made for TensorRT)")
-    for e in entropy_effect(cal):
+    for e in cal.entropy_effect():
         lines.append(f"entropy on two-sided tensor {e['tensor']!r}: TensorRT's KL would clip at {e['entropy_trt']:.3f} "
                      f"(max {max(abs(e['observed_min']), e['observed_max']):.3f}); quantkit uses {e['entropy']:.3f}")
 
@@ -94,14 +89,11 @@ def _demo(staging: Path, work: Path, out: Path, args: argparse.Namespace, *, kee
         "methods": {m: r.to_dict() for m, r in rows},
         "latency_batch32": {"fp32": {"model": "digits_cnn.onnx", **lat_fp32.to_dict()},
                             "int8": {"model": files["entropy"], **lat_int8.to_dict()}},
-        "entropy_two_sided_tensors": entropy_effect(cal),
+        "entropy_two_sided_tensors": cal.entropy_effect(),
     }
-    extra = {files[m]: models[m] for m in METHODS if m != "entropy"}
-    names = write_artifacts_into(staging, cal, model_stem="digits_cnn", int8_model=models["entropy"], report=report,
-                                 metadata={"model": {"path": "quantkit/sample/digits_cnn.onnx"},
-                                           "preprocess": pp.to_dict(),
-                                           "data": str(out / "images" / "train") if keep else "digits training split"},
-                                 extra=extra)
+    names = cal.write_into(staging, model_stem="digits_cnn", report=report, extra_methods=methods,
+                           metadata={"model": {"path": "quantkit/sample/digits_cnn.onnx"}, "preprocess": pp.to_dict(),
+                                     "data": str(out / "images" / "train") if keep else "digits training split"})
     lines.append(f"\nwrote {len(names)} files to {out}. Same flow by hand:")
     images = str(out / "images") if keep else "IMAGES"
     lines.append(f"  quantkit calibrate {sample.model_path()} --images {images}/train --preprocess none --color gray "

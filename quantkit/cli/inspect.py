@@ -23,7 +23,7 @@ class Inspect:
         parser.add_argument("path", metavar="FILE", help="an .onnx model, a calibration cache or a TensorRT engine")
 
     def run(self, args: argparse.Namespace) -> int:
-        from quantkit.backends.onnxruntime import ENGINE_SUFFIXES
+        from quantkit.backends import ENGINE_SUFFIXES
         from quantkit.errors import InputError, ModelError
 
         path = Path(args.path)

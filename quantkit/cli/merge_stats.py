@@ -20,14 +20,14 @@ class MergeStats:
     name = "merge-stats"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from quantkit.pipeline import METHODS
+        from quantkit.calibrators.methods import method_names
 
         parser.add_argument("stats", nargs="+", metavar="STATS", help="files written by calibrate --save-stats")
         parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
         parser.add_argument("--force", action="store_true", help="replace the artifacts of an earlier run in OUTDIR (never other files)")
         parser.add_argument("--model", metavar="MODEL.onnx",
                             help="the FP32 model (default: the path recorded in the statistics; its SHA-256 must match)")
-        parser.add_argument("--method", choices=list(METHODS), default="entropy",
+        parser.add_argument("--method", choices=method_names(), default="entropy",
                             help="scales written to the model and cache (default entropy)")
         parser.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
         parser.add_argument("--trt-version", default="10.13.0", help="TensorRT version for the cache header (default 10.13.0)")
@@ -38,7 +38,7 @@ class MergeStats:
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.calibrators.stats import StatsError, load_stats, merge_stats, save_stats
         from quantkit.onnx.model import file_sha256, load_model
-        from quantkit.pipeline import CalibConfig, calibration_from_stats, write_artifacts
+        from quantkit.ptq import Calibration, ExportConfig
 
         inputs = [*args.stats, *([args.model] if args.model else [])]
         check_output_dir(args.output, force=args.force, inputs=inputs)  # before the work
@@ -54,17 +54,14 @@ class MergeStats:
         if sha != merged.model.get("sha256"):
             raise StatsError(f"{str(model_path)!r} is not the model the statistics were collected on (SHA-256 differs)",
                              hint="give the same FP32 model with --model")
-        s = merged.settings
-        config = CalibConfig(method=args.method, percentile=args.percentile, num_bins=s["num_bins"],
-                             cache_all_tensors=s["cache_all_tensors"], sample_stride=s["sample_stride"],
-                             target=s["target"], pow2_grid=s["pow2_grid"])
-        cal = calibration_from_stats(load_model(model_path), merged, config, model_name=str(model_path))
+        cal = Calibration.from_stats(load_model(model_path), merged,
+                                     ExportConfig(method=args.method, params={"percentile": args.percentile}),
+                                     model_name=str(model_path))
         meta = {"model": {"path": str(model_path), "sha256": sha}, "preprocess": merged.preprocess,
                 "data": merged.data}
-        paths = write_artifacts(cal, args.output, model_stem=model_path.stem.removesuffix(".fp32"),
-                                int8_model=cal.int8_model(), report=None, metadata=meta,
-                                trt_version=trt_version_number(args.trt_version), force=args.force,
-                                inputs=[*inputs, model_path], command="quantkit merge-stats")
+        paths = cal.save(args.output, model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta,
+                         trt_version=trt_version_number(args.trt_version), force=args.force,
+                         inputs=[*inputs, model_path], command="quantkit merge-stats")
         if args.save_stats:
             paths["stats"] = save_stats(args.save_stats, merged)
         print(f"merged {len(parts)} statistics files: {cal.num_samples} samples, "

@@ -85,12 +85,6 @@ class Preprocess:
         d["mean"], d["std"] = tuple(d.get("mean", (0.0,))), tuple(d.get("std", (1.0,)))
         return cls(**d)
 
-    def output_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        """Height and width this spec produces from an image of ``image_hw``."""
-        if self.crop is not None:
-            return self.crop
-        return self._resized_hw(image_hw)
-
     def _resized_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         if self.resize is None:
             return image_hw

@@ -139,7 +139,7 @@ def feeds_from_args(args: argparse.Namespace | Sequence[str]) -> Feeds:
     from quantkit.cli.calibrate import DEFAULT_CALIBRATION_IMAGES
     from quantkit.cli.common import select, source_for_model
     from quantkit.onnx.model import float_input_specs, load_model
-    from quantkit.pipeline import CalibConfig, calibration_batches
+    from quantkit.ptq import RunConfig, calibration_batches
 
     if not isinstance(args, argparse.Namespace):
         args = parse_data_args(args)
@@ -148,7 +148,7 @@ def feeds_from_args(args: argparse.Namespace | Sequence[str]) -> Feeds:
     drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)  # calibrate's sample
     count = len(drawn.indices)
     batcher = calibration_batches(source, specs, drawn.indices,
-                                  CalibConfig(batch_size=args.batch_size, strict=args.strict))
+                                  RunConfig(batch_size=args.batch_size, strict=args.strict))
     if args.drop_last:
         batcher.last_batch = "drop"
     log.info("Polygraphy feeds: %d samples in %d batches of %d from %s", count, len(batcher), batcher.batch_size,

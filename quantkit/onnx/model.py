@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
 from quantkit._io import file_sha256  # noqa: F401  (re-exported: the model hash of caches and ranges)
 from quantkit.errors import ModelError
@@ -182,3 +183,50 @@ def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             out[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
     return out
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """ONNX element type of every tensor that shape inference can type."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is a convenience here, never a requirement
+        inferred = model
+    g = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.input, *g.output]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    return types
+
+
+def float_activations(model: onnx.ModelProto) -> list[str]:
+    """Every float tensor computed by a node (for caches that cover the whole network)."""
+    types = tensor_types(model)
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    seen: list[str] = [s.name for s in input_specs(model) if np.issubdtype(s.dtype, np.floating)]
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        seen += [o for o in node.output if o and types.get(o, TensorProto.FLOAT) in floats]
+    return list(dict.fromkeys(seen))
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``names`` (existing outputs are kept).
+
+    The new outputs carry a name only: ONNX Runtime types them while resolving the graph, which
+    saves a shape-inference pass over the whole model.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in present:
+            out.graph.output.add().name = name
+    return out
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Save an ONNX model atomically (a temporary file beside it, renamed into place), with the
+    permissions of the umask."""
+    from quantkit._io import write_bytes_atomic
+
+    return write_bytes_atomic(path, model.SerializeToString())

@@ -25,7 +25,7 @@ import onnx
 from quantkit._deps import require
 from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
 from quantkit.errors import ModelError
-from quantkit.onnx.model import initializer_arrays, input_specs
+from quantkit.onnx.model import float_activations, initializer_arrays, input_specs
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _CONV_OPS = ("Conv", "ConvTranspose")
@@ -117,7 +117,6 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
             residual = node.input[1] if from_conv[0] else node.input[0]
             acts[residual].append(node.name)
     if target == "onnxruntime" and acts:
-        from quantkit.onnx.capture import float_activations
 
         floats = set(float_activations(model))
         acts = defaultdict(list)

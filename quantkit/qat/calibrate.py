@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.calibrators.methods import ALL_METHODS, TensorRanges, all_ranges
-from quantkit.errors import DatasetError, ModelError, UnknownMethodError
+from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method
+from quantkit.errors import DatasetError, ModelError
 from quantkit.qat import histogram
 from quantkit.qat.prepare import quantizers
 
@@ -34,8 +34,7 @@ class QatCalibration:
 
     def apply(self, model: nn.Module, method: str) -> None:
         """Set every calibrated quantizer of ``model`` to ``method``'s amax (no new pass)."""
-        if method not in ALL_METHODS:
-            raise UnknownMethodError(f"unknown calibration method {method!r}; available: {list(ALL_METHODS)}")
+        check_method(method)
         qs = dict(quantizers(model, inputs_only=True))
         amaxes = self.amax(method)
         for name, amax in amaxes.items():
@@ -205,17 +204,17 @@ def _warm_up_and_capture(model: nn.Module, x: torch.Tensor,
 
 
 def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None, *, num_batches: int | None = None,
-              percentile: float = 99.99, on_batch: Callable[[int], None] | None = None,
+              percentile: float | None = None, on_batch: Callable[[int], None] | None = None,
               cuda_graph: bool | None = None, distributed: bool | None = None, align: bool = True) -> QatCalibration:
     """Calibrate every enabled input quantizer of a prepared model.
 
     Args:
         model: from ``quantkit.qat.prepare``.
         loader: yields tensors, (inputs, labels) pairs or dicts of inputs.
-        method: entropy, minmax, percentile, mse, auto or entropy-trt (default: the config's
-            method recorded at prepare time, else entropy).
+        method: a registered range method (``quantkit.calibrators.method_names()``; default:
+            the ``QatConfig`` method given to ``prepare``).
         num_batches: stop after this many batches.
-        percentile: for the percentile method.
+        percentile: for the percentile method (default: the ``QatConfig``'s).
         cuda_graph: on CUDA, replay the calibration forward as a CUDA graph (default); see collect.
         distributed: inside a torch.distributed process group, merge the statistics of every
             rank (default), so that every rank computes the same, whole-data-set ranges; False
@@ -226,9 +225,9 @@ def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None
         DatasetError: the loader yielded nothing.
         NonFiniteError: NaN or Inf reached a quantizer (the message names it).
     """
-    method = method or getattr(model, "qat_method_", "entropy")
-    if method not in ALL_METHODS:
-        raise UnknownMethodError(f"unknown calibration method {method!r}; available: {list(ALL_METHODS)}")
+    config = getattr(model, "qat_config_", None)
+    method = check_method(method or (config.method if config is not None else "entropy"))
+    params = {"percentile": percentile if percentile is not None else config.percentile if config is not None else 99.99}
     batches = collect(model, loader, num_batches=num_batches, on_batch=on_batch, cuda_graph=cuda_graph,
                       distributed=distributed, align=align)
     ranges: dict[str, TensorRanges] = {}
@@ -239,7 +238,7 @@ def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None
         if not q.shares_:
             owners[id(q.histogram_)] = name
             hist = q.histogram_.compute()  # one host transfer per histogram, after the pass
-            ranges[name] = all_ranges(hist, percentile=percentile)
+            ranges[name] = all_ranges(hist, params)
     for name, q in calibrated:
         if q.shares_:
             shared[name] = owners[id(q.histogram_)]

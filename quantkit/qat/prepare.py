@@ -58,6 +58,12 @@ class QatConfig:
     disable_types: tuple[type, ...] = field(default_factory=tuple)
     weight_bank_distributed: bool = False
 
+    def __post_init__(self) -> None:
+        from quantkit.calibrators.methods import check_method, method_params
+
+        check_method(self.method)  # the registry validates method names and parameters
+        method_params({"percentile": self.percentile})
+
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -73,11 +79,6 @@ def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool 
     Raises:
         ModelError: the model has no layer left to quantize.
     """
-    from quantkit.calibrators.methods import ALL_METHODS
-    from quantkit.errors import UnknownMethodError
-
-    if config.method not in ALL_METHODS:
-        raise UnknownMethodError(f"unknown calibration method {config.method!r}; available: {list(ALL_METHODS)}")
     target = model if inplace else copy.deepcopy(model)
     swapped = _swap_layers(target, config)
     if not swapped:
@@ -90,6 +91,7 @@ def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool 
         if traced is not None:
             target = traced
     _name_quantizers(target)
+    target.qat_config_ = config  # what calibrate applies unless told otherwise
     bank = WeightBank(distributed=config.weight_bank_distributed)  # on CUDA, every weight fake-quantized in one launch a step
     for m in target.modules():
         if isinstance(m, QuantMixin):

@@ -72,7 +72,7 @@ def test_stager_serves_batches_in_order_and_keeps_them_until_next_call():
 def test_calibrator_core_feeds_device_pointers():
     """The calibrator body with the real GPU stager (TensorRT's base class not needed)."""
     from quantkit import cuda
-    from quantkit.calibrators.tensorrt import CalibratorCore
+    from quantkit.backends.tensorrt.calibrator import CalibratorCore
 
     src = SyntheticSource((3, 8, 8), count=16, seed=2)
     core = CalibratorCore(Batcher(src, ["x"], 4, last_batch="drop"), 4)

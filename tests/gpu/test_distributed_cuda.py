@@ -43,7 +43,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     import quantkit.qat as qq
-    from quantkit.calibrators.methods import ALL_METHODS
+    from quantkit.calibrators.methods import method_names
     from quantkit.sample.digits_net import digits_tensors
 
     torch.cuda.set_device(rank)
@@ -61,7 +61,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         hists = {n: q.histogram_.compute() for n, q in qq.quantizers(qmodel, inputs_only=True) if q.enabled}
         starts = {n: q.start_range_ for n, q in qq.quantizers(qmodel, inputs_only=True) if q.enabled}
         cal = qq.calibrate(qmodel, mine)
-        result = {"amax": {m: cal.amax(m) for m in ALL_METHODS}, "hists": hists}
+        result = {"amax": {m: cal.amax(m) for m in method_names()}, "hists": hists}
         if rank == 0:
             # one process, all the batches, histograms started where the ranks agreed: the same counts
             ref = _model(dev)
@@ -77,7 +77,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             result["same_grid"] = {n: q.histogram_.compute() for n, q in qs.items()}
             # one process, all the data, its own grid (qq.calibrate without merging)
             single = qq.calibrate(_model(dev), [b for s in shards for b in s], distributed=False)
-            result["single"] = {m: single.amax(m) for m in ALL_METHODS}
+            result["single"] = {m: single.amax(m) for m in method_names()}
         banked = _model(dev, bank=True)  # the weight bank kept under DDP (QatConfig.weight_bank_distributed)
         qq.calibrate(banked, mine)
         for key, model in (("", qmodel), ("bank_", banked)):
@@ -126,7 +126,7 @@ def test_nccl_ranks_compute_bit_identical_amax(ranks):
 
 
 def test_nccl_merge_is_exact_and_close_to_one_process(ranks):
-    from quantkit.calibrators.methods import ALL_METHODS
+    from quantkit.calibrators.methods import method_names
 
     (r0, r1), _ = ranks
     for name, ref in r0["same_grid"].items():
@@ -135,7 +135,7 @@ def test_nccl_merge_is_exact_and_close_to_one_process(ranks):
             _assert_same_counts(got, ref, name)
             assert (got.observed_min, got.observed_max) == (ref.observed_min, ref.observed_max), name
     assert r0["amax"]["minmax"] == r0["single"]["minmax"]
-    worst = max(abs(r0["amax"][m][n] - a) / a for m in ALL_METHODS for n, a in r0["single"][m].items())
+    worst = max(abs(r0["amax"][m][n] - a) / a for m in method_names() for n, a in r0["single"][m].items())
     assert worst < 0.01, worst
 
 

@@ -39,7 +39,7 @@ def test_fp32_engine_matches_onnxruntime(onnx_path, tmp_path):
 def test_implicit_int8_with_calibrator_then_cache(onnx_path, tmp_path):
     from quantkit.backends.tensorrt.builder import BuildOptions, build_engine
     from quantkit.backends.tensorrt.load import tensorrt_major
-    from quantkit.calibrators.tensorrt import CalibratorCore
+    from quantkit.backends.tensorrt.calibrator import CalibratorCore
 
     if tensorrt_major() >= 11:
         pytest.skip("TensorRT 11 has no implicit INT8")
@@ -57,10 +57,11 @@ def test_explicit_qdq_engine_agrees_with_onnxruntime(onnx_path, tmp_path, residu
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.backends.tensorrt.builder import BuildOptions, build_engine
     from quantkit.backends.tensorrt.runner import TrtRunner
-    from quantkit.pipeline import CalibConfig, calibrate, save_model
+    from quantkit.onnx.model import save_model
+    from quantkit.ptq import QuantizeConfig, RunConfig, quantize
 
     src = SyntheticSource((3, 8, 8), count=64, seed=0)
-    cal = calibrate(residual_model, src, config=CalibConfig(batch_size=16))
+    cal = quantize(residual_model, src, QuantizeConfig(run=RunConfig(batch_size=16)))
     qdq = save_model(cal.int8_model(), tmp_path / "residual.int8.onnx")
     res = build_engine(qdq, tmp_path / "qdq.plan", BuildOptions(batch=16, layer_info=tmp_path / "layers.json"))
     assert res.mode == "int8-explicit" and (tmp_path / "layers.json").exists()

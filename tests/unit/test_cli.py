@@ -91,12 +91,9 @@ def test_existing_output_refused_and_untouched(digits_dirs, tmp_path, capsys):
 
 
 def test_interrupt_leaves_nothing(digits_dirs, tmp_path, monkeypatch, capsys):
-    import quantkit.pipeline as pl
-
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pl, "write_cache", boom, raising=False)
     monkeypatch.setattr("quantkit.calibrators.cache.write_cache", boom)
     rc = main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(tmp_path / "out"),
                "--num-images", "64", "--eval-images", "0", *DIGITS])
@@ -132,7 +129,7 @@ def test_bad_input_exit_2(case, digits_dirs, tmp_path, capsys):
 
 
 def test_unexpected_error_exit_1_and_debug(monkeypatch, digits_dirs, tmp_path, capsys):
-    monkeypatch.setattr("quantkit.pipeline.capture_histograms", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("quantkit.ptq.collect_histograms", lambda *a, **k: 1 / 0)
     args = ["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(tmp_path / "o"), *DIGITS]
     assert main(args) == 1
     err = capsys.readouterr().err
@@ -144,10 +141,10 @@ def test_unexpected_error_exit_1_and_debug(monkeypatch, digits_dirs, tmp_path, c
 def test_compare_and_inspect(digits_dirs, tmp_path, capsys):
     from quantkit.datasets import ImageFolder
     from quantkit.onnx.model import load_model
-    from quantkit.pipeline import CalibConfig, calibrate
+    from quantkit.ptq import ExportConfig, QuantizeConfig, quantize
 
-    cal = calibrate(load_model(sample.model_path()), ImageFolder(digits_dirs[0], sample.preprocess()),
-                    indices=range(128), config=CalibConfig(method="mse"))
+    cal = quantize(load_model(sample.model_path()), ImageFolder(digits_dirs[0], sample.preprocess()),
+                   QuantizeConfig(export=ExportConfig(method="mse")), indices=range(128))
     onnx.save(cal.int8_model(), tmp_path / "q.onnx")
     rc = main(["compare", str(sample.model_path()), str(tmp_path / "q.onnx"), "--images", str(digits_dirs[1]),
                "--json", str(tmp_path / "m.json"), "--min-cosine", "0.99", *DIGITS])

@@ -122,7 +122,7 @@ def _ort_quantized(kind: str, tmp_path: Path) -> onnx.ModelProto:
 def test_already_quantized_model_refused(kind, first_op, tmp_path):
     from quantkit.errors import ModelError
     from quantkit.onnx.model import QUANTIZED_OP_TYPES
-    from quantkit.pipeline import prepare_model
+    from quantkit.ptq import prepare
 
     model = {"helper_qdq": _qdq_helper_model, "helper_lstm": _lstm_helper_model}.get(kind, lambda: _ort_quantized(kind, tmp_path))()
     first = next(n for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES or n.op_type.startswith("QLinear"))
@@ -133,7 +133,7 @@ def test_already_quantized_model_refused(kind, first_op, tmp_path):
     if kind == "dynamic":
         assert {"ConvInteger", "DynamicQuantizeLinear"} & {n.op_type for n in model.graph.node}
     with pytest.raises(ModelError) as e:
-        prepare_model(model, source="m.onnx")
+        prepare(model, name="m.onnx")
     msg = str(e.value)
     assert "already quantized" in msg and first.op_type in msg and repr(first.name) in msg
     assert "FP32" in e.value.hint
@@ -239,7 +239,7 @@ def test_bench_missing_file(name, tmp_path, capsys, monkeypatch):
     def no_backend(*a, **k):
         raise AssertionError("a backend was loaded for a missing file")
 
-    monkeypatch.setattr("quantkit.backends.onnxruntime.runner_from_path", no_backend)
+    monkeypatch.setattr("quantkit.backends.runner_from_path", no_backend)
     assert main(_bench(str(tmp_path / name))) == 2
     err = _err_line(capsys.readouterr().err)
     assert "no such file" in err and name in err and "TensorRT" not in err

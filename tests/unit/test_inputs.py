@@ -106,12 +106,12 @@ def test_float64_cast_noted_once(caplog):
 def test_token_model_calibrates_through_the_api(tmp_path):
     import onnxruntime as ort
 
-    from quantkit.pipeline import CalibConfig, calibrate
+    from quantkit.ptq import QuantizeConfig, RunConfig, quantize
 
     ids, mask = _token_data()
     np.savez(tmp_path / "t.npz", ids=ids.astype(np.int32), mask=mask)  # int32 ids: cast to int64
     model = make_token_model()
-    cal = calibrate(model, NumpySource(tmp_path / "t.npz"), config=CalibConfig(batch_size=16))
+    cal = quantize(model, NumpySource(tmp_path / "t.npz"), QuantizeConfig(run=RunConfig(batch_size=16)))
     assert {"masked", "pooled"} <= set(cal.plan.activations)
     assert cal.num_samples == 40
     int8 = cal.int8_model()
@@ -186,14 +186,14 @@ def test_float64_npz_on_the_digits_model(tmp_path, caplog, capsys):
 
 def test_model_without_quantizable_float_activation(tmp_path):
     from quantkit.errors import ModelError
-    from quantkit.pipeline import prepare_model
+    from quantkit.ptq import prepare
 
     g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"], name="g")], "g",
                           [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
                           [numpy_helper.from_array(np.zeros((5, 3), np.float32), "table")])
     with pytest.raises(ModelError, match="nothing to quantize"):
-        prepare_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+        prepare(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 # ---- synthetic data for integer inputs -------------------------------------------------------
@@ -211,7 +211,7 @@ def test_synthetic_integer_range():
 
 def test_synthetic_for_model_takes_the_vocabulary_from_the_gather():
     from quantkit.datasets.sources import synthetic_for_model
-    from quantkit.pipeline import CalibConfig, calibrate
+    from quantkit.ptq import quantize
 
     model = make_token_model()
     src = synthetic_for_model(model, count=32)
@@ -220,7 +220,7 @@ def test_synthetic_for_model_takes_the_vocabulary_from_the_gather():
     assert ids.dtype == np.int64 and ids.shape == (32, T) and ids.min() >= 0 and ids.max() < VOCAB
     assert ids.max() >= VOCAB - 5  # the whole table is used, not a guess
     assert batch.feed["mask"].dtype == np.bool_
-    cal = calibrate(model, src)
+    cal = quantize(model, src)
     assert cal.num_samples == 32
     m2 = _ids_only_model()
     with pytest.raises(InputError, match="value range is unknown"):

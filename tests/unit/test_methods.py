@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from quantkit.calibrators import HistogramCollector, get_range_method, quantization_mse
+from quantkit.calibrators import HistogramCollector, get_method, quantization_mse
 from quantkit.calibrators.collectors import Histogram
 from quantkit.calibrators.methods import (
     all_ranges,
@@ -106,7 +106,7 @@ def test_quantization_mse_against_direct_fake_quant(rng):
 
 def test_minmax_is_exact_max(rng):
     x = rng.standard_normal(1000).astype(np.float32) * 3
-    assert get_range_method("minmax")(hist_of(x)) == pytest.approx(float(np.abs(x).max()))
+    assert all_ranges(hist_of(x)).amax["minmax"] == pytest.approx(float(np.abs(x).max()))
 
 
 def test_guarded_entropy_on_two_sided_input(rng):
@@ -130,14 +130,15 @@ def test_all_ranges_keys_and_auto(rng):
     x = np.maximum(rng.standard_normal(100_000), 0).astype(np.float32)
     r = all_ranges(hist_of(x))
     assert set(r.amax) == {"minmax", "entropy", "percentile", "mse", "auto", "entropy-trt"}
-    assert r.auto.method in ("minmax", "entropy", "percentile", "mse")
-    assert r.amax["auto"] == r.amax[r.auto.method]
+    assert r.notes["auto_choice"] in ("minmax", "entropy", "percentile", "mse")
+    assert r.amax["auto"] == r.amax[r.notes["auto_choice"]]
+    assert r.notes["entropy_rule"] == "kl" and not r.two_sided
     assert all(0 < v <= r.amax["minmax"] + 1e-6 for v in r.amax.values())
 
 
 def test_unknown_method():
     with pytest.raises(UnknownMethodError, match="available"):
-        get_range_method("kl")
+        get_method("kl")
 
 
 def test_empty_histogram_safe():

@@ -7,7 +7,7 @@ from quantkit.datasets import Batcher, SyntheticSource
 from quantkit.errors import ModelError
 from quantkit.onnx.model import ensure_opset, input_specs, opset_version
 from quantkit.onnx.qdq import insert_qdq, plan_qdq
-from quantkit.pipeline import CalibConfig, calibrate
+from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig, quantize
 from tests.conftest import make_residual_model
 
 
@@ -41,7 +41,7 @@ def test_insert_runs_in_ort_and_keeps_io(residual_model):
 
 def test_calibrated_int8_close_to_fp32(residual_model):
     src = SyntheticSource((3, 8, 8), count=96)
-    cal = calibrate(residual_model, src, config=CalibConfig(batch_size=32))
+    cal = quantize(residual_model, src, QuantizeConfig(run=RunConfig(batch_size=32)))
     assert cal.num_samples == 96
     x = np.stack([src.load(i) for i in range(32)])
     ref = OrtRunner(residual_model).infer({"x": x})["y"]
@@ -67,7 +67,7 @@ def test_already_quantized_refused(residual_model):
 
 def test_fixed_batch_model_drops_short_tail():
     m = make_residual_model(batch=8)
-    cal = calibrate(m, SyntheticSource((3, 8, 8), count=20), config=CalibConfig(batch_size=32))
+    cal = quantize(m, SyntheticSource((3, 8, 8), count=20), QuantizeConfig(run=RunConfig(batch_size=32)))
     assert cal.num_samples == 16
 
 
@@ -78,7 +78,7 @@ def test_nothing_to_quantize():
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     with pytest.raises(ModelError, match="nothing to quantize"):
-        calibrate(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), SyntheticSource((4,), 4))
+        quantize(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), SyntheticSource((4,), 4))
 
 
 def test_nan_activation_names_tensor(residual_model):
@@ -91,7 +91,7 @@ def test_nan_activation_names_tensor(residual_model):
         if init.name == "b1":
             init.CopyFrom(onnx.numpy_helper.from_array(np.full(8, np.nan, np.float32), "b1"))
     with pytest.raises(NonFiniteError, match="'r1' has NaN"):
-        calibrate(m, SyntheticSource((3, 8, 8), count=8))
+        quantize(m, SyntheticSource((3, 8, 8), count=8))
 
 
 def test_batcher_feeds_wrong_shape(residual_model):
@@ -106,14 +106,16 @@ def test_batcher_feeds_wrong_shape(residual_model):
 def test_chunked_bound_capture_matches_one_call(residual_model):
     """Splitting batches into chunks with reused output buffers sees exactly the values of
     one plain call per batch: same min/max and the same number of values per tensor."""
-    from quantkit.calibrators import HistogramCollector
-    from quantkit.onnx.capture import capture_histograms, with_outputs
     from quantkit.backends.onnxruntime import create_session
+    from quantkit.calibrators import HistogramCollector
+    from quantkit.calibrators.collectors import collect_histograms
+    from quantkit.onnx.model import with_outputs
 
     plan = plan_qdq(residual_model)
     names = plan.activation_names
     src = SyntheticSource((3, 8, 8), count=20, seed=3)
-    chunked = capture_histograms(residual_model, names, Batcher(src, ["x"], 8), memory_budget_mb=1e-4)
+    with OrtRunner(residual_model, capture=names, capture_budget_mb=1e-4) as executor:
+        chunked = collect_histograms(executor, Batcher(src, ["x"], 8))
     inner = [n for n in names if n != "x"]
     session = create_session(with_outputs(residual_model, inner))
     plain = {n: HistogramCollector(2048, name=n) for n in names}
@@ -130,7 +132,7 @@ def test_chunked_bound_capture_matches_one_call(residual_model):
 def test_onnxruntime_target_quantizes_every_consumed_activation(residual_model):
     """--target onnxruntime: a Q/DQ pair on every float activation a node reads (so ONNX Runtime
     can run integer kernels); weights as for TensorRT; the model still agrees with FP32."""
-    from quantkit.onnx.capture import float_activations
+    from quantkit.onnx.model import float_activations
 
     trt_plan, ort_plan = plan_qdq(residual_model), plan_qdq(residual_model, "onnxruntime")
     consumed = {t for n in residual_model.graph.node for t in n.input} & set(float_activations(residual_model))
@@ -141,7 +143,7 @@ def test_onnxruntime_target_quantizes_every_consumed_activation(residual_model):
         plan_qdq(residual_model, "openvino")
 
     src = SyntheticSource((3, 8, 8), count=32, seed=1)
-    cal = calibrate(residual_model, src, config=CalibConfig(target="onnxruntime", batch_size=16))
+    cal = quantize(residual_model, src, QuantizeConfig(StatsConfig(target="onnxruntime"), RunConfig(batch_size=16)))
     assert set(cal.plan.activations) == set(ort_plan.activations)
     q = cal.int8_model("minmax")
     assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) == len(ort_plan.activations) + len(ort_plan.weights)

@@ -18,7 +18,7 @@ from quantkit.backends.tensorrt.builder import (
     parser_errors,
     resolve_profiles,
 )
-from quantkit.calibrators.tensorrt import CalibratorCore, cache_only_core, calibrator_class, make_calibrator
+from quantkit.backends.tensorrt.calibrator import CalibratorCore, cache_only_core, calibrator_class, make_calibrator
 from quantkit.onnx.model import TensorSpec
 from quantkit.backends.tensorrt.load import load_tensorrt, tensorrt_available
 

@@ -220,7 +220,7 @@ def build_engine(
     """
     import time
 
-    from quantkit.calibrators.tensorrt import make_calibrator
+    from quantkit.backends.tensorrt.calibrator import make_calibrator
     from quantkit.backends.tensorrt.load import load_tensorrt
 
     load_tensorrt()  # a clear error when TensorRT (not just its stubs) is missing

@@ -1,0 +1,414 @@
+"""Post-training quantization: one verb, one fitted result.
+
+    cal = quantize(model, source, QuantizeConfig())       # one pass, every method
+    report = cal.evaluate(val_source)                      # INT8 against FP32
+    cal.save("out/", model_stem="resnet")                 # Q/DQ model, cache, ranges, manifest
+    cal.int8_model("mse")                                  # any method, no second pass
+
+    model -> prepare (not quantized, opset >= 13, Q/DQ plan) -> calibration batches
+      -> executor (ONNX Runtime) capturing the planned tensors -> histograms
+      -> every registered method's amax -> Q/DQ ONNX, TensorRT cache, ranges.json
+
+The verb owns the batching policy: a model with a fixed batch size calibrates on whole batches
+(the short tail dropped, with a warning) and evaluates on padded batches whose padding rows
+are left out of the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from quantkit.calibrators.cache import DEFAULT_TRT_VERSION, CalibrationCache
+from quantkit.calibrators.collectors import Histogram, collect_histograms
+from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method, method_params
+from quantkit.datasets.batching import Batch, Batcher
+from quantkit.datasets.sources import Source
+from quantkit.errors import DatasetError, InputError, ModelError
+from quantkit.onnx.model import (TensorSpec, check_not_quantized, ensure_opset, float_activations, float_input_specs,
+                                 opset_version)
+from quantkit.onnx.qdq import TARGETS, QdqPlan, insert_qdq, plan_qdq
+
+if TYPE_CHECKING:
+    from quantkit.calibrators.stats import CalibrationStats
+    from quantkit.compare import CompareReport
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ configuration
+@dataclass(frozen=True)
+class StatsConfig:
+    """What the statistics are made of: changing any of these needs a new pass.
+
+    Attributes:
+        num_bins: histogram bins per tensor (a power of two >= 256).
+        sample_stride: histograms of large activations count the body from every k-th value
+            and the tail from every value (1: every value everywhere); see HistogramCollector.
+        target: Q/DQ placement, ``tensorrt`` (inputs of weighted layers and residual Adds) or
+            ``onnxruntime`` (every activation, so ONNX Runtime runs integer kernels); it decides
+            which tensors are captured.
+        cache_all_tensors: capture every float tensor, so the TensorRT cache covers the whole
+            network (slower); by default only the tensors that Q/DQ placement quantizes.
+        pow2_grid: histograms start on a power-of-two range, so that the statistics of runs
+            on different data merge exactly (``quantkit merge-stats``).
+    """
+
+    num_bins: int = 2048
+    sample_stride: int = 5
+    target: str = "tensorrt"
+    cache_all_tensors: bool = False
+    pow2_grid: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_bins < 256 or self.num_bins & (self.num_bins - 1):
+            raise InputError(f"num_bins must be a power of two >= 256, got {self.num_bins}")
+        if self.target not in TARGETS:
+            raise InputError(f"unknown Q/DQ target {self.target!r}; choose one of {list(TARGETS)}")
+        if self.sample_stride < 1:
+            raise InputError(f"histogram sample stride must be >= 1, got {self.sample_stride}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How the pass runs.
+
+    Attributes:
+        batch_size: samples per inference batch (a model with a fixed batch uses its own).
+        threads: ONNX Runtime intra-op threads (None: one per core).
+        strict: stop at the first unreadable sample instead of skipping it.
+    """
+
+    batch_size: int = 32
+    threads: int | None = None
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise InputError(f"batch size must be positive, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Which scales are written: changing these needs no new pass.
+
+    Attributes:
+        method: the registered range method whose scales go into the Q/DQ model and the cache
+            (``quantkit.calibrators.method_names()``).
+        params: range-method parameters over the registered defaults, e.g.
+            ``{"percentile": 99.9, "auto_tolerance": 2.0}``.
+    """
+
+    method: str = "entropy"
+    params: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        method_params(self.params)  # unknown names and bad values refused here
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything ``quantize`` needs to know, grouped by what a change costs."""
+
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def method(self) -> str:
+        return self.export.method
+
+    @property
+    def params(self) -> dict[str, float]:
+        """Every registered range-method parameter, the configured values over the defaults."""
+        return method_params(self.export.params)
+
+
+# ------------------------------------------------------------------ the model and the batches
+@dataclass(frozen=True)
+class PreparedModel:
+    """A model checked and planned for quantization, made once and used by every step.
+
+    Attributes:
+        model: the FP32 model at opset >= 13.
+        specs: its input specs.
+        plan: where Q/DQ pairs go for ``target``.
+        name: the name used in messages.
+    """
+
+    model: onnx.ModelProto
+    specs: list[TensorSpec]
+    plan: QdqPlan
+    target: str = "tensorrt"
+    name: str = "model"
+
+
+def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "model") -> PreparedModel:
+    """Not quantized already, opset >= 13, float activations checked, Q/DQ placement planned for
+    ``target``.
+
+    Inputs may be int64/int32/bool (token ids, masks): the float activations after them are
+    calibrated, the inputs themselves are fed as they are.
+    """
+    check_not_quantized(model, source=name)
+    model = ensure_opset(model)
+    specs = float_input_specs(model, source=name)
+    plan = plan_qdq(model, target)
+    if not plan.activations:
+        raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes: nothing to quantize to INT8")
+    log.debug("opset %d, %d activation and %d weight Q/DQ pairs planned", opset_version(model),
+              len(plan.activations), len(plan.weights))
+    return PreparedModel(model, specs, plan, target, name)
+
+
+def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Sequence[int], run: RunConfig) -> Batcher:
+    """Batches for calibration: a fixed-batch model uses its batch size and drops a short tail."""
+    fixed = specs[0].static_batch
+    if fixed is not None and len(indices) < fixed:
+        raise DatasetError(
+            f"the model has a fixed batch size of {fixed}, but only {len(indices)} calibration samples were given",
+            hint=f"give at least {fixed} samples",
+        )
+    return Batcher(source, [s.name for s in specs], fixed or run.batch_size, indices=indices,
+                   last_batch="drop" if fixed else "keep", strict=run.strict, dtypes={s.name: s.dtype for s in specs})
+
+
+def evaluation_batches(source: Source, specs: Sequence[TensorSpec], indices: Sequence[int], run: RunConfig, *,
+                       known_skips: Collection[str] = ()) -> Batcher:
+    """Batches for evaluation: a fixed-batch model's short tail is padded (the padding rows are
+    left out of the metrics); ``known_skips`` were already warned about by the calibration pass."""
+    fixed = specs[0].static_batch
+    return Batcher(source, [s.name for s in specs], fixed or run.batch_size, indices=indices,
+                   last_batch="pad" if fixed else "keep", strict=run.strict, known_skips=known_skips,
+                   dtypes={s.name: s.dtype for s in specs})
+
+
+# ------------------------------------------------------------------ the fitted result
+@dataclass
+class Calibration:
+    """The statistics of one pass and everything derived from them.
+
+    Attributes:
+        model: the prepared FP32 model (opset >= 13).
+        specs: its input specs.
+        plan: where Q/DQ pairs go.
+        histograms, ranges: per captured tensor, the statistics and every method's amax.
+        config: the configuration of the pass.
+        num_samples: samples calibrated on; skipped: (file, reason) of unreadable samples.
+        sampling: how the calibration samples were drawn (recorded in ranges.json).
+    """
+
+    model: onnx.ModelProto
+    specs: list[TensorSpec]
+    plan: QdqPlan
+    histograms: dict[str, Histogram]
+    ranges: dict[str, TensorRanges]
+    config: QuantizeConfig
+    num_samples: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    sampling: dict[str, Any] | None = None
+    model_name: str = "model"
+    _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
+
+    def amax(self, method: str | None = None, *, quantized_only: bool = False) -> dict[str, float]:
+        method = check_method(method or self.config.method)
+        names = self.plan.activation_names if quantized_only else list(self.ranges)
+        return {t: self.ranges[t].amax[method] for t in names}
+
+    def int8_model(self, method: str | None = None) -> onnx.ModelProto:
+        """The Q/DQ model with the scales of ``method`` (default: the configured one); made once
+        per method and shared by ``evaluate`` and ``save`` (copy it before changing it)."""
+        method = check_method(method or self.config.method)
+        if method not in self._int8:
+            self._int8[method] = insert_qdq(self.model, self.plan, self.amax(method, quantized_only=True))
+        return self._int8[method]
+
+    def cache(self, method: str | None = None, *, trt_version: int = DEFAULT_TRT_VERSION) -> CalibrationCache:
+        method = method or self.config.method
+        return CalibrationCache.from_amax(self.amax(method), method, trt_version)
+
+    def entropy_effect(self) -> list[dict[str, Any]]:
+        """Tensors where quantkit's entropy differs from TensorRT's (two-sided tensors), for reports."""
+        return [
+            {"tensor": t, "entropy_trt": r.amax["entropy-trt"], "entropy": r.amax["entropy"],
+             "observed_min": self.histograms[t].observed_min, "observed_max": self.histograms[t].observed_max}
+            for t, r in self.ranges.items() if r.two_sided and r.amax["entropy"] != r.amax["entropy-trt"]
+        ]
+
+    def ranges_document(self, method: str | None = None, **metadata: Any) -> dict[str, Any]:
+        """The content of ranges.json: every tensor's amax under every registered method."""
+        method = method or self.config.method
+        tensors = {}
+        for name, r in self.ranges.items():
+            h = self.histograms[name]
+            tensors[name] = {**r.amax, **r.notes, "observed_min": h.observed_min, "observed_max": h.observed_max,
+                             "quantized": name in self.plan.activations}
+        s = self.config.stats
+        return {
+            "method": method,
+            "tensors": tensors,
+            "weights": {n: {"axis": ax, "consumers": list(c)} for n, (ax, c) in self.plan.weights.items()},
+            "num_samples": self.num_samples,
+            "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
+            **({"sampling": self.sampling} if self.sampling is not None else {}),
+            "config": {"num_bins": s.num_bins, **self.config.params, "cache_all_tensors": s.cache_all_tensors,
+                       "sample_stride": s.sample_stride, "target": s.target},
+            **metadata,
+        }
+
+    def evaluate(self, source: Source, indices: Sequence[int] | None = None, *, method: str | None = None,
+                 int8_model: onnx.ModelProto | None = None, batch_size: int | None = None,
+                 reference_name: str | None = None,
+                 test_name: str | None = None, known_skips: Collection[str] = (),
+                 on_batch: Callable[[Batch], None] | None = None) -> "CompareReport":
+        """The INT8 model (``method``'s, or ``int8_model``) against the FP32 model on ``source``:
+        per-output agreement, cosine, SQNR, and accuracy when the source has labels. Batches of
+        ``batch_size`` (default: the run's), a fixed-batch model's own size and padded tail."""
+        from quantkit.backends.onnxruntime import OrtRunner
+        from quantkit.compare import compare_runners
+
+        method = method or self.config.method
+        int8 = int8_model if int8_model is not None else self.int8_model(method)
+        idx = list(range(len(source))) if indices is None else list(indices)
+        run = self.config.run if batch_size is None else replace(self.config.run, batch_size=batch_size)
+        batches = evaluation_batches(source, self.specs, idx, run, known_skips=known_skips)
+        threads = self.config.run.threads
+        with OrtRunner(self.model, threads=threads) as ref, OrtRunner(int8, threads=threads) as test:
+            return compare_runners(ref, test, batches, reference_name=reference_name or self.model_name,
+                                   test_name=test_name or f"{self.model_name} INT8 ({method})", on_batch=on_batch)
+
+    def save(self, outdir: str | os.PathLike[str], *, model_stem: str, metadata: Mapping[str, Any] | None = None,
+             report: dict[str, Any] | None = None, trt_version: int = DEFAULT_TRT_VERSION,
+             extra_methods: Sequence[str] = (), force: bool = False, inputs: Sequence[Any] = (),
+             command: str = "quantkit calibrate", also: Callable[[Path], dict[str, str]] | None = None,
+             ) -> dict[str, Path]:
+        """Write the artifacts into ``outdir`` (``quantkit._io.output_dir``: staged, renamed into
+        place, with a manifest; ``force`` replaces only an earlier run's artifacts; never over
+        or into ``inputs``). Returns the written paths by kind.
+
+        ``<stem>.int8.onnx`` (the configured method), ``<stem>.<m>.int8.onnx`` for each of
+        ``extra_methods``, ``calibration.cache`` (+ ``calibration.cache.json``, its provenance,
+        when ``metadata["model"]["sha256"]`` is given), ``ranges.json``, ``report.json`` when a
+        report is given; ``also(staging)`` may write more files into the staging folder and
+        returns their names by kind.
+        """
+        from quantkit._io import output_dir
+
+        with output_dir(outdir, force=force, inputs=inputs, command=command) as staging:
+            names = self.write_into(staging, model_stem=model_stem, metadata=metadata or {}, report=report,
+                                    trt_version=trt_version, extra_methods=extra_methods)
+            if also is not None:
+                names.update(also(staging))
+        return {k: Path(outdir) / v for k, v in names.items()}
+
+    def write_into(self, folder: Path, *, model_stem: str, metadata: Mapping[str, Any],
+                   report: dict[str, Any] | None = None, trt_version: int = DEFAULT_TRT_VERSION,
+                   extra_methods: Sequence[str] = ()) -> dict[str, str]:
+        """Write the artifacts of ``save`` into ``folder`` (a staging folder); file names by kind."""
+        from quantkit._io import write_bytes_atomic, write_json_atomic
+        from quantkit.calibrators.cache import CacheProvenance, sidecar_path, write_cache, write_sidecar
+
+        method = self.config.method
+        names = {"model": f"{model_stem}.int8.onnx", "cache": "calibration.cache", "ranges": "ranges.json"}
+        write_bytes_atomic(folder / names["model"], self.int8_model(method).SerializeToString())
+        cache = self.cache(method, trt_version=trt_version)
+        write_cache(folder / names["cache"], cache)
+        sha = (metadata.get("model") or {}).get("sha256")
+        if sha:  # provenance, so that a cache is never reused for another model or preprocessing
+            names["cache_provenance"] = sidecar_path(names["cache"]).name
+            write_sidecar(folder / names["cache"], CacheProvenance(sha, metadata.get("preprocess"), cache.algorithm,
+                                                                 cache.version, method))
+        write_json_atomic(folder / names["ranges"], self.ranges_document(method, **metadata))
+        if report is not None:
+            names["report"] = "report.json"
+            write_json_atomic(folder / names["report"], report)
+        for m in extra_methods:
+            if m != method:
+                names[m] = f"{model_stem}.{m}.int8.onnx"
+                write_bytes_atomic(folder / names[m], self.int8_model(m).SerializeToString())
+        return names
+
+    # -------------------------------------------------------------- statistics to save and merge
+    def to_stats(self, *, model: dict[str, Any], preprocess: dict[str, Any] | None, data: str) -> "CalibrationStats":
+        """The statistics of this calibration, to save and merge (``quantkit.calibrators.stats``)."""
+        from quantkit.calibrators.stats import CalibrationStats
+
+        s = self.config.stats
+        settings = {"num_bins": s.num_bins, "target": s.target, "cache_all_tensors": s.cache_all_tensors,
+                    "sample_stride": s.sample_stride, "pow2_grid": s.pow2_grid}
+        return CalibrationStats(dict(self.histograms), self.num_samples, model, settings, preprocess, [data])
+
+    @classmethod
+    def from_stats(cls, model: onnx.ModelProto, stats: "CalibrationStats", export: ExportConfig = ExportConfig(), *,
+                   model_name: str = "model") -> "Calibration":
+        """Every method's ranges from saved (or merged) statistics, as ``quantize`` computes them
+        from its own pass."""
+        s = stats.settings
+        config = QuantizeConfig(stats=StatsConfig(num_bins=s["num_bins"], sample_stride=s["sample_stride"],
+                                                  target=s["target"], cache_all_tensors=s["cache_all_tensors"],
+                                                  pow2_grid=s["pow2_grid"]), export=export)
+        prepared = prepare(model, target=config.stats.target, name=model_name)
+        missing = [t for t in prepared.plan.activation_names if t not in stats.histograms]
+        if missing:
+            raise InputError(f"the statistics have no histogram for {len(missing)} tensor(s) of {model_name}, "
+                             f"e.g. {missing[0]!r}", hint="use statistics collected on this model with the same --target")
+        params = config.params
+        ranges = {t: all_ranges(h, params) for t, h in stats.histograms.items()}
+        return cls(prepared.model, prepared.specs, prepared.plan, dict(stats.histograms), ranges, config,
+                   stats.num_samples, model_name=model_name)
+
+
+# ------------------------------------------------------------------ the verb
+def quantize(
+    model: onnx.ModelProto | PreparedModel,
+    source: Source,
+    config: QuantizeConfig = QuantizeConfig(),
+    *,
+    indices: Sequence[int] | None = None,
+    on_batch: Callable[[Batch], None] | None = None,
+    model_name: str = "model",
+    sampling: dict[str, Any] | None = None,
+) -> Calibration:
+    """Calibrate ``model`` in one pass over ``source`` and compute every method's ranges.
+
+    Args:
+        model: the FP32 model (not modified), or the ``prepare``d model (prepared once, e.g.
+            to build a data source for its input shape first).
+        source: calibration data, preprocessed for the model.
+        config: statistics, run and export settings.
+        indices: which samples to use, in order (default: all).
+        on_batch: progress callback, called once per batch.
+        model_name: used in messages and reports (a prepared model brings its own).
+        sampling: how ``indices`` were drawn (``quantkit.datasets.Sample.to_dict()``), recorded
+            in ranges.json as "sampling".
+
+    Raises:
+        ModelError, DatasetError, InputError (exit 2 in the CLI): a model quantkit cannot
+            quantize, data that does not fit it.
+    """
+    from quantkit.backends.onnxruntime import OrtRunner
+
+    stats, run = config.stats, config.run
+    if not isinstance(model, PreparedModel) or model.target != stats.target:
+        model = prepare(model.model if isinstance(model, PreparedModel) else model, target=stats.target,
+                        name=model.name if isinstance(model, PreparedModel) else model_name)
+    tensors = model.plan.activation_names
+    if stats.cache_all_tensors:
+        tensors = list(dict.fromkeys([*tensors, *float_activations(model.model)]))
+    idx = list(range(len(source))) if indices is None else list(indices)
+    batcher = calibration_batches(source, model.specs, idx, run)
+    with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
+        collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins, sample_stride=stats.sample_stride,
+                                        pow2_grid=stats.pow2_grid, on_batch=on_batch)
+    histograms = {t: c.compute() for t, c in collectors.items()}
+    params = config.params
+    ranges = {t: all_ranges(h, params) for t, h in histograms.items()}
+    return Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
+                       list(batcher.skipped_), sampling, model.name)
