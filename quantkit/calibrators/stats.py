@@ -76,7 +76,7 @@ def save_stats(path: str | os.PathLike[str], stats: CalibrationStats) -> Path:
         arrays[f"counts_{i}"] = np.asarray(h.counts, dtype=np.int64)
         arrays[f"scalars_{i}"] = np.array([h.bin_width, h.observed_min, h.observed_max], dtype=np.float64)
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **kwds as allow_pickle
     return write_bytes_atomic(path, buf.getvalue())
 
 

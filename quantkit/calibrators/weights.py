@@ -17,7 +17,7 @@ def per_channel_amax(weight: np.ndarray, axis: int, *, name: str = "<weight>") -
     return np.abs(w).max(axis=other).astype(np.float32) if other else np.abs(w).astype(np.float32)
 
 
-def scale_from_amax(amax: np.ndarray | float) -> np.ndarray:
+def scale_from_amax(amax: np.ndarray | np.floating | float) -> np.ndarray:
     """INT8 scale = amax / 127 (float32); an all-zero channel gets scale 1 (its values stay 0)."""
     a = np.asarray(amax, dtype=np.float32)
     scale = a / np.float32(127.0)

@@ -129,10 +129,9 @@ class Preprocess:
                 )
             top, left = (h - ch) // 2, (w - cw) // 2
             img = img[top : top + ch, left : left + cw]
-        out = img.astype(np.float32)
         mul = np.float32(self.scale) / np.asarray(self.std, dtype=np.float32)
         add = -np.asarray(self.mean, dtype=np.float32) / np.asarray(self.std, dtype=np.float32)
-        out = out * mul + add
+        out: np.ndarray = img.astype(np.float32) * mul + add
         if self.layout == "nchw":
             out = out.transpose(2, 0, 1)
         return np.ascontiguousarray(out, dtype=np.dtype(self.dtype))
