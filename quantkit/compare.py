@@ -148,7 +148,7 @@ def compare_runners(
     *,
     reference_name: str = "fp32",
     test_name: str = "int8",
-    on_batch: Callable[[Batch], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> CompareReport:
     """Run both models on every batch and compare their outputs (padding rows ignored)."""
     if reference.output_names != test.output_names:
@@ -172,7 +172,7 @@ def compare_runners(
             correct_test += int((test_out[first_out][:n].argmax(1) == batch.labels).sum())
         samples += n
         if on_batch is not None:
-            on_batch(batch)
+            on_batch(batch.size)
     skipped = list(getattr(batches, "skipped_", []))
     return CompareReport(
         reference_name, test_name, samples, [s.result() for s in stats.values()],

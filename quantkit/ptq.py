@@ -28,7 +28,7 @@ import onnx
 from quantkit.calibrators.cache import DEFAULT_TRT_VERSION, CalibrationCache
 from quantkit.calibrators.collectors import Histogram, collect_histograms
 from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method, method_params
-from quantkit.datasets.batching import Batch, Batcher
+from quantkit.datasets.batching import Batcher
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError
 from quantkit.onnx.model import (TensorSpec, check_not_quantized, ensure_opset, float_activations, float_input_specs,
@@ -267,7 +267,7 @@ class Calibration:
                  int8_model: onnx.ModelProto | None = None, batch_size: int | None = None,
                  reference_name: str | None = None,
                  test_name: str | None = None, known_skips: Collection[str] = (),
-                 on_batch: Callable[[Batch], None] | None = None) -> "CompareReport":
+                 on_batch: Callable[[int], None] | None = None) -> "CompareReport":
         """The INT8 model (``method``'s, or ``int8_model``) against the FP32 model on ``source``:
         per-output agreement, cosine, SQNR, and accuracy when the source has labels. Batches of
         ``batch_size`` (default: the run's), a fixed-batch model's own size and padded tail."""
@@ -287,7 +287,7 @@ class Calibration:
     def save(self, outdir: str | os.PathLike[str], *, model_stem: str, metadata: Mapping[str, Any] | None = None,
              report: dict[str, Any] | None = None, trt_version: int = DEFAULT_TRT_VERSION,
              extra_methods: Sequence[str] = (), force: bool = False, inputs: Sequence[Any] = (),
-             command: str = "quantkit calibrate", also: Callable[[Path], dict[str, str]] | None = None,
+             command: str = "quantkit calibrate", stats: "tuple[str, CalibrationStats] | None" = None,
              ) -> dict[str, Path]:
         """Write the artifacts into ``outdir`` (``quantkit._io.output_dir``: staged, renamed into
         place, with a manifest; ``force`` replaces only an earlier run's artifacts; never over
@@ -296,16 +296,19 @@ class Calibration:
         ``<stem>.int8.onnx`` (the configured method), ``<stem>.<m>.int8.onnx`` for each of
         ``extra_methods``, ``calibration.cache`` (+ ``calibration.cache.json``, its provenance,
         when ``metadata["model"]["sha256"]`` is given), ``ranges.json``, ``report.json`` when a
-        report is given; ``also(staging)`` may write more files into the staging folder and
-        returns their names by kind.
+        report is given; ``stats`` = (file name inside ``outdir``, statistics): the statistics
+        saved there too (``quantkit.calibrators.stats``), as one of the artifacts.
         """
         from quantkit._io import output_dir
 
         with output_dir(outdir, force=force, inputs=inputs, command=command) as staging:
             names = self.write_into(staging, model_stem=model_stem, metadata=metadata or {}, report=report,
                                     trt_version=trt_version, extra_methods=extra_methods)
-            if also is not None:
-                names.update(also(staging))
+            if stats is not None:
+                from quantkit.calibrators.stats import save_stats
+
+                save_stats(staging / stats[0], stats[1])
+                names["stats"] = stats[0]
         return {k: Path(outdir) / v for k, v in names.items()}
 
     def write_into(self, folder: Path, *, model_stem: str, metadata: Mapping[str, Any],
@@ -372,7 +375,7 @@ def quantize(
     config: QuantizeConfig = QuantizeConfig(),
     *,
     indices: Sequence[int] | None = None,
-    on_batch: Callable[[Batch], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
     model_name: str = "model",
     sampling: dict[str, Any] | None = None,
 ) -> Calibration:
@@ -384,7 +387,7 @@ def quantize(
         source: calibration data, preprocessed for the model.
         config: statistics, run and export settings.
         indices: which samples to use, in order (default: all).
-        on_batch: progress callback, called once per batch.
+        on_batch: progress, called after each batch with its number of samples.
         model_name: used in messages and reports (a prepared model brings its own).
         sampling: how ``indices`` were drawn (``quantkit.datasets.Sample.to_dict()``), recorded
             in ranges.json as "sampling".

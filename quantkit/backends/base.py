@@ -81,8 +81,9 @@ class Runner(abc.ABC):
         return []
 
     def capture(self, batches: Iterable[Any], sink: "TensorSink", *,
-                on_batch: Callable[[Any], None] | None = None) -> None:
-        """Run every batch once and hand the captured tensors of each part of it to ``sink``."""
+                on_batch: Callable[[int], None] | None = None) -> None:
+        """Run every batch once and hand the captured tensors of each part of it to ``sink``;
+        ``on_batch(n)`` after each batch of ``n`` samples (progress)."""
         raise NotImplementedError(f"the {self.backend} backend cannot capture intermediate tensors")
 
     def close(self) -> None:

@@ -111,7 +111,7 @@ class OrtRunner(Runner):
         return dict(zip(self._outputs, outs))
 
     def capture(self, batches: Iterable[Any], sink: TensorSink, *,
-                on_batch: Callable[[Any], None] | None = None) -> None:
+                on_batch: Callable[[int], None] | None = None) -> None:
         """Run every batch once; the sink gets each chunk's captured tensors on a worker thread
         while ONNX Runtime runs the next chunk (two buffer sets alternate)."""
         fed = [t for t in self._captured if t not in self._inner]
@@ -142,7 +142,7 @@ class OrtRunner(Runner):
                     pending[turn] = pool.submit(hand_over, batch, part, arrays, min(chunk, batch.size - start))
                     turn ^= 1
                 if on_batch is not None:
-                    on_batch(batch)
+                    on_batch(batch.size)
             for job in pending:
                 if job is not None:
                     job.result()

@@ -261,7 +261,7 @@ def _rebin(counts: np.ndarray, src_range: float, dst_range: float) -> np.ndarray
 
 
 def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int = 2048, sample_stride: int = 5,
-                       pow2_grid: bool = False, on_batch: Callable[[Any], None] | None = None,
+                       pow2_grid: bool = False, on_batch: Callable[[int], None] | None = None,
                        ) -> dict[str, HistogramCollector]:
     """One pass of ``executor`` (any ``quantkit.backends`` runner made with ``capture=``) over
     ``batches``, each captured tensor streamed into its abs-max + |x| histogram collector.

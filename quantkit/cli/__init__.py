@@ -67,7 +67,19 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="more log output")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested(argv: Sequence[str] | None) -> str | None:
+    """The subcommand named on the command line, if any (the first word that is not a flag)."""
+    for word in sys.argv[1:] if argv is None else argv:
+        if word in ("-h", "--help", "--version"):
+            return None
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; with ``only``, that subcommand's module alone is imported
+    (the others stay names without options, enough to run ``only``)."""
     from quantkit import __version__
 
     parser = argparse.ArgumentParser(
@@ -79,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
+        if only is not None and name != only:
+            sub.add_parser(name)
+            continue
         cmd = _load(name)
         doc = (cmd.__doc__ or "").strip()
         p = sub.add_parser(name, help=summary(doc, name), description=doc,
@@ -114,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     from quantkit.errors import InputError, QuantkitError
 
-    parser = build_parser()
+    parser = build_parser(only=_requested(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

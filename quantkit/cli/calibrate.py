@@ -88,7 +88,7 @@ class Calibrate:
         drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)
 
         with progress(len(drawn.indices), "calibrating", disable=args.no_progress) as bar:
-            cal = quantize(prepared, source, config, indices=drawn.indices, on_batch=lambda b: bar.update(b.size),
+            cal = quantize(prepared, source, config, indices=drawn.indices, on_batch=bar.update,
                            sampling=drawn.to_dict())
 
         # printed after the artifacts are written (a closed stdout loses nothing)
@@ -104,7 +104,7 @@ class Calibrate:
             with progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
                 cmp = cal.evaluate(eval_source, eval_idx, reference_name=model_path.name, known_skips=known,
                                    test_name=f"{model_path.stem}.int8.onnx ({args.method})",
-                                   on_batch=lambda b: bar.update(b.size))
+                                   on_batch=bar.update)
             # files the calibration pass already reported are summed up once, below
             lines.append(replace(cmp, skipped=[s for s in cmp.skipped if s[0] not in known]).table())
             if not held_out:
@@ -125,15 +125,10 @@ class Calibrate:
             stats = cal.to_stats(model={**meta["model"], "path": str(model_path.resolve())},
                                  preprocess=meta["preprocess"], data=meta["data"])
 
-        def stats_artifact(staging: Path) -> dict[str, str]:  # inside OUTDIR: one of the artifacts
-            if stats is None or stats_inside is None:
-                return {}
-            save_stats(staging / stats_inside, stats)
-            return {"stats": stats_inside}
-
         paths = cal.save(args.output, model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta, report=report,
                          trt_version=trt_version_number(args.trt_version), force=args.force, inputs=inputs,
-                         command="quantkit calibrate", also=stats_artifact)
+                         command="quantkit calibrate",
+                         stats=(stats_inside, stats) if stats is not None and stats_inside is not None else None)
         if stats is not None and stats_inside is None:
             paths["stats"] = save_stats(args.save_stats, stats)
         for line in lines:

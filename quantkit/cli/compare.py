@@ -54,7 +54,7 @@ class Compare:
                           dtypes={s.name: s.dtype for s in specs})
         with ref, test, progress(len(idx), "comparing", disable=args.no_progress) as bar:
             report = compare_runners(ref, test, batches, reference_name=Path(args.reference).name,
-                                     test_name=Path(args.test).name, on_batch=lambda b: bar.update(b.size))
+                                     test_name=Path(args.test).name, on_batch=bar.update)
         if args.json:  # written before anything is printed
             write_json_atomic(args.json, report.to_dict())
         if drawn.count < drawn.total:

@@ -62,7 +62,7 @@ def _demo(staging: Path, work: Path, out: Path, args: argparse.Namespace, *, kee
              f"model {sample.model_path().name}"]
 
     with progress(len(train), "calibrating", disable=args.no_progress) as bar:
-        cal = quantize(model, train, on_batch=lambda b: bar.update(b.size), model_name="digits_cnn.onnx")
+        cal = quantize(model, train, on_batch=bar.update, model_name="digits_cnn.onnx")
     methods = method_names()
     files = {m: "digits_cnn.int8.onnx" if m == "entropy" else f"digits_cnn.{m}.int8.onnx" for m in methods}
     rows = [(m, cal.evaluate(test, method=m, batch_size=64, reference_name="digits_cnn.onnx", test_name=files[m]))
