@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from quantkit.backends.base import Runner
+from quantkit.backends.base import Runner, side_by_side
 from quantkit.datasets.batching import Batch
 from quantkit.errors import ModelError
 
@@ -160,16 +160,14 @@ def compare_runners(
     correct_ref = correct_test = labelled = 0
     samples = 0
     first_out = reference.output_names[0]
-    for batch in batches:
-        ref_out = reference.infer(batch.feed)
-        test_out = test.infer(batch.feed)
+    for batch, ref_out, test_out in side_by_side(reference, test, batches):
         n = batch.size
         for name, st in stats.items():
-            st.update(ref_out[name][:n], test_out[name][:n])
+            st.update(ref_out[name], test_out[name])
         if batch.labels is not None and ref_out[first_out].ndim == 2:
             labelled += n
-            correct_ref += int((ref_out[first_out][:n].argmax(1) == batch.labels).sum())
-            correct_test += int((test_out[first_out][:n].argmax(1) == batch.labels).sum())
+            correct_ref += int((ref_out[first_out].argmax(1) == batch.labels).sum())
+            correct_test += int((test_out[first_out].argmax(1) == batch.labels).sum())
         samples += n
         if on_batch is not None:
             on_batch(batch.size)

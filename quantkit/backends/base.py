@@ -94,3 +94,12 @@ class Runner(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def side_by_side(reference: Runner, test: Runner, batches: Iterable[Any]) -> Iterable[tuple[Any, dict, dict]]:
+    """Run two models on the same batches: ``(batch, reference outputs, test outputs)`` per batch,
+    each trimmed to the batch's real rows (a fixed-batch model's padded tail left out)."""
+    for batch in batches:
+        ref, out = reference.infer(batch.feed), test.infer(batch.feed)
+        n = batch.size
+        yield batch, {k: v[:n] for k, v in ref.items()}, {k: v[:n] for k, v in out.items()}
