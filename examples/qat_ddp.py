@@ -72,7 +72,9 @@ def main() -> None:
         if rank == 0:
             print(f"calibrated on {cal.batches} batches over all ranks ({cal.method})")
 
-        qddp = DistributedDataParallel(qmodel)
+        # the quantizers' buffers (amax, scale) are fixed after calibration and BatchNorm is folded:
+        # no buffer needs broadcasting from rank 0 before every forward (DDP's default)
+        qddp = DistributedDataParallel(qmodel, broadcast_buffers=False)
         loss = epochs(qddp, loader, sampler, torch.optim.SGD(qddp.parameters(), lr=1e-3, momentum=0.9),
                       args.qat_epochs, device)
         if rank == 0:  # the ranks hold the same weights: one writes

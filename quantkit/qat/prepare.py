@@ -45,9 +45,10 @@ class QatConfig:
             floating point.
         disable_types: layer types left in floating point (e.g. ``(nn.Linear,)``).
         weight_bank_distributed: on CUDA all weights are fake-quantized in one launch a step
-            (quantkit.qat._cuda_fq.WeightBank); inside a torch.distributed job the bank steps aside
-            unless this is True (its one backward hands every weight gradient to DDP at the end
-            of the backward pass, so gradient reduction no longer overlaps it).
+            (quantkit.qat._cuda_fq.WeightBank), also inside a torch.distributed job unless this
+            is False. Its one backward hands every weight gradient to DDP at the end of the
+            backward pass, so gradient reduction overlaps less of it; measured on two H200s the
+            saved launches are worth more (benchmarks/results/gpu_distributed.md).
     """
 
     method: str = "entropy"
@@ -56,7 +57,7 @@ class QatConfig:
     residual_add: bool = True
     disable: tuple[str, ...] = ()
     disable_types: tuple[type, ...] = field(default_factory=tuple)
-    weight_bank_distributed: bool = False
+    weight_bank_distributed: bool = True
 
     def __post_init__(self) -> None:
         from quantkit.calibrators.methods import check_method, method_params
