@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 import traceback
+import typing
 from collections.abc import Sequence
 
 # name -> (module, class); modules are imported only when their command runs or --help needs them
@@ -51,10 +52,18 @@ def _load(name: str) -> object:
         return _Broken(name, err)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors in the CLI's error format: one line and a hint, exit 2 (its
+    default prints the whole usage block first). Subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"quantkit: error: {message}\n  hint: see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from quantkit import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="quantkit",
         description="INT8 quantization workbench for TensorRT: calibrate on images, write Q/DQ ONNX "
         "and TensorRT calibration caches, check INT8 against FP32.",
