@@ -100,6 +100,12 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET) -> onnx.M
         from onnx import version_converter
 
         converted = version_converter.convert_version(model, minimum)
+        # the converter's shape inference names unknown dims ('unk__0'): keep the model's own
+        # input and output types, so the Q/DQ model has the FP32 model's inputs and outputs
+        original = {vi.name: vi.type for vi in (*model.graph.input, *model.graph.output)}
+        for vi in (*converted.graph.input, *converted.graph.output):
+            if vi.name in original:
+                vi.type.CopyFrom(original[vi.name])
         onnx.checker.check_model(converted)
     except Exception as err:
         raise ModelError(
