@@ -38,8 +38,9 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{str(p)!r} is a folder, not an ONNX model file")
     try:
         model = onnx.load(str(p))
-    except Exception as err:  # protobuf raises DecodeError and others
-        raise ModelError(f"{str(p)!r} is not a readable ONNX model ({type(err).__name__}: {err})") from err
+    except Exception as err:  # protobuf raises DecodeError and others (ParseError's text spans lines)
+        reason = " ".join(str(err).split())
+        raise ModelError(f"{str(p)!r} is not a readable ONNX model ({type(err).__name__}: {reason})") from err
     if not model.graph.node:
         raise ModelError(f"{str(p)!r} is not an ONNX model with a graph (no nodes found)")
     try:

@@ -58,6 +58,30 @@ def test_opset_upgrade_from_11():
     assert opset_version(insert_qdq(up, plan_qdq(up), {t: 1.0 for t in plan_qdq(up).activations})) == 13
 
 
+def test_opset_upgrade_keeps_unnamed_dims():
+    """Converting opset 11 to 13 must not name the unknown batch dims of the inputs and outputs
+    (the converter wrote 'unk__0' on the output, so the Q/DQ model's outputs differed)."""
+    m = make_residual_model(opset=11)
+    for vi in (*m.graph.input, *m.graph.output):
+        vi.type.tensor_type.shape.dim[0].Clear()
+    up = ensure_opset(m)
+    assert [vi.type for vi in (*up.graph.input, *up.graph.output)] == [vi.type for vi in (*m.graph.input, *m.graph.output)]
+    q = insert_qdq(up, plan_qdq(up), {t: 1.0 for t in plan_qdq(up).activations})
+    assert not q.graph.output[0].type.tensor_type.shape.dim[0].HasField("dim_param")
+
+
+def test_unreadable_model_error_is_one_line(tmp_path):
+    """onnx.load's parse errors span lines (a .json file is parsed as JSON ModelProto); the
+    ModelError is one line."""
+    from quantkit.onnx.model import load_model
+
+    p = tmp_path / "ranges.json"
+    p.write_text('{"method": "entropy"}')
+    with pytest.raises(ModelError, match="is not a readable ONNX model") as e:
+        load_model(p)
+    assert "\n" not in str(e.value)
+
+
 def test_already_quantized_refused(residual_model):
     plan = plan_qdq(residual_model)
     q = insert_qdq(residual_model, plan, {t: 1.0 for t in plan.activations})
