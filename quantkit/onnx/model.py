@@ -101,12 +101,15 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET) -> onnx.M
         from onnx import version_converter
 
         converted = version_converter.convert_version(model, minimum)
-        # the converter's shape inference names unknown dims ('unk__0'): keep the model's own
-        # input and output types, so the Q/DQ model has the FP32 model's inputs and outputs
+        # the converter's shape inference names unknown dims ('unk__0') and records them for
+        # every tensor (ONNX Runtime then reports them on the outputs): keep the model's own
+        # input, output and intermediate types, so the Q/DQ model has the FP32 model's I/O
         original = {vi.name: vi.type for vi in (*model.graph.input, *model.graph.output)}
         for vi in (*converted.graph.input, *converted.graph.output):
             if vi.name in original:
                 vi.type.CopyFrom(original[vi.name])
+        del converted.graph.value_info[:]
+        converted.graph.value_info.extend(model.graph.value_info)
         onnx.checker.check_model(converted)
     except Exception as err:
         raise ModelError(

@@ -68,6 +68,11 @@ def test_opset_upgrade_keeps_unnamed_dims():
     assert [vi.type for vi in (*up.graph.input, *up.graph.output)] == [vi.type for vi in (*m.graph.input, *m.graph.output)]
     q = insert_qdq(up, plan_qdq(up), {t: 1.0 for t in plan_qdq(up).activations})
     assert not q.graph.output[0].type.tensor_type.shape.dim[0].HasField("dim_param")
+    # nor the intermediate tensors', which ONNX Runtime propagates to the outputs it reports
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [o.shape for o in sess.get_outputs()] == [[None, 4]]
 
 
 def test_unreadable_model_error_is_one_line(tmp_path):
