@@ -42,6 +42,9 @@ def measure_latency(
 ) -> LatencyStats:
     """Time ``runner.infer(feed)``: ``warmup`` untimed runs, then timed runs, at least
     ``iterations`` of them and for at least ``duration_s`` seconds (trtexec's rule)."""
+    if duration_s is not None and not 0.0 <= duration_s < float("inf"):  # NaN or inf: would never stop
+        raise InputError(f"duration must be a finite number of seconds >= 0, got {duration_s}",
+                         hint="pass --duration S with S >= 0, or omit it")
     for _ in range(warmup):
         runner.infer(feed)
     times: list[float] = []

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+import typing
 from collections.abc import Sequence
 
 # name -> (module, class); modules are imported only when their command runs or --help needs them
@@ -54,6 +55,14 @@ def _load(name: str) -> object:
         return _Broken(name, err)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors in the CLI's error format: one line and a hint, exit 2 (its
+    default prints the whole usage block first). Subcommand parsers inherit the class."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"quantkit: error: {message}\n  hint: see `{self.prog} --help`\n")
+
+
 def summary(doc: str | None, default: str) -> str:
     """The --help summary: the docstring's first paragraph, joined into one line."""
     first = (doc or "").strip().split("\n\n")[0]
@@ -82,7 +91,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     (the others stay names without options, enough to run ``only``)."""
     from quantkit import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="quantkit",
         description="INT8 quantization workbench for TensorRT: calibrate on images, write Q/DQ ONNX "
         "and TensorRT calibration caches, check INT8 against FP32.",
@@ -126,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _one_line(text: object) -> str:
+    """An error message on one line (messages from libraries may span several)."""
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 def _main(argv: Sequence[str] | None) -> int:
     from quantkit.errors import InputError, QuantkitError
 
@@ -133,6 +147,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
+        print("quantkit: error: no command given\n  hint: pick one of the commands above", file=sys.stderr)
         return 2
     args.debug = getattr(args, "debug", False)
     args.verbose = getattr(args, "verbose", False)
@@ -150,14 +165,14 @@ def _main(argv: Sequence[str] | None) -> int:
     except QuantkitError as err:
         if args.debug:
             traceback.print_exc()
-        print(f"quantkit: error: {err}", file=sys.stderr)
+        print(f"quantkit: error: {_one_line(err)}", file=sys.stderr)
         if err.hint:
-            print(f"  hint: {err.hint}", file=sys.stderr)
+            print(f"  hint: {_one_line(err.hint)}", file=sys.stderr)
         return 2 if isinstance(err, InputError) else 1
     except Exception as err:  # anything unexpected: still one line unless --debug
         if args.debug:
             traceback.print_exc()
-        print(f"quantkit: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"quantkit: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
         print("  hint: rerun with --debug for the traceback, and report it if it looks like a bug",
               file=sys.stderr)
         return 1

@@ -3,7 +3,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit.cli.common import positive_int
+from quantkit.cli.common import non_negative_int, positive_int
 
 
 class Bench:
@@ -36,7 +36,7 @@ class Bench:
         parser.add_argument("--no-transfers", action="store_true",
                             help="TensorRT: inputs stay on the GPU (no host-device copies), as trtexec measures")
         parser.add_argument("--streams", type=positive_int, default=1, help="TensorRT: concurrent streams (default 1)")
-        parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+        parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random inputs (default 0)")
         parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON")
         parser.add_argument("--force", action="store_true", help="overwrite an existing --json FILE")
 

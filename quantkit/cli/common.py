@@ -66,7 +66,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True,
                    "classes only, when N is small); shuffle = a seeded random order (default spread)")
     g.add_argument("--shuffle", dest="order", action="store_const", const="shuffle",
                    help="same as --order shuffle")
-    g.add_argument("--seed", type=int, default=0, help="seed for --order spread and shuffle (default 0)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed for --order spread and shuffle (default 0)")
     g.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     g.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads (default: one per core)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import argparse
 
-from quantkit.cli.common import positive_int, progress
+from quantkit.cli.common import non_negative_int, positive_int, progress
 
 
 class QatDemo:
@@ -28,7 +28,7 @@ class QatDemo:
         parser.add_argument("--epochs", type=positive_int, default=40, help="FP32 training epochs (default 40)")
         parser.add_argument("--qat-epochs", type=positive_int, default=2, help="QAT fine-tuning epochs (default 2)")
         parser.add_argument("--qat-lr", type=float, default=1e-3, help="QAT learning rate (SGD, cosine; default 0.001)")
-        parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:

@@ -48,8 +48,9 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{str(p)!r} is a folder, not an ONNX model file")
     try:
         model = onnx.load(str(p))
-    except Exception as err:  # protobuf raises DecodeError and others
-        raise ModelError(f"{str(p)!r} is not a readable ONNX model ({type(err).__name__}: {err})") from err
+    except Exception as err:  # protobuf raises DecodeError and others (ParseError's text spans lines)
+        reason = " ".join(str(err).split())
+        raise ModelError(f"{str(p)!r} is not a readable ONNX model ({type(err).__name__}: {reason})") from err
     if not model.graph.node:
         raise ModelError(f"{str(p)!r} is not an ONNX model with a graph (no nodes found)")
     try:
@@ -166,6 +167,15 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET) -> onnx.M
         from onnx import version_converter
 
         converted = version_converter.convert_version(model, minimum)
+        # the converter's shape inference names unknown dims ('unk__0') and records them for
+        # every tensor (ONNX Runtime then reports them on the outputs): keep the model's own
+        # input, output and intermediate types, so the Q/DQ model has the FP32 model's I/O
+        original = {vi.name: vi.type for vi in (*model.graph.input, *model.graph.output)}
+        for vi in (*converted.graph.input, *converted.graph.output):
+            if vi.name in original:
+                vi.type.CopyFrom(original[vi.name])
+        del converted.graph.value_info[:]
+        converted.graph.value_info.extend(model.graph.value_info)
         onnx.checker.check_model(converted)
     except Exception as err:
         raise ModelError(

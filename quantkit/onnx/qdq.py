@@ -140,7 +140,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
     missing = [t for t in plan.activations if t not in activation_amax]
     if missing:
         raise ModelError(f"no calibrated range for activation tensor(s) {missing[:5]}")
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(_constant_weights_to_initializers(model, set(plan.weights)))
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     new_nodes = []
@@ -183,6 +183,30 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
     out.metadata_props.extend(model.metadata_props)
     onnx.checker.check_model(out)
     _check_io_kept(model, out)
+    return out
+
+
+def _value_constant(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Constant" and bool(node.attribute) and node.attribute[0].name == "value"
+
+
+def _constant_weights_to_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` where the Constant nodes that produce the weights ``names`` are
+    initializers instead (graphsurgeon gives values only to initializers; a Constant node's
+    output is a Variable). ``model`` itself is returned when there are none."""
+    folded = [n for n in model.graph.node if _value_constant(n) and n.output[0] in names]
+    if not folded:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [n for n in out.graph.node if not (_value_constant(n) and n.output[0] in names)]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    for node in folded:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+        out.graph.initializer.append(tensor)
     return out
 
 

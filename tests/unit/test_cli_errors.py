@@ -412,3 +412,26 @@ def test_broken_pipe_inspect_sample_model():
     rc, err, first = _first_line_then_close(["inspect", str(sample.model_path())])
     assert b"opset" in first
     assert rc == 0 and err == "", err
+
+
+def test_negative_seed_and_no_command_are_one_line_errors(capsys):
+    """Found by the fuzz suite: `--seed -1` exited 1 with numpy's ValueError; no command at all
+    exited 2 with nothing on stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "m.onnx", "--images", "x", "-o", "o", "--seed", "-1"])
+    assert e.value.code == 2 and "--seed" in capsys.readouterr().err
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "quantkit: error: no command given" and len(err) == 2
+
+
+def test_multi_line_library_errors_print_on_one_line(monkeypatch, capsys):
+    from quantkit.errors import ModelError
+
+    def broken(*a, **k):
+        raise ModelError("first line\nsecond line", hint="do this\nand that")
+
+    monkeypatch.setattr("quantkit.onnx.model.load_model", broken)
+    assert main(["inspect", str(sample.model_path())]) == 2
+    assert capsys.readouterr().err.splitlines() == ["quantkit: error: first line; second line",
+                                                   "  hint: do this; and that"]

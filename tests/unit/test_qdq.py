@@ -58,6 +58,35 @@ def test_opset_upgrade_from_11():
     assert opset_version(insert_qdq(up, plan_qdq(up), {t: 1.0 for t in plan_qdq(up).activations})) == 13
 
 
+def test_opset_upgrade_keeps_unnamed_dims():
+    """Converting opset 11 to 13 must not name the unknown batch dims of the inputs and outputs
+    (the converter wrote 'unk__0' on the output, so the Q/DQ model's outputs differed)."""
+    m = make_residual_model(opset=11)
+    for vi in (*m.graph.input, *m.graph.output):
+        vi.type.tensor_type.shape.dim[0].Clear()
+    up = ensure_opset(m)
+    assert [vi.type for vi in (*up.graph.input, *up.graph.output)] == [vi.type for vi in (*m.graph.input, *m.graph.output)]
+    q = insert_qdq(up, plan_qdq(up), {t: 1.0 for t in plan_qdq(up).activations})
+    assert not q.graph.output[0].type.tensor_type.shape.dim[0].HasField("dim_param")
+    # nor the intermediate tensors', which ONNX Runtime propagates to the outputs it reports
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [o.shape for o in sess.get_outputs()] == [[None, 4]]
+
+
+def test_unreadable_model_error_is_one_line(tmp_path):
+    """onnx.load's parse errors span lines (a .json file is parsed as JSON ModelProto); the
+    ModelError is one line."""
+    from quantkit.onnx.model import load_model
+
+    p = tmp_path / "ranges.json"
+    p.write_text('{"method": "entropy"}')
+    with pytest.raises(ModelError, match="is not a readable ONNX model") as e:
+        load_model(p)
+    assert "\n" not in str(e.value)
+
+
 def test_already_quantized_refused(residual_model):
     plan = plan_qdq(residual_model)
     q = insert_qdq(residual_model, plan, {t: 1.0 for t in plan.activations})
@@ -152,3 +181,32 @@ def test_onnxruntime_target_quantizes_every_consumed_activation(residual_model):
     out = OrtRunner(q).infer({"x": x})["y"]
     cos = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
     assert cos.mean() > 0.99
+
+
+def _weights_as_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every initializer given by a Constant node instead (what some
+    exporters write)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    consts = [onnx.helper.make_node("Constant", [], [i.name], name=f"{i.name}_const", value=i) for i in out.graph.initializer]
+    nodes = consts + list(out.graph.node)
+    del out.graph.initializer[:]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    onnx.checker.check_model(out)
+    return out
+
+
+def test_constant_node_weights_get_qdq_like_initializers(residual_model):
+    """Weights from Constant nodes are quantized per channel exactly as initializers are (they
+    used to crash insert_qdq: "'Variable' object has no attribute 'values'")."""
+    const_model = _weights_as_constant_nodes(residual_model)
+    plan = plan_qdq(const_model)
+    assert plan == plan_qdq(residual_model)
+    amax = {t: 3.0 for t in plan.activations}
+    q, ref = insert_qdq(const_model, plan, amax), insert_qdq(residual_model, plan, amax)
+    assert sorted(n.name for n in q.graph.node if n.op_type == "QuantizeLinear") == \
+        sorted(n.name for n in ref.graph.node if n.op_type == "QuantizeLinear")
+    assert [(s.name, s.shape) for s in input_specs(q)] == [("x", ("N", 3, 8, 8))]
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(OrtRunner(q).infer({"x": x})["y"], OrtRunner(ref).infer({"x": x})["y"])
