@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+
+from tests.helpers import make_residual_model
 
 
 def _has_cuda() -> bool:
@@ -46,40 +47,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
-
-
-def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(arr), name)
-
-
-def make_residual_model(opset: int = 17, *, batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
-    """x[N,3,8,8] -> Conv -> Relu -> Conv -> Add(residual from Relu) -> Relu -> ConvTranspose
-    -> GlobalAveragePool -> Flatten -> Gemm(transB=1) -> MatMul -> y[N,4]."""
-    r = np.random.default_rng(seed)
-    w = lambda *s: (r.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["c2", "r1"], ["a1"], name="add1"),
-        helper.make_node("Relu", ["a1"], ["r2"], name="relu2"),
-        helper.make_node("ConvTranspose", ["r2", "wt"], ["ct"], name="convt", strides=[1, 1]),
-        helper.make_node("GlobalAveragePool", ["ct"], ["gp"], name="gap"),
-        helper.make_node("Flatten", ["gp"], ["fl"], name="flatten"),
-        helper.make_node("Gemm", ["fl", "wg", "bg"], ["g"], name="gemm", transB=1),
-        helper.make_node("MatMul", ["g", "wm"], ["y"], name="matmul"),
-    ]
-    inits = [_init("w1", w(8, 3, 3, 3)), _init("b1", w(8)), _init("w2", w(8, 8, 3, 3)),
-             _init("wt", w(8, 6, 1, 1)), _init("wg", w(5, 6)), _init("bg", w(5)), _init("wm", w(5, 4))]
-    graph = helper.make_graph(
-        nodes, "residual",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])], inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 @pytest.fixture(scope="session")

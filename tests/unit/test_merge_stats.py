@@ -10,10 +10,10 @@ import pytest
 
 from quantkit import sample
 from quantkit.cli import main
+from tests.helpers import DIGITS
 
-DIGITS = ["--preprocess", "none", "--color", "gray", "--scale", repr(1 / 255),
-          "--mean", str(sample.preprocess().mean[0]), "--std", str(sample.preprocess().std[0]), "--no-progress",
-          "--eval-images", "0", "--histogram-stride", "1"]
+#: the digits flags, no evaluation, every value counted (exact histograms, so merges compare exactly)
+FLAGS = [*DIGITS, "--eval-images", "0", "--histogram-stride", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def parts(digits_dirs, tmp_path_factory):
 
 def _calibrate(folder, out, *extra):
     return main(["calibrate", str(sample.model_path()), "--images", str(folder), "-o", str(out),
-                 *DIGITS, *extra])
+                 *FLAGS, *extra])
 
 
 def test_merged_statistics_equal_one_run_over_all_the_data(parts, tmp_path, capsys):

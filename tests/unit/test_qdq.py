@@ -8,7 +8,7 @@ from quantkit.errors import ModelError
 from quantkit.onnx.model import ensure_opset, input_specs, opset_version
 from quantkit.onnx.qdq import insert_qdq, plan_qdq
 from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig, quantize
-from tests.conftest import make_residual_model
+from tests.helpers import make_residual_model
 
 
 def test_plan_follows_tensorrt_rules(residual_model):

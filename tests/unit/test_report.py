@@ -7,7 +7,7 @@ import pytest
 from quantkit import sample
 from quantkit.cli import main
 from quantkit.errors import InputError
-from tests.unit.test_cli import DIGITS
+from tests.helpers import DIGITS
 
 pytest.importorskip("matplotlib")
 
