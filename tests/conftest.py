@@ -62,6 +62,26 @@ def residual_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_net_state() -> dict:
+    """The state dict of DigitsNet after one quick epoch on the bundled digits (Adam, seed 0):
+    non-trivial weights and BatchNorm statistics, trained once per session for the QAT and
+    distributed tests."""
+    torch = pytest.importorskip("torch")
+    from quantkit.sample.digits_net import DigitsNet, digits_tensors
+
+    torch.manual_seed(0)
+    x, y, _, _ = digits_tensors()
+    model = DigitsNet()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for s in range(0, len(x), 64):
+        loss = torch.nn.functional.cross_entropy(model(x[s : s + 64]), y[s : s + 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
 def digits_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The bundled digits written as PNG folders: (train, test)."""
     from quantkit import sample

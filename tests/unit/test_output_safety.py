@@ -252,6 +252,7 @@ def test_results_are_written_before_anything_is_printed(project, tmp_path):
 
 
 # ------------------------------------------------------------------ 11. the demos
+@pytest.mark.slow  # two demo runs, one writing 1257 PNGs: ~35 s on two busy cores
 def test_demo_leaves_no_temporary_images(tmp_path, monkeypatch):
     scratch = tmp_path / "scratch"
     scratch.mkdir()

@@ -19,18 +19,10 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def trained(digits):
-    """DigitsNet after a few quick epochs (enough for BN statistics and non-trivial weights)."""
-    torch.manual_seed(0)
-    xtr, ytr, _, _ = digits
+def trained(digits_net_state):
+    """DigitsNet after a quick epoch (conftest.py: BN statistics and non-trivial weights)."""
     model = DigitsNet()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(3):
-        for s in range(0, len(xtr), 64):
-            loss = nn.functional.cross_entropy(model(xtr[s : s + 64]), ytr[s : s + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    model.load_state_dict(digits_net_state)
     return model.eval()
 
 
@@ -205,6 +197,7 @@ def test_torch_histogram_matches_numpy_collector(rng):
         bad.compute()
 
 
+@pytest.mark.slow  # trains the digits CNN and runs QAT: ~2 minutes on two busy cores
 def test_qat_demo_cli_runs_end_to_end(tmp_path, capsys):
     """`quantkit qat-demo` on tiny settings: every row measured through ONNX Runtime."""
     import json

@@ -88,6 +88,7 @@ def test_report_reads_demo_folders_one_point_per_model(tmp_path, capsys):
     assert (tmp_path / "rep" / "amax_by_method_digits_cnn.png").is_file()
 
 
+@pytest.mark.slow  # runs qat-demo (training): ~12 s
 def test_report_reads_a_qat_demo_folder(tmp_path):
     pytest.importorskip("torch")
     from quantkit.report import load_results
