@@ -1,7 +1,9 @@
-"""Shared fixtures: seeded randomness, tiny ONNX models built in code, image folders.
+"""Shared fixtures: seeded randomness, tiny ONNX models built in code, image folders, a trained
+DigitsNet. Plain constants and model builders shared by several files are in tests/helpers.py.
 
 Markers: ``gpu`` tests need CUDA (run them on the GPU machine), ``trt`` tests need TensorRT;
-both are skipped with the reason when that is missing.
+both are skipped with the reason when that is missing. ``slow`` tests (over ~10 s) are left out
+of the default run (pyproject.toml) and run with ``pytest -m slow``; CI runs both.
 """
 
 from __future__ import annotations
