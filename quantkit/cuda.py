@@ -2,8 +2,8 @@
 
 Everything here owns what it allocates and frees it on ``close()`` (or leaving a ``with``
 block, or garbage collection as a last resort). Host-to-device copies go through pinned
-staging buffers, asynchronously on a stream: pinned copies ran at 54.9 GB/s on the lent H100
-against 14.4 GB/s from pageable memory.
+staging buffers, asynchronously on a stream: pinned copies run several times faster than copies
+from pageable memory (benchmarks/results/design_notes.md).
 
 ``BatchStager`` double-buffers calibration batches on the GPU: while a consumer (TensorRT's
 calibrator) reads slot A, the next batch is copied into pinned slot B and sent to the device

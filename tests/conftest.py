@@ -1,7 +1,9 @@
-"""Shared fixtures: seeded randomness, tiny ONNX models built in code, image folders.
+"""Shared fixtures: seeded randomness, tiny ONNX models built in code, image folders, a trained
+DigitsNet. Plain constants and model builders shared by several files are in tests/helpers.py.
 
 Markers: ``gpu`` tests need CUDA (run them on the GPU machine), ``trt`` tests need TensorRT;
-both are skipped with the reason when that is missing.
+both are skipped with the reason when that is missing. ``slow`` tests (over ~10 s) are left out
+of the default run (pyproject.toml) and run with ``pytest -m slow``; CI runs both.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+
+from tests.helpers import make_residual_model
 
 
 def _has_cuda() -> bool:
@@ -48,40 +51,6 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
-def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.asarray(arr), name)
-
-
-def make_residual_model(opset: int = 17, *, batch: int | str = "N", seed: int = 0) -> onnx.ModelProto:
-    """x[N,3,8,8] -> Conv -> Relu -> Conv -> Add(residual from Relu) -> Relu -> ConvTranspose
-    -> GlobalAveragePool -> Flatten -> Gemm(transB=1) -> MatMul -> y[N,4]."""
-    r = np.random.default_rng(seed)
-    w = lambda *s: (r.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["c2", "r1"], ["a1"], name="add1"),
-        helper.make_node("Relu", ["a1"], ["r2"], name="relu2"),
-        helper.make_node("ConvTranspose", ["r2", "wt"], ["ct"], name="convt", strides=[1, 1]),
-        helper.make_node("GlobalAveragePool", ["ct"], ["gp"], name="gap"),
-        helper.make_node("Flatten", ["gp"], ["fl"], name="flatten"),
-        helper.make_node("Gemm", ["fl", "wg", "bg"], ["g"], name="gemm", transB=1),
-        helper.make_node("MatMul", ["g", "wm"], ["y"], name="matmul"),
-    ]
-    inits = [_init("w1", w(8, 3, 3, 3)), _init("b1", w(8)), _init("w2", w(8, 8, 3, 3)),
-             _init("wt", w(8, 6, 1, 1)), _init("wg", w(5, 6)), _init("bg", w(5)), _init("wm", w(5, 4))]
-    graph = helper.make_graph(
-        nodes, "residual",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])], inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
 @pytest.fixture(scope="session")
 def residual_model() -> onnx.ModelProto:
     return make_residual_model()
@@ -92,6 +61,26 @@ def residual_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("models") / "residual.onnx"
     onnx.save(make_residual_model(), p)
     return p
+
+
+@pytest.fixture(scope="session")
+def digits_net_state() -> dict:
+    """The state dict of DigitsNet after one quick epoch on the bundled digits (Adam, seed 0):
+    non-trivial weights and BatchNorm statistics, trained once per session for the QAT and
+    distributed tests."""
+    torch = pytest.importorskip("torch")
+    from quantkit.sample.digits_net import DigitsNet, digits_tensors
+
+    torch.manual_seed(0)
+    x, y, _, _ = digits_tensors()
+    model = DigitsNet()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for s in range(0, len(x), 64):
+        loss = torch.nn.functional.cross_entropy(model(x[s : s + 64]), y[s : s + 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="session")

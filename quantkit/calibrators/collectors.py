@@ -68,9 +68,9 @@ class HistogramCollector:
             ``k * 65536`` values only) counts the dense body of the distribution from every k-th
             value with weight k and the tail exactly: the bins that hold the top ~1% of the
             sample, and everything above them, are filled from every value. min and max always
-            see every value. On CPU an exact histogram costs ~2.5 ns a value, a quarter of a
-            ResNet's own inference time; k = 5 costs ~1 ns and moves no range method's
-            threshold on the benchmark's ResNet-18 (benchmarks/results/calibration.md).
+            see every value. On CPU an exact histogram is a sizeable share of a ResNet's
+            own inference time; k = 5 costs less than half as much and moved no range method's
+            threshold on the benchmark's ResNet-18 (figures: benchmarks/results/design_notes.md).
         pow2_grid: start the range at the power of two at or above the first amax (instead of
             the amax itself), so that collectors run apart on different data (machines, shards)
             have ranges that differ by powers of two and merge exactly

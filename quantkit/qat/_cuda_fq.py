@@ -1,8 +1,7 @@
 """Per-channel weight fake quantization of CUDA weights in one kernel (NVRTC, cuda-python).
 
-A QAT training step was bound by the host, not the GPU: on the lent H100 the GPU time of a
-ResNet-18 QAT step was 1.14x the FP32 step's, its wall time 1.3-1.6x. Per layer and step the
-torch-operations path ran six operations forward (max |w| per channel, clamp, divide, per-tensor
+A QAT training step was bound by the host, not the GPU: its GPU time was close to the FP32
+step's, its wall time well above. Per layer and step the torch-operations path ran six operations forward (max |w| per channel, clamp, divide, per-tensor
 fake quantize, multiply) and three backward, each a dispatch from Python. Here one autograd
 function launches one kernel forward (a block per output channel: max |w|, then
 ``clamp(rint(w / s), -128, 127) * s`` with ``s = max(amax, 1e-12) * (1 / 127)``: the float32
@@ -19,10 +18,8 @@ launch and one Python backward instead of one of each per layer; the price is on
 of the weights, kept between steps, and the weight gradients all leave the one node at the end
 of the backward pass. Inside CUDA graph capture and in distributed jobs (where
 DistributedDataParallel reduces gradients as they become ready) the bank steps aside, and each
-layer launches its own kernel. Measured on the lent H100 (ResNet-18 / ResNet-50, batch 64, SGD
-step, two alternating rounds, the ratio to the FP32 step): per-layer kernels 1.39 and 1.21 /
-1.62 and 1.37; the bank 1.13 and 1.25 / 1.33 and 1.28; the bank with shared input fake quant
-(quantizer.py, ``follow``) 1.17 and 1.27 / 1.25 and 1.14.
+layer launches its own kernel. The figures (per-layer kernels, the bank, the bank with shared
+input fake quant) are in benchmarks/results/design_notes.md.
 """
 
 from __future__ import annotations

@@ -17,12 +17,9 @@ are captured into CUDA graphs like any other kernel.
 
 The tensor is read from its end backwards: the operation that produced it has just written its
 end, which is still in L2, and the layer that reads it next starts at its beginning, which the
-pass leaves in L2. Measured on an H100 (ResNet-18/50, batch 64, whole calibration forward as a
-CUDA graph, benchmarks/results/gpu_calibration.md): this order and cached loads 1.225x / 1.202x
-of the FP32 forward, forward order with streaming loads 1.245x / 1.217x; fewer than 8192 values
-per block also matters for small tensors (64 Ki values a block: 1.277x / 1.241x). Tried and
-dropped: warp-aggregated shared adds (``__match_any_sync``: 1.71x), 256- or 512-thread blocks,
-two shared copies.
+pass leaves in L2. Small tensors are spread over more blocks (fewer than 8192 values a block),
+so that they too fill the GPU. Warp-aggregated shared adds, other block sizes and fewer shared
+copies were slower (figures: benchmarks/results/design_notes.md).
 
 Same statistics as ``quantkit.calibrators.HistogramCollector`` and the torch fallback of
 ``quantkit.qat.histogram``: ``NB`` bins over [0, range), the value at the range in the last

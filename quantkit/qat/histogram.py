@@ -27,11 +27,9 @@ histogram reads memory; the next convolution mostly computes), and the model's s
 it only ``LAG`` updates later, holding the tensor until then so that its memory is not re-used
 under the kernel. That is safe unless the model modifies a quantized input in place within the
 lag, which the same context detects (``modified``): ``quantkit.qat.collect`` runs its first
-forward without a side stream to find out, and overlaps only models that do not. Measured
-on the lent H100 (a captured calibration forward, batch 64, against the FP32 forward as a
-graph): ResNet-18 1.084x serial -> 1.061-1.068x with a lag of 1-3, ResNet-50 1.126x -> 1.085-1.090x.
-Used only in the captured graph: eagerly the per-update stream switches and events cost more host
-time than the overlap saves (ResNet-18 1.78x -> 2.20x of the eager FP32 forward).
+forward without a side stream to find out, and overlaps only models that do not. Used only in
+the captured graph: eagerly the per-update stream switches and events cost more host time than
+the overlap saves (figures: benchmarks/results/design_notes.md).
 """
 
 from __future__ import annotations

@@ -11,9 +11,8 @@ import pytest
 
 from quantkit import sample
 from quantkit.cli import main
+from tests.helpers import DIGITS
 
-DIGITS = ["--preprocess", "none", "--color", "gray", "--scale", repr(1 / 255),
-          "--mean", str(sample.preprocess().mean[0]), "--std", str(sample.preprocess().std[0]), "--no-progress"]
 
 
 def test_import_is_light():

@@ -22,10 +22,8 @@ from onnx import TensorProto, helper
 
 from quantkit import sample
 from quantkit.cli import COMMANDS, build_parser, main
-from tests.conftest import make_residual_model
+from tests.helpers import DIGITS, make_residual_model
 
-DIGITS = ["--preprocess", "none", "--color", "gray", "--scale", repr(1 / 255),
-          "--mean", str(sample.preprocess().mean[0]), "--std", str(sample.preprocess().std[0]), "--no-progress"]
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -31,22 +31,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _trained(path: Path) -> None:
-    """DigitsNet after one quick epoch (non-trivial weights and BatchNorm statistics), saved."""
-    from quantkit.sample.digits_net import DigitsNet, digits_tensors
-
-    torch.manual_seed(0)
-    x, y, _, _ = digits_tensors()
-    model = DigitsNet()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for s in range(0, len(x), 64):
-        loss = torch.nn.functional.cross_entropy(model(x[s : s + 64]), y[s : s + 64])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.save(model.state_dict(), path)
-
-
 def _model(fp32: str | Path | None) -> torch.nn.Module:
     from quantkit.sample.digits_net import DigitsNet
 
@@ -115,11 +99,11 @@ def _assert_same_counts(got, ref, name):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+def ranks(tmp_path_factory: pytest.TempPathFactory, digits_net_state: dict) -> tuple[list[dict], Path]:
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("dist")
-    _trained(out / "fp32.pt")
+    torch.save(digits_net_state, out / "fp32.pt")  # DigitsNet after one quick epoch (conftest.py)
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], out
 

@@ -13,39 +13,7 @@ from quantkit.cli import main
 from quantkit.datasets import Batcher, NumpySource, SyntheticSource
 from quantkit.datasets.dtypes import DtypeMismatchError, cast_for_input
 from quantkit.errors import InputError
-
-VOCAB, T, D, H, C = 50, 6, 8, 12, 4
-
-
-def make_token_model(mask_type: int = TensorProto.BOOL) -> onnx.ModelProto:
-    """ids int64 [N, T] -> Gather(table [VOCAB, D]) -> * mask -> MatMul -> Relu -> ReduceMean(T)
-    -> MatMul -> y [N, C]; mask [N, T] is bool (or float)."""
-    r = np.random.default_rng(0)
-    w = lambda *s: numpy_helper.from_array((r.standard_normal(s) * 0.5).astype(np.float32))  # noqa: E731
-    table, w1, w2 = w(VOCAB, D), w(D, H), w(H, C)
-    table.name, w1.name, w2.name = "table", "w1", "w2"
-    axes = numpy_helper.from_array(np.array([-1], np.int64), "axes")
-    nodes = [
-        helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
-        helper.make_node("Cast", ["mask"], ["maskf"], name="cast", to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["maskf", "axes"], ["mask3"], name="unsq"),
-        helper.make_node("Mul", ["emb", "mask3"], ["masked"], name="apply_mask"),
-        helper.make_node("MatMul", ["masked", "w1"], ["h"], name="fc1"),
-        helper.make_node("Relu", ["h"], ["hr"], name="relu"),
-        helper.make_node("ReduceMean", ["hr"], ["pooled"], name="pool", axes=[1], keepdims=0),
-        helper.make_node("MatMul", ["pooled", "w2"], ["y"], name="fc2"),
-    ]
-    graph = helper.make_graph(
-        nodes, "tokens",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", T]),
-         helper.make_tensor_value_info("mask", mask_type, ["N", T])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", C])], [table, w1, w2, axes],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
+from tests.helpers import T, VOCAB, make_token_model
 
 @pytest.fixture(scope="module")
 def token_model_path(tmp_path_factory):

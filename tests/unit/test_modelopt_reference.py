@@ -48,6 +48,7 @@ def datasets(rng):
     }
 
 
+@pytest.mark.slow  # imports and runs NVIDIA Model Optimizer: ~18 s
 def test_entropy_and_percentile_match_modelopt(tmp_path, rng):
     data = {k: v.astype(np.float32).reshape(4, -1) for k, v in datasets(rng).items()}
     # the largest value in the first batch, so both histograms span the same range

@@ -18,6 +18,7 @@ def test_the_three_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == ["01_ptq_calibrators.ipynb", "02_qat.ipynb", "03_tensorrt_engines.ipynb"]
 
 
+@pytest.mark.slow  # a kernel per notebook, training included: 1-2 minutes each on two busy cores
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_and_is_committed_with_outputs(path, tmp_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)

@@ -5,7 +5,6 @@ results are on disk before anything is printed."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -18,16 +17,9 @@ import pytest
 from quantkit import sample
 from quantkit._io import MANIFEST, output_dir, read_manifest
 from quantkit.cli import main
+from tests.helpers import DIGITS, snapshot
 
-DIGITS = ["--preprocess", "none", "--color", "gray", "--scale", repr(1 / 255),
-          "--mean", str(sample.preprocess().mean[0]), "--std", str(sample.preprocess().std[0]), "--no-progress"]
 QUICK = ["--num-images", "32", "--eval-images", "0", "--batch-size", "16", *DIGITS]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file below ``root`` (and ``root`` itself if a file) with its SHA-256."""
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 @pytest.fixture
@@ -260,6 +252,7 @@ def test_results_are_written_before_anything_is_printed(project, tmp_path):
 
 
 # ------------------------------------------------------------------ 11. the demos
+@pytest.mark.slow  # two demo runs, one writing 1257 PNGs: ~35 s on two busy cores
 def test_demo_leaves_no_temporary_images(tmp_path, monkeypatch):
     scratch = tmp_path / "scratch"
     scratch.mkdir()

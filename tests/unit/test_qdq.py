@@ -3,12 +3,12 @@ import onnx
 import pytest
 
 from quantkit.backends.onnxruntime import OrtRunner
-from quantkit.datasets import Batcher, SyntheticSource
+from quantkit.datasets import SyntheticSource
 from quantkit.errors import ModelError
 from quantkit.onnx.model import ensure_opset, input_specs, opset_version
 from quantkit.onnx.qdq import insert_qdq, plan_qdq
 from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig, quantize
-from tests.conftest import make_residual_model
+from tests.helpers import make_residual_model
 
 
 def test_plan_follows_tensorrt_rules(residual_model):
@@ -121,41 +121,6 @@ def test_nan_activation_names_tensor(residual_model):
             init.CopyFrom(onnx.numpy_helper.from_array(np.full(8, np.nan, np.float32), "b1"))
     with pytest.raises(NonFiniteError, match="'r1' has NaN"):
         quantize(m, SyntheticSource((3, 8, 8), count=8))
-
-
-def test_batcher_feeds_wrong_shape(residual_model):
-    from quantkit.errors import ShapeMismatchError
-
-    runner = OrtRunner(residual_model)
-    batch = next(iter(Batcher(SyntheticSource((3, 9, 9), count=2), ["x"], 2)))
-    with pytest.raises(ShapeMismatchError, match="'x'.*expects \\?x3x8x8"):
-        runner.infer(batch.feed)
-
-
-def test_chunked_bound_capture_matches_one_call(residual_model):
-    """Splitting batches into chunks with reused output buffers sees exactly the values of
-    one plain call per batch: same min/max and the same number of values per tensor."""
-    from quantkit.backends.onnxruntime import create_session
-    from quantkit.calibrators import HistogramCollector
-    from quantkit.calibrators.collectors import collect_histograms
-    from quantkit.onnx.model import with_outputs
-
-    plan = plan_qdq(residual_model)
-    names = plan.activation_names
-    src = SyntheticSource((3, 8, 8), count=20, seed=3)
-    with OrtRunner(residual_model, capture=names, capture_budget_mb=1e-4) as executor:
-        chunked = collect_histograms(executor, Batcher(src, ["x"], 8))
-    inner = [n for n in names if n != "x"]
-    session = create_session(with_outputs(residual_model, inner))
-    plain = {n: HistogramCollector(2048, name=n) for n in names}
-    for batch in Batcher(src, ["x"], 8):
-        arrays = dict(zip(inner, session.run(inner, batch.feed)))
-        for n in names:
-            plain[n].update(arrays[n] if n in arrays else batch.feed[n])
-    for n in names:
-        a, b = chunked[n].compute(), plain[n].compute()
-        assert (a.observed_min, a.observed_max) == (b.observed_min, b.observed_max), n
-        assert a.counts.sum() == b.counts.sum() > 0, n
 
 
 def test_onnxruntime_target_quantizes_every_consumed_activation(residual_model):

@@ -14,7 +14,7 @@ from quantkit.calibrators.methods import (RangeContext, get_method, method_names
                                           unregister_method)
 from quantkit.cli import main
 from quantkit.errors import InputError, UnknownMethodError
-from tests.unit.test_cli import DIGITS
+from tests.helpers import DIGITS
 
 
 @pytest.fixture

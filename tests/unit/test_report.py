@@ -7,7 +7,7 @@ import pytest
 from quantkit import sample
 from quantkit.cli import main
 from quantkit.errors import InputError
-from tests.unit.test_cli import DIGITS
+from tests.helpers import DIGITS
 
 pytest.importorskip("matplotlib")
 
@@ -88,6 +88,7 @@ def test_report_reads_demo_folders_one_point_per_model(tmp_path, capsys):
     assert (tmp_path / "rep" / "amax_by_method_digits_cnn.png").is_file()
 
 
+@pytest.mark.slow  # runs qat-demo (training): ~12 s
 def test_report_reads_a_qat_demo_folder(tmp_path):
     pytest.importorskip("torch")
     from quantkit.report import load_results

@@ -1,0 +1,156 @@
+"""The ONNX Runtime backend and the runner interface: infer == session.run, capture == one
+plain call per batch (chunked, with reused buffers, padding rows marked), check_feed's
+messages, and the table that picks a backend for a file."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from quantkit.backends import BACKENDS, ENGINE_SUFFIXES, check_feed, runner_from_path
+from quantkit.backends.onnxruntime import OrtRunner, create_session
+from quantkit.calibrators import HistogramCollector
+from quantkit.calibrators.collectors import collect_histograms
+from quantkit.datasets import Batcher, SyntheticSource
+from quantkit.errors import InputError, ModelError, ShapeMismatchError
+from quantkit.onnx.model import TensorSpec, with_outputs
+from quantkit.onnx.qdq import plan_qdq
+from tests.helpers import make_residual_model
+
+INNER = ["c1", "r1", "a1", "r2", "ct", "fl", "g"]
+
+
+def test_infer_equals_session_run(residual_model, rng):
+    x = rng.standard_normal((5, 3, 8, 8))  # float64: infer casts to the input's dtype
+    with OrtRunner(residual_model) as runner:
+        assert (runner.backend, runner.device, runner.output_names) == ("onnxruntime", "CPU", ["y"])
+        got = runner.infer({"x": x})
+    (want,) = create_session(residual_model).run(["y"], {"x": x.astype(np.float32)})
+    np.testing.assert_array_equal(got["y"], want)
+    assert runner.session is None  # closed by the with block
+
+
+def _captured(runner: OrtRunner, batches) -> tuple[dict[str, list[np.ndarray]], list[tuple[tuple[int, ...], int]]]:
+    """Copies of everything the sink receives (the arrays are reused after the call)."""
+    got: dict[str, list[np.ndarray]] = {}
+    calls = []
+
+    def sink(batch, rows, tensors):
+        calls.append((batch.indices, rows))
+        for name, arr in tensors.items():
+            got.setdefault(name, []).append(arr[:rows].copy())
+
+    runner.capture(batches, sink)
+    return got, calls
+
+
+@pytest.mark.parametrize("budget_mb", [64.0, 1e-4])  # one call per batch / one sample per call
+def test_capture_equals_one_plain_call_per_batch(residual_model, budget_mb):
+    names = ["x", *INNER]
+    src = SyntheticSource((3, 8, 8), count=20, seed=3)
+    with OrtRunner(residual_model, capture=names, capture_budget_mb=budget_mb) as runner:
+        assert runner.captured_names == names
+        got, calls = _captured(runner, Batcher(src, ["x"], 8))
+    session = create_session(with_outputs(residual_model, INNER))
+    want: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for batch in Batcher(src, ["x"], 8):
+        want["x"].append(batch.feed["x"])
+        for n, arr in zip(INNER, session.run(INNER, batch.feed)):
+            want[n].append(arr)
+    for n in names:
+        np.testing.assert_allclose(np.concatenate(got[n]), np.concatenate(want[n]), rtol=1e-5, atol=1e-6,
+                                   err_msg=n)
+    assert sum(rows for _, rows in calls) == 20
+    assert len(calls) == (3 if budget_mb == 64.0 else 20)  # chunks of one sample, buffers reused
+
+
+def test_capture_of_a_fixed_batch_model_marks_the_padding(rng):
+    """A fixed batch of 4 and 10 samples: the padded last batch runs whole, and the sink is told
+    that only its first 2 rows are samples."""
+    model = make_residual_model(batch=4)
+    src = SyntheticSource((3, 8, 8), count=10, seed=1)
+    with OrtRunner(model, capture=["r1"], capture_budget_mb=1e-4) as runner:  # never chunked below the batch
+        got, calls = _captured(runner, Batcher(src, ["x"], 4, last_batch="pad"))
+    assert [rows for _, rows in calls] == [4, 4, 2]
+    x = np.stack([src.load(i) for i in range(10)])
+    want = np.concatenate([create_session(with_outputs(model, ["r1"])).run(["r1"], {"x": x[s : s + 4] if s < 8 else
+                           np.concatenate([x[8:], x[9:], x[9:]])})[0] for s in (0, 4, 8)])[:10]
+    np.testing.assert_allclose(np.concatenate(got["r1"]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_collect_histograms_sees_what_capture_hands_over(residual_model):
+    """collect_histograms == a collector per tensor fed the captured chunks, bin by bin."""
+    names = plan_qdq(residual_model).activation_names
+    src = SyntheticSource((3, 8, 8), count=20, seed=3)
+    with OrtRunner(residual_model, capture=names, capture_budget_mb=1e-4) as runner:
+        collected = collect_histograms(runner, Batcher(src, ["x"], 8), num_bins=256, sample_stride=1)
+        got, _ = _captured(runner, Batcher(src, ["x"], 8))
+    for n in names:
+        ref = HistogramCollector(256, name=n)
+        for arr in got[n]:
+            ref.update(arr)
+        a, b = collected[n].compute(), ref.compute()
+        assert (a.bin_width, a.observed_min, a.observed_max) == (b.bin_width, b.observed_min, b.observed_max), n
+        np.testing.assert_array_equal(a.counts, b.counts, err_msg=n)
+
+
+def test_capture_errors_surface(residual_model):
+    src = SyntheticSource((3, 8, 8), count=20, seed=3)
+
+    def sink(batch, rows, tensors):
+        raise RuntimeError(f"sink failed on {batch.indices[0]}")
+
+    with OrtRunner(residual_model, capture=["r1"]) as runner, pytest.raises(RuntimeError, match="sink failed on 0"):
+        runner.capture(Batcher(src, ["x"], 8), sink)
+
+
+def test_batcher_feeds_wrong_shape(residual_model):
+    runner = OrtRunner(residual_model)
+    batch = next(iter(Batcher(SyntheticSource((3, 9, 9), count=2), ["x"], 2)))
+    with pytest.raises(ShapeMismatchError, match="'x'.*expects \\?x3x8x8"):
+        runner.infer(batch.feed)
+
+
+def test_check_feed_messages():
+    specs = [TensorSpec("x", (4, 3, 8, 8), np.dtype(np.float32)), TensorSpec("m", ("N", 5), np.dtype(np.bool_))]
+    ok = {"x": np.zeros((4, 3, 8, 8), np.float32), "m": np.zeros((7, 5), bool)}
+    check_feed(ok, specs)
+    with pytest.raises(InputError, match=r"inputs given \['x'\] do not match the model inputs \['x', 'm'\]") as err:
+        check_feed({"x": ok["x"]}, specs)
+    assert "name the data arrays" in err.value.hint
+    with pytest.raises(ShapeMismatchError, match=r"'x': batch has shape \(2, 3, 8, 8\), the model expects 4x3x8x8") as err:
+        check_feed({**ok, "x": np.zeros((2, 3, 8, 8), np.float32)}, specs)
+    assert err.value.hint == "the model has a fixed batch size of 4; feed batches of that size"
+    with pytest.raises(ShapeMismatchError, match=r"'x': batch has shape \(4, 8, 8, 3\)") as err:
+        check_feed({**ok, "x": np.zeros((4, 8, 8, 3), np.float32)}, specs)
+    assert "resize/crop/layout" in err.value.hint
+    with pytest.raises(ShapeMismatchError, match=r"'m': batch has shape \(7,\), the model expects \?x5"):
+        check_feed({**ok, "m": np.zeros(7, bool)}, specs)
+
+
+def test_runner_from_path_table(tmp_path, residual_model):
+    assert set(ENGINE_SUFFIXES) == {".plan", ".engine", ".trt"} and BACKENDS[".onnx"][1] == "OrtRunner"
+    for name in ("m.onnx", "m.ONNX", "m.model"):  # .onnx, any case, and anything else: ONNX Runtime
+        onnx.save(residual_model, tmp_path / name)
+        with runner_from_path(tmp_path / name, threads=1) as r:
+            assert isinstance(r, OrtRunner) and r.name == name
+    with pytest.raises(ModelError, match="no such file") as err:
+        runner_from_path(tmp_path / "gone.plan")  # missing: reported before TensorRT is needed
+    assert "check the path" in err.value.hint
+    with pytest.raises(ModelError, match="is a folder"):
+        runner_from_path(tmp_path)
+    with pytest.raises(ModelError, match="not a readable ONNX model|not an ONNX model"):
+        (tmp_path / "junk.onnx").write_bytes(b"junk" * 10)
+        runner_from_path(tmp_path / "junk.onnx")
+
+
+@pytest.mark.parametrize("suffix", [".plan", ".engine", ".TRT"])
+def test_engines_go_to_tensorrt_without_onnxruntime_options(tmp_path, monkeypatch, suffix):
+    import quantkit.backends.tensorrt.runner as trt_runner
+
+    seen = []
+    monkeypatch.setattr(trt_runner, "TrtRunner", lambda path, **kwargs: seen.append((path, kwargs)) or "engine")
+    (tmp_path / f"m{suffix}").write_bytes(b"serialized engine")
+    assert runner_from_path(tmp_path / f"m{suffix}", threads=2, capture=["r1"], capture_budget_mb=1.0) == "engine"
+    assert seen == [(tmp_path / f"m{suffix}", {})]

@@ -1,0 +1,136 @@
+"""FP32-vs-INT8 metrics (quantkit.compare) against brute-force NumPy on the concatenated outputs:
+batches streamed in several sizes give the one-shot numbers; padding rows never count."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantkit.backends.onnxruntime import OrtRunner
+from quantkit.compare import comparison_batch, compare_runners
+from quantkit.datasets.batching import Batch
+from quantkit.errors import ModelError
+
+K, C = 6, 5  # features in, classes out
+
+
+def matmul_model(w: np.ndarray, *, batch: int | str = "N", out: str = "y") -> onnx.ModelProto:
+    """x [batch, K] -> MatMul(w) -> y [batch, w.shape[1]], and z = x * 2 [batch, K] (a second output)."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], [out]),
+             helper.make_node("Mul", ["x", "two"], ["z"])]
+    graph = helper.make_graph(
+        nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, K])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch, w.shape[1]]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [batch, K])],
+        [numpy_helper.from_array(w.astype(np.float32), "w"), numpy_helper.from_array(np.float32(2.0), "two")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture
+def pair(rng):
+    """(reference, test) runners: the test model's weights are the reference's plus noise."""
+    w = rng.standard_normal((K, C)).astype(np.float32)
+    noisy = w + rng.standard_normal((K, C)).astype(np.float32) * 0.3
+    return OrtRunner(matmul_model(w)), OrtRunner(matmul_model(noisy))
+
+
+def batches_of(x: np.ndarray, labels: np.ndarray | None, sizes: list[int], *, pad_to: int | None = None):
+    start = 0
+    for n in sizes:
+        feed = x[start : start + n]
+        if pad_to is not None and n < pad_to:  # padding rows: values that would wreck every metric
+            feed = np.concatenate([feed, np.full((pad_to - n, K), 1e6, np.float32)])
+        yield Batch({"x": feed}, None if labels is None else labels[start : start + n],
+                    tuple(range(start, start + n)), n)
+        start += n
+
+
+def brute(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    r = ref.reshape(len(ref), -1).astype(np.float64)
+    t = test.reshape(len(test), -1).astype(np.float64)
+    cos = np.array([a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) for a, b in zip(r, t)])
+    return {
+        "cosine_mean": float(np.mean(cos)), "cosine_min": float(np.min(cos)),
+        "sqnr_db": float(10 * np.log10(np.sum(r**2) / np.sum((r - t) ** 2))),
+        "max_abs_error": float(np.max(np.abs(r - t))), "mean_abs_error": float(np.mean(np.abs(r - t))),
+    }
+
+
+@pytest.mark.parametrize("sizes", [[37], [8, 8, 8, 8, 5], [1, 20, 3, 13]])
+def test_streamed_metrics_equal_one_shot_numpy(pair, rng, sizes):
+    ref_runner, test_runner = pair
+    x = rng.standard_normal((37, K)).astype(np.float32)
+    labels = rng.integers(0, C, 37)
+    report = compare_runners(ref_runner, test_runner, batches_of(x, labels, sizes))
+    ref, test = ref_runner.infer({"x": x}), test_runner.infer({"x": x})
+    assert report.num_samples == 37 and [m.name for m in report.outputs] == ["y", "z"]
+    y = report.outputs[0]
+    for key, want in brute(ref["y"], test["y"]).items():
+        assert getattr(y, key) == pytest.approx(want, rel=1e-9, abs=1e-12), key
+    assert y.top1_agreement == pytest.approx(np.mean(ref["y"].argmax(1) == test["y"].argmax(1)))
+    assert 0 < y.top1_agreement < 1  # the noise flips some predictions, so this compares something
+    assert report.accuracy_reference == pytest.approx(np.mean(ref["y"].argmax(1) == labels))
+    assert report.accuracy_test == pytest.approx(np.mean(test["y"].argmax(1) == labels))
+    z = report.outputs[1]  # identical in both models
+    assert z.sqnr_db == math.inf and z.cosine_min == pytest.approx(1.0) and z.max_abs_error == 0.0
+    assert z.top1_agreement is not None  # [N, K] is 2-D: treated as scores
+
+
+def test_padding_rows_are_left_out(rng):
+    """A fixed-batch pair: the short last batch is padded with huge values, which count nowhere."""
+    w = rng.standard_normal((K, C)).astype(np.float32)
+    ref_runner = OrtRunner(matmul_model(w, batch=8))
+    test_runner = OrtRunner(matmul_model(w * 1.1 + 0.05, batch=8))
+    assert comparison_batch(ref_runner, test_runner, 32) == (8, True)
+    x = rng.standard_normal((21, K)).astype(np.float32)
+    labels = rng.integers(0, C, 21)
+    report = compare_runners(ref_runner, test_runner, batches_of(x, labels, [8, 8, 5], pad_to=8))
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    test = x.astype(np.float64) @ (w * 1.1 + 0.05).astype(np.float32).astype(np.float64)
+    assert report.num_samples == 21
+    for key, want in brute(ref, test).items():
+        assert getattr(report.outputs[0], key) == pytest.approx(want, rel=1e-5), key
+    assert report.accuracy_reference == pytest.approx(np.mean(ref.argmax(1) == labels))
+
+
+def test_zero_outputs_and_non_classifier_outputs(rng):
+    """Both outputs all zero: cosine 1 (not NaN); the test all zero: SQNR 0 dB; an output of
+    one column (not class scores) has no top-1 agreement."""
+    zero = np.zeros((K, C), np.float32)
+    r0, t0 = OrtRunner(matmul_model(zero)), OrtRunner(matmul_model(zero))
+    x = rng.standard_normal((4, K)).astype(np.float32)
+    m = compare_runners(r0, t0, batches_of(x, None, [4])).outputs[0]
+    assert (m.cosine_mean, m.cosine_min, m.sqnr_db) == (1.0, 1.0, math.inf)
+    w = rng.standard_normal((K, C)).astype(np.float32)
+    m = compare_runners(OrtRunner(matmul_model(w)), t0, batches_of(x, None, [4])).outputs[0]
+    assert m.sqnr_db == pytest.approx(0.0) and m.cosine_mean == 0.0  # noise energy == signal energy
+    single = compare_runners(OrtRunner(matmul_model(w[:, :1])), OrtRunner(matmul_model(w[:, :1] * 2)),
+                             batches_of(x, None, [4]))
+    assert single.outputs[0].top1_agreement is None and single.outputs[0].cosine_mean == pytest.approx(1.0)
+
+
+def test_mismatched_models_are_refused(rng):
+    w = rng.standard_normal((K, C)).astype(np.float32)
+    with pytest.raises(ModelError, match="different outputs"):
+        compare_runners(OrtRunner(matmul_model(w)), OrtRunner(matmul_model(w, out="logits")), iter(()))
+    with pytest.raises(ModelError, match="fp32 a fixed batch size of 4, int8 a fixed batch size of 8"):
+        comparison_batch(OrtRunner(matmul_model(w, batch=4)), OrtRunner(matmul_model(w, batch=8)), 16)
+    assert comparison_batch(OrtRunner(matmul_model(w)), OrtRunner(matmul_model(w)), 16) == (16, False)
+    assert comparison_batch(OrtRunner(matmul_model(w)), OrtRunner(matmul_model(w, batch=4)), 16) == (4, True)
+
+
+def test_report_table_and_dict(pair, rng):
+    x = rng.standard_normal((10, K)).astype(np.float32)
+    report = compare_runners(*pair, batches_of(x, rng.integers(0, C, 10), [10]))
+    d = report.to_dict()
+    assert d["num_samples"] == 10 and d["outputs"][0]["sqnr_db"] == report.outputs[0].sqnr_db and d["skipped"] == []
+    table = report.table()
+    assert table.splitlines()[0] == "int8 vs fp32 on 10 samples"
+    assert f"{report.outputs[0].sqnr_db:.2f}" in table and f"{report.accuracy_test:.4f}" in table
