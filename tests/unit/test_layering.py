@@ -9,7 +9,7 @@ from pathlib import Path
 
 from quantkit import sample
 from quantkit.cli import main
-from tests.unit.test_cli import DIGITS
+from tests.helpers import DIGITS
 
 PKG = Path(__file__).resolve().parents[2] / "quantkit"
 
