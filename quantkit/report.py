@@ -35,6 +35,7 @@ class Results:
     benches: list[dict[str, Any]] = field(default_factory=list)
     ranges: list[dict[str, Any]] = field(default_factory=list)
     qat: list[dict[str, Any]] = field(default_factory=list)
+    debug: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, doc: dict[str, Any], source: str = "<dict>") -> None:
         if "methods" in doc and "latency_batch32" in doc:  # `quantkit demo`'s report.json
@@ -43,6 +44,9 @@ class Results:
             for bench in doc["latency_batch32"].values():
                 if "model" in bench:
                     self.add(bench, source)
+            return
+        if isinstance(doc.get("layerwise"), dict):  # `quantkit debug`'s debug.json
+            self.debug.append({**doc["layerwise"], "_file": source})
             return
         doc = {**doc, "_file": source}
         if "median_ms" in doc:
@@ -78,7 +82,7 @@ def load_results(paths: Iterable[str | os.PathLike[str]]) -> Results:
             raise InputError(f"{str(f)!r} is not readable JSON: {err}") from err
         if isinstance(doc, dict):
             res.add(doc, str(f))
-    if not (res.compares or res.benches or res.ranges or res.qat):
+    if not (res.compares or res.benches or res.ranges or res.qat or res.debug):
         raise InputError("no quantkit results found in the given files",
                          hint="pass the JSON files of calibrate (ranges.json, report.json), compare --json, bench --json")
     return res
@@ -234,6 +238,25 @@ def plot_training_curves(qat: dict[str, Any]) -> Any:
     return fig
 
 
+def plot_error_along_depth(debug: dict[str, Any]) -> Any:
+    """``quantkit debug``: local and accumulated SQNR of every quantized activation, in graph
+    order, so one sees where error enters (a low local point) and how it grows downstream."""
+    plt = _plt()
+    acts = sorted(debug["activations"], key=lambda a: a["depth"])
+    fig, ax = plt.subplots(figsize=(max(7, 0.3 * len(acts) + 3), 4.5))
+    xs = range(len(acts))
+    ax.plot(xs, [a["local_sqnr_db"] for a in acts], marker="o", label="local (this pair alone)")
+    ax.plot(xs, [a["accumulated_sqnr_db"] for a in acts], marker="s", label="accumulated (FP32 vs INT8 model)")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([a["tensor"][-28:] for a in acts], rotation=90, fontsize=6)
+    ax.set_ylabel("SQNR, dB (higher is closer to FP32)")
+    ax.set_title(f"error along the network: {_stem(debug.get('test', 'int8'))}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def figures(res: Results) -> dict[str, Any]:
     """Every figure the results support, by file stem."""
     figs: dict[str, Any] = {}
@@ -247,6 +270,8 @@ def figures(res: Results) -> dict[str, Any]:
         figs[f"amax_by_method_{stem}{'_' + str(seen[stem]) if seen[stem] > 1 else ''}"] = plot_amax_by_method(r)
     if res.compares:
         figs["output_sqnr"] = plot_output_error(res.compares)
+    for d in res.debug:
+        figs[f"error_along_depth_{_stem(d.get('test', 'int8'))}"] = plot_error_along_depth(d)
     for i, q in enumerate(res.qat):
         figs[f"qat_training{'_' + str(i) if i else ''}"] = plot_training_curves(q)
     return figs

@@ -80,6 +80,16 @@ class Runner(abc.ABC):
         """The tensors ``capture`` streams (given when the runner was made)."""
         return []
 
+    def infer_captured(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One batch: the model's outputs and the captured tensors (fresh arrays, kept by the
+        caller; ``capture`` is the faster route for a whole pass)."""
+        check_feed(feed, self.input_specs)
+        cast = {s.name: np.asarray(feed[s.name], dtype=s.dtype) for s in self.input_specs}
+        return self._infer_captured_impl(cast)
+
+    def _infer_captured_impl(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        raise NotImplementedError(f"the {self.backend} backend cannot capture intermediate tensors")
+
     def capture(self, batches: Iterable[Any], sink: "TensorSink", *,
                 on_batch: Callable[[int], None] | None = None) -> None:
         """Run every batch once and hand the captured tensors of each part of it to ``sink``;

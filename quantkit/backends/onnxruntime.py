@@ -110,6 +110,12 @@ class OrtRunner(Runner):
         outs = self.session.run(self._outputs, feed)
         return dict(zip(self._outputs, outs))
 
+    def _infer_captured_impl(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        names = [*self._outputs, *(t for t in self._inner if t not in self._outputs)]
+        got = dict(zip(names, self.session.run(names, feed)))
+        return ({n: got[n] for n in self._outputs},
+                {t: feed[t] if t not in got else got[t] for t in self._captured})
+
     def capture(self, batches: Iterable[Any], sink: TensorSink, *,
                 on_batch: Callable[[int], None] | None = None) -> None:
         """Run every batch once; the sink gets each chunk's captured tensors on a worker thread

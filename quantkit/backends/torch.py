@@ -83,6 +83,11 @@ class TorchRunner(Runner):
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._run(feed, None)
 
+    def _infer_captured_impl(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        grab: dict[str, Any] = {}
+        outs = self._run(feed, grab)
+        return outs, {n: feed[n] if n not in self._hooked else grab[n].detach().cpu().numpy() for n in self._captured}
+
     def capture(self, batches: Iterable[Any], sink: TensorSink, *,
                 on_batch: Callable[[int], None] | None = None) -> None:
         for batch in batches:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("quantkit.cli.calibrate", "Calibrate"),
     "compare": ("quantkit.cli.compare", "Compare"),
+    "debug": ("quantkit.cli.debug", "Debug"),
     "build": ("quantkit.cli.build", "Build"),
     "bench": ("quantkit.cli.bench", "Bench"),
     "demo": ("quantkit.cli.demo", "Demo"),

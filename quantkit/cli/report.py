@@ -6,8 +6,8 @@ import argparse
 class Report:
     """Plots (PNG + SVG) and one self-contained HTML page from result JSON files (needs matplotlib).
 
-    Takes the JSON of `calibrate` (ranges.json, report.json), `compare --json`, `bench --json`
-    and `qat-demo` (results.json), or folders holding them. Accuracy vs latency is drawn for the
+    Takes the JSON of `calibrate` (ranges.json, report.json), `compare --json`, `bench --json`,
+    `qat-demo` (results.json) and `debug` (debug.json), or folders holding them. Accuracy vs latency is drawn for the
     models that have both a comparison and a benchmark, matched by file name.
 
     example:
@@ -33,7 +33,7 @@ class Report:
         res = load_results(args.results)
         paths = write_report(res, args.output, title=args.title, force=args.force, inputs=args.results)
         print(f"{len(res.compares)} comparisons, {len(res.benches)} benchmarks, {len(res.ranges)} range sets, "
-              f"{len(res.qat)} QAT runs")
+              f"{len(res.qat)} QAT runs, {len(res.debug)} debug runs")
         for p in paths.values():
             print(f"  wrote {p}")
         return 0

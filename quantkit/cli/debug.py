@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from quantkit.cli.common import add_data_args, add_preprocess_args, progress, select, source_for_model
+
+
+class Debug:
+    """Find where an INT8 (Q/DQ) model's error comes from: the error at every quantized tensor and weight.
+
+    Runs the FP32 model and the Q/DQ model side by side on the data and, for every Q/DQ pair,
+    measures the error that pair adds on its own (FP32 activation against its fake-quantized
+    self: clipping and rounding, share clipped), the error accumulated from everything upstream
+    (FP32 activation against the INT8 model's), and for weights the per-channel error. Works on
+    Q/DQ models from quantkit, ONNX Runtime, Model Optimizer or NNCF. Memory does not grow with
+    the number of images. Writes debug.json (and quantkit report draws it).
+
+    example:
+      quantkit debug resnet.onnx out/resnet.int8.onnx --images ./val --preprocess imagenet -o dbg/
+    """
+
+    name = "debug"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("reference", metavar="FP32.onnx", help="the FP32 model")
+        parser.add_argument("test", metavar="INT8.onnx", help="the Q/DQ model made from it")
+        parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for debug.json")
+        parser.add_argument("--force", action="store_true",
+                            help="replace the files of an earlier debug run in DIR (never other files)")
+        parser.add_argument("--rows", type=int, default=15, help="rows of the printed table (default 15)")
+        add_data_args(parser, num_images_help="use the first N samples of the --order (default: all)")
+        add_preprocess_args(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from quantkit._io import check_output_dir, output_dir, write_json_atomic
+        from quantkit.datasets import Batcher
+        from quantkit.debug import layerwise_error
+        from quantkit.onnx.model import input_specs, load_model
+
+        inputs = [p for p in (args.reference, args.test, args.images, args.npz) if p]
+        fp32, int8 = load_model(args.reference), load_model(args.test)
+        check_output_dir(args.output, force=args.force, inputs=inputs)  # before the work
+        specs = input_specs(fp32)
+        source = source_for_model(args, specs)
+        drawn = select(source, args)
+        fixed = specs[0].static_batch
+        batches = Batcher(source, [s.name for s in specs], fixed or args.batch_size, indices=drawn.indices,
+                          last_batch="pad" if fixed else "keep", strict=args.strict,
+                          dtypes={s.name: s.dtype for s in specs})
+        with progress(len(drawn.indices), "debugging", disable=args.no_progress) as bar:
+            report = layerwise_error(fp32, int8, batches, threads=args.threads, reference_name=Path(args.reference).name,
+                                     test_name=Path(args.test).name, on_batch=bar.update)
+        with output_dir(args.output, force=args.force, inputs=inputs, command="quantkit debug") as staging:
+            write_json_atomic(staging / "debug.json", report.to_dict())
+        print(report.table(args.rows))
+        print(f"  wrote {Path(args.output) / 'debug.json'}")
+        return 0

@@ -1,0 +1,323 @@
+"""Where INT8 error enters and how it grows: the FP32 model and its Q/DQ model side by side.
+
+For every Q/DQ pair of the INT8 model (found by reading its graph, so Q/DQ models written by
+ONNX Runtime, Model Optimizer or NNCF work as well as quantkit's):
+
+    activation x (a tensor of the FP32 model, matched by following the DequantizeLinear back to
+    the QuantizeLinear and the float tensor it reads)
+      local error        x_fp32 against fakequant(x_fp32) with the INT8 model's scale:
+                         the error this pair adds on its own, split into clipping (values
+                         beyond the range) and rounding, with the share of values clipped
+      accumulated error  x_fp32 against the INT8 model's dequantized x (the DequantizeLinear's
+                         output): this pair's error and everything upstream; read at the DQ
+                         output, so tools that fold a ReLU into the QuantizeLinear compare alike
+    weight w
+      per output channel, w_fp32 against the weight the INT8 model computes with
+
+Everything is streamed: per pair a handful of sums, so memory does not depend on the number of
+images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from quantkit.errors import ModelError
+
+
+@dataclass(frozen=True)
+class QdqPoint:
+    """One quantized tensor of a Q/DQ model.
+
+    Attributes:
+        tensor: the float tensor that is quantized (its name in the FP32 model).
+        kind: ``activation`` or ``weight``.
+        scale, zero_point: as the model stores them (per tensor, or per channel along ``axis``).
+        qmin, qmax: the integer range (-128..127 for int8, 0..255 for uint8).
+        depth: position of the pair in the graph (topological order of its DequantizeLinear).
+        consumers: the nodes that read the dequantized tensor.
+        stored: for weights kept as integers in the model (ONNX Runtime's QDQ format): the
+            integer initializer; None when the model stores float weights behind a Q/DQ pair.
+        dq_output: the DequantizeLinear's output (some tools give it the original tensor's
+            name and rename the tensor the QuantizeLinear reads, e.g. ONNX Runtime on outputs).
+    """
+
+    tensor: str
+    kind: str
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+    qmin: int
+    qmax: int
+    depth: int
+    consumers: tuple[str, ...]
+    stored: str | None = None
+    dq_output: str = ""
+
+    def fake_quant(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(fakequant(x), mask of the values clipped), in float64."""
+        s, z = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
+        q = np.rint(x / s) + z
+        clipped = (q < self.qmin) | (q > self.qmax)
+        return (np.clip(q, self.qmin, self.qmax) - z) * s, clipped
+
+    def _broadcast(self, v: np.ndarray, x: np.ndarray) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float64)
+        if v.ndim == 0 or self.axis is None:
+            return v.reshape(())
+        shape = [1] * x.ndim
+        shape[self.axis % x.ndim] = v.size
+        return v.reshape(shape)
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    from quantkit.onnx.model import initializer_arrays
+
+    return initializer_arrays(model)
+
+
+def qdq_points(model: onnx.ModelProto) -> list[QdqPoint]:
+    """Every DequantizeLinear of ``model`` traced back to the float tensor it stands for."""
+    consts = _constants(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.name or n.op_type)
+    points = []
+    for depth, node in enumerate(model.graph.node):
+        if node.op_type != "DequantizeLinear":
+            continue
+        src = node.input[0]
+        scale = consts.get(node.input[1]) if len(node.input) > 1 else None
+        zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None:
+            continue  # a computed scale (dynamic quantization): nothing to check against
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if np.asarray(scale).ndim else None
+        q = producer.get(src)
+        if q is not None and q.op_type == "QuantizeLinear":
+            tensor, stored = q.input[0], None
+            if zp is None and len(q.input) > 2 and q.input[2]:
+                zp = consts.get(q.input[2])
+            kind = "weight" if tensor in consts else "activation"
+        elif src in consts:
+            tensor, stored, kind = src, src, "weight"
+        else:
+            continue  # a DQ of something else (e.g. a computed integer tensor)
+        zp_arr = np.zeros_like(np.asarray(scale, dtype=np.float64)) if zp is None else np.asarray(zp)
+        signed = zp is None and stored is not None and consts[stored].dtype == np.int8 or \
+            zp is not None and np.asarray(zp).dtype == np.int8
+        qmin, qmax = (-128, 127) if signed else (0, 255)
+        points.append(QdqPoint(tensor, kind, np.asarray(scale, np.float64), zp_arr.astype(np.float64), axis,
+                               qmin, qmax, depth, tuple(readers.get(node.output[0], ())), stored, node.output[0]))
+    return points
+
+
+# ------------------------------------------------------------------ streamed statistics
+@dataclass
+class _PointStats:
+    sig: float = 0.0
+    local_noise: float = 0.0
+    clip_noise: float = 0.0
+    clipped: int = 0
+    values: int = 0
+    acc_noise: float = 0.0
+
+    def update(self, point: QdqPoint, ref: np.ndarray, test: np.ndarray) -> None:
+        x = ref.astype(np.float64)
+        fq, clipped = point.fake_quant(x)
+        err = (fq - x) ** 2
+        self.sig += float((x * x).sum())
+        self.local_noise += float(err.sum())
+        self.clip_noise += float(err[clipped].sum())
+        self.clipped += int(clipped.sum())
+        self.values += x.size
+        d = test.astype(np.float64) - x
+        self.acc_noise += float((d * d).sum())
+
+
+def _db(sig: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    return -math.inf if sig == 0.0 else 10.0 * math.log10(sig / noise)
+
+
+@dataclass(frozen=True)
+class PointError:
+    """Error at one quantized activation (dB: higher is closer to FP32)."""
+
+    tensor: str
+    depth: int
+    local_sqnr_db: float
+    accumulated_sqnr_db: float
+    clipped_share: float
+    clipping_share_of_error: float
+    consumers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WeightError:
+    """Error of one quantized weight: over all of it and per output channel."""
+
+    tensor: str
+    depth: int
+    sqnr_db: float
+    worst_channel_sqnr_db: float
+    worst_channels: list[int]
+    consumers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DebugReport:
+    """Layer-wise error of a Q/DQ model against its FP32 model on one data set."""
+
+    reference: str
+    test: str
+    num_samples: int
+    activations: list[PointError]
+    weights: list[WeightError]
+    outputs: list[Any] = field(default_factory=list)
+
+    def worst_first(self) -> list[PointError]:
+        """Activations by the error they add on their own (lowest local SQNR first)."""
+        return sorted(self.activations, key=lambda p: (p.local_sqnr_db, p.depth))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layerwise": {"reference": self.reference, "test": self.test, "num_samples": self.num_samples,
+                              "activations": [asdict(p) for p in self.activations],
+                              "weights": [asdict(w) for w in self.weights],
+                              "outputs": [asdict(o) for o in self.outputs]}}
+
+    def table(self, rows: int = 15) -> str:
+        lines = [f"{self.test} vs {self.reference} on {self.num_samples} samples: {len(self.activations)} quantized "
+                 f"activations, {len(self.weights)} weights; worst first",
+                 f"  {'tensor':<36} {'depth':>5} {'local dB':>9} {'clipped':>8} {'clip/err':>8} {'accum dB':>9}"]
+        for p in self.worst_first()[:rows]:
+            lines.append(f"  {p.tensor[-36:]:<36} {p.depth:>5} {p.local_sqnr_db:>9.2f} {100 * p.clipped_share:>7.3f}% "
+                         f"{100 * p.clipping_share_of_error:>7.1f}% {p.accumulated_sqnr_db:>9.2f}")
+        worst_w = sorted(self.weights, key=lambda w: w.worst_channel_sqnr_db)[:3]
+        for w in worst_w:
+            lines.append(f"  weight {w.tensor[-36:]}: {w.sqnr_db:.2f} dB, worst channel {w.worst_channel_sqnr_db:.2f} dB "
+                         f"(channels {w.worst_channels})")
+        for o in self.outputs:
+            lines.append(f"  output {o.name}: SQNR {o.sqnr_db:.2f} dB, cosine {o.cosine_mean:.5f}")
+        return "\n".join(lines)
+
+
+def _tensors_of(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    return {i.name for i in g.input} | {o for n in g.node for o in n.output} | {i.name for i in g.initializer}
+
+
+def _fp32_weight(fp32: onnx.ModelProto, int8: onnx.ModelProto, point: QdqPoint,
+                 consts: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
+    """The FP32 model's weight that ``point`` quantizes: the same name, or (for weights stored
+    as integers under a new name) the same input of the same consumer node."""
+    if point.stored is None and point.tensor in consts:
+        return point.tensor, consts[point.tensor]
+    dq_out = next(n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == point.tensor)
+    for node in int8.graph.node:
+        if dq_out in node.input:
+            slot = list(node.input).index(dq_out)
+            twin = next((n for n in fp32.graph.node if n.name and n.name == node.name), None)
+            if twin is not None and slot < len(twin.input) and twin.input[slot] in consts:
+                return twin.input[slot], consts[twin.input[slot]]
+    raise ModelError(f"the INT8 model's weight {point.tensor!r} has no counterpart in the FP32 model",
+                     hint="give the FP32 model the Q/DQ model was made from")
+
+
+def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable[QdqPoint]) -> list[WeightError]:
+    """Per-channel error of every quantized weight; refuses weights that are not the FP32 model's."""
+    fconsts, iconsts = _constants(fp32), _constants(int8)
+    out = []
+    for p in points:
+        name, w = _fp32_weight(fp32, int8, p, fconsts)
+        w = w.astype(np.float64)
+        if p.stored is not None:
+            q = iconsts[p.stored].astype(np.float64)
+            deq = (q - p._broadcast(p.zero_point, q)) * p._broadcast(p.scale, q)
+        else:
+            deq = p.fake_quant(w)[0]
+        if deq.shape != w.shape:
+            raise ModelError(f"weight {name!r}: shape {list(deq.shape)} in the INT8 model, {list(w.shape)} in the "
+                             "FP32 model: the Q/DQ model is not derived from this FP32 model",
+                             hint="give the FP32 model the Q/DQ model was made from")
+        total = _db(float((w * w).sum()), float(((deq - w) ** 2).sum()))
+        if total < 10.0:
+            raise ModelError(f"weight {name!r} differs from the FP32 model's ({total:.1f} dB): the Q/DQ model is not "
+                             "derived from this FP32 model", hint="give the FP32 model the Q/DQ model was made from")
+        axis = p.axis if p.axis is not None else 0
+        wc, dc = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), np.moveaxis(deq, axis, 0).reshape(w.shape[axis], -1)
+        per = np.array([_db(float((a * a).sum()), float(((b - a) ** 2).sum())) for a, b in zip(wc, dc)])
+        order = np.argsort(per, kind="stable")[:3]
+        out.append(WeightError(name, p.depth, total, float(per.min()), [int(i) for i in order], p.consumers))
+    return out
+
+
+def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Iterable[Any], *,
+                    threads: int | None = None, reference_name: str = "fp32", test_name: str = "int8",
+                    on_batch: Callable[[int], None] | None = None) -> DebugReport:
+    """Run both models side by side on ``batches`` and measure the error at every Q/DQ pair.
+
+    Raises:
+        ModelError: the INT8 model has no Q/DQ pairs, or is not derived from ``fp32`` (the
+            message names the first tensor that does not match).
+    """
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.compare import _OutputStats
+
+    points = qdq_points(int8)
+    if not points:
+        raise ModelError(f"{test_name} has no QuantizeLinear/DequantizeLinear pairs with constant scales",
+                         hint="give a Q/DQ model (quantkit calibrate writes one)")
+    known = _tensors_of(fp32)
+    # the FP32 tensor each activation pair stands for, and where the INT8 model keeps its own
+    # unquantized value: the QuantizeLinear's input, whatever a tool renamed
+    fp32_name: dict[str, str] = {}
+    for p in (p for p in points if p.kind == "activation"):
+        match = p.tensor if p.tensor in known else p.dq_output if p.dq_output in known else None
+        if match is None:
+            raise ModelError(f"the INT8 model quantizes {p.tensor!r}, which the FP32 model does not have: the Q/DQ "
+                             "model is not derived from this FP32 model",
+                             hint="give the FP32 model the Q/DQ model was made from")
+        fp32_name.setdefault(p.tensor, match)
+    weights = weight_errors(fp32, int8, [p for p in points if p.kind == "weight"])
+    names = list(fp32_name)  # INT8 model's names
+    stats = {n: _PointStats() for n in names}
+    by_name = {p.tensor: p for p in points if p.kind == "activation"}
+    samples = 0
+    with OrtRunner(fp32, threads=threads, capture=[fp32_name[n] for n in names]) as ref, \
+            OrtRunner(int8, threads=threads, capture=[by_name[n].dq_output for n in names]) as test:
+        if ref.output_names != test.output_names:
+            raise ModelError(f"the models have different outputs: {ref.output_names} vs {test.output_names}",
+                             hint="give the FP32 model the Q/DQ model was made from")
+        outs = {n: _OutputStats(n) for n in ref.output_names}
+        for batch in batches:
+            n = batch.size
+            ref_out, ref_cap = ref.infer_captured(batch.feed)
+            test_out, test_cap = test.infer_captured(batch.feed)
+            for name in names:
+                a, b = ref_cap[fp32_name[name]][:n], test_cap[by_name[name].dq_output][:n]
+                if a.shape != b.shape:
+                    raise ModelError(f"tensor {name!r} has shape {list(a.shape)} in the FP32 model and "
+                                     f"{list(b.shape)} in the INT8 model: not derived from this FP32 model")
+                stats[name].update(by_name[name], a, b)
+            for o, st in outs.items():
+                st.update(ref_out[o][:n], test_out[o][:n])
+            samples += n
+            if on_batch is not None:
+                on_batch(n)
+    errors = []
+    for name in names:
+        s, p = stats[name], by_name[name]
+        errors.append(PointError(fp32_name[name], p.depth, _db(s.sig, s.local_noise), _db(s.sig, s.acc_noise),
+                                 s.clipped / max(s.values, 1), s.clip_noise / s.local_noise if s.local_noise else 0.0,
+                                 p.consumers))
+    return DebugReport(reference_name, test_name, samples, errors, weights, [st.result() for st in outs.values()])

@@ -1,0 +1,132 @@
+"""quantkit debug: layer-wise error of a Q/DQ model against its FP32 model, against brute force."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from quantkit.backends.onnxruntime import OrtRunner
+from quantkit.cli import main
+from quantkit.datasets import Batcher, SyntheticSource
+from quantkit.debug import layerwise_error, qdq_points
+from quantkit.errors import ModelError
+from quantkit.ptq import ExportConfig, QuantizeConfig, quantize
+from tests.helpers import make_residual_model
+
+SRC = SyntheticSource((3, 8, 8), count=40, seed=5)
+
+
+def _db(sig: float, noise: float) -> float:
+    return 10 * np.log10(sig / noise)
+
+
+@pytest.fixture(scope="module")
+def models():
+    fp32 = make_residual_model()
+    cal = quantize(fp32, SyntheticSource((3, 8, 8), count=64, seed=1), QuantizeConfig(export=ExportConfig("percentile")))
+    return cal.model, cal.int8_model("entropy-trt")
+
+
+def _all(model, names):
+    x = np.stack([SRC.load(i) for i in range(len(SRC))])
+    with OrtRunner(model, capture=names) as r:
+        return r.infer_captured({"x": x})[1]
+
+
+def test_local_and_accumulated_error_equal_brute_force(models):
+    fp32, int8 = models
+    rep = layerwise_error(fp32, int8, Batcher(SRC, ["x"], 8))  # streamed in 5 batches
+    assert rep.num_samples == 40
+    points = {p.tensor: p for p in qdq_points(int8) if p.kind == "activation"}
+    ref = _all(fp32, list(points))
+    dq = _all(int8, [p.dq_output for p in points.values()])
+    for e in rep.activations:
+        p, x = points[e.tensor], ref[e.tensor].astype(np.float64)
+        s = float(p.scale)
+        q = np.rint(x / s)
+        fq = np.clip(q, -128, 127) * s
+        assert e.local_sqnr_db == pytest.approx(_db((x ** 2).sum(), ((fq - x) ** 2).sum()), rel=1e-9), e.tensor
+        assert e.clipped_share == pytest.approx(float(((q < -128) | (q > 127)).mean())), e.tensor
+        acc = dq[p.dq_output].astype(np.float64)
+        assert e.accumulated_sqnr_db == pytest.approx(_db((x ** 2).sum(), ((acc - x) ** 2).sum()), rel=1e-6), e.tensor
+    assert [p.tensor for p in rep.worst_first()] == sorted(points, key=lambda t: next(
+        a.local_sqnr_db for a in rep.activations if a.tensor == t))
+
+
+def test_weight_errors_per_channel(models):
+    fp32, int8 = models
+    rep = layerwise_error(fp32, int8, Batcher(SRC, ["x"], 8))
+    w1 = next(w for w in rep.weights if w.tensor == "w1")
+    w = onnx.numpy_helper.to_array(next(i for i in fp32.graph.initializer if i.name == "w1")).astype(np.float64)
+    s = np.abs(w).reshape(8, -1).max(axis=1).astype(np.float32) / np.float32(127)
+    fq = np.clip(np.rint(w / s[:, None, None, None]), -128, 127) * s[:, None, None, None]
+    per = [_db((a ** 2).sum(), ((b - a) ** 2).sum()) for a, b in zip(w, fq)]
+    assert w1.worst_channel_sqnr_db == pytest.approx(min(per), rel=1e-6)
+    assert w1.worst_channels[0] == int(np.argmin(per))
+
+
+def test_onnxruntime_qdq_model_is_read_too(models, tmp_path):
+    """ONNX Runtime's Q/DQ format: weights stored as int8 initializers, outputs renamed."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    fp32 = models[0]
+    onnx.save(fp32, tmp_path / "m.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": SRC.load(i)[None]} for i in range(16)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    int8 = onnx.load(tmp_path / "q.onnx")
+    rep = layerwise_error(fp32, int8, Batcher(SRC, ["x"], 8))
+    assert {w.tensor for w in rep.weights} >= {"w1", "w2", "wt"}
+    assert all(np.isfinite(a.local_sqnr_db) for a in rep.activations)
+    assert rep.outputs[0].sqnr_db > 10
+
+
+def test_a_model_not_made_from_this_fp32_model_is_refused(models):
+    other = make_residual_model(seed=7)
+    with pytest.raises(ModelError, match="not derived from this FP32 model"):
+        layerwise_error(other, models[1], Batcher(SRC, ["x"], 8))
+
+
+def test_debug_cli(models, tmp_path, capsys):
+    fp32, int8 = models
+    onnx.save(fp32, tmp_path / "m.onnx")
+    onnx.save(int8, tmp_path / "q.onnx")
+    np.save(tmp_path / "x.npy", np.stack([SRC.load(i) for i in range(len(SRC))]))
+    args = ["debug", str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), "--npz", str(tmp_path / "x.npy"), "--no-progress"]
+    assert main([*args, "-o", str(tmp_path / "dbg")]) == 0
+    doc = json.loads((tmp_path / "dbg" / "debug.json").read_text())["layerwise"]
+    assert doc["num_samples"] == 40 and len(doc["activations"]) == len([p for p in qdq_points(int8) if p.kind == "activation"])
+    assert "worst first" in capsys.readouterr().out
+    onnx.save(make_residual_model(seed=7), tmp_path / "other.onnx")
+    assert main(["debug", str(tmp_path / "other.onnx"), *args[2:], "-o", str(tmp_path / "d2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("quantkit: error: weight") and len(err) == 2
+    assert not (tmp_path / "d2").exists()
+
+
+def test_report_draws_error_along_depth(models, tmp_path):
+    pytest.importorskip("matplotlib")
+    from quantkit.report import load_results, plot_error_along_depth
+
+    fp32, int8 = models
+    rep = layerwise_error(fp32, int8, Batcher(SRC, ["x"], 8), test_name="q.onnx")
+    (tmp_path / "dbg").mkdir()
+    (tmp_path / "dbg" / "debug.json").write_text(json.dumps(rep.to_dict()))
+    res = load_results([tmp_path / "dbg"])
+    assert len(res.debug) == 1
+    ax = plot_error_along_depth(res.debug[0]).axes[0]
+    local = ax.get_lines()[0].get_ydata()
+    by_depth = sorted(rep.activations, key=lambda a: a.depth)
+    assert list(local) == [a.local_sqnr_db for a in by_depth]
+    assert main(["report", str(tmp_path / "dbg"), "-o", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "error_along_depth_q.png").is_file()
