@@ -33,7 +33,7 @@ from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError
 from quantkit.onnx.model import (TensorSpec, check_not_quantized, ensure_opset, float_activations, float_input_specs,
                                  opset_version)
-from quantkit.onnx.qdq import TARGETS, QdqPlan, insert_qdq, plan_qdq
+from quantkit.onnx.qdq import TARGETS, QdqPlan, exclude_from_plan, insert_qdq, plan_qdq
 
 if TYPE_CHECKING:
     from quantkit.calibrators.stats import CalibrationStats
@@ -58,6 +58,9 @@ class StatsConfig:
             network (slower); by default only the tensors that Q/DQ placement quantizes.
         pow2_grid: histograms start on a power-of-two range, so that the statistics of runs
             on different data merge exactly (``quantkit merge-stats``).
+        exclude: node names or regular expressions (whole name) whose inputs stay in float
+            (no Q/DQ: those ops run in FP16/FP32 in TensorRT's explicit quantization).
+        exclude_op_types: op types whose inputs stay in float.
     """
 
     num_bins: int = 2048
@@ -65,6 +68,8 @@ class StatsConfig:
     target: str = "tensorrt"
     cache_all_tensors: bool = False
     pow2_grid: bool = False
+    exclude: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_bins < 256 or self.num_bins & (self.num_bins - 1):
@@ -148,11 +153,14 @@ class PreparedModel:
     plan: QdqPlan
     target: str = "tensorrt"
     name: str = "model"
+    excluded: list[dict[str, str]] = field(default_factory=list)
+    exclusions: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
 
 
-def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "model") -> PreparedModel:
+def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "model", exclude: Sequence[str] = (),
+            exclude_op_types: Sequence[str] = ()) -> PreparedModel:
     """Not quantized already, opset >= 13, float activations checked, Q/DQ placement planned for
-    ``target``.
+    ``target``, the ``exclude``d nodes and op types left in float (``exclude_from_plan``).
 
     Inputs may be int64/int32/bool (token ids, masks): the float activations after them are
     calibrated, the inputs themselves are fed as they are.
@@ -160,12 +168,13 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     check_not_quantized(model, source=name)
     model = ensure_opset(model)
     specs = float_input_specs(model, source=name)
-    plan = plan_qdq(model, target)
+    plan, excluded = exclude_from_plan(model, plan_qdq(model, target), names=exclude, op_types=exclude_op_types)
     if not plan.activations:
-        raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes: nothing to quantize to INT8")
+        raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes"
+                         + (" left after the exclusions" if excluded else "") + ": nothing to quantize to INT8")
     log.debug("opset %d, %d activation and %d weight Q/DQ pairs planned", opset_version(model),
               len(plan.activations), len(plan.weights))
-    return PreparedModel(model, specs, plan, target, name)
+    return PreparedModel(model, specs, plan, target, name, excluded, (tuple(exclude), tuple(exclude_op_types)))
 
 
 def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Sequence[int], run: RunConfig) -> Batcher:
@@ -215,6 +224,7 @@ class Calibration:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     sampling: dict[str, Any] | None = None
     model_name: str = "model"
+    excluded: list[dict[str, str]] = field(default_factory=list)
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
 
     def amax(self, method: str | None = None, *, quantized_only: bool = False) -> dict[str, float]:
@@ -258,6 +268,7 @@ class Calibration:
             "num_samples": self.num_samples,
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
             **({"sampling": self.sampling} if self.sampling is not None else {}),
+            **({"excluded": self.excluded} if self.excluded else {}),
             "config": {"num_bins": s.num_bins, **self.config.params, "cache_all_tensors": s.cache_all_tensors,
                        "sample_stride": s.sample_stride, "target": s.target},
             **metadata,
@@ -399,9 +410,11 @@ def quantize(
     from quantkit.backends.onnxruntime import OrtRunner
 
     stats, run = config.stats, config.run
-    if not isinstance(model, PreparedModel) or model.target != stats.target:
+    if not isinstance(model, PreparedModel) or model.target != stats.target or \
+            model.exclusions != (stats.exclude, stats.exclude_op_types):
         model = prepare(model.model if isinstance(model, PreparedModel) else model, target=stats.target,
-                        name=model.name if isinstance(model, PreparedModel) else model_name)
+                        name=model.name if isinstance(model, PreparedModel) else model_name,
+                        exclude=stats.exclude, exclude_op_types=stats.exclude_op_types)
     tensors = model.plan.activation_names
     if stats.cache_all_tensors:
         tensors = list(dict.fromkeys([*tensors, *float_activations(model.model)]))
@@ -414,4 +427,4 @@ def quantize(
     params = config.params
     ranges = {t: all_ranges(h, params) for t, h in histograms.items()}
     return Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
-                       list(batcher.skipped_), sampling, model.name)
+                       list(batcher.skipped_), sampling, model.name, excluded=model.excluded)

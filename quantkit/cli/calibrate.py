@@ -45,6 +45,11 @@ class Calibrate:
                        help="Q/DQ placement: tensorrt (default; inputs of Conv/Gemm/MatMul and residual Adds, what "
                             "TensorRT fuses) or onnxruntime (every activation, so ONNX Runtime's CPU provider runs "
                             "integer kernels; for deploying on ONNX Runtime)")
+        g.add_argument("--exclude", action="append", default=[], metavar="NODE_OR_REGEX",
+                       help="keep this node's inputs in float (no Q/DQ; TensorRT runs it in FP16/FP32): a node "
+                       "name or a regular expression matched against whole names; repeatable")
+        g.add_argument("--exclude-op-type", action="append", default=[], metavar="TYPE",
+                       help="keep the inputs of every node of this op type in float (e.g. Softmax); repeatable")
         g.add_argument("--histogram-stride", type=positive_int, default=5, metavar="K",
                        help="large activations: histogram body from every K-th value (weight K), tail and "
                             "min/max from every value; 1 counts every value (exact, ~1.8x slower histograms). "
@@ -79,10 +84,12 @@ class Calibrate:
             check_output_file(args.save_stats, force=args.force, inputs=inputs)
         config = QuantizeConfig(
             StatsConfig(num_bins=args.num_bins, sample_stride=args.histogram_stride, target=args.target,
-                        cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats)),
+                        cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats),
+                        exclude=tuple(args.exclude), exclude_op_types=tuple(args.exclude_op_type)),
             RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
             ExportConfig(method=args.method, params={"percentile": args.percentile}))
-        prepared = prepare(model, target=args.target, name=str(model_path))
+        prepared = prepare(model, target=args.target, name=str(model_path), exclude=config.stats.exclude,
+                           exclude_op_types=config.stats.exclude_op_types)
         source = source_for_model(args, prepared.specs)
         check_classes(source, output_specs(prepared.model))
         drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)
@@ -110,7 +117,8 @@ class Calibrate:
             if not held_out:
                 lines.append("  note: no images left after calibration; compared on calibration images")
             report = {"method": args.method, "held_out": held_out, **cmp.to_dict(),
-                      "entropy_two_sided_tensors": cal.entropy_effect()}
+                      "entropy_two_sided_tensors": cal.entropy_effect(),
+                      **({"excluded": cal.excluded} if cal.excluded else {})}
 
         preprocess = getattr(source, "preprocess", None)
         meta = {
@@ -136,7 +144,8 @@ class Calibrate:
         if cal.skipped:
             print(f"skipped {len(cal.skipped)} unreadable file(s) during calibration (listed in ranges.json)")
         print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations and "
-              f"{len(cal.plan.weights)} weights quantized ({args.method})")
+              f"{len(cal.plan.weights)} weights quantized ({args.method})"
+              + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else ""))
         for p in paths.values():
             print(f"  wrote {p}")
         return 0

@@ -17,6 +17,7 @@ One Q/DQ pair per tensor, shared by all of its quantized consumers.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -221,3 +222,48 @@ def _check_io_kept(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
     b = [(s.name, s.shape) for s in input_specs(after)]
     if a != b or [o.name for o in before.graph.output] != [o.name for o in after.graph.output]:
         raise ModelError("internal error: Q/DQ insertion changed the model's inputs or outputs")
+
+
+def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[str] = (),
+                      op_types: Sequence[str] = ()) -> tuple[QdqPlan, list[dict[str, str]]]:
+    """``plan`` without the Q/DQ pairs that feed the excluded nodes: those ops keep float
+    inputs (in TensorRT's explicit quantization they run in FP16/FP32), the rest of the plan is
+    unchanged. ``names``: node names or regular expressions matched against the whole name;
+    ``op_types``: ONNX op types. Returns the new plan and the excluded nodes.
+
+    Raises:
+        InputError: a pattern or op type that matches no node (the message lists close names).
+    """
+    import difflib
+    import re
+
+    from quantkit.errors import InputError
+
+    nodes = [(n.name or n.output[0], n.op_type) for n in model.graph.node]
+    excluded: dict[str, dict[str, str]] = {}
+    for pattern in names:
+        try:
+            rx = re.compile(pattern)
+        except re.error as err:
+            raise InputError(f"--exclude {pattern!r} is not a valid regular expression: {err}") from None
+        hits = [n for n, _ in nodes if n == pattern or rx.fullmatch(n)]
+        if not hits:
+            close = difflib.get_close_matches(pattern, [n for n, _ in nodes], n=5, cutoff=0.4)
+            raise InputError(f"--exclude {pattern!r} matches no node of the model",
+                             hint=f"close names: {', '.join(close)}" if close else "see `quantkit inspect MODEL` for names")
+        for n in hits:
+            excluded.setdefault(n, {"node": n, "op_type": dict(nodes)[n], "matched": pattern})
+    present = sorted({t for _, t in nodes})
+    for op in op_types:
+        hits = [n for n, t in nodes if t == op]
+        if not hits:
+            raise InputError(f"--exclude-op-type {op!r}: the model has no {op} node",
+                             hint=f"op types in the model: {', '.join(present)}")
+        for n in hits:
+            excluded.setdefault(n, {"node": n, "op_type": op, "matched": op})
+    if not excluded:
+        return plan, []
+    acts = {t: tuple(c for c in cons if c not in excluded) for t, cons in plan.activations.items()}
+    weights = {w: (ax, tuple(c for c in cons if c not in excluded)) for w, (ax, cons) in plan.weights.items()}
+    kept = QdqPlan({t: c for t, c in acts.items() if c}, {w: (ax, c) for w, (ax, c) in weights.items() if c})
+    return kept, list(excluded.values())

@@ -1,0 +1,80 @@
+"""--exclude / --exclude-op-type: the excluded ops keep float inputs, the rest of the plan stays."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from quantkit.backends.onnxruntime import OrtRunner
+from quantkit.cli import main
+from quantkit.datasets import SyntheticSource
+from quantkit.errors import InputError
+from quantkit.onnx.qdq import exclude_from_plan, plan_qdq
+from quantkit.ptq import QuantizeConfig, StatsConfig, quantize
+from tests.helpers import make_residual_model
+
+
+def _dq_consumers(model: onnx.ModelProto) -> set[str]:
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name for n in model.graph.node if dq & set(n.input)}
+
+
+def test_excluded_nodes_read_float_inputs_and_the_rest_is_unchanged():
+    m = make_residual_model()
+    full = plan_qdq(m)
+    plan, excluded = exclude_from_plan(m, full, names=["gemm"], op_types=["Add"])
+    assert {e["node"] for e in excluded} == {"gemm", "add1"}
+    consumers = {c for cs in plan.activations.values() for c in cs} | {c for _, cs in plan.weights.values() for c in cs}
+    assert "gemm" not in consumers and "add1" not in consumers
+    assert "wg" not in plan.weights and set(plan.weights) == set(full.weights) - {"wg"}
+    untouched = {t: c for t, c in full.activations.items() if not {"gemm", "add1"} & set(c)}
+    assert all(plan.activations[t] == c for t, c in untouched.items())
+
+    src = SyntheticSource((3, 8, 8), count=32, seed=4)
+    cal = quantize(m, src, QuantizeConfig(StatsConfig(exclude=("gemm",), exclude_op_types=("Add",))))
+    int8 = cal.int8_model()
+    assert _dq_consumers(int8) & {"gemm", "add1"} == set() and "conv1" in _dq_consumers(int8)
+    x = np.stack([src.load(i) for i in range(8)])
+    ref, out = OrtRunner(cal.model).infer({"x": x})["y"], OrtRunner(int8).infer({"x": x})["y"]
+    assert np.abs(ref - out).max() < 0.1 * np.abs(ref).max()
+    assert cal.ranges_document()["excluded"] == excluded
+
+
+def test_regular_expressions_match_whole_names():
+    m = make_residual_model()
+    _, excluded = exclude_from_plan(m, plan_qdq(m), names=["conv[12]"])
+    assert sorted(e["node"] for e in excluded) == ["conv1", "conv2"]
+    with pytest.raises(InputError, match="matches no node"):
+        exclude_from_plan(m, plan_qdq(m), names=["conv"])  # a prefix is not a whole name
+
+
+def test_patterns_that_match_nothing_are_refused_with_close_names():
+    m = make_residual_model()
+    with pytest.raises(InputError, match="matches no node") as e:
+        exclude_from_plan(m, plan_qdq(m), names=["conv3"])
+    assert "conv1" in e.value.hint
+    with pytest.raises(InputError, match="no Softmax node") as e:
+        exclude_from_plan(m, plan_qdq(m), op_types=["Softmax"])
+    assert "Conv" in e.value.hint
+    with pytest.raises(InputError, match="not a valid regular expression"):
+        exclude_from_plan(m, plan_qdq(m), names=["conv("])
+
+
+def test_exclusions_through_the_cli(tmp_path, capsys):
+    m = make_residual_model()
+    onnx.save(m, tmp_path / "m.onnx")
+    src = SyntheticSource((3, 8, 8), count=48, seed=2)
+    np.save(tmp_path / "x.npy", np.stack([src.load(i) for i in range(48)]))
+    args = ["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "x.npy"), "--num-images", "32", "--no-progress"]
+    assert main([*args, "-o", str(tmp_path / "o"), "--exclude", "matmul", "--exclude-op-type", "ConvTranspose"]) == 0
+    ranges = json.loads((tmp_path / "o" / "ranges.json").read_text())
+    assert sorted(e["node"] for e in ranges["excluded"]) == ["convt", "matmul"]
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["excluded"] == ranges["excluded"]
+    assert "kept in float" in capsys.readouterr().out
+    assert main([*args, "-o", str(tmp_path / "o2"), "--exclude", "nope"]) == 2
+    assert "matches no node" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    assert main([*args, "-o", str(tmp_path / "o3"), "--exclude", ".*"]) == 2
+    assert "left after the exclusions" in capsys.readouterr().err
