@@ -325,9 +325,8 @@ def is_two_sided(hist: Histogram, *, ratio: float = 0.1) -> bool:
 
 
 def guarded_entropy_amax(hist: Histogram) -> float:
-    """quantkit's entropy: TensorRT's KL threshold on one-sided tensors, the MSE-optimal amax on
-    two-sided ones (see the ``entropy`` method below)."""
-    return mse_amax(hist) if is_two_sided(hist) else entropy_amax(hist)
+    """quantkit's entropy for one histogram (the registered ``entropy`` method below)."""
+    return all_ranges(hist).amax["entropy"]
 
 
 # ------------------------------------------------------------------ the registry, in its order
@@ -338,19 +337,52 @@ def _minmax(ctx: RangeContext) -> float:
     return minmax_amax(ctx.hist)
 
 
+#: the KL search's expected squared error may be at most this many times the least-MSE amax's
+KL_TOLERANCE = 2.0
+#: a KL search over 2048 bins needs a populated histogram; below this many values per bin the
+#: tail it folds and the levels it merges are noise (a pooled feature vector of a few hundred
+#: values per batch is the usual case)
+KL_MIN_VALUES_PER_BIN = 16
+
+
+def kl_unsuitable(hist: Histogram) -> str | None:
+    """Why TensorRT's KL search should not pick this tensor's range, or None where it may.
+
+    It was designed for post-ReLU activations: non-negative, many values. It runs on |x|, so on
+    a signed tensor it folds the two sides together; SiLU, GELU and hard-swish outputs dip
+    below zero by a little (SiLU to -0.278) and their KL threshold lands at 10-25% of the
+    maximum.
+    """
+    if is_two_sided(hist):
+        return "two-sided tensor"
+    if hist.observed_min < -1e-6 * max(hist.observed_max, 1e-30):
+        return "signed tensor"
+    if hist.total < KL_MIN_VALUES_PER_BIN * hist.num_bins:
+        return "too few values for a KL search"
+    return None
+
+
 @range_method("entropy")
 def _entropy(ctx: RangeContext) -> float:
-    """TensorRT's KL search on one-sided (post-ReLU-like) tensors; the least-MSE amax on two-sided ones
+    """TensorRT's KL search where it was designed for (non-negative, well-populated tensors, and no worse than twice the least-MSE error); the least-MSE amax elsewhere
 
     The KL search runs on the histogram of |x|, which folds the two sides of a signed tensor
     together, and folding the clipped tail into the last kept bin makes it blind to saturating
     a dense mode at the top: on the sample's normalised input (background -0.94, strokes at the
     maximum 2.147) it clips at 0.945 and INT8 accuracy drops from 0.994 to 0.752. Post-ReLU
-    tensors, the case the method was designed for, keep TensorRT's threshold.
+    tensors with many values, the case the method was designed for, keep TensorRT's threshold
+    unless its expected error is over ``KL_TOLERANCE`` times the least-MSE amax's.
     """
-    two_sided = is_two_sided(ctx.hist)
-    ctx.note("entropy_rule", "mse (two-sided tensor)" if two_sided else "kl")
-    return ctx.amax("mse") if two_sided else ctx.amax("entropy-trt")
+    reason = kl_unsuitable(ctx.hist)
+    if reason is None:
+        kl, mse = ctx.amax("entropy-trt"), ctx.amax("mse")
+        err_kl, err_mse = quantization_mse(ctx.hist, np.array([kl, mse]))
+        if err_kl <= KL_TOLERANCE * err_mse:
+            ctx.note("entropy_rule", "kl")
+            return kl
+        reason = f"KL error {err_kl / err_mse:.1f}x the least"
+    ctx.note("entropy_rule", f"mse ({reason})")
+    return ctx.amax("mse")
 
 
 @range_method("percentile", params={"percentile": 99.99})

@@ -144,3 +144,46 @@ def test_unknown_method():
 def test_empty_histogram_safe():
     h = Histogram(np.zeros(2048, np.int64), 0.0, 0.0, 0.0)
     assert entropy_amax(h) == 0.0 and mse_amax(h) == 0.0 and percentile_amax(h) == 0.0
+
+
+def _ranges_of(x):
+    from quantkit.calibrators.methods import all_ranges
+
+    return all_ranges(hist_of(np.asarray(x, np.float32)))
+
+
+def test_entropy_guard_on_silu_outputs(rng):
+    """SiLU dips to -0.278: a signed tensor, where KL clipped at 10-25% of the maximum."""
+    x = rng.standard_normal(200_000) * 3
+    r = _ranges_of(x / (1 + np.exp(-x)))
+    assert r.notes["entropy_rule"] == "mse (signed tensor)"
+    assert r.amax["entropy"] == r.amax["mse"] > r.amax["entropy-trt"]
+
+
+def test_entropy_guard_on_sparse_histograms(rng):
+    """A pooled feature vector: a few hundred values in 2048 bins."""
+    r = _ranges_of(np.maximum(rng.standard_normal(512), 0))
+    assert r.notes["entropy_rule"] == "mse (too few values for a KL search)"
+    assert r.amax["entropy"] == r.amax["mse"]
+
+
+def test_entropy_keeps_kl_where_it_is_sound_and_not_where_it_costs(rng):
+    """KL stays on a well-populated post-ReLU tensor; on the sample model's first ReLU output
+    (real activations) its expected error is 16x the least-MSE amax's, and entropy takes MSE."""
+    from quantkit import sample
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.calibrators.methods import KL_TOLERANCE
+
+    relu = _ranges_of(np.maximum(rng.standard_normal(200_000), 0))
+    assert relu.notes["entropy_rule"] == "kl" and relu.amax["entropy"] == relu.amax["entropy-trt"]
+
+    images, _, _ = sample.load_digits()
+    pp = sample.preprocess()
+    x = np.stack([pp.apply(im[..., None]) for im in images[:256]]).astype(np.float32)
+    with OrtRunner(sample.model_path(), capture=["/relu/Relu_output_0"]) as r:
+        act = r.infer_captured({"image": x})[1]["/relu/Relu_output_0"]
+    h = hist_of(act)
+    ranges = _ranges_of(act)
+    e_kl, e_mse = quantization_mse(h, np.array([ranges.amax["entropy-trt"], ranges.amax["mse"]]))
+    assert e_kl > KL_TOLERANCE * e_mse
+    assert ranges.notes["entropy_rule"].startswith("mse (KL error") and ranges.amax["entropy"] == ranges.amax["mse"]
