@@ -384,3 +384,12 @@ def test_detector_head_leaves_outputs_float():
     producers = {o: n.op_type for n in q.graph.node for o in n.output}
     assert producers["detections"] == "Concat" and producers["feat"] == "Conv"
     _assert_int8_close(m, cal)
+
+
+def test_inspect_shows_scale_groups(tmp_path, capsys):
+    from quantkit.cli import main
+
+    path = tmp_path / "sppf.onnx"
+    onnx.save(sppf_model(), path)
+    assert main(["inspect", str(path)]) == 0
+    assert "  scale group 0 (Concat/MaxPool/Resize): s, cat" in capsys.readouterr().out.splitlines()
