@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from quantkit.calibrators.cache import DEFAULT_TRT_VERSION, CalibrationCache
-from quantkit.calibrators.collectors import Histogram, collect_histograms
+from quantkit.calibrators.collectors import Histogram, collect_histograms, merge_histogram
 from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method, method_params
 from quantkit.datasets.batching import Batcher
 from quantkit.datasets.sources import Source
@@ -255,15 +255,18 @@ class Calibration:
     def ranges_document(self, method: str | None = None, **metadata: Any) -> dict[str, Any]:
         """The content of ranges.json: every tensor's amax under every registered method."""
         method = method or self.config.method
+        group_of = {t: i for i, g in enumerate(self.plan.groups) for t in g}
         tensors = {}
         for name, r in self.ranges.items():
-            h = self.histograms[name]
+            h = self.histograms[name]  # the tensor's own observed range; a group member's amax is the group's
             tensors[name] = {**r.amax, **r.notes, "observed_min": h.observed_min, "observed_max": h.observed_max,
-                             "quantized": name in self.plan.activations}
+                             "quantized": name in self.plan.activations,
+                             **({"group": group_of[name]} if name in group_of else {})}
         s = self.config.stats
         return {
             "method": method,
             "tensors": tensors,
+            **({"groups": [list(g) for g in self.plan.groups]} if self.plan.groups else {}),
             "weights": {n: {"axis": ax, "consumers": list(c)} for n, (ax, c) in self.plan.weights.items()},
             "num_samples": self.num_samples,
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
@@ -373,10 +376,24 @@ class Calibration:
         if missing:
             raise InputError(f"the statistics have no histogram for {len(missing)} tensor(s) of {model_name}, "
                              f"e.g. {missing[0]!r}", hint="use statistics collected on this model with the same --target")
-        params = config.params
-        ranges = {t: all_ranges(h, params) for t, h in stats.histograms.items()}
+        ranges = method_ranges(stats.histograms, prepared.plan.groups, config.params)
         return cls(prepared.model, prepared.specs, prepared.plan, dict(stats.histograms), ranges, config,
                    stats.num_samples, model_name=model_name)
+
+
+def method_ranges(histograms: Mapping[str, Histogram], groups: Sequence[Sequence[str]],
+                  params: Mapping[str, float]) -> dict[str, TensorRanges]:
+    """Every registered method's amax per tensor; the members of each group (``QdqPlan.groups``:
+    tensors that TensorRT gives one scale) all get the ranges of their merged histogram, the
+    histogram of all their values together."""
+    ranges = {t: all_ranges(h, params) for t, h in histograms.items()}
+    for group in groups:
+        merged = histograms[group[0]]
+        for t in group[1:]:
+            merged = merge_histogram(merged, histograms[t])
+        shared = all_ranges(merged, params)
+        ranges.update(dict.fromkeys(group, shared))
+    return ranges
 
 
 # ------------------------------------------------------------------ the verb
@@ -420,11 +437,11 @@ def quantize(
         tensors = list(dict.fromkeys([*tensors, *float_activations(model.model)]))
     idx = list(range(len(source))) if indices is None else list(indices)
     batcher = calibration_batches(source, model.specs, idx, run)
+    grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
     with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
         collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins, sample_stride=stats.sample_stride,
-                                        pow2_grid=stats.pow2_grid, on_batch=on_batch)
+                                        pow2_grid=stats.pow2_grid, pow2_tensors=grouped, on_batch=on_batch)
     histograms = {t: c.compute() for t, c in collectors.items()}
-    params = config.params
-    ranges = {t: all_ranges(h, params) for t, h in histograms.items()}
+    ranges = method_ranges(histograms, model.plan.groups, config.params)
     return Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
                        list(batcher.skipped_), sampling, model.name, excluded=model.excluded)

@@ -12,7 +12,7 @@ images were seen.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,17 +260,41 @@ def _rebin(counts: np.ndarray, src_range: float, dst_range: float) -> np.ndarray
     return out
 
 
+def merge_histogram(a: Histogram, b: Histogram) -> Histogram:
+    """One histogram of the data of both: counts re-binned to the larger range and added
+    (exact when the ranges differ by a power of two), min and max reduced."""
+    if a.num_bins != b.num_bins:
+        raise ValueError(f"cannot merge {b.num_bins} bins into {a.num_bins}")
+    n = a.num_bins
+    ra, rb = a.bin_width * n, b.bin_width * n
+    big, small = (a, b) if ra >= rb else (b, a)
+    r_big, r_small = max(ra, rb), min(ra, rb)
+    counts = big.counts.astype(np.int64).copy()
+    if r_small == 0.0:  # every value of that one was 0: bin 0
+        counts[0] += small.counts.sum()
+    else:
+        counts += _rebin(small.counts.astype(np.int64), r_small, r_big)
+    return Histogram(counts, big.bin_width, min(a.observed_min, b.observed_min),
+                     max(a.observed_max, b.observed_max))
+
+
 def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int = 2048, sample_stride: int = 5,
-                       pow2_grid: bool = False, on_batch: Callable[[int], None] | None = None,
+                       pow2_grid: bool = False, pow2_tensors: Collection[str] = (),
+                       on_batch: Callable[[int], None] | None = None,
                        ) -> dict[str, HistogramCollector]:
     """One pass of ``executor`` (any ``quantkit.backends`` runner made with ``capture=``) over
     ``batches``, each captured tensor streamed into its abs-max + |x| histogram collector.
+
+    ``pow2_grid``: every collector starts on a power-of-two range; ``pow2_tensors``: these do
+    (tensors whose histograms are merged afterwards, e.g. a group that shares one scale: their
+    ranges then differ by powers of two and ``merge_histogram`` is exact).
 
     Raises:
         NonFiniteError: a captured tensor has NaN or Inf values; the message names the tensor
             and the samples of the batch.
     """
-    collectors = {t: HistogramCollector(num_bins, name=t, sample_stride=sample_stride, pow2_grid=pow2_grid)
+    collectors = {t: HistogramCollector(num_bins, name=t, sample_stride=sample_stride,
+                                        pow2_grid=pow2_grid or t in pow2_tensors)
                   for t in executor.captured_names}
 
     def sink(batch: Any, rows: int, tensors: Mapping[str, np.ndarray]) -> None:

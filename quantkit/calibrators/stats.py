@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from quantkit.calibrators.collectors import Histogram, _rebin
+from quantkit.calibrators.collectors import Histogram, merge_histogram
 from quantkit.errors import InputError
 
 FORMAT = "quantkit-calibration-stats"
@@ -108,24 +108,6 @@ def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
                          hint=hint) from err
     return CalibrationStats(hists, int(header["num_samples"]), header["model"], header["settings"],
                             header.get("preprocess"), list(header.get("data") or []))
-
-
-def merge_histogram(a: Histogram, b: Histogram) -> Histogram:
-    """One histogram of the data of both: counts re-binned to the larger range and added
-    (exact when the ranges differ by a power of two), min and max reduced."""
-    if a.num_bins != b.num_bins:
-        raise ValueError(f"cannot merge {b.num_bins} bins into {a.num_bins}")
-    n = a.num_bins
-    ra, rb = a.bin_width * n, b.bin_width * n
-    big, small = (a, b) if ra >= rb else (b, a)
-    r_big, r_small = max(ra, rb), min(ra, rb)
-    counts = big.counts.astype(np.int64).copy()
-    if r_small == 0.0:  # every value of that one was 0: bin 0
-        counts[0] += small.counts.sum()
-    else:
-        counts += _rebin(small.counts.astype(np.int64), r_small, r_big)
-    return Histogram(counts, big.bin_width, min(a.observed_min, b.observed_min),
-                     max(a.observed_max, b.observed_max))
 
 
 def merge_stats(stats: Sequence[CalibrationStats], names: Sequence[str] | None = None) -> CalibrationStats:

@@ -67,6 +67,8 @@ class Inspect:
             plan = plan_qdq(model)
             print(f"  Q/DQ plan: {len(plan.activations)} activation tensors (per tensor), "
                   f"{len(plan.weights)} weights (per channel)")
+            for i, group in enumerate(plan.groups):  # why two tensors get one scale
+                print(f"  scale group {i} (Concat/MaxPool/Resize): {', '.join(group)}")
         return 0
 
     def _cache(self, path: Path) -> int:

@@ -1,10 +1,12 @@
 """Q/DQ placement and insertion with onnx-graphsurgeon.
 
 Two targets:
-- ``tensorrt`` (default; shared/DESIGN.md): quantize the inputs of Conv, ConvTranspose, Gemm
-  and MatMul — the activation per tensor, the weight per output channel; put a Q/DQ pair on the
-  residual input of an Add that follows a Conv so the Add fuses into the Conv epilogue; nothing
-  on network outputs, nothing for BatchNorm or ReLU.
+- ``tensorrt`` (default; shared/DESIGN.md, TensorRT's rules; ``plan_qdq`` lists them with their
+  reasons): quantize the inputs of Conv, ConvTranspose, Gemm and MatMul — the activation per
+  tensor, the weight per output channel; put a Q/DQ pair on the residual input of an Add that
+  follows a Conv so the Add fuses into the Conv epilogue; nothing on network outputs, nothing
+  for BatchNorm or ReLU; tensors that TensorRT would requantize across Concat, MaxPool and
+  Resize share one scale (``QdqPlan.groups``).
 - ``onnxruntime``: a Q/DQ pair on every float activation that a node consumes (weights as
   above). ONNX Runtime's CPU provider turns a DQ -> op -> Q group into an integer kernel
   (QLinearConv, QLinearAdd, ...) only when the op's output is quantized too; with inputs-only
@@ -17,7 +19,7 @@ One Q/DQ pair per tensor, shared by all of its quantized consumers.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +34,10 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _CONV_OPS = ("Conv", "ConvTranspose")
 TARGETS = ("tensorrt", "onnxruntime")
 _SHAPE_OPS = ("Shape", "Size")  # read only a tensor's shape: nothing to quantize
+# ops that TensorRT commutes with quantization (a Q moves backward through them): op -> how
+# many of its inputs its output's scale moves onto (None: all). Concat is eliminated (every
+# input); MaxPool and Resize/Upsample (the data input) run in INT8 on their input's scale.
+_SCALE_PRESERVING = {"Concat": None, "MaxPool": 1, "Resize": 1, "Upsample": 1}
 
 
 @dataclass(frozen=True)
@@ -41,10 +47,14 @@ class QdqPlan:
     Attributes:
         activations: activation tensor -> names of the nodes whose input gets the DQ output.
         weights: weight tensor -> (channel axis, names of the consuming nodes).
+        groups: activation tensors that must share one scale (each group two or more tensors
+            of ``activations``, in plan order): TensorRT moves their quantizers onto one tensor
+            through Concat, MaxPool or Resize, and unequal scales would leave requantize layers.
     """
 
     activations: dict[str, tuple[str, ...]] = field(default_factory=dict)
     weights: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
+    groups: tuple[tuple[str, ...], ...] = ()
 
     @property
     def activation_names(self) -> list[str]:
@@ -69,7 +79,33 @@ def _weight_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
 
 
 def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
-    """Decide the Q/DQ placement for an FP32 model (``target``: tensorrt or onnxruntime)."""
+    """Decide the Q/DQ placement for an FP32 model (``target``: tensorrt or onnxruntime).
+
+    TensorRT's rules (target ``tensorrt``), each with its reason:
+
+    - Weighted ops (Conv, ConvTranspose, Gemm, MatMul): the activation input per tensor, the
+      weight per output channel. TensorRT runs a layer in INT8 when its inputs come through DQ.
+    - MatMul of two activations (attention's Q.K^T and attn.V): both inputs, per tensor.
+    - Residual Add after a Conv: the other input gets a Q/DQ pair, so that the Add fuses into
+      the Conv's epilogue.
+    - Conv + activation (SiLU as Sigmoid.Mul, Swish, HardSwish, x.HardSigmoid(x), PyTorch's
+      Add-Clip-Div-Mul hard-swish): nothing on the Conv output that feeds them; Q/DQ between
+      the Conv and its activation splits the Conv+activation fusion (TensorRT issue 3629). The
+      activation's output is quantized where the next weighted op reads it.
+    - LayerNormalization (or its ReduceMean/Sub/Pow/Sqrt/Div form), Softmax and GELU (Erf
+      form) get no Q/DQ on their inputs: they stay in higher precision (Model Optimizer's
+      default; normalization usually stays FP16/FP32 in TensorRT).
+    - Nothing on the network outputs (detector heads: the boxes and scores stay float);
+      nothing for BatchNorm or ReLU, which TensorRT fuses.
+    - Shared scales (``QdqPlan.groups``): TensorRT moves a Q backward through the ops that
+      commute with it (MaxPool, Resize) and eliminates a Concat by moving its output's Q onto
+      every input. Quantized tensors that end up on one tensor that way (a Concat's output and
+      its quantized inputs, a MaxPool/Resize output and its quantized input, and so on through
+      chains of them) get one scale: with unequal scales TensorRT keeps requantize layers.
+
+    Graph outputs are never quantized by any rule (a Q/DQ pair feeds only the quantized
+    consumers, the output keeps the float tensor).
+    """
     if target not in TARGETS:
         raise ModelError(f"unknown Q/DQ target {target!r}; choose one of {list(TARGETS)}")
     graph = model.graph
@@ -82,6 +118,7 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
     producer = {out: n for n in graph.node for out in n.output}
     acts: dict[str, list[str]] = defaultdict(list)
     weights: dict[str, tuple[int, list[str]]] = {}
+    folded = _computed_from_constants(graph.node, consts)
 
     def add_weight(name: str, node: onnx.NodeProto) -> None:
         arr = consts[name]
@@ -109,8 +146,8 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
                 acts[b].append(node.name)  # MatMul of two activations (attention): both per tensor
         elif node.op_type == "Add" and len(node.input) == 2:
             srcs = [producer.get(t) for t in node.input]
-            if any(t in consts for t in node.input):
-                continue
+            if any(t in consts or t in folded for t in node.input):
+                continue  # a bias or hard-swish's x + 3 (also when the 3 comes out of a Cast)
             from_conv = [s is not None and s.op_type in _CONV_OPS for s in srcs]
             if not any(from_conv):
                 continue
@@ -129,7 +166,55 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
             for t in dict.fromkeys(node.input):
                 if t in floats and t not in consts and t not in weights:
                     acts[t].append(node.name)
-    return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()})
+    # ONNX Runtime's integer kernels requantize between scales: groups only for TensorRT
+    groups = _scale_groups(graph.node, list(acts), consts) if target == "tensorrt" else ()
+    return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()},
+                   groups)
+
+
+def _computed_from_constants(nodes: Iterable[onnx.NodeProto], consts: Mapping[str, object]) -> set[str]:
+    """Outputs of nodes whose inputs are all constants (or such outputs): constant values that
+    an exporter computes in the graph (Cast, Identity, Mul of constants...). ``nodes`` in graph
+    order (topological, as ONNX requires)."""
+    out: set[str] = set()
+    for node in nodes:
+        if node.input and all(not t or t in consts or t in out for t in node.input):
+            out.update(o for o in node.output if o)
+    return out
+
+
+def _scale_groups(nodes: Iterable[onnx.NodeProto], quantized: list[str], consts: Mapping[str, object],
+                  ) -> tuple[tuple[str, ...], ...]:
+    """Quantized tensors whose quantizers TensorRT moves onto one tensor (see ``plan_qdq``).
+
+    From each quantized tensor, walk backward through the scale-preserving ops that produce it
+    (Concat: every input; MaxPool, Resize, Upsample: the data input) and join it with every
+    tensor reached; two quantized tensors are grouped when their walks meet.
+    """
+    producer = {out: n for n in nodes for out in n.output[:1]}  # MaxPool's Indices: not a value
+    parent: dict[str, str] = {}
+
+    def root(t: str) -> str:
+        while parent.get(t, t) != t:
+            t = parent[t]
+        return t
+
+    for start in quantized:
+        stack, seen = [start], {start}
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or node.op_type not in _SCALE_PRESERVING:
+                continue
+            count = _SCALE_PRESERVING[node.op_type]
+            for t in node.input[:count]:
+                if t and t not in consts and t not in seen:
+                    seen.add(t)
+                    parent[root(t)] = root(start)
+                    stack.append(t)
+    members: dict[str, list[str]] = defaultdict(list)
+    for t in quantized:
+        members[root(t)].append(t)
+    return tuple(tuple(g) for g in members.values() if len(g) > 1)
 
 
 def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str, float]) -> onnx.ModelProto:
@@ -264,6 +349,17 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
     if not excluded:
         return plan, []
     acts = {t: tuple(c for c in cons if c not in excluded) for t, cons in plan.activations.items()}
+    # a shared-scale group is kept or dropped whole: a member that loses every consumer takes
+    # its group with it (the scales only had to agree for the op now left in float)
+    for group in plan.groups:
+        if any(not acts.get(t) for t in group):
+            for t in group:
+                if acts.get(t):
+                    excluded.setdefault(f"{t} (group)", {"node": t, "op_type": "shared-scale group",
+                                                        "matched": "dropped with its group"})
+                acts[t] = ()
     weights = {w: (ax, tuple(c for c in cons if c not in excluded)) for w, (ax, cons) in plan.weights.items()}
-    kept = QdqPlan({t: c for t, c in acts.items() if c}, {w: (ax, c) for w, (ax, c) in weights.items() if c})
+    kept_acts = {t: c for t, c in acts.items() if c}
+    groups = tuple(g for g in plan.groups if all(t in kept_acts for t in g))
+    kept = QdqPlan(kept_acts, {w: (ax, c) for w, (ax, c) in weights.items() if c}, groups)
     return kept, list(excluded.values())

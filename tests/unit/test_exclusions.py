@@ -78,3 +78,19 @@ def test_exclusions_through_the_cli(tmp_path, capsys):
     assert "matches no node" in capsys.readouterr().err and not (tmp_path / "o2").exists()
     assert main([*args, "-o", str(tmp_path / "o3"), "--exclude", ".*"]) == 2
     assert "left after the exclusions" in capsys.readouterr().err
+
+
+def test_a_shared_scale_group_is_kept_or_dropped_whole():
+    """Excluding the Conv that reads a Concat's output drops the whole group {a, cat}: a keeps no
+    Q/DQ of its own, though conv_c reads it, and nothing else moves."""
+    from tests.unit.test_placement import concat_model
+
+    m = concat_model()
+    full = plan_qdq(m)
+    assert full.groups == (("a", "cat"),)
+    plan, excluded = exclude_from_plan(m, full, names=["conv_d"])
+    assert "cat" not in plan.activations and "a" not in plan.activations and plan.groups == ()
+    assert plan.activations["x"] == full.activations["x"]
+    assert {e["node"] for e in excluded} == {"conv_d", "a"} and any(e["matched"] == "dropped with its group" for e in excluded)
+    kept, _ = exclude_from_plan(m, full, names=["conv_b"])  # no group member loses its consumers
+    assert kept.groups == (("a", "cat"),) and kept.activations["x"] == ("conv_a",)

@@ -1,0 +1,395 @@
+"""Q/DQ placement for modern graphs (TensorRT's rules), one small graph per rule.
+
+Each test asserts the plan (which tensors are quantized, which share one scale) and that the
+Q/DQ model runs in ONNX Runtime with outputs close to FP32.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantkit.calibrators.cache import read_cache
+from quantkit.calibrators.collectors import Histogram, pow2_at_least
+from quantkit.calibrators.methods import all_ranges
+from quantkit.datasets import SyntheticSource
+from quantkit.onnx.qdq import WEIGHTED_OPS, plan_qdq
+from quantkit.ptq import Calibration, QuantizeConfig, RunConfig, StatsConfig, quantize
+
+_NO_STRIDE = QuantizeConfig(stats=StatsConfig(sample_stride=1), run=RunConfig(batch_size=16))
+
+
+# ------------------------------------------------------------------ graphs
+def _model(nodes: list, inits: dict[str, np.ndarray], inputs: dict[str, list], outputs: list[str],
+           opset: int = 17) -> onnx.ModelProto:
+    """Outputs are rank 4 (NCHW) but ``detections`` (rank 3)."""
+    graph = helper.make_graph(
+        nodes, "placement",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None] * (3 if n == "detections" else 4))
+         for n in outputs],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _w(rng: np.random.Generator, *shape: int, scale: float = 0.3) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _conv(name: str, x: str, out: str, w: str, *, pads: int = 1) -> onnx.NodeProto:
+    return helper.make_node("Conv", [x, w], [out], name=name, pads=[pads] * 4)
+
+
+def concat_model() -> onnx.ModelProto:
+    """x -> conv_a -> relu -> a -> conv_c (a is read by a Conv: quantized)
+    x -> conv_b -> relu -> b (only concatenated: not quantized)
+    Concat(a, b) -> cat -> conv_d -> y; conv_c -> z.  b's range is ~4x a's."""
+    r = np.random.default_rng(1)
+    nodes = [
+        _conv("conv_a", "x", "ca", "wa"), helper.make_node("Relu", ["ca"], ["a"], name="relu_a"),
+        _conv("conv_b", "x", "cb", "wb"), helper.make_node("Relu", ["cb"], ["b"], name="relu_b"),
+        _conv("conv_c", "a", "z", "wc"),
+        helper.make_node("Concat", ["a", "b"], ["cat"], name="concat", axis=1),
+        _conv("conv_d", "cat", "y", "wd"),
+    ]
+    inits = {"wa": _w(r, 4, 3, 3, 3, scale=0.3), "wb": _w(r, 4, 3, 3, 3, scale=1.2), "wc": _w(r, 2, 4, 3, 3),
+             "wd": _w(r, 2, 8, 3, 3)}
+    return _model(nodes, inits, {"x": ["N", 3, 8, 8]}, ["y", "z"])
+
+
+def siblings_model() -> onnx.ModelProto:
+    """x -> conv0 -> relu -> s; s is read by conv_s, by MaxPool -> p -> conv_p and by
+    Resize(x2, nearest) -> u -> conv_u: TensorRT moves p's and u's quantizers back onto s.
+    t = relu(conv_t(x)) is read only by MaxPool -> q -> conv_q: q alone, no group."""
+    r = np.random.default_rng(2)
+    nodes = [
+        _conv("conv0", "x", "c0", "w0"), helper.make_node("Relu", ["c0"], ["s"], name="relu0"),
+        _conv("conv_s", "s", "ys", "ws"),
+        helper.make_node("MaxPool", ["s"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        _conv("conv_p", "p", "yp", "wp"),
+        helper.make_node("Resize", ["s", "", "scales"], ["u"], name="resize", mode="nearest"),
+        _conv("conv_u", "u", "yu", "wu"),
+        _conv("conv_t", "x", "ct", "wt"), helper.make_node("Relu", ["ct"], ["t"], name="relu_t"),
+        helper.make_node("MaxPool", ["t"], ["q"], name="pool_t", kernel_shape=[2, 2], strides=[2, 2]),
+        _conv("conv_q", "q", "yq", "wq"),
+    ]
+    inits = {"w0": _w(r, 4, 3, 3, 3), "ws": _w(r, 2, 4, 3, 3), "wp": _w(r, 2, 4, 3, 3), "wu": _w(r, 2, 4, 3, 3),
+             "wt": _w(r, 4, 3, 3, 3), "wq": _w(r, 2, 4, 3, 3),
+             "scales": np.array([1, 1, 2, 2], dtype=np.float32)}
+    return _model(nodes, inits, {"x": ["N", 3, 8, 8]}, ["ys", "yp", "yu", "yq"])
+
+
+def sppf_model() -> onnx.ModelProto:
+    """YOLO's SPPF after a Conv+SiLU: s -> MaxPool -> m1 -> MaxPool -> m2; Concat(s, m1, m2)
+    -> cat -> conv2 -> y. Only cat is read by a Conv, but s (read by conv_side too) is what
+    TensorRT requantizes: {s, cat} share one scale."""
+    r = np.random.default_rng(3)
+    pool = dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
+    nodes = [
+        _conv("conv1", "x", "c1", "w1"), helper.make_node("Sigmoid", ["c1"], ["sg"], name="sig1"),
+        helper.make_node("Mul", ["c1", "sg"], ["s"], name="silu1"),
+        _conv("conv_side", "s", "side", "wside"),
+        helper.make_node("MaxPool", ["s"], ["m1"], name="pool1", **pool),
+        helper.make_node("MaxPool", ["m1"], ["m2"], name="pool2", **pool),
+        helper.make_node("Concat", ["s", "m1", "m2"], ["cat"], name="concat", axis=1),
+        _conv("conv2", "cat", "y", "w2"),
+    ]
+    inits = {"w1": _w(r, 4, 3, 3, 3), "wside": _w(r, 2, 4, 3, 3), "w2": _w(r, 2, 12, 3, 3)}
+    return _model(nodes, inits, {"x": ["N", 3, 8, 8]}, ["y", "side"])
+
+
+def _act_nodes(kind: str, x: str, out: str, prefix: str) -> tuple[list, dict[str, np.ndarray]]:
+    """The activation ``kind`` applied to ``x``, as exporters write it (names start with ``prefix``)."""
+    k = prefix
+    if kind == "silu":  # x * Sigmoid(x)
+        return [helper.make_node("Sigmoid", [x], [k + "sg"], name=k + "sigmoid"),
+                helper.make_node("Mul", [x, k + "sg"], [out], name=k + "mul")], {}
+    if kind == "hardswish_op":
+        return [helper.make_node("HardSwish", [x], [out], name=k + "hardswish")], {}
+    if kind == "hardsigmoid_mul":  # torch.onnx at opset < 14
+        return [helper.make_node("HardSigmoid", [x], [k + "hs"], name=k + "hardsigmoid", alpha=1 / 6),
+                helper.make_node("Mul", [x, k + "hs"], [out], name=k + "mul")], {}
+    if kind == "add_clip_div_mul":  # x * relu6(x + 3) / 6 written out, the 3 as a Constant node
+        three = helper.make_node("Constant", [], [k + "three"], name=k + "three",
+                                 value=numpy_helper.from_array(np.array(3.0, dtype=np.float32)))
+        return [three,
+                helper.make_node("Add", [x, k + "three"], [k + "p3"], name=k + "add"),
+                helper.make_node("Clip", [k + "p3", k + "lo", k + "hi"], [k + "r6"], name=k + "clip"),
+                helper.make_node("Div", [k + "r6", k + "six"], [k + "d"], name=k + "div"),
+                helper.make_node("Mul", [x, k + "d"], [out], name=k + "mul")], {
+            k + "lo": np.array(0.0, dtype=np.float32), k + "hi": np.array(6.0, dtype=np.float32),
+            k + "six": np.array(6.0, dtype=np.float32)}
+    if kind == "add_cast_clip_div_mul":  # the same with the 3 computed from constants (a Cast)
+        nodes, inits = _act_nodes("add_clip_div_mul", x, out, prefix)
+        nodes[0] = helper.make_node("Constant", [], [k + "three64"], name=k + "three",
+                                    value=numpy_helper.from_array(np.array(3.0, dtype=np.float64)))
+        nodes.insert(1, helper.make_node("Cast", [k + "three64"], [k + "three"], name=k + "cast", to=TensorProto.FLOAT))
+        return nodes, inits
+    raise AssertionError(kind)
+
+
+def activation_model(kind: str) -> onnx.ModelProto:
+    """x -> conv1 -> act -> h -> conv2 -> act -> h2; Add(h2, h) -> res -> conv3 -> y."""
+    r = np.random.default_rng(4)
+    act1, inits1 = _act_nodes(kind, "c1", "h", "act1_")
+    act2, inits2 = _act_nodes(kind, "c2", "h2", "act2_")
+    nodes = [_conv("conv1", "x", "c1", "w1"), *act1, _conv("conv2", "h", "c2", "w2"), *act2,
+             helper.make_node("Add", ["h2", "h"], ["res"], name="add"), _conv("conv3", "res", "y", "w3")]
+    inits = {"w1": _w(r, 4, 3, 3, 3), "w2": _w(r, 4, 4, 3, 3), "w3": _w(r, 2, 4, 3, 3), **inits1, **inits2}
+    return _model(nodes, inits, {"x": ["N", 3, 8, 8]}, ["y"], opset=14)
+
+
+def detector_head_model() -> onnx.ModelProto:
+    """A detector-like head: f -> conv_box, conv_cls (+Sigmoid) -> Reshape -> Concat -> the
+    graph output; f also continues to conv_next -> feat (a second output)."""
+    r = np.random.default_rng(5)
+    nodes = [
+        _conv("stem", "x", "c0", "w0"), helper.make_node("Sigmoid", ["c0"], ["sg0"], name="sig0"),
+        helper.make_node("Mul", ["c0", "sg0"], ["f"], name="silu0"),
+        _conv("conv_box", "f", "box", "wbox", pads=0),
+        _conv("conv_cls", "f", "cls", "wcls", pads=0),
+        helper.make_node("Sigmoid", ["cls"], ["cls_p"], name="cls_sigmoid"),
+        helper.make_node("Reshape", ["box", "shape"], ["box_r"], name="box_reshape"),
+        helper.make_node("Reshape", ["cls_p", "shape"], ["cls_r"], name="cls_reshape"),
+        helper.make_node("Concat", ["box_r", "cls_r"], ["detections"], name="head_concat", axis=1),
+        _conv("conv_next", "f", "feat", "wnext"),
+    ]
+    inits = {"w0": _w(r, 4, 3, 3, 3), "wbox": _w(r, 4, 4, 1, 1), "wcls": _w(r, 3, 4, 1, 1),
+             "wnext": _w(r, 4, 4, 3, 3), "shape": np.array([0, -1, 64], dtype=np.int64)}
+    return _model(nodes, inits, {"x": ["N", 3, 8, 8]}, ["detections", "feat"])
+
+
+# ------------------------------------------------------------------ helpers
+def _feed(model: onnx.ModelProto, n: int = 8) -> dict[str, np.ndarray]:
+    inp = model.graph.input[0]
+    shape = [d.dim_value or n for d in inp.type.tensor_type.shape.dim]
+    return {inp.name: np.random.default_rng(7).standard_normal(shape).astype(np.float32)}
+
+
+def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+
+
+def _calibrate(model: onnx.ModelProto, shape: tuple[int, ...] = (3, 8, 8)) -> Calibration:
+    return quantize(model, SyntheticSource(shape, count=48), _NO_STRIDE)
+
+
+def _assert_int8_close(model: onnx.ModelProto, cal: Calibration, min_cos: float = 0.98) -> None:
+    feed = _feed(model)
+    ref, q = _run(model, feed), _run(cal.int8_model("minmax"), feed)
+    assert set(ref) == set(q)
+    for name in ref:
+        a, b = ref[name].ravel(), q[name].ravel()
+        cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+        assert cos > min_cos, (name, cos)
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            out.setdefault(t, []).append(n)
+    return out
+
+
+def _scale_of(q: onnx.ModelProto, tensor: str) -> bytes:
+    init = {i.name: i for i in q.graph.initializer}
+    return numpy_helper.to_array(init[f"{tensor}_scale"]).tobytes()
+
+
+# ------------------------------------------------------------------ Concat
+def test_concat_inputs_and_output_share_one_scale():
+    m = concat_model()
+    plan = plan_qdq(m)
+    assert plan.activations == {"x": ("conv_a", "conv_b"), "a": ("conv_c",), "cat": ("conv_d",)}
+    # TensorRT eliminates the Concat and moves cat's quantizer onto a (which conv_c also reads
+    # with its own Q): one scale, or a requantize layer. b is not quantized, so not grouped.
+    assert plan.groups == (("a", "cat"),)
+    cal = _calibrate(m)
+    assert cal.ranges["a"].amax == cal.ranges["cat"].amax
+    _assert_int8_close(m, cal)
+
+
+def test_group_members_get_bit_identical_scales(tmp_path):
+    m = concat_model()
+    cal = _calibrate(m)
+    own = {t: all_ranges(cal.histograms[t], cal.config.params).amax for t in ("a", "cat")}
+    assert own["a"]["minmax"] != own["cat"]["minmax"]  # the members differ on their own
+    for method in ("entropy", "minmax", "percentile", "mse"):
+        q = cal.int8_model(method)
+        assert _scale_of(q, "a") == _scale_of(q, "cat"), method
+        cache = cal.cache(method)
+        assert np.float32(cache.scales["a"]).tobytes() == np.float32(cache.scales["cat"]).tobytes()
+    assert _scale_of(cal.int8_model("minmax"), "x") != _scale_of(cal.int8_model("minmax"), "a")
+    paths = cal.save(tmp_path / "out", model_stem="concat")
+    doc = json.loads(paths["ranges"].read_text())
+    assert doc["tensors"]["a"]["group"] == doc["tensors"]["cat"]["group"] == 0
+    assert "group" not in doc["tensors"]["x"]
+    assert doc["groups"] == [["a", "cat"]]
+    # each member keeps its own observed range in ranges.json (why the scale is shared: "group")
+    assert doc["tensors"]["a"]["observed_max"] == cal.histograms["a"].observed_max
+    written = read_cache(paths["cache"]).scales
+    assert written["a"] == written["cat"]
+
+
+def test_merged_amax_equals_methods_on_concatenated_data():
+    """Brute force: the histogram of all members' values on the group's grid, every method."""
+    m = concat_model()
+    cal = _calibrate(m)
+    src = SyntheticSource((3, 8, 8), count=48)
+    x = np.stack([src.load(i) for i in range(48)])
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    probe.graph.output.extend([helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in ("a", "cat")])
+    outs = _run(probe, {"x": x})
+    values = np.concatenate([outs["a"].ravel(), outs["cat"].ravel()]).astype(np.float32)
+    mags = np.abs(values).astype(np.float64)
+    n = cal.config.stats.num_bins
+    top = pow2_at_least(float(mags.max()))  # members' histograms start on a power-of-two grid
+    counts, _ = np.histogram(mags, bins=n, range=(0.0, top))
+    brute = Histogram(counts.astype(np.int64), top / n, float(values.min()), float(values.max()))
+    expected = all_ranges(brute, cal.config.params).amax
+    for t in ("a", "cat"):
+        assert cal.ranges[t].amax == expected, t
+
+
+def test_groups_survive_saved_statistics():
+    m = concat_model()
+    cal = _calibrate(m)
+    again = Calibration.from_stats(m, cal.to_stats(model={"path": "m.onnx", "sha256": "0"}, preprocess=None,
+                                                   data="synthetic"))
+    assert again.ranges["a"].amax == again.ranges["cat"].amax == cal.ranges["cat"].amax
+
+
+# ------------------------------------------------------------------ MaxPool / Resize siblings
+def test_maxpool_and_resize_siblings_share_one_scale():
+    m = siblings_model()
+    plan = plan_qdq(m)
+    assert set(plan.activations) == {"x", "s", "p", "u", "q"}
+    # MaxPool and nearest Resize commute with quantization: TensorRT moves p's and u's Q back
+    # onto s. q's MaxPool input t is not quantized: nothing to agree with.
+    assert plan.groups == (("s", "p", "u"),)
+    cal = _calibrate(m)
+    assert cal.ranges["s"].amax == cal.ranges["p"].amax == cal.ranges["u"].amax
+    assert cal.ranges["q"].amax == all_ranges(cal.histograms["q"], cal.config.params).amax
+    _assert_int8_close(m, cal)
+
+
+def test_sppf_concat_of_maxpools_shares_one_scale():
+    m = sppf_model()
+    plan = plan_qdq(m)
+    assert plan.activations == {"x": ("conv1",), "s": ("conv_side",), "cat": ("conv2",)}
+    assert plan.groups == (("s", "cat"),)
+    _assert_int8_close(m, _calibrate(m))
+
+
+# ------------------------------------------------------------------ SiLU / hard-swish
+@pytest.mark.parametrize("kind", ["silu", "hardswish_op", "hardsigmoid_mul", "add_clip_div_mul",
+                                  "add_cast_clip_div_mul"])
+def test_conv_activation_fusion_is_not_split(kind):
+    m = activation_model(kind)
+    plan = plan_qdq(m)
+    # quantized where the next weighted op reads the activation's output, never the Conv's
+    # output that feeds Sigmoid/Mul, HardSwish, HardSigmoid or the Add-Clip-Div-Mul chain
+    assert set(plan.activations) == {"x", "h", "res"}
+    assert plan.activations["h"] == ("conv2",)
+    assert not {"c1", "c2"} & set(plan.activations)
+    assert not any(t.startswith(("act1_", "act2_")) for t in plan.activations)  # nothing inside the chain
+    assert plan.groups == ()
+    _assert_int8_close(m, _calibrate(m))
+
+
+# ------------------------------------------------------------------ transformers
+@pytest.fixture(scope="module", params=[14, 17], ids=["opset14-decomposed-ln", "opset17-layernorm"])
+def encoder_layer(request, tmp_path_factory):
+    """A tiny torch.nn.TransformerEncoderLayer (GELU, Erf form) exported by torch.onnx."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+
+    class Encoder(torch.nn.Module):  # a wrapper: tracing the layer itself passes is_causal as a tensor
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0,
+                                                          activation="gelu", batch_first=True)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return self.layer(x)
+
+    layer = Encoder().eval()
+    path = tmp_path_factory.mktemp("enc") / f"enc{request.param}.onnx"
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused kernel has no ONNX export
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(layer, (torch.randn(2, 6, 16),), str(path), input_names=["tokens"], output_names=["out"],
+                          opset_version=request.param, dynamo=False,
+                          dynamic_axes={"tokens": {0: "N"}, "out": {0: "N"}})
+    torch.backends.mha.set_fastpath_enabled(fastpath)
+    return onnx.load(path)
+
+
+_FLOAT_OPS = {"LayerNormalization", "Softmax", "Erf", "ReduceMean", "Pow", "Sqrt", "Div", "Sub"}
+
+
+def test_attention_block_placement(encoder_layer):
+    m = encoder_layer
+    ops = {n.op_type for n in m.graph.node}
+    assert "Softmax" in ops and "Erf" in ops
+    plan = plan_qdq(m)
+    nodes = {n.name: n for n in m.graph.node}
+    consts = {i.name for i in m.graph.initializer} | {o for n in m.graph.node if n.op_type == "Constant"
+                                                       for o in n.output}
+    # attention: Q.K^T and attn.V read two activations, both quantized per tensor
+    two_act = [n for n in m.graph.node if n.op_type == "MatMul" and not set(n.input) & consts]
+    assert len(two_act) >= 2
+    for n in two_act:
+        assert all(n.name in plan.activations[t] for t in n.input), n.name
+    # every Q/DQ feeds a weighted op: LayerNorm (or its decomposed form), Softmax, GELU stay float
+    for t, consumers in plan.activations.items():
+        assert {nodes[c].op_type for c in consumers} <= set(WEIGHTED_OPS), t
+    cons = _consumers(m)
+    float_inputs = {t for t, ns in cons.items() if any(n.op_type in _FLOAT_OPS for n in ns)}
+    for t in float_inputs & set(plan.activations):  # a tensor may feed both: its float reader keeps float
+        assert not any(nodes[c].op_type in _FLOAT_OPS for c in plan.activations[t])
+    assert plan.groups == ()
+    cal = _calibrate(m, (6, 16))
+    q = cal.int8_model("minmax")
+    for n in q.graph.node:
+        if n.op_type in _FLOAT_OPS:
+            assert not any(i.endswith("_dequantized") for i in n.input), (n.op_type, n.name)
+    _assert_int8_close(m, cal, min_cos=0.97)
+
+
+# ------------------------------------------------------------------ graph outputs
+def test_detector_head_leaves_outputs_float():
+    m = detector_head_model()
+    plan = plan_qdq(m)
+    assert plan.activations == {"x": ("stem",), "f": ("conv_box", "conv_cls", "conv_next")}
+    assert plan.groups == ()  # the head's Concat output is not quantized: nothing to agree with
+    outputs = {o.name for o in m.graph.output}
+    assert not outputs & set(plan.activations)
+    cal = _calibrate(m)
+    q = cal.int8_model("minmax")
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    assert producers["detections"] == "Concat" and producers["feat"] == "Conv"
+    _assert_int8_close(m, cal)
+
+
+def test_inspect_shows_scale_groups(tmp_path, capsys):
+    from quantkit.cli import main
+
+    path = tmp_path / "sppf.onnx"
+    onnx.save(sppf_model(), path)
+    assert main(["inspect", str(path)]) == 0
+    assert "  scale group 0 (Concat/MaxPool/Resize): s, cat" in capsys.readouterr().out.splitlines()
