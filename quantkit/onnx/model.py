@@ -28,7 +28,11 @@ QUANTIZED_OP_TYPES = frozenset({
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A model input or output: name, shape (ints; str or None for dynamic dims), numpy dtype."""
+    """A model input or output: name, shape (ints; str or None for dynamic dims), numpy dtype.
+
+    A dim written as ``-1`` or ``0`` (what some exporters write for "any size"), a symbolic dim
+    and an unnamed one are all dynamic: None, or the symbol's name.
+    """
 
     name: str
     shape: tuple[int | str | None, ...]
@@ -66,7 +70,7 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     dims: list[int | str | None] = []
     for d in tt.shape.dim:
         if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
+            dims.append(int(d.dim_value) if d.dim_value > 0 else None)
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)
         else:
