@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,12 +183,36 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET) -> onnx.M
         converted.graph.value_info.extend(model.graph.value_info)
         onnx.checker.check_model(converted)
     except Exception as err:
+        node = _blocking_node(model, minimum, str(err))
+        if node is not None:
+            what = f"its {node.op_type} node {node.name!r}" if node.name else f"its {node.op_type} node"
+            reason = f"{what} has no opset-{minimum} form"
+        else:
+            reason = " ".join(str(err).split()) or type(err).__name__
         raise ModelError(
             f"the model uses opset {current}; per-channel Q/DQ needs opset {minimum} or later, "
-            f"and converting it failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-            hint=f"re-export the model with opset_version>={minimum}",
+            f"and converting it failed: {reason}",
+            hint=f"re-export the model with opset_version>={minimum}"
+                 + (f", or replace the {node.op_type} op" if node is not None else ""),
         ) from err
     return converted
+
+
+def _blocking_node(model: onnx.ModelProto, target: int, message: str) -> onnx.NodeProto | None:
+    """The first node that keeps ``model`` from converting to opset ``target``: an op of the
+    default domain with no schema at ``target`` (removed, or experimental like ImageScaler), else
+    the first node whose op type the converter's message names."""
+    from onnx import defs
+
+    default = [n for n in model.graph.node if n.domain in ("", "ai.onnx")]
+    for node in default:
+        try:
+            schema = defs.get_schema(node.op_type, target, "")
+        except Exception:  # SchemaError: no such op at that opset
+            return node
+        if schema.deprecated:
+            return node
+    return next((n for n in default if re.search(rf"\b{re.escape(n.op_type)}", message)), None)
 
 
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:

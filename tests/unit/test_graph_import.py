@@ -56,3 +56,107 @@ def test_minus_one_batch_calibrate_and_compare(digits_dirs, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     rc = main(["compare", str(path), str(out / "m.int8.onnx"), "--images", str(test), *DIGITS, "--num-images", "20"])
     assert rc == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ opsets 7 to 21
+def _graph(nodes, inits, opset, *, out_shape=("N", 4, 16, 16), inputs=None) -> onnx.ModelProto:
+    inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])]
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))],
+                          inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 7 if opset >= 13 else 4
+    return m
+
+
+def _conv_bn_upsample(opset: int) -> onnx.ModelProto:
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((r.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "W"),
+             *[numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+               (("s", r.uniform(0.5, 1.5, 4)), ("b", r.standard_normal(4)), ("m", r.standard_normal(4) * 0.1),
+                ("v", r.uniform(0.5, 1.5, 4)))]]
+    bn_attrs = {"spatial": 1} if opset < 9 else {}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"], name="bn", **bn_attrs)]
+    if opset < 9:  # Upsample-7: scales as an attribute
+        nodes.append(helper.make_node("Upsample", ["bn"], ["y"], name="up", scales=[1.0, 1.0, 2.0, 2.0], mode="nearest"))
+    else:  # Upsample-9: scales as an input
+        inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc"))
+        nodes.append(helper.make_node("Upsample", ["bn", "sc"], ["y"], name="up", mode="nearest"))
+    return _graph(nodes, inits, opset)
+
+
+def _int8_close(model: onnx.ModelProto, shape=(3, 8, 8), *, feed_name: str = "x", min_cos: float = 0.99) -> onnx.ModelProto:
+    """Calibrate ``model`` on synthetic data; its Q/DQ model runs in ONNX Runtime, close to FP32."""
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.datasets import SyntheticSource
+    from quantkit.ptq import QuantizeConfig, RunConfig, quantize
+
+    src = SyntheticSource(shape, count=32)
+    cal = quantize(model, src, QuantizeConfig(run=RunConfig(batch_size=16)))
+    x = np.stack([src.load(i) for i in range(8)])
+    q = cal.int8_model("minmax")
+    ref = OrtRunner(model).infer({feed_name: x})
+    got = OrtRunner(q).infer({feed_name: x})
+    for name, r in ref.items():
+        a, b = r.ravel().astype(np.float64), got[name].ravel().astype(np.float64)
+        assert a.shape == b.shape
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > min_cos, name
+    return q
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+def test_old_opsets_upgrade_and_calibrate(opset):
+    from quantkit.onnx.model import opset_version
+
+    m = _conv_bn_upsample(opset)
+    onnx.checker.check_model(m)
+    q = _int8_close(m)
+    assert opset_version(q) == 13
+    assert "QuantizeLinear" in {n.op_type for n in q.graph.node}
+
+
+def test_unconvertible_opset_names_the_op(tmp_path, capsys):
+    """ImageScaler (an experimental op of opsets 1-9, in old Caffe/CoreML conversions) has no
+    opset-13 form: one line naming the op type and the node."""
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "W")
+    m = _graph([helper.make_node("ImageScaler", ["x"], ["s"], name="scaler", scale=0.5, bias=[0.0, 0.0, 0.0]),
+                helper.make_node("Conv", ["s", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])], [w], 8,
+               out_shape=("N", 4, 8, 8))
+    path = tmp_path / "old.onnx"
+    onnx.save(m, path)
+    before = path.read_bytes()
+    rc = main(["calibrate", str(path), "--npz", str(tmp_path / "none.npz"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    first = err.splitlines()[0]
+    assert first.startswith("quantkit: error:") and "ImageScaler" in first and "'scaler'" in first, err
+    assert "%s" not in first and "convert.cc" not in first, err
+    assert "Traceback" not in err and path.read_bytes() == before
+
+
+def test_torch_export_opset11_dynamic_axes(tmp_path):
+    """A real exporter: torch.onnx.export (TorchScript) at opset 11 with dynamic batch, H and W."""
+    torch = pytest.importorskip("torch")
+    from quantkit.onnx.model import input_specs, load_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.c1(x)))
+            h = torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
+            h = torch.relu(self.c2(h)) + h
+            return self.fc(h.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "t.onnx"
+    torch.onnx.export(Net().eval(), torch.randn(1, 3, 8, 8), str(path), opset_version=11, dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n"}})
+    m = load_model(path)
+    assert [d for d in input_specs(m)[0].shape] == ["n", 3, "h", "w"]
+    _int8_close(m)
