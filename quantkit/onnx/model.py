@@ -224,6 +224,50 @@ def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
+#: ops that only move a constant's values (tf2onnx's Transpose before a MatMul weight, Paddle's
+#: Reshape before a Conv weight): folded, so the weight's Q/DQ feeds the weighted op directly
+_LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def _fold_layout(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | None:
+    x = args[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Transpose":
+        return np.transpose(x, attrs.get("perm"))
+    if node.op_type == "Identity":
+        return x
+    if node.op_type == "Flatten":
+        axis = int(attrs.get("axis", 1)) % max(x.ndim, 1)
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    if node.op_type == "Reshape" and len(args) == 2:
+        shape = [int(d) for d in args[1]]
+        if not attrs.get("allowzero", 0):
+            shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return x.reshape(shape)
+    axes = [int(a) for a in (args[1] if len(args) == 2 else attrs.get("axes", []))]
+    if node.op_type == "Unsqueeze":
+        return np.expand_dims(x, tuple(a % (x.ndim + len(axes)) for a in axes))
+    if node.op_type == "Squeeze":
+        return np.squeeze(x, tuple(a % x.ndim for a in axes) if axes else None)
+    return None
+
+
+def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``initializer_arrays`` plus the outputs of layout ops (Transpose, Reshape, Squeeze,
+    Unsqueeze, Flatten, Identity) computed from constants alone, folded here."""
+    out = initializer_arrays(model)
+    for node in model.graph.node:
+        if node.op_type in _LAYOUT_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1 and all(
+                i in out for i in node.input if i):
+            try:
+                value = _fold_layout(node, [out[i] for i in node.input if i])
+            except (ValueError, TypeError, IndexError):  # a malformed node: leave it to the runtime
+                value = None
+            if value is not None:
+                out[node.output[0]] = value
+    return out
+
+
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """ONNX element type of every tensor that shape inference can type."""
     try:

@@ -11,7 +11,13 @@ Two targets:
   placement it runs float Convs plus the Q/DQ arithmetic. This target ran exactly as fast as
   ``quantize_static``'s model on the digits sample, where the TensorRT placement was ~9% slower.
 Weights stay float, followed by a Q/DQ pair (what TensorRT expects; ONNX Runtime folds them).
-One Q/DQ pair per tensor, shared by all of its quantized consumers.
+One Q/DQ pair per tensor, shared by all of its quantized consumers; a weight shared by consumers
+that read it along different channel axes (a Gemm with transB=1 and a MatMul) gets one pair per
+axis. A weight that reaches its consumer through layout ops on constants (tf2onnx's Transpose
+before a MatMul, Paddle's Reshape before a Conv) is folded into an initializer holding the
+values the consumer sees, and that copy is quantized: TensorRT wants the DQ directly on the
+weight input of the weighted op ("an IDequantizeLayer is required between the weights and the
+linear operator"), and the channel axis is then the consumer's own.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import onnx
 from quantkit._deps import require
 from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
 from quantkit.errors import ModelError
-from quantkit.onnx.model import float_activations, initializer_arrays, input_specs
+from quantkit.onnx.model import constant_arrays, float_activations, input_specs
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _CONV_OPS = ("Conv", "ConvTranspose")
@@ -39,11 +45,18 @@ class QdqPlan:
 
     Attributes:
         activations: activation tensor -> names of the nodes whose input gets the DQ output.
-        weights: weight tensor -> (channel axis, names of the consuming nodes).
+        weights: Q/DQ name -> (channel axis, names of the consuming nodes); the name is the
+            weight tensor's, or for a second channel axis of a shared weight ``<tensor>_axis<k>``.
+        weight_sources: Q/DQ name -> weight tensor, where the two differ.
     """
 
     activations: dict[str, tuple[str, ...]] = field(default_factory=dict)
     weights: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
+    weight_sources: dict[str, str] = field(default_factory=dict)
+
+    def weight_tensor(self, name: str) -> str:
+        """The tensor that the weight Q/DQ pair ``name`` quantizes."""
+        return self.weight_sources.get(name, name)
 
     @property
     def activation_names(self) -> list[str]:
@@ -77,20 +90,23 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
             "the model already has QuantizeLinear/DequantizeLinear nodes",
             hint="give the FP32 model; quantkit places the Q/DQ pairs itself",
         )
-    consts = initializer_arrays(model)
+    consts = constant_arrays(model)
     producer = {out: n for n in graph.node for out in n.output}
     acts: dict[str, list[str]] = defaultdict(list)
     weights: dict[str, tuple[int, list[str]]] = {}
+    sources: dict[str, str] = {}
 
     def add_weight(name: str, node: onnx.NodeProto) -> None:
         arr = consts[name]
-        axis = _weight_axis(node, arr) if arr.ndim >= 2 else -1
         if arr.ndim < 2:
             return  # 1-D "weights" (e.g. a MatMul by a vector) are left in float
+        axis = _weight_axis(node, arr) % arr.ndim
+        key = name
         prev = weights.get(name)
-        if prev is not None and prev[0] != axis:
-            return  # shared with a different channel axis: leave it in float
-        weights.setdefault(name, (axis, []))[1].append(node.name)
+        if prev is not None and prev[0] != axis:  # shared, read along another axis: its own pair
+            key = f"{name}_axis{axis}"
+            sources[key] = name
+        weights.setdefault(key, (axis, []))[1].append(node.name)
 
     for node in graph.node:
         if node.op_type in WEIGHTED_OPS:
@@ -126,9 +142,10 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
             if not node.name:
                 raise ModelError("every node needs a name for Q/DQ placement", hint="re-export the model")
             for t in dict.fromkeys(node.input):
-                if t in floats and t not in consts and t not in weights:
+                if t in floats and t not in consts:
                     acts[t].append(node.name)
-    return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()})
+    return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()},
+                   sources)
 
 
 def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str, float]) -> onnx.ModelProto:
@@ -140,7 +157,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
     missing = [t for t in plan.activations if t not in activation_amax]
     if missing:
         raise ModelError(f"no calibrated range for activation tensor(s) {missing[:5]}")
-    graph = gs.import_onnx(_constant_weights_to_initializers(model, set(plan.weights)))
+    graph = gs.import_onnx(_constant_weights_to_initializers(model, {plan.weight_tensor(k) for k in plan.weights}))
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     new_nodes = []
@@ -168,11 +185,11 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
         scale = scale_from_amax(np.float32(activation_amax[name])).reshape(())
         rewire(name, pair(tensors[name], name, scale, None), consumers)
     for name, (axis, consumers) in plan.weights.items():
-        w = tensors[name]
+        w = tensors[plan.weight_tensor(name)]
         values = np.asarray(w.values)
-        amax = per_channel_amax(values, axis, name=name)
+        amax = per_channel_amax(values, axis, name=plan.weight_tensor(name))
         ax = axis % values.ndim
-        rewire(name, pair(w, name, scale_from_amax(amax), ax), consumers)
+        rewire(plan.weight_tensor(name), pair(w, name, scale_from_amax(amax), ax), consumers)
     graph.nodes.extend(new_nodes)
     graph.toposort()
     graph.cleanup()
@@ -191,21 +208,27 @@ def _value_constant(node: onnx.NodeProto) -> bool:
 
 
 def _constant_weights_to_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of ``model`` where the Constant nodes that produce the weights ``names`` are
-    initializers instead (graphsurgeon gives values only to initializers; a Constant node's
-    output is a Variable). ``model`` itself is returned when there are none."""
-    folded = [n for n in model.graph.node if _value_constant(n) and n.output[0] in names]
+    """A copy of ``model`` where the nodes that produce the weights ``names`` from constants
+    alone (Constant nodes; layout ops such as Transpose or Reshape on constants) are
+    initializers instead (graphsurgeon gives values only to initializers; a node's output is a
+    Variable). ``model`` itself is returned when there are none."""
+    inits = {i.name for i in model.graph.initializer}
+    folded = [n for n in model.graph.node if n.output and n.output[0] in names and n.output[0] not in inits]
     if not folded:
         return model
+    values = constant_arrays(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    kept = [n for n in out.graph.node if not (_value_constant(n) and n.output[0] in names)]
+    kept = [n for n in out.graph.node if not (n.output and n.output[0] in names and n.output[0] not in inits)]
     del out.graph.node[:]
     out.graph.node.extend(kept)
     for node in folded:
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(node.attribute[0].t)
-        tensor.name = node.output[0]
+        if _value_constant(node):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+        else:
+            tensor = onnx.numpy_helper.from_array(np.ascontiguousarray(values[node.output[0]]), node.output[0])
         out.graph.initializer.append(tensor)
     return out
 

@@ -160,3 +160,89 @@ def test_torch_export_opset11_dynamic_axes(tmp_path):
     m = load_model(path)
     assert [d for d in input_specs(m)[0].shape] == ["n", 3, "h", "w"]
     _int8_close(m)
+
+
+# ------------------------------------------------------------------ weights: shared, behind layout ops
+def _dequantized_weights(q: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """For each weighted node of the Q/DQ model: the weight it reads, computed by ONNX Runtime
+    (the DQ output exposed as a graph output), by node name."""
+    import onnxruntime as ort
+
+    from quantkit.onnx.model import with_outputs
+
+    produced = {o: n for n in q.graph.node for o in n.output}
+    wanted = {n.name: n.input[1] for n in q.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    for name, t in wanted.items():
+        assert produced[t].op_type == "DequantizeLinear", f"{name}: weight not fed by a DQ"
+    sess = ort.InferenceSession(with_outputs(q, list(wanted.values())).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    feed = {i.name: np.ones([d if isinstance(d, int) else 1 for d in i.shape], np.float32) for i in sess.get_inputs()}
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    return {name: outs[t] for name, t in wanted.items()}
+
+
+def _per_channel_reference(w: np.ndarray, axis: int) -> np.ndarray:
+    """Brute force: symmetric int8 per channel along ``axis``, scale = amax / 127."""
+    moved = np.moveaxis(w.astype(np.float64), axis, 0)
+    amax = np.abs(moved.reshape(len(moved), -1)).max(axis=1)
+    scale = (amax / 127.0).astype(np.float32).astype(np.float64)
+    shape = (-1,) + (1,) * (moved.ndim - 1)
+    q = np.clip(np.round(moved / scale.reshape(shape)), -128, 127) * scale.reshape(shape)
+    return np.moveaxis(q, 0, axis)
+
+
+def test_shared_weight_per_consumer_axis():
+    """One square initializer read by a Gemm(transB=1) (channels on axis 0) and a MatMul
+    (channels on axis 1): each consumer gets the weight quantized along its own axis (the MatMul's
+    was left in float)."""
+    w = (np.random.default_rng(3).standard_normal((6, 6)) * np.linspace(0.1, 3, 6)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["g"], name="gemm", transB=1),
+             helper.make_node("MatMul", ["x", "W"], ["m"], name="matmul"),
+             helper.make_node("Add", ["g", "m"], ["y"], name="add")]
+    m = _graph(nodes, [numpy_helper.from_array(w, "W")], 17, out_shape=("N", 6),
+               inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])])
+    q = _int8_close(m, (6,))
+    got = _dequantized_weights(q)
+    np.testing.assert_allclose(got["gemm"], _per_channel_reference(w, 0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["matmul"], _per_channel_reference(w, 1), rtol=1e-6, atol=1e-7)
+
+
+def test_shared_weight_two_convs_one_pair():
+    w = (np.random.default_rng(4).standard_normal((3, 3, 3, 3)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W"], ["y"], name="conv_b", pads=[1, 1, 1, 1])]
+    m = _graph(nodes, [numpy_helper.from_array(w, "W")], 17, out_shape=("N", 3, 8, 8))
+    q = _int8_close(m)
+    got = _dequantized_weights(q)
+    for name in ("conv_a", "conv_b"):
+        np.testing.assert_allclose(got[name], _per_channel_reference(w, 0), rtol=1e-6, atol=1e-7)
+    assert sum(n.op_type == "QuantizeLinear" and n.input[0] == "W" for n in q.graph.node) == 1
+
+
+def test_weights_behind_transpose_and_reshape():
+    """tf2onnx writes MatMul weights as initializer -> Transpose -> MatMul, Paddle Conv weights
+    behind a Reshape: the weight is folded into the values the consumer sees and quantized per
+    channel along the consumer's axis, the DQ feeding the weighted op directly (it was
+    calibrated as a per-tensor activation)."""
+    from quantkit.onnx.qdq import plan_qdq
+
+    r = np.random.default_rng(5)
+    wc = (r.standard_normal((4, 27)) * np.linspace(0.1, 2, 4)[:, None]).astype(np.float32)  # Conv weight, flat
+    wm = (r.standard_normal((5, 4)) * np.linspace(0.1, 2, 5)[:, None]).astype(np.float32)   # [N, K], transposed
+    inits = [numpy_helper.from_array(wc, "wc_flat"), numpy_helper.from_array(np.array([4, 3, 3, 3], np.int64), "wshape"),
+             numpy_helper.from_array(wm, "wm_nk"), numpy_helper.from_array(np.array([0, 2, 3, 1], np.int64), "perm")]
+    nodes = [helper.make_node("Reshape", ["wc_flat", "wshape"], ["wc"], name="reshape_w"),
+             helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["rl"], name="relu"),
+             helper.make_node("Transpose", ["rl"], ["t"], name="to_nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("Transpose", ["wm_nk"], ["wm"], name="transpose_w", perm=[1, 0]),
+             helper.make_node("MatMul", ["t", "wm"], ["y"], name="matmul")]
+    m = _graph(nodes, inits[:3], 17, out_shape=("N", 8, 8, 5))
+    plan = plan_qdq(m)
+    assert set(plan.activations) == {"x", "t"}
+    assert plan.weights == {"wc": (0, ("conv",)), "wm": (1, ("matmul",))}
+    q = _int8_close(m)
+    got = _dequantized_weights(q)
+    np.testing.assert_allclose(got["conv"], _per_channel_reference(wc.reshape(4, 3, 3, 3), 0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["matmul"], _per_channel_reference(wm.T, 1), rtol=1e-6, atol=1e-7)
