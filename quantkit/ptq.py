@@ -315,12 +315,12 @@ class Calibration:
                    report: dict[str, Any] | None = None, trt_version: int = DEFAULT_TRT_VERSION,
                    extra_methods: Sequence[str] = ()) -> dict[str, str]:
         """Write the artifacts of ``save`` into ``folder`` (a staging folder); file names by kind."""
-        from quantkit._io import write_bytes_atomic, write_json_atomic
+        from quantkit._io import write_json_atomic
         from quantkit.calibrators.cache import CacheProvenance, sidecar_path, write_cache, write_sidecar
 
         method = self.config.method
         names = {"model": f"{model_stem}.int8.onnx", "cache": "calibration.cache", "ranges": "ranges.json"}
-        write_bytes_atomic(folder / names["model"], self.int8_model(method).SerializeToString())
+        names.update(_save_int8(self.int8_model(method), folder, names["model"], "model"))
         cache = self.cache(method, trt_version=trt_version)
         write_cache(folder / names["cache"], cache)
         sha = (metadata.get("model") or {}).get("sha256")
@@ -334,8 +334,7 @@ class Calibration:
             write_json_atomic(folder / names["report"], report)
         for m in extra_methods:
             if m != method:
-                names[m] = f"{model_stem}.{m}.int8.onnx"
-                write_bytes_atomic(folder / names[m], self.int8_model(m).SerializeToString())
+                names.update(_save_int8(self.int8_model(m), folder, f"{model_stem}.{m}.int8.onnx", m))
         return names
 
     # -------------------------------------------------------------- statistics to save and merge
@@ -366,6 +365,15 @@ class Calibration:
         ranges = {t: all_ranges(h, params) for t, h in stats.histograms.items()}
         return cls(prepared.model, prepared.specs, prepared.plan, dict(stats.histograms), ranges, config,
                    stats.num_samples, model_name=model_name)
+
+
+def _save_int8(model: onnx.ModelProto, folder: Path, name: str, kind: str) -> dict[str, str]:
+    """Write a Q/DQ model into ``folder``; a model past protobuf's 2 GB limit gets its external
+    data file beside it (``<name>.data``, kind ``<kind>_data``). File names by kind."""
+    from quantkit.onnx.model import save_model
+
+    written = save_model(model, folder / name)
+    return {kind: name, **({f"{kind}_data": written[0].name} if len(written) > 1 else {})}
 
 
 # ------------------------------------------------------------------ the verb

@@ -52,18 +52,51 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if p.is_dir():
         raise ModelError(f"{str(p)!r} is a folder, not an ONNX model file")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as err:  # protobuf raises DecodeError and others (ParseError's text spans lines)
         reason = " ".join(str(err).split())
         raise ModelError(f"{str(p)!r} is not a readable ONNX model ({type(err).__name__}: {reason})") from err
+    _load_external_data(model, p)
     if not model.graph.node:
         raise ModelError(f"{str(p)!r} is not an ONNX model with a graph (no nodes found)")
     try:
-        onnx.checker.check_model(model)
+        # past protobuf's 2 GB limit the checker reads the file itself (it cannot take the message)
+        onnx.checker.check_model(model if tensor_bytes(model) <= EXTERNAL_DATA_BYTES else str(p))
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "validation failed"
         raise ModelError(f"{str(p)!r} is not a valid ONNX model: {first}") from err
     return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read the tensors that ``model`` keeps in external data files, only from files inside the
+    model's own folder: a ``location`` that is absolute, climbs out with ``..`` or is a symlink
+    resolving outside is refused (a model file must not make quantkit read arbitrary files)."""
+    from onnx import external_data_helper
+
+    tensors = [t for t in external_data_helper._get_all_tensors(model)
+               if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL]
+    if not tensors:
+        return
+    folder = path.resolve().parent
+    for t in tensors:
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        inside = bool(location) and not os.path.isabs(location) and ".." not in Path(location).parts and (
+            folder in target.parents)
+        if not inside:
+            raise ModelError(
+                f"{str(path)!r}: tensor {t.name!r} keeps its data in {location!r}, outside the model's folder; "
+                "quantkit reads external data only from files beside the model",
+                hint="save the model with its external data file in the same folder (onnx.save(..., location=NAME))")
+        if not target.is_file():
+            raise ModelError(f"{str(path)!r}: tensor {t.name!r} keeps its data in {location!r}, which does not exist "
+                             f"in {str(folder)!r}", hint="copy the model's external data file next to it")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(folder))
+    except Exception as err:
+        reason = " ".join(str(err).split())
+        raise ModelError(f"{str(path)!r}: cannot read its external data ({type(err).__name__}: {reason})") from err
 
 
 def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
@@ -307,9 +340,51 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return out
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Save an ONNX model atomically (a temporary file beside it, renamed into place), with the
-    permissions of the umask."""
-    from quantkit._io import write_bytes_atomic
+#: a model whose tensors hold more bytes than this is saved with external data: protobuf cannot
+#: serialize a message of 2 GiB or more (SerializeToString raises), so one file cannot hold it
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
 
-    return write_bytes_atomic(path, model.SerializeToString())
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held in the model's tensors (initializers, Constant nodes, subgraphs)."""
+    from onnx import external_data_helper
+
+    return sum(len(t.raw_data) for t in external_data_helper._get_all_tensors(model))
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *,
+               external_data_bytes: int = EXTERNAL_DATA_BYTES) -> list[Path]:
+    """Save an ONNX model atomically (a temporary file beside it, renamed into place), with the
+    permissions of the umask. A model whose tensors exceed ``external_data_bytes`` (protobuf's
+    2 GB limit) keeps its tensors of 1 KiB or more in ``<file name>.data`` beside it, written
+    first; ``model`` itself is not changed. Returns the written files, the model last."""
+    from onnx import external_data_helper
+
+    from quantkit._io import write_bytes_atomic, write_chunks_atomic
+
+    target = Path(path)
+    if tensor_bytes(model) <= external_data_bytes:
+        return [write_bytes_atomic(target, model.SerializeToString())]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    data_name = f"{target.name}.data"
+    chunks: list[bytes] = []
+    offset = 0
+    for t in external_data_helper._get_all_tensors(out):
+        raw = t.raw_data
+        if len(raw) < 1024:
+            continue
+        pad = -offset % 4096  # page-aligned, so runtimes can map each tensor
+        if pad:
+            chunks.append(bytes(pad))
+            offset += pad
+        chunks.append(raw)
+        del t.external_data[:]
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        t.data_location = TensorProto.EXTERNAL
+        t.ClearField("raw_data")
+        offset += len(raw)
+    data = write_chunks_atomic(target.parent / data_name, chunks)
+    return [data, write_bytes_atomic(target, out.SerializeToString())]

@@ -31,7 +31,7 @@ import onnx
 from quantkit._deps import require
 from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
 from quantkit.errors import ModelError
-from quantkit.onnx.model import constant_arrays, float_activations, input_specs
+from quantkit.onnx.model import EXTERNAL_DATA_BYTES, constant_arrays, float_activations, input_specs, tensor_bytes
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _CONV_OPS = ("Conv", "ConvTranspose")
@@ -198,7 +198,8 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
     out.producer_name, out.producer_version = "quantkit", _version()
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
-    onnx.checker.check_model(out)
+    if tensor_bytes(out) <= EXTERNAL_DATA_BYTES:  # the checker cannot take a message past 2 GB
+        onnx.checker.check_model(out)
     _check_io_kept(model, out)
     return out
 

@@ -246,3 +246,83 @@ def test_weights_behind_transpose_and_reshape():
     got = _dequantized_weights(q)
     np.testing.assert_allclose(got["conv"], _per_channel_reference(wc.reshape(4, 3, 3, 3), 0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got["matmul"], _per_channel_reference(wm.T, 1), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ external data
+def _save_external(folder, name: str = "m.onnx", location: str = "m.onnx.data"):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    onnx.save(onnx.load(sample.model_path()), path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=location, size_threshold=0)
+    return path
+
+
+def _relocate(path, location: str) -> None:
+    """Point every external tensor of the model file at ``location`` (a hostile model)."""
+    from onnx import external_data_helper
+
+    m = onnx.load(path, load_external_data=False)
+    for t in external_data_helper._get_all_tensors(m):
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(m, path)
+
+
+def test_external_data_model_calibrates(digits_dirs, tmp_path, capsys):
+    """``onnx.external_data`` saving: the weights live in a file beside the model."""
+    import json
+
+    train, _ = digits_dirs
+    path = _save_external(tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    out = tmp_path / "out"
+    rc = main(["calibrate", str(path), "--images", str(train), *DIGITS, "--num-images", "32", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before  # inputs untouched
+    files = json.loads((out / "quantkit-manifest.json").read_text())["files"]
+    assert "m.int8.onnx" in files and not any(n.endswith(".data") for n in files)  # small: one file
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "symlink"])
+def test_external_data_outside_the_folder_refused(where, tmp_path, capsys):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.random.default_rng(0).bytes(1 << 16))
+    path = _save_external(tmp_path / "model")
+    location = {"dotdot": "../secret.bin", "absolute": str(secret), "symlink": "link.data"}[where]
+    if where == "symlink":
+        (path.parent / "link.data").symlink_to(secret)
+    _relocate(path, location)
+    rc = main(["inspect", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    first = err.splitlines()[0]
+    assert "outside the model's folder" in first and str(path) in first, err
+    assert err.count("\n") == 2 and "hint:" in err  # one line + hint
+
+
+def test_large_int8_model_saved_with_external_data(tmp_path, monkeypatch):
+    """Past protobuf's 2 GB limit (SerializeToString raises) the Q/DQ model is written with its
+    own external data file, atomically and in the manifest; here the limit is lowered."""
+    import json
+
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.datasets import SyntheticSource
+    from quantkit.onnx import model as model_mod
+    from quantkit.onnx.model import load_model
+    from quantkit.ptq import QuantizeConfig, quantize
+
+    m = onnx.load(sample.model_path())
+    cal = quantize(m, SyntheticSource((1, 32, 32), count=16), QuantizeConfig())
+    monkeypatch.setattr(model_mod.save_model, "__kwdefaults__", {"external_data_bytes": 4096})
+    paths = cal.save(tmp_path / "out", model_stem="m")
+    assert paths["model_data"].name == "m.int8.onnx.data"
+    files = json.loads((tmp_path / "out" / "quantkit-manifest.json").read_text())["files"]
+    assert {"m.int8.onnx", "m.int8.onnx.data"} <= set(files)
+    assert (tmp_path / "out" / "m.int8.onnx").stat().st_size < 16 * 1024 < paths["model_data"].stat().st_size
+    x = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
+    want = OrtRunner(cal.int8_model()).infer({"image": x})
+    got = OrtRunner(load_model(paths["model"])).infer({"image": x})
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
