@@ -32,7 +32,7 @@ from quantkit.datasets.batching import Batcher
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError
 from quantkit.onnx.model import (TensorSpec, check_not_quantized, ensure_opset, float_activations, float_input_specs,
-                                 opset_version)
+                                 opset_version, subgraph_node_count)
 from quantkit.onnx.qdq import TARGETS, QdqPlan, insert_qdq, plan_qdq
 
 if TYPE_CHECKING:
@@ -161,6 +161,10 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     model = ensure_opset(model)
     specs = float_input_specs(model, source=name)
     plan = plan_qdq(model, target)
+    inside = subgraph_node_count(model.graph)
+    if inside:  # Q/DQ placement and calibration cover the main graph only
+        log.warning("%s: %d node%s inside If/Loop/Scan subgraphs stay in float; the main graph is quantized",
+                    name, inside, "s" if inside != 1 else "")
     if not plan.activations:
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes: nothing to quantize to INT8")
     log.debug("opset %d, %d activation and %d weight Q/DQ pairs planned", opset_version(model),

@@ -301,6 +301,17 @@ def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
+def subgraph_node_count(graph: onnx.GraphProto) -> int:
+    """Nodes inside the subgraphs (If branches, Loop and Scan bodies) of ``graph``'s nodes, nested
+    ones included; the main graph's own nodes are not counted."""
+    count = 0
+    for node in graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                count += len(g.node) + subgraph_node_count(g)
+    return count
+
+
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """ONNX element type of every tensor that shape inference can type."""
     try:

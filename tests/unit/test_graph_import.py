@@ -326,3 +326,39 @@ def test_large_int8_model_saved_with_external_data(tmp_path, monkeypatch):
     for k in want:
         np.testing.assert_array_equal(got[k], want[k])
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
+
+
+# ------------------------------------------------------------------ subgraphs
+def _if_model() -> onnx.ModelProto:
+    """x -> Conv -> If(sum > 0: Conv + Relu inside, reading an outer weight | Identity) -> Conv -> y."""
+    r = np.random.default_rng(6)
+    w = lambda *s: numpy_helper.from_array((r.standard_normal(s) * 0.3).astype(np.float32))  # noqa: E731
+    w1, w2, w3 = w(4, 3, 3, 3), w(4, 4, 3, 3), w(2, 4, 3, 3)
+    w1.name, w2.name, w3.name = "w1", "w2", "w3"
+    then = helper.make_graph(
+        [helper.make_node("Conv", ["c", "w2"], ["tc"], name="then_conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["tc"], ["t_out"], name="then_relu")],
+        "then", [], [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["c"], ["e_out"], name="else_id")], "else", [],
+                              [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceSum", ["c"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["b"], name="branch", then_branch=then, else_branch=other),
+             helper.make_node("Conv", ["b", "w3"], ["y"], name="conv3", pads=[1, 1, 1, 1])]
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    return _graph(nodes, [w1, w2, w3, zero], 17, out_shape=("N", 2, 8, 8))
+
+
+def test_subgraph_bodies_stay_float(caplog):
+    """If/Loop/Scan bodies stay in float, the main graph is calibrated, a warning says how many
+    nodes stayed float, and the Q/DQ model runs in ONNX Runtime."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="quantkit"):
+        q = _int8_close(_if_model())
+    assert "3 nodes inside If/Loop/Scan subgraphs stay in float" in caplog.text
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"x", "w1", "w3"} <= quantized and "w2" not in quantized
+    body = next(n for n in q.graph.node if n.op_type == "If").attribute
+    assert all(sub.op_type != "QuantizeLinear" for a in body for sub in a.g.node)
