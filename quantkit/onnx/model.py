@@ -113,10 +113,30 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(vi.name, tuple(dims), np.dtype(dtype))
 
 
-def input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
-    """Graph inputs that are not initializers."""
+def _read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of ``graph`` or of its subgraphs reads (outer-scope reads too)."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _read_names(g)
+    return names
+
+
+def unused_inputs(model: onnx.ModelProto) -> list[TensorSpec]:
+    """Graph inputs (not initializers) that no node reads and no output is: they need no data;
+    ONNX Runtime still wants them fed (quantkit's runner feeds zeros)."""
     inits = {i.name for i in model.graph.initializer}
-    return [_spec(vi) for vi in model.graph.input if vi.name not in inits]
+    read = _read_names(model.graph) | {o.name for o in model.graph.output}
+    return [_spec(vi) for vi in model.graph.input if vi.name not in inits and vi.name not in read]
+
+
+def input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
+    """Graph inputs that are not initializers and that the graph reads (``unused_inputs`` apart)."""
+    inits = {i.name for i in model.graph.initializer}
+    unused = {s.name for s in unused_inputs(model)}
+    return [_spec(vi) for vi in model.graph.input if vi.name not in inits and vi.name not in unused]
 
 
 def output_specs(model: onnx.ModelProto) -> list[TensorSpec]:

@@ -362,3 +362,42 @@ def test_subgraph_bodies_stay_float(caplog):
     assert {"x", "w1", "w3"} <= quantized and "w2" not in quantized
     body = next(n for n in q.graph.node if n.op_type == "If").attribute
     assert all(sub.op_type != "QuantizeLinear" for a in body for sub in a.g.node)
+
+
+# ------------------------------------------------------------------ optional and unused inputs
+def test_optional_empty_names_and_unused_input(digits_dirs, tmp_path, capsys):
+    """Optional inputs left out with '' (Conv bias, Resize roi, Clip min) do not crash placement
+    or insertion, for either target; an input that no node reads needs no data (ONNX Runtime is
+    fed zeros for it) and stays an input of the Q/DQ model."""
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.onnx.model import input_specs
+    from quantkit.onnx.qdq import insert_qdq, plan_qdq
+
+    r = np.random.default_rng(7)
+    w = numpy_helper.from_array((r.standard_normal((4, 1, 3, 3)) * 0.3).astype(np.float32), "w")
+    scales = numpy_helper.from_array(np.array([1, 1, 0.5, 0.5], np.float32), "scales")
+    mx = numpy_helper.from_array(np.array(6.0, np.float32), "six")
+    nodes = [helper.make_node("Conv", ["x", "w", ""], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c", "", "six"], ["cl"], name="clip"),
+             helper.make_node("Resize", ["cl", "", "scales"], ["rs"], name="resize", mode="nearest"),
+             helper.make_node("GlobalAveragePool", ["rs"], ["gp"], name="gap"),
+             helper.make_node("Flatten", ["gp"], ["y"], name="flatten")]
+    m = _graph(nodes, [w, scales, mx], 17, out_shape=("N", 4),
+               inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 32, 32]),
+                       helper.make_tensor_value_info("unused", TensorProto.FLOAT, ["N", 7])])
+    assert [s.name for s in input_specs(m)] == ["x"]
+    for target in ("tensorrt", "onnxruntime"):
+        plan = plan_qdq(m, target)
+        assert "" not in plan.activations
+        q = insert_qdq(m, plan, {t: 4.0 for t in plan.activations})
+        assert [i.name for i in q.graph.input] == ["x", "unused"]
+        assert OrtRunner(q).infer({"x": np.ones((2, 1, 32, 32), np.float32)})["y"].shape == (2, 4)
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    train, test = digits_dirs
+    rc = main(["calibrate", str(path), "--images", str(train), *DIGITS, "--num-images", "16", "-o", str(tmp_path / "o"),
+               "--target", "onnxruntime"])
+    assert rc == 0, capsys.readouterr().err
+    rc = main(["compare", str(path), str(tmp_path / "o" / "m.int8.onnx"), "--images", str(test), *DIGITS,
+               "--num-images", "8"])
+    assert rc == 0, capsys.readouterr().err
