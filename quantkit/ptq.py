@@ -31,8 +31,8 @@ from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method,
 from quantkit.datasets.batching import Batcher
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError
-from quantkit.onnx.model import (TensorSpec, check_not_quantized, ensure_opset, float_activations, float_input_specs,
-                                 opset_version, subgraph_node_count)
+from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_quantized, ensure_opset, float_activations,
+                                 float_input_specs, opset_version, subgraph_node_count, tensor_types)
 from quantkit.onnx.qdq import TARGETS, QdqPlan, insert_qdq, plan_qdq
 
 if TYPE_CHECKING:
@@ -161,6 +161,12 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     model = ensure_opset(model)
     specs = float_input_specs(model, source=name)
     plan = plan_qdq(model, target)
+    types = tensor_types(model)
+    planned = [*plan.activations, *(plan.weight_tensor(w) for w in plan.weights)]
+    if any(types.get(t) == onnx.TensorProto.FLOAT16 for t in planned) and opset_version(model) < MIN_QDQ_OPSET_FLOAT16:
+        # float16 models stay float16, with float16 scales: Q/DQ of float16 needs opset 19
+        model = ensure_opset(model, MIN_QDQ_OPSET_FLOAT16)
+        plan = plan_qdq(model, target)
     inside = subgraph_node_count(model.graph)
     if inside:  # Q/DQ placement and calibration cover the main graph only
         log.warning("%s: %d node%s inside If/Loop/Scan subgraphs stay in float; the main graph is quantized",

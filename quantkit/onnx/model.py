@@ -16,6 +16,7 @@ from quantkit._io import file_sha256  # noqa: F401  (re-exported: the model hash
 from quantkit.errors import ModelError
 
 MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
+MIN_QDQ_OPSET_FLOAT16 = 19  # QuantizeLinear / DequantizeLinear of float16 (scale of the float type)
 
 #: op types that only a quantized model holds (ONNX, and ONNX Runtime's com.microsoft domain);
 #: every ``QLinear*`` op counts too

@@ -31,7 +31,8 @@ import onnx
 from quantkit._deps import require
 from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
 from quantkit.errors import ModelError
-from quantkit.onnx.model import EXTERNAL_DATA_BYTES, constant_arrays, float_activations, input_specs, tensor_bytes
+from quantkit.onnx.model import (EXTERNAL_DATA_BYTES, constant_arrays, float_activations, input_specs, tensor_bytes,
+                                 tensor_types)
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _CONV_OPS = ("Conv", "ConvTranspose")
@@ -157,17 +158,22 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
     missing = [t for t in plan.activations if t not in activation_amax]
     if missing:
         raise ModelError(f"no calibrated range for activation tensor(s) {missing[:5]}")
+    types = tensor_types(model)
     graph = gs.import_onnx(_constant_weights_to_initializers(model, {plan.weight_tensor(k) for k in plan.weights}))
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     new_nodes = []
 
     def pair(tensor: object, base: str, scale: np.ndarray, axis: int | None) -> object:
+        # a float16 tensor gets float16 scales: the DQ then outputs float16, the type its consumer
+        # reads (Q/DQ take the scale's type; TensorRT's strongly typed networks keep it)
+        if types.get(getattr(tensor, "name", ""), onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT16:
+            scale = np.asarray(np.maximum(scale, np.finfo(np.float16).tiny), dtype=np.float16)
         zero = np.zeros(scale.shape, dtype=np.int8)
         s = gs.Constant(f"{base}_scale", scale)
         z = gs.Constant(f"{base}_zero_point", zero)
         q_out = gs.Variable(f"{base}_quantized", dtype=np.int8, shape=getattr(tensor, "shape", None))
-        dq_out = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=getattr(tensor, "shape", None))
+        dq_out = gs.Variable(f"{base}_dequantized", dtype=scale.dtype, shape=getattr(tensor, "shape", None))
         attrs = {} if axis is None else {"axis": axis}
         new_nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs, [tensor, s, z], [q_out]))
         new_nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs, [q_out, s, z], [dq_out]))

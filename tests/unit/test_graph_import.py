@@ -401,3 +401,35 @@ def test_optional_empty_names_and_unused_input(digits_dirs, tmp_path, capsys):
     rc = main(["compare", str(path), str(tmp_path / "o" / "m.int8.onnx"), "--images", str(test), *DIGITS,
                "--num-images", "8"])
     assert rc == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ float16 models
+def _float16_model() -> onnx.ModelProto:
+    """The residual test model with every float tensor in float16 (inputs, weights, outputs)."""
+    from tests.conftest import make_residual_model
+
+    m = make_residual_model()
+    for t in m.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for vi in (*m.graph.input, *m.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_float16_model_keeps_float16():
+    """Decision: a float16 model stays float16 (TensorRT builds it as typed). Its Q/DQ pairs
+    have float16 scales, so each DQ outputs float16 (the type its consumer reads); Q/DQ of
+    float16 needs opset 19, so the model is upgraded to 19. Inputs and outputs stay float16."""
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.onnx.model import input_specs, opset_version, output_specs
+
+    m = _float16_model()
+    q = _int8_close(m, min_cos=0.98)
+    assert opset_version(q) >= 19
+    assert [s.dtype for s in (*input_specs(q), *output_specs(q))] == [np.float16, np.float16]
+    inits = {i.name: i for i in q.graph.initializer}
+    scales = [inits[n.input[1]] for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert scales and all(s.data_type == TensorProto.FLOAT16 for s in scales)
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float16)
+    assert OrtRunner(q).infer({"x": x})["y"].dtype == np.float16
