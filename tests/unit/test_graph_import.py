@@ -433,3 +433,25 @@ def test_float16_model_keeps_float16():
     assert scales and all(s.data_type == TensorProto.FLOAT16 for s in scales)
     x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float16)
     assert OrtRunner(q).infer({"x": x})["y"].dtype == np.float16
+
+
+def test_constant_node_weights_feed_gemm_and_matmul():
+    """Constant-node weights (PaddlePaddle, tf2onnx) feeding a Gemm directly and a MatMul through
+    a Transpose: planned as weights, calibrated, quantized per channel."""
+    from quantkit.onnx.qdq import plan_qdq
+
+    r = np.random.default_rng(8)
+    wg = (r.standard_normal((5, 6)) * np.linspace(0.2, 2, 5)[:, None]).astype(np.float32)
+    wm = (r.standard_normal((4, 5)) * np.linspace(0.2, 2, 4)[:, None]).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["wg"], name="const_g", value=numpy_helper.from_array(wg)),
+             helper.make_node("Constant", [], ["wm_t"], name="const_m", value=numpy_helper.from_array(wm)),
+             helper.make_node("Gemm", ["x", "wg"], ["g"], name="gemm", transB=1),
+             helper.make_node("Relu", ["g"], ["rl"], name="relu"),
+             helper.make_node("Transpose", ["wm_t"], ["wm"], name="transpose_w", perm=[1, 0]),
+             helper.make_node("MatMul", ["rl", "wm"], ["y"], name="matmul")]
+    m = _graph(nodes, [], 17, out_shape=("N", 4), inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])])
+    assert plan_qdq(m).weights == {"wg": (0, ("gemm",)), "wm": (1, ("matmul",))}
+    q = _int8_close(m, (6,))
+    got = _dequantized_weights(q)
+    np.testing.assert_allclose(got["gemm"], _per_channel_reference(wg, 0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["matmul"], _per_channel_reference(wm.T, 1), rtol=1e-6, atol=1e-7)
