@@ -380,9 +380,9 @@ class Calibration:
 def _save_int8(model: onnx.ModelProto, folder: Path, name: str, kind: str) -> dict[str, str]:
     """Write a Q/DQ model into ``folder``; a model past protobuf's 2 GB limit gets its external
     data file beside it (``<name>.data``, kind ``<kind>_data``). File names by kind."""
-    from quantkit.onnx.model import save_model
+    from quantkit.onnx.model import save_model_files
 
-    written = save_model(model, folder / name)
+    written = save_model_files(model, folder / name)
     return {kind: name, **({f"{kind}_data": written[0].name} if len(written) > 1 else {})}
 
 

@@ -385,11 +385,18 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *,
-               external_data_bytes: int = EXTERNAL_DATA_BYTES) -> list[Path]:
+               external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Path:
     """Save an ONNX model atomically (a temporary file beside it, renamed into place), with the
-    permissions of the umask. A model whose tensors exceed ``external_data_bytes`` (protobuf's
-    2 GB limit) keeps its tensors of 1 KiB or more in ``<file name>.data`` beside it, written
-    first; ``model`` itself is not changed. Returns the written files, the model last."""
+    permissions of the umask; see ``save_model_files`` for models past 2 GB. Returns its path."""
+    return save_model_files(model, path, external_data_bytes=external_data_bytes)[-1]
+
+
+def save_model_files(model: onnx.ModelProto, path: str | os.PathLike[str], *,
+                     external_data_bytes: int = EXTERNAL_DATA_BYTES) -> list[Path]:
+    """``save_model``, returning every file written. A model whose tensors exceed
+    ``external_data_bytes`` (protobuf's 2 GB limit) keeps its tensors of 1 KiB or more in
+    ``<file name>.data`` beside it, written first; ``model`` itself is not changed. Returns the
+    written files, the model last."""
     from onnx import external_data_helper
 
     from quantkit._io import write_bytes_atomic, write_chunks_atomic

@@ -314,7 +314,7 @@ def test_large_int8_model_saved_with_external_data(tmp_path, monkeypatch):
 
     m = onnx.load(sample.model_path())
     cal = quantize(m, SyntheticSource((1, 32, 32), count=16), QuantizeConfig())
-    monkeypatch.setattr(model_mod.save_model, "__kwdefaults__", {"external_data_bytes": 4096})
+    monkeypatch.setattr(model_mod.save_model_files, "__kwdefaults__", {"external_data_bytes": 4096})
     paths = cal.save(tmp_path / "out", model_stem="m")
     assert paths["model_data"].name == "m.int8.onnx.data"
     files = json.loads((tmp_path / "out" / "quantkit-manifest.json").read_text())["files"]
