@@ -31,8 +31,8 @@ from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method,
 from quantkit.datasets.batching import Batcher
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError
-from quantkit.onnx.model import (TensorSpec, check_not_quantized, ensure_opset, float_activations, float_input_specs,
-                                 opset_version)
+from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_quantized, ensure_opset, float_activations,
+                                 float_input_specs, opset_version, subgraph_node_count, tensor_types)
 from quantkit.onnx.qdq import TARGETS, QdqPlan, exclude_from_plan, insert_qdq, plan_qdq
 
 if TYPE_CHECKING:
@@ -168,7 +168,18 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     check_not_quantized(model, source=name)
     model = ensure_opset(model)
     specs = float_input_specs(model, source=name)
-    plan, excluded = exclude_from_plan(model, plan_qdq(model, target), names=exclude, op_types=exclude_op_types)
+    plan = plan_qdq(model, target)
+    types = tensor_types(model)
+    planned = [*plan.activations, *(plan.weight_tensor(w) for w in plan.weights)]
+    if any(types.get(t) == onnx.TensorProto.FLOAT16 for t in planned) and opset_version(model) < MIN_QDQ_OPSET_FLOAT16:
+        # float16 models stay float16, with float16 scales: Q/DQ of float16 needs opset 19
+        model = ensure_opset(model, MIN_QDQ_OPSET_FLOAT16)
+        plan = plan_qdq(model, target)
+    inside = subgraph_node_count(model.graph)
+    if inside:  # Q/DQ placement and calibration cover the main graph only
+        log.warning("%s: %d node%s inside If/Loop/Scan subgraphs stay in float; the main graph is quantized",
+                    name, inside, "s" if inside != 1 else "")
+    plan, excluded = exclude_from_plan(model, plan, names=exclude, op_types=exclude_op_types)
     if not plan.activations:
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes"
                          + (" left after the exclusions" if excluded else "") + ": nothing to quantize to INT8")
@@ -329,12 +340,12 @@ class Calibration:
                    report: dict[str, Any] | None = None, trt_version: int = DEFAULT_TRT_VERSION,
                    extra_methods: Sequence[str] = ()) -> dict[str, str]:
         """Write the artifacts of ``save`` into ``folder`` (a staging folder); file names by kind."""
-        from quantkit._io import write_bytes_atomic, write_json_atomic
+        from quantkit._io import write_json_atomic
         from quantkit.calibrators.cache import CacheProvenance, sidecar_path, write_cache, write_sidecar
 
         method = self.config.method
         names = {"model": f"{model_stem}.int8.onnx", "cache": "calibration.cache", "ranges": "ranges.json"}
-        write_bytes_atomic(folder / names["model"], self.int8_model(method).SerializeToString())
+        names.update(_save_int8(self.int8_model(method), folder, names["model"], "model"))
         cache = self.cache(method, trt_version=trt_version)
         write_cache(folder / names["cache"], cache)
         sha = (metadata.get("model") or {}).get("sha256")
@@ -348,8 +359,7 @@ class Calibration:
             write_json_atomic(folder / names["report"], report)
         for m in extra_methods:
             if m != method:
-                names[m] = f"{model_stem}.{m}.int8.onnx"
-                write_bytes_atomic(folder / names[m], self.int8_model(m).SerializeToString())
+                names.update(_save_int8(self.int8_model(m), folder, f"{model_stem}.{m}.int8.onnx", m))
         return names
 
     # -------------------------------------------------------------- statistics to save and merge
@@ -394,6 +404,15 @@ def method_ranges(histograms: Mapping[str, Histogram], groups: Sequence[Sequence
         shared = all_ranges(merged, params)
         ranges.update(dict.fromkeys(group, shared))
     return ranges
+
+
+def _save_int8(model: onnx.ModelProto, folder: Path, name: str, kind: str) -> dict[str, str]:
+    """Write a Q/DQ model into ``folder``; a model past protobuf's 2 GB limit gets its external
+    data file beside it (``<name>.data``, kind ``<kind>_data``). File names by kind."""
+    from quantkit.onnx.model import save_model_files
+
+    written = save_model_files(model, folder / name)
+    return {kind: name, **({f"{kind}_data": written[0].name} if len(written) > 1 else {})}
 
 
 # ------------------------------------------------------------------ the verb

@@ -27,7 +27,7 @@ import onnx
 from quantkit._deps import require
 from quantkit.backends.base import Runner, TensorSink
 from quantkit.errors import ModelError
-from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, with_outputs
+from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, unused_inputs, with_outputs
 
 
 def session_options(threads: int | None = None, *, optimization: str = "all") -> Any:
@@ -79,6 +79,9 @@ class OrtRunner(Runner):
         proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
         self.name = Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name
         self._inputs = input_specs(proto)
+        # inputs no node reads need no data, but ONNX Runtime wants every input fed: zeros
+        self._unused = {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], s.dtype)
+                        for s in unused_inputs(proto)}
         self._output_specs = output_specs(proto)
         self._outputs = [s.name for s in self._output_specs]
         self._captured = list(dict.fromkeys(capture))
@@ -107,7 +110,7 @@ class OrtRunner(Runner):
         return list(self._captured)
 
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.session.run(self._outputs, feed)
+        outs = self.session.run(self._outputs, {**self._unused, **feed})
         return dict(zip(self._outputs, outs))
 
     def _infer_captured_impl(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -121,7 +124,8 @@ class OrtRunner(Runner):
         """Run every batch once; the sink gets each chunk's captured tensors on a worker thread
         while ONNX Runtime runs the next chunk (two buffer sets alternate)."""
         fed = [t for t in self._captured if t not in self._inner]
-        runners = [_BoundCapture(self.session, self._inner), _BoundCapture(self.session, self._inner)]
+        runners = [_BoundCapture(self.session, self._inner, self._unused),
+                   _BoundCapture(self.session, self._inner, self._unused)]
         pending: list[Future[None] | None] = [None, None]
         fixed_batch = self._inputs[0].static_batch if self._inputs else None
         chunk: int | None = None
@@ -176,9 +180,10 @@ class _BoundCapture:
     returned are overwritten by the next call.
     """
 
-    def __init__(self, session: Any, outputs: Sequence[str]):
+    def __init__(self, session: Any, outputs: Sequence[str], fixed: dict[str, np.ndarray] | None = None):
         self.session = session
         self.outputs = list(outputs)
+        self._fixed = fixed or {}  # inputs fed the same array every call (unused inputs' zeros)
         self._key: tuple[tuple[str, tuple[int, ...]], ...] | None = None
         self._binding: Any = None
         self._buffers: list[np.ndarray] = []
@@ -186,7 +191,7 @@ class _BoundCapture:
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         if not self.outputs:
             return []
-        feed = {k: np.ascontiguousarray(v) for k, v in feed.items()}
+        feed = {**self._fixed, **{k: np.ascontiguousarray(v) for k, v in feed.items()}}
         key = tuple((k, v.shape) for k, v in feed.items())
         if key != self._key:
             arrays = self.session.run(self.outputs, feed)

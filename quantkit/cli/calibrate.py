@@ -45,10 +45,10 @@ class Calibrate:
                        help="Q/DQ placement: tensorrt (default; inputs of Conv/Gemm/MatMul and residual Adds, what "
                             "TensorRT fuses) or onnxruntime (every activation, so ONNX Runtime's CPU provider runs "
                             "integer kernels; for deploying on ONNX Runtime)")
-        g.add_argument("--exclude", action="append", default=[], metavar="NODE_OR_REGEX",
+        g.add_argument("--exclude", action="append", metavar="NODE_OR_REGEX",
                        help="keep this node's inputs in float (no Q/DQ; TensorRT runs it in FP16/FP32): a node "
                        "name or a regular expression matched against whole names; repeatable")
-        g.add_argument("--exclude-op-type", action="append", default=[], metavar="TYPE",
+        g.add_argument("--exclude-op-type", action="append", metavar="TYPE",
                        help="keep the inputs of every node of this op type in float (e.g. Softmax); repeatable")
         g.add_argument("--histogram-stride", type=positive_int, default=5, metavar="K",
                        help="large activations: histogram body from every K-th value (weight K), tail and "
@@ -85,7 +85,7 @@ class Calibrate:
         config = QuantizeConfig(
             StatsConfig(num_bins=args.num_bins, sample_stride=args.histogram_stride, target=args.target,
                         cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats),
-                        exclude=tuple(args.exclude), exclude_op_types=tuple(args.exclude_op_type)),
+                        exclude=tuple(args.exclude or ()), exclude_op_types=tuple(args.exclude_op_type or ())),
             RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
             ExportConfig(method=args.method, params={"percentile": args.percentile}))
         prepared = prepare(model, target=args.target, name=str(model_path), exclude=config.stats.exclude,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from quantkit._io import file_sha256  # noqa: F401  (re-exported: the model hash
 from quantkit.errors import ModelError
 
 MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
+MIN_QDQ_OPSET_FLOAT16 = 19  # QuantizeLinear / DequantizeLinear of float16 (scale of the float type)
 
 #: op types that only a quantized model holds (ONNX, and ONNX Runtime's com.microsoft domain);
 #: every ``QLinear*`` op counts too
@@ -28,7 +30,11 @@ QUANTIZED_OP_TYPES = frozenset({
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A model input or output: name, shape (ints; str or None for dynamic dims), numpy dtype."""
+    """A model input or output: name, shape (ints; str or None for dynamic dims), numpy dtype.
+
+    A dim written as ``-1`` or ``0`` (what some exporters write for "any size"), a symbolic dim
+    and an unnamed one are all dynamic: None, or the symbol's name.
+    """
 
     name: str
     shape: tuple[int | str | None, ...]
@@ -47,18 +53,51 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if p.is_dir():
         raise ModelError(f"{str(p)!r} is a folder, not an ONNX model file")
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as err:  # protobuf raises DecodeError and others (ParseError's text spans lines)
         reason = " ".join(str(err).split())
         raise ModelError(f"{str(p)!r} is not a readable ONNX model ({type(err).__name__}: {reason})") from err
+    _load_external_data(model, p)
     if not model.graph.node:
         raise ModelError(f"{str(p)!r} is not an ONNX model with a graph (no nodes found)")
     try:
-        onnx.checker.check_model(model)
+        # past protobuf's 2 GB limit the checker reads the file itself (it cannot take the message)
+        onnx.checker.check_model(model if tensor_bytes(model) <= EXTERNAL_DATA_BYTES else str(p))
     except onnx.checker.ValidationError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "validation failed"
         raise ModelError(f"{str(p)!r} is not a valid ONNX model: {first}") from err
     return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read the tensors that ``model`` keeps in external data files, only from files inside the
+    model's own folder: a ``location`` that is absolute, climbs out with ``..`` or is a symlink
+    resolving outside is refused (a model file must not make quantkit read arbitrary files)."""
+    from onnx import external_data_helper
+
+    tensors = [t for t in external_data_helper._get_all_tensors(model)
+               if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL]
+    if not tensors:
+        return
+    folder = path.resolve().parent
+    for t in tensors:
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        inside = bool(location) and not os.path.isabs(location) and ".." not in Path(location).parts and (
+            folder in target.parents)
+        if not inside:
+            raise ModelError(
+                f"{str(path)!r}: tensor {t.name!r} keeps its data in {location!r}, outside the model's folder; "
+                "quantkit reads external data only from files beside the model",
+                hint="save the model with its external data file in the same folder (onnx.save(..., location=NAME))")
+        if not target.is_file():
+            raise ModelError(f"{str(path)!r}: tensor {t.name!r} keeps its data in {location!r}, which does not exist "
+                             f"in {str(folder)!r}", hint="copy the model's external data file next to it")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(folder))
+    except Exception as err:
+        reason = " ".join(str(err).split())
+        raise ModelError(f"{str(path)!r}: cannot read its external data ({type(err).__name__}: {reason})") from err
 
 
 def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
@@ -66,7 +105,7 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     dims: list[int | str | None] = []
     for d in tt.shape.dim:
         if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
+            dims.append(int(d.dim_value) if d.dim_value > 0 else None)
         elif d.HasField("dim_param"):
             dims.append(d.dim_param)
         else:
@@ -75,10 +114,30 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(vi.name, tuple(dims), np.dtype(dtype))
 
 
-def input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
-    """Graph inputs that are not initializers."""
+def _read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of ``graph`` or of its subgraphs reads (outer-scope reads too)."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _read_names(g)
+    return names
+
+
+def unused_inputs(model: onnx.ModelProto) -> list[TensorSpec]:
+    """Graph inputs (not initializers) that no node reads and no output is: they need no data;
+    ONNX Runtime still wants them fed (quantkit's runner feeds zeros)."""
     inits = {i.name for i in model.graph.initializer}
-    return [_spec(vi) for vi in model.graph.input if vi.name not in inits]
+    read = _read_names(model.graph) | {o.name for o in model.graph.output}
+    return [_spec(vi) for vi in model.graph.input if vi.name not in inits and vi.name not in read]
+
+
+def input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
+    """Graph inputs that are not initializers and that the graph reads (``unused_inputs`` apart)."""
+    inits = {i.name for i in model.graph.initializer}
+    unused = {s.name for s in unused_inputs(model)}
+    return [_spec(vi) for vi in model.graph.input if vi.name not in inits and vi.name not in unused]
 
 
 def output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
@@ -178,12 +237,36 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET) -> onnx.M
         converted.graph.value_info.extend(model.graph.value_info)
         onnx.checker.check_model(converted)
     except Exception as err:
+        node = _blocking_node(model, minimum, str(err))
+        if node is not None:
+            what = f"its {node.op_type} node {node.name!r}" if node.name else f"its {node.op_type} node"
+            reason = f"{what} has no opset-{minimum} form"
+        else:
+            reason = " ".join(str(err).split()) or type(err).__name__
         raise ModelError(
             f"the model uses opset {current}; per-channel Q/DQ needs opset {minimum} or later, "
-            f"and converting it failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-            hint=f"re-export the model with opset_version>={minimum}",
+            f"and converting it failed: {reason}",
+            hint=f"re-export the model with opset_version>={minimum}"
+                 + (f", or replace the {node.op_type} op" if node is not None else ""),
         ) from err
     return converted
+
+
+def _blocking_node(model: onnx.ModelProto, target: int, message: str) -> onnx.NodeProto | None:
+    """The first node that keeps ``model`` from converting to opset ``target``: an op of the
+    default domain with no schema at ``target`` (removed, or experimental like ImageScaler), else
+    the first node whose op type the converter's message names."""
+    from onnx import defs
+
+    default = [n for n in model.graph.node if n.domain in ("", "ai.onnx")]
+    for node in default:
+        try:
+            schema = defs.get_schema(node.op_type, target, "")
+        except Exception:  # SchemaError: no such op at that opset
+            return node
+        if schema.deprecated:
+            return node
+    return next((n for n in default if re.search(rf"\b{re.escape(n.op_type)}", message)), None)
 
 
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -193,6 +276,61 @@ def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             out[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
     return out
+
+
+#: ops that only move a constant's values (tf2onnx's Transpose before a MatMul weight, Paddle's
+#: Reshape before a Conv weight): folded, so the weight's Q/DQ feeds the weighted op directly
+_LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def _fold_layout(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | None:
+    x = args[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Transpose":
+        return np.transpose(x, attrs.get("perm"))
+    if node.op_type == "Identity":
+        return x
+    if node.op_type == "Flatten":
+        axis = int(attrs.get("axis", 1)) % max(x.ndim, 1)
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    if node.op_type == "Reshape" and len(args) == 2:
+        shape = [int(d) for d in args[1]]
+        if not attrs.get("allowzero", 0):
+            shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+        return x.reshape(shape)
+    axes = [int(a) for a in (args[1] if len(args) == 2 else attrs.get("axes", []))]
+    if node.op_type == "Unsqueeze":
+        return np.expand_dims(x, tuple(a % (x.ndim + len(axes)) for a in axes))
+    if node.op_type == "Squeeze":
+        return np.squeeze(x, tuple(a % x.ndim for a in axes) if axes else None)
+    return None
+
+
+def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``initializer_arrays`` plus the outputs of layout ops (Transpose, Reshape, Squeeze,
+    Unsqueeze, Flatten, Identity) computed from constants alone, folded here."""
+    out = initializer_arrays(model)
+    for node in model.graph.node:
+        if node.op_type in _LAYOUT_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1 and all(
+                i in out for i in node.input if i):
+            try:
+                value = _fold_layout(node, [out[i] for i in node.input if i])
+            except (ValueError, TypeError, IndexError):  # a malformed node: leave it to the runtime
+                value = None
+            if value is not None:
+                out[node.output[0]] = value
+    return out
+
+
+def subgraph_node_count(graph: onnx.GraphProto) -> int:
+    """Nodes inside the subgraphs (If branches, Loop and Scan bodies) of ``graph``'s nodes, nested
+    ones included; the main graph's own nodes are not counted."""
+    count = 0
+    for node in graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                count += len(g.node) + subgraph_node_count(g)
+    return count
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -234,9 +372,58 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return out
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Save an ONNX model atomically (a temporary file beside it, renamed into place), with the
-    permissions of the umask."""
-    from quantkit._io import write_bytes_atomic
+#: a model whose tensors hold more bytes than this is saved with external data: protobuf cannot
+#: serialize a message of 2 GiB or more (SerializeToString raises), so one file cannot hold it
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
 
-    return write_bytes_atomic(path, model.SerializeToString())
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held in the model's tensors (initializers, Constant nodes, subgraphs)."""
+    from onnx import external_data_helper
+
+    return sum(len(t.raw_data) for t in external_data_helper._get_all_tensors(model))
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *,
+               external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Path:
+    """Save an ONNX model atomically (a temporary file beside it, renamed into place), with the
+    permissions of the umask; see ``save_model_files`` for models past 2 GB. Returns its path."""
+    return save_model_files(model, path, external_data_bytes=external_data_bytes)[-1]
+
+
+def save_model_files(model: onnx.ModelProto, path: str | os.PathLike[str], *,
+                     external_data_bytes: int = EXTERNAL_DATA_BYTES) -> list[Path]:
+    """``save_model``, returning every file written. A model whose tensors exceed
+    ``external_data_bytes`` (protobuf's 2 GB limit) keeps its tensors of 1 KiB or more in
+    ``<file name>.data`` beside it, written first; ``model`` itself is not changed. Returns the
+    written files, the model last."""
+    from onnx import external_data_helper
+
+    from quantkit._io import write_bytes_atomic, write_chunks_atomic
+
+    target = Path(path)
+    if tensor_bytes(model) <= external_data_bytes:
+        return [write_bytes_atomic(target, model.SerializeToString())]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    data_name = f"{target.name}.data"
+    chunks: list[bytes] = []
+    offset = 0
+    for t in external_data_helper._get_all_tensors(out):
+        raw = t.raw_data
+        if len(raw) < 1024:
+            continue
+        pad = -offset % 4096  # page-aligned, so runtimes can map each tensor
+        if pad:
+            chunks.append(bytes(pad))
+            offset += pad
+        chunks.append(raw)
+        del t.external_data[:]
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        t.data_location = TensorProto.EXTERNAL
+        t.ClearField("raw_data")
+        offset += len(raw)
+    data = write_chunks_atomic(target.parent / data_name, chunks)
+    return [data, write_bytes_atomic(target, out.SerializeToString())]

@@ -13,7 +13,13 @@ Two targets:
   placement it runs float Convs plus the Q/DQ arithmetic. This target ran exactly as fast as
   ``quantize_static``'s model on the digits sample, where the TensorRT placement was ~9% slower.
 Weights stay float, followed by a Q/DQ pair (what TensorRT expects; ONNX Runtime folds them).
-One Q/DQ pair per tensor, shared by all of its quantized consumers.
+One Q/DQ pair per tensor, shared by all of its quantized consumers; a weight shared by consumers
+that read it along different channel axes (a Gemm with transB=1 and a MatMul) gets one pair per
+axis. A weight that reaches its consumer through layout ops on constants (tf2onnx's Transpose
+before a MatMul, Paddle's Reshape before a Conv) is folded into an initializer holding the
+values the consumer sees, and that copy is quantized: TensorRT wants the DQ directly on the
+weight input of the weighted op ("an IDequantizeLayer is required between the weights and the
+linear operator"), and the channel axis is then the consumer's own.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import onnx
 from quantkit._deps import require
 from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
 from quantkit.errors import ModelError
-from quantkit.onnx.model import float_activations, initializer_arrays, input_specs
+from quantkit.onnx.model import (EXTERNAL_DATA_BYTES, constant_arrays, float_activations, input_specs, tensor_bytes,
+                                 tensor_types)
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _CONV_OPS = ("Conv", "ConvTranspose")
@@ -46,7 +53,9 @@ class QdqPlan:
 
     Attributes:
         activations: activation tensor -> names of the nodes whose input gets the DQ output.
-        weights: weight tensor -> (channel axis, names of the consuming nodes).
+        weights: Q/DQ name -> (channel axis, names of the consuming nodes); the name is the
+            weight tensor's, or for a second channel axis of a shared weight ``<tensor>_axis<k>``.
+        weight_sources: Q/DQ name -> weight tensor, where the two differ.
         groups: activation tensors that must share one scale (each group two or more tensors
             of ``activations``, in plan order): TensorRT moves their quantizers onto one tensor
             through Concat, MaxPool or Resize, and unequal scales would leave requantize layers.
@@ -55,6 +64,11 @@ class QdqPlan:
     activations: dict[str, tuple[str, ...]] = field(default_factory=dict)
     weights: dict[str, tuple[int, tuple[str, ...]]] = field(default_factory=dict)
     groups: tuple[tuple[str, ...], ...] = ()
+    weight_sources: dict[str, str] = field(default_factory=dict)
+
+    def weight_tensor(self, name: str) -> str:
+        """The tensor that the weight Q/DQ pair ``name`` quantizes."""
+        return self.weight_sources.get(name, name)
 
     @property
     def activation_names(self) -> list[str]:
@@ -114,21 +128,24 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
             "the model already has QuantizeLinear/DequantizeLinear nodes",
             hint="give the FP32 model; quantkit places the Q/DQ pairs itself",
         )
-    consts = initializer_arrays(model)
+    consts = constant_arrays(model)
     producer = {out: n for n in graph.node for out in n.output}
     acts: dict[str, list[str]] = defaultdict(list)
     weights: dict[str, tuple[int, list[str]]] = {}
     folded = _computed_from_constants(graph.node, consts)
+    sources: dict[str, str] = {}
 
     def add_weight(name: str, node: onnx.NodeProto) -> None:
         arr = consts[name]
-        axis = _weight_axis(node, arr) if arr.ndim >= 2 else -1
         if arr.ndim < 2:
             return  # 1-D "weights" (e.g. a MatMul by a vector) are left in float
+        axis = _weight_axis(node, arr) % arr.ndim
+        key = name
         prev = weights.get(name)
-        if prev is not None and prev[0] != axis:
-            return  # shared with a different channel axis: leave it in float
-        weights.setdefault(name, (axis, []))[1].append(node.name)
+        if prev is not None and prev[0] != axis:  # shared, read along another axis: its own pair
+            key = f"{name}_axis{axis}"
+            sources[key] = name
+        weights.setdefault(key, (axis, []))[1].append(node.name)
 
     for node in graph.node:
         if node.op_type in WEIGHTED_OPS:
@@ -164,12 +181,12 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
             if not node.name:
                 raise ModelError("every node needs a name for Q/DQ placement", hint="re-export the model")
             for t in dict.fromkeys(node.input):
-                if t in floats and t not in consts and t not in weights:
+                if t in floats and t not in consts:
                     acts[t].append(node.name)
     # ONNX Runtime's integer kernels requantize between scales: groups only for TensorRT
     groups = _scale_groups(graph.node, list(acts), consts) if target == "tensorrt" else ()
     return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()},
-                   groups)
+                   groups=groups, weight_sources=sources)
 
 
 def _computed_from_constants(nodes: Iterable[onnx.NodeProto], consts: Mapping[str, object]) -> set[str]:
@@ -226,17 +243,22 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
     missing = [t for t in plan.activations if t not in activation_amax]
     if missing:
         raise ModelError(f"no calibrated range for activation tensor(s) {missing[:5]}")
-    graph = gs.import_onnx(_constant_weights_to_initializers(model, set(plan.weights)))
+    types = tensor_types(model)
+    graph = gs.import_onnx(_constant_weights_to_initializers(model, {plan.weight_tensor(k) for k in plan.weights}))
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     new_nodes = []
 
     def pair(tensor: object, base: str, scale: np.ndarray, axis: int | None) -> object:
+        # a float16 tensor gets float16 scales: the DQ then outputs float16, the type its consumer
+        # reads (Q/DQ take the scale's type; TensorRT's strongly typed networks keep it)
+        if types.get(getattr(tensor, "name", ""), onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT16:
+            scale = np.asarray(np.maximum(scale, np.finfo(np.float16).tiny), dtype=np.float16)
         zero = np.zeros(scale.shape, dtype=np.int8)
         s = gs.Constant(f"{base}_scale", scale)
         z = gs.Constant(f"{base}_zero_point", zero)
         q_out = gs.Variable(f"{base}_quantized", dtype=np.int8, shape=getattr(tensor, "shape", None))
-        dq_out = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=getattr(tensor, "shape", None))
+        dq_out = gs.Variable(f"{base}_dequantized", dtype=scale.dtype, shape=getattr(tensor, "shape", None))
         attrs = {} if axis is None else {"axis": axis}
         new_nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs, [tensor, s, z], [q_out]))
         new_nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs, [q_out, s, z], [dq_out]))
@@ -254,11 +276,11 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
         scale = scale_from_amax(np.float32(activation_amax[name])).reshape(())
         rewire(name, pair(tensors[name], name, scale, None), consumers)
     for name, (axis, consumers) in plan.weights.items():
-        w = tensors[name]
+        w = tensors[plan.weight_tensor(name)]
         values = np.asarray(w.values)
-        amax = per_channel_amax(values, axis, name=name)
+        amax = per_channel_amax(values, axis, name=plan.weight_tensor(name))
         ax = axis % values.ndim
-        rewire(name, pair(w, name, scale_from_amax(amax), ax), consumers)
+        rewire(plan.weight_tensor(name), pair(w, name, scale_from_amax(amax), ax), consumers)
     graph.nodes.extend(new_nodes)
     graph.toposort()
     graph.cleanup()
@@ -267,7 +289,8 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
     out.producer_name, out.producer_version = "quantkit", _version()
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)
-    onnx.checker.check_model(out)
+    if tensor_bytes(out) <= EXTERNAL_DATA_BYTES:  # the checker cannot take a message past 2 GB
+        onnx.checker.check_model(out)
     _check_io_kept(model, out)
     return out
 
@@ -277,21 +300,27 @@ def _value_constant(node: onnx.NodeProto) -> bool:
 
 
 def _constant_weights_to_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of ``model`` where the Constant nodes that produce the weights ``names`` are
-    initializers instead (graphsurgeon gives values only to initializers; a Constant node's
-    output is a Variable). ``model`` itself is returned when there are none."""
-    folded = [n for n in model.graph.node if _value_constant(n) and n.output[0] in names]
+    """A copy of ``model`` where the nodes that produce the weights ``names`` from constants
+    alone (Constant nodes; layout ops such as Transpose or Reshape on constants) are
+    initializers instead (graphsurgeon gives values only to initializers; a node's output is a
+    Variable). ``model`` itself is returned when there are none."""
+    inits = {i.name for i in model.graph.initializer}
+    folded = [n for n in model.graph.node if n.output and n.output[0] in names and n.output[0] not in inits]
     if not folded:
         return model
+    values = constant_arrays(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    kept = [n for n in out.graph.node if not (_value_constant(n) and n.output[0] in names)]
+    kept = [n for n in out.graph.node if not (n.output and n.output[0] in names and n.output[0] not in inits)]
     del out.graph.node[:]
     out.graph.node.extend(kept)
     for node in folded:
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(node.attribute[0].t)
-        tensor.name = node.output[0]
+        if _value_constant(node):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+        else:
+            tensor = onnx.numpy_helper.from_array(np.ascontiguousarray(values[node.output[0]]), node.output[0])
         out.graph.initializer.append(tensor)
     return out
 
@@ -361,5 +390,7 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
     weights = {w: (ax, tuple(c for c in cons if c not in excluded)) for w, (ax, cons) in plan.weights.items()}
     kept_acts = {t: c for t, c in acts.items() if c}
     groups = tuple(g for g in plan.groups if all(t in kept_acts for t in g))
-    kept = QdqPlan(kept_acts, {w: (ax, c) for w, (ax, c) in weights.items() if c}, groups)
+    kept_weights = {w: (ax, c) for w, (ax, c) in weights.items() if c}
+    kept = QdqPlan(kept_acts, kept_weights, groups=groups,
+                   weight_sources={w: t for w, t in plan.weight_sources.items() if w in kept_weights})
     return kept, list(excluded.values())

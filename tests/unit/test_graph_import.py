@@ -1,0 +1,457 @@
+"""Graph import: what real exporters produce (issue 13, part 1).
+
+Dynamic dims written as -1/0/symbolic/unnamed, old opsets, external data, subgraphs, shared
+weights, weights behind a Transpose/Reshape, float16 models, optional and unused inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantkit import sample
+from quantkit.cli import main
+from tests.unit.test_cli import DIGITS
+
+
+def _dims_model(dims: list) -> onnx.ModelProto:
+    """The bundled digits CNN with its input dims replaced by ``dims`` (int, str or None)."""
+    m = onnx.load(sample.model_path())
+    shape = m.graph.input[0].type.tensor_type.shape
+    for d, value in zip(shape.dim, dims):
+        d.Clear()
+        if isinstance(value, int):
+            d.dim_value = value
+        elif isinstance(value, str):
+            d.dim_param = value
+    return m
+
+
+# ------------------------------------------------------------------ dynamic dims
+@pytest.mark.parametrize("dims", [[-1, 1, -1, -1], [0, 1, 0, 0], [None, 1, None, None], ["n", 1, "h", "w"]])
+def test_dynamic_dims_are_dynamic(dims):
+    from quantkit.backends.base import check_feed
+    from quantkit.bench import random_feed
+    from quantkit.onnx.model import input_specs
+
+    spec = input_specs(_dims_model(dims))[0]
+    assert spec.static_batch is None
+    assert all(d is None or isinstance(d, str) for i, d in enumerate(spec.shape) if i != 1)
+    check_feed({"image": np.zeros((5, 1, 32, 32), np.float32)}, [spec])  # any batch, any HxW
+    feed = random_feed([spec], batch=3, shapes={"image": (3, 1, 16, 16)})
+    assert feed["image"].shape == (3, 1, 16, 16)
+
+
+def test_minus_one_batch_calibrate_and_compare(digits_dirs, tmp_path, capsys):
+    """An input declared [-1, 1, -1, -1] (a valid dynamic dim) was taken for a fixed batch of -1:
+    'batch size must be positive, got -1' (exit 2) and compare refused the FP32 model."""
+    train, test = digits_dirs
+    path = tmp_path / "m.onnx"
+    onnx.save(_dims_model([-1, 1, -1, -1]), path)
+    out = tmp_path / "out"
+    rc = main(["calibrate", str(path), "--images", str(train), *DIGITS, "--num-images", "40", "--batch-size", "16",
+               "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rc = main(["compare", str(path), str(out / "m.int8.onnx"), "--images", str(test), *DIGITS, "--num-images", "20"])
+    assert rc == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ opsets 7 to 21
+def _graph(nodes, inits, opset, *, out_shape=("N", 4, 16, 16), inputs=None) -> onnx.ModelProto:
+    inputs = inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])]
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))],
+                          inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 7 if opset >= 13 else 4
+    return m
+
+
+def _conv_bn_upsample(opset: int) -> onnx.ModelProto:
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((r.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "W"),
+             *[numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+               (("s", r.uniform(0.5, 1.5, 4)), ("b", r.standard_normal(4)), ("m", r.standard_normal(4) * 0.1),
+                ("v", r.uniform(0.5, 1.5, 4)))]]
+    bn_attrs = {"spatial": 1} if opset < 9 else {}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["bn"], name="bn", **bn_attrs)]
+    if opset < 9:  # Upsample-7: scales as an attribute
+        nodes.append(helper.make_node("Upsample", ["bn"], ["y"], name="up", scales=[1.0, 1.0, 2.0, 2.0], mode="nearest"))
+    else:  # Upsample-9: scales as an input
+        inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc"))
+        nodes.append(helper.make_node("Upsample", ["bn", "sc"], ["y"], name="up", mode="nearest"))
+    return _graph(nodes, inits, opset)
+
+
+def _int8_close(model: onnx.ModelProto, shape=(3, 8, 8), *, feed_name: str = "x", min_cos: float = 0.99) -> onnx.ModelProto:
+    """Calibrate ``model`` on synthetic data; its Q/DQ model runs in ONNX Runtime, close to FP32."""
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.datasets import SyntheticSource
+    from quantkit.ptq import QuantizeConfig, RunConfig, quantize
+
+    src = SyntheticSource(shape, count=32)
+    cal = quantize(model, src, QuantizeConfig(run=RunConfig(batch_size=16)))
+    x = np.stack([src.load(i) for i in range(8)])
+    q = cal.int8_model("minmax")
+    ref = OrtRunner(model).infer({feed_name: x})
+    got = OrtRunner(q).infer({feed_name: x})
+    for name, r in ref.items():
+        a, b = r.ravel().astype(np.float64), got[name].ravel().astype(np.float64)
+        assert a.shape == b.shape
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > min_cos, name
+    return q
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+def test_old_opsets_upgrade_and_calibrate(opset):
+    from quantkit.onnx.model import opset_version
+
+    m = _conv_bn_upsample(opset)
+    onnx.checker.check_model(m)
+    q = _int8_close(m)
+    assert opset_version(q) == 13
+    assert "QuantizeLinear" in {n.op_type for n in q.graph.node}
+
+
+def test_unconvertible_opset_names_the_op(tmp_path, capsys):
+    """ImageScaler (an experimental op of opsets 1-9, in old Caffe/CoreML conversions) has no
+    opset-13 form: one line naming the op type and the node."""
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "W")
+    m = _graph([helper.make_node("ImageScaler", ["x"], ["s"], name="scaler", scale=0.5, bias=[0.0, 0.0, 0.0]),
+                helper.make_node("Conv", ["s", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])], [w], 8,
+               out_shape=("N", 4, 8, 8))
+    path = tmp_path / "old.onnx"
+    onnx.save(m, path)
+    before = path.read_bytes()
+    rc = main(["calibrate", str(path), "--npz", str(tmp_path / "none.npz"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    first = err.splitlines()[0]
+    assert first.startswith("quantkit: error:") and "ImageScaler" in first and "'scaler'" in first, err
+    assert "%s" not in first and "convert.cc" not in first, err
+    assert "Traceback" not in err and path.read_bytes() == before
+
+
+def test_torch_export_opset11_dynamic_axes(tmp_path):
+    """A real exporter: torch.onnx.export (TorchScript) at opset 11 with dynamic batch, H and W."""
+    torch = pytest.importorskip("torch")
+    from quantkit.onnx.model import input_specs, load_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.c1(x)))
+            h = torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
+            h = torch.relu(self.c2(h)) + h
+            return self.fc(h.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    path = tmp_path / "t.onnx"
+    torch.onnx.export(Net().eval(), torch.randn(1, 3, 8, 8), str(path), opset_version=11, dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n"}})
+    m = load_model(path)
+    assert [d for d in input_specs(m)[0].shape] == ["n", 3, "h", "w"]
+    _int8_close(m)
+
+
+# ------------------------------------------------------------------ weights: shared, behind layout ops
+def _dequantized_weights(q: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """For each weighted node of the Q/DQ model: the weight it reads, computed by ONNX Runtime
+    (the DQ output exposed as a graph output), by node name."""
+    import onnxruntime as ort
+
+    from quantkit.onnx.model import with_outputs
+
+    produced = {o: n for n in q.graph.node for o in n.output}
+    wanted = {n.name: n.input[1] for n in q.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    for name, t in wanted.items():
+        assert produced[t].op_type == "DequantizeLinear", f"{name}: weight not fed by a DQ"
+    sess = ort.InferenceSession(with_outputs(q, list(wanted.values())).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    feed = {i.name: np.ones([d if isinstance(d, int) else 1 for d in i.shape], np.float32) for i in sess.get_inputs()}
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    return {name: outs[t] for name, t in wanted.items()}
+
+
+def _per_channel_reference(w: np.ndarray, axis: int) -> np.ndarray:
+    """Brute force: symmetric int8 per channel along ``axis``, scale = amax / 127."""
+    moved = np.moveaxis(w.astype(np.float64), axis, 0)
+    amax = np.abs(moved.reshape(len(moved), -1)).max(axis=1)
+    scale = (amax / 127.0).astype(np.float32).astype(np.float64)
+    shape = (-1,) + (1,) * (moved.ndim - 1)
+    q = np.clip(np.round(moved / scale.reshape(shape)), -128, 127) * scale.reshape(shape)
+    return np.moveaxis(q, 0, axis)
+
+
+def test_shared_weight_per_consumer_axis():
+    """One square initializer read by a Gemm(transB=1) (channels on axis 0) and a MatMul
+    (channels on axis 1): each consumer gets the weight quantized along its own axis (the MatMul's
+    was left in float)."""
+    w = (np.random.default_rng(3).standard_normal((6, 6)) * np.linspace(0.1, 3, 6)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["g"], name="gemm", transB=1),
+             helper.make_node("MatMul", ["x", "W"], ["m"], name="matmul"),
+             helper.make_node("Add", ["g", "m"], ["y"], name="add")]
+    m = _graph(nodes, [numpy_helper.from_array(w, "W")], 17, out_shape=("N", 6),
+               inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])])
+    q = _int8_close(m, (6,))
+    got = _dequantized_weights(q)
+    np.testing.assert_allclose(got["gemm"], _per_channel_reference(w, 0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["matmul"], _per_channel_reference(w, 1), rtol=1e-6, atol=1e-7)
+
+
+def test_shared_weight_two_convs_one_pair():
+    w = (np.random.default_rng(4).standard_normal((3, 3, 3, 3)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W"], ["y"], name="conv_b", pads=[1, 1, 1, 1])]
+    m = _graph(nodes, [numpy_helper.from_array(w, "W")], 17, out_shape=("N", 3, 8, 8))
+    q = _int8_close(m)
+    got = _dequantized_weights(q)
+    for name in ("conv_a", "conv_b"):
+        np.testing.assert_allclose(got[name], _per_channel_reference(w, 0), rtol=1e-6, atol=1e-7)
+    assert sum(n.op_type == "QuantizeLinear" and n.input[0] == "W" for n in q.graph.node) == 1
+
+
+def test_weights_behind_transpose_and_reshape():
+    """tf2onnx writes MatMul weights as initializer -> Transpose -> MatMul, Paddle Conv weights
+    behind a Reshape: the weight is folded into the values the consumer sees and quantized per
+    channel along the consumer's axis, the DQ feeding the weighted op directly (it was
+    calibrated as a per-tensor activation)."""
+    from quantkit.onnx.qdq import plan_qdq
+
+    r = np.random.default_rng(5)
+    wc = (r.standard_normal((4, 27)) * np.linspace(0.1, 2, 4)[:, None]).astype(np.float32)  # Conv weight, flat
+    wm = (r.standard_normal((5, 4)) * np.linspace(0.1, 2, 5)[:, None]).astype(np.float32)   # [N, K], transposed
+    inits = [numpy_helper.from_array(wc, "wc_flat"), numpy_helper.from_array(np.array([4, 3, 3, 3], np.int64), "wshape"),
+             numpy_helper.from_array(wm, "wm_nk"), numpy_helper.from_array(np.array([0, 2, 3, 1], np.int64), "perm")]
+    nodes = [helper.make_node("Reshape", ["wc_flat", "wshape"], ["wc"], name="reshape_w"),
+             helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["rl"], name="relu"),
+             helper.make_node("Transpose", ["rl"], ["t"], name="to_nhwc", perm=[0, 2, 3, 1]),
+             helper.make_node("Transpose", ["wm_nk"], ["wm"], name="transpose_w", perm=[1, 0]),
+             helper.make_node("MatMul", ["t", "wm"], ["y"], name="matmul")]
+    m = _graph(nodes, inits[:3], 17, out_shape=("N", 8, 8, 5))
+    plan = plan_qdq(m)
+    assert set(plan.activations) == {"x", "t"}
+    assert plan.weights == {"wc": (0, ("conv",)), "wm": (1, ("matmul",))}
+    q = _int8_close(m)
+    got = _dequantized_weights(q)
+    np.testing.assert_allclose(got["conv"], _per_channel_reference(wc.reshape(4, 3, 3, 3), 0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["matmul"], _per_channel_reference(wm.T, 1), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ external data
+def _save_external(folder, name: str = "m.onnx", location: str = "m.onnx.data"):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    onnx.save(onnx.load(sample.model_path()), path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location=location, size_threshold=0)
+    return path
+
+
+def _relocate(path, location: str) -> None:
+    """Point every external tensor of the model file at ``location`` (a hostile model)."""
+    from onnx import external_data_helper
+
+    m = onnx.load(path, load_external_data=False)
+    for t in external_data_helper._get_all_tensors(m):
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(m, path)
+
+
+def test_external_data_model_calibrates(digits_dirs, tmp_path, capsys):
+    """``onnx.external_data`` saving: the weights live in a file beside the model."""
+    import json
+
+    train, _ = digits_dirs
+    path = _save_external(tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    out = tmp_path / "out"
+    rc = main(["calibrate", str(path), "--images", str(train), *DIGITS, "--num-images", "32", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before  # inputs untouched
+    files = json.loads((out / "quantkit-manifest.json").read_text())["files"]
+    assert "m.int8.onnx" in files and not any(n.endswith(".data") for n in files)  # small: one file
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "symlink"])
+def test_external_data_outside_the_folder_refused(where, tmp_path, capsys):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.random.default_rng(0).bytes(1 << 16))
+    path = _save_external(tmp_path / "model")
+    location = {"dotdot": "../secret.bin", "absolute": str(secret), "symlink": "link.data"}[where]
+    if where == "symlink":
+        (path.parent / "link.data").symlink_to(secret)
+    _relocate(path, location)
+    rc = main(["inspect", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    first = err.splitlines()[0]
+    assert "outside the model's folder" in first and str(path) in first, err
+    assert err.count("\n") == 2 and "hint:" in err  # one line + hint
+
+
+def test_large_int8_model_saved_with_external_data(tmp_path, monkeypatch):
+    """Past protobuf's 2 GB limit (SerializeToString raises) the Q/DQ model is written with its
+    own external data file, atomically and in the manifest; here the limit is lowered."""
+    import json
+
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.datasets import SyntheticSource
+    from quantkit.onnx import model as model_mod
+    from quantkit.onnx.model import load_model
+    from quantkit.ptq import QuantizeConfig, quantize
+
+    m = onnx.load(sample.model_path())
+    cal = quantize(m, SyntheticSource((1, 32, 32), count=16), QuantizeConfig())
+    monkeypatch.setattr(model_mod.save_model_files, "__kwdefaults__", {"external_data_bytes": 4096})
+    paths = cal.save(tmp_path / "out", model_stem="m")
+    assert paths["model_data"].name == "m.int8.onnx.data"
+    files = json.loads((tmp_path / "out" / "quantkit-manifest.json").read_text())["files"]
+    assert {"m.int8.onnx", "m.int8.onnx.data"} <= set(files)
+    assert (tmp_path / "out" / "m.int8.onnx").stat().st_size < 16 * 1024 < paths["model_data"].stat().st_size
+    x = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
+    want = OrtRunner(cal.int8_model()).infer({"image": x})
+    got = OrtRunner(load_model(paths["model"])).infer({"image": x})
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
+
+
+# ------------------------------------------------------------------ subgraphs
+def _if_model() -> onnx.ModelProto:
+    """x -> Conv -> If(sum > 0: Conv + Relu inside, reading an outer weight | Identity) -> Conv -> y."""
+    r = np.random.default_rng(6)
+    w = lambda *s: numpy_helper.from_array((r.standard_normal(s) * 0.3).astype(np.float32))  # noqa: E731
+    w1, w2, w3 = w(4, 3, 3, 3), w(4, 4, 3, 3), w(2, 4, 3, 3)
+    w1.name, w2.name, w3.name = "w1", "w2", "w3"
+    then = helper.make_graph(
+        [helper.make_node("Conv", ["c", "w2"], ["tc"], name="then_conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["tc"], ["t_out"], name="then_relu")],
+        "then", [], [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["c"], ["e_out"], name="else_id")], "else", [],
+                              [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceSum", ["c"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+             helper.make_node("If", ["cond"], ["b"], name="branch", then_branch=then, else_branch=other),
+             helper.make_node("Conv", ["b", "w3"], ["y"], name="conv3", pads=[1, 1, 1, 1])]
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    return _graph(nodes, [w1, w2, w3, zero], 17, out_shape=("N", 2, 8, 8))
+
+
+def test_subgraph_bodies_stay_float(caplog):
+    """If/Loop/Scan bodies stay in float, the main graph is calibrated, a warning says how many
+    nodes stayed float, and the Q/DQ model runs in ONNX Runtime."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="quantkit"):
+        q = _int8_close(_if_model())
+    assert "3 nodes inside If/Loop/Scan subgraphs stay in float" in caplog.text
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"x", "w1", "w3"} <= quantized and "w2" not in quantized
+    body = next(n for n in q.graph.node if n.op_type == "If").attribute
+    assert all(sub.op_type != "QuantizeLinear" for a in body for sub in a.g.node)
+
+
+# ------------------------------------------------------------------ optional and unused inputs
+def test_optional_empty_names_and_unused_input(digits_dirs, tmp_path, capsys):
+    """Optional inputs left out with '' (Conv bias, Resize roi, Clip min) do not crash placement
+    or insertion, for either target; an input that no node reads needs no data (ONNX Runtime is
+    fed zeros for it) and stays an input of the Q/DQ model."""
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.onnx.model import input_specs
+    from quantkit.onnx.qdq import insert_qdq, plan_qdq
+
+    r = np.random.default_rng(7)
+    w = numpy_helper.from_array((r.standard_normal((4, 1, 3, 3)) * 0.3).astype(np.float32), "w")
+    scales = numpy_helper.from_array(np.array([1, 1, 0.5, 0.5], np.float32), "scales")
+    mx = numpy_helper.from_array(np.array(6.0, np.float32), "six")
+    nodes = [helper.make_node("Conv", ["x", "w", ""], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c", "", "six"], ["cl"], name="clip"),
+             helper.make_node("Resize", ["cl", "", "scales"], ["rs"], name="resize", mode="nearest"),
+             helper.make_node("GlobalAveragePool", ["rs"], ["gp"], name="gap"),
+             helper.make_node("Flatten", ["gp"], ["y"], name="flatten")]
+    m = _graph(nodes, [w, scales, mx], 17, out_shape=("N", 4),
+               inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 32, 32]),
+                       helper.make_tensor_value_info("unused", TensorProto.FLOAT, ["N", 7])])
+    assert [s.name for s in input_specs(m)] == ["x"]
+    for target in ("tensorrt", "onnxruntime"):
+        plan = plan_qdq(m, target)
+        assert "" not in plan.activations
+        q = insert_qdq(m, plan, {t: 4.0 for t in plan.activations})
+        assert [i.name for i in q.graph.input] == ["x", "unused"]
+        assert OrtRunner(q).infer({"x": np.ones((2, 1, 32, 32), np.float32)})["y"].shape == (2, 4)
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    train, test = digits_dirs
+    rc = main(["calibrate", str(path), "--images", str(train), *DIGITS, "--num-images", "16", "-o", str(tmp_path / "o"),
+               "--target", "onnxruntime"])
+    assert rc == 0, capsys.readouterr().err
+    rc = main(["compare", str(path), str(tmp_path / "o" / "m.int8.onnx"), "--images", str(test), *DIGITS,
+               "--num-images", "8"])
+    assert rc == 0, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ float16 models
+def _float16_model() -> onnx.ModelProto:
+    """The residual test model with every float tensor in float16 (inputs, weights, outputs)."""
+    from tests.conftest import make_residual_model
+
+    m = make_residual_model()
+    for t in m.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for vi in (*m.graph.input, *m.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_float16_model_keeps_float16():
+    """Decision: a float16 model stays float16 (TensorRT builds it as typed). Its Q/DQ pairs
+    have float16 scales, so each DQ outputs float16 (the type its consumer reads); Q/DQ of
+    float16 needs opset 19, so the model is upgraded to 19. Inputs and outputs stay float16."""
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.onnx.model import input_specs, opset_version, output_specs
+
+    m = _float16_model()
+    q = _int8_close(m, min_cos=0.98)
+    assert opset_version(q) >= 19
+    assert [s.dtype for s in (*input_specs(q), *output_specs(q))] == [np.float16, np.float16]
+    inits = {i.name: i for i in q.graph.initializer}
+    scales = [inits[n.input[1]] for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert scales and all(s.data_type == TensorProto.FLOAT16 for s in scales)
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float16)
+    assert OrtRunner(q).infer({"x": x})["y"].dtype == np.float16
+
+
+def test_constant_node_weights_feed_gemm_and_matmul():
+    """Constant-node weights (PaddlePaddle, tf2onnx) feeding a Gemm directly and a MatMul through
+    a Transpose: planned as weights, calibrated, quantized per channel."""
+    from quantkit.onnx.qdq import plan_qdq
+
+    r = np.random.default_rng(8)
+    wg = (r.standard_normal((5, 6)) * np.linspace(0.2, 2, 5)[:, None]).astype(np.float32)
+    wm = (r.standard_normal((4, 5)) * np.linspace(0.2, 2, 4)[:, None]).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["wg"], name="const_g", value=numpy_helper.from_array(wg)),
+             helper.make_node("Constant", [], ["wm_t"], name="const_m", value=numpy_helper.from_array(wm)),
+             helper.make_node("Gemm", ["x", "wg"], ["g"], name="gemm", transB=1),
+             helper.make_node("Relu", ["g"], ["rl"], name="relu"),
+             helper.make_node("Transpose", ["wm_t"], ["wm"], name="transpose_w", perm=[1, 0]),
+             helper.make_node("MatMul", ["rl", "wm"], ["y"], name="matmul")]
+    m = _graph(nodes, [], 17, out_shape=("N", 4), inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])])
+    assert plan_qdq(m).weights == {"wg": (0, ("gemm",)), "wm": (1, ("matmul",))}
+    q = _int8_close(m, (6,))
+    got = _dequantized_weights(q)
+    np.testing.assert_allclose(got["gemm"], _per_channel_reference(wg, 0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["matmul"], _per_channel_reference(wm.T, 1), rtol=1e-6, atol=1e-7)
