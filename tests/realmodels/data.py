@@ -81,3 +81,137 @@ def text_scenes(n: int, seed: int, *, size: tuple[int, int] = (256, 384), lines:
                     break
         scenes.append((canvas, np.array(boxes, dtype=np.float32).reshape(-1, 4)))
     return scenes
+
+
+# ------------------------------------------------------------------ files of known content types (magika)
+_WORDS = ("alpha", "beta", "gamma", "delta", "count", "value", "total", "index", "name", "price", "user", "item",
+          "order", "level", "score", "color", "width", "height", "start", "end")
+
+
+def _w(rng: np.random.Generator) -> str:
+    return str(rng.choice(_WORDS))
+
+
+def _python(rng):
+    fns = []
+    for _ in range(int(rng.integers(2, 5))):
+        a, b = _w(rng), _w(rng)
+        fns.append(f"def {a}_{b}({a}, {b}=None):\n    \"\"\"Return the {a} of {b}.\"\"\"\n    if {b} is None:\n"
+                   f"        return [{a} * i for i in range({int(rng.integers(2, 9))})]\n    return {a} + {b}\n")
+    return "import os\nimport sys\n\n\n" + "\n\n".join(fns) + "\n\nif __name__ == \"__main__\":\n    print(sys.argv)\n"
+
+
+def _javascript(rng):
+    body = "".join(f"  const {_w(rng)}{i} = items.filter((x) => x.{_w(rng)} > {int(rng.integers(9))});\n"
+                   for i in range(int(rng.integers(3, 7))))
+    return f"'use strict';\n\nfunction {_w(rng)}Handler(items) {{\n{body}  return items.length;\n}}\n\n" \
+           f"module.exports = {{ handler: {_w(rng)}Handler }};\n"
+
+
+def _json(rng):
+    import json
+    rows = [{_w(rng): int(rng.integers(1000)), _w(rng): _w(rng), "ok": bool(rng.random() < 0.5)}
+            for _ in range(int(rng.integers(3, 12)))]
+    return json.dumps({"data": rows, "version": int(rng.integers(1, 5))}, indent=2)
+
+
+def _html(rng):
+    items = "".join(f"      <li class=\"{_w(rng)}\">{_w(rng)} {_w(rng)}</li>\n" for _ in range(int(rng.integers(3, 9))))
+    return f"<!DOCTYPE html>\n<html lang=\"en\">\n  <head>\n    <meta charset=\"utf-8\">\n    <title>{_w(rng)}</title>\n" \
+           f"  </head>\n  <body>\n    <h1>{_w(rng).title()}</h1>\n    <ul>\n{items}    </ul>\n  </body>\n</html>\n"
+
+
+def _xml(rng):
+    items = "".join(f"  <entry id=\"{i}\" kind=\"{_w(rng)}\">{_w(rng)}</entry>\n" for i in range(int(rng.integers(3, 10))))
+    root = _w(rng)
+    return f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<{root}list>\n{items}</{root}list>\n"
+
+
+def _csv(rng):
+    cols = [_w(rng) for _ in range(int(rng.integers(3, 6)))]
+    rows = [",".join(str(int(rng.integers(1000))) if j else _w(rng) for j in range(len(cols)))
+            for _ in range(int(rng.integers(8, 30)))]
+    return ",".join(cols) + "\n" + "\n".join(rows) + "\n"
+
+
+def _markdown(rng):
+    return f"# {_w(rng).title()} {_w(rng)}\n\nThis is the {_w(rng)} of the {_w(rng)}.\n\n## Usage\n\n" + \
+        "".join(f"- **{_w(rng)}**: set the {_w(rng)} to `{int(rng.integers(100))}`\n" for _ in range(int(rng.integers(3, 7)))) + \
+        f"\nSee [the docs](https://example.org/{_w(rng)}) for more.\n"
+
+
+def _c(rng):
+    body = "".join(f"    {_w(rng)}[{i}] = {_w(rng)} * {int(rng.integers(9))};\n" for i in range(int(rng.integers(3, 7))))
+    return f"#include <stdio.h>\n#include <stdlib.h>\n\nstatic int {_w(rng)}(int *{_w(rng)}, int n)\n{{\n" \
+           f"    int i;\n{body}    return 0;\n}}\n\nint main(void)\n{{\n    printf(\"%d\\n\", 42);\n    return 0;\n}}\n"
+
+
+def _shell(rng):
+    return "#!/bin/bash\nset -euo pipefail\n\n" + "".join(
+        f"if [ -f \"${{{_w(rng).upper()}}}\" ]; then\n  echo \"{_w(rng)}\"\n  cp \"$1\" /tmp/{_w(rng)}\nfi\n"
+        for _ in range(int(rng.integers(2, 5))))
+
+
+#: magika's label for each generator
+CONTENT_TYPES = {"python": _python, "javascript": _javascript, "json": _json, "html": _html, "xml": _xml,
+                 "csv": _csv, "markdown": _markdown, "c": _c, "shell": _shell}
+
+
+def typed_files(n: int, seed: int) -> list[tuple[bytes, str]]:
+    """``n`` (content, magika label) pairs, the types in turn."""
+    rng = np.random.default_rng(seed)
+    labels = list(CONTENT_TYPES)
+    return [(CONTENT_TYPES[labels[i % len(labels)]](rng).encode(), labels[i % len(labels)]) for i in range(n)]
+
+
+# ------------------------------------------------------------------ paraphrase pairs (sentence embeddings)
+_SUBJ = ("the old farmer", "a young doctor", "my neighbour", "the tall student", "our teacher", "the busy chef",
+         "a quiet engineer", "the small child", "the angry driver", "a famous singer")
+_VERB = (("repaired", "was repaired"), ("painted", "was painted"), ("sold", "was sold"), ("cleaned", "was cleaned"),
+         ("bought", "was bought"), ("found", "was found"), ("lost", "was lost"), ("opened", "was opened"))
+_OBJ = ("the red bicycle", "a wooden table", "the broken window", "an old piano", "the blue car", "a garden gate",
+        "the kitchen door", "a leather bag", "the village bakery", "an iron bridge")
+_WHEN = ("yesterday", "last week", "this morning", "on sunday", "in the evening", "after lunch")
+
+
+def paraphrase_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """``n`` (sentence, paraphrase) pairs: an active sentence and its passive rewording."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s, (v, pv), o, w = (_SUBJ[rng.integers(len(_SUBJ))], _VERB[rng.integers(len(_VERB))],
+                            _OBJ[rng.integers(len(_OBJ))], _WHEN[rng.integers(len(_WHEN))])
+        out.append((f"{s.capitalize()} {v} {o} {w}.", f"{w.capitalize()}, {o} {pv} by {s}."))
+    return out
+
+
+# ------------------------------------------------------------------ voiced audio (VAD)
+def voiced_audio(n_chunks: int, seed: int, *, sr: int = 16000, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """``n_chunks`` chunks [n, 512] of 16 kHz audio and their truth (True = speech-like): stretches of
+    a glottal pulse train through two moving formant resonators (vowel-like) between stretches of
+    low noise. A crude voice, but voiced, harmonic and syllabic as speech is."""
+    from scipy.signal import lfilter
+
+    rng = np.random.default_rng(seed)
+    total = n_chunks * chunk
+    audio = rng.normal(0.0, 0.003, total)
+    truth = np.zeros(total, bool)
+    pos = int(sr * 0.3)
+    while pos < total:
+        length = int(rng.uniform(0.4, 1.2) * sr)
+        end = min(total, pos + length)
+        t = np.arange(end - pos) / sr
+        f0 = rng.uniform(100, 220) * (1 + 0.1 * np.sin(2 * np.pi * 3 * t))
+        phase = np.cumsum(f0 / sr)
+        pulses = (np.diff(np.floor(phase), prepend=0) > 0).astype(float)
+        sig = pulses
+        for formant, bw in ((rng.uniform(500, 800), 80), (rng.uniform(1000, 1800), 120)):
+            r = np.exp(-np.pi * bw / sr)
+            sig = lfilter([1.0], [1.0, -2 * r * np.cos(2 * np.pi * formant / sr), r * r], sig)
+        envelope = 0.5 * (1 - np.cos(2 * np.pi * np.clip(t * 4, 0, 1))) ** 0.5 * (1 + 0.5 * np.sin(2 * np.pi * 4 * t))
+        sig = sig * envelope
+        audio[pos:end] += 0.3 * sig / (np.abs(sig).max() + 1e-9)
+        truth[pos:end] = True
+        pos = end + int(rng.uniform(0.3, 0.9) * sr)
+    chunks = audio.astype(np.float32).reshape(n_chunks, chunk)
+    return chunks, truth.reshape(n_chunks, chunk).mean(axis=1) > 0.5
