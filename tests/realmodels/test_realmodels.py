@@ -25,13 +25,13 @@ DEFAULT_METHOD_TOLERANCE = 1.0
 
 #: gaps found by the corpus, by model: (what fails, reason). Only these are xfail, strictly.
 GAPS = {
-    ("rapidocr-cls", "calibrate"): "h-graph: the input's literal -1 batch dim (paddle2onnx) is taken for a fixed "
+    ("rapidocr-cls", "calibrate"): "graph import (h-graph): the input's literal -1 batch dim (paddle2onnx) is taken for a fixed "
                                    "batch size: `batch size must be positive, got -1`, exit 2",
-    ("rapidocr-cls", "metric"): "h-graph: calibrate refuses the literal -1 batch dim (see the calibrate test)",
+    ("rapidocr-cls", "metric"): "graph import (h-graph): calibrate refuses the literal -1 batch dim (see the calibrate test)",
     ("rapidocr-rec", "metric"): "default method: entropy keeps TensorRT's KL threshold on near-one-sided "
                                 "(hard-swish / residual Add, min slightly < 0) inputs of Convs and clips them to "
-                                "0.15-0.4x the MSE amax; exact match falls from 96.9% to 12-22% (percentile 93.8, "
-                                "mse 92.2)",
+                                "0.15-0.4x the MSE amax; exact match falls from 93.8% to 20.3% (mse 92.2, "
+                                "percentile 89.1: benchmarks/results/real_models.md)",
 }
 
 
