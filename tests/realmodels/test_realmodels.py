@@ -25,13 +25,9 @@ DEFAULT_METHOD_TOLERANCE = 1.0
 
 #: gaps found by the corpus, by model: (what fails, reason). Only these are xfail, strictly.
 GAPS = {
-    ("rapidocr-cls", "calibrate"): "graph import (h-graph): the input's literal -1 batch dim (paddle2onnx) is taken for a fixed "
-                                   "batch size: `batch size must be positive, got -1`, exit 2",
-    ("rapidocr-cls", "metric"): "graph import (h-graph): calibrate refuses the literal -1 batch dim (see the calibrate test)",
-    ("rapidocr-rec", "metric"): "default method: entropy keeps TensorRT's KL threshold on near-one-sided "
-                                "(hard-swish / residual Add, min slightly < 0) inputs of Convs and clips them to "
-                                "0.15-0.4x the MSE amax; exact match falls from 93.8% to 20.3% (mse 92.2, "
-                                "percentile 89.1: benchmarks/results/real_models.md)",
+    ("rapidocr-rec", "metric"): "default method: 92.2% exact match against FP32's 93.8% (one line of 64 short of the "
+                                "1-point target; with the guarded entropy it equals mse; it was 20.3% when entropy "
+                                "kept KL on slightly signed tensors: benchmarks/results/real_models.md)",
 }
 
 
@@ -102,4 +98,5 @@ def test_default_method_task_metric_within_one_point(adapter: Adapter, tmp_path_
     fp32 = adapter.score(adapter.model_path())
     int8 = adapter.score(next(out.glob("*.int8.onnx")))
     assert fp32 >= 80.0, f"{adapter.name}: FP32 {adapter.metric} {fp32:.1f}: the generated data is too hard"
-    assert abs(fp32 - int8) <= DEFAULT_METHOD_TOLERANCE, f"{adapter.name}: FP32 {fp32:.2f} vs INT8 {int8:.2f}"
+    # a loss of at most 1 point (INT8 may score higher than FP32 on a small set)
+    assert fp32 - int8 <= DEFAULT_METHOD_TOLERANCE, f"{adapter.name}: FP32 {fp32:.2f} vs INT8 {int8:.2f}"
