@@ -91,11 +91,7 @@ class TorchRunner(Runner):
     def capture(self, batches: Iterable[Any], sink: TensorSink, *,
                 on_batch: Callable[[int], None] | None = None) -> None:
         for batch in batches:
-            feed = {k: v[: batch.size] for k, v in batch.feed.items()}
-            grab: dict[str, Any] = {}
-            self._run(feed, grab)
-            tensors = {n: feed[n] if n not in self._hooked else grab[n].detach().cpu().numpy()
-                       for n in self._captured}
+            _, tensors = self._infer_captured_impl({k: v[: batch.size] for k, v in batch.feed.items()})
             sink(batch, batch.size, tensors)
             if on_batch is not None:
                 on_batch(batch.size)

@@ -34,9 +34,9 @@ class Debug:
 
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import check_output_dir, output_dir, write_json_atomic
-        from quantkit.datasets import Batcher
         from quantkit.debug import layerwise_error
         from quantkit.onnx.model import input_specs, load_model
+        from quantkit.ptq import RunConfig, evaluation_batches
 
         inputs = [p for p in (args.reference, args.test, args.images, args.npz) if p]
         fp32, int8 = load_model(args.reference), load_model(args.test)
@@ -44,10 +44,8 @@ class Debug:
         specs = input_specs(fp32)
         source = source_for_model(args, specs)
         drawn = select(source, args)
-        fixed = specs[0].static_batch
-        batches = Batcher(source, [s.name for s in specs], fixed or args.batch_size, indices=drawn.indices,
-                          last_batch="pad" if fixed else "keep", strict=args.strict,
-                          dtypes={s.name: s.dtype for s in specs})
+        # the evaluation policy: a fixed-batch model's short tail padded, padding left out of the sums
+        batches = evaluation_batches(source, specs, drawn.indices, RunConfig(batch_size=args.batch_size, strict=args.strict))
         with progress(len(drawn.indices), "debugging", disable=args.no_progress) as bar:
             report = layerwise_error(fp32, int8, batches, threads=args.threads, reference_name=Path(args.reference).name,
                                      test_name=Path(args.test).name, on_batch=bar.update)

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from quantkit.errors import ModelError
+from quantkit.onnx.model import initializer_arrays
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,9 @@ class QdqPoint:
         return v.reshape(shape)
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    from quantkit.onnx.model import initializer_arrays
-
-    return initializer_arrays(model)
-
-
 def qdq_points(model: onnx.ModelProto) -> list[QdqPoint]:
     """Every DequantizeLinear of ``model`` traced back to the float tensor it stands for."""
-    consts = _constants(model)
+    consts = initializer_arrays(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, list[str]] = {}
     for n in model.graph.node:
@@ -234,7 +229,7 @@ def _fp32_weight(fp32: onnx.ModelProto, int8: onnx.ModelProto, point: QdqPoint,
 
 def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable[QdqPoint]) -> list[WeightError]:
     """Per-channel error of every quantized weight; refuses weights that are not the FP32 model's."""
-    fconsts, iconsts = _constants(fp32), _constants(int8)
+    fconsts, iconsts = initializer_arrays(fp32), initializer_arrays(int8)
     out = []
     for p in points:
         name, w = _fp32_weight(fp32, int8, p, fconsts)
