@@ -16,10 +16,18 @@ output channels, uploaded when the weights move), under one autograd node with o
 backward; the other layers of the pass take their result from the bank. So a step costs one
 launch and one Python backward instead of one of each per layer; the price is one float32 copy
 of the weights, kept between steps, and the weight gradients all leave the one node at the end
-of the backward pass. Inside CUDA graph capture and in distributed jobs (where
-DistributedDataParallel reduces gradients as they become ready) the bank steps aside, and each
-layer launches its own kernel. The figures (per-layer kernels, the bank, the bank with shared
-input fake quant) are in benchmarks/results/design_notes.md.
+of the backward pass. Inside CUDA graph capture the bank steps aside, and each layer launches
+its own kernel. The figures (per-layer kernels, the bank, the bank with shared input fake quant)
+are in benchmarks/results/design_notes.md.
+
+In a torch.distributed job DistributedDataParallel reduces gradients bucket by bucket while the
+backward pass runs, and the bank's one node hands every weight gradient over at its very end.
+``segment_bytes`` splits the bank there into segments of about that many bytes of weights, in the
+layers' registration (forward) order, each one launch and one autograd node, so that the late
+layers' gradients can be reduced while the early layers' backward runs. Measured on two H200s
+with NVLink (ResNet-50, benchmarks/results/gpu_distributed.md) one segment was fastest: the
+reduction is short there, and overlapping it slowed the backward kernels more than it saved; so
+the default is one segment, and segments are for slower links, where the overlap pays.
 """
 
 from __future__ import annotations
@@ -111,22 +119,45 @@ def fake_quantize_weight(w: torch.Tensor) -> torch.Tensor | None:
 
 
 def _distributed() -> bool:
-    """In a distributed job the bank steps aside: its one backward hands every weight gradient
-    over at the end of the backward pass, which would keep DistributedDataParallel from reducing
-    gradients while the backward pass runs."""
+    """Inside an initialised torch.distributed process group."""
     dist = getattr(torch, "distributed", None)
     return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
+class _Segment:
+    """Consecutive weights of a bank fake-quantized by one launch: the channel table (source
+    pointer, output offset, size) on the device, and the kernel's packed arguments."""
+
+    def __init__(self, ws: list[torch.Tensor], device: torch.device, kernel: Any) -> None:
+        import numpy as np
+
+        from quantkit.cuda import kernel_args
+
+        rows, offset = [], 0
+        for w in ws:
+            channels, per = w.shape[0], w.numel() // w.shape[0]
+            c = np.arange(channels, dtype=np.int64)
+            rows.append(np.stack([w.data_ptr() + c * per * 4, offset + c * per, np.full(channels, per)], axis=1))
+            offset += w.numel()
+        table = np.concatenate(rows).astype(np.int64)
+        self.size = len(ws)
+        self.kernel = kernel
+        self.table = torch.from_numpy(table).to(device)
+        self.total, self.channels = offset, len(table)
+        self.out_ptr = ctypes.c_void_p(0)
+        self.table_ptr = ctypes.c_void_p(self.table.data_ptr())  # kept: args points at it
+        self.args = kernel_args([self.table_ptr, self.out_ptr])
+
+
 class _BankFakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, bank: "WeightBank", *ws: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, seg: _Segment, *ws: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         from quantkit.cuda import launch
 
         ctx.set_materialize_grads(False)
-        flat = torch.empty(bank.total_, dtype=torch.float32, device=ws[0].device)
-        bank.out_ptr_.value = flat.data_ptr()
-        launch(bank.kernel_, bank.channels_, THREADS, bank.args_, torch.cuda.current_stream(ws[0].device).cuda_stream)
+        flat = torch.empty(seg.total, dtype=torch.float32, device=ws[0].device)
+        seg.out_ptr.value = flat.data_ptr()
+        launch(seg.kernel, seg.channels, THREADS, seg.args, torch.cuda.current_stream(ws[0].device).cuda_stream)
         return tuple(part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in ws]), ws))
 
     @staticmethod
@@ -136,29 +167,33 @@ class _BankFakeQuant(torch.autograd.Function):
 
 class WeightBank:
     """The per-channel weight quantizers of one model, fake-quantized together (see the module
-    docstring). ``add`` registers (quantizer, layer) pairs; ``lookup`` serves one quantizer."""
+    docstring). ``add`` registers (quantizer, layer) pairs; ``lookup`` serves one quantizer.
 
-    def __init__(self, *, distributed: bool = False) -> None:
-        self.distributed = distributed  # serve also inside a torch.distributed job (see _distributed)
+    Args:
+        distributed: serve also inside a torch.distributed job; False: step aside there (a
+            kernel per layer).
+        segment_bytes: in a torch.distributed job, split the bank into segments of about this
+            many bytes of weights (None: one segment; see the module docstring).
+    """
+
+    def __init__(self, *, distributed: bool = False, segment_bytes: int | None = None) -> None:
+        self.distributed = distributed
+        self.segment_bytes = segment_bytes
         self.members: list[tuple[Any, Any]] = []
         self._reset()
 
     def _reset(self) -> None:
         self._outputs: dict[int, tuple[torch.Tensor, int, bool, torch.Tensor]] = {}
         self._key: Any = None
-        self.table_: Any = None
-        self.kernel_: Any = None
-        self.total_ = self.channels_ = 0
-        self.out_ptr_ = ctypes.c_void_p(0)
-        self.table_ptr_ = ctypes.c_void_p(0)
-        self.args_: Any = None
+        self.segments_: list[_Segment] = []
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: members only (outputs are autograd results)
-        return {"members": self.members, "distributed": self.distributed}
+        return {"members": self.members, "distributed": self.distributed, "segment_bytes": self.segment_bytes}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.members = state["members"]
         self.distributed = state.get("distributed", False)
+        self.segment_bytes = state.get("segment_bytes")
         self._reset()
 
     def add(self, quantizer: Any, layer: Any) -> None:
@@ -175,13 +210,14 @@ class WeightBank:
         entry = self._outputs.get(id(quantizer))
         if entry is not None and entry[0] is w and entry[1] == w._version and entry[2] == grad:
             return entry[3]
-        if not eligible(w) or (_distributed() and not self.distributed):
+        distributed = _distributed()
+        if not eligible(w) or (distributed and not self.distributed):
             return None
-        self._compute(w.device, grad)
+        self._compute(w.device, grad, distributed)
         entry = self._outputs.get(id(quantizer))
         return entry[3] if entry is not None and entry[0] is w else None
 
-    def _compute(self, device: torch.device, grad: bool) -> None:
+    def _compute(self, device: torch.device, grad: bool, distributed: bool) -> None:
         live = []
         for q, layer in self.members:
             w = getattr(layer, "weight", None)
@@ -191,35 +227,32 @@ class WeightBank:
         if not live:
             return
         ws = [w for _, w in live]
-        key = tuple((w.data_ptr(), w.shape) for w in ws)
-        if key != self._key and not self._build(ws, device):
+        key = (distributed, *((w.data_ptr(), w.shape) for w in ws))
+        if key != self._key and not self._build(ws, device, distributed):
             return
         self._key = key
+        start = 0
         with torch.set_grad_enabled(grad):
-            outs = _BankFakeQuant.apply(self, *ws)
-        for (q, w), out in zip(live, outs):
-            self._outputs[id(q)] = (w, w._version, grad, out)
+            for seg in self.segments_:
+                outs = _BankFakeQuant.apply(seg, *ws[start:start + seg.size])
+                for (q, w), out in zip(live[start:start + seg.size], outs):
+                    self._outputs[id(q)] = (w, w._version, grad, out)
+                start += seg.size
 
-    def _build(self, ws: list[torch.Tensor], device: torch.device) -> bool:
-        """The channel table (source pointer, output offset, size) of ``ws``, on ``device``."""
-        import numpy as np
-
-        from quantkit.cuda import kernel_args
-
+    def _build(self, ws: list[torch.Tensor], device: torch.device, distributed: bool) -> bool:
+        """The segments of ``ws`` on ``device``: one, or with ``segment_bytes`` under
+        torch.distributed consecutive runs of about that size."""
         kernels = _kernel(device.index if device.index is not None else torch.cuda.current_device())
         if kernels is None:
             return False
-        rows, offset = [], 0
+        parts: list[list[torch.Tensor]] = [[]]
+        size = 0
         for w in ws:
-            channels, per = w.shape[0], w.numel() // w.shape[0]
-            c = np.arange(channels, dtype=np.int64)
-            rows.append(np.stack([w.data_ptr() + c * per * 4, offset + c * per, np.full(channels, per)], axis=1))
-            offset += w.numel()
-        table = np.concatenate(rows).astype(np.int64)
-        self.table_ = torch.from_numpy(table).to(device)
-        self.kernel_ = kernels[1]
-        self.total_, self.channels_ = offset, len(table)
+            if distributed and self.segment_bytes and parts[-1] and size + w.numel() * 4 > self.segment_bytes:
+                parts.append([])
+                size = 0
+            parts[-1].append(w)
+            size += w.numel() * 4
+        self.segments_ = [_Segment(p, device, kernels[1]) for p in parts]
         self._outputs.clear()
-        self.table_ptr_ = ctypes.c_void_p(self.table_.data_ptr())  # kept: args_ points at it
-        self.args_ = kernel_args([self.table_ptr_, self.out_ptr_])
         return True

@@ -46,9 +46,8 @@ class QatConfig:
         disable_types: layer types left in floating point (e.g. ``(nn.Linear,)``).
         weight_bank_distributed: on CUDA all weights are fake-quantized in one launch a step
             (quantkit.qat._cuda_fq.WeightBank), also inside a torch.distributed job unless this
-            is False. Its one backward hands every weight gradient to DDP at the end of the
-            backward pass, so gradient reduction overlaps less of it; measured on two H200s the
-            saved launches are worth more (benchmarks/results/gpu_distributed.md).
+            is False (measured on two H200s, the bank is faster under DDP too, as one segment:
+            benchmarks/results/gpu_distributed.md).
     """
 
     method: str = "entropy"
