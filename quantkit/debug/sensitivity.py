@@ -151,6 +151,7 @@ class QdqScales:
     method: str
     run: "RunConfig"
     groups: list[QuantGroup] = field(default_factory=list)
+    plain: onnx.ModelProto | None = None  # the plain INT8 model, when already made
 
     def __post_init__(self) -> None:
         if not self.groups:
@@ -160,7 +161,8 @@ class QdqScales:
     @classmethod
     def from_calibration(cls, cal: "Calibration") -> "QdqScales":
         ranges = {t: dict(cal.ranges[t].amax) for t in cal.plan.activations}
-        return cls(cal.model, cal.specs, cal.plan, ranges, cal.config.method, cal.config.run)
+        return cls(cal.model, cal.specs, cal.plan, ranges, cal.config.method, cal.config.run,
+                   plain=cal.int8_model(cal.config.method))
 
     @classmethod
     def from_qdq_model(cls, fp32: onnx.ModelProto, int8: onnx.ModelProto, run: "RunConfig") -> "QdqScales":
@@ -224,6 +226,8 @@ class QdqScales:
     def int8_model(self, float_groups: Sequence[str] = (), overrides: Mapping[str, str] | None = None,
                    ) -> onnx.ModelProto:
         """The Q/DQ model with ``float_groups`` in float and ``overrides`` (group -> method)."""
+        if not float_groups and not overrides and self.plain is not None:
+            return self.plain
         plan = self.plan_for(float_groups)
         if not plan.activations and not plan.weights:
             return self.model
@@ -557,7 +561,7 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
     if method is not None:
         if method not in scales.methods:
             raise InputError(f"method {method!r} has no ranges here; available: {scales.methods}")
-        scales = replace(scales, method=method, groups=scales.groups)
+        scales = replace(scales, method=method, groups=scales.groups, plain=None)
     if subset <= 0:
         raise InputError(f"the ranking subset must have at least one sample, got {subset}")
     idx = list(range(len(source))) if indices is None else list(indices)
