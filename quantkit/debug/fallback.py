@@ -330,8 +330,8 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
             if ranker is None:  # the FP32 side of the subset is captured once
                 ranker = _ranker_for(scales, eval_source, idx, ranking, ranking_source, ranking_indices)
             ranker.use_state(floats, overrides)
-            rest = [scales.group(n) for n in order if n not in floats]
-            rows, _ = rank_groups(ranker, rest, quantized=False, method_groups=0)
+            remaining = [scales.group(n) for n in order if n not in floats]
+            rows, _ = rank_groups(ranker, remaining, quantized=False, method_groups=0)
             order = [*floats, *(r.name for r in rows)]
             record("rerank", [], current, t0)
 
@@ -339,11 +339,11 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
     if current.drop <= config.max_drop:
         for g in [g for g in reversed(floats) if not helped.get(g, True)]:
             t0 = time.perf_counter()
-            rest = [f for f in floats if f != g]
-            m, got = try_state(rest, overrides)
+            fewer = [f for f in floats if f != g]
+            m, got = try_state(fewer, overrides)
             kept = got.drop <= config.max_drop
             if kept:
-                floats, model, current = rest, m, got
+                floats, model, current = fewer, m, got
             record("int8 again", [g], got, t0, kept=kept)
 
     met = current.drop <= config.max_drop

@@ -151,3 +151,23 @@ def test_calibrate_max_drop_bad_input_writes_nothing(digits_files, tmp_path, cap
     assert main(_args(root, tmp_path / "c", "--max-drop", "0.5")) == 130
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
     assert list(tmp_path.iterdir()) == [] and snapshot(root) == before
+
+
+@pytest.mark.parametrize("metric", ["sqnr", "cosine"])
+def test_a_zero_budget_ends_at_the_fp32_outputs_and_puts_back_only_what_did_not_help(metric):
+    from quantkit.datasets import SyntheticSource
+    from tests.helpers import make_residual_model
+
+    src = SyntheticSource((3, 8, 8), count=64, seed=1)
+    cal = quantize(make_residual_model(), src)
+    res = fallback(cal, src, range(32, 64), FallbackConfig(max_drop=0.0, drop_metric=metric))
+    assert res.met and res.drop_after == 0.0 and res.drop_before > 0
+    prev, no_help = res.drop_before, set()
+    for s in res.steps:
+        if s["action"] == "float":
+            if s["drop"] >= prev:
+                no_help.add(s["groups"][0])
+            prev = s["drop"]
+        elif s["action"] == "method" and s["kept"]:
+            prev = s["drop"]
+    assert {s["groups"][0] for s in res.steps if s["action"] == "int8 again"} == no_help
