@@ -313,7 +313,7 @@ class Calibration:
              report: dict[str, Any] | None = None, trt_version: int = DEFAULT_TRT_VERSION,
              extra_methods: Sequence[str] = (), force: bool = False, inputs: Sequence[Any] = (),
              command: str = "quantkit calibrate", stats: "tuple[str, CalibrationStats] | None" = None,
-             ) -> dict[str, Path]:
+             extra: Mapping[str, tuple[str, Any]] | None = None) -> dict[str, Path]:
         """Write the artifacts into ``outdir`` (``quantkit._io.output_dir``: staged, renamed into
         place, with a manifest; ``force`` replaces only an earlier run's artifacts; never over
         or into ``inputs``). Returns the written paths by kind.
@@ -322,7 +322,8 @@ class Calibration:
         ``extra_methods``, ``calibration.cache`` (+ ``calibration.cache.json``, its provenance,
         when ``metadata["model"]["sha256"]`` is given), ``ranges.json``, ``report.json`` when a
         report is given; ``stats`` = (file name inside ``outdir``, statistics): the statistics
-        saved there too (``quantkit.calibrators.stats``), as one of the artifacts.
+        saved there too (``quantkit.calibrators.stats``), as one of the artifacts; ``extra``:
+        kind -> (file name, JSON document), more artifacts (e.g. the sensitivity ranking).
         """
         from quantkit._io import output_dir
 
@@ -334,6 +335,11 @@ class Calibration:
 
                 save_stats(staging / stats[0], stats[1])
                 names["stats"] = stats[0]
+            for kind, (fname, doc) in (extra or {}).items():
+                from quantkit._io import write_json_atomic
+
+                write_json_atomic(staging / fname, doc)
+                names[kind] = fname
         return {k: Path(outdir) / v for k, v in names.items()}
 
     def write_into(self, folder: Path, *, model_stem: str, metadata: Mapping[str, Any],

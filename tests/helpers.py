@@ -88,3 +88,53 @@ def make_token_model(mask_type: int = TensorProto.BOOL) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+class ArraySource:
+    """Preprocessed samples in memory, with labels (a Source for tests)."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray | None = None):
+        self.x, self.labels = x, labels
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def load(self, index: int) -> np.ndarray:
+        return self.x[index]
+
+    def label(self, index: int) -> int | None:
+        return None if self.labels is None else int(self.labels[index])
+
+    def describe(self, index: int) -> str:
+        return f"array[{index}]"
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bundled digits preprocessed for the sample model: (x [N,1,32,32], labels, test mask)."""
+    images, labels, test = sample.load_digits()
+    pp = sample.metadata()["preprocess"]
+    x = ((images.astype(np.float32) / 255.0 - pp["mean"][0]) / pp["std"][0])[:, None]
+    return x, labels, test
+
+
+#: the sample model's depthwise conv, its output's consumer (the pointwise conv) and their weights
+DW_WEIGHT, DW_BIAS, PW_WEIGHT, PW_NODE = "onnx::Conv_74", "onnx::Conv_75", "onnx::Conv_77", "/pw/pw.0/Conv"
+
+
+def make_outlier_digits(factor: float = 300.0, channel: int = 3) -> onnx.ModelProto:
+    """The sample model with one outlier channel at the pointwise conv's input: the depthwise
+    conv's channel ``channel`` scaled by ``factor`` (ReLU keeps the scale) and the pointwise
+    conv's weights on that input channel divided by it. The FP32 function is unchanged; INT8
+    breaks at that one tensor (per-tensor scale set by the outlier channel)."""
+    m = onnx.load(sample.model_path())
+    inits = {i.name: i for i in m.graph.initializer}
+
+    def scaled(name: str, index: tuple, by: float) -> None:
+        a = numpy_helper.to_array(inits[name]).copy()
+        a[index] *= by
+        inits[name].CopyFrom(numpy_helper.from_array(a, name))
+
+    scaled(DW_WEIGHT, (channel,), factor)
+    scaled(DW_BIAS, (channel,), factor)
+    scaled(PW_WEIGHT, (slice(None), channel), 1.0 / factor)
+    return m

@@ -61,6 +61,25 @@ class Calibrate:
         g.add_argument("--eval-images", type=non_negative_int, default=1000, metavar="N",
                        help="held-out images (after the calibration ones) for the report; 0 skips it (default 1000)")
         g.add_argument("--eval-dir", metavar="DIR", help="evaluate on this folder instead of held-out images")
+        b = parser.add_argument_group("accuracy budget (mixed precision)")
+        b.add_argument("--max-drop", type=float, metavar="D",
+                       help="meet this accuracy budget on the evaluation data (--eval-dir or the held-out images): "
+                            "switch the worst quantization groups to their best method, then return groups to float "
+                            "in sensitivity order until the drop is at most D points; writes the model that meets it "
+                            "and sensitivity.json; a budget that cannot be met writes nothing (exit 2)")
+        b.add_argument("--drop-metric", choices=["accuracy", "top1-agreement", "sqnr", "cosine"],
+                       help="unit of --max-drop: accuracy (points, needs labels), top1-agreement (100 - %% agreeing "
+                            "with FP32), sqnr (100 x noise/signal: 1 = 20 dB), cosine (100 x (1 - mean cosine)); "
+                            "default accuracy when the data has labels, else top1-agreement")
+        b.add_argument("--max-float-groups", type=non_negative_int, metavar="N",
+                       help="with --max-drop: at most N quantization groups in float (default: no limit)")
+        b.add_argument("--subset", type=positive_int, default=32, metavar="N",
+                       help="with --max-drop: samples in the sensitivity ranking subset, those with the largest "
+                            "INT8 error (default 32)")
+        b.add_argument("--exclude-from", metavar="FILE",
+                       help="keep the --top K most sensitive quantization groups of a saved ranking in float: "
+                            "sensitivity.json of --max-drop, or debug.json of `quantkit debug --rank`")
+        b.add_argument("--top", type=positive_int, metavar="K", help="with --exclude-from: how many groups")
         add_data_args(parser, num_images_help=f"calibrate on the first N samples (default {DEFAULT_CALIBRATION_IMAGES}; "
                       "the rest are held out for --eval-images)")
         add_preprocess_args(parser)
@@ -79,13 +98,14 @@ class Calibrate:
         # INT8 model (float weights kept: about the FP32 model's size) and the small files
         check_output_dir(args.output, force=args.force, inputs=inputs,
                          need_bytes=model_path.stat().st_size + (1 << 22))
+        exclude = [*(args.exclude or ()), *_exclude_from(args)]
         stats_inside = _inside(args.save_stats, args.output) if args.save_stats else None
         if args.save_stats and stats_inside is None:  # a file of its own: never an input
             check_output_file(args.save_stats, force=args.force, inputs=inputs)
         config = QuantizeConfig(
             StatsConfig(num_bins=args.num_bins, sample_stride=args.histogram_stride, target=args.target,
                         cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats),
-                        exclude=tuple(args.exclude or ()), exclude_op_types=tuple(args.exclude_op_type or ())),
+                        exclude=tuple(exclude), exclude_op_types=tuple(args.exclude_op_type or ())),
             RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
             ExportConfig(method=args.method, params={"percentile": args.percentile}))
         prepared = prepare(model, target=args.target, name=str(model_path), exclude=config.stats.exclude,
@@ -93,6 +113,15 @@ class Calibrate:
         source = source_for_model(args, prepared.specs)
         check_classes(source, output_specs(prepared.model))
         drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)
+        eval_source, eval_idx, held_out = source, [], False
+        if args.eval_images > 0:
+            if args.eval_dir:
+                eval_source = source_for_model(args, prepared.specs, images=args.eval_dir)
+                eval_idx, held_out = list(range(len(eval_source)))[: args.eval_images], True
+            else:
+                held_out = bool(drawn.rest)
+                eval_idx = (drawn.rest or drawn.indices)[: args.eval_images]
+        budget = _budget(args, prepared.model, eval_source, eval_idx)  # before the work: labels, metric
 
         with progress(len(drawn.indices), "calibrating", disable=args.no_progress) as bar:
             cal = quantize(prepared, source, config, indices=drawn.indices, on_batch=bar.update,
@@ -100,13 +129,20 @@ class Calibrate:
 
         # printed after the artifacts are written (a closed stdout loses nothing)
         report, lines = None, [f"calibration sample: {describe_sample(drawn)}"]
+        result = None
+        if budget is not None:
+            from quantkit.debug.fallback import fallback
+
+            result = fallback(cal, eval_source, eval_idx, budget, on_step=_print_step)
+            if not result.met:
+                from quantkit.errors import InputError
+
+                raise InputError(result.message + "; nothing was written",
+                                 hint="raise --max-drop" + (" or --max-float-groups" if args.max_float_groups is not None
+                                                             else "") + ", or check the evaluation data")
+            cal._int8[cal.config.method] = result.int8_model  # the model written and compared below
+            lines.append(result.message)
         if args.eval_images > 0:
-            if args.eval_dir:
-                eval_source = source_for_model(args, prepared.specs, images=args.eval_dir)
-                eval_idx, held_out = list(range(len(eval_source)))[: args.eval_images], True
-            else:
-                eval_source, held_out = source, bool(drawn.rest)
-                eval_idx = (drawn.rest or drawn.indices)[: args.eval_images]
             known = [] if args.eval_dir else [f for f, _ in cal.skipped]  # warned about once already
             with progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
                 cmp = cal.evaluate(eval_source, eval_idx, reference_name=model_path.name, known_skips=known,
@@ -118,13 +154,15 @@ class Calibrate:
                 lines.append("  note: no images left after calibration; compared on calibration images")
             report = {"method": args.method, "held_out": held_out, **cmp.to_dict(),
                       "entropy_two_sided_tensors": cal.entropy_effect(),
-                      **({"excluded": cal.excluded} if cal.excluded else {})}
+                      **({"excluded": cal.excluded} if cal.excluded else {}),
+                      **({"fallback": result.to_dict()} if result is not None else {})}
 
         preprocess = getattr(source, "preprocess", None)
         meta = {
             "model": {"path": str(model_path), "sha256": file_sha256(model_path)},
             "preprocess": preprocess.to_dict() if preprocess is not None else None,
             "data": str(args.images or args.npz),
+            **({"fallback": {k: v for k, v in result.to_dict().items() if k != "steps"}} if result is not None else {}),
         }
         stats = None
         if args.save_stats:
@@ -136,6 +174,8 @@ class Calibrate:
         paths = cal.save(args.output, model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta, report=report,
                          trt_version=trt_version_number(args.trt_version), force=args.force, inputs=inputs,
                          command="quantkit calibrate",
+                         extra={"sensitivity": ("sensitivity.json", result.ranking.to_dict())}
+                         if result is not None and result.ranking is not None else None,
                          stats=(stats_inside, stats) if stats is not None and stats_inside is not None else None)
         if stats is not None and stats_inside is None:
             paths["stats"] = save_stats(args.save_stats, stats)
@@ -158,3 +198,55 @@ def _inside(path: str, folder: str) -> str | None:
 
     p, f = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
     return p.relative_to(f).as_posix() if f in p.parents else None
+
+
+def _exclude_from(args: argparse.Namespace) -> list[str]:
+    """--exclude-from FILE --top K: the nodes of the K most sensitive groups (exact names)."""
+    import re
+
+    from quantkit.errors import InputError
+
+    if args.top is not None and not args.exclude_from:
+        raise InputError("--top needs --exclude-from FILE", hint="e.g. --exclude-from out/sensitivity.json --top 3")
+    if not args.exclude_from:
+        return []
+    if args.top is None:
+        raise InputError("--exclude-from needs --top K: how many of the most sensitive groups to keep in float")
+    from quantkit.debug.sensitivity import ranking_from_file
+
+    rows = ranking_from_file(args.exclude_from)
+    return [re.escape(n) for r in rows[: args.top] for n in r["nodes"]]
+
+
+def _budget(args: argparse.Namespace, model: object, source: object, indices: list[int]) -> object:
+    """The fallback's configuration for --max-drop (None without it), checked before any work."""
+    from quantkit.errors import InputError
+
+    if args.max_drop is None:
+        extra = [f for f, v in (("--drop-metric", args.drop_metric), ("--max-float-groups", args.max_float_groups))
+                 if v is not None]
+        if extra:
+            raise InputError(f"{extra[0]} needs --max-drop D", hint="e.g. --max-drop 0.5")
+        return None
+    from quantkit.debug.fallback import FallbackConfig, _output_rank, resolve_drop_metric
+
+    if not indices:
+        raise InputError("--max-drop needs evaluation data, and --eval-images is 0",
+                         hint="give --eval-dir DIR or --eval-images N > 0")
+    metric = resolve_drop_metric(args.drop_metric, source, indices, output_rank=_output_rank(model))  # type: ignore[arg-type]
+    return FallbackConfig(max_drop=args.max_drop, drop_metric=metric, subset=args.subset,
+                          max_float_groups=args.max_float_groups)
+
+
+def _print_step(step: dict) -> None:
+    """One line per fallback step on stderr (the progress of --max-drop)."""
+    import sys
+
+    metric = step.get("metric")
+    what = f"{step['action']} {', '.join(step['groups'])}".strip()
+    if "method" in step:
+        what += f" -> {step['method']}"
+    kept = "" if step.get("kept", True) else " (undone)"
+    print(f"fallback step {step['step']}: {what}: drop {step['drop']:.3g}"
+          + (f", metric {metric:.4g}" if isinstance(metric, float) else "")
+          + f", {step['float_groups']} group(s) in float{kept} ({step['seconds']:.1f} s)", file=sys.stderr)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit.cli.common import add_data_args, add_preprocess_args, progress, select, source_for_model
+from quantkit.cli.common import add_data_args, add_preprocess_args, positive_int, progress, select, source_for_model
 
 
 class Debug:
@@ -29,6 +29,12 @@ class Debug:
         parser.add_argument("--force", action="store_true",
                             help="replace the files of an earlier debug run in DIR (never other files)")
         parser.add_argument("--rows", type=int, default=15, help="rows of the printed table (default 15)")
+        parser.add_argument("--rank", action="store_true",
+                            help="also rank the quantization groups by sensitivity (output error with only that group "
+                                 "in float, or only it quantized) on the --subset samples with the largest error; "
+                                 "written as debug.json's \"sensitivity\", which calibrate --exclude-from reads")
+        parser.add_argument("--subset", type=positive_int, default=32, metavar="N",
+                            help="with --rank: samples in the ranking subset (default 32)")
         add_data_args(parser, num_images_help="use the first N samples of the --order (default: all)")
         add_preprocess_args(parser)
 
@@ -49,8 +55,18 @@ class Debug:
         with progress(len(drawn.indices), "debugging", disable=args.no_progress) as bar:
             report = layerwise_error(fp32, int8, batches, threads=args.threads, reference_name=Path(args.reference).name,
                                      test_name=Path(args.test).name, on_batch=bar.update)
+        doc, ranking = report.to_dict(), None
+        if args.rank:
+            from quantkit.debug.sensitivity import QdqScales, rank_sensitivity
+
+            run = RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict)
+            ranking = rank_sensitivity(QdqScales.from_qdq_model(fp32, int8, run), source, drawn.indices,
+                                       subset=args.subset)
+            doc["sensitivity"] = ranking.to_dict()
         with output_dir(args.output, force=args.force, inputs=inputs, command="quantkit debug") as staging:
-            write_json_atomic(staging / "debug.json", report.to_dict())
+            write_json_atomic(staging / "debug.json", doc)
         print(report.table(args.rows))
+        if ranking is not None:
+            print(ranking.table(args.rows))
         print(f"  wrote {Path(args.output) / 'debug.json'}")
         return 0

@@ -1,0 +1,372 @@
+"""Mixed precision to an accuracy budget: the fewest quantization groups back in float.
+
+    fallback(cal, eval_source, eval_indices, FallbackConfig(max_drop=0.5))
+
+1. Measure the INT8 model on the evaluation data (the FP32 outputs are computed once and
+   cached). Within the budget: done, nothing changes.
+2. Rank the groups (``rank_sensitivity``; by default on the evaluation data, reusing the
+   side-by-side pass of step 1).
+3. Method switches: each of the worst groups whose best method beats the plain one is switched
+   to it; a switch is kept only if it lowers the drop on the evaluation data.
+4. Float steps: groups go back to float in sensitivity order, one per step, each step
+   re-validated on the evaluation data, until the budget holds. A step that makes the drop
+   worse triggers a re-ranking of the groups left, in the current state (at most
+   ``max_reranks`` times).
+5. Put back: a group whose step did not lower the drop is tried in INT8 again and stays there
+   when the budget still holds.
+
+Drop metrics, in points (the budget's unit):
+    accuracy        100 x (FP32 accuracy - INT8 accuracy), needs labels
+    top1-agreement  100 - % of samples whose argmax agrees with FP32
+    cosine          100 x (1 - mean cosine similarity of the first output)
+    sqnr            100 x noise/signal power of the first output (1 point = SQNR 20 dB)
+
+Nothing is written here: the caller saves ``FallbackResult.int8_model`` at the end (an
+interrupted run leaves no artifact).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from quantkit.debug.sensitivity import QdqScales, SensitivityReport, _noise_signal, _ratio, rank_groups, \
+    rank_sensitivity
+from quantkit.errors import InputError
+
+if TYPE_CHECKING:
+    from quantkit.datasets.sources import Source
+    from quantkit.ptq import Calibration
+
+log = logging.getLogger(__name__)
+
+DROP_METRICS = ("accuracy", "top1-agreement", "sqnr", "cosine")
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    """The budget and how hard to work for it.
+
+    Attributes:
+        max_drop: the largest drop allowed, in points of ``drop_metric`` (>= 0).
+        drop_metric: one of DROP_METRICS; None: accuracy when the data has labels, else
+            top1-agreement (``resolve_drop_metric``).
+        subset: samples in the ranking subset.
+        method_groups: how many of the worst groups try other range methods.
+        max_float_groups: at most this many groups in float (None: no limit); reaching it
+            without meeting the budget ends the run with ``met=False``.
+        max_reranks: re-rankings after steps that made the drop worse.
+    """
+
+    max_drop: float
+    drop_metric: str | None = None
+    subset: int = 32
+    method_groups: int = 3
+    max_float_groups: int | None = None
+    max_reranks: int = 2
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise InputError(f"the accuracy budget (--max-drop) must be a number >= 0, got {self.max_drop!r}")
+        if self.drop_metric is not None and self.drop_metric not in DROP_METRICS:
+            raise InputError(f"unknown drop metric {self.drop_metric!r}; choose one of {list(DROP_METRICS)}")
+        if self.subset <= 0:
+            raise InputError(f"the ranking subset must have at least one sample, got {self.subset}")
+        if self.max_float_groups is not None and self.max_float_groups < 0:
+            raise InputError(f"max_float_groups must be >= 0, got {self.max_float_groups}")
+
+
+def has_labels(source: "Source", indices: Sequence[int]) -> bool:
+    """Whether every sample of ``indices`` has a label."""
+    return bool(indices) and all(source.label(i) is not None for i in indices)
+
+
+def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[int], *,
+                        output_rank: int | None = None, where: str = "the evaluation data") -> str:
+    """The drop metric to use: ``metric``, or accuracy when the data has labels, else
+    top1-agreement (sqnr for an output that is not [N, classes]).
+
+    Raises:
+        InputError: accuracy without labels, or a class metric on an output that is not
+            [N, classes] — before any work.
+    """
+    labelled = has_labels(source, indices)
+    classifier = output_rank in (None, 2)
+    if metric is None:
+        return "accuracy" if labelled and classifier else "top1-agreement" if classifier else "sqnr"
+    if metric not in DROP_METRICS:
+        raise InputError(f"unknown drop metric {metric!r}; choose one of {list(DROP_METRICS)}")
+    if metric == "accuracy" and not labelled:
+        raise InputError(f"--drop-metric accuracy needs labels, and {where} has none",
+                         hint="use an image folder with class subfolders (or an .npz with 'labels'), or "
+                              "--drop-metric top1-agreement")
+    if metric in ("accuracy", "top1-agreement") and not classifier:
+        raise InputError(f"--drop-metric {metric} needs a classifier output [N, classes]; the model's first output "
+                         f"has rank {output_rank}", hint="use --drop-metric sqnr or cosine")
+    return metric
+
+
+@dataclass
+class FallbackResult:
+    """The outcome. ``int8_model`` meets the budget when ``met`` (with ``float_groups`` in
+    float and ``method_overrides`` applied); otherwise it is the best state reached, and
+    ``message`` says why the budget was not met."""
+
+    met: bool
+    int8_model: onnx.ModelProto
+    float_groups: list[str]
+    method_overrides: dict[str, str]
+    num_groups: int
+    drop_metric: str
+    max_drop: float
+    fp32_metric: float | None
+    int8_metric_before: float | None
+    int8_metric_after: float | None
+    drop_before: float
+    drop_after: float
+    steps: list[dict[str, Any]]
+    seconds: float
+    ranking: SensitivityReport | None = None
+    message: str = ""
+    float_nodes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        def num(v: float | None) -> float | None:
+            return v if v is None or math.isfinite(v) else None
+
+        return {"met": self.met, "message": self.message, "drop_metric": self.drop_metric, "max_drop": self.max_drop,
+                "num_groups": self.num_groups, "float_groups": list(self.float_groups),
+                "float_nodes": list(self.float_nodes), "method_overrides": dict(self.method_overrides),
+                "fp32_metric": num(self.fp32_metric), "int8_metric_before": num(self.int8_metric_before),
+                "int8_metric_after": num(self.int8_metric_after), "drop_before": self.drop_before,
+                "drop_after": self.drop_after, "seconds": self.seconds,
+                "steps": [{k: num(v) if isinstance(v, float) else v for k, v in s.items()} for s in self.steps]}
+
+
+@dataclass(frozen=True)
+class _Measure:
+    metric: float | None
+    drop: float
+    per_sample: dict[int, float]
+    noise: float
+    signal: float
+
+
+class _Evaluator:
+    """The evaluation data's FP32 outputs and labels, computed once; measures any variant."""
+
+    def __init__(self, scales: QdqScales, source: "Source", indices: Sequence[int], metric: str):
+        from quantkit.backends.onnxruntime import OrtRunner
+        from quantkit.ptq import evaluation_batches
+
+        self.scales, self.metric = scales, metric
+        self.batches = evaluation_batches(source, scales.specs, list(indices), scales.run)
+        self.output = scales.model.graph.output[0].name
+        self.ref: list[np.ndarray] = []
+        self.labels: list[np.ndarray | None] = []
+        self.fp32_seconds = 0.0
+        with OrtRunner(scales.model, threads=scales.run.threads) as r:
+            for b in self.batches:
+                t0 = time.perf_counter()
+                self.ref.append(r.infer(b.feed)[self.output][: b.size])
+                self.fp32_seconds += time.perf_counter() - t0
+                self.labels.append(b.labels)
+        self.count = sum(len(r) for r in self.ref)
+        if self.count == 0:
+            raise InputError("no evaluation samples could be read", hint="check the evaluation data")
+        if metric == "accuracy":
+            if any(lab is None for lab in self.labels):
+                raise InputError("--drop-metric accuracy needs labels, and the evaluation data has none",
+                                 hint="use --drop-metric top1-agreement")
+            self.fp32_metric: float | None = 100.0 * sum(
+                int((r.argmax(1) == lab).sum()) for r, lab in zip(self.ref, self.labels)) / self.count
+        else:
+            self.fp32_metric = {"top1-agreement": 100.0, "cosine": 1.0, "sqnr": math.inf}[metric]
+
+    def measure(self, model: onnx.ModelProto) -> _Measure:
+        from quantkit.backends.onnxruntime import OrtRunner
+
+        per: dict[int, float] = {}
+        noise = signal = cos = 0.0
+        agree = correct = 0
+        with OrtRunner(model, threads=self.scales.run.threads) as r:
+            for b, ref, lab in zip(self.batches, self.ref, self.labels):
+                out = r.infer(b.feed)[self.output][: b.size]
+                n, s = _noise_signal(ref, out)
+                for i, ni, si in zip(b.indices, n, s):
+                    per[i] = _ratio(float(ni), float(si))
+                noise, signal = noise + float(n.sum()), signal + float(s.sum())
+                if self.metric == "cosine":
+                    a, t = ref.reshape(len(ref), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
+                    na, nt = np.linalg.norm(a, axis=1), np.linalg.norm(t, axis=1)
+                    c = np.where((na == 0) & (nt == 0), 1.0, (a * t).sum(1) / np.maximum(na * nt, 1e-300))
+                    cos += float(c.sum())
+                elif self.metric in ("accuracy", "top1-agreement"):
+                    agree += int((ref.argmax(1) == out.argmax(1)).sum())
+                    if lab is not None:
+                        correct += int((out.argmax(1) == lab).sum())
+        if self.metric == "accuracy":
+            value = 100.0 * correct / self.count
+            drop = self.fp32_metric - value  # type: ignore[operator]
+        elif self.metric == "top1-agreement":
+            value = 100.0 * agree / self.count
+            drop = 100.0 - value
+        elif self.metric == "cosine":
+            value = cos / self.count
+            drop = 100.0 * (1.0 - value)
+        else:
+            ratio = _ratio(noise, signal)
+            value = math.inf if ratio == 0 else -math.inf if math.isinf(ratio) else -10.0 * math.log10(ratio)
+            drop = 100.0 * ratio
+        return _Measure(value, float(drop), per, noise, signal)
+
+
+def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices: Sequence[int] | None,
+             config: FallbackConfig, ranking_source: "Source | None" = None,
+             ranking_indices: Sequence[int] | None = None,
+             on_step: Callable[[dict[str, Any]], None] | None = None) -> FallbackResult:
+    """Meet ``config.max_drop`` on the evaluation data with the fewest groups in float (see
+    the module docstring). ``on_step(step)`` gets every step's record as it is made.
+
+    Raises:
+        InputError: a bad budget or metric; accuracy on data without labels (before any work).
+    """
+    start = time.perf_counter()
+    scales = cal if isinstance(cal, QdqScales) else QdqScales.from_calibration(cal)
+    idx = list(range(len(eval_source))) if eval_indices is None else list(eval_indices)
+    out_rank = _output_rank(scales.model)
+    metric = resolve_drop_metric(config.drop_metric, eval_source, idx, output_rank=out_rank)
+    groups = scales.groups
+    steps: list[dict[str, Any]] = []
+
+    def record(action: str, names: Sequence[str], m: _Measure, t0: float, **extra: Any) -> dict[str, Any]:
+        step = {"step": len(steps), "action": action, "groups": list(names), "metric": m.metric, "drop": m.drop,
+                "seconds": time.perf_counter() - t0, "float_groups": len(floats), **extra}
+        steps.append(step)
+        log.info("fallback step %d: %s %s -> drop %.4g", step["step"], action, ",".join(names), m.drop)
+        if on_step is not None:
+            on_step(step)
+        return step
+
+    t0 = time.perf_counter()
+    ev = _Evaluator(scales, eval_source, idx, metric)
+    floats: list[str] = []
+    overrides: dict[str, str] = {}
+    plain = scales.int8_model()
+    before = ev.measure(plain)
+    record("int8", [], before, t0)
+    current, model = before, plain
+
+    def result(met: bool, message: str = "", ranking: SensitivityReport | None = None) -> FallbackResult:
+        nodes = [n for g in floats for n in scales.group(g).nodes]
+        return FallbackResult(met, model, list(floats), dict(overrides), len(groups), metric, config.max_drop,
+                              ev.fp32_metric, before.metric, current.metric, before.drop, current.drop, steps,
+                              time.perf_counter() - start, ranking, message, nodes)
+
+    if before.drop <= config.max_drop:
+        return result(True, f"the INT8 model meets the budget: drop {before.drop:.3g} <= {config.max_drop:g}")
+
+    # the ranking: on the evaluation data, the side-by-side pass above is the one it needs
+    t0 = time.perf_counter()
+    if ranking_source is None:
+        errors = (before.per_sample, _ratio(before.noise, before.signal), ev.fp32_seconds / ev.count)
+        ranking = rank_sensitivity(scales, eval_source, idx, subset=config.subset, method_groups=config.method_groups,
+                                   _errors=errors)
+    else:
+        ranking = rank_sensitivity(scales, ranking_source, ranking_indices, subset=config.subset,
+                                   method_groups=config.method_groups)
+    record("rank", [], current, t0, cost_fp32_passes=ranking.cost_fp32_passes)
+
+    def try_state(new_floats: list[str], new_overrides: dict[str, str]) -> tuple[onnx.ModelProto, _Measure]:
+        m = scales.int8_model(new_floats, new_overrides)
+        return m, ev.measure(m)
+
+    # 1) method switches for the worst groups, kept only when they help
+    for row in ranking.rows:
+        if current.drop <= config.max_drop:
+            break
+        if row.best_method is None or row.best_method == scales.method or row.best_method_error is None \
+                or row.best_method_error >= ranking.int8_error:
+            continue
+        t0 = time.perf_counter()
+        cand = {**overrides, row.name: row.best_method}
+        m, got = try_state(floats, cand)
+        kept = got.drop < current.drop
+        if kept:
+            overrides, model, current = cand, m, got
+        record("method", [row.name], got, t0, method=row.best_method, kept=kept)
+
+    # 2) groups to float in sensitivity order, re-ranking after a step that made things worse
+    order = [r.name for r in ranking.rows]
+    helped: dict[str, bool] = {}
+    reranks = 0
+    message = ""
+    ranker = None
+    while current.drop > config.max_drop:
+        left = [g for g in order if g not in floats]
+        if not left:
+            break
+        if config.max_float_groups is not None and len(floats) >= config.max_float_groups:
+            message = f"stopped at the limit of {config.max_float_groups} group(s) in float"
+            break
+        g = left[0]
+        t0 = time.perf_counter()
+        m, got = try_state([*floats, g], overrides)
+        worse = got.drop > current.drop
+        helped[g] = got.drop < current.drop
+        floats.append(g)
+        model, current = m, got
+        record("float", [g], got, t0, kept=True)
+        if worse and reranks < config.max_reranks and current.drop > config.max_drop:
+            reranks += 1
+            t0 = time.perf_counter()
+            if ranker is None:  # the FP32 side of the subset is captured once
+                ranker = _ranker_for(scales, eval_source, idx, ranking, ranking_source, ranking_indices)
+            ranker.use_state(floats, overrides)
+            remaining = [scales.group(n) for n in order if n not in floats]
+            rows, _ = rank_groups(ranker, remaining, quantized=False, method_groups=0)
+            order = [*floats, *(r.name for r in rows)]
+            record("rerank", [], current, t0)
+
+    # 3) put back into INT8 what did not help, while the budget holds
+    if current.drop <= config.max_drop:
+        for g in [g for g in reversed(floats) if not helped.get(g, True)]:
+            t0 = time.perf_counter()
+            fewer = [f for f in floats if f != g]
+            m, got = try_state(fewer, overrides)
+            kept = got.drop <= config.max_drop
+            if kept:
+                floats, model, current = fewer, m, got
+            record("int8 again", [g], got, t0, kept=kept)
+
+    met = current.drop <= config.max_drop
+    if met:
+        message = (f"budget met: drop {current.drop:.3g} <= {config.max_drop:g} {metric} points with "
+                   f"{len(floats)} of {len(groups)} groups in float"
+                   + (f" and {len(overrides)} method switch(es)" if overrides else ""))
+    else:
+        reason = message or ("even with every group in float" if len(floats) == len(groups) else "")
+        message = (f"the budget of {config.max_drop:g} {metric} points cannot be met {reason}: drop "
+                   f"{current.drop:.3g} with {len(floats)} of {len(groups)} groups in float").replace("  ", " ")
+    return result(met, message, ranking)
+
+
+def _ranker_for(scales: QdqScales, eval_source: "Source", idx: Sequence[int], ranking: SensitivityReport,
+                ranking_source: "Source | None", ranking_indices: Sequence[int] | None) -> Any:
+    from quantkit.debug.sensitivity import _Ranker
+
+    src = eval_source if ranking_source is None else ranking_source
+    return _Ranker(scales, src, ranking.subset_indices)
+
+
+def _output_rank(model: onnx.ModelProto) -> int | None:
+    out = model.graph.output[0]
+    t = out.type.tensor_type
+    return len(t.shape.dim) if t.HasField("shape") else None

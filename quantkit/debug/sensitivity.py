@@ -1,0 +1,583 @@
+"""Which quantization groups cost the most accuracy: the sensitivity ranking.
+
+A quantization group is the unit that goes back to float as a whole: one op's Q/DQ pairs (its
+activation inputs and its weight), merged with every op that shares a shared-scale group with
+it (``QdqPlan.groups``). Returning a group to float is ``exclude_from_plan(names=group.nodes)``.
+
+The ranking, for every group, on a ranking subset (the samples with the largest FP32-vs-INT8
+error of one side-by-side pass, as NNCF picks them):
+
+    only_float_error       output error of the INT8 model with only this group in float
+    only_quantized_error   output error of the FP32 model with only this group quantized
+    best_method            (for the ``method_groups`` most sensitive groups) the range method
+                           whose scales, on this group's tensors alone, give the INT8 model the
+                           lowest output error; best_method_error is that error
+
+Output error = noise / signal power of the first output against FP32 over the subset
+(100 x it is the ``sqnr`` drop metric's points; 0.01 is 20 dB).
+
+Cost. A group's variants differ from the FP32 or INT8 model only from the group's first node
+on, so the tensors that cross that cut are captured once (one FP32 and one INT8 pass over the
+subset) and each variant runs only the part of the network after its cut:
+
+    subset --FP32--> cut tensors C_k (all cuts, one pass) --suffix_k + group variant--> output
+    subset --INT8--> cut tensors C_k (all cuts, one pass) --suffix_k - group variant--> output
+
+Each group costs two suffix runs (the later the group, the cheaper), the best-method search a
+few more for the worst groups only. ``SensitivityReport.cost_fp32_passes`` is the measured wall
+time of all of it over the time of one FP32 pass over the subset (timed in the side-by-side
+pass). Memory: the cut tensors of the subset (subset x the activations that cross any cut).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from quantkit.errors import InputError, ModelError
+from quantkit.onnx.qdq import QdqPlan, exclude_from_plan, insert_qdq
+
+if TYPE_CHECKING:
+    from quantkit.datasets.sources import Source
+    from quantkit.onnx.model import TensorSpec
+    from quantkit.ptq import Calibration, RunConfig
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ groups
+@dataclass(frozen=True)
+class QuantGroup:
+    """Q/DQ pairs that return to float together.
+
+    Attributes:
+        name: stable name: the group's first node (graph order).
+        nodes: the nodes whose inputs lose their Q/DQ (``exclude_from_plan(names=nodes)``).
+        activations: activation tensors whose Q/DQ pair feeds these nodes.
+        weights: weight Q/DQ names (``QdqPlan.weights`` keys) that feed these nodes.
+    """
+
+    name: str
+    nodes: tuple[str, ...]
+    activations: tuple[str, ...]
+    weights: tuple[str, ...]
+
+
+def quant_groups(model: onnx.ModelProto, plan: QdqPlan) -> list[QuantGroup]:
+    """The quantization groups of ``plan`` on ``model``, in graph order of their first node.
+
+    Every node with a quantized input is in exactly one group; nodes that read tensors of one
+    shared-scale group are in the same group (exclude_from_plan drops such a group whole, so
+    returning one of those nodes to float changes the others too).
+    """
+    order = {n.name: i for i, n in enumerate(model.graph.node) if n.name}
+    consumers: set[str] = {c for cs in plan.activations.values() for c in cs}
+    consumers |= {c for _, cs in plan.weights.values() for c in cs}
+    parent = {c: c for c in consumers}
+
+    def root(c: str) -> str:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for shared in plan.groups:
+        members = [c for t in shared for c in plan.activations.get(t, ())]
+        for c in members[1:]:
+            parent[root(c)] = root(members[0])
+    by_root: dict[str, list[str]] = {}
+    for c in sorted(consumers, key=lambda c: (order.get(c, len(order)), c)):
+        by_root.setdefault(root(c), []).append(c)
+    groups = []
+    for nodes in by_root.values():
+        ns = set(nodes)
+        acts = tuple(t for t, cs in plan.activations.items() if ns & set(cs))
+        weights = tuple(w for w, (_, cs) in plan.weights.items() if ns & set(cs))
+        groups.append(QuantGroup(nodes[0], tuple(nodes), acts, weights))
+    return sorted(groups, key=lambda g: (order.get(g.name, len(order)), g.name))
+
+
+def plan_without(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence[QuantGroup]) -> QdqPlan:
+    """``plan`` with ``groups`` in float: ``exclude_from_plan`` of their nodes (exact names)."""
+    names = [re.escape(n) for g in groups for n in g.nodes]
+    return exclude_from_plan(model, plan, names=names)[0] if names else plan
+
+
+def plan_only(plan: QdqPlan, group: QuantGroup) -> QdqPlan:
+    """Only ``group``'s Q/DQ pairs of ``plan`` (everything else in float)."""
+    ns = set(group.nodes)
+    acts = {t: tuple(c for c in cs if c in ns) for t, cs in plan.activations.items()}
+    weights = {w: (ax, tuple(c for c in cs if c in ns)) for w, (ax, cs) in plan.weights.items()}
+    acts = {t: cs for t, cs in acts.items() if cs}
+    weights = {w: v for w, v in weights.items() if v[1]}
+    return QdqPlan(acts, weights, groups=tuple(g for g in plan.groups if all(t in acts for t in g)),
+                   weight_sources={w: s for w, s in plan.weight_sources.items() if w in weights})
+
+
+def _restrict(plan: QdqPlan, nodes: set[str]) -> QdqPlan:
+    """The part of ``plan`` that feeds ``nodes`` (a suffix of the network)."""
+    acts = {t: tuple(c for c in cs if c in nodes) for t, cs in plan.activations.items()}
+    weights = {w: (ax, tuple(c for c in cs if c in nodes)) for w, (ax, cs) in plan.weights.items()}
+    acts = {t: cs for t, cs in acts.items() if cs}
+    weights = {w: v for w, v in weights.items() if v[1]}
+    return QdqPlan(acts, weights, groups=tuple(g for g in plan.groups if all(t in acts for t in g)),
+                   weight_sources={w: s for w, s in plan.weight_sources.items() if w in weights})
+
+
+# ------------------------------------------------------------------ scales of a mixed state
+@dataclass
+class QdqScales:
+    """What a mixed-precision variant is built from: the FP32 model, its full Q/DQ plan and,
+    per quantized activation, the amax of every available method.
+
+    Attributes:
+        method: the method of the plain INT8 model.
+        ranges: tensor -> {method: amax}.
+    """
+
+    model: onnx.ModelProto
+    specs: "list[TensorSpec]"
+    plan: QdqPlan
+    ranges: dict[str, dict[str, float]]
+    method: str
+    run: "RunConfig"
+    groups: list[QuantGroup] = field(default_factory=list)
+    plain: onnx.ModelProto | None = None  # the plain INT8 model, when already made
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            self.groups = quant_groups(self.model, self.plan)
+        self._by_name = {g.name: g for g in self.groups}
+
+    @classmethod
+    def from_calibration(cls, cal: "Calibration") -> "QdqScales":
+        ranges = {t: dict(cal.ranges[t].amax) for t in cal.plan.activations}
+        return cls(cal.model, cal.specs, cal.plan, ranges, cal.config.method, cal.config.run,
+                   plain=cal.int8_model(cal.config.method))
+
+    @classmethod
+    def from_qdq_model(cls, fp32: onnx.ModelProto, int8: onnx.ModelProto, run: "RunConfig") -> "QdqScales":
+        """The plan and scales of a symmetric INT8 Q/DQ model made from ``fp32`` (quantkit's, or
+        any with zero points 0): its activation pairs are matched to quantkit's TensorRT plan."""
+        from quantkit.debug.layerwise import qdq_points
+        from quantkit.ptq import prepare
+
+        prepared = prepare(fp32, name="the FP32 model")
+        points = {p.tensor: p for p in qdq_points(int8) if p.kind == "activation"}
+        amax: dict[str, dict[str, float]] = {}
+        for t in prepared.plan.activations:
+            p = points.get(t)
+            if p is None:
+                continue
+            if p.qmin != -128 or np.any(p.zero_point != 0) or np.asarray(p.scale).size != 1:
+                raise ModelError(f"the INT8 model quantizes {t!r} with a zero point or per-channel scale: ranking "
+                                 "needs symmetric per-tensor int8 activations",
+                                 hint="rank a Q/DQ model written by quantkit calibrate")
+            amax[t] = {"model": float(np.asarray(p.scale).reshape(())) * 127.0}
+        if not amax:
+            raise ModelError("the INT8 model quantizes none of the activations quantkit would quantize in this FP32 "
+                             "model", hint="give the FP32 model the Q/DQ model was made from")
+        plan = prepared.plan
+        acts = {t: cs for t, cs in plan.activations.items() if t in amax}
+        # groups whose members are not all quantized in the INT8 model: their pairs go
+        ns = {c for cs in acts.values() for c in cs}
+        weights = {w: v for w, v in plan.weights.items() if set(v[1]) & ns}
+        plan = QdqPlan(acts, weights, groups=tuple(g for g in plan.groups if all(t in acts for t in g)),
+                       weight_sources={w: s for w, s in plan.weight_sources.items() if w in weights})
+        return cls(prepared.model, prepared.specs, plan, amax, "model", run)
+
+    @property
+    def methods(self) -> list[str]:
+        """Methods with an amax for every quantized activation."""
+        common = None
+        for r in self.ranges.values():
+            common = set(r) if common is None else common & set(r)
+        return [m for m in next(iter(self.ranges.values()), {}) if m in (common or set())]
+
+    def group(self, name: str) -> QuantGroup:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise InputError(f"no quantization group {name!r}",
+                             hint=f"groups: {', '.join(list(self._by_name)[:8])}...") from None
+
+    def plan_for(self, float_groups: Sequence[str]) -> QdqPlan:
+        return plan_without(self.model, self.plan, [self.group(g) for g in float_groups])
+
+    def amax_for(self, plan: QdqPlan, overrides: Mapping[str, str]) -> dict[str, float]:
+        """Every activation of ``plan`` on the plain method, the tensors of overridden groups on
+        theirs (later overrides win on a tensor two groups share: one pair per tensor)."""
+        amax = {t: self.ranges[t][self.method] for t in plan.activations}
+        for g, m in overrides.items():
+            for t in self.group(g).activations:
+                if t in amax:
+                    amax[t] = self.ranges[t][m]
+        return amax
+
+    def int8_model(self, float_groups: Sequence[str] = (), overrides: Mapping[str, str] | None = None,
+                   ) -> onnx.ModelProto:
+        """The Q/DQ model with ``float_groups`` in float and ``overrides`` (group -> method)."""
+        if not float_groups and not overrides and self.plain is not None:
+            return self.plain
+        plan = self.plan_for(float_groups)
+        if not plan.activations and not plan.weights:
+            return self.model
+        return insert_qdq(self.model, plan, self.amax_for(plan, overrides or {}))
+
+
+# ------------------------------------------------------------------ the report
+@dataclass(frozen=True)
+class SensitivityRow:
+    """One group's sensitivity (errors: noise/signal of the first output against FP32)."""
+
+    name: str
+    nodes: tuple[str, ...]
+    activations: tuple[str, ...]
+    weights: tuple[str, ...]
+    only_float_error: float
+    only_quantized_error: float | None
+    best_method: str | None = None
+    best_method_error: float | None = None
+
+
+@dataclass
+class SensitivityReport:
+    """The ranking: rows most sensitive first (lowest ``only_float_error``).
+
+    Attributes:
+        rows: per group.
+        subset_indices: the ranking subset (indices into the source).
+        int8_error, int8_error_all: the INT8 model's error on the subset, on all given samples.
+        cost_fp32_passes: wall time of the ranking (captures, suffix runs, method trials) over
+            the time of one FP32 pass over the subset; the side-by-side pass is not counted.
+        costs: seconds per phase, and the FP32 pass time the cost is measured against.
+    """
+
+    rows: list[SensitivityRow]
+    subset_indices: list[int]
+    int8_error: float
+    int8_error_all: float
+    method: str
+    cost_fp32_passes: float
+    seconds: float
+    costs: dict[str, float] = field(default_factory=dict)
+    metric: str = "noise/signal power of the first output against FP32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "method": self.method, "num_groups": len(self.rows),
+                "subset_indices": list(self.subset_indices), "int8_error": self.int8_error,
+                "int8_error_all": self.int8_error_all, "cost_fp32_passes": self.cost_fp32_passes,
+                "seconds": self.seconds, "costs": self.costs,
+                "rows": [{"rank": i + 1, **asdict(r)} for i, r in enumerate(self.rows)]}
+
+    def table(self, rows: int = 10) -> str:
+        lines = [f"sensitivity of {len(self.rows)} groups on {len(self.subset_indices)} samples (INT8 error "
+                 f"{self.int8_error:.4g}; cost {self.cost_fp32_passes:.1f} FP32 passes, {self.seconds:.1f} s)",
+                 f"  {'rank':>4} {'group':<32} {'only float':>11} {'only int8':>11} {'best method':>16}"]
+        for i, r in enumerate(self.rows[:rows]):
+            best = f"{r.best_method} {r.best_method_error:.3g}" if r.best_method else "-"
+            oq = f"{r.only_quantized_error:.4g}" if r.only_quantized_error is not None else "-"
+            lines.append(f"  {i + 1:>4} {r.name[-32:]:<32} {r.only_float_error:>11.4g} {oq:>11} {best:>16}")
+        return "\n".join(lines)
+
+
+def ranking_from_file(path: str) -> list[dict[str, Any]]:
+    """The rows of a ranking saved earlier: ``sensitivity.json`` (calibrate --max-drop),
+    ``debug.json`` of ``quantkit debug --rank``, or a report.json holding either.
+
+    Raises:
+        InputError: the file cannot be read or holds no ranking.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"--exclude-from {str(path)!r}: cannot read it as JSON ({err})") from None
+    for candidate in (doc, doc.get("sensitivity") if isinstance(doc, dict) else None,
+                      (doc.get("fallback") or {}).get("sensitivity") if isinstance(doc, dict) else None):
+        if isinstance(candidate, dict) and isinstance(candidate.get("rows"), list) and candidate["rows"]:
+            rows = candidate["rows"]
+            if all(isinstance(r, dict) and isinstance(r.get("nodes"), list) for r in rows):
+                return rows
+    raise InputError(f"--exclude-from {str(path)!r} holds no sensitivity ranking",
+                     hint="use the sensitivity.json of `quantkit calibrate --max-drop` or the debug.json of "
+                          "`quantkit debug --rank`")
+
+
+# ------------------------------------------------------------------ running parts of the network
+def _noise_signal(ref: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: (noise power, signal power), float64."""
+    r = ref.reshape(ref.shape[0], -1).astype(np.float64)
+    d = r - test.reshape(test.shape[0], -1).astype(np.float64)
+    return (d * d).sum(axis=1), (r * r).sum(axis=1)
+
+
+def _ratio(noise: float, signal: float) -> float:
+    if noise == 0.0:
+        return 0.0
+    return noise / signal if signal > 0 else math.inf
+
+
+def _constant_names(model: onnx.ModelProto) -> set[str]:
+    out = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if all(not t or t in out for t in node.input):
+            out.update(o for o in node.output if o)
+    return out
+
+
+def suffix_model(model: onnx.ModelProto, cut: Sequence[str], types: Mapping[str, int],
+                 ranks: Mapping[str, int]) -> onnx.ModelProto:
+    """The part of ``model`` that computes its outputs from the tensors ``cut`` (fed as inputs
+    of rank ``ranks[t]`` with symbolic dims; ONNX Runtime takes the sizes from the feed)."""
+    g = model.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    cut_set, need, keep = set(cut), set(), set()
+    stack = [o.name for o in g.output]
+    while stack:
+        t = stack.pop()
+        if t in need:
+            continue
+        need.add(t)
+        i = producer.get(t)
+        if t in cut_set or i is None or i in keep:
+            continue
+        keep.add(i)
+        stack.extend(x for x in g.node[i].input if x)
+        for a in g.node[i].attribute:  # outer-scope names read inside If/Loop/Scan bodies
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                stack.extend(x for n in sub.node for x in n.input if x)
+    inputs = [helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT),
+                                            [f"{t}_d{i}" for i in range(ranks[t])]) for t in cut if t in need]
+    graph = helper.make_graph([g.node[i] for i in sorted(keep)], f"{g.name}_suffix", inputs, list(g.output),
+                              [x for x in g.initializer if x.name in need and x.name not in cut_set])
+    out = helper.make_model(graph, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    return out
+
+
+class _Cuts:
+    """Per group, the tensors that cross the cut before its first node (graph order)."""
+
+    def __init__(self, model: onnx.ModelProto, groups: Sequence[QuantGroup]):
+        nodes = model.graph.node
+        consts = _constant_names(model)
+        end = len(nodes)
+        made = {i.name: -1 for i in model.graph.input}
+        last = {}
+        for i, n in enumerate(nodes):
+            for o in n.output:
+                made.setdefault(o, i)
+            for t in n.input:
+                last[t] = i
+        for o in model.graph.output:
+            last[o.name] = end
+        pos = {n.name: i for i, n in enumerate(nodes) if n.name}
+        self.position = {g.name: min(pos.get(n, 0) for n in g.nodes) for g in groups}  # a nameless node: cut at 0
+        self.tensors: dict[int, list[str]] = {}
+        for k in sorted(set(self.position.values())):
+            self.tensors[k] = [t for t, p in made.items() if p < k <= last.get(t, -2) and t not in consts]
+        self.all = list(dict.fromkeys(t for ts in self.tensors.values() for t in ts))
+        self.nodes_after = {k: {n.name for n in nodes[k:] if n.name} for k in self.tensors}
+        self.fraction = {k: 1.0 - k / max(end, 1) for k in self.tensors}
+
+
+class _Ranker:
+    """The ranking subset's cached cut tensors and the suffix runs (reused by the fallback for
+    re-ranking: the FP32 side is captured once, the INT8 side once per state)."""
+
+    def __init__(self, scales: QdqScales, source: "Source", subset: Sequence[int]):
+        from quantkit.ptq import evaluation_batches
+
+        self.scales = scales
+        self.cuts = _Cuts(scales.model, scales.groups)
+        self.batches = list(evaluation_batches(source, scales.specs, list(subset), scales.run))
+        from quantkit.onnx.model import tensor_types
+
+        self.types = tensor_types(scales.model)
+        self.output = scales.model.graph.output[0].name
+        self._suffix: dict[int, onnx.ModelProto] = {}
+        self.fp32_cut, self.fp32_out = self._capture(scales.model)
+        self._int8_key: Any = None
+        self.int8_cut: list[dict[str, np.ndarray]] = []
+
+    def _capture(self, model: onnx.ModelProto) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+        from quantkit.backends.onnxruntime import OrtRunner
+
+        cut, out = [], []
+        with OrtRunner(model, threads=self.scales.run.threads, capture=self.cuts.all) as r:
+            for b in self.batches:
+                o, c = r.infer_captured(b.feed)
+                cut.append(c)
+                out.append(o[self.output][: b.size])
+        return cut, out
+
+    def use_state(self, float_groups: Sequence[str], overrides: Mapping[str, str]) -> float:
+        """Capture the cut tensors of the INT8 model in this state; its error on the subset."""
+        key = (tuple(sorted(float_groups)), tuple(sorted(overrides.items())))
+        self.state = (list(float_groups), dict(overrides))
+        if key != self._int8_key:
+            self.int8_cut, outs = self._capture(self.scales.int8_model(float_groups, overrides))
+            self.state_error = self._error(outs)
+            self._int8_key = key
+        return self.state_error
+
+    def _error(self, outs: Sequence[np.ndarray]) -> float:
+        noise = signal = 0.0
+        for ref, test in zip(self.fp32_out, outs):
+            n, s = _noise_signal(ref, test)
+            noise, signal = noise + float(n.sum()), signal + float(s.sum())
+        return _ratio(noise, signal)
+
+    def _suffix_of(self, k: int) -> onnx.ModelProto:
+        if k not in self._suffix:
+            ranks = {t: a.ndim for t, a in self.fp32_cut[0].items()}
+            self._suffix[k] = suffix_model(self.scales.model, self.cuts.tensors[k], self.types, ranks)
+        return self._suffix[k]
+
+    def _run(self, group: QuantGroup, plan: QdqPlan, amax: Mapping[str, float], cut: Sequence[dict]) -> float:
+        from quantkit.backends.onnxruntime import create_session
+
+        k = self.cuts.position[group.name]
+        suffix = self._suffix_of(k)
+        part = _restrict(plan, self.cuts.nodes_after[k])
+        model = insert_qdq(suffix, part, {t: amax[t] for t in part.activations}) if part.activations or \
+            part.weights else suffix
+        session = create_session(model, threads=self.scales.run.threads)
+        names = [i.name for i in session.get_inputs()]
+        outs = [session.run([self.output], {n: c[n] for n in names})[0][: b.size] for c, b in zip(cut, self.batches)]
+        return self._error(outs)
+
+    def only_float(self, group: QuantGroup) -> float:
+        """INT8 model of the current state with ``group`` also in float."""
+        floats, overrides = self.state
+        plan = self.scales.plan_for([*floats, group.name])
+        return self._run(group, plan, self.scales.amax_for(plan, overrides), self.int8_cut)
+
+    def only_quantized(self, group: QuantGroup) -> float:
+        """FP32 model with only ``group`` quantized (plain method)."""
+        plan = plan_only(self.scales.plan, group)
+        return self._run(group, plan, self.scales.amax_for(plan, {}), self.fp32_cut)
+
+    def with_method(self, group: QuantGroup, method: str) -> float:
+        """INT8 model of the current state with ``group``'s tensors on ``method``."""
+        floats, overrides = self.state
+        plan = self.scales.plan_for(floats)
+        return self._run(group, plan, self.scales.amax_for(plan, {**overrides, group.name: method}), self.int8_cut)
+
+
+def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int],
+                      int8: onnx.ModelProto | None = None) -> tuple[dict[int, float], float, float]:
+    """One side-by-side pass: per sample the noise/signal of the first output; the error over
+    all samples; the seconds the FP32 model took per sample."""
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.ptq import evaluation_batches
+
+    errors: dict[int, float] = {}
+    noise = signal = fp32_seconds = 0.0
+    count = 0
+    out = scales.model.graph.output[0].name
+    batches = evaluation_batches(source, scales.specs, list(indices), scales.run)
+    int8 = int8 if int8 is not None else scales.int8_model()
+    with OrtRunner(scales.model, threads=scales.run.threads) as ref, OrtRunner(int8, threads=scales.run.threads) as test:
+        for b in batches:
+            t0 = time.perf_counter()
+            r = ref.infer(b.feed)[out][: b.size]
+            fp32_seconds += time.perf_counter() - t0
+            n, s = _noise_signal(r, test.infer(b.feed)[out][: b.size])
+            for i, ni, si in zip(b.indices, n, s):
+                errors[i] = _ratio(float(ni), float(si))
+            noise, signal, count = noise + float(n.sum()), signal + float(s.sum()), count + b.size
+    return errors, _ratio(noise, signal), fp32_seconds / max(count, 1)
+
+
+def pick_subset(errors: Mapping[int, float], subset: int) -> list[int]:
+    """The ``subset`` samples with the largest error (ties: the earlier sample), in data order."""
+    worst = sorted(errors, key=lambda i: (-errors[i], i))[:subset]
+    return sorted(worst)
+
+
+def rank_groups(ranker: _Ranker, groups: Sequence[QuantGroup], *, quantized: bool = True, method_groups: int = 3,
+                on_step: Callable[[str, int, int], None] | None = None) -> tuple[list[SensitivityRow], dict[str, float]]:
+    """Rows for ``groups`` in the ranker's current state, most sensitive first; seconds per phase."""
+    costs = {"only_float_s": 0.0, "only_quantized_s": 0.0, "methods_s": 0.0}
+    base = ranker.state_error
+    rows = []
+    for i, g in enumerate(groups):
+        t0 = time.perf_counter()
+        of = ranker.only_float(g)
+        t1 = time.perf_counter()
+        oq = ranker.only_quantized(g) if quantized else None
+        costs["only_float_s"] += t1 - t0
+        costs["only_quantized_s"] += time.perf_counter() - t1
+        rows.append(SensitivityRow(g.name, g.nodes, g.activations, g.weights, of, oq))
+        if on_step is not None:
+            on_step("group", i + 1, len(groups))
+    rows.sort(key=lambda r: (r.only_float_error, -(r.only_quantized_error or 0.0)))
+    methods = [m for m in ranker.scales.methods if m != ranker.scales.method]
+    t0 = time.perf_counter()
+    for i, r in enumerate(rows[:method_groups] if methods else []):
+        g = ranker.scales.group(r.name)
+        if not g.activations:
+            continue
+        trials = {ranker.scales.method: base, **{m: ranker.with_method(g, m) for m in methods}}
+        best = min(trials, key=lambda m: (trials[m], m != ranker.scales.method))
+        rows[i] = SensitivityRow(**{**asdict(r), "best_method": best, "best_method_error": trials[best]})
+    costs["methods_s"] = time.perf_counter() - t0
+    return rows, costs
+
+
+def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: Sequence[int] | None = None,
+                     subset: int = 32, method: str | None = None, on_step: Callable[[str, int, int], None] | None = None,
+                     *, method_groups: int = 3, _errors: tuple[dict[int, float], float, float] | None = None,
+                     ) -> SensitivityReport:
+    """Rank every quantization group of ``cal`` on the ``subset`` samples of ``source``
+    (``indices``, default all) where INT8 and FP32 differ most.
+
+    Args:
+        cal: the calibration (or ``QdqScales.from_qdq_model`` for a Q/DQ model made elsewhere).
+        method: the plain INT8 model's method (default: the calibration's).
+        on_step: progress, ``on_step(phase, done, total)``.
+        method_groups: how many of the most sensitive groups get the best-method search.
+
+    Returns:
+        The ranking; its ``cost_fp32_passes`` is measured (see the module docstring).
+    """
+    from dataclasses import replace
+
+    start = time.perf_counter()
+    scales = cal if isinstance(cal, QdqScales) else QdqScales.from_calibration(cal)
+    if method is not None:
+        if method not in scales.methods:
+            raise InputError(f"method {method!r} has no ranges here; available: {scales.methods}")
+        scales = replace(scales, method=method, groups=scales.groups, plain=None)
+    if subset <= 0:
+        raise InputError(f"the ranking subset must have at least one sample, got {subset}")
+    idx = list(range(len(source))) if indices is None else list(indices)
+    errors, all_error, fp32_per_sample = _errors if _errors is not None else per_sample_errors(scales, source, idx)
+    if not errors:
+        raise InputError("no samples to rank on", hint="give ranking data")
+    chosen = pick_subset(errors, subset)
+    t0 = time.perf_counter()
+    ranker = _Ranker(scales, source, chosen)
+    t1 = time.perf_counter()
+    ranker.use_state([], {})
+    t2 = time.perf_counter()
+    rows, costs = rank_groups(ranker, scales.groups, method_groups=method_groups, on_step=on_step)
+    fp32_pass = fp32_per_sample * len(chosen)
+    costs = {"fp32_capture_s": t1 - t0, "int8_capture_s": t2 - t1, **costs, "fp32_pass_s": fp32_pass}
+    work = sum(v for k, v in costs.items() if k != "fp32_pass_s")
+    cost = work / fp32_pass if fp32_pass > 0 else math.inf
+    return SensitivityReport(rows, chosen, ranker.state_error, all_error, scales.method, cost,
+                             time.perf_counter() - start, costs)

@@ -1,0 +1,173 @@
+"""Budgeted mixed-precision fallback: meets the budget with few groups in float, says so when it cannot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from quantkit.cli import main
+from quantkit.debug.fallback import FallbackConfig, fallback
+from quantkit.debug.sensitivity import quant_groups
+from quantkit.errors import InputError
+from quantkit.ptq import ExportConfig, QuantizeConfig, quantize
+from tests.helpers import DIGITS, PW_NODE, ArraySource, digits_arrays, make_outlier_digits, snapshot
+
+
+@pytest.fixture(scope="module")
+def broken():
+    x, labels, test = digits_arrays()
+    cal = quantize(make_outlier_digits(), ArraySource(x[~test][:256]), QuantizeConfig(export=ExportConfig("percentile")))
+    ev = ArraySource(x[test][:300], labels[test][:300])
+    return cal, ev
+
+
+def test_fallback_meets_the_budget_with_one_group_in_float(broken):
+    cal, ev = broken
+    seen = []
+    res = fallback(cal, ev, None, FallbackConfig(max_drop=0.5, drop_metric="accuracy"), on_step=seen.append)
+    assert res.drop_before > 20  # plain PTQ clearly loses
+    assert res.met and res.drop_after <= 0.5 and res.float_groups == [PW_NODE]
+    assert res.num_groups == len(quant_groups(cal.model, cal.plan)) and res.float_nodes == [PW_NODE]
+    # the model returned is the one measured: its accuracy against the labels, recomputed
+    rep = cal.evaluate(ev, int8_model=res.int8_model)
+    assert 100 * (rep.accuracy_reference - rep.accuracy_test) == pytest.approx(res.drop_after)
+    assert res.int8_metric_after == pytest.approx(100 * rep.accuracy_test)
+    assert not any(n.input and PW_NODE == n.name and any("DequantizeLinear" in i for i in n.input)
+                   for n in res.int8_model.graph.node)
+    assert [s["action"] for s in res.steps][:2] == ["int8", "rank"] and seen == res.steps
+    assert res.steps[-1]["action"] == "float" and res.steps[-1]["groups"] == [PW_NODE]
+    for s in res.steps:
+        if s["action"] == "method" and s["kept"]:
+            assert res.method_overrides[s["groups"][0]] == s["method"]
+    json.dumps(res.to_dict())  # the report is JSON
+
+
+def test_a_budget_already_met_changes_nothing(broken):
+    cal, ev = broken
+    res = fallback(cal, ev, None, FallbackConfig(max_drop=100.0))
+    assert res.met and res.float_groups == [] and res.int8_model is cal.int8_model() and len(res.steps) == 1
+
+
+def test_an_unmeetable_budget_says_so(broken):
+    cal, ev = broken
+    res = fallback(cal, ev, None, FallbackConfig(max_drop=0.5, drop_metric="top1-agreement", max_float_groups=0,
+                                                 method_groups=0))
+    assert not res.met and res.float_groups == [] and res.drop_after > 0.5
+    assert "cannot be met" in res.message and "limit of 0" in res.message
+
+
+def test_accuracy_without_labels_is_refused_before_any_work(broken, monkeypatch):
+    cal, ev = broken
+    unlabelled = ArraySource(ev.x)
+    import quantkit.debug.fallback as fb
+
+    monkeypatch.setattr(fb, "_Evaluator", None)  # no work may start
+    with pytest.raises(InputError, match="needs labels"):
+        fallback(cal, unlabelled, None, FallbackConfig(max_drop=1.0, drop_metric="accuracy"))
+    with pytest.raises(InputError, match=">= 0"):
+        FallbackConfig(max_drop=-1)
+    with pytest.raises(InputError, match="unknown drop metric"):
+        FallbackConfig(max_drop=1, drop_metric="f1")
+
+
+def test_interrupted_fallback_raises_through(broken):
+    cal, ev = broken
+
+    def stop(step):
+        if step["action"] == "rank":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fallback(cal, ev, None, FallbackConfig(max_drop=0.5), on_step=stop)
+
+
+@pytest.fixture(scope="module")
+def digits_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outlier")
+    onnx.save(make_outlier_digits(), root / "m.onnx")
+    x, labels, test = digits_arrays()
+    np.savez(root / "d.npz", image=x[:700], labels=labels[:700])
+    np.savez(root / "nolabels.npz", image=x[:700])
+    return root
+
+
+def _args(root, out, *extra, data="d.npz"):
+    return ["calibrate", str(root / "m.onnx"), "--npz", str(root / data), "--num-images", "256", "--eval-images", "300",
+            "--method", "percentile", "--no-progress", "-o", str(out), *extra]
+
+
+def test_calibrate_max_drop_writes_the_model_that_meets_it(digits_files, tmp_path, capsys):
+    root = digits_files
+    assert main(_args(root, tmp_path / "o", "--max-drop", "0.5")) == 0
+    captured = capsys.readouterr()
+    assert "fallback step" in captured.err and "budget met" in captured.out
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    fb = report["fallback"]
+    assert fb["met"] and fb["drop_metric"] == "accuracy" and fb["float_groups"] == [PW_NODE] and fb["steps"]
+    # the report's comparison is of the written model
+    assert 100 * (report["accuracy_reference"] - report["accuracy_test"]) == pytest.approx(fb["drop_after"])
+    ranges = json.loads((tmp_path / "o" / "ranges.json").read_text())
+    assert ranges["fallback"]["float_groups"] == [PW_NODE]
+    assert ranges["fallback"]["method_overrides"] == fb["method_overrides"]
+    sens = json.loads((tmp_path / "o" / "sensitivity.json").read_text())
+    assert sens["rows"][0]["name"] == PW_NODE
+    model = onnx.load(tmp_path / "o" / "m.int8.onnx")
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    pw = next(n for n in model.graph.node if n.name == PW_NODE)
+    assert not dq & set(pw.input)  # the pointwise conv reads float inputs
+    # the ranking feeds --exclude-from
+    assert main(_args(root, tmp_path / "o2", "--exclude-from", str(tmp_path / "o" / "sensitivity.json"),
+                      "--top", "1")) == 0
+    assert json.loads((tmp_path / "o2" / "ranges.json").read_text())["excluded"][0]["node"] == PW_NODE
+
+
+def test_calibrate_max_drop_bad_input_writes_nothing(digits_files, tmp_path, capsys, monkeypatch):
+    root = digits_files
+    before = snapshot(root)
+    # no labels with --drop-metric accuracy: one line before any work
+    import quantkit.ptq as ptq
+
+    monkeypatch.setattr(ptq, "quantize", None)
+    assert main(_args(root, tmp_path / "a", "--max-drop", "1", "--drop-metric", "accuracy", data="nolabels.npz")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "needs labels" in err[0] and len(err) == 2
+    monkeypatch.undo()
+    # an unmeetable budget (at most 0 groups in float): exit 2, nothing written
+    assert main(_args(root, tmp_path / "b", "--max-drop", "0.5", "--max-float-groups", "0")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2].startswith("quantkit: error: the budget of 0.5 accuracy points cannot be met")
+    assert "nothing was written" in err[-2]
+    # interrupted (Ctrl-C during the fallback): 130, no partial artifact
+    import quantkit.cli.calibrate as cc
+
+    def interrupt(step):
+        if step["action"] != "int8":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cc, "_print_step", interrupt)
+    assert main(_args(root, tmp_path / "c", "--max-drop", "0.5")) == 130
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert list(tmp_path.iterdir()) == [] and snapshot(root) == before
+
+
+@pytest.mark.parametrize("metric", ["sqnr", "cosine"])
+def test_a_zero_budget_ends_at_the_fp32_outputs_and_puts_back_only_what_did_not_help(metric):
+    from quantkit.datasets import SyntheticSource
+    from tests.helpers import make_residual_model
+
+    src = SyntheticSource((3, 8, 8), count=64, seed=1)
+    cal = quantize(make_residual_model(), src)
+    res = fallback(cal, src, range(32, 64), FallbackConfig(max_drop=0.0, drop_metric=metric))
+    assert res.met and res.drop_after == 0.0 and res.drop_before > 0
+    prev, no_help = res.drop_before, set()
+    for s in res.steps:
+        if s["action"] == "float":
+            if s["drop"] >= prev:
+                no_help.add(s["groups"][0])
+            prev = s["drop"]
+        elif s["action"] == "method" and s["kept"]:
+            prev = s["drop"]
+    assert {s["groups"][0] for s in res.steps if s["action"] == "int8 again"} == no_help

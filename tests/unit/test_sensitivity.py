@@ -1,0 +1,126 @@
+"""Quantization groups and the sensitivity ranking, against exclude_from_plan and full-model runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from quantkit.backends.onnxruntime import OrtRunner
+from quantkit.cli import main
+from quantkit.datasets import SyntheticSource
+from quantkit.debug.sensitivity import (QdqScales, plan_only, plan_without, quant_groups, ranking_from_file,
+                                        rank_sensitivity)
+from quantkit.errors import InputError
+from quantkit.onnx.qdq import exclude_from_plan, insert_qdq, plan_qdq
+from quantkit.ptq import ExportConfig, QuantizeConfig, quantize
+from tests.helpers import PW_NODE, ArraySource, digits_arrays, make_outlier_digits, make_residual_model
+
+
+def _pairs(plan):
+    return {(t, c) for t, cs in plan.activations.items() for c in cs} | {(w, c) for w, (_, cs) in plan.weights.items()
+                                                                         for c in cs}
+
+
+@pytest.mark.parametrize("builder", ["residual", "concat", "siblings"])
+def test_a_group_in_float_is_exclude_from_plan_of_its_nodes(builder):
+    from tests.unit.test_placement import concat_model, siblings_model
+
+    m = {"residual": make_residual_model, "concat": concat_model, "siblings": siblings_model}[builder]()
+    plan = plan_qdq(m)
+    groups = quant_groups(m, plan)
+    # every node with a quantized input is in exactly one group
+    nodes = [n for g in groups for n in g.nodes]
+    assert sorted(nodes) == sorted({c for _, c in _pairs(plan)})
+    for g in groups:
+        kept, _ = exclude_from_plan(m, plan, names=list(g.nodes))
+        assert plan_without(m, plan, [g]) == kept
+        removed = _pairs(plan) - _pairs(kept)
+        assert removed == {p for p in _pairs(plan) if p[1] in g.nodes}, g  # only this group's pairs go
+        assert {t for t, _ in removed} == set(g.activations) | set(g.weights)
+        assert _pairs(plan_only(plan, g)) == removed
+    if builder == "concat":  # conv_c reads `a`, conv_d reads `cat`: one shared scale, one group
+        assert any(set(g.nodes) == {"conv_c", "conv_d"} for g in groups)
+
+
+@pytest.fixture(scope="module")
+def broken():
+    x, labels, test = digits_arrays()
+    cal = quantize(make_outlier_digits(), ArraySource(x[~test][:256]), QuantizeConfig(export=ExportConfig("percentile")))
+    return cal, ArraySource(x[test], labels[test])
+
+
+def _error(model, feed, ref):
+    out = OrtRunner(model).infer(feed)["logits"].astype(np.float64)
+    return float(((ref - out) ** 2).sum() / (ref ** 2).sum())
+
+
+def test_ranking_finds_the_broken_group_and_its_errors_equal_full_model_runs(broken):
+    cal, ev = broken
+    rep = rank_sensitivity(cal, ev, subset=24)
+    assert rep.rows[0].name == PW_NODE
+    assert rep.rows[0].only_float_error < 0.01 * rep.int8_error  # the whole loss is in that group
+    assert len(rep.subset_indices) == 24 and len(rep.rows) == len(quant_groups(cal.model, cal.plan))
+    # the subset = the samples with the largest INT8 error
+    feed_all = {"image": ev.x}
+    ref_all = OrtRunner(cal.model).infer(feed_all)["logits"].astype(np.float64)
+    int8_all = OrtRunner(cal.int8_model()).infer(feed_all)["logits"].astype(np.float64)
+    per = ((ref_all - int8_all) ** 2).sum(1) / (ref_all ** 2).sum(1)
+    assert sorted(rep.subset_indices) == sorted(np.argsort(-per, kind="stable")[:24].tolist())
+    # suffix runs from the cached cut tensors == the whole variant model on the subset
+    feed = {"image": ev.x[rep.subset_indices]}
+    ref = ref_all[rep.subset_indices]
+    scales = QdqScales.from_calibration(cal)
+    for row in rep.rows:
+        g = scales.group(row.name)
+        assert row.only_float_error == pytest.approx(_error(scales.int8_model([g.name]), feed, ref), rel=2e-3, abs=1e-9)
+        plan = plan_only(cal.plan, g)
+        only = insert_qdq(cal.model, plan, {t: cal.ranges[t].amax["percentile"] for t in plan.activations})
+        assert row.only_quantized_error == pytest.approx(_error(only, feed, ref), rel=2e-3, abs=1e-9)
+    best = rep.rows[0]
+    assert best.best_method is not None and best.best_method_error <= rep.int8_error
+    assert rep.cost_fp32_passes > 0 and rep.costs["fp32_pass_s"] > 0
+    doc = json.loads(json.dumps(rep.to_dict()))
+    assert doc["rows"][0]["rank"] == 1 and doc["rows"][0]["nodes"] == [PW_NODE]
+
+
+def test_debug_rank_writes_a_ranking_that_exclude_from_reads(broken, tmp_path, capsys):
+    cal, ev = broken
+    onnx.save(cal.model, tmp_path / "m.onnx")
+    onnx.save(cal.int8_model(), tmp_path / "q.onnx")
+    np.savez(tmp_path / "ev.npz", image=ev.x[:200], labels=ev.labels[:200])
+    args = ["debug", str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), "--npz", str(tmp_path / "ev.npz"),
+            "--no-progress", "--rank", "--subset", "16"]
+    assert main([*args, "-o", str(tmp_path / "dbg")]) == 0
+    assert "sensitivity of" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "dbg" / "debug.json").read_text())
+    assert doc["sensitivity"]["rows"][0]["name"] == PW_NODE and "layerwise" in doc
+    rows = ranking_from_file(str(tmp_path / "dbg" / "debug.json"))
+    assert rows[0]["nodes"] == [PW_NODE]
+    # calibrate --exclude-from: the top group stays in float, and the INT8 model is then close
+    cal_args = ["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "ev.npz"), "--num-images", "64",
+                "--method", "percentile", "--no-progress"]
+    assert main([*cal_args, "-o", str(tmp_path / "o"), "--exclude-from", str(tmp_path / "dbg" / "debug.json"),
+                 "--top", "1"]) == 0
+    ranges = json.loads((tmp_path / "o" / "ranges.json").read_text())
+    assert [e["node"] for e in ranges["excluded"]] == [PW_NODE]
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["outputs"][0]["top1_agreement"] > 0.95
+
+
+def test_exclude_from_a_file_without_a_ranking_is_one_line(tmp_path, capsys, residual_model_path):
+    (tmp_path / "r.json").write_text(json.dumps({"layerwise": {}}))
+    src = SyntheticSource((3, 8, 8), count=40, seed=2)
+    np.save(tmp_path / "x.npy", np.stack([src.load(i) for i in range(40)]))
+    base = ["calibrate", str(residual_model_path), "--npz", str(tmp_path / "x.npy"), "--no-progress",
+            "-o", str(tmp_path / "o")]
+    assert main([*base, "--exclude-from", str(tmp_path / "r.json"), "--top", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("quantkit: error: --exclude-from") and "no sensitivity ranking" in err[0] and len(err) == 2
+    assert main([*base, "--exclude-from", str(tmp_path / "r.json")]) == 2
+    assert "needs --top" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(InputError, match="no sensitivity ranking"):
+        ranking_from_file(str(tmp_path / "r.json"))
