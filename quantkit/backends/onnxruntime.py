@@ -16,7 +16,7 @@ inference:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import onnx
 
 from quantkit._deps import require
 from quantkit.backends.base import Runner, TensorSink
+from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import ModelError
 from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, unused_inputs, with_outputs
 
@@ -136,15 +137,16 @@ class OrtRunner(Runner):
 
         with ThreadPoolExecutor(1, thread_name_prefix="quantkit-capture") as pool:
             for batch in batches:
-                feed = {k: v[: batch.size] for k, v in batch.feed.items()} if fixed_batch is None else batch.feed
+                axes = getattr(batch, "batch_axes", {})  # inputs not batched on axis 0 (an RNN state, a scalar)
+                feed = take_rows(batch.feed, axes, 0, batch.size) if fixed_batch is None else batch.feed
                 if chunk is None:
-                    rows = len(next(iter(feed.values())))
+                    rows = feed_rows(feed, axes)
                     if fixed_batch is not None or not self._inner:
                         chunk = rows  # a fixed-batch model takes exactly this many (a padded tail too)
                     else:
-                        chunk = _chunk_size(runners[0], feed, self._budget_mb)
+                        chunk = _chunk_size(runners[0], feed, axes, self._budget_mb)
                 for start in range(0, batch.size, chunk):
-                    part = {k: v[start : start + chunk] for k, v in feed.items()}
+                    part = take_rows(feed, axes, start, start + chunk)
                     job = pending[turn]
                     if job is not None:
                         job.result()  # this buffer set is free again (and errors surface here)
@@ -161,11 +163,12 @@ class OrtRunner(Runner):
         self.session = None
 
 
-def _chunk_size(runner: "_BoundCapture", feed: dict[str, np.ndarray], budget_mb: float) -> int:
+def _chunk_size(runner: "_BoundCapture", feed: dict[str, np.ndarray], axes: Mapping[str, int | None],
+                budget_mb: float) -> int:
     """Samples per inference call so that the captured outputs fit ``budget_mb``, measured on
     one sample (captured tensors scale with the batch)."""
-    size = len(next(iter(feed.values())))
-    one = runner.run({k: v[:1] for k, v in feed.items()})
+    size = feed_rows(feed, axes)
+    one = runner.run(take_rows(feed, axes, 0, 1))
     per_sample = max(1, sum(a.nbytes for a in one))
     most = int(max(1, min(size, budget_mb * 2**20 // per_sample)))
     parts = -(-size // most)

@@ -15,6 +15,7 @@ import numpy as np
 
 from quantkit._deps import require
 from quantkit.backends.base import Runner, TensorSink
+from quantkit.datasets.batching import take_rows
 from quantkit.errors import InputError
 from quantkit.onnx.model import TensorSpec
 
@@ -91,7 +92,7 @@ class TorchRunner(Runner):
     def capture(self, batches: Iterable[Any], sink: TensorSink, *,
                 on_batch: Callable[[int], None] | None = None) -> None:
         for batch in batches:
-            _, tensors = self._infer_captured_impl({k: v[: batch.size] for k, v in batch.feed.items()})
+            _, tensors = self._infer_captured_impl(take_rows(batch.feed, getattr(batch, "batch_axes", {}), 0, batch.size))
             sink(batch, batch.size, tensors)
             if on_batch is not None:
                 on_batch(batch.size)

@@ -50,6 +50,18 @@ def non_negative_int(text: str) -> int:
     return v
 
 
+def _batch_axis(text: str) -> tuple[str, int | None]:
+    name, sep, axis = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=AXIS (AXIS a number or none), got {text!r}")
+    if axis.strip().lower() == "none":
+        return name, None
+    try:
+        return name, non_negative_int(axis)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected NAME=AXIS (AXIS a number or none), got {text!r}") from None
+
+
 def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True,
                   num_images_help: str = "use the first N samples (default: all)") -> None:
     g = parser.add_argument_group("data")
@@ -57,6 +69,9 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True,
     src.add_argument("--images", metavar="DIR", help="image folder (recursive; class subfolders give labels)")
     src.add_argument("--npz", metavar="FILE", help=".npy array [N, ...] or .npz with one array per input name "
                      "(and optional 'labels'), already preprocessed")
+    g.add_argument("--batch-axis", type=_batch_axis, action="append", default=[], metavar="NAME=AXIS",
+                   help="--npz: the batch axis of input NAME (AXIS a number, or none: fed as is in every batch); "
+                   "by default taken from the model's input shape (its dynamic dim), repeatable")
     g.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch (default 32; "
                    "a model with a fixed batch size uses its own)")
     g.add_argument("--num-images", type=positive_int, default=None, metavar="N", help=num_images_help)
@@ -108,7 +123,8 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
 
     folder = images if images is not None else args.images
     if folder is None:
-        return NumpySource(args.npz, dtypes={s.name: s.dtype for s in specs})
+        return NumpySource(args.npz, dtypes={s.name: s.dtype for s in specs}, shapes={s.name: s.shape for s in specs},
+                           batch_axes=dict(getattr(args, "batch_axis", None) or []))
     if len(specs) != 1:
         raise InputError(
             f"the model has {len(specs)} inputs {[s.name for s in specs]}; an image folder feeds one",

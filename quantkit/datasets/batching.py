@@ -11,7 +11,7 @@ import os
 from collections import deque
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -27,12 +27,52 @@ LastBatch = Literal["keep", "pad", "drop"]
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch. ``size`` counts real samples; rows past it are padding (repeats)."""
+    """One batch. ``size`` counts real samples; rows past it are padding (repeats).
+
+    ``batch_axes``: the batch axis of an input that is not batched on axis 0 (an RNN state
+    [layers, N, C]: 1), or None for an input fed as is (a 0-d sample rate); inputs not named
+    are batched on axis 0. Slice a batch with ``rows``, not ``feed[k][a:b]``.
+    """
 
     feed: dict[str, np.ndarray]
     labels: np.ndarray | None
     indices: tuple[int, ...]
     size: int
+    batch_axes: Mapping[str, int | None] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in the feed, padding included."""
+        return feed_rows(self.feed, self.batch_axes)
+
+    def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The feed's rows ``start:stop`` along each input's batch axis (unbatched inputs whole)."""
+        return take_rows(self.feed, self.batch_axes, start, stop)
+
+
+def feed_rows(feed: Mapping[str, np.ndarray], axes: Mapping[str, int | None]) -> int:
+    """Rows of a feed: the size of the first batched input along its batch axis (0 if none)."""
+    for name, value in feed.items():
+        ax = axes.get(name, 0)
+        if ax is not None and value.ndim > ax:
+            return int(value.shape[ax])
+    return 0
+
+
+def take_rows(feed: Mapping[str, np.ndarray], axes: Mapping[str, int | None], start: int, stop: int
+              ) -> dict[str, np.ndarray]:
+    """Rows ``start:stop`` of every batched input along its axis (0 unless ``axes`` says); an
+    input whose axis is None, or a 0-d array, as it is."""
+    out = {}
+    for name, value in feed.items():
+        ax = axes.get(name, 0)
+        if ax is None or value.ndim <= ax:
+            out[name] = value
+        else:
+            index = [slice(None)] * value.ndim
+            index[ax] = slice(start, stop)
+            out[name] = value[tuple(index)]
+    return out
 
 
 def ordered_indices(count: int, *, shuffle: bool = False, seed: int = 0) -> list[int]:
@@ -155,8 +195,15 @@ class Batcher:
                 )
             keys = [""]
         feed = {}
+        axes = self._axes()
         for key, name in zip(keys, self.input_names):
             arrays = [s[key] if isinstance(s, dict) else s for s in samples]
+            if axes.get(name, 0) is None:  # no batch axis: the same array in every sample
+                feed[name] = arrays[0]
+                if name in self.dtypes:
+                    feed[name] = cast_for_input(feed[name], self.dtypes[name], name=name,
+                                                where=self.source.describe(indices[0]), noted=self._noted)
+                continue
             shapes = {a.shape for a in arrays}
             if len(shapes) > 1:
                 odd = next(i for i, a in zip(indices, arrays) if a.shape != arrays[0].shape)
@@ -165,7 +212,7 @@ class Batcher:
                     f"{tuple(next(a.shape for i, a in zip(indices, arrays) if i == odd))}, others {arrays[0].shape}",
                     hint="set --resize/--crop so every image has the same size",
                 )
-            feed[name] = np.stack(arrays)
+            feed[name] = np.stack(arrays, axis=axes.get(name, 0))
             if name in self.dtypes:
                 feed[name] = cast_for_input(feed[name], self.dtypes[name], name=name,
                                             where=self.source.describe(indices[0]), noted=self._noted)
@@ -179,7 +226,15 @@ class Batcher:
         indices = [i for i, _ in chunk]
         labels = [self.source.label(i) for i in indices[:size]]
         lab = None if any(v is None for v in labels) else np.asarray(labels, dtype=np.int64)
-        return Batch(self._feed([s for _, s in chunk], indices), lab, tuple(indices[:size]), size)
+        axes = {k: v for k, v in self._axes().items() if v != 0}
+        return Batch(self._feed([s for _, s in chunk], indices), lab, tuple(indices[:size]), size, axes)
+
+    def _axes(self) -> dict[str, int | None]:
+        """Batch axes by model input name, from a source that has them (``NumpySource.batch_axes_``)."""
+        found = getattr(self.source, "batch_axes_", None) or {}
+        if list(found) == [""] and len(self.input_names) == 1:  # a .npy array feeds the only input
+            return {self.input_names[0]: found[""]}
+        return dict(found)
 
     def __iter__(self) -> Iterator[Batch]:
         self.skipped_, self.loaded_, self.used_ = [], 0, 0

@@ -212,7 +212,12 @@ class ImageFolder:
 class NumpySource:
     """Samples from a .npy file (one input: array [N, ...]) or .npz file (arrays by input name).
 
-    An .npz may also hold ``labels`` (int array [N]); every other array must have the same N.
+    An .npz may also hold ``labels`` (int array [N]); every other array must have the same N
+    along its batch axis. The batch axis is 0 unless ``batch_axes`` declares another (or None:
+    the array is fed as is, the same value in every batch) or ``shapes`` (the model's input
+    shapes) tells it: see ``batch_axes_from_shapes`` (an RNN state [layers, N, C] is batched on
+    axis 1; a 0-d sample rate or a fixed-shape tensor has no batch axis). ``batch_axes_`` holds
+    the result, by array name.
     Arrays keep their dtype (int64 token ids, bool masks, float images) unless ``dtypes`` gives
     the model's input dtypes: then each array is cast to its input's dtype when no value changes
     (float64 -> float32 with a note; int32 -> int64 when the values fit; ...) and refused with
@@ -221,8 +226,11 @@ class NumpySource:
 
     path: str | os.PathLike[str]
     dtypes: dict[str, Any] | None = None
+    shapes: dict[str, tuple[int | str | None, ...]] | None = None
+    batch_axes: dict[str, int | None] | None = None
     arrays: dict[str, np.ndarray] = field(init=False)
     labels: np.ndarray | None = field(init=False)
+    batch_axes_: dict[str, int | None] = field(init=False)
 
     def __post_init__(self) -> None:
         p = Path(self.path)
@@ -241,9 +249,23 @@ class NumpySource:
             self.arrays = arrays
         if not self.arrays:
             raise DatasetError(f"{str(p)!r} holds no input arrays")
-        sizes = {k: a.shape[0] if a.ndim else 0 for k, a in self.arrays.items()}
-        if len(set(sizes.values())) != 1 or 0 in sizes.values():
-            raise DatasetError(f"{str(p)!r}: arrays must share a non-zero first dimension, got {sizes}")
+        def model_name(key: str) -> str:  # a .npy array feeds the model's only input
+            names = list(self.shapes or self.dtypes or {})
+            return names[0] if not key and len(names) == 1 else key
+
+        self.batch_axes_ = batch_axes_from_shapes(
+            {model_name(k): a.shape for k, a in self.arrays.items()}, self.shapes or {}, self.batch_axes or {},
+            where=str(p))
+        self.batch_axes_ = {k: self.batch_axes_[model_name(k)] for k in self.arrays}
+        sizes = {k: a.shape[ax] for k, a in self.arrays.items() if (ax := self.batch_axes_[k]) is not None}
+        if len(set(sizes.values())) != 1 or 0 in sizes.values():  # (none batched: an empty dict)
+            raise DatasetError(f"{str(p)!r}: arrays must share a non-zero size along their batch axes "
+                               f"({_axes_text(self.batch_axes_)}), got {sizes}",
+                               hint="declare an input's batch axis with --batch-axis NAME=AXIS (NAME=none: "
+                               "no batch axis, fed as is)")
+        self.count_ = next(iter(sizes.values()))
+        if self.labels is not None and len(self.labels) != self.count_:
+            raise DatasetError(f"{str(p)!r}: 'labels' has {len(self.labels)} entries for {self.count_} samples")
         if self.dtypes:
             noted: set[str] = set()
             for key, arr in self.arrays.items():
@@ -253,7 +275,7 @@ class NumpySource:
                     self.arrays[key] = cast_for_input(arr, self.dtypes[name], name=name, where=where, noted=noted)
 
     def __len__(self) -> int:
-        return next(iter(self.arrays.values())).shape[0]
+        return self.count_
 
     def describe(self, index: int) -> str:
         return f"{self.path}[{index}]"
@@ -269,9 +291,79 @@ class NumpySource:
         return Grouping(tuple(int(i) for i in ids.ravel()), tuple(str(n) for n in names), "classes")
 
     def load(self, index: int) -> np.ndarray | dict[str, np.ndarray]:
-        if "" in self.arrays:
-            return self.arrays[""][index]
-        return {k: a[index] for k, a in self.arrays.items()}
+        """Sample ``index``: each array's slice at ``index`` along its batch axis (that axis
+        removed); an array without a batch axis whole."""
+        out = {k: a if (ax := self.batch_axes_[k]) is None else np.take(a, index, axis=ax)
+               for k, a in self.arrays.items()}
+        return out[""] if "" in out else out
+
+
+def _axes_text(axes: dict[str, int | None]) -> str:
+    return ", ".join(f"{k or 'the array'}: {'none' if ax is None else ax}" for k, ax in axes.items())
+
+
+def batch_axes_from_shapes(arrays: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int | str | None, ...]],
+                           declared: dict[str, int | None], *, where: str) -> dict[str, int | None]:
+    """The batch axis of each array (by input name; shapes of the whole data), or None for an
+    array fed as is in every batch.
+
+    Rules, in order: a ``declared`` axis (None: no batch axis); a 0-d array has none; an array
+    whose input shape is unknown (or of another rank) is batched on axis 0. Otherwise the
+    candidate axes of an array are its input's dynamic dims (symbolic, -1 or unnamed) and a
+    static first dim that the array does not match (N samples for a fixed-batch model); an array
+    with no candidate is a fixed-shape tensor, fed as is. Axis 0 wins when it is a candidate of
+    every batched array and their sizes there agree (the usual layout); else the batch size is
+    the one size that every batched array has on a candidate axis, and each array's axis is its
+    candidate of that size. When no array has a candidate, every array with dims is batched on
+    axis 0 (one fixed-shape input given as one sample).
+
+    Raises:
+        DatasetError: a declared axis out of range, no common size, or more than one way to
+            read an array; the message names the array and its candidates.
+    """
+    hint = "declare it with --batch-axis NAME=AXIS (NAME=none: no batch axis, fed as is in every batch)"
+    axes: dict[str, int | None] = {}
+    candidates: dict[str, list[int]] = {}
+    for name, shape in arrays.items():
+        if name in declared:
+            ax = declared[name]
+            if ax is not None and not 0 <= ax < len(shape):
+                raise DatasetError(f"{where}: array {name!r} cannot be batched on axis {ax}: it has "
+                                   f"{len(shape)} dimensions {tuple(shape)}", hint="an axis from 0 to ndim-1, or none")
+            axes[name] = ax
+        elif not shape:
+            axes[name] = None
+        elif name not in shapes or len(shapes[name]) != len(shape):
+            candidates[name] = [0]
+        else:
+            dims = shapes[name]
+            candidates[name] = [i for i, d in enumerate(dims)
+                                if not isinstance(d, int) or (i == 0 and d != shape[0])]
+    batched = {n: c for n, c in candidates.items() if c}
+    if not batched and all(ax is None for ax in axes.values()):
+        return {**axes, **{n: 0 for n in candidates}}
+    known = {arrays[n][ax] for n, ax in axes.items() if ax is not None}
+    if all(0 in c for c in batched.values()) and len(known | {arrays[n][0] for n in batched}) == 1:
+        return {**axes, **{n: (0 if c else None) for n, c in candidates.items()}}
+    common = None if not known else set(known)
+    for n, c in batched.items():
+        sizes = {arrays[n][i] for i in c}
+        common = sizes if common is None else common & sizes
+    if not common:
+        listed = "; ".join(f"{n!r} {tuple(arrays[n])}: axes {c}" for n, c in batched.items())
+        raise DatasetError(f"{where}: the arrays share no batch size on their dynamic axes ({listed})", hint=hint)
+    if len(common) > 1:
+        n, c = next((n, c) for n, c in batched.items() if len({arrays[n][i] for i in c} & common) > 1)
+        raise DatasetError(f"{where}: the batch axis of {n!r} {tuple(arrays[n])} is ambiguous: axes {c} "
+                           f"could each be it (sizes {sorted(common)} are common to every array)", hint=hint)
+    size = common.pop()
+    for n, c in candidates.items():
+        fits = [i for i in c if arrays[n][i] == size]
+        if len(fits) > 1 and 0 not in fits:
+            raise DatasetError(f"{where}: the batch axis of {n!r} {tuple(arrays[n])} is ambiguous: axes {fits} "
+                               f"all have the batch size {size}", hint=hint)
+        axes[n] = (0 if 0 in fits else fits[0]) if fits else None
+    return axes
 
 
 @dataclass

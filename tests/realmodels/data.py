@@ -83,6 +83,70 @@ def text_scenes(n: int, seed: int, *, size: tuple[int, int] = (256, 384), lines:
     return scenes
 
 
+# ------------------------------------------------------------------ document pages (layout detection)
+def doc_pages(n: int, seed: int, *, size: tuple[int, int] = (842, 595)) -> list[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """``n`` (BGR page HxW, boxes [k, 4] x0 y0 x1 y1, labels) rendered document pages: a title line,
+    then paragraphs of random words and figures (sample photos) down the page; the boxes are the
+    rendered title, each paragraph's text extent and each figure, labelled as CDLA's classes
+    ("title", "text", "figure")."""
+    import cv2
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    h, w = size
+    out = []
+    for _ in range(n):
+        img = Image.new("RGB", (w, h), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        boxes: list[tuple[float, ...]] = []
+        labels: list[str] = []
+        y, margin = int(rng.integers(40, 70)), int(rng.integers(40, 70))
+        tfont = ImageFont.load_default(size=int(rng.integers(22, 30)))
+        title = " ".join(random_word(rng, 3, 9) for _ in range(int(rng.integers(2, 5))))
+        box = draw.textbbox((margin, y), title, font=tfont)
+        draw.text((margin, y), title, font=tfont, fill=(0, 0, 0))
+        boxes.append(box)
+        labels.append("title")
+        y = box[3] + 25
+        font = ImageFont.load_default(size=int(rng.integers(11, 14)))
+        while y < h - 120:
+            if rng.random() < 2 / 3:  # a paragraph
+                x1 = y1 = 0
+                y0, lines = y, int(rng.integers(3, 9))
+                for i in range(lines):
+                    words: list[str] = []
+                    while True:
+                        word = random_word(rng, 2, 9).lower()
+                        if draw.textlength(" ".join([*words, word]), font=font) > w - 2 * margin:
+                            break
+                        words.append(word)
+                    if i == lines - 1:
+                        words = words[: max(2, len(words) // 2)]
+                    line = " ".join(words)
+                    _, _, r, b = draw.textbbox((margin, y), line, font=font)
+                    draw.text((margin, y), line, font=font, fill=(20, 20, 20))
+                    x1, y1, y = max(x1, r), b, b + 5
+                if y1 > h - 40:
+                    break
+                boxes.append((margin, y0, x1, y1))
+                labels.append("text")
+                y += 18
+            else:  # a figure
+                photo = photos[int(rng.integers(len(photos)))]
+                fw = int(rng.integers(200, w - 2 * margin))
+                fh = int(fw * rng.uniform(0.5, 0.8))
+                if y + fh > h - 60:
+                    break
+                x0 = (w - fw) // 2
+                img.paste(Image.fromarray(cv2.resize(photo, (fw, fh))), (x0, y))
+                boxes.append((x0, y, x0 + fw, y + fh))
+                labels.append("figure")
+                y += fh + 25
+        out.append((np.asarray(img)[:, :, ::-1].copy(), np.array(boxes, np.float32).reshape(-1, 4), labels))
+    return out
+
+
 # ------------------------------------------------------------------ files of known content types (magika)
 _WORDS = ("alpha", "beta", "gamma", "delta", "count", "value", "total", "index", "name", "price", "user", "item",
           "order", "level", "score", "color", "width", "height", "start", "end")
@@ -186,10 +250,16 @@ def paraphrase_pairs(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------ voiced audio (VAD)
+#: formants F1-F3 (Hz) of English vowels (Peterson & Barney): /a i u e o ae uh/
+_VOWELS = ((730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480), (570, 840, 2410),
+           (660, 1720, 2410), (440, 1020, 2240))
+
+
 def voiced_audio(n_chunks: int, seed: int, *, sr: int = 16000, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """``n_chunks`` chunks [n, 512] of 16 kHz audio and their truth (True = speech-like): stretches of
-    a glottal pulse train through two moving formant resonators (vowel-like) between stretches of
-    low noise. A crude voice, but voiced, harmonic and syllabic as speech is."""
+    """``n_chunks`` chunks [n, 512] of 16 kHz audio and their truth (True = speech): utterances of
+    2-6 syllables (a fricative hiss, then a voiced vowel: a glottal pulse train with jitter and
+    falling pitch through three formant resonators gliding between real vowels' formants) between
+    0.4-1 s of low noise. A synthetic voice, but voiced, harmonic and syllabic as speech is."""
     from scipy.signal import lfilter
 
     rng = np.random.default_rng(seed)
@@ -198,20 +268,45 @@ def voiced_audio(n_chunks: int, seed: int, *, sr: int = 16000, chunk: int = 512)
     truth = np.zeros(total, bool)
     pos = int(sr * 0.3)
     while pos < total:
-        length = int(rng.uniform(0.4, 1.2) * sr)
-        end = min(total, pos + length)
-        t = np.arange(end - pos) / sr
-        f0 = rng.uniform(100, 220) * (1 + 0.1 * np.sin(2 * np.pi * 3 * t))
-        phase = np.cumsum(f0 / sr)
-        pulses = (np.diff(np.floor(phase), prepend=0) > 0).astype(float)
-        sig = pulses
-        for formant, bw in ((rng.uniform(500, 800), 80), (rng.uniform(1000, 1800), 120)):
-            r = np.exp(-np.pi * bw / sr)
-            sig = lfilter([1.0], [1.0, -2 * r * np.cos(2 * np.pi * formant / sr), r * r], sig)
-        envelope = 0.5 * (1 - np.cos(2 * np.pi * np.clip(t * 4, 0, 1))) ** 0.5 * (1 + 0.5 * np.sin(2 * np.pi * 4 * t))
-        sig = sig * envelope
-        audio[pos:end] += 0.3 * sig / (np.abs(sig).max() + 1e-9)
-        truth[pos:end] = True
-        pos = end + int(rng.uniform(0.3, 0.9) * sr)
+        start = pos
+        f0_base = rng.uniform(95, 230)
+        for _ in range(int(rng.integers(2, 7))):  # syllables: consonant burst + vowel
+            if pos >= total:
+                break
+            cons = int(rng.uniform(0.03, 0.08) * sr)
+            end = min(total, pos + cons)
+            noise = rng.normal(0, 1, end - pos)
+            noise = lfilter([1, -0.95], [1], noise)  # hiss (fricative)
+            audio[pos:end] += 0.03 * noise / (np.abs(noise).max() + 1e-9) * rng.uniform(0.3, 1)
+            pos = end
+            length = int(rng.uniform(0.12, 0.3) * sr)
+            end = min(total, pos + length)
+            n = end - pos
+            if n < 16:
+                pos = end
+                break
+            t = np.arange(n) / sr
+            f0 = f0_base * (1 + rng.uniform(-0.15, 0.15)) * (1 - 0.1 * t / max(t[-1], 1e-3)) * (1 + 0.01 * rng.normal(size=n))
+            phase = np.cumsum(f0 / sr)
+            src = (np.diff(np.floor(phase), prepend=0) > 0).astype(float)
+            src = lfilter([1.0], [1.0, -0.97], src)  # glottal roll-off
+            src += 0.02 * rng.normal(size=n)  # breath
+            va, vb = _VOWELS[rng.integers(len(_VOWELS))], _VOWELS[rng.integers(len(_VOWELS))]
+            sig = np.zeros(n)
+            for k, bw in enumerate((90, 110, 170)):
+                # formant glides from one vowel to the next, in 8 segments
+                out = np.zeros(n); zi = np.zeros(2)
+                for s in range(8):
+                    a0, a1 = s * n // 8, (s + 1) * n // 8
+                    f = va[k] + (vb[k] - va[k]) * s / 7
+                    r = np.exp(-np.pi * bw / sr)
+                    out[a0:a1], zi = lfilter([1.0], [1.0, -2 * r * np.cos(2 * np.pi * f / sr), r * r], src[a0:a1], zi=zi)
+                sig += out * (1.0, 0.6, 0.3)[k]
+            env = np.sin(np.pi * np.clip(t / max(t[-1], 1e-3), 0, 1)) ** 0.6
+            sig = sig * env
+            audio[pos:end] += rng.uniform(0.15, 0.4) * sig / (np.abs(sig).max() + 1e-9)
+            pos = end + int(rng.uniform(0.0, 0.05) * sr)
+        truth[start:min(pos, total)] = True
+        pos += int(rng.uniform(0.4, 1.0) * sr)
     chunks = audio.astype(np.float32).reshape(n_chunks, chunk)
     return chunks, truth.reshape(n_chunks, chunk).mean(axis=1) > 0.5

@@ -32,15 +32,20 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
-def box_f1(predicted: list[np.ndarray], truth: list[np.ndarray], iou: float = 0.5) -> float:
-    """Detection F1 (percent) over images: greedy one-to-one matching by IoU >= ``iou``."""
+def box_f1(predicted: list[np.ndarray], truth: list[np.ndarray], iou: float = 0.5, *,
+           predicted_labels: list[list[str]] | None = None, true_labels: list[list[str]] | None = None) -> float:
+    """Detection F1 (percent) over images: greedy one-to-one matching by IoU >= ``iou`` (and,
+    with labels given, only between boxes of the same label)."""
     tp = n_pred = n_true = 0
-    for p, t in zip(predicted, truth, strict=True):
+    for k, (p, t) in enumerate(zip(predicted, truth, strict=True)):
         p, t = np.asarray(p).reshape(-1, 4), np.asarray(t).reshape(-1, 4)
         n_pred, n_true = n_pred + len(p), n_true + len(t)
         if not len(p) or not len(t):
             continue
         m = box_iou(p, t)
+        if predicted_labels is not None and true_labels is not None:
+            same = np.equal.outer(np.asarray(predicted_labels[k], object), np.asarray(true_labels[k], object))
+            m = np.where(same, m, -1.0)
         while True:
             i, j = np.unravel_index(np.argmax(m), m.shape)
             if m[i, j] < iou:

@@ -45,6 +45,16 @@ def test_box_f1_against_hand_counts():
         pytest.approx(100 * 2 / 3)
 
 
+def test_box_f1_with_labels_matches_same_label_only():
+    box = np.array([[0, 0, 10, 10]])
+    assert metrics.box_f1([box], [box], predicted_labels=[["text"]], true_labels=[["text"]]) == 100.0
+    assert metrics.box_f1([box], [box], predicted_labels=[["title"]], true_labels=[["text"]]) == 0.0
+    two = np.array([[0, 0, 10, 10], [0, 0, 10, 9]])
+    # the better-overlapping box has the wrong label: the other one matches
+    assert metrics.box_f1([two], [box], predicted_labels=[["title", "text"]], true_labels=[["text"]]) == \
+        pytest.approx(100 * 2 / 3)
+
+
 def test_exact_match_accuracy_sqnr_cosine():
     assert metrics.exact_match(["ab c", "x"], ["abc", "y"]) == 50.0
     assert metrics.accuracy(["0", "180", "0"], ["0", "0", "0"]) == pytest.approx(200 / 3)

@@ -1,0 +1,136 @@
+"""Inputs that are not all batched on axis 0: an RNN state [layers, N, C], a 0-d sample-rate
+scalar, a fixed-shape tensor. The .npz feed finds each input's batch axis from the model's input
+shape (or takes a declared one) and feeds an input without one as it is, in every batch."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantkit.datasets import Batcher, NumpySource
+from quantkit.errors import DatasetError
+
+
+def _rnn_like(tmp_path, *, state_shape=(2, "batch", 4), sr_shape=()):
+    """y = MatMul(x, W) * float(sr) / 16000; state_out = state + y[None] (x [batch, 8], state
+    [2, batch, 4], sr a scalar int64): the layout of a streaming VAD's inputs."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W")
+    k = numpy_helper.from_array(np.array(1 / 16000, np.float32), "k")
+    ax = numpy_helper.from_array(np.array([0], np.int64), "ax")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"),
+        helper.make_node("Cast", ["sr"], ["srf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["srf", "k"], ["gain"], name="gain"),
+        helper.make_node("Mul", ["mm", "gain"], ["y"], name="y"),
+        helper.make_node("Unsqueeze", ["y", "ax"], ["y3"], name="y3"),
+        helper.make_node("Add", ["state", "y3"], ["state_out"], name="state_out"),
+    ]
+    graph = helper.make_graph(
+        nodes, "rnn_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, list(state_shape)),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, list(sr_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, "batch", 4])],
+        [w, k, ax])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = tmp_path / "rnn.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def _npz(tmp_path, n=10, name="feed.npz", **extra):
+    rng = np.random.default_rng(1)
+    arrays = {"x": rng.standard_normal((n, 8)).astype(np.float32),
+              "state": rng.standard_normal((2, n, 4)).astype(np.float32),
+              "sr": np.array(16000, np.int64), **extra}
+    np.savez(tmp_path / name, **arrays)
+    return tmp_path / name, arrays
+
+
+SHAPES = {"x": ("batch", 8), "state": (2, "batch", 4), "sr": ()}
+
+
+def test_batch_axes_from_model_shapes(tmp_path):
+    path, arrays = _npz(tmp_path)
+    src = NumpySource(path, shapes=SHAPES)
+    assert src.batch_axes_ == {"x": 0, "state": 1, "sr": None}
+    assert len(src) == 10
+    batches = list(Batcher(src, ["x", "state", "sr"], 4))
+    assert [b.size for b in batches] == [4, 4, 2]
+    last = batches[-1]
+    np.testing.assert_array_equal(last.feed["state"], arrays["state"][:, 8:10])
+    np.testing.assert_array_equal(last.feed["x"], arrays["x"][8:10])
+    assert last.feed["sr"].shape == () and int(last.feed["sr"]) == 16000  # the scalar, as is, every batch
+    np.testing.assert_array_equal(last.rows(1, 2)["state"], arrays["state"][:, 9:10])
+    assert int(last.rows(1, 2)["sr"]) == 16000
+
+
+def test_batch_axis_declared_and_fixed_shape_input(tmp_path):
+    # no model shapes: axis 0 unless declared; a 0-d array has no batch axis
+    path, arrays = _npz(tmp_path)
+    src = NumpySource(path, batch_axes={"state": 1})
+    assert src.batch_axes_ == {"x": 0, "state": 1, "sr": None}
+    # a fixed-shape input ([3, 4] declared and given so) is fed as is, the same in every batch
+    path2, arrays2 = _npz(tmp_path, name="f.npz", table=np.ones((3, 4), np.float32))
+    src2 = NumpySource(path2, shapes={**SHAPES, "table": (3, 4)})
+    assert src2.batch_axes_["table"] is None
+    assert all(b.feed["table"].shape == (3, 4) for b in Batcher(src2, ["x", "state", "sr", "table"], 3))
+    # "none" declared: fed as is even where the shape would allow a batch axis
+    src3 = NumpySource(path, shapes=SHAPES, batch_axes={"state": None})
+    assert src3.batch_axes_["state"] is None
+
+
+def test_batch_axis_ambiguous_or_inconsistent_is_one_error(tmp_path):
+    rng = np.random.default_rng(2)
+    # two dynamic dims with the same size on both inputs, and axis 0 not shared: cannot tell
+    np.savez(tmp_path / "amb.npz", a=rng.standard_normal((6, 6)).astype(np.float32),
+             b=rng.standard_normal((3, 6, 6)).astype(np.float32))
+    with pytest.raises(DatasetError, match=r"batch axis of 'b' \(3, 6, 6\) is ambiguous") as info:
+        NumpySource(tmp_path / "amb.npz", shapes={"a": ("n", "t"), "b": (3, "n", "t")})
+    assert "--batch-axis" in info.value.hint and "\n" not in str(info.value)
+    # no size common to every batched input
+    np.savez(tmp_path / "bad.npz", x=np.zeros((5, 8), np.float32), state=np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(DatasetError, match=r"share no batch size"):
+        NumpySource(tmp_path / "bad.npz", shapes={"x": ("batch", 8), "state": (2, "batch", 4)})
+    with pytest.raises(DatasetError, match=r"'state'.*axis 3.*3 dimensions"):
+        NumpySource(tmp_path / "bad.npz", batch_axes={"state": 3})
+
+
+def test_calibrate_model_with_state_on_axis_1_and_scalar(tmp_path, capsys):
+    from quantkit.cli import main
+
+    model = _rnn_like(tmp_path)
+    path, _ = _npz(tmp_path, n=20)
+    rc = main(["calibrate", str(model), "--npz", str(path), "--batch-size", "8", "--eval-images", "0",
+               "--no-progress", "-o", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    import onnxruntime as ort
+
+    int8 = next((tmp_path / "out").glob("*.int8.onnx"))
+    s = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    y, st = s.run(None, {"x": np.ones((3, 8), np.float32), "state": np.zeros((2, 3, 4), np.float32),
+                         "sr": np.array(16000, np.int64)})
+    assert y.shape == (3, 4) and st.shape == (2, 3, 4)
+
+
+def test_cli_batch_axis_flag(tmp_path, capsys):
+    from quantkit.cli import main
+
+    model = _rnn_like(tmp_path, state_shape=(2, "b2", 4))  # the state's batch dim is not named like x's
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "sq.npz", x=rng.standard_normal((2, 8)).astype(np.float32),
+             state=rng.standard_normal((2, 2, 4)).astype(np.float32), sr=np.array(16000, np.int64))
+    # [2, 2, 4] for [2, ?, 4]: axis 1 is the only dynamic dim, so no flag needed here; a wrong
+    # declaration is refused in one line
+    rc = main(["calibrate", str(model), "--npz", str(tmp_path / "sq.npz"), "--batch-axis", "state=5",
+               "--eval-images", "0", "--no-progress", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'state'" in err and "axis 5" in err
+    rc = main(["calibrate", str(model), "--npz", str(tmp_path / "sq.npz"), "--batch-axis", "state=1",
+               "--eval-images", "0", "--no-progress", "-o", str(tmp_path / "o2")])
+    assert rc == 0, capsys.readouterr().err
