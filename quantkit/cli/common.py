@@ -69,7 +69,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True,
     src.add_argument("--images", metavar="DIR", help="image folder (recursive; class subfolders give labels)")
     src.add_argument("--npz", metavar="FILE", help=".npy array [N, ...] or .npz with one array per input name "
                      "(and optional 'labels'), already preprocessed")
-    g.add_argument("--batch-axis", type=_batch_axis, action="append", default=[], metavar="NAME=AXIS",
+    g.add_argument("--batch-axis", type=_batch_axis, action="append", metavar="NAME=AXIS",
                    help="--npz: the batch axis of input NAME (AXIS a number, or none: fed as is in every batch); "
                    "by default taken from the model's input shape (its dynamic dim), repeatable")
     g.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch (default 32; "
