@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: samples of the first pass that measures per-channel maxima for depthwise equalization
-EQUALIZE_SAMPLES = 64
+EQUALIZE_SAMPLES = 32
 
 
 # ------------------------------------------------------------------ configuration
