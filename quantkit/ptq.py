@@ -522,9 +522,9 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
     found = depthwise_consumers(model.model, model.plan.activations)
     if not found:
         return model, [], []
-    fixed = model.specs[0].static_batch or 1
-    first = list(indices[: max(EQUALIZE_SAMPLES, fixed)])
-    batcher = calibration_batches(source, model.specs, first, run)
+    # a fixed-batch model's short tail padded (the padding rows are not captured), not dropped:
+    # the main pass warns about what it drops
+    batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
     maxima = _channel_maxima(model.model, batcher, list(found), run.threads)
     scales = {}
     for t, consumers in found.items():
