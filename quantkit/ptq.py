@@ -36,10 +36,16 @@ from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_qu
 from quantkit.onnx.qdq import TARGETS, QdqPlan, exclude_from_plan, insert_qdq, plan_qdq
 
 if TYPE_CHECKING:
+    from quantkit.onnx.equalize import Equalization
+
+if TYPE_CHECKING:
     from quantkit.calibrators.stats import CalibrationStats
     from quantkit.compare import CompareReport
 
 log = logging.getLogger(__name__)
+
+#: samples of the first pass that measures per-channel maxima for depthwise equalization
+EQUALIZE_SAMPLES = 32
 
 
 # ------------------------------------------------------------------ configuration
@@ -61,6 +67,14 @@ class StatsConfig:
         exclude: node names or regular expressions (whole name) whose inputs stay in float
             (no Q/DQ: those ops run in FP16/FP32 in TensorRT's explicit quantization).
         exclude_op_types: op types whose inputs stay in float.
+        equalize: depthwise equalization (``quantkit.onnx.equalize``) for the ``tensorrt`` target:
+            a short first pass over the first ``EQUALIZE_SAMPLES`` samples measures max|x| per
+            channel of every quantized tensor that feeds a depthwise Conv; where the channels'
+            ranges differ (a factor >= 2), the tensor is multiplied by per-channel factors on
+            the way to that Conv and the Conv's weights divided by them (the FP32 function is
+            unchanged), so that one per-tensor INT8 scale resolves every channel. Not applied
+            with ``pow2_grid`` (statistics saved to merge: the factors of separate runs would
+            differ) nor for the ``onnxruntime`` target (which also quantizes the Mul's input).
     """
 
     num_bins: int = 2048
@@ -70,6 +84,7 @@ class StatsConfig:
     pow2_grid: bool = False
     exclude: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
+    equalize: bool = True
 
     def __post_init__(self) -> None:
         if self.num_bins < 256 or self.num_bins & (self.num_bins - 1):
@@ -194,8 +209,10 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     return PreparedModel(model, specs, plan, target, name, excluded, (tuple(exclude), tuple(exclude_op_types)))
 
 
-def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Sequence[int], run: RunConfig) -> Batcher:
-    """Batches for calibration: a fixed-batch model uses its batch size and drops a short tail."""
+def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Sequence[int], run: RunConfig, *,
+                        known_skips: Collection[str] = ()) -> Batcher:
+    """Batches for calibration: a fixed-batch model uses its batch size and drops a short tail;
+    ``known_skips`` were already warned about (by equalization's first pass)."""
     fixed = specs[0].static_batch
     if fixed is not None and len(indices) < fixed:
         raise DatasetError(
@@ -203,7 +220,8 @@ def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Se
             hint=f"give at least {fixed} samples",
         )
     return Batcher(source, [s.name for s in specs], fixed or run.batch_size, indices=indices,
-                   last_batch="drop" if fixed else "keep", strict=run.strict, dtypes={s.name: s.dtype for s in specs})
+                   last_batch="drop" if fixed else "keep", strict=run.strict, dtypes={s.name: s.dtype for s in specs},
+                   known_skips=known_skips)
 
 
 def evaluation_batches(source: Source, specs: Sequence[TensorSpec], indices: Sequence[int], run: RunConfig, *,
@@ -222,13 +240,15 @@ class Calibration:
     """The statistics of one pass and everything derived from them.
 
     Attributes:
-        model: the prepared FP32 model (opset >= 13).
+        model: the prepared FP32 model (opset >= 13); with depthwise equalization, the equalized
+            one (the same function; ``equalized`` says what changed).
         specs: its input specs.
         plan: where Q/DQ pairs go.
         histograms, ranges: per captured tensor, the statistics and every method's amax.
         config: the configuration of the pass.
         num_samples: samples calibrated on; skipped: (file, reason) of unreadable samples.
         sampling: how the calibration samples were drawn (recorded in ranges.json).
+        equalized: the depthwise equalizations applied to ``model`` (``quantkit.onnx.equalize``).
     """
 
     model: onnx.ModelProto
@@ -242,6 +262,7 @@ class Calibration:
     sampling: dict[str, Any] | None = None
     model_name: str = "model"
     excluded: list[dict[str, str]] = field(default_factory=list)
+    equalized: "list[Equalization]" = field(default_factory=list)
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
 
     def amax(self, method: str | None = None, *, quantized_only: bool = False) -> dict[str, float]:
@@ -258,8 +279,12 @@ class Calibration:
         return self._int8[method]
 
     def cache(self, method: str | None = None, *, trt_version: int = DEFAULT_TRT_VERSION) -> CalibrationCache:
+        """The TensorRT calibration cache: tensors of the user's model only (an equalized tensor
+        keeps its own range under its own name; the equalization Mul's output is left out)."""
         method = method or self.config.method
-        return CalibrationCache.from_amax(self.amax(method), method, trt_version)
+        scaled = {e.scaled for e in self.equalized}
+        amax = {t: a for t, a in self.amax(method).items() if t not in scaled}
+        return CalibrationCache.from_amax(amax, method, trt_version)
 
     def entropy_effect(self) -> list[dict[str, Any]]:
         """Tensors where quantkit's entropy differs from TensorRT's (two-sided tensors), for reports."""
@@ -273,12 +298,14 @@ class Calibration:
         """The content of ranges.json: every tensor's amax under every registered method."""
         method = method or self.config.method
         group_of = {t: i for i, g in enumerate(self.plan.groups) for t in g}
+        scaled = {e.scaled: e.tensor for e in self.equalized}  # not in the TensorRT cache
         tensors = {}
         for name, r in self.ranges.items():
             h = self.histograms[name]  # the tensor's own observed range; a group member's amax is the group's
             tensors[name] = {**r.amax, **r.notes, "observed_min": h.observed_min, "observed_max": h.observed_max,
                              "quantized": name in self.plan.activations,
-                             **({"group": group_of[name]} if name in group_of else {})}
+                             **({"group": group_of[name]} if name in group_of else {}),
+                             **({"equalized_from": scaled[name]} if name in scaled else {})}
         s = self.config.stats
         return {
             "method": method,
@@ -289,8 +316,9 @@ class Calibration:
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
             **({"sampling": self.sampling} if self.sampling is not None else {}),
             **({"excluded": self.excluded} if self.excluded else {}),
+            **({"equalized": [e.summary() for e in self.equalized]} if self.equalized else {}),
             "config": {"num_bins": s.num_bins, **self.config.params, "cache_all_tensors": s.cache_all_tensors,
-                       "sample_stride": s.sample_stride, "target": s.target},
+                       "sample_stride": s.sample_stride, "target": s.target, "equalize": s.equalize},
             **metadata,
         }
 
@@ -392,7 +420,7 @@ class Calibration:
         s = stats.settings
         config = QuantizeConfig(stats=StatsConfig(num_bins=s["num_bins"], sample_stride=s["sample_stride"],
                                                   target=s["target"], cache_all_tensors=s["cache_all_tensors"],
-                                                  pow2_grid=s["pow2_grid"]), export=export)
+                                                  pow2_grid=s["pow2_grid"], equalize=False), export=export)
         prepared = prepare(model, target=config.stats.target, name=model_name)
         missing = [t for t in prepared.plan.activation_names if t not in stats.histograms]
         if missing:
@@ -463,11 +491,13 @@ def quantize(
         model = prepare(model.model if isinstance(model, PreparedModel) else model, target=stats.target,
                         name=model.name if isinstance(model, PreparedModel) else model_name,
                         exclude=stats.exclude, exclude_op_types=stats.exclude_op_types)
-    tensors = model.plan.activation_names
+    idx = list(range(len(source))) if indices is None else list(indices)
+    model, equalized, skipped = _equalize(model, source, idx, config)
+    # an equalized tensor's own range too: the TensorRT cache names the user's tensors
+    tensors = list(dict.fromkeys([*model.plan.activation_names, *(e.tensor for e in equalized)]))
     if stats.cache_all_tensors:
         tensors = list(dict.fromkeys([*tensors, *float_activations(model.model)]))
-    idx = list(range(len(source))) if indices is None else list(indices)
-    batcher = calibration_batches(source, model.specs, idx, run)
+    batcher = calibration_batches(source, model.specs, idx, run, known_skips=skipped)
     grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
     with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
         collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins, sample_stride=stats.sample_stride,
@@ -475,4 +505,59 @@ def quantize(
     histograms = {t: c.compute() for t, c in collectors.items()}
     ranges = method_ranges(histograms, model.plan.groups, config.params)
     return Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
-                       list(batcher.skipped_), sampling, model.name, excluded=model.excluded)
+                       list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized)
+
+
+def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
+              ) -> tuple[PreparedModel, "list[Equalization]", list[str]]:
+    """Depthwise equalization (``StatsConfig.equalize``): per-channel max|x| of the tensors that
+    feed depthwise Convs over the first ``EQUALIZE_SAMPLES`` samples, the model rewritten and
+    planned again. Returns the model to calibrate, the equalizations, and the samples the first
+    pass skipped (warned about once)."""
+    stats, run = config.stats, config.run
+    if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
+        return model, [], []
+    from quantkit.onnx.equalize import depthwise_consumers, equalization_scales, equalize_depthwise
+
+    found = depthwise_consumers(model.model, model.plan.activations)
+    if not found:
+        return model, [], []
+    # a fixed-batch model's short tail padded (the padding rows are not captured), not dropped:
+    # the main pass warns about what it drops
+    batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
+    maxima = _channel_maxima(model.model, batcher, list(found), run.threads)
+    scales = {}
+    for t, consumers in found.items():
+        s = equalization_scales(maxima[t]) if t in maxima else None
+        if s is not None:
+            scales[t] = (consumers, s)
+    skipped = [f for f, _ in batcher.skipped_]
+    if not scales:
+        return model, [], skipped
+    equalized_model, done = equalize_depthwise(model.model, scales)
+    log.info("%s: equalized the input of %d depthwise Conv(s) over %d samples (factors up to %.1f)", model.name,
+             sum(len(e.consumers) for e in done), batcher.used_, max(float(e.scales.max()) for e in done))
+    prepared = prepare(equalized_model, target=stats.target, name=model.name, exclude=stats.exclude,
+                       exclude_op_types=stats.exclude_op_types)
+    return prepared, done, skipped
+
+
+def _channel_maxima(model: onnx.ModelProto, batches: Batcher, tensors: Sequence[str],
+                    threads: int | None) -> dict[str, Any]:
+    """max|x| per channel (axis 1) of ``tensors`` over ``batches``: name -> float32 [C]."""
+    import numpy as np
+
+    from quantkit.backends.onnxruntime import OrtRunner
+
+    out: dict[str, np.ndarray] = {}
+
+    def sink(batch: Any, n: int, captured: Mapping[str, np.ndarray]) -> None:
+        for t, x in captured.items():
+            if x.ndim < 2:
+                continue
+            m = np.abs(x[:n]).max(axis=tuple(i for i in range(x.ndim) if i != 1)).astype(np.float32)
+            out[t] = m if t not in out else np.maximum(out[t], m)
+
+    with OrtRunner(model, threads=threads, capture=tensors) as runner:
+        runner.capture(batches, sink)
+    return out

@@ -138,3 +138,74 @@ def make_outlier_digits(factor: float = 300.0, channel: int = 3) -> onnx.ModelPr
     scaled(DW_BIAS, (channel,), factor)
     scaled(PW_WEIGHT, (slice(None), channel), 1.0 / factor)
     return m
+
+
+def make_depthwise_model(*, variant: str = "plain", multiplier: int = 1, channels: int = 16,
+                         seed: int = 0) -> onnx.ModelProto:
+    """A depthwise block with channel ranges spread like PP-PicoDet-LCNet's (max|x| per channel
+    from ~0.1 to ~40): x[N,4,8,8] -> Conv 1x1 (output channel c scaled by 10^(-2..1)) ->
+    HardSwish -> h -> depthwise Conv 3x3 (group=C, ``multiplier`` outputs per channel, the small
+    channels amplified as a BatchNorm after it would) -> Relu -> Conv 1x1 -> y[N,6].
+
+    variants: ``plain``; ``input`` (x[N,C,8,8] feeds the depthwise Conv directly, its channels
+    spread by the data: feed ``depthwise_inputs``); ``fanout`` (h also feeds a 1x1 Conv whose
+    output is added to y's Conv input); ``shared`` (a second branch with its own spread reads
+    the same depthwise weight); ``constant`` (the depthwise weight is a Constant node).
+    """
+    r = np.random.default_rng(seed)
+    c, m = channels, multiplier
+    spread = np.logspace(-2, 1, c).astype(np.float32)
+    r.shuffle(spread)
+    w1 = (r.standard_normal((c, 4, 1, 1)) * spread[:, None, None, None]).astype(np.float32)
+    wd = (r.standard_normal((c * m, 1, 3, 3)) / np.repeat(spread, m)[:, None, None, None] * 0.1).astype(np.float32)
+    w3 = (r.standard_normal((6, c * m, 1, 1)) * 0.3).astype(np.float32)
+    dw_in = "x" if variant == "input" else "h"
+    nodes = [] if variant == "input" else [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("HardSwish", ["c1"], ["h"], name="hswish1")]
+    inits = [] if variant == "input" else [_init("w1", w1)]
+    if variant == "constant":
+        nodes.append(helper.make_node("Constant", [], ["wd"], name="wd_const", value=_init("wd", wd)))
+    else:
+        inits.append(_init("wd", wd))
+    nodes += [helper.make_node("Conv", [dw_in, "wd"], ["d"], name="dw", group=c, pads=[1, 1, 1, 1]),
+              helper.make_node("Relu", ["d"], ["r"], name="relu")]
+    head = "r"
+    if variant == "shared":  # a second branch, spread the other way round, through the same weight
+        w1b = (r.standard_normal((c, 4, 1, 1)) * spread[::-1, None, None, None]).astype(np.float32)
+        inits.append(_init("w1b", w1b))
+        nodes += [helper.make_node("Conv", ["x", "w1b"], ["c1b"], name="conv1b"),
+                  helper.make_node("HardSwish", ["c1b"], ["hb"], name="hswish1b"),
+                  helper.make_node("Conv", ["hb", "wd"], ["db"], name="dwb", group=c, pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", ["db"], ["rb"], name="relub"),
+                  helper.make_node("Add", ["r", "rb"], ["rr"], name="add_branches")]
+        head = "rr"
+    if variant == "fanout":
+        ws = (r.standard_normal((c * m, c, 1, 1)) * 0.05).astype(np.float32)
+        inits.append(_init("ws", ws))
+        nodes += [helper.make_node("Conv", ["h", "ws"], ["side"], name="side_conv"),
+                  helper.make_node("Add", ["r", "side"], ["rs"], name="add_side")]
+        head = "rs"
+    inits.append(_init("w3", w3))
+    nodes += [helper.make_node("Conv", [head, "w3"], ["c3"], name="conv3"),
+              helper.make_node("GlobalAveragePool", ["c3"], ["gp"], name="gap"),
+              helper.make_node("Flatten", ["gp"], ["y"], name="flatten")]
+    cin = c if variant == "input" else 4
+    graph = helper.make_graph(nodes, f"depthwise_{variant}",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", cin, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def depthwise_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> np.ndarray:
+    """Inputs for ``make_depthwise_model``: N(0, 1), or for the ``input`` variant channels spread
+    like the other variants' h."""
+    r = np.random.default_rng(seed)
+    shape = [count] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    x = r.standard_normal(shape).astype(np.float32)
+    if shape[1] != 4:
+        x *= np.logspace(-2, 1.5, shape[1]).astype(np.float32)[None, :, None, None]
+    return x

@@ -50,6 +50,10 @@ class Calibrate:
                        "name or a regular expression matched against whole names; repeatable")
         g.add_argument("--exclude-op-type", action="append", metavar="TYPE",
                        help="keep the inputs of every node of this op type in float (e.g. Softmax); repeatable")
+        g.add_argument("--no-equalize", action="store_true",
+                       help="no depthwise equalization (by default a tensor that feeds a depthwise Conv and whose "
+                            "channels' ranges differ is scaled per channel, the Conv's weights divided to match: "
+                            "the same FP32 function, one per-tensor scale that resolves every channel)")
         g.add_argument("--histogram-stride", type=positive_int, default=5, metavar="K",
                        help="large activations: histogram body from every K-th value (weight K), tail and "
                             "min/max from every value; 1 counts every value (exact, ~1.8x slower histograms). "
@@ -105,7 +109,8 @@ class Calibrate:
         config = QuantizeConfig(
             StatsConfig(num_bins=args.num_bins, sample_stride=args.histogram_stride, target=args.target,
                         cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats),
-                        exclude=tuple(exclude), exclude_op_types=tuple(args.exclude_op_type or ())),
+                        exclude=tuple(exclude), exclude_op_types=tuple(args.exclude_op_type or ()),
+                        equalize=not args.no_equalize),
             RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
             ExportConfig(method=args.method, params={"percentile": args.percentile}))
         prepared = prepare(model, target=args.target, name=str(model_path), exclude=config.stats.exclude,
@@ -185,7 +190,9 @@ class Calibrate:
             print(f"skipped {len(cal.skipped)} unreadable file(s) during calibration (listed in ranges.json)")
         print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations and "
               f"{len(cal.plan.weights)} weights quantized ({args.method})"
-              + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else ""))
+              + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")
+              + (f"; the inputs of {sum(len(e.consumers) for e in cal.equalized)} depthwise Conv(s) equalized "
+                 "(--no-equalize: none)" if cal.equalized else ""))
         for p in paths.values():
             print(f"  wrote {p}")
         return 0

@@ -16,6 +16,12 @@ ONNX Runtime, Model Optimizer or NNCF work as well as quantkit's):
 
 Everything is streamed: per pair a handful of sums, so memory does not depend on the number of
 images.
+
+A Q/DQ model made with depthwise equalization (``quantkit.onnx.equalize``) quantizes tensors and
+weights that the user's FP32 model does not have: an activation ``Mul(x, s)`` with a constant
+``s`` is matched to the FP32 tensor ``x`` times ``s`` (any tool's graph of that form), and a
+weight recorded in the model's equalization metadata to the original weight divided by ``s``
+per output channel.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 import onnx
 
 from quantkit.errors import ModelError
+from quantkit.onnx.equalize import equalizations_of
 from quantkit.onnx.model import initializer_arrays
 
 
@@ -227,12 +234,30 @@ def _fp32_weight(fp32: onnx.ModelProto, int8: onnx.ModelProto, point: QdqPoint,
                      hint="give the FP32 model the Q/DQ model was made from")
 
 
+def _equalized_weights(fp32_consts: dict[str, np.ndarray], int8: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Equalized weights of ``int8`` (its metadata) -> the FP32 model's equivalent: the original
+    weight divided by the equalization factor of each output channel's input channel."""
+    out = {}
+    for e in equalizations_of(int8):
+        for new, orig in e.weights.items():
+            w = fp32_consts.get(orig)
+            if w is None or w.shape[0] % e.scales.size:
+                continue
+            per_out = np.repeat(e.scales.astype(np.float64), w.shape[0] // e.scales.size)
+            out[new] = w / per_out.reshape((-1,) + (1,) * (w.ndim - 1))
+    return out
+
+
 def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable[QdqPoint]) -> list[WeightError]:
     """Per-channel error of every quantized weight; refuses weights that are not the FP32 model's."""
     fconsts, iconsts = initializer_arrays(fp32), initializer_arrays(int8)
+    equalized = _equalized_weights(fconsts, int8)
     out = []
     for p in points:
-        name, w = _fp32_weight(fp32, int8, p, fconsts)
+        if p.stored is None and p.tensor in equalized and p.tensor not in fconsts:
+            name, w = p.tensor, equalized[p.tensor]
+        else:
+            name, w = _fp32_weight(fp32, int8, p, fconsts)
         w = w.astype(np.float64)
         if p.stored is not None:
             q = iconsts[p.stored].astype(np.float64)
@@ -275,8 +300,12 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
     # the FP32 tensor each activation pair stands for, and where the INT8 model keeps its own
     # unquantized value: the QuantizeLinear's input, whatever a tool renamed
     fp32_name: dict[str, str] = {}
+    factor: dict[str, np.ndarray] = {}  # equalized tensors: the FP32 tensor times this
+    scaled = _scaled_tensors(int8, known)
     for p in (p for p in points if p.kind == "activation"):
         match = p.tensor if p.tensor in known else p.dq_output if p.dq_output in known else None
+        if match is None and p.tensor in scaled:
+            match, factor[p.tensor] = scaled[p.tensor]
         if match is None:
             raise ModelError(f"the INT8 model quantizes {p.tensor!r}, which the FP32 model does not have: the Q/DQ "
                              "model is not derived from this FP32 model",
@@ -299,6 +328,8 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
             test_out, test_cap = test.infer_captured(batch.feed)
             for name in names:
                 a, b = ref_cap[fp32_name[name]][:n], test_cap[by_name[name].dq_output][:n]
+                if name in factor:
+                    a = a * factor[name]
                 if a.shape != b.shape:
                     raise ModelError(f"tensor {name!r} has shape {list(a.shape)} in the FP32 model and "
                                      f"{list(b.shape)} in the INT8 model: not derived from this FP32 model")
@@ -311,7 +342,23 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
     errors = []
     for name in names:
         s, p = stats[name], by_name[name]
-        errors.append(PointError(fp32_name[name], p.depth, _db(s.sig, s.local_noise), _db(s.sig, s.acc_noise),
+        errors.append(PointError(name if name in factor else fp32_name[name], p.depth, _db(s.sig, s.local_noise), _db(s.sig, s.acc_noise),
                                  s.clipped / max(s.values, 1), s.clip_noise / s.local_noise if s.local_noise else 0.0,
                                  p.consumers))
     return DebugReport(reference_name, test_name, samples, errors, weights, [st.result() for st in outs.values()])
+
+
+def _scaled_tensors(int8: onnx.ModelProto, known: set[str]) -> dict[str, tuple[str, np.ndarray]]:
+    """Tensors of ``int8`` computed as ``Mul(x, c)`` (either order) from a tensor ``x`` of the
+    FP32 model and a constant ``c`` (an equalization): name -> (x, c)."""
+    consts = initializer_arrays(int8)
+    out = {}
+    for node in int8.graph.node:
+        if node.op_type != "Mul" or len(node.input) != 2:
+            continue
+        a, b = node.input
+        if a in consts and b not in consts:
+            a, b = b, a
+        if a in known and b in consts and np.issubdtype(consts[b].dtype, np.floating):
+            out[node.output[0]] = (a, consts[b].astype(np.float64))
+    return out

