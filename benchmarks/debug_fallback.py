@@ -290,10 +290,12 @@ def debug_memory(sizes: tuple[int, ...], work: Path) -> dict[int, dict[str, floa
                        env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     out = {}
     for n in sizes:
-        code = ("import resource, sys, time; from quantkit.cli import main; t = time.perf_counter(); "
+        # VmHWM: this process's own peak (ru_maxrss would carry the forking parent's peak over exec)
+        code = ("import re, time; from quantkit.cli import main; t = time.perf_counter(); "
                 f"rc = main(['debug', {str(model)!r}, {str(int8)!r}, '--images', {str(photos)!r}, '--num-images', '{n}', "
                 f"'-o', {str(work / f'dbg{n}')!r}, '--no-progress', '--force']); "
-                "print('RESULT', rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t)")
+                "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+                "print('RESULT', rc, hwm / 1024, time.perf_counter() - t)")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(HERE.parent)})
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT")), None)
