@@ -374,11 +374,38 @@ for s in res.steps:            # accuracy after each step against the groups the
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.plot(xs, ys, marker="o")
 ax.axhline(100 * plain.accuracy_reference - 0.5, ls="--", color="grey", label="FP32 - 0.5 points")
+ax.set_xticks(range(max(xs) + 1))
 ax.set_xlabel("groups in float"); ax.set_ylabel("held-out accuracy, %"); ax.legend(); ax.grid(alpha=0.3)
-ax.set_title("accuracy vs groups in float (fallback steps)")
+ax.set_title("the fallback's steps (method switches at 0 groups in float)")
 fig.tight_layout()
 fig.savefig(FIGURES / "outlier_cnn_fallback.png", dpi=110)
 display(Image(filename=str(FIGURES / "outlier_cnn_fallback.png")))'''),
+        new_markdown_cell("## Accuracy against the number of groups in float, in ranking order\n\nThe k most sensitive "
+                          "groups excluded (`--exclude` with their nodes: no Q/DQ, float in TensorRT), the rest "
+                          "calibrated as usual, for every k."),
+        new_code_cell('''import re
+from quantkit.ptq import QuantizeConfig, StatsConfig
+
+by_name = {g.name: g for g in groups}
+order = [r.name for r in ranking.rows]
+ks = list(range(0, len(order) + 1, 3 if SMALL else 1))
+accs = []
+for k in ks:
+    nodes = tuple(re.escape(n) for name in order[:k] for n in by_name[name].nodes)   # patterns: names escaped
+    if k == len(order):
+        accs.append(100 * plain.accuracy_reference)   # everything in float: the FP32 model
+        continue
+    c = quantize(model, train, QuantizeConfig(stats=StatsConfig(exclude=nodes)))
+    accs.append(100 * c.evaluate(test).accuracy_test)
+    print(f"{k:2d} in float ({', '.join(order[:k])[:60]}): {accs[-1]:.2f}%")
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.plot(ks, accs, marker="o")
+ax.axhline(100 * plain.accuracy_reference - 0.5, ls="--", color="grey", label="FP32 - 0.5 points")
+ax.set_xlabel("most sensitive groups in float"); ax.set_ylabel("held-out accuracy, %"); ax.legend(); ax.grid(alpha=0.3)
+ax.set_title(f"accuracy vs groups in float ({len(order)} groups)")
+fig.tight_layout()
+fig.savefig(FIGURES / "outlier_cnn_accuracy_vs_float_groups.png", dpi=110)
+display(Image(filename=str(FIGURES / "outlier_cnn_accuracy_vs_float_groups.png")))'''),
         new_markdown_cell("One group in float (`conv7`: the outlier tensor and the weight that reads it) restores FP32 "
                           "accuracy; every other layer stays INT8. In TensorRT 10/11 an op without Q/DQ in an explicitly "
                           "quantized network runs in FP16/FP32. `benchmarks/debug_fallback.py` measures the same "
