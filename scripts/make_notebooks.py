@@ -304,7 +304,118 @@ display(Image(filename=str(FIGURES / "engines_accuracy_vs_latency.png")))'''),
     return new_notebook(cells=cells, metadata=METADATA)
 
 
-NOTEBOOKS = {"01_ptq_calibrators.ipynb": nb01, "02_qat.ipynb": nb02, "03_tensorrt_engines.ipynb": nb03}
+def nb04() -> nbformat.NotebookNode:
+    cells = [
+        new_markdown_cell("# 04 · Debugging INT8 accuracy: where the error enters, and the fewest layers back in float\n\n"
+                          "A model on which plain PTQ clearly loses accuracy (`benchmarks/lossy_models.py`): an 11-conv "
+                          "CNN trained on the bundled digits, with one channel of `conv6`'s output made 256x larger and "
+                          "`conv7`'s matching weights 256x smaller — the FP32 function is unchanged, but the tensor "
+                          "between them now has an outlier channel, as transformers and BN-folded CNNs do. Then: the "
+                          "layer-wise error (`quantkit debug`), the sensitivity ranking, and the budgeted fallback "
+                          "(`quantkit calibrate --max-drop`), with accuracy against the number of groups in float."),
+        new_code_cell(SETUP),
+        new_code_cell('''import sys
+sys.path.insert(0, "benchmarks")
+from lossy_models import outlier_cnn, digits_npz   # the benchmark's model builder (trains once, ~20 s)
+from quantkit.datasets import NumpySource
+from quantkit.onnx.model import load_model
+from quantkit.ptq import quantize
+
+model = load_model(outlier_cnn())
+train = NumpySource(digits_npz(WORK / "train.npz", "train", limit=256))
+test = NumpySource(digits_npz(WORK / "test.npz", "test", limit=256 if SMALL else None))
+cal = quantize(model, train)                  # one pass, every method; entropy by default
+plain = cal.evaluate(test)
+print(f"FP32 accuracy {100 * plain.accuracy_reference:.2f}%, plain INT8 (entropy) {100 * plain.accuracy_test:.2f}% "
+      f"on {len(test)} held-out digits")'''),
+        new_markdown_cell("## Where does the error enter?\n\n`layerwise_error` runs the FP32 and the Q/DQ model side by "
+                          "side and, at every quantized tensor, measures the error that pair adds on its own (local) and "
+                          "the error accumulated from everything upstream. The local SQNR is lowest at the outlier "
+                          "tensor, and the accumulated SQNR collapses right after it."),
+        new_code_cell('''from quantkit import report as qr
+from quantkit.debug import layerwise_error
+from quantkit.ptq import RunConfig, evaluation_batches
+
+dbg = layerwise_error(cal.model, cal.int8_model(), evaluation_batches(test, cal.specs, range(len(test)), RunConfig()),
+                      test_name="outlier_cnn.int8")
+print(dbg.table(6))
+fig = qr.plot_error_along_depth(dbg.to_dict()["layerwise"])
+fig.savefig(FIGURES / "outlier_cnn_error_along_depth.png", dpi=110)
+display(Image(filename=str(FIGURES / "outlier_cnn_error_along_depth.png")))'''),
+        new_markdown_cell("## Which groups matter?\n\nEvery quantization group (the Q/DQ pairs that go back to float "
+                          "together: an op's activation and weight, shared-scale groups) is ranked by the output error "
+                          "when only that group is left in float, on the 32 samples where INT8 and FP32 differ most."),
+        new_code_cell('''from quantkit.debug.sensitivity import quant_groups, rank_sensitivity
+
+groups = quant_groups(cal.model, cal.plan)
+ranking = rank_sensitivity(cal, test, range(len(test)), subset=32)
+print(f"{len(groups)} groups; ranking cost {ranking.cost_fp32_passes:.2f} FP32-pass equivalents, {ranking.seconds:.1f} s")
+print(ranking.table(6))'''),
+        new_markdown_cell("## Fallback to a 0.5-point budget\n\nThe worst groups first try their best method, then "
+                          "groups go back to float in sensitivity order, each step re-validated on the held-out data, "
+                          "until the budget holds."),
+        new_code_cell('''import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from quantkit.debug.fallback import FallbackConfig, fallback
+
+res = fallback(cal, test, range(len(test)), FallbackConfig(max_drop=0.5, drop_metric="accuracy"))
+print(f"budget met: {res.met}; groups in float: {res.float_groups} of {res.num_groups}; "
+      f"method switches: {res.method_overrides or 'none'}; drop {res.drop_before:.2f} -> {res.drop_after:.2f} points; "
+      f"{res.seconds:.1f} s")
+floats, xs, ys = set(), [], []
+for s in res.steps:            # accuracy after each step against the groups then in float
+    if s["action"] == "float":
+        floats.update(s["groups"])
+    elif s["action"] == "int8 again" and s.get("kept"):
+        floats.difference_update(s["groups"])
+    print(f"  step {s['step']}: {s['action']:<10} {','.join(s['groups'])[:40]:<40} drop {s['drop']:6.2f}  {s['seconds']:.2f} s")
+    xs.append(len(floats)); ys.append(100 * plain.accuracy_reference - s["drop"])   # drop: points of accuracy
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.plot(xs, ys, marker="o")
+ax.axhline(100 * plain.accuracy_reference - 0.5, ls="--", color="grey", label="FP32 - 0.5 points")
+ax.set_xticks(range(max(xs) + 1))
+ax.set_xlabel("groups in float"); ax.set_ylabel("held-out accuracy, %"); ax.legend(); ax.grid(alpha=0.3)
+ax.set_title("the fallback's steps (method switches at 0 groups in float)")
+fig.tight_layout()
+fig.savefig(FIGURES / "outlier_cnn_fallback.png", dpi=110)
+display(Image(filename=str(FIGURES / "outlier_cnn_fallback.png")))'''),
+        new_markdown_cell("## Accuracy against the number of groups in float, in ranking order\n\nThe k most sensitive "
+                          "groups excluded (`--exclude` with their nodes: no Q/DQ, float in TensorRT), the rest "
+                          "calibrated as usual, for every k."),
+        new_code_cell('''import re
+from quantkit.ptq import QuantizeConfig, StatsConfig
+
+by_name = {g.name: g for g in groups}
+order = [r.name for r in ranking.rows]
+ks = list(range(0, len(order) + 1, 3 if SMALL else 1))
+accs = []
+for k in ks:
+    nodes = tuple(re.escape(n) for name in order[:k] for n in by_name[name].nodes)   # patterns: names escaped
+    if k == len(order):
+        accs.append(100 * plain.accuracy_reference)   # everything in float: the FP32 model
+        continue
+    c = quantize(model, train, QuantizeConfig(stats=StatsConfig(exclude=nodes)))
+    accs.append(100 * c.evaluate(test).accuracy_test)
+    print(f"{k:2d} in float ({', '.join(order[:k])[:60]}): {accs[-1]:.2f}%")
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.plot(ks, accs, marker="o")
+ax.axhline(100 * plain.accuracy_reference - 0.5, ls="--", color="grey", label="FP32 - 0.5 points")
+ax.set_xlabel("most sensitive groups in float"); ax.set_ylabel("held-out accuracy, %"); ax.legend(); ax.grid(alpha=0.3)
+ax.set_title(f"accuracy vs groups in float ({len(order)} groups)")
+fig.tight_layout()
+fig.savefig(FIGURES / "outlier_cnn_accuracy_vs_float_groups.png", dpi=110)
+display(Image(filename=str(FIGURES / "outlier_cnn_accuracy_vs_float_groups.png")))'''),
+        new_markdown_cell("One group in float (`conv7`: the outlier tensor and the weight that reads it) restores FP32 "
+                          "accuracy; every other layer stays INT8. In TensorRT 10/11 an op without Q/DQ in an explicitly "
+                          "quantized network runs in FP16/FP32. `benchmarks/debug_fallback.py` measures the same "
+                          "against NNCF's `quantize_with_accuracy_control`."),
+    ]
+    return new_notebook(cells=cells, metadata=METADATA)
+
+
+NOTEBOOKS = {"01_ptq_calibrators.ipynb": nb01, "02_qat.ipynb": nb02, "03_tensorrt_engines.ipynb": nb03,
+             "04_debug_accuracy.ipynb": nb04}
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["01_ptq_calibrators.ipynb", "02_qat.ipynb", "03_tensorrt_engines.ipynb"]
+def test_the_four_notebooks_exist():
+    assert [p.name for p in NOTEBOOKS] == ["01_ptq_calibrators.ipynb", "02_qat.ipynb", "03_tensorrt_engines.ipynb",
+                                           "04_debug_accuracy.ipynb"]
 
 
 @pytest.mark.slow  # a kernel per notebook, training included: 1-2 minutes each on two busy cores
