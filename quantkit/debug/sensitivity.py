@@ -338,9 +338,10 @@ def _constant_names(model: onnx.ModelProto) -> set[str]:
 
 
 def suffix_model(model: onnx.ModelProto, cut: Sequence[str], types: Mapping[str, int],
-                 ranks: Mapping[str, int]) -> onnx.ModelProto:
+                 ranks: Mapping[str, int], keep_inputs: Sequence[str] = ()) -> onnx.ModelProto:
     """The part of ``model`` that computes its outputs from the tensors ``cut`` (fed as inputs
-    of rank ``ranks[t]`` with symbolic dims; ONNX Runtime takes the sizes from the feed)."""
+    of rank ``ranks[t]`` with symbolic dims; ONNX Runtime takes the sizes from the feed), and
+    from those graph inputs of ``keep_inputs`` that it reads."""
     g = model.graph
     producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
     cut_set, need, keep = set(cut), set(), set()
@@ -360,6 +361,7 @@ def suffix_model(model: onnx.ModelProto, cut: Sequence[str], types: Mapping[str,
                 stack.extend(x for n in sub.node for x in n.input if x)
     inputs = [helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT),
                                             [f"{t}_d{i}" for i in range(ranks[t])]) for t in cut if t in need]
+    inputs += [i for i in g.input if i.name in set(keep_inputs) and i.name in need and i.name not in cut_set]
     graph = helper.make_graph([g.node[i] for i in sorted(keep)], f"{g.name}_suffix", inputs, list(g.output),
                               [x for x in g.initializer if x.name in need and x.name not in cut_set])
     out = helper.make_model(graph, opset_imports=list(model.opset_import))
@@ -395,40 +397,57 @@ class _Cuts:
 
 class _Ranker:
     """The ranking subset's cached cut tensors and the suffix runs (reused by the fallback for
-    re-ranking: the FP32 side is captured once, the INT8 side once per state)."""
+    re-ranking: the FP32 side is captured once, the INT8 side once per state).
+
+    Every variant runs on one switchable model (``quantkit.debug.switchable``): a variant is a
+    feed (which groups are quantized, every activation's scale), so no model is built per
+    variant; one ONNX Runtime session per cut, made when first used, serves every variant that
+    starts there (only-float, only-quantized, each method, each fallback state).
+    """
 
     def __init__(self, scales: QdqScales, source: "Source", subset: Sequence[int]):
+        from quantkit.debug.switchable import switchable_model
+        from quantkit.onnx.model import tensor_types
         from quantkit.ptq import evaluation_batches
 
         self.scales = scales
         self.cuts = _Cuts(scales.model, scales.groups)
         self.batches = list(evaluation_batches(source, scales.specs, list(subset), scales.run))
-        from quantkit.onnx.model import tensor_types
-
         self.types = tensor_types(scales.model)
         self.output = scales.model.graph.output[0].name
-        self._suffix: dict[int, onnx.ModelProto] = {}
-        self.fp32_cut, self.fp32_out = self._capture(scales.model)
+        self.switch = switchable_model(scales.model, scales.plan, scales.groups)
+        self._switch_inputs = [i.name for i in self.switch.model.graph.input]
+        self._sessions: dict[int, Any] = {}
+        self._plain_amax = scales.amax_for(scales.plan, {})
+        self.fp32_cut, self.fp32_out = self._capture(scales.model, {})
         self._int8_key: Any = None
         self.int8_cut: list[dict[str, np.ndarray]] = []
+        self.suffix_runs = 0
 
-    def _capture(self, model: onnx.ModelProto) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+    def _capture(self, model: onnx.ModelProto, switch: Mapping[str, np.ndarray],
+                 ) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
         from quantkit.backends.onnxruntime import OrtRunner
 
         cut, out = [], []
         with OrtRunner(model, threads=self.scales.run.threads, capture=self.cuts.all) as r:
             for b in self.batches:
-                o, c = r.infer_captured(b.feed)
+                o, c = r.infer_captured({**b.feed, **switch})
                 cut.append(c)
                 out.append(o[self.output][: b.size])
         return cut, out
+
+    def _state(self, float_groups: Sequence[str], overrides: Mapping[str, str]) -> tuple[set[str], dict[str, float]]:
+        """The quantized groups and the activation amax of a state (amax_for's rule)."""
+        on = {g.name for g in self.scales.groups} - set(float_groups)
+        return on, self.scales.amax_for(self.scales.plan, overrides)
 
     def use_state(self, float_groups: Sequence[str], overrides: Mapping[str, str]) -> float:
         """Capture the cut tensors of the INT8 model in this state; its error on the subset."""
         key = (tuple(sorted(float_groups)), tuple(sorted(overrides.items())))
         self.state = (list(float_groups), dict(overrides))
         if key != self._int8_key:
-            self.int8_cut, outs = self._capture(self.scales.int8_model(float_groups, overrides))
+            on, amax = self._state(float_groups, overrides)
+            self.int8_cut, outs = self._capture(self.switch.model, self.switch.feed(on, amax))
             self.state_error = self._error(outs)
             self._int8_key = key
         return self.state_error
@@ -440,41 +459,39 @@ class _Ranker:
             noise, signal = noise + float(n.sum()), signal + float(s.sum())
         return _ratio(noise, signal)
 
-    def _suffix_of(self, k: int) -> onnx.ModelProto:
-        if k not in self._suffix:
-            ranks = {t: a.ndim for t, a in self.fp32_cut[0].items()}
-            self._suffix[k] = suffix_model(self.scales.model, self.cuts.tensors[k], self.types, ranks)
-        return self._suffix[k]
-
-    def _run(self, group: QuantGroup, plan: QdqPlan, amax: Mapping[str, float], cut: Sequence[dict]) -> float:
+    def _session(self, k: int) -> Any:
         from quantkit.backends.onnxruntime import create_session
 
-        k = self.cuts.position[group.name]
-        suffix = self._suffix_of(k)
-        part = _restrict(plan, self.cuts.nodes_after[k])
-        model = insert_qdq(suffix, part, {t: amax[t] for t in part.activations}) if part.activations or \
-            part.weights else suffix
-        session = create_session(model, threads=self.scales.run.threads)
+        if k not in self._sessions:
+            ranks = {t: a.ndim for t, a in self.fp32_cut[0].items()}
+            suffix = suffix_model(self.switch.model, self.cuts.tensors[k], self.types, ranks, self._switch_inputs)
+            self._sessions[k] = create_session(suffix, threads=self.scales.run.threads)
+        return self._sessions[k]
+
+    def _run(self, group: QuantGroup, on: set[str], amax: Mapping[str, float], cut: Sequence[dict]) -> float:
+        session = self._session(self.cuts.position[group.name])
+        switch = self.switch.feed(on, amax)
         names = [i.name for i in session.get_inputs()]
-        outs = [session.run([self.output], {n: c[n] for n in names})[0][: b.size] for c, b in zip(cut, self.batches)]
+        outs = []
+        for c, b in zip(cut, self.batches):
+            outs.append(session.run([self.output], {n: c[n] if n in c else switch[n] for n in names})[0][: b.size])
+        self.suffix_runs += 1
         return self._error(outs)
 
     def only_float(self, group: QuantGroup) -> float:
         """INT8 model of the current state with ``group`` also in float."""
-        floats, overrides = self.state
-        plan = self.scales.plan_for([*floats, group.name])
-        return self._run(group, plan, self.scales.amax_for(plan, overrides), self.int8_cut)
+        on, amax = self._state(*self.state)
+        return self._run(group, on - {group.name}, amax, self.int8_cut)
 
     def only_quantized(self, group: QuantGroup) -> float:
         """FP32 model with only ``group`` quantized (plain method)."""
-        plan = plan_only(self.scales.plan, group)
-        return self._run(group, plan, self.scales.amax_for(plan, {}), self.fp32_cut)
+        return self._run(group, {group.name}, self._plain_amax, self.fp32_cut)
 
     def with_method(self, group: QuantGroup, method: str) -> float:
         """INT8 model of the current state with ``group``'s tensors on ``method``."""
         floats, overrides = self.state
-        plan = self.scales.plan_for(floats)
-        return self._run(group, plan, self.scales.amax_for(plan, {**overrides, group.name: method}), self.int8_cut)
+        on, amax = self._state(floats, {**overrides, group.name: method})
+        return self._run(group, on, amax, self.int8_cut)
 
 
 def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int],

@@ -52,8 +52,16 @@ def broken():
     return cal, ArraySource(x[test], labels[test])
 
 
-def _error(model, feed, ref):
-    out = OrtRunner(model).infer(feed)["logits"].astype(np.float64)
+def _error(model, feed, ref, optimization="none"):
+    """Noise/signal of ``model``'s logits; by default as ONNX defines Q/DQ (graph optimizations
+    off: ONNX Runtime's optimized Q/DQ model runs integer kernels that round differently)."""
+    import onnxruntime as ort
+
+    from quantkit.backends.onnxruntime import session_options
+
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(optimization=optimization),
+                                providers=["CPUExecutionProvider"])
+    out = sess.run(["logits"], feed)[0].astype(np.float64)
     return float(((ref - out) ** 2).sum() / (ref ** 2).sum())
 
 
@@ -124,3 +132,27 @@ def test_exclude_from_a_file_without_a_ranking_is_one_line(tmp_path, capsys, res
     assert not (tmp_path / "o").exists()
     with pytest.raises(InputError, match="no sensitivity ranking"):
         ranking_from_file(str(tmp_path / "r.json"))
+
+
+def test_ranking_builds_no_model_per_variant_and_one_session_per_cut(broken, monkeypatch):
+    """Every variant is a feed of one switchable model: no insert_qdq per variant, at most one
+    ONNX Runtime session per distinct cut (created lazily, reused by every kind and method)."""
+    import quantkit.backends.onnxruntime as backend
+    import quantkit.debug.sensitivity as sensitivity
+
+    cal, ev = broken
+    cal.int8_model()  # the plain model of the side-by-side pass, made before
+    made = []
+    real = backend.create_session
+    monkeypatch.setattr(backend, "create_session", lambda *a, **k: made.append(1) or real(*a, **k))
+
+    def no_build(*a, **k):
+        raise AssertionError("insert_qdq called for a variant")
+
+    monkeypatch.setattr(sensitivity, "insert_qdq", no_build)
+    scales = QdqScales.from_calibration(cal)
+    rep = rank_sensitivity(scales, ev, subset=16)
+    cuts = len({sensitivity._Cuts(cal.model, scales.groups).position[g.name] for g in scales.groups})
+    # suffix sessions + the 2 capture runners + the 2 runners of the side-by-side pass
+    assert len(made) <= cuts + 4, (len(made), cuts)
+    assert rep.rows[0].name == PW_NODE and rep.rows[0].best_method is not None
