@@ -419,7 +419,10 @@ class _Ranker:
         self._switch_inputs = [i.name for i in self.switch.model.graph.input]
         self._sessions: dict[int, Any] = {}
         self._plain_amax = scales.amax_for(scales.plan, {})
+        self._starts: dict[int, int] | None = None
+        t0 = time.perf_counter()
         self.fp32_cut, self.fp32_out = self._capture(scales.model, {})
+        self.fp32_seconds = time.perf_counter() - t0
         self._int8_key: Any = None
         self.int8_cut: list[dict[str, np.ndarray]] = []
         self.suffix_runs = 0
@@ -468,8 +471,45 @@ class _Ranker:
             self._sessions[k] = create_session(suffix, threads=self.scales.run.threads)
         return self._sessions[k]
 
+    def _start(self, k: int) -> int:
+        """The cut whose session runs the variants of the group cut at ``k`` (``_plan_starts``)."""
+        if self._starts is None:
+            self._starts = self._plan_starts()
+        return self._starts[k]
+
+    def _plan_starts(self, runs_per_group: float = 2.0) -> dict[int, int]:
+        """Share sessions between neighbouring cuts: a session made at cut s also runs the
+        variants of a group cut at k > s, from the tensors captured at s (the nodes in between
+        belong to other groups, so they compute what the capture computed). Each session costs
+        its creation, each sharing group the nodes between s and k per run: the cuts are split
+        into runs of neighbours so that the sum of both is least (dynamic programming over the
+        cuts in graph order; costs proportional to the share of the graph's nodes after a cut,
+        the creation measured on the first session, a run measured by the FP32 capture).
+        """
+        cuts = sorted(self.cuts.tensors)
+        frac = [self.cuts.fraction[k] for k in cuts]
+        t0 = time.perf_counter()
+        self._session(cuts[0])
+        create = (time.perf_counter() - t0) / max(frac[0], 1e-9)  # seconds for a whole-graph session
+        run = runs_per_group * self.fp32_seconds
+        prefix = np.concatenate([[0.0], np.cumsum(frac)])
+        best = [0.0] + [math.inf] * len(cuts)
+        start = [0] * (len(cuts) + 1)
+        for b in range(1, len(cuts) + 1):  # best[b]: cuts[:b] covered, cuts[a:b] served by a session at a
+            for a in range(b):
+                cost = best[a] + (create * frac[a] if a else 0.0) + run * ((b - a) * frac[a] - (prefix[b] - prefix[a]))
+                if cost < best[b]:
+                    best[b], start[b] = cost, a
+        starts: dict[int, int] = {}
+        b = len(cuts)
+        while b > 0:
+            a = start[b]
+            starts.update({cuts[i]: cuts[a] for i in range(a, b)})
+            b = a
+        return starts
+
     def _run(self, group: QuantGroup, on: set[str], amax: Mapping[str, float], cut: Sequence[dict]) -> float:
-        session = self._session(self.cuts.position[group.name])
+        session = self._session(self._start(self.cuts.position[group.name]))
         switch = self.switch.feed(on, amax)
         names = [i.name for i in session.get_inputs()]
         outs = []

@@ -132,6 +132,8 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
 
     # the pairs each node reads: input slot -> replacement
     acts: dict[str, dict[int, str]] = {}
+    parts: dict[str, tuple[str, str]] = {}  # gated tensor -> (float rows, Q/DQ rows)
+    gate_group: dict[str, str] = {}  # gated tensor -> the group whose switch splits it
     weights: dict[str, dict[int, str]] = {}
     before: dict[str, list[onnx.NodeProto]] = {}  # nodes to emit before a node
     nodes = {n.name: n for n in model.graph.node if n.name}
@@ -172,9 +174,9 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
                                      name=f"{base}_QuantizeLinear"),
                     helper.make_node("DequantizeLinear", [f"{base}_quantized", out.scales[t], zero],
                                      [f"{base}_dequantized"], name=f"{base}_DequantizeLinear")]
-                if ranks.get(t, 0) >= 1:
-                    made.append(helper.make_node("Concat", [f"{base}_xf", f"{base}_dequantized"], [gated[g]],
-                                                 axis=0, name=f"{base}_Concat"))
+                if ranks.get(t, 0) >= 1:  # emitted before the first node that reads the whole tensor
+                    parts[gated[g]] = (f"{base}_xf", f"{base}_dequantized")
+                    gate_group[gated[g]] = g
                 else:  # a scalar: Where (slow with broadcasting, but a scalar is small)
                     made.append(helper.make_node("Where", [on_input(g), f"{base}_dequantized", t], [gated[g]],
                                                  name=f"{base}_Where"))
@@ -192,16 +194,37 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
                 if x == w:
                     weights.setdefault(c, {})[k] = fq[name]
     emitted: list[onnx.NodeProto] = []
+    joined: set[str] = set()
+
+    def whole(x: str) -> str:  # the gated tensor itself: Concat of its two parts
+        if x in parts and x not in joined:
+            joined.add(x)
+            emitted.append(helper.make_node("Concat", list(parts[x]), [x], axis=0, name=f"{x}_Concat"))
+        return x
+
     for node in model.graph.node:
         emitted.extend(before.get(node.name, []))
         read = list(node.input)
         for k, x in acts.get(node.name, {}).items():
             read[k] = x
         wslots = weights.get(node.name)
+        g = group_of.get(node.name, "")
+        if wslots and _splittable(node, set(wslots)) and len(node.output) == 1 and gate_group.get(read[0]) == g:
+            # the weighted node of the group that gates its input: its float copy reads the
+            # float rows, its quantized copy the Q/DQ rows (no second Split, no Concat between)
+            xf, xq = parts[read[0]]
+            base, quant = f"{_PREFIX}_{node.name}", list(read)
+            for k, x in wslots.items():
+                quant[k] = x
+            yf, yq = f"{base}_yf", f"{base}_yq"
+            emitted.append(_with_inputs(node, [xf, *[whole(x) for x in read[1:]]], [yf], f"{node.name}__float"))
+            emitted.append(_with_inputs(node, [xq, *[whole(x) for x in quant[1:]]], [yq], f"{node.name}__quantized"))
+            emitted.append(helper.make_node("Concat", [yf, yq], [node.output[0]], axis=0, name=f"{base}_Concat"))
+            continue
+        read = [whole(x) for x in read]
         if not wslots:
             emitted.append(_with_inputs(node, read))
             continue
-        g = group_of[node.name]
         quant = list(read)
         for k, x in wslots.items():
             quant[k] = x
