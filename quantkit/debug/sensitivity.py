@@ -260,6 +260,8 @@ class SensitivityReport:
         cost_fp32_passes: wall time of the ranking (captures, suffix runs, method trials) over
             the time of one FP32 pass over the subset; the side-by-side pass is not counted.
         costs: seconds per phase, and the FP32 pass time the cost is measured against.
+        counts: ONNX Runtime sessions made, suffix runs, and the seconds spent making the
+            sessions (part of the phases' seconds).
     """
 
     rows: list[SensitivityRow]
@@ -271,12 +273,13 @@ class SensitivityReport:
     seconds: float
     costs: dict[str, float] = field(default_factory=dict)
     metric: str = "noise/signal power of the first output against FP32"
+    counts: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "method": self.method, "num_groups": len(self.rows),
                 "subset_indices": list(self.subset_indices), "int8_error": self.int8_error,
                 "int8_error_all": self.int8_error_all, "cost_fp32_passes": self.cost_fp32_passes,
-                "seconds": self.seconds, "costs": self.costs,
+                "seconds": self.seconds, "costs": self.costs, "counts": self.counts,
                 "rows": [{"rank": i + 1, **asdict(r)} for i, r in enumerate(self.rows)]}
 
     def table(self, rows: int = 10) -> str:
@@ -425,7 +428,8 @@ class _Ranker:
         self.fp32_seconds = time.perf_counter() - t0
         self._int8_key: Any = None
         self.int8_cut: list[dict[str, np.ndarray]] = []
-        self.suffix_runs = 0
+        self.counts = {"sessions": 0, "suffix_runs": 0}
+        self.session_seconds = 0.0  # suffix extraction + session creation
 
     def _capture(self, model: onnx.ModelProto, switch: Mapping[str, np.ndarray],
                  ) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
@@ -468,7 +472,10 @@ class _Ranker:
         if k not in self._sessions:
             ranks = {t: a.ndim for t, a in self.fp32_cut[0].items()}
             suffix = suffix_model(self.switch.model, self.cuts.tensors[k], self.types, ranks, self._switch_inputs)
+            t0 = time.perf_counter()
             self._sessions[k] = create_session(suffix, threads=self.scales.run.threads)
+            self.counts["sessions"] += 1
+            self.session_seconds += time.perf_counter() - t0
         return self._sessions[k]
 
     def _start(self, k: int) -> int:
@@ -515,7 +522,7 @@ class _Ranker:
         outs = []
         for c, b in zip(cut, self.batches):
             outs.append(session.run([self.output], {n: c[n] if n in c else switch[n] for n in names})[0][: b.size])
-        self.suffix_runs += 1
+        self.counts["suffix_runs"] += 1
         return self._error(outs)
 
     def only_float(self, group: QuantGroup) -> float:
@@ -527,11 +534,15 @@ class _Ranker:
         """FP32 model with only ``group`` quantized (plain method)."""
         return self._run(group, {group.name}, self._plain_amax, self.fp32_cut)
 
+    def amax_with(self, group: QuantGroup, method: str | None) -> dict[str, float]:
+        """Every activation's amax in the current state with ``group`` on ``method`` (None: as is)."""
+        floats, overrides = self.state
+        return self._state(floats, overrides if method is None else {**overrides, group.name: method})[1]
+
     def with_method(self, group: QuantGroup, method: str) -> float:
         """INT8 model of the current state with ``group``'s tensors on ``method``."""
-        floats, overrides = self.state
-        on, amax = self._state(floats, {**overrides, group.name: method})
-        return self._run(group, on, amax, self.int8_cut)
+        on = self._state(*self.state)[0]
+        return self._run(group, on, self.amax_with(group, method), self.int8_cut)
 
 
 def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int],
@@ -588,7 +599,17 @@ def rank_groups(ranker: _Ranker, groups: Sequence[QuantGroup], *, quantized: boo
         g = ranker.scales.group(r.name)
         if not g.activations:
             continue
-        trials = {ranker.scales.method: base, **{m: ranker.with_method(g, m) for m in methods}}
+        # a method whose amax equals, on every tensor of the group, the current one's or an
+        # already tried method's gives the same model: no run for it
+        current = ranker.amax_with(g, None)
+        seen = {tuple(current[t] for t in g.activations): base}
+        trials = {ranker.scales.method: base}
+        for m in methods:
+            amax = ranker.amax_with(g, m)
+            key = tuple(amax[t] for t in g.activations)
+            if key not in seen:
+                seen[key] = ranker.with_method(g, m)
+            trials[m] = seen[key]
         best = min(trials, key=lambda m: (trials[m], m != ranker.scales.method))
         rows[i] = SensitivityRow(**{**asdict(r), "best_method": best, "best_method_error": trials[best]})
     costs["methods_s"] = time.perf_counter() - t0
@@ -636,5 +657,6 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
     costs = {"fp32_capture_s": t1 - t0, "int8_capture_s": t2 - t1, **costs, "fp32_pass_s": fp32_pass}
     work = sum(v for k, v in costs.items() if k != "fp32_pass_s")
     cost = work / fp32_pass if fp32_pass > 0 else math.inf
+    counts = {**ranker.counts, "session_s": ranker.session_seconds}
     return SensitivityReport(rows, chosen, ranker.state_error, all_error, scales.method, cost,
-                             time.perf_counter() - start, costs)
+                             time.perf_counter() - start, costs, counts=counts)

@@ -156,3 +156,22 @@ def test_ranking_builds_no_model_per_variant_and_one_session_per_cut(broken, mon
     # suffix sessions + the 2 capture runners + the 2 runners of the side-by-side pass
     assert len(made) <= cuts + 4, (len(made), cuts)
     assert rep.rows[0].name == PW_NODE and rep.rows[0].best_method is not None
+
+
+def test_method_trials_run_once_per_distinct_scales(broken, monkeypatch):
+    """A method whose amax on the group's tensors equals the current one or an already tried
+    method's gives the same model: it is not run again, and gets the same error."""
+    import quantkit.debug.sensitivity as sensitivity
+
+    cal, ev = broken
+    base = QdqScales.from_calibration(cal)
+    ranges = {t: {"percentile": r["percentile"], "copy": r["percentile"], "minmax": r["minmax"],
+                  "minmax_too": r["minmax"]} for t, r in base.ranges.items()}
+    scales = QdqScales(base.model, base.specs, base.plan, ranges, "percentile", base.run, plain=base.plain)
+    calls = []
+    real = sensitivity._Ranker.with_method
+    monkeypatch.setattr(sensitivity._Ranker, "with_method", lambda self, g, m: calls.append(m) or real(self, g, m))
+    rep = rank_sensitivity(scales, ev, subset=16, method_groups=1)
+    assert calls == ["minmax"]
+    top = rep.rows[0]
+    assert top.name == PW_NODE and top.best_method in ("minmax", "percentile")
