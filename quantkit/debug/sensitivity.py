@@ -618,8 +618,8 @@ def rank_groups(ranker: _Ranker, groups: Sequence[QuantGroup], *, quantized: boo
 
 def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: Sequence[int] | None = None,
                      subset: int = 32, method: str | None = None, on_step: Callable[[str, int, int], None] | None = None,
-                     *, method_groups: int = 3, _errors: tuple[dict[int, float], float, float] | None = None,
-                     ) -> SensitivityReport:
+                     *, method_groups: int = 3, quantized: bool = True,
+                     _errors: tuple[dict[int, float], float, float] | None = None) -> SensitivityReport:
     """Rank every quantization group of ``cal`` on the ``subset`` samples of ``source``
     (``indices``, default all) where INT8 and FP32 differ most.
 
@@ -628,6 +628,10 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
         method: the plain INT8 model's method (default: the calibration's).
         on_step: progress, ``on_step(phase, done, total)``.
         method_groups: how many of the most sensitive groups get the best-method search.
+        quantized: also measure each group's ``only_quantized_error``; False skips those G
+            suffix runs (about half the cost; the order, by ``only_float_error``, is the same
+            but for exact ties) and leaves the field None. The fallback passes False: it
+            only reads the order and the best methods.
 
     Returns:
         The ranking; its ``cost_fp32_passes`` is measured (see the module docstring).
@@ -652,7 +656,7 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
     t1 = time.perf_counter()
     ranker.use_state([], {})
     t2 = time.perf_counter()
-    rows, costs = rank_groups(ranker, scales.groups, method_groups=method_groups, on_step=on_step)
+    rows, costs = rank_groups(ranker, scales.groups, quantized=quantized, method_groups=method_groups, on_step=on_step)
     fp32_pass = fp32_per_sample * len(chosen)
     costs = {"fp32_capture_s": t1 - t0, "int8_capture_s": t2 - t1, **costs, "fp32_pass_s": fp32_pass}
     work = sum(v for k, v in costs.items() if k != "fp32_pass_s")
