@@ -1,6 +1,6 @@
 """What the sensitivity ranking costs on ResNet-18, in FP32-pass equivalents (issue 14's target: 3).
 
-    python benchmarks/rank_cost.py [--subset 32] [--estimate exact] [--repeat 1]
+    python benchmarks/rank_cost.py [--subset 32] [--fallback] [--repeat 1]
 
 Model and data as benchmarks/calibration.py (ResNet-18 architecture, random initialisation,
 opset 17; 224x224 crops of scikit-image's pictures): calibrated on 128 crops with the entropy
@@ -43,7 +43,8 @@ def fp32_pass(cal, source, indices) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subset", type=int, default=32)
-    ap.add_argument("--estimate", default=None, help="rank_sensitivity(estimate=...) where supported")
+    ap.add_argument("--fallback", action="store_true",
+                    help="rank as the fallback does: without the only-quantized runs (quantized=False)")
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
 
@@ -57,7 +58,7 @@ def main() -> None:
     cal = quantize(onnx.load(resnet18_onnx()), source, QuantizeConfig(export=ExportConfig("entropy")), indices=range(128))
     print(f"calibrated on 128 images in {time.perf_counter() - t0:.1f} s; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-    kwargs = {"estimate": args.estimate} if args.estimate else {}
+    kwargs = {"quantized": False} if args.fallback else {}
     # the subset the ranking will pick (one side-by-side pass; the ranking repeats it)
     from quantkit.debug.sensitivity import QdqScales, per_sample_errors, pick_subset
 
@@ -79,7 +80,7 @@ def main() -> None:
                 print(f"| {k} | {v:.2f} | {v / fp32:.2f} |")
         print(f"| **total** | **{work:.2f}** | **{work / fp32:.2f}** |")
         print(f"cost_fp32_passes (the report's own): {rep.cost_fp32_passes:.2f}; wall {rep.seconds:.1f} s incl. "
-              f"the side-by-side pass; top 5: {[r.name for r in rep.rows[:5]]}")
+              f"the side-by-side pass; {rep.counts}; top 5: {[r.name for r in rep.rows[:5]]}")
 
 
 if __name__ == "__main__":

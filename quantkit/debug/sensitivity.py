@@ -426,6 +426,8 @@ class _Ranker:
         t0 = time.perf_counter()
         self.fp32_cut, self.fp32_out = self._capture(scales.model, {})
         self.fp32_seconds = time.perf_counter() - t0
+        self.multi = self._multi_start()
+        self._multi_checked = False
         self._int8_key: Any = None
         self.int8_cut: list[dict[str, np.ndarray]] = []
         self.counts = {"sessions": 0, "suffix_runs": 0}
@@ -478,6 +480,48 @@ class _Ranker:
             self.session_seconds += time.perf_counter() - t0
         return self._sessions[k]
 
+    def _multi_start(self) -> Any:
+        """One session for every cut (``MultiStart``), when the model allows it: a dynamic
+        batch, and every cut tensor with the batch's rows on axis 0; else None (a session per
+        run of neighbouring cuts, ``_plan_starts``)."""
+        from quantkit.debug.switchable import multi_start_model
+
+        if self.scales.specs[0].static_batch or not self.fp32_cut:
+            return None
+        rows = self.batches[0].feed[self.scales.specs[0].name].shape[0]
+        first = self.fp32_cut[0]
+        if rows < 2 or any(a.ndim < 1 or a.shape[0] != rows for a in first.values()):
+            return None
+        return multi_start_model(self.switch, list(self.cuts.tensors), first, _constant_names(self.switch.model),
+                                 self.output)
+
+    def _run_multi(self, k: int, switch: Mapping[str, np.ndarray], cut: Sequence[dict]) -> list[np.ndarray] | None:
+        """The outputs of a run from cut ``k`` on the one multi-start session; None (and no
+        multi-start from then on) when ONNX Runtime cannot run the nodes before k on empty
+        tensors (a Reshape to -1, say)."""
+        from quantkit.backends.onnxruntime import create_session
+        from quantkit.errors import ModelError
+
+        try:
+            if -1 not in self._sessions:
+                t0 = time.perf_counter()
+                self._sessions[-1] = create_session(self.multi.model, threads=self.scales.run.threads)
+                self.counts["sessions"] += 1
+                self.session_seconds += time.perf_counter() - t0
+            session = self._sessions[-1]
+            outs = []
+            for c, b in zip(cut, self.batches):
+                feed = {**{n: b.feed[n][:0] for n in self.multi.empty}, **self.multi.feed(k, c), **switch}
+                outs.append(session.run([self.output], feed)[0][: b.size])
+            self._multi_checked = True
+            return outs
+        except Exception as err:  # ORT raises its own types (Fail, InvalidArgument), derived from Exception
+            if self._multi_checked:
+                raise
+            log.debug("multi-start runs not possible here (%s); a session per cut", err)
+            self.multi = None
+            return None
+
     def _start(self, k: int) -> int:
         """The cut whose session runs the variants of the group cut at ``k`` (``_plan_starts``)."""
         if self._starts is None:
@@ -516,8 +560,14 @@ class _Ranker:
         return starts
 
     def _run(self, group: QuantGroup, on: set[str], amax: Mapping[str, float], cut: Sequence[dict]) -> float:
-        session = self._session(self._start(self.cuts.position[group.name]))
         switch = self.switch.feed(on, amax)
+        k = self.cuts.position[group.name]
+        if self.multi is not None:
+            multi = self._run_multi(k, switch, cut)
+            if multi is not None:
+                self.counts["suffix_runs"] += 1
+                return self._error(multi)
+        session = self._session(self._start(k))
         names = [i.name for i in session.get_inputs()]
         outs = []
         for c, b in zip(cut, self.batches):

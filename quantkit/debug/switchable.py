@@ -56,6 +56,8 @@ class SwitchableModel:
         select: group name -> int64 [2] input: [rows in float, rows quantized] as [1, 0] or
             [0, 1] times the rows of each tensor it splits.
         on: group name -> bool scalar input, for the groups that also switch through a Where.
+        origin: per node of ``model``, the index of the original node it was made for (its
+            copies, and the switch nodes of the inputs it reads).
         scales: activation tensor -> scalar scale input (float32, or float16 for a float16 tensor).
     """
 
@@ -64,6 +66,7 @@ class SwitchableModel:
     select: dict[str, str] = field(default_factory=dict)
     scales: dict[str, str] = field(default_factory=dict)
     scale_types: dict[str, int] = field(default_factory=dict)
+    origin: list[int] = field(default_factory=list)
 
     def feed(self, on_groups: set[str] | frozenset[str], amax: Mapping[str, float]) -> dict[str, np.ndarray]:
         """The switch inputs of one variant: ``on_groups`` quantized, activation scales from
@@ -137,7 +140,7 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
     weights: dict[str, dict[int, str]] = {}
     before: dict[str, list[onnx.NodeProto]] = {}  # nodes to emit before a node
     nodes = {n.name: n for n in model.graph.node if n.name}
-    order = [n.name for n in model.graph.node]
+    pos = {n.name: i for i, n in enumerate(model.graph.node) if n.name}
     starts, ends = f"{_PREFIX}_starts", f"{_PREFIX}_ends"
     new_inits += [numpy_helper.from_array(np.array([0], dtype=np.int64), starts),
                   numpy_helper.from_array(np.array([1], dtype=np.int64), ends)]
@@ -149,40 +152,39 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
         ttype = types.get(t, TensorProto.FLOAT)
         out.scales[t], out.scale_types[t] = f"{_PREFIX}_scale_{j}", ttype
         inputs.append(helper.make_tensor_value_info(out.scales[t], ttype, []))
-        first = min(consumers, key=order.index)
-        made = before.setdefault(first, [])
-        rows = f"{_PREFIX}_{j}_rows"
-        if ranks.get(t, 0) >= 1:
-            made += [helper.make_node("Shape", [t], [f"{rows}_shape"], name=f"{rows}_Shape"),
-                     helper.make_node("Slice", [f"{rows}_shape", starts, ends], [rows], name=f"{rows}_Slice")]
-        gated: dict[str, str] = {}
+        by_group: dict[str, list[str]] = {}
         for c in consumers:
-            g = group_of[c]
-            if g not in gated:
-                k = index[g]
-                gated[g] = base = f"{_PREFIX}_{j}_g{k}"
-                if ranks.get(t, 0) >= 1:  # the rows go through Q/DQ or around it (one part is empty)
-                    made += [
-                        helper.make_node("Mul", [rows, out.select[g]], [f"{base}_split"], name=f"{base}_Mul"),
-                        helper.make_node("Split", [t, f"{base}_split"], [f"{base}_xf", f"{base}_xq"], axis=0,
-                                         name=f"{base}_Split")]
-                    src = f"{base}_xq"
-                else:
-                    src = t
+            by_group.setdefault(group_of[c], []).append(c)
+        for g, cs in by_group.items():
+            # each group's chain goes right before the group's first reader of t, so that every
+            # node of the chain sits with the nodes it serves (multi-start runs rely on it)
+            made = before.setdefault(min(cs, key=pos.__getitem__), [])
+            gated = base = f"{_PREFIX}_{j}_g{index[g]}"
+            if ranks.get(t, 0) >= 1:  # the rows go through Q/DQ or around it (one part is empty)
                 made += [
-                    helper.make_node("QuantizeLinear", [src, out.scales[t], zero], [f"{base}_quantized"],
-                                     name=f"{base}_QuantizeLinear"),
-                    helper.make_node("DequantizeLinear", [f"{base}_quantized", out.scales[t], zero],
-                                     [f"{base}_dequantized"], name=f"{base}_DequantizeLinear")]
-                if ranks.get(t, 0) >= 1:  # emitted before the first node that reads the whole tensor
-                    parts[gated[g]] = (f"{base}_xf", f"{base}_dequantized")
-                    gate_group[gated[g]] = g
-                else:  # a scalar: Where (slow with broadcasting, but a scalar is small)
-                    made.append(helper.make_node("Where", [on_input(g), f"{base}_dequantized", t], [gated[g]],
-                                                 name=f"{base}_Where"))
-            for k, x in enumerate(nodes[c].input):
-                if x == t:
-                    acts.setdefault(c, {})[k] = gated[g]
+                    helper.make_node("Shape", [t], [f"{base}_shape"], name=f"{base}_Shape"),
+                    helper.make_node("Slice", [f"{base}_shape", starts, ends], [f"{base}_rows"], name=f"{base}_Slice"),
+                    helper.make_node("Mul", [f"{base}_rows", out.select[g]], [f"{base}_split"], name=f"{base}_Mul"),
+                    helper.make_node("Split", [t, f"{base}_split"], [f"{base}_xf", f"{base}_xq"], axis=0,
+                                     name=f"{base}_Split")]
+                src = f"{base}_xq"
+            else:
+                src = t
+            made += [
+                helper.make_node("QuantizeLinear", [src, out.scales[t], zero], [f"{base}_quantized"],
+                                 name=f"{base}_QuantizeLinear"),
+                helper.make_node("DequantizeLinear", [f"{base}_quantized", out.scales[t], zero],
+                                 [f"{base}_dequantized"], name=f"{base}_DequantizeLinear")]
+            if ranks.get(t, 0) >= 1:  # Concat emitted before the first node that reads the whole tensor
+                parts[gated] = (f"{base}_xf", f"{base}_dequantized")
+                gate_group[gated] = g
+            else:  # a scalar: Where (slow with broadcasting, but a scalar is small)
+                made.append(helper.make_node("Where", [on_input(g), f"{base}_dequantized", t], [gated],
+                                             name=f"{base}_Where"))
+            for c in cs:
+                for k, x in enumerate(nodes[c].input):
+                    if x == t:
+                        acts.setdefault(c, {})[k] = gated
     fq: dict[str, str] = {}
     for name, (axis, consumers) in plan.weights.items():
         w = plan.weight_tensor(name)
@@ -202,7 +204,9 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
             emitted.append(helper.make_node("Concat", list(parts[x]), [x], axis=0, name=f"{x}_Concat"))
         return x
 
+    spans = []
     for node in model.graph.node:
+        spans.append(len(emitted))
         emitted.extend(before.get(node.name, []))
         read = list(node.input)
         for k, x in acts.get(node.name, {}).items():
@@ -246,6 +250,8 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
         emitted.append(_with_inputs(node, [f"{base}_xf", *read[1:]], [yf], f"{node.name}__float"))
         emitted.append(_with_inputs(node, [f"{base}_xq", *quant[1:]], [yq], f"{node.name}__quantized"))
         emitted.append(helper.make_node("Concat", [yf, yq], [node.output[0]], axis=0, name=f"{base}_Concat"))
+    spans.append(len(emitted))
+    out.origin = [i for i in range(len(spans) - 1) for _ in range(spans[i + 1] - spans[i])]
     graph = helper.make_graph(emitted, model.graph.name, [*model.graph.input, *inputs], list(model.graph.output),
                               [*model.graph.initializer, *new_inits], value_info=[])
     m = helper.make_model(graph, opset_imports=list(model.opset_import))
@@ -277,3 +283,82 @@ def _with_inputs(node: onnx.NodeProto, inputs: Sequence[str], outputs: Sequence[
     if name is not None:
         n.name = name
     return n
+
+
+@dataclass
+class MultiStart:
+    """A switchable model that starts at any cut: the run from cut k feeds the tensors that
+    cross k to the nodes after k, and every input of the graph and every other fed tensor with
+    no rows, so the nodes before k run on empty tensors (microseconds) instead of being cut
+    off into a model of their own. One session then serves every cut.
+
+        reader r of tensor t (made at m):   Concat(t, fed_{t,r}, axis 0) --> r
+        start at k:   fed_{t,r} = t's captured rows if m < k <= r, else 0 rows
+
+    Attributes:
+        model: the switchable model with the Concat nodes and the fed inputs.
+        fed: per fed input: (tensor, input name, position made, position of the reader).
+        empty: graph inputs of the original model (fed with no rows).
+    """
+
+    model: onnx.ModelProto
+    fed: list[tuple[str, str, int, int]]
+    empty: list[str]
+
+    def feed(self, k: int, captured: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The fed inputs of a run from cut ``k`` (``captured``: the tensors at every cut)."""
+        out = {}
+        for t, name, made, reader in self.fed:
+            a = captured[t]
+            out[name] = a if made < k <= reader else a[:0]
+        return out
+
+
+def multi_start_model(switch: SwitchableModel, cuts: Sequence[int], cut_tensors: Mapping[str, np.ndarray],
+                      constants: set[str], output: str) -> MultiStart | None:
+    """``switch`` made to start at any of ``cuts`` (positions in the original graph), or None
+    when that is not exact: a switch node's input made before a cut and read after it that is
+    not one of the ``cut_tensors`` (name -> an example array, for type and rank), or ``output``
+    made before the last cut.
+
+    The caller checks that every tensor of ``cut_tensors`` has the batch on axis 0.
+    """
+    import bisect
+
+    m = onnx.ModelProto()
+    m.CopyFrom(switch.model)
+    ks = sorted(set(cuts))
+    graph_inputs = [i.name for i in switch.model.graph.input if not i.name.startswith(_PREFIX)]  # switches: fed
+    made = {o: switch.origin[j] for j, n in enumerate(switch.model.graph.node) for o in n.output if o}
+    made.update({t: -1 for t in graph_inputs})
+    if made.get(output, -1) < ks[-1]:
+        return None
+
+    def crosses(a: int, b: int) -> bool:  # a cut k with a < k <= b
+        i = bisect.bisect_right(ks, a)
+        return i < len(ks) and ks[i] <= b
+
+    fed: list[tuple[str, str, int, int]] = []
+    nodes: list[onnx.NodeProto] = []
+    inputs = []
+    for j, node in enumerate(switch.model.graph.node):
+        n = onnx.NodeProto()
+        n.CopyFrom(node)
+        reader = switch.origin[j]
+        for s, x in enumerate(n.input):
+            if not x or x in constants or x not in made or not crosses(made[x], reader):
+                continue
+            if x not in cut_tensors:
+                return None
+            name = f"{_PREFIX}_fed_{len(fed)}"
+            a = cut_tensors[x]
+            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype),
+                                                        [f"{name}_d{i}" for i in range(a.ndim)]))
+            nodes.append(helper.make_node("Concat", [x, name], [f"{name}_joined"], axis=0, name=f"{name}_Concat"))
+            n.input[s] = f"{name}_joined"
+            fed.append((x, name, made[x], reader))
+        nodes.append(n)
+    m.graph.ClearField("node")
+    m.graph.node.extend(nodes)
+    m.graph.input.extend(inputs)
+    return MultiStart(m, fed, graph_inputs)

@@ -175,3 +175,20 @@ def test_method_trials_run_once_per_distinct_scales(broken, monkeypatch):
     assert calls == ["minmax"]
     top = rep.rows[0]
     assert top.name == PW_NODE and top.best_method in ("minmax", "percentile")
+
+
+def test_one_multi_start_session_gives_the_errors_of_a_session_per_cut(broken, monkeypatch):
+    """The one session that starts at any cut (nodes before the cut on empty tensors) gives the
+    same errors as suffix models cut off at each group (the path for models where that fails)."""
+    import quantkit.debug.sensitivity as sensitivity
+
+    cal, ev = broken
+    multi = rank_sensitivity(cal, ev, subset=16)
+    assert multi.counts["sessions"] == 1
+    monkeypatch.setattr(sensitivity._Ranker, "_multi_start", lambda self: None)
+    per_cut = rank_sensitivity(cal, ev, subset=16)
+    assert per_cut.counts["sessions"] > 1
+    assert [r.name for r in multi.rows] == [r.name for r in per_cut.rows]
+    for a, b in zip(multi.rows, per_cut.rows):
+        assert a.only_float_error == pytest.approx(b.only_float_error, rel=1e-6)
+        assert a.only_quantized_error == pytest.approx(b.only_quantized_error, rel=1e-6)
