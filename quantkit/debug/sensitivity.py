@@ -23,10 +23,23 @@ subset) and each variant runs only the part of the network after its cut:
     subset --FP32--> cut tensors C_k (all cuts, one pass) --suffix_k + group variant--> output
     subset --INT8--> cut tensors C_k (all cuts, one pass) --suffix_k - group variant--> output
 
-Each group costs two suffix runs (the later the group, the cheaper), the best-method search a
-few more for the worst groups only. ``SensitivityReport.cost_fp32_passes`` is the measured wall
-time of all of it over the time of one FP32 pass over the subset (timed in the side-by-side
-pass). Memory: the cut tensors of the subset (subset x the activations that cross any cut).
+No model is built per variant: every variant is a feed of one switchable model
+(``quantkit.debug.switchable``: each group behind an input, activation scales as inputs,
+weights fake-quantized once), and one ONNX Runtime session serves every cut (the cut's tensors
+are fed to the nodes after it, the nodes before it run on empty tensors); where a model does
+not allow that, neighbouring cuts share suffix sessions. The switchable model computes Q/DQ
+as ONNX defines it (float fake quantization); ONNX Runtime's optimized Q/DQ model runs some
+pairs as integer kernels that round differently (errors within ~2% of these).
+
+Runs: each group one only-float and (``quantized=True``) one only-quantized suffix run, the
+later the group the cheaper; the best-method search one run per distinct set of scales on the
+group's tensors, for the ``method_groups`` worst groups only; nothing else is skipped. So the
+exact ranking costs about the sum of the suffix fractions per kind, ~G/2 FP32 passes for a
+chain of G groups, times the switchable model's overhead (~1.5x an FP32 run on ONNX Runtime's
+CPU provider: Split/Concat around each switched node breaks its NCHWc chains).
+``SensitivityReport.cost_fp32_passes`` is the measured wall time of all of it over the time
+of one FP32 pass over the subset (timed in the side-by-side pass); ``counts`` has the sessions
+and runs. Memory: the cut tensors of the subset (subset x the activations that cross any cut).
 """
 
 from __future__ import annotations
@@ -257,7 +270,7 @@ class SensitivityReport:
         rows: per group.
         subset_indices: the ranking subset (indices into the source).
         int8_error, int8_error_all: the INT8 model's error on the subset, on all given samples.
-        cost_fp32_passes: wall time of the ranking (captures, suffix runs, method trials) over
+        cost_fp32_passes: wall time of the ranking (model building, captures, suffix runs, method trials) over
             the time of one FP32 pass over the subset; the side-by-side pass is not counted.
         costs: seconds per phase, and the FP32 pass time the cost is measured against.
         counts: ONNX Runtime sessions made, suffix runs, and the seconds spent making the
@@ -418,7 +431,9 @@ class _Ranker:
         self.batches = list(evaluation_batches(source, scales.specs, list(subset), scales.run))
         self.types = tensor_types(scales.model)
         self.output = scales.model.graph.output[0].name
+        t0 = time.perf_counter()
         self.switch = switchable_model(scales.model, scales.plan, scales.groups)
+        self.build_seconds = time.perf_counter() - t0  # the switchable and multi-start models
         self._switch_inputs = [i.name for i in self.switch.model.graph.input]
         self._sessions: dict[int, Any] = {}
         self._plain_amax = scales.amax_for(scales.plan, {})
@@ -426,7 +441,9 @@ class _Ranker:
         t0 = time.perf_counter()
         self.fp32_cut, self.fp32_out = self._capture(scales.model, {})
         self.fp32_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
         self.multi = self._multi_start()
+        self.build_seconds += time.perf_counter() - t0
         self._multi_checked = False
         self._int8_key: Any = None
         self.int8_cut: list[dict[str, np.ndarray]] = []
@@ -708,7 +725,8 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
     t2 = time.perf_counter()
     rows, costs = rank_groups(ranker, scales.groups, quantized=quantized, method_groups=method_groups, on_step=on_step)
     fp32_pass = fp32_per_sample * len(chosen)
-    costs = {"fp32_capture_s": t1 - t0, "int8_capture_s": t2 - t1, **costs, "fp32_pass_s": fp32_pass}
+    costs = {"build_s": ranker.build_seconds, "fp32_capture_s": t1 - t0 - ranker.build_seconds,
+             "int8_capture_s": t2 - t1, **costs, "fp32_pass_s": fp32_pass}
     work = sum(v for k, v in costs.items() if k != "fp32_pass_s")
     cost = work / fp32_pass if fp32_pass > 0 else math.inf
     counts = {**ranker.counts, "session_s": ranker.session_seconds}
