@@ -145,9 +145,9 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
     new_inits += [numpy_helper.from_array(np.array([0], dtype=np.int64), starts),
                   numpy_helper.from_array(np.array([1], dtype=np.int64), ends)]
     ranks = tensor_ranks(model)
-    for i, g in enumerate(groups):
-        out.select[g.name] = f"{_PREFIX}_select_{i}"
-        inputs.append(helper.make_tensor_value_info(out.select[g.name], TensorProto.INT64, [2]))
+    for name, i in index.items():
+        out.select[name] = f"{_PREFIX}_select_{i}"
+        inputs.append(helper.make_tensor_value_info(out.select[name], TensorProto.INT64, [2]))
     for j, (t, consumers) in enumerate(plan.activations.items()):
         ttype = types.get(t, TensorProto.FLOAT)
         out.scales[t], out.scale_types[t] = f"{_PREFIX}_scale_{j}", ttype
