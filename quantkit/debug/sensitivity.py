@@ -417,8 +417,9 @@ class _Ranker:
 
     Every variant runs on one switchable model (``quantkit.debug.switchable``): a variant is a
     feed (which groups are quantized, every activation's scale), so no model is built per
-    variant; one ONNX Runtime session per cut, made when first used, serves every variant that
-    starts there (only-float, only-quantized, each method, each fallback state).
+    variant; one multi-start session, made when first used, serves every cut and every variant
+    (only-float, only-quantized, each method, each fallback state). Where the model does not
+    allow multi-start runs, one session per run of neighbouring cuts (``_plan_starts``).
     """
 
     def __init__(self, scales: QdqScales, source: "Source", subset: Sequence[int]):
@@ -517,7 +518,6 @@ class _Ranker:
         multi-start from then on) when ONNX Runtime cannot run the nodes before k on empty
         tensors (a Reshape to -1, say)."""
         from quantkit.backends.onnxruntime import create_session
-        from quantkit.errors import ModelError
 
         try:
             if -1 not in self._sessions:
@@ -535,7 +535,8 @@ class _Ranker:
         except Exception as err:  # ORT raises its own types (Fail, InvalidArgument), derived from Exception
             if self._multi_checked:
                 raise
-            log.debug("multi-start runs not possible here (%s); a session per cut", err)
+            log.info("ranking: the nodes before a cut cannot run on empty tensors here (%s); one session per "
+                     "run of cuts instead", err)
             self.multi = None
             return None
 

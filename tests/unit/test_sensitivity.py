@@ -194,3 +194,19 @@ def test_one_multi_start_session_gives_the_errors_of_a_session_per_cut(broken, m
     for a, b in zip(multi.rows, per_cut.rows):
         assert a.only_float_error == pytest.approx(b.only_float_error, rel=1e-6)
         assert a.only_quantized_error == pytest.approx(b.only_quantized_error, rel=1e-6)
+
+
+def test_a_model_that_cannot_run_on_empty_tensors_falls_back_to_sessions_per_cut(broken, monkeypatch):
+    import quantkit.debug.switchable as switchable
+
+    cal, ev = broken
+    want = rank_sensitivity(cal, ev, subset=16)
+
+    def fails(self, k, captured):  # what ONNX Runtime does for, e.g., a Reshape to [0, -1] of no rows
+        raise RuntimeError("cannot infer the -1 dimension of an empty tensor")
+
+    monkeypatch.setattr(switchable.MultiStart, "feed", fails)
+    got = rank_sensitivity(cal, ev, subset=16)
+    assert got.counts["sessions"] > 2  # the multi-start one, then a session per run of cuts
+    assert [r.name for r in got.rows] == [r.name for r in want.rows]
+    assert [r.only_float_error for r in got.rows] == pytest.approx([r.only_float_error for r in want.rows], rel=1e-6)
