@@ -5,7 +5,7 @@
 1. Measure the INT8 model on the evaluation data (the FP32 outputs are computed once and
    cached). Within the budget: done, nothing changes.
 2. Rank the groups (``rank_sensitivity``; by default on the evaluation data, reusing the
-   side-by-side pass of step 1).
+   side-by-side pass of step 1; without the only-quantized errors, which no step reads).
 3. Method switches: each of the worst groups whose best method beats the plain one is switched
    to it; a switch is kept only if it lowers the drop on the evaluation data.
 4. Float steps: groups go back to float in sensitivity order, one per step, each step
@@ -278,10 +278,10 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
     if ranking_source is None:
         errors = (before.per_sample, _ratio(before.noise, before.signal), ev.fp32_seconds / ev.count)
         ranking = rank_sensitivity(scales, eval_source, idx, subset=config.subset, method_groups=config.method_groups,
-                                   _errors=errors)
+                                   quantized=False, _errors=errors)
     else:
         ranking = rank_sensitivity(scales, ranking_source, ranking_indices, subset=config.subset,
-                                   method_groups=config.method_groups)
+                                   method_groups=config.method_groups, quantized=False)
     record("rank", [], current, t0, cost_fp32_passes=ranking.cost_fp32_passes)
 
     def try_state(new_floats: list[str], new_overrides: dict[str, str]) -> tuple[onnx.ModelProto, _Measure]:

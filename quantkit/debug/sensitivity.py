@@ -23,10 +23,23 @@ subset) and each variant runs only the part of the network after its cut:
     subset --FP32--> cut tensors C_k (all cuts, one pass) --suffix_k + group variant--> output
     subset --INT8--> cut tensors C_k (all cuts, one pass) --suffix_k - group variant--> output
 
-Each group costs two suffix runs (the later the group, the cheaper), the best-method search a
-few more for the worst groups only. ``SensitivityReport.cost_fp32_passes`` is the measured wall
-time of all of it over the time of one FP32 pass over the subset (timed in the side-by-side
-pass). Memory: the cut tensors of the subset (subset x the activations that cross any cut).
+No model is built per variant: every variant is a feed of one switchable model
+(``quantkit.debug.switchable``: each group behind an input, activation scales as inputs,
+weights fake-quantized once), and one ONNX Runtime session serves every cut (the cut's tensors
+are fed to the nodes after it, the nodes before it run on empty tensors); where a model does
+not allow that, neighbouring cuts share suffix sessions. The switchable model computes Q/DQ
+as ONNX defines it (float fake quantization); ONNX Runtime's optimized Q/DQ model runs some
+pairs as integer kernels that round differently (errors within ~2% of these).
+
+Runs: each group one only-float and (``quantized=True``) one only-quantized suffix run, the
+later the group the cheaper; the best-method search one run per distinct set of scales on the
+group's tensors, for the ``method_groups`` worst groups only; nothing else is skipped. So the
+exact ranking costs about the sum of the suffix fractions per kind, ~G/2 FP32 passes for a
+chain of G groups, times the switchable model's overhead (~1.5x an FP32 run on ONNX Runtime's
+CPU provider: Split/Concat around each switched node breaks its NCHWc chains).
+``SensitivityReport.cost_fp32_passes`` is the measured wall time of all of it over the time
+of one FP32 pass over the subset (timed in the side-by-side pass); ``counts`` has the sessions
+and runs. Memory: the cut tensors of the subset (subset x the activations that cross any cut).
 """
 
 from __future__ import annotations
@@ -257,9 +270,11 @@ class SensitivityReport:
         rows: per group.
         subset_indices: the ranking subset (indices into the source).
         int8_error, int8_error_all: the INT8 model's error on the subset, on all given samples.
-        cost_fp32_passes: wall time of the ranking (captures, suffix runs, method trials) over
+        cost_fp32_passes: wall time of the ranking (model building, captures, suffix runs, method trials) over
             the time of one FP32 pass over the subset; the side-by-side pass is not counted.
         costs: seconds per phase, and the FP32 pass time the cost is measured against.
+        counts: ONNX Runtime sessions made, suffix runs, and the seconds spent making the
+            sessions (part of the phases' seconds).
     """
 
     rows: list[SensitivityRow]
@@ -271,12 +286,13 @@ class SensitivityReport:
     seconds: float
     costs: dict[str, float] = field(default_factory=dict)
     metric: str = "noise/signal power of the first output against FP32"
+    counts: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "method": self.method, "num_groups": len(self.rows),
                 "subset_indices": list(self.subset_indices), "int8_error": self.int8_error,
                 "int8_error_all": self.int8_error_all, "cost_fp32_passes": self.cost_fp32_passes,
-                "seconds": self.seconds, "costs": self.costs,
+                "seconds": self.seconds, "costs": self.costs, "counts": self.counts,
                 "rows": [{"rank": i + 1, **asdict(r)} for i, r in enumerate(self.rows)]}
 
     def table(self, rows: int = 10) -> str:
@@ -338,9 +354,10 @@ def _constant_names(model: onnx.ModelProto) -> set[str]:
 
 
 def suffix_model(model: onnx.ModelProto, cut: Sequence[str], types: Mapping[str, int],
-                 ranks: Mapping[str, int]) -> onnx.ModelProto:
+                 ranks: Mapping[str, int], keep_inputs: Sequence[str] = ()) -> onnx.ModelProto:
     """The part of ``model`` that computes its outputs from the tensors ``cut`` (fed as inputs
-    of rank ``ranks[t]`` with symbolic dims; ONNX Runtime takes the sizes from the feed)."""
+    of rank ``ranks[t]`` with symbolic dims; ONNX Runtime takes the sizes from the feed), and
+    from those graph inputs of ``keep_inputs`` that it reads."""
     g = model.graph
     producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
     cut_set, need, keep = set(cut), set(), set()
@@ -360,6 +377,7 @@ def suffix_model(model: onnx.ModelProto, cut: Sequence[str], types: Mapping[str,
                 stack.extend(x for n in sub.node for x in n.input if x)
     inputs = [helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT),
                                             [f"{t}_d{i}" for i in range(ranks[t])]) for t in cut if t in need]
+    inputs += [i for i in g.input if i.name in set(keep_inputs) and i.name in need and i.name not in cut_set]
     graph = helper.make_graph([g.node[i] for i in sorted(keep)], f"{g.name}_suffix", inputs, list(g.output),
                               [x for x in g.initializer if x.name in need and x.name not in cut_set])
     out = helper.make_model(graph, opset_imports=list(model.opset_import))
@@ -395,40 +413,68 @@ class _Cuts:
 
 class _Ranker:
     """The ranking subset's cached cut tensors and the suffix runs (reused by the fallback for
-    re-ranking: the FP32 side is captured once, the INT8 side once per state)."""
+    re-ranking: the FP32 side is captured once, the INT8 side once per state).
+
+    Every variant runs on one switchable model (``quantkit.debug.switchable``): a variant is a
+    feed (which groups are quantized, every activation's scale), so no model is built per
+    variant; one multi-start session, made when first used, serves every cut and every variant
+    (only-float, only-quantized, each method, each fallback state). Where the model does not
+    allow multi-start runs, one session per run of neighbouring cuts (``_plan_starts``).
+    """
 
     def __init__(self, scales: QdqScales, source: "Source", subset: Sequence[int]):
+        from quantkit.debug.switchable import switchable_model
+        from quantkit.onnx.model import tensor_types
         from quantkit.ptq import evaluation_batches
 
         self.scales = scales
         self.cuts = _Cuts(scales.model, scales.groups)
         self.batches = list(evaluation_batches(source, scales.specs, list(subset), scales.run))
-        from quantkit.onnx.model import tensor_types
-
         self.types = tensor_types(scales.model)
         self.output = scales.model.graph.output[0].name
-        self._suffix: dict[int, onnx.ModelProto] = {}
-        self.fp32_cut, self.fp32_out = self._capture(scales.model)
+        t0 = time.perf_counter()
+        self.switch = switchable_model(scales.model, scales.plan, scales.groups)
+        self.build_seconds = time.perf_counter() - t0  # the switchable and multi-start models
+        self._switch_inputs = [i.name for i in self.switch.model.graph.input]
+        self._sessions: dict[int, Any] = {}
+        self._plain_amax = scales.amax_for(scales.plan, {})
+        self._starts: dict[int, int] | None = None
+        t0 = time.perf_counter()
+        self.fp32_cut, self.fp32_out = self._capture(scales.model, {})
+        self.fp32_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.multi = self._multi_start()
+        self.build_seconds += time.perf_counter() - t0
+        self._multi_checked = False
         self._int8_key: Any = None
         self.int8_cut: list[dict[str, np.ndarray]] = []
+        self.counts = {"sessions": 0, "suffix_runs": 0}
+        self.session_seconds = 0.0  # suffix extraction + session creation
 
-    def _capture(self, model: onnx.ModelProto) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+    def _capture(self, model: onnx.ModelProto, switch: Mapping[str, np.ndarray],
+                 ) -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
         from quantkit.backends.onnxruntime import OrtRunner
 
         cut, out = [], []
         with OrtRunner(model, threads=self.scales.run.threads, capture=self.cuts.all) as r:
             for b in self.batches:
-                o, c = r.infer_captured(b.feed)
+                o, c = r.infer_captured({**b.feed, **switch})
                 cut.append(c)
                 out.append(o[self.output][: b.size])
         return cut, out
+
+    def _state(self, float_groups: Sequence[str], overrides: Mapping[str, str]) -> tuple[set[str], dict[str, float]]:
+        """The quantized groups and the activation amax of a state (amax_for's rule)."""
+        on = {g.name for g in self.scales.groups} - set(float_groups)
+        return on, self.scales.amax_for(self.scales.plan, overrides)
 
     def use_state(self, float_groups: Sequence[str], overrides: Mapping[str, str]) -> float:
         """Capture the cut tensors of the INT8 model in this state; its error on the subset."""
         key = (tuple(sorted(float_groups)), tuple(sorted(overrides.items())))
         self.state = (list(float_groups), dict(overrides))
         if key != self._int8_key:
-            self.int8_cut, outs = self._capture(self.scales.int8_model(float_groups, overrides))
+            on, amax = self._state(float_groups, overrides)
+            self.int8_cut, outs = self._capture(self.switch.model, self.switch.feed(on, amax))
             self.state_error = self._error(outs)
             self._int8_key = key
         return self.state_error
@@ -440,41 +486,131 @@ class _Ranker:
             noise, signal = noise + float(n.sum()), signal + float(s.sum())
         return _ratio(noise, signal)
 
-    def _suffix_of(self, k: int) -> onnx.ModelProto:
-        if k not in self._suffix:
-            ranks = {t: a.ndim for t, a in self.fp32_cut[0].items()}
-            self._suffix[k] = suffix_model(self.scales.model, self.cuts.tensors[k], self.types, ranks)
-        return self._suffix[k]
-
-    def _run(self, group: QuantGroup, plan: QdqPlan, amax: Mapping[str, float], cut: Sequence[dict]) -> float:
+    def _session(self, k: int) -> Any:
         from quantkit.backends.onnxruntime import create_session
 
+        if k not in self._sessions:
+            ranks = {t: a.ndim for t, a in self.fp32_cut[0].items()}
+            suffix = suffix_model(self.switch.model, self.cuts.tensors[k], self.types, ranks, self._switch_inputs)
+            t0 = time.perf_counter()
+            self._sessions[k] = create_session(suffix, threads=self.scales.run.threads)
+            self.counts["sessions"] += 1
+            self.session_seconds += time.perf_counter() - t0
+        return self._sessions[k]
+
+    def _multi_start(self) -> Any:
+        """One session for every cut (``MultiStart``), when the model allows it: a dynamic
+        batch, and every cut tensor with the batch's rows on axis 0; else None (a session per
+        run of neighbouring cuts, ``_plan_starts``)."""
+        from quantkit.debug.switchable import multi_start_model
+
+        if self.scales.specs[0].static_batch or not self.fp32_cut:
+            return None
+        rows = self.batches[0].feed[self.scales.specs[0].name].shape[0]
+        first = self.fp32_cut[0]
+        if rows < 2 or any(a.ndim < 1 or a.shape[0] != rows for a in first.values()):
+            return None
+        return multi_start_model(self.switch, list(self.cuts.tensors), first, _constant_names(self.switch.model),
+                                 self.output)
+
+    def _run_multi(self, k: int, switch: Mapping[str, np.ndarray], cut: Sequence[dict]) -> list[np.ndarray] | None:
+        """The outputs of a run from cut ``k`` on the one multi-start session; None (and no
+        multi-start from then on) when ONNX Runtime cannot run the nodes before k on empty
+        tensors (a Reshape to -1, say)."""
+        from quantkit.backends.onnxruntime import create_session
+
+        try:
+            if -1 not in self._sessions:
+                t0 = time.perf_counter()
+                self._sessions[-1] = create_session(self.multi.model, threads=self.scales.run.threads)
+                self.counts["sessions"] += 1
+                self.session_seconds += time.perf_counter() - t0
+            session = self._sessions[-1]
+            outs = []
+            for c, b in zip(cut, self.batches):
+                feed = {**{n: b.feed[n][:0] for n in self.multi.empty}, **self.multi.feed(k, c), **switch}
+                outs.append(session.run([self.output], feed)[0][: b.size])
+            self._multi_checked = True
+            return outs
+        except Exception as err:  # ORT raises its own types (Fail, InvalidArgument), derived from Exception
+            if self._multi_checked:
+                raise
+            log.info("ranking: the nodes before a cut cannot run on empty tensors here (%s); one session per "
+                     "run of cuts instead", err)
+            self.multi = None
+            return None
+
+    def _start(self, k: int) -> int:
+        """The cut whose session runs the variants of the group cut at ``k`` (``_plan_starts``)."""
+        if self._starts is None:
+            self._starts = self._plan_starts()
+        return self._starts[k]
+
+    def _plan_starts(self, runs_per_group: float = 2.0) -> dict[int, int]:
+        """Share sessions between neighbouring cuts: a session made at cut s also runs the
+        variants of a group cut at k > s, from the tensors captured at s (the nodes in between
+        belong to other groups, so they compute what the capture computed). Each session costs
+        its creation, each sharing group the nodes between s and k per run: the cuts are split
+        into runs of neighbours so that the sum of both is least (dynamic programming over the
+        cuts in graph order; costs proportional to the share of the graph's nodes after a cut,
+        the creation measured on the first session, a run measured by the FP32 capture).
+        """
+        cuts = sorted(self.cuts.tensors)
+        frac = [self.cuts.fraction[k] for k in cuts]
+        t0 = time.perf_counter()
+        self._session(cuts[0])
+        create = (time.perf_counter() - t0) / max(frac[0], 1e-9)  # seconds for a whole-graph session
+        run = runs_per_group * self.fp32_seconds
+        prefix = np.concatenate([[0.0], np.cumsum(frac)])
+        best = [0.0] + [math.inf] * len(cuts)
+        start = [0] * (len(cuts) + 1)
+        for b in range(1, len(cuts) + 1):  # best[b]: cuts[:b] covered, cuts[a:b] served by a session at a
+            for a in range(b):
+                cost = best[a] + (create * frac[a] if a else 0.0) + run * ((b - a) * frac[a] - (prefix[b] - prefix[a]))
+                if cost < best[b]:
+                    best[b], start[b] = cost, a
+        starts: dict[int, int] = {}
+        b = len(cuts)
+        while b > 0:
+            a = start[b]
+            starts.update({cuts[i]: cuts[a] for i in range(a, b)})
+            b = a
+        return starts
+
+    def _run(self, group: QuantGroup, on: set[str], amax: Mapping[str, float], cut: Sequence[dict]) -> float:
+        switch = self.switch.feed(on, amax)
         k = self.cuts.position[group.name]
-        suffix = self._suffix_of(k)
-        part = _restrict(plan, self.cuts.nodes_after[k])
-        model = insert_qdq(suffix, part, {t: amax[t] for t in part.activations}) if part.activations or \
-            part.weights else suffix
-        session = create_session(model, threads=self.scales.run.threads)
+        if self.multi is not None:
+            multi = self._run_multi(k, switch, cut)
+            if multi is not None:
+                self.counts["suffix_runs"] += 1
+                return self._error(multi)
+        session = self._session(self._start(k))
         names = [i.name for i in session.get_inputs()]
-        outs = [session.run([self.output], {n: c[n] for n in names})[0][: b.size] for c, b in zip(cut, self.batches)]
+        outs = []
+        for c, b in zip(cut, self.batches):
+            outs.append(session.run([self.output], {n: c[n] if n in c else switch[n] for n in names})[0][: b.size])
+        self.counts["suffix_runs"] += 1
         return self._error(outs)
 
     def only_float(self, group: QuantGroup) -> float:
         """INT8 model of the current state with ``group`` also in float."""
-        floats, overrides = self.state
-        plan = self.scales.plan_for([*floats, group.name])
-        return self._run(group, plan, self.scales.amax_for(plan, overrides), self.int8_cut)
+        on, amax = self._state(*self.state)
+        return self._run(group, on - {group.name}, amax, self.int8_cut)
 
     def only_quantized(self, group: QuantGroup) -> float:
         """FP32 model with only ``group`` quantized (plain method)."""
-        plan = plan_only(self.scales.plan, group)
-        return self._run(group, plan, self.scales.amax_for(plan, {}), self.fp32_cut)
+        return self._run(group, {group.name}, self._plain_amax, self.fp32_cut)
+
+    def amax_with(self, group: QuantGroup, method: str | None) -> dict[str, float]:
+        """Every activation's amax in the current state with ``group`` on ``method`` (None: as is)."""
+        floats, overrides = self.state
+        return self._state(floats, overrides if method is None else {**overrides, group.name: method})[1]
 
     def with_method(self, group: QuantGroup, method: str) -> float:
         """INT8 model of the current state with ``group``'s tensors on ``method``."""
-        floats, overrides = self.state
-        plan = self.scales.plan_for(floats)
-        return self._run(group, plan, self.scales.amax_for(plan, {**overrides, group.name: method}), self.int8_cut)
+        on = self._state(*self.state)[0]
+        return self._run(group, on, self.amax_with(group, method), self.int8_cut)
 
 
 def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int],
@@ -531,7 +667,17 @@ def rank_groups(ranker: _Ranker, groups: Sequence[QuantGroup], *, quantized: boo
         g = ranker.scales.group(r.name)
         if not g.activations:
             continue
-        trials = {ranker.scales.method: base, **{m: ranker.with_method(g, m) for m in methods}}
+        # a method whose amax equals, on every tensor of the group, the current one's or an
+        # already tried method's gives the same model: no run for it
+        current = ranker.amax_with(g, None)
+        seen = {tuple(current[t] for t in g.activations): base}
+        trials = {ranker.scales.method: base}
+        for m in methods:
+            amax = ranker.amax_with(g, m)
+            key = tuple(amax[t] for t in g.activations)
+            if key not in seen:
+                seen[key] = ranker.with_method(g, m)
+            trials[m] = seen[key]
         best = min(trials, key=lambda m: (trials[m], m != ranker.scales.method))
         rows[i] = SensitivityRow(**{**asdict(r), "best_method": best, "best_method_error": trials[best]})
     costs["methods_s"] = time.perf_counter() - t0
@@ -540,8 +686,8 @@ def rank_groups(ranker: _Ranker, groups: Sequence[QuantGroup], *, quantized: boo
 
 def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: Sequence[int] | None = None,
                      subset: int = 32, method: str | None = None, on_step: Callable[[str, int, int], None] | None = None,
-                     *, method_groups: int = 3, _errors: tuple[dict[int, float], float, float] | None = None,
-                     ) -> SensitivityReport:
+                     *, method_groups: int = 3, quantized: bool = True,
+                     _errors: tuple[dict[int, float], float, float] | None = None) -> SensitivityReport:
     """Rank every quantization group of ``cal`` on the ``subset`` samples of ``source``
     (``indices``, default all) where INT8 and FP32 differ most.
 
@@ -550,6 +696,10 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
         method: the plain INT8 model's method (default: the calibration's).
         on_step: progress, ``on_step(phase, done, total)``.
         method_groups: how many of the most sensitive groups get the best-method search.
+        quantized: also measure each group's ``only_quantized_error``; False skips those G
+            suffix runs (about half the cost; the order, by ``only_float_error``, is the same
+            but for exact ties) and leaves the field None. The fallback passes False: it
+            only reads the order and the best methods.
 
     Returns:
         The ranking; its ``cost_fp32_passes`` is measured (see the module docstring).
@@ -574,10 +724,12 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
     t1 = time.perf_counter()
     ranker.use_state([], {})
     t2 = time.perf_counter()
-    rows, costs = rank_groups(ranker, scales.groups, method_groups=method_groups, on_step=on_step)
+    rows, costs = rank_groups(ranker, scales.groups, quantized=quantized, method_groups=method_groups, on_step=on_step)
     fp32_pass = fp32_per_sample * len(chosen)
-    costs = {"fp32_capture_s": t1 - t0, "int8_capture_s": t2 - t1, **costs, "fp32_pass_s": fp32_pass}
+    costs = {"build_s": ranker.build_seconds, "fp32_capture_s": t1 - t0 - ranker.build_seconds,
+             "int8_capture_s": t2 - t1, **costs, "fp32_pass_s": fp32_pass}
     work = sum(v for k, v in costs.items() if k != "fp32_pass_s")
     cost = work / fp32_pass if fp32_pass > 0 else math.inf
+    counts = {**ranker.counts, "session_s": ranker.session_seconds}
     return SensitivityReport(rows, chosen, ranker.state_error, all_error, scales.method, cost,
-                             time.perf_counter() - start, costs)
+                             time.perf_counter() - start, costs, counts=counts)

@@ -38,6 +38,11 @@ def test_fallback_meets_the_budget_with_one_group_in_float(broken):
     assert not any(n.input and PW_NODE == n.name and any("DequantizeLinear" in i for i in n.input)
                    for n in res.int8_model.graph.node)
     assert [s["action"] for s in res.steps][:2] == ["int8", "rank"] and seen == res.steps
+    # the ranking skips the only-quantized runs no step reads: one suffix run per group, plus trials
+    ranking = res.ranking
+    assert all(r.only_quantized_error is None for r in ranking.rows) and ranking.rows[0].name == PW_NODE
+    assert ranking.counts["suffix_runs"] <= res.num_groups + FallbackConfig(0).method_groups * len(cal.ranges[
+        next(iter(cal.plan.activations))].amax)
     assert res.steps[-1]["action"] == "float" and res.steps[-1]["groups"] == [PW_NODE]
     for s in res.steps:
         if s["action"] == "method" and s["kept"]:

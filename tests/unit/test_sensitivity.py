@@ -52,8 +52,16 @@ def broken():
     return cal, ArraySource(x[test], labels[test])
 
 
-def _error(model, feed, ref):
-    out = OrtRunner(model).infer(feed)["logits"].astype(np.float64)
+def _error(model, feed, ref, optimization="none"):
+    """Noise/signal of ``model``'s logits; by default as ONNX defines Q/DQ (graph optimizations
+    off: ONNX Runtime's optimized Q/DQ model runs integer kernels that round differently)."""
+    import onnxruntime as ort
+
+    from quantkit.backends.onnxruntime import session_options
+
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(optimization=optimization),
+                                providers=["CPUExecutionProvider"])
+    out = sess.run(["logits"], feed)[0].astype(np.float64)
     return float(((ref - out) ** 2).sum() / (ref ** 2).sum())
 
 
@@ -76,6 +84,8 @@ def test_ranking_finds_the_broken_group_and_its_errors_equal_full_model_runs(bro
     for row in rep.rows:
         g = scales.group(row.name)
         assert row.only_float_error == pytest.approx(_error(scales.int8_model([g.name]), feed, ref), rel=2e-3, abs=1e-9)
+        # ONNX Runtime's optimized Q/DQ model (integer kernels for some pairs) is within a few percent
+        assert row.only_float_error == pytest.approx(_error(scales.int8_model([g.name]), feed, ref, "all"), rel=0.03)
         plan = plan_only(cal.plan, g)
         only = insert_qdq(cal.model, plan, {t: cal.ranges[t].amax["percentile"] for t in plan.activations})
         assert row.only_quantized_error == pytest.approx(_error(only, feed, ref), rel=2e-3, abs=1e-9)
@@ -124,3 +134,79 @@ def test_exclude_from_a_file_without_a_ranking_is_one_line(tmp_path, capsys, res
     assert not (tmp_path / "o").exists()
     with pytest.raises(InputError, match="no sensitivity ranking"):
         ranking_from_file(str(tmp_path / "r.json"))
+
+
+def test_ranking_builds_no_model_per_variant_and_one_session_per_cut(broken, monkeypatch):
+    """Every variant is a feed of one switchable model: no insert_qdq per variant, at most one
+    ONNX Runtime session per distinct cut (created lazily, reused by every kind and method)."""
+    import quantkit.backends.onnxruntime as backend
+    import quantkit.debug.sensitivity as sensitivity
+
+    cal, ev = broken
+    cal.int8_model()  # the plain model of the side-by-side pass, made before
+    made = []
+    real = backend.create_session
+    monkeypatch.setattr(backend, "create_session", lambda *a, **k: made.append(1) or real(*a, **k))
+
+    def no_build(*a, **k):
+        raise AssertionError("insert_qdq called for a variant")
+
+    monkeypatch.setattr(sensitivity, "insert_qdq", no_build)
+    scales = QdqScales.from_calibration(cal)
+    rep = rank_sensitivity(scales, ev, subset=16)
+    cuts = len({sensitivity._Cuts(cal.model, scales.groups).position[g.name] for g in scales.groups})
+    # suffix sessions + the 2 capture runners + the 2 runners of the side-by-side pass
+    assert len(made) <= cuts + 4, (len(made), cuts)
+    assert rep.rows[0].name == PW_NODE and rep.rows[0].best_method is not None
+
+
+def test_method_trials_run_once_per_distinct_scales(broken, monkeypatch):
+    """A method whose amax on the group's tensors equals the current one or an already tried
+    method's gives the same model: it is not run again, and gets the same error."""
+    import quantkit.debug.sensitivity as sensitivity
+
+    cal, ev = broken
+    base = QdqScales.from_calibration(cal)
+    ranges = {t: {"percentile": r["percentile"], "copy": r["percentile"], "minmax": r["minmax"],
+                  "minmax_too": r["minmax"]} for t, r in base.ranges.items()}
+    scales = QdqScales(base.model, base.specs, base.plan, ranges, "percentile", base.run, plain=base.plain)
+    calls = []
+    real = sensitivity._Ranker.with_method
+    monkeypatch.setattr(sensitivity._Ranker, "with_method", lambda self, g, m: calls.append(m) or real(self, g, m))
+    rep = rank_sensitivity(scales, ev, subset=16, method_groups=1)
+    assert calls == ["minmax"]
+    top = rep.rows[0]
+    assert top.name == PW_NODE and top.best_method in ("minmax", "percentile")
+
+
+def test_one_multi_start_session_gives_the_errors_of_a_session_per_cut(broken, monkeypatch):
+    """The one session that starts at any cut (nodes before the cut on empty tensors) gives the
+    same errors as suffix models cut off at each group (the path for models where that fails)."""
+    import quantkit.debug.sensitivity as sensitivity
+
+    cal, ev = broken
+    multi = rank_sensitivity(cal, ev, subset=16)
+    assert multi.counts["sessions"] == 1
+    monkeypatch.setattr(sensitivity._Ranker, "_multi_start", lambda self: None)
+    per_cut = rank_sensitivity(cal, ev, subset=16)
+    assert per_cut.counts["sessions"] > 1
+    assert [r.name for r in multi.rows] == [r.name for r in per_cut.rows]
+    for a, b in zip(multi.rows, per_cut.rows):
+        assert a.only_float_error == pytest.approx(b.only_float_error, rel=1e-6)
+        assert a.only_quantized_error == pytest.approx(b.only_quantized_error, rel=1e-6)
+
+
+def test_a_model_that_cannot_run_on_empty_tensors_falls_back_to_sessions_per_cut(broken, monkeypatch):
+    import quantkit.debug.switchable as switchable
+
+    cal, ev = broken
+    want = rank_sensitivity(cal, ev, subset=16)
+
+    def fails(self, k, captured):  # what ONNX Runtime does for, e.g., a Reshape to [0, -1] of no rows
+        raise RuntimeError("cannot infer the -1 dimension of an empty tensor")
+
+    monkeypatch.setattr(switchable.MultiStart, "feed", fails)
+    got = rank_sensitivity(cal, ev, subset=16)
+    assert got.counts["sessions"] > 2  # the multi-start one, then a session per run of cuts
+    assert [r.name for r in got.rows] == [r.name for r in want.rows]
+    assert [r.only_float_error for r in got.rows] == pytest.approx([r.only_float_error for r in want.rows], rel=1e-6)
