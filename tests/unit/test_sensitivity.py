@@ -84,8 +84,9 @@ def test_ranking_finds_the_broken_group_and_its_errors_equal_full_model_runs(bro
     for row in rep.rows:
         g = scales.group(row.name)
         assert row.only_float_error == pytest.approx(_error(scales.int8_model([g.name]), feed, ref), rel=2e-3, abs=1e-9)
-        # ONNX Runtime's optimized Q/DQ model (integer kernels for some pairs) is within a few percent
-        assert row.only_float_error == pytest.approx(_error(scales.int8_model([g.name]), feed, ref, "all"), rel=0.03)
+        # ONNX Runtime's optimized Q/DQ model (integer kernels for some pairs, rounding otherwise) is
+        # within a few percent (3.3% here once depthwise equalization rescaled the pw input)
+        assert row.only_float_error == pytest.approx(_error(scales.int8_model([g.name]), feed, ref, "all"), rel=0.05)
         plan = plan_only(cal.plan, g)
         only = insert_qdq(cal.model, plan, {t: cal.ranges[t].amax["percentile"] for t in plan.activations})
         assert row.only_quantized_error == pytest.approx(_error(only, feed, ref), rel=2e-3, abs=1e-9)
