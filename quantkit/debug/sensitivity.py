@@ -182,8 +182,12 @@ class QdqScales:
         """The plan and scales of a symmetric INT8 Q/DQ model made from ``fp32`` (quantkit's, or
         any with zero points 0): its activation pairs are matched to quantkit's TensorRT plan."""
         from quantkit.debug.layerwise import qdq_points
+        from quantkit.onnx.equalize import equalizations_of, equalize_depthwise
         from quantkit.ptq import prepare
 
+        recorded = equalizations_of(int8)
+        if recorded and not equalizations_of(fp32):  # the user's model: equalize it as the INT8 model was
+            fp32, _ = equalize_depthwise(fp32, {e.tensor: (e.consumers, e.scales) for e in recorded})
         prepared = prepare(fp32, name="the FP32 model")
         points = {p.tensor: p for p in qdq_points(int8) if p.kind == "activation"}
         amax: dict[str, dict[str, float]] = {}

@@ -168,3 +168,18 @@ def test_cli_calibrate_then_debug_on_the_original(tmp_path, capsys):
     assert rc == 0, captured.err
     doc = json.loads((tmp_path / "dbg" / "debug.json").read_text())["layerwise"]
     assert "h_equalized" in {p["tensor"] for p in doc["activations"]}
+
+
+def test_ranking_a_qdq_model_with_equalization_keeps_its_depthwise_group():
+    """`quantkit debug ORIGINAL INT8 --rank` plans on the user's model: the equalization recorded in
+    the INT8 model is applied to it again, so the depthwise Conv's group is ranked with its scale."""
+    from quantkit.debug.sensitivity import QdqScales
+    from quantkit.ptq import RunConfig
+
+    model = make_depthwise_model()
+    cal = _calibrate(model, depthwise_inputs(model, 32))
+    (e,) = cal.equalized
+    scales = QdqScales.from_qdq_model(model, cal.int8_model(), RunConfig())
+    assert e.scaled in scales.plan.activations
+    assert set(scales.plan.activations) == set(cal.plan.activations)
+    assert scales.ranges[e.scaled]["model"] == pytest.approx(cal.amax()[e.scaled], rel=1e-6)
