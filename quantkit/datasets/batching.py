@@ -198,7 +198,8 @@ class Batcher:
         axes = self._axes()
         for key, name in zip(keys, self.input_names):
             arrays = [s[key] if isinstance(s, dict) else s for s in samples]
-            if axes.get(name, 0) is None:  # no batch axis: the same array in every sample
+            axis = axes.get(name, 0)
+            if axis is None:  # no batch axis: the same array in every sample
                 feed[name] = arrays[0]
                 if name in self.dtypes:
                     feed[name] = cast_for_input(feed[name], self.dtypes[name], name=name,
@@ -212,7 +213,7 @@ class Batcher:
                     f"{tuple(next(a.shape for i, a in zip(indices, arrays) if i == odd))}, others {arrays[0].shape}",
                     hint="set --resize/--crop so every image has the same size",
                 )
-            feed[name] = np.stack(arrays, axis=axes.get(name, 0))
+            feed[name] = np.stack(arrays, axis=axis)
             if name in self.dtypes:
                 feed[name] = cast_for_input(feed[name], self.dtypes[name], name=name,
                                             where=self.source.describe(indices[0]), noted=self._noted)
