@@ -231,6 +231,7 @@ def run_nncf(a: Adapter, preset: str, calib: dict, ref: np.ndarray, eval_feeds: 
 AIMET_SCRIPT = r"""
 import copy, json, os, sys, time, numpy as np, onnx
 from aimet_onnx import quantsim
+from aimet_onnx.batch_norm_fold import fold_all_batch_norms_to_weight
 from aimet_onnx.quantsim import QuantizationSimModel
 model_path, npz, out, symmetric, batch, axes = sys.argv[1:7]
 feeds, batch, axes = dict(np.load(npz)), int(batch), json.loads(axes)
@@ -248,7 +249,13 @@ if symmetric == "1":
     config = os.path.join(os.path.dirname(out), "aimet-symmetric.json")
     json.dump(cfg, open(config, "w"))
 t = time.perf_counter()
-sim = QuantizationSimModel(onnx.load(model_path), param_type="int8", activation_type="int8",
+model = onnx.load(model_path)
+bn = sum(nd.op_type == "BatchNormalization" for nd in model.graph.node)
+try:  # AIMET's PTQ recipe folds BatchNorm into the Conv/Gemm weights first (TensorRT folds it too)
+    folded = sum(map(len, fold_all_batch_norms_to_weight(model)))
+except Exception as err:
+    model, folded = onnx.load(model_path), f"fold failed, unfolded: {type(err).__name__}: {err}"[:120]
+sim = QuantizationSimModel(model, param_type="int8", activation_type="int8",
                            config_file=config, dummy_input=items[0], path=os.path.dirname(out))
 sim.compute_encodings(items)
 q = sim.to_onnx_qdq(force_activation_as="signed" if symmetric == "1" else "unsigned")
@@ -263,15 +270,17 @@ for node in q.graph.node:
         z = onnx.numpy_helper.to_array(zps[node.input[2]])
         dtypes.add(str(z.dtype))
         nonzero += int(np.any(z != 0))
-print(json.dumps({"seconds": seconds, "zero_point_dtypes": sorted(dtypes), "nonzero_zero_points": nonzero,
+print(json.dumps({"seconds": seconds, "bn": bn, "bn_folded": folded, "zero_point_dtypes": sorted(dtypes), "nonzero_zero_points": nonzero,
                   "qdq": sum(nd.op_type == "QuantizeLinear" for nd in q.graph.node)}))
 """
 
 
 def run_aimet(a: Adapter, symmetric: bool, calib: dict, ref: np.ndarray, eval_feeds: dict, work: Path):
-    """AIMET-ONNX in its own venv: QuantizationSimModel W8A8 calibrated on the calibration batches
-    (min_max, its default scheme), exported as Q/DQ ONNX and scored by the adapter like every peer.
-    Seconds: sim construction + compute_encodings + export, without the process start."""
+    """AIMET-ONNX in its own venv, its documented PTQ recipe: BatchNorm folded into the weights
+    (``fold_all_batch_norms_to_weight``; the unfolded model if that fails), QuantizationSimModel W8A8
+    calibrated on the calibration batches (min_max, its default scheme), exported as Q/DQ ONNX
+    (``to_onnx_qdq``) and scored by the adapter like every peer. Seconds: fold + sim construction +
+    compute_encodings + export, without the process start."""
     if not AIMET_PY.exists():
         return "not run: no AIMET venv"
     npz = a.write_npz(work / "calib-aimet.npz", calib)
@@ -286,7 +295,7 @@ def run_aimet(a: Adapter, symmetric: bool, calib: dict, ref: np.ndarray, eval_fe
         return f"failed: {' '.join(last[0].split())[:200]}"
     info = json.loads(r.stdout.strip().splitlines()[-1])
     log(f"   AIMET {kind}: {info['qdq']} QuantizeLinear, zero points {info['zero_point_dtypes']}, "
-        f"{info['nonzero_zero_points']} non-zero")
+        f"{info['nonzero_zero_points']} non-zero; BatchNormalization {info['bn']}, folded {info['bn_folded']}")
     return a.score(out), metrics.sqnr_db(ref, first_output(out, eval_feeds, a)), info["seconds"]
 
 
@@ -376,9 +385,9 @@ def table(rows: list[Row]) -> str:
             "sample, `ModelType.TRANSFORMER` for the transformer; seconds include its process start. AIMET-ONNX 2.42 "
             f"in its own venv ({AIMET_PY}): `QuantizationSimModel` W8A8 (min_max, its default scheme), its default "
             "per-channel config (symmetric per-channel weights, bias in float) with asymmetric uint8 activations "
-            "(AIMET's default) or symmetric int8 activations with zero point 0 (what TensorRT builds), "
-            "`compute_encodings` on the calibration batches, `to_onnx_qdq` scored like the others; seconds: sim "
-            "construction + calibration + export. ORT: `quantize_static` QDQ, per-channel symmetric int8 weights, "
+            "(AIMET's default) or symmetric int8 activations with zero point 0 (what TensorRT builds), BatchNorm "
+            "folded first (`fold_all_batch_norms_to_weight`, AIMET's recipe), `compute_encodings` on the calibration "
+            "batches, `to_onnx_qdq` scored like the others; seconds: fold + sim construction + calibration + export. ORT: `quantize_static` QDQ, per-channel symmetric int8 weights, "
             "symmetric int8 activations (what TensorRT builds), Percentile 99.999.",
             "", "## Targets", "",
             "| model | default (entropy) - FP32 (target >= -1) | worst method but entropy-trt - FP32 (target >= -3) | "
