@@ -227,7 +227,7 @@ def run_nncf(a: Adapter, preset: str, calib: dict, ref: np.ndarray, eval_feeds: 
 #: AIMET's default per-channel config (aimet_onnx/common/quantsim_config/default_config_per_channel.json:
 #: params symmetric, per-channel for Conv/ConvTranspose/Gemm/MatMul/PRelu, bias in float) with the
 #: activations made symmetric too: signed int8 with zero point 0 (not "unsigned symmetric" [0, 255]
-#: for non-negative tensors), the Q/DQ TensorRT builds
+#: for non-negative tensors), the Q/DQ TensorRT builds; LayerNorm/BatchNorm scales left in float
 AIMET_SCRIPT = r"""
 import copy, json, os, sys, time, numpy as np, onnx
 from aimet_onnx import quantsim
@@ -246,6 +246,10 @@ if symmetric == "1":
     cfg["defaults"]["ops"]["is_symmetric"] = "True"
     cfg["defaults"]["unsigned_symmetric"] = "False"
     cfg["defaults"]["strict_symmetric"] = "False"
+    # AIMET's exception rule quantizes 8-bit LayerNorm/BatchNorm scales asymmetric (uint8 Q/DQ, which
+    # TensorRT cannot build; an HTP rule); TensorRT keeps them in float: leave them unquantized
+    for op in ("LayerNormalization", "BatchNormalization"):
+        cfg["op_type"].setdefault(op, {}).setdefault("params", {})["weight"] = {"is_quantized": "False"}
     config = os.path.join(os.path.dirname(out), "aimet-symmetric.json")
     json.dump(cfg, open(config, "w"))
 t = time.perf_counter()
@@ -385,7 +389,8 @@ def table(rows: list[Row]) -> str:
             "sample, `ModelType.TRANSFORMER` for the transformer; seconds include its process start. AIMET-ONNX 2.42 "
             f"in its own venv ({AIMET_PY}): `QuantizationSimModel` W8A8 (min_max, its default scheme), its default "
             "per-channel config (symmetric per-channel weights, bias in float) with asymmetric uint8 activations "
-            "(AIMET's default) or symmetric int8 activations with zero point 0 (what TensorRT builds), BatchNorm "
+            "(AIMET's default) or symmetric int8 activations with zero point 0 and LayerNorm/BatchNorm scales in "
+            "float (what TensorRT builds; AIMET's own rule quantizes those scales to asymmetric uint8), BatchNorm "
             "folded first (`fold_all_batch_norms_to_weight`, AIMET's recipe), `compute_encodings` on the calibration "
             "batches, `to_onnx_qdq` scored like the others; seconds: fold + sim construction + calibration + export. ORT: `quantize_static` QDQ, per-channel symmetric int8 weights, "
             "symmetric int8 activations (what TensorRT builds), Percentile 99.999.",
