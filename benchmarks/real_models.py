@@ -16,8 +16,14 @@ against ground truth. Per model, in this one process:
 - ONNX Runtime ``quantize_static`` (QDQ, per-channel int8 weights, symmetric int8 activations:
   what TensorRT builds), MinMax and Percentile (99.999), the same data and batches;
 - NNCF 3.4 ``nncf.quantize`` (default and ``preset=MIXED``; ``ModelType.TRANSFORMER`` for the
-  transformer) run by ``/tmp/venv-nncf/bin/python`` (its own venv) as a subprocess, and AIMET-ONNX
-  2.42 (``/tmp/venv-aimet``): a column says "not run" and why when its venv is missing.
+  transformer) run by ``/tmp/venv-nncf/bin/python`` (its own venv) as a subprocess;
+- AIMET-ONNX 2.42 ``QuantizationSimModel`` (W8A8, per-channel symmetric weights; activations
+  AIMET's default asymmetric and symmetric signed int8, what TensorRT builds) run by
+  ``/tmp/venv-aimet/bin/python`` the same way, exported with ``to_onnx_qdq`` and scored like the
+  others. A peer's column says "not run" and why when its venv is missing.
+
+``--peers ort nncf aimet`` picks the peers (default: all); quantkit's methods always run, so the
+SQNR ratio compares peers measured in the same run.
 
 A model that quantkit refuses or that crashes is a row with the error; the table goes on.
 """
@@ -218,7 +224,91 @@ def run_nncf(a: Adapter, preset: str, calib: dict, ref: np.ndarray, eval_feeds: 
     return a.score(out), metrics.sqnr_db(ref, first_output(out, eval_feeds, a)), seconds
 
 
-def run_model(a: Adapter, work: Path, peers: bool, spread: bool = True) -> Row:
+#: AIMET's default per-channel config (aimet_onnx/common/quantsim_config/default_config_per_channel.json:
+#: params symmetric, per-channel for Conv/ConvTranspose/Gemm/MatMul/PRelu, bias in float) with the
+#: activations made symmetric too: signed int8 with zero point 0 (not "unsigned symmetric" [0, 255]
+#: for non-negative tensors), the Q/DQ TensorRT builds; LayerNorm/BatchNorm scales left in float
+AIMET_SCRIPT = r"""
+import copy, json, os, sys, time, numpy as np, onnx
+from aimet_onnx import quantsim
+from aimet_onnx.batch_norm_fold import fold_all_batch_norms_to_weight
+from aimet_onnx.quantsim import QuantizationSimModel
+model_path, npz, out, symmetric, batch, axes = sys.argv[1:7]
+feeds, batch, axes = dict(np.load(npz)), int(batch), json.loads(axes)
+ax = {k: axes.get(k, 0) if v.ndim else None for k, v in feeds.items()}
+n = max(v.shape[ax[k]] for k, v in feeds.items() if ax[k] is not None)
+items = [{k: (np.take(v, range(i, min(n, i + batch)), axis=ax[k]) if ax[k] is not None else v)
+          for k, v in feeds.items()} for i in range(0, n, batch)]
+config = "default"
+if symmetric == "1":
+    base = os.path.join(os.path.dirname(quantsim.__file__), "common", "quantsim_config", "default_config_per_channel.json")
+    cfg = json.load(open(base))
+    cfg["defaults"]["ops"]["is_symmetric"] = "True"
+    cfg["defaults"]["unsigned_symmetric"] = "False"
+    cfg["defaults"]["strict_symmetric"] = "False"
+    # AIMET's exception rule quantizes 8-bit LayerNorm/BatchNorm scales asymmetric (uint8 Q/DQ, which
+    # TensorRT cannot build; an HTP rule); TensorRT keeps them in float: leave them unquantized
+    for op in ("LayerNormalization", "BatchNormalization"):
+        cfg["op_type"].setdefault(op, {}).setdefault("params", {})["weight"] = {"is_quantized": "False"}
+    config = os.path.join(os.path.dirname(out), "aimet-symmetric.json")
+    json.dump(cfg, open(config, "w"))
+t = time.perf_counter()
+model = onnx.load(model_path)
+bn = sum(nd.op_type == "BatchNormalization" for nd in model.graph.node)
+try:  # AIMET's PTQ recipe folds BatchNorm into the Conv/Gemm weights first (TensorRT folds it too)
+    folded = sum(map(len, fold_all_batch_norms_to_weight(model)))
+except Exception as err:
+    model, folded = onnx.load(model_path), f"fold failed, unfolded: {type(err).__name__}: {err}"[:120]
+sim = QuantizationSimModel(model, param_type="int8", activation_type="int8",
+                           config_file=config, dummy_input=items[0], path=os.path.dirname(out))
+sim.compute_encodings(items)
+q = sim.to_onnx_qdq(force_activation_as="signed" if symmetric == "1" else "unsigned")
+seconds = time.perf_counter() - t
+onnx.save(q, out)
+zps = {}
+for init in q.graph.initializer:
+    zps[init.name] = init
+dtypes, nonzero = set(), 0
+for node in q.graph.node:
+    if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in zps:
+        z = onnx.numpy_helper.to_array(zps[node.input[2]])
+        dtypes.add(str(z.dtype))
+        nonzero += int(np.any(z != 0))
+print(json.dumps({"seconds": seconds, "bn": bn, "bn_folded": folded, "zero_point_dtypes": sorted(dtypes), "nonzero_zero_points": nonzero,
+                  "qdq": sum(nd.op_type == "QuantizeLinear" for nd in q.graph.node)}))
+"""
+
+
+def run_aimet(a: Adapter, symmetric: bool, calib: dict, ref: np.ndarray, eval_feeds: dict, work: Path):
+    """AIMET-ONNX in its own venv, its documented PTQ recipe: BatchNorm folded into the weights
+    (``fold_all_batch_norms_to_weight``; the unfolded model if that fails), QuantizationSimModel W8A8
+    calibrated on the calibration batches (min_max, its default scheme), exported as Q/DQ ONNX
+    (``to_onnx_qdq``) and scored by the adapter like every peer. Seconds: fold + sim construction +
+    compute_encodings + export, without the process start."""
+    if not AIMET_PY.exists():
+        return "not run: no AIMET venv"
+    npz = a.write_npz(work / "calib-aimet.npz", calib)
+    kind = "sym" if symmetric else "asym"
+    (work / f"aimet-{kind}").mkdir(exist_ok=True)
+    out = work / f"aimet-{kind}" / "model.onnx"
+    r = subprocess.run([str(AIMET_PY), "-c", AIMET_SCRIPT, str(a.model_path()), str(npz), str(out),
+                        "1" if symmetric else "0", str(a.batch), json.dumps(a.batch_axes)],
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or ["?"]
+        return f"failed: {' '.join(last[0].split())[:200]}"
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    log(f"   AIMET {kind}: {info['qdq']} QuantizeLinear, zero points {info['zero_point_dtypes']}, "
+        f"{info['nonzero_zero_points']} non-zero; BatchNormalization {info['bn']}, folded {info['bn_folded']}")
+    return a.score(out), metrics.sqnr_db(ref, first_output(out, eval_feeds, a)), info["seconds"]
+
+
+#: --peers names and the columns each fills
+PEERS = {"ort": ("ORT MinMax", "ORT Percentile"), "nncf": ("NNCF default", "NNCF mixed"),
+         "aimet": ("AIMET W8A8 asym (default)", "AIMET W8A8 sym")}
+
+
+def run_model(a: Adapter, work: Path, peers: bool | tuple[str, ...], spread: bool = True) -> Row:
     row = Row(a)
     try:
         calib, eval_feeds = a.calibration_feeds(), a.eval_feeds()
@@ -242,21 +332,26 @@ def run_model(a: Adapter, work: Path, peers: bool, spread: bool = True) -> Row:
         except Exception as err:
             log(f"spread failed: {traceback.format_exc(limit=3)}")
             row.spread = {}
+    peers = tuple(PEERS) if peers is True else tuple(peers or ())
     if not peers or row.error:
-        row.peers["ORT MinMax"] = "not run" + (": quantkit failed on this model" if row.error else "")
+        row.peers[PEERS[peers[0]][0] if peers else "ORT MinMax"] = (
+            "not run" + (": quantkit failed on this model" if row.error else ""))
         return row
-    for method in ("MinMax", "Percentile"):
+    for method in ("MinMax", "Percentile") if "ort" in peers else ():
         try:
             row.peers[f"ORT {method}"] = run_ort(a, method, calib, ref, eval_feeds, work)
         except Exception as err:
             row.peers[f"ORT {method}"] = f"failed: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
-    for preset in ("default", "mixed"):
+    for preset in ("default", "mixed") if "nncf" in peers else ():
         try:
             row.peers[f"NNCF {preset}"] = run_nncf(a, preset, calib, ref, eval_feeds, work)
         except Exception as err:
             row.peers[f"NNCF {preset}"] = f"failed: {type(err).__name__}: {err}"
-    why = "not run: no AIMET venv" if not AIMET_PY.exists() else "not run: AIMET driver not written"
-    row.peers["AIMET W8A8 sym"] = row.peers["AIMET W8A8 asym (default)"] = why
+    for symmetric, name in zip((False, True), PEERS["aimet"]) if "aimet" in peers else ():
+        try:
+            row.peers[name] = run_aimet(a, symmetric, calib, ref, eval_feeds, work)
+        except Exception as err:
+            row.peers[name] = f"failed: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
     return row
 
 
@@ -292,8 +387,12 @@ def table(rows: list[Row]) -> str:
         out.append(f"| {r.adapter.name} | " + " | ".join(cells) + " |")
     out += ["", f"NNCF: `nncf.quantize` 3.4 on ONNX in its own venv ({NNCF_PY}), `subset_size` = every calibration "
             "sample, `ModelType.TRANSFORMER` for the transformer; seconds include its process start. AIMET-ONNX 2.42 "
-            "(`QuantizationSimModel` W8A8, symmetric and default asymmetric activations) needs its own torch and was "
-            "not installed: its columns are not run. ORT: `quantize_static` QDQ, per-channel symmetric int8 weights, "
+            f"in its own venv ({AIMET_PY}): `QuantizationSimModel` W8A8 (min_max, its default scheme), its default "
+            "per-channel config (symmetric per-channel weights, bias in float) with asymmetric uint8 activations "
+            "(AIMET's default) or symmetric int8 activations with zero point 0 and LayerNorm/BatchNorm scales in "
+            "float (what TensorRT builds; AIMET's own rule quantizes those scales to asymmetric uint8), BatchNorm "
+            "folded first (`fold_all_batch_norms_to_weight`, AIMET's recipe), `compute_encodings` on the calibration "
+            "batches, `to_onnx_qdq` scored like the others; seconds: fold + sim construction + calibration + export. ORT: `quantize_static` QDQ, per-channel symmetric int8 weights, "
             "symmetric int8 activations (what TensorRT builds), Percentile 99.999.",
             "", "## Targets", "",
             "| model | default (entropy) - FP32 (target >= -1) | worst method but entropy-trt - FP32 (target >= -3) | "
@@ -335,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="only the CI subset")
     ap.add_argument("--no-peers", action="store_true", help="quantkit only")
+    ap.add_argument("--peers", nargs="+", choices=sorted(PEERS), default=list(PEERS),
+                    help="the peers to run (default: all); quantkit runs either way")
     ap.add_argument("--no-spread", action="store_true", help="no random calibration subsets")
     ap.add_argument("--small-eval", action="store_true", help="the adapters' own (CI) evaluation sizes")
     ap.add_argument("--models", nargs="*", help="adapter names (default: all)")
@@ -356,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"== {a.name}")
             work = Path(tmp) / a.name
             work.mkdir()
-            rows.append(run_model(a, work, peers=not args.no_peers, spread=not args.no_spread))
+            rows.append(run_model(a, work, peers=() if args.no_peers else tuple(args.peers),
+                                  spread=not args.no_spread))
             log(f"   {rows[-1].error or 'ok'} ({time.time() - t0:.0f} s so far)")
     import quantkit
 
@@ -364,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             f"ONNX Runtime {onnxruntime.__version__} CPU)\n\n"
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (a shared 2-core CPU "
             f"machine), ONNX Runtime CPU execution provider; batch {BATCH}. `python benchmarks/real_models.py"
-            f"{' --fast' if args.fast else ''}{' --no-equalize' if args.no_equalize else ''}`, {time.time() - t0:.0f} s.\n")
+            f"{''.join(' ' + x for x in (sys.argv[1:] if argv is None else argv))}`, {time.time() - t0:.0f} s.\n")
     text = head + "\n" + table(rows) + "\n"
     print(text)
     if args.out:
