@@ -136,16 +136,6 @@ def plan_only(plan: QdqPlan, group: QuantGroup) -> QdqPlan:
                    weight_sources={w: s for w, s in plan.weight_sources.items() if w in weights})
 
 
-def _restrict(plan: QdqPlan, nodes: set[str]) -> QdqPlan:
-    """The part of ``plan`` that feeds ``nodes`` (a suffix of the network)."""
-    acts = {t: tuple(c for c in cs if c in nodes) for t, cs in plan.activations.items()}
-    weights = {w: (ax, tuple(c for c in cs if c in nodes)) for w, (ax, cs) in plan.weights.items()}
-    acts = {t: cs for t, cs in acts.items() if cs}
-    weights = {w: v for w, v in weights.items() if v[1]}
-    return QdqPlan(acts, weights, groups=tuple(g for g in plan.groups if all(t in acts for t in g)),
-                   weight_sources={w: s for w, s in plan.weight_sources.items() if w in weights})
-
-
 # ------------------------------------------------------------------ scales of a mixed state
 @dataclass
 class QdqScales:
