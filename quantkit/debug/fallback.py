@@ -20,6 +20,10 @@ Drop metrics, in points (the budget's unit):
     top1-agreement  100 - % of samples whose argmax agrees with FP32
     cosine          100 x (1 - mean cosine similarity of the first output)
     sqnr            100 x noise/signal power of the first output (1 point = SQNR 20 dB)
+    task            FP32 metric - INT8 metric of the caller's ``task_metric`` (API only): per-sample
+                    scores of a batch's first output (e.g. 100 for a text read right, 0 for not),
+                    averaged over the evaluation data, so a detector's or a recogniser's own
+                    decoding sets the budget
 
 Nothing is written here: the caller saves ``FallbackResult.int8_model`` at the end (an
 interrupted run leaves no artifact).
@@ -49,6 +53,10 @@ log = logging.getLogger(__name__)
 
 DROP_METRICS = ("accuracy", "top1-agreement", "sqnr", "cosine")
 
+#: A task metric: ``(first output of a batch [n, ...], the batch's sample indices) -> per-sample
+#: scores [n]`` in points, higher is better; the metric is their mean over the evaluation data.
+TaskMetric = Callable[[np.ndarray, Sequence[int]], Any]
+
 
 @dataclass(frozen=True)
 class FallbackConfig:
@@ -75,7 +83,7 @@ class FallbackConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and self.max_drop >= 0):
             raise InputError(f"the accuracy budget (--max-drop) must be a number >= 0, got {self.max_drop!r}")
-        if self.drop_metric is not None and self.drop_metric not in DROP_METRICS:
+        if self.drop_metric is not None and self.drop_metric not in (*DROP_METRICS, "task"):
             raise InputError(f"unknown drop metric {self.drop_metric!r}; choose one of {list(DROP_METRICS)}")
         if self.subset <= 0:
             raise InputError(f"the ranking subset must have at least one sample, got {self.subset}")
@@ -162,11 +170,12 @@ class _Measure:
 class _Evaluator:
     """The evaluation data's FP32 outputs and labels, computed once; measures any variant."""
 
-    def __init__(self, scales: QdqScales, source: "Source", indices: Sequence[int], metric: str):
+    def __init__(self, scales: QdqScales, source: "Source", indices: Sequence[int], metric: str,
+                 task_metric: TaskMetric | None = None):
         from quantkit.backends.onnxruntime import OrtRunner
         from quantkit.ptq import evaluation_batches
 
-        self.scales, self.metric = scales, metric
+        self.scales, self.metric, self.task_metric = scales, metric, task_metric
         self.batches = evaluation_batches(source, scales.specs, list(indices), scales.run)
         self.output = scales.model.graph.output[0].name
         self.ref: list[np.ndarray] = []
@@ -181,7 +190,9 @@ class _Evaluator:
         self.count = sum(len(r) for r in self.ref)
         if self.count == 0:
             raise InputError("no evaluation samples could be read", hint="check the evaluation data")
-        if metric == "accuracy":
+        if metric == "task":
+            self.fp32_metric = sum(self._task(r, b.indices) for r, b in zip(self.ref, self.batches)) / self.count
+        elif metric == "accuracy":
             if any(lab is None for lab in self.labels):
                 raise InputError("--drop-metric accuracy needs labels, and the evaluation data has none",
                                  hint="use --drop-metric top1-agreement")
@@ -190,11 +201,20 @@ class _Evaluator:
         else:
             self.fp32_metric = {"top1-agreement": 100.0, "cosine": 1.0, "sqnr": math.inf}[metric]
 
+    def _task(self, out: np.ndarray, indices: Sequence[int]) -> float:
+        """The sum of the task metric's per-sample scores of one batch."""
+        scores = np.asarray(self.task_metric(out, list(indices)), dtype=np.float64).reshape(-1)  # type: ignore[misc]
+        if scores.size != len(out) or not np.isfinite(scores).all():
+            raise InputError(f"the task metric returned {scores.size} score(s) for a batch of {len(out)} sample(s)"
+                             + ("" if scores.size != len(out) else " with a value that is not finite"),
+                             hint="return one finite score per sample of the batch")
+        return float(scores.sum())
+
     def measure(self, model: onnx.ModelProto) -> _Measure:
         from quantkit.backends.onnxruntime import OrtRunner
 
         per: dict[int, float] = {}
-        noise = signal = cos = 0.0
+        noise = signal = cos = task = 0.0
         agree = correct = 0
         with OrtRunner(model, threads=self.scales.run.threads) as r:
             for b, ref, lab in zip(self.batches, self.ref, self.labels):
@@ -203,7 +223,9 @@ class _Evaluator:
                 for i, ni, si in zip(b.indices, n, s):
                     per[i] = _ratio(float(ni), float(si))
                 noise, signal = noise + float(n.sum()), signal + float(s.sum())
-                if self.metric == "cosine":
+                if self.metric == "task":
+                    task += self._task(out, b.indices)
+                elif self.metric == "cosine":
                     a, t = ref.reshape(len(ref), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
                     na, nt = np.linalg.norm(a, axis=1), np.linalg.norm(t, axis=1)
                     c = np.where((na == 0) & (nt == 0), 1.0, (a * t).sum(1) / np.maximum(na * nt, 1e-300))
@@ -212,7 +234,10 @@ class _Evaluator:
                     agree += int((ref.argmax(1) == out.argmax(1)).sum())
                     if lab is not None:
                         correct += int((out.argmax(1) == lab).sum())
-        if self.metric == "accuracy":
+        if self.metric == "task":
+            value = task / self.count
+            drop = self.fp32_metric - value  # type: ignore[operator]
+        elif self.metric == "accuracy":
             value = 100.0 * correct / self.count
             drop = self.fp32_metric - value  # type: ignore[operator]
         elif self.metric == "top1-agreement":
@@ -231,9 +256,12 @@ class _Evaluator:
 def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices: Sequence[int] | None,
              config: FallbackConfig, ranking_source: "Source | None" = None,
              ranking_indices: Sequence[int] | None = None,
-             on_step: Callable[[dict[str, Any]], None] | None = None) -> FallbackResult:
+             on_step: Callable[[dict[str, Any]], None] | None = None,
+             task_metric: TaskMetric | None = None) -> FallbackResult:
     """Meet ``config.max_drop`` on the evaluation data with the fewest groups in float (see
     the module docstring). ``on_step(step)`` gets every step's record as it is made.
+    ``task_metric`` (``TaskMetric``): the budget is in points of the caller's metric (drop
+    metric "task"; ``config.drop_metric`` must then be None or "task").
 
     Raises:
         InputError: a bad budget or metric; accuracy on data without labels (before any work).
@@ -242,7 +270,13 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
     scales = cal if isinstance(cal, QdqScales) else QdqScales.from_calibration(cal)
     idx = list(range(len(eval_source))) if eval_indices is None else list(eval_indices)
     out_rank = _output_rank(scales.model)
-    metric = resolve_drop_metric(config.drop_metric, eval_source, idx, output_rank=out_rank)
+    if task_metric is not None:
+        if config.drop_metric not in (None, "task"):
+            raise InputError(f"a task metric was given, and the drop metric {config.drop_metric!r} too; "
+                             "the budget is in points of one of them", hint="leave drop_metric unset")
+        metric = "task"
+    else:
+        metric = resolve_drop_metric(config.drop_metric, eval_source, idx, output_rank=out_rank)
     groups = scales.groups
     steps: list[dict[str, Any]] = []
 
@@ -256,7 +290,7 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         return step
 
     t0 = time.perf_counter()
-    ev = _Evaluator(scales, eval_source, idx, metric)
+    ev = _Evaluator(scales, eval_source, idx, metric, task_metric)
     floats: list[str] = []
     overrides: dict[str, str] = {}
     plain = scales.int8_model()

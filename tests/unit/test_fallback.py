@@ -176,3 +176,27 @@ def test_a_zero_budget_ends_at_the_fp32_outputs_and_puts_back_only_what_did_not_
         elif s["action"] == "method" and s["kept"]:
             prev = s["drop"]
     assert {s["groups"][0] for s in res.steps if s["action"] == "int8 again"} == no_help
+
+
+def test_a_task_metric_sets_the_budget_in_its_own_points(broken):
+    """A caller's per-sample metric (here: accuracy computed from the outputs and the labels the
+    caller holds) drives the fallback like the built-in one, and its figures are its own."""
+    cal, ev = broken
+    labels = ev.labels
+    calls = []
+
+    def correct(out, indices):
+        calls.append(len(indices))
+        return 100.0 * (out.argmax(1) == labels[indices])
+
+    res = fallback(cal, ev, None, FallbackConfig(max_drop=0.5), task_metric=correct)
+    builtin = fallback(cal, ev, None, FallbackConfig(max_drop=0.5, drop_metric="accuracy"))
+    assert res.drop_metric == "task" and res.met and res.float_groups == builtin.float_groups == [PW_NODE]
+    assert res.drop_before == pytest.approx(builtin.drop_before) and res.fp32_metric == pytest.approx(
+        builtin.fp32_metric)
+    assert sum(calls) == len(ev) * (1 + sum(s["action"] != "rank" for s in res.steps))  # FP32 + every measure
+
+    with pytest.raises(InputError, match="2 score"):
+        fallback(cal, ev, None, FallbackConfig(max_drop=0.5), task_metric=lambda out, idx: np.zeros(2))
+    with pytest.raises(InputError, match="drop metric 'sqnr' too"):
+        fallback(cal, ev, None, FallbackConfig(max_drop=0.5, drop_metric="sqnr"), task_metric=correct)
