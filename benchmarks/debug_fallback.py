@@ -77,16 +77,41 @@ def float_weighted_ops(model: onnx.ModelProto) -> list[str]:
     return [n.name or n.output[0] for n in model.graph.node if n.op_type in WEIGHTED and n.input[0] not in dq]
 
 
-def accuracy_of(path_or_model: Any, npz: Path, input_name: str) -> float:
-    """Accuracy in percent (argmax of the first output) of an ONNX model on an .npz with labels."""
+def accuracy_of(path_or_model: Any, npz: Path, input_name: str, task: "Task | None" = None) -> float:
+    """The task metric in percent of an ONNX model on an .npz: accuracy (argmax of the first
+    output against ``labels``), or with ``task`` its exact match (``task.scores``)."""
     import onnxruntime as ort
 
     data = np.load(npz)
-    x, y = data[input_name], data["labels"]
+    x = data[input_name]
     blob = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-    pred = np.concatenate([sess.run(None, {input_name: x[i:i + BATCH]})[0].argmax(1) for i in range(0, len(x), BATCH)])
-    return 100.0 * float((pred == y).mean())
+    outs = [sess.run(None, {input_name: x[i:i + BATCH]})[0] for i in range(0, len(x), BATCH)]
+    if task is not None:
+        return float(np.concatenate([task.scores(o, range(i, i + len(o)))
+                                     for i, o in zip(range(0, len(x), BATCH), outs)]).mean())
+    return 100.0 * float((np.concatenate([o.argmax(1) for o in outs]) == data["labels"]).mean())
+
+
+@dataclass
+class Task:
+    """A recogniser's task metric: exact match (100 or 0 per line) of the text that RapidOCR's own
+    CTC decoder reads from the first output, against the true texts (.npy), spaces ignored as in
+    the corpus's ``exact_match``."""
+
+    model: Path
+    package_root: Path
+    texts_npy: Path
+
+    def __post_init__(self) -> None:
+        self.decode = lossy_models.ctc_decoder(self.model, self.package_root)
+        self.texts = np.load(self.texts_npy)
+
+    def scores(self, out: np.ndarray, indices: Any) -> np.ndarray:
+        got = self.decode(out)
+        # spaces ignored, as the corpus's exact_match does (CTC decoders differ on them)
+        return np.array([100.0 * (g.replace(" ", "") == str(self.texts[i]).replace(" ", ""))
+                         for g, i in zip(got, indices)])
 
 
 # ---------------------------------------------------------------- NNCF in its own venv
@@ -95,7 +120,7 @@ import json, logging, re, sys, time
 t_start = time.perf_counter()
 import numpy as np, onnx, onnxruntime as ort, nncf
 from nncf.common.logging import nncf_logger
-model_path, calib_npz, eval_npz, name, max_drop, out = sys.argv[1:7]
+model_path, calib_npz, eval_npz, name, max_drop, out, ctc_utils, texts_npy = sys.argv[1:9]
 lines = []
 class Keep(logging.Handler):
     def emit(self, record):
@@ -104,7 +129,20 @@ nncf_logger.addHandler(Keep())
 nncf_logger.setLevel(logging.INFO)
 cal = np.load(calib_npz)[name]
 ev = np.load(eval_npz)
-ex, ey = ev[name], ev["labels"]
+ex = ev[name]
+if ctc_utils:  # a recogniser: exact match of the text RapidOCR's own CTC decoder reads
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rec_utils", ctc_utils)
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    meta = {p.key: p.value for p in onnx.load(model_path, load_external_data=False).metadata_props}
+    dec = mod.CTCLabelDecode(character=meta["character"].splitlines())
+    texts = np.load(texts_npy)
+    def correct_of(out, b):
+        return [100.0 * float(t.replace(" ", "") == str(texts[i]).replace(" ", "")) for (t, _), i in zip(dec(out), b)]
+else:
+    ey = ev["labels"]
+    def correct_of(out, b):
+        return [100.0 * float(v) for v in (out.argmax(1) == ey[b])]
 def validate(model, items):
     # items: the samples (index, ...) NNCF asks for; run in batches of 32, per-sample correctness back
     items = list(items)
@@ -113,8 +151,7 @@ def validate(model, items):
     correct = []
     for s in range(0, len(idx), 32):
         b = idx[s:s + 32]
-        pred = sess.run(None, {name: ex[b]})[0].argmax(1)
-        correct += [100.0 * float(v) for v in (pred == ey[b])]
+        correct += correct_of(sess.run(None, {name: ex[b]})[0], b)
     return float(np.mean(correct)), correct
 cal_items = [{name: cal[i:i + 1]} for i in range(len(cal))]
 t = time.perf_counter()
@@ -133,20 +170,26 @@ print(json.dumps({"seconds": seconds, "seconds_in_process": time.perf_counter() 
 """
 
 
-def run_nncf(model: Path, calib_npz: Path, eval_npz: Path, input_name: str, max_drop: float, work: Path) -> dict:
+def run_nncf(case: "Case", max_drop: float, work: Path, timeout: float) -> dict:
     if not NNCF_PY.exists():
         return {"error": f"not run: no NNCF venv at {NNCF_PY}"}
     out = work / "nncf-qwac.onnx"
+    ctc = str(next(case.task.package_root.rglob("ch_ppocr_rec/utils.py"))) if case.task else ""
     t = time.perf_counter()
-    r = subprocess.run([str(NNCF_PY), "-c", NNCF_SCRIPT, str(model), str(calib_npz), str(eval_npz), input_name,
-                        str(max_drop), str(out)], capture_output=True, text=True, timeout=7200)
+    try:
+        r = subprocess.run([str(NNCF_PY), "-c", NNCF_SCRIPT, str(case.model), str(case.calib_npz), str(case.eval_npz),
+                            case.input_name, str(max_drop), str(out), ctc,
+                            str(case.task.texts_npy) if case.task else ""], capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"not finished in {timeout:.0f} s (stopped)", "timeout": timeout}
     wall = time.perf_counter() - t
     if r.returncode != 0:
         last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or ["?"]
         return {"error": f"failed: {last[0][:200]}"}
     res = json.loads(r.stdout.strip().splitlines()[-1])
     q = onnx.load(str(out))
-    res.update(wall=wall, metric=accuracy_of(q, eval_npz, input_name), float_ops=len(float_weighted_ops(q)),
+    res.update(wall=wall, metric=accuracy_of(q, case.eval_npz, case.input_name, case.task), float_ops=len(float_weighted_ops(q)),
                weighted_ops=sum(n.op_type in WEIGHTED for n in q.graph.node))
     return res
 
@@ -162,6 +205,7 @@ class Case:
     calib_npz: Path
     eval_npz: Path
     note: str = ""
+    task: Task | None = None  # None: accuracy against the labels
 
 
 @dataclass
@@ -189,11 +233,15 @@ def run_quantkit_fallback(case: Case, max_drop: float) -> dict[str, Any]:
     cal_src, ev_src = NumpySource(case.calib_npz), NumpySource(case.eval_npz)
     t = time.perf_counter()
     cal = quantkit.quantize(onnx.load(str(case.model)), cal_src)
-    res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop, drop_metric="accuracy"))
+    if case.task is None:
+        res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop, drop_metric="accuracy"))
+    else:
+        res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop),
+                       task_metric=case.task.scores)
     seconds = time.perf_counter() - t
     groups = quant_groups(cal.model, cal.plan)
     ranking = getattr(res, "ranking", None)
-    out = {"met": res.met, "metric": accuracy_of(res.int8_model, case.eval_npz, case.input_name),
+    out = {"met": res.met, "metric": accuracy_of(res.int8_model, case.eval_npz, case.input_name, case.task),
            "reported_metric": res.int8_metric_after, "drop": res.drop_after, "float_groups": list(res.float_groups),
            "num_groups": res.num_groups, "all_groups": len(groups), "overrides": dict(res.method_overrides),
            "seconds": seconds, "fallback_seconds": res.seconds, "steps": res.steps,
@@ -207,16 +255,16 @@ def run_quantkit_fallback(case: Case, max_drop: float) -> dict[str, Any]:
     return out
 
 
-def run_case(case: Case, max_drop: float, work: Path, peers: bool) -> Row:
+def run_case(case: Case, max_drop: float, work: Path, peers: bool, nncf_timeout: float = 7200) -> Row:
     import quantkit
     from quantkit.datasets.sources import NumpySource
 
     row = Row(case)
     try:
-        row.fp32 = accuracy_of(case.model, case.eval_npz, case.input_name)
+        row.fp32 = accuracy_of(case.model, case.eval_npz, case.input_name, case.task)
         cal = quantkit.quantize(onnx.load(str(case.model)), NumpySource(case.calib_npz))
         ptq = cal.int8_model()
-        row.ptq = accuracy_of(ptq, case.eval_npz, case.input_name)
+        row.ptq = accuracy_of(ptq, case.eval_npz, case.input_name, case.task)
         row.ptq_float_ops = len(float_weighted_ops(ptq))
     except Exception as err:
         row.error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
@@ -230,7 +278,7 @@ def run_case(case: Case, max_drop: float, work: Path, peers: bool) -> Row:
     log(f"   quantkit: {row.qk.get('error') or 'done'}")
     if peers:
         try:
-            row.nncf = run_nncf(case.model, case.calib_npz, case.eval_npz, case.input_name, max_drop, work)
+            row.nncf = run_nncf(case, max_drop, work, nncf_timeout)
         except Exception as err:
             row.nncf = {"error": f"failed: {type(err).__name__}: {err}"}
         log(f"   NNCF: {row.nncf.get('error') or 'done'}")
@@ -348,14 +396,19 @@ def table(rows: list[Row], max_drop: float) -> list[str]:
                       f"{n['wall']:.1f} ({n['seconds']:.1f})"]
         both = "error" not in q and "error" not in n
         ratio = f"{n['wall'] / q['seconds']:.1f}x" if both else "—"
+        stopped = "error" not in q and "timeout" in n  # NNCF did not finish: its time is at least the limit
+        if stopped:
+            ratio = f"> {n['timeout'] / q['seconds']:.1f}x"
         layers = f"{q['float_ops'] - r.ptq_float_ops} / {n['float_ops'] - r.ptq_float_ops}" if both else "—"
         out.append(f"| {c.name} | {r.fp32:.2f} | {ptq} | " + " | ".join(qcells) + " | " + " | ".join(ncells)
                    + f" | {ratio} | {layers} |")
         met_budget = None if "error" in q else bool(q["met"] and len(q["float_groups"]) <= 0.10 * q["num_groups"])
         fewer = None if not both else q["float_ops"] <= n["float_ops"]
-        faster = None if not both else n["wall"] >= 5 * q["seconds"]
+        faster = (n["timeout"] >= 5 * q["seconds"]) if stopped else None if not both else n["wall"] >= 5 * q["seconds"]
         targets.append(f"| {c.name} | {yes(met_budget)} | {yes(fewer)} | {yes(faster)} |")
-    out += ["", "Accuracy: argmax of the first output against the labels, held-out data, recomputed here with ONNX "
+    out += ["", "Accuracy: argmax of the first output against the labels (the recogniser: exact match of the text "
+            "RapidOCR's own CTC decoder reads, the budget set in those points through `fallback(task_metric=...)` and "
+            "NNCF's validation function alike), held-out data, recomputed here with ONNX "
             "Runtime on each tool's final model. Groups: `quant_groups` (the Q/DQ pairs returned to float together). "
             "Float layers: weighted ops (Conv/Gemm/MatMul) without a DequantizeLinear on their input, beyond plain "
             "PTQ's, counted the same way in both tools' models. quantkit s: calibration pass + fallback; NNCF s: its "
@@ -422,6 +475,13 @@ def cases(work: Path, quick: bool) -> list[Case]:
             out.append(Case("rapidocr-cls (PP-OCR orientation, real)", a.model_path(), "x", cal, ev))
         except Exception as err:  # the wheel is not in the cache
             log(f"rapidocr-cls not run: {err}")
+        try:
+            a = lossy_models.rapidocr_rec()
+            cal, ev, texts = lossy_models.rapidocr_rec_npz(a, work)
+            out.append(Case("rapidocr-rec (PP-OCR recogniser, real; exact match %)", a.model_path(), "x", cal, ev,
+                            task=Task(a.model_path(), a.root, texts)))
+        except Exception as err:
+            log(f"rapidocr-rec not run: {err}")
     return out
 
 
@@ -430,6 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the outlier CNN only, small evaluation set and debug runs")
     ap.add_argument("--max-drop", type=float, default=0.5, help="accuracy budget in points (default 0.5)")
     ap.add_argument("--no-peers", action="store_true", help="skip NNCF")
+    ap.add_argument("--nncf-timeout", type=float, default=1800.0,
+                    help="stop NNCF's run of one model after this many seconds (default 1800)")
+    ap.add_argument("--cases", nargs="*", default=None, metavar="WORD",
+                    help="only the models whose name contains one of these words (e.g. outlier rec)")
+    ap.add_argument("--skip-cost", action="store_true", help="skip the ranking cost and debug memory tables")
     ap.add_argument("--out", type=Path, default=None,
                     help="markdown file (default benchmarks/results/debug_fallback[-quick].md)")
     args = ap.parse_args(argv)
@@ -439,15 +504,20 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         rows = []
         for c in cases(work, args.quick):
+            if args.cases and not any(w in c.name for w in args.cases):
+                continue
             log(f"== {c.name}")
-            rows.append(run_case(c, args.max_drop, work, peers=not args.no_peers))
-        log("== ranking cost (ResNet-18)")
-        try:
-            rc = ranking_cost(32, work)
-        except Exception as err:
-            rc = {"error": f"failed: {type(err).__name__}: {err}"}
-        log("== debug memory (ResNet-18)")
-        mem = debug_memory((64, 256) if args.quick else (256, 2048), work)
+            rows.append(run_case(c, args.max_drop, work, peers=not args.no_peers, nncf_timeout=args.nncf_timeout))
+        rc: dict[str, Any] = {"error": "not run (--skip-cost)"}
+        mem: dict[int, dict[str, float]] = {}
+        if not args.skip_cost:
+            log("== ranking cost (ResNet-18)")
+            try:
+                rc = ranking_cost(32, work)
+            except Exception as err:
+                rc = {"error": f"failed: {type(err).__name__}: {err}"}
+            log("== debug memory (ResNet-18)")
+            mem = debug_memory((64, 256) if args.quick else (256, 2048), work)
     import onnxruntime
 
     import quantkit

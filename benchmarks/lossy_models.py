@@ -190,6 +190,43 @@ def rapidocr_cls_npz(adapter, folder: Path) -> tuple[Path, Path]:
     return cal, ev
 
 
+def rapidocr_rec(n_calib: int = 32, n_eval: int = 400):
+    """The real-model corpus adapter of RapidOCR's PP-OCR text recogniser (SVTR-LCNet, CTC head),
+    with 400 evaluation lines (one line = 0.25 points)."""
+    sys.path.insert(0, str(HERE.parent))
+    from tests.realmodels import corpus
+    from tests.realmodels.adapters import RapidOcrRec
+
+    return RapidOcrRec("rapidocr-rec", corpus.RAPIDOCR, "PaddlePaddle (paddle2onnx)", "text recognition",
+                       "exact match %", n_calib=n_calib, n_eval=n_eval)
+
+
+def rapidocr_rec_npz(adapter, folder: Path) -> tuple[Path, Path, Path]:
+    """(calibration .npz, evaluation .npz, the evaluation lines' true texts .npy: a unicode
+    array, no pickle) of ``adapter``."""
+    texts = np.array([t for _, t in adapter._lines])
+    cal, ev, truth = folder / "rec-calib.npz", folder / "rec-eval.npz", folder / "rec-eval-texts.npy"
+    np.savez(cal, x=adapter.calibration_feeds()["x"])
+    np.savez(ev, x=adapter.eval_feeds()["x"])
+    np.save(truth, texts[adapter.n_calib:])
+    return cal, ev, truth
+
+
+def ctc_decoder(model_path: Path, package_root: Path):
+    """RapidOCR's own CTC decoder (``ch_ppocr_rec/utils.py`` of the unpacked wheel, loaded by file:
+    it needs numpy only) with the character list the model carries in its metadata, as the
+    package's ``TextRecognizer`` builds it: ``decode(preds [N, T, C]) -> [text, ...]``."""
+    import importlib.util
+
+    path = next(Path(package_root).rglob("ch_ppocr_rec/utils.py"))
+    spec = importlib.util.spec_from_file_location("qk_rapidocr_rec_utils", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    meta = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    dec = mod.CTCLabelDecode(character=meta["character"].splitlines())
+    return lambda preds: [text for text, _score in dec(preds)]
+
+
 if __name__ == "__main__":
     import tempfile
 

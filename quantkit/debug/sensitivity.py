@@ -269,6 +269,9 @@ class SensitivityReport:
         costs: seconds per phase, and the FP32 pass time the cost is measured against.
         counts: ONNX Runtime sessions made, suffix runs, and the seconds spent making the
             sessions (part of the phases' seconds).
+        ranker: the ``_Ranker`` that made it (the subset's cached cut tensors and the one
+            switchable session), for the fallback to check a step on the subset before it
+            validates it; not serialized.
     """
 
     rows: list[SensitivityRow]
@@ -281,6 +284,7 @@ class SensitivityReport:
     costs: dict[str, float] = field(default_factory=dict)
     metric: str = "noise/signal power of the first output against FP32"
     counts: dict[str, float] = field(default_factory=dict)
+    ranker: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "method": self.method, "num_groups": len(self.rows),
@@ -726,4 +730,4 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
     cost = work / fp32_pass if fp32_pass > 0 else math.inf
     counts = {**ranker.counts, "session_s": ranker.session_seconds}
     return SensitivityReport(rows, chosen, ranker.state_error, all_error, scales.method, cost,
-                             time.perf_counter() - start, costs, counts=counts)
+                             time.perf_counter() - start, costs, counts=counts, ranker=ranker)
