@@ -72,6 +72,9 @@ def test_every_state_equals_the_qdq_model_of_that_state(builder):
         _, acts = r.infer_captured(feed)
     if builder == "gemm_transa":
         assert switch.on, "the transA Gemm switches its weight through a Where"
+    # the feed is exactly the switch inputs the model declares (a runner checks it strictly)
+    declared = {i.name for i in switch.model.graph.input} - {i.name for i in model.graph.input}
+    assert set(switch.feed(set(), {t: 1.0 for t in plan.activations})) == declared
     names = [g.name for g in groups]
     states = [set(), set(names)] + [{n for n in names if rng.random() < 0.5} for _ in range(6)]
     for on in states:
@@ -86,3 +89,31 @@ def test_every_state_equals_the_qdq_model_of_that_state(builder):
     # all off: the FP32 model
     for w, g in zip(_run(model, feed), _run(switch.model, {**feed, **switch.feed(set(), amax)})):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_a_group_switched_only_through_where_declares_no_unused_input():
+    """An activation of unknown rank (a Reshape to a shape fed at run time) is switched through a
+    Where, not split by rows: its group reads no select input, so none is declared or fed (the
+    runner checks a feed strictly; seen on the PP-OCR recogniser's attention MatMuls)."""
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["a"], name="reshape"),
+             helper.make_node("MatMul", ["a", "a"], ["y"], name="attn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 9]),
+                                           helper.make_tensor_value_info("s", TensorProto.INT64, ["k"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    plan = plan_qdq(model)
+    assert plan.activations, "the MatMul's activation input is planned"
+    switch = switchable_model(model, plan, quant_groups(model, plan))
+    amax = {t: 2.0 for t in plan.activations}
+    declared = {i.name for i in switch.model.graph.input} - {"x", "s"}
+    for on in (set(), {g.name for g in quant_groups(model, plan)}):
+        feed = switch.feed(on, amax)
+        assert set(feed) == declared
+        x = np.random.default_rng(0).normal(size=(2, 9)).astype(np.float32)
+        with OrtRunner(switch.model) as r:  # a strict runner: the feed matches the inputs
+            got = r.infer({"x": x, "s": np.array([2, 3, 3]), **feed})
+        a = x.reshape(2, 3, 3)
+        if on:
+            scale = np.float32(2.0 / 127)
+            a = np.clip(np.rint(a / scale), -128, 127) * scale
+        np.testing.assert_allclose(next(iter(got.values())), a @ a, rtol=1e-5, atol=1e-5)
