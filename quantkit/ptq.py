@@ -436,14 +436,14 @@ def method_ranges(histograms: Mapping[str, Histogram], groups: Sequence[Sequence
     """Every registered method's amax per tensor; the members of each group (``QdqPlan.groups``:
     tensors that TensorRT gives one scale) all get the ranges of their merged histogram, the
     histogram of all their values together."""
-    ranges = {t: all_ranges(h, params) for t, h in histograms.items()}
+    shared: dict[str, TensorRanges] = {}
     for group in groups:
         merged = histograms[group[0]]
         for t in group[1:]:
             merged = merge_histogram(merged, histograms[t])
-        shared = all_ranges(merged, params)
-        ranges.update(dict.fromkeys(group, shared))
-    return ranges
+        shared.update(dict.fromkeys(group, all_ranges(merged, params)))
+    # a group member's own ranges would be replaced by its group's: not computed
+    return {t: shared[t] if t in shared else all_ranges(h, params) for t, h in histograms.items()}
 
 
 def _save_int8(model: onnx.ModelProto, folder: Path, name: str, kind: str) -> dict[str, str]:
