@@ -492,20 +492,80 @@ def quantize(
                         name=model.name if isinstance(model, PreparedModel) else model_name,
                         exclude=stats.exclude, exclude_op_types=stats.exclude_op_types)
     idx = list(range(len(source))) if indices is None else list(indices)
-    model, equalized, skipped = _equalize(model, source, idx, config)
-    # an equalized tensor's own range too: the TensorRT cache names the user's tensors
-    tensors = list(dict.fromkeys([*model.plan.activation_names, *(e.tensor for e in equalized)]))
-    if stats.cache_all_tensors:
-        tensors = list(dict.fromkeys([*tensors, *float_activations(model.model)]))
-    batcher = calibration_batches(source, model.specs, idx, run, known_skips=skipped)
-    grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
-    with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
-        collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins, sample_stride=stats.sample_stride,
-                                        pow2_grid=stats.pow2_grid, pow2_tensors=grouped, on_batch=on_batch)
-    histograms = {t: c.compute() for t, c in collectors.items()}
+    folded = _calibrate_equalizing(model, source, idx, config, on_batch)
+    if folded is not None:
+        model, equalized, histograms, batcher = folded
+    else:
+        model, equalized, skipped = _equalize(model, source, idx, config)
+        tensors = _calibrated_tensors(model, equalized, stats.cache_all_tensors)
+        batcher = calibration_batches(source, model.specs, idx, run, known_skips=skipped)
+        grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
+        with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
+            collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins,
+                                            sample_stride=stats.sample_stride, pow2_grid=stats.pow2_grid,
+                                            pow2_tensors=grouped, on_batch=on_batch)
+        histograms = {t: c.compute() for t, c in collectors.items()}
     ranges = method_ranges(histograms, model.plan.groups, config.params)
     return Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
                        list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized)
+
+
+def _calibrated_tensors(model: PreparedModel, equalized: "Sequence[Equalization]", cache_all: bool) -> list[str]:
+    """The tensors the calibration pass histograms, in the order of ranges.json."""
+    # an equalized tensor's own range too: the TensorRT cache names the user's tensors
+    tensors = list(dict.fromkeys([*model.plan.activation_names, *(e.tensor for e in equalized)]))
+    if cache_all:
+        tensors = list(dict.fromkeys([*tensors, *float_activations(model.model)]))
+    return tensors
+
+
+def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
+                          on_batch: Callable[[int], None] | None,
+                          ) -> "tuple[PreparedModel, list[Equalization], dict[str, Histogram], Batcher] | None":
+    """Depthwise equalization and calibration in one pass (``quantkit.onnx.equalize_capture``):
+    the model to calibrate, the equalizations, the histograms and the batcher; None where
+    equalization is off or finds no depthwise Conv (the one pass of ``quantize``), or where
+    the first samples' depthwise inputs are too large to hold (then ``_equalize``'s separate
+    first pass, and the pass over the equalized model)."""
+    stats, run = config.stats, config.run
+    if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
+        return None
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.onnx.equalize import depthwise_consumers
+    from quantkit.onnx.equalize_capture import HeldTooLarge, capture_equalizing
+
+    found = depthwise_consumers(model.model, model.plan.activations)
+    types = tensor_types(model.model)
+    if not found or any(types.get(t, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT for t in found):
+        return None  # (a float16 tensor times the float32 scales: the two passes)
+    tensors = list(dict.fromkeys([*_calibrated_tensors(model, [], stats.cache_all_tensors), *found]))
+    grouped = {t for g in model.plan.groups for t in g}
+    prepared: dict[str, PreparedModel] = {}
+
+    def grouped_after(equalized_model: onnx.ModelProto) -> set[str]:
+        prepared["model"] = prepare(equalized_model, target=stats.target, name=model.name, exclude=stats.exclude,
+                                    exclude_op_types=stats.exclude_op_types)
+        return {t for g in prepared["model"].plan.groups for t in g}
+
+    batcher = calibration_batches(source, model.specs, indices, run)
+    try:
+        with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
+            got = capture_equalizing(executor, model.model, found, batcher, first_samples=EQUALIZE_SAMPLES,
+                                     num_bins=stats.num_bins, sample_stride=stats.sample_stride,
+                                     pow2_tensors=grouped, grouped_after=grouped_after, on_batch=on_batch)
+    except HeldTooLarge as why:
+        log.info("%s: %s; equalization runs its own first pass", model.name, why)
+        return None
+    if got.equalized:
+        log.info("%s: equalized the input of %d depthwise Conv(s) over %d samples (factors up to %.1f)", model.name,
+                 sum(len(e.consumers) for e in got.equalized), min(batcher.used_, EQUALIZE_SAMPLES),
+                 max(float(e.scales.max()) for e in got.equalized))
+        model = prepared["model"]
+    final = _calibrated_tensors(model, got.equalized, stats.cache_all_tensors)
+    missing = [t for t in final if t not in got.collectors]
+    if missing:  # not expected: equalization adds only the scaled tensors
+        raise RuntimeError(f"{model.name}: no statistics for {missing[:3]} after depthwise equalization")
+    return model, got.equalized, {t: got.collectors[t].compute() for t in final}, batcher
 
 
 def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
