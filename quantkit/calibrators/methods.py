@@ -235,7 +235,8 @@ def entropy_amax(
             np.maximum(level_q, 1.0, out=level_q)
             np.divide(level_sum, level_q, out=level_q)
             level_log_q = np.log(level_q, out=np.zeros_like(level_q), where=level_sum > 0)
-            cross[s : s + _KL_ROWS] = (level_sum * level_log_q).sum(axis=1) + tail[s : s + _KL_ROWS] * level_log_q[:, -1]
+            cross[s : s + _KL_ROWS] = ((level_sum * level_log_q).sum(axis=1)
+                                       + tail[s : s + _KL_ROWS] * level_log_q[:, -1])
 
         # sum p log p, with p = counts / total and the tail folded into the last kept bin
         last_p = last + tail
@@ -308,8 +309,11 @@ def mse_amax(hist: Histogram, *, start_bin: int = 128, coarse_step: int = 8) -> 
     n = hist.num_bins
     if hist.total == 0 or hist.bin_width == 0.0 or n <= start_bin:
         return hist.amax
-    edges = np.unique(np.minimum(np.arange(start_bin, n + 1) * hist.bin_width, hist.amax))
-    coarse = np.unique(np.concatenate([np.arange(0, edges.size, coarse_step), [edges.size - 1]]))
+    edges = np.minimum(np.arange(start_bin, n + 1) * hist.bin_width, hist.amax)
+    edges = edges[np.concatenate([[True], edges[1:] != edges[:-1]])]  # np.unique of a sorted array, no sort
+    coarse = np.arange(0, edges.size, coarse_step)
+    if coarse[-1] != edges.size - 1:
+        coarse = np.append(coarse, edges.size - 1)
     coarse_err = quantization_mse(hist, edges[coarse])
     fine: set[int] = set()
     for k in np.argsort(coarse_err, kind="stable")[:3]:
