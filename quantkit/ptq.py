@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: samples of the first pass that measures per-channel maxima for depthwise equalization
+#: the first samples, whose per-channel maxima decide depthwise equalization
 EQUALIZE_SAMPLES = 32
 
 
@@ -68,8 +68,9 @@ class StatsConfig:
             (no Q/DQ: those ops run in FP16/FP32 in TensorRT's explicit quantization).
         exclude_op_types: op types whose inputs stay in float.
         equalize: depthwise equalization (``quantkit.onnx.equalize``) for the ``tensorrt`` target:
-            a short first pass over the first ``EQUALIZE_SAMPLES`` samples measures max|x| per
-            channel of every quantized tensor that feeds a depthwise Conv; where the channels'
+            the first ``EQUALIZE_SAMPLES`` samples of the calibration pass measure max|x| per
+            channel of every quantized tensor that feeds a depthwise Conv (a short first pass of
+            its own where those tensors are too large to hold, ``equalize_capture``); where the channels'
             ranges differ (a factor >= 2), the tensor is multiplied by per-channel factors on
             the way to that Conv and the Conv's weights divided by them (the FP32 function is
             unchanged), so that one per-tensor INT8 scale resolves every channel. Not applied
