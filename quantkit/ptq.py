@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: samples of the first pass that measures per-channel maxima for depthwise equalization
+#: the first samples, whose per-channel maxima decide depthwise equalization
 EQUALIZE_SAMPLES = 32
 
 
@@ -68,8 +68,9 @@ class StatsConfig:
             (no Q/DQ: those ops run in FP16/FP32 in TensorRT's explicit quantization).
         exclude_op_types: op types whose inputs stay in float.
         equalize: depthwise equalization (``quantkit.onnx.equalize``) for the ``tensorrt`` target:
-            a short first pass over the first ``EQUALIZE_SAMPLES`` samples measures max|x| per
-            channel of every quantized tensor that feeds a depthwise Conv; where the channels'
+            the first ``EQUALIZE_SAMPLES`` samples of the calibration pass measure max|x| per
+            channel of every quantized tensor that feeds a depthwise Conv (a short first pass of
+            its own where those tensors are too large to hold, ``equalize_capture``); where the channels'
             ranges differ (a factor >= 2), the tensor is multiplied by per-channel factors on
             the way to that Conv and the Conv's weights divided by them (the FP32 function is
             unchanged), so that one per-tensor INT8 scale resolves every channel. Not applied
@@ -436,14 +437,14 @@ def method_ranges(histograms: Mapping[str, Histogram], groups: Sequence[Sequence
     """Every registered method's amax per tensor; the members of each group (``QdqPlan.groups``:
     tensors that TensorRT gives one scale) all get the ranges of their merged histogram, the
     histogram of all their values together."""
-    ranges = {t: all_ranges(h, params) for t, h in histograms.items()}
+    shared: dict[str, TensorRanges] = {}
     for group in groups:
         merged = histograms[group[0]]
         for t in group[1:]:
             merged = merge_histogram(merged, histograms[t])
-        shared = all_ranges(merged, params)
-        ranges.update(dict.fromkeys(group, shared))
-    return ranges
+        shared.update(dict.fromkeys(group, all_ranges(merged, params)))
+    # a group member's own ranges would be replaced by its group's: not computed
+    return {t: shared[t] if t in shared else all_ranges(h, params) for t, h in histograms.items()}
 
 
 def _save_int8(model: onnx.ModelProto, folder: Path, name: str, kind: str) -> dict[str, str]:
@@ -492,20 +493,81 @@ def quantize(
                         name=model.name if isinstance(model, PreparedModel) else model_name,
                         exclude=stats.exclude, exclude_op_types=stats.exclude_op_types)
     idx = list(range(len(source))) if indices is None else list(indices)
-    model, equalized, skipped = _equalize(model, source, idx, config)
-    # an equalized tensor's own range too: the TensorRT cache names the user's tensors
-    tensors = list(dict.fromkeys([*model.plan.activation_names, *(e.tensor for e in equalized)]))
-    if stats.cache_all_tensors:
-        tensors = list(dict.fromkeys([*tensors, *float_activations(model.model)]))
-    batcher = calibration_batches(source, model.specs, idx, run, known_skips=skipped)
-    grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
-    with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
-        collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins, sample_stride=stats.sample_stride,
-                                        pow2_grid=stats.pow2_grid, pow2_tensors=grouped, on_batch=on_batch)
-    histograms = {t: c.compute() for t, c in collectors.items()}
+    folded = _calibrate_equalizing(model, source, idx, config, on_batch)
+    if folded is not None:
+        model, equalized, histograms, batcher = folded
+    else:
+        model, equalized, skipped = _equalize(model, source, idx, config)
+        tensors = _calibrated_tensors(model, equalized, stats.cache_all_tensors)
+        batcher = calibration_batches(source, model.specs, idx, run, known_skips=skipped)
+        grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
+        with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
+            collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins,
+                                            sample_stride=stats.sample_stride, pow2_grid=stats.pow2_grid,
+                                            pow2_tensors=grouped, on_batch=on_batch)
+        histograms = {t: c.compute() for t, c in collectors.items()}
     ranges = method_ranges(histograms, model.plan.groups, config.params)
     return Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
                        list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized)
+
+
+def _calibrated_tensors(model: PreparedModel, equalized: "Sequence[Equalization]", cache_all: bool) -> list[str]:
+    """The tensors the calibration pass histograms, in the order of ranges.json."""
+    # an equalized tensor's own range too: the TensorRT cache names the user's tensors
+    tensors = list(dict.fromkeys([*model.plan.activation_names, *(e.tensor for e in equalized)]))
+    if cache_all:
+        tensors = list(dict.fromkeys([*tensors, *float_activations(model.model)]))
+    return tensors
+
+
+def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
+                          on_batch: Callable[[int], None] | None,
+                          ) -> "tuple[PreparedModel, list[Equalization], dict[str, Histogram], Batcher] | None":
+    """Depthwise equalization and calibration in one pass (``quantkit.onnx.equalize_capture``):
+    the model to calibrate, the equalizations, the histograms and the batcher; None where
+    equalization is off or finds no depthwise Conv (the one pass of ``quantize``), or where
+    the first samples' depthwise inputs are too large to hold (then ``_equalize``'s separate
+    first pass, and the pass over the equalized model)."""
+    stats, run = config.stats, config.run
+    if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
+        return None
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.onnx.equalize import depthwise_consumers
+    from quantkit.onnx.equalize_capture import HeldTooLarge, capture_equalizing
+
+    found = depthwise_consumers(model.model, model.plan.activations)
+    types = tensor_types(model.model)
+    if not found or any(types.get(t, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT for t in found):
+        return None  # (a float16 tensor times the float32 scales: the two passes)
+    tensors = list(dict.fromkeys([*_calibrated_tensors(model, [], stats.cache_all_tensors), *found]))
+    grouped = {t for g in model.plan.groups for t in g}
+    prepared: dict[str, PreparedModel] = {}
+
+    def grouped_after(equalized_model: onnx.ModelProto) -> set[str]:
+        prepared["model"] = prepare(equalized_model, target=stats.target, name=model.name, exclude=stats.exclude,
+                                    exclude_op_types=stats.exclude_op_types)
+        return {t for g in prepared["model"].plan.groups for t in g}
+
+    batcher = calibration_batches(source, model.specs, indices, run)
+    try:
+        with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
+            got = capture_equalizing(executor, model.model, found, batcher, first_samples=EQUALIZE_SAMPLES,
+                                     total_samples=len(indices),
+                                     num_bins=stats.num_bins, sample_stride=stats.sample_stride,
+                                     pow2_tensors=grouped, grouped_after=grouped_after, on_batch=on_batch)
+    except HeldTooLarge as why:
+        log.info("%s: %s; equalization runs its own first pass", model.name, why)
+        return None
+    if got.equalized:
+        log.info("%s: equalized the input of %d depthwise Conv(s) over %d samples (factors up to %.1f)", model.name,
+                 sum(len(e.consumers) for e in got.equalized), min(batcher.used_, EQUALIZE_SAMPLES),
+                 max(float(e.scales.max()) for e in got.equalized))
+        model = prepared["model"]
+    final = _calibrated_tensors(model, got.equalized, stats.cache_all_tensors)
+    missing = [t for t in final if t not in got.collectors]
+    if missing:  # not expected: equalization adds only the scaled tensors
+        raise RuntimeError(f"{model.name}: no statistics for {missing[:3]} after depthwise equalization")
+    return model, got.equalized, {t: got.collectors[t].compute() for t in final}, batcher
 
 
 def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,

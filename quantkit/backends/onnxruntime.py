@@ -31,8 +31,13 @@ from quantkit.errors import ModelError
 from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, unused_inputs, with_outputs
 
 
-def session_options(threads: int | None = None, *, optimization: str = "all") -> Any:
-    """The one place ONNX Runtime session options are made, so every pass uses the same."""
+def session_options(threads: int | None = None, *, optimization: str = "all", spinning: bool = True) -> Any:
+    """The one place ONNX Runtime session options are made, so every pass uses the same.
+
+    ``spinning=False``: ONNX Runtime's idle intra-op threads sleep instead of spinning, for a
+    pass whose own worker thread needs the cores meanwhile (capture: histograms of one chunk
+    while ONNX Runtime runs the next; on 2 cores the spinning threads took that thread's time,
+    and the capture pass of rapidocr-det ran 1.5x longer, benchmarks/results/design_notes.md)."""
     ort = require("onnxruntime")
     so = ort.SessionOptions()
     level = {
@@ -45,15 +50,18 @@ def session_options(threads: int | None = None, *, optimization: str = "all") ->
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
 def create_session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int | None = None,
-                   providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+                   providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True) -> Any:
     ort = require("onnxruntime")
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
-        return ort.InferenceSession(src, sess_options=session_options(threads), providers=list(providers))
+        return ort.InferenceSession(src, sess_options=session_options(threads, spinning=spinning),
+                                    providers=list(providers))
     except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"ONNX Runtime cannot load the model: {msg}") from err
@@ -91,7 +99,8 @@ class OrtRunner(Runner):
         self._budget_mb = capture_budget_mb
         src: onnx.ModelProto | str | os.PathLike[str] = (
             with_outputs(proto, self._inner) if self._inner else proto if isinstance(model, onnx.ModelProto) else model)
-        self.session = create_session(src, threads=threads, providers=providers)
+        # a capture pass histograms on a worker thread beside ONNX Runtime: no spinning threads
+        self.session = create_session(src, threads=threads, providers=providers, spinning=not self._captured)
         self.device = ",".join(p.replace("ExecutionProvider", "") for p in self.session.get_providers())
 
     @property

