@@ -210,6 +210,29 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return {n: (0, r) for n, r in rows.items() if n not in other and r > 0}
 
 
+def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself when every node of its main graph has a name, else a copy in which the
+    unnamed ones are called ``<op type>_<index>`` (made unique against the names taken).
+
+    Q/DQ placement addresses nodes by name; ONNX allows unnamed nodes and exporters leave them
+    (PaddlePaddle's Constant weight nodes, onnx.helper graphs, old PyTorch exports).
+    """
+    if all(n.name for n in model.graph.node):
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    taken = {n.name for n in named.graph.node if n.name}
+    for i, node in enumerate(named.graph.node):
+        if not node.name:
+            base = name = f"{node.op_type}_{i}"
+            k = 1
+            while name in taken:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+            taken.add(name)
+    return named
+
+
 def opset_version(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):

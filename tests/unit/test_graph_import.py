@@ -455,3 +455,46 @@ def test_constant_node_weights_feed_gemm_and_matmul():
     got = _dequantized_weights(q)
     np.testing.assert_allclose(got["gemm"], _per_channel_reference(wg, 0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got["matmul"], _per_channel_reference(wm.T, 1), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_unnamed_nodes_calibrate(target):
+    """Nodes without names are valid ONNX (ONNX Runtime runs them): PaddlePaddle's exporter leaves
+    its Constant weight nodes unnamed, models built with onnx.helper or exported by old PyTorch
+    name none. Both placements refused them: 'every node needs a name for Q/DQ placement' (exit 2,
+    hint 're-export the model'); --target onnxruntime so on every paddle2onnx model. Unnamed
+    nodes get unique names in quantkit's copy; the caller's model is left as it was."""
+    from quantkit.datasets import SyntheticSource
+    from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig, quantize
+
+    m = _unnamed_model()
+    before = m.SerializeToString()
+    src = SyntheticSource((3, 8, 8), count=16)
+    cal = quantize(m, src, QuantizeConfig(stats=StatsConfig(target=target), run=RunConfig(batch_size=8)))
+    assert m.SerializeToString() == before  # the caller's model is not renamed
+    names = [n.name for n in cal.model.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    assert len(cal.plan.weights) == 2 and "x" in cal.plan.activations
+    _int8_close(m, min_cos=0.98)
+
+
+def test_unnamed_nodes_inspect(tmp_path, capsys):
+    """`quantkit inspect` plans the placement too: it failed with the same message."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_unnamed_model(), path)
+    assert main(["inspect", str(path)]) == 0, capsys.readouterr().err
+    assert "Q/DQ plan: 2 activation tensors (per tensor), 2 weights" in capsys.readouterr().out
+
+
+def _unnamed_model() -> onnx.ModelProto:
+    r = np.random.default_rng(3)
+    w1 = (r.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["w1"], value=numpy_helper.from_array(w1)),
+             helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="Conv_1", pads=[1, 1, 1, 1]),  # the name the first gets
+             helper.make_node("Add", ["c2", "r1"], ["y"])]
+    m = _graph(nodes, [numpy_helper.from_array((r.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), "w2")], 17,
+               out_shape=("N", 4, 8, 8))
+    onnx.checker.check_model(m)
+    return m
