@@ -498,3 +498,24 @@ def _unnamed_model() -> onnx.ModelProto:
                out_shape=("N", 4, 8, 8))
     onnx.checker.check_model(m)
     return m
+
+
+def test_float16_weights_behind_cast_are_weights():
+    """Weights stored as float16 and cast to float in the graph (onnxconverter-common's float16
+    conversion around blocked ops, exports of half-precision checkpoints) were calibrated as
+    activations: one per-tensor scale for every output channel. The Cast of a constant folds like
+    the layout ops, so the weight is quantized per channel."""
+    from quantkit.onnx.qdq import plan_qdq
+
+    r = np.random.default_rng(9)
+    w = (r.standard_normal((4, 3, 3, 3)) * np.array([0.02, 0.2, 1, 4])[:, None, None, None]).astype(np.float16)
+    nodes = [helper.make_node("Cast", ["w16"], ["w"], name="cast_w", to=TensorProto.FLOAT),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    m = _graph(nodes, [numpy_helper.from_array(w, "w16")], 17, out_shape=("N", 4, 8, 8))
+    onnx.checker.check_model(m)
+    plan = plan_qdq(m)
+    assert plan.weights == {"w": (0, ("conv",))}
+    assert list(plan.activations) == ["x"]
+    q = _int8_close(m)
+    np.testing.assert_allclose(_dequantized_weights(q)["conv"], _per_channel_reference(w.astype(np.float32), 0),
+                               rtol=1e-6, atol=1e-7)
