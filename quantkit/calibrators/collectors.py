@@ -300,7 +300,7 @@ def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int =
     def sink(batch: Any, rows: int, tensors: Mapping[str, np.ndarray]) -> None:
         try:
             for name, arr in tensors.items():
-                collectors[name].update(arr[:rows])
+                collectors[name].update(arr[:rows] if arr.ndim else arr)  # a 0-d tensor has no rows
         except NonFiniteError as err:
             first, last = batch.indices[0], batch.indices[-1]
             raise NonFiniteError(f"{err} in the batch of samples {first}..{last}",

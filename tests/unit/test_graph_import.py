@@ -519,3 +519,31 @@ def test_float16_weights_behind_cast_are_weights():
     q = _int8_close(m)
     np.testing.assert_allclose(_dequantized_weights(q)["conv"], _per_channel_reference(w.astype(np.float32), 0),
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt-all-tensors"])
+def test_scalar_float_activation_calibrates(target):
+    """A 0-d float activation (YOLOv8's exported head computes scalars from the input's shape, a
+    global mean scales a feature map) crashed the calibration pass when captured: --target
+    onnxruntime and --cache-all-tensors capture every float activation, and trimming the batch's
+    rows indexed the scalar ('IndexError: too many indices for array', exit 1)."""
+    from quantkit.datasets import SyntheticSource
+    from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig, quantize
+
+    r = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["x"], ["s"], name="mean", keepdims=0),  # 0-d
+             helper.make_node("Mul", ["c1", "s"], ["m"], name="scale"),
+             helper.make_node("Conv", ["m", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    m = _graph(nodes, [numpy_helper.from_array((r.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+                       numpy_helper.from_array((r.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), "w2")],
+               17, out_shape=("N", 4, 8, 8))
+    onnx.checker.check_model(m)
+    stats = StatsConfig(target="onnxruntime") if target == "onnxruntime" else StatsConfig(cache_all_tensors=True)
+    cal = quantize(m, SyntheticSource((3, 8, 8), count=12), QuantizeConfig(stats=stats, run=RunConfig(batch_size=8)))
+    assert "s" in cal.ranges
+    assert cal.ranges["s"].amax["minmax"] > 0
+    from quantkit.backends.onnxruntime import OrtRunner
+
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert np.isfinite(OrtRunner(cal.int8_model()).infer({"x": x})["y"]).all()
