@@ -280,6 +280,12 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
     return out
 
 
+def _rows(arr: np.ndarray, n: int) -> np.ndarray:
+    """The batch's first ``n`` rows (the rest pad a fixed batch); a 0-d tensor (a scalar computed
+    from the input's shape) has no rows and is taken whole."""
+    return arr[:n] if arr.ndim else arr
+
+
 def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Iterable[Any], *,
                     threads: int | None = None, reference_name: str = "fp32", test_name: str = "int8",
                     on_batch: Callable[[int], None] | None = None) -> DebugReport:
@@ -327,7 +333,7 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
             ref_out, ref_cap = ref.infer_captured(batch.feed)
             test_out, test_cap = test.infer_captured(batch.feed)
             for name in names:
-                a, b = ref_cap[fp32_name[name]][:n], test_cap[by_name[name].dq_output][:n]
+                a, b = _rows(ref_cap[fp32_name[name]], n), _rows(test_cap[by_name[name].dq_output], n)
                 if name in factor:
                     a = a * factor[name]
                 if a.shape != b.shape:
@@ -335,7 +341,7 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
                                      f"{list(b.shape)} in the INT8 model: not derived from this FP32 model")
                 stats[name].update(by_name[name], a, b)
             for o, st in outs.items():
-                st.update(ref_out[o][:n], test_out[o][:n])
+                st.update(_rows(ref_out[o], n), _rows(test_out[o], n))
             samples += n
             if on_batch is not None:
                 on_batch(n)

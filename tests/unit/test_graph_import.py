@@ -547,3 +547,9 @@ def test_scalar_float_activation_calibrates(target):
 
     x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
     assert np.isfinite(OrtRunner(cal.int8_model()).infer({"x": x})["y"]).all()
+    if target == "onnxruntime":  # `quantkit debug` on that model measured the scalar the same way
+        from quantkit.datasets.batching import Batcher
+        from quantkit.debug.layerwise import layerwise_error
+
+        rep = layerwise_error(cal.model, cal.int8_model(), Batcher(SyntheticSource((3, 8, 8), count=6), ["x"], 4))
+        assert "s" in {e.tensor for e in rep.activations}
