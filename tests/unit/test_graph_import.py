@@ -553,3 +553,31 @@ def test_scalar_float_activation_calibrates(target):
 
         rep = layerwise_error(cal.model, cal.int8_model(), Batcher(SyntheticSource((3, 8, 8), count=6), ["x"], 4))
         assert "s" in {e.tensor for e in rep.activations}
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt-all-tensors"])
+def test_unbatched_activation_calibrated_whole(target):
+    """A float activation without a batch axis (YOLOv8's anchor grid: Range over the input's
+    height) was cut to the batch's first rows before its histogram: the grid 0..7 calibrated on
+    batches of 4 kept 0..3, and nudenet's INT8 grid clipped 75% of its values (0.7 dB output)."""
+    from quantkit.datasets import SyntheticSource
+    from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig, quantize
+
+    r = np.random.default_rng(6)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "i3"], ["w_int"], name="width", axis=0),
+             helper.make_node("Cast", ["w_int"], ["w_f"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Range", ["zero", "w_f", "one"], ["grid"], name="range"),  # [8]: 0..7
+             helper.make_node("Mul", ["c1", "grid"], ["m"], name="scale"),
+             helper.make_node("Conv", ["m", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array((r.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((r.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(3, np.int64), "i3"),
+             numpy_helper.from_array(np.array(0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(1, np.float32), "one")]
+    m = _graph(nodes, inits, 17, out_shape=("N", 4, 8, 8))
+    onnx.checker.check_model(m)
+    stats = StatsConfig(target="onnxruntime") if target == "onnxruntime" else StatsConfig(cache_all_tensors=True)
+    cal = quantize(m, SyntheticSource((3, 8, 8), count=12), QuantizeConfig(stats=stats, run=RunConfig(batch_size=4)))
+    assert cal.ranges["grid"].amax["minmax"] == pytest.approx(7.0)
