@@ -32,7 +32,7 @@ from quantkit.datasets.batching import Batcher
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError
 from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_quantized, ensure_opset, float_activations,
-                                 float_input_specs, opset_version, subgraph_node_count, tensor_types)
+                                 float_input_specs, opset_version, subgraph_node_count, tensor_types, with_node_names)
 from quantkit.onnx.qdq import TARGETS, QdqPlan, exclude_from_plan, insert_qdq, plan_qdq
 
 if TYPE_CHECKING:
@@ -175,14 +175,15 @@ class PreparedModel:
 
 def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "model", exclude: Sequence[str] = (),
             exclude_op_types: Sequence[str] = ()) -> PreparedModel:
-    """Not quantized already, opset >= 13, float activations checked, Q/DQ placement planned for
-    ``target``, the ``exclude``d nodes and op types left in float (``exclude_from_plan``).
+    """Not quantized already, opset >= 13, every node named, float activations checked, Q/DQ
+    placement planned for ``target``, the ``exclude``d nodes and op types left in float
+    (``exclude_from_plan``).
 
     Inputs may be int64/int32/bool (token ids, masks): the float activations after them are
     calibrated, the inputs themselves are fed as they are.
     """
     check_not_quantized(model, source=name)
-    model = ensure_opset(model)
+    model = with_node_names(ensure_opset(model))
     specs = float_input_specs(model, source=name)
     plan = plan_qdq(model, target)
     types = tensor_types(model)

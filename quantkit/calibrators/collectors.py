@@ -298,9 +298,14 @@ def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int =
                   for t in executor.captured_names}
 
     def sink(batch: Any, rows: int, tensors: Mapping[str, np.ndarray]) -> None:
+        # only a padded batch (a fixed-batch model's tail) has rows to cut, and only a tensor that
+        # carries them: a tensor without a batch axis (an anchor grid from the input's shape, a
+        # 0-d scalar) is taken whole
+        padded = getattr(batch, "num_rows", rows)
         try:
             for name, arr in tensors.items():
-                collectors[name].update(arr[:rows])
+                cut = arr.ndim and rows < padded and arr.shape[0] == padded
+                collectors[name].update(arr[:rows] if cut else arr)
         except NonFiniteError as err:
             first, last = batch.indices[0], batch.indices[-1]
             raise NonFiniteError(f"{err} in the batch of samples {first}..{last}",

@@ -51,7 +51,8 @@ class Inspect:
         return self._onnx(path)
 
     def _onnx(self, path: Path) -> int:
-        from quantkit.onnx.model import input_specs, is_quantized_op, load_model, opset_version, output_specs
+        from quantkit.onnx.model import (input_specs, is_quantized_op, load_model, opset_version, output_specs,
+                                         with_node_names)
         from quantkit.onnx.qdq import plan_qdq
 
         model = load_model(path)
@@ -64,7 +65,7 @@ class Inspect:
             kinds = ", ".join(f"{quantized.count(t)} {t}" for t in dict.fromkeys(quantized))
             print(f"  already quantized: {kinds}")
         else:
-            plan = plan_qdq(model)
+            plan = plan_qdq(with_node_names(model))
             print(f"  Q/DQ plan: {len(plan.activations)} activation tensors (per tensor), "
                   f"{len(plan.weights)} weights (per channel)")
             for i, group in enumerate(plan.groups):  # why two tensors get one scale

@@ -280,6 +280,13 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
     return out
 
 
+def _rows(arr: np.ndarray, n: int, padded: int) -> np.ndarray:
+    """The batch's first ``n`` real rows of ``padded`` (the rest pad a fixed batch); a tensor
+    without the batch axis (a 0-d scalar or an anchor grid computed from the input's shape) is
+    taken whole."""
+    return arr[:n] if arr.ndim and n < padded and arr.shape[0] == padded else arr
+
+
 def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Iterable[Any], *,
                     threads: int | None = None, reference_name: str = "fp32", test_name: str = "int8",
                     on_batch: Callable[[int], None] | None = None) -> DebugReport:
@@ -323,11 +330,11 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
                              hint="give the FP32 model the Q/DQ model was made from")
         outs = {n: _OutputStats(n) for n in ref.output_names}
         for batch in batches:
-            n = batch.size
+            n, padded = batch.size, getattr(batch, "num_rows", batch.size)
             ref_out, ref_cap = ref.infer_captured(batch.feed)
             test_out, test_cap = test.infer_captured(batch.feed)
             for name in names:
-                a, b = ref_cap[fp32_name[name]][:n], test_cap[by_name[name].dq_output][:n]
+                a, b = _rows(ref_cap[fp32_name[name]], n, padded), _rows(test_cap[by_name[name].dq_output], n, padded)
                 if name in factor:
                     a = a * factor[name]
                 if a.shape != b.shape:
@@ -335,7 +342,7 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
                                      f"{list(b.shape)} in the INT8 model: not derived from this FP32 model")
                 stats[name].update(by_name[name], a, b)
             for o, st in outs.items():
-                st.update(ref_out[o][:n], test_out[o][:n])
+                st.update(_rows(ref_out[o], n, padded), _rows(test_out[o], n, padded))
             samples += n
             if on_batch is not None:
                 on_batch(n)

