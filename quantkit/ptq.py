@@ -76,6 +76,12 @@ class StatsConfig:
             unchanged), so that one per-tensor INT8 scale resolves every channel. Not applied
             with ``pow2_grid`` (statistics saved to merge: the factors of separate runs would
             differ) nor for the ``onnxruntime`` target (which also quantizes the Mul's input).
+        bias_correction: for the ``tensorrt`` target, a short pass after calibration over the
+            first ``EQUALIZE_SAMPLES`` samples measures the per-channel mean of every quantized
+            Conv's input, FP32 and fake-quantized with each method's amax; each method's Q/DQ
+            model gets Conv biases that cancel the mean error INT8 adds
+            (``quantkit.onnx.biascorrect``). The TensorRT cache (TensorRT quantizes the user's
+            model itself) and saved statistics do not carry it.
     """
 
     num_bins: int = 2048
@@ -86,6 +92,7 @@ class StatsConfig:
     exclude: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     equalize: bool = True
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if self.num_bins < 256 or self.num_bins & (self.num_bins - 1):
@@ -251,6 +258,8 @@ class Calibration:
         num_samples: samples calibrated on; skipped: (file, reason) of unreadable samples.
         sampling: how the calibration samples were drawn (recorded in ranges.json).
         equalized: the depthwise equalizations applied to ``model`` (``quantkit.onnx.equalize``).
+        bias_shifts: method -> Conv node -> the mean shift INT8 adds to its output, subtracted
+            from its bias in that method's Q/DQ model (``StatsConfig.bias_correction``).
     """
 
     model: onnx.ModelProto
@@ -265,6 +274,7 @@ class Calibration:
     model_name: str = "model"
     excluded: list[dict[str, str]] = field(default_factory=list)
     equalized: "list[Equalization]" = field(default_factory=list)
+    bias_shifts: dict[str, dict[str, Any]] = field(default_factory=dict)
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
 
     def amax(self, method: str | None = None, *, quantized_only: bool = False) -> dict[str, float]:
@@ -277,7 +287,10 @@ class Calibration:
         per method and shared by ``evaluate`` and ``save`` (copy it before changing it)."""
         method = check_method(method or self.config.method)
         if method not in self._int8:
-            self._int8[method] = insert_qdq(self.model, self.plan, self.amax(method, quantized_only=True))
+            from quantkit.onnx.biascorrect import with_corrected_biases
+
+            model = with_corrected_biases(self.model, self.bias_shifts.get(method, {}))
+            self._int8[method] = insert_qdq(model, self.plan, self.amax(method, quantized_only=True))
         return self._int8[method]
 
     def cache(self, method: str | None = None, *, trt_version: int = DEFAULT_TRT_VERSION) -> CalibrationCache:
@@ -320,7 +333,8 @@ class Calibration:
             **({"excluded": self.excluded} if self.excluded else {}),
             **({"equalized": [e.summary() for e in self.equalized]} if self.equalized else {}),
             "config": {"num_bins": s.num_bins, **self.config.params, "cache_all_tensors": s.cache_all_tensors,
-                       "sample_stride": s.sample_stride, "target": s.target, "equalize": s.equalize},
+                       "sample_stride": s.sample_stride, "target": s.target, "equalize": s.equalize,
+                       "bias_correction": bool(self.bias_shifts)},
             **metadata,
         }
 
@@ -508,8 +522,55 @@ def quantize(
                                             pow2_tensors=grouped, on_batch=on_batch)
         histograms = {t: c.compute() for t, c in collectors.items()}
     ranges = method_ranges(histograms, model.plan.groups, config.params)
+    shifts = _bias_shifts(model, source, idx, config, ranges)
     return Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
-                       list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized)
+                       list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized,
+                       bias_shifts=shifts)
+
+
+def _bias_shifts(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
+                 ranges: Mapping[str, TensorRanges]) -> dict[str, dict[str, Any]]:
+    """Bias correction (``StatsConfig.bias_correction``): per method, the mean shift of every
+    quantized Conv's output, from per-channel means over the first ``EQUALIZE_SAMPLES`` samples."""
+    import numpy as np
+
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.onnx.biascorrect import bias_shifts, correctable_convs, fake_quantize
+
+    stats, run = config.stats, config.run
+    if not stats.bias_correction or stats.target != "tensorrt":
+        return {}
+    convs = correctable_convs(model.model, model.plan)
+    tensors = list(dict.fromkeys(c.activation for c in convs))
+    if not tensors:
+        return {}
+    methods = list(next(iter(ranges.values())).amax) if ranges else []
+    sums: dict[str, Any] = {}
+    qsums: dict[tuple[str, str], Any] = {}
+    counts: dict[str, int] = {}
+
+    def sink(batch: Any, n: int, captured: Mapping[str, Any]) -> None:
+        for t, x in captured.items():
+            if x.ndim != 4:
+                continue
+            x = x[:n].astype(np.float32)
+            counts[t] = counts.get(t, 0) + x.shape[0] * x.shape[2] * x.shape[3]
+            sums[t] = sums.get(t, 0.0) + x.sum(axis=(0, 2, 3), dtype=np.float64)
+            if t in model.plan.activations:
+                for m in methods:
+                    q = fake_quantize(x, ranges[t].amax[m])
+                    qsums[t, m] = qsums.get((t, m), 0.0) + q.sum(axis=(0, 2, 3), dtype=np.float64)
+
+    batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
+    with OrtRunner(model.model, threads=run.threads, capture=tensors) as runner:
+        runner.capture(batcher, sink)
+    x_means = {t: s / counts[t] for t, s in sums.items()}
+    out = {}
+    for m in methods:
+        q_means = {t: s / counts[t] for (t, mm), s in qsums.items() if mm == m}
+        out[m] = bias_shifts(model.model, model.plan, convs, x_means, q_means)
+    log.info("%s: bias correction of %d Conv(s) over %d samples", model.name, len(convs), batcher.used_)
+    return out
 
 
 def _calibrated_tensors(model: PreparedModel, equalized: "Sequence[Equalization]", cache_all: bool) -> list[str]:

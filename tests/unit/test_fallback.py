@@ -28,7 +28,7 @@ def test_fallback_meets_the_budget_with_one_group_in_float(broken):
     cal, ev = broken
     seen = []
     res = fallback(cal, ev, None, FallbackConfig(max_drop=0.5, drop_metric="accuracy"), on_step=seen.append)
-    assert res.drop_before > 20  # plain PTQ clearly loses
+    assert res.drop_before > 15  # plain PTQ clearly loses (19.3 points; 20.x before Conv bias correction)
     assert res.met and res.drop_after <= 0.5 and res.float_groups == [PW_NODE]
     assert res.num_groups == len(quant_groups(cal.model, cal.plan)) and res.float_nodes == [PW_NODE]
     # the model returned is the one measured: its accuracy against the labels, recomputed
