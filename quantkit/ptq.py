@@ -76,12 +76,16 @@ class StatsConfig:
             unchanged), so that one per-tensor INT8 scale resolves every channel. Not applied
             with ``pow2_grid`` (statistics saved to merge: the factors of separate runs would
             differ) nor for the ``onnxruntime`` target (which also quantizes the Mul's input).
-        bias_correction: for the ``tensorrt`` target, a short pass after calibration over the
+        bias_correction: (opt-in, experimental) for the ``tensorrt`` target, a short pass after calibration over the
             first ``EQUALIZE_SAMPLES`` samples measures the per-channel mean of every quantized
             Conv's input, FP32 and fake-quantized with each method's amax; each method's Q/DQ
             model gets Conv biases that cancel the mean error INT8 adds
             (``quantkit.onnx.biascorrect``). The TensorRT cache (TensorRT quantizes the user's
-            model itself) and saved statistics do not carry it.
+            model itself) and saved statistics do not carry it, nor do ``quantkit debug``'s and
+            the fallback's variants. Off by default: on the PP-OCR recogniser it lifts the
+            default from 89.8 to 92.8 (FP32 93.0) with 32 samples, but one random 32-sample
+            subset fell to -18 points with it (-9.4 without) and minmax lost 5.8 points
+            (benchmarks/results/design_notes.md).
     """
 
     num_bins: int = 2048
@@ -92,7 +96,7 @@ class StatsConfig:
     exclude: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     equalize: bool = True
-    bias_correction: bool = True
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.num_bins < 256 or self.num_bins & (self.num_bins - 1):

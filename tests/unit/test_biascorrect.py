@@ -62,7 +62,8 @@ def test_zero_sum_kernel_on_an_offset_keeps_its_mean():
         return float(np.abs(err.mean(axis=(0, 2, 3))).max())
 
     plain = mean_error(quantkit.quantize(model, ArraySource(cal_x), QuantizeConfig(StatsConfig(bias_correction=False))))
-    corrected = mean_error(quantkit.quantize(model, ArraySource(cal_x)))
+    on = QuantizeConfig(StatsConfig(bias_correction=True))
+    corrected = mean_error(quantkit.quantize(model, ArraySource(cal_x), on))
     assert plain > 0.05, plain  # the effect is there to correct
     assert corrected < 0.2 * plain, (plain, corrected)
 
@@ -77,7 +78,7 @@ def test_shift_is_the_measured_mean_error(bias):
     x = (rng.normal(0, 1, (16, 6, 12, 12)) + rng.normal(0, 3, (1, 6, 1, 1))).astype(np.float32)
     plain = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=False)))
     measured = (_run(plain.int8_model(), x) - _run(model, x)).mean(axis=(0, 2, 3))
-    cal = quantkit.quantize(model, ArraySource(x))
+    cal = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=True)))
     for method in ("entropy", "minmax"):
         shift = cal.bias_shifts[method]["conv"]
         if method == "entropy":
@@ -90,10 +91,10 @@ def test_off_switch_and_fp32_model_unchanged():
     rng = np.random.default_rng(2)
     model = _conv_model(_zero_sum_edges(rng, 4), group=4, bias=None)
     x = _flat_background(rng, 8, 4)
-    off = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=False)))
+    off = quantkit.quantize(model, ArraySource(x))  # the default: off
     assert off.bias_shifts == {}
     assert [len(n.input) for n in off.int8_model().graph.node if n.op_type == "Conv"] == [2]
-    on = quantkit.quantize(model, ArraySource(x))
+    on = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=True)))
     (conv,) = [n for n in on.int8_model().graph.node if n.op_type == "Conv"]
     assert conv.input[2] == "conv_bias_corrected"  # a Conv without a bias gets one
     assert len(on.model.graph.node[0].input) == 2  # the FP32 reference keeps its own
