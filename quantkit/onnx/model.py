@@ -7,6 +7,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -305,7 +306,7 @@ def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 #: Reshape before a Conv weight), and a Cast between float types (float16 weights cast to float):
 #: folded, so the weight's Q/DQ feeds the weighted op directly
 _LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")
-_FLOAT_CASTS = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
+_FLOAT_CASTS: dict[int, Any] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
 
 
 def _fold_layout(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | None:
