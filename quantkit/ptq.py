@@ -76,6 +76,8 @@ class StatsConfig:
             unchanged), so that one per-tensor INT8 scale resolves every channel. Not applied
             with ``pow2_grid`` (statistics saved to merge: the factors of separate runs would
             differ) nor for the ``onnxruntime`` target (which also quantizes the Mul's input).
+        equalize_pointwise: with ``equalize``, also the quantized tensors read by group-1 Convs
+            (factors ``(A / a_c) ** 0.5``, W divided per input channel; ``quantkit.onnx.equalize``).
         bias_correction: (opt-in, experimental) for the ``tensorrt`` target, a short pass after calibration over the
             first ``EQUALIZE_SAMPLES`` samples measures the per-channel mean of every quantized
             Conv's input, FP32 and fake-quantized with each method's amax; each method's Q/DQ
@@ -96,6 +98,7 @@ class StatsConfig:
     exclude: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     equalize: bool = True
+    equalize_pointwise: bool = False
     bias_correction: bool = False
 
     def __post_init__(self) -> None:
@@ -338,6 +341,7 @@ class Calibration:
             **({"equalized": [e.summary() for e in self.equalized]} if self.equalized else {}),
             "config": {"num_bins": s.num_bins, **self.config.params, "cache_all_tensors": s.cache_all_tensors,
                        "sample_stride": s.sample_stride, "target": s.target, "equalize": s.equalize,
+                       **({"equalize_pointwise": True} if s.equalize_pointwise else {}),
                        "bias_correction": bool(self.bias_shifts)},
             **metadata,
         }
@@ -598,10 +602,10 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
     if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
         return None
     from quantkit.backends.onnxruntime import OrtRunner
-    from quantkit.onnx.equalize import depthwise_consumers
+    from quantkit.onnx.equalize import equalized_consumers
     from quantkit.onnx.equalize_capture import HeldTooLarge, capture_equalizing
 
-    found = depthwise_consumers(model.model, model.plan.activations)
+    found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.equalize_pointwise)
     types = tensor_types(model.model)
     if not found or any(types.get(t, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT for t in found):
         return None  # (a float16 tensor times the float32 scales: the two passes)
@@ -645,20 +649,16 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
     stats, run = config.stats, config.run
     if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
         return model, [], []
-    from quantkit.onnx.equalize import depthwise_consumers, equalization_scales, equalize_depthwise
+    from quantkit.onnx.equalize import equalize_depthwise, equalized_consumers, scales_for
 
-    found = depthwise_consumers(model.model, model.plan.activations)
+    found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.equalize_pointwise)
     if not found:
         return model, [], []
     # a fixed-batch model's short tail padded (the padding rows are not captured), not dropped:
     # the main pass warns about what it drops
     batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
     maxima = _channel_maxima(model.model, batcher, list(found), run.threads)
-    scales = {}
-    for t, consumers in found.items():
-        s = equalization_scales(maxima[t]) if t in maxima else None
-        if s is not None:
-            scales[t] = (consumers, s)
+    scales = scales_for(model.model, found, maxima)
     skipped = [f for f, _ in batcher.skipped_]
     if not scales:
         return model, [], skipped

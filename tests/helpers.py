@@ -200,6 +200,39 @@ def make_depthwise_model(*, variant: str = "plain", multiplier: int = 1, channel
     return model
 
 
+def make_se_pointwise_model(*, channels: int = 16, kernel: int = 1, seed: int = 0) -> onnx.ModelProto:
+    """A squeeze-and-excite block into a group-1 Conv, as in PP-OCRv5's recogniser:
+    x[N,C,8,8] (channels spread by the data: feed ``depthwise_inputs``) -> GlobalAveragePool ->
+    Conv 1x1 -> Relu -> Conv 1x1 -> HardSigmoid -> g; t = x * g -> Conv ``kernel`` x ``kernel``
+    (group 1, input column c weighted by the inverse of channel c's spread, as a folded
+    BatchNorm after it would) -> Relu -> GlobalAveragePool -> y[N,6]."""
+    r = np.random.default_rng(seed)
+    c = channels
+    spread = np.logspace(-2, 1.5, c).astype(np.float32)  # depthwise_inputs' channel spread
+    w_sq = (r.standard_normal((4, c, 1, 1)) * 0.3).astype(np.float32)
+    w_ex = (r.standard_normal((c, 4, 1, 1)) * 0.3).astype(np.float32)
+    w_pw = (r.standard_normal((6, c, kernel, kernel)) / spread[None, :, None, None] * 0.1).astype(np.float32)
+    pad = kernel // 2
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["sq_in"], name="se_pool"),
+             helper.make_node("Conv", ["sq_in", "w_sq"], ["sq"], name="se_squeeze"),
+             helper.make_node("Relu", ["sq"], ["sq_r"], name="se_relu"),
+             helper.make_node("Conv", ["sq_r", "w_ex"], ["ex"], name="se_excite"),
+             helper.make_node("HardSigmoid", ["ex"], ["g"], name="se_gate", alpha=1 / 6),
+             helper.make_node("Mul", ["x", "g"], ["t"], name="se_mul"),
+             helper.make_node("Conv", ["t", "w_pw"], ["p"], name="pw", pads=[pad] * 4),
+             helper.make_node("Relu", ["p"], ["pr"], name="pw_relu"),
+             helper.make_node("GlobalAveragePool", ["pr"], ["gp"], name="gap"),
+             helper.make_node("Flatten", ["gp"], ["y"], name="flatten")]
+    graph = helper.make_graph(nodes, "se_pointwise",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+                              [_init("w_sq", w_sq), _init("w_ex", w_ex), _init("w_pw", w_pw)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def depthwise_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> np.ndarray:
     """Inputs for ``make_depthwise_model``: N(0, 1), or for the ``input`` variant channels spread
     like the other variants' h."""

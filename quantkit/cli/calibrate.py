@@ -54,6 +54,9 @@ class Calibrate:
                        help="no depthwise equalization (by default a tensor that feeds a depthwise Conv and whose "
                             "channels' ranges differ is scaled per channel, the Conv's weights divided to match: "
                             "the same FP32 function, one per-tensor scale that resolves every channel)")
+        g.add_argument("--equalize-pointwise", action="store_true",
+                       help="also equalize the tensors that feed group-1 Convs (factors sqrt(max/max_c), the "
+                            "weights divided per input channel; e.g. a squeeze-and-excite output into a 1x1 Conv)")
         g.add_argument("--bias-correction", action="store_true",
                        help="experimental: subtract the mean error INT8 adds to each quantized Conv's output "
                             "(measured on the first 32 samples) from its bias in the Q/DQ model; helps models whose "
@@ -115,7 +118,8 @@ class Calibrate:
             StatsConfig(num_bins=args.num_bins, sample_stride=args.histogram_stride, target=args.target,
                         cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats),
                         exclude=tuple(exclude), exclude_op_types=tuple(args.exclude_op_type or ()),
-                        equalize=not args.no_equalize, bias_correction=args.bias_correction),
+                        equalize=not args.no_equalize, bias_correction=args.bias_correction,
+                        equalize_pointwise=args.equalize_pointwise),
             RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
             ExportConfig(method=args.method, params={"percentile": args.percentile}))
         prepared = prepare(model, target=args.target, name=str(model_path), exclude=config.stats.exclude,

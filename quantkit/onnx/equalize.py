@@ -22,6 +22,17 @@ its input (its Layer Fusion Catalog, docs.nvidia.com/deeplearning/tensorrt/lates
 fusion-catalog.html), so the Mul is expected to cost no kernel of its own. No engine was built
 here to confirm it.
 
+Pointwise equalization (``StatsConfig.equalize_pointwise``) does the same for a tensor read by
+group-1 Convs (any kernel size; PP-OCRv5's recogniser: the squeeze-and-excite output
+``x * HardSigmoid(...)`` into a 1x1 Conv)::
+
+    t -> Mul(s[1,C,1,1]) -> t' -> Conv(W / s[1,C,1,1], group=1)   (W[:, c] divided by s_c)
+
+exact too, but W is quantized per OUTPUT channel, so dividing input column c by s_c makes that
+column coarser relative to its row's step: the factors are SmoothQuant's balance
+``s_c = clip((A / a_c) ** ALPHA_POINTWISE, 1, s_max)`` (half the range ratio moved into the
+weight; Xiao et al. 2022), not the full ratio.
+
 The rewrite is recorded in the model's ``metadata_props`` under ``METADATA_KEY`` (JSON), so that
 ``quantkit debug`` can relate an equalized Q/DQ model to the user's original FP32 model.
 """
@@ -45,6 +56,8 @@ METADATA_KEY = "quantkit.equalization"
 S_MAX = 64.0
 #: a tensor whose largest factor is below this is left alone (nothing to gain)
 MIN_GAIN = 2.0
+#: the share of a channel's range ratio moved onto the input of group-1 Convs (SmoothQuant's alpha)
+ALPHA_POINTWISE = 0.5
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,8 @@ class Equalization:
         consumers: the depthwise Conv nodes that read ``scaled``.
         weights: new weight initializer -> the original weight it was made from (W / s).
         scales: s, one factor per channel of ``t`` (float32, >= 1).
+        input_axis: the new weights divided along axis 1 (input channels: the group-1 Convs'
+            weights); the others are divided per output channel (depthwise).
     """
 
     tensor: str
@@ -64,15 +79,26 @@ class Equalization:
     consumers: tuple[str, ...]
     weights: Mapping[str, str]
     scales: np.ndarray
+    input_axis: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return {"tensor": self.tensor, "scaled": self.scaled, "consumers": list(self.consumers),
-                "weights": dict(self.weights), "scales": [float(v) for v in self.scales]}
+                "weights": dict(self.weights), "scales": [float(v) for v in self.scales],
+                **({"input_axis": list(self.input_axis)} if self.input_axis else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> "Equalization":
         return cls(str(d["tensor"]), str(d["scaled"]), tuple(d["consumers"]),  # type: ignore[arg-type]
-                   dict(d["weights"]), np.asarray(d["scales"], dtype=np.float32))  # type: ignore[call-overload]
+                   dict(d["weights"]), np.asarray(d["scales"], dtype=np.float32),  # type: ignore[call-overload]
+                   tuple(d.get("input_axis", ())))  # type: ignore[attr-defined, arg-type]
+
+    def original_weight(self, name: str, w: np.ndarray) -> np.ndarray:
+        """The equivalent of the new weight ``name`` computed from its original ``w`` (float64): ``w``
+        divided by the factors along the axis this equalization divided it (see ``input_axis``)."""
+        s = self.scales.astype(np.float64)
+        if name in self.input_axis:
+            return w / s.reshape((1, -1) + (1,) * (w.ndim - 2))
+        return w / np.repeat(s, w.shape[0] // s.size).reshape((-1,) + (1,) * (w.ndim - 1))
 
     def summary(self) -> dict[str, object]:
         """For ranges.json: which tensor, which Convs, the factors' range."""
@@ -113,13 +139,65 @@ def depthwise_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequen
     return out
 
 
+def pointwise_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """Activation tensor -> the group-1 Convs among its quantized consumers that read it as
+    input 0 with a constant float weight ``[C_out, C, k...]`` (any kernel size)."""
+    consts = constant_arrays(model)
+    nodes = {n.name: n for n in model.graph.node if n.name}
+    out: dict[str, tuple[str, ...]] = {}
+    for t, consumers in activations.items():
+        hits = []
+        for name in consumers:
+            node = nodes.get(name)
+            if node is None or node.op_type != "Conv" or node.input[0] != t or len(node.input) < 2:
+                continue
+            w = consts.get(node.input[1])
+            if w is None or w.ndim < 3 or _attr(node, "group", 1) != 1 or not np.issubdtype(w.dtype, np.floating):
+                continue
+            hits.append(name)
+        if hits:
+            out[t] = tuple(hits)
+    return out
+
+
+def equalized_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]], *,
+                        pointwise: bool = False) -> dict[str, tuple[str, ...]]:
+    """Activation tensor -> the Convs its equalization rewrites: the depthwise ones, and with
+    ``pointwise`` the group-1 ones too (a tensor read by both: one Mul for all of them)."""
+    found = {t: list(c) for t, c in depthwise_consumers(model, activations).items()}
+    if pointwise:
+        for t, consumers in pointwise_consumers(model, activations).items():
+            found.setdefault(t, []).extend(consumers)
+    return {t: tuple(c) for t, c in found.items()}
+
+
+def scales_for(model: onnx.ModelProto, found: Mapping[str, Sequence[str]], maxima: Mapping[str, np.ndarray],
+               ) -> dict[str, tuple[Sequence[str], np.ndarray]]:
+    """The factors of each tensor of ``found`` (-> its Convs) from its per-channel maxima: the full
+    range ratio when only depthwise Convs read it, ``ALPHA_POINTWISE`` of it (in log scale) when
+    a group-1 Conv does. Tensors with nothing to gain are left out."""
+    nodes = {n.name: n for n in model.graph.node if n.name}
+    out: dict[str, tuple[Sequence[str], np.ndarray]] = {}
+    for t, consumers in found.items():
+        if t not in maxima:
+            continue
+        pointwise = any(_attr(nodes[c], "group", 1) == 1 for c in consumers if c in nodes)
+        s = equalization_scales(maxima[t], alpha=ALPHA_POINTWISE if pointwise else 1.0)
+        if s is not None:
+            out[t] = (consumers, s)
+    return out
+
+
 def equalization_scales(channel_max: np.ndarray, *, s_max: float = S_MAX, min_gain: float = MIN_GAIN,
-                        ) -> np.ndarray | None:
-    """Per-channel factors ``s_c = clip(A / a_c, 1, s_max)``, A = max_c a_c; a channel that was
-    always 0 gets 1. None when the largest factor is below ``min_gain`` (or every channel is 0).
+                        alpha: float = 1.0) -> np.ndarray | None:
+    """Per-channel factors ``s_c = clip((A / a_c) ** alpha, 1, s_max)``, A = max_c a_c; a channel
+    that was always 0 gets 1. None when the largest factor is below ``min_gain`` (or every
+    channel is 0).
 
     Args:
         channel_max: max|x| per channel, float, shape [C].
+        alpha: the share of the range ratio moved (1: all of it, depthwise; ``ALPHA_POINTWISE``
+            for group-1 Convs).
     """
     a = np.asarray(channel_max, dtype=np.float64)
     top = float(a.max()) if a.size else 0.0
@@ -127,7 +205,7 @@ def equalization_scales(channel_max: np.ndarray, *, s_max: float = S_MAX, min_ga
         return None
     with np.errstate(divide="ignore"):
         s = np.where(a > 0.0, top / np.where(a > 0.0, a, 1.0), 1.0)
-    s = np.clip(s, 1.0, s_max).astype(np.float32)
+    s = np.clip(s ** alpha, 1.0, s_max).astype(np.float32)
     return s if float(s.max()) >= min_gain else None
 
 
@@ -141,9 +219,10 @@ def _unique(name: str, taken: set[str]) -> str:
 
 def equalize_depthwise(model: onnx.ModelProto, scales: Mapping[str, tuple[Sequence[str], np.ndarray]],
                        ) -> tuple[onnx.ModelProto, list[Equalization]]:
-    """A copy of ``model`` with each tensor ``t`` of ``scales`` (-> (depthwise Conv names, s))
-    multiplied by ``s`` on the way to those Convs only (other readers of ``t`` keep it), and each
-    of those Convs' weights divided by ``s`` per output channel, as a new initializer (the
+    """A copy of ``model`` with each tensor ``t`` of ``scales`` (-> (depthwise or group-1 Conv
+    names, s)) multiplied by ``s`` on the way to those Convs only (other readers of ``t`` keep
+    it), and each of those Convs' weights divided by ``s`` (per output channel for a depthwise
+    Conv, per input channel for a group-1 Conv), as a new initializer (the
     original stays for any other reader: a shared weight, a Constant node's value). The FP32
     function is unchanged. The equalization is recorded in ``metadata_props[METADATA_KEY]``.
     ``model`` itself is returned when ``scales`` is empty.
@@ -164,6 +243,7 @@ def equalize_depthwise(model: onnx.ModelProto, scales: Mapping[str, tuple[Sequen
         scaled = _unique(f"{t}_equalized", taken)
         s_name = _unique(f"{t}_equalization_scale", taken)
         new_weights: dict[str, str] = {}
+        input_axis: list[str] = []
         rank = 4
         for name in consumers:
             node = nodes[name]
@@ -171,18 +251,23 @@ def equalize_depthwise(model: onnx.ModelProto, scales: Mapping[str, tuple[Sequen
             w = consts[w_name]
             rank = w.ndim  # an N-d Conv: (N+2)-d input and weight
             group = _attr(node, "group", 1)
-            if group != s.size:
-                raise ValueError(f"Conv {name!r} has group {group}, the scales of {t!r} {s.size} channels")
-            per_out = np.repeat(s, w.shape[0] // group).reshape((-1,) + (1,) * (w.ndim - 1))
             new = _unique(f"{w_name}_equalized", taken)
-            graph.initializer.append(onnx.numpy_helper.from_array((w / per_out).astype(w.dtype), new))
+            if group == 1 and w.shape[1] == s.size:  # a group-1 Conv: W[:, c] / s_c
+                per_in = s.reshape((1, -1) + (1,) * (w.ndim - 2))
+                graph.initializer.append(onnx.numpy_helper.from_array((w / per_in).astype(w.dtype), new))
+                input_axis.append(new)
+            elif group == s.size:
+                per_out = np.repeat(s, w.shape[0] // group).reshape((-1,) + (1,) * (w.ndim - 1))
+                graph.initializer.append(onnx.numpy_helper.from_array((w / per_out).astype(w.dtype), new))
+            else:
+                raise ValueError(f"Conv {name!r} has group {group}, the scales of {t!r} {s.size} channels")
             node.input[0], node.input[1] = scaled, new
             new_weights[new] = w_name
         shape = [1, s.size] + [1] * (rank - 2)
         graph.initializer.append(onnx.numpy_helper.from_array(s.reshape(shape), s_name))
         mul = onnx.helper.make_node("Mul", [t, s_name], [scaled], name=_unique(f"{t}_equalization_Mul", taken))
         muls.append((mul, set(consumers)))
-        done.append(Equalization(t, scaled, tuple(consumers), new_weights, s))
+        done.append(Equalization(t, scaled, tuple(consumers), new_weights, s, tuple(input_axis)))
     _insert_before(graph, muls)
     _drop_unread(out)
     record = [e.to_dict() for e in done]

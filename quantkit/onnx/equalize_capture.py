@@ -29,7 +29,7 @@ import onnx
 
 from quantkit.calibrators.collectors import HistogramCollector
 from quantkit.errors import NonFiniteError
-from quantkit.onnx.equalize import Equalization, equalization_scales, equalize_depthwise
+from quantkit.onnx.equalize import Equalization, equalize_depthwise, scales_for
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,7 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
     state: dict[str, Any] = {"seen": 0, "bytes": 0, "factors": None, "model": model, "done": []}
 
     def decide() -> None:
-        scales = {}
-        for t, consumers in found.items():
-            s = equalization_scales(maxima[t]) if t in maxima else None
-            if s is not None:
-                scales[t] = (consumers, s)
+        scales = scales_for(model, found, maxima)
         eq_model, done = equalize_depthwise(model, scales)
         factors: dict[str, tuple[str, np.ndarray]] = {}
         if done:
