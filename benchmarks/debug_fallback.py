@@ -234,10 +234,11 @@ def run_quantkit_fallback(case: Case, max_drop: float) -> dict[str, Any]:
     t = time.perf_counter()
     cal = quantkit.quantize(onnx.load(str(case.model)), cal_src)
     if case.task is None:
-        res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop, drop_metric="accuracy"))
+        res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop, drop_metric="accuracy"),
+                       on_step=_log_step)
     else:
         res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop),
-                       task_metric=case.task.scores)
+                       task_metric=case.task.scores, on_step=_log_step)
     seconds = time.perf_counter() - t
     groups = quant_groups(cal.model, cal.plan)
     ranking = getattr(res, "ranking", None)
@@ -253,6 +254,11 @@ def run_quantkit_fallback(case: Case, max_drop: float) -> dict[str, Any]:
     out.update(ranking_cost=ranking.cost_fp32_passes, ranking_seconds=ranking.seconds,
                ranking_top=[r.name if hasattr(r, "name") else r["name"] for r in ranking.rows[:3]])
     return out
+
+
+def _log_step(step: dict[str, Any]) -> None:
+    log(f"     step {step['step']}: {step['action']} {','.join(step['groups'])} -> drop {step['drop']:.3g} "
+        f"({step['seconds']:.1f} s)")
 
 
 def run_case(case: Case, max_drop: float, work: Path, peers: bool, nncf_timeout: float = 7200) -> Row:
@@ -464,7 +470,7 @@ def memory_table(mem: dict[int, dict[str, float]]) -> list[str]:
     return out
 
 
-def cases(work: Path, quick: bool) -> list[Case]:
+def cases(work: Path, quick: bool, rec_eval: int = 400) -> list[Case]:
     out = [Case("outlier CNN (digits, 12 groups)", lossy_models.outlier_cnn(), "image",
                 lossy_models.digits_npz(work / "digits-calib.npz", "train", limit=256),
                 lossy_models.digits_npz(work / "digits-eval.npz", "test", limit=128 if quick else None))]
@@ -476,7 +482,7 @@ def cases(work: Path, quick: bool) -> list[Case]:
         except Exception as err:  # the wheel is not in the cache
             log(f"rapidocr-cls not run: {err}")
         try:
-            a = lossy_models.rapidocr_rec()
+            a = lossy_models.rapidocr_rec(n_eval=rec_eval)
             cal, ev, texts = lossy_models.rapidocr_rec_npz(a, work)
             out.append(Case("rapidocr-rec (PP-OCR recogniser, real; exact match %)", a.model_path(), "x", cal, ev,
                             task=Task(a.model_path(), a.root, texts)))
@@ -494,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop NNCF's run of one model after this many seconds (default 1800)")
     ap.add_argument("--cases", nargs="*", default=None, metavar="WORD",
                     help="only the models whose name contains one of these words (e.g. outlier rec)")
+    ap.add_argument("--rec-eval", type=int, default=400, help="evaluation lines of the recogniser (default 400)")
     ap.add_argument("--skip-cost", action="store_true", help="skip the ranking cost and debug memory tables")
     ap.add_argument("--out", type=Path, default=None,
                     help="markdown file (default benchmarks/results/debug_fallback[-quick].md)")
@@ -503,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="qk-fbbench-") as tmp:
         work = Path(tmp)
         rows = []
-        for c in cases(work, args.quick):
+        for c in cases(work, args.quick, args.rec_eval):
             if args.cases and not any(w in c.name for w in args.cases):
                 continue
             log(f"== {c.name}")

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 #: the first samples, whose per-channel maxima decide depthwise equalization
 EQUALIZE_SAMPLES = 32
+#: Depthwise equalization folded into the calibration pass (``_calibrate_equalizing``): off.
+#: It matches the two passes on the unit models, but on RapidOCR's recogniser with 128
+#: calibration samples it scored 75.0 exact match against the two passes' 89.1 (FP32 95.3,
+#: same code otherwise); the cause is not found yet, so the two passes stay the route.
+EQUALIZE_ONE_PASS = False
 
 
 # ------------------------------------------------------------------ configuration
@@ -599,7 +604,7 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
     the first samples' depthwise inputs are too large to hold (then ``_equalize``'s separate
     first pass, and the pass over the equalized model)."""
     stats, run = config.stats, config.run
-    if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
+    if not EQUALIZE_ONE_PASS or not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
         return None
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.onnx.equalize import equalized_consumers

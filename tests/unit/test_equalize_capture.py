@@ -13,6 +13,19 @@ from quantkit.ptq import EQUALIZE_SAMPLES, QuantizeConfig, RunConfig, StatsConfi
 from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model
 
 
+@pytest.fixture(autouse=True)
+def one_pass(monkeypatch):
+    """The one-pass route is off by default (ptq.EQUALIZE_ONE_PASS); these tests exercise it."""
+    monkeypatch.setattr(quantkit.ptq, "EQUALIZE_ONE_PASS", True)
+
+
+def test_the_two_passes_are_the_default(monkeypatch):
+    monkeypatch.setattr(quantkit.ptq, "EQUALIZE_ONE_PASS", False)
+    model = make_depthwise_model(variant="plain")
+    calls = _passes(monkeypatch)
+    assert _calibrate(model, depthwise_inputs(model, 16)).equalized and len(calls) == 2
+
+
 def _calibrate(model, x, batch_size=8):
     return quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(), RunConfig(batch_size=batch_size)))
 
