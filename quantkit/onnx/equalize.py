@@ -40,7 +40,7 @@ The rewrite is recorded in the model's ``metadata_props`` under ``METADATA_KEY``
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +111,28 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return next((int(a.i) for a in node.attribute if a.name == name), default)
 
 
+def _conv_readers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]],
+                  keep: Callable[[onnx.NodeProto, np.ndarray], bool]) -> dict[str, tuple[str, ...]]:
+    """Activation tensor -> its quantized consumers that are Convs reading it as input 0 with a
+    constant float weight of rank >= 3 for which ``keep(node, weight)`` holds."""
+    consts = constant_arrays(model)
+    nodes = {n.name: n for n in model.graph.node if n.name}
+    out: dict[str, tuple[str, ...]] = {}
+    for t, consumers in activations.items():
+        hits = []
+        for name in consumers:
+            node = nodes.get(name)
+            if node is None or node.op_type != "Conv" or node.input[0] != t or len(node.input) < 2:
+                continue
+            w = consts.get(node.input[1])
+            if w is None or w.ndim < 3 or not np.issubdtype(w.dtype, np.floating) or not keep(node, w):
+                continue
+            hits.append(name)
+        if hits:
+            out[t] = tuple(hits)
+    return out
+
+
 def depthwise_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
     """Activation tensor -> the depthwise Convs among its quantized consumers (``activations``:
     ``QdqPlan.activations``).
@@ -118,46 +140,17 @@ def depthwise_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequen
     A depthwise (or channel-multiplier) Conv reads its activation as input 0 and a constant
     weight ``[C_out, 1, k...]`` with ``group > 1`` and ``C_out`` a multiple of ``group``.
     """
-    consts = constant_arrays(model)
-    nodes = {n.name: n for n in model.graph.node if n.name}
-    out: dict[str, tuple[str, ...]] = {}
-    for t, consumers in activations.items():
-        hits = []
-        for name in consumers:
-            node = nodes.get(name)
-            if node is None or node.op_type != "Conv" or node.input[0] != t or len(node.input) < 2:
-                continue
-            w = consts.get(node.input[1])
-            group = _attr(node, "group", 1)
-            if w is None or w.ndim < 3 or w.shape[1] != 1 or group < 2 or w.shape[0] % group:
-                continue
-            if not np.issubdtype(w.dtype, np.floating):
-                continue
-            hits.append(name)
-        if hits:
-            out[t] = tuple(hits)
-    return out
+    def depthwise(node: onnx.NodeProto, w: np.ndarray) -> bool:
+        group = _attr(node, "group", 1)
+        return w.shape[1] == 1 and group >= 2 and w.shape[0] % group == 0
+
+    return _conv_readers(model, activations, depthwise)
 
 
 def pointwise_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
     """Activation tensor -> the group-1 Convs among its quantized consumers that read it as
     input 0 with a constant float weight ``[C_out, C, k...]`` (any kernel size)."""
-    consts = constant_arrays(model)
-    nodes = {n.name: n for n in model.graph.node if n.name}
-    out: dict[str, tuple[str, ...]] = {}
-    for t, consumers in activations.items():
-        hits = []
-        for name in consumers:
-            node = nodes.get(name)
-            if node is None or node.op_type != "Conv" or node.input[0] != t or len(node.input) < 2:
-                continue
-            w = consts.get(node.input[1])
-            if w is None or w.ndim < 3 or _attr(node, "group", 1) != 1 or not np.issubdtype(w.dtype, np.floating):
-                continue
-            hits.append(name)
-        if hits:
-            out[t] = tuple(hits)
-    return out
+    return _conv_readers(model, activations, lambda node, w: _attr(node, "group", 1) == 1)
 
 
 def equalized_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]], *,
