@@ -5,29 +5,12 @@ block, the cache and `quantkit debug` still name the user's tensors, the one pas
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 
-import quantkit
 import quantkit.onnx.equalize_capture as equalize_capture
 from quantkit.onnx.equalize import ALPHA_POINTWISE, S_MAX, equalization_scales, equalizations_of
-from quantkit.ptq import QuantizeConfig, StatsConfig
 from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model, make_se_pointwise_model
-
-
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    from quantkit.backends.onnxruntime import OrtRunner
-
-    with OrtRunner(model) as r:
-        return r.infer({"x": x})["y"]
-
-
-def _calibrate(model: onnx.ModelProto, x: np.ndarray, **stats: object) -> quantkit.Calibration:
-    return quantkit.quantize(model, ArraySource(x), QuantizeConfig(stats=StatsConfig(**stats)))  # type: ignore[arg-type]
-
-
-def _sqnr(ref: np.ndarray, test: np.ndarray) -> float:
-    return float(10 * np.log10((ref.astype(np.float64) ** 2).sum() / ((test - ref).astype(np.float64) ** 2).sum()))
+from tests.unit.test_equalize import _calibrate, _run, _sqnr
 
 
 def test_pointwise_scales_against_brute_force():
