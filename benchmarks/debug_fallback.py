@@ -171,7 +171,7 @@ print(json.dumps({"seconds": seconds, "seconds_in_process": time.perf_counter() 
 
 def run_nncf(case: "Case", max_drop: float, work: Path, timeout: float) -> dict:
     if not NNCF_PY.exists():
-        return {"error": f"not run: no NNCF venv at {NNCF_PY}"}
+        return {"error": f"not run: no NNCF interpreter at {NNCF_PY} (--nncf-python)"}
     out = work / "nncf-qwac.onnx"
     ctc = str(next(case.task.package_root.rglob("ch_ppocr_rec/utils.py"))) if case.task else ""
     t = time.perf_counter()
@@ -497,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="skip NNCF")
     ap.add_argument("--nncf-timeout", type=float, default=1800.0,
                     help="stop NNCF's run of one model after this many seconds (default 1800)")
+    ap.add_argument("--machine", default="shared", help="how to describe the machine in the table's head")
+    ap.add_argument("--nncf-python", type=Path, default=Path("/tmp/venv-nncf/bin/python"),
+                    help="the Python that has NNCF 3.4 (default /tmp/venv-nncf/bin/python)")
     ap.add_argument("--cases", nargs="*", default=None, metavar="WORD",
                     help="only the models whose name contains one of these words (e.g. outlier rec)")
     ap.add_argument("--rec-eval", type=int, default=400, help="evaluation lines of the recogniser (default 400)")
@@ -504,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="markdown file (default benchmarks/results/debug_fallback[-quick].md)")
     args = ap.parse_args(argv)
+    globals()["NNCF_PY"] = args.nncf_python
     out_path = args.out or HERE / "results" / ("debug_fallback-quick.md" if args.quick else "debug_fallback.md")
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="qk-fbbench-") as tmp:
