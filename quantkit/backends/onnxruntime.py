@@ -28,7 +28,7 @@ from quantkit._deps import require
 from quantkit.backends.base import Runner, TensorSink
 from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import ModelError
-from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, unused_inputs, with_outputs
+from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, unused_inputs
 
 
 def session_options(threads: int | None = None, *, optimization: str = "all", spinning: bool = True) -> Any:
@@ -55,16 +55,30 @@ def session_options(threads: int | None = None, *, optimization: str = "all", sp
     return so
 
 
-def create_session(model: onnx.ModelProto | str | os.PathLike[str], *, threads: int | None = None,
+def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, threads: int | None = None,
                    providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True) -> Any:
+    """An ONNX Runtime session of a ModelProto, a serialized model (bytes) or a model file."""
     ort = require("onnxruntime")
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    src = (model.SerializeToString() if isinstance(model, onnx.ModelProto)
+           else model if isinstance(model, bytes) else str(model))
     try:
         return ort.InferenceSession(src, sess_options=session_options(threads, spinning=spinning),
                                     providers=list(providers))
     except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"ONNX Runtime cannot load the model: {msg}") from err
+
+
+def _with_outputs_bytes(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
+    """``model`` serialized with ``names`` appended to its graph outputs (as ``with_outputs``
+    makes them: a name only), without copying the ModelProto: parsing concatenated messages
+    merges them, and a repeated field (graph.output) is appended to."""
+    present = {o.name for o in model.graph.output}
+    extra = onnx.ModelProto()
+    for name in names:
+        if name not in present:
+            extra.graph.output.add().name = name
+    return model.SerializeToString() + extra.SerializeToString()
 
 
 class OrtRunner(Runner):
@@ -97,8 +111,9 @@ class OrtRunner(Runner):
         fed = {s.name for s in self._inputs}
         self._inner = [t for t in self._captured if t not in fed]
         self._budget_mb = capture_budget_mb
-        src: onnx.ModelProto | str | os.PathLike[str] = (
-            with_outputs(proto, self._inner) if self._inner else proto if isinstance(model, onnx.ModelProto) else model)
+        src: onnx.ModelProto | bytes | str | os.PathLike[str] = (
+            _with_outputs_bytes(proto, self._inner) if self._inner
+            else proto if isinstance(model, onnx.ModelProto) else model)
         # a capture pass histograms on a worker thread beside ONNX Runtime: no spinning threads
         self.session = create_session(src, threads=threads, providers=providers, spinning=not self._captured)
         self.device = ",".join(p.replace("ExecutionProvider", "") for p in self.session.get_providers())

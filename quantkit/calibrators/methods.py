@@ -222,16 +222,18 @@ def entropy_amax(
         clogc = np.where(counts > 0, counts * np.log(np.where(counts > 0, counts, 1.0)), 0.0)
     cum_clogc = np.concatenate([[0.0], np.cumsum(clogc)])
 
-    cand, level_end, level_start = _kl_levels(n, start_bin, num_quant_bins)  # i: number of bins kept
+    cand, bounds = _kl_levels(n, start_bin, num_quant_bins)  # i: number of bins kept
     tail = total - cum[cand]
     last = counts[cand - 1]
     kept = cum[cand]  # sum of Q before normalisation
     cross = np.empty(cand.size)
     with np.errstate(divide="ignore", invalid="ignore"):
         for s in range(0, cand.size, _KL_ROWS):
-            end, start = level_end[s : s + _KL_ROWS], level_start[s : s + _KL_ROWS]
-            level_sum = cum.take(end) - cum.take(start)  # S_j
-            level_q = nonzero.take(end) - nonzero.take(start)  # n_j, then log(S_j / n_j)
+            # level j is bins [bounds[j], bounds[j+1]): one gather of the 129 bounds serves both
+            # ends (half the gathers of taking ends and starts apart; the same differences)
+            at_cum, at_nonzero = cum.take(bounds[s : s + _KL_ROWS]), nonzero.take(bounds[s : s + _KL_ROWS])
+            level_sum = at_cum[:, 1:] - at_cum[:, :-1]  # S_j
+            level_q = at_nonzero[:, 1:] - at_nonzero[:, :-1]  # n_j, then log(S_j / n_j)
             np.maximum(level_q, 1.0, out=level_q)
             np.divide(level_sum, level_q, out=level_q)
             level_log_q = np.log(level_q, out=np.zeros_like(level_q), where=level_sum > 0)
@@ -255,15 +257,15 @@ _KL_ROWS = 128
 
 
 @functools.lru_cache(maxsize=8)
-def _kl_levels(num_bins: int, start_bin: int, num_quant_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The KL search's candidates i and, per candidate, where each of its ``num_quant_bins``
-    levels ends and starts (bins [start, end) of the first i): the same for every histogram
-    of ``num_bins`` bins, so made once."""
+def _kl_levels(num_bins: int, start_bin: int, num_quant_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """The KL search's candidates i and, per candidate, the ``num_quant_bins + 1`` bounds of
+    its levels (level j is bins [bounds[j], bounds[j+1]) of the first i): the same for every
+    histogram of ``num_bins`` bins, so made once."""
     cand = np.arange(start_bin, num_bins + 1)
     levels = np.arange(num_quant_bins + 1)
-    starts = (levels[None, :] * cand[:, None] + num_quant_bins - 1) // num_quant_bins
-    starts[:, -1] = cand
-    out = (cand, np.ascontiguousarray(starts[:, 1:]), np.ascontiguousarray(starts[:, :-1]))
+    bounds = (levels[None, :] * cand[:, None] + num_quant_bins - 1) // num_quant_bins
+    bounds[:, -1] = cand
+    out = (cand, np.ascontiguousarray(bounds))
     for a in out:
         a.setflags(write=False)
     return out

@@ -60,6 +60,9 @@ DROP_METRICS = ("accuracy", "top1-agreement", "sqnr", "cosine")
 #: a method switch is validated only if it lowers the ranking subset's noise/signal by this share
 MIN_METHOD_GAIN = 0.05
 
+#: the evaluation batches are held in memory between steps up to this many bytes of inputs
+HELD_EVAL_BYTES = 256 * 2**20
+
 #: A task metric: ``(first output of a batch [n, ...], the batch's sample indices) -> per-sample
 #: scores [n]`` in points, higher is better; the metric is their mean over the evaluation data.
 TaskMetric = Callable[[np.ndarray, Sequence[int]], Any]
@@ -183,17 +186,27 @@ class _Evaluator:
         from quantkit.ptq import evaluation_batches
 
         self.scales, self.metric, self.task_metric = scales, metric, task_metric
-        self.batches = evaluation_batches(source, scales.specs, list(indices), scales.run)
+        batcher = evaluation_batches(source, scales.specs, list(indices), scales.run)
         self.output = scales.model.graph.output[0].name
         self.ref: list[np.ndarray] = []
         self.labels: list[np.ndarray | None] = []
         self.fp32_seconds = 0.0
+        # every step measures on these batches: held after this pass when they are small, so a
+        # step does not read and stack the samples again; else read again for each step
+        held: list[Any] | None = []
+        held_bytes = 0
         with OrtRunner(scales.model, threads=scales.run.threads) as r:
-            for b in self.batches:
+            for b in batcher:
                 t0 = time.perf_counter()
                 self.ref.append(r.infer(b.feed)[self.output][: b.size])
                 self.fp32_seconds += time.perf_counter() - t0
                 self.labels.append(b.labels)
+                held_bytes += sum(a.nbytes for a in b.feed.values())
+                if held is not None and held_bytes <= HELD_EVAL_BYTES:
+                    held.append(b)
+                else:
+                    held = None
+        self.batches: Sequence[Any] | Any = held if held is not None else batcher
         self.count = sum(len(r) for r in self.ref)
         if self.count == 0:
             raise InputError("no evaluation samples could be read", hint="check the evaluation data")

@@ -365,13 +365,45 @@ def subgraph_node_count(graph: onnx.GraphProto) -> int:
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """ONNX element type of every tensor that shape inference can type."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
     except Exception:  # inference is a convenience here, never a requirement
         inferred = model
     g = inferred.graph
     types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.input, *g.output]}
-    types.update({i.name: i.data_type for i in g.initializer})
+    types.update({i.name: i.data_type for i in model.graph.initializer})
     return types
+
+
+#: float initializers with more values than this are weights, never a shape that inference reads
+_WEIGHT_VALUES = 1024
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large float initializers keep their name, type and dims but no
+    values: what shape inference needs to type every tensor. ``infer_shapes`` serializes and
+    parses the model it is given, which on a 90 MB transformer took 0.35 s of 0.4."""
+
+    def copy_fields(dst: Any, src: Any, skip: str) -> None:
+        for fd, value in src.ListFields():
+            if fd.name == skip:
+                continue
+            if hasattr(value, "extend"):  # repeated
+                getattr(dst, fd.name).extend(value)
+            elif hasattr(value, "CopyFrom"):  # a message
+                getattr(dst, fd.name).CopyFrom(value)
+            else:
+                setattr(dst, fd.name, value)
+
+    light = onnx.ModelProto()
+    copy_fields(light, model, "graph")
+    copy_fields(light.graph, model.graph, "initializer")
+    for init in model.graph.initializer:
+        if init.data_type in _FLOAT_TYPES and int(np.prod(init.dims, dtype=np.int64)) > _WEIGHT_VALUES:
+            light.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+        else:
+            light.graph.initializer.append(init)
+    return light
 
 
 def float_activations(model: onnx.ModelProto) -> list[str]:

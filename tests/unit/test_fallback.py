@@ -52,6 +52,25 @@ def test_fallback_meets_the_budget_with_one_group_in_float(broken):
     json.dumps(res.to_dict())  # the report is JSON
 
 
+def test_fallback_reads_the_evaluation_data_once(broken):
+    """Every step validates on the same evaluation batches: they are read once, with the FP32
+    pass, and held (they are small), not decoded again for every model measured; the decisions
+    stay those of the first test."""
+    cal, ev = broken
+    loads: list[int] = []
+
+    class Counting(ArraySource):
+        def load(self, index: int) -> np.ndarray:
+            loads.append(index)
+            return super().load(index)
+
+    res = fallback(cal, Counting(ev.x, ev.labels), None, FallbackConfig(max_drop=0.5, drop_metric="accuracy"),
+                   ranking_source=ArraySource(ev.x), ranking_indices=range(len(ev)))
+    measured = sum(1 for s in res.steps if s["action"] not in ("rank", "rerank") and s.get("validated") is not False)
+    assert measured >= 3 and res.float_groups == [PW_NODE]
+    assert sorted(loads) == list(range(len(ev)))
+
+
 def test_a_budget_already_met_changes_nothing(broken):
     cal, ev = broken
     res = fallback(cal, ev, None, FallbackConfig(max_drop=100.0))
