@@ -85,15 +85,15 @@ class StatsConfig:
             differ) nor for the ``onnxruntime`` target (which also quantizes the Mul's input).
         equalize_pointwise: with ``equalize``, also the quantized tensors read by group-1 Convs
             (factors ``(A / a_c) ** 0.5``, W divided per input channel; ``quantkit.onnx.equalize``).
-        bias_correction: (opt-in, experimental) for the ``tensorrt`` target, a short pass after calibration over the
-            first ``EQUALIZE_SAMPLES`` samples measures the per-channel mean of every quantized
-            Conv's input, FP32 and fake-quantized with each method's amax; each method's Q/DQ
-            model gets Conv biases that cancel the mean error INT8 adds
-            (``quantkit.onnx.biascorrect``). The TensorRT cache (TensorRT quantizes the user's
-            model itself) and saved statistics do not carry it, nor do ``quantkit debug``'s and
-            the fallback's variants. Off by default: on the PP-OCR recogniser it lifts the
-            default from 89.8 to 92.8 (FP32 93.0) with 32 samples, but one random 32-sample
-            subset fell to -18 points with it (-9.4 without) and minmax lost 5.8 points
+        bias_correction: for the ``tensorrt`` target, each method's Q/DQ model gets Conv biases
+            that cancel the mean shift INT8 adds to each Conv's output, measured in order of depth
+            on the Q/DQ model over the first ``EQUALIZE_SAMPLES`` samples, the Convs before each
+            already corrected (``quantkit.onnx.biascorrect``: empirical, sequential). Costs about
+            one FP32 and one Q/DQ pass over those samples per method written. ``quantkit debug``'s
+            and the fallback's mixed-precision variants get their own correction; the TensorRT
+            cache (TensorRT quantizes the user's model itself) and saved statistics do not carry
+            it. On the PP-OCR recogniser it turns the default's -5.5/-5.5/-3.9 points on three
+            32-sample subsets into -0.8/-0.8/0.0, and minmax's -45 into -1.6
             (benchmarks/results/design_notes.md).
     """
 
@@ -273,7 +273,9 @@ class Calibration:
         sampling: how the calibration samples were drawn (recorded in ranges.json).
         equalized: the depthwise equalizations applied to ``model`` (``quantkit.onnx.equalize``).
         bias_shifts: method -> Conv node -> the mean shift INT8 adds to its output, subtracted
-            from its bias in that method's Q/DQ model (``StatsConfig.bias_correction``).
+            from its bias in that method's Q/DQ model (``StatsConfig.bias_correction``); filled
+            by ``int8_model`` for the methods whose model was made.
+        correction_feeds: with bias correction, the batches it is measured on (else None).
     """
 
     model: onnx.ModelProto
@@ -289,6 +291,7 @@ class Calibration:
     excluded: list[dict[str, str]] = field(default_factory=list)
     equalized: "list[Equalization]" = field(default_factory=list)
     bias_shifts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    correction_feeds: "list[tuple[dict[str, Any], int]] | None" = field(default=None, repr=False, compare=False)
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
 
     def amax(self, method: str | None = None, *, quantized_only: bool = False) -> dict[str, float]:
@@ -301,11 +304,36 @@ class Calibration:
         per method and shared by ``evaluate`` and ``save`` (copy it before changing it)."""
         method = check_method(method or self.config.method)
         if method not in self._int8:
-            from quantkit.onnx.biascorrect import with_corrected_biases
-
-            model = with_corrected_biases(self.model, self.bias_shifts.get(method, {}))
-            self._int8[method] = insert_qdq(model, self.plan, self.amax(method, quantized_only=True))
+            model = insert_qdq(self.model, self.plan, self.amax(method, quantized_only=True))
+            if self.correction_feeds is not None:
+                model, self.bias_shifts[method] = self._bias_corrected(model)
+                log.info("%s: bias correction of %d Conv(s) for %s", self.model_name, len(self.bias_shifts[method]),
+                         method)
+            self._int8[method] = model
         return self._int8[method]
+
+    def bias_corrected(self, qdq: onnx.ModelProto) -> onnx.ModelProto:
+        """``qdq`` (a Q/DQ model of ``self.model``: a mixed-precision variant, say) with its Conv
+        biases corrected on this calibration's correction samples; ``qdq`` itself without bias
+        correction."""
+        return qdq if self.correction_feeds is None else self._bias_corrected(qdq)[0]
+
+    def _bias_corrected(self, qdq: onnx.ModelProto) -> "tuple[onnx.ModelProto, dict[str, Any]]":
+        from quantkit.onnx.biascorrect import sequential_shifts, with_corrected_biases
+
+        assert self.correction_feeds is not None
+        shifts = sequential_shifts(qdq, self.model, self.correction_feeds, self._correction_session)
+        return with_corrected_biases(qdq, shifts), shifts
+
+    def _correction_session(self, model: bytes) -> Any:
+        # basic optimizations: Q/DQ run as ONNX defines them (float), no QDQ-to-integer fusions,
+        # whose session creation dominated the correction (rapidocr-rec: 38 prefix sessions)
+        from quantkit._deps import require
+        from quantkit.backends.onnxruntime import session_options
+
+        ort = require("onnxruntime")
+        return ort.InferenceSession(model, sess_options=session_options(self.config.run.threads, optimization="basic"),
+                                    providers=["CPUExecutionProvider"])
 
     def cache(self, method: str | None = None, *, trt_version: int = DEFAULT_TRT_VERSION) -> CalibrationCache:
         """The TensorRT calibration cache: tensors of the user's model only (an equalized tensor
@@ -349,7 +377,7 @@ class Calibration:
             "config": {"num_bins": s.num_bins, **self.config.params, "cache_all_tensors": s.cache_all_tensors,
                        "sample_stride": s.sample_stride, "target": s.target, "equalize": s.equalize,
                        **({"equalize_pointwise": True} if s.equalize_pointwise else {}),
-                       "bias_correction": bool(self.bias_shifts)},
+                       "bias_correction": self.correction_feeds is not None},
             **metadata,
         }
 
@@ -537,55 +565,21 @@ def quantize(
                                             pow2_tensors=grouped, on_batch=on_batch)
         histograms = {t: c.compute() for t, c in collectors.items()}
     ranges = method_ranges(histograms, model.plan.groups, config.params)
-    shifts = _bias_shifts(model, source, idx, config, ranges)
     return Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
                        list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized,
-                       bias_shifts=shifts)
+                       correction_feeds=_correction_feeds(model, source, idx, config))
 
 
-def _bias_shifts(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
-                 ranges: Mapping[str, TensorRanges]) -> dict[str, dict[str, Any]]:
-    """Bias correction (``StatsConfig.bias_correction``): per method, the mean shift of every
-    quantized Conv's output, from per-channel means over the first ``EQUALIZE_SAMPLES`` samples."""
-    import numpy as np
-
-    from quantkit.backends.onnxruntime import OrtRunner
-    from quantkit.onnx.biascorrect import bias_shifts, correctable_convs, fake_quantize
-
-    stats, run = config.stats, config.run
+def _correction_feeds(model: PreparedModel, source: Source, indices: Sequence[int],
+                      config: QuantizeConfig) -> "list[tuple[dict[str, Any], int]] | None":
+    """Bias correction (``StatsConfig.bias_correction``): the batches of the first
+    ``EQUALIZE_SAMPLES`` samples, kept for ``Calibration.int8_model`` to measure each method's
+    mean shifts on (``quantkit.onnx.biascorrect.sequential_shifts``); None when it is off."""
+    stats = config.stats
     if not stats.bias_correction or stats.target != "tensorrt":
-        return {}
-    convs = correctable_convs(model.model, model.plan)
-    tensors = list(dict.fromkeys(c.activation for c in convs))
-    if not tensors:
-        return {}
-    methods = list(next(iter(ranges.values())).amax) if ranges else []
-    sums: dict[str, Any] = {}
-    qsums: dict[tuple[str, str], Any] = {}
-    counts: dict[str, int] = {}
-
-    def sink(batch: Any, n: int, captured: Mapping[str, Any]) -> None:
-        for t, x in captured.items():
-            if x.ndim != 4:
-                continue
-            x = x[:n].astype(np.float32)
-            counts[t] = counts.get(t, 0) + x.shape[0] * x.shape[2] * x.shape[3]
-            sums[t] = sums.get(t, 0.0) + x.sum(axis=(0, 2, 3), dtype=np.float64)
-            if t in model.plan.activations:
-                for m in methods:
-                    q = fake_quantize(x, ranges[t].amax[m])
-                    qsums[t, m] = qsums.get((t, m), 0.0) + q.sum(axis=(0, 2, 3), dtype=np.float64)
-
-    batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
-    with OrtRunner(model.model, threads=run.threads, capture=tensors) as runner:
-        runner.capture(batcher, sink)
-    x_means = {t: s / counts[t] for t, s in sums.items()}
-    out = {}
-    for m in methods:
-        q_means = {t: s / counts[t] for (t, mm), s in qsums.items() if mm == m}
-        out[m] = bias_shifts(model.model, model.plan, convs, x_means, q_means)
-    log.info("%s: bias correction of %d Conv(s) over %d samples", model.name, len(convs), batcher.used_)
-    return out
+        return None
+    batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), config.run)
+    return [(dict(b.feed), b.size) for b in batcher]
 
 
 def _calibrated_tensors(model: PreparedModel, equalized: "Sequence[Equalization]", cache_all: bool) -> list[str]:

@@ -155,6 +155,8 @@ class QdqScales:
     run: "RunConfig"
     groups: list[QuantGroup] = field(default_factory=list)
     plain: onnx.ModelProto | None = None  # the plain INT8 model, when already made
+    #: bias correction of a variant (``Calibration.bias_corrected``), when the calibration has it
+    correct: "Callable[[onnx.ModelProto], onnx.ModelProto] | None" = None
 
     def __post_init__(self) -> None:
         if not self.groups:
@@ -165,7 +167,8 @@ class QdqScales:
     def from_calibration(cls, cal: "Calibration") -> "QdqScales":
         ranges = {t: dict(cal.ranges[t].amax) for t in cal.plan.activations}
         return cls(cal.model, cal.specs, cal.plan, ranges, cal.config.method, cal.config.run,
-                   plain=cal.int8_model(cal.config.method))
+                   plain=cal.int8_model(cal.config.method),
+                   correct=cal.bias_corrected if cal.correction_feeds is not None else None)
 
     @classmethod
     def from_qdq_model(cls, fp32: onnx.ModelProto, int8: onnx.ModelProto, run: "RunConfig") -> "QdqScales":
@@ -238,7 +241,8 @@ class QdqScales:
         plan = self.plan_for(float_groups)
         if not plan.activations and not plan.weights:
             return self.model
-        return insert_qdq(self.model, plan, self.amax_for(plan, overrides or {}))
+        model = insert_qdq(self.model, plan, self.amax_for(plan, overrides or {}))
+        return self.correct(model) if self.correct is not None else model
 
 
 # ------------------------------------------------------------------ the report

@@ -80,10 +80,11 @@ def test_shift_is_the_measured_mean_error(bias):
     measured = (_run(plain.int8_model(), x) - _run(model, x)).mean(axis=(0, 2, 3))
     cal = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=True)))
     for method in ("entropy", "minmax"):
+        corrected_model = cal.int8_model(method)  # measures the method's shifts
         shift = cal.bias_shifts[method]["conv"]
         if method == "entropy":
             np.testing.assert_allclose(shift, measured, atol=1e-5 * float(np.abs(measured).max()) + 1e-6)
-        corrected = (_run(cal.int8_model(method), x) - _run(model, x)).mean(axis=(0, 2, 3))
+        corrected = (_run(corrected_model, x) - _run(model, x)).mean(axis=(0, 2, 3))
         assert np.abs(corrected).max() < 1e-4 + 1e-3 * np.abs(shift).max(), (method, corrected, shift)
 
 
@@ -98,3 +99,86 @@ def test_off_switch_and_fp32_model_unchanged():
     (conv,) = [n for n in on.int8_model().graph.node if n.op_type == "Conv"]
     assert conv.input[2] == "conv_bias_corrected"  # a Conv without a bias gets one
     assert len(on.model.graph.node[0].input) == 2  # the FP32 reference keeps its own
+
+
+def _chain_model(rng: np.random.Generator, channels: int = 8) -> onnx.ModelProto:
+    """x -> depthwise zero-sum edges (+bias) -> HardSwish -> 1x1 Conv -> HardSwish -> depthwise edges -> y,
+    plus a side 1x1 Conv on x (the same depth as the first Conv): the recogniser's stem in small."""
+    c = channels
+    inits = [numpy_helper.from_array(_zero_sum_edges(rng, c).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.5, c).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (c, c, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(_zero_sum_edges(rng, c).astype(np.float32), "w3"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (c, c, 1, 1)).astype(np.float32), "ws")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", group=c, kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("HardSwish", ["c1"], ["a1"], name="hs1"),
+             helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv2", kernel_shape=[1, 1]),
+             helper.make_node("HardSwish", ["c2"], ["a2"], name="hs2"),
+             helper.make_node("Conv", ["a2", "w3"], ["y"], name="conv3", group=c, kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Conv", ["x", "ws"], ["side"], name="side", kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 12, 12]),
+                               helper.make_tensor_value_info("side", TensorProto.FLOAT, ["N", c, 12, 12])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def _conv_means(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    from quantkit.backends.onnxruntime import create_session
+
+    names = ["c1", "c2", "y"]
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names[:2])
+    outs = create_session(m).run(names, {"x": x})
+    return {t: o.astype(np.float64)[:, :, 1:-1, 1:-1].mean(axis=(0, 2, 3)) for t, o in zip(names, outs)}
+
+
+def test_levels_group_convs_that_do_not_read_each_other():
+    from quantkit.onnx.biascorrect import conv_levels
+
+    levels = conv_levels(_chain_model(np.random.default_rng(3)))
+    assert [[n.name for n in level] for level in levels] == [["conv1", "side"], ["conv2"], ["conv3"]]
+
+
+def test_sequential_correction_matches_every_convs_mean_down_a_chain():
+    # the later Convs' shifts hold the earlier ones' (a flat background through zero-sum edges and
+    # hard-swish): measured in order, every Conv's mean matches FP32 on the correction data, and the
+    # output's mean error on held-out data falls well below the uncorrected model's
+    rng = np.random.default_rng(6)
+    model = _chain_model(rng)
+    cal_x, val_x = _flat_background(rng, 32, 8), _flat_background(rng, 32, 8)
+    off = quantkit.quantize(model, ArraySource(cal_x), QuantizeConfig(StatsConfig(bias_correction=False)))
+    on = quantkit.quantize(model, ArraySource(cal_x), QuantizeConfig(StatsConfig(bias_correction=True)))
+    ref_cal, ref_val = _conv_means(model, cal_x), _conv_means(model, val_x)
+    got_cal = _conv_means(on.int8_model(), cal_x)
+    spread = {t: float(np.abs(v).max()) + 1e-3 for t, v in ref_cal.items()}
+    for t in ("c1", "c2", "y"):  # measured on the whole correction set (zero padding included); border-free here
+        assert np.abs(got_cal[t] - ref_cal[t]).max() < 0.1 * spread[t] + 0.02, t
+    val_off, val_on = _conv_means(off.int8_model(), val_x), _conv_means(on.int8_model(), val_x)
+    for t in ("c1", "c2"):
+        err_off, err_on = np.abs(val_off[t] - ref_val[t]).max(), np.abs(val_on[t] - ref_val[t]).max()
+        assert err_off > 0.03, (t, err_off)  # the effect is there to correct (0.11, 0.05)
+        assert err_on < 0.3 * err_off, (t, err_off, err_on)  # (0.015, 0.003)
+    assert np.abs(val_on["y"] - ref_val["y"]).max() < np.abs(val_off["y"] - ref_val["y"]).max()
+    assert set(on.bias_shifts["entropy"]) == {"conv1", "conv2", "conv3", "side"}
+
+
+def test_mixed_precision_variants_are_corrected_too():
+    # debug's and the fallback's variants (a group in float) get their own correction, so
+    # `--max-drop` measures and writes the same kind of model as plain `calibrate`
+    from quantkit.debug.sensitivity import QdqScales
+
+    rng = np.random.default_rng(7)
+    model = _chain_model(rng)
+    cal_x = _flat_background(rng, 32, 8)
+    on = quantkit.quantize(model, ArraySource(cal_x), QuantizeConfig(StatsConfig(bias_correction=True)))
+    off = quantkit.quantize(model, ArraySource(cal_x), QuantizeConfig(StatsConfig(bias_correction=False)))
+    ref = _conv_means(model, cal_x)
+    for cal, corrected in ((on, True), (off, False)):
+        scales = QdqScales.from_calibration(cal)
+        last = next(g for g in scales.groups if "conv3" in g.nodes)
+        variant = scales.int8_model([last.name])
+        names = {i.name for i in variant.graph.initializer}
+        assert ("conv2_bias_corrected" in names) == corrected
+        err = np.abs(_conv_means(variant, cal_x)["c2"] - ref["c2"]).max()
+        assert (err < 0.01) == corrected, err
