@@ -721,7 +721,9 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
             only reads the order and the best methods.
         estimator: "exact" (suffix runs, above) or "gradient": every group's only-float error
             to first order from one torch forward + backward pass over the subset
-            (``quantkit.debug.gradient``; only-quantized errors None; the best-method search
+            (``quantkit.debug.gradient``: only-float L - dL/da_g / 2, only-quantized
+            dL/da_g / 2, both exact when a group's output error is uncorrelated with the
+            others'; estimates, not measurements; the best-method search
             of the ``method_groups`` first groups stays exact, its cost counted). Falls back
             to "exact" (logged) when torch is missing or cannot run an op of the model.
 
@@ -750,7 +752,7 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
     if estimator == "gradient":
         try:
             return _rank_by_gradient(scales, source, chosen, all_error, fp32_per_sample * len(chosen), start,
-                                     method_groups, _fp32_outputs if _errors is not None else kept)
+                                     method_groups, quantized, _fp32_outputs if _errors is not None else kept)
         except (UnsupportedOpError, MissingDependencyError) as err:
             log.warning("sensitivity: the gradient estimator cannot run here (%s); exact ranking instead", err)
     t0 = time.perf_counter()
@@ -773,7 +775,7 @@ ESTIMATORS = ("exact", "gradient")
 
 
 def _rank_by_gradient(scales: QdqScales, source: "Source", chosen: list[int], all_error: float, fp32_pass: float,
-                      start: float, method_groups: int, fp32_outputs: Mapping[int, np.ndarray] | None,
+                      start: float, method_groups: int, quantized: bool, fp32_outputs: Mapping[int, np.ndarray] | None,
                       ) -> SensitivityReport:
     """``rank_sensitivity`` with the gradient estimator (``quantkit.debug.gradient``)."""
     from quantkit.debug.gradient import fp32_rows, gradient_estimate
@@ -782,9 +784,9 @@ def _rank_by_gradient(scales: QdqScales, source: "Source", chosen: list[int], al
     batches = list(evaluation_batches(source, scales.specs, chosen, scales.run))
     ref = fp32_rows(fp32_outputs, batches) if fp32_outputs else None
     est = gradient_estimate(scales, batches, ref, threads=scales.run.threads)
-    rows = [SensitivityRow(g.name, g.nodes, g.activations, g.weights, est.only_float[g.name], None)
-            for g in scales.groups]
-    rows.sort(key=lambda r: r.only_float_error)
+    rows = [SensitivityRow(g.name, g.nodes, g.activations, g.weights, est.only_float[g.name],
+                           est.only_quantized[g.name] if quantized else None) for g in scales.groups]
+    rows.sort(key=lambda r: (r.only_float_error, -(r.only_quantized_error or 0.0)))
     costs = {**est.costs, "methods_s": 0.0}
     ranker = None
     t0 = time.perf_counter()

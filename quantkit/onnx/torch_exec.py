@@ -84,9 +84,9 @@ class TorchGraph:
             if n.domain not in ("", "ai.onnx") or (n.op_type not in _OPS and n.op_type != "Constant"):
                 missing.setdefault(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}", n.name)
         if missing:
-            op, node = next(iter(missing.items()))
+            op, first = next(iter(missing.items()))
             raise UnsupportedOpError(
-                f"the torch executor cannot run op {op} (node {node!r})"
+                f"the torch executor cannot run op {op} (node {first!r})"
                 + (f" nor {', '.join(list(missing)[1:])}" if len(missing) > 1 else ""),
                 hint="use the exact estimator (estimator='exact')")
         self.consts: dict[str, Any] = {}
@@ -118,12 +118,14 @@ class TorchGraph:
         return t
 
     def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None, *,
-            replace: Replace | None = None, after: After | None = None) -> dict[str, Any]:
+            replace: Replace | None = None, after: After | None = None,
+            compute: Callable[[int, list[Any]], list[Any] | None] | None = None) -> dict[str, Any]:
         """The ``outputs`` (default: the graph's) for ``feeds`` (name -> torch tensor or array).
 
         ``replace(i, inputs)`` is called before node ``i`` (of ``self.nodes``) runs and returns
         the inputs it reads instead (or the same list); ``after(i, inputs, outputs)`` after it,
-        returning the outputs the later nodes read. Tensors no later node reads are freed.
+        returning the outputs the later nodes read; ``compute(i, inputs)``, when it returns a
+        list, replaces the node's own computation. Tensors no later node reads are freed.
         """
         torch = self.torch
         want = list(self.outputs if outputs is None else outputs)
@@ -136,7 +138,8 @@ class TorchGraph:
             if replace is not None:
                 xs = replace(i, xs)
             try:
-                ys = _OPS[node.op](node, xs, self)
+                done = compute(i, xs) if compute is not None else None
+                ys = _OPS[node.op](node, xs, self) if done is None else done
             except UnsupportedOpError:
                 raise
             except Exception as err:  # torch raises RuntimeError, IndexError, ...: the caller falls back
@@ -172,7 +175,7 @@ def _ints(t: Any) -> list[int]:
     return [int(v) for v in (t.reshape(-1).tolist() if hasattr(t, "reshape") else t)]
 
 
-_DTYPES = {
+_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64", onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
     onnx.TensorProto.INT16: "int16", onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8",
@@ -675,6 +678,8 @@ def _resize(n: _Node, x: list[Any], g: TorchGraph) -> Any:
         out_size = sizes[2:]
         kw: dict[str, Any] = {"size": out_size}
     else:
+        if scales_t is None:
+            raise UnsupportedOpError(f"Resize without scales or sizes (node {n.name!r})")
         scales = [float(s) for s in (scales_t.reshape(-1).tolist() if hasattr(scales_t, "reshape") else scales_t)]
         if scales[:2] != [1.0, 1.0]:
             raise UnsupportedOpError(f"Resize of the batch or channel axis (node {n.name!r}): not supported by the "
