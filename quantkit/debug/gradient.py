@@ -130,9 +130,10 @@ def gradient_estimate(scales: "QdqScales", batches: Sequence["Batch"],
     quantized: dict[str, tuple[Any, Any]] = {}  # weight Q/DQ name -> (Wq, Wq - W)
     for name, (axis, consumers) in plan.weights.items():
         w = plan.weight_tensor(name)
-        values = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == w))
+        values = np.array(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == w)), copy=True)
         wq_t = _fake_quantized_weight(torch, values, axis)
-        quantized[name] = (wq_t.to(graph.consts[w].dtype), (wq_t - torch.from_numpy(values)).to(graph.consts[w].dtype))
+        dtype = graph.consts[w].dtype
+        quantized[name] = (wq_t.to(dtype), (wq_t - torch.from_numpy(values)).to(dtype))
         for c in consumers:
             i = index.get(c)
             if i is not None:
@@ -282,7 +283,7 @@ def _fake_quantized_weight(torch: Any, values: np.ndarray, axis: int) -> Any:
     shape = [1] * values.ndim
     shape[ax] = -1
     s = torch.from_numpy(scale_from_amax(per_channel_amax(values, ax)).reshape(shape))
-    w = torch.from_numpy(np.ascontiguousarray(values))
+    w = torch.from_numpy(values)
     return torch.round(w / s).clamp_(-128, 127).mul_(s)
 
 
