@@ -384,7 +384,7 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         if worse and reranks < config.max_reranks and current.drop > config.max_drop:
             reranks += 1
             t0 = time.perf_counter()
-            if ranker is None:  # the FP32 side of the subset is captured once
+            if ranker is None or not ranker.covers_all:  # the FP32 side of the subset is captured once
                 ranker = _ranker_for(scales, eval_source, idx, ranking, ranking_source, ranking_indices)
             ranker.use_state(floats, overrides)
             remaining = [scales.group(n) for n in order if n not in floats]

@@ -423,13 +423,16 @@ class _Ranker:
     allow multi-start runs, one session per run of neighbouring cuts (``_plan_starts``).
     """
 
-    def __init__(self, scales: QdqScales, source: "Source", subset: Sequence[int]):
+    def __init__(self, scales: QdqScales, source: "Source", subset: Sequence[int],
+                 groups: Sequence[QuantGroup] | None = None):
         from quantkit.debug.switchable import switchable_model
         from quantkit.onnx.model import tensor_types
         from quantkit.ptq import evaluation_batches
 
         self.scales = scales
-        self.cuts = _Cuts(scales.model, scales.groups)
+        # only the cuts of ``groups`` (default all): fewer tensors to capture; runs for other groups fail
+        self.covers_all = groups is None
+        self.cuts = _Cuts(scales.model, scales.groups if groups is None else groups)
         self.batches = list(evaluation_batches(source, scales.specs, list(subset), scales.run))
         self.types = tensor_types(scales.model)
         self.output = scales.model.graph.output[0].name
@@ -751,7 +754,7 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
     chosen = pick_subset(errors, subset)
     if estimator == "gradient":
         try:
-            return _rank_by_gradient(scales, source, chosen, all_error, fp32_per_sample * len(chosen), start,
+            return _rank_by_gradient(scales, source, chosen, errors, all_error, fp32_per_sample * len(chosen), start,
                                      method_groups, quantized, _fp32_outputs if _errors is not None else kept)
         except (UnsupportedOpError, MissingDependencyError) as err:
             log.warning("sensitivity: the gradient estimator cannot run here (%s); exact ranking instead", err)
@@ -776,7 +779,8 @@ ESTIMATORS = ("exact", "gradient")
 BFLOAT16_MIN_ERROR = 1e-3
 
 
-def _rank_by_gradient(scales: QdqScales, source: "Source", chosen: list[int], all_error: float, fp32_pass: float,
+def _rank_by_gradient(scales: QdqScales, source: "Source", chosen: list[int], errors: Mapping[int, float],
+                      all_error: float, fp32_pass: float,
                       start: float, method_groups: int, quantized: bool, fp32_outputs: Mapping[int, np.ndarray] | None,
                       ) -> SensitivityReport:
     """``rank_sensitivity`` with the gradient estimator (``quantkit.debug.gradient``)."""
@@ -786,8 +790,9 @@ def _rank_by_gradient(scales: QdqScales, source: "Source", chosen: list[int], al
     batches = list(evaluation_batches(source, scales.specs, chosen, scales.run))
     ref = fp32_rows(fp32_outputs, batches) if fp32_outputs else None
     # bfloat16 products add their own rounding noise, ~1e-5 to 3e-5 of the signal on the models
-    # measured: only where the INT8 error is well above it (the subset's is larger than all_error)
-    precision = "auto" if all_error >= BFLOAT16_MIN_ERROR else "float32"
+    # measured: only where the INT8 error is well above it (the subset's mean per-sample error)
+    subset_error = float(np.mean([errors[i] for i in chosen]))
+    precision = "auto" if subset_error >= BFLOAT16_MIN_ERROR else "float32"
     est = gradient_estimate(scales, batches, ref, threads=scales.run.threads, precision=precision)
     rows = [SensitivityRow(g.name, g.nodes, g.activations, g.weights, est.only_float[g.name],
                            est.only_quantized[g.name] if quantized else None) for g in scales.groups]
@@ -796,8 +801,10 @@ def _rank_by_gradient(scales: QdqScales, source: "Source", chosen: list[int], al
     ranker = None
     t0 = time.perf_counter()
     others = [m for m in scales.methods if m != scales.method]
-    if method_groups > 0 and others and any(scales.group(r.name).activations for r in rows[:method_groups]):
-        ranker = _Ranker(scales, source, chosen)  # exact trials: the captures are part of their cost
+    trial = [scales.group(r.name) for r in rows[:method_groups]]
+    if others and any(g.activations for g in trial):
+        # exact trials: the captures (of these groups' cuts only) are part of their cost
+        ranker = _Ranker(scales, source, chosen, groups=trial)
         base = ranker.use_state([], {})
         rows = best_methods(ranker, rows, method_groups, base)
     costs["methods_s"] = time.perf_counter() - t0
