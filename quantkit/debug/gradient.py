@@ -60,7 +60,7 @@ class GradientEstimate:
             group quantized.
         derivative: group name -> dL/da_g (L: the summed squared output error).
         noise, signal: L and ||y_fp32||^2 over the subset (float64).
-        costs: seconds: ``build_s`` (the torch graph), ``fp32_s`` (reference outputs, 0 when
+        costs: seconds: ``import_s`` (importing torch), ``build_s`` (the torch graph), ``fp32_s`` (reference outputs, 0 when
             given), ``forward_s``, ``backward_s``.
     """
 
@@ -98,7 +98,9 @@ def gradient_estimate(scales: "QdqScales", batches: Sequence["Batch"],
         UnsupportedOpError: an op the torch executor cannot run (the caller falls back).
         MissingDependencyError: torch is not installed.
     """
+    t0 = time.perf_counter()
     torch = require("torch", extra="torch")
+    import_s = time.perf_counter() - t0  # the first import in a process: ~1 s
     from quantkit.onnx.qdq import _constant_weights_to_initializers
     from quantkit.onnx.torch_exec import TorchGraph
 
@@ -243,7 +245,7 @@ def gradient_estimate(scales: "QdqScales", batches: Sequence["Batch"],
     # the only-float error
     only_float = {g: _ratio(noise - d / 2, signal) for g, d in derivative.items()}
     only_quantized = {g: _ratio(d / 2, signal) for g, d in derivative.items()}
-    costs = {"build_s": build, "fp32_s": fp32_s, "forward_s": forward_s, "backward_s": backward_s}
+    costs = {"import_s": import_s, "build_s": build, "fp32_s": fp32_s, "forward_s": forward_s, "backward_s": backward_s}
     return GradientEstimate(only_float, only_quantized, derivative, noise, signal, costs)
 
 

@@ -424,7 +424,7 @@ class _Ranker:
     """
 
     def __init__(self, scales: QdqScales, source: "Source", subset: Sequence[int],
-                 groups: Sequence[QuantGroup] | None = None):
+                 groups: Sequence[QuantGroup] | None = None, fp32: tuple[list[np.ndarray], float] | None = None):
         from quantkit.debug.switchable import switchable_model
         from quantkit.onnx.model import tensor_types
         from quantkit.ptq import evaluation_batches
@@ -444,10 +444,15 @@ class _Ranker:
         self._plain_amax = scales.amax_for(scales.plan, {})
         self._starts: dict[int, int] | None = None
         t0 = time.perf_counter()
-        self.fp32_cut, self.fp32_out = self._capture(scales.model, {})
-        self.fp32_seconds = time.perf_counter() - t0
+        if fp32 is None:
+            self.fp32_cut, self.fp32_out = self._capture(scales.model, {})
+            self.fp32_seconds = time.perf_counter() - t0
+        else:  # ``fp32``: the subset's FP32 outputs per batch and the seconds of a pass, known already;
+            # no FP32 cut tensors, so only INT8-side runs (only_float, with_method), no only_quantized
+            self.fp32_cut, self.fp32_out, self.fp32_seconds = [], list(fp32[0]), fp32[1]
         t0 = time.perf_counter()
-        self.multi = self._multi_start()
+        self.multi: Any = self._multi_start() if self.fp32_cut else None
+        self._multi_pending = not self.fp32_cut  # made from the first INT8 capture instead
         self.build_seconds += time.perf_counter() - t0
         self._multi_checked = False
         self._int8_key: Any = None
@@ -481,6 +486,11 @@ class _Ranker:
             self.int8_cut, outs = self._capture(self.switch.model, self.switch.feed(on, amax))
             self.state_error = self._error(outs)
             self._int8_key = key
+            if self._multi_pending:
+                self._multi_pending = False
+                t0 = time.perf_counter()
+                self.multi = self._multi_start()
+                self.build_seconds += time.perf_counter() - t0
         return self.state_error
 
     def _error(self, outs: Sequence[np.ndarray]) -> float:
@@ -494,7 +504,7 @@ class _Ranker:
         from quantkit.backends.onnxruntime import create_session
 
         if k not in self._sessions:
-            ranks = {t: a.ndim for t, a in self.fp32_cut[0].items()}
+            ranks = {t: a.ndim for t, a in (self.fp32_cut or self.int8_cut)[0].items()}
             suffix = suffix_model(self.switch.model, self.cuts.tensors[k], self.types, ranks, self._switch_inputs)
             t0 = time.perf_counter()
             self._sessions[k] = create_session(suffix, threads=self.scales.run.threads)
@@ -508,10 +518,11 @@ class _Ranker:
         run of neighbouring cuts, ``_plan_starts``)."""
         from quantkit.debug.switchable import multi_start_model
 
-        if self.scales.specs[0].static_batch or not self.fp32_cut:
+        cut = self.fp32_cut or self.int8_cut
+        if self.scales.specs[0].static_batch or not cut:
             return None
         rows = self.batches[0].feed[self.scales.specs[0].name].shape[0]
-        first = self.fp32_cut[0]
+        first = cut[0]
         if rows < 2 or any(a.ndim < 1 or a.shape[0] != rows for a in first.values()):
             return None
         return multi_start_model(self.switch, list(self.cuts.tensors), first, _constant_names(self.switch.model),
@@ -804,7 +815,8 @@ def _rank_by_gradient(scales: QdqScales, source: "Source", chosen: list[int], er
     trial = [scales.group(r.name) for r in rows[:method_groups]]
     if others and any(g.activations for g in trial):
         # exact trials: the captures (of these groups' cuts only) are part of their cost
-        ranker = _Ranker(scales, source, chosen, groups=trial)
+        ranker = _Ranker(scales, source, chosen, groups=trial,
+                         fp32=(ref, fp32_pass) if ref is not None else None)
         base = ranker.use_state([], {})
         rows = best_methods(ranker, rows, method_groups, base)
     costs["methods_s"] = time.perf_counter() - t0

@@ -99,6 +99,12 @@ def test_method_trials_stay_exact_and_count(broken):
     assert rep.rows[0].best_method is not None and rep.ranker is not None
     assert rep.counts["suffix_runs"] >= 1 and rep.costs["methods_s"] > 0
     assert all(r.only_quantized_error is None for r in rep.rows)
+    # the trials run from the side-by-side pass's FP32 outputs and the trial group's cut only:
+    # the same result as the exact ranking's trials
+    exact = rank_sensitivity(cal, ev, subset=24, method_groups=1, quantized=False)
+    assert exact.rows[0].name == rep.rows[0].name and exact.rows[0].best_method == rep.rows[0].best_method
+    assert rep.rows[0].best_method_error == pytest.approx(exact.rows[0].best_method_error, rel=1e-5)
+    assert not rep.ranker.covers_all and rep.ranker.fp32_cut == []
 
 
 def test_a_graph_torch_cannot_run_falls_back_to_the_exact_ranking(broken, monkeypatch, caplog):
