@@ -13,19 +13,25 @@ scale amax/127 of the plain method, round half to even, int8 saturation; its gra
 straight-through estimate inside the range, 0 where it clips), Wq per output channel as
 ``insert_qdq`` writes it. At a = 1 this is the INT8 model (float fake quantization, as the
 switchable model of the exact ranking computes it). With r = y - y_fp32 over the subset and
-L = ||r||^2, one backward pass gives dL/da_g for every g: the first-order change of L when
-a_g goes from 1 to 0, i.e. group g back to float:
+L = ||r||^2, one backward pass gives d_g = dL/da_g for every g. With e_g the output error group g
+adds, L(a_g = 0) = L - d_g + ||e_g||^2 to first order in the network, and d_g = 2<r, e_g> =
+2||e_g||^2 when e_g is uncorrelated with the other groups' errors, so:
 
-    only_float_error(g) ~= (L - dL/da_g) / ||y_fp32||^2        (first order; can go below 0)
+    only_float_error(g)     ~= (L - d_g / 2) / ||y_fp32||^2     (group g back to float)
+    only_quantized_error(g) ~= (d_g / 2) / ||y_fp32||^2         (only group g quantized)
 
-Only-quantized errors need one forward-mode product per group (no cheaper estimate is honest),
-so the gradient rows leave ``only_quantized_error`` None.
+Estimates, not measurements: exact for a model of one group (up to the product of its
+activation and weight errors), and on ResNet-18 within ~3% of the exact only-float errors with
+the same top 5 (benchmarks/results/design_notes.md); where that assumption fails the order can
+move (ResNet-18's `/layer3/layer3.1/Add`: exact rank 9, gradient 23-29).
 
-Cost: one torch forward with autograd and one backward over the subset (the FP32 outputs of
-the subset come from the side-by-side pass when the caller has them, else one torch forward
-without autograd). The convolutions' input gradients run as transposed convolutions in the
-forward direction (``_ConvInputGrad``: torch's CPU convolution backward is slower, and the
-weights need no gradient).
+Cost: one torch forward with autograd and one backward over the subset; the FP32 outputs of
+the subset come from the side-by-side pass when the caller has them (else one torch forward
+without autograd). The gate and the 2-D convolutions are torch autograd functions
+(``_autograd_functions``): the input gradient of a convolution runs as a transposed convolution
+and its weight term as a forward product (torch's CPU convolution backward has no fast
+bfloat16 path, and the weights need no gradient); ``precision`` picks bfloat16 products where
+oneDNN has them.
 """
 
 from __future__ import annotations
