@@ -218,7 +218,7 @@ class Row:
     error: str | None = None
 
 
-def run_quantkit_fallback(case: Case, max_drop: float) -> dict[str, Any]:
+def run_quantkit_fallback(case: Case, max_drop: float, estimator: str = "exact") -> dict[str, Any]:
     """Calibration pass + ``fallback`` to the budget, timed together (NNCF's time includes its own
     quantization too), through the API contract of ``quantkit.debug.fallback``."""
     try:
@@ -233,10 +233,10 @@ def run_quantkit_fallback(case: Case, max_drop: float) -> dict[str, Any]:
     t = time.perf_counter()
     cal = quantkit.quantize(onnx.load(str(case.model)), cal_src)
     if case.task is None:
-        res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop, drop_metric="accuracy"),
-                       on_step=_log_step)
+        res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop, drop_metric="accuracy",
+                                                                       estimator=estimator), on_step=_log_step)
     else:
-        res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop),
+        res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop, estimator=estimator),
                        task_metric=case.task.scores, on_step=_log_step)
     seconds = time.perf_counter() - t
     groups = quant_groups(cal.model, cal.plan)
@@ -260,7 +260,8 @@ def _log_step(step: dict[str, Any]) -> None:
         f"({step['seconds']:.1f} s)")
 
 
-def run_case(case: Case, max_drop: float, work: Path, peers: bool, nncf_timeout: float = 7200) -> Row:
+def run_case(case: Case, max_drop: float, work: Path, peers: bool, nncf_timeout: float = 7200,
+             estimator: str = "exact") -> Row:
     import quantkit
     from quantkit.datasets.sources import NumpySource
 
@@ -276,7 +277,7 @@ def run_case(case: Case, max_drop: float, work: Path, peers: bool, nncf_timeout:
         return row
     log(f"   FP32 {row.fp32:.2f}, plain PTQ {row.ptq:.2f}")
     try:
-        row.qk = run_quantkit_fallback(case, max_drop)
+        row.qk = run_quantkit_fallback(case, max_drop, estimator)
     except Exception as err:
         row.qk = {"error": f"failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}"}
         log(traceback.format_exc(limit=4))
@@ -504,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the models whose name contains one of these words (e.g. outlier rec)")
     ap.add_argument("--rec-eval", type=int, default=400, help="evaluation lines of the recogniser (default 400)")
     ap.add_argument("--skip-cost", action="store_true", help="skip the ranking cost and debug memory tables")
+    ap.add_argument("--rank-estimator", choices=["exact", "gradient"], default="exact",
+                    help="the fallback's sensitivity estimator (default exact)")
     ap.add_argument("--out", type=Path, default=None,
                     help="markdown file (default benchmarks/results/debug_fallback[-quick].md)")
     args = ap.parse_args(argv)
@@ -517,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.cases and not any(w in c.name for w in args.cases):
                 continue
             log(f"== {c.name}")
-            rows.append(run_case(c, args.max_drop, work, peers=not args.no_peers, nncf_timeout=args.nncf_timeout))
+            rows.append(run_case(c, args.max_drop, work, peers=not args.no_peers, nncf_timeout=args.nncf_timeout,
+                                 estimator=args.rank_estimator))
         rc: dict[str, Any] = {"error": "not run (--skip-cost)"}
         mem: dict[int, dict[str, float]] = {}
         if not args.skip_cost:

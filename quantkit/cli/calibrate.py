@@ -88,6 +88,9 @@ class Calibrate:
         b.add_argument("--subset", type=positive_int, default=32, metavar="N",
                        help="with --max-drop: samples in the sensitivity ranking subset, those with the largest "
                             "INT8 error (default 32)")
+        b.add_argument("--rank-estimator", choices=["exact", "gradient"], default="exact",
+                       help="with --max-drop: the sensitivity ranking's estimator: exact (default) or gradient "
+                            "(first-order, one forward + backward pass in torch; every step is still validated)")
         b.add_argument("--exclude-from", metavar="FILE",
                        help="keep the --top K most sensitive quantization groups of a saved ranking in float: "
                             "sensitivity.json of --max-drop, or debug.json of `quantkit debug --rank`")
@@ -239,7 +242,8 @@ def _budget(args: argparse.Namespace, model: object, source: object, indices: li
     from quantkit.errors import InputError
 
     if args.max_drop is None:
-        extra = [f for f, v in (("--drop-metric", args.drop_metric), ("--max-float-groups", args.max_float_groups))
+        extra = [f for f, v in (("--drop-metric", args.drop_metric), ("--max-float-groups", args.max_float_groups),
+                                ("--rank-estimator", None if args.rank_estimator == "exact" else args.rank_estimator))
                  if v is not None]
         if extra:
             raise InputError(f"{extra[0]} needs --max-drop D", hint="e.g. --max-drop 0.5")
@@ -251,7 +255,7 @@ def _budget(args: argparse.Namespace, model: object, source: object, indices: li
                          hint="give --eval-dir DIR or --eval-images N > 0")
     metric = resolve_drop_metric(args.drop_metric, source, indices, output_rank=_output_rank(model))  # type: ignore[arg-type]
     return FallbackConfig(max_drop=args.max_drop, drop_metric=metric, subset=args.subset,
-                          max_float_groups=args.max_float_groups)
+                          max_float_groups=args.max_float_groups, estimator=args.rank_estimator)
 
 
 def _print_step(step: dict) -> None:

@@ -35,6 +35,9 @@ class Debug:
                                  "written as debug.json's \"sensitivity\", which calibrate --exclude-from reads")
         parser.add_argument("--subset", type=positive_int, default=32, metavar="N",
                             help="with --rank: samples in the ranking subset (default 32)")
+        parser.add_argument("--estimator", choices=["exact", "gradient"], default="exact",
+                            help="with --rank: exact (suffix runs, default) or gradient (first-order estimates from one "
+                                 "forward + backward pass in torch; falls back to exact when torch cannot run the model)")
         add_data_args(parser, num_images_help="use the first N samples of the --order (default: all)")
         add_preprocess_args(parser)
 
@@ -44,6 +47,10 @@ class Debug:
         from quantkit.onnx.model import input_specs, load_model
         from quantkit.ptq import RunConfig, evaluation_batches
 
+        if args.estimator != "exact" and not args.rank:
+            from quantkit.errors import InputError
+
+            raise InputError("--estimator needs --rank", hint="add --rank")
         inputs = [p for p in (args.reference, args.test, args.images, args.npz) if p]
         fp32, int8 = load_model(args.reference), load_model(args.test)
         check_output_dir(args.output, force=args.force, inputs=inputs)  # before the work
@@ -61,7 +68,7 @@ class Debug:
 
             run = RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict)
             ranking = rank_sensitivity(QdqScales.from_qdq_model(fp32, int8, run), source, drawn.indices,
-                                       subset=args.subset)
+                                       subset=args.subset, estimator=args.estimator)
             doc["sensitivity"] = ranking.to_dict()
         with output_dir(args.output, force=args.force, inputs=inputs, command="quantkit debug") as staging:
             write_json_atomic(staging / "debug.json", doc)

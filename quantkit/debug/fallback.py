@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from quantkit.debug.sensitivity import QdqScales, SensitivityReport, _noise_signal, _ratio, rank_groups, \
+from quantkit.debug.sensitivity import ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, rank_groups, \
     rank_sensitivity
 from quantkit.errors import InputError
 
@@ -81,6 +81,8 @@ class FallbackConfig:
         max_float_groups: at most this many groups in float (None: no limit); reaching it
             without meeting the budget ends the run with ``met=False``.
         max_reranks: re-rankings after steps that made the drop worse.
+        estimator: the sensitivity ranking's estimator ("exact" or "gradient":
+            ``rank_sensitivity``); every step is validated exactly either way.
     """
 
     max_drop: float
@@ -89,6 +91,7 @@ class FallbackConfig:
     method_groups: int = 3
     max_float_groups: int | None = None
     max_reranks: int = 2
+    estimator: str = "exact"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and self.max_drop >= 0):
@@ -99,6 +102,8 @@ class FallbackConfig:
             raise InputError(f"the ranking subset must have at least one sample, got {self.subset}")
         if self.max_float_groups is not None and self.max_float_groups < 0:
             raise InputError(f"max_float_groups must be >= 0, got {self.max_float_groups}")
+        if self.estimator not in ESTIMATORS:
+            raise InputError(f"unknown sensitivity estimator {self.estimator!r}; choose one of {list(ESTIMATORS)}")
 
 
 def has_labels(source: "Source", indices: Sequence[int]) -> bool:
@@ -189,6 +194,7 @@ class _Evaluator:
         batcher = evaluation_batches(source, scales.specs, list(indices), scales.run)
         self.output = scales.model.graph.output[0].name
         self.ref: list[np.ndarray] = []
+        self.ref_indices: list[list[int]] = []
         self.labels: list[np.ndarray | None] = []
         self.fp32_seconds = 0.0
         # every step measures on these batches: held after this pass when they are small, so a
@@ -200,6 +206,7 @@ class _Evaluator:
                 t0 = time.perf_counter()
                 self.ref.append(r.infer(b.feed)[self.output][: b.size])
                 self.fp32_seconds += time.perf_counter() - t0
+                self.ref_indices.append(list(b.indices))
                 self.labels.append(b.labels)
                 held_bytes += sum(a.nbytes for a in b.feed.values())
                 if held is not None and held_bytes <= HELD_EVAL_BYTES:
@@ -210,13 +217,14 @@ class _Evaluator:
         self.count = sum(len(r) for r in self.ref)
         if self.count == 0:
             raise InputError("no evaluation samples could be read", hint="check the evaluation data")
+        self.fp32_metric: float | None
         if metric == "task":
             self.fp32_metric = sum(self._task(r, b.indices) for r, b in zip(self.ref, self.batches)) / self.count
         elif metric == "accuracy":
             if any(lab is None for lab in self.labels):
                 raise InputError("--drop-metric accuracy needs labels, and the evaluation data has none",
                                  hint="use --drop-metric top1-agreement")
-            self.fp32_metric: float | None = 100.0 * sum(
+            self.fp32_metric = 100.0 * sum(
                 int((r.argmax(1) == lab).sum()) for r, lab in zip(self.ref, self.labels)) / self.count
         else:
             self.fp32_metric = {"top1-agreement": 100.0, "cosine": 1.0, "sqnr": math.inf}[metric]
@@ -331,11 +339,12 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
     t0 = time.perf_counter()
     if ranking_source is None:
         errors = (before.per_sample, _ratio(before.noise, before.signal), ev.fp32_seconds / ev.count)
+        outputs = {i: row for ix, ref in zip(ev.ref_indices, ev.ref) for i, row in zip(ix, ref)}
         ranking = rank_sensitivity(scales, eval_source, idx, subset=config.subset, method_groups=config.method_groups,
-                                   quantized=False, _errors=errors)
+                                   quantized=False, estimator=config.estimator, _errors=errors, _fp32_outputs=outputs)
     else:
         ranking = rank_sensitivity(scales, ranking_source, ranking_indices, subset=config.subset,
-                                   method_groups=config.method_groups, quantized=False)
+                                   method_groups=config.method_groups, quantized=False, estimator=config.estimator)
     record("rank", [], current, t0, cost_fp32_passes=ranking.cost_fp32_passes)
 
     def try_state(new_floats: list[str], new_overrides: dict[str, str]) -> tuple[onnx.ModelProto, _Measure]:
@@ -388,7 +397,7 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         if worse and reranks < config.max_reranks and current.drop > config.max_drop:
             reranks += 1
             t0 = time.perf_counter()
-            if ranker is None:  # the FP32 side of the subset is captured once
+            if ranker is None or not ranker.covers_all:  # the FP32 side of the subset is captured once
                 ranker = _ranker_for(scales, eval_source, idx, ranking, ranking_source, ranking_indices)
             ranker.use_state(floats, overrides)
             remaining = [scales.group(n) for n in order if n not in floats]
