@@ -205,6 +205,14 @@ class Case:
     eval_npz: Path
     note: str = ""
     task: Task | None = None  # None: accuracy against the labels
+    stats: dict[str, Any] = field(default_factory=dict)  # StatsConfig fields over the defaults
+    peer: bool = True  # also run NNCF (once per model and data)
+
+
+def _config(case: "Case") -> Any:
+    from quantkit.ptq import QuantizeConfig, StatsConfig
+
+    return QuantizeConfig(StatsConfig(**case.stats))
 
 
 @dataclass
@@ -231,7 +239,7 @@ def run_quantkit_fallback(case: Case, max_drop: float, estimator: str = "exact")
 
     cal_src, ev_src = NumpySource(case.calib_npz), NumpySource(case.eval_npz)
     t = time.perf_counter()
-    cal = quantkit.quantize(onnx.load(str(case.model)), cal_src)
+    cal = quantkit.quantize(onnx.load(str(case.model)), cal_src, _config(case))
     if case.task is None:
         res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop, drop_metric="accuracy",
                                                                        estimator=estimator), on_step=_log_step)
@@ -268,7 +276,7 @@ def run_case(case: Case, max_drop: float, work: Path, peers: bool, nncf_timeout:
     row = Row(case)
     try:
         row.fp32 = accuracy_of(case.model, case.eval_npz, case.input_name, case.task)
-        cal = quantkit.quantize(onnx.load(str(case.model)), NumpySource(case.calib_npz))
+        cal = quantkit.quantize(onnx.load(str(case.model)), NumpySource(case.calib_npz), _config(case))
         ptq = cal.int8_model()
         row.ptq = accuracy_of(ptq, case.eval_npz, case.input_name, case.task)
         row.ptq_float_ops = len(float_weighted_ops(ptq))
@@ -282,14 +290,14 @@ def run_case(case: Case, max_drop: float, work: Path, peers: bool, nncf_timeout:
         row.qk = {"error": f"failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}"}
         log(traceback.format_exc(limit=4))
     log(f"   quantkit: {row.qk.get('error') or 'done'}")
-    if peers:
+    if peers and case.peer:
         try:
             row.nncf = run_nncf(case, max_drop, work, nncf_timeout)
         except Exception as err:
             row.nncf = {"error": f"failed: {type(err).__name__}: {err}"}
         log(f"   NNCF: {row.nncf.get('error') or 'done'}")
     else:
-        row.nncf = {"error": "not run (--no-peers)"}
+        row.nncf = {"error": "not run (--no-peers)" if not peers else "not run: the same model and data as the row above"}
     return row
 
 
@@ -484,8 +492,11 @@ def cases(work: Path, quick: bool, rec_eval: int = 400) -> list[Case]:
         try:
             a = lossy_models.rapidocr_rec(n_eval=rec_eval)
             cal, ev, texts = lossy_models.rapidocr_rec_npz(a, work)
-            out.append(Case("rapidocr-rec (PP-OCR recogniser, real; exact match %)", a.model_path(), "x", cal, ev,
-                            task=Task(a.model_path(), a.root, texts)))
+            for bc in (False, True):
+                out.append(Case("rapidocr-rec (PP-OCR recogniser, real; exact match %" +
+                                ("; default PTQ)" if bc else "; PTQ without bias correction)"), a.model_path(), "x",
+                                cal, ev, task=Task(a.model_path(), a.root, texts), stats={"bias_correction": bc},
+                                peer=not bc))
         except Exception as err:
             log(f"rapidocr-rec not run: {err}")
     return out

@@ -57,11 +57,11 @@ class Calibrate:
         g.add_argument("--equalize-pointwise", action="store_true",
                        help="also equalize the tensors that feed group-1 Convs (factors sqrt(max/max_c), the "
                             "weights divided per input channel; e.g. a squeeze-and-excite output into a 1x1 Conv)")
-        g.add_argument("--bias-correction", action="store_true",
-                       help="cancel the mean shift INT8 adds to each Conv's output through its bias, measured Conv "
-                            "by Conv on the Q/DQ model over the first 32 samples (the Convs before each already "
-                            "corrected); for models whose INT8 error is a mean shift that later layers amplify "
-                            "(PP-OCR recogniser: minmax -45 -> -1.6 points); costs ~2 passes over 32 samples")
+        g.add_argument("--no-bias-correction", action="store_true",
+                       help="no bias correction (by default each Conv's bias cancels the shift INT8 adds to its "
+                            "output, measured Conv by Conv on the Q/DQ model over the first 32 samples, the Convs "
+                            "before it already corrected: a shift that later layers amplify cost PP-OCR's "
+                            "recogniser up to 45 points without it; costs ~2 passes over 32 samples)")
         g.add_argument("--histogram-stride", type=positive_int, default=5, metavar="K",
                        help="large activations: histogram body from every K-th value (weight K), tail and "
                             "min/max from every value; 1 counts every value (exact, ~1.8x slower histograms). "
@@ -121,7 +121,7 @@ class Calibrate:
             StatsConfig(num_bins=args.num_bins, sample_stride=args.histogram_stride, target=args.target,
                         cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats),
                         exclude=tuple(exclude), exclude_op_types=tuple(args.exclude_op_type or ()),
-                        equalize=not args.no_equalize, bias_correction=args.bias_correction,
+                        equalize=not args.no_equalize, bias_correction=not args.no_bias_correction,
                         equalize_pointwise=args.equalize_pointwise),
             RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
             ExportConfig(method=args.method, params={"percentile": args.percentile}))

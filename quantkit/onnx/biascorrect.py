@@ -21,11 +21,16 @@ diverges. So the correction here is **empirical and sequential**, as AIMET's emp
 correction: Convs in order of depth, each one's shift measured on the Q/DQ model with every
 earlier Conv already corrected,
 
-    shift[o] = mean(INT8 model's Conv output)[o] - mean(FP32 model's Conv output)[o]
+    shift[o] = median over positions of (INT8 model's Conv output - FP32 model's)[o]
 
-(means over the batch and every axis after the channel), and ``bias -= shift``. Convs of one
-depth (no Conv path between them) are measured in one pass. The bias is a float input of the
-Conv that TensorRT fuses as it is: a corrected model builds exactly like an uncorrected one.
+(positions: the batch and every axis after the channel, a strided sample of them), and
+``bias -= shift``. The median, not the mean: a shift that rounding adds to a flat background
+moves almost every position and the two agree, but clipping a sparse tail moves a few positions
+a lot, and its mean would move every position to make up for those few (ddddocr's CRNN with
+``percentile``: output SQNR 22.8 dB uncorrected, 12.3 with the mean, 26.1 with the median).
+Convs of one depth (no Conv path between them) are measured in one pass. The bias is a float
+input of the Conv that TensorRT fuses as it is: a corrected model builds exactly like an
+uncorrected one.
 
 Cost: one ONNX Runtime pass of the FP32 model and one of the Q/DQ model over the correction
 samples, the latter in segments (one session per depth, fed the tensors the segments before it
@@ -50,6 +55,20 @@ log = logging.getLogger(__name__)
 Feed = tuple[Mapping[str, np.ndarray], int]
 
 
+def reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors ``node`` reads: its inputs and the outer-scope tensors its subgraphs (If, Loop,
+    Scan bodies) read."""
+    out = [t for t in node.input if t]
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for inner in g.node:
+                out.extend(t for t in reads(inner) if t not in local)
+                local.update(inner.output)
+    return list(dict.fromkeys(out))
+
+
 def conv_levels(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
     """The Convs of ``model`` (topologically sorted, as ONNX requires) grouped by depth: the
     number of Convs on the longest path before each. Convs of one depth do not read each
@@ -57,7 +76,7 @@ def conv_levels(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
     depth: dict[str, int] = {}
     levels: dict[int, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        d = max((depth.get(t, 0) for t in node.input if t), default=0)
+        d = max((depth.get(t, 0) for t in reads(node)), default=0)
         if node.op_type == "Conv":
             levels.setdefault(d, []).append(node)
             d += 1
@@ -66,18 +85,16 @@ def conv_levels(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
     return [levels[k] for k in sorted(levels)]
 
 
-def channel_means(run: Callable[[Mapping[str, np.ndarray]], Sequence[np.ndarray]], names: Sequence[str],
-                  feeds: Iterable[Feed]) -> dict[str, np.ndarray]:
-    """Per-channel (axis 1) means of the tensors ``run`` returns, over every real row and every
-    axis after the channel (float64)."""
-    sums: dict[str, Any] = {}
-    rows = 0
-    for feed, n in feeds:
-        for name, x in zip(names, run(feed)):
-            x = np.asarray(x)[:n].astype(np.float64)
-            sums[name] = sums.get(name, 0.0) + x.reshape(x.shape[0], x.shape[1], -1).mean(axis=2).sum(axis=0)
-        rows += n
-    return {name: s / rows for name, s in sums.items()}
+#: positions per channel and batch kept to estimate a Conv's shift (a strided sample)
+SAMPLE_POSITIONS = 2048
+
+
+def channel_samples(x: np.ndarray, n: int) -> np.ndarray:
+    """[C, K]: a strided sample of ``x``'s first ``n`` rows' values per channel (axis 1), the same
+    positions for any tensor of the same shape."""
+    x = np.asarray(x)[:n]
+    flat = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+    return flat[:, ::max(1, flat.shape[1] // SAMPLE_POSITIONS)].astype(np.float32)
 
 
 def correctable(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -89,8 +106,8 @@ def correctable(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> list[onnx.NodePr
 def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequence[Feed],
                       session: Callable[[bytes], Any]) -> dict[str, np.ndarray]:
     """Per Conv node of ``qdq`` (a Q/DQ model made from ``fp32``), the shift to subtract from its
-    bias so that its output's per-channel mean equals the FP32 model's on ``feeds``, with the
-    Convs before it corrected first (see the module docstring).
+    bias so that its output's per-channel median error against the FP32 model on ``feeds`` is 0,
+    with the Convs before it corrected first (see the module docstring).
 
     Args:
         session: makes an inference session from a serialized model (``run(names, feed)``).
@@ -104,7 +121,10 @@ def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequen
     have = {o.name for o in ref_model.graph.output}
     ref_model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in have)
     ref_sess = session(ref_model.SerializeToString())
-    ref = channel_means(lambda f: ref_sess.run(names, dict(f)), names, feeds)
+    ref: dict[str, list[np.ndarray]] = {t: [] for t in names}
+    for feed, n in feeds:
+        for t, x in zip(names, ref_sess.run(names, dict(feed))):
+            ref[t].append(channel_samples(x, n))
 
     work = onnx.ModelProto()
     work.CopyFrom(qdq)
@@ -115,7 +135,7 @@ def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequen
     for node in work.graph.node:
         if node.op_type != "Conv" or node.name not in wanted:
             continue
-        channels = ref[node.output[0]].shape[0]
+        channels = ref[node.output[0]][0].shape[0]
         has_bias = len(node.input) > 2 and bool(node.input[2])
         bias = consts[node.input[2]] if has_bias else np.zeros(channels, np.float32)
         name = f"{node.name}_bias_corrected"
@@ -130,8 +150,9 @@ def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequen
     # the levels run as segments: each from the tensors the earlier segments computed (a Conv's
     # output already corrected: its bias is additive per channel) up to its own Convs' outputs
     consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(work.graph.node):
-        for t in node.input:
+    node_reads = [reads(node) for node in work.graph.node]
+    for i, r in enumerate(node_reads):
+        for t in r:
             consumers.setdefault(t, []).append(i)
     producer = {out: i for i, node in enumerate(work.graph.node) for out in node.output}
     inits = {i.name: i for i in work.graph.initializer}
@@ -143,19 +164,19 @@ def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequen
         if not level:
             continue
         outs = [n.output[0] for n in level]
-        segment = _segment(work, outs, producer, set(known[0]), done)
+        segment = _segment(node_reads, outs, producer, set(known[0]), done)
         done |= set(segment)
         produced = [t for i in segment for t in work.graph.node[i].output if t]
         keep = [t for t in produced if t in outs or any(c not in done for c in consumers.get(t, ()))]
-        seg_model = _segment_model(work, segment, keep, known[0], inits)
+        seg_model = _segment_model(work, segment, node_reads, keep, known[0], inits)
         sess = session(seg_model.SerializeToString())
         feeds_in = [i.name for i in seg_model.graph.input]
         for k, (_, n) in enumerate(feeds):
             known[k].update(zip(keep, sess.run(keep, {t: known[k][t] for t in feeds_in})))
-        got = channel_means(lambda f: [f[t] for t in outs], outs, ((kn, n) for kn, (_, n) in zip(known, feeds)))
         for node in level:
             t = node.output[0]
-            shift = got[t] - ref[t]
+            diff = np.concatenate([channel_samples(kn[t], n) - r for kn, (_, n), r in zip(known, feeds, ref[t])], axis=1)
+            shift = np.median(diff, axis=1).astype(np.float64)
             shifts[node.name] = shift
             bias = biases[node.name]
             slots[node.name].CopyFrom(numpy_helper.from_array((bias.astype(np.float64) - shift).astype(bias.dtype),
@@ -170,8 +191,8 @@ def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequen
     return shifts
 
 
-def _segment(model: onnx.ModelProto, outputs: Sequence[str], producer: Mapping[str, int], known: set[str],
-             done: set[int]) -> list[int]:
+def _segment(node_reads: Sequence[Sequence[str]], outputs: Sequence[str], producer: Mapping[str, int],
+             known: set[str], done: set[int]) -> list[int]:
     """Indices (in graph order) of the nodes not yet run that compute ``outputs`` from ``known``
     tensors, initializers and Constants."""
     need: set[int] = set()
@@ -186,22 +207,23 @@ def _segment(model: onnx.ModelProto, outputs: Sequence[str], producer: Mapping[s
         if i is None or i in done or i in need:
             continue
         need.add(i)
-        stack.extend(x for x in model.graph.node[i].input if x)
+        stack.extend(node_reads[i])
     return sorted(need)
 
 
-def _segment_model(model: onnx.ModelProto, segment: Sequence[int], outputs: Sequence[str],
-                   known: Mapping[str, np.ndarray], inits: Mapping[str, onnx.TensorProto]) -> onnx.ModelProto:
+def _segment_model(model: onnx.ModelProto, segment: Sequence[int], node_reads: Sequence[Sequence[str]],
+                   outputs: Sequence[str], known: Mapping[str, np.ndarray],
+                   inits: Mapping[str, onnx.TensorProto]) -> onnx.ModelProto:
     """A model of the ``segment`` nodes: known tensors they read are its inputs."""
     from onnx import helper
 
     nodes = [model.graph.node[i] for i in segment]
-    reads = list(dict.fromkeys(t for n in nodes for t in n.input if t))
+    read = list(dict.fromkeys(t for i in segment for t in node_reads[i]))
     graph = onnx.GraphProto(name="segment")
     graph.node.extend(nodes)
-    graph.initializer.extend(inits[t] for t in reads if t in inits)
+    graph.initializer.extend(inits[t] for t in read if t in inits)
     graph.input.extend(helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(known[t].dtype), None)
-                       for t in reads if t in known and t not in inits)
+                       for t in read if t in known and t not in inits)
     graph.output.extend(onnx.ValueInfoProto(name=t) for t in outputs)
     out = onnx.ModelProto()
     out.ir_version = model.ir_version

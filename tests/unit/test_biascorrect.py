@@ -69,31 +69,36 @@ def test_zero_sum_kernel_on_an_offset_keeps_its_mean():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_shift_is_the_measured_mean_error(bias):
-    # a grouped 1x1 Conv without padding is linear in the per-channel means: the shift equals the
-    # mean of (uncorrected INT8 - FP32) measured by ONNX Runtime on the calibration data itself
+def test_shift_is_the_median_error_and_cancels_it(bias):
+    # one grouped 1x1 Conv: the shift is the per-channel median of (uncorrected INT8 - FP32) that
+    # ONNX Runtime measures on the calibration data, and the corrected model's median error is ~0
     rng = np.random.default_rng(1)
     w = rng.normal(0, 1.0, (6, 2, 1, 1))
     model = _conv_model(w, group=3, bias=rng.normal(0, 1, 6) if bias else None)
     x = (rng.normal(0, 1, (16, 6, 12, 12)) + rng.normal(0, 3, (1, 6, 1, 1))).astype(np.float32)
     plain = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=False)))
-    measured = (_run(plain.int8_model(), x) - _run(model, x)).mean(axis=(0, 2, 3))
+
+    def median_error(m: onnx.ModelProto) -> np.ndarray:
+        return np.median(np.moveaxis(_run(m, x) - _run(model, x), 1, 0).reshape(6, -1), axis=1)
+
+    measured = median_error(plain.int8_model())
     cal = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=True)))
     for method in ("entropy", "minmax"):
         corrected_model = cal.int8_model(method)  # measures the method's shifts
         shift = cal.bias_shifts[method]["conv"]
-        if method == "entropy":
-            np.testing.assert_allclose(shift, measured, atol=1e-5 * float(np.abs(measured).max()) + 1e-6)
-        corrected = (_run(corrected_model, x) - _run(model, x)).mean(axis=(0, 2, 3))
-        assert np.abs(corrected).max() < 1e-4 + 1e-3 * np.abs(shift).max(), (method, corrected, shift)
+        if method == "entropy":  # a strided sample of the positions: close to the full median
+            np.testing.assert_allclose(shift, measured, atol=0.25 * float(np.abs(measured).max()))
+        left = median_error(corrected_model)
+        assert np.abs(left).max() < 0.3 * np.abs(shift).max(), (method, left, shift)
 
 
 def test_off_switch_and_fp32_model_unchanged():
     rng = np.random.default_rng(2)
     model = _conv_model(_zero_sum_edges(rng, 4), group=4, bias=None)
     x = _flat_background(rng, 8, 4)
-    off = quantkit.quantize(model, ArraySource(x))  # the default: off
-    assert off.bias_shifts == {}
+    off = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=False)))
+    assert off.int8_model() is not None and off.bias_shifts == {}
+    assert StatsConfig().bias_correction  # the default: on
     assert [len(n.input) for n in off.int8_model().graph.node if n.op_type == "Conv"] == [2]
     on = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=True)))
     (conv,) = [n for n in on.int8_model().graph.node if n.op_type == "Conv"]
@@ -182,3 +187,52 @@ def test_mixed_precision_variants_are_corrected_too():
         assert ("conv2_bias_corrected" in names) == corrected
         err = np.abs(_conv_means(variant, cal_x)["c2"] - ref["c2"]).max()
         assert (err < 0.01) == corrected, err
+
+
+def test_a_subgraph_reading_an_outer_tensor_is_fed_it():
+    # silero-vad's If nodes read main-graph tensors inside their branches (no explicit input):
+    # a segment that holds such a node must be fed those tensors too (this ran into ONNX
+    # Runtime's "not output of any previous nodes", exit 1)
+    rng = np.random.default_rng(8)
+    c = 4
+    branch = [helper.make_node("Relu", ["a1"], ["r"], name="inner_relu"), helper.make_node("Identity", ["r"], ["b_out"])]
+    then_g = helper.make_graph(branch, "then", [], [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Identity", ["a1"], ["e_out"])], "else", [],
+                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    inits = [numpy_helper.from_array(_zero_sum_edges(rng, c).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (c, c, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(True), "cond")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", group=c, kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("HardSwish", ["c1"], ["a1"], name="hs1"),
+             helper.make_node("If", ["cond"], ["b"], name="if", then_branch=then_g, else_branch=else_g),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2", kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 12, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    x = _flat_background(rng, 16, c)
+    cal = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=True)))
+    q = cal.int8_model()
+    assert set(cal.bias_shifts["entropy"]) == {"conv1", "conv2"}
+    off = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=False)))
+    ref = _run(model, x).mean(axis=(0, 2, 3))
+    err_on = np.abs(_run(q, x).mean(axis=(0, 2, 3)) - ref).max()
+    err_off = np.abs(_run(off.int8_model(), x).mean(axis=(0, 2, 3)) - ref).max()
+    assert err_on < 0.3 * err_off, (err_on, err_off)
+
+
+def test_a_correction_that_cannot_run_leaves_the_model_uncorrected(monkeypatch, caplog):
+    import quantkit.onnx.biascorrect as bc
+
+    rng = np.random.default_rng(9)
+    model = _conv_model(_zero_sum_edges(rng, 4), group=4, bias=None)
+    x = _flat_background(rng, 8, 4)
+    cal = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=True)))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : something new")
+
+    monkeypatch.setattr(bc, "sequential_shifts", broken)
+    q = cal.int8_model()
+    assert [len(n.input) for n in q.graph.node if n.op_type == "Conv"] == [2]  # no bias added
+    assert cal.bias_shifts["entropy"] == {}
+    assert "bias correction skipped" in caplog.text and "INVALID_GRAPH" in caplog.text
