@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     head = [f"# Debug and budgeted fallback (issue 14): quantkit {getattr(quantkit, '__version__', '?')} against "
             f"NNCF 3.4", "",
             f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
-            f"(shared), Python {platform.python_version()}, ONNX Runtime {onnxruntime.__version__} CPU. "
+            f"({args.machine}), Python {platform.python_version()}, ONNX Runtime {onnxruntime.__version__} CPU. "
             f"`python benchmarks/debug_fallback.py{' --quick' if args.quick else ''}`, {time.time() - t0:.0f} s, "
             f"peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB.", ""]
     text = "\n".join(head + table(rows, args.max_drop) + cost_table(rc) + memory_table(mem)) + "\n"
