@@ -24,10 +24,9 @@ pytestmark = pytest.mark.slow
 DEFAULT_METHOD_TOLERANCE = 1.0
 
 #: gaps found by the corpus, by model: (what fails, reason). Only these are xfail, strictly.
-GAPS = {
-    ("rapidocr-rec", "metric"): "default method: 92.2% exact match against FP32's 93.8% (one line of 64 short of the "
-                                "1-point target; with the guarded entropy it equals mse; it was 20.3% when entropy "
-                                "kept KL on slightly signed tensors: benchmarks/results/real_models.md)",
+GAPS: dict[tuple[str, str], str] = {
+    # ("rapidocr-rec", "metric") closed by bias correction on by default (quantkit/onnx/biascorrect.py):
+    # 92.2% against FP32's 93.8% without it (one line of 64 short of the target)
 }
 
 
