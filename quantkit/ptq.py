@@ -92,7 +92,8 @@ class StatsConfig:
             (``quantkit.onnx.biascorrect``: empirical, sequential). Costs about one FP32 and one
             Q/DQ pass over those samples per method written. ``quantkit debug``'s and the
             fallback's mixed-precision variants get their own correction; the TensorRT cache
-            (TensorRT quantizes the user's model itself) and saved statistics do not carry it.
+            (TensorRT quantizes the user's model itself) does not carry it, and runs that save
+            statistics to merge (``pow2_grid``) skip it, as equalization.
             On the PP-OCR recogniser the default's worst 32-sample subset goes from -15.6 to
             -2.3 points and minmax's from -45.3 to -3.1 (benchmarks/results/design_notes.md).
     """
@@ -321,24 +322,21 @@ class Calibration:
     def _bias_corrected(self, qdq: onnx.ModelProto) -> "tuple[onnx.ModelProto, dict[str, Any]]":
         from quantkit.onnx.biascorrect import sequential_shifts, with_corrected_biases
 
+        from functools import partial
+
+        from quantkit.backends.onnxruntime import create_session
+
         assert self.correction_feeds is not None
+        # basic optimizations: Q/DQ run as ONNX defines them (float), without the QDQ-to-integer
+        # fusions, whose session creation dominated the correction (rapidocr-rec: one session a depth)
+        session = partial(create_session, threads=self.config.run.threads, optimization="basic")
         try:
-            shifts = sequential_shifts(qdq, self.model, self.correction_feeds, self._correction_session)
+            shifts = sequential_shifts(qdq, self.model, self.correction_feeds, session)
         except Exception as err:  # ONNX Runtime's own error types: the model stays as it is, with a warning
             msg = " ".join(str(err).split())[:200] or type(err).__name__
             log.warning("%s: bias correction skipped (the Q/DQ model is written without it): %s", self.model_name, msg)
             return qdq, {}
         return with_corrected_biases(qdq, shifts), shifts
-
-    def _correction_session(self, model: bytes) -> Any:
-        # basic optimizations: Q/DQ run as ONNX defines them (float), no QDQ-to-integer fusions,
-        # whose session creation dominated the correction (rapidocr-rec: 38 prefix sessions)
-        from quantkit._deps import require
-        from quantkit.backends.onnxruntime import session_options
-
-        ort = require("onnxruntime")
-        return ort.InferenceSession(model, sess_options=session_options(self.config.run.threads, optimization="basic"),
-                                    providers=["CPUExecutionProvider"])
 
     def cache(self, method: str | None = None, *, trt_version: int = DEFAULT_TRT_VERSION) -> CalibrationCache:
         """The TensorRT calibration cache: tensors of the user's model only (an equalized tensor
@@ -572,18 +570,22 @@ def quantize(
     ranges = method_ranges(histograms, model.plan.groups, config.params)
     return Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
                        list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized,
-                       correction_feeds=_correction_feeds(model, source, idx, config))
+                       correction_feeds=_correction_feeds(model, source, idx, config,
+                                                          known_skips=[f for f, _ in batcher.skipped_]))
 
 
-def _correction_feeds(model: PreparedModel, source: Source, indices: Sequence[int],
-                      config: QuantizeConfig) -> "list[tuple[dict[str, Any], int]] | None":
+def _correction_feeds(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
+                      known_skips: Collection[str] = ()) -> "list[tuple[dict[str, Any], int]] | None":
     """Bias correction (``StatsConfig.bias_correction``): the batches of the first
     ``EQUALIZE_SAMPLES`` samples, kept for ``Calibration.int8_model`` to measure each method's
-    mean shifts on (``quantkit.onnx.biascorrect.sequential_shifts``); None when it is off."""
+    shifts on (``quantkit.onnx.biascorrect.sequential_shifts``); None when it is off, and for
+    statistics saved to merge (``pow2_grid``: a merged run has no samples to correct on, and
+    its model must equal one run's over all the data)."""
     stats = config.stats
-    if not stats.bias_correction or stats.target != "tensorrt":
+    if not stats.bias_correction or stats.target != "tensorrt" or stats.pow2_grid:
         return None
-    batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), config.run)
+    batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), config.run,
+                                 known_skips=known_skips)
     return [(dict(b.feed), b.size) for b in batcher]
 
 

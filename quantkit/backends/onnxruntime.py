@@ -56,13 +56,16 @@ def session_options(threads: int | None = None, *, optimization: str = "all", sp
 
 
 def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, threads: int | None = None,
-                   providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True) -> Any:
-    """An ONNX Runtime session of a ModelProto, a serialized model (bytes) or a model file."""
+                   providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True,
+                   optimization: str = "all") -> Any:
+    """An ONNX Runtime session of a ModelProto, a serialized model (bytes) or a model file
+    (``optimization``: ``session_options``'s level)."""
     ort = require("onnxruntime")
     src = (model.SerializeToString() if isinstance(model, onnx.ModelProto)
            else model if isinstance(model, bytes) else str(model))
     try:
-        return ort.InferenceSession(src, sess_options=session_options(threads, spinning=spinning),
+        return ort.InferenceSession(src, sess_options=session_options(threads, optimization=optimization,
+                                                                      spinning=spinning),
                                     providers=list(providers))
     except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
