@@ -57,6 +57,7 @@ class Calibrate:
         g.add_argument("--equalize-pointwise", action="store_true",
                        help="also equalize the tensors that feed group-1 Convs (factors sqrt(max/max_c), the "
                             "weights divided per input channel; e.g. a squeeze-and-excite output into a 1x1 Conv)")
+        g.add_argument("--bias-correction", action="store_true", help=argparse.SUPPRESS)  # the old opt-in: now the default
         g.add_argument("--no-bias-correction", action="store_true",
                        help="no bias correction (by default each Conv's bias cancels the shift INT8 adds to its "
                             "output, measured Conv by Conv on the Q/DQ model over the first 32 samples, the Convs "

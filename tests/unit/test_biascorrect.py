@@ -251,3 +251,20 @@ def test_one_dimensional_convs_are_left_alone():
     cal = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=True)))
     assert [len(n.input) for n in cal.int8_model().graph.node if n.op_type == "Conv"] == [2]
     assert cal.bias_shifts["entropy"] == {}
+
+
+@pytest.mark.parametrize("flags, on", [([], True), (["--no-bias-correction"], False), (["--bias-correction"], True)])
+def test_cli_default_on_and_its_switch(digits_dirs, tmp_path, flags, on):
+    import json
+
+    from quantkit import sample
+    from quantkit.cli import main
+    from tests.helpers import DIGITS
+
+    out = tmp_path / "o"
+    assert main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(out),
+                 "--num-images", "64", *DIGITS, *flags]) == 0
+    ranges = json.loads((out / "ranges.json").read_text())
+    assert json.dumps(ranges).count('"bias_correction": true') == (1 if on else 0)
+    model = onnx.load(str(next(out.glob("*.int8.onnx"))))
+    assert any(i.name.endswith("_bias_corrected") for i in model.graph.initializer) == on
