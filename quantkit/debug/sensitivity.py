@@ -163,6 +163,8 @@ class QdqScales:
     plain: onnx.ModelProto | None = None  # the plain INT8 model, when already made
     #: bias correction of a variant (``Calibration.bias_corrected``), when the calibration has it
     correct: "Callable[[onnx.ModelProto], onnx.ModelProto] | None" = None
+    #: the plain model's bias correction (Conv node -> shift), for the ranking's switchable model
+    bias_shifts: "Mapping[str, Any] | None" = None
 
     def __post_init__(self) -> None:
         if not self.groups:
@@ -174,7 +176,8 @@ class QdqScales:
         ranges = {t: dict(cal.ranges[t].amax) for t in cal.plan.activations}
         return cls(cal.model, cal.specs, cal.plan, ranges, cal.config.method, cal.config.run,
                    plain=cal.int8_model(cal.config.method),
-                   correct=cal.bias_corrected if cal.correction_feeds is not None else None)
+                   correct=cal.bias_corrected if cal.correction_feeds is not None else None,
+                   bias_shifts=cal.bias_shifts.get(cal.config.method) or None)
 
     @classmethod
     def from_qdq_model(cls, fp32: onnx.ModelProto, int8: onnx.ModelProto, run: "RunConfig") -> "QdqScales":
@@ -446,7 +449,7 @@ class _Ranker:
         self.types = tensor_types(scales.model)
         self.output = scales.model.graph.output[0].name
         t0 = time.perf_counter()
-        self.switch = switchable_model(scales.model, scales.plan, scales.groups)
+        self.switch = switchable_model(scales.model, scales.plan, scales.groups, scales.bias_shifts)
         self.build_seconds = time.perf_counter() - t0  # the switchable and multi-start models
         self._switch_inputs = [i.name for i in self.switch.model.graph.input]
         self._sessions: dict[int, Any] = {}
@@ -760,7 +763,7 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
     if method is not None:
         if method not in scales.methods:
             raise InputError(f"method {method!r} has no ranges here; available: {scales.methods}")
-        scales = replace(scales, method=method, groups=scales.groups, plain=None)
+        scales = replace(scales, method=method, groups=scales.groups, plain=None, bias_shifts=None)
     if subset <= 0:
         raise InputError(f"the ranking subset must have at least one sample, got {subset}")
     if estimator not in ESTIMATORS:

@@ -38,7 +38,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
-from quantkit.onnx.model import tensor_types
+from quantkit.onnx.model import constant_arrays, tensor_types
 from quantkit.onnx.qdq import QdqPlan, _constant_weights_to_initializers
 
 if TYPE_CHECKING:
@@ -111,10 +111,14 @@ def _splittable(node: onnx.NodeProto, weight_slots: set[int]) -> bool:
     return False
 
 
-def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["QuantGroup"]) -> SwitchableModel:
+def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["QuantGroup"],
+                     bias_shifts: "Mapping[str, np.ndarray] | None" = None) -> SwitchableModel:
     """``model`` with every pair of ``plan`` behind its group's switch (see the module docstring).
 
-    Every node with a quantized input is in one of ``groups`` (``quant_groups``).
+    Every node with a quantized input is in one of ``groups`` (``quant_groups``). ``bias_shifts``
+    (Conv node -> shift, the plain INT8 model's bias correction): a split Conv's quantized copy
+    gets the corrected bias ``bias - shift`` (the plain model's shifts, not re-measured per
+    state: close to the corrected variant's where most groups are on).
     """
     model = _constant_weights_to_initializers(model, {plan.weight_tensor(k) for k in plan.weights})
     types = tensor_types(model)
@@ -197,6 +201,17 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
                     weights.setdefault(c, {})[k] = fq[name]
     emitted: list[onnx.NodeProto] = []
     joined: set[str] = set()
+    consts = constant_arrays(model) if bias_shifts else {}
+
+    def corrected(node: onnx.NodeProto, quant: list[str]) -> list[str]:  # the quantized copy's bias
+        shift = (bias_shifts or {}).get(node.name)
+        if shift is None or node.op_type != "Conv":
+            return quant
+        has_bias = len(quant) > 2 and bool(quant[2])
+        bias = consts[node.input[2]] if has_bias else np.zeros(np.shape(shift), np.float32)
+        name = f"{_PREFIX}_{node.name}_bias_corrected"
+        new_inits.append(numpy_helper.from_array((bias.astype(np.float64) - shift).astype(bias.dtype), name))
+        return [*quant[:2], name] if len(quant) >= 2 else quant
 
     def whole(x: str) -> str:  # the gated tensor itself: Concat of its two parts
         if x in parts and x not in joined:
@@ -222,7 +237,8 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
                 quant[k] = x
             yf, yq = f"{base}_yf", f"{base}_yq"
             emitted.append(_with_inputs(node, [xf, *[whole(x) for x in read[1:]]], [yf], f"{node.name}__float"))
-            emitted.append(_with_inputs(node, [xq, *[whole(x) for x in quant[1:]]], [yq], f"{node.name}__quantized"))
+            quant = corrected(node, [xq, *[whole(x) for x in quant[1:]]])
+            emitted.append(_with_inputs(node, quant, [yq], f"{node.name}__quantized"))
             emitted.append(helper.make_node("Concat", [yf, yq], [node.output[0]], axis=0, name=f"{base}_Concat"))
             continue
         read = [whole(x) for x in read]
@@ -248,7 +264,7 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
                              name=f"{base}_Split")]
         yf, yq = f"{base}_yf", f"{base}_yq"
         emitted.append(_with_inputs(node, [f"{base}_xf", *read[1:]], [yf], f"{node.name}__float"))
-        emitted.append(_with_inputs(node, [f"{base}_xq", *quant[1:]], [yq], f"{node.name}__quantized"))
+        emitted.append(_with_inputs(node, corrected(node, [f"{base}_xq", *quant[1:]]), [yq], f"{node.name}__quantized"))
         emitted.append(helper.make_node("Concat", [yf, yq], [node.output[0]], axis=0, name=f"{base}_Concat"))
     spans.append(len(emitted))
     out.origin = [i for i in range(len(spans) - 1) for _ in range(spans[i + 1] - spans[i])]

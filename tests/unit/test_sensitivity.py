@@ -214,3 +214,22 @@ def test_a_model_that_cannot_run_on_empty_tensors_falls_back_to_sessions_per_cut
     assert got.counts["sessions"] > 2  # the multi-start one, then a session per run of cuts
     assert [r.name for r in got.rows] == [r.name for r in want.rows]
     assert [r.only_float_error for r in got.rows] == pytest.approx([r.only_float_error for r in want.rows], rel=1e-6)
+
+
+def test_the_ranking_runs_the_bias_corrected_plain_model():
+    # with bias correction (the default), the switchable model's quantized Conv copies carry the
+    # plain model's corrected biases: its all-on state is the written INT8 model, not the uncorrected one
+    from quantkit.debug.sensitivity import _Ranker
+
+    x, labels, test = digits_arrays()
+    cal = quantize(make_outlier_digits(), ArraySource(x[~test][:256]), QuantizeConfig(export=ExportConfig("percentile")))
+    ev = ArraySource(x[test], labels[test])
+    scales = QdqScales.from_calibration(cal)
+    assert scales.bias_shifts  # measured for the plain model
+    subset = list(range(48))
+    feed = {"image": ev.x[subset]}
+    ref = OrtRunner(cal.model).infer(feed)["logits"].astype(np.float64)
+    corrected = _error(cal.int8_model(), feed, ref)
+    uncorrected = _error(insert_qdq(cal.model, cal.plan, cal.amax("percentile", quantized_only=True)), feed, ref)
+    assert abs(corrected - uncorrected) > 0.05 * corrected  # the correction matters here
+    assert _Ranker(scales, ev, subset).use_state([], {}) == pytest.approx(corrected, rel=2e-3)
