@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantkit import sample
+
+if TYPE_CHECKING:
+    from quantkit.ptq import Calibration
 
 #: CLI flags that preprocess the bundled digits as the sample model expects (gray, 1/255, mean/std)
 DIGITS = ["--preprocess", "none", "--color", "gray", "--scale", repr(1 / 255),
@@ -138,6 +142,17 @@ def make_outlier_digits(factor: float = 300.0, channel: int = 3) -> onnx.ModelPr
     scaled(DW_BIAS, (channel,), factor)
     scaled(PW_WEIGHT, (slice(None), channel), 1.0 / factor)
     return m
+
+
+def outlier_calibration(*, bias_correction: bool = True) -> tuple["Calibration", "ArraySource"]:
+    """The outlier digits CNN (``make_outlier_digits``) calibrated with ``percentile`` on 256
+    training digits, and the test digits with their labels: the debug tests' lossy model."""
+    from quantkit.ptq import ExportConfig, QuantizeConfig, StatsConfig, quantize
+
+    x, labels, test = digits_arrays()
+    cal = quantize(make_outlier_digits(), ArraySource(x[~test][:256]),
+                   QuantizeConfig(StatsConfig(bias_correction=bias_correction), export=ExportConfig("percentile")))
+    return cal, ArraySource(x[test], labels[test])
 
 
 def make_depthwise_model(*, variant: str = "plain", multiplier: int = 1, channels: int = 16,

@@ -18,19 +18,16 @@ from quantkit.debug.fallback import FallbackConfig, fallback
 from quantkit.debug.sensitivity import QdqScales, rank_sensitivity
 from quantkit.errors import InputError
 from quantkit.ptq import ExportConfig, QuantizeConfig, StatsConfig, quantize
-from tests.helpers import PW_NODE, ArraySource, digits_arrays, make_outlier_digits
+from tests.helpers import PW_NODE, ArraySource, outlier_calibration
 
 pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
 def broken():
-    x, labels, test = digits_arrays()
     # without bias correction: the exact ranking runs the corrected plain model, the gradient
     # estimator the uncorrected fake quantization (it does not model the correction)
-    cal = quantize(make_outlier_digits(), ArraySource(x[~test][:256]),
-                   QuantizeConfig(StatsConfig(bias_correction=False), export=ExportConfig("percentile")))
-    return cal, ArraySource(x[test], labels[test])
+    return outlier_calibration(bias_correction=False)
 
 
 def one_conv_model(seed: int = 0) -> onnx.ModelProto:

@@ -15,8 +15,7 @@ from quantkit.debug.sensitivity import (QdqScales, plan_only, plan_without, quan
                                         rank_sensitivity)
 from quantkit.errors import InputError
 from quantkit.onnx.qdq import exclude_from_plan, insert_qdq, plan_qdq
-from quantkit.ptq import ExportConfig, QuantizeConfig, StatsConfig, quantize
-from tests.helpers import PW_NODE, ArraySource, digits_arrays, make_outlier_digits, make_residual_model
+from tests.helpers import PW_NODE, make_residual_model, outlier_calibration
 
 
 def _pairs(plan):
@@ -47,12 +46,10 @@ def test_a_group_in_float_is_exclude_from_plan_of_its_nodes(builder):
 
 @pytest.fixture(scope="module")
 def broken():
-    x, labels, test = digits_arrays()
-    # the ranking's switchable model runs the uncorrected fake quantization; its errors are checked
-    # against full-model runs of the same (the fallback validates each step on corrected variants)
-    cal = quantize(make_outlier_digits(), ArraySource(x[~test][:256]),
-                   QuantizeConfig(StatsConfig(bias_correction=False), export=ExportConfig("percentile")))
-    return cal, ArraySource(x[test], labels[test])
+    # without bias correction: the ranking's errors are checked against full-model runs of each
+    # variant, and a corrected variant is measured again while the switchable model keeps the
+    # plain model's shifts (test_the_ranking_runs_the_bias_corrected_plain_model checks those)
+    return outlier_calibration(bias_correction=False)
 
 
 def _error(model, feed, ref, optimization="none"):
@@ -221,9 +218,7 @@ def test_the_ranking_runs_the_bias_corrected_plain_model():
     # plain model's corrected biases: its all-on state is the written INT8 model, not the uncorrected one
     from quantkit.debug.sensitivity import _Ranker
 
-    x, labels, test = digits_arrays()
-    cal = quantize(make_outlier_digits(), ArraySource(x[~test][:256]), QuantizeConfig(export=ExportConfig("percentile")))
-    ev = ArraySource(x[test], labels[test])
+    cal, ev = outlier_calibration()
     scales = QdqScales.from_calibration(cal)
     assert scales.bias_shifts  # measured for the plain model
     subset = list(range(48))
