@@ -62,6 +62,7 @@ import onnx
 from onnx import helper
 
 from quantkit.errors import InputError, MissingDependencyError, ModelError
+from quantkit.onnx.model import node_reads
 from quantkit.onnx.qdq import QdqPlan, exclude_from_plan, insert_qdq
 from quantkit.onnx.torch_exec import UnsupportedOpError
 
@@ -384,10 +385,7 @@ def suffix_model(model: onnx.ModelProto, cut: Sequence[str], types: Mapping[str,
         if t in cut_set or i is None or i in keep:
             continue
         keep.add(i)
-        stack.extend(x for x in g.node[i].input if x)
-        for a in g.node[i].attribute:  # outer-scope names read inside If/Loop/Scan bodies
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                stack.extend(x for n in sub.node for x in n.input if x)
+        stack.extend(node_reads(g.node[i]))  # outer-scope names read inside If/Loop/Scan bodies too
     inputs = [helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT),
                                             [f"{t}_d{i}" for i in range(ranks[t])]) for t in cut if t in need]
     inputs += [i for i in g.input if i.name in set(keep_inputs) and i.name in need and i.name not in cut_set]

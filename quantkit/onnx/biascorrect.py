@@ -40,33 +40,19 @@ computed, with the Convs' outputs corrected), holding the tensors that cross a s
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantkit.onnx.model import constant_arrays
+from quantkit.onnx.model import constant_arrays, node_reads
 
 log = logging.getLogger(__name__)
 
 #: a batch of the correction samples: (feed, real rows; rows past it are padding)
 Feed = tuple[Mapping[str, np.ndarray], int]
-
-
-def reads(node: onnx.NodeProto) -> list[str]:
-    """The tensors ``node`` reads: its inputs and the outer-scope tensors its subgraphs (If, Loop,
-    Scan bodies) read."""
-    out = [t for t in node.input if t]
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            local = {i.name for i in g.input} | {i.name for i in g.initializer}
-            for inner in g.node:
-                out.extend(t for t in reads(inner) if t not in local)
-                local.update(inner.output)
-    return list(dict.fromkeys(out))
 
 
 def conv_levels(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
@@ -76,7 +62,7 @@ def conv_levels(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
     depth: dict[str, int] = {}
     levels: dict[int, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        d = max((depth.get(t, 0) for t in reads(node)), default=0)
+        d = max((depth.get(t, 0) for t in node_reads(node)), default=0)
         if node.op_type == "Conv":
             levels.setdefault(d, []).append(node)
             d += 1
@@ -154,8 +140,8 @@ def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequen
     # the levels run as segments: each from the tensors the earlier segments computed (a Conv's
     # output already corrected: its bias is additive per channel) up to its own Convs' outputs
     consumers: dict[str, list[int]] = {}
-    node_reads = [reads(node) for node in work.graph.node]
-    for i, r in enumerate(node_reads):
+    reads = [node_reads(node) for node in work.graph.node]
+    for i, r in enumerate(reads):
         for t in r:
             consumers.setdefault(t, []).append(i)
     producer = {out: i for i, node in enumerate(work.graph.node) for out in node.output}
@@ -168,11 +154,11 @@ def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequen
         if not level:
             continue
         outs = [n.output[0] for n in level]
-        segment = _segment(node_reads, outs, producer, set(known[0]), done)
+        segment = _segment(reads, outs, producer, set(known[0]), done)
         done |= set(segment)
         produced = [t for i in segment for t in work.graph.node[i].output if t]
         keep = [t for t in produced if t in outs or any(c not in done for c in consumers.get(t, ()))]
-        seg_model = _segment_model(work, segment, node_reads, keep, known[0], inits)
+        seg_model = _segment_model(work, segment, reads, keep, known[0], inits)
         sess = session(seg_model.SerializeToString())
         feeds_in = [i.name for i in seg_model.graph.input]
         for k, (_, n) in enumerate(feeds):
@@ -195,7 +181,7 @@ def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequen
     return shifts
 
 
-def _segment(node_reads: Sequence[Sequence[str]], outputs: Sequence[str], producer: Mapping[str, int],
+def _segment(reads: Sequence[Sequence[str]], outputs: Sequence[str], producer: Mapping[str, int],
              known: set[str], done: set[int]) -> list[int]:
     """Indices (in graph order) of the nodes not yet run that compute ``outputs`` from ``known``
     tensors, initializers and Constants."""
@@ -211,18 +197,18 @@ def _segment(node_reads: Sequence[Sequence[str]], outputs: Sequence[str], produc
         if i is None or i in done or i in need:
             continue
         need.add(i)
-        stack.extend(node_reads[i])
+        stack.extend(reads[i])
     return sorted(need)
 
 
-def _segment_model(model: onnx.ModelProto, segment: Sequence[int], node_reads: Sequence[Sequence[str]],
+def _segment_model(model: onnx.ModelProto, segment: Sequence[int], reads: Sequence[Sequence[str]],
                    outputs: Sequence[str], known: Mapping[str, np.ndarray],
                    inits: Mapping[str, onnx.TensorProto]) -> onnx.ModelProto:
     """A model of the ``segment`` nodes: known tensors they read are its inputs."""
     from onnx import helper
 
     nodes = [model.graph.node[i] for i in segment]
-    read = list(dict.fromkeys(t for i in segment for t in node_reads[i]))
+    read = list(dict.fromkeys(t for i in segment for t in reads[i]))
     graph = onnx.GraphProto(name="segment")
     graph.node.extend(nodes)
     graph.initializer.extend(inits[t] for t in read if t in inits)

@@ -126,6 +126,20 @@ def _read_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The tensors ``node`` reads: its inputs and the outer-scope tensors its subgraphs (If, Loop,
+    Scan bodies) read."""
+    out = [t for t in node.input if t]
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for inner in g.node:
+                out.extend(t for t in node_reads(inner) if t not in local)
+                local.update(inner.output)
+    return list(dict.fromkeys(out))
+
+
 def unused_inputs(model: onnx.ModelProto) -> list[TensorSpec]:
     """Graph inputs (not initializers) that no node reads and no output is: they need no data;
     ONNX Runtime still wants them fed (quantkit's runner feeds zeros)."""
