@@ -125,15 +125,17 @@ def gradient_estimate(scales: "QdqScales", batches: Sequence["Batch"],
     gates = {g.name: torch.ones((), dtype=torch.float64, requires_grad=True) for g in scales.groups}
     amax = scales.amax_for(plan, {})
     index = {n.name: i for i, n in enumerate(graph.nodes) if n.name}
+
+    def slots(t: str, consumers: Sequence[str]) -> list[tuple[int, int]]:
+        """(node index, input slot) where ``consumers`` read ``t``."""
+        return [(i, k) for i in (index.get(c) for c in consumers) if i is not None
+                for k, x in enumerate(graph.nodes[i].inputs) if x == t]
+
     # node index -> {slot: activation tensor} and {slot: weight Q/DQ name}
     act_slots: dict[int, dict[int, str]] = {}
     for t, consumers in plan.activations.items():
-        for c in consumers:
-            i = index.get(c)
-            if i is not None:
-                for k, x in enumerate(graph.nodes[i].inputs):
-                    if x == t:
-                        act_slots.setdefault(i, {})[k] = t
+        for i, k in slots(t, consumers):
+            act_slots.setdefault(i, {})[k] = t
     weight_slots: dict[int, dict[int, str]] = {}
     quantized: dict[str, tuple[Any, Any]] = {}  # weight Q/DQ name -> (Wq, Wq - W)
     for name, (axis, consumers) in plan.weights.items():
@@ -142,12 +144,8 @@ def gradient_estimate(scales: "QdqScales", batches: Sequence["Batch"],
         wq_t = _fake_quantized_weight(torch, values, axis)
         dtype = graph.consts[w].dtype
         quantized[name] = (wq_t.to(dtype), (wq_t - torch.from_numpy(values)).to(dtype))
-        for c in consumers:
-            i = index.get(c)
-            if i is not None:
-                for k, x in enumerate(graph.nodes[i].inputs):
-                    if x == w:
-                        weight_slots.setdefault(i, {})[k] = name
+        for i, k in slots(w, consumers):
+            weight_slots.setdefault(i, {})[k] = name
     fns = _autograd_functions(torch)
     cl = torch.channels_last
     convs: dict[int, tuple[Any, Any, Any]] = {}  # 2-D Conv with a quantized weight: (Wq, Wq low, dW low)

@@ -270,9 +270,9 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
     out.origin = [i for i in range(len(spans) - 1) for _ in range(spans[i + 1] - spans[i])]
     # a group whose every node switches through a Where (e.g. a transA Gemm) reads no select input:
     # not declared, not fed (ONNX Runtime drops unused graph inputs, and a feed must match)
-    read = {x for n in emitted for x in n.input}
-    inputs = [i for i in inputs if i.name in read]
-    out.select = {g: name for g, name in out.select.items() if name in read}
+    used = {x for n in emitted for x in n.input}
+    inputs = [i for i in inputs if i.name in used]
+    out.select = {g: name for g, name in out.select.items() if name in used}
     graph = helper.make_graph(emitted, model.graph.name, [*model.graph.input, *inputs], list(model.graph.output),
                               [*model.graph.initializer, *new_inits], value_info=[])
     m = helper.make_model(graph, opset_imports=list(model.opset_import))
