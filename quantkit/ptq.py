@@ -320,23 +320,21 @@ class Calibration:
         return qdq if self.correction_feeds is None else self._bias_corrected(qdq)[0]
 
     def _bias_corrected(self, qdq: onnx.ModelProto) -> "tuple[onnx.ModelProto, dict[str, Any]]":
-        from quantkit.onnx.biascorrect import sequential_shifts, with_corrected_biases
-
         from functools import partial
 
         from quantkit.backends.onnxruntime import create_session
+        from quantkit.onnx.biascorrect import sequential_correction
 
         assert self.correction_feeds is not None
         # basic optimizations: Q/DQ run as ONNX defines them (float), without the QDQ-to-integer
         # fusions, whose session creation dominated the correction (rapidocr-rec: one session a depth)
         session = partial(create_session, threads=self.config.run.threads, optimization="basic")
         try:
-            shifts = sequential_shifts(qdq, self.model, self.correction_feeds, session)
+            return sequential_correction(qdq, self.model, self.correction_feeds, session)
         except Exception as err:  # ONNX Runtime's own error types: the model stays as it is, with a warning
             msg = " ".join(str(err).split())[:200] or type(err).__name__
             log.warning("%s: bias correction skipped (the Q/DQ model is written without it): %s", self.model_name, msg)
             return qdq, {}
-        return with_corrected_biases(qdq, shifts), shifts
 
     def cache(self, method: str | None = None, *, trt_version: int = DEFAULT_TRT_VERSION) -> CalibrationCache:
         """The TensorRT calibration cache: tensors of the user's model only (an equalized tensor
@@ -578,7 +576,7 @@ def _correction_feeds(model: PreparedModel, source: Source, indices: Sequence[in
                       known_skips: Collection[str] = ()) -> "list[tuple[dict[str, Any], int]] | None":
     """Bias correction (``StatsConfig.bias_correction``): the batches of the first
     ``EQUALIZE_SAMPLES`` samples, kept for ``Calibration.int8_model`` to measure each method's
-    shifts on (``quantkit.onnx.biascorrect.sequential_shifts``); None when it is off, and for
+    shifts on (``quantkit.onnx.biascorrect.sequential_correction``); None when it is off, and for
     statistics saved to merge (``pow2_grid``: a merged run has no samples to correct on, and
     its model must equal one run's over all the data)."""
     stats = config.stats

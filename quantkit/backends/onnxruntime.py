@@ -28,7 +28,7 @@ from quantkit._deps import require
 from quantkit.backends.base import Runner, TensorSink
 from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import ModelError
-from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, unused_inputs
+from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, unused_inputs, with_outputs_bytes
 
 
 def session_options(threads: int | None = None, *, optimization: str = "all", spinning: bool = True) -> Any:
@@ -72,18 +72,6 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, t
         raise ModelError(f"ONNX Runtime cannot load the model: {msg}") from err
 
 
-def _with_outputs_bytes(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
-    """``model`` serialized with ``names`` appended to its graph outputs (as ``with_outputs``
-    makes them: a name only), without copying the ModelProto: parsing concatenated messages
-    merges them, and a repeated field (graph.output) is appended to."""
-    present = {o.name for o in model.graph.output}
-    extra = onnx.ModelProto()
-    for name in names:
-        if name not in present:
-            extra.graph.output.add().name = name
-    return model.SerializeToString() + extra.SerializeToString()
-
-
 class OrtRunner(Runner):
     """Run an ONNX model with ONNX Runtime.
 
@@ -115,7 +103,7 @@ class OrtRunner(Runner):
         self._inner = [t for t in self._captured if t not in fed]
         self._budget_mb = capture_budget_mb
         src: onnx.ModelProto | bytes | str | os.PathLike[str] = (
-            _with_outputs_bytes(proto, self._inner) if self._inner
+            with_outputs_bytes(proto, self._inner) if self._inner
             else proto if isinstance(model, onnx.ModelProto) else model)
         # a capture pass histograms on a worker thread beside ONNX Runtime: no spinning threads
         self.session = create_session(src, threads=threads, providers=providers, spinning=not self._captured)

@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantkit.onnx.model import constant_arrays, node_reads
+from quantkit.onnx.model import constant_arrays, node_reads, with_outputs_bytes
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +89,22 @@ def correctable(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> list[onnx.NodePr
     return [n for n in qdq.graph.node if n.op_type == "Conv" and n.output[0] in produced]
 
 
-def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequence[Feed],
-                      session: Callable[[bytes], Any]) -> dict[str, np.ndarray]:
-    """Per Conv node of ``qdq`` (a Q/DQ model made from ``fp32``), the shift to subtract from its
-    bias so that its output's per-channel median error against the FP32 model on ``feeds`` is 0,
-    with the Convs before it corrected first (see the module docstring).
+def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequence[Feed],
+                          session: Callable[[bytes], Any]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``qdq`` (a Q/DQ model made from ``fp32``) with corrected Conv biases (a copy; ``qdq`` itself
+    when there is nothing to correct), and per corrected Conv node the shift subtracted from its
+    bias: each Conv's output's per-channel median error against the FP32 model on ``feeds`` is 0,
+    with the Convs before it corrected first (see the module docstring). A corrected Conv reads
+    the new initializer ``<node>_bias_corrected`` (of the bias's type; float32 where it had none).
 
     Args:
         session: makes an inference session from a serialized model (``run(names, feed)``).
     """
     convs = correctable(qdq, fp32)
     if not convs:
-        return {}
+        return qdq, {}
     names = [n.output[0] for n in convs]
-    ref_model = onnx.ModelProto()
-    ref_model.CopyFrom(fp32)
-    have = {o.name for o in ref_model.graph.output}
-    ref_model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in have)
-    ref_sess = session(ref_model.SerializeToString())
+    ref_sess = session(with_outputs_bytes(fp32, names))
     ref: dict[str, list[np.ndarray]] = {t: [] for t in names}
     rank: dict[str, int] = {}
     for feed, n in feeds:
@@ -114,14 +112,16 @@ def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequen
             ref[t].append(channel_samples(x, n))
             rank[t] = np.ndim(x)
 
+    # 2-D Convs only: on a 1-D audio front end (silero-vad's STFT as a Conv over time, whose
+    # signed outputs go into magnitudes) the correction cost 1.5 points of frame accuracy
+    wanted = {n.name for n in convs if rank.get(n.output[0]) == 4}
+    if not wanted:
+        return qdq, {}
     work = onnx.ModelProto()
     work.CopyFrom(qdq)
     consts = constant_arrays(qdq)
     biases: dict[str, np.ndarray] = {}
     slots: dict[str, onnx.TensorProto] = {}
-    # 2-D Convs only: on a 1-D audio front end (silero-vad's STFT as a Conv over time, whose
-    # signed outputs go into magnitudes) the correction cost 1.5 points of frame accuracy
-    wanted = {n.name for n in convs if rank.get(n.output[0]) == 4}
     for node in work.graph.node:
         if node.op_type != "Conv" or node.name not in wanted:
             continue
@@ -178,7 +178,7 @@ def sequential_shifts(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequen
             for t in [t for t in kn if t not in outs and all(c in done for c in consumers.get(t, ()))]:
                 del kn[t]
     log.debug("bias correction: %d Conv(s)", len(shifts))
-    return shifts
+    return work, shifts
 
 
 def _segment(reads: Sequence[Sequence[str]], outputs: Sequence[str], producer: Mapping[str, int],
@@ -219,28 +219,4 @@ def _segment_model(model: onnx.ModelProto, segment: Sequence[int], reads: Sequen
     out.ir_version = model.ir_version
     out.opset_import.extend(model.opset_import)
     out.graph.CopyFrom(graph)
-    return out
-
-
-def with_corrected_biases(model: onnx.ModelProto, shifts: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` (FP32 or Q/DQ) where each Conv in ``shifts`` has the bias
-    ``bias - shift`` (a new initializer ``<node>_bias_corrected`` of the bias's type; a Conv
-    without a bias gets a float32 one). ``model`` itself is returned when ``shifts`` is empty."""
-    if not shifts:
-        return model
-    consts = constant_arrays(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for node in out.graph.node:
-        shift = shifts.get(node.name)
-        if shift is None:
-            continue
-        has_bias = len(node.input) > 2 and bool(node.input[2])
-        bias = consts[node.input[2]] if has_bias else np.zeros(shift.shape, np.float32)
-        name = f"{node.name}_bias_corrected"
-        out.graph.initializer.append(numpy_helper.from_array((bias.astype(np.float64) - shift).astype(bias.dtype), name))
-        if has_bias:
-            node.input[2] = name
-        else:
-            node.input.append(name)
     return out

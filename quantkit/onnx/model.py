@@ -447,6 +447,18 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     return out
 
 
+def with_outputs_bytes(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
+    """``model`` serialized with ``names`` appended to its graph outputs (as ``with_outputs``
+    makes them: a name only), without copying the ModelProto: parsing concatenated messages
+    merges them, and a repeated field (graph.output) is appended to."""
+    present = {o.name for o in model.graph.output}
+    extra = onnx.ModelProto()
+    for name in names:
+        if name not in present:
+            extra.graph.output.add().name = name
+    return model.SerializeToString() + extra.SerializeToString()
+
+
 #: a model whose tensors hold more bytes than this is saved with external data: protobuf cannot
 #: serialize a message of 2 GiB or more (SerializeToString raises), so one file cannot hold it
 EXTERNAL_DATA_BYTES = 2**31 - 2**26

@@ -231,7 +231,7 @@ def test_a_correction_that_cannot_run_leaves_the_model_uncorrected(monkeypatch, 
     def broken(*args, **kwargs):
         raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : something new")
 
-    monkeypatch.setattr(bc, "sequential_shifts", broken)
+    monkeypatch.setattr(bc, "sequential_correction", broken)
     q = cal.int8_model()
     assert [len(n.input) for n in q.graph.node if n.op_type == "Conv"] == [2]  # no bias added
     assert cal.bias_shifts["entropy"] == {}
