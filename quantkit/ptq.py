@@ -83,8 +83,14 @@ class StatsConfig:
             unchanged), so that one per-tensor INT8 scale resolves every channel. Not applied
             with ``pow2_grid`` (statistics saved to merge: the factors of separate runs would
             differ) nor for the ``onnxruntime`` target (which also quantizes the Mul's input).
-        equalize_pointwise: with ``equalize``, also the quantized tensors read by group-1 Convs
-            (factors ``(A / a_c) ** 0.5``, W divided per input channel; ``quantkit.onnx.equalize``).
+        equalize_pointwise: (on by default) with ``equalize``, also the quantized tensors read by
+            group-1 Convs (factors ``(A / a_c) ** 0.5``, W divided per input channel;
+            ``quantkit.onnx.equalize``). A tensor whose channels' ranges differ by orders of
+            magnitude (a hard-swish or squeeze-and-excite output into a 1x1 Conv) otherwise rounds
+            most channels to a step or two. Applied only with ``bias_correction``: with it, PP-OCR's
+            recogniser goes from -2.5 to -0.8 points of FP32 on 400 lines and the other corpus
+            models stay within a point; without it, the recogniser lost 14 points
+            (benchmarks/results/real_models.md, design_notes.md).
         bias_correction: (on by default) for the ``tensorrt`` target, each method's Q/DQ model
             gets Conv biases that cancel the shift INT8 adds to each Conv's output (the per-channel
             median of INT8 minus FP32), measured in order of depth on the Q/DQ model over the
@@ -106,8 +112,14 @@ class StatsConfig:
     exclude: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
     equalize: bool = True
-    equalize_pointwise: bool = False
+    equalize_pointwise: bool = True
     bias_correction: bool = True
+
+    @property
+    def pointwise_equalization(self) -> bool:
+        """Whether the group-1 Convs' inputs are equalized: ``equalize_pointwise`` with
+        ``bias_correction`` (see there)."""
+        return self.equalize_pointwise and self.bias_correction
 
     def __post_init__(self) -> None:
         if self.num_bins < 256 or self.num_bins & (self.num_bins - 1):
@@ -377,7 +389,7 @@ class Calibration:
             **({"equalized": [e.summary() for e in self.equalized]} if self.equalized else {}),
             "config": {"num_bins": s.num_bins, **self.config.params, "cache_all_tensors": s.cache_all_tensors,
                        "sample_stride": s.sample_stride, "target": s.target, "equalize": s.equalize,
-                       **({"equalize_pointwise": True} if s.equalize_pointwise else {}),
+                       "equalize_pointwise": s.pointwise_equalization,
                        "bias_correction": self.correction_feeds is not None},
             **metadata,
         }
@@ -611,7 +623,8 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
     from quantkit.onnx.equalize import equalized_consumers
     from quantkit.onnx.equalize_capture import HeldTooLarge, capture_equalizing
 
-    found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.equalize_pointwise)
+    found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.pointwise_equalization,
+                                groups=model.plan.groups)
     types = tensor_types(model.model)
     if not found or any(types.get(t, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT for t in found):
         return None  # (a float16 tensor times the float32 scales: the two passes)
@@ -657,7 +670,8 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
         return model, [], []
     from quantkit.onnx.equalize import equalize_depthwise, equalized_consumers, scales_for
 
-    found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.equalize_pointwise)
+    found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.pointwise_equalization,
+                                groups=model.plan.groups)
     if not found:
         return model, [], []
     # a fixed-batch model's short tail padded (the padding rows are not captured), not dropped:

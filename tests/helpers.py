@@ -146,12 +146,14 @@ def make_outlier_digits(factor: float = 300.0, channel: int = 3) -> onnx.ModelPr
 
 def outlier_calibration(*, bias_correction: bool = True) -> tuple["Calibration", "ArraySource"]:
     """The outlier digits CNN (``make_outlier_digits``) calibrated with ``percentile`` on 256
-    training digits, and the test digits with their labels: the debug tests' lossy model."""
+    training digits, and the test digits with their labels: the debug tests' lossy model (without
+    pointwise equalization, the default, which resolves the outlier channel by itself)."""
     from quantkit.ptq import ExportConfig, QuantizeConfig, StatsConfig, quantize
 
     x, labels, test = digits_arrays()
     cal = quantize(make_outlier_digits(), ArraySource(x[~test][:256]),
-                   QuantizeConfig(StatsConfig(bias_correction=bias_correction), export=ExportConfig("percentile")))
+                   QuantizeConfig(StatsConfig(bias_correction=bias_correction, equalize_pointwise=False),
+                                  export=ExportConfig("percentile")))
     return cal, ArraySource(x[test], labels[test])
 
 

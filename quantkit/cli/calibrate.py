@@ -54,9 +54,11 @@ class Calibrate:
                        help="no depthwise equalization (by default a tensor that feeds a depthwise Conv and whose "
                             "channels' ranges differ is scaled per channel, the Conv's weights divided to match: "
                             "the same FP32 function, one per-tensor scale that resolves every channel)")
-        g.add_argument("--equalize-pointwise", action="store_true",
-                       help="also equalize the tensors that feed group-1 Convs (factors sqrt(max/max_c), the "
-                            "weights divided per input channel; e.g. a squeeze-and-excite output into a 1x1 Conv)")
+        g.add_argument("--equalize-pointwise", action="store_true", help=argparse.SUPPRESS)  # the old opt-in: now the default
+        g.add_argument("--no-equalize-pointwise", action="store_true",
+                       help="equalize only the tensors that feed depthwise Convs (by default also those that feed "
+                            "group-1 Convs: factors sqrt(max/max_c), the weights divided per input channel; e.g. a "
+                            "hard-swish or squeeze-and-excite output into a 1x1 Conv)")
         g.add_argument("--bias-correction", action="store_true", help=argparse.SUPPRESS)  # the old opt-in: now the default
         g.add_argument("--no-bias-correction", action="store_true",
                        help="no bias correction (by default each Conv's bias cancels the shift INT8 adds to its "
@@ -123,7 +125,7 @@ class Calibrate:
                         cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats),
                         exclude=tuple(exclude), exclude_op_types=tuple(args.exclude_op_type or ()),
                         equalize=not args.no_equalize, bias_correction=not args.no_bias_correction,
-                        equalize_pointwise=args.equalize_pointwise),
+                        equalize_pointwise=not args.no_equalize_pointwise),
             RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
             ExportConfig(method=args.method, params={"percentile": args.percentile}))
         prepared = prepare(model, target=args.target, name=str(model_path), exclude=config.stats.exclude,

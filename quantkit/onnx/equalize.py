@@ -40,7 +40,7 @@ The rewrite is recorded in the model's ``metadata_props`` under ``METADATA_KEY``
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,13 +154,18 @@ def pointwise_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequen
 
 
 def equalized_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]], *,
-                        pointwise: bool = False) -> dict[str, tuple[str, ...]]:
+                        pointwise: bool = False, groups: Iterable[Iterable[str]] = ()) -> dict[str, tuple[str, ...]]:
     """Activation tensor -> the Convs its equalization rewrites: the depthwise ones, and with
-    ``pointwise`` the group-1 ones too (a tensor read by both: one Mul for all of them)."""
+    ``pointwise`` the group-1 ones too (a tensor read by both: one Mul for all of them), except
+    members of the shared-scale ``groups`` (``QdqPlan.groups``): TensorRT moves a Concat's or
+    MaxPool's quantizer onto them, and a Mul between would leave that op in float or a
+    requantize layer (the group's purpose), for a gain pointwise factors give only in part."""
     found = {t: list(c) for t, c in depthwise_consumers(model, activations).items()}
     if pointwise:
+        grouped = {t for g in groups for t in g}
         for t, consumers in pointwise_consumers(model, activations).items():
-            found.setdefault(t, []).extend(consumers)
+            if t not in grouped:
+                found.setdefault(t, []).extend(consumers)
     return {t: tuple(c) for t, c in found.items()}
 
 

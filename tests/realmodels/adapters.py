@@ -197,11 +197,13 @@ class _Bare:
 
 FAST = [
     # 32 calibration crops: ONNX Runtime's calibrators (the benchmark's peers) hold every intermediate
-    # tensor of every batch, 13 GB for 64 crops of this model
+    # tensor of every batch, 13 GB for 64 crops of this model. 400 evaluation samples for the
+    # recogniser and the classifier: on 64 one sample is 1.56 points, coarser than the 1-point
+    # contract the test checks (a few seconds more in CI)
     RapidOcrRec("rapidocr-rec", corpus.RAPIDOCR, "PaddlePaddle (paddle2onnx)", "text recognition", "exact match %",
-                n_calib=32, fast=True),
+                n_calib=32, n_eval=400, fast=True),
     RapidOcrCls("rapidocr-cls", corpus.RAPIDOCR, "PaddlePaddle (paddle2onnx)", "text orientation (classifier)",
-                "accuracy %", fast=True),
+                "accuracy %", n_eval=400, fast=True),
     RapidOcrDet("rapidocr-det", corpus.RAPIDOCR, "PaddlePaddle (paddle2onnx)", "text detection (DBNet)",
                 "box F1 @ IoU 0.5", n_calib=32, n_eval=32, fast=True),
 ]

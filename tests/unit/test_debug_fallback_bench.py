@@ -60,7 +60,8 @@ def test_outlier_channel_keeps_the_fp32_function_and_makes_one_channel_large():
 
 def test_outlier_channel_costs_plain_ptq_accuracy_that_one_float_group_restores():
     """The premise of the benchmark's synthetic model, on the tiny graph: per-tensor INT8 of the
-    outlier tensor ruins the output; leaving conv2 (its activation and weight) in float does not."""
+    outlier tensor ruins the output; leaving conv2 (its activation and weight) in float does not.
+    (Pointwise equalization, quantkit's default, resolves such a channel by itself: off here.)"""
     import quantkit
     from quantkit.datasets import NumpySource
     from quantkit.ptq import QuantizeConfig, StatsConfig
@@ -79,8 +80,9 @@ def test_outlier_channel_costs_plain_ptq_accuracy_that_one_float_group_restores(
         npz = Path(tmp) / "x.npz"
         np.savez(npz, x=x)
         src = NumpySource(npz)
-        plain = quantkit.quantize(model, src)
-        excluded = quantkit.quantize(model, src, QuantizeConfig(stats=StatsConfig(exclude=("conv2",))))
+        plain = quantkit.quantize(model, src, QuantizeConfig(stats=StatsConfig(equalize_pointwise=False)))
+        excluded = quantkit.quantize(model, src, QuantizeConfig(stats=StatsConfig(exclude=("conv2",),
+                                                                                  equalize_pointwise=False)))
     assert sqnr(plain.int8_model()) < 15.0
     assert sqnr(excluded.int8_model()) > sqnr(plain.int8_model()) + 10.0
     assert debug_fallback.float_weighted_ops(excluded.int8_model()) == ["conv2"]

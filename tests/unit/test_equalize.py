@@ -25,6 +25,8 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def _calibrate(model: onnx.ModelProto, x: np.ndarray, **stats: object) -> quantkit.Calibration:
+    """Depthwise equalization alone unless ``equalize_pointwise`` is given (test_equalize_pointwise)."""
+    stats.setdefault("equalize_pointwise", False)
     return quantkit.quantize(model, ArraySource(x), QuantizeConfig(stats=StatsConfig(**stats)))  # type: ignore[arg-type]
 
 

@@ -26,8 +26,8 @@ def test_the_two_passes_are_the_default(monkeypatch):
     assert _calibrate(model, depthwise_inputs(model, 16)).equalized and len(calls) == 2
 
 
-def _calibrate(model, x, batch_size=8):
-    return quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(), RunConfig(batch_size=batch_size)))
+def _calibrate(model, x, batch_size=8, **stats):
+    return quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(**stats), RunConfig(batch_size=batch_size)))
 
 
 def _passes(monkeypatch) -> list[int]:
@@ -37,22 +37,27 @@ def _passes(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("pointwise", [False, True])
 @pytest.mark.parametrize("samples", [EQUALIZE_SAMPLES - 8, EQUALIZE_SAMPLES + 20])
 @pytest.mark.parametrize("variant,multiplier", [("plain", 1), ("plain", 2), ("fanout", 1), ("input", 1)])
-def test_one_pass_with_the_two_pass_statistics(monkeypatch, variant, multiplier, samples):
+def test_one_pass_with_the_two_pass_statistics(monkeypatch, variant, multiplier, samples, pointwise):
     model = make_depthwise_model(variant=variant, multiplier=multiplier)
     x = depthwise_inputs(model, samples)
     calls = _passes(monkeypatch)
-    one = _calibrate(model, x)
+    one = _calibrate(model, x, equalize_pointwise=pointwise)
     assert len(calls) == 1  # the first pass of equalization is the calibration pass
     monkeypatch.setattr(equalize_capture, "HELD_BYTES", 0)  # too large to hold: the two passes
-    two = _calibrate(model, x)
+    two = _calibrate(model, x, equalize_pointwise=pointwise)
     assert len(calls) == 1 + 1 + 2
     assert one.equalized and [e.to_dict() for e in one.equalized] == [e.to_dict() for e in two.equalized]
     assert list(one.histograms) == list(two.histograms) and list(one.ranges) == list(two.ranges)
     for e in one.equalized:  # t and t * s: the same float32 values as ONNX Runtime's Mul gives
         for t in (e.tensor, e.scaled):
-            np.testing.assert_array_equal(one.histograms[t].counts, two.histograms[t].counts)
+            a, b = one.histograms[t].counts, two.histograms[t].counts
+            if not pointwise:
+                np.testing.assert_array_equal(a, b)
+            else:  # a tensor after another equalized Conv (W / s): FP32 rounding moves a value across a bin edge
+                assert np.abs(a - b).sum() <= 1e-4 * a.sum() + 2, t
     for t, r in one.ranges.items():  # after the depthwise Conv: FP32 rounding of W / s apart
         for m, a in r.amax.items():
             assert a == pytest.approx(two.ranges[t].amax[m], rel=1e-5), (t, m)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import quantkit
 import quantkit.onnx.equalize_capture as equalize_capture
 from quantkit.onnx.equalize import ALPHA_POINTWISE, S_MAX, equalization_scales, equalizations_of
 from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model, make_se_pointwise_model
@@ -43,8 +44,11 @@ def test_int8_output_clearly_better(kernel):
     model = make_se_pointwise_model(kernel=kernel)
     cal_x, val_x = depthwise_inputs(model, 64, seed=0), depthwise_inputs(model, 64, seed=1)
     ref = _run(model, val_x)
-    plain_cal, eq_cal = _calibrate(model, cal_x), _calibrate(model, cal_x, equalize_pointwise=True)
-    assert not plain_cal.equalized  # opt-in: the default leaves group-1 Convs alone
+    plain_cal = _calibrate(model, cal_x, equalize_pointwise=False)
+    eq_cal = quantkit.quantize(model, ArraySource(cal_x))  # on by default
+    assert not plain_cal.equalized and eq_cal.equalized
+    # only with bias correction (without it, PP-OCR's recogniser lost 14 points)
+    assert not _calibrate(model, cal_x, equalize_pointwise=True, bias_correction=False).equalized
     for method in ("entropy", "minmax"):
         plain = _sqnr(ref, _run(plain_cal.int8_model(method), val_x))
         equalized = _sqnr(ref, _run(eq_cal.int8_model(method), val_x))
@@ -75,7 +79,8 @@ def test_debug_matches_the_original_model_to_the_equalized_int8():
     assert e.scaled in points and points[e.scaled].local_sqnr_db > 25.0
     (w,) = [w for w in report.weights if w.tensor in e.weights]
     assert w.sqnr_db > 30.0  # compared with the original weight / s per input channel
-    plain = layerwise_error(model, _calibrate(model, x).int8_model(), Batcher(ArraySource(x), ["x"], 8))
+    plain = layerwise_error(model, _calibrate(model, x, equalize_pointwise=False).int8_model(),
+                            Batcher(ArraySource(x), ["x"], 8))
     assert "t" in {p.tensor for p in plain.activations}
     assert report.outputs[0].sqnr_db > plain.outputs[0].sqnr_db + 15.0
 
@@ -105,3 +110,23 @@ def test_a_tensor_read_by_depthwise_and_pointwise_convs_gets_one_mul():
     assert sum(n.op_type == "Mul" and n.input[0] == "h" for n in cal.model.graph.node) == 1
     ref = _run(model, x)
     np.testing.assert_allclose(_run(cal.model, x), ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_shared_scale_group_members_are_not_equalized():
+    """Concat's inputs and output share one scale (TensorRT moves the output's quantizer onto the
+    inputs): a Mul on a member would leave the Concat in float, so the members, both read by 1x1
+    Convs here, stay as they are and keep their one scale."""
+    from quantkit.onnx.equalize import equalized_consumers
+    from tests.unit.test_placement import concat_model
+
+    m = concat_model()
+    cal = quantkit.quantize(m, ArraySource(np.random.default_rng(0).standard_normal((16, 3, 8, 8))
+                                           .astype(np.float32) * np.array([0.01, 1.0, 30.0], np.float32)[:, None, None]))
+    readers = {"x": ("conv_a", "conv_b"), "a": ("conv_c",), "cat": ("conv_d",)}
+    assert {"a", "cat"} <= set(equalized_consumers(cal.model, readers, pointwise=True))  # candidates alone
+    assert not {"a", "cat"} & set(equalized_consumers(cal.model, readers, pointwise=True, groups=(("a", "cat"),)))
+    assert not {"a", "cat"} & {e.tensor for e in cal.equalized}
+    q = cal.int8_model()
+    inits = {i.name for i in q.graph.initializer}
+    assert "a_scale" in inits and "cat_scale" in inits  # both still quantized, one scale
+    assert cal.ranges["a"].amax == cal.ranges["cat"].amax

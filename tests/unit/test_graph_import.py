@@ -319,7 +319,8 @@ def test_large_int8_model_saved_with_external_data(tmp_path, monkeypatch):
     assert paths["model_data"].name == "m.int8.onnx.data"
     files = json.loads((tmp_path / "out" / "quantkit-manifest.json").read_text())["files"]
     assert {"m.int8.onnx", "m.int8.onnx.data"} <= set(files)
-    assert (tmp_path / "out" / "m.int8.onnx").stat().st_size < 16 * 1024 < paths["model_data"].stat().st_size
+    # the graph and tensors under onnx's 1 KB threshold stay in the .onnx (Q/DQ scales, equalization factors)
+    assert (tmp_path / "out" / "m.int8.onnx").stat().st_size < 32 * 1024 < paths["model_data"].stat().st_size
     x = np.random.default_rng(0).standard_normal((4, 1, 32, 32)).astype(np.float32)
     want = OrtRunner(cal.int8_model()).infer({"image": x})
     got = OrtRunner(load_model(paths["model"])).infer({"image": x})
