@@ -51,7 +51,8 @@ class Calibrate:
         g.add_argument("--exclude-op-type", action="append", metavar="TYPE",
                        help="keep the inputs of every node of this op type in float (e.g. Softmax); repeatable")
         g.add_argument("--no-equalize", action="store_true",
-                       help="no depthwise equalization (by default a tensor that feeds a depthwise Conv and whose "
+                       help="no equalization at all, depthwise nor pointwise (by default a tensor that feeds a "
+                            "depthwise Conv and whose "
                             "channels' ranges differ is scaled per channel, the Conv's weights divided to match: "
                             "the same FP32 function, one per-tensor scale that resolves every channel)")
         g.add_argument("--equalize-pointwise", action="store_true", help=argparse.SUPPRESS)  # the old opt-in: now the default
