@@ -448,12 +448,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--equalize-pointwise", action=argparse.BooleanOptionalAction, default=None,
                     help="quantkit with / without pointwise equalization (default: quantkit's default)")
     ap.add_argument("--out", type=Path, help="write the table here too (markdown)")
+    ap.add_argument("--equalize-one-pass", action=argparse.BooleanOptionalAction, default=None,
+                    help="equalization folded into the calibration pass or not (quantkit.ptq.EQUALIZE_ONE_PASS; "
+                         "default: quantkit's)")
     ap.add_argument("--machine", default="a shared 2-core CPU machine", help="how to describe the machine in the head")
     args = ap.parse_args(argv)
     EQUALIZE = not args.no_equalize
     SPREAD_SEEDS = tuple(range(args.spread_seeds))
     if args.equalize_pointwise is not None:
         STATS_EXTRA["equalize_pointwise"] = args.equalize_pointwise
+    if args.equalize_one_pass is not None:
+        import quantkit.ptq
+
+        quantkit.ptq.EQUALIZE_ONE_PASS = args.equalize_one_pass
     import onnxruntime
 
     import dataclasses

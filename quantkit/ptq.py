@@ -620,7 +620,7 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
     if not EQUALIZE_ONE_PASS or not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
         return None
     from quantkit.backends.onnxruntime import OrtRunner
-    from quantkit.onnx.equalize import equalized_consumers
+    from quantkit.onnx.equalize import equalization_summary, equalized_consumers
     from quantkit.onnx.equalize_capture import HeldTooLarge, capture_equalizing
 
     found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.pointwise_equalization,
@@ -648,9 +648,8 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
         log.info("%s: %s; equalization runs its own first pass", model.name, why)
         return None
     if got.equalized:
-        log.info("%s: equalized the input of %d depthwise Conv(s) over %d samples (factors up to %.1f)", model.name,
-                 sum(len(e.consumers) for e in got.equalized), min(batcher.used_, EQUALIZE_SAMPLES),
-                 max(float(e.scales.max()) for e in got.equalized))
+        log.info("%s: equalized %s over %d samples", model.name, equalization_summary(got.equalized),
+                 min(batcher.used_, EQUALIZE_SAMPLES))
         model = prepared["model"]
     final = _calibrated_tensors(model, got.equalized, stats.cache_all_tensors)
     missing = [t for t in final if t not in got.collectors]
@@ -668,7 +667,7 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
     stats, run = config.stats, config.run
     if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
         return model, [], []
-    from quantkit.onnx.equalize import equalize_depthwise, equalized_consumers, scales_for
+    from quantkit.onnx.equalize import equalization_summary, equalize_depthwise, equalized_consumers, scales_for
 
     found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.pointwise_equalization,
                                 groups=model.plan.groups)
@@ -683,8 +682,7 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
     if not scales:
         return model, [], skipped
     equalized_model, done = equalize_depthwise(model.model, scales)
-    log.info("%s: equalized the input of %d depthwise Conv(s) over %d samples (factors up to %.1f)", model.name,
-             sum(len(e.consumers) for e in done), batcher.used_, max(float(e.scales.max()) for e in done))
+    log.info("%s: equalized %s over %d samples", model.name, equalization_summary(done), batcher.used_)
     prepared = prepare(equalized_model, target=stats.target, name=model.name, exclude=stats.exclude,
                        exclude_op_types=stats.exclude_op_types)
     return prepared, done, skipped

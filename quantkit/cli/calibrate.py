@@ -204,11 +204,12 @@ class Calibrate:
             print(line)
         if cal.skipped:
             print(f"skipped {len(cal.skipped)} unreadable file(s) during calibration (listed in ranges.json)")
+        from quantkit.onnx.equalize import equalization_summary
+
         print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations and "
               f"{len(cal.plan.weights)} weights quantized ({args.method})"
               + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")
-              + (f"; the inputs of {sum(len(e.consumers) for e in cal.equalized)} depthwise Conv(s) equalized "
-                 "(--no-equalize: none)" if cal.equalized else ""))
+              + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else ""))
         for p in paths.values():
             print(f"  wrote {p}")
         return 0

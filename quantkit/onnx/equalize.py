@@ -169,6 +169,15 @@ def equalized_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequen
     return {t: tuple(c) for t, c in found.items()}
 
 
+def equalization_summary(done: Sequence[Equalization]) -> str:
+    """One phrase for logs and the CLI: 'the inputs of 12 Conv(s) (9 depthwise, 3 group-1;
+    factors up to 64.0)'."""
+    convs = sum(len(e.consumers) for e in done)
+    group1 = sum(len(e.input_axis) for e in done)
+    top = max((float(e.scales.max()) for e in done), default=1.0)
+    return f"the inputs of {convs} Conv(s) ({convs - group1} depthwise, {group1} group-1; factors up to {top:.1f})"
+
+
 def scales_for(model: onnx.ModelProto, found: Mapping[str, Sequence[str]], maxima: Mapping[str, np.ndarray],
                ) -> dict[str, tuple[Sequence[str], np.ndarray]]:
     """The factors of each tensor of ``found`` (-> its Convs) from its per-channel maxima: the full
