@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
-from quantkit.onnx.model import constant_arrays, node_reads, with_outputs_bytes
+from quantkit.onnx.model import constant_arrays, node_reads, tensor_types, with_outputs_bytes
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     when there is nothing to correct), and per corrected Conv node the shift subtracted from its
     bias: each Conv's output's per-channel median error against the FP32 model on ``feeds`` is 0,
     with the Convs before it corrected first (see the module docstring). A corrected Conv reads
-    the new initializer ``<node>_bias_corrected`` (of the bias's type; float32 where it had none).
+    the new initializer ``<node>_bias_corrected`` (of the bias's type; the Conv's where it had none).
 
     Args:
         session: makes an inference session from a serialized model (``run(names, feed)``).
@@ -120,6 +120,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     work = onnx.ModelProto()
     work.CopyFrom(qdq)
     consts = constant_arrays(qdq)
+    types = tensor_types(qdq)
     biases: dict[str, np.ndarray] = {}
     slots: dict[str, onnx.TensorProto] = {}
     for node in work.graph.node:
@@ -127,7 +128,9 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             continue
         channels = ref[node.output[0]][0].shape[0]
         has_bias = len(node.input) > 2 and bool(node.input[2])
-        bias = consts[node.input[2]] if has_bias else np.zeros(channels, np.float32)
+        # no bias: zeros of the Conv's own type (float16 in a float16 model)
+        bias = consts[node.input[2]] if has_bias else np.zeros(channels, helper.tensor_dtype_to_np_dtype(
+            types.get(node.output[0], onnx.TensorProto.FLOAT)))
         name = f"{node.name}_bias_corrected"
         biases[node.name] = bias
         work.graph.initializer.append(numpy_helper.from_array(bias, name))
@@ -146,7 +149,12 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             consumers.setdefault(t, []).append(i)
     producer = {out: i for i, node in enumerate(work.graph.node) for out in node.output}
     inits = {i.name: i for i in work.graph.initializer}
-    known: list[dict[str, np.ndarray]] = [dict(f) for f, _ in feeds]
+    # the feeds in the graph inputs' declared types (a float16 model's batches may come as float32)
+    declared = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in work.graph.input
+                if i.type.tensor_type.elem_type}
+    known: list[dict[str, np.ndarray]] = [
+        {k: np.asarray(v).astype(declared[k], copy=False) if k in declared else v for k, v in f.items()}
+        for f, _ in feeds]
     done: set[int] = set()
     shifts: dict[str, np.ndarray] = {}
     for level in conv_levels(work):

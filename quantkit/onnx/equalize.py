@@ -247,6 +247,11 @@ def equalize_depthwise(model: onnx.ModelProto, scales: Mapping[str, tuple[Sequen
     muls: list[tuple[onnx.NodeProto, set[str]]] = []
     for t, (consumers, s) in scales.items():
         s = np.asarray(s, dtype=np.float32).reshape(-1)
+        # the Mul's factors in the tensor's type (a Conv's input and weight share one: float16
+        # in a float16 model), rounded to it first so the weights are divided by the same values
+        dtype = consts[nodes[consumers[0]].input[1]].dtype
+        if dtype != np.float32:
+            s = s.astype(dtype).astype(np.float32)
         scaled = _unique(f"{t}_equalized", taken)
         s_name = _unique(f"{t}_equalization_scale", taken)
         new_weights: dict[str, str] = {}
@@ -271,7 +276,7 @@ def equalize_depthwise(model: onnx.ModelProto, scales: Mapping[str, tuple[Sequen
             node.input[0], node.input[1] = scaled, new
             new_weights[new] = w_name
         shape = [1, s.size] + [1] * (rank - 2)
-        graph.initializer.append(onnx.numpy_helper.from_array(s.reshape(shape), s_name))
+        graph.initializer.append(onnx.numpy_helper.from_array(s.reshape(shape).astype(dtype), s_name))
         mul = onnx.helper.make_node("Mul", [t, s_name], [scaled], name=_unique(f"{t}_equalization_Mul", taken))
         muls.append((mul, set(consumers)))
         done.append(Equalization(t, scaled, tuple(consumers), new_weights, s, tuple(input_axis)))
