@@ -186,3 +186,14 @@ def test_ranking_a_qdq_model_with_equalization_keeps_its_depthwise_group():
     assert e.scaled in scales.plan.activations
     assert set(scales.plan.activations) == set(cal.plan.activations)
     assert scales.ranges[e.scaled]["model"] == pytest.approx(cal.amax()[e.scaled], rel=1e-6)
+
+
+def test_equalization_is_folded_into_the_calibration_pass_by_default(monkeypatch):
+    """ptq.EQUALIZE_ONE_PASS is on: one capture pass measures the channels and calibrates."""
+    from quantkit.backends.onnxruntime import OrtRunner
+
+    calls: list[int] = []
+    original = OrtRunner.capture
+    monkeypatch.setattr(OrtRunner, "capture", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    model = make_depthwise_model(variant="plain")
+    assert _calibrate(model, depthwise_inputs(model, 16)).equalized and len(calls) == 1

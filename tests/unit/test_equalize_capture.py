@@ -15,11 +15,11 @@ from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model
 
 @pytest.fixture(autouse=True)
 def one_pass(monkeypatch):
-    """The one-pass route is off by default (ptq.EQUALIZE_ONE_PASS); these tests exercise it."""
+    """The one-pass route (ptq.EQUALIZE_ONE_PASS, the default): these tests exercise it."""
     monkeypatch.setattr(quantkit.ptq, "EQUALIZE_ONE_PASS", True)
 
 
-def test_the_two_passes_are_the_default(monkeypatch):
+def test_the_two_passes_when_the_fold_is_off(monkeypatch):
     monkeypatch.setattr(quantkit.ptq, "EQUALIZE_ONE_PASS", False)
     model = make_depthwise_model(variant="plain")
     calls = _passes(monkeypatch)
