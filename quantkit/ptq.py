@@ -77,9 +77,9 @@ class StatsConfig:
             (no Q/DQ: those ops run in FP16/FP32 in TensorRT's explicit quantization).
         exclude_op_types: op types whose inputs stay in float.
         equalize: depthwise equalization (``quantkit.onnx.equalize``) for the ``tensorrt`` target:
-            a short first pass over the first ``EQUALIZE_SAMPLES`` samples measures max|x| per
-            channel of every quantized tensor that feeds a depthwise Conv (folded into the
-            calibration pass, ``EQUALIZE_ONE_PASS``: see there); where the channels'
+            the first ``EQUALIZE_SAMPLES`` samples measure max|x| per channel of every quantized
+            tensor that feeds a depthwise Conv (within the calibration pass, ``EQUALIZE_ONE_PASS``:
+            see there; a short first pass where they are too large to hold); where the channels'
             ranges differ (a factor >= 2), the tensor is multiplied by per-channel factors on
             the way to that Conv and the Conv's weights divided by them (the FP32 function is
             unchanged), so that one per-tensor INT8 scale resolves every channel. Not applied
