@@ -259,3 +259,17 @@ def depthwise_inputs(model: onnx.ModelProto, count: int, seed: int = 0) -> np.nd
     if shape[1] != 4:
         x *= np.logspace(-2, 1.5, shape[1]).astype(np.float32)[None, :, None, None]
     return x
+
+
+def as_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (changed in place and returned) with every float32 initializer, input, output and
+    value_info in float16: a float16 model as exporters write them."""
+    from onnx import TensorProto, numpy_helper
+
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for v in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return model

@@ -208,7 +208,8 @@ def switchable_model(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence["Qu
         if shift is None or node.op_type != "Conv":
             return quant
         has_bias = len(quant) > 2 and bool(quant[2])
-        bias = consts[node.input[2]] if has_bias else np.zeros(np.shape(shift), np.float32)
+        bias = consts[node.input[2]] if has_bias else np.zeros(  # the Conv's type (float16 in a float16 model)
+            np.shape(shift), helper.tensor_dtype_to_np_dtype(types.get(node.output[0], TensorProto.FLOAT)))
         name = f"{_PREFIX}_{node.name}_bias_corrected"
         new_inits.append(numpy_helper.from_array((bias.astype(np.float64) - shift).astype(bias.dtype), name))
         return [*quant[:2], name] if len(quant) >= 2 else quant

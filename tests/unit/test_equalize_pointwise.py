@@ -135,17 +135,15 @@ def test_shared_scale_group_members_are_not_equalized():
 def test_float16_model_is_equalized_and_bias_corrected_in_float16():
     """A float16 model (kept float16: test_graph_import): the equalization's Mul factors and the
     bias correction's new biases are float16 too (a float32 factor or bias made ONNX Runtime
-    refuse the model: the Mul, and then the correction, failed), and the INT8 model runs."""
+    refuse the model: the Mul, then the correction, then the ranking failed), and the INT8
+    model runs."""
     import onnxruntime as ort
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto
 
-    model = make_se_pointwise_model()
-    for t in model.graph.initializer:
-        if t.data_type == TensorProto.FLOAT:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
-    for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
-            v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    from quantkit.debug.sensitivity import rank_sensitivity
+    from tests.helpers import as_float16
+
+    model = as_float16(make_se_pointwise_model())
     x = depthwise_inputs(model, 32).astype(np.float16)
     cal = quantkit.quantize(model, ArraySource(x))
     assert {e.tensor for e in cal.equalized} >= {"t"}
@@ -156,3 +154,5 @@ def test_float16_model_is_equalized_and_bias_corrected_in_float16():
     ref = _run(model, x)
     got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert got.dtype == np.float16 and _sqnr(ref.astype(np.float64), got.astype(np.float64)) > 20.0
+    # the ranking's switchable model gives its quantized Convs the corrected biases, float16 too
+    assert len(rank_sensitivity(cal, ArraySource(x), range(len(x))).rows) >= 2

@@ -408,12 +408,9 @@ def test_optional_empty_names_and_unused_input(digits_dirs, tmp_path, capsys):
 def _float16_model() -> onnx.ModelProto:
     """The residual test model with every float tensor in float16 (inputs, weights, outputs)."""
     from tests.conftest import make_residual_model
+    from tests.helpers import as_float16
 
-    m = make_residual_model()
-    for t in m.graph.initializer:
-        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
-    for vi in (*m.graph.input, *m.graph.output):
-        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    m = as_float16(make_residual_model())
     onnx.checker.check_model(m)
     return m
 
