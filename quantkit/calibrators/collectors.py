@@ -278,6 +278,13 @@ def merge_histogram(a: Histogram, b: Histogram) -> Histogram:
                      max(a.observed_max, b.observed_max))
 
 
+def batch_rows(arr: np.ndarray, rows: int, padded: int) -> np.ndarray:
+    """The batch's real rows of a captured tensor: only a padded batch (``padded`` rows, a
+    fixed-batch model's tail) has rows to cut, and only a tensor that carries them; a tensor
+    without a batch axis (an anchor grid from the input's shape, a 0-d scalar) is taken whole."""
+    return arr[:rows] if arr.ndim and rows < padded and arr.shape[0] == padded else arr
+
+
 def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int = 2048, sample_stride: int = 5,
                        pow2_grid: bool = False, pow2_tensors: Collection[str] = (),
                        on_batch: Callable[[int], None] | None = None,
@@ -298,14 +305,10 @@ def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int =
                   for t in executor.captured_names}
 
     def sink(batch: Any, rows: int, tensors: Mapping[str, np.ndarray]) -> None:
-        # only a padded batch (a fixed-batch model's tail) has rows to cut, and only a tensor that
-        # carries them: a tensor without a batch axis (an anchor grid from the input's shape, a
-        # 0-d scalar) is taken whole
         padded = getattr(batch, "num_rows", rows)
         try:
             for name, arr in tensors.items():
-                cut = arr.ndim and rows < padded and arr.shape[0] == padded
-                collectors[name].update(arr[:rows] if cut else arr)
+                collectors[name].update(batch_rows(arr, rows, padded))
         except NonFiniteError as err:
             first, last = batch.indices[0], batch.indices[-1]
             raise NonFiniteError(f"{err} in the batch of samples {first}..{last}",

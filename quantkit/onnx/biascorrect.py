@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from quantkit.onnx.model import constant_arrays, node_reads, tensor_types, with_outputs_bytes
+from quantkit.onnx.model import constant_arrays, node_reads, with_outputs_bytes
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,11 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     ref_sess = session(with_outputs_bytes(fp32, names))
     ref: dict[str, list[np.ndarray]] = {t: [] for t in names}
     rank: dict[str, int] = {}
+    dtype: dict[str, np.dtype] = {}  # each Conv's output type (float16 in a float16 model)
     for feed, n in feeds:
         for t, x in zip(names, ref_sess.run(names, dict(feed))):
             ref[t].append(channel_samples(x, n))
-            rank[t] = np.ndim(x)
+            rank[t], dtype[t] = np.ndim(x), np.asarray(x).dtype
 
     # 2-D Convs only: on a 1-D audio front end (silero-vad's STFT as a Conv over time, whose
     # signed outputs go into magnitudes) the correction cost 1.5 points of frame accuracy
@@ -120,7 +121,6 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     work = onnx.ModelProto()
     work.CopyFrom(qdq)
     consts = constant_arrays(qdq)
-    types = tensor_types(qdq)
     biases: dict[str, np.ndarray] = {}
     slots: dict[str, onnx.TensorProto] = {}
     for node in work.graph.node:
@@ -128,9 +128,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             continue
         channels = ref[node.output[0]][0].shape[0]
         has_bias = len(node.input) > 2 and bool(node.input[2])
-        # no bias: zeros of the Conv's own type (float16 in a float16 model)
-        bias = consts[node.input[2]] if has_bias else np.zeros(channels, helper.tensor_dtype_to_np_dtype(
-            types.get(node.output[0], onnx.TensorProto.FLOAT)))
+        bias = consts[node.input[2]] if has_bias else np.zeros(channels, dtype[node.output[0]])
         name = f"{node.name}_bias_corrected"
         biases[node.name] = bias
         work.graph.initializer.append(numpy_helper.from_array(bias, name))
@@ -149,12 +147,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             consumers.setdefault(t, []).append(i)
     producer = {out: i for i, node in enumerate(work.graph.node) for out in node.output}
     inits = {i.name: i for i in work.graph.initializer}
-    # the feeds in the graph inputs' declared types (a float16 model's batches may come as float32)
-    declared = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in work.graph.input
-                if i.type.tensor_type.elem_type}
-    known: list[dict[str, np.ndarray]] = [
-        {k: np.asarray(v).astype(declared[k], copy=False) if k in declared else v for k, v in f.items()}
-        for f, _ in feeds]
+    known: list[dict[str, np.ndarray]] = [dict(f) for f, _ in feeds]
     done: set[int] = set()
     shifts: dict[str, np.ndarray] = {}
     for level in conv_levels(work):

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantkit.calibrators.collectors import HistogramCollector
+from quantkit.calibrators.collectors import HistogramCollector, batch_rows
 from quantkit.errors import NonFiniteError
 from quantkit.onnx.equalize import Equalization, equalize_depthwise, scales_for
 
@@ -109,14 +109,14 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
         padded = getattr(batch, "num_rows", rows)
         try:
             for name, arr in captured.items():
-                collectors[name].update(_batch_rows(arr, rows, padded))
+                collectors[name].update(batch_rows(arr, rows, padded))
             if state["factors"] is not None:
                 _update_scaled(collectors, state["factors"], captured, rows)
                 return
             take = min(rows, first_samples - state["seen"])
             part = {}
             for t in found:
-                x = _batch_rows(captured[t], rows, padded)
+                x = batch_rows(captured[t], rows, padded)
                 if x.ndim >= 2 and take > 0:  # as _channel_maxima: max|x| per channel (axis 1)
                     m = np.abs(x[:take]).max(axis=tuple(i for i in range(x.ndim) if i != 1)).astype(np.float32)
                     maxima[t] = m if t not in maxima else np.maximum(maxima[t], m)
@@ -139,13 +139,6 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
     if state["factors"] is None:  # fewer samples than first_samples
         decide()
     return EqualizingPass(state["model"], state["done"], collectors)
-
-
-def _batch_rows(arr: np.ndarray, rows: int, padded: int) -> np.ndarray:
-    """The batch's real rows of ``arr``, as ``collect_histograms`` takes them: only a padded batch
-    (a fixed-batch model's tail) has rows to cut, and only a tensor that carries them; a tensor
-    without a batch axis (an anchor grid from the input's shape, a 0-d scalar) is taken whole."""
-    return arr[:rows] if arr.ndim and rows < padded and arr.shape[0] == padded else arr
 
 
 def _update_scaled(collectors: Mapping[str, HistogramCollector], factors: Mapping[str, tuple[str, np.ndarray]],
