@@ -308,6 +308,7 @@ class Calibration:
     bias_shifts: dict[str, dict[str, Any]] = field(default_factory=dict)
     correction_feeds: "list[tuple[dict[str, Any], int]] | None" = field(default=None, repr=False, compare=False)
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
+    _correction_reference: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def amax(self, method: str | None = None, *, quantized_only: bool = False) -> dict[str, float]:
         method = check_method(method or self.config.method)
@@ -343,8 +344,10 @@ class Calibration:
         # basic optimizations: Q/DQ run as ONNX defines them (float), without the QDQ-to-integer
         # fusions, whose session creation dominated the correction (rapidocr-rec: one session a depth)
         session = partial(create_session, threads=self.config.run.threads, optimization="basic")
-        try:
-            return sequential_correction(qdq, self.model, self.correction_feeds, session)
+        try:  # the FP32 run, one for every method and variant (the cache), with every optimization
+            return sequential_correction(qdq, self.model, self.correction_feeds, session,
+                                         reference_session=partial(create_session, threads=self.config.run.threads),
+                                         cache=self._correction_reference)
         except Exception as err:  # ONNX Runtime's own error types: the model stays as it is, with a warning
             msg = " ".join(str(err).split())[:200] or type(err).__name__
             log.warning("%s: bias correction skipped (the Q/DQ model is written without it): %s", self.model_name, msg)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -77,10 +78,37 @@ SAMPLE_POSITIONS = 2048
 
 def channel_samples(x: np.ndarray, n: int) -> np.ndarray:
     """[C, K]: a strided sample of ``x``'s first ``n`` rows' values per channel (axis 1), the same
-    positions for any tensor of the same shape."""
+    positions for any tensor of the same shape: every ``step``-th of the positions (row, then
+    the axes after the channel, in order), gathered without copying the tensor first."""
     x = np.asarray(x)[:n]
-    flat = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
-    return flat[:, ::max(1, flat.shape[1] // SAMPLE_POSITIONS)].astype(np.float32)
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    positions = x3.shape[0] * x3.shape[2]
+    rows, at = np.divmod(np.arange(0, positions, max(1, positions // SAMPLE_POSITIONS)), x3.shape[2])
+    return x3[rows, :, at].T.astype(np.float32)
+
+
+@dataclass
+class Reference:
+    """The FP32 model's side of the correction, measured once and shared by every Q/DQ model
+    corrected on the same samples (each method's, each mixed-precision variant of the fallback):
+    per Conv output, the strided samples of each feed (``channel_samples``), its rank and type."""
+
+    samples: dict[str, list[np.ndarray]]
+    rank: dict[str, int]
+    dtype: dict[str, np.dtype]
+
+
+def reference(fp32: onnx.ModelProto, convs: Sequence[str], feeds: Sequence[Feed],
+              session: Callable[[bytes], Any]) -> Reference:
+    """The FP32 side of the correction: ``fp32``'s Conv outputs named ``convs`` on ``feeds``."""
+    names = list(convs)
+    sess = session(with_outputs_bytes(fp32, names))
+    ref = Reference({t: [] for t in names}, {}, {})
+    for feed, n in feeds:
+        for t, x in zip(names, sess.run(names, dict(feed))):
+            ref.samples[t].append(channel_samples(x, n))
+            ref.rank[t], ref.dtype[t] = np.ndim(x), np.asarray(x).dtype
+    return ref
 
 
 def correctable(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -90,7 +118,10 @@ def correctable(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> list[onnx.NodePr
 
 
 def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequence[Feed],
-                          session: Callable[[bytes], Any]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+                          session: Callable[[bytes], Any], *,
+                          reference_session: Callable[[bytes], Any] | None = None,
+                          cache: dict[tuple[str, ...], Reference] | None = None,
+                          ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """``qdq`` (a Q/DQ model made from ``fp32``) with corrected Conv biases (a copy; ``qdq`` itself
     when there is nothing to correct), and per corrected Conv node the shift subtracted from its
     bias: each Conv's output's per-channel median error against the FP32 model on ``feeds`` is 0,
@@ -98,20 +129,22 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     the new initializer ``<node>_bias_corrected`` (of the bias's type; the Conv's where it had none).
 
     Args:
-        session: makes an inference session from a serialized model (``run(names, feed)``).
+        session: makes an inference session from a serialized model (``run(names, feed)``); runs
+            the Q/DQ model's segments.
+        reference_session: the same for the FP32 model's run (default ``session``).
+        cache: FP32 references by the Conv outputs they hold, filled and reused: one FP32 run for
+            every Q/DQ model corrected on the same ``feeds`` (pass the same dict each time).
     """
     convs = correctable(qdq, fp32)
     if not convs:
         return qdq, {}
-    names = [n.output[0] for n in convs]
-    ref_sess = session(with_outputs_bytes(fp32, names))
-    ref: dict[str, list[np.ndarray]] = {t: [] for t in names}
-    rank: dict[str, int] = {}
-    dtype: dict[str, np.dtype] = {}  # each Conv's output type (float16 in a float16 model)
-    for feed, n in feeds:
-        for t, x in zip(names, ref_sess.run(names, dict(feed))):
-            ref[t].append(channel_samples(x, n))
-            rank[t], dtype[t] = np.ndim(x), np.asarray(x).dtype
+    names = tuple(n.output[0] for n in convs)
+    ref = None if cache is None else cache.get(names)
+    if ref is None:
+        ref = reference(fp32, names, feeds, reference_session or session)
+        if cache is not None:
+            cache[names] = ref
+    rank, dtype = ref.rank, ref.dtype
 
     # 2-D Convs only: on a 1-D audio front end (silero-vad's STFT as a Conv over time, whose
     # signed outputs go into magnitudes) the correction cost 1.5 points of frame accuracy
@@ -126,7 +159,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     for node in work.graph.node:
         if node.op_type != "Conv" or node.name not in wanted:
             continue
-        channels = ref[node.output[0]][0].shape[0]
+        channels = ref.samples[node.output[0]][0].shape[0]
         has_bias = len(node.input) > 2 and bool(node.input[2])
         bias = consts[node.input[2]] if has_bias else np.zeros(channels, dtype[node.output[0]])
         name = f"{node.name}_bias_corrected"
@@ -166,15 +199,20 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             known[k].update(zip(keep, sess.run(keep, {t: known[k][t] for t in feeds_in})))
         for node in level:
             t = node.output[0]
-            diff = np.concatenate([channel_samples(kn[t], n) - r for kn, (_, n), r in zip(known, feeds, ref[t])], axis=1)
+            diff = np.concatenate([channel_samples(kn[t], n) - r for kn, (_, n), r in zip(known, feeds, ref.samples[t])],
+                                  axis=1)
             shift = np.median(diff, axis=1).astype(np.float64)
             shifts[node.name] = shift
             bias = biases[node.name]
             slots[node.name].CopyFrom(numpy_helper.from_array((bias.astype(np.float64) - shift).astype(bias.dtype),
                                                               slots[node.name].name))
-            for kn in known:
+            for kn in known:  # in place: ONNX Runtime's outputs are the segment's own arrays
                 x = kn[t]
-                kn[t] = (x - shift.reshape((1, -1) + (1,) * (x.ndim - 2))).astype(x.dtype)
+                step = shift.reshape((1, -1) + (1,) * (x.ndim - 2))
+                if x.flags.writeable:
+                    np.subtract(x, step.astype(x.dtype), out=x)
+                else:
+                    kn[t] = (x - step).astype(x.dtype)
         for kn in known:  # drop what no node left to run reads
             for t in [t for t in kn if t not in outs and all(c in done for c in consumers.get(t, ()))]:
                 del kn[t]

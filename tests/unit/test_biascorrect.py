@@ -189,6 +189,38 @@ def test_mixed_precision_variants_are_corrected_too():
         assert (err < 0.01) == corrected, err
 
 
+def test_the_fp32_reference_is_measured_once_per_calibration(monkeypatch):
+    # every method's model and every fallback variant is corrected against the same FP32 run: it is
+    # made once (the cache) and the corrected models equal those of a fresh calibration
+    from quantkit.onnx import biascorrect as bc
+
+    rng = np.random.default_rng(9)
+    model = _chain_model(rng)
+    cal_x = _flat_background(rng, 32, 8)
+    runs = []
+    real = bc.reference
+    monkeypatch.setattr(bc, "reference", lambda *a, **k: runs.append(1) or real(*a, **k))
+    cal = quantkit.quantize(model, ArraySource(cal_x), QuantizeConfig(StatsConfig(bias_correction=True)))
+    for method in ("entropy", "minmax", "percentile"):
+        cal.int8_model(method)
+    assert len(runs) == 1
+    fresh = quantkit.quantize(model, ArraySource(cal_x), QuantizeConfig(StatsConfig(bias_correction=True)))
+    for method in ("minmax", "percentile"):
+        fresh.int8_model(method)
+        for conv, shift in fresh.bias_shifts[method].items():
+            np.testing.assert_array_equal(cal.bias_shifts[method][conv], shift)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 4, 4096), (64, 3, 40, 40), (1, 6)])
+def test_channel_samples_are_every_kth_position_of_the_channel_major_layout(shape):
+    from quantkit.onnx.biascorrect import SAMPLE_POSITIONS, channel_samples
+
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    n = max(1, shape[0] - 1)
+    flat = np.moveaxis(x[:n], 1, 0).reshape(shape[1], -1)  # what it samples, written out in full
+    np.testing.assert_array_equal(channel_samples(x, n), flat[:, ::max(1, flat.shape[1] // SAMPLE_POSITIONS)])
+
+
 def test_a_subgraph_reading_an_outer_tensor_is_fed_it():
     # silero-vad's If nodes read main-graph tensors inside their branches (no explicit input):
     # a segment that holds such a node must be fed those tensors too (this ran into ONNX
