@@ -20,6 +20,7 @@ from the two-pass ones in a value that crosses a bin edge, not more.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantkit.calibrators.collectors import HistogramCollector, batch_rows
+from quantkit.calibrators.collectors import HistogramCollector, batch_rows, update_collectors
 from quantkit.errors import NonFiniteError
 from quantkit.onnx.equalize import Equalization, channel_axes, channel_max, equalize_depthwise, scales_for
 
@@ -109,8 +110,7 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
     def sink(batch: Any, rows: int, captured: Mapping[str, np.ndarray]) -> None:
         padded = getattr(batch, "num_rows", rows)
         try:
-            for name, arr in captured.items():
-                collectors[name].update(batch_rows(arr, rows, padded))
+            update_collectors((collectors[name], batch_rows(arr, rows, padded)) for name, arr in captured.items())
             if state["factors"] is not None:
                 _update_scaled(collectors, state["factors"], captured, rows)
                 return
@@ -146,8 +146,10 @@ def _update_scaled(collectors: Mapping[str, HistogramCollector],
                    factors: Mapping[str, tuple[str, np.ndarray, int]],
                    captured: Mapping[str, np.ndarray], rows: int | None) -> None:
     """Each equalized tensor's histogram of ``t * s`` (s broadcast over the channel axis)."""
-    for t, (scaled, s, axis) in factors.items():
+    def scaled(t: str, s: np.ndarray, axis: int) -> np.ndarray:
         x = captured[t] if rows is None else captured[t][:rows]
         shape = [1] * x.ndim
         shape[axis % x.ndim] = -1
-        collectors[scaled].update(x * s.reshape(shape))
+        return x * s.reshape(shape)
+
+    update_collectors((collectors[name], partial(scaled, t, s, axis)) for t, (name, s, axis) in factors.items())

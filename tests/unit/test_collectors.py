@@ -128,3 +128,28 @@ def test_compute_before_update():
 def test_bins_must_be_power_of_two():
     with pytest.raises(ValueError):
         HistogramCollector(1000)
+
+
+def test_histograms_filled_side_by_side_equal_the_serial_ones(monkeypatch):
+    # many-core machines fill several tensors' histograms at once (update_collectors): the same
+    # counts and ranges as one thread, and a NaN in any tensor still names it
+    from quantkit.calibrators import collectors as col
+
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((4, 64, 40)).astype(np.float32) * (k + 1) for k in range(6)]
+
+    def fill(workers: int) -> list:
+        monkeypatch.setattr(col, "HISTOGRAM_WORKERS", workers)
+        monkeypatch.setattr(col, "_pool", None)
+        cs = [HistogramCollector(256, name=f"t{k}", sample_stride=5) for k in range(len(xs))]
+        for step in range(3):
+            col.update_collectors((c, (lambda x=x, step=step: x * (1 + step))) for c, x in zip(cs, xs))
+        return [c.compute() for c in cs]
+
+    for a, b in zip(fill(1), fill(3)):
+        np.testing.assert_array_equal(a.counts, b.counts)
+        assert (a.bin_width, a.observed_min, a.observed_max) == (b.bin_width, b.observed_min, b.observed_max)
+    bad = xs[2].copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(NonFiniteError, match="t2"):
+        col.update_collectors([(HistogramCollector(256, name="t1"), xs[1]), (HistogramCollector(256, name="t2"), bad)])
