@@ -8,7 +8,8 @@ Two targets:
   for BatchNorm or ReLU; tensors that TensorRT would requantize across Concat, MaxPool and
   Resize share one scale (``QdqPlan.groups``).
 - ``onnxruntime``: a Q/DQ pair on every float activation that a node consumes (weights as
-  above). ONNX Runtime's CPU provider turns a DQ -> op -> Q group into an integer kernel
+  above), except parameters (a Resize's scales, a Clip's bounds: ``_PARAMETER_INPUTS``) and
+  tensors computed from shapes and constants only. ONNX Runtime's CPU provider turns a DQ -> op -> Q group into an integer kernel
   (QLinearConv, QLinearAdd, ...) only when the op's output is quantized too; with inputs-only
   placement it runs float Convs plus the Q/DQ arithmetic. This target ran exactly as fast as
   ``quantize_static``'s model on the digits sample, where the TensorRT placement was ~9% slower.
@@ -41,6 +42,10 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _CONV_OPS = ("Conv", "ConvTranspose")
 TARGETS = ("tensorrt", "onnxruntime")
 _SHAPE_OPS = ("Shape", "Size")  # read only a tensor's shape: nothing to quantize
+#: inputs of an op that are parameters, not data (by position): never quantized by the
+#: ``onnxruntime`` target (Q/DQ on a Resize's scales rounds 1.0 to 1.0079: ONNX Runtime then
+#: refuses a cubic Resize, and changes the output size of any other)
+_PARAMETER_INPUTS = {"Resize": (1, 2, 3), "Upsample": (1,), "Clip": (1, 2), "Pad": (1, 2, 3), "Range": (0, 1, 2)}
 #: attention's probabilities x V MatMul left in float (``plan_qdq`` says why)
 FLOAT_ATTENTION_PROBS = True
 #: ops that pass a tensor's values on unchanged (layout, type, dropout at inference)
@@ -191,19 +196,33 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
     if target == "onnxruntime" and acts:
 
         floats = set(float_activations(model))
+        sizes = _computed_from_shapes(graph.node, consts)  # shape arithmetic, not data
         acts = defaultdict(list)
         for node in graph.node:
             if node.op_type in _SHAPE_OPS:
                 continue
             if not node.name:
                 raise ModelError("every node needs a name for Q/DQ placement", hint="re-export the model")
-            for t in dict.fromkeys(node.input):
-                if t in floats and t not in consts:
+            params = _PARAMETER_INPUTS.get(node.op_type, ())
+            for i, t in enumerate(node.input):
+                if t in floats and t not in consts and t not in sizes and i not in params and \
+                        node.name not in acts.get(t, ()):
                     acts[t].append(node.name)
     # ONNX Runtime's integer kernels requantize between scales: groups only for TensorRT
     groups = _scale_groups(graph.node, list(acts), consts) if target == "tensorrt" else ()
     return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()},
                    groups=groups, weight_sources=sources)
+
+
+def _computed_from_shapes(nodes: Iterable[onnx.NodeProto], consts: Mapping[str, object]) -> set[str]:
+    """Tensors computed from Shape/Size outputs and constants only (a ViT's Resize scales made
+    from its input's shape: Shape -> Gather -> Cast -> Div): sizes and factors, not data.
+    ``nodes`` in graph order."""
+    out: set[str] = set()
+    for node in nodes:
+        if node.op_type in _SHAPE_OPS or (node.input and all(not t or t in consts or t in out for t in node.input)):
+            out.update(o for o in node.output if o)
+    return out
 
 
 def _computed_from_constants(nodes: Iterable[onnx.NodeProto], consts: Mapping[str, object]) -> set[str]:

