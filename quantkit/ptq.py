@@ -682,8 +682,8 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
     # a fixed-batch model's short tail padded (the padding rows are not captured), not dropped:
     # the main pass warns about what it drops
     batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
-    maxima = _channel_maxima(model.model, batcher, channel_axes(model.model, found), run.threads)
-    scales = scales_for(model.model, found, maxima)
+    maxima, rows = _channel_maxima(model.model, batcher, channel_axes(model.model, found), run.threads)
+    scales = scales_for(model.model, found, maxima, rows)
     skipped = [f for f, _ in batcher.skipped_]
     if not scales:
         return model, [], skipped
@@ -695,15 +695,17 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
 
 
 def _channel_maxima(model: onnx.ModelProto, batches: Batcher, axes: Mapping[str, int],
-                    threads: int | None) -> dict[str, Any]:
+                    threads: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """max|x| per channel of each tensor of ``axes`` (-> its channel axis) over ``batches``:
-    name -> float32 [C]."""
+    name -> float32 [C]; and for the tensors whose channels are their last axis (MatMul/Gemm
+    inputs), a sample of their rows (``equalize.sample_rows``)."""
     import numpy as np
 
     from quantkit.backends.onnxruntime import OrtRunner
-    from quantkit.onnx.equalize import channel_max
+    from quantkit.onnx.equalize import channel_max, sample_rows
 
     out: dict[str, np.ndarray] = {}
+    parts: dict[str, list[np.ndarray]] = {}
 
     def sink(batch: Any, n: int, captured: Mapping[str, np.ndarray]) -> None:
         for t, x in captured.items():
@@ -711,7 +713,9 @@ def _channel_maxima(model: onnx.ModelProto, batches: Batcher, axes: Mapping[str,
                 continue
             m = channel_max(x[:n], axes[t])
             out[t] = m if t not in out else np.maximum(out[t], m)
+            if axes[t] == -1:
+                parts.setdefault(t, []).append(sample_rows(x[:n]))
 
     with OrtRunner(model, threads=threads, capture=list(axes)) as runner:
         runner.capture(batches, sink)
-    return out
+    return out, {t: sample_rows(np.concatenate(p)) for t, p in parts.items()}

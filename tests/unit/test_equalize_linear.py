@@ -130,3 +130,34 @@ def test_debug_compares_the_equalized_weights_with_the_users():
     assert e.scaled in {p.tensor for p in report.activations}
     matched = [w for w in report.weights if w.tensor in e.weights]
     assert len(matched) == 2 and all(w.sqnr_db > 30.0 for w in matched)
+
+
+def test_kept_only_where_it_lowers_the_matmuls_own_error(monkeypatch):
+    # weight-aware factors exist whenever the weight rows differ, also for an activation without
+    # outlier channels (ddddocr's LSTM output, every channel's maximum ~1, into its classifier: its
+    # output lost 4 dB). The gate measures the MatMul's own INT8 error on a sample of rows.
+    import quantkit.onnx.equalize as eq
+    from quantkit.onnx.equalize import linear_gain_db, sample_rows
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(0, 0.3, (K, 32)).astype(np.float32)
+    nodes = [helper.make_node("Tanh", ["x"], ["h"], name="tanh"), helper.make_node("MatMul", ["h", "w"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "flat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 32])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = inputs(32) * 3.0
+    rows = sample_rows(np.tanh(x))
+    harmful = np.linspace(1.0, 8.0, K).astype(np.float32)  # uneven factors on even channels
+    assert linear_gain_db(rows, np.ones(K, np.float32), [nodes[1]], {"w": w}) == pytest.approx(0.0, abs=1e-9)
+    assert linear_gain_db(rows, harmful, [nodes[1]], {"w": w}) < -3.0
+    monkeypatch.setattr(eq, "_linear_scales", lambda *a: harmful)
+    assert not any(e.tensor == "h" for e in _calibrate(model, x, equalize_pointwise=True).equalized)
+    monkeypatch.undo()
+    # the outlier model's tensor passes the same gate by far
+    lm, lx = linear_model(), inputs(32)
+    consts = {i.name: numpy_helper.to_array(i) for i in lm.graph.initializer}
+    hh = lx * np.where(np.isin(np.arange(K), OUTLIERS), 20.0, 0.5).astype(np.float32) + consts["b"]
+    readers = [n for n in lm.graph.node if n.name in ("fc1", "fc2")]
+    s2 = eq._linear_scales(np.abs(hh).reshape(-1, K).max(axis=0), readers, consts)
+    assert linear_gain_db(sample_rows(hh), s2, readers, consts) > 10.0
