@@ -88,12 +88,14 @@ class View:
                 where = f"{args.host}:{args.port}" if args.port else args.host
                 raise InputError(f"Netron cannot listen on {where}: {getattr(err, 'strerror', None) or err}",
                                  hint="choose another --port (0 picks any free one) or --host") from err
-            url = f"http://{address[0]}:{address[1]}/"
-            print(f"Netron is serving {path} at {url}", flush=True)
-            if not _is_loopback(args.host):
-                print(f"  note: listening on {args.host}: the model can be downloaded from the network", flush=True)
-            print("  press Ctrl-C to stop", flush=True)
+            # from here on the server thread runs: whatever ends this process (Ctrl-C while a line
+            # below is printed, too) stops it first, or the process would wait for it forever
             try:
+                url = f"http://{address[0]}:{address[1]}/"
+                print(f"Netron is serving {path} at {url}", flush=True)
+                if not _is_loopback(args.host):
+                    print(f"  note: listening on {args.host}: the model can be downloaded from the network", flush=True)
+                print("  press Ctrl-C to stop", flush=True)
                 while netron.status(address):
                     time.sleep(0.2)
             except KeyboardInterrupt:
