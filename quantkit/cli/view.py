@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +81,11 @@ class View:
         netron = require("netron")
         # Netron serves every file under the model's folder at /data/<name>; handing it the bytes
         # under a name in an empty private folder keeps the files beside the model unreachable.
+        # SIGTERM (kill, a service manager) ends it as Ctrl-C does, so the private copy of the model
+        # is removed too (the server thread is a daemon: without this the process died with it left);
+        # and SIGINT does even when started from a shell's background job, which ignores it
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with tempfile.TemporaryDirectory(prefix="quantkit-view-") as private:
             try:
                 address = netron.serve(os.path.join(private, path.name), data, address=(args.host, args.port),
