@@ -248,8 +248,9 @@ def equalization_summary(done: Sequence[Equalization]) -> str:
     convs = sum(len(e.consumers) for e in done) - linear
     group1 = sum(len(e.input_axis) for e in done)
     top = max((float(e.scales.max()) for e in done), default=1.0)
-    return (f"the inputs of {convs} Conv(s) ({convs - group1} depthwise, {group1} group-1)"
-            + (f" and {linear} MatMul/Gemm" if linear else "") + f"; factors up to {top:.1f}")
+    parts = ([f"{convs} Conv(s) ({convs - group1} depthwise, {group1} group-1)"] if convs or not linear else []) + \
+        ([f"{linear} MatMul/Gemm"] if linear else [])
+    return f"the inputs of {' and '.join(parts)}; factors up to {top:.1f}"
 
 
 def scales_for(model: onnx.ModelProto, found: Mapping[str, Sequence[str]], maxima: Mapping[str, np.ndarray],
