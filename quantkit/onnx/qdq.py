@@ -8,8 +8,9 @@ Two targets:
   for BatchNorm or ReLU; tensors that TensorRT would requantize across Concat, MaxPool and
   Resize share one scale (``QdqPlan.groups``).
 - ``onnxruntime``: a Q/DQ pair on every float activation that a node consumes (weights as
-  above), except parameters (a Resize's scales, a Clip's bounds: ``_PARAMETER_INPUTS``) and
-  tensors computed from shapes and constants only. ONNX Runtime's CPU provider turns a DQ -> op -> Q group into an integer kernel
+  above), except parameters (a Resize's scales, a Clip's bounds: ``_PARAMETER_INPUTS``),
+  tensors computed from shapes and constants only, and the inputs and outputs of normalization
+  statistics, Softmax and Erf (``ORT_FLOAT_OPS``). ONNX Runtime's CPU provider turns a DQ -> op -> Q group into an integer kernel
   (QLinearConv, QLinearAdd, ...) only when the op's output is quantized too; with inputs-only
   placement it runs float Convs plus the Q/DQ arithmetic. This target ran exactly as fast as
   ``quantize_static``'s model on the digits sample, where the TensorRT placement was ~9% slower.
@@ -46,6 +47,11 @@ _SHAPE_OPS = ("Shape", "Size")  # read only a tensor's shape: nothing to quantiz
 #: ``onnxruntime`` target (Q/DQ on a Resize's scales rounds 1.0 to 1.0079: ONNX Runtime then
 #: refuses a cubic Resize, and changes the output size of any other)
 _PARAMETER_INPUTS = {"Resize": (1, 2, 3), "Upsample": (1,), "Clip": (1, 2), "Pad": (1, 2, 3), "Range": (0, 1, 2)}
+#: the onnxruntime target keeps these ops' inputs and outputs in float: a LayerNorm's statistics
+#: (ReduceMean/Pow/Sqrt/Div/Sub form too), Softmax, GELU's Erf. ONNX Runtime has no integer kernel
+#: for them, and a variance rounded to 0 divides by sqrt(eps): a ViT-S scored 3.5 dB with them quantized
+ORT_FLOAT_OPS = ("LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Div", "Sub", "Softmax", "Erf", "Exp", "Log",
+                 "Reciprocal")
 #: attention's probabilities x V MatMul left in float (``plan_qdq`` says why)
 FLOAT_ATTENTION_PROBS = True
 #: ops that pass a tensor's values on unchanged (layout, type, dropout at inference)
@@ -197,6 +203,7 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
 
         floats = set(float_activations(model))
         sizes = _computed_from_shapes(graph.node, consts)  # shape arithmetic, not data
+        float_made = {o for n in graph.node if n.op_type in ORT_FLOAT_OPS for o in n.output}
         acts = defaultdict(list)
         for node in graph.node:
             if node.op_type in _SHAPE_OPS:
@@ -204,9 +211,11 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
             if not node.name:
                 raise ModelError("every node needs a name for Q/DQ placement", hint="re-export the model")
             params = _PARAMETER_INPUTS.get(node.op_type, ())
+            if node.op_type in ORT_FLOAT_OPS:
+                continue  # normalization statistics, Softmax, GELU's Erf: float in, float out
             for i, t in enumerate(node.input):
                 if t in floats and t not in consts and t not in sizes and i not in params and \
-                        node.name not in acts.get(t, ()):
+                        t not in float_made and node.name not in acts.get(t, ()):
                     acts[t].append(node.name)
     # ONNX Runtime's integer kernels requantize between scales: groups only for TensorRT
     groups = _scale_groups(graph.node, list(acts), consts) if target == "tensorrt" else ()
