@@ -139,10 +139,10 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return next((int(a.i) for a in node.attribute if a.name == name), default)
 
 
-def _conv_readers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]],
-                  keep: Callable[[onnx.NodeProto, np.ndarray], bool]) -> dict[str, tuple[str, ...]]:
-    """Activation tensor -> its quantized consumers that are Convs reading it as input 0 with a
-    constant float weight of rank >= 3 for which ``keep(node, weight)`` holds."""
+def _weighted_readers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]],
+                      keep: Callable[[onnx.NodeProto, np.ndarray], bool]) -> dict[str, tuple[str, ...]]:
+    """Activation tensor -> its quantized consumers that read it as input 0 with a constant float
+    weight as input 1 for which ``keep(node, weight)`` holds."""
     consts = constant_arrays(model)
     nodes = {n.name: n for n in model.graph.node if n.name}
     out: dict[str, tuple[str, ...]] = {}
@@ -150,15 +150,21 @@ def _conv_readers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str
         hits = []
         for name in consumers:
             node = nodes.get(name)
-            if node is None or node.op_type != "Conv" or node.input[0] != t or len(node.input) < 2:
+            if node is None or node.input[0] != t or len(node.input) < 2:
                 continue
             w = consts.get(node.input[1])
-            if w is None or w.ndim < 3 or not np.issubdtype(w.dtype, np.floating) or not keep(node, w):
+            if w is None or not np.issubdtype(w.dtype, np.floating) or not keep(node, w):
                 continue
             hits.append(name)
         if hits:
             out[t] = tuple(hits)
     return out
+
+
+def _conv_readers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]],
+                  keep: Callable[[onnx.NodeProto, np.ndarray], bool]) -> dict[str, tuple[str, ...]]:
+    """``_weighted_readers`` that are Convs with a weight of rank >= 3 for which ``keep`` holds."""
+    return _weighted_readers(model, activations, lambda node, w: node.op_type == "Conv" and w.ndim >= 3 and keep(node, w))
 
 
 def depthwise_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
@@ -188,24 +194,16 @@ LINEAR_OPS = ("MatMul", "Gemm")
 def linear_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
     """Activation tensor -> the MatMul/Gemm nodes among its quantized consumers that read it as
     input 0 (A; Gemm without transA) with a constant float 2-D weight as input 1 (B)."""
-    consts = constant_arrays(model)
-    nodes = {n.name: n for n in model.graph.node if n.name}
-    out: dict[str, tuple[str, ...]] = {}
-    for t, consumers in activations.items():
-        hits = []
-        for name in consumers:
-            node = nodes.get(name)
-            if node is None or node.op_type not in LINEAR_OPS or node.input[0] != t or len(node.input) < 2:
-                continue
-            if node.op_type == "Gemm" and _attr(node, "transA", 0):
-                continue
-            w = consts.get(node.input[1])
-            if w is None or w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
-                continue
-            hits.append(name)
-        if hits:
-            out[t] = tuple(hits)
-    return out
+    def linear(node: onnx.NodeProto, w: np.ndarray) -> bool:
+        return node.op_type in LINEAR_OPS and w.ndim == 2 and not (node.op_type == "Gemm" and _attr(node, "transA", 0))
+
+    return _weighted_readers(model, activations, linear)
+
+
+def _k_axis(node: onnx.NodeProto) -> int:
+    """The axis of a MatMul/Gemm's 2-D weight that holds its input channels: 0 ([K, N]), 1 for a
+    Gemm with transB ([N, K])."""
+    return 1 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 0
 
 
 def channel_axes(model: onnx.ModelProto, found: Mapping[str, Sequence[str]]) -> dict[str, int]:
@@ -312,8 +310,7 @@ def linear_gain_db(rows: np.ndarray, s: np.ndarray, nodes: Sequence[onnx.NodePro
     signal = 0.0
     for node in nodes:
         w = np.asarray(consts[node.input[1]], dtype=np.float64)
-        if node.op_type == "Gemm" and _attr(node, "transB", 0):
-            w = w.T
+        w = w.T if _k_axis(node) else w
         y = x @ w
         signal += float((y * y).sum())
         for key, f in ((1, np.ones(x.shape[1])), (2, s.astype(np.float64))):
@@ -336,8 +333,7 @@ def _linear_scales(channel_max: np.ndarray, nodes: Sequence[onnx.NodeProto],
     a = np.asarray(channel_max, dtype=np.float64)
     w = np.zeros(a.size)
     for node in nodes:
-        k_axis = 1 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 0
-        w = np.maximum(w, np.abs(consts[node.input[1]]).max(axis=1 - k_axis))
+        w = np.maximum(w, np.abs(consts[node.input[1]]).max(axis=1 - _k_axis(node)))
     divisor = a ** ALPHA_POINTWISE / np.maximum(w, np.finfo(np.float32).tiny) ** (1.0 - ALPHA_POINTWISE)
     return equalization_scales(np.where(a > 0.0, divisor, 0.0), alpha=1.0)
 
@@ -414,7 +410,7 @@ def equalize_depthwise(model: onnx.ModelProto, scales: Mapping[str, tuple[Sequen
             group = _attr(node, "group", 1)
             new = _unique(f"{w_name}_equalized", taken)
             if node.op_type in LINEAR_OPS:  # W[k, :] / s_k (Gemm with transB: W[:, k] / s_k)
-                k_axis = 1 if node.op_type == "Gemm" and _attr(node, "transB", 0) else 0
+                k_axis = _k_axis(node)
                 if w.ndim != 2 or w.shape[k_axis] != s.size:
                     raise ValueError(f"{node.op_type} {name!r}: weight {list(w.shape)}, the scales of {t!r} {s.size} channels")
                 shape = [1, 1]

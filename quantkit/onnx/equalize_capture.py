@@ -20,9 +20,9 @@ from the two-pass ones in a value that crosses a bin edge, not more.
 from __future__ import annotations
 
 import logging
-from functools import partial
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np

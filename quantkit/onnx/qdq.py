@@ -27,7 +27,7 @@ linear operator"), and the channel axis is then the consumer's own.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -202,7 +202,7 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
     if target == "onnxruntime" and acts:
 
         floats = set(float_activations(model))
-        sizes = _computed_from_shapes(graph.node, consts)  # shape arithmetic, not data
+        sizes = _computed_from_constants(graph.node, consts, sources=_SHAPE_OPS)  # shape arithmetic, not data
         float_made = {o for n in graph.node if n.op_type in ORT_FLOAT_OPS for o in n.output}
         acts = defaultdict(list)
         for node in graph.node:
@@ -223,24 +223,16 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
                    groups=groups, weight_sources=sources)
 
 
-def _computed_from_shapes(nodes: Iterable[onnx.NodeProto], consts: Mapping[str, object]) -> set[str]:
-    """Tensors computed from Shape/Size outputs and constants only (a ViT's Resize scales made
-    from its input's shape: Shape -> Gather -> Cast -> Div): sizes and factors, not data.
-    ``nodes`` in graph order."""
-    out: set[str] = set()
-    for node in nodes:
-        if node.op_type in _SHAPE_OPS or (node.input and all(not t or t in consts or t in out for t in node.input)):
-            out.update(o for o in node.output if o)
-    return out
-
-
-def _computed_from_constants(nodes: Iterable[onnx.NodeProto], consts: Mapping[str, object]) -> set[str]:
+def _computed_from_constants(nodes: Iterable[onnx.NodeProto], consts: Mapping[str, object], *,
+                             sources: Collection[str] = ()) -> set[str]:
     """Outputs of nodes whose inputs are all constants (or such outputs): constant values that
-    an exporter computes in the graph (Cast, Identity, Mul of constants...). ``nodes`` in graph
-    order (topological, as ONNX requires)."""
+    an exporter computes in the graph (Cast, Identity, Mul of constants...). With ``sources``
+    (op types, e.g. ``_SHAPE_OPS``), those ops' outputs count as constants too: a ViT's Resize
+    scales made from its input's shape (Shape -> Gather -> Cast -> Div) are sizes and factors,
+    not data. ``nodes`` in graph order (topological, as ONNX requires)."""
     out: set[str] = set()
     for node in nodes:
-        if node.input and all(not t or t in consts or t in out for t in node.input):
+        if node.op_type in sources or (node.input and all(not t or t in consts or t in out for t in node.input)):
             out.update(o for o in node.output if o)
     return out
 

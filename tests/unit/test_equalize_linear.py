@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import quantkit
-import quantkit.onnx.equalize_capture as equalize_capture
 from quantkit.onnx.equalize import ALPHA_POINTWISE, equalizations_of, equalization_scales
 from tests.helpers import ArraySource
 from tests.unit.test_equalize import _calibrate, _run, _sqnr
+from tests.unit.test_equalize_pointwise import assert_one_pass_equals_two
 
 K = 16
 OUTLIERS = (3, 11)  # channels with a 40x larger gain, as a transformer's LayerNorm output has
@@ -107,15 +107,7 @@ def test_int8_output_better(gemm):
 
 
 def test_one_pass_with_the_two_pass_statistics(monkeypatch):
-    model = linear_model()
-    x = inputs(40)
-    one = _calibrate(model, x, equalize_pointwise=True)
-    monkeypatch.setattr(equalize_capture, "HELD_BYTES", 0)  # too large to hold: the two passes
-    two = _calibrate(model, x, equalize_pointwise=True)
-    assert one.equalized and [e.to_dict() for e in one.equalized] == [e.to_dict() for e in two.equalized]
-    for t, r in one.ranges.items():
-        for m, a in r.amax.items():
-            assert a == pytest.approx(two.ranges[t].amax[m], rel=1e-5), (t, m)
+    assert_one_pass_equals_two(linear_model(), inputs(40), monkeypatch)
 
 
 def test_debug_compares_the_equalized_weights_with_the_users():

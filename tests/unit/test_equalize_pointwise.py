@@ -5,6 +5,7 @@ block, the cache and `quantkit debug` still name the user's tensors, the one pas
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 import quantkit
@@ -85,9 +86,9 @@ def test_debug_matches_the_original_model_to_the_equalized_int8():
     assert report.outputs[0].sqnr_db > plain.outputs[0].sqnr_db + 15.0
 
 
-def test_one_pass_with_the_two_pass_statistics(monkeypatch):
-    model = make_se_pointwise_model()
-    x = depthwise_inputs(model, 40)
+def assert_one_pass_equals_two(model: onnx.ModelProto, x: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-pass fold (equalization decided inside the calibration pass) gives the two passes'
+    equalizations and every method's ranges."""
     one = _calibrate(model, x, equalize_pointwise=True)
     monkeypatch.setattr(equalize_capture, "HELD_BYTES", 0)  # too large to hold: the two passes
     two = _calibrate(model, x, equalize_pointwise=True)
@@ -95,6 +96,11 @@ def test_one_pass_with_the_two_pass_statistics(monkeypatch):
     for t, r in one.ranges.items():
         for m, a in r.amax.items():
             assert a == pytest.approx(two.ranges[t].amax[m], rel=1e-5), (t, m)
+
+
+def test_one_pass_with_the_two_pass_statistics(monkeypatch):
+    model = make_se_pointwise_model()
+    assert_one_pass_equals_two(model, depthwise_inputs(model, 40), monkeypatch)
 
 
 def test_a_tensor_read_by_depthwise_and_pointwise_convs_gets_one_mul():

@@ -1,7 +1,7 @@
 """`quantkit view`: Netron serves the model on loopback, and only the model."""
 
+import contextlib
 import importlib.util
-from pathlib import Path
 import re
 import shutil
 import signal
@@ -9,6 +9,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,16 +26,28 @@ def _get(url: str) -> bytes:
         return resp.read()
 
 
+@contextlib.contextmanager
+def _viewer(model: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`quantkit view MODEL` in a child process on a free port: (the process, its first line, the
+    URL, printed once the server listens); killed on the way out if it is still running."""
+    proc = subprocess.Popen([sys.executable, "-m", "quantkit", "view", str(model), "--port", "0", "--no-browser"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield proc, proc.stdout.readline()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @needs_netron
 def test_view_serves_the_model_on_loopback_and_stops_on_ctrl_c(tmp_path):
     model = tmp_path / "digits_cnn.onnx"
     shutil.copyfile(sample.model_path(), model)
     (tmp_path / "secret.txt").write_text("not for the network")
     # (started from a shell's background job, the child inherits an ignored SIGINT: view takes it back)
-    proc = subprocess.Popen([sys.executable, "-m", "quantkit", "view", str(model), "--port", "0", "--no-browser"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = proc.stdout.readline()  # the URL line, printed once the server listens
+    with _viewer(model) as (proc, first):
         m = re.search(r"http://127\.0\.0\.1:(\d+)/", first)
         assert m, (first, proc.stderr.read() if proc.poll() is not None else "")
         base = m.group(0)
@@ -47,10 +61,6 @@ def test_view_serves_the_model_on_loopback_and_stops_on_ctrl_c(tmp_path):
         assert err.value.code == 404
         proc.send_signal(signal.SIGINT)
         out, errs = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, errs
     assert "stopped" in out and "Traceback" not in errs
     assert model.read_bytes() == sample.model_path().read_bytes()
@@ -97,17 +107,11 @@ def test_view_stops_on_sigterm_and_removes_its_private_copy(tmp_path):
     model = tmp_path / "digits_cnn.onnx"
     shutil.copyfile(sample.model_path(), model)
     before = set(Path(tempfile.gettempdir()).glob("quantkit-view-*"))
-    proc = subprocess.Popen([sys.executable, "-m", "quantkit", "view", str(model), "--port", "0", "--no-browser"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())
+    with _viewer(model) as (proc, first):
+        assert re.search(r"http://127\.0\.0\.1:(\d+)/", first)
         mine = set(Path(tempfile.gettempdir()).glob("quantkit-view-*")) - before
         assert len(mine) == 1  # the private folder Netron serves from
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0 and "stopped" in out
     assert not any(p.exists() for p in mine)
