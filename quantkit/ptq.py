@@ -33,7 +33,8 @@ from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError
 from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_quantized, ensure_opset, float_activations,
                                  float_input_specs, opset_version, subgraph_node_count, tensor_types, with_node_names)
-from quantkit.onnx.qdq import TARGETS, QdqPlan, exclude_from_plan, insert_qdq, plan_qdq
+from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, insert_qdq, log_spectrum_nodes,
+                              plan_qdq)
 
 if TYPE_CHECKING:
     from quantkit.onnx.equalize import Equalization
@@ -233,6 +234,12 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
         log.warning("%s: %d node%s inside If/Loop/Scan subgraphs stay in float; the main graph is quantized",
                     name, inside, "s" if inside != 1 else "")
     plan, excluded = exclude_from_plan(model, plan, names=exclude, op_types=exclude_op_types)
+    front = [n for n, op in log_spectrum_nodes(model).items() if op in WEIGHTED_OPS] if not plan.activations else []
+    if front and not excluded:
+        raise ModelError(f"{name}: its {len(front)} Conv/Gemm/MatMul node(s) ({', '.join(front[:3])}) compute a "
+                         "log-spectrum (a power or magnitude into a Log) and stay in float: INT8's one step per tensor "
+                         "rounds the quiet bands to 0 before the Log; nothing else to quantize to INT8",
+                         hint="quantize the network that reads these features; run this front end in FP16/FP32")
     if not plan.activations and inside and not excluded:
         raise ModelError(f"{name}: its main graph has no Conv, ConvTranspose, Gemm or MatMul nodes; its {inside} "
                          "nodes inside If/Loop/Scan subgraphs (where its weights are) stay in float: nothing to "

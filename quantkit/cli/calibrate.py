@@ -205,10 +205,13 @@ class Calibrate:
         if cal.skipped:
             print(f"skipped {len(cal.skipped)} unreadable file(s) during calibration (listed in ranges.json)")
         from quantkit.onnx.equalize import equalization_summary
+        from quantkit.onnx.qdq import FLOAT_LOG_SPECTRUM, WEIGHTED_OPS, log_spectrum_nodes
 
+        front = [op for op in log_spectrum_nodes(cal.model).values() if op in WEIGHTED_OPS] if FLOAT_LOG_SPECTRUM else []
         print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations and "
               f"{len(cal.plan.weights)} weights quantized ({args.method})"
               + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")
+              + (f"; {len(front)} Conv/Gemm/MatMul of a log-spectrum front end kept in float" if front else "")
               + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else ""))
         for p in paths.values():
             print(f"  wrote {p}")

@@ -1,0 +1,132 @@
+"""A log-spectrum front end stays in float (``quantkit.onnx.qdq.log_spectrum_nodes``).
+
+An audio model that computes its own log-mel features (a DFT written as a Conv, the power
+spectrum, a filterbank MatMul, a clamp and a Log, as onnx-asr's and tf.signal's front ends do)
+loses its quiet bands in INT8: one step for the whole tensor rounds them to 0, and the Log
+reads log(epsilon). The model here is exported by torch's ONNX exporter; the front end's
+weighted ops must keep float inputs, the network after it must still be quantized, and the
+INT8 output must stay close to FP32 (it is not without the rule).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from quantkit.datasets import NumpySource
+from quantkit.errors import ModelError
+from quantkit.onnx import qdq
+from quantkit.onnx.qdq import WEIGHTED_OPS, log_spectrum_nodes, plan_qdq
+from quantkit.ptq import QuantizeConfig, StatsConfig, prepare, quantize
+
+torch = pytest.importorskip("torch")
+
+N_FFT, HOP, MELS, SAMPLES = 128, 64, 20, 4096
+
+
+def _front_end(nn):
+    class LogMel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            n = torch.arange(N_FFT, dtype=torch.float64)
+            k = torch.arange(N_FFT // 2 + 1, dtype=torch.float64)[:, None]
+            basis = torch.cat([torch.cos(2 * torch.pi * k * n / N_FFT), -torch.sin(2 * torch.pi * k * n / N_FFT)])
+            self.dft = nn.Conv1d(1, basis.shape[0], N_FFT, HOP, bias=False)
+            self.dft.weight.data = (basis * torch.hann_window(N_FFT, dtype=torch.float64))[:, None].float()
+            g = torch.Generator().manual_seed(0)
+            fb = torch.rand(N_FFT // 2 + 1, MELS, generator=g) ** 4
+            self.register_buffer("mel", fb / fb.sum(0, keepdim=True))
+
+        def forward(self, wave):
+            re, im = self.dft(wave[:, None]).chunk(2, 1)
+            power = (re * re + im * im).transpose(1, 2)
+            return torch.log(torch.clamp(power @ self.mel, min=1e-10))
+
+    return LogMel()
+
+
+def _export(module, path) -> onnx.ModelProto:
+    torch.onnx.export(module.eval(), (torch.zeros(2, SAMPLES),), str(path), dynamo=False, opset_version=17,
+                      input_names=["wave"], output_names=["out"], dynamic_axes={"wave": {0: "b"}, "out": {0: "b"}})
+    return onnx.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory) -> tuple[onnx.ModelProto, onnx.ModelProto, str, np.ndarray]:
+    """(front end + a small CNN classifier, the front end alone, an .npz of tones, the tones)."""
+    nn = torch.nn
+    torch.manual_seed(0)
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.front = _front_end(nn)
+            self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                     nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+        def forward(self, wave):
+            return self.net(self.front(wave)[:, None])
+
+    tmp = tmp_path_factory.mktemp("logmel")
+    full, front = _export(Classifier(), tmp / "full.onnx"), _export(_front_end(nn), tmp / "front.onnx")
+    rng = np.random.default_rng(0)
+    t = np.arange(SAMPLES) / 16000
+    waves = np.stack([a * np.sin(2 * np.pi * f * t) + 0.001 * rng.standard_normal(SAMPLES)
+                      for a, f in zip(rng.uniform(0.01, 1, 96), rng.uniform(100, 6000, 96))]).astype(np.float32)
+    np.savez(tmp / "wave.npz", wave=waves)
+    return full, front, str(tmp / "wave.npz"), waves
+
+
+def _weighted(model: onnx.ModelProto, names) -> list[str]:
+    ops = {n.name: n.op_type for n in model.graph.node}
+    return sorted(ops[n] for n in names if ops.get(n) in WEIGHTED_OPS)
+
+
+def test_front_end_found_and_left_float_for_both_targets(audio) -> None:
+    full = audio[0]
+    front = log_spectrum_nodes(full)
+    assert _weighted(full, front) == ["Conv", "MatMul"]  # the DFT and the filterbank, not the classifier
+    consumers = {c for target in ("tensorrt", "onnxruntime")
+                 for cons in plan_qdq(full, target).activations.values() for c in cons}
+    assert not consumers & set(front)
+    quantized = {n.op_type for n in full.graph.node if n.name in consumers}
+    assert {"Conv", "Gemm"} <= quantized  # the network after the Log is still INT8
+
+
+def test_int8_output_close_to_fp32_only_with_the_rule(audio, monkeypatch) -> None:
+    full, _, npz, waves = audio
+    ref = ort.InferenceSession(full.SerializeToString()).run(None, {"wave": waves[64:]})[0]
+
+    def sqnr() -> float:
+        cal = quantize(full, NumpySource(npz), QuantizeConfig(StatsConfig()), indices=range(64))
+        out = ort.InferenceSession(cal.int8_model().SerializeToString()).run(None, {"wave": waves[64:]})[0]
+        return float(10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()))
+
+    kept = sqnr()
+    monkeypatch.setattr(qdq, "FLOAT_LOG_SPECTRUM", False)
+    quantized = sqnr()
+    assert kept >= 35.0, kept  # 48.7 dB when written
+    assert kept >= quantized + 20.0, (kept, quantized)  # 11.6 dB with the front end in INT8
+
+
+def test_log_of_softmax_is_not_a_front_end() -> None:
+    """A classifier's Log(Softmax(logits)): the walk stops at the Softmax, its Gemm is quantized."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Gemm", ["r", "w"], ["z"], name="fc"),
+         helper.make_node("Softmax", ["z"], ["p"], name="softmax"), helper.make_node("Log", ["p"], ["y"], name="log")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert not log_spectrum_nodes(model)
+    assert plan_qdq(model).activations == {"r": ("fc",)}
+
+
+def test_front_end_alone_is_refused_in_one_line(audio) -> None:
+    with pytest.raises(ModelError, match="log-spectrum") as err:
+        prepare(audio[1], name="front.onnx")
+    assert "\n" not in str(err.value) and "Conv" in str(err.value)
