@@ -309,8 +309,9 @@ def batch_axes_from_shapes(arrays: dict[str, tuple[int, ...]], shapes: dict[str,
 
     Rules, in order: a ``declared`` axis (None: no batch axis); a 0-d array has none; an array
     whose input shape is unknown (or of another rank) is batched on axis 0. Otherwise the
-    candidate axes of an array are its input's dynamic dims (symbolic, -1 or unnamed) and a
-    static first dim that the array does not match (N samples for a fixed-batch model); an array
+    candidate axes of an array are its input's dynamic dims (symbolic, -1 or unnamed) and the
+    static dims that the array does not match (N samples for a fixed-batch model: on axis 0, or
+    on axis 1 of an RNN state [2, 1, 128] stacked as [2, N, 128]); an array
     with no candidate is a fixed-shape tensor, fed as is. Axis 0 wins when it is a candidate of
     every batched array and their sizes there agree (the usual layout); else the batch size is
     the one size that every batched array has on a candidate axis, and each array's axis is its
@@ -337,8 +338,7 @@ def batch_axes_from_shapes(arrays: dict[str, tuple[int, ...]], shapes: dict[str,
             candidates[name] = [0]
         else:
             dims = shapes[name]
-            candidates[name] = [i for i, d in enumerate(dims)
-                                if not isinstance(d, int) or (i == 0 and d != shape[0])]
+            candidates[name] = [i for i, d in enumerate(dims) if not isinstance(d, int) or d != shape[i]]
     batched = {n: c for n, c in candidates.items() if c}
     if not batched and all(ax is None for ax in axes.values()):
         return {**axes, **{n: 0 for n in candidates}}

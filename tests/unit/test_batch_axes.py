@@ -70,6 +70,27 @@ def test_batch_axes_from_model_shapes(tmp_path):
     assert int(last.rows(1, 2)["sr"]) == 16000
 
 
+def test_fixed_batch_1_model_with_state_stacked_on_axis_1(tmp_path, capsys):
+    """A model exported for batch 1 ([1, 8] input, [2, 1, 4] state: silero-vad's OpenVINO
+    variant): N samples stacked as [N, 8] and [2, N, 4] are batched on axes 0 and 1 (the state
+    was fed whole before, and ONNX Runtime refused it: exit 1)."""
+    from quantkit.cli import main
+
+    path, arrays = _npz(tmp_path, n=6)
+    src = NumpySource(path, shapes={"x": (1, 8), "state": (2, 1, 4), "sr": ()})
+    assert src.batch_axes_ == {"x": 0, "state": 1, "sr": None}
+    feeds = list(Batcher(src, ["x", "state", "sr"], 1))
+    assert len(feeds) == 6 and feeds[4].feed["state"].shape == (2, 1, 4)
+    np.testing.assert_array_equal(feeds[4].feed["state"], arrays["state"][:, 4:5])
+    model = _rnn_like(tmp_path, state_shape=(2, 1, 4))
+    fixed = onnx.load(model)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # x: [1, 8]
+    onnx.save(fixed, model)
+    rc = main(["calibrate", str(model), "--npz", str(path), "--eval-images", "0", "--no-progress",
+               "-o", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+
+
 def test_batch_axis_declared_and_fixed_shape_input(tmp_path):
     # no model shapes: axis 0 unless declared; a 0-d array has no batch axis
     path, arrays = _npz(tmp_path)
