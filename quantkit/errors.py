@@ -43,8 +43,9 @@ class CacheError(InputError):
     """A TensorRT calibration cache that is malformed or made for something else."""
 
 
-class NonFiniteError(QuantkitError, ValueError):
-    """NaN or Inf values where finite values are needed (activations, weights)."""
+class NonFiniteError(InputError):
+    """NaN or Inf values where finite values are needed (activations, weights): the data, its
+    preprocessing or the model makes them."""
 
 
 class NotCalibratedError(QuantkitError, RuntimeError):

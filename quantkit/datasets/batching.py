@@ -214,6 +214,11 @@ class Batcher:
                     hint="set --resize/--crop so every image has the same size",
                 )
             feed[name] = np.stack(arrays, axis=axis)
+            if np.issubdtype(feed[name].dtype, np.floating) and np.isnan(feed[name]).any():
+                bad = sorted({i for i, a in zip(indices, arrays) if np.isnan(a).any()})
+                raise DatasetError(f"input {name!r}: sample {self.source.describe(bad[0])} has NaN values"
+                                   + (f" ({len(bad) - 1} more in this batch)" if len(bad) > 1 else ""),
+                                   hint="fix or leave out the samples with NaN values")
             if name in self.dtypes:
                 feed[name] = cast_for_input(feed[name], self.dtypes[name], name=name,
                                             where=self.source.describe(indices[0]), noted=self._noted)

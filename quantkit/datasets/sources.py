@@ -236,15 +236,27 @@ class NumpySource:
         p = Path(self.path)
         if not p.is_file():
             raise DatasetError(f"NumPy file {str(p)!r} does not exist")
+        import zipfile
+        import zlib
+
         try:
             loaded = np.load(p, allow_pickle=False)
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             raise DatasetError(f"{str(p)!r} is not a readable .npy/.npz file: {err}") from err
         if isinstance(loaded, np.ndarray):
             self.arrays, self.labels = {"": loaded}, None
         else:
+            arrays = {}
             with loaded:
-                arrays = {k: loaded[k] for k in loaded.files}
+                for k in loaded.files:
+                    try:
+                        arrays[k] = loaded[k]
+                    except ValueError as err:  # an object array: np.load refuses to unpickle it
+                        raise DatasetError(f"{str(p)!r}: array {k!r} cannot be read without unpickling Python "
+                                           f"objects ({err}); quantkit never runs code from a data file",
+                                           hint="save numeric arrays (np.savez with float/int arrays)") from err
+                    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                        raise DatasetError(f"{str(p)!r}: array {k!r} is not readable: {err}") from err
             self.labels = arrays.pop("labels", None)
             self.arrays = arrays
         if not self.arrays:

@@ -433,3 +433,53 @@ def test_multi_line_library_errors_print_on_one_line(monkeypatch, capsys):
     assert main(["inspect", str(sample.model_path())]) == 2
     assert capsys.readouterr().err.splitlines() == ["quantkit: error: first line; second line",
                                                    "  hint: do this; and that"]
+
+
+def _npz_case(root: Path, kind: str) -> Path:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((10, 3, 8, 8)).astype(np.float32)
+    path = root / f"{kind}.npz"
+    if kind == "object":  # a pickled object array: np.load must not run it
+        np.savez(path, x=np.array([object()] * 10, dtype=object))
+    elif kind == "truncated":
+        np.savez(path, x=x)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "nan":
+        x[7, 0, 1, 1] = x[4, 2, 0, 0] = np.nan
+        np.savez(path, x=x)
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("object", r"'x' cannot be read without unpickling"),
+    ("truncated", r"is not a readable \.npy/\.npz file"),
+    ("nan", r"input 'x': sample .*nan\.npz\[4\] has NaN values \(1 more in this batch\)"),
+])
+def test_bad_npz_is_one_line_exit_2(kind, message, models, tmp_path, capsys):
+    """Data files that cannot be used: exit 2 naming the file (and the sample), never exit 1."""
+    path = _npz_case(tmp_path, kind)
+    rc = main(["calibrate", str(models["dyn"]), "--npz", str(path), "-o", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_making_nan_is_exit_2_naming_the_tensor(tmp_path, capsys):
+    """Finite data, a model that makes NaN (Sqrt of a negative value) before a Conv: exit 2, the tensor named."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["x"], ["root"], name="sqrt"), helper.make_node("Conv", ["root", "w"], ["y"], name="conv")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32))
+    rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "x.npy"), "-o", str(tmp_path / "out"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "'root'" in err and "NaN" in err, err
