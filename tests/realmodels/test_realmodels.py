@@ -99,3 +99,37 @@ def test_default_method_task_metric_within_one_point(adapter: Adapter, tmp_path_
     assert fp32 >= 80.0, f"{adapter.name}: FP32 {adapter.metric} {fp32:.1f}: the generated data is too hard"
     # a loss of at most 1 point (INT8 may score higher than FP32 on a small set)
     assert fp32 - int8 <= DEFAULT_METHOD_TOLERANCE, f"{adapter.name}: FP32 {fp32:.2f} vs INT8 {int8:.2f}"
+
+
+#: onnx-asr's log-mel front ends that compute the DFT as a Conv (OnnxScript graphs, opset 17)
+LOG_MEL_FRONT_ENDS = ("gigaam_v2_conv", "kaldi_conv", "nemo80_conv", "whisper80_conv")
+
+
+@pytest.mark.parametrize("name", LOG_MEL_FRONT_ENDS)
+def test_log_mel_front_end_kept_in_float_and_refused_in_one_line(name, tmp_path, capsys):
+    """A real exporter's log-mel front end: its DFT Conv and filterbank MatMul are found
+    (quantkit.onnx.qdq.log_spectrum_nodes) and kept in float, so nothing is left to quantize:
+    exit 2 with that reason, nothing written (in INT8 they scored -17 to +11 dB output SQNR)."""
+    from quantkit.cli import main
+    from quantkit.onnx.qdq import WEIGHTED_OPS, log_spectrum_nodes
+
+    try:
+        root = corpus.unpacked(corpus.ONNX_ASR, importable=False)
+    except corpus.WheelMissing as err:
+        pytest.skip(str(err))
+    path = root / "onnx_asr" / "preprocessors" / "data" / f"{name}.onnx"
+    model = onnx.load(str(path))
+    front = log_spectrum_nodes(model)
+    assert sorted(op for op in front.values() if op in WEIGHTED_OPS) == ["Conv", "MatMul"]
+    rng = np.random.default_rng(0)
+    t = np.arange(16000) / 16000
+    waves = np.stack([a * np.sin(2 * np.pi * f * t) for a, f in zip(rng.uniform(0.01, 0.5, 8),
+                                                                       rng.uniform(100, 6000, 8))])
+    np.savez(tmp_path / "audio.npz", waveforms=waves.astype(np.float32),
+             waveforms_lens=np.full(8, 16000, np.int64))
+    rc = main(["calibrate", str(path), "--npz", str(tmp_path / "audio.npz"), "--no-progress",
+               "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "log-spectrum" in err and len(err.strip().splitlines()) == 2, err  # the error and its hint
+    assert not (tmp_path / "out").exists()
