@@ -224,3 +224,27 @@ def test_a_task_metric_sets_the_budget_in_its_own_points(broken):
         fallback(cal, ev, None, FallbackConfig(max_drop=0.5), task_metric=lambda out, idx: np.zeros(2))
     with pytest.raises(InputError, match="drop metric 'sqnr' too"):
         fallback(cal, ev, None, FallbackConfig(max_drop=0.5, drop_metric="sqnr"), task_metric=correct)
+
+
+def test_a_method_bad_everywhere_is_switched_for_the_whole_model():
+    """Every tensor's plain scale far too small (the way TensorRT's unguarded KL search clipped
+    RapidOCR's classifier: -21.9 points): one whole-model switch to another method of the same
+    pass meets the budget, no group in float; without the whole-model step (method_groups=0: no
+    switch at all) groups go to float instead."""
+    from quantkit.debug.sensitivity import QdqScales
+
+    x, labels, test = digits_arrays()
+    cal = quantize(make_outlier_digits(), ArraySource(x[~test][:256]))  # with pointwise equalization: fine
+    ev = ArraySource(x[test][:300], labels[test][:300])
+    scales = QdqScales.from_calibration(cal)
+    for amax in scales.ranges.values():
+        amax["tiny"] = amax["minmax"] / 40.0
+    scales.method, scales.plain, scales.bias_shifts = "tiny", None, None
+    res = fallback(scales, ev, None, FallbackConfig(max_drop=0.5, drop_metric="accuracy"))
+    assert res.drop_before > 10 and res.met and res.float_groups == []
+    whole = [s for s in res.steps if s["action"] == "method" and s["groups"] == ["(every group)"]]
+    assert len(whole) == 1 and whole[0]["kept"]
+    assert set(res.method_overrides) == {g.name for g in scales.groups}
+    assert set(res.method_overrides.values()) == {whole[0]["method"]} and "every group on" in res.message
+    without = fallback(scales, ev, None, FallbackConfig(max_drop=0.5, drop_metric="accuracy", method_groups=0))
+    assert not without.method_overrides and len(without.float_groups) > 0
