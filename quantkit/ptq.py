@@ -316,6 +316,23 @@ class Calibration:
     correction_feeds: "list[tuple[dict[str, Any], int]] | None" = field(default=None, repr=False, compare=False)
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
     _correction_reference: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: after ``apply_fallback``: tensor -> the method its group was switched to; tensors left in float
+    _tensor_methods: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    _float_tensors: set[str] = field(default_factory=set, repr=False, compare=False)
+
+    def apply_fallback(self, result: Any) -> None:
+        """Make the configured method's artifacts those of a budgeted fallback's ``result``
+        (``quantkit.debug.fallback.FallbackResult``): its Q/DQ model is the one written and
+        evaluated; in the TensorRT calibration cache a switched group's tensors get that
+        method's amax, and the tensors of groups left in float (read by no quantized group) are
+        left out, so TensorRT 10's implicit INT8 runs what reads them in higher precision too."""
+        from quantkit.debug.sensitivity import quant_groups
+
+        groups = {g.name: g for g in quant_groups(self.model, self.plan)}
+        kept = {t for name, g in groups.items() if name not in result.float_groups for t in g.activations}
+        self._int8[self.config.method] = result.int8_model
+        self._tensor_methods = {t: m for name, m in result.method_overrides.items() for t in groups[name].activations}
+        self._float_tensors = {t for name in result.float_groups for t in groups[name].activations} - kept
 
     def amax(self, method: str | None = None, *, quantized_only: bool = False) -> dict[str, float]:
         method = check_method(method or self.config.method)
@@ -366,6 +383,9 @@ class Calibration:
         method = method or self.config.method
         scaled = {e.scaled for e in self.equalized}
         amax = {t: a for t, a in self.amax(method).items() if t not in scaled}
+        if method == self.config.method:  # the fallback's switches and float groups (apply_fallback)
+            amax = {t: self.ranges[t].amax[self._tensor_methods[t]] if t in self._tensor_methods else a
+                    for t, a in amax.items() if t not in self._float_tensors}
         return CalibrationCache.from_amax(amax, method, trt_version)
 
     def entropy_effect(self) -> list[dict[str, Any]]:

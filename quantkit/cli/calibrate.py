@@ -161,7 +161,7 @@ class Calibrate:
                 raise InputError(result.message + "; nothing was written",
                                  hint="raise --max-drop" + (" or --max-float-groups" if args.max_float_groups is not None
                                                              else "") + ", or check the evaluation data")
-            cal._int8[cal.config.method] = result.int8_model  # the model written and compared below
+            cal.apply_fallback(result)  # the model written and compared below, and the cache
             lines.append(result.message)
         if args.eval_images > 0:
             known = [] if args.eval_dir else [f for f, _ in cal.skipped]  # warned about once already

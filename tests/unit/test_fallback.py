@@ -146,6 +146,14 @@ def test_calibrate_max_drop_writes_the_model_that_meets_it(digits_files, tmp_pat
     dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     pw = next(n for n in model.graph.node if n.name == PW_NODE)
     assert not dq & set(pw.input)  # the pointwise conv reads float inputs
+    # the TensorRT cache agrees: the float group's tensor has no range (TensorRT 10's implicit
+    # INT8 then runs its reader in higher precision), the others keep theirs
+    from quantkit.calibrators.cache import read_cache
+
+    cache = read_cache(tmp_path / "o" / "calibration.cache")
+    assert pw.input[0] in ranges["tensors"] and pw.input[0] not in cache.scales
+    cached = [t for t, r in ranges["tensors"].items() if "equalized_from" not in r]  # a scaled copy is not cached
+    assert sorted(cache.scales) == sorted(t for t in cached if t != pw.input[0])
     # the ranking feeds --exclude-from
     assert main(_args(root, tmp_path / "o2", "--exclude-from", str(tmp_path / "o" / "sensitivity.json"),
                       "--top", "1")) == 0
@@ -246,5 +254,15 @@ def test_a_method_bad_everywhere_is_switched_for_the_whole_model():
     assert len(whole) == 1 and whole[0]["kept"]
     assert set(res.method_overrides) == {g.name for g in scales.groups}
     assert set(res.method_overrides.values()) == {whole[0]["method"]} and "every group on" in res.message
+    # the TensorRT cache written with the result carries the switched method's ranges
+    from quantkit.calibrators.cache import CalibrationCache
+
+    method = whole[0]["method"]
+    before = cal.cache().scales
+    cal.apply_fallback(res)
+    assert cal.int8_model() is res.int8_model
+    after = cal.cache().scales
+    want = CalibrationCache.from_amax({t: cal.ranges[t].amax[method] for t in after}, method).scales
+    assert after == want and set(after) == set(before) and after != before
     without = fallback(scales, ev, None, FallbackConfig(max_drop=0.5, drop_metric="accuracy", method_groups=0))
     assert not without.method_overrides and len(without.float_groups) > 0
