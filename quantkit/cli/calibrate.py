@@ -205,9 +205,9 @@ class Calibrate:
         if cal.skipped:
             print(f"skipped {len(cal.skipped)} unreadable file(s) during calibration (listed in ranges.json)")
         from quantkit.onnx.equalize import equalization_summary
-        from quantkit.onnx.qdq import FLOAT_LOG_SPECTRUM, WEIGHTED_OPS, log_spectrum_nodes
+        from quantkit.onnx.qdq import float_by_rule
 
-        front = [op for op in log_spectrum_nodes(cal.model).values() if op in WEIGHTED_OPS] if FLOAT_LOG_SPECTRUM else []
+        front = [w for w in float_by_rule(cal.model, cal.config.stats.target).values() if w == "log-spectrum front end"]
         print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations and "
               f"{len(cal.plan.weights)} weights quantized ({args.method})"
               + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")

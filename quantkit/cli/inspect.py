@@ -53,7 +53,7 @@ class Inspect:
     def _onnx(self, path: Path) -> int:
         from quantkit.onnx.model import (input_specs, is_quantized_op, load_model, opset_version, output_specs,
                                          with_node_names)
-        from quantkit.onnx.qdq import plan_qdq
+        from quantkit.onnx.qdq import float_by_rule, plan_qdq
 
         model = load_model(path)
         print(f"{path}: opset {opset_version(model)}, {len(model.graph.node)} nodes")
@@ -70,6 +70,11 @@ class Inspect:
                   f"{len(plan.weights)} weights (per channel)")
             for i, group in enumerate(plan.groups):  # why two tensors get one scale
                 print(f"  scale group {i} (Concat/MaxPool/Resize): {', '.join(group)}")
+            kept = float_by_rule(with_node_names(model))
+            for why in dict.fromkeys(kept.values()):  # weighted ops the rules leave in FP16/FP32
+                names = [n for n, w in kept.items() if w == why]
+                print(f"  kept in float ({why}): {len(names)} node(s): {', '.join(names[:6])}"
+                      + (", ..." if len(names) > 6 else ""))
         return 0
 
     def _cache(self, path: Path) -> int:

@@ -173,10 +173,7 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
     log_front = log_spectrum_nodes(model, consts) if FLOAT_LOG_SPECTRUM else {}
 
     def from_softmax(t: str) -> bool:
-        node = producer.get(t)
-        while node is not None and node.op_type in _PASS_THROUGH_OPS and node.input:
-            node = producer.get(node.input[0])
-        return node is not None and node.op_type == "Softmax"
+        return _reads_softmax(t, producer)
 
     def add_weight(name: str, node: onnx.NodeProto) -> None:
         arr = consts[name]
@@ -240,6 +237,32 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
     groups = _scale_groups(graph.node, list(acts), consts) if target == "tensorrt" else ()
     return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()},
                    groups=groups, weight_sources=sources)
+
+
+def _reads_softmax(t: str, producer: Mapping[str, onnx.NodeProto]) -> bool:
+    """Whether ``t`` is a Softmax's output, through layout ops."""
+    node = producer.get(t)
+    while node is not None and node.op_type in _PASS_THROUGH_OPS and node.input:
+        node = producer.get(node.input[0])
+    return node is not None and node.op_type == "Softmax"
+
+
+def float_by_rule(model: onnx.ModelProto, target: str = "tensorrt") -> dict[str, str]:
+    """The weighted ops (Conv/ConvTranspose/Gemm/MatMul) that ``plan_qdq``'s rules keep in float
+    although they have float inputs: node name -> why (for ``inspect`` and ``calibrate``)."""
+    out: dict[str, str] = {}
+    if FLOAT_LOG_SPECTRUM:
+        for name, op in log_spectrum_nodes(model).items():
+            if op in WEIGHTED_OPS:
+                out[name] = "log-spectrum front end"
+    if target == "tensorrt" and FLOAT_ATTENTION_PROBS:
+        consts = constant_arrays(model)
+        producer = {o: n for n in model.graph.node for o in n.output}
+        for n in model.graph.node:
+            if n.op_type == "MatMul" and n.name not in out and len(n.input) == 2 and \
+                    not any(t in consts for t in n.input) and any(_reads_softmax(t, producer) for t in n.input):
+                out[n.name] = "attention probabilities"
+    return out
 
 
 def log_spectrum_nodes(model: onnx.ModelProto, consts: Mapping[str, object] | None = None) -> dict[str, str]:

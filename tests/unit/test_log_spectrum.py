@@ -130,3 +130,14 @@ def test_front_end_alone_is_refused_in_one_line(audio) -> None:
     with pytest.raises(ModelError, match="log-spectrum") as err:
         prepare(audio[1], name="front.onnx")
     assert "\n" not in str(err.value) and "Conv" in str(err.value)
+
+
+def test_inspect_names_the_front_end(audio, tmp_path, capsys) -> None:
+    from quantkit.cli import main
+    from quantkit.onnx.qdq import float_by_rule
+
+    onnx.save(audio[0], tmp_path / "full.onnx")
+    assert main(["inspect", str(tmp_path / "full.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "kept in float (log-spectrum front end): 2 node(s)" in out
+    assert set(float_by_rule(audio[0]).values()) == {"log-spectrum front end"}

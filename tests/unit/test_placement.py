@@ -19,7 +19,7 @@ from quantkit.calibrators.cache import read_cache
 from quantkit.calibrators.collectors import Histogram, pow2_at_least
 from quantkit.calibrators.methods import all_ranges
 from quantkit.datasets import SyntheticSource
-from quantkit.onnx.qdq import WEIGHTED_OPS, plan_qdq
+from quantkit.onnx.qdq import WEIGHTED_OPS, float_by_rule, plan_qdq
 from quantkit.ptq import Calibration, QuantizeConfig, RunConfig, StatsConfig, quantize
 
 _NO_STRIDE = QuantizeConfig(stats=StatsConfig(sample_stride=1), run=RunConfig(batch_size=16))
@@ -365,6 +365,9 @@ def test_attention_block_placement(encoder_layer):
     for n in two_act:
         quantized = [n.name in plan.activations.get(t, ()) for t in n.input]
         assert quantized == ([False, False] if n in probs_v else [True, True]), n.name
+    # and `quantkit inspect` names it (float_by_rule), for the tensorrt target only
+    assert float_by_rule(m) == {probs_v[0].name: "attention probabilities"}
+    assert float_by_rule(m, "onnxruntime") == {}
     # every Q/DQ feeds a weighted op: LayerNorm (or its decomposed form), Softmax, GELU stay float
     for t, consumers in plan.activations.items():
         assert {nodes[c].op_type for c in consumers} <= set(WEIGHTED_OPS), t
