@@ -337,6 +337,12 @@ class Calibration:
     def amax(self, method: str | None = None, *, quantized_only: bool = False) -> dict[str, float]:
         method = check_method(method or self.config.method)
         names = self.plan.activation_names if quantized_only else list(self.ranges)
+        missing = next((t for t in names if method not in self.ranges[t].amax), None)
+        if missing is not None:  # a method registered after this calibration was computed
+            raise InputError(f"method {method!r} has no ranges in this calibration (tensor {missing!r}): it was "
+                             "registered after quantize() ran",
+                             hint="register range methods before calibrating, then calibrate again "
+                             "(or recompute from saved statistics: Calibration.from_stats)")
         return {t: self.ranges[t].amax[method] for t in names}
 
     def int8_model(self, method: str | None = None) -> onnx.ModelProto:
@@ -389,11 +395,13 @@ class Calibration:
         return CalibrationCache.from_amax(amax, method, trt_version)
 
     def entropy_effect(self) -> list[dict[str, Any]]:
-        """Tensors where quantkit's entropy differs from TensorRT's (two-sided tensors), for reports."""
+        """Tensors where quantkit's entropy differs from TensorRT's (it used the least-MSE amax,
+        and ``rule`` says why), for reports."""
         return [
-            {"tensor": t, "entropy_trt": r.amax["entropy-trt"], "entropy": r.amax["entropy"],
-             "observed_min": self.histograms[t].observed_min, "observed_max": self.histograms[t].observed_max}
-            for t, r in self.ranges.items() if r.two_sided and r.amax["entropy"] != r.amax["entropy-trt"]
+            {"tensor": t, "rule": r.notes.get("entropy_rule"), "entropy_trt": r.amax["entropy-trt"],
+             "entropy": r.amax["entropy"], "observed_min": self.histograms[t].observed_min,
+             "observed_max": self.histograms[t].observed_max}
+            for t, r in self.ranges.items() if r.entropy_not_kl and r.amax["entropy"] != r.amax["entropy-trt"]
         ]
 
     def ranges_document(self, method: str | None = None, **metadata: Any) -> dict[str, Any]:

@@ -402,7 +402,7 @@ for k in ks:
         continue
     c = quantize(model, train, QuantizeConfig(stats=StatsConfig(exclude=nodes, **NO_PW)))
     accs.append(100 * c.evaluate(test).accuracy_test)
-    print(f"{k:2d} in float ({', '.join(order[:k])[:60]}): {accs[-1]:.2f}%")
+    print(f"{k:2d} in float{f' (+ {order[k - 1]})' if k else ''}: {accs[-1]:.2f}%")
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.plot(ks, accs, marker="o")
 ax.axhline(100 * plain.accuracy_reference - 0.5, ls="--", color="grey", label="FP32 - 0.5 points")

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from quantkit._deps import require
-from quantkit.backends.base import Runner, TensorSink
+from quantkit.backends.base import Runner, TensorSink, check_feed
 from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import ModelError
 from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, unused_inputs, with_outputs_bytes
@@ -155,6 +155,7 @@ class OrtRunner(Runner):
                 axes = getattr(batch, "batch_axes", {})  # inputs not batched on axis 0 (an RNN state, a scalar)
                 feed = take_rows(batch.feed, axes, 0, batch.size) if fixed_batch is None else batch.feed
                 if chunk is None:
+                    check_feed(feed, self.input_specs)  # a batch that does not fit: one clear error
                     rows = feed_rows(feed, axes)
                     if fixed_batch is not None or not self._inner:
                         chunk = rows  # a fixed-batch model takes exactly this many (a padded tail too)

@@ -150,8 +150,10 @@ class TensorRanges:
     notes: dict[str, Any]
 
     @property
-    def two_sided(self) -> bool:
-        """Whether ``entropy`` used the MSE rule instead of TensorRT's KL search."""
+    def entropy_not_kl(self) -> bool:
+        """Whether ``entropy`` used the least-MSE amax instead of TensorRT's KL search (a signed or
+        two-sided tensor, too few values, or a KL threshold over twice the least error:
+        ``notes["entropy_rule"]`` says which)."""
         return self.notes.get("entropy_rule", "kl") != "kl"
 
 

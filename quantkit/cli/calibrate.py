@@ -174,7 +174,7 @@ class Calibrate:
             if not held_out:
                 lines.append("  note: no images left after calibration; compared on calibration images")
             report = {"method": args.method, "held_out": held_out, **cmp.to_dict(),
-                      "entropy_two_sided_tensors": cal.entropy_effect(),
+                      "entropy_differs_from_trt": cal.entropy_effect(),
                       **({"excluded": cal.excluded} if cal.excluded else {}),
                       **({"fallback": result.to_dict()} if result is not None else {})}
 
@@ -208,8 +208,10 @@ class Calibrate:
         from quantkit.onnx.qdq import float_by_rule
 
         front = [w for w in float_by_rule(cal.model, cal.config.stats.target).values() if w == "log-spectrum front end"]
-        print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations and "
-              f"{len(cal.plan.weights)} weights quantized ({args.method})"
+        copies = len({e.scaled for e in cal.equalized} & set(cal.plan.activations))  # `inspect` plans without them
+        print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations"
+              + (f" ({copies} of them equalization Mul outputs)" if copies else "")
+              + f" and {len(cal.plan.weights)} weights quantized ({args.method})"
               + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")
               + (f"; {len(front)} Conv/Gemm/MatMul of a log-spectrum front end kept in float" if front else "")
               + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else ""))

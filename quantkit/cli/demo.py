@@ -82,22 +82,24 @@ def _demo(staging: Path, work: Path, out: Path, args: argparse.Namespace, *, kee
                  f"INT8 Q/DQ {lat_int8.median_ms:.2f} ms")
     lines.append("  (TensorRT-style Q/DQ models are not faster on ONNX Runtime's CPU provider; they are made for TensorRT)")
     for e in cal.entropy_effect():
-        lines.append(f"entropy on two-sided tensor {e['tensor']!r}: TensorRT's KL would clip at {e['entropy_trt']:.3f} "
+        lines.append(f"entropy on {e['tensor']!r} ({e['rule']}): TensorRT's KL would clip at {e['entropy_trt']:.3f} "
                      f"(max {max(abs(e['observed_min']), e['observed_max']):.3f}); quantkit uses {e['entropy']:.3f}")
 
     report = {
         "methods": {m: r.to_dict() for m, r in rows},
         "latency_batch32": {"fp32": {"model": "digits_cnn.onnx", **lat_fp32.to_dict()},
                             "int8": {"model": files["entropy"], **lat_int8.to_dict()}},
-        "entropy_two_sided_tensors": cal.entropy_effect(),
+        "entropy_differs_from_trt": cal.entropy_effect(),
     }
     names = cal.write_into(staging, model_stem="digits_cnn", report=report, extra_methods=methods,
                            metadata={"model": {"path": "quantkit/sample/digits_cnn.onnx"}, "preprocess": pp.to_dict(),
                                      "data": str(out / "images" / "train") if keep else "digits training split"})
-    lines.append(f"\nwrote {len(names)} files to {out}. Same flow by hand:")
+    lines.append(f"\nwrote {len(names)} files and quantkit-manifest.json to {out}. Same flow by hand (the same "
+                 "calibration: every training image, in file order):")
     images = str(out / "images") if keep else "IMAGES"
     lines.append(f"  quantkit calibrate {sample.model_path()} --images {images}/train --preprocess none --color gray "
-                 f"--scale {pp.scale!r} --mean {pp.mean[0]} --std {pp.std[0]} -o OUT --eval-dir {images}/test")
+                 f"--scale {pp.scale!r} --mean {pp.mean[0]} --std {pp.std[0]} --num-images {len(train)} "
+                 f"--order sorted -o OUT --eval-dir {images}/test")
     if not keep:
         lines.append("  (IMAGES: run `quantkit demo --keep-images -o DIR` to keep the digits images in DIR/images)")
     return lines

@@ -132,7 +132,7 @@ def test_all_ranges_keys_and_auto(rng):
     assert set(r.amax) == {"minmax", "entropy", "percentile", "mse", "auto", "entropy-trt"}
     assert r.notes["auto_choice"] in ("minmax", "entropy", "percentile", "mse")
     assert r.amax["auto"] == r.amax[r.notes["auto_choice"]]
-    assert r.notes["entropy_rule"] == "kl" and not r.two_sided
+    assert r.notes["entropy_rule"] == "kl" and not r.entropy_not_kl
     assert all(0 < v <= r.amax["minmax"] + 1e-6 for v in r.amax.values())
 
 

@@ -105,3 +105,28 @@ def test_registry_facts():
     assert all(get_method(m).description for m in method_names())
     with pytest.raises(ValueError, match="cache_algorithm"):
         range_method("x", cache_algorithm="LegacyCalibration")
+
+
+def test_method_registered_after_quantize_is_a_clear_error(request):
+    """Ranges are computed for the methods registered when quantize() runs; a method registered
+    afterwards has none: one InputError saying so (it was a bare KeyError)."""
+    from quantkit.datasets import SyntheticSource
+    from quantkit.onnx.model import load_model
+    from quantkit.ptq import quantize
+
+    cal = quantize(load_model(sample.model_path()), SyntheticSource((1, 32, 32), 32))
+    p999 = request.getfixturevalue("p999")
+    with pytest.raises(InputError, match=f"method '{p999}' has no ranges in this calibration"):
+        cal.int8_model(p999)
+
+
+def test_quantize_api_names_a_batch_that_does_not_fit_the_model():
+    """Through the API as through the CLI: a source whose samples do not fit the model's input
+    is one ShapeMismatchError naming the input (it was ONNX Runtime's own error)."""
+    from quantkit.datasets import SyntheticSource
+    from quantkit.errors import ShapeMismatchError
+    from quantkit.onnx.model import load_model
+    from quantkit.ptq import quantize
+
+    with pytest.raises(ShapeMismatchError, match=r"input 'image': batch has shape \(32, 1, 8, 8\)"):
+        quantize(load_model(sample.model_path()), SyntheticSource((1, 8, 8), 32))
