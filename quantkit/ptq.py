@@ -325,7 +325,10 @@ class Calibration:
         (``quantkit.debug.fallback.FallbackResult``): its Q/DQ model is the one written and
         evaluated; in the TensorRT calibration cache a switched group's tensors get that
         method's amax, and the tensors of groups left in float (read by no quantized group) are
-        left out, so TensorRT 10's implicit INT8 runs what reads them in higher precision too."""
+        left out, so TensorRT 10's implicit INT8 runs what reads them in higher precision too
+        (and, its precision being per tensor, the layer that writes each: TensorRT warns
+        "Missing scale ... fall back to non-int8 implementation for any layer consuming or
+        producing given tensor"); the Q/DQ model keeps only the readers in float."""
         from quantkit.debug.sensitivity import quant_groups
 
         groups = {g.name: g for g in quant_groups(self.model, self.plan)}
