@@ -76,7 +76,8 @@ class Calibrate:
                             "files merge exactly")
         g.add_argument("--eval-images", type=non_negative_int, default=1000, metavar="N",
                        help="held-out images (after the calibration ones) for the report; 0 skips it (default 1000)")
-        g.add_argument("--eval-dir", metavar="DIR", help="evaluate on this folder instead of held-out images")
+        g.add_argument("--eval-dir", metavar="DIR", help="evaluate on this folder instead of held-out images (or on "
+                       "an .npz/.npy file, as --npz reads it: with 'labels' for --drop-metric accuracy)")
         b = parser.add_argument_group("accuracy budget (mixed precision)")
         b.add_argument("--max-drop", type=float, metavar="D",
                        help="meet this accuracy budget on the evaluation data (--eval-dir or the held-out images): "

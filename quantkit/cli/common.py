@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from quantkit.errors import InputError
@@ -122,8 +123,10 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
     from quantkit.datasets import ImageFolder, NumpySource, for_model
 
     folder = images if images is not None else args.images
-    if folder is None:
-        return NumpySource(args.npz, dtypes={s.name: s.dtype for s in specs}, shapes={s.name: s.shape for s in specs},
+    arrays = args.npz if folder is None else folder if Path(folder).suffix.lower() in (".npz", ".npy") \
+        and Path(folder).is_file() else None  # --eval-dir may name an .npz/.npy file too
+    if arrays is not None:
+        return NumpySource(arrays, dtypes={s.name: s.dtype for s in specs}, shapes={s.name: s.shape for s in specs},
                            batch_axes=dict(getattr(args, "batch_axis", None) or []))
     if len(specs) != 1:
         raise InputError(

@@ -266,3 +266,15 @@ def test_a_method_bad_everywhere_is_switched_for_the_whole_model():
     assert after == want and set(after) == set(before) and after != before
     without = fallback(scales, ev, None, FallbackConfig(max_drop=0.5, drop_metric="accuracy", method_groups=0))
     assert not without.method_overrides and len(without.float_groups) > 0
+
+
+def test_eval_dir_takes_an_npz_with_labels(digits_files, tmp_path, capsys):
+    """--eval-dir may name an .npz (with 'labels' for --drop-metric accuracy), as --npz reads it:
+    the budget is measured on it, not on the held-out part of --npz."""
+    root = digits_files
+    x, labels, test = digits_arrays()
+    np.savez(tmp_path / "eval.npz", image=x[test][:200], labels=labels[test][:200])
+    args = _args(root, tmp_path / "o", "--max-drop", "0.5", "--eval-dir", str(tmp_path / "eval.npz"))
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["num_samples"] == 200 and report["fallback"]["met"]
