@@ -105,6 +105,11 @@ class StatsConfig:
             statistics to merge (``pow2_grid``) skip it, as equalization.
             On the PP-OCR recogniser the default's worst 32-sample subset goes from -15.6 to
             -2.3 points and minmax's from -45.3 to -3.1 (benchmarks/results/design_notes.md).
+        quantize_attention_probs: for the ``tensorrt`` target, also quantize the MatMul that reads
+            a Softmax's output (attention's probabilities x V), as Model Optimizer does for
+            TensorRT's fused INT8 attention kernels (speed). Off by default: INT8 has 7 bits for
+            [0, 1] and rounds most probabilities to 0 (a ViT-S: 23.1 dB with them in float,
+            19.7 quantized; ``quantkit.onnx.qdq.plan_qdq``).
     """
 
     num_bins: int = 2048
@@ -117,6 +122,7 @@ class StatsConfig:
     equalize: bool = True
     equalize_pointwise: bool = True
     bias_correction: bool = True
+    quantize_attention_probs: bool = False
 
     @property
     def pointwise_equalization(self) -> bool:
@@ -208,10 +214,11 @@ class PreparedModel:
     name: str = "model"
     excluded: list[dict[str, str]] = field(default_factory=list)
     exclusions: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+    quantize_attention_probs: bool = False
 
 
 def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "model", exclude: Sequence[str] = (),
-            exclude_op_types: Sequence[str] = ()) -> PreparedModel:
+            exclude_op_types: Sequence[str] = (), quantize_attention_probs: bool = False) -> PreparedModel:
     """Not quantized already, opset >= 13, every node named, float activations checked, Q/DQ
     placement planned for ``target``, the ``exclude``d nodes and op types left in float
     (``exclude_from_plan``).
@@ -222,13 +229,13 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     check_not_quantized(model, source=name)
     model = with_node_names(ensure_opset(model))
     specs = float_input_specs(model, source=name)
-    plan = plan_qdq(model, target)
+    plan = plan_qdq(model, target, quantize_attention_probs=quantize_attention_probs)
     types = tensor_types(model)
     planned = [*plan.activations, *(plan.weight_tensor(w) for w in plan.weights)]
     if any(types.get(t) == onnx.TensorProto.FLOAT16 for t in planned) and opset_version(model) < MIN_QDQ_OPSET_FLOAT16:
         # float16 models stay float16, with float16 scales: Q/DQ of float16 needs opset 19
         model = ensure_opset(model, MIN_QDQ_OPSET_FLOAT16)
-        plan = plan_qdq(model, target)
+        plan = plan_qdq(model, target, quantize_attention_probs=quantize_attention_probs)
     inside = subgraph_node_count(model.graph)
     if inside:  # Q/DQ placement and calibration cover the main graph only
         log.warning("%s: %d node%s inside If/Loop/Scan subgraphs stay in float; the main graph is quantized",
@@ -251,7 +258,8 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
                          + (" left after the exclusions" if excluded else "") + ": nothing to quantize to INT8")
     log.debug("opset %d, %d activation and %d weight Q/DQ pairs planned", opset_version(model),
               len(plan.activations), len(plan.weights))
-    return PreparedModel(model, specs, plan, target, name, excluded, (tuple(exclude), tuple(exclude_op_types)))
+    return PreparedModel(model, specs, plan, target, name, excluded, (tuple(exclude), tuple(exclude_op_types)),
+                         quantize_attention_probs)
 
 
 def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Sequence[int], run: RunConfig, *,
@@ -433,7 +441,8 @@ class Calibration:
             "config": {"num_bins": s.num_bins, **self.config.params, "cache_all_tensors": s.cache_all_tensors,
                        "sample_stride": s.sample_stride, "target": s.target, "equalize": s.equalize,
                        "equalize_pointwise": s.pointwise_equalization,
-                       "bias_correction": self.correction_feeds is not None},
+                       "bias_correction": self.correction_feeds is not None,
+                       "quantize_attention_probs": s.quantize_attention_probs},
             **metadata,
         }
 
@@ -524,7 +533,9 @@ class Calibration:
 
         s = self.config.stats
         settings = {"num_bins": s.num_bins, "target": s.target, "cache_all_tensors": s.cache_all_tensors,
-                    "sample_stride": s.sample_stride, "pow2_grid": s.pow2_grid}
+                    "sample_stride": s.sample_stride, "pow2_grid": s.pow2_grid,
+                    # only when on: files saved before the option merge with files saved without it
+                    **({"quantize_attention_probs": True} if s.quantize_attention_probs else {})}
         return CalibrationStats(dict(self.histograms), self.num_samples, model, settings, preprocess, [data])
 
     @classmethod
@@ -535,8 +546,11 @@ class Calibration:
         s = stats.settings
         config = QuantizeConfig(stats=StatsConfig(num_bins=s["num_bins"], sample_stride=s["sample_stride"],
                                                   target=s["target"], cache_all_tensors=s["cache_all_tensors"],
-                                                  pow2_grid=s["pow2_grid"], equalize=False), export=export)
-        prepared = prepare(model, target=config.stats.target, name=model_name)
+                                                  pow2_grid=s["pow2_grid"], equalize=False,
+                                                  quantize_attention_probs=bool(s.get("quantize_attention_probs"))),
+                                export=export)
+        prepared = prepare(model, target=config.stats.target, name=model_name,
+                           quantize_attention_probs=config.stats.quantize_attention_probs)
         missing = [t for t in prepared.plan.activation_names if t not in stats.histograms]
         if missing:
             raise InputError(f"the statistics have no histogram for {len(missing)} tensor(s) of {model_name}, "
@@ -602,10 +616,12 @@ def quantize(
 
     stats, run = config.stats, config.run
     if not isinstance(model, PreparedModel) or model.target != stats.target or \
-            model.exclusions != (stats.exclude, stats.exclude_op_types):
+            model.exclusions != (stats.exclude, stats.exclude_op_types) or \
+            model.quantize_attention_probs != stats.quantize_attention_probs:
         model = prepare(model.model if isinstance(model, PreparedModel) else model, target=stats.target,
                         name=model.name if isinstance(model, PreparedModel) else model_name,
-                        exclude=stats.exclude, exclude_op_types=stats.exclude_op_types)
+                        exclude=stats.exclude, exclude_op_types=stats.exclude_op_types,
+                        quantize_attention_probs=stats.quantize_attention_probs)
     idx = list(range(len(source))) if indices is None else list(indices)
     folded = _calibrate_equalizing(model, source, idx, config, on_batch)
     if folded is not None:
@@ -677,7 +693,8 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
 
     def grouped_after(equalized_model: onnx.ModelProto) -> set[str]:
         prepared["model"] = prepare(equalized_model, target=stats.target, name=model.name, exclude=stats.exclude,
-                                    exclude_op_types=stats.exclude_op_types)
+                                    exclude_op_types=stats.exclude_op_types,
+                                    quantize_attention_probs=stats.quantize_attention_probs)
         return {t for g in prepared["model"].plan.groups for t in g}
 
     batcher = calibration_batches(source, model.specs, indices, run)
@@ -728,7 +745,7 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
     equalized_model, done = equalize_depthwise(model.model, scales)
     log.info("%s: equalized %s over %d samples", model.name, equalization_summary(done), batcher.used_)
     prepared = prepare(equalized_model, target=stats.target, name=model.name, exclude=stats.exclude,
-                       exclude_op_types=stats.exclude_op_types)
+                       exclude_op_types=stats.exclude_op_types, quantize_attention_probs=stats.quantize_attention_probs)
     return prepared, done, skipped
 
 

@@ -117,8 +117,11 @@ def _weight_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
     return weight.ndim - 1  # MatMul: weight [..., K, N], channels along N
 
 
-def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
+def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
+             quantize_attention_probs: bool = False) -> QdqPlan:
     """Decide the Q/DQ placement for an FP32 model (``target``: tensorrt or onnxruntime).
+    ``quantize_attention_probs``: quantize the MatMul that reads attention's probabilities too
+    (below; TensorRT's fused INT8 attention wants it, for speed).
 
     TensorRT's rules (target ``tensorrt``), each with its reason:
 
@@ -198,7 +201,8 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt") -> QdqPlan:
                 continue  # constant "activation": nothing to calibrate
             if node.name in log_front:
                 continue  # a log-spectrum's filterbank or transform: stays in float (the docstring says why)
-            if b not in consts and target == "tensorrt" and FLOAT_ATTENTION_PROBS and (from_softmax(a) or from_softmax(b)):
+            if b not in consts and target == "tensorrt" and FLOAT_ATTENTION_PROBS and not quantize_attention_probs \
+                    and (from_softmax(a) or from_softmax(b)):
                 continue  # attention's probabilities x V: stays in float (the docstring says why)
             acts[a].append(node.name)
             if b in consts and np.issubdtype(consts[b].dtype, np.floating):
@@ -247,7 +251,8 @@ def _reads_softmax(t: str, producer: Mapping[str, onnx.NodeProto]) -> bool:
     return node is not None and node.op_type == "Softmax"
 
 
-def float_by_rule(model: onnx.ModelProto, target: str = "tensorrt") -> dict[str, str]:
+def float_by_rule(model: onnx.ModelProto, target: str = "tensorrt", *,
+                  quantize_attention_probs: bool = False) -> dict[str, str]:
     """The weighted ops (Conv/ConvTranspose/Gemm/MatMul) that ``plan_qdq``'s rules keep in float
     although they have float inputs: node name -> why (for ``inspect`` and ``calibrate``)."""
     out: dict[str, str] = {}
@@ -255,7 +260,7 @@ def float_by_rule(model: onnx.ModelProto, target: str = "tensorrt") -> dict[str,
         for name, op in log_spectrum_nodes(model).items():
             if op in WEIGHTED_OPS:
                 out[name] = "log-spectrum front end"
-    if target == "tensorrt" and FLOAT_ATTENTION_PROBS:
+    if target == "tensorrt" and FLOAT_ATTENTION_PROBS and not quantize_attention_probs:
         consts = constant_arrays(model)
         producer = {o: n for n in model.graph.node for o in n.output}
         for n in model.graph.node:

@@ -368,6 +368,13 @@ def test_attention_block_placement(encoder_layer):
     # and `quantkit inspect` names it (float_by_rule), for the tensorrt target only
     assert float_by_rule(m) == {probs_v[0].name: "attention probabilities"}
     assert float_by_rule(m, "onnxruntime") == {}
+    # quantize_attention_probs (calibrate --quantize-attention-probs): both its inputs per tensor too,
+    # the rest of the plan unchanged
+    both = plan_qdq(m, quantize_attention_probs=True)
+    assert all(probs_v[0].name in both.activations.get(t, ()) for t in probs_v[0].input)
+    assert {t: [c for c in cs if c != probs_v[0].name] for t, cs in both.activations.items()} == \
+        {t: list(cs) for t, cs in plan.activations.items()} | {t: [] for t in probs_v[0].input if t not in plan.activations}
+    assert float_by_rule(m, quantize_attention_probs=True) == {}
     # every Q/DQ feeds a weighted op: LayerNorm (or its decomposed form), Softmax, GELU stay float
     for t, consumers in plan.activations.items():
         assert {nodes[c].op_type for c in consumers} <= set(WEIGHTED_OPS), t
@@ -467,3 +474,30 @@ def test_onnxruntime_target_keeps_normalization_softmax_and_erf_float(encoder_la
     got = ort.InferenceSession(cal.int8_model().SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"tokens": x})[0]
     cos = float((ref * got).sum() / np.sqrt((ref * ref).sum() * (got * got).sum()))
     assert cos > 0.97, cos
+
+
+def test_quantize_attention_probs_through_the_cli(encoder_layer, tmp_path, capsys):
+    """`calibrate --quantize-attention-probs`: the probabilities x V MatMul reads DQ outputs in the
+    written model, ranges.json says so, and the ranking reads such a model's plan back."""
+    from quantkit.cli import main
+    from quantkit.debug.sensitivity import QdqScales
+    from quantkit.ptq import RunConfig
+
+    m = encoder_layer
+    onnx.save(m, tmp_path / "enc.onnx")
+    np.savez(tmp_path / "t.npz", tokens=np.random.default_rng(0).standard_normal((48, 6, 16)).astype(np.float32))
+    rc = main(["calibrate", str(tmp_path / "enc.onnx"), "--npz", str(tmp_path / "t.npz"), "--quantize-attention-probs",
+               "--no-progress", "-o", str(tmp_path / "o")])
+    assert rc == 0, capsys.readouterr().err
+    int8 = onnx.load(tmp_path / "o" / "enc.int8.onnx")
+    producer = {o: n for n in int8.graph.node for o in n.output}
+    softmax_fed = [n for n in int8.graph.node if n.op_type == "MatMul" and any(
+        producer.get(t) is not None and producer[t].op_type == "DequantizeLinear" for t in n.input)]
+    probs_v = plan_qdq(m, quantize_attention_probs=True)
+    assert len(softmax_fed) == sum(1 for n in m.graph.node if n.op_type == "MatMul")  # every MatMul reads DQ outputs
+    ranges = json.loads((tmp_path / "o" / "ranges.json").read_text())
+    assert ranges["config"]["quantize_attention_probs"] is True
+    scales = QdqScales.from_qdq_model(m, int8, RunConfig())
+    default = plan_qdq(m)
+    probs_inputs = set(probs_v.activations) - set(default.activations)  # read only by the probabilities x V MatMul
+    assert probs_inputs and probs_inputs <= set(scales.plan.activations)
