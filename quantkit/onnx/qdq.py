@@ -175,9 +175,6 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
     sources: dict[str, str] = {}
     log_front = log_spectrum_nodes(model, consts) if FLOAT_LOG_SPECTRUM else {}
 
-    def from_softmax(t: str) -> bool:
-        return _reads_softmax(t, producer)
-
     def add_weight(name: str, node: onnx.NodeProto) -> None:
         arr = consts[name]
         if arr.ndim < 2:
@@ -202,7 +199,7 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
             if node.name in log_front:
                 continue  # a log-spectrum's filterbank or transform: stays in float (the docstring says why)
             if b not in consts and target == "tensorrt" and FLOAT_ATTENTION_PROBS and not quantize_attention_probs \
-                    and (from_softmax(a) or from_softmax(b)):
+                    and (_reads_softmax(a, producer) or _reads_softmax(b, producer)):
                 continue  # attention's probabilities x V: stays in float (the docstring says why)
             acts[a].append(node.name)
             if b in consts and np.issubdtype(consts[b].dtype, np.floating):
