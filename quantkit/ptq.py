@@ -31,8 +31,9 @@ from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method,
 from quantkit.datasets.batching import Batcher
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError
-from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_quantized, ensure_opset, float_activations,
-                                 float_input_specs, opset_version, subgraph_node_count, tensor_types, with_node_names)
+from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_quantized, einsum_as_matmul, ensure_opset,
+                                 float_activations, float_input_specs, opset_version, subgraph_node_count, tensor_types,
+                                 with_node_names)
 from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, insert_qdq, log_spectrum_nodes,
                               plan_qdq)
 
@@ -227,7 +228,7 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     calibrated, the inputs themselves are fed as they are.
     """
     check_not_quantized(model, source=name)
-    model = with_node_names(ensure_opset(model))
+    model = with_node_names(einsum_as_matmul(ensure_opset(model)))
     specs = float_input_specs(model, source=name)
     plan = plan_qdq(model, target, quantize_attention_probs=quantize_attention_probs)
     types = tensor_types(model)

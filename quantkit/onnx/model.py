@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -363,6 +363,69 @@ def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             if value is not None:
                 out[node.output[0]] = value
     return out
+
+
+def einsum_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each Einsum that is a product with a constant matrix over the last axis
+    (``...k,kn->...n``; ``...k,nk->...n`` behind a Transpose of the constant; either operand
+    first) written as the MatMul it is: the same function, and the op that quantkit quantizes
+    and TensorRT runs in INT8 from Q/DQ (a copy; ``model`` itself when there is none).
+    ``torch.einsum`` in a model's code exports as Einsum (``bnd,de->bne``: a Linear layer)."""
+    if not any(n.op_type == "Einsum" for n in model.graph.node):
+        return model
+    consts = constant_arrays(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes: list[onnx.NodeProto] = []
+    taken = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.initializer}
+    for node in out.graph.node:
+        form = _matmul_form(node, consts) if node.op_type == "Einsum" and node.domain in ("", "ai.onnx") else None
+        if form is None:
+            nodes.append(node)
+            continue
+        x, w, transpose = form
+        if transpose:
+            name = f"{w}_transposed"
+            k = 1
+            while name in taken:
+                name, k = f"{w}_transposed_{k}", k + 1
+            taken.add(name)
+            nodes.append(helper.make_node("Transpose", [w], [name], name=f"{node.name or name}_weight_transpose",
+                                          perm=[1, 0]))
+            w = name
+        nodes.append(helper.make_node("MatMul", [x, w], list(node.output), name=node.name))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _matmul_form(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> tuple[str, str, bool] | None:
+    """(activation, constant, transposed) when the Einsum ``node`` is ``x @ W`` (or ``x @ W.T``)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    eq = attrs.get("equation", b"")
+    eq = (eq.decode() if isinstance(eq, bytes) else str(eq)).replace(" ", "")
+    if len(node.input) != 2 or "->" not in eq:
+        return None
+    lhs, result = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        return None
+    for xi in (0, 1):
+        x, w = node.input[xi], node.input[1 - xi]
+        tx, tw = terms[xi], terms[1 - xi]
+        arr = consts.get(w)
+        if x in consts or arr is None or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+            continue
+        letters = tx.replace("...", "")
+        if len(tw) != 2 or tw[0] == tw[1] or "." in tw or not tx or tx[-1] == "." or \
+                len(set(letters)) != len(letters) or tx[-1] not in tw:
+            continue
+        k = tx[-1]
+        n = tw[1] if tw[0] == k else tw[0]
+        if n in tx or result != tx[:-1] + n:
+            continue
+        return x, w, tw != k + n
+    return None
 
 
 def subgraph_node_count(graph: onnx.GraphProto) -> int:

@@ -586,3 +586,45 @@ def test_unbatched_activation_calibrated_whole(target):
         assert "grid" not in cal.plan.activations and "m" in cal.plan.activations
         return
     assert cal.ranges["grid"].amax["minmax"] == pytest.approx(7.0)
+
+
+def test_einsum_products_with_a_constant_matrix_become_matmuls(tmp_path):
+    """torch.einsum exports as Einsum; the forms that are x @ W (``...k,kn->...n``, ``...k,nk->...n``,
+    either operand first) become MatMuls (the same function) and are quantized like a Linear;
+    other Einsums (attention's two activations, a reordered result) stay as they are."""
+    torch = pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from quantkit.onnx.model import einsum_as_matmul
+    from quantkit.ptq import prepare, quantize
+    from tests.helpers import ArraySource
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.a = torch.nn.Parameter(torch.randn(16, 24, generator=g) * 0.2)   # [k, n]
+            self.b = torch.nn.Parameter(torch.randn(8, 24, generator=g) * 0.2)    # [n, k]
+            self.c = torch.nn.Parameter(torch.randn(8, 8, generator=g) * 0.2)
+
+        def forward(self, x):
+            h = torch.einsum("bnd,de->bne", x, self.a).relu()
+            h = torch.einsum("fe,bne->bnf", self.b, h).relu()          # constant first, [n, k]
+            att = torch.einsum("bqd,bkd->bqk", h, h).softmax(-1)        # two activations: stays Einsum
+            h = torch.einsum("bqk,bkd->bqd", att, h)
+            return torch.einsum("bnd,de->ben", h, self.c)               # result reordered: stays Einsum
+
+    x = np.random.default_rng(0).standard_normal((48, 10, 16)).astype(np.float32)
+    torch.onnx.export(Net().eval(), (torch.from_numpy(x[:2]),), str(tmp_path / "e.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    model = onnx.load(str(tmp_path / "e.onnx"))
+    assert [n.op_type for n in model.graph.node].count("Einsum") == 5
+    converted = einsum_as_matmul(model)
+    ops = [n.op_type for n in converted.graph.node]
+    assert ops.count("Einsum") == 3 and ops.count("MatMul") == 2 and ops.count("Transpose") == 1
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]  # noqa: E731
+    np.testing.assert_allclose(run(converted), run(model), rtol=1e-5, atol=1e-5)
+    assert len(prepare(model).plan.weights) == 2  # both matrices per channel, through the folded Transpose
+    cal = quantize(model, ArraySource(x[:32]))
+    ref, out = run(model)[32:], run(cal.int8_model())[32:]
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()) > 30
