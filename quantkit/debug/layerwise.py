@@ -36,7 +36,7 @@ import onnx
 
 from quantkit.errors import ModelError
 from quantkit.onnx.equalize import equalizations_of
-from quantkit.onnx.model import initializer_arrays
+from quantkit.onnx.model import constant_arrays, einsum_as_matmul, initializer_arrays
 
 
 @dataclass(frozen=True)
@@ -223,8 +223,9 @@ def _fp32_weight(fp32: onnx.ModelProto, int8: onnx.ModelProto, point: QdqPoint,
     as integers under a new name) the same input of the same consumer node."""
     if point.stored is None and point.tensor in consts:
         return point.tensor, consts[point.tensor]
-    dq_out = next(n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == point.tensor)
-    for node in int8.graph.node:
+    dq_out = point.dq_output or next((n.output[0] for n in int8.graph.node
+                                      if n.op_type == "DequantizeLinear" and n.input[0] == point.tensor), None)
+    for node in int8.graph.node if dq_out else ():
         if dq_out in node.input:
             slot = list(node.input).index(dq_out)
             twin = next((n for n in fp32.graph.node if n.name and n.name == node.name), None)
@@ -250,7 +251,9 @@ def _equalized_weights(fp32_consts: dict[str, np.ndarray], int8: onnx.ModelProto
 
 def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable[QdqPoint]) -> list[WeightError]:
     """Per-channel error of every quantized weight; refuses weights that are not the FP32 model's."""
-    fconsts, iconsts = initializer_arrays(fp32), initializer_arrays(int8)
+    # the FP32 side with layout ops on constants folded: a weight behind a Transpose (an Einsum's
+    # [n, k] matrix, tf2onnx's MatMul weights) is what the INT8 model quantizes
+    fconsts, iconsts = constant_arrays(fp32), initializer_arrays(int8)
     equalized = _equalized_weights(fconsts, int8)
     out = []
     for p in points:
@@ -299,6 +302,7 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.compare import _OutputStats
 
+    fp32 = einsum_as_matmul(fp32)  # as quantkit prepares it: its MatMul twins read the same weights
     points = qdq_points(int8)
     if not points:
         raise ModelError(f"{test_name} has no QuantizeLinear/DequantizeLinear pairs with constant scales",

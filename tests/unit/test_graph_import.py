@@ -628,3 +628,11 @@ def test_einsum_products_with_a_constant_matrix_become_matmuls(tmp_path):
     cal = quantize(model, ArraySource(x[:32]))
     ref, out = run(model)[32:], run(cal.int8_model())[32:]
     assert 10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()) > 30
+    # `quantkit debug` of the user's Einsum model against it matches both weights (it stopped on a
+    # StopIteration: the [n, k] matrix reaches the MatMul through a Transpose)
+    from quantkit.debug.layerwise import layerwise_error
+
+    from quantkit.datasets import Batcher
+
+    report = layerwise_error(model, cal.int8_model(), Batcher(ArraySource(x[:32]), ["x"], 16))
+    assert len(report.weights) == 2 and all(w.sqnr_db > 30 for w in report.weights)
