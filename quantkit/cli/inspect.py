@@ -51,8 +51,8 @@ class Inspect:
         return self._onnx(path)
 
     def _onnx(self, path: Path) -> int:
-        from quantkit.onnx.model import (input_specs, is_quantized_op, load_model, opset_version, output_specs,
-                                         with_node_names)
+        from quantkit.onnx.model import (einsum_as_matmul, input_specs, is_quantized_op, load_model, opset_version,
+                                         output_specs, with_node_names)
         from quantkit.onnx.qdq import float_by_rule, plan_qdq
 
         model = load_model(path)
@@ -65,12 +65,13 @@ class Inspect:
             kinds = ", ".join(f"{quantized.count(t)} {t}" for t in dict.fromkeys(quantized))
             print(f"  already quantized: {kinds}")
         else:
-            plan = plan_qdq(with_node_names(model))
+            model = with_node_names(einsum_as_matmul(model))  # as calibrate prepares it
+            plan = plan_qdq(model)
             print(f"  Q/DQ plan: {len(plan.activations)} activation tensors (per tensor), "
                   f"{len(plan.weights)} weights (per channel)")
             for i, group in enumerate(plan.groups):  # why two tensors get one scale
                 print(f"  scale group {i} (Concat/MaxPool/Resize): {', '.join(group)}")
-            kept = float_by_rule(with_node_names(model))
+            kept = float_by_rule(model)
             for why in dict.fromkeys(kept.values()):  # weighted ops the rules leave in FP16/FP32
                 names = [n for n, w in kept.items() if w == why]
                 print(f"  kept in float ({why}): {len(names)} node(s): {', '.join(names[:6])}"
