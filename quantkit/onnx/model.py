@@ -366,11 +366,17 @@ def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def einsum_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with each Einsum that is a product with a constant matrix over the last axis
-    (``...k,kn->...n``; ``...k,nk->...n`` behind a Transpose of the constant; either operand
-    first) written as the MatMul it is: the same function, and the op that quantkit quantizes
-    and TensorRT runs in INT8 from Q/DQ (a copy; ``model`` itself when there is none).
-    ``torch.einsum`` in a model's code exports as Einsum (``bnd,de->bne``: a Linear layer)."""
+    """``model`` with each Einsum that is a matrix product written as the MatMul it is: the same
+    function, and the op that quantkit quantizes and TensorRT runs in INT8 from Q/DQ (a copy;
+    ``model`` itself when there is none). ``torch.einsum`` in a model's code exports as Einsum:
+
+    - a product with a constant matrix over the last axis (``...k,kn->...n``, a Linear layer;
+      ``...k,nk->...n`` behind a Transpose of the constant; either operand first);
+    - a batched product of two tensors with the same leading batch letters (``bik,bjk->bij``,
+      attention's Q.K^T; ``bij,bjd->bid``, its probabilities x V), an operand whose last two
+      letters are the other way round behind a Transpose of them.
+
+    Anything else (a reordered result, broadcast batch letters, repeated letters) stays Einsum."""
     if not any(n.op_type == "Einsum" for n in model.graph.node):
         return model
     consts = constant_arrays(model)
@@ -379,28 +385,37 @@ def einsum_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     taken = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.initializer}
     for node in out.graph.node:
-        form = _matmul_form(node, consts) if node.op_type == "Einsum" and node.domain in ("", "ai.onnx") else None
+        einsum = node.op_type == "Einsum" and node.domain in ("", "ai.onnx")
+        form = _matmul_form(node, consts) if einsum else None
+        if form is None and einsum:
+            form = _batched_form(node)
         if form is None:
             nodes.append(node)
             continue
-        x, w, transpose = form
-        if transpose:
-            name = f"{w}_transposed"
-            k = 1
-            while name in taken:
-                name, k = f"{w}_transposed_{k}", k + 1
-            taken.add(name)
-            nodes.append(helper.make_node("Transpose", [w], [name], name=f"{node.name or name}_weight_transpose",
-                                          perm=[1, 0]))
-            w = name
-        nodes.append(helper.make_node("MatMul", [x, w], list(node.output), name=node.name))
+        operands = []
+        for t, rank in form:
+            if rank:  # its last two axes the other way round: a Transpose of them first
+                name, k = f"{t}_transposed", 1
+                while name in taken:
+                    name, k = f"{t}_transposed_{k}", k + 1
+                taken.add(name)
+                perm = [*range(rank - 2), rank - 1, rank - 2]
+                nodes.append(helper.make_node("Transpose", [t], [name], name=f"{node.name or name}_{name}", perm=perm))
+                t = name
+            operands.append(t)
+        nodes.append(helper.make_node("MatMul", operands, list(node.output), name=node.name))
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out
 
 
-def _matmul_form(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> tuple[str, str, bool] | None:
-    """(activation, constant, transposed) when the Einsum ``node`` is ``x @ W`` (or ``x @ W.T``)."""
+#: an Einsum rewritten as MatMul: its two operands, each with the rank of a Transpose of its
+#: last two axes to put first (0: none)
+_Operands = tuple[tuple[str, int], tuple[str, int]]
+
+
+def _einsum_terms(node: onnx.NodeProto) -> tuple[list[str], str] | None:
+    """The two input terms and the result of a two-input Einsum's explicit equation."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     eq = attrs.get("equation", b"")
     eq = (eq.decode() if isinstance(eq, bytes) else str(eq)).replace(" ", "")
@@ -408,8 +423,38 @@ def _matmul_form(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> tupl
         return None
     lhs, result = eq.split("->")
     terms = lhs.split(",")
-    if len(terms) != 2:
+    return (terms, result) if len(terms) == 2 else None
+
+
+def _batched_form(node: onnx.NodeProto) -> _Operands | None:
+    """The operands of an Einsum that is a batched matrix product: the same leading batch letters
+    in both terms and the result, one contracted letter, one free letter per term, the result
+    batch + free of the first + free of the second."""
+    parsed = _einsum_terms(node)
+    if parsed is None:
         return None
+    (ta, tb), result = parsed
+    if "." in ta + tb + result or len(ta) != len(tb) or len(ta) < 2 or len(set(ta)) != len(ta) or \
+            len(set(tb)) != len(tb) or ta[:-2] != tb[:-2] or result[:-2] != ta[:-2] or len(result) != len(ta):
+        return None
+    a1, a2, b1, b2 = ta[-2], ta[-1], tb[-2], tb[-1]
+    shared = {a1, a2} & {b1, b2}
+    if len(shared) != 1 or set(ta[:-2]) & {a1, a2, b1, b2}:
+        return None
+    k = shared.pop()
+    i, j = (a1 if a2 == k else a2), (b1 if b2 == k else b2)
+    if result[-2:] != i + j or i == j:
+        return None
+    rank = len(ta)
+    return (node.input[0], rank if a1 == k else 0), (node.input[1], rank if b2 == k else 0)
+
+
+def _matmul_form(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> _Operands | None:
+    """The operands when the Einsum ``node`` is ``x @ W`` (or ``x @ W.T``), W a constant matrix."""
+    parsed = _einsum_terms(node)
+    if parsed is None:
+        return None
+    terms, result = parsed
     for xi in (0, 1):
         x, w = node.input[xi], node.input[1 - xi]
         tx, tw = terms[xi], terms[1 - xi]
@@ -424,7 +469,7 @@ def _matmul_form(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> tupl
         n = tw[1] if tw[0] == k else tw[0]
         if n in tx or result != tx[:-1] + n:
             continue
-        return x, w, tw != k + n
+        return (x, 0), (w, 2 if tw != k + n else 0)
     return None
 
 

@@ -590,8 +590,9 @@ def test_unbatched_activation_calibrated_whole(target):
 
 def test_einsum_products_with_a_constant_matrix_become_matmuls(tmp_path):
     """torch.einsum exports as Einsum; the forms that are x @ W (``...k,kn->...n``, ``...k,nk->...n``,
-    either operand first) become MatMuls (the same function) and are quantized like a Linear;
-    other Einsums (attention's two activations, a reordered result) stay as they are."""
+    either operand first) and batched products (attention's ``bqd,bkd->bqk`` and ``bqk,bkd->bqd``)
+    become MatMuls (the same function) and are quantized by the MatMul rules; other Einsums (a
+    reordered result) stay as they are."""
     torch = pytest.importorskip("torch")
     import onnxruntime as ort
 
@@ -610,8 +611,8 @@ def test_einsum_products_with_a_constant_matrix_become_matmuls(tmp_path):
         def forward(self, x):
             h = torch.einsum("bnd,de->bne", x, self.a).relu()
             h = torch.einsum("fe,bne->bnf", self.b, h).relu()          # constant first, [n, k]
-            att = torch.einsum("bqd,bkd->bqk", h, h).softmax(-1)        # two activations: stays Einsum
-            h = torch.einsum("bqk,bkd->bqd", att, h)
+            att = torch.einsum("bqd,bkd->bqk", h, h).softmax(-1)        # Q.K^T: a MatMul behind a Transpose
+            h = torch.einsum("bqk,bkd->bqd", att, h)                    # probabilities x V: a MatMul, kept float
             return torch.einsum("bnd,de->ben", h, self.c)               # result reordered: stays Einsum
 
     x = np.random.default_rng(0).standard_normal((48, 10, 16)).astype(np.float32)
@@ -621,10 +622,14 @@ def test_einsum_products_with_a_constant_matrix_become_matmuls(tmp_path):
     assert [n.op_type for n in model.graph.node].count("Einsum") == 5
     converted = einsum_as_matmul(model)
     ops = [n.op_type for n in converted.graph.node]
-    assert ops.count("Einsum") == 3 and ops.count("MatMul") == 2 and ops.count("Transpose") == 1
+    assert ops.count("Einsum") == 1 and ops.count("MatMul") == 4 and ops.count("Transpose") == 2
     run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]  # noqa: E731
     np.testing.assert_allclose(run(converted), run(model), rtol=1e-5, atol=1e-5)
-    assert len(prepare(model).plan.weights) == 2  # both matrices per channel, through the folded Transpose
+    plan = prepare(model).plan
+    assert len(plan.weights) == 2  # both matrices per channel, through the folded Transpose
+    matmuls = [n for n in converted.graph.node if n.op_type == "MatMul"]
+    quantized = {c for cs in plan.activations.values() for c in cs}
+    assert [n.name in quantized for n in matmuls] == [True, True, True, False]  # probabilities x V stays float
     cal = quantize(model, ArraySource(x[:32]))
     ref, out = run(model)[32:], run(cal.int8_model())[32:]
     assert 10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()) > 30
@@ -636,3 +641,32 @@ def test_einsum_products_with_a_constant_matrix_become_matmuls(tmp_path):
 
     report = layerwise_error(model, cal.int8_model(), Batcher(ArraySource(x[:32]), ["x"], 16))
     assert len(report.weights) == 2 and all(w.sqnr_db > 30 for w in report.weights)
+
+
+@pytest.mark.parametrize("equation, a, b, converted", [
+    ("bqd,bkd->bqk", (2, 5, 4), (2, 6, 4), True), ("bqk,bkd->bqd", (2, 5, 6), (2, 6, 4), True),
+    ("bhqd,bhkd->bhqk", (2, 3, 5, 4), (2, 3, 6, 4), True), ("bji,bjk->bik", (2, 4, 5), (2, 4, 6), True),
+    ("ij,jk->ik", (5, 4), (4, 6), True), ("ji,kj->ik", (4, 5), (6, 4), True),
+    ("bqd,bkd->bkq", (2, 5, 4), (2, 6, 4), False),        # the result reordered
+    ("bii,bik->bik", (2, 4, 4), (2, 4, 6), False),        # a repeated letter (a diagonal)
+    ("abij,bajk->abik", (2, 3, 4, 5), (3, 2, 5, 6), False),  # batch letters in another order
+])
+def test_einsum_of_two_activations_as_matmul(equation, a, b, converted):
+    """Batched products of two activations become MatMul (a Transpose of the last two axes where
+    a term has them the other way round); the same outputs; other equations stay Einsum."""
+    import onnxruntime as ort
+
+    from quantkit.onnx.model import einsum_as_matmul
+
+    graph = helper.make_graph([helper.make_node("Einsum", ["a", "b"], ["y"], name="e", equation=equation)], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a)),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, list(b))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out = einsum_as_matmul(model)
+    assert ("MatMul" in {n.op_type for n in out.graph.node}) == converted
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.standard_normal(a).astype(np.float32), "b": rng.standard_normal(b).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(None, feed)[0]  # noqa: E731
+    np.testing.assert_allclose(run(out), run(model), rtol=1e-5, atol=1e-5)
