@@ -362,6 +362,19 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
     # 1) method switches: the whole model, then the worst groups, each kept only when it helps
     ranker = ranking.ranker
     order = [r.name for r in ranking.rows]
+
+    def rerank(ranker: Any) -> tuple[Any, list[str]]:
+        """The groups not in float ranked again in the current state (a ranker of every group's
+        cuts: the ranking's, when it has them), and that ranker."""
+        t0 = time.perf_counter()
+        if ranker is None or not ranker.covers_all:  # the FP32 side of the subset is captured once
+            ranker = _ranker_for(scales, eval_source, idx, ranking, ranking_source, ranking_indices)
+        ranker.use_state(floats, overrides)
+        remaining = [scales.group(n) for n in order if n not in floats]
+        rows, _ = rank_groups(ranker, remaining, quantized=False, method_groups=0)
+        record("rerank", [], current, t0)
+        return ranker, [*floats, *(r.name for r in rows)]
+
     if current.drop > config.max_drop and config.method_groups > 0:
         t0 = time.perf_counter()
         whole = _whole_model_method(scales, ranker, ranking.int8_error)
@@ -373,11 +386,7 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
                 overrides, model, current = cand, m, got
             record("method", ["(every group)"], got, t0, method=whole, kept=kept)
             if kept and current.drop > config.max_drop and ranker is not None:  # rank again in this state
-                t0 = time.perf_counter()
-                ranker.use_state(floats, overrides)
-                rows, _ = rank_groups(ranker, list(groups), quantized=False, method_groups=0)
-                order = [r.name for r in rows]
-                record("rerank", [], current, t0)
+                ranker, order = rerank(ranker)
     for row in ranking.rows:
         if current.drop <= config.max_drop:
             break
@@ -421,14 +430,7 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         record("float", [g], got, t0, kept=True)
         if worse and reranks < config.max_reranks and current.drop > config.max_drop:
             reranks += 1
-            t0 = time.perf_counter()
-            if ranker is None or not ranker.covers_all:  # the FP32 side of the subset is captured once
-                ranker = _ranker_for(scales, eval_source, idx, ranking, ranking_source, ranking_indices)
-            ranker.use_state(floats, overrides)
-            remaining = [scales.group(n) for n in order if n not in floats]
-            rows, _ = rank_groups(ranker, remaining, quantized=False, method_groups=0)
-            order = [*floats, *(r.name for r in rows)]
-            record("rerank", [], current, t0)
+            ranker, order = rerank(ranker)
 
     # 3) put back into INT8 what did not help, while the budget holds
     if current.drop <= config.max_drop:

@@ -278,3 +278,27 @@ def test_eval_dir_takes_an_npz_with_labels(digits_files, tmp_path, capsys):
     assert main(args) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["num_samples"] == 200 and report["fallback"]["met"]
+
+
+@pytest.mark.parametrize("estimator", ["exact", "gradient"])
+def test_ranked_again_after_a_whole_model_switch_that_is_not_enough(estimator):
+    """A kept whole-model switch that leaves the budget unmet ranks the groups again in the new
+    state; with the gradient estimator the ranking's exact ranker holds only the method trials'
+    cuts, so a ranker of every group is made for it (that re-ranking failed with a KeyError)."""
+    if estimator == "gradient":
+        pytest.importorskip("torch")
+    from quantkit.debug.sensitivity import QdqScales
+
+    x, labels, test = digits_arrays()
+    cal = quantize(make_outlier_digits(), ArraySource(x[~test][:256]))
+    ev = ArraySource(x[test][:300], labels[test][:300])
+    scales = QdqScales.from_calibration(cal)
+    for amax in scales.ranges.values():
+        amax["tiny"] = amax["minmax"] / 40.0
+    scales.method, scales.plain, scales.bias_shifts = "tiny", None, None
+    # sqnr with no room at all: only FP32 meets it, so the switch is kept and is not enough
+    res = fallback(scales, ev, None, FallbackConfig(max_drop=0.0, drop_metric="sqnr", estimator=estimator,
+                                                    max_float_groups=1))
+    actions = [(s["action"], s["groups"], s.get("kept")) for s in res.steps]
+    assert actions[2] == ("method", ["(every group)"], True) and actions[3][0] == "rerank"
+    assert actions[4][0] == "float" and not res.met and "limit of 1 group" in res.message
