@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from quantkit.onnx.model import constant_arrays
+from quantkit.onnx.model import constant_arrays, unique_name
 
 #: the metadata_props key of the equalization record (a JSON list of ``Equalization.to_dict()``)
 METADATA_KEY = "quantkit.equalization"
@@ -359,14 +359,6 @@ def equalization_scales(channel_max: np.ndarray, *, s_max: float = S_MAX, min_ga
     return s if float(s.max()) >= min_gain else None
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    out, k = name, 1
-    while out in taken:
-        out, k = f"{name}_{k}", k + 1
-    taken.add(out)
-    return out
-
-
 def equalize_depthwise(model: onnx.ModelProto, scales: Mapping[str, tuple[Sequence[str], np.ndarray]],
                        ) -> tuple[onnx.ModelProto, list[Equalization]]:
     """A copy of ``model`` with each tensor ``t`` of ``scales`` (-> (depthwise or group-1 Conv
@@ -396,8 +388,8 @@ def equalize_depthwise(model: onnx.ModelProto, scales: Mapping[str, tuple[Sequen
         dtype = consts[nodes[consumers[0]].input[1]].dtype
         if dtype != np.float32:
             s = s.astype(dtype).astype(np.float32)
-        scaled = _unique(f"{t}_equalized", taken)
-        s_name = _unique(f"{t}_equalization_scale", taken)
+        scaled = unique_name(f"{t}_equalized", taken)
+        s_name = unique_name(f"{t}_equalization_scale", taken)
         new_weights: dict[str, str] = {}
         input_axis: list[str] = []
         weight_axis: dict[str, int] = {}
@@ -408,7 +400,7 @@ def equalize_depthwise(model: onnx.ModelProto, scales: Mapping[str, tuple[Sequen
             w = consts[w_name]
             rank = w.ndim  # an N-d Conv: (N+2)-d input and weight
             group = _attr(node, "group", 1)
-            new = _unique(f"{w_name}_equalized", taken)
+            new = unique_name(f"{w_name}_equalized", taken)
             if node.op_type in LINEAR_OPS:  # W[k, :] / s_k (Gemm with transB: W[:, k] / s_k)
                 k_axis = _k_axis(node)
                 if w.ndim != 2 or w.shape[k_axis] != s.size:
@@ -430,7 +422,7 @@ def equalize_depthwise(model: onnx.ModelProto, scales: Mapping[str, tuple[Sequen
             new_weights[new] = w_name
         shape = [s.size] if weight_axis else [1, s.size] + [1] * (rank - 2)  # MatMul: broadcast on the last axis
         graph.initializer.append(onnx.numpy_helper.from_array(s.reshape(shape).astype(dtype), s_name))
-        mul = onnx.helper.make_node("Mul", [t, s_name], [scaled], name=_unique(f"{t}_equalization_Mul", taken))
+        mul = onnx.helper.make_node("Mul", [t, s_name], [scaled], name=unique_name(f"{t}_equalization_Mul", taken))
         muls.append((mul, set(consumers)))
         done.append(Equalization(t, scaled, tuple(consumers), new_weights, s, tuple(input_axis),
                                  -1 if weight_axis else 1, weight_axis))

@@ -225,6 +225,15 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return {n: (0, r) for n, r in rows.items() if n not in other and r > 0}
 
 
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_1``, ``name_2``... the first not in ``taken``; added to ``taken``."""
+    out, k = name, 1
+    while out in taken:
+        out, k = f"{name}_{k}", k + 1
+    taken.add(out)
+    return out
+
+
 def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` itself when every node of its main graph has a name, else a copy in which the
     unnamed ones are called ``<op type>_<index>`` (made unique against the names taken).
@@ -239,12 +248,7 @@ def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     taken = {n.name for n in named.graph.node if n.name}
     for i, node in enumerate(named.graph.node):
         if not node.name:
-            base = name = f"{node.op_type}_{i}"
-            k = 1
-            while name in taken:
-                name, k = f"{base}_{k}", k + 1
-            node.name = name
-            taken.add(name)
+            node.name = unique_name(f"{node.op_type}_{i}", taken)
     return named
 
 
@@ -386,19 +390,14 @@ def einsum_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     taken = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.initializer}
     for node in out.graph.node:
         einsum = node.op_type == "Einsum" and node.domain in ("", "ai.onnx")
-        form = _matmul_form(node, consts) if einsum else None
-        if form is None and einsum:
-            form = _batched_form(node)
+        form = (_matmul_form(node, consts) or _batched_form(node)) if einsum else None
         if form is None:
             nodes.append(node)
             continue
         operands = []
         for t, rank in form:
             if rank:  # its last two axes the other way round: a Transpose of them first
-                name, k = f"{t}_transposed", 1
-                while name in taken:
-                    name, k = f"{t}_transposed_{k}", k + 1
-                taken.add(name)
+                name = unique_name(f"{t}_transposed", taken)
                 perm = [*range(rank - 2), rank - 1, rank - 2]
                 nodes.append(helper.make_node("Transpose", [t], [name], name=f"{node.name or name}_{name}", perm=perm))
                 t = name
