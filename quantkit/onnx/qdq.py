@@ -198,8 +198,8 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
                 continue  # constant "activation": nothing to calibrate
             if node.name in log_front:
                 continue  # a log-spectrum's filterbank or transform: stays in float (the docstring says why)
-            if b not in consts and target == "tensorrt" and FLOAT_ATTENTION_PROBS and not quantize_attention_probs \
-                    and (_reads_softmax(a, producer) or _reads_softmax(b, producer)):
+            if target == "tensorrt" and FLOAT_ATTENTION_PROBS and not quantize_attention_probs and \
+                    _reads_attention_probs(node, consts, producer):
                 continue  # attention's probabilities x V: stays in float (the docstring says why)
             acts[a].append(node.name)
             if b in consts and np.issubdtype(consts[b].dtype, np.floating):
@@ -248,21 +248,29 @@ def _reads_softmax(t: str, producer: Mapping[str, onnx.NodeProto]) -> bool:
     return node is not None and node.op_type == "Softmax"
 
 
+def _reads_attention_probs(node: onnx.NodeProto, consts: Mapping[str, object],
+                           producer: Mapping[str, onnx.NodeProto]) -> bool:
+    """Whether the weighted op ``node`` reads two activations, one of them a Softmax's output
+    (attention's probabilities x V)."""
+    a, b = node.input[0], node.input[1]
+    return a not in consts and b not in consts and (_reads_softmax(a, producer) or _reads_softmax(b, producer))
+
+
 def float_by_rule(model: onnx.ModelProto, target: str = "tensorrt", *,
                   quantize_attention_probs: bool = False) -> dict[str, str]:
     """The weighted ops (Conv/ConvTranspose/Gemm/MatMul) that ``plan_qdq``'s rules keep in float
     although they have float inputs: node name -> why (for ``inspect`` and ``calibrate``)."""
     out: dict[str, str] = {}
+    consts = constant_arrays(model)
     if FLOAT_LOG_SPECTRUM:
-        for name, op in log_spectrum_nodes(model).items():
+        for name, op in log_spectrum_nodes(model, consts).items():
             if op in WEIGHTED_OPS:
                 out[name] = "log-spectrum front end"
     if target == "tensorrt" and FLOAT_ATTENTION_PROBS and not quantize_attention_probs:
-        consts = constant_arrays(model)
         producer = {o: n for n in model.graph.node for o in n.output}
         for n in model.graph.node:
-            if n.op_type == "MatMul" and n.name not in out and len(n.input) == 2 and \
-                    not any(t in consts for t in n.input) and any(_reads_softmax(t, producer) for t in n.input):
+            if n.op_type in WEIGHTED_OPS and n.name not in out and len(n.input) >= 2 and \
+                    _reads_attention_probs(n, consts, producer):
                 out[n.name] = "attention probabilities"
     return out
 
