@@ -263,6 +263,19 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
                          quantize_attention_probs)
 
 
+def prepare_for(model: onnx.ModelProto, stats: StatsConfig, name: str = "model") -> PreparedModel:
+    """``prepare`` with the placement settings of ``stats`` (target, exclusions, attention's
+    probabilities)."""
+    return prepare(model, target=stats.target, name=name, exclude=stats.exclude, exclude_op_types=stats.exclude_op_types,
+                   quantize_attention_probs=stats.quantize_attention_probs)
+
+
+def _prepared_for(model: PreparedModel, stats: StatsConfig) -> bool:
+    """Whether ``model`` was prepared with the placement settings of ``stats``."""
+    return model.target == stats.target and model.exclusions == (stats.exclude, stats.exclude_op_types) and \
+        model.quantize_attention_probs == stats.quantize_attention_probs
+
+
 def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Sequence[int], run: RunConfig, *,
                         known_skips: Collection[str] = ()) -> Batcher:
     """Batches for calibration: a fixed-batch model uses its batch size and drops a short tail;
@@ -550,8 +563,7 @@ class Calibration:
                                                   pow2_grid=s["pow2_grid"], equalize=False,
                                                   quantize_attention_probs=bool(s.get("quantize_attention_probs"))),
                                 export=export)
-        prepared = prepare(model, target=config.stats.target, name=model_name,
-                           quantize_attention_probs=config.stats.quantize_attention_probs)
+        prepared = prepare_for(model, config.stats, model_name)
         missing = [t for t in prepared.plan.activation_names if t not in stats.histograms]
         if missing:
             raise InputError(f"the statistics have no histogram for {len(missing)} tensor(s) of {model_name}, "
@@ -616,13 +628,9 @@ def quantize(
     from quantkit.backends.onnxruntime import OrtRunner
 
     stats, run = config.stats, config.run
-    if not isinstance(model, PreparedModel) or model.target != stats.target or \
-            model.exclusions != (stats.exclude, stats.exclude_op_types) or \
-            model.quantize_attention_probs != stats.quantize_attention_probs:
-        model = prepare(model.model if isinstance(model, PreparedModel) else model, target=stats.target,
-                        name=model.name if isinstance(model, PreparedModel) else model_name,
-                        exclude=stats.exclude, exclude_op_types=stats.exclude_op_types,
-                        quantize_attention_probs=stats.quantize_attention_probs)
+    if not isinstance(model, PreparedModel) or not _prepared_for(model, stats):
+        model = prepare_for(model.model if isinstance(model, PreparedModel) else model, stats,
+                            model.name if isinstance(model, PreparedModel) else model_name)
     idx = list(range(len(source))) if indices is None else list(indices)
     folded = _calibrate_equalizing(model, source, idx, config, on_batch)
     if folded is not None:
@@ -693,9 +701,7 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
     prepared: dict[str, PreparedModel] = {}
 
     def grouped_after(equalized_model: onnx.ModelProto) -> set[str]:
-        prepared["model"] = prepare(equalized_model, target=stats.target, name=model.name, exclude=stats.exclude,
-                                    exclude_op_types=stats.exclude_op_types,
-                                    quantize_attention_probs=stats.quantize_attention_probs)
+        prepared["model"] = prepare_for(equalized_model, stats, model.name)
         return {t for g in prepared["model"].plan.groups for t in g}
 
     batcher = calibration_batches(source, model.specs, indices, run)
@@ -745,8 +751,7 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
         return model, [], skipped
     equalized_model, done = equalize_depthwise(model.model, scales)
     log.info("%s: equalized %s over %d samples", model.name, equalization_summary(done), batcher.used_)
-    prepared = prepare(equalized_model, target=stats.target, name=model.name, exclude=stats.exclude,
-                       exclude_op_types=stats.exclude_op_types, quantize_attention_probs=stats.quantize_attention_probs)
+    prepared = prepare_for(equalized_model, stats, model.name)
     return prepared, done, skipped
 
 

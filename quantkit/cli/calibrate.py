@@ -113,7 +113,7 @@ class Calibrate:
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.datasets.classes import check_classes
         from quantkit.onnx.model import file_sha256, load_model, output_specs
-        from quantkit.ptq import ExportConfig, QuantizeConfig, RunConfig, StatsConfig, prepare, quantize
+        from quantkit.ptq import ExportConfig, QuantizeConfig, RunConfig, StatsConfig, prepare_for, quantize
 
         model_path = Path(args.model)
         inputs = [p for p in (args.model, args.images, args.npz, args.eval_dir) if p]
@@ -135,9 +135,7 @@ class Calibrate:
                         quantize_attention_probs=args.quantize_attention_probs),
             RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
             ExportConfig(method=args.method, params={"percentile": args.percentile}))
-        prepared = prepare(model, target=args.target, name=str(model_path), exclude=config.stats.exclude,
-                           exclude_op_types=config.stats.exclude_op_types,
-                           quantize_attention_probs=config.stats.quantize_attention_probs)
+        prepared = prepare_for(model, config.stats, str(model_path))
         source = source_for_model(args, prepared.specs)
         check_classes(source, output_specs(prepared.model))
         drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)
