@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -21,6 +23,9 @@ from quantkit.datasets.dtypes import cast_for_input
 from quantkit.datasets.preprocess import Preprocess
 from quantkit.datasets.sampling import Grouping
 from quantkit.errors import DatasetError, InputError
+
+#: what reading a damaged .npy/.npz raises (a truncated file, a bad zip member)
+_NUMPY_READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +241,9 @@ class NumpySource:
         p = Path(self.path)
         if not p.is_file():
             raise DatasetError(f"NumPy file {str(p)!r} does not exist")
-        import zipfile
-        import zlib
-
         try:
             loaded = np.load(p, allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        except (ValueError, *_NUMPY_READ_ERRORS) as err:
             raise DatasetError(f"{str(p)!r} is not a readable .npy/.npz file: {err}") from err
         if isinstance(loaded, np.ndarray):
             self.arrays, self.labels = {"": loaded}, None
@@ -255,7 +257,7 @@ class NumpySource:
                         raise DatasetError(f"{str(p)!r}: array {k!r} cannot be read without unpickling Python "
                                            f"objects ({err}); quantkit never runs code from a data file",
                                            hint="save numeric arrays (np.savez with float/int arrays)") from err
-                    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                    except _NUMPY_READ_ERRORS as err:
                         raise DatasetError(f"{str(p)!r}: array {k!r} is not readable: {err}") from err
             self.labels = arrays.pop("labels", None)
             self.arrays = arrays
