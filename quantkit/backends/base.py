@@ -58,6 +58,9 @@ class Runner(abc.ABC):
 
     backend: str = "?"
     device: str = "?"
+    #: the model declares a dynamic batch but runs one sample at a time only, found on its first
+    #: batch (``OrtRunner``); the runner then splits every batch into samples
+    one_at_a_time: bool = False
 
     @property
     @abc.abstractmethod

@@ -15,7 +15,9 @@ inference:
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +29,26 @@ import onnx
 from quantkit._deps import require
 from quantkit.backends.base import Runner, TensorSink, check_feed
 from quantkit.datasets.batching import feed_rows, take_rows
-from quantkit.errors import ModelError
+from quantkit.errors import InputError, ModelError
 from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, unused_inputs, with_outputs_bytes
+
+
+log = logging.getLogger(__name__)
+
+
+def run_errors() -> tuple[type[BaseException], ...]:
+    """The exception types ONNX Runtime's ``run`` raises (its own; none derives from RuntimeError)."""
+    state = require("onnxruntime").capi.onnxruntime_pybind11_state
+    names = ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented", "InvalidGraph", "EPFail")
+    return tuple(t for t in (getattr(state, n, None) for n in names) if isinstance(t, type))
+
+
+def run_error_text(err: BaseException) -> str:
+    """ONNX Runtime's message on one line without its status prefix and C++ source locations."""
+    text = " ".join(str(err).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ (?:\S+::)*\S+\(.*?\) ", "", text)
+    return text[:400]
 
 
 def session_options(threads: int | None = None, *, optimization: str = "all", spinning: bool = True) -> Any:
@@ -49,7 +69,7 @@ def session_options(threads: int | None = None, *, optimization: str = "all", sp
     so.graph_optimization_level = level
     if threads:
         so.intra_op_num_threads = threads
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: a run's error comes back as an exception, said in one line
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
@@ -83,15 +103,16 @@ class OrtRunner(Runner):
         capture_budget_mb: captured outputs of one inference call stay within this; a batch is
             split into chunks to keep them there (never below one sample, never for a model
             with a fixed batch size).
+        name: the model's name in messages (default: the file's name, or the graph's).
     """
 
     backend = "onnxruntime"
 
     def __init__(self, model: onnx.ModelProto | str | os.PathLike[str], *, threads: int | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",), capture: Sequence[str] = (),
-                 capture_budget_mb: float = 64.0):
+                 capture_budget_mb: float = 64.0, name: str | None = None):
         proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-        self.name = Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name
+        self.name = name or (Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name)
         self._inputs = input_specs(proto)
         # inputs no node reads need no data, but ONNX Runtime wants every input fed: zeros
         self._unused = {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], s.dtype)
@@ -108,6 +129,10 @@ class OrtRunner(Runner):
         # a capture pass histograms on a worker thread beside ONNX Runtime: no spinning threads
         self.session = create_session(src, threads=threads, providers=providers, spinning=not self._captured)
         self.device = ",".join(p.replace("ExecutionProvider", "") for p in self.session.get_providers())
+        #: the model declares a dynamic batch but runs one sample at a time only (an export that
+        #: baked batch 1 into a Reshape): found on the first batch, then every batch runs row by row
+        self.one_at_a_time = False
+        self._ran = False  # a batch of this runner ran (a later failure is not about the batch size)
 
     @property
     def input_specs(self) -> list[TensorSpec]:
@@ -126,14 +151,54 @@ class OrtRunner(Runner):
         return list(self._captured)
 
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.session.run(self._outputs, {**self._unused, **feed})
+        outs = self._run(self._outputs, feed)
         return dict(zip(self._outputs, outs))
 
     def _infer_captured_impl(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         names = [*self._outputs, *(t for t in self._inner if t not in self._outputs)]
-        got = dict(zip(names, self.session.run(names, feed)))
+        got = dict(zip(names, self._run(names, feed)))
         return ({n: got[n] for n in self._outputs},
                 {t: feed[t] if t not in got else got[t] for t in self._captured})
+
+    def _run(self, names: Sequence[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """``session.run`` (the unused inputs' zeros added), row by row for a model found to run
+        one sample at a time."""
+        def run(part: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return list(self.session.run(list(names), {**self._unused, **part}))
+
+        if not self.one_at_a_time:
+            try:
+                outs = run(feed)
+                self._ran = True
+                return outs
+            except run_errors() as err:
+                self._one_at_a_time_or_raise(err, run, feed, {})
+        rows = [run(take_rows(feed, {}, i, i + 1)) for i in range(feed_rows(feed, {}))]
+        # each output's samples along its first axis (a 0-d tensor, the same for every sample, once)
+        return [np.concatenate(parts, axis=0) if np.ndim(parts[0]) else parts[0] for parts in zip(*rows)]
+
+    def _one_at_a_time_or_raise(self, err: BaseException, run_one: Callable[[dict[str, np.ndarray]], Any],
+                                feed: dict[str, np.ndarray], axes: Mapping[str, int | None]) -> None:
+        """After ``err`` on a batch: when the model has a dynamic batch, this is its first batch,
+        and one sample alone runs (``run_one``), it runs one sample at a time from now on (with a
+        warning); otherwise one line naming the model and ONNX Runtime's reason (InputError)."""
+        rows = feed_rows(feed, axes)
+        fixed = self._inputs[0].static_batch if self._inputs else None
+        if self._ran or fixed is not None or rows <= 1:
+            raise self._cannot_run(err) from err
+        try:
+            run_one(take_rows(feed, axes, 0, 1))
+        except run_errors() as one:
+            raise self._cannot_run(one) from one
+        self.one_at_a_time = True
+        log.warning("%s declares a dynamic batch but fails on a batch of %d (%s) and runs one sample: it runs one "
+                    "sample at a time from here on (slower; an export with a dynamic batch would be faster)",
+                    self.name, rows, run_error_text(err))
+
+    def _cannot_run(self, err: BaseException) -> InputError:
+        return InputError(f"ONNX Runtime cannot run {self.name} on this data: {run_error_text(err)}",
+                          hint="check that the data fits the model's inputs (shapes, layout, value ranges such as "
+                          "token ids), e.g. by running the model on one sample yourself")
 
     def capture(self, batches: Iterable[Any], sink: TensorSink, *,
                 on_batch: Callable[[int], None] | None = None) -> None:
@@ -160,15 +225,28 @@ class OrtRunner(Runner):
                     if fixed_batch is not None or not self._inner:
                         chunk = rows  # a fixed-batch model takes exactly this many (a padded tail too)
                     else:
-                        chunk = _chunk_size(runners[0], feed, axes, self._budget_mb)
-                for start in range(0, batch.size, chunk):
+                        try:
+                            chunk = _chunk_size(runners[0], feed, axes, self._budget_mb)
+                        except run_errors() as err:  # one sample of the data does not run
+                            raise self._cannot_run(err) from err
+                    if self.one_at_a_time:
+                        chunk = 1
+                start = 0
+                while start < batch.size:
                     part = take_rows(feed, axes, start, start + chunk)
                     job = pending[turn]
                     if job is not None:
                         job.result()  # this buffer set is free again (and errors surface here)
-                    arrays = runners[turn].run(part)
+                    try:
+                        arrays = runners[turn].run(part)
+                    except run_errors() as err:  # a model that runs one sample at a time only: chunks of 1
+                        self._one_at_a_time_or_raise(err, runners[turn].run, part, axes)
+                        chunk = 1
+                        continue
+                    self._ran = True
                     pending[turn] = pool.submit(hand_over, batch, part, arrays, min(chunk, batch.size - start))
                     turn ^= 1
+                    start += chunk
                 if on_batch is not None:
                     on_batch(batch.size)
             for job in pending:

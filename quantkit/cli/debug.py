@@ -66,7 +66,9 @@ class Debug:
         if args.rank:
             from quantkit.debug.sensitivity import QdqScales, rank_sensitivity
 
-            run = RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict)
+            # a model that runs one sample at a time (the side-by-side pass found it, and warned)
+            run = RunConfig(batch_size=1 if report.one_at_a_time else args.batch_size, threads=args.threads,
+                            strict=args.strict)
             ranking = rank_sensitivity(QdqScales.from_qdq_model(fp32, int8, run), source, drawn.indices,
                                        subset=args.subset, estimator=args.estimator)
             doc["sensitivity"] = ranking.to_dict()

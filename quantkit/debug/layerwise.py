@@ -185,6 +185,8 @@ class DebugReport:
     activations: list[PointError]
     weights: list[WeightError]
     outputs: list[Any] = field(default_factory=list)
+    #: a model declares a dynamic batch but runs one sample at a time only (``OrtRunner.one_at_a_time``)
+    one_at_a_time: bool = False
 
     def worst_first(self) -> list[PointError]:
         """Activations by the error they add on their own (lowest local SQNR first)."""
@@ -327,8 +329,8 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
     stats = {n: _PointStats() for n in names}
     by_name = {p.tensor: p for p in points if p.kind == "activation"}
     samples = 0
-    with OrtRunner(fp32, threads=threads, capture=[fp32_name[n] for n in names]) as ref, \
-            OrtRunner(int8, threads=threads, capture=[by_name[n].dq_output for n in names]) as test:
+    with OrtRunner(fp32, threads=threads, capture=[fp32_name[n] for n in names], name=reference_name) as ref, \
+            OrtRunner(int8, threads=threads, capture=[by_name[n].dq_output for n in names], name=test_name) as test:
         if ref.output_names != test.output_names:
             raise ModelError(f"the models have different outputs: {ref.output_names} vs {test.output_names}",
                              hint="give the FP32 model the Q/DQ model was made from")
@@ -356,7 +358,8 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
         errors.append(PointError(name if name in factor else fp32_name[name], p.depth, _db(s.sig, s.local_noise), _db(s.sig, s.acc_noise),
                                  s.clipped / max(s.values, 1), s.clip_noise / s.local_noise if s.local_noise else 0.0,
                                  p.consumers))
-    return DebugReport(reference_name, test_name, samples, errors, weights, [st.result() for st in outs.values()])
+    return DebugReport(reference_name, test_name, samples, errors, weights, [st.result() for st in outs.values()],
+                       ref.one_at_a_time or test.one_at_a_time)
 
 
 def _scaled_tensors(int8: onnx.ModelProto, known: set[str]) -> dict[str, tuple[str, np.ndarray]]:
