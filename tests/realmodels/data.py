@@ -5,6 +5,8 @@ machine; no file is downloaded.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 
 #: no glyphs that a Latin font draws alike (0/O, 1/l/I), so a recogniser's mistakes are its own
@@ -41,6 +43,23 @@ def text_lines(n: int, seed: int, *, height: int = 48, max_ratio: float = 6.5) -
         img = render_text(text, height=height, rng=rng)
         if img.shape[1] <= max_ratio * height:
             out.append((img, text))
+    return out
+
+
+def khmer_text(n: int, seed: int, alphabet: Collection[str], length: int = 48) -> list[str]:
+    """``n`` strings of ``length`` Khmer characters: syllables of a consonant, now and then a
+    subscript consonant (coeng + consonant), and mostly a dependent vowel; only characters of
+    ``alphabet`` (a model's vocabulary)."""
+    consonants = [chr(c) for c in range(0x1780, 0x17A3) if chr(c) in alphabet]
+    vowels = [chr(c) for c in range(0x17B6, 0x17C6) if chr(c) in alphabet]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        text = ""
+        while len(text) < length:
+            text += rng.choice(consonants) + ("\u17d2" + rng.choice(consonants) if rng.random() < 0.2 else "")
+            text += rng.choice(vowels) if rng.random() < 0.7 else ""
+        out.append(text[:length])
     return out
 
 

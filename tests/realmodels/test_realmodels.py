@@ -133,3 +133,48 @@ def test_log_mel_front_end_kept_in_float_and_refused_in_one_line(name, tmp_path,
     assert rc == 2, err
     assert "log-spectrum" in err and len(err.strip().splitlines()) == 2, err  # the error and its hint
     assert not (tmp_path / "out").exists()
+
+
+def test_dynamo_transformer_with_batch_one_baked_in_runs_one_sample_at_a_time(tmp_path, caplog, capsys):
+    """khmersm's word segmenter as shipped: a transformer from torch's dynamo exporter (opset 17,
+    LayerNormalization, weights in model.onnx.data), int64 ids and a bool mask with a dynamic batch,
+    but a Reshape inside holds the tracing batch of 1, so ONNX Runtime fails on any batch of two.
+    calibrate finds that on the first batch, warns once and runs it one sample at a time (it was
+    exit 1); the package's own Segmenter (its encoding, its CRF Viterbi decoding) then reads the
+    INT8 model's emissions and segments the lines as it does with FP32's."""
+    import json
+    import logging
+
+    from quantkit.cli import main
+
+    try:
+        root = corpus.unpacked(corpus.KHMERSM)  # importable: the package's own pre/post-processing
+    except corpus.WheelMissing as err:
+        pytest.skip(str(err))
+    from khmersm.inference import Segmenter, _encode_chars
+
+    from tests.realmodels.data import khmer_text
+
+    pkg = root / "khmersm"
+    char2id = json.loads((pkg / "config.json").read_text(encoding="utf-8"))["char2id"]
+    texts = khmer_text(64, 0, char2id)
+    x = np.asarray([_encode_chars(t, char2id) for t in texts], np.int64)
+    np.savez(tmp_path / "calib.npz", x=x[:24], mask=np.ones_like(x[:24], dtype=bool))
+    np.savez(tmp_path / "eval.npz", x=x[24:], mask=np.ones_like(x[24:], dtype=bool))
+    with caplog.at_level(logging.WARNING):
+        rc = main(["calibrate", str(pkg / "model.onnx"), "--npz", str(tmp_path / "calib.npz"), "--eval-dir",
+                   str(tmp_path / "eval.npz"), "--no-progress", "-o", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    said = [r.getMessage() for r in caplog.records if "one sample at a time" in r.getMessage()]
+    assert len(said) == 1 and "Reshape" in said[0], said
+    int8 = tmp_path / "out" / "model.int8.onnx"
+    assert _io(onnx.load(str(int8))) == _io(onnx.load(str(pkg / "model.onnx")))
+    fp32_seg, int8_seg = Segmenter(), Segmenter(onnx_path=int8)
+    a, b = [fp32_seg.segment(t) for t in texts[24:]], [int8_seg.segment(t) for t in texts[24:]]
+    # word starts (a space before a character) placed alike, and whole lines segmented alike
+    starts = [[i for i, c in enumerate(s.split(" ")) for _ in c] for s in a]
+    starts_q = [[i for i, c in enumerate(s.split(" ")) for _ in c] for s in b]
+    chars = np.mean([np.mean(np.diff(u) == np.diff(v)) for u, v in zip(starts, starts_q)])
+    lines = np.mean([u == v for u, v in zip(a, b)])
+    assert chars >= 0.98 and lines >= 0.75, f"boundaries {chars:.1%}, lines {lines:.0%} of 40 as FP32's"
