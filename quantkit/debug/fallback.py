@@ -21,10 +21,15 @@
    full validation costs one pass over the evaluation data.
 4. Float steps: groups go back to float in sensitivity order, one per step, each step
    re-validated on the evaluation data, until the budget holds. A step that makes the drop
-   worse triggers a re-ranking of the groups left, in the current state (at most
-   ``max_reranks`` times).
-5. Put back: a group whose step did not lower the drop is tried in INT8 again and stays there
-   when the budget still holds.
+   worse triggers a re-ranking of the groups left, in the current state: groups interact (on
+   RapidOCR's recogniser without bias correction, its first depthwise Conv's weight and the
+   activation after it partly cancel: either alone in float made the drop worse, both fixed
+   it), and a re-ranking in the new state puts the partner first. Re-rankings are allowed
+   while they have taken no more time than the validations so far (or ``max_reranks``).
+5. Put back: every group in float is tried in INT8 again, those whose step did not lower the
+   drop first, then the others from the least sensitive, and stays there when the budget
+   still holds (with a noisy task metric, a step that helped by a sample or two often is not
+   needed once later groups are in float).
 
 Drop metrics, in points (the budget's unit):
     accuracy        100 x (FP32 accuracy - INT8 accuracy), needs labels
@@ -88,7 +93,8 @@ class FallbackConfig:
         method_groups: how many of the worst groups try other range methods.
         max_float_groups: at most this many groups in float (None: no limit); reaching it
             without meeting the budget ends the run with ``met=False``.
-        max_reranks: re-rankings after steps that made the drop worse.
+        max_reranks: re-rankings after steps that made the drop worse (None: while re-ranking
+            has taken no more time than the validations so far).
         estimator: the sensitivity ranking's estimator ("exact" or "gradient":
             ``rank_sensitivity``); every step is validated exactly either way.
     """
@@ -98,7 +104,7 @@ class FallbackConfig:
     subset: int = 32
     method_groups: int = 3
     max_float_groups: int | None = None
-    max_reranks: int = 2
+    max_reranks: int | None = None
     estimator: str = "exact"
 
     def __post_init__(self) -> None:
@@ -110,6 +116,8 @@ class FallbackConfig:
             raise InputError(f"the ranking subset must have at least one sample, got {self.subset}")
         if self.max_float_groups is not None and self.max_float_groups < 0:
             raise InputError(f"max_float_groups must be >= 0, got {self.max_float_groups}")
+        if self.max_reranks is not None and self.max_reranks < 0:
+            raise InputError(f"max_reranks must be >= 0, got {self.max_reranks}")
         if self.estimator not in ESTIMATORS:
             raise InputError(f"unknown sensitivity estimator {self.estimator!r}; choose one of {list(ESTIMATORS)}")
 
@@ -355,9 +363,14 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
                                    method_groups=config.method_groups, quantized=False, estimator=config.estimator)
     record("rank", [], current, t0, cost_fp32_passes=ranking.cost_fp32_passes)
 
+    spent = {"validate": 0.0, "rerank": 0.0}  # seconds, for the re-rankings' allowance
+
     def try_state(new_floats: list[str], new_overrides: dict[str, str]) -> tuple[onnx.ModelProto, _Measure]:
+        t = time.perf_counter()
         m = scales.int8_model(new_floats, new_overrides)
-        return m, ev.measure(m)
+        got = ev.measure(m)
+        spent["validate"] += time.perf_counter() - t
+        return m, got
 
     # 1) method switches: the whole model, then the worst groups, each kept only when it helps
     ranker = ranking.ranker
@@ -372,8 +385,14 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         ranker.use_state(floats, overrides)
         remaining = [scales.group(n) for n in order if n not in floats]
         rows, _ = rank_groups(ranker, remaining, quantized=False, method_groups=0)
+        spent["rerank"] += time.perf_counter() - t0
         record("rerank", [], current, t0)
         return ranker, [*floats, *(r.name for r in rows)]
+
+    def may_rerank() -> bool:
+        if config.max_reranks is not None:
+            return reranks < config.max_reranks
+        return spent["rerank"] <= spent["validate"]
 
     if current.drop > config.max_drop and config.method_groups > 0:
         t0 = time.perf_counter()
@@ -428,13 +447,15 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         floats.append(g)
         model, current = m, got
         record("float", [g], got, t0, kept=True)
-        if worse and reranks < config.max_reranks and current.drop > config.max_drop:
+        if worse and current.drop > config.max_drop and may_rerank():
             reranks += 1
             ranker, order = rerank(ranker)
 
-    # 3) put back into INT8 what did not help, while the budget holds
+    # 3) put back into INT8 what the budget allows: what did not help first, then from the least sensitive
     if current.drop <= config.max_drop:
-        for g in [g for g in reversed(floats) if not helped.get(g, True)]:
+        # without the group of the last float step: that state was measured before it, over the budget
+        known = {floats[-1]} if floats and steps[-1]["action"] == "float" else set()
+        for g in sorted((g for g in reversed(floats) if g not in known), key=lambda g: helped.get(g, True)):
             t0 = time.perf_counter()
             fewer = [f for f in floats if f != g]
             m, got = try_state(fewer, overrides)
