@@ -122,9 +122,15 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
 
     from quantkit.datasets import ImageFolder, NumpySource, for_model
 
+    from quantkit.errors import DatasetError
+
     folder = images if images is not None else args.images
     arrays = args.npz if folder is None else folder if Path(folder).suffix.lower() in (".npz", ".npy") \
-        and Path(folder).is_file() else None  # --eval-dir may name an .npz/.npy file too
+        and not Path(folder).is_dir() else None  # --eval-dir may name an .npz/.npy file too
+    if arrays is None and not Path(folder).is_dir():  # before the preprocessing is checked against the model
+        raise DatasetError(f"image folder {str(folder)!r} does not exist" if not Path(folder).exists()
+                           else f"{str(folder)!r} is not a folder of images",
+                           hint="pass a folder of images, or an .npz/.npy file (--npz; --eval-dir takes either)")
     if arrays is not None:
         return NumpySource(arrays, dtypes={s.name: s.dtype for s in specs}, shapes={s.name: s.shape for s in specs},
                            batch_axes=dict(getattr(args, "batch_axis", None) or []))

@@ -483,3 +483,23 @@ def test_model_making_nan_is_exit_2_naming_the_tensor(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "'root'" in err and "NaN" in err, err
+
+
+@pytest.mark.parametrize("flag, path, said", [
+    ("--images", "nowhere", "image folder '{}' does not exist"),
+    ("--eval-dir", "nowhere", "image folder '{}' does not exist"),
+    ("--eval-dir", "nowhere.npz", "NumPy file '{}' does not exist"),
+    ("--eval-dir", "a_file.txt", "'{}' is not a folder of images"),
+])
+def test_a_missing_data_path_is_named_before_the_preprocessing_is_checked(flag, path, said, tmp_path, capsys):
+    """The digits model wants gray images: a path that is not there was reported as a colour
+    mismatch (the preprocessing was checked against the model first)."""
+    (tmp_path / "a_file.txt").write_text("not images")
+    target = tmp_path / path
+    np.savez(tmp_path / "d.npz", image=np.random.default_rng(0).random((8, 1, 32, 32), np.float32))
+    data = ["--npz", str(tmp_path / "d.npz")] if flag == "--eval-dir" else []
+    rc = main(["calibrate", str(sample.model_path()), *data, flag, str(target), "--no-progress",
+               "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and said.format(target) in err and "colour" not in err, err
+    assert not (tmp_path / "out").exists()
