@@ -30,6 +30,10 @@ class OutputMetrics:
     max_abs_error: float
     mean_abs_error: float
     top1_agreement: float | None
+    #: batches on which the two models' outputs had different shapes (a data-dependent shape: boxes
+    #: after NonMaxSuppression, NonZero), left out of the figures above
+    shape_differs: int = 0
+    batches: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,11 @@ class CompareReport:
                 f"  {m.name[:24]:<24} {agree:>11} {m.cosine_mean:>9.5f} {m.cosine_min:>8.5f} "
                 f"{m.sqnr_db:>8.2f} {m.max_abs_error:>11.4g}"
             )
+        for m in self.outputs:
+            if m.shape_differs:
+                lines.append(f"  note: {m.name!r} has a data-dependent shape: the models' shapes differ on "
+                             f"{m.shape_differs} of {m.batches} batch(es), left out of its figures"
+                             + (" (all of them: no figures)" if m.shape_differs == m.batches else ""))
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} unreadable file(s); first: {self.skipped[0][0]}")
         return "\n".join(lines)
@@ -81,8 +90,14 @@ class _OutputStats:
         self.samples = 0
         self.agree = 0
         self.classifier = True
+        self.batches = 0
+        self.shape_differs = 0
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
+        self.batches += 1
+        if np.shape(ref) != np.shape(test):  # a data-dependent shape (NMS boxes): nothing to pair up
+            self.shape_differs += 1
+            return
         r = ref.reshape(ref.shape[0], -1).astype(np.float64)
         t = test.reshape(test.shape[0], -1).astype(np.float64)
         diff = r - t
@@ -106,16 +121,18 @@ class _OutputStats:
 
     def result(self) -> OutputMetrics:
         n = max(self.samples, 1)
-        if self.noise == 0.0:
+        if not self.samples:
+            sqnr = math.nan
+        elif self.noise == 0.0:
             sqnr = math.inf
         elif self.sig == 0.0:
             sqnr = -math.inf
         else:
             sqnr = 10.0 * math.log10(self.sig / self.noise)
         return OutputMetrics(
-            self.name, self.cos_sum / n, self.cos_min if self.samples else math.nan, sqnr,
+            self.name, self.cos_sum / n if self.samples else math.nan, self.cos_min if self.samples else math.nan, sqnr,
             self.max_abs, self.abs_sum / max(self.values, 1),
-            self.agree / n if self.classifier and self.samples else None,
+            self.agree / n if self.classifier and self.samples else None, self.shape_differs, self.batches,
         )
 
 

@@ -130,6 +130,8 @@ class _PointStats:
     clipped: int = 0
     values: int = 0
     acc_noise: float = 0.0
+    acc_sig: float = 0.0
+    acc_skipped: int = 0  # batches whose INT8 tensor had another number of rows (a data-dependent shape)
 
     def update(self, point: QdqPoint, ref: np.ndarray, test: np.ndarray) -> None:
         x = ref.astype(np.float64)
@@ -140,8 +142,12 @@ class _PointStats:
         self.clip_noise += float(err[clipped].sum())
         self.clipped += int(clipped.sum())
         self.values += x.size
+        if test.shape != x.shape:  # e.g. the boxes NonMaxSuppression kept: the local error only
+            self.acc_skipped += 1
+            return
         d = test.astype(np.float64) - x
         self.acc_noise += float((d * d).sum())
+        self.acc_sig += float((x * x).sum())
 
 
 def _db(sig: float, noise: float) -> float:
@@ -210,7 +216,13 @@ class DebugReport:
             lines.append(f"  weight {w.tensor[-36:]}: {w.sqnr_db:.2f} dB, worst channel {w.worst_channel_sqnr_db:.2f} dB "
                          f"(channels {w.worst_channels})")
         for o in self.outputs:
-            lines.append(f"  output {o.name}: SQNR {o.sqnr_db:.2f} dB, cosine {o.cosine_mean:.5f}")
+            differs = getattr(o, "shape_differs", 0)
+            if differs and differs == getattr(o, "batches", 0):
+                lines.append(f"  output {o.name}: a data-dependent shape that differs from FP32's on every batch "
+                             "(no figures)")
+                continue
+            lines.append(f"  output {o.name}: SQNR {o.sqnr_db:.2f} dB, cosine {o.cosine_mean:.5f}"
+                         + (f" ({differs} of {o.batches} batches left out: their shapes differ)" if differs else ""))
         return "\n".join(lines)
 
 
@@ -343,7 +355,8 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
                 a, b = _rows(ref_cap[fp32_name[name]], n, padded), _rows(test_cap[by_name[name].dq_output], n, padded)
                 if name in factor:
                     a = a * factor[name]
-                if a.shape != b.shape:
+                if a.shape != b.shape and (a.ndim != b.ndim or sum(x != y for x, y in zip(a.shape, b.shape)) > 1):
+                    # (one axis apart: a data-dependent shape, the rows NonMaxSuppression kept; local error only)
                     raise ModelError(f"tensor {name!r} has shape {list(a.shape)} in the FP32 model and "
                                      f"{list(b.shape)} in the INT8 model: not derived from this FP32 model")
                 stats[name].update(by_name[name], a, b)
@@ -355,7 +368,8 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
     errors = []
     for name in names:
         s, p = stats[name], by_name[name]
-        errors.append(PointError(name if name in factor else fp32_name[name], p.depth, _db(s.sig, s.local_noise), _db(s.sig, s.acc_noise),
+        errors.append(PointError(name if name in factor else fp32_name[name], p.depth, _db(s.sig, s.local_noise),
+                                 _db(s.acc_sig, s.acc_noise) if s.acc_sig or s.acc_noise else math.nan,
                                  s.clipped / max(s.values, 1), s.clip_noise / s.local_noise if s.local_noise else 0.0,
                                  p.consumers))
     return DebugReport(reference_name, test_name, samples, errors, weights, [st.result() for st in outs.values()],

@@ -351,7 +351,17 @@ def ranking_from_file(path: str) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------ running parts of the network
 def _noise_signal(ref: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample: (noise power, signal power), float64."""
+    """Per sample: (noise power, signal power), float64.
+
+    Raises:
+        InputError: the two have different shapes: a first output whose shape depends on the
+            values (the boxes NonMaxSuppression keeps), which cannot be compared sample by sample.
+    """
+    if np.shape(ref) != np.shape(test):
+        raise InputError(f"the model's first output has a data-dependent shape (FP32 {list(np.shape(ref))}, INT8 "
+                         f"{list(np.shape(test))}: e.g. the boxes NonMaxSuppression keeps); the sensitivity ranking "
+                         "and --max-drop compare the first output sample by sample",
+                         hint="make an output of fixed shape the first one (the raw boxes and scores before NMS)")
     r = ref.reshape(ref.shape[0], -1).astype(np.float64)
     d = r - test.reshape(test.shape[0], -1).astype(np.float64)
     return (d * d).sum(axis=1), (r * r).sum(axis=1)
