@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -139,18 +142,43 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
             f"the model has {len(specs)} inputs {[s.name for s in specs]}; an image folder feeds one",
             hint="use --npz with one array per input name",
         )
-    if not np.issubdtype(specs[0].dtype, np.floating):
+    pixels = np.dtype(specs[0].dtype) == np.uint8 and len(specs[0].shape) == 4  # the model normalizes itself
+    if not np.issubdtype(specs[0].dtype, np.floating) and not pixels:
         raise InputError(
-            f"input {specs[0].name!r} is {specs[0].dtype} (token ids, masks, ...); an image folder feeds float images",
+            f"input {specs[0].name!r} is {specs[0].dtype} (token ids, masks, ...); an image folder feeds float images "
+            "(or uint8 pixels to a 4-D uint8 input)",
             hint="use --npz with one array per input name",
         )
-    spec = for_model(preprocess_from_args(args), specs[0].shape, input_name=specs[0].name,
-                     preset_name=args.preprocess)
+    spec = preprocess_from_args(args)
+    if pixels:
+        given = [f"--{k}" for k in ("scale", "mean", "std") if getattr(args, k, None) is not None]
+        if given:
+            raise InputError(f"input {specs[0].name!r} takes uint8 pixels (0-255), which the model normalizes itself; "
+                             f"{'/'.join(given)} cannot apply", hint=f"drop {' '.join(given)}")
+        spec = spec.replace(scale=1.0, mean=(0.0,), std=(1.0,), dtype="uint8")
+        log.info("input %r takes uint8 pixels: the images are fed as 0-255 values, resized/cropped only",
+                 specs[0].name)
+    if getattr(args, "layout", None) is None:  # the layout the input's static channel dim says
+        spec = _layout_from_shape(spec, specs[0].shape)
+    spec = for_model(spec, specs[0].shape, input_name=specs[0].name, preset_name=args.preprocess)
     shape = specs[0].shape
     h_axis, w_axis = (2, 3) if spec.layout == "nchw" else (1, 2)
     hw = (shape[h_axis], shape[w_axis])
     expected = hw if all(isinstance(d, int) for d in hw) else None
     return ImageFolder(folder, spec, expected_hw=expected)  # type: ignore[arg-type]
+
+
+def _layout_from_shape(spec: Any, shape: Sequence[Any]) -> Any:
+    """``spec`` in NHWC when the input's static dims say channels last ([N, H, W, C], C the
+    colour's channel count, dim 1 not), as Keras/TensorFlow exports have; else as it is."""
+    if len(shape) != 4:
+        return spec
+    c = spec.channels
+    if shape[1] != c and shape[3] == c and spec.layout == "nchw":
+        log.info("input layout NHWC (the model's shape %s has %d channels last; --layout nchw to override)",
+                 list(shape), c)
+        return spec.replace(layout="nhwc")
+    return spec
 
 
 def select(source: Any, args: argparse.Namespace, *, what: str = "samples", default: int | None = None) -> Any:

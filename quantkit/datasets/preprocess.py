@@ -30,7 +30,8 @@ class Preprocess:
         scale: multiply pixel values (0-255 range, whatever the file's bit depth) by this.
         mean, std: per channel, applied after ``scale``: (x * scale - mean) / std.
         layout: "nchw" or "nhwc".
-        dtype: "float32" or "float16".
+        dtype: "float32", "float16", or "uint8" (a model that takes raw pixels 0-255 and
+            normalizes them itself: values rounded and clipped to 0-255).
         interpolation: "linear", "area", "cubic" or "nearest".
     """
 
@@ -41,7 +42,7 @@ class Preprocess:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     layout: Layout = "nchw"
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16", "uint8"] = "float32"
     interpolation: str = "linear"
 
     def __post_init__(self) -> None:
@@ -49,8 +50,8 @@ class Preprocess:
             raise InputError(f"colour order must be rgb, bgr or gray, got {self.color!r}")
         if self.layout not in ("nchw", "nhwc"):
             raise InputError(f"layout must be nchw or nhwc, got {self.layout!r}")
-        if self.dtype not in ("float32", "float16"):
-            raise InputError(f"dtype must be float32 or float16, got {self.dtype!r}")
+        if self.dtype not in ("float32", "float16", "uint8"):
+            raise InputError(f"dtype must be float32, float16 or uint8, got {self.dtype!r}")
         if self.interpolation not in _INTERP:
             raise InputError(f"interpolation must be one of {sorted(_INTERP)}, got {self.interpolation!r}")
         if self.resize is not None and self.resize <= 0:
@@ -134,6 +135,8 @@ class Preprocess:
         out: np.ndarray = img.astype(np.float32) * mul + add
         if self.layout == "nchw":
             out = out.transpose(2, 0, 1)
+        if self.dtype == "uint8":  # raw pixels for a model that normalizes them itself
+            out = np.clip(np.rint(out), 0, 255)
         return np.ascontiguousarray(out, dtype=np.dtype(self.dtype))
 
 
