@@ -54,6 +54,13 @@ def non_negative_int(text: str) -> int:
     return v
 
 
+def _input_value(text: str) -> tuple[str, str]:
+    name, sep, values = text.partition("=")
+    if not sep or not name or not values.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=V[,V...], got {text!r}")
+    return name, values
+
+
 def _batch_axis(text: str) -> tuple[str, int | None]:
     name, sep, axis = text.rpartition("=")
     if not sep or not name:
@@ -76,6 +83,10 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True,
     g.add_argument("--batch-axis", type=_batch_axis, action="append", metavar="NAME=AXIS",
                    help="--npz: the batch axis of input NAME (AXIS a number, or none: fed as is in every batch); "
                    "by default taken from the model's input shape (its dynamic dim), repeatable")
+    g.add_argument("--input-value", type=_input_value, action="append", metavar="NAME=V[,V...]",
+                   help="--images on a model with other inputs: the value of input NAME for every image (e.g. a "
+                   "detector's scale_factor=1,1 or im_shape=640,640), one sample's values, comma-separated; "
+                   "repeatable")
     g.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch (default 32; "
                    "a model with a fixed batch size uses its own)")
     g.add_argument("--num-images", type=positive_int, default=None, metavar="N", help=num_images_help)
@@ -135,13 +146,13 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
                            else f"{str(folder)!r} is not a folder of images",
                            hint="pass a folder of images, or an .npz/.npy file (--npz; --eval-dir takes either)")
     if arrays is not None:
+        if getattr(args, "input_value", None):
+            raise InputError("--input-value gives other inputs a value next to an image folder; with --npz, put "
+                             "every input's array in the .npz", hint="drop --input-value, or use --images")
         return NumpySource(arrays, dtypes={s.name: s.dtype for s in specs}, shapes={s.name: s.shape for s in specs},
                            batch_axes=dict(getattr(args, "batch_axis", None) or []))
-    if len(specs) != 1:
-        raise InputError(
-            f"the model has {len(specs)} inputs {[s.name for s in specs]}; an image folder feeds one",
-            hint="use --npz with one array per input name",
-        )
+    given_values = dict(getattr(args, "input_value", None) or [])
+    specs, values = _image_input(specs, given_values)
     pixels = np.dtype(specs[0].dtype) == np.uint8 and len(specs[0].shape) == 4  # the model normalizes itself
     if not np.issubdtype(specs[0].dtype, np.floating) and not pixels:
         raise InputError(
@@ -165,7 +176,55 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
     h_axis, w_axis = (2, 3) if spec.layout == "nchw" else (1, 2)
     hw = (shape[h_axis], shape[w_axis])
     expected = hw if all(isinstance(d, int) for d in hw) else None
-    return ImageFolder(folder, spec, expected_hw=expected)  # type: ignore[arg-type]
+    source = ImageFolder(folder, spec, expected_hw=expected)  # type: ignore[arg-type]
+    if values:
+        from quantkit.datasets.sources import WithInputValues
+
+        return WithInputValues(source, specs[0].name, values)
+    return source
+
+
+def _image_input(specs: list[Any], given: dict[str, str]) -> tuple[list[Any], dict[str, Any]]:
+    """For an image folder: the spec of the input it feeds (first in the list returned) and the
+    arrays ``--input-value`` gives every other input (one sample's, cast to its dtype)."""
+    import numpy as np
+
+    from quantkit.datasets.dtypes import cast_for_input
+
+    names = [s.name for s in specs]
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise InputError(f"--input-value names {unknown}, which the model does not have; its inputs are {names}")
+    rest = [s for s in specs if s.name not in given]
+    images = [s for s in rest if len(s.shape) == 4]
+    if len(rest) != 1 or len(images) != 1:
+        missing = [s.name for s in rest if s not in images[:1]] if len(images) == 1 else [s.name for s in rest]
+        raise InputError(
+            f"the model has {len(specs)} inputs {names}; an image folder feeds one 4-D input, and "
+            + (f"{missing} {'has' if len(missing) == 1 else 'have'} no value" if missing else "every input has a value"),
+            hint="give each other input a value with --input-value NAME=V[,V...] (the same for every image: "
+            "a detector's scale_factor or im_shape), or use --npz with one array per input name")
+    values: dict[str, Any] = {}
+    for s in specs:
+        if s.name not in given:
+            continue
+        try:
+            flat = np.array([float(v) for v in given[s.name].split(",") if v.strip()], np.float64)
+        except ValueError:
+            raise InputError(f"--input-value {s.name}={given[s.name]}: the values must be numbers separated by "
+                             "commas") from None
+        dims = list(s.shape[1:])  # a sample: the batch dim left out
+        free = [i for i, d in enumerate(dims) if not isinstance(d, int)]
+        fixed = int(np.prod([d for d in dims if isinstance(d, int)])) if dims else 1
+        if len(free) == 1 and fixed and flat.size % fixed == 0:
+            dims[free[0]] = flat.size // fixed
+        if any(not isinstance(d, int) for d in dims) or int(np.prod(dims)) != flat.size:
+            raise InputError(f"--input-value {s.name}: {flat.size} value(s), but one sample of input {s.name!r} "
+                             f"(shape {list(s.shape)}, batch first) has shape {dims}",
+                             hint=f"give {int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else 'its'} "
+                             "values, comma-separated")
+        values[s.name] = cast_for_input(flat.reshape(dims), s.dtype, name=s.name, where="--input-value")
+    return [images[0], *(s for s in specs if s is not images[0])], values
 
 
 def _layout_from_shape(spec: Any, shape: Sequence[Any]) -> Any:

@@ -478,6 +478,36 @@ class InputsSource:
         return out
 
 
+@dataclass
+class WithInputValues:
+    """A source for one model input (an image folder) and the same value of every other input
+    for each sample (a detector's ``scale_factor`` or ``im_shape``): sample i is
+    ``{name: source.load(i), **values}``. Anything else (labels, grouping, the preprocessing) is
+    the wrapped source's."""
+
+    source: Source
+    name: str
+    values: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(index)
+
+    def label(self, index: int) -> int | None:
+        return self.source.label(index)
+
+    def load(self, index: int) -> dict[str, np.ndarray]:
+        sample = self.source.load(index)
+        return {self.name: sample[self.name] if isinstance(sample, dict) else sample, **self.values}
+
+    def __getattr__(self, attr: str) -> Any:  # grouping, preprocess, paths: the wrapped source's
+        if attr == "source":
+            raise AttributeError(attr)
+        return getattr(self.source, attr)
+
+
 def synthetic_for_model(model: Any, *, count: int = 64, seed: int = 0, distribution: str = "normal",
                         ranges: dict[str, tuple[int, int]] | None = None,
                         dims: dict[str, int] | None = None) -> InputsSource:

@@ -1,0 +1,88 @@
+"""An image folder for a model with other inputs: a detector's ``scale_factor`` and ``im_shape``
+(PaddleDetection exports have both), given once with ``--input-value NAME=V[,V...]``."""
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantkit.cli import main
+from tests.unit.test_fuzz import run_cli
+
+
+def _detector() -> onnx.ModelProto:
+    """image [N, 3, 32, 32], im_shape [N, 2], scale_factor [N, 2] -> boxes [N, 4, 1024] (the head's
+    boxes divided by the scale factor), shape2 = 2 x im_shape."""
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(r.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([0, 4, -1], np.int64), "shp"),
+             numpy_helper.from_array(np.array([1, 2], np.int64), "rep")]
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["b"], name="head"),
+             helper.make_node("Reshape", ["b", "shp"], ["b2"], name="rs"),
+             helper.make_node("Tile", ["scale_factor", "rep"], ["sf4"], name="tile"),
+             helper.make_node("Unsqueeze", ["sf4"], ["sf4u"], axes=[2], name="unsq"),
+             helper.make_node("Div", ["b2", "sf4u"], ["boxes"], name="div"),
+             helper.make_node("Add", ["im_shape", "im_shape"], ["shape2"], name="shapeadd")]
+    graph = helper.make_graph(
+        nodes, "det", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32]),
+                       helper.make_tensor_value_info("im_shape", TensorProto.FLOAT, ["N", 2]),
+                       helper.make_tensor_value_info("scale_factor", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 4, 1024]),
+         helper.make_tensor_value_info("shape2", TensorProto.FLOAT, ["N", 2])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("det")
+    (root / "photos").mkdir()
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera"):
+        im = getattr(data, name)()
+        cv2.imwrite(str(root / "photos" / f"{name}.png"), im if im.ndim == 2 else im[:, :, ::-1])
+    onnx.save(_detector(), root / "det.onnx")
+    return root
+
+
+VALUES = ["--input-value", "scale_factor=0.5,0.5", "--input-value", "im_shape=32,32"]
+
+
+def test_calibrate_compare_and_debug_with_input_values(setup, tmp_path, capsys):
+    model, photos = str(setup / "det.onnx"), str(setup / "photos")
+    rc = main(["calibrate", model, "--images", photos, *VALUES, "-o", str(tmp_path / "out"), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    # the values reached the model: shape2 = 2 x im_shape, the same in FP32 and INT8
+    assert "shape2" in out and " inf " in out.split("shape2")[1].splitlines()[0]
+    int8 = str(tmp_path / "out" / "det.int8.onnx")
+    assert main(["compare", model, int8, "--images", photos, *VALUES, "--no-progress"]) == 0
+    assert main(["debug", model, int8, "--images", photos, *VALUES, "--rank", "-o", str(tmp_path / "dbg"),
+                 "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("extra, said", [
+    ([], "['im_shape', 'scale_factor'] have no value"),
+    (["--input-value", "scale_factor=1,1"], "['im_shape'] has no value"),
+    ([*VALUES, "--input-value", "nope=1"], "names ['nope'], which the model does not have"),
+    (["--input-value", "scale_factor=1", "--input-value", "im_shape=32,32"], "1 value(s), but one sample"),
+    (["--input-value", "scale_factor=1,x", "--input-value", "im_shape=32,32"], "must be numbers"),
+    (["--input-value", "scale_factor"], "expected NAME=V[,V...]"),
+])
+def test_bad_input_values_are_one_line_exit_2(extra, said, setup, tmp_path, capsys):
+    rc, _, err = run_cli(["calibrate", str(setup / "det.onnx"), "--images", str(setup / "photos"), *extra,
+                          "-o", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2 and said in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_input_values_with_npz_are_refused(setup, tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", image=np.zeros((2, 3, 32, 32), np.float32), im_shape=np.zeros((2, 2), np.float32),
+             scale_factor=np.ones((2, 2), np.float32))
+    rc = main(["calibrate", str(setup / "det.onnx"), "--npz", str(tmp_path / "d.npz"), *VALUES,
+               "-o", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2 and "--input-value" in capsys.readouterr().err
