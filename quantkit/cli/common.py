@@ -196,7 +196,7 @@ def _image_input(specs: list[Any], given: dict[str, str]) -> tuple[list[Any], di
     if unknown:
         raise InputError(f"--input-value names {unknown}, which the model does not have; its inputs are {names}")
     rest = [s for s in specs if s.name not in given]
-    images = [s for s in rest if len(s.shape) == 4]
+    images = rest if len(rest) == 1 else [s for s in rest if len(s.shape) == 4]  # (one: checked by the caller)
     if len(rest) != 1 or len(images) != 1:
         missing = [s.name for s in rest if s not in images[:1]] if len(images) == 1 else [s.name for s in rest]
         raise InputError(
