@@ -21,6 +21,8 @@ from quantkit.datasets.sources import SampleError, Source
 from quantkit.errors import DatasetError, InputError, ShapeMismatchError
 
 log = logging.getLogger(__name__)
+#: extra data arrays already warned about (``Batcher._feed``)
+_EXTRA_NOTED: set[tuple[str, ...]] = set()
 
 LastBatch = Literal["keep", "pad", "drop"]
 
@@ -179,7 +181,12 @@ class Batcher:
         if isinstance(first, dict):
             missing = [n for n in self.input_names if n not in first]
             extra = [n for n in first if n not in self.input_names]
-            if missing or extra:
+            if extra and not missing and tuple(extra) not in _EXTRA_NOTED:
+                # an input the model declares but no node reads (paddle2onnx's `length`), or any other
+                # array: every input has its array, so the rest is left out (said once a process)
+                log.warning("data arrays %s are not inputs the model reads; left out", extra)
+                _EXTRA_NOTED.add(tuple(extra))
+            if missing:
                 raise InputError(
                     f"data arrays {sorted(first)} do not match the model inputs {self.input_names}"
                     + (f"; missing {missing}" if missing else "") + (f"; unknown {extra}" if extra else ""),

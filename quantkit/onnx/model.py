@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -15,6 +17,8 @@ from onnx import TensorProto, helper
 
 from quantkit._io import file_sha256  # noqa: F401  (re-exported: the model hash of caches and ranges)
 from quantkit.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 MIN_QDQ_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 MIN_QDQ_OPSET_FLOAT16 = 19  # QuantizeLinear / DequantizeLinear of float16 (scale of the float type)
@@ -61,13 +65,45 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     _load_external_data(model, p)
     if not model.graph.node:
         raise ModelError(f"{str(p)!r} is not an ONNX model with a graph (no nodes found)")
+    order = _topological_order(model.graph)
+    if order is not None:  # ONNX Runtime runs such a model; the checker (and quantkit's passes) want it sorted
+        log.info("%s: its nodes are not in topological order; sorted (in memory, the file is not changed)", p.name)
+        nodes = [model.graph.node[i] for i in order]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
     try:
         # past protobuf's 2 GB limit the checker reads the file itself (it cannot take the message)
         onnx.checker.check_model(model if tensor_bytes(model) <= EXTERNAL_DATA_BYTES else str(p))
     except onnx.checker.ValidationError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "validation failed"
-        raise ModelError(f"{str(p)!r} is not a valid ONNX model: {first}") from err
+        said = " ".join(str(err).split())[:400] or "validation failed"
+        raise ModelError(f"{str(p)!r} is not a valid ONNX model: {said}") from err
     return model
+
+
+def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
+    """Node indices in an order where every tensor is made before it is read (stable: the file's
+    order where it allows), when the file's order is not one; None when it is already, or when
+    no order exists (a cycle, a tensor nobody makes: the checker says so)."""
+    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
+    reads = [[t for t in node_reads(n) if t in producer] for n in graph.node]
+    if all(all(producer[t] < k for t in r) for k, r in enumerate(reads)):
+        return None
+    waiting = [len({producer[t] for t in r if producer[t] != k}) for k, r in enumerate(reads)]
+    readers: dict[int, list[int]] = {}
+    for k, r in enumerate(reads):
+        for j in {producer[t] for t in r if producer[t] != k}:
+            readers.setdefault(j, []).append(k)
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for j in readers.get(k, ()):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    return order if len(order) == len(graph.node) else None
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
