@@ -33,6 +33,9 @@ class Preprocess:
         dtype: "float32", "float16", or "uint8" (a model that takes raw pixels 0-255 and
             normalizes them itself: values rounded and clipped to 0-255).
         interpolation: "linear", "area", "cubic" or "nearest".
+        cover: (height, width) to resize to cover, keeping the aspect ratio, when ``resize`` is
+            None (the imagenet preset for a model with a non-square input: a shorter-side resize
+            left a wide captcha or text-line image narrower than the crop).
     """
 
     resize: int | None = None
@@ -44,8 +47,11 @@ class Preprocess:
     layout: Layout = "nchw"
     dtype: Literal["float32", "float16", "uint8"] = "float32"
     interpolation: str = "linear"
+    cover: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.cover is not None and (len(self.cover) != 2 or min(self.cover) <= 0):
+            raise InputError(f"cover must be two positive sizes (height, width), got {self.cover}")
         if self.color not in ("rgb", "bgr", "gray"):
             raise InputError(f"colour order must be rgb, bgr or gray, got {self.color!r}")
         if self.layout not in ("nchw", "nhwc"):
@@ -75,6 +81,7 @@ class Preprocess:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["crop"] = list(self.crop) if self.crop else None
+        d["cover"] = list(self.cover) if self.cover else None
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
@@ -83,10 +90,16 @@ class Preprocess:
         d = dict(d)
         if d.get("crop") is not None:
             d["crop"] = tuple(d["crop"])
+        if d.get("cover") is not None:
+            d["cover"] = tuple(d["cover"])
         d["mean"], d["std"] = tuple(d.get("mean", (0.0,))), tuple(d.get("std", (1.0,)))
         return cls(**d)
 
     def _resized_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        if self.resize is None and self.cover is not None:
+            h, w = image_hw
+            f = max(self.cover[0] / h, self.cover[1] / w)
+            return (max(self.cover[0], round(h * f)), max(self.cover[1], round(w * f)))
         if self.resize is None:
             return image_hw
         h, w = image_hw
@@ -112,7 +125,7 @@ class Preprocess:
                 img = np.repeat(img, 3, axis=2)
             if self.color == "rgb":
                 img = img[:, :, ::-1]
-        if self.resize is not None:
+        if self.resize is not None or self.cover is not None:
             h, w = img.shape[:2]
             oh, ow = self._resized_hw((h, w))
             if (oh, ow) != (h, w):
@@ -183,7 +196,10 @@ def for_model(
     static_hw = (h, w) if isinstance(h, int) and isinstance(w, int) else None
     if spec.crop is None and preset_name == "imagenet":
         crop = static_hw or (224, 224)
-        spec = spec.replace(crop=crop, resize=spec.resize if spec.resize != 256 else round(min(crop) * 256 / 224))
+        if spec.resize == 256 and crop[0] != crop[1]:  # a non-square input: cover the crop, then crop the centre
+            spec = spec.replace(crop=crop, resize=None, cover=(round(crop[0] * 256 / 224), round(crop[1] * 256 / 224)))
+        else:
+            spec = spec.replace(crop=crop, resize=spec.resize if spec.resize != 256 else round(min(crop) * 256 / 224))
     if spec.crop is not None and static_hw is not None and tuple(spec.crop) != static_hw:
         raise ShapeMismatchError(
             f"input {input_name!r} expects {static_hw[0]}x{static_hw[1]} images, the preprocessing crops "

@@ -92,3 +92,20 @@ def test_float_nhwc_input_needs_no_layout_flag(photos, tmp_path, capsys):
     rc = main(["calibrate", str(tmp_path / "f.onnx"), "--images", str(photos), "--preprocess", "none",
                "--resize", "40", "--crop", "40x40", "--layout", "nchw", "-o", str(tmp_path / "out2"), "--no-progress"])
     assert rc == 2 and "--layout nhwc" in capsys.readouterr().err  # an explicit layout is kept, and checked
+
+
+def test_imagenet_preset_covers_a_non_square_input():
+    """A captcha model [N, 3, 50, 155]: the preset resized the shorter side to 57 (256/224 of 50),
+    leaving a 4:3 photo 57x76, narrower than the crop (exit 2 on every image). It now resizes
+    to cover 57x177 and crops the centre."""
+    from quantkit.datasets.preprocess import for_model, preset
+
+    spec = for_model(preset("imagenet"), ("N", 3, 50, 155), input_name="x", preset_name="imagenet")
+    assert spec.crop == (50, 155) and spec.resize is None and spec.cover == (57, 177)
+    img = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    assert spec.apply(img).shape == (3, 50, 155)
+    tall = np.random.default_rng(0).integers(0, 256, (640, 300, 3), dtype=np.uint8)
+    assert spec.apply(tall).shape == (3, 50, 155)
+    assert Preprocess.from_dict(spec.to_dict()) == spec
+    square = for_model(preset("imagenet"), ("N", 3, 224, 224), input_name="x", preset_name="imagenet")
+    assert square.resize == 256 and square.cover is None  # unchanged for square inputs
