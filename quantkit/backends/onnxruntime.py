@@ -132,7 +132,7 @@ class OrtRunner(Runner):
         #: the model declares a dynamic batch but runs one sample at a time only (an export that
         #: baked batch 1 into a Reshape): found on the first batch, then every batch runs row by row
         self.one_at_a_time = False
-        self._ran = False  # a batch of this runner ran (a later failure is not about the batch size)
+        self._ran = False  # a batch of several samples ran (a later failure is not about the batch size)
 
     @property
     def input_specs(self) -> list[TensorSpec]:
@@ -169,7 +169,7 @@ class OrtRunner(Runner):
         if not self.one_at_a_time:
             try:
                 outs = run(feed)
-                self._ran = True
+                self._ran = self._ran or feed_rows(feed, {}) > 1  # a batch of several ran: batching works
                 return outs
             except run_errors() as err:
                 self._one_at_a_time_or_raise(err, run, feed, {})
@@ -243,7 +243,7 @@ class OrtRunner(Runner):
                         self._one_at_a_time_or_raise(err, runners[turn].run, part, axes)
                         chunk = 1
                         continue
-                    self._ran = True
+                    self._ran = self._ran or chunk > 1
                     pending[turn] = pool.submit(hand_over, batch, part, arrays, min(chunk, batch.size - start))
                     turn ^= 1
                     start += chunk

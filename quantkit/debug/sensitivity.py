@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -791,6 +792,8 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
         scales, source, idx, outputs=kept, keep=subset if estimator == "gradient" else 0)
     if not errors:
         raise InputError("no samples to rank on", hint="give ranking data")
+    if estimator != "gradient":
+        subset = _subset_within_memory(scales, source, next(iter(errors)), subset)
     chosen = pick_subset(errors, subset)
     if estimator == "gradient":
         try:
@@ -812,6 +815,40 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
     counts = {**ranker.counts, "session_s": ranker.session_seconds}
     return SensitivityReport(rows, chosen, ranker.state_error, all_error, scales.method, cost,
                              time.perf_counter() - start, costs, counts=counts, ranker=ranker)
+
+
+def ranking_memory_budget() -> int:
+    """Bytes the exact ranking may hold in cut tensors: a quarter of the machine's memory, at most 4 GiB."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 * 2**30
+    return int(min(4 * 2**30, ram // 4))
+
+
+def _subset_within_memory(scales: QdqScales, source: "Source", sample: int, subset: int) -> int:
+    """``subset``, or fewer samples (with a warning) when the exact ranking's memory (its cut
+    tensors, measured on one sample, and the runs' working memory) would pass
+    ``ranking_memory_budget``: a 1-D signal model with [N, 256, 7500] activations held ~0.5-1 GB a
+    sample and was killed at 24 GB."""
+    if subset <= 1:
+        return subset
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.ptq import evaluation_batches
+
+    cuts = _Cuts(scales.model, scales.groups)
+    batch = next(iter(evaluation_batches(source, scales.specs, [sample], scales.run)))
+    with OrtRunner(scales.model, threads=scales.run.threads, capture=cuts.all) as r:
+        _, captured = r.infer_captured(batch.feed)
+    # the cut tensors of both sides, and ONNX Runtime's working memory for the switchable model's runs
+    # (both branches of every switched node): ~6x one side's cuts (16.7 GB at 18 samples of 109 MB)
+    per_sample = 6 * max(1, sum(np.asarray(a).nbytes for a in captured.values()))
+    fits = max(1, ranking_memory_budget() // per_sample)
+    if fits < subset:
+        log.warning("sensitivity: the ranking subset is %d samples, not %d: the ranking takes ~%.0f MB a sample "
+                    "(budget %.1f GB)", fits, subset, per_sample / 2**20, ranking_memory_budget() / 2**30)
+        return int(fits)
+    return subset
 
 
 ESTIMATORS = ("exact", "gradient")

@@ -130,3 +130,35 @@ def test_report_draws_error_along_depth(models, tmp_path):
     assert list(local) == [a.local_sqnr_db for a in by_depth]
     assert main(["report", str(tmp_path / "dbg"), "-o", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "error_along_depth_q.png").is_file()
+
+
+def test_large_activations_are_compared_in_parts_with_the_same_figures(models, monkeypatch):
+    """A batch whose captured tensors pass CAPTURE_BUDGET_BYTES runs in parts (a 1-D signal model
+    took 7.7 GB at batch 32, 1.0 GB now): the figures are those of the whole batch."""
+    import quantkit.debug.layerwise as lw
+
+    fp32, int8 = models
+    whole = layerwise_error(fp32, int8, Batcher(SRC, ["x"], 40))
+    monkeypatch.setattr(lw, "CAPTURE_BUDGET_BYTES", 1)  # one sample a part
+    parts = layerwise_error(fp32, int8, Batcher(SRC, ["x"], 40))
+    assert parts.num_samples == whole.num_samples == 40
+    for a, b in zip(whole.activations, parts.activations):
+        assert a.tensor == b.tensor
+        assert a.local_sqnr_db == pytest.approx(b.local_sqnr_db, rel=1e-9)
+        assert a.accumulated_sqnr_db == pytest.approx(b.accumulated_sqnr_db, rel=1e-6)
+
+
+def test_the_ranking_subset_shrinks_to_the_memory_budget(models, monkeypatch, caplog):
+    import logging
+
+    import quantkit.debug.sensitivity as sens
+    from quantkit.debug.sensitivity import QdqScales, rank_sensitivity
+    from quantkit.ptq import RunConfig
+
+    fp32, int8 = models
+    scales = QdqScales.from_qdq_model(fp32, int8, RunConfig())
+    monkeypatch.setattr(sens, "ranking_memory_budget", lambda: 1)
+    with caplog.at_level(logging.WARNING):
+        rep = rank_sensitivity(scales, SRC, range(40), subset=8)
+    assert len(rep.subset_indices) == 1
+    assert any("ranking subset is 1 samples, not 8" in r.getMessage() for r in caplog.records)
