@@ -65,7 +65,8 @@ class Calibrate:
                        help="no bias correction (by default each Conv's bias cancels the shift INT8 adds to its "
                             "output, measured Conv by Conv on the Q/DQ model over the first 32 samples, the Convs "
                             "before it already corrected: a shift that later layers amplify cost PP-OCR's "
-                            "recogniser up to 45 points without it; costs ~2 passes over 32 samples)")
+                            "recogniser up to 45 points without it; costs ~2 passes over 32 samples); also turns "
+                            "pointwise equalization off (it is applied only together with bias correction)")
         g.add_argument("--quantize-attention-probs", action="store_true",
                        help="also quantize the MatMul that reads attention's Softmax output (probabilities x V), "
                             "for TensorRT's fused INT8 attention kernels (speed); by default it stays in FP16/FP32: "
@@ -154,7 +155,7 @@ class Calibrate:
                            sampling=drawn.to_dict())
 
         # printed after the artifacts are written (a closed stdout loses nothing)
-        report, lines = None, [f"calibration sample: {describe_sample(drawn)}"]
+        report, lines = None, [f"calibration sample: {describe_sample(drawn, 'images' if args.images else 'samples')}"]
         result = None
         if budget is not None:
             from quantkit.debug.fallback import fallback
