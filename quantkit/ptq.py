@@ -645,7 +645,9 @@ def quantize(
         model, equalized, histograms, batcher, one = folded
     else:
         model, equalized, skipped, one = _equalize(model, source, idx, config)
-        run = (config := _one_at_a_time(config)).run if one else run
+        if one:  # its first pass found it: this pass takes one sample a batch from the start
+            config = _one_at_a_time(config)
+            run = config.run
         tensors = _calibrated_tensors(model, equalized, stats.cache_all_tensors)
         batcher = calibration_batches(source, model.specs, idx, run, known_skips=skipped)
         grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
@@ -653,7 +655,7 @@ def quantize(
             collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins,
                                             sample_stride=stats.sample_stride, pow2_grid=stats.pow2_grid,
                                             pow2_tensors=grouped, on_batch=on_batch)
-        one = executor.one_at_a_time
+        one = one or executor.one_at_a_time
         histograms = {t: c.compute() for t, c in collectors.items()}
     if one:  # the model runs one sample at a time (the runner warned): so do the evaluation and corrections
         config = _one_at_a_time(config)

@@ -176,6 +176,7 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
     weights: dict[str, tuple[int, list[str]]] = {}
     folded = _computed_from_constants(graph.node, consts)
     sizes = _computed_from_constants(graph.node, consts, sources=_SHAPE_OPS)  # shape arithmetic, not data
+    shape_made = sizes - folded  # made from a Shape/Size (a weight computed from constants alone is not)
     shaped: set[str] = set()  # weighted ops with an operand computed from shapes: float, both targets
     sources: dict[str, str] = {}
     log_front = log_spectrum_nodes(model, consts) if FLOAT_LOG_SPECTRUM else {}
@@ -201,7 +202,7 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
                 a, b = b, a
             if a in consts:
                 continue  # constant "activation": nothing to calibrate
-            if a in sizes or (b not in consts and b in sizes):
+            if _reads_shape_made(node, shape_made):
                 shaped.add(node.name)
                 continue  # an operand computed from shapes (a DFT basis built at run time): not data, float
             if node.name in log_front:
@@ -281,13 +282,18 @@ def float_by_rule(model: onnx.ModelProto, target: str = "tensorrt", *,
             if n.op_type in WEIGHTED_OPS and n.name not in out and len(n.input) >= 2 and \
                     _reads_attention_probs(n, consts, producer):
                 out[n.name] = "attention probabilities"
-    sizes = _computed_from_constants(model.graph.node, consts, sources=_SHAPE_OPS)
+    shape_made = _computed_from_constants(model.graph.node, consts, sources=_SHAPE_OPS) - \
+        _computed_from_constants(model.graph.node, consts)
     for n in model.graph.node:
-        if n.op_type in WEIGHTED_OPS and n.name not in out and len(n.input) >= 2:
-            a, b = n.input[0], n.input[1]
-            if (a not in consts or b not in consts) and (a in sizes and a not in consts or b in sizes and b not in consts):
-                out[n.name] = "an operand computed from shapes"
+        if n.op_type in WEIGHTED_OPS and n.name not in out and _reads_shape_made(n, shape_made):
+            out[n.name] = "an operand computed from shapes"
     return out
+
+
+def _reads_shape_made(node: onnx.NodeProto, shape_made: Collection[str]) -> bool:
+    """Whether a weighted op's activation or weight operand is computed from a Shape/Size (and
+    constants), not from data: a DFT basis built at run time (``plan_qdq`` keeps such an op float)."""
+    return any(t in shape_made for t in node.input[:2])
 
 
 def log_spectrum_nodes(model: onnx.ModelProto, consts: Mapping[str, object] | None = None) -> dict[str, str]:

@@ -115,3 +115,19 @@ def test_a_tensor_that_is_zero_on_every_calibration_sample_is_warned_about(tmp_p
         quantkit.quantize(model, NumpySource(tmp_path / "d.npz"))
     said = [rec.getMessage() for rec in caplog.records if "0 on every calibration sample" in rec.getMessage()]
     assert len(said) == 1 and "hm" in said[0]
+
+
+def test_a_weight_computed_from_constants_alone_is_still_quantized():
+    """weight_norm exports compute a Conv's weight in the graph (g * v, from initializers only):
+    no Shape in it, so the rule for operands computed from shapes leaves the Conv quantized."""
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "v"),
+             numpy_helper.from_array(np.full((4, 1, 1, 1), 0.5, np.float32), "g")]
+    nodes = [helper.make_node("Mul", ["v", "g"], ["w"], name="weight_norm"),
+             helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")]
+    graph = helper.make_graph(nodes, "wn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    plan = plan_qdq(model)
+    assert plan.activations.get("x") == ("conv",)
+    assert float_by_rule(model) == {}
