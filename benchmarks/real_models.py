@@ -11,7 +11,8 @@ against ground truth. Per model, in this one process:
 
 - FP32: the task metric, and the wall time of one ONNX Runtime pass over the calibration data
   (session creation + every batch), the floor any calibration pays;
-- quantkit: ``quantkit.quantize`` (one pass, every method) timed, then for every method the
+- quantkit: ``quantkit.quantize`` (one pass, every method) and the default method's Q/DQ model
+  (bias correction included: what ``quantkit calibrate`` writes) timed, then for every method the
   task metric and the output SQNR (dB, first output, held-out data) of its Q/DQ model;
 - ONNX Runtime ``quantize_static`` (QDQ, per-channel int8 weights, symmetric int8 activations:
   what TensorRT builds), MinMax and Percentile (99.999), the same data and batches;
@@ -126,6 +127,7 @@ def run_quantkit(a: Adapter, row: Row, calib: dict, ref: np.ndarray, eval_feeds:
     cal = quantkit.quantize(model, numpy_source(a, model, a.write_npz(work / "calib.npz", calib)),
                             QuantizeConfig(StatsConfig(**STATS_EXTRA), RunConfig(batch_size=BATCH)),
                             model_name=a.model_path().name)
+    cal.int8_model()  # the default method's Q/DQ model, bias correction included: what `calibrate` writes
     row.calib_s = time.perf_counter() - t
     for m in method_names():
         path = work / f"quantkit-{m}.onnx"

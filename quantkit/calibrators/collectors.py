@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from quantkit.calibrators import native
 from quantkit.errors import NonFiniteError, NotCalibratedError
 
 _CHUNK = 1 << 18  # elements per step: keeps the |x| and index buffers in cache
@@ -70,9 +71,11 @@ class HistogramCollector:
             ``k * 65536`` values only) counts the dense body of the distribution from every k-th
             value with weight k and the tail exactly: the bins that hold the top ~1% of the
             sample, and everything above them, are filled from every value. min and max always
-            see every value. On CPU an exact histogram is a sizeable share of a ResNet's
+            see every value. On CPU NumPy's exact histogram is a sizeable share of a ResNet's
             own inference time; k = 5 costs less than half as much and moved no range method's
             threshold on the benchmark's ResNet-18 (figures: benchmarks/results/design_notes.md).
+            The stride applies to the NumPy code only: the native kernel
+            (``quantkit.calibrators.native``) counts every value, in less time than NumPy's sample.
         pow2_grid: start the range at the power of two at or above the first amax (instead of
             the amax itself), so that collectors run apart on different data (machines, shards)
             have ranges that differ by powers of two and merge exactly
@@ -109,17 +112,25 @@ class HistogramCollector:
         if range_ > 0.0:
             self._range = float(range_)
 
-    def update(self, x: np.ndarray) -> None:
-        """Add one batch of values (any shape; float16/32/64)."""
+    def update(self, x: np.ndarray, scale: np.ndarray | None = None, axis: int = 1) -> None:
+        """Add one batch of values (any shape; float16/32/64), each multiplied by ``scale[c]``
+        (float32, c its index along ``axis``) when ``scale`` is given: an equalized tensor's
+        values, counted without making them."""
+        if native.available():
+            self._update_native(x, scale, axis)
+            return
+        if scale is not None:
+            x = np.asarray(x, dtype=np.float32)
+            shape = [1] * x.ndim
+            shape[axis % x.ndim] = -1
+            x = x * np.asarray(scale, dtype=np.float32).reshape(shape)
         x = np.ascontiguousarray(x).reshape(-1)
         if x.size == 0:
             return
         if x.dtype != np.float32:
             x = x.astype(np.float32)
         lo, hi = float(x.min()), float(x.max())
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            kind = "NaN" if np.isnan(lo) or np.isnan(hi) else "Inf"
-            raise NonFiniteError(f"tensor {self.name!r} has {kind} values")
+        self._check_finite(lo, hi, np.isnan(lo) or np.isnan(hi))
         self._min, self._max = min(self._min, lo), max(self._max, hi)
         amax = max(-lo, hi)
         if amax == 0.0 and self._range == 0.0:
@@ -131,6 +142,35 @@ class HistogramCollector:
             self._accumulate_sampled(x, k, nonnegative=lo >= 0.0)
         else:
             self._counts += self._bincount(x, nonnegative=lo >= 0.0)
+        self._updates += 1
+
+    def _check_finite(self, lo: float, hi: float, nan: bool) -> None:
+        if nan or not (np.isfinite(lo) and np.isfinite(hi)):
+            raise NonFiniteError(f"tensor {self.name!r} has {'NaN' if nan else 'Inf'} values")
+
+    def _update_native(self, x: np.ndarray, scale: np.ndarray | None, axis: int) -> None:
+        """``update`` in the native kernel: every value counted (the stride does not apply),
+        the same counts as NumPy's exact binning. One pass when the values fit the range (every
+        update after the first, but those that grow it), two otherwise."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.size == 0:
+            return
+        status = "past"
+        if self._range > 0.0:
+            status, lo, hi = native.histogram_into(self._counts, x, self._range, scale, axis)
+        else:
+            lo, hi, nan = native.minmax(x, scale, axis)
+            status = "nan" if nan else status
+        self._check_finite(lo, hi, status == "nan")
+        self._min, self._max = min(self._min, lo), max(self._max, hi)
+        if status != "added":
+            amax = max(-lo, hi)
+            if amax == 0.0 and self._range == 0.0:
+                self._zeros += x.size
+                return
+            self._grow_to(amax)
+            status, _, _ = native.histogram_into(self._counts, x, self._range, scale, axis)
+            assert status == "added", status
         self._updates += 1
 
     def _accumulate_sampled(self, x: np.ndarray, k: int, *, nonnegative: bool) -> None:
@@ -295,14 +335,27 @@ HISTOGRAM_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
 _pool: ThreadPoolExecutor | None = None
 
 
-def update_collectors(jobs: Iterable[tuple[HistogramCollector, np.ndarray | Callable[[], np.ndarray]]]) -> None:
+@dataclass(frozen=True)
+class Scaled:
+    """A job's values times a per-channel factor (``HistogramCollector.update``'s scale, axis)."""
+
+    values: np.ndarray
+    scale: np.ndarray
+    axis: int
+
+
+def update_collectors(jobs: Iterable[tuple[HistogramCollector, np.ndarray | Scaled | Callable[[], np.ndarray]]]
+                      ) -> None:
     """``collector.update(x)`` for each pair, side by side in ``HISTOGRAM_WORKERS`` threads (each
-    collector at most once per call; ``x`` may be a function that makes the values, called in
-    the worker). Returns when all are done; the first error is raised."""
+    collector at most once per call; ``x`` may be a ``Scaled``, or a function that makes the
+    values, called in the worker). Returns when all are done; the first error is raised."""
     global _pool
 
-    def run(c: HistogramCollector, x: np.ndarray | Callable[[], np.ndarray]) -> None:
-        c.update(x() if callable(x) else x)
+    def run(c: HistogramCollector, x: np.ndarray | Scaled | Callable[[], np.ndarray]) -> None:
+        if isinstance(x, Scaled):
+            c.update(x.values, x.scale, x.axis)
+        else:
+            c.update(x() if callable(x) else x)
 
     jobs = list(jobs)
     if HISTOGRAM_WORKERS <= 1 or len(jobs) <= 1:

@@ -23,13 +23,12 @@ import logging
 import os
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
 import onnx
 
-from quantkit.calibrators.collectors import HistogramCollector, batch_rows, update_collectors
+from quantkit.calibrators.collectors import HistogramCollector, Scaled, batch_rows, update_collectors
 from quantkit.errors import NonFiniteError
 from quantkit.onnx.equalize import (Equalization, channel_axes, channel_max, equalize_depthwise, sample_rows,
                                    scales_for)
@@ -161,10 +160,5 @@ def _update_scaled(collectors: Mapping[str, HistogramCollector],
                    factors: Mapping[str, tuple[str, np.ndarray, int]],
                    captured: Mapping[str, np.ndarray], rows: int | None) -> None:
     """Each equalized tensor's histogram of ``t * s`` (s broadcast over the channel axis)."""
-    def scaled(t: str, s: np.ndarray, axis: int) -> np.ndarray:
-        x = captured[t] if rows is None else captured[t][:rows]
-        shape = [1] * x.ndim
-        shape[axis % x.ndim] = -1
-        return x * s.reshape(shape)
-
-    update_collectors((collectors[name], partial(scaled, t, s, axis)) for t, (name, s, axis) in factors.items())
+    update_collectors((collectors[name], Scaled(captured[t] if rows is None else captured[t][:rows], s, axis))
+                      for t, (name, s, axis) in factors.items())

@@ -1,0 +1,244 @@
+/* quantkit's one native kernel: the statistics a calibration pass takes of every activation.
+ *
+ * NumPy needs five passes over a tensor for its abs-max and |x| histogram (min, max, abs,
+ * scale, bincount on a 64-bit index copy); these loops take two (min/max, then binning), keep
+ * nothing but the counts, and fold an equalization's per-channel factor into the same read.
+ * Loaded with ctypes (quantkit/calibrators/native.py), so it has no Python ABI: a plain shared
+ * library, built at install time where a C compiler is found; without it quantkit uses NumPy.
+ *
+ * Every function reads a float32 tensor viewed as [outer, channels, inner] (C order), each
+ * value multiplied by scale[c] first when scale is not NULL (in float32, as NumPy's x * s).
+ * Results are bit-identical to quantkit's NumPy code for the same values.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__SSE2__) || defined(_M_X64)
+#include <emmintrin.h>
+#define QK_SSE 1
+#endif
+
+#define LANES 8
+
+/* min, max of p[0..n) times s (sc_step 0: sc[0]; 1: sc[i]; sc NULL: 1) into lo/hi; returns
+ * nonzero when a value is NaN (left out of lo and hi) */
+static int qk_minmax_run(const float *p, int64_t n, const float *sc, int sc_step, float *lo_, float *hi_)
+{
+    float lo = *lo_, hi = *hi_;
+    int nan = 0;
+    int64_t i = 0;
+#ifdef QK_SSE
+    __m128 l0 = _mm_set1_ps(lo), l1 = l0, h0 = _mm_set1_ps(hi), h1 = h0;
+    __m128 bad = _mm_setzero_ps();
+    const __m128 s = _mm_set1_ps(sc ? sc[0] : 1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m128 a = _mm_loadu_ps(p + i), b = _mm_loadu_ps(p + i + 4);
+        if (sc) {
+            a = _mm_mul_ps(a, sc_step ? _mm_loadu_ps(sc + i) : s);
+            b = _mm_mul_ps(b, sc_step ? _mm_loadu_ps(sc + i + 4) : s);
+        }
+        /* minps(x, l) is x < l ? x : l: a NaN x leaves l as it was, as the scalar code */
+        l0 = _mm_min_ps(a, l0);
+        l1 = _mm_min_ps(b, l1);
+        h0 = _mm_max_ps(a, h0);
+        h1 = _mm_max_ps(b, h1);
+        bad = _mm_or_ps(bad, _mm_or_ps(_mm_cmpunord_ps(a, a), _mm_cmpunord_ps(b, b)));
+    }
+    float l[4], h[4];
+    _mm_storeu_ps(l, _mm_min_ps(l0, l1));
+    _mm_storeu_ps(h, _mm_max_ps(h0, h1));
+    for (int k = 0; k < 4; k++) {
+        lo = l[k] < lo ? l[k] : lo;
+        hi = h[k] > hi ? h[k] : hi;
+    }
+    nan = _mm_movemask_ps(bad) != 0;
+#endif
+    for (; i < n; i++) {
+        float v = p[i] * (!sc ? 1.0f : sc_step ? sc[i] : sc[0]);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+        nan |= v != v;
+    }
+    *lo_ = lo;
+    *hi_ = hi;
+    return nan;
+}
+
+/* out[0] = min, out[1] = max of the (scaled) values; returns 1 when a value is NaN (NaNs are
+ * left out of min and max), else 0. */
+int64_t qk_minmax(const float *x, int64_t outer, int64_t channels, int64_t inner, const float *scale,
+                  float *out)
+{
+    /* runs as in qk_histogram: a factor per run, or (channel last) a factor per value */
+    const int per_value = scale && inner == 1;
+    const int64_t runs = per_value ? outer : outer * channels;
+    const int64_t run = per_value ? channels : inner;
+    float lo = INFINITY, hi = -INFINITY;
+    int nan = 0;
+    for (int64_t r = 0; r < runs; r++) {
+        const float *sc = !scale ? NULL : per_value ? scale : scale + r % channels;
+        nan |= qk_minmax_run(x + r * run, run, sc, per_value, &lo, &hi);
+    }
+    out[0] = lo;
+    out[1] = hi;
+    return nan;
+}
+
+/* One contiguous run of n values, multiplied by sc[0] (sc_step 0), by sc[i] (sc_step 1), or
+ * not at all (sc NULL), binned into the four sub-histograms. */
+static inline int64_t qk_bin(float v, float per_unit, int64_t top)
+{
+    int64_t b = (int64_t)(fabsf(v) * per_unit);  /* floor: the value is >= 0 */
+    return b > top || b < 0 ? top : b;
+}
+
+/* qk_minmax_run's min, max and NaN flag, and the run's bins in the four sub-histograms. */
+static int qk_bin_run(const float *p, int64_t n, const float *sc, int sc_step, float per_unit, int64_t top,
+                      uint32_t *h0, uint32_t *h1, uint32_t *h2, uint32_t *h3, float *lo_, float *hi_)
+{
+    float lo = *lo_, hi = *hi_;
+    int nan = 0;
+    int64_t i = 0;
+#ifdef QK_SSE
+    /* four bins at a time: |v| (sign bit cleared) * per_unit, truncated, clamped to the top bin
+     * (a NaN's or a huge value's conversion is negative: the top bin too, and the caller
+     * drops the counts) */
+    const __m128 unit = _mm_set1_ps(per_unit);
+    const __m128 mag = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+    const __m128i last = _mm_set1_epi32((int)top);
+    const __m128 s = _mm_set1_ps(sc ? sc[0] : 1.0f);
+    __m128 l = _mm_set1_ps(lo), h = _mm_set1_ps(hi), bad = _mm_setzero_ps();
+    int32_t b[4];
+    for (; i + 4 <= n; i += 4) {
+        __m128 v = _mm_loadu_ps(p + i);
+        if (sc)
+            v = _mm_mul_ps(v, sc_step ? _mm_loadu_ps(sc + i) : s);
+        l = _mm_min_ps(v, l);
+        h = _mm_max_ps(v, h);
+        bad = _mm_or_ps(bad, _mm_cmpunord_ps(v, v));
+        __m128i k = _mm_cvttps_epi32(_mm_mul_ps(_mm_and_ps(v, mag), unit));
+        __m128i over = _mm_or_si128(_mm_cmpgt_epi32(k, last), _mm_cmplt_epi32(k, _mm_setzero_si128()));
+        k = _mm_or_si128(_mm_and_si128(over, last), _mm_andnot_si128(over, k));
+        _mm_storeu_si128((__m128i *)b, k);
+        h0[b[0]]++;
+        h1[b[1]]++;
+        h2[b[2]]++;
+        h3[b[3]]++;
+    }
+    float lv[4], hv[4];
+    _mm_storeu_ps(lv, l);
+    _mm_storeu_ps(hv, h);
+    for (int k = 0; k < 4; k++) {
+        lo = lv[k] < lo ? lv[k] : lo;
+        hi = hv[k] > hi ? hv[k] : hi;
+    }
+    nan = _mm_movemask_ps(bad) != 0;
+#endif
+    for (; i < n; i++) {
+        float v = p[i] * (!sc ? 1.0f : sc_step ? sc[i] : sc[0]);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+        nan |= v != v;
+        h0[qk_bin(v, per_unit, top)]++;
+    }
+    *lo_ = lo;
+    *hi_ = hi;
+    return nan;
+}
+
+/* One pass: out[0] = min, out[1] = max of the (scaled) values, and, when no value is NaN and
+ * max |v| <= range, counts[b] += the number of values with floor(|v| * per_unit) == b (a value
+ * at or past the top, |v| == range or a rounding above it, in the last bin, as quantkit's NumPy
+ * binning does). Returns 1 when it added the counts; 0 when a value is past the range (grow the
+ * range and call again), 2 when one is NaN (no counts added either); -1 when its scratch counts
+ * cannot be allocated. */
+int qk_histogram(const float *x, int64_t outer, int64_t channels, int64_t inner, const float *scale,
+                 double range, float per_unit, int64_t bins, int64_t *counts, float *out)
+{
+    /* four interleaved 32-bit sub-histograms: consecutive values in one bin (a ReLU's zeros)
+     * do not wait on each other's increments; flushed into 64-bit sums before any can overflow */
+    uint32_t *sub = calloc((size_t)(4 * bins), sizeof(uint32_t));
+    int64_t *sum = calloc((size_t)bins, sizeof(int64_t));
+    if (!sub || !sum) {
+        free(sub);
+        free(sum);
+        return -1;
+    }
+    uint32_t *h0 = sub, *h1 = sub + bins, *h2 = sub + 2 * bins, *h3 = sub + 3 * bins;
+    const int64_t top = bins - 1;
+    const int64_t flush_every = (int64_t)1 << 30;
+    /* runs: [outer, channels] runs of inner values, one factor each; or, channel last (inner 1)
+     * with factors, [outer] runs of channels values, a factor each */
+    const int per_value = scale && inner == 1;
+    const int64_t runs = per_value ? outer : outer * channels;
+    const int64_t run = per_value ? channels : inner;
+    float lo = INFINITY, hi = -INFINITY;
+    int nan = 0;
+    int64_t pending = 0;
+    for (int64_t r = 0; r < runs; r++) {
+        const float *p = x + r * run;
+        const float *sc = !scale ? NULL : per_value ? scale : scale + r % channels;
+        for (int64_t i = 0; i < run;) {
+            int64_t n = run - i < flush_every - pending ? run - i : flush_every - pending;
+            nan |= qk_bin_run(p + i, n, sc ? (per_value ? sc + i : sc) : NULL, per_value, per_unit, top,
+                              h0, h1, h2, h3, &lo, &hi);
+            i += n;
+            pending += n;
+            if (pending >= flush_every) {
+                for (int64_t b = 0; b < bins; b++)
+                    sum[b] += (int64_t)h0[b] + h1[b] + h2[b] + h3[b];
+                memset(sub, 0, (size_t)(4 * bins) * sizeof(uint32_t));
+                pending = 0;
+            }
+        }
+    }
+    out[0] = lo;
+    out[1] = hi;
+    double amax = (double)(-lo > hi ? -lo : hi);
+    int fits = !nan && amax <= range;
+    if (fits)
+        for (int64_t b = 0; b < bins; b++)
+            counts[b] += sum[b] + h0[b] + h1[b] + h2[b] + h3[b];
+    free(sub);
+    free(sum);
+    return nan ? 2 : fits;
+}
+
+/* out[c] = max over outer and inner of |x| (unscaled), for each channel c. */
+void qk_channel_absmax(const float *x, int64_t outer, int64_t channels, int64_t inner, float *out)
+{
+    for (int64_t c = 0; c < channels; c++)
+        out[c] = 0.0f;
+    if (inner == 1) {  /* channel last: one row of channels at a time */
+        for (int64_t o = 0; o < outer; o++) {
+            const float *p = x + o * channels;
+            for (int64_t c = 0; c < channels; c++) {
+                float v = fabsf(p[c]);
+                out[c] = v > out[c] ? v : out[c];
+            }
+        }
+        return;
+    }
+    for (int64_t o = 0; o < outer; o++) {
+        for (int64_t c = 0; c < channels; c++) {
+            const float *p = x + (o * channels + c) * inner;
+            float m[LANES] = {0};
+            int64_t i = 0;
+            for (; i + LANES <= inner; i += LANES)
+                for (int k = 0; k < LANES; k++) {
+                    float v = fabsf(p[i + k]);
+                    m[k] = v > m[k] ? v : m[k];
+                }
+            for (; i < inner; i++) {
+                float v = fabsf(p[i]);
+                m[0] = v > m[0] ? v : m[0];
+            }
+            float best = out[c];
+            for (int k = 0; k < LANES; k++)
+                best = m[k] > best ? m[k] : best;
+            out[c] = best;
+        }
+    }
+}
