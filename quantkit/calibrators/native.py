@@ -90,7 +90,7 @@ def histogram_into(counts: np.ndarray, x: np.ndarray, range_: float, scale: np.n
     x = _f32(x)
     s = None if scale is None else _f32(scale)
     out = np.empty(2, dtype=np.float32)
-    per_unit = ctypes.c_float(np.float32(counts.size / range_))  # NumPy's code scales by this float32
+    per_unit = ctypes.c_float(float(np.float32(counts.size / range_)))  # NumPy's code scales by this float32
     rc = _LIB.qk_histogram(_ptr(x), *_view(x, axis if s is not None else None), _ptr(s), ctypes.c_double(range_),
                            per_unit, counts.size, _ptr(counts), _ptr(out))
     if rc < 0:
