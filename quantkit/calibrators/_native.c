@@ -206,6 +206,86 @@ int qk_histogram(const float *x, int64_t outer, int64_t channels, int64_t inner,
     return nan ? 2 : fits;
 }
 
+/* NumPy's sampled binning (HistogramCollector, a stride k > 1) in one pass: sample[b] += the
+ * values at flat positions offset, offset + k, ... in bin b; tail[b] += every value with
+ * |v| >= bar in bin b; out[0], out[1] = min and max. Both counts are the caller's to combine (and
+ * to zero first); they are valid only when this returns 1 (max |v| <= range); 0: a value is past
+ * the range, 2: a value is NaN, -1: no memory. */
+int qk_histogram_sampled(const float *x, int64_t outer, int64_t channels, int64_t inner, const float *scale,
+                         double range, float per_unit, int64_t bins, int64_t k, int64_t offset, float bar,
+                         int64_t *sample, int64_t *tail, float *out)
+{
+    const int64_t top = bins - 1;
+    const int per_value = scale && inner == 1;
+    const int64_t runs = per_value ? outer : outer * channels;
+    const int64_t run = per_value ? channels : inner;
+    float lo = INFINITY, hi = -INFINITY;
+    int nan = 0;
+    int64_t next = offset;  /* the next sampled flat position */
+    for (int64_t r = 0; r < runs; r++) {
+        const float *p = x + r * run;
+        const float *sc = !scale ? NULL : per_value ? scale : scale + r % channels;
+        const int64_t base = r * run;
+        int64_t i = 0;
+#ifdef QK_SSE
+        const __m128 unit = _mm_set1_ps(per_unit);
+        const __m128 mag = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+        const __m128i last = _mm_set1_epi32((int)top);
+        const __m128 s = _mm_set1_ps(sc ? sc[0] : 1.0f);
+        const __m128 barv = _mm_set1_ps(bar);
+        __m128 l = _mm_set1_ps(lo), h = _mm_set1_ps(hi), bad = _mm_setzero_ps();
+        int32_t b[4];
+        for (; i + 4 <= run; i += 4) {
+            __m128 v = _mm_loadu_ps(p + i);
+            if (sc)
+                v = _mm_mul_ps(v, per_value ? _mm_loadu_ps(sc + i) : s);
+            l = _mm_min_ps(v, l);
+            h = _mm_max_ps(v, h);
+            bad = _mm_or_ps(bad, _mm_cmpunord_ps(v, v));
+            __m128 a = _mm_and_ps(v, mag);
+            int tails = _mm_movemask_ps(_mm_cmpge_ps(a, barv));
+            const int64_t at = base + i;
+            if (!tails && next >= at + 4)
+                continue;
+            __m128i q = _mm_cvttps_epi32(_mm_mul_ps(a, unit));
+            __m128i over = _mm_or_si128(_mm_cmpgt_epi32(q, last), _mm_cmplt_epi32(q, _mm_setzero_si128()));
+            q = _mm_or_si128(_mm_and_si128(over, last), _mm_andnot_si128(over, q));
+            _mm_storeu_si128((__m128i *)b, q);
+            for (int j = 0; tails; j++, tails >>= 1)
+                if (tails & 1)
+                    tail[b[j]]++;
+            for (; next < at + 4; next += k)
+                sample[b[next - at]]++;
+        }
+        float lv[4], hv[4];
+        _mm_storeu_ps(lv, l);
+        _mm_storeu_ps(hv, h);
+        for (int j = 0; j < 4; j++) {
+            lo = lv[j] < lo ? lv[j] : lo;
+            hi = hv[j] > hi ? hv[j] : hi;
+        }
+        nan |= _mm_movemask_ps(bad) != 0;
+#endif
+        for (; i < run; i++) {
+            float v = p[i] * (!sc ? 1.0f : per_value ? sc[i] : sc[0]);
+            lo = v < lo ? v : lo;
+            hi = v > hi ? v : hi;
+            nan |= v != v;
+            int64_t bin = qk_bin(v, per_unit, top);
+            if (fabsf(v) >= bar)
+                tail[bin]++;
+            if (base + i == next) {
+                sample[bin]++;
+                next += k;
+            }
+        }
+    }
+    out[0] = lo;
+    out[1] = hi;
+    double amax = (double)(-lo > hi ? -lo : hi);
+    return nan ? 2 : amax <= range;
+}
+
 /* out[c] = max over outer and inner of |x| (unscaled), for each channel c. */
 void qk_channel_absmax(const float *x, int64_t outer, int64_t channels, int64_t inner, float *out)
 {

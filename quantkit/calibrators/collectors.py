@@ -74,8 +74,8 @@ class HistogramCollector:
             see every value. On CPU NumPy's exact histogram is a sizeable share of a ResNet's
             own inference time; k = 5 costs less than half as much and moved no range method's
             threshold on the benchmark's ResNet-18 (figures: benchmarks/results/design_notes.md).
-            The stride applies to the NumPy code only: the native kernel
-            (``quantkit.calibrators.native``) counts every value, in less time than NumPy's sample.
+            The native kernel (``quantkit.calibrators.native``) makes the same counts in one
+            pass over the values.
         pow2_grid: start the range at the power of two at or above the first amax (instead of
             the amax itself), so that collectors run apart on different data (machines, shards)
             have ranges that differ by powers of two and merge exactly
@@ -149,15 +149,17 @@ class HistogramCollector:
             raise NonFiniteError(f"tensor {self.name!r} has {'NaN' if nan else 'Inf'} values")
 
     def _update_native(self, x: np.ndarray, scale: np.ndarray | None, axis: int) -> None:
-        """``update`` in the native kernel: every value counted (the stride does not apply),
-        the same counts as NumPy's exact binning. One pass when the values fit the range (every
-        update after the first, but those that grow it), two otherwise."""
+        """``update`` in the native kernel, with the same counts as the NumPy code (sampled as it
+        samples). One pass when the values fit the range (every update after the first, but
+        those that grow it), two otherwise."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.size == 0:
             return
+        k = self.sample_stride
+        sampled = k > 1 and x.size >= k * _MIN_SAMPLED
         status = "past"
-        if self._range > 0.0:
-            status, lo, hi = native.histogram_into(self._counts, x, self._range, scale, axis)
+        if self._range > 0.0 and not (sampled and self._tail_bin is None):
+            status, lo, hi = self._bin_native(x, scale, axis, sampled)
         else:
             lo, hi, nan = native.minmax(x, scale, axis)
             status = "nan" if nan else status
@@ -169,9 +171,30 @@ class HistogramCollector:
                 self._zeros += x.size
                 return
             self._grow_to(amax)
-            status, _, _ = native.histogram_into(self._counts, x, self._range, scale, axis)
+            if sampled and self._tail_bin is None:  # the first sampled update measures its own tail
+                _, _, _, first, _ = native.histogram_sampled(x, self._range, self.num_bins, k, self._updates % k,
+                                                             float("inf"), scale, axis)
+                self._tail_bin = _tail_start(first)
+            status, _, _ = self._bin_native(x, scale, axis, sampled)
             assert status == "added", status
         self._updates += 1
+
+    def _bin_native(self, x: np.ndarray, scale: np.ndarray | None, axis: int, sampled: bool
+                    ) -> tuple[str, float, float]:
+        """One native pass binning ``x`` on the current range (``_accumulate_sampled``'s
+        arithmetic when ``sampled``); the counts are added only when every value fits it."""
+        if not sampled:
+            return native.histogram_into(self._counts, x, self._range, scale, axis)
+        k, n, tail_bin = self.sample_stride, self.num_bins, self._tail_bin
+        assert tail_bin is not None
+        bar = float(np.float32(tail_bin * self._range / n * (1.0 - 1e-6)))
+        status, lo, hi, sample, tail = native.histogram_sampled(x, self._range, n, k, self._updates % k, bar,
+                                                                scale, axis)
+        if status == "added":
+            self._counts[:tail_bin] += k * sample[:tail_bin]
+            self._counts[tail_bin:] += tail[tail_bin:]
+            self._tail_bin = _tail_start(sample)
+        return status, lo, hi
 
     def _accumulate_sampled(self, x: np.ndarray, k: int, *, nonnegative: bool) -> None:
         """Body from every k-th value (weight k), tail bins from every value, in one pass of

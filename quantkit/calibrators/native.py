@@ -33,6 +33,9 @@ def _load() -> ctypes.CDLL | None:
             lib.qk_minmax.restype = _I64
             lib.qk_histogram.argtypes = [_P, _I64, _I64, _I64, _P, ctypes.c_double, ctypes.c_float, _I64, _P, _P]
             lib.qk_histogram.restype = ctypes.c_int
+            lib.qk_histogram_sampled.argtypes = [_P, _I64, _I64, _I64, _P, ctypes.c_double, ctypes.c_float, _I64,
+                                                 _I64, _I64, ctypes.c_float, _P, _P, _P]
+            lib.qk_histogram_sampled.restype = ctypes.c_int
             lib.qk_channel_absmax.argtypes = [_P, _I64, _I64, _I64, _P]
             lib.qk_channel_absmax.restype = None
             return lib
@@ -96,6 +99,27 @@ def histogram_into(counts: np.ndarray, x: np.ndarray, range_: float, scale: np.n
     if rc < 0:
         raise MemoryError("the native histogram could not allocate its scratch counts")
     return {1: "added", 0: "past", 2: "nan"}[rc], float(out[0]), float(out[1])
+
+
+def histogram_sampled(x: np.ndarray, range_: float, bins: int, stride: int, offset: int, bar: float,
+                      scale: np.ndarray | None = None, axis: int | None = None
+                      ) -> tuple[str, float, float, np.ndarray, np.ndarray]:
+    """``HistogramCollector``'s sampled binning in one pass over float32 ``x`` (times ``scale``
+    along ``axis``): the counts of the values at flat positions ``offset``, ``offset + stride``,
+    ... (the sample) and of every value with float32 ``|v| >= bar`` (the tail), ``bins`` bins over
+    [0, range_). Returns ``(status, min, max, sample, tail)``, status as ``histogram_into``'s
+    (the counts mean nothing unless it is "added")."""
+    assert _LIB is not None
+    x = _f32(x)
+    s = None if scale is None else _f32(scale)
+    out = np.empty(2, dtype=np.float32)
+    sample = np.zeros(bins, dtype=np.int64)
+    tail = np.zeros(bins, dtype=np.int64)
+    per_unit = ctypes.c_float(float(np.float32(bins / range_)))
+    rc = _LIB.qk_histogram_sampled(_ptr(x), *_view(x, axis if s is not None else None), _ptr(s), ctypes.c_double(range_),
+                                   per_unit, bins, stride, offset, ctypes.c_float(bar), _ptr(sample), _ptr(tail),
+                                   _ptr(out))
+    return {1: "added", 0: "past", 2: "nan"}[rc], float(out[0]), float(out[1]), sample, tail
 
 
 def channel_absmax(x: np.ndarray, axis: int) -> np.ndarray:

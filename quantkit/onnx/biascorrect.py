@@ -72,23 +72,29 @@ def conv_levels(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
     return [levels[k] for k in sorted(levels)]
 
 
-#: positions per channel and sample kept to estimate a Conv's shift (a strided sample): 2048 from
-#: a batch of 16, as many in all whether the samples come in batches of 32 or one at a time (a
-#: fixed-batch model's: 2048 a sample before, whose medians then took most of the correction,
-#: 7.5 of 22 s on the layout detector)
-SAMPLE_POSITIONS_PER_SAMPLE = 128
+#: positions per channel and batch kept to estimate a Conv's shift (a strided sample), and at most
+#: ``SAMPLE_POSITIONS_TOTAL`` over all the correction batches: a fixed-batch model's 32
+#: one-sample feeds took 2048 each, and their per-channel medians were a third of the layout
+#: detector's correction (7.5 of 22 s); up to 4 batches (32 samples in batches of 8 or more)
+#: are sampled as before
+SAMPLE_POSITIONS = 2048
+SAMPLE_POSITIONS_TOTAL = 4 * SAMPLE_POSITIONS
 
 
-def channel_samples(x: np.ndarray, n: int) -> np.ndarray:
+def feed_positions(feeds: int) -> int:
+    """Positions per channel to sample from each of ``feeds`` batches."""
+    return max(1, min(SAMPLE_POSITIONS, SAMPLE_POSITIONS_TOTAL // max(1, feeds)))
+
+
+def channel_samples(x: np.ndarray, n: int, positions: int = SAMPLE_POSITIONS) -> np.ndarray:
     """[C, K]: a strided sample of ``x``'s first ``n`` rows' values per channel (axis 1), the same
     positions for any tensor of the same shape: every ``step``-th of the positions (row, then
-    the axes after the channel, in order; about ``SAMPLE_POSITIONS_PER_SAMPLE`` a row),
-    gathered without copying the tensor first."""
+    the axes after the channel, in order; about ``positions`` of them), gathered without
+    copying the tensor first."""
     x = np.asarray(x)[:n]
     x3 = x.reshape(x.shape[0], x.shape[1], -1)
-    positions = x3.shape[0] * x3.shape[2]
-    step = max(1, positions // (SAMPLE_POSITIONS_PER_SAMPLE * x3.shape[0]))
-    rows, at = np.divmod(np.arange(0, positions, step), x3.shape[2])
+    total = x3.shape[0] * x3.shape[2]
+    rows, at = np.divmod(np.arange(0, total, max(1, total // positions)), x3.shape[2])
     return x3[rows, :, at].T.astype(np.float32)
 
 
@@ -111,7 +117,7 @@ def reference(fp32: onnx.ModelProto, convs: Sequence[str], feeds: Sequence[Feed]
     ref = Reference({t: [] for t in names}, {}, {})
     for feed, n in feeds:
         for t, x in zip(names, sess.run(names, dict(feed))):
-            ref.samples[t].append(channel_samples(x, n))
+            ref.samples[t].append(channel_samples(x, n, feed_positions(len(feeds))))
             ref.rank[t], ref.dtype[t] = np.ndim(x), np.asarray(x).dtype
     return ref
 
@@ -204,7 +210,8 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             known[k].update(zip(keep, sess.run(keep, {t: known[k][t] for t in feeds_in})))
         for node in level:
             t = node.output[0]
-            diff = np.concatenate([channel_samples(kn[t], n) - r for kn, (_, n), r in zip(known, feeds, ref.samples[t])],
+            diff = np.concatenate([channel_samples(kn[t], n, feed_positions(len(feeds))) - r
+                                   for kn, (_, n), r in zip(known, feeds, ref.samples[t])],
                                   axis=1)
             shift = np.median(diff, axis=1).astype(np.float64)
             shifts[node.name] = shift

@@ -213,23 +213,23 @@ def test_the_fp32_reference_is_measured_once_per_calibration(monkeypatch):
 
 @pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 4, 4096), (64, 3, 40, 40), (1, 6)])
 def test_channel_samples_are_every_kth_position_of_the_channel_major_layout(shape):
-    from quantkit.onnx.biascorrect import SAMPLE_POSITIONS_PER_SAMPLE, channel_samples
+    from quantkit.onnx.biascorrect import SAMPLE_POSITIONS, channel_samples
 
     x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     n = max(1, shape[0] - 1)
     flat = np.moveaxis(x[:n], 1, 0).reshape(shape[1], -1)  # what it samples, written out in full
-    step = max(1, flat.shape[1] // (SAMPLE_POSITIONS_PER_SAMPLE * n))
-    np.testing.assert_array_equal(channel_samples(x, n), flat[:, ::step])
+    np.testing.assert_array_equal(channel_samples(x, n), flat[:, ::max(1, flat.shape[1] // SAMPLE_POSITIONS)])
 
 
-def test_channel_samples_take_as_many_positions_however_the_samples_are_batched():
-    """32 samples in one batch, in two of 16 or one at a time: about the same number of positions
-    per channel in all (a fixed-batch model's 32 feeds once took 16x as many, and as long)."""
-    from quantkit.onnx.biascorrect import channel_samples
+def test_many_small_batches_share_the_positions():
+    """Up to 4 correction batches sample 2048 positions a channel each (as always); more (a
+    fixed-batch model's one-sample feeds) share 8192 (they took 2048 each, and as long)."""
+    from quantkit.onnx.biascorrect import channel_samples, feed_positions
 
-    x = np.random.default_rng(1).normal(size=(32, 4, 40, 40)).astype(np.float32)
-    counts = {k: sum(channel_samples(x[i:i + k], k).shape[1] for i in range(0, 32, k)) for k in (32, 16, 1)}
-    assert all(32 * 128 <= c <= 32 * 128 * 1.1 for c in counts.values()), counts  # a floored stride: a few more
+    assert [feed_positions(k) for k in (1, 2, 4, 8, 32)] == [2048, 2048, 2048, 1024, 256]
+    x = np.random.default_rng(1).normal(size=(32, 4, 80, 80)).astype(np.float32)
+    total = sum(channel_samples(x[i:i + 1], 1, feed_positions(32)).shape[1] for i in range(32))
+    assert 8192 <= total <= 8192 * 1.05, total
 
 
 def test_a_subgraph_reading_an_outer_tensor_is_fed_it():

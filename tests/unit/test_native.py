@@ -1,6 +1,7 @@
 """The native statistics kernel against quantkit's NumPy code: the same counts, range, min and
-max for the same values (every value counted: NumPy with stride 1), scaled or not, and the same
-errors. Skipped where the kernel was not built (no C compiler at install time)."""
+max for the same values, exact (stride 1) or sampled (the default stride 5: the body from every
+k-th value, the tail from all), scaled or not, and the same errors. Skipped where the kernel was
+not built (no C compiler at install time)."""
 
 import numpy as np
 import pytest
@@ -14,13 +15,13 @@ from quantkit.onnx.equalize import channel_max
 pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
 
 
-def _both(monkeypatch, fill):
-    """fill(collector) with the native kernel, then with NumPy (stride 1): both histograms."""
-    a = HistogramCollector(2048, name="t")
+def _both(monkeypatch, fill, stride: int = 1):
+    """fill(collector) with the native kernel, then with NumPy: both histograms."""
+    a = HistogramCollector(2048, name="t", sample_stride=stride)
     fill(a)
     with monkeypatch.context() as m:
         m.setattr(native, "_LIB", None)
-        b = HistogramCollector(2048, name="t")
+        b = HistogramCollector(2048, name="t", sample_stride=stride)
         fill(b)
     return a.compute(), b.compute()
 
@@ -110,3 +111,31 @@ def test_channel_max_equal_numpy(monkeypatch, axis):
     got = channel_max(x, axis)
     monkeypatch.setattr(native, "_LIB", None)
     np.testing.assert_array_equal(got, channel_max(x, axis))
+
+
+@pytest.mark.parametrize("stride", [5, 3, 2])
+def test_sampled_counts_equal_numpy(monkeypatch, stride):
+    """Updates large enough to be sampled (and small ones between, counted exactly), ranges that
+    grow, a first sampled update after exact ones, odd lengths: NumPy's counts to the count."""
+    rng = np.random.default_rng(5)
+    big = [np.maximum(rng.standard_normal((4, 16, 80, 81)), 0).astype(np.float32),  # ReLU: half zeros
+           (rng.standard_normal((4, 16, 80, 81)) * 3).astype(np.float32),
+           (rng.standard_cauchy(415_001) * 2).astype(np.float32)]  # a long tail, the range doubles
+    small = (rng.standard_normal(5000) * 0.5).astype(np.float32)
+
+    def fill(c):
+        c.update(small)
+        for x in big:
+            c.update(x)
+        c.update(small)
+        c.update(big[1] * 0.25)
+
+    _same(*_both(monkeypatch, fill, stride))
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_sampled_scaled_equal_numpy(monkeypatch, axis):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((8, 24, 50, 40)).astype(np.float32)
+    s = rng.uniform(0.2, 6.0, x.shape[axis]).astype(np.float32)
+    _same(*_both(monkeypatch, lambda c: (c.update(x, s, axis), c.update(x * 2, s, axis), c.update(x, s, axis)), 5))
