@@ -60,13 +60,18 @@ def _ptr(a: np.ndarray | None) -> int | None:
     return None if a is None else int(a.ctypes.data)
 
 
-def _view(x: np.ndarray, axis: int | None) -> tuple[int, int, int]:
-    """[outer, channels, inner] of C-ordered ``x`` around ``axis`` (None: one channel)."""
+def _view(x: np.ndarray, axis: int | None, scale: np.ndarray | None = None) -> tuple[int, int, int]:
+    """[outer, channels, inner] of C-ordered ``x`` around ``axis`` (None: one channel); a
+    ``scale`` must have one factor per channel (the kernel reads that many)."""
     if axis is None or x.ndim == 0:
+        if scale is not None:
+            raise ValueError("a per-channel scale needs a tensor with a channel axis")
         return 1, 1, int(x.size)
     axis %= x.ndim
     outer = int(np.prod(x.shape[:axis], dtype=np.int64))
     inner = int(np.prod(x.shape[axis + 1:], dtype=np.int64))
+    if scale is not None and scale.size != x.shape[axis]:
+        raise ValueError(f"{scale.size} scale factors for {x.shape[axis]} channels (axis {axis} of {x.shape})")
     return outer, int(x.shape[axis]), inner
 
 
@@ -76,7 +81,7 @@ def minmax(x: np.ndarray, scale: np.ndarray | None = None, axis: int | None = No
     x = _f32(x)
     s = None if scale is None else _f32(scale)
     out = np.empty(2, dtype=np.float32)
-    nans = _LIB.qk_minmax(_ptr(x), *_view(x, axis if s is not None else None), _ptr(s), _ptr(out))
+    nans = _LIB.qk_minmax(_ptr(x), *_view(x, axis if s is not None else None, s), _ptr(s), _ptr(out))
     return float(out[0]), float(out[1]), bool(nans)
 
 
@@ -94,7 +99,7 @@ def histogram_into(counts: np.ndarray, x: np.ndarray, range_: float, scale: np.n
     s = None if scale is None else _f32(scale)
     out = np.empty(2, dtype=np.float32)
     per_unit = ctypes.c_float(float(np.float32(counts.size / range_)))  # NumPy's code scales by this float32
-    rc = _LIB.qk_histogram(_ptr(x), *_view(x, axis if s is not None else None), _ptr(s), ctypes.c_double(range_),
+    rc = _LIB.qk_histogram(_ptr(x), *_view(x, axis if s is not None else None, s), _ptr(s), ctypes.c_double(range_),
                            per_unit, counts.size, _ptr(counts), _ptr(out))
     if rc < 0:
         raise MemoryError("the native histogram could not allocate its scratch counts")
@@ -116,7 +121,7 @@ def histogram_sampled(x: np.ndarray, range_: float, bins: int, stride: int, offs
     sample = np.zeros(bins, dtype=np.int64)
     tail = np.zeros(bins, dtype=np.int64)
     per_unit = ctypes.c_float(float(np.float32(bins / range_)))
-    rc = _LIB.qk_histogram_sampled(_ptr(x), *_view(x, axis if s is not None else None), _ptr(s), ctypes.c_double(range_),
+    rc = _LIB.qk_histogram_sampled(_ptr(x), *_view(x, axis if s is not None else None, s), _ptr(s), ctypes.c_double(range_),
                                    per_unit, bins, stride, offset, ctypes.c_float(bar), _ptr(sample), _ptr(tail),
                                    _ptr(out))
     return {1: "added", 0: "past", 2: "nan"}[rc], float(out[0]), float(out[1]), sample, tail

@@ -139,3 +139,11 @@ def test_sampled_scaled_equal_numpy(monkeypatch, axis):
     x = rng.standard_normal((8, 24, 50, 40)).astype(np.float32)
     s = rng.uniform(0.2, 6.0, x.shape[axis]).astype(np.float32)
     _same(*_both(monkeypatch, lambda c: (c.update(x, s, axis), c.update(x * 2, s, axis), c.update(x, s, axis)), 5))
+
+
+def test_a_scale_that_does_not_fit_the_channels_is_refused():
+    x = np.ones((2, 3, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="2 scale factors for 3 channels"):
+        HistogramCollector(64).update(x, np.ones(2, np.float32), 1)
+    with pytest.raises(ValueError, match="3 scale factors for 4 channels"):
+        native.minmax(x, np.ones(3, np.float32), -1)
