@@ -67,9 +67,8 @@ class StatsConfig:
 
     Attributes:
         num_bins: histogram bins per tensor (a power of two >= 256).
-        sample_stride: NumPy histograms of large activations count the body from every k-th
-            value and the tail from every value (1: every value everywhere); the native kernel
-            counts every value whatever this is; see HistogramCollector.
+        sample_stride: histograms of large activations count the body from every k-th value
+            and the tail from every value (1: every value everywhere); see HistogramCollector.
         target: Q/DQ placement, ``tensorrt`` (inputs of weighted layers and residual Adds) or
             ``onnxruntime`` (every activation, so ONNX Runtime runs integer kernels); it decides
             which tensors are captured.

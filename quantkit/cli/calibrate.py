@@ -72,10 +72,9 @@ class Calibrate:
                             "for TensorRT's fused INT8 attention kernels (speed); by default it stays in FP16/FP32: "
                             "INT8's 7 bits for [0, 1] round most probabilities to 0 (a ViT-S: 25.5 -> 20.3 dB output SQNR)")
         g.add_argument("--histogram-stride", type=positive_int, default=5, metavar="K",
-                       help="NumPy histograms (no native kernel, or QUANTKIT_NATIVE=0) of large activations: "
-                            "body from every K-th value (weight K), tail and min/max from every value; 1 counts "
-                            "every value (exact, ~1.8x slower). The native kernel counts every value in less time. "
-                            "Default 5")
+                       help="large activations: histogram body from every K-th value (weight K), tail and "
+                            "min/max from every value; 1 counts every value (exact: ~1.8x slower histograms without "
+                            "the native kernel, as fast with it). Default 5")
         g.add_argument("--save-stats", metavar="FILE",
                        help="also save the collected statistics to FILE, for `quantkit merge-stats` (calibration "
                             "spread over machines); histograms then start on a power-of-two range, so that such "
