@@ -81,6 +81,21 @@ SAMPLE_POSITIONS = 2048
 SAMPLE_POSITIONS_TOTAL = 4 * SAMPLE_POSITIONS
 
 
+def row_medians(a: np.ndarray) -> np.ndarray:
+    """``np.median(a, axis=1)`` of a 2-D array that is the caller's to reorder: partitioned in
+    place (``np.median`` partitions a copy and gathers the middle values with ``take``, half the
+    correction's NumPy time on a fixed-batch model); the same values, NaN-free input assumed."""
+    k = a.shape[1]
+    if k == 0 or not a.flags.c_contiguous:
+        return np.median(a, axis=1)
+    half = k // 2
+    if k % 2:
+        a.partition(half, axis=1)
+        return a[:, half].copy()
+    a.partition([half - 1, half], axis=1)
+    return (a[:, half - 1] + a[:, half]) / a.dtype.type(2)
+
+
 def feed_positions(feeds: int) -> int:
     """Positions per channel to sample from each of ``feeds`` batches."""
     return max(1, min(SAMPLE_POSITIONS, SAMPLE_POSITIONS_TOTAL // max(1, feeds)))
@@ -213,7 +228,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             diff = np.concatenate([channel_samples(kn[t], n, feed_positions(len(feeds))) - r
                                    for kn, (_, n), r in zip(known, feeds, ref.samples[t])],
                                   axis=1)
-            shift = np.median(diff, axis=1).astype(np.float64)
+            shift = row_medians(diff).astype(np.float64)
             shifts[node.name] = shift
             bias = biases[node.name]
             slots[node.name].CopyFrom(numpy_helper.from_array((bias.astype(np.float64) - shift).astype(bias.dtype),

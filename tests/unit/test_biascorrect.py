@@ -311,3 +311,16 @@ def test_cli_default_on_and_its_switch(digits_dirs, tmp_path, flags, on):
     assert json.dumps(ranges).count('"bias_correction": true') == (1 if on else 0)
     model = onnx.load(str(next(out.glob("*.int8.onnx"))))
     assert any(i.name.endswith("_bias_corrected") for i in model.graph.initializer) == on
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 1000, 1001, 8192])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_medians_are_numpys(k, dtype):
+    from quantkit.onnx.biascorrect import row_medians
+
+    a = (np.random.default_rng(k).standard_normal((9, k)) * 3).astype(dtype)
+    a[:, ::7] = 0.5  # ties
+    want = np.median(a, axis=1)
+    got = row_medians(a.copy())
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
