@@ -82,9 +82,9 @@ SAMPLE_POSITIONS_TOTAL = 4 * SAMPLE_POSITIONS
 
 
 def row_medians(a: np.ndarray) -> np.ndarray:
-    """``np.median(a, axis=1)`` of a 2-D array that is the caller's to reorder: partitioned in
-    place (``np.median`` partitions a copy and gathers the middle values with ``take``, half the
-    correction's NumPy time on a fixed-batch model); the same values, NaN-free input assumed."""
+    """``np.median(a, axis=1)`` of a 2-D array that is the caller's to reorder, partitioned in
+    place instead of a copy (~15-40% less time on [256, 8192] float32 arrays; the partition
+    itself, which stays, is most of it); the same values, NaN-free input assumed."""
     k = a.shape[1]
     if k == 0 or not a.flags.c_contiguous:
         return np.median(a, axis=1)
