@@ -315,12 +315,17 @@ def test_cli_default_on_and_its_switch(digits_dirs, tmp_path, flags, on):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 1000, 1001, 8192])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_row_medians_are_numpys(k, dtype):
+@pytest.mark.parametrize("threaded", [False, True])
+def test_row_medians_are_numpys(k, dtype, threaded, monkeypatch):
+    from quantkit.onnx import biascorrect
     from quantkit.onnx.biascorrect import row_medians
+
+    monkeypatch.setattr(biascorrect, "MEDIAN_THREADS_FROM", 1 if threaded else 1 << 40)
+    monkeypatch.setattr(biascorrect.os, "cpu_count", lambda: 4)
 
     a = (np.random.default_rng(k).standard_normal((9, k)) * 3).astype(dtype)
     a[:, ::7] = 0.5  # ties
     want = np.median(a, axis=1)
-    got = row_medians(a.copy())
-    assert got.dtype == want.dtype
-    np.testing.assert_array_equal(got, want)
+    for got in (row_medians(a.copy()), row_medians(np.asfortranarray(a))):  # the layout channel_samples gives
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
