@@ -1,13 +1,15 @@
 /* quantkit's one native kernel: the statistics a calibration pass takes of every activation.
  *
  * NumPy needs five passes over a tensor for its abs-max and |x| histogram (min, max, abs,
- * scale, bincount on a 64-bit index copy); these loops take two (min/max, then binning), keep
- * nothing but the counts, and fold an equalization's per-channel factor into the same read.
+ * scale, bincount on a 64-bit index copy); these loops take one (min, max and the binning
+ * together; a second only when the range must grow), keep nothing but the counts, and fold an
+ * equalization's per-channel factor into the same read.
  * Loaded with ctypes (quantkit/calibrators/native.py), so it has no Python ABI: a plain shared
  * library, built at install time where a C compiler is found; without it quantkit uses NumPy.
  *
- * Every function reads a float32 tensor viewed as [outer, channels, inner] (C order), each
- * value multiplied by scale[c] first when scale is not NULL (in float32, as NumPy's x * s).
+ * Every function reads a float32 tensor viewed as [outer, channels, inner] (C order); the
+ * statistics multiply each value by scale[c] first when scale is not NULL (in float32, as
+ * NumPy's x * s).
  * Results are bit-identical to quantkit's NumPy code for the same values.
  */
 #include <math.h>
@@ -21,6 +23,65 @@
 #endif
 
 #define LANES 8
+
+/* The tensor as runs of contiguous values, each with one factor: [outer, channels] runs of inner
+ * values (scale[r % channels]); or, channel last (inner 1) with factors, [outer] runs of
+ * channels values, a factor each (per_value). */
+typedef struct {
+    int per_value;
+    int64_t runs, run;
+} qk_runs;
+
+static qk_runs qk_runs_of(int64_t outer, int64_t channels, int64_t inner, const float *scale)
+{
+    qk_runs rs;
+    rs.per_value = scale && inner == 1;
+    rs.runs = rs.per_value ? outer : outer * channels;
+    rs.run = rs.per_value ? channels : inner;
+    return rs;
+}
+
+/* run r's factors: NULL (none), one (sc[0]) or, per_value, one a value (sc[i]) */
+static inline const float *qk_run_scale(const float *scale, qk_runs rs, int64_t r, int64_t channels)
+{
+    return !scale ? NULL : rs.per_value ? scale : scale + r % channels;
+}
+
+/* value i's factor in a run whose factors are sc */
+static inline float qk_factor(const float *sc, int per_value, int64_t i)
+{
+    return !sc ? 1.0f : per_value ? sc[i] : sc[0];
+}
+
+/* a value's bin: floor(|v| * per_unit), clamped to the top one (a NaN's or a huge value's
+ * conversion, negative, too: the caller drops those counts) */
+static inline int64_t qk_bin(float v, float per_unit, int64_t top)
+{
+    int64_t b = (int64_t)(fabsf(v) * per_unit);
+    return b > top || b < 0 ? top : b;
+}
+
+#ifdef QK_SSE
+/* lo and hi folded with the four lanes of l and h */
+static inline void qk_fold4(__m128 l, __m128 h, float *lo, float *hi)
+{
+    float lv[4], hv[4];
+    _mm_storeu_ps(lv, l);
+    _mm_storeu_ps(hv, h);
+    for (int k = 0; k < 4; k++) {
+        *lo = lv[k] < *lo ? lv[k] : *lo;
+        *hi = hv[k] > *hi ? hv[k] : *hi;
+    }
+}
+
+/* qk_bin of four magnitudes (sign bits already cleared) */
+static inline __m128i qk_bins4(__m128 magnitudes, __m128 unit, __m128i last)
+{
+    __m128i q = _mm_cvttps_epi32(_mm_mul_ps(magnitudes, unit));
+    __m128i over = _mm_or_si128(_mm_cmpgt_epi32(q, last), _mm_cmplt_epi32(q, _mm_setzero_si128()));
+    return _mm_or_si128(_mm_and_si128(over, last), _mm_andnot_si128(over, q));
+}
+#endif
 
 /* min, max of p[0..n) times s (sc_step 0: sc[0]; 1: sc[i]; sc NULL: 1) into lo/hi; returns
  * nonzero when a value is NaN (left out of lo and hi) */
@@ -46,17 +107,11 @@ static int qk_minmax_run(const float *p, int64_t n, const float *sc, int sc_step
         h1 = _mm_max_ps(b, h1);
         bad = _mm_or_ps(bad, _mm_or_ps(_mm_cmpunord_ps(a, a), _mm_cmpunord_ps(b, b)));
     }
-    float l[4], h[4];
-    _mm_storeu_ps(l, _mm_min_ps(l0, l1));
-    _mm_storeu_ps(h, _mm_max_ps(h0, h1));
-    for (int k = 0; k < 4; k++) {
-        lo = l[k] < lo ? l[k] : lo;
-        hi = h[k] > hi ? h[k] : hi;
-    }
+    qk_fold4(_mm_min_ps(l0, l1), _mm_max_ps(h0, h1), &lo, &hi);
     nan = _mm_movemask_ps(bad) != 0;
 #endif
     for (; i < n; i++) {
-        float v = p[i] * (!sc ? 1.0f : sc_step ? sc[i] : sc[0]);
+        float v = p[i] * qk_factor(sc, sc_step, i);
         lo = v < lo ? v : lo;
         hi = v > hi ? v : hi;
         nan |= v != v;
@@ -71,30 +126,19 @@ static int qk_minmax_run(const float *p, int64_t n, const float *sc, int sc_step
 int64_t qk_minmax(const float *x, int64_t outer, int64_t channels, int64_t inner, const float *scale,
                   float *out)
 {
-    /* runs as in qk_histogram: a factor per run, or (channel last) a factor per value */
-    const int per_value = scale && inner == 1;
-    const int64_t runs = per_value ? outer : outer * channels;
-    const int64_t run = per_value ? channels : inner;
+    const qk_runs rs = qk_runs_of(outer, channels, inner, scale);
     float lo = INFINITY, hi = -INFINITY;
     int nan = 0;
-    for (int64_t r = 0; r < runs; r++) {
-        const float *sc = !scale ? NULL : per_value ? scale : scale + r % channels;
-        nan |= qk_minmax_run(x + r * run, run, sc, per_value, &lo, &hi);
-    }
+    for (int64_t r = 0; r < rs.runs; r++)
+        nan |= qk_minmax_run(x + r * rs.run, rs.run, qk_run_scale(scale, rs, r, channels), rs.per_value, &lo, &hi);
     out[0] = lo;
     out[1] = hi;
     return nan;
 }
 
-/* One contiguous run of n values, multiplied by sc[0] (sc_step 0), by sc[i] (sc_step 1), or
- * not at all (sc NULL), binned into the four sub-histograms. */
-static inline int64_t qk_bin(float v, float per_unit, int64_t top)
-{
-    int64_t b = (int64_t)(fabsf(v) * per_unit);  /* floor: the value is >= 0 */
-    return b > top || b < 0 ? top : b;
-}
-
-/* qk_minmax_run's min, max and NaN flag, and the run's bins in the four sub-histograms. */
+/* qk_minmax_run's min, max and NaN flag of a run of n values (multiplied by sc[0] when sc_step
+ * is 0, by sc[i] when it is 1, not at all when sc is NULL), and their bins in the four
+ * sub-histograms. */
 static int qk_bin_run(const float *p, int64_t n, const float *sc, int sc_step, float per_unit, int64_t top,
                       uint32_t *h0, uint32_t *h1, uint32_t *h2, uint32_t *h3, float *lo_, float *hi_)
 {
@@ -102,9 +146,7 @@ static int qk_bin_run(const float *p, int64_t n, const float *sc, int sc_step, f
     int nan = 0;
     int64_t i = 0;
 #ifdef QK_SSE
-    /* four bins at a time: |v| (sign bit cleared) * per_unit, truncated, clamped to the top bin
-     * (a NaN's or a huge value's conversion is negative: the top bin too, and the caller
-     * drops the counts) */
+    /* four bins at a time */
     const __m128 unit = _mm_set1_ps(per_unit);
     const __m128 mag = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
     const __m128i last = _mm_set1_epi32((int)top);
@@ -118,26 +160,17 @@ static int qk_bin_run(const float *p, int64_t n, const float *sc, int sc_step, f
         l = _mm_min_ps(v, l);
         h = _mm_max_ps(v, h);
         bad = _mm_or_ps(bad, _mm_cmpunord_ps(v, v));
-        __m128i k = _mm_cvttps_epi32(_mm_mul_ps(_mm_and_ps(v, mag), unit));
-        __m128i over = _mm_or_si128(_mm_cmpgt_epi32(k, last), _mm_cmplt_epi32(k, _mm_setzero_si128()));
-        k = _mm_or_si128(_mm_and_si128(over, last), _mm_andnot_si128(over, k));
-        _mm_storeu_si128((__m128i *)b, k);
+        _mm_storeu_si128((__m128i *)b, qk_bins4(_mm_and_ps(v, mag), unit, last));
         h0[b[0]]++;
         h1[b[1]]++;
         h2[b[2]]++;
         h3[b[3]]++;
     }
-    float lv[4], hv[4];
-    _mm_storeu_ps(lv, l);
-    _mm_storeu_ps(hv, h);
-    for (int k = 0; k < 4; k++) {
-        lo = lv[k] < lo ? lv[k] : lo;
-        hi = hv[k] > hi ? hv[k] : hi;
-    }
+    qk_fold4(l, h, &lo, &hi);
     nan = _mm_movemask_ps(bad) != 0;
 #endif
     for (; i < n; i++) {
-        float v = p[i] * (!sc ? 1.0f : sc_step ? sc[i] : sc[0]);
+        float v = p[i] * qk_factor(sc, sc_step, i);
         lo = v < lo ? v : lo;
         hi = v > hi ? v : hi;
         nan |= v != v;
@@ -169,20 +202,17 @@ int qk_histogram(const float *x, int64_t outer, int64_t channels, int64_t inner,
     uint32_t *h0 = sub, *h1 = sub + bins, *h2 = sub + 2 * bins, *h3 = sub + 3 * bins;
     const int64_t top = bins - 1;
     const int64_t flush_every = (int64_t)1 << 30;
-    /* runs: [outer, channels] runs of inner values, one factor each; or, channel last (inner 1)
-     * with factors, [outer] runs of channels values, a factor each */
-    const int per_value = scale && inner == 1;
-    const int64_t runs = per_value ? outer : outer * channels;
-    const int64_t run = per_value ? channels : inner;
+    const qk_runs rs = qk_runs_of(outer, channels, inner, scale);
+    const int64_t run = rs.run;
     float lo = INFINITY, hi = -INFINITY;
     int nan = 0;
     int64_t pending = 0;
-    for (int64_t r = 0; r < runs; r++) {
+    for (int64_t r = 0; r < rs.runs; r++) {
         const float *p = x + r * run;
-        const float *sc = !scale ? NULL : per_value ? scale : scale + r % channels;
+        const float *sc = qk_run_scale(scale, rs, r, channels);
         for (int64_t i = 0; i < run;) {
             int64_t n = run - i < flush_every - pending ? run - i : flush_every - pending;
-            nan |= qk_bin_run(p + i, n, sc ? (per_value ? sc + i : sc) : NULL, per_value, per_unit, top,
+            nan |= qk_bin_run(p + i, n, sc ? (rs.per_value ? sc + i : sc) : NULL, rs.per_value, per_unit, top,
                               h0, h1, h2, h3, &lo, &hi);
             i += n;
             pending += n;
@@ -210,21 +240,21 @@ int qk_histogram(const float *x, int64_t outer, int64_t channels, int64_t inner,
  * values at flat positions offset, offset + k, ... in bin b; tail[b] += every value with
  * |v| >= bar in bin b; out[0], out[1] = min and max. Both counts are the caller's to combine (and
  * to zero first); they are valid only when this returns 1 (max |v| <= range); 0: a value is past
- * the range, 2: a value is NaN, -1: no memory. */
+ * the range, 2: a value is NaN. */
 int qk_histogram_sampled(const float *x, int64_t outer, int64_t channels, int64_t inner, const float *scale,
                          double range, float per_unit, int64_t bins, int64_t k, int64_t offset, float bar,
                          int64_t *sample, int64_t *tail, float *out)
 {
     const int64_t top = bins - 1;
-    const int per_value = scale && inner == 1;
-    const int64_t runs = per_value ? outer : outer * channels;
-    const int64_t run = per_value ? channels : inner;
+    const qk_runs rs = qk_runs_of(outer, channels, inner, scale);
+    const int per_value = rs.per_value;
+    const int64_t run = rs.run;
     float lo = INFINITY, hi = -INFINITY;
     int nan = 0;
     int64_t next = offset;  /* the next sampled flat position */
-    for (int64_t r = 0; r < runs; r++) {
+    for (int64_t r = 0; r < rs.runs; r++) {
         const float *p = x + r * run;
-        const float *sc = !scale ? NULL : per_value ? scale : scale + r % channels;
+        const float *sc = qk_run_scale(scale, rs, r, channels);
         const int64_t base = r * run;
         int64_t i = 0;
 #ifdef QK_SSE
@@ -247,27 +277,18 @@ int qk_histogram_sampled(const float *x, int64_t outer, int64_t channels, int64_
             const int64_t at = base + i;
             if (!tails && next >= at + 4)
                 continue;
-            __m128i q = _mm_cvttps_epi32(_mm_mul_ps(a, unit));
-            __m128i over = _mm_or_si128(_mm_cmpgt_epi32(q, last), _mm_cmplt_epi32(q, _mm_setzero_si128()));
-            q = _mm_or_si128(_mm_and_si128(over, last), _mm_andnot_si128(over, q));
-            _mm_storeu_si128((__m128i *)b, q);
+            _mm_storeu_si128((__m128i *)b, qk_bins4(a, unit, last));
             for (int j = 0; tails; j++, tails >>= 1)
                 if (tails & 1)
                     tail[b[j]]++;
             for (; next < at + 4; next += k)
                 sample[b[next - at]]++;
         }
-        float lv[4], hv[4];
-        _mm_storeu_ps(lv, l);
-        _mm_storeu_ps(hv, h);
-        for (int j = 0; j < 4; j++) {
-            lo = lv[j] < lo ? lv[j] : lo;
-            hi = hv[j] > hi ? hv[j] : hi;
-        }
+        qk_fold4(l, h, &lo, &hi);
         nan |= _mm_movemask_ps(bad) != 0;
 #endif
         for (; i < run; i++) {
-            float v = p[i] * (!sc ? 1.0f : per_value ? sc[i] : sc[0]);
+            float v = p[i] * qk_factor(sc, per_value, i);
             lo = v < lo ? v : lo;
             hi = v > hi ? v : hi;
             nan |= v != v;

@@ -75,14 +75,31 @@ def _view(x: np.ndarray, axis: int | None, scale: np.ndarray | None = None) -> t
     return outer, int(x.shape[axis]), inner
 
 
+#: the kernels' return codes
+_STATUS = {1: "added", 0: "past", 2: "nan"}
+
+
+def _operands(x: np.ndarray, scale: np.ndarray | None, axis: int | None
+              ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int, int]]:
+    """``x`` and ``scale`` as the kernels read them (C-contiguous float32), and ``x``'s
+    [outer, channels, inner] around ``axis`` (one channel when there is no scale)."""
+    x = _f32(x)
+    s = None if scale is None else _f32(scale)
+    return x, s, _view(x, axis if s is not None else None, s)
+
+
 def minmax(x: np.ndarray, scale: np.ndarray | None = None, axis: int | None = None) -> tuple[float, float, bool]:
     """(min, max, whether a value is NaN) of float32 ``x`` (times ``scale`` along ``axis`` when given)."""
     assert _LIB is not None
-    x = _f32(x)
-    s = None if scale is None else _f32(scale)
+    x, s, view = _operands(x, scale, axis)
     out = np.empty(2, dtype=np.float32)
-    nans = _LIB.qk_minmax(_ptr(x), *_view(x, axis if s is not None else None, s), _ptr(s), _ptr(out))
+    nans = _LIB.qk_minmax(_ptr(x), *view, _ptr(s), _ptr(out))
     return float(out[0]), float(out[1]), bool(nans)
+
+
+def _per_unit(bins: int, range_: float) -> ctypes.c_float:
+    """Bins per unit of value, the float32 NumPy's code scales by."""
+    return ctypes.c_float(float(np.float32(bins / range_)))
 
 
 def histogram_into(counts: np.ndarray, x: np.ndarray, range_: float, scale: np.ndarray | None = None,
@@ -95,15 +112,13 @@ def histogram_into(counts: np.ndarray, x: np.ndarray, range_: float, scale: np.n
     assert _LIB is not None
     if counts.dtype != np.int64 or not counts.flags.c_contiguous:
         raise ValueError("counts must be a C-contiguous int64 array")
-    x = _f32(x)
-    s = None if scale is None else _f32(scale)
+    x, s, view = _operands(x, scale, axis)
     out = np.empty(2, dtype=np.float32)
-    per_unit = ctypes.c_float(float(np.float32(counts.size / range_)))  # NumPy's code scales by this float32
-    rc = _LIB.qk_histogram(_ptr(x), *_view(x, axis if s is not None else None, s), _ptr(s), ctypes.c_double(range_),
-                           per_unit, counts.size, _ptr(counts), _ptr(out))
+    rc = _LIB.qk_histogram(_ptr(x), *view, _ptr(s), ctypes.c_double(range_), _per_unit(counts.size, range_),
+                           counts.size, _ptr(counts), _ptr(out))
     if rc < 0:
         raise MemoryError("the native histogram could not allocate its scratch counts")
-    return {1: "added", 0: "past", 2: "nan"}[rc], float(out[0]), float(out[1])
+    return _STATUS[rc], float(out[0]), float(out[1])
 
 
 def histogram_sampled(x: np.ndarray, range_: float, bins: int, stride: int, offset: int, bar: float,
@@ -115,16 +130,13 @@ def histogram_sampled(x: np.ndarray, range_: float, bins: int, stride: int, offs
     [0, range_). Returns ``(status, min, max, sample, tail)``, status as ``histogram_into``'s
     (the counts mean nothing unless it is "added")."""
     assert _LIB is not None
-    x = _f32(x)
-    s = None if scale is None else _f32(scale)
+    x, s, view = _operands(x, scale, axis)
     out = np.empty(2, dtype=np.float32)
     sample = np.zeros(bins, dtype=np.int64)
     tail = np.zeros(bins, dtype=np.int64)
-    per_unit = ctypes.c_float(float(np.float32(bins / range_)))
-    rc = _LIB.qk_histogram_sampled(_ptr(x), *_view(x, axis if s is not None else None, s), _ptr(s), ctypes.c_double(range_),
-                                   per_unit, bins, stride, offset, ctypes.c_float(bar), _ptr(sample), _ptr(tail),
-                                   _ptr(out))
-    return {1: "added", 0: "past", 2: "nan"}[rc], float(out[0]), float(out[1]), sample, tail
+    rc = _LIB.qk_histogram_sampled(_ptr(x), *view, _ptr(s), ctypes.c_double(range_), _per_unit(bins, range_),
+                                   bins, stride, offset, ctypes.c_float(bar), _ptr(sample), _ptr(tail), _ptr(out))
+    return _STATUS[rc], float(out[0]), float(out[1]), sample, tail
 
 
 def channel_absmax(x: np.ndarray, axis: int) -> np.ndarray:
