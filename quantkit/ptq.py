@@ -346,6 +346,7 @@ class Calibration:
     correction_feeds: "list[tuple[dict[str, Any], int]] | None" = field(default=None, repr=False, compare=False)
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
     _correction_reference: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    _correction_history: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     #: after ``apply_fallback``: tensor -> the method its group was switched to; tensors left in float
     _tensor_methods: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     _float_tensors: set[str] = field(default_factory=set, repr=False, compare=False)
@@ -410,7 +411,7 @@ class Calibration:
         try:  # the FP32 run, one for every method and variant (the cache), with every optimization
             return sequential_correction(qdq, self.model, self.correction_feeds, session,
                                          reference_session=partial(create_session, threads=self.config.run.threads),
-                                         cache=self._correction_reference)
+                                         cache=self._correction_reference, history=self._correction_history)
         except Exception as err:  # ONNX Runtime's own error types: the model stays as it is, with a warning
             msg = " ".join(str(err).split())[:200] or type(err).__name__
             log.warning("%s: bias correction skipped (the Q/DQ model is written without it): %s", self.model_name, msg)

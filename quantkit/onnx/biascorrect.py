@@ -162,6 +162,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
                           session: Callable[[bytes], Any], *,
                           reference_session: Callable[[bytes], Any] | None = None,
                           cache: dict[tuple[str, ...], Reference] | None = None,
+                          history: dict[bytes, dict[str, np.ndarray]] | None = None,
                           ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """``qdq`` (a Q/DQ model made from ``fp32``) with corrected Conv biases (a copy; ``qdq`` itself
     when there is nothing to correct), and per corrected Conv node the shift subtracted from its
@@ -175,6 +176,11 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
         reference_session: the same for the FP32 model's run (default ``session``).
         cache: FP32 references by the Conv outputs they hold, filled and reused: one FP32 run for
             every Q/DQ model corrected on the same ``feeds`` (pass the same dict each time).
+        history: the depths' shifts of earlier corrections on the same ``feeds`` and FP32 model,
+            filled and reused (pass the same dict each time): the leading depths whose segments,
+            and every segment before them, are the same as in an earlier model (nodes, weights,
+            scales) take that model's shifts and run as one segment. A fallback's variants of one
+            Q/DQ model differ from some depth on, and only the depths from there are measured.
     """
     convs = correctable(qdq, fp32)
     if not convs:
@@ -222,18 +228,23 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     producer = {out: i for i, node in enumerate(work.graph.node) for out in node.output}
     inits = {i.name: i for i in work.graph.initializer}
     known: list[dict[str, np.ndarray]] = [dict(f) for f, _ in feeds]
-    done: set[int] = set()
+    plans = _plan_levels(work, slots, reads, consumers, producer, set(known[0]), inits)
     shifts: dict[str, np.ndarray] = {}
-    for level in conv_levels(work):
-        level = [n for n in level if n.name in slots]
-        if not level:
-            continue
-        outs = [n.output[0] for n in level]
-        segment = _segment(reads, outs, producer, set(known[0]), done)
-        done |= set(segment)
-        produced = [t for i in segment for t in work.graph.node[i].output if t]
-        keep = [t for t in produced if t in outs or any(c not in done for c in consumers.get(t, ()))]
-        seg_model = _segment_model(work, segment, reads, keep, known[0], inits)
+    history = {} if history is None else history
+    reused = 0
+    while reused < len(plans) and plans[reused].key in history:
+        reused += 1
+    if reused:  # the leading depths as an earlier model had them: its shifts, one segment
+        for plan in plans[:reused]:
+            shifts.update(history[plan.key])
+        if reused < len(plans):  # what the later depths read, as the depths one by one would have made it
+            _run_prefix(work, plans[:reused], shifts, dtype, known, inits, session)
+        for name, shift in shifts.items():
+            _set_bias(slots[name], biases[name], shift)
+        log.debug("bias correction: %d of %d depth(s) as an earlier model's", reused, len(plans))
+    for plan in plans[reused:]:
+        level, outs, keep = plan.level, plan.outs, plan.keep
+        seg_model = _segment_model(work, plan.segment, reads, keep, known[0], inits)
         sess = session(seg_model.SerializeToString())
         feeds_in = [i.name for i in seg_model.graph.input]
         for k, (_, n) in enumerate(feeds):
@@ -245,9 +256,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
                                   axis=1)
             shift = row_medians(diff).astype(np.float64)
             shifts[node.name] = shift
-            bias = biases[node.name]
-            slots[node.name].CopyFrom(numpy_helper.from_array((bias.astype(np.float64) - shift).astype(bias.dtype),
-                                                              slots[node.name].name))
+            _set_bias(slots[node.name], biases[node.name], shift)
             for kn in known:  # in place: ONNX Runtime's outputs are the segment's own arrays
                 x = kn[t]
                 step = shift.reshape((1, -1) + (1,) * (x.ndim - 2))
@@ -256,10 +265,113 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
                 else:
                     kn[t] = (x - step).astype(x.dtype)
         for kn in known:  # drop what no node left to run reads
-            for t in [t for t in kn if t not in outs and all(c in done for c in consumers.get(t, ()))]:
+            for t in [t for t in kn if t not in plan.alive]:
                 del kn[t]
+        if len(history) >= HISTORY_LEVELS:
+            history.clear()
+        history[plan.key] = {node.name: shifts[node.name] for node in level}
     log.debug("bias correction: %d Conv(s)", len(shifts))
     return work, shifts
+
+
+#: depths whose shifts ``history`` holds at most (then it starts again): a few hundred bytes to a
+#: few kB each
+HISTORY_LEVELS = 20000
+
+
+@dataclass(frozen=True)
+class _Level:
+    """One depth's segment, planned before anything runs.
+
+    Attributes:
+        level: its Convs; outs: their outputs.
+        segment: the indices of the nodes it runs; keep: what it outputs (its Convs' outputs and
+            what later segments read).
+        alive: the tensors held after it (its Convs' outputs, and what a node left to run reads).
+        key: a digest of this segment and every one before it (nodes, and the initializers they
+            read, before correction): equal keys, equal shifts.
+    """
+
+    level: list[onnx.NodeProto]
+    outs: list[str]
+    segment: list[int]
+    keep: list[str]
+    alive: frozenset[str]
+    key: bytes
+
+
+def _plan_levels(work: onnx.ModelProto, slots: Mapping[str, onnx.TensorProto], reads: Sequence[Sequence[str]],
+                 consumers: Mapping[str, Sequence[int]], producer: Mapping[str, int], known: set[str],
+                 inits: Mapping[str, onnx.TensorProto]) -> list[_Level]:
+    """The segments of the corrected depths, in order, as ``sequential_correction`` runs them."""
+    import hashlib
+
+    plans: list[_Level] = []
+    done: set[int] = set()
+    digest = hashlib.blake2b(digest_size=20)
+    for level in conv_levels(work):
+        level = [n for n in level if n.name in slots]
+        if not level:
+            continue
+        outs = [n.output[0] for n in level]
+        segment = _segment(reads, outs, producer, known, done)
+        done |= set(segment)
+        produced = [t for i in segment for t in work.graph.node[i].output if t]
+        keep = [t for t in produced if t in outs or any(c not in done for c in consumers.get(t, ()))]
+        known = {t for t in known | set(keep) if t in outs or any(c not in done for c in consumers.get(t, ()))}
+        for i in segment:
+            digest.update(work.graph.node[i].SerializeToString())
+        for t in sorted({t for i in segment for t in reads[i] if t in inits}):
+            digest.update(t.encode())
+            digest.update(inits[t].SerializeToString())
+        digest.update(b"|".join(n.name.encode() for n in level))
+        plans.append(_Level(level, outs, segment, keep, frozenset(known), digest.copy().digest()))
+    return plans
+
+
+def _run_prefix(work: onnx.ModelProto, plans: Sequence[_Level], shifts: Mapping[str, np.ndarray],
+                dtype: Mapping[str, Any], known: list[dict[str, np.ndarray]], inits: Mapping[str, onnx.TensorProto],
+                session: Callable[[bytes], Any]) -> None:
+    """``known`` (per feed) := the tensors held after the depths of ``plans`` (reused ones, whose
+    Convs' ``shifts`` are known; the biases still uncorrected), from one segment of all their
+    nodes. Each corrected Conv's output is its uncorrected output minus its shift, fed as an
+    input (no constant for ONNX Runtime to fold into the Conv): the subtraction the depths one by
+    one make in NumPy, in the output's type, so the tensors are bit for bit theirs and so are the
+    later depths' shifts."""
+    from onnx import helper
+
+    last = plans[-1]
+    keep = sorted(t for t in last.alive if t not in known[0])
+    corrected = {n.name for plan in plans for n in plan.level}
+    part = onnx.ModelProto()
+    part.ir_version = work.ir_version
+    part.opset_import.extend(work.opset_import)
+    steps: dict[str, np.ndarray] = {}  # the shift inputs
+    for i in sorted(i for plan in plans for i in plan.segment):
+        node = work.graph.node[i]
+        if node.name not in corrected:
+            part.graph.node.append(node)
+            continue
+        t = node.output[0]
+        raw, step = f"{t}__uncorrected", f"{t}__shift"
+        conv = part.graph.node.add()
+        conv.CopyFrom(node)
+        conv.output[0] = raw
+        part.graph.node.append(helper.make_node("Sub", [raw, step], [t], name=f"{node.name}__correct"))
+        steps[step] = shifts[node.name].reshape(1, -1, 1, 1).astype(dtype[t])  # 4-D Convs only are corrected
+    reads = [node_reads(n) for n in part.graph.node]
+    seg_model = _segment_model(part, range(len(part.graph.node)), reads, keep, {**known[0], **steps}, inits)
+    sess = session(seg_model.SerializeToString())
+    feeds_in = [i.name for i in seg_model.graph.input]
+    for kn in known:
+        kn.update(zip(keep, sess.run(keep, {t: steps[t] if t in steps else kn[t] for t in feeds_in})))
+        for t in [t for t in kn if t not in last.alive]:
+            del kn[t]
+
+
+def _set_bias(slot: onnx.TensorProto, bias: np.ndarray, shift: np.ndarray) -> None:
+    """``slot`` (a corrected Conv's bias initializer) := ``bias - shift`` in the bias's type."""
+    slot.CopyFrom(numpy_helper.from_array((bias.astype(np.float64) - shift).astype(bias.dtype), slot.name))
 
 
 def _segment(reads: Sequence[Sequence[str]], outputs: Sequence[str], producer: Mapping[str, int],

@@ -329,3 +329,61 @@ def test_row_medians_are_numpys(k, dtype, threaded, monkeypatch):
     for got in (row_medians(a.copy()), row_medians(np.asfortranarray(a))):  # the layout channel_samples gives
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_variant_reuses_the_depths_before_its_change(monkeypatch):
+    # the fallback's variants differ from the plain model from some depth on: the depths before take
+    # the plain model's shifts and run as one segment; the shifts equal a fresh correction's
+    from quantkit.debug.sensitivity import QdqScales
+    from quantkit.onnx import biascorrect as bc
+
+    rng = np.random.default_rng(11)
+    model = _chain_model(rng)
+    cal_x = _flat_background(rng, 32, 8)
+    config = QuantizeConfig(StatsConfig(bias_correction=True))
+    cal = quantkit.quantize(model, ArraySource(cal_x), config)
+    fresh = quantkit.quantize(model, ArraySource(cal_x), config)
+    scales, fresh_scales = QdqScales.from_calibration(cal), QdqScales.from_calibration(fresh)
+    last = next(g for g in scales.groups if "conv3" in g.nodes)
+    scales.int8_model()  # the plain model: every depth measured, into the history
+
+    measured: list[list[str]] = [[], []]
+    real = bc.row_medians
+    monkeypatch.setattr(bc, "row_medians", lambda d: measured[-1].append(d.shape) or real(d))
+    variant = scales.int8_model([last.name])
+    fresh._correction_history.clear()  # every depth measured again
+    measured.append([])
+    expected = fresh_scales.int8_model([last.name])
+    # conv3's group in float: only conv3 measured; conv1, side (one depth) and conv2 from the history
+    assert (len(measured[-2]), len(measured[-1])) == (1, 4)
+    got = {i.name: numpy_helper.to_array(i) for i in variant.graph.initializer if i.name.endswith("_bias_corrected")}
+    want = {i.name: numpy_helper.to_array(i) for i in expected.graph.initializer if i.name.endswith("_bias_corrected")}
+    assert got.keys() == want.keys() and got
+    for name in got:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_a_change_in_the_middle_measures_from_its_depth_on(monkeypatch):
+    # a different scale at the second depth: the first depth is reused, the second and third measured
+    from quantkit.onnx import biascorrect as bc
+    from quantkit.onnx.qdq import insert_qdq
+
+    rng = np.random.default_rng(12)
+    model = _chain_model(rng)
+    cal_x = _flat_background(rng, 32, 8)
+    cal = quantkit.quantize(model, ArraySource(cal_x), QuantizeConfig(StatsConfig(bias_correction=True)))
+    fresh = quantkit.quantize(model, ArraySource(cal_x), QuantizeConfig(StatsConfig(bias_correction=True)))
+    amax = cal.amax(quantized_only=True)
+    cal.int8_model()
+    fresh._correction_history.clear()
+    changed = dict(amax, a1=amax["a1"] * 0.7)  # conv2's input
+    qdq = insert_qdq(cal.model, cal.plan, changed)
+    measured: list[str] = []
+    real = bc.row_medians
+    monkeypatch.setattr(bc, "row_medians", lambda d: measured.append("m") or real(d))
+    _, shifts = cal._bias_corrected(qdq)
+    assert len(measured) == 2  # conv2 and conv3; conv1 and side from the history
+    _, expected = fresh._bias_corrected(insert_qdq(fresh.model, fresh.plan, changed))
+    assert shifts.keys() == expected.keys() == {"conv1", "side", "conv2", "conv3"}
+    for conv in shifts:
+        np.testing.assert_array_equal(shifts[conv], expected[conv])
