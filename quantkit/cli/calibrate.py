@@ -58,8 +58,8 @@ class Calibrate:
         g.add_argument("--equalize-pointwise", action="store_true", help=argparse.SUPPRESS)  # the old opt-in: now the default
         g.add_argument("--no-equalize-pointwise", action="store_true",
                        help="equalize only the tensors that feed depthwise Convs (by default also those that feed "
-                            "group-1 Convs: factors sqrt(max/max_c), the weights divided per input channel; e.g. a "
-                            "hard-swish or squeeze-and-excite output into a 1x1 Conv)")
+                            "group-1 Convs and no depthwise Conv: factors sqrt(max/max_c), the weights divided per input "
+                            "channel; e.g. a hard-swish or squeeze-and-excite output into a 1x1 Conv)")
         g.add_argument("--bias-correction", action="store_true", help=argparse.SUPPRESS)  # the old opt-in: now the default
         g.add_argument("--no-bias-correction", action="store_true",
                        help="no bias correction (by default each Conv's bias cancels the shift INT8 adds to its "
