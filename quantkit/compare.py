@@ -34,6 +34,14 @@ class OutputMetrics:
     #: after NonMaxSuppression, NonZero), left out of the figures above
     shape_differs: int = 0
     batches: int = 0
+    #: an integer or bool output (class ids from an in-graph ArgMax, counts, flags): the share of
+    #: its elements equal to FP32's (its SQNR, cosine and top-1 are not computed: None/NaN)
+    match: float | None = None
+    #: the share of its samples equal to FP32's in every element (integer or bool outputs)
+    exact_samples: float | None = None
+    #: computed through a TopK: rows pair up with FP32's by rank, not by object, and near ties
+    #: reorder them, so its figures read lower than the error INT8 adds
+    value_ordered: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,11 +68,22 @@ class CompareReport:
             lines.append(f"  accuracy: reference {self.accuracy_reference:.4f}  test {self.accuracy_test:.4f}")
         lines.append(f"  {'output':<24} {'top-1 agree':>11} {'cos mean':>9} {'cos min':>8} {'SQNR dB':>8} {'max abs err':>11}")
         for m in self.outputs:
+            if m.match is not None:
+                lines.append(f"  {m.name[:24]:<24} {'-':>11} {'-':>9} {'-':>8} {'-':>8} {m.max_abs_error:>11.4g}")
+                continue
             agree = f"{m.top1_agreement:.4f}" if m.top1_agreement is not None else "-"
             lines.append(
                 f"  {m.name[:24]:<24} {agree:>11} {m.cosine_mean:>9.5f} {m.cosine_min:>8.5f} "
                 f"{m.sqnr_db:>8.2f} {m.max_abs_error:>11.4g}"
             )
+        for m in self.outputs:
+            if m.match is not None:
+                lines.append(f"  note: {m.name!r} holds integers or flags (class ids, counts): {m.match:.4f} of its "
+                             f"elements and {m.exact_samples:.4f} of the samples equal FP32's (no SQNR or cosine)")
+            if m.value_ordered:
+                lines.append(f"  note: {m.name!r} is computed through a TopK: its rows pair up with FP32's by rank, "
+                             "not by object, and near ties reorder them, so its figures read lower than the "
+                             "error INT8 adds (compare the tensor before the TopK, e.g. with `quantkit debug`)")
         for m in self.outputs:
             if m.shape_differs:
                 lines.append(f"  note: {m.name!r} has a data-dependent shape: the models' shapes differ on "
@@ -92,11 +111,26 @@ class _OutputStats:
         self.classifier = True
         self.batches = 0
         self.shape_differs = 0
+        self.discrete: bool | None = None
+        self.equal = 0
+        self.equal_samples = 0
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
         self.batches += 1
         if np.shape(ref) != np.shape(test):  # a data-dependent shape (NMS boxes): nothing to pair up
             self.shape_differs += 1
+            return
+        if self.discrete is None:
+            self.discrete = not np.issubdtype(np.asarray(ref).dtype, np.floating)
+        if self.discrete:
+            same = np.asarray(ref).reshape(len(ref), -1) == np.asarray(test).reshape(len(test), -1)
+            self.equal += int(same.sum())
+            self.equal_samples += int(same.all(axis=1).sum())
+            absd = np.abs(np.asarray(ref, np.float64) - np.asarray(test, np.float64))
+            self.max_abs = max(self.max_abs, float(absd.max()) if absd.size else 0.0)
+            self.abs_sum += float(absd.sum())
+            self.values += absd.size
+            self.samples += len(ref)
             return
         r = ref.reshape(ref.shape[0], -1).astype(np.float64)
         t = test.reshape(test.shape[0], -1).astype(np.float64)
@@ -119,8 +153,12 @@ class _OutputStats:
         else:
             self.classifier = False
 
-    def result(self) -> OutputMetrics:
+    def result(self, value_ordered: bool = False) -> OutputMetrics:
         n = max(self.samples, 1)
+        if self.discrete:
+            return OutputMetrics(self.name, math.nan, math.nan, math.nan, self.max_abs,
+                                 self.abs_sum / max(self.values, 1), None, self.shape_differs, self.batches,
+                                 self.equal / max(self.values, 1), self.equal_samples / n, value_ordered)
         if not self.samples:
             sqnr = math.nan
         elif self.noise == 0.0:
@@ -133,6 +171,7 @@ class _OutputStats:
             self.name, self.cos_sum / n if self.samples else math.nan, self.cos_min if self.samples else math.nan, sqnr,
             self.max_abs, self.abs_sum / max(self.values, 1),
             self.agree / n if self.classifier and self.samples else None, self.shape_differs, self.batches,
+            value_ordered=value_ordered,
         )
 
 
@@ -189,8 +228,9 @@ def compare_runners(
         if on_batch is not None:
             on_batch(batch.size)
     skipped = list(getattr(batches, "skipped_", []))
+    ordered = set(getattr(reference, "value_ordered", ()))
     return CompareReport(
-        reference_name, test_name, samples, [s.result() for s in stats.values()],
+        reference_name, test_name, samples, [s.result(s.name in ordered) for s in stats.values()],
         correct_ref / labelled if labelled else None,
         correct_test / labelled if labelled else None,
         skipped,

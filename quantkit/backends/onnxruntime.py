@@ -30,7 +30,8 @@ from quantkit._deps import require
 from quantkit.backends.base import Runner, TensorSink, check_feed
 from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import InputError, ModelError
-from quantkit.onnx.model import TensorSpec, input_specs, load_model, output_specs, unused_inputs, with_outputs_bytes
+from quantkit.onnx.model import (TensorSpec, input_specs, load_model, output_specs, unused_inputs, value_ordered_outputs,
+                                 with_outputs_bytes)
 
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ class OrtRunner(Runner):
         self._unused = {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], s.dtype)
                         for s in unused_inputs(proto)}
         self._output_specs = output_specs(proto)
+        #: graph outputs computed through a TopK (``compare`` says their rows pair up by rank)
+        self.value_ordered = value_ordered_outputs(proto)
         self._outputs = [s.name for s in self._output_specs]
         self._captured = list(dict.fromkeys(capture))
         fed = {s.name for s in self._inputs}

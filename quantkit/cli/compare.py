@@ -63,7 +63,11 @@ class Compare:
         if args.json:
             print(f"  wrote {args.json}")
         if args.min_cosine is not None:
-            worst = min(m.cosine_mean for m in report.outputs)
+            cosines = [m.cosine_mean for m in report.outputs if m.match is None]  # integer outputs have none
+            if not cosines:
+                print("FAILED: --min-cosine needs a float output, and every output of the model holds integers or flags")
+                return 2
+            worst = min(cosines)
             if math.isnan(worst) or worst < args.min_cosine:
                 print(f"FAILED: mean cosine similarity {worst:.5f} is below --min-cosine {args.min_cosine}")
                 return 1

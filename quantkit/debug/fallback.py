@@ -34,12 +34,14 @@
 Drop metrics, in points (the budget's unit):
     accuracy        100 x (FP32 accuracy - INT8 accuracy), needs labels
     top1-agreement  100 - % of samples whose argmax agrees with FP32
-    cosine          100 x (1 - mean cosine similarity of the first output)
-    sqnr            100 x noise/signal power of the first output (1 point = SQNR 20 dB)
+    cosine          100 x (1 - mean cosine similarity of the error output)
+    sqnr            100 x noise/signal power of the error output (1 point = SQNR 20 dB)
     task            FP32 metric - INT8 metric of the caller's ``task_metric`` (API only): per-sample
                     scores of a batch's first output (e.g. 100 for a text read right, 0 for not),
                     averaged over the evaluation data, so a detector's or a recogniser's own
                     decoding sets the budget
+
+The error output: the first float graph output not ordered by a TopK (``onnx.model.error_output``).
 
 Nothing is written here: the caller saves ``FallbackResult.int8_model`` at the end (an
 interrupted run leaves no artifact).
@@ -60,6 +62,7 @@ import onnx
 from quantkit.debug.sensitivity import ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, rank_groups, \
     rank_sensitivity
 from quantkit.errors import InputError
+from quantkit.onnx.model import error_output
 
 if TYPE_CHECKING:
     from quantkit.datasets.sources import Source
@@ -208,7 +211,8 @@ class _Evaluator:
 
         self.scales, self.metric, self.task_metric = scales, metric, task_metric
         batcher = evaluation_batches(source, scales.specs, list(indices), scales.run)
-        self.output = scales.model.graph.output[0].name
+        # a task metric scores the first output, as its contract says; the other metrics the error output
+        self.output = scales.model.graph.output[0].name if metric == "task" else error_output(scales.model)
         self.ref: list[np.ndarray] = []
         self.ref_indices: list[list[int]] = []
         self.labels: list[np.ndarray | None] = []
@@ -516,6 +520,7 @@ def _ranker_for(scales: QdqScales, eval_source: "Source", idx: Sequence[int], ra
 
 
 def _output_rank(model: onnx.ModelProto) -> int | None:
-    out = model.graph.output[0]
+    name = error_output(model)
+    out = next(o for o in model.graph.output if o.name == name)
     t = out.type.tensor_type
     return len(t.shape.dim) if t.HasField("shape") else None

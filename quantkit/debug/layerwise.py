@@ -222,8 +222,13 @@ class DebugReport:
                 lines.append(f"  output {o.name}: a data-dependent shape that differs from FP32's on every batch "
                              "(no figures)")
                 continue
+            if getattr(o, "match", None) is not None:
+                lines.append(f"  output {o.name}: integers or flags, {o.match:.4f} of the elements equal FP32's")
+                continue
             lines.append(f"  output {o.name}: SQNR {o.sqnr_db:.2f} dB, cosine {o.cosine_mean:.5f}"
-                         + (f" ({differs} of {o.batches} batches left out: their shapes differ)" if differs else ""))
+                         + (f" ({differs} of {o.batches} batches left out: their shapes differ)" if differs else "")
+                         + (" (through a TopK: rows pair up by rank, near ties reorder them)"
+                            if getattr(o, "value_ordered", False) else ""))
         return "\n".join(lines)
 
 
@@ -373,7 +378,7 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
                                  _db(s.acc_sig, s.acc_noise) if s.acc_sig or s.acc_noise else math.nan,
                                  s.clipped / max(s.values, 1), s.clip_noise / s.local_noise if s.local_noise else 0.0,
                                  p.consumers))
-    return DebugReport(reference_name, test_name, samples, errors, weights, [st.result() for st in outs.values()],
+    return DebugReport(reference_name, test_name, samples, errors, weights, [st.result(st.name in getattr(ref, "value_ordered", ())) for st in outs.values()],
                        ref.one_at_a_time or test.one_at_a_time)
 
 

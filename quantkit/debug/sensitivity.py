@@ -13,7 +13,8 @@ error of one side-by-side pass, as NNCF picks them):
                            whose scales, on this group's tensors alone, give the INT8 model the
                            lowest output error; best_method_error is that error
 
-Output error = noise / signal power of the first output against FP32 over the subset
+Output error = noise / signal power of the error output (the first float graph output not
+ordered by a TopK: ``onnx.model.error_output``) against FP32 over the subset
 (100 x it is the ``sqnr`` drop metric's points; 0.01 is 20 dB).
 
 Cost. A group's variants differ from the FP32 or INT8 model only from the group's first node
@@ -63,7 +64,7 @@ import onnx
 from onnx import helper
 
 from quantkit.errors import InputError, MissingDependencyError, ModelError
-from quantkit.onnx.model import node_reads
+from quantkit.onnx.model import error_output, node_reads
 from quantkit.onnx.qdq import QdqPlan, exclude_from_plan, insert_qdq
 from quantkit.onnx.torch_exec import UnsupportedOpError
 
@@ -302,7 +303,7 @@ class SensitivityReport:
     cost_fp32_passes: float
     seconds: float
     costs: dict[str, float] = field(default_factory=dict)
-    metric: str = "noise/signal power of the first output against FP32"
+    metric: str = "noise/signal power of the error output (first float, not TopK-ordered) against FP32"
     counts: dict[str, float] = field(default_factory=dict)
     ranker: Any = field(default=None, repr=False, compare=False)
     estimator: str = "exact"
@@ -461,7 +462,7 @@ class _Ranker:
         self.cuts = _Cuts(scales.model, scales.groups if groups is None else groups)
         self.batches = list(evaluation_batches(source, scales.specs, list(subset), scales.run))
         self.types = tensor_types(scales.model)
-        self.output = scales.model.graph.output[0].name
+        self.output = error_output(scales.model)
         t0 = time.perf_counter()
         self.switch = switchable_model(scales.model, scales.plan, scales.groups, scales.bias_shifts)
         self.build_seconds = time.perf_counter() - t0  # the switchable and multi-start models
@@ -671,7 +672,7 @@ def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int
     noise = signal = 0.0
     count = 0
     timed: list[tuple[float, int]] = []  # (FP32 seconds, samples) per batch
-    out = scales.model.graph.output[0].name
+    out = error_output(scales.model)
     batches = evaluation_batches(source, scales.specs, list(indices), scales.run)
     int8 = int8 if int8 is not None else scales.int8_model()
     with OrtRunner(scales.model, threads=scales.run.threads) as ref, OrtRunner(int8, threads=scales.run.threads) as test:

@@ -195,6 +195,45 @@ def output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
     return [_spec(vi) for vi in model.graph.output]
 
 
+#: ops whose outputs order rows by their values: a graph output after one pairs its rows with
+#: FP32's by rank, not by object (an end-to-end detector's top-k boxes), and near ties reorder them
+VALUE_ORDERING_OPS = ("TopK",)
+#: the element types of float tensors (an output of another type holds ids, counts or flags)
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+def value_ordered_outputs(model: onnx.ModelProto) -> set[str]:
+    """The graph outputs computed through a ``VALUE_ORDERING_OPS`` node (TopK)."""
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+    ordered: set[str] = set()
+    for out in model.graph.output:
+        stack, seen = [out.name], set()
+        while stack:
+            t = stack.pop()
+            node = producer.get(t)
+            if t in seen or node is None:
+                continue
+            seen.add(t)
+            if node.op_type in VALUE_ORDERING_OPS:
+                ordered.add(out.name)
+                break
+            stack.extend(node_reads(node))
+    return ordered
+
+
+def error_output(model: onnx.ModelProto) -> str:
+    """The graph output whose error against FP32 ``debug``'s ranking and the fallback measure:
+    the first float output not ordered by value (``value_ordered_outputs``), else the first
+    float output, else the first output. An in-graph ArgMax's class ids (trueocr's recogniser
+    puts them first) or a TopK's sorted boxes (an end-to-end YOLO) would measure rounding of
+    ids and reordering of near ties, not the error INT8 adds."""
+    outs = list(model.graph.output)
+    floats = [o for o in outs if o.type.tensor_type.elem_type in (0, *FLOAT_TYPES)]
+    ordered = value_ordered_outputs(model) if floats else set()
+    pick = next((o for o in floats if o.name not in ordered), floats[0] if floats else outs[0])
+    return pick.name
+
+
 def is_quantized_op(op_type: str) -> bool:
     return op_type in QUANTIZED_OP_TYPES or op_type.startswith("QLinear")
 

@@ -1,0 +1,123 @@
+"""Outputs that are not a float tensor paired row by row with FP32's (found probing wheels):
+integer outputs (trueocr's recogniser decodes in the graph: ArgMax class ids first) and outputs
+ordered by value (an end-to-end detector's TopK boxes). ``compare`` reports the share of equal
+ids and says when rows pair up by rank; ``debug``'s ranking and the fallback measure the first
+float output not ordered by a TopK (``onnx.model.error_output``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from quantkit.cli import main
+from quantkit.onnx.model import error_output, value_ordered_outputs
+
+
+def _ids_model(tn: int = 32, classes: int = 40) -> onnx.ModelProto:
+    """A recogniser head that decodes in the graph: ids (INT64, ArgMax) first, then conf (float)."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             h.make_node("Conv", ["r1", "W2"], ["logits4"], name="conv2"),
+             h.make_node("Squeeze", ["logits4", "ax2"], ["logits"], name="sq"),
+             h.make_node("Softmax", ["logits"], ["prob"], axis=1, name="sm"),
+             h.make_node("ArgMax", ["prob"], ["ids"], axis=1, keepdims=0, name="argmax"),
+             h.make_node("ReduceMax", ["prob"], ["conf"], axes=[1], keepdims=0, name="rmax")]
+    inits = [nh.from_array(rng.normal(0, 0.3, (16, 1, 3, 3)).astype(np.float32), "W1"),
+             nh.from_array(rng.normal(0, 0.3, (classes, 16, 8, 1)).astype(np.float32), "W2"),
+             nh.from_array(np.array([2], np.int64), "ax2")]
+    g = h.make_graph(nodes, "ids_head", [h.make_tensor_value_info("x", T.FLOAT, ["N", 1, 8, tn])],
+                     [h.make_tensor_value_info("ids", T.INT64, ["N", tn]),
+                      h.make_tensor_value_info("conf", T.FLOAT, ["N", tn])], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+
+
+def _topk_model(k: int = 100) -> onnx.ModelProto:
+    """An end-to-end detector head: TopK over the scores, boxes gathered by its indices (dets
+    first), and the raw predictions as a second output."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             h.make_node("Conv", ["r1", "W2"], ["c2"], name="conv2"),
+             h.make_node("Reshape", ["c2", "shp"], ["flat"], name="reshape"),
+             h.make_node("Transpose", ["flat"], ["pred"], perm=[0, 2, 1], name="tr"),
+             h.make_node("Split", ["pred", "split"], ["boxes", "logit"], axis=2, name="split"),
+             h.make_node("Sigmoid", ["logit"], ["score"], name="sig"),
+             h.make_node("Squeeze", ["score", "ax2"], ["score2"], name="sq"),
+             h.make_node("TopK", ["score2", "k"], ["topv", "topi"], axis=1, name="topk"),
+             h.make_node("Unsqueeze", ["topi", "ax2"], ["topi3"], name="unsq"),
+             h.make_node("Tile", ["topi3", "rep"], ["topi4"], name="tile"),
+             h.make_node("GatherElements", ["boxes", "topi4"], ["selb"], axis=1, name="ge"),
+             h.make_node("Unsqueeze", ["topv", "ax2"], ["topv3"], name="unsq2"),
+             h.make_node("Concat", ["selb", "topv3"], ["dets"], axis=2, name="cat")]
+    inits = [nh.from_array(rng.normal(0, 0.2, (32, 3, 3, 3)).astype(np.float32), "W1"),
+             nh.from_array(rng.normal(0, 0.1, (5, 32, 1, 1)).astype(np.float32), "W2"),
+             nh.from_array(np.array([0, 5, 400], np.int64), "shp"), nh.from_array(np.array([4, 1], np.int64), "split"),
+             nh.from_array(np.array([2], np.int64), "ax2"), nh.from_array(np.array([k], np.int64), "k"),
+             nh.from_array(np.array([1, 1, 4], np.int64), "rep")]
+    g = h.make_graph(nodes, "topk_head", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 20, 20])],
+                     [h.make_tensor_value_info("dets", T.FLOAT, ["N", k, 5]),
+                      h.make_tensor_value_info("pred", T.FLOAT, ["N", 400, 5])], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+
+
+def test_the_error_output_is_the_first_float_one_not_ordered_by_value():
+    assert error_output(_ids_model()) == "conf"
+    topk = _topk_model()
+    assert value_ordered_outputs(topk) == {"dets"}
+    assert error_output(topk) == "pred"
+    only = onnx.ModelProto()
+    only.CopyFrom(topk)
+    del only.graph.output[1]  # nothing else: the ordered output itself
+    assert error_output(only) == "dets"
+
+
+def _calibrate_and_compare(tmp_path, model: onnx.ModelProto, shape, capsys) -> str:
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    for part, seed in (("cal", 1), ("eval", 2)):
+        np.savez(tmp_path / f"{part}.npz", x=np.random.default_rng(seed).uniform(0, 1, (32, *shape)).astype(np.float32))
+    assert main(["calibrate", str(path), "--npz", str(tmp_path / "cal.npz"), "-o", str(tmp_path / "out"),
+                 "--eval-images", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(path), str(tmp_path / "out" / "m.int8.onnx"), "--npz", str(tmp_path / "eval.npz"),
+                 "--json", str(tmp_path / "cmp.json"), "--no-progress"]) == 0
+    return capsys.readouterr().out
+
+
+def test_compare_reports_equal_ids_for_an_integer_output(tmp_path, capsys):
+    import json
+
+    out = _calibrate_and_compare(tmp_path, _ids_model(), (1, 8, 32), capsys)
+    report = {o["name"]: o for o in json.loads((tmp_path / "cmp.json").read_text())["outputs"]}
+    ids, conf = report["ids"], report["conf"]
+    assert ids["top1_agreement"] is None and 0.5 < ids["match"] <= 1.0 and 0.0 <= ids["exact_samples"] <= ids["match"]
+    assert conf["match"] is None and conf["sqnr_db"] > 15.0
+    assert "'ids' holds integers" in out and f"{ids['match']:.4f}" in out
+    assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "out" / "m.int8.onnx"), "--npz",
+                 str(tmp_path / "eval.npz"), "--min-cosine", "0.5", "--no-progress"]) == 0  # conf's cosine only
+
+
+def test_compare_says_when_rows_pair_up_by_rank(tmp_path, capsys):
+    out = _calibrate_and_compare(tmp_path, _topk_model(), (3, 20, 20), capsys)
+    assert "'dets' is computed through a TopK" in out
+    assert "'pred' is computed through a TopK" not in out
+
+
+def test_debug_ranks_on_the_float_output(tmp_path, capsys):
+    import json
+
+    _calibrate_and_compare(tmp_path, _ids_model(), (1, 8, 32), capsys)
+    capsys.readouterr()
+    assert main(["debug", str(tmp_path / "m.onnx"), str(tmp_path / "out" / "m.int8.onnx"), "--npz",
+                 str(tmp_path / "eval.npz"), "--rank", "-o", str(tmp_path / "dbg"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "output ids: integers or flags" in out and "output conf: SQNR" in out
+    doc = json.loads((tmp_path / "dbg" / "debug.json").read_text())
+    ranking = doc["sensitivity"]
+    assert "error output" in ranking["metric"]
+    errors = [r["only_float_error"] for r in ranking["rows"]]
+    assert all(np.isfinite(errors)) and max(errors) < 0.01  # conf's noise/signal (the ids' would be far larger)
