@@ -203,11 +203,14 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     consts = constant_arrays(qdq)
     biases: dict[str, np.ndarray] = {}
     slots: dict[str, onnx.TensorProto] = {}
+    replaced: set[str] = set()
     for node in work.graph.node:
         if node.op_type != "Conv" or node.name not in wanted:
             continue
         channels = ref.samples[node.output[0]][0].shape[0]
         has_bias = len(node.input) > 2 and bool(node.input[2])
+        if has_bias:
+            replaced.add(node.input[2])
         bias = consts[node.input[2]] if has_bias else np.zeros(channels, dtype[node.output[0]])
         name = f"{node.name}_bias_corrected"
         biases[node.name] = bias
@@ -270,6 +273,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
         if len(history) >= HISTORY_LEVELS:
             history.clear()
         history[plan.key] = {node.name: shifts[node.name] for node in level}
+    _drop_orphans(work, replaced)
     log.debug("bias correction: %d Conv(s)", len(shifts))
     return work, shifts
 
@@ -372,6 +376,15 @@ def _run_prefix(work: onnx.ModelProto, plans: Sequence[_Level], shifts: Mapping[
 def _set_bias(slot: onnx.TensorProto, bias: np.ndarray, shift: np.ndarray) -> None:
     """``slot`` (a corrected Conv's bias initializer) := ``bias - shift`` in the bias's type."""
     slot.CopyFrom(numpy_helper.from_array((bias.astype(np.float64) - shift).astype(bias.dtype), slot.name))
+
+
+def _drop_orphans(model: onnx.ModelProto, names: set[str]) -> None:
+    """Remove the initializers ``names`` (the biases the corrected ones replaced) that nothing
+    reads any more: ONNX Runtime warns about each, and they are the model's size again."""
+    g = model.graph
+    read = {t for n in g.node for t in node_reads(n)} | {o.name for o in g.output} | {i.name for i in g.input}
+    for k in reversed([k for k, i in enumerate(g.initializer) if i.name in names and i.name not in read]):
+        del g.initializer[k]
 
 
 def _segment(reads: Sequence[Sequence[str]], outputs: Sequence[str], producer: Mapping[str, int],

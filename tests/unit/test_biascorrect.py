@@ -387,3 +387,17 @@ def test_a_change_in_the_middle_measures_from_its_depth_on(monkeypatch):
     assert shifts.keys() == expected.keys() == {"conv1", "side", "conv2", "conv3"}
     for conv in shifts:
         np.testing.assert_array_equal(shifts[conv], expected[conv])
+
+
+def test_the_replaced_biases_are_not_left_behind():
+    # a corrected Conv reads <node>_bias_corrected: its old bias, read by nothing else, goes (ONNX
+    # Runtime warned "Removing initializer" for each, and the file carried them twice)
+    rng = np.random.default_rng(13)
+    model = _chain_model(rng)
+    cal = quantkit.quantize(model, ArraySource(_flat_background(rng, 32, 8)),
+                            QuantizeConfig(StatsConfig(bias_correction=True)))
+    out = cal.int8_model()
+    names = {i.name for i in out.graph.initializer}
+    read = {t for n in out.graph.node for t in n.input}
+    assert "conv1_bias_corrected" in names and "b1" not in names
+    assert names <= read | {i.name for i in out.graph.input}

@@ -70,11 +70,13 @@ def test_compare_and_debug_report_a_data_dependent_output(tmp_path, capsys):
     assert rc == 0 and "output idx" in out
 
 
-def test_a_data_dependent_first_output_cannot_set_a_budget_one_line_exit_2(tmp_path, capsys):
+def test_a_data_dependent_error_output_cannot_set_a_budget_one_line_exit_2(tmp_path, capsys):
+    # the error output is the first float one (integer ids are skipped): here the NonZero indices as floats
     model = _nonzero_model()
     outs = list(model.graph.output)
+    model.graph.node.append(helper.make_node("Cast", ["idx"], ["idxf"], to=TensorProto.FLOAT, name="cast"))
     del model.graph.output[:]
-    model.graph.output.extend([outs[1], outs[0]])  # NonZero's indices first
+    model.graph.output.extend([helper.make_tensor_value_info("idxf", TensorProto.FLOAT, [4, "K"]), outs[0]])
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(0, 1, (48, 3, 8, 8)).astype(np.float32))
     rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "--max-drop", "0",
@@ -82,3 +84,16 @@ def test_a_data_dependent_first_output_cannot_set_a_budget_one_line_exit_2(tmp_p
     err = capsys.readouterr().err
     assert rc == 2 and "data-dependent shape" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_integer_data_dependent_first_output_leaves_the_budget_to_the_float_one(tmp_path, capsys):
+    # NonZero's int64 indices first: the fallback measures y, the first float output, and meets the budget
+    model = _nonzero_model()
+    outs = list(model.graph.output)
+    del model.graph.output[:]
+    model.graph.output.extend([outs[1], outs[0]])
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(0, 1, (48, 3, 8, 8)).astype(np.float32))
+    rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "--max-drop", "1",
+               "--drop-metric", "sqnr", "-o", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0 and (tmp_path / "out" / "m.int8.onnx").exists()
