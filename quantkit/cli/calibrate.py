@@ -156,6 +156,10 @@ class Calibrate:
 
         # printed after the artifacts are written (a closed stdout loses nothing)
         report, lines = None, [f"calibration sample: {describe_sample(drawn, 'images' if args.images else 'samples')}"]
+        spec = getattr(getattr(source, "source", source), "preprocess", None)  # an image folder's
+        if spec is not None:  # the preset's values a flag did not replace are in it: say them
+            lines.append(f"preprocessing: {spec.summary()} (--preprocess {args.preprocess}; --resize, --crop, "
+                         "--scale, --mean, --std, --color replace its values)")
         result = None
         if budget is not None:
             from quantkit.debug.fallback import fallback

@@ -75,6 +75,17 @@ class Preprocess:
     def channels(self) -> int:
         return 1 if self.color == "gray" else 3
 
+    def summary(self) -> str:
+        """One line of what is done to each image, for the CLI: 'resize 256, crop 224x224, rgb,
+        x 0.00392, mean 0.485,0.456,0.406, std 0.229,0.224,0.225, nchw float32'."""
+        def nums(v: tuple[float, ...]) -> str:
+            return ",".join(f"{x:.4g}" for x in v)
+
+        parts = [f"resize {self.resize}" if self.resize else "cover" if self.cover else "no resize",
+                 f"crop {self.crop[0]}x{self.crop[1]}" if self.crop else "no crop", self.color,
+                 f"x {self.scale:.4g}", f"mean {nums(self.mean)}", f"std {nums(self.std)}", f"{self.layout} {self.dtype}"]
+        return ", ".join(parts)
+
     def replace(self, **changes: Any) -> "Preprocess":
         return dataclasses.replace(self, **changes)
 
