@@ -72,8 +72,9 @@ class CompareReport:
                 lines.append(f"  {m.name[:24]:<24} {'-':>11} {'-':>9} {'-':>8} {'-':>8} {m.max_abs_error:>11.4g}")
                 continue
             agree = f"{m.top1_agreement:.4f}" if m.top1_agreement is not None else "-"
+            cos = ("-", "-") if math.isnan(m.cosine_mean) else (f"{m.cosine_mean:.5f}", f"{m.cosine_min:.5f}")
             lines.append(
-                f"  {m.name[:24]:<24} {agree:>11} {m.cosine_mean:>9.5f} {m.cosine_min:>8.5f} "
+                f"  {m.name[:24]:<24} {agree:>11} {cos[0]:>9} {cos[1]:>8} "
                 f"{m.sqnr_db:>8.2f} {m.max_abs_error:>11.4g}"
             )
         for m in self.outputs:
@@ -112,6 +113,7 @@ class _OutputStats:
         self.batches = 0
         self.shape_differs = 0
         self.discrete: bool | None = None
+        self.one_value = True  # one value a sample (a score, a regression): its cosine is only a sign
         self.equal = 0
         self.equal_samples = 0
 
@@ -134,6 +136,7 @@ class _OutputStats:
             return
         r = ref.reshape(ref.shape[0], -1).astype(np.float64)
         t = test.reshape(test.shape[0], -1).astype(np.float64)
+        self.one_value = self.one_value and r.shape[1] == 1
         diff = r - t
         nr, nt = np.linalg.norm(r, axis=1), np.linalg.norm(t, axis=1)
         dots = (r * t).sum(axis=1)
@@ -167,8 +170,9 @@ class _OutputStats:
             sqnr = -math.inf
         else:
             sqnr = 10.0 * math.log10(self.sig / self.noise)
+        cos_ok = self.samples and not self.one_value
         return OutputMetrics(
-            self.name, self.cos_sum / n if self.samples else math.nan, self.cos_min if self.samples else math.nan, sqnr,
+            self.name, self.cos_sum / n if cos_ok else math.nan, self.cos_min if cos_ok else math.nan, sqnr,
             self.max_abs, self.abs_sum / max(self.values, 1),
             self.agree / n if self.classifier and self.samples else None, self.shape_differs, self.batches,
             value_ordered=value_ordered,

@@ -63,9 +63,11 @@ class Compare:
         if args.json:
             print(f"  wrote {args.json}")
         if args.min_cosine is not None:
-            cosines = [m.cosine_mean for m in report.outputs if m.match is None]  # integer outputs have none
+            # integer outputs have none, one-value outputs none that means more than a sign
+            cosines = [m.cosine_mean for m in report.outputs if not math.isnan(m.cosine_mean)]
             if not cosines:
-                print("FAILED: --min-cosine needs a float output, and every output of the model holds integers or flags")
+                print("FAILED: --min-cosine needs an output of several float values a sample; this model's "
+                      "hold integers, flags or one value a sample (compare their SQNR or match instead)")
                 return 2
             worst = min(cosines)
             if math.isnan(worst) or worst < args.min_cosine:

@@ -225,7 +225,8 @@ class DebugReport:
             if getattr(o, "match", None) is not None:
                 lines.append(f"  output {o.name}: integers or flags, {o.match:.4f} of the elements equal FP32's")
                 continue
-            lines.append(f"  output {o.name}: SQNR {o.sqnr_db:.2f} dB, cosine {o.cosine_mean:.5f}"
+            lines.append(f"  output {o.name}: SQNR {o.sqnr_db:.2f} dB"
+                         + ("" if math.isnan(o.cosine_mean) else f", cosine {o.cosine_mean:.5f}")
                          + (f" ({differs} of {o.batches} batches left out: their shapes differ)" if differs else "")
                          + (" (through a TopK: rows pair up by rank, near ties reorder them)"
                             if getattr(o, "value_ordered", False) else ""))
