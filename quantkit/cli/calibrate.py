@@ -268,12 +268,13 @@ def _budget(args: argparse.Namespace, model: object, source: object, indices: li
         if extra:
             raise InputError(f"{extra[0]} needs --max-drop D", hint="e.g. --max-drop 0.5")
         return None
-    from quantkit.debug.fallback import FallbackConfig, _output_rank, resolve_drop_metric
+    from quantkit.debug.fallback import FallbackConfig, _output_shape, resolve_drop_metric
 
     if not indices:
         raise InputError("--max-drop needs evaluation data, and --eval-images is 0",
                          hint="give --eval-dir DIR or --eval-images N > 0")
-    metric = resolve_drop_metric(args.drop_metric, source, indices, output_rank=_output_rank(model))  # type: ignore[arg-type]
+    rank, values = _output_shape(model)  # type: ignore[arg-type]
+    metric = resolve_drop_metric(args.drop_metric, source, indices, output_rank=rank, output_values=values)
     return FallbackConfig(max_drop=args.max_drop, drop_metric=metric, subset=args.subset,
                           max_float_groups=args.max_float_groups, estimator=args.rank_estimator)
 

@@ -131,16 +131,19 @@ def has_labels(source: "Source", indices: Sequence[int]) -> bool:
 
 
 def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[int], *,
-                        output_rank: int | None = None, where: str = "the evaluation data") -> str:
+                        output_rank: int | None = None, where: str = "the evaluation data",
+                        output_values: int | None = None) -> str:
     """The drop metric to use: ``metric``, or accuracy when the data has labels, else
-    top1-agreement (sqnr for an output that is not [N, classes]).
+    top1-agreement (sqnr for an output that is not [N, classes] with two classes or more).
+    ``output_values``: the error output's values a sample, where its shape says (None: unknown).
 
     Raises:
-        InputError: accuracy without labels, or a class metric on an output that is not
-            [N, classes] — before any work.
+        InputError: accuracy without labels, a class metric on an output that is not
+            [N, classes], or cosine on an output of one value a sample (only its sign would
+            count) — before any work.
     """
     labelled = has_labels(source, indices)
-    classifier = output_rank in (None, 2)
+    classifier = output_rank in (None, 2) and output_values != 1  # [N, 1]: argmax agrees always
     if metric is None:
         return "accuracy" if labelled and classifier else "top1-agreement" if classifier else "sqnr"
     if metric not in DROP_METRICS:
@@ -150,8 +153,12 @@ def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[
                          hint="use an image folder with class subfolders (or an .npz with 'labels'), or "
                               "--drop-metric top1-agreement")
     if metric in ("accuracy", "top1-agreement") and not classifier:
-        raise InputError(f"--drop-metric {metric} needs a classifier output [N, classes]; the model's first output "
-                         f"has rank {output_rank}", hint="use --drop-metric sqnr or cosine")
+        what = "one value a sample" if output_values == 1 else f"rank {output_rank}"
+        raise InputError(f"--drop-metric {metric} needs a classifier output [N, classes]; the model's error output "
+                         f"has {what}", hint="use --drop-metric sqnr" + ("" if output_values == 1 else " or cosine"))
+    if metric == "cosine" and output_values == 1:
+        raise InputError("--drop-metric cosine on an output of one value a sample would only count whether the "
+                         "signs agree", hint="use --drop-metric sqnr")
     return metric
 
 
@@ -324,14 +331,15 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
     start = time.perf_counter()
     scales = cal if isinstance(cal, QdqScales) else QdqScales.from_calibration(cal)
     idx = list(range(len(eval_source))) if eval_indices is None else list(eval_indices)
-    out_rank = _output_rank(scales.model)
+    out_rank, out_values = _output_shape(scales.model)
     if task_metric is not None:
         if config.drop_metric not in (None, "task"):
             raise InputError(f"a task metric was given, and the drop metric {config.drop_metric!r} too; "
                              "the budget is in points of one of them", hint="leave drop_metric unset")
         metric = "task"
     else:
-        metric = resolve_drop_metric(config.drop_metric, eval_source, idx, output_rank=out_rank)
+        metric = resolve_drop_metric(config.drop_metric, eval_source, idx, output_rank=out_rank,
+                                     output_values=out_values)
     groups = scales.groups
     steps: list[dict[str, Any]] = []
 
@@ -519,8 +527,13 @@ def _ranker_for(scales: QdqScales, eval_source: "Source", idx: Sequence[int], ra
     return _Ranker(scales, src, ranking.subset_indices)
 
 
-def _output_rank(model: onnx.ModelProto) -> int | None:
+def _output_shape(model: onnx.ModelProto) -> tuple[int | None, int | None]:
+    """The error output's rank and values a sample (the product of its static dims after the
+    first; None where the shape does not say)."""
     name = error_output(model)
-    out = next(o for o in model.graph.output if o.name == name)
-    t = out.type.tensor_type
-    return len(t.shape.dim) if t.HasField("shape") else None
+    t = next(o for o in model.graph.output if o.name == name).type.tensor_type
+    if not t.HasField("shape"):
+        return None, None
+    dims = t.shape.dim[1:]
+    values = int(np.prod([d.dim_value for d in dims])) if all(d.HasField("dim_value") for d in dims) else None
+    return len(t.shape.dim), values

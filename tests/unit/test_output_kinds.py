@@ -121,3 +121,27 @@ def test_debug_ranks_on_the_float_output(tmp_path, capsys):
     assert "error output" in ranking["metric"]
     errors = [r["only_float_error"] for r in ranking["rows"]]
     assert all(np.isfinite(errors)) and max(errors) < 0.01  # conf's noise/signal (the ids' would be far larger)
+
+
+def test_a_one_value_output_takes_sqnr_as_its_drop_metric(tmp_path, capsys):
+    # [N, 1] (a score): its argmax agrees always and its cosine is a sign, so the default is sqnr and
+    # top1-agreement / cosine are refused in one line before any work
+    from quantkit.datasets.sources import NumpySource
+    from quantkit.debug.fallback import _output_shape, resolve_drop_metric
+
+    rng = np.random.default_rng(3)
+    g = h.make_graph([h.make_node("Gemm", ["x", "w"], ["y"], name="fc")], "score",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", 16])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 1])],
+                     [nh.from_array(rng.normal(0, 0.3, (16, 1)).astype(np.float32), "w")])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (40, 16)).astype(np.float32))
+    assert _output_shape(model) == (2, 1)
+    assert resolve_drop_metric(None, NumpySource(tmp_path / "d.npz"), range(8), output_rank=2, output_values=1) == "sqnr"
+    for metric in ("cosine", "top1-agreement"):
+        rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "--max-drop", "1",
+                   "--drop-metric", metric, "-o", str(tmp_path / "out"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "one value a sample" in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
