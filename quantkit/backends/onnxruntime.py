@@ -287,19 +287,30 @@ class _BoundCapture:
         self._key: tuple[tuple[str, tuple[int, ...]], ...] | None = None
         self._binding: Any = None
         self._buffers: list[np.ndarray] = []
+        self._unbound = False  # IOBinding refused (declared output shapes the data does not have)
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         if not self.outputs:
             return []
         feed = {**self._fixed, **{k: np.ascontiguousarray(v) for k, v in feed.items()}}
         key = tuple((k, v.shape) for k, v in feed.items())
+        if self._unbound:
+            return self.session.run(self.outputs, feed)
         if key != self._key:
             arrays = self.session.run(self.outputs, feed)
             self._bind(key, arrays)
             return arrays
         for name, value in feed.items():
             self._binding.bind_cpu_input(name, value)
-        self.session.run_with_iobinding(self._binding)
+        try:
+            self.session.run_with_iobinding(self._binding)
+        except RuntimeError as err:
+            # IOBinding checks bound buffers against the outputs' *declared* shapes; a model whose
+            # declared shape has a traced constant (an output [batch, 54, 4] that is [batch, n, 4])
+            # runs with session.run (a warning) but not bound: run unbound from here on
+            log.debug("IOBinding failed (%s): capturing without bound buffers", " ".join(str(err).split()))
+            self._binding, self._key, self._buffers, self._unbound = None, None, [], True
+            return self.session.run(self.outputs, feed)
         return self._buffers
 
     def _bind(self, key: tuple[tuple[str, tuple[int, ...]], ...], arrays: list[np.ndarray]) -> None:

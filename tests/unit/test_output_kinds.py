@@ -145,3 +145,24 @@ def test_a_one_value_output_takes_sqnr_as_its_drop_metric(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and "one value a sample" in err and "Traceback" not in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_an_output_declared_with_a_traced_constant_dim_calibrates(tmp_path, capsys):
+    # PyTorch traces a dim of the tracing input into an output's declared shape (lineless-table-rec's
+    # LORE: [batch, 54, 4] that is [batch, cells, 4]); ONNX Runtime's run only warns, but IOBinding
+    # checks bound buffers against the declared shape: the capture pass was exit 1
+    rng = np.random.default_rng(0)
+    g = h.make_graph([h.make_node("MatMul", ["x", "W1"], ["h"]), h.make_node("Relu", ["h"], ["r"]),
+                      h.make_node("MatMul", ["r", "W2"], ["y"]), h.make_node("MatMul", ["y", "W3"], ["z"])], "decl",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["batch", "cells", 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["batch", 3, 4]),  # 3: a traced constant
+                      h.make_tensor_value_info("z", T.FLOAT, ["batch", "cells", 4])],
+                     [nh.from_array(rng.normal(0, 0.3, (8, 16)).astype(np.float32), "W1"),
+                      nh.from_array(rng.normal(0, 0.3, (16, 4)).astype(np.float32), "W2"),
+                      nh.from_array(rng.normal(0, 0.3, (4, 4)).astype(np.float32), "W3")])
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (32, 5, 8)).astype(np.float32))  # 5 cells, not 3
+    rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "--batch-size", "8",
+               "-o", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "m.int8.onnx").exists()
