@@ -109,10 +109,33 @@ class Runner(abc.ABC):
         self.close()
 
 
+def output_batch_axes(runner: Any) -> dict[str, int]:
+    """Outputs whose samples are not on axis 0, by name -> the axis they are on: where the first
+    input's batch dim is a symbol that an output declares on another axis (wired-table-rec's
+    centre net: [1, batch, H, W]). Others (not listed) have their samples on axis 0."""
+    inputs = getattr(runner, "input_specs", None) or []
+    batch = inputs[0].shape[0] if inputs and inputs[0].shape else None
+    if not isinstance(batch, str):
+        return {}
+    out = {}
+    for spec in getattr(runner, "output_specs", None) or []:
+        dims = list(spec.shape or ())
+        if dims and dims[0] != batch and batch in dims:
+            out[spec.name] = dims.index(batch)
+    return out
+
+
+def samples_first(outputs: dict[str, np.ndarray], axes: dict[str, int]) -> dict[str, np.ndarray]:
+    """``outputs`` with each one's sample axis (``output_batch_axes``) moved to axis 0."""
+    return {k: np.moveaxis(v, axes[k], 0) if k in axes and np.ndim(v) > axes[k] else v for k, v in outputs.items()}
+
+
 def side_by_side(reference: Runner, test: Runner, batches: Iterable[Any]) -> Iterable[tuple[Any, dict, dict]]:
     """Run two models on the same batches: ``(batch, reference outputs, test outputs)`` per batch,
-    each trimmed to the batch's real rows (a fixed-batch model's padded tail left out)."""
+    each with its samples on axis 0 (``output_batch_axes``) and trimmed to the batch's real rows
+    (a fixed-batch model's padded tail left out)."""
+    axes = output_batch_axes(reference)
     for batch in batches:
-        ref, out = reference.infer(batch.feed), test.infer(batch.feed)
+        ref, out = samples_first(reference.infer(batch.feed), axes), samples_first(test.infer(batch.feed), axes)
         n = batch.size
         yield batch, {k: v[:n] for k, v in ref.items()}, {k: v[:n] for k, v in out.items()}

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from quantkit.backends.base import output_batch_axes, samples_first
 from quantkit.datasets.batching import take_rows
 from quantkit.errors import ModelError
 from quantkit.onnx.equalize import equalizations_of
@@ -419,6 +420,8 @@ def _compare_part(ref: Any, test: Any, feed: Mapping[str, np.ndarray], n: int, p
             raise ModelError(f"tensor {name!r} has shape {list(a.shape)} in the FP32 model and "
                              f"{list(b.shape)} in the INT8 model: not derived from this FP32 model")
         stats[name].update(by_name[name], a, b)
+    axes = output_batch_axes(ref)
+    ref_out, test_out = samples_first(ref_out, axes), samples_first(test_out, axes)
     for o, st in outs.items():
         st.update(_rows(ref_out[o], n, padded), _rows(test_out[o], n, padded))
     return n

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -166,3 +167,35 @@ def test_an_output_declared_with_a_traced_constant_dim_calibrates(tmp_path, caps
                "-o", str(tmp_path / "out"), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "m.int8.onnx").exists()
+
+
+def test_an_output_with_its_samples_on_axis_1_is_split_per_sample(tmp_path, capsys):
+    # wired-table-rec's centre net returns [1, batch, H, W]: split along axis 0 it was one "sample" a
+    # batch (exact samples 0.0 where the maps agree on 99.996% of pixels; cosines changed with the batch size)
+    import json
+
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             h.make_node("Transpose", ["c"], ["y"], perm=[1, 0, 2, 3]),
+             h.make_node("ArgMax", ["c"], ["a"], axis=1, keepdims=1),
+             h.make_node("Transpose", ["a"], ["ids"], perm=[1, 0, 2, 3])]
+    g = h.make_graph(nodes, "ax1", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 3, 16, 16])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [4, "batch", 16, 16]),
+                      h.make_tensor_value_info("ids", T.INT64, [1, "batch", 16, 16])],
+                     [nh.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "W")])
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    x = rng.normal(0, 1, (32, 3, 16, 16)).astype(np.float32)
+    x[::4] *= 0.05
+    np.savez(tmp_path / "d.npz", x=x)
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "out"),
+                 "--eval-images", "0", "--no-progress"]) == 0
+    got = {}
+    for bs in (1, 16):
+        assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "out" / "m.int8.onnx"), "--npz",
+                     str(tmp_path / "d.npz"), "--batch-size", str(bs), "--json", str(tmp_path / f"c{bs}.json"),
+                     "--no-progress"]) == 0
+        got[bs] = {o["name"]: o for o in json.loads((tmp_path / f"c{bs}.json").read_text())["outputs"]}
+    for key in ("cosine_min", "cosine_mean"):
+        assert got[1]["y"][key] == pytest.approx(got[16]["y"][key], abs=1e-9)
+    assert got[1]["ids"]["exact_samples"] == pytest.approx(got[16]["ids"]["exact_samples"])
+    assert got[16]["ids"]["match"] > 0.9 and got[1]["y"]["cosine_min"] < got[16]["y"]["cosine_mean"]  # per sample
