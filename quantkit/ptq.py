@@ -220,13 +220,15 @@ class PreparedModel:
 
 
 def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "model", exclude: Sequence[str] = (),
-            exclude_op_types: Sequence[str] = (), quantize_attention_probs: bool = False) -> PreparedModel:
+            exclude_op_types: Sequence[str] = (), quantize_attention_probs: bool = False,
+            quiet: bool = False) -> PreparedModel:
     """Not quantized already, opset >= 13, every node named, float activations checked, Q/DQ
     placement planned for ``target``, the ``exclude``d nodes and op types left in float
     (``exclude_from_plan``).
 
     Inputs may be int64/int32/bool (token ids, masks): the float activations after them are
-    calibrated, the inputs themselves are fed as they are.
+    calibrated, the inputs themselves are fed as they are. ``quiet``: no warning about nodes
+    inside subgraphs (the model was prepared once already: its equalized form).
     """
     check_not_quantized(model, source=name)
     model = with_node_names(einsum_as_matmul(ensure_opset(model)))
@@ -262,7 +264,7 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     if not plan.activations:
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes"
                          + (" left after the exclusions" if excluded else "") + ": nothing to quantize to INT8")
-    if inside:  # Q/DQ placement and calibration cover the main graph only
+    if inside and not quiet:  # Q/DQ placement and calibration cover the main graph only
         log.warning("%s: %d node%s inside If/Loop/Scan subgraphs stay in float; the main graph is quantized",
                     name, inside, "s" if inside != 1 else "")
     log.debug("opset %d, %d activation and %d weight Q/DQ pairs planned", opset_version(model),
@@ -271,11 +273,12 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
                          quantize_attention_probs)
 
 
-def prepare_for(model: onnx.ModelProto, stats: StatsConfig, name: str = "model") -> PreparedModel:
+def prepare_for(model: onnx.ModelProto, stats: StatsConfig, name: str = "model", *, quiet: bool = False
+                ) -> PreparedModel:
     """``prepare`` with the placement settings of ``stats`` (target, exclusions, attention's
     probabilities)."""
     return prepare(model, target=stats.target, name=name, exclude=stats.exclude, exclude_op_types=stats.exclude_op_types,
-                   quantize_attention_probs=stats.quantize_attention_probs)
+                   quantize_attention_probs=stats.quantize_attention_probs, quiet=quiet)
 
 
 def _prepared_for(model: PreparedModel, stats: StatsConfig) -> bool:
@@ -741,7 +744,7 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
     prepared: dict[str, PreparedModel] = {}
 
     def grouped_after(equalized_model: onnx.ModelProto) -> set[str]:
-        prepared["model"] = prepare_for(equalized_model, stats, model.name)
+        prepared["model"] = prepare_for(equalized_model, stats, model.name, quiet=True)
         return {t for g in prepared["model"].plan.groups for t in g}
 
     batcher = calibration_batches(source, model.specs, indices, run)
@@ -791,7 +794,7 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
         return model, [], skipped, one
     equalized_model, done = equalize_depthwise(model.model, scales)
     log.info("%s: equalized %s over %d samples", model.name, equalization_summary(done), batcher.used_)
-    prepared = prepare_for(equalized_model, stats, model.name)
+    prepared = prepare_for(equalized_model, stats, model.name, quiet=True)
     return prepared, done, skipped, one
 
 
