@@ -61,6 +61,18 @@ static inline int64_t qk_bin(float v, float per_unit, int64_t top)
     return b > top || b < 0 ? top : b;
 }
 
+/* The i-th value of a run read as every kernel reads it: p[i] times its factor, folded into the
+ * running min, max and NaN flag (minps/maxps's rule: a NaN leaves lo and hi as they were). */
+static inline float qk_read1(const float *p, int64_t i, const float *sc, int per_value, float *lo, float *hi,
+                             int *nan)
+{
+    float v = p[i] * qk_factor(sc, per_value, i);
+    *lo = v < *lo ? v : *lo;
+    *hi = v > *hi ? v : *hi;
+    *nan |= v != v;
+    return v;
+}
+
 #ifdef QK_SSE
 /* lo and hi folded with the four lanes of l and h */
 static inline void qk_fold4(__m128 l, __m128 h, float *lo, float *hi)
@@ -81,6 +93,20 @@ static inline __m128i qk_bins4(__m128 magnitudes, __m128 unit, __m128i last)
     __m128i over = _mm_or_si128(_mm_cmpgt_epi32(q, last), _mm_cmplt_epi32(q, _mm_setzero_si128()));
     return _mm_or_si128(_mm_and_si128(over, last), _mm_andnot_si128(over, q));
 }
+
+/* Four values p[i..i+4) read as qk_read1 reads one (s: sc[0] in every lane, for a per-run
+ * factor), folded into the running min, max and NaN lanes. */
+static inline __m128 qk_read4(const float *p, int64_t i, const float *sc, int per_value, __m128 s, __m128 *l,
+                              __m128 *h, __m128 *bad)
+{
+    __m128 v = _mm_loadu_ps(p + i);
+    if (sc)
+        v = _mm_mul_ps(v, per_value ? _mm_loadu_ps(sc + i) : s);
+    *l = _mm_min_ps(v, *l);
+    *h = _mm_max_ps(v, *h);
+    *bad = _mm_or_ps(*bad, _mm_cmpunord_ps(v, v));
+    return v;
+}
 #endif
 
 /* min, max of p[0..n) times s (sc_step 0: sc[0]; 1: sc[i]; sc NULL: 1) into lo/hi; returns
@@ -94,28 +120,15 @@ static int qk_minmax_run(const float *p, int64_t n, const float *sc, int sc_step
     __m128 l0 = _mm_set1_ps(lo), l1 = l0, h0 = _mm_set1_ps(hi), h1 = h0;
     __m128 bad = _mm_setzero_ps();
     const __m128 s = _mm_set1_ps(sc ? sc[0] : 1.0f);
-    for (; i + 8 <= n; i += 8) {
-        __m128 a = _mm_loadu_ps(p + i), b = _mm_loadu_ps(p + i + 4);
-        if (sc) {
-            a = _mm_mul_ps(a, sc_step ? _mm_loadu_ps(sc + i) : s);
-            b = _mm_mul_ps(b, sc_step ? _mm_loadu_ps(sc + i + 4) : s);
-        }
-        /* minps(x, l) is x < l ? x : l: a NaN x leaves l as it was, as the scalar code */
-        l0 = _mm_min_ps(a, l0);
-        l1 = _mm_min_ps(b, l1);
-        h0 = _mm_max_ps(a, h0);
-        h1 = _mm_max_ps(b, h1);
-        bad = _mm_or_ps(bad, _mm_or_ps(_mm_cmpunord_ps(a, a), _mm_cmpunord_ps(b, b)));
+    for (; i + 8 <= n; i += 8) {  /* two sets of lanes: independent chains */
+        qk_read4(p, i, sc, sc_step, s, &l0, &h0, &bad);
+        qk_read4(p, i + 4, sc, sc_step, s, &l1, &h1, &bad);
     }
     qk_fold4(_mm_min_ps(l0, l1), _mm_max_ps(h0, h1), &lo, &hi);
     nan = _mm_movemask_ps(bad) != 0;
 #endif
-    for (; i < n; i++) {
-        float v = p[i] * qk_factor(sc, sc_step, i);
-        lo = v < lo ? v : lo;
-        hi = v > hi ? v : hi;
-        nan |= v != v;
-    }
+    for (; i < n; i++)
+        qk_read1(p, i, sc, sc_step, &lo, &hi, &nan);
     *lo_ = lo;
     *hi_ = hi;
     return nan;
@@ -154,12 +167,7 @@ static int qk_bin_run(const float *p, int64_t n, const float *sc, int sc_step, f
     __m128 l = _mm_set1_ps(lo), h = _mm_set1_ps(hi), bad = _mm_setzero_ps();
     int32_t b[4];
     for (; i + 4 <= n; i += 4) {
-        __m128 v = _mm_loadu_ps(p + i);
-        if (sc)
-            v = _mm_mul_ps(v, sc_step ? _mm_loadu_ps(sc + i) : s);
-        l = _mm_min_ps(v, l);
-        h = _mm_max_ps(v, h);
-        bad = _mm_or_ps(bad, _mm_cmpunord_ps(v, v));
+        __m128 v = qk_read4(p, i, sc, sc_step, s, &l, &h, &bad);
         _mm_storeu_si128((__m128i *)b, qk_bins4(_mm_and_ps(v, mag), unit, last));
         h0[b[0]]++;
         h1[b[1]]++;
@@ -169,13 +177,8 @@ static int qk_bin_run(const float *p, int64_t n, const float *sc, int sc_step, f
     qk_fold4(l, h, &lo, &hi);
     nan = _mm_movemask_ps(bad) != 0;
 #endif
-    for (; i < n; i++) {
-        float v = p[i] * qk_factor(sc, sc_step, i);
-        lo = v < lo ? v : lo;
-        hi = v > hi ? v : hi;
-        nan |= v != v;
-        h0[qk_bin(v, per_unit, top)]++;
-    }
+    for (; i < n; i++)
+        h0[qk_bin(qk_read1(p, i, sc, sc_step, &lo, &hi, &nan), per_unit, top)]++;
     *lo_ = lo;
     *hi_ = hi;
     return nan;
@@ -266,13 +269,7 @@ int qk_histogram_sampled(const float *x, int64_t outer, int64_t channels, int64_
         __m128 l = _mm_set1_ps(lo), h = _mm_set1_ps(hi), bad = _mm_setzero_ps();
         int32_t b[4];
         for (; i + 4 <= run; i += 4) {
-            __m128 v = _mm_loadu_ps(p + i);
-            if (sc)
-                v = _mm_mul_ps(v, per_value ? _mm_loadu_ps(sc + i) : s);
-            l = _mm_min_ps(v, l);
-            h = _mm_max_ps(v, h);
-            bad = _mm_or_ps(bad, _mm_cmpunord_ps(v, v));
-            __m128 a = _mm_and_ps(v, mag);
+            __m128 a = _mm_and_ps(qk_read4(p, i, sc, per_value, s, &l, &h, &bad), mag);
             int tails = _mm_movemask_ps(_mm_cmpge_ps(a, barv));
             const int64_t at = base + i;
             if (!tails && next >= at + 4)
@@ -288,10 +285,7 @@ int qk_histogram_sampled(const float *x, int64_t outer, int64_t channels, int64_
         nan |= _mm_movemask_ps(bad) != 0;
 #endif
         for (; i < run; i++) {
-            float v = p[i] * qk_factor(sc, per_value, i);
-            lo = v < lo ? v : lo;
-            hi = v > hi ? v : hi;
-            nan |= v != v;
+            float v = qk_read1(p, i, sc, per_value, &lo, &hi, &nan);
             int64_t bin = qk_bin(v, per_unit, top);
             if (fabsf(v) >= bar)
                 tail[bin]++;
