@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantkit.onnx.model import constant_arrays, node_reads, with_outputs_bytes
+from quantkit.onnx.model import constant_arrays, node_reads, read_names, with_outputs_bytes
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ def _drop_orphans(model: onnx.ModelProto, names: set[str]) -> None:
     """Remove the initializers ``names`` (the biases the corrected ones replaced) that nothing
     reads any more: ONNX Runtime warns about each, and they are the model's size again."""
     g = model.graph
-    read = {t for n in g.node for t in node_reads(n)} | {o.name for o in g.output} | {i.name for i in g.input}
+    read = read_names(g) | {o.name for o in g.output} | {i.name for i in g.input}
     for k in reversed([k for k, i in enumerate(g.initializer) if i.name in names and i.name not in read]):
         del g.initializer[k]
 

@@ -65,7 +65,7 @@ import numpy as np
 import onnx
 
 from quantkit.calibrators import native
-from quantkit.onnx.model import constant_arrays, unique_name
+from quantkit.onnx.model import constant_arrays, read_names, unique_name
 
 #: the metadata_props key of the equalization record (a JSON list of ``Equalization.to_dict()``)
 METADATA_KEY = "quantkit.equalization"
@@ -471,10 +471,7 @@ def _drop_unread(model: onnx.ModelProto) -> None:
     """Remove initializers and Constant nodes that nothing reads any more (an original weight
     that only the equalized Convs read)."""
     g = model.graph
-    read = {t for n in g.node for t in n.input} | {o.name for o in g.output}
-    for a in (a for n in g.node for a in n.attribute):  # outer-scope reads of If/Loop/Scan bodies
-        subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        read |= {t for sub in subs for n in sub.node for t in n.input}
+    read = read_names(g) | {o.name for o in g.output}  # outer-scope reads of If/Loop/Scan bodies too
     inputs = {i.name for i in g.input}
     # deleted in place, from the back: extending a repeated field with the kept ones would copy
     # every weight (a tenth of a second on an OCR recogniser)

@@ -151,14 +151,14 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(vi.name, tuple(dims), np.dtype(dtype))
 
 
-def _read_names(graph: onnx.GraphProto) -> set[str]:
+def read_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name a node of ``graph`` or of its subgraphs reads (outer-scope reads too)."""
     names: set[str] = set()
     for node in graph.node:
         names.update(node.input)
         for a in node.attribute:
             for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= _read_names(g)
+                names |= read_names(g)
     return names
 
 
@@ -180,7 +180,7 @@ def unused_inputs(model: onnx.ModelProto) -> list[TensorSpec]:
     """Graph inputs (not initializers) that no node reads and no output is: they need no data;
     ONNX Runtime still wants them fed (quantkit's runner feeds zeros)."""
     inits = {i.name for i in model.graph.initializer}
-    read = _read_names(model.graph) | {o.name for o in model.graph.output}
+    read = read_names(model.graph) | {o.name for o in model.graph.output}
     return [_spec(vi) for vi in model.graph.input if vi.name not in inits and vi.name not in read]
 
 
@@ -572,7 +572,6 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 
 #: float initializers with more values than this are weights, never a shape that inference reads
 _WEIGHT_VALUES = 1024
-_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
 def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -595,7 +594,7 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     copy_fields(light, model, "graph")
     copy_fields(light.graph, model.graph, "initializer")
     for init in model.graph.initializer:
-        if init.data_type in _FLOAT_TYPES and int(np.prod(init.dims, dtype=np.int64)) > _WEIGHT_VALUES:
+        if init.data_type in FLOAT_TYPES and int(np.prod(init.dims, dtype=np.int64)) > _WEIGHT_VALUES:
             light.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
         else:
             light.graph.initializer.append(init)
@@ -605,12 +604,11 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 def float_activations(model: onnx.ModelProto) -> list[str]:
     """Every float tensor computed by a node (for caches that cover the whole network)."""
     types = tensor_types(model)
-    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
     seen: list[str] = [s.name for s in input_specs(model) if np.issubdtype(s.dtype, np.floating)]
     for node in model.graph.node:
         if node.op_type == "Constant":
             continue
-        seen += [o for o in node.output if o and types.get(o, TensorProto.FLOAT) in floats]
+        seen += [o for o in node.output if o and types.get(o, TensorProto.FLOAT) in FLOAT_TYPES]
     return list(dict.fromkeys(seen))
 
 
