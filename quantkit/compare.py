@@ -124,20 +124,20 @@ class _OutputStats:
             return
         if self.discrete is None:
             self.discrete = not np.issubdtype(np.asarray(ref).dtype, np.floating)
-        if self.discrete:
-            same = np.asarray(ref).reshape(len(ref), -1) == np.asarray(test).reshape(len(test), -1)
-            self.equal += int(same.sum())
-            self.equal_samples += int(same.all(axis=1).sum())
-            absd = np.abs(np.asarray(ref, np.float64) - np.asarray(test, np.float64))
-            self.max_abs = max(self.max_abs, float(absd.max()) if absd.size else 0.0)
-            self.abs_sum += float(absd.sum())
-            self.values += absd.size
-            self.samples += len(ref)
-            return
         r = ref.reshape(ref.shape[0], -1).astype(np.float64)
         t = test.reshape(test.shape[0], -1).astype(np.float64)
-        self.one_value = self.one_value and r.shape[1] == 1
         diff = r - t
+        absd = np.abs(diff)
+        self.max_abs = max(self.max_abs, float(absd.max()) if absd.size else 0.0)
+        self.abs_sum += float(absd.sum())
+        self.values += absd.size
+        self.samples += r.shape[0]
+        if self.discrete:  # ids, counts, flags: equal or not (the rest below is for float values)
+            same = ref.reshape(len(ref), -1) == test.reshape(len(test), -1)
+            self.equal += int(same.sum())
+            self.equal_samples += int(same.all(axis=1).sum())
+            return
+        self.one_value = self.one_value and r.shape[1] == 1
         nr, nt = np.linalg.norm(r, axis=1), np.linalg.norm(t, axis=1)
         dots = (r * t).sum(axis=1)
         both_zero = (nr == 0) & (nt == 0)
@@ -146,11 +146,6 @@ class _OutputStats:
         self.cos_min = min(self.cos_min, float(cos.min()))
         self.sig += float((r * r).sum())
         self.noise += float((diff * diff).sum())
-        absd = np.abs(diff)
-        self.max_abs = max(self.max_abs, float(absd.max()) if absd.size else 0.0)
-        self.abs_sum += float(absd.sum())
-        self.values += absd.size
-        self.samples += r.shape[0]
         if ref.ndim == 2 and ref.shape[1] > 1:
             self.agree += int((ref.argmax(axis=1) == test.argmax(axis=1)).sum())
         else:
