@@ -37,6 +37,7 @@ from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_qu
                                  with_node_names)
 from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, float_by_rule, insert_qdq,
                               log_spectrum_nodes, plan_qdq)
+from quantkit.onnx.sampleaxis import original_names, remove_sample_axis
 
 if TYPE_CHECKING:
     from quantkit.onnx.equalize import Equalization
@@ -429,7 +430,8 @@ class Calibration:
         if method == self.config.method:  # the fallback's switches and float groups (apply_fallback)
             amax = {t: self.ranges[t].amax[self._tensor_methods[t]] if t in self._tensor_methods else a
                     for t, a in amax.items() if t not in self._float_tensors}
-        return CalibrationCache.from_amax(amax, method, trt_version)
+        user = original_names(self.model)  # a model without a batch axis: the user's tensor names
+        return CalibrationCache.from_amax({user.get(t, t): a for t, a in amax.items()}, method, trt_version)
 
     def entropy_effect(self) -> list[dict[str, Any]]:
         """Tensors where quantkit's entropy differs from TensorRT's (it used the least-MSE amax,
@@ -454,10 +456,12 @@ class Calibration:
                              **({"group": group_of[name]} if name in group_of else {}),
                              **({"equalized_from": scaled[name]} if name in scaled else {})}
         s = self.config.stats
+        user = original_names(self.model)  # a model without a batch axis: the user's tensor names
+        tensors = {user.get(t, t): v for t, v in tensors.items()}
         return {
             "method": method,
             "tensors": tensors,
-            **({"groups": [list(g) for g in self.plan.groups]} if self.plan.groups else {}),
+            **({"groups": [[user.get(t, t) for t in g] for g in self.plan.groups]} if self.plan.groups else {}),
             "weights": {n: {"axis": ax, "consumers": list(c)} for n, (ax, c) in self.plan.weights.items()},
             "num_samples": self.num_samples,
             "skipped": [{"file": f, "reason": r} for f, r in self.skipped],
@@ -536,7 +540,7 @@ class Calibration:
 
         method = self.config.method
         names = {"model": f"{model_stem}.int8.onnx", "cache": "calibration.cache", "ranges": "ranges.json"}
-        names.update(_save_int8(self.int8_model(method), folder, names["model"], "model"))
+        names.update(_save_int8(remove_sample_axis(self.int8_model(method)), folder, names["model"], "model"))
         cache = self.cache(method, trt_version=trt_version)
         write_cache(folder / names["cache"], cache)
         sha = (metadata.get("model") or {}).get("sha256")
@@ -550,7 +554,7 @@ class Calibration:
             write_json_atomic(folder / names["report"], report)
         for m in extra_methods:
             if m != method:
-                names.update(_save_int8(self.int8_model(m), folder, f"{model_stem}.{m}.int8.onnx", m))
+                names.update(_save_int8(remove_sample_axis(self.int8_model(m)), folder, f"{model_stem}.{m}.int8.onnx", m))
         return names
 
     # -------------------------------------------------------------- statistics to save and merge
@@ -563,7 +567,9 @@ class Calibration:
                     "sample_stride": s.sample_stride, "pow2_grid": s.pow2_grid,
                     # only when on: files saved before the option merge with files saved without it
                     **({"quantize_attention_probs": True} if s.quantize_attention_probs else {})}
-        return CalibrationStats(dict(self.histograms), self.num_samples, model, settings, preprocess, [data])
+        user = original_names(self.model)  # a model without a batch axis: the user's tensor names
+        return CalibrationStats({user.get(t, t): h for t, h in self.histograms.items()}, self.num_samples, model,
+                                settings, preprocess, [data])
 
     @classmethod
     def from_stats(cls, model: onnx.ModelProto, stats: "CalibrationStats", export: ExportConfig = ExportConfig(), *,

@@ -27,7 +27,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
 ENGINE_SUFFIXES = tuple(k for k, (_, cls) in BACKENDS.items() if cls == "TrtRunner")
 
 #: options that only the ONNX Runtime runner takes (dropped for engines)
-_ORT_ONLY = ("threads", "providers", "capture", "capture_budget_mb")
+_ORT_ONLY = ("threads", "providers", "capture", "capture_budget_mb", "integer_kernels")
 
 
 def check_model_file(path: str | os.PathLike[str]) -> Path:

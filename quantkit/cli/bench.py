@@ -56,7 +56,8 @@ class Bench:
             raise InputError("--cuda-graph, --no-transfers and --streams apply to TensorRT engines only",
                              hint="drop them for an .onnx model (ONNX Runtime on CPU)")
         shapes = {n: p.opt for n, p in parse_shapes(args.shapes).items()}
-        with runner_from_path(args.model, threads=args.threads) as runner:
+        # speed as ONNX Runtime deploys a Q/DQ model: its integer kernels
+        with runner_from_path(args.model, threads=args.threads, integer_kernels=True) as runner:
             for spec in runner.input_specs:
                 fixed = spec.static_batch
                 if args.batch is not None and fixed is not None and fixed != args.batch and spec.name not in shapes:

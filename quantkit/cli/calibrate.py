@@ -5,7 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, non_negative_int, positive_int,
-                                 progress, select, source_for_model)
+                                 progress, select, source_for_model, with_sample_axis)
 
 
 #: images used for calibration when --num-images is not given (the rest are held out)
@@ -119,7 +119,7 @@ class Calibrate:
 
         model_path = Path(args.model)
         inputs = [p for p in (args.model, args.images, args.npz, args.eval_dir) if p]
-        model = load_model(model_path)
+        model = with_sample_axis(args, load_model(model_path), name=model_path.name)
         # before any work: the output must be writable, outside the inputs, with room for the
         # INT8 model (float weights kept: about the FP32 model's size) and the small files
         check_output_dir(args.output, force=args.force, inputs=inputs,

@@ -130,6 +130,54 @@ def preprocess_from_args(args: argparse.Namespace) -> Any:
     return spec.replace(**changes) if changes else spec
 
 
+def runner_for(args: argparse.Namespace, path: str, *, quiet: bool = False, integer_kernels: bool = False) -> Any:
+    """The runner of a model file (``runner_from_path``; ``integer_kernels``: ``OrtRunner``'s); an
+    ONNX model fed stacked samples without a batch axis runs wrapped (``with_sample_axis``)."""
+    from quantkit.backends import check_model_file, runner_from_path
+
+    if getattr(args, "npz", None) and check_model_file(path).suffix.lower() == ".onnx":
+        from quantkit.onnx.model import load_model
+
+        model = load_model(path)
+        wrapped = with_sample_axis(args, model, name=Path(path).name, quiet=quiet)
+        if wrapped is not model:
+            from quantkit.backends.onnxruntime import OrtRunner
+
+            return OrtRunner(wrapped, threads=args.threads, name=Path(path).name, integer_kernels=integer_kernels)
+    return runner_from_path(path, threads=args.threads, integer_kernels=integer_kernels)
+
+
+def with_sample_axis(args: argparse.Namespace, model: Any, *, name: str, quiet: bool = False) -> Any:
+    """``model`` with a sample axis added (``quantkit.onnx.sampleaxis``) when the --npz data stacks
+    samples of a model without a batch axis (an array with one axis more than its input); the
+    model as it is otherwise. Inputs whose arrays are not stacked are then fed as they are (their
+    --batch-axis is set to none)."""
+    if not getattr(args, "npz", None):
+        return model
+    from quantkit.onnx.model import ensure_opset, input_specs
+    from quantkit.onnx.sampleaxis import add_sample_axis, array_shapes, stacked_inputs
+
+    declared = dict(getattr(args, "batch_axis", None) or [])
+    shapes = array_shapes(args.npz)
+    stacked = stacked_inputs(model, shapes, declared)
+    if not stacked:
+        return model
+    specs = {s.name: s for s in input_specs(model)}
+    key = {n: ("" if "" in shapes else n) for n in stacked}
+    log.log(logging.DEBUG if quiet else logging.WARNING,
+            "%s has no batch axis for %s: %s's axis 0 counts samples (%s), each fed as the whole input; one "
+            "sample a run; the files written keep the model's own inputs and outputs", name,
+            ", ".join(f"{n!r} {_dims(specs[n].shape)}" for n in stacked), Path(args.npz).name,
+            ", ".join(f"{shapes[key[n]]}" for n in stacked))
+    args.batch_axis = [*(getattr(args, "batch_axis", None) or []),
+                       *((n, None) for n in specs if n not in stacked and n not in declared)]
+    return add_sample_axis(ensure_opset(model), stacked)
+
+
+def _dims(shape: Sequence[Any]) -> str:
+    return "[" + ", ".join("?" if not isinstance(d, int) else str(d) for d in shape) + "]"
+
+
 def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str | None = None) -> Any:
     """The data source the arguments describe, fitted to the model inputs."""
     import numpy as np

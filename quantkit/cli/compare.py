@@ -4,7 +4,8 @@ import argparse
 import math
 from pathlib import Path
 
-from quantkit.cli.common import add_data_args, add_preprocess_args, describe_sample, progress, select, source_for_model
+from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, progress, runner_for, select,
+                                 source_for_model)
 
 
 class Compare:
@@ -26,12 +27,16 @@ class Compare:
         parser.add_argument("--force", action="store_true", help="overwrite an existing --json FILE")
         parser.add_argument("--min-cosine", type=float, default=None,
                             help="exit 1 when any output's mean cosine similarity is below this")
+        parser.add_argument("--ort-kernels", action="store_true",
+                            help="run a Q/DQ model on ONNX Runtime's integer kernels, as ONNX Runtime deploys it (a "
+                            "model calibrated with --target onnxruntime); by default its quantized ops compute what "
+                            "TensorRT computes (the QuantizeLinear's rounding, then exact integer products), whatever "
+                            "the CPU: ONNX Runtime's kernels on x86 CPUs without VNNI saturate 16-bit sums")
         add_data_args(parser)
         add_preprocess_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import check_output_file, write_json_atomic
-        from quantkit.backends import runner_from_path
         from quantkit.compare import compare_runners, comparison_batch
         from quantkit.datasets import Batcher
         from quantkit.datasets.classes import check_classes
@@ -40,8 +45,8 @@ class Compare:
             check_output_file(args.json, force=args.force,
                               inputs=[p for p in (args.reference, args.test, args.images, args.npz) if p])
 
-        ref = runner_from_path(args.reference, threads=args.threads)
-        test = runner_from_path(args.test, threads=args.threads)
+        ref = runner_for(args, args.reference, integer_kernels=args.ort_kernels)
+        test = runner_for(args, args.test, quiet=True, integer_kernels=args.ort_kernels)
         specs = ref.input_specs
         source = source_for_model(args, specs)
         check_classes(source, getattr(ref, "output_specs", None) or getattr(test, "output_specs", []))

@@ -3,7 +3,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit.cli.common import add_data_args, add_preprocess_args, positive_int, progress, select, source_for_model
+from quantkit.cli.common import (add_data_args, add_preprocess_args, positive_int, progress, select, source_for_model,
+                                 with_sample_axis)
 
 
 class Debug:
@@ -52,7 +53,8 @@ class Debug:
 
             raise InputError("--estimator needs --rank", hint="add --rank")
         inputs = [p for p in (args.reference, args.test, args.images, args.npz) if p]
-        fp32, int8 = load_model(args.reference), load_model(args.test)
+        fp32 = with_sample_axis(args, load_model(args.reference), name=Path(args.reference).name)
+        int8 = with_sample_axis(args, load_model(args.test), name=Path(args.test).name, quiet=True)
         check_output_dir(args.output, force=args.force, inputs=inputs)  # before the work
         specs = input_specs(fp32)
         source = source_for_model(args, specs)

@@ -632,7 +632,10 @@ def test_einsum_products_with_a_constant_matrix_become_matmuls(tmp_path):
     quantized = {c for cs in plan.activations.values() for c in cs}
     assert [n.name in quantized for n in matmuls] == [True, True, True, False]  # probabilities x V stays float
     cal = quantize(model, ArraySource(x[:32]))
-    ref, out = run(model)[32:], run(cal.int8_model())[32:]
+    from quantkit.backends.onnxruntime import create_session
+
+    # the Q/DQ model as TensorRT computes it (ONNX Runtime's own kernels saturate on AVX2 CPUs: 11 dB)
+    ref, out = run(model)[32:], create_session(cal.int8_model()).run(None, {"x": x})[0][32:]
     assert 10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()) > 30
     # `quantkit debug` of the user's Einsum model against it matches both weights (it stopped on a
     # StopIteration: the [n, k] matrix reaches the MatMul through a Transpose)

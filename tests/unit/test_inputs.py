@@ -86,7 +86,9 @@ def test_token_model_calibrates_through_the_api(tmp_path):
     int8 = cal.int8_model()
     assert [(i.name, i.type.tensor_type.elem_type) for i in int8.graph.input] == [
         ("ids", TensorProto.INT64), ("mask", TensorProto.BOOL)]
-    sess = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"])
+    from quantkit.backends.onnxruntime import create_session
+
+    sess = create_session(int8)  # as TensorRT computes it (ONNX Runtime's own kernels saturate on AVX2: 6.6 dB)
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y8 = sess.run(None, {"ids": ids, "mask": mask})[0]
     y32 = ref.run(None, {"ids": ids, "mask": mask})[0]
