@@ -16,10 +16,10 @@ the same inputs and outputs, the same tensor names.
 
 from __future__ import annotations
 
-import io
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import onnx
@@ -41,7 +41,7 @@ def array_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     {} when the file cannot be read that way (``NumpySource`` then says why)."""
     p = Path(path)
 
-    def header(f: io.BufferedIOBase) -> tuple[int, ...]:
+    def header(f: IO[bytes]) -> tuple[int, ...]:
         version = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         return tuple(int(d) for d in read(f)[0])
