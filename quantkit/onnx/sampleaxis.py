@@ -134,6 +134,17 @@ def remove_sample_axis(model: onnx.ModelProto) -> onnx.ModelProto:
     kept = [n for n in g.node if not n.name.startswith((_IN, _OUT))]
     del g.node[:]
     g.node.extend(kept)
+    # names made from an inner name (a Q/DQ pair's "<tensor>_QuantizeLinear", "<tensor>_quantized") too
+    taken = {t for n in g.node for t in (*n.input, *n.output)} | {i.name for i in g.initializer}
+    for inner, user in list(renames.items()):
+        for t in sorted(taken):
+            if t.startswith(inner + "_") and (made := user + t[len(inner):]) not in taken:
+                renames[t] = made
+        for n in g.node:
+            if n.name.startswith(inner + "_"):
+                n.name = user + n.name[len(inner):]
+    for init in g.initializer:
+        init.name = renames.get(init.name, init.name)
     _rename(g, renames)
     for vi in (*g.input, *g.output):
         if vi.name in renames.values():

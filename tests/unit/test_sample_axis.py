@@ -138,6 +138,8 @@ def test_calibrate_compare_and_debug_run_a_model_without_a_batch_axis(frames_cas
     original = _frames_model()
     assert written.graph.input == original.graph.input and written.graph.output == original.graph.output
     assert not any(n.name.startswith("quantkit_sample_axis") for n in written.graph.node)
+    names = {n.name for n in written.graph.node} | {t for n in written.graph.node for t in (*n.input, *n.output)}
+    assert not [t for t in names if "__sample" in t] and "x_QuantizeLinear" in names
     assert sum(n.op_type == "QuantizeLinear" for n in written.graph.node) >= 2
     feed = {"x": x[5], "h": np.full(5, 0.5, np.float32)}
     (y0, key0), (y1, key1) = _run(str(model_path), feed), _run(str(int8), feed)
