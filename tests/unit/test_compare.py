@@ -137,3 +137,29 @@ def test_report_table_and_dict(pair, rng):
     table = report.table()
     assert table.splitlines()[0] == "int8 vs fp32 on 10 samples"
     assert f"{report.outputs[0].sqnr_db:.2f}" in table and f"{report.accuracy_test:.4f}" in table
+
+
+def test_compare_runs_a_qdq_model_as_tensorrt_computes_it_unless_told(tmp_path):
+    """`compare` scores a Q/DQ model with exact integer products (TensorRT's arithmetic); `--ort-kernels`
+    runs ONNX Runtime's integer kernels instead (machine-dependent: on x86 without VNNI they saturate)."""
+    from tests.unit.test_backend_onnxruntime import _qdq_matmul
+    from tests.unit.test_fuzz import run_cli
+
+    qdq, w = _qdq_matmul()
+    fp32 = onnx.ModelProto()
+    fp32.CopyFrom(qdq)  # the same product in float: the weights dequantized, the input as it is
+    del fp32.graph.node[:]
+    fp32.graph.node.extend([helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], name="dqw", axis=1),
+                            helper.make_node("MatMul", ["x", "wd"], ["y"], name="mm")])
+    onnx.save(fp32, tmp_path / "fp32.onnx")
+    onnx.save(qdq, tmp_path / "int8.onnx")
+    x = np.round(np.random.default_rng(0).uniform(-1.27, 1.27, (16, 64)) * 100).astype(np.float32) / 100
+    np.save(tmp_path / "x.npy", x)  # values on the int8 grid: the exact INT8 model equals FP32
+    code, out, err = run_cli(["compare", str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx"),
+                              "--npz", str(tmp_path / "x.npy"), "--no-progress"])
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.strip().startswith("y "))
+    assert float(row.split()[-2]) > 60  # SQNR: float rounding only
+    code, out, err = run_cli(["compare", str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx"),
+                              "--npz", str(tmp_path / "x.npy"), "--no-progress", "--ort-kernels"])
+    assert code == 0, err
