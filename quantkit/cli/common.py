@@ -136,15 +136,29 @@ def runner_for(args: argparse.Namespace, path: str, *, quiet: bool = False, inte
     from quantkit.backends import check_model_file, runner_from_path
 
     if getattr(args, "npz", None) and check_model_file(path).suffix.lower() == ".onnx":
+        import onnx
+
         from quantkit.onnx.model import load_model
 
-        model = load_model(path)
-        wrapped = with_sample_axis(args, model, name=Path(path).name, quiet=quiet)
-        if wrapped is not model:
+        try:  # the graph only, to decide (a file ONNX cannot read is runner_from_path's one-line error)
+            graph_only = onnx.load(str(path), load_external_data=False)
+        except Exception:
+            graph_only = None
+        if graph_only is not None and _stacked(args, graph_only):
             from quantkit.backends.onnxruntime import OrtRunner
 
+            wrapped = with_sample_axis(args, load_model(path), name=Path(path).name, quiet=quiet)
             return OrtRunner(wrapped, threads=args.threads, name=Path(path).name, integer_kernels=integer_kernels)
     return runner_from_path(path, threads=args.threads, integer_kernels=integer_kernels)
+
+
+def _stacked(args: argparse.Namespace, model: Any) -> list[str]:
+    """The inputs of ``model`` whose --npz arrays stack samples (``quantkit.onnx.sampleaxis.stacked_inputs``)."""
+    if not getattr(args, "npz", None):
+        return []
+    from quantkit.onnx.sampleaxis import array_shapes, stacked_inputs
+
+    return stacked_inputs(model, array_shapes(args.npz), dict(getattr(args, "batch_axis", None) or []))
 
 
 def with_sample_axis(args: argparse.Namespace, model: Any, *, name: str, quiet: bool = False) -> Any:
@@ -152,16 +166,14 @@ def with_sample_axis(args: argparse.Namespace, model: Any, *, name: str, quiet: 
     samples of a model without a batch axis (an array with one axis more than its input); the
     model as it is otherwise. Inputs whose arrays are not stacked are then fed as they are (their
     --batch-axis is set to none)."""
-    if not getattr(args, "npz", None):
+    stacked = _stacked(args, model)
+    if not stacked:
         return model
     from quantkit.onnx.model import ensure_opset, input_specs
-    from quantkit.onnx.sampleaxis import add_sample_axis, array_shapes, stacked_inputs
+    from quantkit.onnx.sampleaxis import add_sample_axis, array_shapes
 
     declared = dict(getattr(args, "batch_axis", None) or [])
     shapes = array_shapes(args.npz)
-    stacked = stacked_inputs(model, shapes, declared)
-    if not stacked:
-        return model
     specs = {s.name: s for s in input_specs(model)}
     key = {n: ("" if "" in shapes else n) for n in stacked}
     log.log(logging.DEBUG if quiet else logging.WARNING,
