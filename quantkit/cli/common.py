@@ -176,6 +176,13 @@ def with_sample_axis(args: argparse.Namespace, model: Any, *, name: str, quiet: 
     shapes = array_shapes(args.npz)
     specs = {s.name: s for s in input_specs(model)}
     key = {n: ("" if "" in shapes else n) for n in stacked}
+    for n in stacked:  # a sample that does not fit: said per sample, not in the wrapper's dims
+        sample, dims = shapes[key[n]][1:], specs[n].shape
+        if any(isinstance(d, int) and d != got for d, got in zip(dims, sample)):
+            raise InputError(f"{Path(args.npz).name}: array {key[n] or n!r} {shapes[key[n]]} has one axis more than "
+                             f"{name}'s input {n!r} {_dims(dims)}, so it holds samples of shape {sample}, which the "
+                             "input does not take",
+                             hint="save the samples the model's input takes, stacked on a new first axis")
     log.log(logging.DEBUG if quiet else logging.WARNING,
             "%s has no batch axis for %s: %s's axis 0 counts samples (%s), each fed as the whole input; one "
             "sample a run; the files written keep the model's own inputs and outputs", name,

@@ -164,3 +164,12 @@ def test_one_sample_as_the_model_takes_it_is_not_wrapped(frames_case, caplog):
     code, out, err = run_cli(["calibrate", str(model_path), "--npz", str(tmp / "one.npz"), "-o", str(tmp / "out"),
                               "--no-progress"])
     assert "no batch axis" not in caplog.text
+
+
+def test_samples_that_do_not_fit_the_input_are_one_line(frames_case):
+    tmp, model_path, x = frames_case
+    np.savez(tmp / "bad.npz", x=np.zeros((8, FRAMES, BINS + 1), np.float32), h=np.full(5, 0.5, np.float32))
+    code, out, err = run_cli(["calibrate", str(model_path), "--npz", str(tmp / "bad.npz"), "-o", str(tmp / "out"),
+                              "--no-progress"])
+    assert code == 2 and "holds samples of shape (30, 7)" in err and "input 'x' [?, 6]" in err, err
+    assert not (tmp / "out").exists()
