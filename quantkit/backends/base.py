@@ -117,10 +117,12 @@ def output_batch_axes(runner: Any) -> dict[str, int]:
     batch = inputs[0].shape[0] if inputs and inputs[0].shape else None
     if not isinstance(batch, str):
         return {}
+    from quantkit.onnx.sampleaxis import SAMPLE_DIM  # a model run with a sample axis has its samples there
+
     out = {}
     for spec in getattr(runner, "output_specs", None) or []:
         dims = list(spec.shape or ())
-        if dims and dims[0] != batch and batch in dims:
+        if dims and dims[0] != batch and dims[0] != SAMPLE_DIM and batch in dims:
             out[spec.name] = dims.index(batch)
     return out
 
@@ -130,6 +132,18 @@ def samples_first(outputs: dict[str, np.ndarray], axes: dict[str, int]) -> dict[
     return {k: np.moveaxis(v, axes[k], 0) if k in axes and np.ndim(v) > axes[k] else v for k, v in outputs.items()}
 
 
+def real_rows(value: Any, n: int, rows: int) -> Any:
+    """An output's rows for the batch's ``n`` real samples of the ``rows`` fed (a padded tail left
+    out). A run of one sample whose output's axis 0 is not of length 1 has no sample axis there (a
+    fixed-batch-1 model that squeezed it: ``[C]`` for ``[1, C]``, scored before as C samples of which
+    the first was kept): it gets one, so the whole output is that sample's. A 0-d output as it is."""
+    if not np.ndim(value):
+        return value
+    if rows == 1 and value.shape[0] != 1:
+        return value[None]
+    return value[:n]
+
+
 def side_by_side(reference: Runner, test: Runner, batches: Iterable[Any]) -> Iterable[tuple[Any, dict, dict]]:
     """Run two models on the same batches: ``(batch, reference outputs, test outputs)`` per batch,
     each with its samples on axis 0 (``output_batch_axes``) and trimmed to the batch's real rows
@@ -137,5 +151,5 @@ def side_by_side(reference: Runner, test: Runner, batches: Iterable[Any]) -> Ite
     axes = output_batch_axes(reference)
     for batch in batches:
         ref, out = samples_first(reference.infer(batch.feed), axes), samples_first(test.infer(batch.feed), axes)
-        n = batch.size
-        yield batch, {k: v[:n] for k, v in ref.items()}, {k: v[:n] for k, v in out.items()}
+        n, rows = batch.size, getattr(batch, "num_rows", batch.size)
+        yield batch, {k: real_rows(v, n, rows) for k, v in ref.items()}, {k: real_rows(v, n, rows) for k, v in out.items()}

@@ -164,15 +164,14 @@ def _stacked(args: argparse.Namespace, model: Any) -> list[str]:
 def with_sample_axis(args: argparse.Namespace, model: Any, *, name: str, quiet: bool = False) -> Any:
     """``model`` with a sample axis added (``quantkit.onnx.sampleaxis``) when the --npz data stacks
     samples of a model without a batch axis (an array with one axis more than its input); the
-    model as it is otherwise. Inputs whose arrays are not stacked are then fed as they are (their
-    --batch-axis is set to none)."""
+    model as it is otherwise. The run then takes one sample a batch (--batch-size 1): the other
+    inputs' arrays are read as before (batched on their batch axis, one sample of it, or fed as is)."""
     stacked = _stacked(args, model)
     if not stacked:
         return model
     from quantkit.onnx.model import ensure_opset, input_specs
     from quantkit.onnx.sampleaxis import add_sample_axis, array_shapes
 
-    declared = dict(getattr(args, "batch_axis", None) or [])
     shapes = array_shapes(args.npz)
     specs = {s.name: s for s in input_specs(model)}
     key = {n: ("" if "" in shapes else n) for n in stacked}
@@ -188,9 +187,24 @@ def with_sample_axis(args: argparse.Namespace, model: Any, *, name: str, quiet: 
             "sample a run; the files written keep the model's own inputs and outputs", name,
             ", ".join(f"{n!r} {_dims(specs[n].shape)}" for n in stacked), Path(args.npz).name,
             ", ".join(f"{shapes[key[n]]}" for n in stacked))
-    args.batch_axis = [*(getattr(args, "batch_axis", None) or []),
-                       *((n, None) for n in specs if n not in stacked and n not in declared)]
+    args.batch_size = 1  # the wrapper's inputs take one sample; an input batched as before one row of it
     return add_sample_axis(ensure_opset(model), stacked)
+
+
+def fit_batch_size(args: argparse.Namespace, source: Any, specs: Sequence[Any]) -> None:
+    """Lower --batch-size to the batch an input fixes on its batch axis: an RNN state
+    ``[layers, 1, C]`` batched on axis 1 beside an input with a dynamic batch (speechmos's AECMOS)
+    takes one sample a batch, where a batch of 32 was refused (exit 2)."""
+    axes = getattr(source, "batch_axes_", None) or {}
+    by_name = {s.name: s for s in specs}
+    fixed = []
+    for name, ax in axes.items():
+        spec = by_name.get(name) or (specs[0] if name == "" and len(specs) == 1 else None)
+        if ax is not None and spec is not None and ax < len(spec.shape) and isinstance(spec.shape[ax], int):
+            fixed.append(spec.shape[ax])
+    if fixed and min(fixed) < args.batch_size:
+        log.info("batches of %d: an input's batch axis is fixed at that size", min(fixed))
+        args.batch_size = min(fixed)
 
 
 def _dims(shape: Sequence[Any]) -> str:

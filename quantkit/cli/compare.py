@@ -4,8 +4,8 @@ import argparse
 import math
 from pathlib import Path
 
-from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, progress, runner_for, select,
-                                 source_for_model)
+from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, fit_batch_size, progress,
+                                 runner_for, select, source_for_model)
 
 
 class Compare:
@@ -49,6 +49,7 @@ class Compare:
         test = runner_for(args, args.test, quiet=True, integer_kernels=args.ort_kernels)
         specs = ref.input_specs
         source = source_for_model(args, specs)
+        fit_batch_size(args, source, specs)
         check_classes(source, getattr(ref, "output_specs", None) or getattr(test, "output_specs", []))
         drawn = select(source, args)
         idx = drawn.indices

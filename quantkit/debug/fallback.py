@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from quantkit.backends.base import real_rows
 from quantkit.debug.sensitivity import ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, rank_groups, \
     rank_sensitivity
 from quantkit.errors import InputError
@@ -231,7 +232,7 @@ class _Evaluator:
         with OrtRunner(scales.model, threads=scales.run.threads) as r:
             for b in batcher:
                 t0 = time.perf_counter()
-                self.ref.append(r.infer(b.feed)[self.output][: b.size])
+                self.ref.append(real_rows(r.infer(b.feed)[self.output], b.size, b.num_rows))
                 self._timed.append((time.perf_counter() - t0, b.size))
                 self.ref_indices.append(list(b.indices))
                 self.labels.append(b.labels)
@@ -280,7 +281,7 @@ class _Evaluator:
         agree = correct = 0
         with OrtRunner(model, threads=self.scales.run.threads) as r:
             for b, ref, lab in zip(self.batches, self.ref, self.labels):
-                out = r.infer(b.feed)[self.output][: b.size]
+                out = real_rows(r.infer(b.feed)[self.output], b.size, b.num_rows)
                 n, s = _noise_signal(ref, out)
                 for i, ni, si in zip(b.indices, n, s):
                     per[i] = _ratio(float(ni), float(si))

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantkit.backends.base import output_batch_axes, samples_first
+from quantkit.backends.base import output_batch_axes, real_rows, samples_first
 from quantkit.datasets.batching import take_rows
 from quantkit.errors import ModelError
 from quantkit.onnx.equalize import equalizations_of
@@ -423,5 +423,5 @@ def _compare_part(ref: Any, test: Any, feed: Mapping[str, np.ndarray], n: int, p
     axes = output_batch_axes(ref)
     ref_out, test_out = samples_first(ref_out, axes), samples_first(test_out, axes)
     for o, st in outs.items():
-        st.update(_rows(ref_out[o], n, padded), _rows(test_out[o], n, padded))
+        st.update(real_rows(ref_out[o], n, padded), real_rows(test_out[o], n, padded))
     return n

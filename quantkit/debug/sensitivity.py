@@ -63,6 +63,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from quantkit.backends.base import real_rows
 from quantkit.errors import InputError, MissingDependencyError, ModelError
 from quantkit.onnx.model import error_output, node_reads
 from quantkit.onnx.qdq import QdqPlan, exclude_from_plan, insert_qdq
@@ -496,7 +497,7 @@ class _Ranker:
             for b in self.batches:
                 o, c = r.infer_captured({**b.feed, **switch})
                 cut.append(c)
-                out.append(o[self.output][: b.size])
+                out.append(real_rows(o[self.output], b.size, b.num_rows))
         return cut, out
 
     def _state(self, float_groups: Sequence[str], overrides: Mapping[str, str]) -> tuple[set[str], dict[str, float]]:
@@ -571,7 +572,7 @@ class _Ranker:
             outs = []
             for c, b in zip(cut, self.batches):
                 feed = {**{n: b.feed[n][:0] for n in self.multi.empty}, **self.multi.feed(k, c), **switch}
-                outs.append(session.run([self.output], feed)[0][: b.size])
+                outs.append(real_rows(session.run([self.output], feed)[0], b.size, b.num_rows))
             self._multi_checked = True
             return outs
         except Exception as err:  # ORT raises its own types (Fail, InvalidArgument), derived from Exception
@@ -631,7 +632,8 @@ class _Ranker:
         names = [i.name for i in session.get_inputs()]
         outs = []
         for c, b in zip(cut, self.batches):
-            outs.append(session.run([self.output], {n: c[n] if n in c else switch[n] for n in names})[0][: b.size])
+            outs.append(real_rows(session.run([self.output], {n: c[n] if n in c else switch[n] for n in names})[0],
+                                  b.size, b.num_rows))
         self.counts["suffix_runs"] += 1
         return self._error(outs)
 
@@ -678,9 +680,9 @@ def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int
     with OrtRunner(scales.model, threads=scales.run.threads) as ref, OrtRunner(int8, threads=scales.run.threads) as test:
         for b in batches:
             t0 = time.perf_counter()
-            r = ref.infer(b.feed)[out][: b.size]
+            r = real_rows(ref.infer(b.feed)[out], b.size, b.num_rows)
             timed.append((time.perf_counter() - t0, b.size))
-            n, s = _noise_signal(r, test.infer(b.feed)[out][: b.size])
+            n, s = _noise_signal(r, real_rows(test.infer(b.feed)[out], b.size, b.num_rows))
             for i, ni, si in zip(b.indices, n, s):
                 errors[i] = _ratio(float(ni), float(si))
             noise, signal, count = noise + float(n.sum()), signal + float(s.sum()), count + b.size

@@ -27,6 +27,9 @@ from onnx import helper
 
 #: node names of the wrapper's Squeeze (``<mark>/in/<input>``) and Unsqueeze (``<mark>/out/<output>``)
 MARK = "quantkit_sample_axis"
+#: the wrapper's outputs declare their sample axis (axis 0) by this name, so that a batch symbol the
+#: model's other inputs and its outputs share is not taken for it (``backends.base.output_batch_axes``)
+SAMPLE_DIM = "quantkit_sample"
 _AXES = f"{MARK}/axes"
 _IN, _OUT = f"{MARK}/in/", f"{MARK}/out/"
 
@@ -95,7 +98,7 @@ def add_sample_axis(model: onnx.ModelProto, inputs: Sequence[str]) -> onnx.Model
             front.append(helper.make_node("Squeeze", [vi.name, _AXES], [renames[vi.name]], name=_IN + vi.name))
     for vi in g.output:
         g.node.append(helper.make_node("Unsqueeze", [renames[vi.name], _AXES], [vi.name], name=_OUT + vi.name))
-        _prepend_dim(vi)
+        _prepend_dim(vi, SAMPLE_DIM)
     nodes = [*front, *g.node]
     del g.node[:]
     g.node.extend(nodes)
@@ -158,10 +161,14 @@ def remove_sample_axis(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _prepend_dim(vi: onnx.ValueInfoProto) -> None:
+def _prepend_dim(vi: onnx.ValueInfoProto, name: str | None = None) -> None:
+    """A leading dim of 1 (named ``name`` instead, for an output)."""
     shape = vi.type.tensor_type.shape
     dims = [onnx.TensorShapeProto.Dimension() for _ in range(len(shape.dim) + 1)]
-    dims[0].dim_value = 1
+    if name:
+        dims[0].dim_param = name
+    else:
+        dims[0].dim_value = 1
     for d, old in zip(dims[1:], shape.dim):
         d.CopyFrom(old)
     del shape.dim[:]

@@ -173,3 +173,51 @@ def test_samples_that_do_not_fit_the_input_are_one_line(frames_case):
                               "--no-progress"])
     assert code == 2 and "holds samples of shape (30, 7)" in err and "input 'x' [?, 6]" in err, err
     assert not (tmp / "out").exists()
+
+
+def _state_model() -> onnx.ModelProto:
+    """x [N, 4] and a state h0 [2, 1, 3] (batch fixed at 1 on axis 1, as speechmos's AECMOS GRU state):
+    x @ W + sum(h0) -> Squeeze of the batch axis -> y, declared [N] but [3] a sample (its batch squeezed)."""
+    r = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(r.normal(0, 0.5, (4, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax0")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"], name="mm"),
+             helper.make_node("ReduceSum", ["h0", "ax0"], ["hs"], name="hsum", keepdims=0),
+             helper.make_node("Add", ["xw", "hs"], ["z"], name="add"),
+             helper.make_node("Squeeze", ["z", "ax0"], ["y"], name="drop_batch")]
+    graph = helper.make_graph(nodes, "state", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                               helper.make_tensor_value_info("h0", TensorProto.FLOAT, [2, 1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("layout", ["stacked state", "state on its batch axis"])
+def test_a_state_fixed_at_batch_1_beside_a_dynamic_batch_runs_one_sample_a_batch(tmp_path, layout):
+    """speechmos's AECMOS: an input with a dynamic batch and a GRU state whose batch is fixed at 1. The
+    state stacked on a new axis (the sample axis) or on its own batch axis: both were exit 2 (a batch of
+    32 for a state of batch 1); and `compare` at --batch-size 1 scored the first of each sample's 3
+    values only (the output's batch axis is squeezed away): 49.7 dB where all of them gave 37.5."""
+    model_path = tmp_path / "state.onnx"
+    onnx.save(_state_model(), model_path)
+    r = np.random.default_rng(3)
+    x = r.normal(0, 1, (40, 4)).astype(np.float32)
+    h = r.normal(0, 0.3, (40, 2, 1, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, h0=h if layout == "stacked state" else h[:, :, 0, :].transpose(1, 0, 2))
+    code, out, err = run_cli(["calibrate", str(model_path), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "out"),
+                              "--no-progress", "--num-images", "24"])
+    assert code == 0, err
+    written = onnx.load(tmp_path / "out" / "state.int8.onnx")
+    assert written.graph.input == _state_model().graph.input
+    code, out, err = run_cli(["compare", str(model_path), str(tmp_path / "out" / "state.int8.onnx"),
+                              "--npz", str(tmp_path / "d.npz"), "--no-progress", "--batch-size", "1"])
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.strip().startswith("y "))
+    exact = []  # every value of every sample, as TensorRT computes the Q/DQ model
+    f, q = create_session(str(model_path)), create_session(str(tmp_path / "out" / "state.int8.onnx"))
+    for i in range(40):
+        feed = {"x": x[i:i + 1], "h0": h[i]}
+        exact.append((f.run(None, feed)[0], q.run(None, feed)[0]))
+    ref, got = np.stack([a for a, _ in exact]), np.stack([b for _, b in exact])
+    assert ref.shape == (40, 3)
+    sqnr = 10 * np.log10((ref.astype(np.float64) ** 2).sum() / ((ref - got).astype(np.float64) ** 2).sum())
+    assert abs(float(row.split()[-2]) - sqnr) < 0.05, (row, sqnr)
