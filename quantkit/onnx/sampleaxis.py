@@ -7,10 +7,11 @@ its axis 0 counts samples, and each sample is the model's whole input.
 
 quantkit then runs a wrapper (``add_sample_axis``): each such input ``X`` becomes ``[1, *dims]``
 and a Squeeze hands the model its sample (the tensor ``X__sample``); each graph output ``Y`` gets
-an Unsqueeze, so outputs have the sample axis every report and metric counts on. A fixed batch
-of 1, so everything downstream (calibration, equalization, bias correction, compare, debug)
-feeds one sample a call, as it does for any fixed-batch model. What is written (the Q/DQ model,
-the cache, ranges.json) is the user's graph again (``remove_sample_axis``, ``original_name``):
+an Unsqueeze, so outputs have the sample axis every report and metric counts on (named
+``SAMPLE_DIM``). The run takes one sample a batch (the CLI sets ``--batch-size 1``), so everything
+downstream (calibration, equalization, bias correction, compare, debug) feeds one sample a call,
+as it does for a fixed-batch model; the model's other inputs are read as before. What is written (the Q/DQ model,
+the cache, ranges.json) is the user's graph again (``remove_sample_axis``, ``original_names``):
 the same inputs and outputs, the same tensor names.
 """
 
@@ -63,7 +64,8 @@ def stacked_inputs(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]
                    declared: Mapping[str, int | None] | None = None) -> list[str]:
     """The inputs whose data stacks samples of a model without a batch axis: each array (by input
     name; a lone ``.npy`` array, key "", feeds the only input) has either one axis more than its
-    input (stacked: returned) or as many (fed as is in every sample), and at least one is stacked.
+    input (stacked: returned) or as many (read as before: batched on its batch axis, or fed as is),
+    and at least one is stacked.
     [] otherwise, or when a batch axis is ``declared`` (``--batch-axis NAME=AXIS``; an input declared
     none is fed as is)."""
     from quantkit.onnx.model import input_specs
@@ -118,10 +120,6 @@ def original_names(model: onnx.ModelProto) -> dict[str, str]:
         elif n.name.startswith(_OUT):
             names[n.input[0]] = n.output[0]
     return names
-
-
-def original_name(model: onnx.ModelProto, name: str) -> str:
-    return original_names(model).get(name, name)
 
 
 def remove_sample_axis(model: onnx.ModelProto) -> onnx.ModelProto:
