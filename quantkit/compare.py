@@ -11,7 +11,7 @@ Accuracy against labels is computed on the first output when labels exist.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 from quantkit.backends.base import Runner, side_by_side
 from quantkit.datasets.batching import Batch
 from quantkit.errors import ModelError
+from quantkit.onnx.model import fixed_batch
 
 
 @dataclass(frozen=True)
@@ -175,16 +176,17 @@ class _OutputStats:
 
 
 def comparison_batch(reference: Runner, test: Runner, batch_size: int, *, reference_name: str = "fp32",
-                     test_name: str = "int8") -> tuple[int, bool]:
+                     test_name: str = "int8", axes: Mapping[str, int | None] | None = None) -> tuple[int, bool]:
     """The batch size both models can run, and whether it is fixed (then a short last batch is
     padded, and the padding rows are left out of the metrics).
 
-    A model with a fixed batch dim sets the batch; two fixed batch dims must agree.
+    A model with a fixed batch dim (``quantkit.onnx.model.fixed_batch``, on the data's batch
+    ``axes``) sets the batch; two fixed batch dims must agree.
 
     Raises:
         ModelError: the two models have different fixed batch sizes.
     """
-    fixed = {name: r.input_specs[0].static_batch for name, r in ((reference_name, reference), (test_name, test))
+    fixed = {name: fixed_batch(r.input_specs, axes) for name, r in ((reference_name, reference), (test_name, test))
              if r.input_specs}
     sizes = {b for b in fixed.values() if b is not None}
     if len(sizes) > 1:

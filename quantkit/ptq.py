@@ -29,11 +29,11 @@ import onnx
 from quantkit.calibrators.cache import DEFAULT_TRT_VERSION, CalibrationCache
 from quantkit.calibrators.collectors import Histogram, collect_histograms, merge_histogram
 from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method, method_params
-from quantkit.datasets.batching import Batcher
+from quantkit.datasets.batching import Batcher, data_batch_axes
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError
 from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_quantized, einsum_as_matmul, ensure_opset,
-                                 float_activations, float_input_specs, opset_version, subgraph_node_count, tensor_types,
+                                 fixed_batch, float_activations, float_input_specs, opset_version, subgraph_node_count, tensor_types,
                                  with_node_names)
 from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, float_by_rule, insert_qdq,
                               log_spectrum_nodes, plan_qdq)
@@ -290,9 +290,10 @@ def _prepared_for(model: PreparedModel, stats: StatsConfig) -> bool:
 
 def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Sequence[int], run: RunConfig, *,
                         known_skips: Collection[str] = ()) -> Batcher:
-    """Batches for calibration: a fixed-batch model uses its batch size and drops a short tail;
-    ``known_skips`` were already warned about (by equalization's first pass)."""
-    fixed = specs[0].static_batch
+    """Batches for calibration: a fixed-batch model (``fixed_batch``: on any input's batch axis) uses
+    its batch size and drops a short tail; ``known_skips`` were already warned about (by
+    equalization's first pass)."""
+    fixed = fixed_batch(specs, data_batch_axes(source, [s.name for s in specs]))
     if fixed is not None and len(indices) < fixed:
         raise DatasetError(
             f"the model has a fixed batch size of {fixed}, but only {len(indices)} calibration samples were given",
@@ -305,9 +306,10 @@ def calibration_batches(source: Source, specs: Sequence[TensorSpec], indices: Se
 
 def evaluation_batches(source: Source, specs: Sequence[TensorSpec], indices: Sequence[int], run: RunConfig, *,
                        known_skips: Collection[str] = ()) -> Batcher:
-    """Batches for evaluation: a fixed-batch model's short tail is padded (the padding rows are
-    left out of the metrics); ``known_skips`` were already warned about by the calibration pass."""
-    fixed = specs[0].static_batch
+    """Batches for evaluation: a fixed-batch model's (``fixed_batch``) short tail is padded (the
+    padding rows are left out of the metrics); ``known_skips`` were already warned about by the
+    calibration pass."""
+    fixed = fixed_batch(specs, data_batch_axes(source, [s.name for s in specs]))
     return Batcher(source, [s.name for s in specs], fixed or run.batch_size, indices=indices,
                    last_batch="pad" if fixed else "keep", strict=run.strict, known_skips=known_skips,
                    dtypes={s.name: s.dtype for s in specs})

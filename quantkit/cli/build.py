@@ -91,8 +91,11 @@ class Build:
             source = source_for_model(args, specs)
             idx = select(source, args, what="images").indices
             from quantkit.datasets import Batcher
+            from quantkit.datasets.batching import data_batch_axes
+            from quantkit.onnx.model import fixed_batch
 
-            batches = Batcher(source, [s.name for s in specs], specs[0].static_batch or args.batch_size, indices=idx,
+            names = [s.name for s in specs]
+            batches = Batcher(source, names, fixed_batch(specs, data_batch_axes(source, names)) or args.batch_size, indices=idx,
                               last_batch="drop", strict=args.strict, dtypes={s.name: s.dtype for s in specs})
             pp = getattr(source, "preprocess", None)
             algorithm = CALIBRATORS[args.calibrator][1]

@@ -4,7 +4,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, fit_batch_size, non_negative_int,
+from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, non_negative_int,
                                  positive_int, progress, select, source_for_model, with_sample_axis)
 
 
@@ -139,8 +139,6 @@ class Calibrate:
             ExportConfig(method=args.method, params={"percentile": args.percentile}))
         prepared = prepare_for(model, config.stats, str(model_path))
         source = source_for_model(args, prepared.specs)
-        fit_batch_size(args, source, prepared.specs)
-        config = replace(config, run=replace(config.run, batch_size=args.batch_size))
         check_classes(source, output_specs(prepared.model))
         drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)
         eval_source, eval_idx, held_out = source, [], False

@@ -191,22 +191,6 @@ def with_sample_axis(args: argparse.Namespace, model: Any, *, name: str, quiet: 
     return add_sample_axis(ensure_opset(model), stacked)
 
 
-def fit_batch_size(args: argparse.Namespace, source: Any, specs: Sequence[Any]) -> None:
-    """Lower --batch-size to the batch an input fixes on its batch axis: an RNN state
-    ``[layers, 1, C]`` batched on axis 1 beside an input with a dynamic batch (speechmos's AECMOS)
-    takes one sample a batch, where a batch of 32 was refused (exit 2)."""
-    axes = getattr(source, "batch_axes_", None) or {}
-    by_name = {s.name: s for s in specs}
-    fixed = []
-    for name, ax in axes.items():
-        spec = by_name.get(name) or (specs[0] if name == "" and len(specs) == 1 else None)
-        if ax is not None and spec is not None and ax < len(spec.shape) and isinstance(spec.shape[ax], int):
-            fixed.append(spec.shape[ax])
-    if fixed and min(fixed) < args.batch_size:
-        log.info("batches of %d: an input's batch axis is fixed at that size", min(fixed))
-        args.batch_size = min(fixed)
-
-
 def _dims(shape: Sequence[Any]) -> str:
     return "[" + ", ".join("?" if not isinstance(d, int) else str(d) for d in shape) + "]"
 

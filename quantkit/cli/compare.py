@@ -4,7 +4,7 @@ import argparse
 import math
 from pathlib import Path
 
-from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, fit_batch_size, progress,
+from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, progress,
                                  runner_for, select, source_for_model)
 
 
@@ -39,6 +39,7 @@ class Compare:
         from quantkit._io import check_output_file, write_json_atomic
         from quantkit.compare import compare_runners, comparison_batch
         from quantkit.datasets import Batcher
+        from quantkit.datasets.batching import data_batch_axes
         from quantkit.datasets.classes import check_classes
 
         if args.json:  # before the work: never over an input, never an unasked overwrite
@@ -49,12 +50,12 @@ class Compare:
         test = runner_for(args, args.test, quiet=True, integer_kernels=args.ort_kernels)
         specs = ref.input_specs
         source = source_for_model(args, specs)
-        fit_batch_size(args, source, specs)
         check_classes(source, getattr(ref, "output_specs", None) or getattr(test, "output_specs", []))
         drawn = select(source, args)
         idx = drawn.indices
         batch, fixed = comparison_batch(ref, test, args.batch_size, reference_name=Path(args.reference).name,
-                                        test_name=Path(args.test).name)
+                                        test_name=Path(args.test).name,
+                                        axes=data_batch_axes(source, [s.name for s in specs]))
         batches = Batcher(source, [s.name for s in specs], batch, indices=idx,
                           last_batch="pad" if fixed else "keep", strict=args.strict,
                           dtypes={s.name: s.dtype for s in specs})

@@ -3,7 +3,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit.cli.common import (add_data_args, add_preprocess_args, fit_batch_size, positive_int, progress, select,
+from quantkit.cli.common import (add_data_args, add_preprocess_args, positive_int, progress, select,
                                  source_for_model, with_sample_axis)
 
 
@@ -58,7 +58,6 @@ class Debug:
         check_output_dir(args.output, force=args.force, inputs=inputs)  # before the work
         specs = input_specs(fp32)
         source = source_for_model(args, specs)
-        fit_batch_size(args, source, specs)
         drawn = select(source, args)
         # the evaluation policy: a fixed-batch model's short tail padded, padding left out of the sums
         batches = evaluation_batches(source, specs, drawn.indices, RunConfig(batch_size=args.batch_size, strict=args.strict))

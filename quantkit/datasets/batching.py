@@ -84,6 +84,15 @@ def ordered_indices(count: int, *, shuffle: bool = False, seed: int = 0) -> list
     return [int(i) for i in np.random.default_rng(seed).permutation(count)]
 
 
+def data_batch_axes(source: Any, input_names: Sequence[str]) -> dict[str, int | None]:
+    """Batch axes by model input name, from a source that has them (``NumpySource.batch_axes_``;
+    None: the array is fed whole); empty for any other source (every input batched on axis 0)."""
+    found = getattr(source, "batch_axes_", None) or {}
+    if list(found) == [""] and len(input_names) == 1:  # a .npy array feeds the only input
+        return {input_names[0]: found[""]}
+    return dict(found)
+
+
 class Batcher:
     """Iterate a source in batches keyed by model input name.
 
@@ -243,11 +252,7 @@ class Batcher:
         return Batch(self._feed([s for _, s in chunk], indices), lab, tuple(indices[:size]), size, axes)
 
     def _axes(self) -> dict[str, int | None]:
-        """Batch axes by model input name, from a source that has them (``NumpySource.batch_axes_``)."""
-        found = getattr(self.source, "batch_axes_", None) or {}
-        if list(found) == [""] and len(self.input_names) == 1:  # a .npy array feeds the only input
-            return {self.input_names[0]: found[""]}
-        return dict(found)
+        return data_batch_axes(self.source, self.input_names)
 
     def __iter__(self) -> Iterator[Batch]:
         self.skipped_, self.loaded_, self.used_ = [], 0, 0

@@ -50,6 +50,20 @@ class TensorSpec:
         return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
 
 
+def fixed_batch(specs: Sequence[TensorSpec], axes: Mapping[str, int | None] | None = None) -> int | None:
+    """The batch size a model fixes: the smallest static dim on an input's batch axis.
+
+    ``axes`` are the data's batch axes by input name (``quantkit.datasets.batching.data_batch_axes``:
+    axis 0 for an input it does not name, None for one fed whole); without them, the first input's
+    axis 0. An RNN state ``[layers, 1, C]`` batched on axis 1 beside an input with a dynamic batch
+    (speechmos's AECMOS GRU) fixes batches of one sample."""
+    if not axes:
+        return specs[0].static_batch if specs else None
+    sizes = [d for s in specs if (ax := axes.get(s.name, 0)) is not None and ax < len(s.shape)
+             and isinstance(d := s.shape[ax], int)]
+    return min(sizes) if sizes else None
+
+
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Load and check an ONNX model file; ModelError names the file and the problem."""
     p = Path(path)

@@ -221,3 +221,25 @@ def test_a_state_fixed_at_batch_1_beside_a_dynamic_batch_runs_one_sample_a_batch
     assert ref.shape == (40, 3)
     sqnr = 10 * np.log10((ref.astype(np.float64) ** 2).sum() / ((ref - got).astype(np.float64) ** 2).sum())
     assert abs(float(row.split()[-2]) - sqnr) < 0.05, (row, sqnr)
+
+
+def test_the_api_batches_a_state_fixed_at_batch_1_one_sample_a_batch(tmp_path):
+    """The same model through the Python API at the default batch size: the state's fixed batch on its
+    own batch axis (axis 1) sets batches of one sample (``fixed_batch``), as the first input's fixed batch
+    does; the CLI alone lowered it before, and `quantize` was refused (a batch of 32 for a state of 1)."""
+    import quantkit
+    from quantkit.datasets import NumpySource
+    from quantkit.onnx.model import input_specs
+
+    model = _state_model()
+    r = np.random.default_rng(4)
+    np.savez(tmp_path / "d.npz", x=r.normal(0, 1, (40, 4)).astype(np.float32),
+             h0=r.normal(0, 0.3, (2, 40, 3)).astype(np.float32))
+    specs = input_specs(model)
+    source = NumpySource(str(tmp_path / "d.npz"), dtypes={s.name: s.dtype for s in specs},
+                         shapes={s.name: s.shape for s in specs})
+    assert source.batch_axes_ == {"x": 0, "h0": 1}
+    cal = quantkit.quantize(model, source, quantkit.QuantizeConfig(), indices=range(24))
+    assert cal.num_samples == 24
+    report = cal.evaluate(source, range(24, 40))
+    assert report.outputs[0].batches == 16 and report.outputs[0].sqnr_db > 15, report.table()
