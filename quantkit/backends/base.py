@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from quantkit.calibrators.collectors import batch_rows
 from quantkit.errors import InputError, ShapeMismatchError
 from quantkit.onnx.model import TensorSpec
 
@@ -133,15 +134,13 @@ def samples_first(outputs: dict[str, np.ndarray], axes: dict[str, int]) -> dict[
 
 
 def real_rows(value: Any, n: int, rows: int) -> Any:
-    """An output's rows for the batch's ``n`` real samples of the ``rows`` fed (a padded tail left
-    out). A run of one sample whose output's axis 0 is not of length 1 has no sample axis there (a
+    """An output's rows for the batch's ``n`` real samples of the ``rows`` fed (``batch_rows``).
+    A run of one sample whose output's axis 0 is not of length 1 has no sample axis there (a
     fixed-batch-1 model that squeezed it: ``[C]`` for ``[1, C]``, scored before as C samples of which
-    the first was kept): it gets one, so the whole output is that sample's. A 0-d output as it is."""
-    if not np.ndim(value):
-        return value
-    if rows == 1 and value.shape[0] != 1:
+    the first was kept): it gets one, so the whole output is that sample's."""
+    if np.ndim(value) and rows == 1 and value.shape[0] != 1:
         return value[None]
-    return value[:n]
+    return batch_rows(value, n, rows)
 
 
 def side_by_side(reference: Runner, test: Runner, batches: Iterable[Any]) -> Iterable[tuple[Any, dict, dict]]:

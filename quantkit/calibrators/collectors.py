@@ -344,9 +344,9 @@ def merge_histogram(a: Histogram, b: Histogram) -> Histogram:
 
 
 def batch_rows(arr: np.ndarray, rows: int, padded: int) -> np.ndarray:
-    """The batch's real rows of a captured tensor: only a padded batch (``padded`` rows, a
-    fixed-batch model's tail) has rows to cut, and only a tensor that carries them; a tensor
-    without a batch axis (an anchor grid from the input's shape, a 0-d scalar) is taken whole."""
+    """The batch's real rows of a tensor: only a padded batch (``padded`` rows, a fixed-batch
+    model's tail) has rows to cut, and only a tensor that carries them; a tensor without a batch
+    axis (an anchor grid from the input's shape, a 0-d scalar) is taken whole."""
     return arr[:rows] if arr.ndim and rows < padded and arr.shape[0] == padded else arr
 
 

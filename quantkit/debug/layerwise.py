@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from quantkit.backends.base import output_batch_axes, real_rows, samples_first
+from quantkit.calibrators.collectors import batch_rows
 from quantkit.datasets.batching import take_rows
 from quantkit.errors import ModelError
 from quantkit.onnx.equalize import equalizations_of
@@ -305,13 +306,6 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
     return out
 
 
-def _rows(arr: np.ndarray, n: int, padded: int) -> np.ndarray:
-    """The batch's first ``n`` real rows of ``padded`` (the rest pad a fixed batch); a tensor
-    without the batch axis (a 0-d scalar or an anchor grid computed from the input's shape) is
-    taken whole."""
-    return arr[:n] if arr.ndim and n < padded and arr.shape[0] == padded else arr
-
-
 def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Iterable[Any], *,
                     threads: int | None = None, reference_name: str = "fp32", test_name: str = "int8",
                     on_batch: Callable[[int], None] | None = None) -> DebugReport:
@@ -412,7 +406,7 @@ def _compare_part(ref: Any, test: Any, feed: Mapping[str, np.ndarray], n: int, p
     ref_out, ref_cap = ref.infer_captured(dict(feed))
     test_out, test_cap = test.infer_captured(dict(feed))
     for name in names:
-        a, b = _rows(ref_cap[fp32_name[name]], n, padded), _rows(test_cap[by_name[name].dq_output], n, padded)
+        a, b = batch_rows(ref_cap[fp32_name[name]], n, padded), batch_rows(test_cap[by_name[name].dq_output], n, padded)
         if name in factor:
             a = a * factor[name]
         if a.shape != b.shape and (a.ndim != b.ndim or sum(x != y for x, y in zip(a.shape, b.shape)) > 1):
