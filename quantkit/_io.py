@@ -171,14 +171,33 @@ def _check_space(folder: Path, need_bytes: int) -> None:
                           f"{free / 2**20:.1f} MiB free", hint="free some space or choose another -o")
 
 
+def inside(folder: Path, name: str) -> bool:
+    """``name`` is a file of ``folder`` itself: a relative path without ``..``, reached through no
+    symlink below ``folder``, so that writing or removing ``folder / name`` touches nothing
+    outside it (a manifest's entries, a stats file written inside -o)."""
+    rel = Path(name)
+    if not name or rel.is_absolute() or any(part in ("..", "") for part in rel.parts) or rel.drive:
+        return False
+    at = Path(folder)
+    for part in rel.parts[:-1]:
+        at = at / part
+        if at.is_symlink() or (at.exists() and not at.is_dir()):
+            return False
+    return True
+
+
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The manifest of an earlier run in ``folder``, or None (absent or not quantkit's)."""
+    """The manifest of an earlier run in ``folder``, or None (absent, not quantkit's, or listing a
+    file outside ``folder``: ``inside``; such a manifest was not written by quantkit, and ``--force``
+    must not remove what it lists)."""
     path = Path(folder) / MANIFEST
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict) or doc.get("tool") != "quantkit" or not isinstance(doc.get("files"), dict):
+        return None
+    if not all(isinstance(n, str) and inside(Path(folder), n) for n in doc["files"]):
         return None
     return doc
 
@@ -229,8 +248,10 @@ def check_output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Seque
                                     hint="pass --force to replace quantkit's earlier artifacts there, or choose another -o")
         manifest = read_manifest(out)
         if manifest is None:
+            why = (f"its {MANIFEST} is not one quantkit wrote (unreadable, or it lists files outside the folder)"
+                   if (out / MANIFEST).exists() else f"no {MANIFEST}")
             raise OutputExistsError(
-                f"output folder {str(out)!r} holds files that quantkit did not write (no {MANIFEST})",
+                f"output folder {str(out)!r} holds files that quantkit did not write ({why})",
                 hint="--force replaces only quantkit's own artifacts; choose a new or empty folder")
         changed = [n for n in manifest["files"] if (out / n).exists() and not _ours(out, manifest, n)]
         if changed:
@@ -342,6 +363,9 @@ def _commit_in_place(staging: Path, out: Path, doc: dict[str, Any]) -> None:
     names = list(doc["files"])
     for name in names:  # refuse before moving anything: a user's file of the same name stays
         target = out / name
+        if not inside(out, name):  # a symlinked folder inside -o: never written through
+            raise OutputError(f"{str(target)!r} lies behind a symlink inside {str(out)!r}; quantkit does not write "
+                              "through it", hint="remove the symlink or choose another path")
         if (target.exists() or target.is_symlink()) and not _ours(out, old, name):
             raise OutputExistsError(f"{str(target)!r} exists and was not written by quantkit (or was changed since)",
                                     hint="move it away or choose another -o; nothing was replaced")

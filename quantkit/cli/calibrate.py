@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,14 +112,14 @@ class Calibrate:
         add_preprocess_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from quantkit._io import check_output_dir, check_output_file
+        from quantkit._io import OutputError, check_output_dir, check_output_file, inside
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.datasets.classes import check_classes
         from quantkit.onnx.model import file_sha256, load_model, output_specs
         from quantkit.ptq import ExportConfig, QuantizeConfig, RunConfig, StatsConfig, prepare_for, quantize
 
         model_path = Path(args.model)
-        inputs = [p for p in (args.model, args.images, args.npz, args.eval_dir) if p]
+        inputs = [p for p in (args.model, args.images, args.npz, args.eval_dir, args.exclude_from) if p]
         model = with_sample_axis(args, load_model(model_path), name=model_path.name)
         # before any work: the output must be writable, outside the inputs, with room for the
         # INT8 model (float weights kept: about the FP32 model's size) and the small files
@@ -126,8 +127,14 @@ class Calibrate:
                          need_bytes=model_path.stat().st_size + (1 << 22))
         exclude = [*(args.exclude or ()), *_exclude_from(args)]
         stats_inside = _inside(args.save_stats, args.output) if args.save_stats else None
-        if args.save_stats and stats_inside is None:  # a file of its own: never an input
+        if args.save_stats and stats_inside is None:  # a file of its own: never an input, nor -o itself
+            if os.path.abspath(args.save_stats) == os.path.abspath(args.output):
+                raise OutputError(f"--save-stats {args.save_stats!r} is the output folder",
+                                  hint="give a file name, e.g. -o OUT --save-stats OUT/stats.qkstats")
             check_output_file(args.save_stats, force=args.force, inputs=inputs)
+        elif stats_inside is not None and not inside(Path(args.output), stats_inside):
+            raise OutputError(f"--save-stats {args.save_stats!r} lies behind a symlink inside {args.output!r}; "
+                              "quantkit does not write through it", hint="give a path without the symlink")
         config = QuantizeConfig(
             StatsConfig(num_bins=args.num_bins, sample_stride=args.histogram_stride, target=args.target,
                         cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats),

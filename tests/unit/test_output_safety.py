@@ -110,6 +110,53 @@ def test_force_removes_only_unchanged_stale_artifacts(tmp_path):
     assert (out / "a.txt").read_text() == "a2"
 
 
+@pytest.mark.parametrize("entry", ["../victim.txt", "ABS", "sub/../../victim.txt"])
+def test_force_never_removes_what_a_manifest_lists_outside_the_folder(project, tmp_path, entry, capsys):
+    """A manifest is a file in the user's folder, not a license: entries outside -o (``..``, an
+    absolute path) with the right hash were removed as stale artifacts by --force, the input
+    model among them. Such a manifest is not quantkit's: the folder is refused, nothing removed."""
+    import hashlib
+
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    assert calibrate(project, out) == 0
+    victim.write_text("the user's thesis")
+    name = str(victim) if entry == "ABS" else entry
+    doc = read_manifest(out)
+    doc["files"][name] = {"sha256": hashlib.sha256(victim.read_bytes()).hexdigest(), "size": victim.stat().st_size}
+    model = project / "model.onnx"
+    doc["files"]["../proj/model.onnx"] = {"sha256": hashlib.sha256(model.read_bytes()).hexdigest(), "size": 1}
+    (out / MANIFEST).write_text(json.dumps(doc))
+    before, outside = snapshot(out), snapshot(project)
+    assert calibrate(project, out, "--force") == 2
+    assert "not one quantkit wrote" in capsys.readouterr().err
+    assert victim.read_text() == "the user's thesis" and snapshot(project) == outside and snapshot(out) == before
+
+
+def test_force_never_removes_the_exclude_from_file(project, tmp_path, capsys):
+    """`debug --rank -o dbg`, then `calibrate -o dbg --force --exclude-from dbg/debug.json`: the
+    ranking file is an input (it was removed as a stale artifact)."""
+    dbg = tmp_path / "dbg"
+    with output_dir(dbg, force=False) as tmp:
+        (tmp / "debug.json").write_text(json.dumps({"sensitivity": {"rows": []}}))
+    before = snapshot(dbg)
+    assert calibrate(project, dbg, "--force", "--exclude-from", str(dbg / "debug.json"), "--top", "1") == 2
+    assert "input" in capsys.readouterr().err
+    assert snapshot(dbg) == before
+
+
+def test_save_stats_is_never_written_through_a_symlink_or_over_the_output(project, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert calibrate(project, out) == 0
+    (out / "data").symlink_to(project / "images", target_is_directory=True)
+    before = snapshot(project)
+    assert calibrate(project, out, "--force", "--save-stats", str(out / "data" / "s.qkstats")) == 2
+    assert "symlink" in capsys.readouterr().err
+    assert snapshot(project) == before
+    assert calibrate(project, tmp_path / "o2", "--save-stats", str(tmp_path / "o2")) == 2
+    assert "is the output folder" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
 def test_single_file_outputs_never_overwrite_inputs(project, tmp_path, capsys):
     model = project / "model.onnx"
     before = snapshot(project)
