@@ -322,17 +322,15 @@ def output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Sequence[An
             _apply_umask(parent, directory=True)
             created.append(parent)
     in_place = out.is_dir()
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=".quantkit-staging-" if in_place else f".{out.name}.",
-                                        suffix="" if in_place else ".partial",
-                                        dir=out if in_place else out.parent))
-    except OSError as err:
-        for p in reversed(created):
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise _os_error(err, out, "write into") from err
+    staging: Path | None = None
     committed = False
-    try:
+    try:  # from the staging folder's creation on: whatever ends the run (SIGTERM too) removes it
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=".quantkit-staging-" if in_place else f".{out.name}.",
+                                            suffix="" if in_place else ".partial",
+                                            dir=out if in_place else out.parent))
+        except OSError as err:
+            raise _os_error(err, out, "write into") from err
         yield staging
         try:
             doc = _manifest_doc(staging, command)
@@ -350,7 +348,7 @@ def output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Sequence[An
             raise _os_error(err, out, "write") from err
         committed = True
     finally:
-        if staging.exists():
+        if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
         if not committed:
             for p in reversed(created):

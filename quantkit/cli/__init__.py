@@ -126,14 +126,72 @@ def _stdout_gone() -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (kill, a closed terminal, a job scheduler), raised as Ctrl-C is: the same
+    clean-up runs (staging folders and temporary files removed, the output as it was)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _stop_signals() -> dict[int, typing.Any]:
+    """Route SIGTERM and SIGHUP to ``Terminated`` while a command runs; the handlers before, to
+    restore (none where signals cannot be set: a thread other than the main one)."""
+    import signal
+
+    before = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            before[sig] = signal.signal(sig, _raise_terminated)
+        except (ValueError, OSError):  # not the main thread
+            break
+    return before
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
+    before = _stop_signals()
     try:
         return _main(argv)
     except BrokenPipeError:
         return _stdout_gone()
-    except KeyboardInterrupt:  # while parsing or importing, before a command ran
+    except KeyboardInterrupt as err:  # while parsing or importing, before a command ran
         print("quantkit: interrupted", file=sys.stderr)
-        return 130
+        return 128 + err.signum if isinstance(err, Terminated) else 130
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+#: how OpenCV and ONNX Runtime say that an allocation failed (their own exception types)
+_ALLOCATION_FAILED = ("Insufficient memory", "Failed to allocate memory")
+
+
+def _out_of_memory(args: argparse.Namespace) -> int:
+    if args.debug:
+        traceback.print_exc()
+    print("quantkit: error: out of memory", file=sys.stderr)
+    print("  hint: lower --batch-size or --num-images, and check the data's shapes and the model's declared "
+          "input sizes", file=sys.stderr)
+    return 2
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _one_line(text: object) -> str:
@@ -160,9 +218,19 @@ def _main(argv: Sequence[str] | None) -> int:
         return code
     except BrokenPipeError:
         raise
-    except KeyboardInterrupt:
-        print("quantkit: interrupted; no partial output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        how = f" ({_signal_name(err.signum)})" if isinstance(err, Terminated) else ""
+        print(f"quantkit: interrupted{how}; no partial output was written", file=sys.stderr)
+        return 128 + err.signum if isinstance(err, Terminated) else 130
+    except MemoryError:
+        return _out_of_memory(args)
+    except OSError as err:  # a file system's refusal met during the work: the file and the reason
+        if args.debug:
+            traceback.print_exc()
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"quantkit: error: {where}{err.strerror or _one_line(err)}", file=sys.stderr)
+        print("  hint: check the path, its permissions and the free space", file=sys.stderr)
+        return 2
     except QuantkitError as err:
         if args.debug:
             traceback.print_exc()
@@ -171,6 +239,8 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"  hint: {_one_line(err.hint)}", file=sys.stderr)
         return 2 if isinstance(err, InputError) else 1
     except Exception as err:  # anything unexpected: still one line unless --debug
+        if any(m in str(err) for m in _ALLOCATION_FAILED):  # OpenCV's, ONNX Runtime's MemoryError
+            return _out_of_memory(args)
         if args.debug:
             traceback.print_exc()
         print(f"quantkit: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)

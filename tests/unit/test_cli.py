@@ -104,6 +104,28 @@ def test_interrupt_leaves_nothing(digits_dirs, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []  # no output folder, no temporary folder
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_leave_nothing(digits_dirs, tmp_path, monkeypatch, capsys, signame):
+    """kill (SIGTERM) or a closed terminal (SIGHUP) while the artifacts are written: they killed
+    the process with its staging folder and a half-written .tmp left beside -o; now they end it
+    as Ctrl-C does (exit 128 + the signal), the output as it was, and quantkit's handlers go."""
+    import os
+    import signal
+
+    sig = getattr(signal, signame)
+    before = signal.getsignal(sig)
+
+    def killed(*a, **k):
+        os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr("quantkit.calibrators.cache.write_cache", killed)
+    rc = main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(tmp_path / "out"),
+               "--num-images", "64", "--eval-images", "0", *DIGITS])
+    assert rc == 128 + sig and f"interrupted ({signame})" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(sig) == before
+
+
 @pytest.mark.parametrize("case", ["missing", "not_onnx", "int_input", "too_many"])
 def test_bad_input_exit_2(case, digits_dirs, tmp_path, capsys):
     model = str(sample.model_path())

@@ -503,3 +503,21 @@ def test_a_missing_data_path_is_named_before_the_preprocessing_is_checked(flag, 
     err = capsys.readouterr().err
     assert rc == 2 and said.format(target) in err and "colour" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("error", [MemoryError(), OSError(28, "No space left on device", "/data/out/s.qkstats"),
+                                   PermissionError(13, "Permission denied", "/data/model.onnx")])
+def test_memory_and_file_system_errors_are_one_line_exit_2(monkeypatch, capsys, error):
+    """Out of memory (a declared input of 3x100000x100000, an .npz header claiming 1 TiB) and a file
+    system's refusal met during the work (a full disk, a file it may not read) are the machine's or
+    the data's, not quantkit's bugs: one line naming the file, exit 2 (they were "report it" exit 1)."""
+    from quantkit.cli.inspect import Inspect
+
+    def fails(self, args):
+        raise error
+
+    monkeypatch.setattr(Inspect, "run", fails)
+    assert main(["inspect", str(sample.model_path())]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 2 and "report it" not in err, err
+    assert ("out of memory" in err) if isinstance(error, MemoryError) else (error.filename in err)
