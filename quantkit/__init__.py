@@ -7,11 +7,19 @@ configuration are here too (loaded on first use)::
     cal = quantkit.quantize(model, source, quantkit.QuantizeConfig())
 """
 
+import os
 from typing import Any
 
 from quantkit.errors import QuantkitError
 
 __version__ = "0.1.0"
+
+#: the most pixels OpenCV decodes in one image (its default is 2**30): a 400 KB PNG that declares
+#: 20000x20000 took 2.8 GB and 28 s, and a folder of them exhausts the memory. 2**27 (134 M
+#: pixels) passes a 108-megapixel photo. OpenCV reads the limit when it is loaded, so it is set
+#: here, before any quantkit module imports it; a value the user set is kept.
+MAX_IMAGE_PIXELS = 1 << 27
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
 
 #: names served from quantkit.ptq on first use (importing it loads the calibration code)
 _PTQ = ("quantize", "prepare", "Calibration", "QuantizeConfig", "StatsConfig", "RunConfig", "ExportConfig")

@@ -107,6 +107,23 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def input_file(path: str | os.PathLike[str], what: str, error: type[InputError] = InputError) -> Path:
+    """``path`` when it names a regular file to read, else one line (``error``) saying why: empty,
+    missing, a folder, or not a regular file. A device or a pipe is refused before it is opened:
+    /dev/zero read without end (GBs in seconds), a FIFO without a writer blocked for ever."""
+    p = Path(path)
+    if not str(path):
+        raise error(f"an empty path was given for the {what}", hint=f"give the path of the {what}")
+    if not p.exists():
+        raise error(f"{what} {str(p)!r} does not exist", hint="check the path")
+    if p.is_dir():
+        raise error(f"{str(p)!r} is a folder, not a {what}", hint=f"give the path of the {what} file")
+    if not p.is_file():
+        raise error(f"{str(p)!r} is not a regular file (a device, pipe or socket), not a {what}",
+                    hint=f"save the {what} to a file and give its path")
+    return p
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit._deps import require
-from quantkit._io import MANIFEST
+from quantkit._io import MANIFEST, input_file
 from quantkit.errors import InputError
 
 
@@ -66,13 +66,12 @@ def load_results(paths: Iterable[str | os.PathLike[str]]) -> Results:
     """Read result files (JSON); folders are searched for ``*.json``."""
     res = Results()
     files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
+    for raw in paths:
+        p = Path(raw)
+        if str(raw) and p.is_dir():
             files += sorted(p.rglob("*.json"))
-        elif p.exists():
-            files.append(p)
         else:
-            raise InputError(f"result file {str(p)!r} does not exist")
+            files.append(input_file(raw, "result file"))
     for f in files:
         if f.name.endswith(".cache.json") or f.name == MANIFEST:
             continue  # calibration cache provenance / the list of written files, not results

@@ -33,12 +33,9 @@ _ORT_ONLY = ("threads", "providers", "capture", "capture_budget_mb", "integer_ke
 def check_model_file(path: str | os.PathLike[str]) -> Path:
     """The path, when it names an existing file; checked before any backend is loaded, so that
     a missing engine is reported as missing, not as TensorRT being absent."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelError(f"no such file: {str(p)!r}", hint="check the path of the model or engine")
-    if not p.is_file():
-        raise ModelError(f"{str(p)!r} is a folder, not a model or engine file")
-    return p
+    from quantkit._io import input_file
+
+    return input_file(path, "model or engine file", ModelError)
 
 
 def runner_from_path(path: str | os.PathLike[str], **kwargs: Any) -> Runner:

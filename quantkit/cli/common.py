@@ -206,6 +206,8 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
     folder = images if images is not None else args.images
     arrays = args.npz if folder is None else folder if Path(folder).suffix.lower() in (".npz", ".npy") \
         and not Path(folder).is_dir() else None  # --eval-dir may name an .npz/.npy file too
+    if folder is not None and not str(folder):  # Path("") is the working folder: never read it unasked
+        raise DatasetError("an empty path was given for the image folder", hint="give the folder of images")
     if arrays is None and not Path(folder).is_dir():  # before the preprocessing is checked against the model
         raise DatasetError(f"image folder {str(folder)!r} does not exist" if not Path(folder).exists()
                            else f"{str(folder)!r} is not a folder of images",

@@ -26,11 +26,9 @@ class Inspect:
         from quantkit.backends import ENGINE_SUFFIXES
         from quantkit.errors import InputError, ModelError
 
-        path = Path(args.path)
-        if not path.exists():
-            raise InputError(f"{str(path)!r} does not exist")
-        if not path.is_file():
-            raise InputError(f"{str(path)!r} is a folder", hint="inspect takes one file")
+        from quantkit._io import input_file
+
+        path = input_file(args.path, "file to inspect")
         with open(path, "rb") as fh:
             head = fh.read(64)
         if head.startswith(b"TRT-"):  # a calibration cache's header, whatever the file is called

@@ -25,10 +25,9 @@ def port_number(text: str) -> int:
 
 def read_model_bytes(path: Path) -> bytearray:
     """The model file's bytes; ModelError names the file when it is missing or unreadable."""
-    if not path.exists():
-        raise ModelError(f"model file {str(path)!r} does not exist", hint="check the path")
-    if path.is_dir():
-        raise ModelError(f"{str(path)!r} is a folder, not a model file")
+    from quantkit._io import input_file
+
+    input_file(path, "model file", ModelError)
     try:
         data = bytearray(path.read_bytes())
     except OSError as err:

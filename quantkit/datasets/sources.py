@@ -57,6 +57,7 @@ def _walk_images(base: Path) -> list[Path]:
     """
     seen: dict[tuple[int, int], Path] = {}
     found: list[Path] = []
+    others: list[Path] = []  # files that are not images (or not readable files): said once
 
     def visit(folder: Path) -> None:
         try:
@@ -77,19 +78,27 @@ def _walk_images(base: Path) -> list[Path]:
         subdirs = []
         for entry in entries:
             path = folder / entry.name
+            if entry.name.startswith("."):  # hidden (.ipynb_checkpoints, .git, .DS_Store): not data, no class
+                continue
             try:
                 is_dir = entry.is_dir()  # follows symlinks
                 is_file = not is_dir and entry.is_file()
             except OSError:
-                continue
+                is_dir = is_file = False
             if is_dir:
                 subdirs.append(path)
-            elif is_file and path.suffix.lower() in IMAGE_EXTENSIONS and not entry.name.startswith("."):
+            elif is_file and path.suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(path)
+            else:
+                others.append(path)
         for sub in subdirs:
             visit(sub)
 
     visit(base)
+    if others:
+        kinds = sorted({p.suffix.lower() or "(no extension)" for p in others})
+        log.warning("skipped %d file(s) under %s that are not images or not readable files (%s; first: %s)",
+                    len(others), base, ", ".join(kinds[:6]) + (", ..." if len(kinds) > 6 else ""), sorted(others)[0])
     return sorted(found)
 
 
@@ -97,13 +106,16 @@ def scan_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int] | N
     """Image files under ``root`` (recursive, sorted) and labels from class subfolders.
 
     Labels exist when every image lies inside an immediate subfolder of ``root``; classes are
-    the sorted subfolder names that hold images. Symlinked folders and files are followed
+    the sorted subfolder names that hold images. Hidden files and folders (``.name``) are left
+    out; other files that are not images are counted in one warning. Symlinked folders and files are followed
     (each folder read once, so loops end); a class is named after the link, as the user sees it.
 
     Returns:
         (paths, labels or None, class names)
     """
     base = Path(root)
+    if not str(root):  # Path("") is the working folder: never read it unasked
+        raise DatasetError("an empty path was given for the image folder", hint="give the folder of images")
     if not base.exists():
         raise DatasetError(f"image folder {str(base)!r} does not exist")
     if not base.is_dir():
@@ -122,11 +134,33 @@ def scan_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int] | N
     return paths, None, []
 
 
+def _jpeg_complete(data: bytes) -> bool:
+    """The JPEG's end-of-image marker follows its scan. The segments before the first scan are
+    stepped over by their lengths (an EXIF thumbnail there ends with a marker of its own), then
+    the marker is looked for after it: bytes after the image (a Motion Photo's video, a vendor
+    trailer) do not make a whole file look truncated, as a look at its last bytes did."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            break  # not a segment: judge by the end of the file, as before
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xDA:  # start of scan: the image data, then (in a whole file) the end marker
+            return data.find(b"\xff\xd9", pos) != -1
+        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return b"\xff\xd9" in data[-64:]
+
+
 def decode_image(path: Path) -> np.ndarray:
     """Decode one image file with OpenCV into uint8-range values.
 
     Rules: 8-bit as is; 16-bit divided by 257 (to the 8-bit range, as float32); float images
-    assumed 0-1 and multiplied by 255; an alpha channel is dropped; gray+alpha keeps gray.
+    assumed 0-1 and multiplied by 255; an alpha channel is dropped; gray+alpha keeps gray; a
+    JPEG turned by its EXIF orientation; an image over ``quantkit.MAX_IMAGE_PIXELS`` refused.
     Returns HxW (gray) or HxWx3 (BGR). Raises SampleError for empty, truncated or corrupt files.
     """
     cv2 = require("cv2")
@@ -136,11 +170,21 @@ def decode_image(path: Path) -> np.ndarray:
         raise SampleError(str(path), f"cannot be read ({err.strerror or err})") from err
     if data.size == 0:
         raise SampleError(str(path), "empty file (0 bytes)")
+    jpeg = data[:2].tobytes() == b"\xff\xd8"
     # libjpeg decodes a truncated JPEG into a partly grey image with only a warning: check
     # that the end-of-image marker is there.
-    if data[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in data[-64:].tobytes():
+    if jpeg and not _jpeg_complete(data.tobytes()):
         raise SampleError(str(path), "truncated JPEG (no end-of-image marker)")
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    # a JPEG turned upright by its EXIF orientation (a phone photo), as viewers show it; it has
+    # no alpha channel to keep, which is what IMREAD_UNCHANGED (orientation ignored) is for
+    flags = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH if jpeg else cv2.IMREAD_UNCHANGED
+    try:
+        img = cv2.imdecode(data, flags)
+    except cv2.error as err:  # over OpenCV's pixel limit (quantkit.MAX_IMAGE_PIXELS), or corrupt
+        too_large = "too large" in str(err).lower() or "pixels" in str(err).lower()
+        raise SampleError(str(path), f"over {int(os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS', 1 << 27)):,} pixels, "
+                          "not decoded (OPENCV_IO_MAX_IMAGE_PIXELS)" if too_large else
+                          "not a decodable image (corrupt or unsupported format)") from err
     if img is None or img.size == 0:
         raise SampleError(str(path), "not a decodable image (corrupt or unsupported format)")
     if img.dtype == np.uint16:
@@ -238,9 +282,9 @@ class NumpySource:
     batch_axes_: dict[str, int | None] = field(init=False)
 
     def __post_init__(self) -> None:
-        p = Path(self.path)
-        if not p.is_file():
-            raise DatasetError(f"NumPy file {str(p)!r} does not exist")
+        from quantkit._io import input_file
+
+        p = input_file(self.path, "NumPy file", DatasetError)
         try:
             loaded = np.load(p, allow_pickle=False)
         except (ValueError, *_NUMPY_READ_ERRORS) as err:

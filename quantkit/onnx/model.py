@@ -16,6 +16,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from quantkit._io import file_sha256  # noqa: F401  (re-exported: the model hash of caches and ranges)
+from quantkit._io import input_file
 from quantkit.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,7 @@ def fixed_batch(specs: Sequence[TensorSpec], axes: Mapping[str, int | None] | No
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Load and check an ONNX model file; ModelError names the file and the problem."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelError(f"model file {str(p)!r} does not exist")
-    if p.is_dir():
-        raise ModelError(f"{str(p)!r} is a folder, not an ONNX model file")
+    p = input_file(path, "ONNX model file", ModelError)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as err:  # protobuf raises DecodeError and others (ParseError's text spans lines)

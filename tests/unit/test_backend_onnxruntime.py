@@ -153,7 +153,7 @@ def test_runner_from_path_table(tmp_path, residual_model):
         onnx.save(residual_model, tmp_path / name)
         with runner_from_path(tmp_path / name, threads=1) as r:
             assert isinstance(r, OrtRunner) and r.name == name
-    with pytest.raises(ModelError, match="no such file") as err:
+    with pytest.raises(ModelError, match="does not exist") as err:
         runner_from_path(tmp_path / "gone.plan")  # missing: reported before TensorRT is needed
     assert "check the path" in err.value.hint
     with pytest.raises(ModelError, match="is a folder"):

@@ -240,7 +240,7 @@ def test_bench_missing_file(name, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("quantkit.backends.runner_from_path", no_backend)
     assert main(_bench(str(tmp_path / name))) == 2
     err = _err_line(capsys.readouterr().err)
-    assert "no such file" in err and name in err and "TensorRT" not in err
+    assert "does not exist" in err and name in err and "TensorRT" not in err
 
 
 # ----------------------------------------------------------------- item 8: inspect

@@ -133,3 +133,93 @@ def test_numpy_sources(tmp_path, rng):
     (tmp_path / "c.npz").write_bytes(b"junk")
     with pytest.raises(DatasetError, match="not a readable"):
         NumpySource(tmp_path / "c.npz")
+
+
+def _png_of_zeros(path, width, height):
+    """A valid gray PNG of ``width`` x ``height`` zeros, a few hundred KB on disk."""
+    import struct
+    import zlib
+
+    c = zlib.compressobj(9)
+    body = b"".join(c.compress(b"\x00" * (width + 1)) for _ in range(height)) + c.flush()
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_skipped_not_decoded(tmp_path):
+    """A small PNG that declares more pixels than quantkit.MAX_IMAGE_PIXELS (a 400 KB file of
+    20000x20000 took 2.8 GB and 28 s) is refused before OpenCV allocates it."""
+    import quantkit
+
+    side = int(quantkit.MAX_IMAGE_PIXELS ** 0.5) + 64
+    _png_of_zeros(tmp_path / "bomb.png", side, side)
+    assert (tmp_path / "bomb.png").stat().st_size < 2 << 20
+    with pytest.raises(SampleError, match="pixels"):
+        decode_image(tmp_path / "bomb.png")
+
+
+def test_jpeg_orientation_trailer_and_cmyk(tmp_path):
+    """A phone photo is turned upright by its EXIF orientation; a JPEG with bytes after its end
+    marker (a Motion Photo's video) is whole, where a cut one is still refused; CMYK and gray
+    JPEGs decode as before."""
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    exif = rgb.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    rgb.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "rot.jpg")).convert("RGB"))
+    got = decode_image(tmp_path / "rot.jpg")
+    assert got.shape == (60, 40, 3) == upright.shape
+    assert np.abs(got[:, :, ::-1].astype(int) - upright.astype(int)).mean() < 3
+    rgb.save(tmp_path / "motion.jpg", quality=95)
+    whole = (tmp_path / "motion.jpg").read_bytes()
+    (tmp_path / "motion.jpg").write_bytes(whole + b"\x00\x00\x00\x18ftypmp42" + bytes(rng.integers(0, 255, 4000,
+                                                                                                   dtype=np.uint8)))
+    assert decode_image(tmp_path / "motion.jpg").shape == (40, 60, 3)
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(SampleError, match="truncated"):
+        decode_image(tmp_path / "cut.jpg")
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    rgb.convert("L").save(tmp_path / "gray.jpg", quality=95)
+    assert np.abs(decode_image(tmp_path / "cmyk.jpg")[:, :, ::-1].astype(int) - np.asarray(rgb).astype(int)).mean() < 8
+    assert decode_image(tmp_path / "gray.jpg").shape == (40, 60)
+
+
+def test_hidden_folders_are_not_classes_and_other_files_are_named(tmp_path, caplog):
+    """A notebook's .ipynb_checkpoints beside cat/dog/fox shifted every label by one (4 folders
+    for a 4-class model: no warning); non-image files were skipped without a word."""
+    for cls in ("cat", "dog", "fox", ".ipynb_checkpoints"):
+        (tmp_path / cls).mkdir()
+        cv2.imwrite(str(tmp_path / cls / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "cat" / "notes.txt").write_text("x")
+    (tmp_path / "dog" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    with caplog.at_level("WARNING"):
+        paths, labels, classes = scan_images(tmp_path)
+    assert classes == ["cat", "dog", "fox"] and labels == [0, 1, 2] and len(paths) == 3
+    assert "skipped 2 file(s)" in caplog.text and "notes.txt" in caplog.text
+
+
+@pytest.mark.parametrize("what", ["empty", "device", "fifo"])
+def test_paths_that_are_not_files_are_refused_before_reading(tmp_path, what):
+    """--images '' read the working folder; /dev/zero as a model or .npz read without end, a FIFO
+    without a writer blocked for ever: refused in one line before they are opened."""
+    import os
+
+    from quantkit.onnx.model import load_model
+
+    path = {"empty": "", "device": "/dev/zero", "fifo": str(tmp_path / "f.onnx")}[what]
+    if what == "fifo":
+        os.mkfifo(path)
+    if what == "empty":
+        with pytest.raises(DatasetError, match="empty path"):
+            scan_images(path)
+    with pytest.raises(InputError, match="empty path" if what == "empty" else "not a regular file"):
+        load_model(path)
+    with pytest.raises(DatasetError, match="empty path" if what == "empty" else "not a regular file"):
+        NumpySource(path)
