@@ -685,7 +685,8 @@ def quantize(
     if one:  # the model runs one sample at a time (the runner warned): so do the evaluation and corrections
         config = _one_at_a_time(config)
     ranges = method_ranges(histograms, model.plan.groups, config.params)
-    zero = [t for t in model.plan.activations if t in histograms and histograms[t].amax == 0.0]
+    zero = [t for t in model.plan.activations if t in histograms and histograms[t].amax == 0.0
+            and histograms[t].counts.any()]  # not an empty tensor (no values at all): nothing to check
     if zero:  # nothing to scale: a placeholder scale, and often a sign of wrong data (an inverted mask)
         log.warning("%s: %d quantized tensor(s) were 0 on every calibration sample (%s); their INT8 scale is a "
                     "placeholder: check the data (e.g. a mask's meaning) or add samples that reach them",

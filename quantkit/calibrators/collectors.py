@@ -93,6 +93,7 @@ class HistogramCollector:
         self.sample_stride = sample_stride
         self.pow2_grid = pow2_grid
         self._updates = 0
+        self._empty = False  # an update of no values came (a Slice past the end: [N, 0, H, W])
         self._tail_bin: int | None = None  # sampled updates: first bin counted exactly
         self._counts = np.zeros(num_bins, dtype=np.int64)
         self._range = 0.0  # 0 until a non-zero value is seen
@@ -126,6 +127,7 @@ class HistogramCollector:
             x = x * np.asarray(scale, dtype=np.float32).reshape(shape)
         x = np.ascontiguousarray(x).reshape(-1)
         if x.size == 0:
+            self._empty = True
             return
         if x.dtype != np.float32:
             x = x.astype(np.float32)
@@ -154,6 +156,7 @@ class HistogramCollector:
         those that grow it), two otherwise."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.size == 0:
+            self._empty = True
             return
         k = self.sample_stride
         sampled = k > 1 and x.size >= k * _MIN_SAMPLED
@@ -282,7 +285,11 @@ class HistogramCollector:
         return self
 
     def compute(self) -> Histogram:
-        """Return the collected statistics. Raises NotCalibratedError before any update."""
+        """Return the collected statistics: those of a tensor of zeros when every update was
+        empty (a tensor of no values: torch's ``t[:, 32:]`` of 32 channels). Raises
+        NotCalibratedError before any update."""
+        if not np.isfinite(self._max) and self._empty and not self._zeros:
+            return Histogram(np.zeros(self.num_bins, np.int64), 0.0, 0.0, 0.0)
         if not np.isfinite(self._max):
             raise NotCalibratedError(f"tensor {self.name!r}: no data was collected")
         counts = self._counts.copy()

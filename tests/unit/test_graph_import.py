@@ -699,3 +699,55 @@ def test_nodes_out_of_topological_order_are_sorted_in_memory(tmp_path):
     rc = main(["calibrate", str(path), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "out"), "--no-progress"])
     assert rc == 0 and hashlib.sha256(path.read_bytes()).hexdigest() == before
 
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_an_empty_tensor_read_by_a_quantized_op_is_calibrated(tmp_path, target, capsys):
+    """torch exports ``t[:, 32:]`` of a 32-channel tensor as a Slice past the end: a tensor of no
+    values, read by a Concat (invisible-watermark's RivaGAN encoder). `--target onnxruntime` put a
+    Q/DQ on it and stopped with "tensor '93': no data was collected" (exit 1)."""
+    r = np.random.default_rng(0)
+    w = numpy_helper.from_array(r.normal(size=(8, 8)).astype(np.float32), "W")
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("st", [8]), ("en", [2**62]), ("ax", [1]))]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="mm0"),
+             helper.make_node("Slice", ["a", "st", "en", "ax"], ["empty"], name="tail"),
+             helper.make_node("Concat", ["a", "empty"], ["cat"], axis=1, name="cat"),
+             helper.make_node("Relu", ["cat"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W"], ["y"], name="mm1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [w, *consts])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=r.normal(size=(24, 8)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                 "--target", target, "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "WARNING" not in err  # an empty tensor is not "0 on every sample": nothing to check in the data
+    sqnr = float(next(line for line in out.splitlines() if line.strip().startswith("y ")).split()[-2])
+    assert sqnr > 30
+
+
+def test_debug_rank_of_a_model_whose_nodes_have_no_names(tmp_path, capsys):
+    """Old exporters leave every node unnamed (CenterFace, PyTorch 1.2): calibrate names them and
+    records its equalizations by those names; `debug --rank` equalized the user's unnamed FP32
+    model by them and stopped with KeyError: 'Conv_3' (exit 1)."""
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((r.normal(size=s) * k).astype(np.float32), n)
+             for n, s, k in (("W1", (16, 32), 0.25), ("Wb", (32, 4), 0.025), ("Wc", (32, 2), 1.0), ("Wc2", (32, 32), 0.25))]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["f"]), helper.make_node("Relu", ["f"], ["fr"]),
+             helper.make_node("MatMul", ["fr", "Wb"], ["box"]), helper.make_node("MatMul", ["fr", "Wc2"], ["c1"]),
+             helper.make_node("Relu", ["c1"], ["c1r"]), helper.make_node("MatMul", ["c1r", "Wc"], ["logit"]),
+             helper.make_node("Softmax", ["logit"], ["prob"], axis=1)]
+    graph = helper.make_graph(nodes, "twohead", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("box", TensorProto.FLOAT, ["N", 4]),
+                               helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 2])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=r.normal(size=(64, 16)).astype(np.float32))
+    args = ["--npz", str(tmp_path / "d.npz"), "--no-progress"]
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o"), "--eval-images", "0", *args]) == 0
+    from quantkit.onnx.equalize import equalizations_of
+
+    assert equalizations_of(onnx.load(tmp_path / "o" / "m.int8.onnx"))  # recorded by the names calibrate gave
+    capsys.readouterr()
+    assert main(["debug", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "-o", str(tmp_path / "dbg"),
+                 "--rank", *args]) == 0, capsys.readouterr().err
+    assert "MatMul_0" in capsys.readouterr().out
