@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -37,7 +38,7 @@ from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_qu
                                  with_node_names)
 from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, float_by_rule, insert_qdq,
                               log_spectrum_nodes, plan_qdq)
-from quantkit.onnx.sampleaxis import original_names, remove_sample_axis
+from quantkit.onnx.sampleaxis import original_names, remove_sample_axis, sample_axis_nodes
 
 if TYPE_CHECKING:
     from quantkit.onnx.equalize import Equalization
@@ -241,6 +242,9 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
         # float16 models stay float16, with float16 scales: Q/DQ of float16 needs opset 19
         model = ensure_opset(model, MIN_QDQ_OPSET_FLOAT16)
         plan = plan_qdq(model, target, quantize_attention_probs=quantize_attention_probs)
+    wrapper = sample_axis_nodes(model)
+    if wrapper:  # the sample axis's Squeeze/Unsqueeze (quantkit.onnx.sampleaxis): not the user's graph, no Q/DQ
+        plan, _ = exclude_from_plan(model, plan, names=[re.escape(n) for n in wrapper])
     inside = subgraph_node_count(model.graph)
     plan, excluded = exclude_from_plan(model, plan, names=exclude, op_types=exclude_op_types)
     front = [n for n, op in log_spectrum_nodes(model).items() if op in WEIGHTED_OPS] if not plan.activations else []

