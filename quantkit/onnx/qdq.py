@@ -52,6 +52,15 @@ _PARAMETER_INPUTS = {"Resize": (1, 2, 3), "Upsample": (1,), "Clip": (1, 2), "Pad
 #: for them, and a variance rounded to 0 divides by sqrt(eps): a ViT-S scored 3.5 dB with them quantized
 ORT_FLOAT_OPS = ("LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Div", "Sub", "Softmax", "Erf", "Exp", "Log",
                  "Reciprocal")
+#: recurrent ops: ONNX Runtime has no integer kernel for a static Q/DQ LSTM/GRU/RNN, so Q/DQ on
+#: their inputs (X, the initial states) only adds error (the onnxruntime target leaves them float;
+#: g2p-id's Keras LSTM decoder: its state output inf -> 27 dB with them quantized)
+_RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+#: reductions that compute a normalization's moments (``_normalization_statistics``)
+_MOMENT_OPS = ("ReduceMean", "GlobalAveragePool", "ReduceSum", "ReduceSumSquare", "ReduceL2")
+#: element-wise and layout ops through which a moment stays a statistic (with constants)
+_STATISTIC_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Max", "Clip", "Cast", "Identity",
+                  "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten", "Expand")
 #: attention's probabilities x V MatMul left in float (``plan_qdq`` says why)
 FLOAT_ATTENTION_PROBS = True
 #: the weighted ops of a log-spectrum front end left in float (``log_spectrum_nodes``)
@@ -228,7 +237,8 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
     if target == "onnxruntime" and acts:
 
         floats = set(float_activations(model))
-        float_made = {o for n in graph.node if n.op_type in ORT_FLOAT_OPS for o in n.output}
+        statistics, moments = _normalization_statistics(graph.node, consts)
+        float_made = {o for n in graph.node if n.op_type in ORT_FLOAT_OPS for o in n.output} | statistics
         acts = defaultdict(list)
         for node in graph.node:
             if node.op_type in _SHAPE_OPS:
@@ -236,8 +246,9 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
             if not node.name:
                 raise ModelError("every node needs a name for Q/DQ placement", hint="re-export the model")
             params = _PARAMETER_INPUTS.get(node.op_type, ())
-            if node.op_type in ORT_FLOAT_OPS or node.name in log_front or node.name in shaped:
-                continue  # normalization statistics, Softmax, GELU's Erf, a log-spectrum: float in, float out
+            if node.op_type in ORT_FLOAT_OPS or node.name in log_front or node.name in shaped or \
+                    node.name in moments or node.op_type in _RECURRENT_OPS:
+                continue  # normalization statistics, Softmax, GELU's Erf, a log-spectrum, an RNN: float in
             if not any(o in floats for o in node.output):
                 continue  # a Cast to int (float token ids into a Gather), a comparison: values, not signal
             for i, t in enumerate(node.input):
@@ -248,6 +259,47 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
     groups = _scale_groups(graph.node, list(acts), consts) if target == "tensorrt" else ()
     return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()},
                    groups=groups, weight_sources=sources)
+
+
+def _normalization_statistics(nodes: Sequence[onnx.NodeProto], consts: Mapping[str, object],
+                              ) -> tuple[set[str], set[str]]:
+    """A normalization written out in ops (tf2onnx's Keras LayerNormalization: moments by
+    GlobalAveragePool, Sqrt, Reciprocal and a Mul/Sub/Add rewrite; PyTorch's ReduceMean/Pow/Sqrt/Div):
+    its nodes (the reductions that compute the moments, the ops that apply them to the data) and
+    the tensors they make (the mean, the variance, the scale and shift, the normalized output),
+    as the onnxruntime target treats a LayerNormalization op. (tensors, node names)
+
+    A statistic is a reduction's output (``_MOMENT_OPS``), or an element-wise op's whose inputs are
+    statistics and constants only; those that reach a Sqrt, a Reciprocal or a Div's divisor are a
+    normalization's, and so are the reductions that made them. A classifier's pooling (a
+    GlobalAveragePool into a Gemm) reaches none and is not one. Quantized, the moments lose what
+    the normalization divides by: g2p-id's tf2onnx BERT scored 12.5 dB with them in INT8, 33.2 dB
+    without (the onnxruntime target keeps them float)."""
+    stat: dict[str, onnx.NodeProto] = {}  # statistic tensor -> its producer
+    for n in nodes:
+        data = [t for t in n.input if t and t not in consts]
+        if n.op_type in _MOMENT_OPS or (n.op_type in _STATISTIC_OPS and data and all(t in stat for t in data)):
+            for o in n.output:
+                stat[o] = n
+    divisors = {n.input[0] for n in nodes if n.op_type in ("Sqrt", "Reciprocal") and n.input} | \
+        {n.input[1] for n in nodes if n.op_type == "Div" and len(n.input) > 1}
+    users = defaultdict(list)
+    for n in nodes:
+        for t in n.input:
+            users[t].append(n)
+    tensors: set[str] = set()
+    todo = [t for t in divisors if t in stat]
+    while todo:  # the statistics connected to a divisor: back to the moments, on to the scale and shift
+        t = todo.pop()
+        if t in tensors:
+            continue
+        tensors.add(t)
+        todo += [i for i in stat[t].input if i in stat]
+        todo += [o for n in users[t] for o in n.output if o in stat]
+    moments = {stat[t].name for t in tensors if stat[t].op_type in _MOMENT_OPS}
+    applied = {n.name for t in tensors for n in users[t]}  # x - mean, x * scale + shift: the normalization
+    made = {o for n in nodes if n.name in applied for o in n.output}
+    return tensors | made, moments | applied
 
 
 def _reads_softmax(t: str, producer: Mapping[str, onnx.NodeProto]) -> bool:
@@ -287,6 +339,14 @@ def float_by_rule(model: onnx.ModelProto, target: str = "tensorrt", *,
     for n in model.graph.node:
         if n.op_type in WEIGHTED_OPS and n.name not in out and _reads_shape_made(n, shape_made):
             out[n.name] = "an operand computed from shapes"
+    if target == "onnxruntime":
+        float_made = {o for n in model.graph.node if n.op_type in ORT_FLOAT_OPS for o in n.output} | \
+            _normalization_statistics(model.graph.node, consts)[0]
+        for n in model.graph.node:
+            data = [t for t in n.input[:2] if t and t not in consts]
+            if n.op_type in WEIGHTED_OPS and n.name not in out and data and all(t in float_made for t in data):
+                out[n.name] = "reads a normalization's, Softmax's or reduction's output, which the onnxruntime target " \
+                              "keeps in float"
     return out
 
 

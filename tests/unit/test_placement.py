@@ -367,7 +367,8 @@ def test_attention_block_placement(encoder_layer):
         assert quantized == ([False, False] if n in probs_v else [True, True]), n.name
     # and `quantkit inspect` names it (float_by_rule), for the tensorrt target only
     assert float_by_rule(m) == {probs_v[0].name: "attention probabilities"}
-    assert float_by_rule(m, "onnxruntime") == {}
+    # onnxruntime: no attention rule; a MatMul whose input a normalization made stays float there
+    assert all(v.startswith("reads a normalization") for v in float_by_rule(m, "onnxruntime").values())
     # quantize_attention_probs (calibrate --quantize-attention-probs): both its inputs per tensor too,
     # the rest of the plan unchanged
     both = plan_qdq(m, quantize_attention_probs=True)
@@ -501,3 +502,65 @@ def test_quantize_attention_probs_through_the_cli(encoder_layer, tmp_path, capsy
     default = plan_qdq(m)
     probs_inputs = set(probs_v.activations) - set(default.activations)  # read only by the probabilities x V MatMul
     assert probs_inputs and probs_inputs <= set(scales.plan.activations)
+
+
+def _keras_layer_norm_model(pool: str) -> onnx.ModelProto:
+    """tf2onnx's Keras LayerNormalization ([N, T, C] -> moments by ``pool``, Sqrt, Reciprocal, the
+    Mul/Sub/Add rewrite), a MatMul after it, and a classifier's GlobalAveragePool -> MatMul beside."""
+    r = np.random.default_rng(0)
+    c = 16
+    moment = (lambda i, o: helper.make_node("GlobalAveragePool", [i], [o], name=f"gap_{o}")) if pool == "gap" else \
+        (lambda i, o: helper.make_node("ReduceMean", [i], [o], name=f"rm_{o}", axes=[-1], keepdims=1))
+    nodes = [moment("x", "mean"), helper.make_node("Sub", ["x", "mean"], ["d"], name="sub"),
+             helper.make_node("Mul", ["d", "d"], ["d2"], name="sq"), moment("d2", "var"),
+             helper.make_node("Add", ["var", "eps"], ["ve"], name="addeps"),
+             helper.make_node("Sqrt", ["ve"], ["sd"], name="sqrt"), helper.make_node("Reciprocal", ["sd"], ["rs"], name="rec"),
+             helper.make_node("Mul", ["rs", "gamma"], ["sc"], name="scale"),
+             helper.make_node("Mul", ["mean", "sc"], ["ms"], name="meanscale"),
+             helper.make_node("Sub", ["beta", "ms"], ["sh"], name="shift"),
+             helper.make_node("Mul", ["x", "sc"], ["xs"], name="apply"), helper.make_node("Add", ["xs", "sh"], ["ln"], name="ln"),
+             helper.make_node("MatMul", ["ln", "W"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+             helper.make_node("MatMul", ["hr", "W"], ["y"], name="mm2")]
+    inits = {"eps": np.array(1e-3, np.float32), "gamma": r.uniform(0.5, 1.5, c).astype(np.float32),
+             "beta": r.normal(0, 0.1, c).astype(np.float32), "W": _w(r, c, c)}
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, c])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, c])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("pool", ["gap", "reducemean"])
+def test_onnxruntime_target_keeps_a_written_out_layer_norm_float(pool):
+    """tf2onnx writes Keras's LayerNormalization as ops, its moments by GlobalAveragePool: the
+    onnxruntime target quantized the mean, the squared differences and the scale and shift (g2p-id's
+    BERT 33.2 -> 12.5 dB). Now its nodes are float as a LayerNormalization op's are; the MatMuls
+    after it are still planned where their input is not the normalization's."""
+    m = _keras_layer_norm_model(pool)
+    plan = plan_qdq(m, "onnxruntime")
+    stats = {"mean", "d", "d2", "var", "ve", "sd", "rs", "sc", "ms", "sh", "xs", "ln"}
+    assert not stats & set(plan.activations), sorted(stats & set(plan.activations))
+    consumers = {c for cs in plan.activations.values() for c in cs}
+    assert not consumers & {"sub", "sq", "apply", "ln", "meanscale", f"{'gap' if pool == 'gap' else 'rm'}_var"}
+    assert "hr" in plan.activations  # the rest of the network still is
+    assert float_by_rule(m, "onnxruntime").get("mm", "").startswith("reads a normalization")
+
+
+def test_onnxruntime_target_leaves_recurrent_inputs_float_and_pooling_quantized():
+    """No integer LSTM/GRU/RNN kernel in ONNX Runtime: Q/DQ on X and the states only added error;
+    a classifier's GlobalAveragePool (no normalization) keeps its Q/DQ."""
+    r = np.random.default_rng(1)
+    h = 8
+    nodes = [helper.make_node("LSTM", ["x", "Wl", "Rl", "", "", "h0"], ["Y", "Yh"], name="lstm", hidden_size=h),
+             helper.make_node("Squeeze", ["Yh", "zero"], ["hs"], name="sq"),
+             helper.make_node("MatMul", ["hs", "Wo"], ["y"], name="head")]
+    inits = {"Wl": _w(r, 1, 4 * h, 4), "Rl": _w(r, 1, 4 * h, h), "zero": np.array([0], np.int64), "Wo": _w(r, h, 3)}
+    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", 4]),
+                                              helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "N", h])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    plan = plan_qdq(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), "onnxruntime")
+    assert "x" not in plan.activations and "h0" not in plan.activations and "hs" in plan.activations
+    gap = _model([_conv("c", "img", "f", "w"), helper.make_node("GlobalAveragePool", ["f"], ["p"], name="gap"),
+                  helper.make_node("Flatten", ["p"], ["fl"], name="flat"), helper.make_node("Relu", ["fl"], ["out"], name="r")],
+                 {"w": _w(r, 4, 3, 3, 3)}, {"img": ["N", 3, 8, 8]}, ["out"])
+    assert "f" in plan_qdq(gap, "onnxruntime").activations
