@@ -15,6 +15,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -180,6 +181,15 @@ def model_name(doc: dict[str, Any]) -> str:
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
+def _positive(v: Any) -> float:
+    """``v`` as a float when it is a finite positive number (a point on a log axis), else NaN."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return f if math.isfinite(f) and f > 0 else math.nan
+
+
 def plot_amax_by_method(ranges: dict[str, Any], *, max_tensors: int = 40, title: str | None = None) -> Any:
     plt = _plt()
     tensors = [n for n, t in ranges["tensors"].items() if t.get("quantized", True)][:max_tensors]
@@ -188,13 +198,17 @@ def plot_amax_by_method(ranges: dict[str, Any], *, max_tensors: int = 40, title:
 
     methods = [m for m in method_names() if all(ranges["tensors"][t].get(m) is not None for t in tensors)]
     width = 0.7 / max(1, len(methods))
+    drawn = False
     for i, m in enumerate(methods):
         xs = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(tensors))]
-        ax.plot(xs, [ranges["tensors"][t][m] for t in tensors], linestyle="none", marker=_MARKERS[i % len(_MARKERS)],
+        ys = [_positive(ranges["tensors"][t][m]) for t in tensors]  # a 0, NaN or damaged amax: no point
+        drawn = drawn or any(math.isfinite(y) for y in ys)
+        ax.plot(xs, ys, linestyle="none", marker=_MARKERS[i % len(_MARKERS)],
                 markersize=5, markerfacecolor="none", markeredgewidth=1.2, label=m)
     ax.set_xticks(range(len(tensors)))
     ax.set_xticklabels([t[-28:] for t in tensors], rotation=90, fontsize=6)
-    ax.set_yscale("log")
+    if drawn:
+        ax.set_yscale("log")
     ax.set_ylabel("amax")
     ax.set_title(title or f"per-tensor amax by method: {model_name(ranges)}")
     ax.legend(fontsize=8)

@@ -98,7 +98,15 @@ def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
             hists = {}
             for i, name in enumerate(header["tensors"]):
                 width, lo, hi = z[f"scalars_{i}"].tolist()
-                hists[name] = Histogram(z[f"counts_{i}"].astype(np.int64), width, lo, hi)
+                counts = z[f"counts_{i}"].astype(np.int64)
+                if not (np.isfinite([width, lo, hi]).all() and width >= 0 and lo <= hi and (counts >= 0).all()):
+                    raise StatsError(f"{str(path)!r}: tensor {name!r} has a damaged histogram (bin width {width}, "
+                                     f"range {lo}..{hi})", hint=hint)
+                hists[name] = Histogram(counts, width, lo, hi)
+            stats = CalibrationStats(hists, int(header["num_samples"]), header["model"], header["settings"],
+                                     header.get("preprocess"), list(header.get("data") or []))
+            if stats.num_samples < 0:
+                raise StatsError(f"{str(path)!r}: {stats.num_samples} samples", hint=hint)
     except StatsError:
         raise
     except FileNotFoundError:
@@ -106,8 +114,7 @@ def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
     except Exception as err:  # zip, JSON or key errors: not our file, or a damaged one
         raise StatsError(f"cannot read statistics file {str(path)!r}: {type(err).__name__}: {err}",
                          hint=hint) from err
-    return CalibrationStats(hists, int(header["num_samples"]), header["model"], header["settings"],
-                            header.get("preprocess"), list(header.get("data") or []))
+    return stats
 
 
 def merge_stats(stats: Sequence[CalibrationStats], names: Sequence[str] | None = None) -> CalibrationStats:

@@ -73,11 +73,12 @@ class Build:
             if not (args.calibration_cache and Path(args.calibration_cache).exists()):
                 raise InputError("--calibrator needs calibration data", hint="add --images DIR (or --npz FILE)")
 
+        shapes = parse_shapes(args.shapes)  # a bad flag is said before a missing TensorRT
         trt = load_tensorrt()
         major = int(str(trt.__version__).split(".")[0])
         build_mode(major, precision=precision, explicit=explicit, calibrating=calibrating)  # refuse early
         version = trt_version_number(str(trt.__version__))
-        options = BuildOptions(precision=precision, shapes=parse_shapes(args.shapes), batch=args.max_batch,
+        options = BuildOptions(precision=precision, shapes=shapes, batch=args.max_batch,
                                workspace_mb=args.workspace,
                                timing_cache=Path(args.timing_cache) if args.timing_cache else None,
                                layer_info=Path(args.layer_info) if args.layer_info else None,

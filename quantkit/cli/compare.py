@@ -25,7 +25,7 @@ class Compare:
         parser.add_argument("test", metavar="INT8.onnx", help="the model to check")
         parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
         parser.add_argument("--force", action="store_true", help="overwrite an existing --json FILE")
-        parser.add_argument("--min-cosine", type=float, default=None,
+        parser.add_argument("--min-cosine", type=_cosine, default=None,
                             help="exit 1 when any output's mean cosine similarity is below this")
         parser.add_argument("--ort-kernels", action="store_true",
                             help="run a Q/DQ model on ONNX Runtime's integer kernels, as ONNX Runtime deploys it (a "
@@ -83,3 +83,12 @@ class Compare:
         return 0
 
 
+def _cosine(text: str) -> float:
+    """A cosine similarity threshold: a number in [-1, 1] (2 was taken, and every run failed)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not -1.0 <= v <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"a cosine similarity is between -1 and 1, got {text}")
+    return v

@@ -293,8 +293,15 @@ class NumpySource:
             self.arrays, self.labels = {"": loaded}, None
         else:
             arrays = {}
+            inputs = set(self.shapes or self.dtypes or ())  # the model's inputs, when known
+            unread = [k for k in loaded.files if inputs and k not in inputs and k != "labels"]
+            if unread:  # never read (a 1 GB array of something else cost its size; one of another length stopped it)
+                log.warning("%s: array(s) %s are not inputs of the model; left out, not read", p,
+                            ", ".join(repr(k) for k in unread[:5]) + (", ..." if len(unread) > 5 else ""))
             with loaded:
                 for k in loaded.files:
+                    if k in unread:
+                        continue
                     try:
                         arrays[k] = loaded[k]
                     except ValueError as err:  # an object array: np.load refuses to unpickle it
@@ -303,6 +310,9 @@ class NumpySource:
                                            hint="save numeric arrays (np.savez with float/int arrays)") from err
                     except _NUMPY_READ_ERRORS as err:
                         raise DatasetError(f"{str(p)!r}: array {k!r} is not readable: {err}") from err
+                    if not isinstance(arrays[k], np.ndarray):  # a member that is not in NumPy's format: its bytes
+                        raise DatasetError(f"{str(p)!r}: member {k!r} is not a NumPy array",
+                                           hint="write the file with np.savez")
             self.labels = arrays.pop("labels", None)
             self.arrays = arrays
         if not self.arrays:
@@ -322,8 +332,8 @@ class NumpySource:
                                hint="declare an input's batch axis with --batch-axis NAME=AXIS (NAME=none: "
                                "no batch axis, fed as is)")
         self.count_ = next(iter(sizes.values()))
-        if self.labels is not None and len(self.labels) != self.count_:
-            raise DatasetError(f"{str(p)!r}: 'labels' has {len(self.labels)} entries for {self.count_} samples")
+        if self.labels is not None:
+            self.labels = _class_labels(self.labels, self.count_, str(p))
         if self.dtypes:
             noted: set[str] = set()
             for key, arr in self.arrays.items():
@@ -354,6 +364,27 @@ class NumpySource:
         out = {k: a if (ax := self.batch_axes_[k]) is None else np.take(a, index, axis=ax)
                for k, a in self.arrays.items()}
         return out[""] if "" in out else out
+
+
+def _class_labels(labels: np.ndarray, count: int, where: str) -> np.ndarray:
+    """An .npz's ``labels`` as int64 class indices [count], or one line saying what is wrong with
+    them (they were read as they came: a [N, 2] array, strings or NaN stopped a run with exit 1,
+    fractions were cut to integers without a word)."""
+    hint = "save 'labels' as one integer class index per sample (np.savez(..., labels=np.array([...], np.int64)))"
+    if labels.ndim != 1 or len(labels) != count:
+        raise DatasetError(f"{where!r}: 'labels' has shape {labels.shape}, expected ({count},): one class index per "
+                           "sample", hint=hint)
+    if labels.dtype == bool or np.issubdtype(labels.dtype, np.integer):
+        values = labels.astype(np.int64)
+    elif np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and \
+            (labels == np.round(labels)).all():
+        values = labels.astype(np.int64)
+    else:
+        raise DatasetError(f"{where!r}: 'labels' are {labels.dtype} values that are not whole class indices "
+                           f"(first: {labels.reshape(-1)[0]!r})", hint=hint)
+    if (values < 0).any():
+        raise DatasetError(f"{where!r}: 'labels' has a negative class index ({int(values.min())})", hint=hint)
+    return values
 
 
 def _axes_text(axes: dict[str, int | None]) -> str:

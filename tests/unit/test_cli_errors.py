@@ -521,3 +521,26 @@ def test_memory_and_file_system_errors_are_one_line_exit_2(monkeypatch, capsys, 
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 2 and "report it" not in err, err
     assert ("out of memory" in err) if isinstance(error, MemoryError) else (error.filename in err)
+
+
+def test_impossible_flag_values_are_refused_before_the_work(tmp_path, capsys):
+    """--min-cosine 2 failed every comparison (exit 1); a bad --shapes was hidden behind a missing
+    TensorRT (exit 1)."""
+    model = str(sample.model_path())
+    for bad in ("2", "nan", "-1.5"):
+        with pytest.raises(SystemExit) as e:
+            main(["compare", model, model, "--npz", "x.npz", "--min-cosine", bad])
+        assert e.value.code == 2 and "between -1 and 1" in capsys.readouterr().err
+    assert main(["build", model, "-o", str(tmp_path / "m.plan"), "--shapes", "input=abc"]) == 2
+    assert "every dimension must be a number" in capsys.readouterr().err
+
+
+def test_report_draws_ranges_with_a_damaged_amax(tmp_path, capsys):
+    """A ranges.json whose amax values are NaN stopped `report` in matplotlib's log scale (exit 1)."""
+    import json
+
+    doc = {"method": "entropy", "model": {"path": "m.onnx"}, "tensors": {"a": {"entropy": float("nan"), "minmax": 0.0},
+                                                                         "b": {"entropy": 1.5, "minmax": 2.0}}}
+    (tmp_path / "ranges.json").write_text(json.dumps(doc))
+    assert main(["report", str(tmp_path / "ranges.json"), "-o", str(tmp_path / "rep")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "rep" / "index.html").exists()

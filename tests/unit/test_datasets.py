@@ -223,3 +223,37 @@ def test_paths_that_are_not_files_are_refused_before_reading(tmp_path, what):
         load_model(path)
     with pytest.raises(DatasetError, match="empty path" if what == "empty" else "not a regular file"):
         NumpySource(path)
+
+
+@pytest.mark.parametrize("labels, msg", [(np.zeros((8, 2), np.int64), "shape (8, 2)"), (np.array(list("abcdefgh")), "<U1"),
+                                         (np.full(8, np.nan), "not whole class indices"),
+                                         (np.int64(3), "shape ()"), (np.linspace(0, 1, 8), "not whole"),
+                                         (-np.ones(8, np.int64), "negative")])
+def test_npz_labels_that_are_not_class_indices_are_one_line(tmp_path, labels, msg):
+    """They stopped runs with IndexError, UFuncTypeError, ValueError, TypeError (exit 1), and
+    fractions were cut to integers without a word."""
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 3), np.float32), labels=labels)
+    with pytest.raises(DatasetError) as err:
+        NumpySource(tmp_path / "d.npz")
+    assert msg in str(err.value)
+    np.savez(tmp_path / "ok.npz", x=np.zeros((8, 3), np.float32), labels=np.arange(8.0))
+    assert NumpySource(tmp_path / "ok.npz").labels.dtype == np.int64
+
+
+def test_npz_arrays_the_model_does_not_read_are_never_loaded(tmp_path, caplog, monkeypatch):
+    """A 1 GB array of something else cost its size in memory; one of another length stopped the
+    run. Arrays that are no input of the model are left out unread, with one warning; a member
+    that is not in NumPy's format is one line (it was AttributeError, exit 1)."""
+    import zipfile
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 3), np.float32), notes=np.zeros(5), other=np.zeros((2, 2)))
+    read = []
+    original = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda self, k: read.append(k) or original(self, k))
+    with caplog.at_level("WARNING"):
+        src = NumpySource(tmp_path / "d.npz", shapes={"x": ("N", 3)})
+    assert len(src) == 8 and read == ["x"] and "'notes', 'other' are not inputs" in caplog.text
+    with zipfile.ZipFile(tmp_path / "raw.npz", "w") as z:
+        z.writestr("x.npy", b"\x80\x04not numpy")
+    with pytest.raises(DatasetError, match="not a NumPy array"):
+        NumpySource(tmp_path / "raw.npz")

@@ -94,3 +94,32 @@ def test_pow2_grid_starts_on_a_power_of_two():
     h = c.compute()
     assert h.bin_width * 256 == 4.0 and h.amax == 2.5
     assert np.flatnonzero(h.counts).tolist() == [0, 44, 160] and h.counts.sum() == 3  # 0, 0.7 * 64, 2.5 * 64
+
+
+@pytest.mark.parametrize("damage", ["nan width", "no settings", "negative counts"])
+def test_damaged_statistics_files_are_refused(tmp_path, damage):
+    """A NaN or negative histogram made NaN/inf cache scales with exit 0; a header without its
+    settings was KeyError (exit 1)."""
+    import dataclasses
+    import json
+
+    from quantkit.calibrators.collectors import Histogram
+    from quantkit.calibrators.stats import CalibrationStats, StatsError, load_stats, save_stats
+
+    hist = Histogram(np.arange(8, dtype=np.int64), 0.5, -1.0, 4.0)
+    stats = CalibrationStats({"t": hist}, 8, {"path": "m.onnx", "sha256": "0"}, {"num_bins": 8}, None, [])
+    if damage == "nan width":
+        stats = dataclasses.replace(stats, histograms={"t": Histogram(hist.counts, float("nan"), -1.0, 4.0)})
+    elif damage == "negative counts":
+        stats = dataclasses.replace(stats, histograms={"t": Histogram(-hist.counts, 0.5, -1.0, 4.0)})
+    save_stats(tmp_path / "s.qkstats", stats)
+    if damage == "no settings":
+        with np.load(tmp_path / "s.qkstats") as z:
+            arrays = dict(z)
+        header = json.loads(bytes(arrays["header"]).decode())
+        del header["settings"]
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+        np.savez(tmp_path / "s.npz", **arrays)
+        (tmp_path / "s.npz").rename(tmp_path / "s.qkstats")
+    with pytest.raises(StatsError):
+        load_stats(tmp_path / "s.qkstats")
