@@ -103,6 +103,10 @@ class Calibrate:
         b.add_argument("--rank-estimator", choices=["exact", "gradient"], default="exact",
                        help="with --max-drop: the sensitivity ranking's estimator: exact (default) or gradient "
                             "(first-order, one forward + backward pass in torch; every step is still validated)")
+        b.add_argument("--error-output", metavar="NAME",
+                       help="with --max-drop: the output whose error the budget and the ranking read (default: the "
+                            "first float output not ordered by value; a detector whose first output is its boxes: "
+                            "name its class scores)")
         b.add_argument("--exclude-from", metavar="FILE",
                        help="keep the --top K most sensitive quantization groups of a saved ranking in float: "
                             "sensitivity.json of --max-drop, or debug.json of `quantkit debug --rank`")
@@ -180,7 +184,8 @@ class Calibrate:
                                  hint="raise --max-drop" + (" or --max-float-groups" if args.max_float_groups is not None
                                                              else "") + ", or check the evaluation data")
             cal.apply_fallback(result)  # the model written and compared below, and the cache
-            lines.append(result.message)
+            lines.append(f"{result.message} ({result.drop_metric} of output {result.output!r}"
+                         + ("" if args.error_output else "; --error-output NAME reads another") + ")")
         if args.eval_images > 0:
             known = [] if args.eval_dir else [f for f, _ in cal.skipped]  # warned about once already
             with progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
@@ -271,7 +276,8 @@ def _budget(args: argparse.Namespace, model: object, source: object, indices: li
 
     if args.max_drop is None:
         extra = [f for f, v in (("--drop-metric", args.drop_metric), ("--max-float-groups", args.max_float_groups),
-                                ("--rank-estimator", None if args.rank_estimator == "exact" else args.rank_estimator))
+                                ("--rank-estimator", None if args.rank_estimator == "exact" else args.rank_estimator),
+                                ("--error-output", args.error_output))
                  if v is not None]
         if extra:
             raise InputError(f"{extra[0]} needs --max-drop D", hint="e.g. --max-drop 0.5")
@@ -281,10 +287,14 @@ def _budget(args: argparse.Namespace, model: object, source: object, indices: li
     if not indices:
         raise InputError("--max-drop needs evaluation data, and --eval-images is 0",
                          hint="give --eval-dir DIR or --eval-images N > 0")
-    rank, values = _output_shape(model)  # type: ignore[arg-type]
+    from quantkit.onnx.model import error_output
+
+    output = error_output(model, args.error_output)  # type: ignore[arg-type]
+    rank, values = _output_shape(model, output)  # type: ignore[arg-type]
     metric = resolve_drop_metric(args.drop_metric, source, indices, output_rank=rank, output_values=values)
     return FallbackConfig(max_drop=args.max_drop, drop_metric=metric, subset=args.subset,
-                          max_float_groups=args.max_float_groups, estimator=args.rank_estimator)
+                          max_float_groups=args.max_float_groups, estimator=args.rank_estimator,
+                          output=args.error_output)
 
 
 def _print_step(step: dict) -> None:

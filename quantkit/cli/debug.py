@@ -39,6 +39,10 @@ class Debug:
         parser.add_argument("--estimator", choices=["exact", "gradient"], default="exact",
                             help="with --rank: exact (suffix runs, default) or gradient (first-order estimates from one "
                                  "forward + backward pass in torch; falls back to exact when torch cannot run the model)")
+        parser.add_argument("--error-output", metavar="NAME",
+                            help="with --rank: the output whose error the ranking reads (default: the first float "
+                                 "output not ordered by value; a detector whose first output is its boxes: name its "
+                                 "class scores)")
         add_data_args(parser, num_images_help="use the first N samples of the --order (default: all)")
         add_preprocess_args(parser)
 
@@ -48,14 +52,19 @@ class Debug:
         from quantkit.onnx.model import input_specs, load_model
         from quantkit.ptq import RunConfig, evaluation_batches
 
-        if args.estimator != "exact" and not args.rank:
+        if (args.estimator != "exact" or args.error_output) and not args.rank:
             from quantkit.errors import InputError
 
-            raise InputError("--estimator needs --rank", hint="add --rank")
+            flag = "--estimator" if args.estimator != "exact" else "--error-output"
+            raise InputError(f"{flag} needs --rank", hint="add --rank")
         inputs = [p for p in (args.reference, args.test, args.images, args.npz) if p]
         fp32 = with_sample_axis(args, load_model(args.reference), name=Path(args.reference).name)
         int8 = with_sample_axis(args, load_model(args.test), name=Path(args.test).name, quiet=True)
         check_output_dir(args.output, force=args.force, inputs=inputs)  # before the work
+        if args.error_output:
+            from quantkit.onnx.model import error_output
+
+            error_output(fp32, args.error_output)  # a name that is not a float output: said before the work
         specs = input_specs(fp32)
         source = source_for_model(args, specs)
         drawn = select(source, args)
@@ -72,7 +81,7 @@ class Debug:
             run = RunConfig(batch_size=1 if report.one_at_a_time else args.batch_size, threads=args.threads,
                             strict=args.strict)
             ranking = rank_sensitivity(QdqScales.from_qdq_model(fp32, int8, run), source, drawn.indices,
-                                       subset=args.subset, estimator=args.estimator)
+                                       subset=args.subset, estimator=args.estimator, output=args.error_output)
             doc["sensitivity"] = ranking.to_dict()
         with output_dir(args.output, force=args.force, inputs=inputs, command="quantkit debug") as staging:
             write_json_atomic(staging / "debug.json", doc)

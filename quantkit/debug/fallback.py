@@ -49,6 +49,7 @@ interrupted run leaves no artifact).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -63,7 +64,6 @@ from quantkit.backends.base import real_rows
 from quantkit.debug.sensitivity import ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, rank_groups, \
     rank_sensitivity
 from quantkit.errors import InputError
-from quantkit.onnx.model import error_output
 
 if TYPE_CHECKING:
     from quantkit.datasets.sources import Source
@@ -101,6 +101,9 @@ class FallbackConfig:
             has taken no more time than the validations so far).
         estimator: the sensitivity ranking's estimator ("exact" or "gradient":
             ``rank_sensitivity``); every step is validated exactly either way.
+        output: the graph output whose error the metric reads (``error_output``; None: the first
+            float output not ordered by value). A detector whose first output is its boxes
+            measures its class scores with ``output="scores"``.
     """
 
     max_drop: float
@@ -110,6 +113,7 @@ class FallbackConfig:
     max_float_groups: int | None = None
     max_reranks: int | None = None
     estimator: str = "exact"
+    output: str | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and self.max_drop >= 0):
@@ -186,12 +190,14 @@ class FallbackResult:
     ranking: SensitivityReport | None = None
     message: str = ""
     float_nodes: list[str] = field(default_factory=list)
+    output: str = ""  # the graph output the metric reads
 
     def to_dict(self) -> dict[str, Any]:
         def num(v: float | None) -> float | None:
             return v if v is None or math.isfinite(v) else None
 
-        return {"met": self.met, "message": self.message, "drop_metric": self.drop_metric, "max_drop": self.max_drop,
+        return {"met": self.met, "message": self.message, "drop_metric": self.drop_metric, "output": self.output,
+                "max_drop": self.max_drop,
                 "num_groups": self.num_groups, "float_groups": list(self.float_groups),
                 "float_nodes": list(self.float_nodes), "method_overrides": dict(self.method_overrides),
                 "fp32_metric": num(self.fp32_metric), "int8_metric_before": num(self.int8_metric_before),
@@ -220,7 +226,7 @@ class _Evaluator:
         self.scales, self.metric, self.task_metric = scales, metric, task_metric
         batcher = evaluation_batches(source, scales.specs, list(indices), scales.run)
         # a task metric scores the first output, as its contract says; the other metrics the error output
-        self.output = scales.model.graph.output[0].name if metric == "task" else error_output(scales.model)
+        self.output = scales.model.graph.output[0].name if metric == "task" else scales.measured_output
         self.ref: list[np.ndarray] = []
         self.ref_indices: list[list[int]] = []
         self.labels: list[np.ndarray | None] = []
@@ -331,8 +337,10 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
     """
     start = time.perf_counter()
     scales = cal if isinstance(cal, QdqScales) else QdqScales.from_calibration(cal)
+    if config.output is not None:
+        scales = dataclasses.replace(scales, output=config.output)
     idx = list(range(len(eval_source))) if eval_indices is None else list(eval_indices)
-    out_rank, out_values = _output_shape(scales.model)
+    out_rank, out_values = _output_shape(scales.model, scales.measured_output)
     if task_metric is not None:
         if config.drop_metric not in (None, "task"):
             raise InputError(f"a task metric was given, and the drop metric {config.drop_metric!r} too; "
@@ -366,7 +374,7 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         nodes = [n for g in floats for n in scales.group(g).nodes]
         return FallbackResult(met, model, list(floats), dict(overrides), len(groups), metric, config.max_drop,
                               ev.fp32_metric, before.metric, current.metric, before.drop, current.drop, steps,
-                              time.perf_counter() - start, ranking, message, nodes)
+                              time.perf_counter() - start, ranking, message, nodes, ev.output)
 
     if before.drop <= config.max_drop:
         return result(True, f"the INT8 model meets the budget: drop {before.drop:.3g} <= {config.max_drop:g}")
@@ -528,10 +536,9 @@ def _ranker_for(scales: QdqScales, eval_source: "Source", idx: Sequence[int], ra
     return _Ranker(scales, src, ranking.subset_indices)
 
 
-def _output_shape(model: onnx.ModelProto) -> tuple[int | None, int | None]:
-    """The error output's rank and values a sample (the product of its static dims after the
-    first; None where the shape does not say)."""
-    name = error_output(model)
+def _output_shape(model: onnx.ModelProto, name: str) -> tuple[int | None, int | None]:
+    """The error output ``name``'s rank and values a sample (the product of its static dims after
+    the first; None where the shape does not say)."""
     t = next(o for o in model.graph.output if o.name == name).type.tensor_type
     if not t.HasField("shape"):
         return None, None

@@ -46,7 +46,6 @@ import numpy as np
 from onnx import numpy_helper
 
 from quantkit._deps import require
-from quantkit.onnx.model import error_output
 
 if TYPE_CHECKING:
     from quantkit.datasets.batching import Batch
@@ -121,7 +120,7 @@ def gradient_estimate(scales: "QdqScales", batches: Sequence["Batch"],
     low = torch.float32 if precision == "float32" else torch.bfloat16
     low_forward = precision != "float32"
     graph = TorchGraph(model, dtype=low if precision == "bfloat16" else None)
-    output = error_output(model)
+    output = scales.measured_output
     group_of = {n: g.name for g in scales.groups for n in g.nodes}
     gates = {g.name: torch.ones((), dtype=torch.float64, requires_grad=True) for g in scales.groups}
     amax = scales.amax_for(plan, {})

@@ -169,6 +169,12 @@ class QdqScales:
     correct: "Callable[[onnx.ModelProto], onnx.ModelProto] | None" = None
     #: the plain model's bias correction (Conv node -> shift), for the ranking's switchable model
     bias_shifts: "Mapping[str, Any] | None" = None
+    #: the graph output whose error is measured (``error_output``; None: its default)
+    output: str | None = None
+
+    @property
+    def measured_output(self) -> str:
+        return error_output(self.model, self.output)
 
     def __post_init__(self) -> None:
         if not self.groups:
@@ -321,7 +327,8 @@ class SensitivityReport:
 
     def table(self, rows: int = 10) -> str:
         how = "" if self.estimator == "exact" else f", {self.estimator} estimate"
-        lines = [f"sensitivity of {len(self.rows)} groups on {len(self.subset_indices)} samples{how} (INT8 error "
+        lines = [f"sensitivity of {len(self.rows)} groups on {len(self.subset_indices)} samples{how}, {self.metric} "
+                 f"(INT8 error "
                  f"{self.int8_error:.4g}; cost {self.cost_fp32_passes:.1f} FP32 passes, {self.seconds:.1f} s)",
                  f"  {'rank':>4} {'group':<32} {'only float':>11} {'only int8':>11} {'best method':>16}"]
         for i, r in enumerate(self.rows[:rows]):
@@ -466,7 +473,7 @@ class _Ranker:
         self.cuts = _Cuts(scales.model, scales.groups if groups is None else groups)
         self.batches = list(evaluation_batches(source, scales.specs, list(subset), scales.run))
         self.types = tensor_types(scales.model)
-        self.output = error_output(scales.model)
+        self.output = scales.measured_output
         t0 = time.perf_counter()
         self.switch = switchable_model(scales.model, scales.plan, scales.groups, scales.bias_shifts)
         self.build_seconds = time.perf_counter() - t0  # the switchable and multi-start models
@@ -677,7 +684,7 @@ def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int
     noise = signal = 0.0
     count = 0
     timed: list[tuple[float, int]] = []  # (FP32 seconds, samples) per batch
-    out = error_output(scales.model)
+    out = scales.measured_output
     batches = evaluation_batches(source, scales.specs, list(indices), scales.run)
     int8 = int8 if int8 is not None else scales.int8_model()
     with OrtRunner(scales.model, threads=scales.run.threads) as ref, OrtRunner(int8, threads=scales.run.threads) as test:
@@ -756,7 +763,7 @@ def best_methods(ranker: _Ranker, rows: list[SensitivityRow], method_groups: int
 def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: Sequence[int] | None = None,
                      subset: int = 32, method: str | None = None, on_step: Callable[[str, int, int], None] | None = None,
                      *, method_groups: int = 3, quantized: bool = True, estimator: str = "exact",
-                     _errors: tuple[dict[int, float], float, float] | None = None,
+                     output: str | None = None, _errors: tuple[dict[int, float], float, float] | None = None,
                      _fp32_outputs: Mapping[int, np.ndarray] | None = None) -> SensitivityReport:
     """Rank every quantization group of ``cal`` on the ``subset`` samples of ``source``
     (``indices``, default all) where INT8 and FP32 differ most.
@@ -777,6 +784,7 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
             others'; estimates, not measurements; the best-method search
             of the ``method_groups`` first groups stays exact, its cost counted). Falls back
             to "exact" (logged) when torch is missing or cannot run an op of the model.
+        output: the graph output whose error is measured (``error_output``; None: its default).
 
     Returns:
         The ranking; its ``cost_fp32_passes`` is measured (see the module docstring).
@@ -785,6 +793,8 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
 
     start = time.perf_counter()
     scales = cal if isinstance(cal, QdqScales) else QdqScales.from_calibration(cal)
+    if output is not None:
+        scales = replace(scales, output=output)
     if method is not None:
         if method not in scales.methods:
             raise InputError(f"method {method!r} has no ranges here; available: {scales.methods}")
@@ -821,7 +831,8 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
     cost = work / fp32_pass if fp32_pass > 0 else math.inf
     counts = {**ranker.counts, "session_s": ranker.session_seconds}
     return SensitivityReport(rows, chosen, ranker.state_error, all_error, scales.method, cost,
-                             time.perf_counter() - start, costs, counts=counts, ranker=ranker)
+                             time.perf_counter() - start, costs, counts=counts, ranker=ranker,
+                             metric=_metric_text(scales))
 
 
 def ranking_memory_budget() -> int:
@@ -900,4 +911,9 @@ def _rank_by_gradient(scales: QdqScales, source: "Source", chosen: list[int], er
     if ranker is not None:
         counts.update({**ranker.counts, "session_s": ranker.session_seconds})
     return SensitivityReport(rows, chosen, est.error, all_error, scales.method, cost, time.perf_counter() - start,
-                             costs, counts=counts, ranker=ranker, estimator="gradient")
+                             costs, counts=counts, ranker=ranker, estimator="gradient", metric=_metric_text(scales))
+
+
+def _metric_text(scales: QdqScales) -> str:
+    how = "given by --error-output" if scales.output else "the first float output not TopK-ordered"
+    return f"noise/signal power of output {scales.measured_output!r} ({how}) against FP32"

@@ -232,14 +232,26 @@ def value_ordered_outputs(model: onnx.ModelProto) -> set[str]:
     return ordered
 
 
-def error_output(model: onnx.ModelProto) -> str:
+def error_output(model: onnx.ModelProto, name: str | None = None) -> str:
     """The graph output whose error against FP32 ``debug``'s ranking and the fallback measure:
-    the first float output not ordered by value (``value_ordered_outputs``), else the first
+    ``name`` when given (``--error-output``: a detector's class scores rather than its boxes),
+    else the first float output not ordered by value (``value_ordered_outputs``), else the first
     float output, else the first output. An in-graph ArgMax's class ids (trueocr's recogniser
     puts them first) or a TopK's sorted boxes (an end-to-end YOLO) would measure rounding of
-    ids and reordering of near ties, not the error INT8 adds."""
+    ids and reordering of near ties, not the error INT8 adds.
+
+    Raises:
+        InputError: ``name`` is not a float output of the model (the message lists them).
+    """
     outs = list(model.graph.output)
     floats = [o for o in outs if o.type.tensor_type.elem_type in (0, *FLOAT_TYPES)]
+    if name is not None:
+        if name not in {o.name for o in floats}:
+            from quantkit.errors import InputError
+
+            raise InputError(f"--error-output {name!r} is not a float output of the model",
+                             hint=f"its float outputs: {', '.join(o.name for o in floats) or 'none'}")
+        return name
     ordered = value_ordered_outputs(model) if floats else set()
     pick = next((o for o in floats if o.name not in ordered), floats[0] if floats else outs[0])
     return pick.name

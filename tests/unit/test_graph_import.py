@@ -726,10 +726,9 @@ def test_an_empty_tensor_read_by_a_quantized_op_is_calibrated(tmp_path, target, 
     assert sqnr > 30
 
 
-def test_debug_rank_of_a_model_whose_nodes_have_no_names(tmp_path, capsys):
-    """Old exporters leave every node unnamed (CenterFace, PyTorch 1.2): calibrate names them and
-    records its equalizations by those names; `debug --rank` equalized the user's unnamed FP32
-    model by them and stopped with KeyError: 'Conv_3' (exit 1)."""
+def _two_heads(tmp_path):
+    """m.onnx: MTCNN's R-Net shape, unnamed nodes: a shared MatMul, then box regression [N, 4]
+    (the first output) and a face/no-face Softmax [N, 2]; d.npz: 64 samples."""
     r = np.random.default_rng(0)
     inits = [numpy_helper.from_array((r.normal(size=s) * k).astype(np.float32), n)
              for n, s, k in (("W1", (16, 32), 0.25), ("Wb", (32, 4), 0.025), ("Wc", (32, 2), 1.0), ("Wc2", (32, 32), 0.25))]
@@ -742,6 +741,13 @@ def test_debug_rank_of_a_model_whose_nodes_have_no_names(tmp_path, capsys):
                                helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 2])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
     np.savez(tmp_path / "d.npz", x=r.normal(size=(64, 16)).astype(np.float32))
+
+
+def test_debug_rank_of_a_model_whose_nodes_have_no_names(tmp_path, capsys):
+    """Old exporters leave every node unnamed (CenterFace, PyTorch 1.2): calibrate names them and
+    records its equalizations by those names; `debug --rank` equalized the user's unnamed FP32
+    model by them and stopped with KeyError: 'Conv_3' (exit 1)."""
+    _two_heads(tmp_path)
     args = ["--npz", str(tmp_path / "d.npz"), "--no-progress"]
     assert main(["calibrate", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o"), "--eval-images", "0", *args]) == 0
     from quantkit.onnx.equalize import equalizations_of
@@ -751,3 +757,31 @@ def test_debug_rank_of_a_model_whose_nodes_have_no_names(tmp_path, capsys):
     assert main(["debug", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "-o", str(tmp_path / "dbg"),
                  "--rank", *args]) == 0, capsys.readouterr().err
     assert "MatMul_0" in capsys.readouterr().out
+
+
+def test_error_output_names_the_output_the_ranking_and_the_budget_read(tmp_path, capsys):
+    """A detector whose first output is its boxes: the ranking and --max-drop read the boxes, and
+    the classifier head's groups ranked "only int8 0", invisible. --error-output names the scores."""
+    import json
+
+    _two_heads(tmp_path)
+    args = ["--npz", str(tmp_path / "d.npz"), "--no-progress"]
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o"), "--eval-images", "0", *args]) == 0
+    int8 = str(tmp_path / "o" / "m.int8.onnx")
+    assert main(["debug", str(tmp_path / "m.onnx"), int8, "-o", str(tmp_path / "dbg"), "--rank", "--error-output",
+                 "prob", *args]) == 0
+    ranking = json.loads((tmp_path / "dbg" / "debug.json").read_text())["sensitivity"]
+    assert "'prob'" in ranking["metric"]
+    head = {r["name"]: r["only_quantized_error"] for r in ranking["rows"]}
+    assert head["MatMul_5"] > 0 and head["MatMul_2"] == 0  # the box head does not reach the scores
+    capsys.readouterr()
+    assert main(["debug", str(tmp_path / "m.onnx"), int8, "-o", str(tmp_path / "dbg2"), "--rank", "--error-output",
+                 "nope", *args]) == 2
+    assert "its float outputs: box, prob" in capsys.readouterr().err and not (tmp_path / "dbg2").exists()
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o2"), "--error-output", "prob",
+                 *args]) == 2
+    assert "--error-output needs --max-drop" in capsys.readouterr().err
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o3"), "--eval-dir", str(tmp_path / "d.npz"),
+                 "--max-drop", "0.5", "--error-output", "prob", *args]) == 0
+    fb = json.loads((tmp_path / "o3" / "report.json").read_text())["fallback"]
+    assert fb["output"] == "prob"
