@@ -167,6 +167,20 @@ def _check_overlap(out: Path, inputs: Iterable[str | os.PathLike[str]], *, what:
                           "or into its inputs", hint="choose an output location outside the model and data")
 
 
+def _check_name_length(out: Path, base: Path, extra: int) -> None:
+    """The temporary name quantkit writes ``out`` under (``extra`` bytes longer) fits the file
+    system: a 245-byte -o passed the checks and failed after the work ("File name too long")."""
+    try:
+        limit = os.pathconf(base, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(out.name))
+    if size + extra > limit:
+        raise OutputError(f"output name {out.name[:40]!r}... is {size} bytes; quantkit writes it under a temporary "
+                          f"name {extra} bytes longer, and names here hold at most {limit}",
+                          hint=f"choose a name of at most {limit - extra} bytes")
+
+
 def _probe_writable(folder: Path) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".quantkit-probe-", dir=folder)
@@ -276,6 +290,8 @@ def check_output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Seque
                 f"{str(out / changed[0])!r} was written by quantkit but changed since; --force will not replace it",
                 hint="move it away or choose another -o")
     base = _existing_ancestor(out)
+    if not out.exists():  # staged beside it (an existing folder is written in place)
+        _check_name_length(out, base, len(".") + len(".12345678.partial"))
     _probe_writable(base)
     _check_space(base, need_bytes)
     return out
@@ -293,6 +309,7 @@ def check_output_file(path: str | os.PathLike[str], *, force: bool, inputs: Sequ
     if out.exists() and not force:
         raise OutputExistsError(f"{str(out)!r} exists", hint="pass --force to overwrite it, or choose another name")
     base = _existing_ancestor(out.parent)
+    _check_name_length(out, base, len(".") + len(".12345678.tmp"))
     _probe_writable(base)
     _check_space(base, need_bytes)
     return out

@@ -227,7 +227,8 @@ class Batcher:
                 raise ShapeMismatchError(
                     f"input {name!r}: sample {self.source.describe(odd)} has shape "
                     f"{tuple(next(a.shape for i, a in zip(indices, arrays) if i == odd))}, others {arrays[0].shape}",
-                    hint="set --resize/--crop so every image has the same size",
+                    hint="set --resize/--crop so every image has the same size (or --batch-size 1 for a model "
+                         "that takes any size)",
                 )
             feed[name] = np.stack(arrays, axis=axis)
             if np.issubdtype(feed[name].dtype, np.floating) and np.isnan(feed[name]).any():

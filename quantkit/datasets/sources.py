@@ -326,7 +326,12 @@ class NumpySource:
             where=str(p))
         self.batch_axes_ = {k: self.batch_axes_[model_name(k)] for k in self.arrays}
         sizes = {k: a.shape[ax] for k, a in self.arrays.items() if (ax := self.batch_axes_[k]) is not None}
-        if len(set(sizes.values())) != 1 or 0 in sizes.values():  # (none batched: an empty dict)
+        if not sizes:  # every array fed whole: one sample, and nothing says how to count more
+            raise DatasetError(f"{str(p)!r}: no array has a batch axis ({_axes_text(self.batch_axes_)}), so the file "
+                               "holds one sample", hint="stack samples on a new first axis of each array (one axis "
+                               "more than the input: samples of a model without a batch axis), or declare a batch "
+                               "axis with --batch-axis NAME=AXIS")
+        if len(set(sizes.values())) != 1 or 0 in sizes.values():
             raise DatasetError(f"{str(p)!r}: arrays must share a non-zero size along their batch axes "
                                f"({_axes_text(self.batch_axes_)}), got {sizes}",
                                hint="declare an input's batch axis with --batch-axis NAME=AXIS (NAME=none: "

@@ -330,3 +330,12 @@ def test_save_stats_inside_outdir_is_an_artifact_and_never_an_input(project, tmp
     assert calibrate(project, tmp_path / "o2", "--save-stats", str(project / "model.onnx"), "--force") == 2
     assert "input" in capsys.readouterr().err
     assert snapshot(project) == before and not (tmp_path / "o2").exists()
+
+
+def test_an_output_name_too_long_for_its_temporary_name_is_refused_before_work(project, tmp_path, capsys):
+    """A 245-byte -o passed the checks, calibrated, and failed at the end ("File name too long")."""
+    out = tmp_path / ("a" * 245)
+    assert calibrate(project, out) == 2
+    assert "bytes" in capsys.readouterr().err and not out.exists()
+    assert main(["compare", str(project / "model.onnx"), str(project / "model.onnx"), "--images",
+                 str(project / "images"), "--json", str(tmp_path / ("b" * 250)), *DIGITS]) == 2
