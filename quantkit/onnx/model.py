@@ -82,6 +82,8 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         nodes = [model.graph.node[i] for i in order]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
+    if tensor_bytes(model) <= EXTERNAL_DATA_BYTES:
+        _declare_outputs(model, p.name)
     try:
         # past protobuf's 2 GB limit the checker reads the file itself (it cannot take the message)
         onnx.checker.check_model(model if tensor_bytes(model) <= EXTERNAL_DATA_BYTES else str(p))
@@ -89,6 +91,31 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         said = " ".join(str(err).split())[:400] or "validation failed"
         raise ModelError(f"{str(p)!r} is not a valid ONNX model: {said}") from err
     return model
+
+
+def _declare_outputs(model: onnx.ModelProto, name: str) -> None:
+    """Graph outputs declared without a type or shape (ONNX Runtime runs such a model; the checker
+    refuses it) get those shape inference finds, in memory; the file is not changed."""
+    def declared(v: onnx.ValueInfoProto) -> bool:
+        t = v.type.tensor_type
+        return v.type.HasField("tensor_type") and bool(t.elem_type) and t.HasField("shape")
+
+    missing = [o for o in model.graph.output if not o.type.HasField("sequence_type") and
+               not o.type.HasField("optional_type") and not declared(o)]
+    if not missing:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001  (the checker then says what is wrong)
+        return
+    found = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.output) if declared(v)}
+    filled = [o.name for o in missing if o.name in found]
+    for o in missing:
+        if o.name in found:
+            o.type.CopyFrom(found[o.name].type)
+    if filled:
+        log.info("%s: output(s) %s declared without a type or shape: taken from shape inference (in memory)",
+                 name, ", ".join(filled))
 
 
 def _topological_order(graph: onnx.GraphProto) -> list[int] | None:

@@ -785,3 +785,22 @@ def test_error_output_names_the_output_the_ranking_and_the_budget_read(tmp_path,
                  "--max-drop", "0.5", "--error-output", "prob", *args]) == 0
     fb = json.loads((tmp_path / "o3" / "report.json").read_text())["fallback"]
     assert fb["output"] == "prob"
+
+
+@pytest.mark.parametrize("declared", ["no type", "no shape"])
+def test_an_output_declared_without_type_or_shape_is_read(tmp_path, declared):
+    """ONNX Runtime runs a model whose graph output has no type (or no shape); the checker refused
+    it ("not a valid ONNX model"). Shape inference declares it, in memory."""
+    from quantkit.onnx.model import load_model
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32), "W")
+    out = onnx.ValueInfoProto(name="y") if declared == "no type" else \
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])], [out], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    m = load_model(tmp_path / "m.onnx")
+    assert m.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
