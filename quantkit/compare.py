@@ -11,7 +11,8 @@ Accuracy against labels is computed on the first output when labels exist.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -198,6 +199,23 @@ def comparison_batch(reference: Runner, test: Runner, batch_size: int, *, refere
     return (sizes.pop(), True) if sizes else (batch_size, False)
 
 
+def _check_output_shapes(reference: Runner, test: Runner, reference_name: str, test_name: str) -> None:
+    """Outputs both models declare with different ranks or different fixed dims: not one model and
+    its INT8 form ([N, 4] against [N, 8, 1, 1] was run and reported as a data-dependent shape)."""
+    specs = {s.name: s for s in getattr(test, "output_specs", None) or []}
+    for ref in getattr(reference, "output_specs", None) or []:
+        other = specs.get(ref.name)
+        if other is None or not ref.shape or not other.shape:
+            continue
+        fixed = [(a, b) for a, b in zip(ref.shape[1:], other.shape[1:]) if isinstance(a, int) and isinstance(b, int)]
+        if len(ref.shape) != len(other.shape) or any(a != b for a, b in fixed):
+            def dims(shape: Sequence[Any]) -> str:
+                return "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
+
+            raise ModelError(f"output {ref.name!r} is {dims(ref.shape)} in {reference_name} and {dims(other.shape)} in "
+                             f"{test_name}", hint="compare an INT8 model with the FP32 model it was made from")
+
+
 def compare_runners(
     reference: Runner,
     test: Runner,
@@ -213,6 +231,7 @@ def compare_runners(
             f"the models have different outputs: {reference.output_names} vs {test.output_names}",
             hint="compare an INT8 model with the FP32 model it was made from",
         )
+    _check_output_shapes(reference, test, reference_name, test_name)
     stats = {name: _OutputStats(name) for name in reference.output_names}
     correct_ref = correct_test = labelled = 0
     samples = 0

@@ -64,6 +64,7 @@ from quantkit.backends.base import real_rows
 from quantkit.debug.sensitivity import ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, rank_groups, \
     rank_sensitivity
 from quantkit.errors import InputError
+from quantkit.onnx.model import error_output
 
 if TYPE_CHECKING:
     from quantkit.datasets.sources import Source
@@ -536,9 +537,10 @@ def _ranker_for(scales: QdqScales, eval_source: "Source", idx: Sequence[int], ra
     return _Ranker(scales, src, ranking.subset_indices)
 
 
-def _output_shape(model: onnx.ModelProto, name: str) -> tuple[int | None, int | None]:
-    """The error output ``name``'s rank and values a sample (the product of its static dims after
-    the first; None where the shape does not say)."""
+def _output_shape(model: onnx.ModelProto, name: str | None = None) -> tuple[int | None, int | None]:
+    """The error output's (``name``, default ``error_output``'s) rank and values a sample (the
+    product of its static dims after the first; None where the shape does not say)."""
+    name = name or error_output(model)
     t = next(o for o in model.graph.output if o.name == name).type.tensor_type
     if not t.HasField("shape"):
         return None, None

@@ -163,3 +163,30 @@ def test_compare_runs_a_qdq_model_as_tensorrt_computes_it_unless_told(tmp_path):
     code, out, err = run_cli(["compare", str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx"),
                               "--npz", str(tmp_path / "x.npy"), "--no-progress", "--ort-kernels"])
     assert code == 0, err
+
+
+def test_models_whose_outputs_have_other_shapes_are_refused(tmp_path, capsys):
+    """[N, 4] against [N, 8, 1, 1]: the comparison ran and called it a data-dependent shape (exit 0,
+    no figures)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantkit.cli import main
+
+    r = np.random.default_rng(0)
+    for name, cols, shape in (("a", 4, ["N", 4]), ("b", 8, ["N", 8, 1, 1])):
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm")]
+        if len(shape) == 4:
+            nodes.append(helper.make_node("Reshape", ["m", "s"], ["y"], name="rs"))
+        else:
+            nodes.append(helper.make_node("Identity", ["m"], ["y"], name="id"))
+        inits = [numpy_helper.from_array(r.normal(size=(6, cols)).astype(np.float32), "W"),
+                 numpy_helper.from_array(np.array([-1, cols, 1, 1], np.int64), "s")]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / f"{name}.onnx")
+    np.savez(tmp_path / "d.npz", x=r.normal(size=(8, 6)).astype(np.float32))
+    assert main(["compare", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--npz", str(tmp_path / "d.npz"),
+                 "--no-progress"]) == 2
+    assert "output 'y' is [?, 4] in a.onnx and [?, 8, 1, 1] in b.onnx" in capsys.readouterr().err

@@ -119,7 +119,7 @@ def test_debug_ranks_on_the_float_output(tmp_path, capsys):
     assert "output ids: integers or flags" in out and "output conf: SQNR" in out
     doc = json.loads((tmp_path / "dbg" / "debug.json").read_text())
     ranking = doc["sensitivity"]
-    assert "error output" in ranking["metric"]
+    assert "output 'conf'" in ranking["metric"]  # the float output, named
     errors = [r["only_float_error"] for r in ranking["rows"]]
     assert all(np.isfinite(errors)) and max(errors) < 0.01  # conf's noise/signal (the ids' would be far larger)
 
