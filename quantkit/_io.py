@@ -304,6 +304,9 @@ def check_output_file(path: str | os.PathLike[str], *, force: bool, inputs: Sequ
     an existing file unless ``force``, its folder writable, room for ``need_bytes``."""
     out = Path(path)
     _check_overlap(out, inputs, what="output file")
+    if out.name == MANIFEST:  # another run's list of its files: --force would make that folder unusable
+        raise OutputError(f"{str(out)!r} is the name of quantkit's manifest of a folder's files",
+                          hint="choose another file name")
     if out.is_dir():
         raise OutputExistsError(f"output {str(out)!r} is a folder", hint="give a file name")
     if out.exists() and not force:

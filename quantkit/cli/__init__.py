@@ -159,6 +159,12 @@ def _stop_signals() -> dict[int, typing.Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
+    for stream in (sys.stdout, sys.stderr):  # a name the terminal's encoding lacks: escaped, never a crash at the end
+        if hasattr(stream, "reconfigure") and (getattr(stream, "encoding", "") or "").lower().replace("-", "") != "utf8":
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a stream that cannot be reconfigured (closed, detached)
+                pass
     before = _stop_signals()
     try:
         return _main(argv)

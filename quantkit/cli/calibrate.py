@@ -6,7 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, non_negative_int,
-                                 positive_int, progress, select, source_for_model, with_sample_axis)
+                                 positive_int, progress, select, source_for_model, trt_version,
+                                 with_sample_axis)
 
 
 #: images used for calibration when --num-images is not given (the rest are held out)
@@ -39,7 +40,7 @@ class Calibrate:
                        + "; ".join(f"{m}: {get_method(m).description}" for m in method_names()))
         g.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
         g.add_argument("--num-bins", type=positive_int, default=2048, help="histogram bins (default 2048)")
-        g.add_argument("--trt-version", default="10.13.0", help="TensorRT version for the cache header (default 10.13.0)")
+        g.add_argument("--trt-version", default="10.13.0", type=trt_version, help="TensorRT version for the cache header (default 10.13.0)")
         g.add_argument("--cache-all-tensors", action="store_true",
                        help="calibrate every float tensor so the cache covers the whole network (slower)")
         g.add_argument("--target", choices=["tensorrt", "onnxruntime"], default="tensorrt",

@@ -34,6 +34,15 @@ def _hw(text: str) -> tuple[int, int]:
     raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
 
 
+def trt_version(text: str) -> str:
+    """A TensorRT version for a cache header: MAJOR.MINOR[.PATCH...] ('banana' wrote TRT-0-...)."""
+    import re
+
+    if not re.fullmatch(r"\d+\.\d+(\.\d+)*", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected a TensorRT version such as 10.13.0, got {text!r}")
+    return text.strip()
+
+
 def positive_int(text: str) -> int:
     try:
         v = int(text)

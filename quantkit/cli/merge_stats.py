@@ -21,6 +21,7 @@ class MergeStats:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from quantkit.calibrators.methods import method_names
+        from quantkit.cli.common import trt_version
 
         parser.add_argument("stats", nargs="+", metavar="STATS", help="files written by calibrate --save-stats")
         parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
@@ -30,7 +31,7 @@ class MergeStats:
         parser.add_argument("--method", choices=method_names(), default="entropy",
                             help="scales written to the model and cache (default entropy)")
         parser.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
-        parser.add_argument("--trt-version", default="10.13.0", help="TensorRT version for the cache header (default 10.13.0)")
+        parser.add_argument("--trt-version", default="10.13.0", type=trt_version, help="TensorRT version for the cache header (default 10.13.0)")
         parser.add_argument("--save-stats", metavar="FILE", help="also save the merged statistics to FILE")
 
     def run(self, args: argparse.Namespace) -> int:

@@ -316,7 +316,10 @@ class NumpySource:
             self.labels = arrays.pop("labels", None)
             self.arrays = arrays
         if not self.arrays:
-            raise DatasetError(f"{str(p)!r} holds no input arrays")
+            unread = [k for k in getattr(loaded, "files", ()) if k != "labels"]
+            raise DatasetError(f"{str(p)!r} holds no input arrays"
+                               + (f": its arrays {unread} are not the model's inputs {sorted(set(self.shapes or self.dtypes or ()))}"
+                                  if unread else ""), hint="name the arrays in the .npz after the model inputs")
         def model_name(key: str) -> str:  # a .npy array feeds the model's only input
             names = list(self.shapes or self.dtypes or {})
             return names[0] if not key and len(names) == 1 else key

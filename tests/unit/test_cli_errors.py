@@ -544,3 +544,24 @@ def test_report_draws_ranges_with_a_damaged_amax(tmp_path, capsys):
     (tmp_path / "ranges.json").write_text(json.dumps(doc))
     assert main(["report", str(tmp_path / "ranges.json"), "-o", str(tmp_path / "rep")]) == 0, capsys.readouterr().err
     assert (tmp_path / "rep" / "index.html").exists()
+
+
+def test_trt_version_manifest_name_and_a_terminal_without_utf8(tmp_path, capsys):
+    """--trt-version banana wrote the header TRT-0-...; --json into another run's manifest name made
+    that folder refuse --force; a name the terminal's encoding lacks ended a finished run in a
+    UnicodeEncodeError (exit 1)."""
+    import shutil
+    import subprocess
+    import sys
+
+    model = str(sample.model_path())
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", model, "--npz", "x.npz", "-o", str(tmp_path / "o"), "--trt-version", "banana"])
+    assert e.value.code == 2 and "TensorRT version" in capsys.readouterr().err
+    assert main(["bench", model, "--json", str(tmp_path / "quantkit-manifest.json"), "--iterations", "1"]) == 2
+    assert "manifest" in capsys.readouterr().err
+    run = [sys.executable, "-c", "import sys; from quantkit.cli import main; sys.exit(main(sys.argv[1:]))"]
+    shutil.copy(model, tmp_path / "modèle.onnx")
+    proc = subprocess.run([*run, "inspect", str(tmp_path / "modèle.onnx")], capture_output=True,
+                          env={"PYTHONIOENCODING": "ascii", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0 and b"mod\\xe8le.onnx" in proc.stdout, proc.stderr
