@@ -278,7 +278,8 @@ def _budget(args: argparse.Namespace, model: object, source: object, indices: li
     if args.max_drop is None:
         extra = [f for f, v in (("--drop-metric", args.drop_metric), ("--max-float-groups", args.max_float_groups),
                                 ("--rank-estimator", None if args.rank_estimator == "exact" else args.rank_estimator),
-                                ("--error-output", args.error_output))
+                                ("--error-output", args.error_output),
+                                ("--subset", None if args.subset == 32 else args.subset))
                  if v is not None]
         if extra:
             raise InputError(f"{extra[0]} needs --max-drop D", hint="e.g. --max-drop 0.5")

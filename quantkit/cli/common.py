@@ -222,6 +222,11 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
                            else f"{str(folder)!r} is not a folder of images",
                            hint="pass a folder of images, or an .npz/.npy file (--npz; --eval-dir takes either)")
     if arrays is not None:
+        given = [f"--{k.replace('_', '-')}" for k in ("resize", "crop", "scale", "mean", "std", "color", "layout")
+                 if getattr(args, k, None) is not None]
+        if given:  # they shape images; an array is fed as it is
+            log.warning("%s: preprocessing flags (%s) apply to image folders; the arrays are fed as they are",
+                        Path(arrays).name, " ".join(given))
         if getattr(args, "input_value", None):
             raise InputError("--input-value gives other inputs a value next to an image folder; with --npz, put "
                              "every input's array in the .npz", hint="drop --input-value, or use --images")

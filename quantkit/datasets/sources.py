@@ -134,6 +134,19 @@ def scan_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int] | N
     return paths, None, []
 
 
+def _opencv() -> Any:
+    """OpenCV, its own log at errors only: a damaged file is said once, in quantkit's warning that
+    names it and what is skipped (OpenCV's "[ WARN:0@...] grfmt_png.cpp" lines came too)."""
+    cv2 = require("cv2")
+    if not getattr(_opencv, "quiet", False):
+        try:
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        except AttributeError:  # an OpenCV without its logging module
+            pass
+        _opencv.quiet = True  # type: ignore[attr-defined]
+    return cv2
+
+
 def _jpeg_complete(data: bytes) -> bool:
     """The JPEG's end-of-image marker follows its scan. The segments before the first scan are
     stepped over by their lengths (an EXIF thumbnail there ends with a marker of its own), then
@@ -163,7 +176,7 @@ def decode_image(path: Path) -> np.ndarray:
     JPEG turned by its EXIF orientation; an image over ``quantkit.MAX_IMAGE_PIXELS`` refused.
     Returns HxW (gray) or HxWx3 (BGR). Raises SampleError for empty, truncated or corrupt files.
     """
-    cv2 = require("cv2")
+    cv2 = _opencv()
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
