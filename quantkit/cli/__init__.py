@@ -140,14 +140,15 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 def _stop_signals() -> dict[int, typing.Any]:
-    """Route SIGTERM and SIGHUP to ``Terminated`` while a command runs; the handlers before, to
+    """Route SIGTERM and SIGHUP to ``Terminated`` while a command runs, where they have their default
+    action (one that ``nohup`` or the caller ignores or handles stays so); the handlers before, to
     restore (none where signals cannot be set: a thread other than the main one)."""
     import signal
 
     before = {}
     for name in ("SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
-        if sig is None:
+        if sig is None or signal.getsignal(sig) != signal.SIG_DFL:  # ignored (nohup) or the caller's own: kept
             continue
         try:
             before[sig] = signal.signal(sig, _raise_terminated)

@@ -126,6 +126,29 @@ def test_sigterm_and_sighup_leave_nothing(digits_dirs, tmp_path, monkeypatch, ca
     assert signal.getsignal(sig) == before
 
 
+def test_a_hangup_ignored_by_nohup_stays_ignored(digits_dirs, tmp_path, monkeypatch):
+    """`nohup quantkit calibrate ... &` ignores SIGHUP; quantkit's handler must not replace that."""
+    import os
+    import signal
+
+    from quantkit.calibrators import cache
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    write = cache.write_cache
+    try:
+        def hangup(*a, **k):
+            os.kill(os.getpid(), signal.SIGHUP)
+            return write(*a, **k)
+
+        monkeypatch.setattr("quantkit.calibrators.cache.write_cache", hangup)
+        rc = main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(tmp_path / "out"),
+                   "--num-images", "64", "--eval-images", "0", *DIGITS])
+        assert rc == 0 and (tmp_path / "out" / "calibration.cache").exists()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 @pytest.mark.parametrize("case", ["missing", "not_onnx", "int_input", "too_many"])
 def test_bad_input_exit_2(case, digits_dirs, tmp_path, capsys):
     model = str(sample.model_path())
