@@ -11,8 +11,7 @@ Accuracy against labels is computed on the first output when labels exist.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -20,7 +19,7 @@ import numpy as np
 from quantkit.backends.base import Runner, side_by_side
 from quantkit.datasets.batching import Batch
 from quantkit.errors import ModelError
-from quantkit.onnx.model import fixed_batch
+from quantkit.onnx.model import dims_text, fixed_batch
 
 
 @dataclass(frozen=True)
@@ -209,11 +208,9 @@ def _check_output_shapes(reference: Runner, test: Runner, reference_name: str, t
             continue
         fixed = [(a, b) for a, b in zip(ref.shape[1:], other.shape[1:]) if isinstance(a, int) and isinstance(b, int)]
         if len(ref.shape) != len(other.shape) or any(a != b for a, b in fixed):
-            def dims(shape: Sequence[Any]) -> str:
-                return "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
-
-            raise ModelError(f"output {ref.name!r} is {dims(ref.shape)} in {reference_name} and {dims(other.shape)} in "
-                             f"{test_name}", hint="compare an INT8 model with the FP32 model it was made from")
+            raise ModelError(f"output {ref.name!r} is {dims_text(ref.shape)} in {reference_name} and "
+                             f"{dims_text(other.shape)} in {test_name}",
+                             hint="compare an INT8 model with the FP32 model it was made from")
 
 
 def compare_runners(

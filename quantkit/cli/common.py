@@ -178,7 +178,7 @@ def with_sample_axis(args: argparse.Namespace, model: Any, *, name: str, quiet: 
     stacked = _stacked(args, model)
     if not stacked:
         return model
-    from quantkit.onnx.model import ensure_opset, input_specs
+    from quantkit.onnx.model import dims_text, ensure_opset, input_specs
     from quantkit.onnx.sampleaxis import add_sample_axis, array_shapes
 
     shapes = array_shapes(args.npz)
@@ -188,20 +188,16 @@ def with_sample_axis(args: argparse.Namespace, model: Any, *, name: str, quiet: 
         sample, dims = shapes[key[n]][1:], specs[n].shape
         if any(isinstance(d, int) and d != got for d, got in zip(dims, sample)):
             raise InputError(f"{Path(args.npz).name}: array {key[n] or n!r} {shapes[key[n]]} has one axis more than "
-                             f"{name}'s input {n!r} {_dims(dims)}, so it holds samples of shape {sample}, which the "
+                             f"{name}'s input {n!r} {dims_text(dims)}, so it holds samples of shape {sample}, which the "
                              "input does not take",
                              hint="save the samples the model's input takes, stacked on a new first axis")
     log.log(logging.DEBUG if quiet else logging.WARNING,
             "%s has no batch axis for %s: %s's axis 0 counts samples (%s), each fed as the whole input; one "
             "sample a run; the files written keep the model's own inputs and outputs", name,
-            ", ".join(f"{n!r} {_dims(specs[n].shape)}" for n in stacked), Path(args.npz).name,
+            ", ".join(f"{n!r} {dims_text(specs[n].shape)}" for n in stacked), Path(args.npz).name,
             ", ".join(f"{shapes[key[n]]}" for n in stacked))
     args.batch_size = 1  # the wrapper's inputs take one sample; an input batched as before one row of it
     return add_sample_axis(ensure_opset(model), stacked)
-
-
-def _dims(shape: Sequence[Any]) -> str:
-    return "[" + ", ".join("?" if not isinstance(d, int) else str(d) for d in shape) + "]"
 
 
 def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str | None = None) -> Any:

@@ -8,6 +8,7 @@ unreadable sample; the batcher skips it (or stops, when strict).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import zipfile
@@ -18,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from quantkit import MAX_IMAGE_PIXELS
 from quantkit._deps import require
 from quantkit.datasets.dtypes import cast_for_input
 from quantkit.datasets.preprocess import Preprocess
@@ -134,16 +136,15 @@ def scan_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int] | N
     return paths, None, []
 
 
+@functools.cache
 def _opencv() -> Any:
     """OpenCV, its own log at errors only: a damaged file is said once, in quantkit's warning that
     names it and what is skipped (OpenCV's "[ WARN:0@...] grfmt_png.cpp" lines came too)."""
     cv2 = require("cv2")
-    if not getattr(_opencv, "quiet", False):
-        try:
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-        except AttributeError:  # an OpenCV without its logging module
-            pass
-        _opencv.quiet = True  # type: ignore[attr-defined]
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # an OpenCV without its logging module
+        pass
     return cv2
 
 
@@ -195,7 +196,8 @@ def decode_image(path: Path) -> np.ndarray:
         img = cv2.imdecode(data, flags)
     except cv2.error as err:  # over OpenCV's pixel limit (quantkit.MAX_IMAGE_PIXELS), or corrupt
         too_large = "too large" in str(err).lower() or "pixels" in str(err).lower()
-        raise SampleError(str(path), f"over {int(os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS', 1 << 27)):,} pixels, "
+        limit = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS))
+        raise SampleError(str(path), f"over {limit:,} pixels, "
                           "not decoded (OPENCV_IO_MAX_IMAGE_PIXELS)" if too_large else
                           "not a decodable image (corrupt or unsupported format)") from err
     if img is None or img.size == 0:
@@ -298,6 +300,7 @@ class NumpySource:
         from quantkit._io import input_file
 
         p = input_file(self.path, "NumPy file", DatasetError)
+        inputs = sorted(set(self.shapes or self.dtypes or ()))  # the model's inputs, when known
         try:
             loaded = np.load(p, allow_pickle=False)
         except (ValueError, *_NUMPY_READ_ERRORS) as err:
@@ -306,7 +309,6 @@ class NumpySource:
             self.arrays, self.labels = {"": loaded}, None
         else:
             arrays = {}
-            inputs = set(self.shapes or self.dtypes or ())  # the model's inputs, when known
             unread = [k for k in loaded.files if inputs and k not in inputs and k != "labels"]
             if unread:  # never read (a 1 GB array of something else cost its size; one of another length stopped it)
                 log.warning("%s: array(s) %s are not inputs of the model; left out, not read", p,
@@ -331,7 +333,7 @@ class NumpySource:
         if not self.arrays:
             unread = [k for k in getattr(loaded, "files", ()) if k != "labels"]
             raise DatasetError(f"{str(p)!r} holds no input arrays"
-                               + (f": its arrays {unread} are not the model's inputs {sorted(set(self.shapes or self.dtypes or ()))}"
+                               + (f": its arrays {unread} are not the model's inputs {inputs}"
                                   if unread else ""), hint="name the arrays in the .npz after the model inputs")
         def model_name(key: str) -> str:  # a .npy array feeds the model's only input
             names = list(self.shapes or self.dtypes or {})

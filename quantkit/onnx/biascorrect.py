@@ -50,6 +50,7 @@ import onnx
 from onnx import numpy_helper
 
 from quantkit.onnx.model import constant_arrays, node_reads, read_names, with_outputs_bytes
+from quantkit.onnx.qdq import WEIGHTED_OPS
 
 log = logging.getLogger(__name__)
 
@@ -153,22 +154,18 @@ def reference(fp32: onnx.ModelProto, convs: Sequence[str], feeds: Sequence[Feed]
 
 
 def correctable(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The Convs of the Q/DQ model whose output is also a tensor of the FP32 model, but the
-    network's output Convs (``output_convs``)."""
+    """The Convs of the Q/DQ model whose output is also a tensor of the FP32 model, but a score
+    head's (``score_head_convs``)."""
     produced = {out for node in fp32.graph.node for out in node.output}
-    heads = output_convs(fp32)
+    heads = score_head_convs(fp32)
     return [n for n in qdq.graph.node if n.op_type == "Conv" and n.output[0] in produced and n.output[0] not in heads]
-
-
-#: ops whose output another layer computes from: a path through one of them is not "straight to an output"
-_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 #: ops that turn a head's logits into scores read against a threshold
 _SCORE_OPS = ("Sigmoid", "Softmax", "LogSoftmax", "HardSigmoid")
 
 
-def output_convs(model: onnx.ModelProto) -> set[str]:
+def score_head_convs(model: onnx.ModelProto) -> set[str]:
     """The outputs of a network's score heads' Convs, which are not corrected: the Convs whose
     values reach a graph output through a Sigmoid or Softmax and no other layer (no Conv,
     ConvTranspose, Gemm or MatMul on the way), and the chain of Convs before each, back to the
@@ -195,7 +192,7 @@ def output_convs(model: onnx.ModelProto) -> set[str]:
             seen.add((x, through))
             scored = scored or (through and x in outputs)
             for n in users.get(x, ()):
-                if n.op_type in _LAYERS:
+                if n.op_type in WEIGHTED_OPS:
                     layers.add(n.output[0])
                 else:
                     stack += [(o, through or n.op_type in _SCORE_OPS) for o in n.output]

@@ -51,6 +51,11 @@ class TensorSpec:
         return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
 
 
+def dims_text(shape: Sequence[Any]) -> str:
+    """A declared shape as messages write it: ``[?, 3, 224, 224]`` (a dynamic dim as ``?``)."""
+    return "[" + ", ".join(str(d) if isinstance(d, int) else "?" for d in shape) + "]"
+
+
 def fixed_batch(specs: Sequence[TensorSpec], axes: Mapping[str, int | None] | None = None) -> int | None:
     """The batch size a model fixes: the smallest static dim on an input's batch axis.
 

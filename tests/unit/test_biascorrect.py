@@ -411,7 +411,7 @@ def test_a_score_heads_convs_are_not_corrected():
     their correction."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from quantkit.onnx.biascorrect import output_convs
+    from quantkit.onnx.biascorrect import score_head_convs
 
     r = np.random.default_rng(0)
     names = ["stem", "neck", "cls0", "cls1", "box0", "box1"]
@@ -424,7 +424,7 @@ def test_a_score_heads_convs_are_not_corrected():
     graph = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8, 8, 8])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    assert output_convs(model) == {"cls0", "cls1"}
+    assert score_head_convs(model) == {"cls0", "cls1"}
     nodes[-2] = helper.make_node("Relu", ["cls1"], ["scores"], name="sig")  # an image, not scores
     graph = helper.make_graph(nodes, "img", list(graph.input), list(graph.output), inits)
-    assert output_convs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])) == set()
+    assert score_head_convs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])) == set()
