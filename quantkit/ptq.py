@@ -41,6 +41,7 @@ from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan
 from quantkit.onnx.sampleaxis import original_names, remove_sample_axis, sample_axis_nodes
 
 if TYPE_CHECKING:
+    from quantkit.onnx.biascorrect import Correction
     from quantkit.onnx.equalize import Equalization
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: bias correction keeps a method's corrected model only where its outputs agree with FP32's at
+#: least as well as without it (``quantkit.onnx.biascorrect``, the guard): on
+BIAS_CORRECTION_GUARD = True
 #: the first samples, whose per-channel maxima decide depthwise equalization
 EQUALIZE_SAMPLES = 32
 #: Equalization folded into the calibration pass (``_calibrate_equalizing``): on. It matches
@@ -337,6 +341,9 @@ class Calibration:
         bias_shifts: method -> Conv node -> the mean shift INT8 adds to its output, subtracted
             from its bias in that method's Q/DQ model (``StatsConfig.bias_correction``); filled
             by ``int8_model`` for the methods whose model was made.
+        bias_checks: method -> the guard's verdict on its bias correction
+            (``quantkit.onnx.biascorrect.Correction.check``: whether it was applied, and the
+            outputs' per-channel SQNR against FP32 with and without it).
         correction_feeds: with bias correction, the batches it is measured on (else None).
     """
 
@@ -353,6 +360,7 @@ class Calibration:
     excluded: list[dict[str, str]] = field(default_factory=list)
     equalized: "list[Equalization]" = field(default_factory=list)
     bias_shifts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bias_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     correction_feeds: "list[tuple[dict[str, Any], int]] | None" = field(default=None, repr=False, compare=False)
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
     _correction_reference: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -396,23 +404,35 @@ class Calibration:
         if method not in self._int8:
             model = insert_qdq(self.model, self.plan, self.amax(method, quantized_only=True))
             if self.correction_feeds is not None:
-                model, self.bias_shifts[method] = self._bias_corrected(model)
-                log.info("%s: bias correction of %d Conv(s) for %s", self.model_name, len(self.bias_shifts[method]),
-                         method)
+                done = self._bias_corrected(model, guard=BIAS_CORRECTION_GUARD)
+                model, self.bias_shifts[method] = done.model, done.shifts
+                if done.check is not None:
+                    self.bias_checks[method] = done.check
+                if done.check is not None and not done.check["applied"]:
+                    log.info("%s: bias correction left out for %s: the outputs' per-channel SQNR against FP32 is "
+                             "%.1f dB with it, %.1f dB without", self.model_name, method,
+                             done.check["output_sqnr_db"], done.check["uncorrected_output_sqnr_db"])
+                else:
+                    log.info("%s: bias correction of %d Conv(s) for %s", self.model_name, len(done.shifts), method)
             self._int8[method] = model
         return self._int8[method]
 
     def bias_corrected(self, qdq: onnx.ModelProto) -> onnx.ModelProto:
         """``qdq`` (a Q/DQ model of ``self.model``: a mixed-precision variant, say) with its Conv
         biases corrected on this calibration's correction samples; ``qdq`` itself without bias
-        correction."""
-        return qdq if self.correction_feeds is None else self._bias_corrected(qdq)[0]
+        correction, or where the guard left it out of the configured method's model
+        (``bias_checks``: a variant follows that model)."""
+        if self.correction_feeds is None:
+            return qdq
+        if not self.bias_checks.get(self.config.method, {}).get("applied", True):
+            return qdq
+        return self._bias_corrected(qdq).model
 
-    def _bias_corrected(self, qdq: onnx.ModelProto) -> "tuple[onnx.ModelProto, dict[str, Any]]":
+    def _bias_corrected(self, qdq: onnx.ModelProto, *, guard: bool = False) -> "Correction":
         from functools import partial
 
         from quantkit.backends.onnxruntime import create_session
-        from quantkit.onnx.biascorrect import sequential_correction
+        from quantkit.onnx.biascorrect import Correction, sequential_correction
 
         assert self.correction_feeds is not None
         # basic optimizations: Q/DQ run as ONNX defines them (float), without the QDQ-to-integer
@@ -421,11 +441,12 @@ class Calibration:
         try:  # the FP32 run, one for every method and variant (the cache), with every optimization
             return sequential_correction(qdq, self.model, self.correction_feeds, session,
                                          reference_session=partial(create_session, threads=self.config.run.threads),
-                                         cache=self._correction_reference, history=self._correction_history)
+                                         cache=self._correction_reference, history=self._correction_history,
+                                         guard=guard)
         except Exception as err:  # ONNX Runtime's own error types: the model stays as it is, with a warning
             msg = " ".join(str(err).split())[:200] or type(err).__name__
             log.warning("%s: bias correction skipped (the Q/DQ model is written without it): %s", self.model_name, msg)
-            return qdq, {}
+            return Correction(qdq, {})
 
     def cache(self, method: str | None = None, *, trt_version: int = DEFAULT_TRT_VERSION) -> CalibrationCache:
         """The TensorRT calibration cache: tensors of the user's model only (an equalized tensor
@@ -479,6 +500,7 @@ class Calibration:
                        "equalize_pointwise": s.pointwise_equalization,
                        "bias_correction": self.correction_feeds is not None,
                        "quantize_attention_probs": s.quantize_attention_probs},
+            **({"bias_correction_checks": self.bias_checks} if self.bias_checks else {}),
             **metadata,
         }
 

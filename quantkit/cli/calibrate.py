@@ -4,6 +4,7 @@ import argparse
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, non_negative_int,
                                  positive_int, progress, select, source_for_model, trt_version,
@@ -199,6 +200,7 @@ class Calibrate:
                 lines.append("  note: no images left after calibration; compared on calibration images")
             report = {"method": args.method, "held_out": held_out, **cmp.to_dict(),
                       "entropy_differs_from_trt": cal.entropy_effect(),
+                      **({"bias_correction": cal.bias_checks[args.method]} if args.method in cal.bias_checks else {}),
                       **({"excluded": cal.excluded} if cal.excluded else {}),
                       **({"fallback": result.to_dict()} if result is not None else {})}
 
@@ -238,10 +240,19 @@ class Calibrate:
               + f" and {len(cal.plan.weights)} weights quantized ({args.method})"
               + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")
               + (f"; {len(front)} Conv/Gemm/MatMul of a log-spectrum front end kept in float" if front else "")
-              + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else ""))
+              + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else "")
+              + _bias_note(cal.bias_checks.get(args.method)))
         for p in paths.values():
             print(f"  wrote {p}")
         return 0
+
+
+def _bias_note(check: dict[str, Any] | None) -> str:
+    """The summary's words on a bias correction the guard left out (none when it was applied)."""
+    if check is None or check["applied"]:
+        return ""
+    return (f"; bias correction left out: the outputs' per-channel SQNR against FP32 was "
+            f"{check['output_sqnr_db']:.1f} dB with it, {check['uncorrected_output_sqnr_db']:.1f} without")
 
 
 def _inside(path: str, folder: str) -> str | None:

@@ -203,6 +203,10 @@ def test_the_fp32_reference_is_measured_once_per_calibration(monkeypatch):
     cal = quantkit.quantize(model, ArraySource(cal_x), QuantizeConfig(StatsConfig(bias_correction=True)))
     for method in ("entropy", "minmax", "percentile"):
         cal.int8_model(method)
+    from quantkit.onnx.qdq import insert_qdq
+
+    amax = cal.amax(quantized_only=True)  # a fallback variant (no guard): the guard's reference serves it
+    cal.bias_corrected(insert_qdq(cal.model, cal.plan, dict(amax, a1=amax["a1"] * 0.7)))
     assert len(runs) == 1
     fresh = quantkit.quantize(model, ArraySource(cal_x), QuantizeConfig(StatsConfig(bias_correction=True)))
     for method in ("minmax", "percentile"):
@@ -313,6 +317,28 @@ def test_cli_default_on_and_its_switch(digits_dirs, tmp_path, flags, on):
     assert any(i.name.endswith("_bias_corrected") for i in model.graph.initializer) == on
 
 
+def test_cli_says_when_the_guard_left_the_correction_out(digits_dirs, tmp_path, monkeypatch, capsys):
+    import json
+
+    from quantkit import sample
+    from quantkit.cli import main
+    from quantkit.onnx import biascorrect as bc
+    from tests.helpers import DIGITS
+
+    real = bc.row_medians
+    monkeypatch.setattr(bc, "row_medians", lambda d: 4 * real(d))  # shifts that hurt
+    out = tmp_path / "o"
+    assert main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(out),
+                 "--num-images", "64", "--eval-images", "32", *DIGITS]) == 0
+    said = capsys.readouterr().out
+    check = json.loads((out / "report.json").read_text())["bias_correction"]
+    assert not check["applied"] and check["output_sqnr_db"] < check["uncorrected_output_sqnr_db"]
+    assert f"bias correction left out: the outputs' per-channel SQNR against FP32 was {check['output_sqnr_db']:.1f}" in said
+    assert json.loads((out / "ranges.json").read_text())["bias_correction_checks"]["entropy"] == check
+    model = onnx.load(str(next(out.glob("*.int8.onnx"))))
+    assert not any(i.name.endswith("_bias_corrected") for i in model.graph.initializer)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 1000, 1001, 8192])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threaded", [False, True])
@@ -381,9 +407,9 @@ def test_a_change_in_the_middle_measures_from_its_depth_on(monkeypatch):
     measured: list[str] = []
     real = bc.row_medians
     monkeypatch.setattr(bc, "row_medians", lambda d: measured.append("m") or real(d))
-    _, shifts = cal._bias_corrected(qdq)
+    shifts = cal._bias_corrected(qdq).shifts
     assert len(measured) == 2  # conv2 and conv3; conv1 and side from the history
-    _, expected = fresh._bias_corrected(insert_qdq(fresh.model, fresh.plan, changed))
+    expected = fresh._bias_corrected(insert_qdq(fresh.model, fresh.plan, changed)).shifts
     assert shifts.keys() == expected.keys() == {"conv1", "side", "conv2", "conv3"}
     for conv in shifts:
         np.testing.assert_array_equal(shifts[conv], expected[conv])
@@ -428,3 +454,94 @@ def test_a_score_heads_convs_are_not_corrected():
     nodes[-2] = helper.make_node("Relu", ["cls1"], ["scores"], name="sig")  # an image, not scores
     graph = helper.make_graph(nodes, "img", list(graph.input), list(graph.output), inits)
     assert score_head_convs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])) == set()
+
+
+def _guarded_chain(rng: np.random.Generator) -> onnx.ModelProto:
+    """``_chain_model`` with a node after its last Conv (the guard's outputs come from the rest of
+    the graph) besides ``side``, an output no later node reads."""
+    model = _chain_model(rng)
+    model.graph.node.append(helper.make_node("Relu", ["y"], ["r"], name="relu"))
+    model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 8, 12, 12]))
+    return model
+
+
+def _outputs_sqnr(model: onnx.ModelProto, fp32: onnx.ModelProto, feeds) -> float:
+    """``output_sqnr`` of ``model`` against ``fp32``, each run whole on ``feeds``."""
+    from quantkit.backends.onnxruntime import create_session
+    from quantkit.onnx.biascorrect import guard_outputs, output_samples, output_sqnr
+
+    names = guard_outputs(fp32)
+    runs = []
+    for m in (fp32, model):
+        session = create_session(m)
+        got: dict[str, list] = {t: [] for t in names}
+        for feed, n in feeds:
+            for t, x in zip(names, session.run(names, dict(feed))):
+                got[t].append(output_samples(x))
+        runs.append(got)
+    return output_sqnr(*runs)
+
+
+def test_the_guard_keeps_a_correction_that_helps_and_measures_what_a_whole_run_measures():
+    from quantkit.onnx.qdq import insert_qdq
+
+    rng = np.random.default_rng(6)
+    model = _guarded_chain(rng)
+    cal = quantkit.quantize(model, ArraySource(_flat_background(rng, 32, 8)),
+                            QuantizeConfig(StatsConfig(bias_correction=True)))
+    q = cal.int8_model()
+    check = cal.bias_checks["entropy"]
+    assert check["applied"] and set(cal.bias_shifts["entropy"]) == {"conv1", "conv2", "conv3", "side"}
+    assert check["output_sqnr_db"] > check["uncorrected_output_sqnr_db"] + 1.0, check
+    # the corrected outputs come from the segments' tensors and the rest of the graph: as a whole run
+    assert abs(_outputs_sqnr(q, cal.model, cal.correction_feeds) - check["output_sqnr_db"]) < 0.01
+    plain = insert_qdq(cal.model, cal.plan, cal.amax(quantized_only=True))
+    assert abs(_outputs_sqnr(plain, cal.model, cal.correction_feeds) - check["uncorrected_output_sqnr_db"]) < 0.01
+
+
+def test_the_guard_leaves_out_a_correction_that_hurts_and_variants_follow(monkeypatch):
+    # each shift made 3x the measured median: the corrected outputs agree worse with FP32 than the
+    # uncorrected ones, so the uncorrected model is the one made, bit for bit, with no shifts; the
+    # fallback's variants of that method are not corrected either
+    from quantkit.debug.sensitivity import QdqScales
+    from quantkit.onnx import biascorrect as bc
+    from quantkit.onnx.qdq import insert_qdq
+
+    real = bc.row_medians
+    monkeypatch.setattr(bc, "row_medians", lambda d: 3 * real(d))
+    rng = np.random.default_rng(6)
+    model = _guarded_chain(rng)
+    cal = quantkit.quantize(model, ArraySource(_flat_background(rng, 32, 8)),
+                            QuantizeConfig(StatsConfig(bias_correction=True)))
+    q = cal.int8_model()
+    check = cal.bias_checks["entropy"]
+    assert not check["applied"] and check["output_sqnr_db"] < check["uncorrected_output_sqnr_db"], check
+    assert cal.bias_shifts["entropy"] == {}
+    plain = insert_qdq(cal.model, cal.plan, cal.amax(quantized_only=True))
+    assert q.SerializeToString() == plain.SerializeToString()
+    scales = QdqScales.from_calibration(cal)
+    variant = scales.int8_model([next(g for g in scales.groups if "conv3" in g.nodes).name])
+    assert not any(i.name.endswith("_bias_corrected") for i in variant.graph.initializer)
+
+
+def test_output_sqnr_is_the_mean_of_each_channels_sqnr():
+    from quantkit.onnx.biascorrect import GUARD_DB, output_samples, output_sqnr
+
+    rng = np.random.default_rng(14)
+    ref = [rng.normal(0, 1, (4, 3, 5)).astype(np.float32) for _ in range(2)]
+    scale = np.array([1e-3, 1e-1, 0.0])[None, :, None]  # channel 2 exact: clipped to the top
+    got = [(r + scale * rng.normal(0, 1, r.shape)).astype(np.float32) for r in ref]
+    boxes = [rng.normal(0, 50, (4, 7)).astype(np.float32), rng.normal(0, 50, (2, 7)).astype(np.float32)]
+    moved = [boxes[0] + 1, boxes[1][:1] + 1]  # the second feed's shape differs (NMS): left out
+    want = []
+    r, g = np.concatenate(ref).astype(np.float64), np.concatenate(got).astype(np.float64)
+    for c in range(3):
+        s, e = np.square(r[:, c]).sum(), np.square(g[:, c] - r[:, c]).sum()
+        want.append(min(GUARD_DB[1], 10 * np.log10(s / e)) if e else GUARD_DB[1])
+    b = boxes[0].astype(np.float64)
+    want += list(np.clip(10 * np.log10(np.square(b).sum(0) / np.square(1.0) / len(b)), *GUARD_DB))
+    samples = {"scores": [output_samples(x) for x in ref], "boxes": [output_samples(x) for x in boxes]}
+    other = {"scores": [output_samples(x) for x in got], "boxes": [output_samples(x) for x in moved]}
+    assert output_sqnr(samples, other) == pytest.approx(float(np.mean(want)), abs=1e-4)
+    assert output_samples(np.arange(4)) is None  # integer outputs are not compared
+    assert output_sqnr({"a": [None]}, {"a": [None]}) is None
