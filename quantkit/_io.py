@@ -104,7 +104,25 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """``obj`` as JSON that any parser reads (RFC 8259 has no Infinity or NaN): a float that is
+    not finite (the SQNR of identical outputs) is written as the string "inf", "-inf" or "nan",
+    which ``float()`` reads back."""
+    return write_text_atomic(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NumPy's too) as "inf", "-inf" or "nan"."""
+    import math
+
+    if isinstance(obj, float):  # np.float64 is a float
+        return obj if math.isfinite(obj) else "nan" if math.isnan(obj) else "inf" if obj > 0 else "-inf"
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item"):  # np.float32, np.int64, 0-d arrays
+        return json_safe(obj.item())
+    return obj
 
 
 def input_file(path: str | os.PathLike[str], what: str, error: type[InputError] = InputError) -> Path:

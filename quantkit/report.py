@@ -224,7 +224,7 @@ def plot_output_error(compares: Sequence[dict[str, Any]], title: str = "output S
     for c in by_model(compares, "test"):
         for o in c["outputs"]:
             labels.append(f"{_stem(c['test'])}: {o['name']}" if len(c["outputs"]) > 1 else _stem(c["test"]))
-            values.append(o["sqnr_db"])
+            values.append(float(o["sqnr_db"]))  # "inf" (identical outputs) reads as inf
     ax.barh(range(len(values)), values)
     ax.set_yticks(range(len(values)))
     ax.set_yticklabels(labels, fontsize=8)
@@ -258,8 +258,8 @@ def plot_error_along_depth(debug: dict[str, Any]) -> Any:
     acts = sorted(debug["activations"], key=lambda a: a["depth"])
     fig, ax = plt.subplots(figsize=(max(7, 0.3 * len(acts) + 3), 4.5))
     xs = range(len(acts))
-    ax.plot(xs, [a["local_sqnr_db"] for a in acts], marker="o", label="local (this pair alone)")
-    ax.plot(xs, [a["accumulated_sqnr_db"] for a in acts], marker="s", label="accumulated (FP32 vs INT8 model)")
+    ax.plot(xs, [float(a["local_sqnr_db"]) for a in acts], marker="o", label="local (this pair alone)")
+    ax.plot(xs, [float(a["accumulated_sqnr_db"]) for a in acts], marker="s", label="accumulated (FP32 vs INT8 model)")
     ax.set_xticks(list(xs))
     ax.set_xticklabels([a["tensor"][-28:] for a in acts], rotation=90, fontsize=6)
     ax.set_ylabel("SQNR, dB (higher is closer to FP32)")
@@ -297,7 +297,7 @@ def _table(res: Results) -> str:
         acc = "-" if c.get("accuracy_test") is None else f"{c['accuracy_test']:.4f}"
         agree = "-" if o.get("top1_agreement") is None else f"{o['top1_agreement']:.4f}"
         rows.append(f"<tr><td>{html.escape(_stem(c['test']))}</td><td>{acc}</td><td>{agree}</td>"
-                    f"<td>{o['cosine_mean']:.5f}</td><td>{o['sqnr_db']:.2f}</td></tr>")
+                    f"<td>{float(o['cosine_mean']):.5f}</td><td>{float(o['sqnr_db']):.2f}</td></tr>")
     head = "<tr><th>model</th><th>accuracy</th><th>top-1 agreement</th><th>cosine</th><th>SQNR dB</th></tr>"
     bench_rows = "".join(
         f"<tr><td>{html.escape(_stem(b['model']))}</td><td>{html.escape(str(b.get('backend')))} "
