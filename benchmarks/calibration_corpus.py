@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 base = a.calibration_feeds()
                 model = onnx.load(a.model_path())
-            except corpus.WheelMissing as err:
+            except (corpus.WheelMissing, ImportError) as err:  # an adapter's optional package (tokenizers)
                 lines.append(f"| {a.name} | | not run: {err} | | | |")
                 continue
             if a.name == "silero-vad":  # weights inside an If: refused (exit 2); its op15 export is the corpus's
