@@ -465,6 +465,14 @@ def _guarded_chain(rng: np.random.Generator) -> onnx.ModelProto:
     return model
 
 
+def _guarded_calibration() -> quantkit.Calibration:
+    """``_guarded_chain`` calibrated with bias correction on a flat background (the corrections help)."""
+    rng = np.random.default_rng(6)
+    model = _guarded_chain(rng)
+    return quantkit.quantize(model, ArraySource(_flat_background(rng, 32, 8)),
+                             QuantizeConfig(StatsConfig(bias_correction=True)))
+
+
 def _outputs_sqnr(model: onnx.ModelProto, fp32: onnx.ModelProto, feeds) -> float:
     """``output_sqnr`` of ``model`` against ``fp32``, each run whole on ``feeds``."""
     from quantkit.backends.onnxruntime import create_session
@@ -485,10 +493,7 @@ def _outputs_sqnr(model: onnx.ModelProto, fp32: onnx.ModelProto, feeds) -> float
 def test_the_guard_keeps_a_correction_that_helps_and_measures_what_a_whole_run_measures():
     from quantkit.onnx.qdq import insert_qdq
 
-    rng = np.random.default_rng(6)
-    model = _guarded_chain(rng)
-    cal = quantkit.quantize(model, ArraySource(_flat_background(rng, 32, 8)),
-                            QuantizeConfig(StatsConfig(bias_correction=True)))
+    cal = _guarded_calibration()
     q = cal.int8_model()
     check = cal.bias_checks["entropy"]
     assert check["applied"] and set(cal.bias_shifts["entropy"]) == {"conv1", "conv2", "conv3", "side"}
@@ -510,10 +515,7 @@ def test_the_guard_leaves_out_a_correction_that_hurts_and_variants_follow(monkey
 
     real = bc.row_medians
     monkeypatch.setattr(bc, "row_medians", lambda d: 6 * real(d))
-    rng = np.random.default_rng(6)
-    model = _guarded_chain(rng)
-    cal = quantkit.quantize(model, ArraySource(_flat_background(rng, 32, 8)),
-                            QuantizeConfig(StatsConfig(bias_correction=True)))
+    cal = _guarded_calibration()
     q = cal.int8_model()
     check = cal.bias_checks["entropy"]
     assert not check["applied"], check
@@ -534,9 +536,7 @@ def test_a_loss_within_the_guards_margin_keeps_the_correction(monkeypatch):
     real = bc.row_medians
     monkeypatch.setattr(bc, "row_medians", lambda d: 3 * real(d))  # 26.5 -> 24.1 dB
     monkeypatch.setattr(bc, "GUARD_MARGIN_DB", 5.0)
-    rng = np.random.default_rng(6)
-    cal = quantkit.quantize(_guarded_chain(rng), ArraySource(_flat_background(rng, 32, 8)),
-                            QuantizeConfig(StatsConfig(bias_correction=True)))
+    cal = _guarded_calibration()
     cal.int8_model()
     check = cal.bias_checks["entropy"]
     assert check["applied"] and check["output_sqnr_db"] < check["uncorrected_output_sqnr_db"], check
