@@ -138,9 +138,10 @@ def has_labels(source: "Source", indices: Sequence[int]) -> bool:
 
 def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[int], *,
                         output_rank: int | None = None, where: str = "the evaluation data",
-                        output_values: int | None = None) -> str:
+                        output_values: int | None = None, embedding: bool = False) -> str:
     """The drop metric to use: ``metric``, or accuracy when the data has labels, else
-    top1-agreement (sqnr for an output that is not [N, classes] with two classes or more).
+    top1-agreement (sqnr for an output that is not [N, classes] with two classes or more; cosine
+    for an ``embedding``, ``l2_normalized``'s: its argmax means nothing).
     ``output_values``: the error output's values a sample, where its shape says (None: unknown).
 
     Raises:
@@ -151,6 +152,8 @@ def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[
     labelled = has_labels(source, indices)
     classifier = output_rank in (None, 2) and output_values != 1  # [N, 1]: argmax agrees always
     if metric is None:
+        if embedding and output_values != 1:
+            return "cosine"
         return "accuracy" if labelled and classifier else "top1-agreement" if classifier else "sqnr"
     if metric not in DROP_METRICS:
         raise InputError(f"unknown drop metric {metric!r}; choose one of {list(DROP_METRICS)}")
@@ -349,7 +352,8 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         metric = "task"
     else:
         metric = resolve_drop_metric(config.drop_metric, eval_source, idx, output_rank=out_rank,
-                                     output_values=out_values)
+                                     output_values=out_values,
+                                     embedding=l2_normalized(scales.model, scales.measured_output))
     groups = scales.groups
     steps: list[dict[str, Any]] = []
 
@@ -535,6 +539,44 @@ def _ranker_for(scales: QdqScales, eval_source: "Source", idx: Sequence[int], ra
 
     src = eval_source if ranking_source is None else ranking_source
     return _Ranker(scales, src, ranking.subset_indices)
+
+
+#: ops that move or retype values without computing them, walked through by ``l2_normalized``
+_LAYOUT_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Transpose")
+#: ops between a norm and the division by it (an epsilon added or clipped, broadcast shapes)
+_NORM_GLUE = ("Clip", "Max", "Add", "Expand", "Unsqueeze", "Reshape", "Cast", "Identity", "Sqrt", "Pow",
+              "Reciprocal")
+
+
+def l2_normalized(model: onnx.ModelProto, name: str) -> bool:
+    """Whether the graph output ``name`` is an L2-normalized embedding, x / ||x||: an
+    ``LpNormalization`` (p 2), or a Div (or a Mul by a Reciprocal) whose divisor comes from a
+    ``ReduceL2``, a ``ReduceSumSquare`` or a ``ReduceSum`` under a Sqrt, through layout ops. A
+    sentence or face embedding's argmax means nothing, and its shape [N, dims] does not tell it
+    from a classifier's logits; its normalization does."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(name)
+    while node is not None and node.op_type in _LAYOUT_OPS and node.input:
+        node = producer.get(node.input[0])
+    if node is None:
+        return False
+    if node.op_type == "LpNormalization":
+        return next((a.i for a in node.attribute if a.name == "p"), 2) == 2
+    if node.op_type not in ("Div", "Mul") or len(node.input) < 2:
+        return False
+
+    def norm_of(t: str, depth: int = 0, under_sqrt: bool = False, inverted: bool = False) -> bool:
+        n = producer.get(t)
+        if n is None or depth > 8:
+            return False
+        if n.op_type in ("ReduceL2", "ReduceSumSquare") or (n.op_type == "ReduceSum" and under_sqrt):
+            return node.op_type == "Div" or inverted
+        if n.op_type in _NORM_GLUE and n.input:
+            return norm_of(n.input[0], depth + 1, under_sqrt or n.op_type in ("Sqrt", "Pow"),
+                           inverted or n.op_type == "Reciprocal")
+        return False
+
+    return any(norm_of(t) for t in (node.input[1:2] if node.op_type == "Div" else node.input[:2]))
 
 
 def _output_shape(model: onnx.ModelProto, name: str | None = None) -> tuple[int | None, int | None]:

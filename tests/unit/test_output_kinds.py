@@ -199,3 +199,60 @@ def test_an_output_with_its_samples_on_axis_1_is_split_per_sample(tmp_path, caps
         assert got[1]["y"][key] == pytest.approx(got[16]["y"][key], abs=1e-9)
     assert got[1]["ids"]["exact_samples"] == pytest.approx(got[16]["ids"]["exact_samples"])
     assert got[16]["ids"]["match"] > 0.9 and got[1]["y"]["cosine_min"] < got[16]["y"]["cosine_mean"]  # per sample
+
+
+def _embedding_model(tail: str) -> onnx.ModelProto:
+    """x [N, 16] -> Gemm -> y [N, 8] -> an output made by ``tail``: an L2 normalization in one of
+    the forms exporters write, or a classifier's ending."""
+    rng = np.random.default_rng(5)
+    nodes = [h.make_node("Gemm", ["x", "w"], ["y"], name="fc")]
+    inits = [nh.from_array(rng.normal(0, 0.3, (16, 8)).astype(np.float32), "w")]
+    if tail in ("torch-normalize", "rsqrt", "sum-normalize"):
+        inits.append(nh.from_array(np.array(1e-12, np.float32) if tail == "torch-normalize" else np.array([1]),
+                                   "eps" if tail == "torch-normalize" else "axes"))
+    if tail == "lpnorm":
+        nodes.append(h.make_node("LpNormalization", ["y"], ["out"], axis=1, p=2))
+    elif tail == "torch-normalize":  # F.normalize: x / expand(clip(ReduceL2(x), eps))
+        nodes += [h.make_node("ReduceL2", ["y"], ["n"], axes=[1], keepdims=1),
+                  h.make_node("Clip", ["n", "eps"], ["c"]),
+                  h.make_node("Shape", ["y"], ["s"]), h.make_node("Expand", ["c", "s"], ["e"]),
+                  h.make_node("Div", ["y", "e"], ["d"]), h.make_node("Flatten", ["d"], ["out"])]
+    elif tail == "rsqrt":  # x * 1 / sqrt(sum(x * x))
+        nodes += [h.make_node("Mul", ["y", "y"], ["sq"]), h.make_node("ReduceSum", ["sq", "axes"], ["ss"], keepdims=1),
+                  h.make_node("Sqrt", ["ss"], ["r"]), h.make_node("Reciprocal", ["r"], ["inv"]),
+                  h.make_node("Mul", ["inv", "y"], ["out"])]
+    elif tail == "softmax":
+        nodes.append(h.make_node("Softmax", ["y"], ["out"], axis=1))
+    elif tail == "sum-normalize":  # probabilities: x / sum(x), an L1 normalization
+        nodes += [h.make_node("Exp", ["y"], ["ex"]), h.make_node("ReduceSum", ["ex", "axes"], ["t"], keepdims=1),
+                  h.make_node("Div", ["ex", "t"], ["out"])]
+    else:
+        nodes[0].output[0] = "out"
+    g = h.make_graph(nodes, tail, [h.make_tensor_value_info("x", T.FLOAT, ["N", 16])],
+                     [h.make_tensor_value_info("out", T.FLOAT, ["N", 8])], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("tail, embedding", [("lpnorm", True), ("torch-normalize", True), ("rsqrt", True),
+                                             ("softmax", False), ("sum-normalize", False), ("logits", False)])
+def test_an_l2_normalized_embedding_takes_cosine_as_its_drop_metric(tmp_path, capsys, tail, embedding):
+    # a sentence or face embedding [N, dims] has the shape of a classifier's logits, but its argmax means
+    # nothing: its L2 normalization says what it is, and --max-drop measures it by cosine (labels or not)
+    import onnxruntime as ort
+
+    from quantkit.debug.fallback import l2_normalized
+
+    model = _embedding_model(tail)
+    onnx.checker.check_model(model)
+    x = np.random.default_rng(6).normal(0, 1, (48, 16)).astype(np.float32)
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    if embedding:
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-4)  # the graph normalizes
+    assert l2_normalized(model, "out") == embedding
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=x, labels=np.arange(48) % 8)
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "--num-images", "24",
+                 "--max-drop", "100", "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert ("(cosine of output 'out'" in said) == embedding, said
+    assert ("(accuracy of output 'out'" in said) == (not embedding), said
