@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: bias correction keeps a method's corrected model only where its outputs agree with FP32's at
-#: least as well as without it (``quantkit.onnx.biascorrect``, the guard): on
+#: bias correction leaves a method's correction out where the outputs agree with FP32's worse with it
+#: than without it by more than ``biascorrect.GUARD_MARGIN_DB`` (the guard): on
 BIAS_CORRECTION_GUARD = True
 #: the first samples, whose per-channel maxima decide depthwise equalization
 EQUALIZE_SAMPLES = 32

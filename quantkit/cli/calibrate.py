@@ -295,7 +295,7 @@ def _budget(args: argparse.Namespace, model: object, source: object, indices: li
         if extra:
             raise InputError(f"{extra[0]} needs --max-drop D", hint="e.g. --max-drop 0.5")
         return None
-    from quantkit.debug.fallback import FallbackConfig, _output_shape, l2_normalized, resolve_drop_metric
+    from quantkit.debug.fallback import FallbackConfig, drop_metric_for
 
     if not indices:
         raise InputError("--max-drop needs evaluation data, and --eval-images is 0",
@@ -303,9 +303,7 @@ def _budget(args: argparse.Namespace, model: object, source: object, indices: li
     from quantkit.onnx.model import error_output
 
     output = error_output(model, args.error_output)  # type: ignore[arg-type]
-    rank, values = _output_shape(model, output)  # type: ignore[arg-type]
-    metric = resolve_drop_metric(args.drop_metric, source, indices, output_rank=rank, output_values=values,
-                                 embedding=l2_normalized(model, output))  # type: ignore[arg-type]
+    metric = drop_metric_for(model, output, args.drop_metric, source, indices)  # type: ignore[arg-type]
     return FallbackConfig(max_drop=args.max_drop, drop_metric=metric, subset=args.subset,
                           max_float_groups=args.max_float_groups, estimator=args.rank_estimator,
                           output=args.error_output)

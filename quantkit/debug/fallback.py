@@ -344,16 +344,13 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
     if config.output is not None:
         scales = dataclasses.replace(scales, output=config.output)
     idx = list(range(len(eval_source))) if eval_indices is None else list(eval_indices)
-    out_rank, out_values = _output_shape(scales.model, scales.measured_output)
     if task_metric is not None:
         if config.drop_metric not in (None, "task"):
             raise InputError(f"a task metric was given, and the drop metric {config.drop_metric!r} too; "
                              "the budget is in points of one of them", hint="leave drop_metric unset")
         metric = "task"
     else:
-        metric = resolve_drop_metric(config.drop_metric, eval_source, idx, output_rank=out_rank,
-                                     output_values=out_values,
-                                     embedding=l2_normalized(scales.model, scales.measured_output))
+        metric = drop_metric_for(scales.model, scales.measured_output, config.drop_metric, eval_source, idx)
     groups = scales.groups
     steps: list[dict[str, Any]] = []
 
@@ -577,6 +574,15 @@ def l2_normalized(model: onnx.ModelProto, name: str) -> bool:
         return False
 
     return any(norm_of(t) for t in (node.input[1:2] if node.op_type == "Div" else node.input[:2]))
+
+
+def drop_metric_for(model: onnx.ModelProto, output: str, metric: str | None, source: "Source",
+                    indices: Sequence[int]) -> str:
+    """``resolve_drop_metric`` for the graph output ``output`` of ``model``: its declared shape and
+    whether it is an L2-normalized embedding decide the default."""
+    rank, values = _output_shape(model, output)
+    return resolve_drop_metric(metric, source, indices, output_rank=rank, output_values=values,
+                               embedding=l2_normalized(model, output))
 
 
 def _output_shape(model: onnx.ModelProto, name: str | None = None) -> tuple[int | None, int | None]:

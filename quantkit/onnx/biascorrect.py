@@ -320,7 +320,8 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             the Q/DQ model's segments.
         reference_session: the same for the FP32 model's run (default ``session``).
         cache: FP32 references by the Conv outputs they hold, filled and reused: one FP32 run for
-            every Q/DQ model corrected on the same ``feeds`` (pass the same dict each time).
+            every Q/DQ model corrected on the same ``feeds`` (pass the same dict each time); one
+            made with the guard's graph outputs serves a correction without the guard too.
         history: the depths' shifts of earlier corrections on the same ``feeds`` and FP32 model,
             filled and reused (pass the same dict each time): the leading depths whose segments,
             and every segment before them, are the same as in an earlier model (nodes, weights,
@@ -428,7 +429,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     corrected = _outputs_from(work, list(watched), known, reads, producer, ran, inits, session)
     plain_session = session(qdq.SerializeToString())
     plain: dict[str, list[np.ndarray | None]] = {t: [] for t in watched}
-    for feed, n in feeds:
+    for feed, _ in feeds:
         for t, x in zip(plain, plain_session.run(list(plain), dict(feed))):
             plain[t].append(output_samples(x))
     with_db, without_db = output_sqnr(watched, corrected), output_sqnr(watched, plain)
@@ -445,7 +446,7 @@ class Correction:
 
     Attributes:
         model: the corrected Q/DQ model (the one it was given when nothing was corrected, or
-            when the guard kept it).
+            when the guard left the correction out).
         shifts: Conv node -> the shift subtracted from its bias (empty when ``model`` is the
             uncorrected one).
         check: with the guard, ``{"applied", "output_sqnr_db", "uncorrected_output_sqnr_db"}``
