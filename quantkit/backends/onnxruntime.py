@@ -107,6 +107,23 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, t
         raise ModelError(f"ONNX Runtime cannot load the model: {msg}") from err
 
 
+#: a capture call's outputs per intra-op thread, and the bounds of the whole (MiB): see
+#: ``default_capture_budget_mb``
+CAPTURE_MB_PER_THREAD = 16
+CAPTURE_MB_BOUNDS = (64, 512)
+
+
+def default_capture_budget_mb(threads: int | None = None) -> float:
+    """How many MiB of captured tensors one inference call of a capture pass may return:
+    ``CAPTURE_MB_PER_THREAD`` per thread ONNX Runtime runs on (``threads``, default one per
+    core), within ``CAPTURE_MB_BOUNDS``. A chunk of few samples leaves many threads idle: on 16
+    cores, with 64 MiB, RapidOCR's recogniser ran in chunks of 2-3 text lines, and its capture
+    pass took 7.3 s against a 2.4 s FP32 pass over the same 512 lines; with 256 MiB, 4.7 s
+    (benchmarks/results/calibration_corpus.md). Two buffer sets of this size alternate."""
+    lo, hi = CAPTURE_MB_BOUNDS
+    return float(min(hi, max(lo, CAPTURE_MB_PER_THREAD * (threads or os.cpu_count() or 1))))
+
+
 class OrtRunner(Runner):
     """Run an ONNX model with ONNX Runtime.
 
@@ -117,7 +134,7 @@ class OrtRunner(Runner):
         capture: tensors ``capture`` streams (activations or graph inputs).
         capture_budget_mb: captured outputs of one inference call stay within this; a batch is
             split into chunks to keep them there (never below one sample, never for a model
-            with a fixed batch size).
+            with a fixed batch size). None: ``capture_budget_mb(threads)``.
         name: the model's name in messages (default: the file's name, or the graph's).
         integer_kernels: a Q/DQ model runs on ONNX Runtime's integer kernels, as ONNX Runtime
             deploys it (its speed; ``quantkit bench``), instead of as TensorRT computes it
@@ -128,7 +145,7 @@ class OrtRunner(Runner):
 
     def __init__(self, model: onnx.ModelProto | str | os.PathLike[str], *, threads: int | None = None,
                  providers: Sequence[str] = ("CPUExecutionProvider",), capture: Sequence[str] = (),
-                 capture_budget_mb: float = 64.0, name: str | None = None, integer_kernels: bool = False):
+                 capture_budget_mb: float | None = None, name: str | None = None, integer_kernels: bool = False):
         proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
         self.name = name or (Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name)
         self._inputs = input_specs(proto)
@@ -142,7 +159,7 @@ class OrtRunner(Runner):
         self._captured = list(dict.fromkeys(capture))
         fed = {s.name for s in self._inputs}
         self._inner = [t for t in self._captured if t not in fed]
-        self._budget_mb = capture_budget_mb
+        self._budget_mb = default_capture_budget_mb(threads) if capture_budget_mb is None else capture_budget_mb
         src: onnx.ModelProto | bytes | str | os.PathLike[str] = (
             with_outputs_bytes(proto, self._inner) if self._inner
             else proto if isinstance(model, onnx.ModelProto) else model)

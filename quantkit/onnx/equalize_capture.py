@@ -124,10 +124,11 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
     def sink(batch: Any, rows: int, captured: Mapping[str, np.ndarray]) -> None:
         padded = getattr(batch, "num_rows", rows)
         try:
-            update_collectors((collectors[name], batch_rows(arr, rows, padded)) for name, arr in captured.items())
-            if state["factors"] is not None:
-                _update_scaled(collectors, state["factors"], captured, rows)
+            jobs = [(collectors[name], batch_rows(arr, rows, padded)) for name, arr in captured.items()]
+            if state["factors"] is not None:  # the scaled tensors' histograms in the same round of workers
+                update_collectors([*jobs, *_scaled_jobs(collectors, state["factors"], captured, rows)])
                 return
+            update_collectors(jobs)
             take = min(rows, first_samples - state["seen"])
             part = {}
             for t in found:
@@ -160,5 +161,11 @@ def _update_scaled(collectors: Mapping[str, HistogramCollector],
                    factors: Mapping[str, tuple[str, np.ndarray, int]],
                    captured: Mapping[str, np.ndarray], rows: int | None) -> None:
     """Each equalized tensor's histogram of ``t * s`` (s broadcast over the channel axis)."""
-    update_collectors((collectors[name], Scaled(captured[t] if rows is None else captured[t][:rows], s, axis))
-                      for t, (name, s, axis) in factors.items())
+    update_collectors(_scaled_jobs(collectors, factors, captured, rows))
+
+
+def _scaled_jobs(collectors: Mapping[str, HistogramCollector], factors: Mapping[str, tuple[str, np.ndarray, int]],
+                 captured: Mapping[str, np.ndarray], rows: int | None) -> list[tuple[HistogramCollector, Scaled]]:
+    """``update_collectors``' jobs for ``_update_scaled``."""
+    return [(collectors[name], Scaled(captured[t] if rows is None else captured[t][:rows], s, axis))
+            for t, (name, s, axis) in factors.items()]

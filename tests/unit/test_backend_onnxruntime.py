@@ -224,3 +224,16 @@ def test_a_qdq_model_computes_what_tensorrt_computes_whatever_the_cpu():
     np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-3 * np.abs(exact).max())
     with OrtRunner(model, integer_kernels=True) as runner:  # ONNX Runtime's deployment kernels: they run
         assert runner.infer({"x": x})["y"].shape == (3, 4)
+
+
+def test_capture_budget_follows_the_threads(monkeypatch):
+    """A capture call may return 16 MiB a thread, within 64..512 MiB: 64 on a 2-core machine, as
+    before; 256 on 16 cores, where chunks of 2-3 samples left ONNX Runtime's threads idle."""
+    from quantkit.backends import onnxruntime as ortb
+
+    assert ortb.default_capture_budget_mb(2) == 64.0
+    assert ortb.default_capture_budget_mb(16) == 256.0
+    assert ortb.default_capture_budget_mb(128) == 512.0
+    monkeypatch.setattr(ortb.os, "cpu_count", lambda: 16)
+    assert ortb.default_capture_budget_mb(None) == 256.0
+    assert ortb.default_capture_budget_mb(4) == 64.0  # --threads 4 on that machine
