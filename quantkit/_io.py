@@ -135,7 +135,8 @@ def input_file(path: str | os.PathLike[str], what: str, error: type[InputError] 
     if not p.exists():
         raise error(f"{what} {str(p)!r} does not exist", hint="check the path")
     if p.is_dir():
-        raise error(f"{str(p)!r} is a folder, not a {what}", hint=f"give the path of the {what} file")
+        raise error(f"{str(p)!r} is a folder, not a {what}",
+                    hint=f"give the path of the {what}" + ("" if what.endswith("file") else " file"))
     if not p.is_file():
         raise error(f"{str(p)!r} is not a regular file (a device, pipe or socket), not a {what}",
                     hint=f"save the {what} to a file and give its path")

@@ -84,6 +84,19 @@ def session_options(threads: int | None = None, *, optimization: str = "all", sp
 QDQ_FUSION = "QDQSelectorActionTransformer"
 
 
+def cpu_has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this x86 CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX-INT8), from Linux's
+    ``cpuinfo`` flags; None where that does not say (another system, another architecture)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    if flags is None or "sse2" not in flags:  # no x86 flags line
+        return None
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
 def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, threads: int | None = None,
                    providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True,
                    optimization: str = "all", integer_kernels: bool = False) -> Any:

@@ -91,7 +91,8 @@ class Calibrate:
                        help="meet this accuracy budget on the evaluation data (--eval-dir or the held-out images): "
                             "switch the worst quantization groups to their best method, then return groups to float "
                             "in sensitivity order until the drop is at most D points; writes the model that meets it "
-                            "and sensitivity.json; a budget that cannot be met writes nothing (exit 2)")
+                            "(and sensitivity.json, when it had to rank the groups); a budget that cannot be met "
+                            "writes nothing (exit 2)")
         b.add_argument("--drop-metric", choices=["accuracy", "top1-agreement", "sqnr", "cosine"],
                        help="unit of --max-drop: accuracy (points, needs labels), top1-agreement (100 - %% agreeing "
                             "with FP32), sqnr (100 x noise/signal: 1 = 20 dB), cosine (100 x (1 - mean cosine)); "
@@ -203,6 +204,13 @@ class Calibrate:
                       **({"bias_correction": cal.bias_checks[args.method]} if args.method in cal.bias_checks else {}),
                       **({"excluded": cal.excluded} if cal.excluded else {}),
                       **({"fallback": result.to_dict()} if result is not None else {})}
+        if args.target == "onnxruntime":
+            from quantkit.backends.onnxruntime import cpu_has_vnni
+
+            if cpu_has_vnni() is False:
+                lines.append("  note: this CPU has no VNNI: ONNX Runtime's integer kernels here multiply with 16-bit "
+                             "sums that saturate, and the model can lose much more than the figures above (quantkit "
+                             "computes as TensorRT does); `quantkit compare ... --ort-kernels` shows what they give")
 
         preprocess = getattr(source, "preprocess", None)
         meta = {

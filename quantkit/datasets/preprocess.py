@@ -67,7 +67,7 @@ class Preprocess:
         n = self.channels
         for label, vals in (("mean", self.mean), ("std", self.std)):
             if len(vals) not in (1, n):
-                raise InputError(f"{label} has {len(vals)} values; colour {self.color!r} needs 1 or {n}")
+                raise InputError(f"{label} has {len(vals)} values; colour {self.color!r} needs " + ("1" if n == 1 else f"1 or {n}"))
         if any(s == 0 for s in self.std):
             raise InputError("std values must be non-zero")
 

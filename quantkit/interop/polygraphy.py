@@ -219,14 +219,14 @@ def check_script_path(path: str | os.PathLike[str]) -> Path:
     if not stem.isidentifier() or keyword.iskeyword(stem):
         raise InputError(f"--write-script {str(out)!r}: Polygraphy imports the script as module {stem!r}, "
                          "which is not a valid module name", hint="use letters, digits and _ (calib_data.py)")
+    if out.exists():  # before the module check, which finds this very file when it sits in the working folder
+        raise OutputExistsError(f"--write-script {str(out)!r} exists; quantkit does not overwrite it",
+                                hint="remove it or choose another name")
     # Polygraphy imports the script by its bare name: an existing module of that name (json,
     # polygraphy, numpy, ...) would be imported instead, and dropped from sys.modules afterwards.
     if stem in sys.modules or importlib.util.find_spec(stem) is not None:
         raise InputError(f"--write-script {str(out)!r}: Polygraphy imports the script as module {stem!r}, "
                          f"but Python already has a module {stem!r}", hint="choose another name (calib_data.py)")
-    if out.exists():
-        raise OutputExistsError(f"--write-script {str(out)!r} exists; quantkit does not overwrite it",
-                                hint="remove it or choose another name")
     return out
 
 

@@ -237,3 +237,16 @@ def test_capture_budget_follows_the_threads(monkeypatch):
     monkeypatch.setattr(ortb.os, "cpu_count", lambda: 16)
     assert ortb.default_capture_budget_mb(None) == 256.0
     assert ortb.default_capture_budget_mb(4) == 64.0  # --threads 4 on that machine
+
+
+def test_cpu_has_vnni_reads_the_flags(tmp_path):
+    from quantkit.backends.onnxruntime import cpu_has_vnni
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx2 avx512f avx512_vnni\n")
+    assert cpu_has_vnni(str(info)) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx2\n")
+    assert cpu_has_vnni(str(info)) is False
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")  # an Arm CPU: not said
+    assert cpu_has_vnni(str(info)) is None
+    assert cpu_has_vnni(str(tmp_path / "missing")) is None

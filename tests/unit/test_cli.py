@@ -199,8 +199,13 @@ def test_compare_and_inspect(digits_dirs, tmp_path, capsys):
     assert rc == 0
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["num_samples"] == 540 and m["outputs"][0]["cosine_mean"] > 0.99
+    assert "warning:" not in capsys.readouterr().err
     assert main(["inspect", str(sample.model_path())]) == 0
     assert "7 activation tensors" in capsys.readouterr().out
+    # the two models swapped: it still compares, and says the order
+    assert main(["compare", str(tmp_path / "q.onnx"), str(sample.model_path()), "--images", str(digits_dirs[1]),
+                 "--num-images", "16", *DIGITS]) == 0
+    assert "given as the FP32 reference, has Q/DQ pairs" in capsys.readouterr().err
 
 
 def test_bench_onnxruntime_and_engine_only_options(tmp_path, capsys):
@@ -218,3 +223,16 @@ def test_bench_onnxruntime_and_engine_only_options(tmp_path, capsys):
     assert stats["iterations"] >= 5 and stats["batch"] == 4 and stats["min_ms"] <= stats["median_ms"] <= stats["p99_ms"]
     assert main(["bench", str(sample.model_path()), "--cuda-graph"]) == 2
     assert "TensorRT engines only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("vnni", [False, True, None])
+def test_onnxruntime_target_notes_a_cpu_without_vnni(digits_dirs, tmp_path, capsys, monkeypatch, vnni):
+    """ONNX Runtime's integer kernels saturate on x86 without VNNI: calibrate --target onnxruntime
+    says so there (and only there), after its figures, which are computed as TensorRT does."""
+    monkeypatch.setattr("quantkit.backends.onnxruntime.cpu_has_vnni", lambda: vnni)
+    out = tmp_path / "o"
+    assert main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), *DIGITS, "--num-images", "32",
+                 "--eval-images", "16", "-o", str(out), "--target", "onnxruntime", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert ("this CPU has no VNNI" in text) is (vnni is False)
+    assert (out / "report.json").exists()

@@ -121,3 +121,17 @@ def test_polygraphy_run_feeds_from_the_written_script(digits_dirs, tmp_path, mon
     assert [a.shape[0] for a in fed] == [16, 16, 16, 2]  # 50 images, 4 iterations
     expected = _as_list(qp.feeds_from_args(flags))
     assert all(np.array_equal(a, b) for a, b in zip(fed, expected))
+
+
+def test_write_script_again_in_the_working_folder_says_it_exists(digits_dirs, tmp_path, monkeypatch, capsys):
+    """The second run in the same folder: the script is there, and importable from the working
+    folder; the message says it exists (it said Python had a module of that name)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = [*DIGITS, "--images", str(digits_dirs[1]), "--num-images", "8", "--write-script", "calib_data.py"]
+    assert qp.main(args) == 0
+    before = (tmp_path / "calib_data.py").read_bytes()
+    capsys.readouterr()
+    assert qp.main(args) == 2
+    assert "exists; quantkit does not overwrite it" in capsys.readouterr().err
+    assert (tmp_path / "calib_data.py").read_bytes() == before
