@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 #: bias correction leaves a method's correction out where the outputs agree with FP32's worse with it
 #: than without it by more than ``biascorrect.GUARD_MARGIN_DB`` (the guard): on
 BIAS_CORRECTION_GUARD = True
+#: ONNX Runtime threads of bias correction's segment sessions (and its guard's Q/DQ pass), at most:
+#: on 16 cores, with 16, RapidOCR's classifier's correction took 1.43 s, with 4 0.79 s (its 53 depths
+#: are small); the recogniser's and the detector's, 3.1 and 2.9 s either way (calibration_corpus.md)
+SEGMENT_THREADS = 4
 #: the first samples, whose per-channel maxima decide depthwise equalization
 EQUALIZE_SAMPLES = 32
 #: Equalization folded into the calibration pass (``_calibrate_equalizing``): on. It matches
@@ -436,8 +440,10 @@ class Calibration:
 
         assert self.correction_feeds is not None
         # basic optimizations: Q/DQ run as ONNX defines them (float), without the QDQ-to-integer
-        # fusions, whose session creation dominated the correction (rapidocr-rec: one session a depth)
-        session = partial(create_session, threads=self.config.run.threads, optimization="basic")
+        # fusions, whose session creation dominated the correction (rapidocr-rec: one session a depth);
+        # at most SEGMENT_THREADS threads: a segment is one depth's ops over 32 samples
+        threads = min(SEGMENT_THREADS, self.config.run.threads or os.cpu_count() or 1)
+        session = partial(create_session, threads=threads, optimization="basic")
         try:  # the FP32 run, one for every method and variant (the cache), with every optimization
             return sequential_correction(qdq, self.model, self.correction_feeds, session,
                                          reference_session=partial(create_session, threads=self.config.run.threads),
