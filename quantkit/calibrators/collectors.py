@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -400,6 +400,20 @@ def update_collectors(jobs: Iterable[tuple[HistogramCollector, np.ndarray | Scal
         f.result()
 
 
+def samples_text(indices: Sequence[int], most: int = 8) -> str:
+    """A batch's samples for a message, in order: "samples 3, 7, 12" (a random sampling order
+    is not a range), "samples 0..31" when consecutive, the first ``most`` and a count past them."""
+    idx = sorted(int(i) for i in indices)
+    if not idx:
+        return "no samples"
+    if len(idx) == 1:
+        return f"sample {idx[0]}"
+    if idx == list(range(idx[0], idx[-1] + 1)):
+        return f"samples {idx[0]}..{idx[-1]}"
+    more = f" and {len(idx) - most} more" if len(idx) > most else ""
+    return "samples " + ", ".join(map(str, idx[:most])) + more
+
+
 def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int = 2048, sample_stride: int = 5,
                        pow2_grid: bool = False, pow2_tensors: Collection[str] = (),
                        on_batch: Callable[[int], None] | None = None,
@@ -424,8 +438,7 @@ def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int =
         try:
             update_collectors((collectors[name], batch_rows(arr, rows, padded)) for name, arr in tensors.items())
         except NonFiniteError as err:
-            first, last = batch.indices[0], batch.indices[-1]
-            raise NonFiniteError(f"{err} in the batch of samples {first}..{last}",
+            raise NonFiniteError(f"{err} in the batch of {samples_text(batch.indices)}",
                                  hint="check the model and the preprocessing (scale, mean/std) for this data") from err
 
     executor.capture(batches, sink, on_batch=on_batch)

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantkit.calibrators.collectors import HistogramCollector, Scaled, batch_rows, update_collectors
+from quantkit.calibrators.collectors import (HistogramCollector, Scaled, batch_rows, samples_text,
+                                              update_collectors)
 from quantkit.errors import NonFiniteError
 from quantkit.onnx.equalize import (Equalization, channel_axes, channel_max, equalize_depthwise, sample_rows,
                                    scales_for)
@@ -147,8 +148,7 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
             if state["seen"] >= first_samples:
                 decide()
         except NonFiniteError as err:
-            first, last = batch.indices[0], batch.indices[-1]
-            raise NonFiniteError(f"{err} in the batch of samples {first}..{last}",
+            raise NonFiniteError(f"{err} in the batch of {samples_text(batch.indices)}",
                                  hint="check the model and the preprocessing (scale, mean/std) for this data") from err
 
     runner.capture(batches, sink, on_batch=on_batch)

@@ -26,6 +26,7 @@ linear operator"), and the channel axis is then the consumer's own.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
 from quantkit.errors import ModelError
 from quantkit.onnx.model import (EXTERNAL_DATA_BYTES, constant_arrays, float_activations, input_specs, node_reads,
                                  tensor_bytes, tensor_types)
+
+log = logging.getLogger(__name__)
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _CONV_OPS = ("Conv", "ConvTranspose")
@@ -255,6 +258,11 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
                 if t in floats and t not in consts and t not in sizes and i not in params and \
                         t not in float_made and node.name not in acts.get(t, ()):
                     acts[t].append(node.name)
+    unbounded = carries_non_finite(graph.node, consts)
+    if unbounded & set(acts):  # a mask the model keeps in its weights: no finite scale holds it
+        log.info("%d tensor(s) carry the model's own infinite values (a mask in a constant) and stay float: %s",
+                 len(unbounded & set(acts)), ", ".join(sorted(unbounded & set(acts))[:5]))
+        acts = defaultdict(list, {t: v for t, v in acts.items() if t not in unbounded})
     # ONNX Runtime's integer kernels requantize between scales: groups only for TensorRT
     groups = _scale_groups(graph.node, list(acts), consts) if target == "tensorrt" else ()
     return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()},
@@ -406,6 +414,33 @@ def log_spectrum_nodes(model: onnx.ModelProto, consts: Mapping[str, object] | No
         nxt = "power" if state != "log" and (op in _MAGNITUDE_OPS or square) else state
         stack.extend((i, nxt) for i in node.input if i)
     return found
+
+
+#: ops whose output holds values of an input as they are (moved, selected) or with a finite
+#: amount added: an infinite value passes through them (``carries_non_finite``)
+_PASSES_INFINITY = ("Gather", "GatherElements", "GatherND", "Transpose", "Reshape", "Squeeze", "Unsqueeze",
+                    "Expand", "Slice", "Concat", "Tile", "Identity", "Flatten", "Cast", "Split", "Where",
+                    "Add", "Sub", "Max", "Min")
+
+
+def carries_non_finite(nodes: Iterable[onnx.NodeProto], consts: Mapping[str, np.ndarray]) -> set[str]:
+    """Tensors that can hold a constant's infinite or NaN values: a floating constant that has
+    some, and what ``_PASSES_INFINITY`` ops make from it. Attention masks live there: a
+    relative-position table whose padding row is -inf, gathered and added to the scores (a
+    graphormer in chython-rxnmap), or torch's ``masked_fill(mask, -inf)`` exported as a Where.
+    The model means those values, and no INT8 scale holds them: such a tensor is not quantized
+    (quantized, its calibration stopped on "Inf values", blaming the data). ``nodes`` in graph
+    order."""
+    out = {k for k, v in consts.items()
+           if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size and not np.isfinite(v).all()}
+    if not out:
+        return out
+    for node in nodes:
+        if node.op_type in _PASSES_INFINITY and any(t in out for t in node.input[:3] if t):
+            if node.op_type in ("Gather", "GatherElements", "GatherND") and node.input[0] not in out:
+                continue  # the indices' side: values are taken from the data
+            out.update(o for o in node.output if o)
+    return out
 
 
 def _computed_from_constants(nodes: Iterable[onnx.NodeProto], consts: Mapping[str, object], *,

@@ -153,3 +153,12 @@ def test_histograms_filled_side_by_side_equal_the_serial_ones(monkeypatch):
     bad[0, 0, 0] = np.nan
     with pytest.raises(NonFiniteError, match="t2"):
         col.update_collectors([(HistogramCollector(256, name="t1"), xs[1]), (HistogramCollector(256, name="t2"), bad)])
+
+
+def test_samples_text_names_a_shuffled_batch():
+    from quantkit.calibrators.collectors import samples_text
+
+    assert samples_text([18, 3, 15]) == "samples 3, 15, 18"  # was "samples 18..15" for a shuffled batch
+    assert samples_text(range(4, 12)) == "samples 4..11"
+    assert samples_text([5]) == "sample 5"
+    assert samples_text(list(range(0, 40, 2))) == "samples 0, 2, 4, 6, 8, 10, 12, 14 and 12 more"

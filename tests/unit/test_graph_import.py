@@ -804,3 +804,63 @@ def test_an_output_declared_without_type_or_shape_is_read(tmp_path, declared):
     np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(size=(16, 8)).astype(np.float32))
     assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
                  "--no-progress"]) == 0
+
+
+# ------------------------------------------------------------------ infinite values the model means
+def _masked_attention_model(masked_fill: bool) -> onnx.ModelProto:
+    """x [N, 6, 8] -> q, k by MatMul; scores + a bias whose masked entries are -inf (a relative-
+    position table with a -inf padding row, gathered by the int64 input ``pos``; or torch's
+    masked_fill(mask, -inf) as a Where) -> Softmax -> x V -> MatMul."""
+    rng = np.random.default_rng(0)
+    w = {n: numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32) * 0.3, n) for n in ("wq", "wk", "wo")}
+    table = rng.normal(size=(5, 1)).astype(np.float32)
+    table[0] = -np.inf  # the padding distance
+    inits = [*w.values(), numpy_helper.from_array(table, "table"),
+             numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf")]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="mq"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="mk"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="tk"),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="qk")]
+    if masked_fill:
+        nodes += [helper.make_node("Cast", ["pos"], ["mask"], to=TensorProto.BOOL, name="cast"),
+                  helper.make_node("Not", ["mask"], ["pad"], name="not"),
+                  helper.make_node("Where", ["pad", "neg_inf", "scores"], ["masked"], name="fill")]
+    else:
+        nodes += [helper.make_node("Gather", ["table", "pos"], ["bias4"], name="gather"),
+                  helper.make_node("Squeeze", ["bias4", "sq_axes"], ["bias"], name="squeeze"),
+                  helper.make_node("Add", ["scores", "bias"], ["masked"], name="add_bias")]
+        inits.append(numpy_helper.from_array(np.array([3], np.int64), "sq_axes"))
+    nodes += [helper.make_node("Softmax", ["masked"], ["p"], axis=-1, name="softmax"),
+              helper.make_node("MatMul", ["p", "x"], ["ctx"], name="pv"),
+              helper.make_node("MatMul", ["ctx", "wo"], ["y"], name="mo")]
+    g = helper.make_graph(nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8]),
+                                            helper.make_tensor_value_info("pos", TensorProto.INT64, ["N", 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("masked_fill", [False, True])
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_infinite_mask_in_a_constant_stays_float(tmp_path, capsys, masked_fill, target):
+    """A -inf the model keeps in a constant (an attention mask) is meant: the tensors that carry it
+    are not quantized, and calibrate succeeds (the onnxruntime target stopped on 'Inf values' in
+    the gathered bias, exit 2, blaming the data: chython-rxnmap's graphormer)."""
+    from quantkit.onnx.qdq import carries_non_finite, plan_qdq
+    from quantkit.onnx.model import constant_arrays
+
+    m = _masked_attention_model(masked_fill)
+    onnx.checker.check_model(m)
+    carried = carries_non_finite(m.graph.node, constant_arrays(m))
+    assert "masked" in carried and "scores" not in carried and "p" not in carried
+    assert not carried & set(plan_qdq(m, target).activations)
+    rng = np.random.default_rng(1)
+    pos = rng.integers(0, 5, size=(24, 6, 6)).astype(np.int64)
+    pos[:, :, 0] = 0  # every row has a masked entry (and one that is not)
+    pos[:, :, 1] = 1 + pos[:, :, 1] % 4
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(24, 6, 8)).astype(np.float32), pos=pos)
+    onnx.save(m, tmp_path / "m.onnx")
+    rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+               "--target", target, "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    q = onnx.load(tmp_path / "o" / "m.int8.onnx")
+    assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
