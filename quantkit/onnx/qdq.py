@@ -258,6 +258,10 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
                 if t in floats and t not in consts and t not in sizes and i not in params and \
                         t not in float_made and node.name not in acts.get(t, ()):
                     acts[t].append(node.name)
+    zeros = always_zero(graph.node, consts) & set(acts)
+    if zeros:  # nothing to quantize, and no range to calibrate (an RNN's initial state times a gate)
+        log.info("%d tensor(s) are zero by construction and stay float: %s", len(zeros), ", ".join(sorted(zeros)[:5]))
+        acts = defaultdict(list, {t: v for t, v in acts.items() if t not in zeros})
     unbounded = carries_non_finite(graph.node, consts)
     if unbounded & set(acts):  # a mask the model keeps in its weights: no finite scale holds it
         log.info("%d tensor(s) carry the model's own infinite values (a mask in a constant) and stay float: %s",
@@ -439,6 +443,31 @@ def carries_non_finite(nodes: Iterable[onnx.NodeProto], consts: Mapping[str, np.
         if node.op_type in _PASSES_INFINITY and any(t in out for t in node.input[:3] if t):
             if node.op_type in ("Gather", "GatherElements", "GatherND") and node.input[0] not in out:
                 continue  # the indices' side: values are taken from the data
+            out.update(o for o in node.output if o)
+    return out
+
+
+#: ops whose output is zero when their (first) input is: layout and selection
+_KEEPS_ZERO = ("Gather", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Expand", "Slice", "Tile", "Identity",
+               "Flatten", "Cast", "Split", "Relu", "Neg")
+
+
+def always_zero(nodes: Iterable[onnx.NodeProto], consts: Mapping[str, np.ndarray]) -> set[str]:
+    """Tensors that are 0 by construction: a floating constant of zeros, a ``ConstantOfShape``
+    of 0 (its default), a Mul that reads one, and what layout ops make from them. An RNN unrolled
+    by its exporter starts from such a state (captcha-whisperer's LSTM: the forget gate times a
+    ConstantOfShape(0) cell): nothing to quantize, and its calibration warned that the data left
+    it at 0. ``nodes`` in graph order."""
+    out = {k for k, v in consts.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size and
+           not np.any(v)}
+    for node in nodes:
+        if node.op_type == "ConstantOfShape":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            arr = onnx.numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
+            if arr.dtype.kind == "f" and not np.any(arr):
+                out.update(o for o in node.output if o)
+        elif (node.op_type == "Mul" and any(t in out for t in node.input)) or \
+                (node.op_type in _KEEPS_ZERO and node.input and node.input[0] in out):
             out.update(o for o in node.output if o)
     return out
 

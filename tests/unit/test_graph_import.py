@@ -864,3 +864,41 @@ def test_infinite_mask_in_a_constant_stays_float(tmp_path, capsys, masked_fill, 
     assert rc == 0, capsys.readouterr().err
     q = onnx.load(tmp_path / "o" / "m.int8.onnx")
     assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+
+
+def test_zero_by_construction_stays_float(tmp_path, capsys, caplog):
+    """An unrolled RNN's first step: the forget gate times a ConstantOfShape(0) cell is 0 on any
+    data. Not quantized (both targets), and calibrate no longer warns that the data left it at 0
+    (captcha-whisperer's LSTM with --target onnxruntime)."""
+    import logging
+
+    from quantkit.onnx.model import constant_arrays
+    from quantkit.onnx.qdq import always_zero, plan_qdq
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), n) for n in ("wf", "wi", "wo")]
+    inits.append(numpy_helper.from_array(np.array([2, 8], np.int64), "cshape"))
+    nodes = [helper.make_node("Shape", ["x"], ["xs"], name="shape"),
+             helper.make_node("ConstantOfShape", ["xs"], ["c0"], name="zeros"),
+             helper.make_node("MatMul", ["x", "wf"], ["f_pre"], name="mf"),
+             helper.make_node("Sigmoid", ["f_pre"], ["f"], name="sf"),
+             helper.make_node("Mul", ["f", "c0"], ["fc"], name="forget"),
+             helper.make_node("MatMul", ["x", "wi"], ["i_pre"], name="mi"),
+             helper.make_node("Tanh", ["i_pre"], ["i"], name="ti"),
+             helper.make_node("Add", ["fc", "i"], ["c1"], name="cell"),
+             helper.make_node("MatMul", ["c1", "wo"], ["y"], name="mo")]
+    g = helper.make_graph(nodes, "rnn_step", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    assert always_zero(m.graph.node, constant_arrays(m)) == {"c0", "fc"}
+    for target in ("tensorrt", "onnxruntime"):
+        assert "fc" not in plan_qdq(m, target).activations
+    assert "i" in plan_qdq(m, "onnxruntime").activations  # the other operand of the Add still is
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(32, 8)).astype(np.float32))
+    onnx.save(m, tmp_path / "m.onnx")
+    with caplog.at_level(logging.WARNING):
+        rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                   "--target", "onnxruntime", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert "0 on every calibration sample" not in caplog.text + capsys.readouterr().err
