@@ -209,8 +209,9 @@ class Calibrate:
 
             if cpu_has_vnni() is False:
                 lines.append("  note: this CPU has no VNNI: ONNX Runtime's integer kernels here multiply with 16-bit "
-                             "sums that saturate, and the model can lose much more than the figures above (quantkit "
-                             "computes as TensorRT does); `quantkit compare ... --ort-kernels` shows what they give")
+                             "sums that saturate, and the model can lose much more there than quantkit's figures say "
+                             "(quantkit computes as TensorRT does); `quantkit compare ... --ort-kernels` shows what "
+                             "they give")
 
         preprocess = getattr(source, "preprocess", None)
         meta = {
