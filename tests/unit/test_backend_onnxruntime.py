@@ -250,3 +250,39 @@ def test_cpu_has_vnni_reads_the_flags(tmp_path):
     info.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")  # an Arm CPU: not said
     assert cpu_has_vnni(str(info)) is None
     assert cpu_has_vnni(str(tmp_path / "missing")) is None
+
+
+def test_fold_weight_qdq_same_outputs_fewer_nodes(tmp_path):
+    """A check session computes each MatMul/Gemm weight's Q/DQ pair once (``fold_weight_qdq``): the
+    same outputs, the activations' pairs and the Convs' weight pairs kept; the file calibrate
+    writes still has every pair."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantkit.backends.onnxruntime import OrtRunner, create_session, fold_weight_qdq
+    from quantkit.onnx.qdq import insert_qdq, plan_qdq
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "wc"),
+             numpy_helper.from_array(rng.normal(size=(64, 10)).astype(np.float32), "wm"),
+             numpy_helper.from_array(np.array([-1, 64], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "wm"], ["y"], name="fc")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    plan = plan_qdq(m)
+    q = insert_qdq(m, plan, {t: 3.0 for t in plan.activations})
+    folded = fold_weight_qdq(q)
+    count = lambda model, op: sum(n.op_type == op for n in model.graph.node)  # noqa: E731
+    assert count(folded, "QuantizeLinear") == count(q, "QuantizeLinear") - 1  # the MatMul's weight pair only
+    assert count(folded, "DequantizeLinear") == count(q, "DequantizeLinear") - 1
+    assert "wm" not in {i.name for i in folded.graph.initializer}  # read by its QuantizeLinear only
+    x = rng.normal(size=(5, 3, 4, 4)).astype(np.float32)
+    want = create_session(q).run(["y"], {"x": x})[0]
+    got = create_session(folded).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with OrtRunner(q) as r:  # what compare, debug and --max-drop run
+        np.testing.assert_allclose(r.infer({"x": x})["y"], want, rtol=1e-5, atol=1e-5)
+    assert fold_weight_qdq(m) is m  # nothing to fold
