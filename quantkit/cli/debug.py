@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from quantkit.cli.common import (add_data_args, add_preprocess_args, positive_int, progress, select,
                                  source_for_model, with_sample_axis)
@@ -73,6 +74,7 @@ class Debug:
         with progress(len(drawn.indices), "debugging", disable=args.no_progress) as bar:
             report = layerwise_error(fp32, int8, batches, threads=args.threads, reference_name=Path(args.reference).name,
                                      test_name=Path(args.test).name, on_batch=bar.update)
+        report = _user_names(report, fp32)
         doc, ranking = report.to_dict(), None
         if args.rank:
             from quantkit.debug.sensitivity import QdqScales, rank_sensitivity
@@ -90,3 +92,16 @@ class Debug:
             print(ranking.table(args.rows))
         print(f"  wrote {Path(args.output) / 'debug.json'}")
         return 0
+
+
+def _user_names(report: Any, fp32: Any) -> Any:
+    """``report`` with a model run with a sample axis (``with_sample_axis``) naming its tensors as
+    the user's model does (the wrapper's inner inputs read ``speech__sample``)."""
+    from dataclasses import replace
+
+    from quantkit.onnx.sampleaxis import original_names
+
+    names = original_names(fp32)
+    if not names:
+        return report
+    return replace(report, activations=[replace(p, tensor=names.get(p.tensor, p.tensor)) for p in report.activations])

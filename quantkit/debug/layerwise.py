@@ -212,11 +212,11 @@ class DebugReport:
                  f"activations, {len(self.weights)} weights; worst first",
                  f"  {'tensor':<36} {'depth':>5} {'local dB':>9} {'clipped':>8} {'clip/err':>8} {'accum dB':>9}"]
         for p in self.worst_first()[:rows]:
-            lines.append(f"  {p.tensor[-36:]:<36} {p.depth:>5} {p.local_sqnr_db:>9.2f} {100 * p.clipped_share:>7.3f}% "
+            lines.append(f"  {short_name(p.tensor):<36} {p.depth:>5} {p.local_sqnr_db:>9.2f} {100 * p.clipped_share:>7.3f}% "
                          f"{100 * p.clipping_share_of_error:>7.1f}% {p.accumulated_sqnr_db:>9.2f}")
         worst_w = sorted(self.weights, key=lambda w: w.worst_channel_sqnr_db)[:3]
         for w in worst_w:
-            lines.append(f"  weight {w.tensor[-36:]}: {w.sqnr_db:.2f} dB, worst channel {w.worst_channel_sqnr_db:.2f} dB "
+            lines.append(f"  weight {short_name(w.tensor)}: {w.sqnr_db:.2f} dB, worst channel {w.worst_channel_sqnr_db:.2f} dB "
                          f"(channels {w.worst_channels})")
         for o in self.outputs:
             differs = getattr(o, "shape_differs", 0)
@@ -233,6 +233,16 @@ class DebugReport:
                          + (" (through a TopK: rows pair up by rank, near ties reorder them)"
                             if getattr(o, "value_ordered", False) else ""))
         return "\n".join(lines)
+
+
+def short_name(name: str, width: int = 36) -> str:
+    """``name`` in at most ``width`` characters for a table: its start and its end around "...".
+    Exporters' names differ in the middle as often as at the end (tf2onnx's
+    ``model/block_3/conv/Conv2D:0_equalized``), so the tail alone read alike on several rows."""
+    if len(name) <= width:
+        return name
+    head = (width - 3) // 2
+    return name[:head] + "..." + name[len(name) - (width - 3 - head):]
 
 
 def _tensors_of(model: onnx.ModelProto) -> set[str]:

@@ -184,3 +184,11 @@ def test_ranking_a_q_dq_model_written_for_onnx_runtime_uses_its_placement(tmp_pa
     rep = rank_sensitivity(scales, src, range(32, 48), subset=16)
     sqnr = next(iter(cal.evaluate(src, indices=range(32, 48)).outputs)).sqnr_db
     assert 10 * math.log10(1 / rep.int8_error_all) == pytest.approx(sqnr, abs=1.0)
+
+
+def test_short_name_keeps_both_ends():
+    from quantkit.debug.layerwise import short_name
+
+    a, b = "model/conv1d_3/conv1d/ExpandDims:0_equalized", "model/conv1d_4/conv1d/ExpandDims:0_equalized"
+    assert short_name(a) != short_name(b) and len(short_name(a)) == 36  # the tail alone read alike
+    assert short_name("relu_1") == "relu_1"
