@@ -122,7 +122,7 @@ def fold_weight_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
         if not readers or any(r.op_type not in FOLDED_READERS for r in readers):
             continue
         if dqs and all(d.op_type == "DequantizeLinear" and d.domain in ("", "ai.onnx") and d.input[0] == q.output[0]
-                       and all(t in inits for t in d.input[1:] if t) for d in dqs):
+                       and d.output[0] not in outputs and all(t in inits for t in d.input[1:] if t) for d in dqs):
             chains.append((q, dqs))
     if not chains or sum(len(i.raw_data) for i in g.initializer) > FOLD_MAX_BYTES:
         return model
@@ -214,7 +214,7 @@ class OrtRunner(Runner):
         capture: tensors ``capture`` streams (activations or graph inputs).
         capture_budget_mb: captured outputs of one inference call stay within this; a batch is
             split into chunks to keep them there (never below one sample, never for a model
-            with a fixed batch size). None: ``capture_budget_mb(threads)``.
+            with a fixed batch size). None: ``default_capture_budget_mb(threads)``.
         name: the model's name in messages (default: the file's name, or the graph's).
         integer_kernels: a Q/DQ model runs on ONNX Runtime's integer kernels, as ONNX Runtime
             deploys it (its speed; ``quantkit bench``), instead of as TensorRT computes it

@@ -122,7 +122,8 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--std", type=_floats, metavar="S[,S,S]", help="per-channel std (after --scale)")
     g.add_argument("--scale", type=float, help="multiply 0-255 pixel values by this first (imagenet: 1/255)")
     g.add_argument("--color", choices=["rgb", "bgr", "gray"], help="channel order the model expects")
-    g.add_argument("--layout", choices=["nchw", "nhwc"], help="input layout (default: the one the input's static channel dim says, nchw when it says none)")
+    g.add_argument("--layout", choices=["nchw", "nhwc"],
+                   help="input layout (default: the one the input's static channel dim says, nchw when it says none)")
 
 
 def preprocess_from_args(args: argparse.Namespace) -> Any:

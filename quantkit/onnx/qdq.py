@@ -258,11 +258,13 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
                 if t in floats and t not in consts and t not in sizes and i not in params and \
                         t not in float_made and node.name not in acts.get(t, ()):
                     acts[t].append(node.name)
-    zeros = always_zero(graph.node, consts) & set(acts)
+    # constants the user cannot feed (an initializer that is also a graph input is a default value)
+    fixed = {k: v for k, v in consts.items() if k not in {i.name for i in graph.input}}
+    zeros = always_zero(graph.node, fixed) & set(acts)
     if zeros:  # nothing to quantize, and no range to calibrate (an RNN's initial state times a gate)
         log.info("%d tensor(s) are zero by construction and stay float: %s", len(zeros), ", ".join(sorted(zeros)[:5]))
         acts = defaultdict(list, {t: v for t, v in acts.items() if t not in zeros})
-    unbounded = carries_non_finite(graph.node, consts)
+    unbounded = carries_non_finite(graph.node, fixed)
     if unbounded & set(acts):  # a mask the model keeps in its weights: no finite scale holds it
         log.info("%d tensor(s) carry the model's own infinite values (a mask in a constant) and stay float: %s",
                  len(unbounded & set(acts)), ", ".join(sorted(unbounded & set(acts))[:5]))

@@ -902,3 +902,23 @@ def test_zero_by_construction_stays_float(tmp_path, capsys, caplog):
                    "--target", "onnxruntime", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     assert "0 on every calibration sample" not in caplog.text + capsys.readouterr().err
+
+
+def test_a_default_value_is_not_a_constant():
+    """An initializer that is also a graph input is a default the user may feed (an RNN state of
+    zeros, a mask of -inf): the zero and non-finite rules leave the tensors made from it alone."""
+    from quantkit.onnx.qdq import plan_qdq
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.zeros((1, 8), np.float32), "state")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Mul", ["h", "state"], ["gated"], name="gate"),
+             helper.make_node("MatMul", ["gated", "w"], ["y"], name="out")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                                       helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert "gated" in plan_qdq(m).activations
+    m.graph.input.pop()  # the same initializer, no longer an input: a constant, the product 0 by construction
+    assert "gated" not in plan_qdq(m).activations
