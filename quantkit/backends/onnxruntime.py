@@ -83,6 +83,12 @@ def session_options(threads: int | None = None, *, optimization: str = "all", sp
 #: madmom beat tracker's Q/DQ model read 7.5 dB output SQNR through them on an AVX2 machine and
 #: 27.5 dB as TensorRT computes it (int32 accumulation). Left out unless ``integer_kernels``.
 QDQ_FUSION = "QDQSelectorActionTransformer"
+#: ONNX Runtime's graph transformer that quantizes a float weight or bias of a Conv, Gemm or MatMul
+#: that reads a DequantizeLinear (per tensor, to form a Q/DQ node unit). A check session's weights
+#: are the model's own (float biases, folded weight pairs: ``fold_weight_qdq``), as TensorRT uses
+#: them: left out with ``QDQ_FUSION``. With it, a ResNet-18 whose Conv weights were folded read
+#: 21.8 dB against 31.5 (its weights re-quantized per tensor).
+WEIGHT_QUANTIZATION = "WeightBiasQuantization"
 
 
 #: ``fold_weight_qdq`` leaves a model whose tensors hold more than this alone (the folded copy is
@@ -90,11 +96,8 @@ QDQ_FUSION = "QDQSelectorActionTransformer"
 FOLD_MAX_BYTES = 1 << 30
 
 
-#: the ops whose weights ``fold_weight_qdq`` folds. Not Conv: with a constant weight ONNX Runtime's
-#: basic optimizations computed a ResNet-18's stride-2 Convs differently (1-2% of their outputs; the
-#: model's output SQNR against FP32 31.5 -> 21.8 dB), where the same weights through the pair gave
-#: the unoptimized session's figures (not understood; left as it was)
-FOLDED_READERS = ("MatMul", "Gemm")
+#: the ops whose weights ``fold_weight_qdq`` folds
+FOLDED_READERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 def fold_weight_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -103,7 +106,8 @@ def fold_weight_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     pair gives on every run); ``model`` itself when it has no such pair. A Q/DQ model's session
     recomputed every weight's pair on every run: a batch-1 graphormer of 85 MB of weights
     (chython-rxnmap) ran its checks 3-5x slower than FP32, and no Conv or MatMul could pre-pack
-    its weight. The activations' pairs stay; the file written is never this one."""
+    its weight. The activations' pairs stay; the file written is never this one. Sessions of the
+    result must leave ``WEIGHT_QUANTIZATION`` out (``create_session`` does)."""
     g = model.graph
     inits = {i.name for i in g.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -181,7 +185,7 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, t
         return ort.InferenceSession(src, sess_options=session_options(threads, optimization=optimization,
                                                                       spinning=spinning),
                                     providers=list(providers),
-                                    **({} if integer_kernels else {"disabled_optimizers": [QDQ_FUSION]}))
+                                    **({} if integer_kernels else {"disabled_optimizers": [QDQ_FUSION, WEIGHT_QUANTIZATION]}))
     except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"ONNX Runtime cannot load the model: {msg}") from err
