@@ -115,22 +115,29 @@ def fold_weight_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
         for t in n.input:
             consumers.setdefault(t, []).append(n)
     outputs = {o.name for o in g.output}
-    chains: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
     index = {n.output[0]: k for k, n in enumerate(g.node) if n.output}
-    for q in g.node:
-        if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx") or not q.input or \
-                not all(t in inits for t in q.input if t) or q.output[0] in outputs:
-            continue
-        dqs = consumers.get(q.output[0], [])
-        readers = [r for d in dqs for r in consumers.get(d.output[0], [])]
-        if not readers or any(r.op_type not in FOLDED_READERS for r in readers):
-            continue
-        if dqs and all(d.op_type == "DequantizeLinear" and d.domain in ("", "ai.onnx") and d.input[0] == q.output[0]
-                       and d.output[0] not in outputs and all(t in inits for t in d.input[1:] if t) for d in dqs):
-            chains.append((q, dqs))
-    if not chains or sum(len(i.raw_data) for i in g.initializer) > FOLD_MAX_BYTES:
+    standard = ("", "ai.onnx")
+
+    def weight_dq(d: onnx.NodeProto) -> bool:  # a DequantizeLinear of constants that only weighted ops read
+        readers = consumers.get(d.output[0], [])
+        return d.op_type == "DequantizeLinear" and d.domain in standard and d.output[0] not in outputs and \
+            all(t in inits for t in d.input[1:] if t) and bool(readers) and \
+            all(r.op_type in FOLDED_READERS for r in readers)
+
+    nodes: list[onnx.NodeProto] = []  # what goes: QuantizeLinear -> DequantizeLinear pairs of a float weight,
+    names: list[str] = []  # and a DequantizeLinear of an int8 weight (ONNX Runtime's and NNCF's Q/DQ models)
+    for n in g.node:
+        if n.op_type == "QuantizeLinear" and n.domain in standard and n.input and n.output[0] not in outputs and \
+                all(t in inits for t in n.input if t):
+            dqs = consumers.get(n.output[0], [])
+            if dqs and all(d.input[0] == n.output[0] and weight_dq(d) for d in dqs):
+                nodes += [n, *dqs]
+                names += [d.output[0] for d in dqs]
+        elif n.op_type == "DequantizeLinear" and n.input and n.input[0] in inits and weight_dq(n):
+            nodes.append(n)
+            names.append(n.output[0])
+    if not nodes or sum(len(i.raw_data) for i in g.initializer) > FOLD_MAX_BYTES:
         return model
-    nodes = [n for q, dqs in chains for n in (q, *dqs)]
     needed = {t for n in nodes for t in n.input if t}
     sub = onnx.ModelProto()
     sub.ir_version = model.ir_version
@@ -138,7 +145,6 @@ def fold_weight_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     sub.graph.name = "fold"
     sub.graph.node.extend(nodes)
     sub.graph.initializer.extend(i for i in g.initializer if i.name in needed)
-    names = [d.output[0] for _, dqs in chains for d in dqs]
     for name in names:
         sub.graph.output.add().name = name
     values = create_session(sub, optimization="none").run(names, {})

@@ -286,3 +286,30 @@ def test_fold_weight_qdq_same_outputs_fewer_nodes(tmp_path):
     with OrtRunner(q) as r:  # what compare, debug and --max-drop run
         np.testing.assert_allclose(r.infer({"x": x})["y"], want, rtol=1e-5, atol=1e-5)
     assert fold_weight_qdq(m) is m  # nothing to fold
+
+
+def test_fold_weight_qdq_int8_weights_of_other_tools():
+    """ONNX Runtime's and NNCF's Q/DQ models keep int8 weights behind a DequantizeLinear alone:
+    folded too, the same outputs; a DequantizeLinear that a non-weighted op reads stays."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantkit.backends.onnxruntime import create_session, fold_weight_qdq
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, size=(8, 4)).astype(np.int8), "w_q"),
+             numpy_helper.from_array(np.full(4, 0.02, np.float32), "w_s"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "w_z"),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(4,)).astype(np.int8), "b_q"),
+             numpy_helper.from_array(np.float32(0.1), "b_s")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"], axis=1, name="dq_w"),
+             helper.make_node("DequantizeLinear", ["b_q", "b_s"], ["b"], name="dq_b"),
+             helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    folded = fold_weight_qdq(m)
+    assert [n.name for n in folded.graph.node] == ["dq_b", "mm", "add"]  # the Add's operand is not a weight
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    np.testing.assert_allclose(create_session(folded).run(["y"], {"x": x})[0], create_session(m).run(["y"], {"x": x})[0],
+                               rtol=1e-6, atol=1e-6)
