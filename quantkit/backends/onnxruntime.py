@@ -250,9 +250,10 @@ class OrtRunner(Runner):
         fed = {s.name for s in self._inputs}
         self._inner = [t for t in self._captured if t not in fed]
         self._budget_mb = default_capture_budget_mb(threads) if capture_budget_mb is None else capture_budget_mb
-        run = proto
-        if not integer_kernels and any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
-            run = fold_weight_qdq(proto)  # the weights' pairs once, not on every run (the same values)
+        #: the model has QuantizeLinear nodes (a Q/DQ model)
+        self.quantized = any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+        # the weights' pairs once, not on every run (the same values)
+        run = fold_weight_qdq(proto) if self.quantized and not integer_kernels else proto
         src: onnx.ModelProto | bytes | str | os.PathLike[str] = (
             with_outputs_bytes(run, self._inner) if self._inner
             else run if isinstance(model, onnx.ModelProto) or run is not proto else model)

@@ -47,12 +47,12 @@ class Compare:
             check_output_file(args.json, force=args.force,
                               inputs=[p for p in (args.reference, args.test, args.images, args.npz) if p])
 
-        if _quantized(args.reference) and _quantized(args.test) is False:
+        ref = runner_for(args, args.reference, integer_kernels=args.ort_kernels)
+        test = runner_for(args, args.test, quiet=True, integer_kernels=args.ort_kernels)
+        if getattr(ref, "quantized", False) and getattr(test, "quantized", None) is False:  # ONNX models both
             print(f"warning: {Path(args.reference).name}, given as the FP32 reference, has Q/DQ pairs and "
                   f"{Path(args.test).name} has none: the order is `quantkit compare FP32.onnx INT8.onnx`",
                   file=sys.stderr)
-        ref = runner_for(args, args.reference, integer_kernels=args.ort_kernels)
-        test = runner_for(args, args.test, quiet=True, integer_kernels=args.ort_kernels)
         specs = ref.input_specs
         source = source_for_model(args, specs)
         check_classes(source, getattr(ref, "output_specs", None) or getattr(test, "output_specs", []))
@@ -86,20 +86,6 @@ class Compare:
                 print(f"FAILED: mean cosine similarity {worst:.5f} is below --min-cosine {args.min_cosine}")
                 return 1
         return 0
-
-
-def _quantized(path: str) -> bool | None:
-    """Whether an ONNX model file has QuantizeLinear nodes (its graph only read); None for
-    another kind of file or one ONNX cannot read (the runner says why)."""
-    if Path(path).suffix.lower() != ".onnx":
-        return None
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception:
-        return None
-    return any(n.op_type == "QuantizeLinear" for n in graph.node)
 
 
 def _cosine(text: str) -> float:

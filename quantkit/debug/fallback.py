@@ -64,7 +64,7 @@ from quantkit.backends.base import real_rows
 from quantkit.debug.sensitivity import ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, rank_groups, \
     rank_sensitivity
 from quantkit.errors import InputError
-from quantkit.onnx.model import error_output
+from quantkit.onnx.model import LAYOUT_OPS, error_output
 
 if TYPE_CHECKING:
     from quantkit.datasets.sources import Source
@@ -538,8 +538,6 @@ def _ranker_for(scales: QdqScales, eval_source: "Source", idx: Sequence[int], ra
     return _Ranker(scales, src, ranking.subset_indices)
 
 
-#: ops that move or retype values without computing them, walked through by ``l2_normalized``
-_LAYOUT_OPS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Transpose")
 #: ops between a norm and the division by it (an epsilon added or clipped, broadcast shapes)
 _NORM_GLUE = ("Clip", "Max", "Add", "Expand", "Unsqueeze", "Reshape", "Cast", "Identity", "Sqrt", "Pow",
               "Reciprocal")
@@ -553,7 +551,7 @@ def l2_normalized(model: onnx.ModelProto, name: str) -> bool:
     from a classifier's logits; its normalization does."""
     producer = {o: n for n in model.graph.node for o in n.output}
     node = producer.get(name)
-    while node is not None and node.op_type in _LAYOUT_OPS and node.input:
+    while node is not None and node.op_type in LAYOUT_OPS and node.input:  # moved or retyped, not computed
         node = producer.get(node.input[0])
     if node is None:
         return False

@@ -453,7 +453,7 @@ def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 #: ops that only move a constant's values (tf2onnx's Transpose before a MatMul weight, Paddle's
 #: Reshape before a Conv weight), and a Cast between float types (float16 weights cast to float):
 #: folded, so the weight's Q/DQ feeds the weighted op directly
-_LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")
+LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")
 _FLOAT_CASTS: dict[int, Any] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
 
 
@@ -488,7 +488,7 @@ def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     Unsqueeze, Flatten, Identity, a float-to-float Cast) computed from constants alone, folded here."""
     out = initializer_arrays(model)
     for node in model.graph.node:
-        if node.op_type in _LAYOUT_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1 and all(
+        if node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1 and all(
                 i in out for i in node.input if i):
             try:
                 value = _fold_layout(node, [out[i] for i in node.input if i])

@@ -260,15 +260,15 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
                     acts[t].append(node.name)
     # constants the user cannot feed (an initializer that is also a graph input is a default value)
     fixed = {k: v for k, v in consts.items() if k not in {i.name for i in graph.input}}
-    zeros = always_zero(graph.node, fixed) & set(acts)
-    if zeros:  # nothing to quantize, and no range to calibrate (an RNN's initial state times a gate)
-        log.info("%d tensor(s) are zero by construction and stay float: %s", len(zeros), ", ".join(sorted(zeros)[:5]))
-        acts = defaultdict(list, {t: v for t, v in acts.items() if t not in zeros})
-    unbounded = carries_non_finite(graph.node, fixed)
-    if unbounded & set(acts):  # a mask the model keeps in its weights: no finite scale holds it
-        log.info("%d tensor(s) carry the model's own infinite values (a mask in a constant) and stay float: %s",
-                 len(unbounded & set(acts)), ", ".join(sorted(unbounded & set(acts))[:5]))
-        acts = defaultdict(list, {t: v for t, v in acts.items() if t not in unbounded})
+    # zero (nothing to quantize, no range to calibrate: an RNN's initial state times a gate) or
+    # infinite (a mask the model keeps in its weights: no finite scale holds it) by construction
+    for kept_float, why in ((always_zero(graph.node, fixed), "are zero by construction"),
+                            (carries_non_finite(graph.node, fixed),
+                             "carry the model's own infinite values (a mask in a constant)")):
+        if kept_float & set(acts):
+            log.info("%d tensor(s) %s and stay float: %s", len(kept_float & set(acts)), why,
+                     ", ".join(sorted(kept_float & set(acts))[:5]))
+            acts = defaultdict(list, {t: v for t, v in acts.items() if t not in kept_float})
     # ONNX Runtime's integer kernels requantize between scales: groups only for TensorRT
     groups = _scale_groups(graph.node, list(acts), consts) if target == "tensorrt" else ()
     return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()},
