@@ -545,9 +545,27 @@ def test_onnxruntime_target_keeps_a_written_out_layer_norm_float(pool):
     assert float_by_rule(m, "onnxruntime").get("mm", "").startswith("reads a normalization")
 
 
+def test_onnxruntime_target_drops_pairs_that_only_feed_float_ending_ops():
+    """ONNX Runtime's integer kernels need DQ -> op -> Q: the Squeeze and bias Add between the last
+    Conv and a Softmax (tf2onnx's Conv1D) end in float, so their pairs (and the Conv output's) only
+    add rounding; the Conv's input keeps its pair, and a tensor read by a later Conv keeps its own."""
+    r = np.random.default_rng(2)
+    nodes = [_conv("c1", "img", "a", "w1"), helper.make_node("Relu", ["a"], ["ra"], name="relu"),
+             _conv("c2", "ra", "b", "w2"), helper.make_node("Squeeze", ["b", "ax"], ["sq"], name="sq"),
+             helper.make_node("Add", ["sq", "bias"], ["logits"], name="bias_add"),
+             helper.make_node("Softmax", ["logits"], ["p"], name="sm", axis=1),
+             helper.make_node("Unsqueeze", ["p", "ax"], ["out"], name="unsq")]
+    model = _model(nodes, {"w1": _w(r, 4, 3, 3, 3), "w2": _w(r, 5, 4, 3, 3), "ax": np.array([2], np.int64),
+                           "bias": _w(r, 5, 1)}, {"img": ["N", 3, 1, 8]}, ["out"])
+    acts = plan_qdq(model, "onnxruntime").activations
+    assert {"img", "a", "ra"} <= set(acts)
+    assert not {"b", "sq", "logits", "p"} & set(acts)
+    assert "b" not in plan_qdq(model, "tensorrt").activations and "ra" in plan_qdq(model, "tensorrt").activations
+
+
 def test_onnxruntime_target_leaves_recurrent_inputs_float_and_pooling_quantized():
     """No integer LSTM/GRU/RNN kernel in ONNX Runtime: Q/DQ on X and the states only added error;
-    a classifier's GlobalAveragePool (no normalization) keeps its Q/DQ."""
+    a classifier's GlobalAveragePool (no normalization) before its head keeps its Q/DQ."""
     r = np.random.default_rng(1)
     h = 8
     nodes = [helper.make_node("LSTM", ["x", "Wl", "Rl", "", "", "h0"], ["Y", "Yh"], name="lstm", hidden_size=h),
@@ -561,6 +579,7 @@ def test_onnxruntime_target_leaves_recurrent_inputs_float_and_pooling_quantized(
     plan = plan_qdq(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), "onnxruntime")
     assert "x" not in plan.activations and "h0" not in plan.activations and "hs" in plan.activations
     gap = _model([_conv("c", "img", "f", "w"), helper.make_node("GlobalAveragePool", ["f"], ["p"], name="gap"),
-                  helper.make_node("Flatten", ["p"], ["fl"], name="flat"), helper.make_node("Relu", ["fl"], ["out"], name="r")],
-                 {"w": _w(r, 4, 3, 3, 3)}, {"img": ["N", 3, 8, 8]}, ["out"])
-    assert "f" in plan_qdq(gap, "onnxruntime").activations
+                  helper.make_node("Flatten", ["p"], ["fl"], name="flat"),
+                  helper.make_node("MatMul", ["fl", "wo"], ["out"], name="fc")],
+                 {"w": _w(r, 4, 3, 3, 3), "wo": _w(r, 4, 2)}, {"img": ["N", 3, 8, 8]}, ["out"])
+    assert {"f", "p", "fl"} <= set(plan_qdq(gap, "onnxruntime").activations)
