@@ -4,8 +4,9 @@ Capture (``OrtRunner(model, capture=names)``): the requested tensors become extr
 of a copy of the model, and each batch's captured tensors are handed to the sink and dropped,
 so memory does not grow with the number of images. Two things keep the pass close to plain
 inference:
-- batches run in chunks small enough that all captured outputs of a chunk fit a fixed memory
-  budget (ONNX Runtime's CPU convolutions are as fast at 8 images as at 32);
+- batches run in chunks small enough that all captured outputs of a chunk fit a memory budget
+  (``default_capture_budget_mb``: larger on more cores; the sink gets them in the pieces of the
+  smallest budget, so statistics do not depend on the machine);
 - the outputs are written by ONNX Runtime into buffers bound once (IOBinding) and reused for
   every chunk of the same shape; two such buffer sets alternate, so the sink (histograms) works
   on one chunk in a worker thread while ONNX Runtime, which releases the GIL, runs the next.
@@ -201,6 +202,10 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, t
 #: ``default_capture_budget_mb``
 CAPTURE_MB_PER_THREAD = 16
 CAPTURE_MB_BOUNDS = (64, 512)
+#: the sink's pieces (MiB of captured tensors): a call of a larger budget is handed over in the
+#: pieces a call of this budget would have returned, so that the statistics (a histogram's first
+#: range, its sampled values) are the same on any machine (``OrtRunner.capture``)
+SINK_PIECE_MB = CAPTURE_MB_BOUNDS[0]
 
 
 def default_capture_budget_mb(threads: int | None = None) -> float:
@@ -335,17 +340,32 @@ class OrtRunner(Runner):
     def capture(self, batches: Iterable[Any], sink: TensorSink, *,
                 on_batch: Callable[[int], None] | None = None) -> None:
         """Run every batch once; the sink gets each chunk's captured tensors on a worker thread
-        while ONNX Runtime runs the next chunk (two buffer sets alternate)."""
+        while ONNX Runtime runs the next chunk (two buffer sets alternate).
+
+        The sink's pieces do not depend on the machine: a chunk (its size follows the capture
+        budget, so the cores) is handed over in the pieces of rows a ``SINK_PIECE_MB`` budget
+        would have run, a tensor of the chunk's rows on its first axis sliced, any other one
+        (no batch axis) with every piece, as those calls would have returned it. The same data
+        then gives the same histograms, and so the same scales, on 2 cores and on 16 (with 64 and
+        256 MiB chunks the sampled histograms and some entropy/mse ranges differed)."""
         fed = [t for t in self._captured if t not in self._inner]
         runners = [_BoundCapture(self.session, self._inner, self._unused),
                    _BoundCapture(self.session, self._inner, self._unused)]
         pending: list[Future[None] | None] = [None, None]
         fixed_batch = self._inputs[0].static_batch if self._inputs else None
         chunk: int | None = None
+        piece = 1  # rows a sink call gets (``SINK_PIECE_MB``'s chunk)
         turn = 0
 
-        def hand_over(batch: Any, part: dict[str, np.ndarray], arrays: list[np.ndarray], n: int) -> None:
-            sink(batch, n, {**dict(zip(self._inner, arrays)), **{t: part[t] for t in fed}})
+        def hand_over(batch: Any, part: dict[str, np.ndarray], arrays: list[np.ndarray], n: int, step: int) -> None:
+            tensors = {**dict(zip(self._inner, arrays)), **{t: part[t] for t in fed}}
+            if step >= n:
+                sink(batch, n, tensors)
+                return
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                sink(batch, stop - start, {t: a[start:stop] if a.ndim and a.shape[0] == n else a
+                                           for t, a in tensors.items()})
 
         with ThreadPoolExecutor(1, thread_name_prefix="quantkit-capture") as pool:
             for batch in batches:
@@ -355,14 +375,14 @@ class OrtRunner(Runner):
                     check_feed(feed, self.input_specs)  # a batch that does not fit: one clear error
                     rows = feed_rows(feed, axes)
                     if fixed_batch is not None or not self._inner:
-                        chunk = rows  # a fixed-batch model takes exactly this many (a padded tail too)
+                        chunk = piece = rows  # a fixed-batch model takes exactly this many (a padded tail too)
                     else:
                         try:
-                            chunk = _chunk_size(runners[0], feed, axes, self._budget_mb)
+                            piece, chunk = _chunk_sizes(runners[0], feed, axes, self._budget_mb)
                         except run_errors() as err:  # one sample of the data does not run
                             raise self._cannot_run(err) from err
                     if self.one_at_a_time:
-                        chunk = 1
+                        chunk = piece = 1
                 start = 0
                 while start < batch.size:
                     part = take_rows(feed, axes, start, start + chunk)
@@ -373,10 +393,10 @@ class OrtRunner(Runner):
                         arrays = runners[turn].run(part)
                     except run_errors() as err:  # a model that runs one sample at a time only: chunks of 1
                         self._one_at_a_time_or_raise(err, runners[turn].run, part, axes)
-                        chunk = 1
+                        chunk = piece = 1
                         continue
                     self._ran = self._ran or chunk > 1
-                    pending[turn] = pool.submit(hand_over, batch, part, arrays, min(chunk, batch.size - start))
+                    pending[turn] = pool.submit(hand_over, batch, part, arrays, min(chunk, batch.size - start), piece)
                     turn ^= 1
                     start += chunk
                 if on_batch is not None:
@@ -389,16 +409,22 @@ class OrtRunner(Runner):
         self.session = None
 
 
-def _chunk_size(runner: "_BoundCapture", feed: dict[str, np.ndarray], axes: Mapping[str, int | None],
-                budget_mb: float) -> int:
-    """Samples per inference call so that the captured outputs fit ``budget_mb``, measured on
-    one sample (captured tensors scale with the batch)."""
+def _chunk_sizes(runner: "_BoundCapture", feed: dict[str, np.ndarray], axes: Mapping[str, int | None],
+                 budget_mb: float) -> tuple[int, int]:
+    """(piece, chunk): samples per sink call and per inference call, measured on one sample
+    (captured tensors scale with the batch). The piece: a batch in equal parts whose captured
+    outputs fit ``SINK_PIECE_MB`` (or ``budget_mb`` when smaller); the chunk: the most whole
+    pieces whose outputs fit ``budget_mb`` (at least one)."""
     size = feed_rows(feed, axes)
     one = runner.run(take_rows(feed, axes, 0, 1))
     per_sample = max(1, sum(a.nbytes for a in one))
-    most = int(max(1, min(size, budget_mb * 2**20 // per_sample)))
-    parts = -(-size // most)
-    return -(-size // parts)  # equal chunks: one binding serves every full batch
+
+    def fitting(mb: float) -> int:
+        return int(max(1, min(size, mb * 2**20 // per_sample)))
+
+    parts = -(-size // fitting(min(SINK_PIECE_MB, budget_mb)))
+    piece = -(-size // parts)  # equal parts: one binding serves every full batch
+    return piece, piece * max(1, fitting(budget_mb) // piece)
 
 
 class _BoundCapture:

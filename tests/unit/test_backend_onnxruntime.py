@@ -65,6 +65,28 @@ def test_capture_equals_one_plain_call_per_batch(residual_model, budget_mb):
     assert len(calls) == (3 if budget_mb == 64.0 else 20)  # chunks of one sample, buffers reused
 
 
+def test_histograms_do_not_depend_on_the_capture_budget(residual_model, monkeypatch):
+    """A larger budget (more cores) runs larger chunks, handed over in the pieces the smallest
+    budget would have run: the same histograms bin for bin, the same first range. Pieces of one
+    sample here (SINK_PIECE_MB tiny); before, a whole batch in one update started every
+    histogram at that batch's amax instead of the first sample's."""
+    import quantkit.backends.onnxruntime as backend
+
+    monkeypatch.setattr(backend, "SINK_PIECE_MB", 1e-4)
+    names = plan_qdq(residual_model).activation_names
+    src = SyntheticSource((3, 8, 8), count=20, seed=3)
+    results = []
+    for budget in (1e-4, 64.0):
+        with OrtRunner(residual_model, capture=names, capture_budget_mb=budget) as runner:
+            got, calls = _captured(runner, Batcher(src, ["x"], 8))
+            assert [rows for _, rows in calls] == [1] * 20
+            results.append(collect_histograms(runner, Batcher(src, ["x"], 8), num_bins=256, sample_stride=1))
+    for n in names:
+        small, large = (r[n].compute() for r in results)
+        assert small.amax == large.amax, n
+        np.testing.assert_array_equal(small.counts, large.counts, err_msg=n)
+
+
 def test_capture_session_is_made_without_a_copy_of_the_model(residual_model, monkeypatch):
     """The extra outputs are appended to the model's serialized bytes (protobuf merges a repeated
     field by appending), not to a copy of the ModelProto (a 90 MB transformer: 0.04 s copy)."""
