@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -167,12 +168,56 @@ def _existing_ancestor(path: Path) -> Path:
     return Path("/")  # pragma: no cover - the root always exists
 
 
+def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external data files an ONNX model file names (``location`` entries, in its folder),
+    existing ones only; none for a file that is not a readable ONNX model. They are inputs too:
+    an output written over one destroys the model's weights."""
+    p = Path(path)
+    if p.suffix.lower() != ".onnx" or not p.is_file():
+        return []
+    st = p.stat()
+    return list(_external_data_files(str(p.resolve()), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _external_data_files(path: str, mtime_ns: int, size: int) -> tuple[Path, ...]:
+    """``external_data_files`` of one version of a file (a model is read once per run)."""
+    p = Path(path)
+    try:
+        import onnx
+
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # not a model (refused elsewhere, with its own message)
+        return ()
+    from onnx import TensorProto
+
+    def tensors(graph: Any) -> Iterator[Any]:
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from tensors(attr.g)
+                for g in attr.graphs:
+                    yield from tensors(g)
+
+    found = []
+    for t in tensors(model.graph):
+        if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            if loc and (p.parent / loc).exists():
+                found.append(p.parent / loc)
+    return tuple(dict.fromkeys(found))
+
+
 def _check_overlap(out: Path, inputs: Iterable[str | os.PathLike[str]], *, what: str) -> None:
-    """Refuse an output that is, holds or lies inside an input (file or folder)."""
+    """Refuse an output that is, holds or lies inside an input (file or folder); an ONNX model's
+    external data files are inputs too."""
     target = _resolved(out)
-    for raw in inputs:
-        if raw is None:
-            continue
+    given = [raw for raw in inputs if raw is not None]
+    for raw in [*given, *(f for g in given for f in external_data_files(g))]:
         src = _resolved(raw)
         if target == src:
             relation = "is"
@@ -277,15 +322,24 @@ def _checked(check: Any) -> Any:
     return wrapper
 
 
+#: commands that write the same kind of folder (a calibration's artifacts)
+_SAME_KIND = {"quantkit merge-stats": "quantkit calibrate"}
+
+
+def _kind(command: Any) -> Any:
+    return _SAME_KIND.get(command, command)
+
+
 @_checked
 def check_output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Sequence[Any] = (),
-                     need_bytes: int = 0) -> Path:
+                     need_bytes: int = 0, command: str | None = None) -> Path:
     """Check, before any work, that ``path`` can receive a set of artifacts.
 
     A missing folder (and missing parents) is fine; an empty folder is written in place; a
     non-empty one needs ``force`` and a manifest of an earlier quantkit run (files quantkit did
-    not write are never replaced, and stay). Raises ``OutputError``/``OutputExistsError``
-    (exit 2) with one line.
+    not write are never replaced, and stay) of the same ``command`` (a ``report --force`` into a
+    calibration's folder would replace its INT8 model with a report: refused). Raises
+    ``OutputError``/``OutputExistsError`` (exit 2) with one line.
     """
     out = Path(path)
     _check_overlap(out, inputs, what="output folder")
@@ -303,6 +357,11 @@ def check_output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Seque
             raise OutputExistsError(
                 f"output folder {str(out)!r} holds files that quantkit did not write ({why})",
                 hint="--force replaces only quantkit's own artifacts; choose a new or empty folder")
+        before = manifest.get("command")
+        if command is not None and isinstance(before, str) and _kind(before) != _kind(command):
+            raise OutputExistsError(
+                f"output folder {str(out)!r} holds the results of `{before}`; --force replaces only an earlier "
+                f"`{command}`'s", hint="choose another -o (nothing was replaced)")
         changed = [n for n in manifest["files"] if (out / n).exists() and not _ours(out, manifest, n)]
         if changed:
             raise OutputExistsError(
@@ -318,9 +377,11 @@ def check_output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Seque
 
 @_checked
 def check_output_file(path: str | os.PathLike[str], *, force: bool, inputs: Sequence[Any] = (),
-                      need_bytes: int = 0) -> Path:
+                      need_bytes: int = 0, replaceable: Any = None, what: str = "") -> Path:
     """Check, before any work, that the single file ``path`` can be written: not an input, not
-    an existing file unless ``force``, its folder writable, room for ``need_bytes``."""
+    an existing file unless ``force`` (and, given ``replaceable``, a predicate on the path, only a
+    file it accepts: ``what`` says which, e.g. "a quantkit statistics file"), its folder
+    writable, room for ``need_bytes``."""
     out = Path(path)
     _check_overlap(out, inputs, what="output file")
     if out.name == MANIFEST:  # another run's list of its files: --force would make that folder unusable
@@ -330,6 +391,9 @@ def check_output_file(path: str | os.PathLike[str], *, force: bool, inputs: Sequ
         raise OutputExistsError(f"output {str(out)!r} is a folder", hint="give a file name")
     if out.exists() and not force:
         raise OutputExistsError(f"{str(out)!r} exists", hint="pass --force to overwrite it, or choose another name")
+    if out.exists() and replaceable is not None and not replaceable(out):
+        raise OutputExistsError(f"{str(out)!r} exists and is not {what or 'a file quantkit wrote'}; --force "
+                                "replaces only such a file", hint="choose another name (nothing was replaced)")
     base = _existing_ancestor(out.parent)
     _check_name_length(out, base, len(".") + len(".12345678.tmp"))
     _probe_writable(base)
@@ -367,7 +431,7 @@ def output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Sequence[An
     run did not write again are removed only if unchanged since quantkit wrote them. On any
     exception (Ctrl-C included) the staging folder is removed and ``path`` is as it was.
     """
-    out = check_output_dir(path, force=force, inputs=inputs)
+    out = check_output_dir(path, force=force, inputs=inputs, command=command)
     created: list[Path] = []  # missing parents made here, removed again on failure
     for parent in reversed(out.parents):
         if not parent.exists():

@@ -553,14 +553,22 @@ class Calibration:
         with output_dir(outdir, force=force, inputs=inputs, command=command) as staging:
             names = self.write_into(staging, model_stem=model_stem, metadata=metadata or {}, report=report,
                                     trt_version=trt_version, extra_methods=extra_methods)
+            from quantkit._io import MANIFEST, OutputError, write_json_atomic
+
+            more = [*([("stats", stats[0])] if stats is not None else []),
+                    *((kind, fname) for kind, (fname, _) in (extra or {}).items())]
+            taken = {*names.values(), MANIFEST}
+            for kind, fname in more:  # a name of another artifact would replace it (the INT8 model)
+                if fname in taken:
+                    raise OutputError(f"the {kind} file {fname!r} has the name of another artifact in {str(outdir)!r}",
+                                      hint="give it another name (e.g. --save-stats OUT/stats.qkstats)")
+                taken.add(fname)
             if stats is not None:
                 from quantkit.calibrators.stats import save_stats
 
                 save_stats(staging / stats[0], stats[1])
                 names["stats"] = stats[0]
             for kind, (fname, doc) in (extra or {}).items():
-                from quantkit._io import write_json_atomic
-
                 write_json_atomic(staging / fname, doc)
                 names[kind] = fname
         return {k: Path(outdir) / v for k, v in names.items()}

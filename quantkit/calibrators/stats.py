@@ -80,6 +80,16 @@ def save_stats(path: str | os.PathLike[str], stats: CalibrationStats) -> Path:
     return write_bytes_atomic(path, buf.getvalue())
 
 
+def is_stats_file(path: str | os.PathLike[str]) -> bool:
+    """``path`` is a statistics file ``save_stats`` wrote (its header says so): what ``--force``
+    may replace, unlike any other file given as ``--save-stats``."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return bool(json.loads(bytes(z["header"]).decode()).get("format") == FORMAT)
+    except Exception:  # not a zip, no header, not JSON: not ours
+        return False
+
+
 def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
     """Read a file written by ``save_stats``.
 

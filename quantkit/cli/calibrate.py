@@ -120,6 +120,7 @@ class Calibrate:
 
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import OutputError, check_output_dir, check_output_file, inside
+        from quantkit.calibrators.stats import is_stats_file
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.datasets.classes import check_classes
         from quantkit.onnx.model import file_sha256, load_model, output_specs
@@ -130,7 +131,7 @@ class Calibrate:
         model = with_sample_axis(args, load_model(model_path), name=model_path.name)
         # before any work: the output must be writable, outside the inputs, with room for the
         # INT8 model (float weights kept: about the FP32 model's size) and the small files
-        check_output_dir(args.output, force=args.force, inputs=inputs,
+        check_output_dir(args.output, force=args.force, inputs=inputs, command="quantkit calibrate",
                          need_bytes=model_path.stat().st_size + (1 << 22))
         exclude = [*(args.exclude or ()), *_exclude_from(args)]
         stats_inside = _inside(args.save_stats, args.output) if args.save_stats else None
@@ -138,10 +139,14 @@ class Calibrate:
             if os.path.abspath(args.save_stats) == os.path.abspath(args.output):
                 raise OutputError(f"--save-stats {args.save_stats!r} is the output folder",
                                   hint="give a file name, e.g. -o OUT --save-stats OUT/stats.qkstats")
-            check_output_file(args.save_stats, force=args.force, inputs=inputs)
+            check_output_file(args.save_stats, force=args.force, inputs=inputs, replaceable=is_stats_file,
+                              what="a quantkit statistics file")
         elif stats_inside is not None and not inside(Path(args.output), stats_inside):
             raise OutputError(f"--save-stats {args.save_stats!r} lies behind a symlink inside {args.output!r}; "
                               "quantkit does not write through it", hint="give a path without the symlink")
+        elif stats_inside is not None and _artifact_name(stats_inside):
+            raise OutputError(f"--save-stats {args.save_stats!r} has the name of one of calibrate's artifacts in "
+                              f"{args.output!r}", hint="give it another name, e.g. -o OUT --save-stats OUT/stats.qkstats")
         config = QuantizeConfig(
             StatsConfig(num_bins=args.num_bins, sample_stride=args.histogram_stride, target=args.target,
                         cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats),
@@ -262,6 +267,15 @@ def _bias_note(check: dict[str, Any] | None) -> str:
         return ""
     return (f"; bias correction left out: the outputs' per-channel SQNR against FP32 was "
             f"{check['output_sqnr_db']:.1f} dB with it, {check['uncorrected_output_sqnr_db']:.1f} without")
+
+
+def _artifact_name(name: str) -> bool:
+    """``name`` (inside -o) is, or may be, one of calibrate's own files: the statistics written
+    there would replace it."""
+    from quantkit._io import MANIFEST
+
+    fixed = {MANIFEST, "calibration.cache", "calibration.cache.json", "ranges.json", "report.json", "sensitivity.json"}
+    return name in fixed or name.endswith((".int8.onnx", ".int8.onnx.data"))
 
 
 def _inside(path: str, folder: str) -> str | None:

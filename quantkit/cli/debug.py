@@ -61,7 +61,7 @@ class Debug:
         inputs = [p for p in (args.reference, args.test, args.images, args.npz) if p]
         fp32 = with_sample_axis(args, load_model(args.reference), name=Path(args.reference).name)
         int8 = with_sample_axis(args, load_model(args.test), name=Path(args.test).name, quiet=True)
-        check_output_dir(args.output, force=args.force, inputs=inputs)  # before the work
+        check_output_dir(args.output, force=args.force, inputs=inputs, command="quantkit debug")  # before the work
         if args.error_output:
             from quantkit.onnx.model import error_output
 

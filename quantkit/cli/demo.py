@@ -29,7 +29,7 @@ class Demo:
         from quantkit._io import check_output_dir, output_dir
 
         out = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="quantkit-demo-"))
-        check_output_dir(out, force=args.force)
+        check_output_dir(out, force=args.force, command="quantkit demo")
         with output_dir(out, force=args.force, command="quantkit demo") as staging:
             if args.keep_images:
                 lines = _demo(staging, staging / "images", out, args, keep=True)

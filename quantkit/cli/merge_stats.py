@@ -35,16 +35,33 @@ class MergeStats:
         parser.add_argument("--save-stats", metavar="FILE", help="also save the merged statistics to FILE")
 
     def run(self, args: argparse.Namespace) -> int:
-        from quantkit._io import check_output_dir, check_output_file
+        import os
+
+        from quantkit._io import OutputError, check_output_dir, check_output_file, inside
         from quantkit.calibrators.cache import trt_version_number
-        from quantkit.calibrators.stats import StatsError, load_stats, merge_stats, save_stats
+        from quantkit.calibrators.stats import StatsError, is_stats_file, load_stats, merge_stats, save_stats
+        from quantkit.cli.calibrate import _artifact_name, _inside
         from quantkit.onnx.model import file_sha256, load_model
         from quantkit.ptq import Calibration, ExportConfig
 
+        seen: dict[str, str] = {}
+        for p in args.stats:  # one file twice would count its samples twice
+            key = os.path.realpath(p)
+            if key in seen:
+                raise StatsError(f"statistics file {p!r} is given twice (also as {seen[key]!r})",
+                                 hint="give each file once")
+            seen[key] = p
         inputs = [*args.stats, *([args.model] if args.model else [])]
-        check_output_dir(args.output, force=args.force, inputs=inputs)  # before the work
-        if args.save_stats:
-            check_output_file(args.save_stats, force=args.force, inputs=[*inputs, args.output])
+        check_output_dir(args.output, force=args.force, inputs=inputs,
+                         command="quantkit merge-stats")  # before the work
+        stats_inside = _inside(args.save_stats, args.output) if args.save_stats else None
+        if args.save_stats and stats_inside is None:
+            check_output_file(args.save_stats, force=args.force, inputs=[*inputs, args.output],
+                              replaceable=is_stats_file, what="a quantkit statistics file")
+        elif stats_inside is not None and (not inside(Path(args.output), stats_inside) or _artifact_name(stats_inside)):
+            raise OutputError(f"--save-stats {args.save_stats!r} lies behind a symlink inside {args.output!r} or has "
+                              "the name of one of the artifacts there",
+                              hint="give it another name, e.g. -o OUT --save-stats OUT/merged.qkstats")
         parts = [load_stats(p) for p in args.stats]
         merged = merge_stats(parts, names=args.stats)
         model_path = Path(args.model or merged.model.get("path", ""))
@@ -62,8 +79,9 @@ class MergeStats:
                 "data": merged.data}
         paths = cal.save(args.output, model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta,
                          trt_version=trt_version_number(args.trt_version), force=args.force,
-                         inputs=[*inputs, model_path], command="quantkit merge-stats")
-        if args.save_stats:
+                         inputs=[*inputs, model_path], command="quantkit merge-stats",
+                         stats=(stats_inside, merged) if stats_inside is not None else None)
+        if args.save_stats and stats_inside is None:
             paths["stats"] = save_stats(args.save_stats, merged)
         print(f"merged {len(parts)} statistics files: {cal.num_samples} samples, "
               f"{len(cal.plan.activations)} activations quantized ({args.method})")

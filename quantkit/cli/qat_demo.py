@@ -42,7 +42,7 @@ class QatDemo:
 
         require("torch")
         if args.output:
-            check_output_dir(args.output, force=args.force)
+            check_output_dir(args.output, force=args.force, command="quantkit qat-demo")
         from quantkit.qat.demo import run
 
         def echo(line: str) -> None:  # steps go to stderr; the results follow the written files

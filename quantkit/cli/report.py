@@ -29,7 +29,7 @@ class Report:
         from quantkit._io import check_output_dir
         from quantkit.report import load_results, write_report
 
-        check_output_dir(args.output, force=args.force, inputs=args.results)
+        check_output_dir(args.output, force=args.force, inputs=args.results, command="quantkit report")
         res = load_results(args.results)
         paths = write_report(res, args.output, title=args.title, force=args.force, inputs=args.results)
         print(f"{len(res.compares)} comparisons, {len(res.benches)} benchmarks, {len(res.ranges)} range sets, "

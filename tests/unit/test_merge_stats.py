@@ -83,6 +83,14 @@ def test_merge_stats_bad_inputs(parts, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "num_bins" in err and "b.qkstats" in err
     assert not (tmp_path / "o3").exists()
+    # one file twice would count its samples twice
+    assert main(["merge-stats", str(tmp_path / "a.qkstats"), str(tmp_path / "a.qkstats"), "-o", str(tmp_path / "o4")]) == 2
+    assert "given twice" in capsys.readouterr().err and not (tmp_path / "o4").exists()
+    # --save-stats inside -o is one of its artifacts: in the manifest, and the same command with --force runs again
+    for extra in ([], ["--force"]):
+        assert main(["merge-stats", str(tmp_path / "a.qkstats"), "-o", str(tmp_path / "o5"),
+                     "--save-stats", str(tmp_path / "o5" / "m.qkstats"), *extra]) == 0
+        assert "m.qkstats" in json.loads((tmp_path / "o5" / "quantkit-manifest.json").read_text())["files"]
 
 
 def test_pow2_grid_starts_on_a_power_of_two():

@@ -332,6 +332,55 @@ def test_save_stats_inside_outdir_is_an_artifact_and_never_an_input(project, tmp
     assert snapshot(project) == before and not (tmp_path / "o2").exists()
 
 
+@pytest.mark.parametrize("name", ["model.int8.onnx", "ranges.json", "calibration.cache", MANIFEST])
+def test_save_stats_never_takes_the_name_of_an_artifact(project, tmp_path, name, capsys):
+    """Written inside -o under an artifact's name, the statistics replaced the INT8 model (exit 0)."""
+    out = tmp_path / "out"
+    assert calibrate(project, out, "--save-stats", str(out / name)) == 2
+    assert "artifact" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_force_replaces_only_a_statistics_file_as_save_stats(project, tmp_path, capsys):
+    """--force refreshes -o; a user's file named as --save-stats stays (calibrate's --force help: never
+    other files); an earlier statistics file is replaced."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    assert calibrate(project, tmp_path / "o1", "--save-stats", str(notes), "--force") == 2
+    assert "not a quantkit statistics file" in capsys.readouterr().err
+    assert notes.read_text() == "my notes" and not (tmp_path / "o1").exists()
+    stats = tmp_path / "s.qkstats"
+    assert calibrate(project, tmp_path / "o2", "--save-stats", str(stats)) == 0
+    assert calibrate(project, tmp_path / "o2", "--save-stats", str(stats), "--force", "--method", "minmax") == 0
+
+
+def test_force_never_replaces_another_commands_results(project, tmp_path, capsys):
+    """report/debug --force into a calibration's folder removed its INT8 model, cache and ranges as
+    stale artifacts (exit 0): a folder is replaced only by the command that wrote it."""
+    out = tmp_path / "out"
+    assert calibrate(project, out) == 0
+    before = snapshot(out)
+    assert calibrate(project, tmp_path / "other") == 0
+    assert main(["report", str(tmp_path / "other"), "-o", str(out), "--force"]) == 2
+    assert "holds the results of `quantkit calibrate`" in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert calibrate(project, out, "--force") == 0  # the same command still replaces its own
+
+
+def test_external_data_files_are_inputs(project, tmp_path, capsys):
+    """A model's external data file is read: writing --json over it destroyed the weights."""
+    import onnx
+
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    onnx.save(onnx.load(str(project / "model.onnx")), str(ext / "m.onnx"), save_as_external_data=True,
+              location="m.data", size_threshold=0)
+    before = snapshot(ext)
+    assert main(["bench", str(ext / "m.onnx"), "--json", str(ext / "m.data"), "--force", "--iterations", "1"]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert snapshot(ext) == before
+
+
 def test_an_output_name_too_long_for_its_temporary_name_is_refused_before_work(project, tmp_path, capsys):
     """A 245-byte -o passed the checks, calibrated, and failed at the end ("File name too long")."""
     out = tmp_path / ("a" * 245)
