@@ -184,11 +184,11 @@ def _exit_on_error(feeds: Feeds) -> Iterator[dict[str, np.ndarray]]:
 
 _SCRIPT = '''"""Polygraphy data loader written by quantkit {version} (python -m quantkit.interop.polygraphy).
 
-Feeds the batches `quantkit calibrate` feeds for the flags below; quantkit must be installed in
-the Python that runs Polygraphy:
-  polygraphy run {model} --onnxrt --data-loader-script {script}
-  polygraphy convert {model} --int8 --data-loader-script {script} -o model.engine
+Feeds the batches `quantkit calibrate` feeds for the flags in ARGS; quantkit must be installed in
+the Python that runs Polygraphy (the commands are below).
 """
+#   polygraphy run {model} --onnxrt --data-loader-script {script}
+#   polygraphy convert {model} --int8 --data-loader-script {script} -o model.engine
 
 from quantkit.interop.polygraphy import loader_for_script
 
@@ -239,19 +239,29 @@ def write_script(path: str | os.PathLike[str], argv: Sequence[str], *, base_dir:
         The script's path.
     """
     from quantkit import __version__
-    from quantkit._io import write_text_atomic
+    from quantkit._io import check_output_file, write_text_atomic
 
     out = check_script_path(path)
     base = str(Path(base_dir).resolve())
     args = parse_data_args(argv, base_dir=base)
     feeds = feeds_from_args(args)
-    text = _SCRIPT.format(version=__version__, argv=list(argv), base_dir=base, model=shlex.quote(args.model),
-                          script=shlex.quote(str(out)))
+    check_output_file(out, force=False, inputs=[p for p in (args.model, args.images, args.npz) if p])
+    # the paths go into comments only (a docstring would end at a path's '"""'; a backslash
+    # would be an escape there), one line each: a path that is not printable is written escaped
+    text = _SCRIPT.format(version=__version__, argv=list(argv), base_dir=base, model=_comment(shlex.quote(args.model)),
+                          script=_comment(shlex.quote(str(out))))
     if out.exists():  # appeared while the data was checked
         raise OutputExistsError(f"--write-script {str(out)!r} exists; quantkit does not overwrite it")
     write_text_atomic(out, text)
     log.info("loader script %s: %d batches", out, len(feeds))
     return out
+
+
+def _comment(text: str) -> str:
+    """``text`` for a ``#`` comment of the script: as it is when printable, else escaped (a
+    newline would end the comment; a lone surrogate of an undecodable file name cannot be
+    written as UTF-8)."""
+    return text if text.isprintable() else ascii(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -268,9 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QuantkitError as err:
         print(_one_line(err), file=sys.stderr)
         return 2 if isinstance(err, InputError) else 1
+    except OSError as err:  # a folder that cannot be written: one line, as every quantkit output
+        print(f"quantkit: error: cannot write {args.write_script!r}: {err.strerror or err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("quantkit: interrupted; no script was written", file=sys.stderr)
-        return 1
+        return 130
     print(f"wrote {out}; use it with:")
     print(f"  polygraphy run {shlex.quote(args.model)} --onnxrt --data-loader-script {shlex.quote(str(out))}")
     print(f"  polygraphy convert {shlex.quote(args.model)} --int8 --data-loader-script {shlex.quote(str(out))} "

@@ -135,3 +135,32 @@ def test_write_script_again_in_the_working_folder_says_it_exists(digits_dirs, tm
     assert qp.main(args) == 2
     assert "exists; quantkit does not overwrite it" in capsys.readouterr().err
     assert (tmp_path / "calib_data.py").read_bytes() == before
+
+
+@pytest.mark.parametrize("folder", ['x"""+__import__("os").system("touch PWNED")+"""', "we\\Nird", "new\nline"])
+def test_a_model_path_in_the_script_is_never_code(digits_dirs, tmp_path, monkeypatch, folder):
+    """The model's path went into the script's docstring as it was: a folder named with '\"\"\"'
+    ran code when Polygraphy imported the script, a backslash made it a SyntaxError."""
+    model = tmp_path / folder / "m.onnx"
+    model.parent.mkdir()
+    shutil.copy(sample.model_path(), model)
+    monkeypatch.chdir(tmp_path)
+    flags = [*DIGITS[2:], "--model", str(model), "--images", str(digits_dirs[1]), "--num-images", "4"]
+    assert qp.main([*flags, "--write-script", "calib_data.py"]) == 0
+    load_data = runpy.run_path(str(tmp_path / "calib_data.py"))["load_data"]
+    assert not (tmp_path / "PWNED").exists()
+    assert sum(f["image"].shape[0] for f in load_data()) == 4
+
+
+def test_write_script_refuses_a_path_inside_the_data_and_unwritable_paths(digits_dirs, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(digits_dirs[1] / "3", images / "3")
+    before = sorted(p.name for p in images.rglob("*"))
+    assert qp.main([*DIGITS, "--images", str(images), "--write-script", str(images / "calib_in.py")]) == 2
+    assert "inside the input" in capsys.readouterr().err
+    assert sorted(p.name for p in images.rglob("*")) == before
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert qp.main([*DIGITS, "--images", str(images), "--write-script", str(blocker / "calib_x.py")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
