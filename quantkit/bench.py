@@ -55,8 +55,14 @@ def measure_latency(
         times.append((time.perf_counter() - t0) * 1000.0)
         if len(times) >= iterations and (duration_s is None or time.perf_counter() - start >= duration_s):
             break
-    batch = int(next(iter(feed.values())).shape[0])
-    return stats_from_times(times, backend=runner.backend, device=runner.device, batch=batch)
+    return stats_from_times(times, backend=runner.backend, device=runner.device, batch=feed_batch(feed))
+
+
+def feed_batch(feed: dict[str, np.ndarray]) -> int:
+    """The batch size a feed runs: its first input's first dim; 1 for a model without inputs (or
+    whose first input is a scalar)."""
+    first = next(iter(feed.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 def stats_from_times(times: list[float], *, backend: str, device: str, batch: int) -> LatencyStats:
@@ -101,6 +107,10 @@ def random_feed(specs: Sequence[TensorSpec], *, batch: int = 1, shapes: dict[str
                 f"--shapes {spec.name}={'x'.join(map(str, shape))} does not fit input {spec.name!r} of the model, "
                 f"{model_shape}", hint="give the model's fixed dimensions as they are")
         dt = np.dtype(spec.dtype)
+        size = float(np.prod([float(d) for d in shape])) * dt.itemsize
+        if size > 2.0**40:  # NumPy would fail on the dims, or the machine on the memory: say which flag
+            raise InputError(f"input {spec.name!r} of shape {'x'.join(map(str, shape))} would take "
+                             f"{size / 2**30:,.0f} GiB", hint="give a smaller --batch or --shapes")
         if dt.kind == "f":
             feed[spec.name] = rng.standard_normal(shape).astype(dt)
         elif dt.kind in "iu":

@@ -15,6 +15,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,7 @@ from quantkit._deps import require
 from quantkit._io import MANIFEST, input_file
 from quantkit.errors import InputError
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,49 +41,150 @@ class Results:
     debug: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, doc: dict[str, Any], source: str = "<dict>") -> None:
-        if "methods" in doc and "latency_batch32" in doc:  # `quantkit demo`'s report.json
+        """Add one result document, classified by its keys and checked field by field (a damaged or
+        hand-edited file is refused naming itself, never half drawn).
+
+        Raises:
+            InputError: not a quantkit result, or one whose fields are not what quantkit writes.
+        """
+        kind = result_kind(doc)
+        if kind is None:
+            raise InputError(f"{source}: not a quantkit result (calibrate ranges/report, compare --json, "
+                             "bench --json, debug.json or qat-demo results.json)")
+        try:
+            _CHECKS[kind](doc)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+            what = f"field {err.args[0]!r} missing" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+            raise InputError(f"{source}: a damaged {kind} result ({what})",
+                             hint="give the file as quantkit wrote it, or write it again") from None
+        if kind == "demo":  # `quantkit demo`'s report.json
             for compare in doc["methods"].values():
                 self.add(compare, source)
             for bench in doc["latency_batch32"].values():
                 if "model" in bench:
                     self.add(bench, source)
             return
-        if isinstance(doc.get("layerwise"), dict):  # `quantkit debug`'s debug.json
+        if kind == "debug":  # `quantkit debug`'s debug.json
             self.debug.append({**doc["layerwise"], "_file": source})
             return
-        doc = {**doc, "_file": source}
-        if "median_ms" in doc:
-            self.benches.append(doc)
-        elif "outputs" in doc and "test" in doc:
-            self.compares.append(doc)
-        elif "tensors" in doc and "method" in doc:
-            self.ranges.append(doc)
-        elif "rows" in doc and "qat_curve" in doc:
-            self.qat.append(doc)
-        else:
-            raise InputError(f"{source}: not a quantkit result (calibrate ranges/report, compare --json, "
-                             "bench --json or qat-demo results.json)")
+        getattr(self, {"bench": "benches", "compare": "compares", "ranges": "ranges", "qat": "qat"}[kind]).append(
+            {**doc, "_file": source})
+
+
+def result_kind(doc: Any) -> str | None:
+    """Which quantkit result ``doc`` is, by its keys: demo, debug, bench, compare, ranges, qat;
+    None for anything else."""
+    if not isinstance(doc, dict):
+        return None
+    if "methods" in doc and "latency_batch32" in doc:
+        return "demo"
+    if isinstance(doc.get("layerwise"), dict):
+        return "debug"
+    if "median_ms" in doc:
+        return "bench"
+    if "outputs" in doc and "test" in doc:
+        return "compare"
+    if "tensors" in doc and "method" in doc:
+        return "ranges"
+    if "rows" in doc and "qat_curve" in doc:
+        return "qat"
+    return None
+
+
+def _number(v: Any, *, optional: bool = False) -> None:
+    """A number as quantkit writes one (non-finite ones as "inf"/"nan" strings); raises otherwise."""
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise TypeError(f"{v!r} is not a number")
+    float(v)
+
+
+def _text(v: Any) -> None:
+    if not isinstance(v, str):
+        raise TypeError(f"{v!r} is not text")
+
+
+def _check_bench(d: dict[str, Any]) -> None:
+    _text(d["model"])
+    for key in ("median_ms", "p99_ms"):
+        _number(d[key])
+    _number(d.get("throughput_per_s"), optional=True)
+    if isinstance(d["batch"], bool) or not isinstance(d["batch"], int):
+        raise TypeError(f"batch {d['batch']!r} is not an integer")
+
+
+def _check_compare(d: dict[str, Any]) -> None:
+    _text(d["test"])
+    _text(d["reference"])
+    if not isinstance(d["outputs"], list) or not d["outputs"]:
+        raise ValueError("outputs is not a list of outputs")
+    for o in d["outputs"]:
+        _text(o["name"])
+        _number(o["cosine_mean"])
+        _number(o["sqnr_db"])
+        _number(o.get("top1_agreement"), optional=True)
+    _number(d.get("accuracy_test"), optional=True)
+    if d.get("accuracy_test") is not None:
+        _number(d["accuracy_reference"])
+
+
+def _check_ranges(d: dict[str, Any]) -> None:
+    _text(d["method"])
+    if not isinstance(d["tensors"], dict) or not all(isinstance(t, dict) for t in d["tensors"].values()):
+        raise TypeError("tensors is not a mapping of tensor name to its ranges")
+
+
+def _check_qat(d: dict[str, Any]) -> None:
+    for key in ("fp32_curve", "qat_curve"):
+        for r in d.get(key, []):
+            _number(r["epoch"])
+            _number(r["test_accuracy"])
+
+
+def _check_debug(d: dict[str, Any]) -> None:
+    if not isinstance(d["layerwise"]["activations"], list):
+        raise TypeError("activations is not a list")
+    for a in d["layerwise"]["activations"]:
+        _text(a["tensor"])
+        for key in ("depth", "local_sqnr_db", "accumulated_sqnr_db"):
+            _number(a[key])
+
+
+def _check_demo(d: dict[str, Any]) -> None:
+    if not isinstance(d["methods"], dict) or not isinstance(d["latency_batch32"], dict):
+        raise TypeError("methods / latency_batch32 are not mappings")
+    for part in (*d["methods"].values(), *d["latency_batch32"].values()):
+        if not isinstance(part, dict):
+            raise TypeError(f"{part!r} is not a result")
+
+
+_CHECKS = {"bench": _check_bench, "compare": _check_compare, "ranges": _check_ranges, "qat": _check_qat,
+           "debug": _check_debug, "demo": _check_demo}
 
 
 def load_results(paths: Iterable[str | os.PathLike[str]]) -> Results:
     """Read result files (JSON); folders are searched for ``*.json``."""
     res = Results()
-    files: list[Path] = []
+    files: list[tuple[Path, bool]] = []  # (file, found in a folder)
     for raw in paths:
         p = Path(raw)
         if str(raw) and p.is_dir():
-            files += sorted(p.rglob("*.json"))
+            files += [(f, True) for f in sorted(p.rglob("*.json"))]
         else:
-            files.append(input_file(raw, "result file"))
-    for f in files:
+            files.append((input_file(raw, "result file"), False))
+    for f, found in files:
         if f.name.endswith(".cache.json") or f.name == MANIFEST:
             continue  # calibration cache provenance / the list of written files, not results
         try:
             doc = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise InputError(f"{str(f)!r} is not readable JSON: {err}") from err
-        if isinstance(doc, dict):
-            res.add(doc, str(f))
+        if found and result_kind(doc) is None:  # a folder's other JSON (calibrate's sensitivity.json)
+            log.info("%s: not a result quantkit draws; skipped", f)
+            continue
+        if isinstance(doc, dict) or not found:
+            res.add(doc if isinstance(doc, dict) else {}, str(f))
     if not (res.compares or res.benches or res.ranges or res.qat or res.debug):
         raise InputError("no quantkit results found in the given files",
                          hint="pass the JSON files of calibrate (ranges.json, report.json), compare --json, bench --json")
@@ -294,15 +397,16 @@ def _table(res: Results) -> str:
     rows = []
     for c in by_model(res.compares, "test"):
         o = c["outputs"][0]
-        acc = "-" if c.get("accuracy_test") is None else f"{c['accuracy_test']:.4f}"
-        agree = "-" if o.get("top1_agreement") is None else f"{o['top1_agreement']:.4f}"
+        acc = "-" if c.get("accuracy_test") is None else f"{float(c['accuracy_test']):.4f}"
+        agree = "-" if o.get("top1_agreement") is None else f"{float(o['top1_agreement']):.4f}"
         rows.append(f"<tr><td>{html.escape(_stem(c['test']))}</td><td>{acc}</td><td>{agree}</td>"
                     f"<td>{float(o['cosine_mean']):.5f}</td><td>{float(o['sqnr_db']):.2f}</td></tr>")
     head = "<tr><th>model</th><th>accuracy</th><th>top-1 agreement</th><th>cosine</th><th>SQNR dB</th></tr>"
     bench_rows = "".join(
         f"<tr><td>{html.escape(_stem(b['model']))}</td><td>{html.escape(str(b.get('backend')))} "
-        f"({html.escape(str(b.get('device')))})</td><td>{b['batch']}</td><td>{b['median_ms']:.3f}</td>"
-        f"<td>{b['p99_ms']:.3f}</td><td>{b.get('throughput_per_s', 0):.1f}</td></tr>" for b in by_model(res.benches, "model"))
+        f"({html.escape(str(b.get('device')))})</td><td>{int(b['batch'])}</td><td>{float(b['median_ms']):.3f}</td>"
+        f"<td>{float(b['p99_ms']):.3f}</td><td>{float(b.get('throughput_per_s') or 0):.1f}</td></tr>"
+        for b in by_model(res.benches, "model"))
     bench_head = "<tr><th>model</th><th>backend</th><th>batch</th><th>median ms</th><th>p99 ms</th><th>samples/s</th></tr>"
     out = ""
     if rows:

@@ -43,7 +43,7 @@ class Bench:
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import check_output_file, write_json_atomic
         from quantkit.backends import ENGINE_SUFFIXES, check_model_file, runner_from_path
-        from quantkit.bench import measure_latency, random_feed, stats_from_times
+        from quantkit.bench import feed_batch, measure_latency, random_feed, stats_from_times
         from quantkit.errors import InputError
         from quantkit.backends.tensorrt.builder import parse_shapes
 
@@ -65,7 +65,7 @@ class Bench:
                                      f"(input {spec.name!r})",
                                      hint=f"drop --batch to measure batch {fixed}, or export the model with a dynamic batch dim")
             feed = random_feed(runner.input_specs, batch=args.batch or 1, shapes=shapes, seed=args.seed)
-            batch = int(next(iter(feed.values())).shape[0])
+            batch = feed_batch(feed)
             if is_engine and (trt_options or args.no_transfers):
                 times = runner.time_device(feed, iterations=args.iterations, warmup=args.warmup,  # type: ignore[attr-defined]
                                            cuda_graph=args.cuda_graph, streams=args.streams, duration_s=args.duration)

@@ -109,3 +109,21 @@ def test_random_feed_refusals_name_the_input_and_the_fix():
         random_feed([spec("x", ("N", 3, 8, 8))], shapes={"x": (1, 3, 8)})
     with pytest.raises(InputError, match=r"shapes given for \['y'\], the model inputs are \['x'\]"):
         random_feed([spec("x", ("N", 3))], shapes={"y": (1, 3)})
+
+
+def test_bench_of_a_model_without_inputs_and_of_an_impossible_batch(tmp_path, capsys):
+    """No inputs: StopIteration (exit 1); a batch NumPy cannot make: ValueError (exit 1)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from quantkit import sample
+    from quantkit.cli import main
+
+    node = helper.make_node("Constant", [], ["y"], value=helper.make_tensor("v", TensorProto.FLOAT, [2], [1.0, 2.0]))
+    graph = helper.make_graph([node], "noinput", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "c.onnx"))
+    assert main(["bench", str(tmp_path / "c.onnx"), "--iterations", "2", "--warmup", "0"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(sample.model_path()), "--batch", "99999999999999999999", "--iterations", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "GiB" in err and "--batch" in err and "Traceback" not in err

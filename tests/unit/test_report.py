@@ -61,6 +61,47 @@ def test_report_bad_inputs(tmp_path):
         load_results([tmp_path / "none.json"])
 
 
+BENCH = {"model": "m.onnx", "backend": "onnxruntime", "device": "CPU", "batch": 8, "iterations": 5, "min_ms": 1.0,
+         "median_ms": 1.2, "mean_ms": 1.2, "p90_ms": 1.3, "p99_ms": 1.4, "throughput_per_s": 6666.7}
+COMPARE = {"reference": "m.onnx", "test": "m.int8.onnx", "samples": 4, "accuracy_test": None,
+           "outputs": [{"name": "y", "cosine_mean": 0.99, "sqnr_db": "inf", "top1_agreement": 1.0}]}
+
+
+@pytest.mark.parametrize("doc, field", [
+    ({"median_ms": 1.0}, "'model' missing"),                                # no model
+    ({**BENCH, "batch": "<script>alert(1)</script>"}, "not an integer"),   # text where a number goes
+    ({**BENCH, "median_ms": "fast"}, "could not convert"),
+    ({**COMPARE, "outputs": []}, "outputs"),
+    ({**COMPARE, "outputs": [{"name": "y"}]}, "'cosine_mean' missing"),
+    ({"method": "entropy", "tensors": [1, 2]}, "tensors"),
+    ({"layerwise": {"activations": "all"}}, "activations"),
+    ({"layerwise": {"activations": [{"tensor": "t", "depth": 1, "local_sqnr_db": [], "accumulated_sqnr_db": 1}]}},
+     "not a number"),
+])
+def test_damaged_results_are_refused_naming_the_file(tmp_path, doc, field):
+    """A hand-edited or damaged result was exit 1 (KeyError, IndexError, ...) or went into the page
+    unescaped (a bench's batch as a <script>)."""
+    from quantkit.report import load_results
+
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="r.json: a damaged") as err:
+        load_results([tmp_path / "r.json"])
+    assert field in str(err.value)
+    assert main(["report", str(tmp_path / "r.json"), "-o", str(tmp_path / "rep")]) == 2
+    assert not (tmp_path / "rep").exists()
+
+
+def test_a_folders_other_json_is_skipped(tmp_path):
+    """calibrate --max-drop writes sensitivity.json beside its results: report reads the folder."""
+    from quantkit.report import load_results
+
+    (tmp_path / "bench.json").write_text(json.dumps(BENCH))
+    (tmp_path / "sensitivity.json").write_text(json.dumps({"rows": [], "metric": "sqnr"}))
+    assert len(load_results([tmp_path]).benches) == 1
+    with pytest.raises(InputError, match="not a quantkit result"):  # named on its own, it is refused
+        load_results([tmp_path / "sensitivity.json"])
+
+
 def test_report_reads_demo_folders_one_point_per_model(tmp_path, capsys):
     """`report` on the output folders of `demo` (and `qat-demo`): every method of the demo is a
     comparison, its two benchmarks are points, plots are titled by the model."""
