@@ -104,7 +104,8 @@ def qdq_points(model: onnx.ModelProto) -> list[QdqPoint]:
         zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if scale is None:
             continue  # a computed scale (dynamic quantization): nothing to check against
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if np.asarray(scale).ndim else None
+        # one scale in a [1]-shaped array (ONNX Runtime's bias DQs) is per tensor too
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if np.asarray(scale).size > 1 else None
         q = producer.get(src)
         if q is not None and q.op_type == "QuantizeLinear":
             tensor, stored = q.input[0], None
@@ -282,6 +283,12 @@ def _equalized_weights(fp32_consts: dict[str, np.ndarray], int8: onnx.ModelProto
     return out
 
 
+#: a Q/DQ model's float weight is its FP32 model's (up to positive per-channel factors) when the
+#: signs of at least this share of their values agree: another training of the same graph agrees
+#: on about half
+SIGN_AGREEMENT = 0.9
+
+
 def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable[QdqPoint]) -> list[WeightError]:
     """Per-channel error of every quantized weight; refuses weights that are not the FP32 model's."""
     # the FP32 side with layout ops on constants folded: a weight behind a Transpose (an Einsum's
@@ -295,9 +302,21 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
         else:
             name, w = _fp32_weight(fp32, int8, p, fconsts)
         w = w.astype(np.float64)
+        own = iconsts.get(p.tensor) if p.stored is None else None
         if p.stored is not None:
             q = iconsts[p.stored].astype(np.float64)
             deq = (q - p._broadcast(p.zero_point, q)) * p._broadcast(p.scale, q)
+        elif own is not None and own.shape == w.shape:
+            # the INT8 model's own float weight: it may be the FP32 model's times positive per-channel
+            # factors (equalization, SmoothQuant), never other values (another training of the graph)
+            own = own.astype(np.float64)
+            nonzero = (own != 0) & (w != 0)
+            agree = float((np.sign(own) == np.sign(w))[nonzero].mean()) if nonzero.any() else 1.0
+            if agree < SIGN_AGREEMENT:
+                raise ModelError(f"weight {p.tensor!r} is not the FP32 model's {name!r} (the signs of "
+                                 f"{100 * (1 - agree):.0f}% of its values differ): the Q/DQ model is not derived from "
+                                 "this FP32 model", hint="give the FP32 model the Q/DQ model was made from")
+            w, deq = own, p.fake_quant(own)[0]  # its error is its own quantization's
         else:
             deq = p.fake_quant(w)[0]
         if deq.shape != w.shape:
@@ -328,6 +347,9 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.compare import _OutputStats
 
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in fp32.graph.node):
+        raise ModelError(f"{reference_name}, given as the FP32 reference, has QuantizeLinear/DequantizeLinear "
+                         "nodes", hint="the order is `quantkit debug FP32.onnx INT8.onnx`, the FP32 model first")
     fp32 = einsum_as_matmul(fp32)  # as quantkit prepares it: its MatMul twins read the same weights
     points = qdq_points(int8)
     if not points:

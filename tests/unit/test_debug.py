@@ -97,6 +97,48 @@ def test_a_model_not_made_from_this_fp32_model_is_refused(models):
         layerwise_error(other, models[1], Batcher(SRC, ["x"], 8))
 
 
+def test_onnxruntime_default_quantize_static_model_is_read(models, tmp_path):
+    """quantize_static's defaults (QUInt8 activations, per-tensor weights, int32 biases whose DQ
+    scale is a [1] array): the [1] scale was taken for per-channel along axis 1 (exit 1)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    onnx.save(models[0], tmp_path / "m.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": SRC.load(i)[None]} for i in range(16)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ)
+    rep = layerwise_error(models[0], onnx.load(tmp_path / "q.onnx"), Batcher(SRC, ["x"], 8))
+    assert rep.weights and all(np.isfinite(w.sqnr_db) for w in rep.weights)
+
+
+def test_other_weights_of_the_same_graph_are_refused_and_positive_scaling_is_not(models):
+    """The INT8 model's float weights were never read: one made from another training of the same
+    graph showed healthy weight rows. Positive per-channel factors (SmoothQuant, equalization) are
+    the same weight."""
+    fp32, int8 = models
+    other = quantize(make_residual_model(seed=7), SyntheticSource((3, 8, 8), count=64, seed=1)).int8_model()
+    with pytest.raises(ModelError, match="not derived from this FP32 model"):
+        layerwise_error(fp32, other, Batcher(SRC, ["x"], 8))
+    scaled = onnx.ModelProto()
+    scaled.CopyFrom(int8)
+    w1 = next(i for i in scaled.graph.initializer if i.name == "w1")
+    arr = onnx.numpy_helper.to_array(w1)
+    factors = np.linspace(0.5, 2.0, arr.shape[1], dtype=np.float32)[None, :, None, None]
+    w1.CopyFrom(onnx.numpy_helper.from_array(arr * factors, "w1"))
+    rep = layerwise_error(fp32, scaled, Batcher(SRC, ["x"], 8))
+    assert any(w.tensor == "w1" for w in rep.weights)
+
+
+def test_a_qdq_model_as_the_reference_is_refused(models):
+    with pytest.raises(ModelError, match="given as the FP32 reference"):
+        layerwise_error(models[1], models[1], Batcher(SRC, ["x"], 8))
+
+
 def test_debug_cli(models, tmp_path, capsys):
     fp32, int8 = models
     onnx.save(fp32, tmp_path / "m.onnx")
