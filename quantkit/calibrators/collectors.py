@@ -414,6 +414,18 @@ def samples_text(indices: Sequence[int], most: int = 8) -> str:
     return "samples " + ", ".join(map(str, idx[:most])) + more
 
 
+def in_batch(err: NonFiniteError, batch: Any) -> NonFiniteError:
+    """``err`` (a captured tensor's NaN/Inf) with the batch's samples named; when one of the
+    batch's inputs is not finite itself, the data is named, not the model."""
+    fed = next((n for n, v in getattr(batch, "feed", {}).items() if isinstance(v, np.ndarray)
+                and np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()), None)
+    if fed is not None:
+        return NonFiniteError(f"{err} in the batch of {samples_text(batch.indices)}, whose input {fed!r} has "
+                              "infinite values", hint="fix or leave out those samples")
+    return NonFiniteError(f"{err} in the batch of {samples_text(batch.indices)}",
+                          hint="check the model and the preprocessing (scale, mean/std) for this data")
+
+
 def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int = 2048, sample_stride: int = 5,
                        pow2_grid: bool = False, pow2_tensors: Collection[str] = (),
                        on_batch: Callable[[int], None] | None = None,
@@ -438,8 +450,7 @@ def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int =
         try:
             update_collectors((collectors[name], batch_rows(arr, rows, padded)) for name, arr in tensors.items())
         except NonFiniteError as err:
-            raise NonFiniteError(f"{err} in the batch of {samples_text(batch.indices)}",
-                                 hint="check the model and the preprocessing (scale, mean/std) for this data") from err
+            raise in_batch(err, batch) from err
 
     executor.capture(batches, sink, on_batch=on_batch)
     return collectors

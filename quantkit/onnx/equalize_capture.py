@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from quantkit.calibrators.collectors import (HistogramCollector, Scaled, batch_rows, samples_text,
+from quantkit.calibrators.collectors import (HistogramCollector, Scaled, batch_rows, in_batch,
                                               update_collectors)
 from quantkit.errors import NonFiniteError
 from quantkit.onnx.equalize import (Equalization, channel_axes, channel_max, equalize_depthwise, sample_rows,
@@ -148,8 +148,7 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
             if state["seen"] >= first_samples:
                 decide()
         except NonFiniteError as err:
-            raise NonFiniteError(f"{err} in the batch of {samples_text(batch.indices)}",
-                                 hint="check the model and the preprocessing (scale, mean/std) for this data") from err
+            raise in_batch(err, batch) from err
 
     runner.capture(batches, sink, on_batch=on_batch)
     if state["factors"] is None:  # fewer samples than first_samples

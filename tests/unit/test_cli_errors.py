@@ -447,6 +447,9 @@ def _npz_case(root: Path, kind: str) -> Path:
     elif kind == "nan":
         x[7, 0, 1, 1] = x[4, 2, 0, 0] = np.nan
         np.savez(path, x=x)
+    elif kind == "inf":  # a mask input may mean it: not refused, but the inner tensor's error names the input
+        x[5, 0, 1, 1] = np.inf
+        np.savez(path, x=x)
     return path
 
 
@@ -454,6 +457,7 @@ def _npz_case(root: Path, kind: str) -> Path:
     ("object", r"'x' cannot be read without unpickling"),
     ("truncated", r"is not a readable \.npy/\.npz file"),
     ("nan", r"input 'x': sample .*nan\.npz\[4\] has NaN values \(1 more in this batch\)"),
+    ("inf", r"tensor 'r1' has Inf values in the batch of samples 0\.\.9, whose input 'x' has infinite values"),
 ])
 def test_bad_npz_is_one_line_exit_2(kind, message, models, tmp_path, capsys):
     """Data files that cannot be used: exit 2 naming the file (and the sample), never exit 1."""
