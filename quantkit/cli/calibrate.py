@@ -133,7 +133,7 @@ class Calibrate:
         # INT8 model (float weights kept: about the FP32 model's size) and the small files
         check_output_dir(args.output, force=args.force, inputs=inputs, command="quantkit calibrate",
                          need_bytes=model_path.stat().st_size + (1 << 22))
-        exclude = [*(args.exclude or ()), *_exclude_from(args)]
+        exclude = [*(args.exclude or ()), *_exclude_from(args, model)]
         stats_inside = _inside(args.save_stats, args.output) if args.save_stats else None
         if args.save_stats and stats_inside is None:  # a file of its own: never an input, nor -o itself
             if os.path.abspath(args.save_stats) == os.path.abspath(args.output):
@@ -287,8 +287,9 @@ def _inside(path: str, folder: str) -> str | None:
     return p.relative_to(f).as_posix() if f in p.parents else None
 
 
-def _exclude_from(args: argparse.Namespace) -> list[str]:
-    """--exclude-from FILE --top K: the nodes of the K most sensitive groups (exact names)."""
+def _exclude_from(args: argparse.Namespace, model: Any) -> list[str]:
+    """--exclude-from FILE --top K: the nodes of the K most sensitive groups (exact names, each a
+    node of ``model`` as calibrate prepares it)."""
     import re
 
     from quantkit.errors import InputError
@@ -302,7 +303,18 @@ def _exclude_from(args: argparse.Namespace) -> list[str]:
     from quantkit.debug.sensitivity import ranking_from_file
 
     rows = ranking_from_file(args.exclude_from)
-    return [re.escape(n) for r in rows[: args.top] for n in r["nodes"]]
+    names = [n for r in rows[: args.top] for n in r["nodes"]]
+    missing = next((n for n in names if n not in {m.name for m in model.graph.node}), None)
+    if missing is not None:  # a name the preparation gives (an unnamed node's)?
+        from quantkit.onnx.model import einsum_as_matmul, ensure_opset, with_node_names
+
+        prepared = {m.name for m in with_node_names(einsum_as_matmul(ensure_opset(model))).graph.node}
+        missing = next((n for n in names if n not in prepared), None)
+    if missing is not None:
+        raise InputError(f"--exclude-from {args.exclude_from!r} names node {missing!r}, which this model does not have",
+                         hint="use a ranking of this model (calibrate --max-drop's sensitivity.json, debug --rank's "
+                              "debug.json)")
+    return [re.escape(n) for n in names]
 
 
 def _budget(args: argparse.Namespace, model: object, source: object, indices: list[int]) -> object:

@@ -356,7 +356,8 @@ def ranking_from_file(path: str) -> list[dict[str, Any]]:
                       (doc.get("fallback") or {}).get("sensitivity") if isinstance(doc, dict) else None):
         if isinstance(candidate, dict) and isinstance(candidate.get("rows"), list) and candidate["rows"]:
             rows = candidate["rows"]
-            if all(isinstance(r, dict) and isinstance(r.get("nodes"), list) for r in rows):
+            if all(isinstance(r, dict) and isinstance(r.get("nodes"), list)
+                   and all(isinstance(n, str) for n in r["nodes"]) for r in rows):
                 return rows
     raise InputError(f"--exclude-from {str(path)!r} holds no sensitivity ranking",
                      hint="use the sensitivity.json of `quantkit calibrate --max-drop` or the debug.json of "

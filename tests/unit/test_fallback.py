@@ -158,6 +158,16 @@ def test_calibrate_max_drop_writes_the_model_that_meets_it(digits_files, tmp_pat
     assert main(_args(root, tmp_path / "o2", "--exclude-from", str(tmp_path / "o" / "sensitivity.json"),
                       "--top", "1")) == 0
     assert json.loads((tmp_path / "o2" / "ranges.json").read_text())["excluded"][0]["node"] == PW_NODE
+    # a ranking of another model, or one with damaged node names: one line naming the file (was
+    # "--exclude '/escaped\\.name' matches no node", and exit 1 for names that are not text)
+    other, damaged = tmp_path / "other.json", tmp_path / "damaged.json"
+    other.write_text(json.dumps({"rows": [{"name": "g", "nodes": ["/backbone/conv_9/Conv"]}]}))
+    damaged.write_text(json.dumps({"rows": [{"name": "g", "nodes": [1, 2]}]}))
+    capsys.readouterr()
+    assert main(_args(root, tmp_path / "o3", "--exclude-from", str(other), "--top", "1")) == 2
+    assert "names node '/backbone/conv_9/Conv', which this model does not have" in capsys.readouterr().err
+    assert main(_args(root, tmp_path / "o3", "--exclude-from", str(damaged), "--top", "1")) == 2
+    assert "holds no sensitivity ranking" in capsys.readouterr().err
 
 
 def test_calibrate_max_drop_bad_input_writes_nothing(digits_files, tmp_path, capsys, monkeypatch):
