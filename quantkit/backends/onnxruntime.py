@@ -175,6 +175,14 @@ def cpu_has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: os.fsdecode of bytes that are not UTF-8
+        return False
+    return True
+
+
 def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, threads: int | None = None,
                    providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True,
                    optimization: str = "all", integer_kernels: bool = False) -> Any:
@@ -188,6 +196,10 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, t
     ort = require("onnxruntime")
     src = (model.SerializeToString() if isinstance(model, onnx.ModelProto)
            else model if isinstance(model, bytes) else str(model))
+    if isinstance(src, str) and not _utf8(src):  # a file name of undecodable bytes: ONNX Runtime takes str only
+        from quantkit.onnx.model import load_model
+
+        src = load_model(src).SerializeToString()  # its external data read here, from its own folder
     try:
         return ort.InferenceSession(src, sess_options=session_options(threads, optimization=optimization,
                                                                       spinning=spinning),

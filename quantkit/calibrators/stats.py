@@ -122,6 +122,9 @@ def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
     except FileNotFoundError:
         raise StatsError(f"statistics file {str(path)!r} not found", hint=hint) from None
     except Exception as err:  # zip, JSON or key errors: not our file, or a damaged one
+        if "pickle" in str(err):  # NumPy's text would advise loading it unsafely: quantkit never unpickles
+            raise StatsError(f"{str(path)!r} is not a quantkit statistics file (not an .npz archive; a file of "
+                             "Python objects is never loaded)", hint=hint) from None
         raise StatsError(f"cannot read statistics file {str(path)!r}: {type(err).__name__}: {err}",
                          hint=hint) from err
     return stats

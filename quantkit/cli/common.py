@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,9 +18,22 @@ log = logging.getLogger(__name__)
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):  # nan/inf would make every sample "have NaN values"
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _hw(text: str) -> tuple[int, int]:
@@ -120,7 +134,7 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--crop", type=_hw, metavar="HxW", help="centre crop (N or HxW)")
     g.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="per-channel mean (after --scale)")
     g.add_argument("--std", type=_floats, metavar="S[,S,S]", help="per-channel std (after --scale)")
-    g.add_argument("--scale", type=float, help="multiply 0-255 pixel values by this first (imagenet: 1/255)")
+    g.add_argument("--scale", type=finite_float, help="multiply 0-255 pixel values by this first (imagenet: 1/255)")
     g.add_argument("--color", choices=["rgb", "bgr", "gray"], help="channel order the model expects")
     g.add_argument("--layout", choices=["nchw", "nhwc"],
                    help="input layout (default: the one the input's static channel dim says, nchw when it says none)")
@@ -218,6 +232,14 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
         raise DatasetError(f"image folder {str(folder)!r} does not exist" if not Path(folder).exists()
                            else f"{str(folder)!r} is not a folder of images",
                            hint="pass a folder of images, or an .npz/.npy file (--npz; --eval-dir takes either)")
+    axes = dict(getattr(args, "batch_axis", None) or [])
+    unknown = sorted(set(axes) - {s.name for s in specs})
+    if unknown:
+        raise InputError(f"--batch-axis names {unknown[0]!r}, which is not an input of the model",
+                         hint=f"its inputs: {', '.join(repr(s.name) for s in specs)}")
+    if axes and arrays is None:
+        raise InputError("--batch-axis says how the arrays of --npz hold samples; an image folder has one image a "
+                         "sample", hint="drop --batch-axis, or use --npz")
     if arrays is not None:
         given = [f"--{k.replace('_', '-')}" for k in ("resize", "crop", "scale", "mean", "std", "color", "layout")
                  if getattr(args, k, None) is not None]

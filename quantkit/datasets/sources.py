@@ -304,7 +304,10 @@ class NumpySource:
         try:
             loaded = np.load(p, allow_pickle=False)
         except (ValueError, *_NUMPY_READ_ERRORS) as err:
-            raise DatasetError(f"{str(p)!r} is not a readable .npy/.npz file: {err}") from err
+            why = ("it holds pickled Python objects, which quantkit never loads" if "pickle" in str(err)
+                   else str(err))  # NumPy's own text would advise loading it unsafely
+            raise DatasetError(f"{str(p)!r} is not a readable .npy/.npz file: {why}",
+                               hint="save plain arrays with numpy.save / numpy.savez") from err
         if isinstance(loaded, np.ndarray):
             self.arrays, self.labels = {"": loaded}, None
         else:

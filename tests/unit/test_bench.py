@@ -127,3 +127,17 @@ def test_bench_of_a_model_without_inputs_and_of_an_impossible_batch(tmp_path, ca
     assert main(["bench", str(sample.model_path()), "--batch", "99999999999999999999", "--iterations", "1"]) == 2
     err = capsys.readouterr().err
     assert "GiB" in err and "--batch" in err and "Traceback" not in err
+
+
+def test_a_model_file_name_that_is_not_utf8(tmp_path):
+    """ONNX Runtime takes a str path only: bytes that are not UTF-8 (a lone surrogate after
+    os.fsdecode) gave "incompatible constructor arguments" in bench and compare."""
+    import os
+    import shutil
+
+    from quantkit import sample
+    from quantkit.cli import main
+
+    path = tmp_path / os.fsdecode(b"mod\xfe.onnx")
+    shutil.copy(sample.model_path(), path)
+    assert main(["bench", str(path), "--iterations", "2", "--warmup", "0"]) == 0

@@ -569,3 +569,32 @@ def test_trt_version_manifest_name_and_a_terminal_without_utf8(tmp_path, capsys)
     proc = subprocess.run([*run, "inspect", str(tmp_path / "modèle.onnx")], capture_output=True,
                           env={"PYTHONIOENCODING": "ascii", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0 and b"mod\\xe8le.onnx" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--batch-axis", "nosuch=0"], "--batch-axis names 'nosuch', which is not an input of the model"),
+    (["--std", "nan"], "argument --std: expected finite numbers"),
+    (["--scale", "inf"], "argument --scale: expected a finite number"),
+])
+def test_flags_that_name_no_input_or_no_number_are_refused(extra, said, models, tmp_path, capsys):
+    """A --batch-axis naming no input was accepted silently; --std nan was blamed on the first sample."""
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 3, 8, 8), np.float32))
+    try:
+        rc = main(["calibrate", str(models["dyn"]), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "out"),
+                   "--no-progress", *extra])
+    except SystemExit as exit_:  # argparse's own refusal of a flag's value
+        rc = exit_.code
+    assert rc == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_is_never_suggested_to_be_loaded(models, tmp_path, capsys):
+    """NumPy's own text advises loading a pickled file "unsafely": quantkit says it never does."""
+    import pickle
+
+    (tmp_path / "p.npy").write_bytes(pickle.dumps({"x": 1}))
+    assert main(["calibrate", str(models["dyn"]), "--npz", str(tmp_path / "p.npy"), "-o", str(tmp_path / "o")]) == 2
+    assert main(["merge-stats", str(tmp_path / "p.npy"), "-o", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "never load" in err and "allow_pickle" not in err and "unsafely" not in err
