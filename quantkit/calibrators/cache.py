@@ -10,6 +10,7 @@ Format (one text file):
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -81,7 +82,14 @@ def cache_from_text(text: str, *, source: str = "<cache>") -> CalibrationCache:
         m = _LINE.match(line.rstrip())
         if m is None:
             raise CacheError(f"calibration cache {source!r}, line {no}: {line[:60]!r} is not '<tensor>: <8 hex digits>'")
-        scales[m.group(1)] = scale_from_hex(m.group(2))
+        name, scale = m.group(1), scale_from_hex(m.group(2))
+        if name in scales:  # which of the two TensorRT takes is its own business: a damaged or merged file
+            raise CacheError(f"calibration cache {source!r}, line {no}: tensor {name!r} is given twice",
+                             hint="write the cache again (quantkit calibrate, or merge-stats)")
+        if not (math.isfinite(scale) and scale >= 0.0):
+            raise CacheError(f"calibration cache {source!r}, line {no}: tensor {name!r} has scale {scale}, not a "
+                             "finite number >= 0", hint="write the cache again (quantkit calibrate, or merge-stats)")
+        scales[name] = scale
     return CalibrationCache(int(head.group(1)), head.group(2), scales)
 
 

@@ -43,6 +43,10 @@ def test_version_number():
     ("", "empty"),
     ("hello\n", "first line"),
     ("TRT-100300-EntropyCalibration2\nx: zz\n", "line 2"),
+    ("TRT-100300-EntropyCalibration2\nx: 3c010a14\nx: 3c010a14\n", "line 3: tensor 'x' is given twice"),
+    ("TRT-100300-EntropyCalibration2\nx: 7f800000\n", "scale inf"),      # +inf
+    ("TRT-100300-EntropyCalibration2\nx: 7fc00000\n", "scale nan"),      # NaN
+    ("TRT-100300-EntropyCalibration2\nx: bc010a14\n", "not a finite number >= 0"),  # negative
 ])
 def test_malformed(text, msg):
     with pytest.raises(CacheError, match=msg):
