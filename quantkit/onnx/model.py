@@ -171,7 +171,8 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
                 "quantkit reads external data only from files beside the model",
                 hint="save the model with its external data file in the same folder (onnx.save(..., location=NAME))")
         if not target.is_file():
-            raise ModelError(f"{str(path)!r}: tensor {t.name!r} keeps its data in {location!r}, which does not exist "
+            what = "which is not a regular file" if target.exists() else "which does not exist"
+            raise ModelError(f"{str(path)!r}: tensor {t.name!r} keeps its data in {location!r}, {what} "
                              f"in {str(folder)!r}", hint="copy the model's external data file next to it")
     try:
         external_data_helper.load_external_data_for_model(model, str(folder))
