@@ -221,7 +221,7 @@ def test_build_modes_and_tensorrt11_message():
 def test_shapes_and_profiles():
     p = parse_shapes(["x=1x3x8x8/4x3x8x8/16x3x8x8", "y=2x5"])
     assert p["x"] == ShapeProfile((1, 3, 8, 8), (4, 3, 8, 8), (16, 3, 8, 8)) and p["y"].max == (2, 5)
-    for bad in ["x", "x=1x3/4x3x8", "x=4x3/2x3/8x3", "x=ax3"]:
+    for bad in ["x", "x=1x3/4x3x8", "x=4x3/2x3/8x3", "x=ax3", "x=1x3,x=2x3"]:  # the last: one input twice
         with pytest.raises(InputError):
             parse_shapes(bad)
     specs = [TensorSpec("x", ("N", 3, 8, 8), np.dtype(np.float32)), TensorSpec("s", (1, 2), np.dtype(np.float32))]

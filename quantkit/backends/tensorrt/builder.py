@@ -102,6 +102,8 @@ def parse_shapes(text: str | Sequence[str] | None) -> dict[str, ShapeProfile]:
         lo, opt, hi = shapes
         if any(d <= 0 for d in lo) or not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
             raise InputError(f"shape {item!r}: need 0 < min <= opt <= max in every dimension")
+        if name in out:
+            raise InputError(f"shape {item!r}: input {name!r} is given a shape twice", hint="give each input once")
         out[name] = ShapeProfile(lo, opt, hi)
     return out
 
