@@ -239,10 +239,10 @@ class Batcher:
             if (np.issubdtype(feed[name].dtype, np.floating) and f"inf:{name}" not in self._noted
                     and np.isinf(feed[name]).any()):  # a mask input may mean it (-inf): said once, not refused
                 self._noted.add(f"inf:{name}")
-                bad = next(i for i, a in zip(indices, arrays) if np.isinf(a).any())
+                first_inf = next(i for i, a in zip(indices, arrays) if np.isinf(a).any())
                 log.warning("input %r: sample %s has infinite values; an additive mask may mean them, but outputs "
                             "computed from them are not finite, and their error figures read nan",
-                            name, self.source.describe(bad))
+                            name, self.source.describe(first_inf))
             if name in self.dtypes:
                 feed[name] = cast_for_input(feed[name], self.dtypes[name], name=name,
                                             where=self.source.describe(indices[0]), noted=self._noted)
