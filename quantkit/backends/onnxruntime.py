@@ -369,15 +369,16 @@ class OrtRunner(Runner):
         piece = 1  # rows a sink call gets (``SINK_PIECE_MB``'s chunk)
         turn = 0
 
-        def hand_over(batch: Any, part: dict[str, np.ndarray], arrays: list[np.ndarray], n: int, step: int) -> None:
-            tensors = {**dict(zip(self._inner, arrays)), **{t: part[t] for t in fed}}
+        def hand_over(batch: Any, part: dict[str, np.ndarray], arrays: list[np.ndarray], n: int, step: int,
+                      axes: Mapping[str, int | None]) -> None:
             if step >= n:
-                sink(batch, n, tensors)
+                sink(batch, n, {**dict(zip(self._inner, arrays)), **{t: part[t] for t in fed}})
                 return
-            for start in range(0, n, step):
+            for start in range(0, n, step):  # inputs sliced on their batch axis, inner tensors on their first
                 stop = min(n, start + step)
-                sink(batch, stop - start, {t: a[start:stop] if a.ndim and a.shape[0] == n else a
-                                           for t, a in tensors.items()})
+                rows = take_rows({t: part[t] for t in fed}, axes, start, stop)
+                sink(batch, stop - start, {**{t: a[start:stop] if a.ndim and a.shape[0] == n else a
+                                              for t, a in zip(self._inner, arrays)}, **rows})
 
         with ThreadPoolExecutor(1, thread_name_prefix="quantkit-capture") as pool:
             for batch in batches:
@@ -408,7 +409,8 @@ class OrtRunner(Runner):
                         chunk = piece = 1
                         continue
                     self._ran = self._ran or chunk > 1
-                    pending[turn] = pool.submit(hand_over, batch, part, arrays, min(chunk, batch.size - start), piece)
+                    pending[turn] = pool.submit(hand_over, batch, part, arrays, min(chunk, batch.size - start), piece,
+                                                axes)
                     turn ^= 1
                     start += chunk
                 if on_batch is not None:
