@@ -187,7 +187,7 @@ def for_model(
 
     ``input_shape`` is the ONNX input shape (None or a string for dynamic dims). With the
     ``imagenet`` preset and no crop given, the crop is the model's static H x W (224 x 224 when
-    dynamic) and the resize keeps ImageNet's 256/224 ratio.
+    dynamic); the resize (unless given) keeps ImageNet's 256/224 ratio to the crop, given or not.
     """
     if len(input_shape) != 4:
         raise ShapeMismatchError(
@@ -205,8 +205,10 @@ def for_model(
             hint=f"set --color (gray for 1 channel) or --layout {other}",
         )
     static_hw = (h, w) if isinstance(h, int) and isinstance(w, int) else None
-    if spec.crop is None and preset_name == "imagenet":
-        crop = static_hw or (224, 224)
+    if preset_name == "imagenet" and (spec.crop is None or spec.resize == 256):
+        # the preset's 256/224 ratio around the crop: the model's (224 x 224 when dynamic), or the one
+        # given with --crop (with the preset's resize of 256 a crop above 256 fit no image)
+        crop = tuple(spec.crop) if spec.crop is not None else static_hw or (224, 224)
         if spec.resize == 256 and crop[0] != crop[1]:  # a non-square input: cover the crop, then crop the centre
             spec = spec.replace(crop=crop, resize=None, cover=(round(crop[0] * 256 / 224), round(crop[1] * 256 / 224)))
         else:

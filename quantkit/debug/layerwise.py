@@ -327,6 +327,8 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
         if total < 10.0:
             raise ModelError(f"weight {name!r} differs from the FP32 model's ({total:.1f} dB): the Q/DQ model is not "
                              "derived from this FP32 model", hint="give the FP32 model the Q/DQ model was made from")
+        if w.ndim == 0:  # a quantized scalar constant (ONNX Runtime's shared 2.0 of a normalization): one channel
+            w, deq = w.reshape(1), deq.reshape(1)
         axis = p.axis if p.axis is not None else 0
         wc, dc = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), np.moveaxis(deq, axis, 0).reshape(w.shape[axis], -1)
         per = np.array([_db(float((a * a).sum()), float(((b - a) ** 2).sum())) for a, b in zip(wc, dc)])

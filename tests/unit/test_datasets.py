@@ -67,6 +67,17 @@ def test_imagenet_preprocess_matches_manual(photo_dir):
     np.testing.assert_allclose(out, manual, atol=1e-5)
 
 
+def test_imagenet_preset_keeps_its_ratio_around_a_given_crop():
+    """--preprocess imagenet --crop 320x320 on a dynamic-size input kept the preset's resize of 256
+    and refused every image as smaller than the crop."""
+    spec = for_model(preset("imagenet").replace(crop=(320, 320)), ("N", 3, "h", "w"), input_name="x",
+                     preset_name="imagenet")
+    assert spec.crop == (320, 320) and spec.resize == round(320 * 256 / 224)
+    given = for_model(preset("imagenet").replace(crop=(320, 320), resize=400), ("N", 3, "h", "w"), input_name="x",
+                      preset_name="imagenet")
+    assert given.resize == 400  # a resize given with it stays
+
+
 def test_preprocess_nhwc_gray_and_validation():
     img = np.full((10, 12, 3), 255, np.uint8)
     out = Preprocess(color="gray", layout="nhwc", scale=1 / 255).apply(img)

@@ -234,3 +234,24 @@ def test_short_name_keeps_both_ends():
     a, b = "model/conv1d_3/conv1d/ExpandDims:0_equalized", "model/conv1d_4/conv1d/ExpandDims:0_equalized"
     assert short_name(a) != short_name(b) and len(short_name(a)) == 36  # the tail alone read alike
     assert short_name("relu_1") == "relu_1"
+
+
+def test_a_quantized_scalar_constant_is_one_channel():
+    """ONNX Runtime's quantize_static shares a 0-d int8 constant (the 2.0 of a normalization) behind
+    a DequantizeLinear: the weight table reshaped it along axis 0 (exit 1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph(nodes, inits):
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    fp32 = graph([helper.make_node("Mul", ["x", "two"], ["y"], name="mul")],
+                 [numpy_helper.from_array(np.array(2.0, np.float32), "two")])
+    int8 = graph([helper.make_node("DequantizeLinear", ["two_q", "two_s"], ["two_dq"], name="dq"),
+                  helper.make_node("Mul", ["x", "two_dq"], ["y"], name="mul")],
+                 [numpy_helper.from_array(np.array(127, np.int8), "two_q"),
+                  numpy_helper.from_array(np.array(2.0 / 127, np.float32), "two_s")])
+    src = SyntheticSource((4,), count=8, seed=1)
+    rep = layerwise_error(fp32, int8, Batcher(src, ["x"], 4))
+    assert [w.tensor for w in rep.weights] == ["two"] and rep.weights[0].sqnr_db > 100
