@@ -54,13 +54,17 @@ def run_error_text(err: BaseException) -> str:
     return text[:400]
 
 
-def session_options(threads: int | None = None, *, optimization: str = "all", spinning: bool = True) -> Any:
+def session_options(threads: int | None = None, *, optimization: str = "all", spinning: bool = True,
+                    arena: bool = True) -> Any:
     """The one place ONNX Runtime session options are made, so every pass uses the same.
 
     ``spinning=False``: ONNX Runtime's idle intra-op threads sleep instead of spinning, for a
     pass whose own worker thread needs the cores meanwhile (capture: histograms of one chunk
     while ONNX Runtime runs the next; on 2 cores the spinning threads took that thread's time,
-    and the capture pass of rapidocr-det ran 1.5x longer, benchmarks/results/design_notes.md)."""
+    and the capture pass of rapidocr-det ran 1.5x longer, benchmarks/results/design_notes.md).
+
+    ``arena=False``: no CPU memory arena (the arena keeps a run's peak activations for the
+    session's life), for sessions that are many and kept (the ranking's suffix sessions)."""
     ort = require("onnxruntime")
     so = ort.SessionOptions()
     level = {
@@ -75,6 +79,8 @@ def session_options(threads: int | None = None, *, optimization: str = "all", sp
     so.log_severity_level = 4  # fatal only: a run's error comes back as an exception, said in one line
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not arena:
+        so.enable_cpu_mem_arena = False
     return so
 
 
@@ -185,7 +191,7 @@ def _utf8(text: str) -> bool:
 
 def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, threads: int | None = None,
                    providers: Sequence[str] = ("CPUExecutionProvider",), spinning: bool = True,
-                   optimization: str = "all", integer_kernels: bool = False) -> Any:
+                   optimization: str = "all", integer_kernels: bool = False, arena: bool = True) -> Any:
     """An ONNX Runtime session of a ModelProto, a serialized model (bytes) or a model file
     (``optimization``: ``session_options``'s level).
 
@@ -202,7 +208,7 @@ def create_session(model: onnx.ModelProto | bytes | str | os.PathLike[str], *, t
         src = load_model(src).SerializeToString()  # its external data read here, from its own folder
     try:
         return ort.InferenceSession(src, sess_options=session_options(threads, optimization=optimization,
-                                                                      spinning=spinning),
+                                                                      spinning=spinning, arena=arena),
                                     providers=list(providers),
                                     **({} if integer_kernels else {"disabled_optimizers": [QDQ_FUSION, WEIGHT_QUANTIZATION]}))
     except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)

@@ -467,7 +467,7 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         if not left:
             break
         if config.max_float_groups is not None and len(floats) >= config.max_float_groups:
-            message = f"stopped at the limit of {config.max_float_groups} group(s) in float"
+            message = f"within the limit of {config.max_float_groups} group(s) in float"
             break
         g = left[0]
         t0 = time.perf_counter()

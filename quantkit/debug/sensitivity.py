@@ -76,6 +76,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: the suffix sessions (one per cut, kept for the ranking's life) run without ONNX Runtime's CPU
+#: memory arena, which keeps each session's largest run's activations: PP-OCRv3's 2.4 MB text
+#: detector at 320x320, `--max-drop` over 48 images, peaked at 15.3 GB with arenas and 3.6 GB
+#: without (142.8 s against 189.1 s; benchmarks/results/design_notes.md)
+SESSION_ARENA = False
+
 
 # ------------------------------------------------------------------ groups
 @dataclass(frozen=True)
@@ -546,7 +552,7 @@ class _Ranker:
             ranks = {t: a.ndim for t, a in (self.fp32_cut or self.int8_cut)[0].items()}
             suffix = suffix_model(self.switch.model, self.cuts.tensors[k], self.types, ranks, self._switch_inputs)
             t0 = time.perf_counter()
-            self._sessions[k] = create_session(suffix, threads=self.scales.run.threads)
+            self._sessions[k] = create_session(suffix, threads=self.scales.run.threads, arena=SESSION_ARENA)
             self.counts["sessions"] += 1
             self.session_seconds += time.perf_counter() - t0
         return self._sessions[k]
@@ -576,7 +582,8 @@ class _Ranker:
         try:
             if -1 not in self._sessions:
                 t0 = time.perf_counter()
-                self._sessions[-1] = create_session(self.multi.model, threads=self.scales.run.threads)
+                self._sessions[-1] = create_session(self.multi.model, threads=self.scales.run.threads,
+                                                    arena=SESSION_ARENA)
                 self.counts["sessions"] += 1
                 self.session_seconds += time.perf_counter() - t0
             session = self._sessions[-1]

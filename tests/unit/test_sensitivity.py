@@ -145,9 +145,10 @@ def test_ranking_builds_no_model_per_variant_and_one_session_per_cut(broken, mon
 
     cal, ev = broken
     cal.int8_model()  # the plain model of the side-by-side pass, made before
-    made = []
+    made, arenas = [], []
     real = backend.create_session
-    monkeypatch.setattr(backend, "create_session", lambda *a, **k: made.append(1) or real(*a, **k))
+    monkeypatch.setattr(backend, "create_session",
+                        lambda *a, **k: made.append(1) or arenas.append(k.get("arena", True)) or real(*a, **k))
 
     def no_build(*a, **k):
         raise AssertionError("insert_qdq called for a variant")
@@ -159,6 +160,8 @@ def test_ranking_builds_no_model_per_variant_and_one_session_per_cut(broken, mon
     # suffix sessions + the 2 capture runners + the 2 runners of the side-by-side pass
     assert len(made) <= cuts + 4, (len(made), cuts)
     assert rep.rows[0].name == PW_NODE and rep.rows[0].best_method is not None
+    # the kept suffix sessions hold no memory arena (a text detector's ranking peaked at 15 GB with them)
+    assert False in arenas
 
 
 def test_method_trials_run_once_per_distinct_scales(broken, monkeypatch):
