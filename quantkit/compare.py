@@ -152,7 +152,7 @@ class _OutputStats:
         else:
             self.classifier = False
 
-    def result(self, value_ordered: bool = False) -> OutputMetrics:
+    def result(self, value_ordered: bool = False, *, top1: bool = True) -> OutputMetrics:
         n = max(self.samples, 1)
         if self.discrete:
             return OutputMetrics(self.name, math.nan, math.nan, math.nan, self.max_abs,
@@ -170,7 +170,7 @@ class _OutputStats:
         return OutputMetrics(
             self.name, self.cos_sum / n if cos_ok else math.nan, self.cos_min if cos_ok else math.nan, sqnr,
             self.max_abs, self.abs_sum / max(self.values, 1),
-            self.agree / n if self.classifier and self.samples else None, self.shape_differs, self.batches,
+            self.agree / n if self.classifier and self.samples and top1 else None, self.shape_differs, self.batches,
             value_ordered=value_ordered,
         )
 
@@ -246,8 +246,10 @@ def compare_runners(
             on_batch(batch.size)
     skipped = list(getattr(batches, "skipped_", []))
     ordered = set(getattr(reference, "value_ordered", ()))
+    embeddings = set(getattr(reference, "embeddings", ()))  # an embedding's argmax means nothing
     return CompareReport(
-        reference_name, test_name, samples, [s.result(s.name in ordered) for s in stats.values()],
+        reference_name, test_name, samples,
+        [s.result(s.name in ordered, top1=s.name not in embeddings) for s in stats.values()],
         correct_ref / labelled if labelled else None,
         correct_test / labelled if labelled else None,
         skipped,

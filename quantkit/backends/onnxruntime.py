@@ -32,8 +32,8 @@ from quantkit._deps import require
 from quantkit.backends.base import Runner, TensorSink, check_feed
 from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import InputError, ModelError
-from quantkit.onnx.model import (TensorSpec, input_specs, load_model, node_reads, output_specs, unused_inputs,
-                                 value_ordered_outputs, with_outputs_bytes)
+from quantkit.onnx.model import (TensorSpec, input_specs, l2_normalized, load_model, node_reads, output_specs,
+                                 unused_inputs, value_ordered_outputs, with_outputs_bytes)
 
 
 log = logging.getLogger(__name__)
@@ -268,6 +268,8 @@ class OrtRunner(Runner):
         self._output_specs = output_specs(proto)
         #: graph outputs computed through a TopK (``compare`` says their rows pair up by rank)
         self.value_ordered = value_ordered_outputs(proto)
+        #: graph outputs the graph L2-normalizes (embeddings: ``compare`` shows no top-1 for them)
+        self.embeddings = [o.name for o in proto.graph.output if l2_normalized(proto, o.name)]
         self._outputs = [s.name for s in self._output_specs]
         self._captured = list(dict.fromkeys(capture))
         fed = {s.name for s in self._inputs}

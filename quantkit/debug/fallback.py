@@ -64,7 +64,7 @@ from quantkit.backends.base import real_rows
 from quantkit.debug.sensitivity import ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, rank_groups, \
     rank_sensitivity
 from quantkit.errors import InputError
-from quantkit.onnx.model import LAYOUT_OPS, error_output
+from quantkit.onnx.model import error_output, l2_normalized
 
 if TYPE_CHECKING:
     from quantkit.datasets.sources import Source
@@ -538,40 +538,6 @@ def _ranker_for(scales: QdqScales, eval_source: "Source", idx: Sequence[int], ra
     return _Ranker(scales, src, ranking.subset_indices)
 
 
-#: ops between a norm and the division by it (an epsilon added or clipped, broadcast shapes)
-_NORM_GLUE = ("Clip", "Max", "Add", "Expand", "Unsqueeze", "Reshape", "Cast", "Identity", "Sqrt", "Pow",
-              "Reciprocal")
-
-
-def l2_normalized(model: onnx.ModelProto, name: str) -> bool:
-    """Whether the graph output ``name`` is an L2-normalized embedding, x / ||x||: an
-    ``LpNormalization`` (p 2), or a Div (or a Mul by a Reciprocal) whose divisor comes from a
-    ``ReduceL2``, a ``ReduceSumSquare`` or a ``ReduceSum`` under a Sqrt, through layout ops. A
-    sentence or face embedding's argmax means nothing, and its shape [N, dims] does not tell it
-    from a classifier's logits; its normalization does."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    node = producer.get(name)
-    while node is not None and node.op_type in LAYOUT_OPS and node.input:  # moved or retyped, not computed
-        node = producer.get(node.input[0])
-    if node is None:
-        return False
-    if node.op_type == "LpNormalization":
-        return next((a.i for a in node.attribute if a.name == "p"), 2) == 2
-    if node.op_type not in ("Div", "Mul") or len(node.input) < 2:
-        return False
-
-    def norm_of(t: str, depth: int = 0, under_sqrt: bool = False, inverted: bool = False) -> bool:
-        n = producer.get(t)
-        if n is None or depth > 8:
-            return False
-        if n.op_type in ("ReduceL2", "ReduceSumSquare") or (n.op_type == "ReduceSum" and under_sqrt):
-            return node.op_type == "Div" or inverted
-        if n.op_type in _NORM_GLUE and n.input:
-            return norm_of(n.input[0], depth + 1, under_sqrt or n.op_type in ("Sqrt", "Pow"),
-                           inverted or n.op_type == "Reciprocal")
-        return False
-
-    return any(norm_of(t) for t in (node.input[1:2] if node.op_type == "Div" else node.input[:2]))
 
 
 def drop_metric_for(model: onnx.ModelProto, output: str, metric: str | None, source: "Source",

@@ -6,6 +6,7 @@ float output not ordered by a TopK (``onnx.model.error_output``)."""
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import onnx
 import pytest
@@ -256,3 +257,8 @@ def test_an_l2_normalized_embedding_takes_cosine_as_its_drop_metric(tmp_path, ca
     said = capsys.readouterr().out
     assert ("(cosine of output 'out'" in said) == embedding, said
     assert ("(accuracy of output 'out'" in said) == (not embedding), said
+    # and compare shows no top-1 agreement for it (0.80 read as one sample in five wrong at cosine 0.994)
+    assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "out" / "m.int8.onnx"), "--npz",
+                 str(tmp_path / "d.npz"), "--json", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    top1 = json.loads((tmp_path / "c.json").read_text())["outputs"][0]["top1_agreement"]
+    assert (top1 is None) == embedding
