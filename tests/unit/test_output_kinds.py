@@ -7,6 +7,7 @@ float output not ordered by a TopK (``onnx.model.error_output``)."""
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import onnx
 import pytest
