@@ -73,6 +73,9 @@ METADATA_KEY = "quantkit.equalization"
 #: is raised at most this much (a channel quiet on the calibration data but loud later would be
 #: clipped by the scaled tensor's range otherwise)
 S_MAX = 64.0
+#: the cap of a depthwise input's channel that the Conv (and a BatchNormalization after it) makes
+#: as loud as the others: ``depthwise_caps``
+S_MAX_LOUD = 4096.0
 #: a tensor whose largest factor is below this is left alone (nothing to gain)
 MIN_GAIN = 2.0
 #: the share of a channel's range ratio moved onto the input of group-1 Convs (SmoothQuant's alpha)
@@ -284,7 +287,11 @@ def scales_for(model: onnx.ModelProto, found: Mapping[str, Sequence[str]], maxim
                 out[t] = (consumers, s)
             continue
         pointwise = any(_attr(nodes[c], "group", 1) == 1 for c in consumers if c in nodes)
-        s = equalization_scales(maxima[t], alpha=ALPHA_POINTWISE if pointwise else 1.0)
+        caps: float | np.ndarray = S_MAX
+        if not pointwise:
+            consts = consts if consts is not None else constant_arrays(model)
+            caps = depthwise_caps(model, [nodes[c] for c in consumers if c in nodes], maxima[t], consts)
+        s = equalization_scales(maxima[t], alpha=ALPHA_POINTWISE if pointwise else 1.0, s_max=caps)
         if s is not None:
             out[t] = (consumers, s)
     return out
@@ -350,7 +357,38 @@ def _linear_scales(channel_max: np.ndarray, nodes: Sequence[onnx.NodeProto],
     return equalization_scales(np.where(a > 0.0, divisor, 0.0), alpha=1.0)
 
 
-def equalization_scales(channel_max: np.ndarray, *, s_max: float = S_MAX, min_gain: float = MIN_GAIN,
+def depthwise_caps(model: onnx.ModelProto, convs: Sequence[onnx.NodeProto], channel_max: np.ndarray,
+                   consts: Mapping[str, np.ndarray]) -> float | np.ndarray:
+    """Per-channel caps of a depthwise input's factors: ``S_MAX``, and ``S_MAX_LOUD`` for a channel
+    that is quiet here but loud after the Conv, where its rounding error is carried on as loudly as
+    the others' (its output estimate max|x_c| * sum|W_c| * BN gain within ``S_MAX`` of the loudest
+    channel's). PP-OCRv2's recogniser (paddle2onnx, BatchNormalization not folded): its first
+    depthwise Conv's input channels span 0.035 to 40.4, and the BN after it multiplies the quiet one
+    by 60; capped at 64 that channel kept ~7 INT8 levels, and its float output gave the model +5 dB
+    (benchmarks/results/heldout_sweep.md)."""
+    a = np.asarray(channel_max, dtype=np.float64)
+    gain = np.zeros_like(a)
+    producers_of = {i: n for n in model.graph.node for i in n.input}  # tensor -> a reader (one is enough here)
+    for conv in convs:
+        w = consts.get(conv.input[1]) if len(conv.input) > 1 else None
+        if w is None or w.ndim < 2 or w.shape[1] != 1 or w.shape[0] % a.size:
+            return S_MAX
+        per_out = np.abs(w.astype(np.float64)).reshape(w.shape[0], -1).sum(axis=1)
+        reader = producers_of.get(conv.output[0])
+        if reader is not None and reader.op_type == "BatchNormalization" and len(reader.input) >= 5 and \
+                all(i in consts for i in reader.input[1:5]):
+            eps = next((at.f for at in reader.attribute if at.name == "epsilon"), 1e-5)
+            scale, var = (np.asarray(consts[reader.input[i]], np.float64).reshape(-1) for i in (1, 4))
+            if scale.size == per_out.size:
+                per_out = per_out * np.abs(scale) / np.sqrt(var + eps)
+        gain = np.maximum(gain, per_out.reshape(a.size, -1).max(axis=1))
+    out = a * gain
+    if not np.isfinite(out).all() or out.max() <= 0.0:
+        return S_MAX
+    return np.where(out >= out.max() / S_MAX, S_MAX_LOUD, S_MAX)
+
+
+def equalization_scales(channel_max: np.ndarray, *, s_max: float | np.ndarray = S_MAX, min_gain: float = MIN_GAIN,
                         alpha: float = 1.0) -> np.ndarray | None:
     """Per-channel factors ``s_c = clip((A / a_c) ** alpha, 1, s_max)``, A = max_c a_c; a channel
     that was always 0 gets 1. None when the largest factor is below ``min_gain`` (or every

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import quantkit
-from quantkit.onnx.equalize import S_MAX, equalization_scales, equalizations_of
+from quantkit.onnx.equalize import S_MAX, S_MAX_LOUD, depthwise_caps, equalization_scales, equalizations_of
 from quantkit.ptq import QuantizeConfig, StatsConfig
 from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model
 
@@ -108,7 +108,8 @@ def test_cache_names_only_the_users_tensors(tmp_path):
     doc = cal2.ranges_document()
     assert doc["config"]["equalize"] is True
     (summary,) = doc["equalized"]
-    assert summary["tensor"] == "h" and summary["consumers"] == ["dw"] and summary["scale_max"] == pytest.approx(S_MAX)
+    # the quietest channels are amplified by the depthwise weight as a BatchNorm would: loud after it
+    assert summary["tensor"] == "h" and summary["consumers"] == ["dw"] and summary["scale_max"] == pytest.approx(S_MAX_LOUD)
     assert doc["tensors"][summary["scaled"]]["equalized_from"] == "h" and doc["tensors"]["h"]["quantized"] is False
 
 
@@ -198,3 +199,27 @@ def test_equalization_is_folded_into_the_calibration_pass_by_default(monkeypatch
     monkeypatch.setattr(OrtRunner, "capture", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     model = make_depthwise_model(variant="plain")
     assert _calibrate(model, depthwise_inputs(model, 16)).equalized and len(calls) == 1
+
+
+def test_a_quiet_channel_is_raised_past_s_max_only_where_the_conv_makes_it_loud():
+    """Capped at S_MAX, a channel 1000x quieter than the loudest kept a few INT8 levels; where the
+    depthwise weight and a BatchNormalization after it make its output as loud as the others', its
+    rounding matters as much as theirs (PP-OCRv2's recogniser: 18.9 -> 24.8 dB)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = np.array([40.0, 0.035, 0.035, 10.0], np.float32)
+    w = np.ones((4, 1, 3, 3), np.float32)
+    bn = [np.array([1.0, 60.0, 1.0, 1.0], np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32),
+          np.ones(4, np.float32)]
+    nodes = [helper.make_node("Conv", ["h", "w"], ["d"], name="dw", group=4, pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["d", "g", "b", "m", "v"], ["y"], name="bn")]
+    inits = [numpy_helper.from_array(x, n) for x, n in zip([w, *bn], ["w", "g", "b", "m", "v"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    caps = depthwise_caps(model, [model.graph.node[0]], a, consts)
+    # channel 1: 0.035 * 60 is within S_MAX of 40; channel 2 stays quiet after the Conv
+    np.testing.assert_array_equal(caps, [S_MAX_LOUD, S_MAX_LOUD, S_MAX, S_MAX_LOUD])
+    s = equalization_scales(a, s_max=caps)
+    assert s[1] == pytest.approx(40.0 / 0.035, rel=1e-5) and s[2] == S_MAX
