@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 #: the suffix sessions (one per cut, kept for the ranking's life) run without ONNX Runtime's CPU
 #: memory arena, which keeps each session's largest run's activations: PP-OCRv3's 2.4 MB text
 #: detector at 320x320, `--max-drop` over 48 images, peaked at 15.3 GB with arenas and 3.6 GB
-#: without (142.8 s against 189.1 s; benchmarks/results/design_notes.md)
+#: without (142.8 s against 189.1 s; benchmarks/results/heldout_sweep.md, fifteenth session)
 SESSION_ARENA = False
 
 
