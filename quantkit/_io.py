@@ -186,29 +186,12 @@ def _external_data_files(path: str, mtime_ns: int, size: int) -> tuple[Path, ...
     try:
         import onnx
 
+        from quantkit.onnx.model import external_locations
+
         model = onnx.load(str(p), load_external_data=False)
     except Exception:  # not a model (refused elsewhere, with its own message)
         return ()
-    from onnx import TensorProto
-
-    def tensors(graph: Any) -> Iterator[Any]:
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                if attr.HasField("g"):
-                    yield from tensors(attr.g)
-                for g in attr.graphs:
-                    yield from tensors(g)
-
-    found = []
-    for t in tensors(model.graph):
-        if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), "")
-            if loc and (p.parent / loc).exists():
-                found.append(p.parent / loc)
+    found = [p.parent / loc for _, loc in external_locations(model) if loc and (p.parent / loc).exists()]
     return tuple(dict.fromkeys(found))
 
 

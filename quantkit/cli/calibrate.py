@@ -119,8 +119,7 @@ class Calibrate:
         add_preprocess_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from quantkit._io import OutputError, check_output_dir, check_output_file, inside
-        from quantkit.calibrators.stats import is_stats_file
+        from quantkit._io import check_output_dir
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.datasets.classes import check_classes
         from quantkit.onnx.model import file_sha256, load_model, output_specs
@@ -134,19 +133,7 @@ class Calibrate:
         check_output_dir(args.output, force=args.force, inputs=inputs, command="quantkit calibrate",
                          need_bytes=model_path.stat().st_size + (1 << 22))
         exclude = [*(args.exclude or ()), *_exclude_from(args, model)]
-        stats_inside = _inside(args.save_stats, args.output) if args.save_stats else None
-        if args.save_stats and stats_inside is None:  # a file of its own: never an input, nor -o itself
-            if os.path.abspath(args.save_stats) == os.path.abspath(args.output):
-                raise OutputError(f"--save-stats {args.save_stats!r} is the output folder",
-                                  hint="give a file name, e.g. -o OUT --save-stats OUT/stats.qkstats")
-            check_output_file(args.save_stats, force=args.force, inputs=inputs, replaceable=is_stats_file,
-                              what="a quantkit statistics file")
-        elif stats_inside is not None and not inside(Path(args.output), stats_inside):
-            raise OutputError(f"--save-stats {args.save_stats!r} lies behind a symlink inside {args.output!r}; "
-                              "quantkit does not write through it", hint="give a path without the symlink")
-        elif stats_inside is not None and _artifact_name(stats_inside):
-            raise OutputError(f"--save-stats {args.save_stats!r} has the name of one of calibrate's artifacts in "
-                              f"{args.output!r}", hint="give it another name, e.g. -o OUT --save-stats OUT/stats.qkstats")
+        stats_inside = stats_target(args.save_stats, args.output, force=args.force, inputs=inputs)
         config = QuantizeConfig(
             StatsConfig(num_bins=args.num_bins, sample_stride=args.histogram_stride, target=args.target,
                         cache_all_tensors=args.cache_all_tensors, pow2_grid=bool(args.save_stats),
@@ -269,6 +256,32 @@ def _bias_note(check: dict[str, Any] | None) -> str:
             f"{check['output_sqnr_db']:.1f} dB with it, {check['uncorrected_output_sqnr_db']:.1f} without")
 
 
+def stats_target(save_stats: str | None, output: str, *, force: bool, inputs: list[Any]) -> str | None:
+    """Check ``--save-stats`` before the work (calibrate's and merge-stats'): its name inside
+    ``output`` (then written as one of the artifacts, never through a symlink nor under another
+    artifact's name), or None for a file of its own (never an input nor -o itself; with ``force``
+    it replaces only an earlier statistics file)."""
+    from quantkit._io import OutputError, check_output_file, inside
+    from quantkit.calibrators.stats import is_stats_file
+
+    if not save_stats:
+        return None
+    stats_inside = _inside(save_stats, output)
+    if stats_inside is None:
+        if os.path.abspath(save_stats) == os.path.abspath(output):
+            raise OutputError(f"--save-stats {save_stats!r} is the output folder",
+                              hint="give a file name, e.g. -o OUT --save-stats OUT/stats.qkstats")
+        check_output_file(save_stats, force=force, inputs=inputs, replaceable=is_stats_file,
+                          what="a quantkit statistics file")
+    elif not inside(Path(output), stats_inside):
+        raise OutputError(f"--save-stats {save_stats!r} lies behind a symlink inside {output!r}; "
+                          "quantkit does not write through it", hint="give a path without the symlink")
+    elif _artifact_name(stats_inside):
+        raise OutputError(f"--save-stats {save_stats!r} has the name of one of the artifacts in {output!r}",
+                          hint="give it another name, e.g. -o OUT --save-stats OUT/stats.qkstats")
+    return stats_inside
+
+
 def _artifact_name(name: str) -> bool:
     """``name`` (inside -o) is, or may be, one of calibrate's own files: the statistics written
     there would replace it."""
@@ -304,7 +317,8 @@ def _exclude_from(args: argparse.Namespace, model: Any) -> list[str]:
 
     rows = ranking_from_file(args.exclude_from)
     names = [n for r in rows[: args.top] for n in r["nodes"]]
-    missing = next((n for n in names if n not in {m.name for m in model.graph.node}), None)
+    nodes = {m.name for m in model.graph.node}
+    missing = next((n for n in names if n not in nodes), None)
     if missing is not None:  # a name the preparation gives (an unnamed node's)?
         from quantkit.onnx.model import einsum_as_matmul, ensure_opset, with_node_names
 

@@ -37,10 +37,10 @@ class MergeStats:
     def run(self, args: argparse.Namespace) -> int:
         import os
 
-        from quantkit._io import OutputError, check_output_dir, check_output_file, inside
+        from quantkit._io import check_output_dir
         from quantkit.calibrators.cache import trt_version_number
-        from quantkit.calibrators.stats import StatsError, is_stats_file, load_stats, merge_stats, save_stats
-        from quantkit.cli.calibrate import _artifact_name, _inside
+        from quantkit.calibrators.stats import StatsError, load_stats, merge_stats, save_stats
+        from quantkit.cli.calibrate import stats_target
         from quantkit.onnx.model import file_sha256, load_model
         from quantkit.ptq import Calibration, ExportConfig
 
@@ -54,14 +54,7 @@ class MergeStats:
         inputs = [*args.stats, *([args.model] if args.model else [])]
         check_output_dir(args.output, force=args.force, inputs=inputs,
                          command="quantkit merge-stats")  # before the work
-        stats_inside = _inside(args.save_stats, args.output) if args.save_stats else None
-        if args.save_stats and stats_inside is None:
-            check_output_file(args.save_stats, force=args.force, inputs=[*inputs, args.output],
-                              replaceable=is_stats_file, what="a quantkit statistics file")
-        elif stats_inside is not None and (not inside(Path(args.output), stats_inside) or _artifact_name(stats_inside)):
-            raise OutputError(f"--save-stats {args.save_stats!r} lies behind a symlink inside {args.output!r} or has "
-                              "the name of one of the artifacts there",
-                              hint="give it another name, e.g. -o OUT --save-stats OUT/merged.qkstats")
+        stats_inside = stats_target(args.save_stats, args.output, force=args.force, inputs=[*inputs, args.output])
         parts = [load_stats(p) for p in args.stats]
         merged = merge_stats(parts, names=args.stats)
         model_path = Path(args.model or merged.model.get("path", ""))

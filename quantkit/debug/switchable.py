@@ -67,6 +67,9 @@ class SwitchableModel:
     scales: dict[str, str] = field(default_factory=dict)
     scale_types: dict[str, int] = field(default_factory=dict)
     origin: list[int] = field(default_factory=list)
+    #: ``_scale_feed``'s last (amax, scale inputs)
+    _scales_cache: tuple[tuple[float, ...], dict[str, np.ndarray]] | None = field(default=None, init=False, repr=False,
+                                                                                compare=False)
 
     def feed(self, on_groups: set[str] | frozenset[str], amax: Mapping[str, float]) -> dict[str, np.ndarray]:
         """The switch inputs of one variant: ``on_groups`` quantized, activation scales from
@@ -83,9 +86,8 @@ class SwitchableModel:
         """The scale inputs for ``amax`` (one per tensor of ``scales``, in order), computed once
         per set of ranges: a ranking feeds the same ones to every variant (707 tensors x 1400
         runs were 1.1 million small NumPy calls)."""
-        cached = getattr(self, "_scales_cache", None)
-        if cached is not None and cached[0] == amax:
-            return cached[1]
+        if self._scales_cache is not None and self._scales_cache[0] == amax:
+            return self._scales_cache[1]
         scales = scale_from_amax(np.asarray(amax, dtype=np.float32))
         out: dict[str, np.ndarray] = {}
         for (t, name), scale in zip(self.scales.items(), scales):

@@ -149,19 +149,27 @@ def _topological_order(graph: onnx.GraphProto) -> list[int] | None:
     return order if len(order) == len(graph.node) else None
 
 
+def external_locations(model: onnx.ModelProto) -> list[tuple[TensorProto, str]]:
+    """The tensors ``model`` (its subgraphs too) keeps in external data files, each with the
+    ``location`` it names ("" when none)."""
+    from onnx import external_data_helper
+
+    return [(t, next((e.value for e in t.external_data if e.key == "location"), ""))
+            for t in external_data_helper._get_all_tensors(model)
+            if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL]
+
+
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
     """Read the tensors that ``model`` keeps in external data files, only from files inside the
     model's own folder: a ``location`` that is absolute, climbs out with ``..`` or is a symlink
     resolving outside is refused (a model file must not make quantkit read arbitrary files)."""
     from onnx import external_data_helper
 
-    tensors = [t for t in external_data_helper._get_all_tensors(model)
-               if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL]
+    tensors = external_locations(model)
     if not tensors:
         return
     folder = path.resolve().parent
-    for t in tensors:
-        location = next((e.value for e in t.external_data if e.key == "location"), "")
+    for t, location in tensors:
         target = (folder / location).resolve()
         inside = bool(location) and not os.path.isabs(location) and ".." not in Path(location).parts and (
             folder in target.parents)
