@@ -5,6 +5,8 @@ from pathlib import Path
 
 #: serialized TensorRT engines start with this tag (Ultralytics prepends a metadata block; its files are .engine)
 _ENGINE_MAGIC = b"ftrt"
+#: how far into a file named like an engine the tag is looked for (a prepended metadata block is small)
+_TAG_SEARCH = 64 * 1024
 
 
 class Inspect:
@@ -31,10 +33,15 @@ class Inspect:
         path = input_file(args.path, "file to inspect")
         with open(path, "rb") as fh:
             head = fh.read(64)
+            tagged = _ENGINE_MAGIC in head[:32] or _ENGINE_MAGIC in head + fh.read(_TAG_SEARCH)
         if head.startswith(b"TRT-"):  # a calibration cache's header, whatever the file is called
             return self._cache(path)
         if path.suffix.lower() in ENGINE_SUFFIXES or _ENGINE_MAGIC in head[:32]:
             # a serialized engine: reading it needs TensorRT (and the GPU it was built for)
+            if not tagged:  # named like one, but the bytes say otherwise: do not call it an engine
+                raise InputError(f"{str(path)!r} is named like a TensorRT engine but has no engine header "
+                                 f"({_ENGINE_MAGIC.decode()!r} tag) in its first {_TAG_SEARCH // 1024} KiB",
+                                 hint="give the file TensorRT wrote (trtexec --saveEngine, quantkit build)")
             print(f"{path}: TensorRT engine, {path.stat().st_size:,} bytes; TensorRT is needed to read its "
                   "bindings (`quantkit bench` runs it where TensorRT and a matching GPU are)")
             return 0

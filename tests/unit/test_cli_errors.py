@@ -254,6 +254,25 @@ def test_inspect_engine(name, tmp_path, capsys):
     assert "scale" not in out
 
 
+@pytest.mark.parametrize("name", ["model.plan", "model.engine"])
+@pytest.mark.parametrize("metadata", [0, 300])  # Ultralytics writes a length and JSON metadata before the engine
+def test_inspect_engine_tag_after_metadata(name, metadata, tmp_path, capsys):
+    path = tmp_path / name
+    path.write_bytes(metadata.to_bytes(4, "little") + b"{" * metadata + b"ftrt" + bytes(200))
+    assert main(["inspect", str(path)]) == 0
+    assert "TensorRT engine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["model.plan", "model.engine", "model.trt"])
+def test_inspect_random_bytes_named_engine(name, tmp_path, capsys):
+    """A file named like an engine without TensorRT's tag is not called one (it was, exit 0)."""
+    path = tmp_path / name
+    path.write_bytes(bytes(range(256)) * 40)
+    assert main(["inspect", str(path)]) == 2
+    err = _err_line(capsys.readouterr().err)
+    assert name in err and "no engine header" in err
+
+
 @pytest.mark.parametrize("content", [b"hello world\n", b"", b"\x00\x01\x02binary"])
 def test_inspect_other_file_one_line(content, tmp_path, capsys):
     path = tmp_path / "notes.txt"
