@@ -363,6 +363,10 @@ def plot_error_along_depth(debug: dict[str, Any]) -> Any:
     xs = range(len(acts))
     ax.plot(xs, [float(a["local_sqnr_db"]) for a in acts], marker="o", label="local (this pair alone)")
     ax.plot(xs, [float(a["accumulated_sqnr_db"]) for a in acts], marker="s", label="accumulated (FP32 vs INT8 model)")
+    weighted = [a.get("weighted_local_sqnr_db") for a in acts]
+    if any(isinstance(w, (int, float)) for w in weighted):  # debug files of this version: as the weights see it
+        ax.plot(xs, [float(w) if isinstance(w, (int, float)) else float("nan") for w in weighted], marker=".",
+                linestyle=":", label="local, as the readers' weights see it")
     ax.set_xticks(list(xs))
     ax.set_xticklabels([a["tensor"][-28:] for a in acts], rotation=90, fontsize=6)
     ax.set_ylabel("SQNR, dB (higher is closer to FP32)")

@@ -70,6 +70,9 @@ class QdqPoint:
     consumers: tuple[str, ...]
     stored: str | None = None
     dq_output: str = ""
+    #: the axis of the input channels its readers reduce over (Conv: 1; MatMul/Gemm: the
+    #: contraction axis), None when they differ or are other ops: per-channel local error there
+    channel_axis: int | None = None
 
     def fake_quant(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(fakequant(x), mask of the values clipped), in float64."""
@@ -92,9 +95,11 @@ def qdq_points(model: onnx.ModelProto) -> list[QdqPoint]:
     consts = initializer_arrays(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, list[str]] = {}
+    axes: dict[str, set[int | None]] = {}  # tensor -> the input-channel axis of each read
     for n in model.graph.node:
-        for i in n.input:
+        for slot, i in enumerate(n.input):
             readers.setdefault(i, []).append(n.name or n.op_type)
+            axes.setdefault(i, set()).add(_input_channel_axis(n, slot))
     points = []
     for depth, node in enumerate(model.graph.node):
         if node.op_type != "DequantizeLinear":
@@ -120,9 +125,25 @@ def qdq_points(model: onnx.ModelProto) -> list[QdqPoint]:
         signed = zp is None and stored is not None and consts[stored].dtype == np.int8 or \
             zp is not None and np.asarray(zp).dtype == np.int8
         qmin, qmax = (-128, 127) if signed else (0, 255)
+        read_axes = axes.get(node.output[0], {None})
         points.append(QdqPoint(tensor, kind, np.asarray(scale, np.float64), zp_arr.astype(np.float64), axis,
-                               qmin, qmax, depth, tuple(readers.get(node.output[0], ())), stored, node.output[0]))
+                               qmin, qmax, depth, tuple(readers.get(node.output[0], ())), stored, node.output[0],
+                               next(iter(read_axes)) if len(read_axes) == 1 else None))
     return points
+
+
+def _input_channel_axis(node: onnx.NodeProto, slot: int) -> int | None:
+    """The axis of input ``slot`` that ``node`` sums over with one weight per index (its input
+    channels), or None."""
+    attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+    if node.op_type in ("Conv", "ConvTranspose") and slot == 0:
+        return 1
+    if node.op_type == "MatMul" and slot in (0, 1):
+        return -1 if slot == 0 else -2
+    if node.op_type == "Gemm" and slot in (0, 1):
+        transposed = attrs.get("transA" if slot == 0 else "transB", 0)
+        return (-2 if transposed else -1) if slot == 0 else (-1 if transposed else -2)
+    return None
 
 
 # ------------------------------------------------------------------ streamed statistics
@@ -136,11 +157,22 @@ class _PointStats:
     acc_noise: float = 0.0
     acc_sig: float = 0.0
     acc_skipped: int = 0  # batches whose INT8 tensor had another number of rows (a data-dependent shape)
+    #: per input channel (``QdqPoint.channel_axis``): signal and local noise; None without channels
+    channel_sig: np.ndarray | None = None
+    channel_noise: np.ndarray | None = None
 
     def update(self, point: QdqPoint, ref: np.ndarray, test: np.ndarray) -> None:
         x = ref.astype(np.float64)
         fq, clipped = point.fake_quant(x)
         err = (fq - x) ** 2
+        ax = point.channel_axis
+        if ax is not None and x.ndim >= 2 and -x.ndim <= ax < x.ndim:
+            others = tuple(i for i in range(x.ndim) if i != ax % x.ndim)
+            sig_c, noise_c = (x * x).sum(axis=others), err.sum(axis=others)
+            if self.channel_sig is None:
+                self.channel_sig, self.channel_noise = sig_c, noise_c
+            elif self.channel_sig.shape == sig_c.shape and self.channel_noise is not None:
+                self.channel_sig, self.channel_noise = self.channel_sig + sig_c, self.channel_noise + noise_c
         self.sig += float((x * x).sum())
         self.local_noise += float(err.sum())
         self.clip_noise += float(err[clipped].sum())
@@ -171,6 +203,25 @@ class PointError:
     clipped_share: float
     clipping_share_of_error: float
     consumers: tuple[str, ...]
+    #: the local error as the readers' weights see it (each input channel's error weighted by the
+    #: energy of the weights that read it: ``channel_weights``), the input channel with the largest
+    #: share of that error, and the share; None where the readers are not Conv/MatMul/Gemm
+    weighted_local_sqnr_db: float | None = None
+    worst_channel: int | None = None
+    worst_channel_share: float | None = None
+
+
+def _channel_figures(s: "_PointStats", weights: np.ndarray | None) -> tuple[float | None, int | None, float | None]:
+    """(weighted local SQNR, worst input channel, its share of the weighted error)."""
+    if s.channel_sig is None or s.channel_noise is None or s.channel_sig.size < 2:
+        return None, None, None
+    w = np.ones_like(s.channel_sig) if weights is None or weights.shape != s.channel_sig.shape else weights
+    noise = w * s.channel_noise
+    total = float(noise.sum())
+    if total == 0.0:
+        return math.inf, None, None
+    c = int(np.argmax(noise))
+    return _db(float((w * s.channel_sig).sum()), total), c, float(noise[c]) / total
 
 
 @dataclass(frozen=True)
@@ -202,6 +253,14 @@ class DebugReport:
         """Activations by the error they add on their own (lowest local SQNR first)."""
         return sorted(self.activations, key=lambda p: (p.local_sqnr_db, p.depth))
 
+    def quiet_channels(self) -> list[PointError]:
+        """Activations where one input channel dominates the error the readers' weights see and
+        that weighted error is well above the unweighted one, worst first."""
+        out = [p for p in self.activations if p.weighted_local_sqnr_db is not None and p.worst_channel_share
+               and p.worst_channel_share >= QUIET_CHANNEL_SHARE
+               and p.weighted_local_sqnr_db < p.local_sqnr_db - QUIET_CHANNEL_GAP_DB]
+        return sorted(out, key=lambda p: p.weighted_local_sqnr_db or 0.0)
+
     def to_dict(self) -> dict[str, Any]:
         return {"layerwise": {"reference": self.reference, "test": self.test, "num_samples": self.num_samples,
                               "activations": [asdict(p) for p in self.activations],
@@ -211,10 +270,20 @@ class DebugReport:
     def table(self, rows: int = 15) -> str:
         lines = [f"{self.test} vs {self.reference} on {self.num_samples} samples: {len(self.activations)} quantized "
                  f"activations, {len(self.weights)} weights; worst first",
-                 f"  {'tensor':<36} {'depth':>5} {'local dB':>9} {'clipped':>8} {'clip/err':>8} {'accum dB':>9}"]
+                 f"  {'tensor':<36} {'depth':>5} {'local dB':>9} {'clipped':>8} {'clip/err':>8} {'accum dB':>9} "
+                 f"{'weighted dB, worst channel':>26}"]
         for p in self.worst_first()[:rows]:
+            worst = "" if p.weighted_local_sqnr_db is None else (
+                f"{p.weighted_local_sqnr_db:.2f}" + (f" #{p.worst_channel} {100 * (p.worst_channel_share or 0):.0f}%"
+                                                     if p.worst_channel is not None else ""))
             lines.append(f"  {short_name(p.tensor):<36} {p.depth:>5} {p.local_sqnr_db:>9.2f} {100 * p.clipped_share:>7.3f}% "
-                         f"{100 * p.clipping_share_of_error:>7.1f}% {p.accumulated_sqnr_db:>9.2f}")
+                         f"{100 * p.clipping_share_of_error:>7.1f}% {p.accumulated_sqnr_db:>9.2f} {worst:>26}")
+        for p in self.quiet_channels()[:3]:
+            lines.append(f"  quiet channel: {short_name(p.tensor)} input channel {p.worst_channel} carries "
+                         f"{100 * (p.worst_channel_share or 0):.0f}% of its error as the readers' weights see it "
+                         f"({p.weighted_local_sqnr_db:.2f} dB against {p.local_sqnr_db:.2f} dB unweighted): a channel "
+                         "the per-tensor scale leaves few INT8 levels that the weights amplify (`calibrate --max-drop` "
+                         "ranks it; `--exclude` its readers)")
         worst_w = sorted(self.weights, key=lambda w: w.worst_channel_sqnr_db)[:3]
         for w in worst_w:
             lines.append(f"  weight {short_name(w.tensor)}: {w.sqnr_db:.2f} dB, worst channel {w.worst_channel_sqnr_db:.2f} dB "
@@ -234,6 +303,12 @@ class DebugReport:
                          + (" (through a TopK: rows pair up by rank, near ties reorder them)"
                             if getattr(o, "value_ordered", False) else ""))
         return "\n".join(lines)
+
+
+#: the table names a tensor's worst input channel when it carries at least this share of the
+#: error its readers' weights see, and that weighted local SQNR is this much below the unweighted
+QUIET_CHANNEL_SHARE = 0.3
+QUIET_CHANNEL_GAP_DB = 6.0
 
 
 def short_name(name: str, width: int = 36) -> str:
@@ -374,6 +449,7 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
         fp32_name.setdefault(p.tensor, match)
     weights = weight_errors(fp32, int8, [p for p in points if p.kind == "weight"])
     names = list(fp32_name)  # INT8 model's names
+    channel_w = channel_weights(int8, [p for p in points if p.kind == "activation" and p.channel_axis is not None])
     stats = {n: _PointStats() for n in names}
     by_name = {p.tensor: p for p in points if p.kind == "activation"}
     samples = 0
@@ -407,9 +483,96 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
         errors.append(PointError(name if name in factor else fp32_name[name], p.depth, _db(s.sig, s.local_noise),
                                  _db(s.acc_sig, s.acc_noise) if s.acc_sig or s.acc_noise else math.nan,
                                  s.clipped / max(s.values, 1), s.clip_noise / s.local_noise if s.local_noise else 0.0,
-                                 p.consumers))
+                                 p.consumers, *_channel_figures(s, channel_w.get(name))))
     return DebugReport(reference_name, test_name, samples, errors, weights, [st.result(st.name in getattr(ref, "value_ordered", ())) for st in outs.values()],
                        ref.one_at_a_time or test.one_at_a_time)
+
+
+def channel_weights(model: onnx.ModelProto, points: Sequence[QdqPoint]) -> dict[str, np.ndarray]:
+    """Activation -> per input channel, the energy of the weights its readers multiply that
+    channel by (the sum over readers of the squared weights of that input channel; a Conv whose
+    output only feeds a BatchNormalization has its output channels scaled by the normalization's
+    gain first, since an unfolded BN multiplies the channel after the Conv). Left out where a
+    reader's other operand is not a constant (attention) or the shapes do not fit."""
+    from quantkit.onnx.model import constant_arrays
+
+    consts = constant_arrays(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in dict.fromkeys(n.input):
+            readers.setdefault(i, []).append(n)
+
+    def value(name: str) -> np.ndarray | None:
+        """A weight's float values: a constant, or the constant behind a DequantizeLinear."""
+        if name in consts:
+            return consts[name].astype(np.float64)
+        dq = producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 2 or dq.input[1] not in consts:
+            return None
+        src, q = dq.input[0], producer.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in consts:
+            return consts[q.input[0]].astype(np.float64)
+        if src not in consts:
+            return None
+        x, scale = consts[src].astype(np.float64), consts[dq.input[1]].astype(np.float64)
+        zp = consts[dq.input[2]].astype(np.float64) if len(dq.input) > 2 and dq.input[2] in consts else 0.0
+        if scale.size > 1:
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % x.ndim
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+            zp = zp.reshape(shape) if isinstance(zp, np.ndarray) and zp.size > 1 else zp
+        return (x - zp) * scale
+
+    def bn_gain(conv: onnx.NodeProto) -> np.ndarray | None:
+        users = readers.get(conv.output[0], [])
+        if len(users) != 1 or users[0].op_type != "BatchNormalization" or users[0].input[0] != conv.output[0]:
+            return None
+        bn = users[0]
+        if not all(i in consts for i in (bn.input[1], bn.input[4])):
+            return None
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        return consts[bn.input[1]].astype(np.float64) / np.sqrt(consts[bn.input[4]].astype(np.float64) + eps)
+
+    def energy(node: onnx.NodeProto, slot: int) -> np.ndarray | None:
+        other = 1 if slot == 0 else 0
+        if len(node.input) <= other or not node.input[other]:
+            return None
+        w = value(node.input[other])
+        if w is None:
+            return None
+        if node.op_type == "Conv" and w.ndim >= 3:
+            gain = bn_gain(node)
+            if gain is not None and gain.shape == (w.shape[0],):
+                w = w * gain.reshape([-1] + [1] * (w.ndim - 1))
+            groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+            per_group_out = w.shape[0] // max(groups, 1)
+            e = (w * w).reshape(groups, per_group_out, w.shape[1], -1).sum(axis=(1, 3))  # [groups, in per group]
+            return e.reshape(-1)
+        if node.op_type == "ConvTranspose" and w.ndim >= 3:
+            return (w * w).reshape(w.shape[0], -1).sum(axis=1)  # [C_in, C_out/g, ...]
+        if node.op_type in ("MatMul", "Gemm") and w.ndim == 2:
+            attrs = {a.name: a.i for a in node.attribute}
+            transposed = attrs.get("transB" if slot == 0 else "transA", 0) if node.op_type == "Gemm" else 0
+            # slot 0: rows of B are the input channels; slot 1: columns of A
+            axis = (1 if transposed else 0) if slot == 0 else (0 if transposed else 1)
+            return (w * w).sum(axis=1 - axis)
+        return None
+
+    out: dict[str, np.ndarray] = {}
+    for p in points:
+        total: np.ndarray | None = None
+        for node in readers.get(p.dq_output, []):
+            slots = [k for k, i in enumerate(node.input) if i == p.dq_output]
+            e = energy(node, slots[0]) if len(slots) == 1 else None
+            if e is None or (total is not None and total.shape != e.shape):
+                total = None
+                break
+            total = e if total is None else total + e
+        if total is not None and float(total.mean()) > 0:
+            out[p.tensor] = total / float(total.mean())
+    return out
 
 
 def _scaled_tensors(int8: onnx.ModelProto, known: set[str]) -> dict[str, tuple[str, np.ndarray]]:

@@ -255,3 +255,77 @@ def test_a_quantized_scalar_constant_is_one_channel():
     src = SyntheticSource((4,), count=8, seed=1)
     rep = layerwise_error(fp32, int8, Batcher(src, ["x"], 4))
     assert [w.tensor for w in rep.weights] == ["two"] and rep.weights[0].sqnr_db > 100
+
+
+def test_per_input_channel_error_weighted_by_the_readers_weights_equals_brute_force(models):
+    """Tensors read by Convs: each input channel's local error weighted by the energy of the
+    weights that read it (summed over readers), the channel with the largest share named."""
+    from quantkit.onnx.model import initializer_arrays
+
+    fp32, int8 = models
+    rep = layerwise_error(fp32, int8, Batcher(SRC, ["x"], 8))
+    points = {p.tensor: p for p in qdq_points(int8) if p.kind == "activation"}
+    ref = _all(fp32, list(points))
+    consts = initializer_arrays(fp32)
+    checked = 0
+    for e in rep.activations:
+        p = points[e.tensor]
+        readers = [n for n in fp32.graph.node if e.tensor in n.input]
+        if p.channel_axis is None:
+            assert e.weighted_local_sqnr_db is None and len({n.op_type for n in readers}) > 1, e.tensor
+            continue
+        if e.tensor not in ref:
+            continue  # an equalized tensor (the FP32 tensor times factors)
+        x = ref[e.tensor].astype(np.float64)
+        fq = np.clip(np.rint(x / float(p.scale)), -128, 127) * float(p.scale)
+        others = tuple(i for i in range(x.ndim) if i != p.channel_axis % x.ndim)
+        sig, noise = (x ** 2).sum(axis=others), ((fq - x) ** 2).sum(axis=others)
+        energy = {"Conv": lambda w: (w * w).sum(axis=(0, 2, 3)), "ConvTranspose": lambda w: (w * w).sum(axis=(1, 2, 3)),
+                  "Gemm": lambda w: (w * w).sum(axis=0), "MatMul": lambda w: (w * w).sum(axis=1)}
+        assert all(n.op_type != "Gemm" or next(a.i for a in n.attribute if a.name == "transB") for n in readers)
+        w = sum(energy[n.op_type](consts[n.input[1]].astype(np.float64)) for n in readers)
+        assert e.weighted_local_sqnr_db == pytest.approx(_db((w * sig).sum(), (w * noise).sum()), rel=1e-9), e.tensor
+        assert e.worst_channel == int(np.argmax(w * noise)), e.tensor
+        assert e.worst_channel_share == pytest.approx(float((w * noise).max() / (w * noise).sum())), e.tensor
+        checked += 1
+    assert checked >= 3  # Conv, ConvTranspose, Gemm readers
+
+
+def test_a_quiet_input_channel_the_weights_amplify_is_named(tmp_path):
+    """One input channel 1000x quieter than the others, made loud again by the Conv's weights: the
+    tensor's SQNR looks healthy, the error the weights see does not, and the table says which
+    channel. A quiet channel the weights do not amplify (a dead one) is not named."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantkit.ptq import StatsConfig
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    gain = np.array([1e-3, 1.0, 1.0], np.float32).reshape(1, 3, 1, 1)
+
+    def model(amplified: bool) -> onnx.ModelProto:
+        wa = w.copy()
+        if amplified:
+            wa[:, 0] *= 1000.0
+        g = helper.make_graph(
+            [helper.make_node("Mul", ["x", "gain"], ["t"], name="mul"),
+             helper.make_node("Conv", ["t", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+            "quiet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+            [numpy_helper.from_array(wa, "w"), numpy_helper.from_array(gain, "gain")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    for amplified in (True, False):
+        fp32 = model(amplified)
+        cal = quantize(fp32, SyntheticSource((3, 8, 8), count=32, seed=2),
+                       QuantizeConfig(StatsConfig(equalize=False, bias_correction=False), export=ExportConfig("minmax")))
+        rep = layerwise_error(fp32, cal.int8_model(), Batcher(SRC, ["x"], 8))
+        (t,) = [a for a in rep.activations if a.tensor == "t"]
+        assert t.local_sqnr_db > 35
+        if amplified:
+            assert t.worst_channel == 0 and t.worst_channel_share > 0.9 and t.weighted_local_sqnr_db < 15
+            assert "quiet channel: t input channel 0" in rep.table()
+        else:
+            assert t.weighted_local_sqnr_db > 35 and "quiet channel" not in rep.table()
