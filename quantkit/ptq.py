@@ -550,6 +550,11 @@ class Calibration:
         """
         from quantkit._io import output_dir
 
+        _plain_name(model_stem, "model_stem")  # files in outdir, never beside or under it
+        if stats is not None:
+            _plain_name(stats[0], "the stats file name")
+        for kind, (fname, _) in (extra or {}).items():
+            _plain_name(fname, f"the {kind} file name")
         with output_dir(outdir, force=force, inputs=inputs, command=command) as staging:
             names = self.write_into(staging, model_stem=model_stem, metadata=metadata or {}, report=report,
                                     trt_version=trt_version, extra_methods=extra_methods)
@@ -659,6 +664,18 @@ def method_ranges(histograms: Mapping[str, Histogram], groups: Sequence[Sequence
         done = [all_ranges(work[k], params) for k in keys]
     per_tensor = {t: r for k, r in zip(keys, done) for t in k}
     return {t: per_tensor[t] for t in histograms}
+
+
+def _plain_name(name: Any, what: str) -> None:
+    """Refuse a file name for ``Calibration.save`` that is not one plain name in the folder (a
+    path, ``..``, empty, hidden stem): it would write outside the output folder, or out of its
+    manifest."""
+    from quantkit.errors import InputError
+
+    text = name if isinstance(name, str) else None
+    if text is None or not text or "/" in text or "\0" in text or text in (".", "..") or os.path.basename(text) != text:
+        raise InputError(f"{what} {name!r} is not a plain file name: artifacts are written into the output folder only",
+                         hint="give a name without a folder, e.g. model_stem='resnet'")
 
 
 def _save_int8(model: onnx.ModelProto, folder: Path, name: str, kind: str) -> dict[str, str]:

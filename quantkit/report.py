@@ -445,7 +445,7 @@ def write_report(res: Results, outdir: str | os.PathLike[str], *, title: str = "
             written[f"{name}.png"] = Path(outdir) / f"{name}.png"
             written[f"{name}.svg"] = Path(outdir) / f"{name}.svg"
             parts.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2>"
-                         f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(png.getvalue()).decode()}'>")
+                         f"<img alt='{html.escape(name, quote=True)}' src='data:image/png;base64,{base64.b64encode(png.getvalue()).decode()}'>")
         parts.append("<p>sources: " + ", ".join(html.escape(d["_file"]) for d in
                                                  [*res.compares, *res.benches, *res.ranges, *res.qat]) + "</p>")
         parts.append("</body></html>")

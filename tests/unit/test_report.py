@@ -139,3 +139,34 @@ def test_report_reads_a_qat_demo_folder(tmp_path):
     assert len(res.qat) == 1 and res.qat[0]["rows"][0]["label"] == "FP32"
     assert all(str(tmp_path / "q") in r["path"] for r in res.qat[0]["rows"])  # where the models are now
     assert main(["report", str(tmp_path / "q"), "-o", str(tmp_path / "rep")]) == 0
+
+
+def test_names_in_figure_tags_are_escaped(tmp_path):
+    """A model named with quotes and an event handler went into the figure's <img alt=...>
+    unescaped (stored XSS when index.html is opened)."""
+    pytest.importorskip("matplotlib")
+    evil = "m' onload='alert(document.domain)' x='.int8.onnx"
+    acts = [{"tensor": f"t{i}", "depth": i, "local_sqnr_db": 30.0 + i, "accumulated_sqnr_db": 25.0} for i in range(3)]
+    (tmp_path / "debug.json").write_text(json.dumps({"layerwise": {"reference": "m.onnx", "test": evil,
+                                                                    "activations": acts}}))
+    assert main(["report", str(tmp_path / "debug.json"), "-o", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "<img" in page and "onload='alert" not in page and "&#x27; onload=&#x27;alert" in page
+
+
+@pytest.mark.parametrize("kw", [{"model_stem": "../../escaped"}, {"model_stem": "/abs/x"}, {"model_stem": ""},
+                                {"model_stem": "m", "extra": {"x": ("../../e.json", {})}},
+                                {"model_stem": "m", "extra": {"x": ("sub/e.json", {})}}])
+def test_api_save_writes_only_plain_names_into_the_folder(tmp_path, kw):
+    from quantkit import sample
+    from quantkit.datasets import SyntheticSource
+    from quantkit.ptq import quantize
+
+    import onnx
+
+    cal = quantize(onnx.load(str(sample.model_path())), SyntheticSource((1, 32, 32), count=8, seed=0))
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    with pytest.raises(InputError, match="not a plain file name"):
+        cal.save(work / "out", **kw)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b"]
