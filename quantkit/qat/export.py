@@ -19,6 +19,7 @@ per-channel symmetric weights: scaling channel c by s_c scales its amax by |s_c|
 from __future__ import annotations
 
 import copy
+from collections import Counter
 import io
 import logging
 import os
@@ -45,8 +46,13 @@ def fold_batchnorm(model: nn.Module) -> int:
     place; uses running statistics); returns how many were folded. Works on torch.fx
     GraphModules (from ``prepare``) and on ``nn.Sequential`` pairs."""
     folded = 0
+    # a module registered under two names (weight tying) is one object: folding a BatchNorm into
+    # it would change its other uses too
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     if isinstance(model, torch.fx.GraphModule):
-        modules = dict(model.named_modules())
+        modules = dict(model.named_modules(remove_duplicate=False))  # every name a call may use
+        calls = Counter(id(modules[str(n.target)]) for n in model.graph.nodes
+                        if n.op == "call_module" and str(n.target) in modules)
         for node in list(model.graph.nodes):
             bn = modules.get(str(node.target)) if node.op == "call_module" else None
             if not isinstance(bn, _BN):
@@ -54,6 +60,11 @@ def fold_batchnorm(model: nn.Module) -> int:
             src = node.args[0]
             conv = modules.get(str(src.target)) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
             if not _is_conv(conv) or len(src.users) != 1:
+                continue
+            if max(calls[id(conv)], names[id(conv)]) > 1 or max(calls[id(bn)], names[id(bn)]) > 1:
+                log.warning("BatchNorm %s is not folded into %s: the %s is used more than once (shared weights)",
+                            node.target, src.target, "convolution" if max(calls[id(conv)], names[id(conv)]) > 1
+                            else "BatchNorm")
                 continue
             _fold(conv, bn)
             node.replace_all_uses_with(src)
@@ -69,8 +80,12 @@ def fold_batchnorm(model: nn.Module) -> int:
     for parent in model.modules():
         if isinstance(parent, nn.Sequential):
             children = list(parent.named_children())
-            for (_, a), (bn_name, b) in zip(children, children[1:]):
+            for (a_name, a), (bn_name, b) in zip(children, children[1:]):
                 if _is_conv(a) and isinstance(b, _BN):
+                    if names[id(a)] > 1 or names[id(b)] > 1:
+                        log.warning("BatchNorm %s is not folded into %s: one of them is used more than once (shared "
+                                    "weights)", bn_name, a_name)
+                        continue
                     _fold(a, b)
                     setattr(parent, bn_name, nn.Identity())
                     folded += 1
@@ -96,13 +111,11 @@ def _fold(conv: nn.Module, bn: nn.Module) -> None:
         shape = [1, -1] + [1] * (w.dim() - 2)
     else:
         shape = [-1] + [1] * (w.dim() - 1)
-    w.mul_(s.reshape(shape))
+    # new tensors, not in place: another module may hold the same Parameters (prepare's swapped
+    # copies of a convolution registered twice share them), and its weights must stay unfolded
+    conv.weight = nn.Parameter(w * s.reshape(shape), requires_grad=w.requires_grad)
     bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
-    new_bias = (bias - bn.running_mean) * s + beta
-    if conv.bias is None:
-        conv.bias = nn.Parameter(new_bias)
-    else:
-        conv.bias.copy_(new_bias)
+    conv.bias = nn.Parameter((bias - bn.running_mean) * s + beta)
 
 
 def check_calibrated(model: nn.Module) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantkit.errors import ModelError
+from quantkit.errors import InputError, ModelError
 from quantkit.qat._cuda_fq import WeightBank
 from quantkit.qat.modules import QUANT_TYPES, QuantMixin
 from quantkit.qat.quantizer import TensorQuantizer
@@ -79,13 +79,20 @@ def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool 
     Raises:
         ModelError: the model has no layer left to quantize.
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"prepare takes a torch.nn.Module, got {type(model).__name__}",
+                         hint="pass the model object (load a checkpoint into it first)")
+    if not isinstance(config, QatConfig):
+        raise InputError(f"config must be a QatConfig, got {type(config).__name__}")
     target = model if inplace else copy.deepcopy(model)
     swapped = _swap_layers(target, config)
     if not swapped:
+        top = type(model).__name__
         raise ModelError(
-            f"{type(model).__name__} has no Conv, ConvTranspose or Linear layer to quantize"
+            (f"{top} is itself a layer: prepare swaps the layers inside a model, not the model"
+             if _is_layer(model) else f"{top} has no Conv, ConvTranspose or Linear layer to quantize")
             + (" (all are disabled by the config)" if config.disable or config.disable_types else ""),
-            hint="check QatConfig.disable / disable_types")
+            hint="wrap it, e.g. nn.Sequential(layer)" if _is_layer(model) else "check QatConfig.disable / disable_types")
     if config.residual_add and not inplace:
         traced = _with_residual_quantizers(target, config)
         if traced is not None:
@@ -98,6 +105,11 @@ def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool 
             bank.add(m.weight_quantizer, m)
     log.info("quantized %d layers", len(swapped))
     return target
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                          nn.ConvTranspose3d, nn.Linear))
 
 
 def _disabled(name: str, module: nn.Module, config: QatConfig) -> bool:
