@@ -61,8 +61,12 @@ class CalibrationCache:
 
         # TensorRT knows only its own algorithms; each method registers the one its scales are
         # written under (percentile, mse, auto: EntropyCalibration2)
+        from quantkit.calibrators.weights import scale_from_amax
+
         algorithm = cache_algorithm(method)
-        scales = {n: float(np.float32(a) / np.float32(127.0)) for n, a in amax.items()}
+        # the Q/DQ model's scales: amax / 127 in float32, and the same placeholder (1) for a tensor
+        # that was 0 on every sample (a 0 scale is no dynamic range TensorRT can use)
+        scales = {n: float(scale_from_amax(a)) for n, a in amax.items()}
         return cls(version, algorithm, scales)
 
 

@@ -105,18 +105,13 @@ def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
             if header.get("version") != VERSION:
                 raise StatsError(f"{str(path)!r}: statistics format version {header.get('version')}, "
                                  f"this quantkit reads {VERSION}", hint="write it again with this quantkit")
+            _check_header(path, header, hint)
+            bins = header["settings"].get("num_bins")
             hists = {}
             for i, name in enumerate(header["tensors"]):
-                width, lo, hi = z[f"scalars_{i}"].tolist()
-                counts = z[f"counts_{i}"].astype(np.int64)
-                if not (np.isfinite([width, lo, hi]).all() and width >= 0 and lo <= hi and (counts >= 0).all()):
-                    raise StatsError(f"{str(path)!r}: tensor {name!r} has a damaged histogram (bin width {width}, "
-                                     f"range {lo}..{hi})", hint=hint)
-                hists[name] = Histogram(counts, width, lo, hi)
+                hists[name] = _checked_histogram(path, name, z[f"scalars_{i}"], z[f"counts_{i}"], bins, hint)
             stats = CalibrationStats(hists, int(header["num_samples"]), header["model"], header["settings"],
                                      header.get("preprocess"), list(header.get("data") or []))
-            if stats.num_samples < 0:
-                raise StatsError(f"{str(path)!r}: {stats.num_samples} samples", hint=hint)
     except StatsError:
         raise
     except FileNotFoundError:
@@ -128,6 +123,64 @@ def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
         raise StatsError(f"cannot read statistics file {str(path)!r}: {type(err).__name__}: {err}",
                          hint=hint) from err
     return stats
+
+
+#: a histogram's counts above this total would overflow int64 sums when merged (a damaged or made-up file)
+MAX_TOTAL = 2**53
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_header(path: Any, header: Any, hint: str) -> None:
+    """The header's fields have the types ``save_stats`` writes."""
+    def bad(what: str) -> StatsError:
+        return StatsError(f"{str(path)!r}: a damaged statistics header ({what})", hint=hint)
+
+    if not isinstance(header, dict):
+        raise bad("not a mapping")
+    tensors = header.get("tensors")
+    if not isinstance(tensors, list) or not all(isinstance(t, str) for t in tensors):
+        raise bad("'tensors' is not a list of names")
+    if len(set(tensors)) != len(tensors):
+        raise bad("a tensor is listed twice")
+    for key in ("model", "settings"):
+        if not isinstance(header.get(key), dict):
+            raise bad(f"{key!r} is not a mapping")
+    n = header.get("num_samples")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TOTAL:
+        raise bad(f"num_samples {n!r} is not a positive whole number")
+    bins = header["settings"].get("num_bins")
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 1):
+        raise bad(f"num_bins {bins!r}")
+    if header.get("data") is not None and not isinstance(header["data"], list):
+        raise bad("'data' is not a list")
+
+
+def _checked_histogram(path: Any, name: str, scalars: np.ndarray, counts: np.ndarray, bins: int | None,
+                       hint: str) -> Histogram:
+    """The histogram of tensor ``name``, refused when it cannot be one ``save_stats`` wrote:
+    counts that are not whole non-negative numbers in one row of ``bins``, a range that float32
+    scales cannot hold, totals that overflow, a min above the max or beyond the bins."""
+    def bad(what: str) -> StatsError:
+        return StatsError(f"{str(path)!r}: tensor {name!r} has a damaged histogram ({what})", hint=hint)
+
+    if scalars.shape != (3,) or not np.issubdtype(scalars.dtype, np.floating):
+        raise bad("its bin width, min and max are not 3 numbers")
+    width, lo, hi = (float(v) for v in scalars)
+    if not np.isfinite([width, lo, hi]).all() or width < 0 or lo > hi:
+        raise bad(f"bin width {width}, range {lo}..{hi}")
+    if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer) or counts.size == 0:
+        raise bad(f"counts of shape {list(counts.shape)} and type {counts.dtype}, not one row of whole numbers")
+    if bins is not None and counts.size != bins:
+        raise bad(f"{counts.size} bins where the settings say {bins}")
+    counts = counts.astype(np.int64)
+    if (counts < 0).any() or float(counts.astype(np.float64).sum()) > MAX_TOTAL:
+        raise bad("negative counts or a total beyond 2**53")
+    top = width * counts.size
+    if top > _F32_MAX or max(abs(lo), abs(hi)) > _F32_MAX:
+        raise bad(f"a range of {top:g} that float32 scales cannot hold")
+    if max(abs(lo), abs(hi)) > top * (1 + 1e-6) + 1e-30 and counts.sum() > 0:
+        raise bad(f"its values reach {max(abs(lo), abs(hi)):g} beyond its bins' {top:g}")
+    return Histogram(counts, width, lo, hi)
 
 
 def merge_stats(stats: Sequence[CalibrationStats], names: Sequence[str] | None = None) -> CalibrationStats:
@@ -160,6 +213,13 @@ def merge_stats(stats: Sequence[CalibrationStats], names: Sequence[str] | None =
         if what is not None:
             raise StatsError(f"{name} was collected with {what} than {names[0]}; cannot merge them",
                              hint="merge statistics of the same model, preprocessing and calibrate options")
-        merged = {t: merge_histogram(h, s.histograms[t]) for t, h in merged.items()}
+        try:
+            merged = {t: merge_histogram(h, s.histograms[t]) for t, h in merged.items()}
+        except ValueError as err:  # another number of bins (settings written by hand)
+            raise StatsError(f"{name} cannot be merged with {names[0]}: {err}",
+                             hint="merge statistics of the same model, preprocessing and calibrate options") from None
+        if any(h.total > MAX_TOTAL for h in merged.values()):
+            raise StatsError(f"merging {name} takes a histogram's count beyond 2**53: a damaged statistics file",
+                             hint="give files written by `quantkit calibrate --save-stats FILE`")
     return replace(first, histograms=merged, num_samples=sum(s.num_samples for s in stats),
                    data=[d for s in stats for d in s.data])

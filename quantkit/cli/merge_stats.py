@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 class MergeStats:
@@ -44,13 +45,22 @@ class MergeStats:
         from quantkit.onnx.model import file_sha256, load_model
         from quantkit.ptq import Calibration, ExportConfig
 
-        seen: dict[str, str] = {}
-        for p in args.stats:  # one file twice would count its samples twice
-            key = os.path.realpath(p)
-            if key in seen:
-                raise StatsError(f"statistics file {p!r} is given twice (also as {seen[key]!r})",
-                                 hint="give each file once")
-            seen[key] = p
+        import hashlib
+
+        seen: dict[Any, str] = {}
+        for p in args.stats:  # one file twice would count its samples twice: a path, a link or a copy
+            try:
+                st = os.stat(p)
+                with open(p, "rb") as fh:
+                    digest = hashlib.file_digest(fh, "sha256").hexdigest() if st.st_size < (1 << 31) else None
+            except OSError:
+                continue  # load_stats says what is wrong with it
+            for key, what in (((st.st_dev, st.st_ino), "given twice"), (digest, "a byte-identical copy")):
+                if key is not None and key in seen:
+                    raise StatsError(f"statistics file {p!r} is {what} (of {seen[key]!r}): its samples would count "
+                                     "twice", hint="give each run's statistics once")
+                if key is not None:
+                    seen[key] = p
         inputs = [*args.stats, *([args.model] if args.model else [])]
         check_output_dir(args.output, force=args.force, inputs=inputs,
                          command="quantkit merge-stats")  # before the work
@@ -59,6 +69,8 @@ class MergeStats:
         merged = merge_stats(parts, names=args.stats)
         model_path = Path(args.model or merged.model.get("path", ""))
         if not model_path.is_file():
+            if args.model:
+                raise StatsError(f"the model {args.model!r} (--model) is not a file", hint="give the FP32 model file")
             raise StatsError(f"the model {str(model_path)!r} recorded in the statistics is not there",
                              hint="give it with --model MODEL.onnx")
         sha = file_sha256(model_path)

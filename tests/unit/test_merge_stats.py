@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -131,3 +132,61 @@ def test_damaged_statistics_files_are_refused(tmp_path, damage):
         (tmp_path / "s.npz").rename(tmp_path / "s.qkstats")
     with pytest.raises(StatsError):
         load_stats(tmp_path / "s.qkstats")
+
+
+def _edited_stats(tmp_path, edit):
+    """A valid statistics file with its arrays / header changed by ``edit(arrays, header)``."""
+    from quantkit.calibrators.collectors import Histogram
+    from quantkit.calibrators.stats import CalibrationStats, save_stats
+
+    hist = Histogram(np.arange(8, dtype=np.int64), 0.5, -1.0, 4.0)
+    save_stats(tmp_path / "s.qkstats", CalibrationStats({"t": hist}, 8, {"path": "m.onnx", "sha256": "0"},
+                                                        {"num_bins": 8}, None, []))
+    with np.load(tmp_path / "s.qkstats") as z:
+        arrays = dict(z)
+    header = json.loads(bytes(arrays["header"]).decode())
+    edit(arrays, header)
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(tmp_path / "e.npz", **arrays)
+    (tmp_path / "e.npz").rename(tmp_path / "e.qkstats")
+    return tmp_path / "e.qkstats"
+
+
+@pytest.mark.parametrize("edit,what", [
+    (lambda a, h: a.update(scalars_0=np.array([1e300, -1e300, 1e300])), "float32"),  # was an inf scale, exit 0
+    (lambda a, h: a.update(counts_0=np.arange(5, dtype=np.int64)), "5 bins where the settings say 8"),
+    (lambda a, h: a.update(counts_0=np.full(8, 2**62, dtype=np.int64)), "2**53"),  # int64 overflow when merged
+    (lambda a, h: a.update(counts_0=np.arange(8) + 0.5), "whole numbers"),
+    (lambda a, h: a.update(counts_0=np.arange(8, dtype=np.int64).reshape(2, 4)), "one row"),
+    (lambda a, h: a.update(scalars_0=np.array([0.1, -1.0, 4.0])), "beyond its bins"),
+    (lambda a, h: h.update(model="x"), "'model' is not a mapping"),  # was exit 1 (AttributeError)
+    (lambda a, h: h.update(settings=None), "'settings' is not a mapping"),
+    (lambda a, h: h.update(num_samples=1.5), "num_samples"),
+    (lambda a, h: h.update(num_samples=0), "num_samples"),
+    (lambda a, h: h.update(tensors=["t", "t"]), "twice"),
+])
+def test_made_up_or_damaged_statistics_are_refused_naming_the_tensor(tmp_path, edit, what):
+    from quantkit.calibrators.stats import StatsError, load_stats
+
+    with pytest.raises(StatsError, match="damaged") as err:
+        load_stats(_edited_stats(tmp_path, edit))
+    assert what in str(err.value)
+
+
+def test_a_hard_link_or_a_copy_of_one_statistics_file_is_refused(parts, tmp_path, capsys):
+    """Only the real path was compared: a hard link or a copy counted the samples twice."""
+    assert _calibrate(parts / "a", tmp_path / "a", "--save-stats", str(tmp_path / "a.qkstats")) == 0
+    os.link(tmp_path / "a.qkstats", tmp_path / "link.qkstats")
+    shutil.copy(tmp_path / "a.qkstats", tmp_path / "copy.qkstats")
+    capsys.readouterr()
+    for other, what in (("link", "given twice"), ("copy", "byte-identical copy")):
+        assert main(["merge-stats", str(tmp_path / "a.qkstats"), str(tmp_path / f"{other}.qkstats"),
+                     "-o", str(tmp_path / other)]) == 2
+        assert what in capsys.readouterr().err and not (tmp_path / other).exists()
+
+
+def test_a_tensor_zero_on_every_sample_gets_the_same_placeholder_scale_in_the_cache_and_the_model():
+    """The cache wrote scale 0 (no dynamic range TensorRT can use) where the Q/DQ model has 1."""
+    from quantkit.calibrators.cache import CalibrationCache
+
+    assert CalibrationCache.from_amax({"z": 0.0, "t": 127.0}, "entropy").scales == {"z": 1.0, "t": 1.0}
