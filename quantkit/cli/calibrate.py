@@ -147,15 +147,21 @@ class Calibrate:
         source = source_for_model(args, prepared.specs)
         check_classes(source, output_specs(prepared.model))
         drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)
-        eval_source, eval_idx, held_out = source, [], False
+        eval_source, eval_idx, held_out, mismatch = source, [], False, None
         if args.eval_images > 0:
             if args.eval_dir:
                 eval_source = source_for_model(args, prepared.specs, images=args.eval_dir)
                 eval_idx, held_out = list(range(len(eval_source)))[: args.eval_images], True
+                mismatch = check_classes(eval_source, output_specs(prepared.model))  # warns
             else:
                 held_out = bool(drawn.rest)
                 eval_idx = (drawn.rest or drawn.indices)[: args.eval_images]
         budget = _budget(args, prepared.model, eval_source, eval_idx)  # before the work: labels, metric
+        if budget is not None and budget.drop_metric == "accuracy" and mismatch:
+            from quantkit.errors import InputError
+
+            raise InputError(f"--eval-dir: {mismatch}; --max-drop would budget on it",
+                             hint="give a folder with one sub-folder per output class, or --drop-metric top1-agreement")
 
         with progress(len(drawn.indices), "calibrating", disable=args.no_progress) as bar:
             cal = quantize(prepared, source, config, indices=drawn.indices, on_batch=bar.update,

@@ -236,3 +236,23 @@ def test_onnxruntime_target_notes_a_cpu_without_vnni(digits_dirs, tmp_path, caps
     text = capsys.readouterr().out
     assert ("this CPU has no VNNI" in text) is (vnni is False)
     assert (out / "report.json").exists()
+
+
+def test_eval_dir_with_other_classes_than_the_model_is_warned_and_not_budgeted_on(digits_dirs, tmp_path, capsys,
+                                                                                  caplog):
+    """--eval-dir was never checked against the model's classes: 12 class folders for a 10-class
+    model gave a meaningless accuracy, silently, and --max-drop budgeted on it."""
+    import shutil
+
+    ev = tmp_path / "ev"
+    for cls in range(12):
+        (ev / str(cls)).mkdir(parents=True)
+        for png in sorted((digits_dirs[1] / str(cls % 10)).glob("*.png"))[:3]:
+            shutil.copy(png, ev / str(cls) / png.name)
+    common = ["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "--num-images", "32",
+              "--eval-dir", str(ev), *DIGITS]
+    assert main([*common, "-o", str(tmp_path / "a")]) == 0
+    assert "12 class folders" in caplog.text and "meaningless" in caplog.text
+    assert main([*common, "--max-drop", "1", "-o", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "--eval-dir" in err and "--max-drop would budget on it" in err and not (tmp_path / "b").exists()
