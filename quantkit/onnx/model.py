@@ -89,6 +89,12 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         model.graph.node.extend(nodes)
     if tensor_bytes(model) <= EXTERNAL_DATA_BYTES:
         _declare_outputs(model, p.name)
+    if 0 < model.ir_version < 4 and {i.name for i in model.graph.initializer} - {i.name for i in model.graph.input}:
+        # IR 3 wanted every initializer listed as a graph input; old converters (OnnxMLTools, early
+        # keras2onnx) left them out, and ONNX Runtime runs such files: IR 4 dropped the rule
+        log.info("%s: IR version %d with weights not listed as graph inputs (as ONNX Runtime accepts); read as IR 4 "
+                 "(in memory, the file is not changed)", p.name, model.ir_version)
+        model.ir_version = 4
     try:
         # past protobuf's 2 GB limit the checker reads the file itself (it cannot take the message)
         onnx.checker.check_model(model if tensor_bytes(model) <= EXTERNAL_DATA_BYTES else str(p))
@@ -416,6 +422,7 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET) -> onnx.M
                 vi.type.CopyFrom(original[vi.name])
         del converted.graph.value_info[:]
         converted.graph.value_info.extend(model.graph.value_info)
+        _drop_empty_resize_inputs(converted)
         onnx.checker.check_model(converted)
     except Exception as err:
         node = _blocking_node(model, minimum, str(err))
@@ -431,6 +438,38 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET) -> onnx.M
                  + (f", or replace the {node.op_type} op" if node is not None else ""),
         ) from err
     return converted
+
+
+def _drop_empty_resize_inputs(model: onnx.ModelProto) -> None:
+    """From opset 13 a Resize's ``roi`` and ``scales`` are optional: where they are statically
+    empty (opset 11/12 exporters fill them with empty constants, and float16 converters put a
+    Cast in between), leave them out. ONNX Runtime's shape inference accepts an empty ``scales``
+    next to ``sizes`` only when it can see the emptiness, which a Cast hides: the converted model
+    did not load though the original ran."""
+    consts = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def empty(name: str, hops: int = 0) -> bool:
+        if name in consts:
+            return 0 in consts[name]
+        node = producer.get(name)
+        if node is None or hops > 4:
+            return False
+        if node.op_type == "Constant":
+            t = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+            return t is not None and 0 in tuple(t.dims)
+        if node.op_type in ("Cast", "Identity", "Reshape", "CastLike") and node.input:
+            return empty(node.input[0], hops + 1)
+        return False
+
+    for node in model.graph.node:
+        if node.op_type != "Resize" or node.domain not in ("", "ai.onnx"):
+            continue
+        for slot in (1, 2):
+            if len(node.input) > slot and node.input[slot] and empty(node.input[slot]):
+                node.input[slot] = ""
+        while node.input and not node.input[-1]:
+            node.input.pop()
 
 
 def _blocking_node(model: onnx.ModelProto, target: int, message: str) -> onnx.NodeProto | None:

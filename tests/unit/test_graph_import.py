@@ -922,3 +922,60 @@ def test_a_default_value_is_not_a_constant():
     assert "gated" in plan_qdq(m).activations
     m.graph.input.pop()  # the same initializer, no longer an input: a constant, the product 0 by construction
     assert "gated" not in plan_qdq(m).activations
+
+
+def _calibrate_npz(model: onnx.ModelProto, tmp_path, shape, capsys=None) -> int:
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((16, *shape)).astype(np.float32))
+    return main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                 "--eval-images", "8"])
+
+
+def test_ir3_model_with_weights_not_listed_as_inputs_is_read(tmp_path):
+    """IR 3 (OnnxMLTools, early keras2onnx) without its initializers among the graph inputs: ONNX
+    Runtime runs it, the checker refused it ("not a valid ONNX model", exit 2)."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "B"], ["c1"], pads=[1, 1, 1, 1]),
+         helper.make_node("LeakyRelu", ["c1"], ["r1"], alpha=0.1),
+         helper.make_node("Conv", ["r1", "W2"], ["y"], pads=[1, 1, 1, 1])],
+        "ir3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "W"),
+         numpy_helper.from_array(np.zeros(8, np.float32), "B"),
+         numpy_helper.from_array(rng.standard_normal((3, 8, 3, 3)).astype(np.float32), "W2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 8)])
+    m.ir_version = 3
+    assert _calibrate_npz(m, tmp_path, (3, 16, 16)) == 0
+    assert onnx.load(tmp_path / "m.onnx").ir_version == 3  # the file is not changed
+
+
+def test_resize_with_empty_roi_and_scales_through_a_cast_converts_to_opset_13(tmp_path):
+    """opset 11 Resize whose empty roi/scales come through a Cast (float16 converters write this):
+    after the conversion to opset 13 ONNX Runtime refused the model ("Either 'sizes' or 'scales'
+    must be provided, but not both") though it ran the original."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Constant", [], ["e"], value=numpy_helper.from_array(np.zeros(0, np.float32), "empty")),
+             helper.make_node("Cast", ["e"], ["roi"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["e"], ["scales"], to=TensorProto.FLOAT),
+             helper.make_node("Shape", ["r"], ["shp"]),
+             helper.make_node("Slice", ["shp", "zero", "two"], ["nc"]),
+             helper.make_node("Concat", ["nc", "hw"], ["size"], axis=0),
+             helper.make_node("Resize", ["r", "roi", "scales", "size"], ["up"], mode="nearest",
+                              coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+             helper.make_node("Conv", ["up", "W2"], ["y"], pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((2, 4, 3, 3)).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([32, 32], np.int64), "hw")]
+    g = helper.make_graph(nodes, "resize_cast", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 32, 32])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    m.ir_version = 6
+    assert _calibrate_npz(m, tmp_path, (3, 16, 16)) == 0
+    q = onnx.load(tmp_path / "o" / "m.int8.onnx")
+    (resize,) = [n for n in q.graph.node if n.op_type == "Resize"]
+    assert list(resize.input)[1:3] == ["", ""]
