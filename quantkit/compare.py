@@ -228,6 +228,9 @@ def compare_runners(
             f"the models have different outputs: {reference.output_names} vs {test.output_names}",
             hint="compare an INT8 model with the FP32 model it was made from",
         )
+    if not reference.output_names:
+        raise ModelError(f"{reference_name} has no tensor outputs to compare (its outputs are sequences or maps)",
+                         hint="quantkit compares tensor outputs; check this model's outputs with your own code")
     _check_output_shapes(reference, test, reference_name, test_name)
     stats = {name: _OutputStats(name) for name in reference.output_names}
     correct_ref = correct_test = labelled = 0

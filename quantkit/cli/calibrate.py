@@ -144,6 +144,11 @@ class Calibrate:
             RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
             ExportConfig(method=args.method, params={"percentile": args.percentile}))
         prepared = prepare_for(model, config.stats, str(model_path))
+        if (args.eval_images > 0 or args.max_drop is not None) and not output_specs(prepared.model):
+            from quantkit.errors import ModelError
+
+            raise ModelError(f"{str(model_path)!r} has no tensor outputs to compare (its outputs are sequences or maps)",
+                             hint="calibrate with --eval-images 0 (no comparison, no --max-drop)")
         source = source_for_model(args, prepared.specs)
         check_classes(source, output_specs(prepared.model))
         drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)

@@ -250,7 +250,15 @@ def input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
 
 
 def output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
-    return [_spec(vi) for vi in model.graph.output]
+    """The graph's tensor outputs (a sequence or map output has no rows to compare: left out,
+    ``non_tensor_outputs``)."""
+    return [_spec(vi) for vi in model.graph.output if vi.name not in non_tensor_outputs(model)]
+
+
+def non_tensor_outputs(model: onnx.ModelProto) -> list[str]:
+    """Graph outputs declared as sequences, maps or optionals."""
+    return [vi.name for vi in model.graph.output
+            if vi.type.WhichOneof("value") not in (None, "tensor_type", "sparse_tensor_type")]
 
 
 #: ops whose outputs order rows by their values: a graph output after one pairs its rows with

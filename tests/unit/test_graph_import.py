@@ -979,3 +979,32 @@ def test_resize_with_empty_roi_and_scales_through_a_cast_converts_to_opset_13(tm
     q = onnx.load(tmp_path / "o" / "m.int8.onnx")
     (resize,) = [n for n in q.graph.node if n.op_type == "Resize"]
     assert list(resize.input)[1:3] == ["", ""]
+
+
+def _sequence_output_model(with_tensor_output: bool) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    outs = [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)]
+    if with_tensor_output:
+        outs.insert(0, helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8]))
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["c"], ["y"]),
+                           helper.make_node("SequenceConstruct", ["y", "c"], ["seq"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], outs, [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_sequence_output_is_left_out_of_the_comparison(tmp_path, capsys):
+    """A SequenceConstruct graph output: the comparison was exit 1 (AttributeError on a list)."""
+    assert _calibrate_npz(_sequence_output_model(True), tmp_path, (3, 8, 8)) == 0
+    capsys.readouterr()
+    main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "--npz", str(tmp_path / "d.npz")])
+    out = capsys.readouterr().out
+    rows = out.split("samples", 1)[1]
+    assert "\n  y " in rows and "\n  seq " not in rows
+
+
+def test_a_model_with_only_sequence_outputs_is_refused_before_the_work(tmp_path, capsys):
+    assert _calibrate_npz(_sequence_output_model(False), tmp_path, (3, 8, 8)) == 2
+    assert "no tensor outputs to compare" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                 "--eval-images", "0"]) == 0
