@@ -19,7 +19,31 @@ __version__ = "0.1.0"
 #: pixels) passes a 108-megapixel photo. OpenCV reads the limit when it is loaded, so it is set
 #: here, before any quantkit module imports it; a value the user set is kept.
 MAX_IMAGE_PIXELS = 1 << 27
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+
+#: environment variables quantkit reads whose value it could not use: name -> value (the default
+#: was taken; the command line refuses to run with them, exit 2, naming the variable)
+BAD_ENVIRONMENT: dict[str, str] = {}
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    """An integer setting from the environment: ``default`` when unset or empty; a value that is
+    not a whole number >= ``minimum`` is recorded in ``BAD_ENVIRONMENT`` and ``default`` used."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        BAD_ENVIRONMENT[name] = raw
+        return default
+    return value
+
+
+# OpenCV aborts the process (C++ terminate) on a value it cannot parse: replace it before cv2 loads
+if env_int("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, minimum=1) == MAX_IMAGE_PIXELS:
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_IMAGE_PIXELS)
 
 #: names served from quantkit.ptq on first use (importing it loads the calibration code)
 _PTQ = ("quantize", "prepare", "Calibration", "QuantizeConfig", "StatsConfig", "RunConfig", "ExportConfig")

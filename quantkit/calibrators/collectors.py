@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from quantkit import env_int
 from quantkit.calibrators import native
 from quantkit.errors import NonFiniteError, NotCalibratedError
 
@@ -361,8 +362,7 @@ def batch_rows(arr: np.ndarray, rows: int, padded: int) -> np.ndarray:
 #: binning): a quarter of the cores, at most 4, so that ONNX Runtime keeps the rest for the next
 #: chunk; one (in the calling thread) on machines of up to 7 cores. Measured on 16 cores, 16
 #: ResNet-sized tensors: 121 ms in one thread, 70 ms in 2, 45 ms in 4, 45 ms in 8.
-HISTOGRAM_WORKERS = max(1, int(os.environ.get("QUANTKIT_HISTOGRAM_WORKERS", "0") or 0)
-                        or min(4, (os.cpu_count() or 1) // 4))
+HISTOGRAM_WORKERS = max(1, env_int("QUANTKIT_HISTOGRAM_WORKERS", 0) or min(4, (os.cpu_count() or 1) // 4))
 _pool: ThreadPoolExecutor | None = None
 
 

@@ -206,6 +206,17 @@ def _one_line(text: object) -> str:
     return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
+def _check_environment() -> None:
+    """Environment variables quantkit reads, with values it cannot use: refused by name."""
+    import quantkit
+    from quantkit.calibrators import collectors  # noqa: F401  (reads QUANTKIT_HISTOGRAM_WORKERS)
+    from quantkit.errors import InputError
+
+    for name, value in quantkit.BAD_ENVIRONMENT.items():
+        raise InputError(f"environment variable {name}={value!r} is not a usable whole number",
+                         hint=f"unset it (`unset {name}`) or give a positive integer")
+
+
 def _main(argv: Sequence[str] | None) -> int:
     from quantkit.errors import InputError, QuantkitError
 
@@ -220,6 +231,7 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
+        _check_environment()
         code = int(args._command.run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
         return code

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from quantkit import MAX_IMAGE_PIXELS
+from quantkit import MAX_IMAGE_PIXELS, env_int
 from quantkit._deps import require
 from quantkit.datasets.dtypes import cast_for_input
 from quantkit.datasets.preprocess import Preprocess
@@ -196,7 +196,7 @@ def decode_image(path: Path) -> np.ndarray:
         img = cv2.imdecode(data, flags)
     except cv2.error as err:  # over OpenCV's pixel limit (quantkit.MAX_IMAGE_PIXELS), or corrupt
         too_large = "too large" in str(err).lower() or "pixels" in str(err).lower()
-        limit = int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS))
+        limit = env_int("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, minimum=1)
         raise SampleError(str(path), f"over {limit:,} pixels, "
                           "not decoded (OPENCV_IO_MAX_IMAGE_PIXELS)" if too_large else
                           "not a decodable image (corrupt or unsupported format)") from err

@@ -617,3 +617,16 @@ def test_a_pickle_is_never_suggested_to_be_loaded(models, tmp_path, capsys):
     assert main(["merge-stats", str(tmp_path / "p.npy"), "-o", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert "never load" in err and "allow_pickle" not in err and "unsafely" not in err
+
+
+@pytest.mark.parametrize("name,value", [("QUANTKIT_HISTOGRAM_WORKERS", "abc"), ("OPENCV_IO_MAX_IMAGE_PIXELS", "abc"),
+                                        ("OPENCV_IO_MAX_IMAGE_PIXELS", "-1")])
+def test_an_unusable_environment_variable_is_named(name, value):
+    """QUANTKIT_HISTOGRAM_WORKERS=abc was exit 1 on every command, without its name; a bad
+    OPENCV_IO_MAX_IMAGE_PIXELS aborted the process in OpenCV (SIGABRT, a C++ message)."""
+    from quantkit import sample
+
+    proc = subprocess.run([sys.executable, "-m", "quantkit", "inspect", str(sample.model_path())],
+                          env={**os.environ, name: value}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"{name}={value!r}" in proc.stderr and "Traceback" not in proc.stderr
