@@ -97,7 +97,32 @@ def _number(v: Any, *, optional: bool = False) -> None:
         return
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         raise TypeError(f"{v!r} is not a number")
-    float(v)
+    x = float(v)
+    if math.isfinite(x) and abs(x) > MAX_NUMBER:  # no axis can be drawn to it (matplotlib failed)
+        raise TypeError(f"{v!r} is beyond any figure quantkit writes")
+
+
+#: the largest magnitude a result's number may have (a latency of 1e308 ms is a damaged file)
+MAX_NUMBER = 1e15
+
+
+def _clean_text(value: Any) -> Any:
+    """``value`` with every string made encodable as UTF-8 (a model file named in another
+    encoding reaches the JSON as lone surrogates, which matplotlib and the page cannot take)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            try:
+                return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            except UnicodeEncodeError:
+                return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_clean_text(k): _clean_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean_text(v) for v in value]
+    return value
 
 
 def _text(v: Any) -> None:
@@ -177,7 +202,7 @@ def load_results(paths: Iterable[str | os.PathLike[str]]) -> Results:
         if f.name.endswith(".cache.json") or f.name == MANIFEST:
             continue  # calibration cache provenance / the list of written files, not results
         try:
-            doc = json.loads(f.read_text(encoding="utf-8"))
+            doc = _clean_text(json.loads(f.read_text(encoding="utf-8")))
         except (OSError, ValueError) as err:
             raise InputError(f"{str(f)!r} is not readable JSON: {err}") from err
         if found and result_kind(doc) is None:  # a folder's other JSON (calibrate's sensitivity.json)

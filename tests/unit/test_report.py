@@ -170,3 +170,20 @@ def test_api_save_writes_only_plain_names_into_the_folder(tmp_path, kw):
     with pytest.raises(InputError, match="not a plain file name"):
         cal.save(work / "out", **kw)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b"]
+
+
+def test_a_model_name_in_another_encoding_is_drawn(tmp_path):
+    """A model file named in Latin-1 reaches the JSON as a lone surrogate: report was exit 1
+    (matplotlib refused the title)."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "bench.json").write_text(json.dumps({**BENCH, "model": "m\udce9.onnx"}))
+    (tmp_path / "res" / "compare.json").write_text(json.dumps({**COMPARE, "test": "m\udce9.int8.onnx"}))
+    assert main(["report", str(tmp_path / "res"), "-o", str(tmp_path / "rep")]) == 0
+    assert "m\ufffd" in (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_number_no_axis_can_hold_is_refused(tmp_path):
+    """median_ms 1e308 passed the checks and made matplotlib fail (exit 1)."""
+    (tmp_path / "bench.json").write_text(json.dumps({**BENCH, "median_ms": 1e308}))
+    assert main(["report", str(tmp_path / "bench.json"), "-o", str(tmp_path / "rep")]) == 2
