@@ -97,10 +97,23 @@ def cache_from_text(text: str, *, source: str = "<cache>") -> CalibrationCache:
     return CalibrationCache(int(head.group(1)), head.group(2), scales)
 
 
+#: a calibration cache is a line per tensor (~40 bytes): a file larger than this is not one
+MAX_CACHE_BYTES = 64 << 20
+
+
 def read_cache(path: str | os.PathLike[str]) -> CalibrationCache:
     p = Path(path)
     try:
-        text = p.read_text(encoding="ascii")
+        with open(p, "rb") as fh:
+            head = fh.readline(256)
+            if not head.startswith(b"TRT-"):  # the header first: a large file of something else is not read whole
+                shown = head[:24].decode("ascii", "backslashreplace").strip()
+                raise CacheError(f"calibration cache {str(p)!r}: first line {shown!r} is not 'TRT-<version>-<Algorithm>'")
+            data = head + fh.read(MAX_CACHE_BYTES + 1 - len(head))
+        if len(data) > MAX_CACHE_BYTES:
+            raise CacheError(f"calibration cache {str(p)!r} is larger than {MAX_CACHE_BYTES >> 20} MiB: not a "
+                             "calibration cache (a line per tensor)")
+        text = data.decode("ascii")
     except FileNotFoundError:
         raise CacheError(f"calibration cache {str(p)!r} does not exist") from None
     except (UnicodeDecodeError, OSError) as err:

@@ -630,3 +630,18 @@ def test_an_unusable_environment_variable_is_named(name, value):
                           env={**os.environ, name: value}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"{name}={value!r}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inspect_reads_a_large_file_named_cache_only_as_far_as_its_first_line(tmp_path, capsys):
+    """A 3 GB file named .cache was read whole as text (6.3 GB of memory, 20 s)."""
+    big = tmp_path / "big.cache"
+    with open(big, "wb") as fh:
+        fh.truncate(3 << 30)  # sparse: nothing is written
+    assert main(["inspect", str(big)]) == 2
+    assert "is not 'TRT-<version>-<Algorithm>'" in _err_line(capsys.readouterr().err)
+    tagged = tmp_path / "tagged.cache"
+    with open(tagged, "wb") as fh:
+        fh.write(b"TRT-8600-EntropyCalibration2\n")
+        fh.truncate(100 << 20)
+    assert main(["inspect", str(tagged)]) == 2
+    assert "larger than 64 MiB" in _err_line(capsys.readouterr().err)
