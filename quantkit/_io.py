@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,38 @@ def write_chunks_atomic(path: str | os.PathLike[str], chunks: Iterable[bytes]) -
         raise
     _fsync_dir(target.parent)
     return target
+
+
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike[str], data: bytes) -> Iterator[Callable[[], Path]]:
+    """``data`` written now to a temporary file beside ``path`` (fsync'ed, the umask's
+    permissions); the context gives a function that renames it into place. Not called, or an
+    error in the block: the temporary file is removed and ``path`` is as it was. For an output
+    that must appear only when another one (an output folder) is committed: a full disk shows
+    before either is in place."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    committed = False
+
+    def commit() -> Path:
+        nonlocal committed
+        os.replace(tmp, target)
+        committed = True
+        _fsync_dir(target.parent)
+        return target
+
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        yield commit
+    finally:
+        if not committed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

@@ -67,6 +67,11 @@ def save_stats(path: str | os.PathLike[str], stats: CalibrationStats) -> Path:
     """Write ``stats`` to ``path`` atomically (``.npz``, no pickle)."""
     from quantkit._io import write_bytes_atomic
 
+    return write_bytes_atomic(path, encode_stats(stats))
+
+
+def encode_stats(stats: CalibrationStats) -> bytes:
+    """The bytes of a statistics file (``save_stats``)."""
     names = list(stats.histograms)
     header = {"format": FORMAT, "version": VERSION, "tensors": names, "num_samples": stats.num_samples,
               "model": stats.model, "settings": stats.settings, "preprocess": stats.preprocess, "data": stats.data}
@@ -77,7 +82,7 @@ def save_stats(path: str | os.PathLike[str], stats: CalibrationStats) -> Path:
         arrays[f"scalars_{i}"] = np.array([h.bin_width, h.observed_min, h.observed_max], dtype=np.float64)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub reads **kwds as allow_pickle
-    return write_bytes_atomic(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def is_stats_file(path: str | os.PathLike[str]) -> bool:

@@ -247,6 +247,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.debug:
             traceback.print_exc()
         where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        if not where:  # a write() that failed (a full disk) names no file: name the outputs of the command
+            outs = [str(v) for v in (getattr(args, k, None) for k in ("output", "json", "save_stats")) if v]
+            where = f"writing {' / '.join(repr(o) for o in outs)}: " if outs else ""
         print(f"quantkit: error: {where}{err.strerror or _one_line(err)}", file=sys.stderr)
         print("  hint: check the path, its permissions and the free space", file=sys.stderr)
         return 2

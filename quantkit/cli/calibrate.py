@@ -130,8 +130,11 @@ class Calibrate:
         model = with_sample_axis(args, load_model(model_path), name=model_path.name)
         # before any work: the output must be writable, outside the inputs, with room for the
         # INT8 model (float weights kept: about the FP32 model's size) and the small files
+        from quantkit._io import external_data_files
+
+        weights = model_path.stat().st_size + sum(f.stat().st_size for f in external_data_files(model_path))
         check_output_dir(args.output, force=args.force, inputs=inputs, command="quantkit calibrate",
-                         need_bytes=model_path.stat().st_size + (1 << 22))
+                         need_bytes=weights + (1 << 22))
         exclude = [*(args.exclude or ()), *_exclude_from(args, model)]
         stats_inside = stats_target(args.save_stats, args.output, force=args.force, inputs=inputs)
         config = QuantizeConfig(
@@ -223,21 +226,28 @@ class Calibrate:
             "data": str(args.images or args.npz),
             **({"fallback": {k: v for k, v in result.to_dict().items() if k != "steps"}} if result is not None else {}),
         }
+        import contextlib
+
+        from quantkit._io import staged_file
+        from quantkit.calibrators.stats import encode_stats
+
         stats = None
         if args.save_stats:
-            from quantkit.calibrators.stats import save_stats
-
             stats = cal.to_stats(model={**meta["model"], "path": str(model_path.resolve())},
                                  preprocess=meta["preprocess"], data=meta["data"])
 
-        paths = cal.save(args.output, model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta, report=report,
-                         trt_version=trt_version_number(args.trt_version), force=args.force, inputs=inputs,
-                         command="quantkit calibrate",
-                         extra={"sensitivity": ("sensitivity.json", result.ranking.to_dict())}
-                         if result is not None and result.ranking is not None else None,
-                         stats=(stats_inside, stats) if stats is not None and stats_inside is not None else None)
-        if stats is not None and stats_inside is None:
-            paths["stats"] = save_stats(args.save_stats, stats)
+        # a statistics file outside -o is written beside its place first and renamed there once the
+        # folder is: a full disk there fails before the folder is committed (an error leaves both as they were)
+        with (staged_file(args.save_stats, encode_stats(stats)) if stats is not None and stats_inside is None
+              else contextlib.nullcontext()) as commit_stats:
+            paths = cal.save(args.output, model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta,
+                             report=report, trt_version=trt_version_number(args.trt_version), force=args.force,
+                             inputs=inputs, command="quantkit calibrate",
+                             extra={"sensitivity": ("sensitivity.json", result.ranking.to_dict())}
+                             if result is not None and result.ranking is not None else None,
+                             stats=(stats_inside, stats) if stats is not None and stats_inside is not None else None)
+            if commit_stats is not None:
+                paths["stats"] = commit_stats()
         for line in lines:
             print(line)
         if cal.skipped:

@@ -388,3 +388,23 @@ def test_an_output_name_too_long_for_its_temporary_name_is_refused_before_work(p
     assert "bytes" in capsys.readouterr().err and not out.exists()
     assert main(["compare", str(project / "model.onnx"), str(project / "model.onnx"), "--images",
                  str(project / "images"), "--json", str(tmp_path / ("b" * 250)), *DIGITS]) == 2
+
+
+def test_a_full_disk_leaves_neither_the_folder_nor_the_statistics_and_names_the_output(project, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """--save-stats outside -o was written after the folder was committed, so a failure of either
+    left the other (the folder complete, a rerun refused); a write() that failed named no file."""
+    import errno
+
+    from quantkit.ptq import Calibration
+
+    def full(self, outdir, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Calibration, "save", full)
+    stats = tmp_path / "elsewhere" / "s.qkstats"
+    assert calibrate(project, tmp_path / "out", "--save-stats", str(stats)) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "out" in err.splitlines()[0]
+    assert not stats.exists() and not (tmp_path / "out").exists()
+    assert list(stats.parent.iterdir()) == []  # the staged file is gone too
