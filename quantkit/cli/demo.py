@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -28,14 +29,21 @@ class Demo:
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import check_output_dir, output_dir
 
+        made = not args.output  # a new temporary folder: removed again when the demo does not finish
         out = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="quantkit-demo-"))
-        check_output_dir(out, force=args.force, command="quantkit demo")
-        with output_dir(out, force=args.force, command="quantkit demo") as staging:
-            if args.keep_images:
-                lines = _demo(staging, staging / "images", out, args, keep=True)
-            else:
-                with tempfile.TemporaryDirectory(prefix="quantkit-demo-data-") as work:
-                    lines = _demo(staging, Path(work), out, args, keep=False)
+        try:
+            check_output_dir(out, force=args.force, command="quantkit demo")
+            with output_dir(out, force=args.force, command="quantkit demo") as staging:
+                if args.keep_images:
+                    lines = _demo(staging, staging / "images", out, args, keep=True)
+                else:
+                    with tempfile.TemporaryDirectory(prefix="quantkit-demo-data-") as work:
+                        lines = _demo(staging, Path(work), out, args, keep=False)
+        except BaseException:
+            if made:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only when still empty: it was made here
+            raise
         for line in lines:  # after the files are in place: a closed stdout loses nothing
             print(line)
         return 0

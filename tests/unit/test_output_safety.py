@@ -408,3 +408,20 @@ def test_a_full_disk_leaves_neither_the_folder_nor_the_statistics_and_names_the_
     assert "No space left on device" in err and "out" in err.splitlines()[0]
     assert not stats.exists() and not (tmp_path / "out").exists()
     assert list(stats.parent.iterdir()) == []  # the staged file is gone too
+
+
+def test_an_interrupted_demo_leaves_no_temporary_folder(tmp_path, monkeypatch, capsys):
+    """demo without -o made its temporary output folder first and left it behind when stopped
+    (while saying that nothing partial was written)."""
+    import tempfile
+
+    import quantkit.cli.demo as demo
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_demo", stopped)
+    assert main(["demo"]) == 130
+    assert list(tmp_path.iterdir()) == []
