@@ -17,6 +17,7 @@ are left out of the metrics.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -32,7 +33,7 @@ from quantkit.calibrators.collectors import Histogram, collect_histograms, merge
 from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method, method_params
 from quantkit.datasets.batching import Batcher, data_batch_axes
 from quantkit.datasets.sources import Source
-from quantkit.errors import DatasetError, InputError, ModelError
+from quantkit.errors import DatasetError, InputError, ModelError, check_fields, check_names
 from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, check_not_quantized, einsum_as_matmul, ensure_opset,
                                  fixed_batch, float_activations, float_input_specs, opset_version, subgraph_node_count, tensor_types,
                                  with_node_names)
@@ -143,12 +144,23 @@ class StatsConfig:
         return self.equalize_pointwise and self.bias_correction
 
     def __post_init__(self) -> None:
+        check_fields(self, num_bins=(int,), sample_stride=(int,), target=(str,), cache_all_tensors=(bool,),
+                     pow2_grid=(bool,), equalize=(bool,), equalize_pointwise=(bool,), bias_correction=(bool,),
+                     quantize_attention_probs=(bool,))
+        check_names(self, "exclude", "exclude_op_types")
+        if self.num_bins > MAX_BINS:
+            raise InputError(f"num_bins must be at most {MAX_BINS}, got {self.num_bins}")
         if self.num_bins < 256 or self.num_bins & (self.num_bins - 1):
             raise InputError(f"num_bins must be a power of two >= 256, got {self.num_bins}")
         if self.target not in TARGETS:
             raise InputError(f"unknown Q/DQ target {self.target!r}; choose one of {list(TARGETS)}")
         if self.sample_stride < 1:
             raise InputError(f"histogram sample stride must be >= 1, got {self.sample_stride}")
+
+
+#: the most histogram bins a tensor may have (TensorRT uses 2048; 2**40 was accepted and then
+#: allocated per tensor)
+MAX_BINS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -166,8 +178,11 @@ class RunConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self, batch_size=(int,), threads=(int, type(None)), strict=(bool,))
         if self.batch_size <= 0:
             raise InputError(f"batch size must be positive, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be >= 1 (or None: one per core), got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,7 @@ class ExportConfig:
     params: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_fields(self, method=(str,), params=(Mapping,))
         check_method(self.method)
         method_params(self.params)  # unknown names and bad values refused here
 
@@ -196,6 +212,9 @@ class QuantizeConfig:
     stats: StatsConfig = field(default_factory=StatsConfig)
     run: RunConfig = field(default_factory=RunConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self, stats=(StatsConfig,), run=(RunConfig,), export=(ExportConfig,))
 
     @property
     def method(self) -> str:
@@ -521,6 +540,7 @@ class Calibration:
         from quantkit.backends.onnxruntime import OrtRunner
         from quantkit.compare import compare_runners
 
+        check_source(source, indices)
         method = method or self.config.method
         int8 = int8_model if int8_model is not None else self.int8_model(method)
         idx = list(range(len(source))) if indices is None else list(indices)
@@ -688,8 +708,26 @@ def _save_int8(model: onnx.ModelProto, folder: Path, name: str, kind: str) -> di
 
 
 # ------------------------------------------------------------------ the verb
+def check_source(source: Any, indices: Sequence[int] | None = None) -> None:
+    """Raise InputError when ``source`` is not a data source (``len`` and ``load``) or ``indices``
+    are not sample indices of it (whole numbers in 0..len-1: a negative one counted from the end
+    on some sources and was refused on others; one past the end was IndexError or accepted)."""
+    if isinstance(source, (str, os.PathLike)) or not (hasattr(source, "__len__") and hasattr(source, "load")):
+        raise InputError(f"the data must be a quantkit data source (len() and load(i)), got {type(source).__name__}",
+                         hint="quantkit.datasets: ImageFolder(folder, preprocess), NumpySource('data.npz'), "
+                              "TorchDatasetSource(dataset)")
+    if indices is None:
+        return
+    if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+        raise InputError(f"indices must be a sequence of sample indices, got {type(indices).__name__}")
+    n = len(source)
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= int(i) < n:
+            raise InputError(f"sample index {i!r} is not in 0..{n - 1} (the source has {n} samples)")
+
+
 def quantize(
-    model: onnx.ModelProto | PreparedModel,
+    model: onnx.ModelProto | PreparedModel | str | os.PathLike[str],
     source: Source,
     config: QuantizeConfig = QuantizeConfig(),
     *,
@@ -717,6 +755,16 @@ def quantize(
     """
     from quantkit.backends.onnxruntime import OrtRunner
 
+    if isinstance(model, (str, os.PathLike)):  # a path is a natural thing to pass
+        from quantkit.onnx.model import load_model
+
+        model_name = str(model) if model_name == "model" else model_name
+        model = load_model(model)
+    if not isinstance(model, (onnx.ModelProto, PreparedModel)):
+        raise InputError(f"quantize takes an onnx.ModelProto or a model file's path, got {type(model).__name__}")
+    if not isinstance(config, QuantizeConfig):
+        raise InputError(f"config must be a QuantizeConfig, got {type(config).__name__}")
+    check_source(source, indices)
     stats, run = config.stats, config.run
     if not isinstance(model, PreparedModel) or not _prepared_for(model, stats):
         model = prepare_for(model.model if isinstance(model, PreparedModel) else model, stats,

@@ -63,7 +63,7 @@ import onnx
 from quantkit.backends.base import real_rows
 from quantkit.debug.sensitivity import ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, rank_groups, \
     rank_sensitivity
-from quantkit.errors import InputError
+from quantkit.errors import InputError, check_fields
 from quantkit.onnx.model import error_output, l2_normalized
 
 if TYPE_CHECKING:
@@ -117,7 +117,11 @@ class FallbackConfig:
     output: str | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.max_drop, (int, float)) and math.isfinite(self.max_drop) and self.max_drop >= 0):
+        check_fields(self, drop_metric=(str, type(None)), subset=(int,), method_groups=(int,),
+                     max_float_groups=(int, type(None)), max_reranks=(int, type(None)), estimator=(str,),
+                     output=(str, type(None)))
+        if not (isinstance(self.max_drop, (int, float)) and not isinstance(self.max_drop, bool)
+                and math.isfinite(self.max_drop) and self.max_drop >= 0):
             raise InputError(f"the accuracy budget (--max-drop) must be a number >= 0, got {self.max_drop!r}")
         if self.drop_metric is not None and self.drop_metric not in (*DROP_METRICS, "task"):
             raise InputError(f"unknown drop metric {self.drop_metric!r}; choose one of {list(DROP_METRICS)}")
@@ -339,7 +343,14 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
     Raises:
         InputError: a bad budget or metric; accuracy on data without labels (before any work).
     """
+    from quantkit.ptq import check_source
+
     start = time.perf_counter()
+    if not isinstance(config, FallbackConfig):
+        raise InputError(f"config must be a FallbackConfig, got {type(config).__name__}")
+    check_source(eval_source, eval_indices)
+    if ranking_source is not None:
+        check_source(ranking_source, ranking_indices)
     scales = cal if isinstance(cal, QdqScales) else QdqScales.from_calibration(cal)
     if config.output is not None:
         scales = dataclasses.replace(scales, output=config.output)
