@@ -138,6 +138,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
 
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} cannot hold per-channel Q/DQ; use {MIN_OPSET} or later")
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{str(target)!r} is a folder; give the ONNX file to write (e.g. {str(target / 'model.onnx')!r})")
     check_calibrated(model)
     m = copy.deepcopy(model).eval()
     folded = fold_batchnorm(m)
@@ -147,16 +150,25 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     n_in = len(inputs)
     input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
-    with torch.no_grad():
-        out = m(*inputs)
+    try:
+        with torch.no_grad():
+            out = m(*inputs)
+    except (RuntimeError, TypeError, ValueError) as err:  # the example input does not fit the model
+        raise InputError(f"the model does not run on the example input ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]})",
+                         hint="give a batch shaped as the model's training data") from err
     n_out = len(out) if isinstance(out, (tuple, list)) else 1
     output_names = output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
     axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(m, inputs, buf, dynamo=False, opset_version=opset, input_names=input_names,
-                          output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
+        try:
+            torch.onnx.export(m, inputs, buf, dynamo=False, opset_version=opset, input_names=input_names,
+                              output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
+        except (torch.onnx.errors.OnnxExporterError, RuntimeError) as err:  # an opset it has no form for, ...
+            raise InputError(f"torch.onnx.export failed at opset {opset}: {' '.join(str(err).split())[:200]}",
+                             hint="use an opset torch supports (13-20)") from err
     proto = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(proto)
     log.info("exported %s (%d BatchNorms folded)", path, folded)

@@ -282,3 +282,15 @@ def test_prepare_refuses_what_it_cannot_take():
         qq.prepare("model.pt")
     with pytest.raises(ModelError, match="itself a layer"):
         qq.prepare(nn.Conv2d(3, 4, 3))
+
+
+def test_export_refuses_a_folder_a_wrong_input_and_an_unknown_opset(tmp_path):
+    q = qq.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    qq.calibrate(q, [torch.randn(2, 3, 8, 8)])
+    with pytest.raises(InputError, match="is a folder"):
+        qq.export_onnx(q, tmp_path, torch.randn(1, 3, 8, 8))
+    with pytest.raises(InputError, match="does not run on the example input"):
+        qq.export_onnx(q, tmp_path / "m.onnx", torch.randn(1, 5, 8, 8))
+    with pytest.raises(InputError, match="opset 99"):
+        qq.export_onnx(q, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), opset=99)
+    assert list(tmp_path.iterdir()) == []
