@@ -362,6 +362,11 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         metric = "task"
     else:
         metric = drop_metric_for(scales.model, scales.measured_output, config.drop_metric, eval_source, idx)
+    if metric in ("accuracy", "top1-agreement") and idx and 0 < config.max_drop < 100.0 / len(idx):
+        log.warning("the budget of %.3g points is less than one evaluation sample (%.3g points of %d): no sample may "
+                    "change, and on near ties the fallback may return many groups to float; use more evaluation "
+                    "samples or a budget of at least %.3g", config.max_drop, 100.0 / len(idx), len(idx),
+                    100.0 / len(idx))
     groups = scales.groups
     steps: list[dict[str, Any]] = []
 

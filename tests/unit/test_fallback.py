@@ -319,3 +319,13 @@ def test_ranked_again_after_a_whole_model_switch_that_is_not_enough(estimator):
     actions = [(s["action"], s["groups"], s.get("kept")) for s in res.steps]
     assert actions[2] == ("method", ["(every group)"], True) and actions[3][0] == "rerank"
     assert actions[4][0] == "float" and not res.met and "limit of 1 group" in res.message
+
+
+def test_a_budget_below_one_evaluation_sample_is_warned_about(broken, caplog):
+    """0.5 points of 128 samples (0.78 a sample) means no sample may change: said, not silent."""
+    cal, ev = broken
+    fallback(cal, ev, list(range(100)), FallbackConfig(max_drop=100.0 / 101, drop_metric="top1-agreement"))
+    assert "less than one evaluation sample" in caplog.text
+    caplog.clear()
+    fallback(cal, ev, list(range(100)), FallbackConfig(max_drop=1.0, drop_metric="top1-agreement"))
+    assert "less than one evaluation sample" not in caplog.text
