@@ -477,7 +477,15 @@ def output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Sequence[An
             else:
                 (staging / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
                 _fix_modes(staging)
-                os.replace(staging, out)
+                try:
+                    os.replace(staging, out)
+                except OSError as err:
+                    if err.errno in (errno.ENOTEMPTY, errno.EEXIST) and out.exists():  # made by another run meanwhile
+                        raise OutputError(f"output folder {str(out)!r} was filled by another process while this run "
+                                          "worked; nothing of this run was written",
+                                          hint="run again with another -o (or --force to replace that run's "
+                                               "artifacts)") from err
+                    raise
                 _fsync_dir(out.parent)
         except OSError as err:
             raise _os_error(err, out, "write") from err

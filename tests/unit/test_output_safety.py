@@ -425,3 +425,26 @@ def test_an_interrupted_demo_leaves_no_temporary_folder(tmp_path, monkeypatch, c
     monkeypatch.setattr(demo, "_demo", stopped)
     assert main(["demo"]) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_another_run_filled_meanwhile_is_said_so(tmp_path, monkeypatch):
+    """Two runs into one new -o: the later one's rename met a full folder and said only
+    'Directory not empty'; the other run's files stay as they were."""
+    import quantkit._io as qio
+    from quantkit._io import OutputError
+
+    out = tmp_path / "out"
+    real = os.replace
+
+    def race(src, dst, *a, **k):
+        if Path(dst) == out and not out.exists():  # the other run commits first
+            out.mkdir()
+            (out / "theirs.txt").write_text("other run")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(qio.os, "replace", race)
+    with pytest.raises(OutputError, match="filled by another process"):
+        with output_dir(out, force=False, command="quantkit calibrate") as staging:
+            (staging / "mine.txt").write_text("this run")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
