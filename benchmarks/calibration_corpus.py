@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", type=int, default=[64, 512], help="calibration samples (default 64 512)")
     ap.add_argument("--native-only", action="store_true", help="skip the NumPy-statistics run")
     ap.add_argument("--out", type=Path, help="write the table here too (markdown)")
-    ap.add_argument("--machine", default="a shared 2-core CPU machine", help="how to describe the machine")
+    ap.add_argument("--machine", default=f"a {os.cpu_count()}-core CPU machine", help="how to describe the machine")
     args = ap.parse_args(argv)
     from quantkit.calibrators import native
 

@@ -74,15 +74,60 @@ log = logging.getLogger(__name__)
 Feed = tuple[Mapping[str, np.ndarray], int]
 
 
+def linear_units(model: onnx.ModelProto) -> dict[str, str]:
+    """The bias Adds of linear layers, by name -> the bias constant they add: an Add whose one
+    input is the output of a MatMul with a constant (or dequantized constant) weight that
+    nothing else reads, and whose other input is a constant vector of the MatMul's output
+    features (shape [N], or 1s then N). Exporters write a Linear layer this way (paddle2onnx,
+    PyTorch's MatMul + Add for 3-D inputs); its output is corrected as a Conv's is, along the
+    last axis, through that constant."""
+    from quantkit.onnx.model import initializer_arrays
+
+    consts = initializer_arrays(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    users: dict[str, int] = {}
+    for n in model.graph.node:
+        for t in dict.fromkeys(n.input):
+            users[t] = users.get(t, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+
+    def constant_weight(t: str) -> np.ndarray | None:
+        if t in consts:
+            return consts[t]
+        dq = producer.get(t)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            q = producer.get(dq.input[0])
+            src = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else dq.input[0]
+            return consts.get(src)
+        return None
+
+    out: dict[str, str] = {}
+    for add in model.graph.node:
+        if add.op_type != "Add" or len(add.input) != 2 or not add.name:
+            continue
+        for k in (0, 1):
+            mm, bias = producer.get(add.input[k]), add.input[1 - k]
+            if mm is None or mm.op_type != "MatMul" or users.get(mm.output[0]) != 1 or mm.output[0] in outputs:
+                continue
+            w, b = constant_weight(mm.input[1]), consts.get(bias)
+            if w is None or w.ndim != 2 or b is None or b.dtype.kind != "f" or b.size != w.shape[1] or \
+                    (b.ndim and b.shape[-1] != w.shape[1]):
+                continue
+            out[add.name] = bias
+    return out
+
+
 def conv_levels(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
-    """The Convs of ``model`` (topologically sorted, as ONNX requires) grouped by depth: the
-    number of Convs on the longest path before each. Convs of one depth do not read each
-    other's outputs, so their shifts can be measured in one pass."""
+    """The Convs of ``model`` and the bias Adds of its linear layers (``linear_units``),
+    topologically sorted (as ONNX requires), grouped by depth: the number of them on the longest
+    path before each. Nodes of one depth do not read each other's outputs, so their shifts can be
+    measured in one pass."""
     depth: dict[str, int] = {}
     levels: dict[int, list[onnx.NodeProto]] = {}
+    units = set(linear_units(model))
     for node in model.graph.node:
         d = max((depth.get(t, 0) for t in node_reads(node)), default=0)
-        if node.op_type == "Conv":
+        if node.op_type == "Conv" or node.name in units:
             levels.setdefault(d, []).append(node)
             d += 1
         for out in node.output:
@@ -133,12 +178,14 @@ def feed_positions(feeds: int) -> int:
     return max(1, min(SAMPLE_POSITIONS, SAMPLE_POSITIONS_TOTAL // max(1, feeds)))
 
 
-def channel_samples(x: np.ndarray, n: int, positions: int = SAMPLE_POSITIONS) -> np.ndarray:
+def channel_samples(x: np.ndarray, n: int, positions: int = SAMPLE_POSITIONS, axis: int = 1) -> np.ndarray:
     """[C, K]: a strided sample of ``x``'s first ``n`` rows' values per channel (axis 1), the same
     positions for any tensor of the same shape: every ``step``-th of the positions (row, then
     the axes after the channel, in order; about ``positions`` of them), gathered without
     copying the tensor first."""
     x = np.asarray(x)[:n]
+    if axis % max(x.ndim, 1) != 1:  # a linear layer's features (the last axis) as the channels
+        x = np.moveaxis(x, axis, 1)
     x3 = x.reshape(x.shape[0], x.shape[1], -1)
     total = x3.shape[0] * x3.shape[2]
     rows, at = np.divmod(np.arange(0, total, max(1, total // positions)), x3.shape[2])
@@ -159,16 +206,19 @@ class Reference:
 
 
 def reference(fp32: onnx.ModelProto, convs: Sequence[str], feeds: Sequence[Feed],
-              session: Callable[[bytes], Any], outputs: Sequence[str] = ()) -> Reference:
-    """The FP32 side of the correction: ``fp32``'s Conv outputs named ``convs`` on ``feeds``, and
-    the graph outputs ``outputs`` (for the guard)."""
+              session: Callable[[bytes], Any], outputs: Sequence[str] = (),
+              axes: Mapping[str, int] | None = None) -> Reference:
+    """The FP32 side of the correction: ``fp32``'s Conv (and linear layer) outputs named ``convs``
+    on ``feeds``, their channels on ``axes`` (default 1), and the graph outputs ``outputs`` (for
+    the guard)."""
+    axes = axes or {}
     names = list(dict.fromkeys([*convs, *outputs]))
     sess = session(with_outputs_bytes(fp32, names))
     ref = Reference({t: [] for t in convs}, {}, {}, {t: [] for t in outputs})
     for feed, n in feeds:
         for t, x in zip(names, sess.run(names, dict(feed))):
             if t in ref.samples:
-                ref.samples[t].append(channel_samples(x, n, feed_positions(len(feeds))))
+                ref.samples[t].append(channel_samples(x, n, feed_positions(len(feeds)), axes.get(t, 1)))
                 ref.rank[t], ref.dtype[t] = np.ndim(x), np.asarray(x).dtype
             if t in ref.outputs:
                 ref.outputs[t].append(output_samples(x))
@@ -246,11 +296,13 @@ def output_sqnr(ref: Mapping[str, Sequence[np.ndarray | None]],
 
 
 def correctable(qdq: onnx.ModelProto, fp32: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The Convs of the Q/DQ model whose output is also a tensor of the FP32 model, but a score
-    head's (``score_head_convs``)."""
+    """The Convs and the linear layers' bias Adds (``linear_units``) of the Q/DQ model whose
+    output is also a tensor of the FP32 model, but a score head's (``score_head_convs``)."""
     produced = {out for node in fp32.graph.node for out in node.output}
     heads = score_head_convs(fp32)
-    return [n for n in qdq.graph.node if n.op_type == "Conv" and n.output[0] in produced and n.output[0] not in heads]
+    units = linear_units(qdq)
+    return [n for n in qdq.graph.node if (n.op_type == "Conv" or n.name in units) and n.output[0] in produced
+            and n.output[0] not in heads]
 
 
 #: ops that turn a head's logits into scores read against a threshold
@@ -292,12 +344,14 @@ def score_head_convs(model: onnx.ModelProto) -> set[str]:
 
     convs = {n.output[0]: walk(n.output[0]) for n in model.graph.node if n.op_type == "Conv" and n.output}
     heads = {t for t, (scored, _) in convs.items() if scored}
+    units = set(linear_units(model))
+    linear = {n.output[0] for n in model.graph.node if n.name in units and walk(n.output[0])[0]}
     grown = True
     while grown:  # back along each head's chain: a Conv whose one next layer is a head Conv
         before = len(heads)
         heads |= {t for t, (_, layers) in convs.items() if len(layers) == 1 and layers <= heads}
         grown = len(heads) > before
-    return heads
+    return heads | linear  # a classifier's last linear layer before its Softmax is read at its top class
 
 
 def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequence[Feed],
@@ -332,10 +386,12 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     if not convs:
         return Correction(qdq, {})
     names = tuple(n.output[0] for n in convs)
+    units = linear_units(qdq)  # bias Add -> its constant: channels on the last axis
+    axes = {n.output[0]: (-1 if n.name in units else 1) for n in convs}
     outputs = tuple(guard_outputs(fp32)) if guard else ()
     ref = None if cache is None else cache.get(names)
     if ref is None or not set(outputs) <= set(ref.outputs):  # (a guard's reference serves without one)
-        ref = reference(fp32, names, feeds, reference_session or session, outputs)
+        ref = reference(fp32, names, feeds, reference_session or session, outputs, axes)
         if cache is not None:
             cache[names] = ref
     rank, dtype = ref.rank, ref.dtype
@@ -343,9 +399,12 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
 
     # 2-D Convs only: on a 1-D audio front end (silero-vad's STFT as a Conv over time, whose
     # signed outputs go into magnitudes) the correction cost 1.5 points of frame accuracy
-    wanted = {n.name for n in convs if rank.get(n.output[0]) == 4}
+    wanted = {n.name for n in convs if rank.get(n.output[0]) == 4 or n.name in units and rank.get(n.output[0], 0) >= 2}
     if not wanted:
         return Correction(qdq, {})
+    # the shape a shift takes to be subtracted from a corrected output: its channels on their axis
+    step_shape = {n.output[0]: tuple(-1 if k == axes[n.output[0]] % rank[n.output[0]] else 1
+                                     for k in range(rank[n.output[0]])) for n in convs if n.name in wanted}
     work = onnx.ModelProto()
     work.CopyFrom(qdq)
     consts = constant_arrays(qdq)
@@ -353,7 +412,17 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     slots: dict[str, onnx.TensorProto] = {}
     replaced: set[str] = set()
     for node in work.graph.node:
-        if node.op_type != "Conv" or node.name not in wanted:
+        if node.name not in wanted:
+            continue
+        if node.name in units:  # a linear layer: its bias Add reads a new constant of its own
+            k = list(node.input).index(units[node.name])
+            bias = consts[units[node.name]]
+            replaced.add(units[node.name])
+            name = f"{node.name}_bias_corrected"
+            biases[node.name] = bias
+            work.graph.initializer.append(numpy_helper.from_array(bias, name))
+            slots[node.name] = work.graph.initializer[-1]
+            node.input[k] = name
             continue
         channels = ref.samples[node.output[0]][0].shape[0]
         has_bias = len(node.input) > 2 and bool(node.input[2])
@@ -389,7 +458,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
         for plan in plans[:reused]:
             shifts.update(history[plan.key])
         if reused < len(plans):  # what the later depths read, as the depths one by one would have made it
-            _run_prefix(work, plans[:reused], shifts, dtype, known, inits, session)
+            _run_prefix(work, plans[:reused], shifts, dtype, known, inits, session, step_shape)
         for name, shift in shifts.items():
             _set_bias(slots[name], biases[name], shift)
         log.debug("bias correction: %d of %d depth(s) as an earlier model's", reused, len(plans))
@@ -402,7 +471,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             known[k].update(zip(keep, sess.run(keep, {t: known[k][t] for t in feeds_in})))
         for node in level:
             t = node.output[0]
-            diff = np.concatenate([channel_samples(kn[t], n, feed_positions(len(feeds))) - r
+            diff = np.concatenate([channel_samples(kn[t], n, feed_positions(len(feeds)), axes[t]) - r
                                    for kn, (_, n), r in zip(known, feeds, ref.samples[t])],
                                   axis=1)
             shift = row_medians(diff).astype(np.float64)
@@ -410,7 +479,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             _set_bias(slots[node.name], biases[node.name], shift)
             for kn in known:  # in place: ONNX Runtime's outputs are the segment's own arrays
                 x = kn[t]
-                step = shift.reshape((1, -1) + (1,) * (x.ndim - 2))
+                step = shift.reshape(step_shape[t])
                 if x.flags.writeable:
                     np.subtract(x, step.astype(x.dtype), out=x)
                 else:
@@ -424,7 +493,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     _drop_orphans(work, replaced)
     log.debug("bias correction: %d Conv(s)", len(shifts))
     if not watched:
-        return Correction(work, shifts)
+        return Correction(_drop_orphan_constants(work, replaced), shifts)
     ran = set().union(*(plan.segment for plan in plans)) if reused < len(plans) else set()
     corrected = _outputs_from(work, list(watched), known, reads, producer, ran, inits, session)
     plain_session = session(qdq.SerializeToString())
@@ -433,6 +502,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
         for t, x in zip(plain, plain_session.run(list(plain), dict(feed))):
             plain[t].append(output_samples(x))
     with_db, without_db = output_sqnr(watched, corrected), output_sqnr(watched, plain)
+    work = _drop_orphan_constants(work, replaced)
     if with_db is None or without_db is None:
         return Correction(work, shifts)
     applied = with_db >= without_db - GUARD_MARGIN_DB
@@ -540,7 +610,7 @@ def _plan_levels(work: onnx.ModelProto, slots: Mapping[str, onnx.TensorProto], r
 
 def _run_prefix(work: onnx.ModelProto, plans: Sequence[_Level], shifts: Mapping[str, np.ndarray],
                 dtype: Mapping[str, Any], known: list[dict[str, np.ndarray]], inits: Mapping[str, onnx.TensorProto],
-                session: Callable[[bytes], Any]) -> None:
+                session: Callable[[bytes], Any], step_shape: Mapping[str, tuple[int, ...]]) -> None:
     """``known`` (per feed) := the tensors held after the depths of ``plans`` (reused ones, whose
     Convs' ``shifts`` are known; the biases still uncorrected), from one segment of all their
     nodes. Each corrected Conv's output is its uncorrected output minus its shift, fed as an
@@ -567,7 +637,7 @@ def _run_prefix(work: onnx.ModelProto, plans: Sequence[_Level], shifts: Mapping[
         conv.CopyFrom(node)
         conv.output[0] = raw
         part.graph.node.append(helper.make_node("Sub", [raw, step], [t], name=f"{node.name}__correct"))
-        steps[step] = shifts[node.name].reshape(1, -1, 1, 1).astype(dtype[t])  # 4-D Convs only are corrected
+        steps[step] = shifts[node.name].reshape(step_shape[t]).astype(dtype[t])
     reads = [node_reads(n) for n in part.graph.node]
     seg_model = _segment_model(part, range(len(part.graph.node)), reads, keep, {**known[0], **steps}, inits)
     sess = session(seg_model.SerializeToString())
@@ -579,8 +649,10 @@ def _run_prefix(work: onnx.ModelProto, plans: Sequence[_Level], shifts: Mapping[
 
 
 def _set_bias(slot: onnx.TensorProto, bias: np.ndarray, shift: np.ndarray) -> None:
-    """``slot`` (a corrected Conv's bias initializer) := ``bias - shift`` in the bias's type."""
-    slot.CopyFrom(numpy_helper.from_array((bias.astype(np.float64) - shift).astype(bias.dtype), slot.name))
+    """``slot`` (a corrected Conv's bias initializer, or a linear layer's bias constant of shape
+    [N] or [1, ..., N]) := ``bias - shift`` in the bias's type and shape."""
+    new = bias.astype(np.float64) - shift.reshape(bias.shape) if bias.size == shift.size else bias - shift
+    slot.CopyFrom(numpy_helper.from_array(np.asarray(new).astype(bias.dtype), slot.name))
 
 
 def _drop_orphans(model: onnx.ModelProto, names: set[str]) -> None:
@@ -590,6 +662,17 @@ def _drop_orphans(model: onnx.ModelProto, names: set[str]) -> None:
     read = read_names(g) | {o.name for o in g.output} | {i.name for i in g.input}
     for k in reversed([k for k, i in enumerate(g.initializer) if i.name in names and i.name not in read]):
         del g.initializer[k]
+
+
+def _drop_orphan_constants(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """``model`` without the Constant nodes of ``names`` (linear layers' biases the corrected
+    ones replaced) that nothing reads any more (last: the correction's node indices shift)."""
+    g = model.graph
+    read = read_names(g) | {o.name for o in g.output}
+    for k in reversed([k for k, n in enumerate(g.node)
+                       if n.op_type == "Constant" and n.output and n.output[0] in names and n.output[0] not in read]):
+        del g.node[k]
+    return model
 
 
 def _segment(reads: Sequence[Sequence[str]], outputs: Sequence[str], producer: Mapping[str, int],

@@ -564,3 +564,56 @@ def test_output_sqnr_is_the_mean_of_each_channels_sqnr():
     assert output_sqnr(samples, other) == pytest.approx(float(np.mean(want)), abs=1e-4)
     assert output_samples(np.arange(4)) is None  # integer outputs are not compared
     assert output_sqnr({"a": [None]}, {"a": [None]}) is None
+
+
+def _linear_model(rng: np.random.Generator, bias_as_constant_node: bool) -> onnx.ModelProto:
+    """x [N, T, 8] -> MatMul + Add (a Linear, as paddle2onnx writes it: the bias possibly a Constant
+    node) -> Relu -> MatMul + Add -> Softmax (a classifier's last Linear: a score head)."""
+    w1 = rng.normal(0, 1, (8, 16)).astype(np.float32)
+    w1 -= w1.mean(axis=0, keepdims=True)  # features that sum the offset input away: rounding leaves a shift
+    w2 = rng.normal(0, 1, (16, 4)).astype(np.float32)
+    b1, b2 = rng.normal(0, 1, 16).astype(np.float32), rng.normal(0, 1, 4).astype(np.float32)
+    nodes, inits = [], [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+                        numpy_helper.from_array(b2, "b2")]
+    if bias_as_constant_node:
+        nodes.append(helper.make_node("Constant", [], ["b1"], name="b1_const", value=numpy_helper.from_array(b1, "v")))
+    else:
+        inits.append(numpy_helper.from_array(b1, "b1"))
+    nodes += [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+              helper.make_node("Add", ["m1", "b1"], ["h"], name="fc1_bias"),
+              helper.make_node("Relu", ["h"], ["r"], name="relu"),
+              helper.make_node("MatMul", ["r", "w2"], ["m2"], name="fc2"),
+              helper.make_node("Add", ["m2", "b2"], ["logits"], name="fc2_bias"),
+              helper.make_node("Softmax", ["logits"], ["y"], name="softmax", axis=-1)]
+    g = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("constant_node", [False, True])
+def test_a_linear_layers_bias_add_is_corrected_along_its_features(constant_node):
+    """MatMul + Add (a Linear; the SVTR neck of PP-OCR's recogniser, transformers): the Add's
+    constant takes the per-feature median error, measured along the last axis; the classifier's
+    last Linear before its Softmax (a score head) is left alone."""
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.onnx.biascorrect import linear_units
+
+    rng = np.random.default_rng(3)
+    model = _linear_model(rng, constant_node)
+    assert set(linear_units(model)) == {"fc1_bias", "fc2_bias"}
+    x = (rng.normal(0, 0.2, (32, 6, 8)) + np.linspace(2, 9, 8)).astype(np.float32)  # an offset per input feature
+    on = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=True)))
+    off = quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=False)))
+    q = on.int8_model()
+    assert set(on.bias_shifts["entropy"]) == {"fc1_bias"}
+
+    def h_error(m: onnx.ModelProto) -> np.ndarray:
+        with OrtRunner(m, capture=["h"]) as r:
+            got = r.infer_captured({"x": x})[1]["h"].astype(np.float64)
+        with OrtRunner(model, capture=["h"]) as r:
+            ref = r.infer_captured({"x": x})[1]["h"].astype(np.float64)
+        return np.median((got - ref).reshape(-1, 16), axis=0)
+
+    before, after = np.abs(h_error(off.int8_model())).max(), np.abs(h_error(q)).max()
+    assert before > 1e-3 and after < 0.3 * before, (before, after)
+    assert not any(n.op_type == "Constant" and n.output[0] == "b1" for n in q.graph.node)  # replaced, not left
