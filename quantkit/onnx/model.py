@@ -262,14 +262,16 @@ def non_tensor_outputs(model: onnx.ModelProto) -> list[str]:
 
 
 #: ops whose outputs order rows by their values: a graph output after one pairs its rows with
-#: FP32's by rank, not by object (an end-to-end detector's top-k boxes), and near ties reorder them
-VALUE_ORDERING_OPS = ("TopK",)
+#: FP32's by rank, not by object (an end-to-end detector's top-k boxes, or the boxes that
+#: NonMaxSuppression keeps, in score order: ultralytics' ``export(nms=True)``), and near ties
+#: reorder them
+VALUE_ORDERING_OPS = ("TopK", "NonMaxSuppression")
 #: the element types of float tensors (an output of another type holds ids, counts or flags)
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 
 def value_ordered_outputs(model: onnx.ModelProto) -> set[str]:
-    """The graph outputs computed through a ``VALUE_ORDERING_OPS`` node (TopK)."""
+    """The graph outputs computed through a ``VALUE_ORDERING_OPS`` node (TopK, NonMaxSuppression)."""
     producer = {out: node for node in model.graph.node for out in node.output if out}
     ordered: set[str] = set()
     for out in model.graph.output:

@@ -1008,3 +1008,32 @@ def test_a_model_with_only_sequence_outputs_is_refused_before_the_work(tmp_path,
     assert "no tensor outputs to compare" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
                  "--eval-images", "0"]) == 0
+
+
+def test_an_output_of_the_boxes_nms_keeps_is_ordered_by_value():
+    """ultralytics' export(nms=True): the output is the rows NonMaxSuppression selected, in score
+    order; it was paired with FP32's by position and taken as the error output."""
+    from quantkit.onnx.model import error_output, value_ordered_outputs
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["feat"]),
+             helper.make_node("Reshape", ["feat", "shp"], ["f3"]),
+             helper.make_node("Transpose", ["f3"], ["ft"], perm=[0, 2, 1]),
+             helper.make_node("Slice", ["ft", "s0", "s4", "ax2"], ["boxes"]),
+             helper.make_node("Slice", ["f3", "s4", "s5", "ax1"], ["scores"]),
+             helper.make_node("NonMaxSuppression", ["boxes", "scores", "maxk", "iou", "thr"], ["sel"]),
+             helper.make_node("Gather", ["sel", "two"], ["idx"], axis=1),
+             helper.make_node("Gather", ["ft", "idx"], ["dets"], axis=1)]
+    ints = {"shp": [1, 5, -1], "s0": [0], "s4": [4], "s5": [5], "ax2": [2], "ax1": [1], "maxk": [100]}
+    inits = [numpy_helper.from_array(rng.random((5, 3, 1, 1)).astype(np.float32), "w"),
+             *(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in ints.items()),
+             numpy_helper.from_array(np.array([0.5], np.float32), "iou"),
+             numpy_helper.from_array(np.array([0.1], np.float32), "thr"),
+             numpy_helper.from_array(np.array(2, np.int64), "two")]
+    g = helper.make_graph(nodes, "nms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 1, 64])],
+                          [helper.make_tensor_value_info("dets", TensorProto.FLOAT, [1, None, 5]),
+                           helper.make_tensor_value_info("raw", TensorProto.FLOAT, [1, 5, None])], inits)
+    g.node.insert(2, helper.make_node("Identity", ["f3"], ["raw"]))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert value_ordered_outputs(m) == {"dets"}
+    assert error_output(m) == "raw"
