@@ -326,6 +326,12 @@ def score_head_convs(model: onnx.ModelProto) -> set[str]:
             users.setdefault(t, []).append(n)
     outputs = {o.name for o in model.graph.output}
 
+    def swish(n: onnx.NodeProto) -> bool:
+        """A Sigmoid (HardSigmoid) that is half of x * sigmoid(x) (SiLU/Swish, hard-swish): an
+        activation, not a score."""
+        return n.op_type in ("Sigmoid", "HardSigmoid") and any(
+            u.op_type == "Mul" and n.input[0] in u.input for u in users.get(n.output[0], ()))
+
     def walk(t: str) -> tuple[bool, set[str]]:
         """(reaches an output through a score op and no layer, the layers' outputs it reaches first)"""
         stack, seen, scored, layers = [(t, False)], set(), False, set()
@@ -339,7 +345,7 @@ def score_head_convs(model: onnx.ModelProto) -> set[str]:
                 if n.op_type in WEIGHTED_OPS:
                     layers.add(n.output[0])
                 else:
-                    stack += [(o, through or n.op_type in _SCORE_OPS) for o in n.output]
+                    stack += [(o, through or (n.op_type in _SCORE_OPS and not swish(n))) for o in n.output]
         return scored, layers
 
     convs = {n.output[0]: walk(n.output[0]) for n in model.graph.node if n.op_type == "Conv" and n.output}

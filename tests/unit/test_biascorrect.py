@@ -617,3 +617,26 @@ def test_a_linear_layers_bias_add_is_corrected_along_its_features(constant_node)
     before, after = np.abs(h_error(off.int8_model())).max(), np.abs(h_error(q)).max()
     assert before > 1e-3 and after < 0.3 * before, (before, after)
     assert not any(n.op_type == "Constant" and n.output[0] == "b1" for n in q.graph.node)  # replaced, not left
+
+
+def test_a_swish_activation_is_not_a_score_op():
+    """SiLU written as x * Sigmoid(x) on the way to an output (YOLO's mask prototypes) made its
+    Convs look like a score head, so they missed the correction; a real score Sigmoid still counts."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantkit.onnx.biascorrect import score_head_convs
+
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r.normal(size=(4, 4, 1, 1)).astype(np.float32), f"w_{n}") for n in ("a", "b")]
+    nodes = [helper.make_node("Conv", ["x", "w_a"], ["a"], name="a"),
+             helper.make_node("Sigmoid", ["a"], ["sa"], name="sig_a"),
+             helper.make_node("Mul", ["a", "sa"], ["act"], name="silu_a"),
+             helper.make_node("Conv", ["act", "w_b"], ["protos"], name="b")]
+    outs = [helper.make_tensor_value_info("protos", TensorProto.FLOAT, ["N", 4, 8, 8])]
+    graph = helper.make_graph(nodes, "protos", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              outs, inits)
+    assert score_head_convs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])) == set()
+    nodes += [helper.make_node("Sigmoid", ["protos"], ["y"], name="score")]  # now a score head, and its chain
+    graph = helper.make_graph(nodes, "scores", list(graph.input),
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    assert score_head_convs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])) == {"a", "protos"}
