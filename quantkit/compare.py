@@ -43,6 +43,12 @@ class OutputMetrics:
     #: computed through a TopK: rows pair up with FP32's by rank, not by object, and near ties
     #: reorder them, so its figures read lower than the error INT8 adds
     value_ordered: bool = False
+    #: for an output [N, C, ...] of 2..MAX_CHANNELS channels (axis 1): the channel with the lowest
+    #: SQNR and that SQNR. One SQNR of an output that holds values of different scales reads as its
+    #: largest ones: a YOLO output [N, 4 + classes, anchors] is its boxes' pixels, and INT8 that
+    #: loses every detection (class channels at 0 dB) read 22 dB there
+    worst_channel: int | None = None
+    worst_channel_sqnr_db: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,12 @@ class CompareReport:
                              "not by object, and near ties reorder them, so its figures read lower than the "
                              "error INT8 adds (compare the tensor before the TopK, e.g. with `quantkit debug`)")
         for m in self.outputs:
+            if m.worst_channel_sqnr_db is not None and m.worst_channel_sqnr_db < m.sqnr_db - WORST_CHANNEL_GAP_DB:
+                lines.append(f"  note: {m.name!r} channel {m.worst_channel} (axis 1) is at {m.worst_channel_sqnr_db:.2f} dB "
+                             f"against {m.sqnr_db:.2f} dB for the whole output: its SQNR reads as its largest values "
+                             "(a detector's boxes in pixels beside its class scores); check that channel's task "
+                             "(scores, detections) before trusting the figure")
+        for m in self.outputs:
             if m.shape_differs:
                 lines.append(f"  note: {m.name!r} has a data-dependent shape: the models' shapes differ on "
                              f"{m.shape_differs} of {m.batches} batch(es), left out of its figures"
@@ -94,6 +106,13 @@ class CompareReport:
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} unreadable file(s); first: {self.skipped[0][0]}")
         return "\n".join(lines)
+
+
+#: outputs of at most this many channels (axis 1) get per-channel SQNR (a detector's 4 + 80 classes
+#: + 32 mask coefficients; not a recogniser's 6625 classes on axis 2)
+MAX_CHANNELS = 1024
+#: the table names the worst channel when it is this far below the whole output's SQNR
+WORST_CHANNEL_GAP_DB = 10.0
 
 
 class _OutputStats:
@@ -117,6 +136,8 @@ class _OutputStats:
         self.one_value = True  # one value a sample (a score, a regression): its cosine is only a sign
         self.equal = 0
         self.equal_samples = 0
+        self.channel_sig: np.ndarray | None = None  # per channel (axis 1) of an [N, C, ...] output
+        self.channel_noise: np.ndarray | None = None
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
         self.batches += 1
@@ -147,6 +168,13 @@ class _OutputStats:
         self.cos_min = min(self.cos_min, float(cos.min()))
         self.sig += float((r * r).sum())
         self.noise += float((diff * diff).sum())
+        if ref.ndim >= 3 and 2 <= ref.shape[1] <= MAX_CHANNELS:
+            r3, d3 = r.reshape(ref.shape[0], ref.shape[1], -1), diff.reshape(ref.shape[0], ref.shape[1], -1)
+            sig_c, noise_c = (r3 * r3).sum(axis=(0, 2)), (d3 * d3).sum(axis=(0, 2))
+            if self.channel_sig is None or self.channel_noise is None:
+                self.channel_sig, self.channel_noise = sig_c, noise_c
+            elif self.channel_sig.shape == sig_c.shape:
+                self.channel_sig, self.channel_noise = self.channel_sig + sig_c, self.channel_noise + noise_c
         if ref.ndim == 2 and ref.shape[1] > 1:
             self.agree += int((ref.argmax(axis=1) == test.argmax(axis=1)).sum())
         else:
@@ -167,11 +195,21 @@ class _OutputStats:
         else:
             sqnr = 10.0 * math.log10(self.sig / self.noise)
         cos_ok = self.samples and not self.one_value
+        worst, worst_db = None, None
+        if self.channel_sig is not None and self.channel_noise is not None:
+            live = self.channel_sig > 0  # a channel that is 0 in FP32 has no SQNR
+            if live.any():
+                with np.errstate(divide="ignore"):
+                    per = np.where(self.channel_noise[live] > 0,
+                                   10.0 * np.log10(self.channel_sig[live] / np.maximum(self.channel_noise[live], 1e-300)),
+                                   np.inf)
+                k = int(np.argmin(per))
+                worst, worst_db = int(np.flatnonzero(live)[k]), float(per[k])
         return OutputMetrics(
             self.name, self.cos_sum / n if cos_ok else math.nan, self.cos_min if cos_ok else math.nan, sqnr,
             self.max_abs, self.abs_sum / max(self.values, 1),
             self.agree / n if self.classifier and self.samples and top1 else None, self.shape_differs, self.batches,
-            value_ordered=value_ordered,
+            value_ordered=value_ordered, worst_channel=worst, worst_channel_sqnr_db=worst_db,
         )
 
 

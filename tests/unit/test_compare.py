@@ -190,3 +190,25 @@ def test_models_whose_outputs_have_other_shapes_are_refused(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--npz", str(tmp_path / "d.npz"),
                  "--no-progress"]) == 2
     assert "output 'y' is [?, 4] in a.onnx and [?, 8, 1, 1] in b.onnx" in capsys.readouterr().err
+
+
+def test_a_merged_output_names_the_channel_its_sqnr_hides():
+    """A YOLO output [N, 4 + classes, anchors]: box pixels dominate one SQNR, so INT8 that flattened
+    every class score (no detections left) read 22 dB. Per-channel SQNR names the lost channel."""
+    from quantkit.compare import _OutputStats
+
+    rng = np.random.default_rng(0)
+    ref = np.concatenate([rng.uniform(0, 640, (4, 4, 100)), rng.uniform(0, 1, (4, 3, 100))], axis=1)
+    test = ref.copy()
+    test[:, :4] += rng.normal(0, 0.5, (4, 4, 100))  # boxes: small error
+    test[:, 5] = 0.0  # one class channel lost
+    st = _OutputStats("output0")
+    st.update(ref, test)
+    m = st.result()
+    assert m.sqnr_db > 40 and m.worst_channel == 5 and m.worst_channel_sqnr_db == pytest.approx(0.0, abs=1e-9)
+    from quantkit.compare import CompareReport
+
+    assert "'output0' channel 5 (axis 1) is at 0.00 dB" in CompareReport("fp32", "int8", 4, [m]).table()
+    st2 = _OutputStats("y")  # a [N, C] classifier output: no per-channel figure
+    st2.update(ref[:, :, 0], test[:, :, 0])
+    assert st2.result().worst_channel is None
