@@ -226,28 +226,17 @@ class Calibrate:
             "data": str(args.images or args.npz),
             **({"fallback": {k: v for k, v in result.to_dict().items() if k != "steps"}} if result is not None else {}),
         }
-        import contextlib
-
-        from quantkit._io import staged_file
-        from quantkit.calibrators.stats import encode_stats
-
         stats = None
         if args.save_stats:
             stats = cal.to_stats(model={**meta["model"], "path": str(model_path.resolve())},
                                  preprocess=meta["preprocess"], data=meta["data"])
 
-        # a statistics file outside -o is written beside its place first and renamed there once the
-        # folder is: a full disk there fails before the folder is committed (an error leaves both as they were)
-        with (staged_file(args.save_stats, encode_stats(stats)) if stats is not None and stats_inside is None
-              else contextlib.nullcontext()) as commit_stats:
-            paths = cal.save(args.output, model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta,
-                             report=report, trt_version=trt_version_number(args.trt_version), force=args.force,
-                             inputs=inputs, command="quantkit calibrate",
-                             extra={"sensitivity": ("sensitivity.json", result.ranking.to_dict())}
-                             if result is not None and result.ranking is not None else None,
-                             stats=(stats_inside, stats) if stats is not None and stats_inside is not None else None)
-            if commit_stats is not None:
-                paths["stats"] = commit_stats()
+        paths = save_with_stats(cal, args.output, args.save_stats, stats_inside, stats,
+                                model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta, report=report,
+                                trt_version=trt_version_number(args.trt_version), force=args.force, inputs=inputs,
+                                command="quantkit calibrate",
+                                extra={"sensitivity": ("sensitivity.json", result.ranking.to_dict())}
+                                if result is not None and result.ranking is not None else None)
         for line in lines:
             print(line)
         if cal.skipped:
@@ -301,6 +290,26 @@ def stats_target(save_stats: str | None, output: str, *, force: bool, inputs: li
         raise OutputError(f"--save-stats {save_stats!r} has the name of one of the artifacts in {output!r}",
                           hint="give it another name, e.g. -o OUT --save-stats OUT/stats.qkstats")
     return stats_inside
+
+
+def save_with_stats(cal: Any, output: str, save_stats: str | None, stats_inside: str | None, stats: Any,
+                    **save: Any) -> dict[str, Path]:
+    """``cal.save(output, **save)`` with ``stats`` (or None) saved as ``--save-stats`` asks
+    (``stats_target``): inside the folder as one of its artifacts, or as a file of its own that is
+    written beside its place first and renamed there once the folder is committed, so that a full
+    disk there fails before the folder is in place (an error leaves both as they were)."""
+    import contextlib
+
+    from quantkit._io import staged_file
+    from quantkit.calibrators.stats import encode_stats
+
+    outside = stats is not None and stats_inside is None
+    with staged_file(save_stats, encode_stats(stats)) if outside and save_stats else contextlib.nullcontext() as commit:
+        paths: dict[str, Path] = cal.save(output, stats=(stats_inside, stats) if stats is not None and stats_inside
+                                          is not None else None, **save)
+        if commit is not None:
+            paths["stats"] = commit()
+    return paths
 
 
 def _artifact_name(name: str) -> bool:

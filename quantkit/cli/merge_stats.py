@@ -41,7 +41,7 @@ class MergeStats:
         from quantkit._io import check_output_dir
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.calibrators.stats import StatsError, load_stats, merge_stats
-        from quantkit.cli.calibrate import stats_target
+        from quantkit.cli.calibrate import save_with_stats, stats_target
         from quantkit.onnx.model import file_sha256, load_model
         from quantkit.ptq import Calibration, ExportConfig
 
@@ -82,19 +82,10 @@ class MergeStats:
                                      model_name=str(model_path))
         meta = {"model": {"path": str(model_path), "sha256": sha}, "preprocess": merged.preprocess,
                 "data": merged.data}
-        import contextlib
-
-        from quantkit._io import staged_file
-        from quantkit.calibrators.stats import encode_stats
-
-        outside = bool(args.save_stats) and stats_inside is None  # renamed into place once the folder is
-        with staged_file(args.save_stats, encode_stats(merged)) if outside else contextlib.nullcontext() as commit:
-            paths = cal.save(args.output, model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta,
-                             trt_version=trt_version_number(args.trt_version), force=args.force,
-                             inputs=[*inputs, model_path], command="quantkit merge-stats",
-                             stats=(stats_inside, merged) if stats_inside is not None else None)
-            if commit is not None:
-                paths["stats"] = commit()
+        paths = save_with_stats(cal, args.output, args.save_stats, stats_inside, merged if args.save_stats else None,
+                                model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta,
+                                trt_version=trt_version_number(args.trt_version), force=args.force,
+                                inputs=[*inputs, model_path], command="quantkit merge-stats")
         print(f"merged {len(parts)} statistics files: {cal.num_samples} samples, "
               f"{len(cal.plan.activations)} activations quantized ({args.method})")
         for p in paths.values():

@@ -81,6 +81,11 @@ class QdqPoint:
         clipped = (q < self.qmin) | (q > self.qmax)
         return (np.clip(q, self.qmin, self.qmax) - z) * s, clipped
 
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """The float values of stored integers ``q`` (float64)."""
+        q = q.astype(np.float64)
+        return (q - self._broadcast(self.zero_point, q)) * self._broadcast(self.scale, q)
+
     def _broadcast(self, v: np.ndarray, x: np.ndarray) -> np.ndarray:
         v = np.asarray(v, dtype=np.float64)
         if v.ndim == 0 or self.axis is None:
@@ -135,13 +140,12 @@ def qdq_points(model: onnx.ModelProto) -> list[QdqPoint]:
 def _input_channel_axis(node: onnx.NodeProto, slot: int) -> int | None:
     """The axis of input ``slot`` that ``node`` sums over with one weight per index (its input
     channels), or None."""
-    attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
     if node.op_type in ("Conv", "ConvTranspose") and slot == 0:
         return 1
     if node.op_type == "MatMul" and slot in (0, 1):
         return -1 if slot == 0 else -2
     if node.op_type == "Gemm" and slot in (0, 1):
-        transposed = attrs.get("transA" if slot == 0 else "transB", 0)
+        transposed = next((a.i for a in node.attribute if a.name == ("transA" if slot == 0 else "transB")), 0)
         return (-2 if transposed else -1) if slot == 0 else (-1 if transposed else -2)
     return None
 
@@ -379,8 +383,7 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
         w = w.astype(np.float64)
         own = iconsts.get(p.tensor) if p.stored is None else None
         if p.stored is not None:
-            q = iconsts[p.stored].astype(np.float64)
-            deq = (q - p._broadcast(p.zero_point, q)) * p._broadcast(p.scale, q)
+            deq = p.dequantize(iconsts[p.stored])
         elif own is not None and own.shape == w.shape:
             # the INT8 model's own float weight: it may be the FP32 model's times positive per-channel
             # factors (equalization, SmoothQuant), never other values (another training of the graph)
@@ -449,7 +452,7 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
         fp32_name.setdefault(p.tensor, match)
     weights = weight_errors(fp32, int8, [p for p in points if p.kind == "weight"])
     names = list(fp32_name)  # INT8 model's names
-    channel_w = channel_weights(int8, [p for p in points if p.kind == "activation" and p.channel_axis is not None])
+    channel_w = channel_weights(int8, points)
     stats = {n: _PointStats() for n in names}
     by_name = {p.tensor: p for p in points if p.kind == "activation"}
     samples = 0
@@ -489,41 +492,31 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
 
 
 def channel_weights(model: onnx.ModelProto, points: Sequence[QdqPoint]) -> dict[str, np.ndarray]:
-    """Activation -> per input channel, the energy of the weights its readers multiply that
-    channel by (the sum over readers of the squared weights of that input channel; a Conv whose
+    """Activation of ``points`` (``qdq_points(model)``) -> per input channel, the energy of the
+    weights its readers multiply that channel by (the sum over readers of the squared weights of that input channel; a Conv whose
     output only feeds a BatchNormalization has its output channels scaled by the normalization's
     gain first, since an unfolded BN multiplies the channel after the Conv). Left out where a
     reader's other operand is not a constant (attention) or the shapes do not fit."""
     from quantkit.onnx.model import constant_arrays
 
     consts = constant_arrays(model)
-    producer = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
         for i in dict.fromkeys(n.input):
             readers.setdefault(i, []).append(n)
+    weight_of = {p.dq_output: p for p in points if p.kind == "weight"}  # a DequantizeLinear's output -> its pair
 
     def value(name: str) -> np.ndarray | None:
-        """A weight's float values: a constant, or the constant behind a DequantizeLinear."""
+        """A weight's float values: a constant, or the weight behind a DequantizeLinear (its float
+        original, or the integers it stores, dequantized)."""
         if name in consts:
             return consts[name].astype(np.float64)
-        dq = producer.get(name)
-        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 2 or dq.input[1] not in consts:
+        p = weight_of.get(name)
+        if p is None:
             return None
-        src, q = dq.input[0], producer.get(dq.input[0])
-        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in consts:
-            return consts[q.input[0]].astype(np.float64)
-        if src not in consts:
-            return None
-        x, scale = consts[src].astype(np.float64), consts[dq.input[1]].astype(np.float64)
-        zp = consts[dq.input[2]].astype(np.float64) if len(dq.input) > 2 and dq.input[2] in consts else 0.0
-        if scale.size > 1:
-            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % x.ndim
-            shape = [1] * x.ndim
-            shape[axis] = -1
-            scale = scale.reshape(shape)
-            zp = zp.reshape(shape) if isinstance(zp, np.ndarray) and zp.size > 1 else zp
-        return (x - zp) * scale
+        if p.stored is None:
+            return consts[p.tensor].astype(np.float64) if p.tensor in consts else None
+        return p.dequantize(consts[p.stored])
 
     def bn_gain(conv: onnx.NodeProto) -> np.ndarray | None:
         users = readers.get(conv.output[0], [])
@@ -562,6 +555,8 @@ def channel_weights(model: onnx.ModelProto, points: Sequence[QdqPoint]) -> dict[
 
     out: dict[str, np.ndarray] = {}
     for p in points:
+        if p.kind != "activation" or p.channel_axis is None:
+            continue
         total: np.ndarray | None = None
         for node in readers.get(p.dq_output, []):
             slots = [k for k, i in enumerate(node.input) if i == p.dq_output]

@@ -65,7 +65,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantkit.onnx.model import constant_arrays, node_reads, read_names, with_outputs_bytes
+from quantkit.onnx.model import FLOAT_TYPES, constant_arrays, node_reads, read_names, with_outputs_bytes
 from quantkit.onnx.qdq import WEIGHTED_OPS
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,12 @@ def linear_units(model: onnx.ModelProto) -> dict[str, str]:
     features (shape [N], or 1s then N). Exporters write a Linear layer this way (paddle2onnx,
     PyTorch's MatMul + Add for 3-D inputs); its output is corrected as a Conv's is, along the
     last axis, through that constant."""
-    from quantkit.onnx.model import initializer_arrays
-
-    consts = initializer_arrays(model)
+    # shapes and types only, read from the protos: no weight is converted (this runs for every
+    # correction of every method and fallback variant)
+    consts: dict[str, onnx.TensorProto] = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t
     producer = {o: n for n in model.graph.node for o in n.output}
     users: dict[str, int] = {}
     for n in model.graph.node:
@@ -91,7 +94,7 @@ def linear_units(model: onnx.ModelProto) -> dict[str, str]:
             users[t] = users.get(t, 0) + 1
     outputs = {o.name for o in model.graph.output}
 
-    def constant_weight(t: str) -> np.ndarray | None:
+    def constant_weight(t: str) -> onnx.TensorProto | None:
         if t in consts:
             return consts[t]
         dq = producer.get(t)
@@ -110,8 +113,8 @@ def linear_units(model: onnx.ModelProto) -> dict[str, str]:
             if mm is None or mm.op_type != "MatMul" or users.get(mm.output[0]) != 1 or mm.output[0] in outputs:
                 continue
             w, b = constant_weight(mm.input[1]), consts.get(bias)
-            if w is None or w.ndim != 2 or b is None or b.dtype.kind != "f" or b.size != w.shape[1] or \
-                    (b.ndim and b.shape[-1] != w.shape[1]):
+            if w is None or len(w.dims) != 2 or b is None or b.data_type not in FLOAT_TYPES or \
+                    int(np.prod(b.dims)) != w.dims[1] or (b.dims and b.dims[-1] != w.dims[1]):
                 continue
             out[add.name] = bias
     return out
@@ -420,27 +423,22 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     for node in work.graph.node:
         if node.name not in wanted:
             continue
-        if node.name in units:  # a linear layer: its bias Add reads a new constant of its own
-            k = list(node.input).index(units[node.name])
-            bias = consts[units[node.name]]
-            replaced.add(units[node.name])
-            name = f"{node.name}_bias_corrected"
-            biases[node.name] = bias
-            work.graph.initializer.append(numpy_helper.from_array(bias, name))
-            slots[node.name] = work.graph.initializer[-1]
-            node.input[k] = name
-            continue
-        channels = ref.samples[node.output[0]][0].shape[0]
-        has_bias = len(node.input) > 2 and bool(node.input[2])
-        if has_bias:
-            replaced.add(node.input[2])
-        bias = consts[node.input[2]] if has_bias else np.zeros(channels, dtype[node.output[0]])
+        # the bias slot: a linear layer's bias Add constant, a Conv's bias input, or a new one appended
+        if node.name in units:
+            k: int | None = list(node.input).index(units[node.name])
+        else:
+            k = 2 if len(node.input) > 2 and node.input[2] else None
+        if k is not None:
+            replaced.add(node.input[k])
+            bias = consts[node.input[k]]
+        else:
+            bias = np.zeros(ref.samples[node.output[0]][0].shape[0], dtype[node.output[0]])
         name = f"{node.name}_bias_corrected"
         biases[node.name] = bias
         work.graph.initializer.append(numpy_helper.from_array(bias, name))
         slots[node.name] = work.graph.initializer[-1]
-        if has_bias:
-            node.input[2] = name
+        if k is not None:
+            node.input[k] = name
         else:
             node.input.append(name)
 
@@ -657,8 +655,8 @@ def _run_prefix(work: onnx.ModelProto, plans: Sequence[_Level], shifts: Mapping[
 def _set_bias(slot: onnx.TensorProto, bias: np.ndarray, shift: np.ndarray) -> None:
     """``slot`` (a corrected Conv's bias initializer, or a linear layer's bias constant of shape
     [N] or [1, ..., N]) := ``bias - shift`` in the bias's type and shape."""
-    new = bias.astype(np.float64) - shift.reshape(bias.shape) if bias.size == shift.size else bias - shift
-    slot.CopyFrom(numpy_helper.from_array(np.asarray(new).astype(bias.dtype), slot.name))
+    slot.CopyFrom(numpy_helper.from_array((bias.astype(np.float64) - shift.reshape(bias.shape)).astype(bias.dtype),
+                                          slot.name))
 
 
 def _drop_orphans(model: onnx.ModelProto, names: set[str]) -> None:
