@@ -252,10 +252,18 @@ class Calibrate:
               + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")
               + (f"; {len(front)} Conv/Gemm/MatMul of a log-spectrum front end kept in float" if front else "")
               + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else "")
-              + _bias_note(cal.bias_checks.get(args.method)))
+              + _pointwise_note(cal.pointwise_check) + _bias_note(cal.bias_checks.get(args.method)))
         for p in paths.values():
             print(f"  wrote {p}")
         return 0
+
+
+def _pointwise_note(check: dict[str, Any] | None) -> str:
+    """The summary's words on a pointwise equalization the check left out (none when kept)."""
+    if check is None or check["kept"]:
+        return ""
+    return (f"; pointwise equalization left out: the outputs' SQNR against FP32 was {check['output_sqnr_db']:.1f} dB "
+            f"with it, {check['unequalized_output_sqnr_db']:.1f} without")
 
 
 def _bias_note(check: dict[str, Any] | None) -> str:

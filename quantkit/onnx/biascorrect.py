@@ -65,7 +65,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantkit.onnx.model import FLOAT_TYPES, constant_arrays, node_reads, read_names, with_outputs_bytes
+from quantkit.onnx.model import FLOAT_TYPES, concat_parts, constant_arrays, node_reads, read_names, with_outputs_bytes
 from quantkit.onnx.qdq import WEIGHTED_OPS
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,8 @@ class Reference:
     dtype: dict[str, np.dtype]
     #: the guard's graph outputs (``guard_outputs``): per feed, ``output_samples`` (None: not float)
     outputs: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+    #: of those, the ones a Concat writes along axis 1: the sizes of its parts (``concat_parts``)
+    parts: dict[str, list[int]] = field(default_factory=dict)
 
 
 def reference(fp32: onnx.ModelProto, convs: Sequence[str], feeds: Sequence[Feed],
@@ -218,6 +220,8 @@ def reference(fp32: onnx.ModelProto, convs: Sequence[str], feeds: Sequence[Feed]
     names = list(dict.fromkeys([*convs, *outputs]))
     sess = session(with_outputs_bytes(fp32, names))
     ref = Reference({t: [] for t in convs}, {}, {}, {t: [] for t in outputs})
+    if outputs:
+        ref.parts = {t: p for t, p in concat_parts(fp32).items() if t in ref.outputs}
     for feed, n in feeds:
         for t, x in zip(names, sess.run(names, dict(feed))):
             if t in ref.samples:
@@ -274,10 +278,19 @@ def output_samples(x: Any) -> np.ndarray | None:
 
 
 def output_sqnr(ref: Mapping[str, Sequence[np.ndarray | None]],
-                got: Mapping[str, Sequence[np.ndarray | None]]) -> float | None:
+                got: Mapping[str, Sequence[np.ndarray | None]],
+                parts: Mapping[str, Sequence[int]] | None = None) -> float | None:
     """The mean over the channels of every output of each channel's SQNR (dB, clipped to
     ``GUARD_DB``) of ``got`` against ``ref`` (``output_samples`` per output and feed; a feed whose
-    output differs in shape, as a detector's after NMS, is left out); None when nothing compares."""
+    output differs in shape, as a detector's after NMS, is left out); None when nothing compares.
+
+    An output of ``parts`` (-> its Concat's part sizes along axis 1, ``concat_parts``) counts,
+    for each of its channels, the SQNR of its worst part, each part's signal and error pooled
+    over its channels: a YOLO output's class scores as one signal (the few classes present carry
+    it), not 80 channels' SQNRs of which most are the rounding of classes no image has. On
+    YOLO11n-seg (COCO) the mean of channels read 10.8 dB for a model that lost 14% of FP32's
+    detections and 10.6 for one that lost 8%; the class-score part, 9.6 and 10.6 dB.
+    """
     sums: dict[tuple[str, int], list[np.ndarray]] = {}
     for name, refs in ref.items():
         for r, g in zip(refs, got.get(name, ())):
@@ -289,11 +302,19 @@ def output_sqnr(ref: Mapping[str, Sequence[np.ndarray | None]],
             acc[1] += np.square(g.astype(np.float64) - r64).sum(axis=1)
     low, high = GUARD_DB
     db = []
-    for signal, error in sums.values():
+    for (name, channels), (signal, error) in sums.items():
+        sizes = list((parts or {}).get(name, ()))
+        parted = len(sizes) >= 2 and sum(sizes) == channels
+        if parted:  # each part's signal and error pooled over its channels
+            edges = np.cumsum([0, *sizes])[:-1]
+            signal, error = np.add.reduceat(signal, edges), np.add.reduceat(error, edges)
         live = signal > 0
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = 10 * np.log10(signal[live] / error[live])
-        db.append(np.clip(np.nan_to_num(ratio, nan=low, posinf=high, neginf=low), low, high))
+        ratio = np.clip(np.nan_to_num(ratio, nan=low, posinf=high, neginf=low), low, high)
+        if parted and ratio.size:  # the worst part, as much weight as the output's channels
+            ratio = np.full(channels, ratio.min())
+        db.append(ratio)
     values = np.concatenate(db) if db else np.empty(0)
     return float(values.mean()) if values.size else None
 
@@ -505,7 +526,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     for feed, _ in feeds:
         for t, x in zip(plain, plain_session.run(list(plain), dict(feed))):
             plain[t].append(output_samples(x))
-    with_db, without_db = output_sqnr(watched, corrected), output_sqnr(watched, plain)
+    with_db, without_db = output_sqnr(watched, corrected, ref.parts), output_sqnr(watched, plain, ref.parts)
     work = _drop_orphan_constants(work, replaced)
     if with_db is None or without_db is None:
         return Correction(work, shifts)

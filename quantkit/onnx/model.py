@@ -683,6 +683,43 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+def concat_parts(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Graph output -> the sizes along axis 1 of the inputs of the Concat that writes it along that
+    axis (at least two non-empty ones, every size known to shape inference): an ultralytics YOLO
+    output ``[N, 4 + classes (+ mask coefficients | angle), anchors]`` is boxes in pixels beside
+    sigmoid scores, parts of different meaning and scale in one tensor."""
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+    wanted = {o.name: producer[o.name] for o in model.graph.output
+              if o.name in producer and producer[o.name].op_type == "Concat"}
+    if not wanted:
+        return {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
+    except Exception:  # inference is a convenience here, never a requirement
+        return {}
+    g = inferred.graph
+    shapes = {vi.name: vi.type.tensor_type.shape for vi in [*g.value_info, *g.input, *g.output]
+              if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    for i in model.graph.initializer:
+        shapes.setdefault(i.name, onnx.TensorShapeProto(dim=[onnx.TensorShapeProto.Dimension(dim_value=d)
+                                                             for d in i.dims]))
+    out: dict[str, list[int]] = {}
+    for name, node in wanted.items():
+        axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 0)
+        sizes: list[int] = []
+        for t in node.input:
+            shape = shapes.get(t)
+            if shape is None or not shape.dim or (axis + len(shape.dim)) % len(shape.dim) != 1 or \
+                    not shape.dim[1].HasField("dim_value"):
+                break
+            sizes.append(int(shape.dim[1].dim_value))
+        else:
+            sizes = [s for s in sizes if s > 0]
+            if len(sizes) >= 2:
+                out[name] = sizes
+    return out
+
+
 #: float initializers with more values than this are weights, never a shape that inference reads
 _WEIGHT_VALUES = 1024
 

@@ -15,8 +15,10 @@ from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model
 
 @pytest.fixture(autouse=True)
 def one_pass(monkeypatch):
-    """The one-pass route (ptq.EQUALIZE_ONE_PASS, the default): these tests exercise it."""
+    """The one-pass route (ptq.EQUALIZE_ONE_PASS, the default): these tests exercise it; the
+    equalization it finds, not the pointwise check's verdict on it (another test's subject)."""
     monkeypatch.setattr(quantkit.ptq, "EQUALIZE_ONE_PASS", True)
+    monkeypatch.setattr(quantkit.ptq, "POINTWISE_CHECK_MARGIN_DB", float("inf"))
 
 
 def test_the_two_passes_when_the_fold_is_off(monkeypatch):
