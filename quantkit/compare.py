@@ -11,7 +11,7 @@ Accuracy against labels is computed on the first output when labels exist.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -49,6 +49,11 @@ class OutputMetrics:
     #: loses every detection (class channels at 0 dB) read 22 dB there
     worst_channel: int | None = None
     worst_channel_sqnr_db: float | None = None
+    #: for an output a Concat writes along axis 1 (``quantkit.onnx.model.concat_parts``): each
+    #: part's channel count and SQNR (its channels pooled): a YOLO output's boxes, class scores and
+    #: mask coefficients, each as one signal
+    parts: list[int] | None = None
+    parts_sqnr_db: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,13 @@ class CompareReport:
                              "not by object, and near ties reorder them, so its figures read lower than the "
                              "error INT8 adds (compare the tensor before the TopK, e.g. with `quantkit debug`)")
         for m in self.outputs:
-            if m.worst_channel_sqnr_db is not None and m.worst_channel_sqnr_db < m.sqnr_db - WORST_CHANNEL_GAP_DB:
+            if m.parts and m.parts_sqnr_db and min(m.parts_sqnr_db) < m.sqnr_db - WORST_CHANNEL_GAP_DB:
+                edges = np.cumsum([0, *m.parts])
+                each = ", ".join(f"channels {a}-{b - 1}: {db:.2f} dB" for a, b, db in zip(edges, edges[1:], m.parts_sqnr_db))
+                lines.append(f"  note: {m.name!r} is a Concat of {len(m.parts)} parts (axis 1; {each}) against "
+                             f"{m.sqnr_db:.2f} dB for the whole output: its SQNR reads as its largest values (a "
+                             "detector's boxes in pixels beside its class scores); judge it by its worst part")
+            elif m.worst_channel_sqnr_db is not None and m.worst_channel_sqnr_db < m.sqnr_db - WORST_CHANNEL_GAP_DB:
                 lines.append(f"  note: {m.name!r} channel {m.worst_channel} (axis 1) is at {m.worst_channel_sqnr_db:.2f} dB "
                              f"against {m.sqnr_db:.2f} dB for the whole output: its SQNR reads as its largest values "
                              "(a detector's boxes in pixels beside its class scores); check that channel's task "
@@ -180,7 +191,7 @@ class _OutputStats:
         else:
             self.classifier = False
 
-    def result(self, value_ordered: bool = False, *, top1: bool = True) -> OutputMetrics:
+    def result(self, value_ordered: bool = False, *, top1: bool = True, parts: Sequence[int] = ()) -> OutputMetrics:
         n = max(self.samples, 1)
         if self.discrete:
             return OutputMetrics(self.name, math.nan, math.nan, math.nan, self.max_abs,
@@ -205,12 +216,26 @@ class _OutputStats:
                                    np.inf)
                 k = int(np.argmin(per))
                 worst, worst_db = int(np.flatnonzero(live)[k]), float(per[k])
+        part_db: list[float] | None = None
+        if self.channel_sig is not None and self.channel_noise is not None and len(parts) >= 2 and \
+                sum(parts) == self.channel_sig.size:
+            edges = np.cumsum([0, *parts])[:-1]
+            part_db = [_db(float(a), float(b)) for a, b in zip(np.add.reduceat(self.channel_sig, edges),
+                                                               np.add.reduceat(self.channel_noise, edges))]
         return OutputMetrics(
             self.name, self.cos_sum / n if cos_ok else math.nan, self.cos_min if cos_ok else math.nan, sqnr,
             self.max_abs, self.abs_sum / max(self.values, 1),
             self.agree / n if self.classifier and self.samples and top1 else None, self.shape_differs, self.batches,
             value_ordered=value_ordered, worst_channel=worst, worst_channel_sqnr_db=worst_db,
+            parts=list(parts) if part_db is not None else None, parts_sqnr_db=part_db,
         )
+
+
+def _db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise), inf for an exact part, -inf for a silent one with an error."""
+    if noise == 0.0:
+        return math.inf if signal > 0.0 else math.nan
+    return 10.0 * math.log10(signal / noise) if signal > 0.0 else -math.inf
 
 
 def comparison_batch(reference: Runner, test: Runner, batch_size: int, *, reference_name: str = "fp32",
@@ -288,9 +313,10 @@ def compare_runners(
     skipped = list(getattr(batches, "skipped_", []))
     ordered = set(getattr(reference, "value_ordered", ()))
     embeddings = set(getattr(reference, "embeddings", ()))  # an embedding's argmax means nothing
+    parts = dict(getattr(reference, "concat_parts", {}))
     return CompareReport(
         reference_name, test_name, samples,
-        [s.result(s.name in ordered, top1=s.name not in embeddings) for s in stats.values()],
+        [s.result(s.name in ordered, top1=s.name not in embeddings, parts=parts.get(s.name, ())) for s in stats.values()],
         correct_ref / labelled if labelled else None,
         correct_test / labelled if labelled else None,
         skipped,

@@ -33,7 +33,7 @@ from quantkit.backends.base import Runner, TensorSink, check_feed
 from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import InputError, ModelError
 from quantkit.onnx.model import (TensorSpec, input_specs, l2_normalized, load_model, node_reads, output_specs,
-                                 unused_inputs, value_ordered_outputs, with_outputs_bytes)
+                                 unused_inputs, value_ordered_outputs, with_outputs_bytes, concat_parts)
 
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,8 @@ class OrtRunner(Runner):
         self.value_ordered = value_ordered_outputs(proto)
         #: graph outputs the graph L2-normalizes (embeddings: ``compare`` shows no top-1 for them)
         self.embeddings = [o.name for o in proto.graph.output if l2_normalized(proto, o.name)]
+        #: graph outputs a Concat writes along axis 1 -> its parts' sizes (``compare`` scores each part)
+        self.concat_parts = concat_parts(proto)
         self._outputs = [s.name for s in self._output_specs]
         self._captured = list(dict.fromkeys(capture))
         fed = {s.name for s in self._inputs}

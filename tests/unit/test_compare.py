@@ -212,3 +212,32 @@ def test_a_merged_output_names_the_channel_its_sqnr_hides():
     st2 = _OutputStats("y")  # a [N, C] classifier output: no per-channel figure
     st2.update(ref[:, :, 0], test[:, :, 0])
     assert st2.result().worst_channel is None
+
+
+def test_a_concat_output_is_scored_part_by_part_through_the_runners():
+    """An output a Concat writes along axis 1 (boxes beside sigmoid scores): each part's SQNR with
+    its channels pooled, and a note when the worst part is far below the whole output's."""
+    def head(shift: float) -> onnx.ModelProto:  # the test model's scores 'shift' lower where they are high
+        boxes = helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 4, 50])
+        scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 6, 50])
+        out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+        k = numpy_helper.from_array(np.array(shift, np.float32), "k")
+        nodes = [helper.make_node("Sigmoid", ["scores"], ["p"]), helper.make_node("Mul", ["p", "p"], ["p2"]),
+                 helper.make_node("Mul", ["p2", "k"], ["d"]), helper.make_node("Sub", ["p", "d"], ["q"]),
+                 helper.make_node("Concat", ["boxes", "q"], ["out"], axis=1)]
+        graph = helper.make_graph(nodes, "head", [boxes, scores], [out], [k])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    rng = np.random.default_rng(1)
+    feed = {"boxes": rng.uniform(0, 640, (8, 4, 50)).astype(np.float32),
+            "scores": np.where(rng.random((8, 6, 50)) < 0.05, 2.0, -8.0).astype(np.float32)}
+    batches = [Batch(feed, None, tuple(range(8)), 8)]
+    with OrtRunner(head(0.0)) as ref, OrtRunner(head(0.2)) as test:
+        assert ref.concat_parts == {"out": [4, 6]}
+        report = compare_runners(ref, test, batches)
+    m = report.outputs[0]
+    p = 1 / (1 + np.exp(-feed["scores"].astype(np.float64)))
+    want = 10 * np.log10(np.square(p).sum() / np.square(0.2 * p * p).sum())
+    assert m.parts == [4, 6] and m.parts_sqnr_db[0] == math.inf
+    assert m.parts_sqnr_db[1] == pytest.approx(want, abs=1e-3) and m.sqnr_db > want + 30
+    assert "'out' is a Concat of 2 parts (axis 1; channels 0-3: inf dB, channels 4-9: " in report.table()
