@@ -442,22 +442,22 @@ class Calibration:
                 self.bias_checks[method] = check
         return self._int8[method]
 
-    def _made_int8(self, method: str, fp32: onnx.ModelProto, plan: QdqPlan,
+    def _made_int8(self, method: str, fp32: onnx.ModelProto, plan: QdqPlan, variant: str = "",
                    ) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, Any] | None]:
-        """``method``'s Q/DQ model of ``fp32`` (``self.model`` or a variant of it) placed by
-        ``plan``, with its guarded bias correction: the model, the shifts and the guard's verdict
-        (None, None without bias correction)."""
+        """``method``'s Q/DQ model of ``fp32`` (``self.model`` or a ``variant`` of it, named in
+        the log) placed by ``plan``, with its guarded bias correction: the model, the shifts and
+        the guard's verdict (None, None without bias correction)."""
         amax = self.amax(method)
         model = insert_qdq(fp32, plan, {t: amax[t] for t in plan.activation_names})
         if self.correction_feeds is None:
             return model, None, None
         done = self._bias_corrected(model, guard=BIAS_CORRECTION_GUARD, fp32=fp32)
         if done.check is not None and not done.check["applied"]:
-            log.info("%s: bias correction left out for %s: the outputs' per-channel SQNR against FP32 is "
-                     "%.1f dB with it, %.1f dB without", self.model_name, method,
+            log.info("%s: bias correction left out for %s%s: the outputs' per-channel SQNR against FP32 is "
+                     "%.1f dB with it, %.1f dB without", self.model_name, method, variant,
                      done.check["output_sqnr_db"], done.check["uncorrected_output_sqnr_db"])
         else:
-            log.info("%s: bias correction of %d Conv(s) for %s", self.model_name, len(done.shifts), method)
+            log.info("%s: bias correction of %d Conv(s) for %s%s", self.model_name, len(done.shifts), method, variant)
         return done.model, done.shifts, done.check
 
     def check_pointwise(self, unequalized: onnx.ModelProto) -> None:
@@ -490,7 +490,8 @@ class Calibration:
             return
         self.int8_model(method)
         check = self.bias_checks.get(method)
-        alt_int8, alt_shifts, alt_check = self._made_int8(method, alt.model, alt.plan)
+        alt_int8, alt_shifts, alt_check = self._made_int8(method, alt.model, alt.plan,
+                                                          " (the pointwise check's model without pointwise equalization)")
         if check is None or alt_check is None:  # no output the guard compares
             return
 
