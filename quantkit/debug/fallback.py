@@ -35,7 +35,9 @@ Drop metrics, in points (the budget's unit):
     accuracy        100 x (FP32 accuracy - INT8 accuracy), needs labels
     top1-agreement  100 - % of samples whose argmax agrees with FP32
     cosine          100 x (1 - mean cosine similarity of the error output)
-    sqnr            100 x noise/signal power of the error output (1 point = SQNR 20 dB)
+    sqnr            100 x noise/signal power of the error output (1 point = SQNR 20 dB); of an
+                    output a Concat writes along axis 1 (YOLO: boxes, class scores, mask
+                    coefficients), the mean over its parts of each part's noise/signal
     task            FP32 metric - INT8 metric of the caller's ``task_metric`` (API only): per-sample
                     scores of a batch's first output (e.g. 100 for a text read right, 0 for not),
                     averaged over the evaluation data, so a detector's or a recogniser's own
@@ -61,8 +63,8 @@ import numpy as np
 import onnx
 
 from quantkit.backends.base import real_rows
-from quantkit.debug.sensitivity import ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, rank_groups, \
-    rank_sensitivity
+from quantkit.debug.sensitivity import (ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, part_energy,
+                                       rank_groups, rank_sensitivity)
 from quantkit.errors import InputError, check_fields
 from quantkit.onnx.model import error_output, l2_normalized
 
@@ -256,6 +258,9 @@ class _Evaluator:
                 else:
                     held = None
         self.batches: Sequence[Any] | Any = held if held is not None else batcher
+        # a Concat-written output (YOLO's boxes beside class scores): each part one signal
+        self.parts = scales.measured_parts if self.output == scales.measured_output else []
+        self.energy = part_energy(self.ref, self.parts)
         self.count = sum(len(r) for r in self.ref)
         if self.count == 0:
             raise InputError("no evaluation samples could be read", hint="check the evaluation data")
@@ -296,7 +301,7 @@ class _Evaluator:
         with OrtRunner(model, threads=self.scales.run.threads) as r:
             for b, ref, lab in zip(self.batches, self.ref, self.labels):
                 out = real_rows(r.infer(b.feed)[self.output], b.size, b.num_rows)
-                n, s = _noise_signal(ref, out)
+                n, s = _noise_signal(ref, out, self.parts, self.energy)
                 for i, ni, si in zip(b.indices, n, s):
                     per[i] = _ratio(float(ni), float(si))
                 noise, signal = noise + float(n.sum()), signal + float(s.sum())

@@ -211,6 +211,18 @@ def gradient_estimate(scales: "QdqScales", batches: Sequence["Batch"],
             term = graph.call(i, [d.detach() if d is not None else None for d in delta])[0]
         return [ys[0] + (gate - 1).to(ys[0].dtype) * term, *ys[1:]]
 
+    # a Concat-written output (YOLO: boxes beside class scores): each part's powers over its FP32
+    # energy, as the exact ranking weighs them (``sensitivity._noise_signal``); known only from
+    # the FP32 rows given
+    from quantkit.debug.sensitivity import part_energy
+
+    parts = scales.measured_parts
+    energy = part_energy([np.asarray(o) for o in fp32_outputs], parts) if fp32_outputs is not None else None
+    weight = None
+    if energy is not None:
+        per_part = np.where(energy > 0, 1.0 / np.where(energy > 0, energy, 1.0), 0.0)
+        weight = torch.from_numpy(np.repeat(per_part, parts))
+
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -231,13 +243,14 @@ def gradient_estimate(scales: "QdqScales", batches: Sequence["Batch"],
             cache.clear()
             y = graph.run(feed, [output], replace=replace, after=after, compute=compute)[output][: b.size]
             r = y.to(torch.float64) - ref
-            loss = (r * r).sum()
+            w = 1.0 if weight is None else weight.reshape((1, -1) + (1,) * (ref.dim() - 2))
+            loss = (r * r * w).sum()
             t2 = time.perf_counter()
             loss.backward()
             cache.clear()
             t3 = time.perf_counter()
             noise += float(loss.detach())
-            signal += float((ref * ref).sum())
+            signal += float((ref * ref * w).sum())
             fp32_s, forward_s, backward_s = fp32_s + t1 - t0, forward_s + t2 - t1, backward_s + t3 - t2
     finally:
         if threads:

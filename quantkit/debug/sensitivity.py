@@ -182,6 +182,16 @@ class QdqScales:
     def measured_output(self) -> str:
         return error_output(self.model, self.output)
 
+    @property
+    def measured_parts(self) -> list[int]:
+        """The part sizes (axis 1) of the measured output where a Concat writes it
+        (``concat_parts``: a YOLO output's boxes, class scores, mask coefficients), else []."""
+        if not hasattr(self, "_measured_parts"):
+            from quantkit.onnx.model import concat_parts
+
+            self._measured_parts = list(concat_parts(self.model).get(self.measured_output, []))
+        return self._measured_parts
+
     def __post_init__(self) -> None:
         if not self.groups:
             self.groups = quant_groups(self.model, self.plan)
@@ -371,8 +381,13 @@ def ranking_from_file(path: str) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ running parts of the network
-def _noise_signal(ref: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample: (noise power, signal power), float64.
+def _noise_signal(ref: np.ndarray, test: np.ndarray, parts: Sequence[int] = (),
+                  energy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: (noise power, signal power), float64. With ``parts`` (the sizes along axis 1
+    of the Concat that writes the output) and ``energy`` (each part's FP32 signal power over the
+    data, ``part_energy``), each part's powers divided by its energy: the noise/signal of a
+    batch or of all the data is then the sum over the parts of each part's noise/signal, over
+    the number of parts, so that a YOLO output's class scores count as much as its box pixels.
 
     Raises:
         InputError: the two have different shapes: a first output whose shape depends on the
@@ -383,9 +398,30 @@ def _noise_signal(ref: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nda
                          f"{list(np.shape(test))}: e.g. the boxes NonMaxSuppression keeps); the sensitivity ranking "
                          "and --max-drop compare the first output sample by sample",
                          hint="make an output of fixed shape the first one (the raw boxes and scores before NMS)")
+    if energy is not None and len(parts) >= 2:
+        noise, signal = _part_noise_signal(ref, test, parts)
+        weights = np.where(energy > 0, 1.0 / np.where(energy > 0, energy, 1.0), 0.0)
+        return noise @ weights, signal @ weights
     r = ref.reshape(ref.shape[0], -1).astype(np.float64)
     d = r - test.reshape(test.shape[0], -1).astype(np.float64)
     return (d * d).sum(axis=1), (r * r).sum(axis=1)
+
+
+def _part_noise_signal(ref: np.ndarray, test: np.ndarray, parts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample and part (axis 1, ``parts`` its sizes): noise and signal power, [N, parts]."""
+    r = ref.reshape(ref.shape[0], ref.shape[1], -1).astype(np.float64)
+    d = r - test.reshape(r.shape).astype(np.float64)
+    edges = np.cumsum([0, *parts])[:-1]
+    return (np.add.reduceat((d * d).sum(axis=2), edges, axis=1),
+            np.add.reduceat((r * r).sum(axis=2), edges, axis=1))
+
+
+def part_energy(refs: Sequence[np.ndarray], parts: Sequence[int]) -> np.ndarray | None:
+    """Each part's FP32 signal power over ``refs`` (batches of the output; ``parts`` its Concat's
+    sizes along axis 1); None for an output of one part or whose axis 1 is not the parts'."""
+    if len(parts) < 2 or not refs or any(r.ndim < 2 or r.shape[1] != sum(parts) for r in refs):
+        return None
+    return np.sum([_part_noise_signal(r, r, parts)[1].sum(axis=0) for r in refs], axis=0)
 
 
 def _ratio(noise: float, signal: float) -> float:
@@ -495,6 +531,8 @@ class _Ranker:
         else:  # ``fp32``: the subset's FP32 outputs per batch and the seconds of a pass, known already;
             # no FP32 cut tensors, so only INT8-side runs (only_float, with_method), no only_quantized
             self.fp32_cut, self.fp32_out, self.fp32_seconds = [], list(fp32[0]), fp32[1]
+        self.parts = scales.measured_parts
+        self.energy = part_energy(self.fp32_out, self.parts)
         t0 = time.perf_counter()
         self.multi: Any = self._multi_start() if self.fp32_cut else None
         self._multi_pending = not self.fp32_cut  # made from the first INT8 capture instead
@@ -541,7 +579,7 @@ class _Ranker:
     def _error(self, outs: Sequence[np.ndarray]) -> float:
         noise = signal = 0.0
         for ref, test in zip(self.fp32_out, outs):
-            n, s = _noise_signal(ref, test)
+            n, s = _noise_signal(ref, test, self.parts, self.energy)
             noise, signal = noise + float(n.sum()), signal + float(s.sum())
         return _ratio(noise, signal)
 
@@ -689,10 +727,22 @@ def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int
     from quantkit.ptq import evaluation_batches
 
     errors: dict[int, float] = {}
-    noise = signal = 0.0
     count = 0
     timed: list[tuple[float, int]] = []  # (FP32 seconds, samples) per batch
     out = scales.measured_output
+    parts = scales.measured_parts
+    # per sample and part (one part unless a Concat writes the output): combined with the parts'
+    # FP32 energies so far (the pruning of ``outputs``), and at the end with all the data's
+    powers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    energy: np.ndarray | None = None
+
+    def combined(i: int) -> tuple[float, float]:
+        n, s = powers[i]
+        if energy is None or n.size < 2:
+            return float(n.sum()), float(s.sum())
+        w = np.where(energy > 0, 1.0 / np.where(energy > 0, energy, 1.0), 0.0)
+        return float(n @ w), float(s @ w)
+
     batches = evaluation_batches(source, scales.specs, list(indices), scales.run)
     int8 = int8 if int8 is not None else scales.int8_model()
     with OrtRunner(scales.model, threads=scales.run.threads) as ref, OrtRunner(int8, threads=scales.run.threads) as test:
@@ -700,15 +750,25 @@ def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int
             t0 = time.perf_counter()
             r = real_rows(ref.infer(b.feed)[out], b.size, b.num_rows)
             timed.append((time.perf_counter() - t0, b.size))
-            n, s = _noise_signal(r, real_rows(test.infer(b.feed)[out], b.size, b.num_rows))
-            for i, ni, si in zip(b.indices, n, s):
-                errors[i] = _ratio(float(ni), float(si))
-            noise, signal, count = noise + float(n.sum()), signal + float(s.sum()), count + b.size
+            t = real_rows(test.infer(b.feed)[out], b.size, b.num_rows)
+            if len(parts) >= 2 and r.ndim >= 2 and r.shape[1] == sum(parts) and np.shape(r) == np.shape(t):
+                n, s = _part_noise_signal(r, t, parts)
+                energy = s.sum(axis=0) if energy is None else energy + s.sum(axis=0)
+            else:
+                n, s = (a[:, None] for a in _noise_signal(r, t))
+            powers.update({i: (ni, si) for i, ni, si in zip(b.indices, n, s)})
+            count += b.size
             if outputs is not None and keep > 0:
                 outputs.update({i: row.copy() for i, row in zip(b.indices, r)})
-                worst = set(pick_subset({i: errors[i] for i in outputs}, keep))
+                now = {i: _ratio(*combined(i)) for i in outputs}
+                worst = set(pick_subset(now, keep))
                 for i in [i for i in outputs if i not in worst]:
                     del outputs[i]
+    noise = signal = 0.0
+    for i in powers:
+        n, s = combined(i)
+        errors[i] = _ratio(n, s)
+        noise, signal = noise + n, signal + s
     steady = timed[1:] if len(timed) > 1 else timed
     return errors, _ratio(noise, signal), sum(t for t, _ in steady) / max(sum(n for _, n in steady), 1)
 
@@ -924,4 +984,6 @@ def _rank_by_gradient(scales: QdqScales, source: "Source", chosen: list[int], er
 
 def _metric_text(scales: QdqScales) -> str:
     how = "given by --error-output" if scales.output else "the first float output not TopK-ordered"
-    return f"noise/signal power of output {scales.measured_output!r} ({how}) against FP32"
+    parts = scales.measured_parts
+    each = f"; the mean over its {len(parts)} Concat parts (axis 1) of each part's" if len(parts) >= 2 else ""
+    return f"noise/signal power of output {scales.measured_output!r} ({how}{each}) against FP32"
