@@ -254,8 +254,16 @@ class DebugReport:
     one_at_a_time: bool = False
 
     def worst_first(self) -> list[PointError]:
-        """Activations by the error they add on their own (lowest local SQNR first)."""
-        return sorted(self.activations, key=lambda p: (p.local_sqnr_db, p.depth))
+        """Activations by the error they add on their own as their readers see it, lowest first:
+        the local SQNR weighted by the readers' weights where it was computed and lower (a quiet
+        channel the weights amplify), else the local SQNR."""
+        return sorted(self.activations, key=lambda p: (self.seen_sqnr_db(p), p.depth))
+
+    @staticmethod
+    def seen_sqnr_db(p: PointError) -> float:
+        """``p``'s local SQNR, or its weighted one where that is lower."""
+        w = p.weighted_local_sqnr_db
+        return p.local_sqnr_db if w is None or not math.isfinite(w) else min(p.local_sqnr_db, w)
 
     def quiet_channels(self) -> list[PointError]:
         """Activations where one input channel dominates the error the readers' weights see and
@@ -273,7 +281,7 @@ class DebugReport:
 
     def table(self, rows: int = 15) -> str:
         lines = [f"{self.test} vs {self.reference} on {self.num_samples} samples: {len(self.activations)} quantized "
-                 f"activations, {len(self.weights)} weights; worst first",
+                 f"activations, {len(self.weights)} weights; worst first (the lower of local and weighted dB)",
                  f"  {'tensor':<36} {'depth':>5} {'local dB':>9} {'clipped':>8} {'clip/err':>8} {'accum dB':>9} "
                  f"{'weighted dB, worst channel':>26}"]
         for p in self.worst_first()[:rows]:
