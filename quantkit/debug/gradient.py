@@ -214,14 +214,11 @@ def gradient_estimate(scales: "QdqScales", batches: Sequence["Batch"],
     # a Concat-written output (YOLO: boxes beside class scores): each part's powers over its FP32
     # energy, as the exact ranking weighs them (``sensitivity._noise_signal``); known only from
     # the FP32 rows given
-    from quantkit.debug.sensitivity import part_energy
+    from quantkit.debug.sensitivity import part_energy, part_weights
 
     parts = scales.measured_parts
     energy = part_energy([np.asarray(o) for o in fp32_outputs], parts) if fp32_outputs is not None else None
-    weight = None
-    if energy is not None:
-        per_part = np.where(energy > 0, 1.0 / np.where(energy > 0, energy, 1.0), 0.0)
-        weight = torch.from_numpy(np.repeat(per_part, parts))
+    weight = None if energy is None else torch.from_numpy(np.repeat(part_weights(energy), parts))
 
     old_threads = torch.get_num_threads()
     if threads:

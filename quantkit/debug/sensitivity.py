@@ -400,7 +400,7 @@ def _noise_signal(ref: np.ndarray, test: np.ndarray, parts: Sequence[int] = (),
                          hint="make an output of fixed shape the first one (the raw boxes and scores before NMS)")
     if energy is not None and len(parts) >= 2:
         noise, signal = _part_noise_signal(ref, test, parts)
-        weights = np.where(energy > 0, 1.0 / np.where(energy > 0, energy, 1.0), 0.0)
+        weights = part_weights(energy)
         return noise @ weights, signal @ weights
     r = ref.reshape(ref.shape[0], -1).astype(np.float64)
     d = r - test.reshape(test.shape[0], -1).astype(np.float64)
@@ -422,6 +422,11 @@ def part_energy(refs: Sequence[np.ndarray], parts: Sequence[int]) -> np.ndarray 
     if len(parts) < 2 or not refs or any(r.ndim < 2 or r.shape[1] != sum(parts) for r in refs):
         return None
     return np.sum([_part_noise_signal(r, r, parts)[1].sum(axis=0) for r in refs], axis=0)
+
+
+def part_weights(energy: np.ndarray) -> np.ndarray:
+    """Each part's weight: 1 / its FP32 energy (0 for a part that is 0 in FP32)."""
+    return np.where(energy > 0, 1.0 / np.where(energy > 0, energy, 1.0), 0.0)
 
 
 def _ratio(noise: float, signal: float) -> float:
@@ -740,7 +745,7 @@ def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int
         n, s = powers[i]
         if energy is None or n.size < 2:
             return float(n.sum()), float(s.sum())
-        w = np.where(energy > 0, 1.0 / np.where(energy > 0, energy, 1.0), 0.0)
+        w = part_weights(energy)
         return float(n @ w), float(s @ w)
 
     batches = evaluation_batches(source, scales.specs, list(indices), scales.run)
