@@ -65,7 +65,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantkit.onnx.model import FLOAT_TYPES, concat_parts, constant_arrays, node_reads, read_names, with_outputs_bytes
+from quantkit.onnx.model import (FLOAT_TYPES, concat_parts, constant_arrays, node_reads, read_names, tensor_types,
+                                 with_outputs_bytes)
 from quantkit.onnx.qdq import WEIGHTED_OPS
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ def reference(fp32: onnx.ModelProto, convs: Sequence[str], feeds: Sequence[Feed]
     sess = session(with_outputs_bytes(fp32, names))
     ref = Reference({t: [] for t in convs}, {}, {}, {t: [] for t in outputs})
     if outputs:
-        ref.parts = {t: p for t, p in concat_parts(fp32).items() if t in ref.outputs}
+        ref.parts = concat_parts(fp32, list(ref.outputs))
     for feed, n in feeds:
         for t, x in zip(names, sess.run(names, dict(feed))):
             if t in ref.samples:
@@ -250,15 +251,21 @@ GUARD_MARGIN_DB = 2.0
 
 
 def guard_outputs(model: onnx.ModelProto) -> list[str]:
-    """The graph outputs the guard compares: floating-point ones not computed through a TopK
-    (whose rows pair up by rank, not by position)."""
-    from quantkit.onnx.model import value_ordered_outputs
+    """The tensors the guard compares: the floating-point graph outputs not computed through a
+    TopK or NonMaxSuppression (whose rows pair up by rank, not by position), and for those, the
+    tensor the TopK or NMS selects from (``value_sources``: an NMS export's head output)."""
+    from quantkit.onnx.model import value_ordered_outputs, value_sources
 
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
               onnx.TensorProto.BFLOAT16, onnx.TensorProto.UNDEFINED}
     ordered = set(value_ordered_outputs(model))
-    return [o.name for o in model.graph.output
-            if o.type.tensor_type.elem_type in floats and o.name not in ordered]
+    outputs = [o.name for o in model.graph.output
+               if o.type.tensor_type.elem_type in floats and o.name not in ordered]
+    if not ordered:
+        return outputs
+    types = tensor_types(model)
+    return list(dict.fromkeys([*outputs, *(t for t in value_sources(model)
+                                           if types.get(t, onnx.TensorProto.UNDEFINED) in floats)]))
 
 
 def output_samples(x: Any) -> np.ndarray | None:
@@ -521,7 +528,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
         return Correction(_drop_orphan_constants(work, replaced), shifts)
     ran = set().union(*(plan.segment for plan in plans)) if reused < len(plans) else set()
     corrected = _outputs_from(work, list(watched), known, reads, producer, ran, inits, session)
-    plain_session = session(qdq.SerializeToString())
+    plain_session = session(with_outputs_bytes(qdq, list(watched)))
     plain: dict[str, list[np.ndarray | None]] = {t: [] for t in watched}
     for feed, _ in feeds:
         for t, x in zip(plain, plain_session.run(list(plain), dict(feed))):

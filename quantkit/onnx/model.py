@@ -289,6 +289,41 @@ def value_ordered_outputs(model: onnx.ModelProto) -> set[str]:
     return ordered
 
 
+#: ops that select or re-lay-out values (their input 0) on the way from a detector head to a TopK or
+#: NonMaxSuppression: ultralytics' ``nms=True`` scores are Concat -> Transpose -> Slice ->
+#: ReduceMax -> Gather -> GatherND (the candidates above the threshold) -> Unsqueeze -> NMS
+SELECTION_OPS = ("Identity", "Cast", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Split",
+                 "Gather", "GatherND", "GatherElements", "ReduceMax", "Expand", "Tile")
+
+
+def value_sources(model: onnx.ModelProto) -> list[str]:
+    """The tensors that the ``VALUE_ORDERING_OPS`` nodes of value-ordered graph outputs select
+    from, followed back through ``SELECTION_OPS`` (input 0) to the op that computes them: TopK's
+    values, NonMaxSuppression's scores. An NMS export's outputs pair up with FP32's by rank, but
+    the head output its scores come from (YOLO's [N, 4 + classes, anchors] Concat) pairs by
+    position, and it is where INT8's error on the scores can be measured."""
+    producer = {out: node for node in model.graph.node for out in node.output if out}
+    ordered = value_ordered_outputs(model)
+    if not ordered:
+        return []
+    stack, seen, found = [o for o in ordered], set(), []
+    while stack:
+        t = stack.pop()
+        node = producer.get(t)
+        if t in seen or node is None:
+            continue
+        seen.add(t)
+        if node.op_type in VALUE_ORDERING_OPS:
+            source = node.input[1] if node.op_type == "NonMaxSuppression" and len(node.input) > 1 else node.input[0]
+            while source in producer and producer[source].op_type in SELECTION_OPS and producer[source].input:
+                source = producer[source].input[0]
+            if source in producer and source not in found:
+                found.append(source)
+            continue
+        stack.extend(node_reads(node))
+    return found
+
+
 def error_output(model: onnx.ModelProto, name: str | None = None) -> str:
     """The graph output whose error against FP32 ``debug``'s ranking and the fallback measure:
     ``name`` when given (``--error-output``: a detector's class scores rather than its boxes),
@@ -683,14 +718,15 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def concat_parts(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Graph output -> the sizes along axis 1 of the inputs of the Concat that writes it along that
-    axis (at least two non-empty ones, every size known to shape inference): an ultralytics YOLO
-    output ``[N, 4 + classes (+ mask coefficients | angle), anchors]`` is boxes in pixels beside
-    sigmoid scores, parts of different meaning and scale in one tensor."""
+def concat_parts(model: onnx.ModelProto, names: Sequence[str] | None = None) -> dict[str, list[int]]:
+    """Graph output (or tensor of ``names``) -> the sizes along axis 1 of the inputs of the Concat
+    that writes it along that axis (at least two non-empty ones, every size known to shape
+    inference): an ultralytics YOLO output ``[N, 4 + classes (+ mask coefficients | angle),
+    anchors]`` is boxes in pixels beside sigmoid scores, parts of different meaning and scale in
+    one tensor."""
     producer = {out: node for node in model.graph.node for out in node.output if out}
-    wanted = {o.name: producer[o.name] for o in model.graph.output
-              if o.name in producer and producer[o.name].op_type == "Concat"}
+    names = [o.name for o in model.graph.output] if names is None else list(names)
+    wanted = {t: producer[t] for t in names if t in producer and producer[t].op_type == "Concat"}
     if not wanted:
         return {}
     try:

@@ -1037,3 +1037,6 @@ def test_an_output_of_the_boxes_nms_keeps_is_ordered_by_value():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     assert value_ordered_outputs(m) == {"dets"}
     assert error_output(m) == "raw"
+    from quantkit.onnx.model import value_sources
+
+    assert value_sources(m) == ["feat"]  # NMS's scores: Slice <- Reshape <- the Conv that computes them

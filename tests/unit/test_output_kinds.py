@@ -263,3 +263,42 @@ def test_an_l2_normalized_embedding_takes_cosine_as_its_drop_metric(tmp_path, ca
                  str(tmp_path / "d.npz"), "--json", str(tmp_path / "c.json"), "--no-progress"]) == 0
     top1 = json.loads((tmp_path / "c.json").read_text())["outputs"][0]["top1_agreement"]
     assert (top1 is None) == embedding
+
+
+def test_the_guard_watches_what_a_topk_selects_from():
+    """An output ordered by a TopK pairs up with FP32's by rank; the tensor the TopK selects from
+    (back through Squeeze, Slice, Transpose... to the op that computes it) pairs by position, and
+    bias correction's guard compares it: with the ordered output alone there was nothing to compare."""
+    from quantkit.onnx.biascorrect import guard_outputs
+    from quantkit.onnx.model import value_sources
+    from quantkit.ptq import QuantizeConfig, StatsConfig, quantize
+    from tests.helpers import ArraySource
+
+    topk = _topk_model()
+    assert value_sources(topk) == ["score"]  # Sigmoid -> Squeeze -> TopK
+    assert guard_outputs(topk) == ["pred", "score"]
+    only = onnx.ModelProto()
+    only.CopyFrom(topk)
+    del only.graph.output[1]
+    assert guard_outputs(only) == ["score"]
+    # a TopK over a Conv stack's features (no score head for bias correction to leave out): the
+    # guard's verdict comes from the features, where there was none
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             h.make_node("Conv", ["r1", "W2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             h.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             h.make_node("Reshape", ["r2", "shp"], ["flat"], name="reshape"),
+             h.make_node("TopK", ["flat", "k"], ["topv", "topi"], axis=1, name="topk")]
+    inits = [nh.from_array(rng.normal(0, 0.2, (8, 3, 3, 3)).astype(np.float32), "W1"),
+             nh.from_array(rng.normal(0, 0.2, (4, 8, 3, 3)).astype(np.float32), "W2"),
+             nh.from_array(np.array([0, -1], np.int64), "shp"), nh.from_array(np.array([50], np.int64), "k")]
+    g = h.make_graph(nodes, "topk_features", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 10, 10])],
+                     [h.make_tensor_value_info("topv", T.FLOAT, ["N", 50])], inits)
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+    assert guard_outputs(model) == ["r2"]
+    x = rng.normal(0, 1, (16, 3, 10, 10)).astype(np.float32)
+    cal = quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(bias_correction=True)))
+    cal.int8_model()
+    check = cal.bias_checks.get("entropy")
+    assert check is not None and check["uncorrected_output_sqnr_db"] > 10, check
