@@ -240,14 +240,14 @@ def gradient_estimate(scales: "QdqScales", batches: Sequence["Batch"],
             cache.clear()
             y = graph.run(feed, [output], replace=replace, after=after, compute=compute)[output][: b.size]
             r = y.to(torch.float64) - ref
-            w = 1.0 if weight is None else weight.reshape((1, -1) + (1,) * (ref.dim() - 2))
-            loss = (r * r * w).sum()
+            part_w: Any = 1.0 if weight is None else weight.reshape((1, -1) + (1,) * (ref.dim() - 2))
+            loss = (r * r * part_w).sum()
             t2 = time.perf_counter()
             loss.backward()
             cache.clear()
             t3 = time.perf_counter()
             noise += float(loss.detach())
-            signal += float((ref * ref * w).sum())
+            signal += float((ref * ref * part_w).sum())
             fp32_s, forward_s, backward_s = fp32_s + t1 - t0, forward_s + t2 - t1, backward_s + t3 - t2
     finally:
         if threads:

@@ -771,9 +771,9 @@ def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int
                     del outputs[i]
     noise = signal = 0.0
     for i in powers:
-        n, s = combined(i)
-        errors[i] = _ratio(n, s)
-        noise, signal = noise + n, signal + s
+        noise_i, signal_i = combined(i)
+        errors[i] = _ratio(noise_i, signal_i)
+        noise, signal = noise + noise_i, signal + signal_i
     steady = timed[1:] if len(timed) > 1 else timed
     return errors, _ratio(noise, signal), sum(t for t, _ in steady) / max(sum(n for _, n in steady), 1)
 
