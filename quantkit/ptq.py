@@ -481,18 +481,25 @@ class Calibration:
         method = self.config.method
         if self.correction_feeds is None or not BIAS_CORRECTION_GUARD or not any(map(pointwise, self.equalized)):
             return
-        kept = [e for e in self.equalized if not pointwise(e)]
-        alt_model, done = equalize_depthwise(unequalized, {e.tensor: (e.consumers, e.scales) for e in kept})
-        alt = prepare_for(alt_model, self.config.stats, self.model_name, quiet=True)
-        missing = [t for t in alt.plan.activation_names if t not in self.ranges]
-        if [e.scaled for e in done] != [e.scaled for e in kept] or missing:  # not expected
-            log.debug("%s: no pointwise check (tensors without statistics: %s)", self.model_name, missing[:3])
-            return
         self.int8_model(method)
         check = self.bias_checks.get(method)
-        alt_int8, alt_shifts, alt_check = self._made_int8(method, alt.model, alt.plan,
-                                                          " (the pointwise check's model without pointwise equalization)")
-        if check is None or alt_check is None:  # no output the guard compares
+        if check is None:  # nothing corrected, or no output the guard compares
+            return
+        kept = [e for e in self.equalized if not pointwise(e)]
+        try:  # a check, not a requirement: where the variant cannot be made, the model stays as it is
+            alt_model, done = equalize_depthwise(unequalized, {e.tensor: (e.consumers, e.scales) for e in kept})
+            alt = prepare_for(alt_model, self.config.stats, self.model_name, quiet=True)
+            missing = [t for t in alt.plan.activation_names if t not in self.ranges]
+            if [e.scaled for e in done] != [e.scaled for e in kept] or missing:  # not expected
+                log.debug("%s: no pointwise check (tensors without statistics: %s)", self.model_name, missing[:3])
+                return
+            alt_int8, alt_shifts, alt_check = self._made_int8(
+                method, alt.model, alt.plan, " (the pointwise check's model without pointwise equalization)")
+        except Exception as err:  # noqa: BLE001 (ONNX's, ONNX Runtime's and quantkit's own error types)
+            log.warning("%s: the pointwise check was skipped (pointwise equalization kept): %s", self.model_name,
+                        " ".join(str(err).split())[:200] or type(err).__name__)
+            return
+        if alt_check is None:
             return
 
         def figure(c: dict[str, Any]) -> float:

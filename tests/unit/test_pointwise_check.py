@@ -116,3 +116,25 @@ def test_cli_says_when_the_check_left_pointwise_equalization_out(monkeypatch):
                                                              "unequalized_output_sqnr_db": 1.0}) == ""
     said = _pointwise_note({"kept": False, "output_sqnr_db": 11.1, "unequalized_output_sqnr_db": 13.1})
     assert "pointwise equalization left out" in said and "11.1 dB with it, 13.1 without" in said
+
+
+def test_a_variant_that_cannot_be_made_leaves_the_calibration_as_it_is(monkeypatch, caplog):
+    # the check is a check, not a requirement: a failure making the model without pointwise
+    # equalization (here made up) keeps the equalized calibration, with a warning, not an exit 1
+    model = make_depthwise_model(variant="plain")
+    x = depthwise_inputs(model, 40)
+    reference = _calibrate(model, x)
+    made = quantkit.ptq.Calibration._made_int8
+
+    def failing_variant(self, method, fp32, plan, variant=""):
+        if variant:
+            raise ValueError("made-up failure")
+        return made(self, method, fp32, plan, variant)
+
+    monkeypatch.setattr(quantkit.ptq.Calibration, "_made_int8", failing_variant)
+    with caplog.at_level("WARNING"):
+        cal = _calibrate(model, x)
+    assert cal.pointwise_check is None and "the pointwise check was skipped" in caplog.text
+    assert "made-up failure" in caplog.text
+    assert [e.to_dict() for e in cal.equalized] == [e.to_dict() for e in reference.equalized]
+    assert cal.int8_model().SerializeToString() == reference.int8_model().SerializeToString()
