@@ -509,6 +509,8 @@ class Calibration:
         keep = without_db <= with_db + POINTWISE_CHECK_MARGIN_DB
         self.pointwise_check = {"kept": keep, "output_sqnr_db": with_db, "unequalized_output_sqnr_db": without_db}
         if keep:
+            log.info("%s: pointwise equalization kept: the outputs' SQNR against FP32 is %.1f dB with it, %.1f dB "
+                     "without", self.model_name, with_db, without_db)
             return
         log.info("%s: pointwise equalization left out: the outputs' SQNR against FP32 is %.1f dB with it, "
                  "%.1f dB without", self.model_name, with_db, without_db)

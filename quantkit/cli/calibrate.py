@@ -208,6 +208,7 @@ class Calibrate:
             report = {"method": args.method, "held_out": held_out, **cmp.to_dict(),
                       "entropy_differs_from_trt": cal.entropy_effect(),
                       **({"bias_correction": cal.bias_checks[args.method]} if args.method in cal.bias_checks else {}),
+                      **({"pointwise_check": cal.pointwise_check} if cal.pointwise_check else {}),
                       **({"excluded": cal.excluded} if cal.excluded else {}),
                       **({"fallback": result.to_dict()} if result is not None else {})}
         if args.target == "onnxruntime":

@@ -138,3 +138,28 @@ def test_a_variant_that_cannot_be_made_leaves_the_calibration_as_it_is(monkeypat
     assert "made-up failure" in caplog.text
     assert [e.to_dict() for e in cal.equalized] == [e.to_dict() for e in reference.equalized]
     assert cal.int8_model().SerializeToString() == reference.int8_model().SerializeToString()
+
+
+@pytest.mark.parametrize("margin", [float("inf"), -float("inf")])
+def test_cli_writes_the_checks_verdict(digits_dirs, tmp_path, monkeypatch, capsys, margin):
+    # kept (any margin above the difference) or left out (any below it): report.json and ranges.json carry
+    # the verdict, the summary says when it left pointwise equalization out, and the model follows
+    from quantkit import sample
+    from quantkit.cli import main
+    from tests.helpers import DIGITS
+
+    monkeypatch.setattr(quantkit.ptq, "POINTWISE_CHECK_MARGIN_DB", margin)
+    out = tmp_path / "o"
+    assert main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(out),
+                 "--num-images", "64", "--eval-images", "32", *DIGITS]) == 0
+    said = capsys.readouterr().out
+    check = json.loads((out / "report.json").read_text())["pointwise_check"]
+    ranges = json.loads((out / "ranges.json").read_text())
+    assert ranges["config"]["pointwise_check"] == check and check["kept"] == (margin > 0)
+    assert ("pointwise equalization left out" in said) == (margin < 0)
+    model = onnx.load(str(next(out.glob("*.int8.onnx"))))
+    groups = {n.name: next((a.i for a in n.attribute if a.name == "group"), 1) for n in model.graph.node}
+    readers = [groups[c] for e in ranges.get("equalized", []) for c in e["consumers"]]
+    assert readers and any(g == 1 for g in readers) == (margin > 0)  # left out: the depthwise ones stay
+    scaled = {e["scaled"] for e in ranges.get("equalized", [])}
+    assert len([n for n in model.graph.node if n.op_type == "Mul" and n.output[0] in scaled]) == len(scaled)
