@@ -270,8 +270,10 @@ class OrtRunner(Runner):
         self.value_ordered = value_ordered_outputs(proto)
         #: graph outputs the graph L2-normalizes (embeddings: ``compare`` shows no top-1 for them)
         self.embeddings = [o.name for o in proto.graph.output if l2_normalized(proto, o.name)]
-        #: graph outputs a Concat writes along axis 1 -> its parts' sizes (``compare`` scores each part)
-        self.concat_parts = concat_parts(proto)
+        # what ``concat_parts`` reads, on first use (only ``compare`` does: a shape inference that
+        # the fallback's and the ranking's many runners need not pay); a model given by path, now
+        self._parts: dict[str, list[int]] | None = None if model is proto else concat_parts(proto)
+        self._parts_model: onnx.ModelProto | None = proto if model is proto else None
         self._outputs = [s.name for s in self._output_specs]
         self._captured = list(dict.fromkeys(capture))
         fed = {s.name for s in self._inputs}
@@ -292,6 +294,14 @@ class OrtRunner(Runner):
         #: baked batch 1 into a Reshape): found on the first batch, then every batch runs row by row
         self.one_at_a_time = False
         self._ran = False  # a batch of several samples ran (a later failure is not about the batch size)
+
+    @property
+    def concat_parts(self) -> dict[str, list[int]]:
+        """Graph outputs a Concat writes along axis 1 -> its parts' sizes (``compare`` scores each part)."""
+        if self._parts is None:
+            assert self._parts_model is not None
+            self._parts, self._parts_model = concat_parts(self._parts_model), None
+        return self._parts
 
     @property
     def input_specs(self) -> list[TensorSpec]:

@@ -273,20 +273,24 @@ FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, Tenso
 def value_ordered_outputs(model: onnx.ModelProto) -> set[str]:
     """The graph outputs computed through a ``VALUE_ORDERING_OPS`` node (TopK, NonMaxSuppression)."""
     producer = {out: node for node in model.graph.node for out in node.output if out}
-    ordered: set[str] = set()
-    for out in model.graph.output:
-        stack, seen = [out.name], set()
-        while stack:
-            t = stack.pop()
-            node = producer.get(t)
-            if t in seen or node is None:
-                continue
-            seen.add(t)
-            if node.op_type in VALUE_ORDERING_OPS:
-                ordered.add(out.name)
-                break
-            stack.extend(node_reads(node))
-    return ordered
+    return {out.name for out in model.graph.output if _ordering_nodes(out.name, producer)}
+
+
+def _ordering_nodes(output: str, producer: Mapping[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The ``VALUE_ORDERING_OPS`` nodes ``output`` is computed through (the walk back from it stops
+    at each of them)."""
+    stack, seen, found = [output], set(), []
+    while stack:
+        t = stack.pop()
+        node = producer.get(t)
+        if t in seen or node is None:
+            continue
+        seen.add(t)
+        if node.op_type in VALUE_ORDERING_OPS:
+            found.append(node)
+            continue
+        stack.extend(node_reads(node))
+    return found
 
 
 #: ops that select or re-lay-out values (their input 0) on the way from a detector head to a TopK or
@@ -303,24 +307,14 @@ def value_sources(model: onnx.ModelProto) -> list[str]:
     the head output its scores come from (YOLO's [N, 4 + classes, anchors] Concat) pairs by
     position, and it is where INT8's error on the scores can be measured."""
     producer = {out: node for node in model.graph.node for out in node.output if out}
-    ordered = value_ordered_outputs(model)
-    if not ordered:
-        return []
-    stack, seen, found = [o for o in ordered], set(), []
-    while stack:
-        t = stack.pop()
-        node = producer.get(t)
-        if t in seen or node is None:
-            continue
-        seen.add(t)
-        if node.op_type in VALUE_ORDERING_OPS:
+    found: list[str] = []
+    for out in model.graph.output:
+        for node in _ordering_nodes(out.name, producer):
             source = node.input[1] if node.op_type == "NonMaxSuppression" and len(node.input) > 1 else node.input[0]
             while source in producer and producer[source].op_type in SELECTION_OPS and producer[source].input:
                 source = producer[source].input[0]
             if source in producer and source not in found:
                 found.append(source)
-            continue
-        stack.extend(node_reads(node))
     return found
 
 
