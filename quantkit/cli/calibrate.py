@@ -35,9 +35,11 @@ class Calibrate:
         parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
         parser.add_argument("--force", action="store_true", help="replace the artifacts of an earlier run in OUTDIR (never other files)")
         g = parser.add_argument_group("calibration")
-        g.add_argument("--method", choices=method_names(), default="entropy", metavar="METHOD",
-                       help="scales written to the model and cache (default entropy); every method is computed "
-                       "from the one pass and written to ranges.json: "
+        g.add_argument("--method", choices=method_names(), default=None, metavar="METHOD",
+                       help="scales written to the model and cache; every method is computed from the one pass and "
+                       "written to ranges.json. Default: entropy, checked against percentile (both bias-corrected, "
+                       "on the correction samples: the one whose outputs agree with FP32's better by more than "
+                       "0.5 dB is written; ranges.json says which); a method named here is written as it is. "
                        + "; ".join(f"{m}: {get_method(m).description}" for m in method_names()))
         g.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
         g.add_argument("--num-bins", type=positive_int, default=2048, help="histogram bins (default 2048)")
@@ -123,7 +125,7 @@ class Calibrate:
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.datasets.classes import check_classes
         from quantkit.onnx.model import file_sha256, load_model, output_specs
-        from quantkit.ptq import ExportConfig, QuantizeConfig, RunConfig, StatsConfig, prepare_for, quantize
+        from quantkit.ptq import DEFAULT_METHOD, ExportConfig, QuantizeConfig, RunConfig, StatsConfig, prepare_for, quantize
 
         model_path = Path(args.model)
         inputs = [p for p in (args.model, args.images, args.npz, args.eval_dir, args.exclude_from) if p]
@@ -145,7 +147,8 @@ class Calibrate:
                         equalize_pointwise=not args.no_equalize_pointwise,
                         quantize_attention_probs=args.quantize_attention_probs),
             RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
-            ExportConfig(method=args.method, params={"percentile": args.percentile}))
+            ExportConfig(method=args.method or DEFAULT_METHOD, params={"percentile": args.percentile},
+                         method_check=None if args.method is None else False))
         prepared = prepare_for(model, config.stats, str(model_path))
         if (args.eval_images > 0 or args.max_drop is not None) and not output_specs(prepared.model):
             from quantkit.errors import ModelError
@@ -175,6 +178,7 @@ class Calibrate:
             cal = quantize(prepared, source, config, indices=drawn.indices, on_batch=bar.update,
                            sampling=drawn.to_dict())
 
+        method = cal.config.method  # the method check's choice where --method was not given
         # printed after the artifacts are written (a closed stdout loses nothing)
         report, lines = None, [f"calibration sample: {describe_sample(drawn, 'images' if args.images else 'samples')}"]
         spec = getattr(getattr(source, "source", source), "preprocess", None)  # an image folder's
@@ -199,15 +203,16 @@ class Calibrate:
             known = [] if args.eval_dir else [f for f, _ in cal.skipped]  # warned about once already
             with progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
                 cmp = cal.evaluate(eval_source, eval_idx, reference_name=model_path.name, known_skips=known,
-                                   test_name=f"{model_path.stem}.int8.onnx ({args.method})",
+                                   test_name=f"{model_path.stem}.int8.onnx ({method})",
                                    on_batch=bar.update)
             # files the calibration pass already reported are summed up once, below
             lines.append(replace(cmp, skipped=[s for s in cmp.skipped if s[0] not in known]).table())
             if not held_out:
                 lines.append("  note: no images left after calibration; compared on calibration images")
-            report = {"method": args.method, "held_out": held_out, **cmp.to_dict(),
+            report = {"method": method, "held_out": held_out, **cmp.to_dict(),
                       "entropy_differs_from_trt": cal.entropy_effect(),
-                      **({"bias_correction": cal.bias_checks[args.method]} if args.method in cal.bias_checks else {}),
+                      **({"bias_correction": cal.bias_checks[method]} if method in cal.bias_checks else {}),
+                      **({"method_check": cal.method_check} if cal.method_check else {}),
                       **({"pointwise_check": cal.pointwise_check} if cal.pointwise_check else {}),
                       **({"excluded": cal.excluded} if cal.excluded else {}),
                       **({"fallback": result.to_dict()} if result is not None else {})}
@@ -249,14 +254,24 @@ class Calibrate:
         copies = len({e.scaled for e in cal.equalized} & set(cal.plan.activations))  # `inspect` plans without them
         print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations"
               + (f" ({copies} of them equalization Mul outputs)" if copies else "")
-              + f" and {len(cal.plan.weights)} weights quantized ({args.method})"
+              + f" and {len(cal.plan.weights)} weights quantized ({method}{_method_note(cal.method_check)})"
               + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")
               + (f"; {len(front)} Conv/Gemm/MatMul of a log-spectrum front end kept in float" if front else "")
               + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else "")
-              + _pointwise_note(cal.pointwise_check) + _bias_note(cal.bias_checks.get(args.method)))
+              + _pointwise_note(cal.pointwise_check) + _bias_note(cal.bias_checks.get(method)))
         for p in paths.values():
             print(f"  wrote {p}")
         return 0
+
+
+def _method_note(check: dict[str, Any] | None) -> str:
+    """The summary's words on the method check's verdict (none where it did not run)."""
+    if check is None:
+        return ""
+    db = check["output_sqnr_db"]
+    other = check["alternative"] if check["chosen"] == check["configured"] else check["configured"]
+    return (f": the method check's choice, the outputs' SQNR against FP32 {db[check['chosen']]:.1f} dB, "
+            f"{other} {db[other]:.1f} dB; --method {check['configured']} writes {check['configured']} unchecked")
 
 
 def _pointwise_note(check: dict[str, Any] | None) -> str:

@@ -100,7 +100,7 @@ def test_cache_names_only_the_users_tensors(tmp_path):
     cache = cal.cache()
     assert set(cache.scales) <= original and "h" in cache.scales and e.scaled not in cache.scales
     # h's own range (not the scaled tensor's) under its own name
-    assert cache.scales["h"] == pytest.approx(cal.ranges["h"].amax["entropy"] / 127, rel=1e-6)
+    assert cache.scales["h"] == pytest.approx(cal.ranges["h"].amax[cal.config.method] / 127, rel=1e-6)
     only_dw = make_depthwise_model()  # h feeds the depthwise Conv alone: captured for the cache anyway
     cal2 = _calibrate(only_dw, depthwise_inputs(only_dw, 32))
     assert "h" not in cal2.plan.activations and "h" in cal2.cache().scales

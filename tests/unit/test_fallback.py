@@ -281,6 +281,9 @@ def test_a_method_bad_everywhere_is_switched_for_the_whole_model():
     after = cal.cache().scales
     want = CalibrationCache.from_amax({t: cal.ranges[t].amax[method] for t in after}, method).scales
     assert after == want and set(after) == set(before) and after != before
+    # an equalized tensor is in the cache under its own name: it follows its scaled copy's group
+    own = [e.tensor for e in cal.equalized if e.tensor in after]
+    assert own and method != cal.config.method, (own, method)
     without = fallback(scales, ev, None, FallbackConfig(max_drop=0.5, drop_metric="accuracy", method_groups=0))
     assert not without.method_overrides and len(without.float_groups) > 0
 

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import quantkit
-from quantkit.ptq import QuantizeConfig, RunConfig, StatsConfig
+from quantkit.ptq import ExportConfig, QuantizeConfig, RunConfig, StatsConfig
 from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model
 
 
@@ -58,7 +58,9 @@ def test_output_sqnr_counts_a_concats_worst_part_pooled():
 
 
 def _calibrate(model: onnx.ModelProto, x: np.ndarray, **stats) -> quantkit.Calibration:
-    return quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(**stats), RunConfig(batch_size=8)))
+    """Entropy without the method check (test_method_check), so that both calibrations compared keep it."""
+    return quantkit.quantize(model, ArraySource(x), QuantizeConfig(StatsConfig(**stats), RunConfig(batch_size=8),
+                                                                   ExportConfig(method_check=False)))
 
 
 @pytest.mark.parametrize("variant", ["plain", "input"])

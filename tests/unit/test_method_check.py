@@ -1,0 +1,118 @@
+"""The method check (``Calibration.check_method``): the default method's bias-corrected Q/DQ model
+against percentile's, from the one pass, the better by the guard's figure written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import quantkit
+from quantkit.errors import InputError
+from quantkit.ptq import ExportConfig, QuantizeConfig, RunConfig, StatsConfig
+from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model
+
+
+def _calibrate(export: ExportConfig = ExportConfig(), **stats) -> quantkit.Calibration:
+    model = make_depthwise_model(variant="fanout")
+    return quantkit.quantize(model, ArraySource(depthwise_inputs(model, 40)),
+                             QuantizeConfig(StatsConfig(**stats), RunConfig(batch_size=8), export))
+
+
+def _activation_scales(model: onnx.ModelProto) -> dict[str, float]:
+    """Each QuantizeLinear's input -> its scale (weights' too: those do not depend on the method)."""
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]].reshape(-1)[0]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and inits[n.input[1]].size == 1}
+
+
+def test_which_configurations_are_checked():
+    assert ExportConfig().checks_method  # the default: entropy, checked
+    assert ExportConfig(method="entropy").checks_method  # the API's default value, not a choice it can tell
+    assert not ExportConfig(method="entropy", method_check=False).checks_method  # `calibrate --method entropy`
+    assert not ExportConfig(method="minmax").checks_method  # another method, chosen: written as it is
+    assert not ExportConfig(method="minmax", method_check=True).checks_method  # no alternative defined for it
+    with pytest.raises(InputError):
+        ExportConfig(method_check="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("margin", [-np.inf, np.inf])
+def test_the_alternative_is_written_only_where_it_agrees_better(monkeypatch, tmp_path, margin):
+    # any margin below the figures' difference takes percentile, any above keeps entropy: the
+    # calibration's method, its Q/DQ model, cache and ranges.json then all follow the choice
+    monkeypatch.setattr(quantkit.ptq, "METHOD_CHECK_MARGIN_DB", margin)
+    cal = _calibrate()
+    check = cal.method_check
+    chosen = "percentile" if margin < 0 else "entropy"
+    assert check is not None and check["configured"] == "entropy" and check["alternative"] == "percentile"
+    assert check["chosen"] == chosen and cal.config.method == chosen
+    for m in ("entropy", "percentile"):  # each figure is the guard's for the model it kept
+        b = cal.bias_checks[m]
+        assert check["output_sqnr_db"][m] == b["output_sqnr_db" if b["applied"] else "uncorrected_output_sqnr_db"]
+    scales = _activation_scales(cal.int8_model())
+    amax = cal.amax(chosen, quantized_only=True)
+    assert scales and all(scales[t] == pytest.approx(amax[t] / 127, rel=1e-6) for t in scales if t in amax)
+    assert cal.int8_model() is cal.int8_model(chosen)
+    assert cal.cache().scales["h"] == pytest.approx(cal.ranges["h"].amax[chosen] / 127, rel=1e-6)
+    paths = cal.save(tmp_path / "out", model_stem="m")
+    doc = json.loads(paths["ranges"].read_text())
+    assert doc["method"] == chosen and doc["config"]["method_check"] == check
+
+
+def test_the_check_is_the_same_as_computing_both_methods_by_hand():
+    # the figures come from the same models `int8_model(method)` makes without the check
+    checked = _calibrate()
+    plain = _calibrate(ExportConfig(method_check=False))
+    assert plain.method_check is None and plain.config.method == "entropy"
+    for m in ("entropy", "percentile"):
+        plain.int8_model(m)
+        assert plain.bias_checks[m] == checked.bias_checks[m]
+        assert plain.int8_model(m).SerializeToString() == checked.int8_model(m).SerializeToString()
+
+
+def test_no_check_without_bias_correction_or_for_a_chosen_method():
+    assert _calibrate(bias_correction=False).method_check is None  # no correction samples to judge on
+    cal = _calibrate(ExportConfig(method="mse"))
+    assert cal.method_check is None and cal.config.method == "mse" and set(cal._int8) <= {"mse"}
+
+
+def test_an_alternative_that_cannot_be_made_keeps_the_method(monkeypatch, caplog):
+    made = quantkit.ptq.Calibration._made_int8
+
+    def failing(self, method, fp32, plan, variant=""):
+        if method == "percentile":
+            raise ValueError("made-up failure")
+        return made(self, method, fp32, plan, variant)
+
+    monkeypatch.setattr(quantkit.ptq, "METHOD_CHECK_MARGIN_DB", -np.inf)  # it would be taken if it could be made
+    monkeypatch.setattr(quantkit.ptq.Calibration, "_made_int8", failing)
+    with caplog.at_level("WARNING"):
+        cal = _calibrate()
+    assert cal.method_check is None and cal.config.method == "entropy"
+    assert "the method check was skipped (entropy kept)" in caplog.text and "made-up failure" in caplog.text
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_cli_writes_the_checks_verdict_unless_a_method_is_named(digits_dirs, tmp_path, monkeypatch, capsys, explicit):
+    from quantkit import sample
+    from quantkit.cli import main
+    from tests.helpers import DIGITS
+
+    monkeypatch.setattr(quantkit.ptq, "METHOD_CHECK_MARGIN_DB", -np.inf)  # percentile whenever it is checked
+    out = tmp_path / "o"
+    assert main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(out),
+                 "--num-images", "64", "--eval-images", "32", *DIGITS,
+                 *(["--method", "entropy"] if explicit else [])]) == 0
+    said = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    ranges = json.loads((out / "ranges.json").read_text())
+    want = "entropy" if explicit else "percentile"
+    assert report["method"] == ranges["method"] == want
+    assert ("method_check" in report) == ("method_check" in ranges["config"]) == (not explicit)
+    assert (f"quantized ({want}: the method check's choice" in said) == (not explicit)
+    assert f"int8.onnx ({want})" in said  # the comparison table names the method written
+    if not explicit:
+        assert report["method_check"]["chosen"] == "percentile" and "--method entropy writes entropy" in said
