@@ -532,6 +532,8 @@ class Calibration:
                              "output_sqnr_db": figures}
         log.info("%s: method check: %s (the outputs' SQNR against FP32 %.1f dB with %s, %.1f dB with %s)",
                  self.model_name, chosen, figures[method], method, figures[alt], alt)
+        # the other model is made again if asked for: one Q/DQ model held, as without the check
+        self._int8.pop(alt if chosen == method else method, None)
         if chosen != method:
             self.config = replace(self.config, export=replace(export, method=chosen))
 

@@ -49,6 +49,7 @@ def test_the_alternative_is_written_only_where_it_agrees_better(monkeypatch, tmp
     chosen = "percentile" if margin < 0 else "entropy"
     assert check is not None and check["configured"] == "entropy" and check["alternative"] == "percentile"
     assert check["chosen"] == chosen and cal.config.method == chosen
+    assert set(cal._int8) == {chosen}  # the other Q/DQ model is not held (made again if asked for)
     for m in ("entropy", "percentile"):  # each figure is the guard's for the model it kept
         b = cal.bias_checks[m]
         assert check["output_sqnr_db"][m] == b["output_sqnr_db" if b["applied"] else "uncorrected_output_sqnr_db"]
