@@ -221,7 +221,7 @@ class ExportConfig:
             as it is; ``quantkit calibrate --method entropy`` passes False.
     """
 
-    method: str = "entropy"
+    method: str = DEFAULT_METHOD
     params: Mapping[str, float] = field(default_factory=dict)
     method_check: bool | None = None
 

@@ -268,10 +268,11 @@ def _method_note(check: dict[str, Any] | None) -> str:
     """The summary's words on the method check's verdict (none where it did not run)."""
     if check is None:
         return ""
-    db = check["output_sqnr_db"]
-    other = check["alternative"] if check["chosen"] == check["configured"] else check["configured"]
+    db, configured = check["output_sqnr_db"], check["configured"]
+    switched = check["chosen"] != configured
+    other = configured if switched else check["alternative"]
     return (f": the method check's choice, the outputs' SQNR against FP32 {db[check['chosen']]:.1f} dB, "
-            f"{other} {db[other]:.1f} dB; --method {check['configured']} writes {check['configured']} unchecked")
+            f"{other} {db[other]:.1f} dB" + (f"; --method {configured} writes {configured} unchecked" if switched else ""))
 
 
 def _pointwise_note(check: dict[str, Any] | None) -> str:

@@ -117,3 +117,16 @@ def test_cli_writes_the_checks_verdict_unless_a_method_is_named(digits_dirs, tmp
     assert f"int8.onnx ({want})" in said  # the comparison table names the method written
     if not explicit:
         assert report["method_check"]["chosen"] == "percentile" and "--method entropy writes entropy" in said
+
+
+def test_the_summary_names_the_other_figure_and_the_way_back_only_after_a_switch():
+    from quantkit.cli.calibrate import _method_note
+
+    assert _method_note(None) == ""
+    kept = {"configured": "entropy", "alternative": "percentile", "chosen": "entropy",
+            "output_sqnr_db": {"entropy": 40.5, "percentile": 40.0}}
+    said = _method_note(kept)
+    assert "40.5 dB, percentile 40.0 dB" in said and "--method" not in said
+    switched = {**kept, "chosen": "percentile", "output_sqnr_db": {"entropy": 4.93, "percentile": 6.85}}
+    said = _method_note(switched)
+    assert "6.8 dB, entropy 4.9 dB" in said and "--method entropy writes entropy unchecked" in said
