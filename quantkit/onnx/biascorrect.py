@@ -542,6 +542,27 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     return Correction(work, shifts, check) if applied else Correction(qdq, {}, check)
 
 
+def heldout_sqnr(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequence[Feed],
+                 session: Callable[[bytes], Any], cache: dict[str, Any] | None = None) -> float | None:
+    """``output_sqnr`` of ``qdq``'s guard outputs (``guard_outputs``) against ``fp32``'s on
+    ``feeds``: the guard's figure on samples a correction was not fitted on (``cache``: the FP32
+    side, kept for the next model compared on the same feeds). None when nothing compares."""
+    outputs = guard_outputs(fp32)
+    if not outputs:
+        return None
+    ref = None if cache is None else cache.get("reference")
+    if ref is None:
+        ref = reference(fp32, (), feeds, session, outputs)
+        if cache is not None:
+            cache["reference"] = ref
+    sess = session(with_outputs_bytes(qdq, outputs))
+    got: dict[str, list[np.ndarray | None]] = {t: [] for t in outputs}
+    for feed, _ in feeds:
+        for t, x in zip(outputs, sess.run(outputs, dict(feed))):
+            got[t].append(output_samples(x))
+    return output_sqnr(ref.outputs, got, ref.parts)
+
+
 @dataclass
 class Correction:
     """What ``sequential_correction`` made.

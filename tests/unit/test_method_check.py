@@ -16,9 +16,10 @@ from quantkit.ptq import ExportConfig, QuantizeConfig, RunConfig, StatsConfig
 from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model
 
 
-def _calibrate(export: ExportConfig = ExportConfig(), **stats) -> quantkit.Calibration:
+def _calibrate(export: ExportConfig = ExportConfig(), samples: int = 64, **stats) -> quantkit.Calibration:
+    """The first 32 samples correct the biases, the next 32 check the method."""
     model = make_depthwise_model(variant="fanout")
-    return quantkit.quantize(model, ArraySource(depthwise_inputs(model, 40)),
+    return quantkit.quantize(model, ArraySource(depthwise_inputs(model, samples)),
                              QuantizeConfig(StatsConfig(**stats), RunConfig(batch_size=8), export))
 
 
@@ -50,13 +51,24 @@ def test_the_alternative_is_written_only_where_it_agrees_better(monkeypatch, tmp
     assert check is not None and check["configured"] == "entropy" and check["alternative"] == "percentile"
     assert check["chosen"] == chosen and cal.config.method == chosen
     assert set(cal._int8) == {chosen}  # the other Q/DQ model is not held (made again if asked for)
-    for m in ("entropy", "percentile"):  # each figure is the guard's for the model it kept
-        b = cal.bias_checks[m]
-        assert check["output_sqnr_db"][m] == b["output_sqnr_db" if b["applied"] else "uncorrected_output_sqnr_db"]
-    scales = _activation_scales(cal.int8_model())
+    held = cal._int8[chosen]
+    # each figure: the model the guard kept (corrected on samples 0-31), measured on samples 32-63
+    from functools import partial
+
+    from quantkit.backends.onnxruntime import create_session
+    from quantkit.onnx.biascorrect import heldout_sqnr
+
+    model = make_depthwise_model(variant="fanout")
+    x = depthwise_inputs(model, 64)
+    assert check["samples"] == 32 and sum(n for _, n in cal.check_feeds) == 32
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f, _ in cal.check_feeds]), x[32:])
+    for m in ("entropy", "percentile"):
+        want = heldout_sqnr(cal.int8_model(m), model, [({"x": x[32:]}, 32)], partial(create_session, threads=1))
+        assert check["output_sqnr_db"][m] == pytest.approx(want, abs=0.01)
+    scales = _activation_scales(held)
     amax = cal.amax(chosen, quantized_only=True)
     assert scales and all(scales[t] == pytest.approx(amax[t] / 127, rel=1e-6) for t in scales if t in amax)
-    assert cal.int8_model() is cal.int8_model(chosen)
+    assert cal.int8_model() is cal.int8_model(chosen) and set(cal._int8) == {"entropy", "percentile"}
     assert cal.cache().scales["h"] == pytest.approx(cal.ranges["h"].amax[chosen] / 127, rel=1e-6)
     paths = cal.save(tmp_path / "out", model_stem="m")
     doc = json.loads(paths["ranges"].read_text())
@@ -74,8 +86,11 @@ def test_the_check_is_the_same_as_computing_both_methods_by_hand():
         assert plain.int8_model(m).SerializeToString() == checked.int8_model(m).SerializeToString()
 
 
-def test_no_check_without_bias_correction_or_for_a_chosen_method():
-    assert _calibrate(bias_correction=False).method_check is None  # no correction samples to judge on
+def test_no_check_without_bias_correction_or_samples_after_the_corrections_or_for_a_chosen_method():
+    assert _calibrate(bias_correction=False).method_check is None  # the check compares corrected models
+    few = _calibrate(samples=32 + quantkit.ptq.METHOD_CHECK_MIN_SAMPLES - 1)  # too few samples to check on
+    assert few.check_feeds is None and few.method_check is None and few.config.method == "entropy"
+    assert _calibrate(samples=32 + quantkit.ptq.METHOD_CHECK_MIN_SAMPLES).method_check is not None
     cal = _calibrate(ExportConfig(method="mse"))
     assert cal.method_check is None and cal.config.method == "mse" and set(cal._int8) <= {"mse"}
 
