@@ -66,14 +66,13 @@ EQUALIZE_SAMPLES = 32
 #: on the bias correction's samples, each model with its guarded correction)
 POINTWISE_CHECK_MARGIN_DB = 0.5
 #: the method check (``Calibration.check_method``): the default method's Q/DQ model against the
-#: alternative's, both bias-corrected with the guard, on the correction samples; the alternative
-#: is taken where its outputs agree with FP32's better by more than ``METHOD_CHECK_MARGIN_DB``
-#: (dB, ``biascorrect.output_sqnr``). Percentile clips the last 0.01% of |x| whatever the
-#: histogram's shape, where entropy's KL search (one-sided tensors) or least-MSE (two-sided) can
-#: clip a detector backbone's SiLU outputs too hard: YOLOv8n-OBB's detection F1 against FP32 went
-#: 0.59 -> 0.81 with percentile, and percentile was at least as good on every YOLO export probed
-#: but one (a rail detector, F1 0.69 -> 0.13 at a guard figure 2 dB lower: the check keeps
-#: entropy there). benchmarks/results/real_models.md
+#: alternative's, both bias-corrected with the guard; the alternative is taken where its outputs
+#: agree with FP32's better by more than ``METHOD_CHECK_MARGIN_DB`` (dB, ``biascorrect.output_sqnr``)
+#: on calibration samples the correction did not see. Percentile clips the last 0.01% of |x|
+#: whatever the histogram's shape, where entropy's KL search (one-sided tensors) or least-MSE
+#: (two-sided) can clip a detector backbone's SiLU outputs too hard: YOLOv8n-OBB's detection F1
+#: against FP32 went 0.59 -> 0.81 with percentile; on a rail detector percentile loses its
+#: detections (F1 0.69 -> 0.13) and the check keeps entropy. benchmarks/results/design_notes.md
 METHOD_CHECK_ALTERNATIVE = {"entropy": "percentile"}
 METHOD_CHECK_MARGIN_DB = 0.5
 #: the method check measures on the calibration samples after the correction's (at most this
@@ -511,14 +510,14 @@ class Calibration:
     def check_method(self) -> None:
         """Where ``config.export.checks_method``: make the configured method's and its
         alternative's (``METHOD_CHECK_ALTERNATIVE``) Q/DQ models, each bias-corrected with the
-        guard, and take the alternative where its outputs agree with FP32's on the correction
-        samples better by more than ``METHOD_CHECK_MARGIN_DB``: ``config`` then names it, and
-        every artifact follows. Both come from the one pass; nothing is measured again.
+        guard, and take the alternative where its outputs agree with FP32's better by more than
+        ``METHOD_CHECK_MARGIN_DB`` on ``check_feeds`` (calibration samples after the correction's):
+        ``config`` then names it, and every artifact follows. Both come from the one pass.
 
         Entropy's ranges are TensorRT's KL search on one-sided tensors and least-MSE on two-sided
         ones; a backbone of SiLU outputs can lose a detector's weak detections to them (a
         YOLOv8n-OBB: F1 against FP32 0.59, percentile 0.81) where the output figure says so too
-        (4.9 against 6.9 dB). Without bias correction (no correction samples) it does not run."""
+        (3.6 against 11.1 dB). Without bias correction, or without ``check_feeds``, it does not run."""
         from functools import partial
 
         from quantkit.backends.onnxruntime import create_session
