@@ -37,9 +37,10 @@ class Calibrate:
         g = parser.add_argument_group("calibration")
         g.add_argument("--method", choices=method_names(), default=None, metavar="METHOD",
                        help="scales written to the model and cache; every method is computed from the one pass and "
-                       "written to ranges.json. Default: entropy, checked against percentile (both bias-corrected, "
-                       "on the correction samples: the one whose outputs agree with FP32's better by more than "
-                       "0.5 dB is written; ranges.json says which); a method named here is written as it is. "
+                       "written to ranges.json. Default: entropy, checked against percentile (both bias-corrected on "
+                       "the first 32 samples, compared on the next up-to-32: the one whose outputs agree with "
+                       "FP32's better by more than 0.5 dB is written; ranges.json says which; no check with fewer "
+                       "than 48 samples); a method named here is written as it is. "
                        + "; ".join(f"{m}: {get_method(m).description}" for m in method_names()))
         g.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
         g.add_argument("--num-bins", type=positive_int, default=2048, help="histogram bins (default 2048)")
