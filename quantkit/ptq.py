@@ -408,7 +408,8 @@ class Calibration:
             outputs' per-channel SQNR against FP32 with and without it).
         correction_feeds: with bias correction, the batches it is measured on (else None).
         check_feeds: the method check's batches: calibration samples after the correction's
-            (``METHOD_CHECK_SAMPLES``); None where there are too few, or no check.
+            (``METHOD_CHECK_SAMPLES``); None where there are too few, or no check, and once the
+            check has run.
         pointwise_check: the pointwise check's verdict (``check_pointwise``): whether pointwise
             equalization was kept, and the configured method's outputs' SQNR against FP32 with
             and without it; None where it did not run.
@@ -438,7 +439,6 @@ class Calibration:
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
     _correction_reference: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     _correction_history: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
-    _check_reference: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     #: after ``apply_fallback``: tensor -> the method its group was switched to; tensors left in float
     _tensor_methods: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     _float_tensors: set[str] = field(default_factory=set, repr=False, compare=False)
@@ -529,11 +529,12 @@ class Calibration:
         if alt is None or not export.checks_method or self.correction_feeds is None or not self.check_feeds:
             return
         session = partial(create_session, threads=self.config.run.threads)
+        feeds, self.check_feeds = self.check_feeds, None  # used once: not held with the calibration
         figures: dict[str, float] = {}
+        reference: dict[str, Any] = {}  # the FP32 side, for both models
         try:  # a check, not a requirement: where the alternative cannot be made, the method stays
             for m in (method, alt):
-                db = heldout_sqnr(self.int8_model(m), self.model, self.check_feeds, session,
-                                  cache=self._check_reference)
+                db = heldout_sqnr(self.int8_model(m), self.model, feeds, session, cache=reference)
                 if db is None:  # no output to compare
                     return
                 figures[m] = round(db, 2)
@@ -543,7 +544,7 @@ class Calibration:
             return
         chosen = alt if figures[alt] > figures[method] + METHOD_CHECK_MARGIN_DB else method
         self.method_check = {"configured": method, "alternative": alt, "chosen": chosen,
-                             "output_sqnr_db": figures, "samples": sum(n for _, n in self.check_feeds)}
+                             "output_sqnr_db": figures, "samples": sum(n for _, n in feeds)}
         log.info("%s: method check: %s (the outputs' SQNR against FP32 %.1f dB with %s, %.1f dB with %s)",
                  self.model_name, chosen, figures[method], method, figures[alt], alt)
         # the other model is made again if asked for: one Q/DQ model held, as without the check
