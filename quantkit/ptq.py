@@ -221,8 +221,8 @@ class ExportConfig:
         params: range-method parameters over the registered defaults, e.g.
             ``{"percentile": 99.9, "auto_tolerance": 2.0}``.
         method_check: whether ``quantize`` compares ``method``'s Q/DQ model with its alternative's
-            (``METHOD_CHECK_ALTERNATIVE``: ``entropy`` against ``percentile``) on the bias
-            correction's samples and takes the better (``Calibration.check_method``). None (the
+            (``METHOD_CHECK_ALTERNATIVE``: ``entropy`` against ``percentile``) on the calibration
+            samples after the bias correction's and takes the better (``Calibration.check_method``). None (the
             default): for the default method only, so an explicit choice of another is written
             as it is; ``quantkit calibrate --method entropy`` passes False.
     """
@@ -1004,8 +1004,13 @@ def _correction_feeds(model: PreparedModel, source: Source, indices: Sequence[in
     stats = config.stats
     if not stats.bias_correction or stats.target != "tensorrt" or stats.pow2_grid:
         return None
-    batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), config.run,
-                                 known_skips=known_skips)
+    return _feeds(model, source, indices[:EQUALIZE_SAMPLES], config, known_skips)
+
+
+def _feeds(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
+           known_skips: Collection[str]) -> list[tuple[dict[str, Any], int]]:
+    """The evaluation batches of ``indices``, held as (feed, samples) pairs."""
+    batcher = evaluation_batches(source, model.specs, list(indices), config.run, known_skips=known_skips)
     return [(dict(b.feed), b.size) for b in batcher]
 
 
@@ -1017,8 +1022,7 @@ def _check_feeds(model: PreparedModel, source: Source, indices: Sequence[int], c
     rest = list(indices[EQUALIZE_SAMPLES:EQUALIZE_SAMPLES + METHOD_CHECK_SAMPLES])
     if not config.export.checks_method or len(rest) < METHOD_CHECK_MIN_SAMPLES:
         return None
-    batcher = evaluation_batches(source, model.specs, rest, config.run, known_skips=known_skips)
-    feeds = [(dict(b.feed), b.size) for b in batcher]
+    feeds = _feeds(model, source, rest, config, known_skips)
     return feeds if sum(n for _, n in feeds) >= METHOD_CHECK_MIN_SAMPLES else None
 
 

@@ -256,8 +256,7 @@ def guard_outputs(model: onnx.ModelProto) -> list[str]:
     tensor the TopK or NMS selects from (``value_sources``: an NMS export's head output)."""
     from quantkit.onnx.model import value_ordered_outputs, value_sources
 
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-              onnx.TensorProto.BFLOAT16, onnx.TensorProto.UNDEFINED}
+    floats = {*FLOAT_TYPES, onnx.TensorProto.UNDEFINED}  # an output of undeclared type: its values decide
     ordered = set(value_ordered_outputs(model))
     outputs = [o.name for o in model.graph.output
                if o.type.tensor_type.elem_type in floats and o.name not in ordered]
@@ -528,11 +527,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
         return Correction(_drop_orphan_constants(work, replaced), shifts)
     ran = set().union(*(plan.segment for plan in plans)) if reused < len(plans) else set()
     corrected = _outputs_from(work, list(watched), known, reads, producer, ran, inits, session)
-    plain_session = session(with_outputs_bytes(qdq, list(watched)))
-    plain: dict[str, list[np.ndarray | None]] = {t: [] for t in watched}
-    for feed, _ in feeds:
-        for t, x in zip(plain, plain_session.run(list(plain), dict(feed))):
-            plain[t].append(output_samples(x))
+    plain = _output_samples_of(qdq, list(watched), feeds, session)
     with_db, without_db = output_sqnr(watched, corrected, ref.parts), output_sqnr(watched, plain, ref.parts)
     work = _drop_orphan_constants(work, replaced)
     if with_db is None or without_db is None:
@@ -547,20 +542,26 @@ def heldout_sqnr(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequence[Fe
     """``output_sqnr`` of ``qdq``'s guard outputs (``guard_outputs``) against ``fp32``'s on
     ``feeds``: the guard's figure on samples a correction was not fitted on (``cache``: the FP32
     side, kept for the next model compared on the same feeds). None when nothing compares."""
-    outputs = guard_outputs(fp32)
-    if not outputs:
-        return None
     ref = None if cache is None else cache.get("reference")
     if ref is None:
+        outputs = guard_outputs(fp32)
+        if not outputs:
+            return None
         ref = reference(fp32, (), feeds, session, outputs)
         if cache is not None:
             cache["reference"] = ref
-    sess = session(with_outputs_bytes(qdq, outputs))
+    return output_sqnr(ref.outputs, _output_samples_of(qdq, list(ref.outputs), feeds, session), ref.parts)
+
+
+def _output_samples_of(model: onnx.ModelProto, outputs: list[str], feeds: Sequence[Feed],
+                       session: Callable[[bytes], Any]) -> dict[str, list[np.ndarray | None]]:
+    """``model``'s tensors ``outputs`` on each of ``feeds``, as ``output_samples``."""
+    sess = session(with_outputs_bytes(model, outputs))
     got: dict[str, list[np.ndarray | None]] = {t: [] for t in outputs}
     for feed, _ in feeds:
         for t, x in zip(outputs, sess.run(outputs, dict(feed))):
             got[t].append(output_samples(x))
-    return output_sqnr(ref.outputs, got, ref.parts)
+    return got
 
 
 @dataclass
