@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from quantkit import env_int
 from quantkit.calibrators.cache import DEFAULT_TRT_VERSION, CalibrationCache
 from quantkit.calibrators.collectors import Histogram, collect_histograms, merge_histogram
 from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method, method_params
@@ -58,6 +59,17 @@ BIAS_CORRECTION_GUARD = True
 #: on 16 cores, with 16, RapidOCR's classifier's correction took 1.43 s, with 4 0.79 s (its 53 depths
 #: are small); the recogniser's and the detector's, 3.1 and 2.9 s either way (calibration_corpus.md)
 SEGMENT_THREADS = 4
+#: the method check's two Q/DQ models (each with its guarded bias correction and its pass over
+#: the check samples) are made side by side in two threads, each correction's segments in at most
+#: ``SEGMENT_THREADS``, where the run may use at least ``CHECK_PARALLEL_CORES`` cores and
+#: ``CHECK_PARALLEL_MEMORY_GB`` of memory is free (a correction holds the tensors that cross its
+#: segments' boundaries over its samples); else one after the other. The same models either way.
+#: ``QUANTKIT_CHECK_WORKERS=1``: one after the other. On 16 cores (calibration_corpus.md) it took
+#: 23% off the recogniser's calibration at 512 samples; a third thread making the pointwise check's
+#: model ahead cost more than it saved where the check then changed the method (a wasted correction).
+CHECK_WORKERS = env_int("QUANTKIT_CHECK_WORKERS", 2, minimum=1)
+CHECK_PARALLEL_CORES = 8
+CHECK_PARALLEL_MEMORY_GB = 8.0
 #: the first samples, whose per-channel maxima decide depthwise equalization
 EQUALIZE_SAMPLES = 32
 #: the pointwise check (``Calibration.check_pointwise``): the model without pointwise
@@ -507,6 +519,18 @@ class Calibration:
             log.info("%s: bias correction of %d Conv(s) for %s%s", self.model_name, len(done.shifts), method, variant)
         return done.model, done.shifts, done.check
 
+    def _side_by_side(self, calls: "Sequence[Callable[[], Any]]") -> list[Any]:
+        """Each of ``calls``' results, in order: made side by side in ``CHECK_WORKERS`` threads
+        where this run may use ``CHECK_PARALLEL_CORES`` cores and ``CHECK_PARALLEL_MEMORY_GB`` of
+        memory is free, else one after another; the first error is raised."""
+        cores = self.config.run.threads or os.cpu_count() or 1
+        workers = min(CHECK_WORKERS, len(calls))
+        if workers <= 1 or cores < CHECK_PARALLEL_CORES or _free_memory_gb() < CHECK_PARALLEL_MEMORY_GB:
+            return [call() for call in calls]
+        with ThreadPoolExecutor(workers, thread_name_prefix="quantkit-check") as pool:
+            futures = [pool.submit(call) for call in calls]
+            return [f.result() for f in futures]
+
     def check_method(self) -> None:
         """Where ``config.export.checks_method``: make the configured method's and its
         alternative's (``METHOD_CHECK_ALTERNATIVE``) Q/DQ models, each bias-corrected with the
@@ -517,7 +541,8 @@ class Calibration:
         Entropy's ranges are TensorRT's KL search on one-sided tensors and least-MSE on two-sided
         ones; a backbone of SiLU outputs can lose a detector's weak detections to them (a
         YOLOv8n-OBB: F1 against FP32 0.59, percentile 0.81) where the output figure says so too
-        (3.6 against 11.1 dB). Without bias correction, or without ``check_feeds``, it does not run."""
+        (3.6 against 11.1 dB). Without bias correction, or without ``check_feeds``, it does not run.
+        The two models are made side by side where the machine allows (``_side_by_side``)."""
         from functools import partial
 
         from quantkit.backends.onnxruntime import create_session
@@ -532,9 +557,12 @@ class Calibration:
         feeds, self.check_feeds = self.check_feeds, None  # used once: not held with the calibration
         figures: dict[str, float] = {}
         reference: dict[str, Any] = {}  # the FP32 side, for both models
+
+        def figure(m: str) -> float | None:
+            return heldout_sqnr(self.int8_model(m), self.model, feeds, session, cache=reference)
+
         try:  # a check, not a requirement: where the alternative cannot be made, the method stays
-            for m in (method, alt):
-                db = heldout_sqnr(self.int8_model(m), self.model, feeds, session, cache=reference)
+            for m, db in zip((method, alt), self._side_by_side([lambda: figure(method), lambda: figure(alt)])):
                 if db is None:  # no output to compare
                     return
                 figures[m] = round(db, 2)
@@ -986,6 +1014,14 @@ def quantize(
     cal.check_method()
     cal.check_pointwise(unequalized)
     return cal
+
+
+def _free_memory_gb() -> float:
+    """Memory available now (GiB; 0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (AttributeError, ValueError, OSError):
+        return 0.0
 
 
 def _one_at_a_time(config: QuantizeConfig) -> QuantizeConfig:

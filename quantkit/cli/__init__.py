@@ -209,6 +209,7 @@ def _one_line(text: object) -> str:
 def _check_environment() -> None:
     """Environment variables quantkit reads, with values it cannot use: refused by name."""
     import quantkit
+    from quantkit import ptq  # noqa: F401  (reads QUANTKIT_CHECK_WORKERS)
     from quantkit.calibrators import collectors  # noqa: F401  (reads QUANTKIT_HISTOGRAM_WORKERS)
     from quantkit.errors import InputError
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,10 @@ from quantkit.onnx.model import (FLOAT_TYPES, concat_parts, constant_arrays, nod
 from quantkit.onnx.qdq import WEIGHTED_OPS
 
 log = logging.getLogger(__name__)
+
+#: held while a FP32 reference is looked up in a cache or measured into it: corrections of one
+#: calibration that run side by side (``quantkit.ptq.CHECK_WORKERS``) measure it once
+_REFERENCE_LOCK = threading.Lock()
 
 #: a batch of the correction samples: (feed, real rows; rows past it are padding)
 Feed = tuple[Mapping[str, np.ndarray], int]
@@ -425,11 +430,12 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     units = linear_units(qdq)  # bias Add -> its constant: channels on the last axis
     axes = {n.output[0]: (-1 if n.name in units else 1) for n in convs}
     outputs = tuple(guard_outputs(fp32)) if guard else ()
-    ref = None if cache is None else cache.get(names)
-    if ref is None or not set(outputs) <= set(ref.outputs):  # (a guard's reference serves without one)
-        ref = reference(fp32, names, feeds, reference_session or session, outputs, axes)
-        if cache is not None:
-            cache[names] = ref
+    with _REFERENCE_LOCK:  # corrections run side by side (``Calibration``'s checks) measure it once
+        ref = None if cache is None else cache.get(names)
+        if ref is None or not set(outputs) <= set(ref.outputs):  # (a guard's reference serves without one)
+            ref = reference(fp32, names, feeds, reference_session or session, outputs, axes)
+            if cache is not None:
+                cache[names] = ref
     rank, dtype = ref.rank, ref.dtype
     watched = {t: ref.outputs[t] for t in outputs}  # the guard's FP32 outputs (none without it)
 
@@ -542,14 +548,15 @@ def heldout_sqnr(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequence[Fe
     """``output_sqnr`` of ``qdq``'s guard outputs (``guard_outputs``) against ``fp32``'s on
     ``feeds``: the guard's figure on samples a correction was not fitted on (``cache``: the FP32
     side, kept for the next model compared on the same feeds). None when nothing compares."""
-    ref = None if cache is None else cache.get("reference")
-    if ref is None:
-        outputs = guard_outputs(fp32)
-        if not outputs:
-            return None
-        ref = reference(fp32, (), feeds, session, outputs)
-        if cache is not None:
-            cache["reference"] = ref
+    with _REFERENCE_LOCK:
+        ref = None if cache is None else cache.get("reference")
+        if ref is None:
+            outputs = guard_outputs(fp32)
+            if not outputs:
+                return None
+            ref = reference(fp32, (), feeds, session, outputs)
+            if cache is not None:
+                cache["reference"] = ref
     return output_sqnr(ref.outputs, _output_samples_of(qdq, list(ref.outputs), feeds, session), ref.parts)
 
 

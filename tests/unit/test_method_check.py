@@ -144,3 +144,33 @@ def test_the_summary_names_the_other_figure_and_the_way_back_only_after_a_switch
     switched = {**kept, "chosen": "percentile", "output_sqnr_db": {"entropy": 4.93, "percentile": 6.85}}
     said = _method_note(switched)
     assert "6.8 dB, entropy 4.9 dB" in said and "--method entropy writes entropy unchecked" in said
+
+
+@pytest.mark.parametrize("margin", [-np.inf, np.inf])
+def test_the_checks_models_made_side_by_side_are_those_made_one_after_another(monkeypatch, margin):
+    # on machines of CHECK_PARALLEL_CORES cores the method check's two models are made in two
+    # threads: the same calibration to the bit, whichever method is taken
+    import threading
+
+    monkeypatch.setattr(quantkit.ptq, "METHOD_CHECK_MARGIN_DB", margin)
+    made = quantkit.ptq.Calibration._made_int8
+    threads: list[str] = []
+
+    def spy(self, method, fp32, plan, variant=""):
+        threads.append(threading.current_thread().name)
+        return made(self, method, fp32, plan, variant)
+
+    monkeypatch.setattr(quantkit.ptq.Calibration, "_made_int8", spy)
+    monkeypatch.setattr(quantkit.ptq, "CHECK_PARALLEL_CORES", 10**6)
+    serial = _calibrate()
+    assert threads and not any(t.startswith("quantkit-check") for t in threads)
+    threads.clear()
+    monkeypatch.setattr(quantkit.ptq, "CHECK_PARALLEL_CORES", 1)
+    monkeypatch.setattr(quantkit.ptq, "_free_memory_gb", lambda: 1e3)
+    side = _calibrate()
+    assert sorted(t.startswith("quantkit-check") for t in threads) == [False, True, True]  # the variant after
+    assert serial.pointwise_check is not None  # the pointwise check's variant was compared too
+    assert side.method_check == serial.method_check and side.pointwise_check == serial.pointwise_check
+    assert side.config.method == serial.config.method == ("percentile" if margin < 0 else "entropy")
+    assert side.int8_model().SerializeToString() == serial.int8_model().SerializeToString()
+    assert set(side._int8) == set(serial._int8)
