@@ -406,6 +406,12 @@ def check_output_file(path: str | os.PathLike[str], *, force: bool, inputs: Sequ
         raise OutputExistsError(f"output {str(out)!r} is a folder", hint="give a file name")
     if out.exists() and not force:
         raise OutputExistsError(f"{str(out)!r} exists", hint="pass --force to overwrite it, or choose another name")
+    if out.exists():
+        listed = listing_folder(out)
+        if listed is not None:  # another run's artifact: replacing it would leave that folder inconsistent
+            raise OutputExistsError(f"{str(out)!r} is one of the files quantkit wrote into {str(listed)!r} (its "
+                                    f"{MANIFEST}); --force does not replace it from another command",
+                                    hint="choose another name (nothing was replaced)")
     if out.exists() and replaceable is not None and not replaceable(out):
         raise OutputExistsError(f"{str(out)!r} exists and is not {what or 'a file quantkit wrote'}; --force "
                                 "replaces only such a file", hint="choose another name (nothing was replaced)")
@@ -414,6 +420,32 @@ def check_output_file(path: str | os.PathLike[str], *, force: bool, inputs: Sequ
     _probe_writable(base)
     _check_space(base, need_bytes)
     return out
+
+
+def listing_folder(path: str | os.PathLike[str], levels: int = 8) -> Path | None:
+    """The folder (``path``'s own or one of its ``levels`` nearest ancestors) whose quantkit
+    manifest lists ``path`` as one of its files, or None."""
+    p = Path(os.path.abspath(path))
+    for folder in list(p.parents)[:levels]:
+        doc = read_manifest(folder)
+        if doc is not None and p.relative_to(folder).as_posix() in doc["files"]:
+            return folder
+    return None
+
+
+def is_result_json(kind: str) -> Callable[[Path], bool]:
+    """A ``check_output_file`` ``replaceable`` predicate: the file is a JSON result of ``kind``
+    (``quantkit.report.result_kind``: "compare", "bench", ...), as an earlier run wrote it."""
+    def ours(path: Path) -> bool:
+        from quantkit.report import result_kind
+
+        try:
+            if path.is_symlink() or path.stat().st_size > 256 << 20:
+                return False
+            return result_kind(json.loads(path.read_text(encoding="utf-8"))) == kind
+        except (OSError, ValueError):
+            return False
+    return ours
 
 
 # ------------------------------------------------------------------ writing a folder

@@ -38,10 +38,10 @@ class Bench:
         parser.add_argument("--streams", type=positive_int, default=1, help="TensorRT: concurrent streams (default 1)")
         parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random inputs (default 0)")
         parser.add_argument("--json", metavar="FILE", help="also write the statistics as JSON")
-        parser.add_argument("--force", action="store_true", help="overwrite an existing --json FILE")
+        parser.add_argument("--force", action="store_true", help="replace an existing --json FILE that an earlier bench wrote")
 
     def run(self, args: argparse.Namespace) -> int:
-        from quantkit._io import check_output_file, write_json_atomic
+        from quantkit._io import check_output_file, is_result_json, write_json_atomic
         from quantkit.backends import ENGINE_SUFFIXES, check_model_file, runner_from_path
         from quantkit.bench import feed_batch, measure_latency, random_feed, stats_from_times
         from quantkit.errors import InputError
@@ -49,7 +49,8 @@ class Bench:
 
         check_model_file(args.model)  # before any backend loads: a missing .plan is missing, not TensorRT
         if args.json:  # before the work: never over the model, never an unasked overwrite
-            check_output_file(args.json, force=args.force, inputs=[args.model])
+            check_output_file(args.json, force=args.force, inputs=[args.model], replaceable=is_result_json("bench"),
+                              what="an earlier `quantkit bench --json` result")
         trt_options = args.cuda_graph or args.no_transfers or args.streams > 1
         is_engine = Path(args.model).suffix.lower() in ENGINE_SUFFIXES
         if trt_options and not is_engine:

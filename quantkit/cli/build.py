@@ -25,7 +25,7 @@ class Build:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("model", metavar="MODEL.onnx", help="FP32 model, or Q/DQ model from `quantkit calibrate`")
         parser.add_argument("-o", "--output", required=True, metavar="ENGINE", help="engine file to write (.plan)")
-        parser.add_argument("--force", action="store_true", help="overwrite an existing engine file")
+        parser.add_argument("--force", action="store_true", help="replace an existing engine file (and --layer-info JSON)")
         g = parser.add_argument_group("engine")
         g.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
                        help="default: int8 for a Q/DQ model or with a calibrator/cache, else fp32")
@@ -52,6 +52,7 @@ class Build:
 
         from quantkit.calibrators.cache import CacheProvenance, check_cache_matches, trt_version_number
         from quantkit._io import check_output_file
+        from quantkit.backends import ENGINE_SUFFIXES
         from quantkit.errors import InputError
         from quantkit.onnx.model import file_sha256, float_input_specs, load_model
         from quantkit.backends.tensorrt.builder import BuildOptions, build_engine, build_mode, has_qdq, parse_shapes
@@ -63,9 +64,12 @@ class Build:
         model = load_model(model_path)
         inputs = [p for p in (args.model, args.images, args.npz, args.calibration_cache, args.timing_cache) if p]
         # before the work: outputs never over an input, never an unasked overwrite, room for the engine
-        check_output_file(out, force=args.force, inputs=inputs, need_bytes=model_path.stat().st_size)
+        check_output_file(out, force=args.force, inputs=inputs, need_bytes=model_path.stat().st_size,
+                          replaceable=lambda p: p.suffix.lower() in ENGINE_SUFFIXES,
+                          what=f"an engine file ({', '.join(ENGINE_SUFFIXES)})")
         if args.layer_info:
-            check_output_file(args.layer_info, force=args.force, inputs=[*inputs, out])
+            check_output_file(args.layer_info, force=args.force, inputs=[*inputs, out], replaceable=_layer_info,
+                              what="TensorRT layer information (JSON with \"Layers\")")
         explicit = has_qdq(model)
         calibrating = args.calibrator is not None or args.calibration_cache is not None
         precision = args.precision or ("int8" if explicit or calibrating else "fp32")
@@ -122,3 +126,15 @@ class Build:
             if p is not None:
                 print(f"  wrote {p}")
         return 0
+
+
+def _layer_info(path: Path) -> bool:
+    """``path`` is TensorRT layer information as ``build --layer-info`` writes it (what ``--force``
+    may replace)."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size < 256 << 20 else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and "Layers" in doc

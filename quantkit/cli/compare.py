@@ -25,7 +25,7 @@ class Compare:
         parser.add_argument("reference", metavar="FP32.onnx", help="the reference (FP32) model")
         parser.add_argument("test", metavar="INT8.onnx", help="the model to check")
         parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
-        parser.add_argument("--force", action="store_true", help="overwrite an existing --json FILE")
+        parser.add_argument("--force", action="store_true", help="replace an existing --json FILE that an earlier compare wrote")
         parser.add_argument("--min-cosine", type=_cosine, default=None,
                             help="exit 1 when any output's mean cosine similarity is below this")
         parser.add_argument("--ort-kernels", action="store_true",
@@ -37,7 +37,7 @@ class Compare:
         add_preprocess_args(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from quantkit._io import check_output_file, write_json_atomic
+        from quantkit._io import check_output_file, is_result_json, write_json_atomic
         from quantkit.compare import compare_runners, comparison_batch
         from quantkit.datasets import Batcher
         from quantkit.datasets.batching import data_batch_axes
@@ -45,7 +45,8 @@ class Compare:
 
         if args.json:  # before the work: never over an input, never an unasked overwrite
             check_output_file(args.json, force=args.force,
-                              inputs=[p for p in (args.reference, args.test, args.images, args.npz) if p])
+                              inputs=[p for p in (args.reference, args.test, args.images, args.npz) if p],
+                              replaceable=is_result_json("compare"), what="an earlier `quantkit compare --json` result")
 
         ref = runner_for(args, args.reference, integer_kernels=args.ort_kernels)
         test = runner_for(args, args.test, quiet=True, integer_kernels=args.ort_kernels)

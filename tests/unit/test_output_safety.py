@@ -170,6 +170,30 @@ def test_single_file_outputs_never_overwrite_inputs(project, tmp_path, capsys):
     assert existing.read_text() == "keep"
 
 
+def test_force_replaces_only_an_earlier_result_of_the_same_command(project, tmp_path, capsys):
+    # `--json FILE --force` replaces an earlier compare's (bench's) JSON, never a user's file, another
+    # command's result or a file of a calibrate folder (its manifest would then fail --force there)
+    model, res = project / "model.onnx", tmp_path / "res"
+    assert calibrate(project, res) == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my precious notes")
+    bench = ["bench", str(model), "--iterations", "2", "--warmup", "0", "--force", "--json"]
+    compare = ["compare", str(model), str(res / "model.int8.onnx"), "--images", str(project / "images"),
+               "--num-images", "16", *DIGITS, "--force", "--json"]
+    before = snapshot(res)
+    for argv in (bench + [str(notes)], compare + [str(notes)], compare + [str(res / "ranges.json")],
+                 bench + [str(res / "calibration.cache.json")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) <= 2 and ("is not an earlier" in err or "files quantkit wrote" in err), err
+    assert notes.read_text() == "my precious notes" and snapshot(res) == before
+    assert calibrate(project, res, "--force") == 0  # the folder is still quantkit's, whole
+    b, c = tmp_path / "b.json", tmp_path / "c.json"
+    assert main(bench[:-1] + ["--json", str(b)]) == 0 and main(bench + [str(b)]) == 0
+    assert main(compare[:-1] + ["--json", str(c)]) == 0 and main(compare + [str(c)]) == 0
+    assert main(bench + [str(c)]) == 2 and json.loads(c.read_text())["test"]  # a compare result stays one
+
+
 # ------------------------------------------------------------------ 2. checked before the work
 def test_output_below_a_file_is_refused_before_work(project, tmp_path, capsys):
     blocker = tmp_path / "file"
