@@ -347,8 +347,10 @@ def _kind(command: Any) -> Any:
 
 @_checked
 def check_output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Sequence[Any] = (),
-                     need_bytes: int = 0, command: str | None = None) -> Path:
-    """Check, before any work, that ``path`` can receive a set of artifacts.
+                     need_bytes: int = 0, command: str | None = None, names: Iterable[str] = ()) -> Path:
+    """Check, before any work, that ``path`` can receive a set of artifacts (``names``: the
+    files the command will write there, as far as it knows them before the work: with ``force``,
+    one of them that is not quantkit's is refused now, not after the work).
 
     A missing folder (and missing parents) is fine; an empty folder is written in place; a
     non-empty one needs ``force`` and a manifest of an earlier quantkit run (files quantkit did
@@ -382,6 +384,10 @@ def check_output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Seque
             raise OutputExistsError(
                 f"{str(out / changed[0])!r} was written by quantkit but changed since; --force will not replace it",
                 hint="move it away or choose another -o")
+        theirs = [n for n in names if ((out / n).exists() or (out / n).is_symlink()) and not _ours(out, manifest, n)]
+        if theirs:  # the user's own file of an artifact's name: refused before the work, as at the end
+            raise OutputExistsError(f"{str(out / theirs[0])!r} exists and was not written by quantkit",
+                                    hint="move it away or choose another -o; nothing was replaced")
     base = _existing_ancestor(out)
     if not out.exists():  # staged beside it (an existing folder is written in place)
         _check_name_length(out, base, len(".") + len(".12345678.partial"))
@@ -531,6 +537,33 @@ def output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Sequence[An
                     p.rmdir()
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP held back until the block is done (then delivered to the
+    handlers there were before): a folder written in place is moved in file by file, and a
+    Ctrl-C between two renames would leave a new model beside an old cache. In the main thread
+    only (Python runs signal handlers there); elsewhere, as it is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    caught: list[int] = []
+    before = {}
+    for sig in wanted:
+        with contextlib.suppress(ValueError, OSError):
+            before[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def _commit_in_place(staging: Path, out: Path, doc: dict[str, Any]) -> None:
     old = read_manifest(out)
     names = list(doc["files"])
@@ -544,14 +577,15 @@ def _commit_in_place(staging: Path, out: Path, doc: dict[str, Any]) -> None:
                                     hint="move it away or choose another -o; nothing was replaced")
     stale = [n for n in (old or {}).get("files", {}) if n not in doc["files"] and _ours(out, old, n)]
     _fix_modes(staging)
-    for name in names:
-        target = out / name
-        if not target.parent.exists():
-            target.parent.mkdir(parents=True)
-            _apply_umask(target.parent, directory=True)
-        os.replace(staging / name, target)
-    _fsync_dir(out)
-    write_json_atomic(out / MANIFEST, doc)
+    with _signals_deferred():  # all of this run's files and its manifest, or (before it) the earlier run's
+        for name in names:
+            target = out / name
+            if not target.parent.exists():
+                target.parent.mkdir(parents=True)
+                _apply_umask(target.parent, directory=True)
+            os.replace(staging / name, target)
+        _fsync_dir(out)
+        write_json_atomic(out / MANIFEST, doc)
     for name in stale:
         with contextlib.suppress(OSError):
             (out / name).unlink()

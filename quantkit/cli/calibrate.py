@@ -136,8 +136,12 @@ class Calibrate:
         from quantkit._io import external_data_files
 
         weights = model_path.stat().st_size + sum(f.stat().st_size for f in external_data_files(model_path))
+        stem = model_path.stem.removesuffix(".fp32")
         check_output_dir(args.output, force=args.force, inputs=inputs, command="quantkit calibrate",
-                         need_bytes=weights + (1 << 22))
+                         need_bytes=weights + (1 << 22),
+                         names=[f"{stem}.int8.onnx", "calibration.cache", "calibration.cache.json", "ranges.json",
+                                *(["report.json"] if args.eval_images > 0 else []),
+                                *(["sensitivity.json"] if args.max_drop is not None else [])])
         exclude = [*(args.exclude or ()), *_exclude_from(args, model)]
         stats_inside = stats_target(args.save_stats, args.output, force=args.force, inputs=inputs)
         config = QuantizeConfig(

@@ -110,6 +110,41 @@ def test_force_removes_only_unchanged_stale_artifacts(tmp_path):
     assert (out / "a.txt").read_text() == "a2"
 
 
+def test_ctrl_c_while_a_folder_is_moved_in_place_leaves_one_whole_run(tmp_path, monkeypatch):
+    # files are renamed into an existing folder one by one: a Ctrl-C after the first rename left a
+    # new model beside the old cache and manifest (the next --force refused the folder); it is now
+    # delivered once the run's files and manifest are all in place
+    import signal
+
+    import quantkit._io as qio
+
+    out = tmp_path / "o"
+    with output_dir(out, force=False) as tmp:
+        for name in ("m.int8.onnx", "calibration.cache", "ranges.json"):
+            (tmp / name).write_text(f"old {name}")
+    renames: list[str] = []
+    real = os.replace
+
+    def replace_then_interrupt(src, dst):
+        real(src, dst)
+        renames.append(str(dst))
+        if len(renames) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(qio.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with output_dir(out, force=True) as tmp:
+            for name in ("m.int8.onnx", "calibration.cache", "ranges.json"):
+                (tmp / name).write_text(f"new {name}")
+    monkeypatch.undo()
+    doc = read_manifest(out)
+    assert doc is not None and sorted(doc["files"]) == ["calibration.cache", "m.int8.onnx", "ranges.json"]
+    assert all((out / n).read_text() == f"new {n}" for n in doc["files"])
+    assert all(qio._ours(out, doc, n) for n in doc["files"])
+    with output_dir(out, force=True) as tmp:  # the folder is still quantkit's, whole
+        (tmp / "m.int8.onnx").write_text("newer")
+
+
 @pytest.mark.parametrize("entry", ["../victim.txt", "ABS", "sub/../../victim.txt"])
 def test_force_never_removes_what_a_manifest_lists_outside_the_folder(project, tmp_path, entry, capsys):
     """A manifest is a file in the user's folder, not a license: entries outside -o (``..``, an
@@ -195,6 +230,28 @@ def test_force_replaces_only_an_earlier_result_of_the_same_command(project, tmp_
 
 
 # ------------------------------------------------------------------ 2. checked before the work
+@pytest.mark.parametrize("name", ["model.int8.onnx", "ranges.json", "report.json"])
+def test_force_refuses_a_users_file_of_an_artifacts_name_before_the_work(project, tmp_path, monkeypatch, capsys,
+                                                                         name):
+    # an earlier run's folder with the user's own file named like one of this run's artifacts:
+    # refused before calibrating (it was refused only when the files were moved in), the file kept
+    import quantkit.ptq
+
+    out = tmp_path / "out"
+    assert calibrate(project, out) == 0
+    (out / name).unlink(missing_ok=True)
+    (out / name).write_text("the user's own")
+    before = snapshot(out)
+
+    def no_work(*a, **k):
+        raise AssertionError("calibrated before the output was checked")
+
+    monkeypatch.setattr(quantkit.ptq, "quantize", no_work)
+    eval_images = ["--eval-images", "8"] if name == "report.json" else []
+    assert calibrate(project, out, "--force", *eval_images) == 2
+    err = capsys.readouterr().err
+    assert f"{name}' exists and was not written by quantkit" in err or "changed since" in err, err
+    assert snapshot(out) == before
 def test_output_below_a_file_is_refused_before_work(project, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
