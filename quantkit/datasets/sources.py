@@ -260,7 +260,14 @@ class ImageFolder:
     def load(self, index: int) -> np.ndarray:
         path = self.paths[index]
         img = decode_image(path)
-        sample = self.preprocess.apply(img, source=str(path))
+        pre = self.preprocess
+        if pre.resize is not None or pre.cover is not None:  # a thin strip's resize would be huge
+            oh, ow = pre._resized_hw(img.shape[:2])
+            limit = env_int("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, minimum=1)
+            if oh * ow > limit:
+                raise SampleError(str(path), f"{img.shape[0]}x{img.shape[1]} pixels would be resized to {oh}x{ow}, "
+                                  f"over {limit:,} pixels (an extreme aspect ratio; OPENCV_IO_MAX_IMAGE_PIXELS)")
+        sample = pre.apply(img, source=str(path))
         if self.expected_hw is not None:
             hw = sample.shape[1:3] if self.preprocess.layout == "nchw" else sample.shape[0:2]
             if tuple(hw) != tuple(self.expected_hw):

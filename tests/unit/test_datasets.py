@@ -173,6 +173,25 @@ def test_a_decompression_bomb_is_skipped_not_decoded(tmp_path):
         decode_image(tmp_path / "bomb.png")
 
 
+def test_a_thin_strip_whose_resize_would_be_huge_is_skipped(tmp_path, caplog):
+    """A 3 KB PNG of 1x1,000,000 pixels decodes (a million pixels), but resizing its shorter side
+    to 256 makes 256x256,000,000 (6.6 GB and 100 s, then `out of memory` naming no file): it is
+    skipped with a warning naming it, before the resize; --strict refuses it."""
+    import quantkit
+
+    (tmp_path / "a").mkdir()
+    cv2.imwrite(str(tmp_path / "a" / "ok.png"), np.full((40, 30, 3), 99, np.uint8))
+    cv2.imwrite(str(tmp_path / "a" / "strip.png"), np.zeros((1, 1_000_000, 3), np.uint8))
+    src = ImageFolder(tmp_path, Preprocess(resize=256, crop=(224, 224)))
+    with pytest.raises(SampleError, match=r"strip\.png: 1x1000000 pixels would be resized to 256x256000000"):
+        src.load([str(p) for p in src.paths].index(str(tmp_path / "a" / "strip.png")))
+    with caplog.at_level("WARNING"):
+        got = [b.size for b in Batcher(src, ["x"], 2)]
+    assert got == [1] and "strip.png" in caplog.text and f"{quantkit.MAX_IMAGE_PIXELS:,}" in caplog.text
+    with pytest.raises(SampleError):
+        list(Batcher(src, ["x"], 2, strict=True))
+
+
 def test_jpeg_orientation_trailer_and_cmyk(tmp_path):
     """A phone photo is turned upright by its EXIF orientation; a JPEG with bytes after its end
     marker (a Motion Photo's video) is whole, where a cut one is still refused; CMYK and gray
