@@ -28,7 +28,7 @@ class Bench:
         parser.add_argument("--shapes", metavar="NAME=SHAPE", action="append",
                             help="input shape, e.g. input=8x3x224x224 (overrides --batch for that input; "
                                  "NAME=MIN/OPT/MAX measures OPT; trtexec's NAME:SHAPE works too)")
-        parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+        parser.add_argument("--warmup", type=non_negative_int, default=10, help="untimed runs first (default 10)")
         parser.add_argument("--iterations", type=positive_int, default=100, help="at least this many timed runs (default 100)")
         parser.add_argument("--duration", type=float, default=None, metavar="S", help="and at least this many seconds")
         parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads (default: one per core)")

@@ -54,7 +54,18 @@ def trt_version(text: str) -> str:
 
     if not re.fullmatch(r"\d+\.\d+(\.\d+)*", text.strip()):
         raise argparse.ArgumentTypeError(f"expected a TensorRT version such as 10.13.0, got {text!r}")
+    if not 8 <= int(text.strip().split(".")[0]) <= 11:  # 7.0 wrote TRT-70000-..., 99.0 TRT-990000-...
+        raise argparse.ArgumentTypeError(f"expected a TensorRT version from 8 to 11 (the calibration cache's "
+                                         f"format), got {text!r}")
     return text.strip()
+
+
+def nonzero_float(text: str) -> float:
+    """A finite number other than 0 (a pixel scale of 0 makes every sample the same constant)."""
+    value = finite_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number other than 0 (0 makes every sample the same)")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -134,7 +145,7 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--crop", type=_hw, metavar="HxW", help="centre crop (N or HxW)")
     g.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="per-channel mean (after --scale)")
     g.add_argument("--std", type=_floats, metavar="S[,S,S]", help="per-channel std (after --scale)")
-    g.add_argument("--scale", type=finite_float, help="multiply 0-255 pixel values by this first (imagenet: 1/255)")
+    g.add_argument("--scale", type=nonzero_float, help="multiply 0-255 pixel values by this first (imagenet: 1/255)")
     g.add_argument("--color", choices=["rgb", "bgr", "gray"], help="channel order the model expects")
     g.add_argument("--layout", choices=["nchw", "nhwc"],
                    help="input layout (default: the one the input's static channel dim says, nchw when it says none)")

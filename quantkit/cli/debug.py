@@ -30,7 +30,7 @@ class Debug:
         parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for debug.json")
         parser.add_argument("--force", action="store_true",
                             help="replace the files of an earlier debug run in DIR (never other files)")
-        parser.add_argument("--rows", type=int, default=15, help="rows of the printed table (default 15)")
+        parser.add_argument("--rows", type=positive_int, default=15, help="rows of the printed table (default 15)")
         parser.add_argument("--rank", action="store_true",
                             help="also rank the quantization groups by sensitivity (output error with only that group "
                                  "in float, or only it quantized) on the --subset samples with the largest error; "

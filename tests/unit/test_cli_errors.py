@@ -594,6 +594,9 @@ def test_trt_version_manifest_name_and_a_terminal_without_utf8(tmp_path, capsys)
     (["--batch-axis", "nosuch=0"], "--batch-axis names 'nosuch', which is not an input of the model"),
     (["--std", "nan"], "argument --std: expected finite numbers"),
     (["--scale", "inf"], "argument --scale: expected a finite number"),
+    (["--scale", "0"], "argument --scale: expected a number other than 0"),  # every sample one constant: exit 0
+    (["--trt-version", "7.0"], "expected a TensorRT version from 8 to 11"),  # wrote a TRT-70000-... header
+    (["--trt-version", "99.0"], "expected a TensorRT version from 8 to 11"),
 ])
 def test_flags_that_name_no_input_or_no_number_are_refused(extra, said, models, tmp_path, capsys):
     """A --batch-axis naming no input was accepted silently; --std nan was blamed on the first sample."""
@@ -645,3 +648,17 @@ def test_inspect_reads_a_large_file_named_cache_only_as_far_as_its_first_line(tm
         fh.truncate(100 << 20)
     assert main(["inspect", str(tagged)]) == 2
     assert "larger than 64 MiB" in _err_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["bench", "{model}", "--warmup", "-1"], "argument --warmup"),  # ran with exit 0
+    (["debug", "{model}", "{model}", "--npz", "{npz}", "-o", "{out}", "--rows", "-1"], "argument --rows"),  # a row less
+    (["debug", "{model}", "{model}", "--npz", "{npz}", "-o", "{out}", "--rows", "0"], "argument --rows"),
+])
+def test_count_flags_out_of_range_are_refused(argv, said, tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 1, 8, 8), np.float32))
+    fill = {"model": str(sample.model_path()), "npz": str(tmp_path / "d.npz"), "out": str(tmp_path / "o")}
+    with pytest.raises(SystemExit) as e:
+        main([a.format(**fill) for a in argv])
+    assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
