@@ -346,11 +346,15 @@ class SensitivityReport:
         lines = [f"sensitivity of {len(self.rows)} groups on {len(self.subset_indices)} samples{how}, {self.metric} "
                  f"(INT8 error "
                  f"{self.int8_error:.4g}; cost {self.cost_fp32_passes:.1f} FP32 passes, {self.seconds:.1f} s)",
-                 f"  {'rank':>4} {'group':<32} {'only float':>11} {'only int8':>11} {'best method':>16}"]
+                 f"  {'rank':>4} {'group':<32} {'only float':>11} {'only int8':>11}"]
+        methods = any(r.best_method for r in self.rows)  # not from a Q/DQ model's one set of scales (`debug`)
+        if methods:
+            lines[-1] += f" {'best method':>16}"
         for i, r in enumerate(self.rows[:rows]):
             best = f"{r.best_method} {r.best_method_error:.3g}" if r.best_method else "-"
             oq = f"{r.only_quantized_error:.4g}" if r.only_quantized_error is not None else "-"
-            lines.append(f"  {i + 1:>4} {r.name[-32:]:<32} {r.only_float_error:>11.4g} {oq:>11} {best:>16}")
+            lines.append(f"  {i + 1:>4} {r.name[-32:]:<32} {r.only_float_error:>11.4g} {oq:>11}"
+                         + (f" {best:>16}" if methods else ""))
         return "\n".join(lines)
 
 

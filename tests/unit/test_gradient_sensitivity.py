@@ -145,6 +145,8 @@ def test_debug_rank_with_the_gradient_estimator(broken, tmp_path, capsys):
     assert main([*args, "-o", str(tmp_path / "bad")]) == 2  # --estimator without --rank
     assert "--estimator needs --rank" in capsys.readouterr().err
     assert main([*args, "--rank", "-o", str(tmp_path / "dbg")]) == 0
+    printed = capsys.readouterr().out
+    assert "only float" in printed and "best method" not in printed  # one set of scales: no method column
     doc = json.loads((tmp_path / "dbg" / "debug.json").read_text())
     assert doc["sensitivity"]["estimator"] == "gradient" and doc["sensitivity"]["rows"][0]["name"] == PW_NODE
 
