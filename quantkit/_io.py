@@ -586,6 +586,11 @@ def _commit_in_place(staging: Path, out: Path, doc: dict[str, Any]) -> None:
             os.replace(staging / name, target)
         _fsync_dir(out)
         write_json_atomic(out / MANIFEST, doc)
+    emptied: set[Path] = set()
     for name in stale:
         with contextlib.suppress(OSError):
             (out / name).unlink()
+            emptied.update(p for p in (out / name).parents if p != out and out in p.parents)
+    for folder in sorted(emptied, key=lambda p: len(p.parts), reverse=True):  # the deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only where empty now: a folder holding anything else stays

@@ -99,11 +99,17 @@ def _demo(staging: Path, work: Path, out: Path, args: argparse.Namespace, *, kee
                             "int8": {"model": files["entropy"], **lat_int8.to_dict()}},
         "entropy_differs_from_trt": cal.entropy_effect(),
     }
+    from quantkit.onnx.model import file_sha256
+
+    # the model's SHA-256: calibration.cache.json, the cache's provenance `build` checks, as calibrate writes it
     names = cal.write_into(staging, model_stem="digits_cnn", report=report, extra_methods=methods,
-                           metadata={"model": {"path": "quantkit/sample/digits_cnn.onnx"}, "preprocess": pp.to_dict(),
+                           metadata={"model": {"path": "quantkit/sample/digits_cnn.onnx",
+                                               "sha256": file_sha256(sample.model_path())},
+                                     "preprocess": pp.to_dict(),
                                      "data": str(out / "images" / "train") if keep else "digits training split"})
-    lines.append(f"\nwrote {len(names)} files and quantkit-manifest.json to {out}. Same flow by hand (the same "
-                 "calibration: every training image, in file order):")
+    images_note = f", the {len(train) + len(test)} digits images in images/" if keep else ""
+    lines.append(f"\nwrote {len(names)} artifacts{images_note} and quantkit-manifest.json to {out}. Same flow by hand "
+                 "(the same calibration: every training image, in file order):")
     images = str(out / "images") if keep else "IMAGES"
     lines.append(f"  quantkit calibrate {sample.model_path()} --images {images}/train --preprocess none --color gray "
                  f"--scale {pp.scale!r} --mean {pp.mean[0]} --std {pp.std[0]} --num-images {len(train)} "

@@ -40,6 +40,9 @@ def test_demo_accuracy_every_method(tmp_path, capsys):
         assert method in out
     assert report["methods"]["entropy-trt"]["outputs"][0]["sqnr_db"] < report["methods"]["entropy"]["outputs"][0]["sqnr_db"]
     assert report["entropy_differs_from_trt"][0]["tensor"] == "image"
+    # the README's file table: the cache's provenance (`build` checks it) as calibrate writes it
+    provenance = json.loads((tmp_path / "demo" / "calibration.cache.json").read_text())
+    assert provenance["model_sha256"] == json.loads((tmp_path / "demo" / "ranges.json").read_text())["model"]["sha256"]
     assert report["entropy_differs_from_trt"][0]["rule"] == "mse (two-sided tensor)"
     # the README's demo table is this run's
     readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")

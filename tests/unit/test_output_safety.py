@@ -108,6 +108,17 @@ def test_force_removes_only_unchanged_stale_artifacts(tmp_path):
         (tmp / "a.txt").write_text("a2")
     assert sorted(p.name for p in out.iterdir()) == sorted(["a.txt", "user.txt", MANIFEST])
     assert (out / "a.txt").read_text() == "a2"
+    with output_dir(out, force=True) as tmp:  # stale files in sub-folders: the folders they leave empty go too
+        (tmp / "a.txt").write_text("a3")
+        (tmp / "images" / "0").mkdir(parents=True)
+        (tmp / "images" / "0" / "x.png").write_text("x")
+        (tmp / "images" / "1").mkdir()
+        (tmp / "images" / "1" / "y.png").write_text("y")
+    (out / "images" / "1" / "mine.txt").write_text("the user's")
+    with output_dir(out, force=True) as tmp:
+        (tmp / "a.txt").write_text("a4")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == sorted(
+        ["a.txt", "user.txt", MANIFEST, "images", "images/1", "images/1/mine.txt"])
 
 
 def test_ctrl_c_while_a_folder_is_moved_in_place_leaves_one_whole_run(tmp_path, monkeypatch):
