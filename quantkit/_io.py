@@ -167,11 +167,12 @@ def input_file(path: str | os.PathLike[str], what: str, error: type[InputError] 
         raise error(f"an empty path was given for the {what}", hint=f"give the path of the {what}")
     if not p.exists():
         raise error(f"{what} {str(p)!r} does not exist", hint="check the path")
+    article = "an" if what[:1].lower() in "aeio" or what.startswith("ONNX") else "a"
     if p.is_dir():
-        raise error(f"{str(p)!r} is a folder, not a {what}",
+        raise error(f"{str(p)!r} is a folder, not {article} {what}",
                     hint=f"give the path of the {what}" + ("" if what.endswith("file") else " file"))
     if not p.is_file():
-        raise error(f"{str(p)!r} is not a regular file (a device, pipe or socket), not a {what}",
+        raise error(f"{str(p)!r} is not a regular file (a device, pipe or socket), not {article} {what}",
                     hint=f"save the {what} to a file and give its path")
     return p
 

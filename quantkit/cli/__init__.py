@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect as _inspect  # (the name `inspect` is the inspect command's module here)
 import logging
 import os
 import sys
@@ -105,7 +106,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name)
             continue
         cmd = _load(name)
-        doc = (cmd.__doc__ or "").strip()
+        doc = _inspect.cleandoc(cmd.__doc__ or "")  # a docstring's own indent off every line
         p = sub.add_parser(name, help=summary(doc, name), description=doc,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_common_flags(p)

@@ -312,7 +312,8 @@ def _image_input(specs: list[Any], given: dict[str, str]) -> tuple[list[Any], di
         missing = [s.name for s in rest if s not in images[:1]] if len(images) == 1 else [s.name for s in rest]
         raise InputError(
             f"the model has {len(specs)} inputs {names}; an image folder feeds one 4-D input, and "
-            + (f"{missing} {'has' if len(missing) == 1 else 'have'} no value" if missing else "every input has a value"),
+            + (f"{missing} {'has' if len(missing) == 1 else 'have'} no value" if missing else
+               "--input-value gave every input a value, the image input too (leave it to the folder)"),
             hint="give each other input a value with --input-value NAME=V[,V...] (the same for every image: "
             "a detector's scale_factor or im_shape), or use --npz with one array per input name")
     values: dict[str, Any] = {}

@@ -30,7 +30,7 @@ class Inspect:
 
         from quantkit._io import input_file
 
-        path = input_file(args.path, "file to inspect")
+        path = input_file(args.path, "file")
         with open(path, "rb") as fh:
             head = fh.read(64)
             tagged = _ENGINE_MAGIC in head[:32] or _ENGINE_MAGIC in head + fh.read(_TAG_SEARCH)

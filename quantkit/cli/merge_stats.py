@@ -57,8 +57,9 @@ class MergeStats:
                 continue  # load_stats says what is wrong with it
             for key, what in (((st.st_dev, st.st_ino), "given twice"), (digest, "a byte-identical copy")):
                 if key is not None and key in seen:
-                    raise StatsError(f"statistics file {p!r} is {what} (of {seen[key]!r}): its samples would count "
-                                     "twice", hint="give each run's statistics once")
+                    said = what if seen[key] == p else f"{what} (of {seen[key]!r})"
+                    raise StatsError(f"statistics file {p!r} is {said}: its samples would count twice",
+                                     hint="give each run's statistics once")
                 if key is not None:
                     seen[key] = p
         inputs = [*args.stats, *([args.model] if args.model else [])]
