@@ -557,6 +557,9 @@ def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 #: Reshape before a Conv weight), and a Cast between float types (float16 weights cast to float):
 #: folded, so the weight's Q/DQ feeds the weighted op directly
 LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")
+#: element-wise ops folded on float constants (``constant_arrays``): a weight stored compressed, as
+#: integers cast to float and multiplied by a scale (minus a zero point), is a constant weight
+_ARITHMETIC: dict[str, Any] = {"Mul": np.multiply, "Div": np.divide, "Add": np.add, "Sub": np.subtract}
 _FLOAT_CASTS: dict[int, Any] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64}
 
 
@@ -567,9 +570,17 @@ def _fold_layout(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | N
         return np.transpose(x, attrs.get("perm"))
     if node.op_type == "Identity":
         return x
-    if node.op_type == "Cast":  # float to float only (an int/bool Cast is not a weight's)
+    if node.op_type == "Cast":  # to a float type: a float weight's, or an integer-stored one's (int8 x scale)
         to = _FLOAT_CASTS.get(int(attrs.get("to", 0)))
-        return x.astype(to) if to is not None and x.dtype in _FLOAT_CASTS.values() else None
+        if to is None or not (x.dtype in _FLOAT_CASTS.values() or np.issubdtype(x.dtype, np.integer)):
+            return None
+        return x.astype(to)
+    if node.op_type in _ARITHMETIC and len(args) == 2:  # a weight stored as integers times a scale
+        a, b = args
+        if not all(v.dtype in _FLOAT_CASTS.values() for v in (a, b)) or np.broadcast_shapes(a.shape, b.shape) != a.shape \
+                and np.broadcast_shapes(a.shape, b.shape) != b.shape:
+            return None
+        return _ARITHMETIC[node.op_type](a, b).astype(np.result_type(a, b))
     if node.op_type == "Flatten":
         axis = int(attrs.get("axis", 1)) % max(x.ndim, 1)
         return x.reshape(int(np.prod(x.shape[:axis])), -1)
@@ -588,11 +599,13 @@ def _fold_layout(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | N
 
 def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """``initializer_arrays`` plus the outputs of layout ops (Transpose, Reshape, Squeeze,
-    Unsqueeze, Flatten, Identity, a float-to-float Cast) computed from constants alone, folded here."""
+    Unsqueeze, Flatten, Identity, a Cast to float) and of float Mul/Div/Add/Sub (``_ARITHMETIC``:
+    no broadcast past either operand's shape) computed from constants alone, folded here: a weight
+    written as ``Cast(int8 initializer) * scale`` (tinyocr's PP-OCRv6 recogniser) is a weight."""
     out = initializer_arrays(model)
     for node in model.graph.node:
-        if node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1 and all(
-                i in out for i in node.input if i):
+        if (node.op_type in LAYOUT_OPS or node.op_type in _ARITHMETIC) and node.domain in ("", "ai.onnx") \
+                and len(node.output) == 1 and all(i in out for i in node.input if i):
             try:
                 value = _fold_layout(node, [out[i] for i in node.input if i])
             except (ValueError, TypeError, IndexError):  # a malformed node: leave it to the runtime
