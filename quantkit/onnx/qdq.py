@@ -240,6 +240,10 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
     if target == "onnxruntime" and acts:
 
         floats = set(float_activations(model))
+        # ONNX Runtime's integer kernels take float32 only: a float16 tensor into a Concat became a
+        # QLinearConcat the session refused (INVALID_GRAPH; mk8dx-table-reader's Keras model computes
+        # in float16); it is quantized where a weighted op reads it, as for TensorRT
+        half = {t for t, ty in tensor_types(model).items() if ty == onnx.TensorProto.FLOAT16}
         statistics, moments = _normalization_statistics(graph.node, consts)
         float_made = {o for n in graph.node if n.op_type in ORT_FLOAT_OPS for o in n.output} | statistics
         acts = defaultdict(list)
@@ -256,7 +260,8 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
                 continue  # a Cast to int (float token ids into a Gather), a comparison: values, not signal
             for i, t in enumerate(node.input):
                 if t in floats and t not in consts and t not in sizes and i not in params and \
-                        t not in float_made and node.name not in acts.get(t, ()):
+                        t not in float_made and node.name not in acts.get(t, ()) and \
+                        (t not in half or node.op_type in WEIGHTED_OPS):
                     acts[t].append(node.name)
         acts = _trim_float_ending(graph.node, acts)
     # constants the user cannot feed (an initializer that is also a graph input is a default value)

@@ -1124,3 +1124,33 @@ def test_weights_stored_as_integers_times_a_scale_are_weights(tmp_path):
     int8 = onnx.load(tmp_path / "o" / "m.int8.onnx")
     per_channel = [n for n in int8.graph.node if n.op_type == "QuantizeLinear" and any(a.name == "axis" for a in n.attribute)]
     assert len(per_channel) == 2
+
+
+def test_a_float16_model_for_onnxruntime_loads_with_every_optimization(tmp_path):
+    """mk8dx-table-reader's Keras model computes in float16: the onnxruntime target put Q/DQ on a
+    float16 Concat, which ONNX Runtime fused into a QLinearConcat it then refused (INVALID_GRAPH:
+    the file loaded only without graph optimizations). A float16 tensor is quantized for the
+    onnxruntime target only where a weighted op reads it."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(2)
+    f16 = TensorProto.FLOAT16
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float16), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float16), "w2"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (6, 8, 1, 1)).astype(np.float16), "w3")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w2"], ["b"], name="c2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ra"], name="r1"),
+             helper.make_node("Relu", ["b"], ["rb"], name="r2"),
+             helper.make_node("Concat", ["ra", "rb"], ["cat"], name="cat", axis=1),
+             helper.make_node("Conv", ["cat", "w3"], ["y"], name="c3")]
+    graph = helper.make_graph(nodes, "half", [helper.make_tensor_value_info("x", f16, ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info("y", f16, ["N", 6, 10, 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (32, 3, 10, 10)).astype(np.float16))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                 "--target", "onnxruntime", "--eval-images", "0", "--no-progress"]) == 0
+    int8 = onnx.load(tmp_path / "o" / "m.int8.onnx")
+    ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"])  # every optimization
+    quantized = {n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear"}
+    assert "cat" in quantized and not {"ra", "rb"} & quantized  # the Conv's input, not the Concat's
