@@ -144,11 +144,16 @@ def has_labels(source: "Source", indices: Sequence[int]) -> bool:
 
 def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[int], *,
                         output_rank: int | None = None, where: str = "the evaluation data",
-                        output_values: int | None = None, embedding: bool = False) -> str:
+                        output_values: int | None = None, embedding: bool = False,
+                        named_axis: bool = False) -> str:
     """The drop metric to use: ``metric``, or accuracy when the data has labels, else
     top1-agreement (sqnr for an output that is not [N, classes] with two classes or more; cosine
     for an ``embedding``, ``l2_normalized``'s: its argmax means nothing).
     ``output_values``: the error output's values a sample, where its shape says (None: unknown).
+    ``named_axis``: the output's axis 1 is declared with a name (a sequence's length, ``[B, T]``),
+    not a number: classes are a fixed number, so it is not [N, classes] (rapidocrlite's
+    recogniser's per-step confidence: top-1 agreement over time steps flipped with any rounding,
+    and a 5-point budget returned 42 of 62 groups to float where the output was at 34.7 dB).
 
     Raises:
         InputError: accuracy without labels, a class metric on an output that is not
@@ -160,6 +165,8 @@ def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[
     if metric is None:
         if embedding and output_values != 1:
             return "cosine"
+        if named_axis:  # (asked for by name, a class metric runs: the name may be an exporter's)
+            classifier = False
         return "accuracy" if labelled and classifier else "top1-agreement" if classifier else "sqnr"
     if metric not in DROP_METRICS:
         raise InputError(f"unknown drop metric {metric!r}; choose one of {list(DROP_METRICS)}")
@@ -566,8 +573,10 @@ def drop_metric_for(model: onnx.ModelProto, output: str, metric: str | None, sou
     """``resolve_drop_metric`` for the graph output ``output`` of ``model``: its declared shape and
     whether it is an L2-normalized embedding decide the default."""
     rank, values = _output_shape(model, output)
+    t = next(o for o in model.graph.output if o.name == output).type.tensor_type
+    named = t.HasField("shape") and len(t.shape.dim) == 2 and t.shape.dim[1].HasField("dim_param")
     return resolve_drop_metric(metric, source, indices, output_rank=rank, output_values=values,
-                               embedding=l2_normalized(model, output))
+                               embedding=l2_normalized(model, output), named_axis=named)
 
 
 def _output_shape(model: onnx.ModelProto, name: str | None = None) -> tuple[int | None, int | None]:

@@ -150,6 +150,31 @@ def test_a_one_value_output_takes_sqnr_as_its_drop_metric(tmp_path, capsys):
         assert not (tmp_path / "out").exists()
 
 
+def test_an_output_with_a_named_axis_1_is_not_taken_for_class_scores(tmp_path):
+    # rapidocrlite's recogniser outputs a per-step confidence [B, T]: top-1 agreement over its time
+    # steps was the default drop metric and flipped with any rounding (42 of 62 groups to float on
+    # a 5-point budget, the output at 34.7 dB); classes are a fixed number, so the default is sqnr
+    # there, and a class metric asked for by name still runs
+    from quantkit.datasets.sources import NumpySource
+    from quantkit.debug.fallback import drop_metric_for
+
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (8, 5, 16)).astype(np.float32))
+    src = NumpySource(tmp_path / "d.npz")
+
+    def model(axis1):
+        g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["m"], name="fc"),
+                          h.make_node("ReduceMax", ["m"], ["y"], name="mx", axes=[2], keepdims=0)], "steps",
+                         [h.make_tensor_value_info("x", T.FLOAT, ["B", "T", 16])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["B", axis1])],
+                         [nh.from_array(rng.normal(0, 0.3, (16, 7)).astype(np.float32), "w")])
+        return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+
+    assert drop_metric_for(model("T"), "y", None, src, range(8)) == "sqnr"
+    assert drop_metric_for(model("T"), "y", "top1-agreement", src, range(8)) == "top1-agreement"
+    assert drop_metric_for(model(5), "y", None, src, range(8)) == "top1-agreement"  # a fixed axis: classes
+
+
 def test_an_output_declared_with_a_traced_constant_dim_calibrates(tmp_path, capsys):
     # PyTorch traces a dim of the tracing input into an output's declared shape (lineless-table-rec's
     # LORE: [batch, 54, 4] that is [batch, cells, 4]); ONNX Runtime's run only warns, but IOBinding
