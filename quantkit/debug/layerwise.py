@@ -382,6 +382,7 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
     # [n, k] matrix, tf2onnx's MatMul weights) is what the INT8 model quantizes
     fconsts, iconsts = constant_arrays(fp32), initializer_arrays(int8)
     equalized = _equalized_weights(fconsts, int8)
+    nodes = {n.name: n for n in int8.graph.node}
     out = []
     for p in points:
         if p.stored is None and p.tensor in equalized and p.tensor not in fconsts:
@@ -415,12 +416,23 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
                              "derived from this FP32 model", hint="give the FP32 model the Q/DQ model was made from")
         if w.ndim == 0:  # a quantized scalar constant (ONNX Runtime's shared 2.0 of a normalization): one channel
             w, deq = w.reshape(1), deq.reshape(1)
-        axis = p.axis if p.axis is not None else 0
+        axis = p.axis if p.axis is not None else _output_channel_axis([nodes.get(c) for c in p.consumers], w.ndim)
         wc, dc = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), np.moveaxis(deq, axis, 0).reshape(w.shape[axis], -1)
         per = np.array([_db(float((a * a).sum()), float(((b - a) ** 2).sum())) for a, b in zip(wc, dc)])
         order = np.argsort(per, kind="stable")[:3]
         out.append(WeightError(name, p.depth, total, float(per.min()), [int(i) for i in order], p.consumers))
     return out
+
+
+def _output_channel_axis(readers: Sequence[onnx.NodeProto | None], ndim: int) -> int:
+    """A per-tensor weight's output channels, the axis its channels are reported along: a MatMul's
+    [K, N] weight's N (a [K, 1] regression head has one channel, not K), a Gemm's per transB, a
+    ConvTranspose's axis 1, else 0 (a Conv's)."""
+    ops = {(n.op_type, next((a.i for a in n.attribute if a.name == "transB"), 0)) for n in readers if n is not None}
+    if len(ops) != 1 or ndim < 2:
+        return 0
+    op, trans_b = ops.pop()
+    return {"MatMul": ndim - 1, "Gemm": 0 if trans_b else 1, "ConvTranspose": 1}.get(op, 0)
 
 
 def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Iterable[Any], *,

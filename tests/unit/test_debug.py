@@ -72,6 +72,31 @@ def test_weight_errors_per_channel(models):
     assert w1.worst_channels[0] == int(np.argmin(per))
 
 
+def test_a_one_column_weight_is_one_channel(tmp_path):
+    """A regression head's MatMul weight [K, 1] has one output channel: its per-channel figure was
+    taken over its K input rows ("worst channel 0.00 dB (channels [56, 105, 58])")."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantkit.datasets import NumpySource
+
+    rng = np.random.default_rng(5)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+                           helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                           helper.make_node("MatMul", ["r", "w2"], ["y"], name="head")], "reg",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+                          [numpy_helper.from_array(rng.normal(0, 0.5, (12, 64)).astype(np.float32), "w1"),
+                           numpy_helper.from_array(rng.normal(0, 0.5, (64, 1)).astype(np.float32), "w2")])
+    fp32 = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (64, 12)).astype(np.float32))
+    src = NumpySource(tmp_path / "d.npz")
+    int8 = quantize(fp32, src, QuantizeConfig(export=ExportConfig(method_check=False))).int8_model()
+    rep = layerwise_error(fp32, int8, Batcher(src, ["x"], 16))
+    head = next(w for w in rep.weights if "head" in w.consumers[0] or w.tensor.startswith("w2"))
+    assert head.worst_channels == [0] and head.worst_channel_sqnr_db == pytest.approx(head.sqnr_db, abs=1e-6)
+    assert head.sqnr_db > 30
+
+
 def test_onnxruntime_qdq_model_is_read_too(models, tmp_path):
     """ONNX Runtime's Q/DQ format: weights stored as int8 initializers, outputs renamed."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
