@@ -554,6 +554,8 @@ def _signals_deferred() -> Iterator[None]:
     caught: list[int] = []
     before = {}
     for sig in wanted:
+        if signal.getsignal(sig) is None:  # a handler set outside Python: it could not be put back
+            continue
         with contextlib.suppress(ValueError, OSError):
             before[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
