@@ -65,7 +65,7 @@ SEGMENT_THREADS = 4
 #: ``CHECK_PARALLEL_MEMORY_GB`` of memory is free (a correction holds the tensors that cross its
 #: segments' boundaries over its samples); else one after the other. The same models either way.
 #: ``QUANTKIT_CHECK_WORKERS=1``: one after the other. On 16 cores (calibration_corpus.md) it took
-#: 23% off the recogniser's calibration at 512 samples; a third thread making the pointwise check's
+#: 9-12% off the corpus's calibrations at 512 samples; a third thread making the pointwise check's
 #: model ahead cost more than it saved where the check then changed the method (a wasted correction).
 CHECK_WORKERS = env_int("QUANTKIT_CHECK_WORKERS", 2, minimum=1)
 CHECK_PARALLEL_CORES = 8
@@ -1032,7 +1032,15 @@ def _has_layer_ops(graph: onnx.GraphProto) -> bool:
 
 
 def _free_memory_gb() -> float:
-    """Memory available now (GiB; 0 where the system does not say)."""
+    """Memory available now (GiB): Linux's MemAvailable (free pages and the page cache it can
+    drop), else the free pages; 0 where the system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     except (AttributeError, ValueError, OSError):
