@@ -310,6 +310,10 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     calibrated, the inputs themselves are fed as they are. ``quiet``: no warning about nodes
     inside subgraphs (the model was prepared once already: its equalized form).
     """
+    if model.functions:  # model-local functions (modules exported as functions, OnnxScript): their layers inline
+        from onnx.inliner import inline_local_functions
+
+        model = inline_local_functions(model)
     check_not_quantized(model, source=name)
     if not _has_layer_ops(model.graph):  # before the opset upgrade: a 194 MB tree ensemble took 30-50 s and 5.7 GB
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes: nothing to quantize to INT8")

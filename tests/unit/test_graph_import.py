@@ -1154,3 +1154,34 @@ def test_a_float16_model_for_onnxruntime_loads_with_every_optimization(tmp_path)
     ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"])  # every optimization
     quantized = {n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear"}
     assert "cat" in quantized and not {"ra", "rb"} & quantized  # the Conv's input, not the Concat's
+
+
+def test_layers_inside_model_local_functions_are_quantized(tmp_path):
+    """A model whose layers sit in model-local functions (torch.onnx.export's
+    export_modules_as_functions, OnnxScript): the main graph had no Conv, and calibrate refused it
+    ("nothing to quantize"). The functions are inlined first."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(6)
+    body = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    block = helper.make_function("local", "Block", ["x", "w"], ["y"], body, [helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("Block", ["x", "w1"], ["h"], domain="local", name="b1"),
+             helper.make_node("Block", ["h", "w2"], ["y"], domain="local", name="b2")]
+    graph = helper.make_graph(nodes, "fn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w1"),
+                               numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[block])
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                 "--eval-images", "8", "--no-progress"]) == 0
+    int8 = onnx.load(tmp_path / "o" / "m.int8.onnx")
+    assert sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) == 4  # two Convs: activation and weight each
+    sess = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = {"x": np.load(tmp_path / "d.npz")["x"][:8]}
+    a, b = ref.run(None, x)[0], sess.run(None, x)[0]
+    assert 10 * np.log10(np.square(a).sum() / np.square(b - a).sum()) > 20
