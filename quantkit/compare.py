@@ -312,7 +312,8 @@ def compare_runners(
             on_batch(batch.size)
     skipped = list(getattr(batches, "skipped_", []))
     ordered = set(getattr(reference, "value_ordered", ()))
-    embeddings = set(getattr(reference, "embeddings", ()))  # an embedding's argmax means nothing
+    # an embedding's argmax means nothing, nor one over a sequence's steps ([B, T]: not classes)
+    embeddings = set(getattr(reference, "embeddings", ())) | set(getattr(reference, "named_axis_outputs", ()))
     parts = dict(getattr(reference, "concat_parts", {}))
     return CompareReport(
         reference_name, test_name, samples,

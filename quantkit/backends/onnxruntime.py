@@ -270,6 +270,11 @@ class OrtRunner(Runner):
         self.value_ordered = value_ordered_outputs(proto)
         #: graph outputs the graph L2-normalizes (embeddings: ``compare`` shows no top-1 for them)
         self.embeddings = [o.name for o in proto.graph.output if l2_normalized(proto, o.name)]
+        #: 2-D outputs whose axis 1 is declared by a name (a sequence's length, ``[B, T]``): not
+        #: [N, classes], whose classes are a fixed number (``compare`` shows no top-1 for them)
+        self.named_axis_outputs = [o.name for o in proto.graph.output if o.type.tensor_type.HasField("shape")
+                                   and len(o.type.tensor_type.shape.dim) == 2
+                                   and o.type.tensor_type.shape.dim[1].HasField("dim_param")]
         # what ``concat_parts`` reads, on first use (only ``compare`` does: a shape inference that
         # the fallback's and the ranking's many runners need not pay); a model given by path, now
         self._parts: dict[str, list[int]] | None = None if model is proto else concat_parts(proto)

@@ -173,6 +173,12 @@ def test_an_output_with_a_named_axis_1_is_not_taken_for_class_scores(tmp_path):
     assert drop_metric_for(model("T"), "y", None, src, range(8)) == "sqnr"
     assert drop_metric_for(model("T"), "y", "top1-agreement", src, range(8)) == "top1-agreement"
     assert drop_metric_for(model(5), "y", None, src, range(8)) == "top1-agreement"  # a fixed axis: classes
+    for axis1, top1 in (("T", False), (5, True)):  # compare shows no top-1 agreement over time steps either
+        onnx.save(model(axis1), tmp_path / "m.onnx")
+        out = tmp_path / f"c{axis1}.json"
+        assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"),
+                     "--json", str(out), "--no-progress"]) == 0
+        assert (json.loads(out.read_text())["outputs"][0]["top1_agreement"] is not None) == top1
 
 
 def test_an_output_declared_with_a_traced_constant_dim_calibrates(tmp_path, capsys):
