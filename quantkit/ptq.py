@@ -324,7 +324,8 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     planned = [*plan.activations, *(plan.weight_tensor(w) for w in plan.weights)]
     if any(types.get(t) == onnx.TensorProto.FLOAT16 for t in planned) and opset_version(model) < MIN_QDQ_OPSET_FLOAT16:
         # float16 models stay float16, with float16 scales: Q/DQ of float16 needs opset 19
-        model = ensure_opset(model, MIN_QDQ_OPSET_FLOAT16)
+        # (the upgrade's version converter adds unnamed Constant nodes: named as the first pass's were)
+        model = with_node_names(ensure_opset(model, MIN_QDQ_OPSET_FLOAT16))
         plan = plan_qdq(model, target, quantize_attention_probs=quantize_attention_probs)
     wrapper = sample_axis_nodes(model)
     if wrapper:  # the sample axis's Squeeze/Unsqueeze (quantkit.onnx.sampleaxis): not the user's graph, no Q/DQ

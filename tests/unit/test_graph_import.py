@@ -1185,3 +1185,27 @@ def test_layers_inside_model_local_functions_are_quantized(tmp_path):
     x = {"x": np.load(tmp_path / "d.npz")["x"][:8]}
     a, b = ref.run(None, x)[0], sess.run(None, x)[0]
     assert 10 * np.log10(np.square(a).sum() / np.square(b - a).sum()) > 20
+
+
+def test_a_float16_model_upgraded_for_its_qdq_keeps_every_node_named(tmp_path):
+    """A float16 model below opset 19 is upgraded for float16 Q/DQ; the version converter writes a
+    ReduceMean's axes (an attribute to opset 17) as an unnamed Constant, and the onnxruntime
+    target's placement refused the model ("every node needs a name", exit 2; a MobileNet encoder
+    exported in float16 at opset 15). The upgraded model's nodes are named as the first pass's."""
+    rng = np.random.default_rng(8)
+    f16 = TensorProto.FLOAT16
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("ReduceMean", ["r"], ["p"], name="pool", axes=[2, 3], keepdims=0),
+             helper.make_node("MatMul", ["p", "fc"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "half15", [helper.make_tensor_value_info("x", f16, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", f16, ["N", 5])],
+                              [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float16), "w"),
+                               numpy_helper.from_array(rng.normal(0, 0.3, (8, 5)).astype(np.float16), "fc")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float16))
+    for target in ("onnxruntime", "tensorrt"):
+        assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o",
+                     str(tmp_path / target), "--target", target, "--eval-images", "0", "--no-progress"]) == 0, target
+        int8 = onnx.load(tmp_path / target / "m.int8.onnx")
+        assert int8.opset_import[0].version >= 19 and sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) >= 3
