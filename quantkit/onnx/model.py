@@ -6,7 +6,7 @@ import heapq
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,28 +209,35 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(vi.name, tuple(dims), np.dtype(dtype))
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs in ``node``'s attributes: If branches, Loop and Scan bodies."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in its nodes' attributes, at any depth."""
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        yield g
+        for node in g.node:
+            stack.extend(subgraphs(node))
+
+
 def read_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name a node of ``graph`` or of its subgraphs reads (outer-scope reads too)."""
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(node.input)
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= read_names(g)
-    return names
+    return {t for g in all_graphs(graph) for node in g.node for t in node.input}
 
 
 def node_reads(node: onnx.NodeProto) -> list[str]:
     """The tensors ``node`` reads: its inputs and the outer-scope tensors its subgraphs (If, Loop,
     Scan bodies) read."""
     out = [t for t in node.input if t]
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            local = {i.name for i in g.input} | {i.name for i in g.initializer}
-            for inner in g.node:
-                out.extend(t for t in node_reads(inner) if t not in local)
-                local.update(inner.output)
+    for g in subgraphs(node):
+        local = {i.name for i in g.input} | {i.name for i in g.initializer}
+        for inner in g.node:
+            out.extend(t for t in node_reads(inner) if t not in local)
+            local.update(inner.output)
     return list(dict.fromkeys(out))
 
 
@@ -412,15 +419,11 @@ def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
 def all_names(model: onnx.ModelProto) -> set[str]:
     """Every tensor and node name of ``model``'s graphs (subgraphs too)."""
     names: set[str] = set()
-    stack = [model.graph]
-    while stack:
-        g = stack.pop()
+    for g in all_graphs(model.graph):
         names.update(v.name for v in (*g.input, *g.output, *g.value_info))
         names.update(i.name for i in g.initializer)
         for n in g.node:
             names.update((n.name, *n.input, *n.output))
-            stack.extend(a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
-            stack.extend(sub for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for sub in a.graphs)
     names.discard("")
     return names
 
@@ -721,12 +724,7 @@ def _matmul_form(node: onnx.NodeProto, consts: Mapping[str, np.ndarray]) -> _Ope
 def subgraph_node_count(graph: onnx.GraphProto) -> int:
     """Nodes inside the subgraphs (If branches, Loop and Scan bodies) of ``graph``'s nodes, nested
     ones included; the main graph's own nodes are not counted."""
-    count = 0
-    for node in graph.node:
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                count += len(g.node) + subgraph_node_count(g)
-    return count
+    return sum(len(g.node) for g in all_graphs(graph)) - len(graph.node)
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -181,13 +181,14 @@ def _prepend_dim(vi: onnx.ValueInfoProto, name: str | None = None) -> None:
 def _rename(graph: onnx.GraphProto, renames: Mapping[str, str]) -> None:
     """Every read and write of a tensor in ``renames`` renamed, in ``graph`` and the subgraphs that
     read it from the outer scope (a subgraph's own tensor of that name shadows it)."""
+    from quantkit.onnx.model import subgraphs
+
     for node in graph.node:
         node.input[:] = [renames.get(t, t) for t in node.input]
         node.output[:] = [renames.get(t, t) for t in node.output]
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                local = {i.name for i in sub.input} | {i.name for i in sub.initializer} | \
-                        {t for n in sub.node for t in n.output}
-                _rename(sub, {k: v for k, v in renames.items() if k not in local})
+        for sub in subgraphs(node):
+            local = {i.name for i in sub.input} | {i.name for i in sub.initializer} | \
+                    {t for n in sub.node for t in n.output}
+            _rename(sub, {k: v for k, v in renames.items() if k not in local})
     for vi in graph.value_info:
         vi.name = renames.get(vi.name, vi.name)
