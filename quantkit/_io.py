@@ -440,18 +440,22 @@ def listing_folder(path: str | os.PathLike[str], levels: int = 8) -> Path | None
     return None
 
 
+def json_document(path: Path, limit: int = 256 << 20) -> Any:
+    """``path``'s JSON value, or None where it cannot be read, is not JSON or is over ``limit``
+    bytes: what a ``check_output_file`` ``replaceable`` predicate looks at."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size <= limit else None
+    except (OSError, ValueError):
+        return None
+
+
 def is_result_json(kind: str) -> Callable[[Path], bool]:
     """A ``check_output_file`` ``replaceable`` predicate: the file is a JSON result of ``kind``
     (``quantkit.report.result_kind``: "compare", "bench", ...), as an earlier run wrote it."""
     def ours(path: Path) -> bool:
         from quantkit.report import result_kind
 
-        try:
-            if path.is_symlink() or path.stat().st_size > 256 << 20:
-                return False
-            return result_kind(json.loads(path.read_text(encoding="utf-8"))) == kind
-        except (OSError, ValueError):
-            return False
+        return not path.is_symlink() and result_kind(json_document(path)) == kind
     return ours
 
 

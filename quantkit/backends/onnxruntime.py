@@ -32,8 +32,8 @@ from quantkit._deps import require
 from quantkit.backends.base import Runner, TensorSink, check_feed
 from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import InputError, ModelError
-from quantkit.onnx.model import (TensorSpec, input_specs, l2_normalized, load_model, node_reads, output_specs,
-                                 unused_inputs, value_ordered_outputs, with_outputs_bytes, concat_parts)
+from quantkit.onnx.model import (TensorSpec, input_specs, l2_normalized, load_model, named_axis_1, node_reads,
+                                 output_specs, unused_inputs, value_ordered_outputs, with_outputs_bytes, concat_parts)
 
 
 log = logging.getLogger(__name__)
@@ -272,9 +272,7 @@ class OrtRunner(Runner):
         self.embeddings = [o.name for o in proto.graph.output if l2_normalized(proto, o.name)]
         #: 2-D outputs whose axis 1 is declared by a name (a sequence's length, ``[B, T]``): not
         #: [N, classes], whose classes are a fixed number (``compare`` shows no top-1 for them)
-        self.named_axis_outputs = [o.name for o in proto.graph.output if o.type.tensor_type.HasField("shape")
-                                   and len(o.type.tensor_type.shape.dim) == 2
-                                   and o.type.tensor_type.shape.dim[1].HasField("dim_param")]
+        self.named_axis_outputs = [o.name for o in proto.graph.output if named_axis_1(proto, o.name)]
         # what ``concat_parts`` reads, on first use (only ``compare`` does: a shape inference that
         # the fallback's and the ranking's many runners need not pay); a model given by path, now
         self._parts: dict[str, list[int]] | None = None if model is proto else concat_parts(proto)

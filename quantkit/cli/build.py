@@ -131,10 +131,7 @@ class Build:
 def _layer_info(path: Path) -> bool:
     """``path`` is TensorRT layer information as ``build --layer-info`` writes it (what ``--force``
     may replace)."""
-    import json
+    from quantkit._io import json_document
 
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size < 256 << 20 else None
-    except (OSError, ValueError):
-        return False
+    doc = json_document(path)
     return isinstance(doc, dict) and "Layers" in doc

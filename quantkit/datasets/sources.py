@@ -169,6 +169,12 @@ def _jpeg_complete(data: bytes) -> bool:
     return b"\xff\xd9" in data[-64:]
 
 
+def pixel_limit() -> int:
+    """The most pixels an image may have, decoded or resized (``OPENCV_IO_MAX_IMAGE_PIXELS``,
+    default ``quantkit.MAX_IMAGE_PIXELS``)."""
+    return env_int("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, minimum=1)
+
+
 def decode_image(path: Path) -> np.ndarray:
     """Decode one image file with OpenCV into uint8-range values.
 
@@ -196,7 +202,7 @@ def decode_image(path: Path) -> np.ndarray:
         img = cv2.imdecode(data, flags)
     except cv2.error as err:  # over OpenCV's pixel limit (quantkit.MAX_IMAGE_PIXELS), or corrupt
         too_large = "too large" in str(err).lower() or "pixels" in str(err).lower()
-        limit = env_int("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, minimum=1)
+        limit = pixel_limit()
         raise SampleError(str(path), f"over {limit:,} pixels, "
                           "not decoded (OPENCV_IO_MAX_IMAGE_PIXELS)" if too_large else
                           "not a decodable image (corrupt or unsupported format)") from err
@@ -263,7 +269,7 @@ class ImageFolder:
         pre = self.preprocess
         if pre.resize is not None or pre.cover is not None:  # a thin strip's resize would be huge
             oh, ow = pre._resized_hw(img.shape[:2])
-            limit = env_int("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, minimum=1)
+            limit = pixel_limit()
             if oh * ow > limit:
                 raise SampleError(str(path), f"{img.shape[0]}x{img.shape[1]} pixels would be resized to {oh}x{ow}, "
                                   f"over {limit:,} pixels (an extreme aspect ratio; OPENCV_IO_MAX_IMAGE_PIXELS)")

@@ -66,7 +66,7 @@ from quantkit.backends.base import real_rows
 from quantkit.debug.sensitivity import (ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, part_energy,
                                        rank_groups, rank_sensitivity)
 from quantkit.errors import InputError, check_fields
-from quantkit.onnx.model import error_output, l2_normalized
+from quantkit.onnx.model import error_output, l2_normalized, named_axis_1
 
 if TYPE_CHECKING:
     from quantkit.datasets.sources import Source
@@ -573,10 +573,8 @@ def drop_metric_for(model: onnx.ModelProto, output: str, metric: str | None, sou
     """``resolve_drop_metric`` for the graph output ``output`` of ``model``: its declared shape and
     whether it is an L2-normalized embedding decide the default."""
     rank, values = _output_shape(model, output)
-    t = next(o for o in model.graph.output if o.name == output).type.tensor_type
-    named = t.HasField("shape") and len(t.shape.dim) == 2 and t.shape.dim[1].HasField("dim_param")
     return resolve_drop_metric(metric, source, indices, output_rank=rank, output_values=values,
-                               embedding=l2_normalized(model, output), named_axis=named)
+                               embedding=l2_normalized(model, output), named_axis=named_axis_1(model, output))
 
 
 def _output_shape(model: onnx.ModelProto, name: str | None = None) -> tuple[int | None, int | None]:

@@ -908,6 +908,14 @@ _NORM_GLUE = ("Clip", "Max", "Add", "Expand", "Unsqueeze", "Reshape", "Cast", "I
               "Reciprocal")
 
 
+def named_axis_1(model: onnx.ModelProto, name: str) -> bool:
+    """Whether the graph output ``name`` is declared 2-D with its axis 1 named, not numbered (a
+    sequence's length, ``[B, T]``): not [N, classes], whose classes are a fixed number."""
+    out = next((o for o in model.graph.output if o.name == name), None)
+    t = out.type.tensor_type if out is not None else None
+    return t is not None and t.HasField("shape") and len(t.shape.dim) == 2 and t.shape.dim[1].HasField("dim_param")
+
+
 def l2_normalized(model: onnx.ModelProto, name: str) -> bool:
     """Whether the graph output ``name`` is an L2-normalized embedding, x / ||x||: an
     ``LpNormalization`` (p 2), or a Div (or a Mul by a Reciprocal) whose divisor comes from a
