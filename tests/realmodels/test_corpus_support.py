@@ -17,7 +17,7 @@ def test_wheel_cache_dir_from_env(tmp_path):
 
 
 def test_missing_wheel_says_how_to_fetch(tmp_path):
-    with pytest.raises(corpus.WheelMissing, match=r"pip download --no-deps rapidocr-onnxruntime==1\.4\.4"):
+    with pytest.raises(corpus.WheelMissing, match=r"pip download --no-deps --ignore-requires-python rapidocr-onnxruntime==1\.4\.4"):
         corpus.find_wheel(corpus.RAPIDOCR, tmp_path)
 
 
