@@ -51,8 +51,12 @@ def test_demo_accuracy_every_method(tmp_path, capsys):
     assert len(rows) == 6
     for method, acc, agree, sqnr in rows:
         r = report["methods"][method.split(" (")[0].strip()]
-        assert (float(acc), float(agree)) == (round(r["accuracy_test"], 4), round(r["outputs"][0]["top1_agreement"], 4)), method
-        assert abs(float(sqnr) - r["outputs"][0]["sqnr_db"]) < 0.01, method
+        # to one test image of 540 and 0.05 dB: ONNX Runtime's float kernels differ by CPU (AVX2 / AVX-512 /
+        # AMX) in the last bits, which moves a range by a bin: entropy read 33.77 and 33.78 dB, the unguarded
+        # entropy-trt one image apart, on two AMD EPYC machines of the same CI class
+        assert abs(float(acc) - r["accuracy_test"]) < 0.002, method
+        assert abs(float(agree) - r["outputs"][0]["top1_agreement"]) < 0.002, method
+        assert abs(float(sqnr) - r["outputs"][0]["sqnr_db"]) < 0.05, method
 
 
 def test_calibrate_writes_consistent_artifacts(digits_dirs, tmp_path, capsys):
