@@ -296,7 +296,7 @@ class DebugReport:
                          f"({p.weighted_local_sqnr_db:.2f} dB against {p.local_sqnr_db:.2f} dB unweighted): a channel "
                          "the per-tensor scale leaves few INT8 levels that the weights amplify (`calibrate --max-drop` "
                          "ranks it; `--exclude` its readers)")
-        worst_w = sorted(self.weights, key=lambda w: w.worst_channel_sqnr_db)[:3]
+        worst_w = sorted(self.weights, key=lambda w: (w.worst_channel_sqnr_db, w.sqnr_db))[:3]
         for w in worst_w:
             lines.append(f"  weight {short_name(w.tensor)}: {w.sqnr_db:.2f} dB, worst channel {w.worst_channel_sqnr_db:.2f} dB "
                          f"(channels {w.worst_channels})")
@@ -376,6 +376,36 @@ def _equalized_weights(fp32_consts: dict[str, np.ndarray], int8: onnx.ModelProto
 SIGN_AGREEMENT = 0.9
 
 
+#: stored integers are a FP32 weight's, quantized with their scales, when at least this share of
+#: them is within one step of it (rounding, AdaRound's choices and saturation aside)
+STEP_AGREEMENT = 0.9
+#: ... or, for weights a tool rescaled before storing them, when they are within this SQNR (dB)
+STORED_MIN_DB = 10.0
+
+
+def _check_stored(p: QdqPoint, stored: np.ndarray, w: np.ndarray, name: str) -> None:
+    """Refuse stored integers that are not the FP32 weight ``w`` quantized with ``p``'s scales: at
+    least ``STEP_AGREEMENT`` of them within one step of it and the nonzero ones of its sign, or
+    the values within ``STORED_MIN_DB`` of it. A coarse but faithful quantization (a per-tensor
+    scale over channels of different ranges) passes however low its SQNR."""
+    q = stored.astype(np.float64)
+    s, z = p._broadcast(p.scale, q), p._broadcast(p.zero_point, q)
+    expected = np.clip(np.rint(w / s) + z, p.qmin, p.qmax)
+    close = float((np.abs(q - expected) <= 1).mean()) if q.size else 1.0
+    centred = q - z
+    nonzero = (centred != 0) & (w != 0)
+    agree = float((np.sign(centred) == np.sign(w))[nonzero].mean()) if nonzero.any() else 1.0
+    if close >= STEP_AGREEMENT and agree >= SIGN_AGREEMENT:
+        return
+    deq = (q - z) * s
+    db = _db(float((w * w).sum()), float(((deq - w) ** 2).sum()))
+    if db >= STORED_MIN_DB:
+        return
+    raise ModelError(f"weight {name!r} differs from the FP32 model's ({db:.1f} dB; {100 * (1 - close):.0f}% of its "
+                     "stored integers more than one step from the FP32 weight quantized with its scales): the Q/DQ "
+                     "model is not derived from this FP32 model", hint="give the FP32 model the Q/DQ model was made from")
+
+
 def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable[QdqPoint]) -> list[WeightError]:
     """Per-channel error of every quantized weight; refuses weights that are not the FP32 model's."""
     # the FP32 side with layout ops on constants folded: a weight behind a Transpose (an Einsum's
@@ -392,7 +422,10 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
         w = w.astype(np.float64)
         own = iconsts.get(p.tensor) if p.stored is None else None
         if p.stored is not None:
-            deq = p.dequantize(iconsts[p.stored])
+            stored = iconsts[p.stored]
+            deq = p.dequantize(stored)
+            if deq.shape == w.shape:
+                _check_stored(p, stored, w, name)
         elif own is not None and own.shape == w.shape:
             # the INT8 model's own float weight: it may be the FP32 model's times positive per-channel
             # factors (equalization, SmoothQuant), never other values (another training of the graph)
@@ -403,7 +436,9 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
                 raise ModelError(f"weight {p.tensor!r} is not the FP32 model's {name!r} (the signs of "
                                  f"{100 * (1 - agree):.0f}% of its values differ): the Q/DQ model is not derived from "
                                  "this FP32 model", hint="give the FP32 model the Q/DQ model was made from")
-            w, deq = own, p.fake_quant(own)[0]  # its error is its own quantization's
+            # its error is its own quantization's, however coarse (NNCF quantizes a weight that a
+            # Constant node holds per tensor: 9.4 dB on PP-OCRv4's recogniser, and still its weight)
+            w, deq = own, p.fake_quant(own)[0]
         else:
             deq = p.fake_quant(w)[0]
         if deq.shape != w.shape:
@@ -411,9 +446,6 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
                              "FP32 model: the Q/DQ model is not derived from this FP32 model",
                              hint="give the FP32 model the Q/DQ model was made from")
         total = _db(float((w * w).sum()), float(((deq - w) ** 2).sum()))
-        if total < 10.0:
-            raise ModelError(f"weight {name!r} differs from the FP32 model's ({total:.1f} dB): the Q/DQ model is not "
-                             "derived from this FP32 model", hint="give the FP32 model the Q/DQ model was made from")
         if w.ndim == 0:  # a quantized scalar constant (ONNX Runtime's shared 2.0 of a normalization): one channel
             w, deq = w.reshape(1), deq.reshape(1)
         axis = p.axis if p.axis is not None else _output_channel_axis([nodes.get(c) for c in p.consumers], w.ndim)

@@ -358,3 +358,55 @@ def test_a_quiet_input_channel_the_weights_amplify_is_named(tmp_path):
             assert "quiet channel: t input channel 0" in rep.table()
         else:
             assert t.weighted_local_sqnr_db > 35 and "quiet channel" not in rep.table()
+
+
+def _coarse_models(rng, stored: bool, other: bool = False):
+    """FP32 ``x @ W`` (W a Constant node, as Paddle writes weights) and a Q/DQ model of it whose
+    weight scale is coarse (1.5 for N(0, 1) values: about 7 dB), the weight kept in float behind a
+    Q/DQ pair (NNCF's way) or stored as int8 (``stored``); ``other``: the integers of another W."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = rng.normal(0, 1, (16, 8)).astype(np.float32)
+    const = helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w"))
+    io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])])
+    fp32 = helper.make_model(helper.make_graph([const, helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+                                               "fp32", *io), opset_imports=[helper.make_opsetid("", 17)])
+    scales = [numpy_helper.from_array(np.array(v, np.float32), n) for v, n in ((1.5, "ws"), (0.05, "xs"))]
+    zero = numpy_helper.from_array(np.array(0, np.int8), "z")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "z"], ["xq"], name="xq"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "z"], ["xd"], name="xd")]
+    inits = [*scales, zero]
+    if stored:
+        src = rng.normal(0, 1, w.shape).astype(np.float32) if other else w
+        inits.append(numpy_helper.from_array(np.clip(np.rint(src / 1.5), -128, 127).astype(np.int8), "w_q"))
+        nodes.append(helper.make_node("DequantizeLinear", ["w_q", "ws", "z"], ["wd"], name="wd"))
+    else:
+        nodes += [const, helper.make_node("QuantizeLinear", ["w", "ws", "z"], ["wq"], name="wq"),
+                  helper.make_node("DequantizeLinear", ["wq", "ws", "z"], ["wd"], name="wd")]
+    nodes.append(helper.make_node("MatMul", ["xd", "wd"], ["y"], name="fc"))
+    int8 = helper.make_model(helper.make_graph(nodes, "int8", *io, inits), opset_imports=[helper.make_opsetid("", 17)])
+    return fp32, int8, w
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["float weight behind Q/DQ", "int8 weight"])
+def test_a_coarse_but_faithful_weight_quantization_is_read(tmp_path, stored):
+    """NNCF quantizes a weight a Constant node holds per tensor (PP-OCRv4's recogniser: 9.4 dB): its
+    Q/DQ model was refused as "not derived from this FP32 model" by a 10 dB floor on the weight's
+    own quantization error. The weight's SQNR is reported instead; integers of another weight
+    are still refused."""
+    from quantkit.datasets import NumpySource
+
+    rng = np.random.default_rng(3)
+    fp32, int8, w = _coarse_models(rng, stored)
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (32, 16)).astype(np.float32))
+    src = NumpySource(tmp_path / "d.npz")
+    rep = layerwise_error(fp32, int8, Batcher(src, ["x"], 16))
+    (weight,) = rep.weights
+    deq = np.clip(np.rint(w / 1.5), -128, 127) * 1.5
+    assert weight.sqnr_db == pytest.approx(_db((w.astype(np.float64) ** 2).sum(), ((deq - w) ** 2).sum()), rel=1e-6)
+    assert weight.sqnr_db < 10
+    if stored:
+        _, not_derived, _ = _coarse_models(np.random.default_rng(3), stored=True, other=True)
+        with pytest.raises(ModelError, match="not derived from this FP32 model"):
+            layerwise_error(fp32, not_derived, Batcher(src, ["x"], 16))
