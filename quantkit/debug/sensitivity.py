@@ -231,10 +231,12 @@ class QdqScales:
             p = points.get(t)
             if p is None:
                 continue
-            if p.qmin != -128 or np.any(p.zero_point != 0) or np.asarray(p.scale).size != 1:
-                raise ModelError(f"the INT8 model quantizes {t!r} with a zero point or per-channel scale: ranking "
-                                 "needs symmetric per-tensor int8 activations",
-                                 hint="rank a Q/DQ model written by quantkit calibrate")
+            how = ("as unsigned 8-bit (uint8)" if p.qmin != -128 else "with a zero point" if np.any(p.zero_point != 0)
+                   else "with a per-channel scale" if np.asarray(p.scale).size != 1 else "")
+            if how:  # NNCF's default writes uint8 for non-negative tensors, ONNX Runtime's uint8 with zero points
+                raise ModelError(f"the INT8 model quantizes {t!r} {how}: ranking needs the symmetric per-tensor int8 "
+                                 "activations TensorRT builds", hint="rank a Q/DQ model written by quantkit calibrate "
+                                 "(`quantkit debug` without --rank reads this one)")
             amax[t] = {"model": float(np.asarray(p.scale).reshape(())) * 127.0}
         if not amax:
             raise ModelError("the INT8 model quantizes none of the activations quantkit would quantize in this FP32 "
