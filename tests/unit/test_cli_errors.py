@@ -662,3 +662,10 @@ def test_count_flags_out_of_range_are_refused(argv, said, tmp_path, capsys):
         main([a.format(**fill) for a in argv])
     assert e.value.code == 2 and said in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("module", ["quantkit", "quantkit.cli"])
+def test_both_module_entry_points_run(module):
+    """`python -m quantkit.cli` said "No module named quantkit.cli.__main__" (the package is the CLI)."""
+    proc = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "quantkit" in proc.stdout + proc.stderr
