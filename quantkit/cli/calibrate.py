@@ -126,7 +126,8 @@ class Calibrate:
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.datasets.classes import check_classes
         from quantkit.onnx.model import file_sha256, load_model, output_specs
-        from quantkit.ptq import DEFAULT_METHOD, ExportConfig, QuantizeConfig, RunConfig, StatsConfig, prepare_for, quantize
+        from quantkit.ptq import (ARTIFACTS, DEFAULT_METHOD, ExportConfig, QuantizeConfig, RunConfig, StatsConfig,
+                                   artifact_names, prepare_for, quantize)
 
         model_path = Path(args.model)
         inputs = [p for p in (args.model, args.images, args.npz, args.eval_dir, args.exclude_from) if p]
@@ -139,9 +140,7 @@ class Calibrate:
         stem = model_path.stem.removesuffix(".fp32")
         check_output_dir(args.output, force=args.force, inputs=inputs, command="quantkit calibrate",
                          need_bytes=weights + (1 << 22),
-                         names=[f"{stem}.int8.onnx", "calibration.cache", "calibration.cache.json", "ranges.json",
-                                *(["report.json"] if args.eval_images > 0 else []),
-                                *(["sensitivity.json"] if args.max_drop is not None else [])])
+                         names=artifact_names(stem, report=args.eval_images > 0, sensitivity=args.max_drop is not None))
         exclude = [*(args.exclude or ()), *_exclude_from(args, model)]
         stats_inside = stats_target(args.save_stats, args.output, force=args.force, inputs=inputs)
         config = QuantizeConfig(
@@ -246,7 +245,7 @@ class Calibrate:
                                 model_stem=model_path.stem.removesuffix(".fp32"), metadata=meta, report=report,
                                 trt_version=trt_version_number(args.trt_version), force=args.force, inputs=inputs,
                                 command="quantkit calibrate",
-                                extra={"sensitivity": ("sensitivity.json", result.ranking.to_dict())}
+                                extra={"sensitivity": (ARTIFACTS["sensitivity"], result.ranking.to_dict())}
                                 if result is not None and result.ranking is not None else None)
         for line in lines:
             print(line)
@@ -346,8 +345,9 @@ def _artifact_name(name: str) -> bool:
     """``name`` (inside -o) is, or may be, one of calibrate's own files: the statistics written
     there would replace it."""
     from quantkit._io import MANIFEST
+    from quantkit.ptq import artifact_names
 
-    fixed = {MANIFEST, "calibration.cache", "calibration.cache.json", "ranges.json", "report.json", "sensitivity.json"}
+    fixed = {MANIFEST, *artifact_names("", report=True, sensitivity=True)}
     return name in fixed or name.endswith((".int8.onnx", ".int8.onnx.data"))
 
 
