@@ -450,6 +450,8 @@ class Calibration:
         method_check: the method check's verdict (``check_method``): the method asked for, the
             alternative, the one taken (now ``config.method``) and each one's outputs' SQNR
             against FP32; None where it did not run.
+        on_stage: progress of the work after the pass (bias corrections, the checks): called with
+            a few words on each step as it starts (``quantize``'s ``on_stage``); None: silent.
     """
 
     model: onnx.ModelProto
@@ -470,6 +472,7 @@ class Calibration:
     check_feeds: "list[tuple[dict[str, Any], int]] | None" = field(default=None, repr=False, compare=False)
     pointwise_check: dict[str, Any] | None = None
     method_check: dict[str, Any] | None = None
+    on_stage: "Callable[[str], None] | None" = field(default=None, repr=False, compare=False)
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
     _correction_reference: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     _correction_history: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -515,6 +518,8 @@ class Calibration:
         per method and shared by ``evaluate`` and ``save`` (copy it before changing it)."""
         method = check_method(method or self.config.method)
         if method not in self._int8:
+            if self.correction_feeds is not None:
+                self._stage(f"bias correction ({method})")
             model, shifts, check = self._made_int8(method, self.model, self.plan)
             self._int8[method] = model
             if shifts is not None:
@@ -522,6 +527,10 @@ class Calibration:
             if check is not None:
                 self.bias_checks[method] = check
         return self._int8[method]
+
+    def _stage(self, what: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(what)
 
     def _made_int8(self, method: str, fp32: onnx.ModelProto, plan: QdqPlan, variant: str = "",
                    ) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, Any] | None]:
@@ -575,6 +584,7 @@ class Calibration:
         alt = METHOD_CHECK_ALTERNATIVE.get(method)
         if alt is None or not export.checks_method or self.correction_feeds is None or not self.check_feeds:
             return
+        self._stage(f"method check ({method} against {alt}, each bias-corrected)")
         session = partial(create_session, threads=self.config.run.threads)
         feeds, self.check_feeds = self.check_feeds, None  # used once: not held with the calibration
         figures: dict[str, float] = {}
@@ -628,6 +638,7 @@ class Calibration:
         if check is None:  # nothing corrected, or no output the guard compares
             return
         kept = [e for e in self.equalized if not pointwise(e)]
+        self._stage("pointwise equalization check (a model without it, bias-corrected)")
         try:  # a check, not a requirement: where the variant cannot be made, the model stays as it is
             alt_model, done = equalize_depthwise(unequalized, {e.tensor: (e.consumers, e.scales) for e in kept})
             alt = prepare_for(alt_model, self.config.stats, self.model_name, quiet=True)
@@ -965,6 +976,7 @@ def quantize(
     on_batch: Callable[[int], None] | None = None,
     model_name: str = "model",
     sampling: dict[str, Any] | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> Calibration:
     """Calibrate ``model`` in one pass over ``source`` and compute every method's ranges.
 
@@ -978,6 +990,8 @@ def quantize(
         model_name: used in messages and reports (a prepared model brings its own).
         sampling: how ``indices`` were drawn (``quantkit.datasets.Sample.to_dict()``), recorded
             in ranges.json as "sampling".
+        on_stage: progress after the pass: called with a few words as each bias correction and
+            check starts (here and in the returned calibration's ``int8_model``).
 
     Raises:
         ModelError, DatasetError, InputError (exit 2 in the CLI): a model quantkit cannot
@@ -1032,7 +1046,8 @@ def quantize(
     cal = Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
                       list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized,
                       correction_feeds=corrections,
-                      check_feeds=_check_feeds(model, source, idx, config, skips) if corrections else None)
+                      check_feeds=_check_feeds(model, source, idx, config, skips) if corrections else None,
+                      on_stage=on_stage)
     cal.check_method()
     cal.check_pointwise(unequalized)
     return cal

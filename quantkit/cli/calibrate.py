@@ -180,7 +180,9 @@ class Calibrate:
 
         with progress(len(drawn.indices), "calibrating", disable=args.no_progress) as bar:
             cal = quantize(prepared, source, config, indices=drawn.indices, on_batch=bar.update,
-                           sampling=drawn.to_dict())
+                           sampling=drawn.to_dict(), on_stage=lambda what: bar.set_description_str(f"calibrating: {what}"))
+            cal.int8_model()  # its bias correction under the bar too (made once; written and compared below)
+        cal.on_stage = None
 
         method = cal.config.method  # the method check's choice where --method was not given
         # printed after the artifacts are written (a closed stdout loses nothing)

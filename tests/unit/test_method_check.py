@@ -174,3 +174,19 @@ def test_the_checks_models_made_side_by_side_are_those_made_one_after_another(mo
     assert side.config.method == serial.config.method == ("percentile" if margin < 0 else "entropy")
     assert side.int8_model().SerializeToString() == serial.int8_model().SerializeToString()
     assert set(side._int8) == set(serial._int8)
+
+
+def test_the_work_after_the_pass_is_reported_as_it_starts():
+    """`calibrate`'s bar sat at 100% through the bias corrections and checks (most of a
+    recogniser's calibration): ``on_stage`` names each as it starts."""
+    model = make_depthwise_model(variant="fanout")
+    stages: list[str] = []
+    cal = quantkit.quantize(model, ArraySource(depthwise_inputs(model, 64)),
+                            QuantizeConfig(StatsConfig(), RunConfig(batch_size=8)), on_stage=stages.append)
+    assert stages[0] == "method check (entropy against percentile, each bias-corrected)"
+    assert {"bias correction (entropy)", "bias correction (percentile)"} <= set(stages[1:])
+    before = len(stages)
+    cal.int8_model("minmax")
+    assert stages[before:] == ["bias correction (minmax)"]
+    cal.int8_model("minmax")  # made once
+    assert len(stages) == before + 1
