@@ -64,6 +64,8 @@ SEGMENT_THREADS = 4
 #: ``SEGMENT_THREADS``, where the run may use at least ``CHECK_PARALLEL_CORES`` cores and
 #: ``CHECK_PARALLEL_MEMORY_GB`` of memory is free (a correction holds the tensors that cross its
 #: segments' boundaries over its samples); else one after the other. The same models either way.
+#: Where the checks run side by side, each guarded correction's pass of the uncorrected model runs
+#: beside its segments too (``sequential_correction(overlap=True)``).
 #: ``QUANTKIT_CHECK_WORKERS=1``: one after the other. On 16 cores (calibration_corpus.md) it took
 #: 9-12% off the corpus's calibrations at 512 samples; a third thread making the pointwise check's
 #: model ahead cost more than it saved where the check then changed the method (a wasted correction).
@@ -550,13 +552,18 @@ class Calibration:
             log.info("%s: bias correction of %d Conv(s) for %s%s", self.model_name, len(done.shifts), method, variant)
         return done.model, done.shifts, done.check
 
+    def _room_to_overlap(self) -> bool:
+        """Whether this run may use ``CHECK_PARALLEL_CORES`` cores and ``CHECK_PARALLEL_MEMORY_GB``
+        of memory is free: the checks' models side by side, a guard's pass beside its segments."""
+        cores = self.config.run.threads or os.cpu_count() or 1
+        return CHECK_WORKERS > 1 and cores >= CHECK_PARALLEL_CORES and _free_memory_gb() >= CHECK_PARALLEL_MEMORY_GB
+
     def _side_by_side(self, calls: "Sequence[Callable[[], Any]]") -> list[Any]:
         """Each of ``calls``' results, in order: made side by side in ``CHECK_WORKERS`` threads
         where this run may use ``CHECK_PARALLEL_CORES`` cores and ``CHECK_PARALLEL_MEMORY_GB`` of
         memory is free, else one after another; the first error is raised."""
-        cores = self.config.run.threads or os.cpu_count() or 1
         workers = min(CHECK_WORKERS, len(calls))
-        if workers <= 1 or cores < CHECK_PARALLEL_CORES or _free_memory_gb() < CHECK_PARALLEL_MEMORY_GB:
+        if workers <= 1 or not self._room_to_overlap():
             return [call() for call in calls]
         with ThreadPoolExecutor(workers, thread_name_prefix="quantkit-check") as pool:
             futures = [pool.submit(call) for call in calls]
@@ -701,7 +708,7 @@ class Calibration:
             return sequential_correction(qdq, self.model if fp32 is None else fp32, self.correction_feeds, session,
                                          reference_session=partial(create_session, threads=self.config.run.threads),
                                          cache=self._correction_reference, history=self._correction_history,
-                                         guard=guard)
+                                         guard=guard, overlap=guard and self._room_to_overlap())
         except Exception as err:  # ONNX Runtime's own error types: the model stays as it is, with a warning
             msg = " ".join(str(err).split())[:200] or type(err).__name__
             log.warning("%s: bias correction skipped (the Q/DQ model is written without it): %s", self.model_name, msg)

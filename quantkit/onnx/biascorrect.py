@@ -400,7 +400,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
                           reference_session: Callable[[bytes], Any] | None = None,
                           cache: dict[tuple[str, ...], Reference] | None = None,
                           history: dict[bytes, dict[str, np.ndarray]] | None = None,
-                          guard: bool = False) -> Correction:
+                          guard: bool = False, overlap: bool = False) -> Correction:
     """``qdq`` (a Q/DQ model made from ``fp32``) with corrected Conv biases (a copy; ``qdq`` itself
     when there is nothing to correct), and per corrected Conv node the shift subtracted from its
     bias: each Conv's output's per-channel median error against the FP32 model on ``feeds`` is 0,
@@ -422,6 +422,8 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             and every segment before them, are the same as in an earlier model (nodes, weights,
             scales) take that model's shifts and run as one segment. A fallback's variants of one
             Q/DQ model differ from some depth on, and only the depths from there are measured.
+        overlap: with the guard, the uncorrected model's pass over ``feeds`` runs in a thread beside
+            the segments (a machine with cores to spare: each session's threads are capped).
     """
     convs = correctable(qdq, fp32)
     if not convs:
@@ -447,6 +449,13 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     # the shape a shift takes to be subtracted from a corrected output: its channels on their axis
     step_shape = {n.output[0]: tuple(-1 if k == axes[n.output[0]] % rank[n.output[0]] else 1
                                      for k in range(rank[n.output[0]])) for n in convs if n.name in wanted}
+    pending = None
+    if watched and overlap:  # the guard's uncorrected pass, in its own session, beside the segments
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="quantkit-guard")
+        pending = pool.submit(_output_samples_of, qdq, list(watched), feeds, session)
+        pool.shutdown(wait=False)  # the pass runs on; its result is read below
     work = onnx.ModelProto()
     work.CopyFrom(qdq)
     consts = constant_arrays(qdq)
@@ -534,7 +543,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
         return Correction(_drop_orphan_constants(work, replaced), shifts)
     ran = set().union(*(plan.segment for plan in plans)) if reused < len(plans) else set()
     corrected = _outputs_from(work, list(watched), known, reads, producer, ran, inits, session)
-    plain = _output_samples_of(qdq, list(watched), feeds, session)
+    plain = pending.result() if pending is not None else _output_samples_of(qdq, list(watched), feeds, session)
     with_db, without_db = output_sqnr(watched, corrected, ref.parts), output_sqnr(watched, plain, ref.parts)
     work = _drop_orphan_constants(work, replaced)
     if with_db is None or without_db is None:

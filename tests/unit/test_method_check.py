@@ -161,14 +161,29 @@ def test_the_checks_models_made_side_by_side_are_those_made_one_after_another(mo
         return made(self, method, fp32, plan, variant)
 
     monkeypatch.setattr(quantkit.ptq.Calibration, "_made_int8", spy)
+    # and each guard's pass of the uncorrected model beside its correction's segments
+    from quantkit.onnx import biascorrect
+
+    passes = biascorrect._output_samples_of
+    guards: list[str] = []
+
+    def spy_pass(*args):
+        guards.append(threading.current_thread().name)
+        return passes(*args)
+
+    monkeypatch.setattr(biascorrect, "_output_samples_of", spy_pass)
     monkeypatch.setattr(quantkit.ptq, "CHECK_PARALLEL_CORES", 10**6)
     serial = _calibrate()
     assert threads and not any(t.startswith("quantkit-check") for t in threads)
+    assert guards and not any(t.startswith("quantkit-guard") for t in guards)
     threads.clear()
+    guards.clear()
     monkeypatch.setattr(quantkit.ptq, "CHECK_PARALLEL_CORES", 1)
     monkeypatch.setattr(quantkit.ptq, "_free_memory_gb", lambda: 1e3)
     side = _calibrate()
     assert sorted(t.startswith("quantkit-check") for t in threads) == [False, True, True]  # the variant after
+    assert sum(t.startswith("quantkit-guard") for t in guards) == 3  # the three guarded corrections
+    assert side.bias_checks == serial.bias_checks
     assert serial.pointwise_check is not None  # the pointwise check's variant was compared too
     assert side.method_check == serial.method_check and side.pointwise_check == serial.pointwise_check
     assert side.config.method == serial.config.method == ("percentile" if margin < 0 else "entropy")
