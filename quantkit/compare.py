@@ -157,8 +157,9 @@ class _OutputStats:
             return
         if self.discrete is None:
             self.discrete = not np.issubdtype(np.asarray(ref).dtype, np.floating)
-        r = ref.reshape(ref.shape[0], -1).astype(np.float64)
-        t = test.reshape(test.shape[0], -1).astype(np.float64)
+        from quantkit._values import comparable
+
+        r, t = comparable(ref.reshape(ref.shape[0], -1), test.reshape(test.shape[0], -1))
         diff = r - t
         absd = np.abs(diff)
         self.max_abs = max(self.max_abs, float(absd.max()) if absd.size else 0.0)

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from quantkit._values import comparable
 from quantkit.backends.base import real_rows
 from quantkit.debug.sensitivity import (ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, part_energy,
                                        rank_groups, rank_sensitivity)
@@ -315,7 +316,7 @@ class _Evaluator:
                 if self.metric == "task":
                     task += self._task(out, b.indices)
                 elif self.metric == "cosine":
-                    a, t = ref.reshape(len(ref), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
+                    a, t = comparable(ref.reshape(len(ref), -1), out.reshape(len(out), -1))
                     na, nt = np.linalg.norm(a, axis=1), np.linalg.norm(t, axis=1)
                     c = np.where((na == 0) & (nt == 0), 1.0, (a * t).sum(1) / np.maximum(na * nt, 1e-300))
                     cos += float(c.sum())

@@ -63,6 +63,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from quantkit._values import comparable
 from quantkit.backends.base import real_rows
 from quantkit.errors import InputError, MissingDependencyError, ModelError
 from quantkit.onnx.model import error_output, node_reads
@@ -408,15 +409,15 @@ def _noise_signal(ref: np.ndarray, test: np.ndarray, parts: Sequence[int] = (),
         noise, signal = _part_noise_signal(ref, test, parts)
         weights = part_weights(energy)
         return noise @ weights, signal @ weights
-    r = ref.reshape(ref.shape[0], -1).astype(np.float64)
-    d = r - test.reshape(test.shape[0], -1).astype(np.float64)
+    r, t = comparable(ref.reshape(ref.shape[0], -1), test.reshape(test.shape[0], -1))
+    d = r - t
     return (d * d).sum(axis=1), (r * r).sum(axis=1)
 
 
 def _part_noise_signal(ref: np.ndarray, test: np.ndarray, parts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per sample and part (axis 1, ``parts`` its sizes): noise and signal power, [N, parts]."""
-    r = ref.reshape(ref.shape[0], ref.shape[1], -1).astype(np.float64)
-    d = r - test.reshape(r.shape).astype(np.float64)
+    r, t = comparable(ref.reshape(ref.shape[0], ref.shape[1], -1), test.reshape(ref.shape[0], ref.shape[1], -1))
+    d = r - t
     edges = np.cumsum([0, *parts])[:-1]
     return (np.add.reduceat((d * d).sum(axis=2), edges, axis=1),
             np.add.reduceat((r * r).sum(axis=2), edges, axis=1))

@@ -333,3 +333,41 @@ def test_the_guard_watches_what_a_topk_selects_from():
     cal.int8_model()
     check = cal.bias_checks.get("entropy")
     assert check is not None and check["uncorrected_output_sqnr_db"] > 10, check
+
+
+def _nan_masked_model() -> onnx.ModelProto:
+    """An output NaN by design where a mask is false (caustic-nmr's graph network: ``Where(mask,
+    y, NaN)``)."""
+    rng = np.random.default_rng(0)
+    g = h.make_graph([h.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), h.make_node("Relu", ["h"], ["r"], name="relu"),
+                      h.make_node("MatMul", ["r", "W2"], ["y0"], name="fc2"),
+                      h.make_node("Where", ["mask", "y0", "nanc"], ["y"], name="masked")], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", 16]), h.make_tensor_value_info("mask", T.BOOL, ["N", 6])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 6])],
+                     [nh.from_array(rng.standard_normal((16, 32)).astype(np.float32), "W1"),
+                      nh.from_array(rng.standard_normal((32, 6)).astype(np.float32), "W2"),
+                      nh.from_array(np.array(np.nan, np.float32), "nanc")])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_an_output_nan_by_design_is_compared_where_it_has_values(tmp_path, capsys):
+    """compare printed SQNR nan and max abs err 0, the method check was skipped without a word,
+    and `--max-drop` said its budget could not be met even with every group in float."""
+    from quantkit._values import comparable
+
+    rng = np.random.default_rng(1)
+    onnx.save(_nan_masked_model(), tmp_path / "m.onnx")
+    for name, n in (("cal", 96), ("ev", 48)):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((n, 16)).astype(np.float32),
+                 mask=rng.random((n, 6)) < 0.8)
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "cal.npz"), "-o", str(tmp_path / "out"),
+                 "--max-drop", "1", "--drop-metric", "sqnr", "--eval-dir", str(tmp_path / "ev.npz"),
+                 "--no-progress"]) == 0
+    assert "the method check's choice" in capsys.readouterr().out  # the check had its figures
+    assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "out" / "m.int8.onnx"), "--npz",
+                 str(tmp_path / "ev.npz"), "--json", str(tmp_path / "c.json")]) == 0
+    (out,) = json.loads((tmp_path / "c.json").read_text())["outputs"]
+    assert 25 < out["sqnr_db"] < 60 and 0 < out["max_abs_error"] < 10 and 0.99 < out["cosine_min"] <= 1
+    # where the INT8 model alone gives NaN the error is infinite, not left out
+    r, t = comparable(np.array([[1.0, np.nan]]), np.array([[np.nan, np.nan]]))
+    assert r.tolist() == [[1.0, 0.0]] and t.tolist() == [[np.inf, 0.0]]
