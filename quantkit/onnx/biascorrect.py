@@ -56,6 +56,7 @@ last corrected depth.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -191,14 +192,19 @@ def feed_positions(feeds: int) -> int:
 def channel_samples(x: np.ndarray, n: int, positions: int = SAMPLE_POSITIONS, axis: int = 1) -> np.ndarray:
     """[C, K]: a strided sample of ``x``'s first ``n`` rows' values per channel (axis 1), the same
     positions for any tensor of the same shape: every ``step``-th of the positions (row, then
-    the axes after the channel, in order; about ``positions`` of them), gathered without
-    copying the tensor first."""
+    the axes after the channel, in order; at least ``positions`` of them), the step sharing no
+    factor with a row's positions (so that it visits every column, and every channel of a
+    channel-last output), gathered without copying the tensor first."""
     x = np.asarray(x)[:n]
     if axis % max(x.ndim, 1) != 1:  # a linear layer's features (the last axis) as the channels
         x = np.moveaxis(x, axis, 1)
     x3 = x.reshape(x.shape[0], x.shape[1], -1)
     total = x3.shape[0] * x3.shape[2]
-    rows, at = np.divmod(np.arange(0, total, max(1, total // positions)), x3.shape[2])
+    step = max(1, total // positions)
+    while step > 1 and math.gcd(step, x3.shape[2]) != 1:  # a step sharing a factor with the positions of
+        step -= 1  # a row visits some of them only: every 64th of [N, C, 64, 64] is column 0, every 4th of
+        # a channel-last [N, H, W, 4] output its first channel (the guard read 60 dB for -6.5)
+    rows, at = np.divmod(np.arange(0, total, step), x3.shape[2])
     return x3[rows, :, at].T.astype(np.float32)
 
 
