@@ -907,13 +907,37 @@ def _guard_figure(check: Mapping[str, Any]) -> float:
     return float(check["output_sqnr_db"] if check["applied"] else check["uncorrected_output_sqnr_db"])
 
 
+#: a group member whose values reach less than 1/this of the group's keeps its own ranges
+GROUP_SPLIT_RATIO = 16.0
+
+
+def _sharing_members(group: Sequence[str], histograms: Mapping[str, Histogram]) -> list[str]:
+    """The members of ``group`` that share its scale: not one whose largest value is below
+    1/``GROUP_SPLIT_RATIO`` of the group's, which keeps its own (4 of INT8's 7 bits lost
+    otherwise). A Concat's input that a residual Add also quantizes, beside an input 1000x
+    larger (adaptive-terrain-diffusion's UNet: 2.8e6 against 1.3e8), got the group's scale and
+    2 dB local SQNR for the Add; TensorRT then quantizes it twice (its own scale for the Add,
+    the Concat's for the Concat), one more quantize layer instead of a tensor rounded to a few
+    levels."""
+    top = max((histograms[t].amax for t in group), default=0.0)
+    sharing = [t for t in group if histograms[t].amax * GROUP_SPLIT_RATIO >= top]
+    if len(sharing) < len(group):
+        log.info("%d tensor(s) of a shared-scale group keep their own ranges (their values below 1/%g of the "
+                 "group's %.4g): %s", len(group) - len(sharing), GROUP_SPLIT_RATIO, top,
+                 ", ".join(t for t in group if t not in sharing))
+    return sharing
+
+
 def method_ranges(histograms: Mapping[str, Histogram], groups: Sequence[Sequence[str]],
                   params: Mapping[str, float]) -> dict[str, TensorRanges]:
     """Every registered method's amax per tensor; the members of each group (``QdqPlan.groups``:
     tensors that TensorRT gives one scale) all get the ranges of their merged histogram, the
-    histogram of all their values together."""
+    histogram of all their values together (but a member of far smaller values: ``_sharing_members``)."""
     work: dict[tuple[str, ...], Histogram] = {}
     for group in groups:
+        group = _sharing_members(group, histograms)
+        if len(group) < 2:
+            continue
         merged = histograms[group[0]]
         for t in group[1:]:
             merged = merge_histogram(merged, histograms[t])

@@ -121,7 +121,19 @@ def test_method_ranges_computes_each_group_once(monkeypatch):
     calls = []
     original = ptq.all_ranges
     monkeypatch.setattr(ptq, "all_ranges", lambda h, p: calls.append(h) or original(h, p))
-    ranges = ptq.method_ranges(hists, [("a", "b")], method_params())
-    assert len(calls) == 2  # the group's merged histogram and c's
-    assert list(ranges) == ["a", "b", "c"] and ranges["a"] is ranges["b"]
-    assert ranges["c"].amax == original(hists["c"], method_params()).amax
+    ranges = ptq.method_ranges(hists, [("b", "c")], method_params())  # |x| up to 200 and 17.8
+    assert len(calls) == 2  # the group's merged histogram and a's
+    assert list(ranges) == ["a", "b", "c"] and ranges["b"] is ranges["c"]
+    assert ranges["a"].amax == original(hists["a"], method_params()).amax
+
+
+def test_a_group_member_of_far_smaller_values_keeps_its_own_ranges():
+    """A Concat's input that a residual Add also quantizes, beside an input 1000x larger (a
+    diffusion UNet), got the group's scale: 2 dB local SQNR for the Add. Below 1/16 of the
+    group's largest value, a member keeps its own ranges."""
+    hists = {t: h for t, h in zip("abc", _histograms(3, 3, bins=2048))}  # |x| up to 1.93, 200, 17.8
+    ranges = ptq.method_ranges(hists, [("a", "b", "c")], method_params())
+    own = ptq.method_ranges({"a": hists["a"]}, [], method_params())["a"]
+    assert ranges["a"].amax == own.amax  # 1.93 * 16 < 200
+    assert ranges["b"] is ranges["c"]  # 17.8 * 16 >= 200: they share
+    assert ranges["b"].amax["minmax"] == pytest.approx(200.0, rel=1e-3)
