@@ -545,7 +545,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             history.clear()
         history[plan.key] = {node.name: shifts[node.name] for node in level}
     _drop_orphans(work, replaced)
-    log.debug("bias correction: %d Conv(s)", len(shifts))
+    log.debug("bias correction: %d layer(s)", len(shifts))
     if not watched:
         return Correction(_drop_orphan_constants(work, replaced), shifts)
     ran = set().union(*(plan.segment for plan in plans)) if reused < len(plans) else set()
