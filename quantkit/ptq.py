@@ -549,7 +549,8 @@ class Calibration:
                      "%.1f dB with it, %.1f dB without", self.model_name, method, variant,
                      done.check["output_sqnr_db"], done.check["uncorrected_output_sqnr_db"])
         else:
-            log.info("%s: bias correction of %d layer(s) (Conv, MatMul/Gemm with a bias) for %s%s", self.model_name, len(done.shifts), method, variant)
+            log.info("%s: bias correction of %d layer(s) (Conv, MatMul/Gemm with a bias) for %s%s", self.model_name,
+                     len(done.shifts), method, variant)
         return done.model, done.shifts, done.check
 
     def _room_to_overlap(self) -> bool:
