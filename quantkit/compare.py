@@ -105,10 +105,11 @@ class CompareReport:
                              f"{m.sqnr_db:.2f} dB for the whole output: its SQNR reads as its largest values (a "
                              "detector's boxes in pixels beside its class scores); judge it by its worst part")
             elif m.worst_channel_sqnr_db is not None and m.worst_channel_sqnr_db < m.sqnr_db - WORST_CHANNEL_GAP_DB:
-                lines.append(f"  note: {m.name!r} channel {m.worst_channel} (axis 1) is at {m.worst_channel_sqnr_db:.2f} dB "
+                lines.append(f"  note: {m.name!r} index {m.worst_channel} of axis 1 is at {m.worst_channel_sqnr_db:.2f} dB "
                              f"against {m.sqnr_db:.2f} dB for the whole output: its SQNR reads as its largest values "
-                             "(a detector's boxes in pixels beside its class scores); check that channel's task "
-                             "(scores, detections) before trusting the figure")
+                             "(where axis 1 is a detector's channels, its boxes in pixels beside its class scores; "
+                             "else an anchor, a position); check what that index holds (scores, detections) before "
+                             "trusting the figure")
         for m in self.outputs:
             if m.shape_differs:
                 lines.append(f"  note: {m.name!r} has a data-dependent shape: the models' shapes differ on "

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -215,6 +216,11 @@ class Calibrate:
             lines.append(replace(cmp, skipped=[s for s in cmp.skipped if s[0] not in known]).table())
             if not held_out:
                 lines.append("  note: no images left after calibration; compared on calibration images")
+            lost = [o for o in cmp.outputs if o.match is None and math.isfinite(o.sqnr_db) and o.sqnr_db < LOST_SQNR_DB]
+            if lost:  # a model INT8 does not hold (a diffusion UNet's activations up to 1e8: 0.4 dB by every method)
+                lines.append(f"  note: {', '.join(repr(o.name) for o in lost)} at {min(o.sqnr_db for o in lost):.1f} dB: "
+                             "INT8 loses most of this output; `quantkit debug FP32 INT8 --rank` shows where the "
+                             "error enters, `--max-drop` keeps the worst groups in float")
             report = {"method": method, "held_out": held_out, **cmp.to_dict(),
                       "entropy_differs_from_trt": cal.entropy_effect(),
                       **({"bias_correction": cal.bias_checks[method]} if method in cal.bias_checks else {}),
@@ -341,6 +347,10 @@ def save_with_stats(cal: Any, output: str, save_stats: str | None, stats_inside:
         if commit is not None:
             paths["stats"] = commit()
     return paths
+
+
+#: below this output SQNR (dB) against FP32 the summary says INT8 loses the output, and what to run
+LOST_SQNR_DB = 10.0
 
 
 def _artifact_name(name: str) -> bool:

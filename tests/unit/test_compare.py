@@ -208,7 +208,7 @@ def test_a_merged_output_names_the_channel_its_sqnr_hides():
     assert m.sqnr_db > 40 and m.worst_channel == 5 and m.worst_channel_sqnr_db == pytest.approx(0.0, abs=1e-9)
     from quantkit.compare import CompareReport
 
-    assert "'output0' channel 5 (axis 1) is at 0.00 dB" in CompareReport("fp32", "int8", 4, [m]).table()
+    assert "'output0' index 5 of axis 1 is at 0.00 dB" in CompareReport("fp32", "int8", 4, [m]).table()
     st2 = _OutputStats("y")  # a [N, C] classifier output: no per-channel figure
     st2.update(ref[:, :, 0], test[:, :, 0])
     assert st2.result().worst_channel is None
