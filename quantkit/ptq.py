@@ -921,7 +921,8 @@ def _sharing_members(group: Sequence[str], histograms: Mapping[str, Histogram]) 
     the Concat's for the Concat), one more quantize layer instead of a tensor rounded to a few
     levels."""
     top = max((histograms[t].amax for t in group), default=0.0)
-    sharing = [t for t in group if histograms[t].amax * GROUP_SPLIT_RATIO >= top]
+    # (a member that was 0 on every sample stays: the group's scale is a better guess than a placeholder)
+    sharing = [t for t in group if histograms[t].amax == 0.0 or histograms[t].amax * GROUP_SPLIT_RATIO >= top]
     if len(sharing) < len(group):
         log.info("%d tensor(s) of a shared-scale group keep their own ranges (their values below 1/%g of the "
                  "group's %.4g): %s", len(group) - len(sharing), GROUP_SPLIT_RATIO, top,

@@ -137,3 +137,7 @@ def test_a_group_member_of_far_smaller_values_keeps_its_own_ranges():
     assert ranges["a"].amax == own.amax  # 1.93 * 16 < 200
     assert ranges["b"] is ranges["c"]  # 17.8 * 16 >= 200: they share
     assert ranges["b"].amax["minmax"] == pytest.approx(200.0, rel=1e-3)
+    zero = HistogramCollector(2048)
+    zero.update(np.zeros(100, np.float32))  # 0 on every sample: it keeps the group's scale, not a placeholder
+    ranges = ptq.method_ranges({"b": hists["b"], "z": zero.compute()}, [("b", "z")], method_params())
+    assert ranges["z"] is ranges["b"]
