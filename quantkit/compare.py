@@ -189,7 +189,7 @@ class _OutputStats:
             elif self.channel_sig.shape == sig_c.shape:
                 self.channel_sig, self.channel_noise = self.channel_sig + sig_c, self.channel_noise + noise_c
         if ref.ndim == 2 and ref.shape[1] > 1:
-            self.agree += int((ref.argmax(axis=1) == test.argmax(axis=1)).sum())
+            self.agree += int((r.argmax(axis=1) == t.argmax(axis=1)).sum())  # (masked values read 0 on both sides)
         else:
             self.classifier = False
 
