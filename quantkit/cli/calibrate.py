@@ -210,7 +210,7 @@ class Calibrate:
             known = [] if args.eval_dir else [f for f, _ in cal.skipped]  # warned about once already
             with progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
                 cmp = cal.evaluate(eval_source, eval_idx, reference_name=model_path.name, known_skips=known,
-                                   test_name=f"{model_path.stem}.int8.onnx ({method})",
+                                   test_name=f"{model_path.stem}.int8.onnx ({method}{_switches_note(result)})",
                                    on_batch=bar.update)
             # files the calibration pass already reported are summed up once, below
             lines.append(replace(cmp, skipped=[s for s in cmp.skipped if s[0] not in known]).table())
@@ -266,7 +266,8 @@ class Calibrate:
         copies = len({e.scaled for e in cal.equalized} & set(cal.plan.activations))  # `inspect` plans without them
         print(f"calibrated {cal.num_samples} samples, {len(cal.plan.activations)} activations"
               + (f" ({copies} of them equalization Mul outputs)" if copies else "")
-              + f" and {len(cal.plan.weights)} weights quantized ({method}{_method_note(cal.method_check)})"
+              + f" and {len(cal.plan.weights)} weights quantized ({method}{_method_note(cal.method_check)}"
+              + f"{_switches_note(result)})"
               + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")
               + (f"; {len(front)} Conv/Gemm/MatMul of a log-spectrum front end kept in float" if front else "")
               + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else "")
@@ -274,6 +275,17 @@ class Calibrate:
         for p in paths.values():
             print(f"  wrote {p}")
         return 0
+
+
+def _switches_note(result: Any) -> str:
+    """The words on --max-drop's method switches (``result``: the fallback's, or None): "entropy"
+    alone read wrong where every group had been switched to percentile."""
+    overrides = dict(getattr(result, "method_overrides", None) or {})
+    if not overrides:
+        return ""
+    methods = "/".join(sorted(set(overrides.values())))
+    which = "every group" if len(overrides) == result.num_groups else f"{len(overrides)} group(s)"
+    return f"; {which} switched to {methods} by --max-drop"
 
 
 def _method_note(check: dict[str, Any] | None) -> str:

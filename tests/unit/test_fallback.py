@@ -333,3 +333,17 @@ def test_a_budget_below_one_evaluation_sample_is_warned_about(broken, caplog):
     caplog.clear()
     fallback(cal, ev, list(range(100)), FallbackConfig(max_drop=1.0, drop_metric="top1-agreement"))
     assert "less than one evaluation sample" not in caplog.text
+
+
+def test_the_summary_names_the_method_the_fallback_switched_to():
+    """After --max-drop switched every group to percentile, the compare table and the summary
+    still said "(entropy)"."""
+    from types import SimpleNamespace
+
+    from quantkit.cli.calibrate import _switches_note
+
+    assert _switches_note(None) == ""
+    every = SimpleNamespace(method_overrides={"a": "percentile", "b": "percentile"}, num_groups=2)
+    assert _switches_note(every) == "; every group switched to percentile by --max-drop"
+    some = SimpleNamespace(method_overrides={"a": "mse"}, num_groups=5)
+    assert _switches_note(some) == "; 1 group(s) switched to mse by --max-drop"
