@@ -644,6 +644,8 @@ class Calibration:
         self.int8_model(method)
         check = self.bias_checks.get(method)
         if check is None:  # nothing corrected, or no output the guard compares
+            log.info("%s: no pointwise check (no bias-corrected layer, or no output to compare): pointwise "
+                     "equalization kept unchecked (--no-equalize-pointwise leaves it out)", self.model_name)
             return
         kept = [e for e in self.equalized if not pointwise(e)]
         self._stage("pointwise equalization check (a model without it, bias-corrected)")
