@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from quantkit._values import comparable
 from quantkit.backends.base import Runner, side_by_side
 from quantkit.datasets.batching import Batch
 from quantkit.errors import ModelError
@@ -158,8 +159,6 @@ class _OutputStats:
             return
         if self.discrete is None:
             self.discrete = not np.issubdtype(np.asarray(ref).dtype, np.floating)
-        from quantkit._values import comparable
-
         r, t = comparable(ref.reshape(ref.shape[0], -1), test.reshape(test.shape[0], -1))
         diff = r - t
         absd = np.abs(diff)
