@@ -561,8 +561,7 @@ class Calibration:
 
     def _side_by_side(self, calls: "Sequence[Callable[[], Any]]") -> list[Any]:
         """Each of ``calls``' results, in order: made side by side in ``CHECK_WORKERS`` threads
-        where this run may use ``CHECK_PARALLEL_CORES`` cores and ``CHECK_PARALLEL_MEMORY_GB`` of
-        memory is free, else one after another; the first error is raised."""
+        where there is room (``_room_to_overlap``), else one after another; the first error is raised."""
         workers = min(CHECK_WORKERS, len(calls))
         if workers <= 1 or not self._room_to_overlap():
             return [call() for call in calls]

@@ -383,21 +383,18 @@ STEP_AGREEMENT = 0.9
 STORED_MIN_DB = 10.0
 
 
-def _check_stored(p: QdqPoint, stored: np.ndarray, w: np.ndarray, name: str) -> None:
-    """Refuse stored integers that are not the FP32 weight ``w`` quantized with ``p``'s scales: at
-    least ``STEP_AGREEMENT`` of them within one step of it and the nonzero ones of its sign, or
-    the values within ``STORED_MIN_DB`` of it. A coarse but faithful quantization (a per-tensor
-    scale over channels of different ranges) passes however low its SQNR."""
-    q = stored.astype(np.float64)
-    s, z = p._broadcast(p.scale, q), p._broadcast(p.zero_point, q)
-    expected = np.clip(np.rint(w / s) + z, p.qmin, p.qmax)
-    close = float((np.abs(q - expected) <= 1).mean()) if q.size else 1.0
-    centred = q - z
-    nonzero = (centred != 0) & (w != 0)
-    agree = float((np.sign(centred) == np.sign(w))[nonzero].mean()) if nonzero.any() else 1.0
+def _check_stored(p: QdqPoint, deq: np.ndarray, w: np.ndarray, name: str) -> None:
+    """Refuse stored integers (``deq``: their values, ``QdqPoint.dequantize``) that are not the FP32
+    weight ``w`` quantized with ``p``'s scales: at least ``STEP_AGREEMENT`` of them within one
+    step of ``p.fake_quant(w)`` and the nonzero ones of its sign, or the values within
+    ``STORED_MIN_DB`` of it. A coarse but faithful quantization (a per-tensor scale over
+    channels of different ranges) passes however low its SQNR."""
+    step = p._broadcast(p.scale, deq)
+    close = float((np.abs(deq - p.fake_quant(w)[0]) <= 1.5 * step).mean()) if deq.size else 1.0  # one step, not two
+    nonzero = (deq != 0) & (w != 0)
+    agree = float((np.sign(deq) == np.sign(w))[nonzero].mean()) if nonzero.any() else 1.0
     if close >= STEP_AGREEMENT and agree >= SIGN_AGREEMENT:
         return
-    deq = (q - z) * s
     db = _db(float((w * w).sum()), float(((deq - w) ** 2).sum()))
     if db >= STORED_MIN_DB:
         return
@@ -422,10 +419,9 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
         w = w.astype(np.float64)
         own = iconsts.get(p.tensor) if p.stored is None else None
         if p.stored is not None:
-            stored = iconsts[p.stored]
-            deq = p.dequantize(stored)
+            deq = p.dequantize(iconsts[p.stored])
             if deq.shape == w.shape:
-                _check_stored(p, stored, w, name)
+                _check_stored(p, deq, w, name)
         elif own is not None and own.shape == w.shape:
             # the INT8 model's own float weight: it may be the FP32 model's times positive per-channel
             # factors (equalization, SmoothQuant), never other values (another training of the graph)
