@@ -1031,7 +1031,7 @@ def quantize(
         ModelError, DatasetError, InputError (exit 2 in the CLI): a model quantkit cannot
             quantize, data that does not fit it.
     """
-    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.onnx.equalize import UNSTEADY_RATIO, refit_scales
 
     if isinstance(model, (str, os.PathLike)):  # a path is a natural thing to pass
         from quantkit.onnx.model import load_model
@@ -1048,24 +1048,22 @@ def quantize(
         model = prepare_for(model.model if isinstance(model, PreparedModel) else model, stats,
                             model.name if isinstance(model, PreparedModel) else model_name)
     idx = list(range(len(source))) if indices is None else list(indices)
-    unequalized = model.model
-    folded = _calibrate_equalizing(model, source, idx, config, on_batch)
-    if folded is not None:
-        model, equalized, histograms, batcher, one = folded
-    else:
-        model, equalized, skipped, one = _equalize(model, source, idx, config)
-        if one:  # its first pass found it: this pass takes one sample a batch from the start
-            config = _one_at_a_time(config)
-            run = config.run
-        tensors = _calibrated_tensors(model, equalized, stats.cache_all_tensors)
-        batcher = calibration_batches(source, model.specs, idx, run, known_skips=skipped)
-        grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
-        with OrtRunner(model.model, threads=run.threads, capture=tensors, name=model.name) as executor:
-            collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins,
-                                            sample_stride=stats.sample_stride, pow2_grid=stats.pow2_grid,
-                                            pow2_tensors=grouped, on_batch=on_batch)
-        one = one or executor.one_at_a_time
-        histograms = {t: c.compute() for t, c in collectors.items()}
+    prepared, unequalized = model, model.model
+    passed = _calibrate_equalizing(model, source, idx, config, on_batch) or \
+        _calibrate_after_equalizing(model, source, idx, config, on_batch)
+    refit = refit_scales(passed.equalized, passed.fitted, passed.peaks) if passed.equalized else None
+    if refit is not None:  # a factor fitted on the first samples clipped the later ones
+        log.info("%s: %d equalized channel(s) of %s reached more than %gx their maximum over the first %d samples "
+                 "later in the pass: their factors set to 1; the calibration pass runs again", model.name,
+                 refit.channels, ", ".join(refit.tensors[:3]) + (", ..." if len(refit.tensors) > 3 else ""),
+                 UNSTEADY_RATIO, EQUALIZE_SAMPLES)
+        if on_stage is not None:
+            on_stage("calibration pass again, with refitted equalization factors")
+        passed = _calibrate_after_equalizing(prepared, source, idx, _one_at_a_time(config) if passed.one else config,
+                                             None, scales=refit.scales,
+                                             known_skips=[f for f, _ in passed.batcher.skipped_])
+    model, equalized, histograms, batcher, one = (passed.model, passed.equalized, passed.histograms, passed.batcher,
+                                                  passed.one)
     if one:  # the model runs one sample at a time (the runner warned): so do the evaluation and corrections
         config = _one_at_a_time(config)
     ranges = method_ranges(histograms, model.plan.groups, config.params)
@@ -1157,14 +1155,12 @@ def _calibrated_tensors(model: PreparedModel, equalized: "Sequence[Equalization]
 
 
 def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
-                          on_batch: Callable[[int], None] | None,
-                          ) -> "tuple[PreparedModel, list[Equalization], dict[str, Histogram], Batcher, bool] | None":
-    """Depthwise equalization and calibration in one pass (``quantkit.onnx.equalize_capture``):
-    the model to calibrate, the equalizations, the histograms, the batcher and whether the model
-    runs one sample at a time (``OrtRunner.one_at_a_time``); None where
-    equalization is off or finds no depthwise Conv (the one pass of ``quantize``), or where
-    the first samples' depthwise inputs are too large to hold (then ``_equalize``'s separate
-    first pass, and the pass over the equalized model)."""
+                          on_batch: Callable[[int], None] | None) -> "CalibrationPass | None":
+    """Depthwise equalization and calibration in one pass (``quantkit.onnx.equalize_capture``);
+    None where equalization is off or finds no depthwise Conv (the one pass of ``quantize``),
+    or where the first samples' depthwise inputs are too large to hold (then
+    ``_calibrate_after_equalizing``: ``_equalize``'s separate first pass, and the pass over the
+    equalized model)."""
     stats, run = config.stats, config.run
     if not EQUALIZE_ONE_PASS or not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
         return None
@@ -1203,37 +1199,97 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
     missing = [t for t in final if t not in got.collectors]
     if missing:  # not expected: equalization adds only the scaled tensors
         raise RuntimeError(f"{model.name}: no statistics for {missing[:3]} after depthwise equalization")
-    return model, got.equalized, {t: got.collectors[t].compute() for t in final}, batcher, executor.one_at_a_time
+    return CalibrationPass(model, got.equalized, {t: got.collectors[t].compute() for t in final}, batcher,
+                           executor.one_at_a_time, got.fitted, got.peaks)
 
 
-def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
-              ) -> tuple[PreparedModel, "list[Equalization]", list[str], bool]:
+@dataclass
+class CalibrationPass:
+    """What the calibration pass made (``quantize``'s two ways to it).
+
+    Attributes:
+        model: the model calibrated (equalized where ``equalized``).
+        equalized: the equalizations applied.
+        histograms: per calibrated tensor.
+        batcher: the pass's batcher (samples used and skipped).
+        one: whether the model runs one sample at a time (``OrtRunner.one_at_a_time``).
+        fitted, peaks: per equalized tensor, max|x| per channel over the samples its factors
+            were decided on, and over the whole pass (``equalize.refit_scales``).
+    """
+
+    model: PreparedModel
+    equalized: "list[Equalization]"
+    histograms: "dict[str, Histogram]"
+    batcher: Batcher
+    one: bool
+    fitted: dict[str, Any]
+    peaks: dict[str, Any]
+
+
+def _calibrate_after_equalizing(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
+                                on_batch: Callable[[int], None] | None, *,
+                                scales: "Mapping[str, tuple[Sequence[str], Any]] | None" = None,
+                                known_skips: Collection[str] = ()) -> CalibrationPass:
+    """Equalization (``_equalize``: its own first pass, or ``scales`` as given), then the
+    calibration pass over the equalized model."""
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.onnx.equalize import ChannelPeaks, channel_axes
+
+    stats = config.stats
+    model, equalized, skipped, one, fitted = _equalize(model, source, indices, config, scales=scales)
+    if one:  # its first pass found it: this pass takes one sample a batch from the start
+        config = _one_at_a_time(config)
+    run = config.run
+    tensors = _calibrated_tensors(model, equalized, stats.cache_all_tensors)
+    batcher = calibration_batches(source, model.specs, indices, run, known_skips=[*known_skips, *skipped])
+    grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
+    peaks = ChannelPeaks({t: axis for t, axis in channel_axes(
+        model.model, {e.tensor: e.consumers for e in equalized}).items()})
+    with OrtRunner(model.model, threads=run.threads, capture=tensors, name=model.name) as executor:
+        collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins,
+                                        sample_stride=stats.sample_stride, pow2_grid=stats.pow2_grid,
+                                        pow2_tensors=grouped, on_batch=on_batch,
+                                        also=peaks.add if equalized else None)
+    return CalibrationPass(model, equalized, {t: c.compute() for t, c in collectors.items()}, batcher,
+                           one or executor.one_at_a_time, fitted, peaks.maxima)
+
+
+def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig, *,
+              scales: "Mapping[str, tuple[Sequence[str], Any]] | None" = None,
+              ) -> tuple[PreparedModel, "list[Equalization]", list[str], bool, dict[str, Any]]:
     """Depthwise equalization (``StatsConfig.equalize``): per-channel max|x| of the tensors that
-    feed depthwise Convs over the first ``EQUALIZE_SAMPLES`` samples, the model rewritten and
-    planned again. Returns the model to calibrate, the equalizations, the samples the first
-    pass skipped (warned about once), and whether the model runs one sample at a time."""
+    feed depthwise Convs over the first ``EQUALIZE_SAMPLES`` samples (or the factors ``scales``
+    given: no first pass), the model rewritten and planned again. Returns the model to
+    calibrate, the equalizations, the samples the first pass skipped (warned about once),
+    whether the model runs one sample at a time, and the maxima the factors come from."""
     stats, run = config.stats, config.run
     if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
-        return model, [], [], False
+        return model, [], [], False, {}
     from quantkit.onnx.equalize import (channel_axes, equalization_summary, equalize_depthwise, equalized_consumers,
                                         scales_for)
 
-    found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.pointwise_equalization,
-                                groups=model.plan.groups)
-    if not found:
-        return model, [], [], False
-    # a fixed-batch model's short tail padded (the padding rows are not captured), not dropped:
-    # the main pass warns about what it drops
-    batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
-    maxima, rows, one = _channel_maxima(model.model, batcher, channel_axes(model.model, found), run.threads, model.name)
-    scales = scales_for(model.model, found, maxima, rows)
-    skipped = [f for f, _ in batcher.skipped_]
+    skipped: list[str] = []
+    maxima: dict[str, Any] = {}
+    one = False
+    if scales is None:
+        found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.pointwise_equalization,
+                                    groups=model.plan.groups)
+        if not found:
+            return model, [], [], False, {}
+        # a fixed-batch model's short tail padded (the padding rows are not captured), not dropped:
+        # the main pass warns about what it drops
+        batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
+        maxima, rows, one = _channel_maxima(model.model, batcher, channel_axes(model.model, found), run.threads,
+                                            model.name)
+        scales = scales_for(model.model, found, maxima, rows)
+        skipped = [f for f, _ in batcher.skipped_]
     if not scales:
-        return model, [], skipped, one
+        return model, [], skipped, one, maxima
     equalized_model, done = equalize_depthwise(model.model, scales)
-    log.info("%s: equalized %s over %d samples", model.name, equalization_summary(done), batcher.used_)
+    log.info("%s: equalized %s over %d samples", model.name, equalization_summary(done),
+             min(len(indices), EQUALIZE_SAMPLES))
     prepared = prepare_for(equalized_model, stats, model.name, quiet=True)
-    return prepared, done, skipped, one
+    return prepared, done, skipped, one, maxima
 
 
 def _channel_maxima(model: onnx.ModelProto, batches: Batcher, axes: Mapping[str, int],

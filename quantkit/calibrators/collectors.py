@@ -429,9 +429,11 @@ def in_batch(err: NonFiniteError, batch: Any) -> NonFiniteError:
 def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int = 2048, sample_stride: int = 5,
                        pow2_grid: bool = False, pow2_tensors: Collection[str] = (),
                        on_batch: Callable[[int], None] | None = None,
+                       also: Callable[[Mapping[str, np.ndarray]], None] | None = None,
                        ) -> dict[str, HistogramCollector]:
     """One pass of ``executor`` (any ``quantkit.backends`` runner made with ``capture=``) over
-    ``batches``, each captured tensor streamed into its abs-max + |x| histogram collector.
+    ``batches``, each captured tensor streamed into its abs-max + |x| histogram collector, and
+    to ``also`` (each batch's real rows), if given.
 
     ``pow2_grid``: every collector starts on a power-of-two range; ``pow2_tensors``: these do
     (tensors whose histograms are merged afterwards, e.g. a group that shares one scale: their
@@ -448,7 +450,10 @@ def collect_histograms(executor: Any, batches: Iterable[Any], *, num_bins: int =
     def sink(batch: Any, rows: int, tensors: Mapping[str, np.ndarray]) -> None:
         padded = getattr(batch, "num_rows", rows)
         try:
-            update_collectors((collectors[name], batch_rows(arr, rows, padded)) for name, arr in tensors.items())
+            real = {name: batch_rows(arr, rows, padded) for name, arr in tensors.items()}
+            update_collectors((collectors[name], arr) for name, arr in real.items())
+            if also is not None:
+                also(real)
         except NonFiniteError as err:
             raise in_batch(err, batch) from err
 

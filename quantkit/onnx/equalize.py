@@ -231,6 +231,76 @@ def channel_max(x: np.ndarray, axis: int) -> np.ndarray:
     return np.abs(x).max(axis=tuple(i for i in range(x.ndim) if i != axis)).astype(np.float32)
 
 
+#: a channel whose maximum over the whole calibration pass is more than this many times its
+#: maximum over the equalization samples (the ones its factor was fitted on) keeps factor 1
+#: (``refit_scales``)
+UNSTEADY_RATIO = 2.0
+
+
+class ChannelPeaks:
+    """max|x| per channel of tensors over a pass (``refit_scales``' ``peaks``): tensor -> its
+    channel axis (1, or -1 for MatMul/Gemm inputs), fed every batch of captured tensors."""
+
+    def __init__(self, axes: Mapping[str, int]) -> None:
+        self.axes = dict(axes)
+        self.maxima: dict[str, np.ndarray] = {}
+
+    def add(self, captured: Mapping[str, np.ndarray]) -> None:
+        """Each tracked tensor of ``captured`` (a batch's real rows)."""
+        for t, axis in self.axes.items():
+            x = captured.get(t)
+            if x is None or x.ndim < 2 or x.size == 0:
+                continue
+            m = channel_max(x, axis)
+            self.maxima[t] = m if t not in self.maxima else np.maximum(self.maxima[t], m)
+
+
+@dataclass(frozen=True)
+class Refit:
+    """Equalization factors decided again after the pass (``refit_scales``).
+
+    Attributes:
+        scales: what ``equalize_depthwise`` takes: tensor -> (its rewritten nodes, factors).
+        channels: how many channels went back to factor 1.
+        tensors: the tensors they are in.
+    """
+
+    scales: dict[str, tuple[Sequence[str], np.ndarray]]
+    channels: int
+    tensors: tuple[str, ...]
+
+
+def refit_scales(done: Sequence[Equalization], fitted: Mapping[str, np.ndarray],
+                 peaks: Mapping[str, np.ndarray], ratio: float = UNSTEADY_RATIO) -> Refit | None:
+    """The factors of ``done`` with every raised channel whose maximum over the whole pass
+    (``peaks``: tensor -> float [C]) is more than ``ratio`` times its maximum over the
+    equalization samples (``fitted``) put back to 1; None where there is none.
+
+    A factor raises a quiet channel to the tensor's range on the samples it was fitted on,
+    which takes the headroom that channel had under the unequalized tensor's range. A channel
+    that is 0 on most samples and large on a few has a maximum that says little about the next
+    sample: OriNet's Gemm head input (occular-deskew) has such a channel at 0.21 over the first
+    32 of 64 calibration samples, 1.80 over all of them and 7.88 on a held-out one; raised 13x
+    it clipped there and the output fell to 7.1 dB, 20.0 without the factors
+    (benchmarks/results/heldout_sweep.md). Such a channel shows itself on the samples after
+    the fitted ones. A tensor whose factors all fall under ``MIN_GAIN`` is left unequalized."""
+    out: dict[str, tuple[Sequence[str], np.ndarray]] = {}
+    channels, tensors = 0, []
+    for e in done:
+        s = e.scales
+        a, seen = fitted.get(e.tensor), peaks.get(e.tensor)
+        if a is not None and seen is not None and a.shape == s.shape == seen.shape:
+            loud = (s > 1.0) & (np.asarray(seen, np.float64) > ratio * np.asarray(a, np.float64))
+            if loud.any():
+                channels += int(loud.sum())
+                tensors.append(e.tensor)
+                s = np.where(loud, np.float32(1.0), s).astype(np.float32)
+                if float(s.max()) < MIN_GAIN:
+                    continue
+        out[e.tensor] = (e.consumers, s)
+    return Refit(out, channels, tuple(tensors)) if channels else None
+
+
 def equalized_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]], *,
                         pointwise: bool = False, groups: Iterable[Iterable[str]] = ()) -> dict[str, tuple[str, ...]]:
     """Activation tensor -> the Convs its equalization rewrites: the depthwise ones, and with

@@ -31,8 +31,8 @@ import onnx
 from quantkit.calibrators.collectors import (HistogramCollector, Scaled, batch_rows, in_batch,
                                               update_collectors)
 from quantkit.errors import NonFiniteError
-from quantkit.onnx.equalize import (Equalization, channel_axes, channel_max, equalize_depthwise, sample_rows,
-                                   scales_for)
+from quantkit.onnx.equalize import (ChannelPeaks, Equalization, channel_axes, channel_max, equalize_depthwise,
+                                   sample_rows, scales_for)
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,16 @@ class EqualizingPass:
         equalized: the equalizations applied.
         collectors: per tensor (the captured ones and each ``Equalization.scaled``), its
             filled histogram collector.
+        fitted: per tensor of ``found``, max|x| per channel over the first samples (what the
+            factors were decided on).
+        peaks: the same over every sample of the pass (``equalize.refit_scales``).
     """
 
     model: onnx.ModelProto
     equalized: list[Equalization]
     collectors: dict[str, HistogramCollector]
+    fitted: dict[str, np.ndarray]
+    peaks: dict[str, np.ndarray]
 
 
 def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, Sequence[str]],
@@ -100,6 +105,7 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
                   for t in runner.captured_names}
     maxima: dict[str, np.ndarray] = {}
     axes = channel_axes(model, found)
+    peaks = ChannelPeaks(axes)
     held: list[dict[str, np.ndarray]] = []
     state: dict[str, Any] = {"seen": 0, "bytes": 0, "factors": None, "model": model, "done": []}
 
@@ -126,6 +132,7 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
         padded = getattr(batch, "num_rows", rows)
         try:
             jobs = [(collectors[name], batch_rows(arr, rows, padded)) for name, arr in captured.items()]
+            peaks.add({t: batch_rows(captured[t], rows, padded) for t in found})
             if state["factors"] is not None:  # the scaled tensors' histograms in the same round of workers
                 update_collectors([*jobs, *_scaled_jobs(collectors, state["factors"], captured, rows)])
                 return
@@ -153,7 +160,7 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
     runner.capture(batches, sink, on_batch=on_batch)
     if state["factors"] is None:  # fewer samples than first_samples
         decide()
-    return EqualizingPass(state["model"], state["done"], collectors)
+    return EqualizingPass(state["model"], state["done"], collectors, maxima, peaks.maxima)
 
 
 def _update_scaled(collectors: Mapping[str, HistogramCollector],
