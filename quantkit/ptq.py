@@ -452,6 +452,9 @@ class Calibration:
         method_check: the method check's verdict (``check_method``): the method asked for, the
             alternative, the one taken (now ``config.method``) and each one's outputs' SQNR
             against FP32; None where it did not run.
+        equalization_refit: where equalization factors were refitted after the pass
+            (``equalize.refit_scales``): how many channels went back to factor 1, in which tensors,
+            and the ratio that judged them; None where none was.
         on_stage: progress of the work after the pass (bias corrections, the checks): called with
             a few words on each step as it starts (``quantize``'s ``on_stage``); None: silent.
     """
@@ -474,6 +477,7 @@ class Calibration:
     check_feeds: "list[tuple[dict[str, Any], int]] | None" = field(default=None, repr=False, compare=False)
     pointwise_check: dict[str, Any] | None = None
     method_check: dict[str, Any] | None = None
+    equalization_refit: dict[str, Any] | None = None
     on_stage: "Callable[[str], None] | None" = field(default=None, repr=False, compare=False)
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
     _correction_reference: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -768,6 +772,7 @@ class Calibration:
                        "equalize_pointwise": s.pointwise_equalization,
                        **({"pointwise_check": self.pointwise_check} if self.pointwise_check else {}),
                        **({"method_check": self.method_check} if self.method_check else {}),
+                       **({"equalization_refit": self.equalization_refit} if self.equalization_refit else {}),
                        "bias_correction": self.correction_feeds is not None,
                        "quantize_attention_probs": s.quantize_attention_probs},
             **({"bias_correction_checks": self.bias_checks} if self.bias_checks else {}),
@@ -1079,7 +1084,7 @@ def quantize(
                       list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized,
                       correction_feeds=corrections,
                       check_feeds=_check_feeds(model, source, idx, config, skips) if corrections else None,
-                      on_stage=on_stage)
+                      equalization_refit=refit.to_dict() if refit is not None else None, on_stage=on_stage)
     cal.check_method()
     cal.check_pointwise(unequalized)
     return cal

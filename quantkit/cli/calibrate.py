@@ -226,6 +226,7 @@ class Calibrate:
                       **({"bias_correction": cal.bias_checks[method]} if method in cal.bias_checks else {}),
                       **({"method_check": cal.method_check} if cal.method_check else {}),
                       **({"pointwise_check": cal.pointwise_check} if cal.pointwise_check else {}),
+                      **({"equalization_refit": cal.equalization_refit} if cal.equalization_refit else {}),
                       **({"excluded": cal.excluded} if cal.excluded else {}),
                       **({"fallback": result.to_dict()} if result is not None else {})}
         if args.target == "onnxruntime":

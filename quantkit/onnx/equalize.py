@@ -268,6 +268,11 @@ class Refit:
     scales: dict[str, tuple[Sequence[str], np.ndarray]]
     channels: int
     tensors: tuple[str, ...]
+    ratio: float = UNSTEADY_RATIO
+
+    def to_dict(self) -> dict[str, object]:
+        """For ranges.json and report.json."""
+        return {"channels": self.channels, "tensors": list(self.tensors), "ratio": self.ratio}
 
 
 def refit_scales(done: Sequence[Equalization], fitted: Mapping[str, np.ndarray],
@@ -298,7 +303,7 @@ def refit_scales(done: Sequence[Equalization], fitted: Mapping[str, np.ndarray],
                 if float(s.max()) < MIN_GAIN:
                     continue
         out[e.tensor] = (e.consumers, s)
-    return Refit(out, channels, tuple(tensors)) if channels else None
+    return Refit(out, channels, tuple(tensors), ratio) if channels else None
 
 
 def equalized_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequence[str]], *,

@@ -90,6 +90,8 @@ def test_a_channel_that_outgrows_its_fit_keeps_its_headroom(caplog):
     with caplog.at_level(logging.INFO, logger="quantkit.ptq"):
         cal = quantkit.quantize(model, ArraySource(CALIBRATION))
     assert "reached more than 2x their maximum over the first 32 samples" in caplog.text
+    assert cal.equalization_refit == {"channels": 1, "tensors": ["h"], "ratio": UNSTEADY_RATIO}
+    assert cal.ranges_document()["config"]["equalization_refit"] == cal.equalization_refit
     assert not any(e.tensor == "h" and e.scales[0] > 1.0 for e in cal.equalized)
     after = _sqnr(ref, _run(cal.int8_model(), HELD_OUT))
     without = quantkit.quantize(model, ArraySource(CALIBRATION), quantkit.QuantizeConfig(
