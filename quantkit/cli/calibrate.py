@@ -272,6 +272,7 @@ class Calibrate:
               + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")
               + (f"; {len(front)} Conv/Gemm/MatMul of a log-spectrum front end kept in float" if front else "")
               + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else "")
+              + _refit_note(cal.equalization_refit)
               + _pointwise_note(cal.pointwise_check) + _bias_note(cal.bias_checks.get(method)))
         for p in paths.values():
             print(f"  wrote {p}")
@@ -298,6 +299,14 @@ def _method_note(check: dict[str, Any] | None) -> str:
     other = configured if switched else check["alternative"]
     return (f": the method check's choice, the outputs' SQNR against FP32 {db[check['chosen']]:.1f} dB, "
             f"{other} {db[other]:.1f} dB" + (f"; --method {configured} writes {configured} unchecked" if switched else ""))
+
+
+def _refit_note(refit: dict[str, Any] | None) -> str:
+    """The summary's words on the equalization refit (``Calibration.equalization_refit``)."""
+    if not refit:
+        return ""
+    return (f"; {refit['channels']} equalized channel(s) kept at factor 1: the later samples reached more than "
+            f"{refit['ratio']:g}x the first ones' maximum there")
 
 
 def _pointwise_note(check: dict[str, Any] | None) -> str:

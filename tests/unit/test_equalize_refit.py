@@ -120,3 +120,11 @@ def test_the_two_passes_refit_as_the_one_pass(monkeypatch):
     for t, r in one.ranges.items():
         for m, a in r.amax.items():
             assert a == pytest.approx(two.ranges[t].amax[m], rel=1e-5), (t, m)
+
+
+def test_the_summary_line_says_how_many_channels_were_refitted():
+    from quantkit.cli.calibrate import _refit_note
+
+    assert _refit_note(None) == ""
+    note = _refit_note({"channels": 17, "tensors": ["h"], "ratio": 4.0})
+    assert "17 equalized channel(s) kept at factor 1" in note and "4x" in note
