@@ -1133,9 +1133,17 @@ def _correction_feeds(model: PreparedModel, source: Source, indices: Sequence[in
 
 def _feeds(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
            known_skips: Collection[str]) -> list[tuple[dict[str, Any], int]]:
-    """The evaluation batches of ``indices``, held as (feed, samples) pairs."""
+    """The evaluation batches of ``indices``, held as (feed, samples) pairs; an input that no node
+    reads gets zeros, as ``OrtRunner`` feeds it (ONNX Runtime wants every input fed, and the
+    checks' sessions run the whole model: paddle2onnx's unread ``length`` made them fail)."""
+    import numpy as np
+
+    from quantkit.onnx.model import unused_inputs
+
+    zeros = {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], s.dtype)
+             for s in unused_inputs(model.model)}
     batcher = evaluation_batches(source, model.specs, list(indices), config.run, known_skips=known_skips)
-    return [(dict(b.feed), b.size) for b in batcher]
+    return [({**b.feed, **zeros}, b.size) for b in batcher]
 
 
 def _check_feeds(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,

@@ -327,7 +327,7 @@ class NumpySource:
             arrays = {}
             unread = [k for k in loaded.files if inputs and k not in inputs and k != "labels"]
             if unread:  # never read (a 1 GB array of something else cost its size; one of another length stopped it)
-                log.warning("%s: array(s) %s are not inputs of the model; left out, not read", p,
+                log.warning("%s: array(s) %s are not inputs the model reads; left out, not read", p,
                             ", ".join(repr(k) for k in unread[:5]) + (", ..." if len(unread) > 5 else ""))
             with loaded:
                 for k in loaded.files:

@@ -263,15 +263,18 @@ GUARD_MARGIN_DB = 2.0
 
 
 def guard_outputs(model: onnx.ModelProto) -> list[str]:
-    """The tensors the guard compares: the floating-point graph outputs not computed through a
-    TopK or NonMaxSuppression (whose rows pair up by rank, not by position), and for those, the
-    tensor the TopK or NMS selects from (``value_sources``: an NMS export's head output)."""
+    """The tensors the guard compares: the floating-point graph outputs that a node computes (not
+    a constant or an input passed through) and not through a TopK or NonMaxSuppression (whose
+    rows pair up by rank, not by position), and for those, the tensor the TopK or NMS selects
+    from (``value_sources``: an NMS export's head output)."""
     from quantkit.onnx.model import value_ordered_outputs, value_sources
 
     floats = {*FLOAT_TYPES, onnx.TensorProto.UNDEFINED}  # an output of undeclared type: its values decide
     ordered = set(value_ordered_outputs(model))
+    # an output no node computes (a constant, or an input passed through) is the same in INT8
+    computed = {t for n in model.graph.node for t in n.output}
     outputs = [o.name for o in model.graph.output
-               if o.type.tensor_type.elem_type in floats and o.name not in ordered]
+               if o.type.tensor_type.elem_type in floats and o.name not in ordered and o.name in computed]
     if not ordered:
         return outputs
     types = tensor_types(model)

@@ -328,8 +328,9 @@ def value_sources(model: onnx.ModelProto) -> list[str]:
 def error_output(model: onnx.ModelProto, name: str | None = None) -> str:
     """The graph output whose error against FP32 ``debug``'s ranking and the fallback measure:
     ``name`` when given (``--error-output``: a detector's class scores rather than its boxes),
-    else the first float output not ordered by value (``value_ordered_outputs``), else the first
-    float output, else the first output. An in-graph ArgMax's class ids (trueocr's recogniser
+    else the first float output a node computes (not a constant or an input passed through) and
+    not ordered by value (``value_ordered_outputs``), else the first float output, else the first
+    output. An in-graph ArgMax's class ids (trueocr's recogniser
     puts them first) or a TopK's sorted boxes (an end-to-end YOLO) would measure rounding of
     ids and reordering of near ties, not the error INT8 adds.
 
@@ -338,6 +339,9 @@ def error_output(model: onnx.ModelProto, name: str | None = None) -> str:
     """
     outs = list(model.graph.output)
     floats = [o for o in outs if o.type.tensor_type.elem_type in (0, *FLOAT_TYPES)]
+    computed = {t for n in model.graph.node for t in n.output}
+    if name is None and any(o.name in computed for o in floats):  # a constant or an input passed
+        floats = [o for o in floats if o.name in computed]         # through: the same in INT8
     if name is not None:
         if name not in {o.name for o in floats}:
             from quantkit.errors import InputError
