@@ -1059,14 +1059,13 @@ def quantize(
     refit = refit_scales(passed.equalized, passed.fitted, passed.peaks) if passed.equalized else None
     if refit is not None:  # a factor fitted on the first samples clipped the later ones
         log.info("%s: %d equalized channel(s) of %s reached more than %gx their maximum over the first %d samples "
-                 "later in the pass: their factors set to 1; the calibration pass runs again", model.name,
+                 "later in the pass: their factors set to 1; their tensors are histogrammed again", model.name,
                  refit.channels, ", ".join(refit.tensors[:3]) + (", ..." if len(refit.tensors) > 3 else ""),
                  UNSTEADY_RATIO, EQUALIZE_SAMPLES)
         if on_stage is not None:
-            on_stage("calibration pass again, with refitted equalization factors")
-        passed = _calibrate_after_equalizing(prepared, source, idx, _one_at_a_time(config) if passed.one else config,
-                                             None, scales=refit.scales,
-                                             known_skips=[f for f, _ in passed.batcher.skipped_])
+            on_stage("equalization refit (a pass over the refitted tensors)")
+        passed = _refit_pass(prepared, passed, refit.scales, source, idx,
+                             _one_at_a_time(config) if passed.one else config)
     model, equalized, histograms, batcher, one = (passed.model, passed.equalized, passed.histograms, passed.batcher,
                                                   passed.one)
     if one:  # the model runs one sample at a time (the runner warned): so do the evaluation and corrections
@@ -1239,22 +1238,69 @@ class CalibrationPass:
     peaks: dict[str, Any]
 
 
+def _refit_pass(prepared: PreparedModel, first: CalibrationPass,
+                scales: "Mapping[str, tuple[Sequence[str], Any]]", source: Source, indices: Sequence[int],
+                config: QuantizeConfig) -> CalibrationPass:
+    """The calibration with the equalization factors ``scales`` (``equalize.refit_scales``) after
+    the ``first`` pass: that pass's histograms for every tensor but the scaled copies whose
+    factors changed, and theirs from a pass that captures their unscaled tensors alone (in the
+    unequalized ``prepared`` model) and multiplies them by the new factors, as the one-pass fold
+    does. Equalization leaves the FP32 function as it is, so every other tensor holds the same
+    values (up to float rounding in the Convs after a changed factor, as in the fold)."""
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.calibrators.collectors import HistogramCollector, Scaled, batch_rows, in_batch, update_collectors
+    from quantkit.errors import NonFiniteError
+    import numpy as np
+
+    from quantkit.onnx.equalize import equalize_depthwise
+
+    stats, run = config.stats, config.run
+    equalized_model, done = equalize_depthwise(prepared.model, scales)
+    model = prepare_for(equalized_model, stats, prepared.name, quiet=True) if done else prepared
+    before = {e.tensor: e for e in first.equalized}
+    changed = [e for e in done if e.tensor not in before or before[e.tensor].scaled != e.scaled
+               or not np.array_equal(before[e.tensor].scales, e.scales)]
+    tensors = _calibrated_tensors(model, done, stats.cache_all_tensors)
+    histograms = {t: first.histograms[t] for t in tensors if t in first.histograms}
+    if changed:
+        grouped = {t for g in model.plan.groups for t in g}
+        collectors = {e.scaled: HistogramCollector(stats.num_bins, name=e.scaled, sample_stride=stats.sample_stride,
+                                                   pow2_grid=e.scaled in grouped) for e in changed}
+
+        def sink(batch: Any, rows: int, captured: Mapping[str, np.ndarray]) -> None:
+            padded = getattr(batch, "num_rows", rows)
+            try:
+                update_collectors([(collectors[e.scaled], Scaled(batch_rows(captured[e.tensor], rows, padded),
+                                                                  e.scales, e.axis)) for e in changed])
+            except NonFiniteError as err:
+                raise in_batch(err, batch) from err
+
+        batcher = calibration_batches(source, prepared.specs, indices, run,
+                                      known_skips=[f for f, _ in first.batcher.skipped_])
+        with OrtRunner(prepared.model, threads=run.threads, capture=list(dict.fromkeys(e.tensor for e in changed)),
+                       name=prepared.name) as runner:
+            runner.capture(batcher, sink)
+        histograms.update({t: c.compute() for t, c in collectors.items()})
+    missing = [t for t in tensors if t not in histograms]
+    if missing:  # not expected: the refit adds no tensor but scaled copies
+        raise RuntimeError(f"{prepared.name}: no statistics for {missing[:3]} after the equalization refit")
+    return CalibrationPass(model, done, histograms, first.batcher, first.one, {}, {})
+
+
 def _calibrate_after_equalizing(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
-                                on_batch: Callable[[int], None] | None, *,
-                                scales: "Mapping[str, tuple[Sequence[str], Any]] | None" = None,
-                                known_skips: Collection[str] = ()) -> CalibrationPass:
-    """Equalization (``_equalize``: its own first pass, or ``scales`` as given), then the
-    calibration pass over the equalized model."""
+                                on_batch: Callable[[int], None] | None) -> CalibrationPass:
+    """Equalization (``_equalize``: its own first pass), then the calibration pass over the
+    equalized model."""
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.onnx.equalize import ChannelPeaks, channel_axes
 
     stats = config.stats
-    model, equalized, skipped, one, fitted = _equalize(model, source, indices, config, scales=scales)
+    model, equalized, skipped, one, fitted = _equalize(model, source, indices, config)
     if one:  # its first pass found it: this pass takes one sample a batch from the start
         config = _one_at_a_time(config)
     run = config.run
     tensors = _calibrated_tensors(model, equalized, stats.cache_all_tensors)
-    batcher = calibration_batches(source, model.specs, indices, run, known_skips=[*known_skips, *skipped])
+    batcher = calibration_batches(source, model.specs, indices, run, known_skips=skipped)
     grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
     peaks = ChannelPeaks({t: axis for t, axis in channel_axes(
         model.model, {e.tensor: e.consumers for e in equalized}).items()})
@@ -1267,40 +1313,34 @@ def _calibrate_after_equalizing(model: PreparedModel, source: Source, indices: S
                            one or executor.one_at_a_time, fitted, peaks.maxima)
 
 
-def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig, *,
-              scales: "Mapping[str, tuple[Sequence[str], Any]] | None" = None,
+def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], config: QuantizeConfig,
               ) -> tuple[PreparedModel, "list[Equalization]", list[str], bool, dict[str, Any]]:
     """Depthwise equalization (``StatsConfig.equalize``): per-channel max|x| of the tensors that
-    feed depthwise Convs over the first ``EQUALIZE_SAMPLES`` samples (or the factors ``scales``
-    given: no first pass), the model rewritten and planned again. Returns the model to
-    calibrate, the equalizations, the samples the first pass skipped (warned about once),
-    whether the model runs one sample at a time, and the maxima the factors come from."""
+    feed depthwise Convs over the first ``EQUALIZE_SAMPLES`` samples, the model rewritten and
+    planned again. Returns the model to calibrate, the equalizations, the samples the first
+    pass skipped (warned about once), whether the model runs one sample at a time, and the
+    maxima the factors come from."""
     stats, run = config.stats, config.run
     if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
         return model, [], [], False, {}
     from quantkit.onnx.equalize import (channel_axes, equalization_summary, equalize_depthwise, equalized_consumers,
                                         scales_for)
 
-    skipped: list[str] = []
-    maxima: dict[str, Any] = {}
-    one = False
-    if scales is None:
-        found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.pointwise_equalization,
-                                    groups=model.plan.groups)
-        if not found:
-            return model, [], [], False, {}
-        # a fixed-batch model's short tail padded (the padding rows are not captured), not dropped:
-        # the main pass warns about what it drops
-        batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
-        maxima, rows, one = _channel_maxima(model.model, batcher, channel_axes(model.model, found), run.threads,
-                                            model.name)
-        scales = scales_for(model.model, found, maxima, rows)
-        skipped = [f for f, _ in batcher.skipped_]
+    found = equalized_consumers(model.model, model.plan.activations, pointwise=stats.pointwise_equalization,
+                                groups=model.plan.groups)
+    if not found:
+        return model, [], [], False, {}
+    # a fixed-batch model's short tail padded (the padding rows are not captured), not dropped:
+    # the main pass warns about what it drops
+    batcher = evaluation_batches(source, model.specs, list(indices[:EQUALIZE_SAMPLES]), run)
+    maxima, rows, one = _channel_maxima(model.model, batcher, channel_axes(model.model, found), run.threads,
+                                        model.name)
+    scales = scales_for(model.model, found, maxima, rows)
+    skipped = [f for f, _ in batcher.skipped_]
     if not scales:
         return model, [], skipped, one, maxima
     equalized_model, done = equalize_depthwise(model.model, scales)
-    log.info("%s: equalized %s over %d samples", model.name, equalization_summary(done),
-             min(len(indices), EQUALIZE_SAMPLES))
+    log.info("%s: equalized %s over %d samples", model.name, equalization_summary(done), batcher.used_)
     prepared = prepare_for(equalized_model, stats, model.name, quiet=True)
     return prepared, done, skipped, one, maxima
 

@@ -93,6 +93,13 @@ def test_a_channel_that_outgrows_its_fit_keeps_its_headroom(caplog):
     assert cal.equalization_refit == {"channels": 1, "tensors": ["h"], "ratio": UNSTEADY_RATIO}
     assert cal.ranges_document()["config"]["equalization_refit"] == cal.equalization_refit
     assert not any(e.tensor == "h" and e.scales[0] > 1.0 for e in cal.equalized)
+    h = np.maximum(CALIBRATION @ numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w1")),
+                   0.0)  # the hidden tensor (b1 is 0)
+    refitted = [e for e in cal.equalized if e.tensor == "h"]  # its other channels still raised
+    assert refitted and float(refitted[0].scales.max()) >= 2.0
+    for e in refitted:  # the scaled copy histogrammed with the new factors, over every sample
+        if e.tensor == "h":
+            assert cal.ranges[e.scaled].amax["minmax"] == pytest.approx(float(np.abs(h * e.scales).max()), rel=1e-5)
     after = _sqnr(ref, _run(cal.int8_model(), HELD_OUT))
     without = quantkit.quantize(model, ArraySource(CALIBRATION), quantkit.QuantizeConfig(
         quantkit.StatsConfig(equalize_pointwise=False)))
