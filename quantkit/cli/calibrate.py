@@ -269,6 +269,7 @@ class Calibrate:
               + (f" ({copies} of them equalization Mul outputs)" if copies else "")
               + f" and {len(cal.plan.weights)} weights quantized ({method}{_method_note(cal.method_check)}"
               + f"{_switches_note(result)})"
+              + _float_note(result)
               + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")
               + (f"; {len(front)} Conv/Gemm/MatMul of a log-spectrum front end kept in float" if front else "")
               + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else "")
@@ -288,6 +289,13 @@ def _switches_note(result: Any) -> str:
     methods = "/".join(sorted(set(overrides.values())))
     which = "every group" if len(overrides) == result.num_groups else f"{len(overrides)} group(s)"
     return f"; {which} switched to {methods} by --max-drop"
+
+
+def _float_note(result: Any) -> str:
+    """The summary's words on the groups --max-drop returned to float (``result``: the
+    fallback's, or None): the counts before them are the calibration's, not the written model's."""
+    groups = list(getattr(result, "float_groups", None) or [])
+    return f"; {len(groups)} of {result.num_groups} group(s) then kept in float by --max-drop" if groups else ""
 
 
 def _method_note(check: dict[str, Any] | None) -> str:

@@ -439,7 +439,9 @@ def batch_axes_from_shapes(arrays: dict[str, tuple[int, ...]], shapes: dict[str,
     whose input shape is unknown (or of another rank) is batched on axis 0. Otherwise the
     candidate axes of an array are its input's dynamic dims (symbolic, -1 or unnamed) and the
     static dims that the array does not match (N samples for a fixed-batch model: on axis 0, or
-    on axis 1 of an RNN state [2, 1, 128] stacked as [2, N, 128]); an array
+    on axis 1 of an RNN state [2, 1, 128] stacked as [2, N, 128]), and axis 0 of size 1 where
+    the input's is a static 1 and a later axis is a candidate (one sample [1, T, F] of a batch-1
+    model, read as N samples [N, T, F] are: not as T samples of one time step); an array
     with no candidate is a fixed-shape tensor, fed as is. Axis 0 wins when it is a candidate of
     every batched array and their sizes there agree (the usual layout); else the batch size is
     the one size that every batched array has on a candidate axis, and each array's axis is its
@@ -467,6 +469,10 @@ def batch_axes_from_shapes(arrays: dict[str, tuple[int, ...]], shapes: dict[str,
         else:
             dims = shapes[name]
             candidates[name] = [i for i, d in enumerate(dims) if not isinstance(d, int) or d != shape[i]]
+            if candidates[name] and candidates[name][0] != 0 and dims[0] == 1 == shape[0]:
+                # one sample of a batch-1 model with a dynamic axis after (a streaming VAD's [1, T, F]):
+                # axis 0, as N such samples are read, not T samples of one time step
+                candidates[name].insert(0, 0)
     batched = {n: c for n, c in candidates.items() if c}
     if not batched and all(ax is None for ax in axes.values()):
         return {**axes, **{n: 0 for n in candidates}}

@@ -262,17 +262,20 @@ GUARD_DB = (-30.0, 60.0)
 GUARD_MARGIN_DB = 2.0
 
 
-def guard_outputs(model: onnx.ModelProto) -> list[str]:
+def guard_outputs(model: onnx.ModelProto, qdq: onnx.ModelProto | None = None) -> list[str]:
     """The tensors the guard compares: the floating-point graph outputs that a node computes (not
-    a constant or an input passed through) and not through a TopK or NonMaxSuppression (whose
-    rows pair up by rank, not by position), and for those, the tensor the TopK or NMS selects
-    from (``value_sources``: an NMS export's head output)."""
-    from quantkit.onnx.model import value_ordered_outputs, value_sources
+    a constant or an input passed through; with ``qdq``, its Q/DQ model, one computed through a
+    quantized op: a GRU's state alone is the same in INT8, and read 59.6 dB where the other
+    output was at 36.5) and not through a TopK or NonMaxSuppression (whose rows pair up by rank,
+    not by position), and for those, the tensor the TopK or NMS selects from (``value_sources``:
+    an NMS export's head output)."""
+    from quantkit.onnx.model import outputs_through, value_ordered_outputs, value_sources
 
     floats = {*FLOAT_TYPES, onnx.TensorProto.UNDEFINED}  # an output of undeclared type: its values decide
     ordered = set(value_ordered_outputs(model))
-    # an output no node computes (a constant, or an input passed through) is the same in INT8
-    computed = {t for n in model.graph.node for t in n.output}
+    # an output no quantized op computes is the same in INT8: it would only raise the mean
+    computed = (outputs_through(qdq, ("DequantizeLinear",)) if qdq is not None
+                else {t for n in model.graph.node for t in n.output})
     outputs = [o.name for o in model.graph.output
                if o.type.tensor_type.elem_type in floats and o.name not in ordered and o.name in computed]
     if not ordered:
@@ -441,7 +444,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     names = tuple(n.output[0] for n in convs)
     units = linear_units(qdq)  # bias Add -> its constant: channels on the last axis
     axes = {n.output[0]: (-1 if n.name in units else 1) for n in convs}
-    outputs = tuple(guard_outputs(fp32)) if guard else ()
+    outputs = tuple(guard_outputs(fp32, qdq)) if guard else ()
     with _REFERENCE_LOCK:  # corrections run side by side (``Calibration``'s checks) measure it once
         ref = None if cache is None else cache.get(names)
         if ref is None or not set(outputs) <= set(ref.outputs):  # (a guard's reference serves without one)
@@ -571,7 +574,7 @@ def heldout_sqnr(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Sequence[Fe
     with _REFERENCE_LOCK:
         ref = None if cache is None else cache.get("reference")
         if ref is None:
-            outputs = guard_outputs(fp32)
+            outputs = guard_outputs(fp32, qdq)
             if not outputs:
                 return None
             ref = reference(fp32, (), feeds, session, outputs)

@@ -312,20 +312,45 @@ def equalized_consumers(model: onnx.ModelProto, activations: Mapping[str, Sequen
     """Activation tensor -> the Convs its equalization rewrites: the depthwise ones, and with
     ``pointwise`` the group-1 ones of a tensor no depthwise Conv reads (one that does keeps its
     depthwise factors, on the depthwise Convs' way only: see the module docstring), or
-    the MatMul/Gemm ones of a tensor no Conv reads (``linear_consumers``), except
+    the MatMul/Gemm ones of a tensor no Conv reads (``linear_consumers``), but not where a
+    reader's weight is shared with other tensors' readers (``_shared_weight_readers``), except
     members of the shared-scale ``groups`` (``QdqPlan.groups``): TensorRT moves a Concat's or
     MaxPool's quantizer onto them, and a Mul between would leave that op in float or a
     requantize layer (the group's purpose), for a gain pointwise factors give only in part."""
     found = {t: list(c) for t, c in depthwise_consumers(model, activations).items()}
     if pointwise:
         grouped = {t for g in groups for t in g}
+        shared = _shared_weight_readers(model)
         for t, consumers in pointwise_consumers(model, activations).items():
-            if t not in grouped and t not in found:  # a depthwise reader's full factors come first
+            if t not in grouped and t not in found and not shared(consumers):  # a depthwise reader's factors first
                 found[t] = list(consumers)
         for t, consumers in linear_consumers(model, activations).items():
-            if t not in grouped and t not in found:  # channels on another axis than a Conv's
+            if t not in grouped and t not in found and not shared(consumers):  # channels on another axis
                 found[t] = list(consumers)
     return {t: tuple(c) for t, c in found.items()}
+
+
+def _shared_weight_readers(model: onnx.ModelProto) -> Callable[[Sequence[str]], bool]:
+    """Whether any of some nodes' weights (input 1) is also read by a node outside them. Each
+    equalized tensor divides its readers' weights by its own factors: a weight that other
+    tensors' readers share would be copied once per tensor. An LSTM unrolled into 20 Gemms that
+    share ``weight_ih`` (captcha-whisperer's CRNN) grew from 19 to 272 MB that way, and its
+    TensorRT engine would grow alike; the depthwise factors (the whole range ratio, gains of
+    5-10 dB) keep their copies."""
+    readers: dict[str, set[str]] = {}
+    weight_of: dict[str, str] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            if i:
+                readers.setdefault(i, set()).add(n.name)
+        if n.name and len(n.input) > 1:
+            weight_of[n.name] = n.input[1]
+
+    def shared(consumers: Sequence[str]) -> bool:
+        names = set(consumers)
+        return any(not readers.get(weight_of.get(c, ""), set()) <= names for c in consumers)
+
+    return shared
 
 
 def equalization_summary(done: Sequence[Equalization]) -> str:

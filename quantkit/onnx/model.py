@@ -6,7 +6,7 @@ import heapq
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,12 +325,29 @@ def value_sources(model: onnx.ModelProto) -> list[str]:
     return found
 
 
+#: the ops INT8 quantizes (``qdq.WEIGHTED_OPS``, and an Einsum that may be a MatMul): a graph
+#: output computed through none of them is the same in the INT8 model
+QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
+
+
+def outputs_through(model: onnx.ModelProto, ops: Collection[str]) -> set[str]:
+    """The graph outputs computed through a node of ``ops`` (in the main graph, or inside a
+    subgraph of a node on the way)."""
+    reached: set[str] = set()
+    for node in model.graph.node:  # in topological order, as ONNX requires
+        if node.op_type in ops or any(t in reached for t in node_reads(node)) or \
+                any(inner.op_type in ops for g in subgraphs(node) for sub in all_graphs(g) for inner in sub.node):
+            reached.update(t for t in node.output if t)
+    return {o.name for o in model.graph.output if o.name in reached}
+
+
 def error_output(model: onnx.ModelProto, name: str | None = None) -> str:
     """The graph output whose error against FP32 ``debug``'s ranking and the fallback measure:
     ``name`` when given (``--error-output``: a detector's class scores rather than its boxes),
-    else the first float output a node computes (not a constant or an input passed through) and
-    not ordered by value (``value_ordered_outputs``), else the first float output, else the first
-    output. An in-graph ArgMax's class ids (trueocr's recogniser
+    else the first float output computed through an op INT8 quantizes (``QUANTIZABLE_OPS``: not
+    a constant, an input passed through, or a GRU's state alone: the same in INT8, where any
+    budget reads as met) and not ordered by value (``value_ordered_outputs``), else the first
+    float output, else the first output. An in-graph ArgMax's class ids (trueocr's recogniser
     puts them first) or a TopK's sorted boxes (an end-to-end YOLO) would measure rounding of
     ids and reordering of near ties, not the error INT8 adds.
 
@@ -339,9 +356,10 @@ def error_output(model: onnx.ModelProto, name: str | None = None) -> str:
     """
     outs = list(model.graph.output)
     floats = [o for o in outs if o.type.tensor_type.elem_type in (0, *FLOAT_TYPES)]
-    computed = {t for n in model.graph.node for t in n.output}
-    if name is None and any(o.name in computed for o in floats):  # a constant or an input passed
-        floats = [o for o in floats if o.name in computed]         # through: the same in INT8
+    if name is None:  # an output no quantizable op computes (a constant, an input passed through, a
+        reached = outputs_through(model, QUANTIZABLE_OPS)  # GRU's state alone) is the same in INT8
+        if any(o.name in reached for o in floats):
+            floats = [o for o in floats if o.name in reached]
     if name is not None:
         if name not in {o.name for o in floats}:
             from quantkit.errors import InputError

@@ -678,7 +678,16 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
     from quantkit.errors import InputError
 
     nodes = [(n.name or n.output[0], n.op_type) for n in model.graph.node]
+    # only a node that reads a quantized tensor changes: Softmax, ReLU and the like are float already
+    reads_int8 = {c for cons in plan.activations.values() for c in cons} | \
+        {c for _, cons in plan.weights.values() for c in cons}
     excluded: dict[str, dict[str, str]] = {}
+
+    def unchanged(flag: str, hits: Sequence[str]) -> None:
+        kinds = sorted({dict(nodes)[n] for n in hits})
+        log.warning("%s matches %d node(s) (%s) that read no quantized tensor: they stay as they are, in float",
+                    flag, len(hits), ", ".join(kinds[:5]))
+
     for pattern in names:
         try:
             rx = re.compile(pattern)
@@ -689,16 +698,22 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
             close = difflib.get_close_matches(pattern, [n for n, _ in nodes], n=5, cutoff=0.4)
             raise InputError(f"--exclude {pattern!r} matches no node of the model",
                              hint=f"close names: {', '.join(close)}" if close else "see `quantkit inspect MODEL` for names")
+        if not any(n in reads_int8 for n in hits):
+            unchanged(f"--exclude {pattern!r}", hits)
         for n in hits:
-            excluded.setdefault(n, {"node": n, "op_type": dict(nodes)[n], "matched": pattern})
+            if n in reads_int8:
+                excluded.setdefault(n, {"node": n, "op_type": dict(nodes)[n], "matched": pattern})
     present = sorted({t for _, t in nodes})
     for op in op_types:
         hits = [n for n, t in nodes if t == op]
         if not hits:
             raise InputError(f"--exclude-op-type {op!r}: the model has no {op} node",
                              hint=f"op types in the model: {', '.join(present)}")
+        if not any(n in reads_int8 for n in hits):
+            unchanged(f"--exclude-op-type {op}", hits)
         for n in hits:
-            excluded.setdefault(n, {"node": n, "op_type": op, "matched": op})
+            if n in reads_int8:
+                excluded.setdefault(n, {"node": n, "op_type": op, "matched": op})
     if not excluded:
         return plan, []
     acts = {t: tuple(c for c in cons if c not in excluded) for t, cons in plan.activations.items()}

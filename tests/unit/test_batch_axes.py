@@ -155,3 +155,20 @@ def test_cli_batch_axis_flag(tmp_path, capsys):
     rc = main(["calibrate", str(model), "--npz", str(tmp_path / "sq.npz"), "--batch-axis", "state=1",
                "--eval-images", "0", "--no-progress", "-o", str(tmp_path / "o2")])
     assert rc == 0, capsys.readouterr().err
+
+
+def test_one_sample_of_a_batch_1_model_with_a_time_axis_is_one_sample(tmp_path):
+    # x [1, T, 8] given as (1, 50, 8): one sample of 50 time steps, as (N, 50, 8) is N samples (a
+    # probe's streaming VAD was read as 50 one-step samples, 33.8 -> 16.9 dB); its caches as they are
+    from quantkit.datasets.sources import batch_axes_from_shapes
+
+    shapes = {"x": (1, "T", 8), "cache": (1, 128)}
+    assert batch_axes_from_shapes({"x": (1, 50, 8), "cache": (1, 128)}, shapes, {}, where="d") == \
+        {"x": 0, "cache": None}
+    assert batch_axes_from_shapes({"x": (5, 50, 8), "cache": (1, 128)}, shapes, {}, where="d") == \
+        {"x": 0, "cache": None}
+    # an LSTM state [1, N, H] stacked on axis 1 beside its inputs keeps axis 1
+    state = {"x": ("N", 6, 8), "h": (1, "N", 16)}
+    assert batch_axes_from_shapes({"x": (64, 6, 8), "h": (1, 64, 16)}, state, {}, where="d") == {"x": 0, "h": 1}
+    np.savez(tmp_path / "one.npz", x=np.zeros((1, 50, 8), np.float32), cache=np.zeros((1, 128), np.float32))
+    assert len(NumpySource(tmp_path / "one.npz", shapes=shapes)) == 1

@@ -153,3 +153,28 @@ def test_kept_only_where_it_lowers_the_matmuls_own_error(monkeypatch):
     readers = [n for n in lm.graph.node if n.name in ("fc1", "fc2")]
     s2 = eq._linear_scales(np.abs(hh).reshape(-1, K).max(axis=0), readers, consts)
     assert linear_gain_db(sample_rows(hh), s2, readers, consts) > 10.0
+
+
+def test_a_weight_other_tensors_readers_share_is_not_copied_per_tensor():
+    # an RNN unrolled into MatMuls over its steps: one weight, a different input tensor each; each
+    # tensor's own factors would need its own copy of W (a probe's CRNN: 19 -> 272 MB)
+    rng = np.random.default_rng(0)
+    steps = 6
+    w = rng.normal(0, 0.3, (K, 32)).astype(np.float32)
+    g = np.full(K, 0.5, np.float32)
+    g[list(OUTLIERS)] = 20.0  # outlier channels: equalized where the weight is not shared
+    nodes = [helper.make_node("Split", ["x"], [f"x{t}" for t in range(steps)], axis=1, num_outputs=steps)]
+    outs = []
+    for t in range(steps):
+        nodes += [helper.make_node("Mul", [f"x{t}", "g"], [f"h{t}"]), helper.make_node("MatMul", [f"h{t}", "w"], [f"m{t}"], name=f"mm{t}")]
+        outs.append(f"m{t}")
+    nodes.append(helper.make_node("Concat", outs, ["y"], axis=1))
+    graph = helper.make_graph(nodes, "unrolled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", steps, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", steps, 32])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(g, "g")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.random.default_rng(1).standard_normal((32, steps, K)).astype(np.float32)
+    cal = quantkit.quantize(model, ArraySource(x))
+    assert not any(e.weight_axis for e in cal.equalized)
+    weights = [i for i in cal.int8_model().graph.initializer if tuple(i.dims) == (K, 32)]
+    assert len(weights) == 1  # one weight, not one per step

@@ -76,3 +76,48 @@ def test_outputs_no_node_computes_are_not_measured():
     assert guard_outputs(model) == ["y"]
     assert error_output(model) == "y"  # the constant first: the budget read it as met at once
     assert error_output(model, "table") == "table"  # asked for by name: as asked
+
+
+def _float_first_model() -> onnx.ModelProto:
+    """feat = Tanh(x) (no quantized op on its way: a GRU's state alone is like it) listed first,
+    then y through the two MatMuls."""
+    model = _model()
+    model.graph.node.append(h.make_node("Tanh", ["x"], ["feat"]))
+    outputs = list(model.graph.output)
+    del model.graph.output[:]
+    model.graph.output.extend([h.make_tensor_value_info("feat", T.FLOAT, ["N", 16]), *outputs])
+    return model
+
+
+def test_an_output_no_quantized_op_reaches_is_neither_measured_nor_compared(tmp_path):
+    model = _float_first_model()
+    assert error_output(model) == "y"  # feat is exact in INT8: any budget read as met, even 0
+    cal = quantkit.quantize(model, _data(tmp_path))
+    assert guard_outputs(model, cal.int8_model()) == ["y"]
+    check = cal.method_check
+    # the figures are y's alone, not the mean with feat's (clipped) exact one
+    assert check is not None and max(check["output_sqnr_db"].values()) < 60.0
+
+
+def test_max_drop_measures_the_output_int8_reaches_and_the_summary_counts_the_float_groups(tmp_path, capsys):
+    from quantkit.cli import main
+
+    model = _float_first_model()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 16)).astype(np.float32))
+    np.savez(tmp_path / "e.npz", x=RNG.normal(0, 1, (32, 16)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "--eval-dir",
+                 str(tmp_path / "e.npz"), "-o", str(tmp_path / "o"), "--max-drop", "0", "--drop-metric", "sqnr",
+                 "--no-progress", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "of output 'y'" in out and "of output 'feat'" not in out
+    assert "group(s) then kept in float by --max-drop" in out  # a budget of 0 dB: every group in float
+
+
+def test_an_exclusion_of_nodes_that_read_nothing_quantized_says_so(tmp_path, caplog):
+    model = _model()
+    with caplog.at_level(logging.WARNING):
+        cal = quantkit.quantize(model, _data(tmp_path), quantkit.QuantizeConfig(
+            quantkit.StatsConfig(exclude_op_types=("Relu",))))
+    assert "--exclude-op-type Relu matches 1 node(s) (Relu) that read no quantized tensor" in caplog.text
+    assert cal.excluded == []
