@@ -74,6 +74,8 @@ CHECK_PARALLEL_CORES = 8
 CHECK_PARALLEL_MEMORY_GB = 8.0
 #: the first samples, whose per-channel maxima decide depthwise equalization
 EQUALIZE_SAMPLES = 32
+#: a calibration on fewer samples is warned about (every range and check comes from them)
+FEW_SAMPLES = 16
 #: the pointwise check (``Calibration.check_pointwise``): the model without pointwise
 #: equalization (group-1 Convs', MatMul/Gemm inputs') is taken where its outputs agree with
 #: FP32's better than the equalized model's by more than this (dB, ``biascorrect.output_sqnr``
@@ -1078,7 +1080,15 @@ def quantize(
                     "placeholder: check the data (e.g. a mask's meaning) or add samples that reach them",
                     model.name, len(zero), ", ".join(zero[:3]) + (", ..." if len(zero) > 3 else ""))
     skips = [f for f, _ in batcher.skipped_]
+    if batcher.used_ < FEW_SAMPLES:  # a probe's captcha model: 43 dB on its one sample, -1 to 5 dB held out
+        log.warning("%s: calibrated on %d sample(s): the ranges, the equalization factors and the checks' figures "
+                    "all come from them, and other data can fall far outside; use %d or more (%d for the method "
+                    "check)", model.name, batcher.used_, FEW_SAMPLES, EQUALIZE_SAMPLES + METHOD_CHECK_MIN_SAMPLES)
     corrections = _correction_feeds(model, source, idx, config, known_skips=skips)
+    if corrections is not None and config.export.checks_method and \
+            batcher.used_ < EQUALIZE_SAMPLES + METHOD_CHECK_MIN_SAMPLES:
+        log.info("%s: no method check: it needs %d calibration samples after the bias correction's %d (%s kept; "
+                 "--method names one)", model.name, METHOD_CHECK_MIN_SAMPLES, EQUALIZE_SAMPLES, config.method)
     cal = Calibration(model.model, model.specs, model.plan, histograms, ranges, config, batcher.used_,
                       list(batcher.skipped_), sampling, model.name, excluded=model.excluded, equalized=equalized,
                       correction_feeds=corrections,

@@ -121,3 +121,11 @@ def test_an_exclusion_of_nodes_that_read_nothing_quantized_says_so(tmp_path, cap
             quantkit.StatsConfig(exclude_op_types=("Relu",))))
     assert "--exclude-op-type Relu matches 1 node(s) (Relu) that read no quantized tensor" in caplog.text
     assert cal.excluded == []
+
+
+def test_a_calibration_on_few_samples_is_warned_about(tmp_path, caplog):
+    # a probe's captcha model calibrated on its one sample: the checks read 43 dB there, -1 to 5 held out
+    with caplog.at_level(logging.INFO):
+        cal = quantkit.quantize(_model(), _data(tmp_path, n=4))
+    assert "calibrated on 4 sample(s)" in caplog.text and "no method check: it needs 16" in caplog.text
+    assert cal.method_check is None
