@@ -249,8 +249,8 @@ def accuracy_latency_points(res: Results) -> list[Point]:
     refs: dict[str, float] = {}
     for c in by_model(res.compares, "test"):
         labels = c.get("accuracy_test") is not None
-        out = c["outputs"][0]
-        score = c["accuracy_test"] if labels else out.get("top1_agreement")
+        agreements = [float(o["top1_agreement"]) for o in c["outputs"] if o.get("top1_agreement") is not None]
+        score = c["accuracy_test"] if labels else min(agreements, default=None)  # the worst output's
         if score is None:
             continue
         refs.setdefault(_stem(c["reference"]), c["accuracy_reference"] if labels else 1.0)
@@ -352,8 +352,14 @@ def plot_output_error(compares: Sequence[dict[str, Any]], title: str = "output S
     for c in by_model(compares, "test"):
         for o in c["outputs"]:
             labels.append(f"{_stem(c['test'])}: {o['name']}" if len(c["outputs"]) > 1 else _stem(c["test"]))
-            values.append(float(o["sqnr_db"]))  # "inf" (identical outputs) reads as inf
-    ax.barh(range(len(values)), values)
+            values.append(float(o["sqnr_db"]) if o.get("sqnr_db") is not None else math.nan)  # "inf": identical
+    finite = [v for v in values if math.isfinite(v)]
+    top = max(finite, default=40.0) + 5.0  # an identical output's bar to the right edge, marked "exact"
+    ax.barh(range(len(values)), [top if v == math.inf else (0.0 if math.isnan(v) else v) for v in values])
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            ax.text(top if v == math.inf else 0.0, i, " exact" if v == math.inf else " no SQNR (not float)",
+                    va="center", fontsize=7)
     ax.set_yticks(range(len(values)))
     ax.set_yticklabels(labels, fontsize=8)
     ax.set_xlabel("SQNR, dB (higher is closer to FP32)")
@@ -424,13 +430,17 @@ def figures(res: Results) -> dict[str, Any]:
 
 def _table(res: Results) -> str:
     rows = []
-    for c in by_model(res.compares, "test"):
-        o = c["outputs"][0]
+    for c in by_model(res.compares, "test"):  # every output: a model's first one may be its exact one
         acc = "-" if c.get("accuracy_test") is None else f"{float(c['accuracy_test']):.4f}"
-        agree = "-" if o.get("top1_agreement") is None else f"{float(o['top1_agreement']):.4f}"
-        rows.append(f"<tr><td>{html.escape(_stem(c['test']))}</td><td>{acc}</td><td>{agree}</td>"
-                    f"<td>{float(o['cosine_mean']):.5f}</td><td>{float(o['sqnr_db']):.2f}</td></tr>")
-    head = "<tr><th>model</th><th>accuracy</th><th>top-1 agreement</th><th>cosine</th><th>SQNR dB</th></tr>"
+        for i, o in enumerate(c["outputs"]):
+            agree = "-" if o.get("top1_agreement") is None else f"{float(o['top1_agreement']):.4f}"
+            cos = "-" if o.get("cosine_mean") is None else f"{float(o['cosine_mean']):.5f}"
+            db = "-" if o.get("sqnr_db") is None else f"{float(o['sqnr_db']):.2f}"
+            rows.append(f"<tr><td>{html.escape(_stem(c['test'])) if i == 0 else ''}</td>"
+                        f"<td>{html.escape(str(o.get('name', '')))}</td><td>{acc if i == 0 else ''}</td>"
+                        f"<td>{agree}</td><td>{cos}</td><td>{db}</td></tr>")
+    head = ("<tr><th>model</th><th>output</th><th>accuracy</th><th>top-1 agreement</th><th>cosine</th>"
+            "<th>SQNR dB</th></tr>")
     bench_rows = "".join(
         f"<tr><td>{html.escape(_stem(b['model']))}</td><td>{html.escape(str(b.get('backend')))} "
         f"({html.escape(str(b.get('device')))})</td><td>{int(b['batch'])}</td><td>{float(b['median_ms']):.3f}</td>"

@@ -187,3 +187,21 @@ def test_a_number_no_axis_can_hold_is_refused(tmp_path):
     """median_ms 1e308 passed the checks and made matplotlib fail (exit 1)."""
     (tmp_path / "bench.json").write_text(json.dumps({**BENCH, "median_ms": 1e308}))
     assert main(["report", str(tmp_path / "bench.json"), "-o", str(tmp_path / "rep")]) == 2
+
+
+def test_every_output_of_a_model_is_in_the_table_and_the_figure(tmp_path):
+    """The page showed each model's first output only: a GRU state exact in INT8 (SQNR inf,
+    cosine 1) hid the output at 44.9 dB; an exact output's bar was drawn empty, like 0 dB."""
+    pytest.importorskip("matplotlib")
+    doc = {**COMPARE, "outputs": [{"name": "state", "cosine_mean": 1.0, "sqnr_db": "inf", "top1_agreement": None},
+                                  {"name": "hidden", "cosine_mean": 0.97, "sqnr_db": 21.5, "top1_agreement": 0.75}]}
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "compare.json").write_text(json.dumps(doc))
+    (tmp_path / "res" / "bench.json").write_text(json.dumps({**BENCH, "model": "m.int8.onnx"}))
+    assert main(["report", str(tmp_path / "res"), "-o", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "<td>hidden</td>" in page and "21.50" in page and "<td>state</td>" in page
+    from quantkit.report import Results, accuracy_latency_points
+
+    point = accuracy_latency_points(Results(compares=[doc], benches=[{**BENCH, "model": "m.int8.onnx"}]))
+    assert [p.score for p in point if p.label == "m.int8"] == [0.75]  # the worst output's agreement
