@@ -35,9 +35,9 @@ from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method,
 from quantkit.datasets.batching import Batcher, data_batch_axes
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError, check_fields, check_names
-from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, TensorSpec, all_graphs, check_not_quantized, einsum_as_matmul,
-                                 ensure_opset, fixed_batch, float_activations, float_input_specs, opset_version,
-                                 subgraph_node_count, tensor_types, with_node_names)
+from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, QUANTIZABLE_OPS, TensorSpec, all_graphs, check_not_quantized,
+                                 einsum_as_matmul, ensure_opset, fixed_batch, float_activations, float_input_specs,
+                                 opset_version, subgraph_node_count, tensor_types, with_node_names)
 from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, float_by_rule, insert_qdq,
                               log_spectrum_nodes, plan_qdq)
 from quantkit.onnx.sampleaxis import original_names, remove_sample_axis, sample_axis_nodes
@@ -1102,7 +1102,7 @@ def quantize(
 def _has_layer_ops(graph: onnx.GraphProto) -> bool:
     """Whether ``graph`` (or a subgraph in it) has a node INT8 could quantize (a weighted op, or
     an Einsum that may be a MatMul)."""
-    return any(n.op_type in WEIGHTED_OPS or n.op_type == "Einsum" for g in all_graphs(graph) for n in g.node)
+    return any(n.op_type in QUANTIZABLE_OPS for g in all_graphs(graph) for n in g.node)
 
 
 def _free_memory_gb() -> float:

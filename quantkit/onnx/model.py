@@ -325,9 +325,11 @@ def value_sources(model: onnx.ModelProto) -> list[str]:
     return found
 
 
-#: the ops INT8 quantizes (``qdq.WEIGHTED_OPS``, and an Einsum that may be a MatMul): a graph
-#: output computed through none of them is the same in the INT8 model
-QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum")
+#: the weighted ops whose inputs Q/DQ pairs feed (``quantkit.onnx.qdq``)
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: the ops INT8 quantizes (and an Einsum that may be a MatMul): a graph output computed through
+#: none of them is the same in the INT8 model
+QUANTIZABLE_OPS = (*WEIGHTED_OPS, "Einsum")
 
 
 def outputs_through(model: onnx.ModelProto, ops: Collection[str]) -> set[str]:

@@ -37,12 +37,11 @@ import onnx
 from quantkit._deps import require
 from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
 from quantkit.errors import ModelError
-from quantkit.onnx.model import (EXTERNAL_DATA_BYTES, all_names, constant_arrays, float_activations, input_specs,
-                                 node_reads, tensor_bytes, tensor_types, unique_name)
+from quantkit.onnx.model import (EXTERNAL_DATA_BYTES, WEIGHTED_OPS, all_names, constant_arrays, float_activations,
+                                 input_specs, node_reads, tensor_bytes, tensor_types, unique_name)
 
 log = logging.getLogger(__name__)
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _CONV_OPS = ("Conv", "ConvTranspose")
 TARGETS = ("tensorrt", "onnxruntime")
 _SHAPE_OPS = ("Shape", "Size")  # read only a tensor's shape: nothing to quantize
