@@ -1038,7 +1038,7 @@ def quantize(
         ModelError, DatasetError, InputError (exit 2 in the CLI): a model quantkit cannot
             quantize, data that does not fit it.
     """
-    from quantkit.onnx.equalize import UNSTEADY_RATIO, refit_scales
+    from quantkit.onnx.equalize import refit_scales
 
     if isinstance(model, (str, os.PathLike)):  # a path is a natural thing to pass
         from quantkit.onnx.model import load_model
@@ -1063,7 +1063,7 @@ def quantize(
         log.info("%s: %d equalized channel(s) of %s reached more than %gx their maximum over the first %d samples "
                  "later in the pass: their factors set to 1; their tensors are histogrammed again", model.name,
                  refit.channels, ", ".join(refit.tensors[:3]) + (", ..." if len(refit.tensors) > 3 else ""),
-                 UNSTEADY_RATIO, EQUALIZE_SAMPLES)
+                 refit.ratio, EQUALIZE_SAMPLES)
         if on_stage is not None:
             on_stage("equalization refit (a pass over the refitted tensors)")
         passed = _refit_pass(prepared, passed, refit.scales, source, idx,
@@ -1145,12 +1145,9 @@ def _feeds(model: PreparedModel, source: Source, indices: Sequence[int], config:
     """The evaluation batches of ``indices``, held as (feed, samples) pairs; an input that no node
     reads gets zeros, as ``OrtRunner`` feeds it (ONNX Runtime wants every input fed, and the
     checks' sessions run the whole model: paddle2onnx's unread ``length`` made them fail)."""
-    import numpy as np
+    from quantkit.onnx.model import unused_input_zeros
 
-    from quantkit.onnx.model import unused_inputs
-
-    zeros = {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], s.dtype)
-             for s in unused_inputs(model.model)}
+    zeros = unused_input_zeros(model.model)
     batcher = evaluation_batches(source, model.specs, list(indices), config.run, known_skips=known_skips)
     return [({**b.feed, **zeros}, b.size) for b in batcher]
 
@@ -1257,12 +1254,13 @@ def _refit_pass(prepared: PreparedModel, first: CalibrationPass,
     unequalized ``prepared`` model) and multiplies them by the new factors, as the one-pass fold
     does. Equalization leaves the FP32 function as it is, so every other tensor holds the same
     values (up to float rounding in the Convs after a changed factor, as in the fold)."""
-    from quantkit.backends.onnxruntime import OrtRunner
-    from quantkit.calibrators.collectors import HistogramCollector, Scaled, batch_rows, in_batch, update_collectors
-    from quantkit.errors import NonFiniteError
     import numpy as np
 
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.calibrators.collectors import HistogramCollector, in_batch
+    from quantkit.errors import NonFiniteError
     from quantkit.onnx.equalize import equalize_depthwise
+    from quantkit.onnx.equalize_capture import update_scaled
 
     stats, run = config.stats, config.run
     equalized_model, done = equalize_depthwise(prepared.model, scales)
@@ -1276,19 +1274,17 @@ def _refit_pass(prepared: PreparedModel, first: CalibrationPass,
         grouped = {t for g in model.plan.groups for t in g}
         collectors = {e.scaled: HistogramCollector(stats.num_bins, name=e.scaled, sample_stride=stats.sample_stride,
                                                    pow2_grid=e.scaled in grouped) for e in changed}
+        factors = {e.tensor: (e.scaled, e.scales, e.axis) for e in changed}
 
         def sink(batch: Any, rows: int, captured: Mapping[str, np.ndarray]) -> None:
-            padded = getattr(batch, "num_rows", rows)
             try:
-                update_collectors([(collectors[e.scaled], Scaled(batch_rows(captured[e.tensor], rows, padded),
-                                                                  e.scales, e.axis)) for e in changed])
+                update_scaled(collectors, factors, captured, rows)
             except NonFiniteError as err:
                 raise in_batch(err, batch) from err
 
         batcher = calibration_batches(source, prepared.specs, indices, run,
                                       known_skips=[f for f, _ in first.batcher.skipped_])
-        with OrtRunner(prepared.model, threads=run.threads, capture=list(dict.fromkeys(e.tensor for e in changed)),
-                       name=prepared.name) as runner:
+        with OrtRunner(prepared.model, threads=run.threads, capture=list(factors), name=prepared.name) as runner:
             runner.capture(batcher, sink)
         histograms.update({t: c.compute() for t, c in collectors.items()})
     missing = [t for t in tensors if t not in histograms]
@@ -1312,8 +1308,7 @@ def _calibrate_after_equalizing(model: PreparedModel, source: Source, indices: S
     tensors = _calibrated_tensors(model, equalized, stats.cache_all_tensors)
     batcher = calibration_batches(source, model.specs, indices, run, known_skips=skipped)
     grouped = {t for g in model.plan.groups for t in g}  # merged afterwards: on a power-of-two grid, exactly
-    peaks = ChannelPeaks({t: axis for t, axis in channel_axes(
-        model.model, {e.tensor: e.consumers for e in equalized}).items()})
+    peaks = ChannelPeaks(channel_axes(model.model, {e.tensor: e.consumers for e in equalized}))
     with OrtRunner(model.model, threads=run.threads, capture=tensors, name=model.name) as executor:
         collectors = collect_histograms(executor, batcher, num_bins=stats.num_bins,
                                         sample_stride=stats.sample_stride, pow2_grid=stats.pow2_grid,

@@ -33,7 +33,8 @@ from quantkit.backends.base import Runner, TensorSink, check_feed
 from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import InputError, ModelError
 from quantkit.onnx.model import (TensorSpec, input_specs, l2_normalized, load_model, named_axis_1, node_reads,
-                                 output_specs, unused_inputs, value_ordered_outputs, with_outputs_bytes, concat_parts)
+                                 output_specs, unused_input_zeros, value_ordered_outputs, with_outputs_bytes,
+                                 concat_parts)
 
 
 log = logging.getLogger(__name__)
@@ -263,8 +264,7 @@ class OrtRunner(Runner):
         self.name = name or (Path(model).name if not isinstance(model, onnx.ModelProto) else proto.graph.name)
         self._inputs = input_specs(proto)
         # inputs no node reads need no data, but ONNX Runtime wants every input fed: zeros
-        self._unused = {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], s.dtype)
-                        for s in unused_inputs(proto)}
+        self._unused = unused_input_zeros(proto)
         self._output_specs = output_specs(proto)
         #: graph outputs computed through a TopK (``compare`` says their rows pair up by rank)
         self.value_ordered = value_ordered_outputs(proto)

@@ -124,7 +124,7 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
                                                           pow2_grid=e.scaled in grouped)
                 factors[e.tensor] = (e.scaled, e.scales, e.axis)
         for part in held:
-            _update_scaled(collectors, factors, part, None)
+            update_scaled(collectors, factors, part, None)
         held.clear()
         state.update(factors=factors, model=eq_model, done=done)
 
@@ -163,15 +163,17 @@ def capture_equalizing(runner: Any, model: onnx.ModelProto, found: Mapping[str, 
     return EqualizingPass(state["model"], state["done"], collectors, maxima, peaks.maxima)
 
 
-def _update_scaled(collectors: Mapping[str, HistogramCollector],
-                   factors: Mapping[str, tuple[str, np.ndarray, int]],
-                   captured: Mapping[str, np.ndarray], rows: int | None) -> None:
-    """Each equalized tensor's histogram of ``t * s`` (s broadcast over the channel axis)."""
+def update_scaled(collectors: Mapping[str, HistogramCollector],
+                  factors: Mapping[str, tuple[str, np.ndarray, int]],
+                  captured: Mapping[str, np.ndarray], rows: int | None) -> None:
+    """Each equalized tensor's histogram of ``t * s`` (s broadcast over the channel axis):
+    ``factors``: t -> (its scaled copy's collector name, s, the channel axis); ``captured``'s
+    first ``rows`` samples (None: all)."""
     update_collectors(_scaled_jobs(collectors, factors, captured, rows))
 
 
 def _scaled_jobs(collectors: Mapping[str, HistogramCollector], factors: Mapping[str, tuple[str, np.ndarray, int]],
                  captured: Mapping[str, np.ndarray], rows: int | None) -> list[tuple[HistogramCollector, Scaled]]:
-    """``update_collectors``' jobs for ``_update_scaled``."""
+    """``update_collectors``' jobs for ``update_scaled``."""
     return [(collectors[name], Scaled(captured[t] if rows is None else captured[t][:rows], s, axis))
             for t, (name, s, axis) in factors.items()]

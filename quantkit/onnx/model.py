@@ -249,6 +249,11 @@ def unused_inputs(model: onnx.ModelProto) -> list[TensorSpec]:
     return [_spec(vi) for vi in model.graph.input if vi.name not in inits and vi.name not in read]
 
 
+def unused_input_zeros(model: onnx.ModelProto) -> dict[str, Any]:
+    """A feed for ``unused_inputs``: zeros of each one's declared shape (1 for a dynamic dim)."""
+    return {s.name: np.zeros([d if isinstance(d, int) else 1 for d in s.shape], s.dtype) for s in unused_inputs(model)}
+
+
 def input_specs(model: onnx.ModelProto) -> list[TensorSpec]:
     """Graph inputs that are not initializers and that the graph reads (``unused_inputs`` apart)."""
     inits = {i.name for i in model.graph.initializer}
