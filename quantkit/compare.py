@@ -68,6 +68,8 @@ class CompareReport:
     accuracy_reference: float | None = None
     accuracy_test: float | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: graph outputs that are not tensors (sequences, maps), left out of the figures
+    not_compared: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -92,7 +94,7 @@ class CompareReport:
             )
         for m in self.outputs:
             if m.match is not None:
-                lines.append(f"  note: {m.name!r} holds integers or flags (class ids, counts): {m.match:.4f} of its "
+                lines.append(f"  note: {m.name!r} holds integers, flags or text (class ids, counts, labels): {m.match:.4f} of its "
                              f"elements and {m.exact_samples:.4f} of the samples equal FP32's (no SQNR or cosine)")
             if m.value_ordered:
                 lines.append(f"  note: {m.name!r} is computed through a TopK: its rows pair up with FP32's by rank, "
@@ -116,6 +118,9 @@ class CompareReport:
                 lines.append(f"  note: {m.name!r} has a data-dependent shape: the models' shapes differ on "
                              f"{m.shape_differs} of {m.batches} batch(es), left out of its figures"
                              + (" (all of them: no figures)" if m.shape_differs == m.batches else ""))
+        if self.not_compared:
+            lines.append(f"  note: {', '.join(map(repr, self.not_compared))} not compared: not a tensor (a sequence "
+                         "or a map, such as skl2onnx's ZipMap of class probabilities); compare the tensor it is made from")
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} unreadable file(s); first: {self.skipped[0][0]}")
         return "\n".join(lines)
@@ -159,6 +164,13 @@ class _OutputStats:
             return
         if self.discrete is None:
             self.discrete = not np.issubdtype(np.asarray(ref).dtype, np.floating)
+        if np.asarray(ref).dtype.kind in "OUS":  # text (a STRING output: labels, tokens): equal or not
+            same = np.asarray(ref).reshape(len(ref), -1) == np.asarray(test).reshape(len(test), -1)
+            self.samples += len(ref)
+            self.values += same.size
+            self.equal += int(same.sum())
+            self.equal_samples += int(same.all(axis=1).sum())
+            return
         r, t = comparable(ref.reshape(ref.shape[0], -1), test.reshape(test.shape[0], -1))
         diff = r - t
         absd = np.abs(diff)
@@ -322,4 +334,5 @@ def compare_runners(
         correct_ref / labelled if labelled else None,
         correct_test / labelled if labelled else None,
         skipped,
+        list(getattr(reference, "non_tensor_outputs", ())),
     )

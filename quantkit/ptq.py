@@ -618,7 +618,7 @@ class Calibration:
         chosen = alt if figures[alt] > figures[method] + METHOD_CHECK_MARGIN_DB else method
         self.method_check = {"configured": method, "alternative": alt, "chosen": chosen,
                              "output_sqnr_db": figures, "samples": sum(n for _, n in feeds)}
-        log.info("%s: method check: %s (the outputs' SQNR against FP32 %.1f dB with %s, %.1f dB with %s)",
+        log.info("%s: method check: %s (the outputs' mean per-channel SQNR against FP32 %.1f dB with %s, %.1f dB with %s)",
                  self.model_name, chosen, figures[method], method, figures[alt], alt)
         # the other model is made again if asked for: one Q/DQ model held, as without the check
         self._int8.pop(alt if chosen == method else method, None)
@@ -674,10 +674,10 @@ class Calibration:
         keep = without_db <= with_db + POINTWISE_CHECK_MARGIN_DB
         self.pointwise_check = {"kept": keep, "output_sqnr_db": with_db, "unequalized_output_sqnr_db": without_db}
         if keep:
-            log.info("%s: pointwise equalization kept: the outputs' SQNR against FP32 is %.1f dB with it, %.1f dB "
+            log.info("%s: pointwise equalization kept: the outputs' mean per-channel SQNR against FP32 is %.1f dB with it, %.1f dB "
                      "without", self.model_name, with_db, without_db)
             return
-        log.info("%s: pointwise equalization left out: the outputs' SQNR against FP32 is %.1f dB with it, "
+        log.info("%s: pointwise equalization left out: the outputs' mean per-channel SQNR against FP32 is %.1f dB with it, "
                  "%.1f dB without", self.model_name, with_db, without_db)
         dropped = {e.scaled for e in self.equalized if pointwise(e)}
         self.model, self.plan, self.equalized = alt.model, alt.plan, done

@@ -278,6 +278,8 @@ class OrtRunner(Runner):
         self._parts: dict[str, list[int]] | None = None if model is proto else concat_parts(proto)
         self._parts_model: onnx.ModelProto | None = proto if model is proto else None
         self._outputs = [s.name for s in self._output_specs]
+        #: graph outputs that are not tensors (a sequence, a map: skl2onnx's ZipMap): not compared
+        self.non_tensor_outputs = [o.name for o in proto.graph.output if o.name not in self._outputs]
         self._captured = list(dict.fromkeys(capture))
         fed = {s.name for s in self._inputs}
         self._inner = [t for t in self._captured if t not in fed]

@@ -305,7 +305,7 @@ def _method_note(check: dict[str, Any] | None) -> str:
     db, configured = check["output_sqnr_db"], check["configured"]
     switched = check["chosen"] != configured
     other = configured if switched else check["alternative"]
-    return (f": the method check's choice, the outputs' SQNR against FP32 {db[check['chosen']]:.1f} dB, "
+    return (f": the method check's choice, the outputs' mean per-channel SQNR against FP32 {db[check['chosen']]:.1f} dB, "
             f"{other} {db[other]:.1f} dB" + (f"; --method {configured} writes {configured} unchecked" if switched else ""))
 
 
@@ -321,7 +321,7 @@ def _pointwise_note(check: dict[str, Any] | None) -> str:
     """The summary's words on a pointwise equalization the check left out (none when kept)."""
     if check is None or check["kept"]:
         return ""
-    return (f"; pointwise equalization left out: the outputs' SQNR against FP32 was {check['output_sqnr_db']:.1f} dB "
+    return (f"; pointwise equalization left out: the outputs' mean per-channel SQNR against FP32 was {check['output_sqnr_db']:.1f} dB "
             f"with it, {check['unequalized_output_sqnr_db']:.1f} without")
 
 

@@ -68,8 +68,18 @@ def cast_for_input(arr: np.ndarray, dtype: np.dtype | str, *, name: str, where: 
         return DtypeMismatchError(f"input {name!r}: {where} has {have} data, the model expects {want}; {why}",
                                   hint=hint)
 
+    if want == np.dtype(object) and have.kind in "US":  # a string input: NumPy's str/bytes arrays, which
+        # .npz stores without pickling; ONNX Runtime takes str objects (bytes read as UTF-8)
+        try:
+            return np.vectorize(lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v),
+                                otypes=[object])(arr) if arr.size else arr.astype(object)
+        except UnicodeDecodeError as err:
+            raise refuse(f"its bytes are not UTF-8 text ({err.reason})", "save the strings as str, not bytes") from None
     if src == "other" or dst == "other":
-        raise refuse("quantkit converts only numeric and bool data", f"save the array as {want}")
+        text = want == np.dtype(object)  # a string input (ONNX STRING): the data must be text
+        raise refuse("quantkit converts only numeric and bool data" + (" and text" if text else ""),
+                     "save the strings as a NumPy str array (np.array(['a', 'b']): .npz keeps it without pickling)"
+                     if text else f"save the array as {want}")
     if arr.size == 0:
         return arr.astype(want)
     if dst == "float":

@@ -30,6 +30,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -556,6 +557,13 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
     Graph inputs, outputs (and their dynamic axes) and the opset are kept.
     """
     gs = require("onnx_graphsurgeon")
+    # graphsurgeon's own "[W] ..." lines (a type it keeps as is, a missing color module) are not
+    # the user's to act on: errors only, for this call
+    with gs.logger.G_LOGGER.suppress(gs.logger.G_LOGGER.ERROR):
+        return _insert_qdq(gs, model, plan, activation_amax)
+
+
+def _insert_qdq(gs: Any, model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str, float]) -> onnx.ModelProto:
     missing = [t for t in plan.activations if t not in activation_amax]
     if missing:
         raise ModelError(f"no calibrated range for activation tensor(s) {missing[:5]}")
@@ -608,6 +616,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QdqPlan, activation_amax: dict[str,
     graph.toposort()
     graph.cleanup()
     out = gs.export_onnx(graph)
+    _keep_value_types(model, out)
     out.ir_version = model.ir_version
     out.producer_name, out.producer_version = "quantkit", _version()
     del out.metadata_props[:]
@@ -654,10 +663,25 @@ def _version() -> str:
     return __version__
 
 
+def _keep_value_types(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """The types of ``before``'s values that are not plain tensors (a sequence, a map, an optional:
+    skl2onnx's ``ZipMap`` output ``seq(map(int64, tensor(float)))``) given back to the same values
+    in ``after``, in place: graphsurgeon writes them as tensors of no element type, which ONNX
+    Runtime refuses to load ("Invalid tensor data type 0"). Q/DQ insertion changes no such value."""
+    kinds = {v.name: v.type for v in [*before.graph.input, *before.graph.output, *before.graph.value_info]
+             if v.type.WhichOneof("value") not in (None, "tensor_type")}
+    if not kinds:
+        return
+    for v in [*after.graph.input, *after.graph.output, *after.graph.value_info]:
+        if v.name in kinds:
+            v.type.CopyFrom(kinds[v.name])
+
+
 def _check_io_kept(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
     a = [(s.name, s.shape) for s in input_specs(before)]
     b = [(s.name, s.shape) for s in input_specs(after)]
-    if a != b or [o.name for o in before.graph.output] != [o.name for o in after.graph.output]:
+    if a != b or [(o.name, o.type.WhichOneof("value")) for o in before.graph.output] != \
+            [(o.name, o.type.WhichOneof("value")) for o in after.graph.output]:
         raise ModelError("internal error: Q/DQ insertion changed the model's inputs or outputs")
 
 

@@ -130,3 +130,47 @@ def test_a_calibration_on_few_samples_is_warned_about(tmp_path, caplog):
         cal = quantkit.quantize(_model(), _data(tmp_path, n=4))
     assert "calibrated on 4 sample(s)" in caplog.text and "no method check: it needs 16" in caplog.text
     assert cal.method_check is None
+
+
+def _non_tensor_output_model(kind: str) -> onnx.ModelProto:
+    """The edges model with a second output that is not a tensor: skl2onnx's classifier output
+    (``ZipMap`` of the probabilities: ``seq(map(int64, tensor(float)))``, its default) or a
+    ``SequenceConstruct`` of them (``seq(tensor(float))``)."""
+    model = _model()
+    model.graph.node.append(h.make_node("Softmax", ["y"], ["prob"], axis=1))
+    if kind == "zipmap":
+        model.graph.node.append(h.make_node("ZipMap", ["prob"], ["prob_map"], domain="ai.onnx.ml",
+                                            classlabels_int64s=list(range(8))))
+        value = h.make_sequence_type_proto(h.make_map_type_proto(T.INT64, h.make_tensor_type_proto(T.FLOAT, None)))
+        model.opset_import.append(h.make_opsetid("ai.onnx.ml", 1))
+    else:
+        model.graph.node.append(h.make_node("SequenceConstruct", ["prob"], ["prob_map"]))
+        value = h.make_sequence_type_proto(h.make_tensor_type_proto(T.FLOAT, None))
+    model.graph.output.append(h.make_value_info("prob_map", value))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["zipmap", "sequence"])
+def test_a_non_tensor_output_keeps_its_type_and_is_named_as_not_compared(tmp_path, capsys, kind):
+    """Found by the fourth probe: graphsurgeon wrote skl2onnx's ZipMap output as a tensor of no
+    element type, and ONNX Runtime refused the INT8 model ("Invalid tensor data type 0": exit 2,
+    read as the user's model; with --eval-images 0 the file was written)."""
+    import onnxruntime as ort
+
+    from quantkit.cli import main
+
+    model = _non_tensor_output_model(kind)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 16)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress", "--threads", "1"]) == 0
+    int8 = tmp_path / "o" / "m.int8.onnx"
+    sess = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [(o.name, o.type) for o in sess.get_outputs()] == [(o.name, o.type) for o in fp32.get_outputs()]
+    probs = sess.run(["prob_map"], {"x": RNG.normal(0, 1, (2, 16)).astype(np.float32)})[0]
+    assert len(probs) == (2 if kind == "zipmap" else 1)
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "m.onnx"), str(int8), "--npz", str(tmp_path / "c.npz")]) == 0
+    assert "'prob_map' not compared: not a tensor" in capsys.readouterr().out

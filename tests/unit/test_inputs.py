@@ -61,6 +61,41 @@ def test_lossy_casts_are_refused_with_one_line(data, dtype, match):
     assert isinstance(err.value, InputError) and "'ids'" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_text_for_a_string_input_is_taken_from_str_and_utf8_bytes_arrays():
+    """A STRING input (skl2onnx's text pipelines, TF text models): .npz keeps NumPy str arrays
+    without pickling (an object array it refuses), so those are what the input takes."""
+    out = cast_for_input(np.array([["héllo"], ["w"]]), object, name="text")
+    assert out.dtype == object and out.tolist() == [["héllo"], ["w"]] and isinstance(out[0, 0], str)
+    assert cast_for_input(np.array(["héllo".encode()]), object, name="text").tolist() == ["héllo"]
+    with pytest.raises(DtypeMismatchError, match="not UTF-8"):
+        cast_for_input(np.array([b"\xff\xfe"]), object, name="text")
+    with pytest.raises(DtypeMismatchError, match="and text") as err:  # numbers for text: the hint says how
+        cast_for_input(np.array([1.0]), object, name="text")
+    assert "NumPy str array" in err.value.hint  # not "as object": an object array is what .npz cannot keep
+
+
+def test_a_string_input_model_calibrates_and_compares_from_a_str_npz(tmp_path, capsys):
+    """Found by the fourth probe: a model with a STRING input was refused twice (exit 2) on a
+    valid model: a str array, "save the array as object"; then the object array, "cannot be read
+    without unpickling"."""
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Identity", ["text"], ["text_out"])], "g",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["N", 1]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("text_out", TensorProto.STRING, ["N", 1])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", text=np.array([["hello world"], ["good movie"]] * 32),
+             x=np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "'text_out' holds integers, flags or text" in out and "1.0000 of the samples equal" in out
+
+
 def test_float64_cast_noted_once(caplog):
     noted: set[str] = set()
     with caplog.at_level(logging.WARNING):
