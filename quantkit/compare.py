@@ -55,6 +55,9 @@ class OutputMetrics:
     #: mask coefficients, each as one signal
     parts: list[int] | None = None
     parts_sqnr_db: list[float] | None = None
+    #: ``top1_agreement`` is per position: a Softmax over the last axis of a rank-3+ output (a CTC
+    #: recogniser's ``[N, T, classes]``: at each of its T steps)
+    top1_per_position: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,9 @@ class CompareReport:
                              "else an anchor, a position); check what that index holds (scores, detections) before "
                              "trusting the figure")
         for m in self.outputs:
+            if m.top1_per_position:
+                lines.append(f"  note: {m.name!r}'s top-1 agreement is per position: the argmax of its last axis (a "
+                             "Softmax's classes) at each position before it, as a recogniser's time steps")
             if m.shape_differs:
                 lines.append(f"  note: {m.name!r} has a data-dependent shape: the models' shapes differ on "
                              f"{m.shape_differs} of {m.batches} batch(es), left out of its figures"
@@ -136,8 +142,11 @@ WORST_CHANNEL_GAP_DB = 10.0
 class _OutputStats:
     """Streaming accumulators for one output."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, per_position: bool = False):
         self.name = name
+        #: rank 3+, a Softmax over the last axis (``last_axis_classes``): top-1 at each position
+        self.per_position = per_position
+        self.positions = 0
         self.cos_sum = 0.0
         self.cos_min = math.inf
         self.sig = 0.0
@@ -201,6 +210,9 @@ class _OutputStats:
                 self.channel_sig, self.channel_noise = self.channel_sig + sig_c, self.channel_noise + noise_c
         if ref.ndim == 2 and ref.shape[1] > 1:
             self.agree += int((r.argmax(axis=1) == t.argmax(axis=1)).sum())  # (masked values read 0 on both sides)
+        elif self.per_position and ref.ndim >= 3 and ref.shape[-1] > 1:  # classes at each of T steps
+            self.agree += int((np.asarray(ref).argmax(axis=-1) == np.asarray(test).argmax(axis=-1)).sum())
+            self.positions += int(np.prod(ref.shape[:-1]))
         else:
             self.classifier = False
 
@@ -238,9 +250,11 @@ class _OutputStats:
         return OutputMetrics(
             self.name, self.cos_sum / n if cos_ok else math.nan, self.cos_min if cos_ok else math.nan, sqnr,
             self.max_abs, self.abs_sum / max(self.values, 1),
-            self.agree / n if self.classifier and self.samples and top1 else None, self.shape_differs, self.batches,
+            (self.agree / max(self.positions, 1) if self.per_position else self.agree / n)
+            if self.classifier and self.samples and top1 else None, self.shape_differs, self.batches,
             value_ordered=value_ordered, worst_channel=worst, worst_channel_sqnr_db=worst_db,
             parts=list(parts) if part_db is not None else None, parts_sqnr_db=part_db,
+            top1_per_position=self.per_position and self.classifier and bool(self.positions),
         )
 
 
@@ -308,7 +322,8 @@ def compare_runners(
         raise ModelError(f"{reference_name} has no tensor outputs to compare (its outputs are sequences or maps)",
                          hint="quantkit compares tensor outputs; check this model's outputs with your own code")
     _check_output_shapes(reference, test, reference_name, test_name)
-    stats = {name: _OutputStats(name) for name in reference.output_names}
+    per_position = set(getattr(reference, "last_axis_classes", ()))
+    stats = {name: _OutputStats(name, name in per_position) for name in reference.output_names}
     correct_ref = correct_test = labelled = 0
     samples = 0
     first_out = reference.output_names[0]

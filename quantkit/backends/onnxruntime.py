@@ -32,9 +32,9 @@ from quantkit._deps import require
 from quantkit.backends.base import Runner, TensorSink, check_feed
 from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import InputError, ModelError
-from quantkit.onnx.model import (TensorSpec, input_specs, l2_normalized, load_model, named_axis_1, node_reads,
-                                 output_specs, unused_input_zeros, value_ordered_outputs, with_outputs_bytes,
-                                 concat_parts)
+from quantkit.onnx.model import (TensorSpec, concat_parts, input_specs, l2_normalized, last_axis_classes, load_model,
+                                 named_axis_1, node_reads, output_specs, unused_input_zeros, value_ordered_outputs,
+                                 with_outputs_bytes)
 
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,8 @@ class OrtRunner(Runner):
         #: 2-D outputs whose axis 1 is declared by a name (a sequence's length, ``[B, T]``): not
         #: [N, classes], whose classes are a fixed number (``compare`` shows no top-1 for them)
         self.named_axis_outputs = [o.name for o in proto.graph.output if named_axis_1(proto, o.name)]
+        #: outputs of rank 3+ that are a Softmax over the last axis (``[N, T, classes]``): top-1 per position
+        self.last_axis_classes = [o.name for o in proto.graph.output if last_axis_classes(proto, o.name)]
         # what ``concat_parts`` reads, on first use (only ``compare`` does: a shape inference that
         # the fallback's and the ranking's many runners need not pay); a model given by path, now
         self._parts: dict[str, list[int]] | None = None if model is proto else concat_parts(proto)

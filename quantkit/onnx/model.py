@@ -945,6 +945,26 @@ def named_axis_1(model: onnx.ModelProto, name: str) -> bool:
     return t is not None and t.HasField("shape") and len(t.shape.dim) == 2 and t.shape.dim[1].HasField("dim_param")
 
 
+def last_axis_classes(model: onnx.ModelProto, name: str) -> bool:
+    """Whether the graph output ``name`` of rank 3 or more is a Softmax (or LogSoftmax) over its
+    last axis, directly or through layout ops: classes at each position (a CTC recogniser's
+    ``[N, T, classes]``), whose top-1 agreement is per position. Not a detector's ``[N, 4 +
+    classes, anchors]``, whose argmax over the last axis is an anchor."""
+    out = next((o for o in model.graph.output if o.name == name), None)
+    t = out.type.tensor_type if out is not None else None
+    if t is None or not t.HasField("shape") or len(t.shape.dim) < 3:
+        return False
+    rank = len(t.shape.dim)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(name)
+    while node is not None and node.op_type in ("Identity", "Cast") and node.input:
+        node = producer.get(node.input[0])
+    if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
+        return False
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset_version(model) >= 13 else 1)
+    return axis % rank == rank - 1  # (before opset 13 axis 1 of a rank-3 input spans axes 1 and 2)
+
+
 def l2_normalized(model: onnx.ModelProto, name: str) -> bool:
     """Whether the graph output ``name`` is an L2-normalized embedding, x / ||x||: an
     ``LpNormalization`` (p 2), or a Div (or a Mul by a Reciprocal) whose divisor comes from a

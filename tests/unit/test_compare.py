@@ -241,3 +241,34 @@ def test_a_concat_output_is_scored_part_by_part_through_the_runners():
     assert m.parts == [4, 6] and m.parts_sqnr_db[0] == math.inf
     assert m.parts_sqnr_db[1] == pytest.approx(want, abs=1e-3) and m.sqnr_db > want + 30
     assert "'out' is a Concat of 2 parts (axis 1; channels 0-3: inf dB, channels 4-9: " in report.table()
+
+
+@pytest.mark.parametrize("opset, axis, per_position", [(17, None, True), (17, 2, True), (11, None, False),
+                                                        (11, 2, True), (17, 1, False)])
+def test_a_softmax_over_the_last_axis_of_a_sequence_gets_top1_per_position(opset, axis, per_position):
+    """A CTC recogniser's [N, T, classes] (a Softmax over the last axis): top-1 agreement at each
+    of the T steps, against brute force; a Softmax over another axis (or opset 11's default axis 1,
+    which spans the last two) has none, like a detector's [N, 4 + classes, anchors]."""
+    def seq(w: np.ndarray) -> onnx.ModelProto:
+        attrs = {} if axis is None else {"axis": axis}
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node("Softmax", ["logits"], ["p"], **attrs)],
+            "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 7, K])],
+            [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 7, C])], [numpy_helper.from_array(w, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8
+        return model
+
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((K, C)).astype(np.float32)
+    noisy = (w + rng.standard_normal((K, C)) * 0.5).astype(np.float32)
+    x = rng.standard_normal((9, 7, K)).astype(np.float32)
+    with OrtRunner(seq(w)) as ref, OrtRunner(seq(noisy)) as test:
+        report = compare_runners(ref, test, [Batch({"x": x}, None, tuple(range(9)), 9)])
+    m = report.outputs[0]
+    if not per_position:
+        assert m.top1_agreement is None and "per position" not in report.table()
+        return
+    want = float(((x @ w).argmax(-1) == (x @ noisy).argmax(-1)).mean())
+    assert 0.2 < want < 1.0 and m.top1_agreement == pytest.approx(want)
+    assert "'p''s top-1 agreement is per position" in report.table()
