@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, non_negative_int,
-                                 positive_int, progress, select, source_for_model, trt_version,
+                                 positive_int, progress, ranking_progress, select, source_for_model, trt_version,
                                  with_sample_axis)
 
 
@@ -196,7 +196,8 @@ class Calibrate:
         if budget is not None:
             from quantkit.debug.fallback import fallback
 
-            result = fallback(cal, eval_source, eval_idx, budget, on_step=_print_step)
+            with ranking_progress(disable=args.no_progress) as on_rank:
+                result = fallback(cal, eval_source, eval_idx, budget, on_step=_print_step, on_rank=on_rank)
             if not result.met:
                 from quantkit.errors import InputError
 

@@ -375,6 +375,43 @@ def describe_sample(sample: Any, what: str = "images") -> str:
     return text
 
 
+#: a ranking without a visible bar logs its progress at most this often (seconds)
+RANK_LOG_SECONDS = 30.0
+
+
+@contextmanager
+def ranking_progress(*, disable: bool = False) -> Iterator[Any]:
+    """An ``on_step(phase, done, total)`` for a sensitivity ranking (``debug --rank``, the
+    rankings of ``--max-drop``): a bar of groups on a terminal; where stderr is not one, a line
+    there at most every ``RANK_LOG_SECONDS``, since a ranking of a large model takes minutes;
+    nothing with ``disable`` (--no-progress)."""
+    import time
+
+    from tqdm import tqdm
+
+    state: dict[str, Any] = {"bar": None, "total": None, "said": time.monotonic(), "start": time.monotonic()}
+
+    def on_step(phase: str, done: int, total: int) -> None:
+        if state["total"] != total or done < getattr(state["bar"], "n", 0):  # a new ranking (a re-ranking)
+            if state["bar"] is not None:
+                state["bar"].close()
+            state["bar"] = tqdm(total=total, desc="ranking groups", unit="group", file=sys.stderr,
+                                disable=True if disable else None, dynamic_ncols=True, leave=False)
+            state["total"], state["start"] = total, time.monotonic()
+        bar = state["bar"]
+        bar.update(done - bar.n)
+        now = time.monotonic()
+        if bar.disable and not disable and now - state["said"] >= RANK_LOG_SECONDS:
+            state["said"] = now
+            print(f"ranking: {done} of {total} group(s) measured ({now - state['start']:.0f} s)", file=sys.stderr)
+
+    try:
+        yield on_step
+    finally:
+        if state["bar"] is not None:
+            state["bar"].close()
+
+
 @contextmanager
 def progress(total: int, desc: str, *, disable: bool = False, unit: str = "img") -> Iterator[Any]:
     """A tqdm bar on stderr (hidden when stderr is not a terminal, or with --no-progress)."""

@@ -4,8 +4,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from quantkit.cli.common import (add_data_args, add_preprocess_args, positive_int, progress, select,
-                                 source_for_model, with_sample_axis)
+from quantkit.cli.common import (add_data_args, add_preprocess_args, positive_int, progress, ranking_progress,
+                                 select, source_for_model, with_sample_axis)
 
 
 class Debug:
@@ -82,8 +82,10 @@ class Debug:
             # a model that runs one sample at a time (the side-by-side pass found it, and warned)
             run = RunConfig(batch_size=1 if report.one_at_a_time else args.batch_size, threads=args.threads,
                             strict=args.strict)
-            ranking = rank_sensitivity(QdqScales.from_qdq_model(fp32, int8, run), source, drawn.indices,
-                                       subset=args.subset, estimator=args.estimator, output=args.error_output)
+            with ranking_progress(disable=args.no_progress) as on_rank:
+                ranking = rank_sensitivity(QdqScales.from_qdq_model(fp32, int8, run), source, drawn.indices,
+                                           subset=args.subset, estimator=args.estimator, output=args.error_output,
+                                           on_step=on_rank)
             doc["sensitivity"] = ranking.to_dict()
         with output_dir(args.output, force=args.force, inputs=inputs, command="quantkit debug") as staging:
             write_json_atomic(staging / "debug.json", doc)

@@ -347,9 +347,11 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
              config: FallbackConfig, ranking_source: "Source | None" = None,
              ranking_indices: Sequence[int] | None = None,
              on_step: Callable[[dict[str, Any]], None] | None = None,
-             task_metric: TaskMetric | None = None) -> FallbackResult:
+             task_metric: TaskMetric | None = None,
+             on_rank: Callable[[str, int, int], None] | None = None) -> FallbackResult:
     """Meet ``config.max_drop`` on the evaluation data with the fewest groups in float (see
-    the module docstring). ``on_step(step)`` gets every step's record as it is made.
+    the module docstring). ``on_step(step)`` gets every step's record as it is made;
+    ``on_rank(phase, done, total)`` the rankings' progress (``rank_sensitivity``'s ``on_step``).
     ``task_metric`` (``TaskMetric``): the budget is in points of the caller's metric (drop
     metric "task"; ``config.drop_metric`` must then be None or "task").
 
@@ -416,10 +418,12 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         errors = (before.per_sample, _ratio(before.noise, before.signal), ev.fp32_seconds_per_sample)
         outputs = {i: row for ix, ref in zip(ev.ref_indices, ev.ref) for i, row in zip(ix, ref)}
         ranking = rank_sensitivity(scales, eval_source, idx, subset=config.subset, method_groups=config.method_groups,
-                                   quantized=False, estimator=config.estimator, _errors=errors, _fp32_outputs=outputs)
+                                   quantized=False, estimator=config.estimator, _errors=errors, _fp32_outputs=outputs,
+                                   on_step=on_rank)
     else:
         ranking = rank_sensitivity(scales, ranking_source, ranking_indices, subset=config.subset,
-                                   method_groups=config.method_groups, quantized=False, estimator=config.estimator)
+                                   method_groups=config.method_groups, quantized=False, estimator=config.estimator,
+                                   on_step=on_rank)
     record("rank", [], current, t0, cost_fp32_passes=ranking.cost_fp32_passes)
 
     spent = {"validate": 0.0, "rerank": 0.0}  # seconds, for the re-rankings' allowance
@@ -443,7 +447,7 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
             ranker = _ranker_for(scales, eval_source, idx, ranking, ranking_source, ranking_indices)
         ranker.use_state(floats, overrides)
         remaining = [scales.group(n) for n in order if n not in floats]
-        rows, _ = rank_groups(ranker, remaining, quantized=False, method_groups=0)
+        rows, _ = rank_groups(ranker, remaining, quantized=False, method_groups=0, on_step=on_rank)
         spent["rerank"] += time.perf_counter() - t0
         record("rerank", [], current, t0)
         return ranker, [*floats, *(r.name for r in rows)]

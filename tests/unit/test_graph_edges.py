@@ -115,6 +115,32 @@ def test_max_drop_measures_the_output_int8_reaches_and_the_summary_counts_the_fl
     assert "group(s) then kept in float by --max-drop" in out  # a budget of 0 dB: every group in float
 
 
+@pytest.mark.parametrize("flags, lines", [((), True), (("--no-progress",), False)])
+def test_the_rankings_of_max_drop_and_debug_say_their_progress_off_a_terminal(tmp_path, capsys, monkeypatch,
+                                                                              flags, lines):
+    """The fourth probe stopped a --max-drop run on a recogniser after 4 minutes of a ranking that said
+    nothing: off a terminal (no bar) a line every RANK_LOG_SECONDS (0 here), none with --no-progress."""
+    from quantkit.cli import common, main
+
+    monkeypatch.setattr(common, "RANK_LOG_SECONDS", 0.0)
+    model = _model()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 16)).astype(np.float32))
+    np.savez(tmp_path / "e.npz", x=RNG.normal(0, 1, (32, 16)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "--eval-dir",
+                 str(tmp_path / "e.npz"), "-o", str(tmp_path / "o"), "--max-drop", "0", "--drop-metric", "sqnr",
+                 "--threads", "1", *flags]) == 0
+    err = capsys.readouterr().err
+    assert ("ranking: 1 of 2 group(s) measured" in err) == lines, err
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "p"),
+                 "--threads", "1", "--no-progress"]) == 0  # (the budget of 0 left no Q/DQ pair in 'o')
+    capsys.readouterr()
+    assert main(["debug", str(tmp_path / "m.onnx"), str(tmp_path / "p" / "m.int8.onnx"), "--npz",
+                 str(tmp_path / "e.npz"), "--rank", "-o", str(tmp_path / "dbg"), *flags]) == 0
+    err = capsys.readouterr().err
+    assert ("ranking: 2 of 2 group(s) measured" in err) == lines, err
+
+
 def test_an_exclusion_of_nodes_that_read_nothing_quantized_says_so(tmp_path, caplog):
     model = _model()
     with caplog.at_level(logging.WARNING):
