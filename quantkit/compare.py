@@ -97,8 +97,9 @@ class CompareReport:
             )
         for m in self.outputs:
             if m.match is not None:
-                lines.append(f"  note: {m.name!r} holds integers, flags or text (class ids, counts, labels): {m.match:.4f} of its "
-                             f"elements and {m.exact_samples:.4f} of the samples equal FP32's (no SQNR or cosine)")
+                lines.append(f"  note: {m.name!r} holds integers, flags or text (class ids, counts, labels): "
+                             f"{m.match:.4f} of its elements and {m.exact_samples:.4f} of the samples equal FP32's "
+                             "(no SQNR or cosine)")
             if m.value_ordered:
                 lines.append(f"  note: {m.name!r} is computed through a TopK: its rows pair up with FP32's by rank, "
                              "not by object, and near ties reorder them, so its figures read lower than the "

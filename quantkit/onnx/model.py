@@ -947,7 +947,7 @@ def named_axis_1(model: onnx.ModelProto, name: str) -> bool:
 
 def last_axis_classes(model: onnx.ModelProto, name: str) -> bool:
     """Whether the graph output ``name`` of rank 3 or more is a Softmax (or LogSoftmax) over its
-    last axis, directly or through layout ops: classes at each position (a CTC recogniser's
+    last axis, directly or through an Identity or a Cast: classes at each position (a CTC recogniser's
     ``[N, T, classes]``), whose top-1 agreement is per position. Not a detector's ``[N, 4 +
     classes, anchors]``, whose argmax over the last axis is an anchor."""
     out = next((o for o in model.graph.output if o.name == name), None)
