@@ -405,7 +405,9 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
 
     def result(met: bool, message: str = "", ranking: SensitivityReport | None = None) -> FallbackResult:
         nodes = [n for g in floats for n in scales.group(g).nodes]
-        return FallbackResult(met, model, list(floats), dict(overrides), len(groups), metric, config.max_drop,
+        # a group in float has no method: its switch, made before it went to float, is not reported
+        switched = {g: m for g, m in overrides.items() if g not in floats}
+        return FallbackResult(met, model, list(floats), switched, len(groups), metric, config.max_drop,
                               ev.fp32_metric, before.metric, current.metric, before.drop, current.drop, steps,
                               time.perf_counter() - start, ranking, message, nodes, ev.output)
 

@@ -289,6 +289,24 @@ def test_a_method_bad_everywhere_is_switched_for_the_whole_model():
     assert not without.method_overrides and len(without.float_groups) > 0
 
 
+def test_a_group_switched_then_floated_is_not_reported_as_switched():
+    """The fourth probe's recogniser: the summary said "2 group(s) switched by --max-drop" where
+    one of the two had gone to float after its switch. Here every group is switched first (the
+    whole-model step), then a budget of 0 floats them: none is reported switched."""
+    from quantkit.debug.sensitivity import QdqScales
+
+    x, labels, test = digits_arrays()
+    cal = quantize(make_outlier_digits(), ArraySource(x[~test][:256]), QuantizeConfig(export=ExportConfig("entropy-trt")))
+    scales = QdqScales.from_calibration(cal)
+    for amax in scales.ranges.values():
+        amax["tiny"] = amax["minmax"] / 40.0
+    scales.method, scales.plain, scales.bias_shifts = "tiny", None, None
+    res = fallback(scales, ArraySource(x[test][:100], labels[test][:100]), None,
+                   FallbackConfig(max_drop=0.0, drop_metric="sqnr"))
+    assert any(s["action"] == "method" and s["kept"] for s in res.steps)  # switched first
+    assert res.float_groups and not set(res.method_overrides) & set(res.float_groups)
+
+
 def test_eval_dir_takes_an_npz_with_labels(digits_files, tmp_path, capsys):
     """--eval-dir may name an .npz (with 'labels' for --drop-metric accuracy), as --npz reads it:
     the budget is measured on it, not on the held-out part of --npz."""
