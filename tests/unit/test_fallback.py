@@ -47,8 +47,9 @@ def test_fallback_meets_the_budget_with_one_group_in_float(broken):
         next(iter(cal.plan.activations))].amax)
     assert res.steps[-1]["action"] == "float" and res.steps[-1]["groups"] == [PW_NODE]
     for s in res.steps:
-        if s["action"] == "method" and s["kept"]:
-            assert res.method_overrides[s["groups"][0]] == s["method"]
+        if s["action"] == "method" and s["kept"]:  # (a group switched, then floated, has no method)
+            g = s["groups"][0]
+            assert res.method_overrides.get(g) == (None if g in res.float_groups else s["method"])
         if s.get("validated") is False:  # checked on the subset only: it did not lower the subset's error
             assert not s["kept"] and s["subset_error"] > (1 - MIN_METHOD_GAIN) * s["subset_error_before"]
     json.dumps(res.to_dict())  # the report is JSON
