@@ -35,6 +35,7 @@ from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method,
 from quantkit.datasets.batching import Batcher, data_batch_axes
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError, check_fields, check_names
+from quantkit.onnx.contrib import standard_ops
 from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, QUANTIZABLE_OPS, TensorSpec, all_graphs, check_not_quantized,
                                  einsum_as_matmul, ensure_opset, fixed_batch, float_activations, float_input_specs,
                                  opset_version, subgraph_node_count, tensor_types, with_node_names)
@@ -336,7 +337,7 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     check_not_quantized(model, source=name)
     if not _has_layer_ops(model.graph):  # before the opset upgrade: a 194 MB tree ensemble took 30-50 s and 5.7 GB
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes: nothing to quantize to INT8")
-    model = with_node_names(einsum_as_matmul(ensure_opset(model)))
+    model = with_node_names(einsum_as_matmul(standard_ops(ensure_opset(model), warn=not quiet, name=name)))
     specs = float_input_specs(model, source=name)
     plan = plan_qdq(model, target, quantize_attention_probs=quantize_attention_probs)
     types = tensor_types(model)

@@ -1,0 +1,120 @@
+"""ONNX Runtime's fused ops (com.microsoft FusedConv, FusedGemm, FusedMatMul), as a model saved
+after ONNX Runtime's graph optimizations holds them (the fifth probe's MarbleNet: six FusedConvs
+left in float without a word, and written into a model TensorRT's parser cannot read)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from quantkit.onnx.contrib import CONTRIB, standard_ops
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    model = h.make_model(h.make_graph(nodes, "g", inputs, outputs, inits),
+                         opset_imports=[h.make_opsetid("", 17), h.make_opsetid(CONTRIB, 1)])
+    model.ir_version = 8
+    return model
+
+
+def _run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+def _conv_model(activation: str | None, params: list[float], with_sum: bool) -> onnx.ModelProto:
+    w = nh.from_array(RNG.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32), "w")
+    b = nh.from_array(RNG.normal(0, 0.3, 8).astype(np.float32), "b")
+    attrs = {"pads": [1, 1, 1, 1], "strides": [1, 1]}
+    if activation is not None:
+        attrs.update(activation=activation, **({"activation_params": params} if params else {}))
+    inputs = ["x", "w", "b", *(["z"] if with_sum else [])]
+    nodes = [h.make_node("FusedConv", inputs, ["y"], name="fc", domain=CONTRIB, **attrs)]
+    ins = [h.make_tensor_value_info("x", T.FLOAT, ["N", 4, 6, 6])]
+    if with_sum:
+        ins.append(h.make_tensor_value_info("z", T.FLOAT, ["N", 8, 6, 6]))
+    return _model(nodes, ins, [h.make_tensor_value_info("y", T.FLOAT, ["N", 8, 6, 6])], [w, b])
+
+
+@pytest.mark.parametrize("activation, params", [(None, []), ("Relu", []), ("LeakyRelu", [0.1]), ("Clip", [-0.5, 0.7]),
+                                                ("HardSigmoid", [0.3, 0.4]), ("Sigmoid", []), ("Tanh", [])])
+@pytest.mark.parametrize("with_sum", [False, True])
+def test_a_fused_conv_is_the_conv_sum_and_activation_it_fuses(activation, params, with_sum):
+    model = _conv_model(activation, params, with_sum)
+    feed = {"x": RNG.normal(0, 1, (2, 4, 6, 6)).astype(np.float32)}
+    if with_sum:
+        feed["z"] = RNG.normal(0, 1, (2, 8, 6, 6)).astype(np.float32)
+    std = standard_ops(model)
+    onnx.checker.check_model(std)
+    assert not any(n.domain == CONTRIB for n in std.graph.node) and CONTRIB not in [o.domain for o in std.opset_import]
+    np.testing.assert_allclose(_run(std, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trans_a, trans_b, alpha", [(0, 0, 1.0), (0, 1, 0.5), (1, 0, 2.0), (1, 1, 0.125)])
+def test_a_fused_matmul_is_its_transposes_product_and_scale(trans_a, trans_b, alpha):
+    a_shape = (2, 3, 5, 4) if trans_a else (2, 3, 4, 5)
+    b = nh.from_array(RNG.normal(0, 1, (6, 5) if trans_b else (5, 6)).astype(np.float32), "b")
+    nodes = [h.make_node("FusedMatMul", ["a", "b"], ["y"], name="fm", domain=CONTRIB, alpha=alpha, transA=trans_a,
+                         transB=trans_b)]
+    model = _model(nodes, [h.make_tensor_value_info("a", T.FLOAT, list(a_shape))],
+                   [h.make_tensor_value_info("y", T.FLOAT, [2, 3, 4, 6])], [b])
+    feed = {"a": RNG.normal(0, 1, a_shape).astype(np.float32)}
+    std = standard_ops(model)
+    onnx.checker.check_model(std)
+    assert not any(n.domain == CONTRIB for n in std.graph.node)
+    np.testing.assert_allclose(_run(std, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_gemm_is_the_gemm_and_activation_it_fuses():
+    w = nh.from_array(RNG.normal(0, 0.3, (6, 5)).astype(np.float32), "w")
+    c = nh.from_array(RNG.normal(0, 0.3, 6).astype(np.float32), "c")
+    nodes = [h.make_node("FusedGemm", ["x", "w", "c"], ["y"], name="fg", domain=CONTRIB, transB=1, alpha=0.5,
+                         activation="LeakyRelu", activation_alpha=0.2)]
+    model = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 5])],
+                   [h.make_tensor_value_info("y", T.FLOAT, ["N", 6])], [w, c])
+    feed = {"x": RNG.normal(0, 1, (4, 5)).astype(np.float32)}
+    std = standard_ops(model)
+    assert [n.op_type for n in std.graph.node] == ["Gemm", "LeakyRelu"]
+    np.testing.assert_allclose(_run(std, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_other_contrib_ops_stay_and_are_named(caplog):
+    nodes = [h.make_node("MatMul", ["x", "w"], ["m"]),
+             h.make_node("FastGelu", ["m"], ["y"], name="gelu", domain=CONTRIB)]
+    model = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 4])],
+                   [h.make_tensor_value_info("y", T.FLOAT, ["N", 4])],
+                   [nh.from_array(RNG.normal(0, 1, (4, 4)).astype(np.float32), "w")])
+    with caplog.at_level(logging.WARNING):
+        std = standard_ops(model, name="m.onnx")
+    assert [n.op_type for n in std.graph.node] == ["MatMul", "FastGelu"] and CONTRIB in [o.domain for o in std.opset_import]
+    assert "m.onnx: 1 node(s) of ONNX Runtime's own domain (com.microsoft: FastGelu)" in caplog.text
+
+
+def test_calibrate_quantizes_a_fused_conv_and_writes_standard_ops(tmp_path):
+    from quantkit.cli import main
+
+    model = _conv_model("Relu", [], False)
+    conv = nh.from_array(RNG.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32), "w2")
+    model.graph.node.append(h.make_node("Conv", ["y", "w2"], ["out"], name="c2", pads=[1, 1, 1, 1]))
+    model.graph.initializer.append(conv)
+    del model.graph.output[:]
+    model.graph.output.append(h.make_tensor_value_info("out", T.FLOAT, ["N", 4, 6, 6]))
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 4, 6, 6)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress", "--threads", "1"]) == 0
+    int8 = onnx.load(str(tmp_path / "o" / "m.int8.onnx"))
+    assert not any(n.domain == CONTRIB for n in int8.graph.node)
+    fc = next(n for n in int8.graph.node if n.name == "fc")  # the former FusedConv: a Conv reading Q/DQ
+    producers = {o: n.op_type for n in int8.graph.node for o in n.output}
+    assert fc.op_type == "Conv" and producers[fc.input[0]] == "DequantizeLinear" and producers[fc.input[1]] == \
+        "DequantizeLinear"
