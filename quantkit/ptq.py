@@ -38,7 +38,8 @@ from quantkit.errors import DatasetError, InputError, ModelError, check_fields, 
 from quantkit.onnx.contrib import standard_ops
 from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, QUANTIZABLE_OPS, TensorSpec, all_graphs, check_not_quantized,
                                  einsum_as_matmul, ensure_opset, fixed_batch, float_activations, float_input_specs,
-                                 opset_version, subgraph_node_count, tensor_types, with_node_names)
+                                 fold_weight_dequantize, opset_version, subgraph_node_count, tensor_types,
+                                 with_node_names)
 from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, float_by_rule, insert_qdq,
                               log_spectrum_nodes, plan_qdq)
 from quantkit.onnx.sampleaxis import original_names, remove_sample_axis, sample_axis_nodes
@@ -334,6 +335,7 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
         from onnx.inliner import inline_local_functions
 
         model = inline_local_functions(model)
+    model = fold_weight_dequantize(model, source=name)  # a weight-only quantized model: its float weights
     check_not_quantized(model, source=name)
     if not _has_layer_ops(model.graph):  # before the opset upgrade: a 194 MB tree ensemble took 30-50 s and 5.7 GB
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes: nothing to quantize to INT8")
@@ -675,11 +677,12 @@ class Calibration:
         keep = without_db <= with_db + POINTWISE_CHECK_MARGIN_DB
         self.pointwise_check = {"kept": keep, "output_sqnr_db": with_db, "unequalized_output_sqnr_db": without_db}
         if keep:
-            log.info("%s: pointwise equalization kept: the outputs' mean per-channel SQNR against FP32 is %.1f dB with it, %.1f dB "
-                     "without", self.model_name, with_db, without_db)
+            log.info("%s: pointwise equalization kept: the outputs' mean per-channel SQNR against FP32 is %.1f dB with it, "
+                     "%.1f dB without (left out only where that is more than %.1f dB higher)", self.model_name, with_db,
+                     without_db, POINTWISE_CHECK_MARGIN_DB)
             return
-        log.info("%s: pointwise equalization left out: the outputs' mean per-channel SQNR against FP32 is %.1f dB with it, "
-                 "%.1f dB without", self.model_name, with_db, without_db)
+        log.info("%s: pointwise equalization left out: the outputs' mean per-channel SQNR against FP32 is %.1f dB with "
+                 "it, %.1f dB without", self.model_name, with_db, without_db)
         dropped = {e.scaled for e in self.equalized if pointwise(e)}
         self.model, self.plan, self.equalized = alt.model, alt.plan, done
         self.histograms = {t: h for t, h in self.histograms.items() if t not in dropped}

@@ -383,6 +383,64 @@ def is_quantized_op(op_type: str) -> bool:
     return op_type in QUANTIZED_OP_TYPES or op_type.startswith("QLinear")
 
 
+def _dequantize(node: onnx.NodeProto, values: Sequence[np.ndarray]) -> np.ndarray:
+    """A DequantizeLinear of constants, in NumPy: ``(x - zero_point) * scale`` per tensor, per axis
+    or per block (opset 21's ``block_size`` along ``axis``), in the scale's float type."""
+    x, scale = values[0].astype(np.float64), np.asarray(values[1])
+    zero = np.asarray(values[2]).astype(np.float64) if len(values) > 2 else np.zeros(scale.shape)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    axis, block = int(attrs.get("axis", 1)), int(attrs.get("block_size", 0))
+    s64 = scale.astype(np.float64)
+    if scale.ndim and x.ndim:
+        axis %= x.ndim
+        if block > 0:  # scale [.., ceil(d / block), ..]: each value repeated over its block
+            s64 = np.repeat(s64, block, axis=axis).take(range(x.shape[axis]), axis=axis)
+            zero = np.repeat(zero, block, axis=axis).take(range(x.shape[axis]), axis=axis)
+        else:  # per axis: [d] along axis
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            s64, zero = s64.reshape(shape), zero.reshape(shape)
+    return ((x - zero) * s64).astype(scale.dtype)
+
+
+def fold_weight_dequantize(model: onnx.ModelProto, *, source: str = "model") -> onnx.ModelProto:
+    """``model`` with each DequantizeLinear of constants (a weight-only quantized model: int8 or int4
+    weights, per tensor, per channel or per block, the activations in float, and no QuantizeLinear)
+    replaced by the float initializer it computes (a copy; ``model`` itself when there is none or
+    when the model also quantizes activations, which ``check_not_quantized`` refuses). Those
+    weights are then quantized as any FP32 model's: per channel, for TensorRT."""
+    nodes = model.graph.node
+    if not any(n.op_type == "DequantizeLinear" for n in nodes) or \
+            any(is_quantized_op(n.op_type) and n.op_type != "DequantizeLinear" for n in nodes):
+        return model
+    consts = initializer_arrays(model)
+    folded: dict[str, np.ndarray] = {}
+    for node in nodes:
+        if node.op_type != "DequantizeLinear" or not all(i in consts for i in node.input if i):
+            continue
+        try:
+            folded[node.output[0]] = _dequantize(node, [consts[i] for i in node.input if i])
+        except (ValueError, TypeError, IndexError):  # a malformed node: left, and refused as quantized
+            continue
+    if not folded or len(folded) < sum(n.op_type == "DequantizeLinear" for n in nodes):
+        return model  # a DequantizeLinear of an activation: a quantized model (refused next)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [n for n in out.graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in folded)]
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    read = {i for n in kept for i in n.input} | {o.name for o in out.graph.output}
+    for g in all_graphs(out.graph):
+        read |= {i for n in g.node for i in n.input}
+    inits = [i for i in out.graph.initializer if i.name in read]  # the integers and scales, read by nothing now
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    out.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in folded.items())
+    log.info("%s: %d weight(s) stored as integers behind a DequantizeLinear (a weight-only quantized model) taken "
+             "as the float values they dequantize to, and quantized again per channel", source, len(folded))
+    return out
+
+
 def check_not_quantized(model: onnx.ModelProto, *, source: str = "model") -> None:
     """Refuse a model that is already quantized (Q/DQ nodes, or integer ops such as ConvInteger,
     QLinearConv, DynamicQuantizeLSTM): calibrating it again would quantize twice.
