@@ -39,7 +39,7 @@ from quantkit.calibrators.collectors import batch_rows
 from quantkit.datasets.batching import take_rows
 from quantkit.errors import ModelError
 from quantkit.onnx.equalize import equalizations_of
-from quantkit.onnx.model import constant_arrays, einsum_as_matmul, initializer_arrays
+from quantkit.onnx.model import constant_arrays, einsum_as_matmul, fold_weight_dequantize, initializer_arrays
 
 
 @dataclass(frozen=True)
@@ -475,10 +475,14 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.compare import _OutputStats
 
+    from quantkit.onnx.contrib import standard_ops
+
+    fp32 = fold_weight_dequantize(fp32, source=reference_name)  # a weight-only model: its float weights
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in fp32.graph.node):
         raise ModelError(f"{reference_name}, given as the FP32 reference, has QuantizeLinear/DequantizeLinear "
                          "nodes", hint="the order is `quantkit debug FP32.onnx INT8.onnx`, the FP32 model first")
-    fp32 = einsum_as_matmul(fp32)  # as quantkit prepares it: its MatMul twins read the same weights
+    # as quantkit prepares it: ONNX Runtime's fused ops as standard ones, its MatMul twins reading the same weights
+    fp32 = einsum_as_matmul(standard_ops(fp32, warn=False))
     points = qdq_points(int8)
     if not points:
         raise ModelError(f"{test_name} has no QuantizeLinear/DequantizeLinear pairs with constant scales",

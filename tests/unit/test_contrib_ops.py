@@ -118,3 +118,24 @@ def test_calibrate_quantizes_a_fused_conv_and_writes_standard_ops(tmp_path):
     producers = {o: n.op_type for n in int8.graph.node for o in n.output}
     assert fc.op_type == "Conv" and producers[fc.input[0]] == "DequantizeLinear" and producers[fc.input[1]] == \
         "DequantizeLinear"
+
+
+def test_debug_reads_a_reference_with_fused_ops(tmp_path, capsys):
+    """`debug`'s FP32 reference is the user's model, FusedConv and all: matched to the INT8
+    model's standard Conv, --rank included."""
+    from quantkit.cli import main
+
+    model = _conv_model("Relu", [], False)
+    model.graph.node.append(h.make_node("Conv", ["y", "w2"], ["out"], name="c2", pads=[1, 1, 1, 1]))
+    model.graph.initializer.append(nh.from_array(RNG.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32), "w2"))
+    del model.graph.output[:]
+    model.graph.output.append(h.make_tensor_value_info("out", T.FLOAT, ["N", 4, 6, 6]))
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 4, 6, 6)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main(["debug", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "--npz", str(tmp_path / "c.npz"),
+                 "--rank", "-o", str(tmp_path / "dbg"), "--no-progress"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "output out: SQNR" in out and "fc" in out

@@ -85,3 +85,19 @@ def test_calibrate_takes_a_weight_only_model(tmp_path, capsys):
     dq = producers[conv.input[1]]  # the weight: quantkit's per-channel DequantizeLinear of an int8 initializer
     assert dq.op_type == "DequantizeLinear" and next(a.i for a in dq.attribute if a.name == "axis") == 0
     assert producers[conv.input[0]].op_type == "DequantizeLinear"  # and the activation
+
+
+def test_debug_reads_a_weight_only_reference_and_its_int8_model(tmp_path, capsys):
+    """The FP32 reference of `debug` is the user's weight-only model: its DequantizeLinear weights
+    are its float weights there too (it was refused as "given as the FP32 reference, has
+    QuantizeLinear/DequantizeLinear nodes"), --rank included."""
+    from quantkit.cli import main
+
+    onnx.save(_model("axis"), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 16, 8, 8)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main(["debug", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "--npz", str(tmp_path / "c.npz"),
+                 "--rank", "-o", str(tmp_path / "dbg"), "--no-progress"]) == 0, capsys.readouterr().err
+    assert "output y: SQNR" in capsys.readouterr().out
