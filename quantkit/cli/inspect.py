@@ -56,20 +56,34 @@ class Inspect:
         return self._onnx(path)
 
     def _onnx(self, path: Path) -> int:
-        from quantkit.onnx.model import (einsum_as_matmul, input_specs, is_quantized_op, load_model, opset_version,
-                                         output_specs, with_node_names)
+        from quantkit.onnx.contrib import CONTRIB, standard_ops
+        from quantkit.onnx.model import (einsum_as_matmul, fold_weight_dequantize, input_specs, is_quantized_op,
+                                         load_model, opset_version, output_specs, with_node_names)
         from quantkit.onnx.qdq import float_by_rule, plan_qdq
 
         model = load_model(path)
+        weight_only = fold_weight_dequantize(model, source=path.name)  # as calibrate prepares it
         print(f"{path}: opset {opset_version(model)}, {len(model.graph.node)} nodes")
         for label, specs in (("input", input_specs(model)), ("output", output_specs(model))):
             for s in specs:
                 print(f"  {label} {s.name}: {list(s.shape)} {s.dtype}")
-        quantized = [n.op_type for n in model.graph.node if is_quantized_op(n.op_type)]
+        quantized = [n.op_type for n in weight_only.graph.node if is_quantized_op(n.op_type)]
         if quantized:
             kinds = ", ".join(f"{quantized.count(t)} {t}" for t in dict.fromkeys(quantized))
             print(f"  already quantized: {kinds}")
         else:
+            if weight_only is not model:
+                count = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
+                print(f"  weight-only quantized: {count} DequantizeLinear weight(s), taken as the float values they "
+                      "dequantize to and quantized again per channel")
+            fused = sum(n.domain == CONTRIB for n in weight_only.graph.node)
+            model = standard_ops(weight_only, warn=False)
+            left = sorted({n.op_type for n in model.graph.node if n.domain == CONTRIB})
+            if fused:
+                written = fused - sum(n.domain == CONTRIB for n in model.graph.node)
+                print(f"  ONNX Runtime's own ops (com.microsoft): {written} of {fused} written as the standard ops "
+                      "they fuse" + (f"; left as they are, in float, and not read by TensorRT's parser: "
+                                     f"{', '.join(left)}" if left else ""))
             model = with_node_names(einsum_as_matmul(model))  # as calibrate prepares it
             plan = plan_qdq(model)
             print(f"  Q/DQ plan: {len(plan.activations)} activation tensors (per tensor), "

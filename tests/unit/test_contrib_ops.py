@@ -139,3 +139,17 @@ def test_debug_reads_a_reference_with_fused_ops(tmp_path, capsys):
                  "--rank", "-o", str(tmp_path / "dbg"), "--no-progress"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "output out: SQNR" in out and "fc" in out
+
+
+def test_inspect_plans_as_calibrate_does(tmp_path, capsys):
+    from quantkit.cli import main
+
+    model = _conv_model("Relu", [], False)
+    model.graph.node.append(h.make_node("FastGelu", ["y"], ["g"], name="gelu", domain=CONTRIB))
+    del model.graph.output[:]
+    model.graph.output.append(h.make_tensor_value_info("g", T.FLOAT, ["N", 8, 6, 6]))
+    onnx.save(model, tmp_path / "m.onnx")
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "com.microsoft): 1 of 2 written as the standard ops they fuse; left as they are" in out and "FastGelu" in out
+    assert "Q/DQ plan: 1 activation tensors (per tensor), 1 weights (per channel)" in out

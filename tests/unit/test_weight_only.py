@@ -101,3 +101,13 @@ def test_debug_reads_a_weight_only_reference_and_its_int8_model(tmp_path, capsys
     assert main(["debug", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "--npz", str(tmp_path / "c.npz"),
                  "--rank", "-o", str(tmp_path / "dbg"), "--no-progress"]) == 0, capsys.readouterr().err
     assert "output y: SQNR" in capsys.readouterr().out
+
+
+def test_inspect_says_a_model_is_weight_only(tmp_path, capsys):
+    from quantkit.cli import main
+
+    onnx.save(_model("block"), tmp_path / "m.onnx")
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "weight-only quantized: 2 DequantizeLinear weight(s)" in out and "already quantized" not in out
+    assert "Q/DQ plan: 1 activation tensors (per tensor), 1 weights (per channel)" in out
