@@ -99,16 +99,20 @@ def test_other_contrib_ops_stay_and_are_named(caplog):
     assert "m.onnx: 1 node(s) of ONNX Runtime's own domain (com.microsoft: FastGelu)" in caplog.text
 
 
+def _fused_then_conv() -> onnx.ModelProto:
+    """FusedConv (Relu) 'fc' -> Conv 'c2' -> out [N, 4, 6, 6]: the FusedConv's input and output quantized."""
+    model = _conv_model("Relu", [], False)
+    model.graph.node.append(h.make_node("Conv", ["y", "w2"], ["out"], name="c2", pads=[1, 1, 1, 1]))
+    model.graph.initializer.append(nh.from_array(RNG.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32), "w2"))
+    del model.graph.output[:]
+    model.graph.output.append(h.make_tensor_value_info("out", T.FLOAT, ["N", 4, 6, 6]))
+    return model
+
+
 def test_calibrate_quantizes_a_fused_conv_and_writes_standard_ops(tmp_path):
     from quantkit.cli import main
 
-    model = _conv_model("Relu", [], False)
-    conv = nh.from_array(RNG.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32), "w2")
-    model.graph.node.append(h.make_node("Conv", ["y", "w2"], ["out"], name="c2", pads=[1, 1, 1, 1]))
-    model.graph.initializer.append(conv)
-    del model.graph.output[:]
-    model.graph.output.append(h.make_tensor_value_info("out", T.FLOAT, ["N", 4, 6, 6]))
-    onnx.save(model, tmp_path / "m.onnx")
+    onnx.save(_fused_then_conv(), tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 4, 6, 6)).astype(np.float32))
     assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o"),
                  "--no-progress", "--threads", "1"]) == 0
@@ -125,12 +129,7 @@ def test_debug_reads_a_reference_with_fused_ops(tmp_path, capsys):
     model's standard Conv, --rank included."""
     from quantkit.cli import main
 
-    model = _conv_model("Relu", [], False)
-    model.graph.node.append(h.make_node("Conv", ["y", "w2"], ["out"], name="c2", pads=[1, 1, 1, 1]))
-    model.graph.initializer.append(nh.from_array(RNG.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32), "w2"))
-    del model.graph.output[:]
-    model.graph.output.append(h.make_tensor_value_info("out", T.FLOAT, ["N", 4, 6, 6]))
-    onnx.save(model, tmp_path / "m.onnx")
+    onnx.save(_fused_then_conv(), tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 4, 6, 6)).astype(np.float32))
     assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o"),
                  "--no-progress", "--threads", "1"]) == 0
