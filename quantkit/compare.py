@@ -87,7 +87,8 @@ class CompareReport:
         lines.append(f"  {'output':<24} {'top-1 agree':>11} {'cos mean':>9} {'cos min':>8} {'SQNR dB':>8} {'max abs err':>11}")
         for m in self.outputs:
             if m.match is not None:
-                lines.append(f"  {m.name[:24]:<24} {'-':>11} {'-':>9} {'-':>8} {'-':>8} {m.max_abs_error:>11.4g}")
+                err = "-" if math.isnan(m.max_abs_error) else f"{m.max_abs_error:.4g}"
+                lines.append(f"  {m.name[:24]:<24} {'-':>11} {'-':>9} {'-':>8} {'-':>8} {err:>11}")
                 continue
             agree = f"{m.top1_agreement:.4f}" if m.top1_agreement is not None else "-"
             cos = ("-", "-") if math.isnan(m.cosine_mean) else (f"{m.cosine_mean:.5f}", f"{m.cosine_min:.5f}")
@@ -175,6 +176,7 @@ class _OutputStats:
         if self.discrete is None:
             self.discrete = not np.issubdtype(np.asarray(ref).dtype, np.floating)
         if np.asarray(ref).dtype.kind in "OUS":  # text (a STRING output: labels, tokens): equal or not
+            self.max_abs = math.nan  # (no difference to measure)
             same = np.asarray(ref).reshape(len(ref), -1) == np.asarray(test).reshape(len(test), -1)
             self.samples += len(ref)
             self.values += same.size

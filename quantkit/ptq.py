@@ -1104,9 +1104,12 @@ def quantize(
 
 
 def _has_layer_ops(graph: onnx.GraphProto) -> bool:
-    """Whether ``graph`` (or a subgraph in it) has a node INT8 could quantize (a weighted op, or
-    an Einsum that may be a MatMul)."""
-    return any(n.op_type in QUANTIZABLE_OPS for g in all_graphs(graph) for n in g.node)
+    """Whether ``graph`` (or a subgraph in it) has a node INT8 could quantize (a weighted op, an
+    Einsum that may be a MatMul, or ONNX Runtime's fused form of a weighted op)."""
+    from quantkit.onnx.contrib import CONTRIB, FUSED_LAYER_OPS
+
+    return any(n.op_type in QUANTIZABLE_OPS or (n.domain == CONTRIB and n.op_type in FUSED_LAYER_OPS)
+               for g in all_graphs(graph) for n in g.node)
 
 
 def _free_memory_gb() -> float:

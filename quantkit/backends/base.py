@@ -39,7 +39,7 @@ def check_feed(feed: dict[str, np.ndarray], specs: Sequence[TensorSpec]) -> None
         if arr.ndim != len(spec.shape) or any(
             isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape)
         ):
-            want = "x".join(str(d) if isinstance(d, int) else "?" for d in spec.shape)
+            want = "x".join(str(d) if isinstance(d, int) else "?" for d in spec.shape) or "a single value (0-d)"
             only_batch = arr.ndim == len(spec.shape) and all(
                 not isinstance(d, int) or d == a for d, a in list(zip(spec.shape, arr.shape))[1:])
             raise ShapeMismatchError(

@@ -213,7 +213,7 @@ class Batcher:
         feed = {}
         axes = self._axes()
         for key, name in zip(keys, self.input_names):
-            arrays = [s[key] if isinstance(s, dict) else s for s in samples]
+            arrays = [_as_array(s[key] if isinstance(s, dict) else s) for s in samples]
             axis = axes.get(name, 0)
             if axis is None:  # no batch axis: the same array in every sample
                 feed[name] = arrays[0]
@@ -282,3 +282,12 @@ class Batcher:
                 f"(first problem: {self.skipped_[0][0]}: {self.skipped_[0][1]})" if self.skipped_ else
                 "the data source yielded no samples"
             )
+
+
+def _as_array(value: Any) -> np.ndarray:
+    """One sample's value as an array: a sample of a 1-D text array (a STRING input ``[N]``, one
+    string a sample) is a Python str, which has no shape; it stays text (object), as ONNX Runtime
+    takes it."""
+    if isinstance(value, np.ndarray):
+        return value
+    return np.asarray(value, dtype=object if isinstance(value, (str, bytes)) else None)

@@ -65,7 +65,8 @@ def cast_for_input(arr: np.ndarray, dtype: np.dtype | str, *, name: str, where: 
     src, dst = _kind(have), _kind(want)
 
     def refuse(why: str, hint: str) -> DtypeMismatchError:
-        return DtypeMismatchError(f"input {name!r}: {where} has {have} data, the model expects {want}; {why}",
+        expects = "text (STRING)" if want == np.dtype(object) else str(want)
+        return DtypeMismatchError(f"input {name!r}: {where} has {have} data, the model expects {expects}; {why}",
                                   hint=hint)
 
     if want == np.dtype(object) and have.kind in "US":  # a string input: NumPy's str/bytes arrays, which

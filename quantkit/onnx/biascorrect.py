@@ -495,6 +495,8 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
         slots[node.name] = work.graph.initializer[-1]
         if k is not None:
             node.input[k] = name
+        elif len(node.input) > 2:  # an empty bias slot (Conv(x, W, "")): the new bias goes there
+            node.input[2] = name
         else:
             node.input.append(name)
 

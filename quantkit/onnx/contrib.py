@@ -19,11 +19,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quantkit.onnx.model import all_names, unique_name
+from quantkit.onnx.model import all_graphs, all_names, unique_name
 
 log = logging.getLogger(__name__)
 
 CONTRIB = "com.microsoft"
+#: the fused ops ``standard_ops`` writes as standard ones (each holds a Conv, a Gemm or a MatMul)
+FUSED_LAYER_OPS = ("FusedConv", "FusedGemm", "FusedMatMul")
 #: FusedConv's and FusedGemm's ``activation`` -> the standard op and how its parameters map
 #: (``activation_params`` for FusedConv; ``activation_alpha``/``_beta`` for FusedGemm)
 _ACTIVATIONS = {"Relu": (), "Tanh": (), "Sigmoid": (), "LeakyRelu": ("alpha",), "HardSigmoid": ("alpha", "beta"),
@@ -41,7 +43,7 @@ def standard_ops(model: onnx.ModelProto, *, warn: bool = True, name: str = "mode
     transposes its batch axes (``transBatchA``/``transBatchB``), an activation this module does
     not know, or a transpose of an operand of unknown rank stays as it is. With ``warn``, the
     ``com.microsoft`` ops left are named in one warning (TensorRT's parser does not read them)."""
-    if not any(n.domain == CONTRIB for n in model.graph.node):
+    if not any(n.domain == CONTRIB for g in all_graphs(model.graph) for n in g.node):
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -67,13 +69,14 @@ def standard_ops(model: onnx.ModelProto, *, warn: bool = True, name: str = "mode
     if rewritten:
         log.info("%s: %d fused op(s) of ONNX Runtime's own domain (com.microsoft FusedConv/FusedGemm/FusedMatMul) "
                  "written as the standard ops they fuse, to be quantized and parsed by TensorRT", name, rewritten)
-    left = sorted({n.op_type for n in out.graph.node if n.domain == CONTRIB})
+    left_nodes = [n for g in all_graphs(out.graph) for n in g.node if n.domain == CONTRIB]  # subgraphs' too
+    left = sorted({n.op_type for n in left_nodes})
     if left and warn:
-        count = sum(n.domain == CONTRIB for n in out.graph.node)
+        count = len(left_nodes)
         log.warning("%s: %d node(s) of ONNX Runtime's own domain (com.microsoft: %s) stay as they are, in float: "
                     "TensorRT's ONNX parser does not read them; export the model without ONNX Runtime's graph "
                     "optimizations (it applies them again when it loads the model)", name, count, ", ".join(left))
-    if not any(n.domain == CONTRIB for n in out.graph.node):
+    if not left_nodes:  # (an op of the domain in a subgraph keeps its opset import)
         kept = [o for o in out.opset_import if o.domain != CONTRIB]
         del out.opset_import[:]
         out.opset_import.extend(kept)
@@ -102,7 +105,7 @@ def _activation(node: onnx.NodeProto, x: str, y: str, taken: set[str],
     else:
         params = [float(attrs[k]) for k in ("activation_alpha", "activation_beta") if k in attrs]
     names = _ACTIVATIONS[act]
-    name = f"{node.name or y}_{act.lower()}"
+    name = unique_name(f"{node.name or y}_{act.lower()}", taken)
     if act == "Clip":  # min and max are inputs since opset 11
         lo, hi = (params + [-np.inf, np.inf][len(params):])[:2]
         return [helper.make_node("Clip", [x, _constant(lo, f"{name}_min", taken, inits),
@@ -121,12 +124,14 @@ def _fused_layer(node: onnx.NodeProto, taken: set[str], inits: list[onnx.TensorP
         return None
     if node.op_type == "FusedConv":
         inputs = list(node.input[:3])
+        while inputs and not inputs[-1]:  # an empty bias slot (a sum input without a bias): no bias
+            inputs.pop()
         z = node.input[3] if len(node.input) > 3 and node.input[3] else None  # a sum input, added before the activation
         layer_out = pre if z is None else unique_name(f"{y}_conv", taken)
         made = [helper.make_node("Conv", inputs, [layer_out], name=node.name,
                                  **{k: v for k, v in attrs.items() if k in _CONV_ATTRS})]
         if z is not None:
-            made.append(helper.make_node("Add", [layer_out, z], [pre], name=f"{node.name or y}_sum"))
+            made.append(helper.make_node("Add", [layer_out, z], [pre], name=unique_name(f"{node.name or y}_sum", taken)))
     else:
         gemm = {k: v for k, v in attrs.items() if k in ("alpha", "beta", "transA", "transB")}
         made = [helper.make_node("Gemm", list(node.input), [pre], name=node.name, **gemm)]
@@ -147,7 +152,7 @@ def _fused_matmul(node: onnx.NodeProto, taken: set[str], inits: list[onnx.Tensor
             if rank is None or rank < 2:
                 return None
             name = unique_name(f"{t}_transposed", taken)
-            made.append(helper.make_node("Transpose", [t], [name], name=f"{node.name or name}_{flag}",
+            made.append(helper.make_node("Transpose", [t], [name], name=unique_name(f"{node.name or name}_{flag}", taken),
                                          perm=[*range(rank - 2), rank - 1, rank - 2]))
             t = name
         operands.append(t)
@@ -157,7 +162,7 @@ def _fused_matmul(node: onnx.NodeProto, taken: set[str], inits: list[onnx.Tensor
     made.append(helper.make_node("MatMul", operands, [product], name=node.name))
     if alpha != 1.0:
         made.append(helper.make_node("Mul", [product, _constant(alpha, f"{node.name or y}_alpha", taken, inits)],
-                                     [y], name=f"{node.name or y}_scale"))
+                                     [y], name=unique_name(f"{node.name or y}_scale", taken)))
     return made
 
 

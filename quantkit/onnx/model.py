@@ -400,7 +400,8 @@ def _dequantize(node: onnx.NodeProto, values: Sequence[np.ndarray]) -> np.ndarra
             shape = [1] * x.ndim
             shape[axis] = -1
             s64, zero = s64.reshape(shape), zero.reshape(shape)
-    return ((x - zero) * s64).astype(scale.dtype)
+    out_type = int(attrs.get("output_dtype", 0))  # opset 23: the output's type, when not the scale's
+    return ((x - zero) * s64).astype(helper.tensor_dtype_to_np_dtype(out_type) if out_type else scale.dtype)
 
 
 def fold_weight_dequantize(model: onnx.ModelProto, *, source: str = "model") -> onnx.ModelProto:
@@ -433,8 +434,12 @@ def fold_weight_dequantize(model: onnx.ModelProto, *, source: str = "model") -> 
     for g in all_graphs(out.graph):
         read |= {i for n in g.node for i in n.input}
     inits = [i for i in out.graph.initializer if i.name in read]  # the integers and scales, read by nothing now
+    gone = {i.name for i in out.graph.initializer} - {i.name for i in inits}
     del out.graph.initializer[:]
     out.graph.initializer.extend(inits)
+    inputs = [v for v in out.graph.input if v.name not in gone]  # an initializer listed as an input too (IR < 4)
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
     out.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in folded.items())
     log.info("%s: %d weight(s) stored as integers behind a DequantizeLinear (a weight-only quantized model) taken "
              "as the float values they dequantize to, and quantized again per channel", source, len(folded))
@@ -448,11 +453,16 @@ def check_not_quantized(model: onnx.ModelProto, *, source: str = "model") -> Non
     Raises:
         ModelError: naming the first quantized node.
     """
-    node = next((n for n in model.graph.node if is_quantized_op(n.op_type)), None)
+    consts = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                          for o in n.output}
+    # the node to name: one that quantizes an activation, before a weight's DequantizeLinear
+    node = next((n for n in model.graph.node if is_quantized_op(n.op_type) and not (
+        n.op_type == "DequantizeLinear" and n.input and n.input[0] in consts)), None) or \
+        next((n for n in model.graph.node if is_quantized_op(n.op_type)), None)
     if node is not None:
         count = sum(is_quantized_op(n.op_type) for n in model.graph.node)
         raise ModelError(
-            f"{source} is already quantized: node {node.name!r} is a {node.op_type} "
+            f"{source} is already quantized: node {node.name or node.output[0]!r} is a {node.op_type} "
             f"({count} quantized node{'s' if count != 1 else ''} in all)",
             hint="calibrate the FP32 model it was made from instead",
         )
@@ -465,6 +475,14 @@ def float_input_specs(model: onnx.ModelProto, *, source: str = "model") -> list[
     embedding (a float initializer). A model with neither float inputs nor float weights is
     refused.
     """
+    odd = [(v.name, v.type.WhichOneof("value")) for v in model.graph.input
+           if v.type.WhichOneof("value") not in (None, "tensor_type") and v.name in {s.name for s in input_specs(model)}]
+    if odd:
+        kinds = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional",
+                 "sparse_tensor_type": "a sparse tensor"}
+        raise ModelError(f"{source}: input {odd[0][0]!r} is {kinds.get(odd[0][1], odd[0][1])}, not a tensor: quantkit "
+                         "feeds tensor inputs (image batches, arrays from an .npz) only",
+                         hint="export the model with a tensor input in its place")
     specs = input_specs(model)
     floats = any(np.issubdtype(s.dtype, np.floating) for s in specs)
     if not floats:

@@ -568,7 +568,8 @@ def _insert_qdq(gs: Any, model: onnx.ModelProto, plan: QdqPlan, activation_amax:
     if missing:
         raise ModelError(f"no calibrated range for activation tensor(s) {missing[:5]}")
     types = tensor_types(model)
-    graph = gs.import_onnx(_constant_weights_to_initializers(model, {plan.weight_tensor(k) for k in plan.weights}))
+    graph = gs.import_onnx(_tensor_typed(_constant_weights_to_initializers(model,
+                                                                           {plan.weight_tensor(k) for k in plan.weights})))
     tensors = graph.tensors()
     nodes = {n.name: n for n in graph.nodes}
     new_nodes = []
@@ -663,13 +664,33 @@ def _version() -> str:
     return __version__
 
 
+def _non_tensor(v: onnx.ValueInfoProto) -> bool:
+    return v.type.WhichOneof("value") not in (None, "tensor_type")
+
+
+def _tensor_typed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its values that are not plain tensors (sequences, maps, optionals) typed as
+    float tensors of no shape (a copy; ``model`` itself when there are none): graphsurgeon's
+    exporter fails on an optional (an unbound local) and writes a map as a tensor of no element
+    type. ``_keep_value_types`` gives the true types back after the export."""
+    g = model.graph
+    if not any(_non_tensor(v) for v in [*g.input, *g.output, *g.value_info]):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for v in [*out.graph.input, *out.graph.output, *out.graph.value_info]:
+        if _non_tensor(v):
+            v.type.CopyFrom(onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None))
+    return out
+
+
 def _keep_value_types(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
     """The types of ``before``'s values that are not plain tensors (a sequence, a map, an optional:
     skl2onnx's ``ZipMap`` output ``seq(map(int64, tensor(float)))``) given back to the same values
     in ``after``, in place: graphsurgeon writes them as tensors of no element type, which ONNX
     Runtime refuses to load ("Invalid tensor data type 0"). Q/DQ insertion changes no such value."""
     kinds = {v.name: v.type for v in [*before.graph.input, *before.graph.output, *before.graph.value_info]
-             if v.type.WhichOneof("value") not in (None, "tensor_type")}
+             if _non_tensor(v)}
     if not kinds:
         return
     for v in [*after.graph.input, *after.graph.output, *after.graph.value_info]:

@@ -123,7 +123,10 @@ def test_already_quantized_model_refused(kind, first_op, tmp_path):
     from quantkit.ptq import prepare
 
     model = {"helper_qdq": _qdq_helper_model, "helper_lstm": _lstm_helper_model}.get(kind, lambda: _ort_quantized(kind, tmp_path))()
-    first = next(n for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES or n.op_type.startswith("QLinear"))
+    consts = {i.name for i in model.graph.initializer}
+    quantized = [n for n in model.graph.node if n.op_type in QUANTIZED_OP_TYPES or n.op_type.startswith("QLinear")]
+    # named: the first that quantizes an activation (a weight's DequantizeLinear is what a weight-only model has)
+    first = next((n for n in quantized if not (n.op_type == "DequantizeLinear" and n.input[0] in consts)), quantized[0])
     if first_op is not None:
         assert first.op_type == first_op
     if kind == "static_qoperator":

@@ -152,3 +152,70 @@ def test_inspect_plans_as_calibrate_does(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "com.microsoft): 1 of 2 written as the standard ops they fuse; left as they are" in out and "FastGelu" in out
     assert "Q/DQ plan: 1 activation tensors (per tensor), 1 weights (per channel)" in out
+
+
+# ---- the adversarial review's findings (twenty-second session) ------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["FusedConv", "FusedMatMul"])
+def test_a_model_whose_only_layers_are_fused_ops_calibrates(tmp_path, op):
+    """Its layer check ran before the rewrite: "has no Conv, ConvTranspose, Gemm or MatMul nodes"."""
+    from quantkit.cli import main
+
+    if op == "FusedConv":
+        model = _conv_model("Relu", [], False)
+        shape = (64, 4, 6, 6)
+    else:
+        nodes = [h.make_node("FusedMatMul", ["a", "b"], ["y"], name="fm", domain=CONTRIB, alpha=0.5, transB=1)]
+        model = _model(nodes, [h.make_tensor_value_info("a", T.FLOAT, ["N", 5])],
+                       [h.make_tensor_value_info("y", T.FLOAT, ["N", 6])],
+                       [nh.from_array(RNG.normal(0, 1, (6, 5)).astype(np.float32), "b")])
+        shape = (64, 5)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", **{model.graph.input[0].name: RNG.normal(0, 1, shape).astype(np.float32)})
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress", "--threads", "1"]) == 0
+
+
+def test_new_node_names_do_not_clash_with_the_models_own():
+    """A node already named like a new one (``fc_relu``): ONNX Runtime refused the rewritten model."""
+    model = _conv_model("Relu", [], False)
+    model.graph.node.append(h.make_node("Identity", ["y"], ["y2"], name="fc_relu"))
+    del model.graph.output[:]
+    model.graph.output.append(h.make_tensor_value_info("y2", T.FLOAT, ["N", 8, 6, 6]))
+    std = standard_ops(model)
+    names = [n.name for n in std.graph.node]
+    assert len(names) == len(set(names))
+    feed = {"x": RNG.normal(0, 1, (2, 4, 6, 6)).astype(np.float32)}
+    np.testing.assert_allclose(_run(std, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_sum_input_without_a_bias_is_bias_corrected(tmp_path):
+    """FusedConv(x, W, "", Z) became Conv(x, W, ""); bias correction then appended a fourth input and
+    its model did not load: the correction was skipped with a warning."""
+    import quantkit
+    from quantkit.datasets.sources import NumpySource
+
+    model = _conv_model("Relu", [], True)
+    model.graph.node[0].input[2] = ""
+    np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 4, 6, 6)).astype(np.float32),
+             z=RNG.normal(0, 1, (64, 8, 6, 6)).astype(np.float32))
+    std = standard_ops(model)
+    assert list(next(n for n in std.graph.node if n.op_type == "Conv").input) == ["x", "w"]
+    cal = quantkit.quantize(model, NumpySource(tmp_path / "c.npz"))
+    cal.int8_model()
+    assert cal.bias_shifts.get(cal.config.method)
+
+
+def test_a_contrib_op_inside_a_subgraph_keeps_its_opset_import(caplog):
+    then = h.make_graph([h.make_node("FusedGemm", ["x", "w"], ["t"], name="in_branch", domain=CONTRIB,
+                                     activation="Relu")], "then", [], [h.make_tensor_value_info("t", T.FLOAT, [4, 4])])
+    other = h.make_graph([h.make_node("Identity", ["x"], ["e"])], "else", [], [h.make_tensor_value_info("e", T.FLOAT, [4, 4])])
+    nodes = [h.make_node("FusedMatMul", ["x", "w"], ["m"], name="top", domain=CONTRIB),
+             h.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    model = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [4, 4]), h.make_tensor_value_info("c", T.BOOL, [])],
+                   [h.make_tensor_value_info("y", T.FLOAT, [4, 4]), h.make_tensor_value_info("m", T.FLOAT, [4, 4])],
+                   [nh.from_array(RNG.normal(0, 1, (4, 4)).astype(np.float32), "w")])
+    with caplog.at_level(logging.WARNING):
+        std = standard_ops(model, name="if.onnx")
+    onnx.checker.check_model(std)
+    assert CONTRIB in [o.domain for o in std.opset_import] and "(com.microsoft: FusedGemm)" in caplog.text

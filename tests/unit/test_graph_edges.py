@@ -200,3 +200,40 @@ def test_a_non_tensor_output_keeps_its_type_and_is_named_as_not_compared(tmp_pat
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "m.onnx"), str(int8), "--npz", str(tmp_path / "c.npz")]) == 0
     assert "'prob_map' not compared: not a tensor" in capsys.readouterr().out
+
+
+def test_an_optional_output_keeps_its_type(tmp_path):
+    """An ``optional(tensor)`` output: graphsurgeon's exporter failed on it (an unbound local, exit 1)."""
+    import onnxruntime as ort
+
+    from quantkit.cli import main
+
+    model = _model()
+    model.opset_import[0].version = 18
+    model.graph.node.append(h.make_node("Optional", ["y"], ["maybe"]))
+    model.graph.output.append(h.make_value_info("maybe", h.make_optional_type_proto(h.make_tensor_type_proto(T.FLOAT, None))))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 16)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress", "--threads", "1"]) == 0
+    sess = ort.InferenceSession(str(tmp_path / "o" / "m.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.type for o in sess.get_outputs()] == ["tensor(float)", "optional(tensor(float))"]
+
+
+def test_a_conv_with_an_empty_bias_slot_is_bias_corrected(tmp_path):
+    """Conv(x, W, ""): bias correction appended a fourth input, the corrected model did not load,
+    and the correction was skipped with a warning."""
+    w1 = nh.from_array(RNG.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = nh.from_array(RNG.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32), "w2")
+    nodes = [h.make_node("Conv", ["x", "w1", ""], ["c"], name="c1", pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["c"], ["r"]), h.make_node("Conv", ["r", "w2", ""], ["y"], name="c2", pads=[1, 1, 1, 1])]
+    model = h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
+                                      [h.make_tensor_value_info("y", T.FLOAT, ["N", 4, 8, 8])], [w1, w2]),
+                         opset_imports=[h.make_opsetid("", 13)])
+    model.ir_version = 8
+    np.savez(tmp_path / "d.npz", x=RNG.normal(0.5, 1, (64, 3, 8, 8)).astype(np.float32))
+    cal = quantkit.quantize(model, NumpySource(tmp_path / "d.npz"))
+    int8 = cal.int8_model()
+    assert cal.bias_shifts.get(cal.config.method)
+    assert all(len(n.input) == 3 for n in int8.graph.node if n.op_type == "Conv")

@@ -250,3 +250,26 @@ def test_synthetic_for_model_takes_the_vocabulary_from_the_gather():
     with pytest.raises(InputError, match="value range is unknown"):
         synthetic_for_model(m2, count=4)
     assert synthetic_for_model(m2, count=4, ranges={"ids": (0, 8)}).load(0)["ids"].max() < 8
+
+
+def test_a_string_input_of_one_string_a_sample_calibrates(tmp_path):
+    """A STRING input [N] (one string a sample): a sample of the 1-D text array is a Python str, and
+    batching it failed with "'str' object has no attribute 'shape'" (exit 1)."""
+    keys = ["", "cat", "dog", "café"]
+    nodes = [helper.make_node("LabelEncoder", ["s"], ["code"], domain="ai.onnx.ml", keys_strings=keys,
+                              values_floats=[0.5, 1.0, -1.0, 2.0], default_float=0.0),
+             helper.make_node("Unsqueeze", ["code", "ax1"], ["code2"]),
+             helper.make_node("Concat", ["x", "code2"], ["xc"], axis=1), helper.make_node("MatMul", ["xc", "W"], ["out"])]
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                                           helper.make_tensor_value_info("s", TensorProto.STRING, ["N"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(rng.standard_normal((9, 4)).astype(np.float32), "W"),
+                               numpy_helper.from_array(np.array([1], np.int64), "ax1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((64, 8)).astype(np.float32),
+             s=np.array(rng.choice(keys + ["other"], 64).tolist()))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress", "--threads", "1"]) == 0

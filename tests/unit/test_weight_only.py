@@ -111,3 +111,27 @@ def test_inspect_says_a_model_is_weight_only(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "weight-only quantized: 2 DequantizeLinear weight(s)" in out and "already quantized" not in out
     assert "Q/DQ plan: 1 activation tensors (per tensor), 1 weights (per channel)" in out
+
+
+def test_an_output_dtype_of_opset_23_is_the_folded_weights_type():
+    """DequantizeLinear(int8, float16 scale, output_dtype=FLOAT) folded to float16: "Conv bound to
+    different types"."""
+    from quantkit.onnx.model import _dequantize
+
+    node = h.make_node("DequantizeLinear", ["q", "s"], ["w"], output_dtype=T.FLOAT)
+    out = _dequantize(node, [np.array([[2, -4]], np.int8), np.array(0.5, np.float16)])
+    assert out.dtype == np.float32 and out.tolist() == [[1.0, -2.0]]
+
+
+def test_a_folded_initializer_listed_as_a_graph_input_leaves_the_inputs():
+    """IR-3 style: the int8 weight an initializer and a graph input too; the folded model asked for it."""
+    model = _model("axis")
+    model.graph.input.append(h.make_tensor_value_info("wq", T.INT8, [8, 144]))
+    folded = fold_weight_dequantize(model)
+    assert [i.name for i in folded.graph.input] == ["x"]
+
+
+def test_the_refusal_of_a_quantized_model_names_the_activations_node():
+    model = _model("axis", activation_q=True)
+    with pytest.raises(ModelError, match="node 'xq'"):  # its QuantizeLinear (unnamed: its output), not dq_w
+        check_not_quantized(model)
