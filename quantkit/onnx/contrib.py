@@ -49,6 +49,10 @@ def standard_ops(model: onnx.ModelProto, *, warn: bool = True, name: str = "mode
     out.CopyFrom(model)
     taken = all_names(out)
     ranks = _ranks(out)
+    transposed = {t for n in out.graph.node if n.domain == CONTRIB and n.op_type == "FusedMatMul"
+                  for t, flag in zip(n.input[:2], ("transA", "transB")) if _attrs(n).get(flag, 0)}
+    if transposed - set(ranks):  # an operand another com.microsoft op makes (an optimized attention's scores):
+        ranks.update({k: v for k, v in _contrib_ranks(out).items() if k not in ranks})  # its ranks by ORT's rules
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     rewritten = 0
@@ -164,6 +168,19 @@ def _fused_matmul(node: onnx.NodeProto, taken: set[str], inits: list[onnx.Tensor
         made.append(helper.make_node("Mul", [product, _constant(alpha, f"{node.name or y}_alpha", taken, inits)],
                                      [y], name=unique_name(f"{node.name or y}_scale", taken)))
     return made
+
+
+def _contrib_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor ranks from ONNX Runtime's symbolic shape inference, which knows its com.microsoft ops
+    (ONNX's does not); {} where it cannot run."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        g = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True).graph  # (values read)
+    except Exception:  # noqa: BLE001 (a convenience: without it the FusedMatMul stays, named in the warning)
+        return {}
+    return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in [*g.value_info, *g.input, *g.output]
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:

@@ -219,3 +219,17 @@ def test_a_contrib_op_inside_a_subgraph_keeps_its_opset_import(caplog):
         std = standard_ops(model, name="if.onnx")
     onnx.checker.check_model(std)
     assert CONTRIB in [o.domain for o in std.opset_import] and "(com.microsoft: FusedGemm)" in caplog.text
+
+
+def test_a_fused_matmul_transposing_what_another_fused_op_makes_is_rewritten():
+    """Attention's scores in an optimized transformer: FusedMatMul(h, h, transB) where h comes from
+    another com.microsoft op, whose rank ONNX's shape inference does not give (ONNX Runtime's does)."""
+    nodes = [h.make_node("FusedMatMul", ["x", "w"], ["h"], name="proj", domain=CONTRIB, alpha=0.5),
+             h.make_node("FusedMatMul", ["h", "h"], ["s"], name="scores", domain=CONTRIB, transB=1, alpha=0.25)]
+    model = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 5, 8])],
+                   [h.make_tensor_value_info("s", T.FLOAT, ["N", 5, 5])],
+                   [nh.from_array(RNG.normal(0, 1, (8, 6)).astype(np.float32), "w")])
+    std = standard_ops(model)
+    assert not any(n.domain == CONTRIB for n in std.graph.node)
+    feed = {"x": RNG.normal(0, 1, (3, 5, 8)).astype(np.float32)}
+    np.testing.assert_allclose(_run(std, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-5)
