@@ -67,7 +67,7 @@ from quantkit.backends.base import real_rows
 from quantkit.debug.sensitivity import (ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, part_energy,
                                        rank_groups, rank_sensitivity)
 from quantkit.errors import InputError, check_fields
-from quantkit.onnx.model import error_output, l2_normalized, named_axis_1
+from quantkit.onnx.model import error_output, l2_normalized, last_axis_classes, named_axis_1
 
 if TYPE_CHECKING:
     from quantkit.datasets.sources import Source
@@ -146,7 +146,7 @@ def has_labels(source: "Source", indices: Sequence[int]) -> bool:
 def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[int], *,
                         output_rank: int | None = None, where: str = "the evaluation data",
                         output_values: int | None = None, embedding: bool = False,
-                        named_axis: bool = False) -> str:
+                        named_axis: bool = False, per_position: bool = False) -> str:
     """The drop metric to use: ``metric``, or accuracy when the data has labels, else
     top1-agreement (sqnr for an output that is not [N, classes] with two classes or more; cosine
     for an ``embedding``, ``l2_normalized``'s: its argmax means nothing).
@@ -155,6 +155,9 @@ def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[
     not a number: classes are a fixed number, so it is not [N, classes] (rapidocrlite's
     recogniser's per-step confidence: top-1 agreement over time steps flipped with any rounding,
     and a 5-point budget returned 42 of 62 groups to float where the output was at 34.7 dB).
+    ``per_position``: the output is a Softmax over the last axis of rank 3+ (``last_axis_classes``,
+    a CTC recogniser's ``[N, T, classes]``): top1-agreement, asked for, is per position (the
+    default stays sqnr; accuracy needs one label a sample of ``[N, classes]``).
 
     Raises:
         InputError: accuracy without labels, a class metric on an output that is not
@@ -175,6 +178,8 @@ def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[
         raise InputError(f"--drop-metric accuracy needs labels, and {where} has none",
                          hint="use an image folder with class subfolders (or an .npz with 'labels'), or "
                               "--drop-metric top1-agreement")
+    if metric == "top1-agreement" and per_position:
+        return metric
     if metric in ("accuracy", "top1-agreement") and not classifier:
         what = "one value a sample" if output_values == 1 else f"rank {output_rank}"
         raise InputError(f"--drop-metric {metric} needs a classifier output [N, classes]; the model's error output "
@@ -270,6 +275,9 @@ class _Evaluator:
         self.parts = scales.measured_parts if self.output == scales.measured_output else []
         self.energy = part_energy(self.ref, self.parts)
         self.count = sum(len(r) for r in self.ref)
+        #: top1-agreement of a rank-3+ output that is a Softmax over its last axis: per position
+        self.per_position = metric == "top1-agreement" and self.ref[0].ndim >= 3 if self.ref else False
+        self.positions = sum(int(np.prod(r.shape[:-1])) for r in self.ref)
         if self.count == 0:
             raise InputError("no evaluation samples could be read", hint="check the evaluation data")
         self.fp32_metric: float | None
@@ -320,6 +328,8 @@ class _Evaluator:
                     na, nt = np.linalg.norm(a, axis=1), np.linalg.norm(t, axis=1)
                     c = np.where((na == 0) & (nt == 0), 1.0, (a * t).sum(1) / np.maximum(na * nt, 1e-300))
                     cos += float(c.sum())
+                elif self.metric == "top1-agreement" and self.per_position:  # [N, T, classes]: each position
+                    agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
                 elif self.metric in ("accuracy", "top1-agreement"):
                     agree += int((ref.argmax(1) == out.argmax(1)).sum())
                     if lab is not None:
@@ -331,7 +341,7 @@ class _Evaluator:
             value = 100.0 * correct / self.count
             drop = self.fp32_metric - value  # type: ignore[operator]
         elif self.metric == "top1-agreement":
-            value = 100.0 * agree / self.count
+            value = 100.0 * agree / (self.positions if self.per_position else self.count)
             drop = 100.0 - value
         elif self.metric == "cosine":
             value = cos / self.count
@@ -581,7 +591,8 @@ def drop_metric_for(model: onnx.ModelProto, output: str, metric: str | None, sou
     whether it is an L2-normalized embedding decide the default."""
     rank, values = _output_shape(model, output)
     return resolve_drop_metric(metric, source, indices, output_rank=rank, output_values=values,
-                               embedding=l2_normalized(model, output), named_axis=named_axis_1(model, output))
+                               embedding=l2_normalized(model, output), named_axis=named_axis_1(model, output),
+                               per_position=last_axis_classes(model, output))
 
 
 def _output_shape(model: onnx.ModelProto, name: str | None = None) -> tuple[int | None, int | None]:

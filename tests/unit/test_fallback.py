@@ -366,3 +366,36 @@ def test_the_summary_names_the_method_the_fallback_switched_to():
     assert _switches_note(every) == "; every group switched to percentile by --max-drop"
     some = SimpleNamespace(method_overrides={"a": "mse"}, num_groups=5)
     assert _switches_note(some) == "; 1 group(s) switched to mse by --max-drop"
+
+
+def test_top1_agreement_of_a_sequence_softmax_is_per_position(tmp_path):
+    """A recogniser's [N, T, classes] (a Softmax over the last axis): --drop-metric top1-agreement was
+    refused as "needs a classifier output [N, classes]"; it is the share of positions whose argmax
+    agrees, as `compare` reports it (the default stays sqnr)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantkit.datasets.sources import NumpySource
+    from quantkit.debug.fallback import drop_metric_for
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 1, (8, 12)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["l"]), helper.make_node("Softmax", ["l"], ["p"])],
+                              "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10, 8])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 10, 12])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (64, 10, 8)).astype(np.float32))
+    src = NumpySource(tmp_path / "d.npz")
+    assert drop_metric_for(model, "p", None, src, range(64)) == "sqnr"
+    assert drop_metric_for(model, "p", "top1-agreement", src, range(64)) == "top1-agreement"
+    cal = quantize(model, src)
+    res = fallback(cal, src, range(32, 64), FallbackConfig(max_drop=100.0, drop_metric="top1-agreement"))
+    ref, got = (onnx_out(m, np.load(tmp_path / "d.npz")["x"][32:]) for m in (cal.model, res.int8_model))
+    want = 100.0 * float((ref.argmax(-1) == got.argmax(-1)).mean())
+    assert res.met and res.int8_metric_after == pytest.approx(want) and 50.0 < want <= 100.0
+
+
+def onnx_out(model, x):
+    from quantkit.backends.onnxruntime import create_session
+
+    return create_session(model.SerializeToString()).run(None, {"x": x})[0]
