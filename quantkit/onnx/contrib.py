@@ -39,10 +39,12 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 def standard_ops(model: onnx.ModelProto, *, warn: bool = True, name: str = "model") -> onnx.ModelProto:
     """``model`` with each ``com.microsoft`` FusedConv, FusedGemm and FusedMatMul written as the
-    standard ops it fuses (a copy; ``model`` itself when it has none). A FusedMatMul that
-    transposes its batch axes (``transBatchA``/``transBatchB``), an activation this module does
-    not know, or a transpose of an operand of unknown rank stays as it is. With ``warn``, the
-    ``com.microsoft`` ops left are named in one warning (TensorRT's parser does not read them)."""
+    standard ops it fuses, in the main graph (a copy; ``model`` itself when it has none). A
+    FusedMatMul that transposes its batch axes (``transBatchA``/``transBatchB``), an activation
+    this module does not know, a transpose of an operand of unknown rank (ONNX's shape inference
+    first, ONNX Runtime's where that gives none), and any op inside an If/Loop/Scan body (left in
+    float as the rest of it) stay as they are. With ``warn``, the ``com.microsoft`` ops left are
+    named in one warning (TensorRT's parser does not read them)."""
     if not any(n.domain == CONTRIB for g in all_graphs(model.graph) for n in g.node):
         return model
     out = onnx.ModelProto()
