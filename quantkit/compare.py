@@ -120,8 +120,9 @@ class CompareReport:
                              "trusting the figure")
         for m in self.outputs:
             if m.top1_per_position:
-                lines.append(f"  note: {m.name!r}'s top-1 agreement is per position: the argmax of its last axis (a "
-                             "Softmax's classes) at each position before it, as a recogniser's time steps")
+                lines.append(f"  note: {m.name!r}'s top-1 agreement is per position: the argmax of its last axis (the "
+                             "classes of a Softmax or of a linear layer's logits) at each position before it, as a "
+                             "recogniser's time steps; near ties flip where the SQNR reads high")
             if m.shape_differs:
                 lines.append(f"  note: {m.name!r} has a data-dependent shape: the models' shapes differ on "
                              f"{m.shape_differs} of {m.batches} batch(es), left out of its figures"

@@ -1022,23 +1022,68 @@ def named_axis_1(model: onnx.ModelProto, name: str) -> bool:
 
 
 def last_axis_classes(model: onnx.ModelProto, name: str) -> bool:
-    """Whether the graph output ``name`` of rank 3 or more is a Softmax (or LogSoftmax) over its
-    last axis, directly or through an Identity or a Cast: classes at each position (a CTC recogniser's
-    ``[N, T, classes]``), whose top-1 agreement is per position. Not a detector's ``[N, 4 +
-    classes, anchors]``, whose argmax over the last axis is an anchor."""
+    """Whether the graph output ``name`` of rank 3 or more holds classes on its last axis at each
+    position (a CTC recogniser's ``[N, T, classes]``, a captcha reader's ``[N, chars, classes]``),
+    whose top-1 agreement is per position: a Softmax (or LogSoftmax) over the last axis, or the
+    logits of a linear layer (a MatMul or Gemm with a constant weight, then a constant bias or
+    scale, or a Reshape that splits its features along the last axis), directly or through an
+    Identity or a Cast. PyTorch recognisers export their logits: their SQNR reads as the large
+    losing logits (a captcha reader at 51 dB changed 10% of its captchas). Not a detector's
+    ``[N, 4 + classes, anchors]`` (a Concat), nor a transformer's hidden states (a LayerNorm)."""
     out = next((o for o in model.graph.output if o.name == name), None)
     t = out.type.tensor_type if out is not None else None
     if t is None or not t.HasField("shape") or len(t.shape.dim) < 3:
         return False
     rank = len(t.shape.dim)
+    last = t.shape.dim[-1]
+    if last.HasField("dim_value") and last.dim_value < 2:
+        return False
     producer = {o: n for n in model.graph.node for o in n.output}
     node = producer.get(name)
     while node is not None and node.op_type in ("Identity", "Cast") and node.input:
         node = producer.get(node.input[0])
-    if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
+    if node is None:
         return False
-    axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset_version(model) >= 13 else 1)
-    return axis % rank == rank - 1  # (before opset 13 axis 1 of a rank-3 input spans axes 1 and 2)
+    if node.op_type in ("Softmax", "LogSoftmax"):
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset_version(model) >= 13 else 1)
+        return axis % rank == rank - 1  # (before opset 13 axis 1 of a rank-3 input spans axes 1 and 2)
+    return _linear_logits(node, producer, model)
+
+
+def _linear_logits(node: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], model: onnx.ModelProto) -> bool:
+    """Whether ``node`` writes a linear layer's output: a MatMul or Gemm of a constant weight,
+    through a bias or scale by a constant, or one Reshape whose constant shape ends in 2 or more."""
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = set(inits) | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+
+    def shape_of(t: str) -> np.ndarray:  # a Reshape's shape (small: read alone, not every weight)
+        if t in inits:
+            return onnx.numpy_helper.to_array(inits[t])
+        return onnx.numpy_helper.to_array(next(n for n in model.graph.node if t in n.output).attribute[0].t)
+
+    reshaped = False
+    for _ in range(6):
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in consts:
+            return True
+        if node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2 and any(i in consts for i in node.input):
+            data = next(i for i in node.input if i not in consts) if not all(i in consts for i in node.input) else None
+        elif node.op_type == "Reshape" and not reshaped and len(node.input) == 2 and node.input[1] in consts:
+            try:
+                shape = np.asarray(shape_of(node.input[1])).reshape(-1)
+            except (IndexError, StopIteration, ValueError):  # a Constant of another kind
+                return False
+            if not shape.size or shape[-1] < 2:
+                return False
+            reshaped, data = True, node.input[0]
+        elif node.op_type in ("Identity", "Cast") and node.input:
+            data = node.input[0]
+        else:
+            return False
+        nxt = producer.get(data) if data else None
+        if nxt is None:
+            return False
+        node = nxt
+    return False
 
 
 def l2_normalized(model: onnx.ModelProto, name: str) -> bool:
