@@ -178,7 +178,14 @@ def _contrib_ranks(model: onnx.ModelProto) -> dict[str, int]:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        g = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True).graph  # (values read)
+        # its infer_shapes() writes "sym_shape_infer_temp.onnx" into the working directory when some shape
+        # stays unknown, and raises: its loop here instead, partial results kept, nothing written
+        inference = SymbolicShapeInference(2**31 - 1, True, True, 0)  # int_max, auto_merge, guess_output_rank
+        inference._preprocess(model)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        g = inference.out_mp_.graph
     except Exception:  # noqa: BLE001 (a convenience: without it the FusedMatMul stays, named in the warning)
         return {}
     return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in [*g.value_info, *g.input, *g.output]

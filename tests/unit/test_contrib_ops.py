@@ -233,3 +233,16 @@ def test_a_fused_matmul_transposing_what_another_fused_op_makes_is_rewritten():
     assert not any(n.domain == CONTRIB for n in std.graph.node)
     feed = {"x": RNG.normal(0, 1, (3, 5, 8)).astype(np.float32)}
     np.testing.assert_allclose(_run(std, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_rank_inference_writes_nothing_where_it_stays_incomplete(tmp_path, monkeypatch):
+    """ONNX Runtime's infer_shapes() saves "sym_shape_infer_temp.onnx" into the working directory when
+    a shape stays unknown: the user's folder. An op it does not know makes the operand here."""
+    monkeypatch.chdir(tmp_path)
+    nodes = [h.make_node("NoSuchOp", ["x"], ["u"], name="odd", domain=CONTRIB),
+             h.make_node("FusedMatMul", ["u", "w"], ["y"], name="fm", domain=CONTRIB, transA=1)]
+    model = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["N", 4, 4])],
+                   [h.make_tensor_value_info("y", T.FLOAT, None)],
+                   [nh.from_array(RNG.normal(0, 1, (4, 4)).astype(np.float32), "w")])
+    standard_ops(model, warn=False)
+    assert list(tmp_path.iterdir()) == []
