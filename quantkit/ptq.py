@@ -35,7 +35,7 @@ from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method,
 from quantkit.datasets.batching import Batcher, data_batch_axes
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError, check_fields, check_names
-from quantkit.onnx.contrib import standard_ops
+from quantkit.onnx.contrib import CONTRIB, FUSED_LAYER_OPS, standard_ops
 from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, QUANTIZABLE_OPS, TensorSpec, all_graphs, check_not_quantized,
                                  einsum_as_matmul, ensure_opset, fixed_batch, float_activations, float_input_specs,
                                  fold_weight_dequantize, opset_version, subgraph_node_count, tensor_types,
@@ -320,6 +320,14 @@ class PreparedModel:
     quantize_attention_probs: bool = False
 
 
+def normalized_graph(model: onnx.ModelProto, *, warn: bool = True, name: str = "model") -> onnx.ModelProto:
+    """``model``'s graph as quantkit quantizes it: opset 13 or later, ONNX Runtime's fused ops
+    written as the standard ones (``standard_ops``; ``warn``: name those left), Einsum products as
+    MatMul, every node named. ``prepare`` and a Q/DQ model's reading (``QdqScales.from_qdq_model``,
+    whose equalizations address nodes by these names) share it."""
+    return with_node_names(einsum_as_matmul(standard_ops(ensure_opset(model), warn=warn, name=name)))
+
+
 def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "model", exclude: Sequence[str] = (),
             exclude_op_types: Sequence[str] = (), quantize_attention_probs: bool = False,
             quiet: bool = False) -> PreparedModel:
@@ -339,7 +347,7 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     check_not_quantized(model, source=name)
     if not _has_layer_ops(model.graph):  # before the opset upgrade: a 194 MB tree ensemble took 30-50 s and 5.7 GB
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes: nothing to quantize to INT8")
-    model = with_node_names(einsum_as_matmul(standard_ops(ensure_opset(model), warn=not quiet, name=name)))
+    model = normalized_graph(model, warn=not quiet, name=name)
     specs = float_input_specs(model, source=name)
     plan = plan_qdq(model, target, quantize_attention_probs=quantize_attention_probs)
     types = tensor_types(model)
@@ -1106,8 +1114,6 @@ def quantize(
 def _has_layer_ops(graph: onnx.GraphProto) -> bool:
     """Whether ``graph`` (or a subgraph in it) has a node INT8 could quantize (a weighted op, an
     Einsum that may be a MatMul, or ONNX Runtime's fused form of a weighted op)."""
-    from quantkit.onnx.contrib import CONTRIB, FUSED_LAYER_OPS
-
     return any(n.op_type in QUANTIZABLE_OPS or (n.domain == CONTRIB and n.op_type in FUSED_LAYER_OPS)
                for g in all_graphs(graph) for n in g.node)
 

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 #: serialized TensorRT engines start with this tag (Ultralytics prepends a metadata block; its files are .engine)
 _ENGINE_MAGIC = b"ftrt"
@@ -57,9 +56,9 @@ class Inspect:
         return self._onnx(path)
 
     def _onnx(self, path: Path) -> int:
-        from quantkit.onnx.contrib import CONTRIB, standard_ops
-        from quantkit.onnx.model import (all_graphs, einsum_as_matmul, fold_weight_dequantize, input_specs,
-                                         is_quantized_op, load_model, opset_version, output_specs, with_node_names)
+        from quantkit.onnx.contrib import contrib_nodes, standard_ops
+        from quantkit.onnx.model import (einsum_as_matmul, fold_weight_dequantize, input_specs, is_quantized_op,
+                                         load_model, opset_version, output_specs, with_node_names)
         from quantkit.onnx.qdq import float_by_rule, plan_qdq
 
         model = load_model(path)
@@ -77,9 +76,6 @@ class Inspect:
                 count = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
                 print(f"  weight-only quantized: {count} DequantizeLinear weight(s), taken as the float values they "
                       "dequantize to and quantized again per channel")
-            def contrib_nodes(m: Any) -> list[Any]:  # subgraphs' too
-                return [n for g in all_graphs(m.graph) for n in g.node if n.domain == CONTRIB]
-
             fused = len(contrib_nodes(weight_only))
             model = standard_ops(weight_only, warn=False)
             left = sorted({n.op_type for n in contrib_nodes(model)})

@@ -474,7 +474,6 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
     """
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.compare import _OutputStats
-
     from quantkit.onnx.contrib import standard_ops
 
     fp32 = fold_weight_dequantize(fp32, source=reference_name)  # a weight-only model: its float weights

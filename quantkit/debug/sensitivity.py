@@ -212,15 +212,14 @@ class QdqScales:
         any with zero points 0): its activation pairs are matched to quantkit's TensorRT plan."""
         from quantkit.debug.layerwise import qdq_points
         from quantkit.onnx.equalize import equalizations_of, equalize_depthwise
-        from quantkit.onnx.contrib import standard_ops
-        from quantkit.onnx.model import einsum_as_matmul, ensure_opset, fold_weight_dequantize, with_node_names
-        from quantkit.ptq import prepare
+        from quantkit.onnx.model import fold_weight_dequantize
+        from quantkit.ptq import normalized_graph, prepare
 
         fp32 = fold_weight_dequantize(fp32, source="the FP32 model")  # a weight-only model: as prepare takes it
         recorded = equalizations_of(int8)
         if recorded and not equalizations_of(fp32):  # the user's model: equalize it as the INT8 model was,
             # its nodes named as calibrate named them (the equalizations address them by those names)
-            fp32 = with_node_names(einsum_as_matmul(standard_ops(ensure_opset(fp32), warn=False)))
+            fp32 = normalized_graph(fp32, warn=False)
             fp32, _ = equalize_depthwise(fp32, {e.tensor: (e.consumers, e.scales) for e in recorded})
         prepared = prepare(fp32, name="the FP32 model")
         points = {p.tensor: p for p in qdq_points(int8) if p.kind == "activation"}

@@ -33,6 +33,11 @@ _ACTIVATIONS = {"Relu": (), "Tanh": (), "Sigmoid": (), "LeakyRelu": ("alpha",), 
 _CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
 
 
+def contrib_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """``model``'s nodes of the ``com.microsoft`` domain, subgraphs' too."""
+    return [n for g in all_graphs(model.graph) for n in g.node if n.domain == CONTRIB]
+
+
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -45,7 +50,7 @@ def standard_ops(model: onnx.ModelProto, *, warn: bool = True, name: str = "mode
     first, ONNX Runtime's where that gives none), and any op inside an If/Loop/Scan body (left in
     float as the rest of it) stay as they are. With ``warn``, the ``com.microsoft`` ops left are
     named in one warning (TensorRT's parser does not read them)."""
-    if not any(n.domain == CONTRIB for g in all_graphs(model.graph) for n in g.node):
+    if not contrib_nodes(model):
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -75,7 +80,7 @@ def standard_ops(model: onnx.ModelProto, *, warn: bool = True, name: str = "mode
     if rewritten:
         log.info("%s: %d fused op(s) of ONNX Runtime's own domain (com.microsoft FusedConv/FusedGemm/FusedMatMul) "
                  "written as the standard ops they fuse, to be quantized and parsed by TensorRT", name, rewritten)
-    left_nodes = [n for g in all_graphs(out.graph) for n in g.node if n.domain == CONTRIB]  # subgraphs' too
+    left_nodes = contrib_nodes(out)
     left = sorted({n.op_type for n in left_nodes})
     if left and warn:
         count = len(left_nodes)

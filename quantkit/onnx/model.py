@@ -267,6 +267,12 @@ def output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
     return [_spec(vi) for vi in model.graph.output if vi.name not in non_tensor_outputs(model)]
 
 
+def non_tensor_value(vi: onnx.ValueInfoProto) -> bool:
+    """Whether ``vi`` is declared as something other than a plain tensor: a sequence, a map, an
+    optional or a sparse tensor (no type at all reads as a tensor)."""
+    return vi.type.WhichOneof("value") not in (None, "tensor_type")
+
+
 def non_tensor_outputs(model: onnx.ModelProto) -> list[str]:
     """Graph outputs declared as sequences, maps or optionals."""
     return [vi.name for vi in model.graph.output
@@ -430,9 +436,7 @@ def fold_weight_dequantize(model: onnx.ModelProto, *, source: str = "model") -> 
     kept = [n for n in out.graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in folded)]
     del out.graph.node[:]
     out.graph.node.extend(kept)
-    read = {i for n in kept for i in n.input} | {o.name for o in out.graph.output}
-    for g in all_graphs(out.graph):
-        read |= {i for n in g.node for i in n.input}
+    read = {o.name for o in out.graph.output} | {i for g in all_graphs(out.graph) for n in g.node for i in n.input}
     inits = [i for i in out.graph.initializer if i.name in read]  # the integers and scales, read by nothing now
     gone = {i.name for i in out.graph.initializer} - {i.name for i in inits}
     del out.graph.initializer[:]
@@ -475,8 +479,8 @@ def float_input_specs(model: onnx.ModelProto, *, source: str = "model") -> list[
     embedding (a float initializer). A model with neither float inputs nor float weights is
     refused.
     """
-    odd = [(v.name, v.type.WhichOneof("value")) for v in model.graph.input
-           if v.type.WhichOneof("value") not in (None, "tensor_type") and v.name in {s.name for s in input_specs(model)}]
+    fed = {s.name for s in input_specs(model)}
+    odd = [(v.name, v.type.WhichOneof("value")) for v in model.graph.input if non_tensor_value(v) and v.name in fed]
     if odd:
         kinds = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional",
                  "sparse_tensor_type": "a sparse tensor"}

@@ -39,7 +39,7 @@ from quantkit._deps import require
 from quantkit.calibrators.weights import per_channel_amax, scale_from_amax
 from quantkit.errors import ModelError
 from quantkit.onnx.model import (EXTERNAL_DATA_BYTES, WEIGHTED_OPS, all_names, constant_arrays, float_activations,
-                                 input_specs, node_reads, tensor_bytes, tensor_types, unique_name)
+                                 input_specs, node_reads, non_tensor_value, tensor_bytes, tensor_types, unique_name)
 
 log = logging.getLogger(__name__)
 
@@ -664,22 +664,18 @@ def _version() -> str:
     return __version__
 
 
-def _non_tensor(v: onnx.ValueInfoProto) -> bool:
-    return v.type.WhichOneof("value") not in (None, "tensor_type")
-
-
 def _tensor_typed(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with its values that are not plain tensors (sequences, maps, optionals) typed as
     float tensors of no shape (a copy; ``model`` itself when there are none): graphsurgeon's
     exporter fails on an optional (an unbound local) and writes a map as a tensor of no element
     type. ``_keep_value_types`` gives the true types back after the export."""
     g = model.graph
-    if not any(_non_tensor(v) for v in [*g.input, *g.output, *g.value_info]):
+    if not any(non_tensor_value(v) for v in [*g.input, *g.output, *g.value_info]):
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for v in [*out.graph.input, *out.graph.output, *out.graph.value_info]:
-        if _non_tensor(v):
+        if non_tensor_value(v):
             v.type.CopyFrom(onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, None))
     return out
 
@@ -690,7 +686,7 @@ def _keep_value_types(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
     in ``after``, in place: graphsurgeon writes them as tensors of no element type, which ONNX
     Runtime refuses to load ("Invalid tensor data type 0"). Q/DQ insertion changes no such value."""
     kinds = {v.name: v.type for v in [*before.graph.input, *before.graph.output, *before.graph.value_info]
-             if _non_tensor(v)}
+             if non_tensor_value(v)}
     if not kinds:
         return
     for v in [*after.graph.input, *after.graph.output, *after.graph.value_info]:

@@ -100,16 +100,21 @@ def test_an_output_no_quantized_op_reaches_is_neither_measured_nor_compared(tmp_
     assert check is not None and max(check["output_sqnr_db"].values()) < 60.0
 
 
-def test_max_drop_measures_the_output_int8_reaches_and_the_summary_counts_the_float_groups(tmp_path, capsys):
+def _calibrate_to_a_zero_budget(tmp_path, model: onnx.ModelProto, *flags: str) -> int:
+    """``calibrate m.onnx --npz c.npz --eval-dir e.npz --max-drop 0 --drop-metric sqnr -o o`` in
+    ``tmp_path`` (64 calibration and 32 evaluation samples of x [N, 16]); its exit code."""
     from quantkit.cli import main
 
-    model = _float_first_model()
     onnx.save(model, tmp_path / "m.onnx")
     np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 16)).astype(np.float32))
     np.savez(tmp_path / "e.npz", x=RNG.normal(0, 1, (32, 16)).astype(np.float32))
-    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "--eval-dir",
+    return main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "--eval-dir",
                  str(tmp_path / "e.npz"), "-o", str(tmp_path / "o"), "--max-drop", "0", "--drop-metric", "sqnr",
-                 "--no-progress", "--threads", "1"]) == 0
+                 "--threads", "1", *flags])
+
+
+def test_max_drop_measures_the_output_int8_reaches_and_the_summary_counts_the_float_groups(tmp_path, capsys):
+    assert _calibrate_to_a_zero_budget(tmp_path, _float_first_model(), "--no-progress") == 0
     out = capsys.readouterr().out
     assert "of output 'y'" in out and "of output 'feat'" not in out
     assert "group(s) then kept in float by --max-drop" in out  # a budget of 0 dB: every group in float
@@ -123,13 +128,7 @@ def test_the_rankings_of_max_drop_and_debug_say_their_progress_off_a_terminal(tm
     from quantkit.cli import common, main
 
     monkeypatch.setattr(common, "RANK_LOG_SECONDS", 0.0)
-    model = _model()
-    onnx.save(model, tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 16)).astype(np.float32))
-    np.savez(tmp_path / "e.npz", x=RNG.normal(0, 1, (32, 16)).astype(np.float32))
-    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "--eval-dir",
-                 str(tmp_path / "e.npz"), "-o", str(tmp_path / "o"), "--max-drop", "0", "--drop-metric", "sqnr",
-                 "--threads", "1", *flags]) == 0
+    assert _calibrate_to_a_zero_budget(tmp_path, _model(), *flags) == 0
     err = capsys.readouterr().err
     assert ("ranking: 1 of 2 group(s) measured" in err) == lines, err
     assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "p"),
