@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +245,9 @@ def run_quantkit_fallback(case: Case, max_drop: float, estimator: str = "exact")
 
     cal_src, ev_src = NumpySource(case.calib_npz), NumpySource(case.eval_npz)
     t = time.perf_counter()
-    cal = quantkit.quantize(onnx.load(str(case.model)), cal_src, _config(case))
+    config = _config(case)  # no method check, as `calibrate --max-drop` (the fallback measures the methods)
+    config = replace(config, export=replace(config.export, method_check=False))
+    cal = quantkit.quantize(onnx.load(str(case.model)), cal_src, config)
     if case.task is None:
         res = fallback(cal, ev_src, range(len(ev_src)), FallbackConfig(max_drop=max_drop, drop_metric="accuracy",
                                                                        estimator=estimator), on_step=_log_step)

@@ -4,6 +4,7 @@ against percentile's, from the one pass, the better by the guard's figure writte
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -110,17 +111,21 @@ def test_an_alternative_that_cannot_be_made_keeps_the_method(monkeypatch, caplog
     assert "the method check was skipped (entropy kept)" in caplog.text and "made-up failure" in caplog.text
 
 
-@pytest.mark.parametrize("explicit", [False, True])
-def test_cli_writes_the_checks_verdict_unless_a_method_is_named(digits_dirs, tmp_path, monkeypatch, capsys, explicit):
+@pytest.mark.parametrize("explicit", [False, True, "budget"])
+def test_cli_writes_the_checks_verdict_unless_a_method_is_named(digits_dirs, tmp_path, monkeypatch, capsys, caplog,
+                                                                  explicit):
+    """Named methods are written as they are; with --max-drop (``explicit == "budget"``) there is no
+    check either: the fallback measures the methods on the evaluation data."""
     from quantkit import sample
     from quantkit.cli import main
     from tests.helpers import DIGITS
 
     monkeypatch.setattr(quantkit.ptq, "METHOD_CHECK_MARGIN_DB", -np.inf)  # percentile whenever it is checked
+    caplog.set_level(logging.INFO, logger="quantkit")
     out = tmp_path / "o"
     assert main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(out),
                  "--num-images", "64", "--eval-images", "32", *DIGITS,
-                 *(["--method", "entropy"] if explicit else [])]) == 0
+                 *(["--max-drop", "50"] if explicit == "budget" else ["--method", "entropy"] if explicit else [])]) == 0
     said = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     ranges = json.loads((out / "ranges.json").read_text())
@@ -131,6 +136,7 @@ def test_cli_writes_the_checks_verdict_unless_a_method_is_named(digits_dirs, tmp
     assert f"int8.onnx ({want})" in said  # the comparison table names the method written
     if not explicit:
         assert report["method_check"]["chosen"] == "percentile" and "--method entropy writes entropy" in said
+    assert ("no method check: --max-drop's fallback" in caplog.text) == (explicit == "budget")
 
 
 def test_the_summary_names_the_other_figure_and_the_way_back_only_after_a_switch():
