@@ -84,16 +84,17 @@ class CompareReport:
         lines = [f"{self.test} vs {self.reference} on {self.num_samples} samples"]
         if self.accuracy_reference is not None:
             lines.append(f"  accuracy: reference {self.accuracy_reference:.4f}  test {self.accuracy_test:.4f}")
-        lines.append(f"  {'output':<24} {'top-1 agree':>11} {'cos mean':>9} {'cos min':>8} {'SQNR dB':>8} {'max abs err':>11}")
+        w = min(NAME_WIDTH[1], max([NAME_WIDTH[0], *(len(m.name) for m in self.outputs)]))
+        lines.append(f"  {'output':<{w}} {'top-1 agree':>11} {'cos mean':>9} {'cos min':>8} {'SQNR dB':>8} {'max abs err':>11}")
         for m in self.outputs:
             if m.match is not None:
                 err = "-" if math.isnan(m.max_abs_error) else f"{m.max_abs_error:.4g}"
-                lines.append(f"  {m.name[:24]:<24} {'-':>11} {'-':>9} {'-':>8} {'-':>8} {err:>11}")
+                lines.append(f"  {short_name(m.name, w):<{w}} {'-':>11} {'-':>9} {'-':>8} {'-':>8} {err:>11}")
                 continue
             agree = f"{m.top1_agreement:.4f}" if m.top1_agreement is not None else "-"
             cos = ("-", "-") if math.isnan(m.cosine_mean) else (f"{m.cosine_mean:.5f}", f"{m.cosine_min:.5f}")
             lines.append(
-                f"  {m.name[:24]:<24} {agree:>11} {cos[0]:>9} {cos[1]:>8} "
+                f"  {short_name(m.name, w):<{w}} {agree:>11} {cos[0]:>9} {cos[1]:>8} "
                 f"{m.sqnr_db:>8.2f} {m.max_abs_error:>11.4g}"
             )
         for m in self.outputs:
@@ -140,6 +141,18 @@ class CompareReport:
 MAX_CHANNELS = 1024
 #: the table names the worst channel when it is this far below the whole output's SQNR
 WORST_CHANNEL_GAP_DB = 10.0
+#: the output column's width in the table: at least the first, at most the second (a longer name
+#: keeps its head and tail: tf2onnx's outputs differ in their last characters only,
+#: ``StatefulPartitionedCall_1:0`` and ``:1``)
+NAME_WIDTH = (24, 48)
+
+
+def short_name(name: str, width: int) -> str:
+    """``name`` as it fits in ``width`` characters: whole, or its head and tail around "..."."""
+    if len(name) <= width:
+        return name
+    tail = (width - 3) // 2
+    return f"{name[:width - 3 - tail]}...{name[len(name) - tail:]}"
 
 
 class _OutputStats:

@@ -359,7 +359,7 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
         plan = plan_qdq(model, target, quantize_attention_probs=quantize_attention_probs)
     wrapper = sample_axis_nodes(model)
     if wrapper:  # the sample axis's Squeeze/Unsqueeze (quantkit.onnx.sampleaxis): not the user's graph, no Q/DQ
-        plan, _ = exclude_from_plan(model, plan, names=[re.escape(n) for n in wrapper])
+        plan, _ = exclude_from_plan(model, plan, names=[re.escape(n) for n in wrapper], quiet=True)
     inside = subgraph_node_count(model.graph)
     plan, excluded = exclude_from_plan(model, plan, names=exclude, op_types=exclude_op_types)
     front = [n for n, op in log_spectrum_nodes(model).items() if op in WEIGHTED_OPS] if not plan.activations else []

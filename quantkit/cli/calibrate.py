@@ -54,7 +54,8 @@ class Calibrate:
         g.add_argument("--target", choices=["tensorrt", "onnxruntime"], default="tensorrt",
                        help="Q/DQ placement: tensorrt (default; inputs of Conv/Gemm/MatMul and residual Adds, what "
                             "TensorRT fuses) or onnxruntime (every activation, so ONNX Runtime's CPU provider runs "
-                            "integer kernels; for deploying on ONNX Runtime)")
+                            "integer kernels; for deploying on ONNX Runtime; without equalization and bias correction, "
+                            "TensorRT-side steps: several dB lower on depthwise networks)")
         g.add_argument("--exclude", action="append", metavar="NODE_OR_REGEX",
                        help="keep this node's inputs in float (no Q/DQ; TensorRT runs it in FP16/FP32): a node "
                        "name or a regular expression matched against whole names; repeatable")
@@ -88,7 +89,9 @@ class Calibrate:
         g.add_argument("--save-stats", metavar="FILE",
                        help="also save the collected statistics to FILE, for `quantkit merge-stats` (calibration "
                             "spread over machines); histograms then start on a power-of-two range, so that such "
-                            "files merge exactly")
+                            "files merge exactly, and the model written is the one a merge makes: without "
+                            "equalization, bias correction and the method check, which need the samples themselves "
+                            "(several dB lower on depthwise networks)")
         g.add_argument("--eval-images", type=non_negative_int, default=1000, metavar="N",
                        help="held-out images (after the calibration ones) for the report; 0 skips it (default 1000)")
         g.add_argument("--eval-dir", metavar="DIR", help="evaluate on this folder instead of held-out images (or on "
@@ -157,6 +160,11 @@ class Calibrate:
             RunConfig(batch_size=args.batch_size, threads=args.threads, strict=args.strict),
             ExportConfig(method=args.method or DEFAULT_METHOD, params={"percentile": args.percentile},
                          method_check=_method_check(args)))
+        if args.save_stats:  # a merge has no samples: the mergeable model is made without what needs them
+            log.warning("--save-stats: the model written is the one `quantkit merge-stats` makes from such files: "
+                        "without equalization, bias correction and the method check (they need the samples "
+                        "themselves; several dB lower on depthwise networks); calibrate without --save-stats for "
+                        "the best model from one run")
         prepared = prepare_for(model, config.stats, str(model_path))
         if (args.eval_images > 0 or args.max_drop is not None) and not output_specs(prepared.model):
             from quantkit.errors import ModelError
@@ -208,7 +216,8 @@ class Calibrate:
                                  hint="raise --max-drop" + (" or --max-float-groups" if args.max_float_groups is not None
                                                              else "") + ", or check the evaluation data")
             cal.apply_fallback(result)  # the model written and compared below, and the cache
-            lines.append(f"{result.message} ({result.drop_metric} of output {result.output!r}"
+            parts = f", the worst of the {result.output_parts} parts a Concat joins" if result.output_parts else ""
+            lines.append(f"{result.message} ({result.drop_metric} of output {result.output!r}{parts}"
                          + ("" if args.error_output else "; --error-output NAME reads another") + ")")
         if args.eval_images > 0:
             known = [] if args.eval_dir else [f for f, _ in cal.skipped]  # warned about once already
@@ -222,8 +231,9 @@ class Calibrate:
                 lines.append("  note: no images left after calibration; compared on calibration images")
             lost = [o for o in cmp.outputs if o.match is None and math.isfinite(o.sqnr_db) and o.sqnr_db < LOST_SQNR_DB]
             if lost:  # a model INT8 does not hold (a diffusion UNet's activations up to 1e8: 0.4 dB by every method)
-                lines.append(f"  note: {', '.join(repr(o.name) for o in lost)} at {min(o.sqnr_db for o in lost):.1f} dB: "
-                             "INT8 loses most of this output; `quantkit debug FP32 INT8 --rank` shows where the "
+                lines.append(f"  note: {', '.join(f'{o.name!r} at {o.sqnr_db:.1f} dB' for o in lost)}: "
+                             f"INT8 loses most of {'this output' if len(lost) == 1 else 'these outputs'}; "
+                             "`quantkit debug FP32 INT8 --rank` shows where the "
                              "error enters, `--max-drop` keeps the worst groups in float")
             report = {"method": method, "held_out": held_out, **cmp.to_dict(),
                       "entropy_differs_from_trt": cal.entropy_effect(),

@@ -37,7 +37,8 @@ Drop metrics, in points (the budget's unit):
     cosine          100 x (1 - mean cosine similarity of the error output)
     sqnr            100 x noise/signal power of the error output (1 point = SQNR 20 dB); of an
                     output a Concat writes along axis 1 (YOLO: boxes, class scores, mask
-                    coefficients), the mean over its parts of each part's noise/signal
+                    coefficients; an anchor-split detector's heads), its worst part's: every
+                    part meets the budget, and so does the whole output (``compare``'s figure)
     task            FP32 metric - INT8 metric of the caller's ``task_metric`` (API only): per-sample
                     scores of a batch's first output (e.g. 100 for a text read right, 0 for not),
                     averaged over the evaluation data, so a detector's or a recogniser's own
@@ -64,8 +65,8 @@ import onnx
 
 from quantkit._values import comparable
 from quantkit.backends.base import real_rows
-from quantkit.debug.sensitivity import (ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _ratio, part_energy,
-                                       rank_groups, rank_sensitivity)
+from quantkit.debug.sensitivity import (ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _part_noise_signal,
+                                        _ratio, part_energy, rank_groups, rank_sensitivity)
 from quantkit.errors import InputError, check_fields
 from quantkit.onnx.model import error_output, l2_normalized, last_axis_classes, named_axis_1
 
@@ -214,13 +215,15 @@ class FallbackResult:
     message: str = ""
     float_nodes: list[str] = field(default_factory=list)
     output: str = ""  # the graph output the metric reads
+    #: the sqnr of an output a Concat writes along axis 1: its parts, each held to the budget (0: one whole)
+    output_parts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         def num(v: float | None) -> float | None:
             return v if v is None or math.isfinite(v) else None
 
         return {"met": self.met, "message": self.message, "drop_metric": self.drop_metric, "output": self.output,
-                "max_drop": self.max_drop,
+                **({"output_parts": self.output_parts} if self.output_parts else {}), "max_drop": self.max_drop,
                 "num_groups": self.num_groups, "float_groups": list(self.float_groups),
                 "float_nodes": list(self.float_nodes), "method_overrides": dict(self.method_overrides),
                 "fp32_metric": num(self.fp32_metric), "int8_metric_before": num(self.int8_metric_before),
@@ -314,6 +317,8 @@ class _Evaluator:
         per: dict[int, float] = {}
         noise = signal = cos = task = 0.0
         agree = correct = 0
+        parted = self.energy is not None and len(self.parts) >= 2
+        part_noise = np.zeros(len(self.parts)) if parted else None  # each Concat part's noise power
         with OrtRunner(model, threads=self.scales.run.threads) as r:
             for b, ref, lab in zip(self.batches, self.ref, self.labels):
                 out = real_rows(r.infer(b.feed)[self.output], b.size, b.num_rows)
@@ -321,6 +326,8 @@ class _Evaluator:
                 for i, ni, si in zip(b.indices, n, s):
                     per[i] = _ratio(float(ni), float(si))
                 noise, signal = noise + float(n.sum()), signal + float(s.sum())
+                if part_noise is not None and self.metric == "sqnr":
+                    part_noise += _part_noise_signal(ref, out, self.parts)[0].sum(axis=0)
                 if self.metric == "task":
                     task += self._task(out, b.indices)
                 elif self.metric == "cosine":
@@ -346,8 +353,9 @@ class _Evaluator:
         elif self.metric == "cosine":
             value = cos / self.count
             drop = 100.0 * (1.0 - value)
-        else:
-            ratio = _ratio(noise, signal)
+        else:  # of a Concat-written output, its worst part's: every part meets the budget
+            ratio = _ratio(noise, signal) if part_noise is None else \
+                max((float(n) / float(e) for n, e in zip(part_noise, self.energy) if e > 0), default=0.0)  # type: ignore[arg-type]
             value = math.inf if ratio == 0 else -math.inf if math.isinf(ratio) else -10.0 * math.log10(ratio)
             drop = 100.0 * ratio
         return _Measure(value, float(drop), per, noise, signal)
@@ -419,7 +427,8 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
         switched = {g: m for g, m in overrides.items() if g not in floats}
         return FallbackResult(met, model, list(floats), switched, len(groups), metric, config.max_drop,
                               ev.fp32_metric, before.metric, current.metric, before.drop, current.drop, steps,
-                              time.perf_counter() - start, ranking, message, nodes, ev.output)
+                              time.perf_counter() - start, ranking, message, nodes, ev.output,
+                              len(ev.parts) if metric == "sqnr" and ev.energy is not None else 0)
 
     if before.drop <= config.max_drop:
         return result(True, f"the INT8 model meets the budget: drop {before.drop:.3g} <= {config.max_drop:g}")

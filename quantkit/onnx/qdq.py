@@ -703,11 +703,12 @@ def _check_io_kept(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
 
 
 def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[str] = (),
-                      op_types: Sequence[str] = ()) -> tuple[QdqPlan, list[dict[str, str]]]:
+                      op_types: Sequence[str] = (), quiet: bool = False) -> tuple[QdqPlan, list[dict[str, str]]]:
     """``plan`` without the Q/DQ pairs that feed the excluded nodes: those ops keep float
     inputs (in TensorRT's explicit quantization they run in FP16/FP32), the rest of the plan is
     unchanged. ``names``: node names or regular expressions matched against the whole name;
-    ``op_types``: ONNX op types. Returns the new plan and the excluded nodes.
+    ``op_types``: ONNX op types. Returns the new plan and the excluded nodes. ``quiet``: quantkit's
+    own exclusions (no word on a node that reads no quantized tensor: the user gave no --exclude).
 
     Raises:
         InputError: a pattern or op type that matches no node (the message lists close names).
@@ -724,6 +725,8 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
     excluded: dict[str, dict[str, str]] = {}
 
     def unchanged(flag: str, hits: Sequence[str]) -> None:
+        if quiet:
+            return
         kinds = sorted({dict(nodes)[n] for n in hits})
         log.warning("%s matches %d node(s) (%s) that read no quantized tensor: they stay as they are, in float",
                     flag, len(hits), ", ".join(kinds[:5]))

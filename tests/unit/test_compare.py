@@ -303,3 +303,17 @@ def test_a_linear_layers_logits_over_positions_get_top1_per_position(head, per_p
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     assert last_axis_classes(model, out) == per_position
+
+
+def test_the_table_tells_long_output_names_apart():
+    """tf2onnx names a Keras model's outputs ``StatefulPartitionedCall_1:0``, ``:1``...: cut at 24
+    characters every row read the same."""
+    from quantkit.compare import NAME_WIDTH, CompareReport, OutputMetrics, short_name
+
+    names = [f"StatefulPartitionedCall_1:{k}" for k in range(3)] + ["x" * 80 + "_tail:0"]
+    outs = [OutputMetrics(n, 0.99, 0.98, 30.0 + k, 0.01, 0.001, None) for k, n in enumerate(names)]
+    rows = CompareReport("fp32", "int8", 4, outs).table().splitlines()[2:]
+    shown = [r.split()[0] for r in rows]
+    assert shown[:3] == names[:3] and len(set(shown)) == 4
+    assert shown[3].endswith("_tail:0") and shown[3].startswith("xxx") and len(shown[3]) == NAME_WIDTH[1]
+    assert short_name("short", 24) == "short"

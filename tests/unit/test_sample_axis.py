@@ -129,6 +129,7 @@ def test_calibrate_compare_and_debug_run_a_model_without_a_batch_axis(frames_cas
                               "--no-progress", "--save-stats", str(tmp / "stats.npz")])
     assert code == 0, err
     assert "has no batch axis for 'x' [?, 6]" in caplog.text
+    assert "--exclude" not in caplog.text  # the wrapper's own nodes are not the user's exclusions
     from quantkit.calibrators.stats import load_stats
 
     assert "x" in load_stats(tmp / "stats.npz").histograms  # the user's names: merge-stats reads the user's model
