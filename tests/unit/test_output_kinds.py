@@ -360,10 +360,13 @@ def test_an_output_nan_by_design_is_compared_where_it_has_values(tmp_path, capsy
     for name, n in (("cal", 96), ("ev", 48)):
         np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((n, 16)).astype(np.float32),
                  mask=rng.random((n, 6)) < 0.8)
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "cal.npz"), "-o", str(tmp_path / "plain"),
+                 "--eval-dir", str(tmp_path / "ev.npz"), "--no-progress"]) == 0
+    assert "the method check's choice" in capsys.readouterr().out  # the check had its figures
     assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "cal.npz"), "-o", str(tmp_path / "out"),
                  "--max-drop", "1", "--drop-metric", "sqnr", "--eval-dir", str(tmp_path / "ev.npz"),
                  "--no-progress"]) == 0
-    assert "the method check's choice" in capsys.readouterr().out  # the check had its figures
+    assert "the INT8 model meets the budget" in capsys.readouterr().out  # (--max-drop runs no method check)
     assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "out" / "m.int8.onnx"), "--npz",
                  str(tmp_path / "ev.npz"), "--json", str(tmp_path / "c.json")]) == 0
     (out,) = json.loads((tmp_path / "c.json").read_text())["outputs"]
