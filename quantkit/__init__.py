@@ -25,25 +25,24 @@ MAX_IMAGE_PIXELS = 1 << 27
 BAD_ENVIRONMENT: dict[str, str] = {}
 
 
-def env_int(name: str, default: int, minimum: int = 0) -> int:
+def env_int(name: str, default: int, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
     """An integer setting from the environment: ``default`` when unset or empty; a value that is
-    not a whole number >= ``minimum`` is recorded in ``BAD_ENVIRONMENT`` and ``default`` used."""
+    not plain ASCII digits (no sign, ``_`` or other scripts' digits, which Python's ``int`` takes)
+    of a number in ``minimum..maximum`` is recorded in ``BAD_ENVIRONMENT`` and ``default`` used."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
+    value = int(raw) if raw.isascii() and raw.isdigit() else minimum - 1
+    if not minimum <= value <= maximum:
         BAD_ENVIRONMENT[name] = raw
         return default
     return value
 
 
-# OpenCV aborts the process (C++ terminate) on a value it cannot parse: replace it before cv2 loads
-if env_int("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, minimum=1) == MAX_IMAGE_PIXELS:
-    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_IMAGE_PIXELS)
+# OpenCV aborts the process (C++ terminate, from std::stoull) on a value it cannot parse: before cv2
+# loads, the value it reads is the one quantkit read, written as plain digits
+os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(env_int("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, minimum=1,
+                                                       maximum=2**62))
 
 #: names served from quantkit.ptq on first use (importing it loads the calibration code)
 _PTQ = ("quantize", "prepare", "Calibration", "QuantizeConfig", "StatsConfig", "RunConfig", "ExportConfig")

@@ -187,7 +187,11 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 # ------------------------------------------------------------------ checks before the work
 def _resolved(p: str | os.PathLike[str]) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(p))).resolve()
+    try:
+        return Path(os.path.abspath(os.path.expanduser(p))).resolve()
+    except (RuntimeError, OSError) as err:  # a symbolic link loop (`ln -s x x`): RuntimeError before Python 3.13
+        why = err.strerror if isinstance(err, OSError) and err.strerror else "a loop of symbolic links"
+        raise InputError(f"{os.fsdecode(p)!r} cannot be resolved: {why}", hint="point it at a real file or folder") from None
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -304,7 +308,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (a document nested past Python's recursion limit)
         return None
     if not isinstance(doc, dict) or doc.get("tool") != "quantkit" or not isinstance(doc.get("files"), dict):
         return None
@@ -445,7 +449,7 @@ def json_document(path: Path, limit: int = 256 << 20) -> Any:
     bytes: what a ``check_output_file`` ``replaceable`` predicate looks at."""
     try:
         return json.loads(path.read_text(encoding="utf-8")) if path.stat().st_size <= limit else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 
 from quantkit import env_int
@@ -1085,8 +1086,10 @@ def quantize(
     if one:  # the model runs one sample at a time (the runner warned): so do the evaluation and corrections
         config = _one_at_a_time(config)
     ranges = method_ranges(histograms, model.plan.groups, config.params)
-    zero = [t for t in model.plan.activations if t in histograms and histograms[t].amax == 0.0
-            and histograms[t].counts.any()]  # not an empty tensor (no values at all): nothing to check
+    with np.errstate(under="ignore"):  # 0, or ~1e-40 (no normal float32 scale: the same placeholder)
+        zero = [t for t in model.plan.activations if t in histograms
+                and np.float32(histograms[t].amax) / np.float32(127.0) < np.finfo(np.float32).tiny
+                and histograms[t].counts.any()]  # not an empty tensor (no values at all): nothing to check
     if zero:  # nothing to scale: a placeholder scale, and often a sign of wrong data (an inverted mask)
         log.warning("%s: %d quantized tensor(s) were 0 on every calibration sample (%s); their INT8 scale is a "
                     "placeholder: check the data (e.g. a mask's meaning) or add samples that reach them",

@@ -104,6 +104,8 @@ def _number(v: Any, *, optional: bool = False) -> None:
 
 #: the largest magnitude a result's number may have (a latency of 1e308 ms is a damaged file)
 MAX_NUMBER = 1e15
+#: a result file larger than this is refused before it is read (a report is drawn from kilobytes)
+MAX_RESULT_BYTES = 256 << 20
 
 
 def _clean_text(value: Any) -> Any:
@@ -201,8 +203,14 @@ def load_results(paths: Iterable[str | os.PathLike[str]]) -> Results:
     for f, found in files:
         if f.name.endswith(".cache.json") or f.name == MANIFEST:
             continue  # calibration cache provenance / the list of written files, not results
+        if f.stat().st_size > MAX_RESULT_BYTES:  # quantkit's results are kilobytes to a few megabytes
+            raise InputError(f"{str(f)!r} is {f.stat().st_size / 2**20:.0f} MiB, not a quantkit result (those are at "
+                             f"most a few MiB; {MAX_RESULT_BYTES >> 20} MiB is the limit)",
+                             hint="pass the JSON files calibrate, compare, bench and debug write")
         try:
             doc = _clean_text(json.loads(f.read_text(encoding="utf-8")))
+        except RecursionError:
+            raise InputError(f"{str(f)!r} is JSON nested too deeply to be a quantkit result") from None
         except (OSError, ValueError) as err:
             raise InputError(f"{str(f)!r} is not readable JSON: {err}") from err
         if found and result_kind(doc) is None:  # a folder's other JSON (calibrate's sensitivity.json)
@@ -463,6 +471,7 @@ def write_report(res: Results, outdir: str | os.PathLike[str], *, title: str = "
     from quantkit._io import output_dir
 
     plt = _plt()
+    title = _clean_text(title)  # a title or a file name in another encoding: lone surrogates
     figs = figures(res)
     written: dict[str, Path] = {}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
@@ -484,6 +493,6 @@ def write_report(res: Results, outdir: str | os.PathLike[str], *, title: str = "
         parts.append("<p>sources: " + ", ".join(html.escape(d["_file"]) for d in
                                                  [*res.compares, *res.benches, *res.ranges, *res.qat]) + "</p>")
         parts.append("</body></html>")
-        (tmp / "index.html").write_text("\n".join(parts), encoding="utf-8")
+        (tmp / "index.html").write_text(_clean_text("\n".join(parts)), encoding="utf-8")
         written["index.html"] = Path(outdir) / "index.html"
     return written

@@ -14,13 +14,14 @@ import math
 import os
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from quantkit._io import write_text_atomic
-from quantkit.errors import CacheError
+from quantkit.errors import CacheError, ModelError
 
 DEFAULT_TRT_VERSION = 101300  # TensorRT 10.13.0
 
@@ -51,6 +52,7 @@ class CalibrationCache:
     scales: dict[str, float]
 
     def to_text(self) -> str:
+        check_cache_names(self.scales)
         lines = [f"TRT-{self.version}-{self.algorithm}"]
         lines += [f"{name}: {hex_from_scale(s)}" for name, s in self.scales.items()]
         return "\n".join(lines) + "\n"
@@ -121,6 +123,16 @@ def read_cache(path: str | os.PathLike[str]) -> CalibrationCache:
     return cache_from_text(text, source=str(p))
 
 
+def check_cache_names(names: Iterable[str]) -> None:
+    """Raise ModelError for a tensor name the cache's format cannot hold: one with a line break
+    (one ``name: scale`` a line; a name ``"a\\nother: 7f7fffff"`` wrote a scale for another tensor)."""
+    bad = next((n for n in names if "\n" in n or "\r" in n), None)
+    if bad is not None:
+        raise ModelError(f"tensor {bad!r} has a line break in its name, which a TensorRT calibration cache (one "
+                         "'name: scale' a line) cannot hold", hint="rename the tensor (e.g. with onnx-graphsurgeon) "
+                         "and calibrate again")
+
+
 def write_cache(path: str | os.PathLike[str], cache: CalibrationCache) -> Path:
     return write_text_atomic(path, cache.to_text())
 
@@ -176,8 +188,8 @@ def read_sidecar(cache_path: str | os.PathLike[str]) -> CacheProvenance | None:
         d = json.loads(p.read_text(encoding="utf-8"))
         return CacheProvenance(str(d["model_sha256"]), d.get("preprocess"), str(d["algorithm"]),
                                int(d["trt_version"]), str(d.get("method", "")))
-    except (ValueError, KeyError, TypeError) as err:
-        raise CacheError(f"cache provenance {str(p)!r} is not valid: {err}",
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise CacheError(f"cache provenance {str(p)!r} is not valid: {type(err).__name__ if isinstance(err, RecursionError) else err}",
                          hint="delete it (and recalibrate) or restore it from the calibration output") from err
 
 

@@ -98,8 +98,9 @@ def minmax(x: np.ndarray, scale: np.ndarray | None = None, axis: int | None = No
 
 
 def _per_unit(bins: int, range_: float) -> ctypes.c_float:
-    """Bins per unit of value, the float32 NumPy's code scales by."""
-    return ctypes.c_float(float(np.float32(bins / range_)))
+    """Bins per unit of value, the float32 NumPy's code scales by (at most float32's largest: a
+    range of 1e-42 overflowed it)."""
+    return ctypes.c_float(float(np.float32(min(bins / range_, float(np.finfo(np.float32).max)))))
 
 
 def histogram_into(counts: np.ndarray, x: np.ndarray, range_: float, scale: np.ndarray | None = None,

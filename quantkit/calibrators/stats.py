@@ -114,6 +114,7 @@ def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
             bins = header["settings"].get("num_bins")
             hists = {}
             for i, name in enumerate(header["tensors"]):
+                _check_member_size(z, path, name, f"counts_{i}", bins, hint)  # before it is read: no made-up giant
                 hists[name] = _checked_histogram(path, name, z[f"scalars_{i}"], z[f"counts_{i}"], bins, hint)
             stats = CalibrationStats(hists, int(header["num_samples"]), header["model"], header["settings"],
                                      header.get("preprocess"), list(header.get("data") or []))
@@ -150,14 +151,34 @@ def _check_header(path: Any, header: Any, hint: str) -> None:
     for key in ("model", "settings"):
         if not isinstance(header.get(key), dict):
             raise bad(f"{key!r} is not a mapping")
+    for key in ("path", "sha256"):  # what merge-stats reads to find and check the model
+        if header["model"].get(key) is not None and not isinstance(header["model"][key], str):
+            raise bad(f"the model's {key} is not a string")
     n = header.get("num_samples")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TOTAL:
         raise bad(f"num_samples {n!r} is not a positive whole number")
+    from quantkit.ptq import MAX_BINS
+
     bins = header["settings"].get("num_bins")
-    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 1):
-        raise bad(f"num_bins {bins!r}")
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS):
+        raise bad(f"num_bins {bins!r}, not 1..{MAX_BINS}")
     if header.get("data") is not None and not isinstance(header["data"], list):
         raise bad("'data' is not a list")
+
+
+def _check_member_size(z: Any, path: Any, name: str, member: str, bins: int | None, hint: str) -> None:
+    """A tensor's counts array, from the size the archive declares for it (not the compressed
+    size: 2**27 zero counts compress to a few MB and took 8 GB to read), fits one row of ``bins``
+    8-byte counts and the array's header."""
+    from quantkit.ptq import MAX_BINS
+
+    try:
+        size = z.zip.getinfo(f"{member}.npy").file_size
+    except (KeyError, AttributeError):  # missing: the read below says so
+        return
+    if size > 8 * (bins or MAX_BINS) + 4096:
+        raise StatsError(f"{str(path)!r}: tensor {name!r} has a damaged histogram (its counts take {size} bytes, "
+                         f"more than {bins or MAX_BINS} bins)", hint=hint)
 
 
 def _checked_histogram(path: Any, name: str, scalars: np.ndarray, counts: np.ndarray, bins: int | None,

@@ -18,7 +18,10 @@ def per_channel_amax(weight: np.ndarray, axis: int, *, name: str = "<weight>") -
 
 
 def scale_from_amax(amax: np.ndarray | np.floating | float) -> np.ndarray:
-    """INT8 scale = amax / 127 (float32); an all-zero channel gets scale 1 (its values stay 0)."""
+    """INT8 scale = amax / 127 (float32); an all-zero channel gets scale 1 (its values stay 0), and
+    so does one whose amax / 127 is below float32's normal numbers (values about 1e-40: a scale of 0
+    or a subnormal one, which ONNX forbids or GPUs flush to 0; such values are 0 to a GPU too)."""
     a = np.asarray(amax, dtype=np.float32)
-    scale = a / np.float32(127.0)
-    return np.where(a > 0, scale, np.float32(1.0)).astype(np.float32)
+    with np.errstate(under="ignore"):
+        scale = a / np.float32(127.0)
+    return np.where(scale >= np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)

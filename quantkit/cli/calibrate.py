@@ -166,6 +166,9 @@ class Calibrate:
                         "themselves; several dB lower on depthwise networks); calibrate without --save-stats for "
                         "the best model from one run")
         prepared = prepare_for(model, config.stats, str(model_path))
+        from quantkit.calibrators.cache import check_cache_names
+
+        check_cache_names(prepared.plan.activation_names)  # before the work: the cache could not hold them
         if (args.eval_images > 0 or args.max_drop is not None) and not output_specs(prepared.model):
             from quantkit.errors import ModelError
 

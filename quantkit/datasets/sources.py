@@ -185,6 +185,12 @@ def decode_image(path: Path) -> np.ndarray:
     """
     cv2 = _opencv()
     try:
+        # no image of the pixel limit takes more bytes than float32 RGBA does, uncompressed: a larger
+        # file (a video or an archive named .png) is not read whole just to be refused (3 GiB, 25 s)
+        size, most = path.stat().st_size, pixel_limit() * 16 + (1 << 20)
+        if size > most:
+            raise SampleError(str(path), f"{size / 2**30:.1f} GiB, more than an image of at most {pixel_limit():,} "
+                              "pixels takes (OPENCV_IO_MAX_IMAGE_PIXELS); not read")
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
         raise SampleError(str(path), f"cannot be read ({err.strerror or err})") from err

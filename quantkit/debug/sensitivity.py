@@ -374,6 +374,8 @@ def ranking_from_file(path: str) -> list[dict[str, Any]]:
 
     try:
         doc = json.loads(Path(path).read_text())
+    except RecursionError:
+        raise InputError(f"--exclude-from {str(path)!r}: its JSON is nested too deeply to be a ranking") from None
     except (OSError, ValueError) as err:
         raise InputError(f"--exclude-from {str(path)!r}: cannot read it as JSON ({err})") from None
     for candidate in (doc, doc.get("sensitivity") if isinstance(doc, dict) else None,

@@ -423,7 +423,8 @@ def linear_gain_db(rows: np.ndarray, s: np.ndarray, nodes: Sequence[onnx.NodePro
     x = np.asarray(rows, dtype=np.float32)
 
     def q(v: np.ndarray, amax: np.ndarray) -> np.ndarray:
-        step = np.where(amax > 0.0, amax / 127.0, 1.0).astype(np.float32)
+        step = (amax / 127.0).astype(np.float32)
+        step = np.where(step >= np.finfo(np.float32).tiny, step, np.float32(1.0))  # (as scale_from_amax)
         return np.clip(np.round(v / step), -127, 127) * step
 
     noise = {1: 0.0, 2: 0.0}

@@ -176,7 +176,14 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
         return
     folder = path.resolve().parent
     for t, location in tensors:
-        target = (folder / location).resolve()
+        if "\0" in location:  # no file system path holds one (os functions raise ValueError)
+            raise ModelError(f"{str(path)!r}: tensor {t.name!r} keeps its data in {location!r}, a name with a NUL "
+                             "byte, which no file has", hint="the model file is damaged: save it again")
+        try:
+            target = (folder / location).resolve()
+        except (RuntimeError, OSError) as err:  # a loop of symbolic links
+            raise ModelError(f"{str(path)!r}: tensor {t.name!r} keeps its data in {location!r}, which cannot be "
+                             f"resolved ({err})", hint="copy the model's external data file next to it") from None
         inside = bool(location) and not os.path.isabs(location) and ".." not in Path(location).parts and (
             folder in target.parents)
         if not inside:

@@ -626,7 +626,12 @@ def test_a_pickle_is_never_suggested_to_be_loaded(models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name,value", [("QUANTKIT_HISTOGRAM_WORKERS", "abc"), ("OPENCV_IO_MAX_IMAGE_PIXELS", "abc"),
-                                        ("OPENCV_IO_MAX_IMAGE_PIXELS", "-1")])
+                                        ("OPENCV_IO_MAX_IMAGE_PIXELS", "-1"),
+                                        # Python's int() takes these, OpenCV's std::stoull aborted on them
+                                        ("OPENCV_IO_MAX_IMAGE_PIXELS", "+5000000"),
+                                        ("OPENCV_IO_MAX_IMAGE_PIXELS", "1_000000"),
+                                        ("OPENCV_IO_MAX_IMAGE_PIXELS", "\u0661\u0662"),
+                                        ("OPENCV_IO_MAX_IMAGE_PIXELS", str(2**70))])
 def test_an_unusable_environment_variable_is_named(name, value):
     """QUANTKIT_HISTOGRAM_WORKERS=abc was exit 1 on every command, without its name; a bad
     OPENCV_IO_MAX_IMAGE_PIXELS aborted the process in OpenCV (SIGABRT, a C++ message)."""
@@ -636,6 +641,14 @@ def test_an_unusable_environment_variable_is_named(name, value):
                           env={**os.environ, name: value}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"{name}={value!r}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_opencv_reads_the_pixel_limit_quantkit_read():
+    """A value with spaces around it is quantkit's number; OpenCV gets it as plain digits."""
+    proc = subprocess.run([sys.executable, "-c", "import os, quantkit, cv2; print(os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'])"],
+                          env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": " 12 "}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "12", proc.stderr
 
 
 def test_inspect_reads_a_large_file_named_cache_only_as_far_as_its_first_line(tmp_path, capsys):
@@ -672,3 +685,30 @@ def test_both_module_entry_points_run(module):
     """`python -m quantkit.cli` said "No module named quantkit.cli.__main__" (the package is the CLI)."""
     proc = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "quantkit" in proc.stdout + proc.stderr
+
+
+def test_a_tensor_name_with_a_line_break_is_refused_before_the_work(tmp_path, capsys):
+    """A Conv output named "a\\nTRT-1-Evil\\nfoo" was written into the cache as three lines (quantkit's
+    own reader refused the result; a name "x\\nother: 7f7fffff" would set another tensor's scale)."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    evil = "a\nTRT-1-Evil\nfoo"
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["h"], name="c", pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["h"], [evil], name="relu"),
+                           helper.make_node("Conv", [evil, "w2"], ["y"], name="c2")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                          [w, numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w2")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).normal(size=(16, 3, 8, 8)).astype(np.float32))
+    rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "x.npy"), "-o", str(tmp_path / "out"),
+               "--no-progress", "--eval-images", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has a line break in its name" in _err_line(err) and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    from quantkit.calibrators.cache import CalibrationCache
+    from quantkit.errors import ModelError
+
+    with pytest.raises(ModelError, match="line break"):  # the writer itself refuses (merge-stats, the API)
+        CalibrationCache.from_amax({"x\nother": 1.0}, "entropy").to_text()

@@ -287,3 +287,15 @@ def test_npz_arrays_the_model_does_not_read_are_never_loaded(tmp_path, caplog, m
         z.writestr("x.npy", b"\x80\x04not numpy")
     with pytest.raises(DatasetError, match="not a NumPy array"):
         NumpySource(tmp_path / "raw.npz")
+
+
+def test_a_file_larger_than_any_image_is_skipped_unread(tmp_path, monkeypatch):
+    """A 3 GiB file named .png was read whole (3.2 GB, 25 s) before it was refused."""
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:
+        fh.truncate(3 << 30)  # sparse: nothing is written
+    read = []
+    monkeypatch.setattr(np, "fromfile", lambda *a, **k: read.append(a) or np.zeros(1, np.uint8))
+    with pytest.raises(SampleError, match="more than an image of at most"):
+        decode_image(big)
+    assert not read

@@ -285,6 +285,17 @@ def test_external_data_model_calibrates(digits_dirs, tmp_path, capsys):
     assert "m.int8.onnx" in files and not any(n.endswith(".data") for n in files)  # small: one file
 
 
+@pytest.mark.parametrize("location,what", [("w.bin\0../x", "a NUL byte"), ("loop.data", "cannot be resolved")])
+def test_an_external_data_name_no_file_can_have_is_one_line(tmp_path, capsys, location, what):
+    """A NUL byte in a location was exit 1 (ValueError: embedded null byte); a symlink loop too."""
+    path = _save_external(tmp_path / "model")
+    (path.parent / "loop.data").symlink_to(path.parent / "loop.data")
+    _relocate(path, location)
+    rc = main(["inspect", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and what in err.splitlines()[0], err
+
+
 @pytest.mark.parametrize("where", ["dotdot", "absolute", "symlink"])
 def test_external_data_outside_the_folder_refused(where, tmp_path, capsys):
     secret = tmp_path / "secret.bin"

@@ -167,6 +167,10 @@ def _edited_stats(tmp_path, edit):
     (lambda a, h: h.update(num_samples=1.5), "num_samples"),
     (lambda a, h: h.update(num_samples=0), "num_samples"),
     (lambda a, h: h.update(tensors=["t", "t"]), "twice"),
+    (lambda a, h: h.update(model={"path": ["x"], "sha256": 5}), "path is not a string"),  # was exit 1 (TypeError)
+    # a made-up size: 2**27 bins of zeros compress to a few MB and took 8 GB to read before the check
+    (lambda a, h: h["settings"].update(num_bins=2**27), "not 1..65536"),
+    (lambda a, h: a.update(counts_0=np.zeros(4096, dtype=np.int64)), "more than 8 bins"),  # read before the size check
 ])
 def test_made_up_or_damaged_statistics_are_refused_naming_the_tensor(tmp_path, edit, what):
     from quantkit.calibrators.stats import StatsError, load_stats
@@ -193,3 +197,13 @@ def test_a_tensor_zero_on_every_sample_gets_the_same_placeholder_scale_in_the_ca
     from quantkit.calibrators.cache import CalibrationCache
 
     assert CalibrationCache.from_amax({"z": 0.0, "t": 127.0}, "entropy").scales == {"z": 1.0, "t": 1.0}
+
+
+def test_a_tensor_too_small_for_a_float32_scale_gets_the_placeholder_not_0():
+    """Data around 1e-42 wrote scale 0 (and 00000000 in the cache): ONNX and TensorRT need a positive scale."""
+    from quantkit.calibrators.cache import CalibrationCache
+    from quantkit.calibrators.weights import scale_from_amax
+
+    assert float(scale_from_amax(1e-43)) == 1.0 and float(scale_from_amax(127.0)) == 1.0
+    assert CalibrationCache.from_amax({"tiny": 1e-43}, "entropy").scales == {"tiny": 1.0}
+    assert scale_from_amax(np.array([1e-43, 2.54], np.float32)).tolist() == [1.0, np.float32(0.02)]

@@ -205,3 +205,30 @@ def test_every_output_of_a_model_is_in_the_table_and_the_figure(tmp_path):
 
     point = accuracy_latency_points(Results(compares=[doc], benches=[{**BENCH, "model": "m.int8.onnx"}]))
     assert [p.score for p in point if p.label == "m.int8"] == [0.75]  # the worst output's agreement
+
+
+@pytest.mark.parametrize("kind", ["huge", "nested"])
+def test_a_file_no_result_can_be_is_refused_before_it_is_read(tmp_path, capsys, kind):
+    """A 3 GiB .json was read whole (6.3 GB, 30 s); JSON nested 100000 deep was exit 1 (RecursionError)."""
+    f = tmp_path / "r.json"
+    if kind == "huge":
+        with open(f, "wb") as fh:
+            fh.truncate(300 << 20)  # sparse
+    else:
+        f.write_text("[" * 100000 + "]" * 100000)
+    assert main(["report", str(f), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert ("MiB, not a quantkit result" if kind == "huge" else "nested too deeply") in err and "Traceback" not in err
+
+
+def test_a_result_file_and_a_title_named_in_another_encoding_are_drawn(tmp_path):
+    """A file name or --title of bytes that are not UTF-8 was exit 1 (UnicodeEncodeError writing the page)."""
+    import os
+
+    pytest.importorskip("matplotlib")
+    name = os.fsdecode(b"c\xff.json")
+    (tmp_path / name).write_text(json.dumps(BENCH))
+    title = os.fsdecode(b"ti\xfftle")
+    assert main(["report", str(tmp_path / name), "-o", str(tmp_path / "out"), "--title", title]) == 0
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert "c\ufffd.json" in page and "ti\ufffdtle" in page
