@@ -365,6 +365,9 @@ def check_output_dir(path: str | os.PathLike[str], *, force: bool, inputs: Seque
     """
     out = Path(path)
     _check_overlap(out, inputs, what="output folder")
+    if out.is_symlink() and not out.exists():  # found only when the work was done (it cannot be made)
+        raise OutputError(f"output folder {str(out)!r} is a symbolic link to {os.readlink(out)!r}, which does not exist",
+                          hint="create the folder it points to, or choose another -o")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path {str(out)!r} exists and is not a folder",
                                 hint="choose a folder for -o")

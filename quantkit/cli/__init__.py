@@ -188,8 +188,11 @@ def _out_of_memory(args: argparse.Namespace) -> int:
     if args.debug:
         traceback.print_exc()
     print("quantkit: error: out of memory", file=sys.stderr)
-    print("  hint: lower --batch-size or --num-images, and check the data's shapes and the model's declared "
-          "input sizes", file=sys.stderr)
+    # the flags of this command that set how much is held at once (bench has --batch, not --batch-size)
+    flags = [f for f, dest in (("--batch-size", "batch_size"), ("--batch", "batch"), ("--num-images", "num_images"))
+             if hasattr(args, dest)]
+    print(f"  hint: {'lower ' + ' or '.join(flags) + ', and ' if flags else ''}check the data's shapes and the "
+          "model's declared input sizes", file=sys.stderr)
     return 2
 
 

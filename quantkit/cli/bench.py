@@ -53,6 +53,10 @@ class Bench:
                               what="an earlier `quantkit bench --json` result")
         trt_options = args.cuda_graph or args.no_transfers or args.streams > 1
         is_engine = Path(args.model).suffix.lower() in ENGINE_SUFFIXES
+        if is_engine:  # bytes that are no engine are bad input, whether TensorRT is installed or not
+            from quantkit.cli.inspect import check_engine_file
+
+            check_engine_file(Path(args.model))
         if trt_options and not is_engine:
             raise InputError("--cuda-graph, --no-transfers and --streams apply to TensorRT engines only",
                              hint="drop them for an .onnx model (ONNX Runtime on CPU)")

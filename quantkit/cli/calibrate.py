@@ -180,8 +180,14 @@ class Calibrate:
         eval_source, eval_idx, held_out, mismatch = source, [], False, None
         if args.eval_images > 0:
             if args.eval_dir:
+                calib = args.images or args.npz
+                same = bool(calib) and _same_or_inside(args.eval_dir, calib)
+                if same:  # report.json says held_out: false
+                    log.warning("--eval-dir %r is the calibration data%s: the comparison is on calibration samples, "
+                                "not held out", args.eval_dir, "" if os.path.realpath(args.eval_dir) ==
+                                os.path.realpath(calib) else " (a folder inside it)")
                 eval_source = source_for_model(args, prepared.specs, images=args.eval_dir)
-                eval_idx, held_out = list(range(len(eval_source)))[: args.eval_images], True
+                eval_idx, held_out = list(range(len(eval_source)))[: args.eval_images], not same
                 mismatch = check_classes(eval_source, output_specs(prepared.model))  # warns
             else:
                 held_out = bool(drawn.rest)
@@ -231,7 +237,8 @@ class Calibrate:
             # files the calibration pass already reported are summed up once, below
             lines.append(replace(cmp, skipped=[s for s in cmp.skipped if s[0] not in known]).table())
             if not held_out:
-                lines.append("  note: no images left after calibration; compared on calibration images")
+                lines.append("  note: " + ("--eval-dir is the calibration data" if args.eval_dir else
+                                           "no images left after calibration") + "; compared on calibration images")
             lost = [o for o in cmp.outputs if o.match is None and math.isfinite(o.sqnr_db) and o.sqnr_db < LOST_SQNR_DB]
             if lost:  # a model INT8 does not hold (a diffusion UNet's activations up to 1e8: 0.4 dB by every method)
                 lines.append(f"  note: {', '.join(f'{o.name!r} at {o.sqnr_db:.1f} dB' for o in lost)}: "
@@ -313,6 +320,12 @@ def _float_note(result: Any) -> str:
     fallback's, or None): the counts before them are the calibration's, not the written model's."""
     groups = list(getattr(result, "float_groups", None) or [])
     return f"; {len(groups)} of {result.num_groups} group(s) then kept in float by --max-drop" if groups else ""
+
+
+def _same_or_inside(path: str, other: str) -> bool:
+    """Whether ``path`` is ``other`` or lies inside it (both resolved)."""
+    a, b = Path(os.path.realpath(path)), Path(os.path.realpath(other))
+    return a == b or b in a.parents
 
 
 def _method_check(args: argparse.Namespace) -> bool | None:

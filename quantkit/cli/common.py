@@ -262,7 +262,12 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
                              "every input's array in the .npz", hint="drop --input-value, or use --images")
         return NumpySource(arrays, dtypes={s.name: s.dtype for s in specs}, shapes={s.name: s.shape for s in specs},
                            batch_axes=dict(getattr(args, "batch_axis", None) or []))
-    given_values = dict(getattr(args, "input_value", None) or [])
+    pairs = list(getattr(args, "input_value", None) or [])
+    twice = next((k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])), None)
+    if twice is not None:  # the last one was taken without a word
+        raise InputError(f"--input-value gives {twice!r} more than one value",
+                         hint=f"give --input-value {twice}=V once")
+    given_values = dict(pairs)
     specs, values = _image_input(specs, given_values)
     pixels = np.dtype(specs[0].dtype) == np.uint8 and len(specs[0].shape) == 4  # the model normalizes itself
     if not np.issubdtype(specs[0].dtype, np.floating) and not pixels:

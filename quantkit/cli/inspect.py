@@ -9,6 +9,20 @@ _ENGINE_MAGIC = b"ftrt"
 _TAG_SEARCH = 64 * 1024
 
 
+def check_engine_file(path: Path) -> None:
+    """Raise InputError for a file named like a TensorRT engine without an engine header (before
+    TensorRT is looked for: random bytes named .plan are bad input, not a missing TensorRT)."""
+    from quantkit.errors import InputError
+
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+        tagged = _ENGINE_MAGIC in head[:32] or _ENGINE_MAGIC in head + fh.read(_TAG_SEARCH)
+    if not tagged:
+        raise InputError(f"{str(path)!r} is named like a TensorRT engine but has no engine header "
+                         f"({_ENGINE_MAGIC.decode()!r} tag) in its first {_TAG_SEARCH // 1024} KiB",
+                         hint="give the file TensorRT wrote (trtexec --saveEngine, quantkit build)")
+
+
 class Inspect:
     """Show a model's inputs, outputs, opset and Q/DQ plan, a calibration cache's contents, or
     what a TensorRT engine file is.
@@ -39,9 +53,7 @@ class Inspect:
         if path.suffix.lower() in ENGINE_SUFFIXES or _ENGINE_MAGIC in head[:32]:
             # a serialized engine: reading it needs TensorRT (and the GPU it was built for)
             if not tagged:  # named like one, but the bytes say otherwise: do not call it an engine
-                raise InputError(f"{str(path)!r} is named like a TensorRT engine but has no engine header "
-                                 f"({_ENGINE_MAGIC.decode()!r} tag) in its first {_TAG_SEARCH // 1024} KiB",
-                                 hint="give the file TensorRT wrote (trtexec --saveEngine, quantkit build)")
+                check_engine_file(path)
             print(f"{path}: TensorRT engine, {path.stat().st_size:,} bytes; TensorRT is needed to read its "
                   "bindings (`quantkit bench` runs it where TensorRT and a matching GPU are)")
             return 0

@@ -34,6 +34,15 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 
 
+def _starts_with(path: Path, head: bytes) -> bool:
+    """Whether the file ``path`` begins with ``head`` (False where it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(head)) == head
+    except OSError:
+        return False
+
+
 class SampleError(DatasetError):
     """One sample could not be read or converted; ``path`` names it."""
 
@@ -323,8 +332,11 @@ class NumpySource:
         try:
             loaded = np.load(p, allow_pickle=False)
         except (ValueError, *_NUMPY_READ_ERRORS) as err:
-            why = ("it holds pickled Python objects, which quantkit never loads" if "pickle" in str(err)
-                   else str(err))  # NumPy's own text would advise loading it unsafely
+            # NumPy takes any file that is neither .npy nor a zip for a pickle: only one that starts
+            # as a pickle does (protocol 2+: 0x80) is called one; NumPy's own text would advise loading it unsafely
+            pickled = _starts_with(p, b"\x80") or _starts_with(p, b"\x93NUMPY")  # a pickle, an object array
+            why = (str(err) if "pickle" not in str(err) else "it holds pickled Python objects, which quantkit never "
+                   "loads" if pickled else "it is neither a .npy array nor an .npz (zip) archive")
             raise DatasetError(f"{str(p)!r} is not a readable .npy/.npz file: {why}",
                                hint="save plain arrays with numpy.save / numpy.savez") from err
         if isinstance(loaded, np.ndarray):
@@ -342,6 +354,8 @@ class NumpySource:
                     try:
                         arrays[k] = loaded[k]
                     except ValueError as err:  # an object array: np.load refuses to unpickle it
+                        if "pickle" not in str(err):  # a truncated member: "EOF: reading array data"
+                            raise DatasetError(f"{str(p)!r}: array {k!r} is not readable: {err}") from err
                         raise DatasetError(f"{str(p)!r}: array {k!r} cannot be read without unpickling Python "
                                            f"objects ({err}); quantkit never runs code from a data file",
                                            hint="save numeric arrays (np.savez with float/int arrays), and text as NumPy str arrays") from err

@@ -289,3 +289,18 @@ def test_calibrate_says_when_int8_loses_an_output(tmp_path, capsys):
                  "--no-progress", "--no-equalize", "--no-bias-correction"]) == 0
     out = capsys.readouterr().out
     assert "INT8 loses most of this output" in out and "quantkit debug FP32 INT8 --rank" in out
+
+
+def test_an_eval_dir_that_is_the_calibration_folder_is_said_and_not_called_held_out(digits_dirs, tmp_path, caplog):
+    """--eval-dir pointing at the calibration folder (or inside it) went unsaid: report.json called the
+    calibration images held out."""
+    import json
+
+    train = digits_dirs[0]
+    inner = next(p for p in sorted(train.iterdir()) if p.is_dir())
+    for k, ev in enumerate((train, inner)):
+        out = tmp_path / f"o{k}"
+        assert main(["calibrate", str(sample.model_path()), "--images", str(train), "--num-images", "64",
+                     "--eval-images", "16", "--eval-dir", str(ev), "--method", "minmax", "-o", str(out), *DIGITS]) == 0
+        assert json.loads((out / "report.json").read_text())["held_out"] is False
+    assert "is the calibration data:" in caplog.text and "is the calibration data (a folder inside it)" in caplog.text

@@ -266,12 +266,14 @@ def test_inspect_engine_tag_after_metadata(name, metadata, tmp_path, capsys):
     assert "TensorRT engine" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["inspect", "bench"])
 @pytest.mark.parametrize("name", ["model.plan", "model.engine", "model.trt"])
-def test_inspect_random_bytes_named_engine(name, tmp_path, capsys):
-    """A file named like an engine without TensorRT's tag is not called one (it was, exit 0)."""
+def test_random_bytes_named_engine(name, command, tmp_path, capsys):
+    """A file named like an engine without TensorRT's tag is not called one (inspect: exit 0; bench: exit 1,
+    "TensorRT is required", as if the bytes were an engine)."""
     path = tmp_path / name
     path.write_bytes(bytes(range(256)) * 40)
-    assert main(["inspect", str(path)]) == 2
+    assert main([command, str(path)]) == 2
     err = _err_line(capsys.readouterr().err)
     assert name in err and "no engine header" in err
 
@@ -623,6 +625,11 @@ def test_a_pickle_is_never_suggested_to_be_loaded(models, tmp_path, capsys):
     assert main(["merge-stats", str(tmp_path / "p.npy"), "-o", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert "never load" in err and "allow_pickle" not in err and "unsafely" not in err
+    # a text file named .npz is no pickle, whatever NumPy takes it for; a truncated member neither
+    (tmp_path / "t.npz").write_text("hello")
+    assert main(["calibrate", str(models["dyn"]), "--npz", str(tmp_path / "t.npz"), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "neither a .npy array nor an .npz (zip) archive" in err and "pickled" not in err
 
 
 @pytest.mark.parametrize("name,value", [("QUANTKIT_HISTOGRAM_WORKERS", "abc"), ("OPENCV_IO_MAX_IMAGE_PIXELS", "abc"),

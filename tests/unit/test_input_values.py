@@ -72,6 +72,7 @@ def test_calibrate_compare_and_debug_with_input_values(setup, tmp_path, capsys):
     (["--input-value", "scale_factor=1", "--input-value", "im_shape=32,32"], "1 value(s), but one sample"),
     (["--input-value", "scale_factor=1,x", "--input-value", "im_shape=32,32"], "must be numbers"),
     (["--input-value", "scale_factor"], "expected NAME=V[,V...]"),
+    ([*VALUES, "--input-value", "scale_factor=2,2"], "gives 'scale_factor' more than one value"),  # one was dropped
 ])
 def test_bad_input_values_are_one_line_exit_2(extra, said, setup, tmp_path, capsys):
     rc, _, err = run_cli(["calibrate", str(setup / "det.onnx"), "--images", str(setup / "photos"), *extra,
