@@ -31,7 +31,7 @@ import onnx
 
 from quantkit import env_int
 from quantkit.calibrators.cache import DEFAULT_TRT_VERSION, CalibrationCache
-from quantkit.calibrators.collectors import Histogram, collect_histograms, merge_histogram
+from quantkit.calibrators.collectors import MAX_BINS, Histogram, collect_histograms, merge_histogram
 from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method, method_params
 from quantkit.datasets.batching import Batcher, data_batch_axes
 from quantkit.datasets.sources import Source
@@ -217,10 +217,6 @@ class StatsConfig:
         if self.sample_stride < 1:
             raise InputError(f"histogram sample stride must be >= 1, got {self.sample_stride}")
 
-
-#: the most histogram bins a tensor may have (TensorRT uses 2048; 2**40 was accepted and then
-#: allocated per tensor)
-MAX_BINS = 1 << 16
 
 
 @dataclass(frozen=True)

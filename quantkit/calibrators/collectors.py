@@ -24,6 +24,9 @@ from quantkit import env_int
 from quantkit.calibrators import native
 from quantkit.errors import NonFiniteError, NotCalibratedError
 
+#: the most histogram bins a tensor may have (TensorRT uses 2048; 2**40 was accepted and then
+#: allocated per tensor; a statistics file claiming 2**27 took 8 GB to read)
+MAX_BINS = 1 << 16
 _CHUNK = 1 << 18  # elements per step: keeps the |x| and index buffers in cache
 _MIN_SAMPLED = 1 << 16  # sampled updates keep at least this many values in the sample
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from quantkit.calibrators.collectors import Histogram, merge_histogram
+from quantkit.calibrators.collectors import MAX_BINS, Histogram, merge_histogram
 from quantkit.errors import InputError
 
 FORMAT = "quantkit-calibration-stats"
@@ -157,8 +157,6 @@ def _check_header(path: Any, header: Any, hint: str) -> None:
     n = header.get("num_samples")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TOTAL:
         raise bad(f"num_samples {n!r} is not a positive whole number")
-    from quantkit.ptq import MAX_BINS
-
     bins = header["settings"].get("num_bins")
     if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS):
         raise bad(f"num_bins {bins!r}, not 1..{MAX_BINS}")
@@ -170,8 +168,6 @@ def _check_member_size(z: Any, path: Any, name: str, member: str, bins: int | No
     """A tensor's counts array, from the size the archive declares for it (not the compressed
     size: 2**27 zero counts compress to a few MB and took 8 GB to read), fits one row of ``bins``
     8-byte counts and the array's header."""
-    from quantkit.ptq import MAX_BINS
-
     try:
         size = z.zip.getinfo(f"{member}.npy").file_size
     except (KeyError, AttributeError):  # missing: the read below says so
