@@ -108,9 +108,14 @@ def staged_file(path: str | os.PathLike[str], data: bytes) -> Iterator[Callable[
     that must appear only when another one (an output folder) is committed: a full disk shows
     before either is in place."""
     target = Path(path)
+    made = [d for d in (target.parent, *target.parent.parents) if not d.exists()]  # deepest first
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     committed = False
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except BaseException:
+        _remove_empty(made)
+        raise
 
     def commit() -> Path:
         nonlocal committed
@@ -130,6 +135,16 @@ def staged_file(path: str | os.PathLike[str], data: bytes) -> Iterator[Callable[
         if not committed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            _remove_empty(made)  # the folders made for it: a failed run leaves none behind
+
+
+def _remove_empty(folders: Iterable[Path]) -> None:
+    """Remove ``folders`` (deepest first) that are empty; a folder something else filled stays."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

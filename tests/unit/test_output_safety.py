@@ -540,3 +540,17 @@ def test_a_folder_another_run_filled_meanwhile_is_said_so(tmp_path, monkeypatch)
             (staging / "mine.txt").write_text("this run")
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
+
+
+def test_a_staged_file_that_is_not_committed_leaves_no_folders_it_made(tmp_path):
+    """`--save-stats nd/x/s.qkstats` made nd/x before the work and left them, empty, when the run failed."""
+    from quantkit._io import staged_file
+
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(RuntimeError):
+        with staged_file(tmp_path / "keep" / "nd" / "x" / "s.qkstats", b"stats"):
+            raise RuntimeError("the run failed after the work")
+    assert list((tmp_path / "keep").iterdir()) == []  # nd/x gone, the folder that was there stays
+    with staged_file(tmp_path / "keep" / "nd" / "s.qkstats", b"stats") as commit:
+        commit()
+    assert (tmp_path / "keep" / "nd" / "s.qkstats").read_bytes() == b"stats"
