@@ -191,9 +191,15 @@ class _PointStats:
 
 
 def _db(sig: float, noise: float) -> float:
+    """10 log10(sig / noise): inf without noise, -inf without signal or with infinite noise (an
+    attention mask's -inf where the INT8 model has a finite value: ONNX Runtime's MiniLM), NaN
+    where both are infinite."""
     if noise == 0.0:
         return math.inf
-    return -math.inf if sig == 0.0 else 10.0 * math.log10(sig / noise)
+    ratio = sig / noise
+    if math.isnan(ratio):
+        return math.nan
+    return -math.inf if ratio == 0.0 else math.inf if math.isinf(ratio) else 10.0 * math.log10(ratio)
 
 
 @dataclass(frozen=True)
@@ -383,21 +389,32 @@ STEP_AGREEMENT = 0.9
 STORED_MIN_DB = 10.0
 
 
-def _check_stored(p: QdqPoint, deq: np.ndarray, w: np.ndarray, name: str) -> None:
-    """Refuse stored integers (``deq``: their values, ``QdqPoint.dequantize``) that are not the FP32
-    weight ``w`` quantized with ``p``'s scales: at least ``STEP_AGREEMENT`` of them within one
-    step of ``p.fake_quant(w)`` and the nonzero ones of its sign, or the values within
-    ``STORED_MIN_DB`` of it. A coarse but faithful quantization (a per-tensor scale over
-    channels of different ranges) passes however low its SQNR."""
+def _check_stored(p: QdqPoint, deq: np.ndarray, w: np.ndarray, name: str) -> np.ndarray:
+    """The weight the stored integers (``deq``: their values, ``QdqPoint.dequantize``) quantize:
+    the FP32 weight ``w``, or ``w`` times positive factors along one axis (NNCF's SmoothQuant scales
+    a MatMul's weight per input channel before storing it, as equalization does); refused when
+    neither is: at least ``STEP_AGREEMENT`` of them within one step of ``p.fake_quant`` of it and
+    the nonzero ones of its sign, or the values within ``STORED_MIN_DB`` of it. A coarse but
+    faithful quantization (a per-tensor scale over channels of different ranges) passes however
+    low its SQNR."""
     step = p._broadcast(p.scale, deq)
-    close = float((np.abs(deq - p.fake_quant(w)[0]) <= 1.5 * step).mean()) if deq.size else 1.0  # one step, not two
-    nonzero = (deq != 0) & (w != 0)
-    agree = float((np.sign(deq) == np.sign(w))[nonzero].mean()) if nonzero.any() else 1.0
-    if close >= STEP_AGREEMENT and agree >= SIGN_AGREEMENT:
-        return
-    db = _db(float((w * w).sum()), float(((deq - w) ** 2).sum()))
-    if db >= STORED_MIN_DB:
-        return
+
+    def faithful(ref: np.ndarray) -> tuple[bool, float, float]:
+        close = float((np.abs(deq - p.fake_quant(ref)[0]) <= 1.5 * step).mean()) if deq.size else 1.0  # one step
+        nonzero = (deq != 0) & (ref != 0)
+        agree = float((np.sign(deq) == np.sign(ref))[nonzero].mean()) if nonzero.any() else 1.0
+        db = _db(float((ref * ref).sum()), float(((deq - ref) ** 2).sum()))
+        return (close >= STEP_AGREEMENT and agree >= SIGN_AGREEMENT) or db >= STORED_MIN_DB, close, db
+
+    ok, close, db = faithful(w)
+    if ok:
+        return w
+    for axis in range(w.ndim if w.ndim >= 2 else 0):  # positive factors along one axis, fitted by least squares
+        rest = tuple(a for a in range(w.ndim) if a != axis)
+        den = (w * w).sum(axis=rest, keepdims=True)
+        factors = np.where(den > 0, (deq * w).sum(axis=rest, keepdims=True) / np.where(den > 0, den, 1.0), 1.0)
+        if (factors > 0).all() and faithful(w * factors)[0]:
+            return w * factors
     raise ModelError(f"weight {name!r} differs from the FP32 model's ({db:.1f} dB; {100 * (1 - close):.0f}% of its "
                      "stored integers more than one step from the FP32 weight quantized with its scales): the Q/DQ "
                      "model is not derived from this FP32 model", hint="give the FP32 model the Q/DQ model was made from")
@@ -421,7 +438,7 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
         if p.stored is not None:
             deq = p.dequantize(iconsts[p.stored])
             if deq.shape == w.shape:
-                _check_stored(p, deq, w, name)
+                w = _check_stored(p, deq, w, name)  # (rescaled per channel, where the tool rescaled it)
         elif own is not None and own.shape == w.shape:
             # the INT8 model's own float weight: it may be the FP32 model's times positive per-channel
             # factors (equalization, SmoothQuant), never other values (another training of the graph)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -360,10 +361,12 @@ def test_a_quiet_input_channel_the_weights_amplify_is_named(tmp_path):
             assert t.weighted_local_sqnr_db > 35 and "quiet channel" not in rep.table()
 
 
-def _coarse_models(rng, stored: bool, other: bool = False):
+def _coarse_models(rng, stored: bool, other: bool = False, smooth: bool = False):
     """FP32 ``x @ W`` (W a Constant node, as Paddle writes weights) and a Q/DQ model of it whose
     weight scale is coarse (1.5 for N(0, 1) values: about 7 dB), the weight kept in float behind a
-    Q/DQ pair (NNCF's way) or stored as int8 (``stored``); ``other``: the integers of another W."""
+    Q/DQ pair (NNCF's way) or stored as int8 (``stored``); ``other``: the integers of another W;
+    ``smooth``: NNCF's SmoothQuant, x divided and W's rows multiplied by positive factors before
+    W is stored."""
     from onnx import TensorProto, helper, numpy_helper
 
     w = rng.normal(0, 1, (16, 8)).astype(np.float32)
@@ -372,14 +375,20 @@ def _coarse_models(rng, stored: bool, other: bool = False):
           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])])
     fp32 = helper.make_model(helper.make_graph([const, helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
                                                "fp32", *io), opset_imports=[helper.make_opsetid("", 17)])
-    scales = [numpy_helper.from_array(np.array(v, np.float32), n) for v, n in ((1.5, "ws"), (0.05, "xs"))]
+    step = 0.04 if smooth else 1.5  # (a fine step: at 1.5 most values round to 0 whatever the factors)
+    scales = [numpy_helper.from_array(np.array(v, np.float32), n) for v, n in ((step, "ws"), (0.05, "xs"))]
     zero = numpy_helper.from_array(np.array(0, np.int8), "z")
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "z"], ["xq"], name="xq"),
              helper.make_node("DequantizeLinear", ["xq", "xs", "z"], ["xd"], name="xd")]
     inits = [*scales, zero]
+    if smooth:  # x / s before its Q/DQ pair, W's rows times s
+        s = rng.uniform(0.5, 2.0, (16, 1)).astype(np.float32)
+        inits.append(numpy_helper.from_array((1 / s).reshape(16), "inv_s"))
+        nodes.insert(0, helper.make_node("Mul", ["x", "inv_s"], ["xs_"], name="nncf_smooth_quant"))
+        nodes[1].input[0] = "xs_"
     if stored:
-        src = rng.normal(0, 1, w.shape).astype(np.float32) if other else w
-        inits.append(numpy_helper.from_array(np.clip(np.rint(src / 1.5), -128, 127).astype(np.int8), "w_q"))
+        src = rng.normal(0, 1, w.shape).astype(np.float32) if other else w * s if smooth else w
+        inits.append(numpy_helper.from_array(np.clip(np.rint(src / step), -128, 127).astype(np.int8), "w_q"))
         nodes.append(helper.make_node("DequantizeLinear", ["w_q", "ws", "z"], ["wd"], name="wd"))
     else:
         nodes += [const, helper.make_node("QuantizeLinear", ["w", "ws", "z"], ["wq"], name="wq"),
@@ -410,3 +419,30 @@ def test_a_coarse_but_faithful_weight_quantization_is_read(tmp_path, stored):
         _, not_derived, _ = _coarse_models(np.random.default_rng(3), stored=True, other=True)
         with pytest.raises(ModelError, match="not derived from this FP32 model"):
             layerwise_error(fp32, not_derived, Batcher(src, ["x"], 16))
+
+
+@pytest.mark.parametrize("other", [False, True])
+def test_a_weight_stored_after_smoothquant_is_read(tmp_path, other):
+    """NNCF's transformer models (SmoothQuant: a MatMul weight's rows scaled before it is stored as
+    int8) were refused as "not derived from this FP32 model"; another weight's integers still are."""
+    from quantkit.datasets import NumpySource
+
+    rng = np.random.default_rng(4)
+    fp32, int8, w = _coarse_models(rng, stored=True, smooth=True, other=other)
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (32, 16)).astype(np.float32))
+    batches = Batcher(NumpySource(tmp_path / "d.npz"), ["x"], 16)
+    if other:
+        with pytest.raises(ModelError, match="not derived from this FP32 model"):
+            layerwise_error(fp32, int8, batches)
+        return
+    (weight,) = layerwise_error(fp32, int8, batches).weights
+    assert weight.sqnr_db > 30  # its own quantization's error (step 0.04 on the rescaled rows), not a mismatch
+
+
+def test_db_of_infinite_noise_is_minus_infinity():
+    """An attention mask's -inf where the INT8 model computes a finite value made the noise
+    infinite: math domain error, exit 1 (ONNX Runtime's MiniLM)."""
+    from quantkit.debug.layerwise import _db as db
+
+    assert db(1.0, math.inf) == -math.inf and db(1.0, 0.0) == math.inf and db(0.0, 1.0) == -math.inf
+    assert math.isnan(db(math.inf, math.inf)) and db(100.0, 1.0) == pytest.approx(20.0)
