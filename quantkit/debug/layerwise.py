@@ -244,6 +244,9 @@ class WeightError:
     worst_channel_sqnr_db: float
     worst_channels: list[int]
     consumers: tuple[str, ...]
+    #: "weight", or "bias" for a bias stored as int32 (ONNX Runtime's: its scale the input's times
+    #: the weight's, a few channels far below the rest whenever the input scale is coarse)
+    kind: str = "weight"
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,7 @@ class DebugReport:
                          "ranks it; `--exclude` its readers)")
         worst_w = sorted(self.weights, key=lambda w: (w.worst_channel_sqnr_db, w.sqnr_db))[:3]
         for w in worst_w:
-            lines.append(f"  weight {short_name(w.tensor)}: {w.sqnr_db:.2f} dB, worst channel {w.worst_channel_sqnr_db:.2f} dB "
+            lines.append(f"  {w.kind} {short_name(w.tensor)}: {w.sqnr_db:.2f} dB, worst channel {w.worst_channel_sqnr_db:.2f} dB "
                          f"(channels {w.worst_channels})")
         for o in self.outputs:
             differs = getattr(o, "shape_differs", 0)
@@ -417,7 +420,8 @@ def _check_stored(p: QdqPoint, deq: np.ndarray, w: np.ndarray, name: str) -> np.
             return w * factors
     raise ModelError(f"weight {name!r} differs from the FP32 model's ({db:.1f} dB; {100 * (1 - close):.0f}% of its "
                      "stored integers more than one step from the FP32 weight quantized with its scales): the Q/DQ "
-                     "model is not derived from this FP32 model", hint="give the FP32 model the Q/DQ model was made from")
+                     "model is not derived from this FP32 model", hint="give the FP32 model the Q/DQ model was made from "
+                     "(where it was, this weight or its scale was changed in the Q/DQ model afterwards)")
 
 
 def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable[QdqPoint]) -> list[WeightError]:
@@ -465,7 +469,9 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
         wc, dc = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), np.moveaxis(deq, axis, 0).reshape(w.shape[axis], -1)
         per = np.array([_db(float((a * a).sum()), float(((b - a) ** 2).sum())) for a, b in zip(wc, dc)])
         order = np.argsort(per, kind="stable")[:3]
-        out.append(WeightError(name, p.depth, total, float(per.min()), [int(i) for i in order], p.consumers))
+        bias = p.stored is not None and iconsts[p.stored].dtype == np.int32
+        out.append(WeightError(name, p.depth, total, float(per.min()), [int(i) for i in order], p.consumers,
+                               "bias" if bias else "weight"))
     return out
 
 

@@ -119,6 +119,12 @@ def test_onnxruntime_qdq_model_is_read_too(models, tmp_path):
     assert {w.tensor for w in rep.weights} >= {"w1", "w2", "wt"}
     assert all(np.isfinite(a.local_sqnr_db) for a in rep.activations)
     assert rep.outputs[0].sqnr_db > 10
+    # its int32 biases are named as such, not as weights with alarming worst channels
+    kinds = {w.tensor: w.kind for w in rep.weights}
+    stored = {i.name for i in int8.graph.initializer if i.data_type == onnx.TensorProto.INT32}
+    assert {t for t, k in kinds.items() if k == "bias"} and all(k == "weight" for t, k in kinds.items()
+                                                                if t in {"w1", "w2", "wt"})
+    assert stored  # ONNX Runtime stored its biases as int32
 
 
 def test_a_model_not_made_from_this_fp32_model_is_refused(models):
