@@ -551,7 +551,8 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
     met = current.drop <= config.max_drop
     if met:
         message = (f"budget met: drop {current.drop:.3g} <= {config.max_drop:g} {metric} points with "
-                   f"{len(floats)} of {len(groups)} groups in float" + _switches(overrides, len(groups)))
+                   f"{len(floats)} of {len(groups)} groups in float"
+                   + _switches({g: m for g, m in overrides.items() if g not in floats}, len(groups)))  # (as the result's)
     else:
         reason = message or ("even with every group in float" if len(floats) == len(groups) else "")
         message = (f"the budget of {config.max_drop:g} {metric} points cannot be met {reason}: drop "
