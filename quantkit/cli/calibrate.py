@@ -105,7 +105,8 @@ class Calibrate:
                             "writes nothing (exit 2)")
         b.add_argument("--drop-metric", choices=["accuracy", "top1-agreement", "sqnr", "cosine"],
                        help="unit of --max-drop: accuracy (points, needs labels), top1-agreement (100 - %% agreeing "
-                            "with FP32), sqnr (100 x noise/signal: 1 = 20 dB), cosine (100 x (1 - mean cosine)); "
+                            "with FP32), sqnr (100 x noise/signal: 1 = 20 dB; of an output a Concat joins, its worst part's), "
+                            "cosine (100 x (1 - mean cosine)); "
                             "default accuracy when the data has labels, else top1-agreement; sqnr for an output that is not "
                             "[N, classes] of two classes or more")
         b.add_argument("--max-float-groups", type=non_negative_int, metavar="N",
