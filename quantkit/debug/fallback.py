@@ -65,8 +65,8 @@ import onnx
 
 from quantkit._values import comparable
 from quantkit.backends.base import real_rows
-from quantkit.debug.sensitivity import (ESTIMATORS, QdqScales, SensitivityReport, _noise_signal, _part_noise_signal,
-                                        _ratio, part_energy, rank_groups, rank_sensitivity)
+from quantkit.debug.sensitivity import (ESTIMATORS, QdqScales, SensitivityReport, _ratio, noise_signal_by_part,
+                                        part_energy, rank_groups, rank_sensitivity)
 from quantkit.errors import InputError, check_fields
 from quantkit.onnx.model import error_output, l2_normalized, last_axis_classes, named_axis_1
 
@@ -317,17 +317,17 @@ class _Evaluator:
         per: dict[int, float] = {}
         noise = signal = cos = task = 0.0
         agree = correct = 0
-        parted = self.energy is not None and len(self.parts) >= 2
+        parted = self.metric == "sqnr" and self.energy is not None and len(self.parts) >= 2
         part_noise = np.zeros(len(self.parts)) if parted else None  # each Concat part's noise power
         with OrtRunner(model, threads=self.scales.run.threads) as r:
             for b, ref, lab in zip(self.batches, self.ref, self.labels):
                 out = real_rows(r.infer(b.feed)[self.output], b.size, b.num_rows)
-                n, s = _noise_signal(ref, out, self.parts, self.energy)
+                n, s, by_part = noise_signal_by_part(ref, out, self.parts, self.energy)
                 for i, ni, si in zip(b.indices, n, s):
                     per[i] = _ratio(float(ni), float(si))
                 noise, signal = noise + float(n.sum()), signal + float(s.sum())
-                if part_noise is not None and self.metric == "sqnr":
-                    part_noise += _part_noise_signal(ref, out, self.parts)[0].sum(axis=0)
+                if part_noise is not None and by_part is not None:
+                    part_noise += by_part.sum(axis=0)
                 if self.metric == "task":
                     task += self._task(out, b.indices)
                 elif self.metric == "cosine":

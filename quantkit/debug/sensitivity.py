@@ -403,6 +403,14 @@ def _noise_signal(ref: np.ndarray, test: np.ndarray, parts: Sequence[int] = (),
         InputError: the two have different shapes: a first output whose shape depends on the
             values (the boxes NonMaxSuppression keeps), which cannot be compared sample by sample.
     """
+    n, s, _ = noise_signal_by_part(ref, test, parts, energy)
+    return n, s
+
+
+def noise_signal_by_part(ref: np.ndarray, test: np.ndarray, parts: Sequence[int] = (),
+                         energy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``_noise_signal`` and, where it weighs ``parts``, each sample's noise power per part
+    ([N, parts]; None otherwise): the fallback's sqnr budget holds each part to it."""
     if np.shape(ref) != np.shape(test):
         raise InputError(f"the model's first output has a data-dependent shape (FP32 {list(np.shape(ref))}, INT8 "
                          f"{list(np.shape(test))}: e.g. the boxes NonMaxSuppression keeps); the sensitivity ranking "
@@ -411,10 +419,10 @@ def _noise_signal(ref: np.ndarray, test: np.ndarray, parts: Sequence[int] = (),
     if energy is not None and len(parts) >= 2:
         noise, signal = _part_noise_signal(ref, test, parts)
         weights = part_weights(energy)
-        return noise @ weights, signal @ weights
+        return noise @ weights, signal @ weights, noise
     r, t = comparable(ref.reshape(ref.shape[0], -1), test.reshape(test.shape[0], -1))
     d = r - t
-    return (d * d).sum(axis=1), (r * r).sum(axis=1)
+    return (d * d).sum(axis=1), (r * r).sum(axis=1), None
 
 
 def _part_noise_signal(ref: np.ndarray, test: np.ndarray, parts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
