@@ -33,6 +33,7 @@ from quantkit import env_int
 from quantkit.calibrators.cache import DEFAULT_TRT_VERSION, CalibrationCache
 from quantkit.calibrators.collectors import MAX_BINS, Histogram, collect_histograms, merge_histogram
 from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method, method_params
+from quantkit.calibrators.weights import MIN_SCALE
 from quantkit.datasets.batching import Batcher, data_batch_axes
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError, check_fields, check_names
@@ -1084,7 +1085,7 @@ def quantize(
     ranges = method_ranges(histograms, model.plan.groups, config.params)
     with np.errstate(under="ignore"):  # 0, or ~1e-40 (no normal float32 scale: the same placeholder)
         zero = [t for t in model.plan.activations if t in histograms
-                and np.float32(histograms[t].amax) / np.float32(127.0) < np.finfo(np.float32).tiny
+                and np.float32(histograms[t].amax) / np.float32(127.0) < MIN_SCALE
                 and histograms[t].counts.any()]  # not an empty tensor (no values at all): nothing to check
     if zero:  # nothing to scale: a placeholder scale, and often a sign of wrong data (an inverted mask)
         log.warning("%s: %d quantized tensor(s) were 0 on every calibration sample (%s); their INT8 scale is a "

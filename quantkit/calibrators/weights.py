@@ -17,6 +17,12 @@ def per_channel_amax(weight: np.ndarray, axis: int, *, name: str = "<weight>") -
     return np.abs(w).max(axis=other).astype(np.float32) if other else np.abs(w).astype(np.float32)
 
 
+#: the least INT8 scale quantkit writes: float32's least normal number (below it a scale is 0 or
+#: subnormal, which ONNX forbids or GPUs flush to 0); an amax whose amax / 127 is below it gets
+#: the placeholder scale 1, as a tensor that is 0 everywhere does
+MIN_SCALE = np.float32(np.finfo(np.float32).tiny)
+
+
 def scale_from_amax(amax: np.ndarray | np.floating | float) -> np.ndarray:
     """INT8 scale = amax / 127 (float32); an all-zero channel gets scale 1 (its values stay 0), and
     so does one whose amax / 127 is below float32's normal numbers (values about 1e-40: a scale of 0
@@ -24,4 +30,4 @@ def scale_from_amax(amax: np.ndarray | np.floating | float) -> np.ndarray:
     a = np.asarray(amax, dtype=np.float32)
     with np.errstate(under="ignore"):
         scale = a / np.float32(127.0)
-    return np.where(scale >= np.finfo(np.float32).tiny, scale, np.float32(1.0)).astype(np.float32)
+    return np.where(scale >= MIN_SCALE, scale, np.float32(1.0)).astype(np.float32)

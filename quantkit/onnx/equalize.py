@@ -65,6 +65,7 @@ import numpy as np
 import onnx
 
 from quantkit.calibrators import native
+from quantkit.calibrators.weights import MIN_SCALE
 from quantkit.onnx.model import constant_arrays, read_names, unique_name
 
 #: the metadata_props key of the equalization record (a JSON list of ``Equalization.to_dict()``)
@@ -424,7 +425,7 @@ def linear_gain_db(rows: np.ndarray, s: np.ndarray, nodes: Sequence[onnx.NodePro
 
     def q(v: np.ndarray, amax: np.ndarray) -> np.ndarray:
         step = (amax / 127.0).astype(np.float32)
-        step = np.where(step >= np.finfo(np.float32).tiny, step, np.float32(1.0))  # (as scale_from_amax)
+        step = np.where(step >= MIN_SCALE, step, np.float32(1.0))  # the placeholder, as scale_from_amax
         return np.clip(np.round(v / step), -127, 127) * step
 
     noise = {1: 0.0, 2: 0.0}
