@@ -462,7 +462,12 @@ def listing_folder(path: str | os.PathLike[str], levels: int = 8) -> Path | None
     return None
 
 
-def json_document(path: Path, limit: int = 256 << 20) -> Any:
+#: a JSON file larger than this is not one of quantkit's results (kilobytes to a few MiB) and is not
+#: read: what ``--force`` may replace, what ``report`` draws
+MAX_RESULT_BYTES = 256 << 20
+
+
+def json_document(path: Path, limit: int = MAX_RESULT_BYTES) -> Any:
     """``path``'s JSON value, or None where it cannot be read, is not JSON or is over ``limit``
     bytes: what a ``check_output_file`` ``replaceable`` predicate looks at."""
     try:

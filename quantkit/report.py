@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit._deps import require
-from quantkit._io import MANIFEST, input_file
+from quantkit._io import MANIFEST, MAX_RESULT_BYTES, input_file
 from quantkit.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,6 @@ def _number(v: Any, *, optional: bool = False) -> None:
 
 #: the largest magnitude a result's number may have (a latency of 1e308 ms is a damaged file)
 MAX_NUMBER = 1e15
-#: a result file larger than this is refused before it is read (a report is drawn from kilobytes)
-MAX_RESULT_BYTES = 256 << 20
 
 
 def _clean_text(value: Any) -> Any:
