@@ -181,14 +181,12 @@ class Calibrate:
         eval_source, eval_idx, held_out, mismatch = source, [], False, None
         if args.eval_images > 0:
             if args.eval_dir:
-                calib = args.images or args.npz
-                same = bool(calib) and _same_or_inside(args.eval_dir, calib)
-                if same:  # report.json says held_out: false
+                where = _within(args.eval_dir, args.images or args.npz)
+                if where is not None:  # report.json says held_out: false
                     log.warning("--eval-dir %r is the calibration data%s: the comparison is on calibration samples, "
-                                "not held out", args.eval_dir, "" if os.path.realpath(args.eval_dir) ==
-                                os.path.realpath(calib) else " (a folder inside it)")
+                                "not held out", args.eval_dir, where)
                 eval_source = source_for_model(args, prepared.specs, images=args.eval_dir)
-                eval_idx, held_out = list(range(len(eval_source)))[: args.eval_images], not same
+                eval_idx, held_out = list(range(len(eval_source)))[: args.eval_images], where is None
                 mismatch = check_classes(eval_source, output_specs(prepared.model))  # warns
             else:
                 held_out = bool(drawn.rest)
@@ -323,10 +321,13 @@ def _float_note(result: Any) -> str:
     return f"; {len(groups)} of {result.num_groups} group(s) then kept in float by --max-drop" if groups else ""
 
 
-def _same_or_inside(path: str, other: str) -> bool:
-    """Whether ``path`` is ``other`` or lies inside it (both resolved)."""
+def _within(path: str, other: str | None) -> str | None:
+    """Where ``path`` lies against ``other`` (both with their links resolved): "" where it is
+    ``other``, " (a folder inside it)" where it lies inside, None elsewhere."""
+    if not other:
+        return None
     a, b = Path(os.path.realpath(path)), Path(os.path.realpath(other))
-    return a == b or b in a.parents
+    return "" if a == b else " (a folder inside it)" if b in a.parents else None
 
 
 def _method_check(args: argparse.Namespace) -> bool | None:
