@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -273,3 +273,18 @@ def as_float16(model: onnx.ModelProto) -> onnx.ModelProto:
         if v.type.tensor_type.elem_type == TensorProto.FLOAT:
             v.type.tensor_type.elem_type = TensorProto.FLOAT16
     return model
+
+
+def calibrate_then_debug(model: onnx.ModelProto, x: np.ndarray, tmp_path: Path, capsys: Any) -> str:
+    """`calibrate` ``model`` on ``x`` (its input "x") through the CLI, then `debug --rank` the FP32
+    model against the INT8 model it wrote; debug's printed table (both must exit 0)."""
+    from quantkit.cli import main
+
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=x)
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main(["debug", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "--npz", str(tmp_path / "c.npz"),
+                 "--rank", "-o", str(tmp_path / "dbg"), "--no-progress"]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out

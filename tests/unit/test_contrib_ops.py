@@ -127,16 +127,9 @@ def test_calibrate_quantizes_a_fused_conv_and_writes_standard_ops(tmp_path):
 def test_debug_reads_a_reference_with_fused_ops(tmp_path, capsys):
     """`debug`'s FP32 reference is the user's model, FusedConv and all: matched to the INT8
     model's standard Conv, --rank included."""
-    from quantkit.cli import main
+    from tests.helpers import calibrate_then_debug
 
-    onnx.save(_fused_then_conv(), tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 4, 6, 6)).astype(np.float32))
-    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o"),
-                 "--no-progress", "--threads", "1"]) == 0
-    capsys.readouterr()
-    assert main(["debug", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "--npz", str(tmp_path / "c.npz"),
-                 "--rank", "-o", str(tmp_path / "dbg"), "--no-progress"]) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
+    out = calibrate_then_debug(_fused_then_conv(), RNG.normal(0, 1, (64, 4, 6, 6)).astype(np.float32), tmp_path, capsys)
     assert "output out: SQNR" in out and "fc" in out
 
 

@@ -91,16 +91,10 @@ def test_debug_reads_a_weight_only_reference_and_its_int8_model(tmp_path, capsys
     """The FP32 reference of `debug` is the user's weight-only model: its DequantizeLinear weights
     are its float weights there too (it was refused as "given as the FP32 reference, has
     QuantizeLinear/DequantizeLinear nodes"), --rank included."""
-    from quantkit.cli import main
+    from tests.helpers import calibrate_then_debug
 
-    onnx.save(_model("axis"), tmp_path / "m.onnx")
-    np.savez(tmp_path / "c.npz", x=RNG.normal(0, 1, (64, 16, 8, 8)).astype(np.float32))
-    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "o"),
-                 "--no-progress", "--threads", "1"]) == 0
-    capsys.readouterr()
-    assert main(["debug", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "--npz", str(tmp_path / "c.npz"),
-                 "--rank", "-o", str(tmp_path / "dbg"), "--no-progress"]) == 0, capsys.readouterr().err
-    assert "output y: SQNR" in capsys.readouterr().out
+    out = calibrate_then_debug(_model("axis"), RNG.normal(0, 1, (64, 16, 8, 8)).astype(np.float32), tmp_path, capsys)
+    assert "output y: SQNR" in out
 
 
 def test_inspect_says_a_model_is_weight_only(tmp_path, capsys):
