@@ -1060,7 +1060,7 @@ def quantize(
     if not isinstance(config, QuantizeConfig):
         raise InputError(f"config must be a QuantizeConfig, got {type(config).__name__}")
     check_source(source, indices)
-    stats, run = config.stats, config.run
+    stats = config.stats
     if not isinstance(model, PreparedModel) or not _prepared_for(model, stats):
         model = prepare_for(model.model if isinstance(model, PreparedModel) else model, stats,
                             model.name if isinstance(model, PreparedModel) else model_name)
