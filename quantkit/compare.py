@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -58,6 +58,9 @@ class OutputMetrics:
     #: ``top1_agreement`` is per position: a Softmax over the last axis of a rank-3+ output (a CTC
     #: recogniser's ``[N, T, classes]``: at each of its T steps)
     top1_per_position: bool = False
+    #: a few values a sample (``[N, k]``, k < 10) that no Softmax writes (``few_regression_values``):
+    #: classes or figures (scores, a box) alike, so its top-1 agreement may mean nothing
+    top1_few_values: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,10 @@ class CompareReport:
                              "else an anchor, a position); check what that index holds (scores, detections) before "
                              "trusting the figure")
         for m in self.outputs:
+            if m.top1_few_values:
+                lines.append(f"  note: {m.name!r}'s top-1 agreement is the argmax of its few values a sample, which no "
+                             "Softmax writes: it means something only if they are class scores, not figures (scores, "
+                             "a box); its SQNR holds either way (--max-drop's default metric for it)")
             if m.top1_per_position:
                 lines.append(f"  note: {m.name!r}'s top-1 agreement is per position: the argmax of its last axis (the "
                              "classes of a Softmax or of a linear layer's logits) at each position before it, as a "
@@ -359,10 +366,12 @@ def compare_runners(
     ordered = set(getattr(reference, "value_ordered", ()))
     # an embedding's argmax means nothing, nor one over a sequence's steps ([B, T]: not classes)
     embeddings = set(getattr(reference, "embeddings", ())) | set(getattr(reference, "named_axis_outputs", ()))
+    few = set(getattr(reference, "regression_outputs", ()))
     parts = dict(getattr(reference, "concat_parts", {}))
     return CompareReport(
         reference_name, test_name, samples,
-        [s.result(s.name in ordered, top1=s.name not in embeddings, parts=parts.get(s.name, ())) for s in stats.values()],
+        [replace(r, top1_few_values=r.top1_agreement is not None and r.name in few) for r in
+         (s.result(s.name in ordered, top1=s.name not in embeddings, parts=parts.get(s.name, ())) for s in stats.values())],
         correct_ref / labelled if labelled else None,
         correct_test / labelled if labelled else None,
         skipped,

@@ -20,7 +20,7 @@ import logging
 import numbers
 import os
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -238,8 +238,9 @@ class RunConfig:
         check_fields(self, batch_size=(int,), threads=(int, type(None)), strict=(bool,))
         if self.batch_size <= 0:
             raise InputError(f"batch size must be positive, got {self.batch_size}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"threads must be >= 1 (or None: one per core), got {self.threads}")
+        from quantkit.backends.onnxruntime import check_threads
+
+        check_threads(self.threads)
 
 
 @dataclass(frozen=True)
@@ -506,8 +507,12 @@ class Calibration:
         (and, its precision being per tensor, the layer that writes each: TensorRT warns
         "Missing scale ... fall back to non-int8 implementation for any layer consuming or
         producing given tensor"); the Q/DQ model keeps only the readers in float."""
+        from quantkit.debug.fallback import FallbackResult
         from quantkit.debug.sensitivity import quant_groups
 
+        if not isinstance(result, FallbackResult):
+            raise InputError(f"apply_fallback takes the FallbackResult that quantkit.debug.fallback returns, got "
+                             f"{type(result).__name__}")
         groups = {g.name: g for g in quant_groups(self.model, self.plan)}
         own = {e.scaled: e.tensor for e in self.equalized}  # in the cache an equalized tensor is its own
 
@@ -802,10 +807,9 @@ class Calibration:
         from quantkit.backends.onnxruntime import OrtRunner
         from quantkit.compare import compare_runners
 
-        check_source(source, indices)
+        idx = check_source(source, indices)
         method = method or self.config.method
         int8 = int8_model if int8_model is not None else self.int8_model(method)
-        idx = list(range(len(source))) if indices is None else list(indices)
         run = self.config.run if batch_size is None else replace(self.config.run, batch_size=batch_size)
         batches = evaluation_batches(source, self.specs, idx, run, known_skips=known_skips)
         threads = self.config.run.threads
@@ -833,6 +837,13 @@ class Calibration:
         from quantkit._io import output_dir
 
         _plain_name(model_stem, "model_stem")  # files in outdir, never beside or under it
+        if metadata is not None and (not isinstance(metadata, Mapping) or
+                                     not all(isinstance(k, str) for k in metadata) or "method" in metadata):
+            raise InputError("metadata must be a mapping of names (str) to JSON values, without 'method' "
+                             "(ranges.json's own: the method written)", hint="the method is the config's, or "
+                             "int8_model(method)'s")
+        if not isinstance(outdir, (str, os.PathLike)):
+            raise InputError(f"outdir must be a folder's path, got {type(outdir).__name__}")
         if stats is not None:
             _plain_name(stats[0], "the stats file name")
         for kind, (fname, _) in (extra or {}).items():
@@ -1000,22 +1011,34 @@ def _save_int8(model: onnx.ModelProto, folder: Path, name: str, kind: str) -> di
 
 
 # ------------------------------------------------------------------ the verb
-def check_source(source: Any, indices: Sequence[int] | None = None) -> None:
-    """Raise InputError when ``source`` is not a data source (``len`` and ``load``) or ``indices``
-    are not sample indices of it (whole numbers in 0..len-1: a negative one counted from the end
-    on some sources and was refused on others; one past the end was IndexError or accepted)."""
+def check_source(source: Any, indices: Iterable[int] | None = None) -> list[int]:
+    """The sample indices to read from ``source`` (every one for None; an iterator is read here,
+    once), after raising InputError when ``source`` is not a data source (``len`` and ``load``)
+    or ``indices`` are not sample indices of it (whole numbers in 0..len-1: a negative one
+    counted from the end on some sources and was refused on others; one past the end was
+    IndexError or accepted), and DatasetError when they select no sample."""
     if isinstance(source, (str, os.PathLike)) or not (hasattr(source, "__len__") and hasattr(source, "load")):
         raise InputError(f"the data must be a quantkit data source (len() and load(i)), got {type(source).__name__}",
                          hint="quantkit.datasets: ImageFolder(folder, preprocess), NumpySource('data.npz'), "
                               "TorchDatasetSource(dataset)")
+    try:
+        n = len(source)
+    except (TypeError, ValueError, OverflowError) as err:  # a __len__ that returns -1 or "16"
+        raise InputError(f"the data source's len() failed: {err}",
+                         hint="len(source) must be the number of samples it holds") from None
     if indices is None:
-        return
-    if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
-        raise InputError(f"indices must be a sequence of sample indices, got {type(indices).__name__}")
-    n = len(source)
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= int(i) < n:
-            raise InputError(f"sample index {i!r} is not in 0..{n - 1} (the source has {n} samples)")
+        idx = list(range(n))
+    else:
+        if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+            raise InputError(f"indices must be a sequence of sample indices, got {type(indices).__name__}")
+        idx = list(indices)
+        for i in idx:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= int(i) < n:
+                raise InputError(f"sample index {i!r} is not in 0..{n - 1} (the source has {n} samples)")
+    if not idx:
+        raise DatasetError("the data source holds no samples" if n == 0 else "indices select no sample",
+                           hint="give at least one sample")
+    return [int(i) for i in idx]
 
 
 def quantize(
@@ -1059,12 +1082,11 @@ def quantize(
         raise InputError(f"quantize takes an onnx.ModelProto or a model file's path, got {type(model).__name__}")
     if not isinstance(config, QuantizeConfig):
         raise InputError(f"config must be a QuantizeConfig, got {type(config).__name__}")
-    check_source(source, indices)
+    idx = check_source(source, indices)
     stats = config.stats
     if not isinstance(model, PreparedModel) or not _prepared_for(model, stats):
         model = prepare_for(model.model if isinstance(model, PreparedModel) else model, stats,
                             model.name if isinstance(model, PreparedModel) else model_name)
-    idx = list(range(len(source))) if indices is None else list(indices)
     prepared, unequalized = model, model.model
     passed = _calibrate_equalizing(model, source, idx, config, on_batch) or \
         _calibrate_after_equalizing(model, source, idx, config, on_batch)

@@ -71,27 +71,32 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def output_names(self) -> list[str]: ...
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, feed: dict[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
+        """The model's outputs on one batch; ``axes``: the batch axis of each input not batched on
+        axis 0 (``Batch.batch_axes``: an RNN state's 1, None for one fed whole), for a runner that
+        splits a batch (a model that runs one sample at a time)."""
         check_feed(feed, self.input_specs)
         cast = {s.name: np.asarray(feed[s.name], dtype=s.dtype) for s in self.input_specs}
-        return self._infer_impl(cast)
+        return self._infer_impl(cast, axes) if axes else self._infer_impl(cast)
 
     @abc.abstractmethod
-    def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def _infer_impl(self, feed: dict[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]: ...
 
     @property
     def captured_names(self) -> list[str]:
         """The tensors ``capture`` streams (given when the runner was made)."""
         return []
 
-    def infer_captured(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def infer_captured(self, feed: dict[str, np.ndarray], axes: Mapping[str, int | None] | None = None
+                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """One batch: the model's outputs and the captured tensors (fresh arrays, kept by the
-        caller; ``capture`` is the faster route for a whole pass)."""
+        caller; ``capture`` is the faster route for a whole pass); ``axes`` as in ``infer``."""
         check_feed(feed, self.input_specs)
         cast = {s.name: np.asarray(feed[s.name], dtype=s.dtype) for s in self.input_specs}
-        return self._infer_captured_impl(cast)
+        return self._infer_captured_impl(cast, axes) if axes else self._infer_captured_impl(cast)
 
-    def _infer_captured_impl(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _infer_captured_impl(self, feed: dict[str, np.ndarray], axes: Mapping[str, int | None] | None = None
+                             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         raise NotImplementedError(f"the {self.backend} backend cannot capture intermediate tensors")
 
     def capture(self, batches: Iterable[Any], sink: "TensorSink", *,
@@ -138,8 +143,8 @@ def real_rows(value: Any, n: int, rows: int) -> Any:
     A run of one sample whose output's axis 0 is not of length 1 has no sample axis there (a
     fixed-batch-1 model that squeezed it: ``[C]`` for ``[1, C]``, scored before as C samples of which
     the first was kept): it gets one, so the whole output is that sample's."""
-    if np.ndim(value) and rows == 1 and value.shape[0] != 1:
-        return value[None]
+    if rows == 1 and (np.ndim(value) == 0 or value.shape[0] != 1):
+        return np.asarray(value)[None]  # (0-d: a `x.squeeze()` head's one value of a batch of one)
     return batch_rows(value, n, rows)
 
 
@@ -149,6 +154,7 @@ def side_by_side(reference: Runner, test: Runner, batches: Iterable[Any]) -> Ite
     (a fixed-batch model's padded tail left out)."""
     axes = output_batch_axes(reference)
     for batch in batches:
-        ref, out = samples_first(reference.infer(batch.feed), axes), samples_first(test.infer(batch.feed), axes)
+        fed = getattr(batch, "batch_axes", None)
+        ref, out = samples_first(reference.infer(batch.feed, fed), axes), samples_first(test.infer(batch.feed, fed), axes)
         n, rows = batch.size, getattr(batch, "num_rows", batch.size)
         yield batch, {k: real_rows(v, n, rows) for k, v in ref.items()}, {k: real_rows(v, n, rows) for k, v in out.items()}

@@ -32,8 +32,8 @@ from quantkit._deps import require
 from quantkit.backends.base import Runner, TensorSink, check_feed
 from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import InputError, ModelError
-from quantkit.onnx.model import (TensorSpec, concat_parts, input_specs, l2_normalized, last_axis_classes, load_model,
-                                 named_axis_1, node_reads, output_specs, unused_input_zeros, value_ordered_outputs,
+from quantkit.onnx.model import (TensorSpec, concat_parts, few_regression_values, input_specs, l2_normalized,
+                                 last_axis_classes, load_model, named_axis_1, node_reads, output_specs, unused_input_zeros, value_ordered_outputs,
                                  with_outputs_bytes)
 
 
@@ -55,6 +55,19 @@ def run_error_text(err: BaseException) -> str:
     return text[:400]
 
 
+def max_threads() -> int:
+    """The most ONNX Runtime threads a session may start: 4 a core, at least 64 (each is a stack
+    and a spinning worker: 20,000 took minutes and 1.7 GB, 100,000 crashed the process)."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(threads: int | None, what: str = "threads") -> None:
+    """Raise InputError for a thread count below 1 or above ``max_threads()`` (None: one per core)."""
+    if threads is not None and not 1 <= threads <= max_threads():
+        raise InputError(f"{what} must be from 1 to {max_threads()} (4 a core on this machine, at least 64), "
+                         f"got {threads}", hint="leave it out for one thread per core")
+
+
 def session_options(threads: int | None = None, *, optimization: str = "all", spinning: bool = True,
                     arena: bool = True) -> Any:
     """The one place ONNX Runtime session options are made, so every pass uses the same.
@@ -66,6 +79,7 @@ def session_options(threads: int | None = None, *, optimization: str = "all", sp
 
     ``arena=False``: no CPU memory arena (the arena keeps a run's peak activations for the
     session's life), for sessions that are many and kept (the ranking's suffix sessions)."""
+    check_threads(threads)
     ort = require("onnxruntime")
     so = ort.SessionOptions()
     level = {
@@ -273,6 +287,8 @@ class OrtRunner(Runner):
         #: 2-D outputs whose axis 1 is declared by a name (a sequence's length, ``[B, T]``): not
         #: [N, classes], whose classes are a fixed number (``compare`` shows no top-1 for them)
         self.named_axis_outputs = [o.name for o in proto.graph.output if named_axis_1(proto, o.name)]
+        #: [N, k] outputs of a few values (k < 10) that no Softmax writes: figures, not classes (no top-1)
+        self.regression_outputs = [o.name for o in proto.graph.output if few_regression_values(proto, o.name)]
         #: outputs of rank 3+ that are a Softmax over the last axis (``[N, T, classes]``): top-1 per position
         self.last_axis_classes = [o.name for o in proto.graph.output if last_axis_classes(proto, o.name)]
         # what ``concat_parts`` reads, on first use (only ``compare`` does: a shape inference that
@@ -326,32 +342,34 @@ class OrtRunner(Runner):
     def captured_names(self) -> list[str]:
         return list(self._captured)
 
-    def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self._run(self._outputs, feed)
+    def _infer_impl(self, feed: dict[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
+        outs = self._run(self._outputs, feed, axes or {})
         return dict(zip(self._outputs, outs))
 
-    def _infer_captured_impl(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _infer_captured_impl(self, feed: dict[str, np.ndarray], axes: Mapping[str, int | None] | None = None
+                             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         names = [*self._outputs, *(t for t in self._inner if t not in self._outputs)]
-        got = dict(zip(names, self._run(names, feed)))
+        got = dict(zip(names, self._run(names, feed, axes or {})))
         return ({n: got[n] for n in self._outputs},
                 {t: feed[t] if t not in got else got[t] for t in self._captured})
 
-    def _run(self, names: Sequence[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _run(self, names: Sequence[str], feed: dict[str, np.ndarray], axes: Mapping[str, int | None]) -> list[np.ndarray]:
         """``session.run`` (the unused inputs' zeros added), row by row for a model found to run
-        one sample at a time."""
+        one sample at a time (``axes``: each input's batch axis where it is not 0, None for one
+        fed whole to every row: an RNN state)."""
         def run(part: dict[str, np.ndarray]) -> list[np.ndarray]:
             return list(self.session.run(list(names), {**self._unused, **part}))
 
         if not self.one_at_a_time:
             try:
                 outs = run(feed)
-                self._ran = self._ran or feed_rows(feed, {}) > 1  # a batch of several ran: batching works
+                self._ran = self._ran or feed_rows(feed, axes) > 1  # a batch of several ran: batching works
                 return outs
             except run_errors() as err:
-                self._one_at_a_time_or_raise(err, run, feed, {})
-        rows = [run(take_rows(feed, {}, i, i + 1)) for i in range(feed_rows(feed, {}))]
-        # each output's samples along its first axis (a 0-d tensor, the same for every sample, once)
-        return [np.concatenate(parts, axis=0) if np.ndim(parts[0]) else parts[0] for parts in zip(*rows)]
+                self._one_at_a_time_or_raise(err, run, feed, axes)
+        rows = [run(take_rows(feed, axes, i, i + 1)) for i in range(feed_rows(feed, axes))]
+        # each output's samples along its first axis (a 0-d one a sample: `x.squeeze()` of one sample)
+        return [np.concatenate(parts, axis=0) if np.ndim(parts[0]) else np.stack(parts) for parts in zip(*rows)]
 
     def _one_at_a_time_or_raise(self, err: BaseException, run_one: Callable[[dict[str, np.ndarray]], Any],
                                 feed: dict[str, np.ndarray], axes: Mapping[str, int | None]) -> None:

@@ -8,7 +8,7 @@ and a PyTorch model can be compared side by side with its ONNX export.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,10 +81,11 @@ class TorchRunner(Runner):
                              hint="give one name per output in `outputs`")
         return {n: t.detach().cpu().numpy() for n, t in zip(self._outputs, outs)}
 
-    def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._run(feed, None)
+    def _infer_impl(self, feed: dict[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
+        return self._run(feed, None)  # (the whole batch at once: ``axes`` splits nothing here)
 
-    def _infer_captured_impl(self, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _infer_captured_impl(self, feed: dict[str, np.ndarray], axes: Mapping[str, int | None] | None = None
+                             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         grab: dict[str, Any] = {}
         outs = self._run(feed, grab)
         return outs, {n: feed[n] if n not in self._hooked else grab[n].detach().cpu().numpy() for n in self._captured}

@@ -11,17 +11,19 @@ Format (one text file):
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 
 from quantkit._io import write_text_atomic
-from quantkit.errors import CacheError, ModelError
+from quantkit.errors import CacheError, InputError, ModelError
 
 DEFAULT_TRT_VERSION = 101300  # TensorRT 10.13.0
 
@@ -33,6 +35,18 @@ def trt_version_number(version: str) -> int:
     """'10.13.0.35' -> 101300 (major*10000 + minor*100 + patch), as in cache headers."""
     parts = [int(p) for p in re.findall(r"\d+", version)[:3]] + [0, 0, 0]
     return parts[0] * 10000 + parts[1] * 100 + parts[2]
+
+
+def check_trt_version(version: Any) -> int:
+    """A cache header's version number: ``version`` as given (major*10000 + minor*100 + patch,
+    TensorRT 1.0 or later) or as a version string ('10.13.0'); InputError otherwise (``10``
+    wrote the header ``TRT-10-``, which TensorRT reads as a version 0.0.10 cache)."""
+    if isinstance(version, str) and re.fullmatch(r"\d+(\.\d+){1,3}", version.strip()):
+        return trt_version_number(version)
+    if isinstance(version, bool) or not isinstance(version, numbers.Integral) or not 10000 <= int(version) < 10**7:
+        raise InputError(f"TensorRT version {version!r} is not a version number",
+                         hint=f"give it as {DEFAULT_TRT_VERSION} (major*10000 + minor*100 + patch) or as '10.13.0'")
+    return int(version)
 
 
 def hex_from_scale(scale: float) -> str:
@@ -66,6 +80,7 @@ class CalibrationCache:
         from quantkit.calibrators.weights import scale_from_amax
 
         algorithm = cache_algorithm(method)
+        version = check_trt_version(version)
         # the Q/DQ model's scales: amax / 127 in float32, and the same placeholder (1) for a tensor
         # that was 0 on every sample (a 0 scale is no dynamic range TensorRT can use)
         scales = {n: float(scale_from_amax(a)) for n, a in amax.items()}

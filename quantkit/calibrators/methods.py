@@ -101,7 +101,10 @@ def method_params(overrides: Mapping[str, Any] | None = None) -> dict[str, float
     for key, value in (overrides or {}).items():
         if key not in params:
             raise InputError(f"unknown range-method parameter {key!r}; known: {', '.join(params) or 'none'}")
-        params[key] = float(value)
+        try:
+            params[key] = float(value)
+        except (TypeError, ValueError):
+            raise InputError(f"range-method parameter {key!r} must be a number, got {value!r}") from None
     if not 0.0 < params.get("percentile", 50.0) <= 100.0:
         raise InputError(f"percentile must be in (0, 100], got {params['percentile']}")
     return params

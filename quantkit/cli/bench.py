@@ -3,7 +3,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quantkit.cli.common import non_negative_int, positive_int
+from quantkit.cli.common import non_negative_int, positive_int, thread_count
 
 
 class Bench:
@@ -31,7 +31,7 @@ class Bench:
         parser.add_argument("--warmup", type=non_negative_int, default=10, help="untimed runs first (default 10)")
         parser.add_argument("--iterations", type=positive_int, default=100, help="at least this many timed runs (default 100)")
         parser.add_argument("--duration", type=float, default=None, metavar="S", help="and at least this many seconds")
-        parser.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads (default: one per core)")
+        parser.add_argument("--threads", type=thread_count, default=None, help="ONNX Runtime threads (default: one per core)")
         parser.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay a captured CUDA graph")
         parser.add_argument("--no-transfers", action="store_true",
                             help="TensorRT: inputs stay on the GPU (no host-device copies), as trtexec measures")

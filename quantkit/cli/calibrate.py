@@ -224,6 +224,10 @@ class Calibrate:
                                  hint="raise --max-drop" + (" or --max-float-groups" if args.max_float_groups is not None
                                                              else "") + ", or check the evaluation data")
             cal.apply_fallback(result)  # the model written and compared below, and the cache
+            if result.num_groups and len(result.float_groups) >= result.num_groups:
+                log.warning("--max-drop %g kept every one of the %d group(s) in float: the written .int8.onnx has no "
+                            "INT8 layer (TensorRT builds it in FP16/FP32); a larger budget keeps some in INT8",
+                            budget.max_drop, result.num_groups)
             parts = f", the worst of the {result.output_parts} parts a Concat joins" if result.output_parts else ""
             lines.append(f"{result.message} ({result.drop_metric} of output {result.output!r}{parts}"
                          + ("" if args.error_output else "; --error-output NAME reads another") + ")")

@@ -78,6 +78,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def thread_count(text: str) -> int:
+    """``--threads``: a positive number, at most ``max_threads()`` (4 a core, at least 64)."""
+    from quantkit.backends.onnxruntime import max_threads
+
+    v = positive_int(text)
+    if v > max_threads():
+        raise argparse.ArgumentTypeError(f"expected at most {max_threads()} (4 a core on this machine, at least 64), "
+                                         f"got {v}")
+    return v
+
+
 def non_negative_int(text: str) -> int:
     try:
         v = int(text)
@@ -132,7 +143,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True,
                    help="same as --order shuffle")
     g.add_argument("--seed", type=non_negative_int, default=0, help="seed for --order spread and shuffle (default 0)")
     g.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
-    g.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime threads (default: one per core)")
+    g.add_argument("--threads", type=thread_count, default=None, help="ONNX Runtime threads (default: one per core)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -23,7 +23,7 @@ from quantkit.errors import DatasetError
 log = logging.getLogger(__name__)
 
 #: (input, file, dtypes) of the lossless narrowing casts noted in this process
-_SAID: set[tuple[str, str, str, str]] = set()
+_SAID: set[tuple[str, str, str]] = set()
 
 _EXACT_INT_IN_FLOAT = {np.dtype(np.float16): 2**11, np.dtype(np.float32): 2**24, np.dtype(np.float64): 2**53}
 
@@ -90,12 +90,14 @@ def cast_for_input(arr: np.ndarray, dtype: np.dtype | str, *, name: str, where: 
             if not np.isfinite(out).all() and np.isfinite(arr).all():
                 raise refuse(f"values up to {float(np.abs(arr).max()):.4g} overflow {want}",
                              f"scale the data into {want}'s range")
-            said = (name, str(where).split("[")[0], str(have), str(want))  # a file, not each of its samples
+            # once a process for the input: each pass (calibration, evaluation, compare) reads the data
+            # again, and an image folder's every file is a new place (the float32 is the preprocessing's)
+            said = (name, str(have), str(want))
             if have.itemsize > want.itemsize and noted is not None and name not in noted and said not in _SAID:
                 noted.add(name)
-                _SAID.add(said)  # each pass (calibration, evaluation, compare) reads the file again: once a process
-                log.warning("note: input %r: %s data from %s cast to %s, as the model declares", name, have,
-                            where, want)
+                _SAID.add(said)
+                log.warning("note: input %r: %s data cast to %s, as the model declares (first seen in %s)", name,
+                            have, want, where)
             return out
         limit = _EXACT_INT_IN_FLOAT[want] if want in _EXACT_INT_IN_FLOAT else 2**24
         if src == "int" and np.abs(arr.astype(np.float64)).max() > limit:

@@ -68,7 +68,7 @@ from quantkit.backends.base import real_rows
 from quantkit.debug.sensitivity import (ESTIMATORS, QdqScales, SensitivityReport, _ratio, noise_signal_by_part,
                                         part_energy, rank_groups, rank_sensitivity)
 from quantkit.errors import InputError, check_fields
-from quantkit.onnx.model import error_output, l2_normalized, last_axis_classes, named_axis_1
+from quantkit.onnx.model import error_output, few_regression_values, l2_normalized, last_axis_classes, named_axis_1
 
 if TYPE_CHECKING:
     from quantkit.datasets.sources import Source
@@ -147,7 +147,7 @@ def has_labels(source: "Source", indices: Sequence[int]) -> bool:
 def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[int], *,
                         output_rank: int | None = None, where: str = "the evaluation data",
                         output_values: int | None = None, embedding: bool = False,
-                        named_axis: bool = False, per_position: bool = False) -> str:
+                        named_axis: bool = False, per_position: bool = False, few_values: bool = False) -> str:
     """The drop metric to use: ``metric``, or accuracy when the data has labels, else
     top1-agreement (sqnr for an output that is not [N, classes] with two classes or more; cosine
     for an ``embedding``, ``l2_normalized``'s: its argmax means nothing).
@@ -156,6 +156,9 @@ def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[
     not a number: classes are a fixed number, so it is not [N, classes] (rapidocrlite's
     recogniser's per-step confidence: top-1 agreement over time steps flipped with any rounding,
     and a 5-point budget returned 42 of 62 groups to float where the output was at 34.7 dB).
+    ``few_values``: ``[N, k]`` with k < 10 that no Softmax writes (``few_regression_values``: three
+    MOS scores, a box): figures, not classes, unless the data has labels (then its first output
+    is the classes they label).
     ``per_position``: the output is a Softmax over the last axis of rank 3+ (``last_axis_classes``,
     a CTC recogniser's ``[N, T, classes]``): top1-agreement, asked for, is per position (the
     default stays sqnr; accuracy needs one label a sample of ``[N, classes]``).
@@ -170,8 +173,8 @@ def resolve_drop_metric(metric: str | None, source: "Source", indices: Sequence[
     if metric is None:
         if embedding and output_values != 1:
             return "cosine"
-        if named_axis:  # (asked for by name, a class metric runs: the name may be an exporter's)
-            classifier = False
+        if named_axis or few_values and not labelled:  # (asked for by name, a class metric runs: the name
+            classifier = False                        # may be an exporter's, the figures a classifier's)
         return "accuracy" if labelled and classifier else "top1-agreement" if classifier else "sqnr"
     if metric not in DROP_METRICS:
         raise InputError(f"unknown drop metric {metric!r}; choose one of {list(DROP_METRICS)}")
@@ -264,7 +267,7 @@ class _Evaluator:
         with OrtRunner(scales.model, threads=scales.run.threads) as r:
             for b in batcher:
                 t0 = time.perf_counter()
-                self.ref.append(real_rows(r.infer(b.feed)[self.output], b.size, b.num_rows))
+                self.ref.append(real_rows(r.infer(b.feed, b.batch_axes)[self.output], b.size, b.num_rows))
                 self._timed.append((time.perf_counter() - t0, b.size))
                 self.ref_indices.append(list(b.indices))
                 self.labels.append(b.labels)
@@ -321,7 +324,7 @@ class _Evaluator:
         part_noise = np.zeros(len(self.parts)) if parted else None  # each Concat part's noise power
         with OrtRunner(model, threads=self.scales.run.threads) as r:
             for b, ref, lab in zip(self.batches, self.ref, self.labels):
-                out = real_rows(r.infer(b.feed)[self.output], b.size, b.num_rows)
+                out = real_rows(r.infer(b.feed, b.batch_axes)[self.output], b.size, b.num_rows)
                 n, s, by_part = noise_signal_by_part(ref, out, self.parts, self.energy)
                 for i, ni, si in zip(b.indices, n, s):
                     per[i] = _ratio(float(ni), float(si))
@@ -376,18 +379,20 @@ def fallback(cal: "Calibration | QdqScales", eval_source: "Source", eval_indices
     Raises:
         InputError: a bad budget or metric; accuracy on data without labels (before any work).
     """
-    from quantkit.ptq import check_source
+    from quantkit.ptq import Calibration, check_source
 
     start = time.perf_counter()
     if not isinstance(config, FallbackConfig):
         raise InputError(f"config must be a FallbackConfig, got {type(config).__name__}")
-    check_source(eval_source, eval_indices)
+    if not isinstance(cal, (Calibration, QdqScales)):
+        raise InputError(f"fallback takes the Calibration that quantkit.quantize returns (or QdqScales), got "
+                         f"{type(cal).__name__}", hint="cal = quantkit.quantize(model, source); fallback(cal, ...)")
+    idx = check_source(eval_source, eval_indices)
     if ranking_source is not None:
-        check_source(ranking_source, ranking_indices)
+        ranking_indices = check_source(ranking_source, ranking_indices)
     scales = cal if isinstance(cal, QdqScales) else QdqScales.from_calibration(cal)
     if config.output is not None:
         scales = dataclasses.replace(scales, output=config.output)
-    idx = list(range(len(eval_source))) if eval_indices is None else list(eval_indices)
     if task_metric is not None:
         if config.drop_metric not in (None, "task"):
             raise InputError(f"a task metric was given, and the drop metric {config.drop_metric!r} too; "
@@ -601,7 +606,8 @@ def drop_metric_for(model: onnx.ModelProto, output: str, metric: str | None, sou
     whether it is an L2-normalized embedding decide the default."""
     rank, values = _output_shape(model, output)
     return resolve_drop_metric(metric, source, indices, output_rank=rank, output_values=values,
-                               embedding=l2_normalized(model, output), named_axis=named_axis_1(model, output),
+                               embedding=l2_normalized(model, output),
+                               named_axis=named_axis_1(model, output), few_values=few_regression_values(model, output),
                                per_position=last_axis_classes(model, output))
 
 

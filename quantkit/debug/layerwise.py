@@ -27,7 +27,8 @@ per output channel.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,8 +37,8 @@ import onnx
 
 from quantkit.backends.base import output_batch_axes, real_rows, samples_first
 from quantkit.calibrators.collectors import batch_rows
-from quantkit.datasets.batching import take_rows
-from quantkit.errors import ModelError
+from quantkit.datasets.batching import Batch, take_rows
+from quantkit.errors import InputError, ModelError
 from quantkit.onnx.equalize import equalizations_of
 from quantkit.onnx.model import constant_arrays, einsum_as_matmul, fold_weight_dequantize, initializer_arrays
 
@@ -98,6 +99,9 @@ class QdqPoint:
 def qdq_points(model: onnx.ModelProto) -> list[QdqPoint]:
     """Every DequantizeLinear of ``model`` traced back to the float tensor it stands for."""
     consts = initializer_arrays(model)
+    # scales and zero points through layout ops too: torch's exporter writes one int8 zero point and
+    # hands it to every other Q/DQ pair through an Identity (a QAT export read as uint8 without this)
+    values = constant_arrays(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, list[str]] = {}
     axes: dict[str, set[int | None]] = {}  # tensor -> the input-channel axis of each read
@@ -110,8 +114,8 @@ def qdq_points(model: onnx.ModelProto) -> list[QdqPoint]:
         if node.op_type != "DequantizeLinear":
             continue
         src = node.input[0]
-        scale = consts.get(node.input[1]) if len(node.input) > 1 else None
-        zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        scale = values.get(node.input[1]) if len(node.input) > 1 else None
+        zp = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if scale is None:
             continue  # a computed scale (dynamic quantization): nothing to check against
         # one scale in a [1]-shaped array (ONNX Runtime's bias DQs) is per tensor too
@@ -120,7 +124,7 @@ def qdq_points(model: onnx.ModelProto) -> list[QdqPoint]:
         if q is not None and q.op_type == "QuantizeLinear":
             tensor, stored = q.input[0], None
             if zp is None and len(q.input) > 2 and q.input[2]:
-                zp = consts.get(q.input[2])
+                zp = values.get(q.input[2])
             kind = "weight" if tensor in consts else "activation"
         elif src in consts:
             tensor, stored, kind = src, src, "weight"
@@ -486,19 +490,59 @@ def _output_channel_axis(readers: Sequence[onnx.NodeProto | None], ndim: int) ->
     return {"MatMul": ndim - 1, "Gemm": 0 if trans_b else 1, "ConvTranspose": 1}.get(op, 0)
 
 
-def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Iterable[Any], *,
-                    threads: int | None = None, reference_name: str = "fp32", test_name: str = "int8",
-                    on_batch: Callable[[int], None] | None = None) -> DebugReport:
-    """Run both models side by side on ``batches`` and measure the error at every Q/DQ pair.
+def _models(*models: tuple[str, Any]) -> list[onnx.ModelProto]:
+    """Each (name, ModelProto or a model file's path) as a ModelProto; InputError for anything else."""
+    from quantkit.onnx.model import load_model
+
+    out = []
+    for name, m in models:
+        if isinstance(m, (str, os.PathLike)):
+            m = load_model(m)
+        elif not isinstance(m, onnx.ModelProto):
+            raise InputError(f"{name} must be an onnx.ModelProto or a model file's path, got {type(m).__name__}")
+        out.append(m)
+    return out
+
+
+def _batches(batches: Iterable[Any]) -> Iterator[Batch]:
+    """``batches`` as Batch objects: a dict (input name -> array, samples on axis 0) is one batch
+    of all its rows."""
+    if isinstance(batches, (str, bytes, Mapping)) or not hasattr(batches, "__iter__"):
+        raise InputError(f"batches must be an iterable of batches, got {type(batches).__name__}",
+                         hint="quantkit.datasets.Batcher(source, input_names, batch_size), or dicts of input name -> array")
+    for b in batches:
+        if isinstance(b, Batch):
+            yield b
+        elif isinstance(b, Mapping) and b and all(isinstance(k, str) for k in b):
+            feed = {k: np.asarray(v) for k, v in b.items()}
+            rows = {len(v) if v.ndim else 0 for v in feed.values()}
+            if len(rows) != 1 or 0 in rows:
+                raise InputError(f"a batch's arrays must have the same number of samples on axis 0, got "
+                                 f"{ {k: list(v.shape) for k, v in feed.items()} }")
+            n = rows.pop()
+            yield Batch(feed, None, tuple(range(n)), n)
+        else:
+            raise InputError(f"each batch must be a quantkit Batch or a dict of input name -> array, got "
+                             f"{type(b).__name__}")
+
+
+def layerwise_error(fp32: onnx.ModelProto | str | os.PathLike[str], int8: onnx.ModelProto | str | os.PathLike[str],
+                    batches: Iterable[Any], *, threads: int | None = None, reference_name: str = "fp32",
+                    test_name: str = "int8", on_batch: Callable[[int], None] | None = None) -> DebugReport:
+    """Run both models side by side on ``batches`` (``quantkit.datasets.Batch`` objects, or dicts
+    of input name -> array with the samples on axis 0) and measure the error at every Q/DQ pair.
 
     Raises:
         ModelError: the INT8 model has no Q/DQ pairs, or is not derived from ``fp32`` (the
             message names the first tensor that does not match).
+        InputError: a model or a batch of another kind.
     """
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.compare import _OutputStats
     from quantkit.onnx.contrib import standard_ops
 
+    fp32, int8 = _models((reference_name, fp32), (test_name, int8))
+    batches = _batches(batches)
     fp32 = fold_weight_dequantize(fp32, source=reference_name)  # a weight-only model: its float weights
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in fp32.graph.node):
         raise ModelError(f"{reference_name}, given as the FP32 reference, has QuantizeLinear/DequantizeLinear "
@@ -522,7 +566,8 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
         if match is None:
             raise ModelError(f"the INT8 model quantizes {p.tensor!r}, which the FP32 model does not have: the Q/DQ "
                              "model is not derived from this FP32 model",
-                             hint="give the FP32 model the Q/DQ model was made from")
+                             hint="give the FP32 model the Q/DQ model was made from (for a QAT export, "
+                             "quantkit.qat.export_onnx(..., quantized=False) writes it)")
         fp32_name.setdefault(p.tensor, match)
     weights = weight_errors(fp32, int8, [p for p in points if p.kind == "weight"])
     names = list(fp32_name)  # INT8 model's names
@@ -545,13 +590,14 @@ def layerwise_error(fp32: onnx.ModelProto, int8: onnx.ModelProto, batches: Itera
                 parts = [(batch.feed, n_batch, padded_batch)]
             else:  # parts whose captured tensors (both models) fit CAPTURE_BUDGET_BYTES: memory flat in the batch
                 if chunk is None:
-                    _, one = ref.infer_captured(take_rows(batch.feed, axes, 0, 1))
+                    _, one = ref.infer_captured(take_rows(batch.feed, axes, 0, 1), axes)
                     per_sample = 2 * max(1, sum(np.asarray(a).nbytes for a in one.values()))
                     chunk = int(max(1, min(n_batch, CAPTURE_BUDGET_BYTES // per_sample)))
                 parts = [(take_rows(batch.feed, axes, s, s + chunk), min(chunk, n_batch - s), min(chunk, n_batch - s))
                          for s in range(0, n_batch, chunk)]
             for feed, n, padded in parts:
-                samples += _compare_part(ref, test, feed, n, padded, names, fp32_name, by_name, factor, stats, outs)
+                samples += _compare_part(ref, test, feed, axes, n, padded, names, fp32_name, by_name, factor, stats,
+                                         outs)
             if on_batch is not None:
                 on_batch(n_batch)
     errors = []
@@ -665,12 +711,13 @@ def _scaled_tensors(int8: onnx.ModelProto, known: set[str]) -> dict[str, tuple[s
 CAPTURE_BUDGET_BYTES = 512 * 2**20
 
 
-def _compare_part(ref: Any, test: Any, feed: Mapping[str, np.ndarray], n: int, padded: int, names: Sequence[str],
+def _compare_part(ref: Any, test: Any, feed: Mapping[str, np.ndarray], axes: Mapping[str, int | None], n: int,
+                  padded: int, names: Sequence[str],
                   fp32_name: Mapping[str, str], by_name: Mapping[str, Any], factor: Mapping[str, np.ndarray],
                   stats: Mapping[str, Any], outs: Mapping[str, Any]) -> int:
     """Both models on one part of a batch: the statistics updated; the real samples in it."""
-    ref_out, ref_cap = ref.infer_captured(dict(feed))
-    test_out, test_cap = test.infer_captured(dict(feed))
+    ref_out, ref_cap = ref.infer_captured(dict(feed), axes)
+    test_out, test_cap = test.infer_captured(dict(feed), axes)
     for name in names:
         a, b = batch_rows(ref_cap[fp32_name[name]], n, padded), batch_rows(test_cap[by_name[name].dq_output], n, padded)
         if name in factor:

@@ -2,7 +2,8 @@
 
 A quantization group is the unit that goes back to float as a whole: one op's Q/DQ pairs (its
 activation inputs and its weight), merged with every op that shares a shared-scale group with
-it (``QdqPlan.groups``). Returning a group to float is ``exclude_from_plan(names=group.nodes)``.
+it (``QdqPlan.groups``). Returning a group to float is ``exclude_from_plan(names=group.nodes,
+follow_fusions=False)``.
 
 The ranking, for every group, on a ranking subset (the samples with the largest FP32-vs-INT8
 error of one side-by-side pass, as NNCF picks them):
@@ -139,7 +140,7 @@ def quant_groups(model: onnx.ModelProto, plan: QdqPlan) -> list[QuantGroup]:
 def plan_without(model: onnx.ModelProto, plan: QdqPlan, groups: Sequence[QuantGroup]) -> QdqPlan:
     """``plan`` with ``groups`` in float: ``exclude_from_plan`` of their nodes (exact names)."""
     names = [re.escape(n) for g in groups for n in g.nodes]
-    return exclude_from_plan(model, plan, names=names)[0] if names else plan
+    return exclude_from_plan(model, plan, names=names, follow_fusions=False)[0] if names else plan
 
 
 def plan_only(plan: QdqPlan, group: QuantGroup) -> QdqPlan:
@@ -771,9 +772,9 @@ def per_sample_errors(scales: QdqScales, source: "Source", indices: Sequence[int
     with OrtRunner(scales.model, threads=scales.run.threads) as ref, OrtRunner(int8, threads=scales.run.threads) as test:
         for b in batches:
             t0 = time.perf_counter()
-            r = real_rows(ref.infer(b.feed)[out], b.size, b.num_rows)
+            r = real_rows(ref.infer(b.feed, b.batch_axes)[out], b.size, b.num_rows)
             timed.append((time.perf_counter() - t0, b.size))
-            t = real_rows(test.infer(b.feed)[out], b.size, b.num_rows)
+            t = real_rows(test.infer(b.feed, b.batch_axes)[out], b.size, b.num_rows)
             if len(parts) >= 2 and r.ndim >= 2 and r.shape[1] == sum(parts) and np.shape(r) == np.shape(t):
                 n, s = _part_noise_signal(r, t, parts)
                 energy = s.sum(axis=0) if energy is None else energy + s.sum(axis=0)

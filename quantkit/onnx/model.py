@@ -1097,6 +1097,28 @@ def _linear_logits(node: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto],
     return False
 
 
+#: fewer values a sample than this, and no Softmax: a regression head's figures, not classes
+FEW_VALUES = 10
+
+
+def few_regression_values(model: onnx.ModelProto, name: str) -> bool:
+    """Whether the graph output ``name`` is ``[N, k]`` with a fixed k from 2 to ``FEW_VALUES`` - 1
+    that no Softmax or LogSoftmax writes (through layout ops): a few figures a sample (speechmos's
+    three MOS scores, a box's 4 coordinates), whose argmax means nothing, where the shape alone
+    read them as classes (``compare``'s top-1, ``--max-drop``'s default metric). Logits of a
+    two-class classifier without a Softmax read so too: their SQNR is measured instead."""
+    out = next((o for o in model.graph.output if o.name == name), None)
+    t = out.type.tensor_type if out is not None else None
+    if t is None or not t.HasField("shape") or len(t.shape.dim) != 2 or not t.shape.dim[1].HasField("dim_value") \
+            or not 2 <= t.shape.dim[1].dim_value < FEW_VALUES:
+        return False
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(name)
+    while node is not None and node.op_type in LAYOUT_OPS and node.input:
+        node = producer.get(node.input[0])
+    return node is None or node.op_type not in ("Softmax", "LogSoftmax")
+
+
 def l2_normalized(model: onnx.ModelProto, name: str) -> bool:
     """Whether the graph output ``name`` is an L2-normalized embedding, x / ||x||: an
     ``LpNormalization`` (p 2), or a Div (or a Mul by a Reciprocal) whose divisor comes from a

@@ -703,12 +703,16 @@ def _check_io_kept(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
 
 
 def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[str] = (),
-                      op_types: Sequence[str] = (), quiet: bool = False) -> tuple[QdqPlan, list[dict[str, str]]]:
+                      op_types: Sequence[str] = (), quiet: bool = False,
+                      follow_fusions: bool = True) -> tuple[QdqPlan, list[dict[str, str]]]:
     """``plan`` without the Q/DQ pairs that feed the excluded nodes: those ops keep float
     inputs (in TensorRT's explicit quantization they run in FP16/FP32), the rest of the plan is
     unchanged. ``names``: node names or regular expressions matched against the whole name;
     ``op_types``: ONNX op types. Returns the new plan and the excluded nodes. ``quiet``: quantkit's
     own exclusions (no word on a node that reads no quantized tensor: the user gave no --exclude).
+    ``follow_fusions``: an Add whose residual input is quantized for the INT8 epilogue of an
+    excluded Conv goes too (the sensitivity groups, measured one by one, pass False: a group is
+    exactly its own pairs there).
 
     Raises:
         InputError: a pattern or op type that matches no node (the message lists close names).
@@ -759,6 +763,18 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
                 excluded.setdefault(n, {"node": n, "op_type": op, "matched": op})
     if not excluded:
         return plan, []
+    # (follow_fusions) an Add's residual input is quantized for its Conv's INT8 epilogue (TensorRT fuses the Add into
+    # the Conv that writes its other input): with that Conv in float, the pair would only add noise
+    producer = {o: n.name or n.output[0] for n in model.graph.node for o in n.output}
+    op_of = dict(nodes)
+    for n in model.graph.node if follow_fusions else ():
+        name = n.name or n.output[0]
+        if n.op_type != "Add" or name in excluded or len(n.input) != 2:
+            continue
+        residual = [t for t in n.input if name in plan.activations.get(t, ())]
+        fused = [producer.get(t) for t in n.input if t not in residual]  # the input its Conv writes
+        if len(residual) == 1 and fused and fused[0] in excluded and op_of.get(fused[0]) in _CONV_OPS:
+            excluded[name] = {"node": name, "op_type": "Add", "matched": f"fuses into {fused[0]} (excluded)"}
     acts = {t: tuple(c for c in cons if c not in excluded) for t, cons in plan.activations.items()}
     # a shared-scale group is kept or dropped whole: a member that loses every consumer takes
     # its group with it (the scales only had to agree for the op now left in float)

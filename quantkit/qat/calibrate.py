@@ -37,6 +37,12 @@ class QatCalibration:
         check_method(method)
         qs = dict(quantizers(model, inputs_only=True))
         amaxes = self.amax(method)
+        missing = [n for n in amaxes if n not in qs]
+        if missing:
+            raise ModelError(f"the model has no quantizer {missing[0]!r} ({len(missing)} of this calibration's "
+                             f"{len(amaxes)} missing): it is not the prepared model this calibration was made on",
+                             hint="apply a calibration to the model quantkit.qat.calibrate calibrated "
+                             "(or a copy of it)")
         for name, amax in amaxes.items():
             qs[name].set_amax(max(amax, 1e-8))
         for name, leader in self.shared.items():  # same tensor, same range: quantized once

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from quantkit._io import write_bytes_atomic
-from quantkit.errors import InputError, NotCalibratedError
+from quantkit.errors import InputError, ModelError, NotCalibratedError
 from quantkit.qat.modules import QuantMixin
 from quantkit.qat.prepare import quantizers
 
@@ -127,27 +127,47 @@ def check_calibrated(model: nn.Module) -> None:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: Any, *, dynamic_batch: bool = True,
-                opset: int = 17, input_names: list[str] | None = None, output_names: list[str] | None = None) -> Path:
+                opset: int = 17, input_names: list[str] | None = None, output_names: list[str] | None = None,
+                quantized: bool = True) -> Path:
     """Write ``model`` as a Q/DQ ONNX file (atomically); the model itself is not changed.
+
+    ``quantized=False`` writes the same network in float, without Q/DQ (every quantizer passed
+    through, BatchNorm folded the same way): the FP32 reference that ``quantkit debug`` pairs with
+    the Q/DQ export, tensor for tensor (an export of the original module names tensors by its own
+    module nesting, which ``prepare``'s traced graph flattens, and holds the weights before
+    fine-tuning). A float16 or bfloat16 model is exported in float32 (ONNX's QuantizeLinear takes
+    float32 with a float32 scale); TensorRT picks each layer's precision from the builder flags.
 
     Raises:
         NotCalibratedError: an enabled input quantizer has no range.
-        InputError: ``opset`` below 13 (per-channel Q/DQ needs 13).
+        InputError: ``opset`` not an integer from 13 (per-channel Q/DQ needs 13).
     """
     import onnx
 
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise InputError(f"opset must be an integer, got {opset!r}", hint=f"e.g. opset=17 ({MIN_OPSET} or later)")
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset} cannot hold per-channel Q/DQ; use {MIN_OPSET} or later")
     target = Path(path)
     if target.is_dir():
         raise InputError(f"{str(target)!r} is a folder; give the ONNX file to write (e.g. {str(target / 'model.onnx')!r})")
-    check_calibrated(model)
+    if quantized:
+        check_calibrated(model)
     m = copy.deepcopy(model).eval()
+    low = {p.dtype for p in m.parameters()} & {torch.float16, torch.bfloat16}
+    if low:
+        m = m.float()
+        log.info("exporting in float32: the model's parameters are %s", ", ".join(sorted(str(d) for d in low)))
     folded = fold_batchnorm(m)
     for layer in m.modules():
-        if isinstance(layer, QuantMixin) and layer.weight_quantizer.enabled:
+        if isinstance(layer, QuantMixin) and layer.weight_quantizer.enabled and quantized:
             layer.weight_quantizer.freeze_to(layer.weight)  # type: ignore[attr-defined]
+    if not quantized:
+        for _, q in quantizers(m):
+            q.enabled = False
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    if low:  # the example input in the exported precision too
+        inputs = tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in low else x for x in inputs)
     n_in = len(inputs)
     input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
     try:
@@ -170,6 +190,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
             raise InputError(f"torch.onnx.export failed at opset {opset}: {' '.join(str(err).split())[:200]}",
                              hint="use an opset torch supports (13-20)") from err
     proto = onnx.load_from_string(buf.getvalue())
-    onnx.checker.check_model(proto)
+    try:  # with type inference: a file that ONNX Runtime or TensorRT would refuse is not written
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise ModelError(f"the exported model is not valid ONNX, nothing was written: {' '.join(str(err).split())[:200]}",
+                         hint="report it with the model's layers if it looks like quantkit's bug") from err
     log.info("exported %s (%d BatchNorms folded)", path, folded)
     return write_bytes_atomic(path, proto.SerializeToString())

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantkit.errors import InputError, ModelError
+from quantkit.calibrators.collectors import MAX_BINS
+from quantkit.errors import InputError, ModelError, check_fields, check_names
 from quantkit.qat._cuda_fq import WeightBank
 from quantkit.qat.modules import QUANT_TYPES, QuantMixin
 from quantkit.qat.quantizer import TensorQuantizer
@@ -61,8 +62,17 @@ class QatConfig:
     def __post_init__(self) -> None:
         from quantkit.calibrators.methods import check_method, method_params
 
+        check_fields(self, method=(str,), percentile=(int, float), num_bins=(int,), residual_add=(bool,),
+                     weight_bank_distributed=(bool,))
+        check_names(self, "disable")
+        if isinstance(self.disable_types, type) or not isinstance(self.disable_types, (tuple, list)) or \
+                not all(isinstance(t, type) for t in self.disable_types):
+            raise InputError(f"QatConfig.disable_types must be a tuple of layer classes, got {self.disable_types!r}",
+                             hint="e.g. disable_types=(torch.nn.Linear,)")
         check_method(self.method)  # the registry validates method names and parameters
         method_params({"percentile": self.percentile})
+        if not 256 <= self.num_bins <= MAX_BINS or self.num_bins & (self.num_bins - 1):
+            raise InputError(f"num_bins must be a power of two from 256 to {MAX_BINS}, got {self.num_bins}")
 
 
 class _Tracer(torch.fx.Tracer):

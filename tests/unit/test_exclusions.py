@@ -46,7 +46,7 @@ def test_excluded_nodes_read_float_inputs_and_the_rest_is_unchanged():
 def test_regular_expressions_match_whole_names():
     m = make_residual_model()
     _, excluded = exclude_from_plan(m, plan_qdq(m), names=["conv[12]"])
-    assert sorted(e["node"] for e in excluded) == ["conv1", "conv2"]
+    assert sorted(e["node"] for e in excluded) == ["add1", "conv1", "conv2"]  # add1 fuses into conv2
     with pytest.raises(InputError, match="matches no node"):
         exclude_from_plan(m, plan_qdq(m), names=["conv"])  # a prefix is not a whole name
 
@@ -94,3 +94,44 @@ def test_a_shared_scale_group_is_kept_or_dropped_whole():
     assert {e["node"] for e in excluded} == {"conv_d", "a"} and any(e["matched"] == "dropped with its group" for e in excluded)
     kept, _ = exclude_from_plan(m, full, names=["conv_b"])  # no group member loses its consumers
     assert kept.groups == (("a", "cat"),) and kept.activations["x"] == ("conv_a",)
+
+
+def test_an_add_that_fuses_into_an_excluded_conv_loses_its_pair_too():
+    """add1's residual input is quantized for conv2's INT8 epilogue (TensorRT fuses the Add into
+    the Conv that writes its other input); with conv2 in float the pair was left alone on the Add."""
+    m = make_residual_model()
+    full = plan_qdq(m)
+    assert any("add1" in cs for cs in full.activations.values())
+    plan, excluded = exclude_from_plan(m, full, names=["conv2"])
+    assert {e["node"] for e in excluded} == {"conv2", "add1"}
+    assert not any("add1" in cs for cs in plan.activations.values())
+    # conv1 excluded leaves add1 alone: its fused Conv (conv2) is still INT8
+    plan, excluded = exclude_from_plan(m, full, names=["conv1"])
+    assert {e["node"] for e in excluded} == {"conv1"} and any("add1" in cs for cs in plan.activations.values())
+
+
+def test_a_budget_met_only_with_every_group_in_float_says_the_model_has_no_int8(tmp_path, caplog):
+    import logging
+
+    m = make_residual_model()
+    onnx.save(m, tmp_path / "m.onnx")
+    src = SyntheticSource((3, 8, 8), count=48, seed=3)
+    np.save(tmp_path / "x.npy", np.stack([src.load(i) for i in range(48)]))
+    with caplog.at_level(logging.WARNING):
+        rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "x.npy"), "--num-images", "32",
+                   "--max-drop", "0", "--drop-metric", "sqnr", "--no-progress", "-o", str(tmp_path / "o")])
+    assert rc == 0
+    assert any("has no INT8 layer" in r.getMessage() for r in caplog.records)
+    int8 = onnx.load(str(tmp_path / "o" / "m.int8.onnx"))
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] not in {i.name for i in int8.graph.initializer}
+                   for n in int8.graph.node)
+
+
+def test_threads_beyond_the_machine_are_refused_before_the_work(tmp_path, capsys):
+    """--threads 100000 crashed the process (SIGSEGV) under an address-space limit; 20000 ran for
+    minutes; 1000 deadlocked there."""
+    m = tmp_path / "m.onnx"
+    onnx.save(make_residual_model(), m)
+    with pytest.raises(SystemExit) as e:
+        main(["compare", str(m), str(m), "--npz", str(tmp_path / "x.npy"), "--threads", "100000"])
+    assert e.value.code == 2 and "at most" in capsys.readouterr().err

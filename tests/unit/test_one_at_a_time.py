@@ -110,3 +110,39 @@ def test_cli_calibrate_compare_and_debug_rank(tmp_path, caplog):
                             "-o", str(tmp_path / "dbg"), "--no-progress"])
     assert rc == 0, err
     assert (tmp_path / "dbg" / "debug.json").is_file()
+
+
+def _state_model() -> onnx.ModelProto:
+    """x [batch, 3, 6, 6] and a state h [2, 8] fed whole (``--batch-axis h=none``): the first
+    Conv's output plus h's sum over its 2 rows per channel, then the batch-one Reshape and MatMul
+    of ``_batch_one_model``: a model that runs one sample at a time, with an input not to split."""
+    m = _batch_one_model()
+    g = m.graph
+    g.input.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, 8]))
+    g.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "ax0"))
+    g.initializer.append(numpy_helper.from_array(np.array([1, 8, 1, 1], np.int64), "as4d"))
+    relu = next(i for i, n in enumerate(g.node) if n.name == "relu1")
+    g.node[relu].input[0] = "c1h"
+    for k, node in enumerate([helper.make_node("ReduceSum", ["h", "ax0"], ["hs"], keepdims=0, name="hsum"),
+                              helper.make_node("Reshape", ["hs", "as4d"], ["h4"], name="h4d"),
+                              helper.make_node("Add", ["c1", "h4"], ["c1h"], name="addh")]):
+        g.node.insert(relu + k, node)
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_an_input_fed_whole_is_not_split_when_a_model_runs_one_sample_at_a_time(tmp_path):
+    """compare and debug split every input on axis 0 for such a model: the state [2, 8] became
+    [1, 8] and ONNX Runtime's shape error read as the user's data (exit 2), where calibrate ran."""
+    onnx.save(_state_model(), tmp_path / "m.onnx")
+    h = np.random.default_rng(2).normal(0, 0.3, (2, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=_data(40), h=h)  # h: one array, fed whole to every batch
+    data = ["--npz", str(tmp_path / "d.npz"), "--batch-axis", "h=none", "--no-progress"]
+    rc, _, err = run_cli(["calibrate", str(tmp_path / "m.onnx"), *data, "--num-images", "24",
+                          "-o", str(tmp_path / "out")])
+    assert rc == 0, err
+    int8 = str(tmp_path / "out" / "m.int8.onnx")
+    rc, out, err = run_cli(["compare", str(tmp_path / "m.onnx"), int8, *data])
+    assert rc == 0 and "on 40 samples" in out, err
+    rc, _, err = run_cli(["debug", str(tmp_path / "m.onnx"), int8, *data, "-o", str(tmp_path / "dbg")])
+    assert rc == 0, err

@@ -159,7 +159,7 @@ def test_an_output_with_a_named_axis_1_is_not_taken_for_class_scores(tmp_path):
     from quantkit.debug.fallback import drop_metric_for
 
     rng = np.random.default_rng(4)
-    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (8, 5, 16)).astype(np.float32))
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (8, 12, 16)).astype(np.float32))
     src = NumpySource(tmp_path / "d.npz")
 
     def model(axis1):
@@ -172,8 +172,9 @@ def test_an_output_with_a_named_axis_1_is_not_taken_for_class_scores(tmp_path):
 
     assert drop_metric_for(model("T"), "y", None, src, range(8)) == "sqnr"
     assert drop_metric_for(model("T"), "y", "top1-agreement", src, range(8)) == "top1-agreement"
-    assert drop_metric_for(model(5), "y", None, src, range(8)) == "top1-agreement"  # a fixed axis: classes
-    for axis1, top1 in (("T", False), (5, True)):  # compare shows no top-1 agreement over time steps either
+    assert drop_metric_for(model(5), "y", None, src, range(8)) == "sqnr"  # a few values, no Softmax: maybe figures
+    assert drop_metric_for(model(12), "y", None, src, range(8)) == "top1-agreement"  # a fixed axis: classes
+    for axis1, top1 in (("T", False), (12, True)):  # compare shows no top-1 agreement over time steps either
         onnx.save(model(axis1), tmp_path / "m.onnx")
         out = tmp_path / f"c{axis1}.json"
         assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"),
@@ -374,3 +375,77 @@ def test_an_output_nan_by_design_is_compared_where_it_has_values(tmp_path, capsy
     # where the INT8 model alone gives NaN the error is infinite, not left out
     r, t = comparable(np.array([[1.0, np.nan]]), np.array([[np.nan, np.nan]]))
     assert r.tolist() == [[1.0, 0.0]] and t.tolist() == [[np.inf, 0.0]]
+
+
+def _squeezed_score_model() -> onnx.ModelProto:
+    """x [N, 8] -> Gemm -> Relu -> Gemm -> Squeeze (no axes) -> Sigmoid -> score: PyTorch's
+    ``x.squeeze()`` head (speechmos's PLCMOS): [N] for a batch of N, 0-d for a batch of one."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Gemm", ["x", "W1", "B1"], ["g1"], transB=1, name="fc1"),
+             h.make_node("Relu", ["g1"], ["r1"], name="relu"),
+             h.make_node("Gemm", ["r1", "W2"], ["g2"], transB=1, name="fc2"),
+             h.make_node("Squeeze", ["g2"], ["s"], name="squeeze"),
+             h.make_node("Sigmoid", ["s"], ["score"], name="sigmoid")]
+    inits = [nh.from_array(rng.normal(0, 0.5, (16, 8)).astype(np.float32), "W1"),
+             nh.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "B1"),
+             nh.from_array(rng.normal(0, 0.5, (1, 16)).astype(np.float32), "W2")]
+    graph = h.make_graph(nodes, "squeezed", [h.make_tensor_value_info("x", T.FLOAT, ["N", 8])],
+                         [h.make_tensor_value_info("score", T.FLOAT, [])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+
+
+def test_a_squeezed_output_of_a_batch_of_one_is_that_samples_value(tmp_path):
+    """A batch of one sample (--batch-size 1, or 33 samples = 32 + 1) gave a 0-d output and
+    IndexError (exit 1) in calibrate's evaluation, compare and debug, after the whole calibration."""
+    onnx.save(_squeezed_score_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(0, 1, (64, 8)).astype(np.float32))
+    d = str(tmp_path / "d.npz")
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", d, "--num-images", "31", "-o", str(tmp_path / "out"),
+                 "--no-progress"]) == 0  # 33 evaluated: a last batch of one
+    int8 = str(tmp_path / "out" / "m.int8.onnx")
+    reports = []
+    for size in ("32", "1"):
+        assert main(["compare", str(tmp_path / "m.onnx"), int8, "--npz", d, "--batch-size", size, "--no-progress",
+                     "--json", str(tmp_path / f"c{size}.json")]) == 0
+        reports.append(json.loads((tmp_path / f"c{size}.json").read_text()))
+    by = [{o["name"]: o for o in r["outputs"]}["score"] for r in reports]
+    assert by[0]["sqnr_db"] == pytest.approx(by[1]["sqnr_db"], abs=1e-3)  # every sample once, either way
+    assert main(["debug", str(tmp_path / "m.onnx"), int8, "--npz", d, "--batch-size", "1", "-o",
+                 str(tmp_path / "dbg"), "--no-progress"]) == 0
+
+
+def _scores_model(k: int, softmax: bool) -> onnx.ModelProto:
+    """x [N, 8] -> Gemm -> Relu -> Gemm -> out [N, k] (a regression head's k figures; with
+    ``softmax``, k classes)."""
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("Gemm", ["x", "W1", "B1"], ["g1"], transB=1, name="fc1"),
+             h.make_node("Relu", ["g1"], ["r1"], name="relu"),
+             h.make_node("Gemm", ["r1", "W2", "B2"], ["logits" if softmax else "out"], transB=1, name="fc2")]
+    if softmax:
+        nodes.append(h.make_node("Softmax", ["logits"], ["out"], axis=1, name="softmax"))
+    inits = [nh.from_array(rng.normal(0, 0.5, (16, 8)).astype(np.float32), "W1"),
+             nh.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "B1"),
+             nh.from_array(rng.normal(0, 0.5, (k, 16)).astype(np.float32), "W2"),
+             nh.from_array(rng.normal(3, 0.1, k).astype(np.float32), "B2")]
+    graph = h.make_graph(nodes, "scores", [h.make_tensor_value_info("x", T.FLOAT, ["N", 8])],
+                         [h.make_tensor_value_info("out", T.FLOAT, ["N", k])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("k, softmax, classes", [(3, False, False), (3, True, True), (12, False, True)])
+def test_a_few_figures_a_sample_are_not_classes(k, softmax, classes, tmp_path, capsys):
+    """speechmos's three MOS scores ([N, 3] from a Gemm): --max-drop's default metric was their
+    top-1 agreement (which of the three scores is largest); compare gave it without a word."""
+    from quantkit.debug.fallback import drop_metric_for
+    from quantkit.datasets import NumpySource
+
+    model = _scores_model(k, softmax)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(1).normal(0, 1, (48, 8)).astype(np.float32))
+    src = NumpySource(tmp_path / "d.npz")
+    assert drop_metric_for(model, "out", None, src, range(48)) == ("top1-agreement" if classes else "sqnr")
+    assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"),
+                 "--no-progress", "--json", str(tmp_path / "c.json")]) == 0
+    out = json.loads((tmp_path / "c.json").read_text())["outputs"][0]
+    assert out["top1_agreement"] is not None  # shown (classes without a Softmax read the same), with a note
+    assert out["top1_few_values"] == (not classes) and ("few values a sample" in capsys.readouterr().out) == (not classes)

@@ -34,7 +34,7 @@ def test_a_group_in_float_is_exclude_from_plan_of_its_nodes(builder):
     nodes = [n for g in groups for n in g.nodes]
     assert sorted(nodes) == sorted({c for _, c in _pairs(plan)})
     for g in groups:
-        kept, _ = exclude_from_plan(m, plan, names=list(g.nodes))
+        kept, _ = exclude_from_plan(m, plan, names=list(g.nodes), follow_fusions=False)
         assert plan_without(m, plan, [g]) == kept
         removed = _pairs(plan) - _pairs(kept)
         assert removed == {p for p in _pairs(plan) if p[1] in g.nodes}, g  # only this group's pairs go
@@ -116,7 +116,8 @@ def test_debug_rank_writes_a_ranking_that_exclude_from_reads(broken, tmp_path, c
     assert main([*cal_args, "-o", str(tmp_path / "o"), "--exclude-from", str(tmp_path / "dbg" / "debug.json"),
                  "--top", "1"]) == 0
     ranges = json.loads((tmp_path / "o" / "ranges.json").read_text())
-    assert [e["node"] for e in ranges["excluded"]] == [PW_NODE]
+    assert ranges["excluded"][0]["node"] == PW_NODE  # and the Add that fuses into it (residual pair alone)
+    assert all(e["matched"] == f"fuses into {PW_NODE} (excluded)" for e in ranges["excluded"][1:])
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["outputs"][0]["top1_agreement"] > 0.95
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ class TrtRunner(Runner):
             outputs[name] = (shape, dtype)
         return outputs
 
-    def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer_impl(self, feed: dict[str, np.ndarray], axes: Mapping[str, int | None] | None = None) -> dict[str, np.ndarray]:
         from quantkit import cuda
 
         outputs = self._bind({n: tuple(a.shape) for n, a in feed.items()})
