@@ -391,7 +391,7 @@ def _squeezed_score_model() -> onnx.ModelProto:
              nh.from_array(rng.normal(0, 0.5, (1, 16)).astype(np.float32), "W2")]
     graph = h.make_graph(nodes, "squeezed", [h.make_tensor_value_info("x", T.FLOAT, ["N", 8])],
                          [h.make_tensor_value_info("score", T.FLOAT, [])], inits)
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], ir_version=8)  # (ONNX Runtime 1.30 reads <= 13)
 
 
 def test_a_squeezed_output_of_a_batch_of_one_is_that_samples_value(tmp_path):
@@ -429,7 +429,7 @@ def _scores_model(k: int, softmax: bool) -> onnx.ModelProto:
              nh.from_array(rng.normal(3, 0.1, k).astype(np.float32), "B2")]
     graph = h.make_graph(nodes, "scores", [h.make_tensor_value_info("x", T.FLOAT, ["N", 8])],
                          [h.make_tensor_value_info("out", T.FLOAT, ["N", k])], inits)
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], ir_version=8)
 
 
 @pytest.mark.parametrize("k, softmax, classes", [(3, False, False), (3, True, True), (12, False, True)])
