@@ -21,6 +21,9 @@ _KNOWN: dict[str, tuple[str, str]] = {
     "netron": ("view", "7.0"),
 }
 
+#: module name -> its package's name on the package index, where they differ
+_PIP_NAMES = {"cv2": "opencv-python-headless", "cuda": "cuda-python", "onnx_graphsurgeon": "onnx-graphsurgeon"}
+
 
 def require(name: str, *, min_version: str | None = None, extra: str | None = None) -> ModuleType:
     """Import ``name`` or raise MissingDependencyError that tells missing from too old.
@@ -33,12 +36,15 @@ def require(name: str, *, min_version: str | None = None, extra: str | None = No
     known_extra, known_min = _KNOWN.get(name, ("", "0"))
     extra = known_extra if extra is None else extra
     min_version = known_min if min_version is None else min_version
-    install = f"pip install 'quantkit[{extra}]'" if extra else "pip install quantkit"
+    install = (f"`pip install 'quantkit[{extra}]'` (from a source checkout: `pip install -e '.[{extra}]'`)" if extra
+               else "`pip install quantkit`")
+    if name == "torch":  # its default wheel may be the multi-GB CUDA build; the README installs the CPU one
+        install = "`pip install torch` (the CPU build: add `--index-url https://download.pytorch.org/whl/cpu`)"
     try:
         mod = importlib.import_module(name)
     except ImportError as err:
         raise MissingDependencyError(
-            f"{name} is required here but is not installed", hint=f"install it with `{install}`"
+            f"{name} is required here but is not installed", hint=f"install it with {install}"
         ) from err
     found = getattr(mod, "__version__", None)
     if found is not None:
@@ -49,6 +55,6 @@ def require(name: str, *, min_version: str | None = None, extra: str | None = No
         if too_old:
             raise MissingDependencyError(
                 f"{name} {found} found, quantkit needs >= {min_version}",
-                hint=f"upgrade it with `{install} --upgrade`",
+                hint=f"upgrade it with `pip install --upgrade '{_PIP_NAMES.get(name, name)}>={min_version}'`",
             )
     return mod

@@ -335,8 +335,11 @@ def compare_runners(
     reference_name: str = "fp32",
     test_name: str = "int8",
     on_batch: Callable[[int], None] | None = None,
+    label_output: str | None = None,
 ) -> CompareReport:
-    """Run both models on every batch and compare their outputs (padding rows ignored)."""
+    """Run both models on every batch and compare their outputs (padding rows ignored); with
+    labels, the accuracy of ``label_output``'s argmax (default: the first output; none for an
+    output of one value a sample)."""
     if reference.output_names != test.output_names:
         raise ModelError(
             f"the models have different outputs: {reference.output_names} vs {test.output_names}",
@@ -350,12 +353,12 @@ def compare_runners(
     stats = {name: _OutputStats(name, name in per_position) for name in reference.output_names}
     correct_ref = correct_test = labelled = 0
     samples = 0
-    first_out = reference.output_names[0]
+    first_out = label_output if label_output in reference.output_names else reference.output_names[0]
     for batch, ref_out, test_out in side_by_side(reference, test, batches):
         n = batch.size
         for name, st in stats.items():
             st.update(ref_out[name], test_out[name])
-        if batch.labels is not None and ref_out[first_out].ndim == 2:
+        if batch.labels is not None and ref_out[first_out].ndim == 2 and ref_out[first_out].shape[1] > 1:
             labelled += n
             correct_ref += int((ref_out[first_out].argmax(1) == batch.labels).sum())
             correct_test += int((test_out[first_out].argmax(1) == batch.labels).sum())

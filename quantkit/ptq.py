@@ -360,7 +360,7 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     if wrapper:  # the sample axis's Squeeze/Unsqueeze (quantkit.onnx.sampleaxis): not the user's graph, no Q/DQ
         plan, _ = exclude_from_plan(model, plan, names=[re.escape(n) for n in wrapper], quiet=True)
     inside = subgraph_node_count(model.graph)
-    plan, excluded = exclude_from_plan(model, plan, names=exclude, op_types=exclude_op_types)
+    plan, excluded = exclude_from_plan(model, plan, names=exclude, op_types=exclude_op_types, quiet=quiet)
     front = [n for n, op in log_spectrum_nodes(model).items() if op in WEIGHTED_OPS] if not plan.activations else []
     if front and not excluded:
         raise ModelError(f"{name}: its {len(front)} Conv/Gemm/MatMul node(s) ({', '.join(front[:3])}) compute a "
@@ -800,10 +800,11 @@ class Calibration:
                  int8_model: onnx.ModelProto | None = None, batch_size: int | None = None,
                  reference_name: str | None = None,
                  test_name: str | None = None, known_skips: Collection[str] = (),
-                 on_batch: Callable[[int], None] | None = None) -> "CompareReport":
+                 on_batch: Callable[[int], None] | None = None, label_output: str | None = None) -> "CompareReport":
         """The INT8 model (``method``'s, or ``int8_model``) against the FP32 model on ``source``:
         per-output agreement, cosine, SQNR, and accuracy when the source has labels. Batches of
-        ``batch_size`` (default: the run's), a fixed-batch model's own size and padded tail."""
+        ``batch_size`` (default: the run's), a fixed-batch model's own size and padded tail;
+        ``label_output``: the output the labels score (default: the first)."""
         from quantkit.backends.onnxruntime import OrtRunner
         from quantkit.compare import compare_runners
 
@@ -816,7 +817,8 @@ class Calibration:
         with OrtRunner(self.model, threads=threads, name=self.model_name) as ref, \
                 OrtRunner(int8, threads=threads, name=f"{self.model_name} (INT8)") as test:
             return compare_runners(ref, test, batches, reference_name=reference_name or self.model_name,
-                                   test_name=test_name or f"{self.model_name} INT8 ({method})", on_batch=on_batch)
+                                   test_name=test_name or f"{self.model_name} INT8 ({method})", on_batch=on_batch,
+                                   label_output=label_output)
 
     def save(self, outdir: str | os.PathLike[str], *, model_stem: str, metadata: Mapping[str, Any] | None = None,
              report: dict[str, Any] | None = None, trt_version: int = DEFAULT_TRT_VERSION,

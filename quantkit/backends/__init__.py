@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from quantkit.backends.base import Runner, TensorSink, check_feed
+from quantkit.backends.base import Runner, TensorSink, check_feed, side_by_side
 from quantkit.errors import ModelError
 
 #: file suffix -> (module, runner class); other suffixes open with ONNX Runtime
@@ -51,4 +51,4 @@ def runner_from_path(path: str | os.PathLike[str], **kwargs: Any) -> Runner:
 
 
 __all__ = ["BACKENDS", "ENGINE_SUFFIXES", "Runner", "TensorSink", "check_feed", "check_model_file",
-           "runner_from_path"]
+           "runner_from_path", "side_by_side"]

@@ -132,7 +132,8 @@ class Calibrate:
     def run(self, args: argparse.Namespace) -> int:
         from quantkit._io import check_output_dir
         from quantkit.calibrators.cache import trt_version_number
-        from quantkit.datasets.classes import check_classes
+        from quantkit.datasets import draw_sample
+        from quantkit.datasets.classes import check_classes, label_output
         from quantkit.onnx.model import file_sha256, load_model, output_specs
         from quantkit.ptq import (ARTIFACTS, DEFAULT_METHOD, ExportConfig, QuantizeConfig, RunConfig, StatsConfig,
                                    artifact_names, prepare_for, quantize)
@@ -176,9 +177,10 @@ class Calibrate:
             raise ModelError(f"{str(model_path)!r} has no tensor outputs to compare (its outputs are sequences or maps)",
                              hint="calibrate with --eval-images 0 (no comparison, no --max-drop)")
         source = source_for_model(args, prepared.specs)
-        check_classes(source, output_specs(prepared.model))
+        outputs = output_specs(prepared.model)
+        mismatch = check_classes(source, outputs, args.error_output)  # warns
         drawn = select(source, args, what="images", default=DEFAULT_CALIBRATION_IMAGES)
-        eval_source, eval_idx, held_out, mismatch = source, [], False, None
+        eval_source, eval_idx, held_out = source, [], False
         if args.eval_images > 0:
             if args.eval_dir:
                 where = _within(args.eval_dir, args.images or args.npz)
@@ -186,8 +188,11 @@ class Calibrate:
                     log.warning("--eval-dir %r is the calibration data%s: the comparison is on calibration samples, "
                                 "not held out", args.eval_dir, where)
                 eval_source = source_for_model(args, prepared.specs, images=args.eval_dir)
-                eval_idx, held_out = list(range(len(eval_source)))[: args.eval_images], where is None
-                mismatch = check_classes(eval_source, output_specs(prepared.model))  # warns
+                # spread over its classes as --images is (the first files are the first classes)
+                eval_idx = draw_sample(eval_source, min(args.eval_images, len(eval_source)),
+                                       order=args.order, seed=args.seed).indices
+                held_out = where is None
+                mismatch = check_classes(eval_source, outputs, args.error_output)  # warns
             else:
                 held_out = bool(drawn.rest)
                 eval_idx = (drawn.rest or drawn.indices)[: args.eval_images]
@@ -195,7 +200,7 @@ class Calibrate:
         if budget is not None and budget.drop_metric == "accuracy" and mismatch:
             from quantkit.errors import InputError
 
-            raise InputError(f"--eval-dir: {mismatch}; --max-drop would budget on it",
+            raise InputError(f"{'--eval-dir: ' if args.eval_dir else ''}{mismatch}; --max-drop would budget on it",
                              hint="give a folder with one sub-folder per output class, or --drop-metric top1-agreement")
 
         with progress(len(drawn.indices), "calibrating", disable=args.no_progress) as bar:
@@ -236,7 +241,8 @@ class Calibrate:
             with progress(len(eval_idx), "comparing", disable=args.no_progress) as bar:
                 cmp = cal.evaluate(eval_source, eval_idx, reference_name=model_path.name, known_skips=known,
                                    test_name=f"{model_path.stem}.int8.onnx ({method}{_switches_note(result)})",
-                                   on_batch=bar.update)
+                                   on_batch=bar.update, label_output=label_output(eval_source, outputs,
+                                                                                  args.error_output))
             # files the calibration pass already reported are summed up once, below
             lines.append(replace(cmp, skipped=[s for s in cmp.skipped if s[0] not in known]).table())
             if not held_out:
@@ -297,7 +303,9 @@ class Calibrate:
               + f" and {len(cal.plan.weights)} weights quantized ({method}{_method_note(cal.method_check)}"
               + f"{_switches_note(result)})"
               + _float_note(result)
-              + (f"; {len(cal.excluded)} node(s) kept in float by --exclude" if cal.excluded else "")
+              + (f"; {len(cal.excluded)} node(s) kept in float by "
+                 + "/".join(f for f, v in (("--exclude", args.exclude), ("--exclude-op-type", args.exclude_op_type),
+                                           ("--exclude-from", args.exclude_from)) if v) if cal.excluded else "")
               + (f"; {len(front)} Conv/Gemm/MatMul of a log-spectrum front end kept in float" if front else "")
               + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else "")
               + _refit_note(cal.equalization_refit)
@@ -503,11 +511,19 @@ def _budget(args: argparse.Namespace, model: object, source: object, indices: li
                          hint="give --eval-dir DIR or --eval-images N > 0")
     from quantkit.onnx.model import error_output
 
-    output = error_output(model, args.error_output)  # type: ignore[arg-type]
+    output = chosen = error_output(model, args.error_output)  # type: ignore[arg-type]
+    if args.error_output is None and args.drop_metric in (None, "accuracy"):
+        from quantkit.datasets.classes import label_output
+        from quantkit.debug.fallback import has_labels
+        from quantkit.onnx.model import output_specs
+
+        scored = label_output(source, output_specs(model))  # type: ignore[arg-type]
+        if scored is not None and scored != output and has_labels(source, indices):  # type: ignore[arg-type]
+            output = scored  # the output whose classes the labels are (the features come first)
     metric = drop_metric_for(model, output, args.drop_metric, source, indices)  # type: ignore[arg-type]
     return FallbackConfig(max_drop=args.max_drop, drop_metric=metric, subset=args.subset,
                           max_float_groups=args.max_float_groups, estimator=args.rank_estimator,
-                          output=args.error_output)
+                          output=args.error_output if output == chosen else output)
 
 
 def _print_step(step: dict) -> None:

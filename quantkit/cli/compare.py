@@ -41,7 +41,7 @@ class Compare:
         from quantkit.compare import compare_runners, comparison_batch
         from quantkit.datasets import Batcher
         from quantkit.datasets.batching import data_batch_axes
-        from quantkit.datasets.classes import check_classes
+        from quantkit.datasets.classes import check_classes, label_output
 
         if args.json:  # before the work: never over an input, never an unasked overwrite
             check_output_file(args.json, force=args.force,
@@ -56,7 +56,8 @@ class Compare:
                   file=sys.stderr)
         specs = ref.input_specs
         source = source_for_model(args, specs)
-        check_classes(source, getattr(ref, "output_specs", None) or getattr(test, "output_specs", []))
+        outputs = getattr(ref, "output_specs", None) or getattr(test, "output_specs", [])
+        check_classes(source, outputs)
         drawn = select(source, args)
         idx = drawn.indices
         batch, fixed = comparison_batch(ref, test, args.batch_size, reference_name=Path(args.reference).name,
@@ -67,7 +68,8 @@ class Compare:
                           dtypes={s.name: s.dtype for s in specs})
         with ref, test, progress(len(idx), "comparing", disable=args.no_progress) as bar:
             report = compare_runners(ref, test, batches, reference_name=Path(args.reference).name,
-                                     test_name=Path(args.test).name, on_batch=bar.update)
+                                     test_name=Path(args.test).name, on_batch=bar.update,
+                                     label_output=label_output(source, outputs))
         if args.json:  # written before anything is printed
             write_json_atomic(args.json, report.to_dict())
         if drawn.count < drawn.total:

@@ -54,9 +54,15 @@ class QatDemo:
                 staging = stack.enter_context(output_dir(out, force=args.force, command="quantkit qat-demo"))
             else:
                 out = staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quantkit-qat-")))
+            lines = args.no_progress or not sys.stderr.isatty()  # no bar: a line every 10 epochs (a log looked hung)
             with progress(args.epochs, "FP32 training", disable=args.no_progress, unit="epoch") as bar:
+                def on_epoch(e: int, acc: float) -> None:
+                    bar.update(1)
+                    if lines and (e % 10 == 0 or e == 1) and e < args.epochs:
+                        echo(f"FP32 training: epoch {e} of {args.epochs}, test accuracy {acc:.4f}")
+
                 result = run(staging, epochs=args.epochs, qat_epochs=args.qat_epochs, qat_lr=args.qat_lr,
-                             seed=args.seed, echo=echo, on_epoch=lambda e, acc: bar.update(1))
+                             seed=args.seed, echo=echo, on_epoch=on_epoch)
             for row in result.rows:  # where the models will be once the folder is in place
                 row.path = str(out / Path(row.path).name) if args.output else ""
             if args.output:

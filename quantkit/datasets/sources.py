@@ -141,8 +141,37 @@ def scan_images(root: str | os.PathLike[str]) -> tuple[list[Path], list[int] | N
     if all(len(t) >= 2 for t in tops):
         classes = sorted({t[0] for t in tops})
         index = {c: i for i, c in enumerate(classes)}
+        _say_class_order(base, classes)
         return paths, [index[t[0]] for t in tops], classes
+    loose = [p for p, t in zip(paths, tops) if len(t) < 2]
+    if len(loose) < len(paths):  # class folders, and images beside them: no labels, and the user is told why
+        log.warning("%s: %d image(s) lie directly in it (first: %s) beside %d class folder(s): no labels are read "
+                    "(accuracy needs every image inside a class folder); move them into one, or out",
+                    base, len(loose), loose[0].name, len({t[0] for t in tops if len(t) >= 2}))
     return paths, None, []
+
+
+def _say_class_order(base: Path, classes: list[str]) -> None:
+    """Warn where the class folders' order may not be the model's: folders that hold no image
+    (they are no class, so the labels after them shift by one), and numbered folders past 9,
+    which are taken in text order ('10' before '2'), as torchvision's ImageFolder takes them."""
+    try:
+        empty = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")
+                       and d.name not in set(classes))
+    except OSError:
+        empty = []
+    if empty:
+        log.warning("%s: class folder(s) %s hold no image: they are no class, so every label after them is one "
+                    "lower (labels are the folders' indices in sorted order, of those that hold images)", base,
+                    ", ".join(map(repr, empty[:5])) + (", ..." if len(empty) > 5 else ""))
+    numeric = sorted(classes, key=int) if all(c.isascii() and c.isdigit() for c in classes) else classes
+    if numeric != classes:
+        c = next(a for a, b in zip(numeric, classes) if a != b)  # where the two orders part
+        width = len(numeric[-1])
+        log.warning("%s: the class folders are numbers, taken in text order as torchvision's ImageFolder takes them: "
+                    "folder %r is class %d, not %d; where the model's classes follow the numbers, name the folders "
+                    "with leading zeros (%s, %s, ...)", base, c, classes.index(c), numeric.index(c),
+                    numeric[0].zfill(width), numeric[1].zfill(width))
 
 
 @functools.cache
@@ -433,6 +462,8 @@ def _class_labels(labels: np.ndarray, count: int, where: str) -> np.ndarray:
     if labels.ndim != 1 or len(labels) != count:
         raise DatasetError(f"{where!r}: 'labels' has shape {labels.shape}, expected ({count},): one class index per "
                            "sample", hint=hint)
+    if labels.dtype.kind == "u" and labels.size and int(labels.max()) > np.iinfo(np.int64).max:
+        raise DatasetError(f"{where!r}: 'labels' has a class index too large to be one ({int(labels.max())})", hint=hint)
     if labels.dtype == bool or np.issubdtype(labels.dtype, np.integer):
         values = labels.astype(np.int64)
     elif np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and \

@@ -135,3 +135,19 @@ def test_threads_beyond_the_machine_are_refused_before_the_work(tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         main(["compare", str(m), str(m), "--npz", str(tmp_path / "x.npy"), "--threads", "100000"])
     assert e.value.code == 2 and "at most" in capsys.readouterr().err
+
+
+def test_an_exclusion_that_changes_nothing_is_said_once_and_the_summary_names_the_flags(tmp_path, caplog, capsys):
+    """It was said once a prepared model (three times a run: the checks prepare the model again),
+    and the summary credited --exclude where --exclude-op-type or --exclude-from had been given."""
+    import logging
+
+    onnx.save(make_residual_model(), tmp_path / "m.onnx")
+    src = SyntheticSource((3, 8, 8), count=64, seed=3)
+    np.save(tmp_path / "x.npy", np.stack([src.load(i) for i in range(64)]))
+    with caplog.at_level(logging.WARNING):
+        rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "x.npy"), "--exclude-op-type", "Relu",
+                   "--exclude-op-type", "Gemm", "--no-progress", "-o", str(tmp_path / "o")])
+    assert rc == 0
+    assert sum("--exclude-op-type Relu matches" in r.getMessage() for r in caplog.records) == 1
+    assert "kept in float by --exclude-op-type" in capsys.readouterr().out
