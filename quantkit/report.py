@@ -252,22 +252,22 @@ def accuracy_latency_points(res: Results) -> list[Point]:
     comparisons' reference accuracy (agreement 1.0 where there are no labels)."""
     bench = {_stem(b["model"]): b for b in res.benches}
     points: list[Point] = []
-    refs: dict[str, float] = {}
+    refs: dict[str, tuple[float, str]] = {}  # reference -> (its score, the score's name)
     for c in by_model(res.compares, "test"):
         labels = c.get("accuracy_test") is not None
         agreements = [float(o["top1_agreement"]) for o in c["outputs"] if o.get("top1_agreement") is not None]
         score = c["accuracy_test"] if labels else min(agreements, default=None)  # the worst output's
         if score is None:
             continue
-        refs.setdefault(_stem(c["reference"]), c["accuracy_reference"] if labels else 1.0)
+        refs.setdefault(_stem(c["reference"]), (c["accuracy_reference"], "accuracy") if labels
+                        else (1.0, "top-1 agreement"))
         b = bench.get(_stem(c["test"]))
         if b is not None:
             points.append(Point(_stem(c["test"]), b["median_ms"], float(score),
                                 "accuracy" if labels else "top-1 agreement", b.get("backend", "?")))
-    for stem, score in refs.items():
+    for stem, (score, name) in refs.items():  # (its own comparisons' kind: an unlabelled one is agreement 1.0)
         b = bench.get(stem)
         if b is not None:
-            name = "accuracy" if points and points[0].score_name == "accuracy" else "top-1 agreement"
             label = stem if "fp32" in stem.lower() else f"{stem} (FP32)"
             points.append(Point(label, b["median_ms"], score, name, b.get("backend", "?"), reference=True))
     return points
@@ -294,7 +294,7 @@ def plot_accuracy_latency(points: Sequence[Point], title: str = "accuracy vs lat
             ax.scatter(p.latency_ms, p.score, s=70, alpha=0.85, zorder=3, label=p.label)
     ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("median latency, ms (" + ", ".join(sorted({p.backend for p in points})) + ")")
-    ax.set_ylabel(points[0].score_name if points else "accuracy")
+    ax.set_ylabel(" / ".join(sorted({p.score_name for p in points})) if points else "accuracy")  # (mixed: both)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()

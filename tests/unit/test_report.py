@@ -232,3 +232,21 @@ def test_a_result_file_and_a_title_named_in_another_encoding_are_drawn(tmp_path)
     assert main(["report", str(tmp_path / name), "-o", str(tmp_path / "out"), "--title", title]) == 0
     page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     assert "c\ufffd.json" in page and "ti\ufffdtle" in page
+
+
+def test_each_fp32_point_keeps_its_own_comparisons_kind_of_score():
+    """A labelled and an unlabelled comparison: the unlabelled model's FP32 point was drawn as
+    accuracy 1.0 under an axis called accuracy (its agreement with itself, not an accuracy)."""
+    from quantkit.report import Results, accuracy_latency_points
+
+    labelled = {**COMPARE, "reference": "a.onnx", "test": "a.int8.onnx", "accuracy_reference": 0.99,
+                "accuracy_test": 0.98, "outputs": [{"name": "y", "cosine_mean": 1.0, "sqnr_db": 30.0,
+                                                    "top1_agreement": 0.97}]}
+    plain = {**COMPARE, "reference": "b.onnx", "test": "b.int8.onnx", "accuracy_reference": None,
+             "accuracy_test": None, "outputs": [{"name": "y", "cosine_mean": 1.0, "sqnr_db": 30.0,
+                                                 "top1_agreement": 0.95}]}
+    benches = [{**BENCH, "model": f"{m}.onnx"} for m in ("a", "a.int8", "b", "b.int8")]
+    points = {p.label: (p.score, p.score_name) for p in accuracy_latency_points(Results(compares=[labelled, plain],
+                                                                                      benches=benches))}
+    assert points["a (FP32)"] == (0.99, "accuracy") and points["b (FP32)"] == (1.0, "top-1 agreement")
+    assert points["a.int8"][1] == "accuracy" and points["b.int8"][1] == "top-1 agreement"
