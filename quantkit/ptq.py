@@ -908,7 +908,11 @@ class Calibration:
         settings = {"num_bins": s.num_bins, "target": s.target, "cache_all_tensors": s.cache_all_tensors,
                     "sample_stride": s.sample_stride, "pow2_grid": s.pow2_grid,
                     # only when on: files saved before the option merge with files saved without it
-                    **({"quantize_attention_probs": True} if s.quantize_attention_probs else {})}
+                    **({"quantize_attention_probs": True} if s.quantize_attention_probs else {}),
+                    # the exclusions too (only when given: files saved without them still merge); they were
+                    # lost on the merge route, which quantized an excluded node again
+                    **({"exclude": list(s.exclude), "exclude_op_types": list(s.exclude_op_types)}
+                       if s.exclude or s.exclude_op_types else {})}
         user = original_names(self.model)  # a model without a batch axis: the user's tensor names
         return CalibrationStats({user.get(t, t): h for t, h in self.histograms.items()}, self.num_samples, model,
                                 settings, preprocess, [data])
@@ -922,7 +926,9 @@ class Calibration:
         config = QuantizeConfig(stats=StatsConfig(num_bins=s["num_bins"], sample_stride=s["sample_stride"],
                                                   target=s["target"], cache_all_tensors=s["cache_all_tensors"],
                                                   pow2_grid=s["pow2_grid"], equalize=False,
-                                                  quantize_attention_probs=bool(s.get("quantize_attention_probs"))),
+                                                  quantize_attention_probs=bool(s.get("quantize_attention_probs")),
+                                                  exclude=tuple(s.get("exclude", ())),
+                                                  exclude_op_types=tuple(s.get("exclude_op_types", ()))),
                                 export=export)
         prepared = prepare_for(model, config.stats, model_name)
         missing = [t for t in prepared.plan.activation_names if t not in stats.histograms]

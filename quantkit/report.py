@@ -216,6 +216,7 @@ def load_results(paths: Iterable[str | os.PathLike[str]]) -> Results:
             continue
         if isinstance(doc, dict) or not found:
             res.add(doc if isinstance(doc, dict) else {}, str(f))
+    _tell_apart(res.compares, "test")
     if not (res.compares or res.benches or res.ranges or res.qat or res.debug):
         raise InputError("no quantkit results found in the given files",
                          hint="pass the JSON files of calibrate (ranges.json, report.json), compare --json, bench --json")
@@ -243,8 +244,30 @@ def _stem(name: str) -> str:
 
 def by_model(docs: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     """One document per model (the last one read wins): the same model named by several files
-    (calibrate's report.json and a compare --json of it) is one model, one point."""
-    return list({_stem(d[key]): d for d in docs}.values())
+    (calibrate's report.json and a compare --json of it) is one model, one point. A model is its
+    file (``<key>_path``, recorded since the twenty-fourth session: every `calibrate -o DIR` names
+    its model ``<stem>.int8.onnx``, and four calibrations of one model were shown as one), or, in
+    older documents, its name."""
+    return list({_path(d, key) or _stem(d[key]): d for d in docs}.values())
+
+
+def _path(doc: dict[str, Any], key: str) -> str | None:
+    """``doc``'s recorded file of ``key`` (a string), or None (older documents, or an edited value)."""
+    value = doc.get(f"{key}_path")
+    return value if isinstance(value, str) and value else None
+
+
+def _tell_apart(docs: Sequence[dict[str, Any]], key: str) -> None:
+    """Documents of different files (``<key>_path``) of one name get their folder's name in it:
+    ``m.int8 [out-a]``, so the page's rows, bars and points say which is which."""
+    paths: dict[str, set[str]] = {}
+    for d in docs:
+        if _path(d, key):
+            paths.setdefault(_stem(d[key]), set()).add(str(_path(d, key)))
+    for d in docs:
+        stem, path = _stem(d[key]), _path(d, key)
+        if path and len(paths.get(stem, ())) > 1:
+            d[key] = f"{stem} [{Path(path).parent.name}].onnx"
 
 
 def accuracy_latency_points(res: Results) -> list[Point]:
@@ -488,8 +511,8 @@ def write_report(res: Results, outdir: str | os.PathLike[str], *, title: str = "
             written[f"{name}.svg"] = Path(outdir) / f"{name}.svg"
             parts.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2>"
                          f"<img alt='{html.escape(name, quote=True)}' src='data:image/png;base64,{base64.b64encode(png.getvalue()).decode()}'>")
-        parts.append("<p>sources: " + ", ".join(html.escape(d["_file"]) for d in
-                                                 [*res.compares, *res.benches, *res.ranges, *res.qat]) + "</p>")
+        files = dict.fromkeys(d["_file"] for d in [*res.compares, *res.benches, *res.ranges, *res.qat, *res.debug])
+        parts.append("<p>sources: " + ", ".join(html.escape(f) for f in files) + "</p>")
         parts.append("</body></html>")
         (tmp / "index.html").write_text(_clean_text("\n".join(parts)), encoding="utf-8")
         written["index.html"] = Path(outdir) / "index.html"

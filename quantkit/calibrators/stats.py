@@ -21,6 +21,7 @@ without a power-of-two grid are merged by splitting bins in proportion to their 
 from __future__ import annotations
 
 import io
+import logging
 import json
 import os
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ import numpy as np
 
 from quantkit.calibrators.collectors import MAX_BINS, Histogram, merge_histogram
 from quantkit.errors import InputError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "quantkit-calibration-stats"
 VERSION = 1
@@ -105,7 +108,7 @@ def load_stats(path: str | os.PathLike[str]) -> CalibrationStats:
     try:
         with np.load(path, allow_pickle=False) as z:
             header = json.loads(bytes(z["header"]).decode())
-            if header.get("format") != FORMAT:
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
                 raise StatsError(f"{str(path)!r} is not a quantkit statistics file", hint=hint)
             if header.get("version") != VERSION:
                 raise StatsError(f"{str(path)!r}: statistics format version {header.get('version')}, "
@@ -223,7 +226,10 @@ def merge_stats(stats: Sequence[CalibrationStats], names: Sequence[str] | None =
     for s, name in zip(stats[1:], names[1:]):
         what = None
         if s.model.get("sha256") != first.model.get("sha256"):
-            what = f"another model ({s.model.get('path')}, not {first.model.get('path')})"
+            what = (f"another model ({s.model.get('path')}, not {first.model.get('path')})"
+                    if s.model.get("path") != first.model.get("path") else
+                    f"another model at the same path ({s.model.get('path')}: its SHA-256 differs, a file changed "
+                    "between the runs)")
         elif s.preprocess != first.preprocess:
             what = "another preprocessing"
         elif s.settings != first.settings:
@@ -243,5 +249,11 @@ def merge_stats(stats: Sequence[CalibrationStats], names: Sequence[str] | None =
         if any(h.total > MAX_TOTAL for h in merged.values()):
             raise StatsError(f"merging {name} takes a histogram's count beyond 2**53: a damaged statistics file",
                              hint="give files written by `quantkit calibrate --save-stats FILE`")
-    return replace(first, histograms=merged, num_samples=sum(s.num_samples for s in stats),
-                   data=[d for s in stats for d in s.data])
+    data = [d for s in stats for d in s.data]
+    twice = sorted({d for d in data if data.count(d) > 1})
+    if twice:  # the same data calibrated in two runs (or a merged file merged again with one of its parts)
+        log.warning("the data path %s is in more than one of the merged statistics: where those runs read the same "
+                    "samples (one folder calibrated twice, or a merged file merged again with one of its parts), "
+                    "they are counted once a file (%d samples in all); merge statistics of different data",
+                    ", ".join(map(repr, twice[:3])), sum(s.num_samples for s in stats))
+    return replace(first, histograms=merged, num_samples=sum(s.num_samples for s in stats), data=data)

@@ -255,6 +255,8 @@ class Calibrate:
                              "`quantkit debug FP32 INT8 --rank` shows where the "
                              "error enters, `--max-drop` keeps the worst groups in float")
             report = {"method": method, "held_out": held_out, **cmp.to_dict(),
+                      "reference_path": os.path.realpath(model_path),
+                      "test_path": os.path.realpath(Path(args.output) / f"{model_path.stem.removesuffix('.fp32')}.int8.onnx"),
                       "entropy_differs_from_trt": cal.entropy_effect(),
                       **({"bias_correction": cal.bias_checks[method]} if method in cal.bias_checks else {}),
                       **({"method_check": cal.method_check} if cal.method_check else {}),

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -71,7 +72,7 @@ class Compare:
                                      test_name=Path(args.test).name, on_batch=bar.update,
                                      label_output=label_output(source, outputs))
         if args.json:  # written before anything is printed
-            write_json_atomic(args.json, report.to_dict())
+            write_json_atomic(args.json, {**report.to_dict(), **_paths(args)})
         if drawn.count < drawn.total:
             print(f"compared on {describe_sample(drawn, 'samples')}")
         print(report.table())
@@ -89,6 +90,11 @@ class Compare:
                 print(f"FAILED: mean cosine similarity {worst:.5f} is below --min-cosine {args.min_cosine}")
                 return 1
         return 0
+
+
+def _paths(args: argparse.Namespace) -> dict[str, str]:
+    """The compared files' resolved paths (``quantkit report`` tells models of one name apart by them)."""
+    return {"reference_path": os.path.realpath(args.reference), "test_path": os.path.realpath(args.test)}
 
 
 def _cosine(text: str) -> float:

@@ -64,7 +64,9 @@ class Inspect:
                 return self._onnx(path)
             except ModelError as err:
                 raise InputError(f"{str(path)!r} is not an ONNX model, a TensorRT calibration cache or a TensorRT engine",
-                                 hint="a calibration cache starts with a TRT-<version>-<algorithm> line") from err
+                                 hint="a calibration cache starts with a TRT-<version>-<algorithm> line; quantkit's "
+                                 "ranges.json, report.json and debug.json are read by `quantkit report`, its .qkstats "
+                                 "by `quantkit merge-stats`") from err
         return self._onnx(path)
 
     def _onnx(self, path: Path) -> int:

@@ -207,3 +207,27 @@ def test_a_tensor_too_small_for_a_float32_scale_gets_the_placeholder_not_0():
     assert float(scale_from_amax(1e-43)) == 1.0 and float(scale_from_amax(127.0)) == 1.0
     assert CalibrationCache.from_amax({"tiny": 1e-43}, "entropy").scales == {"tiny": 1.0}
     assert scale_from_amax(np.array([1e-43, 2.54], np.float32)).tolist() == [1.0, np.float32(0.02)]
+
+
+def test_exclusions_travel_with_the_statistics_and_one_folder_twice_is_said(parts, tmp_path, caplog):
+    """--exclude was lost on the merge route (the merged model quantized the excluded Conv again);
+    merging a folder's statistics with themselves counted its samples twice without a word."""
+    import logging
+
+    import onnx
+
+    excl = ["--exclude", "/fc/Gemm"]
+    assert _calibrate(parts / "a", tmp_path / "a", *excl, "--save-stats", str(tmp_path / "a.qkstats")) == 0
+    assert _calibrate(parts / "b", tmp_path / "b", *excl, "--save-stats", str(tmp_path / "b.qkstats")) == 0
+    assert main(["merge-stats", str(tmp_path / "a.qkstats"), str(tmp_path / "b.qkstats"), "-o", str(tmp_path / "m")]) == 0
+    merged = onnx.load(str(next((tmp_path / "m").glob("*.int8.onnx"))))
+    dq = {n.output[0] for n in merged.graph.node if n.op_type == "DequantizeLinear"}
+    assert not [n for n in merged.graph.node if n.name == "/fc/Gemm" and dq & set(n.input)]
+    assert _calibrate(parts / "b", tmp_path / "b2", "--save-stats", str(tmp_path / "b2.qkstats")) == 0  # no exclusion
+    assert main(["merge-stats", str(tmp_path / "a.qkstats"), str(tmp_path / "b2.qkstats"), "-o", str(tmp_path / "x")]) == 2
+    assert _calibrate(parts / "a", tmp_path / "a2", *excl, "--num-images", "100", "--save-stats",
+                      str(tmp_path / "a2.qkstats")) == 0
+    with caplog.at_level(logging.WARNING):
+        assert main(["merge-stats", str(tmp_path / "a.qkstats"), str(tmp_path / "a2.qkstats"), "-o",
+                     str(tmp_path / "y")]) == 0
+    assert "is in more than one of the merged statistics" in caplog.text

@@ -250,3 +250,27 @@ def test_each_fp32_point_keeps_its_own_comparisons_kind_of_score():
                                                                                       benches=benches))}
     assert points["a (FP32)"] == (0.99, "accuracy") and points["b (FP32)"] == (1.0, "top-1 agreement")
     assert points["a.int8"][1] == "accuracy" and points["b.int8"][1] == "top-1 agreement"
+
+
+def test_calibrations_of_one_model_in_several_folders_are_told_apart(tmp_path):
+    """Every `calibrate -o DIR` names its model <stem>.int8.onnx: four compares of four folders'
+    models were one row and one bar (the last read), the others hidden."""
+    from quantkit.report import accuracy_latency_points, load_results
+
+    images = sample.write_image_folder(tmp_path / "img", "test")
+    for method in ("minmax", "entropy-trt"):
+        out = tmp_path / f"out-{method}"
+        assert main(["calibrate", str(sample.model_path()), "--images", str(images), *DIGITS, "--num-images", "64",
+                     "--eval-images", "0", "--method", method, "-o", str(out)]) == 0
+        assert main(["compare", str(sample.model_path()), str(out / "digits_cnn.int8.onnx"), "--images", str(images),
+                     *DIGITS, "--num-images", "64", "--json", str(tmp_path / "res" / f"{method}.json")]) == 0
+    # the same file compared twice is still one model
+    (tmp_path / "res" / "again.json").write_text((tmp_path / "res" / "minmax.json").read_text())
+    res = load_results([tmp_path / "res"])
+    assert sorted(c["test"] for c in res.compares) == ["digits_cnn.int8 [out-entropy-trt].onnx",
+                                                      "digits_cnn.int8 [out-minmax].onnx",
+                                                      "digits_cnn.int8 [out-minmax].onnx"]
+    assert main(["report", str(tmp_path / "res"), "-o", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "digits_cnn.int8 [out-minmax]" in page and "digits_cnn.int8 [out-entropy-trt]" in page
+    assert accuracy_latency_points(res) == []  # no benchmark: no point, rather than another model's latency
