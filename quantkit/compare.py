@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -240,7 +240,8 @@ class _OutputStats:
         else:
             self.classifier = False
 
-    def result(self, value_ordered: bool = False, *, top1: bool = True, parts: Sequence[int] = ()) -> OutputMetrics:
+    def result(self, value_ordered: bool = False, *, top1: bool = True, parts: Sequence[int] = (),
+               few_values: bool = False) -> OutputMetrics:
         n = max(self.samples, 1)
         if self.discrete:
             return OutputMetrics(self.name, math.nan, math.nan, math.nan, self.max_abs,
@@ -271,14 +272,15 @@ class _OutputStats:
             edges = np.cumsum([0, *parts])[:-1]
             part_db = [_db(float(a), float(b)) for a, b in zip(np.add.reduceat(self.channel_sig, edges),
                                                                np.add.reduceat(self.channel_noise, edges))]
+        agreement = (self.agree / max(self.positions, 1) if self.per_position else self.agree / n) \
+            if self.classifier and self.samples and top1 else None
         return OutputMetrics(
             self.name, self.cos_sum / n if cos_ok else math.nan, self.cos_min if cos_ok else math.nan, sqnr,
-            self.max_abs, self.abs_sum / max(self.values, 1),
-            (self.agree / max(self.positions, 1) if self.per_position else self.agree / n)
-            if self.classifier and self.samples and top1 else None, self.shape_differs, self.batches,
+            self.max_abs, self.abs_sum / max(self.values, 1), agreement, self.shape_differs, self.batches,
             value_ordered=value_ordered, worst_channel=worst, worst_channel_sqnr_db=worst_db,
             parts=list(parts) if part_db is not None else None, parts_sqnr_db=part_db,
             top1_per_position=self.per_position and self.classifier and bool(self.positions),
+            top1_few_values=few_values and agreement is not None,
         )
 
 
@@ -373,8 +375,8 @@ def compare_runners(
     parts = dict(getattr(reference, "concat_parts", {}))
     return CompareReport(
         reference_name, test_name, samples,
-        [replace(r, top1_few_values=r.top1_agreement is not None and r.name in few) for r in
-         (s.result(s.name in ordered, top1=s.name not in embeddings, parts=parts.get(s.name, ())) for s in stats.values())],
+        [s.result(s.name in ordered, top1=s.name not in embeddings, parts=parts.get(s.name, ()), few_values=s.name in few)
+         for s in stats.values()],
         correct_ref / labelled if labelled else None,
         correct_test / labelled if labelled else None,
         skipped,

@@ -31,17 +31,17 @@ import onnx
 
 from quantkit import env_int
 from quantkit.calibrators.cache import DEFAULT_TRT_VERSION, CalibrationCache
-from quantkit.calibrators.collectors import MAX_BINS, Histogram, collect_histograms, merge_histogram
+from quantkit.calibrators.collectors import Histogram, check_num_bins, collect_histograms, merge_histogram
 from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method, method_params
 from quantkit.calibrators.weights import MIN_SCALE
 from quantkit.datasets.batching import Batcher, data_batch_axes
 from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError, check_fields, check_names
 from quantkit.onnx.contrib import CONTRIB, FUSED_LAYER_OPS, standard_ops
-from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, QUANTIZABLE_OPS, TensorSpec, all_graphs, check_not_quantized,
-                                 einsum_as_matmul, ensure_opset, fixed_batch, float_activations, float_input_specs,
-                                 fold_weight_dequantize, opset_version, subgraph_node_count, tensor_types,
-                                 with_node_names)
+from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, QUANTIZABLE_OPS, TensorSpec, all_graphs, as_model,
+                                 check_not_quantized, einsum_as_matmul, ensure_opset, fixed_batch, float_activations,
+                                 float_input_specs, fold_weight_dequantize, opset_version, subgraph_node_count,
+                                 tensor_types, with_node_names)
 from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, float_by_rule, insert_qdq,
                               log_spectrum_nodes, plan_qdq)
 from quantkit.onnx.sampleaxis import original_names, remove_sample_axis, sample_axis_nodes
@@ -209,10 +209,7 @@ class StatsConfig:
                      pow2_grid=(bool,), equalize=(bool,), equalize_pointwise=(bool,), bias_correction=(bool,),
                      quantize_attention_probs=(bool,))
         check_names(self, "exclude", "exclude_op_types")
-        if self.num_bins > MAX_BINS:
-            raise InputError(f"num_bins must be at most {MAX_BINS}, got {self.num_bins}")
-        if self.num_bins < 256 or self.num_bins & (self.num_bins - 1):
-            raise InputError(f"num_bins must be a power of two >= 256, got {self.num_bins}")
+        check_num_bins(self.num_bins)
         if self.target not in TARGETS:
             raise InputError(f"unknown Q/DQ target {self.target!r}; choose one of {list(TARGETS)}")
         if self.sample_stride < 1:
@@ -1081,13 +1078,10 @@ def quantize(
     """
     from quantkit.onnx.equalize import refit_scales
 
-    if isinstance(model, (str, os.PathLike)):  # a path is a natural thing to pass
-        from quantkit.onnx.model import load_model
-
-        model_name = str(model) if model_name == "model" else model_name
-        model = load_model(model)
-    if not isinstance(model, (onnx.ModelProto, PreparedModel)):
-        raise InputError(f"quantize takes an onnx.ModelProto or a model file's path, got {type(model).__name__}")
+    if isinstance(model, (str, os.PathLike)) and model_name == "model":
+        model_name = str(model)
+    if not isinstance(model, PreparedModel):
+        model = as_model(model, "quantize takes")
     if not isinstance(config, QuantizeConfig):
         raise InputError(f"config must be a QuantizeConfig, got {type(config).__name__}")
     idx = check_source(source, indices)

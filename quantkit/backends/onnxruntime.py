@@ -33,8 +33,8 @@ from quantkit.backends.base import Runner, TensorSink, check_feed
 from quantkit.datasets.batching import feed_rows, take_rows
 from quantkit.errors import InputError, ModelError
 from quantkit.onnx.model import (TensorSpec, concat_parts, few_regression_values, input_specs, l2_normalized,
-                                 last_axis_classes, load_model, named_axis_1, node_reads, output_specs, unused_input_zeros, value_ordered_outputs,
-                                 with_outputs_bytes)
+                                 last_axis_classes, load_model, named_axis_1, node_reads, output_specs,
+                                 unused_input_zeros, value_ordered_outputs, with_outputs_bytes)
 
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,8 @@ class OrtRunner(Runner):
         #: 2-D outputs whose axis 1 is declared by a name (a sequence's length, ``[B, T]``): not
         #: [N, classes], whose classes are a fixed number (``compare`` shows no top-1 for them)
         self.named_axis_outputs = [o.name for o in proto.graph.output if named_axis_1(proto, o.name)]
-        #: [N, k] outputs of a few values (k < 10) that no Softmax writes: figures, not classes (no top-1)
+        #: [N, k] outputs of a few values (k < 10) that no Softmax writes: figures or classes (``compare``
+        #: notes that their top-1 means something for class scores only)
         self.regression_outputs = [o.name for o in proto.graph.output if few_regression_values(proto, o.name)]
         #: outputs of rank 3+ that are a Softmax over the last axis (``[N, T, classes]``): top-1 per position
         self.last_axis_classes = [o.name for o in proto.graph.output if last_axis_classes(proto, o.name)]

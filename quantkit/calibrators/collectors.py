@@ -22,11 +22,20 @@ import numpy as np
 
 from quantkit import env_int
 from quantkit.calibrators import native
-from quantkit.errors import NonFiniteError, NotCalibratedError
+from quantkit.errors import InputError, NonFiniteError, NotCalibratedError
 
 #: the most histogram bins a tensor may have (TensorRT uses 2048; 2**40 was accepted and then
 #: allocated per tensor; a statistics file claiming 2**27 took 8 GB to read)
 MAX_BINS = 1 << 16
+
+
+def check_num_bins(num_bins: int) -> None:
+    """Raise InputError unless ``num_bins`` is a power of two from 256 to ``MAX_BINS`` (the
+    calibration histograms' bins: PTQ's ``StatsConfig`` and QAT's ``QatConfig`` alike)."""
+    if num_bins > MAX_BINS:
+        raise InputError(f"num_bins must be at most {MAX_BINS}, got {num_bins}")
+    if num_bins < 256 or num_bins & (num_bins - 1):
+        raise InputError(f"num_bins must be a power of two >= 256, got {num_bins}")
 _CHUNK = 1 << 18  # elements per step: keeps the |x| and index buffers in cache
 _MIN_SAMPLED = 1 << 16  # sampled updates keep at least this many values in the sample
 

@@ -21,9 +21,10 @@ without a power-of-two grid are merged by splitting bins in proportion to their 
 from __future__ import annotations
 
 import io
-import logging
 import json
+import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -250,7 +251,7 @@ def merge_stats(stats: Sequence[CalibrationStats], names: Sequence[str] | None =
             raise StatsError(f"merging {name} takes a histogram's count beyond 2**53: a damaged statistics file",
                              hint="give files written by `quantkit calibrate --save-stats FILE`")
     data = [d for s in stats for d in s.data]
-    twice = sorted({d for d in data if data.count(d) > 1})
+    twice = sorted(d for d, times in Counter(data).items() if times > 1)
     if twice:  # the same data calibrated in two runs (or a merged file merged again with one of its parts)
         log.warning("the data path %s is in more than one of the merged statistics: where those runs read the same "
                     "samples (one folder calibrated twice, or a merged file merged again with one of its parts), "

@@ -37,12 +37,9 @@ def label_output(source: Any, outputs: Sequence["TensorSpec"], name: str | None 
     if name or not outputs:
         return name or None
     want = _class_count(source)
-    first = output_classes(outputs)
-    if want is not None and first != want:
+    if want is not None and output_classes(outputs) != want:
         match = next((o.name for o in outputs if output_classes(outputs, o.name) == want), None)
         if match is not None:
-            log.info("accuracy is read from output %r: its %d classes are the data's (the first output, %r, "
-                     "has %s)", match, want, outputs[0].name, first if first is not None else "another shape")
             return match
     return outputs[0].name
 
@@ -64,10 +61,15 @@ def check_classes(source: Any, outputs: Sequence["TensorSpec"], name: str | None
     Returns:
         The warning where the accuracy would be meaningless, else None.
     """
-    name = label_output(source, outputs, name)
-    n_out = output_classes(outputs, name)
+    chosen = label_output(source, outputs, name)
+    n_out = output_classes(outputs, chosen)
     if n_out is None:
         return None
+    if chosen != name and outputs and chosen != outputs[0].name:  # said once, where the check is made
+        first = output_classes(outputs)
+        log.info("accuracy is read from output %r: its %d classes are the data's (the first output, %r, has %s)",
+                 chosen, n_out, outputs[0].name, first if first is not None else "another shape")
+    name = chosen
     message = None
     classes = getattr(source, "classes", None)
     labels = getattr(source, "labels", None)

@@ -155,9 +155,10 @@ def _say_class_order(base: Path, classes: list[str]) -> None:
     """Warn where the class folders' order may not be the model's: folders that hold no image
     (they are no class, so the labels after them shift by one), and numbered folders past 9,
     which are taken in text order ('10' before '2'), as torchvision's ImageFolder takes them."""
+    known = set(classes)
     try:
         empty = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")
-                       and d.name not in set(classes))
+                       and d.name not in known)
     except OSError:
         empty = []
     if empty:

@@ -40,7 +40,8 @@ from quantkit.calibrators.collectors import batch_rows
 from quantkit.datasets.batching import Batch, take_rows
 from quantkit.errors import InputError, ModelError
 from quantkit.onnx.equalize import equalizations_of
-from quantkit.onnx.model import constant_arrays, einsum_as_matmul, fold_weight_dequantize, initializer_arrays
+from quantkit.onnx.model import (as_model, constant_arrays, einsum_as_matmul, fold_weight_dequantize,
+                                 initializer_arrays)
 
 
 @dataclass(frozen=True)
@@ -490,20 +491,6 @@ def _output_channel_axis(readers: Sequence[onnx.NodeProto | None], ndim: int) ->
     return {"MatMul": ndim - 1, "Gemm": 0 if trans_b else 1, "ConvTranspose": 1}.get(op, 0)
 
 
-def _models(*models: tuple[str, Any]) -> list[onnx.ModelProto]:
-    """Each (name, ModelProto or a model file's path) as a ModelProto; InputError for anything else."""
-    from quantkit.onnx.model import load_model
-
-    out = []
-    for name, m in models:
-        if isinstance(m, (str, os.PathLike)):
-            m = load_model(m)
-        elif not isinstance(m, onnx.ModelProto):
-            raise InputError(f"{name} must be an onnx.ModelProto or a model file's path, got {type(m).__name__}")
-        out.append(m)
-    return out
-
-
 def _batches(batches: Iterable[Any]) -> Iterator[Batch]:
     """``batches`` as Batch objects: a dict (input name -> array, samples on axis 0) is one batch
     of all its rows."""
@@ -541,7 +528,7 @@ def layerwise_error(fp32: onnx.ModelProto | str | os.PathLike[str], int8: onnx.M
     from quantkit.compare import _OutputStats
     from quantkit.onnx.contrib import standard_ops
 
-    fp32, int8 = _models((reference_name, fp32), (test_name, int8))
+    fp32, int8 = as_model(fp32, f"{reference_name} must be"), as_model(int8, f"{test_name} must be")
     batches = _batches(batches)
     fp32 = fold_weight_dequantize(fp32, source=reference_name)  # a weight-only model: its float weights
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in fp32.graph.node):

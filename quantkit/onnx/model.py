@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 from quantkit._io import file_sha256  # noqa: F401  (re-exported: the model hash of caches and ranges)
 from quantkit._io import input_file
-from quantkit.errors import ModelError
+from quantkit.errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,16 @@ def fixed_batch(specs: Sequence[TensorSpec], axes: Mapping[str, int | None] | No
     sizes = [d for s in specs if (ax := axes.get(s.name, 0)) is not None and ax < len(s.shape)
              and isinstance(d := s.shape[ax], int)]
     return min(sizes) if sizes else None
+
+
+def as_model(model: Any, what: str) -> onnx.ModelProto:
+    """``model`` as a ModelProto: one given, or a model file's path loaded (``load_model``);
+    InputError for anything else, as "{what} an onnx.ModelProto or a model file's path"."""
+    if isinstance(model, (str, os.PathLike)):  # a path is a natural thing to pass
+        return load_model(model)
+    if not isinstance(model, onnx.ModelProto):
+        raise InputError(f"{what} an onnx.ModelProto or a model file's path, got {type(model).__name__}")
+    return model
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -382,8 +392,6 @@ def error_output(model: onnx.ModelProto, name: str | None = None) -> str:
             floats = [o for o in floats if o.name in reached]
     if name is not None:
         if name not in {o.name for o in floats}:
-            from quantkit.errors import InputError
-
             raise InputError(f"--error-output {name!r} is not a float output of the model",
                              hint=f"its float outputs: {', '.join(o.name for o in floats) or 'none'}")
         return name
@@ -1049,16 +1057,24 @@ def last_axis_classes(model: onnx.ModelProto, name: str) -> bool:
     last = t.shape.dim[-1]
     if last.HasField("dim_value") and last.dim_value < 2:
         return False
-    producer = {o: n for n in model.graph.node for o in n.output}
-    node = producer.get(name)
-    while node is not None and node.op_type in ("Identity", "Cast") and node.input:
-        node = producer.get(node.input[0])
+    node, producer = _writer(model, name, through=("Identity", "Cast"))
     if node is None:
         return False
     if node.op_type in ("Softmax", "LogSoftmax"):
         axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset_version(model) >= 13 else 1)
         return axis % rank == rank - 1  # (before opset 13 axis 1 of a rank-3 input spans axes 1 and 2)
     return _linear_logits(node, producer, model)
+
+
+def _writer(model: onnx.ModelProto, name: str, through: Sequence[str] = LAYOUT_OPS
+            ) -> tuple[onnx.NodeProto | None, dict[str, onnx.NodeProto]]:
+    """The node that computes ``name``, past the ``through`` ops that only move or retype it
+    (None for a graph input or an initializer), and the graph's tensor -> producer map."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(name)
+    while node is not None and node.op_type in through and node.input:
+        node = producer.get(node.input[0])
+    return node, producer
 
 
 def _linear_logits(node: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], model: onnx.ModelProto) -> bool:
@@ -1112,10 +1128,7 @@ def few_regression_values(model: onnx.ModelProto, name: str) -> bool:
     if t is None or not t.HasField("shape") or len(t.shape.dim) != 2 or not t.shape.dim[1].HasField("dim_value") \
             or not 2 <= t.shape.dim[1].dim_value < FEW_VALUES:
         return False
-    producer = {o: n for n in model.graph.node for o in n.output}
-    node = producer.get(name)
-    while node is not None and node.op_type in LAYOUT_OPS and node.input:
-        node = producer.get(node.input[0])
+    node, _ = _writer(model, name)
     return node is None or node.op_type not in ("Softmax", "LogSoftmax")
 
 
@@ -1125,10 +1138,7 @@ def l2_normalized(model: onnx.ModelProto, name: str) -> bool:
     ``ReduceL2``, a ``ReduceSumSquare`` or a ``ReduceSum`` under a Sqrt, through layout ops. A
     sentence or face embedding's argmax means nothing, and its shape [N, dims] does not tell it
     from a classifier's logits; its normalization does."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    node = producer.get(name)
-    while node is not None and node.op_type in LAYOUT_OPS and node.input:  # moved or retyped, not computed
-        node = producer.get(node.input[0])
+    node, producer = _writer(model, name)
     if node is None:
         return False
     if node.op_type == "LpNormalization":

@@ -763,18 +763,18 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
                 excluded.setdefault(n, {"node": n, "op_type": op, "matched": op})
     if not excluded:
         return plan, []
-    # (follow_fusions) an Add's residual input is quantized for its Conv's INT8 epilogue (TensorRT fuses the Add into
-    # the Conv that writes its other input): with that Conv in float, the pair would only add noise
-    producer = {o: n.name or n.output[0] for n in model.graph.node for o in n.output}
-    op_of = dict(nodes)
-    for n in model.graph.node if follow_fusions else ():
-        name = n.name or n.output[0]
-        if n.op_type != "Add" or name in excluded or len(n.input) != 2:
-            continue
-        residual = [t for t in n.input if name in plan.activations.get(t, ())]
-        fused = [producer.get(t) for t in n.input if t not in residual]  # the input its Conv writes
-        if len(residual) == 1 and fused and fused[0] in excluded and op_of.get(fused[0]) in _CONV_OPS:
-            excluded[name] = {"node": name, "op_type": "Add", "matched": f"fuses into {fused[0]} (excluded)"}
+    if follow_fusions:  # an Add's residual input is quantized for its Conv's INT8 epilogue (TensorRT fuses the Add
+        # into the Conv that writes its other input): with that Conv in float, the pair would only add noise
+        producer = {o: n.name or n.output[0] for n in model.graph.node for o in n.output}
+        op_of = dict(nodes)
+        for n in model.graph.node:
+            name = n.name or n.output[0]
+            if n.op_type != "Add" or name in excluded or len(n.input) != 2:
+                continue
+            residual = [t for t in n.input if name in plan.activations.get(t, ())]
+            fused = [producer.get(t) for t in n.input if t not in residual]  # the input its Conv writes
+            if len(residual) == 1 and fused and fused[0] in excluded and op_of.get(fused[0]) in _CONV_OPS:
+                excluded[name] = {"node": name, "op_type": "Add", "matched": f"fuses into {fused[0]} (excluded)"}
     acts = {t: tuple(c for c in cons if c not in excluded) for t, cons in plan.activations.items()}
     # a shared-scale group is kept or dropped whole: a member that loses every consumer takes
     # its group with it (the scales only had to agree for the op now left in float)

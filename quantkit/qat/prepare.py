@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantkit.calibrators.collectors import MAX_BINS
+from quantkit.calibrators.collectors import check_num_bins
 from quantkit.errors import InputError, ModelError, check_fields, check_names
 from quantkit.qat._cuda_fq import WeightBank
 from quantkit.qat.modules import QUANT_TYPES, QuantMixin
@@ -71,8 +71,7 @@ class QatConfig:
                              hint="e.g. disable_types=(torch.nn.Linear,)")
         check_method(self.method)  # the registry validates method names and parameters
         method_params({"percentile": self.percentile})
-        if not 256 <= self.num_bins <= MAX_BINS or self.num_bins & (self.num_bins - 1):
-            raise InputError(f"num_bins must be a power of two from 256 to {MAX_BINS}, got {self.num_bins}")
+        check_num_bins(self.num_bins)
 
 
 class _Tracer(torch.fx.Tracer):
