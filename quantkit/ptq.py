@@ -204,6 +204,12 @@ class StatsConfig:
         ``bias_correction`` (see there)."""
         return self.equalize_pointwise and self.bias_correction
 
+    @property
+    def equalizes(self) -> bool:
+        """Whether equalization runs: ``equalize`` for the ``tensorrt`` target, except for
+        statistics saved to merge (``pow2_grid``), whose runs' factors would differ."""
+        return self.equalize and self.target == "tensorrt" and not self.pow2_grid
+
     def __post_init__(self) -> None:
         check_fields(self, num_bins=(int,), sample_stride=(int,), target=(str,), cache_all_tensors=(bool,),
                      pow2_grid=(bool,), equalize=(bool,), equalize_pointwise=(bool,), bias_correction=(bool,),
@@ -782,8 +788,8 @@ class Calibration:
             **({"excluded": self.excluded} if self.excluded else {}),
             **({"equalized": [e.summary() for e in self.equalized]} if self.equalized else {}),
             "config": {"num_bins": s.num_bins, **self.config.params, "cache_all_tensors": s.cache_all_tensors,
-                       "sample_stride": s.sample_stride, "target": s.target, "equalize": s.equalize,
-                       "equalize_pointwise": s.pointwise_equalization,
+                       "sample_stride": s.sample_stride, "target": s.target, "equalize": s.equalizes,
+                       "equalize_pointwise": s.equalizes and s.pointwise_equalization,
                        **({"pointwise_check": self.pointwise_check} if self.pointwise_check else {}),
                        **({"method_check": self.method_check} if self.method_check else {}),
                        **({"equalization_refit": self.equalization_refit} if self.equalization_refit else {}),
@@ -1218,7 +1224,7 @@ def _calibrate_equalizing(model: PreparedModel, source: Source, indices: Sequenc
     ``_calibrate_after_equalizing``: ``_equalize``'s separate first pass, and the pass over the
     equalized model)."""
     stats, run = config.stats, config.run
-    if not EQUALIZE_ONE_PASS or not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
+    if not EQUALIZE_ONE_PASS or not stats.equalizes:
         return None
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.onnx.equalize import equalization_summary, equalized_consumers
@@ -1363,7 +1369,7 @@ def _equalize(model: PreparedModel, source: Source, indices: Sequence[int], conf
     pass skipped (warned about once), whether the model runs one sample at a time, and the
     maxima the factors come from."""
     stats, run = config.stats, config.run
-    if not stats.equalize or stats.target != "tensorrt" or stats.pow2_grid:
+    if not stats.equalizes:
         return model, [], [], False, {}
     from quantkit.onnx.equalize import (channel_axes, equalization_summary, equalize_depthwise, equalized_consumers,
                                         scales_for)

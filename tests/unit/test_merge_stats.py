@@ -49,6 +49,9 @@ def test_merged_statistics_equal_one_run_over_all_the_data(parts, tmp_path, caps
     # the mergeable model leaves out what needs the samples, and says so (a MediaPipe hand model lost 16 dB unsaid)
     assert "--save-stats: the model written is the one `quantkit merge-stats` makes" in caplog.text
     assert "without equalization, bias correction and the method check" in caplog.text
+    # and its ranges.json says what ran (it said "equalize": true, "equalize_pointwise": true)
+    config = json.loads((tmp_path / "a" / "ranges.json").read_text())["config"]
+    assert (config["equalize"], config["equalize_pointwise"], config["bias_correction"]) == (False, False, False)
     assert _calibrate(parts / "b", tmp_path / "b", "--save-stats", str(tmp_path / "b.qkstats")) == 0
     assert _calibrate(parts / "all", tmp_path / "all", "--save-stats", str(tmp_path / "all.qkstats")) == 0
     rc = main(["merge-stats", str(tmp_path / "a.qkstats"), str(tmp_path / "b.qkstats"), "-o", str(tmp_path / "merged"),
