@@ -41,7 +41,7 @@ from quantkit.onnx.contrib import CONTRIB, FUSED_LAYER_OPS, standard_ops
 from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, QUANTIZABLE_OPS, TensorSpec, all_graphs, as_model,
                                  check_not_quantized, einsum_as_matmul, ensure_opset, fixed_batch, float_activations,
                                  float_input_specs, fold_weight_dequantize, opset_version, subgraph_node_count,
-                                 tensor_types, with_node_names)
+                                 tensor_types, with_node_names, without_io_value_info)
 from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, float_by_rule, insert_qdq,
                               log_spectrum_nodes, plan_qdq)
 from quantkit.onnx.sampleaxis import original_names, remove_sample_axis, sample_axis_nodes
@@ -327,7 +327,8 @@ def normalized_graph(model: onnx.ModelProto, *, warn: bool = True, name: str = "
     written as the standard ones (``standard_ops``; ``warn``: name those left), Einsum products as
     MatMul, every node named. ``prepare`` and a Q/DQ model's reading (``QdqScales.from_qdq_model``,
     whose equalizations address nodes by these names) share it."""
-    return with_node_names(einsum_as_matmul(standard_ops(ensure_opset(model), warn=warn, name=name)))
+    return with_node_names(einsum_as_matmul(standard_ops(ensure_opset(without_io_value_info(model)), warn=warn,
+                                                         name=name)))
 
 
 def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "model", exclude: Sequence[str] = (),

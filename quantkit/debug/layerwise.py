@@ -461,8 +461,15 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
             # its error is its own quantization's, however coarse (NNCF quantizes a weight that a
             # Constant node holds per tensor: 9.4 dB on PP-OCRv4's recogniser, and still its weight)
             w, deq = own, p.fake_quant(own)[0]
+        elif own is not None:  # another shape: another network's weight of that name (refused below)
+            deq = own
         else:
-            deq = p.fake_quant(w)[0]
+            try:
+                deq = p.fake_quant(w)[0]
+            except ValueError as err:  # its scales have another channel count
+                raise ModelError(f"weight {name!r}: its scales in the INT8 model do not fit the FP32 model's weight "
+                                 f"of shape {list(w.shape)}: the Q/DQ model is not derived from this FP32 model",
+                                 hint="give the FP32 model the Q/DQ model was made from") from err
         if deq.shape != w.shape:
             raise ModelError(f"weight {name!r}: shape {list(deq.shape)} in the INT8 model, {list(w.shape)} in the "
                              "FP32 model: the Q/DQ model is not derived from this FP32 model",

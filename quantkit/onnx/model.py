@@ -503,6 +503,17 @@ def float_input_specs(model: onnx.ModelProto, *, source: str = "model") -> list[
                          "feeds tensor inputs (image batches, arrays from an .npz) only",
                          hint="export the model with a tensor input in its place")
     specs = input_specs(model)
+    if not specs:
+        inits = {i.name for i in model.graph.initializer}
+        defaults = [v.name for v in model.graph.input if v.name in inits]
+        if defaults:
+            raise ModelError(f"{source} has no input to feed: its input(s) {defaults} have a default value (an "
+                             "initializer of the same name), so ONNX Runtime runs them as constants and every "
+                             "sample would give the same outputs",
+                             hint="remove those initializers from the graph (keep the input declarations) and "
+                                  "re-save the model, or re-export it without default values")
+        raise ModelError(f"{source} has no inputs that its graph reads: its outputs are constants, and there is "
+                         "nothing to calibrate", hint="give the model that reads the data")
     floats = any(np.issubdtype(s.dtype, np.floating) for s in specs)
     if not floats:
         floats = any(np.issubdtype(helper.tensor_dtype_to_np_dtype(i.data_type), np.floating)
@@ -577,6 +588,23 @@ def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
         if not node.name:
             node.name = unique_name(f"{node.op_type}_{i}", taken)
     return named
+
+
+def without_io_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself when its ``value_info`` names no graph input or output, else a copy
+    without those entries. ONNX's ``value_info`` is for the values that are neither; ONNX
+    Runtime's float16 converter (``keep_io_types``) lists an output there again without a
+    shape, which graph rewriting then takes for the output's own declaration (a model the
+    checker refuses)."""
+    io = {v.name for v in (*model.graph.input, *model.graph.output)}
+    if not any(v.name in io for v in model.graph.value_info):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [v for v in out.graph.value_info if v.name not in io]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept)
+    return out
 
 
 def opset_version(model: onnx.ModelProto) -> int:

@@ -452,3 +452,41 @@ def test_db_of_infinite_noise_is_minus_infinity():
 
     assert db(1.0, math.inf) == -math.inf and db(1.0, 0.0) == math.inf and db(0.0, 1.0) == -math.inf
     assert math.isnan(db(math.inf, math.inf)) and db(100.0, 1.0) == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_a_model_of_another_width_with_the_same_weight_names_is_refused(tmp_path, stored):
+    """One PyTorch class at two widths (same weight names, other shapes): debug was exit 1
+    ("operands could not be broadcast") where it refuses a model not derived from the FP32 one."""
+    torch = pytest.importorskip("torch")
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Net(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(3, c, 3, padding=1), torch.nn.Conv2d(c, c, 3, padding=1)
+            self.fc = torch.nn.Linear(c, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+    for c, name in ((8, "small"), (16, "big")):
+        torch.manual_seed(0)
+        torch.onnx.export(Net(c).eval(), torch.randn(1, 3, 8, 8), str(tmp_path / f"{name}.onnx"), dynamo=False,
+                          opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    src = SyntheticSource((3, 8, 8), count=16, seed=1)
+    if stored:  # weights stored as int8 (ONNX Runtime's Q/DQ)
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter([{"x": src.load(i)[None]} for i in range(8)])
+
+            def get_next(self):
+                return next(self.it, None)
+
+        quantize_static(str(tmp_path / "big.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        int8 = onnx.load(tmp_path / "q.onnx")
+    else:
+        int8 = quantize(onnx.load(tmp_path / "big.onnx"), src).int8_model()
+    with pytest.raises(ModelError, match="not derived from this FP32 model"):
+        layerwise_error(onnx.load(tmp_path / "small.onnx"), int8, Batcher(src, ["x"], 8))

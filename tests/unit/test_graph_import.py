@@ -1220,3 +1220,58 @@ def test_a_float16_model_upgraded_for_its_qdq_keeps_every_node_named(tmp_path):
                      str(tmp_path / target), "--target", target, "--eval-images", "0", "--no-progress"]) == 0, target
         int8 = onnx.load(tmp_path / target / "m.int8.onnx")
         assert int8.opset_import[0].version >= 19 and sum(n.op_type == "QuantizeLinear" for n in int8.graph.node) >= 3
+
+
+def test_an_output_listed_again_in_value_info_without_a_shape_calibrates(tmp_path, capsys):
+    """ONNX Runtime's transformer optimizer + float16 converter (keep_io_types) lists a graph
+    output in value_info again, without a shape: the checker and ONNX Runtime take the model, and
+    calibrate was exit 1 (its own check of the Q/DQ model: "Field 'shape' of 'type' is required")."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w2")]
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+                           helper.make_node("Relu", ["a"], ["b"], name="relu"),
+                           helper.make_node("MatMul", ["b", "w2"], ["y"], name="mm2")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    g.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    g.value_info.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, None))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(48, 8)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    out = onnx.load(tmp_path / "o" / "m.int8.onnx")
+    assert [d.dim_param or d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim] == ["N", 4]
+    assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "--npz",
+                 str(tmp_path / "d.npz")]) == 0
+
+
+@pytest.mark.parametrize("data", ["npz", "images"])
+def test_a_model_whose_only_input_has_a_default_is_refused_in_one_line(tmp_path, capsys, data):
+    """An input with an initializer of its name is a default ONNX Runtime runs as a constant (it
+    lists no input): --npz naming it was exit 1 (ZeroDivisionError), --images said --input-value
+    had given every input a value."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.zeros((1, 3, 8, 8), np.float32), "x")]
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["a"], name="conv"),
+                           helper.make_node("Relu", ["a"], ["y"], name="relu")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    if data == "npz":
+        np.savez(tmp_path / "d.npz", x=rng.normal(size=(8, 3, 8, 8)).astype(np.float32))
+        args = ["--npz", str(tmp_path / "d.npz")]
+    else:
+        (tmp_path / "imgs").mkdir()
+        for i in range(8):
+            cv2.imwrite(str(tmp_path / "imgs" / f"{i}.png"), (rng.random((8, 8, 3)) * 255).astype(np.uint8))
+        args = ["--images", str(tmp_path / "imgs"), "--preprocess", "none"]
+    assert main(["calibrate", str(tmp_path / "m.onnx"), *args, "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has no input to feed: its input(s) ['x'] have a default value" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
