@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantkit.errors import ModelError
 from quantkit.onnx.model import all_graphs, all_names, unique_name
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,26 @@ _CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "stride
 def contrib_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """``model``'s nodes of the ``com.microsoft`` domain, subgraphs' too."""
     return [n for g in all_graphs(model.graph) for n in g.node if n.domain == CONTRIB]
+
+
+#: ONNX Runtime's CPU layout ops (``ORT_ENABLE_ALL``'s NCHWc transformer): a Conv of this domain
+#: holds its weight in ONNX Runtime's blocked order under the ONNX dims, which no other runtime reads
+LAYOUT_DOMAIN = "com.microsoft.nchwc"
+
+
+def check_no_layout_ops(model: onnx.ModelProto, *, source: str = "model") -> None:
+    """ModelError where ``model`` holds ONNX Runtime's CPU layout ops (``LAYOUT_DOMAIN``): a model
+    saved by ONNX Runtime at ``ORT_ENABLE_ALL`` is for that machine's ONNX Runtime alone (its own
+    log says so), and its Convs' weights are not in ONNX's order (per-channel scales along their
+    first axis would be another tensor's rows)."""
+    found = [n for g in all_graphs(model.graph) for n in g.node if n.domain == LAYOUT_DOMAIN]
+    if found:
+        ops = sorted({n.op_type for n in found})
+        raise ModelError(f"{source} holds {len(found)} node(s) of ONNX Runtime's CPU layout domain ({LAYOUT_DOMAIN}: "
+                         f"{', '.join(ops)}), which only ONNX Runtime on the machine that saved it reads (the model was "
+                         "saved with ORT_ENABLE_ALL optimizations)",
+                         hint="quantize the exported model itself, or one saved with graph_optimization_level "
+                              "ORT_ENABLE_EXTENDED or lower")
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:

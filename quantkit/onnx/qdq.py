@@ -206,7 +206,7 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
         weights.setdefault(key, (axis, []))[1].append(node.name)
 
     for node in graph.node:
-        if node.op_type in WEIGHTED_OPS:
+        if node.op_type in WEIGHTED_OPS and node.domain in ("", "ai.onnx"):  # (another domain's namesake: its own op)
             if not node.name:
                 raise ModelError("every node needs a name for Q/DQ placement", hint="re-export the model")
             a, b = node.input[0], node.input[1]

@@ -239,3 +239,36 @@ def test_the_rank_inference_writes_nothing_where_it_stays_incomplete(tmp_path, m
                    [nh.from_array(RNG.normal(0, 1, (4, 4)).astype(np.float32), "w")])
     standard_ops(model, warn=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_runtime_layout_ops_are_refused_and_other_domains_namesakes_stay_float(tmp_path, capsys):
+    """A model ONNX Runtime saved at ORT_ENABLE_ALL holds com.microsoft.nchwc Convs whose weights are
+    in its blocked order: calibrate took them for ONNX Convs (per-channel scales along another
+    tensor's rows, bias correction) without a word, and wrote them into the model for TensorRT."""
+    import onnxruntime as ort
+
+    from quantkit.cli import main
+    from quantkit.onnx.qdq import plan_qdq
+    from tests.helpers import make_residual_model
+
+    onnx.save(make_residual_model(), tmp_path / "m.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "all.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), so, providers=["CPUExecutionProvider"])
+    saved = onnx.load(tmp_path / "all.onnx")
+    if not any(n.domain == "com.microsoft.nchwc" for n in saved.graph.node):
+        pytest.skip("this ONNX Runtime wrote no NCHWc ops (a CPU without the blocked kernels)")
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32))
+    rc = main(["calibrate", str(tmp_path / "all.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "com.microsoft.nchwc" in err and "ORT_ENABLE_EXTENDED" in err, err
+    assert not (tmp_path / "o").exists()
+    # an op of another domain that has a standard op's name is that domain's op: no Q/DQ for it
+    m = make_residual_model()
+    conv = next(n for n in m.graph.node if n.name == "conv2")
+    conv.domain = "example.custom"
+    m.opset_import.append(onnx.helper.make_opsetid("example.custom", 1))
+    assert "conv2" not in {c for cs in plan_qdq(m).activations.values() for c in cs}
+    assert "conv1" in {c for cs in plan_qdq(m).activations.values() for c in cs}
