@@ -130,7 +130,7 @@ def read_cache(path: str | os.PathLike[str]) -> CalibrationCache:
         if len(data) > MAX_CACHE_BYTES:
             raise CacheError(f"calibration cache {str(p)!r} is larger than {MAX_CACHE_BYTES >> 20} MiB: not a "
                              "calibration cache (a line per tensor)")
-        text = data.decode("ascii")
+        text = data.decode("utf-8")  # as written: ONNX names are UTF-8, and TensorRT matches the bytes
     except FileNotFoundError:
         raise CacheError(f"calibration cache {str(p)!r} does not exist") from None
     except (UnicodeDecodeError, OSError) as err:

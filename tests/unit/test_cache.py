@@ -30,6 +30,15 @@ def test_round_trip_exact(tmp_path, rng):
     assert back.to_text() == text
 
 
+def test_a_name_that_is_not_ascii_reads_back(tmp_path):
+    """A PyTorch module attribute may be any identifier (``self.aktivität``), and its export names
+    tensors after it: the cache was written in UTF-8 and read as ASCII (inspect and build refused
+    the file calibrate had just written)."""
+    cache = CalibrationCache.from_amax({"/aktivität/Relu_output_0": 2.5, "/层/Conv_output_0": 1.0}, "entropy")
+    back = read_cache(write_cache(tmp_path / "c.cache", cache))
+    assert back == cache
+
+
 def test_minmax_header():
     assert CalibrationCache.from_amax({"x": 1.0}, "minmax").algorithm == "MinMaxCalibration"
 
