@@ -39,7 +39,7 @@ from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError, check_fields, check_names
 from quantkit.onnx.contrib import CONTRIB, FUSED_LAYER_OPS, check_no_layout_ops, standard_ops
 from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, QUANTIZABLE_OPS, TensorSpec, all_graphs, as_model,
-                                 check_not_quantized, einsum_as_matmul, ensure_opset, fixed_batch, float_activations,
+                                 check_inference_mode, check_not_quantized, einsum_as_matmul, ensure_opset, fixed_batch, float_activations,
                                  float_input_specs, fold_weight_dequantize, opset_version, subgraph_node_count,
                                  tensor_types, with_node_names, without_io_value_info)
 from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, float_by_rule, insert_qdq,
@@ -349,6 +349,7 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     model = fold_weight_dequantize(model, source=name)  # a weight-only quantized model: its float weights
     check_not_quantized(model, source=name)
     check_no_layout_ops(model, source=name)
+    check_inference_mode(model, source=name)
     if not _has_layer_ops(model.graph):  # before the opset upgrade: a 194 MB tree ensemble took 30-50 s and 5.7 GB
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes: nothing to quantize to INT8")
     model = normalized_graph(model, warn=not quiet, name=name)

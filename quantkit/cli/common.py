@@ -307,7 +307,8 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
     if values:
         from quantkit.datasets.sources import WithInputValues
 
-        return WithInputValues(source, specs[0].name, values)
+        return WithInputValues(source, specs[0].name, values,
+                               whole=tuple(s.name for s in specs if s.name in values and len(s.shape) == 0))
     return source
 
 

@@ -660,9 +660,16 @@ class WithInputValues:
     source: Source
     name: str
     values: dict[str, np.ndarray]
+    #: inputs without a batch axis (a 0-d loop count or threshold): fed as they are, not stacked
+    whole: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.source)
+
+    @property
+    def batch_axes_(self) -> dict[str, int | None]:
+        """``Batcher``'s batch axes: None for the inputs fed whole."""
+        return {self.name: 0, **{n: (None if n in self.whole else 0) for n in self.values}}
 
     def describe(self, index: int) -> str:
         return self.source.describe(index)

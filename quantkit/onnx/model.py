@@ -590,6 +590,34 @@ def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     return named
 
 
+def check_inference_mode(model: onnx.ModelProto, *, source: str = "model") -> None:
+    """ModelError where ``model``'s main graph was exported in training mode: a BatchNormalization
+    that normalizes with each batch's statistics (``training_mode=1``; before opset 14, the running
+    statistics among its outputs) makes a sample's outputs depend on the other samples of its
+    batch, and a Dropout told to train (a constant true ``training_mode``) drops values at
+    random; TensorRT builds neither."""
+    consts = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = n.attribute[0].t
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        training = False
+        if n.op_type == "BatchNormalization":
+            mode = next((a.i for a in n.attribute if a.name == "training_mode"), 0)
+            training = bool(mode) or any(o for o in n.output[1:])
+        elif n.op_type == "Dropout" and len(n.input) >= 3 and n.input[2] in consts:
+            training = bool(onnx.numpy_helper.to_array(consts[n.input[2]]).any())
+        if training:
+            what = "normalizes with each batch's own statistics" if n.op_type == "BatchNormalization" else \
+                "drops values at random (training_mode true)"
+            raise ModelError(f"{source} was exported in training mode: its {n.op_type} {n.name or n.output[0]!r} "
+                             f"{what}, so a sample's outputs depend on chance or on the rest of its batch",
+                             hint="export it again from model.eval() with torch.onnx.export's default "
+                                  "training=TrainingMode.EVAL")
+
+
 def without_io_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` itself when its ``value_info`` names no graph input or output, else a copy
     without those entries. ONNX's ``value_info`` is for the values that are neither; ONNX

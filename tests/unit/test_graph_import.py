@@ -1275,3 +1275,36 @@ def test_a_model_whose_only_input_has_a_default_is_refused_in_one_line(tmp_path,
     err = capsys.readouterr().err
     assert "has no input to feed: its input(s) ['x'] have a default value" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("op", ["BatchNormalization", "Dropout"])
+def test_a_model_exported_in_training_mode_is_refused_naming_the_node(tmp_path, capsys, op):
+    """torch.onnx.export(training=TrainingMode.TRAINING): BatchNormalization with its running
+    statistics among its outputs (batch statistics: a sample's outputs depend on its batch) and
+    Dropout told to train were calibrated without a word."""
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+            self.drop, self.fc = torch.nn.Dropout(0.3), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            y = self.bn(y) if op == "BatchNormalization" else y
+            return self.fc(self.drop(y.mean((2, 3))))
+
+    net = Net().train()
+    torch.onnx.export(net, torch.randn(2, 3, 8, 8), str(tmp_path / "m.onnx"), dynamo=False, opset_version=13,
+                      input_names=["x"], dynamic_axes={"x": {0: "N"}}, training=torch.onnx.TrainingMode.TRAINING,
+                      do_constant_folding=False)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32))
+    rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "exported in training mode" in err and op in err, err
+    torch.onnx.export(net.eval(), torch.randn(2, 3, 8, 8), str(tmp_path / "e.onnx"), dynamo=False, opset_version=13,
+                      input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    assert main(["calibrate", str(tmp_path / "e.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "oe"),
+                 "--no-progress"]) == 0

@@ -87,3 +87,25 @@ def test_input_values_with_npz_are_refused(setup, tmp_path, capsys):
     rc = main(["calibrate", str(setup / "det.onnx"), "--npz", str(tmp_path / "d.npz"), *VALUES,
                "-o", str(tmp_path / "out"), "--no-progress"])
     assert rc == 2 and "--input-value" in capsys.readouterr().err
+
+
+def test_a_0d_input_takes_its_input_value_whole(setup, tmp_path, capsys):
+    """A scalar (0-d) input beside the image (a scripted loop count, a threshold) has no batch axis:
+    --input-value k=V was stacked per sample ("batch has shape (16,), the model expects a single
+    value"), with a hint about resize/crop settings."""
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Mul", ["c", "k"], ["y"], name="gain")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32]),
+                                           helper.make_tensor_value_info("k", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 32, 32])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    model, photos = str(tmp_path / "m.onnx"), str(setup / "photos")
+    rc = main(["calibrate", model, "--images", photos, "--input-value", "k=2", "-o", str(tmp_path / "out"),
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["compare", model, str(tmp_path / "out" / "m.int8.onnx"), "--images", photos, "--input-value",
+                 "k=2"]) == 0
+    assert "y " in capsys.readouterr().out
