@@ -12,6 +12,7 @@ import importlib
 import inspect as _inspect  # (the name `inspect` is the inspect command's module here)
 import logging
 import os
+import re
 import sys
 import traceback
 import typing
@@ -206,8 +207,27 @@ def _signal_name(signum: int) -> str:
 
 
 def _one_line(text: object) -> str:
-    """An error message on one line (messages from libraries may span several)."""
-    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    """An error message on one line (messages from libraries may span several), its control
+    characters escaped (``printable``)."""
+    return "; ".join(printable(line.strip()) for line in str(text).splitlines() if line.strip())
+
+
+#: control characters (C0 but tab and line feed, DEL, C1) -> an escape that shows them: a file name
+#: may hold any of them, and printed raw they retitle or clear the terminal
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0, 9), *range(11, 32), *range(127, 160))}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\x1b``), line feeds kept."""
+    return text.translate(_CONTROL)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with control characters escaped, and each line after a message's first indented:
+    a line break in a file name cannot start a line of its own ("quantkit: done")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return re.sub(r"\n(?=\S)", "\n  ", printable(super().format(record)))
 
 
 def _check_environment() -> None:
@@ -235,6 +255,9 @@ def _main(argv: Sequence[str] | None) -> int:
     args.verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
     try:
         _check_environment()
         code = int(args._command.run(args) or 0)
@@ -251,11 +274,11 @@ def _main(argv: Sequence[str] | None) -> int:
     except OSError as err:  # a file system's refusal met during the work: the file and the reason
         if args.debug:
             traceback.print_exc()
-        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        where = f"{printable(str(err.filename))}: " if getattr(err, "filename", None) else ""
         if not where:  # a write() that failed (a full disk) names no file: name the outputs of the command
             outs = [str(v) for v in (getattr(args, k, None) for k in ("output", "json", "save_stats")) if v]
             where = f"writing {' / '.join(repr(o) for o in outs)}: " if outs else ""
-        print(f"quantkit: error: {where}{err.strerror or _one_line(err)}", file=sys.stderr)
+        print(f"quantkit: error: {where}{_one_line(err.strerror or err)}", file=sys.stderr)
         print("  hint: check the path, its permissions and the free space", file=sys.stderr)
         return 2
     except QuantkitError as err:

@@ -719,3 +719,24 @@ def test_a_tensor_name_with_a_line_break_is_refused_before_the_work(tmp_path, ca
 
     with pytest.raises(ModelError, match="line break"):  # the writer itself refuses (merge-stats, the API)
         CalibrationCache.from_amax({"x\nother": 1.0}, "entropy").to_text()
+
+
+@pytest.mark.slow
+def test_control_characters_in_file_names_are_escaped(small_digits, tmp_path):
+    """A file name may hold ESC, BEL and line breaks: warnings printed them raw (the terminal's title
+    set, the screen cleared) and a line break started a forged line ("quantkit: done, exit 0")."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(small_digits, folder)
+    bad = "\x1b]0;TITLE\x07\x1b[2J\x9bred\nquantkit: done, exit 0.png"
+    first = folder / sorted(p.name for p in folder.iterdir())[0]
+    (first / "zz_corrupt.png").unlink()  # the one bad file, which --strict stops at
+    (first / bad).write_bytes(b"garbage")
+    for strict in ([], ["--strict"]):
+        run = subprocess.run([sys.executable, "-m", "quantkit", "calibrate", str(sample.model_path()), "--images",
+                              str(folder), "-o", str(tmp_path / f"o{len(strict)}"), "--eval-images", "0",
+                              "--no-progress", *DIGITS, *strict], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+        assert run.returncode == (2 if strict else 0), run.stderr
+        assert "\\x1b]0;TITLE\\x07\\x1b[2J\\x9bred" in run.stderr
+        assert not any(c in run.stderr for c in "\x1b\x07\x9b")
+        assert not any(line.startswith("quantkit: done") for line in run.stderr.splitlines()), run.stderr
