@@ -642,6 +642,10 @@ def opset_version(model: onnx.ModelProto) -> int:
     return 1
 
 
+#: the oldest opset whose models quantkit upgrades (issue 13: opsets 7 to 21; older ones may convert)
+OLDEST_CONVERTIBLE_OPSET = 7
+
+
 def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET) -> onnx.ModelProto:
     """Return the model at ``minimum`` opset or later (converted when lower)."""
     current = opset_version(model)
@@ -667,6 +671,9 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_QDQ_OPSET) -> onnx.M
         if node is not None:
             what = f"its {node.op_type} node {node.name!r}" if node.name else f"its {node.op_type} node"
             reason = f"{what} has no opset-{minimum} form"
+        elif current < OLDEST_CONVERTIBLE_OPSET:  # (onnx's own assertion text names no op)
+            reason = (f"ONNX's version converter upgrades opset {OLDEST_CONVERTIBLE_OPSET} and later reliably, and "
+                      f"stopped on this one ({type(err).__name__})")
         else:
             reason = " ".join(str(err).split()) or type(err).__name__
         raise ModelError(

@@ -1308,3 +1308,26 @@ def test_a_model_exported_in_training_mode_is_refused_naming_the_node(tmp_path, 
                       input_names=["x"], dynamic_axes={"x": {0: "N"}})
     assert main(["calibrate", str(tmp_path / "e.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "oe"),
                  "--no-progress"]) == 0
+
+
+def test_an_opset_older_than_7_that_fails_to_convert_says_so_in_words(tmp_path, capsys):
+    """A model below the opsets the converter takes (7 and later) whose conversion fails on no op
+    in particular showed onnx's internal assertion (helper.cc:76 assertInputsAvailable ...)."""
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(r.normal(size=(2, 4)).astype(np.float32), "wg"),
+             numpy_helper.from_array(np.zeros(2, np.float32), "bg")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Add", ["r", "c"], ["a"], name="add"),
+             helper.make_node("ReduceMean", ["a"], ["m"], name="mean", axes=[2, 3], keepdims=0),
+             helper.make_node("Gemm", ["m", "wg", "bg"], ["y"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 3)])
+    onnx.save(m, tmp_path / "old.onnx")
+    rc = main(["calibrate", str(tmp_path / "old.onnx"), "--npz", str(tmp_path / "none.npz"), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    if rc == 0:
+        pytest.skip("this onnx converts the model")
+    assert rc == 2 and "opset 3" in err and "opset 7 and later" in err and ".cc" not in err, err
