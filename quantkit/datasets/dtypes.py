@@ -102,6 +102,13 @@ def cast_for_input(arr: np.ndarray, dtype: np.dtype | str, *, name: str, where: 
         limit = _EXACT_INT_IN_FLOAT[want] if want in _EXACT_INT_IN_FLOAT else 2**24
         if src == "int" and np.abs(arr.astype(np.float64)).max() > limit:
             raise refuse(f"integers beyond {limit} are not exact in {want}", f"save the array as {want}")
+        said = (name, str(have), str(want))
+        if src == "int" and noted is not None and name not in noted and said not in _SAID:
+            noted.add(name)
+            _SAID.add(said)  # 0-255 pixels into a model that expects 0-1 (a forgotten /255) calibrate without error
+            log.warning("note: input %r: %s data (values %s..%s) fed as %s values as they are (first seen in %s); "
+                        "scale it first if the model expects another range (pixels / 255)", name, have,
+                        arr.min(), arr.max(), want, where)
         return arr.astype(want)
     if dst == "bool":
         if not np.isin(arr, (0, 1)).all():

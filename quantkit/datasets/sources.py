@@ -373,6 +373,11 @@ class NumpySource:
             self.arrays, self.labels = {"": loaded}, None
         else:
             arrays = {}
+            twice = sorted({k for k in loaded.files if loaded.files.count(k) > 1})
+            if twice:  # a hand-made or concatenated archive: NumPy would read the last member of each name
+                loaded.close()
+                raise DatasetError(f"{str(p)!r} holds more than one array named {twice[0]!r}",
+                                   hint="write the file again with np.savez (one array a name)")
             unread = [k for k in loaded.files if inputs and k not in inputs and k != "labels"]
             if unread:  # never read (a 1 GB array of something else cost its size; one of another length stopped it)
                 log.warning("%s: array(s) %s are not inputs the model reads; left out, not read", p,

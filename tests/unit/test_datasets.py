@@ -299,3 +299,42 @@ def test_a_file_larger_than_any_image_is_skipped_unread(tmp_path, monkeypatch):
     with pytest.raises(SampleError, match="more than an image of at most"):
         decode_image(big)
     assert not read
+
+
+def test_an_npz_with_two_arrays_of_one_name_is_refused(tmp_path):
+    """A zip holding input.npy twice (a hand-made or concatenated archive) used the last member
+    without a word."""
+    import io
+    import warnings
+    import zipfile
+
+    from quantkit.datasets.sources import NumpySource
+    from quantkit.errors import DatasetError
+
+    with zipfile.ZipFile(tmp_path / "dup.npz", "w") as z:
+        for scale in (1.0, 1000.0):
+            buf = io.BytesIO()
+            np.save(buf, np.full((4, 3), scale, np.float32))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # zipfile's "Duplicate name" (on some Pythons)
+                z.writestr("input.npy", buf.getvalue())
+    with pytest.raises(DatasetError, match="more than one array named 'input'"):
+        NumpySource(tmp_path / "dup.npz")
+
+
+def test_integer_data_for_a_float_input_is_noted_once(tmp_path, caplog):
+    """uint8 0-255 pixels for a model that expects 0-1 floats (a forgotten /255) were cast without
+    a word and calibrated."""
+    import logging
+
+    from quantkit.datasets.dtypes import _SAID, cast_for_input
+
+    _SAID.discard(("x", "uint8", "float32"))
+    noted: set[str] = set()
+    arr = np.arange(0, 256, dtype=np.uint8).reshape(16, 16)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            out = cast_for_input(arr, "float32", name="x", where="d.npz", noted=noted)
+    assert out.dtype == np.float32 and out.max() == 255
+    notes = [r.getMessage() for r in caplog.records if "uint8 data (values 0..255)" in r.getMessage()]
+    assert len(notes) == 1 and "pixels / 255" in notes[0]
