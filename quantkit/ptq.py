@@ -387,8 +387,11 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
                          f"float by quantkit's placement rules ({'; '.join(why)}): nothing to quantize to INT8",
                          hint="`quantkit inspect` lists them with the reason; run this model in FP16/FP32")
     if not plan.activations:
+        layers = any(n.op_type in WEIGHTED_OPS for n in model.graph.node)
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes"
-                         + (" left after the exclusions" if excluded else "") + ": nothing to quantize to INT8")
+                         + (" left after the exclusions" if excluded else
+                            " that read data (theirs read constants only)" if layers else "")
+                         + ": nothing to quantize to INT8")
     if inside and not quiet:  # Q/DQ placement and calibration cover the main graph only
         log.warning("%s: %d node%s inside If/Loop/Scan subgraphs stay in float; the main graph is quantized",
                     name, inside, "s" if inside != 1 else "")

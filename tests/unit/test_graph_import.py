@@ -1331,3 +1331,19 @@ def test_an_opset_older_than_7_that_fails_to_convert_says_so_in_words(tmp_path, 
     if rc == 0:
         pytest.skip("this onnx converts the model")
     assert rc == 2 and "opset 3" in err and "opset 7 and later" in err and ".cc" not in err, err
+
+
+def test_layers_that_read_only_constants_are_named_as_such():
+    """A model whose only Conv reads constants was told it has no Conv."""
+    from quantkit.errors import ModelError
+    from quantkit.ptq import prepare
+
+    r = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("Conv", ["c", "w"], ["k"], name="conv"),
+                           helper.make_node("Add", ["x", "k"], ["y"], name="add")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                          [numpy_helper.from_array(r.normal(size=(1, 3, 8, 8)).astype(np.float32), "c"),
+                           numpy_helper.from_array(r.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")])
+    with pytest.raises(ModelError, match="that read data \\(theirs read constants only\\)"):
+        prepare(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
