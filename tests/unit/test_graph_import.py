@@ -1347,3 +1347,22 @@ def test_layers_that_read_only_constants_are_named_as_such():
                            numpy_helper.from_array(r.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")])
     with pytest.raises(ModelError, match="that read data \\(theirs read constants only\\)"):
         prepare(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_a_stale_value_info_of_another_type_for_an_output_is_ignored(tmp_path, capsys):
+    """onnxconverter-common's convert_float_to_float16(keep_io_types=True) leaves a float16
+    value_info for the float32 output: ONNX Runtime runs the model, and every Q/DQ model declared
+    the output float16 (exit 2 'ONNX Runtime cannot load the model', after the whole calibration)."""
+    rng = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                           helper.make_node("Relu", ["c"], ["y"], name="relu")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                          [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")])
+    g.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 4, 8, 8]))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(48, 3, 8, 8)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    out = onnx.load(tmp_path / "o" / "m.int8.onnx")
+    assert out.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
