@@ -219,4 +219,13 @@ def for_model(
             f"{spec.crop[0]}x{spec.crop[1]}",
             hint=f"pass --crop {static_hw[0]}x{static_hw[1]}",
         )
+    if spec.crop is not None and static_hw is None:  # one of H, W fixed (a text recogniser's height)
+        for i, (axis, dim) in enumerate((("height", h), ("width", w))):
+            if isinstance(dim, int) and spec.crop[i] != dim:
+                example = f"{dim}x320" if i == 0 else f"320x{dim}"
+                raise ShapeMismatchError(
+                    f"input {input_name!r} (shape {list(input_shape)}) has a fixed {axis} of {dim}, and the "
+                    f"preprocessing crops {spec.crop[0]}x{spec.crop[1]}",
+                    hint=f"pass --crop HxW with that {axis} and the size the model reads for the other (e.g. "
+                         f"--crop {example}), with --resize and the model's --mean/--std")
     return spec

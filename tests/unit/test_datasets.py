@@ -338,3 +338,15 @@ def test_integer_data_for_a_float_input_is_noted_once(tmp_path, caplog):
     assert out.dtype == np.float32 and out.max() == 255
     notes = [r.getMessage() for r in caplog.records if "uint8 data (values 0..255)" in r.getMessage()]
     assert len(notes) == 1 and "pixels / 255" in notes[0]
+
+
+def test_a_fixed_height_that_the_crop_misses_is_named_before_the_work():
+    """A recogniser's [N, 3, 48, W]: the imagenet preset's 224x224 crop met the model at its first
+    batch with a hint about resize/crop settings; now at once, naming the height and the flags."""
+    with pytest.raises(ShapeMismatchError, match="fixed height of 48") as err:
+        for_model(preset("imagenet"), ("N", 3, 48, "w"), input_name="x", preset_name="imagenet")
+    assert "--crop 48x320" in err.value.hint
+    spec = for_model(preset("imagenet").replace(crop=(48, 320), resize=None), ("N", 3, 48, "w"), input_name="x")
+    assert tuple(spec.crop) == (48, 320)
+    with pytest.raises(ShapeMismatchError, match="fixed width of 100"):
+        for_model(preset("imagenet"), ("N", 3, "h", 100), input_name="x", preset_name="imagenet")
