@@ -95,11 +95,14 @@ def random_feed(specs: Sequence[TensorSpec], *, batch: int = 1, shapes: dict[str
             if any(d is None for d in dims):
                 free = [str(d).upper() if isinstance(d, str) and d.isidentifier() else f"D{i}"
                         for i, d in enumerate(spec.shape) if i and dims[i] is None]
-                names = list(free)
-                example = "x".join(str(d) if d is not None else free.pop(0) for d in dims)
+                # an example in numbers (a placeholder in it was refused when given as it read): 224 for an
+                # image's free sides, 128 for any other free length
+                spatial = (1, 2, 3) if len(dims) == 4 else ()
+                example = "x".join(str(d) if d is not None else ("224" if i in spatial else "128")
+                                   for i, d in enumerate(dims))
                 raise InputError(f"input {spec.name!r} has dynamic dimensions besides the batch: {model_shape}",
-                                 hint=f"give its shape with numbers for {', '.join(names)}: "
-                                      f"--shapes {spec.name}={example}")
+                                 hint=f"give its shape with numbers for {', '.join(free)} (the sizes you run it "
+                                      f"at), e.g. --shapes {spec.name}={example}")
             shape = tuple(int(d) for d in dims if d is not None)
         elif len(shape) != len(spec.shape) or any(
                 isinstance(d, int) and d > 0 and d != s for d, s in zip(spec.shape, shape)):

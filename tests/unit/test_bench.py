@@ -99,10 +99,12 @@ def test_random_feed_dims_and_dtypes():
 def test_random_feed_refusals_name_the_input_and_the_fix():
     with pytest.raises(InputError, match=r"'x' has dynamic dimensions besides the batch: Nx3xHxW") as err:
         random_feed([spec("x", ("N", 3, "H", "W"))])
-    assert err.value.hint == "give its shape with numbers for H, W: --shapes x=1x3xHxW"
+    # numbers in the example: the placeholders it showed were refused when given as they read
+    assert err.value.hint == "give its shape with numbers for H, W (the sizes you run it at), e.g. --shapes x=1x3x224x224"
+    assert random_feed([spec("x", ("N", 3, "H", "W"))], shapes={"x": (1, 3, 224, 224)})["x"].shape == (1, 3, 224, 224)
     with pytest.raises(InputError) as err:
         random_feed([spec("x", ("N", 3, None))])
-    assert err.value.hint == "give its shape with numbers for D2: --shapes x=1x3xD2"
+    assert err.value.hint == "give its shape with numbers for D2 (the sizes you run it at), e.g. --shapes x=1x3x128"
     with pytest.raises(InputError, match=r"--shapes x=1x4x8x8 does not fit input 'x' of the model, Nx3x8x8"):
         random_feed([spec("x", ("N", 3, 8, 8))], shapes={"x": (1, 4, 8, 8)})
     with pytest.raises(InputError, match="does not fit"):
