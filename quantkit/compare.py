@@ -116,6 +116,10 @@ class CompareReport:
                 lines.append(f"  note: {m.name!r} is a Concat of {len(m.parts)} parts (axis 1; {each}) against "
                              f"{m.sqnr_db:.2f} dB for the whole output: its SQNR reads as its largest values (a "
                              "detector's boxes in pixels beside its class scores); judge it by its worst part")
+            elif m.worst_channel_sqnr_db is not None and m.worst_channel_sqnr_db < m.sqnr_db - WORST_CHANNEL_GAP_DB \
+                    and m.top1_per_position:  # a recogniser's [N, T, classes]: axis 1 is its time steps
+                lines.append(f"  note: {m.name!r} position {m.worst_channel} of axis 1 (a time step) is at "
+                             f"{m.worst_channel_sqnr_db:.2f} dB against {m.sqnr_db:.2f} dB for the whole output")
             elif m.worst_channel_sqnr_db is not None and m.worst_channel_sqnr_db < m.sqnr_db - WORST_CHANNEL_GAP_DB:
                 lines.append(f"  note: {m.name!r} index {m.worst_channel} of axis 1 is at {m.worst_channel_sqnr_db:.2f} dB "
                              f"against {m.sqnr_db:.2f} dB for the whole output: its SQNR reads as its largest values "

@@ -209,6 +209,11 @@ def test_a_merged_output_names_the_channel_its_sqnr_hides():
     from quantkit.compare import CompareReport
 
     assert "'output0' index 5 of axis 1 is at 0.00 dB" in CompareReport("fp32", "int8", 4, [m]).table()
+    # a recogniser's [N, T, classes] (top-1 per position): axis 1 is its time steps, not a detector's channels
+    from dataclasses import replace
+
+    table = CompareReport("fp32", "int8", 4, [replace(m, top1_per_position=True)]).table()
+    assert "position 5 of axis 1 (a time step) is at 0.00 dB" in table and "detector" not in table
     st2 = _OutputStats("y")  # a [N, C] classifier output: no per-channel figure
     st2.update(ref[:, :, 0], test[:, :, 0])
     assert st2.result().worst_channel is None
