@@ -429,6 +429,36 @@ def _check_stored(p: QdqPoint, deq: np.ndarray, w: np.ndarray, name: str) -> np.
                      "(where it was, this weight or its scale was changed in the Q/DQ model afterwards)")
 
 
+#: an INT8 model's own float weight is the FP32 weight times positive factors along its output and
+#: input channels (equalization, SmoothQuant) to float32's precision: a larger relative difference
+#: is another weight (a fine-tuned checkpoint of the same graph had kept every sign)
+SCALED_WEIGHT_TOLERANCE = 1e-3
+
+
+def _unscaled_difference(own: np.ndarray, w: np.ndarray) -> float:
+    """How far ``own`` is from ``w`` times positive factors along its first two axes: the largest
+    relative difference left after the best such factors (log-domain least squares over the
+    values that are not tiny), 0.0 where it is exactly such a product."""
+    if own.shape != w.shape or own.ndim < 1 or not own.size:
+        return 0.0
+    big = np.abs(w) > 1e-3 * float(np.abs(w).max() or 1.0)
+    ratio = np.where(big, own / np.where(big, w, 1.0), 1.0)
+    if (ratio[big] <= 0).any():
+        return 1.0  # a sign flipped: no positive factor makes it
+    lg = np.where(big, np.log(np.where(big, ratio, 1.0)), 0.0).reshape(own.shape[0], -1)
+    mask = big.reshape(own.shape[0], -1)
+    rows = own.shape[1] if own.ndim >= 2 else 1
+    cols = lg.reshape(own.shape[0], rows, -1) if own.ndim >= 2 else lg.reshape(own.shape[0], 1, -1)
+    m3 = mask.reshape(cols.shape)
+    a = np.zeros((cols.shape[0], 1, 1))
+    b = np.zeros((1, cols.shape[1], 1))
+    for _ in range(3):  # alternate: each axis's mean log factor given the other's
+        a = ((cols - b) * m3).sum(axis=(1, 2), keepdims=True) / np.maximum(m3.sum(axis=(1, 2), keepdims=True), 1)
+        b = ((cols - a) * m3).sum(axis=(0, 2), keepdims=True) / np.maximum(m3.sum(axis=(0, 2), keepdims=True), 1)
+    left = np.abs(cols - a - b)[m3]
+    return float(np.expm1(left.max())) if left.size else 0.0
+
+
 def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable[QdqPoint]) -> list[WeightError]:
     """Per-channel error of every quantized weight; refuses weights that are not the FP32 model's."""
     # the FP32 side with layout ops on constants folded: a weight behind a Transpose (an Einsum's
@@ -458,6 +488,12 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
                 raise ModelError(f"weight {p.tensor!r} is not the FP32 model's {name!r} (the signs of "
                                  f"{100 * (1 - agree):.0f}% of its values differ): the Q/DQ model is not derived from "
                                  "this FP32 model", hint="give the FP32 model the Q/DQ model was made from")
+            off = _unscaled_difference(own, w)
+            if off > SCALED_WEIGHT_TOLERANCE:
+                raise ModelError(f"weight {p.tensor!r} is not the FP32 model's {name!r} times positive factors per "
+                                 f"channel (its values differ from that by up to {100 * off:.0f}%): the Q/DQ model is "
+                                 "not derived from this FP32 model (another checkpoint of the same graph?)",
+                                 hint="give the FP32 model the Q/DQ model was made from")
             # its error is its own quantization's, however coarse (NNCF quantizes a weight that a
             # Constant node holds per tensor: 9.4 dB on PP-OCRv4's recogniser, and still its weight)
             w, deq = own, p.fake_quant(own)[0]

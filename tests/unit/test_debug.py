@@ -490,3 +490,27 @@ def test_a_model_of_another_width_with_the_same_weight_names_is_refused(tmp_path
         int8 = quantize(onnx.load(tmp_path / "big.onnx"), src).int8_model()
     with pytest.raises(ModelError, match="not derived from this FP32 model"):
         layerwise_error(onnx.load(tmp_path / "small.onnx"), int8, Batcher(src, ["x"], 8))
+
+
+def test_a_fine_tuned_checkpoint_of_the_same_graph_is_refused_and_two_axis_scaling_is_not(models):
+    """The INT8 model's own float weights were only checked for their signs: an FP32 model with
+    every weight moved by 15% (another checkpoint of the same graph) was read as its source, and
+    the INT8 model's loss blamed on clipping."""
+    from quantkit.debug.layerwise import _unscaled_difference
+
+    fp32, int8 = models
+    rng = np.random.default_rng(3)
+    moved = onnx.ModelProto()
+    moved.CopyFrom(fp32)
+    for init in moved.graph.initializer:
+        if init.name in ("w1", "w2"):
+            arr = onnx.numpy_helper.to_array(init)
+            init.CopyFrom(onnx.numpy_helper.from_array(
+                (arr * (1 + 0.15 * rng.standard_normal(arr.shape))).astype(np.float32), init.name))
+    with pytest.raises(ModelError, match="not the FP32 model's .* times positive factors per channel"):
+        layerwise_error(moved, int8, Batcher(SRC, ["x"], 8))
+    # equalization scales a weight along its output and its input channels at once: the same weight
+    w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
+    both = (w * rng.uniform(0.2, 5, (6, 1, 1, 1)) * rng.uniform(0.2, 5, (1, 5, 1, 1))).astype(np.float32)
+    assert _unscaled_difference(both, w) < 1e-4
+    assert _unscaled_difference(w * 1.01 * (1 + 0.01 * rng.standard_normal(w.shape)), w) > 1e-3
