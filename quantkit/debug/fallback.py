@@ -295,6 +295,15 @@ class _Evaluator:
                                  hint="use --drop-metric top1-agreement")
             self.fp32_metric = 100.0 * sum(
                 int((r.argmax(1) == lab).sum()) for r, lab in zip(self.ref, self.labels)) / self.count
+            classes = int(self.ref[0].shape[1]) if self.ref and self.ref[0].ndim >= 2 else 0
+            if classes >= 2 and self.count >= 2 * classes and self.fp32_metric <= 100.0 / classes:
+                # labels of other classes (folders named after another model's, or shifted by one)
+                # make every drop look small: a budget "met" with FP32 at 0% said nothing
+                raise InputError(f"the FP32 model scores {self.fp32_metric:.1f}% on the evaluation labels, no better "
+                                 f"than chance (1 in {classes}): they do not look like the labels of this model's "
+                                 "classes, and an accuracy budget on them means nothing",
+                                 hint="check the class folders' names and order against the model's classes, or use "
+                                      "--drop-metric top1-agreement (no labels needed)")
         else:
             self.fp32_metric = {"top1-agreement": 100.0, "cosine": 1.0, "sqnr": math.inf}[metric]
 

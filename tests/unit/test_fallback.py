@@ -399,3 +399,16 @@ def onnx_out(model, x):
     from quantkit.backends.onnxruntime import create_session
 
     return create_session(model.SerializeToString()).run(None, {"x": x})[0]
+
+
+def test_an_accuracy_budget_on_labels_of_other_classes_is_refused(digits_files, tmp_path, capsys):
+    """Labels shifted by one class (class folders named after the next digit): FP32 scored 0% and
+    the budget read as met ("drop -3.5 <= 1") on an INT8 model that lost 24 points."""
+    root = digits_files
+    x, labels, test = digits_arrays()
+    np.savez(tmp_path / "eval.npz", image=x[test][:200], labels=(labels[test][:200] + 1) % 10)
+    rc = main(_args(root, tmp_path / "o", "--max-drop", "1", "--drop-metric", "accuracy", "--eval-dir",
+                    str(tmp_path / "eval.npz")))
+    err = capsys.readouterr().err
+    assert rc == 2 and "no better than chance (1 in 10)" in err, err
+    assert not (tmp_path / "o").exists()
