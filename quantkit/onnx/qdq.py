@@ -803,8 +803,15 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
                     excluded.setdefault(f"{t} (group)", {"node": t, "op_type": "shared-scale group",
                                                         "matched": "dropped with its group"})
                 acts[t] = ()
-    weights = {w: (ax, tuple(c for c in cons if c not in excluded)) for w, (ax, cons) in plan.weights.items()}
     kept_acts = {t: c for t, c in acts.items() if c}
+    # a weighted op whose input went with its group runs in float: its weight's pair would only add noise
+    reading = {c for cons in kept_acts.values() for c in cons}
+    op_of = dict(nodes)
+    for _, cons in plan.weights.values():
+        for c in cons:
+            if c not in excluded and c not in reading:
+                excluded[c] = {"node": c, "op_type": op_of.get(c, ""), "matched": "its input's shared-scale group went"}
+    weights = {w: (ax, tuple(c for c in cons if c not in excluded)) for w, (ax, cons) in plan.weights.items()}
     groups = tuple(g for g in plan.groups if all(t in kept_acts for t in g))
     kept_weights = {w: (ax, c) for w, (ax, c) in weights.items() if c}
     kept = QdqPlan(kept_acts, kept_weights, groups=groups,

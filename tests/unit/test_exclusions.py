@@ -91,7 +91,12 @@ def test_a_shared_scale_group_is_kept_or_dropped_whole():
     plan, excluded = exclude_from_plan(m, full, names=["conv_d"])
     assert "cat" not in plan.activations and "a" not in plan.activations and plan.groups == ()
     assert plan.activations["x"] == full.activations["x"]
-    assert {e["node"] for e in excluded} == {"conv_d", "a"} and any(e["matched"] == "dropped with its group" for e in excluded)
+    assert {e["node"] for e in excluded} == {"conv_d", "a", "conv_c"}
+    assert any(e["matched"] == "dropped with its group" for e in excluded)
+    # conv_c read `a` only: with a's pair gone with its group, its weight's pair goes too (a float input
+    # beside a quantized weight only added the weight's rounding, no INT8 layer)
+    assert "wc" not in plan.weights and "wd" not in plan.weights and "wa" in plan.weights
+    assert next(e for e in excluded if e["node"] == "conv_c")["matched"] == "its input's shared-scale group went"
     kept, _ = exclude_from_plan(m, full, names=["conv_b"])  # no group member loses its consumers
     assert kept.groups == (("a", "cat"),) and kept.activations["x"] == ("conv_a",)
 
