@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,9 +125,10 @@ class FallbackConfig:
         check_fields(self, drop_metric=(str, type(None)), subset=(int,), method_groups=(int,),
                      max_float_groups=(int, type(None)), max_reranks=(int, type(None)), estimator=(str,),
                      output=(str, type(None)))
-        if not (isinstance(self.max_drop, (int, float)) and not isinstance(self.max_drop, bool)
+        if not (isinstance(self.max_drop, numbers.Real) and not isinstance(self.max_drop, bool)
                 and math.isfinite(self.max_drop) and self.max_drop >= 0):
-            raise InputError(f"the accuracy budget (--max-drop) must be a number >= 0, got {self.max_drop!r}")
+            raise InputError(f"the accuracy budget (--max-drop) must be a finite number >= 0, got {self.max_drop!r}")
+        object.__setattr__(self, "max_drop", float(self.max_drop))  # (numpy's float32 too)
         if self.drop_metric is not None and self.drop_metric not in (*DROP_METRICS, "task"):
             raise InputError(f"unknown drop metric {self.drop_metric!r}; choose one of {list(DROP_METRICS)}")
         if self.subset <= 0:

@@ -581,6 +581,12 @@ def layerwise_error(fp32: onnx.ModelProto | str | os.PathLike[str], int8: onnx.M
     fp32 = einsum_as_matmul(standard_ops(fp32, warn=False))
     points = qdq_points(int8)
     if not points:
+        qop = sorted({n.op_type for n in int8.graph.node if n.op_type.startswith("QLinear")
+                      or n.op_type in ("ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")})
+        if qop:  # ONNX Runtime's operator-oriented format: integer ops, no tensor left to compare
+            raise ModelError(f"{test_name} is in the operator-oriented (QOperator) format ({', '.join(qop[:3])}): "
+                             "debug reads the Q/DQ format, where each quantized tensor keeps a float twin to compare",
+                             hint="quantize_static(..., quant_format=QuantFormat.QDQ), or quantkit calibrate")
         raise ModelError(f"{test_name} has no QuantizeLinear/DequantizeLinear pairs with constant scales",
                          hint="give a Q/DQ model (quantkit calibrate writes one)")
     known = _tensors_of(fp32)
@@ -630,6 +636,8 @@ def layerwise_error(fp32: onnx.ModelProto | str | os.PathLike[str], int8: onnx.M
                                          outs)
             if on_batch is not None:
                 on_batch(n_batch)
+    if not samples:  # a report of no sample read as a perfect model (inf dB everywhere)
+        raise InputError("the batches hold no sample to compare the models on", hint="give at least one batch")
     errors = []
     for name in names:
         s, p = stats[name], by_name[name]

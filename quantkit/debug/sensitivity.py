@@ -897,7 +897,9 @@ def rank_sensitivity(cal: "Calibration | QdqScales", source: "Source", indices: 
         raise InputError(f"the ranking subset must have at least one sample, got {subset}")
     if estimator not in ESTIMATORS:
         raise InputError(f"unknown sensitivity estimator {estimator!r}; choose one of {list(ESTIMATORS)}")
-    idx = list(range(len(source))) if indices is None else list(indices)
+    from quantkit.ptq import check_source
+
+    idx = check_source(source, indices)
     kept: dict[int, np.ndarray] = {}
     errors, all_error, fp32_per_sample = _errors if _errors is not None else per_sample_errors(
         scales, source, idx, outputs=kept, keep=subset if estimator == "gradient" else 0)

@@ -514,3 +514,41 @@ def test_a_fine_tuned_checkpoint_of_the_same_graph_is_refused_and_two_axis_scali
     both = (w * rng.uniform(0.2, 5, (6, 1, 1, 1)) * rng.uniform(0.2, 5, (1, 5, 1, 1))).astype(np.float32)
     assert _unscaled_difference(both, w) < 1e-4
     assert _unscaled_difference(w * 1.01 * (1 + 0.01 * rng.standard_normal(w.shape)), w) > 1e-3
+
+
+def test_api_edges_of_the_debug_functions(models):
+    """rank_sensitivity with an index past the end was a bare IndexError (negative ones counted from
+    the end); layerwise_error on no batch returned a perfect report; FallbackConfig refused numpy's
+    float32 budget."""
+    from quantkit.debug.fallback import FallbackConfig
+    from quantkit.debug.sensitivity import rank_sensitivity
+    from quantkit.errors import InputError
+
+    fp32, int8 = models
+    cal = quantize(fp32, SRC)
+    for bad in ([len(SRC)], [-1]):
+        with pytest.raises(InputError, match="sample index"):
+            rank_sensitivity(cal, SRC, bad)
+    with pytest.raises(InputError, match="no sample"):
+        layerwise_error(fp32, int8, [])
+    assert FallbackConfig(max_drop=np.float32(1.0)).max_drop == 1.0
+    with pytest.raises(InputError, match="finite number >= 0"):
+        FallbackConfig(max_drop=float("inf"))
+
+
+def test_a_qoperator_model_is_named_as_such(models, tmp_path):
+    """ONNX Runtime's QOperator format (QLinearConv) was refused as having "no Q/DQ pairs"."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    onnx.save(models[0], tmp_path / "m.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": SRC.load(i)[None]} for i in range(8)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QOperator)
+    with pytest.raises(ModelError, match="operator-oriented \\(QOperator\\) format"):
+        layerwise_error(models[0], onnx.load(tmp_path / "q.onnx"), Batcher(SRC, ["x"], 8))
