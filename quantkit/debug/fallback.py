@@ -224,17 +224,14 @@ class FallbackResult:
     output_parts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        def num(v: float | None) -> float | None:
-            return v if v is None or math.isfinite(v) else None
-
+        """The result as JSON data (an infinite SQNR is written as "inf", as in every result file)."""
         return {"met": self.met, "message": self.message, "drop_metric": self.drop_metric, "output": self.output,
                 **({"output_parts": self.output_parts} if self.output_parts else {}), "max_drop": self.max_drop,
                 "num_groups": self.num_groups, "float_groups": list(self.float_groups),
                 "float_nodes": list(self.float_nodes), "method_overrides": dict(self.method_overrides),
-                "fp32_metric": num(self.fp32_metric), "int8_metric_before": num(self.int8_metric_before),
-                "int8_metric_after": num(self.int8_metric_after), "drop_before": self.drop_before,
-                "drop_after": self.drop_after, "seconds": self.seconds,
-                "steps": [{k: num(v) if isinstance(v, float) else v for k, v in s.items()} for s in self.steps]}
+                "fp32_metric": self.fp32_metric, "int8_metric_before": self.int8_metric_before,
+                "int8_metric_after": self.int8_metric_after, "drop_before": self.drop_before,
+                "drop_after": self.drop_after, "seconds": self.seconds, "steps": [dict(s) for s in self.steps]}
 
 
 @dataclass(frozen=True)

@@ -306,6 +306,10 @@ def test_a_group_switched_then_floated_is_not_reported_as_switched():
                    FallbackConfig(max_drop=0.0, drop_metric="sqnr"))
     assert any(s["action"] == "method" and s["kept"] for s in res.steps)  # switched first
     assert res.float_groups and not set(res.method_overrides) & set(res.float_groups)
+    # FP32's infinite SQNR is written as "inf" as in every result file (it was null)
+    from quantkit._io import json_safe
+
+    assert json_safe(res.to_dict())["fp32_metric"] == "inf"
 
 
 def test_eval_dir_takes_an_npz_with_labels(digits_files, tmp_path, capsys):
