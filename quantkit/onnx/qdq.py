@@ -247,12 +247,6 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
         statistics, moments = _normalization_statistics(graph.node, consts)
         float_made = {o for n in graph.node if n.op_type in ORT_FLOAT_OPS for o in n.output} | statistics
         acts = defaultdict(list)
-        readers: dict[str, int] = defaultdict(int)
-        for n in graph.node:
-            for t in set(n.input):
-                readers[t] += 1
-        for o in graph.output:  # (an output is read too)
-            readers[o.name] += 1
         for node in graph.node:
             if node.op_type in _SHAPE_OPS:
                 continue
@@ -264,8 +258,6 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
                 continue  # normalization statistics, Softmax, GELU's Erf, a log-spectrum, an RNN: float in
             if not any(o in floats for o in node.output):
                 continue  # a Cast to int (float token ids into a Gather), a comparison: values, not signal
-            if node.op_type == "BatchNormalization" and _folds_into_conv(node, producer, readers):
-                continue  # ONNX Runtime folds it into the Conv before it; a Q/DQ between would stop that
             for i, t in enumerate(node.input):
                 if t in floats and t not in consts and t not in sizes and i not in params and \
                         t not in float_made and node.name not in acts.get(t, ()) and \
@@ -287,16 +279,6 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
     groups = _scale_groups(graph.node, list(acts), consts) if target == "tensorrt" else ()
     return QdqPlan({k: tuple(v) for k, v in acts.items()}, {k: (ax, tuple(v)) for k, (ax, v) in weights.items()},
                    groups=groups, weight_sources=sources)
-
-
-def _folds_into_conv(bn: onnx.NodeProto, producer: Mapping[str, onnx.NodeProto], readers: Mapping[str, int]) -> bool:
-    """Whether ONNX Runtime's graph optimizer folds the BatchNormalization ``bn`` into the Conv
-    that writes its input (the Conv's output read by ``bn`` alone, not a graph output; the
-    running statistics constants): its input then never exists, and quantizing it adds a
-    rounding the folded model does not have (PP-OCRv6's recogniser: 232 Q/DQ pairs where ONNX
-    Runtime's own quantization, after folding, places 112)."""
-    conv = producer.get(bn.input[0])
-    return conv is not None and conv.op_type == "Conv" and readers.get(bn.input[0], 0) == 1
 
 
 def _normalization_statistics(nodes: Sequence[onnx.NodeProto], consts: Mapping[str, object],
