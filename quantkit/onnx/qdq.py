@@ -786,12 +786,14 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
                                                         "matched": "dropped with its group"})
                 acts[t] = ()
     kept_acts = {t: c for t, c in acts.items() if c}
-    # a weighted op whose input went with its group runs in float: its weight's pair would only add noise
+    # a weighted op whose quantized input went with its group runs in float: its weight's pair would only add
+    # noise (an op that read no quantized input before, as the onnxruntime target leaves some, keeps its own)
     reading = {c for cons in kept_acts.values() for c in cons}
+    read_before = {c for cons in plan.activations.values() for c in cons}
     op_of = dict(nodes)
     for _, cons in plan.weights.values():
         for c in cons:
-            if c not in excluded and c not in reading:
+            if c not in excluded and c in read_before and c not in reading:
                 excluded[c] = {"node": c, "op_type": op_of.get(c, ""), "matched": "its input's shared-scale group went"}
     weights = {w: (ax, tuple(c for c in cons if c not in excluded)) for w, (ax, cons) in plan.weights.items()}
     groups = tuple(g for g in plan.groups if all(t in kept_acts for t in g))

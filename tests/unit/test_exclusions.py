@@ -156,3 +156,26 @@ def test_an_exclusion_that_changes_nothing_is_said_once_and_the_summary_names_th
     assert rc == 0
     assert sum("--exclude-op-type Relu matches" in r.getMessage() for r in caplog.records) == 1
     assert "kept in float by --exclude-op-type" in capsys.readouterr().out
+
+
+def test_an_exclusion_leaves_the_weights_of_ops_that_never_read_a_quantized_input():
+    """The onnxruntime target leaves some weighted ops' inputs float (a Gemm after a ReduceMean):
+    any exclusion took their weight pairs too, as if a shared-scale group had gone (a layout
+    detector's quantized weights 102 -> 20 for one excluded Relu)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r.normal(size=(4, 3, 3, 3)).astype(np.float32), "wc"),
+             numpy_helper.from_array(r.normal(size=(5, 4)).astype(np.float32), "wg")]
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("ReduceMean", ["r"], ["m"], name="mean", axes=[2, 3], keepdims=0),
+             helper.make_node("Gemm", ["m", "wg"], ["y"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    full = plan_qdq(m, "onnxruntime")
+    assert "wg" in full.weights and "fc" not in {c for cs in full.activations.values() for c in cs}
+    plan, excluded = exclude_from_plan(m, full, names=["conv"])
+    assert "wg" in plan.weights and "wc" not in plan.weights
+    assert [e["node"] for e in excluded] == ["conv"]
