@@ -552,3 +552,42 @@ def test_a_qoperator_model_is_named_as_such(models, tmp_path):
     quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QOperator)
     with pytest.raises(ModelError, match="operator-oriented \\(QOperator\\) format"):
         layerwise_error(models[0], onnx.load(tmp_path / "q.onnx"), Batcher(SRC, ["x"], 8))
+
+
+def test_a_float16_models_equalized_weights_and_pruned_weights_are_still_derived(tmp_path):
+    """The two-axis weight test refused quantkit's own INT8 model of a float16 model whose small
+    equalized weights hold float16 subnormals ("differ by up to 0%"), and a sparse weight's fit
+    stopped before it converged."""
+    torch = pytest.importorskip("torch")
+    from quantkit.datasets import NumpySource
+    from quantkit.debug.layerwise import _unscaled_difference
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 32, 3, padding=1)
+            self.dw = torch.nn.Conv2d(32, 32, 3, padding=1, groups=32)
+            self.pw, self.fc = torch.nn.Conv2d(32, 64, 1), torch.nn.Linear(64, 10)
+            with torch.no_grad():
+                self.c1.weight.mul_(torch.exp(torch.rand(32, 1, 1, 1) * 5))
+                self.dw.weight.mul_(0.05)
+                self.pw.weight.mul_(0.2)
+
+        def forward(self, x):
+            x = torch.relu(self.dw(torch.relu(self.c1(x))))
+            return self.fc(torch.relu(self.pw(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    torch.onnx.export(Net().eval().half(), torch.randn(1, 3, 16, 16).half(), str(tmp_path / "m.onnx"), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "N"}}, opset_version=17)
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).normal(size=(48, 3, 16, 16)).astype(np.float16))
+    src = NumpySource(tmp_path / "d.npz")
+    fp32 = onnx.load(tmp_path / "m.onnx")
+    int8 = quantize(fp32, src).int8_model()
+    rep = layerwise_error(fp32, int8, Batcher(src, ["x"], 16))
+    assert rep.weights and rep.outputs[0].sqnr_db > 20
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(64, 64, 1, 1))
+    w[rng.random(w.shape) < 0.8] = 0  # 80% pruned: the alternating fit needs more than a few rounds
+    f = np.exp(rng.uniform(0, 4, 64)).reshape(1, -1, 1, 1)
+    assert _unscaled_difference((w / f).astype(np.float32).astype(np.float64), w) < 1e-5
