@@ -308,8 +308,19 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
         from quantkit.datasets.sources import WithInputValues
 
         return WithInputValues(source, specs[0].name, values,
-                               whole=tuple(s.name for s in specs if s.name in values and len(s.shape) == 0))
+                               whole=tuple(s.name for s in specs[1:] if s.name in values and no_batch_axis(s, specs[0])))
     return source
+
+
+def no_batch_axis(spec: Any, image: Any) -> bool:
+    """Whether the input ``spec`` beside the image input ``image`` has no batch axis: 0-d (a loop
+    count), or a first dim fixed above 1 where the image input's is not that number (an
+    ``im_shape`` [2] beside images [N, 3, H, W]); such a value is fed as it is, not stacked per
+    sample. A first dim of 1 is a batch of one (Paddle's fixed-batch exports: [1, 2])."""
+    if not spec.shape:
+        return True
+    first, batch = spec.shape[0], image.shape[0] if image.shape else None
+    return isinstance(first, int) and first > 1 and not (isinstance(batch, int) and batch == first)
 
 
 def _image_input(specs: list[Any], given: dict[str, str]) -> tuple[list[Any], dict[str, Any]]:
@@ -342,7 +353,8 @@ def _image_input(specs: list[Any], given: dict[str, str]) -> tuple[list[Any], di
         except ValueError:
             raise InputError(f"--input-value {s.name}={given[s.name]}: the values must be numbers separated by "
                              "commas") from None
-        dims = list(s.shape[1:])  # a sample: the batch dim left out
+        # a sample: the batch dim left out; an input without a batch axis: its whole value
+        dims = list(s.shape if no_batch_axis(s, images[0]) else s.shape[1:])
         free = [i for i, d in enumerate(dims) if not isinstance(d, int)]
         fixed = int(np.prod([d for d in dims if isinstance(d, int)])) if dims else 1
         if len(free) == 1 and fixed and flat.size % fixed == 0:

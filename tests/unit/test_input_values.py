@@ -109,3 +109,24 @@ def test_a_0d_input_takes_its_input_value_whole(setup, tmp_path, capsys):
     assert main(["compare", model, str(tmp_path / "out" / "m.int8.onnx"), "--images", photos, "--input-value",
                  "k=2"]) == 0
     assert "y " in capsys.readouterr().out
+
+
+def test_an_input_without_a_batch_axis_takes_its_input_value_whole(setup, tmp_path, capsys):
+    """An input declared [2] beside images [N, 3, H, W] (no batch axis) was asked for one value
+    ("give 1 values") and could not be fed."""
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 2, 1, 1], np.int64), "shp")]
+    nodes = [helper.make_node("Conv", ["image", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Slice", ["gains", "s0", "s1"], ["g1"], name="first"),
+             helper.make_node("Reshape", ["g1", "shp1"], ["g"], name="rs"),
+             helper.make_node("Mul", ["c", "g"], ["y"], name="gain")]
+    inits += [numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([1], np.int64), "s1"),
+              numpy_helper.from_array(np.array([1, 1, 1, 1], np.int64), "shp1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32]),
+                                           helper.make_tensor_value_info("gains", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 32, 32])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    rc = main(["calibrate", str(tmp_path / "m.onnx"), "--images", str(setup / "photos"), "--input-value", "gains=2,3",
+               "-o", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
