@@ -149,11 +149,16 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True,
 
 def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("preprocessing (image folders)")
-    g.add_argument("--preprocess", choices=["imagenet", "none"], default="imagenet",
+    g.add_argument("--preprocess", choices=["imagenet", "yolo", "none"], default="imagenet",
                    help="preset: imagenet = resize to 256/224 of the crop, centre crop to the model's size, RGB, "
-                   "ImageNet mean/std; none = pixels 0-255 as float, no resize (default imagenet)")
+                   "ImageNet mean/std; yolo = letterbox to the model's size (640x640 when dynamic: the whole "
+                   "image fitted, padded with 114), RGB, pixels / 255; none = pixels 0-255 as float, no resize "
+                   "(default imagenet)")
     g.add_argument("--resize", type=positive_int, metavar="N", help="resize the shorter side to N pixels")
     g.add_argument("--crop", type=_hw, metavar="HxW", help="centre crop (N or HxW)")
+    g.add_argument("--letterbox", type=_hw, metavar="HxW",
+                   help="fit the whole image inside HxW keeping its aspect ratio, pad the rest with 114 (instead "
+                   "of --resize/--crop; the yolo preset's default is the model's size)")
     g.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="per-channel mean (after --scale)")
     g.add_argument("--std", type=_floats, metavar="S[,S,S]", help="per-channel std (after --scale)")
     g.add_argument("--scale", type=nonzero_float, help="multiply 0-255 pixel values by this first (imagenet: 1/255)")
@@ -167,10 +172,13 @@ def preprocess_from_args(args: argparse.Namespace) -> Any:
 
     spec = preset(args.preprocess)
     changes: dict[str, Any] = {}
-    for key in ("resize", "crop", "mean", "std", "scale", "color", "layout"):
+    for key in ("resize", "crop", "letterbox", "mean", "std", "scale", "color", "layout"):
         value = getattr(args, key, None)
         if value is not None:
             changes[key] = value
+    if "letterbox" in changes:  # instead of the preset's resize and crop (given ones are refused by the spec)
+        changes.setdefault("resize", None)
+        changes.setdefault("crop", None)
     if "color" in changes and changes["color"] == "gray" and "mean" not in changes and args.preprocess == "imagenet":
         changes["mean"], changes["std"] = (0.449,), (0.226,)
     return spec.replace(**changes) if changes else spec
@@ -263,7 +271,8 @@ def source_for_model(args: argparse.Namespace, specs: list[Any], *, images: str 
         raise InputError("--batch-axis says how the arrays of --npz hold samples; an image folder has one image a "
                          "sample", hint="drop --batch-axis, or use --npz")
     if arrays is not None:
-        given = [f"--{k.replace('_', '-')}" for k in ("resize", "crop", "scale", "mean", "std", "color", "layout")
+        given = [f"--{k.replace('_', '-')}" for k in ("resize", "crop", "letterbox", "scale", "mean", "std", "color",
+                                                      "layout")
                  if getattr(args, k, None) is not None]
         if given:  # they shape images; an array is fed as it is
             log.warning("%s: preprocessing flags (%s) apply to image folders; the arrays are fed as they are",

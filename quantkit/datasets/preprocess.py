@@ -1,7 +1,7 @@
 """The preprocessing spec: decode result (uint8-range HxWxC BGR or HxW) -> model input array.
 
-Steps, in order: colour conversion, resize of the shorter side, centre crop, scale, mean/std,
-layout, dtype. The spec is frozen and serialisable (it is recorded in ranges.json).
+Steps, in order: colour conversion, resize of the shorter side and centre crop (or a letterbox:
+fit inside the model's size keeping the aspect ratio, pad the rest), scale, mean/std, layout, dtype. The spec is frozen and serialisable (it is recorded in ranges.json).
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ class Preprocess:
         cover: (height, width) to resize to cover, keeping the aspect ratio, when ``resize`` is
             None (the imagenet preset for a model with a non-square input: a shorter-side resize
             left a wide captcha or text-line image narrower than the crop).
+        letterbox: (height, width) to fit the whole image inside, keeping the aspect ratio, the
+            rest padded with ``pad`` (centred, as YOLO exports' own preprocessing does); instead
+            of resize and crop.
+        pad: the letterbox's fill, in 0-255 pixel values before ``scale`` (114: ultralytics').
     """
 
     resize: int | None = None
@@ -48,8 +52,16 @@ class Preprocess:
     dtype: Literal["float32", "float16", "uint8"] = "float32"
     interpolation: str = "linear"
     cover: tuple[int, int] | None = None
+    letterbox: tuple[int, int] | None = None
+    pad: float = 114.0
 
     def __post_init__(self) -> None:
+        if self.letterbox is not None:
+            if len(self.letterbox) != 2 or min(self.letterbox) <= 0:
+                raise InputError(f"letterbox must be two positive sizes (height, width), got {self.letterbox}")
+            if self.resize is not None or self.crop is not None or self.cover is not None:
+                raise InputError("a letterbox fits the whole image to the model's size: it takes no --resize or --crop",
+                                 hint="drop --resize/--crop, or the letterbox")
         if self.cover is not None and (len(self.cover) != 2 or min(self.cover) <= 0):
             raise InputError(f"cover must be two positive sizes (height, width), got {self.cover}")
         if self.color not in ("rgb", "bgr", "gray"):
@@ -81,8 +93,10 @@ class Preprocess:
         def nums(v: tuple[float, ...]) -> str:
             return ",".join(f"{x:.4g}" for x in v)
 
-        parts = [f"resize {self.resize}" if self.resize else "cover" if self.cover else "no resize",
-                 f"crop {self.crop[0]}x{self.crop[1]}" if self.crop else "no crop", self.color,
+        fit = [f"letterbox {self.letterbox[0]}x{self.letterbox[1]} (pad {self.pad:g})"] if self.letterbox else \
+            [f"resize {self.resize}" if self.resize else "cover" if self.cover else "no resize",
+             f"crop {self.crop[0]}x{self.crop[1]}" if self.crop else "no crop"]
+        parts = [*fit, self.color,
                  f"x {self.scale:.4g}", f"mean {nums(self.mean)}", f"std {nums(self.std)}", f"{self.layout} {self.dtype}"]
         return ", ".join(parts)
 
@@ -94,6 +108,10 @@ class Preprocess:
         d["crop"] = list(self.crop) if self.crop else None
         d["cover"] = list(self.cover) if self.cover else None
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.letterbox is None:  # (as before letterboxes: a cache's recorded preprocessing still matches)
+            del d["letterbox"], d["pad"]
+        else:
+            d["letterbox"] = list(self.letterbox)
         return d
 
     @classmethod
@@ -103,6 +121,8 @@ class Preprocess:
             d["crop"] = tuple(d["crop"])
         if d.get("cover") is not None:
             d["cover"] = tuple(d["cover"])
+        if d.get("letterbox") is not None:
+            d["letterbox"] = tuple(d["letterbox"])
         d["mean"], d["std"] = tuple(d.get("mean", (0.0,))), tuple(d.get("std", (1.0,)))
         return cls(**d)
 
@@ -116,6 +136,25 @@ class Preprocess:
         h, w = image_hw
         f = self.resize / min(h, w)
         return (max(1, round(h * f)), max(1, round(w * f)))
+
+    def _letterboxed(self, img: np.ndarray) -> np.ndarray:
+        """``img`` (HxWxC) scaled to fit inside ``letterbox`` keeping its aspect ratio, centred on
+        a canvas of ``pad``."""
+        import cv2
+
+        assert self.letterbox is not None
+        th, tw = self.letterbox
+        h, w = img.shape[:2]
+        f = min(th / h, tw / w)
+        nh, nw = max(1, min(th, round(h * f))), max(1, min(tw, round(w * f)))
+        if (nh, nw) != (h, w):
+            img = cv2.resize(np.ascontiguousarray(img), (nw, nh), interpolation=_INTERP[self.interpolation])
+            if img.ndim == 2:
+                img = img[:, :, None]
+        canvas = np.full((th, tw, img.shape[2]), self.pad, dtype=np.float32)
+        top, left = (th - nh) // 2, (tw - nw) // 2
+        canvas[top:top + nh, left:left + nw] = img
+        return canvas
 
     def apply(self, image: np.ndarray, *, source: str = "<image>") -> np.ndarray:
         """Preprocess one decoded image (HxW or HxWxC BGR, values in 0-255 range).
@@ -144,6 +183,8 @@ class Preprocess:
                 img = cv2.resize(np.ascontiguousarray(img), (ow, oh), interpolation=interp)
                 if img.ndim == 2:
                     img = img[:, :, None]
+        if self.letterbox is not None:
+            img = self._letterboxed(img)
         if self.crop is not None:
             ch, cw = self.crop
             h, w = img.shape[:2]
@@ -169,6 +210,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS: dict[str, Preprocess] = {
     # crop None here: resolved to the model's spatial size (or 224) by ``for_model``
     "imagenet": Preprocess(resize=256, crop=None, color="rgb", scale=1 / 255, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    # letterbox None here: resolved to the model's spatial size (or 640) by ``for_model``
+    "yolo": Preprocess(color="rgb", scale=1 / 255),
     "none": Preprocess(),
 }
 
@@ -205,6 +248,14 @@ def for_model(
             hint=f"set --color (gray for 1 channel) or --layout {other}",
         )
     static_hw = (h, w) if isinstance(h, int) and isinstance(w, int) else None
+    if preset_name == "yolo" and spec.letterbox is None and spec.resize is None and spec.crop is None:
+        # YOLO exports' own preprocessing: the whole image fitted into the model's size (640 when dynamic)
+        spec = spec.replace(letterbox=static_hw or (640, 640))
+    if spec.letterbox is not None and static_hw is not None and tuple(spec.letterbox) != static_hw:
+        raise ShapeMismatchError(
+            f"input {input_name!r} expects {static_hw[0]}x{static_hw[1]} images, the letterbox is "
+            f"{spec.letterbox[0]}x{spec.letterbox[1]}",
+            hint=f"pass --letterbox {static_hw[0]}x{static_hw[1]}")
     if preset_name == "imagenet" and (spec.crop is None or spec.resize == 256):
         # the preset's 256/224 ratio around the crop: the model's (224 x 224 when dynamic), or the one
         # given with --crop (with the preset's resize of 256 a crop above 256 fit no image)

@@ -350,3 +350,24 @@ def test_a_fixed_height_that_the_crop_misses_is_named_before_the_work():
     assert tuple(spec.crop) == (48, 320)
     with pytest.raises(ShapeMismatchError, match="fixed width of 100"):
         for_model(preset("imagenet"), ("N", 3, "h", 100), input_name="x", preset_name="imagenet")
+
+
+def test_letterbox_fits_the_whole_image_and_pads_the_rest():
+    """YOLO exports expect the whole image fitted into the model's size (aspect kept, 114 around
+    it): the imagenet preset's centre crop cut a wide image's sides off."""
+    spec = for_model(preset("yolo"), ("N", 3, 64, 64), input_name="images", preset_name="yolo")
+    assert spec.letterbox == (64, 64) and spec.resize is None and spec.crop is None and "letterbox 64x64" in spec.summary()
+    img = np.full((30, 120, 3), 200, np.uint8)  # 4:1, BGR
+    img[:, :60] = (0, 0, 255)  # left half red
+    out = spec.apply(img)
+    assert out.shape == (3, 64, 64)
+    band = (64 - 16) // 2  # 120 -> 64 wide, 30 -> 16 high, centred
+    np.testing.assert_allclose(out[:, :band], 114 / 255, rtol=1e-6)
+    np.testing.assert_allclose(out[:, band + 16:], 114 / 255, rtol=1e-6)
+    assert out[0, band + 8, 5] == pytest.approx(1.0) and out[2, band + 8, 5] == pytest.approx(0.0)  # RGB: red, left
+    assert for_model(preset("yolo"), ("N", 3, "h", "w"), input_name="x", preset_name="yolo").letterbox == (640, 640)
+    with pytest.raises(ShapeMismatchError, match="the letterbox is 32x32"):
+        for_model(preset("yolo").replace(letterbox=(32, 32)), ("N", 3, 64, 64), input_name="x", preset_name="yolo")
+    with pytest.raises(InputError, match="takes no --resize or --crop"):
+        Preprocess(resize=64, letterbox=(64, 64))
+    assert Preprocess.from_dict(spec.to_dict()) == spec and "letterbox" not in preset("imagenet").to_dict()

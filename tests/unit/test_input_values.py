@@ -130,3 +130,25 @@ def test_an_input_without_a_batch_axis_takes_its_input_value_whole(setup, tmp_pa
     rc = main(["calibrate", str(tmp_path / "m.onnx"), "--images", str(setup / "photos"), "--input-value", "gains=2,3",
                "-o", str(tmp_path / "out"), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--preprocess", "yolo"], ["--preprocess", "none", "--scale", "0.0039",
+                                                              "--letterbox", "64x64"]])
+def test_a_detector_calibrates_on_photos_of_any_size_through_a_letterbox(setup, tmp_path, capsys, flags):
+    """A YOLO-style input [N, 3, 64, 64] from photos of five sizes: the whole photo fitted, padded."""
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(r.normal(0, 0.3, (6, 8, 1, 1)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["images", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Sigmoid", ["c"], ["s"], name="sig"), helper.make_node("Mul", ["c", "s"], ["a"], name="silu"),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="head")]
+    graph = helper.make_graph(nodes, "det", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 64, 64])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "det.onnx")
+    rc = main(["calibrate", str(tmp_path / "det.onnx"), "--images", str(setup / "photos"), *flags,
+               "-o", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    import json
+
+    pre = json.loads((tmp_path / "out" / "ranges.json").read_text())["preprocess"]
+    assert pre["letterbox"] == [64, 64] and pre["resize"] is None
