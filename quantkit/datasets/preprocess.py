@@ -1,7 +1,8 @@
 """The preprocessing spec: decode result (uint8-range HxWxC BGR or HxW) -> model input array.
 
 Steps, in order: colour conversion, resize of the shorter side and centre crop (or a letterbox:
-fit inside the model's size keeping the aspect ratio, pad the rest), scale, mean/std, layout, dtype. The spec is frozen and serialisable (it is recorded in ranges.json).
+fit inside the model's size keeping the aspect ratio, pad the rest), scale, mean/std, layout,
+dtype. The spec is frozen and serialisable (it is recorded in ranges.json).
 """
 
 from __future__ import annotations
