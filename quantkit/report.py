@@ -64,8 +64,10 @@ class Results:
                 if "model" in bench:
                     self.add(bench, source)
             return
-        if kind == "debug":  # `quantkit debug`'s debug.json
-            self.debug.append({**doc["layerwise"], "_file": source})
+        if kind == "debug":  # `quantkit debug`'s debug.json (its ranking, with --rank, drawn too)
+            ranking = doc.get("sensitivity")
+            self.debug.append({**doc["layerwise"], "_file": source,
+                               **({"sensitivity": ranking} if isinstance(ranking, dict) else {})})
             return
         getattr(self, {"bench": "benches", "compare": "compares", "ranges": "ranges", "qat": "qat"}[kind]).append(
             {**doc, "_file": source})
@@ -174,6 +176,12 @@ def _check_debug(d: dict[str, Any]) -> None:
         _text(a["tensor"])
         for key in ("depth", "local_sqnr_db", "accumulated_sqnr_db"):
             _number(a[key])
+    ranking = d.get("sensitivity")
+    if ranking is not None:  # `debug --rank`
+        _number(ranking["int8_error"])
+        for r in ranking["rows"]:
+            _text(r["name"])
+            _number(r["only_float_error"])
 
 
 def _check_demo(d: dict[str, Any]) -> None:
@@ -437,6 +445,28 @@ def plot_error_along_depth(debug: dict[str, Any]) -> Any:
     return fig
 
 
+def plot_sensitivity(debug: dict[str, Any], *, groups: int = 20) -> Any:
+    """``quantkit debug --rank``: the most sensitive groups' output error with only that group in
+    float, against the INT8 model's (the lower a bar, the more that group alone costs)."""
+    plt = _plt()
+    ranking = debug["sensitivity"]
+    rows = ranking["rows"][:groups]
+    fig, ax = plt.subplots(figsize=(7.5, max(3.0, 0.3 * len(rows) + 1.5)))
+    ys = range(len(rows))[::-1]
+    ax.barh(list(ys), [_positive(r["only_float_error"]) for r in rows], color="#4c72b0",
+            label="output error, only this group in float")
+    ax.axvline(_positive(ranking["int8_error"]), color="#c44e52", linestyle="--", label="output error, INT8 model")
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([str(r["name"])[-36:] for r in rows], fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("noise / signal power of the output against FP32 (lower is closer)")
+    ax.set_title(f"sensitivity ranking: {_stem(debug.get('test', 'int8'))} ({ranking.get('estimator', 'exact')})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
 def figures(res: Results) -> dict[str, Any]:
     """Every figure the results support, by file stem."""
     figs: dict[str, Any] = {}
@@ -452,6 +482,8 @@ def figures(res: Results) -> dict[str, Any]:
         figs["output_sqnr"] = plot_output_error(res.compares)
     for d in res.debug:
         figs[f"error_along_depth_{_stem(d.get('test', 'int8'))}"] = plot_error_along_depth(d)
+        if d.get("sensitivity", {}).get("rows"):
+            figs[f"sensitivity_{_stem(d.get('test', 'int8'))}"] = plot_sensitivity(d)
     for i, q in enumerate(res.qat):
         figs[f"qat_training{'_' + str(i) if i else ''}"] = plot_training_curves(q)
     return figs

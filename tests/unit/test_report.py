@@ -274,3 +274,21 @@ def test_calibrations_of_one_model_in_several_folders_are_told_apart(tmp_path):
     page = (tmp_path / "rep" / "index.html").read_text()
     assert "digits_cnn.int8 [out-minmax]" in page and "digits_cnn.int8 [out-entropy-trt]" in page
     assert accuracy_latency_points(res) == []  # no benchmark: no point, rather than another model's latency
+
+
+def test_a_debug_ranking_is_drawn(digits_dirs, tmp_path, capsys):
+    """`debug --rank`'s ranking reached debug.json and `--exclude-from`, never the report's page."""
+    train, test = digits_dirs
+    out = tmp_path / "cal"
+    assert main(["calibrate", str(sample.model_path()), "--images", str(train), "-o", str(out), "--num-images", "128",
+                 "--eval-images", "0", *DIGITS]) == 0
+    assert main(["debug", str(sample.model_path()), str(out / "digits_cnn.int8.onnx"), "--images", str(test),
+                 "--num-images", "64", "--rank", "-o", str(tmp_path / "dbg"), *DIGITS]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "dbg" / "debug.json"), "-o", str(tmp_path / "rep")]) == 0
+    names = {p.name for p in (tmp_path / "rep").iterdir()}
+    assert {"sensitivity_digits_cnn.int8.png", "error_along_depth_digits_cnn.int8.png"} <= names, names
+    doc = json.loads((tmp_path / "dbg" / "debug.json").read_text())
+    doc["sensitivity"]["rows"][0]["only_float_error"] = "much"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    assert main(["report", str(tmp_path / "bad.json"), "-o", str(tmp_path / "rep2")]) == 2
