@@ -250,14 +250,16 @@ def for_model(
         )
     static_hw = (h, w) if isinstance(h, int) and isinstance(w, int) else None
     if preset_name == "yolo" and spec.letterbox is None and spec.resize is None and spec.crop is None:
-        # YOLO exports' own preprocessing: the whole image fitted into the model's size (640 when dynamic)
-        spec = spec.replace(letterbox=static_hw or (640, 640))
-    if spec.letterbox is not None and static_hw is not None and tuple(spec.letterbox) != static_hw:
-        raise ShapeMismatchError(
-            f"input {input_name!r} expects {static_hw[0]}x{static_hw[1]} images, the letterbox is "
-            f"{spec.letterbox[0]}x{spec.letterbox[1]}",
-            hint=f"pass --letterbox {static_hw[0]}x{static_hw[1]}")
-    if preset_name == "imagenet" and (spec.crop is None or spec.resize == 256):
+        # YOLO exports' own preprocessing: the whole image fitted into the model's size (640 for a free side)
+        spec = spec.replace(letterbox=(h if isinstance(h, int) else 640, w if isinstance(w, int) else 640))
+    if spec.letterbox is not None:
+        for i, dim in enumerate((h, w)):
+            if isinstance(dim, int) and spec.letterbox[i] != dim:
+                fit = f"{h if isinstance(h, int) else spec.letterbox[0]}x{w if isinstance(w, int) else spec.letterbox[1]}"
+                raise ShapeMismatchError(
+                    f"input {input_name!r} (shape {list(input_shape)}) expects {'height' if i == 0 else 'width'} "
+                    f"{dim}, the letterbox is {spec.letterbox[0]}x{spec.letterbox[1]}", hint=f"pass --letterbox {fit}")
+    if preset_name == "imagenet" and spec.letterbox is None and (spec.crop is None or spec.resize == 256):
         # the preset's 256/224 ratio around the crop: the model's (224 x 224 when dynamic), or the one
         # given with --crop (with the preset's resize of 256 a crop above 256 fit no image)
         crop = tuple(spec.crop) if spec.crop is not None else static_hw or (224, 224)

@@ -937,10 +937,15 @@ def concat_parts(model: onnx.ModelProto, names: Sequence[str] | None = None) -> 
     wanted = {t: producer[t] for t in names if t in producer and producer[t].op_type == "Concat"}
     if not wanted:
         return {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
-    except Exception:  # inference is a convenience here, never a requirement
-        return {}
+    bare = _without_weights(model)
+    try:  # with the shapes' values carried through Shape/Gather/Reshape: a dynamic YOLO export's head
+        # (a box branch reshaped by shapes computed at run time) has no known channel count without it
+        inferred = onnx.shape_inference.infer_shapes(bare, data_prop=True)
+    except Exception:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(bare)
+        except Exception:  # inference is a convenience here, never a requirement
+            return {}
     g = inferred.graph
     shapes = {vi.name: vi.type.tensor_type.shape for vi in [*g.value_info, *g.input, *g.output]
               if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}

@@ -366,8 +366,20 @@ def test_letterbox_fits_the_whole_image_and_pads_the_rest():
     np.testing.assert_allclose(out[:, band + 16:], 114 / 255, rtol=1e-6)
     assert out[0, band + 8, 5] == pytest.approx(1.0) and out[2, band + 8, 5] == pytest.approx(0.0)  # RGB: red, left
     assert for_model(preset("yolo"), ("N", 3, "h", "w"), input_name="x", preset_name="yolo").letterbox == (640, 640)
-    with pytest.raises(ShapeMismatchError, match="the letterbox is 32x32"):
+    with pytest.raises(ShapeMismatchError, match="expects height 64, the letterbox is 32x32"):
         for_model(preset("yolo").replace(letterbox=(32, 32)), ("N", 3, 64, 64), input_name="x", preset_name="yolo")
     with pytest.raises(InputError, match="takes no --resize or --crop"):
         Preprocess(resize=64, letterbox=(64, 64))
     assert Preprocess.from_dict(spec.to_dict()) == spec and "letterbox" not in preset("imagenet").to_dict()
+
+
+def test_a_letterbox_under_the_default_preset_and_with_one_fixed_side():
+    """--letterbox without --preprocess (the imagenet preset) was refused as taking a --crop nobody
+    gave; the yolo preset letterboxed a [N, 3, 320, W] input to 640x640."""
+    spec = for_model(preset("imagenet").replace(letterbox=(64, 64), resize=None), ("N", 3, "h", "w"), input_name="x",
+                     preset_name="imagenet")
+    assert spec.letterbox == (64, 64) and spec.crop is None
+    assert for_model(preset("yolo"), ("N", 3, 320, "w"), input_name="x", preset_name="yolo").letterbox == (320, 640)
+    with pytest.raises(ShapeMismatchError, match="expects height 320") as err:
+        for_model(preset("yolo").replace(letterbox=(640, 320)), ("N", 3, 320, "w"), input_name="x", preset_name="yolo")
+    assert err.value.hint == "pass --letterbox 320x320"

@@ -152,3 +152,23 @@ def test_a_detector_calibrates_on_photos_of_any_size_through_a_letterbox(setup, 
 
     pre = json.loads((tmp_path / "out" / "ranges.json").read_text())["preprocess"]
     assert pre["letterbox"] == [64, 64] and pre["resize"] is None
+
+
+def test_an_ultralytics_export_under_the_imagenet_preset_is_told_of_the_yolo_one(setup, tmp_path, caplog):
+    """An ultralytics export (its metadata says so) got ImageNet's crop and mean/std without a word."""
+    import logging
+
+    r = np.random.default_rng(0)
+    g = helper.make_graph([helper.make_node("Conv", ["images", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")], "g",
+                          [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 64, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 64, 64])],
+                          [numpy_helper.from_array(r.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.helper.set_model_props(m, {"author": "Ultralytics", "task": "detect", "stride": "32"})
+    onnx.save(m, tmp_path / "m.onnx")
+    for flags, said in (([], True), (["--preprocess", "yolo"], False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["calibrate", str(tmp_path / "m.onnx"), "--images", str(setup / "photos"), *flags,
+                         "-o", str(tmp_path / f"o{len(flags)}"), "--no-progress"]) == 0
+        assert ("give --preprocess yolo" in caplog.text) is said
