@@ -20,6 +20,22 @@ from tests.helpers import make_residual_model
 SRC = SyntheticSource((3, 8, 8), count=40, seed=5)
 
 
+def ort_quantized(fp32_path, out_path, source=SRC, samples: int = 16, **kw) -> onnx.ModelProto:
+    """ONNX Runtime's ``quantize_static`` of the model at ``fp32_path`` on the first ``samples``
+    samples of ``source`` (input "x"), written to ``out_path`` and loaded."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": source.load(i)[None]} for i in range(samples)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(fp32_path), str(out_path), Reader(), **kw)
+    return onnx.load(out_path)
+
+
 def _db(sig: float, noise: float) -> float:
     return 10 * np.log10(sig / noise)
 
@@ -100,21 +116,13 @@ def test_a_one_column_weight_is_one_channel(tmp_path):
 
 def test_onnxruntime_qdq_model_is_read_too(models, tmp_path):
     """ONNX Runtime's Q/DQ format: weights stored as int8 initializers, outputs renamed."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType
 
     fp32 = models[0]
     onnx.save(fp32, tmp_path / "m.onnx")
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"x": SRC.load(i)[None]} for i in range(16)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-    int8 = onnx.load(tmp_path / "q.onnx")
+    int8 = ort_quantized(tmp_path / "m.onnx", tmp_path / "q.onnx", quant_format=QuantFormat.QDQ, per_channel=True,
+                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
     rep = layerwise_error(fp32, int8, Batcher(SRC, ["x"], 8))
     assert {w.tensor for w in rep.weights} >= {"w1", "w2", "wt"}
     assert all(np.isfinite(a.local_sqnr_db) for a in rep.activations)
@@ -136,19 +144,12 @@ def test_a_model_not_made_from_this_fp32_model_is_refused(models):
 def test_onnxruntime_default_quantize_static_model_is_read(models, tmp_path):
     """quantize_static's defaults (QUInt8 activations, per-tensor weights, int32 biases whose DQ
     scale is a [1] array): the [1] scale was taken for per-channel along axis 1 (exit 1)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import QuantFormat
 
     onnx.save(models[0], tmp_path / "m.onnx")
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"x": SRC.load(i)[None]} for i in range(16)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ)
-    rep = layerwise_error(models[0], onnx.load(tmp_path / "q.onnx"), Batcher(SRC, ["x"], 8))
+    q = ort_quantized(tmp_path / "m.onnx", tmp_path / "q.onnx", quant_format=QuantFormat.QDQ)
+    rep = layerwise_error(models[0], q, Batcher(SRC, ["x"], 8))
     assert rep.weights and all(np.isfinite(w.sqnr_db) for w in rep.weights)
 
 
@@ -459,7 +460,7 @@ def test_a_model_of_another_width_with_the_same_weight_names_is_refused(tmp_path
     """One PyTorch class at two widths (same weight names, other shapes): debug was exit 1
     ("operands could not be broadcast") where it refuses a model not derived from the FP32 one."""
     torch = pytest.importorskip("torch")
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType
 
     class Net(torch.nn.Module):
         def __init__(self, c):
@@ -476,16 +477,8 @@ def test_a_model_of_another_width_with_the_same_weight_names_is_refused(tmp_path
                           opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "N"}})
     src = SyntheticSource((3, 8, 8), count=16, seed=1)
     if stored:  # weights stored as int8 (ONNX Runtime's Q/DQ)
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.it = iter([{"x": src.load(i)[None]} for i in range(8)])
-
-            def get_next(self):
-                return next(self.it, None)
-
-        quantize_static(str(tmp_path / "big.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-        int8 = onnx.load(tmp_path / "q.onnx")
+        int8 = ort_quantized(tmp_path / "big.onnx", tmp_path / "q.onnx", src, 8, quant_format=QuantFormat.QDQ,
+                             per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
     else:
         int8 = quantize(onnx.load(tmp_path / "big.onnx"), src).int8_model()
     with pytest.raises(ModelError, match="not derived from this FP32 model"):
@@ -538,20 +531,13 @@ def test_api_edges_of_the_debug_functions(models):
 
 def test_a_qoperator_model_is_named_as_such(models, tmp_path):
     """ONNX Runtime's QOperator format (QLinearConv) was refused as having "no Q/DQ pairs"."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import QuantFormat
 
     onnx.save(models[0], tmp_path / "m.onnx")
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"x": SRC.load(i)[None]} for i in range(8)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QOperator)
+    q = ort_quantized(tmp_path / "m.onnx", tmp_path / "q.onnx", samples=8, quant_format=QuantFormat.QOperator)
     with pytest.raises(ModelError, match="operator-oriented \\(QOperator\\) format"):
-        layerwise_error(models[0], onnx.load(tmp_path / "q.onnx"), Batcher(SRC, ["x"], 8))
+        layerwise_error(models[0], q, Batcher(SRC, ["x"], 8))
 
 
 def test_a_float16_models_equalized_weights_and_pruned_weights_are_still_derived(tmp_path):
