@@ -38,6 +38,7 @@ import onnx
 from quantkit.backends.base import output_batch_axes, real_rows, samples_first
 from quantkit.calibrators.collectors import batch_rows
 from quantkit.datasets.batching import Batch, take_rows
+from quantkit.compare import WORST_CHANNEL_GAP_DB
 from quantkit.errors import InputError, ModelError
 from quantkit.onnx.equalize import equalizations_of
 from quantkit.onnx.model import (as_model, constant_arrays, einsum_as_matmul, fold_weight_dequantize,
@@ -327,7 +328,8 @@ class DebugReport:
                          + ("" if math.isnan(o.cosine_mean) else f", cosine {o.cosine_mean:.5f}")
                          + (f" ({differs} of {o.batches} batches left out: their shapes differ)" if differs else "")
                          + (" (through a TopK: rows pair up by rank, near ties reorder them)"
-                            if getattr(o, "value_ordered", False) else ""))
+                            if getattr(o, "value_ordered", False) else "")
+                         + _worst_part(o))
         return "\n".join(lines)
 
 
@@ -565,6 +567,17 @@ def _batches(batches: Iterable[Any]) -> Iterator[Batch]:
                              f"{type(b).__name__}")
 
 
+def _worst_part(o: Any) -> str:
+    """For an output a Concat writes along axis 1 (a detector's boxes beside its scores): its worst
+    part, where it reads lower than the whole output (whose SQNR the largest values make)."""
+    parts, db = getattr(o, "parts", None), getattr(o, "parts_sqnr_db", None)
+    if not parts or not db or min(db) >= o.sqnr_db - WORST_CHANNEL_GAP_DB:
+        return ""
+    i = int(np.argmin(db))
+    start = int(sum(parts[:i]))
+    return f"; its worst part, channels {start}-{start + parts[i] - 1} of axis 1, {db[i]:.2f} dB"
+
+
 def layerwise_error(fp32: onnx.ModelProto | str | os.PathLike[str], int8: onnx.ModelProto | str | os.PathLike[str],
                     batches: Iterable[Any], *, threads: int | None = None, reference_name: str = "fp32",
                     test_name: str = "int8", on_batch: Callable[[int], None] | None = None) -> DebugReport:
@@ -654,7 +667,8 @@ def layerwise_error(fp32: onnx.ModelProto | str | os.PathLike[str], int8: onnx.M
                                  _db(s.acc_sig, s.acc_noise) if s.acc_sig or s.acc_noise else math.nan,
                                  s.clipped / max(s.values, 1), s.clip_noise / s.local_noise if s.local_noise else 0.0,
                                  p.consumers, *_channel_figures(s, channel_w.get(name))))
-    return DebugReport(reference_name, test_name, samples, errors, weights, [st.result(st.name in getattr(ref, "value_ordered", ())) for st in outs.values()],
+    return DebugReport(reference_name, test_name, samples, errors, weights, [st.result(st.name in getattr(ref, "value_ordered", ()),
+                                 parts=dict(getattr(ref, "concat_parts", {})).get(st.name, ())) for st in outs.values()],
                        ref.one_at_a_time or test.one_at_a_time)
 
 
