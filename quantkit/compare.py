@@ -62,6 +62,17 @@ class OutputMetrics:
     #: classes or figures (scores, a box) alike, so its top-1 agreement may mean nothing
     top1_few_values: bool = False
 
+    @property
+    def worst_part(self) -> tuple[int, int, float] | None:
+        """The Concat part (first and last channel of axis 1, SQNR) that reads more than
+        ``WORST_CHANNEL_GAP_DB`` below the whole output, whose SQNR its largest values make;
+        None where no part does (or the output is no Concat's)."""
+        if not self.parts or not self.parts_sqnr_db or min(self.parts_sqnr_db) >= self.sqnr_db - WORST_CHANNEL_GAP_DB:
+            return None
+        i = int(np.argmin(self.parts_sqnr_db))
+        start = int(sum(self.parts[:i]))
+        return start, start + self.parts[i] - 1, float(self.parts_sqnr_db[i])
+
 
 @dataclass(frozen=True)
 class CompareReport:
@@ -110,7 +121,7 @@ class CompareReport:
                              "not by object, and near ties reorder them, so its figures read lower than the "
                              "error INT8 adds (compare the tensor before the TopK, e.g. with `quantkit debug`)")
         for m in self.outputs:
-            if m.parts and m.parts_sqnr_db and min(m.parts_sqnr_db) < m.sqnr_db - WORST_CHANNEL_GAP_DB:
+            if m.worst_part is not None and m.parts and m.parts_sqnr_db:
                 edges = np.cumsum([0, *m.parts])
                 each = ", ".join(f"channels {a}-{b - 1}: {db:.2f} dB" for a, b, db in zip(edges, edges[1:], m.parts_sqnr_db))
                 lines.append(f"  note: {m.name!r} is a Concat of {len(m.parts)} parts (axis 1; {each}) against "

@@ -39,9 +39,10 @@ from quantkit.datasets.sources import Source
 from quantkit.errors import DatasetError, InputError, ModelError, check_fields, check_names
 from quantkit.onnx.contrib import CONTRIB, FUSED_LAYER_OPS, check_no_layout_ops, standard_ops
 from quantkit.onnx.model import (MIN_QDQ_OPSET_FLOAT16, QUANTIZABLE_OPS, TensorSpec, all_graphs, as_model,
-                                 check_inference_mode, check_not_quantized, einsum_as_matmul, ensure_opset, fixed_batch, float_activations,
-                                 float_input_specs, fold_weight_dequantize, opset_version, subgraph_node_count,
-                                 tensor_types, with_node_names, without_io_value_info)
+                                 check_inference_mode, check_not_quantized, einsum_as_matmul, ensure_opset,
+                                 fixed_batch, float_activations, float_input_specs, fold_weight_dequantize,
+                                 opset_version, subgraph_node_count, tensor_types, with_node_names,
+                                 without_io_value_info)
 from quantkit.onnx.qdq import (TARGETS, WEIGHTED_OPS, QdqPlan, exclude_from_plan, float_by_rule, insert_qdq,
                               log_spectrum_nodes, plan_qdq)
 from quantkit.onnx.sampleaxis import original_names, remove_sample_axis, sample_axis_nodes

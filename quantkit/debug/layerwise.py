@@ -38,7 +38,6 @@ import onnx
 from quantkit.backends.base import output_batch_axes, real_rows, samples_first
 from quantkit.calibrators.collectors import batch_rows
 from quantkit.datasets.batching import Batch, take_rows
-from quantkit.compare import WORST_CHANNEL_GAP_DB
 from quantkit.errors import InputError, ModelError
 from quantkit.onnx.equalize import equalizations_of
 from quantkit.onnx.model import (as_model, constant_arrays, einsum_as_matmul, fold_weight_dequantize,
@@ -569,13 +568,9 @@ def _batches(batches: Iterable[Any]) -> Iterator[Batch]:
 
 def _worst_part(o: Any) -> str:
     """For an output a Concat writes along axis 1 (a detector's boxes beside its scores): its worst
-    part, where it reads lower than the whole output (whose SQNR the largest values make)."""
-    parts, db = getattr(o, "parts", None), getattr(o, "parts_sqnr_db", None)
-    if not parts or not db or min(db) >= o.sqnr_db - WORST_CHANNEL_GAP_DB:
-        return ""
-    i = int(np.argmin(db))
-    start = int(sum(parts[:i]))
-    return f"; its worst part, channels {start}-{start + parts[i] - 1} of axis 1, {db[i]:.2f} dB"
+    part, where it reads lower than the whole output (``OutputMetrics.worst_part``)."""
+    worst = getattr(o, "worst_part", None)
+    return "" if worst is None else f"; its worst part, channels {worst[0]}-{worst[1]} of axis 1, {worst[2]:.2f} dB"
 
 
 def layerwise_error(fp32: onnx.ModelProto | str | os.PathLike[str], int8: onnx.ModelProto | str | os.PathLike[str],
@@ -667,8 +662,10 @@ def layerwise_error(fp32: onnx.ModelProto | str | os.PathLike[str], int8: onnx.M
                                  _db(s.acc_sig, s.acc_noise) if s.acc_sig or s.acc_noise else math.nan,
                                  s.clipped / max(s.values, 1), s.clip_noise / s.local_noise if s.local_noise else 0.0,
                                  p.consumers, *_channel_figures(s, channel_w.get(name))))
-    return DebugReport(reference_name, test_name, samples, errors, weights, [st.result(st.name in getattr(ref, "value_ordered", ()),
-                                 parts=dict(getattr(ref, "concat_parts", {})).get(st.name, ())) for st in outs.values()],
+    parts = dict(getattr(ref, "concat_parts", {}))
+    outputs = [st.result(st.name in getattr(ref, "value_ordered", ()), parts=parts.get(st.name, ()))
+               for st in outs.values()]
+    return DebugReport(reference_name, test_name, samples, errors, weights, outputs,
                        ref.one_at_a_time or test.one_at_a_time)
 
 

@@ -68,7 +68,8 @@ import onnx
 from onnx import numpy_helper
 
 from quantkit._values import comparable
-from quantkit.onnx.model import (FLOAT_TYPES, all_names, concat_parts, constant_arrays, node_reads, read_names,
+from quantkit.onnx.model import (FLOAT_TYPES, all_names, concat_parts, constant_arrays, constant_tensors, node_reads,
+                                 read_names,
                                  tensor_types, unique_name, with_outputs_bytes)
 from quantkit.onnx.qdq import WEIGHTED_OPS
 
@@ -91,10 +92,7 @@ def linear_units(model: onnx.ModelProto) -> dict[str, str]:
     last axis, through that constant."""
     # shapes and types only, read from the protos: no weight is converted (this runs for every
     # correction of every method and fallback variant)
-    consts: dict[str, onnx.TensorProto] = {i.name: i for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = n.attribute[0].t
+    consts = constant_tensors(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     users: dict[str, int] = {}
     for n in model.graph.node:

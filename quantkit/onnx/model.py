@@ -596,10 +596,7 @@ def check_inference_mode(model: onnx.ModelProto, *, source: str = "model") -> No
     statistics among its outputs) makes a sample's outputs depend on the other samples of its
     batch, and a Dropout told to train (a constant true ``training_mode``) drops values at
     random; TensorRT builds neither."""
-    consts = {i.name: i for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = n.attribute[0].t
+    consts = constant_tensors(model)
     for n in model.graph.node:
         if n.domain not in ("", "ai.onnx"):
             continue
@@ -734,13 +731,18 @@ def _blocking_node(model: onnx.ModelProto, target: int, message: str) -> onnx.No
     return next((n for n in default if re.search(rf"\b{re.escape(n.op_type)}", message)), None)
 
 
-def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers and Constant-node tensors, by name (weights live in either)."""
-    out = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The main graph's initializers and Constant-node tensors, by name, as protos (no value read)."""
+    out = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            out[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+            out[node.output[0]] = node.attribute[0].t
     return out
+
+
+def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node tensors, by name (weights live in either)."""
+    return {k: onnx.numpy_helper.to_array(t) for k, t in constant_tensors(model).items()}
 
 
 #: ops that only move a constant's values (tf2onnx's Transpose before a MatMul weight, Paddle's

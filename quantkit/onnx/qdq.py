@@ -724,14 +724,15 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
 
     nodes = [(n.name or n.output[0], n.op_type) for n in model.graph.node]
     # only a node that reads a quantized tensor changes: Softmax, ReLU and the like are float already
-    reads_int8 = {c for cons in plan.activations.values() for c in cons} | \
-        {c for _, cons in plan.weights.values() for c in cons}
+    op_of = dict(nodes)
+    reads_act = {c for cons in plan.activations.values() for c in cons}
+    reads_int8 = reads_act | {c for _, cons in plan.weights.values() for c in cons}
     excluded: dict[str, dict[str, str]] = {}
 
     def unchanged(flag: str, hits: Sequence[str]) -> None:
         if quiet:
             return
-        kinds = sorted({dict(nodes)[n] for n in hits})
+        kinds = sorted({op_of[n] for n in hits})
         log.warning("%s matches %d node(s) (%s) that read no quantized tensor: they stay as they are, in float",
                     flag, len(hits), ", ".join(kinds[:5]))
 
@@ -749,7 +750,7 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
             unchanged(f"--exclude {pattern!r}", hits)
         for n in hits:
             if n in reads_int8:
-                excluded.setdefault(n, {"node": n, "op_type": dict(nodes)[n], "matched": pattern})
+                excluded.setdefault(n, {"node": n, "op_type": op_of[n], "matched": pattern})
     present = sorted({t for _, t in nodes})
     for op in op_types:
         hits = [n for n, t in nodes if t == op]
@@ -766,7 +767,6 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
     if follow_fusions:  # an Add's residual input is quantized for its Conv's INT8 epilogue (TensorRT fuses the Add
         # into the Conv that writes its other input): with that Conv in float, the pair would only add noise
         producer = {o: n.name or n.output[0] for n in model.graph.node for o in n.output}
-        op_of = dict(nodes)
         for n in model.graph.node:
             name = n.name or n.output[0]
             if n.op_type != "Add" or name in excluded or len(n.input) != 2:
@@ -789,11 +789,9 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
     # a weighted op whose quantized input went with its group runs in float: its weight's pair would only add
     # noise (an op that read no quantized input before, as the onnxruntime target leaves some, keeps its own)
     reading = {c for cons in kept_acts.values() for c in cons}
-    read_before = {c for cons in plan.activations.values() for c in cons}
-    op_of = dict(nodes)
     for _, cons in plan.weights.values():
         for c in cons:
-            if c not in excluded and c in read_before and c not in reading:
+            if c not in excluded and c in reads_act and c not in reading:
                 excluded[c] = {"node": c, "op_type": op_of.get(c, ""), "matched": "its input's shared-scale group went"}
     weights = {w: (ax, tuple(c for c in cons if c not in excluded)) for w, (ax, cons) in plan.weights.items()}
     groups = tuple(g for g in plan.groups if all(t in kept_acts for t in g))
