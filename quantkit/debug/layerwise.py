@@ -662,8 +662,8 @@ def layerwise_error(fp32: onnx.ModelProto | str | os.PathLike[str], int8: onnx.M
                                  _db(s.acc_sig, s.acc_noise) if s.acc_sig or s.acc_noise else math.nan,
                                  s.clipped / max(s.values, 1), s.clip_noise / s.local_noise if s.local_noise else 0.0,
                                  p.consumers, *_channel_figures(s, channel_w.get(name))))
-    parts = dict(getattr(ref, "concat_parts", {}))
-    outputs = [st.result(st.name in getattr(ref, "value_ordered", ()), parts=parts.get(st.name, ()))
+    concat = dict(getattr(ref, "concat_parts", {}))  # (``parts`` above: a batch's pieces)
+    outputs = [st.result(st.name in getattr(ref, "value_ordered", ()), parts=concat.get(st.name, ()))
                for st in outs.values()]
     return DebugReport(reference_name, test_name, samples, errors, weights, outputs,
                        ref.one_at_a_time or test.one_at_a_time)
