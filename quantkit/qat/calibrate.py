@@ -4,8 +4,9 @@ methods: one pass over the data on the model's device, every method computed fro
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,27 +52,87 @@ class QatCalibration:
         self.method = method
 
 
-def _inputs(batch: Any) -> tuple[Any, ...]:
-    """The model inputs in a loader's batch: a tensor, (inputs, labels), or a dict of tensors."""
+Call = tuple[tuple[Any, ...], dict[str, Any]]  # a model call's positional and keyword arguments
+
+
+def _inputs(batch: Any) -> Call:
+    """The model call in a loader's batch, as (args, kwargs): a tensor; a dict of keyword inputs;
+    or a tuple/list read as (inputs, labels, ...) whose inputs are a tensor, a tuple/list of the
+    model's positional inputs, or a dict of its keyword inputs."""
     if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, dict):
-        return (batch,)
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
     if isinstance(batch, (list, tuple)) and batch:
-        return (batch[0],)
+        first = batch[0]
+        if isinstance(first, torch.Tensor):
+            return (first,), {}
+        if isinstance(first, Mapping):
+            return (), dict(first)
+        if isinstance(first, (list, tuple)) and first:
+            return tuple(first), {}
+        raise DatasetError(f"cannot take model inputs from a batch whose first item is a {type(first).__name__}",
+                           hint="yield tensors, (inputs, labels) pairs, ((input_1, input_2), labels) or dicts")
     raise DatasetError(f"cannot take model inputs from a batch of type {type(batch).__name__}",
-                       hint="yield tensors, (inputs, labels) pairs or dicts")
+                       hint="yield tensors, (inputs, labels) pairs, ((input_1, input_2), labels) or dicts")
+
+
+def _check_call(model: nn.Module, call: Call) -> None:
+    """A DatasetError where the model's forward does not take the batch's inputs (a model of two
+    inputs given an (x, y) batch, which reads as (inputs, labels))."""
+    args, kwargs = call
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # no signature to check against
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as err:
+        took = ", ".join([*(f"a {type(a).__name__}" for a in args), *(f"{k}=" for k in kwargs)])
+        raise DatasetError(f"{type(model).__name__}.forward{sig} does not take the batch's inputs ({took}): {err}",
+                           hint="a tuple batch is read as (inputs, labels): yield ((input_1, input_2), labels) "
+                           "or a dict of the forward's arguments for a model of several inputs") from None
+
+
+def run_batch(model: nn.Module, batch: Any, device: torch.device, *, check: bool = False) -> Any:
+    """``model`` called on ``batch``'s inputs (``_inputs``), moved to ``device``."""
+    args, kwargs = _inputs(batch)
+    call = (_to(args, device), _to(kwargs, device))
+    if check:
+        _check_call(model, call)
+    return model(*call[0], **call[1])
 
 
 def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x) if type(x) in (list, tuple) else x
     return x
 
 
+@contextlib.contextmanager
+def no_fastpath() -> Iterator[None]:
+    """PyTorch's fused transformer "fast path" off: in eval mode without gradients,
+    nn.TransformerEncoderLayer and nn.MultiheadAttention run one fused kernel from their weights,
+    and the quantized Linear layers inside them are never called (no statistics, no fake
+    quantization)."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
+
+
 @torch.no_grad()
+@no_fastpath()
 def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None = None,
             on_batch: Callable[[int], None] | None = None, cuda_graph: bool | None = None,
             distributed: bool | None = None, align: bool = True) -> int:
@@ -118,13 +179,16 @@ def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None 
     try:
         try:
             for batch in loader:
-                (x,) = _inputs(batch)
-                x = _to(x, device)
+                args, kwargs = _inputs(batch)
+                args, kwargs = _to(args, device), _to(kwargs, device)
+                if count == 0:
+                    _check_call(model, (args, kwargs))
                 if not agreed:  # the ranks agree on where each histogram's grid starts
                     agreed = True
-                    qdist.agree_start_ranges_(qs, lambda: model(**x) if isinstance(x, dict) else model(x))
-                if isinstance(x, dict):
-                    model(**x)
+                    qdist.agree_start_ranges_(qs, lambda: model(*args, **kwargs))
+                x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else None
+                if x is None:  # several inputs, keyword inputs: called as they are
+                    model(*args, **kwargs)
                 elif graph is not None and static is not None and x.shape == static.shape:
                     static.copy_(x)
                     graph.replay()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import DatasetError
-from quantkit.qat.calibrate import _inputs, _to
+from quantkit.qat.calibrate import no_fastpath, run_batch
 from quantkit.qat.prepare import quantizers
 from quantkit.qat.quantizer import QMAX, QMIN
 
@@ -49,6 +49,7 @@ def _fake_quant(q: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@no_fastpath()
 def quantizer_errors(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None = None) -> list[QuantizerError]:
     """The error of every calibrated quantizer of ``model`` (from ``quantkit.qat.prepare`` and
     ``calibrate``) on the float model's activations, worst first.
@@ -86,7 +87,7 @@ def quantizer_errors(model: nn.Module, loader: Iterable[Any], *, num_batches: in
         for i, batch in enumerate(loader):
             if num_batches is not None and i >= num_batches:
                 break
-            model(*_to(_inputs(batch), device))
+            run_batch(model, batch, device, check=i == 0)
             seen += 1
         if not seen:
             raise DatasetError("the loader yielded no batch", hint="give at least one batch")

@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,13 @@ from torch import nn
 
 from quantkit._io import write_bytes_atomic
 from quantkit.errors import InputError, ModelError, NotCalibratedError
+from quantkit.qat.calibrate import no_fastpath
 from quantkit.qat.modules import QuantMixin
-from quantkit.qat.prepare import quantizers
+from quantkit.qat.prepare import is_plain_batchnorm, quantizers
 
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 13
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def fold_batchnorm(model: nn.Module) -> int:
@@ -55,7 +56,7 @@ def fold_batchnorm(model: nn.Module) -> int:
                         if n.op == "call_module" and str(n.target) in modules)
         for node in list(model.graph.nodes):
             bn = modules.get(str(node.target)) if node.op == "call_module" else None
-            if not isinstance(bn, _BN):
+            if not is_plain_batchnorm(bn):  # a subclass (BatchNorm + activation, ...) is exported as it is
                 continue
             src = node.args[0]
             conv = modules.get(str(src.target)) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
@@ -81,7 +82,7 @@ def fold_batchnorm(model: nn.Module) -> int:
         if isinstance(parent, nn.Sequential):
             children = list(parent.named_children())
             for (a_name, a), (bn_name, b) in zip(children, children[1:]):
-                if _is_conv(a) and isinstance(b, _BN):
+                if _is_conv(a) and is_plain_batchnorm(b):
                     if names[id(a)] > 1 or names[id(b)] > 1:
                         log.warning("BatchNorm %s is not folded into %s: one of them is used more than once (shared "
                                     "weights)", bn_name, a_name)
@@ -165,27 +166,42 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
     if not quantized:
         for _, q in quantizers(m):
             q.enabled = False
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    # torch.onnx.export's forms: a tensor, a tuple of positional inputs whose last item may be a
+    # dict of keyword inputs, or (quantkit's loaders' form) a dict of keyword inputs
+    if isinstance(example_input, Mapping):
+        args, kwargs = (), dict(example_input)
+    elif isinstance(example_input, tuple) and example_input and isinstance(example_input[-1], Mapping):
+        args, kwargs = example_input[:-1], dict(example_input[-1])
+    else:
+        args, kwargs = (example_input if isinstance(example_input, tuple) else (example_input,)), {}
     if low:  # the example input in the exported precision too
-        inputs = tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in low else x for x in inputs)
-    n_in = len(inputs)
-    input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
+        args = tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in low else x for x in args)
+        kwargs = {k: x.float() if isinstance(x, torch.Tensor) and x.dtype in low else x for k, x in kwargs.items()}
+    n_in = len(args) + len(kwargs)
+    input_names = input_names or (["input"] if n_in == 1 and args else
+                                  [*(f"input_{i}" for i in range(len(args))), *kwargs])
     try:
-        with torch.no_grad():
-            out = m(*inputs)
+        with torch.no_grad(), no_fastpath():
+            out = m(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError) as err:  # the example input does not fit the model
         raise InputError(f"the model does not run on the example input ({type(err).__name__}: "
                          f"{' '.join(str(err).split())[:200]})",
-                         hint="give a batch shaped as the model's training data") from err
-    n_out = len(out) if isinstance(out, (tuple, list)) else 1
-    output_names = output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+                         hint="give a batch shaped as the model's training data; several inputs as a tuple, "
+                         "keyword inputs as a dict") from err
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    n_out = len(leaves)
+    if output_names is None:  # a dict's keys where it returns a flat dict of tensors
+        flat_dict = isinstance(out, Mapping) and len(out) == n_out
+        output_names = list(map(str, out)) if flat_dict else \
+            ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), no_fastpath():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         try:
-            torch.onnx.export(m, inputs, buf, dynamo=False, opset_version=opset, input_names=input_names,
-                              output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
+            torch.onnx.export(m, args, buf, kwargs=kwargs or None, dynamo=False, opset_version=opset,
+                              input_names=input_names, output_names=output_names, dynamic_axes=axes,
+                              do_constant_folding=True)
         except (torch.onnx.errors.OnnxExporterError, RuntimeError) as err:  # an opset it has no form for, ...
             raise InputError(f"torch.onnx.export failed at opset {opset}: {' '.join(str(err).split())[:200]}",
                              hint="use an opset torch supports (13-20)") from err

@@ -7,12 +7,21 @@
 Layers are swapped module by module. The residual quantizers need the model's graph: the model
 is traced with torch.fx (our quantized layers and quantizers kept as leaves); a model that
 cannot be traced keeps its Adds in floating point, with a warning.
+
+A trace records one branch of every ``if`` it meets, and ``self.training`` is a plain bool to it:
+traced in train mode, a functional dropout or a BatchNorm subclass written with
+``F.batch_norm(..., self.training, ...)`` would stay in its training behaviour after ``eval()``
+(in calibration, in the export). So every module whose own forward reads ``self.training``
+(timm's DropPath and BatchNormAct2d, custom dropouts) is kept as a leaf, called as itself, and the
+model is traced in both modes: where the two graphs differ (the model's own forward reads it),
+the trace is not used (residual Adds stay in floating point, with a warning).
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import logging
 import operator
 from collections.abc import Iterator
@@ -29,7 +38,14 @@ from quantkit.qat.quantizer import TensorQuantizer
 
 log = logging.getLogger(__name__)
 
+#: BatchNorm classes (exact types: a subclass may compute more, e.g. timm's BatchNormAct2d applies
+#: its activation too, and is neither folded nor looked through)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def is_plain_batchnorm(m: object) -> bool:
+    """True for PyTorch's own BatchNorm1d/2d/3d (not a subclass of them)."""
+    return type(m) in _BN
 
 
 @dataclass(frozen=True)
@@ -74,9 +90,28 @@ class QatConfig:
         check_num_bins(self.num_bins)
 
 
+def _reads_training(cls: type) -> bool:
+    """True when ``cls``'s own forward (or one it inherits from outside torch.nn) mentions
+    ``self.training``."""
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.") or "forward" not in vars(klass):
+            continue
+        try:
+            source = inspect.getsource(vars(klass)["forward"])
+        except (OSError, TypeError):  # no source (a C extension, an interactive session)
+            continue
+        return "self.training" in source
+    return False
+
+
 class _Tracer(torch.fx.Tracer):
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self.root_ = root
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QuantMixin, TensorQuantizer)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (QuantMixin, TensorQuantizer)) or super().is_leaf_module(m, qualname) or \
+            (m is not self.root_ and _reads_training(type(m)))
 
 
 def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool = False) -> nn.Module:
@@ -93,6 +128,10 @@ def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool 
                          hint="pass the model object (load a checkpoint into it first)")
     if not isinstance(config, QatConfig):
         raise InputError(f"config must be a QatConfig, got {type(config).__name__}")
+    if any(isinstance(m, QuantMixin) for m in model.modules()):
+        raise ModelError(f"{type(model).__name__} is already prepared (it has quantized layers)",
+                         hint="prepare the original float model once; to change the config, prepare it again "
+                         "from the float model")
     target = model if inplace else copy.deepcopy(model)
     swapped = _swap_layers(target, config)
     if not swapped:
@@ -106,6 +145,7 @@ def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool 
         traced = _with_residual_quantizers(target, config)
         if traced is not None:
             target = traced
+    _say_left_in_float(target, config)
     _name_quantizers(target)
     target.qat_config_ = config  # what calibrate applies unless told otherwise
     bank = WeightBank(distributed=config.weight_bank_distributed)  # on CUDA, every weight fake-quantized in one launch a step
@@ -138,23 +178,58 @@ def _swap_layers(model: nn.Module, config: QatConfig) -> list[str]:
     return swapped
 
 
-def _with_residual_quantizers(model: nn.Module, config: QatConfig) -> nn.Module | None:
+def _say_left_in_float(model: nn.Module, config: QatConfig) -> None:
+    """Warn about the layers ``prepare`` cannot quantize: nn.MultiheadAttention (PyTorch computes
+    its projections in ``F.multi_head_attention_forward`` from its parameters, not through its
+    Linear modules) and subclasses of the quantizable layers (their forward is their own)."""
+    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                 and not _disabled(n, m, config)]
+    inside = tuple(f"{n}." for n in attention)
+    others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+              if _is_layer(m) and not isinstance(m, QuantMixin) and type(m) not in QUANT_TYPES
+              and not n.startswith(inside) and not _disabled(n, m, config)]
+    if attention:
+        log.warning("%d nn.MultiheadAttention module(s) stay in floating point (%s): PyTorch computes their "
+                    "projections from their parameters, not through Linear layers (quantkit calibrate on the exported "
+                    "ONNX model quantizes their MatMuls); in eval mode without gradients PyTorch's fused fast path "
+                    "also skips the quantized Linear layers of an nn.TransformerEncoderLayer: quantkit turns it off "
+                    "while it calibrates and exports, torch.backends.mha.set_fastpath_enabled(False) does for your "
+                    "own evaluation", len(attention),
+                    ", ".join(attention[:3]) + (", ..." if len(attention) > 3 else ""))
+    if others:
+        log.warning("%d layer(s) subclassing Conv/Linear with their own forward stay in floating point: %s",
+                    len(others), ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))
+
+
+def _traced(model: nn.Module, training: bool) -> torch.fx.Graph:
+    was_training = model.training
     try:
-        graph = _Tracer().trace(model)
-    except Exception as err:  # noqa: BLE001 - any tracing failure means: no residual quantizers
+        model.train(training)
+        return _Tracer(model).trace(model)
+    finally:
+        model.train(was_training)
+
+
+def _with_residual_quantizers(model: nn.Module, config: QatConfig) -> nn.Module | None:
+    def untraceable(why: str) -> None:
         log.warning("%s cannot be traced by torch.fx (%s); residual Adds stay in floating point",
-                    type(model).__name__, str(err).splitlines()[0] if str(err) else type(err).__name__)
+                    type(model).__name__, why)
+
+    try:
+        graph = _traced(model, False)
+    except Exception as err:  # noqa: BLE001 - any tracing failure means: no residual quantizers
+        untraceable(str(err).splitlines()[0] if str(err) else type(err).__name__)
         return None
-    gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm = _graph_module(model, graph)
     modules = dict(gm.named_modules())
 
     def from_conv(node: torch.fx.Node) -> bool:
-        while node.op == "call_module" and isinstance(modules.get(str(node.target)), _BN):
+        while node.op == "call_module" and is_plain_batchnorm(modules.get(str(node.target))):
             node = node.args[0]  # type: ignore[assignment]
         return node.op == "call_module" and isinstance(modules.get(str(node.target)), QuantMixin)
 
-    added = 0
-    for node in list(gm.graph.nodes):
+    joins = []  # (Add node, its residual operand)
+    for node in gm.graph.nodes:
         is_add = (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)) or \
                  (node.op == "call_method" and node.target in ("add", "add_"))
         if not is_add or len(node.args) < 2:
@@ -162,19 +237,65 @@ def _with_residual_quantizers(model: nn.Module, config: QatConfig) -> nn.Module 
         a, b = node.args[0], node.args[1]
         if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
             continue
-        if from_conv(a) == from_conv(b):
-            continue  # both or neither from a convolution: not a residual join
-        residual = b if from_conv(a) else a
+        if from_conv(a) != from_conv(b):  # one operand from a convolution: a residual join
+            joins.append((node, b if from_conv(a) else a))
+    if not joins:
+        return None  # the model keeps its own class, forward and attributes
+    try:  # a trace keeps one mode's branches: used only where both modes trace alike
+        same = str(_traced(model, True)) == str(graph)
+    except Exception:  # noqa: BLE001
+        same = False
+    if not same:
+        untraceable("its forward reads self.training, and a trace would keep one mode's behaviour")
+        return None
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    for added, (node, residual) in enumerate(joins):
         qname = f"residual_quantizer_{added}"
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         gm.add_submodule(qname, TensorQuantizer(num_bins=config.num_bins).to(device))
         with gm.graph.inserting_before(node):
             q = gm.graph.call_module(qname, (residual,))
         node.replace_input_with(residual, q)
-        added += 1
+    added = len(joins)
     gm.graph.lint()
     gm.recompile()
     log.info("%d residual Add inputs quantized", added)
+    return _keeping_model_surface(gm, model)
+
+
+def _graph_module(model: nn.Module, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """The traced ``model`` as a GraphModule that is also an instance of ``model``'s class (its
+    methods answer: a YOLO's ``predict``; ``isinstance`` holds); a plain GraphModule where the two
+    classes cannot be combined. The forward is the traced one (GraphModule installs it on a class
+    of its own, first in the order)."""
+    name = type(model).__name__
+
+    def init(self: torch.fx.GraphModule, root: nn.Module, g: torch.fx.Graph, class_name: str = name) -> None:
+        torch.fx.GraphModule.__init__(self, root, g, class_name)  # not the model's own __init__
+
+    try:  # the model's class first: GraphModule's super().__init__() is then nn.Module's
+        cls = type(name, (type(model), torch.fx.GraphModule), {"__init__": init, "__module__": type(model).__module__})
+        return cls(model, graph)
+    except Exception as err:  # noqa: BLE001 - a layout or metaclass conflict: a plain GraphModule
+        log.info("the prepared model is a GraphModule, not a %s (%s)", name, err)
+        return torch.fx.GraphModule(model, graph, class_name=name)
+
+
+def _keeping_model_surface(gm: torch.fx.GraphModule, model: nn.Module) -> torch.fx.GraphModule:
+    """``gm`` with the attributes of ``model`` its trace left out: plain attributes (``stride``,
+    ``names``, a transformer's ``config``) and the parameters, buffers and child modules its
+    forward does not read (anchors)."""
+    for name, value in vars(model).items():
+        if not name.startswith("_") and name not in vars(gm) and not callable(value):
+            setattr(gm, name, value)
+    for name, b in model.named_buffers(recurse=False):
+        if not hasattr(gm, name):
+            gm.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+    for name, p in model.named_parameters(recurse=False):
+        if not hasattr(gm, name):
+            gm.register_parameter(name, p)
+    for name, child in model.named_children():
+        if not hasattr(gm, name):
+            gm.add_module(name, child)
     return gm
 
 

@@ -87,7 +87,9 @@ def test_debug_and_rank_a_qat_export_against_its_float_twin(exported, capsys):
     assert "unsigned" not in capsys.readouterr().err
 
 
-def test_debug_against_the_original_modules_export_says_how_to_get_the_twin(exported, tmp_path, capsys):
+def test_a_model_without_residual_joins_is_not_traced_so_its_own_export_pairs(exported, tmp_path, capsys):
+    """Net's Add joins no convolution output: prepare keeps the model itself (no fx trace, whose
+    flattened names did not pair with the module's own export), and debug pairs the two."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -95,7 +97,7 @@ def test_debug_against_the_original_modules_export_says_how_to_get_the_twin(expo
                           output_names=["output"], dynamo=False, opset_version=17)
     rc = main(["debug", str(tmp_path / "orig.onnx"), str(exported / "qat.onnx"), "--npz", str(exported / "d.npz"),
                "--no-progress", "-o", str(tmp_path / "dbg")])
-    assert rc == 2 and "quantized=False" in capsys.readouterr().err
+    assert rc == 0, capsys.readouterr().err
 
 
 def test_a_half_precision_model_exports_in_float32(tmp_path):

@@ -1,0 +1,154 @@
+"""The QAT route on model shapes users bring (the twenty-sixth session's QAT probe): BatchNorm
+subclasses, forwards that read self.training, the transformer fast path, several inputs, dict
+examples and outputs, a prepared model's own attributes."""
+
+import logging
+
+import onnx
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import quantkit.qat as qq  # noqa: E402
+from quantkit.errors import DatasetError, ModelError  # noqa: E402
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d shape: BatchNorm, then its activation, in its own forward."""
+
+    def forward(self, x):  # noqa: ANN001
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                   self.training, 0.1, self.eps))
+
+
+def test_a_batchnorm_subclass_keeps_its_activation_in_the_export(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct(8), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    m[1].running_mean.normal_()
+    x = torch.randn(4, 3, 16, 16)
+    q = qq.prepare(m, inplace=True)
+    qq.calibrate(q, [x])
+    path = qq.export_onnx(q, tmp_path / "m.onnx", x)
+    got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = q(x).numpy()
+    assert abs(got - want).max() < 1e-4  # it dropped the ReLU: 1.5 apart
+    assert any(n.op_type == "Relu" for n in onnx.load(str(path)).graph.node)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+        self.stride = 8
+        self.register_buffer("anchors", torch.ones(3))
+
+    def forward(self, x):  # noqa: ANN001
+        y = F.relu(self.a(x))
+        y = F.relu(self.b(y) + y)
+        return self.fc(F.dropout(y.mean((2, 3)), 0.5, training=self.training))
+
+    def predict(self, x):  # noqa: ANN001
+        return self(x).argmax(1)
+
+
+def test_a_forward_that_reads_self_training_is_not_frozen_in_one_mode(caplog):
+    torch.manual_seed(0)
+    data = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    amax = []
+    for mode in (True, False):
+        m = Residual()
+        torch.manual_seed(1)
+        m.load_state_dict(Residual().state_dict())
+        with caplog.at_level(logging.WARNING, logger="quantkit.qat.prepare"):
+            q = qq.prepare(m.train(mode))
+        qq.calibrate(q, data, method="minmax")
+        amax.append(q.fc.input_quantizer.amax.item())
+        q.eval()
+        x = torch.randn(2, 3, 8, 8)
+        assert torch.equal(q(x), q(x))  # eval is deterministic
+        q.train()
+        assert not torch.equal(q(x), q(x))  # dropout runs in training
+    assert amax[0] == pytest.approx(amax[1])  # calibration ran without dropout either way (it was 2x)
+    assert "self.training" in caplog.text
+
+
+def test_modules_reading_self_training_are_leaves_and_the_model_keeps_its_surface():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.d = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):  # noqa: ANN001
+            return self.d(self.c(x)) + x
+
+    class Net(Residual):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blk, self.a = Block(), nn.Conv2d(3, 4, 3, padding=1)
+            self.b, self.fc = nn.Identity(), nn.Linear(4, 4)
+
+        def forward(self, x):  # noqa: ANN001
+            y = self.blk(F.relu(self.a(x)))
+            return self.fc(y.mean((2, 3)))
+
+    q = qq.prepare(Net())
+    assert any(n.startswith("residual_quantizer") for n, _ in q.named_modules())
+    assert isinstance(q, Net) and q.stride == 8 and torch.equal(q.anchors, torch.ones(3))
+    qq.calibrate(q, [torch.randn(4, 3, 8, 8)])
+    assert q.predict(torch.randn(2, 3, 8, 8)).shape == (2,)
+
+
+def test_the_transformer_fast_path_does_not_skip_calibration(tmp_path):
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1, enable_nested_tensor=False)
+    q = qq.prepare(nn.Sequential(nn.Linear(8, 16), enc, nn.Linear(16, 4)).eval())
+    qq.calibrate(q, [torch.randn(16, 10, 8)])
+    assert all(qz.calibrated for _, qz in qq.quantizers(q, inputs_only=True))  # linear1/linear2 were skipped
+    qq.export_onnx(q, tmp_path / "t.onnx", torch.randn(2, 10, 8))
+
+
+class Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x, y):  # noqa: ANN001
+        return {"feat": self.a(x), "logits": self.b(y)}
+
+
+def test_several_inputs_dict_examples_and_dict_outputs(tmp_path):
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    q = qq.prepare(Two())
+    qq.calibrate(q, [((x, y), torch.zeros(8))])
+    assert qq.quantizer_errors(q, [{"x": x, "y": y}])
+    with pytest.raises(DatasetError, match="does not take the batch's inputs"):
+        qq.calibrate(qq.prepare(Two()), [(x, y)])  # (x, y) reads as (inputs, labels)
+    for example in ({"x": x[:2], "y": y[:2]}, (x[:2], {"y": y[:2]})):
+        path = qq.export_onnx(q, tmp_path / "two.onnx", example)
+        model = onnx.load(str(path))
+        assert [o.name for o in model.graph.output] == ["feat", "logits"]
+
+
+def test_preparing_twice_says_so():
+    q = qq.prepare(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ModelError, match="already prepared"):
+        qq.prepare(q)
+
+
+def test_attention_left_in_float_is_named(caplog):
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.att = nn.Linear(8, 16), nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):  # noqa: ANN001
+            h = self.inp(x)
+            return self.att(h, h, h)[0]
+
+    with caplog.at_level(logging.WARNING, logger="quantkit.qat.prepare"):
+        qq.prepare(M())
+    assert "MultiheadAttention" in caplog.text and "att" in caplog.text
