@@ -94,13 +94,18 @@ def _check_call(model: nn.Module, call: Call) -> None:
                            "or a dict of the forward's arguments for a model of several inputs") from None
 
 
+def _call_on(batch: Any, device: torch.device) -> Call:
+    """``batch``'s model call (``_inputs``), its tensors moved to ``device``."""
+    args, kwargs = _inputs(batch)
+    return _to(args, device), _to(kwargs, device)
+
+
 def run_batch(model: nn.Module, batch: Any, device: torch.device, *, check: bool = False) -> Any:
     """``model`` called on ``batch``'s inputs (``_inputs``), moved to ``device``."""
-    args, kwargs = _inputs(batch)
-    call = (_to(args, device), _to(kwargs, device))
+    args, kwargs = _call_on(batch, device)
     if check:
-        _check_call(model, call)
-    return model(*call[0], **call[1])
+        _check_call(model, (args, kwargs))
+    return model(*args, **kwargs)
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -108,8 +113,8 @@ def _to(x: Any, device: torch.device) -> Any:
         return x.to(device, non_blocking=True)
     if isinstance(x, Mapping):
         return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to(v, device) for v in x) if type(x) in (list, tuple) else x
+    if type(x) in (list, tuple):  # (not a namedtuple's own type)
+        return type(x)(_to(v, device) for v in x)
     return x
 
 
@@ -179,8 +184,7 @@ def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None 
     try:
         try:
             for batch in loader:
-                args, kwargs = _inputs(batch)
-                args, kwargs = _to(args, device), _to(kwargs, device)
+                args, kwargs = _call_on(batch, device)
                 if count == 0:
                     _check_call(model, (args, kwargs))
                 if not agreed:  # the ranks agree on where each histogram's grid starts

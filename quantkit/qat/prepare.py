@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import inspect
 import logging
 import operator
@@ -90,6 +91,7 @@ class QatConfig:
         check_num_bins(self.num_bins)
 
 
+@functools.lru_cache(maxsize=None)  # a trace asks for every module, twice (both modes): one read of a class's source
 def _reads_training(cls: type) -> bool:
     """True when ``cls``'s own forward (or one it inherits from outside torch.nn) mentions
     ``self.training``."""
@@ -105,13 +107,9 @@ def _reads_training(cls: type) -> bool:
 
 
 class _Tracer(torch.fx.Tracer):
-    def __init__(self, root: nn.Module) -> None:
-        super().__init__()
-        self.root_ = root
-
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (QuantMixin, TensorQuantizer)) or super().is_leaf_module(m, qualname) or \
-            (m is not self.root_ and _reads_training(type(m)))
+            (m is not self.root and _reads_training(type(m)))  # (``trace`` sets ``root``)
 
 
 def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool = False) -> nn.Module:
@@ -205,7 +203,7 @@ def _traced(model: nn.Module, training: bool) -> torch.fx.Graph:
     was_training = model.training
     try:
         model.train(training)
-        return _Tracer(model).trace(model)
+        return _Tracer().trace(model)
     finally:
         model.train(was_training)
 
@@ -220,8 +218,7 @@ def _with_residual_quantizers(model: nn.Module, config: QatConfig) -> nn.Module 
     except Exception as err:  # noqa: BLE001 - any tracing failure means: no residual quantizers
         untraceable(str(err).splitlines()[0] if str(err) else type(err).__name__)
         return None
-    gm = _graph_module(model, graph)
-    modules = dict(gm.named_modules())
+    modules = dict(model.named_modules())  # the names the graph's calls use
 
     def from_conv(node: torch.fx.Node) -> bool:
         while node.op == "call_module" and is_plain_batchnorm(modules.get(str(node.target))):
@@ -229,7 +226,7 @@ def _with_residual_quantizers(model: nn.Module, config: QatConfig) -> nn.Module 
         return node.op == "call_module" and isinstance(modules.get(str(node.target)), QuantMixin)
 
     joins = []  # (Add node, its residual operand)
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         is_add = (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)) or \
                  (node.op == "call_method" and node.target in ("add", "add_"))
         if not is_add or len(node.args) < 2:
@@ -237,8 +234,9 @@ def _with_residual_quantizers(model: nn.Module, config: QatConfig) -> nn.Module 
         a, b = node.args[0], node.args[1]
         if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
             continue
-        if from_conv(a) != from_conv(b):  # one operand from a convolution: a residual join
-            joins.append((node, b if from_conv(a) else a))
+        a_conv = from_conv(a)
+        if a_conv != from_conv(b):  # one operand from a convolution: a residual join
+            joins.append((node, b if a_conv else a))
     if not joins:
         return None  # the model keeps its own class, forward and attributes
     try:  # a trace keeps one mode's branches: used only where both modes trace alike
@@ -248,17 +246,17 @@ def _with_residual_quantizers(model: nn.Module, config: QatConfig) -> nn.Module 
     if not same:
         untraceable("its forward reads self.training, and a trace would keep one mode's behaviour")
         return None
+    gm = _graph_module(model, graph)  # it holds ``graph`` itself: the joins' nodes are its nodes
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    for added, (node, residual) in enumerate(joins):
-        qname = f"residual_quantizer_{added}"
+    for i, (node, residual) in enumerate(joins):
+        qname = f"residual_quantizer_{i}"
         gm.add_submodule(qname, TensorQuantizer(num_bins=config.num_bins).to(device))
         with gm.graph.inserting_before(node):
             q = gm.graph.call_module(qname, (residual,))
         node.replace_input_with(residual, q)
-    added = len(joins)
     gm.graph.lint()
     gm.recompile()
-    log.info("%d residual Add inputs quantized", added)
+    log.info("%d residual Add inputs quantized", len(joins))
     return _keeping_model_surface(gm, model)
 
 
