@@ -24,6 +24,7 @@ import errno
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import InputError, OutputExistsError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "quantkit-manifest.json"
 
@@ -620,6 +623,10 @@ def _commit_in_place(staging: Path, out: Path, doc: dict[str, Any]) -> None:
             os.replace(staging / name, target)
         _fsync_dir(out)
         write_json_atomic(out / MANIFEST, doc)
+    if stale:  # (a demo's --keep-images folder a later run without it does not write, say)
+        tops = sorted({Path(n).parts[0] + ("/" if len(Path(n).parts) > 1 else "") for n in stale})
+        log.warning("%s: removed %d file(s) an earlier quantkit run wrote there and this one does not (%s)", out,
+                    len(stale), ", ".join(tops[:5]) + (", ..." if len(tops) > 5 else ""))
     emptied: set[Path] = set()
     for name in stale:
         with contextlib.suppress(OSError):

@@ -87,6 +87,15 @@ class CompareReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     #: graph outputs that are not tensors (sequences, maps), left out of the figures
     not_compared: list[str] = field(default_factory=list)
+    #: classes of the labelled output (its axis 1), where accuracy was measured
+    classes: int | None = None
+
+    @property
+    def chance_level(self) -> bool:
+        """The reference scores no better than chance on the labels, with at least two samples a
+        class: labels of other classes (folders named or ordered after another model's)."""
+        return (self.accuracy_reference is not None and self.classes is not None and self.classes >= 2
+                and self.num_samples >= 2 * self.classes and self.accuracy_reference <= 1.0 / self.classes)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,6 +107,10 @@ class CompareReport:
         lines = [f"{self.test} vs {self.reference} on {self.num_samples} samples"]
         if self.accuracy_reference is not None:
             lines.append(f"  accuracy: reference {self.accuracy_reference:.4f}  test {self.accuracy_test:.4f}")
+            if self.chance_level:
+                lines.append(f"  note: the reference scores no better than chance (1 in {self.classes}) on these labels: "
+                             "they do not look like the labels of the model's classes (check the class folders' "
+                             "names and order), so both accuracies mean nothing; the agreement figures hold")
         w = min(NAME_WIDTH[1], max([NAME_WIDTH[0], *(len(m.name) for m in self.outputs)]))
         lines.append(f"  {'output':<{w}} {'top-1 agree':>11} {'cos mean':>9} {'cos min':>8} {'SQNR dB':>8} {'max abs err':>11}")
         for m in self.outputs:
@@ -139,11 +152,11 @@ class CompareReport:
                              "trusting the figure")
         for m in self.outputs:
             if m.top1_few_values:
-                lines.append(f"  note: {m.name!r}'s top-1 agreement is the argmax of its few values a sample, which no "
+                lines.append(f"  note: output {m.name!r}: its top-1 agreement is the argmax of its few values a sample, which no "
                              "Softmax writes: it means something only if they are class scores, not figures (scores, "
                              "a box); its SQNR holds either way (--max-drop's default metric for it)")
             if m.top1_per_position:
-                lines.append(f"  note: {m.name!r}'s top-1 agreement is per position: the argmax of its last axis (the "
+                lines.append(f"  note: output {m.name!r}: its top-1 agreement is per position: the argmax of its last axis (the "
                              "classes of a Softmax or of a linear layer's logits) at each position before it, as a "
                              "recogniser's time steps; near ties flip where the SQNR reads high")
             if m.shape_differs:
@@ -369,6 +382,7 @@ def compare_runners(
     per_position = set(getattr(reference, "last_axis_classes", ()))
     stats = {name: _OutputStats(name, name in per_position) for name in reference.output_names}
     correct_ref = correct_test = labelled = 0
+    classes: int | None = None
     samples = 0
     first_out = label_output if label_output in reference.output_names else reference.output_names[0]
     for batch, ref_out, test_out in side_by_side(reference, test, batches):
@@ -377,6 +391,7 @@ def compare_runners(
             st.update(ref_out[name], test_out[name])
         if batch.labels is not None and ref_out[first_out].ndim == 2 and ref_out[first_out].shape[1] > 1:
             labelled += n
+            classes = int(ref_out[first_out].shape[1])
             correct_ref += int((ref_out[first_out].argmax(1) == batch.labels).sum())
             correct_test += int((test_out[first_out].argmax(1) == batch.labels).sum())
         samples += n
@@ -396,4 +411,5 @@ def compare_runners(
         correct_test / labelled if labelled else None,
         skipped,
         list(getattr(reference, "non_tensor_outputs", ())),
+        classes if labelled else None,
     )

@@ -107,8 +107,10 @@ class Calibrate:
                        help="unit of --max-drop: accuracy (points, needs labels), top1-agreement (100 - %% agreeing "
                             "with FP32), sqnr (100 x noise/signal: 1 = 20 dB; of an output a Concat joins, its worst part's), "
                             "cosine (100 x (1 - mean cosine)); "
-                            "default accuracy when the data has labels, else top1-agreement; sqnr for an output that is not "
-                            "[N, classes] of two classes or more")
+                            "default: accuracy when the data has labels, else top1-agreement, for an output of shape [N, classes] "
+                            "(two classes or more); cosine for an L2-normalized embedding; sqnr otherwise: another "
+                            "rank, a named axis 1 ([N, T]), per-position classes ([N, T, classes]), or fewer than 10 "
+                            "values a sample that no Softmax writes (scores, a box) without labels")
         b.add_argument("--max-float-groups", type=non_negative_int, metavar="N",
                        help="with --max-drop: at most N quantization groups in float (default: no limit)")
         b.add_argument("--subset", type=positive_int, default=32, metavar="N",
@@ -125,7 +127,7 @@ class Calibrate:
                        help="keep the --top K most sensitive quantization groups of a saved ranking in float: "
                             "sensitivity.json of --max-drop, or debug.json of `quantkit debug --rank`")
         b.add_argument("--top", type=positive_int, metavar="K", help="with --exclude-from: how many groups")
-        add_data_args(parser, num_images_help=f"calibrate on the first N samples (default {DEFAULT_CALIBRATION_IMAGES}; "
+        add_data_args(parser, num_images_help=f"calibrate on the first N samples, or all (default {DEFAULT_CALIBRATION_IMAGES}; "
                       "the rest are held out for --eval-images)")
         add_preprocess_args(parser)
 

@@ -78,6 +78,15 @@ def positive_int(text: str) -> int:
     return v
 
 
+#: ``--num-images all``: every sample
+ALL_SAMPLES = -1
+
+
+def count_or_all(text: str) -> int:
+    """A positive number, or ``all`` (``ALL_SAMPLES``)."""
+    return ALL_SAMPLES if text.strip().lower() == "all" else positive_int(text)
+
+
 def thread_count(text: str) -> int:
     """``--threads``: a positive number, at most ``max_threads()`` (4 a core, at least 64)."""
     from quantkit.backends.onnxruntime import max_threads
@@ -134,7 +143,7 @@ def add_data_args(parser: argparse.ArgumentParser, *, required: bool = True,
                    "repeatable")
     g.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch (default 32; "
                    "a model with a fixed batch size uses its own)")
-    g.add_argument("--num-images", type=positive_int, default=None, metavar="N", help=num_images_help)
+    g.add_argument("--num-images", type=count_or_all, default=None, metavar="N", help=num_images_help)
     g.add_argument("--order", choices=["spread", "sorted", "shuffle"], default="spread",
                    help="sample order: spread = a seeded sample spread over the class folders (or sub-folders, "
                    "or .npz labels) in proportion to their sizes; sorted = files in sorted order (the first "
@@ -396,6 +405,8 @@ def select(source: Any, args: argparse.Namespace, *, what: str = "samples", defa
     from quantkit.datasets import draw_sample
 
     count, n = len(source), args.num_images
+    if n == ALL_SAMPLES:
+        n = count
     if n is not None and n > count:
         raise InputError(f"--num-images {n} asks for more {what} than the data has ({count})",
                          hint=f"pass --num-images {count} or less, or omit it")
@@ -450,13 +461,47 @@ def ranking_progress(*, disable: bool = False) -> Iterator[Any]:
             state["bar"].close()
 
 
+class _LoggedProgress:
+    """A progress bar's calls (``update``, ``set_description_str``) where stderr is not a terminal
+    (a log file, a pipe): a line there at most every ``RANK_LOG_SECONDS``, so a long run in a log
+    does not look hung; nothing for a run shorter than that."""
+
+    def __init__(self, total: int, desc: str, unit: str) -> None:
+        import time
+
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self._clock = time.monotonic
+        self.start = self.said = self._clock()
+
+    def _maybe_say(self) -> None:
+        now = self._clock()
+        if now - self.said >= RANK_LOG_SECONDS:
+            self.said = now
+            print(f"{self.desc}: {self.n} of {self.total} {self.unit} ({now - self.start:.0f} s)", file=sys.stderr,
+                  flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._maybe_say()
+
+    def set_description_str(self, desc: str) -> None:
+        self.desc = desc
+        self._maybe_say()
+
+    def close(self) -> None:
+        pass
+
+
 @contextmanager
 def progress(total: int, desc: str, *, disable: bool = False, unit: str = "img") -> Iterator[Any]:
-    """A tqdm bar on stderr (hidden when stderr is not a terminal, or with --no-progress)."""
+    """A tqdm bar on stderr; where stderr is not a terminal, a line there at most every
+    ``RANK_LOG_SECONDS`` (``_LoggedProgress``); nothing with ``disable`` (--no-progress)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=True if disable else None,
-               dynamic_ncols=True, leave=False)
+    bar: Any = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=True if disable else None,
+                    dynamic_ncols=True, leave=False)
+    if bar.disable and not disable:
+        bar = _LoggedProgress(total, desc, unit)
     try:
         yield bar
     finally:

@@ -55,7 +55,7 @@ class QatDemo:
             else:
                 out = staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quantkit-qat-")))
             lines = args.no_progress or not sys.stderr.isatty()  # no bar: a line every 10 epochs (a log looked hung)
-            with progress(args.epochs, "FP32 training", disable=args.no_progress, unit="epoch") as bar:
+            with progress(args.epochs, "FP32 training", disable=lines, unit="epoch") as bar:  # (its own lines)
                 def on_epoch(e: int, acc: float) -> None:
                     bar.update(1)
                     if lines and (e % 10 == 0 or e == 1) and e < args.epochs:

@@ -96,7 +96,7 @@ def cast_for_input(arr: np.ndarray, dtype: np.dtype | str, *, name: str, where: 
             if have.itemsize > want.itemsize and noted is not None and name not in noted and said not in _SAID:
                 noted.add(name)
                 _SAID.add(said)
-                log.warning("note: input %r: %s data cast to %s, as the model declares (first seen in %s)", name,
+                log.warning("input %r: %s data cast to %s, as the model declares (first seen in %s)", name,
                             have, want, where)
             return out
         limit = _EXACT_INT_IN_FLOAT[want] if want in _EXACT_INT_IN_FLOAT else 2**24
@@ -106,7 +106,7 @@ def cast_for_input(arr: np.ndarray, dtype: np.dtype | str, *, name: str, where: 
         if src == "int" and noted is not None and name not in noted and said not in _SAID:
             noted.add(name)
             _SAID.add(said)  # 0-255 pixels into a model that expects 0-1 (a forgotten /255) calibrate without error
-            log.warning("note: input %r: %s data (values %s..%s) fed as %s values as they are (first seen in %s); "
+            log.warning("input %r: %s data (values %s..%s) fed as %s values as they are (first seen in %s); "
                         "scale it first if the model expects another range (pixels / 255)", name, have,
                         arr.min(), arr.max(), want, where)
         return arr.astype(want)

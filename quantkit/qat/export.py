@@ -127,6 +127,16 @@ def check_calibrated(model: nn.Module) -> None:
                                      hint="run quantkit.qat.calibrate(model, loader) before exporting")
 
 
+def _untraceable(err: BaseException) -> InputError:
+    """The error for the model's forward failing inside torch.onnx.export's trace (it ran on the
+    example before: transformers 5's BERT, "got multiple values for keyword argument 'use_cache'")."""
+    return InputError(f"torch.onnx.export could not trace the model's forward on the example input "
+                      f"({type(err).__name__}): {' '.join(str(err).split())[:200]}",
+                      hint="give the example as the forward takes it (a tensor, a tuple of positional inputs, a dict "
+                           "of keyword inputs, or (x, {...})); the same error with quantized=False means the model "
+                           "does not export as it is (a TorchScript-tracing limit)")
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: Any, *, dynamic_batch: bool = True,
                 opset: int = 17, input_names: list[str] | None = None, output_names: list[str] | None = None,
                 quantized: bool = True) -> Path:
@@ -202,9 +212,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
             torch.onnx.export(m, args, buf, kwargs=kwargs or None, dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names, dynamic_axes=axes,
                               do_constant_folding=True)
-        except (torch.onnx.errors.OnnxExporterError, RuntimeError) as err:  # an opset it has no form for, ...
+        except (torch.onnx.errors.OnnxExporterError, RuntimeError) as err:
+            if not isinstance(err, torch.onnx.errors.OnnxExporterError) and "opset" not in str(err).lower():
+                raise _untraceable(err) from err
+            # an op or opset it has no form for ("Unsupported onnx_opset_version: 99")
             raise InputError(f"torch.onnx.export failed at opset {opset}: {' '.join(str(err).split())[:200]}",
                              hint="use an opset torch supports (13-20)") from err
+        except (TypeError, ValueError) as err:
+            raise _untraceable(err) from err
     proto = onnx.load_from_string(buf.getvalue())
     try:  # with type inference: a file that ONNX Runtime or TensorRT would refuse is not written
         onnx.checker.check_model(proto, full_check=True)

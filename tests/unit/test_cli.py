@@ -304,3 +304,12 @@ def test_an_eval_dir_that_is_the_calibration_folder_is_said_and_not_called_held_
                      "--eval-images", "16", "--eval-dir", str(ev), "--method", "minmax", "-o", str(out), *DIGITS]) == 0
         assert json.loads((out / "report.json").read_text())["held_out"] is False
     assert "is the calibration data:" in caplog.text and "is the calibration data (a folder inside it)" in caplog.text
+
+
+def test_num_images_all_calibrates_on_every_sample(tmp_path):
+    """`--num-images all` (the merge-stats recipe: each machine calibrates on every image of its part)."""
+    x = np.random.default_rng(0).normal(0, 1, (40, 1, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", image=x)
+    assert main(["calibrate", str(sample.model_path()), "--npz", str(tmp_path / "c.npz"), "--num-images", "all",
+                 "--save-stats", str(tmp_path / "s.qkstats"), "-o", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "o" / "ranges.json").read_text())["num_samples"] == 40

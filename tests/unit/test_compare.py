@@ -276,7 +276,7 @@ def test_a_softmax_over_the_last_axis_of_a_sequence_gets_top1_per_position(opset
         return
     want = float(((x @ w).argmax(-1) == (x @ noisy).argmax(-1)).mean())
     assert 0.2 < want < 1.0 and m.top1_agreement == pytest.approx(want)
-    assert "'p''s top-1 agreement is per position" in report.table()
+    assert "output 'p': its top-1 agreement is per position" in report.table()
 
 
 
@@ -322,3 +322,18 @@ def test_the_table_tells_long_output_names_apart():
     assert shown[:3] == names[:3] and len(set(shown)) == 4
     assert shown[3].endswith("_tail:0") and shown[3].startswith("xxx") and len(shown[3]) == NAME_WIDTH[1]
     assert short_name("short", 24) == "short"
+
+
+def test_a_reference_at_chance_level_on_the_labels_is_said(pair, rng):
+    """Labels of other classes (folders of another model, shifted by one) make both accuracies
+    meaningless: the table says so where the reference scores no better than chance."""
+    ref_runner, test_runner = pair
+    x = rng.standard_normal((8 * C, K)).astype(np.float32)
+    right = ref_runner.infer({"x": x})["y"].argmax(1)
+    for labels, said in ((right, False), ((right + 1) % C, True)):
+        report = compare_runners(ref_runner, test_runner, batches_of(x, labels, [len(x)]))
+        assert report.classes == C
+        assert report.chance_level is said
+        assert ("no better than chance" in report.table()) is said
+    few = compare_runners(ref_runner, test_runner, batches_of(x[:C], (right[:C] + 1) % C, [C]))
+    assert not few.chance_level  # under two samples a class: chance says nothing

@@ -131,6 +131,8 @@ def test_the_rankings_of_max_drop_and_debug_say_their_progress_off_a_terminal(tm
     assert _calibrate_to_a_zero_budget(tmp_path, _model(), *flags) == 0
     err = capsys.readouterr().err
     assert ("ranking: 1 of 2 group(s) measured" in err) == lines, err
+    # the calibration pass and the evaluation's comparison say theirs too (a piped log looked hung)
+    assert ("calibrating: 64 of 64 img" in err) == lines and ("comparing: 32 of 32 img" in err) == lines, err
     assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "c.npz"), "-o", str(tmp_path / "p"),
                  "--threads", "1", "--no-progress"]) == 0  # (the budget of 0 left no Q/DQ pair in 'o')
     capsys.readouterr()

@@ -392,7 +392,7 @@ def test_results_are_written_before_anything_is_printed(project, tmp_path):
 
 # ------------------------------------------------------------------ 11. the demos
 @pytest.mark.slow  # two demo runs, one writing 1257 PNGs: ~35 s on two busy cores
-def test_demo_leaves_no_temporary_images(tmp_path, monkeypatch):
+def test_demo_leaves_no_temporary_images(tmp_path, monkeypatch, capsys):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
@@ -404,6 +404,14 @@ def test_demo_leaves_no_temporary_images(tmp_path, monkeypatch):
     assert main(["demo", "-o", str(tmp_path / "k"), "--keep-images", "--no-progress"]) == 0
     assert len(list((tmp_path / "k" / "images" / "train").rglob("*.png"))) == 1257
     assert "images/train/0/" in "".join(read_manifest(tmp_path / "k")["files"])
+    # --force without --keep-images: the earlier run's images go (quantkit's, unchanged), said in one line
+    mine = tmp_path / "k" / "images" / "mine.txt"
+    mine.write_text("the user's")
+    capsys.readouterr()
+    assert main(["demo", "-o", str(tmp_path / "k"), "--force", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "removed 1797 file(s) an earlier quantkit run wrote there and this one does not (images/)" in err, err
+    assert [p.name for p in (tmp_path / "k" / "images").iterdir()] == ["mine.txt"]  # never the user's
 
 
 def test_qat_demo_refuses_a_non_empty_folder(tmp_path, capsys):

@@ -152,3 +152,30 @@ def test_attention_left_in_float_is_named(caplog):
     with caplog.at_level(logging.WARNING, logger="quantkit.qat.prepare"):
         qq.prepare(M())
     assert "MultiheadAttention" in caplog.text and "att" in caplog.text
+
+
+class ForwardFailsWhenTraced(nn.Module):
+    """transformers 5's BERT under torch's TorchScript exporter: its forward raises a TypeError
+    ("got multiple values for keyword argument 'use_cache'") only while traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):  # noqa: ANN001
+        if torch.jit.is_tracing():
+            raise TypeError("forward() got multiple values for keyword argument 'use_cache'")
+        return self.fc(x)
+
+
+def test_a_forward_that_fails_in_the_exporter_is_one_readable_error(tmp_path):
+    from quantkit.errors import InputError
+
+    x = torch.randn(4, 8)
+    q = qq.prepare(ForwardFailsWhenTraced().eval())
+    qq.calibrate(q, [x])
+    with pytest.raises(InputError, match=r"could not trace the model's forward on the example input \(TypeError\): "
+                                         r".*'use_cache'") as err:
+        qq.export_onnx(q, tmp_path / "m.onnx", x)
+    assert "quantized=False" in err.value.hint
+    assert list(tmp_path.iterdir()) == []  # nothing written
