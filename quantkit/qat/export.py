@@ -93,6 +93,85 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
+#: a fold found by running the model is kept where the outputs after it agree with the ones before
+#: to this noise/signal (-40 dB; a fold is exact but for float rounding and the INT8 steps it may
+#: flip; a BatchNorm whose input is also read elsewhere moves an output by far more)
+RUN_FOLD_NOISE = 1e-4
+
+
+def fold_batchnorm_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Fold the BatchNorms that ``fold_batchnorm`` cannot see (a module that calls ``self.bn(
+    self.conv(x))`` in its own forward, in a model fx cannot trace or one ``prepare`` returned as
+    itself) into their convolutions, in place: one forward pass on the example finds each plain
+    BatchNorm called once on the very tensor a convolution (called once) returned, and the folds
+    are kept only where the model's outputs on the example then agree with its outputs before
+    (``RUN_FOLD_NOISE``; else each pair is tried alone and only those that agree are kept).
+    Returns how many were folded."""
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    convs = {n: m for n, m in model.named_modules() if _is_conv(m) and names[id(m)] == 1}
+    bns = {n: m for n, m in model.named_modules() if is_plain_batchnorm(m) and names[id(m)] == 1}
+    if not convs or not bns:
+        return 0
+    outs: dict[str, list[torch.Tensor]] = {n: [] for n in convs}
+    ins: dict[str, list[torch.Tensor]] = {n: [] for n in bns}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: outs[n].append(o)) for n, m in convs.items()]
+    hooks += [m.register_forward_hook(lambda _m, i, _o, n=n: ins[n].append(i[0] if i else None))
+              for n, m in bns.items()]
+    try:
+        with torch.no_grad(), no_fastpath():
+            before = _flat_outputs(model(*args, **kwargs))
+    finally:
+        for h in hooks:
+            h.remove()
+    by_output = {id(o[0]): n for n, o in outs.items() if len(o) == 1}
+    pairs = [(by_output[id(i[0])], b) for b, i in ins.items() if len(i) == 1 and id(i[0]) in by_output]
+    if not pairs:
+        return 0
+
+    def agrees() -> bool:
+        with torch.no_grad(), no_fastpath():
+            after = _flat_outputs(model(*args, **kwargs))
+        if len(after) != len(before):
+            return False
+        signal = sum(float((b.double() ** 2).sum()) for b in before)
+        noise = sum(float(((a.double() - b.double()) ** 2).sum()) for a, b in zip(after, before))
+        return noise <= RUN_FOLD_NOISE * signal
+
+    def fold(pair: tuple[str, str]) -> tuple[nn.Module, nn.Module, Any, Any]:
+        conv, bn = model.get_submodule(pair[0]), model.get_submodule(pair[1])
+        kept = (conv.weight, conv.bias)
+        _fold(conv, bn)
+        parent, _, leaf = pair[1].rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+        return conv, bn, kept, (parent, leaf)
+
+    def unfold(done: tuple[nn.Module, nn.Module, Any, Any]) -> None:
+        conv, bn, (weight, bias), (parent, leaf) = done
+        conv.weight, conv.bias = weight, bias
+        setattr(model.get_submodule(parent) if parent else model, leaf, bn)
+
+    done = [fold(p) for p in pairs]
+    if agrees():
+        return len(done)
+    for d in reversed(done):
+        unfold(d)
+    kept = 0
+    for p in pairs:  # one at a time: the pair whose convolution's output is read elsewhere too stays
+        d = fold(p)
+        if agrees():
+            kept += 1
+        else:
+            unfold(d)
+            log.warning("BatchNorm %s is not folded into %s: the outputs change (the convolution's output is read "
+                        "elsewhere too)", p[1], p[0])
+    return kept
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    """The tensors of a forward's output (a tensor, tuples, lists, dicts), flattened."""
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
 def _is_conv(m: Any) -> bool:
     return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
 
@@ -125,6 +204,13 @@ def check_calibrated(model: nn.Module) -> None:
         if q.enabled and not q.calibrated:
             raise NotCalibratedError(f"quantizer {name!r} was never calibrated",
                                      hint="run quantkit.qat.calibrate(model, loader) before exporting")
+
+
+def _does_not_run(err: BaseException) -> InputError:
+    return InputError(f"the model does not run on the example input ({type(err).__name__}: "
+                      f"{' '.join(str(err).split())[:200]})",
+                      hint="give a batch shaped as the model's training data; several inputs as a tuple, "
+                           "keyword inputs as a dict")
 
 
 def _untraceable(err: BaseException) -> InputError:
@@ -170,12 +256,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
         m = m.float()
         log.info("exporting in float32: the model's parameters are %s", ", ".join(sorted(str(d) for d in low)))
     folded = fold_batchnorm(m)
-    for layer in m.modules():
-        if isinstance(layer, QuantMixin) and layer.weight_quantizer.enabled and quantized:
-            layer.weight_quantizer.freeze_to(layer.weight)  # type: ignore[attr-defined]
-    if not quantized:
-        for _, q in quantizers(m):
-            q.enabled = False
     # torch.onnx.export's forms: a tensor, a tuple of positional inputs whose last item may be a
     # dict of keyword inputs, or (quantkit's loaders' form) a dict of keyword inputs
     if isinstance(example_input, Mapping):
@@ -187,6 +267,16 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
     if low:  # the example input in the exported precision too
         args = tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in low else x for x in args)
         kwargs = {k: x.float() if isinstance(x, torch.Tensor) and x.dtype in low else x for k, x in kwargs.items()}
+    if not quantized:
+        for _, q in quantizers(m):
+            q.enabled = False
+    try:
+        folded += fold_batchnorm_by_run(m, args, kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:  # the example input does not fit the model
+        raise _does_not_run(err) from err
+    for layer in m.modules():
+        if isinstance(layer, QuantMixin) and layer.weight_quantizer.enabled and quantized:
+            layer.weight_quantizer.freeze_to(layer.weight)  # type: ignore[attr-defined]
     n_in = len(args) + len(kwargs)
     input_names = input_names or (["input"] if n_in == 1 and args else
                                   [*(f"input_{i}" for i in range(len(args))), *kwargs])
@@ -194,10 +284,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
         with torch.no_grad(), no_fastpath():
             out = m(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError) as err:  # the example input does not fit the model
-        raise InputError(f"the model does not run on the example input ({type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:200]})",
-                         hint="give a batch shaped as the model's training data; several inputs as a tuple, "
-                         "keyword inputs as a dict") from err
+        raise _does_not_run(err) from err
     leaves, _ = torch.utils._pytree.tree_flatten(out)
     n_out = len(leaves)
     if output_names is None:  # a dict's keys where it returns a flat dict of tensors

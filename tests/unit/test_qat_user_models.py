@@ -179,3 +179,70 @@ def test_a_forward_that_fails_in_the_exporter_is_one_readable_error(tmp_path):
         qq.export_onnx(q, tmp_path / "m.onnx", x)
     assert "quantized=False" in err.value.hint
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+class ConvBnAct(nn.Module):
+    """ultralytics' Conv: the BatchNorm is called in the module's own forward."""
+
+    def __init__(self, c1: int, c2: int) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.SiLU()
+
+    def forward(self, x):  # noqa: ANN001
+        return self.act(self.bn(self.conv(x)))
+
+
+class Detector(nn.Module):
+    """A model fx cannot trace (a loop over its own output's shape), ConvBnAct blocks, and one
+    BatchNorm whose convolution's output is read elsewhere too (not foldable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = ConvBnAct(3, 8), ConvBnAct(8, 8)
+        self.c, self.c_bn = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):  # noqa: ANN001
+        y = self.b(self.a(x))
+        for _ in range(int(y.shape[1]) // 8):  # data-dependent for fx
+            z = self.c(y)
+            y = self.c_bn(z) + z
+        return y.mean((2, 3))
+
+
+def _stats(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_batchnorm_called_in_a_modules_own_forward_is_folded_in_both_exports(tmp_path, caplog):
+    """The QAT probe's F4: BatchNorms that fx could not see (ultralytics' Conv module) stayed
+    BatchNormalization nodes beside Q/DQ weights, and the float twin's exporter folded them, so
+    `debug` refused the pair; they are found by running the example and folded in both."""
+    import numpy as np
+
+    from quantkit.cli import main
+
+    torch.manual_seed(0)
+    q = qq.prepare(_stats(Detector()))
+    qq.calibrate(q, [torch.randn(8, 3, 16, 16) for _ in range(2)])
+    x = torch.randn(2, 3, 16, 16)
+    with caplog.at_level(logging.WARNING):
+        qat = qq.export_onnx(q, tmp_path / "qat.onnx", x)
+        fp32 = qq.export_onnx(q, tmp_path / "fp32.onnx", x, quantized=False)
+    assert "BatchNorm c_bn is not folded into c" in caplog.text
+    for path in (qat, fp32):
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert ops.count("BatchNormalization") == 1, (path, ops)  # c_bn alone (its input is read twice)
+        got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            if path == fp32:
+                for _, qz in qq.quantizers(q):
+                    qz.enabled = False
+            want = q(x).numpy()
+        assert abs(got - want).max() <= 1e-3 * abs(want).max(), path
+    np.savez(tmp_path / "d.npz", input=np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    assert main(["debug", str(fp32), str(qat), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "dbg"),
+                 "--no-progress"]) == 0
