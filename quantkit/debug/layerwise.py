@@ -353,10 +353,17 @@ def _tensors_of(model: onnx.ModelProto) -> set[str]:
     return {i.name for i in g.input} | {o for n in g.node for o in n.output} | {i.name for i in g.initializer}
 
 
+#: layout ops an exporter puts between a weight's DequantizeLinear and its reader (and folds into a
+#: constant on the float side)
+_WEIGHT_LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+
+
 def _fp32_weight(fp32: onnx.ModelProto, int8: onnx.ModelProto, point: QdqPoint,
-                 consts: dict[str, np.ndarray]) -> tuple[str, np.ndarray]:
+                 consts: dict[str, np.ndarray], shape: tuple[int, ...] | None = None) -> tuple[str, np.ndarray]:
     """The FP32 model's weight that ``point`` quantizes: the same name, or (for weights stored
-    as integers under a new name) the same input of the same consumer node."""
+    as integers under a new name) the same input of the same consumer node, or the constant a
+    layout op after the DequantizeLinear was folded into (laid out back to ``shape``, the INT8
+    model's weight's)."""
     if point.stored is None and point.tensor in consts:
         return point.tensor, consts[point.tensor]
     dq_out = point.dq_output or next((n.output[0] for n in int8.graph.node
@@ -367,6 +374,31 @@ def _fp32_weight(fp32: onnx.ModelProto, int8: onnx.ModelProto, point: QdqPoint,
             twin = next((n for n in fp32.graph.node if n.name and n.name == node.name), None)
             if twin is not None and slot < len(twin.input) and twin.input[slot] in consts:
                 return twin.input[slot], consts[twin.input[slot]]
+    # behind layout ops on the INT8 side that the FP32 export folded into its constant (torch's
+    # Linear on a 3-D input: DQ -> Transpose -> MatMul beside MatMul(x, W^T)): the reader's twin's
+    # constant, laid out back as the weight is
+    chain, t = [], dq_out
+    while t:
+        readers = [n for n in int8.graph.node if t in n.input]
+        if len(readers) != 1 or readers[0].op_type not in _WEIGHT_LAYOUT_OPS or readers[0].input[0] != t:
+            break
+        chain.append(readers[0])
+        t = readers[0].output[0]
+    if chain and t:
+        reader = next((n for n in int8.graph.node if t in n.input), None)
+        twin = None if reader is None or not reader.name else \
+            next((n for n in fp32.graph.node if n.name == reader.name), None)
+        slot = list(reader.input).index(t) if reader is not None else -1
+        if twin is not None and slot < len(twin.input) and twin.input[slot] in consts:
+            w = consts[twin.input[slot]]
+            for node in reversed(chain):  # undo each layout op, the last first
+                if node.op_type == "Transpose":
+                    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                    w = np.transpose(w, np.argsort(perm)) if perm else w.T
+                else:
+                    w = w.reshape(shape) if shape is not None and node is chain[0] else w
+            if shape is None or tuple(w.shape) == tuple(shape):
+                return twin.input[slot], w
     raise ModelError(f"the INT8 model's weight {point.tensor!r} has no counterpart in the FP32 model",
                      hint="give the FP32 model the Q/DQ model was made from")
 
@@ -479,7 +511,8 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
         if p.stored is None and p.tensor in equalized and p.tensor not in fconsts:
             name, w = p.tensor, equalized[p.tensor]
         else:
-            name, w = _fp32_weight(fp32, int8, p, fconsts)
+            own_w = iconsts.get(p.tensor if p.stored is None else p.stored)
+            name, w = _fp32_weight(fp32, int8, p, fconsts, None if own_w is None else tuple(own_w.shape))
         w = w.astype(np.float64)
         own = iconsts.get(p.tensor) if p.stored is None else None
         if p.stored is not None:

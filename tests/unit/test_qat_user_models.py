@@ -246,3 +246,28 @@ def test_batchnorm_called_in_a_modules_own_forward_is_folded_in_both_exports(tmp
     np.savez(tmp_path / "d.npz", input=np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32))
     assert main(["debug", str(fp32), str(qat), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "dbg"),
                  "--no-progress"]) == 0
+
+
+def test_debug_pairs_a_linear_on_3d_inputs_through_its_weights_transpose(tmp_path):
+    """The QAT probe's F5: torch exports a Linear on [N, T, C] as DQ -> Transpose -> MatMul, and the
+    float twin with the transpose folded into the constant; debug refused the weight as having no
+    counterpart. It is read through the layout op, its figures the weight's own."""
+    import json
+
+    import numpy as np
+
+    from quantkit.cli import main
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    q = qq.prepare(m)
+    x = torch.randn(4, 10, 16)
+    qq.calibrate(q, [x])
+    qat, fp32 = qq.export_onnx(q, tmp_path / "qat.onnx", x), qq.export_onnx(q, tmp_path / "fp32.onnx", x, quantized=False)
+    assert "Transpose" in [n.op_type for n in onnx.load(str(qat)).graph.node]
+    assert "Transpose" not in [n.op_type for n in onnx.load(str(fp32)).graph.node]
+    np.savez(tmp_path / "d.npz", input=np.random.default_rng(0).standard_normal((8, 10, 16)).astype(np.float32))
+    assert main(["debug", str(fp32), str(qat), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "dbg"),
+                 "--no-progress"]) == 0
+    weights = json.loads((tmp_path / "dbg" / "debug.json").read_text())["layerwise"]["weights"]
+    assert len(weights) == 2 and all(30 < w["sqnr_db"] < 80 for w in weights), weights
