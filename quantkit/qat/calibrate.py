@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method
-from quantkit.errors import DatasetError, ModelError
+from quantkit.errors import DatasetError, InputError, ModelError
 from quantkit.qat import histogram
 from quantkit.qat.prepare import quantizers
 
@@ -160,6 +160,9 @@ def collect(model: nn.Module, loader: Iterable[Any], *, num_batches: int | None 
     """
     from quantkit.qat import distributed as qdist
 
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise InputError(f"num_batches must be a positive whole number or None (every batch), got {num_batches!r}")
     qs = [q for _, q in quantizers(model, inputs_only=True) if q.enabled]
     merge = qdist.is_distributed() if distributed is None else distributed and qdist.is_distributed()
     if not qs:

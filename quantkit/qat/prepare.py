@@ -130,6 +130,7 @@ def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool 
         raise ModelError(f"{type(model).__name__} is already prepared (it has quantized layers)",
                          hint="prepare the original float model once; to change the config, prepare it again "
                          "from the float model")
+    _check_disable_patterns(model, config)
     target = model if inplace else copy.deepcopy(model)
     swapped = _swap_layers(target, config)
     if not swapped:
@@ -152,6 +153,20 @@ def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool 
             bank.add(m.weight_quantizer, m)
     log.info("quantized %d layers", len(swapped))
     return target
+
+
+def _check_disable_patterns(model: nn.Module, config: QatConfig) -> None:
+    """A ``QatConfig.disable`` pattern that matches no layer is a typo (the layer it meant would be
+    quantized after all): refused, naming the closest layer names."""
+    import difflib
+
+    layers = [n for n, m in model.named_modules() if n and type(m) in QUANT_TYPES]
+    for pattern in config.disable:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
+            close = difflib.get_close_matches(pattern, layers, n=3, cutoff=0.5) or layers[:3]
+            raise InputError(f"QatConfig.disable pattern {pattern!r} matches no quantizable layer of "
+                             f"{type(model).__name__}", hint=f"layer names look like {', '.join(map(repr, close))} "
+                             "(fnmatch patterns: 'layer4.*')")
 
 
 def _is_layer(m: nn.Module) -> bool:

@@ -271,3 +271,17 @@ def test_debug_pairs_a_linear_on_3d_inputs_through_its_weights_transpose(tmp_pat
                  "--no-progress"]) == 0
     weights = json.loads((tmp_path / "dbg" / "debug.json").read_text())["layerwise"]["weights"]
     assert len(weights) == 2 and all(30 < w["sqnr_db"] < 80 for w in weights), weights
+
+
+def test_a_disable_pattern_that_matches_no_layer_and_zero_batches_are_refused():
+    from quantkit.errors import InputError
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    with pytest.raises(InputError, match=r"pattern '3' matches no quantizable layer") as err:
+        qq.prepare(m, qq.QatConfig(disable=("3",)))  # the last Conv is '2'
+    assert "'2'" in err.value.hint
+    assert qq.prepare(m, qq.QatConfig(disable=("2",)))[2].__class__ is nn.Conv2d
+    q = qq.prepare(m)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InputError, match="num_batches must be a positive whole number"):
+            qq.calibrate(q, [torch.randn(2, 3, 8, 8)], num_batches=bad)
