@@ -206,6 +206,24 @@ def check_calibrated(model: nn.Module) -> None:
                                      hint="run quantkit.qat.calibrate(model, loader) before exporting")
 
 
+def _unparametrize(model: nn.Module) -> None:
+    """Parametrized tensors (``weight_norm``, ``spectral_norm``) as the plain tensors they compute,
+    in place (the export's copy): the weight a Q/DQ pair quantizes, and BatchNorm folds into."""
+    from torch.nn.utils import parametrize
+
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m):
+            # not parametrize.remove_parametrizations: a deep copy shares the parametrized class
+            # with the model it was copied from, and removing deletes the class's property, so the
+            # user's model lost its weight
+            with torch.no_grad():
+                values = {name: getattr(m, name).detach().clone() for name in m.parametrizations}  # type: ignore[union-attr]
+            m.__class__ = type(m).__bases__[0]
+            del m._modules["parametrizations"]
+            for name, v in values.items():
+                m.register_parameter(name, nn.Parameter(v))
+
+
 def _does_not_run(err: BaseException) -> InputError:
     return InputError(f"the model does not run on the example input ({type(err).__name__}: "
                       f"{' '.join(str(err).split())[:200]})",
@@ -255,6 +273,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
     if low:
         m = m.float()
         log.info("exporting in float32: the model's parameters are %s", ", ".join(sorted(str(d) for d in low)))
+    _unparametrize(m)
     folded = fold_batchnorm(m)
     # torch.onnx.export's forms: a tensor, a tuple of positional inputs whose last item may be a
     # dict of keyword inputs, or (quantkit's loaders' form) a dict of keyword inputs

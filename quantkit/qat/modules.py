@@ -67,25 +67,30 @@ class QuantConv3d(_QuantConvNd, nn.Conv3d):
 class _QuantConvTransposeNd(QuantMixin):
     weight_axis = 1  # ConvTranspose weights are [C_in, C_out / groups, ...]
     _fn: Any = None
+    _spatial_dims = 2
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         conv: Any = self
-        if output_size is not None:
-            raise NotImplementedError("quantized ConvTranspose supports output_size=None only")
+        # output_size picks the output padding, as PyTorch's own ConvTranspose forward does
+        output_padding = conv.output_padding if output_size is None else conv._output_padding(
+            x, output_size, conv.stride, conv.padding, conv.kernel_size, self._spatial_dims, conv.dilation)
         return type(self)._fn(self.input_quantizer(x), self.weight_quantizer(conv.weight), conv.bias, conv.stride,
-                              conv.padding, conv.output_padding, conv.groups, conv.dilation)
+                              conv.padding, output_padding, conv.groups, conv.dilation)
 
 
 class QuantConvTranspose1d(_QuantConvTransposeNd, nn.ConvTranspose1d):
     _fn = staticmethod(F.conv_transpose1d)
+    _spatial_dims = 1
 
 
 class QuantConvTranspose2d(_QuantConvTransposeNd, nn.ConvTranspose2d):
     _fn = staticmethod(F.conv_transpose2d)
+    _spatial_dims = 2
 
 
 class QuantConvTranspose3d(_QuantConvTransposeNd, nn.ConvTranspose3d):
     _fn = staticmethod(F.conv_transpose3d)
+    _spatial_dims = 3
 
 
 class QuantLinear(QuantMixin, nn.Linear):

@@ -160,7 +160,7 @@ def _check_disable_patterns(model: nn.Module, config: QatConfig) -> None:
     quantized after all): refused, naming the closest layer names."""
     import difflib
 
-    layers = [n for n, m in model.named_modules() if n and type(m) in QUANT_TYPES]
+    layers = [n for n, m in model.named_modules() if n and _plain_type(m) in QUANT_TYPES]
     for pattern in config.disable:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
             close = difflib.get_close_matches(pattern, layers, n=3, cutoff=0.5) or layers[:3]
@@ -183,12 +183,40 @@ def _swap_layers(model: nn.Module, config: QatConfig) -> list[str]:
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            qtype = QUANT_TYPES.get(type(child))
+            qtype = QUANT_TYPES.get(_plain_type(child))
             if qtype is None or _disabled(name, child, config):
                 continue
-            setattr(parent, child_name, qtype.from_float(child, config.num_bins))
+            setattr(parent, child_name, _quantized(qtype, child, config.num_bins))
             swapped.append(name)
     return swapped
+
+
+def _plain_type(m: nn.Module) -> type:
+    """``m``'s class, or for a parametrized layer (``weight_norm``, ``spectral_norm`` from
+    ``torch.nn.utils.parametrizations``: PyTorch makes a ``ParametrizedConv2d`` subclass whose
+    ``weight`` is computed) the class it was made from."""
+    from torch.nn.utils import parametrize
+
+    return type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
+
+
+def _quantized(qtype: type, layer: nn.Module, num_bins: int) -> nn.Module:
+    """``qtype.from_float(layer)``; a parametrized layer keeps its parametrizations (the very
+    ``ParametrizationList`` objects, so its original tensors are shared and fine-tuned as the
+    float layer's are), and its quantizers see the tensor they compute."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(layer):
+        return qtype.from_float(layer, num_bins)  # type: ignore[attr-defined, no-any-return]
+    lists = dict(layer.parametrizations.items())  # type: ignore[union-attr]
+    q = qtype.from_float(layer, num_bins)  # type: ignore[attr-defined]
+    del q._modules["parametrizations"]
+    for tensor_name, plist in lists.items():
+        with torch.no_grad():
+            setattr(q, tensor_name, nn.Parameter(getattr(layer, tensor_name).detach().clone()))
+        parametrize.register_parametrization(q, tensor_name, plist[0], unsafe=True)
+        q.parametrizations[tensor_name] = plist  # the layer's own originals and chain
+    return q  # type: ignore[no-any-return]
 
 
 def _say_left_in_float(model: nn.Module, config: QatConfig) -> None:
@@ -199,7 +227,7 @@ def _say_left_in_float(model: nn.Module, config: QatConfig) -> None:
                  and not _disabled(n, m, config)]
     inside = tuple(f"{n}." for n in attention)
     others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
-              if _is_layer(m) and not isinstance(m, QuantMixin) and type(m) not in QUANT_TYPES
+              if _is_layer(m) and not isinstance(m, QuantMixin) and _plain_type(m) not in QUANT_TYPES
               and not n.startswith(inside) and not _disabled(n, m, config)]
     if attention:
         log.warning("%d nn.MultiheadAttention module(s) stay in floating point (%s): PyTorch computes their "

@@ -14,6 +14,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import quantkit.qat as qq  # noqa: E402
 from quantkit.errors import DatasetError, ModelError  # noqa: E402
+from quantkit.qat.modules import QuantMixin  # noqa: E402
 
 
 class BatchNormAct(nn.BatchNorm2d):
@@ -209,6 +210,14 @@ class Detector(nn.Module):
         return y.mean((2, 3))
 
 
+def _exact_session(path):  # noqa: ANN001, ANN202
+    """ONNX Runtime without its graph optimizations: the Q/DQ arithmetic as written (its fused
+    integer kernels on a CPU without VNNI saturate: README, "Accuracy on the bundled sample")."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def _stats(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
@@ -236,7 +245,7 @@ def test_batchnorm_called_in_a_modules_own_forward_is_folded_in_both_exports(tmp
     for path in (qat, fp32):
         ops = [n.op_type for n in onnx.load(str(path)).graph.node]
         assert ops.count("BatchNormalization") == 1, (path, ops)  # c_bn alone (its input is read twice)
-        got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+        got = _exact_session(path).run(None, {"input": x.numpy()})[0]
         with torch.no_grad():
             if path == fp32:
                 for _, qz in qq.quantizers(q):
@@ -285,3 +294,41 @@ def test_a_disable_pattern_that_matches_no_layer_and_zero_batches_are_refused():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(InputError, match="num_batches must be a positive whole number"):
             qq.calibrate(q, [torch.randn(2, 3, 8, 8)], num_batches=bad)
+
+
+class UpsampleTo(nn.Module):
+    """A decoder's ConvTranspose told its output size (torch picks the output padding from it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.up = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ConvTranspose2d(8, 3, 3, stride=2, padding=1)
+
+    def forward(self, x):  # noqa: ANN001
+        return self.up(self.down(x), output_size=x.shape[-2:])
+
+
+def test_weight_norm_layers_are_quantized_and_conv_transpose_takes_output_size(tmp_path):
+    """The QAT probe's F20/F21: a ConvTranspose called with output_size raised NotImplementedError;
+    weight-normed layers (PyTorch's ParametrizedConv2d) stayed float and a model made only of them
+    was refused as having no Conv layer."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 17, 17)
+    m = nn.Sequential(weight_norm(nn.Conv2d(3, 3, 3, padding=1)), nn.ReLU(), UpsampleTo()).train()
+    q = qq.prepare(m)
+    g = q[0].parametrizations.weight.original0  # the weight-norm magnitude
+    assert [n for n, mod in q.named_modules() if isinstance(mod, QuantMixin)] == ["0", "2.down", "2.up"]
+    qq.calibrate(q, [x])
+    assert q(x).shape == x.shape  # 17 x 17: the output size told, not 18 x 18 or 16 x 16
+    before = g.detach().clone()
+    torch.optim.SGD(q.parameters(), lr=0.1).zero_grad()
+    q(x).square().mean().backward()
+    torch.optim.SGD(q.parameters(), lr=0.1).step()
+    assert not torch.equal(g.detach(), before)  # trained through the quantized layer
+    path = qq.export_onnx(q.eval(), tmp_path / "m.onnx", x)
+    got = _exact_session(path).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = q(x).numpy()
+    assert got.shape == want.shape and abs(got - want).max() <= 1e-3 * abs(want).max()
+    assert sum(n.op_type == "DequantizeLinear" for n in onnx.load(str(path)).graph.node) >= 6  # 3 weights, 3 inputs
