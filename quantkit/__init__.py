@@ -44,6 +44,12 @@ def env_int(name: str, default: int, minimum: int = 0, maximum: int = 2**63 - 1)
 os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(env_int("OPENCV_IO_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, minimum=1,
                                                        maximum=2**62))
 
+# ONNX Runtime 1.32 reports usage to Microsoft on Linux and macOS too (1DS telemetry: a device id
+# and a database under ~/.cache/Microsoft, a '.ses' file in $TMPDIR, uploads): quantkit runs users'
+# models, often where nothing may leave the machine, so it is off unless the user turns it on
+# (ORT_DISABLE_TELEMETRY=0). ONNX Runtime reads it once, when loaded: here, before any module imports it.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 #: names served from quantkit.ptq on first use (importing it loads the calibration code)
 _PTQ = ("quantize", "prepare", "Calibration", "QuantizeConfig", "StatsConfig", "RunConfig", "ExportConfig")
 
