@@ -167,6 +167,41 @@ def fold_batchnorm_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[
     return kept
 
 
+def _tensor_paths(out: Any) -> list[tuple[Any, ...]]:
+    """The pytree key paths of the tensors in a forward's output, in the order the exporter
+    flattens it (tuples, lists and dicts, nested)."""
+    leaves, _ = torch.utils._pytree.tree_flatten_with_path(out)
+    return [tuple(path) for path, leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _output_names(paths: list[tuple[Any, ...]]) -> list[str]:
+    """ONNX output names for the tensors at ``paths``: "output" for one, "output_i" where no dict
+    holds them, else their keys and positions joined by dots ("head.logits", "aux.0")."""
+    from torch.utils._pytree import MappingKey, SequenceKey
+
+    if not any(isinstance(k, MappingKey) for path in paths for k in path):
+        return ["output"] if len(paths) == 1 else [f"output_{i}" for i in range(len(paths))]
+    names: list[str] = []
+    for i, path in enumerate(paths):
+        name = ".".join(str(k.key) if isinstance(k, MappingKey) else str(k.idx) if isinstance(k, SequenceKey)
+                        else str(k) for k in path) or f"output_{i}"
+        names.append(name if name not in names else f"{name}_{i}")
+    return names
+
+
+def _tensor_outputs_only(m: nn.Module) -> None:
+    """Make ``m`` (export's own copy) return the tensors of its output only, as a flat tuple in the
+    exporter's order: its forward wrapped on the instance, so the module scopes that name the
+    exported nodes stay the model's own."""
+    forward = m.forward
+
+    def tensors_only(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        leaves = torch.utils._pytree.tree_leaves(forward(*args, **kwargs))
+        return tuple(t for t in leaves if isinstance(t, torch.Tensor))
+
+    m.forward = tensors_only  # type: ignore[method-assign]
+
+
 def _flat_outputs(out: Any) -> list[torch.Tensor]:
     """The tensors of a forward's output (a tensor, tuples, lists, dicts), flattened."""
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -304,12 +339,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
             out = m(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError) as err:  # the example input does not fit the model
         raise _does_not_run(err) from err
-    leaves, _ = torch.utils._pytree.tree_flatten(out)
-    n_out = len(leaves)
-    if output_names is None:  # a dict's keys where it returns a flat dict of tensors
-        flat_dict = isinstance(out, Mapping) and len(out) == n_out
-        output_names = list(map(str, out)) if flat_dict else \
-            ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    paths = _tensor_paths(out)
+    if len(paths) < len(torch.utils._pytree.tree_leaves(out)):
+        # None, numbers or strings beside the tensors (an aux head's None in eval): the exporter keeps
+        # tensors only and its trace refuses a constant; the forward exported returns the tensors
+        _tensor_outputs_only(m)
+    n_out = len(paths)
+    if output_names is None:  # named by their keys where it returns dicts (nested: "head.logits")
+        output_names = _output_names(paths)
     axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
     buf = io.BytesIO()
     with warnings.catch_warnings(), no_fastpath():

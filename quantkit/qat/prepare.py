@@ -160,7 +160,7 @@ def _check_disable_patterns(model: nn.Module, config: QatConfig) -> None:
     quantized after all): refused, naming the closest layer names."""
     import difflib
 
-    layers = [n for n, m in model.named_modules() if n and _plain_type(m) in QUANT_TYPES]
+    layers = [n for n, m in model.named_modules(remove_duplicate=False) if n and _plain_type(m) in QUANT_TYPES]
     for pattern in config.disable:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
             close = difflib.get_close_matches(pattern, layers, n=3, cutoff=0.5) or layers[:3]
@@ -179,15 +179,31 @@ def _disabled(name: str, module: nn.Module, config: QatConfig) -> bool:
 
 
 def _swap_layers(model: nn.Module, config: QatConfig) -> list[str]:
+    """Replace the quantizable layers by their quantized forms, in place; the names swapped. A layer
+    registered under several names (``self.head = self.fc``, or in two parents) becomes one
+    quantized layer under all of them, left in float where a ``disable`` pattern matches any of
+    them (``named_children`` yielded it once: the other names kept the float layer)."""
+    names: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
     swapped = []
+    # id(float layer) -> (that layer, held so its id is not reused; its quantized form, None: left as it is)
+    done: dict[int, tuple[nn.Module, nn.Module | None]] = {}
     for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            qtype = QUANT_TYPES.get(_plain_type(child))
-            if qtype is None or _disabled(name, child, config):
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
                 continue
-            setattr(parent, child_name, _quantized(qtype, child, config.num_bins))
-            swapped.append(name)
+            if id(child) not in done:
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                qtype = QUANT_TYPES.get(_plain_type(child))
+                quantized = None if qtype is None or any(_disabled(n, child, config) for n in names[id(child)]) else \
+                    _quantized(qtype, child, config.num_bins)
+                done[id(child)] = child, quantized
+                if quantized is not None:
+                    swapped.append(name)
+            quantized = done[id(child)][1]
+            if quantized is not None:
+                setattr(parent, child_name, quantized)
     return swapped
 
 

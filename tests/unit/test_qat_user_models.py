@@ -332,3 +332,71 @@ def test_weight_norm_layers_are_quantized_and_conv_transpose_takes_output_size(t
         want = q(x).numpy()
     assert got.shape == want.shape and abs(got - want).max() <= 1e-3 * abs(want).max()
     assert sum(n.op_type == "DequantizeLinear" for n in onnx.load(str(path)).graph.node) >= 6  # 3 weights, 3 inputs
+
+
+class NestedOutputs(nn.Module):
+    """A detector's eval forward: a dict of nested outputs with an aux head's None and a count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):  # noqa: ANN001
+        y = torch.relu(self.c(x))
+        p = y.mean((2, 3))
+        return {"feat": y, "head": {"logits": self.fc(p), "aux": [p, None]}, "count": 3}
+
+
+class TupleWithNone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):  # noqa: ANN001
+        y = self.c(x)
+        return y, (y * 2, None)
+
+
+def test_nested_outputs_are_named_by_their_keys_and_non_tensors_left_out(tmp_path):
+    """The QAT probe's F6: None beside the tensors made the exporter's names outnumber its outputs
+    (a raw error), a number in the output failed the trace, nested dicts were output_0.."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    q = qq.prepare(NestedOutputs().eval())
+    qq.calibrate(q, [x])
+    path = qq.export_onnx(q, tmp_path / "m.onnx", x)
+    session = _exact_session(path)
+    assert [o.name for o in session.get_outputs()] == ["feat", "head.logits", "head.aux.0"]
+    with torch.no_grad():
+        want = q(x)
+    got = dict(zip(["feat", "head.logits", "head.aux.0"], session.run(None, {"input": x.numpy()})))
+    assert abs(got["head.logits"] - want["head"]["logits"].numpy()).max() < 1e-4
+    path = qq.export_onnx(TupleWithNone().eval(), tmp_path / "t.onnx", x, quantized=False)
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["output_0", "output_1"]
+
+
+class Aliased(nn.Module):
+    """A layer under two names (``self.head = self.fc``), the alias the one the forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+        self.head = self.fc
+
+    def forward(self, x):  # noqa: ANN001
+        return self.head(torch.relu(self.c(x)).mean((2, 3)))
+
+
+def test_a_layer_under_two_names_is_one_quantized_layer(tmp_path):
+    """The QAT probe's F7: the alias kept the float layer (named_children yields a module once),
+    export then refused its never-calibrated quantizers; a disable pattern may name either."""
+    x = torch.randn(2, 3, 8, 8)
+    q = qq.prepare(Aliased().eval())
+    assert q.head is q.fc and isinstance(q.head, QuantMixin)
+    qq.calibrate(q, [x])
+    path = qq.export_onnx(q, tmp_path / "m.onnx", x)
+    assert sum(n.op_type == "MatMul" or n.op_type == "Gemm" for n in onnx.load(str(path)).graph.node) == 1
+    kept = qq.prepare(Aliased().eval(), qq.QatConfig(disable=["head"]))
+    assert kept.fc is kept.head and not isinstance(kept.fc, QuantMixin)
