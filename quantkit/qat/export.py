@@ -106,7 +106,10 @@ def fold_batchnorm_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[
     BatchNorm called once on the very tensor a convolution (called once) returned, and the folds
     are kept only where the model's outputs on the example then agree with its outputs before
     (``RUN_FOLD_NOISE``; else each pair is tried alone and only those that agree are kept).
-    Returns how many were folded."""
+    The runs pass every quantizer through: a fold is exact in float, and the INT8 steps that its
+    float rounding flips added up to more than the noise on timm's EfficientNet-B0 and
+    MobileNetV3 (random weights), so the Q/DQ export kept BatchNorms that its float twin folded,
+    and ``quantkit debug`` could not pair the two. Returns how many were folded."""
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     convs = {n: m for n, m in model.named_modules() if _is_conv(m) and names[id(m)] == 1}
     bns = {n: m for n, m in model.named_modules() if is_plain_batchnorm(m) and names[id(m)] == 1}
@@ -117,6 +120,19 @@ def fold_batchnorm_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[
     hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: outs[n].append(o)) for n, m in convs.items()]
     hooks += [m.register_forward_hook(lambda _m, i, _o, n=n: ins[n].append(i[0] if i else None))
               for n, m in bns.items()]
+    enabled = [(q, q.enabled) for _, q in quantizers(model)]
+    for q, _ in enabled:
+        q.enabled = False
+    try:
+        return _fold_by_run(model, args, kwargs, hooks, outs, ins)
+    finally:
+        for q, on in enabled:
+            q.enabled = on
+
+
+def _fold_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], hooks: list[Any],
+                 outs: dict[str, list[torch.Tensor]], ins: dict[str, list[torch.Tensor]]) -> int:
+    """``fold_batchnorm_by_run``'s runs and folds, its quantizers passed through."""
     try:
         with torch.no_grad(), no_fastpath():
             before = _flat_outputs(model(*args, **kwargs))
@@ -352,9 +368,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
     with warnings.catch_warnings(), no_fastpath():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         try:
+            # PRESERVE (the model is in eval mode): without the exporter's eval-mode peephole, which
+            # fuses a BatchNorm into the Conv before it only where the Conv's weight is a constant:
+            # in the float twin, not after the Q/DQ export's quantized weights, so the two named
+            # their tensors apart and `quantkit debug` could not pair them (timm's BatchNormAct2d,
+            # a subclass quantkit leaves whole, in EfficientNet and MobileNetV3)
             torch.onnx.export(m, args, buf, kwargs=kwargs or None, dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names, dynamic_axes=axes,
-                              do_constant_folding=True)
+                              do_constant_folding=True, training=torch.onnx.TrainingMode.PRESERVE)
         except (torch.onnx.errors.OnnxExporterError, RuntimeError) as err:
             if not isinstance(err, torch.onnx.errors.OnnxExporterError) and "opset" not in str(err).lower():
                 raise _untraceable(err) from err

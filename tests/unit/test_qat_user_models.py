@@ -400,3 +400,25 @@ def test_a_layer_under_two_names_is_one_quantized_layer(tmp_path):
     assert sum(n.op_type == "MatMul" or n.op_type == "Gemm" for n in onnx.load(str(path)).graph.node) == 1
     kept = qq.prepare(Aliased().eval(), qq.QatConfig(disable=["head"]))
     assert kept.fc is kept.head and not isinstance(kept.fc, QuantMixin)
+
+
+def test_debug_pairs_the_exports_of_a_batchnorm_subclass_after_a_conv(tmp_path):
+    """timm's EfficientNet/MobileNetV3 (BatchNormAct2d, left whole): torch's exporter fused the
+    BatchNorm into the Conv of the float twin (a constant weight) and not after the Q/DQ export's
+    quantized weight, so `quantkit debug` refused the pair as not derived from each other."""
+    import numpy as np
+
+    from quantkit.cli import main
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct(8), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    m[1].running_mean.normal_()
+    x = torch.randn(4, 3, 16, 16)
+    q = qq.prepare(m)
+    qq.calibrate(q, [x])
+    int8 = qq.export_onnx(q, tmp_path / "m.qat.onnx", x)
+    fp32 = qq.export_onnx(q, tmp_path / "m.fp32.onnx", x, quantized=False)
+    np.save(tmp_path / "x.npy", torch.randn(8, 3, 16, 16).numpy())
+    assert [n.op_type for n in onnx.load(str(fp32)).graph.node].count("BatchNormalization") == 1
+    assert main(["debug", str(fp32), str(int8), "--npz", str(tmp_path / "x.npy"), "--no-progress",
+                 "-o", str(tmp_path / "dbg")]) == 0
