@@ -112,7 +112,7 @@ def fold_batchnorm_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[
     and ``quantkit debug`` could not pair the two. Returns how many were folded."""
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     convs = {n: m for n, m in model.named_modules() if _is_conv(m) and names[id(m)] == 1}
-    bns = {n: m for n, m in model.named_modules() if is_plain_batchnorm(m) and names[id(m)] == 1}
+    bns = {n: m for n, m in model.named_modules() if _foldable_batchnorm(m) and names[id(m)] == 1}
     if not convs or not bns:
         return 0
     outs: dict[str, list[torch.Tensor]] = {n: [] for n in convs}
@@ -158,12 +158,21 @@ def _fold_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         kept = (conv.weight, conv.bias)
         _fold(conv, bn)
         parent, _, leaf = pair[1].rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
-        return conv, bn, kept, (parent, leaf)
+        if is_plain_batchnorm(bn):
+            setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+            return conv, bn, kept, (parent, leaf)
+        # a subclass (timm's BatchNormAct2d: BatchNorm, then its activation in its own forward)
+        # stays, its normalization made the identity; the export drops that node (_drop_identity_batchnorms)
+        return conv, bn, kept, _neutralize(bn)
 
     def unfold(done: tuple[nn.Module, nn.Module, Any, Any]) -> None:
-        conv, bn, (weight, bias), (parent, leaf) = done
+        conv, bn, (weight, bias), where = done
         conv.weight, conv.bias = weight, bias
+        if isinstance(where, dict):
+            for name, value in where.items():
+                setattr(bn, name, value)
+            return
+        parent, leaf = where
         setattr(model.get_submodule(parent) if parent else model, leaf, bn)
 
     done = [fold(p) for p in pairs]
@@ -228,6 +237,75 @@ def _is_conv(m: Any) -> bool:
 
 
 @torch.no_grad()
+def _foldable_batchnorm(m: nn.Module) -> bool:
+    """PyTorch's BatchNorms, and subclasses of them that normalize with running statistics (in eval
+    mode: their fold is checked by a run, ``fold_batchnorm_by_run``)."""
+    if is_plain_batchnorm(m):
+        return not m.training
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None \
+        and m.running_var is not None and not m.training
+
+
+def _neutralize(bn: nn.Module) -> dict[str, Any]:
+    """Make ``bn``'s normalization the identity (mean 0, variance 1 - eps, weight 1, bias 0), in
+    place; returns what it had, to put back."""
+    kept = {"running_mean": bn.running_mean, "running_var": bn.running_var, "weight": bn.weight, "bias": bn.bias}
+    assert isinstance(bn.running_mean, torch.Tensor) and isinstance(bn.running_var, torch.Tensor)
+    bn.running_mean = torch.zeros_like(bn.running_mean)
+    bn.running_var = torch.ones_like(bn.running_var) - float(bn.eps)  # type: ignore[arg-type]
+    if bn.weight is not None:
+        bn.weight = nn.Parameter(torch.ones_like(bn.weight), requires_grad=bn.weight.requires_grad)
+    if bn.bias is not None:
+        bn.bias = nn.Parameter(torch.zeros_like(bn.bias), requires_grad=bn.bias.requires_grad)
+    return kept
+
+
+#: a BatchNormalization node whose parameters are within this of the identity's is dropped from an export
+_IDENTITY_TOLERANCE = 1e-6
+
+
+def _drop_identity_batchnorms(proto: Any) -> int:
+    """Remove the BatchNormalization nodes of ``proto`` (an export) that compute the identity (the
+    subclasses ``fold_batchnorm_by_run`` folded): their readers read the Conv's output. Both
+    exports drop the same nodes, so the float twin pairs with the Q/DQ export. How many."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    # the exporter shares equal constants through Identity nodes (a zero bias and a zero mean)
+    aliases = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
+    inits.update({out: inits[src] for out, src in aliases.items()})
+    outputs = {o.name for o in graph.output}
+    dropped = []
+    for node in graph.node:
+        if node.op_type != "BatchNormalization" or len(node.output) != 1 or node.output[0] in outputs \
+                or len(node.input) < 5 or not all(t in inits for t in node.input[1:5]):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        if "training_mode" in attrs and attrs["training_mode"].i:
+            continue
+        eps = attrs["epsilon"].f if "epsilon" in attrs else 1e-5
+        scale, bias, mean, var = (numpy_helper.to_array(inits[t]).astype(np.float64) for t in node.input[1:5])
+        if all(np.abs(a - want).max(initial=0) <= _IDENTITY_TOLERANCE
+               for a, want in ((scale, 1.0), (bias, 0.0), (mean, 0.0), (var + eps, 1.0))):
+            dropped.append(node)
+    for node in dropped:
+        for reader in graph.node:
+            for k, name in enumerate(reader.input):
+                if name == node.output[0]:
+                    reader.input[k] = node.input[0]
+        graph.node.remove(node)
+    params = {t for n in dropped for t in n.input[1:5]}
+    read = {t for n in graph.node for t in n.input} | outputs
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] in params - read]:
+        graph.node.remove(node)  # an alias that only a dropped node read
+    read = {t for n in graph.node for t in n.input} | outputs
+    for init in [i for i in graph.initializer if i.name in params | set(aliases.values()) and i.name not in read]:
+        graph.initializer.remove(init)
+    return len(dropped)
+
+
 def _fold(conv: nn.Module, bn: nn.Module) -> None:
     assert isinstance(conv.weight, torch.Tensor) and bn.running_var is not None and bn.running_mean is not None
     std = torch.sqrt(bn.running_var + bn.eps)
@@ -285,6 +363,10 @@ def _does_not_run(err: BaseException) -> InputError:
 def _untraceable(err: BaseException) -> InputError:
     """The error for the model's forward failing inside torch.onnx.export's trace (it ran on the
     example before: transformers 5's BERT, "got multiple values for keyword argument 'use_cache'")."""
+    if "batch_size" in str(err):  # BatchNorm without running statistics (track_running_stats=False)
+        return InputError(f"torch.onnx.export cannot write this model with a dynamic batch axis: "
+                          f"{' '.join(str(err).split())[:200]}",
+                          hint="export with dynamic_batch=False (the example's batch size is then the model's)")
     return InputError(f"torch.onnx.export could not trace the model's forward on the example input "
                       f"({type(err).__name__}): {' '.join(str(err).split())[:200]}",
                       hint="give the example as the forward takes it (a tensor, a tuple of positional inputs, a dict "
@@ -371,8 +453,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
             # PRESERVE (the model is in eval mode): without the exporter's eval-mode peephole, which
             # fuses a BatchNorm into the Conv before it only where the Conv's weight is a constant:
             # in the float twin, not after the Q/DQ export's quantized weights, so the two named
-            # their tensors apart and `quantkit debug` could not pair them (timm's BatchNormAct2d,
-            # a subclass quantkit leaves whole, in EfficientNet and MobileNetV3)
+            # their tensors apart and `quantkit debug` could not pair them (a BatchNorm that
+            # fold_batchnorm_by_run leaves: its convolution's output is read elsewhere too)
             torch.onnx.export(m, args, buf, kwargs=kwargs or None, dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names, dynamic_axes=axes,
                               do_constant_folding=True, training=torch.onnx.TrainingMode.PRESERVE)
@@ -382,9 +464,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
             # an op or opset it has no form for ("Unsupported onnx_opset_version: 99")
             raise InputError(f"torch.onnx.export failed at opset {opset}: {' '.join(str(err).split())[:200]}",
                              hint="use an opset torch supports (13-20)") from err
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, AssertionError) as err:  # AssertionError: the exporter's own checks
             raise _untraceable(err) from err
     proto = onnx.load_from_string(buf.getvalue())
+    _drop_identity_batchnorms(proto)
     try:  # with type inference: a file that ONNX Runtime or TensorRT would refuse is not written
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:

@@ -45,8 +45,10 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def is_plain_batchnorm(m: object) -> bool:
-    """True for PyTorch's own BatchNorm1d/2d/3d (not a subclass of them)."""
-    return type(m) in _BN
+    """True for PyTorch's own BatchNorm1d/2d/3d (not a subclass of them) with running statistics:
+    one that folds into its convolution (``track_running_stats=False`` normalizes every batch by
+    its own statistics, in eval mode too: its export crashed on a bare AssertionError)."""
+    return type(m) in _BN and getattr(m, "running_mean", None) is not None and getattr(m, "running_var", None) is not None
 
 
 @dataclass(frozen=True)
