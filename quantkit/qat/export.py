@@ -236,7 +236,6 @@ def _is_conv(m: Any) -> bool:
     return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
 
 
-@torch.no_grad()
 def _foldable_batchnorm(m: nn.Module) -> bool:
     """PyTorch's BatchNorms, and subclasses of them that normalize with running statistics (in eval
     mode: their fold is checked by a run, ``fold_batchnorm_by_run``)."""
@@ -306,6 +305,7 @@ def _drop_identity_batchnorms(proto: Any) -> int:
     return len(dropped)
 
 
+@torch.no_grad()
 def _fold(conv: nn.Module, bn: nn.Module) -> None:
     assert isinstance(conv.weight, torch.Tensor) and bn.running_var is not None and bn.running_mean is not None
     std = torch.sqrt(bn.running_var + bn.eps)
@@ -442,7 +442,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
         # None, numbers or strings beside the tensors (an aux head's None in eval): the exporter keeps
         # tensors only and its trace refuses a constant; the forward exported returns the tensors
         _tensor_outputs_only(m)
-    n_out = len(paths)
     if output_names is None:  # named by their keys where it returns dicts (nested: "head.logits")
         output_names = _output_names(paths)
     axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
