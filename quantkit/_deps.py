@@ -34,6 +34,10 @@ def require(name: str, *, min_version: str | None = None, extra: str | None = No
         extra: the ``quantkit[extra]`` that installs it; defaults to the known one.
     """
     known_extra, known_min = _KNOWN.get(name, ("", "0"))
+    if name == "onnx_graphsurgeon" and not _onnx_has_float_converters():
+        # onnx 1.20 dropped helper.float32_to_bfloat16, which onnx-graphsurgeon 0.5.x calls when it
+        # exports a graph: every calibration failed on AttributeError (a GPU machine's 0.5.8 image)
+        known_min = "0.6.1"
     extra = known_extra if extra is None else extra
     min_version = known_min if min_version is None else min_version
     install = (f"`pip install 'quantkit[{extra}]'` (from a source checkout: `pip install -e '.[{extra}]'`)" if extra
@@ -58,3 +62,10 @@ def require(name: str, *, min_version: str | None = None, extra: str | None = No
                 hint=f"upgrade it with `pip install --upgrade '{_PIP_NAMES.get(name, name)}>={min_version}'`",
             )
     return mod
+
+
+def _onnx_has_float_converters() -> bool:
+    """Whether the installed onnx still has ``helper.float32_to_bfloat16`` (before 1.20)."""
+    import onnx
+
+    return hasattr(onnx.helper, "float32_to_bfloat16")

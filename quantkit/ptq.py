@@ -1089,8 +1089,10 @@ def quantize(
         ModelError, DatasetError, InputError (exit 2 in the CLI): a model quantkit cannot
             quantize, data that does not fit it.
     """
+    from quantkit._deps import require
     from quantkit.onnx.equalize import refit_scales
 
+    require("onnx_graphsurgeon")  # writes the Q/DQ models: one too old for onnx says so before the pass
     if isinstance(model, (str, os.PathLike)) and model_name == "model":
         model_name = str(model)
     if not isinstance(model, PreparedModel):

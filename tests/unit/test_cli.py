@@ -313,3 +313,19 @@ def test_num_images_all_calibrates_on_every_sample(tmp_path):
     assert main(["calibrate", str(sample.model_path()), "--npz", str(tmp_path / "c.npz"), "--num-images", "all",
                  "--save-stats", str(tmp_path / "s.qkstats"), "-o", str(tmp_path / "o"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "o" / "ranges.json").read_text())["num_samples"] == 40
+
+
+def test_an_onnx_graphsurgeon_too_old_for_the_onnx_installed_is_named(monkeypatch, digits_dirs, tmp_path, capsys):
+    """onnx 1.20 dropped helper.float32_to_bfloat16, which onnx-graphsurgeon 0.5.x calls when it
+    exports a graph: a GPU machine's image (onnx 1.23, onnx-graphsurgeon 0.5.8) failed every
+    calibration on an AttributeError, after the pass. Now one line, before the work, naming the version to install."""
+    import onnx_graphsurgeon
+
+    monkeypatch.setattr(onnx_graphsurgeon, "__version__", "0.5.8")
+    monkeypatch.delattr(onnx.helper, "float32_to_bfloat16", raising=False)
+    train, _ = digits_dirs
+    rc = main(["calibrate", str(sample.model_path()), "--images", str(train), "--num-images", "32", "-o", str(tmp_path / "o"), *DIGITS])
+    err = capsys.readouterr().err
+    assert rc == 1 and "onnx_graphsurgeon 0.5.8 found, quantkit needs >= 0.6.1" in err, err  # 1: the environment
+    assert "onnx-graphsurgeon>=0.6.1" in err and "report it" not in err and "calibrating" not in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
