@@ -305,10 +305,27 @@ VALUE_ORDERING_OPS = ("TopK", "NonMaxSuppression")
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 
+#: ops whose outputs do not carry the order of an input's rows: reductions (a TopK's values
+#: averaged), arg-reductions, global pools, and shape queries (a Reshape reading a TopK output's
+#: Shape keeps its own rows where they are)
+ORDER_DROPPING_OPS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                      "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin", "GlobalAveragePool",
+                      "GlobalMaxPool", "GlobalLpPool", "Shape", "Size")
+
+
 def value_ordered_outputs(model: onnx.ModelProto) -> set[str]:
-    """The graph outputs computed through a ``VALUE_ORDERING_OPS`` node (TopK, NonMaxSuppression)."""
-    producer = {out: node for node in model.graph.node for out in node.output if out}
-    return {out.name for out in model.graph.output if _ordering_nodes(out.name, producer)}
+    """The graph outputs whose rows a ``VALUE_ORDERING_OPS`` node (TopK, NonMaxSuppression) orders:
+    its outputs, and what ops other than ``ORDER_DROPPING_OPS`` compute from them (the boxes an NMS
+    keeps, gathered). A TopK on a side branch whose values are reduced before they join the output
+    (a forecaster adding the mean of its top-2 inputs) orders nothing: that output pairs by
+    position (the eleventh probe: every check read its TopK's input, which INT8 never changes, at
+    the 60 dB cap, and compare called the output ordered)."""
+    ordered: set[str] = set()
+    for node in model.graph.node:  # topological order (ONNX's)
+        if node.op_type in VALUE_ORDERING_OPS or \
+                (node.op_type not in ORDER_DROPPING_OPS and any(t in ordered for t in node_reads(node))):
+            ordered.update(t for t in node.output if t)
+    return {out.name for out in model.graph.output if out.name in ordered}
 
 
 def _ordering_nodes(output: str, producer: Mapping[str, onnx.NodeProto]) -> list[onnx.NodeProto]:
@@ -342,8 +359,11 @@ def value_sources(model: onnx.ModelProto) -> list[str]:
     the head output its scores come from (YOLO's [N, 4 + classes, anchors] Concat) pairs by
     position, and it is where INT8's error on the scores can be measured."""
     producer = {out: node for node in model.graph.node for out in node.output if out}
+    ordered = value_ordered_outputs(model)
     found: list[str] = []
     for out in model.graph.output:
+        if out.name not in ordered:
+            continue
         for node in _ordering_nodes(out.name, producer):
             source = node.input[1] if node.op_type == "NonMaxSuppression" and len(node.input) > 1 else node.input[0]
             while source in producer and producer[source].op_type in SELECTION_OPS and producer[source].input:

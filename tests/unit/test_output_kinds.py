@@ -336,6 +336,42 @@ def test_the_guard_watches_what_a_topk_selects_from():
     assert check is not None and check["uncorrected_output_sqnr_db"] > 10, check
 
 
+def test_a_topk_whose_values_are_reduced_orders_nothing(tmp_path, capsys):
+    """The eleventh probe's forecaster (Fracast): a TopK on a side branch, its values averaged and
+    added to the output. Any TopK upstream made the output 'ordered': every check then compared the
+    TopK's input, which INT8 never changes (60 dB on both sides: nothing decided), and compare
+    noted a ranking that is not there."""
+    from quantkit.onnx.biascorrect import guard_outputs
+
+    rng = np.random.default_rng(0)
+    nodes = [h.make_node("MatMul", ["x", "W1"], ["h1"], name="fc1"), h.make_node("Relu", ["h1"], ["r1"], name="relu"),
+             h.make_node("MatMul", ["r1", "W2"], ["m2"], name="fc2"), h.make_node("Abs", ["x"], ["ax"], name="abs"),
+             h.make_node("TopK", ["ax", "K"], ["tv", "ti"], axis=1, name="topk"),
+             h.make_node("ReduceMean", ["tv"], ["s"], axes=[1], keepdims=1, name="mean"),
+             h.make_node("Add", ["m2", "s"], ["y"], name="add")]
+    g = h.make_graph(nodes, "side_topk", [h.make_tensor_value_info("x", T.FLOAT, ["N", 16])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["N", 8])],
+                     [nh.from_array(rng.normal(0, 0.3, (16, 64)).astype(np.float32), "W1"),
+                      nh.from_array(rng.normal(0, 0.3, (64, 8)).astype(np.float32), "W2"),
+                      nh.from_array(np.array([2], np.int64), "K")])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    assert value_ordered_outputs(model) == set() and guard_outputs(model) == ["y"]
+    ordered = onnx.ModelProto()  # the same TopK's values as an output: ordered, as before
+    ordered.CopyFrom(model)
+    ordered.graph.output.append(h.make_tensor_value_info("tv", T.FLOAT, ["N", 2]))
+    assert value_ordered_outputs(ordered) == {"tv"}
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (96, 16)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress", "--eval-images", "0"]) == 0
+    check = json.loads((tmp_path / "o" / "ranges.json").read_text())["config"]["method_check"]
+    assert max(check["output_sqnr_db"].values()) < 59, check  # the output itself, not the cap
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "--npz",
+                 str(tmp_path / "d.npz"), "--no-progress"]) == 0
+    assert "TopK" not in capsys.readouterr().out
+
+
 def _nan_masked_model() -> onnx.ModelProto:
     """An output NaN by design where a mask is false (caustic-nmr's graph network: ``Where(mask,
     y, NaN)``)."""
