@@ -120,10 +120,9 @@ class CompareReport:
                 continue
             agree = f"{m.top1_agreement:.4f}" if m.top1_agreement is not None else "-"
             cos = ("-", "-") if math.isnan(m.cosine_mean) else (f"{m.cosine_mean:.5f}", f"{m.cosine_min:.5f}")
-            lines.append(
-                f"  {short_name(m.name, w):<{w}} {agree:>11} {cos[0]:>9} {cos[1]:>8} "
-                f"{m.sqnr_db:>8.2f} {m.max_abs_error:>11.4g}"
-            )
+            db = "-" if math.isnan(m.sqnr_db) else f"{m.sqnr_db:.2f}"  # nothing compared: no figure
+            err = "-" if math.isnan(m.max_abs_error) else f"{m.max_abs_error:.4g}"
+            lines.append(f"  {short_name(m.name, w):<{w}} {agree:>11} {cos[0]:>9} {cos[1]:>8} {db:>8} {err:>11}")
         for m in self.outputs:
             if m.match is not None:
                 lines.append(f"  note: {m.name!r} holds integers, flags or text (class ids, counts, labels): "
@@ -271,9 +270,13 @@ class _OutputStats:
     def result(self, value_ordered: bool = False, *, top1: bool = True, parts: Sequence[int] = (),
                few_values: bool = False) -> OutputMetrics:
         n = max(self.samples, 1)
+        # nothing compared (every batch's shapes differed): no error figure, not an error of 0
+        # (the eleventh probe: a script read compare --json's 0.0 as perfect agreement)
+        max_abs = self.max_abs if self.values else math.nan
+        mean_abs = self.abs_sum / self.values if self.values else math.nan
         if self.discrete:
-            return OutputMetrics(self.name, math.nan, math.nan, math.nan, self.max_abs,
-                                 self.abs_sum / max(self.values, 1), None, self.shape_differs, self.batches,
+            return OutputMetrics(self.name, math.nan, math.nan, math.nan, max_abs, mean_abs, None,
+                                 self.shape_differs, self.batches,
                                  self.equal / max(self.values, 1), self.equal_samples / n, value_ordered)
         if not self.samples:
             sqnr = math.nan
@@ -304,7 +307,7 @@ class _OutputStats:
             if self.classifier and self.samples and top1 else None
         return OutputMetrics(
             self.name, self.cos_sum / n if cos_ok else math.nan, self.cos_min if cos_ok else math.nan, sqnr,
-            self.max_abs, self.abs_sum / max(self.values, 1), agreement, self.shape_differs, self.batches,
+            max_abs, mean_abs, agreement, self.shape_differs, self.batches,
             value_ordered=value_ordered, worst_channel=worst, worst_channel_sqnr_db=worst_db,
             parts=list(parts) if part_db is not None else None, parts_sqnr_db=part_db,
             top1_per_position=self.per_position and self.classifier and bool(self.positions),

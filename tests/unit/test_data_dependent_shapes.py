@@ -45,6 +45,12 @@ def test_output_stats_leave_out_batches_whose_shapes_differ():
     only.update(a, a[:3])
     m = only.result()
     assert m.shape_differs == 1 and math.isnan(m.sqnr_db) and math.isnan(m.cosine_mean)
+    # nothing compared: no error figure (it read 0.0, which compare --json's readers took for a perfect match)
+    assert math.isnan(m.max_abs_error) and math.isnan(m.mean_abs_error)
+    from quantkit.compare import CompareReport
+
+    row = [line for line in CompareReport("r", "t", 4, [m]).table().splitlines() if "boxes" in line][0]
+    assert row.split()[1:] == ["-"] * 5, row
 
 
 def test_compare_and_debug_report_a_data_dependent_output(tmp_path, capsys):
