@@ -42,10 +42,15 @@ def check_feed(feed: dict[str, np.ndarray], specs: Sequence[TensorSpec]) -> None
             want = "x".join(str(d) if isinstance(d, int) else "?" for d in spec.shape) or "a single value (0-d)"
             only_batch = arr.ndim == len(spec.shape) and all(
                 not isinstance(d, int) or d == a for d, a in list(zip(spec.shape, arr.shape))[1:])
+            one_axis_short = arr.ndim == len(spec.shape) - 1 and all(
+                not isinstance(d, int) or d == a for d, a in zip(spec.shape[2:], arr.shape[1:]))
             raise ShapeMismatchError(
                 f"input {spec.name!r}: batch has shape {tuple(arr.shape)}, the model expects {want}",
                 hint=f"the model has a fixed batch size of {spec.shape[0]}; feed batches of that size" if only_batch
-                else "check the resize/crop/layout settings of the data source",
+                else "the data has one axis fewer than the model's input: an array of one sample saved without its "
+                     "batch axis is read as that many samples; save it as [1, ...] (x[None])" if one_axis_short
+                else "check the data's shape against the model input (images: the --resize/--crop/--layout settings; "
+                     "arrays: the shape of each sample after the batch axis)",
             )
 
 

@@ -164,9 +164,12 @@ def test_check_feed_messages():
     assert err.value.hint == "the model has a fixed batch size of 4; feed batches of that size"
     with pytest.raises(ShapeMismatchError, match=r"'x': batch has shape \(4, 8, 8, 3\)") as err:
         check_feed({**ok, "x": np.zeros((4, 8, 8, 3), np.float32)}, specs)
-    assert "resize/crop/layout" in err.value.hint
-    with pytest.raises(ShapeMismatchError, match=r"'m': batch has shape \(7,\), the model expects \?x5"):
+    assert "--resize/--crop/--layout" in err.value.hint and "each sample after the batch axis" in err.value.hint
+    with pytest.raises(ShapeMismatchError, match=r"'m': batch has shape \(7,\), the model expects \?x5") as err:
         check_feed({**ok, "m": np.zeros(7, bool)}, specs)
+    # the eleventh probe: one sample saved without its batch axis ([1024, 2] for ?x1024x2) was read as 1024
+    # samples, and the hint spoke of resizing images
+    assert "one axis fewer" in err.value.hint and "[1, ...]" in err.value.hint
 
 
 def test_runner_from_path_table(tmp_path, residual_model):
