@@ -249,9 +249,10 @@ class Calibrate:
             # files the calibration pass already reported are summed up once, below
             lines.append(replace(cmp, skipped=[s for s in cmp.skipped if s[0] not in known]).table())
             if not held_out:
+                what = "samples" if getattr(args, "npz", None) else "images"
                 lines.append("  note: " + ("--eval-dir is the calibration data" if args.eval_dir else
-                                           "no images left after calibration") + "; compared on calibration "
-                             "images, where the figures read higher than on images the calibration has not seen "
+                                           f"no {what} left after calibration") + f"; compared on calibration "
+                             f"{what}, where the figures read higher than on {what} the calibration has not seen "
                              "(--num-images below the data's count leaves some out, or --eval-dir gives others)")
             lost = [o for o in cmp.outputs if o.match is None and math.isfinite(o.sqnr_db) and o.sqnr_db < LOST_SQNR_DB]
             if lost:  # a model INT8 does not hold (a diffusion UNet's activations up to 1e8: 0.4 dB by every method)

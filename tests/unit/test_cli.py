@@ -329,3 +329,12 @@ def test_an_onnx_graphsurgeon_too_old_for_the_onnx_installed_is_named(monkeypatc
     assert rc == 1 and "onnx_graphsurgeon 0.5.8 found, quantkit needs >= 0.6.1" in err, err  # 1: the environment
     assert "onnx-graphsurgeon>=0.6.1" in err and "report it" not in err and "calibrating" not in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_calibrate_on_every_npz_sample_says_samples_not_images(residual_model, tmp_path, capsys):
+    onnx.save(residual_model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(24, 3, 8, 8)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "no samples left after calibration; compared on calibration samples" in out, out
