@@ -393,7 +393,10 @@ class NumpySource:
                             raise DatasetError(f"{str(p)!r}: array {k!r} is not readable: {err}") from err
                         raise DatasetError(f"{str(p)!r}: array {k!r} cannot be read without unpickling Python "
                                            f"objects ({err}); quantkit never runs code from a data file",
-                                           hint="save numeric arrays (np.savez with float/int arrays), and text as NumPy str arrays") from err
+                                           hint="save numeric arrays (np.savez with float/int arrays), and text as "
+                                                "NumPy str arrays; samples of different lengths (clips, sequences: a "
+                                                "list of arrays becomes an object array) need one length: cut or pad "
+                                                "them to it, or save a file for each length") from err
                     except _NUMPY_READ_ERRORS as err:
                         raise DatasetError(f"{str(p)!r}: array {k!r} is not readable: {err}") from err
                     if not isinstance(arrays[k], np.ndarray):  # a member that is not in NumPy's format: its bytes

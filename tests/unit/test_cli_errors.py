@@ -467,6 +467,10 @@ def _npz_case(root: Path, kind: str) -> Path:
     path = root / f"{kind}.npz"
     if kind == "object":  # a pickled object array: np.load must not run it
         np.savez(path, x=np.array([object()] * 10, dtype=object))
+    elif kind == "ragged":  # clips of different lengths (the eleventh probe's vocoder): an object array too
+        clips = np.empty(3, dtype=object)
+        clips[:] = [x[0, :, :, :n] for n in (4, 6, 8)]
+        np.savez(path, x=clips)
     elif kind == "truncated":
         np.savez(path, x=x)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -481,6 +485,7 @@ def _npz_case(root: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind, message", [
     ("object", r"'x' cannot be read without unpickling"),
+    ("ragged", r"'x' cannot be read without unpickling(.|\n)*different lengths .* cut or pad them"),
     ("truncated", r"is not a readable \.npy/\.npz file"),
     ("nan", r"input 'x': sample .*nan\.npz\[4\] has NaN values \(1 more in this batch\)"),
     ("inf", r"tensor 'r1' has Inf values in the batch of samples 0\.\.9, whose input 'x' has infinite values"),
