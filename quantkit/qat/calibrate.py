@@ -16,6 +16,7 @@ from torch import nn
 from quantkit.calibrators.methods import TensorRanges, all_ranges, check_method
 from quantkit.errors import DatasetError, InputError, ModelError
 from quantkit.qat import histogram
+from quantkit.qat.modules import QuantMixin
 from quantkit.qat.prepare import quantizers
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,30 @@ def _warm_up_and_capture(model: nn.Module, x: torch.Tensor,
     return graph, static
 
 
+def _leave_uncalled_in_float(model: nn.Module) -> list[str]:
+    """Turn off the quantizers of the quantized layers the calibration pass never called (their
+    weights used by another module's forward through ``F.linear``/``F.conv2d``: BEiT's and EVA's
+    attention read ``self.qkv.weight`` with their own bias), and of input quantizers that saw no
+    data and have no range: they stay in float, said in one warning; export refused them as never
+    calibrated. The names turned off."""
+    off = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantMixin):
+            q = m.input_quantizer
+            if q.enabled and q.histogram_ is None and not q.calibrated:
+                q.enabled = m.weight_quantizer.enabled = False
+                off.append(name)
+    for name, q in quantizers(model, inputs_only=True):  # the residual joins' quantizers
+        if q.enabled and q.histogram_ is None and not q.calibrated and not name.endswith(".input_quantizer"):
+            q.enabled = False
+            off.append(name)
+    if off:
+        log.warning("%d quantized layer(s) or quantizer(s) were not called in the calibration pass and stay in float "
+                    "(their weights used in another module's forward, e.g. through F.linear): %s", len(off),
+                    ", ".join(off[:6]) + (", ..." if len(off) > 6 else ""))
+    return off
+
+
 def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None, *, num_batches: int | None = None,
               percentile: float | None = None, on_batch: Callable[[int], None] | None = None,
               cuda_graph: bool | None = None, distributed: bool | None = None, align: bool = True) -> QatCalibration:
@@ -307,6 +332,7 @@ def calibrate(model: nn.Module, loader: Iterable[Any], method: str | None = None
     params = {"percentile": percentile if percentile is not None else config.percentile if config is not None else 99.99}
     batches = collect(model, loader, num_batches=num_batches, on_batch=on_batch, cuda_graph=cuda_graph,
                       distributed=distributed, align=align)
+    _leave_uncalled_in_float(model)
     ranges: dict[str, TensorRanges] = {}
     owners: dict[int, str] = {}
     shared: dict[str, str] = {}

@@ -465,3 +465,33 @@ def test_a_batchnorm_subclass_is_folded_only_where_the_outputs_stay(tmp_path, ca
     assert ops.count("BatchNormalization") == 2  # bn kept, free (batch statistics) never a candidate
     with torch.no_grad():
         assert abs(_exact_session(path).run(None, {"input": x.numpy()})[0] - m(x).numpy()).max() < 1e-4
+
+
+class FunctionalQkv(nn.Module):
+    """BEiT's / EVA's attention: the Linear's weight read through F.linear with a bias built in the
+    forward, so the quantized Linear's own forward never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(8))
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):  # noqa: ANN001
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.q_bias])
+        q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)
+        return self.proj((q.softmax(-1) * k).sum(-1, keepdim=True) * v)
+
+
+def test_a_layer_the_forward_never_calls_stays_in_float(tmp_path, caplog):
+    """timm's BEiT and EVA-02: export refused 'blocks.0.attn.qkv.input_quantizer was never calibrated'."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 8)
+    q = qq.prepare(FunctionalQkv().eval())
+    with caplog.at_level(logging.WARNING):
+        qq.calibrate(q, [x])
+    assert "1 quantized layer(s) or quantizer(s) were not called in the calibration pass" in caplog.text
+    assert "qkv" in caplog.text and not q.qkv.input_quantizer.enabled and q.proj.input_quantizer.enabled
+    path = qq.export_onnx(q, tmp_path / "m.onnx", x)
+    with torch.no_grad():
+        assert abs(_exact_session(path).run(None, {"input": x.numpy()})[0] - q(x).numpy()).max() < 1e-4
