@@ -34,7 +34,7 @@ from torch import nn
 from quantkit._io import write_bytes_atomic
 from quantkit.errors import InputError, ModelError, NotCalibratedError
 from quantkit.qat.calibrate import no_fastpath
-from quantkit.qat.modules import QuantMixin
+from quantkit.qat.modules import FunctionalQuantMixin, QuantMixin
 from quantkit.qat.prepare import is_plain_batchnorm, quantizers
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,27 @@ def _fold_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             log.warning("BatchNorm %s is not folded into %s: the outputs change (the convolution's output is read "
                         "elsewhere too)", p[1], p[0])
     return kept
+
+
+def _computed_weights(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, torch.Tensor]:
+    """The weight each ``FunctionalQuantMixin`` layer of ``model`` hands its weight quantizer (what its
+    own forward computes: timm's StdConv2d standardizes it), by id of the layer, from one run of the
+    example; freezing those quantizers to the parameter instead clipped the weight the layer reads."""
+    layers = [m for m in model.modules() if isinstance(m, FunctionalQuantMixin) and m.weight_quantizer.enabled]
+    if not layers:
+        return {}
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [m.weight_quantizer.register_forward_pre_hook(
+        lambda _q, inp, key=id(m): seen.setdefault(key, inp[0].detach())) for m in layers]
+    try:
+        with torch.no_grad(), no_fastpath():
+            model(*args, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:  # the example input does not fit the model
+        raise _does_not_run(err) from err
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 def _tensor_paths(out: Any) -> list[tuple[Any, ...]]:
@@ -426,9 +447,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
         folded += fold_batchnorm_by_run(m, args, kwargs)
     except (RuntimeError, TypeError, ValueError) as err:  # the example input does not fit the model
         raise _does_not_run(err) from err
+    computed = _computed_weights(m, args, kwargs) if quantized else {}
     for layer in m.modules():
         if isinstance(layer, QuantMixin) and layer.weight_quantizer.enabled and quantized:
-            layer.weight_quantizer.freeze_to(layer.weight)  # type: ignore[attr-defined]
+            # a layer whose forward computes its weight (a standardized one) is fixed to what it computes
+            layer.weight_quantizer.freeze_to(computed.get(id(layer), layer.weight))  # type: ignore[attr-defined]
     n_in = len(args) + len(kwargs)
     input_names = input_names or (["input"] if n_in == 1 and args else
                                   [*(f"input_{i}" for i in range(len(args))), *kwargs])

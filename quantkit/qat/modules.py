@@ -9,6 +9,9 @@ optimizers, state dicts and BatchNorm folding see the usual ``weight`` and ``bia
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -98,7 +101,81 @@ class QuantLinear(QuantMixin, nn.Linear):
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
 
-#: float layer type -> quantized type (exact types: subclasses of these are not swapped)
+#: the torch.nn.functional calls a layer subclass's own forward makes its computation with
+_FUNCTIONAL = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear")
+_intercepting = threading.local()  # this thread's stack of [layer, its call made]
+_patch_lock = threading.Lock()
+_patch_users = 0
+_originals: dict[str, Any] = {}
+
+
+def _intercepted(name: str) -> Any:
+    original = _originals[name]
+
+    def call(input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        active = getattr(_intercepting, "stack", None)
+        if active and not active[-1][1]:
+            active[-1][1] = True
+            q = active[-1][0]
+            return original(q.input_quantizer(input), q.weight_quantizer(weight), *args, **kwargs)
+        return original(input, weight, *args, **kwargs)
+    return call
+
+
+@contextlib.contextmanager
+def _quantized_call(layer: "FunctionalQuantMixin") -> Iterator[None]:
+    """While ``layer``'s forward runs, its first ``F.conv*``/``F.linear`` call reads its input and
+    weight through ``layer``'s quantizers: the functions are patched in torch.nn.functional while
+    any such forward runs (counted, under a lock), and act only for the thread whose layer is
+    running; every other call passes through."""
+    global _patch_users
+    stack = getattr(_intercepting, "stack", None)
+    if stack is None:
+        stack = _intercepting.stack = []
+    with _patch_lock:
+        if _patch_users == 0:
+            _originals.update({name: getattr(F, name) for name in _FUNCTIONAL})
+            for name in _FUNCTIONAL:
+                setattr(F, name, _intercepted(name))
+        _patch_users += 1
+    stack.append([layer, False])
+    try:
+        yield
+    finally:
+        stack.pop()
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                for name in _FUNCTIONAL:
+                    setattr(F, name, _originals[name])
+
+
+class FunctionalQuantMixin(QuantMixin):
+    """A quantized subclass of a Conv/Linear subclass with its own forward (timm's StdConv2d and
+    ScaledStdConv2d, which standardize the weight first, Conv2dSame, which pads first, timm's
+    Linear): that forward runs as written, and the first ``F.conv*``/``F.linear`` call it makes
+    takes its input and weight through the quantizers (the weight it computes: a standardized
+    weight is quantized as the convolution reads it)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with _quantized_call(self):
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+
+_FUNCTIONAL_TYPES: dict[type, type] = {}
+
+
+def functional_quant_type(cls: type) -> type:
+    """The quantized form of ``cls``, a subclass of a ``QUANT_TYPES`` layer with its own forward
+    (made once per class)."""
+    if cls not in _FUNCTIONAL_TYPES:
+        axis = 1 if issubclass(cls, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+        _FUNCTIONAL_TYPES[cls] = type(f"Quant{cls.__name__}", (FunctionalQuantMixin, cls),
+                                      {"weight_axis": axis, "__module__": cls.__module__})
+    return _FUNCTIONAL_TYPES[cls]
+
+
+#: float layer type -> quantized type (exact types; a subclass with its own forward: functional_quant_type)
 QUANT_TYPES: dict[type, type] = {
     nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
     nn.ConvTranspose1d: QuantConvTranspose1d, nn.ConvTranspose2d: QuantConvTranspose2d,

@@ -34,7 +34,7 @@ from torch import nn
 from quantkit.calibrators.collectors import check_num_bins
 from quantkit.errors import InputError, ModelError, check_fields, check_names
 from quantkit.qat._cuda_fq import WeightBank
-from quantkit.qat.modules import QUANT_TYPES, QuantMixin
+from quantkit.qat.modules import QUANT_TYPES, FunctionalQuantMixin, QuantMixin, functional_quant_type
 from quantkit.qat.quantizer import TensorQuantizer
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def prepare(model: nn.Module, config: QatConfig = QatConfig(), *, inplace: bool 
     target.qat_config_ = config  # what calibrate applies unless told otherwise
     bank = WeightBank(distributed=config.weight_bank_distributed)  # on CUDA, every weight fake-quantized in one launch a step
     for m in target.modules():
-        if isinstance(m, QuantMixin):
+        if isinstance(m, QuantMixin) and not isinstance(m, FunctionalQuantMixin):  # (those quantize a weight they compute)
             bank.add(m.weight_quantizer, m)
     log.info("quantized %d layers", len(swapped))
     return target
@@ -162,7 +162,7 @@ def _check_disable_patterns(model: nn.Module, config: QatConfig) -> None:
     quantized after all): refused, naming the closest layer names."""
     import difflib
 
-    layers = [n for n, m in model.named_modules(remove_duplicate=False) if n and _plain_type(m) in QUANT_TYPES]
+    layers = [n for n, m in model.named_modules(remove_duplicate=False) if n and isinstance(m, tuple(QUANT_TYPES))]
     for pattern in config.disable:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
             close = difflib.get_close_matches(pattern, layers, n=3, cutoff=0.5) or layers[:3]
@@ -197,7 +197,7 @@ def _swap_layers(model: nn.Module, config: QatConfig) -> list[str]:
                 continue
             if id(child) not in done:
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
-                qtype = QUANT_TYPES.get(_plain_type(child))
+                qtype = _quant_type(child, parent)
                 quantized = None if qtype is None or any(_disabled(n, child, config) for n in names[id(child)]) else \
                     _quantized(qtype, child, config.num_bins)
                 done[id(child)] = child, quantized
@@ -207,6 +207,26 @@ def _swap_layers(model: nn.Module, config: QatConfig) -> list[str]:
             if quantized is not None:
                 setattr(parent, child_name, quantized)
     return swapped
+
+
+def _quant_type(m: nn.Module, parent: nn.Module) -> type | None:
+    """The quantized class for layer ``m``: ``QUANT_TYPES``' for PyTorch's own layers (and a
+    parametrized one's), ``functional_quant_type``'s for a subclass with its own forward; None for
+    anything else, a layer already quantized, and nn.MultiheadAttention's out_proj (its parent
+    computes with its weight; ``_say_left_in_float`` names the attention)."""
+    qtype = QUANT_TYPES.get(_plain_type(m))
+    if qtype is not None:
+        return qtype
+    if isinstance(m, tuple(QUANT_TYPES)) and not isinstance(m, QuantMixin) and \
+            not isinstance(parent, nn.MultiheadAttention) and not _parametrized(m):
+        return functional_quant_type(type(m))
+    return None
+
+
+def _parametrized(m: nn.Module) -> bool:
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(m)
 
 
 def _plain_type(m: nn.Module) -> type:
@@ -240,7 +260,7 @@ def _quantized(qtype: type, layer: nn.Module, num_bins: int) -> nn.Module:
 def _say_left_in_float(model: nn.Module, config: QatConfig) -> None:
     """Warn about the layers ``prepare`` cannot quantize: nn.MultiheadAttention (PyTorch computes
     its projections in ``F.multi_head_attention_forward`` from its parameters, not through its
-    Linear modules) and subclasses of the quantizable layers (their forward is their own)."""
+    Linear modules) and subclasses of the quantizable layers left in float (a parametrized one)."""
     attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                  and not _disabled(n, m, config)]
     inside = tuple(f"{n}." for n in attention)
@@ -256,7 +276,7 @@ def _say_left_in_float(model: nn.Module, config: QatConfig) -> None:
                     "own evaluation", len(attention),
                     ", ".join(attention[:3]) + (", ..." if len(attention) > 3 else ""))
     if others:
-        log.warning("%d layer(s) subclassing Conv/Linear with their own forward stay in floating point: %s",
+        log.warning("%d layer(s) subclassing Conv/Linear stay in floating point: %s",
                     len(others), ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))
 
 

@@ -495,3 +495,58 @@ def test_a_layer_the_forward_never_calls_stays_in_float(tmp_path, caplog):
     path = qq.export_onnx(q, tmp_path / "m.onnx", x)
     with torch.no_grad():
         assert abs(_exact_session(path).run(None, {"input": x.numpy()})[0] - q(x).numpy()).max() < 1e-4
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d (BiT, NFNet): the weight standardized in the forward, then F.conv2d."""
+
+    def forward(self, x):  # noqa: ANN001
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame (TF-ported EfficientNets): pads, then the Conv2d's own forward."""
+
+    def forward(self, x):  # noqa: ANN001
+        return super().forward(F.pad(x, [1, 1, 1, 1]))
+
+
+class HeadLinear(nn.Linear):
+    """timm's Linear: F.linear in its own forward."""
+
+    def forward(self, x):  # noqa: ANN001
+        return F.linear(x, self.weight, self.bias)
+
+
+def test_conv_and_linear_subclasses_with_their_own_forward_are_quantized(tmp_path):
+    """They stayed in float (a BiT model exported 2 QuantizeLinear nodes of 108): their forward now
+    runs as written, its F.conv2d/F.linear call reads input and weight through the quantizers, and
+    a computed (standardized) weight's quantizer is fixed to what the forward computes."""
+    import copy
+
+    import numpy as np
+
+    from quantkit.cli import main
+
+    torch.manual_seed(0)
+    m = nn.Sequential(StdConv2d(3, 8, 3, padding=1), nn.ReLU(), Conv2dSame(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                      HeadLinear(8 * 16 * 16, 10)).eval()
+    x = torch.randn(4, 3, 16, 16)
+    q = qq.prepare(m)
+    assert all(isinstance(q[i], QuantMixin) and isinstance(q[i], type(m[i])) for i in (0, 2, 5))
+    qq.calibrate(q, [x, torch.randn(4, 3, 16, 16)])
+    assert all(q[i].input_quantizer.calibrated for i in (0, 2, 5))
+    int8 = qq.export_onnx(q, tmp_path / "m.qat.onnx", x)
+    fp32 = qq.export_onnx(q, tmp_path / "m.fp32.onnx", x, quantized=False)
+    assert [n.op_type for n in onnx.load(str(int8)).graph.node].count("QuantizeLinear") == 6
+    with torch.no_grad():
+        want = q(x).numpy()
+        assert torch.equal(copy.deepcopy(q)(x), q(x))
+    # the standardized weight's scale from the weight the forward computes (from the parameter: 1.5 apart)
+    assert abs(_exact_session(int8).run(None, {"input": x.numpy()})[0] - want).max() < 1e-3
+    assert F.conv2d is torch.conv2d and F.linear is torch._C._nn.linear  # the patch is undone after each forward
+    np.save(tmp_path / "x.npy", torch.randn(8, 3, 16, 16).numpy())
+    assert main(["debug", str(fp32), str(int8), "--npz", str(tmp_path / "x.npy"), "--no-progress",
+                 "-o", str(tmp_path / "dbg")]) == 0
