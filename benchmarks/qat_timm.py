@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 
 MODELS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "convnext_atto", "efficientnet_b0", "mobilenetv3_small_100",
-          "resnet18", "regnetx_002", "levit_128s", "mobilevit_xxs", "swin_tiny_patch4_window7_224"]
+          "resnet18", "regnetx_002", "levit_128s", "mobilevit_xxs", "swin_tiny_patch4_window7_224",
+          # subclasses with their own forward (StdConv2d, ScaledStdConv2d, Conv2dSame), BEiT's functional qkv, ...
+          "resnetv2_50x1_bit", "nf_resnet26", "tf_efficientnet_b0", "beit_base_patch16_224", "eva02_tiny_patch14_224",
+          "repvgg_a0", "ghostnet_100", "rexnet_100", "hrnet_w18_small", "cspdarknet53", "dla34", "poolformer_s12",
+          "efficientformer_l1", "coat_lite_tiny", "pvt_v2_b0", "fastvit_t8", "edgenext_xx_small", "hgnetv2_b0",
+          "densenet121", "inception_v3"]
 
 
 def run(name: str, work: Path) -> str:
