@@ -161,8 +161,20 @@ class FunctionalQuantMixin(QuantMixin):
         with _quantized_call(self):
             return super().forward(*args, **kwargs)  # type: ignore[misc]
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # the class is made at run time (functional_quant_type): pickled as the user's class it
+        # wraps, made again on loading (torch.save of a whole prepared model; deepcopy alike)
+        state = self.__getstate__() if hasattr(self, "__getstate__") else self.__dict__
+        return _made_again, (type(self).__bases__[1],), state
+
 
 _FUNCTIONAL_TYPES: dict[type, type] = {}
+
+
+def _made_again(cls: type) -> Any:
+    """An empty instance of ``functional_quant_type(cls)`` for pickle to fill."""
+    made = functional_quant_type(cls)
+    return made.__new__(made)
 
 
 def functional_quant_type(cls: type) -> type:

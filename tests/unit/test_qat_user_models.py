@@ -525,6 +525,7 @@ def test_conv_and_linear_subclasses_with_their_own_forward_are_quantized(tmp_pat
     runs as written, its F.conv2d/F.linear call reads input and weight through the quantizers, and
     a computed (standardized) weight's quantizer is fixed to what the forward computes."""
     import copy
+    import io
 
     import numpy as np
 
@@ -544,6 +545,10 @@ def test_conv_and_linear_subclasses_with_their_own_forward_are_quantized(tmp_pat
     with torch.no_grad():
         want = q(x).numpy()
         assert torch.equal(copy.deepcopy(q)(x), q(x))
+        buf = io.BytesIO()
+        torch.save(q, buf)  # the generated classes pickle as the user's classes they wrap
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(x), q(x))
     # the standardized weight's scale from the weight the forward computes (from the parameter: 1.5 apart)
     assert abs(_exact_session(int8).run(None, {"input": x.numpy()})[0] - want).max() < 1e-3
     assert F.conv2d is torch.conv2d and F.linear is torch._C._nn.linear  # the patch is undone after each forward
