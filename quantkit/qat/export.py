@@ -34,7 +34,7 @@ from torch import nn
 from quantkit._io import write_bytes_atomic
 from quantkit.errors import InputError, ModelError, NotCalibratedError
 from quantkit.qat.calibrate import no_fastpath
-from quantkit.qat.modules import FunctionalQuantMixin, QuantMixin
+from quantkit.qat.modules import QUANT_TYPES, FunctionalQuantMixin, QuantMixin
 from quantkit.qat.prepare import is_plain_batchnorm, quantizers
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def fold_batchnorm(model: nn.Module) -> int:
                 continue
             src = node.args[0]
             conv = modules.get(str(src.target)) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
-            if not _is_conv(conv) or len(src.users) != 1:
+            if not _plain_conv(conv) or len(src.users) != 1:
                 continue
             if max(calls[id(conv)], names[id(conv)]) > 1 or max(calls[id(bn)], names[id(bn)]) > 1:
                 log.warning("BatchNorm %s is not folded into %s: the %s is used more than once (shared weights)",
@@ -82,7 +82,7 @@ def fold_batchnorm(model: nn.Module) -> int:
         if isinstance(parent, nn.Sequential):
             children = list(parent.named_children())
             for (a_name, a), (bn_name, b) in zip(children, children[1:]):
-                if _is_conv(a) and is_plain_batchnorm(b):
+                if _plain_conv(a) and is_plain_batchnorm(b):
                     if names[id(a)] > 1 or names[id(b)] > 1:
                         log.warning("BatchNorm %s is not folded into %s: one of them is used more than once (shared "
                                     "weights)", bn_name, a_name)
@@ -187,8 +187,10 @@ def _fold_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             kept += 1
         else:
             unfold(d)
-            log.warning("BatchNorm %s is not folded into %s: the outputs change (the convolution's output is read "
-                        "elsewhere too)", p[1], p[0])
+            conv = model.get_submodule(p[0])
+            why = "its forward transforms its weight (a standardized weight takes no scale)" \
+                if isinstance(conv, FunctionalQuantMixin) else "the convolution's output is read elsewhere too"
+            log.warning("BatchNorm %s is not folded into %s: the outputs change (%s)", p[1], p[0], why)
     return kept
 
 
@@ -251,6 +253,15 @@ def _tensor_outputs_only(m: nn.Module) -> None:
 def _flat_outputs(out: Any) -> list[torch.Tensor]:
     """The tensors of a forward's output (a tensor, tuples, lists, dicts), flattened."""
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _plain_conv(m: Any) -> bool:
+    """A convolution whose forward is PyTorch's own (or quantkit's quantized form of it): folding a
+    BatchNorm's scale into its weight is exact. A subclass with its own forward (timm's StdConv2d
+    standardizes its weight, undoing the scale: a blind fold changed the model) is left to
+    ``fold_batchnorm_by_run``, which keeps a fold only where the outputs stay."""
+    return _is_conv(m) and not isinstance(m, FunctionalQuantMixin) and (isinstance(m, QuantMixin)
+                                                                       or type(m) in QUANT_TYPES)
 
 
 def _is_conv(m: Any) -> bool:

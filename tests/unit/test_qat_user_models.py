@@ -555,3 +555,18 @@ def test_conv_and_linear_subclasses_with_their_own_forward_are_quantized(tmp_pat
     np.save(tmp_path / "x.npy", torch.randn(8, 3, 16, 16).numpy())
     assert main(["debug", str(fp32), str(int8), "--npz", str(tmp_path / "x.npy"), "--no-progress",
                  "-o", str(tmp_path / "dbg")]) == 0
+
+
+def test_a_batchnorm_after_a_weight_standardizing_conv_stays_and_says_why(tmp_path, caplog):
+    torch.manual_seed(0)
+    m = nn.Sequential(StdConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    m[1].running_mean.uniform_(-1, 1), m[1].running_var.uniform_(0.5, 2), m[1].weight.data.uniform_(0.5, 1.5)
+    m.eval()
+    x = torch.randn(4, 3, 16, 16)
+    q = qq.prepare(m)
+    qq.calibrate(q, [x])
+    with caplog.at_level(logging.WARNING):
+        path = qq.export_onnx(q, tmp_path / "m.onnx", x, quantized=False)
+    assert "BatchNorm 1 is not folded into 0: the outputs change (its forward transforms its weight" in caplog.text
+    with torch.no_grad():
+        assert abs(_exact_session(path).run(None, {"input": x.numpy()})[0] - m(x).numpy()).max() < 1e-4
