@@ -415,9 +415,10 @@ def noise_signal_by_part(ref: np.ndarray, test: np.ndarray, parts: Sequence[int]
     """``_noise_signal`` and, where it weighs ``parts``, each sample's noise power per part
     ([N, parts]; None otherwise): the fallback's sqnr budget holds each part to it."""
     if np.shape(ref) != np.shape(test):
-        one = (lambda a: list(np.shape(a))[1:]) if np.ndim(ref) and np.shape(ref)[0] == 1 else \
-            (lambda a: list(np.shape(a)))  # one sample's: the axis quantkit adds to a model without one is not the model's
-        raise InputError(f"the model's first output has a data-dependent shape (FP32 {one(ref)}, INT8 {one(test)}: "
+        # a batch of one is shown as its sample (the axis quantkit adds to a model without one is not the model's)
+        k = 1 if np.ndim(ref) and np.shape(ref)[0] == 1 else 0
+        raise InputError(f"the model's first output has a data-dependent shape (FP32 {list(np.shape(ref))[k:]}, INT8 "
+                         f"{list(np.shape(test))[k:]}: "
                          "e.g. the boxes NonMaxSuppression keeps, or a generated waveform's length); the sensitivity "
                          "ranking and --max-drop compare the first output sample by sample",
                          hint="make an output of fixed shape the first one (a detector's raw boxes and scores before "

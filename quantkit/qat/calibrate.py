@@ -294,8 +294,8 @@ def _leave_uncalled_in_float(model: nn.Module) -> list[str]:
             if q.enabled and q.histogram_ is None and not q.calibrated:
                 q.enabled = m.weight_quantizer.enabled = False
                 off.append(name)
-    for name, q in quantizers(model, inputs_only=True):  # the residual joins' quantizers
-        if q.enabled and q.histogram_ is None and not q.calibrated and not name.endswith(".input_quantizer"):
+    for name, q in quantizers(model, inputs_only=True):  # what is left: the residual joins' quantizers
+        if q.enabled and q.histogram_ is None and not q.calibrated:
             q.enabled = False
             off.append(name)
     if off:

@@ -18,13 +18,14 @@ per-channel symmetric weights: scaling channel c by s_c scales its amax by |s_c|
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
 import io
 import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,25 @@ def fold_batchnorm_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[
     float rounding flips added up to more than the noise on timm's EfficientNet-B0 and
     MobileNetV3 (random weights), so the Q/DQ export kept BatchNorms that its float twin folded,
     and ``quantkit debug`` could not pair the two. Returns how many were folded."""
+    with _passed_through(model):
+        return _fold_by_run(model, args, kwargs)
+
+
+@contextlib.contextmanager
+def _passed_through(model: nn.Module) -> Iterator[None]:
+    """Every quantizer of ``model`` passed through for the block, then as it was."""
+    enabled = [(q, q.enabled) for _, q in quantizers(model)]
+    for q, _ in enabled:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, on in enabled:
+            q.enabled = on
+
+
+def _fold_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """``fold_batchnorm_by_run``'s runs and folds, its quantizers passed through."""
     names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     convs = {n: m for n, m in model.named_modules() if _is_conv(m) and names[id(m)] == 1}
     bns = {n: m for n, m in model.named_modules() if _foldable_batchnorm(m) and names[id(m)] == 1}
@@ -120,19 +140,6 @@ def fold_batchnorm_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[
     hooks = [m.register_forward_hook(lambda _m, _i, o, n=n: outs[n].append(o)) for n, m in convs.items()]
     hooks += [m.register_forward_hook(lambda _m, i, _o, n=n: ins[n].append(i[0] if i else None))
               for n, m in bns.items()]
-    enabled = [(q, q.enabled) for _, q in quantizers(model)]
-    for q, _ in enabled:
-        q.enabled = False
-    try:
-        return _fold_by_run(model, args, kwargs, hooks, outs, ins)
-    finally:
-        for q, on in enabled:
-            q.enabled = on
-
-
-def _fold_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], hooks: list[Any],
-                 outs: dict[str, list[torch.Tensor]], ins: dict[str, list[torch.Tensor]]) -> int:
-    """``fold_batchnorm_by_run``'s runs and folds, its quantizers passed through."""
     try:
         with torch.no_grad(), no_fastpath():
             before = _flat_outputs(model(*args, **kwargs))
@@ -194,25 +201,21 @@ def _fold_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return kept
 
 
-def _computed_weights(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, torch.Tensor]:
-    """The weight each ``FunctionalQuantMixin`` layer of ``model`` hands its weight quantizer (what its
-    own forward computes: timm's StdConv2d standardizes it), by id of the layer, from one run of the
-    example; freezing those quantizers to the parameter instead clipped the weight the layer reads."""
-    layers = [m for m in model.modules() if isinstance(m, FunctionalQuantMixin) and m.weight_quantizer.enabled]
-    if not layers:
-        return {}
+@contextlib.contextmanager
+def _computed_weights(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """For the runs in the block: the weight each enabled ``FunctionalQuantMixin`` layer of ``model``
+    hands its weight quantizer (what its own forward computes: timm's StdConv2d standardizes it),
+    by id of the layer; freezing those quantizers to the parameter instead clipped the weight the
+    layer reads."""
     seen: dict[int, torch.Tensor] = {}
+    layers = [m for m in model.modules() if isinstance(m, FunctionalQuantMixin) and m.weight_quantizer.enabled]
     hooks = [m.weight_quantizer.register_forward_pre_hook(
         lambda _q, inp, key=id(m): seen.setdefault(key, inp[0].detach())) for m in layers]
     try:
-        with torch.no_grad(), no_fastpath():
-            model(*args, **kwargs)
-    except (RuntimeError, TypeError, ValueError) as err:  # the example input does not fit the model
-        raise _does_not_run(err) from err
+        yield seen
     finally:
         for h in hooks:
             h.remove()
-    return seen
 
 
 def _tensor_paths(out: Any) -> list[tuple[Any, ...]]:
@@ -269,10 +272,8 @@ def _is_conv(m: Any) -> bool:
 
 
 def _foldable_batchnorm(m: nn.Module) -> bool:
-    """PyTorch's BatchNorms, and subclasses of them that normalize with running statistics (in eval
-    mode: their fold is checked by a run, ``fold_batchnorm_by_run``)."""
-    if is_plain_batchnorm(m):
-        return not m.training
+    """PyTorch's BatchNorms and subclasses of them that normalize with running statistics, in eval
+    mode (their fold is checked by a run, ``fold_batchnorm_by_run``)."""
     return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None \
         and m.running_var is not None and not m.training
 
@@ -458,19 +459,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: A
         folded += fold_batchnorm_by_run(m, args, kwargs)
     except (RuntimeError, TypeError, ValueError) as err:  # the example input does not fit the model
         raise _does_not_run(err) from err
-    computed = _computed_weights(m, args, kwargs) if quantized else {}
-    for layer in m.modules():
-        if isinstance(layer, QuantMixin) and layer.weight_quantizer.enabled and quantized:
-            # a layer whose forward computes its weight (a standardized one) is fixed to what it computes
-            layer.weight_quantizer.freeze_to(computed.get(id(layer), layer.weight))  # type: ignore[attr-defined]
     n_in = len(args) + len(kwargs)
     input_names = input_names or (["input"] if n_in == 1 and args else
                                   [*(f"input_{i}" for i in range(len(args))), *kwargs])
     try:
-        with torch.no_grad(), no_fastpath():
+        with _computed_weights(m) as computed, torch.no_grad(), no_fastpath():
             out = m(*args, **kwargs)
     except (RuntimeError, TypeError, ValueError) as err:  # the example input does not fit the model
         raise _does_not_run(err) from err
+    for layer in m.modules():
+        if isinstance(layer, QuantMixin) and layer.weight_quantizer.enabled and quantized:
+            # a layer whose forward computes its weight (a standardized one) is fixed to what it computes
+            layer.weight_quantizer.freeze_to(computed.get(id(layer), layer.weight))  # type: ignore[attr-defined]
     paths = _tensor_paths(out)
     if len(paths) < len(torch.utils._pytree.tree_leaves(out)):
         # None, numbers or strings beside the tensors (an aux head's None in eval): the exporter keeps
