@@ -195,6 +195,11 @@ class _PointStats:
         self.acc_sig += float((x * x).sum())
 
 
+#: a weight's output channel whose power is at most this share of its strongest channel's is dead
+#: (pruned): left out of the worst channels (``WeightError.dead_channels``)
+DEAD_CHANNEL_POWER = 1e-20
+
+
 def _db(sig: float, noise: float) -> float:
     """10 log10(sig / noise): inf without noise, -inf without signal or with infinite noise (an
     attention mask's -inf where the INT8 model has a finite value: ONNX Runtime's MiniLM), NaN
@@ -252,6 +257,9 @@ class WeightError:
     #: "weight", or "bias" for a bias stored as int32 (ONNX Runtime's: its scale the input's times
     #: the weight's, a few channels far below the rest whenever the input scale is coarse)
     kind: str = "weight"
+    #: output channels left out of the worst ones: their power is under ``DEAD_CHANNEL_POWER`` of
+    #: the weight's strongest channel (pruned channels, exported as denormals or zeros)
+    dead_channels: int = 0
 
 
 @dataclass(frozen=True)
@@ -312,8 +320,9 @@ class DebugReport:
                          "ranks it; `--exclude` its readers)")
         worst_w = sorted(self.weights, key=lambda w: (w.worst_channel_sqnr_db, w.sqnr_db))[:3]
         for w in worst_w:
+            dead = (f"; {w.dead_channels} dead channel(s) left out, their weights ~0" if w.dead_channels else "")
             lines.append(f"  {w.kind} {short_name(w.tensor)}: {w.sqnr_db:.2f} dB, worst channel {w.worst_channel_sqnr_db:.2f} dB "
-                         f"(channels {w.worst_channels})")
+                         f"(channels {w.worst_channels}{dead})")
         for o in self.outputs:
             differs = getattr(o, "shape_differs", 0)
             if differs and differs == getattr(o, "batches", 0):
@@ -558,11 +567,16 @@ def weight_errors(fp32: onnx.ModelProto, int8: onnx.ModelProto, points: Iterable
             w, deq = w.reshape(1), deq.reshape(1)
         axis = p.axis if p.axis is not None else _output_channel_axis([nodes.get(c) for c in p.consumers], w.ndim)
         wc, dc = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), np.moveaxis(deq, axis, 0).reshape(w.shape[axis], -1)
-        per = np.array([_db(float((a * a).sum()), float(((b - a) ** 2).sum())) for a, b in zip(wc, dc)])
-        order = np.argsort(per, kind="stable")[:3]
+        power = (wc * wc).sum(axis=1)
+        per = np.array([_db(float(s), float(((b - a) ** 2).sum())) for s, a, b in zip(power, wc, dc)])
+        # a pruned channel (Paddle writes its weights as denormals, 1e-40) rounds to 0 at any scale: its
+        # SQNR is 0 dB, and its output is 0 either way; the worst channels are those that carry signal
+        dead = power <= DEAD_CHANNEL_POWER * power.max() if power.max() > 0 else np.zeros(len(power), bool)
+        live = np.flatnonzero(~dead) if not dead.all() else np.arange(len(per))
+        order = live[np.argsort(per[live], kind="stable")[:3]]
         bias = p.stored is not None and iconsts[p.stored].dtype == np.int32
-        out.append(WeightError(name, p.depth, total, float(per.min()), [int(i) for i in order], p.consumers,
-                               "bias" if bias else "weight"))
+        out.append(WeightError(name, p.depth, total, float(per[live].min()), [int(i) for i in order], p.consumers,
+                               "bias" if bias else "weight", int(dead.sum()) if len(live) < len(per) else 0))
     return out
 
 

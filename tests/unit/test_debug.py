@@ -114,6 +114,32 @@ def test_a_one_column_weight_is_one_channel(tmp_path):
     assert head.sqnr_db > 30
 
 
+def test_pruned_channels_are_not_the_worst_channels(tmp_path):
+    """A pruned output channel (Paddle exports its weights as denormals, 1e-40) rounds to 0 at any
+    scale: it read 0.00 dB and took the worst-channel slots of PP-OCRv4's recogniser, hiding the
+    channels that carry signal."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quantkit.datasets import NumpySource
+
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32)
+    w[[2, 5]] = np.float32(3e-40) * np.sign(w[[2, 5]])
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "pruned",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
+                          [numpy_helper.from_array(w, "w")])
+    fp32 = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (32, 4, 8, 8)).astype(np.float32))
+    src = NumpySource(tmp_path / "d.npz")
+    int8 = quantize(fp32, src, QuantizeConfig(export=ExportConfig(method_check=False))).int8_model()
+    rep = layerwise_error(fp32, int8, Batcher(src, ["x"], 16))
+    (we,) = [e for e in rep.weights if e.kind == "weight"]
+    assert we.dead_channels == 2 and not {2, 5} & set(we.worst_channels)
+    assert we.worst_channel_sqnr_db > 30
+    assert "2 dead channel(s) left out" in rep.table()
+
+
 def test_onnxruntime_qdq_model_is_read_too(models, tmp_path):
     """ONNX Runtime's Q/DQ format: weights stored as int8 initializers, outputs renamed."""
     from onnxruntime.quantization import QuantFormat, QuantType
