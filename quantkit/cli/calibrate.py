@@ -200,6 +200,10 @@ class Calibrate:
                 held_out = bool(drawn.rest)
                 eval_idx = (drawn.rest or drawn.indices)[: args.eval_images]
         budget = _budget(args, prepared.model, eval_source, eval_idx)  # before the work: labels, metric
+        if budget is not None:  # an error output of data-dependent shape: refused before the calibration
+            from quantkit.debug.fallback import check_fixed_output
+
+            check_fixed_output(prepared.model, prepared.specs, eval_source, eval_idx, config.run, budget.output)
         if budget is not None and budget.drop_metric == "accuracy" and mismatch:
             from quantkit.errors import InputError
 

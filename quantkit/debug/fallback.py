@@ -608,6 +608,30 @@ def _ranker_for(scales: QdqScales, eval_source: "Source", idx: Sequence[int], ra
 
 
 
+def check_fixed_output(model: onnx.ModelProto, specs: Sequence[Any], source: "Source", indices: Sequence[int],
+                       run: Any, output: str | None = None) -> None:
+    """Refuse, before any calibration, an error output (``error_output(model, output)``) whose shape
+    follows the values: the FP32 model's output on the first two evaluation samples, run one at a
+    time, has two shapes where their inputs have one (the boxes NonMaxSuppression keeps). The
+    fallback compares that output sample by sample and found out only after the calibration."""
+    from quantkit.backends.onnxruntime import OrtRunner
+    from quantkit.debug.sensitivity import _sample_shape, data_dependent_shape_error
+    from quantkit.ptq import RunConfig, evaluation_batches
+
+    if len(indices) < 2:
+        return
+    name = error_output(model, output)
+    seen: list[tuple[Any, list[int]]] = []
+    batches = evaluation_batches(source, specs, list(indices[:2]), RunConfig(batch_size=1, threads=run.threads))
+    with OrtRunner(model, threads=run.threads) as r:
+        for b in batches:
+            inputs = tuple(sorted((k, np.shape(v)) for k, v in b.feed.items()))
+            seen.append((inputs, _sample_shape(r.infer(b.feed, b.batch_axes)[name])))
+    if len(seen) == 2 and seen[0][0] == seen[1][0] and seen[0][1] != seen[1][1]:
+        raise data_dependent_shape_error(f"{name!r} is {seen[0][1]} on one evaluation sample and {seen[1][1]} on the "
+                                         "next, of the same input shape")
+
+
 def drop_metric_for(model: onnx.ModelProto, output: str, metric: str | None, source: "Source",
                     indices: Sequence[int]) -> str:
     """``resolve_drop_metric`` for the graph output ``output`` of ``model``: its declared shape and

@@ -410,20 +410,30 @@ def _noise_signal(ref: np.ndarray, test: np.ndarray, parts: Sequence[int] = (),
     return n, s
 
 
+def _sample_shape(x: Any) -> list[int]:
+    """``x``'s shape, a batch of one shown as its sample (the axis quantkit adds to a model without
+    one is not the model's)."""
+    k = 1 if np.ndim(x) and np.shape(x)[0] == 1 else 0
+    return list(np.shape(x))[k:]
+
+
+def data_dependent_shape_error(shapes: str) -> InputError:
+    """The error for an error output whose shape follows the values (``shapes``: the two shapes seen)."""
+    return InputError(f"the model's error output has a data-dependent shape ({shapes}: e.g. the boxes "
+                      "NonMaxSuppression keeps, or a generated waveform's length); the sensitivity ranking and "
+                      "--max-drop compare that output sample by sample",
+                      hint="make an output of fixed shape the first one, or name one with --error-output (a "
+                           "detector's raw boxes and scores before NMS); where every output's length follows the data "
+                           "(speech, text generation), keep the layers `quantkit debug` shows the error entering in "
+                           "float with --exclude")
+
+
 def noise_signal_by_part(ref: np.ndarray, test: np.ndarray, parts: Sequence[int] = (),
                          energy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``_noise_signal`` and, where it weighs ``parts``, each sample's noise power per part
     ([N, parts]; None otherwise): the fallback's sqnr budget holds each part to it."""
     if np.shape(ref) != np.shape(test):
-        # a batch of one is shown as its sample (the axis quantkit adds to a model without one is not the model's)
-        k = 1 if np.ndim(ref) and np.shape(ref)[0] == 1 else 0
-        raise InputError(f"the model's first output has a data-dependent shape (FP32 {list(np.shape(ref))[k:]}, INT8 "
-                         f"{list(np.shape(test))[k:]}: "
-                         "e.g. the boxes NonMaxSuppression keeps, or a generated waveform's length); the sensitivity "
-                         "ranking and --max-drop compare the first output sample by sample",
-                         hint="make an output of fixed shape the first one (a detector's raw boxes and scores before "
-                              "NMS); where every output's length follows the data (speech, text generation), keep the "
-                              "layers `quantkit debug` shows the error entering in float with --exclude")
+        raise data_dependent_shape_error(f"FP32 {_sample_shape(ref)}, INT8 {_sample_shape(test)}")
     if energy is not None and len(parts) >= 2:
         noise, signal = _part_noise_signal(ref, test, parts)
         weights = part_weights(energy)
