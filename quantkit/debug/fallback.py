@@ -613,14 +613,17 @@ def check_fixed_output(model: onnx.ModelProto, specs: Sequence[Any], source: "So
     """Refuse, before any calibration, an error output (``error_output(model, output)``) whose shape
     follows the values: the FP32 model's output on the first two evaluation samples, run one at a
     time, has two shapes where their inputs have one (the boxes NonMaxSuppression keeps). The
-    fallback compares that output sample by sample and found out only after the calibration."""
+    fallback compares that output sample by sample and found out only after the calibration. Run
+    only where the output is computed through an op whose output shape follows the values it reads
+    (``SELECTING_OPS``) of a weighted layer's results: INT8 can move those values, where a
+    selection by an input (the tokens an attention mask keeps) is the same in both models."""
     from quantkit.backends.onnxruntime import OrtRunner
     from quantkit.debug.sensitivity import _sample_shape, data_dependent_shape_error
     from quantkit.ptq import RunConfig, evaluation_batches
 
-    if len(indices) < 2:
-        return
     name = error_output(model, output)
+    if len(indices) < 2 or not _selected_by_computed_values(model, name):
+        return
     seen: list[tuple[Any, list[int]]] = []
     batches = evaluation_batches(source, specs, list(indices[:2]), RunConfig(batch_size=1, threads=run.threads))
     with OrtRunner(model, threads=run.threads) as r:
@@ -630,6 +633,34 @@ def check_fixed_output(model: onnx.ModelProto, specs: Sequence[Any], source: "So
     if len(seen) == 2 and seen[0][0] == seen[1][0] and seen[0][1] != seen[1][1]:
         raise data_dependent_shape_error(f"{name!r} is {seen[0][1]} on one evaluation sample and {seen[1][1]} on the "
                                          "next, of the same input shape")
+
+
+#: ops whose output shape follows the values of their inputs
+SELECTING_OPS = frozenset({"NonMaxSuppression", "NonZero", "Compress", "Unique"})
+
+
+def _selected_by_computed_values(model: onnx.ModelProto, name: str) -> bool:
+    """Whether ``name`` is computed through a ``SELECTING_OPS`` node that reads (through any path)
+    a weighted layer's output."""
+    from quantkit.onnx.model import WEIGHTED_OPS, node_reads
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def ancestors(tensors: Sequence[str]) -> list[onnx.NodeProto]:
+        seen: set[str] = set()
+        out, todo = [], list(tensors)
+        while todo:
+            t = todo.pop()
+            n = producer.get(t)
+            if n is None or t in seen:
+                continue
+            seen.update(n.output)
+            out.append(n)
+            todo.extend(node_reads(n))
+        return out
+
+    return any(n.op_type in SELECTING_OPS and any(a.op_type in WEIGHTED_OPS for a in ancestors(node_reads(n)))
+               for n in ancestors([name]))
 
 
 def drop_metric_for(model: onnx.ModelProto, output: str, metric: str | None, source: "Source",

@@ -109,3 +109,15 @@ def test_an_integer_data_dependent_first_output_leaves_the_budget_to_the_float_o
     rc = main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"), "--max-drop", "1",
                "--drop-metric", "sqnr", "-o", str(tmp_path / "out"), "--no-progress"])
     assert rc == 0 and (tmp_path / "out" / "m.int8.onnx").exists()
+
+
+def test_a_selection_by_an_input_is_not_refused_before_the_calibration():
+    """The pre-check runs only where the selection reads a weighted layer's values: NonZero of an
+    input mask (the tokens an attention mask keeps) is the same in the FP32 and INT8 models."""
+    from quantkit.debug.fallback import _selected_by_computed_values
+
+    model = _nonzero_model()
+    assert _selected_by_computed_values(model, "idx")
+    assert not _selected_by_computed_values(model, "y")
+    model.graph.node[1].input[0] = "x"  # Greater(x, 0): a selection by the input's values
+    assert not _selected_by_computed_values(model, "idx")
