@@ -20,7 +20,7 @@ from torch import nn
 
 from quantkit.errors import DatasetError
 from quantkit.qat.calibrate import no_fastpath, run_batch
-from quantkit.qat.prepare import quantizers
+from quantkit.qat.prepare import passed_through, quantizers
 from quantkit.qat.quantizer import QMAX, QMIN
 
 
@@ -59,7 +59,7 @@ def quantizer_errors(model: nn.Module, loader: Iterable[Any], *, num_batches: in
     """
     measured = [(n, q) for n, q in quantizers(model) if q.enabled and (q.calibrated or q.dynamic)]
     sums = {n: [0.0, 0.0, 0.0, 0, 0] for n, _ in measured}  # signal, error, clipping error, clipped, values
-    hooks, was_enabled = [], {}
+    hooks = []
 
     def hook_for(name: str, q: Any) -> Any:
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -77,26 +77,22 @@ def quantizer_errors(model: nn.Module, loader: Iterable[Any], *, num_batches: in
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     training = model.training
-    try:
-        for name, q in measured:
-            was_enabled[name] = q.enabled
-            hooks.append(q.register_forward_pre_hook(hook_for(name, q)))
-            q.enabled = False  # the model runs in float; the hook measures
-        model.eval()
-        seen = 0
-        for i, batch in enumerate(loader):
-            if num_batches is not None and i >= num_batches:
-                break
-            run_batch(model, batch, device, check=i == 0)
-            seen += 1
-        if not seen:
-            raise DatasetError("the loader yielded no batch", hint="give at least one batch")
-    finally:
-        for h in hooks:
-            h.remove()
-        for name, q in measured:
-            q.enabled = was_enabled[name]
-        model.train(training)
+    with passed_through(model):  # the model runs in float; the hooks measure
+        try:
+            hooks.extend(q.register_forward_pre_hook(hook_for(name, q)) for name, q in measured)
+            model.eval()
+            seen = 0
+            for i, batch in enumerate(loader):
+                if num_batches is not None and i >= num_batches:
+                    break
+                run_batch(model, batch, device, check=i == 0)
+                seen += 1
+            if not seen:
+                raise DatasetError("the loader yielded no batch", hint="give at least one batch")
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(training)
     out = []
     for name, q in measured:
         sig, err, clip_err, clipped, values = sums[name]

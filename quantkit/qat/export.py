@@ -36,7 +36,7 @@ from quantkit._io import write_bytes_atomic
 from quantkit.errors import InputError, ModelError, NotCalibratedError
 from quantkit.qat.calibrate import no_fastpath
 from quantkit.qat.modules import QUANT_TYPES, FunctionalQuantMixin, QuantMixin
-from quantkit.qat.prepare import is_plain_batchnorm, quantizers
+from quantkit.qat.prepare import is_plain_batchnorm, passed_through, quantizers
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +111,8 @@ def fold_batchnorm_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[
     float rounding flips added up to more than the noise on timm's EfficientNet-B0 and
     MobileNetV3 (random weights), so the Q/DQ export kept BatchNorms that its float twin folded,
     and ``quantkit debug`` could not pair the two. Returns how many were folded."""
-    with _passed_through(model):
+    with passed_through(model):
         return _fold_by_run(model, args, kwargs)
-
-
-@contextlib.contextmanager
-def _passed_through(model: nn.Module) -> Iterator[None]:
-    """Every quantizer of ``model`` passed through for the block, then as it was."""
-    enabled = [(q, q.enabled) for _, q in quantizers(model)]
-    for q, _ in enabled:
-        q.enabled = False
-    try:
-        yield
-    finally:
-        for q, on in enabled:
-            q.enabled = on
 
 
 def _fold_by_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:

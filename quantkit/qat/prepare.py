@@ -19,6 +19,7 @@ the trace is not used (residual Adds stay in floating point, with a warning).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import functools
@@ -389,3 +390,16 @@ def quantizers(model: nn.Module, *, inputs_only: bool = False) -> Iterator[tuple
     for name, m in model.named_modules():
         if isinstance(m, TensorQuantizer) and not (inputs_only and m.dynamic):
             yield name, m
+
+
+@contextlib.contextmanager
+def passed_through(model: nn.Module) -> Iterator[None]:
+    """Every quantizer of ``model`` passed through for the block (the float model), then as it was."""
+    enabled = [(q, q.enabled) for _, q in quantizers(model)]
+    for q, _ in enabled:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q, on in enabled:
+            q.enabled = on
