@@ -504,6 +504,9 @@ class Calibration:
     _int8: dict[str, onnx.ModelProto] = field(default_factory=dict, repr=False, compare=False)
     _correction_reference: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
     _correction_history: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: until the pointwise check has run: each model's guard samples (``Correction.samples``), for it
+    _pointwise_pending: bool = field(default=False, repr=False, compare=False)
+    _guard_samples: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     #: after ``apply_fallback``: tensor -> the method its group was switched to; tensors left in float
     _tensor_methods: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     _float_tensors: set[str] = field(default_factory=set, repr=False, compare=False)
@@ -552,8 +555,10 @@ class Calibration:
         if method not in self._int8:
             if self.correction_feeds is not None:
                 self._stage(f"bias correction ({method})")
-            model, shifts, check = self._made_int8(method, self.model, self.plan)
+            model, shifts, check, samples = self._made_int8(method, self.model, self.plan)
             self._int8[method] = model
+            if samples is not None and self._pointwise_pending:
+                self._guard_samples[method] = samples
             if shifts is not None:
                 self.bias_shifts[method] = shifts
             if check is not None:
@@ -565,14 +570,15 @@ class Calibration:
             self.on_stage(what)
 
     def _made_int8(self, method: str, fp32: onnx.ModelProto, plan: QdqPlan, variant: str = "",
-                   ) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, Any] | None]:
+                   ) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, Any] | None, Any]:
         """``method``'s Q/DQ model of ``fp32`` (``self.model`` or a ``variant`` of it, named in
-        the log) placed by ``plan``, with its guarded bias correction: the model, the shifts and
-        the guard's verdict (None, None without bias correction)."""
+        the log) placed by ``plan``, with its guarded bias correction: the model, the shifts,
+        the guard's verdict and its outputs' samples (``Correction.samples``; None, None, None
+        without bias correction)."""
         amax = self.amax(method)
         model = insert_qdq(fp32, plan, {t: amax[t] for t in plan.activation_names})
         if self.correction_feeds is None:
-            return model, None, None
+            return model, None, None, None
         done = self._bias_corrected(model, guard=BIAS_CORRECTION_GUARD, fp32=fp32)
         if done.check is not None and not done.check["applied"]:
             log.info("%s: bias correction left out for %s%s: the outputs' per-channel SQNR against FP32 is "
@@ -581,7 +587,7 @@ class Calibration:
         else:
             log.info("%s: bias correction of %d layer(s) (Conv, MatMul/Gemm with a bias) for %s%s", self.model_name,
                      len(done.shifts), method, variant)
-        return done.model, done.shifts, done.check
+        return done.model, done.shifts, done.check, done.samples
 
     def _room_to_overlap(self) -> bool:
         """Whether this run may use ``CHECK_PARALLEL_CORES`` cores and ``CHECK_PARALLEL_MEMORY_GB``
@@ -614,7 +620,7 @@ class Calibration:
         from functools import partial
 
         from quantkit.backends.onnxruntime import create_session
-        from quantkit.onnx.biascorrect import guard_outputs, heldout_sqnr
+        from quantkit.onnx.biascorrect import CHECK_CONFIDENCE, better_share, guard_outputs, heldout_outputs
 
         export = self.config.export
         method = export.method
@@ -625,10 +631,12 @@ class Calibration:
         session = partial(create_session, threads=self.config.run.threads)
         feeds, self.check_feeds = self.check_feeds, None  # used once: not held with the calibration
         figures: dict[str, float] = {}
+        got: dict[str, Any] = {}  # each model's output samples
         reference: dict[str, Any] = {}  # the FP32 side, for both models
 
         def figure(m: str) -> float | None:
-            return heldout_sqnr(self.int8_model(m), self.model, feeds, session, cache=reference)
+            db, got[m] = heldout_outputs(self.int8_model(m), self.model, feeds, session, cache=reference)
+            return db
 
         try:  # a check, not a requirement: where the alternative cannot be made, the method stays
             for m, db in zip((method, alt), self._side_by_side([lambda: figure(method), lambda: figure(alt)])):
@@ -643,13 +651,21 @@ class Calibration:
             log.warning("%s: the method check was skipped (%s kept): %s", self.model_name, method,
                         " ".join(str(err).split())[:200] or type(err).__name__)
             return
-        chosen = alt if figures[alt] > figures[method] + METHOD_CHECK_MARGIN_DB else method
+        chosen, share = method, None
+        if figures[alt] > figures[method] + METHOD_CHECK_MARGIN_DB:  # and on most samples, not a few
+            ref = reference["reference"]
+            share = round(better_share(ref.outputs, got[method], got[alt], ref.parts), 3)
+            chosen = alt if share >= CHECK_CONFIDENCE else method
         self.method_check = {"configured": method, "alternative": alt, "chosen": chosen,
-                             "output_sqnr_db": figures, "samples": sum(n for _, n in feeds)}
-        log.info("%s: method check: %s (the outputs' mean per-channel SQNR against FP32 %.1f dB with %s, %.1f dB with %s)",
-                 self.model_name, chosen, figures[method], method, figures[alt], alt)
+                             "output_sqnr_db": figures, "samples": sum(n for _, n in feeds),
+                             **({"alternative_better_share": share} if share is not None else {})}
+        log.info("%s: method check: %s (the outputs' mean per-channel SQNR against FP32 %.1f dB with %s, %.1f dB with %s%s)",
+                 self.model_name, chosen, figures[method], method, figures[alt], alt,
+                 "" if share is None else f"; {alt} higher on {100 * share:.0f}% of resamples of the samples, "
+                 f"{100 * CHECK_CONFIDENCE:.0f}% needed")
         # the other model is made again if asked for: one Q/DQ model held, as without the check
         self._int8.pop(alt if chosen == method else method, None)
+        self._guard_samples.pop(alt if chosen == method else method, None)
         if chosen != method:
             self.config = replace(self.config, export=replace(export, method=chosen))
 
@@ -689,7 +705,7 @@ class Calibration:
             if [e.scaled for e in done] != [e.scaled for e in kept] or missing:  # not expected
                 log.debug("%s: no pointwise check (tensors without statistics: %s)", self.model_name, missing[:3])
                 return
-            alt_int8, alt_shifts, alt_check = self._made_int8(
+            alt_int8, alt_shifts, alt_check, alt_samples = self._made_int8(
                 method, alt.model, alt.plan, " (the pointwise check's model without pointwise equalization)")
         except Exception as err:  # noqa: BLE001 (ONNX's, ONNX Runtime's and quantkit's own error types)
             log.warning("%s: the pointwise check was skipped (pointwise equalization kept): %s", self.model_name,
@@ -699,8 +715,15 @@ class Calibration:
             return
 
         with_db, without_db = _guard_figure(check), _guard_figure(alt_check)
-        keep = without_db <= with_db + POINTWISE_CHECK_MARGIN_DB
-        self.pointwise_check = {"kept": keep, "output_sqnr_db": with_db, "unequalized_output_sqnr_db": without_db}
+        keep, share = without_db <= with_db + POINTWISE_CHECK_MARGIN_DB, None
+        samples = self._guard_samples.get(method)
+        if not keep and samples is not None and alt_samples is not None:  # and on most samples, not a few
+            from quantkit.onnx.biascorrect import CHECK_CONFIDENCE, better_share
+
+            share = round(better_share(samples[0], samples[2], alt_samples[2], samples[1]), 3)
+            keep = share < CHECK_CONFIDENCE
+        self.pointwise_check = {"kept": keep, "output_sqnr_db": with_db, "unequalized_output_sqnr_db": without_db,
+                                **({"unequalized_better_share": share} if share is not None else {})}
         if keep:
             log.info("%s: pointwise equalization kept: the outputs' mean per-channel SQNR against FP32 is %.1f dB with it, "
                      "%.1f dB without (left out only where that is more than %.1f dB higher)", self.model_name, with_db,
@@ -1149,8 +1172,13 @@ def quantize(
                       correction_feeds=corrections,
                       check_feeds=_check_feeds(model, source, idx, config, skips) if corrections else None,
                       equalization_refit=refit.to_dict() if refit is not None else None, on_stage=on_stage)
-    cal.check_method()
-    cal.check_pointwise(unequalized)
+    cal._pointwise_pending = True  # the models' guard samples are kept for the pointwise check
+    try:
+        cal.check_method()
+        cal.check_pointwise(unequalized)
+    finally:
+        cal._pointwise_pending = False
+        cal._guard_samples.clear()
     return cal
 
 

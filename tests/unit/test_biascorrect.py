@@ -550,6 +550,42 @@ def test_the_guard_leaves_out_a_correction_that_hurts_and_variants_follow(monkey
     assert not any(i.name.endswith("_bias_corrected") for i in variant.graph.initializer)
 
 
+def test_a_correction_that_hurts_on_a_few_samples_only_is_kept(monkeypatch):
+    # the same harmful shifts, but the uncorrected model better on too few resamples of the samples
+    # (better_share below CHECK_CONFIDENCE): the figure is one or two samples', and the default stands
+    from quantkit.onnx import biascorrect as bc
+
+    real = bc.row_medians
+    monkeypatch.setattr(bc, "row_medians", lambda d: 6 * real(d))
+    monkeypatch.setattr(bc, "better_share", lambda *a, **k: 0.6)
+    cal = _guarded_calibration()
+    cal.int8_model()
+    check = cal.bias_checks["entropy"]
+    assert check["applied"] and check["uncorrected_better_share"] == 0.6, check
+    assert check["output_sqnr_db"] < check["uncorrected_output_sqnr_db"] - bc.GUARD_MARGIN_DB, check
+    assert cal.bias_shifts["entropy"]
+
+
+def test_better_share_is_paired_and_counts_samples_not_one_outlier():
+    from quantkit.onnx.biascorrect import better_share, output_sqnr
+
+    rng = np.random.default_rng(3)
+    ref = [rng.normal(0, 1, (2, 64)).astype(np.float32) for _ in range(2)]  # two feeds, [C, positions]
+    a = [r + rng.normal(0, 0.10, r.shape).astype(np.float32) for r in ref]
+    b = [r + rng.normal(0, 0.05, r.shape).astype(np.float32) for r in ref]
+    assert better_share({"y": ref}, {"y": a}, {"y": b}) == 1.0  # b better on every sample
+    assert better_share({"y": ref}, {"y": b}, {"y": a}) == 0.0
+    # a model with one sample far off: its figure is much lower, but the other model is better on one sample only
+    worse = [x.copy() for x in b]
+    worse[0][:, 5] += 4.0
+    close = [r + rng.normal(0, 0.05, r.shape).astype(np.float32) for r in ref]
+    assert output_sqnr({"y": ref}, {"y": close}) > output_sqnr({"y": ref}, {"y": worse}) + 5
+    assert 0.3 < better_share({"y": ref}, {"y": worse}, {"y": close}) < 0.9
+    # feeds that do not compare in both (another shape) are left out; nothing left: 1.0 (the figures decide)
+    assert better_share({"y": ref}, {"y": [None, a[1]]}, {"y": [b[0], b[1]]}) == 1.0
+    assert better_share({"y": ref}, {"y": [None, None]}, {"y": b}) == 1.0
+
+
 def test_a_loss_within_the_guards_margin_keeps_the_correction(monkeypatch):
     # the corrections move some models' outputs by about the margin either way with the batching alone:
     # a correction that costs less than GUARD_MARGIN_DB is kept

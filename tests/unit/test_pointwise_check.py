@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import quantkit
+import quantkit.onnx.biascorrect
 from quantkit.ptq import ExportConfig, QuantizeConfig, RunConfig, StatsConfig
 from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model
 
@@ -74,6 +75,23 @@ def test_the_check_keeps_pointwise_equalization_that_helps(variant):
     assert cal.ranges_document()["config"]["pointwise_check"] == check
 
 
+def test_pointwise_equalization_better_without_on_a_few_samples_only_is_kept(monkeypatch):
+    model = make_depthwise_model(variant="plain")
+    seen = []
+
+    def share(ref, a, b, parts=None):
+        seen.append((len(ref), len(a), len(b)))
+        return 0.5
+
+    monkeypatch.setattr(quantkit.ptq, "POINTWISE_CHECK_MARGIN_DB", -np.inf)
+    monkeypatch.setattr(quantkit.onnx.biascorrect, "better_share", share)
+    cal = _calibrate(model, depthwise_inputs(model, 40))
+    check = cal.pointwise_check
+    assert check["kept"] and check["unequalized_better_share"] == 0.5, check
+    assert any(e.input_axis or e.weight_axis for e in cal.equalized)
+    assert len(seen) == 1 and cal._guard_samples == {} and not cal._pointwise_pending  # not held after the check
+
+
 @pytest.mark.parametrize("variant", ["plain", "fanout", "input"])
 def test_a_calibration_without_pointwise_equalization_from_the_same_statistics(monkeypatch, tmp_path, variant):
     # the check told to leave it out: the calibration becomes the one --no-equalize-pointwise makes
@@ -83,6 +101,7 @@ def test_a_calibration_without_pointwise_equalization_from_the_same_statistics(m
     model = make_depthwise_model(variant=variant)
     x = depthwise_inputs(model, 40)
     monkeypatch.setattr(quantkit.ptq, "POINTWISE_CHECK_MARGIN_DB", -np.inf)
+    monkeypatch.setattr(quantkit.onnx.biascorrect, "CHECK_CONFIDENCE", 0.0)  # the margin alone decides
     cal = _calibrate(model, x)
     monkeypatch.undo()
     reference = _calibrate(model, x, equalize_pointwise=False)
@@ -151,6 +170,7 @@ def test_cli_writes_the_checks_verdict(digits_dirs, tmp_path, monkeypatch, capsy
     from tests.helpers import DIGITS
 
     monkeypatch.setattr(quantkit.ptq, "POINTWISE_CHECK_MARGIN_DB", margin)
+    monkeypatch.setattr(quantkit.onnx.biascorrect, "CHECK_CONFIDENCE", 0.0)  # the margin alone decides
     out = tmp_path / "o"
     assert main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(out),
                  "--num-images", "64", "--eval-images", "32", *DIGITS]) == 0
