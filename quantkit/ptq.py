@@ -352,7 +352,8 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     check_no_layout_ops(model, source=name)
     check_inference_mode(model, source=name)
     if not _has_layer_ops(model.graph):  # before the opset upgrade: a 194 MB tree ensemble took 30-50 s and 5.7 GB
-        raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes: nothing to quantize to INT8")
+        raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes ({_op_summary(model.graph)}): "
+                         "nothing to quantize to INT8", hint=NO_LAYERS_HINT)
     model = normalized_graph(model, warn=not quiet, name=name)
     specs = float_input_specs(model, source=name)
     plan = plan_qdq(model, target, quantize_attention_probs=quantize_attention_probs)
@@ -392,7 +393,8 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
         raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes"
                          + (" left after the exclusions" if excluded else
                             " that read data (theirs read constants only)" if layers else "")
-                         + ": nothing to quantize to INT8")
+                         + ": nothing to quantize to INT8",
+                         hint="calibrate with fewer --exclude/--exclude-op-type" if excluded else NO_LAYERS_HINT)
     if inside and not quiet:  # Q/DQ placement and calibration cover the main graph only
         log.warning("%s: %d node%s inside If/Loop/Scan subgraphs stay in float; the main graph is quantized",
                     name, inside, "s" if inside != 1 else "")
@@ -1180,6 +1182,22 @@ def quantize(
         cal._pointwise_pending = False
         cal._guard_samples.clear()
     return cal
+
+
+#: the hint of a model with no layer INT8 computes
+NO_LAYERS_HINT = ("INT8 runs Conv, ConvTranspose, Gemm and MatMul layers (and the ops around them); run this model "
+                  "as it is, in FP32 or FP16")
+
+
+def _op_summary(graph: onnx.GraphProto, most: int = 4) -> str:
+    """The main graph's most frequent op types, e.g. "its ops: 3 Add, 1 TreeEnsembleClassifier"."""
+    from collections import Counter
+
+    counts = Counter(n.op_type for n in graph.node).most_common()
+    if not counts:
+        return "it has no nodes"
+    more = f", {len(counts) - most} other type(s)" if len(counts) > most else ""
+    return "its ops: " + ", ".join(f"{k} {op}" for op, k in counts[:most]) + more
 
 
 def _has_layer_ops(graph: onnx.GraphProto) -> bool:

@@ -168,8 +168,11 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--letterbox", type=_hw, metavar="HxW",
                    help="fit the whole image inside HxW keeping its aspect ratio, pad the rest with 114 (instead "
                    "of --resize/--crop; the yolo preset's default is the model's size)")
-    g.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="per-channel mean (after --scale)")
-    g.add_argument("--std", type=_floats, metavar="S[,S,S]", help="per-channel std (after --scale)")
+    g.add_argument("--mean", type=_floats, metavar="M[,M,M]",
+                   help="per-channel mean (after --scale), in the model's channel order: B,G,R with --color bgr "
+                   "(a Caffe model's 104,117,123)")
+    g.add_argument("--std", type=_floats, metavar="S[,S,S]",
+                   help="per-channel std (after --scale), in the model's channel order as --mean")
     g.add_argument("--scale", type=nonzero_float, help="multiply 0-255 pixel values by this first (imagenet: 1/255)")
     g.add_argument("--color", choices=["rgb", "bgr", "gray"], help="channel order the model expects")
     g.add_argument("--layout", choices=["nchw", "nhwc"],
@@ -190,6 +193,10 @@ def preprocess_from_args(args: argparse.Namespace) -> Any:
         changes.setdefault("crop", None)
     if "color" in changes and changes["color"] == "gray" and "mean" not in changes and args.preprocess == "imagenet":
         changes["mean"], changes["std"] = (0.449,), (0.226,)
+    if changes.get("color") == "bgr":  # the preset's R,G,B values go to the channels in the model's B,G,R order
+        for key in ("mean", "std"):
+            if key not in changes and len(getattr(spec, key)) == 3:
+                changes[key] = tuple(reversed(getattr(spec, key)))
     return spec.replace(**changes) if changes else spec
 
 

@@ -182,6 +182,11 @@ def test_bad_input_exit_2(case, digits_dirs, tmp_path, capsys):
     # (an integer-only model without layers is refused for having nothing to quantize, before its opset upgrade)
     assert {"missing": "does not exist", "not_onnx": "not a readable ONNX", "int_input": "nothing to quantize to INT8",
             "too_many": "--num-images 100000"}[case] in err
+    if case == "int_input":  # what it has instead, and what to do
+        assert "(its ops: 1 Identity)" in err and "hint: INT8 runs Conv, ConvTranspose, Gemm and MatMul" in err
+        assert main(["inspect", model]) == 0
+        assert "nothing to quantize: no Conv, ConvTranspose, Gemm or MatMul node (its ops: 1 Identity)" in \
+            capsys.readouterr().out
 
 
 def test_unexpected_error_exit_1_and_debug(monkeypatch, digits_dirs, tmp_path, capsys):

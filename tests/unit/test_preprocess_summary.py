@@ -29,7 +29,10 @@ def test_calibrate_prints_the_preprocessing(tmp_path, capsys):
         cv2.imwrite(str(tmp_path / "imgs" / f"{i}.png"), rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
     for extra, want in ((["--scale", "0.00392157"], "x 0.003922, mean 0.485,0.456,0.406, std 0.229,0.224,0.225"),
                         (["--preprocess", "none", "--resize", "32", "--crop", "32", "--scale", "0.00392157"],
-                         "x 0.003922, mean 0, std 1")):
+                         "x 0.003922, mean 0, std 1"),
+                        # the preset's R,G,B mean and std follow the channels to a BGR model; given ones are its own
+                        (["--color", "bgr"], "bgr, x 0.003922, mean 0.406,0.456,0.485, std 0.225,0.224,0.229"),
+                        (["--color", "bgr", "--mean", "0.1,0.2,0.3"], "bgr, x 0.003922, mean 0.1,0.2,0.3, std 0.225,")):
         assert main(["calibrate", str(tmp_path / "m.onnx"), "--images", str(tmp_path / "imgs"), "-o",
                      str(tmp_path / "out"), "--force", "--eval-images", "0", "--no-progress", *extra]) == 0
         out = capsys.readouterr().out
