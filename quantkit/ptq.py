@@ -656,7 +656,7 @@ class Calibration:
         chosen, share = method, None
         if figures[alt] > figures[method] + METHOD_CHECK_MARGIN_DB:  # and on most samples, not a few
             ref = reference["reference"]
-            share = round(better_share(ref.outputs, got[method], got[alt], ref.parts), 3)
+            share = round(better_share(ref.outputs, got[method], got[alt], ref.parts, rows=[n for _, n in feeds]), 3)
             chosen = alt if share >= CHECK_CONFIDENCE else method
         self.method_check = {"configured": method, "alternative": alt, "chosen": chosen,
                              "output_sqnr_db": figures, "samples": sum(n for _, n in feeds),
@@ -722,7 +722,8 @@ class Calibration:
         if not keep and samples is not None and alt_samples is not None:  # and on most samples, not a few
             from quantkit.onnx.biascorrect import CHECK_CONFIDENCE, better_share
 
-            share = round(better_share(samples[0], samples[2], alt_samples[2], samples[1]), 3)
+            rows = [n for _, n in self.correction_feeds]
+            share = round(better_share(samples[0], samples[2], alt_samples[2], samples[1], rows=rows), 3)
             keep = share < CHECK_CONFIDENCE
         self.pointwise_check = {"kept": keep, "output_sqnr_db": with_db, "unequalized_output_sqnr_db": without_db,
                                 **({"unequalized_better_share": share} if share is not None else {})}

@@ -325,24 +325,29 @@ def output_sqnr(ref: Mapping[str, Sequence[np.ndarray | None]],
 #: images; the method check's figures read 30.7 against 38.0 dB on one half of its 64 images and
 #: the other way round on the other, and it wrote a model 7 dB below the default's on held-out data)
 CHECK_CONFIDENCE = 0.9
-#: resamples, and the blocks of each feed's sampled positions that are resampled (positions are in
-#: row order: a block is about a sample's, or a few samples')
+#: resamples, and the blocks of each feed's sampled positions that are resampled where the feeds' row
+#: counts are not given (positions are in row order: given them, a block is a sample's positions)
 BOOTSTRAP_RESAMPLES = 200
 BOOTSTRAP_BLOCKS = 32
 
 
 def better_share(ref: Mapping[str, Sequence[np.ndarray | None]], a: Mapping[str, Sequence[np.ndarray | None]],
                  b: Mapping[str, Sequence[np.ndarray | None]],
-                 parts: Mapping[str, Sequence[int]] | None = None) -> float:
+                 parts: Mapping[str, Sequence[int]] | None = None, rows: Sequence[int] | None = None) -> float:
     """The share of paired block-bootstrap resamples of the samples (the same resample for both
     models) on which ``b``'s ``output_sqnr`` against ``ref`` is higher than ``a``'s: near 1 where
     ``b`` is better on most samples, near 0.5 where a few samples decide the difference. 1.0
-    where nothing compares in both (no evidence either way is left to the figures)."""
-    both = {name: [(r, x, y) for r, x, y in zip(refs, a.get(name, ()), b.get(name, ()))
+    where nothing compares in both (no evidence either way is left to the figures). ``rows``:
+    each feed's samples (its positions are cut into that many blocks; else ``BOOTSTRAP_BLOCKS``)."""
+    both = {name: [(r, x, y, k) for k, (r, x, y) in enumerate(zip(refs, a.get(name, ()), b.get(name, ())))
                    if r is not None and x is not None and y is not None and r.shape == x.shape == y.shape]
             for name, refs in ref.items()}
-    sums_a = _block_sums({n: [t[0] for t in v] for n, v in both.items()}, {n: [t[1] for t in v] for n, v in both.items()})
-    sums_b = _block_sums({n: [t[0] for t in v] for n, v in both.items()}, {n: [t[2] for t in v] for n, v in both.items()})
+    blocks = {n: [rows[t[3]] if rows is not None and t[3] < len(rows) else BOOTSTRAP_BLOCKS for t in v]
+              for n, v in both.items()}
+    sums_a = _block_sums({n: [t[0] for t in v] for n, v in both.items()}, {n: [t[1] for t in v] for n, v in both.items()},
+                         blocks)
+    sums_b = _block_sums({n: [t[0] for t in v] for n, v in both.items()}, {n: [t[2] for t in v] for n, v in both.items()},
+                         blocks)
     if not sums_a:
         return 1.0
     blocks = next(iter(sums_a.values()))[0].shape[1]
@@ -358,17 +363,20 @@ def better_share(ref: Mapping[str, Sequence[np.ndarray | None]], a: Mapping[str,
 
 
 def _block_sums(ref: Mapping[str, Sequence[np.ndarray | None]], got: Mapping[str, Sequence[np.ndarray | None]],
-                blocks: int = BOOTSTRAP_BLOCKS) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+                blocks: int | Mapping[str, Sequence[int]] = BOOTSTRAP_BLOCKS
+                ) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """Per output (and channel count): each channel's signal and error power over each of
-    ``blocks`` consecutive runs of each feed's positions, [C, feeds x blocks] twice (a feed of
-    fewer positions: one block a position); feeds whose shapes differ are left out."""
+    ``blocks`` (per output, per feed where a mapping) consecutive runs of each feed's positions,
+    [C, blocks of every feed] twice (a feed of fewer positions: one block a position); feeds
+    whose shapes differ are left out."""
     parts: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     for name, refs in ref.items():
-        for r, g in zip(refs, got.get(name, ())):
+        for k, (r, g) in enumerate(zip(refs, got.get(name, ()))):
             if r is None or g is None or r.shape != g.shape:
                 continue
             r64, g64 = comparable(r, g)  # an output NaN by design (a masked value): agreeing there
-            edges = np.unique(np.linspace(0, r64.shape[1], min(blocks, max(1, r64.shape[1])) + 1).astype(int)[:-1])
+            n = blocks if isinstance(blocks, int) else blocks[name][k]
+            edges = np.unique(np.linspace(0, r64.shape[1], min(max(1, n), max(1, r64.shape[1])) + 1).astype(int)[:-1])
             parts.setdefault((name, r.shape[0]), []).append(
                 (np.add.reduceat(np.square(r64), edges, axis=1), np.add.reduceat(np.square(g64 - r64), edges, axis=1)))
     return {k: (np.concatenate([s for s, _ in v], axis=1), np.concatenate([e for _, e in v], axis=1))
@@ -632,7 +640,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     check = {"output_sqnr_db": round(with_db, 2), "uncorrected_output_sqnr_db": round(without_db, 2)}
     applied = with_db >= without_db - GUARD_MARGIN_DB
     if not applied:  # and on most of the samples, not on a few (``CHECK_CONFIDENCE``)
-        share = better_share(watched, corrected, plain, ref.parts)
+        share = better_share(watched, corrected, plain, ref.parts, rows=[n for _, n in feeds])
         check["uncorrected_better_share"] = round(share, 3)
         applied = share < CHECK_CONFIDENCE
     check = {"applied": applied, **check}

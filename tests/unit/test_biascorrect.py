@@ -581,6 +581,9 @@ def test_better_share_is_paired_and_counts_samples_not_one_outlier():
     close = [r + rng.normal(0, 0.05, r.shape).astype(np.float32) for r in ref]
     assert output_sqnr({"y": ref}, {"y": close}) > output_sqnr({"y": ref}, {"y": worse}) + 5
     assert 0.3 < better_share({"y": ref}, {"y": worse}, {"y": close}) < 0.9
+    # each feed's samples as its blocks (here one position a sample): the same verdicts
+    assert better_share({"y": ref}, {"y": a}, {"y": b}, rows=[64, 64]) == 1.0
+    assert 0.3 < better_share({"y": ref}, {"y": worse}, {"y": close}, rows=[64, 64]) < 0.9
     # feeds that do not compare in both (another shape) are left out; nothing left: 1.0 (the figures decide)
     assert better_share({"y": ref}, {"y": [None, a[1]]}, {"y": [b[0], b[1]]}) == 1.0
     assert better_share({"y": ref}, {"y": [None, None]}, {"y": b}) == 1.0

@@ -85,7 +85,7 @@ def test_an_alternative_better_on_a_few_samples_only_is_not_taken(monkeypatch, c
 
     shares = []
 
-    def share(ref, a, b, parts=None):
+    def share(ref, a, b, parts=None, rows=None):
         shares.append(bc.output_sqnr(ref, b, parts) > bc.output_sqnr(ref, a, parts))  # (entropy's, then percentile's)
         return 0.7
 

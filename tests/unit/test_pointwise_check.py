@@ -79,7 +79,7 @@ def test_pointwise_equalization_better_without_on_a_few_samples_only_is_kept(mon
     model = make_depthwise_model(variant="plain")
     seen = []
 
-    def share(ref, a, b, parts=None):
+    def share(ref, a, b, parts=None, rows=None):
         seen.append((len(ref), len(a), len(b)))
         return 0.5
 
