@@ -141,3 +141,46 @@ def test_inspect_names_the_front_end(audio, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "kept in float (log-spectrum front end): 2 node(s)" in out
     assert set(float_by_rule(audio[0]).values()) == {"log-spectrum front end"}
+
+
+def test_a_constant_q_front_end_with_downsampling_filters_stays_in_float(tmp_path):
+    """basic-pitch's constant-Q transform (tf2onnx): per octave a DFT Conv1D, its magnitude
+    (a square, a sum, a root), squared again into Log(|X|^2 + eps) with no filterbank between,
+    and a lowpass Conv that halves the rate for the next octave. Only the DFT Convs were found
+    (they end the walk), and the quantized downsampling filters alone cost 15-20 dB: the whole
+    linear path from the audio to each transform stays in float; the network after it does not."""
+    nn = torch.nn
+
+    class Cqt(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(1)
+            self.dft = nn.ModuleList(nn.Conv1d(1, 16, 32, 8, bias=False) for _ in range(2))
+            self.down = nn.Conv1d(1, 1, 9, 2, padding=4, bias=False)
+            self.down.weight.data = torch.hann_window(11)[1:-1].reshape(1, 1, 9) / 5
+            for d in self.dft:
+                d.weight.data = torch.randn(16, 1, 32, generator=g)
+            self.head = nn.Conv1d(16, 8, 3)
+
+        def forward(self, wave):
+            x, mags = wave[:, None], []
+            for i, d in enumerate(self.dft):
+                y = d(x)
+                re, im = y[:, :8], -y[:, 8:]
+                mags.append(torch.sqrt((torch.stack([re, im]) ** 2).sum(0)))
+                if i + 1 < len(self.dft):
+                    x = self.down(x)
+            n = min(m.shape[-1] for m in mags)
+            spec = torch.cat([m[..., :n] for m in mags], 1)
+            return self.head(torch.relu(torch.log(spec * spec + 1e-6)))
+
+    model = _export(Cqt(), tmp_path / "cqt.onnx")
+    front = log_spectrum_nodes(model)
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    convs = {n.name: shapes[n.input[1]] for n in model.graph.node if n.op_type == "Conv"}
+    head = [name for name, shape in convs.items() if shape == (8, 16, 3)]
+    assert len(convs) == 4 and len(head) == 1
+    # the two DFTs and the downsampling filter, not the head after the Log
+    assert {name for name in convs if name in front} == set(convs) - set(head)
+    plan = plan_qdq(model)
+    assert plan.activations  # the head is quantized
