@@ -763,9 +763,16 @@ def exclude_from_plan(model: onnx.ModelProto, plan: QdqPlan, *, names: Sequence[
             raise InputError(f"--exclude {pattern!r} is not a valid regular expression: {err}") from None
         hits = [n for n, _ in nodes if n == pattern or rx.fullmatch(n)]
         if not hits:
+            inside = [n for n, _ in nodes if rx.search(n)]  # the pattern matches the whole name, not a part
+            if inside:
+                raise InputError(f"--exclude {pattern!r} matches no whole node name; {len(inside)} name(s) contain it, "
+                                 f"e.g. {inside[0]!r}",
+                                 hint=f"--exclude '.*{pattern}.*' takes every node whose name contains it")
             close = difflib.get_close_matches(pattern, [n for n, _ in nodes], n=5, cutoff=0.4)
             raise InputError(f"--exclude {pattern!r} matches no node of the model",
-                             hint=f"close names: {', '.join(close)}" if close else "see `quantkit inspect MODEL` for names")
+                             hint=f"close names: {', '.join(close)}" if close else
+                             "a pattern is a regular expression matched against whole node names (the model's own, "
+                             "as Netron or onnx.load show them)")
         if not any(n in reads_int8 for n in hits):
             unchanged(f"--exclude {pattern!r}", hits)
         for n in hits:

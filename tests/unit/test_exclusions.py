@@ -47,8 +47,9 @@ def test_regular_expressions_match_whole_names():
     m = make_residual_model()
     _, excluded = exclude_from_plan(m, plan_qdq(m), names=["conv[12]"])
     assert sorted(e["node"] for e in excluded) == ["add1", "conv1", "conv2"]  # add1 fuses into conv2
-    with pytest.raises(InputError, match="matches no node"):
-        exclude_from_plan(m, plan_qdq(m), names=["conv"])  # a prefix is not a whole name
+    with pytest.raises(InputError, match="matches no whole node name; 3 name") as e:
+        exclude_from_plan(m, plan_qdq(m), names=["conv"])  # a prefix is not a whole name: said so
+    assert "--exclude '.*conv.*'" in e.value.hint
 
 
 def test_patterns_that_match_nothing_are_refused_with_close_names():
