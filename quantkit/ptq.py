@@ -351,8 +351,8 @@ def prepare(model: onnx.ModelProto, *, target: str = "tensorrt", name: str = "mo
     check_not_quantized(model, source=name)
     check_no_layout_ops(model, source=name)
     check_inference_mode(model, source=name)
-    if not _has_layer_ops(model.graph):  # before the opset upgrade: a 194 MB tree ensemble took 30-50 s and 5.7 GB
-        raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes ({_op_summary(model.graph)}): "
+    if not has_layer_ops(model.graph):  # before the opset upgrade: a 194 MB tree ensemble took 30-50 s and 5.7 GB
+        raise ModelError(f"{name} has no Conv, ConvTranspose, Gemm or MatMul nodes ({op_summary(model.graph)}): "
                          "nothing to quantize to INT8", hint=NO_LAYERS_HINT)
     model = normalized_graph(model, warn=not quiet, name=name)
     specs = float_input_specs(model, source=name)
@@ -1190,7 +1190,7 @@ NO_LAYERS_HINT = ("INT8 runs Conv, ConvTranspose, Gemm and MatMul layers (and th
                   "as it is, in FP32 or FP16")
 
 
-def _op_summary(graph: onnx.GraphProto, most: int = 4) -> str:
+def op_summary(graph: onnx.GraphProto, most: int = 4) -> str:
     """The main graph's most frequent op types, e.g. "its ops: 3 Add, 1 TreeEnsembleClassifier"."""
     from collections import Counter
 
@@ -1201,7 +1201,7 @@ def _op_summary(graph: onnx.GraphProto, most: int = 4) -> str:
     return "its ops: " + ", ".join(f"{k} {op}" for op, k in counts[:most]) + more
 
 
-def _has_layer_ops(graph: onnx.GraphProto) -> bool:
+def has_layer_ops(graph: onnx.GraphProto) -> bool:
     """Whether ``graph`` (or a subgraph in it) has a node INT8 could quantize (a weighted op, an
     Einsum that may be a MatMul, or ONNX Runtime's fused form of a weighted op)."""
     return any(n.op_type in QUANTIZABLE_OPS or (n.domain == CONTRIB and n.op_type in FUSED_LAYER_OPS)

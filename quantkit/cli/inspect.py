@@ -74,7 +74,7 @@ class Inspect:
         from quantkit.onnx.model import (einsum_as_matmul, fold_weight_dequantize, input_specs, is_quantized_op,
                                          load_model, opset_version, output_specs, subgraph_node_count,
                                          with_node_names)
-        from quantkit.onnx.qdq import WEIGHTED_OPS, float_by_rule, plan_qdq
+        from quantkit.onnx.qdq import float_by_rule, plan_qdq
 
         model = load_model(path)
         weight_only = fold_weight_dequantize(model, source=path.name)  # as calibrate prepares it
@@ -104,10 +104,10 @@ class Inspect:
             print(f"  Q/DQ plan: {len(plan.activations)} activation tensors (per tensor), "
                   f"{len(plan.weights)} weights (per channel)")
             inside = subgraph_node_count(model.graph)
-            if not plan.activations and not any(n.op_type in WEIGHTED_OPS for n in model.graph.node) and not inside:
-                from quantkit.ptq import _op_summary
+            from quantkit.ptq import has_layer_ops, op_summary
 
-                print(f"  nothing to quantize: no Conv, ConvTranspose, Gemm or MatMul node ({_op_summary(model.graph)}); "
+            if not has_layer_ops(model.graph):  # what `calibrate` refuses
+                print(f"  nothing to quantize: no Conv, ConvTranspose, Gemm or MatMul node ({op_summary(model.graph)}); "
                       "`calibrate` refuses it: run it in FP32 or FP16")
             if inside:  # calibrate covers the main graph only (the tenth probe: a plan of 0 said nothing of why)
                 print(f"  in float: {inside} node(s) inside If/Loop/Scan subgraphs (the plan covers the main graph)")

@@ -641,26 +641,19 @@ SELECTING_OPS = frozenset({"NonMaxSuppression", "NonZero", "Compress", "Unique"}
 
 def _selected_by_computed_values(model: onnx.ModelProto, name: str) -> bool:
     """Whether ``name`` is computed through a ``SELECTING_OPS`` node that reads (through any path)
-    a weighted layer's output."""
+    a weighted layer's output: one forward pass in ONNX's topological order, as
+    ``value_ordered_outputs`` makes."""
     from quantkit.onnx.model import WEIGHTED_OPS, node_reads
 
-    producer = {o: n for n in model.graph.node for o in n.output}
-
-    def ancestors(tensors: Sequence[str]) -> list[onnx.NodeProto]:
-        seen: set[str] = set()
-        out, todo = [], list(tensors)
-        while todo:
-            t = todo.pop()
-            n = producer.get(t)
-            if n is None or t in seen:
-                continue
-            seen.update(n.output)
-            out.append(n)
-            todo.extend(node_reads(n))
-        return out
-
-    return any(n.op_type in SELECTING_OPS and any(a.op_type in WEIGHTED_OPS for a in ancestors(node_reads(n)))
-               for n in ancestors([name]))
+    computed: set[str] = set()  # tensors a weighted layer's output flows into
+    selected: set[str] = set()  # tensors a selection of such values flows into
+    for node in model.graph.node:
+        reads = node_reads(node)
+        if node.op_type in SELECTING_OPS and any(t in computed for t in reads) or any(t in selected for t in reads):
+            selected.update(t for t in node.output if t)
+        if node.op_type in WEIGHTED_OPS or any(t in computed for t in reads):
+            computed.update(t for t in node.output if t)
+    return name in selected
 
 
 def drop_metric_for(model: onnx.ModelProto, output: str, metric: str | None, source: "Source",

@@ -339,15 +339,14 @@ def better_share(ref: Mapping[str, Sequence[np.ndarray | None]], a: Mapping[str,
     ``b`` is better on most samples, near 0.5 where a few samples decide the difference. 1.0
     where nothing compares in both (no evidence either way is left to the figures). ``rows``:
     each feed's samples (its positions are cut into that many blocks; else ``BOOTSTRAP_BLOCKS``)."""
-    both = {name: [(r, x, y, k) for k, (r, x, y) in enumerate(zip(refs, a.get(name, ()), b.get(name, ())))
-                   if r is not None and x is not None and y is not None and r.shape == x.shape == y.shape]
-            for name, refs in ref.items()}
-    blocks = {n: [rows[t[3]] if rows is not None and t[3] < len(rows) else BOOTSTRAP_BLOCKS for t in v]
-              for n, v in both.items()}
-    sums_a = _block_sums({n: [t[0] for t in v] for n, v in both.items()}, {n: [t[1] for t in v] for n, v in both.items()},
-                         blocks)
-    sums_b = _block_sums({n: [t[0] for t in v] for n, v in both.items()}, {n: [t[2] for t in v] for n, v in both.items()},
-                         blocks)
+    def paired(got: Mapping[str, Sequence[np.ndarray | None]]) -> dict[str, list[np.ndarray | None]]:
+        """``got`` with None for each feed that does not compare in both models."""
+        return {name: [y if x is not None and z is not None and x.shape == z.shape else None
+                       for x, y, z in zip(a.get(name, ()), got.get(name, ()), b.get(name, ()))] for name in ref}
+
+    per_feed = list(rows) if rows is not None else BOOTSTRAP_BLOCKS
+    sums_a = _block_sums(ref, paired(a), per_feed)
+    sums_b = _block_sums(ref, paired(b), per_feed)
     if not sums_a:
         return 1.0
     blocks = next(iter(sums_a.values()))[0].shape[1]
@@ -363,19 +362,18 @@ def better_share(ref: Mapping[str, Sequence[np.ndarray | None]], a: Mapping[str,
 
 
 def _block_sums(ref: Mapping[str, Sequence[np.ndarray | None]], got: Mapping[str, Sequence[np.ndarray | None]],
-                blocks: int | Mapping[str, Sequence[int]] = BOOTSTRAP_BLOCKS
-                ) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+                blocks: int | Sequence[int] = BOOTSTRAP_BLOCKS) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
     """Per output (and channel count): each channel's signal and error power over each of
-    ``blocks`` (per output, per feed where a mapping) consecutive runs of each feed's positions,
-    [C, blocks of every feed] twice (a feed of fewer positions: one block a position); feeds
-    whose shapes differ are left out."""
+    ``blocks`` (per feed where a sequence; ``BOOTSTRAP_BLOCKS`` past its end) consecutive runs of
+    each feed's positions, [C, blocks of every feed] twice (a feed of fewer positions: one block a
+    position); feeds whose shapes differ are left out."""
     parts: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     for name, refs in ref.items():
         for k, (r, g) in enumerate(zip(refs, got.get(name, ()))):
             if r is None or g is None or r.shape != g.shape:
                 continue
             r64, g64 = comparable(r, g)  # an output NaN by design (a masked value): agreeing there
-            n = blocks if isinstance(blocks, int) else blocks[name][k]
+            n = blocks if isinstance(blocks, int) else blocks[k] if k < len(blocks) else BOOTSTRAP_BLOCKS
             edges = np.unique(np.linspace(0, r64.shape[1], min(max(1, n), max(1, r64.shape[1])) + 1).astype(int)[:-1])
             parts.setdefault((name, r.shape[0]), []).append(
                 (np.add.reduceat(np.square(r64), edges, axis=1), np.add.reduceat(np.square(g64 - r64), edges, axis=1)))
