@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, non_negative_int,
+from quantkit.cli.common import (add_data_args, lost_note, add_preprocess_args, describe_sample, non_negative_int,
                                  positive_int, progress, ranking_progress, select, source_for_model, trt_version,
                                  with_sample_axis)
 
@@ -136,13 +136,15 @@ class Calibrate:
         from quantkit.calibrators.cache import trt_version_number
         from quantkit.datasets import draw_sample
         from quantkit.datasets.classes import check_classes, label_output
-        from quantkit.onnx.model import file_sha256, load_model, output_specs
+        from quantkit.onnx.model import file_sha256, load_model, opset_version, output_specs
         from quantkit.ptq import (ARTIFACTS, DEFAULT_METHOD, ExportConfig, QuantizeConfig, RunConfig, StatsConfig,
                                    artifact_names, prepare_for, quantize)
 
         model_path = Path(args.model)
         inputs = [p for p in (args.model, args.images, args.npz, args.eval_dir, args.exclude_from) if p]
-        model = with_sample_axis(args, load_model(model_path), name=model_path.name)
+        model = load_model(model_path)
+        opset = opset_version(model)  # said in the summary where the written model's is later
+        model = with_sample_axis(args, model, name=model_path.name)
         # before any work: the output must be writable, outside the inputs, with room for the
         # INT8 model (float weights kept: about the FP32 model's size) and the small files
         from quantkit._io import external_data_files
@@ -219,6 +221,9 @@ class Calibrate:
         method = cal.config.method  # the method check's choice where --method was not given
         # printed after the artifacts are written (a closed stdout loses nothing)
         report, lines = None, [f"calibration sample: {describe_sample(drawn, 'images' if args.images else 'samples')}"]
+        left_out = len(drawn.indices) - len(cal.skipped) - cal.num_samples
+        if left_out > 0:  # a fixed batch takes whole batches (warned once as the pass ran)
+            lines[0] += f"; {cal.num_samples} calibrated, the last {left_out} do not fill the model's fixed batch"
         spec = getattr(getattr(source, "source", source), "preprocess", None)  # an image folder's
         if spec is not None:  # the preset's values a flag did not replace are in it: say them
             lines.append(f"preprocessing: {spec.summary()} (--preprocess {args.preprocess}; --resize, --crop, "
@@ -258,12 +263,9 @@ class Calibrate:
                                            f"no {what} left after calibration") + f"; compared on calibration "
                              f"{what}, where the figures read higher than on {what} the calibration has not seen "
                              "(--num-images below the data's count leaves some out, or --eval-dir gives others)")
-            lost = [o for o in cmp.outputs if o.match is None and math.isfinite(o.sqnr_db) and o.sqnr_db < LOST_SQNR_DB]
-            if lost:  # a model INT8 does not hold (a diffusion UNet's activations up to 1e8: 0.4 dB by every method)
-                lines.append(f"  note: {', '.join(f'{o.name!r} at {o.sqnr_db:.1f} dB' for o in lost)}: "
-                             f"INT8 loses most of {'this output' if len(lost) == 1 else 'these outputs'}; "
-                             "`quantkit debug FP32 INT8 --rank` shows where the "
-                             "error enters, `--max-drop` keeps the worst groups in float")
+            note = lost_note(cmp)
+            if note:
+                lines.append(note)
             report = {"method": method, "held_out": held_out, **cmp.to_dict(),
                       "reference_path": os.path.realpath(model_path),
                       "test_path": os.path.realpath(Path(args.output) / f"{model_path.stem.removesuffix('.fp32')}.int8.onnx"),
@@ -319,12 +321,32 @@ class Calibrate:
                  + "/".join(f for f, v in (("--exclude", args.exclude), ("--exclude-op-type", args.exclude_op_type),
                                            ("--exclude-from", args.exclude_from)) if v) if cal.excluded else "")
               + (f"; {len(front)} Conv/Gemm/MatMul of a log-spectrum front end kept in float" if front else "")
+              + _recurrent_note(cal.model)
+              + (f"; opset {opset} upgraded to {opset_version(cal.model)} (Q/DQ per channel needs 13 or later)"
+                 if opset_version(cal.model) > opset else "")
               + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else "")
               + _refit_note(cal.equalization_refit)
               + _pointwise_note(cal.pointwise_check) + _bias_note(cal.bias_checks.get(method)))
         for p in paths.values():
             print(f"  wrote {p}")
         return 0
+
+
+def _recurrent_note(model: Any) -> str:
+    """The summary's note on recurrent layers: quantkit puts no Q/DQ on an LSTM, GRU or RNN (TensorRT
+    and ONNX Runtime have no INT8 kernel for them), so they run in FP16/FP32 and keep their share
+    of the parameters in float; a speaker encoder's three LSTMs were 95% of them, unsaid."""
+    from quantkit.onnx.qdq import RECURRENT_OPS
+
+    nodes = [n for n in model.graph.node if n.op_type in RECURRENT_OPS]
+    if not nodes:
+        return ""
+    sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
+    total = sum(sizes.values())
+    held = sum(sizes.get(i, 0) for i in {i for n in nodes for i in n.input})
+    kinds = "/".join(sorted({n.op_type for n in nodes}))
+    share = f", {100.0 * held / total:.0f}% of the weights" if total and held else ""
+    return f"; {len(nodes)} {kinds} layer(s) in float{share} (no INT8 recurrent layers: TensorRT runs them in FP16/FP32)"
 
 
 def _switches_note(result: Any) -> str:
@@ -449,8 +471,6 @@ def save_with_stats(cal: Any, output: str, save_stats: str | None, stats_inside:
     return paths
 
 
-#: below this output SQNR (dB) against FP32 the summary says INT8 loses the output, and what to run
-LOST_SQNR_DB = 10.0
 
 
 def _artifact_name(name: str) -> bool:

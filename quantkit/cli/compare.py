@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, progress,
+from quantkit.cli.common import (add_data_args, lost_note, add_preprocess_args, describe_sample, progress,
                                  runner_for, select, source_for_model)
 
 
@@ -76,6 +76,9 @@ class Compare:
         if drawn.count < drawn.total:
             print(f"compared on {describe_sample(drawn, 'samples')}")
         print(report.table())
+        note = lost_note(report)
+        if note:
+            print(note)
         if args.json:
             print(f"  wrote {args.json}")
         if args.min_cosine is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections import deque
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -272,7 +273,7 @@ class Batcher:
                 chunk = []
         if chunk and self.last_batch != "drop":
             yield self._batch(chunk)
-        elif chunk:
+        elif chunk and _first_drop(self.source, self.loaded_, self.batch_size):
             log.warning("dropped the last %d of %d samples: the model has a fixed batch size of %d and they do not "
                         "fill a batch; use a multiple of %d samples to use them all",
                         len(chunk), self.loaded_, self.batch_size, self.batch_size)
@@ -282,6 +283,29 @@ class Batcher:
                 f"(first problem: {self.skipped_[0][0]}: {self.skipped_[0][1]})" if self.skipped_ else
                 "the data source yielded no samples"
             )
+
+
+#: by id of a source: a weak reference to it and the (samples, batch size) whose short tail was
+#: warned about (once, not at every pass over the same samples); sources are often unhashable
+_DROP_WARNED: dict[int, tuple[Any, set[tuple[int, int]]]] = {}
+
+
+def _first_drop(source: Any, loaded: int, batch_size: int) -> bool:
+    """Whether this pass's dropped tail is the first of its kind for ``source`` (the calibration
+    and the checks' passes read the same samples); True where the source cannot be tracked."""
+    try:
+        ref = weakref.ref(source)
+    except TypeError:
+        return True
+    held = _DROP_WARNED.get(id(source))
+    if held is None or held[0]() is not source:  # a new source (perhaps at a freed one's address)
+        for k in [k for k, (r, _) in _DROP_WARNED.items() if r() is None]:
+            del _DROP_WARNED[k]
+        held = _DROP_WARNED[id(source)] = (ref, set())
+    if (loaded, batch_size) in held[1]:
+        return False
+    held[1].add((loaded, batch_size))
+    return True
 
 
 def _as_array(value: Any) -> np.ndarray:

@@ -58,7 +58,7 @@ ORT_FLOAT_OPS = ("LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Div", "Sub"
 #: recurrent ops: ONNX Runtime has no integer kernel for a static Q/DQ LSTM/GRU/RNN, so Q/DQ on
 #: their inputs (X, the initial states) only adds error (the onnxruntime target leaves them float;
 #: g2p-id's Keras LSTM decoder: its state output inf -> 27 dB with them quantized)
-_RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 #: reductions that compute a normalization's moments (``_normalization_statistics``)
 _MOMENT_OPS = ("ReduceMean", "GlobalAveragePool", "ReduceSum", "ReduceSumSquare", "ReduceL2")
 #: element-wise and layout ops through which a moment stays a statistic (with constants)
@@ -258,7 +258,7 @@ def plan_qdq(model: onnx.ModelProto, target: str = "tensorrt", *,
                 raise ModelError("every node needs a name for Q/DQ placement", hint="re-export the model")
             params = _PARAMETER_INPUTS.get(node.op_type, ())
             if node.op_type in ORT_FLOAT_OPS or node.name in log_front or node.name in shaped or \
-                    node.name in moments or node.op_type in _RECURRENT_OPS:
+                    node.name in moments or node.op_type in RECURRENT_OPS:
                 continue  # normalization statistics, Softmax, GELU's Erf, a log-spectrum, an RNN: float in
             if not any(o in floats for o in node.output):
                 continue  # a Cast to int (float token ids into a Gather), a comparison: values, not signal

@@ -294,6 +294,11 @@ def test_calibrate_says_when_int8_loses_an_output(tmp_path, capsys):
                  "--no-progress", "--no-equalize", "--no-bias-correction"]) == 0
     out = capsys.readouterr().out
     assert "INT8 loses most of this output" in out and "quantkit debug FP32 INT8 --rank" in out
+    # compare says it too (it printed the figure alone)
+    assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx"), "--npz",
+                 str(tmp_path / "d.npz"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "'y' at" in out and "INT8 loses most of this output" in out
 
 
 def test_an_eval_dir_that_is_the_calibration_folder_is_said_and_not_called_held_out(digits_dirs, tmp_path, caplog):
@@ -343,3 +348,52 @@ def test_calibrate_on_every_npz_sample_says_samples_not_images(residual_model, t
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "no samples left after calibration; compared on calibration samples" in out, out
+
+
+def test_calibrate_says_recurrent_layers_stay_in_float(tmp_path, capsys):
+    """An LSTM gets no Q/DQ (no INT8 recurrent kernel in TensorRT or ONNX Runtime): the summary
+    said nothing, on a speaker encoder whose LSTMs held 95% of the weights."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    hidden, feat = 16, 8
+    w = rng.standard_normal((1, 4 * hidden, feat)).astype(np.float32) * 0.3
+    r = rng.standard_normal((1, 4 * hidden, hidden)).astype(np.float32) * 0.3
+    head = rng.standard_normal((hidden, 4)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R"], ["seq", "h"], hidden_size=hidden, name="lstm"),
+                           helper.make_node("Squeeze", ["h", "ax"], ["h2"]),
+                           helper.make_node("MatMul", ["h2", "head"], ["y"], name="fc")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", feat])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R"),
+                           numpy_helper.from_array(head, "head"), numpy_helper.from_array(np.array([0]), "ax")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", rng.standard_normal((5, 40, feat)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    share = 100 * (w.size + r.size) / (w.size + r.size + head.size + 1)
+    assert f"1 LSTM layer(s) in float, {share:.0f}% of the weights" in out, out
+
+
+def test_calibrate_says_the_opset_was_upgraded(tmp_path, capsys):
+    """An opset-8 model is written at opset 13 (per-channel Q/DQ needs it): it was unsaid."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4, name="conv"),
+                           helper.make_node("Relu", ["c"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                          [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 8)]), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", rng.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    assert "opset 8 upgraded to 13" in capsys.readouterr().out
+    assert onnx.load(str(tmp_path / "o" / "m.int8.onnx")).opset_import[0].version == 13

@@ -356,7 +356,23 @@ def test_fixed_batch_drop_reported(models, small_digits, tmp_path, caplog, capsy
     dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     # 22 files, 1 corrupt: 21 images, 5 batches of 4, the last image dropped
     assert len(dropped) == 1 and "dropped the last 1 of 21" in dropped[0] and "fixed batch size of 4" in dropped[0]
-    assert "calibrated 20 samples" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "calibrated 20 samples" in out
+    # the sample line said "22 of 22" beside "calibrated 20": it says what the fixed batch left out
+    assert "20 calibrated, the last 1 do not fill the model's fixed batch" in out
+
+
+def test_fixed_batch_drop_warned_once_per_source(caplog):
+    from quantkit.datasets.batching import Batcher
+    from quantkit.datasets.sources import SyntheticSource
+
+    src = SyntheticSource((3,), count=10, seed=0)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # the calibration pass, then the checks' passes over the same samples
+            assert sum(b.size for b in Batcher(src, ["x"], batch_size=4, last_batch="drop")) == 8
+        assert sum(b.size for b in Batcher(src, ["x"], batch_size=3, last_batch="drop")) == 9
+    dropped = [r.getMessage() for r in caplog.records if "dropped the last" in r.getMessage()]
+    assert len(dropped) == 2 and "2 of 10" in dropped[0] and "1 of 10" in dropped[1]
 
 
 def _summaries(help_text: str) -> dict[str, str]:
