@@ -661,8 +661,9 @@ class Calibration:
         self.method_check = {"configured": method, "alternative": alt, "chosen": chosen,
                              "output_sqnr_db": figures, "samples": sum(n for _, n in feeds),
                              **({"alternative_better_share": share} if share is not None else {})}
-        log.info("%s: method check: %s (the outputs' mean per-channel SQNR against FP32 %.1f dB with %s, %.1f dB with %s%s)",
-                 self.model_name, chosen, figures[method], method, figures[alt], alt,
+        log.info("%s: method check: %s (the outputs' mean per-channel SQNR against FP32 on %d calibration samples "
+                 "after the bias correction's %.1f dB with %s, %.1f dB with %s%s)",
+                 self.model_name, chosen, self.method_check["samples"], figures[method], method, figures[alt], alt,
                  "" if share is None else f"; {alt} higher on {100 * share:.0f}% of resamples of the samples, "
                  f"{100 * CHECK_CONFIDENCE:.0f}% needed")
         # the other model is made again if asked for: one Q/DQ model held, as without the check
@@ -726,14 +727,17 @@ class Calibration:
             share = round(better_share(samples[0], samples[2], alt_samples[2], samples[1], rows=rows), 3)
             keep = share < CHECK_CONFIDENCE
         self.pointwise_check = {"kept": keep, "output_sqnr_db": with_db, "unequalized_output_sqnr_db": without_db,
+                                "samples": sum(n for _, n in self.correction_feeds),
                                 **({"unequalized_better_share": share} if share is not None else {})}
         if keep:
-            log.info("%s: pointwise equalization kept: the outputs' mean per-channel SQNR against FP32 is %.1f dB with it, "
-                     "%.1f dB without (left out only where that is more than %.1f dB higher)", self.model_name, with_db,
-                     without_db, POINTWISE_CHECK_MARGIN_DB)
+            log.info("%s: pointwise equalization kept: the outputs' mean per-channel SQNR against FP32 on the bias "
+                     "correction's %d samples is %.1f dB with it, %.1f dB without (left out only where that is more "
+                     "than %.1f dB higher)", self.model_name, self.pointwise_check["samples"], with_db, without_db,
+                     POINTWISE_CHECK_MARGIN_DB)
             return
-        log.info("%s: pointwise equalization left out: the outputs' mean per-channel SQNR against FP32 is %.1f dB with "
-                 "it, %.1f dB without", self.model_name, with_db, without_db)
+        log.info("%s: pointwise equalization left out: the outputs' mean per-channel SQNR against FP32 on the bias "
+                 "correction's %d samples is %.1f dB with it, %.1f dB without", self.model_name,
+                 self.pointwise_check["samples"], with_db, without_db)
         dropped = {e.scaled for e in self.equalized if pointwise(e)}
         self.model, self.plan, self.equalized = alt.model, alt.plan, done
         self.histograms = {t: h for t, h in self.histograms.items() if t not in dropped}

@@ -322,14 +322,24 @@ class Calibrate:
                                            ("--exclude-from", args.exclude_from)) if v) if cal.excluded else "")
               + (f"; {len(front)} Conv/Gemm/MatMul of a log-spectrum front end kept in float" if front else "")
               + _recurrent_note(cal.model)
-              + (f"; opset {opset} upgraded to {opset_version(cal.model)} (Q/DQ per channel needs 13 or later)"
-                 if opset_version(cal.model) > opset else "")
+              + _opset_note(opset, opset_version(cal.model))
               + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else "")
               + _refit_note(cal.equalization_refit)
               + _pointwise_note(cal.pointwise_check) + _bias_note(cal.bias_checks.get(method)))
         for p in paths.values():
             print(f"  wrote {p}")
         return 0
+
+
+def _opset_note(before: int, after: int) -> str:
+    """The summary's words on an opset upgrade (exact: ONNX's version converter), with its reason."""
+    from quantkit.onnx.model import MIN_QDQ_OPSET, MIN_QDQ_OPSET_FLOAT16
+
+    if after <= before:
+        return ""
+    why = (f"Q/DQ of float16 tensors needs {MIN_QDQ_OPSET_FLOAT16}" if after >= MIN_QDQ_OPSET_FLOAT16 > before
+           and before >= MIN_QDQ_OPSET else f"Q/DQ per channel needs {MIN_QDQ_OPSET} or later")
+    return f"; opset {before} upgraded to {after} ({why})"
 
 
 def _recurrent_note(model: Any) -> str:
@@ -397,8 +407,9 @@ def _method_note(check: dict[str, Any] | None) -> str:
     db, configured = check["output_sqnr_db"], check["configured"]
     switched = check["chosen"] != configured
     other = configured if switched else check["alternative"]
-    return (f": the method check's choice, the outputs' mean per-channel SQNR against FP32 {db[check['chosen']]:.1f} dB, "
-            f"{other} {db[other]:.1f} dB" + (f"; --method {configured} writes {configured} unchecked" if switched else ""))
+    on = f" on {check['samples']} calibration samples after the bias correction's" if check.get("samples") else ""
+    return (f": the method check's choice, the outputs' mean per-channel SQNR against FP32{on} "
+            f"{db[check['chosen']]:.1f} dB, {other} {db[other]:.1f} dB" + (f"; --method {configured} writes {configured} unchecked" if switched else ""))
 
 
 def _refit_note(refit: dict[str, Any] | None) -> str:
@@ -413,15 +424,17 @@ def _pointwise_note(check: dict[str, Any] | None) -> str:
     """The summary's words on a pointwise equalization the check left out (none when kept)."""
     if check is None or check["kept"]:
         return ""
-    return (f"; pointwise equalization left out: the outputs' mean per-channel SQNR against FP32 was {check['output_sqnr_db']:.1f} dB "
-            f"with it, {check['unequalized_output_sqnr_db']:.1f} without")
+    on = f" on the bias correction's {check['samples']} samples" if check.get("samples") else ""
+    return (f"; pointwise equalization left out: the outputs' mean per-channel SQNR against FP32{on} was "
+            f"{check['output_sqnr_db']:.1f} dB with it, {check['unequalized_output_sqnr_db']:.1f} without")
 
 
 def _bias_note(check: dict[str, Any] | None) -> str:
     """The summary's words on a bias correction the guard left out (none when it was applied)."""
     if check is None or check["applied"]:
         return ""
-    return (f"; bias correction left out: the outputs' per-channel SQNR against FP32 was "
+    on = f" on its {check['samples']} samples" if check.get("samples") else ""
+    return (f"; bias correction left out: the outputs' per-channel SQNR against FP32{on} was "
             f"{check['output_sqnr_db']:.1f} dB with it, {check['uncorrected_output_sqnr_db']:.1f} without")
 
 

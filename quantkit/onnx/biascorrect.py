@@ -144,13 +144,12 @@ def conv_levels(model: onnx.ModelProto) -> list[list[onnx.NodeProto]]:
     return [levels[k] for k in sorted(levels)]
 
 
-#: positions per channel and batch kept to estimate a Conv's shift (a strided sample), and at most
-#: ``SAMPLE_POSITIONS_TOTAL`` over all the correction batches: a fixed-batch model's 32
-#: one-sample feeds took 2048 each, and their per-channel medians were a third of the layout
-#: detector's correction (7.5 of 22 s); up to 4 batches (32 samples in batches of 8 or more)
-#: are sampled as before
+#: positions per channel kept to estimate a Conv's shift (a strided sample), over all the
+#: correction samples however they are split into batches (``channel_samples``' ``start`` and
+#: ``total``): the same positions at any ``--batch-size``. Each batch took 2048 before, up to
+#: 8192 over 4 or more batches, and a tiny CREPE's correction at batch 8 (four batches) and 32
+#: (one) moved its output figure by 1 dB, which turned the pointwise check's verdict
 SAMPLE_POSITIONS = 2048
-SAMPLE_POSITIONS_TOTAL = 4 * SAMPLE_POSITIONS
 
 
 #: row_medians splits arrays of at least this many values over threads (np.partition releases the
@@ -182,27 +181,33 @@ def row_medians(a: np.ndarray) -> np.ndarray:
     return (a[:, half - 1] + a[:, half]) / a.dtype.type(2)
 
 
-def feed_positions(feeds: int) -> int:
-    """Positions per channel to sample from each of ``feeds`` batches."""
-    return max(1, min(SAMPLE_POSITIONS, SAMPLE_POSITIONS_TOTAL // max(1, feeds)))
+def feed_starts(feeds: Sequence[Feed]) -> tuple[list[int], int]:
+    """Each of ``feeds``' first row in the whole set (their rows in order), and the set's rows."""
+    starts = np.cumsum([0, *(n for _, n in feeds)]).tolist()
+    return starts[:-1], starts[-1]
 
 
-def channel_samples(x: np.ndarray, n: int, positions: int = SAMPLE_POSITIONS, axis: int = 1) -> np.ndarray:
+def channel_samples(x: np.ndarray, n: int, positions: int = SAMPLE_POSITIONS, axis: int = 1, *,
+                    start: int = 0, total: int | None = None) -> np.ndarray:
     """[C, K]: a strided sample of ``x``'s first ``n`` rows' values per channel (axis 1), the same
     positions for any tensor of the same shape: every ``step``-th of the positions (row, then
     the axes after the channel, in order; at least ``positions`` of them), the step sharing no
     factor with a row's positions (so that it visits every column, and every channel of a
-    channel-last output), gathered without copying the tensor first."""
+    channel-last output), gathered without copying the tensor first.
+
+    ``x`` may be one batch of a set of ``total`` rows (default ``n``) whose first row is the
+    set's ``start``-th: the step and the positions are then the set's, so that the batches'
+    samples together are the sample of the whole set taken at once (the same at any batch size)."""
     x = np.asarray(x)[:n]
     if axis % max(x.ndim, 1) != 1:  # a linear layer's features (the last axis) as the channels
         x = np.moveaxis(x, axis, 1)
     x3 = x.reshape(x.shape[0], x.shape[1], -1)
-    total = x3.shape[0] * x3.shape[2]
-    step = max(1, total // positions)
-    while step > 1 and math.gcd(step, x3.shape[2]) != 1:  # a step sharing a factor with the positions of
+    per_row = x3.shape[2]
+    step = max(1, (x3.shape[0] if total is None else total) * per_row // positions)
+    while step > 1 and math.gcd(step, per_row) != 1:  # a step sharing a factor with the positions of
         step -= 1  # a row visits some of them only: every 64th of [N, C, 64, 64] is column 0, every 4th of
         # a channel-last [N, H, W, 4] output its first channel (the guard read 60 dB for -6.5)
-    rows, at = np.divmod(np.arange(0, total, step), x3.shape[2])
+    rows, at = np.divmod(np.arange((-start * per_row) % step, x3.shape[0] * per_row, step), per_row)
     return x3[rows, :, at].T.astype(np.float32)
 
 
@@ -233,10 +238,11 @@ def reference(fp32: onnx.ModelProto, convs: Sequence[str], feeds: Sequence[Feed]
     ref = Reference({t: [] for t in convs}, {}, {}, {t: [] for t in outputs})
     if outputs:
         ref.parts = concat_parts(fp32, list(ref.outputs))
-    for feed, n in feeds:
+    starts, total = feed_starts(feeds)
+    for (feed, n), start in zip(feeds, starts):
         for t, x in zip(names, sess.run(names, dict(feed))):
             if t in ref.samples:
-                ref.samples[t].append(channel_samples(x, n, feed_positions(len(feeds)), axes.get(t, 1)))
+                ref.samples[t].append(channel_samples(x, n, axis=axes.get(t, 1), start=start, total=total))
                 ref.rank[t], ref.dtype[t] = np.ndim(x), np.asarray(x).dtype
             if t in ref.outputs:
                 ref.outputs[t].append(output_samples(x))
@@ -582,6 +588,7 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     producer = {out: i for i, node in enumerate(work.graph.node) for out in node.output}
     inits = {i.name: i for i in work.graph.initializer}
     known: list[dict[str, np.ndarray]] = [dict(f) for f, _ in feeds]
+    starts, total = feed_starts(feeds)
     plans = _plan_levels(work, slots, reads, consumers, producer, set(known[0]), inits, hold=set(watched))
     shifts: dict[str, np.ndarray] = {}
     history = {} if history is None else history
@@ -605,8 +612,8 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
             known[k].update(zip(keep, sess.run(keep, {t: known[k][t] for t in feeds_in})))
         for node in level:
             t = node.output[0]
-            diff = np.concatenate([channel_samples(kn[t], n, feed_positions(len(feeds)), axes[t]) - r
-                                   for kn, (_, n), r in zip(known, feeds, ref.samples[t])],
+            diff = np.concatenate([channel_samples(kn[t], n, axis=axes[t], start=start, total=total) - r
+                                   for kn, (_, n), r, start in zip(known, feeds, ref.samples[t], starts)],
                                   axis=1)
             shift = row_medians(diff).astype(np.float64)
             shifts[node.name] = shift
@@ -635,7 +642,8 @@ def sequential_correction(qdq: onnx.ModelProto, fp32: onnx.ModelProto, feeds: Se
     work = _drop_orphan_constants(work, replaced)
     if with_db is None or without_db is None:
         return Correction(work, shifts)
-    check = {"output_sqnr_db": round(with_db, 2), "uncorrected_output_sqnr_db": round(without_db, 2)}
+    check = {"output_sqnr_db": round(with_db, 2), "uncorrected_output_sqnr_db": round(without_db, 2),
+             "samples": total}
     applied = with_db >= without_db - GUARD_MARGIN_DB
     if not applied:  # and on most of the samples, not on a few (``CHECK_CONFIDENCE``)
         share = better_share(watched, corrected, plain, ref.parts, rows=[n for _, n in feeds])
@@ -693,7 +701,7 @@ class Correction:
             when the guard left the correction out).
         shifts: Conv node -> the shift subtracted from its bias (empty when ``model`` is the
             uncorrected one).
-        check: with the guard, ``{"applied", "output_sqnr_db", "uncorrected_output_sqnr_db"}``
+        check: with the guard, ``{"applied", "output_sqnr_db", "uncorrected_output_sqnr_db", "samples"}``
             (``output_sqnr`` of the corrected and the uncorrected model); None without it, or
             when the model has no output it compares.
     """

@@ -397,3 +397,12 @@ def test_calibrate_says_the_opset_was_upgraded(tmp_path, capsys):
                  "--no-progress"]) == 0
     assert "opset 8 upgraded to 13" in capsys.readouterr().out
     assert onnx.load(str(tmp_path / "o" / "m.int8.onnx")).opset_import[0].version == 13
+
+
+def test_the_opset_note_gives_the_upgrades_reason():
+    from quantkit.cli.calibrate import _opset_note
+
+    assert _opset_note(17, 17) == ""
+    assert "per channel needs 13" in _opset_note(8, 13)
+    # a float16 model at opset 17 (a probe's CREPE): the reason is float16's Q/DQ, not 13
+    assert _opset_note(17, 19) == "; opset 17 upgraded to 19 (Q/DQ of float16 tensors needs 19)"
