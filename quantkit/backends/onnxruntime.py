@@ -476,7 +476,19 @@ def _chunk_sizes(runner: "_BoundCapture", feed: dict[str, np.ndarray], axes: Map
     outputs fit ``SINK_PIECE_MB`` (or ``budget_mb`` when smaller); the chunk: the most whole
     pieces whose outputs fit ``budget_mb`` (at least one)."""
     size = feed_rows(feed, axes)
-    one = runner.run(take_rows(feed, axes, 0, 1))
+    try:
+        one = runner.run(take_rows(feed, axes, 0, 1))
+    except run_errors() as err:
+        if size <= 1:
+            raise
+        # a model that runs only whole groups of rows (ICLabel's Reshape(4, -1) averages each
+        # component's four rows): the batch as given, never split, or the one-sample error
+        try:
+            runner.run(feed)
+        except run_errors():
+            raise err from None
+        log.info("the model does not run one sample alone, and runs the batch of %d: batches are not split", size)
+        return size, size
     per_sample = max(1, sum(a.nbytes for a in one))
 
     def fitting(mb: float) -> int:

@@ -683,16 +683,22 @@ def layerwise_error(fp32: onnx.ModelProto | str | os.PathLike[str], int8: onnx.M
         outs = {n: _OutputStats(n) for n in ref.output_names}
         fixed = ref.input_specs[0].static_batch is not None if ref.input_specs else True
         chunk: int | None = None
+        whole = False  # batches as given: the model does not run one sample alone
         for batch in batches:
             n_batch, padded_batch = batch.size, getattr(batch, "num_rows", batch.size)
             axes = getattr(batch, "batch_axes", {})
-            if fixed or n_batch <= 1:
-                parts = [(batch.feed, n_batch, padded_batch)]
-            else:  # parts whose captured tensors (both models) fit CAPTURE_BUDGET_BYTES: memory flat in the batch
-                if chunk is None:
+            if chunk is None and not (fixed or whole or n_batch <= 1):
+                try:
                     _, one = ref.infer_captured(take_rows(batch.feed, axes, 0, 1), axes)
+                except InputError:  # a model of whole groups of rows (ICLabel averages each component's
+                    whole = True  # four): the batches unsplit (a batch that does not run either says why)
+                else:
                     per_sample = 2 * max(1, sum(np.asarray(a).nbytes for a in one.values()))
                     chunk = int(max(1, min(n_batch, CAPTURE_BUDGET_BYTES // per_sample)))
+            if fixed or whole or n_batch <= 1:
+                parts = [(batch.feed, n_batch, padded_batch)]
+            else:  # parts whose captured tensors (both models) fit CAPTURE_BUDGET_BYTES: memory flat in the batch
+                assert chunk is not None
                 parts = [(take_rows(batch.feed, axes, s, s + chunk), min(chunk, n_batch - s), min(chunk, n_batch - s))
                          for s in range(0, n_batch, chunk)]
             for feed, n, padded in parts:

@@ -968,7 +968,13 @@ def _subset_within_memory(scales: QdqScales, source: "Source", sample: int, subs
     cuts = _Cuts(scales.model, scales.groups)
     batch = next(iter(evaluation_batches(source, scales.specs, [sample], scales.run)))
     with OrtRunner(scales.model, threads=scales.run.threads, capture=cuts.all) as r:
-        _, captured = r.infer_captured(batch.feed)
+        try:
+            _, captured = r.infer_captured(batch.feed)
+        except InputError as err:  # ICLabel averages each component's four rows: no sample runs alone
+            raise InputError(f"the sensitivity ranking runs single samples (those of the largest error), and the "
+                             f"model does not run one sample alone: {err}",
+                             hint="`quantkit debug` without --rank compares whole batches; a model that combines "
+                                  "the rows of a batch cannot be ranked sample by sample") from err
     # the cut tensors of both sides, and ONNX Runtime's working memory for the switchable model's runs
     # (both branches of every switched node): ~6x one side's cuts (16.7 GB at 18 samples of 109 MB)
     per_sample = 6 * max(1, sum(np.asarray(a).nbytes for a in captured.values()))
