@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -61,6 +61,9 @@ class OutputMetrics:
     #: a few values a sample (``[N, k]``, k < 10) that no Softmax writes (``few_regression_values``):
     #: classes or figures (scores, a box) alike, so its top-1 agreement may mean nothing
     top1_few_values: bool = False
+    #: k > 1 where every batch's output had one row for every k samples fed (a model that combines
+    #: a batch's rows: ICLabel averages each component's four), else 1
+    rows_per: int = 1
 
     @property
     def worst_part(self) -> tuple[int, int, float] | None:
@@ -158,6 +161,11 @@ class CompareReport:
                 lines.append(f"  note: output {m.name!r}: its top-1 agreement is per position: the argmax of its last axis (the "
                              "classes of a Softmax or of a linear layer's logits) at each position before it, as a "
                              "recogniser's time steps; near ties flip where the SQNR reads high")
+            if m.rows_per > 1:
+                lines.append(f"  note: {m.name!r} has one row for every {m.rows_per} samples fed: the model combines "
+                             f"the rows of a batch, so its figures are over {self.num_samples // m.rows_per} rows, and "
+                             "which samples a batch combines follows the order they are drawn in (--order sorted: "
+                             "the data's own; the default draws from across it)")
             if m.shape_differs:
                 lines.append(f"  note: {m.name!r} has a data-dependent shape: the models' shapes differ on "
                              f"{m.shape_differs} of {m.batches} batch(es), left out of its figures"
@@ -388,10 +396,13 @@ def compare_runners(
     classes: int | None = None
     samples = 0
     first_out = label_output if label_output in reference.output_names else reference.output_names[0]
+    ratios: dict[str, set[int]] = {name: set() for name in stats}  # samples per output row, each batch
     for batch, ref_out, test_out in side_by_side(reference, test, batches):
         n = batch.size
         for name, st in stats.items():
             st.update(ref_out[name], test_out[name])
+            rows = int(np.shape(ref_out[name])[0]) if np.ndim(ref_out[name]) else 0
+            ratios[name].add(n // rows if 0 < rows < n and n % rows == 0 else 1)
         if batch.labels is not None and ref_out[first_out].ndim == 2 and ref_out[first_out].shape[1] > 1:
             labelled += n
             classes = int(ref_out[first_out].shape[1])
@@ -408,7 +419,9 @@ def compare_runners(
     parts = dict(getattr(reference, "concat_parts", {}))
     return CompareReport(
         reference_name, test_name, samples,
-        [s.result(s.name in ordered, top1=s.name not in embeddings, parts=parts.get(s.name, ()), few_values=s.name in few)
+        [replace(s.result(s.name in ordered, top1=s.name not in embeddings, parts=parts.get(s.name, ()),
+                          few_values=s.name in few),
+                 rows_per=ratios[s.name].pop() if len(ratios[s.name]) == 1 else 1)
          for s in stats.values()],
         correct_ref / labelled if labelled else None,
         correct_test / labelled if labelled else None,

@@ -1218,7 +1218,7 @@ def few_regression_values(model: onnx.ModelProto, name: str) -> bool:
     if t is None or not t.HasField("shape") or len(t.shape.dim) != 2 or not t.shape.dim[1].HasField("dim_value") \
             or not 2 <= t.shape.dim[1].dim_value < FEW_VALUES:
         return False
-    node, _ = _writer(model, name)
+    node, _ = _writer(model, name, (*LAYOUT_OPS, "ReduceMean"))  # a mean of Softmaxes is one too (ICLabel's)
     return node is None or node.op_type not in ("Softmax", "LogSoftmax")
 
 

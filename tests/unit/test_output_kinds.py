@@ -485,3 +485,26 @@ def test_a_few_figures_a_sample_are_not_classes(k, softmax, classes, tmp_path, c
     out = json.loads((tmp_path / "c.json").read_text())["outputs"][0]
     assert out["top1_agreement"] is not None  # shown (classes without a Softmax read the same), with a note
     assert out["top1_few_values"] == (not classes) and ("few values a sample" in capsys.readouterr().out) == (not classes)
+
+
+def test_a_model_that_combines_a_batchs_rows_is_said(tmp_path, capsys):
+    """ICLabel averages the Softmax of each component's four rows ([-1, 4, classes], ReduceMean):
+    compare said "240 samples" of an output of 60 rows, without a word, and called its output a
+    few values which no Softmax writes."""
+    rng = np.random.default_rng(2)
+    nodes = [h.make_node("MatMul", ["x", "W"], ["logits"], name="fc"),
+             h.make_node("Softmax", ["logits"], ["p"], axis=1, name="softmax"),
+             h.make_node("Reshape", ["p", "shape"], ["g"], name="group"),
+             h.make_node("ReduceMean", ["g"], ["out"], axes=[1], keepdims=0, name="mean")]
+    graph = h.make_graph(nodes, "grouped", [h.make_tensor_value_info("x", T.FLOAT, ["N", 8])],
+                         [h.make_tensor_value_info("out", T.FLOAT, ["M", 3])],
+                         [nh.from_array(rng.normal(0, 0.5, (8, 3)).astype(np.float32), "W"),
+                          nh.from_array(np.array([-1, 4, 3]), "shape")])
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 13)], ir_version=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.normal(0, 1, (48, 8)).astype(np.float32))
+    assert main(["compare", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "d.npz"),
+                 "--batch-size", "8", "--no-progress", "--json", str(tmp_path / "c.json")]) == 0
+    said = capsys.readouterr().out
+    assert "'out' has one row for every 4 samples fed" in said and "figures are over 12 rows" in said
+    assert "few values a sample" not in said  # a mean of Softmaxes: class scores
+    assert json.loads((tmp_path / "c.json").read_text())["outputs"][0]["rows_per"] == 4
