@@ -545,7 +545,8 @@ def batch_axes_from_shapes(arrays: dict[str, tuple[int, ...]], shapes: dict[str,
         common = sizes if common is None else common & sizes
     if not common:
         listed = "; ".join(f"{n!r} {tuple(arrays[n])}: axes {c}" for n, c in batched.items())
-        raise DatasetError(f"{where}: the arrays share no batch size on their dynamic axes ({listed})", hint=hint)
+        raise DatasetError(f"{where}: the arrays share no batch size on the axes that can hold samples (the input's "
+                           f"dynamic axes, and its fixed ones the array's size differs on: {listed})", hint=hint)
     if len(common) > 1:
         n, c = next((n, c) for n, c in batched.items() if len({arrays[n][i] for i in c} & common) > 1)
         raise DatasetError(f"{where}: the batch axis of {n!r} {tuple(arrays[n])} is ambiguous: axes {c} "
