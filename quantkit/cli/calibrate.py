@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from quantkit.cli.common import (add_data_args, lost_note, add_preprocess_args, describe_sample, non_negative_int,
+from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, lost_note, non_negative_int,
                                  positive_int, progress, ranking_progress, select, source_for_model, trt_version,
                                  with_sample_axis)
 
@@ -482,8 +482,6 @@ def save_with_stats(cal: Any, output: str, save_stats: str | None, stats_inside:
         if commit is not None:
             paths["stats"] = commit()
     return paths
-
-
 
 
 def _artifact_name(name: str) -> bool:

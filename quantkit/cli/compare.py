@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from quantkit.cli.common import (add_data_args, lost_note, add_preprocess_args, describe_sample, progress,
+from quantkit.cli.common import (add_data_args, add_preprocess_args, describe_sample, lost_note, progress,
                                  runner_for, select, source_for_model)
 
 
