@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -343,20 +342,11 @@ def _opset_note(before: int, after: int) -> str:
 
 
 def _recurrent_note(model: Any) -> str:
-    """The summary's note on recurrent layers: quantkit puts no Q/DQ on an LSTM, GRU or RNN (TensorRT
-    and ONNX Runtime have no INT8 kernel for them), so they run in FP16/FP32 and keep their share
-    of the parameters in float; a speaker encoder's three LSTMs were 95% of them, unsaid."""
-    from quantkit.onnx.qdq import RECURRENT_OPS
+    """The summary's note on the recurrent layers that stay in float (``recurrent_summary``)."""
+    from quantkit.onnx.qdq import recurrent_summary
 
-    nodes = [n for n in model.graph.node if n.op_type in RECURRENT_OPS]
-    if not nodes:
-        return ""
-    sizes = {t.name: math.prod(t.dims) for t in model.graph.initializer}
-    total = sum(sizes.values())
-    held = sum(sizes.get(i, 0) for i in {i for n in nodes for i in n.input})
-    kinds = "/".join(sorted({n.op_type for n in nodes}))
-    share = f", {100.0 * held / total:.0f}% of the weights" if total and held else ""
-    return f"; {len(nodes)} {kinds} layer(s) in float{share} (no INT8 recurrent layers: TensorRT runs them in FP16/FP32)"
+    what = recurrent_summary(model)
+    return f"; in float: {what} (no INT8 recurrent layers: TensorRT runs them in FP16/FP32)" if what else ""
 
 
 def _switches_note(result: Any) -> str:

@@ -74,7 +74,7 @@ class Inspect:
         from quantkit.onnx.model import (einsum_as_matmul, fold_weight_dequantize, input_specs, is_quantized_op,
                                          load_model, opset_version, output_specs, subgraph_node_count,
                                          with_node_names)
-        from quantkit.onnx.qdq import float_by_rule, plan_qdq
+        from quantkit.onnx.qdq import float_by_rule, plan_qdq, recurrent_summary
 
         model = load_model(path)
         weight_only = fold_weight_dequantize(model, source=path.name)  # as calibrate prepares it
@@ -109,6 +109,9 @@ class Inspect:
             if not has_layer_ops(model.graph):  # what `calibrate` refuses
                 print(f"  nothing to quantize: no Conv, ConvTranspose, Gemm or MatMul node ({op_summary(model.graph)}); "
                       "`calibrate` refuses it: run it in FP32 or FP16")
+            recurrent = recurrent_summary(model)
+            if recurrent:  # no Q/DQ on them: they keep their weights in float
+                print(f"  in float: {recurrent} (no INT8 recurrent layers: TensorRT runs them in FP16/FP32)")
             if inside:  # calibrate covers the main graph only (the tenth probe: a plan of 0 said nothing of why)
                 print(f"  in float: {inside} node(s) inside If/Loop/Scan subgraphs (the plan covers the main graph)")
             for i, group in enumerate(plan.groups):  # why two tensors get one scale

@@ -375,7 +375,9 @@ def test_calibrate_says_recurrent_layers_stay_in_float(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     share = 100 * (w.size + r.size) / (w.size + r.size + head.size + 1)
-    assert f"1 LSTM layer(s) in float, {share:.0f}% of the weights" in out, out
+    assert f"in float: 1 LSTM layer(s), {share:.0f}% of the weights" in out, out
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 0  # inspect says it too
+    assert f"in float: 1 LSTM layer(s), {share:.0f}% of the weights" in capsys.readouterr().out
 
 
 def test_calibrate_says_the_opset_was_upgraded(tmp_path, capsys):
