@@ -244,9 +244,10 @@ class Batcher:
                 log.warning("input %r: sample %s has infinite values; an additive mask may mean them, but outputs "
                             "computed from them are not finite, and their error figures read nan",
                             name, self.source.describe(first_inf))
-            if name in self.dtypes:
+            if name in self.dtypes:  # an image folder's float32 is quantkit's own preprocessing: cast unsaid
+                own = getattr(getattr(self.source, "source", self.source), "preprocess", None) is not None
                 feed[name] = cast_for_input(feed[name], self.dtypes[name], name=name,
-                                            where=self.source.describe(indices[0]), noted=self._noted)
+                                            where=self.source.describe(indices[0]), noted=None if own else self._noted)
         return feed
 
     def _batch(self, chunk: list[tuple[int, np.ndarray | dict[str, np.ndarray]]]) -> Batch:
