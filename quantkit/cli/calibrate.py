@@ -364,7 +364,17 @@ def _float_note(result: Any) -> str:
     """The summary's words on the groups --max-drop returned to float (``result``: the
     fallback's, or None): the counts before them are the calibration's, not the written model's."""
     groups = list(getattr(result, "float_groups", None) or [])
-    return f"; {len(groups)} of {result.num_groups} group(s) then kept in float by --max-drop" if groups else ""
+    if not groups:
+        return ""
+    model = result.int8_model
+    consts = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                         for o in n.output}
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    weights = sum(1 for n in quantize if n.input[0] in consts) + \
+        sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts)
+    return (f"; {len(groups)} of {result.num_groups} group(s) then kept in float by --max-drop (the model written: "
+            f"{len(quantize) - sum(1 for n in quantize if n.input[0] in consts)} activations and {weights} weights "
+            "quantized)")
 
 
 def _within(path: str, other: str | None) -> str | None:

@@ -118,6 +118,10 @@ def test_max_drop_measures_the_output_int8_reaches_and_the_summary_counts_the_fl
     out = capsys.readouterr().out
     assert "of output 'y'" in out and "of output 'feat'" not in out
     assert "group(s) then kept in float by --max-drop" in out  # a budget of 0 dB: every group in float
+    # the counts before it are the calibration's; the written model's follow (a probe read 8 and 8 for 8 Q nodes)
+    written = onnx.load(str(tmp_path / "o" / "m.int8.onnx"))
+    q = sum(1 for n in written.graph.node if n.op_type == "QuantizeLinear")
+    assert f"(the model written: {q} activations and" in out
 
 
 @pytest.mark.parametrize("flags, lines", [((), True), (("--no-progress",), False)])
