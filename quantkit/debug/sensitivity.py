@@ -350,9 +350,10 @@ class SensitivityReport:
         how = "" if self.estimator == "exact" else f", {self.estimator} estimate"
         uncorrected = " of the model without bias correction, which it does not model" \
             if self.estimator == "gradient" else ""
-        lines = [f"sensitivity of {len(self.rows)} groups on {len(self.subset_indices)} samples{how}, {self.metric} "
-                 f"(INT8 error{uncorrected} "
-                 f"{self.int8_error:.4g}; cost {self.cost_fp32_passes:.1f} FP32 passes, {self.seconds:.1f} s)",
+        lines = [f"sensitivity of {len(self.rows)} groups on {len(self.subset_indices)} samples{how} (those of the "
+                 f"largest error), {self.metric} (INT8 error{uncorrected} {self.int8_error:.4g} on them, "
+                 f"{self.int8_error_all:.4g} on every sample given; cost {self.cost_fp32_passes:.1f} FP32 passes, "
+                 f"{self.seconds:.1f} s)",
                  f"  {'rank':>4} {'group':<32} {'only float':>11} {'only int8':>11}"]
         methods = any(r.best_method for r in self.rows)  # not from a Q/DQ model's one set of scales (`debug`)
         if methods:
