@@ -264,7 +264,7 @@ class Calibrate:
                              "(--num-images below the data's count leaves some out, or --eval-dir gives others)")
             note = lost_note(cmp)
             if note:
-                lines.append(note)
+                lines.append(note + _raw_input_hint(cal, method))
             report = {"method": method, "held_out": held_out, **cmp.to_dict(),
                       "reference_path": os.path.realpath(model_path),
                       "test_path": os.path.realpath(Path(args.output) / f"{model_path.stem.removesuffix('.fp32')}.int8.onnx"),
@@ -328,6 +328,39 @@ class Calibrate:
         for p in paths.values():
             print(f"  wrote {p}")
         return 0
+
+
+#: a quantized graph input whose amax is this many times its median |x| holds raw units (sensor counts,
+#: electrons, int16 audio) that INT8's 255 steps cannot resolve where most values lie
+RAW_INPUT_RATIO = 100.0
+
+
+def _raw_input_hint(cal: Any, method: str) -> str:
+    """Words for the lost-output note naming a quantized graph input of raw units and the
+    ``--exclude`` that keeps its readers' input in float: deepCR's cosmic-ray UNet reads electrons
+    (median 77, up to 21,000; its first Conv's input INT8 lost the output, -2.4 dB; that one
+    Conv in float, 16.6 dB; the sixteenth probe); "" where no input looks so."""
+    import numpy as np
+
+    inputs = {i.name for i in cal.model.graph.input}
+    found = []
+    for t in cal.plan.activation_names:
+        h = cal.histograms.get(t)
+        if t not in inputs or h is None or not h.counts.any():
+            continue
+        cum = np.cumsum(h.counts)
+        median = (int(np.searchsorted(cum, cum[-1] / 2.0)) + 0.5) * h.bin_width
+        amax = cal.ranges[t].amax.get(method, 0.0)
+        if median > 0 and amax / median >= RAW_INPUT_RATIO:
+            readers = [n.name for n in cal.model.graph.node if t in n.input and n.name]
+            found.append((t, median, amax, readers))
+    if not found:
+        return ""
+    t, median, amax, readers = found[0]
+    excl = " ".join(f"--exclude '{r}'" for r in readers[:3])
+    return (f"; input {t!r} looks like raw units (its INT8 range {amax:.4g} is {amax / median:.0f}x its median "
+            f"|x| {median:.3g}: most values get a step or two); if the model scales it inside, keep its first layer "
+            f"in float" + (f": {excl}" if excl else ""))
 
 
 def _opset_note(before: int, after: int) -> str:
