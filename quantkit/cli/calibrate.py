@@ -403,11 +403,10 @@ def _float_note(result: Any) -> str:
     consts = {i.name for i in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
                                                          for o in n.output}
     quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    weights = sum(1 for n in quantize if n.input[0] in consts) + \
-        sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts)
+    of_weights = sum(1 for n in quantize if n.input[0] in consts)  # float weights, Q/DQ; or int8 ones, DQ alone
+    stored = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts)
     return (f"; {len(groups)} of {result.num_groups} group(s) then kept in float by --max-drop (the model written: "
-            f"{len(quantize) - sum(1 for n in quantize if n.input[0] in consts)} activations and {weights} weights "
-            "quantized)")
+            f"{len(quantize) - of_weights} activations and {of_weights + stored} weights quantized)")
 
 
 def _within(path: str, other: str | None) -> str | None:

@@ -56,7 +56,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -646,7 +646,9 @@ class _Ranker:
         cut = self.fp32_cut or self.int8_cut
         if self.scales.specs[0].static_batch or not cut:
             return None
-        if any(n.op_type in ABORTS_ON_EMPTY for n in _all_nodes(self.scales.model.graph)):
+        from quantkit.onnx.model import all_graphs
+
+        if any(n.op_type in ABORTS_ON_EMPTY for g in all_graphs(self.scales.model.graph) for n in g.node):
             return None  # a run from a later cut feeds the nodes before it 0 rows, and these end the process
         rows = self.batches[0].feed[self.scales.specs[0].name].shape[0]
         first = cut[0]
@@ -995,17 +997,6 @@ def _subset_within_memory(scales: QdqScales, source: "Source", sample: int, subs
 #: made for a model that has them (a session per run of cuts instead)
 ABORTS_ON_EMPTY = frozenset({"LSTM", "GRU", "RNN", "Loop", "Scan"})
 
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _all_nodes(g)
 
 
 ESTIMATORS = ("exact", "gradient")
