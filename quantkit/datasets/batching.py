@@ -138,6 +138,8 @@ class Batcher:
         self.indices = list(range(len(source))) if indices is None else list(indices)
         self.last_batch = last_batch
         self.strict = strict
+        #: samples an image folder's preprocessing made (float32 of quantkit's own, not the user's data)
+        self._preprocessed = getattr(getattr(source, "source", source), "preprocess", None) is not None
         self.workers = workers or min(8, os.cpu_count() or 1)
         self.prefetch = prefetch
         self.known_skips = frozenset(known_skips)
@@ -245,9 +247,9 @@ class Batcher:
                             "computed from them are not finite, and their error figures read nan",
                             name, self.source.describe(first_inf))
             if name in self.dtypes:  # an image folder's float32 is quantkit's own preprocessing: cast unsaid
-                own = getattr(getattr(self.source, "source", self.source), "preprocess", None) is not None
                 feed[name] = cast_for_input(feed[name], self.dtypes[name], name=name,
-                                            where=self.source.describe(indices[0]), noted=None if own else self._noted)
+                                            where=self.source.describe(indices[0]),
+                                            noted=None if self._preprocessed else self._noted)
         return feed
 
     def _batch(self, chunk: list[tuple[int, np.ndarray | dict[str, np.ndarray]]]) -> Batch:

@@ -68,7 +68,7 @@ from quantkit._values import comparable
 from quantkit.backends.base import real_rows
 from quantkit.errors import InputError, MissingDependencyError, ModelError
 from quantkit.onnx.model import error_output, node_reads
-from quantkit.onnx.qdq import QdqPlan, exclude_from_plan, insert_qdq
+from quantkit.onnx.qdq import RECURRENT_OPS, QdqPlan, exclude_from_plan, insert_qdq
 from quantkit.onnx.torch_exec import UnsupportedOpError
 
 if TYPE_CHECKING:
@@ -995,7 +995,7 @@ def _subset_within_memory(scales: QdqScales, source: "Source", sample: int, subs
 #: exception to catch): a GRU or LSTM (g2p-en's encoder-decoder, the fifteenth probe), and loops,
 #: whose bodies may hold them. The one multi-start session feeds the nodes before a cut 0 rows: not
 #: made for a model that has them (a session per run of cuts instead)
-ABORTS_ON_EMPTY = frozenset({"LSTM", "GRU", "RNN", "Loop", "Scan"})
+ABORTS_ON_EMPTY = frozenset({*RECURRENT_OPS, "Loop", "Scan"})
 
 
 

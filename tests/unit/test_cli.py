@@ -410,10 +410,9 @@ def test_the_opset_note_gives_the_upgrades_reason():
     assert _opset_note(17, 19) == "; opset 17 upgraded to 19 (Q/DQ of float16 tensors needs 19)"
 
 
-def test_a_model_that_runs_only_whole_groups_of_rows_calibrates(tmp_path, capsys):
-    """ICLabel averages each component's four rows (Reshape to [-1, 4, C], ReduceMean): one
-    sample alone does not run, and the capture's memory probe ran one sample and called the data
-    unrunnable (exit 2) though every batch of 4 runs."""
+def _whole_groups_model(tmp_path) -> None:
+    """``m.onnx`` in ``tmp_path``, a model of whole groups of four rows (ICLabel's Reshape to
+    [-1, 4, C] and ReduceMean, with a layer after it), and ``x.npy``: 48 samples for it."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -432,6 +431,13 @@ def test_a_model_that_runs_only_whole_groups_of_rows_calibrates(tmp_path, capsys
                            numpy_helper.from_array(rng.standard_normal((3, 5)).astype(np.float32), "w2")])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
     np.save(tmp_path / "x.npy", rng.standard_normal((48, 2, 8, 8)).astype(np.float32))
+
+
+def test_a_model_that_runs_only_whole_groups_of_rows_calibrates(tmp_path, capsys):
+    """ICLabel averages each component's four rows (Reshape to [-1, 4, C], ReduceMean): one
+    sample alone does not run, and the capture's memory probe ran one sample and called the data
+    unrunnable (exit 2) though every batch of 4 runs."""
+    _whole_groups_model(tmp_path)
     assert main(["calibrate", str(tmp_path / "m.onnx"), "--npz", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o"),
                  "--batch-size", "4", "--order", "sorted", "--no-progress"]) == 0, capsys.readouterr()
     assert (tmp_path / "o" / "m.int8.onnx").exists()
@@ -440,24 +446,7 @@ def test_a_model_that_runs_only_whole_groups_of_rows_calibrates(tmp_path, capsys
 def test_debug_of_a_model_that_runs_only_whole_groups_of_rows(tmp_path, capsys):
     """`debug` measured memory on one sample too (exit 2 on ICLabel); `--rank` picks single
     samples, which such a model cannot run: one line that says so, nothing written."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4, name="conv"),
-                           helper.make_node("Relu", ["c"], ["r"]),
-                           helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-                           helper.make_node("Reshape", ["p", "shape"], ["g"]),
-                           helper.make_node("ReduceMean", ["g"], ["m"], axes=[1], keepdims=0),
-                           helper.make_node("MatMul", ["m", "w2"], ["y"], name="head")], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 5])],
-                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1, 4, 3]), "shape"),
-                           numpy_helper.from_array(rng.standard_normal((3, 5)).astype(np.float32), "w2")])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
-    np.save(tmp_path / "x.npy", rng.standard_normal((48, 2, 8, 8)).astype(np.float32))
+    _whole_groups_model(tmp_path)
     data = ["--npz", str(tmp_path / "x.npy"), "--batch-size", "4", "--order", "sorted", "--no-progress"]
     assert main(["calibrate", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o"), *data]) == 0
     pair = [str(tmp_path / "m.onnx"), str(tmp_path / "o" / "m.int8.onnx")]
