@@ -243,8 +243,9 @@ class Batcher:
                     and np.isinf(feed[name]).any()):  # a mask input may mean it (-inf): said once, not refused
                 self._noted.add(f"inf:{name}")
                 first_inf = next(i for i, a in zip(indices, arrays) if np.isinf(a).any())
-                log.warning("input %r: sample %s has infinite values; an additive mask may mean them, but outputs "
-                            "computed from them are not finite, and their error figures read nan",
+                log.warning("input %r: sample %s has infinite values; an additive mask may mean them, but an output "
+                            "computed from them without a clip or a mask may not be finite (its error figures then "
+                            "read nan)",
                             name, self.source.describe(first_inf))
             if name in self.dtypes:  # an image folder's float32 is quantkit's own preprocessing: cast unsaid
                 feed[name] = cast_for_input(feed[name], self.dtypes[name], name=name,

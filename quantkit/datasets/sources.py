@@ -503,14 +503,18 @@ def batch_axes_from_shapes(arrays: dict[str, tuple[int, ...]], shapes: dict[str,
     the input's is a static 1 and a later axis is a candidate (one sample [1, T, F] of a batch-1
     model, read as N samples [N, T, F] are: not as T samples of one time step); an array
     with no candidate is a fixed-shape tensor, fed as is. Axis 0 wins when it is a candidate of
-    every batched array and their sizes there agree (the usual layout); else the batch size is
-    the one size that every batched array has on a candidate axis, and each array's axis is its
-    candidate of that size. When no array has a candidate, every array with dims is batched on
+    every batched array and their sizes there agree (the usual layout); where they differ there
+    and the inputs declare their first dims by one symbol, the arrays hold different numbers of
+    samples (an error: not a batch on the sequence axis they share); else the batch size is the
+    one size that every batched array has on a candidate axis, and each array's axis is its
+    candidate of that size (an RNN state [1, N, H] beside x [N, T, F]; time-major [S, N] and
+    [T, N] inputs). When no array has a candidate, every array with dims is batched on
     axis 0 (one fixed-shape input given as one sample).
 
     Raises:
-        DatasetError: a declared axis out of range, no common size, or more than one way to
-            read an array; the message names the array and its candidates.
+        DatasetError: a declared axis out of range, different sample counts on a shared first
+            dim, no common size, or more than one way to read an array; the message names the
+            array and its candidates.
     """
     hint = "declare it with --batch-axis NAME=AXIS (NAME=none: no batch axis, fed as is in every batch)"
     axes: dict[str, int | None] = {}
@@ -539,6 +543,16 @@ def batch_axes_from_shapes(arrays: dict[str, tuple[int, ...]], shapes: dict[str,
     known = {arrays[n][ax] for n, ax in axes.items() if ax is not None}
     if all(0 in c for c in batched.values()) and len(known | {arrays[n][0] for n in batched}) == 1:
         return {**axes, **{n: (0 if c else None) for n, c in candidates.items()}}
+    firsts = {shapes[n][0] if n in shapes and len(shapes[n]) == len(arrays[n]) else None for n in batched}
+    shared = next(iter(firsts)) if len(firsts) == 1 else None
+    if isinstance(shared, str) and shared and all(0 in c for c in batched.values()):
+        # the inputs' first dims are one symbol: the model says they are one size, the samples; a
+        # size the arrays share on a later axis (a sequence's length) is not theirs to take
+        sizes = ", ".join(f"{n!r} {arrays[n][0]}" for n in batched)
+        raise DatasetError(f"{where}: the arrays hold different numbers of samples on axis 0 ({sizes}), where the "
+                           f"model's inputs share their first dimension {shared!r}",
+                           hint="give every input the same number of samples on axis 0, or declare an array fed "
+                                "whole in every batch with --batch-axis NAME=none")
     common = None if not known else set(known)
     for n, c in batched.items():
         sizes = {arrays[n][i] for i in c}

@@ -172,3 +172,52 @@ def test_one_sample_of_a_batch_1_model_with_a_time_axis_is_one_sample(tmp_path):
     assert batch_axes_from_shapes({"x": (64, 6, 8), "h": (1, 64, 16)}, state, {}, where="d") == {"x": 0, "h": 1}
     np.savez(tmp_path / "one.npz", x=np.zeros((1, 50, 8), np.float32), cache=np.zeros((1, 128), np.float32))
     assert len(NumpySource(tmp_path / "one.npz", shapes=shapes)) == 1
+
+
+def _two_token_inputs(tmp_path, first=("N", "N")):
+    """y = mean_T(x * mask) @ W: two [N, T] inputs, both axes dynamic (a transformer's ids and mask)."""
+    w = numpy_helper.from_array(np.arange(1, 5, dtype=np.float32).reshape(1, 4), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "mask"], ["xm"]),
+         helper.make_node("ReduceMean", ["xm"], ["r"], axes=[1], keepdims=1),
+         helper.make_node("MatMul", ["r", "W"], ["y"])], "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [first[0], "T"]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, [first[1], "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [first[0], 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "two.onnx")
+    return tmp_path / "two.onnx"
+
+
+@pytest.mark.parametrize("mask_rows", [1, 150])
+def test_arrays_of_different_sample_counts_are_not_batched_on_their_shared_sequence_axis(tmp_path, capsys, mask_rows):
+    # a probe's BERT (ids, mask, token types, all [N, T] dynamic) given 200 ids and one token-type row:
+    # axis 0 disagreed, and the one size every array had, T = 76, became the batch axis ("calibrated 76
+    # samples", exit 0); 200 against 150 rows got ONNX Runtime's Gather error instead of the counts
+    from quantkit.cli import main
+    from quantkit.datasets.sources import batch_axes_from_shapes
+
+    model = _two_token_inputs(tmp_path)
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((200, 76)).astype(np.float32),
+             mask=np.ones((mask_rows, 76), np.float32))
+    before = (tmp_path / "d.npz").read_bytes()
+    for verb in (["calibrate", str(model)], ["compare", str(model), str(model)]):
+        rc = main([*verb, "--npz", str(tmp_path / "d.npz"), "--no-progress", "-o", str(tmp_path / "out")]
+                  if verb[0] == "calibrate" else [*verb, "--npz", str(tmp_path / "d.npz"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert f"different numbers of samples on axis 0 ('x' 200, 'mask' {mask_rows})" in err, err
+        assert "--batch-axis NAME=none" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and (tmp_path / "d.npz").read_bytes() == before
+    if mask_rows == 1:  # declared as fed whole: every batch of x beside the one mask row
+        assert main(["compare", str(model), str(model), "--npz", str(tmp_path / "d.npz"), "--batch-axis", "mask=none",
+                     "--no-progress"]) == 0
+        assert "on 200 samples" in capsys.readouterr().out
+    # time-major inputs of their own lengths, [S, N] and [T, N] (torch's nn.Transformer): batched on axis 1
+    assert batch_axes_from_shapes({"src": (7, 32), "tgt": (5, 32)}, {"src": ("S", "N"), "tgt": ("T", "N")}, {},
+                                  where="d") == {"src": 1, "tgt": 1}
+    # and unnamed first dims decide nothing either way: the shared size as before
+    assert batch_axes_from_shapes({"a": (7, 32), "b": (5, 32)}, {"a": (None, None), "b": (None, None)}, {},
+                                  where="d") == {"a": 1, "b": 1}
