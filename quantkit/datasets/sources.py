@@ -548,8 +548,8 @@ def batch_axes_from_shapes(arrays: dict[str, tuple[int, ...]], shapes: dict[str,
     if isinstance(shared, str) and shared and all(0 in c for c in batched.values()):
         # the inputs' first dims are one symbol: the model says they are one size, the samples; a
         # size the arrays share on a later axis (a sequence's length) is not theirs to take
-        sizes = ", ".join(f"{n!r} {arrays[n][0]}" for n in batched)
-        raise DatasetError(f"{where}: the arrays hold different numbers of samples on axis 0 ({sizes}), where the "
+        counts = ", ".join(f"{n!r} {arrays[n][0]}" for n in batched)
+        raise DatasetError(f"{where}: the arrays hold different numbers of samples on axis 0 ({counts}), where the "
                            f"model's inputs share their first dimension {shared!r}",
                            hint="give every input the same number of samples on axis 0, or declare an array fed "
                                 "whole in every batch with --batch-axis NAME=none")
