@@ -94,7 +94,14 @@ POINTWISE_CHECK_MARGIN_DB = 0.5
 #: (two-sided) can clip a detector backbone's SiLU outputs too hard: YOLOv8n-OBB's detection F1
 #: against FP32 went 0.59 -> 0.81 with percentile; on a rail detector percentile loses its
 #: detections (F1 0.69 -> 0.13) and the check keeps entropy. benchmarks/results/design_notes.md
-METHOD_CHECK_ALTERNATIVE = {"entropy": "percentile"}
+#: Minmax clips nothing: where entropy clips every ReLU of a segmentation U-Net at 40-60% of its
+#: maximum, minmax's model reads 7 dB higher on the check's samples and held out (a probe's DeepVOG:
+#: 44.9 against 51.7 dB, below ONNX Runtime's MinMax at 46.7, and the pupil mask's IoU 1.5 points
+#: down where minmax's is 0.7; rembg's U2-Net-p 6.8 dB), while on detectors it costs the weak scores
+#: (a YOLO11n face detector 20.2 against 13.0 dB): the check measures it beside percentile. The
+#: alternative with the highest figure is taken where it leads by the margin on the resamples'
+#: ``CHECK_CONFIDENCE`` (then the next); benchmarks/results/design_notes.md
+METHOD_CHECK_ALTERNATIVE: dict[str, tuple[str, ...]] = {"entropy": ("percentile", "minmax")}
 METHOD_CHECK_MARGIN_DB = 0.5
 #: the method check measures on the calibration samples after the correction's (at most this
 #: many): bias correction fits each channel's median on its own samples, and on those the
@@ -257,7 +264,7 @@ class ExportConfig:
         params: range-method parameters over the registered defaults, e.g.
             ``{"percentile": 99.9, "auto_tolerance": 2.0}``.
         method_check: whether ``quantize`` compares ``method``'s Q/DQ model with its alternative's
-            (``METHOD_CHECK_ALTERNATIVE``: ``entropy`` against ``percentile``) on the calibration
+            (``METHOD_CHECK_ALTERNATIVE``: ``entropy`` against ``percentile`` and ``minmax``) on the calibration
             samples after the bias correction's and takes the better (``Calibration.check_method``). None (the
             default): for the default method only, so an explicit choice of another is written
             as it is; ``quantkit calibrate --method entropy`` passes False.
@@ -609,16 +616,17 @@ class Calibration:
 
     def check_method(self) -> None:
         """Where ``config.export.checks_method``: make the configured method's and its
-        alternative's (``METHOD_CHECK_ALTERNATIVE``) Q/DQ models, each bias-corrected with the
-        guard, and take the alternative where its outputs agree with FP32's better by more than
-        ``METHOD_CHECK_MARGIN_DB`` on ``check_feeds`` (calibration samples after the correction's):
-        ``config`` then names it, and every artifact follows. Both come from the one pass.
+        alternatives' (``METHOD_CHECK_ALTERNATIVE``) Q/DQ models, each bias-corrected with the
+        guard, and take an alternative where its outputs agree with FP32's better by more than
+        ``METHOD_CHECK_MARGIN_DB`` on ``check_feeds`` (calibration samples after the correction's)
+        on ``CHECK_CONFIDENCE`` of their resamples (the highest figure first): ``config`` then
+        names it, and every artifact follows. All come from the one pass.
 
         Entropy's ranges are TensorRT's KL search on one-sided tensors and least-MSE on two-sided
         ones; a backbone of SiLU outputs can lose a detector's weak detections to them (a
         YOLOv8n-OBB: F1 against FP32 0.59, percentile 0.81) where the output figure says so too
         (3.6 against 11.1 dB). Without bias correction, or without ``check_feeds``, it does not run.
-        The two models are made side by side where the machine allows (``_side_by_side``)."""
+        The models are made side by side where the machine allows (``_side_by_side``)."""
         from functools import partial
 
         from quantkit.backends.onnxruntime import create_session
@@ -626,10 +634,10 @@ class Calibration:
 
         export = self.config.export
         method = export.method
-        alt = METHOD_CHECK_ALTERNATIVE.get(method)
-        if alt is None or not export.checks_method or self.correction_feeds is None or not self.check_feeds:
+        alts = [m for m in METHOD_CHECK_ALTERNATIVE.get(method, ()) if m != method]
+        if not alts or not export.checks_method or self.correction_feeds is None or not self.check_feeds:
             return
-        self._stage(f"method check ({method} against {alt}, each bias-corrected)")
+        self._stage(f"method check ({method} against {' and '.join(alts)}, each bias-corrected)")
         session = partial(create_session, threads=self.config.run.threads)
         feeds, self.check_feeds = self.check_feeds, None  # used once: not held with the calibration
         figures: dict[str, float] = {}
@@ -641,7 +649,7 @@ class Calibration:
             return db
 
         try:  # a check, not a requirement: where the alternative cannot be made, the method stays
-            for m, db in zip((method, alt), self._side_by_side([lambda: figure(method), lambda: figure(alt)])):
+            for m, db in zip((method, *alts), self._side_by_side([partial(figure, m) for m in (method, *alts)])):
                 if db is None:  # no output to compare (the eleventh probe's TTS: every length differs)
                     log.log(logging.WARNING if guard_outputs(self.model) else logging.INFO,
                             "%s: the method check was skipped (%s kept): no float output of the INT8 model pairs "
@@ -653,22 +661,32 @@ class Calibration:
             log.warning("%s: the method check was skipped (%s kept): %s", self.model_name, method,
                         " ".join(str(err).split())[:200] or type(err).__name__)
             return
-        chosen, share = method, None
-        if figures[alt] > figures[method] + METHOD_CHECK_MARGIN_DB:  # and on most samples, not a few
-            ref = reference["reference"]
-            share = round(better_share(ref.outputs, got[method], got[alt], ref.parts, rows=[n for _, n in feeds]), 3)
-            chosen = alt if share >= CHECK_CONFIDENCE else method
-        self.method_check = {"configured": method, "alternative": alt, "chosen": chosen,
+        chosen, shares = method, {}
+        for m in sorted(alts, key=lambda m: -figures[m]):  # the highest figure first
+            if figures[m] <= figures[method] + METHOD_CHECK_MARGIN_DB:
+                break
+            ref = reference["reference"]  # and on most samples, not a few
+            shares[m] = round(better_share(ref.outputs, got[method], got[m], ref.parts, rows=[n for _, n in feeds]), 3)
+            if shares[m] >= CHECK_CONFIDENCE:
+                chosen = m
+                break
+        # the alternative the verdict names: the one taken, else the best
+        alt = chosen if chosen != method else max(alts, key=lambda m: figures[m])
+        share = shares.get(alt)
+        self.method_check = {"configured": method, "alternative": alt, "alternatives": alts, "chosen": chosen,
                              "output_sqnr_db": figures, "samples": sum(n for _, n in feeds),
                              **({"alternative_better_share": share} if share is not None else {})}
         log.info("%s: method check: %s (the outputs' mean per-channel SQNR against FP32 on %d calibration samples "
-                 "after the bias correction's %.1f dB with %s, %.1f dB with %s%s)",
-                 self.model_name, chosen, self.method_check["samples"], figures[method], method, figures[alt], alt,
+                 "after the bias correction's %.1f dB with %s, %s%s)",
+                 self.model_name, chosen, self.method_check["samples"], figures[method], method,
+                 ", ".join(f"{figures[m]:.1f} dB with {m}" for m in alts),
                  "" if share is None else f"; {alt} higher on {100 * share:.0f}% of resamples of the samples, "
                  f"{100 * CHECK_CONFIDENCE:.0f}% needed")
-        # the other model is made again if asked for: one Q/DQ model held, as without the check
-        self._int8.pop(alt if chosen == method else method, None)
-        self._guard_samples.pop(alt if chosen == method else method, None)
+        # the others are made again if asked for: one Q/DQ model held, as without the check
+        for m in (method, *alts):
+            if m != chosen:
+                self._int8.pop(m, None)
+                self._guard_samples.pop(m, None)
         if chosen != method:
             self.config = replace(self.config, export=replace(export, method=chosen))
 

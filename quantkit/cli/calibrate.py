@@ -436,12 +436,12 @@ def _method_note(check: dict[str, Any] | None) -> str:
     """The summary's words on the method check's verdict (none where it did not run)."""
     if check is None:
         return ""
-    db, configured = check["output_sqnr_db"], check["configured"]
-    switched = check["chosen"] != configured
-    other = configured if switched else check["alternative"]
+    db, configured, chosen = check["output_sqnr_db"], check["configured"], check["chosen"]
+    switched = chosen != configured
+    others = ", ".join(f"{m} {db[m]:.1f} dB" for m in db if m != chosen)
     on = f" on {check['samples']} calibration samples after the bias correction's" if check.get("samples") else ""
     return (f": the method check's choice, the outputs' mean per-channel SQNR against FP32{on} "
-            f"{db[check['chosen']]:.1f} dB, {other} {db[other]:.1f} dB" + (f"; --method {configured} writes {configured} unchecked" if switched else ""))
+            f"{db[chosen]:.1f} dB, {others}" + (f"; --method {configured} writes {configured} unchecked" if switched else ""))
 
 
 def _refit_note(refit: dict[str, Any] | None) -> str:

@@ -1,5 +1,5 @@
 """The method check (``Calibration.check_method``): the default method's bias-corrected Q/DQ model
-against percentile's, from the one pass, the better by the guard's figure written."""
+against percentile's and minmax's, from the one pass, the better by the guard's figure written."""
 
 from __future__ import annotations
 
@@ -44,14 +44,17 @@ def test_which_configurations_are_checked():
 
 @pytest.mark.parametrize("margin", [-np.inf, np.inf])
 def test_the_alternative_is_written_only_where_it_agrees_better(monkeypatch, tmp_path, margin):
-    # any margin below the figures' difference takes percentile, any above keeps entropy: the
-    # calibration's method, its Q/DQ model, cache and ranges.json then all follow the choice
+    # any margin below the figures' difference takes the alternative of the highest figure, any above
+    # keeps entropy: the calibration's method, its Q/DQ model, cache and ranges.json then all follow
     monkeypatch.setattr(quantkit.ptq, "METHOD_CHECK_MARGIN_DB", margin)
     monkeypatch.setattr(quantkit.onnx.biascorrect, "CHECK_CONFIDENCE", 0.0)  # the margin alone decides
     cal = _calibrate()
     check = cal.method_check
-    chosen = "percentile" if margin < 0 else "entropy"
-    assert check is not None and check["configured"] == "entropy" and check["alternative"] == "percentile"
+    db = check["output_sqnr_db"]
+    best = max(("percentile", "minmax"), key=db.__getitem__)
+    chosen = best if margin < 0 else "entropy"
+    assert check is not None and check["configured"] == "entropy" and check["alternative"] == best
+    assert check["alternatives"] == ["percentile", "minmax"] and set(db) == {"entropy", "percentile", "minmax"}
     assert check["chosen"] == chosen and cal.config.method == chosen
     assert set(cal._int8) == {chosen}  # the other Q/DQ model is not held (made again if asked for)
     held = cal._int8[chosen]
@@ -64,13 +67,13 @@ def test_the_alternative_is_written_only_where_it_agrees_better(monkeypatch, tmp
     model = make_depthwise_model(variant="fanout")
     x = depthwise_inputs(model, 64)
     assert check["samples"] == 32 and cal.check_feeds is None  # used once, not held
-    for m in ("entropy", "percentile"):
+    for m in ("entropy", "percentile", "minmax"):
         want = heldout_sqnr(cal.int8_model(m), model, [({"x": x[32:]}, 32)], partial(create_session, threads=1))
         assert check["output_sqnr_db"][m] == pytest.approx(want, abs=0.01)
     scales = _activation_scales(held)
     amax = cal.amax(chosen, quantized_only=True)
     assert scales and all(scales[t] == pytest.approx(amax[t] / 127, rel=1e-6) for t in scales if t in amax)
-    assert cal.int8_model() is cal.int8_model(chosen) and set(cal._int8) == {"entropy", "percentile"}
+    assert cal.int8_model() is cal.int8_model(chosen) and set(cal._int8) == {"entropy", "percentile", "minmax"}
     assert cal.cache().scales["h"] == pytest.approx(cal.ranges["h"].amax[chosen] / 127, rel=1e-6)
     paths = cal.save(tmp_path / "out", model_stem="m")
     doc = json.loads(paths["ranges"].read_text())
@@ -86,7 +89,7 @@ def test_an_alternative_better_on_a_few_samples_only_is_not_taken(monkeypatch, c
     shares = []
 
     def share(ref, a, b, parts=None, rows=None):
-        shares.append(bc.output_sqnr(ref, b, parts) > bc.output_sqnr(ref, a, parts))  # (entropy's, then percentile's)
+        shares.append(bc.output_sqnr(ref, b, parts) - bc.output_sqnr(ref, a, parts))  # (entropy's, then the other's)
         return 0.7
 
     monkeypatch.setattr(quantkit.ptq, "METHOD_CHECK_MARGIN_DB", -np.inf)
@@ -94,10 +97,35 @@ def test_an_alternative_better_on_a_few_samples_only_is_not_taken(monkeypatch, c
     with caplog.at_level("INFO"):
         cal = _calibrate()
     check = cal.method_check
+    db = check["output_sqnr_db"]
+    best, other = sorted(("percentile", "minmax"), key=lambda m: -db[m])
     assert check["chosen"] == "entropy" and cal.config.method == "entropy" and check["alternative_better_share"] == 0.7
-    want = check["output_sqnr_db"]["percentile"] > check["output_sqnr_db"]["entropy"]
-    assert shares == [want]  # called once, with the two models' samples in that order
-    assert "percentile higher on 70% of resamples of the samples, 90% needed" in caplog.text
+    assert check["alternative"] == best
+    # called once an alternative, the higher figure first, with entropy's samples, then the alternative's
+    assert shares == pytest.approx([db[best] - db["entropy"], db[other] - db["entropy"]], abs=0.01)
+    assert f"{best} higher on 70% of resamples of the samples, 90% needed" in caplog.text
+
+
+def test_the_alternatives_are_tried_from_the_highest_figure_and_the_first_on_most_samples_is_taken(monkeypatch):
+    # the higher figure on a few samples only, the next on most of them: the next is written
+    import quantkit.onnx.biascorrect as bc
+
+    monkeypatch.setattr(quantkit.ptq, "METHOD_CHECK_MARGIN_DB", -np.inf)
+    first = _calibrate().method_check
+    db = first["output_sqnr_db"]
+    best, other = sorted(("percentile", "minmax"), key=lambda m: -db[m])
+    calls = iter([0.7, 0.95])
+    monkeypatch.setattr(bc, "better_share", lambda *a, **k: next(calls))
+    cal = _calibrate()
+    check = cal.method_check
+    assert check["output_sqnr_db"] == db
+    assert check["chosen"] == check["alternative"] == other == cal.config.method
+    assert check["alternative_better_share"] == 0.95 and set(cal._int8) == {other}
+    # and an alternative within the margin of the configured method is not tried at all
+    monkeypatch.setattr(quantkit.ptq, "METHOD_CHECK_MARGIN_DB", np.inf)
+    monkeypatch.setattr(bc, "better_share", lambda *a, **k: pytest.fail("no alternative leads by the margin"))
+    kept = _calibrate().method_check
+    assert kept["chosen"] == "entropy" and "alternative_better_share" not in kept and kept["alternative"] == best
 
 
 def test_the_check_is_the_same_as_computing_both_methods_by_hand():
@@ -105,7 +133,7 @@ def test_the_check_is_the_same_as_computing_both_methods_by_hand():
     checked = _calibrate()
     plain = _calibrate(ExportConfig(method_check=False))
     assert plain.method_check is None and plain.config.method == "entropy"
-    for m in ("entropy", "percentile"):
+    for m in ("entropy", "percentile", "minmax"):
         plain.int8_model(m)
         assert plain.bias_checks[m] == checked.bias_checks[m]
         assert plain.int8_model(m).SerializeToString() == checked.int8_model(m).SerializeToString()
@@ -156,13 +184,15 @@ def test_cli_writes_the_checks_verdict_unless_a_method_is_named(digits_dirs, tmp
     said = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     ranges = json.loads((out / "ranges.json").read_text())
-    want = "entropy" if explicit else "percentile"
+    if not explicit:
+        db = report["method_check"]["output_sqnr_db"]
+    want = "entropy" if explicit else max(("percentile", "minmax"), key=db.__getitem__)
     assert report["method"] == ranges["method"] == want
     assert ("method_check" in report) == ("method_check" in ranges["config"]) == (not explicit)
     assert (f"quantized ({want}: the method check's choice" in said) == (not explicit)
     assert f"int8.onnx ({want})" in said  # the comparison table names the method written
     if not explicit:
-        assert report["method_check"]["chosen"] == "percentile" and "--method entropy writes entropy" in said
+        assert report["method_check"]["chosen"] == want and "--method entropy writes entropy" in said
     assert ("no method check: --max-drop's fallback" in caplog.text) == (explicit == "budget")
 
 
@@ -215,12 +245,14 @@ def test_the_checks_models_made_side_by_side_are_those_made_one_after_another(mo
     monkeypatch.setattr(quantkit.ptq, "CHECK_PARALLEL_CORES", 1)
     monkeypatch.setattr(quantkit.ptq, "_free_memory_gb", lambda: 1e3)
     side = _calibrate()
-    assert sorted(t.startswith("quantkit-check") for t in threads) == [False, True, True]  # the variant after
-    assert sum(t.startswith("quantkit-guard") for t in guards) == 3  # the three guarded corrections
+    assert sorted(t.startswith("quantkit-check") for t in threads) == [False, True, True, True]  # the variant after
+    assert sum(t.startswith("quantkit-guard") for t in guards) == 4  # the four guarded corrections
     assert side.bias_checks == serial.bias_checks
     assert serial.pointwise_check is not None  # the pointwise check's variant was compared too
     assert side.method_check == serial.method_check and side.pointwise_check == serial.pointwise_check
-    assert side.config.method == serial.config.method == ("percentile" if margin < 0 else "entropy")
+    db = serial.method_check["output_sqnr_db"]
+    assert side.config.method == serial.config.method == (
+        max(("percentile", "minmax"), key=db.__getitem__) if margin < 0 else "entropy")
     assert side.int8_model().SerializeToString() == serial.int8_model().SerializeToString()
     assert set(side._int8) == set(serial._int8)
 
@@ -232,10 +264,10 @@ def test_the_work_after_the_pass_is_reported_as_it_starts():
     stages: list[str] = []
     cal = quantkit.quantize(model, ArraySource(depthwise_inputs(model, 64)),
                             QuantizeConfig(StatsConfig(), RunConfig(batch_size=8)), on_stage=stages.append)
-    assert stages[0] == "method check (entropy against percentile, each bias-corrected)"
-    assert {"bias correction (entropy)", "bias correction (percentile)"} <= set(stages[1:])
+    assert stages[0] == "method check (entropy against percentile and minmax, each bias-corrected)"
+    assert {"bias correction (entropy)", "bias correction (percentile)", "bias correction (minmax)"} <= set(stages[1:])
     before = len(stages)
-    cal.int8_model("minmax")
-    assert stages[before:] == ["bias correction (minmax)"]
-    cal.int8_model("minmax")  # made once
+    cal.int8_model("mse")
+    assert stages[before:] == ["bias correction (mse)"]
+    cal.int8_model("mse")  # made once
     assert len(stages) == before + 1
