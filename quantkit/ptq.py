@@ -1188,6 +1188,9 @@ def quantize(
                     "all come from them, and other data can fall far outside; use %d or more (%d for the method "
                     "check)", model.name, batcher.used_, FEW_SAMPLES, EQUALIZE_SAMPLES + METHOD_CHECK_MIN_SAMPLES)
     corrections = _correction_feeds(model, source, idx, config, known_skips=skips)
+    if corrections is None and config.export.checks_method and not config.stats.bias_correction:
+        log.info("%s: no method check: it compares bias-corrected models (%s kept; --no-bias-correction)",
+                 model.name, config.method)
     if corrections is not None and config.export.checks_method and \
             batcher.used_ < EQUALIZE_SAMPLES + METHOD_CHECK_MIN_SAMPLES:
         log.info("%s: no method check: it needs %d calibration samples after the bias correction's %d (%s kept; "

@@ -378,15 +378,20 @@ def _image_input(specs: list[Any], given: dict[str, str]) -> tuple[list[Any], di
         except ValueError:
             raise InputError(f"--input-value {s.name}={given[s.name]}: the values must be numbers separated by "
                              "commas") from None
+        if not np.isfinite(flat).all():  # else found in a tensor of the first batch, blamed on a sample
+            raise InputError(f"--input-value {s.name}: value {int(np.flatnonzero(~np.isfinite(flat))[0]) + 1} of "
+                             f"{flat.size} is {flat[~np.isfinite(flat)][0]}", hint="give finite numbers")
         # a sample: the batch dim left out; an input without a batch axis: its whole value
-        dims = list(s.shape if no_batch_axis(s, images[0]) else s.shape[1:])
+        whole = no_batch_axis(s, images[0])
+        dims = list(s.shape if whole else s.shape[1:])
         free = [i for i, d in enumerate(dims) if not isinstance(d, int)]
         fixed = int(np.prod([d for d in dims if isinstance(d, int)])) if dims else 1
         if len(free) == 1 and fixed and flat.size % fixed == 0:
             dims[free[0]] = flat.size // fixed
         if any(not isinstance(d, int) for d in dims) or int(np.prod(dims)) != flat.size:
-            raise InputError(f"--input-value {s.name}: {flat.size} value(s), but one sample of input {s.name!r} "
-                             f"(shape {list(s.shape)}, batch first) has shape {dims}",
+            raise InputError(f"--input-value {s.name}: {flat.size} value(s), but "
+                             + (f"input {s.name!r} (shape {list(s.shape)}, no batch axis) has shape {dims}" if whole else
+                                f"one sample of input {s.name!r} (shape {list(s.shape)}, batch first) has shape {dims}"),
                              hint=f"give {int(np.prod(dims)) if all(isinstance(d, int) for d in dims) else 'its'} "
                              "values, comma-separated")
         values[s.name] = cast_for_input(flat.reshape(dims), s.dtype, name=s.name, where="--input-value")

@@ -423,6 +423,9 @@ class NumpySource:
                                "holds one sample", hint="stack samples on a new first axis of each array (one axis "
                                "more than the input: samples of a model without a batch axis), or declare a batch "
                                "axis with --batch-axis NAME=AXIS")
+        if set(sizes.values()) == {0}:
+            raise DatasetError(f"{str(p)!r} holds 0 samples: its arrays are empty along their batch axes "
+                               f"({_axes_text(self.batch_axes_)}: {sizes})", hint="give it samples")
         if len(set(sizes.values())) != 1 or 0 in sizes.values():
             raise DatasetError(f"{str(p)!r}: arrays must share a non-zero size along their batch axes "
                                f"({_axes_text(self.batch_axes_)}), got {sizes}",

@@ -348,7 +348,7 @@ class SensitivityReport:
 
     def table(self, rows: int = 10) -> str:
         how = "" if self.estimator == "exact" else f", {self.estimator} estimate"
-        uncorrected = " of the model without bias correction, which it does not model" \
+        uncorrected = " as the estimate models it (fake quantization, no bias correction)" \
             if self.estimator == "gradient" else ""
         lines = [f"sensitivity of {len(self.rows)} groups on {len(self.subset_indices)} samples{how} (those of the "
                  f"largest error), {self.metric} (INT8 error{uncorrected} {self.int8_error:.4g} on them, "

@@ -221,3 +221,18 @@ def test_arrays_of_different_sample_counts_are_not_batched_on_their_shared_seque
     # and unnamed first dims decide nothing either way: the shared size as before
     assert batch_axes_from_shapes({"a": (7, 32), "b": (5, 32)}, {"a": (None, None), "b": (None, None)}, {},
                                   where="d") == {"a": 1, "b": 1}
+
+
+def test_an_npz_of_empty_arrays_says_it_holds_no_samples(tmp_path, capsys):
+    # a probe's .npz of shape (0, 224, 224, 3) got "arrays must share a non-zero size" and a hint to
+    # declare a batch axis; the fix is samples
+    from quantkit.cli import main
+
+    model = _two_token_inputs(tmp_path)
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 76), np.float32), mask=np.zeros((0, 76), np.float32))
+    with pytest.raises(DatasetError, match=r"holds 0 samples") as info:
+        NumpySource(tmp_path / "empty.npz", shapes={"x": ("N", "T"), "mask": ("N", "T")})
+    assert "--batch-axis" not in info.value.hint
+    assert main(["calibrate", str(model), "--npz", str(tmp_path / "empty.npz"), "-o", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    assert "holds 0 samples" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -73,6 +73,9 @@ def test_calibrate_compare_and_debug_with_input_values(setup, tmp_path, capsys):
     (["--input-value", "scale_factor=1,x", "--input-value", "im_shape=32,32"], "must be numbers"),
     (["--input-value", "scale_factor"], "expected NAME=V[,V...]"),
     ([*VALUES, "--input-value", "scale_factor=2,2"], "gives 'scale_factor' more than one value"),  # one was dropped
+    # a probe's NaN given here was found in a tensor of the first batch, "whose input has infinite values"
+    (["--input-value", "scale_factor=1,nan", "--input-value", "im_shape=32,32"], "value 2 of 2 is nan"),
+    (["--input-value", "scale_factor=1,1", "--input-value", "im_shape=-inf,32"], "value 1 of 2 is -inf"),
 ])
 def test_bad_input_values_are_one_line_exit_2(extra, said, setup, tmp_path, capsys):
     rc, _, err = run_cli(["calibrate", str(setup / "det.onnx"), "--images", str(setup / "photos"), *extra,
@@ -130,6 +133,11 @@ def test_an_input_without_a_batch_axis_takes_its_input_value_whole(setup, tmp_pa
     rc = main(["calibrate", str(tmp_path / "m.onnx"), "--images", str(setup / "photos"), "--input-value", "gains=2,3",
                "-o", str(tmp_path / "out"), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
+    # a wrong count names the input's whole value, not "one sample ... batch first"
+    rc = main(["calibrate", str(tmp_path / "m.onnx"), "--images", str(setup / "photos"), "--input-value", "gains=2",
+               "-o", str(tmp_path / "out2"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "input 'gains' (shape [2], no batch axis) has shape [2]" in err and "batch first" not in err
 
 
 @pytest.mark.parametrize("flags", [["--preprocess", "yolo"], ["--preprocess", "none", "--scale", "0.0039",

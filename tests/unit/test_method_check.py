@@ -139,8 +139,10 @@ def test_the_check_is_the_same_as_computing_both_methods_by_hand():
         assert plain.int8_model(m).SerializeToString() == checked.int8_model(m).SerializeToString()
 
 
-def test_no_check_without_bias_correction_or_samples_after_the_corrections_or_for_a_chosen_method():
-    assert _calibrate(bias_correction=False).method_check is None  # the check compares corrected models
+def test_no_check_without_bias_correction_or_samples_after_the_corrections_or_for_a_chosen_method(caplog):
+    with caplog.at_level("INFO", logger="quantkit"):
+        assert _calibrate(bias_correction=False).method_check is None  # the check compares corrected models
+    assert "no method check: it compares bias-corrected models (entropy kept; --no-bias-correction)" in caplog.text
     few = _calibrate(samples=32 + quantkit.ptq.METHOD_CHECK_MIN_SAMPLES - 1)  # too few samples to check on
     assert few.method_check is None and few.config.method == "entropy"
     assert _calibrate(samples=32 + quantkit.ptq.METHOD_CHECK_MIN_SAMPLES).method_check is not None
