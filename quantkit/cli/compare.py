@@ -79,6 +79,11 @@ class Compare:
         note = lost_note(report)
         if note:
             print(note)
+        if getattr(test, "quantized", False) and getattr(ref, "quantized", None) is False:
+            differs = _not_derived(args.reference, args.test)
+            if differs:
+                print(f"  note: {differs}; these figures then measure the other weights' difference too, not INT8's "
+                      "error alone (another checkpoint, a fine-tuning; compare with the FP32 model it was made from)")
         if args.json:
             print(f"  wrote {args.json}")
         if args.min_cosine is not None:
@@ -93,6 +98,25 @@ class Compare:
                 print(f"FAILED: mean cosine similarity {worst:.5f} is below --min-cosine {args.min_cosine}")
                 return 1
         return 0
+
+
+#: ``_not_derived`` reads both files again: only below this size together
+NOT_DERIVED_MAX_BYTES = 1 << 30
+
+
+def _not_derived(reference: str, test: str) -> str | None:
+    """``quantkit.debug.layerwise.derivation_error`` of two ONNX files (None where either is not
+    an ONNX file, they are over ``NOT_DERIVED_MAX_BYTES`` together, or the check itself fails: a
+    note, not a refusal)."""
+    from quantkit.debug.layerwise import derivation_error
+    from quantkit.onnx.model import load_model
+
+    try:
+        if sum(Path(p).stat().st_size for p in (reference, test)) > NOT_DERIVED_MAX_BYTES:
+            return None  # each read a second time: not for models of gigabytes
+        return derivation_error(load_model(reference), load_model(test))
+    except Exception:  # noqa: BLE001 (a plan file, a graph the check cannot read: no note)
+        return None
 
 
 def _paths(args: argparse.Namespace) -> dict[str, str]:

@@ -620,6 +620,24 @@ def _worst_part(o: Any) -> str:
     return "" if worst is None else f"; its worst part, channels {worst[0]}-{worst[1]} of axis 1, {worst[2]:.2f} dB"
 
 
+def derivation_error(fp32: onnx.ModelProto, int8: onnx.ModelProto) -> str | None:
+    """Why the Q/DQ model ``int8``'s quantized weights are not ``fp32``'s (``weight_errors``'
+    refusal, the first weight named), or None where they are (or where nothing tells: no weight
+    pairs). ``compare`` notes it: its figures then measure another model's weights too (another
+    checkpoint, a fine-tuning), not INT8's error alone."""
+    from quantkit.onnx.contrib import standard_ops
+
+    points = [p for p in qdq_points(int8) if p.kind == "weight"]
+    if not points:
+        return None
+    try:
+        fp32 = einsum_as_matmul(standard_ops(fold_weight_dequantize(fp32, source="fp32"), warn=False))
+        weight_errors(fp32, int8, points)
+    except ModelError as err:
+        return str(err)
+    return None
+
+
 def layerwise_error(fp32: onnx.ModelProto | str | os.PathLike[str], int8: onnx.ModelProto | str | os.PathLike[str],
                     batches: Iterable[Any], *, threads: int | None = None, reference_name: str = "fp32",
                     test_name: str = "int8", on_batch: Callable[[int], None] | None = None) -> DebugReport:

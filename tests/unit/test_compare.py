@@ -337,3 +337,33 @@ def test_a_reference_at_chance_level_on_the_labels_is_said(pair, rng):
         assert ("no better than chance" in report.table()) is said
     few = compare_runners(ref_runner, test_runner, batches_of(x[:C], (right[:C] + 1) % C, [C]))
     assert not few.chance_level  # under two samples a class: chance says nothing
+
+
+def test_cli_notes_an_int8_model_whose_weights_are_not_the_fp32_models(tmp_path, capsys):
+    # a probe compared an INT8 model with another FP32 model of the same graph and names: its loss was
+    # put on INT8 (the note named `debug --rank` and `--max-drop`) with no word that the weights differ
+    import quantkit
+    from quantkit.cli import main
+    from quantkit.ptq import QuantizeConfig, StatsConfig
+    from tests.helpers import ArraySource, depthwise_inputs, make_depthwise_model
+
+    model = make_depthwise_model(variant="fanout")
+    x = depthwise_inputs(model, 48)
+    cal = quantkit.quantize(model, ArraySource(x[:32]), QuantizeConfig(StatsConfig(bias_correction=False)))
+    onnx.save(model, tmp_path / "fp32.onnx")
+    onnx.save(cal.int8_model(), tmp_path / "int8.onnx")
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    r = np.random.default_rng(0)
+    for init in other.graph.initializer:  # another checkpoint: every weight moved by 15%
+        w = numpy_helper.to_array(init)
+        if w.ndim >= 2:
+            init.CopyFrom(numpy_helper.from_array((w * (1 + 0.15 * r.standard_normal(w.shape))).astype(w.dtype),
+                                                  init.name))
+    onnx.save(other, tmp_path / "other.onnx")
+    np.savez(tmp_path / "d.npz", **{model.graph.input[0].name: x[32:]})
+    for fp32, noted in (("fp32.onnx", False), ("other.onnx", True)):
+        assert main(["compare", str(tmp_path / fp32), str(tmp_path / "int8.onnx"), "--npz", str(tmp_path / "d.npz"),
+                     "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert ("not derived from this FP32 model" in out and "not INT8's error alone" in out) == noted, out
