@@ -211,10 +211,12 @@ class Calibrate:
             raise InputError(f"{'--eval-dir: ' if args.eval_dir else ''}{mismatch}; --max-drop would budget on it",
                              hint="give a folder with one sub-folder per output class, or --drop-metric top1-agreement")
 
+        timing = _Stages()
         with progress(len(drawn.indices), "calibrating", disable=args.no_progress) as bar:
             cal = quantize(prepared, source, config, indices=drawn.indices, on_batch=bar.update,
-                           sampling=drawn.to_dict(), on_stage=lambda what: bar.set_description_str(f"calibrating: {what}"))
+                           sampling=drawn.to_dict(), on_stage=lambda what: timing.stage(what, bar))
             cal.int8_model()  # its bias correction under the bar too (made once; written and compared below)
+        timing.stop()
         cal.on_stage = None
 
         method = cal.config.method  # the method check's choice where --method was not given
@@ -325,9 +327,53 @@ class Calibrate:
               + (f"; equalized {equalization_summary(cal.equalized)} (--no-equalize: none)" if cal.equalized else "")
               + _refit_note(cal.equalization_refit)
               + _pointwise_note(cal.pointwise_check) + _bias_note(cal.bias_checks.get(method)))
+        note = timing.note(cal.method_check is not None, bool(cal.bias_checks))
+        if note:
+            print(note)
         for p in paths.values():
             print(f"  wrote {p}")
         return 0
+
+
+#: ``_Stages.note``: said where the work after the calibration pass took at least this long (s) and
+#: this many times the pass
+SLOW_STAGES_S = 30.0
+SLOW_STAGES_RATIO = 2.0
+
+
+class _Stages:
+    """When the calibration pass ended (the first stage after it began) and the work after it did
+    (bias corrections, the checks): their seconds, for a note where that work dominates (a probe's
+    head-pose net: 29 s against one FP32 pass of 0.3 s, and nothing said what took it)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._clock = time.perf_counter
+        self.start = self._clock()
+        self.after: float | None = None
+        self.end: float | None = None
+        self.names: list[str] = []
+
+    def stage(self, what: str, bar: Any) -> None:
+        if self.after is None:
+            self.after = self._clock()
+        self.names.append(what.split(" (")[0])
+        bar.set_description_str(f"calibrating: {what}")
+
+    def stop(self) -> None:
+        self.end = self._clock()
+
+    def note(self, checked: bool, corrected: bool) -> str | None:
+        if self.after is None or self.end is None:
+            return None
+        passed, after = self.after - self.start, self.end - self.after
+        if after < SLOW_STAGES_S or after < SLOW_STAGES_RATIO * passed:
+            return None
+        skips = ([" `--method entropy` (or another) skips the method check's other models"] if checked else []) + (
+            [" `--no-bias-correction` the corrections (and the check)"] if corrected else [])
+        return (f"  note: the calibration pass took {passed:.0f} s and the work after it {after:.0f} s "
+                f"({', '.join(dict.fromkeys(self.names))})" + (";" + ";".join(skips) if skips else ""))
 
 
 #: a quantized graph input whose amax is this many times its median |x| holds raw units (sensor counts,

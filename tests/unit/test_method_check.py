@@ -273,3 +273,32 @@ def test_the_work_after_the_pass_is_reported_as_it_starts():
     assert stages[before:] == ["bias correction (mse)"]
     cal.int8_model("mse")  # made once
     assert len(stages) == before + 1
+
+
+def test_calibrate_says_when_the_work_after_the_pass_took_most_of_the_time(digits_dirs, tmp_path, monkeypatch, capsys):
+    # a probe's head-pose net calibrated in 29 s against one FP32 pass of 0.3 s with no word on what took it
+    import quantkit.cli.calibrate as cc
+    from quantkit import sample
+    from quantkit.cli import main
+    from tests.helpers import DIGITS
+
+    stages = cc._Stages()
+    ticks = iter([100.0, 140.0])
+    stages._clock = lambda: next(ticks)
+    stages.start = 90.0  # a pass of 10 s, then 40 s of corrections and checks
+    stages.stage("bias correction (entropy)", type("Bar", (), {"set_description_str": lambda self, s: None})())
+    stages.stop()
+    said = stages.note(checked=True, corrected=True)
+    assert said is not None and "pass took 10 s and the work after it 40 s (bias correction)" in said
+    assert "--method entropy" in said and "--no-bias-correction" in said
+    assert "--method" not in stages.note(checked=False, corrected=True)
+    stages.end = 125.0  # 25 s after the pass: under SLOW_STAGES_S, nothing said
+    assert stages.note(checked=True, corrected=True) is None
+
+    monkeypatch.setattr(cc, "SLOW_STAGES_S", 0.0)
+    monkeypatch.setattr(cc, "SLOW_STAGES_RATIO", 0.0)
+    out = tmp_path / "o"
+    assert main(["calibrate", str(sample.model_path()), "--images", str(digits_dirs[0]), "-o", str(out),
+                 "--num-images", "64", "--eval-images", "16", "--no-progress", *DIGITS]) == 0
+    said = capsys.readouterr().out
+    assert "note: the calibration pass took" in said and "method check" in said, said
