@@ -93,7 +93,7 @@ def test_gradient_ranking_finds_the_broken_group(broken):
     assert all(r.only_quantized_error is not None for r in rep.rows)
     assert rep.to_dict()["estimator"] == "gradient" and "gradient estimate" in rep.table()
     # its INT8 error is that of the model without bias correction (it differs from the exact ranking's)
-    assert "INT8 error of the model without bias correction" in rep.table()
+    assert "INT8 error as the estimate models it (fake quantization, no bias correction)" in rep.table()
     # the subset's error and every sample's, each named (a probe read one against the output's SQNR)
     assert f"{exact.int8_error:.4g} on them, {exact.int8_error_all:.4g} on every sample given" in exact.table()
     assert set(rep.costs) >= {"forward_s", "backward_s", "fp32_pass_s"} and rep.cost_fp32_passes > 0
