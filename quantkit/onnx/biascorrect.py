@@ -280,11 +280,7 @@ def _cached_reference(cache: dict[Any, Any] | None, fp32: onnx.ModelProto, convs
     step on a probe's BERT, 2 -> 4.4 GB over 64 steps."""
     if cache is None:
         return reference(fp32, convs, feeds, session, outputs, axes)
-    have: Reference | None = cache.get(_REFERENCE_KEY)
-    if have is None:
-        have = cache[_REFERENCE_KEY] = reference(fp32, convs, feeds, session, outputs, axes)
-        have.axes.update({t: axes.get(t, 1) for t in convs})
-        return have
+    have: Reference = cache.setdefault(_REFERENCE_KEY, Reference({}, {}, {}, {}))
     missing = [t for t in convs if t not in have.samples or have.axes.get(t) != axes.get(t, 1)]
     missing_out = [t for t in outputs if t not in have.outputs]
     if missing or missing_out:
